@@ -1,0 +1,33 @@
+# The front door. `make` builds, `make test` installs what is missing, builds with
+# sanitizers and runs every test, `make serve` runs the main job on the shipped model.
+BUILD      ?= build
+TEST_BUILD ?= build-test
+JOBS       ?= $(shell nproc)
+MODEL_DIR  ?= tests/fixtures/tiny-llama
+MODEL      ?= $(BUILD)/tiny-llama.zse
+CMAKE_FLAGS ?=
+
+.PHONY: all build test deps serve clean fuzz
+
+all: build
+
+build:
+	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS) >/dev/null
+	@cmake --build $(BUILD) -j$(JOBS)
+
+deps:
+	@tools/install-deps.sh
+
+test: deps
+	cmake -S . -B $(TEST_BUILD) -DCMAKE_BUILD_TYPE=Debug -DZSE_SANITIZE=ON $(CMAKE_FLAGS)
+	cmake --build $(TEST_BUILD) -j$(JOBS)
+	cd $(TEST_BUILD) && ctest --output-on-failure -j$(JOBS)
+
+$(MODEL): build
+	@if [ ! -f $(MODEL) ]; then $(BUILD)/zse convert $(MODEL_DIR) -o $(MODEL) --quant int8; fi
+
+serve: deps build $(MODEL)
+	$(BUILD)/zse info $(MODEL)
+
+clean:
+	rm -rf $(BUILD) $(TEST_BUILD)

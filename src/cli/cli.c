@@ -1,0 +1,117 @@
+/* Flag parsing shared by the verbs. */
+#include "cli/cli.h"
+
+#include "util/util.h"
+
+#include <stdio.h>
+#include <string.h>
+
+cli_args cli_begin(int argc, char **argv)
+{
+    cli_args a;
+    memset(&a, 0, sizeof a);
+    a.argc = argc;
+    a.argv = argv;
+    a.i = 0; /* argv[0] is the verb */
+    a.verb = argc > 0 ? argv[0] : "zse";
+    return a;
+}
+
+bool cli_next(cli_args *a)
+{
+    if (a->failed)
+        return false;
+    a->i++;
+    if (a->i >= a->argc)
+        return false;
+    a->arg = a->argv[a->i];
+    a->inline_value = NULL;
+    const char *eq = strchr(a->arg, '=');
+    if (a->arg[0] == '-' && a->arg[1] == '-' && eq && (size_t)(eq - a->arg) < sizeof a->name_buf) {
+        memcpy(a->name_buf, a->arg, (size_t)(eq - a->arg));
+        a->name_buf[eq - a->arg] = '\0';
+        a->inline_value = eq + 1;
+        a->arg = a->name_buf;
+    }
+    return true;
+}
+
+bool cli_is(cli_args *a, const char *short_name, const char *long_name)
+{
+    return (short_name && strcmp(a->arg, short_name) == 0) ||
+           (long_name && strcmp(a->arg, long_name) == 0);
+}
+
+bool cli_positional(cli_args *a)
+{
+    return a->arg[0] != '-' || strcmp(a->arg, "-") == 0 ||
+           (a->arg[1] >= '0' && a->arg[1] <= '9');
+}
+
+const char *cli_value(cli_args *a)
+{
+    if (a->inline_value)
+        return a->inline_value;
+    if (a->i + 1 >= a->argc) {
+        fprintf(stderr, "zse %s: option %s needs a value\n", a->verb, a->arg);
+        a->failed = true;
+        return NULL;
+    }
+    return a->argv[++a->i];
+}
+
+bool cli_int(cli_args *a, int64_t min, int64_t max, int64_t *out)
+{
+    const char *name = a->arg;
+    const char *v = cli_value(a);
+    if (!v)
+        return false;
+    int64_t x;
+    if (!zse_parse_i64(v, &x) || x < min || x > max) {
+        fprintf(stderr, "zse %s: %s takes a whole number from %lld to %lld, not '%s'\n", a->verb,
+                name, (long long)min, (long long)max, v);
+        a->failed = true;
+        return false;
+    }
+    *out = x;
+    return true;
+}
+
+bool cli_float(cli_args *a, double min, double max, double *out)
+{
+    const char *name = a->arg;
+    const char *v = cli_value(a);
+    if (!v)
+        return false;
+    double x;
+    if (!zse_parse_f64(v, &x) || x < min || x > max) {
+        fprintf(stderr, "zse %s: %s takes a number from %g to %g, not '%s'\n", a->verb, name, min,
+                max, v);
+        a->failed = true;
+        return false;
+    }
+    *out = x;
+    return true;
+}
+
+int cli_unknown(cli_args *a)
+{
+    fprintf(stderr, "zse %s: unknown option or extra argument '%s' (see zse %s --help)\n",
+            a->verb, a->argv[a->i], a->verb);
+    a->failed = true;
+    return 2;
+}
+
+int cli_error(const char *verb)
+{
+    fprintf(stderr, "zse %s: %s\n", verb, zse_error_message());
+    return 1;
+}
+
+bool cli_wants_help(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0)
+            return true;
+    return false;
+}

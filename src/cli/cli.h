@@ -1,0 +1,42 @@
+/* cli — one file per verb (cmd_<verb>.c defines cmd_<verb>() and cmd_<verb>_summary[]);
+ * CMake finds them and builds the verb table. Verbs parse flags and call the library. */
+#ifndef ZSE_CLI_H
+#define ZSE_CLI_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+/* Walks argv of a verb. Typical use:
+ *   cli_args a = cli_begin(argc, argv);
+ *   while (cli_next(&a)) {
+ *       if (cli_is(&a, "-o", "--output")) out = cli_value(&a);
+ *       else if (cli_positional(&a)) src = a.arg;
+ *       else return cli_unknown(&a);
+ *   }
+ *   if (a.failed) return 2;
+ * Supports "--flag value" and "--flag=value". */
+typedef struct {
+    int argc;
+    char **argv;
+    int i;
+    const char *arg;     /* the current argument (flag name part for --x=y) */
+    const char *inline_value;
+    char name_buf[128];
+    bool failed;
+    const char *verb;
+} cli_args;
+
+cli_args cli_begin(int argc, char **argv);
+bool cli_next(cli_args *a);
+bool cli_is(cli_args *a, const char *short_name, const char *long_name);
+bool cli_positional(cli_args *a);
+/* the flag's value; on a missing value prints an error, sets failed, returns NULL */
+const char *cli_value(cli_args *a);
+bool cli_int(cli_args *a, int64_t min, int64_t max, int64_t *out);
+bool cli_float(cli_args *a, double min, double max, double *out);
+int cli_unknown(cli_args *a);   /* prints "unknown option", returns 2 */
+/* prints "zse: <verb>: message" with the library's last error and returns 1 */
+int cli_error(const char *verb);
+bool cli_wants_help(int argc, char **argv);
+
+#endif

@@ -1,0 +1,171 @@
+/* format — the .zse file (reader and writer), safetensors, Hugging Face directory
+ * normalization and (later) GGUF. docs/FORMAT.md is the specification of .zse. */
+#ifndef ZSE_FORMAT_H
+#define ZSE_FORMAT_H
+
+#include "quant/quant.h"
+#include "util/util.h"
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+/* ---- normalized model configuration --------------------------------------
+ * What the model code needs, whatever the source spelled it as. Stored as the "config"
+ * object of the .zse header with these field names. */
+typedef enum {
+    ZSE_ROPE_NONE = 0,      /* plain RoPE */
+    ZSE_ROPE_LINEAR,
+    ZSE_ROPE_DYNAMIC,
+    ZSE_ROPE_LLAMA3,
+    ZSE_ROPE_YARN,
+} zse_rope_type;
+
+#define ZSE_MAX_EOS 8
+
+typedef struct {
+    char arch[32];              /* "llama", "mistral", "qwen2" (then "qwen3", "mixtral", "qwen2_moe") */
+    int n_layers;
+    int n_heads;
+    int n_kv_heads;
+    int head_dim;
+    int hidden_size;
+    int intermediate_size;
+    int vocab_size;
+    int max_position;           /* max_position_embeddings */
+    float rms_eps;
+    double rope_theta;
+    struct {
+        zse_rope_type type;
+        double factor;
+        double low_freq_factor;     /* llama3 */
+        double high_freq_factor;    /* llama3 */
+        int original_max_position;  /* llama3, yarn, dynamic */
+        double attn_factor;         /* yarn */
+        double beta_fast, beta_slow;/* yarn */
+    } rope_scaling;
+    bool tie_embeddings;
+    bool attn_bias;             /* q/k/v projections carry biases (qwen2) */
+    bool attn_out_bias;
+    bool mlp_bias;
+    bool qk_norm;               /* per-head RMSNorm on q and k (qwen3) */
+    int sliding_window;         /* 0 = full attention */
+    int n_experts;              /* 0 = dense */
+    int n_experts_used;
+    /* token ids from config / generation_config / tokenizer_config; -1 when absent */
+    int bos_id;
+    int pad_id;
+    int eos_ids[ZSE_MAX_EOS];
+    int n_eos;
+} zse_config;
+
+/* config <-> JSON (the .zse "config" object) */
+json_t *zse_config_to_json(const zse_config *c);
+int zse_config_from_json(zse_config *c, const json_t *obj);
+
+/* ---- Hugging Face model directories ----------------------------------------- */
+typedef struct {
+    zse_config config;
+    json_t *config_json;            /* config.json as read */
+    json_t *generation_config;      /* generation_config.json or NULL */
+    json_t *tokenizer_config;       /* tokenizer_config.json or NULL */
+    char *tokenizer_json_path;      /* path of tokenizer.json (required) */
+    char *chat_template;            /* from chat_template.jinja or tokenizer_config, or NULL */
+} zse_hf_dir;
+
+int zse_hf_open(zse_hf_dir *d, const char *dir);
+void zse_hf_close(zse_hf_dir *d);
+/* normalize config.json (+ generation_config, tokenizer_config) into c */
+int zse_hf_normalize_config(zse_config *c, const json_t *config, const json_t *generation,
+                            const json_t *tokenizer_config);
+
+/* Canonical tensor names used inside .zse files (independent of the source naming):
+ *   token_embd.weight
+ *   blk.N.attn_norm.weight  blk.N.attn_q.weight  blk.N.attn_q.bias  blk.N.attn_k.*  blk.N.attn_v.*
+ *   blk.N.attn_q_norm.weight blk.N.attn_k_norm.weight (qk_norm)  blk.N.attn_output.weight
+ *   blk.N.ffn_norm.weight  blk.N.ffn_gate.weight  blk.N.ffn_up.weight  blk.N.ffn_down.weight
+ *   output_norm.weight  output.weight (absent when embeddings are tied)
+ * Returns a heap string or NULL (with an error) for a tensor the architecture does not use. */
+char *zse_hf_canonical_name(const zse_config *c, const char *hf_name);
+
+/* ---- safetensors -------------------------------------------------------------- */
+typedef enum { ZSE_ST_F32, ZSE_ST_F16, ZSE_ST_BF16, ZSE_ST_I8, ZSE_ST_U8, ZSE_ST_I32,
+               ZSE_ST_OTHER } zse_st_dtype;
+
+typedef struct {
+    char *name;
+    zse_st_dtype dtype;
+    int ndim;
+    int64_t shape[8];
+    const uint8_t *data;        /* inside the mapping */
+    size_t size;                /* bytes */
+    int file_index;             /* which shard */
+} zse_st_tensor;
+
+typedef struct {
+    zse_map *shards;
+    int n_shards;
+    zse_st_tensor *tensors;
+    size_t n_tensors;
+} zse_safetensors;
+
+/* dir_or_file: a .safetensors file, or a directory with model.safetensors or
+ * model.safetensors.index.json (sharded). Every offset is checked against the file. */
+int zse_st_open(zse_safetensors *st, const char *dir_or_file);
+void zse_st_close(zse_safetensors *st);
+const zse_st_tensor *zse_st_find(const zse_safetensors *st, const char *name);
+/* convert n elements of a tensor (F32/F16/BF16) starting at element `first` to f32 */
+int zse_st_read_f32(const zse_st_tensor *t, size_t first, size_t n, float *out);
+
+/* ---- .zse reader ----------------------------------------------------------- */
+#define ZSE_FORMAT_MAJOR 1
+#define ZSE_FORMAT_MINOR 0
+#define ZSE_TENSOR_ALIGN 4096
+
+typedef struct {
+    char *name;                 /* canonical name */
+    zse_qshape q;               /* scheme, rows, cols, group size */
+    zse_layout layout;
+    uint64_t offset;            /* absolute file offset, 4096-aligned */
+    uint64_t size;              /* bytes */
+    uint64_t checksum;          /* XXH3-64 of the bytes */
+    const void *data;           /* offset inside the mapping: weights are used in place */
+} zse_tensor_info;
+
+typedef struct zse_file zse_file;
+
+/* Maps the file and checks the preamble, the header checksum and every tensor's offset
+ * and size against the file length; tensor data is not read. */
+zse_file *zse_file_open(const char *path);
+void zse_file_close(zse_file *f);
+const zse_config *zse_file_config(const zse_file *f);
+const json_t *zse_file_header(const zse_file *f);     /* the whole header object */
+size_t zse_file_n_tensors(const zse_file *f);
+const zse_tensor_info *zse_file_tensor_at(const zse_file *f, size_t i);
+const zse_tensor_info *zse_file_tensor(const zse_file *f, const char *name); /* NULL if absent */
+/* tokenizer.json as stored (verbatim bytes, not NUL-terminated); checksum checked on call */
+const char *zse_file_tokenizer_json(const zse_file *f, size_t *len);
+const char *zse_file_chat_template(const zse_file *f);  /* NULL when none */
+const json_t *zse_file_tokenizer_config(const zse_file *f); /* may be NULL */
+const json_t *zse_file_generation(const zse_file *f);   /* may be NULL */
+const char *zse_file_path(const zse_file *f);
+uint64_t zse_file_size(const zse_file *f);
+const uint8_t *zse_file_base(const zse_file *f);        /* start of the mapping */
+/* checks every tensor checksum; on mismatch the error names the tensor */
+int zse_file_verify(const zse_file *f, int *n_bad);
+
+/* ---- conversion --------------------------------------------------------------- */
+typedef struct {
+    zse_scheme scheme;          /* for 2-D linear weights */
+    int group_size;             /* 4-bit schemes */
+    int embed_scheme;           /* -1 = policy default */
+    int lm_head_scheme;         /* -1 = policy default */
+    const char **keep_fp16;     /* glob patterns (canonical or HF names) kept at f16 */
+    int n_keep_fp16;
+    bool force;                 /* overwrite OUT */
+    int threads;                /* 0 = physical cores */
+} zse_convert_opts;
+
+int zse_convert(const char *src_dir, const char *out_path, const zse_convert_opts *o);
+
+#endif

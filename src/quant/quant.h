@@ -1,0 +1,80 @@
+/* quant — quantization schemes and the packed layouts that the .zse file stores and the
+ * kernels read. Shared by the writer (quantize) and the backends (dequantize, dot).
+ * docs/FORMAT.md §Layouts is the specification; keep the two in step. */
+#ifndef ZSE_QUANT_H
+#define ZSE_QUANT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+
+/* Scheme of one stored tensor. Values are written to files: never renumber. */
+typedef enum {
+    ZSE_SCHEME_F32 = 0,
+    ZSE_SCHEME_F16 = 1,
+    ZSE_SCHEME_BF16 = 2,
+    ZSE_SCHEME_Q8 = 3,      /* int8, symmetric, one f32 scale per output row */
+    ZSE_SCHEME_Q4 = 4,      /* int4 group-wise, asymmetric: w = q * scale + min */
+    ZSE_SCHEME_Q4S = 5,     /* int4 group-wise, symmetric:  w = (q - 8) * scale */
+    ZSE_SCHEME_NF4 = 6,     /* 4-bit NormalFloat code, group-wise absmax scale */
+    ZSE_SCHEME_COUNT
+} zse_scheme;
+
+/* Packed layout ids (docs/FORMAT.md). A scheme has one layout in format version 1. */
+typedef enum {
+    ZSE_LAYOUT_PLAIN = 0,   /* row-major elements: f32, f16 or bf16 */
+    ZSE_LAYOUT_Q8_ROW = 1,  /* int8 [rows][cols_padded] then f32 scale [rows] */
+    ZSE_LAYOUT_Q4_G = 2,    /* nibbles [rows][cols_padded/2], f16 scale [rows][groups],
+                               (Q4 only) f16 min [rows][groups] */
+} zse_layout;
+
+/* Within each 32-element chunk of a row, 16 bytes hold the nibbles: byte j's low nibble is
+ * element j and its high nibble element j + 16. One 16-byte load feeds 32 lanes of
+ * dequantization on CPU (AVX2 and-with-0x0F / shift) and GPU alike. */
+#define ZSE_Q4_CHUNK 32
+
+/* Shape and parameters of one packed 2-D weight: rows = output features (HF weight's
+ * first dimension), cols = input features. Vectors (norms, biases) are rows = 1. */
+typedef struct {
+    zse_scheme scheme;
+    int64_t rows;
+    int64_t cols;
+    int group_size;         /* Q4, Q4S, NF4: 32, 64 or 128; 0 otherwise */
+} zse_qshape;
+
+const char *zse_scheme_name(zse_scheme s);          /* "f32", "f16", "bf16", "int8", "int4", "int4s", "nf4" */
+int zse_scheme_from_name(const char *name, zse_scheme *out);
+zse_layout zse_scheme_layout(zse_scheme s);
+bool zse_scheme_is_quantized(zse_scheme s);
+
+/* Columns rounded up to what the layout pads a row to (group size for 4-bit, 32 for
+ * int8, unchanged for plain). Padding elements are zero. */
+int64_t zse_qshape_cols_padded(const zse_qshape *q);
+/* bytes of the packed tensor; 0 and an error on overflow or a bad shape */
+size_t zse_qshape_bytes(const zse_qshape *q);
+/* offsets of the planes inside the packed tensor */
+typedef struct {
+    size_t qs;          /* quantized values or plain elements */
+    size_t scales;      /* scales plane (quantized schemes) */
+    size_t mins;        /* mins plane (Q4 only) */
+    size_t row_bytes;   /* bytes of one row in the qs plane */
+    int64_t groups;     /* groups per row (4-bit schemes) */
+} zse_qplanes;
+void zse_qshape_planes(const zse_qshape *q, zse_qplanes *p);
+
+/* Quantize rows [row0, row1) of src (f32, rows x cols row-major) into dst (the whole
+ * packed tensor, zse_qshape_bytes() long). Threads may call it on disjoint row ranges. */
+void zse_quantize_rows(const zse_qshape *q, const float *src, void *dst, int64_t row0, int64_t row1);
+/* Dequantize one row of the packed tensor into cols floats. */
+void zse_dequantize_row(const zse_qshape *q, const void *packed, int64_t row, float *out);
+
+/* half-precision conversions (round to nearest even) */
+uint16_t zse_f32_to_f16(float f);
+float zse_f16_to_f32(uint16_t h);
+uint16_t zse_f32_to_bf16(float f);
+float zse_bf16_to_f32(uint16_t h);
+
+/* the 16 NF4 code values (QLoRA), ascending, in [-1, 1] */
+extern const float zse_nf4_values[16];
+
+#endif

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what zse needs to build and test on Debian 12: apt-get when root, otherwise
+# prints the exact command. Python packages (pytest and the OpenAI SDK for the API tests)
+# go into a virtual environment under .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES="build-essential cmake pkg-config python3 python3-venv python3-pip
+  libmicrohttpd-dev libjansson-dev libpcre2-dev libutf8proc-dev libsqlite3-dev
+  libssl-dev libzstd-dev libxxhash-dev clang libclang-rt-14-dev"
+
+missing=""
+for p in $APT_PACKAGES; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing:$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq $missing
+  else
+    echo "missing Debian packages; run:"
+    echo "  sudo apt-get install -y$missing"
+    exit 1
+  fi
+fi
+
+PY_PACKAGES="pytest openai langchain-openai"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import pytest, openai, langchain_openai" 2>/dev/null; then
+  .venv/bin/pip install -q $PY_PACKAGES
+fi
