@@ -1,0 +1,133 @@
+/* backend — the small op interface that model code runs on. Not a tensor library: the ops
+ * a decoder-only transformer needs, each implemented by every backend (cpu/, cuda/) for
+ * every weight scheme. A backend knows nothing of tokenizers, HTTP or the engine.
+ *
+ * Activations are f32 matrices [n_tokens][dim] in backend memory (zse_act). Weights are
+ * the packed .zse tensors, used in place (CPU: the mmap) or copied once (CUDA: VRAM).
+ * The KV cache is paged: the engine owns the block allocator and block tables (host);
+ * the backend owns the storage and reads the tables during attention. */
+#ifndef ZSE_BACKEND_H
+#define ZSE_BACKEND_H
+
+#include "format/format.h"
+#include "quant/quant.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct zse_backend zse_backend;
+typedef struct zse_act zse_act;         /* an f32 activation buffer */
+typedef struct zse_weight zse_weight;   /* a packed weight the backend can multiply by */
+typedef struct zse_kv zse_kv;           /* paged KV storage for all layers */
+
+typedef enum { ZSE_KV_STORE_F16 = 0, ZSE_KV_STORE_INT8 = 1 } zse_kv_store;
+
+typedef struct {
+    int n_layers;
+    int n_blocks;           /* blocks in the pool */
+    int block_size;         /* tokens per block (16) */
+    int n_kv_heads;
+    int head_dim;
+    zse_kv_store store;     /* INT8: one f32 scale per (token, head) for K and for V */
+} zse_kv_shape;
+
+/* One step's tokens, flattened over the sequences in the batch (prefill chunks and
+ * decode tokens alike). All arrays are host memory; begin_batch() makes the backend copy
+ * what it needs, so they may be reused after it returns. */
+typedef struct {
+    int n_tokens;
+    const int32_t *tokens;          /* [n_tokens] */
+    const int32_t *positions;       /* [n_tokens] position in its sequence */
+    const int32_t *seq_of;          /* [n_tokens] index into the per-sequence arrays */
+    const int32_t *slots;           /* [n_tokens] KV slot: block * block_size + offset */
+    int n_seqs;
+    const int32_t *seq_lens;        /* [n_seqs] tokens in the cache once this step is stored */
+    const int32_t *block_table;     /* [n_seqs][max_blocks_per_seq], -1 where unused */
+    int max_blocks_per_seq;
+    int n_out;                      /* rows that need logits */
+    const int32_t *out_rows;        /* [n_out] token indices, ascending */
+} zse_batch;
+
+typedef struct {
+    int n_heads;
+    int n_kv_heads;
+    int head_dim;
+    float scale;                    /* usually 1/sqrt(head_dim) */
+    int sliding_window;             /* 0 = full causal attention */
+} zse_attn_params;
+
+typedef struct zse_backend_ops {
+    const char *name;                                   /* "cpu", "cuda" */
+    void (*destroy)(zse_backend *be);
+
+    /* ---- memory ---- */
+    zse_act *(*act_new)(zse_backend *be, int64_t rows, int64_t cols);
+    void (*act_free)(zse_backend *be, zse_act *a);
+    int (*act_write)(zse_backend *be, zse_act *a, const float *src, int64_t rows);  /* rows x cols */
+    int (*act_read)(zse_backend *be, const zse_act *a, float *dst, int64_t rows);
+    /* Weights stay valid while the zse_file stays open. */
+    zse_weight *(*weight_load)(zse_backend *be, const zse_tensor_info *t);
+    void (*weight_free)(zse_backend *be, zse_weight *w);
+    zse_kv *(*kv_new)(zse_backend *be, const zse_kv_shape *shape);
+    void (*kv_free)(zse_backend *be, zse_kv *kv);
+
+    /* ---- per step ---- */
+    int (*begin_batch)(zse_backend *be, const zse_batch *b);
+    /* RoPE tables: inv_freq[head_dim/2] (scaling already applied) and the attention
+     * magnitude factor (YaRN; 1 otherwise). Called once after load. */
+    int (*rope_init)(zse_backend *be, const float *inv_freq, int n_freq, float mscale);
+
+    /* ---- ops (all over the current batch's n_tokens rows unless said) ---- */
+    /* out[t] = embedding row tokens[t] (any scheme; dequantized) */
+    void (*embed)(zse_backend *be, const zse_weight *table, zse_act *out);
+    /* out[r] = x[r] / rms(x[r]) * w, for `rows` rows of width dim (rows may be
+     * n_tokens * n_heads for per-head q/k norm; w is an f32 vector of dim) */
+    void (*rmsnorm)(zse_backend *be, const zse_act *x, const zse_weight *w, float eps,
+                    int64_t rows, int64_t dim, zse_act *out);
+    /* y[t][0:w.rows] = W · x[t][0:w.cols] for `rows` rows of x (n_tokens or n_out) */
+    void (*matmul)(zse_backend *be, const zse_weight *w, const zse_act *x, int64_t rows,
+                   zse_act *y);
+    /* y[t] += bias for `rows` rows (bias: f32 vector of y's width) */
+    void (*add_bias)(zse_backend *be, zse_act *y, const zse_weight *bias, int64_t rows);
+    /* rotate q [n_tokens][n_heads*head_dim] and k [n_tokens][n_kv_heads*head_dim] by each
+     * token's position (rotate-half / NeoX pairing, as Hugging Face models use) */
+    void (*rope)(zse_backend *be, zse_act *q, zse_act *k, int n_heads, int n_kv_heads,
+                 int head_dim);
+    /* write this batch's k and v rows into the cache at their slots for `layer` */
+    void (*kv_store)(zse_backend *be, zse_kv *kv, int layer, const zse_act *k,
+                     const zse_act *v);
+    /* out[t] = softmax(q[t]·K^T * scale over the token's visible cache positions) · V,
+     * causal by position, windowed when sliding_window > 0, GQA by head groups */
+    void (*attention)(zse_backend *be, const zse_kv *kv, int layer, const zse_act *q,
+                      const zse_attn_params *p, zse_act *out);
+    /* out[t][i] = silu(gate[t][i]) * up[t][i] */
+    void (*silu_mul)(zse_backend *be, const zse_act *gate, const zse_act *up, int64_t rows,
+                     int64_t dim, zse_act *out);
+    /* x += y (rows x dim) */
+    void (*add)(zse_backend *be, zse_act *x, const zse_act *y, int64_t rows, int64_t dim);
+    /* out[i] = x[out_rows[i]] for the batch's n_out rows (logits only where needed) */
+    void (*gather_out_rows)(zse_backend *be, const zse_act *x, int64_t dim, zse_act *out);
+    /* wait for queued work (CUDA); a no-op on CPU */
+    int (*sync)(zse_backend *be);
+} zse_backend_ops;
+
+struct zse_backend {
+    const zse_backend_ops *ops;
+    void *impl;
+};
+
+/* "cpu", "cuda", "cuda:N"; threads for the CPU backend (0 = physical cores) */
+zse_backend *zse_backend_create(const char *device, int threads);
+void zse_backend_destroy(zse_backend *be);
+bool zse_backend_cuda_available(void);
+
+/* the CPU backend (src/backend/cpu) */
+zse_backend *zse_cpu_backend_create(int threads);
+#ifdef ZSE_HAVE_CUDA
+/* the CUDA backend (src/backend/cuda, extern "C") */
+zse_backend *zse_cuda_backend_create(int device_index);
+int zse_cuda_device_count(void);
+#endif
+
+#endif
