@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# tests/gpu/run.sh — what the GPU device machine runs (docs/CUDA.md describes it).
+#
+#   tests/gpu/run.sh [OUTDIR]     (OUTDIR defaults to $OUT, else ./gpu-out)
+#
+# 1. builds the kernel test (nvcc only: needs no Debian -dev packages) and runs its
+#    correctness checks against the CPU reference, then its benchmarks;
+# 2. builds the whole project with the CUDA backend (needs the -dev packages of README.md;
+#    skipped with a note when they are missing) and, when the engine is there, runs the
+#    fixtures through `zse run --device cuda` against `--device cpu`.
+# Every step's log lands in OUTDIR; the summary goes to stdout and OUTDIR/summary.txt.
+set -u
+cd "$(dirname "$0")/../.."
+out=${1:-${OUT:-gpu-out}}
+mkdir -p "$out"
+arch=${ZSE_CUDA_ARCH:-90}
+summary="$out/summary.txt"
+: >"$summary"
+note() { echo "$*" | tee -a "$summary"; }
+
+note "== $(date -u +%Y-%m-%dT%H:%MZ) $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+note "== commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
+
+# ---- 1. kernels ------------------------------------------------------------------------
+kt=build-gpu/kernels_test
+mkdir -p build-gpu
+if nvcc -std=c++17 -O3 -arch=sm_$arch -Isrc -o $kt tests/gpu/kernels_test.cu \
+        src/backend/cuda/matmul.cu src/backend/cuda/ops.cu -lcublas >"$out/build-kernels.log" 2>&1; then
+    $kt >"$out/kernels-test.log" 2>&1
+    rc=$?
+    note "kernels test: rc=$rc $(tail -1 "$out/kernels-test.log")"
+    [ $rc -ne 0 ] && grep -m 20 FAILED "$out/kernels-test.log" | tee -a "$summary"
+    if [ "${ZSE_GPU_BENCH:-1}" = 1 ]; then
+        $kt --bench >"$out/kernels-bench.log" 2>&1
+        note "kernels bench: rc=$?"
+        cat "$out/kernels-bench.log" >>"$summary"
+    fi
+else
+    note "kernels test: BUILD FAILED"
+    tail -20 "$out/build-kernels.log" | tee -a "$summary"
+fi
+
+# ---- 2. the whole project --------------------------------------------------------------
+if cmake -S . -B build-gpu/zse -DCMAKE_BUILD_TYPE=Release -DZSE_SANITIZE=OFF \
+        -DCMAKE_CUDA_ARCHITECTURES=$arch >"$out/build-zse.log" 2>&1 &&
+   cmake --build build-gpu/zse -j"$(nproc)" >>"$out/build-zse.log" 2>&1; then
+    note "zse build: ok"
+    zse=build-gpu/zse/zse
+    if [ -x tests/gpu/model_test.sh ]; then
+        tests/gpu/model_test.sh "$zse" "$out" 2>&1 | tee -a "$summary"
+    fi
+else
+    note "zse build: skipped or failed (see build-zse.log): $(grep -m1 -iE 'error|not found' "$out/build-zse.log")"
+fi
