@@ -30,7 +30,6 @@ enum {
     STAGE_BYTES = 16 << 20,             /* 16 MiB each */
     ACT_PITCH_ALIGN = 4,                /* floats: 16-byte rows for float4 loads */
 };
-static const size_t GEMM_SLAB_BYTES = (size_t)64 << 20;
 
 struct zse_act {
     float *d;
@@ -260,7 +259,7 @@ static void image_fill(const image *im, size_t off, size_t n, uint8_t *dst)
 static int upload(cuda_impl *c, const image *im, void *dev)
 {
     for (size_t off = 0; off < im->dev_bytes; off += STAGE_BYTES) {
-        const size_t n = im->dev_bytes - off < (size_t)STAGE_BYTES ? im->dev_bytes - off : STAGE_BYTES;
+        const size_t n = im->dev_bytes - off < (size_t)STAGE_BYTES ? im->dev_bytes - off : (size_t)STAGE_BYTES;
         const int i = c->stage_next;
         c->stage_next = (i + 1) % STAGE_COUNT;
         if (cuda_call(cudaEventSynchronize(c->stage_done[i]), "waiting for a staging buffer") != 0)
@@ -560,11 +559,9 @@ static void cuda_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, 
         return set_error(c, "cuda matmul: %lld x %lld weight with x %lld x %lld, y %lld x %lld",
                          (long long)w->w.rows, (long long)w->w.cols, (long long)x->rows,
                          (long long)x->cols, (long long)y->rows, (long long)y->cols);
-    if (rows > ZSE_CUDA_GEMV_MAX) {
-        const size_t need = (size_t)rows * (size_t)w->w.cols * 4 + 256 + GEMM_SLAB_BYTES;
-        if (ensure_device(c, &c->scratch, &c->scratch_cap, need, "GEMM scratch") != 0)
-            return set_error(c, "%s", zse_error_message());
-    }
+    const size_t need = zse_cuda_matmul_scratch_bytes(&w->w, rows);
+    if (ensure_device(c, &c->scratch, &c->scratch_cap, need, "matmul scratch") != 0)
+        return set_error(c, "%s", zse_error_message());
     check_launch(c, zse_cuda_matmul(&w->w, x->d, x->pitch, rows, y->d, y->pitch, c->cublas,
                                     c->scratch, c->scratch_cap, c->stream));
 }

@@ -1,4 +1,4 @@
-/* cuda_kernels — the C surface of the CUDA kernels (src/backend/cuda/*.cu), below the
+/* cuda_kernels — the C surface of the CUDA kernels (the .cu files of src/backend/cuda), below the
  * backend ops. backend.cu builds zse_backend_ops on top of these; tests/gpu/kernels_test.cu
  * calls them directly against a CPU reference. Everything here takes device pointers and
  * runs on the given stream; launchers return 0, or -1 with zse_cuda_last_error() set.
@@ -45,12 +45,16 @@ typedef struct {
  * slabs of `scratch` (scratch_bytes) and multiply with cuBLAS (cublas: a cublasHandle_t
  * bound to the stream). */
 #define ZSE_CUDA_GEMV_MAX 8
+#define ZSE_CUDA_GEMM_SLAB ((size_t)64 << 20)   /* f16 slab of dequantized weight rows */
+/* scratch that zse_cuda_matmul needs for this weight and batch (0: none) */
+size_t zse_cuda_matmul_scratch_bytes(const zse_cuda_weight *w, int64_t n);
 int zse_cuda_matmul(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n,
                     float *y, int64_t ypitch, void *cublas, void *scratch,
                     size_t scratch_bytes, zse_cuda_stream st);
 /* The two paths on their own (tests and benches pick one). gemv: n <= ZSE_CUDA_GEMV_MAX. */
 int zse_cuda_matmul_gemv(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n,
-                         float *y, int64_t ypitch, zse_cuda_stream st);
+                         float *y, int64_t ypitch, void *scratch, size_t scratch_bytes,
+                         zse_cuda_stream st);
 int zse_cuda_matmul_gemm(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n,
                          float *y, int64_t ypitch, void *cublas, void *scratch,
                          size_t scratch_bytes, zse_cuda_stream st);

@@ -46,8 +46,11 @@ extern "C" int zse_cuda_set_nf4(const float values[16])
 
 /* ---- GEMV ------------------------------------------------------------------------- */
 
+/* A block's warps share its rows and split the row's units between them (more loads in
+ * flight per row, and enough blocks for the small 3584-wide projections); shared memory
+ * adds the warps' sums at the end. */
 enum { GEMV_WARPS = 4 };
-/* rows per warp: 4 while registers allow (fewer x re-reads), 2 for wide batches */
+/* rows per block: 4 while registers allow (fewer x re-reads), 2 for wide batches */
 template <int B> struct gemv_rows { static constexpr int R = B <= 2 ? 4 : 2; };
 
 /* x[b][k0 .. k0+3], zero past cols; the pitch is a multiple of 4 so a whole float4 is
@@ -67,6 +70,42 @@ __device__ __forceinline__ float4 load_x4(const float *xr, int64_t k, int64_t co
     return v;
 }
 
+/* add the lanes' and then the warps' partial sums; y[b][row0 + r] = sum (times the row's
+ * int8 scale when row_scale) */
+template <int B, int R>
+__device__ __forceinline__ void store_rows(float (&acc)[B][R], const zse_cuda_weight &w,
+                                           int64_t row0, int n, float *y, int64_t ypitch,
+                                           bool row_scale)
+{
+    __shared__ float red[GEMV_WARPS][B * R];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int b = 0; b < B; b++)
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float v = acc[b][r];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1)
+                v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0)
+                red[warp][b * R + r] = v;
+        }
+    __syncthreads();
+    const int i = threadIdx.x;
+    if (i < B * R) {
+        const int b = i / R, r = i % R;
+        float v = 0.f;
+#pragma unroll
+        for (int k = 0; k < GEMV_WARPS; k++)
+            v += red[k][i];
+        if (b < n && row0 + r < w.rows) {
+            if (row_scale)
+                v *= ((const float *)w.scales)[row0 + r];
+            y[(int64_t)b * ypitch + row0 + r] = v;
+        }
+    }
+}
+
 template <int S, int B>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_kernel(const zse_cuda_weight w, const float *__restrict__ x, int64_t xpitch, int n,
@@ -81,10 +120,8 @@ gemv_kernel(const zse_cuda_weight w, const float *__restrict__ x, int64_t xpitch
             table[threadIdx.x] = zse_cuda_nf4[threadIdx.x];
         __syncthreads();
     }
-    const int lane = threadIdx.x & 31;
-    const int64_t row0 = ((int64_t)blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * GEMV_ROWS;
-    if (row0 >= w.rows)
-        return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t row0 = (int64_t)blockIdx.x * GEMV_ROWS;
 
     /* rows past the end re-read the last row (valid memory) and are not stored */
     const uint8_t *rowp[GEMV_ROWS];
@@ -107,7 +144,7 @@ gemv_kernel(const zse_cuda_weight w, const float *__restrict__ x, int64_t xpitch
             acc[b][r] = 0.f;
 
     const int64_t n_units = zse_ceil_div(w.cols, T::E);
-    for (int64_t u = lane; u < n_units; u += 32) {
+    for (int64_t u = warp * 32 + lane; u < n_units; u += GEMV_WARPS * 32) {
         uint4 wv[GEMV_ROWS];
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++)
@@ -171,29 +208,131 @@ gemv_kernel(const zse_cuda_weight w, const float *__restrict__ x, int64_t xpitch
             }
     }
 
+    store_rows<B, GEMV_ROWS>(acc, w, row0, n, y, ypitch, SC::row);
+}
+
+/* ---- 4-bit GEMV on integer dot products -----------------------------------------------
+ * Decoding 4-bit codes to floats costs ~3 instructions an element, which caps an fp32 GEMV
+ * well under the memory roof. Instead x is split per 32-element chunk into two int8
+ * vectors, x ~= d*xh + dl*xl with d = amax/127 and dl = d/254: x keeps ~15 bits (error at
+ * most amax/64516 per element, far under the weights' 4 bits) and a chunk's dot product
+ * with the raw nibbles is 16 dp4a. Per chunk: sum(q*x) = d*ih + dl*il, and the scheme's
+ * scale/min come in through the chunk's sum of x (sx):
+ *   Q4:  sum(w*x) = s*sum(q*x) + m*sx        Q4S: sum(w*x) = s*(sum(q*x) - 8*sx) */
+enum { XQ_BYTES = 64 + 16 };    /* per chunk: 32 hi bytes, 32 lo bytes, float4 (d, dl, sx, 0) */
+
+__global__ void quantize_x_kernel(const float *x, int64_t xpitch, int n, int64_t cols,
+                                  int64_t units, uint4 *xq, float4 *xs)
+{
+    const int64_t item = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (item >= (int64_t)n * units)
+        return;
+    const int64_t b = item / units, k = (item % units) * 32 + lane;
+    const float v = k < cols ? x[b * xpitch + k] : 0.f;
+    float amax = fabsf(v), sx = v;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        sx += __shfl_xor_sync(0xffffffffu, sx, o);
+    }
+    const float d = amax / 127.f, dl = d / 254.f;
+    const float h = d > 0.f ? fminf(fmaxf(rintf(v / d), -127.f), 127.f) : 0.f;
+    const float r = fmaf(-h, d, v);
+    const float l = dl > 0.f ? fminf(fmaxf(rintf(r / dl), -127.f), 127.f) : 0.f;
+    int8_t *q = (int8_t *)(xq + item * 4);
+    q[lane] = (int8_t)h;
+    q[32 + lane] = (int8_t)l;
+    if (lane == 0)
+        xs[item] = make_float4(d, dl, sx, 0.f);
+}
+
+template <int S, int B>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_q4_dp4a_kernel(const zse_cuda_weight w, const uint4 *__restrict__ xq,
+                    const float4 *__restrict__ xs, int64_t units, int n, float *__restrict__ y,
+                    int64_t ypitch)
+{
+    constexpr int R = 4;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t row0 = (int64_t)blockIdx.x * R;
+    const uint8_t *rowp[R];
+    int64_t rr[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        rr[r] = min(row0 + r, w.rows - 1);
+        rowp[r] = (const uint8_t *)w.qs + rr[r] * w.row_bytes;
+    }
+    float acc[B][R];
 #pragma unroll
     for (int b = 0; b < B; b++)
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            float v = acc[b][r];
+        for (int r = 0; r < R; r++)
+            acc[b][r] = 0.f;
+
+    for (int64_t u = warp * 32 + lane; u < units; u += GEMV_WARPS * 32) {
+        int lo[R][4], hi[R][4];
+        float sc[R], mn[R];
+        const int64_t g = u * 32 / w.group_size;
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1)
-                v += __shfl_xor_sync(0xffffffffu, v, o);
-            acc[b][r] = v;
+        for (int r = 0; r < R; r++) {
+            const uint4 v = ld_stream16(rowp[r] + u * 16);
+            const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int p = 0; p < 4; p++) {
+                lo[r][p] = (int)(vv[p] & 0x0F0F0F0Fu);
+                hi[r][p] = (int)((vv[p] >> 4) & 0x0F0F0F0Fu);
+            }
+            sc[r] = __half2float(((const __half *)w.scales)[rr[r] * w.groups + g]);
+            mn[r] = S == ZSE_SCHEME_Q4 ? __half2float(((const __half *)w.mins)[rr[r] * w.groups + g]) : 0.f;
         }
-    if (lane == 0) {
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            if (row0 + r >= w.rows)
-                break;
-            const float rs = SC::row ? ((const float *)w.scales)[row0 + r] : 1.f;
+        for (int b = 0; b < B; b++) {
+            const int64_t c = (int64_t)min(b, n - 1) * units + u;
+            const uint4 h0 = __ldg(xq + c * 4), h1 = __ldg(xq + c * 4 + 1);
+            const uint4 l0 = __ldg(xq + c * 4 + 2), l1 = __ldg(xq + c * 4 + 3);
+            const float4 f = __ldg(xs + c);
 #pragma unroll
-            for (int b = 0; b < B; b++)
-                if (b < n)
-                    y[(int64_t)b * ypitch + row0 + r] = acc[b][r] * rs;
+            for (int r = 0; r < R; r++) {
+                int ih = 0, il = 0;
+                ih = __dp4a(lo[r][0], (int)h0.x, ih); ih = __dp4a(lo[r][1], (int)h0.y, ih);
+                ih = __dp4a(lo[r][2], (int)h0.z, ih); ih = __dp4a(lo[r][3], (int)h0.w, ih);
+                ih = __dp4a(hi[r][0], (int)h1.x, ih); ih = __dp4a(hi[r][1], (int)h1.y, ih);
+                ih = __dp4a(hi[r][2], (int)h1.z, ih); ih = __dp4a(hi[r][3], (int)h1.w, ih);
+                il = __dp4a(lo[r][0], (int)l0.x, il); il = __dp4a(lo[r][1], (int)l0.y, il);
+                il = __dp4a(lo[r][2], (int)l0.z, il); il = __dp4a(lo[r][3], (int)l0.w, il);
+                il = __dp4a(hi[r][0], (int)l1.x, il); il = __dp4a(hi[r][1], (int)l1.y, il);
+                il = __dp4a(hi[r][2], (int)l1.z, il); il = __dp4a(hi[r][3], (int)l1.w, il);
+                const float qx = fmaf((float)ih, f.x, (float)il * f.y);
+                if (S == ZSE_SCHEME_Q4)
+                    acc[b][r] = fmaf(sc[r], qx, fmaf(mn[r], f.z, acc[b][r]));
+                else
+                    acc[b][r] = fmaf(sc[r], fmaf(-8.f, f.z, qx), acc[b][r]);
+            }
         }
     }
+    store_rows<B, R>(acc, w, row0, n, y, ypitch, false);
 }
+
+template <int S, int B>
+static void launch_q4_dp4a(const zse_cuda_weight *w, const uint4 *xq, const float4 *xs,
+                           int64_t units, int n, float *y, int64_t yp, cudaStream_t st)
+{
+    gemv_q4_dp4a_kernel<S, B><<<(unsigned)zse_ceil_div(w->rows, 4), GEMV_WARPS * 32, 0, st>>>(
+        *w, xq, xs, units, n, y, yp);
+}
+
+template <int S>
+static void launch_q4_dp4a_batch(const zse_cuda_weight *w, const uint4 *xq, const float4 *xs,
+                                 int64_t units, int n, float *y, int64_t yp, cudaStream_t st)
+{
+    if (n == 1) launch_q4_dp4a<S, 1>(w, xq, xs, units, n, y, yp, st);
+    else if (n == 2) launch_q4_dp4a<S, 2>(w, xq, xs, units, n, y, yp, st);
+    else if (n <= 4) launch_q4_dp4a<S, 4>(w, xq, xs, units, n, y, yp, st);
+    else launch_q4_dp4a<S, 8>(w, xq, xs, units, n, y, yp, st);
+}
+
+static bool uses_dp4a(int scheme) { return scheme == ZSE_SCHEME_Q4 || scheme == ZSE_SCHEME_Q4S; }
 
 static int check_weight(const zse_cuda_weight *w)
 {
@@ -213,7 +352,7 @@ template <int S, int B>
 static void launch_gemv(const zse_cuda_weight *w, const float *x, int64_t xp, int n, float *y,
                         int64_t yp, cudaStream_t st)
 {
-    const int64_t per_block = GEMV_WARPS * gemv_rows<B>::R;
+    const int64_t per_block = gemv_rows<B>::R;
     dim3 grid((unsigned)zse_ceil_div(w->rows, per_block));
     gemv_kernel<S, B><<<grid, GEMV_WARPS * 32, 0, st>>>(*w, x, xp, n, y, yp);
 }
@@ -228,8 +367,17 @@ static void launch_gemv_batch(const zse_cuda_weight *w, const float *x, int64_t 
     else launch_gemv<S, 8>(w, x, xp, n, y, yp, st);
 }
 
+extern "C" size_t zse_cuda_matmul_scratch_bytes(const zse_cuda_weight *w, int64_t n)
+{
+    if (n <= ZSE_CUDA_GEMV_MAX)
+        return uses_dp4a(w->scheme) ? (size_t)n * (size_t)zse_ceil_div(w->cols, 32) * XQ_BYTES + 256 : 0;
+    const bool split = w->scheme == ZSE_SCHEME_F16 || w->scheme == ZSE_SCHEME_BF16;
+    return (size_t)n * (size_t)w->cols * 2 * (split ? 2 : 1) + 256 + ZSE_CUDA_GEMM_SLAB;
+}
+
 extern "C" int zse_cuda_matmul_gemv(const zse_cuda_weight *w, const float *x, int64_t xpitch,
-                                    int64_t n, float *y, int64_t ypitch, zse_cuda_stream st)
+                                    int64_t n, float *y, int64_t ypitch, void *scratch,
+                                    size_t scratch_bytes, zse_cuda_stream st)
 {
     if (check_weight(w) != 0)
         return -1;
@@ -237,7 +385,21 @@ extern "C" int zse_cuda_matmul_gemv(const zse_cuda_weight *w, const float *x, in
         return zse_cuda_fail("cuda gemv: %lld rows of x (1..%d)", (long long)n, ZSE_CUDA_GEMV_MAX);
     if ((xpitch & 3) || ((uintptr_t)x & 15))
         return zse_cuda_fail("cuda gemv: x pitch %lld is not a multiple of 4 floats", (long long)xpitch);
-    ZSE_CUDA_SCHEME_SWITCH(w->scheme, launch_gemv_batch<S_>(w, x, xpitch, (int)n, y, ypitch, (cudaStream_t)st));
+    if (uses_dp4a(w->scheme)) {
+        const int64_t units = zse_ceil_div(w->cols, 32);
+        if (scratch_bytes < zse_cuda_matmul_scratch_bytes(w, n) || ((uintptr_t)scratch & 15))
+            return zse_cuda_fail("cuda gemv: scratch of %zu bytes is too small", scratch_bytes);
+        uint4 *xq = (uint4 *)scratch;
+        float4 *xs = (float4 *)((uint8_t *)scratch + (size_t)n * units * 64);
+        quantize_x_kernel<<<(unsigned)zse_ceil_div(n * units * 32, 128), 128, 0, (cudaStream_t)st>>>(
+            x, xpitch, (int)n, w->cols, units, xq, xs);
+        if (w->scheme == ZSE_SCHEME_Q4)
+            launch_q4_dp4a_batch<ZSE_SCHEME_Q4>(w, xq, xs, units, (int)n, y, ypitch, (cudaStream_t)st);
+        else
+            launch_q4_dp4a_batch<ZSE_SCHEME_Q4S>(w, xq, xs, units, (int)n, y, ypitch, (cudaStream_t)st);
+    } else {
+        ZSE_CUDA_SCHEME_SWITCH(w->scheme, launch_gemv_batch<S_>(w, x, xpitch, (int)n, y, ypitch, (cudaStream_t)st));
+    }
     ZSE_CUDA_LAUNCHED("cuda gemv");
     return 0;
 }
@@ -261,20 +423,34 @@ __device__ __forceinline__ void dequant_unit(const zse_cuda_weight &w, int64_t r
     if (SC::row)
         sc = ((const float *)w.scales)[row];
     const int64_t k0 = u * T::E;
+    float vals[T::E];
 #pragma unroll
     for (int p = 0; p < T::P; p++) {
         float f[8];
         T::piece(v, p, table, f);
 #pragma unroll
-        for (int j = 0; j < T::NV; j++) {
-            const int64_t k = k0 + (j < 4 ? T::off0(p) + j : T::off1(p) + j - 4);
-            if (k < w.cols) {
-                const float val = fmaf(f[j], sc, mn);
-                if (sizeof(O) == 2)
-                    ((__half *)out)[k] = __float2half_rn(val);
-                else
-                    ((float *)out)[k] = val;
-            }
+        for (int j = 0; j < T::NV; j++)
+            vals[j < 4 ? T::off0(p) + j : T::off1(p) + j - 4] = fmaf(f[j], sc, mn);
+    }
+    if (sizeof(O) == 2 && T::E % 8 == 0 && k0 + T::E <= w.cols) {
+        /* whole unit: 16-byte stores (rows of the f16 slab are 16-byte aligned) */
+#pragma unroll
+        for (int i = 0; i < T::E; i += 8) {
+            __half2 h[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                h[j] = __floats2half2_rn(vals[i + 2 * j], vals[i + 2 * j + 1]);
+            *reinterpret_cast<uint4 *>((__half *)out + k0 + i) = *reinterpret_cast<const uint4 *>(h);
+        }
+        return;
+    }
+#pragma unroll
+    for (int j = 0; j < T::E; j++) {
+        if (k0 + j < w.cols) {
+            if (sizeof(O) == 2)
+                ((__half *)out)[k0 + j] = __float2half_rn(vals[j]);
+            else
+                ((float *)out)[k0 + j] = vals[j];
         }
     }
 }
@@ -421,7 +597,7 @@ extern "C" int zse_cuda_matmul_gemm(const zse_cuda_weight *w, const float *x, in
     const size_t xalloc = (xbytes + 255) & ~(size_t)255;
     const int64_t lda = (k + 7) & ~(int64_t)7;
     const size_t row_f16 = (size_t)lda * sizeof(__half);
-    if (scratch_bytes < xalloc + row_f16 * 64)
+    if (scratch_bytes < xalloc + row_f16 * 128)
         return zse_cuda_fail("cuda gemm: scratch of %zu bytes is too small for %lld x %lld",
                              scratch_bytes, (long long)n, (long long)k);
     __half *xh = (__half *)scratch, *xl = split ? xh + n * k : NULL;
@@ -447,6 +623,6 @@ extern "C" int zse_cuda_matmul(const zse_cuda_weight *w, const float *x, int64_t
                                size_t scratch_bytes, zse_cuda_stream st)
 {
     if (n <= ZSE_CUDA_GEMV_MAX)
-        return zse_cuda_matmul_gemv(w, x, xpitch, n, y, ypitch, st);
+        return zse_cuda_matmul_gemv(w, x, xpitch, n, y, ypitch, scratch, scratch_bytes, st);
     return zse_cuda_matmul_gemm(w, x, xpitch, n, y, ypitch, cublas, scratch, scratch_bytes, st);
 }
