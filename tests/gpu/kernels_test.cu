@@ -641,6 +641,76 @@ static float time_ms(cudaStream_t st, int iters, void (*fn)(void *), void *arg)
     return t[t.size() / 2];
 }
 
+/* per call, when `reps` calls run back to back (as a decode step issues them): the launch
+ * gaps shrink to what the GPU itself needs between kernels */
+static float time_stream_ms(int reps, void (*fn)(void *), void *arg)
+{
+    cudaEvent_t a, b;
+    CU(cudaEventCreate(&a));
+    CU(cudaEventCreate(&b));
+    fn(arg);
+    std::vector<float> t;
+    for (int i = 0; i < 5; i++) {
+        CU(cudaEventRecord(a, 0));
+        for (int r = 0; r < reps; r++)
+            fn(arg);
+        CU(cudaEventRecord(b, 0));
+        CU(cudaEventSynchronize(b));
+        float ms;
+        CU(cudaEventElapsedTime(&ms, a, b));
+        t.push_back(ms / reps);
+    }
+    std::sort(t.begin(), t.end());
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    return t[t.size() / 2];
+}
+
+/* cuBLAS alone on a prefill-sized product, to see what the GEMM path can reach */
+struct gemm_probe { void *a, *b, *c; int m, n, k; cublasComputeType_t ct; cudaDataType_t ctype; };
+static void run_gemm_probe(void *arg)
+{
+    gemm_probe *g = (gemm_probe *)arg;
+    const float one = 1.f, zero = 0.f;
+    const __half hone = __float2half(1.f), hzero = __float2half(0.f);
+    const bool h = g->ct == CUBLAS_COMPUTE_16F;
+    if (cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, g->m, g->n, g->k, h ? (const void *)&hone : &one,
+                     g->a, CUDA_R_16F, g->k, g->b, CUDA_R_16F, g->k, h ? (const void *)&hzero : &zero,
+                     g->c, g->ctype, g->m, g->ct, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
+        fprintf(stderr, "gemm probe failed\n");
+        exit(2);
+    }
+}
+
+static void probe_gemm(void)
+{
+    gemm_probe g;
+    g.m = 18944;
+    g.n = 512;
+    g.k = 3584;
+    CU(cudaMalloc(&g.a, (size_t)g.m * g.k * 2));
+    CU(cudaMalloc(&g.b, (size_t)g.n * g.k * 2));
+    CU(cudaMalloc(&g.c, (size_t)g.m * g.n * 4));
+    CU(cudaMemset(g.a, 0x3c, (size_t)g.m * g.k * 2));   /* ~1.0 halves, not zeros */
+    CU(cudaMemset(g.b, 0x2c, (size_t)g.n * g.k * 2));
+    const struct { cublasComputeType_t ct; cudaDataType_t c; const char *name; } v[] = {
+        {CUBLAS_COMPUTE_32F, CUDA_R_32F, "f16xf16->f32 compute32F"},
+        {CUBLAS_COMPUTE_32F_FAST_16F, CUDA_R_32F, "f16xf16->f32 compute32F_FAST_16F"},
+        {CUBLAS_COMPUTE_32F, CUDA_R_16F, "f16xf16->f16 compute32F"},
+        {CUBLAS_COMPUTE_16F, CUDA_R_16F, "f16xf16->f16 compute16F"},
+    };
+    for (auto &x : v) {
+        g.ct = x.ct;
+        g.ctype = x.c;
+        float ms = time_ms(0, 10, run_gemm_probe, &g);
+        printf("BENCH gemm-probe %dx%dx%d %s: %.1f us, %.0f TFLOP/s\n", g.m, g.n, g.k, x.name,
+               ms * 1e3, 2.0 * g.m * g.n * g.k / (ms * 1e-3) / 1e12);
+    }
+    cudaFree(g.a);
+    cudaFree(g.b);
+    cudaFree(g.c);
+}
+
 struct mm_bench {
     std::vector<packed> *copies;
     size_t which;
@@ -684,7 +754,9 @@ static void bench(void)
     /* Qwen2.5-7B shapes: qkv-ish, gate/up, down, lm_head */
     const int64_t shapes[][2] = {{3584, 3584}, {18944, 3584}, {3584, 18944}, {152064, 3584}};
     const int schemes[] = {Q4, Q4S, NF4, Q8, F16, BF16};
-    printf("%-6s %-14s %-5s %-6s %9s %9s %6s\n", "scheme", "shape", "n", "path", "us", "GB/s", "%copy");
+    probe_gemm();
+    printf("%-6s %-14s %-5s %-6s %9s %9s %6s %9s %9s %6s\n", "scheme", "shape", "n", "path", "us",
+           "GB/s", "%copy", "us-strm", "GB/s-str", "%copy");
     for (int s : schemes) {
         for (auto &sh : shapes) {
             const bool big = sh[0] * sh[1] > 200000000;
@@ -714,7 +786,7 @@ static void bench(void)
                 for (int g = 0; g < (n > 8 && n <= 64 ? 2 : 1); g++) {
                     /* n in 9..64: the GEMV in passes of 8 against dequant + cuBLAS */
                     mm_bench mb = {&copies, 0, dx, dy, xp, yp, n, n > 64 || (n > 8 && g == 1)};
-                    float t;
+                    float t, ts = 0;
                     if (n > 8 && g == 0) {
                         static mm_bench *cur;
                         cur = &mb;
@@ -725,12 +797,15 @@ static void bench(void)
                         }, NULL);
                     } else {
                         t = time_ms(0, 20, run_mm, &mb);
+                        ts = time_stream_ms(20, run_mm, &mb);
                     }
                     const double gbs = bytes / (t * 1e-3) / 1e9;
                     char shape[32];
                     snprintf(shape, sizeof shape, "%lldx%lld", (long long)sh[0], (long long)sh[1]);
-                    printf("%-6s %-14s %-5d %-6s %9.1f %9.0f %5.0f%%\n", scheme_names[s], shape, n,
-                           n <= 8 ? "gemv" : mb.gemm ? "gemm" : "gemv*k", t * 1e3, gbs, 100.0 * gbs / copy_gbs);
+                    const double gbs_s = ts > 0 ? bytes / (ts * 1e-3) / 1e9 : 0;
+                    printf("%-6s %-14s %-5d %-6s %9.1f %9.0f %5.0f%% %9.1f %9.0f %5.0f%%\n", scheme_names[s], shape, n,
+                           n <= 8 ? "gemv" : mb.gemm ? "gemm" : "gemv*k", t * 1e3, gbs, 100.0 * gbs / copy_gbs,
+                           ts * 1e3, gbs_s, 100.0 * gbs_s / copy_gbs);
                 }
             }
             cudaFree(dx);

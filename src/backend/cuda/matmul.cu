@@ -219,7 +219,10 @@ gemv_kernel(const zse_cuda_weight w, const float *__restrict__ x, int64_t xpitch
  * with the raw nibbles is 16 dp4a. Per chunk: sum(q*x) = d*ih + dl*il, and the scheme's
  * scale/min come in through the chunk's sum of x (sx):
  *   Q4:  sum(w*x) = s*sum(q*x) + m*sx        Q4S: sum(w*x) = s*(sum(q*x) - 8*sx) */
-enum { XQ_BYTES = 64 + 16 };    /* per chunk: 32 hi bytes, 32 lo bytes, float4 (d, dl, sx, 0) */
+enum { XQ_BYTES = 64 + 16 };
+/* rows per block: 8 at batch 1-2 (more weight loads in flight per lane, half the blocks),
+ * 4 above, where the accumulators take the registers */
+template <int B> struct q4_rows { static constexpr int R = B <= 2 ? 8 : 4; };    /* per chunk: 32 hi bytes, 32 lo bytes, float4 (d, dl, sx, 0) */
 
 __global__ void quantize_x_kernel(const float *x, int64_t xpitch, int n, int64_t cols,
                                   int64_t units, uint4 *xq, float4 *xs)
@@ -253,7 +256,7 @@ gemv_q4_dp4a_kernel(const zse_cuda_weight w, const uint4 *__restrict__ xq,
                     const float4 *__restrict__ xs, int64_t units, int n, float *__restrict__ y,
                     int64_t ypitch)
 {
-    constexpr int R = 4;
+    constexpr int R = q4_rows<B>::R;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t row0 = (int64_t)blockIdx.x * R;
     const uint8_t *rowp[R];
@@ -318,7 +321,7 @@ template <int S, int B>
 static void launch_q4_dp4a(const zse_cuda_weight *w, const uint4 *xq, const float4 *xs,
                            int64_t units, int n, float *y, int64_t yp, cudaStream_t st)
 {
-    gemv_q4_dp4a_kernel<S, B><<<(unsigned)zse_ceil_div(w->rows, 4), GEMV_WARPS * 32, 0, st>>>(
+    gemv_q4_dp4a_kernel<S, B><<<(unsigned)zse_ceil_div(w->rows, q4_rows<B>::R), GEMV_WARPS * 32, 0, st>>>(
         *w, xq, xs, units, n, y, yp);
 }
 
