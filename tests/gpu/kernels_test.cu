@@ -737,6 +737,90 @@ static void run_copy(void *arg)
     CU(cudaMemcpyAsync(c->b, c->a, c->n, cudaMemcpyDeviceToDevice, 0));
 }
 
+/* attention on a Qwen2.5-7B layer: 28 heads over 4 KV heads of 128, blocks of 16 */
+struct att_bench {
+    zse_cuda_kv_layer L;
+    zse_cuda_attn a;
+    float *q, *out;
+    int64_t n;
+    int ctx;
+    void *work;
+    size_t wb;
+};
+static void run_att(void *arg)
+{
+    att_bench *b = (att_bench *)arg;
+    LAUNCH(zse_cuda_attention(&b->L, &b->a, b->q, 28 * 128, b->n, b->ctx, b->out, 28 * 128, b->work, b->wb, 0));
+}
+
+static void bench_attention(void)
+{
+    for (int int8 = 0; int8 < 2; int8++) {
+        const int ctx = 4096, bs = 16, kvw = 4 * 128, nb = ctx / bs;
+        att_bench b;
+        memset(&b, 0, sizeof b);
+        b.L.int8 = int8;
+        b.L.block_size = bs;
+        b.L.n_kv_heads = 4;
+        b.L.head_dim = 128;
+        b.L.n_slots = (int64_t)nb * bs;
+        const size_t es = int8 ? 1 : 2;
+        CU(cudaMalloc(&b.L.k, (size_t)b.L.n_slots * kvw * es));
+        CU(cudaMalloc(&b.L.v, (size_t)b.L.n_slots * kvw * es));
+        CU(cudaMalloc(&b.L.kscale, (size_t)b.L.n_slots * 4 * 4));
+        CU(cudaMalloc(&b.L.vscale, (size_t)b.L.n_slots * 4 * 4));
+        std::vector<float> kv = rand_vec((size_t)ctx * kvw, -1.f, 1.f);
+        std::vector<int32_t> slots((size_t)ctx), table((size_t)nb), pos((size_t)ctx), seq((size_t)ctx, 0);
+        for (int i = 0; i < nb; i++)
+            table[(size_t)i] = nb - 1 - i;
+        for (int p = 0; p < ctx; p++) {
+            slots[(size_t)p] = table[(size_t)(p / bs)] * bs + p % bs;
+            pos[(size_t)p] = p;
+        }
+        float *dkv = dev_floats(kv);
+        int32_t *dslots, *dtab, *dpos, *dseq;
+        CU(cudaMalloc(&dslots, (size_t)ctx * 4));
+        CU(cudaMalloc(&dtab, (size_t)nb * 4));
+        CU(cudaMalloc(&dpos, (size_t)ctx * 4));
+        CU(cudaMalloc(&dseq, (size_t)ctx * 4));
+        CU(cudaMemcpy(dslots, slots.data(), (size_t)ctx * 4, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(dtab, table.data(), (size_t)nb * 4, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(dpos, pos.data(), (size_t)ctx * 4, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(dseq, seq.data(), (size_t)ctx * 4, cudaMemcpyHostToDevice));
+        LAUNCH(zse_cuda_kv_store(&b.L, dkv, kvw, dkv, kvw, dslots, ctx, 0));
+        b.a.n_heads = 28;
+        b.a.n_kv_heads = 4;
+        b.a.head_dim = 128;
+        b.a.scale = 1.f / sqrtf(128.f);
+        b.a.window = 0;
+        b.a.seq_of = dseq;
+        b.a.block_table = dtab;
+        b.a.max_blocks = nb;
+        std::vector<float> q = rand_vec((size_t)512 * 28 * 128, -1.f, 1.f);
+        b.q = dev_floats(q);
+        CU(cudaMalloc(&b.out, q.size() * 4));
+        b.wb = zse_cuda_attention_work_bytes(512, 28, 128);
+        CU(cudaMalloc(&b.work, b.wb));
+        /* decode: the last position sees all 4096 keys */
+        b.a.pos = dpos + ctx - 1;
+        b.n = 1;
+        b.ctx = ctx;
+        float ms = time_ms(0, 20, run_att, &b);
+        const double kv_bytes = (double)ctx * kvw * 2 * es;
+        printf("BENCH attention decode %s ctx=%d: %.1f us, KV read %.0f GB/s\n", int8 ? "int8" : "f16",
+               ctx, ms * 1e3, kv_bytes / (ms * 1e-3) / 1e9);
+        /* prefill: 512 tokens of one sequence, causal */
+        b.a.pos = dpos;
+        b.n = 512;
+        b.ctx = 512;
+        ms = time_ms(0, 10, run_att, &b);
+        printf("BENCH attention prefill %s 512 tokens: %.1f us\n", int8 ? "int8" : "f16", ms * 1e3);
+        cudaFree(b.L.k); cudaFree(b.L.v); cudaFree(b.L.kscale); cudaFree(b.L.vscale);
+        cudaFree(dkv); cudaFree(dslots); cudaFree(dtab); cudaFree(dpos); cudaFree(dseq);
+        cudaFree(b.q); cudaFree(b.out); cudaFree(b.work);
+    }
+}
+
 static void bench(void)
 {
     /* the ceiling: a device copy, counting bytes read plus written */
@@ -755,6 +839,7 @@ static void bench(void)
     const int64_t shapes[][2] = {{3584, 3584}, {18944, 3584}, {3584, 18944}, {152064, 3584}};
     const int schemes[] = {Q4, Q4S, NF4, Q8, F16, BF16};
     probe_gemm();
+    bench_attention();
     printf("%-6s %-14s %-5s %-6s %9s %9s %6s %9s %9s %6s\n", "scheme", "shape", "n", "path", "us",
            "GB/s", "%copy", "us-strm", "GB/s-str", "%copy");
     for (int s : schemes) {
@@ -787,7 +872,7 @@ static void bench(void)
                     /* n in 9..64: the GEMV in passes of 8 against dequant + cuBLAS */
                     mm_bench mb = {&copies, 0, dx, dy, xp, yp, n, n > 64 || (n > 8 && g == 1)};
                     float t, ts = 0;
-                    if (n > 8 && g == 0) {
+                    if (n > 8 && !mb.gemm) {
                         static mm_bench *cur;
                         cur = &mb;
                         t = time_ms(0, 20, [](void *) {
