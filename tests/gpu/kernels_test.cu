@@ -491,6 +491,11 @@ static void check_attention(const attn_case &c)
     CU(cudaMalloc(&L.v, elems * es));
     CU(cudaMalloc(&L.kscale, (size_t)L.n_slots * c.n_kv * 4));
     CU(cudaMalloc(&L.vscale, (size_t)L.n_slots * c.n_kv * 4));
+    /* the backend's kv_new zero-fills the pool; so does this */
+    CU(cudaMemset(L.k, 0, elems * es));
+    CU(cudaMemset(L.v, 0, elems * es));
+    CU(cudaMemset(L.kscale, 0, (size_t)L.n_slots * c.n_kv * 4));
+    CU(cudaMemset(L.vscale, 0, (size_t)L.n_slots * c.n_kv * 4));
 
     for (int phase = 0; phase < 2; phase++) {
         std::vector<float> kr, vr;
@@ -608,8 +613,10 @@ static void test_attention(void)
             {"chunked", int8, 4, 4, 128, 0, 16, {70, 50}, {9, 50}},
             /* decode: one token per sequence over long contexts (split-K merges) */
             {"decode", int8, 28, 4, 128, 0, 16, {1500, 33, 700}, {1, 1, 1}},
-            /* sliding window, decode and prefill mixed, odd head_dim, block size 32 */
+            /* sliding window, decode and prefill mixed, head_dim 80, block size 32 */
             {"window", int8, 6, 3, 80, 24, 32, {300, 45}, {1, 45}},
+            /* head_dim 40 (not a multiple of 16: the key-at-a-time kernel), window, splits */
+            {"hd40", int8, 4, 2, 40, 100, 16, {900, 60}, {1, 60}},
         };
         for (const auto &c : cases)
             check_attention(c);

@@ -404,6 +404,13 @@ static zse_kv *cuda_kv_new(zse_backend *be, const zse_kv_shape *s)
         free(kv);
         return NULL;
     }
+    /* zeros, not garbage: attention reads slot 0 with weight 0 for holes in a block table */
+    if (cuda_call(cudaMemset(kv->pool, 0, total), "clearing the KV cache") != 0) {
+        cudaFree(kv->pool);
+        free(kv->layers);
+        free(kv);
+        return NULL;
+    }
     uint8_t *p = (uint8_t *)kv->pool;
     for (int l = 0; l < s->n_layers; l++) {
         zse_cuda_kv_layer *L = &kv->layers[l];

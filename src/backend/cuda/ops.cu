@@ -2,8 +2,9 @@
  * paged KV store (f16 / int8) and attention over the paged cache.
  *
  * Attention is one kernel for prefill and decode: a warp owns one (token, head, split) and
- * walks that split's visible cache positions with an online softmax, keeping its share of
- * the head's dimensions (lane + 32 i) in registers. When there are too few (token, head)
+ * walks that split's visible cache positions with an online softmax, 32 keys a tile,
+ * keeping its share of the head's dimensions (lane + 32 i) in registers (head dims that
+ * are not a multiple of 16 take a key-at-a-time variant). When there are too few (token, head)
  * pairs to fill the GPU — decode — the visible range is split (flash-decoding) and a second
  * kernel merges the partial softmax states; otherwise the warp writes the output itself. */
 #include "backend/cuda/common.cuh"
@@ -351,6 +352,147 @@ attention_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *
     }
 }
 
+/* The same walk, 32 keys at a time: lane j scores key j of the tile with whole-row 16-byte
+ * loads (q sits in shared memory, read by all lanes at once), one max and one sum per tile
+ * update the softmax state, and the weighted V rows are summed with each key's weight
+ * broadcast from its lane. Every load of a tile is independent of the others, so a warp
+ * keeps ~32 rows in flight where the key-at-a-time walk kept one. head_dim % 16 == 0. */
+__global__ void __launch_bounds__(ATT_WARPS * 32)
+attention_tile_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *q, int64_t qp,
+                      int64_t n, int splits, float *out, int64_t op, float *work)
+{
+    __shared__ float qs[ATT_WARPS][32 * ATT_MAX_DPL];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t item = (int64_t)blockIdx.x * ATT_WARPS + warp;
+    if (item >= n * a.n_heads * splits)
+        return;
+    const int split = (int)(item % splits);
+    const int64_t th = item / splits;
+    const int h = (int)(th % a.n_heads);
+    const int64_t t = th / a.n_heads;
+    const int kvh = h / (a.n_heads / a.n_kv_heads);
+    const int hd = a.head_dim;
+    const int seq = a.seq_of[t];
+    const int pos = a.pos[t];
+    const int lo_vis = a.window > 0 ? max(0, pos - a.window + 1) : 0;
+    const int len = pos - lo_vis + 1;
+    const int per = (len + splits - 1) / splits;
+    const int k_begin = lo_vis + split * per;
+    const int k_end = min(pos + 1, k_begin + per);
+
+    float *qw = qs[warp];
+    for (int d = lane; d < hd; d += 32)
+        qw[d] = q[t * qp + (int64_t)h * hd + d] * a.scale;
+    __syncwarp();
+
+    float acc[ATT_MAX_DPL];
+#pragma unroll
+    for (int i = 0; i < ATT_MAX_DPL; i++)
+        acc[i] = 0.f;
+    float m = -FLT_MAX, l = 0.f;
+    const int32_t *bt = a.block_table + (int64_t)seq * a.max_blocks;
+    for (int k0 = k_begin; k0 < k_end; k0 += 32) {
+        /* score: lane j takes key k0 + j */
+        const int p = k0 + lane;
+        int slot = -1;
+        if (p < k_end) {
+            const int bi = p / L.block_size;
+            const int blk = bi < a.max_blocks ? bt[bi] : -1;
+            const int64_t sl = (int64_t)blk * L.block_size + p % L.block_size;
+            if (blk >= 0 && sl < L.n_slots)
+                slot = (int)sl;
+        }
+        float s = -INFINITY, vscale = 1.f;
+        if (slot >= 0) {
+            const int64_t base = ((int64_t)slot * L.n_kv_heads + kvh) * hd;
+            float dot = 0.f;
+            if (L.int8) {
+                const int8_t *kr = (const int8_t *)L.k + base;
+                for (int d = 0; d < hd; d += 16) {
+                    const uint4 v = *reinterpret_cast<const uint4 *>(kr + d);
+                    const int8_t *b = reinterpret_cast<const int8_t *>(&v);
+#pragma unroll
+                    for (int j = 0; j < 16; j++)
+                        dot = fmaf(qw[d + j], (float)b[j], dot);
+                }
+                dot *= L.kscale[(int64_t)slot * L.n_kv_heads + kvh];
+                vscale = L.vscale[(int64_t)slot * L.n_kv_heads + kvh];
+            } else {
+                const __half *kr = (const __half *)L.k + base;
+                for (int d = 0; d < hd; d += 16) {
+                    const uint4 v0 = *reinterpret_cast<const uint4 *>(kr + d);
+                    const uint4 v1 = *reinterpret_cast<const uint4 *>(kr + d + 8);
+                    const __half2 *h0 = reinterpret_cast<const __half2 *>(&v0);
+                    const __half2 *h1 = reinterpret_cast<const __half2 *>(&v1);
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        const float2 f0 = __half22float2(h0[j]), f1 = __half22float2(h1[j]);
+                        dot = fmaf(qw[d + 2 * j], f0.x, dot);
+                        dot = fmaf(qw[d + 2 * j + 1], f0.y, dot);
+                        dot = fmaf(qw[d + 8 + 2 * j], f1.x, dot);
+                        dot = fmaf(qw[d + 8 + 2 * j + 1], f1.y, dot);
+                    }
+                }
+            }
+            s = dot;
+        }
+        float tmax = s;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+            tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+        const float m_new = fmaxf(m, tmax);
+        const float corr = __expf(m - m_new);
+        const float pw = slot >= 0 ? __expf(s - m_new) : 0.f;
+        float psum = pw;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+            psum += __shfl_xor_sync(0xffffffffu, psum, o);
+        l = l * corr + psum;
+        m = m_new;
+#pragma unroll
+        for (int i = 0; i < ATT_MAX_DPL; i++)
+            acc[i] *= corr;
+        /* V: every lane its dims, each key's weight (times its int8 scale) from its lane */
+        const float pv = pw * vscale;
+        const int nk = min(32, k_end - k0);
+        /* no branch per key, so the V loads of several keys are in flight together: a hole
+         * (slot -1, weight 0) reads slot 0, which the pool's zero fill keeps finite */
+#pragma unroll 4
+        for (int j = 0; j < nk; j++) {
+            const float pj = __shfl_sync(0xffffffffu, pv, j);
+            const int sj = max(0, __shfl_sync(0xffffffffu, slot, j));
+            const int64_t base = ((int64_t)sj * L.n_kv_heads + kvh) * hd;
+#pragma unroll
+            for (int i = 0; i < ATT_MAX_DPL; i++) {
+                const int d = lane + 32 * i;
+                if (d < hd)
+                    acc[i] = fmaf(pj, kv_elem(L, L.v, base + d), acc[i]);
+            }
+        }
+    }
+    if (splits == 1) {
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+        for (int i = 0; i < ATT_MAX_DPL; i++) {
+            const int d = lane + 32 * i;
+            if (d < hd)
+                out[t * op + (int64_t)h * hd + d] = acc[i] * inv;
+        }
+        return;
+    }
+    float *wp = work + item * (hd + 2);
+#pragma unroll
+    for (int i = 0; i < ATT_MAX_DPL; i++) {
+        const int d = lane + 32 * i;
+        if (d < hd)
+            wp[d] = acc[i];
+    }
+    if (lane == 0) {
+        wp[hd] = m;
+        wp[hd + 1] = l;
+    }
+}
+
 /* merge the splits of one (token, head): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s */
 __global__ void attention_combine_kernel(const float *work, int64_t n, int n_heads, int hd,
                                          int splits, float *out, int64_t op)
@@ -396,8 +538,12 @@ extern "C" int zse_cuda_attention(const zse_cuda_kv_layer *L, const zse_cuda_att
     const int64_t items = n * a->n_heads * splits;
     if (splits > 1 && (size_t)items * (a->head_dim + 2) * sizeof(float) > work_bytes)
         return zse_cuda_fail("cuda attention: work buffer of %zu bytes is too small", work_bytes);
-    attention_kernel<<<(unsigned)zse_ceil_div(items, ATT_WARPS), ATT_WARPS * 32, 0, (cudaStream_t)st>>>(
-        *L, *a, q, qpitch, n, splits, out, opitch, (float *)work);
+    if (a->head_dim % 16 == 0)
+        attention_tile_kernel<<<(unsigned)zse_ceil_div(items, ATT_WARPS), ATT_WARPS * 32, 0, (cudaStream_t)st>>>(
+            *L, *a, q, qpitch, n, splits, out, opitch, (float *)work);
+    else
+        attention_kernel<<<(unsigned)zse_ceil_div(items, ATT_WARPS), ATT_WARPS * 32, 0, (cudaStream_t)st>>>(
+            *L, *a, q, qpitch, n, splits, out, opitch, (float *)work);
     ZSE_CUDA_LAUNCHED("cuda attention");
     if (splits > 1) {
         attention_combine_kernel<<<(unsigned)(n * a->n_heads), 128, 0, (cudaStream_t)st>>>(
