@@ -273,6 +273,35 @@ static void check_matmul(int scheme, int64_t rows, int64_t cols, int group, int 
     cudaFree(p.dev);
 }
 
+/* zse_cuda_matmul at a batch the dispatcher may split into GEMV passes */
+static void check_matmul_dispatch(int scheme, int64_t rows, int64_t cols, int group, int n)
+{
+    packed p;
+    pack_random(p, scheme, rows, cols, group);
+    const int64_t xp = pitch_of(cols), yp = pitch_of(rows);
+    std::vector<float> x = rand_vec((size_t)(n * xp), -1.f, 1.f);
+    float *dx = dev_floats(x), *dy;
+    CU(cudaMalloc(&dy, (size_t)(n * yp) * 4));
+    poison(dy, (size_t)(n * yp));
+    CHECK(zse_cuda_matmul_scratch_bytes(&p.w, n) <= scratch_bytes, "scratch estimate");
+    LAUNCH(zse_cuda_matmul(&p.w, dx, xp, n, dy, yp, cublas, scratch, scratch_bytes, 0));
+    std::vector<float> y = host_floats(dy, (size_t)(n * yp)), got;
+    std::vector<double> ref;
+    for (int t = 0; t < n; t++)
+        for (int64_t r = 0; r < rows; r++) {
+            double s = 0;
+            for (int64_t k = 0; k < cols; k++)
+                s += ref_weight(p, r, k) * x[(size_t)(t * xp + k)];
+            ref.push_back(s);
+            got.push_back(y[(size_t)(t * yp + r)]);
+        }
+    const double e = rel_err(ref, got);
+    CHECK(e < 2e-3, "matmul %s n=%d: rel err %.3g", scheme_names[scheme], n, e);
+    cudaFree(dx);
+    cudaFree(dy);
+    cudaFree(p.dev);
+}
+
 static void test_matmul(void)
 {
     const int schemes[] = {F32, F16, BF16, Q8, Q4, Q4S, NF4};
@@ -288,6 +317,7 @@ static void test_matmul(void)
                     check_matmul(s, sh[0], sh[1], g, n, false);
             for (int n : {1, 9, 33, 64})
                 check_matmul(s, 131, 515, g, n, true);
+            check_matmul_dispatch(s, 77, 300, g, 13);
         }
     }
     /* the dispatcher picks the path by batch size */

@@ -361,7 +361,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_tile_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *q, int64_t qp,
                       int64_t n, int splits, float *out, int64_t op, float *work)
 {
-    __shared__ float qs[ATT_WARPS][32 * ATT_MAX_DPL];
+    __shared__ __align__(16) float qs[ATT_WARPS][32 * ATT_MAX_DPL];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t item = (int64_t)blockIdx.x * ATT_WARPS + warp;
     if (item >= n * a.n_heads * splits)
@@ -411,9 +411,15 @@ attention_tile_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const fl
                 for (int d = 0; d < hd; d += 16) {
                     const uint4 v = *reinterpret_cast<const uint4 *>(kr + d);
                     const int8_t *b = reinterpret_cast<const int8_t *>(&v);
+                    const float4 *q4 = reinterpret_cast<const float4 *>(qw + d);
 #pragma unroll
-                    for (int j = 0; j < 16; j++)
-                        dot = fmaf(qw[d + j], (float)b[j], dot);
+                    for (int j = 0; j < 4; j++) {
+                        const float4 qq = q4[j];
+                        dot = fmaf(qq.x, (float)b[4 * j], dot);
+                        dot = fmaf(qq.y, (float)b[4 * j + 1], dot);
+                        dot = fmaf(qq.z, (float)b[4 * j + 2], dot);
+                        dot = fmaf(qq.w, (float)b[4 * j + 3], dot);
+                    }
                 }
                 dot *= L.kscale[(int64_t)slot * L.n_kv_heads + kvh];
                 vscale = L.vscale[(int64_t)slot * L.n_kv_heads + kvh];
@@ -424,13 +430,20 @@ attention_tile_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const fl
                     const uint4 v1 = *reinterpret_cast<const uint4 *>(kr + d + 8);
                     const __half2 *h0 = reinterpret_cast<const __half2 *>(&v0);
                     const __half2 *h1 = reinterpret_cast<const __half2 *>(&v1);
+                    const float4 *q4 = reinterpret_cast<const float4 *>(qw + d);
 #pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        const float2 f0 = __half22float2(h0[j]), f1 = __half22float2(h1[j]);
-                        dot = fmaf(qw[d + 2 * j], f0.x, dot);
-                        dot = fmaf(qw[d + 2 * j + 1], f0.y, dot);
-                        dot = fmaf(qw[d + 8 + 2 * j], f1.x, dot);
-                        dot = fmaf(qw[d + 8 + 2 * j + 1], f1.y, dot);
+                    for (int j = 0; j < 2; j++) {
+                        const float4 qa = q4[j], qb = q4[2 + j];
+                        const float2 a0 = __half22float2(h0[2 * j]), a1 = __half22float2(h0[2 * j + 1]);
+                        const float2 b0 = __half22float2(h1[2 * j]), b1 = __half22float2(h1[2 * j + 1]);
+                        dot = fmaf(qa.x, a0.x, dot);
+                        dot = fmaf(qa.y, a0.y, dot);
+                        dot = fmaf(qa.z, a1.x, dot);
+                        dot = fmaf(qa.w, a1.y, dot);
+                        dot = fmaf(qb.x, b0.x, dot);
+                        dot = fmaf(qb.y, b0.y, dot);
+                        dot = fmaf(qb.z, b1.x, dot);
+                        dot = fmaf(qb.w, b1.y, dot);
                     }
                 }
             }
