@@ -192,6 +192,14 @@ static double ref_weight(const packed &p, int64_t r, int64_t k)
 
 static size_t packed_bytes(const packed &p) { return p.bytes.size(); }
 
+static std::vector<float> rand_vec(size_t n, float lo = -2.f, float hi = 2.f)
+{
+    std::vector<float> v(n);
+    for (auto &f : v)
+        f = rnd_uniform(lo, hi);
+    return v;
+}
+
 /* ---- activations: f32 [n][pitch] ---- */
 static int64_t pitch_of(int64_t cols) { return round_up(cols, 4); }
 
@@ -363,13 +371,6 @@ static void test_embed(void)
 }
 
 /* ---- elementwise, norm, rope ---- */
-static std::vector<float> rand_vec(size_t n, float lo = -2.f, float hi = 2.f)
-{
-    std::vector<float> v(n);
-    for (auto &f : v)
-        f = rnd_uniform(lo, hi);
-    return v;
-}
 
 static void test_elementwise(void)
 {
