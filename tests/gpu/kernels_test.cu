@@ -859,6 +859,227 @@ static void bench_attention(void)
     }
 }
 
+/* ---- a Qwen2.5-7B-shaped decode step from the kernels alone ----------------------------
+ * 28 layers of the real op sequence at batch 1 with int4 (g128) weights filled on the
+ * device (random codes, scales 0.01): what the backend can do per token before any engine,
+ * sampling or host overhead. Timed eagerly and as one replayed CUDA graph. */
+__global__ void fill_random_kernel(uint8_t *p, size_t n, uint32_t seed)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        p[i] = (uint8_t)h;
+    }
+}
+__global__ void fill_half_kernel(__half *p, size_t n, float v)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        p[i] = __float2half(v);
+}
+
+static zse_cuda_weight device_q4(int64_t rows, int64_t cols, std::vector<void *> &owned)
+{
+    zse_cuda_weight w;
+    memset(&w, 0, sizeof w);
+    w.scheme = Q4;
+    w.rows = rows;
+    w.cols = cols;
+    w.group_size = 128;
+    w.row_bytes = cols / 2;
+    w.groups = cols / 128;
+    const size_t qs = (size_t)(rows * w.row_bytes), sc = (size_t)(rows * w.groups);
+    uint8_t *d;
+    CU(cudaMalloc(&d, qs + 4 * sc + 512));
+    owned.push_back(d);
+    fill_random_kernel<<<1024, 256>>>(d, qs, (uint32_t)rows * 31u + (uint32_t)cols);
+    __half *s = (__half *)(d + ((qs + 255) & ~(size_t)255));
+    fill_half_kernel<<<256, 256>>>(s, 2 * sc, 0.01f);
+    w.qs = d;
+    w.scales = s;
+    w.mins = s + sc;
+    return w;
+}
+
+struct step_bench {
+    int n_layers;
+    std::vector<zse_cuda_weight> wq, wk, wv, wo, wg, wu, wd;
+    zse_cuda_weight head;
+    float *x, *xn, *q, *k, *v, *att, *o, *g, *u, *logits, *normw, *bq, *bk, *bv, *inv_freq;
+    int32_t *pos, *slot;
+    zse_cuda_kv_layer kv[28];
+    zse_cuda_attn a;
+    void *work;
+    size_t wb;
+    cudaStream_t st;
+};
+
+static void run_step(void *arg)
+{
+    step_bench *b = (step_bench *)arg;
+    const int64_t H = 3584, F = 18944;
+    for (int l = 0; l < b->n_layers; l++) {
+        LAUNCH(zse_cuda_rmsnorm(b->x, H, b->normw, 1e-6f, 1, H, b->xn, H, b->st));
+        LAUNCH(zse_cuda_matmul(&b->wq[(size_t)l], b->xn, H, 1, b->q, H, cublas, scratch, scratch_bytes, b->st));
+        LAUNCH(zse_cuda_matmul(&b->wk[(size_t)l], b->xn, H, 1, b->k, 512, cublas, scratch, scratch_bytes, b->st));
+        LAUNCH(zse_cuda_matmul(&b->wv[(size_t)l], b->xn, H, 1, b->v, 512, cublas, scratch, scratch_bytes, b->st));
+        LAUNCH(zse_cuda_add_bias(b->q, H, b->bq, 1, H, b->st));
+        LAUNCH(zse_cuda_add_bias(b->k, 512, b->bk, 1, 512, b->st));
+        LAUNCH(zse_cuda_add_bias(b->v, 512, b->bv, 1, 512, b->st));
+        LAUNCH(zse_cuda_rope(b->q, H, 1, 28, 128, b->pos, b->inv_freq, 1.f, b->st));
+        LAUNCH(zse_cuda_rope(b->k, 512, 1, 4, 128, b->pos, b->inv_freq, 1.f, b->st));
+        LAUNCH(zse_cuda_kv_store(&b->kv[l], b->k, 512, b->v, 512, b->slot, 1, b->st));
+        LAUNCH(zse_cuda_attention(&b->kv[l], &b->a, b->q, H, 1, 256, b->att, H, b->work, b->wb, b->st));
+        LAUNCH(zse_cuda_matmul(&b->wo[(size_t)l], b->att, H, 1, b->o, H, cublas, scratch, scratch_bytes, b->st));
+        LAUNCH(zse_cuda_add(b->x, H, b->o, H, 1, H, b->st));
+        LAUNCH(zse_cuda_rmsnorm(b->x, H, b->normw, 1e-6f, 1, H, b->xn, H, b->st));
+        LAUNCH(zse_cuda_matmul(&b->wg[(size_t)l], b->xn, H, 1, b->g, F, cublas, scratch, scratch_bytes, b->st));
+        LAUNCH(zse_cuda_matmul(&b->wu[(size_t)l], b->xn, H, 1, b->u, F, cublas, scratch, scratch_bytes, b->st));
+        LAUNCH(zse_cuda_silu_mul(b->g, F, b->u, F, 1, F, b->g, F, b->st));
+        LAUNCH(zse_cuda_matmul(&b->wd[(size_t)l], b->g, F, 1, b->o, H, cublas, scratch, scratch_bytes, b->st));
+        LAUNCH(zse_cuda_add(b->x, H, b->o, H, 1, H, b->st));
+    }
+    LAUNCH(zse_cuda_rmsnorm(b->x, H, b->normw, 1e-6f, 1, H, b->xn, H, b->st));
+    LAUNCH(zse_cuda_matmul(&b->head, b->xn, H, 1, b->logits, 152064, cublas, scratch, scratch_bytes, b->st));
+}
+
+static void bench_decode_step(void)
+{
+    step_bench b;
+    b.n_layers = 28;
+    std::vector<void *> owned;
+    const int64_t H = 3584, F = 18944;
+    size_t bytes = 0;
+    for (int l = 0; l < b.n_layers; l++) {
+        b.wq.push_back(device_q4(H, H, owned));
+        b.wk.push_back(device_q4(512, H, owned));
+        b.wv.push_back(device_q4(512, H, owned));
+        b.wo.push_back(device_q4(H, H, owned));
+        b.wg.push_back(device_q4(F, H, owned));
+        b.wu.push_back(device_q4(F, H, owned));
+        b.wd.push_back(device_q4(H, F, owned));
+    }
+    b.head = device_q4(152064, H, owned);
+    const double per_elem = 0.5 + 4.0 / 128;   /* nibbles + f16 scale and min per group */
+    bytes = (size_t)((28.0 * (2 * H * H + 2 * 512 * H + 3 * F * H) + 152064.0 * H) * per_elem);
+    std::vector<float> ones((size_t)F, 1.f), small((size_t)F, 0.01f), inv(64);
+    for (int i = 0; i < 64; i++)
+        inv[(size_t)i] = (float)pow(1e6, -i / 64.0);
+    std::vector<float> x0 = rand_vec((size_t)H, -1.f, 1.f);
+    b.x = dev_floats(x0);
+    b.normw = dev_floats(ones);
+    b.bq = dev_floats(small);
+    b.bk = dev_floats(small);
+    b.bv = dev_floats(small);
+    b.inv_freq = dev_floats(inv);
+    for (float **p : {&b.xn, &b.q, &b.att, &b.o})
+        CU(cudaMalloc(p, (size_t)H * 4));
+    for (float **p : {&b.k, &b.v})
+        CU(cudaMalloc(p, 512 * 4));
+    for (float **p : {&b.g, &b.u})
+        CU(cudaMalloc(p, (size_t)F * 4));
+    CU(cudaMalloc(&b.logits, (size_t)152064 * 4));
+    /* a 256-token context in 16 blocks per layer; this token at position 255 */
+    std::vector<int32_t> table(16), posv = {255}, slotv = {15 * 16 + 15}, seqv = {0};
+    for (int i = 0; i < 16; i++)
+        table[(size_t)i] = i;
+    int32_t *dtab, *dseq;
+    CU(cudaMalloc(&dtab, 64));
+    CU(cudaMalloc(&dseq, 4));
+    CU(cudaMalloc(&b.pos, 4));
+    CU(cudaMalloc(&b.slot, 4));
+    CU(cudaMemcpy(dtab, table.data(), 64, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(dseq, seqv.data(), 4, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(b.pos, posv.data(), 4, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(b.slot, slotv.data(), 4, cudaMemcpyHostToDevice));
+    for (int l = 0; l < b.n_layers; l++) {
+        zse_cuda_kv_layer &L = b.kv[l];
+        memset(&L, 0, sizeof L);
+        L.block_size = 16;
+        L.n_kv_heads = 4;
+        L.head_dim = 128;
+        L.n_slots = 256;
+        CU(cudaMalloc(&L.k, 256 * 512 * 2));
+        CU(cudaMalloc(&L.v, 256 * 512 * 2));
+        fill_half_kernel<<<64, 256>>>((__half *)L.k, 256 * 512, 0.02f);
+        fill_half_kernel<<<64, 256>>>((__half *)L.v, 256 * 512, 0.03f);
+    }
+    b.a.n_heads = 28;
+    b.a.n_kv_heads = 4;
+    b.a.head_dim = 128;
+    b.a.scale = 1.f / sqrtf(128.f);
+    b.a.window = 0;
+    b.a.seq_of = dseq;
+    b.a.pos = b.pos;
+    b.a.block_table = dtab;
+    b.a.max_blocks = 16;
+    b.wb = zse_cuda_attention_work_bytes(1, 28, 128);
+    CU(cudaMalloc(&b.work, b.wb));
+    CU(cudaStreamCreateWithFlags(&b.st, cudaStreamNonBlocking));
+    CU(cudaDeviceSynchronize());
+    if (cublasSetStream(cublas, b.st) != CUBLAS_STATUS_SUCCESS)
+        exit(2);
+
+    /* eager */
+    cudaEvent_t e0, e1;
+    CU(cudaEventCreate(&e0));
+    CU(cudaEventCreate(&e1));
+    run_step(&b);
+    std::vector<float> t;
+    for (int i = 0; i < 10; i++) {
+        CU(cudaEventRecord(e0, b.st));
+        run_step(&b);
+        CU(cudaEventRecord(e1, b.st));
+        CU(cudaEventSynchronize(e1));
+        float ms;
+        CU(cudaEventElapsedTime(&ms, e0, e1));
+        t.push_back(ms);
+    }
+    std::sort(t.begin(), t.end());
+    const float eager = t[t.size() / 2];
+    /* one graph per step */
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CU(cudaStreamBeginCapture(b.st, cudaStreamCaptureModeThreadLocal));
+    run_step(&b);
+    CU(cudaStreamEndCapture(b.st, &graph));
+    CU(cudaGraphInstantiate(&exec, graph, 0));
+    CU(cudaGraphLaunch(exec, b.st));
+    t.clear();
+    for (int i = 0; i < 10; i++) {
+        CU(cudaEventRecord(e0, b.st));
+        CU(cudaGraphLaunch(exec, b.st));
+        CU(cudaEventRecord(e1, b.st));
+        CU(cudaEventSynchronize(e1));
+        float ms;
+        CU(cudaEventElapsedTime(&ms, e0, e1));
+        t.push_back(ms);
+    }
+    std::sort(t.begin(), t.end());
+    const float graphed = t[t.size() / 2];
+    printf("BENCH decode-step qwen2.5-7b-shape int4-g128 bs1 ctx256: weights %.2f GB, eager %.3f ms (%.0f tok/s), "
+           "graph %.3f ms (%.0f tok/s), roofline at 3.0 TB/s %.0f tok/s\n",
+           bytes / 1e9, eager, 1e3 / eager, graphed, 1e3 / graphed, 3.0e12 / bytes);
+    cublasSetStream(cublas, 0);
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    for (void *p : owned)
+        cudaFree(p);
+    for (int l = 0; l < b.n_layers; l++) {
+        cudaFree(b.kv[l].k);
+        cudaFree(b.kv[l].v);
+    }
+    for (float *p : {b.x, b.xn, b.q, b.k, b.v, b.att, b.o, b.g, b.u, b.logits, b.normw, b.bq, b.bk, b.bv, b.inv_freq})
+        cudaFree(p);
+    cudaFree(dtab);
+    cudaFree(dseq);
+    cudaFree(b.pos);
+    cudaFree(b.slot);
+    cudaFree(b.work);
+    cudaStreamDestroy(b.st);
+}
+
 static void bench(void)
 {
     /* the ceiling: a device copy, counting bytes read plus written */
@@ -878,6 +1099,7 @@ static void bench(void)
     const int schemes[] = {Q4, Q4S, NF4, Q8, F16, BF16};
     probe_gemm();
     bench_attention();
+    bench_decode_step();
     printf("%-6s %-14s %-5s %-6s %9s %9s %6s %9s %9s %6s\n", "scheme", "shape", "n", "path", "us",
            "GB/s", "%copy", "us-strm", "GB/s-str", "%copy");
     for (int s : schemes) {
