@@ -404,7 +404,7 @@ void zse_quantize_rows(const zse_qshape *q, const float *src, void *dst, int64_t
     uint8_t *base = dst;
     int64_t cp = zse_qshape_cols_padded(q);
     for (int64_t r = row0; r < row1; r++) {
-        const float *x = src + (size_t)r * (size_t)q->cols;
+        const float *x = src + (size_t)(r - row0) * (size_t)q->cols;
         switch (zse_scheme_layout(q->scheme)) {
         case ZSE_LAYOUT_PLAIN:
             quantize_plain_row(q, x, base + (size_t)r * p.row_bytes);

@@ -33,7 +33,7 @@ static double round_trip_error(zse_scheme s, int group, int64_t rows, int64_t co
     for (int64_t i = 0; i < rows * cols; i++)
         w[i] = gauss() * 0.02f;
     zse_quantize_rows(&q, w, packed, 0, rows / 2);
-    zse_quantize_rows(&q, w, packed, rows / 2, rows); /* disjoint row ranges, as threads do */
+    zse_quantize_rows(&q, w + (rows / 2) * cols, packed, rows / 2, rows); /* disjoint row ranges, as threads do */
     double num = 0, den = 0;
     *bit_exact = true;
     for (int64_t r = 0; r < rows; r++) {
