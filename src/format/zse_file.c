@@ -137,7 +137,7 @@ zse_file *zse_file_open(const char *path)
         free(f);
         return NULL;
     }
-    uint64_t hoff, hsize, data_offset;
+    uint64_t hoff = 0, hsize = 0, data_offset = 0;
     if (read_preamble(f, &hoff, &hsize, &data_offset) != 0)
         goto fail;
     json_error_t err;
