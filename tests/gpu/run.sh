@@ -40,6 +40,33 @@ else
     tail -20 "$out/build-kernels.log" | tee -a "$summary"
 fi
 
+# ---- 1b. the backend through zse_backend_ops ---------------------------------------------
+# backend.h pulls in format.h and so <jansson.h> (headers only: nothing of jansson is linked
+# here). The device image has no -dev packages: a libjansson-dev .deb carried in .deps/
+# is unpacked into build-gpu/deps when the header is missing.
+inc=""
+if [ ! -f /usr/include/jansson.h ] && ls .deps/libjansson-dev_*.deb >/dev/null 2>&1; then
+    mkdir -p build-gpu/deps && dpkg -x .deps/libjansson-dev_*.deb build-gpu/deps && inc="-Ibuild-gpu/deps/usr/include"
+fi
+bt=build-gpu/backend_test
+mkdir -p build-gpu/bt
+if (for f in backend matmul ops; do
+        nvcc -std=c++17 -O3 -arch=sm_$arch -Isrc -Iinclude $inc -c src/backend/cuda/$f.cu -o build-gpu/bt/$f.o || exit 1
+    done &&
+    for f in tests/gpu/backend_test.c src/quant/quant.c src/util/error.c src/util/mem.c; do
+        gcc -std=c11 -O2 -Wall -Wextra -Werror -D_GNU_SOURCE -DZSE_HAVE_CUDA=1 -Isrc -Iinclude -Itests $inc \
+            -c $f -o build-gpu/bt/$(basename $f .c).o || exit 1
+    done &&
+    nvcc -arch=sm_$arch -o $bt build-gpu/bt/*.o -lcublas) >"$out/build-backend.log" 2>&1; then
+    $bt >"$out/backend-test.log" 2>&1
+    rc=$?
+    note "backend test: rc=$rc $(tail -1 "$out/backend-test.log")"
+    [ $rc -ne 0 ] && grep -m 20 "FAILED" "$out/backend-test.log" | tee -a "$summary"
+else
+    note "backend test: BUILD FAILED"
+    tail -20 "$out/build-backend.log" | tee -a "$summary"
+fi
+
 # ---- 2. the whole project --------------------------------------------------------------
 if cmake -S . -B build-gpu/zse -DCMAKE_BUILD_TYPE=Release -DZSE_SANITIZE=OFF \
         -DCMAKE_CUDA_ARCHITECTURES=$arch >"$out/build-zse.log" 2>&1 &&
