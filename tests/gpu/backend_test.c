@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static uint64_t rng = 88172645463325252ull;
 static float frand(void)
@@ -297,12 +298,68 @@ static void test_attention(zse_kv_store store)
     free(v);
 }
 
-int main(void)
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* weight_load throughput from host memory already resident (the page-cache case): one
+ * 2 GiB f16 tensor and 64 tensors of 32 MiB, as a model's layers come */
+static int bench_load(void)
+{
+    zse_backend *be = zse_cuda_backend_create(0);
+    if (!be) {
+        fprintf(stderr, "%s\n", zse_error_message());
+        return 1;
+    }
+    const size_t big = (size_t)2 << 30;
+    uint8_t *host = malloc(big);
+    if (!host)
+        return 1;
+    for (size_t i = 0; i < big; i += 4096)
+        host[i] = (uint8_t)i;   /* touch every page */
+    const struct { int64_t rows, cols; int count; } shapes[] = {{32768, 32768, 1}, {4096, 4096, 64}};
+    for (int s = 0; s < 2; s++) {
+        zse_tensor_info t;
+        memset(&t, 0, sizeof t);
+        t.name = "bench";
+        t.q.scheme = ZSE_SCHEME_F16;
+        t.q.rows = shapes[s].rows;
+        t.q.cols = shapes[s].cols;
+        t.layout = ZSE_LAYOUT_PLAIN;
+        t.size = (uint64_t)(shapes[s].rows * shapes[s].cols * 2);
+        zse_weight *ws[64];
+        double t0 = now_s();
+        for (int i = 0; i < shapes[s].count; i++) {
+            t.data = host + (size_t)i * t.size % big;
+            ws[i] = be->ops->weight_load(be, &t);
+            if (!ws[i]) {
+                fprintf(stderr, "%s\n", zse_error_message());
+                return 1;
+            }
+        }
+        double dt = now_s() - t0;
+        printf("BENCH weight_load %d x %lld x %lld f16: %.3f s, %.1f GB/s\n", shapes[s].count,
+               (long long)shapes[s].rows, (long long)shapes[s].cols, dt,
+               (double)t.size * shapes[s].count / dt / 1e9);
+        for (int i = 0; i < shapes[s].count; i++)
+            be->ops->weight_free(be, ws[i]);
+    }
+    free(host);
+    be->ops->destroy(be);
+    return 0;
+}
+
+int main(int argc, char **argv)
 {
     if (zse_cuda_device_count() < 1) {
         printf("no CUDA device: skipped\n");
         return 77;
     }
+    if (argc > 1 && strcmp(argv[1], "--bench-load") == 0)
+        return bench_load();
     CHECK(zse_cuda_backend_create(zse_cuda_device_count()) == NULL);
     zse_backend *be = zse_cuda_backend_create(0);
     CHECK_MSG(be != NULL, "%s", zse_error_message());

@@ -62,6 +62,7 @@ if (for f in backend matmul ops; do
     rc=$?
     note "backend test: rc=$rc $(tail -1 "$out/backend-test.log")"
     [ $rc -ne 0 ] && grep -m 20 "FAILED" "$out/backend-test.log" | tee -a "$summary"
+    $bt --bench-load 2>&1 | tee -a "$summary"
 else
     note "backend test: BUILD FAILED"
     tail -20 "$out/build-backend.log" | tee -a "$summary"

@@ -154,7 +154,7 @@ static int ensure_pinned(cuda_impl *c, uint8_t **p, size_t *cap, size_t need, co
 
 static zse_act *cuda_act_new(zse_backend *be, int64_t rows, int64_t cols)
 {
-    (void)be;
+    cuda_impl *c = impl_of(be);
     if (rows < 1 || cols < 1) {
         zse_fail("cuda act_new: bad shape %lld x %lld", (long long)rows, (long long)cols);
         return NULL;
@@ -172,8 +172,13 @@ static zse_act *cuda_act_new(zse_backend *be, int64_t rows, int64_t cols)
         free(a);
         return NULL;
     }
-    /* pitch padding stays zero: kernels may read it through 16-byte loads */
-    cudaMemset(a->d, 0, bytes);
+    /* the padding is read (and masked) by 16-byte loads: keep it defined. On the compute
+     * stream, which does not wait for the legacy default stream. */
+    if (cuda_call(cudaMemsetAsync(a->d, 0, bytes, c->stream), "clearing an activation buffer") != 0) {
+        cudaFree(a->d);
+        free(a);
+        return NULL;
+    }
     return a;
 }
 
@@ -274,11 +279,6 @@ static int upload(cuda_impl *c, const image *im, void *dev)
     return 0;
 }
 
-static size_t scheme_elem_bytes(zse_scheme s)
-{
-    return s == ZSE_SCHEME_F32 ? 4 : 2;
-}
-
 static zse_weight *cuda_weight_load(zse_backend *be, const zse_tensor_info *t)
 {
     cuda_impl *c = impl_of(be);
@@ -327,7 +327,6 @@ static zse_weight *cuda_weight_load(zse_backend *be, const zse_tensor_info *t)
     w->w.scales = plain ? NULL : d + pl.scales;
     w->w.mins = q->scheme == ZSE_SCHEME_Q4 ? d + pl.mins : NULL;
     w->w.groups = pl.groups;
-    (void)scheme_elem_bytes;
     /* the compute stream must see the upload before the first use */
     if (cuda_call(cudaStreamSynchronize(c->copy_stream), "finishing a weight copy") != 0) {
         cudaFree(w->dev);
@@ -372,7 +371,7 @@ static void cuda_weight_free(zse_backend *be, zse_weight *w)
 
 static zse_kv *cuda_kv_new(zse_backend *be, const zse_kv_shape *s)
 {
-    (void)be;
+    cuda_impl *c = impl_of(be);
     if (s->n_layers < 1 || s->n_blocks < 1 || s->block_size < 1 || s->n_kv_heads < 1 ||
         s->head_dim < 1) {
         zse_fail("cuda kv_new: bad shape");
@@ -405,7 +404,7 @@ static zse_kv *cuda_kv_new(zse_backend *be, const zse_kv_shape *s)
         return NULL;
     }
     /* zeros, not garbage: attention reads slot 0 with weight 0 for holes in a block table */
-    if (cuda_call(cudaMemset(kv->pool, 0, total), "clearing the KV cache") != 0) {
+    if (cuda_call(cudaMemsetAsync(kv->pool, 0, total, c->stream), "clearing the KV cache") != 0) {
         cudaFree(kv->pool);
         free(kv->layers);
         free(kv);
