@@ -53,11 +53,11 @@ mkdir -p build-gpu/bt
 if (for f in backend matmul ops; do
         nvcc -std=c++17 -O3 -arch=sm_$arch -Isrc -Iinclude $inc -c src/backend/cuda/$f.cu -o build-gpu/bt/$f.o || exit 1
     done &&
-    for f in tests/gpu/backend_test.c src/quant/quant.c src/util/error.c src/util/mem.c; do
+    for f in tests/gpu/backend_test.c src/quant/quant.c src/util/error.c src/util/mem.c src/util/pool.c; do
         gcc -std=c11 -O2 -Wall -Wextra -Werror -D_GNU_SOURCE -DZSE_HAVE_CUDA=1 -Isrc -Iinclude -Itests $inc \
             -c $f -o build-gpu/bt/$(basename $f .c).o || exit 1
     done &&
-    nvcc -arch=sm_$arch -o $bt build-gpu/bt/*.o -lcublas) >"$out/build-backend.log" 2>&1; then
+    nvcc -arch=sm_$arch -o $bt build-gpu/bt/*.o -lcublas -lpthread) >"$out/build-backend.log" 2>&1; then
     $bt >"$out/backend-test.log" 2>&1
     rc=$?
     note "backend test: rc=$rc $(tail -1 "$out/backend-test.log")"

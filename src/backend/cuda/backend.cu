@@ -6,8 +6,8 @@
  * backend's first error, later ops are skipped, and sync() reports it.
  *
  * Loading: each tensor goes mmap -> pinned staging buffer -> cudaMemcpyAsync, through a
- * ring of staging buffers so that the CPU fills one while the copy engine drains another;
- * pageable memory never feeds a copy on this path. */
+ * ring of staging buffers so that the CPU fills one (with several threads) while the copy
+ * engine drains another; pageable memory never feeds a copy on this path. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,6 +65,7 @@ typedef struct {
     uint8_t *stage[STAGE_COUNT];
     cudaEvent_t stage_done[STAGE_COUNT];
     int stage_next;
+    zse_pool *fill_pool;        /* threads that fill a staging buffer together */
 
     /* batch arrays: pinned host image + device copy */
     int32_t *batch_host, *batch_dev;
@@ -260,16 +261,48 @@ static void image_fill(const image *im, size_t off, size_t n, uint8_t *dst)
     }
 }
 
+/* One thread copies page-cache memory at ~9 GB/s (measured on the H100 machine), a fifth
+ * of what a pinned copy moves: the staging buffer is filled by several threads at once,
+ * each taking a 4 KiB-aligned share. */
+typedef struct {
+    const image *im;
+    size_t off, n;
+    uint8_t *dst;
+} fill_job;
+
+static void fill_share(void *arg, int ith, int nth)
+{
+    const fill_job *j = (const fill_job *)arg;
+    size_t share = (j->n + (size_t)nth - 1) / (size_t)nth;
+    share = (share + 4095) & ~(size_t)4095;
+    const size_t begin = (size_t)ith * share;
+    if (begin >= j->n)
+        return;
+    const size_t len = j->n - begin < share ? j->n - begin : share;
+    image_fill(j->im, j->off + begin, len, j->dst + begin);
+}
+
+enum { FILL_THREADS_MAX = 8, FILL_PARALLEL_MIN = 1 << 20 };
+
 /* the ring: fill a pinned buffer while earlier ones are still being copied */
 static int upload(cuda_impl *c, const image *im, void *dev)
 {
+    if (!c->fill_pool && im->dev_bytes >= FILL_PARALLEL_MIN) {
+        int n = zse_physical_cores();
+        n = n < 1 ? 1 : n > FILL_THREADS_MAX ? FILL_THREADS_MAX : n;
+        c->fill_pool = zse_pool_create(n);     /* NULL: fill on this thread alone */
+    }
     for (size_t off = 0; off < im->dev_bytes; off += STAGE_BYTES) {
         const size_t n = im->dev_bytes - off < (size_t)STAGE_BYTES ? im->dev_bytes - off : (size_t)STAGE_BYTES;
         const int i = c->stage_next;
         c->stage_next = (i + 1) % STAGE_COUNT;
         if (cuda_call(cudaEventSynchronize(c->stage_done[i]), "waiting for a staging buffer") != 0)
             return -1;
-        image_fill(im, off, n, c->stage[i]);
+        fill_job job = {im, off, n, c->stage[i]};
+        if (c->fill_pool && n >= FILL_PARALLEL_MIN)
+            zse_pool_run(c->fill_pool, fill_share, &job);
+        else
+            image_fill(im, off, n, c->stage[i]);
         if (cuda_call(cudaMemcpyAsync((uint8_t *)dev + off, c->stage[i], n, cudaMemcpyHostToDevice,
                                       c->copy_stream),
                       "copying a weight to the GPU") != 0 ||
@@ -691,6 +724,7 @@ static void cuda_destroy(zse_backend *be)
             cudaStreamSynchronize(c->stream);
         if (c->copy_stream)
             cudaStreamSynchronize(c->copy_stream);
+        zse_pool_free(c->fill_pool);
         for (int i = 0; i < STAGE_COUNT; i++) {
             cudaFreeHost(c->stage[i]);
             if (c->stage_done[i])
