@@ -1070,8 +1070,9 @@ static int bpe_word(const zse_tokenizer *t, const char *w, size_t n, id_vec *out
         int nx = sy[c.pos].next;
         if (sy[c.pos].id != c.left || nx < 0 || sy[nx].id != c.right)
             continue; /* stale: one side merged already */
-        int32_t rank, merged;
-        pair_get(&t->merges, c.left, c.right, &rank, &merged);
+        int32_t rank = 0, merged = -1;
+        if (!pair_get(&t->merges, c.left, c.right, &rank, &merged))
+            continue;
         sy[c.pos].id = merged;
         sy[nx].id = -1;
         sy[c.pos].next = sy[nx].next;

@@ -23,3 +23,6 @@ add_test(NAME cli_run_bad_kv COMMAND zse run ${PROJECT_BINARY_DIR}/cli-tests/tin
 set_tests_properties(cli_run_bad_kv PROPERTIES PASS_REGULAR_EXPRESSION "--kv-cache takes f16 or int8")
 add_test(NAME cli_run_cuda_missing COMMAND zse run ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse -p "x" --device tpu)
 set_tests_properties(cli_run_cuda_missing PROPERTIES FIXTURES_REQUIRED zse_int4 PASS_REGULAR_EXPRESSION "unknown device 'tpu'")
+add_test(NAME cli_bench_json COMMAND zse bench ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse --prompt-tokens 32 --gen-tokens 8 --json)
+set_tests_properties(cli_bench_json PROPERTIES FIXTURES_REQUIRED zse_int4
+  PASS_REGULAR_EXPRESSION "\"prefill_tok_s\": [0-9.]+, \"gen_tokens\": 8, \"decode_tok_s\": [0-9.]+")
