@@ -3,7 +3,8 @@
 # backend: converts the tiny-llama fixture at f32, bf16, int8 and int4, runs greedy
 # generation and the prompt's last-position logits on --device cpu and --device cuda, and
 # compares them (ids must match for f32/bf16; logits within a relative tolerance). Then
-# `zse bench` on each file. Called by tests/gpu/run.sh.
+# `zse bench` on each file. Called by tests/gpu/run.sh. Logs go to OUTDIR/model.log and the
+# bench JSON lines to OUTDIR/model-bench.jsonl (the device returns at most 8 files).
 set -u
 zse=$1
 out=$2
@@ -11,14 +12,17 @@ fx=tests/fixtures/tiny-llama
 work=$(mktemp -d)
 prompt="def fibonacci(n):"
 fail=0
+log=$out/model.log
+: >"$log"
+: >"$out/model-bench.jsonl"
 for q in f32 bf16 int8 int4; do
     m=$work/tiny-$q.zse
-    if ! "$zse" convert "$fx" -o "$m" --quant $q >"$out/convert-$q.log" 2>&1; then
-        echo "model $q: convert FAILED"; tail -3 "$out/convert-$q.log"; fail=1; continue
+    if ! "$zse" convert "$fx" -o "$m" --quant $q >>"$log" 2>&1; then
+        echo "model $q: convert FAILED"; tail -3 "$log"; fail=1; continue
     fi
     for d in cpu cuda; do
         "$zse" run "$m" -p "$prompt" -n 32 --temp 0 --ids --device $d --dump-logits $work/logits-$q-$d.json \
-            >$work/ids-$q-$d.json 2>"$out/run-$q-$d.log" || { echo "model $q $d: run FAILED"; tail -3 "$out/run-$q-$d.log"; fail=1; }
+            >$work/ids-$q-$d.json 2>>"$log" || { echo "model $q $d: run FAILED"; tail -3 "$log"; fail=1; }
     done
     python3 - "$q" $work/ids-$q-cpu.json $work/ids-$q-cuda.json $work/logits-$q-cpu.json $work/logits-$q-cuda.json <<'PY' || fail=1
 import json, math, sys
@@ -38,8 +42,11 @@ print(f"model {q}: cuda vs cpu: logits rel err {rel:.2e} (tol {tol:g}), greedy i
       f"{'equal' if same else f'differ from position {first}'} ({len(a)} tokens) -> {'ok' if ok else 'FAILED'}")
 sys.exit(0 if ok else 1)
 PY
-    "$zse" bench "$m" --device cuda --json >"$out/bench-$q.json" 2>"$out/bench-$q.log" &&
-        echo "bench $q: $(tr -d '\n' <"$out/bench-$q.json" | cut -c1-300)"
+    if "$zse" bench "$m" --device cuda --json >$work/bench.json 2>>"$log"; then
+        tr -d '\n' <$work/bench.json >>"$out/model-bench.jsonl"
+        echo >>"$out/model-bench.jsonl"
+        echo "bench $q: $(tr -d '\n' <$work/bench.json | cut -c1-300)"
+    fi
 done
 rm -rf "$work"
 exit $fail

@@ -28,7 +28,7 @@ mkdir -p build-gpu
 if [ "${ZSE_GPU_SKIP_UNITS:-0}" = 1 ]; then
     note "kernels test: skipped (ZSE_GPU_SKIP_UNITS)"
 elif nvcc -std=c++17 -O3 -arch=sm_$arch -Isrc -o $kt tests/gpu/kernels_test.cu \
-        src/backend/cuda/matmul.cu src/backend/cuda/ops.cu -lcublas >"$out/build-kernels.log" 2>&1; then
+        src/backend/cuda/matmul.cu src/backend/cuda/ops.cu -lcublas >"$out/build.log" 2>&1; then
     $kt >"$out/kernels-test.log" 2>&1
     rc=$?
     note "kernels test: rc=$rc $(tail -1 "$out/kernels-test.log")"
@@ -40,7 +40,7 @@ elif nvcc -std=c++17 -O3 -arch=sm_$arch -Isrc -o $kt tests/gpu/kernels_test.cu \
     fi
 else
     note "kernels test: BUILD FAILED"
-    tail -20 "$out/build-kernels.log" | tee -a "$summary"
+    tail -20 "$out/build.log" | tee -a "$summary"
 fi
 
 # ---- 1b. the backend through zse_backend_ops ---------------------------------------------
@@ -62,7 +62,7 @@ elif (for f in backend matmul ops; do
         gcc -std=c11 -O2 -Wall -Wextra -Werror -D_GNU_SOURCE -DZSE_HAVE_CUDA=1 -Isrc -Iinclude -Itests $inc \
             -c $f -o build-gpu/bt/$(basename $f .c).o || exit 1
     done &&
-    nvcc -arch=sm_$arch -o $bt build-gpu/bt/*.o -lcublas -lpthread) >"$out/build-backend.log" 2>&1; then
+    nvcc -arch=sm_$arch -o $bt build-gpu/bt/*.o -lcublas -lpthread) >>"$out/build.log" 2>&1; then
     $bt >"$out/backend-test.log" 2>&1
     rc=$?
     note "backend test: rc=$rc $(tail -1 "$out/backend-test.log")"
@@ -70,13 +70,13 @@ elif (for f in backend matmul ops; do
     $bt --bench-load 2>&1 | tee -a "$summary"
 else
     note "backend test: BUILD FAILED"
-    tail -20 "$out/build-backend.log" | tee -a "$summary"
+    tail -20 "$out/build.log" | tee -a "$summary"
 fi
 
 # ---- 2. the whole project --------------------------------------------------------------
 if cmake -S . -B build-gpu/zse -DCMAKE_BUILD_TYPE=Release -DZSE_SANITIZE=OFF \
-        -DCMAKE_CUDA_ARCHITECTURES=$arch >"$out/build-zse.log" 2>&1 &&
-   cmake --build build-gpu/zse -j"$(nproc)" >>"$out/build-zse.log" 2>&1; then
+        -DCMAKE_CUDA_ARCHITECTURES=$arch >>"$out/build.log" 2>&1 &&
+   cmake --build build-gpu/zse -j"$(nproc)" >>"$out/build.log" 2>&1; then
     note "zse build: ok"
     zse=build-gpu/zse/zse
     if [ -x tests/gpu/model_test.sh ]; then
@@ -88,5 +88,5 @@ elif [ -n "${ZSE_PREBUILT:-}" ] && [ -x "$ZSE_PREBUILT" ]; then
     note "zse build: skipped (no -dev packages); using the prebuilt $ZSE_PREBUILT"
     tests/gpu/model_test.sh "$ZSE_PREBUILT" "$out" 2>&1 | tee -a "$summary"
 else
-    note "zse build: skipped or failed (see build-zse.log): $(grep -m1 -iE 'error|not found' "$out/build-zse.log")"
+    note "zse build: skipped or failed (see build.log): $(grep -m1 -iE 'error|not found' "$out/build.log")"
 fi
