@@ -9,6 +9,7 @@ if ! command -v clang >/dev/null; then
 fi
 CC=clang cmake -S "$src" -B "$build" -DZSE_FUZZ=ON -DZSE_CUDA=OFF -DBUILD_TESTING=OFF \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+export ZSE_FUZZ_TOKENIZER="$src/tests/fixtures/tiny-llama"
 targets=$(cd "$src/tests/fuzz" && ls fuzz_*.c | sed 's/\.c$//')
 cmake --build "$build" -j"$(nproc)" --target $targets >/dev/null
 for t in $targets; do

@@ -1044,17 +1044,17 @@ static int bpe_word(const zse_tokenizer *t, const char *w, size_t n, id_vec *out
             cl = n - i;
         int32_t id = str_map_get(&t->ids, w + i, cl);
         if (id >= 0) {
-            sy[ns++] = (sym){id, ns - 1, -1};
+            sy[ns++] = (sym){id, 0, -1}; /* links set below */
         } else if (t->byte_fallback) {
             for (size_t b = 0; b < cl; b++) {
                 int32_t bid = t->byte_ids[(unsigned char)w[i + b]];
                 if (bid >= 0)
-                    sy[ns++] = (sym){bid, ns - 1, -1};
+                    sy[ns++] = (sym){bid, 0, -1}; /* links set below */
                 else if (t->unk_id >= 0)
-                    sy[ns++] = (sym){t->unk_id, ns - 1, -1};
+                    sy[ns++] = (sym){t->unk_id, 0, -1}; /* links set below */
             }
         } else if (t->unk_id >= 0) {
-            sy[ns++] = (sym){t->unk_id, ns - 1, -1};
+            sy[ns++] = (sym){t->unk_id, 0, -1}; /* links set below */
         }
         i += cl;
     }
