@@ -9,22 +9,23 @@ work=${ZSE_BENCH_WORK:-/tmp/zse-bench7b}
 mkdir -p "$out" "$work"
 log="$out/bench7b.txt"
 note() { echo "$*" | tee -a "$log"; }
+now() { date +%s.%N; }
+since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$(now)"; }
 note "== $(date -u +%Y-%m-%dT%H:%MZ) $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) $(nproc) cores"
 if [ ! -f "$work/hf/config.json" ]; then
-    t0=$(date +%s.%N)
+    t0=$(now)
     python3 tools/synth_model.py --preset qwen2.5-7b --out "$work/hf" 2>/dev/null || { note "synth failed"; exit 1; }
-    note "synth_model qwen2.5-7b: $(echo "$(date +%s.%N) - $t0" | bc) s, $(du -sb "$work/hf" | cut -f1) bytes"
+    note "synth_model qwen2.5-7b: $(since $t0) s, $(du -sb "$work/hf" | cut -f1) bytes"
 fi
 for q in ${ZSE_BENCH_QUANTS:-int4 f16}; do
-    t0=$(date +%s.%N)
+    t0=$(now)
     "$zse" convert "$work/hf" -o "$work/$q.zse" --quant "$q" --force 2>>"$log" || { note "convert $q failed"; continue; }
-    t=$(echo "$(date +%s.%N) - $t0" | bc)
-    note "convert $q: $t s, $(stat -c %s "$work/$q.zse") bytes, $(echo "$(du -sb "$work/hf" | cut -f1) / $t / 1000000000" | bc -l | cut -c1-5) GB/s of source"
+    note "convert $q: $(since $t0) s, $(stat -c %s "$work/$q.zse") bytes (source $(du -sb "$work/hf" | cut -f1) bytes)"
     cat "$work/$q.zse" >/dev/null  # page cache warm, as the cold-start goal states
     for i in 1 2 3; do
-        t0=$(date +%s.%N)
+        t0=$(now)
         "$zse" run "$work/$q.zse" -p "Hello" -n 1 --temp 0 --device cuda >/dev/null 2>>"$out/run.err"
-        note "cold start $q (process start -> 1 token, run $i): $(echo "$(date +%s.%N) - $t0" | bc) s"
+        note "cold start $q (process start -> 1 token, run $i): $(since $t0) s"
     done
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 >"$work/vram-$q.log" 2>/dev/null &
     smi=$!
