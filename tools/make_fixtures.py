@@ -19,11 +19,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TEMPLATE = os.path.join(HERE, "..", "..", "shared", "chat-templates", "templates",
-                        "meta-llama-Llama-3.1-8B-Instruct.jinja")
+TEMPLATES = os.path.join(HERE, "..", "..", "shared", "chat-templates", "templates")
+TEMPLATE = os.path.join(TEMPLATES, "meta-llama-Llama-3.1-8B-Instruct.jinja")
+QWEN_TEMPLATE = os.path.join(TEMPLATES, "Qwen-Qwen2.5-7B-Instruct.jinja")
 
 
 def corpus_files():
@@ -33,16 +37,18 @@ def corpus_files():
     return files[:120]
 
 
-def train_tokenizer(vocab):
+def train_tokenizer(vocab, arch="llama"):
     tok = Tokenizer(models.BPE(byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
+        pre_tokenizers.Split(Regex(LLAMA3_REGEX if arch == "llama" else QWEN2_REGEX), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS if arch == "llama" else QWEN_SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train(corpus_files(), trainer)
+    if arch != "llama":
+        return tok  # Qwen2 adds no BOS
     tok.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
         special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
@@ -61,26 +67,28 @@ def training_text(limit=3_000_000):
     return text
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="tests/fixtures")
-    ap.add_argument("--seconds", type=float, default=90)
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    random.seed(0)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    out = os.path.join(args.out, "tiny-llama")
-    os.makedirs(out, exist_ok=True)
+def train(model, data, dev, seconds):
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    seq, bs, t0, step = 128, 16, time.time(), 0
+    while time.time() - t0 < seconds:
+        starts = torch.randint(0, len(data) - seq - 1, (bs,))
+        x = torch.stack([data[s:s + seq] for s in starts]).to(dev)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+    print(f"trained {step} steps, loss {loss.item():.3f}", file=sys.stderr)
+    return step, float(loss.item())
 
-    tok = train_tokenizer(2048)
-    template = open(TEMPLATE).read()
+
+def make_llama(out, dev, seconds):
+    tok = train_tokenizer(2048, "llama")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
                                    eos_token="<|eot_id|>", pad_token="<|end_of_text|>")
-    fast.chat_template = template
+    fast.chat_template = open(TEMPLATE).read()
     fast.save_pretrained(out)
-
-    ids = tok.encode(training_text(), add_special_tokens=False).ids
-    data = torch.tensor(ids, dtype=torch.long)
+    data = torch.tensor(tok.encode(training_text(), add_special_tokens=False).ids, dtype=torch.long)
     eot = tok.token_to_id("<|eot_id|>")
     cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=128, intermediate_size=352,
                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -91,21 +99,45 @@ def main():
                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                        "original_max_position_embeddings": 64})
     model = LlamaForCausalLM(cfg).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    seq, bs, t0, step = 128, 16, time.time(), 0
-    while time.time() - t0 < args.seconds:
-        starts = torch.randint(0, len(data) - seq - 1, (bs,))
-        x = torch.stack([data[s:s + seq] for s in starts]).to(dev)
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        step += 1
-    print(f"trained {step} steps, loss {loss.item():.3f}", file=sys.stderr)
+    steps, loss = train(model, data, dev, seconds)
     model.to(torch.bfloat16).save_pretrained(out)
     model.generation_config.eos_token_id = [tok.token_to_id("<|end_of_text|>"), eot]
     model.generation_config.save_pretrained(out)
-    make_goldens(out, step, float(loss.item()))
+    return steps, loss
+
+
+def make_qwen2(out, dev, seconds):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    tok = train_tokenizer(2048, "qwen2")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = open(QWEN_TEMPLATE).read()
+    fast.save_pretrained(out)
+    data = torch.tensor(tok.encode(training_text(), add_special_tokens=False).ids, dtype=torch.long)
+    cfg = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=128, intermediate_size=352,
+                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                      max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                      eos_token_id=tok.token_to_id("<|im_end|>"), rope_theta=1000000.0)
+    model = Qwen2ForCausalLM(cfg).to(dev)
+    steps, loss = train(model, data, dev, seconds)
+    model.to(torch.bfloat16).save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    return steps, loss
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="tests/fixtures")
+    ap.add_argument("--seconds", type=float, default=90)
+    ap.add_argument("--arch", choices=["llama", "qwen2", "all"], default="all")
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for arch in (["llama", "qwen2"] if args.arch == "all" else [args.arch]):
+        torch.manual_seed(0)
+        random.seed(0)
+        out = os.path.join(args.out, f"tiny-{arch}")
+        os.makedirs(out, exist_ok=True)
+        steps, loss = (make_llama if arch == "llama" else make_qwen2)(out, dev, args.seconds)
+        make_goldens(out, steps, loss)
 
 
 def make_goldens(out, steps, loss):
@@ -114,9 +146,9 @@ def make_goldens(out, steps, loss):
     texts = ["Hello world", "def add(a, b):\n    return a + b\n", "  leading and   multiple   spaces",
              "import os\nimport sys\n\n\nclass Foo(object):\n\tpass", "naïve café — déjà vu", "日本語のテキスト",
              "emoji 🤖🚀 done", "numbers 1234567 3.14159 1e-5", "tabs\tand\nnewlines\r\n", "",
-             "<|begin_of_text|> special text", "x = {'a': [1, 2, 3]}  # comment", "Ünïcödé ÀÉÎ",
+             "<|begin_of_text|> special text", "<|im_start|>user\nhi<|im_end|>", "x = {'a': [1, 2, 3]}  # comment", "Ünïcödé ÀÉÎ",
              "a" * 40, "The quick brown fox jumps over the lazy dog."]
-    goldens = {"model": "tiny-llama", "meta": {"torch": torch.__version__, "train_steps": steps,
+    goldens = {"model": os.path.basename(out.rstrip("/")), "meta": {"torch": torch.__version__, "train_steps": steps,
                                                "final_loss": loss, "seed": 0}}
     goldens["tokenizer"] = [{"text": t, "ids": tok(t, add_special_tokens=False)["input_ids"],
                              "ids_with_special": tok(t)["input_ids"],

@@ -11,7 +11,7 @@ endfunction()
 
 zse_golden(golden_llama_f32 ${ZSE_TEST_FIXTURES}/tiny-llama f32)
 zse_golden(golden_llama_bf16 ${ZSE_TEST_FIXTURES}/tiny-llama bf16)
-zse_golden(golden_llama_int8 ${ZSE_TEST_FIXTURES}/tiny-llama int8 --close 24)
+zse_golden(golden_llama_int8 ${ZSE_TEST_FIXTURES}/tiny-llama int8 --close 16)
 zse_golden(golden_llama_int4 ${ZSE_TEST_FIXTURES}/tiny-llama int4 --close 4)
 zse_golden(golden_llama_kv_int8 ${ZSE_TEST_FIXTURES}/tiny-llama bf16 --kv int8 --close 8)
 zse_golden(golden_qwen2_f32 ${ZSE_SHARED_QWEN} f32)

@@ -6,6 +6,8 @@
 #include "backend/cpu/cpu.h"
 
 #include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 static bool have_avx2(void)
@@ -127,6 +129,147 @@ static void unpack_row(const zse_weight *w, int64_t r, float *out, bool avx2)
     }
 }
 
+/* ---- integer path: int8 activations × int4/int8 weights (AVX2) ----------------------
+ * Each token's row is quantized once per call to int8 in blocks of 32 with one f32 scale
+ * per block (and the block's sum, for the asymmetric min term). A 32-element chunk of an
+ * int4 row is then one 16-byte load, a mask and a shift, and one maddubs:
+ *   Σ w·x = Σ (q·s + m)·(xq·dx) = s·dx·Σ q·xq + m·dx·Σ xq.
+ * int8 rows use the sign trick: |w| as unsigned times x with w's sign. */
+typedef struct {
+    int8_t *q;          /* [tokens][cp] */
+    float *d;           /* [tokens][cp/32] block scales */
+    float *sum;         /* [tokens][cp/32] d * Σ xq of the block */
+    int64_t cp;
+} qacts;
+
+static int quantize_acts(const zse_act *x, int64_t tokens, int64_t cols, int64_t cp, qacts *qa)
+{
+    int64_t nb = cp / 32;
+    qa->cp = cp;
+    qa->q = zse_aligned_alloc(64, (size_t)(tokens * cp));
+    qa->d = zse_malloc((size_t)(tokens * nb) * sizeof(float));
+    qa->sum = zse_malloc((size_t)(tokens * nb) * sizeof(float));
+    if (!qa->q || !qa->d || !qa->sum)
+        return -1;
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *xr = x->data + t * x->cols;
+        for (int64_t b = 0; b < nb; b++) {
+            float amax = 0;
+            for (int j = 0; j < 32; j++) {
+                int64_t c = b * 32 + j;
+                if (c < cols)
+                    amax = fmaxf(amax, fabsf(xr[c]));
+            }
+            float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0;
+            int isum = 0;
+            for (int j = 0; j < 32; j++) {
+                int64_t c = b * 32 + j;
+                int v = c < cols ? (int)lrintf(xr[c] * inv) : 0;
+                qa->q[t * cp + c] = (int8_t)v;
+                isum += v;
+            }
+            qa->d[t * nb + b] = d;
+            qa->sum[t * nb + b] = d * (float)isum;
+        }
+    }
+    return 0;
+}
+
+static void qacts_free(qacts *qa)
+{
+    free(qa->q);
+    free(qa->d);
+    free(qa->sum);
+}
+
+__attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v)
+{
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* Σ over one int4 row (Q4 or Q4S) for one token */
+__attribute__((target("avx2,fma"))) static float dot_q4_avx2(const zse_weight *w, int64_t r, const qacts *qa,
+                                                              int64_t t)
+{
+    const uint8_t *row = w->data + (size_t)r * w->p.row_bytes;
+    const uint16_t *scales = (const uint16_t *)(w->data + w->p.scales) + (size_t)r * (size_t)w->p.groups;
+    const uint16_t *mins = w->q.scheme == ZSE_SCHEME_Q4
+                               ? (const uint16_t *)(w->data + w->p.mins) + (size_t)r * (size_t)w->p.groups
+                               : NULL;
+    int64_t nb = qa->cp / 32, per_group = w->q.group_size / 32;
+    const int8_t *xq = qa->q + t * qa->cp;
+    const float *xd = qa->d + t * nb, *xs = qa->sum + t * nb;
+    const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    float min_acc = 0;
+    for (int64_t g = 0; g < w->p.groups; g++) {
+        float s = zse_f16_to_f32(scales[g]);
+        float m = mins ? zse_f16_to_f32(mins[g]) : -8.0f * s; /* Q4S: (q - 8)·s */
+        for (int64_t k = 0; k < per_group; k++) {
+            int64_t b = g * per_group + k;
+            __m128i raw = _mm_loadu_si128((const __m128i *)(row + b * 16));
+            __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
+            __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
+            __m256i p16 = _mm256_maddubs_epi16(q, x);
+            __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(s * xd[b]), p, acc);
+            min_acc += m * xs[b];
+        }
+    }
+    return hsum8(acc) + min_acc;
+}
+
+__attribute__((target("avx2,fma"))) static float dot_q8_avx2(const zse_weight *w, int64_t r, const qacts *qa,
+                                                              int64_t t)
+{
+    const int8_t *row = (const int8_t *)(w->data + (size_t)r * w->p.row_bytes);
+    float ws = ((const float *)(w->data + w->p.scales))[r];
+    int64_t nb = qa->cp / 32;
+    const int8_t *xq = qa->q + t * qa->cp;
+    const float *xd = qa->d + t * nb;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(row + b * 32));
+        __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
+        __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv));
+        __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[b]), p, acc);
+    }
+    return hsum8(acc) * ws;
+}
+
+typedef struct {
+    const zse_weight *w;
+    const qacts *qa;
+    zse_act *y;
+    int64_t tokens;
+} qmm_ctx;
+
+static void qmatmul_rows(void *p, int64_t r0, int64_t r1)
+{
+    qmm_ctx *c = p;
+    bool q8 = c->w->q.scheme == ZSE_SCHEME_Q8;
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t t = 0; t < c->tokens; t++)
+            c->y->data[t * c->y->cols + r] = q8 ? dot_q8_avx2(c->w, r, c->qa, t) : dot_q4_avx2(c->w, r, c->qa, t);
+}
+
+static bool integer_path(const zse_weight *w)
+{
+    return w->q.scheme == ZSE_SCHEME_Q4 || w->q.scheme == ZSE_SCHEME_Q4S || w->q.scheme == ZSE_SCHEME_Q8;
+}
+
+static int zse_cpu_force_portable = 0;
+
+void zse_cpu_set_portable(bool portable)
+{
+    zse_cpu_force_portable = portable;
+}
+
 typedef struct {
     const zse_weight *w;
     const zse_act *x;
@@ -162,7 +305,18 @@ static void matmul_rows(void *p, int64_t r0, int64_t r1)
 
 void zse_cpu_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, int64_t rows, zse_act *y)
 {
-    mm_ctx c = {w, x, y, rows, have_avx2(), false};
+    bool avx2 = have_avx2() && !zse_cpu_force_portable;
+    if (avx2 && integer_path(w)) {
+        qacts qa = {0};
+        if (quantize_acts(x, rows, w->q.cols, zse_qshape_cols_padded(&w->q), &qa) == 0) {
+            qmm_ctx qc = {w, &qa, y, rows};
+            zse_cpu_parallel_for(be, w->q.rows, qmatmul_rows, &qc);
+            qacts_free(&qa);
+            return;
+        }
+        qacts_free(&qa); /* out of memory: fall back to the f32 path below */
+    }
+    mm_ctx c = {w, x, y, rows, avx2, false};
     zse_cpu_parallel_for(be, w->q.rows, matmul_rows, &c);
     if (c.failed)
         zse_log(ZSE_LOG_ERROR, "matmul: out of memory for a row buffer");
