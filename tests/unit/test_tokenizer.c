@@ -186,6 +186,9 @@ int main(void)
     }
     zse_tokenizer_free(t);
     free(dir);
+    char *qdir = zse_path_join(data ? data : "tests/fixtures", "tiny-qwen2");
+    check_goldens(qdir);
+    free(qdir);
     const char *shared = test_env("ZSE_SHARED");
     if (shared) {
         char *q = zse_path_join(shared, "fixtures/tiny-qwen2");
