@@ -73,7 +73,11 @@ enum vtype {
     V_FUNC, V_METHOD, V_MACRO, V_LOOP, V_CYCLER, V_JOINER, V_RANGE
 };
 
-typedef struct zstr { size_t len; char p[]; } zstr;
+typedef struct zstr {
+    size_t len;
+    bool safe;      /* markupsafe.Markup (from |safe or |e): '+' escapes the other operand */
+    char p[];
+} zstr;
 typedef struct zlist zlist;
 typedef struct zdict zdict;
 typedef struct zobj zobj;
@@ -757,6 +761,7 @@ static node *parse_primary(parser *ps)
         zstr *s = arena_alloc(ps->lx.ar, sizeof *s + total + 1);
         if (!s) perr(ps, t, "out of memory");
         s->len = 0;
+        s->safe = false;
         while (cur(ps)->kind == T_STRING) {
             token *st = advance(ps);
             memcpy(s->p + s->len, st->s, st->len);
@@ -1356,6 +1361,7 @@ static node *parse_body(parser *ps, const char *const *ends, const char **which)
             zstr *s = arena_alloc(ps->lx.ar, sizeof *s + t->len + 1);
             if (!s) perr(ps, t, "out of memory");
             s->len = t->len;
+            s->safe = false;
             memcpy(s->p, t->s, t->len);
             s->p[t->len] = 0;
             n->cval = (val){.t = V_STR, .u.s = s};
@@ -1512,6 +1518,7 @@ static zstr *zs_new(rctx *c, const char *p, size_t n)
 {
     zstr *s = ralloc(c, sizeof *s + n + 1);
     s->len = n;
+    s->safe = false;
     if (n) memcpy(s->p, p, n);
     s->p[n] = 0;
     return s;
@@ -2323,6 +2330,21 @@ static _Noreturn void binop_type_error(rctx *c, const node *n, const char *op, c
 
 static val str_percent(rctx *c, const node *n, const zstr *fmt, const val *argsv);
 
+/* markupsafe.escape */
+static void html_escape(rctx *c, obuf *o, const zstr *s)
+{
+    for (size_t i = 0; i < s->len; i++) {
+        switch (s->p[i]) {
+        case '&': ob_puts(c, o, "&amp;"); break;
+        case '<': ob_puts(c, o, "&lt;"); break;
+        case '>': ob_puts(c, o, "&gt;"); break;
+        case '"': ob_puts(c, o, "&#34;"); break;
+        case '\'': ob_puts(c, o, "&#39;"); break;
+        default: ob_put(c, o, s->p + i, 1);
+        }
+    }
+}
+
 static val arith(rctx *c, const node *n, const char *op, val a, val b)
 {
     if (a.t == V_UNDEF) undef_fail(c, n, &a);
@@ -2383,9 +2405,14 @@ static val arith(rctx *c, const node *n, const char *op, val a, val b)
     }
     if (op[0] == '+' && a.t == V_STR && b.t == V_STR) {
         obuf o = {0};
-        ob_put(c, &o, a.u.s->p, a.u.s->len);
-        ob_put(c, &o, b.u.s->p, b.u.s->len);
-        return ob_val(c, &o);
+        bool safe = a.u.s->safe || b.u.s->safe;
+        if (safe && !a.u.s->safe) html_escape(c, &o, a.u.s);
+        else ob_put(c, &o, a.u.s->p, a.u.s->len);
+        if (safe && !b.u.s->safe) html_escape(c, &o, b.u.s);
+        else ob_put(c, &o, b.u.s->p, b.u.s->len);
+        val r = ob_val(c, &o);
+        r.u.s->safe = safe;
+        return r;
     }
     if (op[0] == '+' && (a.t == V_LIST || a.t == V_TUPLE) && a.t == b.t) {
         zlist *l = zl_new(c, a.u.l->n + b.u.l->n);
@@ -3347,7 +3374,8 @@ static val as_list(rctx *c, const node *n, const val *v)
 /* select/reject/selectattr/rejectattr: the test and its arguments start at a->pos[first] */
 static val select_items(rctx *c, const node *n, const val *v, args_t *a, bool attr, bool keep)
 {
-    zlist *src = iter_items(c, n, v);
+    /* jinja2 iterates only a truthy value: none|selectattr(...) is empty */
+    zlist *src = truthy(v) ? iter_items(c, n, v) : zl_new(c, 0);
     size_t first = 0;
     const zstr *path = NULL;
     if (attr) {
@@ -3373,7 +3401,7 @@ static val select_items(rctx *c, const node *n, const val *v, args_t *a, bool at
 
 static val map_items(rctx *c, const node *n, const val *v, args_t *a)
 {
-    zlist *src = iter_items(c, n, v);
+    zlist *src = truthy(v) ? iter_items(c, n, v) : zl_new(c, 0);
     zlist *out = zl_new(c, src->n);
     const val *attr = arg(a, 99, "attribute");
     if (attr) {
@@ -3490,24 +3518,22 @@ static val apply_filter(rctx *c, const node *n, const char *name, val v, args_t 
         to_json(c, n, &o, &v, ind && ind->t != V_NONE ? (int)num_i(ind) : -1, 0);
         return ob_val(c, &o);
     }
-    if (!strcmp(name, "safe") || !strcmp(name, "string")) {
-        if (name[1] == 'a' && v.t == V_STR) return v;
-        return (val){.t = V_STR, .u.s = to_str(c, &v)};
+    if (!strcmp(name, "string")) return (val){.t = V_STR, .u.s = to_str(c, &v)};
+    if (!strcmp(name, "safe")) {
+        if (v.t == V_STR && v.u.s->safe) return v;
+        zstr *s = to_str(c, &v);
+        val r = mkstrn(c, s->p, s->len);
+        r.u.s->safe = true;
+        return r;
     }
     if (!strcmp(name, "e") || !strcmp(name, "escape") || !strcmp(name, "forceescape")) {
         zstr *s = to_str(c, &v);
+        if (s->safe && name[0] != 'f') return (val){.t = V_STR, .u.s = s};
         obuf o = {0};
-        for (size_t i = 0; i < s->len; i++) {
-            switch (s->p[i]) {
-            case '&': ob_puts(c, &o, "&amp;"); break;
-            case '<': ob_puts(c, &o, "&lt;"); break;
-            case '>': ob_puts(c, &o, "&gt;"); break;
-            case '"': ob_puts(c, &o, "&#34;"); break;
-            case '\'': ob_puts(c, &o, "&#39;"); break;
-            default: ob_put(c, &o, s->p + i, 1);
-            }
-        }
-        return ob_val(c, &o);
+        html_escape(c, &o, s);
+        val r = ob_val(c, &o);
+        r.u.s->safe = true;
+        return r;
     }
     if (!strcmp(name, "default") || !strcmp(name, "d")) {
         const val *def = arg(a, 0, "default_value"), *boolean = arg(a, 1, "boolean");
