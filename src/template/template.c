@@ -3796,9 +3796,8 @@ static void assign(rctx *c, const node *target, val v)
     }
     /* tuple unpacking */
     zlist *items = iter_items(c, target, &v);
-    if (items->n != target->n)
-        rfail(c, target, items->n < target->n ? "not enough values to unpack (expected %zu, got %zu)" : "too many values to unpack (expected %zu, got %zu)",
-              target->n, items->n);
+    if (items->n < target->n) rfail(c, target, "not enough values to unpack (expected %zu, got %zu)", target->n, items->n);
+    if (items->n > target->n) rfail(c, target, "too many values to unpack (expected %zu)", target->n);
     for (size_t i = 0; i < target->n; i++) assign(c, target->items[i], items->v[i]);
 }
 
