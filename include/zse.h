@@ -1,5 +1,4 @@
-/* zse.h — the public C API: load a .zse model, tokenize, render chat templates, generate
- * one sequence at a time or many at once through the batching engine.
+/* zse.h — the public C API: load a .zse model, tokenize, and generate sequences.
  *
  * Conventions: functions returning int give 0 on success and -1 on failure; pointer
  * returns are NULL on failure. After a failure zse_last_error() says what went wrong
@@ -30,7 +29,7 @@ typedef struct {
     zse_kv_type kv_type;
     int ctx_size;               /* max tokens of one sequence; 0 = the model's maximum */
     uint64_t kv_cache_bytes;    /* KV cache budget; 0 = enough for max_seqs full contexts, capped */
-    int max_seqs;               /* sequences decoded together; 0 = 1 for tools, set by serve */
+    int max_seqs;               /* sequences alive at once (each gets ctx_size of KV); 0 = 1 */
     uint64_t gpu_memory;        /* --gpu-memory budget in bytes; 0 = all free memory */
 } zse_load_params;
 
@@ -62,20 +61,6 @@ int zse_tokenize(const zse_model *m, const char *text, size_t len, int flags, in
                  size_t *n_ids);
 char *zse_detokenize(const zse_model *m, const int32_t *ids, size_t n, bool skip_special);
 
-/* streaming detokenizer: push ids one at a time, get only complete UTF-8 text back */
-typedef struct zse_detok zse_detok;
-zse_detok *zse_detok_new(const zse_model *m, bool skip_special);
-/* appends the text this id completes (possibly "") at *out (heap, NUL-terminated) */
-int zse_detok_push(zse_detok *d, int32_t id, char **out);
-int zse_detok_flush(zse_detok *d, char **out);     /* whatever is left, invalid bytes as U+FFFD */
-void zse_detok_free(zse_detok *d);
-
-/* ---- chat templates ------------------------------------------------------------
- * messages_json: a JSON array of {"role","content",...} objects (OpenAI shape);
- * extra_json: optional JSON object of further template variables (tools, ...). */
-char *zse_chat_render(const zse_model *m, const char *messages_json, const char *extra_json,
-                      bool add_generation_prompt);
-
 /* ---- sampling --------------------------------------------------------------- */
 typedef struct {
     int32_t id;
@@ -99,8 +84,6 @@ typedef struct {
     const zse_logit_bias *logit_bias;
     int n_logit_bias;
     bool ignore_eos;
-    int top_logprobs;           /* 0..20: report this many alternatives per token */
-    bool logprobs;              /* report the chosen token's logprob */
 } zse_sampling;
 void zse_sampling_default(zse_sampling *s);
 
@@ -120,59 +103,12 @@ void zse_seq_free(zse_seq *q);
 int zse_seq_feed(zse_seq *q, const int32_t *ids, size_t n);
 /* logits of the last fed position (vocab_size floats, valid until the next call) */
 const float *zse_seq_logits(zse_seq *q);
-/* all positions' logits of the last feed, [n][vocab] (perplexity); call before feed with
- * zse_seq_keep_all_logits(q, true) */
-void zse_seq_keep_all_logits(zse_seq *q, bool keep);
-const float *zse_seq_all_logits(zse_seq *q, size_t *n_positions);
 /* sample the next token from the current logits with the sequence's sampling settings,
  * feed it, and report the text it completes; *finish is set when generation must end */
 int zse_seq_next(zse_seq *q, int32_t *token, char **text_piece, zse_finish *finish);
 size_t zse_seq_length(const zse_seq *q);
-/* drop the last n tokens (chat /reset uses zse_seq_truncate(q, 0)) */
+/* keep the first `length` tokens and their KV (0 starts over) */
 int zse_seq_truncate(zse_seq *q, size_t length);
-
-/* ---- many sequences: the batching engine (serve) --------------------------------- */
-typedef struct zse_engine zse_engine;
-
-typedef struct {
-    int max_seqs;               /* running sequences at most */
-    int max_batch_tokens;       /* tokens per step: long prompts are prefilled in chunks */
-    int max_queue;              /* waiting requests at most (submit fails beyond) */
-} zse_engine_params;
-
-typedef struct {
-    int32_t token;
-    const char *text;           /* complete UTF-8 text this token adds (may be "") */
-    float logprob;
-    int n_top;
-    const int32_t *top_ids;
-    const float *top_logprobs;
-    zse_finish finish;          /* set on the last event of a request */
-    int prompt_tokens;
-    int completion_tokens;
-} zse_token_event;
-
-/* Called on the engine thread. Return false to cancel the request (client gone). The
- * event with finish != ZSE_FINISH_NONE is the last one for the request. */
-typedef bool (*zse_token_cb)(void *user, const zse_token_event *ev);
-
-zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p);
-/* 0 and *request_id on success; -1 with an error when the queue is full or the prompt
- * is longer than the context (zse_last_error() says both numbers) */
-int zse_engine_submit(zse_engine *e, const int32_t *prompt, size_t n, const zse_sampling *s,
-                      int priority, zse_token_cb cb, void *user, uint64_t *request_id);
-void zse_engine_cancel(zse_engine *e, uint64_t request_id);
-
-typedef struct {
-    int queued;
-    int running;
-    int kv_blocks_used;
-    int kv_blocks_total;
-    uint64_t preemptions;
-} zse_engine_stats;
-void zse_engine_get_stats(zse_engine *e, zse_engine_stats *out);
-/* stop accepting, finish or cancel running requests within timeout seconds, join */
-void zse_engine_stop(zse_engine *e, double timeout_s);
 
 #ifdef __cplusplus
 }

@@ -62,8 +62,9 @@ typedef struct {
 } zse_qplanes;
 void zse_qshape_planes(const zse_qshape *q, zse_qplanes *p);
 
-/* Quantize rows [row0, row1) of src (f32, rows x cols row-major) into dst (the whole
- * packed tensor, zse_qshape_bytes() long). Threads may call it on disjoint row ranges. */
+/* Quantize rows [row0, row1) into dst (the whole packed tensor, zse_qshape_bytes() long).
+ * src holds just those rows: (row1 - row0) x cols f32, row-major. Threads may call it on
+ * disjoint row ranges. */
 void zse_quantize_rows(const zse_qshape *q, const float *src, void *dst, int64_t row0, int64_t row1);
 /* Dequantize one row of the packed tensor into cols floats. */
 void zse_dequantize_row(const zse_qshape *q, const void *packed, int64_t row, float *out);

@@ -69,8 +69,10 @@ int zse_buf_reserve(zse_buf *b, size_t extra)
     size_t need;
     if (!zse_add_ok(b->len, extra + 1, &need))
         return zse_fail("buffer size overflow");
-    if (need <= b->cap)
+    if (need <= b->cap) {
+        b->data[b->len] = '\0';
         return 0;
+    }
     size_t cap = b->cap ? b->cap : 64;
     while (cap < need)
         cap = cap > SIZE_MAX / 2 ? need : cap * 2;
@@ -79,6 +81,7 @@ int zse_buf_reserve(zse_buf *b, size_t extra)
         return -1;
     b->data = p;
     b->cap = cap;
+    b->data[b->len] = '\0'; /* reserve(b, 0) gives a valid empty string */
     return 0;
 }
 

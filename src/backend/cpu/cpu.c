@@ -1,0 +1,525 @@
+/* The CPU backend: f32 activations, weights used in place from the mapping, paged KV in
+ * f16 or int8, every op split over the thread pool.
+ *
+ * Batch invariance: a row's result never depends on which other rows share the batch —
+ * each output element is computed by the same loop in the same order whatever the batch
+ * size, so a greedy request gives the same tokens alone or among many. */
+#include "backend/cpu/cpu.h"
+
+#include <math.h>
+#include <string.h>
+
+struct zse_kv {
+    zse_kv_shape shape;
+    size_t head_stride;     /* elements per (slot, head) = head_dim */
+    uint16_t **k16, **v16;  /* [layer] -> [slot][kv_head][head_dim] */
+    int8_t **k8, **v8;
+    float **ks, **vs;       /* int8 scales [layer] -> [slot][kv_head] */
+};
+
+typedef struct {
+    zse_pool *pool;
+    /* the current batch (copied at begin_batch) */
+    int n_tokens, n_seqs, max_blocks, n_out;
+    int32_t *tokens, *positions, *seq_of, *slots, *seq_lens, *block_table, *out_rows;
+    size_t cap_tokens, cap_seqs, cap_table;
+    float *inv_freq;
+    int n_freq;
+    float mscale;
+} cpu_state;
+
+static cpu_state *state(zse_backend *be) { return be->impl; }
+
+/* ---- parallel for ------------------------------------------------------------------ */
+
+typedef zse_cpu_range_fn range_fn;
+typedef struct {
+    range_fn fn;
+    void *ctx;
+    int64_t n;
+} pfor_job;
+
+static void pfor_thread(void *arg, int ith, int nth)
+{
+    pfor_job *j = arg;
+    int64_t per = (j->n + nth - 1) / nth, i0 = per * ith, i1 = i0 + per < j->n ? i0 + per : j->n;
+    if (i0 < i1)
+        j->fn(j->ctx, i0, i1);
+}
+
+void zse_cpu_parallel_for(zse_backend *be, int64_t n, range_fn fn, void *ctx)
+{
+    pfor_job j = {fn, ctx, n};
+    if (n < 2)
+        fn(ctx, 0, n);
+    else
+        zse_pool_run(state(be)->pool, pfor_thread, &j);
+}
+
+/* ---- memory ------------------------------------------------------------------------- */
+
+static zse_act *act_new(zse_backend *be, int64_t rows, int64_t cols)
+{
+    (void)be;
+    size_t n;
+    if (rows <= 0 || cols <= 0 || !zse_mul_ok((size_t)rows, (size_t)cols, &n) || n > ((size_t)1 << 36)) {
+        zse_fail("activation of %lld x %lld is not possible", (long long)rows, (long long)cols);
+        return NULL;
+    }
+    zse_act *a = zse_calloc(1, sizeof *a);
+    if (!a)
+        return NULL;
+    a->data = zse_aligned_alloc(64, n * sizeof(float));
+    if (!a->data) {
+        free(a);
+        return NULL;
+    }
+    memset(a->data, 0, n * sizeof(float));
+    a->rows = rows;
+    a->cols = cols;
+    return a;
+}
+
+static void act_free(zse_backend *be, zse_act *a)
+{
+    (void)be;
+    if (a) {
+        free(a->data);
+        free(a);
+    }
+}
+
+static int act_write(zse_backend *be, zse_act *a, const float *src, int64_t rows)
+{
+    (void)be;
+    if (rows > a->rows)
+        return zse_fail("writing %lld rows into an activation of %lld", (long long)rows, (long long)a->rows);
+    memcpy(a->data, src, (size_t)(rows * a->cols) * sizeof(float));
+    return 0;
+}
+
+static int act_read(zse_backend *be, const zse_act *a, float *dst, int64_t rows)
+{
+    (void)be;
+    if (rows > a->rows)
+        return zse_fail("reading %lld rows from an activation of %lld", (long long)rows, (long long)a->rows);
+    memcpy(dst, a->data, (size_t)(rows * a->cols) * sizeof(float));
+    return 0;
+}
+
+static zse_weight *weight_load(zse_backend *be, const zse_tensor_info *t)
+{
+    (void)be;
+    zse_weight *w = zse_calloc(1, sizeof *w);
+    if (!w)
+        return NULL;
+    w->q = t->q;
+    zse_qshape_planes(&w->q, &w->p);
+    w->data = t->data; /* in place: the mapping stays the model's only copy */
+    return w;
+}
+
+static void weight_free(zse_backend *be, zse_weight *w)
+{
+    (void)be;
+    free(w);
+}
+
+static void kv_free(zse_backend *be, zse_kv *kv);
+
+static zse_kv *kv_new(zse_backend *be, const zse_kv_shape *s)
+{
+    zse_kv *kv = zse_calloc(1, sizeof *kv);
+    if (!kv)
+        return NULL;
+    kv->shape = *s;
+    kv->head_stride = (size_t)s->head_dim;
+    size_t slots = (size_t)s->n_blocks * (size_t)s->block_size;
+    size_t elems = slots * (size_t)s->n_kv_heads * (size_t)s->head_dim;
+    int L = s->n_layers;
+    bool i8 = s->store == ZSE_KV_STORE_INT8;
+    if (i8) {
+        kv->k8 = zse_calloc((size_t)L, sizeof *kv->k8);
+        kv->v8 = zse_calloc((size_t)L, sizeof *kv->v8);
+        kv->ks = zse_calloc((size_t)L, sizeof *kv->ks);
+        kv->vs = zse_calloc((size_t)L, sizeof *kv->vs);
+    } else {
+        kv->k16 = zse_calloc((size_t)L, sizeof *kv->k16);
+        kv->v16 = zse_calloc((size_t)L, sizeof *kv->v16);
+    }
+    if (i8 ? !kv->k8 || !kv->v8 || !kv->ks || !kv->vs : !kv->k16 || !kv->v16)
+        goto fail;
+    for (int l = 0; l < L; l++) {
+        if (i8) {
+            kv->k8[l] = zse_malloc(elems);
+            kv->v8[l] = zse_malloc(elems);
+            kv->ks[l] = zse_calloc(slots * (size_t)s->n_kv_heads, sizeof(float));
+            kv->vs[l] = zse_calloc(slots * (size_t)s->n_kv_heads, sizeof(float));
+            if (!kv->k8[l] || !kv->v8[l] || !kv->ks[l] || !kv->vs[l])
+                goto fail;
+        } else {
+            kv->k16[l] = zse_malloc(elems * 2);
+            kv->v16[l] = zse_malloc(elems * 2);
+            if (!kv->k16[l] || !kv->v16[l])
+                goto fail;
+        }
+    }
+    return kv;
+fail:
+    zse_error_prefix("KV cache of %d blocks x %d tokens", s->n_blocks, s->block_size);
+    kv_free(be, kv);
+    return NULL;
+}
+
+static void kv_free(zse_backend *be, zse_kv *kv)
+{
+    (void)be;
+    if (!kv)
+        return;
+    for (int l = 0; l < kv->shape.n_layers; l++) {
+        if (kv->k16) { free(kv->k16[l]); free(kv->v16[l]); }
+        if (kv->k8) { free(kv->k8[l]); free(kv->v8[l]); free(kv->ks[l]); free(kv->vs[l]); }
+    }
+    free(kv->k16); free(kv->v16); free(kv->k8); free(kv->v8); free(kv->ks); free(kv->vs);
+    free(kv);
+}
+
+/* ---- per step --------------------------------------------------------------------------- */
+
+static int grow_copy(int32_t **dst, size_t *cap, const int32_t *src, size_t n)
+{
+    if (n > *cap) {
+        int32_t *p = zse_realloc(*dst, n * sizeof *p);
+        if (!p)
+            return -1;
+        *dst = p;
+        *cap = n;
+    }
+    if (n)
+        memcpy(*dst, src, n * sizeof **dst);
+    return 0;
+}
+
+static int begin_batch(zse_backend *be, const zse_batch *b)
+{
+    cpu_state *s = state(be);
+    size_t nt = (size_t)b->n_tokens, ns = (size_t)b->n_seqs, table = ns * (size_t)b->max_blocks_per_seq;
+    size_t cap_t = s->cap_tokens, cap_s = s->cap_seqs;
+    int rc = 0;
+    size_t c;
+    c = cap_t; rc |= grow_copy(&s->tokens, &c, b->tokens, nt);
+    c = cap_t; rc |= grow_copy(&s->positions, &c, b->positions, nt);
+    c = cap_t; rc |= grow_copy(&s->seq_of, &c, b->seq_of, nt);
+    c = cap_t; rc |= grow_copy(&s->slots, &c, b->slots, nt);
+    c = cap_t; rc |= grow_copy(&s->out_rows, &c, b->out_rows, (size_t)b->n_out);
+    if (nt > cap_t || (size_t)b->n_out > cap_t)
+        s->cap_tokens = nt > (size_t)b->n_out ? nt : (size_t)b->n_out;
+    c = cap_s; rc |= grow_copy(&s->seq_lens, &c, b->seq_lens, ns);
+    if (ns > cap_s)
+        s->cap_seqs = ns;
+    rc |= grow_copy(&s->block_table, &s->cap_table, b->block_table, table);
+    if (rc)
+        return -1;
+    s->n_tokens = b->n_tokens;
+    s->n_seqs = b->n_seqs;
+    s->max_blocks = b->max_blocks_per_seq;
+    s->n_out = b->n_out;
+    return 0;
+}
+
+static int rope_init(zse_backend *be, const float *inv_freq, int n_freq, float mscale)
+{
+    cpu_state *s = state(be);
+    float *p = zse_malloc((size_t)n_freq * sizeof *p);
+    if (!p)
+        return -1;
+    memcpy(p, inv_freq, (size_t)n_freq * sizeof *p);
+    free(s->inv_freq);
+    s->inv_freq = p;
+    s->n_freq = n_freq;
+    s->mscale = mscale;
+    return 0;
+}
+
+/* ---- elementwise ops ---------------------------------------------------------------------- */
+
+typedef struct {
+    zse_backend *be;
+    const zse_act *x, *y;
+    zse_act *out;
+    const zse_weight *w;
+    float eps;
+    int64_t dim;
+    int a, b, c;
+} op_ctx;
+
+static void embed_range(void *p, int64_t i0, int64_t i1)
+{
+    op_ctx *c = p;
+    cpu_state *s = state(c->be);
+    for (int64_t t = i0; t < i1; t++) {
+        int32_t id = s->tokens[t];
+        float *row = c->out->data + t * c->out->cols;
+        if (id < 0 || id >= c->w->q.rows)
+            memset(row, 0, (size_t)c->out->cols * sizeof(float)); /* the engine validates ids */
+        else
+            zse_dequantize_row(&c->w->q, c->w->data, id, row);
+    }
+}
+
+static void embed(zse_backend *be, const zse_weight *table, zse_act *out)
+{
+    op_ctx c = {.be = be, .w = table, .out = out};
+    zse_cpu_parallel_for(be, state(be)->n_tokens, embed_range, &c);
+}
+
+static void rmsnorm_range(void *p, int64_t i0, int64_t i1)
+{
+    op_ctx *c = p;
+    const float *w = (const float *)c->w->data;
+    for (int64_t r = i0; r < i1; r++) {
+        const float *x = c->x->data + r * c->dim;
+        float *o = c->out->data + r * c->dim;
+        double ss = 0;
+        for (int64_t i = 0; i < c->dim; i++)
+            ss += (double)x[i] * x[i];
+        float inv = 1.0f / sqrtf((float)(ss / (double)c->dim) + c->eps);
+        for (int64_t i = 0; i < c->dim; i++)
+            o[i] = x[i] * inv * w[i];
+    }
+}
+
+static void rmsnorm(zse_backend *be, const zse_act *x, const zse_weight *w, float eps, int64_t rows,
+                    int64_t dim, zse_act *out)
+{
+    op_ctx c = {.be = be, .x = x, .w = w, .eps = eps, .dim = dim, .out = out};
+    zse_cpu_parallel_for(be, rows, rmsnorm_range, &c);
+}
+
+static void add_bias(zse_backend *be, zse_act *y, const zse_weight *bias, int64_t rows)
+{
+    (void)be;
+    const float *b = (const float *)bias->data;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < y->cols; i++)
+            y->data[r * y->cols + i] += b[i];
+}
+
+static void rope_rotate(const cpu_state *s, float *x, int heads, int head_dim, int32_t pos)
+{
+    int half = head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float ang = (float)pos * s->inv_freq[i];
+        float cs = cosf(ang) * s->mscale, sn = sinf(ang) * s->mscale;
+        for (int h = 0; h < heads; h++) {
+            float *v = x + h * head_dim;
+            float x0 = v[i], x1 = v[i + half];
+            v[i] = x0 * cs - x1 * sn;
+            v[i + half] = x0 * sn + x1 * cs;
+        }
+    }
+}
+
+static void rope(zse_backend *be, zse_act *q, zse_act *k, int n_heads, int n_kv_heads, int head_dim)
+{
+    cpu_state *s = state(be);
+    for (int t = 0; t < s->n_tokens; t++) {
+        rope_rotate(s, q->data + t * q->cols, n_heads, head_dim, s->positions[t]);
+        rope_rotate(s, k->data + t * k->cols, n_kv_heads, head_dim, s->positions[t]);
+    }
+}
+
+static void kv_store(zse_backend *be, zse_kv *kv, int layer, const zse_act *k, const zse_act *v)
+{
+    cpu_state *s = state(be);
+    int H = kv->shape.n_kv_heads, D = kv->shape.head_dim;
+    for (int t = 0; t < s->n_tokens; t++) {
+        size_t slot = (size_t)s->slots[t];
+        for (int h = 0; h < H; h++) {
+            const float *ks = k->data + t * k->cols + h * D, *vs = v->data + t * v->cols + h * D;
+            size_t base = (slot * (size_t)H + (size_t)h) * (size_t)D;
+            if (kv->k16) {
+                for (int i = 0; i < D; i++) {
+                    kv->k16[layer][base + i] = zse_f32_to_f16(ks[i]);
+                    kv->v16[layer][base + i] = zse_f32_to_f16(vs[i]);
+                }
+            } else {
+                float ka = 0, va = 0;
+                for (int i = 0; i < D; i++) {
+                    ka = fmaxf(ka, fabsf(ks[i]));
+                    va = fmaxf(va, fabsf(vs[i]));
+                }
+                float ksc = ka / 127.0f, vsc = va / 127.0f;
+                kv->ks[layer][slot * (size_t)H + (size_t)h] = ksc;
+                kv->vs[layer][slot * (size_t)H + (size_t)h] = vsc;
+                for (int i = 0; i < D; i++) {
+                    kv->k8[layer][base + i] = (int8_t)lrintf(ksc > 0 ? ks[i] / ksc : 0);
+                    kv->v8[layer][base + i] = (int8_t)lrintf(vsc > 0 ? vs[i] / vsc : 0);
+                }
+            }
+        }
+    }
+}
+
+typedef struct {
+    zse_backend *be;
+    const zse_kv *kv;
+    int layer;
+    const zse_act *q;
+    const zse_attn_params *p;
+    zse_act *out;
+} attn_ctx;
+
+/* one (token, head): online softmax over the token's visible cache positions */
+static void attend_one(const attn_ctx *c, int t, int h, float *krow, float *vrow)
+{
+    const cpu_state *s = state(c->be);
+    const zse_kv *kv = c->kv;
+    int D = c->p->head_dim, H = kv->shape.n_kv_heads, bs = kv->shape.block_size;
+    int kvh = h / (c->p->n_heads / c->p->n_kv_heads);
+    int seq = s->seq_of[t], pos = s->positions[t];
+    int lo = c->p->sliding_window > 0 ? pos - c->p->sliding_window + 1 : 0;
+    if (lo < 0)
+        lo = 0;
+    const float *q = c->q->data + (int64_t)t * c->q->cols + (int64_t)h * D;
+    float *o = c->out->data + (int64_t)t * c->out->cols + (int64_t)h * D;
+    const int32_t *table = s->block_table + (size_t)seq * (size_t)s->max_blocks;
+    float m = -INFINITY, l = 0;
+    for (int i = 0; i < D; i++)
+        o[i] = 0;
+    for (int j = lo; j <= pos; j++) {
+        size_t slot = (size_t)table[j / bs] * (size_t)bs + (size_t)(j % bs);
+        size_t base = (slot * (size_t)H + (size_t)kvh) * (size_t)D;
+        if (kv->k16) {
+            for (int i = 0; i < D; i++) {
+                krow[i] = zse_f16_to_f32(kv->k16[c->layer][base + i]);
+                vrow[i] = zse_f16_to_f32(kv->v16[c->layer][base + i]);
+            }
+        } else {
+            float ks = kv->ks[c->layer][slot * (size_t)H + (size_t)kvh];
+            float vs = kv->vs[c->layer][slot * (size_t)H + (size_t)kvh];
+            for (int i = 0; i < D; i++) {
+                krow[i] = (float)kv->k8[c->layer][base + i] * ks;
+                vrow[i] = (float)kv->v8[c->layer][base + i] * vs;
+            }
+        }
+        float score = 0;
+        for (int i = 0; i < D; i++)
+            score += q[i] * krow[i];
+        score *= c->p->scale;
+        float m2 = fmaxf(m, score), corr = expf(m - m2), pj = expf(score - m2);
+        l = l * corr + pj;
+        for (int i = 0; i < D; i++)
+            o[i] = o[i] * corr + pj * vrow[i];
+        m = m2;
+    }
+    float inv = l > 0 ? 1.0f / l : 0;
+    for (int i = 0; i < D; i++)
+        o[i] *= inv;
+}
+
+static void attn_range(void *p, int64_t i0, int64_t i1)
+{
+    attn_ctx *c = p;
+    float krow[1024], vrow[1024];
+    for (int64_t i = i0; i < i1; i++)
+        attend_one(c, (int)(i / c->p->n_heads), (int)(i % c->p->n_heads), krow, vrow);
+}
+
+static void attention(zse_backend *be, const zse_kv *kv, int layer, const zse_act *q,
+                      const zse_attn_params *p, zse_act *out)
+{
+    attn_ctx c = {be, kv, layer, q, p, out};
+    zse_cpu_parallel_for(be, (int64_t)state(be)->n_tokens * p->n_heads, attn_range, &c);
+}
+
+static void silu_mul(zse_backend *be, const zse_act *gate, const zse_act *up, int64_t rows, int64_t dim,
+                     zse_act *out)
+{
+    (void)be;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < dim; i++) {
+            float g = gate->data[r * gate->cols + i];
+            out->data[r * out->cols + i] = g / (1.0f + expf(-g)) * up->data[r * up->cols + i];
+        }
+}
+
+static void add(zse_backend *be, zse_act *x, const zse_act *y, int64_t rows, int64_t dim)
+{
+    (void)be;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < dim; i++)
+            x->data[r * x->cols + i] += y->data[r * y->cols + i];
+}
+
+static void gather_out_rows(zse_backend *be, const zse_act *x, int64_t dim, zse_act *out)
+{
+    cpu_state *s = state(be);
+    for (int i = 0; i < s->n_out; i++)
+        memcpy(out->data + (int64_t)i * out->cols, x->data + (int64_t)s->out_rows[i] * x->cols,
+               (size_t)dim * sizeof(float));
+}
+
+static int sync_noop(zse_backend *be)
+{
+    (void)be;
+    return 0;
+}
+
+static void destroy(zse_backend *be)
+{
+    cpu_state *s = state(be);
+    zse_pool_free(s->pool);
+    free(s->tokens); free(s->positions); free(s->seq_of); free(s->slots); free(s->seq_lens);
+    free(s->block_table); free(s->out_rows); free(s->inv_freq);
+    free(s);
+    free(be);
+}
+
+static const zse_backend_ops cpu_ops = {
+    .name = "cpu",
+    .destroy = destroy,
+    .act_new = act_new,
+    .act_free = act_free,
+    .act_write = act_write,
+    .act_read = act_read,
+    .weight_load = weight_load,
+    .weight_free = weight_free,
+    .kv_new = kv_new,
+    .kv_free = kv_free,
+    .begin_batch = begin_batch,
+    .rope_init = rope_init,
+    .embed = embed,
+    .rmsnorm = rmsnorm,
+    .matmul = zse_cpu_matmul,
+    .add_bias = add_bias,
+    .rope = rope,
+    .kv_store = kv_store,
+    .attention = attention,
+    .silu_mul = silu_mul,
+    .add = add,
+    .gather_out_rows = gather_out_rows,
+    .sync = sync_noop,
+};
+
+zse_backend *zse_cpu_backend_create(int threads)
+{
+    zse_backend *be = zse_calloc(1, sizeof *be);
+    cpu_state *s = zse_calloc(1, sizeof *s);
+    if (!be || !s) {
+        free(be);
+        free(s);
+        return NULL;
+    }
+    s->pool = zse_pool_create(threads > 0 ? threads : zse_physical_cores());
+    if (!s->pool) {
+        free(be);
+        free(s);
+        return NULL;
+    }
+    s->mscale = 1.0f;
+    be->ops = &cpu_ops;
+    be->impl = s;
+    return be;
+}
+

@@ -1,0 +1,107 @@
+/* zse convert SRC_DIR -o OUT.zse — Hugging Face directory to one .zse file. */
+#include "cli/cli.h"
+
+#include "format/format.h"
+
+#include <stdio.h>
+#include <string.h>
+
+const char cmd_convert_summary[] = "convert a Hugging Face model directory into a .zse file";
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: zse convert SRC_DIR -o OUT.zse [options]\n\n"
+            "  -o, --output FILE       the .zse file to write\n"
+            "  --quant SCHEME          f32, f16, bf16, int8, int4, int4s or nf4 (default int4)\n"
+            "  --group-size N          4-bit group size: 32, 64 or 128 (default 128)\n"
+            "  --keep-fp16 PATTERN     keep matching tensors at f16 (glob on zse or HF names;\n"
+            "                          repeatable)\n"
+            "  --embed-quant SCHEME    embedding table scheme (default: int8 for integer\n"
+            "                          recipes, else the recipe's)\n"
+            "  --lm-head-quant SCHEME  lm_head scheme (default: the recipe's)\n"
+            "  --threads N             quantization threads (default: physical cores)\n"
+            "  --force                 overwrite OUT if it exists\n");
+}
+
+static bool parse_scheme(cli_args *a, int *out)
+{
+    const char *v = cli_value(a);
+    zse_scheme s;
+    if (!v)
+        return false;
+    if (zse_scheme_from_name(v, &s) != 0) {
+        fprintf(stderr, "zse convert: %s\n", zse_error_message());
+        a->failed = true;
+        return false;
+    }
+    *out = (int)s;
+    return true;
+}
+
+int cmd_convert(int argc, char **argv)
+{
+    if (cli_wants_help(argc, argv)) {
+        usage(stdout);
+        return 0;
+    }
+    const char *src = NULL, *out = NULL;
+    const char *keep[64];
+    zse_convert_opts o = {.scheme = ZSE_SCHEME_Q4, .group_size = 128, .embed_scheme = -1,
+                          .lm_head_scheme = -1, .keep_fp16 = keep};
+    cli_args a = cli_begin(argc, argv);
+    while (cli_next(&a)) {
+        int64_t v;
+        int s;
+        if (cli_is(&a, "-o", "--output")) {
+            out = cli_value(&a);
+        } else if (cli_is(&a, NULL, "--quant")) {
+            if (parse_scheme(&a, &s))
+                o.scheme = (zse_scheme)s;
+        } else if (cli_is(&a, NULL, "--group-size")) {
+            if (cli_int(&a, 32, 128, &v)) {
+                if (v != 32 && v != 64 && v != 128) {
+                    fprintf(stderr, "zse convert: --group-size must be 32, 64 or 128\n");
+                    return 2;
+                }
+                o.group_size = (int)v;
+            }
+        } else if (cli_is(&a, NULL, "--keep-fp16")) {
+            const char *p = cli_value(&a);
+            if (p && o.n_keep_fp16 < 64)
+                keep[o.n_keep_fp16++] = p;
+        } else if (cli_is(&a, NULL, "--embed-quant")) {
+            if (parse_scheme(&a, &s))
+                o.embed_scheme = s;
+        } else if (cli_is(&a, NULL, "--lm-head-quant")) {
+            if (parse_scheme(&a, &s))
+                o.lm_head_scheme = s;
+        } else if (cli_is(&a, NULL, "--threads")) {
+            if (cli_int(&a, 1, 1024, &v))
+                o.threads = (int)v;
+        } else if (cli_is(&a, NULL, "--force")) {
+            o.force = true;
+        } else if (cli_positional(&a) && !src) {
+            src = a.arg;
+        } else {
+            return cli_unknown(&a);
+        }
+    }
+    if (a.failed)
+        return 2;
+    if (!src || !out) {
+        usage(stderr);
+        return 2;
+    }
+    double t0 = zse_now();
+    if (zse_convert(src, out, &o) != 0)
+        return cli_error("convert");
+    zse_file *f = zse_file_open(out);
+    if (!f)
+        return cli_error("convert");
+    double secs = zse_now() - t0;
+    fprintf(stderr, "wrote %s: %.1f MB, %zu tensors, %s, in %.1f s\n", out,
+            (double)zse_file_size(f) / 1e6, zse_file_n_tensors(f), zse_scheme_name(o.scheme), secs);
+    zse_file_close(f);
+    return 0;
+}

@@ -1,0 +1,142 @@
+/* zse info FILE.zse — what a model file holds, without touching tensor data. */
+#include "cli/cli.h"
+
+#include "format/format.h"
+
+#include <stdio.h>
+#include <string.h>
+
+const char cmd_info_summary[] = "show a .zse file's architecture, sizes, quantization and memory needs";
+
+typedef struct {
+    uint64_t params;
+    uint64_t bytes[ZSE_SCHEME_COUNT];
+    uint64_t count[ZSE_SCHEME_COUNT];
+    uint64_t weight_bytes;
+} tensor_totals;
+
+static void total_tensors(const zse_file *f, tensor_totals *t)
+{
+    memset(t, 0, sizeof *t);
+    for (size_t i = 0; i < zse_file_n_tensors(f); i++) {
+        const zse_tensor_info *ti = zse_file_tensor_at(f, i);
+        t->params += (uint64_t)(ti->q.rows * ti->q.cols);
+        t->bytes[ti->q.scheme] += ti->size;
+        t->count[ti->q.scheme]++;
+        t->weight_bytes += ti->size;
+    }
+}
+
+/* K and V for every layer: f16 = 2 bytes per element; int8 = 1 byte plus one f32 scale
+ * per (token, head) */
+static uint64_t kv_bytes(const zse_config *c, int64_t ctx, bool int8)
+{
+    uint64_t per_tok_head = int8 ? (uint64_t)c->head_dim + 4 : (uint64_t)c->head_dim * 2;
+    return 2ull * (uint64_t)c->n_layers * (uint64_t)c->n_kv_heads * per_tok_head * (uint64_t)ctx;
+}
+
+static void print_text(const char *path, const zse_file *f, const tensor_totals *t, int64_t ctx)
+{
+    const zse_config *c = zse_file_config(f);
+    const json_t *h = zse_file_header(f);
+    const char *quant = json_string_value(json_object_get(json_object_get(h, "quant"), "scheme"));
+    json_t *g = json_object_get(json_object_get(h, "quant"), "group_size");
+    printf("file:            %s (%.2f GB)\n", path, (double)zse_file_size(f) / 1e9);
+    printf("architecture:    %s\n", c->arch);
+    printf("parameters:      %.3f B\n", (double)t->params / 1e9);
+    printf("layers:          %d\n", c->n_layers);
+    printf("hidden / ffn:    %d / %d\n", c->hidden_size, c->intermediate_size);
+    printf("heads / kv:      %d / %d (head_dim %d)\n", c->n_heads, c->n_kv_heads, c->head_dim);
+    printf("vocab:           %d\n", c->vocab_size);
+    printf("context length:  %d\n", c->max_position);
+    printf("rope theta:      %g\n", c->rope_theta);
+    if (c->sliding_window)
+        printf("sliding window:  %d\n", c->sliding_window);
+    printf("tied embeddings: %s\n", c->tie_embeddings ? "yes" : "no");
+    printf("quantization:    %s (group %lld)\n", quant ? quant : "?", (long long)json_integer_value(g));
+    for (int s = 0; s < ZSE_SCHEME_COUNT; s++)
+        if (t->count[s])
+            printf("  %-6s %4llu tensors %10.2f MB\n", zse_scheme_name((zse_scheme)s),
+                   (unsigned long long)t->count[s], (double)t->bytes[s] / 1e6);
+    const char *tt = json_string_value(json_object_get(h, "tokenizer_type"));
+    printf("tokenizer:       %s\n", tt ? tt : "unknown");
+    printf("chat template:   %s\n", zse_file_chat_template(f) ? "yes" : "no");
+    printf("memory at ctx %lld: weights %.2f GB + KV %.2f GB (f16) or %.2f GB (int8) per sequence\n",
+           (long long)ctx, (double)t->weight_bytes / 1e9, (double)kv_bytes(c, ctx, false) / 1e9,
+           (double)kv_bytes(c, ctx, true) / 1e9);
+}
+
+static void print_json(const char *path, const zse_file *f, const tensor_totals *t, int64_t ctx)
+{
+    const zse_config *c = zse_file_config(f);
+    const json_t *h = zse_file_header(f);
+    json_t *schemes = json_object();
+    for (int s = 0; s < ZSE_SCHEME_COUNT; s++)
+        if (t->count[s])
+            json_object_set_new(schemes, zse_scheme_name((zse_scheme)s),
+                                json_pack("{s:I, s:I}", "tensors", (json_int_t)t->count[s], "bytes",
+                                          (json_int_t)t->bytes[s]));
+    json_t *q = json_object_get(h, "quant");
+    json_t *o = json_pack(
+        "{s:s, s:s, s:I, s:I, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:O, s:O, s:o, s:O, s:b, s:b,"
+        " s:I, s:I, s:I, s:I, s:i}",
+        "file", path, "architecture", c->arch, "file_bytes", (json_int_t)zse_file_size(f),
+        "parameters", (json_int_t)t->params, "n_layers", c->n_layers, "hidden_size", c->hidden_size,
+        "intermediate_size", c->intermediate_size, "n_heads", c->n_heads, "n_kv_heads",
+        c->n_kv_heads, "head_dim", c->head_dim, "vocab_size", c->vocab_size, "context_length",
+        c->max_position, "quant", json_object_get(q, "scheme"), "group_size",
+        json_object_get(q, "group_size"), "schemes", schemes, "tokenizer_type",
+        json_object_get(h, "tokenizer_type"), "chat_template", zse_file_chat_template(f) != NULL,
+        "tied_embeddings", c->tie_embeddings, "weight_bytes", (json_int_t)t->weight_bytes,
+        "kv_bytes_f16", (json_int_t)kv_bytes(c, ctx, false), "kv_bytes_int8",
+        (json_int_t)kv_bytes(c, ctx, true), "ctx", (json_int_t)ctx, "sliding_window",
+        c->sliding_window);
+    char *s = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    if (s)
+        printf("%s\n", s);
+    free(s);
+    json_decref(o);
+}
+
+int cmd_info(int argc, char **argv)
+{
+    if (cli_wants_help(argc, argv)) {
+        printf("usage: zse info FILE.zse [--json] [--ctx N]\n\n"
+               "  --json    machine-readable output\n"
+               "  --ctx N   context length for the KV-cache estimate (default: the model's)\n");
+        return 0;
+    }
+    const char *path = NULL;
+    bool as_json = false;
+    int64_t ctx = 0;
+    cli_args a = cli_begin(argc, argv);
+    while (cli_next(&a)) {
+        if (cli_is(&a, NULL, "--json"))
+            as_json = true;
+        else if (cli_is(&a, NULL, "--ctx"))
+            cli_int(&a, 1, 1 << 24, &ctx);
+        else if (cli_positional(&a) && !path)
+            path = a.arg;
+        else
+            return cli_unknown(&a);
+    }
+    if (a.failed)
+        return 2;
+    if (!path) {
+        fprintf(stderr, "usage: zse info FILE.zse [--json] [--ctx N]\n");
+        return 2;
+    }
+    zse_file *f = zse_file_open(path);
+    if (!f)
+        return cli_error("info");
+    if (ctx == 0)
+        ctx = zse_file_config(f)->max_position;
+    tensor_totals t;
+    total_tensors(f, &t);
+    if (as_json)
+        print_json(path, f, &t, ctx);
+    else
+        print_text(path, f, &t, ctx);
+    zse_file_close(f);
+    return 0;
+}

@@ -1,0 +1,52 @@
+/* zse verify FILE.zse — check every checksum. */
+#include "cli/cli.h"
+
+#include "format/format.h"
+
+#include <stdio.h>
+
+const char cmd_verify_summary[] = "check every tensor checksum of a .zse file";
+
+int cmd_verify(int argc, char **argv)
+{
+    if (cli_wants_help(argc, argv)) {
+        printf("usage: zse verify FILE.zse\n\nExits 0 when the header and every tensor checksum "
+               "match; otherwise names each damaged tensor and exits 1.\n");
+        return 0;
+    }
+    const char *path = NULL;
+    cli_args a = cli_begin(argc, argv);
+    while (cli_next(&a)) {
+        if (cli_positional(&a) && !path)
+            path = a.arg;
+        else
+            return cli_unknown(&a);
+    }
+    if (!path) {
+        fprintf(stderr, "usage: zse verify FILE.zse\n");
+        return 2;
+    }
+    zse_file *f = zse_file_open(path);
+    if (!f)
+        return cli_error("verify");
+    int bad = 0;
+    for (size_t i = 0; i < zse_file_n_tensors(f); i++) {
+        const zse_tensor_info *t = zse_file_tensor_at(f, i);
+        if (zse_hash64(t->data, (size_t)t->size) != t->checksum) {
+            fprintf(stderr, "zse verify: %s: tensor '%s' checksum mismatch\n", path, t->name);
+            bad++;
+        }
+    }
+    size_t len;
+    if (!zse_file_tokenizer_json(f, &len)) {
+        fprintf(stderr, "zse verify: %s\n", zse_error_message());
+        bad++;
+    }
+    if (bad == 0)
+        printf("%s: OK (%zu tensors, header and tokenizer checksums match)\n", path,
+               zse_file_n_tensors(f));
+    else
+        fprintf(stderr, "zse verify: %s: %d damaged; convert the model again\n", path, bad);
+    zse_file_close(f);
+    return bad ? 1 : 0;
+}

@@ -1,0 +1,500 @@
+/* zse convert: Hugging Face directory -> one .zse file.
+ *
+ * The writer streams tensor by tensor: each tensor is converted to f32 a few rows at a
+ * time, quantized by the thread pool into one packed buffer, hashed and written; the
+ * model is never held in memory. Offsets are planned before any data is written (sizes
+ * follow from shapes), so the header is written last into space reserved for it. Output
+ * goes to a temp file beside OUT, fsynced and renamed; on error or SIGINT/SIGTERM the temp
+ * file is removed and nothing is left behind. */
+#include "format/format.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct {
+    char *name;                 /* canonical */
+    const zse_st_tensor *src;
+    zse_qshape q;
+    uint64_t offset, size, checksum;
+} plan_tensor;
+
+typedef struct {
+    plan_tensor *t;
+    size_t n;
+    uint64_t tok_offset, tok_size, tok_checksum;
+    uint64_t data_offset, file_size;
+} plan;
+
+static volatile sig_atomic_t interrupted;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    interrupted = 1;
+}
+
+/* forward order: embeddings, each layer's tensors in block order, final norm, lm_head */
+static const char *const block_order[] = {
+    "attn_norm.weight", "attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias",
+    "attn_v.weight", "attn_v.bias", "attn_q_norm.weight", "attn_k_norm.weight",
+    "attn_output.weight", "attn_output.bias", "ffn_norm.weight", "ffn_gate.weight",
+    "ffn_up.weight", "ffn_down.weight",
+};
+
+static long order_key(const char *name)
+{
+    if (strcmp(name, "token_embd.weight") == 0)
+        return 0;
+    if (strcmp(name, "output_norm.weight") == 0)
+        return 1L << 40;
+    if (strcmp(name, "output.weight") == 0)
+        return (1L << 40) + 1;
+    int layer, used = 0;
+    if (sscanf(name, "blk.%d.%n", &layer, &used) == 1 && used > 0)
+        for (size_t i = 0; i < sizeof block_order / sizeof block_order[0]; i++)
+            if (strcmp(name + used, block_order[i]) == 0)
+                return 1 + (long)layer * 64 + (long)i;
+    return (1L << 40) - 1;
+}
+
+static int cmp_plan(const void *a, const void *b)
+{
+    long ka = order_key(((const plan_tensor *)a)->name), kb = order_key(((const plan_tensor *)b)->name);
+    return ka < kb ? -1 : ka > kb;
+}
+
+static bool matches_keep(const zse_convert_opts *o, const char *canon, const char *hf)
+{
+    for (int i = 0; i < o->n_keep_fp16; i++)
+        if (zse_glob_match(o->keep_fp16[i], canon) || zse_glob_match(o->keep_fp16[i], hf))
+            return true;
+    return false;
+}
+
+/* the quantization policy: vectors stay f32; embeddings int8 under integer recipes (an
+ * f16 table alone would make a 7B int4 file larger than llama.cpp's Q4_0); the lm_head
+ * follows the recipe unless told; --keep-fp16 exempts tensors */
+static zse_scheme choose_scheme(const zse_convert_opts *o, const char *canon, const char *hf,
+                                int64_t rows)
+{
+    if (rows == 1)
+        return ZSE_SCHEME_F32;
+    if (matches_keep(o, canon, hf))
+        return ZSE_SCHEME_F16;
+    bool integer_recipe = zse_scheme_is_quantized(o->scheme);
+    if (strcmp(canon, "token_embd.weight") == 0) {
+        if (o->embed_scheme >= 0)
+            return (zse_scheme)o->embed_scheme;
+        return integer_recipe ? ZSE_SCHEME_Q8 : o->scheme;
+    }
+    if (strcmp(canon, "output.weight") == 0 && o->lm_head_scheme >= 0)
+        return (zse_scheme)o->lm_head_scheme;
+    return o->scheme;
+}
+
+static uint64_t align_up(uint64_t x)
+{
+    return (x + ZSE_TENSOR_ALIGN - 1) / ZSE_TENSOR_ALIGN * ZSE_TENSOR_ALIGN;
+}
+
+static int build_plan(plan *p, const zse_safetensors *st, const zse_config *c,
+                      const zse_convert_opts *o)
+{
+    p->t = zse_calloc(st->n_tensors + 1, sizeof *p->t);
+    if (!p->t)
+        return -1;
+    for (size_t i = 0; i < st->n_tensors; i++) {
+        const zse_st_tensor *s = &st->tensors[i];
+        if (strstr(s->name, "rotary_emb.inv_freq"))
+            continue; /* recomputed from the config; old checkpoints store it */
+        if (c->tie_embeddings && strcmp(s->name, "lm_head.weight") == 0)
+            continue;
+        char *canon = zse_hf_canonical_name(c, s->name);
+        if (!canon)
+            return -1;
+        plan_tensor *t = &p->t[p->n++];
+        t->name = canon;
+        t->src = s;
+        if (s->ndim < 1 || s->ndim > 2)
+            return zse_fail("tensor '%s' has %d dimensions; weights must be 1-D or 2-D", s->name, s->ndim);
+        if (s->dtype != ZSE_ST_F32 && s->dtype != ZSE_ST_F16 && s->dtype != ZSE_ST_BF16)
+            return zse_fail("tensor '%s' is not F32/F16/BF16; pre-quantized checkpoints are not "
+                            "supported — convert from the original weights", s->name);
+        t->q.rows = s->ndim == 2 ? s->shape[0] : 1;
+        t->q.cols = s->ndim == 2 ? s->shape[1] : s->shape[0];
+        t->q.scheme = choose_scheme(o, canon, s->name, t->q.rows);
+        t->q.group_size = zse_scheme_layout(t->q.scheme) == ZSE_LAYOUT_Q4_G ? o->group_size : 0;
+        if (!(t->size = zse_qshape_bytes(&t->q)))
+            return zse_fail("tensor '%s': %s", s->name, zse_error_message());
+    }
+    qsort(p->t, p->n, sizeof *p->t, cmp_plan);
+    /* every tensor the forward pass reads must be there */
+    char need[128];
+    const char *per_layer[] = {"attn_norm.weight", "attn_q.weight", "attn_k.weight",
+                               "attn_v.weight", "attn_output.weight", "ffn_norm.weight",
+                               "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"};
+    for (int l = -1; l < c->n_layers; l++) {
+        for (size_t k = 0; k < (l < 0 ? 3 : sizeof per_layer / sizeof *per_layer); k++) {
+            if (l < 0) {
+                const char *top[] = {"token_embd.weight", "output_norm.weight", "output.weight"};
+                if (k == 2 && c->tie_embeddings)
+                    continue;
+                snprintf(need, sizeof need, "%s", top[k]);
+            } else {
+                snprintf(need, sizeof need, "blk.%d.%s", l, per_layer[k]);
+            }
+            bool found = false;
+            for (size_t i = 0; i < p->n && !found; i++)
+                found = strcmp(p->t[i].name, need) == 0;
+            if (!found)
+                return zse_fail("the checkpoint lacks tensor '%s' that a %s model needs", need, c->arch);
+        }
+    }
+    return 0;
+}
+
+static void plan_free(plan *p)
+{
+    for (size_t i = 0; i < p->n; i++)
+        free(p->t[i].name);
+    free(p->t);
+}
+
+static void hex64(uint64_t v, char out[17])
+{
+    snprintf(out, 17, "%016" PRIx64, v);
+}
+
+static json_t *source_files(const char *dir, const zse_safetensors *st, const char *tok_path)
+{
+    json_t *arr = json_array();
+    const char *extra[] = {"config.json", "generation_config.json", "tokenizer_config.json",
+                           "chat_template.jinja"};
+    for (int i = 0; i < st->n_shards + 5; i++) {
+        char *path = NULL;
+        if (i < st->n_shards)
+            path = zse_strdup(st->shards[i].path);
+        else if (i == st->n_shards)
+            path = zse_strdup(tok_path);
+        else
+            path = zse_path_join(dir, extra[i - st->n_shards - 1]);
+        if (!path || !zse_file_exists(path)) {
+            free(path);
+            continue;
+        }
+        char sha[65];
+        struct stat sb;
+        if (zse_sha256_file(path, sha) == 0 && stat(path, &sb) == 0) {
+            const char *base = strrchr(path, '/');
+            json_array_append_new(arr, json_pack("{s:s, s:s, s:I}", "name", base ? base + 1 : path,
+                                                 "sha256", sha, "size", (json_int_t)sb.st_size));
+        }
+        free(path);
+    }
+    return arr;
+}
+
+static json_t *build_header(const zse_hf_dir *hf, const plan *p, const zse_convert_opts *o,
+                            json_t *sources, const char *tok_type)
+{
+    json_t *h = json_object();
+    json_object_set_new(h, "format", json_string("zse"));
+    json_object_set_new(h, "version", json_pack("[i,i]", ZSE_FORMAT_MAJOR, ZSE_FORMAT_MINOR));
+    json_object_set_new(h, "config", zse_config_to_json(&hf->config));
+    json_object_set(h, "tokenizer_config", hf->tokenizer_config ? hf->tokenizer_config : json_null());
+    json_object_set_new(h, "tokenizer_type", json_string(tok_type));
+    json_object_set_new(h, "chat_template",
+                        hf->chat_template ? json_string(hf->chat_template) : json_null());
+    json_object_set(h, "generation", hf->generation_config ? hf->generation_config : json_null());
+    json_t *keep = json_array();
+    for (int i = 0; i < o->n_keep_fp16; i++)
+        json_array_append_new(keep, json_string(o->keep_fp16[i]));
+    json_object_set_new(h, "quant", json_pack("{s:s, s:i, s:o}", "scheme", zse_scheme_name(o->scheme),
+                                              "group_size", o->group_size, "keep_fp16", keep));
+    char when[32];
+    time_t now = time(NULL);
+    struct tm tm;
+    gmtime_r(&now, &tm);
+    strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    json_object_set_new(h, "provenance", json_pack("{s:o, s:s, s:s}", "source_files", json_incref(sources),
+                                                   "zse_version", ZSE_VERSION, "created", when));
+    char hx[17];
+    hex64(p->tok_checksum, hx);
+    json_object_set_new(h, "blobs", json_pack("{s:{s:I, s:I, s:s}}", "tokenizer.json", "offset",
+                                              (json_int_t)p->tok_offset, "size",
+                                              (json_int_t)p->tok_size, "checksum", hx));
+    json_t *arr = json_array();
+    for (size_t i = 0; i < p->n; i++) {
+        const plan_tensor *t = &p->t[i];
+        hex64(t->checksum, hx);
+        json_array_append_new(arr, json_pack("{s:s, s:s, s:s, s:i, s:[I,I], s:i, s:I, s:I, s:s}",
+            "name", t->name, "source", t->src->name, "scheme", zse_scheme_name(t->q.scheme),
+            "layout", (int)zse_scheme_layout(t->q.scheme), "shape", (json_int_t)t->q.rows,
+            (json_int_t)t->q.cols, "group_size", t->q.group_size, "offset", (json_int_t)t->offset,
+            "size", (json_int_t)t->size, "checksum", hx));
+    }
+    json_object_set_new(h, "tensors", arr);
+    return h;
+}
+
+static char *dump_header(const json_t *h, size_t *len)
+{
+    char *s = json_dumps(h, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    if (!s)
+        zse_fail("cannot serialize the header");
+    else
+        *len = strlen(s);
+    return s;
+}
+
+/* Offsets depend on the header's length and the header holds the offsets; checksums are
+ * fixed-width hex, so iterating until the data start stops moving converges. */
+static int layout_offsets(plan *p, const zse_hf_dir *hf, const zse_convert_opts *o, json_t *sources,
+                          const char *tok_type)
+{
+    p->data_offset = ZSE_TENSOR_ALIGN;
+    for (int iter = 0; iter < 8; iter++) {
+        uint64_t off = p->data_offset;
+        p->tok_offset = off;
+        off = align_up(off + p->tok_size);
+        for (size_t i = 0; i < p->n; i++) {
+            p->t[i].offset = off;
+            off = align_up(off + p->t[i].size);
+        }
+        p->file_size = p->n ? p->t[p->n - 1].offset + p->t[p->n - 1].size : off;
+        json_t *h = build_header(hf, p, o, sources, tok_type);
+        size_t len;
+        char *s = dump_header(h, &len);
+        json_decref(h);
+        if (!s)
+            return -1;
+        free(s);
+        uint64_t want = align_up(64 + len);
+        if (want == p->data_offset)
+            return 0;
+        p->data_offset = want;
+    }
+    return zse_fail("header layout did not converge");
+}
+
+static int write_at(int fd, const void *buf, size_t n, uint64_t off, const char *path)
+{
+    const uint8_t *b = buf;
+    while (n) {
+        ssize_t w = pwrite(fd, b, n, (off_t)off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return zse_fail("cannot write %s: %s", path, strerror(errno));
+        }
+        b += w;
+        n -= (size_t)w;
+        off += (uint64_t)w;
+    }
+    return 0;
+}
+
+typedef struct {
+    const plan_tensor *t;
+    uint8_t *packed;
+    atomic_int failed;
+} quant_job;
+
+/* each thread converts and quantizes its share of rows, 64 rows at a time */
+static void quantize_share(void *arg, int ith, int nth)
+{
+    quant_job *j = arg;
+    const zse_qshape *q = &j->t->q;
+    int64_t per = (q->rows + nth - 1) / nth, r0 = per * ith, r1 = r0 + per;
+    if (r1 > q->rows)
+        r1 = q->rows;
+    const int64_t chunk = 64;
+    float *buf = malloc((size_t)(chunk * q->cols) * sizeof *buf);
+    if (!buf) {
+        atomic_store(&j->failed, 1);
+        return;
+    }
+    for (int64_t r = r0; r < r1 && !interrupted; r += chunk) {
+        int64_t n = r + chunk < r1 ? chunk : r1 - r;
+        if (zse_st_read_f32(j->t->src, (size_t)(r * q->cols), (size_t)(n * q->cols), buf) != 0) {
+            atomic_store(&j->failed, 1);
+            break;
+        }
+        zse_quantize_rows(q, buf, j->packed, r, r + n);
+    }
+    free(buf);
+}
+
+static int write_tensor(int fd, const char *tmp, plan_tensor *t, zse_pool *pool)
+{
+    uint8_t *packed = zse_aligned_alloc(64, (size_t)t->size);
+    if (!packed)
+        return zse_fail("out of memory for tensor '%s' (%" PRIu64 " bytes)", t->name, t->size);
+    memset(packed, 0, (size_t)t->size);
+    quant_job job = {.t = t, .packed = packed};
+    atomic_init(&job.failed, 0);
+    zse_pool_run(pool, quantize_share, &job);
+    int rc = 0;
+    if (atomic_load(&job.failed))
+        rc = zse_fail("cannot convert tensor '%s' (out of memory or bad data)", t->src->name);
+    else if (interrupted)
+        rc = zse_fail("interrupted");
+    if (rc == 0) {
+        t->checksum = zse_hash64(packed, (size_t)t->size);
+        rc = write_at(fd, packed, (size_t)t->size, t->offset, tmp);
+    }
+    free(packed);
+    return rc;
+}
+
+static void write_preamble(uint8_t pre[64], uint64_t hsize, uint64_t hhash, const plan *p)
+{
+    memset(pre, 0, 64);
+    memcpy(pre, "ZSEMODEL", 8);
+    uint64_t fields[6] = {0, 64, hsize, hhash, p->data_offset, p->file_size};
+    pre[8] = ZSE_FORMAT_MAJOR;
+    pre[10] = ZSE_FORMAT_MINOR;
+    for (int f = 1; f < 6; f++)
+        for (int i = 0; i < 8; i++)
+            pre[8 + 8 * f + i] = (uint8_t)(fields[f] >> (8 * i));
+    uint64_t ph = zse_hash64(pre, 56);
+    for (int i = 0; i < 8; i++)
+        pre[56 + i] = (uint8_t)(ph >> (8 * i));
+}
+
+static const char *tokenizer_type_of(const char *tok_json, size_t len)
+{
+    json_error_t err;
+    json_t *j = json_loadb(tok_json, len, 0, &err);
+    const char *model = json_string_value(json_object_get(json_object_get(j, "model"), "type"));
+    const char *dec = json_string_value(json_object_get(json_object_get(j, "decoder"), "type"));
+    json_t *decs = json_object_get(json_object_get(j, "decoder"), "decoders");
+    bool bytelevel = dec && strcmp(dec, "ByteLevel") == 0;
+    size_t i;
+    json_t *d;
+    json_array_foreach(decs, i, d) {
+        const char *t = json_string_value(json_object_get(d, "type"));
+        bytelevel = bytelevel || (t && strcmp(t, "ByteLevel") == 0);
+    }
+    const char *r = !model ? "unknown"
+                    : strcmp(model, "BPE") == 0 ? (bytelevel ? "bpe-bytelevel" : "bpe-sentencepiece")
+                    : strcmp(model, "Unigram") == 0 ? "unigram"
+                    : strcmp(model, "WordPiece") == 0 ? "wordpiece" : "other";
+    json_decref(j);
+    return r;
+}
+
+static int convert_into(int fd, const char *tmp, const char *src_dir, const zse_convert_opts *o,
+                        zse_hf_dir *hf, zse_safetensors *st, plan *p)
+{
+    size_t tok_len;
+    char *tok = zse_read_file(hf->tokenizer_json_path, &tok_len);
+    if (!tok)
+        return -1;
+    const char *tok_type = tokenizer_type_of(tok, tok_len);
+    p->tok_size = tok_len;
+    p->tok_checksum = zse_hash64(tok, tok_len);
+    json_t *sources = source_files(src_dir, st, hf->tokenizer_json_path);
+    int rc = layout_offsets(p, hf, o, sources, tok_type);
+    if (rc == 0)
+        rc = write_at(fd, tok, tok_len, p->tok_offset, tmp);
+    free(tok);
+    zse_pool *pool = rc == 0 ? zse_pool_create(o->threads > 0 ? o->threads : zse_physical_cores()) : NULL;
+    if (rc == 0 && !pool)
+        rc = -1;
+    uint64_t total = 0, done = 0;
+    for (size_t i = 0; i < p->n; i++)
+        total += p->t[i].src->size;
+    zse_progress bar;
+    zse_progress_begin(&bar, total);
+    for (size_t i = 0; rc == 0 && i < p->n; i++) {
+        zse_progress_update(&bar, p->t[i].name, done);
+        rc = write_tensor(fd, tmp, &p->t[i], pool);
+        done += p->t[i].src->size;
+    }
+    zse_progress_update(&bar, "done", done);
+    zse_progress_end(&bar);
+    zse_pool_free(pool);
+    if (rc == 0) {
+        json_t *h = build_header(hf, p, o, sources, tok_type);
+        size_t len;
+        char *s = dump_header(h, &len);
+        json_decref(h);
+        if (!s || align_up(64 + len) != p->data_offset)
+            rc = s ? zse_fail("header size changed while writing") : -1;
+        uint8_t pre[64];
+        if (rc == 0) {
+            write_preamble(pre, len, zse_hash64(s, len), p);
+            rc = write_at(fd, s, len, 64, tmp);
+        }
+        if (rc == 0)
+            rc = write_at(fd, pre, 64, 0, tmp);
+        free(s);
+        if (rc == 0 && ftruncate(fd, (off_t)p->file_size) != 0)
+            rc = zse_fail("cannot size %s: %s", tmp, strerror(errno));
+        if (rc == 0 && fsync(fd) != 0)
+            rc = zse_fail("cannot flush %s to disk: %s", tmp, strerror(errno));
+    }
+    json_decref(sources);
+    return rc;
+}
+
+int zse_convert(const char *src_dir, const char *out_path, const zse_convert_opts *o)
+{
+    if (!o->force && access(out_path, F_OK) == 0)
+        return zse_fail("%s already exists; pass --force to overwrite it", out_path);
+    zse_hf_dir hf;
+    if (zse_hf_open(&hf, src_dir) != 0)
+        return -1;
+    zse_safetensors st;
+    if (zse_st_open(&st, src_dir) != 0) {
+        zse_hf_close(&hf);
+        return -1;
+    }
+    plan p = {0};
+    int rc = build_plan(&p, &st, &hf.config, o);
+    if (rc != 0)
+        zse_error_prefix("%s", src_dir);
+    char *tmp = NULL;
+    int fd = -1;
+    struct sigaction sa = {.sa_handler = on_signal}, old_int, old_term;
+    if (rc == 0) {
+        zse_buf b = {0};
+        rc = zse_buf_printf(&b, "%s.tmp.%d", out_path, (int)getpid());
+        tmp = b.data;
+    }
+    if (rc == 0) {
+        fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (fd < 0)
+            rc = zse_fail("cannot create %s: %s", tmp, strerror(errno));
+    }
+    if (rc == 0) {
+        interrupted = 0;
+        sigaction(SIGINT, &sa, &old_int);
+        sigaction(SIGTERM, &sa, &old_term);
+        rc = convert_into(fd, tmp, src_dir, o, &hf, &st, &p);
+        sigaction(SIGINT, &old_int, NULL);
+        sigaction(SIGTERM, &old_term, NULL);
+        if (interrupted && rc == 0)
+            rc = zse_fail("interrupted");
+    }
+    if (fd >= 0 && close(fd) != 0 && rc == 0)
+        rc = zse_fail("cannot close %s: %s", tmp, strerror(errno));
+    if (rc == 0 && rename(tmp, out_path) != 0)
+        rc = zse_fail("cannot rename %s to %s: %s", tmp, out_path, strerror(errno));
+    if (rc != 0 && fd >= 0)
+        unlink(tmp);
+    free(tmp);
+    plan_free(&p);
+    zse_st_close(&st);
+    zse_hf_close(&hf);
+    return rc;
+}

@@ -1,0 +1,281 @@
+/* The llama-family forward pass (llama, mistral, qwen2), read top to bottom like
+ * llama2.c's forward(), with backend ops where its loops were. */
+#include "model/model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+typedef struct {
+    zse_weight *attn_norm;  /* (hidden) */
+    zse_weight *wq, *wk, *wv; /* (heads*hd, hidden), (kv*hd, hidden) x2 */
+    zse_weight *bq, *bk, *bv; /* biases, qwen2 */
+    zse_weight *q_norm, *k_norm; /* (hd), qwen3 */
+    zse_weight *wo;         /* (hidden, heads*hd) */
+    zse_weight *ffn_norm;   /* (hidden) */
+    zse_weight *gate, *up;  /* (ffn, hidden) */
+    zse_weight *down;       /* (hidden, ffn) */
+} layer_weights;
+
+struct zse_llm {
+    zse_config c;
+    zse_backend *be;
+    zse_weight *tok_embd;   /* (vocab, hidden) */
+    zse_weight *out_norm;   /* (hidden) */
+    zse_weight *output;     /* (vocab, hidden); tok_embd when tied */
+    layer_weights *layers;
+    int max_tokens;
+    /* activations, [max_tokens][width] */
+    zse_act *x, *xb, *xb2, *q, *k, *v, *att, *hb, *hb2, *xo, *xo2, *logits;
+};
+
+static const zse_backend_ops *ops(const zse_llm *m) { return m->be->ops; }
+
+void zse_rope_frequencies(const zse_config *c, float *inv_freq, float *mscale)
+{
+    int half = c->head_dim / 2;
+    double base = c->rope_theta;
+    const double f = c->rope_scaling.factor;
+    *mscale = 1.0f;
+    for (int i = 0; i < half; i++)
+        inv_freq[i] = (float)(1.0 / pow(base, (2.0 * i) / c->head_dim));
+    switch (c->rope_scaling.type) {
+    case ZSE_ROPE_LINEAR:
+        for (int i = 0; i < half; i++)
+            inv_freq[i] = (float)(inv_freq[i] / f);
+        break;
+    case ZSE_ROPE_LLAMA3: {
+        double old = c->rope_scaling.original_max_position;
+        double lo = c->rope_scaling.low_freq_factor, hi = c->rope_scaling.high_freq_factor;
+        double low_wavelen = old / lo, high_wavelen = old / hi;
+        for (int i = 0; i < half; i++) {
+            double freq = 1.0 / pow(base, (2.0 * i) / c->head_dim);
+            double wavelen = 2 * M_PI / freq;
+            if (wavelen > low_wavelen) {
+                freq /= f;
+            } else if (wavelen >= high_wavelen) {
+                double smooth = (old / wavelen - lo) / (hi - lo);
+                freq = (1 - smooth) * freq / f + smooth * freq;
+            }
+            inv_freq[i] = (float)freq;
+        }
+        break;
+    }
+    case ZSE_ROPE_YARN: {
+        double dim = c->head_dim, orig = c->rope_scaling.original_max_position;
+        double attn = c->rope_scaling.attn_factor > 0 ? c->rope_scaling.attn_factor : 0.1 * log(f) + 1.0;
+        double low = floor(dim * log(orig / (c->rope_scaling.beta_fast * 2 * M_PI)) / (2 * log(base)));
+        double high = ceil(dim * log(orig / (c->rope_scaling.beta_slow * 2 * M_PI)) / (2 * log(base)));
+        if (low < 0) low = 0;
+        if (high > dim - 1) high = dim - 1;
+        if (low == high) high += 0.001;
+        for (int i = 0; i < half; i++) {
+            double pos_freq = pow(base, (2.0 * i) / dim);
+            double extra = 1.0 / pos_freq, inter = 1.0 / (f * pos_freq);
+            double ramp = (i - low) / (high - low);
+            ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+            double extra_factor = 1 - ramp;
+            inv_freq[i] = (float)(inter * (1 - extra_factor) + extra * extra_factor);
+        }
+        *mscale = (float)attn;
+        break;
+    }
+    default: /* none; dynamic NTK changes nothing until a sequence passes the original length */
+        break;
+    }
+}
+
+static zse_weight *load_named(zse_llm *m, const zse_file *f, const char *name, bool required, int *rc)
+{
+    const zse_tensor_info *t = zse_file_tensor(f, name);
+    if (!t) {
+        if (required)
+            *rc = zse_fail("%s: tensor '%s' is missing", zse_file_path(f), name);
+        return NULL;
+    }
+    zse_weight *w = ops(m)->weight_load(m->be, t);
+    if (!w)
+        *rc = -1;
+    return w;
+}
+
+static zse_weight *load_layer(zse_llm *m, const zse_file *f, int l, const char *what, bool required, int *rc)
+{
+    char name[96];
+    snprintf(name, sizeof name, "blk.%d.%s", l, what);
+    return load_named(m, f, name, required, rc);
+}
+
+static int alloc_acts(zse_llm *m)
+{
+    const zse_config *c = &m->c;
+    int64_t T = m->max_tokens, qd = (int64_t)c->n_heads * c->head_dim, kd = (int64_t)c->n_kv_heads * c->head_dim;
+    const zse_backend_ops *o = ops(m);
+    m->x = o->act_new(m->be, T, c->hidden_size);
+    m->xb = o->act_new(m->be, T, c->hidden_size);
+    m->xb2 = o->act_new(m->be, T, c->hidden_size);
+    m->q = o->act_new(m->be, T, qd);
+    m->k = o->act_new(m->be, T, kd);
+    m->v = o->act_new(m->be, T, kd);
+    m->att = o->act_new(m->be, T, qd);
+    m->hb = o->act_new(m->be, T, c->intermediate_size);
+    m->hb2 = o->act_new(m->be, T, c->intermediate_size);
+    m->xo = o->act_new(m->be, T, c->hidden_size);
+    m->xo2 = o->act_new(m->be, T, c->hidden_size);
+    m->logits = o->act_new(m->be, T, c->vocab_size);
+    return m->x && m->xb && m->xb2 && m->q && m->k && m->v && m->att && m->hb && m->hb2 && m->xo &&
+                   m->xo2 && m->logits
+               ? 0
+               : -1;
+}
+
+zse_llm *zse_llm_load(const zse_file *f, zse_backend *be, int max_tokens)
+{
+    zse_llm *m = zse_calloc(1, sizeof *m);
+    if (!m)
+        return NULL;
+    m->c = *zse_file_config(f);
+    m->be = be;
+    m->max_tokens = max_tokens;
+    const zse_config *c = &m->c;
+    if (strcmp(c->arch, "llama") && strcmp(c->arch, "mistral") && strcmp(c->arch, "qwen2")) {
+        zse_fail("%s: architecture '%s' is not supported by this zse", zse_file_path(f), c->arch);
+        free(m);
+        return NULL;
+    }
+    m->layers = zse_calloc((size_t)c->n_layers, sizeof *m->layers);
+    int rc = m->layers ? 0 : -1;
+    m->tok_embd = load_named(m, f, "token_embd.weight", true, &rc);
+    m->out_norm = load_named(m, f, "output_norm.weight", true, &rc);
+    m->output = c->tie_embeddings ? NULL : load_named(m, f, "output.weight", true, &rc);
+    for (int l = 0; rc == 0 && l < c->n_layers; l++) {
+        layer_weights *L = &m->layers[l];
+        L->attn_norm = load_layer(m, f, l, "attn_norm.weight", true, &rc);
+        L->wq = load_layer(m, f, l, "attn_q.weight", true, &rc);
+        L->wk = load_layer(m, f, l, "attn_k.weight", true, &rc);
+        L->wv = load_layer(m, f, l, "attn_v.weight", true, &rc);
+        L->bq = load_layer(m, f, l, "attn_q.bias", c->attn_bias, &rc);
+        L->bk = load_layer(m, f, l, "attn_k.bias", c->attn_bias, &rc);
+        L->bv = load_layer(m, f, l, "attn_v.bias", c->attn_bias, &rc);
+        L->q_norm = load_layer(m, f, l, "attn_q_norm.weight", c->qk_norm, &rc);
+        L->k_norm = load_layer(m, f, l, "attn_k_norm.weight", c->qk_norm, &rc);
+        L->wo = load_layer(m, f, l, "attn_output.weight", true, &rc);
+        L->ffn_norm = load_layer(m, f, l, "ffn_norm.weight", true, &rc);
+        L->gate = load_layer(m, f, l, "ffn_gate.weight", true, &rc);
+        L->up = load_layer(m, f, l, "ffn_up.weight", true, &rc);
+        L->down = load_layer(m, f, l, "ffn_down.weight", true, &rc);
+    }
+    if (rc == 0)
+        rc = alloc_acts(m);
+    if (rc == 0) {
+        float *inv = zse_malloc((size_t)c->head_dim / 2 * sizeof *inv), mscale;
+        rc = inv ? 0 : -1;
+        if (inv) {
+            zse_rope_frequencies(c, inv, &mscale);
+            rc = ops(m)->rope_init(be, inv, c->head_dim / 2, mscale);
+            free(inv);
+        }
+    }
+    if (rc != 0) {
+        zse_llm_free(m);
+        return NULL;
+    }
+    return m;
+}
+
+void zse_llm_free(zse_llm *m)
+{
+    if (!m)
+        return;
+    const zse_backend_ops *o = ops(m);
+    zse_weight **all[] = {&m->tok_embd, &m->out_norm, &m->output};
+    for (size_t i = 0; i < 3; i++)
+        if (*all[i])
+            o->weight_free(m->be, *all[i]);
+    for (int l = 0; m->layers && l < m->c.n_layers; l++) {
+        layer_weights *L = &m->layers[l];
+        zse_weight *ws[] = {L->attn_norm, L->wq, L->wk, L->wv, L->bq, L->bk, L->bv, L->q_norm,
+                            L->k_norm, L->wo, L->ffn_norm, L->gate, L->up, L->down};
+        for (size_t i = 0; i < sizeof ws / sizeof ws[0]; i++)
+            if (ws[i])
+                o->weight_free(m->be, ws[i]);
+    }
+    free(m->layers);
+    zse_act *acts[] = {m->x, m->xb, m->xb2, m->q, m->k, m->v, m->att, m->hb, m->hb2, m->xo, m->xo2, m->logits};
+    for (size_t i = 0; i < sizeof acts / sizeof acts[0]; i++)
+        if (acts[i])
+            o->act_free(m->be, acts[i]);
+    free(m);
+}
+
+const zse_config *zse_llm_config(const zse_llm *m) { return &m->c; }
+int zse_llm_max_tokens(const zse_llm *m) { return m->max_tokens; }
+
+/* x += Attention(RMSNorm(x)) for one layer */
+static void attention_block(zse_llm *m, zse_kv *kv, int l, int64_t n)
+{
+    const zse_backend_ops *o = ops(m);
+    const zse_config *c = &m->c;
+    layer_weights *L = &m->layers[l];
+    o->rmsnorm(m->be, m->x, L->attn_norm, c->rms_eps, n, c->hidden_size, m->xb);
+    o->matmul(m->be, L->wq, m->xb, n, m->q);
+    o->matmul(m->be, L->wk, m->xb, n, m->k);
+    o->matmul(m->be, L->wv, m->xb, n, m->v);
+    if (L->bq) {
+        o->add_bias(m->be, m->q, L->bq, n);
+        o->add_bias(m->be, m->k, L->bk, n);
+        o->add_bias(m->be, m->v, L->bv, n);
+    }
+    if (L->q_norm) { /* qwen3: per-head RMSNorm before RoPE */
+        o->rmsnorm(m->be, m->q, L->q_norm, c->rms_eps, n * c->n_heads, c->head_dim, m->q);
+        o->rmsnorm(m->be, m->k, L->k_norm, c->rms_eps, n * c->n_kv_heads, c->head_dim, m->k);
+    }
+    o->rope(m->be, m->q, m->k, c->n_heads, c->n_kv_heads, c->head_dim);
+    o->kv_store(m->be, kv, l, m->k, m->v);
+    zse_attn_params p = {c->n_heads, c->n_kv_heads, c->head_dim, 1.0f / sqrtf((float)c->head_dim),
+                         c->sliding_window};
+    o->attention(m->be, kv, l, m->q, &p, m->att);
+    o->matmul(m->be, L->wo, m->att, n, m->xb2);
+    o->add(m->be, m->x, m->xb2, n, c->hidden_size);
+}
+
+/* x += W_down(SiLU(W_gate(RMSNorm(x))) * W_up(RMSNorm(x))) */
+static void mlp_block(zse_llm *m, int l, int64_t n)
+{
+    const zse_backend_ops *o = ops(m);
+    const zse_config *c = &m->c;
+    layer_weights *L = &m->layers[l];
+    o->rmsnorm(m->be, m->x, L->ffn_norm, c->rms_eps, n, c->hidden_size, m->xb);
+    o->matmul(m->be, L->gate, m->xb, n, m->hb);
+    o->matmul(m->be, L->up, m->xb, n, m->hb2);
+    o->silu_mul(m->be, m->hb, m->hb2, n, c->intermediate_size, m->hb);
+    o->matmul(m->be, L->down, m->hb, n, m->xb2);
+    o->add(m->be, m->x, m->xb2, n, c->hidden_size);
+}
+
+int zse_llm_forward(zse_llm *m, zse_kv *kv, const zse_batch *b, float *logits)
+{
+    const zse_backend_ops *o = ops(m);
+    const zse_config *c = &m->c;
+    if (b->n_tokens < 1 || b->n_tokens > m->max_tokens)
+        return zse_fail("batch of %d tokens (at most %d per step)", b->n_tokens, m->max_tokens);
+    for (int i = 0; i < b->n_tokens; i++)
+        if (b->tokens[i] < 0 || b->tokens[i] >= c->vocab_size)
+            return zse_fail("token id %d is outside the vocabulary (0..%d)", b->tokens[i], c->vocab_size - 1);
+    if (o->begin_batch(m->be, b) != 0)
+        return -1;
+    int64_t n = b->n_tokens;
+    o->embed(m->be, m->tok_embd, m->x);
+    for (int l = 0; l < c->n_layers; l++) {
+        attention_block(m, kv, l, n);
+        mlp_block(m, l, n);
+    }
+    if (b->n_out == 0)
+        return o->sync(m->be);
+    o->gather_out_rows(m->be, m->x, c->hidden_size, m->xo);
+    o->rmsnorm(m->be, m->xo, m->out_norm, c->rms_eps, b->n_out, c->hidden_size, m->xo2);
+    o->matmul(m->be, m->output ? m->output : m->tok_embd, m->xo2, b->n_out, m->logits);
+    if (o->sync(m->be) != 0)
+        return -1;
+    return o->act_read(m->be, m->logits, logits, b->n_out);
+}

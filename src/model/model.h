@@ -1,0 +1,26 @@
+/* model — the decoder forward pass over backend ops. One family today (llama, mistral,
+ * qwen2 share the block: pre-norm attention with RoPE and GQA, SwiGLU MLP), with flags for
+ * the variants: q/k/v biases (qwen2), q/k norm (qwen3), tied embeddings, sliding window. */
+#ifndef ZSE_MODEL_H
+#define ZSE_MODEL_H
+
+#include "backend/backend.h"
+#include "format/format.h"
+
+typedef struct zse_llm zse_llm;
+
+/* weights from the file onto the backend; activations sized for max_tokens per step */
+zse_llm *zse_llm_load(const zse_file *f, zse_backend *be, int max_tokens);
+void zse_llm_free(zse_llm *m);
+const zse_config *zse_llm_config(const zse_llm *m);
+int zse_llm_max_tokens(const zse_llm *m);
+
+/* runs the batch (its K/V are stored into kv at the batch's slots) and writes
+ * logits [b->n_out][vocab] for the batch's out_rows */
+int zse_llm_forward(zse_llm *m, zse_kv *kv, const zse_batch *b, float *logits);
+
+/* RoPE inverse frequencies for the config's scaling (head_dim / 2 values) and the
+ * attention magnitude factor (YaRN; 1 otherwise) — exposed for tests */
+void zse_rope_frequencies(const zse_config *c, float *inv_freq, float *mscale);
+
+#endif

@@ -1,0 +1,28 @@
+# Generation against Hugging Face goldens: logits and 48-token greedy continuations.
+find_package(Python3 COMPONENTS Interpreter REQUIRED)
+set(GOLD ${PROJECT_SOURCE_DIR}/tests/golden/check_generation.py)
+set(GOLD_WORK ${PROJECT_BINARY_DIR}/golden)
+set(ZSE_SHARED_QWEN ${ZSE_SHARED_DIR}/fixtures/tiny-qwen2)
+
+function(zse_golden name fixture scheme)
+  add_test(NAME ${name} COMMAND ${Python3_EXECUTABLE} ${GOLD} $<TARGET_FILE:zse> ${fixture} ${GOLD_WORK}/${name} ${scheme} ${ARGN})
+  set_tests_properties(${name} PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 600)
+endfunction()
+
+zse_golden(golden_llama_f32 ${ZSE_TEST_FIXTURES}/tiny-llama f32)
+zse_golden(golden_llama_bf16 ${ZSE_TEST_FIXTURES}/tiny-llama bf16)
+zse_golden(golden_llama_int8 ${ZSE_TEST_FIXTURES}/tiny-llama int8 --close 24)
+zse_golden(golden_llama_int4 ${ZSE_TEST_FIXTURES}/tiny-llama int4 --close 4)
+zse_golden(golden_llama_kv_int8 ${ZSE_TEST_FIXTURES}/tiny-llama bf16 --kv int8 --close 8)
+zse_golden(golden_qwen2_f32 ${ZSE_SHARED_QWEN} f32)
+zse_golden(golden_qwen2_bf16 ${ZSE_SHARED_QWEN} bf16)
+
+add_test(NAME cli_run_text COMMAND zse run ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse -p "def main():" -n 8 --temp 0)
+set_tests_properties(cli_run_text PROPERTIES FIXTURES_REQUIRED zse_int4 PASS_REGULAR_EXPRESSION "generated [0-9]+ tokens")
+add_test(NAME cli_run_bad_kv COMMAND zse run ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse -p "x" --kv-cache int3)
+set_tests_properties(cli_run_bad_kv PROPERTIES PASS_REGULAR_EXPRESSION "--kv-cache takes f16 or int8")
+add_test(NAME cli_run_cuda_missing COMMAND zse run ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse -p "x" --device tpu)
+set_tests_properties(cli_run_cuda_missing PROPERTIES FIXTURES_REQUIRED zse_int4 PASS_REGULAR_EXPRESSION "unknown device 'tpu'")
+add_test(NAME cli_bench_json COMMAND zse bench ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse --prompt-tokens 32 --gen-tokens 8 --json)
+set_tests_properties(cli_bench_json PROPERTIES FIXTURES_REQUIRED zse_int4
+  PASS_REGULAR_EXPRESSION "\"prefill_tok_s\": [0-9.]+, \"gen_tokens\": 8, \"decode_tok_s\": [0-9.]+")

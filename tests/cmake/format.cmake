@@ -1,0 +1,34 @@
+# zse convert / info / verify as a user runs them, on the project's own fixture.
+set(FIX ${PROJECT_SOURCE_DIR}/tests/fixtures/tiny-llama)
+set(OUT ${PROJECT_BINARY_DIR}/cli-tests)
+file(MAKE_DIRECTORY ${OUT})
+
+add_test(NAME cli_convert_int4 COMMAND zse convert ${FIX} -o ${OUT}/tiny-int4.zse --quant int4 --group-size 64 --force)
+set_tests_properties(cli_convert_int4 PROPERTIES FIXTURES_SETUP zse_int4)
+add_test(NAME cli_convert_bf16 COMMAND zse convert ${FIX} -o ${OUT}/tiny-bf16.zse --quant bf16 --force)
+set_tests_properties(cli_convert_bf16 PROPERTIES FIXTURES_SETUP zse_bf16)
+
+add_test(NAME cli_info_json COMMAND zse info ${OUT}/tiny-int4.zse --json --ctx 1024)
+set_tests_properties(cli_info_json PROPERTIES FIXTURES_REQUIRED zse_int4
+  PASS_REGULAR_EXPRESSION "\"architecture\": \"llama\".*\"file_bytes\": [0-9]+.*\"n_layers\": 4.*\"vocab_size\": 2048.*\"quant\": \"int4\".*\"group_size\": 64.*\"tokenizer_type\": \"bpe-bytelevel\".*\"chat_template\": true")
+add_test(NAME cli_info_text COMMAND zse info ${OUT}/tiny-bf16.zse)
+set_tests_properties(cli_info_text PROPERTIES FIXTURES_REQUIRED zse_bf16
+  PASS_REGULAR_EXPRESSION "architecture: +llama.*bf16.*chat template: +yes")
+add_test(NAME cli_verify_ok COMMAND zse verify ${OUT}/tiny-int4.zse)
+set_tests_properties(cli_verify_ok PROPERTIES FIXTURES_REQUIRED zse_int4 PASS_REGULAR_EXPRESSION "OK")
+
+add_test(NAME cli_convert_no_overwrite COMMAND zse convert ${FIX} -o ${OUT}/tiny-int4.zse)
+set_tests_properties(cli_convert_no_overwrite PROPERTIES FIXTURES_REQUIRED zse_int4
+  PASS_REGULAR_EXPRESSION "already exists; pass --force")
+add_test(NAME cli_convert_missing_dir COMMAND zse convert ${OUT}/no-such-model -o ${OUT}/x.zse)
+set_tests_properties(cli_convert_missing_dir PROPERTIES PASS_REGULAR_EXPRESSION "no config.json")
+add_test(NAME cli_convert_bad_quant COMMAND zse convert ${FIX} -o ${OUT}/x.zse --quant int3)
+set_tests_properties(cli_convert_bad_quant PROPERTIES PASS_REGULAR_EXPRESSION "unknown quantization scheme 'int3'")
+add_test(NAME cli_info_not_zse COMMAND zse info ${FIX}/config.json)
+set_tests_properties(cli_info_not_zse PROPERTIES PASS_REGULAR_EXPRESSION "not a .zse file")
+
+# a flipped byte inside a tensor: verify names the tensor and fails
+add_test(NAME cli_verify_corrupt COMMAND sh -c
+  "cp ${OUT}/tiny-int4.zse ${OUT}/corrupt.zse && printf 'X' | dd of=${OUT}/corrupt.zse bs=1 seek=300000 conv=notrunc 2>/dev/null && ! $<TARGET_FILE:zse> verify ${OUT}/corrupt.zse")
+set_tests_properties(cli_verify_corrupt PROPERTIES FIXTURES_REQUIRED zse_int4
+  PASS_REGULAR_EXPRESSION "tensor '[a-z_.0-9]+' checksum mismatch")
