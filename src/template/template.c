@@ -4010,3 +4010,22 @@ int zse_chat_template_apply(const char *template_src, const json_t *messages, co
     json_decref(ctx);
     return rc;
 }
+
+char *zse_template_from_tokenizer_config(const json_t *tc)
+{
+    const json_t *ct = json_object_get(tc, "chat_template");
+    if (json_is_string(ct)) return zse_strdup(json_string_value(ct));
+    if (json_is_array(ct)) {
+        size_t i;
+        const json_t *e;
+        json_array_foreach(ct, i, e) {
+            const char *name = json_string_value(json_object_get(e, "name"));
+            const char *tmpl = json_string_value(json_object_get(e, "template"));
+            if (name && tmpl && !strcmp(name, "default")) return zse_strdup(tmpl);
+        }
+        zse_fail("tokenizer_config.json: chat_template is a list without a \"default\" template");
+        return NULL;
+    }
+    zse_fail("tokenizer_config.json has no chat_template");
+    return NULL;
+}

@@ -28,9 +28,8 @@ typedef struct zse_template zse_template;
 zse_template *zse_template_parse(const char *src, size_t len);
 
 /* Renders into out (appended). 0 on success; -1 with the message in zse_error_message():
- * raise_exception's text, jinja2's message for runtime errors (e.g. "'x' is undefined"),
- * followed by " (line L, column C)" for errors other than raise_exception. On error,
- * out holds what it held before the call. */
+ * raise_exception's text verbatim, or "L:C: " and jinja2's message for runtime errors
+ * (e.g. "3:7: 'x' is undefined"). On error, out holds what it held before the call. */
 int zse_template_render(const zse_template *t, const json_t *context, zse_buf *out);
 
 void zse_template_free(zse_template *t);
@@ -41,6 +40,10 @@ void zse_template_free(zse_template *t);
 int zse_chat_template_apply(const char *template_src, const json_t *messages, const json_t *tools,
                             bool add_generation_prompt, const char *bos_token,
                             const char *eos_token, const json_t *extra, zse_buf *out);
+
+/* tokenizer_config.json's chat_template: a string, or a list of {name, template} of which
+ * transformers takes "default". Heap string, or NULL with an error. */
+char *zse_template_from_tokenizer_config(const json_t *tokenizer_config);
 
 /* strftime_now() normally reads the local clock. Tests fix it: a time_t (seconds since
  * the epoch, rendered as UTC) or -1 to go back to the clock. Process-wide. */
