@@ -70,7 +70,8 @@ static void arena_free(arena *a)
 enum vtype {
     V_UNDEF, V_NONE, V_BOOL, V_INT, V_FLOAT, V_STR,
     V_LIST, V_TUPLE, V_GEN, V_DICT, V_NS,
-    V_FUNC, V_METHOD, V_MACRO, V_LOOP, V_CYCLER, V_JOINER, V_RANGE
+    V_FUNC, V_METHOD, V_MACRO, V_LOOP, V_CYCLER, V_JOINER, V_RANGE,
+    V_UNSET     /* a loop frame's variable from the previous iteration: not visible */
 };
 
 typedef struct zstr {
@@ -1352,7 +1353,12 @@ static node *parse_body(parser *ps, const char *const *ends, const char **which)
     for (;;) {
         token *t = cur(ps);
         if (t->kind == T_EOF) {
-            if (ends) perr(ps, t, "Unexpected end of template. Jinja was looking for the following tags: '%s'.", ends[0]);
+            if (ends) {
+                char want[128] = "";
+                for (int k = 0; ends[k]; k++)
+                    snprintf(want + strlen(want), sizeof want - strlen(want), "%s'%s'", k ? " or " : "", ends[k]);
+                perr(ps, t, "Unexpected end of template. Jinja was looking for the following tags: %s.", want);
+            }
             break;
         }
         if (t->kind == T_DATA) {
@@ -1599,7 +1605,12 @@ static void zd_set(rctx *c, zdict *d, val k, val v)
     d->k[d->n] = k;
     d->v[d->n++] = v;
 }
-static void zd_sets(rctx *c, zdict *d, const char *key, val v) { zd_set(c, d, mkstr(c, key), v); }
+static void zd_sets(rctx *c, zdict *d, const char *key, val v)
+{
+    val *slot = zd_get(d, key);
+    if (slot) *slot = v;
+    else zd_set(c, d, mkstr(c, key), v);
+}
 
 static zobj *mkobj(rctx *c, int kind)
 {
@@ -2137,7 +2148,7 @@ static val lookup(rctx *c, frame *f, const node *n)
 {
     for (; f; f = f->parent) {
         val *v = zd_get(f->vars, n->name);
-        if (v) return *v;
+        if (v && v->t != V_UNSET) return *v;
     }
     if (!strcmp(n->name, "range")) return (val){.t = V_FUNC, .u.fn = F_RANGE};
     if (!strcmp(n->name, "dict")) return (val){.t = V_FUNC, .u.fn = F_DICT};
@@ -3820,9 +3831,10 @@ static void render_for(rctx *c, const node *s)
     if (s->c) {
         /* the inline filter runs before the loop: loop.length counts what passes */
         items = zl_new(c, 0);
+        frame *probe = new_frame(c, outer);
         for (size_t i = 0; i < src->n; i++) {
             step(c, s);
-            c->f = new_frame(c, outer);
+            c->f = probe;
             assign(c, s->a, src->v[i]);
             val ok = eval(c, s->c);
             if (truthy(&ok)) zl_push(c, items, src->v[i]);
@@ -3836,9 +3848,14 @@ static void render_for(rctx *c, const node *s)
     zobj *loop = mkobj(c, V_LOOP);
     loop->items = items;
     val loopv = {.t = V_LOOP, .u.o = loop};
+    /* one frame for all iterations, its variables hidden at each start: a variable set in
+     * one iteration is not seen by the next (jinja2 scoping), and long loops allocate
+     * nothing per iteration (nothing keeps a reference to a loop frame) */
+    frame *iter = new_frame(c, outer);
     for (size_t i = 0; i < items->n; i++) {
         step(c, s);
-        c->f = new_frame(c, outer);
+        for (size_t k = 0; k < iter->vars->n; k++) iter->vars->v[k].t = V_UNSET;
+        c->f = iter;
         loop->idx = (int64_t)i;
         zd_sets(c, c->f->vars, "loop", loopv);
         assign(c, s->a, items->v[i]);

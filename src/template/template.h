@@ -49,9 +49,9 @@ char *zse_template_from_tokenizer_config(const json_t *tokenizer_config);
  * the epoch, rendered as UTC) or -1 to go back to the clock. Process-wide. */
 void zse_template_set_fixed_time(time_t t);
 
-/* Limits of one render (defaults: 64 MiB output, 10M loop iterations, depth 200). */
+/* Limits of one render (defaults: 64 MiB output, 2M loop iterations and macro calls, depth 200). */
 #define ZSE_TEMPLATE_MAX_OUTPUT ((size_t)64 << 20)
-#define ZSE_TEMPLATE_MAX_STEPS 10000000L
+#define ZSE_TEMPLATE_MAX_STEPS 2000000L
 #define ZSE_TEMPLATE_MAX_DEPTH 200
 
 #endif
