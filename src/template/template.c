@@ -330,16 +330,21 @@ static int lex_number(lexer *lx, size_t *p)
     char buf[128];
     size_t b = 0;
     bool is_float = false;
+#define NUM_PUT(ch)                                                                 \
+    do {                                                                            \
+        if (b >= sizeof buf - 1) return lex_fail(lx, start, "number literal too long"); \
+        buf[b++] = (ch);                                                            \
+    } while (0)
     while (i < lx->len && (isdigit((unsigned char)lx->src[i]) || lx->src[i] == '_')) {
-        if (lx->src[i] != '_' && b < sizeof buf - 1) buf[b++] = lx->src[i];
+        if (lx->src[i] != '_') NUM_PUT(lx->src[i]);
         i++;
     }
     if (i + 1 < lx->len && lx->src[i] == '.' && isdigit((unsigned char)lx->src[i + 1])) {
         is_float = true;
-        buf[b++] = '.';
+        NUM_PUT('.');
         i++;
         while (i < lx->len && (isdigit((unsigned char)lx->src[i]) || lx->src[i] == '_')) {
-            if (lx->src[i] != '_' && b < sizeof buf - 1) buf[b++] = lx->src[i];
+            if (lx->src[i] != '_') NUM_PUT(lx->src[i]);
             i++;
         }
     }
@@ -348,13 +353,11 @@ static int lex_number(lexer *lx, size_t *p)
         if (j < lx->len && (lx->src[j] == '+' || lx->src[j] == '-')) j++;
         if (j < lx->len && isdigit((unsigned char)lx->src[j])) {
             is_float = true;
-            while (i < j && b < sizeof buf - 1) buf[b++] = lx->src[i++];
-            while (i < lx->len && isdigit((unsigned char)lx->src[i])) {
-                if (b < sizeof buf - 1) buf[b++] = lx->src[i];
-                i++;
-            }
+            while (i < j) NUM_PUT(lx->src[i++]);
+            while (i < lx->len && isdigit((unsigned char)lx->src[i])) NUM_PUT(lx->src[i++]);
         }
     }
+#undef NUM_PUT
     buf[b] = 0;
     token *t = lex_push(lx, is_float ? T_FLOAT : T_INT, start);
     if (!t) return lex_fail(lx, start, "out of memory");
@@ -1483,6 +1486,8 @@ typedef struct {
     int brk;                /* 1 break, 2 continue */
     frame *root;            /* the template's top level: what macros see */
     frame *f;               /* the current scope */
+    const void *printing[ZSE_TEMPLATE_MAX_DEPTH]; /* containers being printed (cycle check) */
+    int nprinting;
 } rctx;
 
 static _Noreturn void rfail(rctx *c, const node *n, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -1571,6 +1576,7 @@ static zdict *zd_new(rctx *c)
     return d;
 }
 static bool val_eq(const val *a, const val *b);
+static bool val_eq_d(const val *a, const val *b, int depth);
 static val *zd_find(zdict *d, const val *k)
 {
     for (size_t i = 0; i < d->n; i++)
@@ -1825,10 +1831,30 @@ static void write_str(rctx *c, obuf *b, const val *v, bool repr)
         else ob_put(c, b, v->u.s->p, v->u.s->len);
         return;
     case V_LIST:
-    case V_TUPLE: write_seq(c, b, v); return;
-    case V_GEN: ob_puts(c, b, "<generator object at 0x7f0000000000>"); return;
+    case V_TUPLE:
     case V_DICT:
-    case V_NS: {
+    case V_NS: break;
+    case V_GEN: ob_puts(c, b, "<generator object at 0x7f0000000000>"); return;
+    case V_RANGE:
+        if (v->u.o->c == 1) snprintf(num, sizeof num, "range(%lld, %lld)", (long long)v->u.o->a, (long long)v->u.o->b);
+        else snprintf(num, sizeof num, "range(%lld, %lld, %lld)", (long long)v->u.o->a, (long long)v->u.o->b, (long long)v->u.o->c);
+        ob_puts(c, b, num);
+        return;
+    case V_MACRO: ob_puts(c, b, "<Macro>"); return;
+    default: ob_puts(c, b, "<function>"); return;
+    }
+    /* containers: Python prints a container inside itself as [...] or {...} */
+    const void *id = v->t == V_LIST || v->t == V_TUPLE ? (const void *)v->u.l : (const void *)v->u.d;
+    for (int i = 0; i < c->nprinting; i++)
+        if (c->printing[i] == id) {
+            ob_puts(c, b, v->t == V_LIST ? "[...]" : v->t == V_TUPLE ? "(...)" : "{...}");
+            return;
+        }
+    if (c->nprinting >= ZSE_TEMPLATE_MAX_DEPTH) rfail(c, NULL, "value nested too deeply to print");
+    c->printing[c->nprinting++] = id;
+    if (v->t == V_LIST || v->t == V_TUPLE) {
+        write_seq(c, b, v);
+    } else {
         const zdict *d = v->u.d;
         if (v->t == V_NS) ob_puts(c, b, "<Namespace ");
         ob_puts(c, b, "{");
@@ -1840,16 +1866,8 @@ static void write_str(rctx *c, obuf *b, const val *v, bool repr)
         }
         ob_puts(c, b, "}");
         if (v->t == V_NS) ob_puts(c, b, ">");
-        return;
     }
-    case V_RANGE:
-        if (v->u.o->c == 1) snprintf(num, sizeof num, "range(%lld, %lld)", (long long)v->u.o->a, (long long)v->u.o->b);
-        else snprintf(num, sizeof num, "range(%lld, %lld, %lld)", (long long)v->u.o->a, (long long)v->u.o->b, (long long)v->u.o->c);
-        ob_puts(c, b, num);
-        return;
-    case V_MACRO: ob_puts(c, b, "<Macro>"); return;
-    default: ob_puts(c, b, "<function>"); return;
-    }
+    c->nprinting--;
 }
 
 static zstr *to_str(rctx *c, const val *v)
@@ -1886,8 +1904,12 @@ static bool is_num(const val *v) { return v->t == V_INT || v->t == V_FLOAT || v-
 static double num_f(const val *v) { return v->t == V_FLOAT ? v->u.f : v->t == V_INT ? (double)v->u.i : (double)v->u.b; }
 static int64_t num_i(const val *v) { return v->t == V_INT ? v->u.i : v->t == V_BOOL ? v->u.b : (int64_t)v->u.f; }
 
-static bool val_eq(const val *a, const val *b)
+static bool val_eq(const val *a, const val *b) { return val_eq_d(a, b, 0); }
+
+/* Python ==; containers nested deeper than the render depth (or cyclic) compare unequal */
+static bool val_eq_d(const val *a, const val *b, int depth)
 {
+    if (depth > ZSE_TEMPLATE_MAX_DEPTH) return false;
     if (is_num(a) && is_num(b)) {
         if (a->t == V_FLOAT || b->t == V_FLOAT) return num_f(a) == num_f(b);
         return num_i(a) == num_i(b);
@@ -1901,21 +1923,23 @@ static bool val_eq(const val *a, const val *b)
     case V_TUPLE:
         if (a->u.l->n != b->u.l->n) return false;
         for (size_t i = 0; i < a->u.l->n; i++)
-            if (!val_eq(&a->u.l->v[i], &b->u.l->v[i])) return false;
+            if (!val_eq_d(&a->u.l->v[i], &b->u.l->v[i], depth + 1)) return false;
         return true;
     case V_DICT:
         if (a->u.d->n != b->u.d->n) return false;
         for (size_t i = 0; i < a->u.d->n; i++) {
             val *o = zd_find(b->u.d, &a->u.d->k[i]);
-            if (!o || !val_eq(&a->u.d->v[i], o)) return false;
+            if (!o || !val_eq_d(&a->u.d->v[i], o, depth + 1)) return false;
         }
         return true;
     default: return a->u.o == b->u.o;
     }
 }
 
+static int val_cmp(rctx *c, const node *n, const val *a, const val *b, const char *op);
+
 /* <0, 0, >0; TypeError for types Python cannot order */
-static int val_cmp(rctx *c, const node *n, const val *a, const val *b, const char *op)
+static int val_cmp_inner(rctx *c, const node *n, const val *a, const val *b, const char *op)
 {
     if (is_num(a) && is_num(b)) {
         if (a->t == V_FLOAT || b->t == V_FLOAT) {
@@ -1941,6 +1965,14 @@ static int val_cmp(rctx *c, const node *n, const val *a, const val *b, const cha
     if (a->t == V_UNDEF) rfail(c, n, "%s", a->u.s ? a->u.s->p : "undefined value");
     if (b->t == V_UNDEF) rfail(c, n, "%s", b->u.s ? b->u.s->p : "undefined value");
     rfail(c, n, "'%s' not supported between instances of '%s' and '%s'", op, type_name(a), type_name(b));
+}
+
+static int val_cmp(rctx *c, const node *n, const val *a, const val *b, const char *op)
+{
+    if (++c->depth > ZSE_TEMPLATE_MAX_DEPTH * 4) rfail(c, n, "maximum recursion depth exceeded in comparison");
+    int r = val_cmp_inner(c, n, a, b, op);
+    c->depth--;
+    return r;
 }
 
 static _Noreturn void undef_fail(rctx *c, const node *n, const val *v)
