@@ -2738,6 +2738,11 @@ static val case_map(rctx *c, const zstr *s, int mode)
             r = utf8proc_isupper(r) ? utf8proc_tolower(r) : utf8proc_toupper(r);
         }
         first = false;
+        if (cp == 0xDF && r == 0x1E9E) {
+            /* Python's full case mapping: 'ß'.upper() == 'SS' */
+            ob_puts(c, &o, "SS");
+            continue;
+        }
         char e[4];
         size_t k = 0;
         put_utf8(e, &k, (uint32_t)r);
@@ -2803,34 +2808,27 @@ static val str_split(rctx *c, const node *n, const zstr *s, const val *sepv, int
             i = j;
         }
         if (maxsplit < 0 || (int64_t)parts->n <= maxsplit + 1) return mklist(parts, V_LIST);
-        /* maxsplit with whitespace: keep the remainder of the string unsplit */
+        /* maxsplit: the rest stays one piece, keeping its inner and outer whitespace on
+         * the far side (' a b  c '.split(None, 1) == ['a', 'b  c ']) */
         if (!from_right) {
-            size_t pos = 0, idx = 0;
+            size_t k = 0;
             for (int64_t m = 0; m < maxsplit; m++) {
-                const zstr *p = parts->v[idx++].u.s;
-                zl_push(c, l, parts->v[idx - 1]);
-                pos = (size_t)(p->p - p->p) + pos;
-                (void)p;
+                zl_push(c, l, parts->v[m]);
+                while (k < s->len && py_space((unsigned char)s->p[k])) k++;
+                while (k < s->len && !py_space((unsigned char)s->p[k])) k++;
             }
-            /* find where part idx begins in s: skip idx parts */
-            size_t j = 0;
-            for (size_t m = 0; m < idx; m++) {
-                while (j < s->len && py_space((unsigned char)s->p[j])) j++;
-                while (j < s->len && !py_space((unsigned char)s->p[j])) j++;
-            }
-            while (j < s->len && py_space((unsigned char)s->p[j])) j++;
-            val rest = do_strip(c, zs_new(c, s->p + j, s->len - j), NULL, false, true);
-            zl_push(c, l, rest);
+            while (k < s->len && py_space((unsigned char)s->p[k])) k++;
+            zl_push(c, l, mkstrn(c, s->p + k, s->len - k));
             return mklist(l, V_LIST);
         }
-        size_t keep = parts->n - (size_t)maxsplit;
-        size_t j = s->len;
-        for (size_t m = 0; m < (size_t)maxsplit; m++) {
-            while (j > 0 && py_space((unsigned char)s->p[j - 1])) j--;
-            while (j > 0 && !py_space((unsigned char)s->p[j - 1])) j--;
+        size_t k = s->len;
+        for (int64_t m = 0; m < maxsplit; m++) {
+            while (k > 0 && py_space((unsigned char)s->p[k - 1])) k--;
+            while (k > 0 && !py_space((unsigned char)s->p[k - 1])) k--;
         }
-        zl_push(c, l, do_strip(c, zs_new(c, s->p, j), NULL, true, true));
-        for (size_t m = keep; m < parts->n; m++) zl_push(c, l, parts->v[m]);
+        while (k > 0 && py_space((unsigned char)s->p[k - 1])) k--;
+        zl_push(c, l, mkstrn(c, s->p, k));
+        for (size_t m = parts->n - (size_t)maxsplit; m < parts->n; m++) zl_push(c, l, parts->v[m]);
         return mklist(l, V_LIST);
     }
     if (sepv->t != V_STR) rfail(c, n, "must be str or None, not %s", type_name(sepv));
@@ -2904,7 +2902,16 @@ static val str_percent(rctx *c, const node *n, const zstr *fmt, const val *argsv
         }
         char buf[128];
         if (conv == 's' || conv == 'r') {
-            write_str(c, &o, a, conv == 'r');
+            obuf t = {0};
+            write_str(c, &t, a, conv == 'r');
+            long width = atol(spec + 1 + (spec[1] == '-'));
+            bool left = spec[1] == '-';
+            long len = (long)utf8_count(t.p ? t.p : "", t.n);
+            if (!left)
+                for (long k = len; k < width; k++) ob_puts(c, &o, " ");
+            ob_put(c, &o, t.p ? t.p : "", t.n);
+            if (left)
+                for (long k = len; k < width; k++) ob_puts(c, &o, " ");
         } else if (conv == 'd' || conv == 'i') {
             if (!is_num(a)) rfail(c, n, "%%d format: a real number is required, not %s", type_name(a));
             spec[sl++] = 'l';
@@ -3502,6 +3509,42 @@ static void sort_vals(sort_env *e, val *items, val *keys, size_t n, bool reverse
     }
 }
 
+/* Python int(s, 10): sign, digits, single underscores between digits */
+static bool py_int(const zstr *s, int64_t *out)
+{
+    char buf[64];
+    size_t b = 0, i = 0;
+    if (i < s->len && (s->p[i] == '+' || s->p[i] == '-')) buf[b++] = s->p[i++];
+    if (i >= s->len) return false;
+    for (; i < s->len; i++) {
+        char ch = s->p[i];
+        if (ch == '_' && i > 0 && isdigit((unsigned char)s->p[i - 1]) && i + 1 < s->len && isdigit((unsigned char)s->p[i + 1])) continue;
+        if (!isdigit((unsigned char)ch) || b >= sizeof buf - 1) return false;
+        buf[b++] = ch;
+    }
+    buf[b] = 0;
+    return zse_parse_i64(buf, out);
+}
+
+/* Python float(s): decimal or inf/nan spellings; no hex (strtod would take it) */
+static bool py_float(const zstr *s, double *out)
+{
+    char buf[128];
+    size_t b = 0;
+    for (size_t i = 0; i < s->len; i++) {
+        char ch = s->p[i];
+        if (ch == '_' && i > 0 && isdigit((unsigned char)s->p[i - 1]) && i + 1 < s->len && isdigit((unsigned char)s->p[i + 1])) continue;
+        if (ch == 'x' || ch == 'X' || b >= sizeof buf - 1) return false;
+        buf[b++] = ch;
+    }
+    buf[b] = 0;
+    if (!b) return false;
+    char *end;
+    errno = 0;
+    *out = strtod(buf, &end);
+    return *end == 0;
+}
+
 static val do_round(rctx *c, const node *n, const val *v, args_t *a)
 {
     const val *pv = arg(a, 0, "precision"), *mv = arg(a, 1, "method");
@@ -3510,6 +3553,8 @@ static val do_round(rctx *c, const node *n, const val *v, args_t *a)
     if (!is_num(v)) rfail(c, n, "type %s doesn't define __round__ method", type_name(v));
     double x = num_f(v), m = pow(10.0, (double)prec);
     double r;
+    /* Python's round(int, n) stays an int */
+    if (!strcmp(method, "common") && v->t != V_FLOAT && prec >= 0) return mkint(num_i(v));
     if (!strcmp(method, "common")) {
         /* Python's round(): half to even on the decimal value */
         char buf[64];
@@ -3712,8 +3757,8 @@ static val apply_filter(rctx *c, const node *n, const char *name, val v, args_t 
             zstr *s = do_strip(c, v.u.s, NULL, true, true).u.s;
             int64_t r;
             double f;
-            if (zse_parse_i64(s->p, &r)) return mkint(r);
-            if (zse_parse_f64(s->p, &f) && isfinite(f)) return mkint((int64_t)f);
+            if (py_int(s, &r)) return mkint(r);
+            if (py_float(s, &f) && isfinite(f)) return mkint((int64_t)f);
         }
         return dv;
     }
@@ -3724,7 +3769,7 @@ static val apply_filter(rctx *c, const node *n, const char *name, val v, args_t 
         double f;
         if (v.t == V_STR) {
             zstr *s = do_strip(c, v.u.s, NULL, true, true).u.s;
-            if (zse_parse_f64(s->p, &f)) return mkfloat(f);
+            if (py_float(s, &f)) return mkfloat(f);
         }
         return def ? *def : mkfloat(0.0);
     }
