@@ -201,6 +201,13 @@ CONTEXTS = {
                            {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
                            {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "{\"temp\": 21}"}],
               "tools": TOOLS},
+    "content_parts": {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}]},
+    "tool_call_string_args": {"messages": [{"role": "user", "content": "U"},
+                                           {"role": "assistant", "content": None, "tool_calls": [{"id": "abcdefghi", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]},
+                                           {"role": "tool", "tool_call_id": "abcdefghi", "content": "ok"}, {"role": "assistant", "content": "done"}],
+                              "tools": TOOLS},
+    "thinking": {"messages": [{"role": "user", "content": "U"}, {"role": "assistant", "content": "<think>r</think>A", "reasoning_content": "r"},
+                              {"role": "user", "content": "U2"}], "enable_thinking": False},
 }
 
 

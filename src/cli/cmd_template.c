@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 
 const char cmd_template_summary[] = "render a model's chat template for a JSON context";
 
@@ -66,19 +67,21 @@ static char *model_template(const char *model, json_t *ctx)
 int cmd_template(int argc, char **argv)
 {
     if (cli_wants_help(argc, argv)) {
-        printf("usage: zse template (MODEL | --template FILE.jinja) --context CONTEXT.json\n\n"
+        printf("usage: zse template (MODEL | --template FILE.jinja) --context CONTEXT.json [--now T]\n\n"
                "Renders the chat template as transformers' apply_chat_template does and prints\n"
                "the result exactly (no newline added). MODEL is a .zse file or a Hugging Face\n"
                "model directory (chat_template.jinja, or tokenizer_config.json's chat_template;\n"
                "of a list of named templates, \"default\"). CONTEXT is a JSON object with\n"
                "messages, tools, add_generation_prompt, bos_token, eos_token and any other\n"
-               "variables. A template that raises exits with status 1 and its message.\n");
+               "variables. A template that raises exits with status 1 and its message.\n"
+               "--now \"YYYY-MM-DD HH:MM:SS\" fixes what strftime_now() sees.\n");
         return 0;
     }
-    const char *model = NULL, *tpath = NULL, *cpath = NULL;
+    const char *model = NULL, *tpath = NULL, *cpath = NULL, *now = NULL;
     cli_args a = cli_begin(argc, argv);
     while (cli_next(&a)) {
         if (cli_is(&a, "-t", "--template")) tpath = cli_value(&a);
+        else if (cli_is(&a, NULL, "--now")) now = cli_value(&a);
         else if (cli_is(&a, "-c", "--context")) cpath = cli_value(&a);
         else if (cli_positional(&a) && !model) model = a.arg;
         else return cli_unknown(&a);
@@ -87,6 +90,16 @@ int cmd_template(int argc, char **argv)
     if (!model == !tpath || !cpath) {
         fprintf(stderr, "usage: zse template (MODEL | --template FILE.jinja) --context CONTEXT.json\n");
         return 2;
+    }
+    if (now) {
+        /* strftime_now() at a fixed time (reproducible renders) */
+        struct tm tm = {0};
+        const char *end = strptime(now, "%Y-%m-%d %H:%M:%S", &tm);
+        if (!end || *end) {
+            fprintf(stderr, "zse template: --now wants \"YYYY-MM-DD HH:MM:SS\", got \"%s\"\n", now);
+            return 2;
+        }
+        zse_template_set_fixed_time(timegm(&tm));
     }
     json_error_t je;
     json_t *ctx = json_load_file(cpath, 0, &je);

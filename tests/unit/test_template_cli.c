@@ -123,7 +123,27 @@ int main(void)
     free(out);
     free(err);
 
-    /* 5. usage errors */
+    /* 5. --now fixes strftime_now */
+    snprintf(path, sizeof path, "%s/now.jinja", tmpdir);
+    f = fopen(path, "w");
+    CHECK(f != NULL);
+    if (f) {
+        fputs("{{ strftime_now('%d %b %Y %H:%M') }}", f);
+        fclose(f);
+    }
+    snprintf(args, sizeof args, "--template %s --context %s --now '2024-07-26 09:30:00'", path, ctx_path);
+    rc = run_zse(args, &out, &err);
+    CHECK_EQ_INT(rc, 0);
+    CHECK(out && !strcmp(out, "26 Jul 2024 09:30"));
+    free(out);
+    free(err);
+    snprintf(args, sizeof args, "--template %s --context %s --now yesterday", path, ctx_path);
+    rc = run_zse(args, &out, &err);
+    CHECK(rc != 0);
+    free(out);
+    free(err);
+
+    /* 6. usage errors */
     rc = run_zse("--context /nonexistent.json", &out, &err);
     CHECK(rc != 0);
     free(out);
