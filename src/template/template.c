@@ -2280,6 +2280,10 @@ static val get_attr(rctx *c, const node *n, const val *obj, const char *name)
 /* jinja2 getitem: item first, then attribute for string keys */
 static val get_item(rctx *c, const node *n, const val *obj, const val *key)
 {
+    if (obj->t == V_RANGE) {
+        val l = mklist(range_list(c, obj->u.o), V_LIST);
+        return get_item(c, n, &l, key);
+    }
     switch (obj->t) {
     case V_UNDEF: undef_fail(c, n, obj);
     case V_DICT:
@@ -2340,7 +2344,7 @@ static val do_slice(rctx *c, const node *n, const val *obj, const val *sa, const
         if (stepv == 0) rfail(c, n, "slice step cannot be zero");
     }
     zlist *src;
-    if (obj->t == V_STR) src = iter_items(c, n, obj);
+    if (obj->t == V_STR || obj->t == V_RANGE) src = iter_items(c, n, obj);
     else if (obj->t == V_LIST || obj->t == V_TUPLE) src = obj->u.l;
     else rfail(c, n, "'%s' object is not subscriptable", type_name(obj));
     int64_t len = (int64_t)src->n;
@@ -2351,7 +2355,7 @@ static val do_slice(rctx *c, const node *n, const val *obj, const val *sa, const
         for (int64_t i = start; i < stop; i += stepv) zl_push(c, out, src->v[i]);
     else
         for (int64_t i = start; i > stop; i += stepv) zl_push(c, out, src->v[i]);
-    if (obj->t != V_STR) return mklist(out, obj->t);
+    if (obj->t != V_STR) return mklist(out, obj->t == V_RANGE ? V_LIST : obj->t);
     obuf b = {0};
     for (size_t i = 0; i < out->n; i++) ob_put(c, &b, out->v[i].u.s->p, out->v[i].u.s->len);
     return ob_val(c, &b);
