@@ -1291,7 +1291,7 @@ static node *parse_call_block(parser *ps, token *t)
 
 static node *parse_statement(parser *ps)
 {
-    token *bt = advance(ps); /* block begin */
+    advance(ps); /* block begin */
     token *t = cur(ps);
     if (t->kind != T_NAME) perr(ps, t, "tag name expected");
     advance(ps);
@@ -1342,7 +1342,6 @@ static node *parse_statement(parser *ps)
         advance(ps);
         expect_block_end(ps);
     } else {
-        (void)bt;
         perr(ps, t, "Encountered unknown tag '%s'.", w);
     }
     leave(ps);
@@ -2220,7 +2219,7 @@ static val mkmethod(rctx *c, const val *self, const char *name)
     return (val){.t = V_METHOD, .u.o = o};
 }
 
-static val loop_attr(rctx *c, const node *n, const zobj *o, const char *name)
+static val loop_attr(rctx *c, const zobj *o, const char *name)
 {
     int64_t len = (int64_t)o->items->n, i = o->idx;
     if (!strcmp(name, "index")) return mkint(i + 1);
@@ -2238,7 +2237,6 @@ static val loop_attr(rctx *c, const node *n, const zobj *o, const char *name)
         val self = {.t = V_LOOP, .u.o = (zobj *)o};
         return mkmethod(c, &self, name);
     }
-    (void)n;
     return mkundef(c, "'LoopContext object' has no attribute '%s'", name);
 }
 
@@ -2266,7 +2264,7 @@ static val get_attr(rctx *c, const node *n, const val *obj, const char *name)
         if (in_names(list_methods, name) && (obj->t == V_LIST || !strcmp(name, "index") || !strcmp(name, "count")))
             return mkmethod(c, obj, name);
         break;
-    case V_LOOP: return loop_attr(c, n, obj->u.o, name);
+    case V_LOOP: return loop_attr(c, obj->u.o, name);
     case V_CYCLER:
         if (!strcmp(name, "next") || !strcmp(name, "reset")) return mkmethod(c, obj, name);
         if (!strcmp(name, "current")) return obj->u.o->items->v[obj->u.o->idx % (int64_t)obj->u.o->items->n];
@@ -2317,7 +2315,7 @@ static val get_item(rctx *c, const node *n, const val *obj, const val *key)
     return mkundef(c, "'%s object' has no attribute '%s'", type_name(obj), ks->p);
 }
 
-static int64_t slice_index(rctx *c, const node *n, const val *v, int64_t len, int64_t def, bool is_stop, int64_t stepv)
+static int64_t slice_index(rctx *c, const node *n, const val *v, int64_t len, int64_t def, int64_t stepv)
 {
     if (!v || v->t == V_NONE) return def;
     if (v->t != V_INT && v->t != V_BOOL) rfail(c, n, "slice indices must be integers or None");
@@ -2330,7 +2328,6 @@ static int64_t slice_index(rctx *c, const node *n, const val *v, int64_t len, in
         if (i < -1) i = -1;
         if (i > len - 1) i = len - 1;
     }
-    (void)is_stop;
     return i;
 }
 
@@ -2348,8 +2345,8 @@ static val do_slice(rctx *c, const node *n, const val *obj, const val *sa, const
     else if (obj->t == V_LIST || obj->t == V_TUPLE) src = obj->u.l;
     else rfail(c, n, "'%s' object is not subscriptable", type_name(obj));
     int64_t len = (int64_t)src->n;
-    int64_t start = slice_index(c, n, sa, len, stepv > 0 ? 0 : len - 1, false, stepv);
-    int64_t stop = slice_index(c, n, sb, len, stepv > 0 ? len : -1, true, stepv);
+    int64_t start = slice_index(c, n, sa, len, stepv > 0 ? 0 : len - 1, stepv);
+    int64_t stop = slice_index(c, n, sb, len, stepv > 0 ? len : -1, stepv);
     zlist *out = zl_new(c, 0);
     if (stepv > 0)
         for (int64_t i = start; i < stop; i += stepv) zl_push(c, out, src->v[i]);
