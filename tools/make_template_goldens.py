@@ -220,6 +220,7 @@ INLINE = [
     ("edge2_42", "{{ true + 1 }}{{ true * 2.5 }}{{ 1 == true }}{{ 0 == false }}{{ '' == false }}", {}),
     ("edge2_43", "{{ d | dictsort | first }}{{ d.items() | first }}{{ d | list }}{{ d.keys() | list | length }}", {"d": {"z": 1, "a": 2}}),
     ("edge2_44", "{{ (1, 2) == [1, 2] }}{{ [1, 2] < [1, 3] }}{{ 'abc' < 'abd' }}{{ 'B' < 'a' }}", {}),
+    ("loop_changed", "{% for m in msgs %}{% if loop.changed(m.role) %}[{{ m.role }}]{% endif %}{{ m.c }}{% endfor %}", {"msgs": [{"role": "u", "c": 1}, {"role": "u", "c": 2}, {"role": "a", "c": 3}, {"role": "u", "c": 4}]}),
     # errors
     ("raise", "{% if true %}{{ raise_exception('Bad role: ' ~ 'x') }}{% endif %}", {}),
     ("err_undefined_attr", "{{ x.y }}", {}),

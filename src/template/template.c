@@ -3144,7 +3144,15 @@ static val call_method(rctx *c, const node *n, const zobj *mo, args_t *a)
             if (!a->npos) rfail(c, n, "no items for cycling given");
             return a->pos[mo->self.u.o->idx % (int64_t)a->npos];
         }
-        return mkbool(true);
+        /* loop.changed(*values): true when the values differ from the last call's */
+        zobj *lo = self->u.o;
+        zlist *now = zl_new(c, a->npos);
+        for (size_t i = 0; i < a->npos; i++) zl_push(c, now, a->pos[i]);
+        val nv = mklist(now, V_TUPLE);
+        bool changed = !lo->c || !val_eq(&lo->self, &nv);
+        lo->self = nv;
+        lo->c = 1;
+        return mkbool(changed);
     }
     if (self->t == V_CYCLER) {
         zobj *o = self->u.o;
