@@ -103,6 +103,9 @@ void zse_seq_free(zse_seq *q);
 int zse_seq_feed(zse_seq *q, const int32_t *ids, size_t n);
 /* logits of the last fed position (vocab_size floats, valid until the next call) */
 const float *zse_seq_logits(zse_seq *q);
+/* like zse_seq_feed, and writes the logits of every fed position to logits [n][vocab]
+ * (perplexity, scoring) */
+int zse_seq_feed_logits(zse_seq *q, const int32_t *ids, size_t n, float *logits);
 /* sample the next token from the current logits with the sequence's sampling settings,
  * feed it, and report the text it completes; *finish is set when generation must end */
 int zse_seq_next(zse_seq *q, int32_t *token, char **text_piece, zse_finish *finish);

@@ -319,10 +319,12 @@ static int reserve_kv(zse_seq *q, size_t new_len)
     return 0;
 }
 
-/* runs ids through the model in chunks; the last chunk's last row yields logits */
-static int run_tokens(zse_seq *q, const int32_t *ids, size_t n)
+/* runs ids through the model in chunks; the last chunk's last row yields q->logits, and
+ * every row's logits go to all_logits [n][vocab] when it is given */
+static int run_tokens(zse_seq *q, const int32_t *ids, size_t n, float *all_logits)
 {
-    int32_t pos[PREFILL_CHUNK], seq_of[PREFILL_CHUNK], slots[PREFILL_CHUNK];
+    int32_t pos[PREFILL_CHUNK], seq_of[PREFILL_CHUNK], slots[PREFILL_CHUNK], rows[PREFILL_CHUNK];
+    size_t vocab = (size_t)zse_file_config(q->m->file)->vocab_size;
     for (size_t done = 0; done < n;) {
         int chunk = (int)(n - done < PREFILL_CHUNK ? n - done : PREFILL_CHUNK);
         size_t start = q->n_tokens;
@@ -332,12 +334,18 @@ static int run_tokens(zse_seq *q, const int32_t *ids, size_t n)
             seq_of[i] = 0;
             slots[i] = q->blocks[p / ZSE_KV_BLOCK] * ZSE_KV_BLOCK + (int32_t)(p % ZSE_KV_BLOCK);
         }
-        int32_t seq_len = (int32_t)(start + (size_t)chunk), out_row = chunk - 1;
+        int32_t seq_len = (int32_t)(start + (size_t)chunk);
         bool last = done + (size_t)chunk == n;
+        for (int i = 0; i < chunk; i++)
+            rows[i] = i;
+        int n_out = all_logits ? chunk : last ? 1 : 0;
         zse_batch b = {chunk, ids + done, pos, seq_of, slots, 1, &seq_len, q->blocks, q->max_blocks,
-                       last ? 1 : 0, &out_row};
-        if (zse_llm_forward(q->m->llm, q->m->kv, &b, q->logits) != 0)
+                       n_out, all_logits ? rows : rows + chunk - 1};
+        float *dst = all_logits ? all_logits + done * vocab : q->logits;
+        if (zse_llm_forward(q->m->llm, q->m->kv, &b, dst) != 0)
             return -1;
+        if (all_logits && last)
+            memcpy(q->logits, dst + (size_t)(chunk - 1) * vocab, vocab * sizeof *dst);
         memcpy(q->tokens + start, ids + done, (size_t)chunk * sizeof *ids);
         q->n_tokens += (size_t)chunk;
         done += (size_t)chunk;
@@ -352,7 +360,19 @@ int zse_seq_feed(zse_seq *q, const int32_t *ids, size_t n)
         return 0;
     if (reserve_kv(q, q->n_tokens + n) != 0)
         return -1;
-    int rc = run_tokens(q, ids, n);
+    int rc = run_tokens(q, ids, n, NULL);
+    if (rc == 0 && q->generated == 0)
+        q->n_prompt = q->n_tokens;
+    return rc;
+}
+
+int zse_seq_feed_logits(zse_seq *q, const int32_t *ids, size_t n, float *logits)
+{
+    if (n == 0)
+        return 0;
+    if (reserve_kv(q, q->n_tokens + n) != 0)
+        return -1;
+    int rc = run_tokens(q, ids, n, logits);
     if (rc == 0 && q->generated == 0)
         q->n_prompt = q->n_tokens;
     return rc;

@@ -26,3 +26,16 @@ set_tests_properties(cli_run_cuda_missing PROPERTIES FIXTURES_REQUIRED zse_int4 
 add_test(NAME cli_bench_json COMMAND zse bench ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse --prompt-tokens 32 --gen-tokens 8 --json)
 set_tests_properties(cli_bench_json PROPERTIES FIXTURES_REQUIRED zse_int4
   PASS_REGULAR_EXPRESSION "\"prefill_tok_s\": [0-9.]+, \"gen_tokens\": 8, \"decode_tok_s\": [0-9.]+")
+# perplexity: a file against itself has zero KL divergence; int4 against bf16 a small positive one
+add_test(NAME cli_perplexity_self COMMAND zse perplexity ${PROJECT_BINARY_DIR}/cli-tests/tiny-bf16.zse
+         -f ${ZSE_TEST_FIXTURES}/eval.txt --ctx 64 --kld-base ${PROJECT_BINARY_DIR}/cli-tests/tiny-bf16.zse --json)
+set_tests_properties(cli_perplexity_self PROPERTIES FIXTURES_REQUIRED zse_bf16
+  PASS_REGULAR_EXPRESSION "\"perplexity\": [0-9]+\\.[0-9]+, \"kld_base\": \"[^\"]+\", \"mean_kld\": 0\\.0000000")
+add_test(NAME cli_perplexity_int4 COMMAND zse perplexity ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse
+         -f ${ZSE_TEST_FIXTURES}/eval.txt --ctx 64 --kld-base ${PROJECT_BINARY_DIR}/cli-tests/tiny-bf16.zse --json)
+set_tests_properties(cli_perplexity_int4 PROPERTIES FIXTURES_REQUIRED "zse_bf16;zse_int4"
+  PASS_REGULAR_EXPRESSION "\"mean_kld\": 0\\.00[0-9]*[1-9]")
+add_test(NAME cli_perplexity_short_text COMMAND zse perplexity ${PROJECT_BINARY_DIR}/cli-tests/tiny-bf16.zse
+         -f ${ZSE_TEST_FIXTURES}/tiny-llama/config.json --ctx 4096)
+set_tests_properties(cli_perplexity_short_text PROPERTIES FIXTURES_REQUIRED zse_bf16
+  PASS_REGULAR_EXPRESSION "fewer than one window")

@@ -1,0 +1,192 @@
+/* common.cuh — what the CUDA sources of this folder share: error recording, launch checks,
+ * the scheme traits that decode one 16-byte unit of a packed row. Internal to
+ * src/backend/cuda; the C surface is cuda_kernels.h. */
+#ifndef ZSE_CUDA_COMMON_CUH
+#define ZSE_CUDA_COMMON_CUH
+
+#include "backend/cuda/cuda_kernels.h"
+
+/* the C headers of zse carry no extern "C" guards of their own */
+extern "C" {
+#include "quant/quant.h"
+}
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+/* records a message for zse_cuda_last_error(); returns -1 */
+int zse_cuda_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* after a launch: a launch error (bad configuration, no kernel image for this GPU) */
+#define ZSE_CUDA_LAUNCHED(what)                                                         \
+    do {                                                                                \
+        cudaError_t e_ = cudaGetLastError();                                            \
+        if (e_ != cudaSuccess)                                                          \
+            return zse_cuda_fail("%s: launch failed: %s", what, cudaGetErrorString(e_)); \
+    } while (0)
+
+__host__ __device__ static inline int64_t zse_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* 16 bytes through the non-coherent path without allocating in L1: weights stream once,
+ * and L1 stays for the activations that every warp re-reads. */
+__device__ __forceinline__ uint4 ld_stream16(const void *p)
+{
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+/* byte j (0..3) of v as an exact float, through the 2^23 exponent trick: 0x4B0000bb is
+ * 2^23 + bb, so one byte permute and one subtract replace a slow int-to-float convert. */
+__device__ __forceinline__ float byte_as_float_plus_2p23(uint32_t v, int j)
+{
+    return __uint_as_float(__byte_perm(v, 0x4B000000u, 0x7650u | (uint32_t)j));
+}
+
+/* Scheme traits. A 16-byte unit of a row holds E elements. It is decoded in P pieces of NV
+ * raw values (before the group/row scale); piece p's values f[0..3] sit at elements
+ * off0(p).., f[4..7] at off1(p)..  (NV == 4: only off0). */
+template <int S> struct scheme_traits;
+
+template <> struct scheme_traits<ZSE_SCHEME_F32> {
+    static constexpr int E = 4, P = 1, NV = 4;
+    __device__ static int off0(int) { return 0; }
+    __device__ static int off1(int) { return 4; }
+    __device__ static void piece(const uint4 &w, int, const float *, float *f)
+    {
+        f[0] = __uint_as_float(w.x); f[1] = __uint_as_float(w.y);
+        f[2] = __uint_as_float(w.z); f[3] = __uint_as_float(w.w);
+    }
+};
+
+template <> struct scheme_traits<ZSE_SCHEME_F16> {
+    static constexpr int E = 8, P = 1, NV = 8;
+    __device__ static int off0(int) { return 0; }
+    __device__ static int off1(int) { return 4; }
+    __device__ static void piece(const uint4 &w, int, const float *, float *f)
+    {
+        const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            __half2 h = *reinterpret_cast<const __half2 *>(&u[i]);
+            float2 v = __half22float2(h);
+            f[2 * i] = v.x;
+            f[2 * i + 1] = v.y;
+        }
+    }
+};
+
+template <> struct scheme_traits<ZSE_SCHEME_BF16> {
+    static constexpr int E = 8, P = 1, NV = 8;
+    __device__ static int off0(int) { return 0; }
+    __device__ static int off1(int) { return 4; }
+    __device__ static void piece(const uint4 &w, int, const float *, float *f)
+    {
+        const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            f[2 * i] = __uint_as_float(u[i] << 16);
+            f[2 * i + 1] = __uint_as_float(u[i] & 0xFFFF0000u);
+        }
+    }
+};
+
+/* int8: unit = 16 elements in order; piece p = words 2p, 2p+1 = elements 8p..8p+7 */
+template <> struct scheme_traits<ZSE_SCHEME_Q8> {
+    static constexpr int E = 16, P = 2, NV = 8;
+    __device__ static int off0(int p) { return 8 * p; }
+    __device__ static int off1(int p) { return 8 * p + 4; }
+    __device__ static void piece(const uint4 &w, int p, const float *, float *f)
+    {
+        /* flip the sign bits: the byte becomes q + 128, decoded exactly, then shifted back */
+        const uint32_t a = (p == 0 ? w.x : w.z) ^ 0x80808080u;
+        const uint32_t b = (p == 0 ? w.y : w.w) ^ 0x80808080u;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            f[j] = byte_as_float_plus_2p23(a, j) - 8388736.0f;
+            f[4 + j] = byte_as_float_plus_2p23(b, j) - 8388736.0f;
+        }
+    }
+};
+
+/* 4-bit chunk: byte j holds element j (low nibble) and j + 16 (high). Piece p = word p:
+ * low nibbles are elements 4p..4p+3, high nibbles 16+4p..16+4p+3. */
+__device__ __forceinline__ uint32_t q4_word(const uint4 &w, int p)
+{
+    return p == 0 ? w.x : p == 1 ? w.y : p == 2 ? w.z : w.w;
+}
+
+template <> struct scheme_traits<ZSE_SCHEME_Q4> {
+    static constexpr int E = 32, P = 4, NV = 8;
+    __device__ static int off0(int p) { return 4 * p; }
+    __device__ static int off1(int p) { return 16 + 4 * p; }
+    /* raw q in 0..15; w = q * scale + min */
+    __device__ static void piece(const uint4 &w, int p, const float *, float *f)
+    {
+        const uint32_t v = q4_word(w, p);
+        const uint32_t lo = v & 0x0F0F0F0Fu, hi = (v >> 4) & 0x0F0F0F0Fu;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            f[j] = byte_as_float_plus_2p23(lo, j) - 8388608.0f;
+            f[4 + j] = byte_as_float_plus_2p23(hi, j) - 8388608.0f;
+        }
+    }
+};
+
+template <> struct scheme_traits<ZSE_SCHEME_Q4S> {
+    static constexpr int E = 32, P = 4, NV = 8;
+    __device__ static int off0(int p) { return 4 * p; }
+    __device__ static int off1(int p) { return 16 + 4 * p; }
+    /* q - 8 in -8..7; w = (q - 8) * scale */
+    __device__ static void piece(const uint4 &w, int p, const float *, float *f)
+    {
+        const uint32_t v = q4_word(w, p);
+        const uint32_t lo = v & 0x0F0F0F0Fu, hi = (v >> 4) & 0x0F0F0F0Fu;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            f[j] = byte_as_float_plus_2p23(lo, j) - 8388616.0f;
+            f[4 + j] = byte_as_float_plus_2p23(hi, j) - 8388616.0f;
+        }
+    }
+};
+
+template <> struct scheme_traits<ZSE_SCHEME_NF4> {
+    static constexpr int E = 32, P = 4, NV = 8;
+    __device__ static int off0(int p) { return 4 * p; }
+    __device__ static int off1(int p) { return 16 + 4 * p; }
+    /* table: the 16 code values in shared memory (16 words, 16 banks: never a conflict) */
+    __device__ static void piece(const uint4 &w, int p, const float *table, float *f)
+    {
+        const uint32_t v = q4_word(w, p);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            f[j] = table[(v >> (8 * j)) & 0xF];
+            f[4 + j] = table[(v >> (8 * j + 4)) & 0xF];
+        }
+    }
+};
+
+/* does this scheme carry a group scale (4-bit) / a min (Q4) / a row scale (Q8)? */
+template <int S> struct scheme_scales {
+    static constexpr bool group = S == ZSE_SCHEME_Q4 || S == ZSE_SCHEME_Q4S || S == ZSE_SCHEME_NF4;
+    static constexpr bool min = S == ZSE_SCHEME_Q4;
+    static constexpr bool row = S == ZSE_SCHEME_Q8;
+};
+
+/* run f.template operator()<S>() for the weight's scheme */
+#define ZSE_CUDA_SCHEME_SWITCH(scheme, CALL)                 \
+    switch (scheme) {                                        \
+    case ZSE_SCHEME_F32: { constexpr int S_ = ZSE_SCHEME_F32; CALL; } break;   \
+    case ZSE_SCHEME_F16: { constexpr int S_ = ZSE_SCHEME_F16; CALL; } break;   \
+    case ZSE_SCHEME_BF16: { constexpr int S_ = ZSE_SCHEME_BF16; CALL; } break; \
+    case ZSE_SCHEME_Q8: { constexpr int S_ = ZSE_SCHEME_Q8; CALL; } break;     \
+    case ZSE_SCHEME_Q4: { constexpr int S_ = ZSE_SCHEME_Q4; CALL; } break;     \
+    case ZSE_SCHEME_Q4S: { constexpr int S_ = ZSE_SCHEME_Q4S; CALL; } break;   \
+    case ZSE_SCHEME_NF4: { constexpr int S_ = ZSE_SCHEME_NF4; CALL; } break;   \
+    default: return zse_cuda_fail("cuda: unknown weight scheme %d", (int)(scheme)); \
+    }
+
+#endif

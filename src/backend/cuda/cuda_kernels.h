@@ -1,0 +1,127 @@
+/* cuda_kernels — the C surface of the CUDA kernels (the .cu files of src/backend/cuda), below the
+ * backend ops. backend.cu builds zse_backend_ops on top of these; tests/gpu/kernels_test.cu
+ * calls them directly against a CPU reference. Everything here takes device pointers and
+ * runs on the given stream; launchers return 0, or -1 with zse_cuda_last_error() set.
+ *
+ * Not named cuda.h: that name belongs to the CUDA driver API header. */
+#ifndef ZSE_CUDA_KERNELS_H
+#define ZSE_CUDA_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct CUstream_st *zse_cuda_stream;    /* cudaStream_t */
+
+/* The message of the last failing launcher on this thread ("" when none). */
+const char *zse_cuda_last_error(void);
+
+/* A packed weight in device memory, in the .zse layout (src/quant/quant.h):
+ *   plain (F32/F16/BF16): qs = rows of elements, row_bytes apart;
+ *   Q8_ROW:  qs = int8 rows, row_bytes apart; scales = f32 [rows];
+ *   Q4_G:    qs = 16-byte chunks of 32 nibbles (byte j: element j low, j+16 high), row_bytes
+ *            apart; scales (and for Q4 mins) = f16 [rows][groups].
+ * The kernels load 16 bytes at a time: qs and row_bytes must be multiples of 16 and a row's
+ * bytes past its last element must be zero (the 4-bit and int8 layouts pad rows with zeros;
+ * the loader re-pitches plain rows that are not). */
+typedef struct {
+    int scheme;                 /* zse_scheme */
+    int64_t rows, cols;
+    int group_size;             /* 4-bit schemes */
+    const void *qs;
+    const void *scales;
+    const void *mins;
+    int64_t row_bytes;
+    int64_t groups;             /* scale entries per row (4-bit schemes) */
+} zse_cuda_weight;
+
+/* Activations: f32 [rows][pitch] with pitch a multiple of 4 floats, 16-byte aligned. */
+
+/* y[t][0:w.rows] = W · x[t][0:w.cols] for t < n (any n). Batches of at most
+ * ZSE_CUDA_GEMV_MAX use the in-register-dequant GEMV; larger ones dequantize W to f16 in
+ * slabs of `scratch` (scratch_bytes) and multiply with cuBLAS (cublas: a cublasHandle_t
+ * bound to the stream). */
+#define ZSE_CUDA_GEMV_MAX 8
+#define ZSE_CUDA_GEMM_SLAB ((size_t)64 << 20)   /* f16 slab of dequantized weight rows */
+/* scratch that zse_cuda_matmul needs for this weight and batch (0: none) */
+size_t zse_cuda_matmul_scratch_bytes(const zse_cuda_weight *w, int64_t n);
+int zse_cuda_matmul(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n,
+                    float *y, int64_t ypitch, void *cublas, void *scratch,
+                    size_t scratch_bytes, zse_cuda_stream st);
+/* The two paths on their own (tests and benches pick one). gemv: n <= ZSE_CUDA_GEMV_MAX. */
+int zse_cuda_matmul_gemv(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n,
+                         float *y, int64_t ypitch, void *scratch, size_t scratch_bytes,
+                         zse_cuda_stream st);
+int zse_cuda_matmul_gemm(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n,
+                         float *y, int64_t ypitch, void *cublas, void *scratch,
+                         size_t scratch_bytes, zse_cuda_stream st);
+/* Rows [row0, row0 + nrows) of W dequantized to f16, out[r][0:cols] with pitch opitch. */
+int zse_cuda_dequant_f16(const zse_cuda_weight *w, int64_t row0, int64_t nrows, uint16_t *out,
+                         int64_t opitch, zse_cuda_stream st);
+/* out[t][0:cols] = row ids[t] of W dequantized to f32 (embedding lookup); ids on device.
+ * An id outside [0, w.rows) gives a zero row. */
+int zse_cuda_embed(const zse_cuda_weight *w, const int32_t *ids, int64_t n, float *out,
+                   int64_t opitch, zse_cuda_stream st);
+
+/* ---- elementwise and normalization (rows x dim, pitches in floats) ---- */
+int zse_cuda_rmsnorm(const float *x, int64_t xpitch, const float *w, float eps, int64_t rows,
+                     int64_t dim, float *out, int64_t opitch, zse_cuda_stream st);
+int zse_cuda_add_bias(float *y, int64_t ypitch, const float *bias, int64_t rows, int64_t dim,
+                      zse_cuda_stream st);
+int zse_cuda_silu_mul(const float *gate, int64_t gpitch, const float *up, int64_t upitch,
+                      int64_t rows, int64_t dim, float *out, int64_t opitch, zse_cuda_stream st);
+int zse_cuda_add(float *x, int64_t xpitch, const float *y, int64_t ypitch, int64_t rows,
+                 int64_t dim, zse_cuda_stream st);
+/* out[i] = x[rows_idx[i]] (rows_idx on device) */
+int zse_cuda_gather_rows(const float *x, int64_t xpitch, const int32_t *rows_idx, int64_t n,
+                         int64_t dim, float *out, int64_t opitch, zse_cuda_stream st);
+
+/* RoPE, rotate-half (NeoX) pairing: element i pairs with i + head_dim/2; angle =
+ * pos * inv_freq[i]; cos/sin scaled by mscale. x: [n][pitch] holding n_heads heads. */
+int zse_cuda_rope(float *x, int64_t xpitch, int64_t n, int n_heads, int head_dim,
+                  const int32_t *pos, const float *inv_freq, float mscale, zse_cuda_stream st);
+
+/* ---- paged KV cache ----
+ * One layer's K (and V) pool: [n_blocks][block_size][n_kv_heads][head_dim] elements,
+ * f16, or int8 with one f32 scale per (slot, head) in kscale/vscale [n_blocks*block_size]
+ * [n_kv_heads]. */
+typedef struct {
+    void *k, *v;
+    float *kscale, *vscale;     /* int8 only */
+    int int8;
+    int block_size, n_kv_heads, head_dim;
+    int64_t n_slots;            /* n_blocks * block_size */
+} zse_cuda_kv_layer;
+
+/* write k/v rows [n][pitch] (n_kv_heads*head_dim wide) at slots[n] (device). A negative
+ * slot skips its token. */
+int zse_cuda_kv_store(const zse_cuda_kv_layer *L, const float *k, int64_t kpitch,
+                      const float *v, int64_t vpitch, const int32_t *slots, int64_t n,
+                      zse_cuda_stream st);
+
+/* Attention over the paged cache for n query tokens. Per token t: seq = seq_of[t], pos =
+ * pos[t]; the keys visible are cache positions p with p <= pos (and pos - p < window when
+ * window > 0) of that sequence, found through block_table[seq][p / block_size]. q: [n][qpitch]
+ * (n_heads*head_dim), out likewise. Work for the split-K (flash-decoding) path lives in
+ * `work` (work_bytes; zse_cuda_attention_work_bytes() says how much). */
+typedef struct {
+    int n_heads, n_kv_heads, head_dim;
+    float scale;
+    int window;
+    const int32_t *seq_of, *pos;        /* [n] device */
+    const int32_t *block_table;         /* [n_seqs][max_blocks] device */
+    int max_blocks;
+} zse_cuda_attn;
+size_t zse_cuda_attention_work_bytes(int64_t n, int n_heads, int head_dim);
+int zse_cuda_attention(const zse_cuda_kv_layer *L, const zse_cuda_attn *a, const float *q,
+                       int64_t qpitch, int64_t n, int max_ctx, float *out, int64_t opitch,
+                       void *work, size_t work_bytes, zse_cuda_stream st);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,643 @@
+/* matmul.cu — y = W·x for every packed scheme, reading the .zse layouts as stored.
+ *
+ * Decode (n <= 8 rows of x): a GEMV whose warps each own ROWS weight rows. A lane streams
+ * one 16-byte unit of each of its rows per step (coalesced: a warp reads 512 contiguous
+ * bytes per row), decodes it in registers and multiplies it with the matching x values of
+ * every batch row, accumulating in fp32. Sharing one x load across ROWS rows keeps the
+ * L1 traffic for x below the L1's bandwidth; the weight loads bypass L1.
+ *
+ * Prefill and wide batches: W is dequantized to f16 in slabs and multiplied by cuBLAS
+ * (tensor cores, fp32 accumulation). For plain f16/bf16 weights, x is split into two f16
+ * halves (hi + lo) so the product keeps fp32-grade precision; f32 weights use SGEMM. */
+#include "backend/cuda/common.cuh"
+
+#include <cublas_v2.h>
+#include <stdarg.h>
+#include <stdio.h>
+
+static __thread char cuda_error[512];
+
+extern "C" const char *zse_cuda_last_error(void) { return cuda_error; }
+
+int zse_cuda_fail(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cuda_error, sizeof cuda_error, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* NF4 code values; the backend overwrites them with src/quant's zse_nf4_values at start
+ * (zse_cuda_set_nf4) so both backends decode with the same 16 numbers. */
+__constant__ float zse_cuda_nf4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982434654236f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+extern "C" int zse_cuda_set_nf4(const float values[16])
+{
+    cudaError_t e = cudaMemcpyToSymbol(zse_cuda_nf4, values, 16 * sizeof(float));
+    if (e != cudaSuccess)
+        return zse_cuda_fail("cuda: setting the NF4 table: %s", cudaGetErrorString(e));
+    return 0;
+}
+
+/* ---- GEMV ------------------------------------------------------------------------- */
+
+/* A block's warps share its rows and split the row's units between them (more loads in
+ * flight per row, and enough blocks for the small 3584-wide projections); shared memory
+ * adds the warps' sums at the end. */
+enum { GEMV_WARPS = 4 };
+/* rows per block: 4 while registers allow (fewer x re-reads), 2 for wide batches */
+template <int B> struct gemv_rows { static constexpr int R = B <= 2 ? 4 : 2; };
+
+/* x[b][k0 .. k0+3], zero past cols; the pitch is a multiple of 4 so a whole float4 is
+ * inside the row's storage whenever its first element is. */
+__device__ __forceinline__ float4 load_x4(const float *xr, int64_t k, int64_t cols)
+{
+    if (k + 4 <= cols)
+        return __ldg(reinterpret_cast<const float4 *>(xr + k));
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (k < cols) {
+        float4 t = __ldg(reinterpret_cast<const float4 *>(xr + k));
+        v.x = t.x;
+        if (k + 1 < cols) v.y = t.y;
+        if (k + 2 < cols) v.z = t.z;
+        if (k + 3 < cols) v.w = t.w;
+    }
+    return v;
+}
+
+/* add the lanes' and then the warps' partial sums; y[b][row0 + r] = sum (times the row's
+ * int8 scale when row_scale) */
+template <int B, int R>
+__device__ __forceinline__ void store_rows(float (&acc)[B][R], const zse_cuda_weight &w,
+                                           int64_t row0, int n, float *y, int64_t ypitch,
+                                           bool row_scale)
+{
+    __shared__ float red[GEMV_WARPS][B * R];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int b = 0; b < B; b++)
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float v = acc[b][r];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1)
+                v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0)
+                red[warp][b * R + r] = v;
+        }
+    __syncthreads();
+    const int i = threadIdx.x;
+    if (i < B * R) {
+        const int b = i / R, r = i % R;
+        float v = 0.f;
+#pragma unroll
+        for (int k = 0; k < GEMV_WARPS; k++)
+            v += red[k][i];
+        if (b < n && row0 + r < w.rows) {
+            if (row_scale)
+                v *= ((const float *)w.scales)[row0 + r];
+            y[(int64_t)b * ypitch + row0 + r] = v;
+        }
+    }
+}
+
+template <int S, int B>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_kernel(const zse_cuda_weight w, const float *__restrict__ x, int64_t xpitch, int n,
+            float *__restrict__ y, int64_t ypitch)
+{
+    typedef scheme_traits<S> T;
+    typedef scheme_scales<S> SC;
+    constexpr int GEMV_ROWS = gemv_rows<B>::R;
+    __shared__ float table[16];
+    if (S == ZSE_SCHEME_NF4) {
+        if (threadIdx.x < 16)
+            table[threadIdx.x] = zse_cuda_nf4[threadIdx.x];
+        __syncthreads();
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t row0 = (int64_t)blockIdx.x * GEMV_ROWS;
+
+    /* rows past the end re-read the last row (valid memory) and are not stored */
+    const uint8_t *rowp[GEMV_ROWS];
+    int64_t rr[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        rr[r] = min(row0 + r, w.rows - 1);
+        rowp[r] = (const uint8_t *)w.qs + rr[r] * w.row_bytes;
+    }
+    const float *xr[B];
+#pragma unroll
+    for (int b = 0; b < B; b++)
+        xr[b] = x + (int64_t)min(b, n - 1) * xpitch;
+
+    float acc[B][GEMV_ROWS];
+#pragma unroll
+    for (int b = 0; b < B; b++)
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++)
+            acc[b][r] = 0.f;
+
+    const int64_t n_units = zse_ceil_div(w.cols, T::E);
+    for (int64_t u = warp * 32 + lane; u < n_units; u += GEMV_WARPS * 32) {
+        uint4 wv[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++)
+            wv[r] = ld_stream16(rowp[r] + u * 16);
+        float sc[GEMV_ROWS], mn[GEMV_ROWS];
+        if (SC::group) {
+            const int64_t g = u * T::E / w.group_size;
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) {
+                sc[r] = __half2float(((const __half *)w.scales)[rr[r] * w.groups + g]);
+                mn[r] = SC::min ? __half2float(((const __half *)w.mins)[rr[r] * w.groups + g]) : 0.f;
+            }
+        }
+        const int64_t k0 = u * T::E;
+        float dot[B][GEMV_ROWS], sx[B];
+#pragma unroll
+        for (int b = 0; b < B; b++) {
+            sx[b] = 0.f;
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++)
+                dot[b][r] = 0.f;
+        }
+#pragma unroll
+        for (int p = 0; p < T::P; p++) {
+            float f[GEMV_ROWS][8];
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++)
+                T::piece(wv[r], p, table, f[r]);
+#pragma unroll
+            for (int b = 0; b < B; b++) {
+                float xv[8];
+                float4 a = load_x4(xr[b], k0 + T::off0(p), w.cols);
+                xv[0] = a.x; xv[1] = a.y; xv[2] = a.z; xv[3] = a.w;
+                if (T::NV == 8) {
+                    float4 c = load_x4(xr[b], k0 + T::off1(p), w.cols);
+                    xv[4] = c.x; xv[5] = c.y; xv[6] = c.z; xv[7] = c.w;
+                }
+                if (SC::min) {
+#pragma unroll
+                    for (int j = 0; j < T::NV; j++)
+                        sx[b] += xv[j];
+                }
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+                    for (int j = 0; j < T::NV; j++)
+                        dot[b][r] = fmaf(f[r][j], xv[j], dot[b][r]);
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < B; b++)
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) {
+                if (SC::group) {
+                    acc[b][r] = fmaf(sc[r], dot[b][r], acc[b][r]);
+                    if (SC::min)
+                        acc[b][r] = fmaf(mn[r], sx[b], acc[b][r]);
+                } else {
+                    acc[b][r] += dot[b][r];
+                }
+            }
+    }
+
+    store_rows<B, GEMV_ROWS>(acc, w, row0, n, y, ypitch, SC::row);
+}
+
+/* ---- 4-bit GEMV on integer dot products -----------------------------------------------
+ * Decoding 4-bit codes to floats costs ~3 instructions an element, which caps an fp32 GEMV
+ * well under the memory roof. Instead x is split per 32-element chunk into two int8
+ * vectors, x ~= d*xh + dl*xl with d = amax/127 and dl = d/254: x keeps ~15 bits (error at
+ * most amax/64516 per element, far under the weights' 4 bits) and a chunk's dot product
+ * with the raw nibbles is 16 dp4a. Per chunk: sum(q*x) = d*ih + dl*il, and the scheme's
+ * scale/min come in through the chunk's sum of x (sx):
+ *   Q4:  sum(w*x) = s*sum(q*x) + m*sx        Q4S: sum(w*x) = s*(sum(q*x) - 8*sx) */
+enum { XQ_BYTES = 64 + 16 };
+/* rows per block (measured on the H100: 8 rows at batch 1 ran 10-15% slower than 4) */
+template <int B> struct q4_rows { static constexpr int R = 4; };    /* per chunk: 32 hi bytes, 32 lo bytes, float4 (d, dl, sx, 0) */
+
+__global__ void quantize_x_kernel(const float *x, int64_t xpitch, int n, int64_t cols,
+                                  int64_t units, uint4 *xq, float4 *xs)
+{
+    const int64_t item = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (item >= (int64_t)n * units)
+        return;
+    const int64_t b = item / units, k = (item % units) * 32 + lane;
+    const float v = k < cols ? x[b * xpitch + k] : 0.f;
+    float amax = fabsf(v), sx = v;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        sx += __shfl_xor_sync(0xffffffffu, sx, o);
+    }
+    const float d = amax / 127.f, dl = d / 254.f;
+    const float h = d > 0.f ? fminf(fmaxf(rintf(v / d), -127.f), 127.f) : 0.f;
+    const float r = fmaf(-h, d, v);
+    const float l = dl > 0.f ? fminf(fmaxf(rintf(r / dl), -127.f), 127.f) : 0.f;
+    int8_t *q = (int8_t *)(xq + item * 4);
+    q[lane] = (int8_t)h;
+    q[32 + lane] = (int8_t)l;
+    if (lane == 0)
+        xs[item] = make_float4(d, dl, sx, 0.f);
+}
+
+template <int S, int B>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_q4_dp4a_kernel(const zse_cuda_weight w, const uint4 *__restrict__ xq,
+                    const float4 *__restrict__ xs, int64_t units, int n, float *__restrict__ y,
+                    int64_t ypitch)
+{
+    constexpr int R = q4_rows<B>::R;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t row0 = (int64_t)blockIdx.x * R;
+    const uint8_t *rowp[R];
+    int64_t rr[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        rr[r] = min(row0 + r, w.rows - 1);
+        rowp[r] = (const uint8_t *)w.qs + rr[r] * w.row_bytes;
+    }
+    float acc[B][R];
+#pragma unroll
+    for (int b = 0; b < B; b++)
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            acc[b][r] = 0.f;
+
+#pragma unroll 2
+    for (int64_t u = warp * 32 + lane; u < units; u += GEMV_WARPS * 32) {
+        int lo[R][4], hi[R][4];
+        float sc[R], mn[R];
+        const int64_t g = u * 32 / w.group_size;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const uint4 v = ld_stream16(rowp[r] + u * 16);
+            const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int p = 0; p < 4; p++) {
+                lo[r][p] = (int)(vv[p] & 0x0F0F0F0Fu);
+                hi[r][p] = (int)((vv[p] >> 4) & 0x0F0F0F0Fu);
+            }
+            sc[r] = __half2float(((const __half *)w.scales)[rr[r] * w.groups + g]);
+            mn[r] = S == ZSE_SCHEME_Q4 ? __half2float(((const __half *)w.mins)[rr[r] * w.groups + g]) : 0.f;
+        }
+#pragma unroll
+        for (int b = 0; b < B; b++) {
+            const int64_t c = (int64_t)min(b, n - 1) * units + u;
+            const uint4 h0 = __ldg(xq + c * 4), h1 = __ldg(xq + c * 4 + 1);
+            const uint4 l0 = __ldg(xq + c * 4 + 2), l1 = __ldg(xq + c * 4 + 3);
+            const float4 f = __ldg(xs + c);
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                int ih = 0, il = 0;
+                ih = __dp4a(lo[r][0], (int)h0.x, ih); ih = __dp4a(lo[r][1], (int)h0.y, ih);
+                ih = __dp4a(lo[r][2], (int)h0.z, ih); ih = __dp4a(lo[r][3], (int)h0.w, ih);
+                ih = __dp4a(hi[r][0], (int)h1.x, ih); ih = __dp4a(hi[r][1], (int)h1.y, ih);
+                ih = __dp4a(hi[r][2], (int)h1.z, ih); ih = __dp4a(hi[r][3], (int)h1.w, ih);
+                il = __dp4a(lo[r][0], (int)l0.x, il); il = __dp4a(lo[r][1], (int)l0.y, il);
+                il = __dp4a(lo[r][2], (int)l0.z, il); il = __dp4a(lo[r][3], (int)l0.w, il);
+                il = __dp4a(hi[r][0], (int)l1.x, il); il = __dp4a(hi[r][1], (int)l1.y, il);
+                il = __dp4a(hi[r][2], (int)l1.z, il); il = __dp4a(hi[r][3], (int)l1.w, il);
+                const float qx = fmaf((float)ih, f.x, (float)il * f.y);
+                if (S == ZSE_SCHEME_Q4)
+                    acc[b][r] = fmaf(sc[r], qx, fmaf(mn[r], f.z, acc[b][r]));
+                else
+                    acc[b][r] = fmaf(sc[r], fmaf(-8.f, f.z, qx), acc[b][r]);
+            }
+        }
+    }
+    store_rows<B, R>(acc, w, row0, n, y, ypitch, false);
+}
+
+template <int S, int B>
+static void launch_q4_dp4a(const zse_cuda_weight *w, const uint4 *xq, const float4 *xs,
+                           int64_t units, int n, float *y, int64_t yp, cudaStream_t st)
+{
+    gemv_q4_dp4a_kernel<S, B><<<(unsigned)zse_ceil_div(w->rows, q4_rows<B>::R), GEMV_WARPS * 32, 0, st>>>(
+        *w, xq, xs, units, n, y, yp);
+}
+
+template <int S>
+static void launch_q4_dp4a_batch(const zse_cuda_weight *w, const uint4 *xq, const float4 *xs,
+                                 int64_t units, int n, float *y, int64_t yp, cudaStream_t st)
+{
+    if (n == 1) launch_q4_dp4a<S, 1>(w, xq, xs, units, n, y, yp, st);
+    else if (n == 2) launch_q4_dp4a<S, 2>(w, xq, xs, units, n, y, yp, st);
+    else if (n <= 4) launch_q4_dp4a<S, 4>(w, xq, xs, units, n, y, yp, st);
+    else launch_q4_dp4a<S, 8>(w, xq, xs, units, n, y, yp, st);
+}
+
+static bool uses_dp4a(int scheme) { return scheme == ZSE_SCHEME_Q4 || scheme == ZSE_SCHEME_Q4S; }
+
+static int check_weight(const zse_cuda_weight *w)
+{
+    if (w->rows <= 0 || w->cols <= 0)
+        return zse_cuda_fail("cuda matmul: empty weight %lld x %lld", (long long)w->rows,
+                             (long long)w->cols);
+    if (((uintptr_t)w->qs & 15) || (w->row_bytes & 15))
+        return zse_cuda_fail("cuda matmul: weight rows are not 16-byte aligned (row_bytes %lld)",
+                             (long long)w->row_bytes);
+    bool g = w->scheme == ZSE_SCHEME_Q4 || w->scheme == ZSE_SCHEME_Q4S || w->scheme == ZSE_SCHEME_NF4;
+    if (g && (w->group_size < 32 || w->group_size % 32 != 0))
+        return zse_cuda_fail("cuda matmul: group size %d is not a multiple of 32", w->group_size);
+    return 0;
+}
+
+template <int S, int B>
+static void launch_gemv(const zse_cuda_weight *w, const float *x, int64_t xp, int n, float *y,
+                        int64_t yp, cudaStream_t st)
+{
+    const int64_t per_block = gemv_rows<B>::R;
+    dim3 grid((unsigned)zse_ceil_div(w->rows, per_block));
+    gemv_kernel<S, B><<<grid, GEMV_WARPS * 32, 0, st>>>(*w, x, xp, n, y, yp);
+}
+
+template <int S>
+static void launch_gemv_batch(const zse_cuda_weight *w, const float *x, int64_t xp, int n,
+                              float *y, int64_t yp, cudaStream_t st)
+{
+    if (n == 1) launch_gemv<S, 1>(w, x, xp, n, y, yp, st);
+    else if (n == 2) launch_gemv<S, 2>(w, x, xp, n, y, yp, st);
+    else if (n <= 4) launch_gemv<S, 4>(w, x, xp, n, y, yp, st);
+    else launch_gemv<S, 8>(w, x, xp, n, y, yp, st);
+}
+
+extern "C" size_t zse_cuda_matmul_scratch_bytes(const zse_cuda_weight *w, int64_t n)
+{
+    if (n <= ZSE_CUDA_GEMV_MAX || (uses_dp4a(w->scheme) && n <= 2 * ZSE_CUDA_GEMV_MAX))
+        return uses_dp4a(w->scheme) ? (size_t)ZSE_CUDA_GEMV_MAX * (size_t)zse_ceil_div(w->cols, 32) * XQ_BYTES + 256 : 0;
+    const bool split = w->scheme == ZSE_SCHEME_F16 || w->scheme == ZSE_SCHEME_BF16;
+    return (size_t)n * (size_t)w->cols * 2 * (split ? 2 : 1) + 256 + ZSE_CUDA_GEMM_SLAB;
+}
+
+extern "C" int zse_cuda_matmul_gemv(const zse_cuda_weight *w, const float *x, int64_t xpitch,
+                                    int64_t n, float *y, int64_t ypitch, void *scratch,
+                                    size_t scratch_bytes, zse_cuda_stream st)
+{
+    if (check_weight(w) != 0)
+        return -1;
+    if (n < 1 || n > ZSE_CUDA_GEMV_MAX)
+        return zse_cuda_fail("cuda gemv: %lld rows of x (1..%d)", (long long)n, ZSE_CUDA_GEMV_MAX);
+    if ((xpitch & 3) || ((uintptr_t)x & 15))
+        return zse_cuda_fail("cuda gemv: x pitch %lld is not a multiple of 4 floats", (long long)xpitch);
+    if (uses_dp4a(w->scheme)) {
+        const int64_t units = zse_ceil_div(w->cols, 32);
+        if (scratch_bytes < zse_cuda_matmul_scratch_bytes(w, n) || ((uintptr_t)scratch & 15))
+            return zse_cuda_fail("cuda gemv: scratch of %zu bytes is too small", scratch_bytes);
+        uint4 *xq = (uint4 *)scratch;
+        float4 *xs = (float4 *)((uint8_t *)scratch + (size_t)n * units * 64);
+        quantize_x_kernel<<<(unsigned)zse_ceil_div(n * units * 32, 128), 128, 0, (cudaStream_t)st>>>(
+            x, xpitch, (int)n, w->cols, units, xq, xs);
+        if (w->scheme == ZSE_SCHEME_Q4)
+            launch_q4_dp4a_batch<ZSE_SCHEME_Q4>(w, xq, xs, units, (int)n, y, ypitch, (cudaStream_t)st);
+        else
+            launch_q4_dp4a_batch<ZSE_SCHEME_Q4S>(w, xq, xs, units, (int)n, y, ypitch, (cudaStream_t)st);
+    } else {
+        ZSE_CUDA_SCHEME_SWITCH(w->scheme, launch_gemv_batch<S_>(w, x, xpitch, (int)n, y, ypitch, (cudaStream_t)st));
+    }
+    ZSE_CUDA_LAUNCHED("cuda gemv");
+    return 0;
+}
+
+/* ---- dequantization (to f16 for the GEMM path, to f32 for embeddings) -------------- */
+
+template <int S, typename O>
+__device__ __forceinline__ void dequant_unit(const zse_cuda_weight &w, int64_t row, int64_t u,
+                                             const float *table, O *out)
+{
+    typedef scheme_traits<S> T;
+    typedef scheme_scales<S> SC;
+    const uint4 v = *reinterpret_cast<const uint4 *>((const uint8_t *)w.qs + row * w.row_bytes + u * 16);
+    float sc = 1.f, mn = 0.f;
+    if (SC::group) {
+        const int64_t g = u * T::E / w.group_size;
+        sc = __half2float(((const __half *)w.scales)[row * w.groups + g]);
+        if (SC::min)
+            mn = __half2float(((const __half *)w.mins)[row * w.groups + g]);
+    }
+    if (SC::row)
+        sc = ((const float *)w.scales)[row];
+    const int64_t k0 = u * T::E;
+    float vals[T::E];
+#pragma unroll
+    for (int p = 0; p < T::P; p++) {
+        float f[8];
+        T::piece(v, p, table, f);
+#pragma unroll
+        for (int j = 0; j < T::NV; j++)
+            vals[j < 4 ? T::off0(p) + j : T::off1(p) + j - 4] = fmaf(f[j], sc, mn);
+    }
+    if (sizeof(O) == 2 && T::E % 8 == 0 && k0 + T::E <= w.cols) {
+        /* whole unit: 16-byte stores (rows of the f16 slab are 16-byte aligned) */
+#pragma unroll
+        for (int i = 0; i < T::E; i += 8) {
+            __half2 h[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                h[j] = __floats2half2_rn(vals[i + 2 * j], vals[i + 2 * j + 1]);
+            *reinterpret_cast<uint4 *>((__half *)out + k0 + i) = *reinterpret_cast<const uint4 *>(h);
+        }
+        return;
+    }
+#pragma unroll
+    for (int j = 0; j < T::E; j++) {
+        if (k0 + j < w.cols) {
+            if (sizeof(O) == 2)
+                ((__half *)out)[k0 + j] = __float2half_rn(vals[j]);
+            else
+                ((float *)out)[k0 + j] = vals[j];
+        }
+    }
+}
+
+template <int S>
+__global__ void dequant_f16_kernel(const zse_cuda_weight w, int64_t row0, int64_t nrows,
+                                   __half *out, int64_t opitch)
+{
+    __shared__ float table[16];
+    if (threadIdx.x < 16)
+        table[threadIdx.x] = zse_cuda_nf4[threadIdx.x];
+    __syncthreads();
+    const int64_t n_units = zse_ceil_div(w.cols, scheme_traits<S>::E);
+    const int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= n_units)
+        return;
+    for (int64_t r = blockIdx.y; r < nrows; r += gridDim.y)
+        dequant_unit<S>(w, row0 + r, u, table, out + r * opitch);
+}
+
+template <int S>
+__global__ void embed_kernel(const zse_cuda_weight w, const int32_t *ids, float *out, int64_t opitch)
+{
+    __shared__ float table[16];
+    if (threadIdx.x < 16)
+        table[threadIdx.x] = zse_cuda_nf4[threadIdx.x];
+    __syncthreads();
+    const int64_t t = blockIdx.y;
+    const int64_t n_units = zse_ceil_div(w.cols, scheme_traits<S>::E);
+    const int32_t id = ids[t];
+    float *o = out + t * opitch;
+    for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < n_units;
+         u += (int64_t)gridDim.x * blockDim.x) {
+        if (id < 0 || id >= w.rows) {
+            for (int64_t k = u * scheme_traits<S>::E; k < min((u + 1) * scheme_traits<S>::E, w.cols); k++)
+                o[k] = 0.f;
+        } else {
+            dequant_unit<S>(w, id, u, table, o);
+        }
+    }
+}
+
+template <int S>
+static void launch_dequant(const zse_cuda_weight *w, int64_t row0, int64_t nrows, __half *out,
+                           int64_t opitch, cudaStream_t st)
+{
+    const int64_t units = zse_ceil_div(w->cols, scheme_traits<S>::E);
+    dim3 grid((unsigned)zse_ceil_div(units, 128), (unsigned)(nrows < 65535 ? nrows : 65535));
+    dequant_f16_kernel<S><<<grid, 128, 0, st>>>(*w, row0, nrows, out, opitch);
+}
+
+extern "C" int zse_cuda_dequant_f16(const zse_cuda_weight *w, int64_t row0, int64_t nrows,
+                                    uint16_t *out, int64_t opitch, zse_cuda_stream st)
+{
+    if (check_weight(w) != 0)
+        return -1;
+    if (row0 < 0 || nrows < 1 || row0 + nrows > w->rows)
+        return zse_cuda_fail("cuda dequant: rows %lld..%lld outside the weight's %lld",
+                             (long long)row0, (long long)(row0 + nrows), (long long)w->rows);
+    ZSE_CUDA_SCHEME_SWITCH(w->scheme, launch_dequant<S_>(w, row0, nrows, (__half *)out, opitch, (cudaStream_t)st));
+    ZSE_CUDA_LAUNCHED("cuda dequant");
+    return 0;
+}
+
+template <int S>
+static void launch_embed(const zse_cuda_weight *w, const int32_t *ids, int64_t n, float *out,
+                         int64_t opitch, cudaStream_t st)
+{
+    const int64_t units = zse_ceil_div(w->cols, scheme_traits<S>::E);
+    dim3 grid((unsigned)zse_ceil_div(units, 128), (unsigned)n);
+    embed_kernel<S><<<grid, 128, 0, st>>>(*w, ids, out, opitch);
+}
+
+extern "C" int zse_cuda_embed(const zse_cuda_weight *w, const int32_t *ids, int64_t n, float *out,
+                              int64_t opitch, zse_cuda_stream st)
+{
+    if (check_weight(w) != 0)
+        return -1;
+    if (n < 1 || n > 65535)
+        return zse_cuda_fail("cuda embed: %lld tokens (1..65535 per call)", (long long)n);
+    ZSE_CUDA_SCHEME_SWITCH(w->scheme, launch_embed<S_>(w, ids, n, out, opitch, (cudaStream_t)st));
+    ZSE_CUDA_LAUNCHED("cuda embed");
+    return 0;
+}
+
+/* ---- GEMM through cuBLAS ------------------------------------------------------------ */
+
+/* x f32 [n][xpitch] -> f16 hi [n][cols] (and lo = f16(x - hi) when lo != NULL) */
+__global__ void split_x_kernel(const float *x, int64_t xpitch, int64_t n, int64_t cols,
+                               __half *hi, __half *lo)
+{
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * cols)
+        return;
+    const int64_t t = i / cols, k = i % cols;
+    const float v = x[t * xpitch + k];
+    const __half h = __float2half_rn(v);
+    hi[i] = h;
+    if (lo)
+        lo[i] = __float2half_rn(v - __half2float(h));
+}
+
+static int cublas_ok(cublasStatus_t s, const char *what)
+{
+    if (s != CUBLAS_STATUS_SUCCESS)
+        return zse_cuda_fail("cuda gemm: %s failed (cuBLAS status %d)", what, (int)s);
+    return 0;
+}
+
+/* y[t][row0 + i] = sum_k A[i][k] * X[t][k]: A f16 [m][lda] row-major is the column-major
+ * k x m matrix A^T, so C^T = op(T)(A) * X^T in cuBLAS terms; C = y column-major with ldc =
+ * ypitch. */
+static int gemm_f16(cublasHandle_t h, const __half *a, int64_t lda, int64_t m, const __half *xh,
+                    int64_t n, int64_t k, float *y, int64_t ypitch, float beta)
+{
+    const float one = 1.f;
+    return cublas_ok(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)n, (int)k, &one, a,
+                                  CUDA_R_16F, (int)lda, xh, CUDA_R_16F, (int)k, &beta, y,
+                                  CUDA_R_32F, (int)ypitch, CUBLAS_COMPUTE_32F,
+                                  CUBLAS_GEMM_DEFAULT),
+                     "cublasGemmEx");
+}
+
+extern "C" int zse_cuda_matmul_gemm(const zse_cuda_weight *w, const float *x, int64_t xpitch,
+                                    int64_t n, float *y, int64_t ypitch, void *cublas,
+                                    void *scratch, size_t scratch_bytes, zse_cuda_stream st)
+{
+    if (check_weight(w) != 0)
+        return -1;
+    cublasHandle_t h = (cublasHandle_t)cublas;
+    if (cublas_ok(cublasSetStream(h, (cudaStream_t)st), "cublasSetStream") != 0)
+        return -1;
+    const int64_t k = w->cols;
+    if (w->scheme == ZSE_SCHEME_F32) {
+        /* f32 weights: plain SGEMM on the stored rows, no conversion */
+        const float one = 1.f, zero = 0.f;
+        return cublas_ok(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, (int)w->rows, (int)n, (int)k,
+                                     &one, (const float *)w->qs, (int)(w->row_bytes / 4), x,
+                                     (int)xpitch, &zero, y, (int)ypitch),
+                         "cublasSgemm");
+    }
+    /* plain 16-bit weights keep fp32-grade x through the hi/lo split */
+    const bool split = w->scheme == ZSE_SCHEME_F16 || w->scheme == ZSE_SCHEME_BF16;
+    const size_t xbytes = (size_t)n * k * sizeof(__half) * (split ? 2 : 1);
+    const size_t xalloc = (xbytes + 255) & ~(size_t)255;
+    const int64_t lda = (k + 7) & ~(int64_t)7;
+    const size_t row_f16 = (size_t)lda * sizeof(__half);
+    if (scratch_bytes < xalloc + row_f16 * 128)
+        return zse_cuda_fail("cuda gemm: scratch of %zu bytes is too small for %lld x %lld",
+                             scratch_bytes, (long long)n, (long long)k);
+    __half *xh = (__half *)scratch, *xl = split ? xh + n * k : NULL;
+    __half *slab = (__half *)((uint8_t *)scratch + xalloc);
+    int64_t slab_rows = (int64_t)((scratch_bytes - xalloc) / row_f16);
+    slab_rows = slab_rows >= 128 ? slab_rows & ~(int64_t)127 : slab_rows;
+    split_x_kernel<<<(unsigned)zse_ceil_div(n * k, 256), 256, 0, (cudaStream_t)st>>>(x, xpitch, n, k, xh, xl);
+    ZSE_CUDA_LAUNCHED("cuda gemm: x to f16");
+    for (int64_t r0 = 0; r0 < w->rows; r0 += slab_rows) {
+        const int64_t m = min(slab_rows, w->rows - r0);
+        if (zse_cuda_dequant_f16(w, r0, m, (uint16_t *)slab, lda, st) != 0)
+            return -1;
+        if (gemm_f16(h, slab, lda, m, xh, n, k, y + r0, ypitch, 0.f) != 0)
+            return -1;
+        if (split && gemm_f16(h, slab, lda, m, xl, n, k, y + r0, ypitch, 1.f) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+extern "C" int zse_cuda_matmul(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n,
+                               float *y, int64_t ypitch, void *cublas, void *scratch,
+                               size_t scratch_bytes, zse_cuda_stream st)
+{
+    if (n <= ZSE_CUDA_GEMV_MAX)
+        return zse_cuda_matmul_gemv(w, x, xpitch, n, y, ypitch, scratch, scratch_bytes, st);
+    /* int4 at 9..16 rows: two GEMV passes read W twice yet beat dequantizing it
+     * (H100: 2 x 69 us against 160 us for 18944 x 3584) */
+    if (uses_dp4a(w->scheme) && n <= 2 * ZSE_CUDA_GEMV_MAX) {
+        for (int64_t r = 0; r < n; r += ZSE_CUDA_GEMV_MAX) {
+            const int64_t m = n - r < ZSE_CUDA_GEMV_MAX ? n - r : ZSE_CUDA_GEMV_MAX;
+            if (zse_cuda_matmul_gemv(w, x + r * xpitch, xpitch, m, y + r * ypitch, ypitch, scratch,
+                                     scratch_bytes, st) != 0)
+                return -1;
+        }
+        return 0;
+    }
+    return zse_cuda_matmul_gemm(w, x, xpitch, n, y, ypitch, cublas, scratch, scratch_bytes, st);
+}

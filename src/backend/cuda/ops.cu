@@ -1,0 +1,567 @@
+/* ops.cu — the non-matmul ops: RMSNorm, bias, SiLU·mul, residual add, row gather, RoPE,
+ * paged KV store (f16 / int8) and attention over the paged cache.
+ *
+ * Attention is one kernel for prefill and decode: a warp owns one (token, head, split) and
+ * walks that split's visible cache positions with an online softmax, 32 keys a tile,
+ * keeping its share of the head's dimensions (lane + 32 i) in registers (head dims that
+ * are not a multiple of 16 take a key-at-a-time variant). When there are too few (token, head)
+ * pairs to fill the GPU — decode — the visible range is split (flash-decoding) and a second
+ * kernel merges the partial softmax states; otherwise the warp writes the output itself. */
+#include "backend/cuda/common.cuh"
+
+#include <float.h>
+
+enum { EW_THREADS = 256 };
+
+/* ---- RMSNorm --------------------------------------------------------------------- */
+
+__global__ void rmsnorm_kernel(const float *x, int64_t xpitch, const float *w, float eps,
+                               int64_t dim, float *out, int64_t opitch)
+{
+    const float *xr = x + blockIdx.x * xpitch;
+    float *o = out + blockIdx.x * opitch;
+    float ss = 0.f;
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x)
+        ss = fmaf(xr[i], xr[i], ss);
+    __shared__ float part[32];
+    for (int off = 16; off > 0; off >>= 1)
+        ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    if ((threadIdx.x & 31) == 0)
+        part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        ss = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
+        for (int off = 16; off > 0; off >>= 1)
+            ss += __shfl_xor_sync(0xffffffffu, ss, off);
+        if (threadIdx.x == 0)
+            part[0] = ss;
+    }
+    __syncthreads();
+    const float inv = rsqrtf(part[0] / (float)dim + eps);
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x)
+        o[i] = xr[i] * inv * w[i];
+}
+
+extern "C" int zse_cuda_rmsnorm(const float *x, int64_t xpitch, const float *w, float eps,
+                                int64_t rows, int64_t dim, float *out, int64_t opitch,
+                                zse_cuda_stream st)
+{
+    if (rows < 1 || dim < 1)
+        return 0;
+    if (rows > 0x7fffffff)
+        return zse_cuda_fail("cuda rmsnorm: %lld rows", (long long)rows);
+    const int threads = dim >= 1024 ? 256 : dim >= 256 ? 128 : 64;
+    rmsnorm_kernel<<<(unsigned)rows, threads, 0, (cudaStream_t)st>>>(x, xpitch, w, eps, dim, out, opitch);
+    ZSE_CUDA_LAUNCHED("cuda rmsnorm");
+    return 0;
+}
+
+/* ---- elementwise ---------------------------------------------------------------- */
+
+/* grid-stride over rows x dim with per-row pitches */
+#define ROWS_DIM_LOOP(rows, dim, body)                                                    \
+    for (int64_t i_ = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i_ < (rows) * (dim); \
+         i_ += (int64_t)gridDim.x * blockDim.x) {                                         \
+        const int64_t r = i_ / (dim), c = i_ % (dim);                                     \
+        body;                                                                             \
+    }
+
+static unsigned ew_blocks(int64_t n)
+{
+    int64_t b = zse_ceil_div(n, EW_THREADS);
+    return (unsigned)(b < 1 ? 1 : b > 65536 ? 65536 : b);
+}
+
+__global__ void add_bias_kernel(float *y, int64_t yp, const float *bias, int64_t rows, int64_t dim)
+{
+    ROWS_DIM_LOOP(rows, dim, y[r * yp + c] += bias[c]);
+}
+
+__global__ void silu_mul_kernel(const float *g, int64_t gp, const float *u, int64_t up,
+                                int64_t rows, int64_t dim, float *o, int64_t op)
+{
+    ROWS_DIM_LOOP(rows, dim, {
+        const float a = g[r * gp + c];
+        o[r * op + c] = a / (1.f + __expf(-a)) * u[r * up + c];
+    });
+}
+
+__global__ void add_kernel(float *x, int64_t xp, const float *y, int64_t yp, int64_t rows, int64_t dim)
+{
+    ROWS_DIM_LOOP(rows, dim, x[r * xp + c] += y[r * yp + c]);
+}
+
+__global__ void gather_kernel(const float *x, int64_t xp, const int32_t *idx, int64_t n,
+                              int64_t dim, float *o, int64_t op)
+{
+    ROWS_DIM_LOOP(n, dim, o[r * op + c] = x[(int64_t)idx[r] * xp + c]);
+}
+
+extern "C" int zse_cuda_add_bias(float *y, int64_t ypitch, const float *bias, int64_t rows,
+                                 int64_t dim, zse_cuda_stream st)
+{
+    if (rows < 1 || dim < 1)
+        return 0;
+    add_bias_kernel<<<ew_blocks(rows * dim), EW_THREADS, 0, (cudaStream_t)st>>>(y, ypitch, bias, rows, dim);
+    ZSE_CUDA_LAUNCHED("cuda add_bias");
+    return 0;
+}
+
+extern "C" int zse_cuda_silu_mul(const float *gate, int64_t gpitch, const float *up,
+                                 int64_t upitch, int64_t rows, int64_t dim, float *out,
+                                 int64_t opitch, zse_cuda_stream st)
+{
+    if (rows < 1 || dim < 1)
+        return 0;
+    silu_mul_kernel<<<ew_blocks(rows * dim), EW_THREADS, 0, (cudaStream_t)st>>>(gate, gpitch, up, upitch, rows, dim, out, opitch);
+    ZSE_CUDA_LAUNCHED("cuda silu_mul");
+    return 0;
+}
+
+extern "C" int zse_cuda_add(float *x, int64_t xpitch, const float *y, int64_t ypitch,
+                            int64_t rows, int64_t dim, zse_cuda_stream st)
+{
+    if (rows < 1 || dim < 1)
+        return 0;
+    add_kernel<<<ew_blocks(rows * dim), EW_THREADS, 0, (cudaStream_t)st>>>(x, xpitch, y, ypitch, rows, dim);
+    ZSE_CUDA_LAUNCHED("cuda add");
+    return 0;
+}
+
+extern "C" int zse_cuda_gather_rows(const float *x, int64_t xpitch, const int32_t *rows_idx,
+                                    int64_t n, int64_t dim, float *out, int64_t opitch,
+                                    zse_cuda_stream st)
+{
+    if (n < 1 || dim < 1)
+        return 0;
+    gather_kernel<<<ew_blocks(n * dim), EW_THREADS, 0, (cudaStream_t)st>>>(x, xpitch, rows_idx, n, dim, out, opitch);
+    ZSE_CUDA_LAUNCHED("cuda gather_rows");
+    return 0;
+}
+
+/* ---- RoPE (rotate-half pairing) ------------------------------------------------------ */
+
+__global__ void rope_kernel(float *x, int64_t xp, int64_t n, int n_heads, int head_dim,
+                            const int32_t *pos, const float *inv_freq, float mscale)
+{
+    const int half = head_dim / 2;
+    const int64_t total = n * n_heads * half;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int j = (int)(i % half);
+        const int64_t th = i / half;
+        const int h = (int)(th % n_heads);
+        const int64_t t = th / n_heads;
+        float s, c;
+        sincosf((float)pos[t] * inv_freq[j], &s, &c);
+        c *= mscale;
+        s *= mscale;
+        float *p = x + t * xp + (int64_t)h * head_dim;
+        const float a = p[j], b = p[j + half];
+        p[j] = a * c - b * s;
+        p[j + half] = b * c + a * s;
+    }
+}
+
+extern "C" int zse_cuda_rope(float *x, int64_t xpitch, int64_t n, int n_heads, int head_dim,
+                             const int32_t *pos, const float *inv_freq, float mscale,
+                             zse_cuda_stream st)
+{
+    if (n < 1 || n_heads < 1)
+        return 0;
+    if (head_dim < 2 || head_dim % 2)
+        return zse_cuda_fail("cuda rope: head_dim %d is not even", head_dim);
+    rope_kernel<<<ew_blocks(n * n_heads * (head_dim / 2)), EW_THREADS, 0, (cudaStream_t)st>>>(
+        x, xpitch, n, n_heads, head_dim, pos, inv_freq, mscale);
+    ZSE_CUDA_LAUNCHED("cuda rope");
+    return 0;
+}
+
+/* ---- paged KV store ----------------------------------------------------------------- */
+
+/* one warp per (token, kv head): f16 store, or int8 with scale = absmax / 127 */
+__global__ void kv_store_kernel(zse_cuda_kv_layer L, const float *k, int64_t kp, const float *v,
+                                int64_t vp, const int32_t *slots, int64_t n)
+{
+    const int64_t item = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (item >= n * L.n_kv_heads)
+        return;
+    const int64_t t = item / L.n_kv_heads;
+    const int h = (int)(item % L.n_kv_heads);
+    const int64_t slot = slots[t];
+    if (slot < 0 || slot >= L.n_slots)
+        return;
+    const int hd = L.head_dim;
+    const int64_t dst = (slot * L.n_kv_heads + h) * hd;
+    for (int which = 0; which < 2; which++) {
+        const float *src = (which == 0 ? k + t * kp : v + t * vp) + (int64_t)h * hd;
+        void *pool = which == 0 ? L.k : L.v;
+        if (!L.int8) {
+            __half *o = (__half *)pool + dst;
+            for (int d = lane; d < hd; d += 32)
+                o[d] = __float2half_rn(src[d]);
+            continue;
+        }
+        float amax = 0.f;
+        for (int d = lane; d < hd; d += 32)
+            amax = fmaxf(amax, fabsf(src[d]));
+        for (int off = 16; off > 0; off >>= 1)
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        const float scale = amax / 127.f;
+        const float inv = scale > 0.f ? 1.f / scale : 0.f;
+        int8_t *o = (int8_t *)pool + dst;
+        for (int d = lane; d < hd; d += 32)
+            o[d] = (int8_t)__float2int_rn(fminf(fmaxf(src[d] * inv, -127.f), 127.f));
+        if (lane == 0)
+            (which == 0 ? L.kscale : L.vscale)[slot * L.n_kv_heads + h] = scale;
+    }
+}
+
+extern "C" int zse_cuda_kv_store(const zse_cuda_kv_layer *L, const float *k, int64_t kpitch,
+                                 const float *v, int64_t vpitch, const int32_t *slots, int64_t n,
+                                 zse_cuda_stream st)
+{
+    if (n < 1)
+        return 0;
+    const int64_t threads = n * L->n_kv_heads * 32;
+    kv_store_kernel<<<(unsigned)zse_ceil_div(threads, 128), 128, 0, (cudaStream_t)st>>>(*L, k, kpitch, v, vpitch, slots, n);
+    ZSE_CUDA_LAUNCHED("cuda kv_store");
+    return 0;
+}
+
+/* ---- attention ---------------------------------------------------------------------- */
+
+enum {
+    ATT_MAX_DPL = 8,            /* dims per lane: head_dim <= 256 */
+    ATT_WARPS = 4,
+    ATT_MIN_SPLIT = 64,         /* fewest keys a split is worth */
+    ATT_TARGET_ITEMS = 1024,    /* (token, head, split) warps that fill an H100 well */
+};
+
+/* the splits for n tokens x n_heads over at most max_ctx keys */
+static int attention_splits(int64_t n, int n_heads, int max_ctx)
+{
+    const int64_t pairs = n * n_heads;
+    if (pairs >= ATT_TARGET_ITEMS)
+        return 1;
+    int64_t s = zse_ceil_div(ATT_TARGET_ITEMS, pairs);
+    const int64_t by_len = zse_ceil_div(max_ctx, ATT_MIN_SPLIT);
+    if (s > by_len) s = by_len;
+    return (int)(s < 1 ? 1 : s);
+}
+
+extern "C" size_t zse_cuda_attention_work_bytes(int64_t n, int n_heads, int head_dim)
+{
+    /* splits > 1 only when n * n_heads < ATT_TARGET_ITEMS, and then n*n_heads*splits <
+     * 2 * ATT_TARGET_ITEMS; each partial is head_dim sums + (max, denominator) */
+    (void)n;
+    (void)n_heads;
+    return (size_t)2 * ATT_TARGET_ITEMS * (size_t)(head_dim + 2) * sizeof(float);
+}
+
+__device__ __forceinline__ float kv_elem(const zse_cuda_kv_layer &L, const void *pool, int64_t idx)
+{
+    return L.int8 ? (float)((const int8_t *)pool)[idx] : __half2float(((const __half *)pool)[idx]);
+}
+
+__global__ void __launch_bounds__(ATT_WARPS * 32)
+attention_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *q, int64_t qp,
+                 int64_t n, int splits, float *out, int64_t op, float *work)
+{
+    const int64_t item = (int64_t)blockIdx.x * ATT_WARPS + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (item >= n * a.n_heads * splits)
+        return;
+    const int split = (int)(item % splits);
+    const int64_t th = item / splits;
+    const int h = (int)(th % a.n_heads);
+    const int64_t t = th / a.n_heads;
+    const int kvh = h / (a.n_heads / a.n_kv_heads);
+    const int hd = a.head_dim;
+    const int seq = a.seq_of[t];
+    const int pos = a.pos[t];
+    const int lo_vis = a.window > 0 ? max(0, pos - a.window + 1) : 0;
+    const int len = pos - lo_vis + 1;
+    const int per = (len + splits - 1) / splits;
+    const int k_begin = lo_vis + split * per;
+    const int k_end = min(pos + 1, k_begin + per);
+
+    float qv[ATT_MAX_DPL], acc[ATT_MAX_DPL];
+#pragma unroll
+    for (int i = 0; i < ATT_MAX_DPL; i++) {
+        const int d = lane + 32 * i;
+        qv[i] = d < hd ? q[t * qp + (int64_t)h * hd + d] * a.scale : 0.f;
+        acc[i] = 0.f;
+    }
+    float m = -FLT_MAX, l = 0.f;
+    const int32_t *bt = a.block_table + (int64_t)seq * a.max_blocks;
+    for (int p = k_begin; p < k_end; p++) {
+        const int bi = p / L.block_size;
+        const int blk = bi < a.max_blocks ? bt[bi] : -1;
+        const int64_t slot = (int64_t)blk * L.block_size + p % L.block_size;
+        if (blk < 0 || slot >= L.n_slots)
+            continue;   /* not in the cache: the engine never stored this position */
+        const int64_t base = (slot * L.n_kv_heads + kvh) * hd;
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < ATT_MAX_DPL; i++) {
+            const int d = lane + 32 * i;
+            if (d < hd)
+                s = fmaf(qv[i], kv_elem(L, L.k, base + d), s);
+        }
+        for (int off = 16; off > 0; off >>= 1)
+            s += __shfl_xor_sync(0xffffffffu, s, off);
+        float vs = 1.f;
+        if (L.int8) {
+            s *= L.kscale[slot * L.n_kv_heads + kvh];
+            vs = L.vscale[slot * L.n_kv_heads + kvh];
+        }
+        const float m_new = fmaxf(m, s);
+        const float corr = __expf(m - m_new);
+        const float pw = __expf(s - m_new);
+        l = l * corr + pw;
+        m = m_new;
+#pragma unroll
+        for (int i = 0; i < ATT_MAX_DPL; i++) {
+            const int d = lane + 32 * i;
+            if (d < hd)
+                acc[i] = acc[i] * corr + pw * vs * kv_elem(L, L.v, base + d);
+        }
+    }
+    if (splits == 1) {
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+        for (int i = 0; i < ATT_MAX_DPL; i++) {
+            const int d = lane + 32 * i;
+            if (d < hd)
+                out[t * op + (int64_t)h * hd + d] = acc[i] * inv;
+        }
+        return;
+    }
+    float *wp = work + item * (hd + 2);
+#pragma unroll
+    for (int i = 0; i < ATT_MAX_DPL; i++) {
+        const int d = lane + 32 * i;
+        if (d < hd)
+            wp[d] = acc[i];
+    }
+    if (lane == 0) {
+        wp[hd] = m;
+        wp[hd + 1] = l;
+    }
+}
+
+/* The same walk, 32 keys at a time: lane j scores key j of the tile with whole-row 16-byte
+ * loads (q sits in shared memory, read by all lanes at once), one max and one sum per tile
+ * update the softmax state, and the weighted V rows are summed with each key's weight
+ * broadcast from its lane. Every load of a tile is independent of the others, so a warp
+ * keeps ~32 rows in flight where the key-at-a-time walk kept one. head_dim % 16 == 0. */
+__global__ void __launch_bounds__(ATT_WARPS * 32)
+attention_tile_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *q, int64_t qp,
+                      int64_t n, int splits, float *out, int64_t op, float *work)
+{
+    __shared__ __align__(16) float qs[ATT_WARPS][32 * ATT_MAX_DPL];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t item = (int64_t)blockIdx.x * ATT_WARPS + warp;
+    if (item >= n * a.n_heads * splits)
+        return;
+    const int split = (int)(item % splits);
+    const int64_t th = item / splits;
+    const int h = (int)(th % a.n_heads);
+    const int64_t t = th / a.n_heads;
+    const int kvh = h / (a.n_heads / a.n_kv_heads);
+    const int hd = a.head_dim;
+    const int seq = a.seq_of[t];
+    const int pos = a.pos[t];
+    const int lo_vis = a.window > 0 ? max(0, pos - a.window + 1) : 0;
+    const int len = pos - lo_vis + 1;
+    const int per = (len + splits - 1) / splits;
+    const int k_begin = lo_vis + split * per;
+    const int k_end = min(pos + 1, k_begin + per);
+
+    float *qw = qs[warp];
+    for (int d = lane; d < hd; d += 32)
+        qw[d] = q[t * qp + (int64_t)h * hd + d] * a.scale;
+    __syncwarp();
+
+    float acc[ATT_MAX_DPL];
+#pragma unroll
+    for (int i = 0; i < ATT_MAX_DPL; i++)
+        acc[i] = 0.f;
+    float m = -FLT_MAX, l = 0.f;
+    const int32_t *bt = a.block_table + (int64_t)seq * a.max_blocks;
+    for (int k0 = k_begin; k0 < k_end; k0 += 32) {
+        /* score: lane j takes key k0 + j */
+        const int p = k0 + lane;
+        int slot = -1;
+        if (p < k_end) {
+            const int bi = p / L.block_size;
+            const int blk = bi < a.max_blocks ? bt[bi] : -1;
+            const int64_t sl = (int64_t)blk * L.block_size + p % L.block_size;
+            if (blk >= 0 && sl < L.n_slots)
+                slot = (int)sl;
+        }
+        float s = -INFINITY, vscale = 1.f;
+        if (slot >= 0) {
+            const int64_t base = ((int64_t)slot * L.n_kv_heads + kvh) * hd;
+            float dot = 0.f;
+            if (L.int8) {
+                const int8_t *kr = (const int8_t *)L.k + base;
+                for (int d = 0; d < hd; d += 16) {
+                    const uint4 v = *reinterpret_cast<const uint4 *>(kr + d);
+                    const int8_t *b = reinterpret_cast<const int8_t *>(&v);
+                    const float4 *q4 = reinterpret_cast<const float4 *>(qw + d);
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        const float4 qq = q4[j];
+                        dot = fmaf(qq.x, (float)b[4 * j], dot);
+                        dot = fmaf(qq.y, (float)b[4 * j + 1], dot);
+                        dot = fmaf(qq.z, (float)b[4 * j + 2], dot);
+                        dot = fmaf(qq.w, (float)b[4 * j + 3], dot);
+                    }
+                }
+                dot *= L.kscale[(int64_t)slot * L.n_kv_heads + kvh];
+                vscale = L.vscale[(int64_t)slot * L.n_kv_heads + kvh];
+            } else {
+                const __half *kr = (const __half *)L.k + base;
+                for (int d = 0; d < hd; d += 16) {
+                    const uint4 v0 = *reinterpret_cast<const uint4 *>(kr + d);
+                    const uint4 v1 = *reinterpret_cast<const uint4 *>(kr + d + 8);
+                    const __half2 *h0 = reinterpret_cast<const __half2 *>(&v0);
+                    const __half2 *h1 = reinterpret_cast<const __half2 *>(&v1);
+                    const float4 *q4 = reinterpret_cast<const float4 *>(qw + d);
+#pragma unroll
+                    for (int j = 0; j < 2; j++) {
+                        const float4 qa = q4[j], qb = q4[2 + j];
+                        const float2 a0 = __half22float2(h0[2 * j]), a1 = __half22float2(h0[2 * j + 1]);
+                        const float2 b0 = __half22float2(h1[2 * j]), b1 = __half22float2(h1[2 * j + 1]);
+                        dot = fmaf(qa.x, a0.x, dot);
+                        dot = fmaf(qa.y, a0.y, dot);
+                        dot = fmaf(qa.z, a1.x, dot);
+                        dot = fmaf(qa.w, a1.y, dot);
+                        dot = fmaf(qb.x, b0.x, dot);
+                        dot = fmaf(qb.y, b0.y, dot);
+                        dot = fmaf(qb.z, b1.x, dot);
+                        dot = fmaf(qb.w, b1.y, dot);
+                    }
+                }
+            }
+            s = dot;
+        }
+        float tmax = s;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+            tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+        const float m_new = fmaxf(m, tmax);
+        const float corr = __expf(m - m_new);
+        const float pw = slot >= 0 ? __expf(s - m_new) : 0.f;
+        float psum = pw;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+            psum += __shfl_xor_sync(0xffffffffu, psum, o);
+        l = l * corr + psum;
+        m = m_new;
+#pragma unroll
+        for (int i = 0; i < ATT_MAX_DPL; i++)
+            acc[i] *= corr;
+        /* V: every lane its dims, each key's weight (times its int8 scale) from its lane */
+        const float pv = pw * vscale;
+        const int nk = min(32, k_end - k0);
+        /* no branch per key, so the V loads of several keys are in flight together: a hole
+         * (slot -1, weight 0) reads slot 0, which the pool's zero fill keeps finite */
+#pragma unroll 4
+        for (int j = 0; j < nk; j++) {
+            const float pj = __shfl_sync(0xffffffffu, pv, j);
+            const int sj = max(0, __shfl_sync(0xffffffffu, slot, j));
+            const int64_t base = ((int64_t)sj * L.n_kv_heads + kvh) * hd;
+#pragma unroll
+            for (int i = 0; i < ATT_MAX_DPL; i++) {
+                const int d = lane + 32 * i;
+                if (d < hd)
+                    acc[i] = fmaf(pj, kv_elem(L, L.v, base + d), acc[i]);
+            }
+        }
+    }
+    if (splits == 1) {
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+        for (int i = 0; i < ATT_MAX_DPL; i++) {
+            const int d = lane + 32 * i;
+            if (d < hd)
+                out[t * op + (int64_t)h * hd + d] = acc[i] * inv;
+        }
+        return;
+    }
+    float *wp = work + item * (hd + 2);
+#pragma unroll
+    for (int i = 0; i < ATT_MAX_DPL; i++) {
+        const int d = lane + 32 * i;
+        if (d < hd)
+            wp[d] = acc[i];
+    }
+    if (lane == 0) {
+        wp[hd] = m;
+        wp[hd + 1] = l;
+    }
+}
+
+/* merge the splits of one (token, head): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s */
+__global__ void attention_combine_kernel(const float *work, int64_t n, int n_heads, int hd,
+                                         int splits, float *out, int64_t op)
+{
+    const int64_t th = blockIdx.x;
+    const int64_t t = th / n_heads;
+    const int h = (int)(th % n_heads);
+    const float *w0 = work + th * splits * (hd + 2);
+    float M = -FLT_MAX;
+    for (int s = 0; s < splits; s++)
+        if (w0[s * (hd + 2) + hd + 1] > 0.f)
+            M = fmaxf(M, w0[s * (hd + 2) + hd]);
+    float den = 0.f;
+    for (int s = 0; s < splits; s++) {
+        const float l = w0[s * (hd + 2) + hd + 1];
+        if (l > 0.f)
+            den += __expf(w0[s * (hd + 2) + hd] - M) * l;
+    }
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float num = 0.f;
+        for (int s = 0; s < splits; s++) {
+            const float l = w0[s * (hd + 2) + hd + 1];
+            if (l > 0.f)
+                num += __expf(w0[s * (hd + 2) + hd] - M) * w0[s * (hd + 2) + d];
+        }
+        out[t * op + (int64_t)h * hd + d] = num * inv;
+    }
+}
+
+extern "C" int zse_cuda_attention(const zse_cuda_kv_layer *L, const zse_cuda_attn *a,
+                                  const float *q, int64_t qpitch, int64_t n, int max_ctx,
+                                  float *out, int64_t opitch, void *work, size_t work_bytes,
+                                  zse_cuda_stream st)
+{
+    if (n < 1)
+        return 0;
+    if (a->head_dim < 1 || a->head_dim > 32 * ATT_MAX_DPL)
+        return zse_cuda_fail("cuda attention: head_dim %d (1..%d)", a->head_dim, 32 * ATT_MAX_DPL);
+    if (a->n_kv_heads < 1 || a->n_heads % a->n_kv_heads)
+        return zse_cuda_fail("cuda attention: %d heads over %d kv heads", a->n_heads, a->n_kv_heads);
+    const int splits = attention_splits(n, a->n_heads, max_ctx < 1 ? 1 : max_ctx);
+    const int64_t items = n * a->n_heads * splits;
+    if (splits > 1 && (size_t)items * (a->head_dim + 2) * sizeof(float) > work_bytes)
+        return zse_cuda_fail("cuda attention: work buffer of %zu bytes is too small", work_bytes);
+    if (a->head_dim % 16 == 0)
+        attention_tile_kernel<<<(unsigned)zse_ceil_div(items, ATT_WARPS), ATT_WARPS * 32, 0, (cudaStream_t)st>>>(
+            *L, *a, q, qpitch, n, splits, out, opitch, (float *)work);
+    else
+        attention_kernel<<<(unsigned)zse_ceil_div(items, ATT_WARPS), ATT_WARPS * 32, 0, (cudaStream_t)st>>>(
+            *L, *a, q, qpitch, n, splits, out, opitch, (float *)work);
+    ZSE_CUDA_LAUNCHED("cuda attention");
+    if (splits > 1) {
+        attention_combine_kernel<<<(unsigned)(n * a->n_heads), 128, 0, (cudaStream_t)st>>>(
+            (const float *)work, n, a->n_heads, a->head_dim, splits, out, opitch);
+        ZSE_CUDA_LAUNCHED("cuda attention combine");
+    }
+    return 0;
+}

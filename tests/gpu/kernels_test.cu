@@ -1,0 +1,1193 @@
+/* kernels_test — the CUDA kernels against a CPU reference, then their speed.
+ *
+ *   kernels_test            correctness: every scheme through GEMV and GEMM on odd shapes
+ *                           (rows/cols not multiples of the tiles, groups 32/64/128, batch
+ *                           1..64), embed, the elementwise ops, RoPE, KV store and paged
+ *                           attention (f16 and int8, GQA, sliding window, split-K decode)
+ *   kernels_test --bench    GB/s of each matmul path on Qwen2.5-7B shapes, the device copy
+ *                           bandwidth it is measured against, and attention timings
+ *
+ * Packed weights are built here from random codes following docs/FORMAT.md (so this
+ * program needs nothing but the kernels); the reference dequantizes them in double.
+ * Output ends "N passed, N failed"; exit 1 on any failure. */
+#include "backend/cuda/cuda_kernels.h"
+
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+/* scheme ids, as src/quant/quant.h numbers them (written to files: never renumbered) */
+enum { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3, Q4 = 4, Q4S = 5, NF4 = 6 };
+static const char *scheme_names[] = {"f32", "f16", "bf16", "int8", "int4", "int4s", "nf4"};
+static const float nf4_values[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982434654236f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+static int passed, failed;
+
+#define CHECK(cond, ...)                                                     \
+    do {                                                                     \
+        if (cond) {                                                          \
+            passed++;                                                        \
+        } else {                                                             \
+            failed++;                                                        \
+            fprintf(stderr, "%s:%d: FAILED %s: ", __FILE__, __LINE__, #cond); \
+            fprintf(stderr, __VA_ARGS__);                                    \
+            fprintf(stderr, "\n");                                           \
+        }                                                                    \
+    } while (0)
+
+#define CU(call)                                                                          \
+    do {                                                                                  \
+        cudaError_t e_ = (call);                                                          \
+        if (e_ != cudaSuccess) {                                                          \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+            exit(2);                                                                      \
+        }                                                                                 \
+    } while (0)
+
+#define LAUNCH(call)                                                                      \
+    do {                                                                                  \
+        if ((call) != 0) {                                                                \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, zse_cuda_last_error()); \
+            exit(2);                                                                      \
+        }                                                                                 \
+    } while (0)
+
+/* ---- random numbers (xorshift; a fresh seed per check) ---- */
+static uint64_t rng = 0x9E3779B97F4A7C15ull;
+static uint32_t rnd_u32(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (uint32_t)(rng >> 16);
+}
+static float rnd_uniform(float lo, float hi) { return lo + (hi - lo) * (rnd_u32() / 4294967296.0f); }
+
+static uint16_t f2h(float f) { __half_raw r = __half(__float2half_rn(f)); return r.x; }
+static float h2f(uint16_t u) { __half_raw r; r.x = u; return __half2float(__half(r)); }
+static uint16_t f2bf(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+static float bf2f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
+
+/* ---- a packed weight on the host and the device ---- */
+struct packed {
+    int scheme, group;
+    int64_t rows, cols, row_bytes, groups;
+    std::vector<uint8_t> bytes;
+    size_t off_scales, off_mins;
+    void *dev;
+    zse_cuda_weight w;
+};
+
+static int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+static void pack_random(packed &p, int scheme, int64_t rows, int64_t cols, int group)
+{
+    p.scheme = scheme;
+    p.rows = rows;
+    p.cols = cols;
+    p.group = group;
+    p.groups = 0;
+    bool four = scheme == Q4 || scheme == Q4S || scheme == NF4;
+    if (four) {
+        int64_t cp = round_up(cols, group);
+        p.row_bytes = cp / 2;
+        p.groups = cp / group;
+    } else if (scheme == Q8) {
+        p.row_bytes = round_up(cols, 32);
+    } else {
+        int es = scheme == F32 ? 4 : 2;
+        p.row_bytes = round_up(cols * es, 16);     /* the loader's re-pitch */
+    }
+    size_t qs_bytes = (size_t)(rows * p.row_bytes);
+    p.off_scales = (size_t)round_up((int64_t)qs_bytes, 256);
+    size_t sc_bytes = four ? (size_t)(rows * p.groups * 2) : scheme == Q8 ? (size_t)rows * 4 : 0;
+    p.off_mins = (size_t)round_up((int64_t)(p.off_scales + sc_bytes), 256);
+    size_t total = p.off_mins + (scheme == Q4 ? sc_bytes : 0);
+    p.bytes.assign(total, 0);
+    uint8_t *q = p.bytes.data();
+    for (int64_t r = 0; r < rows; r++) {
+        uint8_t *row = q + r * p.row_bytes;
+        for (int64_t k = 0; k < cols; k++) {
+            if (four) {
+                uint8_t v = rnd_u32() & 15;
+                int64_t c = k / 32, j = k % 32;
+                row[c * 16 + (j & 15)] |= (uint8_t)(j < 16 ? v : v << 4);
+            } else if (scheme == Q8) {
+                row[k] = (uint8_t)(int8_t)((int)(rnd_u32() % 255) - 127);
+            } else if (scheme == F32) {
+                float f = rnd_uniform(-1.f, 1.f);
+                memcpy(row + 4 * k, &f, 4);
+            } else {
+                uint16_t u = scheme == F16 ? f2h(rnd_uniform(-1.f, 1.f)) : f2bf(rnd_uniform(-1.f, 1.f));
+                memcpy(row + 2 * k, &u, 2);
+            }
+        }
+    }
+    if (four) {
+        uint16_t *s = (uint16_t *)(q + p.off_scales), *m = (uint16_t *)(q + p.off_mins);
+        for (int64_t i = 0; i < rows * p.groups; i++) {
+            s[i] = f2h(rnd_uniform(0.005f, 0.05f));
+            if (scheme == Q4)
+                m[i] = f2h(rnd_uniform(-0.4f, 0.f));
+        }
+    } else if (scheme == Q8) {
+        float *s = (float *)(q + p.off_scales);
+        for (int64_t r = 0; r < rows; r++)
+            s[r] = rnd_uniform(0.001f, 0.01f);
+    }
+    CU(cudaMalloc(&p.dev, total));
+    CU(cudaMemcpy(p.dev, q, total, cudaMemcpyHostToDevice));
+    uint8_t *d = (uint8_t *)p.dev;
+    p.w.scheme = scheme;
+    p.w.rows = rows;
+    p.w.cols = cols;
+    p.w.group_size = group;
+    p.w.qs = d;
+    p.w.scales = (four || scheme == Q8) ? d + p.off_scales : NULL;
+    p.w.mins = scheme == Q4 ? d + p.off_mins : NULL;
+    p.w.row_bytes = p.row_bytes;
+    p.w.groups = p.groups;
+}
+
+static double ref_weight(const packed &p, int64_t r, int64_t k)
+{
+    const uint8_t *row = p.bytes.data() + r * p.row_bytes;
+    switch (p.scheme) {
+    case F32: { float f; memcpy(&f, row + 4 * k, 4); return f; }
+    case F16: { uint16_t u; memcpy(&u, row + 2 * k, 2); return h2f(u); }
+    case BF16: { uint16_t u; memcpy(&u, row + 2 * k, 2); return bf2f(u); }
+    case Q8: return (double)(int8_t)row[k] * ((const float *)(p.bytes.data() + p.off_scales))[r];
+    default: break;
+    }
+    int64_t c = k / 32, j = k % 32;
+    uint8_t byte = row[c * 16 + (j & 15)];
+    int v = j < 16 ? byte & 15 : byte >> 4;
+    int64_t g = k / p.group;
+    double s = h2f(((const uint16_t *)(p.bytes.data() + p.off_scales))[r * p.groups + g]);
+    if (p.scheme == Q4)
+        return v * s + h2f(((const uint16_t *)(p.bytes.data() + p.off_mins))[r * p.groups + g]);
+    if (p.scheme == Q4S)
+        return (v - 8) * s;
+    return nf4_values[v] * s;
+}
+
+static size_t packed_bytes(const packed &p) { return p.bytes.size(); }
+
+static std::vector<float> rand_vec(size_t n, float lo = -2.f, float hi = 2.f)
+{
+    std::vector<float> v(n);
+    for (auto &f : v)
+        f = rnd_uniform(lo, hi);
+    return v;
+}
+
+/* ---- activations: f32 [n][pitch] ---- */
+static int64_t pitch_of(int64_t cols) { return round_up(cols, 4); }
+
+static float *dev_floats(const std::vector<float> &h)
+{
+    float *d;
+    CU(cudaMalloc(&d, h.size() * 4 + 16));
+    CU(cudaMemcpy(d, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
+    return d;
+}
+
+static std::vector<float> host_floats(const float *d, size_t n)
+{
+    std::vector<float> h(n);
+    CU(cudaDeviceSynchronize());
+    CU(cudaMemcpy(h.data(), d, n * 4, cudaMemcpyDeviceToHost));
+    return h;
+}
+
+/* ||a - b|| / ||b|| over the used entries; NaN (an unwritten poisoned output) fails */
+static double rel_err(const std::vector<double> &ref, const std::vector<float> &got)
+{
+    double num = 0, den = 0;
+    for (size_t i = 0; i < ref.size(); i++) {
+        if (!std::isfinite(got[i]))
+            return INFINITY;
+        num += (got[i] - ref[i]) * (got[i] - ref[i]);
+        den += ref[i] * ref[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static void poison(float *d, size_t n) { CU(cudaMemset(d, 0xFF, n * 4)); }  /* NaN */
+
+/* ---- matmul ---- */
+static cublasHandle_t cublas;
+static void *scratch;
+static const size_t scratch_bytes = (size_t)256 << 20;
+
+static void check_matmul(int scheme, int64_t rows, int64_t cols, int group, int n, bool gemm)
+{
+    packed p;
+    pack_random(p, scheme, rows, cols, group);
+    const int64_t xp = pitch_of(cols), yp = pitch_of(rows) + 4;
+    std::vector<float> x((size_t)(n * xp));
+    for (auto &v : x)
+        v = rnd_uniform(-1.f, 1.f);
+    float *dx = dev_floats(x), *dy;
+    CU(cudaMalloc(&dy, (size_t)(n * yp) * 4));
+    poison(dy, (size_t)(n * yp));
+    if (gemm)
+        LAUNCH(zse_cuda_matmul_gemm(&p.w, dx, xp, n, dy, yp, cublas, scratch, scratch_bytes, 0));
+    else
+        LAUNCH(zse_cuda_matmul_gemv(&p.w, dx, xp, n, dy, yp, scratch, scratch_bytes, 0));
+    std::vector<float> y = host_floats(dy, (size_t)(n * yp)), got;
+    std::vector<double> ref;
+    std::vector<double> wrow((size_t)cols);
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t k = 0; k < cols; k++)
+            wrow[(size_t)k] = ref_weight(p, r, k);
+        for (int t = 0; t < n; t++) {
+            double s = 0;
+            for (int64_t k = 0; k < cols; k++)
+                s += wrow[(size_t)k] * x[(size_t)(t * xp + k)];
+            ref.push_back(s);
+            got.push_back(y[(size_t)(t * yp + r)]);
+        }
+    }
+    /* GEMV: fp32 all the way. GEMM: x in f16 for 4/8-bit weights; hi+lo split for 16-bit */
+    const bool quant = scheme == Q8 || scheme == Q4 || scheme == Q4S || scheme == NF4;
+    /* GEMV: fp32, except 4-bit int4/int4s: x split into two int8 halves (~15 bits) */
+    const bool dp4a = scheme == Q4 || scheme == Q4S;
+    const double tol = !gemm ? (dp4a ? 1e-4 : 2e-5) : quant ? 2e-3 : 1e-4;
+    const double e = rel_err(ref, got);
+    CHECK(e < tol, "%s %s %lldx%lld g%d n=%d: rel err %.3g (tol %.1g)", gemm ? "gemm" : "gemv",
+          scheme_names[scheme], (long long)rows, (long long)cols, group, n, e, tol);
+    cudaFree(dx);
+    cudaFree(dy);
+    cudaFree(p.dev);
+}
+
+/* zse_cuda_matmul at a batch the dispatcher may split into GEMV passes */
+static void check_matmul_dispatch(int scheme, int64_t rows, int64_t cols, int group, int n)
+{
+    packed p;
+    pack_random(p, scheme, rows, cols, group);
+    const int64_t xp = pitch_of(cols), yp = pitch_of(rows);
+    std::vector<float> x = rand_vec((size_t)(n * xp), -1.f, 1.f);
+    float *dx = dev_floats(x), *dy;
+    CU(cudaMalloc(&dy, (size_t)(n * yp) * 4));
+    poison(dy, (size_t)(n * yp));
+    CHECK(zse_cuda_matmul_scratch_bytes(&p.w, n) <= scratch_bytes, "scratch estimate");
+    LAUNCH(zse_cuda_matmul(&p.w, dx, xp, n, dy, yp, cublas, scratch, scratch_bytes, 0));
+    std::vector<float> y = host_floats(dy, (size_t)(n * yp)), got;
+    std::vector<double> ref;
+    for (int t = 0; t < n; t++)
+        for (int64_t r = 0; r < rows; r++) {
+            double s = 0;
+            for (int64_t k = 0; k < cols; k++)
+                s += ref_weight(p, r, k) * x[(size_t)(t * xp + k)];
+            ref.push_back(s);
+            got.push_back(y[(size_t)(t * yp + r)]);
+        }
+    const double e = rel_err(ref, got);
+    CHECK(e < 2e-3, "matmul %s n=%d: rel err %.3g", scheme_names[scheme], n, e);
+    cudaFree(dx);
+    cudaFree(dy);
+    cudaFree(p.dev);
+}
+
+static void test_matmul(void)
+{
+    const int schemes[] = {F32, F16, BF16, Q8, Q4, Q4S, NF4};
+    for (int s : schemes) {
+        const bool four = s == Q4 || s == Q4S || s == NF4;
+        const int groups[] = {32, 64, 128};
+        for (int gi = 0; gi < (four ? 3 : 1); gi++) {
+            const int g = four ? groups[gi] : 0;
+            /* rows and cols off every tile; cols off the group too */
+            const int64_t shapes[][2] = {{1, 7}, {37, 100}, {129, 301}, {300, 1000}, {17, 2053}};
+            for (auto &sh : shapes)
+                for (int n : {1, 2, 3, 5, 8})
+                    check_matmul(s, sh[0], sh[1], g, n, false);
+            for (int n : {1, 9, 33, 64})
+                check_matmul(s, 131, 515, g, n, true);
+            check_matmul_dispatch(s, 77, 300, g, 13);
+        }
+    }
+    /* the dispatcher picks the path by batch size */
+    packed p;
+    pack_random(p, Q4, 64, 256, 128);
+    CHECK(zse_cuda_matmul_gemv(&p.w, NULL, 0, 9, NULL, 0, scratch, scratch_bytes, 0) != 0, "gemv took 9 rows");
+    CHECK(zse_cuda_matmul_gemv(&p.w, (float *)scratch, 4, 1, NULL, 4, scratch, 10, 0) != 0, "tiny scratch accepted");
+    p.w.group_size = 48;
+    CHECK(zse_cuda_matmul_gemv(&p.w, NULL, 4, 1, NULL, 4, scratch, scratch_bytes, 0) != 0, "group 48 accepted");
+    cudaFree(p.dev);
+}
+
+/* ---- embed ---- */
+static void test_embed(void)
+{
+    for (int s : {F32, F16, BF16, Q8, Q4, Q4S, NF4}) {
+        packed p;
+        const int64_t rows = 50, cols = 197;
+        pack_random(p, s, rows, cols, 64);
+        std::vector<int32_t> ids = {3, 0, 49, -1, 50, 7, 7};
+        const int64_t n = (int64_t)ids.size(), op = pitch_of(cols);
+        int32_t *dids;
+        CU(cudaMalloc(&dids, ids.size() * 4));
+        CU(cudaMemcpy(dids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
+        float *dout;
+        CU(cudaMalloc(&dout, (size_t)(n * op) * 4));
+        poison(dout, (size_t)(n * op));
+        LAUNCH(zse_cuda_embed(&p.w, dids, n, dout, op, 0));
+        std::vector<float> out = host_floats(dout, (size_t)(n * op)), got;
+        std::vector<double> ref;
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t k = 0; k < cols; k++) {
+                int id = ids[(size_t)t];
+                ref.push_back(id >= 0 && id < rows ? ref_weight(p, id, k) : 0.0);
+                got.push_back(out[(size_t)(t * op + k)]);
+            }
+        double e = rel_err(ref, got);
+        CHECK(e < 1e-6, "embed %s: rel err %.3g", scheme_names[s], e);
+        cudaFree(dids);
+        cudaFree(dout);
+        cudaFree(p.dev);
+    }
+}
+
+/* ---- elementwise, norm, rope ---- */
+
+static void test_elementwise(void)
+{
+    const int64_t rows = 7, dim = 203, p = pitch_of(dim);
+    std::vector<float> a = rand_vec((size_t)(rows * p)), b = rand_vec((size_t)(rows * p)),
+                       w = rand_vec((size_t)dim, 0.5f, 1.5f);
+    float *da = dev_floats(a), *db = dev_floats(b), *dw = dev_floats(w), *dout;
+    CU(cudaMalloc(&dout, (size_t)(rows * p) * 4));
+
+    /* rmsnorm */
+    poison(dout, (size_t)(rows * p));
+    LAUNCH(zse_cuda_rmsnorm(da, p, dw, 1e-6f, rows, dim, dout, p, 0));
+    std::vector<float> o = host_floats(dout, (size_t)(rows * p)), got;
+    std::vector<double> ref;
+    for (int64_t r = 0; r < rows; r++) {
+        double ss = 0;
+        for (int64_t i = 0; i < dim; i++)
+            ss += (double)a[(size_t)(r * p + i)] * a[(size_t)(r * p + i)];
+        double inv = 1.0 / sqrt(ss / dim + 1e-6);
+        for (int64_t i = 0; i < dim; i++) {
+            ref.push_back(a[(size_t)(r * p + i)] * inv * w[(size_t)i]);
+            got.push_back(o[(size_t)(r * p + i)]);
+        }
+    }
+    CHECK(rel_err(ref, got) < 1e-6, "rmsnorm: %.3g", rel_err(ref, got));
+
+    /* silu_mul */
+    poison(dout, (size_t)(rows * p));
+    LAUNCH(zse_cuda_silu_mul(da, p, db, p, rows, dim, dout, p, 0));
+    o = host_floats(dout, (size_t)(rows * p));
+    ref.clear();
+    got.clear();
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < dim; i++) {
+            double g = a[(size_t)(r * p + i)];
+            ref.push_back(g / (1 + exp(-g)) * b[(size_t)(r * p + i)]);
+            got.push_back(o[(size_t)(r * p + i)]);
+        }
+    CHECK(rel_err(ref, got) < 1e-5, "silu_mul: %.3g", rel_err(ref, got));
+
+    /* add, add_bias (in place on a copy of a) */
+    float *dc = dev_floats(a);
+    LAUNCH(zse_cuda_add(dc, p, db, p, rows, dim, 0));
+    LAUNCH(zse_cuda_add_bias(dc, p, dw, rows, dim, 0));
+    o = host_floats(dc, (size_t)(rows * p));
+    ref.clear();
+    got.clear();
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < dim; i++) {
+            ref.push_back((double)a[(size_t)(r * p + i)] + b[(size_t)(r * p + i)] + w[(size_t)i]);
+            got.push_back(o[(size_t)(r * p + i)]);
+        }
+    CHECK(rel_err(ref, got) < 1e-6, "add+bias: %.3g", rel_err(ref, got));
+
+    /* gather rows */
+    std::vector<int32_t> idx = {6, 0, 3};
+    int32_t *didx;
+    CU(cudaMalloc(&didx, 12));
+    CU(cudaMemcpy(didx, idx.data(), 12, cudaMemcpyHostToDevice));
+    poison(dout, (size_t)(rows * p));
+    LAUNCH(zse_cuda_gather_rows(da, p, didx, 3, dim, dout, p, 0));
+    o = host_floats(dout, (size_t)(rows * p));
+    bool same = true;
+    for (int i = 0; i < 3; i++)
+        for (int64_t k = 0; k < dim; k++)
+            same = same && o[(size_t)(i * p + k)] == a[(size_t)(idx[(size_t)i] * p + k)];
+    CHECK(same, "gather_rows copies the rows asked for");
+
+    /* rope, rotate-half pairing, with mscale */
+    const int n_heads = 3, hd = 64;
+    const int64_t qp = pitch_of(n_heads * hd);
+    std::vector<float> q = rand_vec((size_t)(rows * qp)), inv((size_t)hd / 2);
+    for (int i = 0; i < hd / 2; i++)
+        inv[(size_t)i] = (float)pow(10000.0, -2.0 * i / hd);
+    std::vector<int32_t> pos = {0, 1, 5, 100, 4095, 17, 32767};
+    int32_t *dpos;
+    CU(cudaMalloc(&dpos, pos.size() * 4));
+    CU(cudaMemcpy(dpos, pos.data(), pos.size() * 4, cudaMemcpyHostToDevice));
+    float *dq = dev_floats(q), *dinv = dev_floats(inv);
+    LAUNCH(zse_cuda_rope(dq, qp, rows, n_heads, hd, dpos, dinv, 1.25f, 0));
+    o = host_floats(dq, (size_t)(rows * qp));
+    ref.clear();
+    got.clear();
+    for (int64_t t = 0; t < rows; t++)
+        for (int h = 0; h < n_heads; h++)
+            for (int i = 0; i < hd / 2; i++) {
+                const float *x = &q[(size_t)(t * qp + h * hd)];
+                double ang = (double)(float)((float)pos[(size_t)t] * inv[(size_t)i]);
+                double c = cos(ang) * 1.25, s = sin(ang) * 1.25;
+                ref.push_back(x[i] * c - x[i + hd / 2] * s);
+                ref.push_back(x[i + hd / 2] * c + x[i] * s);
+                got.push_back(o[(size_t)(t * qp + h * hd + i)]);
+                got.push_back(o[(size_t)(t * qp + h * hd + i + hd / 2)]);
+            }
+    CHECK(rel_err(ref, got) < 1e-5, "rope: %.3g", rel_err(ref, got));
+    for (float *d : {da, db, dw, dout, dc, dq, dinv})
+        cudaFree(d);
+    cudaFree(didx);
+    cudaFree(dpos);
+}
+
+/* ---- paged KV + attention ---- */
+struct attn_case {
+    const char *name;
+    int int8, n_heads, n_kv, hd, window, block_size;
+    std::vector<int> seq_lens;   /* tokens in the cache per sequence after the store */
+    std::vector<int> new_tokens; /* how many of those (the last ones) this step carries */
+};
+
+static void check_attention(const attn_case &c)
+{
+    const int n_seqs = (int)c.seq_lens.size(), bs = c.block_size;
+    int max_blocks = 0, total_blocks = 0, max_ctx = 0;
+    for (int l : c.seq_lens) {
+        max_blocks = std::max(max_blocks, (l + bs - 1) / bs);
+        total_blocks += (l + bs - 1) / bs;
+        max_ctx = std::max(max_ctx, l);
+    }
+    const int n_blocks = total_blocks + 3;
+    /* shuffled physical blocks so that table order != memory order */
+    std::vector<int> perm((size_t)n_blocks);
+    for (int i = 0; i < n_blocks; i++)
+        perm[(size_t)i] = i;
+    for (int i = n_blocks - 1; i > 0; i--)
+        std::swap(perm[(size_t)i], perm[(size_t)(rnd_u32() % (uint32_t)(i + 1))]);
+    std::vector<int32_t> table((size_t)(n_seqs * max_blocks), -1);
+    int next = 0;
+    for (int s = 0; s < n_seqs; s++)
+        for (int b = 0; b < (c.seq_lens[(size_t)s] + bs - 1) / bs; b++)
+            table[(size_t)(s * max_blocks + b)] = perm[(size_t)next++];
+
+    const int kvw = c.n_kv * c.hd, qw = c.n_heads * c.hd;
+    /* all cache contents (k, v per sequence position), stored in two steps: the history
+     * first, then this step's tokens, which are also the queries */
+    std::vector<std::vector<float>> K((size_t)n_seqs), V((size_t)n_seqs);
+    for (int s = 0; s < n_seqs; s++) {
+        K[(size_t)s] = rand_vec((size_t)(c.seq_lens[(size_t)s] * kvw), -1.f, 1.f);
+        V[(size_t)s] = rand_vec((size_t)(c.seq_lens[(size_t)s] * kvw), -1.f, 1.f);
+    }
+    zse_cuda_kv_layer L;
+    memset(&L, 0, sizeof L);
+    L.int8 = c.int8;
+    L.block_size = bs;
+    L.n_kv_heads = c.n_kv;
+    L.head_dim = c.hd;
+    L.n_slots = (int64_t)n_blocks * bs;
+    const size_t elems = (size_t)L.n_slots * kvw, es = c.int8 ? 1 : 2;
+    CU(cudaMalloc(&L.k, elems * es));
+    CU(cudaMalloc(&L.v, elems * es));
+    CU(cudaMalloc(&L.kscale, (size_t)L.n_slots * c.n_kv * 4));
+    CU(cudaMalloc(&L.vscale, (size_t)L.n_slots * c.n_kv * 4));
+    /* the backend's kv_new zero-fills the pool; so does this */
+    CU(cudaMemset(L.k, 0, elems * es));
+    CU(cudaMemset(L.v, 0, elems * es));
+    CU(cudaMemset(L.kscale, 0, (size_t)L.n_slots * c.n_kv * 4));
+    CU(cudaMemset(L.vscale, 0, (size_t)L.n_slots * c.n_kv * 4));
+
+    for (int phase = 0; phase < 2; phase++) {
+        std::vector<float> kr, vr;
+        std::vector<int32_t> slots;
+        for (int s = 0; s < n_seqs; s++) {
+            const int len = c.seq_lens[(size_t)s], first_new = len - c.new_tokens[(size_t)s];
+            for (int p = phase == 0 ? 0 : first_new; p < (phase == 0 ? first_new : len); p++) {
+                slots.push_back(table[(size_t)(s * max_blocks + p / bs)] * bs + p % bs);
+                kr.insert(kr.end(), K[(size_t)s].begin() + p * kvw, K[(size_t)s].begin() + (p + 1) * kvw);
+                vr.insert(vr.end(), V[(size_t)s].begin() + p * kvw, V[(size_t)s].begin() + (p + 1) * kvw);
+            }
+        }
+        if (slots.empty())
+            continue;
+        slots.push_back(-1);    /* a padded token: skipped */
+        kr.resize(kr.size() + (size_t)kvw, 9.f);
+        vr.resize(vr.size() + (size_t)kvw, 9.f);
+        float *dk = dev_floats(kr), *dv = dev_floats(vr);
+        int32_t *dslots;
+        CU(cudaMalloc(&dslots, slots.size() * 4));
+        CU(cudaMemcpy(dslots, slots.data(), slots.size() * 4, cudaMemcpyHostToDevice));
+        LAUNCH(zse_cuda_kv_store(&L, dk, kvw, dv, kvw, dslots, (int64_t)slots.size(), 0));
+        CU(cudaDeviceSynchronize());
+        cudaFree(dk);
+        cudaFree(dv);
+        cudaFree(dslots);
+    }
+
+    /* queries: this step's tokens */
+    std::vector<int32_t> seq_of, pos;
+    for (int s = 0; s < n_seqs; s++)
+        for (int p = c.seq_lens[(size_t)s] - c.new_tokens[(size_t)s]; p < c.seq_lens[(size_t)s]; p++) {
+            seq_of.push_back(s);
+            pos.push_back(p);
+        }
+    const int64_t n = (int64_t)seq_of.size(), qp = pitch_of(qw);
+    std::vector<float> q = rand_vec((size_t)(n * qp), -1.f, 1.f);
+    float *dq = dev_floats(q), *dout;
+    CU(cudaMalloc(&dout, (size_t)(n * qp) * 4));
+    poison(dout, (size_t)(n * qp));
+    int32_t *dseq, *dpos, *dtab;
+    CU(cudaMalloc(&dseq, (size_t)n * 4));
+    CU(cudaMalloc(&dpos, (size_t)n * 4));
+    CU(cudaMalloc(&dtab, table.size() * 4));
+    CU(cudaMemcpy(dseq, seq_of.data(), (size_t)n * 4, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(dpos, pos.data(), (size_t)n * 4, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(dtab, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+    zse_cuda_attn a;
+    a.n_heads = c.n_heads;
+    a.n_kv_heads = c.n_kv;
+    a.head_dim = c.hd;
+    a.scale = 1.f / sqrtf((float)c.hd);
+    a.window = c.window;
+    a.seq_of = dseq;
+    a.pos = dpos;
+    a.block_table = dtab;
+    a.max_blocks = max_blocks;
+    size_t wb = zse_cuda_attention_work_bytes(n, c.n_heads, c.hd);
+    void *work;
+    CU(cudaMalloc(&work, wb));
+    LAUNCH(zse_cuda_attention(&L, &a, dq, qp, n, max_ctx, dout, qp, work, wb, 0));
+    std::vector<float> o = host_floats(dout, (size_t)(n * qp)), got;
+    std::vector<double> ref;
+    const int group = c.n_heads / c.n_kv;
+    for (int64_t t = 0; t < n; t++) {
+        const int s = seq_of[(size_t)t], P = pos[(size_t)t];
+        const int lo = c.window > 0 ? std::max(0, P - c.window + 1) : 0;
+        for (int h = 0; h < c.n_heads; h++) {
+            const int kh = h / group;
+            std::vector<double> sc;
+            double m = -1e300;
+            for (int p = lo; p <= P; p++) {
+                double d = 0;
+                for (int i = 0; i < c.hd; i++)
+                    d += (double)q[(size_t)(t * qp + h * c.hd + i)] * K[(size_t)s][(size_t)(p * kvw + kh * c.hd + i)];
+                d *= a.scale;
+                sc.push_back(d);
+                m = std::max(m, d);
+            }
+            double den = 0;
+            for (double &v : sc) {
+                v = exp(v - m);
+                den += v;
+            }
+            for (int i = 0; i < c.hd; i++) {
+                double acc = 0;
+                for (int p = lo; p <= P; p++)
+                    acc += sc[(size_t)(p - lo)] * V[(size_t)s][(size_t)(p * kvw + kh * c.hd + i)];
+                ref.push_back(acc / den);
+                got.push_back(o[(size_t)(t * qp + h * c.hd + i)]);
+            }
+        }
+    }
+    const double tol = c.int8 ? 2e-2 : 3e-3, e = rel_err(ref, got);
+    CHECK(e < tol, "attention %s: rel err %.3g (tol %.1g)", c.name, e, tol);
+    cudaFree(L.k);
+    cudaFree(L.v);
+    cudaFree(L.kscale);
+    cudaFree(L.vscale);
+    cudaFree(dq);
+    cudaFree(dout);
+    cudaFree(dseq);
+    cudaFree(dpos);
+    cudaFree(dtab);
+    cudaFree(work);
+}
+
+static void test_attention(void)
+{
+    for (int int8 = 0; int8 < 2; int8++) {
+        const attn_case cases[] = {
+            /* prefill of two prompts, GQA 4:1 */
+            {"prefill", int8, 8, 2, 64, 0, 16, {37, 20}, {37, 20}},
+            /* chunked prefill on top of a history, head_dim 128, MHA */
+            {"chunked", int8, 4, 4, 128, 0, 16, {70, 50}, {9, 50}},
+            /* decode: one token per sequence over long contexts (split-K merges) */
+            {"decode", int8, 28, 4, 128, 0, 16, {1500, 33, 700}, {1, 1, 1}},
+            /* sliding window, decode and prefill mixed, head_dim 80, block size 32 */
+            {"window", int8, 6, 3, 80, 24, 32, {300, 45}, {1, 45}},
+            /* head_dim 40 (not a multiple of 16: the key-at-a-time kernel), window, splits */
+            {"hd40", int8, 4, 2, 40, 100, 16, {900, 60}, {1, 60}},
+        };
+        for (const auto &c : cases)
+            check_attention(c);
+    }
+}
+
+/* ---- bench ---------------------------------------------------------------------------- */
+
+static float time_ms(cudaStream_t st, int iters, void (*fn)(void *), void *arg)
+{
+    cudaEvent_t a, b;
+    CU(cudaEventCreate(&a));
+    CU(cudaEventCreate(&b));
+    for (int i = 0; i < 3; i++)
+        fn(arg);
+    std::vector<float> t;
+    for (int i = 0; i < iters; i++) {
+        CU(cudaEventRecord(a, st));
+        fn(arg);
+        CU(cudaEventRecord(b, st));
+        CU(cudaEventSynchronize(b));
+        float ms;
+        CU(cudaEventElapsedTime(&ms, a, b));
+        t.push_back(ms);
+    }
+    std::sort(t.begin(), t.end());
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    return t[t.size() / 2];
+}
+
+/* per call, when `reps` calls run back to back (as a decode step issues them): the launch
+ * gaps shrink to what the GPU itself needs between kernels */
+static float time_stream_ms(int reps, void (*fn)(void *), void *arg)
+{
+    cudaEvent_t a, b;
+    CU(cudaEventCreate(&a));
+    CU(cudaEventCreate(&b));
+    fn(arg);
+    std::vector<float> t;
+    for (int i = 0; i < 5; i++) {
+        CU(cudaEventRecord(a, 0));
+        for (int r = 0; r < reps; r++)
+            fn(arg);
+        CU(cudaEventRecord(b, 0));
+        CU(cudaEventSynchronize(b));
+        float ms;
+        CU(cudaEventElapsedTime(&ms, a, b));
+        t.push_back(ms / reps);
+    }
+    std::sort(t.begin(), t.end());
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    return t[t.size() / 2];
+}
+
+/* cuBLAS alone on a prefill-sized product, to see what the GEMM path can reach */
+struct gemm_probe { void *a, *b, *c; int m, n, k; cublasComputeType_t ct; cudaDataType_t ctype; };
+static void run_gemm_probe(void *arg)
+{
+    gemm_probe *g = (gemm_probe *)arg;
+    const float one = 1.f, zero = 0.f;
+    const __half hone = __float2half(1.f), hzero = __float2half(0.f);
+    const bool h = g->ct == CUBLAS_COMPUTE_16F;
+    if (cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, g->m, g->n, g->k, h ? (const void *)&hone : &one,
+                     g->a, CUDA_R_16F, g->k, g->b, CUDA_R_16F, g->k, h ? (const void *)&hzero : &zero,
+                     g->c, g->ctype, g->m, g->ct, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
+        fprintf(stderr, "gemm probe failed\n");
+        exit(2);
+    }
+}
+
+static void probe_gemm(void)
+{
+    gemm_probe g;
+    g.m = 18944;
+    g.n = 512;
+    g.k = 3584;
+    CU(cudaMalloc(&g.a, (size_t)g.m * g.k * 2));
+    CU(cudaMalloc(&g.b, (size_t)g.n * g.k * 2));
+    CU(cudaMalloc(&g.c, (size_t)g.m * g.n * 4));
+    CU(cudaMemset(g.a, 0x3c, (size_t)g.m * g.k * 2));   /* ~1.0 halves, not zeros */
+    CU(cudaMemset(g.b, 0x2c, (size_t)g.n * g.k * 2));
+    const struct { cublasComputeType_t ct; cudaDataType_t c; const char *name; } v[] = {
+        {CUBLAS_COMPUTE_32F, CUDA_R_32F, "f16xf16->f32 compute32F"},
+        {CUBLAS_COMPUTE_32F_FAST_16F, CUDA_R_32F, "f16xf16->f32 compute32F_FAST_16F"},
+        {CUBLAS_COMPUTE_32F, CUDA_R_16F, "f16xf16->f16 compute32F"},
+        {CUBLAS_COMPUTE_16F, CUDA_R_16F, "f16xf16->f16 compute16F"},
+    };
+    for (auto &x : v) {
+        g.ct = x.ct;
+        g.ctype = x.c;
+        float ms = time_ms(0, 10, run_gemm_probe, &g);
+        printf("BENCH gemm-probe %dx%dx%d %s: %.1f us, %.0f TFLOP/s\n", g.m, g.n, g.k, x.name,
+               ms * 1e3, 2.0 * g.m * g.n * g.k / (ms * 1e-3) / 1e12);
+    }
+    cudaFree(g.a);
+    cudaFree(g.b);
+    cudaFree(g.c);
+}
+
+struct mm_bench {
+    std::vector<packed> *copies;
+    size_t which;
+    float *x, *y;
+    int64_t xp, yp;
+    int n;
+    bool gemm;
+};
+
+static void run_mm(void *arg)
+{
+    mm_bench *b = (mm_bench *)arg;
+    packed &p = (*b->copies)[b->which++ % b->copies->size()];
+    if (b->gemm)
+        LAUNCH(zse_cuda_matmul_gemm(&p.w, b->x, b->xp, b->n, b->y, b->yp, cublas, scratch, scratch_bytes, 0));
+    else
+        LAUNCH(zse_cuda_matmul(&p.w, b->x, b->xp, b->n, b->y, b->yp, cublas, scratch, scratch_bytes, 0));
+}
+
+struct copy_bench { void *a, *b; size_t n; };
+static void run_copy(void *arg)
+{
+    copy_bench *c = (copy_bench *)arg;
+    CU(cudaMemcpyAsync(c->b, c->a, c->n, cudaMemcpyDeviceToDevice, 0));
+}
+
+/* attention on a Qwen2.5-7B layer: 28 heads over 4 KV heads of 128, blocks of 16 */
+struct att_bench {
+    zse_cuda_kv_layer L;
+    zse_cuda_attn a;
+    float *q, *out;
+    int64_t n;
+    int ctx;
+    void *work;
+    size_t wb;
+};
+static void run_att(void *arg)
+{
+    att_bench *b = (att_bench *)arg;
+    LAUNCH(zse_cuda_attention(&b->L, &b->a, b->q, 28 * 128, b->n, b->ctx, b->out, 28 * 128, b->work, b->wb, 0));
+}
+
+static void bench_attention(void)
+{
+    for (int int8 = 0; int8 < 2; int8++) {
+        const int ctx = 4096, bs = 16, kvw = 4 * 128, nb = ctx / bs;
+        att_bench b;
+        memset(&b, 0, sizeof b);
+        b.L.int8 = int8;
+        b.L.block_size = bs;
+        b.L.n_kv_heads = 4;
+        b.L.head_dim = 128;
+        b.L.n_slots = (int64_t)nb * bs;
+        const size_t es = int8 ? 1 : 2;
+        CU(cudaMalloc(&b.L.k, (size_t)b.L.n_slots * kvw * es));
+        CU(cudaMalloc(&b.L.v, (size_t)b.L.n_slots * kvw * es));
+        CU(cudaMalloc(&b.L.kscale, (size_t)b.L.n_slots * 4 * 4));
+        CU(cudaMalloc(&b.L.vscale, (size_t)b.L.n_slots * 4 * 4));
+        std::vector<float> kv = rand_vec((size_t)ctx * kvw, -1.f, 1.f);
+        std::vector<int32_t> slots((size_t)ctx), table((size_t)nb), pos((size_t)ctx), seq((size_t)ctx, 0);
+        for (int i = 0; i < nb; i++)
+            table[(size_t)i] = nb - 1 - i;
+        for (int p = 0; p < ctx; p++) {
+            slots[(size_t)p] = table[(size_t)(p / bs)] * bs + p % bs;
+            pos[(size_t)p] = p;
+        }
+        float *dkv = dev_floats(kv);
+        int32_t *dslots, *dtab, *dpos, *dseq;
+        CU(cudaMalloc(&dslots, (size_t)ctx * 4));
+        CU(cudaMalloc(&dtab, (size_t)nb * 4));
+        CU(cudaMalloc(&dpos, (size_t)ctx * 4));
+        CU(cudaMalloc(&dseq, (size_t)ctx * 4));
+        CU(cudaMemcpy(dslots, slots.data(), (size_t)ctx * 4, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(dtab, table.data(), (size_t)nb * 4, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(dpos, pos.data(), (size_t)ctx * 4, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(dseq, seq.data(), (size_t)ctx * 4, cudaMemcpyHostToDevice));
+        LAUNCH(zse_cuda_kv_store(&b.L, dkv, kvw, dkv, kvw, dslots, ctx, 0));
+        b.a.n_heads = 28;
+        b.a.n_kv_heads = 4;
+        b.a.head_dim = 128;
+        b.a.scale = 1.f / sqrtf(128.f);
+        b.a.window = 0;
+        b.a.seq_of = dseq;
+        b.a.block_table = dtab;
+        b.a.max_blocks = nb;
+        std::vector<float> q = rand_vec((size_t)512 * 28 * 128, -1.f, 1.f);
+        b.q = dev_floats(q);
+        CU(cudaMalloc(&b.out, q.size() * 4));
+        b.wb = zse_cuda_attention_work_bytes(512, 28, 128);
+        CU(cudaMalloc(&b.work, b.wb));
+        /* decode: the last position sees all 4096 keys */
+        b.a.pos = dpos + ctx - 1;
+        b.n = 1;
+        b.ctx = ctx;
+        float ms = time_ms(0, 20, run_att, &b);
+        const double kv_bytes = (double)ctx * kvw * 2 * es;
+        printf("BENCH attention decode %s ctx=%d: %.1f us, KV read %.0f GB/s\n", int8 ? "int8" : "f16",
+               ctx, ms * 1e3, kv_bytes / (ms * 1e-3) / 1e9);
+        /* prefill: 512 tokens of one sequence, causal */
+        b.a.pos = dpos;
+        b.n = 512;
+        b.ctx = 512;
+        ms = time_ms(0, 10, run_att, &b);
+        printf("BENCH attention prefill %s 512 tokens: %.1f us\n", int8 ? "int8" : "f16", ms * 1e3);
+        cudaFree(b.L.k); cudaFree(b.L.v); cudaFree(b.L.kscale); cudaFree(b.L.vscale);
+        cudaFree(dkv); cudaFree(dslots); cudaFree(dtab); cudaFree(dpos); cudaFree(dseq);
+        cudaFree(b.q); cudaFree(b.out); cudaFree(b.work);
+    }
+}
+
+/* ---- a Qwen2.5-7B-shaped decode step from the kernels alone ----------------------------
+ * 28 layers of the real op sequence at batch 1 with int4 (g128) weights filled on the
+ * device (random codes, scales 0.01): what the backend can do per token before any engine,
+ * sampling or host overhead. Timed eagerly and as one replayed CUDA graph. */
+__global__ void fill_random_kernel(uint8_t *p, size_t n, uint32_t seed)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        p[i] = (uint8_t)h;
+    }
+}
+__global__ void fill_half_kernel(__half *p, size_t n, float v)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        p[i] = __float2half(v);
+}
+
+static zse_cuda_weight device_q4(int64_t rows, int64_t cols, std::vector<void *> &owned)
+{
+    zse_cuda_weight w;
+    memset(&w, 0, sizeof w);
+    w.scheme = Q4;
+    w.rows = rows;
+    w.cols = cols;
+    w.group_size = 128;
+    w.row_bytes = cols / 2;
+    w.groups = cols / 128;
+    const size_t qs = (size_t)(rows * w.row_bytes), sc = (size_t)(rows * w.groups);
+    uint8_t *d;
+    CU(cudaMalloc(&d, qs + 4 * sc + 512));
+    owned.push_back(d);
+    fill_random_kernel<<<1024, 256>>>(d, qs, (uint32_t)rows * 31u + (uint32_t)cols);
+    __half *s = (__half *)(d + ((qs + 255) & ~(size_t)255));
+    fill_half_kernel<<<256, 256>>>(s, 2 * sc, 0.01f);
+    w.qs = d;
+    w.scales = s;
+    w.mins = s + sc;
+    return w;
+}
+
+struct step_bench {
+    int n_layers;
+    std::vector<zse_cuda_weight> wq, wk, wv, wo, wg, wu, wd;
+    zse_cuda_weight head;
+    float *x, *xn, *q, *k, *v, *att, *o, *g, *u, *logits, *normw, *bq, *bk, *bv, *inv_freq;
+    int32_t *pos, *slot;
+    zse_cuda_kv_layer kv[28];
+    zse_cuda_attn a;
+    void *work;
+    size_t wb;
+    cudaStream_t st;
+};
+
+static void run_step(void *arg)
+{
+    step_bench *b = (step_bench *)arg;
+    const int64_t H = 3584, F = 18944;
+    for (int l = 0; l < b->n_layers; l++) {
+        LAUNCH(zse_cuda_rmsnorm(b->x, H, b->normw, 1e-6f, 1, H, b->xn, H, b->st));
+        LAUNCH(zse_cuda_matmul(&b->wq[(size_t)l], b->xn, H, 1, b->q, H, cublas, scratch, scratch_bytes, b->st));
+        LAUNCH(zse_cuda_matmul(&b->wk[(size_t)l], b->xn, H, 1, b->k, 512, cublas, scratch, scratch_bytes, b->st));
+        LAUNCH(zse_cuda_matmul(&b->wv[(size_t)l], b->xn, H, 1, b->v, 512, cublas, scratch, scratch_bytes, b->st));
+        LAUNCH(zse_cuda_add_bias(b->q, H, b->bq, 1, H, b->st));
+        LAUNCH(zse_cuda_add_bias(b->k, 512, b->bk, 1, 512, b->st));
+        LAUNCH(zse_cuda_add_bias(b->v, 512, b->bv, 1, 512, b->st));
+        LAUNCH(zse_cuda_rope(b->q, H, 1, 28, 128, b->pos, b->inv_freq, 1.f, b->st));
+        LAUNCH(zse_cuda_rope(b->k, 512, 1, 4, 128, b->pos, b->inv_freq, 1.f, b->st));
+        LAUNCH(zse_cuda_kv_store(&b->kv[l], b->k, 512, b->v, 512, b->slot, 1, b->st));
+        LAUNCH(zse_cuda_attention(&b->kv[l], &b->a, b->q, H, 1, 256, b->att, H, b->work, b->wb, b->st));
+        LAUNCH(zse_cuda_matmul(&b->wo[(size_t)l], b->att, H, 1, b->o, H, cublas, scratch, scratch_bytes, b->st));
+        LAUNCH(zse_cuda_add(b->x, H, b->o, H, 1, H, b->st));
+        LAUNCH(zse_cuda_rmsnorm(b->x, H, b->normw, 1e-6f, 1, H, b->xn, H, b->st));
+        LAUNCH(zse_cuda_matmul(&b->wg[(size_t)l], b->xn, H, 1, b->g, F, cublas, scratch, scratch_bytes, b->st));
+        LAUNCH(zse_cuda_matmul(&b->wu[(size_t)l], b->xn, H, 1, b->u, F, cublas, scratch, scratch_bytes, b->st));
+        LAUNCH(zse_cuda_silu_mul(b->g, F, b->u, F, 1, F, b->g, F, b->st));
+        LAUNCH(zse_cuda_matmul(&b->wd[(size_t)l], b->g, F, 1, b->o, H, cublas, scratch, scratch_bytes, b->st));
+        LAUNCH(zse_cuda_add(b->x, H, b->o, H, 1, H, b->st));
+    }
+    LAUNCH(zse_cuda_rmsnorm(b->x, H, b->normw, 1e-6f, 1, H, b->xn, H, b->st));
+    LAUNCH(zse_cuda_matmul(&b->head, b->xn, H, 1, b->logits, 152064, cublas, scratch, scratch_bytes, b->st));
+}
+
+static void bench_decode_step(void)
+{
+    step_bench b;
+    b.n_layers = 28;
+    std::vector<void *> owned;
+    const int64_t H = 3584, F = 18944;
+    size_t bytes = 0;
+    for (int l = 0; l < b.n_layers; l++) {
+        b.wq.push_back(device_q4(H, H, owned));
+        b.wk.push_back(device_q4(512, H, owned));
+        b.wv.push_back(device_q4(512, H, owned));
+        b.wo.push_back(device_q4(H, H, owned));
+        b.wg.push_back(device_q4(F, H, owned));
+        b.wu.push_back(device_q4(F, H, owned));
+        b.wd.push_back(device_q4(H, F, owned));
+    }
+    b.head = device_q4(152064, H, owned);
+    const double per_elem = 0.5 + 4.0 / 128;   /* nibbles + f16 scale and min per group */
+    bytes = (size_t)((28.0 * (2 * H * H + 2 * 512 * H + 3 * F * H) + 152064.0 * H) * per_elem);
+    std::vector<float> ones((size_t)F, 1.f), small((size_t)F, 0.01f), inv(64);
+    for (int i = 0; i < 64; i++)
+        inv[(size_t)i] = (float)pow(1e6, -i / 64.0);
+    std::vector<float> x0 = rand_vec((size_t)H, -1.f, 1.f);
+    b.x = dev_floats(x0);
+    b.normw = dev_floats(ones);
+    b.bq = dev_floats(small);
+    b.bk = dev_floats(small);
+    b.bv = dev_floats(small);
+    b.inv_freq = dev_floats(inv);
+    for (float **p : {&b.xn, &b.q, &b.att, &b.o})
+        CU(cudaMalloc(p, (size_t)H * 4));
+    for (float **p : {&b.k, &b.v})
+        CU(cudaMalloc(p, 512 * 4));
+    for (float **p : {&b.g, &b.u})
+        CU(cudaMalloc(p, (size_t)F * 4));
+    CU(cudaMalloc(&b.logits, (size_t)152064 * 4));
+    /* a 256-token context in 16 blocks per layer; this token at position 255 */
+    std::vector<int32_t> table(16), posv = {255}, slotv = {15 * 16 + 15}, seqv = {0};
+    for (int i = 0; i < 16; i++)
+        table[(size_t)i] = i;
+    int32_t *dtab, *dseq;
+    CU(cudaMalloc(&dtab, 64));
+    CU(cudaMalloc(&dseq, 4));
+    CU(cudaMalloc(&b.pos, 4));
+    CU(cudaMalloc(&b.slot, 4));
+    CU(cudaMemcpy(dtab, table.data(), 64, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(dseq, seqv.data(), 4, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(b.pos, posv.data(), 4, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(b.slot, slotv.data(), 4, cudaMemcpyHostToDevice));
+    for (int l = 0; l < b.n_layers; l++) {
+        zse_cuda_kv_layer &L = b.kv[l];
+        memset(&L, 0, sizeof L);
+        L.block_size = 16;
+        L.n_kv_heads = 4;
+        L.head_dim = 128;
+        L.n_slots = 256;
+        CU(cudaMalloc(&L.k, 256 * 512 * 2));
+        CU(cudaMalloc(&L.v, 256 * 512 * 2));
+        fill_half_kernel<<<64, 256>>>((__half *)L.k, 256 * 512, 0.02f);
+        fill_half_kernel<<<64, 256>>>((__half *)L.v, 256 * 512, 0.03f);
+    }
+    b.a.n_heads = 28;
+    b.a.n_kv_heads = 4;
+    b.a.head_dim = 128;
+    b.a.scale = 1.f / sqrtf(128.f);
+    b.a.window = 0;
+    b.a.seq_of = dseq;
+    b.a.pos = b.pos;
+    b.a.block_table = dtab;
+    b.a.max_blocks = 16;
+    b.wb = zse_cuda_attention_work_bytes(1, 28, 128);
+    CU(cudaMalloc(&b.work, b.wb));
+    CU(cudaStreamCreateWithFlags(&b.st, cudaStreamNonBlocking));
+    CU(cudaDeviceSynchronize());
+    if (cublasSetStream(cublas, b.st) != CUBLAS_STATUS_SUCCESS)
+        exit(2);
+
+    /* eager */
+    cudaEvent_t e0, e1;
+    CU(cudaEventCreate(&e0));
+    CU(cudaEventCreate(&e1));
+    run_step(&b);
+    std::vector<float> t;
+    for (int i = 0; i < 10; i++) {
+        CU(cudaEventRecord(e0, b.st));
+        run_step(&b);
+        CU(cudaEventRecord(e1, b.st));
+        CU(cudaEventSynchronize(e1));
+        float ms;
+        CU(cudaEventElapsedTime(&ms, e0, e1));
+        t.push_back(ms);
+    }
+    std::sort(t.begin(), t.end());
+    const float eager = t[t.size() / 2];
+    /* one graph per step */
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CU(cudaStreamBeginCapture(b.st, cudaStreamCaptureModeThreadLocal));
+    run_step(&b);
+    CU(cudaStreamEndCapture(b.st, &graph));
+    CU(cudaGraphInstantiate(&exec, graph, 0));
+    CU(cudaGraphLaunch(exec, b.st));
+    t.clear();
+    for (int i = 0; i < 10; i++) {
+        CU(cudaEventRecord(e0, b.st));
+        CU(cudaGraphLaunch(exec, b.st));
+        CU(cudaEventRecord(e1, b.st));
+        CU(cudaEventSynchronize(e1));
+        float ms;
+        CU(cudaEventElapsedTime(&ms, e0, e1));
+        t.push_back(ms);
+    }
+    std::sort(t.begin(), t.end());
+    const float graphed = t[t.size() / 2];
+    printf("BENCH decode-step qwen2.5-7b-shape int4-g128 bs1 ctx256: weights %.2f GB, eager %.3f ms (%.0f tok/s), "
+           "graph %.3f ms (%.0f tok/s), roofline at 3.0 TB/s %.0f tok/s\n",
+           bytes / 1e9, eager, 1e3 / eager, graphed, 1e3 / graphed, 3.0e12 / bytes);
+    cublasSetStream(cublas, 0);
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    for (void *p : owned)
+        cudaFree(p);
+    for (int l = 0; l < b.n_layers; l++) {
+        cudaFree(b.kv[l].k);
+        cudaFree(b.kv[l].v);
+    }
+    for (float *p : {b.x, b.xn, b.q, b.k, b.v, b.att, b.o, b.g, b.u, b.logits, b.normw, b.bq, b.bk, b.bv, b.inv_freq})
+        cudaFree(p);
+    cudaFree(dtab);
+    cudaFree(dseq);
+    cudaFree(b.pos);
+    cudaFree(b.slot);
+    cudaFree(b.work);
+    cudaStreamDestroy(b.st);
+}
+
+static void bench(void)
+{
+    /* the ceiling: a device copy, counting bytes read plus written */
+    copy_bench cb;
+    cb.n = (size_t)2 << 30;
+    CU(cudaMalloc(&cb.a, cb.n));
+    CU(cudaMalloc(&cb.b, cb.n));
+    CU(cudaMemset(cb.a, 1, cb.n));
+    float ms = time_ms(0, 10, run_copy, &cb);
+    const double copy_gbs = 2.0 * cb.n / (ms * 1e-3) / 1e9;
+    printf("BENCH d2d-copy bytes=%zu ms=%.3f GB/s=%.0f\n", cb.n, ms, copy_gbs);
+    cudaFree(cb.a);
+    cudaFree(cb.b);
+
+    /* Qwen2.5-7B shapes: qkv-ish, gate/up, down, lm_head */
+    const int64_t shapes[][2] = {{3584, 3584}, {18944, 3584}, {3584, 18944}, {152064, 3584}};
+    const int schemes[] = {Q4, Q4S, NF4, Q8, F16, BF16};
+    probe_gemm();
+    bench_attention();
+    bench_decode_step();
+    printf("%-6s %-14s %-5s %-6s %9s %9s %6s %9s %9s %6s\n", "scheme", "shape", "n", "path", "us",
+           "GB/s", "%copy", "us-strm", "GB/s-str", "%copy");
+    for (int s : schemes) {
+        for (auto &sh : shapes) {
+            const bool big = sh[0] * sh[1] > 200000000;
+            packed proto;
+            pack_random(proto, s, sh[0], sh[1], 128);
+            /* rotate through copies so the 50 MB L2 never holds the weight */
+            const size_t bytes = packed_bytes(proto);
+            size_t ncopies = std::max<size_t>(1, std::min<size_t>(8, ((size_t)400 << 20) / bytes + 1));
+            std::vector<packed> copies(ncopies, proto);
+            for (size_t i = 0; i < ncopies; i++) {
+                CU(cudaMalloc(&copies[i].dev, bytes));
+                CU(cudaMemcpy(copies[i].dev, proto.dev, bytes, cudaMemcpyDeviceToDevice));
+                int64_t d = (uint8_t *)copies[i].dev - (uint8_t *)proto.dev;
+                copies[i].w.qs = (uint8_t *)proto.w.qs + d;
+                copies[i].w.scales = proto.w.scales ? (const uint8_t *)proto.w.scales + d : NULL;
+                copies[i].w.mins = proto.w.mins ? (const uint8_t *)proto.w.mins + d : NULL;
+            }
+            const int nmax = 512;
+            const int64_t xp = pitch_of(sh[1]), yp = pitch_of(sh[0]);
+            std::vector<float> xh = rand_vec((size_t)(nmax * xp));
+            float *dx = dev_floats(xh), *dy;
+            CU(cudaMalloc(&dy, (size_t)(nmax * yp) * 4));
+            std::vector<int> ns = {1, 2, 4, 8, 16, 64, 512};
+            if (big || s == NF4 || s == Q4S || s == BF16)
+                ns = {1, 8, 64};
+            for (int n : ns) {
+                for (int g = 0; g < (n > 8 && n <= 64 ? 2 : 1); g++) {
+                    /* n in 9..64: the GEMV in passes of 8 against dequant + cuBLAS */
+                    mm_bench mb = {&copies, 0, dx, dy, xp, yp, n, n > 64 || (n > 8 && g == 1)};
+                    float t, ts = 0;
+                    if (n > 8 && !mb.gemm) {
+                        static mm_bench *cur;
+                        cur = &mb;
+                        t = time_ms(0, 20, [](void *) {
+                            packed &p = (*cur->copies)[cur->which++ % cur->copies->size()];
+                            for (int r = 0; r < cur->n; r += 8)
+                                LAUNCH(zse_cuda_matmul_gemv(&p.w, cur->x + r * cur->xp, cur->xp, std::min(8, cur->n - r), cur->y + r * cur->yp, cur->yp, scratch, scratch_bytes, 0));
+                        }, NULL);
+                    } else {
+                        t = time_ms(0, 20, run_mm, &mb);
+                        ts = time_stream_ms(20, run_mm, &mb);
+                    }
+                    const double gbs = bytes / (t * 1e-3) / 1e9;
+                    char shape[32];
+                    snprintf(shape, sizeof shape, "%lldx%lld", (long long)sh[0], (long long)sh[1]);
+                    const double gbs_s = ts > 0 ? bytes / (ts * 1e-3) / 1e9 : 0;
+                    printf("%-6s %-14s %-5d %-6s %9.1f %9.0f %5.0f%% %9.1f %9.0f %5.0f%%\n", scheme_names[s], shape, n,
+                           n <= 8 ? "gemv" : mb.gemm ? "gemm" : "gemv*k", t * 1e3, gbs, 100.0 * gbs / copy_gbs,
+                           ts * 1e3, gbs_s, 100.0 * gbs_s / copy_gbs);
+                }
+            }
+            cudaFree(dx);
+            cudaFree(dy);
+            for (auto &c : copies)
+                cudaFree(c.dev);
+            cudaFree(proto.dev);
+        }
+    }
+}
+
+int main(int argc, char **argv)
+{
+    bool do_bench = argc > 1 && strcmp(argv[1], "--bench") == 0;
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
+        printf("no CUDA device: skipped\n");
+        return 77;
+    }
+    cudaDeviceProp prop;
+    CU(cudaGetDeviceProperties(&prop, 0));
+    printf("device: %s, %d SMs, %.0f MB L2\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize / 1e6);
+    if (cublasCreate(&cublas) != CUBLAS_STATUS_SUCCESS) {
+        fprintf(stderr, "cuBLAS did not initialize\n");
+        return 2;
+    }
+    CU(cudaMalloc(&scratch, scratch_bytes));
+    if (do_bench) {
+        bench();
+        return 0;
+    }
+    test_matmul();
+    printf("matmul done: %d passed, %d failed\n", passed, failed);
+    test_embed();
+    test_elementwise();
+    test_attention();
+    CU(cudaDeviceSynchronize());
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
