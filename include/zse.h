@@ -61,6 +61,13 @@ int zse_tokenize(const zse_model *m, const char *text, size_t len, int flags, in
                  size_t *n_ids);
 char *zse_detokenize(const zse_model *m, const int32_t *ids, size_t n, bool skip_special);
 
+/* ---- chat templates ------------------------------------------------------------
+ * The model's chat template applied as transformers' apply_chat_template does.
+ * messages_json: a JSON array of {"role", "content", ...}; extra_json: NULL or a JSON
+ * object of further template variables (tools, date_string, ...). Heap string. */
+char *zse_chat_render(const zse_model *m, const char *messages_json, const char *extra_json,
+                      bool add_generation_prompt);
+
 /* ---- sampling --------------------------------------------------------------- */
 typedef struct {
     int32_t id;
@@ -110,7 +117,10 @@ int zse_seq_feed_logits(zse_seq *q, const int32_t *ids, size_t n, float *logits)
  * feed it, and report the text it completes; *finish is set when generation must end */
 int zse_seq_next(zse_seq *q, int32_t *token, char **text_piece, zse_finish *finish);
 size_t zse_seq_length(const zse_seq *q);
-/* keep the first `length` tokens and their KV (0 starts over) */
+/* the tokens in the sequence's cache (valid until the next call on it) */
+const int32_t *zse_seq_tokens(const zse_seq *q);
+/* keep the first `length` tokens and their KV (0 starts over); the next feed is a new
+ * prompt (max_tokens and stop strings count from it) */
 int zse_seq_truncate(zse_seq *q, size_t length);
 
 #ifdef __cplusplus

@@ -4,6 +4,7 @@
 #include "engine/engine.h"
 
 #include "model/model.h"
+#include "template/template.h"
 #include "tokenizer/tokenizer.h"
 
 #include <stdio.h>
@@ -206,6 +207,40 @@ char *zse_detokenize(const zse_model *m, const int32_t *ids, size_t n, bool skip
     return zse_tokenizer_decode(m->tok, ids, n, skip_special);
 }
 
+static const char *token_name(const json_t *v)
+{
+    return json_is_string(v) ? json_string_value(v) : json_string_value(json_object_get(v, "content"));
+}
+
+char *zse_chat_render(const zse_model *m, const char *messages_json, const char *extra_json,
+                      bool add_generation_prompt)
+{
+    const char *tpl = zse_file_chat_template(m->file);
+    if (!tpl) {
+        zse_fail("%s has no chat template; use zse run with a plain prompt", zse_file_path(m->file));
+        return NULL;
+    }
+    json_error_t err;
+    json_t *messages = json_loads(messages_json, 0, &err);
+    json_t *extra = extra_json ? json_loads(extra_json, 0, &err) : NULL;
+    char *out = NULL;
+    if (!json_is_array(messages) || (extra_json && !json_is_object(extra))) {
+        zse_fail("chat messages must be a JSON array (and extra variables a JSON object)");
+    } else {
+        const json_t *tc = zse_file_tokenizer_config(m->file);
+        zse_buf b = {0};
+        if (zse_chat_template_apply(tpl, messages, json_object_get(extra, "tools"), add_generation_prompt,
+                                    token_name(json_object_get(tc, "bos_token")),
+                                    token_name(json_object_get(tc, "eos_token")), extra, &b) == 0)
+            out = b.data ? b.data : zse_strdup("");
+        else
+            zse_buf_free(&b);
+    }
+    json_decref(messages);
+    json_decref(extra);
+    return out;
+}
+
 void zse_sampling_default(zse_sampling *s)
 {
     memset(s, 0, sizeof *s);
@@ -293,6 +328,7 @@ void zse_seq_free(zse_seq *q)
 }
 
 size_t zse_seq_length(const zse_seq *q) { return q->n_tokens; }
+const int32_t *zse_seq_tokens(const zse_seq *q) { return q->tokens; }
 
 static int reserve_kv(zse_seq *q, size_t new_len)
 {
@@ -475,7 +511,15 @@ int zse_seq_truncate(zse_seq *q, size_t length)
     while (q->n_blocks > keep)
         zse_block_release(&q->m->blocks, q->blocks[--q->n_blocks]);
     q->have_logits = false;
-    if (length < q->n_prompt)
-        q->n_prompt = length;
+    /* what follows is a new prompt: generation counts, stop-string state and the
+     * detokenizer start over */
+    q->n_prompt = length;
+    q->generated = 0;
+    q->pending.len = 0;
+    zse_tokenizer_stream *fresh = zse_tokenizer_stream_new(q->m->tok, true);
+    if (!fresh)
+        return -1;
+    zse_tokenizer_stream_free(q->detok);
+    q->detok = fresh;
     return 0;
 }

@@ -42,3 +42,7 @@ add_test(NAME cli_perplexity_short_text COMMAND zse perplexity ${PROJECT_BINARY_
          -f ${ZSE_TEST_FIXTURES}/tiny-llama/config.json --ctx 4096)
 set_tests_properties(cli_perplexity_short_text PROPERTIES FIXTURES_REQUIRED zse_bf16
   PASS_REGULAR_EXPRESSION "fewer than one window")
+# zse chat without a terminal: one message per line, /reset, end of input quits
+add_test(NAME cli_chat_pipe COMMAND sh -c
+  "printf 'hello\\n/reset\\nagain\\n' | $<TARGET_FILE:zse> chat ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse -n 4 --temp 0 --system 'Be brief.'")
+set_tests_properties(cli_chat_pipe PROPERTIES FIXTURES_REQUIRED zse_int4)
