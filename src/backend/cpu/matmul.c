@@ -190,15 +190,25 @@ __attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v)
     return _mm_cvtss_f32(h);
 }
 
-/* Σ over one int4 row (Q4 or Q4S) for one token */
-__attribute__((target("avx2,fma"))) static float dot_q4_avx2(const zse_weight *w, int64_t r, const qacts *qa,
-                                                              int64_t t)
+/* the f16 scales and mins of one int4 row as f32, converted once per row rather than once
+ * per token (Q4S: min = -8·scale, since w = (q - 8)·scale) */
+static void row_scales(const zse_weight *w, int64_t r, float *rs, float *rm)
 {
-    const uint8_t *row = w->data + (size_t)r * w->p.row_bytes;
     const uint16_t *scales = (const uint16_t *)(w->data + w->p.scales) + (size_t)r * (size_t)w->p.groups;
     const uint16_t *mins = w->q.scheme == ZSE_SCHEME_Q4
                                ? (const uint16_t *)(w->data + w->p.mins) + (size_t)r * (size_t)w->p.groups
                                : NULL;
+    for (int64_t g = 0; g < w->p.groups; g++) {
+        rs[g] = zse_f16_to_f32(scales[g]);
+        rm[g] = mins ? zse_f16_to_f32(mins[g]) : -8.0f * rs[g];
+    }
+}
+
+/* Σ over one int4 row (Q4 or Q4S) for one token */
+__attribute__((target("avx2,fma"))) static float dot_q4_avx2(const zse_weight *w, int64_t r, const float *rs,
+                                                              const float *rm, const qacts *qa, int64_t t)
+{
+    const uint8_t *row = w->data + (size_t)r * w->p.row_bytes;
     int64_t nb = qa->cp / 32, per_group = w->q.group_size / 32;
     const int8_t *xq = qa->q + t * qa->cp;
     const float *xd = qa->d + t * nb, *xs = qa->sum + t * nb;
@@ -206,8 +216,7 @@ __attribute__((target("avx2,fma"))) static float dot_q4_avx2(const zse_weight *w
     __m256 acc = _mm256_setzero_ps();
     float min_acc = 0;
     for (int64_t g = 0; g < w->p.groups; g++) {
-        float s = zse_f16_to_f32(scales[g]);
-        float m = mins ? zse_f16_to_f32(mins[g]) : -8.0f * s; /* Q4S: (q - 8)·s */
+        float s = rs[g], m = rm[g];
         for (int64_t k = 0; k < per_group; k++) {
             int64_t b = g * per_group + k;
             __m128i raw = _mm_loadu_si128((const __m128i *)(row + b * 16));
@@ -252,15 +261,26 @@ typedef struct {
 static void qmatmul_rows(void *p, int64_t r0, int64_t r1)
 {
     qmm_ctx *c = p;
-    bool q8 = c->w->q.scheme == ZSE_SCHEME_Q8;
-    for (int64_t r = r0; r < r1; r++)
+    if (c->w->q.scheme == ZSE_SCHEME_Q8) {
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t t = 0; t < c->tokens; t++)
+                c->y->data[t * c->y->cols + r] = dot_q8_avx2(c->w, r, c->qa, t);
+        return;
+    }
+    float rs[4096], rm[4096]; /* groups per row: cols / 32 at most, cols < 131072 */
+    for (int64_t r = r0; r < r1; r++) {
+        row_scales(c->w, r, rs, rm);
         for (int64_t t = 0; t < c->tokens; t++)
-            c->y->data[t * c->y->cols + r] = q8 ? dot_q8_avx2(c->w, r, c->qa, t) : dot_q4_avx2(c->w, r, c->qa, t);
+            c->y->data[t * c->y->cols + r] = dot_q4_avx2(c->w, r, rs, rm, c->qa, t);
+    }
 }
 
 static bool integer_path(const zse_weight *w)
 {
-    return w->q.scheme == ZSE_SCHEME_Q4 || w->q.scheme == ZSE_SCHEME_Q4S || w->q.scheme == ZSE_SCHEME_Q8;
+    if (w->q.scheme == ZSE_SCHEME_Q8)
+        return true;
+    /* the per-row scale buffers in qmatmul_rows hold 4096 groups */
+    return (w->q.scheme == ZSE_SCHEME_Q4 || w->q.scheme == ZSE_SCHEME_Q4S) && w->p.groups <= 4096;
 }
 
 static int zse_cpu_force_portable = 0;
