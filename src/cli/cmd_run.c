@@ -26,7 +26,8 @@ static void usage(FILE *out)
             "  --kv-cache f16|int8     KV cache storage (default f16)\n"
             "  --device cpu|cuda|cuda:N\n"
             "  --ids                   print the generated ids as a JSON array instead of text\n"
-            "  --dump-logits FILE      write the prompt's last-position logits as a JSON array\n");
+            "  --dump-logits FILE      write the prompt's last-position logits as a JSON array\n"
+            "  --dump-argmax FILE      write the argmax of every prompt position as a JSON array\n");
 }
 
 static int dump_logits(const char *path, const float *logits, int n)
@@ -47,7 +48,7 @@ int cmd_run(int argc, char **argv)
         usage(stdout);
         return 0;
     }
-    const char *path = NULL, *prompt = NULL, *prompt_file = NULL, *dump = NULL, *kv = "f16";
+    const char *path = NULL, *prompt = NULL, *prompt_file = NULL, *dump = NULL, *dump_argmax = NULL, *kv = "f16";
     int64_t n_gen = 128, top_k = 0, seed = 0, threads = 0, ctx = 0;
     double temp = 0.8, top_p = 1.0, min_p = 0.0, rep = 1.0;
     bool ids_out = false, bos = false, ignore_eos = false;
@@ -72,6 +73,7 @@ int cmd_run(int argc, char **argv)
         else if (cli_is(&a, NULL, "--bos")) bos = true;
         else if (cli_is(&a, NULL, "--ignore-eos")) ignore_eos = true;
         else if (cli_is(&a, NULL, "--dump-logits")) dump = cli_value(&a);
+        else if (cli_is(&a, NULL, "--dump-argmax")) dump_argmax = cli_value(&a);
         else if (cli_positional(&a) && !path) path = a.arg;
         else return cli_unknown(&a);
     }
@@ -124,8 +126,36 @@ int cmd_run(int argc, char **argv)
     if (!(q = zse_seq_new(m, &s)))
         goto done;
     double t1 = zse_now();
-    if (zse_seq_feed(q, ids, n_ids) != 0)
+    if (dump_argmax) {
+        /* every position's logits: only when asked, it costs n x vocab floats */
+        float *all = malloc(n_ids * (size_t)info.vocab_size * sizeof *all);
+        if (!all) {
+            zse_fail("out of memory for %zu positions of logits", n_ids);
+            goto done;
+        }
+        int frc = zse_seq_feed_logits(q, ids, n_ids, all);
+        FILE *f = frc == 0 ? fopen(dump_argmax, "w") : NULL;
+        if (f) {
+            fputc('[', f);
+            for (size_t i = 0; i < n_ids; i++) {
+                const float *row = all + i * (size_t)info.vocab_size;
+                int best = 0;
+                for (int k = 1; k < info.vocab_size; k++)
+                    if (row[k] > row[best])
+                        best = k;
+                fprintf(f, "%s%d", i ? ", " : "", best);
+            }
+            fputs("]\n", f);
+            frc = fclose(f) == 0 ? 0 : zse_fail("cannot write %s", dump_argmax);
+        } else if (frc == 0) {
+            frc = zse_fail("cannot write %s", dump_argmax);
+        }
+        free(all);
+        if (frc != 0)
+            goto done;
+    } else if (zse_seq_feed(q, ids, n_ids) != 0) {
         goto done;
+    }
     double t_prompt = zse_now() - t1;
     if (dump && dump_logits(dump, zse_seq_logits(q), info.vocab_size) != 0)
         goto done;
