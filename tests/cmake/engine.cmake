@@ -46,3 +46,8 @@ set_tests_properties(cli_perplexity_short_text PROPERTIES FIXTURES_REQUIRED zse_
 add_test(NAME cli_chat_pipe COMMAND sh -c
   "printf 'hello\\n/reset\\nagain\\n' | $<TARGET_FILE:zse> chat ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse -n 4 --temp 0 --system 'Be brief.'")
 set_tests_properties(cli_chat_pipe PROPERTIES FIXTURES_REQUIRED zse_int4)
+# random-weight models for what the trained fixtures do not cover (tools/make_random_models.py):
+# sliding window, explicit head_dim, linear and yarn rope scaling, untied qwen2
+foreach(m mistral-window llama-headdim40 llama-rope-linear llama-rope-yarn qwen2-untied)
+  zse_golden(golden_random_${m} ${ZSE_TEST_FIXTURES}/random/${m} f32)
+endforeach()
