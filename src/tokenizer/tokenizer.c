@@ -1298,7 +1298,12 @@ static int apply_decoder(const zse_tokenizer *t, const dec_step *d, tok_list *l)
         size_t w = 0;
         for (size_t i = 0; i < l->n;) {
             if (parse_byte_token(&l->v[i]) < 0) {
-                l->v[w++] = l->v[i++];
+                if (w != i) { /* move, leaving the old slot empty so it is freed once */
+                    l->v[w] = l->v[i];
+                    memset(&l->v[i], 0, sizeof l->v[i]);
+                }
+                w++;
+                i++;
                 continue;
             }
             zse_buf raw = {0}, fixed = {0};
@@ -1445,6 +1450,9 @@ zse_tokenizer *zse_tokenizer_from_zse(const zse_file *f)
 
 zse_tokenizer *zse_tokenizer_open(const char *path)
 {
+    size_t n = strlen(path);
+    if (n > 5 && strcmp(path + n - 5, ".gguf") == 0)
+        return zse_tokenizer_from_gguf(path);
     if (zse_file_exists(path)) {
         zse_file *f = zse_file_open(path);
         if (!f)

@@ -18,9 +18,11 @@ typedef struct zse_tokenizer zse_tokenizer;
 zse_tokenizer *zse_tokenizer_from_json(const char *json, size_t len, const json_t *tokenizer_config);
 /* an HF directory: tokenizer.json (+ tokenizer_config.json) */
 zse_tokenizer *zse_tokenizer_from_dir(const char *dir);
+/* the tokenizer.ggml.* vocabulary of a .gguf file (models gpt2 and llama) */
+zse_tokenizer *zse_tokenizer_from_gguf(const char *path);
 /* the tokenizer stored in a .zse file */
 zse_tokenizer *zse_tokenizer_from_zse(const zse_file *f);
-/* a .zse file or an HF directory */
+/* a .zse file, a .gguf file or an HF directory */
 zse_tokenizer *zse_tokenizer_open(const char *path);
 void zse_tokenizer_free(zse_tokenizer *t);
 
