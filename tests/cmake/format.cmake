@@ -32,3 +32,17 @@ add_test(NAME cli_verify_corrupt COMMAND sh -c
   "cp ${OUT}/tiny-int4.zse ${OUT}/corrupt.zse && printf 'X' | dd of=${OUT}/corrupt.zse bs=1 seek=300000 conv=notrunc 2>/dev/null && ! $<TARGET_FILE:zse> verify ${OUT}/corrupt.zse")
 set_tests_properties(cli_verify_corrupt PROPERTIES FIXTURES_REQUIRED zse_int4
   PASS_REGULAR_EXPRESSION "tensor '[a-z_.0-9]+' checksum mismatch")
+
+# zse tokenize / detokenize on each kind of MODEL: an HF directory, a .zse, a .gguf
+add_test(NAME cli_tokenize_dir COMMAND zse tokenize ${FIX} --text "def add(a, b):")
+set_tests_properties(cli_tokenize_dir PROPERTIES PASS_REGULAR_EXPRESSION "^\\[457, 785, 1343, 16, 301, 1849\\]")
+add_test(NAME cli_tokenize_zse COMMAND zse tokenize ${OUT}/tiny-int4.zse --text "<|eot_id|>" --special)
+set_tests_properties(cli_tokenize_zse PROPERTIES FIXTURES_REQUIRED zse_int4 PASS_REGULAR_EXPRESSION "^\\[4\\]")
+add_test(NAME cli_detokenize_zse COMMAND zse detokenize ${OUT}/tiny-int4.zse --ids "[457, 785, 1343, 16, 301, 1849]")
+set_tests_properties(cli_detokenize_zse PROPERTIES FIXTURES_REQUIRED zse_int4 PASS_REGULAR_EXPRESSION "^def add\\(a, b\\):")
+if(EXISTS ${ZSE_SHARED_DIR}/tokenizer-vectors/ggml-vocab-gpt-2.gguf)
+  add_test(NAME cli_tokenize_gguf COMMAND zse tokenize ${ZSE_SHARED_DIR}/tokenizer-vectors/ggml-vocab-gpt-2.gguf --text "Hello world")
+  set_tests_properties(cli_tokenize_gguf PROPERTIES PASS_REGULAR_EXPRESSION "^\\[15496, 995\\]")
+endif()
+add_test(NAME cli_detokenize_bad_ids COMMAND zse detokenize ${FIX} --ids "[1, \"x\"]")
+set_tests_properties(cli_detokenize_bad_ids PROPERTIES PASS_REGULAR_EXPRESSION "not a token id")
