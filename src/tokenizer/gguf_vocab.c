@@ -325,6 +325,14 @@ static json_t *build_tokenizer_json(const gguf_vocab *v, reader *r, const char *
     }
     root = json_pack("{s:o, s:o, s:o, s:o, s:O}", "model", model, "normalizer", norm, "pre_tokenizer", pre,
                      "decoder", dec, "added_tokens", added);
+    /* add_bos_token: BOS before the sequence when special tokens are added */
+    if (root && v->add_bos == 1 && v->bos >= 0 && (uint64_t)v->bos < n)
+        json_object_set_new(root, "post_processor",
+                            json_pack("{s:s, s:[{s:{s:s, s:i}}, {s:{s:s, s:i}}], s:{s:{s:s, s:[I], s:[s]}}}",
+                                      "type", "TemplateProcessing", "single", "SpecialToken", "id", texts[v->bos],
+                                      "type_id", 0, "Sequence", "id", "A", "type_id", 0, "special_tokens",
+                                      texts[v->bos], "id", texts[v->bos], "ids", (json_int_t)v->bos, "tokens",
+                                      texts[v->bos]));
 done:
     for (uint64_t i = 0; texts && i < n; i++)
         free(texts[i]);

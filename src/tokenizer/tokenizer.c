@@ -1450,10 +1450,15 @@ zse_tokenizer *zse_tokenizer_from_zse(const zse_file *f)
 
 zse_tokenizer *zse_tokenizer_open(const char *path)
 {
-    size_t n = strlen(path);
-    if (n > 5 && strcmp(path + n - 5, ".gguf") == 0)
-        return zse_tokenizer_from_gguf(path);
     if (zse_file_exists(path)) {
+        /* a GGUF file by its magic, whatever its name */
+        char magic[4] = {0};
+        FILE *f = fopen(path, "rb");
+        size_t got = f ? fread(magic, 1, 4, f) : 0;
+        if (f)
+            fclose(f);
+        if (got == 4 && memcmp(magic, "GGUF", 4) == 0)
+            return zse_tokenizer_from_gguf(path);
         zse_file *f = zse_file_open(path);
         if (!f)
             return NULL;

@@ -84,7 +84,35 @@ int main(void)
     for (size_t i = 0; i < sizeof vocabs / sizeof vocabs[0]; i++)
         check_vocab(dir, vocabs[i]);
     printf("all vocabularies: %d of %d vectors\n", total_pass, total_cases);
+    /* add_bos_token: llama-spm adds <s> (1) when special tokens are added; gpt-2 does not */
+    char spm[600];
+    snprintf(spm, sizeof spm, "%s/ggml-vocab-llama-spm.gguf", dir);
+    zse_tokenizer *t = zse_tokenizer_from_gguf(spm);
+    int32_t *ids;
+    size_t n;
+    CHECK(t && zse_tokenizer_encode(t, "Hello", 5, true, false, &ids, &n) == 0 && n >= 2 && ids[0] == 1);
+    if (t && n)
+        free(ids);
+    zse_tokenizer_free(t);
+    t = zse_tokenizer_from_gguf(probe);
+    CHECK(t && zse_tokenizer_encode(t, "Hello", 5, true, false, &ids, &n) == 0 && n == 1 && ids[0] == 15496);
+    if (t)
+        free(ids);
+    zse_tokenizer_free(t);
     /* a file that is not GGUF, and a truncated one, fail cleanly */
     CHECK(zse_tokenizer_from_gguf("/etc/hostname") == NULL);
+    size_t len;
+    char *whole = zse_read_file(probe, &len);
+    const char *cut = "/tmp/zse-test-truncated.gguf";
+    for (size_t at = 0; whole && at < len; at += len / 7 + 1) {
+        FILE *f = fopen(cut, "wb");
+        fwrite(whole, 1, at, f);
+        fclose(f);
+        zse_tokenizer *bad = zse_tokenizer_from_gguf(cut);
+        CHECK_MSG(bad == NULL, "truncated at %zu", at);
+        zse_tokenizer_free(bad);
+    }
+    remove(cut);
+    free(whole);
     return test_main_end();
 }
