@@ -1453,10 +1453,10 @@ zse_tokenizer *zse_tokenizer_open(const char *path)
     if (zse_file_exists(path)) {
         /* a GGUF file by its magic, whatever its name */
         char magic[4] = {0};
-        FILE *f = fopen(path, "rb");
-        size_t got = f ? fread(magic, 1, 4, f) : 0;
-        if (f)
-            fclose(f);
+        FILE *fp = fopen(path, "rb");
+        size_t got = fp ? fread(magic, 1, 4, fp) : 0;
+        if (fp)
+            fclose(fp);
         if (got == 4 && memcmp(magic, "GGUF", 4) == 0)
             return zse_tokenizer_from_gguf(path);
         zse_file *f = zse_file_open(path);
