@@ -26,6 +26,7 @@ typedef struct {
     float *inv_freq;
     int n_freq;
     float mscale;
+    const char *failure;    /* first kernel failure since the last sync */
 } cpu_state;
 
 static cpu_state *state(zse_backend *be) { return be->impl; }
@@ -460,10 +461,19 @@ static void gather_out_rows(zse_backend *be, const zse_act *x, int64_t dim, zse_
                (size_t)dim * sizeof(float));
 }
 
-static int sync_noop(zse_backend *be)
+void zse_cpu_note_failure(zse_backend *be, const char *what)
 {
-    (void)be;
-    return 0;
+    cpu_state *s = state(be);
+    if (!s->failure)
+        s->failure = what;
+}
+
+static int sync_report(zse_backend *be)
+{
+    cpu_state *s = state(be);
+    const char *what = s->failure;
+    s->failure = NULL;
+    return what ? zse_fail("CPU backend: %s (out of memory)", what) : 0;
 }
 
 static void destroy(zse_backend *be)
@@ -499,7 +509,7 @@ static const zse_backend_ops cpu_ops = {
     .silu_mul = silu_mul,
     .add = add,
     .gather_out_rows = gather_out_rows,
-    .sync = sync_noop,
+    .sync = sync_report,
 };
 
 zse_backend *zse_cpu_backend_create(int threads)

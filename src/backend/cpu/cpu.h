@@ -22,6 +22,10 @@ void zse_cpu_parallel_for(zse_backend *be, int64_t n, zse_cpu_range_fn fn, void 
 /* y[t][0:w.rows] = W · x[t][0:w.cols] for t < rows (matmul.c) */
 void zse_cpu_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, int64_t rows, zse_act *y);
 
+/* ops return nothing: a kernel that cannot finish (out of memory) records it here and
+ * the next sync() reports it, so a step never silently yields garbage */
+void zse_cpu_note_failure(zse_backend *be, const char *what);
+
 /* tests: force the portable f32 kernels even where AVX2 is present */
 void zse_cpu_set_portable(bool portable);
 

@@ -334,10 +334,10 @@ void zse_cpu_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, int6
             qacts_free(&qa);
             return;
         }
-        qacts_free(&qa); /* out of memory: fall back to the f32 path below */
+        qacts_free(&qa); /* out of memory for int8 activations: the f32 path below needs less */
     }
     mm_ctx c = {w, x, y, rows, avx2, false};
     zse_cpu_parallel_for(be, w->q.rows, matmul_rows, &c);
     if (c.failed)
-        zse_log(ZSE_LOG_ERROR, "matmul: out of memory for a row buffer");
+        zse_cpu_note_failure(be, "matmul could not allocate a row buffer");
 }
