@@ -35,13 +35,26 @@ static uint64_t kv_bytes(const zse_config *c, int64_t ctx, bool int8)
     return 2ull * (uint64_t)c->n_layers * (uint64_t)c->n_kv_heads * per_tok_head * (uint64_t)ctx;
 }
 
+/* "1.23 GB", "45.6 MB", "789 KB": the unit that keeps the figure readable */
+static const char *human_bytes(uint64_t b, char buf[32])
+{
+    if (b >= 1000000000ull)
+        snprintf(buf, 32, "%.2f GB", (double)b / 1e9);
+    else if (b >= 1000000ull)
+        snprintf(buf, 32, "%.1f MB", (double)b / 1e6);
+    else
+        snprintf(buf, 32, "%.1f KB", (double)b / 1e3);
+    return buf;
+}
+
 static void print_text(const char *path, const zse_file *f, const tensor_totals *t, int64_t ctx)
 {
     const zse_config *c = zse_file_config(f);
     const json_t *h = zse_file_header(f);
     const char *quant = json_string_value(json_object_get(json_object_get(h, "quant"), "scheme"));
     json_t *g = json_object_get(json_object_get(h, "quant"), "group_size");
-    printf("file:            %s (%.2f GB)\n", path, (double)zse_file_size(f) / 1e9);
+    char b1[32], b2[32], b3[32];
+    printf("file:            %s (%s)\n", path, human_bytes(zse_file_size(f), b1));
     printf("architecture:    %s\n", c->arch);
     printf("parameters:      %.3f B\n", (double)t->params / 1e9);
     printf("layers:          %d\n", c->n_layers);
@@ -53,17 +66,21 @@ static void print_text(const char *path, const zse_file *f, const tensor_totals 
     if (c->sliding_window)
         printf("sliding window:  %d\n", c->sliding_window);
     printf("tied embeddings: %s\n", c->tie_embeddings ? "yes" : "no");
-    printf("quantization:    %s (group %lld)\n", quant ? quant : "?", (long long)json_integer_value(g));
+    zse_scheme qs;
+    if (quant && zse_scheme_from_name(quant, &qs) == 0 && zse_scheme_layout(qs) == ZSE_LAYOUT_Q4_G)
+        printf("quantization:    %s (group %lld)\n", quant, (long long)json_integer_value(g));
+    else
+        printf("quantization:    %s\n", quant ? quant : "?");
     for (int s = 0; s < ZSE_SCHEME_COUNT; s++)
         if (t->count[s])
-            printf("  %-6s %4llu tensors %10.2f MB\n", zse_scheme_name((zse_scheme)s),
-                   (unsigned long long)t->count[s], (double)t->bytes[s] / 1e6);
+            printf("  %-6s %4llu tensors %12s\n", zse_scheme_name((zse_scheme)s),
+                   (unsigned long long)t->count[s], human_bytes(t->bytes[s], b1));
     const char *tt = json_string_value(json_object_get(h, "tokenizer_type"));
     printf("tokenizer:       %s\n", tt ? tt : "unknown");
     printf("chat template:   %s\n", zse_file_chat_template(f) ? "yes" : "no");
-    printf("memory at ctx %lld: weights %.2f GB + KV %.2f GB (f16) or %.2f GB (int8) per sequence\n",
-           (long long)ctx, (double)t->weight_bytes / 1e9, (double)kv_bytes(c, ctx, false) / 1e9,
-           (double)kv_bytes(c, ctx, true) / 1e9);
+    printf("memory at ctx %lld: weights %s + KV %s (f16) or %s (int8) per sequence\n", (long long)ctx,
+           human_bytes(t->weight_bytes, b1), human_bytes(kv_bytes(c, ctx, false), b2),
+           human_bytes(kv_bytes(c, ctx, true), b3));
 }
 
 static void print_json(const char *path, const zse_file *f, const tensor_totals *t, int64_t ctx)
