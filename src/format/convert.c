@@ -42,33 +42,20 @@ static void on_signal(int sig)
 }
 
 /* forward order: embeddings, each layer's tensors in block order, final norm, lm_head */
-static const char *const block_order[] = {
-    "attn_norm.weight", "attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias",
-    "attn_v.weight", "attn_v.bias", "attn_q_norm.weight", "attn_k_norm.weight",
-    "attn_output.weight", "attn_output.bias", "ffn_norm.weight", "ffn_gate.weight",
-    "ffn_up.weight", "ffn_down.weight",
-};
-
-static long order_key(const char *name)
-{
-    if (strcmp(name, "token_embd.weight") == 0)
-        return 0;
-    if (strcmp(name, "output_norm.weight") == 0)
-        return 1L << 40;
-    if (strcmp(name, "output.weight") == 0)
-        return (1L << 40) + 1;
-    int layer, used = 0;
-    if (sscanf(name, "blk.%d.%n", &layer, &used) == 1 && used > 0)
-        for (size_t i = 0; i < sizeof block_order / sizeof block_order[0]; i++)
-            if (strcmp(name + used, block_order[i]) == 0)
-                return 1 + (long)layer * 64 + (long)i;
-    return (1L << 40) - 1;
-}
-
 static int cmp_plan(const void *a, const void *b)
 {
-    long ka = order_key(((const plan_tensor *)a)->name), kb = order_key(((const plan_tensor *)b)->name);
+    int64_t ka = zse_canonical_rank(((const plan_tensor *)a)->name);
+    int64_t kb = zse_canonical_rank(((const plan_tensor *)b)->name);
     return ka < kb ? -1 : ka > kb;
+}
+
+static bool plan_has(const void *ctx, const char *name)
+{
+    const plan *p = ctx;
+    for (size_t i = 0; i < p->n; i++)
+        if (strcmp(p->t[i].name, name) == 0)
+            return true;
+    return false;
 }
 
 static bool matches_keep(const zse_convert_opts *o, const char *canon, const char *hf)
@@ -130,6 +117,10 @@ static int build_plan(plan *p, const zse_safetensors *st, const zse_config *c,
                             "supported — convert from the original weights", s->name);
         t->q.rows = s->ndim == 2 ? s->shape[0] : 1;
         t->q.cols = s->ndim == 2 ? s->shape[1] : s->shape[0];
+        if (zse_check_tensor_shape(c, canon, t->q.rows, t->q.cols) != 0) {
+            zse_error_prefix("%s ('%s')", st->shards[s->file_index].path, s->name);
+            return -1;
+        }
         t->q.scheme = choose_scheme(o, canon, s->name, t->q.rows);
         t->q.group_size = zse_scheme_layout(t->q.scheme) == ZSE_LAYOUT_Q4_G ? o->group_size : 0;
         if (!(t->size = zse_qshape_bytes(&t->q)))
@@ -137,28 +128,7 @@ static int build_plan(plan *p, const zse_safetensors *st, const zse_config *c,
     }
     qsort(p->t, p->n, sizeof *p->t, cmp_plan);
     /* every tensor the forward pass reads must be there */
-    char need[128];
-    const char *per_layer[] = {"attn_norm.weight", "attn_q.weight", "attn_k.weight",
-                               "attn_v.weight", "attn_output.weight", "ffn_norm.weight",
-                               "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"};
-    for (int l = -1; l < c->n_layers; l++) {
-        for (size_t k = 0; k < (l < 0 ? 3 : sizeof per_layer / sizeof *per_layer); k++) {
-            if (l < 0) {
-                const char *top[] = {"token_embd.weight", "output_norm.weight", "output.weight"};
-                if (k == 2 && c->tie_embeddings)
-                    continue;
-                snprintf(need, sizeof need, "%s", top[k]);
-            } else {
-                snprintf(need, sizeof need, "blk.%d.%s", l, per_layer[k]);
-            }
-            bool found = false;
-            for (size_t i = 0; i < p->n && !found; i++)
-                found = strcmp(p->t[i].name, need) == 0;
-            if (!found)
-                return zse_fail("the checkpoint lacks tensor '%s' that a %s model needs", need, c->arch);
-        }
-    }
-    return 0;
+    return zse_check_required_tensors(c, plan_has, p);
 }
 
 static void plan_free(plan *p)

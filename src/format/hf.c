@@ -52,6 +52,42 @@ static double get_num(const json_t *o, const char *key, double dflt)
     return json_is_number(v) ? json_number_value(v) : dflt;
 }
 
+/* a JSON number as an int in [0, 2^30]; dflt when absent or not finite (a cast of an
+ * out-of-range double would be undefined behaviour) */
+static int get_num_int(const json_t *o, const char *key, int dflt)
+{
+    double v = get_num(o, key, dflt);
+    if (!isfinite(v))
+        return dflt;
+    return v < 0 ? 0 : v > (double)(1 << 30) ? 1 << 30 : (int)v;
+}
+
+/* a token id: an integer in [0, 2^30), else -1 */
+static int token_id(const json_t *v)
+{
+    if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= (1 << 30))
+        return -1;
+    return (int)json_integer_value(v);
+}
+
+/* what the forward pass divides by or takes powers of: finite and in range */
+static int check_numbers(const zse_config *c, const char *where)
+{
+    if (!(c->rms_eps > 0 && c->rms_eps < 1))
+        return zse_fail("%s: rms_norm_eps %g must be in (0, 1)", where, (double)c->rms_eps);
+    if (!(c->rope_theta > 1 && isfinite(c->rope_theta)))
+        return zse_fail("%s: rope_theta %g must be a finite number above 1", where, c->rope_theta);
+    const double *nums[] = {&c->rope_scaling.factor, &c->rope_scaling.low_freq_factor,
+                            &c->rope_scaling.high_freq_factor, &c->rope_scaling.attn_factor,
+                            &c->rope_scaling.beta_fast, &c->rope_scaling.beta_slow};
+    for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++)
+        if (!isfinite(*nums[i]) || *nums[i] < 0)
+            return zse_fail("%s: rope scaling parameters must be finite and non-negative", where);
+    if (!(c->rope_scaling.factor > 0))
+        return zse_fail("%s: rope scaling factor must be positive", where);
+    return 0;
+}
+
 static bool get_bool(const json_t *o, const char *key, bool dflt)
 {
     json_t *v = json_object_get(o, key);
@@ -77,7 +113,7 @@ static int parse_rope_scaling(zse_config *c, const json_t *cfg)
         return 0;
     c->rope_scaling.factor = get_num(src, "factor", 1.0);
     c->rope_scaling.original_max_position =
-        (int)get_num(src, "original_max_position_embeddings", c->max_position);
+        get_num_int(src, "original_max_position_embeddings", c->max_position);
     if (strcmp(type, "linear") == 0) {
         c->rope_scaling.type = ZSE_ROPE_LINEAR;
     } else if (strcmp(type, "dynamic") == 0) {
@@ -95,8 +131,6 @@ static int parse_rope_scaling(zse_config *c, const json_t *cfg)
         return zse_fail("config.json: rope scaling type '%s' is not supported "
                         "(linear, dynamic, llama3 and yarn are)", type);
     }
-    if (!(c->rope_scaling.factor > 0) || !isfinite(c->rope_scaling.factor))
-        return zse_fail("config.json: rope scaling factor must be positive");
     return 0;
 }
 
@@ -104,7 +138,7 @@ static int parse_rope_scaling(zse_config *c, const json_t *cfg)
 static void add_eos_ids(zse_config *c, const json_t *v)
 {
     if (json_is_integer(v)) {
-        int id = (int)json_integer_value(v);
+        int id = token_id(v);
         for (int i = 0; i < c->n_eos; i++)
             if (c->eos_ids[i] == id)
                 return;
@@ -149,8 +183,9 @@ int zse_hf_normalize_config(zse_config *c, const json_t *cfg, const json_t *gen,
                         c->n_heads, c->n_kv_heads);
     if (c->head_dim == 0 || c->head_dim % 2 != 0 || c->head_dim > 1024)
         return zse_fail("config.json: head_dim %d must be even and at most 1024", c->head_dim);
-    c->rms_eps = (float)get_num(cfg, "rms_norm_eps", 1e-6);
-    if (parse_rope_scaling(c, cfg) != 0)
+    double eps = get_num(cfg, "rms_norm_eps", 1e-6);
+    c->rms_eps = eps > 0 && eps < 1 ? (float)eps : 0.0f;
+    if (parse_rope_scaling(c, cfg) != 0 || check_numbers(c, "config.json") != 0)
         return -1;
     c->tie_embeddings = get_bool(cfg, "tie_word_embeddings", false);
     c->attn_bias = get_bool(cfg, "attention_bias", arch->attn_bias_default);
@@ -170,14 +205,12 @@ int zse_hf_normalize_config(zse_config *c, const json_t *cfg, const json_t *gen,
                         json_is_string(act) ? json_string_value(act) : "?");
     c->bos_id = -1;
     c->pad_id = -1;
-    json_t *bos = json_object_get(gen, "bos_token_id");
-    if (!json_is_integer(bos))
-        bos = json_object_get(cfg, "bos_token_id");
-    if (json_is_integer(bos))
-        c->bos_id = (int)json_integer_value(bos);
-    json_t *pad = json_object_get(cfg, "pad_token_id");
-    if (json_is_integer(pad))
-        c->pad_id = (int)json_integer_value(pad);
+    c->bos_id = token_id(json_object_get(gen, "bos_token_id"));
+    if (c->bos_id < 0)
+        c->bos_id = token_id(json_object_get(cfg, "bos_token_id"));
+    c->pad_id = token_id(json_object_get(gen, "pad_token_id"));
+    if (c->pad_id < 0)
+        c->pad_id = token_id(json_object_get(cfg, "pad_token_id"));
     add_eos_ids(c, json_object_get(gen, "eos_token_id"));
     add_eos_ids(c, json_object_get(cfg, "eos_token_id"));
     return 0;
@@ -204,7 +237,7 @@ static void resolve_token_names(zse_config *c, const json_t *tok_cfg, const json
                 if (k == 0)
                     add_eos_ids(c, id);
                 else if (c->bos_id < 0)
-                    c->bos_id = (int)json_integer_value(id);
+                    c->bos_id = token_id(id);
             }
         }
     }
@@ -452,7 +485,8 @@ int zse_config_from_json(zse_config *c, const json_t *o)
     if (c->n_heads % c->n_kv_heads != 0 || c->head_dim % 2 != 0)
         return zse_fail("header config: heads %d / kv heads %d / head_dim %d are inconsistent",
                         c->n_heads, c->n_kv_heads, c->head_dim);
-    c->rms_eps = (float)get_num(o, "rms_eps", 1e-6);
+    double eps = get_num(o, "rms_eps", 1e-6);
+    c->rms_eps = eps > 0 && eps < 1 ? (float)eps : 0.0f;
     c->rope_theta = get_num(o, "rope_theta", 10000.0);
     c->tie_embeddings = get_bool(o, "tie_embeddings", false);
     c->attn_bias = get_bool(o, "attn_bias", false);
@@ -462,17 +496,24 @@ int zse_config_from_json(zse_config *c, const json_t *o)
     json_t *rs = json_object_get(o, "rope_scaling");
     const char *rt = json_string_value(json_object_get(rs, "type"));
     c->rope_scaling.type = ZSE_ROPE_NONE;
-    for (int i = 0; rt && i < 5; i++)
-        if (strcmp(rt, rope_names[i]) == 0)
-            c->rope_scaling.type = (zse_rope_type)i;
+    if (rt) {
+        int found = -1;
+        for (int i = 0; i < (int)(sizeof rope_names / sizeof rope_names[0]); i++)
+            if (strcmp(rt, rope_names[i]) == 0)
+                found = i;
+        if (found < 0)
+            return zse_fail("header config: rope scaling type '%s' is unknown to this zse; "
+                            "upgrade zse", rt);
+        c->rope_scaling.type = (zse_rope_type)found;
+    }
     c->rope_scaling.factor = get_num(rs, "factor", 1.0);
     c->rope_scaling.low_freq_factor = get_num(rs, "low_freq_factor", 1.0);
     c->rope_scaling.high_freq_factor = get_num(rs, "high_freq_factor", 4.0);
-    c->rope_scaling.original_max_position = (int)get_num(rs, "original_max_position", 0);
+    c->rope_scaling.original_max_position = get_num_int(rs, "original_max_position", 0);
     c->rope_scaling.attn_factor = get_num(rs, "attn_factor", 0);
     c->rope_scaling.beta_fast = get_num(rs, "beta_fast", 32);
     c->rope_scaling.beta_slow = get_num(rs, "beta_slow", 1);
     c->n_eos = 0;
     add_eos_ids(c, json_object_get(o, "eos_ids"));
-    return 0;
+    return check_numbers(c, "header config");
 }
