@@ -143,32 +143,97 @@ static void hex64(uint64_t v, char out[17])
     snprintf(out, 17, "%016" PRIx64, v);
 }
 
-static json_t *source_files(const char *dir, const zse_safetensors *st, const char *tok_path)
+/* ---- provenance: SHA-256 of every input file, hashed in parallel ------------------ */
+
+typedef struct {
+    char **paths;
+    int n;
+    char (*sha)[65];
+    atomic_int next;
+    atomic_int failed;
+    char error[ZSE_ERROR_MAX];  /* the first failure's message (errors are thread-local) */
+    atomic_flag error_taken;
+} hash_job;
+
+static void hash_files(void *arg, int ith, int nth)
 {
-    json_t *arr = json_array();
-    const char *extra[] = {"config.json", "generation_config.json", "tokenizer_config.json",
-                           "chat_template.jinja"};
-    for (int i = 0; i < st->n_shards + 5; i++) {
-        char *path = NULL;
-        if (i < st->n_shards)
-            path = zse_strdup(st->shards[i].path);
-        else if (i == st->n_shards)
-            path = zse_strdup(tok_path);
-        else
-            path = zse_path_join(dir, extra[i - st->n_shards - 1]);
-        if (!path || !zse_file_exists(path)) {
-            free(path);
-            continue;
+    (void)ith, (void)nth;
+    hash_job *j = arg;
+    while (!interrupted) {
+        int i = atomic_fetch_add(&j->next, 1);
+        if (i >= j->n)
+            break;
+        if (zse_sha256_file(j->paths[i], j->sha[i]) != 0) {
+            if (!atomic_flag_test_and_set(&j->error_taken))
+                snprintf(j->error, sizeof j->error, "%s", zse_error_message());
+            atomic_store(&j->failed, 1);
         }
-        char sha[65];
-        struct stat sb;
-        if (zse_sha256_file(path, sha) == 0 && stat(path, &sb) == 0) {
-            const char *base = strrchr(path, '/');
-            json_array_append_new(arr, json_pack("{s:s, s:s, s:I}", "name", base ? base + 1 : path,
-                                                 "sha256", sha, "size", (json_int_t)sb.st_size));
-        }
-        free(path);
     }
+}
+
+static int add_source_path(char ***paths, int *n, char *path)
+{
+    if (!path)
+        return -1;
+    if (!zse_file_exists(path)) {
+        free(path);
+        return 0;
+    }
+    char **p = zse_realloc(*paths, (size_t)(*n + 1) * sizeof *p);
+    if (!p) {
+        free(path);
+        return -1;
+    }
+    *paths = p;
+    (*paths)[(*n)++] = path;
+    return 0;
+}
+
+/* every file the .zse was made from: shards (and their index), tokenizer, configs,
+ * template — [{name, sha256, size}] */
+static json_t *source_files(const char *dir, const zse_safetensors *st, const char *tok_path,
+                            zse_pool *pool)
+{
+    static const char *const extra[] = {"model.safetensors.index.json", "config.json",
+                                        "generation_config.json", "tokenizer_config.json",
+                                        "chat_template.jinja"};
+    char **paths = NULL;
+    int n = 0, rc = 0;
+    for (int i = 0; rc == 0 && i < st->n_shards; i++)
+        rc = add_source_path(&paths, &n, zse_strdup(st->shards[i].path));
+    if (rc == 0)
+        rc = add_source_path(&paths, &n, zse_strdup(tok_path));
+    for (size_t i = 0; rc == 0 && i < sizeof extra / sizeof extra[0]; i++)
+        rc = add_source_path(&paths, &n, zse_path_join(dir, extra[i]));
+    json_t *arr = NULL;
+    hash_job job = {.paths = paths, .n = n, .error_taken = ATOMIC_FLAG_INIT};
+    atomic_init(&job.next, 0);
+    atomic_init(&job.failed, 0);
+    if (rc == 0 && (job.sha = zse_calloc((size_t)(n ? n : 1), sizeof *job.sha))) {
+        zse_pool_run(pool, hash_files, &job);
+        if (interrupted)
+            zse_fail("interrupted by a signal; nothing was written");
+        else if (atomic_load(&job.failed))
+            zse_fail("%s", job.error);
+        else
+            arr = json_array();
+    }
+    for (int i = 0; arr && i < n; i++) {
+        struct stat sb;
+        if (stat(paths[i], &sb) != 0) {
+            zse_fail("cannot stat %s: %s", paths[i], strerror(errno));
+            json_decref(arr);
+            arr = NULL;
+            break;
+        }
+        const char *base = strrchr(paths[i], '/');
+        json_array_append_new(arr, json_pack("{s:s, s:s, s:I}", "name", base ? base + 1 : paths[i],
+                                             "sha256", job.sha[i], "size", (json_int_t)sb.st_size));
+    }
+    for (int i = 0; i < n; i++)
+        free(paths[i]);
+    free(paths);
+    free(job.sha);
     return arr;
 }
 
@@ -303,7 +368,7 @@ static void quantize_share(void *arg, int ith, int nth)
     free(buf);
 }
 
-static int write_tensor(int fd, const char *tmp, plan_tensor *t, zse_pool *pool)
+static int write_tensor(int fd, const char *path, plan_tensor *t, zse_pool *pool)
 {
     uint8_t *packed = zse_aligned_alloc(64, (size_t)t->size);
     if (!packed)
@@ -316,10 +381,10 @@ static int write_tensor(int fd, const char *tmp, plan_tensor *t, zse_pool *pool)
     if (atomic_load(&job.failed))
         rc = zse_fail("cannot convert tensor '%s' (out of memory or bad data)", t->src->name);
     else if (interrupted)
-        rc = zse_fail("interrupted");
+        rc = zse_fail("interrupted by a signal; nothing was written");
     if (rc == 0) {
         t->checksum = zse_hash64(packed, (size_t)t->size);
-        rc = write_at(fd, packed, (size_t)t->size, t->offset, tmp);
+        rc = write_at(fd, packed, (size_t)t->size, t->offset, path);
     }
     free(packed);
     return rc;
@@ -362,8 +427,154 @@ static const char *tokenizer_type_of(const char *tok_json, size_t len)
     return r;
 }
 
-static int convert_into(int fd, const char *tmp, const char *src_dir, const zse_convert_opts *o,
-                        zse_hf_dir *hf, zse_safetensors *st, plan *p)
+/* ---- the output file ----------------------------------------------------------------
+ * Written as an anonymous file (O_TMPFILE) in OUT's directory and given its name only
+ * when complete, so nothing is left behind even if the process is killed outright; where
+ * the filesystem lacks O_TMPFILE, a named temp file OUT.tmp.PID that every failure path
+ * removes. Without --force the name is given with link(), which fails rather than
+ * replace a file that appeared meanwhile. */
+typedef struct {
+    int fd;
+    char *dir;          /* OUT's directory */
+    char *tmp;          /* the named temp file, or NULL while anonymous */
+} out_file;
+
+static char *dir_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    if (!slash)
+        return zse_strdup(".");
+    return slash == path ? zse_strdup("/") : zse_strndup(path, (size_t)(slash - path));
+}
+
+static char *temp_name(const char *out_path)
+{
+    zse_buf b = {0};
+    if (zse_buf_printf(&b, "%s.tmp.%d", out_path, (int)getpid()) != 0)
+        return NULL;
+    return b.data;
+}
+
+static int out_create(out_file *f, const char *out_path)
+{
+    f->fd = -1;
+    f->tmp = NULL;
+    if (!(f->dir = dir_of(out_path)))
+        return -1;
+    f->fd = open(f->dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0644);
+    if (f->fd >= 0)
+        return 0;
+    if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
+        return zse_fail("cannot create %s in %s: %s", out_path, f->dir, strerror(errno));
+    if (!(f->tmp = temp_name(out_path)))
+        return -1;
+    f->fd = open(f->tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (f->fd < 0)
+        return zse_fail("cannot create %s: %s", f->tmp, strerror(errno));
+    return 0;
+}
+
+/* gives the anonymous file the name `name` */
+static int out_link(out_file *f, const char *name)
+{
+    char proc[64];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", f->fd);
+    if (linkat(AT_FDCWD, proc, AT_FDCWD, name, AT_SYMLINK_FOLLOW) == 0 ||
+        linkat(f->fd, "", AT_FDCWD, name, AT_EMPTY_PATH) == 0)
+        return 0;
+    return zse_fail(errno == EEXIST ? "%s already exists; pass --force to overwrite it"
+                                    : "cannot create %s: %s", name, strerror(errno));
+}
+
+static int out_commit(out_file *f, const char *out_path, bool force)
+{
+    int rc = 0;
+    if (!f->tmp && !force) {
+        rc = out_link(f, out_path);
+    } else {
+        if (!f->tmp && (!(f->tmp = temp_name(out_path)) || out_link(f, f->tmp) != 0))
+            return -1;
+        if (force ? rename(f->tmp, out_path) != 0 : link(f->tmp, out_path) != 0)
+            rc = zse_fail(errno == EEXIST ? "%s already exists; pass --force to overwrite it"
+                                          : "cannot create %s: %s", out_path, strerror(errno));
+        unlink(f->tmp); /* after a rename it is gone already; after a link, the extra name */
+    }
+    if (rc == 0) {
+        /* the new directory entry itself must reach the disk */
+        int dfd = open(f->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0) {
+            fsync(dfd);
+            close(dfd);
+        }
+    }
+    return rc;
+}
+
+static void out_close(out_file *f, bool remove_tmp)
+{
+    if (f->fd >= 0)
+        close(f->fd);
+    if (remove_tmp && f->tmp)
+        unlink(f->tmp);
+    free(f->tmp);
+    free(f->dir);
+    f->fd = -1;
+    f->tmp = NULL;
+    f->dir = NULL;
+}
+
+/* ---- conversion ------------------------------------------------------------------- */
+
+static int write_header_and_preamble(int fd, const char *out_path, const zse_hf_dir *hf, plan *p,
+                                     const zse_convert_opts *o, json_t *sources,
+                                     const char *tok_type)
+{
+    json_t *h = build_header(hf, p, o, sources, tok_type);
+    size_t len = 0;
+    char *s = h ? dump_header(h, &len) : NULL;
+    json_decref(h);
+    if (!s)
+        return -1;
+    int rc = 0;
+    if (align_up(64 + len) != p->data_offset)
+        rc = zse_fail("header size changed while writing");
+    uint8_t pre[64];
+    if (rc == 0) {
+        write_preamble(pre, len, zse_hash64(s, len), p);
+        rc = write_at(fd, s, len, 64, out_path);
+    }
+    if (rc == 0)
+        rc = write_at(fd, pre, 64, 0, out_path);
+    free(s);
+    if (rc == 0 && ftruncate(fd, (off_t)p->file_size) != 0)
+        rc = zse_fail("cannot size %s: %s", out_path, strerror(errno));
+    if (rc == 0 && fsync(fd) != 0)
+        rc = zse_fail("cannot flush %s to disk: %s", out_path, strerror(errno));
+    return rc;
+}
+
+static int write_tensors(int fd, const char *out_path, plan *p, zse_pool *pool)
+{
+    uint64_t total = 0, done = 0;
+    for (size_t i = 0; i < p->n; i++)
+        total += p->t[i].src->size;
+    zse_progress bar;
+    zse_progress_begin(&bar, total);
+    int rc = 0;
+    for (size_t i = 0; rc == 0 && i < p->n; i++) {
+        zse_progress_update(&bar, p->t[i].name, done);
+        rc = write_tensor(fd, out_path, &p->t[i], pool);
+        done += p->t[i].src->size;
+    }
+    if (rc == 0)
+        zse_progress_update(&bar, "done", done);
+    zse_progress_end(&bar);
+    return rc;
+}
+
+static int convert_into(int fd, const char *out_path, const char *src_dir,
+                        const zse_convert_opts *o, zse_hf_dir *hf, zse_safetensors *st, plan *p,
+                        zse_pool *pool)
 {
     size_t tok_len;
     char *tok = zse_read_file(hf->tokenizer_json_path, &tok_len);
@@ -372,53 +583,22 @@ static int convert_into(int fd, const char *tmp, const char *src_dir, const zse_
     const char *tok_type = tokenizer_type_of(tok, tok_len);
     p->tok_size = tok_len;
     p->tok_checksum = zse_hash64(tok, tok_len);
-    json_t *sources = source_files(src_dir, st, hf->tokenizer_json_path);
-    int rc = layout_offsets(p, hf, o, sources, tok_type);
+    json_t *sources = source_files(src_dir, st, hf->tokenizer_json_path, pool);
+    int rc = sources ? layout_offsets(p, hf, o, sources, tok_type) : -1;
     if (rc == 0)
-        rc = write_at(fd, tok, tok_len, p->tok_offset, tmp);
+        rc = write_at(fd, tok, tok_len, p->tok_offset, out_path);
     free(tok);
-    zse_pool *pool = rc == 0 ? zse_pool_create(o->threads > 0 ? o->threads : zse_physical_cores()) : NULL;
-    if (rc == 0 && !pool)
-        rc = -1;
-    uint64_t total = 0, done = 0;
-    for (size_t i = 0; i < p->n; i++)
-        total += p->t[i].src->size;
-    zse_progress bar;
-    zse_progress_begin(&bar, total);
-    for (size_t i = 0; rc == 0 && i < p->n; i++) {
-        zse_progress_update(&bar, p->t[i].name, done);
-        rc = write_tensor(fd, tmp, &p->t[i], pool);
-        done += p->t[i].src->size;
-    }
-    zse_progress_update(&bar, "done", done);
-    zse_progress_end(&bar);
-    zse_pool_free(pool);
-    if (rc == 0) {
-        json_t *h = build_header(hf, p, o, sources, tok_type);
-        size_t len;
-        char *s = dump_header(h, &len);
-        json_decref(h);
-        if (!s || align_up(64 + len) != p->data_offset)
-            rc = s ? zse_fail("header size changed while writing") : -1;
-        uint8_t pre[64];
-        if (rc == 0) {
-            write_preamble(pre, len, zse_hash64(s, len), p);
-            rc = write_at(fd, s, len, 64, tmp);
-        }
-        if (rc == 0)
-            rc = write_at(fd, pre, 64, 0, tmp);
-        free(s);
-        if (rc == 0 && ftruncate(fd, (off_t)p->file_size) != 0)
-            rc = zse_fail("cannot size %s: %s", tmp, strerror(errno));
-        if (rc == 0 && fsync(fd) != 0)
-            rc = zse_fail("cannot flush %s to disk: %s", tmp, strerror(errno));
-    }
+    if (rc == 0)
+        rc = write_tensors(fd, out_path, p, pool);
+    if (rc == 0)
+        rc = write_header_and_preamble(fd, out_path, hf, p, o, sources, tok_type);
     json_decref(sources);
     return rc;
 }
 
 int zse_convert(const char *src_dir, const char *out_path, const zse_convert_opts *o)
 {
+    /* fail before the work; out_commit checks again without a race */
     if (!o->force && access(out_path, F_OK) == 0)
         return zse_fail("%s already exists; pass --force to overwrite it", out_path);
     zse_hf_dir hf;
@@ -433,36 +613,29 @@ int zse_convert(const char *src_dir, const char *out_path, const zse_convert_opt
     int rc = build_plan(&p, &st, &hf.config, o);
     if (rc != 0)
         zse_error_prefix("%s", src_dir);
-    char *tmp = NULL;
-    int fd = -1;
+    zse_pool *pool = NULL;
+    if (rc == 0 && !(pool = zse_pool_create(o->threads > 0 ? o->threads : zse_physical_cores())))
+        rc = -1;
+    /* handlers first: a signal between creating the temp file and installing them would
+     * kill the process with the named fallback file on disk */
     struct sigaction sa = {.sa_handler = on_signal}, old_int, old_term;
-    if (rc == 0) {
-        zse_buf b = {0};
-        rc = zse_buf_printf(&b, "%s.tmp.%d", out_path, (int)getpid());
-        tmp = b.data;
-    }
-    if (rc == 0) {
-        fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-        if (fd < 0)
-            rc = zse_fail("cannot create %s: %s", tmp, strerror(errno));
-    }
-    if (rc == 0) {
-        interrupted = 0;
-        sigaction(SIGINT, &sa, &old_int);
-        sigaction(SIGTERM, &sa, &old_term);
-        rc = convert_into(fd, tmp, src_dir, o, &hf, &st, &p);
-        sigaction(SIGINT, &old_int, NULL);
-        sigaction(SIGTERM, &old_term, NULL);
-        if (interrupted && rc == 0)
-            rc = zse_fail("interrupted");
-    }
-    if (fd >= 0 && close(fd) != 0 && rc == 0)
-        rc = zse_fail("cannot close %s: %s", tmp, strerror(errno));
-    if (rc == 0 && rename(tmp, out_path) != 0)
-        rc = zse_fail("cannot rename %s to %s: %s", tmp, out_path, strerror(errno));
-    if (rc != 0 && fd >= 0)
-        unlink(tmp);
-    free(tmp);
+    sigemptyset(&sa.sa_mask);
+    interrupted = 0;
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
+    out_file out = {.fd = -1};
+    if (rc == 0)
+        rc = out_create(&out, out_path);
+    if (rc == 0)
+        rc = convert_into(out.fd, out_path, src_dir, o, &hf, &st, &p, pool);
+    if (rc == 0 && interrupted)
+        rc = zse_fail("interrupted by a signal; nothing was written");
+    if (rc == 0)
+        rc = out_commit(&out, out_path, o->force);
+    out_close(&out, rc != 0);
+    sigaction(SIGINT, &old_int, NULL);
+    sigaction(SIGTERM, &old_term, NULL);
+    zse_pool_free(pool);
     plan_free(&p);
     zse_st_close(&st);
     zse_hf_close(&hf);
