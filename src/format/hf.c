@@ -134,6 +134,51 @@ static int parse_rope_scaling(zse_config *c, const json_t *cfg)
     return 0;
 }
 
+/* Which layers attend through the window. transformers 5 lists "layer_types"; older qwen2
+ * configs say use_sliding_window and max_window_layers (layers from that index on slide,
+ * so max_window_layers >= the layer count means none do); mistral slides every layer when
+ * sliding_window is set. zse runs one window for all layers, so a mix is refused. */
+static int parse_sliding_window(zse_config *c, const json_t *cfg, const arch_row *arch)
+{
+    int window = 0;
+    if (get_int(cfg, "sliding_window", 0, false, &window))
+        return -1;
+    int first_sliding = 0, n_sliding = 0;
+    json_t *types = json_object_get(cfg, "layer_types");
+    if (json_is_array(types)) {
+        if (json_array_size(types) != (size_t)c->n_layers)
+            return zse_fail("config.json: layer_types has %zu entries for %d layers",
+                            json_array_size(types), c->n_layers);
+        size_t i;
+        json_t *t;
+        json_array_foreach(types, i, t) {
+            const char *s = json_string_value(t);
+            if (s && strcmp(s, "sliding_attention") == 0)
+                n_sliding++;
+            else if (!s || strcmp(s, "full_attention") != 0)
+                return zse_fail("config.json: layer_types[%zu] is '%s' (full_attention and "
+                                "sliding_attention are supported)", i, s ? s : "?");
+        }
+    } else if (arch->sliding_window_flag) {
+        if (!get_bool(cfg, "use_sliding_window", false))
+            window = 0;
+        if (get_int(cfg, "max_window_layers", 0, false, &first_sliding))
+            return -1;
+        n_sliding = first_sliding < c->n_layers ? c->n_layers - first_sliding : 0;
+    } else {
+        n_sliding = c->n_layers;
+    }
+    if (window == 0 || n_sliding == 0) {
+        c->sliding_window = 0;
+        return 0;
+    }
+    if (n_sliding != c->n_layers)
+        return zse_fail("config.json: %d of %d layers use a sliding window of %d; zse runs one "
+                        "attention kind for every layer", n_sliding, c->n_layers, window);
+    c->sliding_window = window;
+    return 0;
+}
+
 /* eos ids: int or list in config.json and generation_config.json, merged, deduplicated */
 static void add_eos_ids(zse_config *c, const json_t *v)
 {
@@ -192,12 +237,8 @@ int zse_hf_normalize_config(zse_config *c, const json_t *cfg, const json_t *gen,
     c->attn_out_bias = false;
     c->mlp_bias = get_bool(cfg, "mlp_bias", false);
     c->qk_norm = arch->qk_norm;
-    int window = 0;
-    if (get_int(cfg, "sliding_window", 0, false, &window))
+    if (parse_sliding_window(c, cfg, arch) != 0)
         return -1;
-    if (arch->sliding_window_flag && !get_bool(cfg, "use_sliding_window", false))
-        window = 0;
-    c->sliding_window = window;
     json_t *act = json_object_get(cfg, "hidden_act");
     if (act && !(json_is_string(act) && (strcmp(json_string_value(act), "silu") == 0 ||
                                          strcmp(json_string_value(act), "swish") == 0)))
@@ -216,13 +257,14 @@ int zse_hf_normalize_config(zse_config *c, const json_t *cfg, const json_t *gen,
     return 0;
 }
 
-/* tokenizer_config's eos_token / bos_token name → id through tokenizer.json's added
- * tokens; merged into the ids from the configs */
+/* tokenizer_config's eos_token / bos_token / pad_token (a string, or an AddedToken object
+ * with "content") → id through tokenizer.json's added tokens. EOS ids are merged into
+ * those of the configs; BOS and PAD fill in only where the configs gave none. */
 static void resolve_token_names(zse_config *c, const json_t *tok_cfg, const json_t *tok_json)
 {
     json_t *added = json_object_get(tok_json, "added_tokens");
-    const char *keys[2] = {"eos_token", "bos_token"};
-    for (int k = 0; k < 2; k++) {
+    const char *keys[3] = {"eos_token", "bos_token", "pad_token"};
+    for (int k = 0; k < 3; k++) {
         json_t *v = json_object_get(tok_cfg, keys[k]);
         const char *name = json_is_string(v) ? json_string_value(v)
                                              : json_string_value(json_object_get(v, "content"));
@@ -233,12 +275,14 @@ static void resolve_token_names(zse_config *c, const json_t *tok_cfg, const json
         json_array_foreach(added, i, t) {
             const char *content = json_string_value(json_object_get(t, "content"));
             json_t *id = json_object_get(t, "id");
-            if (content && json_is_integer(id) && strcmp(content, name) == 0) {
-                if (k == 0)
-                    add_eos_ids(c, id);
-                else if (c->bos_id < 0)
-                    c->bos_id = token_id(id);
-            }
+            if (!content || token_id(id) < 0 || strcmp(content, name) != 0)
+                continue;
+            if (k == 0)
+                add_eos_ids(c, id);
+            else if (k == 1 && c->bos_id < 0)
+                c->bos_id = token_id(id);
+            else if (k == 2 && c->pad_id < 0)
+                c->pad_id = token_id(id);
         }
     }
 }
