@@ -123,8 +123,12 @@ static int build_plan(plan *p, const zse_safetensors *st, const zse_config *c,
         }
         t->q.scheme = choose_scheme(o, canon, s->name, t->q.rows);
         t->q.group_size = zse_scheme_layout(t->q.scheme) == ZSE_LAYOUT_Q4_G ? o->group_size : 0;
-        if (!(t->size = zse_qshape_bytes(&t->q)))
-            return zse_fail("tensor '%s': %s", s->name, zse_error_message());
+        if (!(t->size = zse_qshape_bytes(&t->q))) {
+            /* the reason is in the error buffer: prefix it (passing it back into zse_fail
+             * would format the buffer into itself) */
+            zse_error_prefix("tensor '%s'", s->name);
+            return -1;
+        }
     }
     qsort(p->t, p->n, sizeof *p->t, cmp_plan);
     /* every tensor the forward pass reads must be there */
@@ -252,8 +256,19 @@ static json_t *build_header(const zse_hf_dir *hf, const plan *p, const zse_conve
     json_t *keep = json_array();
     for (int i = 0; i < o->n_keep_fp16; i++)
         json_array_append_new(keep, json_string(o->keep_fp16[i]));
-    json_object_set_new(h, "quant", json_pack("{s:s, s:i, s:o}", "scheme", zse_scheme_name(o->scheme),
-                                              "group_size", o->group_size, "keep_fp16", keep));
+    /* the schemes the policy chose for the embedding table and the lm_head (null when
+     * tied), so a reader sees the whole recipe without walking the tensors */
+    json_t *embed = json_null(), *lm_head = json_null();
+    for (size_t i = 0; i < p->n; i++) {
+        if (strcmp(p->t[i].name, "token_embd.weight") == 0)
+            embed = json_string(zse_scheme_name(p->t[i].q.scheme));
+        else if (strcmp(p->t[i].name, "output.weight") == 0)
+            lm_head = json_string(zse_scheme_name(p->t[i].q.scheme));
+    }
+    json_object_set_new(h, "quant", json_pack("{s:s, s:i, s:o, s:o, s:o}", "scheme",
+                                              zse_scheme_name(o->scheme), "group_size",
+                                              o->group_size, "embed", embed, "lm_head", lm_head,
+                                              "keep_fp16", keep));
     char when[32];
     time_t now = time(NULL);
     struct tm tm;

@@ -105,15 +105,23 @@ static int read_tensor(zse_file *f, const json_t *e, uint64_t data_offset, zse_t
         return zse_fail("%s: tensor '%s' has a malformed shape", path, name);
     t->q.rows = json_integer_value(r);
     t->q.cols = json_integer_value(c);
-    t->q.group_size = g ? (int)json_integer_value(g) : 0;
+    json_int_t gv = g ? json_integer_value(g) : 0;
+    if (gv < 0 || gv > 1 << 20)
+        return zse_fail("%s: tensor '%s' has group size %lld", path, name, (long long)gv);
+    t->q.group_size = (int)gv;
+    if (gv != 0 && zse_scheme_layout(t->q.scheme) != ZSE_LAYOUT_Q4_G)
+        return zse_fail("%s: tensor '%s' has group size %d but scheme %s has no groups", path, name,
+                        t->q.group_size, scheme);
     t->layout = zse_scheme_layout(t->q.scheme);
     json_t *lay = json_object_get(e, "layout");
     if (!json_is_integer(lay) || json_integer_value(lay) != (json_int_t)t->layout)
         return zse_fail("%s: tensor '%s' has layout %lld, not the %s layout %d", path, name,
                         (long long)json_integer_value(lay), scheme, (int)t->layout);
     size_t need = zse_qshape_bytes(&t->q);
-    if (need == 0)
-        return zse_fail("%s: tensor '%s': %s", path, name, zse_error_message());
+    if (need == 0) {
+        zse_error_prefix("%s: tensor '%s'", path, name); /* zse_qshape_bytes said why */
+        return -1;
+    }
     if (get_u64(e, "offset", &t->offset) || get_u64(e, "size", &t->size) ||
         parse_hex64(json_object_get(e, "checksum"), &t->checksum))
         return zse_fail("%s: tensor '%s' lacks offset, size or checksum", path, name);
