@@ -73,3 +73,15 @@ set_tests_properties(cli_info_qwen2 PROPERTIES FIXTURES_REQUIRED zse_qwen2
   PASS_REGULAR_EXPRESSION "architecture: +qwen2.*tied embeddings: yes.*quantization: +int8.*memory at ctx 4096: weights [0-9.]+ [KMG]B \\+ KV 2.1 MB \\(f16\\) or 1.3 MB \\(int8\\)")
 add_test(NAME cli_verify_qwen2 COMMAND zse verify ${OUT}/qwen2-int8.zse)
 set_tests_properties(cli_verify_qwen2 PROPERTIES FIXTURES_REQUIRED zse_qwen2 PASS_REGULAR_EXPRESSION "OK")
+
+# tools/synth_model.py end to end: a custom shape in several shards, converted and verified
+# (skipped where numpy is not installed)
+add_test(NAME synth_model_convert COMMAND sh -c
+  "python3 -c 'import numpy' 2>/dev/null || exit 77; \
+   python3 ${PROJECT_SOURCE_DIR}/tools/synth_model.py --arch qwen2 --layers 2 --hidden 128 --ffn 256 \
+     --heads 4 --kv-heads 2 --vocab 2304 --shard-gb 0.0004 --seed 7 \
+     --tokenizer ${PROJECT_SOURCE_DIR}/tests/fixtures/tiny-qwen2 --out ${OUT}/synth \
+     --zse ${OUT}/synth.zse --zse-bin $<TARGET_FILE:zse> --quant int8 && \
+   $<TARGET_FILE:zse> verify ${OUT}/synth.zse && $<TARGET_FILE:zse> info ${OUT}/synth.zse --json")
+set_tests_properties(synth_model_convert PROPERTIES SKIP_RETURN_CODE 77
+  PASS_REGULAR_EXPRESSION "model-00003-of-[0-9]+.safetensors.*OK.*\"architecture\": \"qwen2\".*\"vocab_size\": 2304")
