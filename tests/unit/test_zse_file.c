@@ -536,6 +536,33 @@ static void test_verify(const char *good)
     zse_file_close(f);
 }
 
+/* docs/FORMAT.md's worked example of the Q4_G layout, byte for byte */
+static void test_layout_example(void)
+{
+    zse_qshape q = {ZSE_SCHEME_Q4S, 1, 40, 32};
+    float w[40];
+    for (int c = 0; c < 40; c++)
+        w[c] = (float)(c - 20) / 10.0f;
+    CHECK_EQ_INT(zse_qshape_cols_padded(&q), 64);
+    size_t n = zse_qshape_bytes(&q);
+    CHECK_EQ_INT(n, 68);
+    uint8_t *b = calloc(1, n);
+    zse_quantize_rows(&q, w, b, 0, 1);
+    CHECK_EQ_INT(b[0], 0x60);
+    uint16_t s0 = (uint16_t)(b[64] | b[65] << 8), s1 = (uint16_t)(b[66] | b[67] << 8);
+    CHECK_NEAR(zse_f16_to_f32(s0), 0.2375, 1e-4);
+    CHECK_NEAR(zse_f16_to_f32(s1), 1.9 / 7 * 0.95, 1e-3);
+    /* element c: byte (c / 32) * 16 + c % 16, high nibble when c % 32 >= 16 */
+    for (int c = 0; c < 40; c++) {
+        int byte = b[(c / 32) * 16 + c % 16], code = c % 32 < 16 ? byte & 15 : byte >> 4;
+        float s = zse_f16_to_f32(c < 32 ? s0 : s1);
+        float out[40];
+        zse_dequantize_row(&q, b, 0, out);
+        CHECK_NEAR(out[c], (code - 8) * s, 0);
+    }
+    free(b);
+}
+
 /* ---- conversions that fail ----------------------------------------------------------- */
 
 /* names in the temp dir other than the ones a test made on purpose */
@@ -679,6 +706,7 @@ int main(void)
     test_preamble_damage(good);
     test_header_damage(good);
     test_verify(good);
+    test_layout_example();
     test_failures(untied);
     test_interrupted(SIGINT);
     test_interrupted(SIGTERM);
