@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -383,12 +384,142 @@ static void quantize_share(void *arg, int ith, int nth)
     free(buf);
 }
 
-static int write_tensor(int fd, const char *path, plan_tensor *t, zse_pool *pool)
+/* ---- the writer thread ----------------------------------------------------------------
+ * One tensor is hashed and written while the pool quantizes the next, so the copy into
+ * the page cache (a third of a conversion's time where quantizing is cheap) overlaps
+ * work. At most two packed tensors exist at once: the one being written and the one being
+ * filled. */
+typedef struct {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int fd;
+    const char *path;
+    /* the pending job */
+    bool has_job, quit;
+    const void *data;
+    size_t size;
+    uint64_t offset;
+    uint64_t *checksum;     /* where the data's checksum goes */
+    void *to_free;          /* the packed buffer, freed once written; NULL for the mapping */
+    /* the first failure */
+    int rc;
+    char error[ZSE_ERROR_MAX];
+} writer;
+
+static void *writer_main(void *arg)
 {
+    writer *w = arg;
+    pthread_mutex_lock(&w->mu);
+    for (;;) {
+        while (!w->has_job && !w->quit)
+            pthread_cond_wait(&w->cv, &w->mu);
+        if (!w->has_job)
+            break;
+        const void *data = w->data;
+        size_t size = w->size;
+        uint64_t offset = w->offset, *checksum = w->checksum;
+        void *to_free = w->to_free;
+        bool ok = w->rc == 0;
+        pthread_mutex_unlock(&w->mu);
+        int rc = 0;
+        if (ok) {
+            *checksum = zse_hash64(data, size);
+            rc = write_at(w->fd, data, size, offset, w->path);
+        }
+        free(to_free);
+        pthread_mutex_lock(&w->mu);
+        if (rc != 0 && w->rc == 0) {
+            w->rc = rc;
+            snprintf(w->error, sizeof w->error, "%s", zse_error_message());
+        }
+        w->has_job = false;
+        pthread_cond_broadcast(&w->cv);
+    }
+    pthread_mutex_unlock(&w->mu);
+    return NULL;
+}
+
+static int writer_start(writer *w, int fd, const char *path)
+{
+    memset(w, 0, sizeof *w);
+    w->fd = fd;
+    w->path = path;
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cv, NULL);
+    if (pthread_create(&w->thread, NULL, writer_main, w) != 0) {
+        pthread_mutex_destroy(&w->mu);
+        pthread_cond_destroy(&w->cv);
+        return zse_fail("cannot start the writer thread");
+    }
+    return 0;
+}
+
+/* waits for the writer to be idle; its error, if any, becomes this thread's */
+static int writer_wait_idle(writer *w)
+{
+    pthread_mutex_lock(&w->mu);
+    while (w->has_job)
+        pthread_cond_wait(&w->cv, &w->mu);
+    int rc = w->rc;
+    pthread_mutex_unlock(&w->mu);
+    return rc == 0 ? 0 : zse_fail("%s", w->error);
+}
+
+/* hands data over (the writer frees to_free); on an earlier write error frees it here */
+static int writer_submit(writer *w, const void *data, size_t size, uint64_t offset,
+                         uint64_t *checksum, void *to_free)
+{
+    if (writer_wait_idle(w) != 0) {
+        free(to_free);
+        return -1;
+    }
+    pthread_mutex_lock(&w->mu);
+    w->data = data;
+    w->size = size;
+    w->offset = offset;
+    w->checksum = checksum;
+    w->to_free = to_free;
+    w->has_job = true;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    return 0;
+}
+
+/* waits for the last write and stops the thread */
+static int writer_finish(writer *w)
+{
+    int rc = writer_wait_idle(w);
+    pthread_mutex_lock(&w->mu);
+    w->quit = true;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    pthread_join(w->thread, NULL);
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cv);
+    return rc;
+}
+
+/* the stored bytes equal the source's: bf16 from BF16, f16 from F16, f32 from F32 (PLAIN
+ * is row-major little-endian, like safetensors) */
+static bool is_pass_through(const plan_tensor *t)
+{
+    zse_st_dtype d = t->src->dtype;
+    return t->src->size == t->size &&
+           ((t->q.scheme == ZSE_SCHEME_BF16 && d == ZSE_ST_BF16) ||
+            (t->q.scheme == ZSE_SCHEME_F16 && d == ZSE_ST_F16) ||
+            (t->q.scheme == ZSE_SCHEME_F32 && d == ZSE_ST_F32));
+}
+
+/* quantizes one tensor on the pool and hands it to the writer */
+static int write_tensor(writer *w, plan_tensor *t, zse_pool *pool)
+{
+    if (is_pass_through(t)) /* straight from the mapping: no buffer, no conversion */
+        return writer_submit(w, t->src->data, t->src->size, t->offset, &t->checksum, NULL);
     uint8_t *packed = zse_aligned_alloc(64, (size_t)t->size);
     if (!packed)
         return zse_fail("out of memory for tensor '%s' (%" PRIu64 " bytes)", t->name, t->size);
-    memset(packed, 0, (size_t)t->size);
+    memset(packed, 0, (size_t)t->size); /* the gaps between planes are part of the checksum */
     quant_job job = {.t = t, .packed = packed};
     atomic_init(&job.failed, 0);
     zse_pool_run(pool, quantize_share, &job);
@@ -397,12 +528,11 @@ static int write_tensor(int fd, const char *path, plan_tensor *t, zse_pool *pool
         rc = zse_fail("cannot convert tensor '%s' (out of memory or bad data)", t->src->name);
     else if (interrupted)
         rc = zse_fail("interrupted by a signal; nothing was written");
-    if (rc == 0) {
-        t->checksum = zse_hash64(packed, (size_t)t->size);
-        rc = write_at(fd, packed, (size_t)t->size, t->offset, path);
+    if (rc != 0) {
+        free(packed);
+        return rc;
     }
-    free(packed);
-    return rc;
+    return writer_submit(w, packed, (size_t)t->size, t->offset, &t->checksum, packed);
 }
 
 static void write_preamble(uint8_t pre[64], uint64_t hsize, uint64_t hhash, const plan *p)
@@ -573,14 +703,21 @@ static int write_tensors(int fd, const char *out_path, plan *p, zse_pool *pool)
     uint64_t total = 0, done = 0;
     for (size_t i = 0; i < p->n; i++)
         total += p->t[i].src->size;
+    writer w;
+    if (writer_start(&w, fd, out_path) != 0)
+        return -1;
     zse_progress bar;
     zse_progress_begin(&bar, total);
     int rc = 0;
     for (size_t i = 0; rc == 0 && i < p->n; i++) {
         zse_progress_update(&bar, p->t[i].name, done);
-        rc = write_tensor(fd, out_path, &p->t[i], pool);
+        rc = write_tensor(&w, &p->t[i], pool);
         done += p->t[i].src->size;
     }
+    /* always join the writer; when both failed, its message stands (it failed first) */
+    int wrc = writer_finish(&w);
+    if (rc == 0)
+        rc = wrc;
     if (rc == 0)
         zse_progress_update(&bar, "done", done);
     zse_progress_end(&bar);
