@@ -352,7 +352,8 @@ typedef struct {
 } added_token;
 
 struct zse_tokenizer {
-    char **vocab;             /* id → string ("" for holes) */
+    char **vocab;             /* id → the model's string ("" for holes) */
+    const char **text;        /* id → the token's text: an added token's, else vocab[id] */
     int n_vocab;
     str_map ids;              /* string → id (model vocabulary and added tokens) */
     pair_map merges;
@@ -374,6 +375,7 @@ struct zse_tokenizer {
     int n_added;
     uint8_t added_first[256]; /* bit 1: a raw-matched added token starts with this byte; bit 2: normalized */
     bool *is_special;         /* [n_vocab] */
+    bool *skippable;          /* [n_vocab]: dropped by skip_special (see prepare_added) */
     int32_t prefix_ids[MAX_SPECIAL_AROUND], suffix_ids[MAX_SPECIAL_AROUND];
     int n_prefix, n_suffix;
     int32_t bos, eos;
@@ -405,12 +407,77 @@ static const char GPT2_REGEX[] =
 /* HF's Punctuation pre-tokenizer: Unicode P* or ASCII punctuation (which includes $+<=>^`|~) */
 static const char PUNCT_REGEX[] = "[\\p{P}!-/:-@\\[-`{-~]";
 
-static pcre2_code *compile_pattern(const char *pattern, size_t len, bool literal)
+/* HF runs Split and Replace patterns with Oniguruma and its Whitespace pre-tokenizer with
+ * Rust's regex crate; PCRE2 with UCP differs from both in a few classes, so patterns are
+ * rewritten before compiling:
+ *   \w — Oniguruma: Alphabetic, marks, decimal digits, connector punctuation (PCRE2 10.42:
+ *        letters, all numbers, '_'); Rust adds the two join controls
+ *   \s — both: the White_Space property, which includes U+0085 (PCRE2's does not)
+ * and ^ $ match at every line, as Oniguruma's Ruby syntax has them (PCRE2_MULTILINE). */
+#define WORD_CLASS "\\p{L}\\p{Nl}\\p{M}\\p{Nd}\\p{Pc}\\x{24B6}-\\x{24E9}\\x{1F130}-\\x{1F149}\\x{1F150}-\\x{1F169}\\x{1F170}-\\x{1F189}"
+#define JOIN_CONTROLS "\\x{200C}\\x{200D}"
+#define SPACE_CLASS "\\s\\x{85}"
+
+static int translate_regex(const char *p, size_t n, bool rust_word, zse_buf *out)
+{
+    const char *word = rust_word ? WORD_CLASS JOIN_CONTROLS : WORD_CLASS;
+    bool in_class = false;
+    int rc = 0;
+    for (size_t i = 0; i < n && rc == 0;) {
+        char c = p[i];
+        if (c == '\\' && i + 1 < n) {
+            char d = p[i + 1];
+            if (d == 'w')
+                rc = in_class ? zse_buf_puts(out, word) : zse_buf_printf(out, "[%s]", word);
+            else if (d == 'W' && !in_class)
+                rc = zse_buf_printf(out, "[^%s]", word);
+            else if (d == 's')
+                rc = zse_buf_puts(out, in_class ? SPACE_CLASS : "[" SPACE_CLASS "]");
+            else if (d == 'S' && !in_class)
+                rc = zse_buf_puts(out, "[^" SPACE_CLASS "]");
+            else if (d == 'Q') { /* \Q...\E is literal: copied as it is */
+                const char *e = memmem(p + i, n - i, "\\E", 2);
+                size_t end = e ? (size_t)(e - p) + 2 : n;
+                rc = zse_buf_append(out, p + i, end - i);
+                i = end;
+                continue;
+            } else
+                rc = zse_buf_append(out, p + i, 2);
+            i += 2;
+            continue;
+        }
+        if (c == '[' && !in_class) {
+            in_class = true;
+            size_t j = i + 1;
+            if (j < n && p[j] == '^')
+                j++;
+            if (j < n && p[j] == ']') /* a ] first in a class is literal */
+                j++;
+            rc = zse_buf_append(out, p + i, j - i);
+            i = j;
+            continue;
+        }
+        if (c == '[' && in_class && i + 1 < n && p[i + 1] == ':') { /* [:alpha:] */
+            const char *e = memmem(p + i, n - i, ":]", 2);
+            size_t end = e ? (size_t)(e - p) + 2 : i + 1;
+            rc = zse_buf_append(out, p + i, end - i);
+            i = end;
+            continue;
+        }
+        if (c == ']' && in_class)
+            in_class = false;
+        rc = zse_buf_append(out, &c, 1);
+        i++;
+    }
+    return rc ? -1 : zse_buf_reserve(out, 0);
+}
+
+static pcre2_code *compile_pcre2(const char *pattern, size_t len, uint32_t opts)
 {
     int err;
     PCRE2_SIZE off;
-    uint32_t opts = PCRE2_UTF | PCRE2_MATCH_INVALID_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP);
-    pcre2_code *re = pcre2_compile((PCRE2_SPTR)pattern, len, opts, &err, &off, NULL);
+    pcre2_code *re = pcre2_compile((PCRE2_SPTR)pattern, len, PCRE2_UTF | PCRE2_MATCH_INVALID_UTF | opts, &err, &off,
+                                   NULL);
     if (!re) {
         PCRE2_UCHAR msg[256];
         pcre2_get_error_message(err, msg, sizeof msg);
@@ -422,9 +489,26 @@ static pcre2_code *compile_pattern(const char *pattern, size_t len, bool literal
     return re;
 }
 
+/* a string pattern: matched literally */
+static pcre2_code *compile_literal(const char *s, size_t len)
+{
+    return compile_pcre2(s, len, PCRE2_LITERAL);
+}
+
+/* a regex as HF would run it (see translate_regex) */
+static pcre2_code *compile_regex_as(const char *pattern, bool rust_word)
+{
+    zse_buf tr = {0};
+    pcre2_code *re = NULL;
+    if (translate_regex(pattern, strlen(pattern), rust_word, &tr) == 0)
+        re = compile_pcre2(zse_buf_str(&tr), tr.len, PCRE2_UCP | PCRE2_MULTILINE);
+    zse_buf_free(&tr);
+    return re;
+}
+
 static pcre2_code *compile_regex(const char *pattern)
 {
-    return compile_pattern(pattern, PCRE2_ZERO_TERMINATED, false);
+    return compile_regex_as(pattern, false);
 }
 
 /* ---- loading ------------------------------------------------------------------------ */
@@ -443,7 +527,7 @@ static pcre2_code *load_pattern(const json_t *pat)
     if (rx)
         return compile_regex(rx);
     if (json_is_string(str))
-        return compile_pattern(json_string_value(str), json_string_length(str), true);
+        return compile_literal(json_string_value(str), json_string_length(str));
     zse_fail("tokenizer.json: a pattern is neither {\"String\": ...} nor {\"Regex\": ...}");
     return NULL;
 }
@@ -599,7 +683,7 @@ static int load_pre_tokenizer(zse_tokenizer *t, const json_t *n, int depth)
             free(s.replacement);
             return zse_fail("tokenizer.json: Metaspace with an empty replacement");
         }
-        if (!(s.re = compile_pattern(s.replacement, PCRE2_ZERO_TERMINATED, true))) {
+        if (!(s.re = compile_literal(s.replacement, strlen(s.replacement)))) {
             free(s.replacement);
             return -1;
         }
@@ -613,8 +697,12 @@ static int load_pre_tokenizer(zse_tokenizer *t, const json_t *n, int depth)
         enum split_behavior b;
         return behavior_of(n, &b) ? -1 : push_split(t, PUNCT_REGEX, b, false);
     }
-    if (strcmp(type, "Whitespace") == 0)
-        return push_split(t, "\\w+|[^\\w\\s]+", B_REMOVED, true);
+    if (strcmp(type, "Whitespace") == 0) { /* run by Rust's regex crate, whose \w has the join controls */
+        s = (pre_step){.kind = P_SPLIT, .behavior = B_REMOVED, .invert = true};
+        if (!(s.re = compile_regex_as("\\w+|[^\\w\\s]+", true)))
+            return -1;
+        return push_pre(t, s);
+    }
     if (strcmp(type, "WhitespaceSplit") == 0)
         return push_split(t, "\\s", B_REMOVED, false);
     if (strcmp(type, "BertPreTokenizer") == 0)
@@ -625,7 +713,7 @@ static int load_pre_tokenizer(zse_tokenizer *t, const json_t *n, int depth)
             return zse_fail("tokenizer.json: CharDelimiterSplit without a delimiter");
         s.kind = P_SPLIT;
         s.behavior = B_REMOVED;
-        if (!(s.re = compile_pattern(d, PCRE2_ZERO_TERMINATED, true)))
+        if (!(s.re = compile_literal(d, strlen(d))))
             return -1;
         return push_pre(t, s);
     }
@@ -893,6 +981,12 @@ static int prepare_added(zse_tokenizer *t)
         } else {
             t->added_first[(unsigned char)a->content[0]] |= 1;
         }
+        /* an added token's text is its content — normalized, for a normalized token
+         * (what HF's id_to_token and decode give) */
+        t->text[a->id] = a->norm && a->norm_len ? a->norm : a->content;
+        /* HF's decode skips a token whose text is a special token's content: a special
+         * token that normalizes to other text is kept */
+        t->skippable[a->id] = a->special && strcmp(t->text[a->id], a->content) == 0;
     }
     return 0;
 }
@@ -922,27 +1016,28 @@ static const char *type_of(const zse_tokenizer *t)
 static int load_model_vocab(zse_tokenizer *t, const json_t *model)
 {
     t->vocab = zse_calloc((size_t)t->n_vocab, sizeof *t->vocab);
+    t->text = zse_calloc((size_t)t->n_vocab, sizeof *t->text);
     t->is_special = zse_calloc((size_t)t->n_vocab, sizeof *t->is_special);
-    if (!t->vocab || !t->is_special || str_map_init(&t->ids, (size_t)t->n_vocab))
+    t->skippable = zse_calloc((size_t)t->n_vocab, sizeof *t->skippable);
+    if (!t->vocab || !t->text || !t->is_special || !t->skippable || str_map_init(&t->ids, (size_t)t->n_vocab))
         return -1;
-    /* HF looks up an id's added token before the model's entry */
-    for (int i = 0; i < t->n_added; i++) {
-        if (set_token(t, t->added[i].id, t->added[i].content))
-            return -1;
+    for (int i = 0; i < t->n_added; i++)
         t->is_special[t->added[i].id] = t->added[i].special;
-    }
     const char *k;
     json_t *v;
     json_object_foreach(json_object_get(model, "vocab"), k, v) {
         if (set_token(t, (int32_t)json_integer_value(v), k) || add_token_pairs(t, k))
             return -1;
     }
-    /* string → id, lowest id first (the map borrows the strings of t->vocab) */
-    for (int i = 0; i < t->n_vocab; i++)
+    /* string → id, lowest id first (the map borrows the strings of t->vocab); ids only
+     * added tokens use are holes of the model's vocabulary */
+    for (int i = 0; i < t->n_vocab; i++) {
         if (t->vocab[i])
             str_map_put(&t->ids, t->vocab[i], i);
         else if (!(t->vocab[i] = zse_strdup("")))
             return -1;
+        t->text[i] = t->vocab[i];
+    }
     for (int b = 0; b < 256; b++) {
         char name[8];
         snprintf(name, sizeof name, "<0x%02X>", b);
@@ -1055,6 +1150,7 @@ void zse_tokenizer_free(zse_tokenizer *t)
     for (int i = 0; t->vocab && i < t->n_vocab; i++)
         free(t->vocab[i]);
     free(t->vocab);
+    free(t->text);
     str_map_free(&t->ids);
     free(t->merges.keys);
     free(t->merges.rank);
@@ -1085,6 +1181,7 @@ void zse_tokenizer_free(zse_tokenizer *t)
     }
     free(t->added);
     free(t->is_special);
+    free(t->skippable);
     free(t);
 }
 
@@ -1100,11 +1197,15 @@ bool zse_tokenizer_add_bos(const zse_tokenizer *t)
 
 const char *zse_tokenizer_token_text(const zse_tokenizer *t, int32_t id)
 {
-    return id >= 0 && id < t->n_vocab ? t->vocab[id] : NULL;
+    return id >= 0 && id < t->n_vocab ? t->text[id] : NULL;
 }
 
+/* as HF's token_to_id: an added token's content first, then the model's vocabulary */
 int32_t zse_tokenizer_token_id(const zse_tokenizer *t, const char *text)
 {
+    for (int i = 0; i < t->n_added; i++)
+        if (strcmp(t->added[i].content, text) == 0)
+            return t->added[i].id;
     return str_map_get(&t->ids, text, strlen(text));
 }
 
@@ -2090,17 +2191,18 @@ char *zse_tokenizer_decode(const zse_tokenizer *t, const int32_t *ids, size_t n,
             zse_fail("token id %d is outside the vocabulary (0..%d)", ids[i], t->n_vocab - 1);
             goto done;
         }
-        if (skip_special && t->is_special[ids[i]])
+        if (skip_special && t->skippable[ids[i]])
             continue;
-        if (zse_buf_puts(&l.v[l.n++], t->vocab[ids[i]]))
+        if (zse_buf_puts(&l.v[l.n++], t->text[ids[i]]))
             goto done;
     }
     for (int k = 0; k < t->n_decs; k++)
         if (apply_decoder(&t->decs[k], &l))
             goto done;
     zse_buf joined = {0}, clean = {0};
-    for (size_t i = 0; i < l.n; i++)
-        if (zse_buf_append(&joined, zse_buf_str(&l.v[i]), l.v[i].len)) {
+    for (size_t i = 0; i < l.n; i++) /* with no decoder at all, HF joins tokens with spaces */
+        if ((i && !t->n_decs && zse_buf_append(&joined, " ", 1)) ||
+            zse_buf_append(&joined, zse_buf_str(&l.v[i]), l.v[i].len)) {
             zse_buf_free(&joined);
             goto done;
         }
