@@ -301,14 +301,6 @@ static bool is_word_char(int32_t c)
            (cat >= UTF8PROC_CATEGORY_ND && cat <= UTF8PROC_CATEGORY_NO);
 }
 
-static bool all_ascii(const char *s, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if ((unsigned char)s[i] >= 0x80)
-            return false;
-    return true;
-}
-
 /* ---- pipeline description -------------------------------------------------------- */
 
 enum norm_kind { N_NFC, N_NFKC, N_NFD, N_NFKD, N_LOWER, N_PREPEND, N_REPLACE, N_STRIP };
@@ -1257,7 +1249,16 @@ typedef struct {
     cand *heap;
     size_t sym_cap;
     id_vec out;
+    /* short pieces already encoded in this call (texts repeat their words): the cache
+     * belongs to the call, so threads share nothing */
+    struct cache_slot { uint64_t hash; uint32_t text_at, text_len, ids_at, ids_len; } *cache;
+    size_t cache_used;
+    zse_buf cache_text;
+    id_vec cache_ids;
 } enc_state;
+
+#define CACHE_SLOTS 8192        /* power of two; filled to half at most */
+#define CACHE_MAX_PIECE 32      /* bytes */
 
 static int enc_state_init(enc_state *st)
 {
@@ -1287,6 +1288,9 @@ static void enc_state_free(enc_state *st)
     free(st->sy);
     free(st->heap);
     free(st->out.v);
+    free(st->cache);
+    zse_buf_free(&st->cache_text);
+    free(st->cache_ids.v);
 }
 
 static int spans_push(spans *s, size_t a, size_t b)
@@ -1367,10 +1371,8 @@ static int replace_regex(const pcre2_code *re, const char *s, size_t n, const ch
     return rc ? -1 : zse_buf_reserve(out, 0);
 }
 
-static int unicode_normalize(enum norm_kind kind, const char *s, size_t n, zse_buf *out)
+static int utf8proc_normalize(enum norm_kind kind, const char *s, size_t n, zse_buf *out)
 {
-    if (all_ascii(s, n)) /* every normal form of ASCII is itself */
-        return zse_buf_append(out, s, n);
     int opts = UTF8PROC_STABLE | (kind == N_NFC || kind == N_NFKC ? UTF8PROC_COMPOSE : UTF8PROC_DECOMPOSE) |
                (kind == N_NFKC || kind == N_NFKD ? UTF8PROC_COMPAT : 0);
     utf8proc_uint8_t *r = NULL;
@@ -1380,6 +1382,28 @@ static int unicode_normalize(enum norm_kind kind, const char *s, size_t n, zse_b
     int rc = zse_buf_append(out, r, (size_t)rl);
     free(r);
     return rc;
+}
+
+/* Every normal form of ASCII is itself, and two ASCII characters never compose, so the
+ * text normalizes piecewise: ASCII runs are copied, and each non-ASCII run goes through
+ * utf8proc with the ASCII character before it (a base that a combining mark may join). */
+static int unicode_normalize(enum norm_kind kind, const char *s, size_t n, zse_buf *out)
+{
+    size_t i = 0;
+    while (i < n) {
+        size_t run = i;
+        while (run < n && (unsigned char)s[run] < 0x80)
+            run++;
+        if (run == n)
+            return zse_buf_append(out, s + i, n - i);
+        size_t start = run > i ? run - 1 : run, end = run;
+        while (end < n && (unsigned char)s[end] >= 0x80)
+            end++;
+        if (zse_buf_append(out, s + i, start - i) || utf8proc_normalize(kind, s + start, end - start, out))
+            return -1;
+        i = end;
+    }
+    return 0;
 }
 
 /* Rust's char::to_lowercase: one-to-one except U+0130 (İ → i̇); no final-sigma rule */
@@ -1948,6 +1972,41 @@ static bool next_added(const zse_tokenizer *t, const char *s, size_t n, size_t f
     return false;
 }
 
+/* the ids of one piece, from this call's cache when it was seen before */
+static int encode_piece(const zse_tokenizer *t, enc_state *st, const char *w, size_t n)
+{
+    if (n > CACHE_MAX_PIECE)
+        return bpe_word(t, st, w, n);
+    if (!st->cache && !(st->cache = zse_calloc(CACHE_SLOTS, sizeof *st->cache)))
+        return -1;
+    uint64_t h = zse_hash64(w, n) | 1;
+    size_t i = (size_t)h & (CACHE_SLOTS - 1);
+    for (; st->cache[i].hash; i = (i + 1) & (CACHE_SLOTS - 1)) {
+        const struct cache_slot *c = &st->cache[i];
+        if (c->hash == h && c->text_len == n && memcmp(st->cache_text.data + c->text_at, w, n) == 0) {
+            for (uint32_t k = 0; k < c->ids_len; k++)
+                if (ids_push(&st->out, st->cache_ids.v[c->ids_at + k]))
+                    return -1;
+            return 0;
+        }
+    }
+    size_t before = st->out.n;
+    if (bpe_word(t, st, w, n))
+        return -1;
+    if (st->cache_used >= CACHE_SLOTS / 2)
+        return 0;
+    struct cache_slot c = {h, (uint32_t)st->cache_text.len, (uint32_t)n, (uint32_t)st->cache_ids.n,
+                           (uint32_t)(st->out.n - before)};
+    if (zse_buf_append(&st->cache_text, w, n))
+        return -1;
+    for (size_t k = before; k < st->out.n; k++)
+        if (ids_push(&st->cache_ids, st->out.v[k]))
+            return -1;
+    st->cache[i] = c;
+    st->cache_used++;
+    return 0;
+}
+
 static int model_pieces(const zse_tokenizer *t, enc_state *st, const char *text, size_t n, bool first)
 {
     if (!n)
@@ -1955,7 +2014,7 @@ static int model_pieces(const zse_tokenizer *t, enc_state *st, const char *text,
     if (pre_tokenize(t, st, text, n, first))
         return -1;
     for (size_t p = 0; p < st->cur.n; p++)
-        if (bpe_word(t, st, st->text.data + st->cur.v[p].start, st->cur.v[p].end - st->cur.v[p].start))
+        if (encode_piece(t, st, st->text.data + st->cur.v[p].start, st->cur.v[p].end - st->cur.v[p].start))
             return -1;
     return 0;
 }
