@@ -2279,15 +2279,17 @@ done:
 }
 
 /* ---- streaming ----------------------------------------------------------------------------
- * Decodes a window of ids and emits what the newest id adds, holding text back while it
- * ends in an incomplete character (U+FFFD). The window starts one emission back, so
+ * Emits what each new id adds to the text, as the difference between decoding a window
+ * with and without the ids not yet emitted. The window starts one emission back, so
  * decoders that treat the first token specially (SentencePiece's leading space) see the
- * same context as the whole decode does. */
+ * same context as the whole decode does. Text that ends in an incomplete character
+ * (U+FFFD) is held back until more ids complete it or the stream is flushed. Ids that
+ * skip_special drops are never stored: the whole decode drops them before its decoders. */
 struct zse_tokenizer_stream {
     const zse_tokenizer *t;
     bool skip_special;
     id_vec ids;
-    size_t prefix, read;
+    size_t prefix, read;   /* window start; ids before `read` are emitted */
 };
 
 zse_tokenizer_stream *zse_tokenizer_stream_new(const zse_tokenizer *t, bool skip_special)
@@ -2300,36 +2302,56 @@ zse_tokenizer_stream *zse_tokenizer_stream_new(const zse_tokenizer *t, bool skip
     return s;
 }
 
-static int stream_emit(zse_tokenizer_stream *s, zse_buf *out, bool final)
+/* the text ids[read..n) add after the context ids[from..read); NULL when decoding with
+ * them changes the earlier text (a byte run that turned invalid) or on error */
+static char *text_added(const zse_tokenizer_stream *s, size_t from, bool *failed)
 {
-    char *prev = zse_tokenizer_decode(s->t, s->ids.v + s->prefix, s->read - s->prefix, s->skip_special);
-    char *cur = zse_tokenizer_decode(s->t, s->ids.v + s->prefix, s->ids.n - s->prefix, s->skip_special);
-    int rc = 0;
+    char *prev = zse_tokenizer_decode(s->t, s->ids.v + from, s->read - from, false);
+    char *cur = zse_tokenizer_decode(s->t, s->ids.v + from, s->ids.n - from, false);
+    char *added = NULL;
     if (!prev || !cur) {
-        rc = -1;
+        *failed = true;
     } else {
-        size_t pl = strlen(prev), cl = strlen(cur);
-        bool incomplete = cl >= 3 && memcmp(cur + cl - 3, REPLACEMENT_CHAR, 3) == 0;
-        if ((!incomplete || final) && cl >= pl && memcmp(cur, prev, pl) == 0) {
-            rc = zse_buf_append(out, cur + pl, cl - pl);
-            /* the window keeps the last emitted token as context */
-            s->prefix = s->read;
-            s->read = s->ids.n;
-        } else if (!incomplete || final) {
-            s->read = s->ids.n; /* the window's earlier text changed: nothing safe to add */
+        size_t pl = strlen(prev);
+        if (strncmp(cur, prev, pl) == 0) {
+            added = zse_strdup(cur + pl);
+            *failed = !added;
         }
-        rc = rc || zse_buf_reserve(out, 0);
     }
     free(prev);
     free(cur);
-    /* the ids before the window are never looked at again: drop them */
+    return added;
+}
+
+static int stream_emit(zse_tokenizer_stream *s, zse_buf *out, bool final)
+{
+    bool failed = false;
+    char *added = text_added(s, s->prefix, &failed);
+    /* ByteFallback reads a run of <0xNN> tokens as a whole, so bytes that spoil a run
+     * change its earlier text: then only the last emitted token is context */
+    if (!added && !failed && s->read > s->prefix)
+        added = text_added(s, s->read - 1, &failed);
+    if (!added && !failed)
+        added = zse_tokenizer_decode(s->t, s->ids.v + s->read, s->ids.n - s->read, false);
+    if (!added)
+        return -1;
+    size_t al = strlen(added);
+    bool incomplete = al >= 3 && memcmp(added + al - 3, REPLACEMENT_CHAR, 3) == 0;
+    int rc = 0;
+    if (!incomplete || final) {
+        rc = zse_buf_append(out, added, al);
+        s->prefix = s->read;
+        s->read = s->ids.n;
+    }
+    free(added);
+    /* ids before the window are never looked at again */
     if (rc == 0 && s->prefix > 4096) {
         memmove(s->ids.v, s->ids.v + s->prefix, (s->ids.n - s->prefix) * sizeof *s->ids.v);
         s->ids.n -= s->prefix;
         s->read -= s->prefix;
         s->prefix = 0;
     }
-    return rc;
+    return rc ? -1 : zse_buf_reserve(out, 0);
 }
 
 int zse_tokenizer_stream_push(zse_tokenizer_stream *s, int32_t id, zse_buf *out)
@@ -2338,6 +2360,8 @@ int zse_tokenizer_stream_push(zse_tokenizer_stream *s, int32_t id, zse_buf *out)
      * 151665 tokens); an id past the tokenizer has no text */
     if (id < 0 || id >= s->t->n_vocab)
         return id < 0 ? zse_fail("token id %d is negative", id) : zse_buf_reserve(out, 0);
+    if (s->skip_special && s->t->skippable[id])
+        return zse_buf_reserve(out, 0);
     if (ids_push(&s->ids, id))
         return -1;
     return stream_emit(s, out, false);
