@@ -27,6 +27,8 @@ typedef struct {
     int n_freq;
     float mscale;
     const char *failure;    /* first kernel failure since the last sync */
+    void *work;             /* zse_cpu_workspace() */
+    size_t work_bytes;
 } cpu_state;
 
 static cpu_state *state(zse_backend *be) { return be->impl; }
@@ -460,6 +462,26 @@ static void gather_out_rows(zse_backend *be, const zse_act *x, int64_t dim, zse_
                (size_t)dim * sizeof(float));
 }
 
+int zse_cpu_threads(zse_backend *be)
+{
+    return zse_pool_size(state(be)->pool);
+}
+
+void *zse_cpu_workspace(zse_backend *be, size_t bytes)
+{
+    cpu_state *s = state(be);
+    if (bytes > s->work_bytes) {
+        size_t want = bytes + bytes / 4; /* some headroom: batch sizes vary step to step */
+        void *p = zse_aligned_alloc(64, want);
+        if (!p)
+            return NULL;
+        free(s->work);
+        s->work = p;
+        s->work_bytes = want;
+    }
+    return s->work;
+}
+
 void zse_cpu_note_failure(zse_backend *be, const char *what)
 {
     cpu_state *s = state(be);
@@ -480,7 +502,7 @@ static void destroy(zse_backend *be)
     cpu_state *s = state(be);
     zse_pool_free(s->pool);
     free(s->tokens); free(s->positions); free(s->seq_of); free(s->slots); free(s->seq_lens);
-    free(s->block_table); free(s->out_rows); free(s->inv_freq);
+    free(s->block_table); free(s->out_rows); free(s->inv_freq); free(s->work);
     free(s);
     free(be);
 }
