@@ -1,5 +1,6 @@
-/* CPU matmul: every scheme, odd shapes and batch sizes, against dequantize + a double
- * dot product; the AVX2 integer path and the portable path both; batch invariance. */
+/* CPU matmul: every scheme and kernel path (portable, AVX2, AVX-512 where the CPU has
+ * them), odd shapes, groups, tails and batch sizes 1..17+, against dequantize + a double dot
+ * product; the SIMD paths against each other; batch invariance. */
 #include "test.h"
 
 #include "backend/cpu/cpu.h"
@@ -14,51 +15,99 @@ static float frand(void)
     return (float)rng / 4294967296.0f - 0.5f;
 }
 
-static double rel_err(zse_backend *be, zse_scheme s, int group, int64_t rows, int64_t cols, int64_t tokens,
-                      bool *invariant)
+static const char *const path_names[] = {"portable", "avx2", "avx512"};
+
+typedef struct {
+    zse_qshape q;
+    uint8_t *packed;
+    float *x;       /* [tokens][cols] */
+    double *ref;    /* [tokens][rows]: dequantized weights · x in double */
+    int64_t tokens;
+} problem;
+
+static void problem_make(problem *p, zse_scheme s, int group, int64_t rows, int64_t cols, int64_t tokens)
 {
-    zse_qshape q = {s, rows, cols, group};
-    size_t bytes = zse_qshape_bytes(&q);
+    p->q = (zse_qshape){s, rows, cols, group};
+    p->tokens = tokens;
+    size_t bytes = zse_qshape_bytes(&p->q);
     float *w = malloc((size_t)(rows * cols) * sizeof *w);
-    uint8_t *packed = zse_aligned_alloc(64, bytes);
-    memset(packed, 0, bytes);
+    p->packed = zse_aligned_alloc(64, bytes);
+    memset(p->packed, 0, bytes);
     for (int64_t i = 0; i < rows * cols; i++)
         w[i] = frand();
-    zse_quantize_rows(&q, w, packed, 0, rows);
-    zse_tensor_info ti = {.name = "w", .q = q, .layout = zse_scheme_layout(s), .size = bytes, .data = packed};
-    zse_weight *wt = be->ops->weight_load(be, &ti);
-    zse_act *x = be->ops->act_new(be, tokens, cols), *y = be->ops->act_new(be, tokens, rows);
-    zse_act *y1 = be->ops->act_new(be, 1, rows);
+    if (rows > 2)
+        for (int64_t c = 0; c < cols; c++)
+            w[cols + c] = 0; /* an all-zero row */
+    zse_quantize_rows(&p->q, w, p->packed, 0, rows);
+    free(w);
+    p->x = malloc((size_t)(tokens * cols) * sizeof *p->x);
     for (int64_t i = 0; i < tokens * cols; i++)
-        x->data[i] = frand() * 2;
-    be->ops->matmul(be, wt, x, tokens, y);
-    /* the last token alone gives bit-identical results: batching must not change outputs */
-    zse_act *xl = be->ops->act_new(be, 1, cols);
-    memcpy(xl->data, x->data + (tokens - 1) * cols, (size_t)cols * sizeof(float));
-    be->ops->matmul(be, wt, xl, 1, y1);
-    *invariant = memcmp(y1->data, y->data + (tokens - 1) * rows, (size_t)rows * sizeof(float)) == 0;
+        p->x[i] = frand() * 2;
+    if (cols > 40)
+        for (int64_t c = 32; c < 40; c++)
+            p->x[c] = 40.0f * frand(); /* an outlier block in the first token */
+    p->ref = malloc((size_t)(tokens * rows) * sizeof *p->ref);
     float *row = malloc((size_t)cols * sizeof *row);
-    double num = 0, den = 0;
     for (int64_t r = 0; r < rows; r++) {
-        zse_dequantize_row(&q, packed, r, row);
+        zse_dequantize_row(&p->q, p->packed, r, row);
         for (int64_t t = 0; t < tokens; t++) {
-            double ref = 0;
+            double acc = 0;
             for (int64_t c = 0; c < cols; c++)
-                ref += (double)row[c] * x->data[t * cols + c];
-            double d = y->data[t * rows + r] - ref;
-            num += d * d;
-            den += ref * ref;
+                acc += (double)row[c] * p->x[t * cols + c];
+            p->ref[t * rows + r] = acc;
         }
     }
     free(row);
-    free(w);
-    free(packed);
+}
+
+static void problem_free(problem *p)
+{
+    free(p->packed);
+    free(p->x);
+    free(p->ref);
+}
+
+/* y = W · x on the current path; also checks that the last token alone gives bit-identical
+ * results (batching must not change outputs). Returns y [tokens][rows] (malloc). */
+static float *run(zse_backend *be, const problem *p, bool *invariant)
+{
+    int64_t rows = p->q.rows, cols = p->q.cols, T = p->tokens;
+    zse_tensor_info ti = {.name = "w", .q = p->q, .layout = zse_scheme_layout(p->q.scheme),
+                          .size = zse_qshape_bytes(&p->q), .data = p->packed};
+    zse_weight *wt = be->ops->weight_load(be, &ti);
+    zse_act *x = be->ops->act_new(be, T, cols), *y = be->ops->act_new(be, T, rows);
+    zse_act *xl = be->ops->act_new(be, 1, cols), *yl = be->ops->act_new(be, 1, rows);
+    memcpy(x->data, p->x, (size_t)(T * cols) * sizeof(float));
+    memcpy(xl->data, p->x + (T - 1) * cols, (size_t)cols * sizeof(float));
+    be->ops->matmul(be, wt, x, T, y);
+    be->ops->matmul(be, wt, xl, 1, yl);
+    CHECK(be->ops->sync(be) == 0);
+    *invariant = memcmp(yl->data, y->data + (T - 1) * rows, (size_t)rows * sizeof(float)) == 0;
+    float *out = malloc((size_t)(T * rows) * sizeof *out);
+    memcpy(out, y->data, (size_t)(T * rows) * sizeof *out);
     be->ops->weight_free(be, wt);
     be->ops->act_free(be, x);
     be->ops->act_free(be, y);
-    be->ops->act_free(be, y1);
     be->ops->act_free(be, xl);
-    return sqrt(num / den);
+    be->ops->act_free(be, yl);
+    return out;
+}
+
+/* relative RMS difference of y from a reference over every element */
+static double rel_rms(const float *y, const double *ref_d, const float *ref_f, int64_t n)
+{
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double r = ref_d ? ref_d[i] : ref_f[i];
+        num += (y[i] - r) * (y[i] - r);
+        den += r * r;
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static bool is_integer(zse_scheme s)
+{
+    return s == ZSE_SCHEME_Q8 || s == ZSE_SCHEME_Q4 || s == ZSE_SCHEME_Q4S || s == ZSE_SCHEME_NF4;
 }
 
 int main(void)
@@ -67,26 +116,54 @@ int main(void)
     CHECK(be != NULL);
     const zse_scheme schemes[] = {ZSE_SCHEME_F32, ZSE_SCHEME_F16, ZSE_SCHEME_BF16, ZSE_SCHEME_Q8,
                                   ZSE_SCHEME_Q4, ZSE_SCHEME_Q4S, ZSE_SCHEME_NF4};
-    const int64_t shapes[][3] = {{1, 32, 1}, {7, 100, 3}, {33, 200, 17}, {64, 384, 5}};
-    for (int portable = 0; portable < 2; portable++) {
-        zse_cpu_set_portable(portable);
-        for (size_t s = 0; s < sizeof schemes / sizeof schemes[0]; s++)
-            for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; k++)
-                for (int g = 32; g <= 128; g *= 2) {
-                    if (zse_scheme_layout(schemes[s]) != ZSE_LAYOUT_Q4_G && g != 32)
-                        continue;
+    /* rows x cols x tokens: one element; float tails (cols % 16); an odd number of
+     * 32-chunks (cols 96 at group 32, int8 at 200 -> 224); tiles of 8 and 4 plus remainders */
+    const int64_t shapes[][3] = {{1, 32, 1}, {7, 100, 3}, {5, 96, 9}, {33, 200, 17}, {64, 384, 5}, {19, 1056, 11}};
+    int best = (int)zse_cpu_best_path();
+    printf("kernel paths on this CPU: portable..%s\n", path_names[best]);
+    for (size_t s = 0; s < sizeof schemes / sizeof schemes[0]; s++)
+        for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; k++)
+            for (int g = 32; g <= 128; g *= 2) {
+                zse_scheme sc = schemes[s];
+                if (zse_scheme_layout(sc) != ZSE_LAYOUT_Q4_G && g != 32)
+                    continue;
+                problem p;
+                problem_make(&p, sc, zse_scheme_layout(sc) == ZSE_LAYOUT_Q4_G ? g : 0, shapes[k][0], shapes[k][1],
+                             shapes[k][2]);
+                int64_t n = p.q.rows * p.tokens;
+                float *ys[3] = {NULL, NULL, NULL};
+                for (int path = 0; path <= best; path++) {
+                    CHECK(zse_cpu_set_path(path_names[path]) == 0);
                     bool inv;
-                    double e = rel_err(be, schemes[s], g, shapes[k][0], shapes[k][1], shapes[k][2], &inv);
-                    /* exact weights (dequantized) against x: only the activation
-                     * quantization of the integer path (int8 per 32) adds error */
-                    double bound = portable || schemes[s] <= ZSE_SCHEME_BF16 || schemes[s] == ZSE_SCHEME_NF4 ? 1e-5 : 2e-2;
-                    if (bound > 1e-5 && shapes[k][0] * shapes[k][2] < 8)
-                        bound = 0.3; /* one lone dot product may cancel: relative error is noisy */
-                    CHECK_MSG(e < bound, "%s g%d %lldx%lld b%lld portable=%d: %g", zse_scheme_name(schemes[s]), g,
-                              (long long)shapes[k][0], (long long)shapes[k][1], (long long)shapes[k][2], portable, e);
-                    CHECK_MSG(inv, "%s: batch changed the last token's result", zse_scheme_name(schemes[s]));
+                    ys[path] = run(be, &p, &inv);
+                    double e = rel_rms(ys[path], p.ref, NULL, n);
+                    /* exact weights (dequantized) against x: the integer paths add the int8
+                     * activation rounding (per 32, ~0.5%) and, for nf4, codes rounded to
+                     * 1/127 of the group scale */
+                    double bound = path == ZSE_CPU_PORTABLE || !is_integer(sc) ? 1e-5 : 2e-2;
+                    if (bound > 1e-5 && n < 8)
+                        bound = 0.1; /* a lone dot product may cancel: relative error is noisy */
+                    CHECK_MSG(e < bound, "%s g%d %lldx%lld b%lld %s: %g", zse_scheme_name(sc), g,
+                              (long long)shapes[k][0], (long long)shapes[k][1], (long long)shapes[k][2],
+                              path_names[path], e);
+                    CHECK_MSG(inv, "%s %s: batch changed the last token's result", zse_scheme_name(sc),
+                              path_names[path]);
                 }
-    }
+                /* the SIMD paths do the same integer arithmetic in different orders (and
+                 * offset codes differently): they agree far closer than either to the reference */
+                if (best == ZSE_CPU_AVX512) {
+                    double e = rel_rms(ys[2], NULL, ys[1], n);
+                    CHECK_MSG(e < 2e-6, "%s g%d %lldx%lld: avx2 vs avx512 %g", zse_scheme_name(sc), g,
+                              (long long)shapes[k][0], (long long)shapes[k][1], e);
+                }
+                for (int path = 0; path <= best; path++)
+                    free(ys[path]);
+                problem_free(&p);
+            }
+    CHECK(zse_cpu_set_path("auto") == 0);
+    CHECK(zse_cpu_current_path() == zse_cpu_best_path());
+    CHECK(zse_cpu_set_path("sse9") == -1);
+    CHECK(strstr(zse_error_message(), "sse9") != NULL);
     zse_backend_destroy(be);
     return test_main_end();
 }

@@ -22,11 +22,13 @@ typedef struct {
     /* the current batch (copied at begin_batch) */
     int n_tokens, n_seqs, max_blocks, n_out;
     int32_t *tokens, *positions, *seq_of, *slots, *seq_lens, *block_table, *out_rows;
-    size_t cap_tokens, cap_seqs, cap_table;
+    size_t cap_tokens, cap_positions, cap_seq_of, cap_slots, cap_out, cap_seqs, cap_table;
     float *inv_freq;
     int n_freq;
     float mscale;
     const char *failure;    /* first kernel failure since the last sync */
+    void *work;             /* zse_cpu_workspace() */
+    size_t work_bytes;
 } cpu_state;
 
 static cpu_state *state(zse_backend *be) { return be->impl; }
@@ -201,25 +203,24 @@ static int grow_copy(int32_t **dst, size_t *cap, const int32_t *src, size_t n)
     return 0;
 }
 
+/* Each array keeps its own capacity: tokens, sequences, outputs and the table grow
+ * independently (a batch may need more output rows than an earlier one had tokens). */
 static int begin_batch(zse_backend *be, const zse_batch *b)
 {
     cpu_state *s = state(be);
-    size_t nt = (size_t)b->n_tokens, ns = (size_t)b->n_seqs, table = ns * (size_t)b->max_blocks_per_seq;
-    size_t cap_t = s->cap_tokens, cap_s = s->cap_seqs;
-    int rc = 0;
-    size_t c;
-    c = cap_t; rc |= grow_copy(&s->tokens, &c, b->tokens, nt);
-    c = cap_t; rc |= grow_copy(&s->positions, &c, b->positions, nt);
-    c = cap_t; rc |= grow_copy(&s->seq_of, &c, b->seq_of, nt);
-    c = cap_t; rc |= grow_copy(&s->slots, &c, b->slots, nt);
-    c = cap_t; rc |= grow_copy(&s->out_rows, &c, b->out_rows, (size_t)b->n_out);
-    if (nt > cap_t || (size_t)b->n_out > cap_t)
-        s->cap_tokens = nt > (size_t)b->n_out ? nt : (size_t)b->n_out;
-    c = cap_s; rc |= grow_copy(&s->seq_lens, &c, b->seq_lens, ns);
-    if (ns > cap_s)
-        s->cap_seqs = ns;
-    rc |= grow_copy(&s->block_table, &s->cap_table, b->block_table, table);
-    if (rc)
+    if (b->n_tokens < 0 || b->n_seqs < 0 || b->n_out < 0 || b->max_blocks_per_seq < 0)
+        return zse_fail("batch with negative sizes (%d tokens, %d sequences, %d outputs)", b->n_tokens,
+                        b->n_seqs, b->n_out);
+    size_t nt = (size_t)b->n_tokens, ns = (size_t)b->n_seqs, table;
+    if (!zse_mul_ok(ns, (size_t)b->max_blocks_per_seq, &table))
+        return zse_fail("batch block table of %zu x %d entries is too large", ns, b->max_blocks_per_seq);
+    if (grow_copy(&s->tokens, &s->cap_tokens, b->tokens, nt) ||
+        grow_copy(&s->positions, &s->cap_positions, b->positions, nt) ||
+        grow_copy(&s->seq_of, &s->cap_seq_of, b->seq_of, nt) ||
+        grow_copy(&s->slots, &s->cap_slots, b->slots, nt) ||
+        grow_copy(&s->out_rows, &s->cap_out, b->out_rows, (size_t)b->n_out) ||
+        grow_copy(&s->seq_lens, &s->cap_seqs, b->seq_lens, ns) ||
+        grow_copy(&s->block_table, &s->cap_table, b->block_table, table))
         return -1;
     s->n_tokens = b->n_tokens;
     s->n_seqs = b->n_seqs;
@@ -461,6 +462,26 @@ static void gather_out_rows(zse_backend *be, const zse_act *x, int64_t dim, zse_
                (size_t)dim * sizeof(float));
 }
 
+int zse_cpu_threads(zse_backend *be)
+{
+    return zse_pool_size(state(be)->pool);
+}
+
+void *zse_cpu_workspace(zse_backend *be, size_t bytes)
+{
+    cpu_state *s = state(be);
+    if (bytes > s->work_bytes) {
+        size_t want = bytes + bytes / 4; /* some headroom: batch sizes vary step to step */
+        void *p = zse_aligned_alloc(64, want);
+        if (!p)
+            return NULL;
+        free(s->work);
+        s->work = p;
+        s->work_bytes = want;
+    }
+    return s->work;
+}
+
 void zse_cpu_note_failure(zse_backend *be, const char *what)
 {
     cpu_state *s = state(be);
@@ -481,7 +502,7 @@ static void destroy(zse_backend *be)
     cpu_state *s = state(be);
     zse_pool_free(s->pool);
     free(s->tokens); free(s->positions); free(s->seq_of); free(s->slots); free(s->seq_lens);
-    free(s->block_table); free(s->out_rows); free(s->inv_freq);
+    free(s->block_table); free(s->out_rows); free(s->inv_freq); free(s->work);
     free(s);
     free(be);
 }

@@ -1,25 +1,203 @@
-/* CPU matmul against packed weights: each thread takes a range of output rows, unpacks a
- * row once into f32 and dots it with every token of the batch, so the weight streams from
- * memory once per step whatever the batch size. Each (row, token) result comes from the
- * same code in the same order for any batch, which keeps batching from changing outputs.
- * The dot product and the f16 conversion use AVX2/FMA/F16C when the CPU has them. */
+/* CPU matmul against packed weights: the dispatch, the int8 activations the integer
+ * kernels read, the threading, and the portable kernels.
+ *
+ * Work split: each thread takes a contiguous range of output rows and walks it in row
+ * blocks small enough to stay in L2; within a block the kernel takes the tokens a tile at a
+ * time (up to 8) and, for each row, unpacks each weight chunk once and multiplies it into
+ * every token of the tile. So the weight streams from memory once per step whatever the
+ * batch size, and a prefill reuses each unpacked chunk across the tile from registers.
+ *
+ * Batch invariance: every (row, token) result comes from the same sequence of operations
+ * whatever the batch size or the token's place in a tile (the tile only shares the weight
+ * unpacking), which keeps batching from changing outputs.
+ *
+ * Paths (docs/CPU_BACKEND.md): portable C — rows unpacked to f32 and dotted in f32, the
+ * reference the others are tested against; AVX2 and AVX-512 — f32/f16/bf16 weights as exact
+ * f32 products, 4-bit and int8 weights as integer dot products with int8 activations. */
 #include "backend/cpu/cpu.h"
 
-#include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-static bool have_avx2(void)
+/* ---- path selection ----------------------------------------------------------------------- */
+
+zse_cpu_path zse_cpu_best_path(void)
 {
     static int cached = -1;
     if (cached < 0) {
         __builtin_cpu_init();
         /* every AVX2 CPU also has F16C (clang 14 cannot test for it by name) */
-        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512vnni");
+        cached = avx512 ? ZSE_CPU_AVX512 : avx2 ? ZSE_CPU_AVX2 : ZSE_CPU_PORTABLE;
     }
-    return cached;
+    return (zse_cpu_path)cached;
 }
+
+static const char *const path_names[] = {"portable", "avx2", "avx512"};
+static int forced_path = -1;
+
+zse_cpu_path zse_cpu_current_path(void)
+{
+    return forced_path >= 0 ? (zse_cpu_path)forced_path : zse_cpu_best_path();
+}
+
+const char *zse_cpu_path_name(void)
+{
+    return path_names[zse_cpu_current_path()];
+}
+
+int zse_cpu_set_path(const char *name)
+{
+    if (strcmp(name, "auto") == 0) {
+        forced_path = -1;
+        return 0;
+    }
+    for (int p = 0; p < 3; p++)
+        if (strcmp(name, path_names[p]) == 0) {
+            if (p > (int)zse_cpu_best_path())
+                return zse_fail("this CPU cannot run the %s kernels (best: %s)", name,
+                                path_names[zse_cpu_best_path()]);
+            forced_path = p;
+            return 0;
+        }
+    return zse_fail("unknown CPU kernel path '%s' (use auto, portable, avx2 or avx512)", name);
+}
+
+/* ---- shared by the integer kernels -------------------------------------------------------------- */
+
+const int8_t zse_cpu_nf4_i8[16] = {-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127};
+
+void zse_cpu_row_scales(const zse_weight *w, int64_t r, float nf4_bias, float q8_bias, float *S, float *M)
+{
+    if (w->q.scheme == ZSE_SCHEME_Q8) {
+        float s = ((const float *)(w->data + w->p.scales))[r];
+        S[0] = s;
+        M[0] = -q8_bias * s;
+        return;
+    }
+    int64_t G = w->p.groups;
+    const uint16_t *sc = (const uint16_t *)(w->data + w->p.scales) + (size_t)r * (size_t)G;
+    const uint16_t *mn = (const uint16_t *)(w->data + w->p.mins) + (size_t)r * (size_t)G;
+    for (int64_t g = 0; g < G; g++) {
+        float s = zse_f16_to_f32(sc[g]);
+        switch (w->q.scheme) {
+        case ZSE_SCHEME_Q4: S[g] = s; M[g] = zse_f16_to_f32(mn[g]); break;
+        case ZSE_SCHEME_Q4S: S[g] = s; M[g] = -8.0f * s; break;
+        default: S[g] = s / 127.0f; M[g] = -nf4_bias * (s / 127.0f); break; /* NF4 */
+        }
+    }
+}
+
+int64_t zse_cpu_row_block(const zse_weight *w)
+{
+    /* ~192 KiB of weights per block: they stay in L2 while every token tile passes */
+    int64_t rb = (int64_t)(((size_t)192 << 10) / (w->p.row_bytes ? w->p.row_bytes : 1));
+    return rb < 4 ? 4 : rb > 256 ? 256 : rb;
+}
+
+static bool integer_scheme(zse_scheme s)
+{
+    return s == ZSE_SCHEME_Q8 || s == ZSE_SCHEME_Q4 || s == ZSE_SCHEME_Q4S || s == ZSE_SCHEME_NF4;
+}
+
+/* ---- int8 activations ------------------------------------------------------------------------- */
+
+typedef struct {
+    const zse_act *x;
+    int64_t cols, group;    /* valid columns; weight group in elements (cp for int8) */
+    zse_qx *qx;
+} quant_job;
+
+static void quantize_tokens(void *p, int64_t t0, int64_t t1)
+{
+    quant_job *job = p;
+    zse_qx *qx = job->qx;
+    int64_t per_group = job->group / 32, units = qx->stride / qx->unit;
+    for (int64_t t = t0; t < t1; t++) {
+        const float *xr = job->x->data + t * job->x->cols;
+        int64_t base = t - t % qx->tile, ti = t - base;
+        int64_t nt = qx->tokens - base < qx->tile ? qx->tokens - base : qx->tile;
+        int8_t *q = qx->q + base * qx->stride;
+        float *d = qx->d + base * qx->nb, *gs = qx->gsum + t * qx->groups;
+        for (int64_t g = 0; g < qx->groups; g++)
+            gs[g] = 0;
+        for (int64_t b = 0; b < qx->nb; b++) {
+            int64_t n = job->cols - b * 32;
+            n = n > 32 ? 32 : n < 0 ? 0 : n;
+            float amax = 0;
+            for (int64_t j = 0; j < n; j++)
+                amax = fmaxf(amax, fabsf(xr[b * 32 + j]));
+            float db = amax / 127.0f, inv = db > 0 ? 127.0f / amax : 0;
+            int8_t *u = qx->unit == 32 ? q + (b * nt + ti) * 32 : q + ((b / 2) * nt + ti) * 64;
+            int isum = 0;
+            for (int64_t j = 0; j < n; j++) {
+                int v = (int)lrintf(xr[b * 32 + j] * inv);
+                v = v > 127 ? 127 : v < -127 ? -127 : v;
+                int64_t at = qx->unit == 32 ? j : !qx->il ? (b % 2) * 32 + j
+                                                   : (j >= 16 ? 32 : 0) + (b % 2) * 16 + (j & 15);
+                u[at] = (int8_t)v;
+                isum += v;
+            }
+            d[b * nt + ti] = db;
+            gs[b / per_group] += db * (float)isum;
+        }
+        if (qx->dvec) {
+            /* lane k of a 64-byte unit covers its bytes 4k..4k+3 */
+            float *dv = qx->dvec + base * (qx->stride / 4);
+            for (int64_t i = 0; i < units; i++)
+                for (int k = 0; k < 16; k++) {
+                    int half = qx->il ? (k / 4) % 2 : k / 8;
+                    int64_t b = i * 2 + half;
+                    dv[(i * nt + ti) * 16 + k] = b < qx->nb ? d[b * nt + ti] : 0;
+                }
+        }
+    }
+}
+
+/* A grow-only workspace of the backend holds the activations: a decode step calls matmul a
+ * few hundred times, and fresh large allocations would fault their pages in every time. */
+static int quantize_acts(zse_backend *be, const zse_weight *w, const zse_act *x, int64_t tokens,
+                         zse_cpu_path path, int threads, zse_qx *qx, float **scratch, int64_t *scratch_per)
+{
+    int64_t cp = zse_qshape_cols_padded(&w->q);
+    bool q8 = w->q.scheme == ZSE_SCHEME_Q8, avx512 = path == ZSE_CPU_AVX512;
+    memset(qx, 0, sizeof *qx);
+    qx->tokens = tokens;
+    qx->cp = cp;
+    qx->stride = (cp + 63) / 64 * 64;
+    qx->nb = cp / 32;
+    qx->groups = q8 ? 1 : w->p.groups;
+    qx->tile = avx512 ? ZSE_CPU_TILE_AVX512 : ZSE_CPU_TILE_AVX2;
+    qx->unit = avx512 ? 64 : 32;
+    qx->il = avx512 && !q8;
+    size_t T = (size_t)tokens;
+    *scratch_per = 2 * (qx->groups + 16);
+    size_t sizes[5] = {T * (size_t)qx->stride, T * (size_t)qx->nb * 4, avx512 ? T * (size_t)qx->stride : 0,
+                       T * (size_t)qx->groups * 4, (size_t)threads * (size_t)*scratch_per * 4};
+    size_t total = 0, offs[5];
+    for (int i = 0; i < 5; i++) {
+        offs[i] = total;
+        total += (sizes[i] + 63) & ~(size_t)63;
+    }
+    uint8_t *ws = zse_cpu_workspace(be, total);
+    if (!ws)
+        return -1;
+    qx->q = (int8_t *)(ws + offs[0]);
+    qx->d = (float *)(ws + offs[1]);
+    qx->dvec = avx512 ? (float *)(ws + offs[2]) : NULL;
+    qx->gsum = (float *)(ws + offs[3]);
+    *scratch = (float *)(ws + offs[4]);
+    memset(qx->q, 0, sizes[0]); /* padding columns and a short last unit stay zero */
+    quant_job job = {x, w->q.cols, q8 ? qx->nb * 32 : w->q.group_size, qx};
+    zse_cpu_parallel_for(be, tokens, quantize_tokens, &job);
+    return 0;
+}
+
+/* ---- portable kernels: unpack a row to f32, dot it with every token ------------------------- */
 
 static float dot_portable(const float *a, const float *b, int64_t n)
 {
@@ -34,310 +212,85 @@ static float dot_portable(const float *a, const float *b, int64_t n)
     return s;
 }
 
-__attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const float *b, int64_t n)
-{
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(),
-           s3 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
-        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
-    }
-    for (; i + 8 <= n; i += 8)
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    float r = _mm_cvtss_f32(h);
-    for (; i < n; i++)
-        r += a[i] * b[i];
-    return r;
-}
-
-__attribute__((target("avx2,f16c"))) static void f16_row_avx2(const uint16_t *h, int64_t n, float *out)
-{
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
-    for (; i < n; i++)
-        out[i] = zse_f16_to_f32(h[i]);
-}
-
 /* the row of a packed weight as f32 (cols values) */
-static void unpack_row(const zse_weight *w, int64_t r, float *out, bool avx2)
+static void unpack_row(const zse_weight *w, int64_t r, float *out)
 {
-    const zse_qshape *q = &w->q;
-    const uint8_t *row = w->data + (size_t)r * w->p.row_bytes;
-    switch (q->scheme) {
-    case ZSE_SCHEME_F32:
-        memcpy(out, row, (size_t)q->cols * 4);
-        return;
-    case ZSE_SCHEME_F16:
-        if (avx2) {
-            f16_row_avx2((const uint16_t *)row, q->cols, out);
-        } else {
-            for (int64_t i = 0; i < q->cols; i++)
-                out[i] = zse_f16_to_f32(((const uint16_t *)row)[i]);
-        }
-        return;
-    case ZSE_SCHEME_BF16:
-        for (int64_t i = 0; i < q->cols; i++)
-            out[i] = zse_bf16_to_f32(((const uint16_t *)row)[i]);
-        return;
-    case ZSE_SCHEME_Q8: {
-        float s = ((const float *)(w->data + w->p.scales))[r];
-        for (int64_t i = 0; i < q->cols; i++)
-            out[i] = (float)((const int8_t *)row)[i] * s;
-        return;
-    }
-    default:
-        break;
-    }
-    /* 4-bit: per 32-element chunk, 16 bytes: low nibbles are elements 0..15, high 16..31 */
-    const uint16_t *scales = (const uint16_t *)(w->data + w->p.scales) + (size_t)r * (size_t)w->p.groups;
-    const uint16_t *mins = q->scheme == ZSE_SCHEME_Q4
-                               ? (const uint16_t *)(w->data + w->p.mins) + (size_t)r * (size_t)w->p.groups
-                               : NULL;
-    int64_t cp = zse_qshape_cols_padded(q);
-    float buf[32];
-    for (int64_t c0 = 0; c0 < cp; c0 += 32) {
-        int64_t g = c0 / q->group_size;
-        float s = zse_f16_to_f32(scales[g]);
-        const uint8_t *b = row + c0 / 2;
-        float lut[16];
-        if (q->scheme == ZSE_SCHEME_Q4) {
-            float m = zse_f16_to_f32(mins[g]);
-            for (int k = 0; k < 16; k++)
-                lut[k] = (float)k * s + m;
-        } else if (q->scheme == ZSE_SCHEME_Q4S) {
-            for (int k = 0; k < 16; k++)
-                lut[k] = (float)(k - 8) * s;
-        } else {
-            for (int k = 0; k < 16; k++)
-                lut[k] = zse_nf4_values[k] * s;
-        }
-        for (int j = 0; j < 16; j++) {
-            buf[j] = lut[b[j] & 15];
-            buf[j + 16] = lut[b[j] >> 4];
-        }
-        int64_t n = c0 + 32 <= q->cols ? 32 : q->cols - c0;
-        if (n > 0)
-            memcpy(out + c0, buf, (size_t)n * sizeof(float));
-    }
+    if (w->q.scheme == ZSE_SCHEME_F32)
+        memcpy(out, w->data + (size_t)r * w->p.row_bytes, (size_t)w->q.cols * 4);
+    else
+        zse_dequantize_row(&w->q, w->data, r, out);
 }
 
-/* ---- integer path: int8 activations × int4/int8 weights (AVX2) ----------------------
- * Each token's row is quantized once per call to int8 in blocks of 32 with one f32 scale
- * per block (and the block's sum, for the asymmetric min term). A 32-element chunk of an
- * int4 row is then one 16-byte load, a mask and a shift, and one maddubs:
- *   Σ w·x = Σ (q·s + m)·(xq·dx) = s·dx·Σ q·xq + m·dx·Σ xq.
- * int8 rows use the sign trick: |w| as unsigned times x with w's sign. */
-typedef struct {
-    int8_t *q;          /* [tokens][cp] */
-    float *d;           /* [tokens][cp/32] block scales */
-    float *sum;         /* [tokens][cp/32] d * Σ xq of the block */
-    int64_t cp;
-} qacts;
-
-static int quantize_acts(const zse_act *x, int64_t tokens, int64_t cols, int64_t cp, qacts *qa)
-{
-    int64_t nb = cp / 32;
-    qa->cp = cp;
-    qa->q = zse_aligned_alloc(64, (size_t)(tokens * cp));
-    qa->d = zse_malloc((size_t)(tokens * nb) * sizeof(float));
-    qa->sum = zse_malloc((size_t)(tokens * nb) * sizeof(float));
-    if (!qa->q || !qa->d || !qa->sum)
-        return -1;
-    for (int64_t t = 0; t < tokens; t++) {
-        const float *xr = x->data + t * x->cols;
-        for (int64_t b = 0; b < nb; b++) {
-            float amax = 0;
-            for (int j = 0; j < 32; j++) {
-                int64_t c = b * 32 + j;
-                if (c < cols)
-                    amax = fmaxf(amax, fabsf(xr[c]));
-            }
-            float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0;
-            int isum = 0;
-            for (int j = 0; j < 32; j++) {
-                int64_t c = b * 32 + j;
-                int v = c < cols ? (int)lrintf(xr[c] * inv) : 0;
-                qa->q[t * cp + c] = (int8_t)v;
-                isum += v;
-            }
-            qa->d[t * nb + b] = d;
-            qa->sum[t * nb + b] = d * (float)isum;
-        }
-    }
-    return 0;
-}
-
-static void qacts_free(qacts *qa)
-{
-    free(qa->q);
-    free(qa->d);
-    free(qa->sum);
-}
-
-__attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v)
-{
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
-}
-
-/* the f16 scales and mins of one int4 row as f32, converted once per row rather than once
- * per token (Q4S: min = -8·scale, since w = (q - 8)·scale) */
-static void row_scales(const zse_weight *w, int64_t r, float *rs, float *rm)
-{
-    const uint16_t *scales = (const uint16_t *)(w->data + w->p.scales) + (size_t)r * (size_t)w->p.groups;
-    const uint16_t *mins = w->q.scheme == ZSE_SCHEME_Q4
-                               ? (const uint16_t *)(w->data + w->p.mins) + (size_t)r * (size_t)w->p.groups
-                               : NULL;
-    for (int64_t g = 0; g < w->p.groups; g++) {
-        rs[g] = zse_f16_to_f32(scales[g]);
-        rm[g] = mins ? zse_f16_to_f32(mins[g]) : -8.0f * rs[g];
-    }
-}
-
-/* Σ over one int4 row (Q4 or Q4S) for one token */
-__attribute__((target("avx2,fma"))) static float dot_q4_avx2(const zse_weight *w, int64_t r, const float *rs,
-                                                              const float *rm, const qacts *qa, int64_t t)
-{
-    const uint8_t *row = w->data + (size_t)r * w->p.row_bytes;
-    int64_t nb = qa->cp / 32, per_group = w->q.group_size / 32;
-    const int8_t *xq = qa->q + t * qa->cp;
-    const float *xd = qa->d + t * nb, *xs = qa->sum + t * nb;
-    const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    __m256 acc = _mm256_setzero_ps();
-    float min_acc = 0;
-    for (int64_t g = 0; g < w->p.groups; g++) {
-        float s = rs[g], m = rm[g];
-        for (int64_t k = 0; k < per_group; k++) {
-            int64_t b = g * per_group + k;
-            __m128i raw = _mm_loadu_si128((const __m128i *)(row + b * 16));
-            __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
-            __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
-            __m256i p16 = _mm256_maddubs_epi16(q, x);
-            __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(s * xd[b]), p, acc);
-            min_acc += m * xs[b];
-        }
-    }
-    return hsum8(acc) + min_acc;
-}
-
-__attribute__((target("avx2,fma"))) static float dot_q8_avx2(const zse_weight *w, int64_t r, const qacts *qa,
-                                                              int64_t t)
-{
-    const int8_t *row = (const int8_t *)(w->data + (size_t)r * w->p.row_bytes);
-    float ws = ((const float *)(w->data + w->p.scales))[r];
-    int64_t nb = qa->cp / 32;
-    const int8_t *xq = qa->q + t * qa->cp;
-    const float *xd = qa->d + t * nb;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(row + b * 32));
-        __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
-        __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv));
-        __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[b]), p, acc);
-    }
-    return hsum8(acc) * ws;
-}
+/* ---- the threaded job ------------------------------------------------------------------------ */
 
 typedef struct {
-    const zse_weight *w;
-    const qacts *qa;
-    zse_act *y;
-    int64_t tokens;
-} qmm_ctx;
-
-static void qmatmul_rows(void *p, int64_t r0, int64_t r1)
-{
-    qmm_ctx *c = p;
-    if (c->w->q.scheme == ZSE_SCHEME_Q8) {
-        for (int64_t r = r0; r < r1; r++)
-            for (int64_t t = 0; t < c->tokens; t++)
-                c->y->data[t * c->y->cols + r] = dot_q8_avx2(c->w, r, c->qa, t);
-        return;
-    }
-    float rs[4096], rm[4096]; /* groups per row: cols / 32 at most, cols < 131072 */
-    for (int64_t r = r0; r < r1; r++) {
-        row_scales(c->w, r, rs, rm);
-        for (int64_t t = 0; t < c->tokens; t++)
-            c->y->data[t * c->y->cols + r] = dot_q4_avx2(c->w, r, rs, rm, c->qa, t);
-    }
-}
-
-static bool integer_path(const zse_weight *w)
-{
-    if (w->q.scheme == ZSE_SCHEME_Q8)
-        return true;
-    /* the per-row scale buffers in qmatmul_rows hold 4096 groups */
-    return (w->q.scheme == ZSE_SCHEME_Q4 || w->q.scheme == ZSE_SCHEME_Q4S) && w->p.groups <= 4096;
-}
-
-static int zse_cpu_force_portable = 0;
-
-void zse_cpu_set_portable(bool portable)
-{
-    zse_cpu_force_portable = portable;
-}
-
-typedef struct {
+    zse_backend *be;
     const zse_weight *w;
     const zse_act *x;
     zse_act *y;
     int64_t tokens;
-    bool avx2;
+    zse_cpu_path path;
+    const zse_qx *qx;           /* integer schemes on a SIMD path */
+    float *scratch;             /* per thread: scratch_per floats */
+    int64_t scratch_per, per_thread_rows;
     bool failed;
-} mm_ctx;
+} mm_job;
 
-static void matmul_rows(void *p, int64_t r0, int64_t r1)
+static void portable_rows(mm_job *j, int64_t r0, int64_t r1)
 {
-    mm_ctx *c = p;
-    int64_t cols = c->w->q.cols;
-    float *row = NULL;
-    bool direct = c->w->q.scheme == ZSE_SCHEME_F32;
-    if (!direct && !(row = zse_aligned_alloc(64, (size_t)(cols + 32) * sizeof(float)))) {
-        c->failed = true;
+    int64_t cols = j->w->q.cols;
+    float *row = zse_aligned_alloc(64, (size_t)(cols + 32) * sizeof(float));
+    if (!row) {
+        j->failed = true;
         return;
     }
     for (int64_t r = r0; r < r1; r++) {
-        const float *wr = row;
-        if (direct)
-            wr = (const float *)(c->w->data + (size_t)r * c->w->p.row_bytes);
-        else
-            unpack_row(c->w, r, row, c->avx2);
-        for (int64_t t = 0; t < c->tokens; t++) {
-            const float *xt = c->x->data + t * c->x->cols;
-            c->y->data[t * c->y->cols + r] = c->avx2 ? dot_avx2(wr, xt, cols) : dot_portable(wr, xt, cols);
-        }
+        unpack_row(j->w, r, row);
+        for (int64_t t = 0; t < j->tokens; t++)
+            j->y->data[t * j->y->cols + r] = dot_portable(row, j->x->data + t * j->x->cols, cols);
     }
     free(row);
 }
 
+static void simd_rows(void *p, int64_t r0, int64_t r1)
+{
+    mm_job *j = p;
+    if (j->path == ZSE_CPU_PORTABLE) {
+        portable_rows(j, r0, r1);
+        return;
+    }
+    /* the range is one thread's share (parallel_for gives each thread one range) */
+    float *scratch = j->scratch ? j->scratch + (r0 / j->per_thread_rows) * j->scratch_per : NULL;
+    int64_t rb = zse_cpu_row_block(j->w);
+    for (int64_t b0 = r0; b0 < r1; b0 += rb) {
+        int64_t b1 = b0 + rb < r1 ? b0 + rb : r1;
+        if (j->qx && j->path == ZSE_CPU_AVX512)
+            zse_cpu_q_rows_avx512(j->w, j->qx, j->y->data, j->y->cols, b0, b1, scratch);
+        else if (j->qx)
+            zse_cpu_q_rows_avx2(j->w, j->qx, j->y->data, j->y->cols, b0, b1, scratch);
+        else if (j->path == ZSE_CPU_AVX512)
+            zse_cpu_f_rows_avx512(j->w, j->x->data, j->x->cols, j->tokens, j->y->data, j->y->cols, b0, b1);
+        else
+            zse_cpu_f_rows_avx2(j->w, j->x->data, j->x->cols, j->tokens, j->y->data, j->y->cols, b0, b1);
+    }
+}
+
 void zse_cpu_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, int64_t rows, zse_act *y)
 {
-    bool avx2 = have_avx2() && !zse_cpu_force_portable;
-    if (avx2 && integer_path(w)) {
-        qacts qa = {0};
-        if (quantize_acts(x, rows, w->q.cols, zse_qshape_cols_padded(&w->q), &qa) == 0) {
-            qmm_ctx qc = {w, &qa, y, rows};
-            zse_cpu_parallel_for(be, w->q.rows, qmatmul_rows, &qc);
-            qacts_free(&qa);
+    if (rows <= 0)
+        return;
+    int threads = zse_cpu_threads(be);
+    mm_job j = {.be = be, .w = w, .x = x, .y = y, .tokens = rows, .path = zse_cpu_current_path()};
+    j.per_thread_rows = (w->q.rows + threads - 1) / threads;
+    zse_qx qx;
+    if (j.path != ZSE_CPU_PORTABLE && integer_scheme(w->q.scheme)) {
+        if (quantize_acts(be, w, x, rows, j.path, threads, &qx, &j.scratch, &j.scratch_per) != 0) {
+            zse_cpu_note_failure(be, "matmul could not allocate its int8 activations");
             return;
         }
-        qacts_free(&qa); /* out of memory for int8 activations: the f32 path below needs less */
+        j.qx = &qx;
     }
-    mm_ctx c = {w, x, y, rows, avx2, false};
-    zse_cpu_parallel_for(be, w->q.rows, matmul_rows, &c);
-    if (c.failed)
+    zse_cpu_parallel_for(be, w->q.rows, simd_rows, &j);
+    if (j.failed)
         zse_cpu_note_failure(be, "matmul could not allocate a row buffer");
 }

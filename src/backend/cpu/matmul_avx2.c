@@ -1,0 +1,207 @@
+/* AVX2/FMA/F16C matmul kernels, compiled with per-function target attributes and called
+ * only when zse_cpu_best_path() found AVX2 and FMA.
+ *
+ * Integer path (see zse_qx in cpu.h; activations in natural order): one 32-element chunk
+ * per step. vpmaddubsw multiplies unsigned weight bytes by signed activation bytes and adds
+ * pairs to int16 (no overflow: |u·x| ≤ 15·127 for 4-bit codes, ≤ 127·127 for the signed
+ * ones below), vpmaddwd by ones widens to int32, and the lanes are scaled by the block's
+ * activation scale into a group accumulator that S_g folds into the row's at group end.
+ *   Q4, Q4S: u = the nibble (16-byte load, [bytes & 0x0F | bytes >> 4]); M_g carries the
+ *            min or -8·s.
+ *   NF4:     a byte shuffle gives the signed code round(127·v); int8: the weight byte. Signed
+ *            weights use the sign trick: |w| (unsigned) times x with w's sign; M_g = 0.
+ * Float path: f32/f16/bf16 widened to f32 (exact), FMA'd with f32 activations. */
+#include "backend/cpu/cpu.h"
+
+#include <immintrin.h>
+
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define INLINE static inline __attribute__((always_inline))
+
+enum { TILE = ZSE_CPU_TILE_AVX2 };
+
+AVX2 INLINE float hsum8(__m256 v)
+{
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+AVX2 INLINE float dot_groups(const float *M, const float *gs, int64_t G)
+{
+    __m256 acc = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(M + g), _mm256_loadu_ps(gs + g), acc);
+    float s = hsum8(acc);
+    for (; g < G; g++)
+        s += M[g] * gs[g];
+    return s;
+}
+
+/* S and M of one row's groups (zse_qx): signed codes (NF4, int8) use the sign trick */
+AVX2 INLINE void row_scales(const zse_weight *w, int64_t r, float *S, float *M)
+{
+    const int64_t G = w->p.groups;
+    if (w->q.scheme == ZSE_SCHEME_Q8 || G % 8) {
+        zse_cpu_row_scales(w, r, 0.0f, 0.0f, S, M);
+        return;
+    }
+    const uint16_t *sc = (const uint16_t *)(w->data + w->p.scales) + (size_t)r * (size_t)G;
+    const uint16_t *mn = (const uint16_t *)(w->data + w->p.mins) + (size_t)r * (size_t)G;
+    for (int64_t g = 0; g < G; g += 8) {
+        __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g))), m;
+        if (w->q.scheme == ZSE_SCHEME_Q4) {
+            m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + g)));
+        } else if (w->q.scheme == ZSE_SCHEME_Q4S) {
+            m = _mm256_mul_ps(s, _mm256_set1_ps(-8.0f));
+        } else {
+            s = _mm256_div_ps(s, _mm256_set1_ps(127.0f));
+            m = _mm256_setzero_ps();
+        }
+        _mm256_storeu_ps(S + g, s);
+        _mm256_storeu_ps(M + g, m);
+    }
+}
+
+/* 32 weights of chunk c as bytes: unsigned codes (Q4, Q4S) or signed ones (NF4, int8) */
+AVX2 INLINE __m256i load_chunk(const zse_weight *w, const uint8_t *row, int64_t c, __m256i nf4_lut)
+{
+    if (w->q.scheme == ZSE_SCHEME_Q8)
+        return _mm256_loadu_si256((const __m256i *)(row + c * 32));
+    __m128i raw = _mm_loadu_si128((const __m128i *)(row + c * 16));
+    __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+    return w->q.scheme == ZSE_SCHEME_NF4 ? _mm256_shuffle_epi8(nf4_lut, u) : u;
+}
+
+/* one row, the `nt` tokens of the tile at t0. Each group's first chunk starts its
+ * accumulator with a multiply, so nothing needs zeroing between groups. */
+AVX2 INLINE void q_row(const zse_weight *w, const zse_qx *qx, int64_t r, int64_t t0, const int nt,
+                       const float *S, const float *M, float *y, int64_t ldy)
+{
+    const uint8_t *row = w->data + (size_t)r * w->p.row_bytes;
+    const bool sign = w->q.scheme == ZSE_SCHEME_NF4 || w->q.scheme == ZSE_SCHEME_Q8;
+    const int64_t per_group = w->q.scheme == ZSE_SCHEME_Q8 ? qx->nb : w->q.group_size / 32;
+    const int8_t *xq = qx->q + t0 * qx->stride;
+    const float *xd = qx->d + t0 * qx->nb;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)zse_cpu_nf4_i8));
+    __m256 acc[TILE], gacc[TILE];
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++)
+        acc[t] = gacc[t] = _mm256_setzero_ps();
+    int64_t in_group = 0, g = 0;
+    for (int64_t c = 0; c < qx->nb; c++, xq += nt * 32, xd += nt) {
+        __m256i wv = load_chunk(w, row, c, lut);
+        __m256i u = sign ? _mm256_sign_epi8(wv, wv) : wv;
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) {
+            __m256i x = _mm256_load_si256((const __m256i *)(xq + t * 32));
+            if (sign)
+                x = _mm256_sign_epi8(x, wv);
+            __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones));
+            gacc[t] = in_group == 0 ? _mm256_mul_ps(f, _mm256_broadcast_ss(xd + t))
+                                    : _mm256_fmadd_ps(f, _mm256_broadcast_ss(xd + t), gacc[t]);
+        }
+        if (++in_group == per_group) {
+            __m256 sv = _mm256_broadcast_ss(S + g++);
+            in_group = 0;
+#pragma GCC unroll 4
+            for (int t = 0; t < nt; t++)
+                acc[t] = _mm256_fmadd_ps(gacc[t], sv, acc[t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++)
+        y[(t0 + t) * ldy + r] = hsum8(acc[t]) + dot_groups(M, qx->gsum + (t0 + t) * qx->groups, qx->groups);
+}
+
+AVX2 void zse_cpu_q_rows_avx2(const zse_weight *w, const zse_qx *qx, float *y, int64_t ldy, int64_t r0,
+                              int64_t r1, float *scratch)
+{
+    float *S = scratch, *M = scratch + qx->groups + 16;
+    for (int64_t t0 = 0; t0 < qx->tokens; t0 += TILE) {
+        int nt = qx->tokens - t0 < TILE ? (int)(qx->tokens - t0) : TILE;
+        for (int64_t r = r0; r < r1; r++) {
+            row_scales(w, r, S, M);
+            switch (nt) {
+            case 4: q_row(w, qx, r, t0, 4, S, M, y, ldy); break;
+            case 3: q_row(w, qx, r, t0, 3, S, M, y, ldy); break;
+            case 2: q_row(w, qx, r, t0, 2, S, M, y, ldy); break;
+            default: q_row(w, qx, r, t0, 1, S, M, y, ldy); break;
+            }
+        }
+    }
+}
+
+/* ---- float weights ------------------------------------------------------------------------------ */
+
+AVX2 INLINE __m256 load_w(zse_scheme s, const uint8_t *row, int64_t i)
+{
+    switch (s) {
+    case ZSE_SCHEME_F16:
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)));
+    case ZSE_SCHEME_BF16: {
+        __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    }
+    default:
+        return _mm256_loadu_ps((const float *)row + i);
+    }
+}
+
+static float load_w1(zse_scheme s, const uint8_t *row, int64_t i)
+{
+    switch (s) {
+    case ZSE_SCHEME_F16: return zse_f16_to_f32(((const uint16_t *)row)[i]);
+    case ZSE_SCHEME_BF16: return zse_bf16_to_f32(((const uint16_t *)row)[i]);
+    default: return ((const float *)row)[i];
+    }
+}
+
+AVX2 INLINE void f_row(const zse_weight *w, const float *x, int64_t ldx, int64_t r, int64_t t0, const int nt,
+                       float *y, int64_t ldy)
+{
+    const uint8_t *row = w->data + (size_t)r * w->p.row_bytes;
+    const zse_scheme s = w->q.scheme;
+    const int64_t n = w->q.cols;
+    __m256 a0[TILE], a1[TILE];
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++)
+        a0[t] = a1[t] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 w0 = load_w(s, row, i), w1 = load_w(s, row, i + 8);
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) {
+            const float *xt = x + (t0 + t) * ldx + i;
+            a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xt), a0[t]);
+            a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xt + 8), a1[t]);
+        }
+    }
+    const int64_t tail = i;
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++) {
+        float sum = hsum8(_mm256_add_ps(a0[t], a1[t]));
+        for (int64_t k = tail; k < n; k++)
+            sum += load_w1(s, row, k) * x[(t0 + t) * ldx + k];
+        y[(t0 + t) * ldy + r] = sum;
+    }
+}
+
+AVX2 void zse_cpu_f_rows_avx2(const zse_weight *w, const float *x, int64_t ldx, int64_t tokens, float *y,
+                              int64_t ldy, int64_t r0, int64_t r1)
+{
+    for (int64_t t0 = 0; t0 < tokens; t0 += TILE) {
+        int nt = tokens - t0 < TILE ? (int)(tokens - t0) : TILE;
+        for (int64_t r = r0; r < r1; r++) {
+            switch (nt) {
+            case 4: f_row(w, x, ldx, r, t0, 4, y, ldy); break;
+            case 3: f_row(w, x, ldx, r, t0, 3, y, ldy); break;
+            case 2: f_row(w, x, ldx, r, t0, 2, y, ldy); break;
+            default: f_row(w, x, ldx, r, t0, 1, y, ldy); break;
+            }
+        }
+    }
+}
