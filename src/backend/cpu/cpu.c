@@ -187,40 +187,55 @@ static void kv_free(zse_backend *be, zse_kv *kv)
 
 /* ---- per step --------------------------------------------------------------------------- */
 
-static int grow_copy(int32_t **dst, size_t *cap, const int32_t *src, size_t n)
+/* grows *dst to cap elements when it has fewer (contents are not kept) */
+static int grow(int32_t **dst, size_t have, size_t cap)
 {
-    if (n > *cap) {
-        int32_t *p = zse_realloc(*dst, n * sizeof *p);
-        if (!p)
-            return -1;
-        *dst = p;
-        *cap = n;
-    }
-    if (n)
-        memcpy(*dst, src, n * sizeof **dst);
+    if (cap <= have)
+        return 0;
+    int32_t *p = zse_realloc(*dst, cap * sizeof *p);
+    if (!p)
+        return -1;
+    *dst = p;
     return 0;
+}
+
+static void copy_ids(int32_t *dst, const int32_t *src, size_t n)
+{
+    if (n)
+        memcpy(dst, src, n * sizeof *dst);
 }
 
 static int begin_batch(zse_backend *be, const zse_batch *b)
 {
     cpu_state *s = state(be);
-    size_t nt = (size_t)b->n_tokens, ns = (size_t)b->n_seqs, table = ns * (size_t)b->max_blocks_per_seq;
-    size_t cap_t = s->cap_tokens, cap_s = s->cap_seqs;
-    int rc = 0;
-    size_t c;
-    c = cap_t; rc |= grow_copy(&s->tokens, &c, b->tokens, nt);
-    c = cap_t; rc |= grow_copy(&s->positions, &c, b->positions, nt);
-    c = cap_t; rc |= grow_copy(&s->seq_of, &c, b->seq_of, nt);
-    c = cap_t; rc |= grow_copy(&s->slots, &c, b->slots, nt);
-    c = cap_t; rc |= grow_copy(&s->out_rows, &c, b->out_rows, (size_t)b->n_out);
-    if (nt > cap_t || (size_t)b->n_out > cap_t)
-        s->cap_tokens = nt > (size_t)b->n_out ? nt : (size_t)b->n_out;
-    c = cap_s; rc |= grow_copy(&s->seq_lens, &c, b->seq_lens, ns);
-    if (ns > cap_s)
+    size_t nt = (size_t)b->n_tokens, no = (size_t)b->n_out, ns = (size_t)b->n_seqs;
+    size_t table = ns * (size_t)b->max_blocks_per_seq;
+    /* the per-token arrays (out_rows too) share one capacity: all grow together */
+    size_t need = nt > no ? nt : no;
+    if (need > s->cap_tokens) {
+        if (grow(&s->tokens, s->cap_tokens, need) || grow(&s->positions, s->cap_tokens, need) ||
+            grow(&s->seq_of, s->cap_tokens, need) || grow(&s->slots, s->cap_tokens, need) ||
+            grow(&s->out_rows, s->cap_tokens, need))
+            return -1;
+        s->cap_tokens = need;
+    }
+    if (ns > s->cap_seqs) {
+        if (grow(&s->seq_lens, s->cap_seqs, ns))
+            return -1;
         s->cap_seqs = ns;
-    rc |= grow_copy(&s->block_table, &s->cap_table, b->block_table, table);
-    if (rc)
-        return -1;
+    }
+    if (table > s->cap_table) {
+        if (grow(&s->block_table, s->cap_table, table))
+            return -1;
+        s->cap_table = table;
+    }
+    copy_ids(s->tokens, b->tokens, nt);
+    copy_ids(s->positions, b->positions, nt);
+    copy_ids(s->seq_of, b->seq_of, nt);
+    copy_ids(s->slots, b->slots, nt);
+    copy_ids(s->out_rows, b->out_rows, no);
+    copy_ids(s->seq_lens, b->seq_lens, ns);
+    copy_ids(s->block_table, b->block_table, table);
     s->n_tokens = b->n_tokens;
     s->n_seqs = b->n_seqs;
     s->max_blocks = b->max_blocks_per_seq;
