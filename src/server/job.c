@@ -658,8 +658,15 @@ static int apply_event(srv_job *j, const srv_event *ev, zse_buf *out)
         return entry ? json_array_append_new(c->logprobs, entry) : -1;
     }
     if (j->req.api == SRV_API_COMPLETION) {
-        if (!c->logprobs && !(c->logprobs = empty_completion_logprobs()))
-            return -1;
+        if (!c->logprobs) {
+            if (!(c->logprobs = empty_completion_logprobs()))
+                return -1;
+            if (j->req.echo) { /* offsets count the echoed prompt too */
+                char *t = prompt_text(j, &j->req.prompts[c->prompt]);
+                c->text_offset = t ? strlen(t) : 0;
+                free(t);
+            }
+        }
         int rc = completion_logprob(j, ev, c->text_offset, c->logprobs);
         c->text_offset += strlen(ev->text);
         return rc;
