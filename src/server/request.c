@@ -559,7 +559,8 @@ static int parse_tgi(json_t *body, const srv_model_facts *mf, srv_request *r, sr
     double x;
     long long i;
     bool have, do_sample = false, warped = false;
-    if (get_bool(p, "do_sample", &do_sample, e) || get_bool(p, "details", &r->details, e))
+    if (get_bool(p, "do_sample", &do_sample, e) || get_bool(p, "details", &r->details, e) ||
+        get_bool(p, "return_full_text", &r->echo, e))
         goto done;
     if (get_number(p, "temperature", 1e-4, 100, &x, &have, e))
         goto done;

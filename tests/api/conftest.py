@@ -70,7 +70,7 @@ def model_path(zse_bin):
 class Server:
     """One `zse serve` process and ways to talk to it."""
 
-    def __init__(self, zse_bin, model, extra_args=(), db=None, api_key="unused"):
+    def __init__(self, zse_bin, model, extra_args=(), db=None, api_key="unused", scheme="http"):
         self.tmp = tempfile.TemporaryDirectory(prefix="zse-api-")
         self.db = db or os.path.join(self.tmp.name, "zse.db")
         self.log_path = os.path.join(self.tmp.name, "serve.log")
@@ -80,8 +80,9 @@ class Server:
                 "--db", self.db, "--threads", "2", *extra_args]
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.scheme = scheme
         self.port = self._wait_for_port(60)
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"{scheme}://127.0.0.1:{self.port}"
         self._wait_ready(120)
 
     def _read_log(self):
@@ -91,7 +92,7 @@ class Server:
     def _wait_for_port(self, seconds):
         end = time.time() + seconds
         while time.time() < end:
-            m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", self._read_log())
+            m = re.search(r"listening on https?://127\.0\.0\.1:(\d+)", self._read_log())
             if m:
                 return int(m.group(1))
             if self.proc.poll() is not None:
@@ -103,7 +104,7 @@ class Server:
         end = time.time() + seconds
         while time.time() < end:
             try:
-                if httpx.get(self.base + "/health", timeout=5).status_code == 200:
+                if httpx.get(self.base + "/health", timeout=5, verify=False).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

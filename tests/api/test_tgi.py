@@ -21,6 +21,10 @@ def test_generate_matches_completions(server, client):
     plain = httpx.post(server.url("/generate"), timeout=60,
                        json={"inputs": "def add(a, b):", "parameters": {"max_new_tokens": 10}}).json()
     assert plain == {"generated_text": body["generated_text"]}
+    full = httpx.post(server.url("/generate"), timeout=60,
+                      json={"inputs": "def add(a, b):", "parameters": {"max_new_tokens": 10,
+                                                                       "return_full_text": True}}).json()
+    assert full == {"generated_text": "def add(a, b):" + body["generated_text"]}
 
 
 def test_generate_stream(server):

@@ -181,10 +181,10 @@ static void test_tgi(void)
                 &r, &e) == 0);
     CHECK(r.max_tokens == 5 && r.sampling.temperature == 0.7f && r.sampling.top_k == 10 && r.sampling.top_p == 0.9f);
     CHECK(r.sampling.repetition_penalty == 1.1f && r.sampling.n_stop == 1 && r.has_seed && r.sampling.seed == 3);
-    CHECK(r.details && r.sampling.logprobs && r.sampling.top_logprobs == 2);
+    CHECK(r.details && r.sampling.logprobs && r.sampling.top_logprobs == 2 && !r.echo);
     srv_request_free(&r);
-    CHECK(parse(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"do_sample\":true}}", &r, &e) == 0);
-    CHECK(r.sampling.temperature == 1.0f);
+    CHECK(parse(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"do_sample\":true,\"return_full_text\":true}}", &r, &e) == 0);
+    CHECK(r.sampling.temperature == 1.0f && r.echo);
     srv_request_free(&r);
 
     CHECK_REJECTS(SRV_API_TGI, "{}", 400, "inputs");
