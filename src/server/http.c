@@ -202,11 +202,10 @@ static enum MHD_Result respond_error(http_req *r, const srv_error *e)
     return rc;
 }
 
-static enum MHD_Result fail(http_req *r, int status, const char *type, const char *code, const char *fmt,
-                            const char *arg)
+static enum MHD_Result fail(http_req *r, int status, const char *type, const char *code, const char *message)
 {
     srv_error e;
-    srv_error_set(&e, status, type, code, NULL, fmt, arg);
+    srv_error_set(&e, status, type, code, NULL, "%s", message);
     if (status == 503)
         e.retry_after = LOADING_RETRY_AFTER_S;
     return respond_error(r, &e);
@@ -381,7 +380,7 @@ static enum MHD_Result generate(http_req *r)
     r->job = srv_job_new(&req, s->model, s->facts.name, s->fingerprint, r->t_start);
     if (!r->job) {
         srv_request_free(&req);
-        return fail(r, 500, "server_error", NULL, "%s", "out of memory");
+        return fail(r, 500, "server_error", NULL, "out of memory");
     }
     srv_job_set_waker(r->job, resume_connection, r->conn);
     list_add(s, r);
@@ -510,9 +509,9 @@ static enum MHD_Result dispatch(http_req *r, const char *url)
         return result;
     int st = atomic_load(&s->state);
     if (st == STATE_LOADING)
-        return fail(r, 503, "server_error", "model_loading", "%s", "the model is still loading; retry shortly");
+        return fail(r, 503, "server_error", "model_loading", "the model is still loading; retry shortly");
     if (st == STATE_DRAINING)
-        return fail(r, 503, "server_error", "shutting_down", "%s", "the server is shutting down");
+        return fail(r, 503, "server_error", "shutting_down", "the server is shutting down");
     if (r->route == SRV_ROUTE_MODELS)
         return models(r, url);
     if (r->too_large) {
