@@ -100,7 +100,8 @@ def test_body_too_large(server):
 
 
 def test_queue_full_503(server_factory):
-    s = server_factory("--max-seqs", "1", "--max-queue", "0", "--no-audit")
+    # one sequence runs, one request may wait: the third gets 503
+    s = server_factory("--max-seqs", "1", "--max-queue", "1", "--no-audit")
     try:
         body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1500,
                 "ignore_eos": True, "stream": True}
@@ -114,9 +115,21 @@ def test_queue_full_503(server_factory):
                     if stop.is_set():
                         break
 
+        waiting = {}
+
+        def queued_request():
+            waiting["r"] = httpx.post(s.url("/v1/completions"), timeout=120,
+                                      json={"model": MODEL_ID, "prompt": "a", "max_tokens": 2})
+
         t = threading.Thread(target=long_request)
         t.start()
         assert started.wait(60)
+        q = threading.Thread(target=queued_request)
+        q.start()
+        end = time.time() + 30
+        while time.time() < end and s.metrics()[0].get("zse_queue_depth") != 1:
+            time.sleep(0.02)
+        assert s.metrics()[0]["zse_queue_depth"] == 1
         r = httpx.post(s.url("/v1/chat/completions"), timeout=60,
                        json={"model": MODEL_ID, "messages": [{"role": "user", "content": "y"}], "max_tokens": 2})
         err = check_shape(r, 503)
@@ -125,16 +138,13 @@ def test_queue_full_503(server_factory):
         with pytest.raises(openai.InternalServerError) as e:
             s.client().chat.completions.create(model=MODEL_ID, max_tokens=2, messages=[{"role": "user", "content": "y"}])
         assert e.value.status_code == 503
+        # the long request's client leaves: its sequence is cancelled and the waiting one runs
         stop.set()
         t.join(60)
-        # the long request's client left: its sequence is cancelled and the slot frees
-        end = time.time() + 30
-        ok = False
-        while time.time() < end and not ok:
-            ok = httpx.post(s.url("/v1/completions"), timeout=60,
-                            json={"model": MODEL_ID, "prompt": "a", "max_tokens": 2}).status_code == 200
-            time.sleep(0.05)
-        assert ok
+        q.join(60)
+        assert waiting["r"].status_code == 200
+        assert httpx.post(s.url("/v1/completions"), timeout=60,
+                          json={"model": MODEL_ID, "prompt": "a", "max_tokens": 2}).status_code == 200
     finally:
         rc, log = s.close()
         assert rc == 0, log[-3000:]

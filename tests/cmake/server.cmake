@@ -30,3 +30,9 @@ set_tests_properties(server_cli_audit_empty PROPERTIES FIXTURES_REQUIRED srv_cli
 add_test(NAME server_cli_audit_bad_since COMMAND zse audit --since forever --db ${SRV_DB})
 set_tests_properties(server_cli_audit_bad_since PROPERTIES FIXTURES_REQUIRED srv_cli_clean
   PASS_REGULAR_EXPRESSION "--since takes a duration")
+
+# the API suite: pytest with the openai SDK and langchain-openai against real servers
+add_test(NAME api_pytest COMMAND sh ${PROJECT_SOURCE_DIR}/tests/api/run.sh)
+set_tests_properties(api_pytest PROPERTIES
+  ENVIRONMENT "ZSE_BIN=$<TARGET_FILE:zse>;ZSE_BUILD=${PROJECT_BINARY_DIR}"
+  SKIP_RETURN_CODE 77 TIMEOUT 1200 PROCESSORS 2)
