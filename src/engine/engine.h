@@ -1,5 +1,5 @@
 /* engine — models, sequences, the paged KV cache, the sampler and the batching scheduler
- * behind include/zse.h. docs/ENGINE.md describes how they fit together.
+ * behind include/zse.h. docs/ARCHITECTURE.md describes how they fit together.
  *
  * Ownership: a zse_model owns the file mapping, tokenizer, backend, weights, the KV
  * storage and its block pool. Sequences (zse_seq) and the engine's requests borrow

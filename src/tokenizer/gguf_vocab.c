@@ -513,12 +513,12 @@ zse_tokenizer *zse_tokenizer_from_gguf(const char *path)
     zse_map m;
     if (zse_map_open(&m, path) != 0)
         return NULL;
-    reader r = {m.data, m.data + m.size, path, false};
     zse_tokenizer *t = NULL;
     if (m.size < 24 || memcmp(m.data, "GGUF", 4) != 0) {
         zse_fail("%s is not a GGUF file", path);
         goto done;
     }
+    reader r = {m.data, m.data + m.size, path, false};
     r.p += 4;
     uint32_t version = (uint32_t)rd(&r, 4);
     if (version < 2 || version > 3) {

@@ -884,8 +884,10 @@ static int load_merges(zse_tokenizer *t, const json_t *merges)
         size_t alen, blen;
         if (s) { /* "a b": the first space separates (tokens of this form hold none) */
             const char *sp = strchr(s, ' ');
-            if (!sp)
+            if (!sp) {
+                zse_buf_free(&joined);
                 return zse_fail("tokenizer.json: merge %zu (\"%s\") is not \"left right\"", i, s);
+            }
             a = s;
             alen = (size_t)(sp - s);
             b = sp + 1;
@@ -897,6 +899,7 @@ static int load_merges(zse_tokenizer *t, const json_t *merges)
             alen = strlen(a);
             blen = strlen(b);
         } else {
+            zse_buf_free(&joined);
             return zse_fail("tokenizer.json: merge %zu is neither \"a b\" nor [\"a\", \"b\"]", i);
         }
         int32_t ia = str_map_get(&t->ids, a, alen), ib = str_map_get(&t->ids, b, blen);
@@ -1252,22 +1255,32 @@ typedef struct {
     /* short pieces already encoded in this call (texts repeat their words): the cache
      * belongs to the call, so threads share nothing */
     struct cache_slot { uint64_t hash; uint32_t text_at, text_len, ids_at, ids_len; } *cache;
-    size_t cache_used;
+    size_t cache_used, pieces;
     zse_buf cache_text;
     id_vec cache_ids;
 } enc_state;
 
 #define CACHE_SLOTS 8192        /* power of two; filled to half at most */
 #define CACHE_MAX_PIECE 32      /* bytes */
+#define CACHE_AFTER 256         /* pieces: a short prompt does not pay for the table */
 
 static int enc_state_init(enc_state *st)
 {
     memset(st, 0, sizeof *st);
     st->md = pcre2_match_data_create(1, NULL);
+    return st->md ? 0 : zse_fail("out of memory for regex matching");
+}
+
+/* JIT matching runs on a 32 KB stack by default; a pattern that needs more on a long
+ * piece gets a stack of its own (per call, so threads share nothing), then the match is
+ * retried */
+static int grow_jit_stack(enc_state *st)
+{
+    if (st->jit)
+        return zse_fail("pre-tokenizer regex needs more than 64 MB of JIT stack");
     st->mctx = pcre2_match_context_create(NULL);
-    /* a JIT stack of its own for each call: the default 32 KB can run out on long pieces */
-    st->jit = pcre2_jit_stack_create(32 * 1024, 8 * 1024 * 1024, NULL);
-    if (!st->md || !st->mctx || !st->jit)
+    st->jit = pcre2_jit_stack_create(256 * 1024, 64 * 1024 * 1024, NULL);
+    if (!st->mctx || !st->jit)
         return zse_fail("out of memory for regex matching");
     pcre2_jit_stack_assign(st->mctx, NULL, st->jit);
     return 0;
@@ -1513,6 +1526,11 @@ static int find_matches(enc_state *st, const pcre2_code *re, const char *s, size
         int m = pcre2_match(re, (PCRE2_SPTR)(s + a), len, pos, 0, st->md, st->mctx);
         if (m == PCRE2_ERROR_NOMATCH)
             break;
+        if (m == PCRE2_ERROR_JIT_STACKLIMIT) {
+            if (grow_jit_stack(st))
+                return -1;
+            continue;
+        }
         if (m < 0) {
             PCRE2_UCHAR msg[160];
             pcre2_get_error_message(m, msg, sizeof msg);
@@ -1975,7 +1993,7 @@ static bool next_added(const zse_tokenizer *t, const char *s, size_t n, size_t f
 /* the ids of one piece, from this call's cache when it was seen before */
 static int encode_piece(const zse_tokenizer *t, enc_state *st, const char *w, size_t n)
 {
-    if (n > CACHE_MAX_PIECE)
+    if (n > CACHE_MAX_PIECE || ++st->pieces < CACHE_AFTER)
         return bpe_word(t, st, w, n);
     if (!st->cache && !(st->cache = zse_calloc(CACHE_SLOTS, sizeof *st->cache)))
         return -1;
