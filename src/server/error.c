@@ -28,16 +28,12 @@ int srv_error_set(srv_error *e, int status, const char *type, const char *code, 
 
 int srv_error_invalid(srv_error *e, const char *param, const char *fmt, ...)
 {
-    e->status = 400;
-    e->type = "invalid_request_error";
-    e->code = NULL;
-    e->retry_after = 0;
-    set_param(e, param);
+    char msg[sizeof e->message];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    return -1;
+    return srv_error_set(e, 400, "invalid_request_error", NULL, param, "%s", msg);
 }
 
 static char *dump_and_free(json_t *j)

@@ -720,6 +720,23 @@ static int stream_tail(srv_job *j, zse_buf *out)
     return zse_buf_puts(out, "data: [DONE]\n\n");
 }
 
+/* the non-streaming answer: the API's object around `choices` (taken) and usage */
+static json_t *whole_object(srv_job *j, const char *object, json_t *choices)
+{
+    json_t *o = base_object(j, object);
+    if (!o || !choices) {
+        json_decref(o);
+        json_decref(choices);
+        return NULL;
+    }
+    /* json_object_set_new takes its value even when it fails */
+    if (json_object_set_new(o, "choices", choices) || json_object_set_new(o, "usage", usage_object(j))) {
+        json_decref(o);
+        return NULL;
+    }
+    return o;
+}
+
 static json_t *whole_chat(srv_job *j)
 {
     json_t *choices = json_array();
@@ -734,12 +751,7 @@ static json_t *whole_chat(srv_job *j)
             return NULL;
         }
     }
-    json_t *o = base_object(j, "chat.completion");
-    if (!o || !choices || json_object_set_new(o, "choices", choices) || json_object_set_new(o, "usage", usage_object(j))) {
-        json_decref(o);
-        return NULL;
-    }
-    return o;
+    return whole_object(j, "chat.completion", choices);
 }
 
 static json_t *whole_completion(srv_job *j)
@@ -762,12 +774,7 @@ static json_t *whole_completion(srv_job *j)
             return NULL;
         }
     }
-    json_t *o = base_object(j, "text_completion");
-    if (!o || !choices || json_object_set_new(o, "choices", choices) || json_object_set_new(o, "usage", usage_object(j))) {
-        json_decref(o);
-        return NULL;
-    }
-    return o;
+    return whole_object(j, "text_completion", choices);
 }
 
 static json_t *whole_tgi(srv_job *j)
