@@ -751,12 +751,15 @@ srv_server *srv_start(const srv_config *c)
         {MHD_OPTION_END, 0, NULL},
     };
     struct MHD_OptionItem no_opts[] = {{MHD_OPTION_END, 0, NULL}};
+    /* no MHD_OPTION_LISTENING_ADDRESS_REUSE: set to 1 it means SO_REUSEPORT, and a second
+     * server on the same port would start and silently share its connections; the default
+     * (SO_REUSEADDR only) still allows a restart while old connections sit in TIME_WAIT */
     s->daemon = MHD_start_daemon(
         flags, 0, NULL, NULL, access_handler, s, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
         MHD_OPTION_THREAD_POOL_SIZE, (unsigned)(c->http_threads > 0 ? c->http_threads : 1),
         MHD_OPTION_CONNECTION_LIMIT, (unsigned)c->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned)c->timeout_s, MHD_OPTION_NOTIFY_COMPLETED, request_completed, s, MHD_OPTION_EXTERNAL_LOGGER,
-        mhd_log, s, MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u, MHD_OPTION_ARRAY, s->tls_cert_pem ? tls_opts : no_opts,
+        mhd_log, s, MHD_OPTION_ARRAY, s->tls_cert_pem ? tls_opts : no_opts,
         MHD_OPTION_END);
     if (!s->daemon) {
         zse_fail("cannot listen on %s:%d (in use, or not an address of this machine?)", s->host, c->port);

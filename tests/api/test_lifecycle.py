@@ -72,3 +72,14 @@ def test_sigint_ends_requests_past_the_timeout(server_factory):
     t.join(60)
     rc, log = s.close()
     assert "SIGINT: shutting down" in log
+
+
+def test_port_in_use_is_an_error(server, zse_bin, model_path, tmp_path):
+    """A second server on a port that is taken must fail clearly, not share the port."""
+    import subprocess
+    p = subprocess.run([str(zse_bin), "serve", str(model_path), "--host", "127.0.0.1", "--port", str(server.port),
+                        "--db", str(tmp_path / "zse.db"), "--no-audit"], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{server.port}" in p.stderr, p.stderr
+    # the first server is unharmed
+    assert httpx.get(server.url("/health"), timeout=10).status_code == 200
