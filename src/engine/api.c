@@ -226,7 +226,8 @@ char *zse_chat_render(const zse_model *m, const char *messages_json, const char 
 {
     const char *tpl = zse_file_chat_template(m->file);
     if (!tpl) {
-        zse_fail("%s has no chat template; use zse run with a plain prompt", zse_file_path(m->file));
+        zse_fail("%s has no chat template (its source folder had none); send a plain prompt instead "
+                 "(zse run -p, or /v1/completions)", zse_file_path(m->file));
         return NULL;
     }
     json_error_t err;
