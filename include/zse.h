@@ -52,6 +52,20 @@ typedef struct {
 } zse_model_info;
 void zse_model_get_info(const zse_model *m, zse_model_info *out);
 
+/* What a loaded model holds, in bytes. On the CPU the weights are the file's tensors, used
+ * in place from the mapping; on a GPU they are the device copies. */
+typedef struct {
+    uint64_t weights;
+    uint64_t kv_cache;
+    uint64_t activations;
+    uint64_t workspace;         /* scratch kept between steps */
+    bool on_device;             /* the three below are filled */
+    uint64_t device_used;       /* the whole device's memory in use, as nvidia-smi counts it */
+    uint64_t device_other;      /* device_used minus the four above: CUDA context, cuBLAS, other processes */
+    uint64_t device_total;
+} zse_memory_info;
+void zse_model_get_memory(zse_model *m, zse_memory_info *out);
+
 /* ---- tokens ----------------------------------------------------------------- */
 enum {
     ZSE_TOK_ADD_SPECIAL = 1,    /* add BOS/EOS as the tokenizer's post-processor would */

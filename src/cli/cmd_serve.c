@@ -43,6 +43,8 @@ static void usage(FILE *out)
             "  --kv-cache-size SIZE    KV cache budget (default: max-seqs full contexts)\n"
             "  --threads N             CPU threads (default: physical cores)\n"
             "  --device cpu|cuda|cuda:N\n"
+            "  --gpu-memory SIZE       GPU memory for weights, KV cache and activations (default: what is free);\n"
+            "                          the KV cache gets what the rest leaves\n"
             "Lifecycle:\n"
             "  --shutdown-timeout S    on SIGTERM/SIGINT, let running requests finish this long (default 30)\n"
             "  --quiet                 no per-request log lines\n");
@@ -184,6 +186,8 @@ static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
             l->load.threads = (int)i;
         else if (cli_is(&a, NULL, "--device"))
             l->load.device = cli_value(&a);
+        else if (cli_is(&a, NULL, "--gpu-memory"))
+            cli_size(&a, 1ull << 20, &l->load.gpu_memory);
         else if (cli_is(&a, NULL, "--shutdown-timeout") && cli_float(&a, 0, 86400, &d))
             o->shutdown_timeout = d;
         else if (cli_is(&a, NULL, "--quiet"))

@@ -89,11 +89,50 @@ static int default_kv_blocks(const zse_config *c, const zse_load_params *p, int 
     return want > INT32_MAX / ZSE_KV_BLOCK ? INT32_MAX / ZSE_KV_BLOCK : (int)want;
 }
 
+#define MIB (1024.0 * 1024.0)
+
+/* On a GPU the KV cache gets what is left of the device (or of --gpu-memory) after the
+ * weights, activations and workspace, less a reserve for what grows later (the engine's
+ * larger batches, cuBLAS): never more than the request, and never less than one full
+ * context (anything less could not run a single long sequence). */
+static int fit_kv_on_device(const zse_backend_memory *bm, const zse_load_params *p, uint64_t per_block,
+                            int per_seq, int *n_blocks)
+{
+    uint64_t held = bm->weights + bm->activations + bm->workspace;
+    uint64_t free_now = bm->device_total > bm->device_used ? bm->device_total - bm->device_used : 0;
+    uint64_t room = free_now;
+    if (p->gpu_memory) {
+        if (held >= p->gpu_memory)
+            return zse_fail("the model needs %.0f MiB of GPU memory before its KV cache, more than --gpu-memory "
+                            "%.0f MiB", (double)held / MIB, (double)p->gpu_memory / MIB);
+        if (p->gpu_memory - held < room)
+            room = p->gpu_memory - held;
+    }
+    uint64_t reserve = room / 20 > (256u << 20) ? room / 20 : (256u << 20);
+    room = room > reserve ? room - reserve : 0;
+    uint64_t fit = room / per_block;
+    if (p->kv_cache_bytes && (uint64_t)*n_blocks > fit)
+        return zse_fail("a KV cache of %.0f MiB does not fit: %.0f MiB are left on the GPU after the weights "
+                        "(%.0f MiB) and a reserve of %.0f MiB; use a smaller --kv-cache-size",
+                        (double)p->kv_cache_bytes / MIB, (double)room / MIB, (double)bm->weights / MIB,
+                        (double)reserve / MIB);
+    if (fit < (uint64_t)per_seq)
+        return zse_fail("the KV cache for one full context of %d tokens needs %.0f MiB, but only %.0f MiB of GPU "
+                        "memory are left after the weights (%.0f MiB); use a shorter --ctx, --kv-cache int8, or "
+                        "more --gpu-memory",
+                        per_seq * ZSE_KV_BLOCK, (double)per_seq * (double)per_block / MIB, (double)room / MIB,
+                        (double)bm->weights / MIB);
+    if ((uint64_t)*n_blocks > fit)
+        *n_blocks = (int)fit;
+    return 0;
+}
+
 static int create_kv(zse_model *m, const zse_config *c, const zse_load_params *params)
 {
     int n_blocks;
+    uint64_t per_block = kv_block_bytes(c, params->kv_type);
+    int per_seq = (m->ctx_size + ZSE_KV_BLOCK - 1) / ZSE_KV_BLOCK;
     if (params->kv_cache_bytes) {
-        uint64_t per_block = kv_block_bytes(c, params->kv_type);
         uint64_t n = params->kv_cache_bytes / per_block;
         if (n < 1)
             return zse_fail("a KV cache budget of %llu bytes holds no block (one block of %d tokens needs %llu)",
@@ -102,11 +141,32 @@ static int create_kv(zse_model *m, const zse_config *c, const zse_load_params *p
     } else {
         n_blocks = default_kv_blocks(c, params, m->ctx_size);
     }
+    zse_backend_memory bm;
+    m->be->ops->memory(m->be, &bm);
+    if (bm.on_device && fit_kv_on_device(&bm, params, per_block, per_seq, &n_blocks) != 0)
+        return -1;
     zse_kv_shape ks = {c->n_layers, n_blocks, ZSE_KV_BLOCK, c->n_kv_heads, c->head_dim,
                        params->kv_type == ZSE_KV_INT8 ? ZSE_KV_STORE_INT8 : ZSE_KV_STORE_F16};
     if (!(m->kv = m->be->ops->kv_new(m->be, &ks)))
         return -1;
     return zse_block_pool_init(&m->blocks, n_blocks);
+}
+
+/* --gpu-memory: the weights alone must fit (checked before copying any) */
+static int check_weights_fit(const zse_model *m, const zse_load_params *p)
+{
+    zse_backend_memory bm;
+    m->be->ops->memory(m->be, &bm);
+    if (!bm.on_device || !p->gpu_memory)
+        return 0;
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < zse_file_n_tensors(m->file); i++)
+        bytes += zse_file_tensor_at(m->file, i)->size;
+    if (bytes >= p->gpu_memory)
+        return zse_fail("the weights need %.0f MiB of GPU memory; --gpu-memory allows %.0f MiB (a smaller "
+                        "quantization, e.g. zse convert --quant int4, would need less)",
+                        (double)bytes / MIB, (double)p->gpu_memory / MIB);
+    return 0;
 }
 
 zse_model *zse_model_load(const char *path, const zse_load_params *params)
@@ -131,7 +191,7 @@ zse_model *zse_model_load(const char *path, const zse_load_params *params)
         return NULL;
     }
     if (!(m->file = zse_file_open(path)) || !(m->tok = zse_tokenizer_from_zse(m->file)) ||
-        !(m->be = zse_backend_create(params->device, params->threads)) ||
+        !(m->be = zse_backend_create(params->device, params->threads)) || check_weights_fit(m, params) != 0 ||
         !(m->llm = zse_llm_load(m->file, m->be, PREFILL_CHUNK, LOGIT_ROWS)))
         goto fail;
     const zse_config *c = zse_file_config(m->file);
@@ -203,6 +263,27 @@ void zse_model_get_info(const zse_model *m, zse_model_info *out)
     out->quant = m->quant;
     out->has_chat_template = zse_file_chat_template(m->file) != NULL;
     out->device = m->be->ops->name;
+}
+
+void zse_model_get_memory(zse_model *m, zse_memory_info *out)
+{
+    zse_backend_memory bm;
+    pthread_mutex_lock(&m->run_lock); /* between steps: the backend's counters are still */
+    m->be->ops->memory(m->be, &bm);
+    pthread_mutex_unlock(&m->run_lock);
+    memset(out, 0, sizeof *out);
+    out->weights = bm.weights;
+    if (!bm.on_device) /* used in place: the mapped tensors are the weights */
+        for (size_t i = 0; i < zse_file_n_tensors(m->file); i++)
+            out->weights += zse_file_tensor_at(m->file, i)->size;
+    out->kv_cache = bm.kv_cache;
+    out->activations = bm.activations;
+    out->workspace = bm.workspace;
+    out->on_device = bm.on_device;
+    out->device_used = bm.device_used;
+    out->device_total = bm.device_total;
+    uint64_t ours = bm.weights + bm.kv_cache + bm.activations + bm.workspace;
+    out->device_other = bm.device_used > ours ? bm.device_used - ours : 0;
 }
 
 int zse_tokenize(const zse_model *m, const char *text, size_t len, int flags, int32_t **ids, size_t *n)

@@ -396,6 +396,34 @@ static void outputs(zse_model *m, const prompt *p)
     zse_engine_stop(e, 1);
 }
 
+/* zse_model_get_memory: on the CPU the weights are the file's tensors (in place), the KV
+ * cache is exactly the blocks asked for, and both follow the load parameters */
+static void memory_accounting(const char *path)
+{
+    zse_model *small = load(path, 1, 0), *big = load(path, 4, 0);
+    if (small && big) {
+        zse_memory_info a, b;
+        zse_model_get_memory(small, &a);
+        zse_model_get_memory(big, &b);
+        zse_model_info info;
+        zse_model_get_info(small, &info);
+        /* 512 tokens of context: 32 blocks of 16 per sequence; f16 K and V */
+        uint64_t per_seq = 32ull * 16 * 2 * (uint64_t)info.n_layers * (uint64_t)info.n_kv_heads *
+                           (uint64_t)info.head_dim * 2;
+        CHECK(!a.on_device && a.weights > 0 && a.weights == b.weights);
+        CHECK_MSG(a.kv_cache == per_seq, "kv %llu, expected %llu", (unsigned long long)a.kv_cache,
+                  (unsigned long long)per_seq);
+        CHECK(b.kv_cache == 4 * per_seq);
+        CHECK(a.activations > 0);
+        zse_map map;
+        CHECK(zse_map_open(&map, path) == 0);
+        CHECK(a.weights < map.size); /* the tensors, not the header or the tokenizer */
+        zse_map_close(&map);
+    }
+    zse_model_free(small);
+    zse_model_free(big);
+}
+
 int main(void)
 {
     const char *data = test_env("ZSE_TEST_DATA");
@@ -412,6 +440,7 @@ int main(void)
     }
     char *text = zse_read_file(eval, NULL);
     CHECK(text != NULL);
+    memory_accounting(path);
     if (text) {
         batch_invariance(path, text);
         zse_model *m = load(path, 8, 0);
