@@ -273,11 +273,12 @@ int cmd_bench(int argc, char **argv)
     if (!q)
         goto done;
     fill_prompt(ids, n_prompt, 12345u, info.vocab_size);
-    /* warm-up, as llama-bench does: one token through every layer faults the mapped
-     * weights in (and lets a GPU finish lazy setup), so the figures below are steady-state
-     * speeds; load_s and a first request pay it instead */
+    /* warm-up, as llama-bench does: the prompt and one more token through the model fault
+     * the mapped weights in and let a GPU finish its lazy setup (cuBLAS, kernels of both
+     * the prefill and the decode path), so the figures below are steady-state speeds;
+     * load_s and a server's first request pay it instead */
     double tw = zse_now();
-    if (zse_seq_feed(q, ids, 1) != 0 || zse_seq_truncate(q, 0) != 0)
+    if (zse_seq_feed(q, ids, (size_t)n_prompt) != 0 || zse_seq_feed(q, ids, 1) != 0 || zse_seq_truncate(q, 0) != 0)
         goto done;
     double t_warm = zse_now() - tw;
     double t1 = zse_now();
