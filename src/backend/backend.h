@@ -121,6 +121,9 @@ typedef struct zse_backend_ops {
     void (*gather_out_rows)(zse_backend *be, const zse_act *x, int64_t dim, zse_act *out);
     /* wait for queued work (CUDA); a no-op on CPU */
     int (*sync)(zse_backend *be);
+    /* out[r] = the lowest index of the largest value of row r of x (rows x cols), into host
+     * memory, after the queued work: greedy sampling without moving logits to the host */
+    int (*argmax_rows)(zse_backend *be, const zse_act *x, int64_t rows, int64_t cols, int32_t *out);
     /* what this backend holds now (call it between steps) */
     void (*memory)(zse_backend *be, zse_backend_memory *out);
 } zse_backend_ops;

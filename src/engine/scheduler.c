@@ -68,6 +68,8 @@ struct zse_engine {
     size_t table_cap;
     float *logits;              /* [max_seqs][vocab] */
     float *raw;                 /* one row before sampling changes it (logprobs) */
+    int32_t *greedy_ids;        /* [max_seqs]: the step's argmax ids when every row is plain greedy */
+    bool greedy_step;           /* this step's tokens come from greedy_ids, not from logits */
     float *work_p;
     int32_t *work_i;            /* zeroed sampler scratch */
     struct request **plan_seqs; /* [max_seqs] the step's requests */
@@ -384,7 +386,17 @@ static int grow_buffers(zse_engine *e, int n_seqs, int width)
     return 0;
 }
 
-/* flattens the plan into a zse_batch and runs the model; logits land in e->logits */
+/* greedy with nothing that changes logits first and no logprobs: the argmax is the token */
+static bool plain_greedy(const zse_sampling *s)
+{
+    bool greedy = s->temperature <= 0 || s->top_k == 1;
+    bool repetition = s->repetition_penalty > 0 && s->repetition_penalty != 1.0f;
+    return greedy && !repetition && s->presence_penalty == 0 && s->frequency_penalty == 0 && s->n_logit_bias == 0 &&
+           !s->logprobs && s->top_logprobs == 0;
+}
+
+/* flattens the plan into a zse_batch and runs the model; logits land in e->logits (or,
+ * for an all-greedy step, the ids in e->greedy_ids) */
 static int run_plan(zse_engine *e, const plan *pl)
 {
     int width = 1;
@@ -415,6 +427,14 @@ static int run_plan(zse_engine *e, const plan *pl)
     }
     zse_batch b = {pl->n_tokens, e->b_tokens, e->b_pos, e->b_seq, e->b_slots, pl->n_seqs, e->b_lens,
                    e->b_table, width, n_out, e->b_rows};
+    /* when every row that samples is plain greedy, only the argmax ids leave the backend
+     * (on a GPU the logits stay there); the host sampler's argmax picks the same id */
+    e->greedy_step = n_out > 0;
+    for (int s = 0; s < pl->n_seqs && e->greedy_step; s++)
+        if (pl->seqs[s]->out_index >= 0 && !plain_greedy(&pl->seqs[s]->gen.s))
+            e->greedy_step = false;
+    if (e->greedy_step)
+        return zse_llm_forward_argmax(e->m->llm, e->m->kv, &b, e->greedy_ids);
     return zse_llm_forward(e->m->llm, e->m->kv, &b, e->logits);
 }
 
@@ -423,16 +443,21 @@ static int run_plan(zse_engine *e, const plan *pl)
 static void sample_and_emit(zse_engine *e, request *r)
 {
     int vocab = e->m->vocab;
-    float *logits = e->logits + (size_t)r->out_index * (size_t)vocab;
     bool want_lp = r->gen.s.logprobs || r->gen.s.top_logprobs > 0;
-    if (want_lp)
-        memcpy(e->raw, logits, (size_t)vocab * sizeof *logits);
-    zse_history h = {r->tokens, r->n_prompt, r->tokens + r->n_prompt, r->n_tokens - r->n_prompt};
-    int32_t t = zse_sample(&r->gen.s, logits, vocab, &h, &r->gen.rng, e->work_p, e->work_i);
-    r->sampled++;
     zse_logprobs lp = {0};
-    if (want_lp)
-        zse_compute_logprobs(e->raw, vocab, t, r->gen.s.top_logprobs, &lp);
+    int32_t t;
+    if (e->greedy_step) {
+        t = e->greedy_ids[r->out_index];
+    } else {
+        float *logits = e->logits + (size_t)r->out_index * (size_t)vocab;
+        if (want_lp)
+            memcpy(e->raw, logits, (size_t)vocab * sizeof *logits);
+        zse_history h = {r->tokens, r->n_prompt, r->tokens + r->n_prompt, r->n_tokens - r->n_prompt};
+        t = zse_sample(&r->gen.s, logits, vocab, &h, &r->gen.rng, e->work_p, e->work_i);
+        if (want_lp)
+            zse_compute_logprobs(e->raw, vocab, t, r->gen.s.top_logprobs, &lp);
+    }
+    r->sampled++;
     bool ctx_full = r->n_tokens + 1 >= (size_t)e->m->ctx_size;
     zse_buf text = {0};
     zse_finish fin;
@@ -560,6 +585,7 @@ static void engine_free(zse_engine *e)
     free(e->b_table);
     free(e->b_rows);
     free(e->logits);
+    free(e->greedy_ids);
     free(e->raw);
     free(e->work_p);
     free(e->work_i);
@@ -592,10 +618,11 @@ zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p)
     e->b_rows = zse_malloc((size_t)out_rows * sizeof(int32_t));
     e->logits = zse_malloc((size_t)out_rows * (size_t)V * sizeof(float));
     e->raw = zse_malloc((size_t)V * sizeof(float));
+    e->greedy_ids = zse_malloc((size_t)out_rows * sizeof(int32_t));
     e->work_p = zse_malloc((size_t)V * sizeof(float));
     e->work_i = zse_calloc((size_t)V, sizeof(int32_t));
     bool ok = e->running && e->plan_seqs && e->b_tokens && e->b_pos && e->b_seq && e->b_slots && e->b_lens && e->b_rows &&
-              e->logits && e->raw && e->work_p && e->work_i;
+              e->logits && e->raw && e->greedy_ids && e->work_p && e->work_i;
     if (ok) {
         pthread_mutex_lock(&m->run_lock);
         ok = zse_llm_reserve(m->llm, T, out_rows) == 0;

@@ -287,7 +287,9 @@ static void mlp_block(zse_llm *m, int l, int64_t n)
     o->add(m->be, m->x, m->xb2, n, c->hidden_size);
 }
 
-int zse_llm_forward(zse_llm *m, zse_kv *kv, const zse_batch *b, float *logits)
+/* runs the batch through every layer and leaves the out rows' logits in m->logits;
+ * 1 when there are none (n_out 0), 0 when there are, -1 on failure */
+static int forward_to_logits(zse_llm *m, zse_kv *kv, const zse_batch *b)
 {
     const zse_backend_ops *o = ops(m);
     const zse_config *c = &m->c;
@@ -307,11 +309,27 @@ int zse_llm_forward(zse_llm *m, zse_kv *kv, const zse_batch *b, float *logits)
         mlp_block(m, l, n);
     }
     if (b->n_out == 0)
-        return o->sync(m->be);
+        return o->sync(m->be) != 0 ? -1 : 1;
     o->gather_out_rows(m->be, m->x, c->hidden_size, m->xo);
     o->rmsnorm(m->be, m->xo, m->out_norm, c->rms_eps, b->n_out, c->hidden_size, m->xo2);
     o->matmul(m->be, m->output ? m->output : m->tok_embd, m->xo2, b->n_out, m->logits);
-    if (o->sync(m->be) != 0)
+    return 0;
+}
+
+int zse_llm_forward(zse_llm *m, zse_kv *kv, const zse_batch *b, float *logits)
+{
+    int rc = forward_to_logits(m, kv, b);
+    if (rc != 0)
+        return rc < 0 ? -1 : 0;
+    if (ops(m)->sync(m->be) != 0)
         return -1;
-    return o->act_read(m->be, m->logits, logits, b->n_out);
+    return ops(m)->act_read(m->be, m->logits, logits, b->n_out);
+}
+
+int zse_llm_forward_argmax(zse_llm *m, zse_kv *kv, const zse_batch *b, int32_t *ids)
+{
+    int rc = forward_to_logits(m, kv, b);
+    if (rc != 0)
+        return rc < 0 ? -1 : 0;
+    return ops(m)->argmax_rows(m->be, m->logits, b->n_out, m->c.vocab_size, ids);
 }

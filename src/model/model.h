@@ -23,6 +23,9 @@ int zse_llm_max_out(const zse_llm *m);
 /* runs the batch (its K/V are stored into kv at the batch's slots) and writes
  * logits [b->n_out][vocab] for the batch's out_rows */
 int zse_llm_forward(zse_llm *m, zse_kv *kv, const zse_batch *b, float *logits);
+/* the same, but writes only the argmax of each out row's logits (ids [b->n_out]), computed
+ * where the logits are (on a GPU they never cross to the host) */
+int zse_llm_forward_argmax(zse_llm *m, zse_kv *kv, const zse_batch *b, int32_t *ids);
 
 /* RoPE inverse frequencies for the config's scaling (head_dim / 2 values) and the
  * attention magnitude factor (YaRN; 1 otherwise) — exposed for tests */

@@ -221,6 +221,28 @@ static void test_elementwise(zse_backend *be)
     free(normw);
 }
 
+/* argmax_rows: the host sampler's rule (largest value, lowest index on ties) on rows wider
+ * than a block, with the maximum at the first, the last and a tied position, and NaNs */
+static void test_argmax(zse_backend *be)
+{
+    enum { ROWS = 5, COLS = 152064 + 3 };
+    float *x = rand_floats((size_t)ROWS * COLS);
+    int32_t want[ROWS] = {0, COLS - 1, 777, 4096, 1};
+    for (int r = 0; r < ROWS; r++)
+        x[(size_t)r * COLS + (size_t)want[r]] = 50.f + (float)r;
+    x[(size_t)2 * COLS + 90000] = 52.f;             /* a tie after the first: 777 must win */
+    x[(size_t)3 * COLS + 10] = NAN;                 /* NaNs never win */
+    x[(size_t)4 * COLS] = NAN;
+    zse_act *a = be->ops->act_new(be, ROWS, COLS);
+    int32_t got[ROWS];
+    CHECK(a && be->ops->act_write(be, a, x, ROWS) == 0);
+    CHECK(a && be->ops->argmax_rows(be, a, ROWS, COLS, got) == 0);
+    for (int r = 0; a && r < ROWS; r++)
+        CHECK_MSG(got[r] == want[r], "argmax row %d: %d, expected %d", r, got[r], want[r]);
+    be->ops->act_free(be, a);
+    free(x);
+}
+
 /* rope + kv_store + attention for a 40-token prompt, GQA 4:2, head_dim 32 */
 static void test_attention(zse_kv_store store)
 {
@@ -368,6 +390,7 @@ int main(int argc, char **argv)
     CHECK(strcmp(be->ops->name, "cuda") == 0);
     test_matmul(be);
     test_elementwise(be);
+    test_argmax(be);
     be->ops->destroy(be);
     test_attention(ZSE_KV_STORE_F16);
     test_attention(ZSE_KV_STORE_INT8);

@@ -378,6 +378,27 @@ static void test_elementwise(zse_backend *be)
     be->ops->act_free(be, gathered);
 }
 
+/* argmax_rows: largest value, lowest index on ties, NaNs never win (the host sampler's
+ * rule; tests/gpu/backend_test.c checks the CUDA kernel against the same rows) */
+static void test_argmax(zse_backend *be)
+{
+    enum { COLS = 9 };
+    const float rows[4][COLS] = {
+        {1, 5, 2, 5, 0, -1, 5, 3, 4},                               /* tie: the first 5 */
+        {NAN, 1, 7, NAN, 7, -3, 2, 0, 1},                           /* NaN first, then a tie */
+        {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY},
+        {NAN, NAN, NAN, NAN, NAN, NAN, NAN, NAN, NAN},
+    };
+    const int32_t want[4] = {1, 2, 0, 0};
+    zse_act *a = be->ops->act_new(be, 4, COLS);
+    int32_t got[4] = {-1, -1, -1, -1};
+    CHECK(a && be->ops->act_write(be, a, &rows[0][0], 4) == 0);
+    CHECK(a && be->ops->argmax_rows(be, a, 4, COLS, got) == 0);
+    for (int r = 0; r < 4; r++)
+        CHECK_MSG(got[r] == want[r], "argmax row %d: %d, expected %d", r, got[r], want[r]);
+    be->ops->act_free(be, a);
+}
+
 static void test_device_names(void)
 {
     zse_backend *be = zse_backend_create("cpu", 1);
@@ -407,6 +428,7 @@ int main(void)
     test_rmsnorm(be);
     test_embed(be);
     test_elementwise(be);
+    test_argmax(be);
     zse_backend_destroy(be);
     test_device_names();
     return test_main_end();

@@ -501,6 +501,21 @@ static int sync_report(zse_backend *be)
     return what ? zse_fail("CPU backend: %s (out of memory)", what) : 0;
 }
 
+static int argmax_rows(zse_backend *be, const zse_act *x, int64_t rows, int64_t cols, int32_t *out)
+{
+    if (sync_report(be) != 0)
+        return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *v = x->data + r * x->cols;
+        int64_t best = 0;
+        for (int64_t i = 1; i < cols; i++) /* the sampler's rule: NaNs never win */
+            if (isnan(v[best]) ? !isnan(v[i]) : v[i] > v[best])
+                best = i;
+        out[r] = (int32_t)best;
+    }
+    return 0;
+}
+
 static void memory(zse_backend *be, zse_backend_memory *out)
 {
     cpu_state *s = state(be);
@@ -544,6 +559,7 @@ static const zse_backend_ops cpu_ops = {
     .add = add,
     .gather_out_rows = gather_out_rows,
     .sync = sync_report,
+    .argmax_rows = argmax_rows,
     .memory = memory,
 };
 

@@ -760,6 +760,31 @@ static void cuda_destroy(zse_backend *be)
     free(be);
 }
 
+static int cuda_argmax_rows(zse_backend *be, const zse_act *x, int64_t rows, int64_t cols, int32_t *out)
+{
+    cuda_impl *c = impl_of(be);
+    if (c->failed)
+        return zse_fail("%s", c->err);
+    if (rows < 0 || rows > x->rows || cols > x->cols)
+        return zse_fail("cuda argmax_rows: %lld x %lld of a %lld x %lld buffer", (long long)rows, (long long)cols,
+                        (long long)x->rows, (long long)x->cols);
+    if (rows == 0)
+        return 0;
+    const size_t bytes = (size_t)rows * sizeof(int32_t);
+    /* the ids go to the attention workspace's start (free between steps), then through the
+     * pinned bounce buffer */
+    if (ensure_device(c, &c->att_work, &c->att_work_cap, bytes, "argmax_rows") != 0 ||
+        ensure_pinned(c, &c->bounce, &c->bounce_cap, bytes, "argmax_rows") != 0)
+        return -1;
+    if (zse_cuda_argmax_rows(x->d, x->pitch, rows, cols, (int32_t *)c->att_work, c->stream) != 0)
+        return zse_fail("%s", zse_cuda_last_error());
+    if (cuda_call(cudaMemcpyAsync(c->bounce, c->att_work, bytes, cudaMemcpyDeviceToHost, c->stream), "argmax_rows") != 0 ||
+        cuda_call(cudaStreamSynchronize(c->stream), "argmax_rows") != 0)
+        return -1;
+    memcpy(out, c->bounce, bytes);
+    return 0;
+}
+
 static void cuda_memory(zse_backend *be, zse_backend_memory *out)
 {
     cuda_impl *c = impl_of(be);
@@ -802,6 +827,7 @@ static const zse_backend_ops cuda_ops = {
     cuda_add,
     cuda_gather_out_rows,
     cuda_sync,
+    cuda_argmax_rows,
     cuda_memory,
 };
 

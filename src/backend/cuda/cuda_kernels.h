@@ -76,6 +76,9 @@ int zse_cuda_silu_mul(const float *gate, int64_t gpitch, const float *up, int64_
 int zse_cuda_add(float *x, int64_t xpitch, const float *y, int64_t ypitch, int64_t rows,
                  int64_t dim, zse_cuda_stream st);
 /* out[i] = x[rows_idx[i]] (rows_idx on device) */
+/* out[r] = the lowest index of the largest value of row r (NaNs never win); device ints */
+int zse_cuda_argmax_rows(const float *x, int64_t xpitch, int64_t rows, int64_t cols, int32_t *out,
+                         zse_cuda_stream st);
 int zse_cuda_gather_rows(const float *x, int64_t xpitch, const int32_t *rows_idx, int64_t n,
                          int64_t dim, float *out, int64_t opitch, zse_cuda_stream st);
 

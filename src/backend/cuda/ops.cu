@@ -139,6 +139,53 @@ extern "C" int zse_cuda_gather_rows(const float *x, int64_t xpitch, const int32_
     return 0;
 }
 
+/* ---- argmax of each row (greedy sampling on the device) --------------------------------
+ * One block per row: each thread scans a strided slice, then a shared-memory tree keeps
+ * the larger value, and the lower index on ties, as the host sampler's scan does. */
+enum { ARGMAX_THREADS = 1024 };
+
+__device__ __forceinline__ bool argmax_better(float va, int64_t ia, float vb, int64_t ib)
+{
+    return va > vb || (va == vb && ia < ib);
+}
+
+__global__ void __launch_bounds__(ARGMAX_THREADS)
+argmax_kernel(const float *x, int64_t xpitch, int64_t cols, int32_t *out)
+{
+    __shared__ float sv[ARGMAX_THREADS];
+    __shared__ int64_t si[ARGMAX_THREADS];
+    const float *row = x + (int64_t)blockIdx.x * xpitch;
+    float best = -INFINITY;
+    int64_t at = cols; /* "none yet": loses every tie against a real index */
+    for (int64_t i = threadIdx.x; i < cols; i += ARGMAX_THREADS) {
+        const float v = row[i];
+        if (argmax_better(v, i, best, at))
+            best = v, at = i;
+    }
+    sv[threadIdx.x] = best;
+    si[threadIdx.x] = at;
+    __syncthreads();
+    for (int s = ARGMAX_THREADS / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s && argmax_better(sv[threadIdx.x + s], si[threadIdx.x + s], sv[threadIdx.x], si[threadIdx.x])) {
+            sv[threadIdx.x] = sv[threadIdx.x + s];
+            si[threadIdx.x] = si[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0)
+        out[blockIdx.x] = (int32_t)(si[0] < cols ? si[0] : 0);
+}
+
+extern "C" int zse_cuda_argmax_rows(const float *x, int64_t xpitch, int64_t rows, int64_t cols, int32_t *out,
+                                    zse_cuda_stream st)
+{
+    if (rows < 1 || cols < 1)
+        return 0;
+    argmax_kernel<<<(unsigned)rows, ARGMAX_THREADS, 0, (cudaStream_t)st>>>(x, xpitch, cols, out);
+    ZSE_CUDA_LAUNCHED("cuda argmax_rows");
+    return 0;
+}
+
 /* ---- RoPE (rotate-half pairing) ------------------------------------------------------ */
 
 __global__ void rope_kernel(float *x, int64_t xp, int64_t n, int n_heads, int head_dim,
