@@ -27,7 +27,7 @@ $(MODEL): build
 	@if [ ! -f $(MODEL) ]; then $(BUILD)/zse convert $(MODEL_DIR) -o $(MODEL) --quant int8; fi
 
 serve: deps build $(MODEL)
-	$(BUILD)/zse info $(MODEL)
+	$(BUILD)/zse serve $(MODEL) --host 127.0.0.1 --port 8000
 
 clean:
 	rm -rf $(BUILD) $(TEST_BUILD)

@@ -52,6 +52,20 @@ typedef struct {
 } zse_model_info;
 void zse_model_get_info(const zse_model *m, zse_model_info *out);
 
+/* What a loaded model holds, in bytes. On the CPU the weights are the file's tensors, used
+ * in place from the mapping; on a GPU they are the device copies. */
+typedef struct {
+    uint64_t weights;
+    uint64_t kv_cache;
+    uint64_t activations;
+    uint64_t workspace;         /* scratch kept between steps */
+    bool on_device;             /* the three below are filled */
+    uint64_t device_used;       /* the whole device's memory in use, as nvidia-smi counts it */
+    uint64_t device_other;      /* device_used minus the four above: CUDA context, cuBLAS, other processes */
+    uint64_t device_total;
+} zse_memory_info;
+void zse_model_get_memory(zse_model *m, zse_memory_info *out);
+
 /* ---- tokens ----------------------------------------------------------------- */
 enum {
     ZSE_TOK_ADD_SPECIAL = 1,    /* add BOS/EOS as the tokenizer's post-processor would */
@@ -91,6 +105,8 @@ typedef struct {
     const zse_logit_bias *logit_bias;
     int n_logit_bias;
     bool ignore_eos;
+    int top_logprobs;           /* 0..20: report this many alternatives per token */
+    bool logprobs;              /* report the chosen token's logprob */
 } zse_sampling;
 void zse_sampling_default(zse_sampling *s);
 
@@ -122,6 +138,49 @@ const int32_t *zse_seq_tokens(const zse_seq *q);
 /* keep the first `length` tokens and their KV (0 starts over); the next feed is a new
  * prompt (max_tokens and stop strings count from it) */
 int zse_seq_truncate(zse_seq *q, size_t length);
+
+/* ---- many sequences: the batching engine (serve) --------------------------------- */
+typedef struct zse_engine zse_engine;
+
+typedef struct {
+    int max_seqs;               /* running sequences at most */
+    int max_batch_tokens;       /* tokens per step: long prompts are prefilled in chunks */
+    int max_queue;              /* waiting requests at most (submit fails beyond) */
+} zse_engine_params;
+
+typedef struct {
+    int32_t token;
+    const char *text;           /* complete UTF-8 text this token adds (may be "") */
+    float logprob;
+    int n_top;
+    const int32_t *top_ids;
+    const float *top_logprobs;
+    zse_finish finish;          /* set on the last event of a request */
+    int prompt_tokens;
+    int completion_tokens;
+} zse_token_event;
+
+/* Called on the engine thread. Return false to cancel the request (client gone). The
+ * event with finish != ZSE_FINISH_NONE is the last one for the request. */
+typedef bool (*zse_token_cb)(void *user, const zse_token_event *ev);
+
+zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p);
+/* 0 and *request_id on success; -1 with an error when the queue is full or the prompt
+ * is longer than the context (zse_last_error() says both numbers) */
+int zse_engine_submit(zse_engine *e, const int32_t *prompt, size_t n, const zse_sampling *s,
+                      int priority, zse_token_cb cb, void *user, uint64_t *request_id);
+void zse_engine_cancel(zse_engine *e, uint64_t request_id);
+
+typedef struct {
+    int queued;
+    int running;
+    int kv_blocks_used;
+    int kv_blocks_total;
+    uint64_t preemptions;
+} zse_engine_stats;
+void zse_engine_get_stats(zse_engine *e, zse_engine_stats *out);
+/* stop accepting, finish or cancel running requests within timeout seconds, join */
+void zse_engine_stop(zse_engine *e, double timeout_s);
 
 #ifdef __cplusplus
 }

@@ -57,6 +57,17 @@ typedef struct {
     int sliding_window;             /* 0 = full causal attention */
 } zse_attn_params;
 
+/* Bytes a backend holds, by what they are for (zse bench and zse info print them). */
+typedef struct {
+    uint64_t weights;               /* copies of weights (CPU: 0, they are used from the mapping) */
+    uint64_t kv_cache;
+    uint64_t activations;
+    uint64_t workspace;             /* scratch kept between steps (GEMM slabs, batch arrays, ...) */
+    bool on_device;                 /* the two below are filled */
+    uint64_t device_used;           /* the whole device's memory in use, every process, as nvidia-smi counts */
+    uint64_t device_total;
+} zse_backend_memory;
+
 typedef struct zse_backend_ops {
     const char *name;                                   /* "cpu", "cuda" */
     void (*destroy)(zse_backend *be);
@@ -110,6 +121,8 @@ typedef struct zse_backend_ops {
     void (*gather_out_rows)(zse_backend *be, const zse_act *x, int64_t dim, zse_act *out);
     /* wait for queued work (CUDA); a no-op on CPU */
     int (*sync)(zse_backend *be);
+    /* what this backend holds now (call it between steps) */
+    void (*memory)(zse_backend *be, zse_backend_memory *out);
 } zse_backend_ops;
 
 struct zse_backend {

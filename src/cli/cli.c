@@ -77,6 +77,23 @@ bool cli_int(cli_args *a, int64_t min, int64_t max, int64_t *out)
     return true;
 }
 
+bool cli_size(cli_args *a, uint64_t min, uint64_t *out)
+{
+    const char *name = a->arg;
+    const char *v = cli_value(a);
+    if (!v)
+        return false;
+    uint64_t x;
+    if (!zse_parse_size(v, &x) || x < min) {
+        fprintf(stderr, "zse %s: %s takes a size like 512M or 20G (at least %llu bytes), not '%s'\n", a->verb, name,
+                (unsigned long long)min, v);
+        a->failed = true;
+        return false;
+    }
+    *out = x;
+    return true;
+}
+
 bool cli_float(cli_args *a, double min, double max, double *out)
 {
     const char *name = a->arg;

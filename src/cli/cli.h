@@ -34,6 +34,8 @@ bool cli_positional(cli_args *a);
 const char *cli_value(cli_args *a);
 bool cli_int(cli_args *a, int64_t min, int64_t max, int64_t *out);
 bool cli_float(cli_args *a, double min, double max, double *out);
+/* a byte count with an optional K/M/G/T suffix (zse_parse_size) */
+bool cli_size(cli_args *a, uint64_t min, uint64_t *out);
 int cli_unknown(cli_args *a);   /* prints "unknown option", returns 2 */
 /* prints "zse: <verb>: message" with the library's last error and returns 1 */
 int cli_error(const char *verb);

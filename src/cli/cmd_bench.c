@@ -4,6 +4,7 @@
 #include "zse.h"
 #include "util/util.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <stdlib.h>
@@ -18,17 +19,186 @@ static double peak_rss_mb(void)
     return (double)ru.ru_maxrss / 1024.0;
 }
 
+
+/* a fixed pseudo-random prompt per seed: every run measures the same work */
+static void fill_prompt(int32_t *ids, int64_t n, uint32_t seed, int vocab)
+{
+    uint32_t x = seed;
+    for (int64_t i = 0; i < n; i++) {
+        x = x * 1664525u + 1013904223u;
+        ids[i] = (int32_t)((x >> 8) % (uint32_t)vocab);
+    }
+}
+
+/* ---- many sequences at once through the batching engine ----------------------------- */
+
+#define MAX_LEVELS 8
+
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t done;
+    int n, remaining, started;      /* requests; not yet ended; that have their first token */
+    double t_all_started;           /* when the last request got its first token */
+    int64_t tokens, decode_tokens;  /* generated; generated after every request had started */
+    bool failed;
+} agg_run;
+
+typedef struct {
+    agg_run *run;
+    bool started;
+} agg_slot;
+
+static bool on_token(void *user, const zse_token_event *ev)
+{
+    agg_slot *slot = user;
+    agg_run *r = slot->run;
+    pthread_mutex_lock(&r->mu);
+    if (ev->token >= 0) {
+        r->tokens++;
+        if (r->started == r->n)
+            r->decode_tokens++;
+        if (!slot->started) {
+            slot->started = true;
+            if (++r->started == r->n)
+                r->t_all_started = zse_now();
+        }
+    }
+    if (ev->finish != ZSE_FINISH_NONE) {
+        if (ev->finish != ZSE_FINISH_LENGTH)
+            r->failed = true; /* ignore_eos with max_tokens ends every request by length */
+        if (--r->remaining == 0)
+            pthread_cond_signal(&r->done);
+    }
+    pthread_mutex_unlock(&r->mu);
+    return true;
+}
+
+typedef struct {
+    int n;
+    double wall_s, aggregate_tok_s, decode_tok_s;
+    int64_t tokens;
+} agg_result;
+
+/* N requests of n_prompt distinct tokens each, submitted at once, each generating n_gen
+ * tokens greedily past end-of-sequence; aggregate tokens/s over the whole run (prefill
+ * included) and over the decode phase (after every request had its first token) */
+static int run_concurrent(zse_model *m, int n, int64_t n_prompt, int64_t n_gen, int max_batch_tokens,
+                          agg_result *out)
+{
+    zse_model_info info;
+    zse_model_get_info(m, &info);
+    zse_engine_params ep = {.max_seqs = n, .max_batch_tokens = max_batch_tokens, .max_queue = n};
+    zse_engine *e = zse_engine_start(m, &ep);
+    agg_run r = {.n = n, .remaining = n};
+    agg_slot *slots = zse_calloc((size_t)n, sizeof *slots);
+    int32_t *ids = zse_malloc((size_t)n_prompt * sizeof *ids);
+    if (!e || !slots || !ids) {
+        zse_engine_stop(e, 0);
+        free(slots);
+        free(ids);
+        return -1;
+    }
+    pthread_mutex_init(&r.mu, NULL);
+    pthread_cond_init(&r.done, NULL);
+    zse_sampling s;
+    zse_sampling_default(&s);
+    s.temperature = 0;
+    s.ignore_eos = true;
+    s.max_tokens = (int)n_gen;
+    int rc = 0, submitted = 0;
+    double t0 = zse_now();
+    for (int i = 0; i < n && rc == 0; i++) {
+        slots[i].run = &r;
+        fill_prompt(ids, n_prompt, 777u + (uint32_t)i, info.vocab_size);
+        uint64_t id;
+        rc = zse_engine_submit(e, ids, (size_t)n_prompt, &s, 0, on_token, &slots[i], &id);
+        submitted += rc == 0;
+    }
+    pthread_mutex_lock(&r.mu);
+    r.remaining -= n - submitted; /* those never started */
+    while (r.remaining > 0)
+        pthread_cond_wait(&r.done, &r.mu);
+    double t_end = zse_now();
+    pthread_mutex_unlock(&r.mu);
+    zse_engine_stop(e, 0);
+    if (rc == 0 && r.failed)
+        rc = zse_fail("a request of the concurrent run ended early (not by length)");
+    out->n = n;
+    out->wall_s = t_end - t0;
+    out->tokens = r.tokens;
+    out->aggregate_tok_s = (double)r.tokens / out->wall_s;
+    out->decode_tok_s = r.started == n && t_end > r.t_all_started ? (double)r.decode_tokens / (t_end - r.t_all_started) : 0;
+    if (rc == 0 && r.tokens != (int64_t)n * n_gen)
+        rc = zse_fail("the concurrent run generated %lld tokens, not %lld", (long long)r.tokens,
+                      (long long)n * (long long)n_gen);
+    pthread_mutex_destroy(&r.mu);
+    pthread_cond_destroy(&r.done);
+    free(slots);
+    free(ids);
+    return rc;
+}
+
+/* "8,32,64" -> levels; false on anything else */
+static bool parse_levels(const char *text, int *levels, int *n)
+{
+    *n = 0;
+    for (const char *p = text; *p;) {
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p || v < 1 || v > 4096 || *n == MAX_LEVELS || (*end && *end != ','))
+            return false;
+        levels[(*n)++] = (int)v;
+        p = *end ? end + 1 : end;
+    }
+    return *n > 0;
+}
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: zse bench MODEL.zse [--prompt-tokens N] [--gen-tokens N] [--ctx N] [--threads N]\n"
+            "                 [--kv-cache f16|int8] [--device D] [--gpu-memory SIZE] [--concurrency N[,N...]]\n"
+            "                 [--batch-prompt-tokens N] [--batch-gen-tokens N] [--max-batch-tokens N] [--json]\n\n"
+            "Feeds N prompt tokens (prefill), then generates greedily past end-of-sequence\n"
+            "(decode), and reports tokens/s for each, load time, peak resident memory and the\n"
+            "memory the model holds (weights, KV cache, activations; on a GPU also what the\n"
+            "device has in use). --ctx sizes the KV cache for that context (default: the\n"
+            "prompt plus the generated tokens). --concurrency runs N requests of\n"
+            "--batch-prompt-tokens + --batch-gen-tokens (default 128 + 128) at once through\n"
+            "the batching engine (as zse serve does) and reports aggregate generated tokens/s,\n"
+            "over the whole run and over its decode phase.\n");
+}
+
+static void print_memory(const zse_memory_info *mem, bool as_json)
+{
+    double mb = 1024.0 * 1024.0;
+    if (as_json) {
+        printf(", \"memory_mb\": {\"weights\": %.1f, \"kv_cache\": %.1f, \"activations\": %.1f, "
+               "\"workspace\": %.1f",
+               (double)mem->weights / mb, (double)mem->kv_cache / mb, (double)mem->activations / mb,
+               (double)mem->workspace / mb);
+        if (mem->on_device)
+            printf(", \"device_used\": %.1f, \"device_other\": %.1f, \"device_total\": %.1f",
+                   (double)mem->device_used / mb, (double)mem->device_other / mb, (double)mem->device_total / mb);
+        printf("}");
+        return;
+    }
+    printf("memory: weights %.1f MB, KV cache %.1f MB, activations %.1f MB, workspace %.1f MB", (double)mem->weights / mb,
+           (double)mem->kv_cache / mb, (double)mem->activations / mb, (double)mem->workspace / mb);
+    if (mem->on_device)
+        printf(" | device in use %.1f MB (CUDA context, libraries and other processes: %.1f MB) of %.1f MB",
+               (double)mem->device_used / mb, (double)mem->device_other / mb, (double)mem->device_total / mb);
+    printf("\n");
+}
+
 int cmd_bench(int argc, char **argv)
 {
     if (cli_wants_help(argc, argv)) {
-        printf("usage: zse bench MODEL.zse [--prompt-tokens N] [--gen-tokens N] [--threads N]\n"
-               "                 [--kv-cache f16|int8] [--device D] [--json]\n\n"
-               "Feeds N prompt tokens (prefill), then generates greedily past end-of-sequence\n"
-               "(decode), and reports tokens/s for each, load time and peak resident memory.\n");
+        usage(stdout);
         return 0;
     }
-    const char *path = NULL, *kv = "f16";
-    int64_t n_prompt = 512, n_gen = 128, threads = 0;
+    const char *path = NULL, *kv = "f16", *levels_text = NULL;
+    int64_t n_prompt = 512, n_gen = 128, threads = 0, ctx = 0, b_prompt = 128, b_gen = 128, max_batch = 512;
     bool as_json = false;
     zse_load_params lp;
     zse_load_params_default(&lp);
@@ -36,9 +206,15 @@ int cmd_bench(int argc, char **argv)
     while (cli_next(&a)) {
         if (cli_is(&a, NULL, "--prompt-tokens")) cli_int(&a, 1, 1 << 20, &n_prompt);
         else if (cli_is(&a, NULL, "--gen-tokens")) cli_int(&a, 1, 1 << 20, &n_gen);
+        else if (cli_is(&a, NULL, "--ctx")) cli_int(&a, 1, 1 << 24, &ctx);
         else if (cli_is(&a, NULL, "--threads")) cli_int(&a, 1, 1024, &threads);
         else if (cli_is(&a, NULL, "--kv-cache")) kv = cli_value(&a);
         else if (cli_is(&a, NULL, "--device")) lp.device = cli_value(&a);
+        else if (cli_is(&a, NULL, "--gpu-memory")) cli_size(&a, 1ull << 20, &lp.gpu_memory);
+        else if (cli_is(&a, NULL, "--concurrency")) levels_text = cli_value(&a);
+        else if (cli_is(&a, NULL, "--batch-prompt-tokens")) cli_int(&a, 1, 1 << 20, &b_prompt);
+        else if (cli_is(&a, NULL, "--batch-gen-tokens")) cli_int(&a, 1, 1 << 20, &b_gen);
+        else if (cli_is(&a, NULL, "--max-batch-tokens")) cli_int(&a, 1, 1 << 20, &max_batch);
         else if (cli_is(&a, NULL, "--json")) as_json = true;
         else if (cli_positional(&a) && !path) path = a.arg;
         else return cli_unknown(&a);
@@ -46,12 +222,32 @@ int cmd_bench(int argc, char **argv)
     if (a.failed)
         return 2;
     if (!path) {
-        fprintf(stderr, "usage: zse bench MODEL.zse [--prompt-tokens N] [--gen-tokens N] [--json]\n");
+        usage(stderr);
         return 2;
     }
+    if (!kv || (strcmp(kv, "f16") != 0 && strcmp(kv, "int8") != 0)) {
+        fprintf(stderr, "zse bench: --kv-cache takes f16 or int8\n");
+        return 2;
+    }
+    int levels[MAX_LEVELS], n_levels = 0, max_level = 1;
+    if (levels_text && !parse_levels(levels_text, levels, &n_levels)) {
+        fprintf(stderr, "zse bench: --concurrency takes up to %d counts from 1 to 4096, like 8,32,64\n", MAX_LEVELS);
+        return 2;
+    }
+    for (int i = 0; i < n_levels; i++)
+        max_level = levels[i] > max_level ? levels[i] : max_level;
     lp.threads = (int)threads;
-    lp.kv_type = kv && strcmp(kv, "int8") == 0 ? ZSE_KV_INT8 : ZSE_KV_F16;
-    lp.ctx_size = (int)(n_prompt + n_gen + 1);
+    lp.kv_type = strcmp(kv, "int8") == 0 ? ZSE_KV_INT8 : ZSE_KV_F16;
+    int64_t need = n_prompt + n_gen + 1;
+    if (n_levels && b_prompt + b_gen + 1 > need)
+        need = b_prompt + b_gen + 1;
+    if (ctx && ctx < need) {
+        fprintf(stderr, "zse bench: --ctx %lld is shorter than the %lld tokens the run needs\n", (long long)ctx,
+                (long long)need);
+        return 2;
+    }
+    lp.ctx_size = (int)(ctx ? ctx : need);
+    lp.max_seqs = max_level;
     double t0 = zse_now();
     zse_model *m = zse_model_load(path, &lp);
     if (!m)
@@ -59,10 +255,10 @@ int cmd_bench(int argc, char **argv)
     double t_load = zse_now() - t0;
     zse_model_info info;
     zse_model_get_info(m, &info);
-    if (n_prompt + n_gen + 1 > info.ctx_size) {
+    if (need > info.ctx_size) {
         zse_model_free(m);
-        fprintf(stderr, "zse bench: %lld + %lld tokens exceed the model's context of %d\n",
-                (long long)n_prompt, (long long)n_gen, info.ctx_size);
+        fprintf(stderr, "zse bench: the run needs %lld tokens of context; the model has %d\n", (long long)need,
+                info.ctx_size);
         return 2;
     }
     int32_t *ids = zse_malloc((size_t)n_prompt * sizeof *ids);
@@ -72,15 +268,19 @@ int cmd_bench(int argc, char **argv)
     s.ignore_eos = true;
     s.max_tokens = (int)n_gen;
     zse_seq *q = ids ? zse_seq_new(m, &s) : NULL;
+    agg_result agg[MAX_LEVELS];
     int rc = 1;
     if (!q)
         goto done;
-    /* a fixed pseudo-random prompt: every run measures the same work */
-    uint32_t x = 12345;
-    for (int64_t i = 0; i < n_prompt; i++) {
-        x = x * 1664525u + 1013904223u;
-        ids[i] = (int32_t)((x >> 8) % (uint32_t)info.vocab_size);
-    }
+    fill_prompt(ids, n_prompt, 12345u, info.vocab_size);
+    /* warm-up, as llama-bench does: the prompt and one more token through the model fault
+     * the mapped weights in and let a GPU finish its lazy setup (cuBLAS, kernels of both
+     * the prefill and the decode path), so the figures below are steady-state speeds;
+     * load_s and a server's first request pay it instead */
+    double tw = zse_now();
+    if (zse_seq_feed(q, ids, (size_t)n_prompt) != 0 || zse_seq_feed(q, ids, 1) != 0 || zse_seq_truncate(q, 0) != 0)
+        goto done;
+    double t_warm = zse_now() - tw;
     double t1 = zse_now();
     if (zse_seq_feed(q, ids, (size_t)n_prompt) != 0)
         goto done;
@@ -99,16 +299,42 @@ int cmd_bench(int argc, char **argv)
             break;
     }
     double t_decode = zse_now() - t2;
+    zse_memory_info mem;
+    zse_model_get_memory(m, &mem);
+    zse_seq_free(q); /* its KV blocks go back for the concurrent runs */
+    q = NULL;
+    for (int i = 0; i < n_levels; i++)
+        if (run_concurrent(m, levels[i], b_prompt, b_gen, (int)max_batch, &agg[i]) != 0)
+            goto done;
     double pp = (double)n_prompt / t_prefill, tg = produced / t_decode;
-    if (as_json)
-        printf("{\"model\": \"%s\", \"device\": \"%s\", \"quant\": \"%s\", \"load_s\": %.3f, "
+    if (as_json) {
+        printf("{\"model\": \"%s\", \"device\": \"%s\", \"quant\": \"%s\", \"load_s\": %.3f, \"warmup_s\": %.3f, \"ctx\": %d, "
                "\"prompt_tokens\": %lld, \"prefill_tok_s\": %.2f, \"gen_tokens\": %d, \"decode_tok_s\": %.2f, "
-               "\"peak_rss_mb\": %.1f}\n",
-               info.name, info.device, info.quant, t_load, (long long)n_prompt, pp, produced, tg, peak_rss_mb());
-    else
-        printf("%s (%s, %s): load %.3f s | prefill %lld tokens %.2f tok/s | decode %d tokens %.2f tok/s | "
-               "peak RSS %.1f MB\n",
-               info.name, info.device, info.quant, t_load, (long long)n_prompt, pp, produced, tg, peak_rss_mb());
+               "\"peak_rss_mb\": %.1f",
+               info.name, info.device, info.quant, t_load, t_warm, info.ctx_size, (long long)n_prompt, pp, produced,
+               tg, peak_rss_mb());
+        print_memory(&mem, true);
+        if (n_levels) {
+            printf(", \"concurrent\": [");
+            for (int i = 0; i < n_levels; i++)
+                printf("%s{\"sequences\": %d, \"prompt_tokens\": %lld, \"gen_tokens\": %lld, \"wall_s\": %.3f, "
+                       "\"aggregate_tok_s\": %.1f, \"decode_phase_tok_s\": %.1f}",
+                       i ? ", " : "", agg[i].n, (long long)b_prompt, (long long)b_gen, agg[i].wall_s,
+                       agg[i].aggregate_tok_s, agg[i].decode_tok_s);
+            printf("]");
+        }
+        printf("}\n");
+    } else {
+        printf("%s (%s, %s): load %.3f s, warm-up %.3f s | prefill %lld tokens %.2f tok/s | decode %d tokens %.2f "
+               "tok/s | peak RSS %.1f MB\n",
+               info.name, info.device, info.quant, t_load, t_warm, (long long)n_prompt, pp, produced, tg, peak_rss_mb());
+        print_memory(&mem, false);
+        for (int i = 0; i < n_levels; i++)
+            printf("%d sequences x (%lld + %lld tokens): %.3f s, %.1f tok/s generated overall, %.1f tok/s in the "
+                   "decode phase\n",
+                   agg[i].n, (long long)b_prompt, (long long)b_gen, agg[i].wall_s, agg[i].aggregate_tok_s,
+                   agg[i].decode_tok_s);
+    }
     rc = 0;
 done:
     if (rc)

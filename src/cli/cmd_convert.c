@@ -68,7 +68,12 @@ int cmd_convert(int argc, char **argv)
             }
         } else if (cli_is(&a, NULL, "--keep-fp16")) {
             const char *p = cli_value(&a);
-            if (p && o.n_keep_fp16 < 64)
+            if (p && o.n_keep_fp16 == (int)(sizeof keep / sizeof keep[0])) {
+                fprintf(stderr, "zse convert: at most %zu --keep-fp16 patterns\n",
+                        sizeof keep / sizeof keep[0]);
+                return 2;
+            }
+            if (p)
                 keep[o.n_keep_fp16++] = p;
         } else if (cli_is(&a, NULL, "--embed-quant")) {
             if (parse_scheme(&a, &s))

@@ -72,7 +72,7 @@ int cmd_perplexity(int argc, char **argv)
 {
     if (cli_wants_help(argc, argv)) {
         printf("usage: zse perplexity MODEL.zse -f TEXT [--ctx N] [--kld-base OTHER.zse] [--threads N]\n"
-               "                      [--device D] [--json]\n\n"
+               "                      [--device D] [--gpu-memory SIZE] [--json]\n\n"
                "Splits the file's tokens into windows of N (default 512) and scores the second half\n"
                "of each window. --kld-base also reports the mean KL divergence KL(base || model) of\n"
                "the next-token distributions (both files need the same tokenizer).\n");
@@ -90,6 +90,7 @@ int cmd_perplexity(int argc, char **argv)
         else if (cli_is(&a, NULL, "--kld-base")) base_path = cli_value(&a);
         else if (cli_is(&a, NULL, "--threads")) cli_int(&a, 1, 1024, &threads);
         else if (cli_is(&a, NULL, "--device")) lp.device = cli_value(&a);
+        else if (cli_is(&a, NULL, "--gpu-memory")) cli_size(&a, 1ull << 20, &lp.gpu_memory);
         else if (cli_is(&a, NULL, "--json")) as_json = true;
         else if (cli_positional(&a) && !path) path = a.arg;
         else return cli_unknown(&a);

@@ -25,6 +25,7 @@ static void usage(FILE *out)
             "  --ctx N                 context length (default: the model's)\n"
             "  --kv-cache f16|int8     KV cache storage (default f16)\n"
             "  --device cpu|cuda|cuda:N\n"
+            "  --gpu-memory SIZE       GPU memory for weights, KV cache and activations (default: what is free)\n"
             "  --ids                   print the generated ids as a JSON array instead of text\n"
             "  --dump-logits FILE      write the prompt's last-position logits as a JSON array\n"
             "  --dump-argmax FILE      write the argmax of every prompt position as a JSON array\n");
@@ -69,6 +70,7 @@ int cmd_run(int argc, char **argv)
         else if (cli_is(&a, NULL, "--ctx")) cli_int(&a, 1, 1 << 24, &ctx);
         else if (cli_is(&a, NULL, "--kv-cache")) kv = cli_value(&a);
         else if (cli_is(&a, NULL, "--device")) lp.device = cli_value(&a);
+        else if (cli_is(&a, NULL, "--gpu-memory")) cli_size(&a, 1ull << 20, &lp.gpu_memory);
         else if (cli_is(&a, NULL, "--ids")) ids_out = true;
         else if (cli_is(&a, NULL, "--bos")) bos = true;
         else if (cli_is(&a, NULL, "--ignore-eos")) ignore_eos = true;

@@ -9,42 +9,24 @@
 
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
+/* tokens per forward pass of a single sequence's prefill, and rows of logits per pass
+ * when every position's logits are wanted (perplexity) */
 #define PREFILL_CHUNK 256
-
-struct zse_model {
-    zse_file *file;
-    zse_tokenizer *tok;
-    zse_backend *be;
-    zse_llm *llm;
-    zse_kv *kv;
-    zse_block_pool blocks;
-    zse_load_params params;
-    char *name;
-    int ctx_size;
-    int32_t eos[ZSE_MAX_EOS + 1];
-    int n_eos;
-    bool add_bos;
-    const char *quant;
-};
+#define LOGIT_ROWS 64
 
 struct zse_seq {
     zse_model *m;
-    zse_sampling s;
-    char **stop;            /* owned copies */
+    zse_gen gen;
     int32_t *tokens;        /* every token in the cache */
     size_t n_tokens, cap_tokens;
     size_t n_prompt;        /* tokens fed before generation started */
-    int32_t *blocks;        /* block table */
-    int n_blocks, max_blocks;
+    zse_kv_table kv;
     float *logits;          /* vocab */
     bool have_logits;
     float *work_p;
-    int32_t *work_i;
-    zse_rng rng;
-    zse_tokenizer_stream *detok;
-    zse_buf pending;        /* text held back while a stop string may be completing */
-    int generated;
+    int32_t *work_i;        /* zeroed scratch for the sampler */
 };
 
 const char *zse_last_error(void) { return zse_error_message(); }
@@ -55,34 +37,6 @@ void zse_load_params_default(zse_load_params *p)
 {
     memset(p, 0, sizeof *p);
     p->kv_type = ZSE_KV_F16;
-}
-
-int zse_block_pool_init(zse_block_pool *p, int n_blocks)
-{
-    p->free_list = zse_malloc((size_t)n_blocks * sizeof *p->free_list);
-    if (!p->free_list)
-        return -1;
-    for (int i = 0; i < n_blocks; i++)
-        p->free_list[i] = n_blocks - 1 - i; /* pop order 0, 1, 2, ... */
-    p->n_free = p->n_blocks = n_blocks;
-    return 0;
-}
-
-void zse_block_pool_free(zse_block_pool *p)
-{
-    free(p->free_list);
-    memset(p, 0, sizeof *p);
-}
-
-int32_t zse_block_alloc(zse_block_pool *p)
-{
-    return p->n_free > 0 ? p->free_list[--p->n_free] : -1;
-}
-
-void zse_block_release(zse_block_pool *p, int32_t block)
-{
-    if (block >= 0 && block < p->n_blocks && p->n_free < p->n_blocks)
-        p->free_list[p->n_free++] = block;
 }
 
 static const char *base_name(const char *path, char **owned)
@@ -110,6 +64,111 @@ static void collect_eos(zse_model *m)
         m->eos[m->n_eos++] = te;
 }
 
+/* bytes of one KV block: K and V of 16 tokens for every layer and KV head */
+static uint64_t kv_block_bytes(const zse_config *c, zse_kv_type type)
+{
+    uint64_t per_head = type == ZSE_KV_INT8 ? (uint64_t)c->head_dim + 4 /* f32 scale */ : (uint64_t)c->head_dim * 2;
+    return 2ull * (uint64_t)c->n_layers * (uint64_t)c->n_kv_heads * ZSE_KV_BLOCK * per_head;
+}
+
+/* Without a budget: room for max_seqs full contexts, but not more than a quarter of the
+ * machine's memory (a 32k-context model times 16 sequences would ask for tens of GB);
+ * never less than one full context. */
+static int default_kv_blocks(const zse_config *c, const zse_load_params *p, int ctx_size)
+{
+    uint64_t per_seq = (uint64_t)(ctx_size + ZSE_KV_BLOCK - 1) / ZSE_KV_BLOCK;
+    uint64_t want = per_seq * (uint64_t)(p->max_seqs > 0 ? p->max_seqs : 1);
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page > 0) {
+        uint64_t cap = (uint64_t)pages * (uint64_t)page / 4 / kv_block_bytes(c, p->kv_type);
+        if (cap < per_seq)
+            cap = per_seq;
+        if (want > cap)
+            want = cap;
+    }
+    return want > INT32_MAX / ZSE_KV_BLOCK ? INT32_MAX / ZSE_KV_BLOCK : (int)want;
+}
+
+#define MIB (1024.0 * 1024.0)
+
+/* On a GPU the KV cache gets what is left of the device (or of --gpu-memory) after the
+ * weights, activations and workspace, less a reserve for what grows later (the engine's
+ * larger batches, cuBLAS): never more than the request, and never less than one full
+ * context (anything less could not run a single long sequence). */
+static int fit_kv_on_device(const zse_backend_memory *bm, const zse_load_params *p, uint64_t per_block,
+                            int per_seq, int *n_blocks)
+{
+    uint64_t held = bm->weights + bm->activations + bm->workspace;
+    uint64_t free_now = bm->device_total > bm->device_used ? bm->device_total - bm->device_used : 0;
+    uint64_t room = free_now;
+    if (p->gpu_memory) {
+        if (held >= p->gpu_memory)
+            return zse_fail("the model needs %.0f MiB of GPU memory before its KV cache, more than --gpu-memory "
+                            "%.0f MiB", (double)held / MIB, (double)p->gpu_memory / MIB);
+        if (p->gpu_memory - held < room)
+            room = p->gpu_memory - held;
+    }
+    uint64_t reserve = room / 20 > (256u << 20) ? room / 20 : (256u << 20);
+    room = room > reserve ? room - reserve : 0;
+    uint64_t fit = room / per_block;
+    if (p->kv_cache_bytes && (uint64_t)*n_blocks > fit)
+        return zse_fail("a KV cache of %.0f MiB does not fit: %.0f MiB are left on the GPU after the weights "
+                        "(%.0f MiB) and a reserve of %.0f MiB; use a smaller --kv-cache-size",
+                        (double)p->kv_cache_bytes / MIB, (double)room / MIB, (double)bm->weights / MIB,
+                        (double)reserve / MIB);
+    if (fit < (uint64_t)per_seq)
+        return zse_fail("the KV cache for one full context of %d tokens needs %.0f MiB, but only %.0f MiB of GPU "
+                        "memory are left after the weights (%.0f MiB); use a shorter --ctx, --kv-cache int8, or "
+                        "more --gpu-memory",
+                        per_seq * ZSE_KV_BLOCK, (double)per_seq * (double)per_block / MIB, (double)room / MIB,
+                        (double)bm->weights / MIB);
+    if ((uint64_t)*n_blocks > fit)
+        *n_blocks = (int)fit;
+    return 0;
+}
+
+static int create_kv(zse_model *m, const zse_config *c, const zse_load_params *params)
+{
+    int n_blocks;
+    uint64_t per_block = kv_block_bytes(c, params->kv_type);
+    int per_seq = (m->ctx_size + ZSE_KV_BLOCK - 1) / ZSE_KV_BLOCK;
+    if (params->kv_cache_bytes) {
+        uint64_t n = params->kv_cache_bytes / per_block;
+        if (n < 1)
+            return zse_fail("a KV cache budget of %llu bytes holds no block (one block of %d tokens needs %llu)",
+                            (unsigned long long)params->kv_cache_bytes, ZSE_KV_BLOCK, (unsigned long long)per_block);
+        n_blocks = n > INT32_MAX / ZSE_KV_BLOCK ? INT32_MAX / ZSE_KV_BLOCK : (int)n;
+    } else {
+        n_blocks = default_kv_blocks(c, params, m->ctx_size);
+    }
+    zse_backend_memory bm;
+    m->be->ops->memory(m->be, &bm);
+    if (bm.on_device && fit_kv_on_device(&bm, params, per_block, per_seq, &n_blocks) != 0)
+        return -1;
+    zse_kv_shape ks = {c->n_layers, n_blocks, ZSE_KV_BLOCK, c->n_kv_heads, c->head_dim,
+                       params->kv_type == ZSE_KV_INT8 ? ZSE_KV_STORE_INT8 : ZSE_KV_STORE_F16};
+    if (!(m->kv = m->be->ops->kv_new(m->be, &ks)))
+        return -1;
+    return zse_block_pool_init(&m->blocks, n_blocks);
+}
+
+/* --gpu-memory: the weights alone must fit (checked before copying any) */
+static int check_weights_fit(const zse_model *m, const zse_load_params *p)
+{
+    zse_backend_memory bm;
+    m->be->ops->memory(m->be, &bm);
+    if (!bm.on_device || !p->gpu_memory)
+        return 0;
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < zse_file_n_tensors(m->file); i++)
+        bytes += zse_file_tensor_at(m->file, i)->size;
+    if (bytes >= p->gpu_memory)
+        return zse_fail("the weights need %.0f MiB of GPU memory; --gpu-memory allows %.0f MiB (a smaller "
+                        "quantization, e.g. zse convert --quant int4, would need less)",
+                        (double)bytes / MIB, (double)p->gpu_memory / MIB);
+    return 0;
+}
+
 zse_model *zse_model_load(const char *path, const zse_load_params *params)
 {
     zse_load_params dflt;
@@ -117,31 +176,32 @@ zse_model *zse_model_load(const char *path, const zse_load_params *params)
         zse_load_params_default(&dflt);
         params = &dflt;
     }
+    if (params->kv_type != ZSE_KV_F16 && params->kv_type != ZSE_KV_INT8) {
+        zse_fail("unknown KV cache type %d (f16 or int8)", (int)params->kv_type);
+        return NULL;
+    }
     zse_model *m = zse_calloc(1, sizeof *m);
     if (!m)
         return NULL;
     m->params = *params;
+    m->params.device = NULL; /* the caller's string; the backend's name says what runs */
+    if (pthread_mutex_init(&m->run_lock, NULL) != 0) {
+        free(m);
+        zse_fail("cannot create a mutex");
+        return NULL;
+    }
     if (!(m->file = zse_file_open(path)) || !(m->tok = zse_tokenizer_from_zse(m->file)) ||
-        !(m->be = zse_backend_create(params->device, params->threads)) ||
-        !(m->llm = zse_llm_load(m->file, m->be, PREFILL_CHUNK)))
+        !(m->be = zse_backend_create(params->device, params->threads)) || check_weights_fit(m, params) != 0 ||
+        !(m->llm = zse_llm_load(m->file, m->be, PREFILL_CHUNK, LOGIT_ROWS)))
         goto fail;
     const zse_config *c = zse_file_config(m->file);
+    m->vocab = c->vocab_size;
     m->ctx_size = params->ctx_size > 0 && params->ctx_size < c->max_position ? params->ctx_size : c->max_position;
-    int max_seqs = params->max_seqs > 0 ? params->max_seqs : 1;
-    int blocks_per_seq = (m->ctx_size + ZSE_KV_BLOCK - 1) / ZSE_KV_BLOCK;
-    zse_kv_shape ks = {c->n_layers, blocks_per_seq * max_seqs, ZSE_KV_BLOCK, c->n_kv_heads, c->head_dim,
-                       params->kv_type == ZSE_KV_INT8 ? ZSE_KV_STORE_INT8 : ZSE_KV_STORE_F16};
-    if (params->kv_cache_bytes) {
-        uint64_t per_block = 2ull * (uint64_t)c->n_layers * (uint64_t)c->n_kv_heads * ZSE_KV_BLOCK *
-                             (params->kv_type == ZSE_KV_INT8 ? (uint64_t)c->head_dim + 4 : (uint64_t)c->head_dim * 2);
-        ks.n_blocks = (int)(params->kv_cache_bytes / per_block);
-        if (ks.n_blocks < 1) {
-            zse_fail("KV cache budget of %llu bytes holds no block (one block needs %llu)",
-                     (unsigned long long)params->kv_cache_bytes, (unsigned long long)per_block);
-            goto fail;
-        }
+    if (m->ctx_size < 1) {
+        zse_fail("the model's context length is %d", m->ctx_size);
+        goto fail;
     }
-    if (!(m->kv = m->be->ops->kv_new(m->be, &ks)) || zse_block_pool_init(&m->blocks, ks.n_blocks))
+    if (create_kv(m, c, params) != 0)
         goto fail;
     collect_eos(m);
     const json_t *tc = zse_file_tokenizer_config(m->file);
@@ -170,8 +230,17 @@ void zse_model_free(zse_model *m)
     zse_tokenizer_free(m->tok);
     zse_file_close(m->file);
     zse_block_pool_free(&m->blocks);
+    pthread_mutex_destroy(&m->run_lock);
     free(m->name);
     free(m);
+}
+
+bool zse_model_is_eos(const zse_model *m, int32_t t)
+{
+    for (int i = 0; i < m->n_eos; i++)
+        if (m->eos[i] == t)
+            return true;
+    return false;
 }
 
 void zse_model_get_info(const zse_model *m, zse_model_info *out)
@@ -196,6 +265,27 @@ void zse_model_get_info(const zse_model *m, zse_model_info *out)
     out->device = m->be->ops->name;
 }
 
+void zse_model_get_memory(zse_model *m, zse_memory_info *out)
+{
+    zse_backend_memory bm;
+    pthread_mutex_lock(&m->run_lock); /* between steps: the backend's counters are still */
+    m->be->ops->memory(m->be, &bm);
+    pthread_mutex_unlock(&m->run_lock);
+    memset(out, 0, sizeof *out);
+    out->weights = bm.weights;
+    if (!bm.on_device) /* used in place: the mapped tensors are the weights */
+        for (size_t i = 0; i < zse_file_n_tensors(m->file); i++)
+            out->weights += zse_file_tensor_at(m->file, i)->size;
+    out->kv_cache = bm.kv_cache;
+    out->activations = bm.activations;
+    out->workspace = bm.workspace;
+    out->on_device = bm.on_device;
+    out->device_used = bm.device_used;
+    out->device_total = bm.device_total;
+    uint64_t ours = bm.weights + bm.kv_cache + bm.activations + bm.workspace;
+    out->device_other = bm.device_used > ours ? bm.device_used - ours : 0;
+}
+
 int zse_tokenize(const zse_model *m, const char *text, size_t len, int flags, int32_t **ids, size_t *n)
 {
     return zse_tokenizer_encode(m->tok, text, len, flags & ZSE_TOK_ADD_SPECIAL, flags & ZSE_TOK_PARSE_SPECIAL,
@@ -217,7 +307,8 @@ char *zse_chat_render(const zse_model *m, const char *messages_json, const char 
 {
     const char *tpl = zse_file_chat_template(m->file);
     if (!tpl) {
-        zse_fail("%s has no chat template; use zse run with a plain prompt", zse_file_path(m->file));
+        zse_fail("%s has no chat template (its source folder had none); send a plain prompt instead "
+                 "(zse run -p, or /v1/completions)", zse_file_path(m->file));
         return NULL;
     }
     json_error_t err;
@@ -257,52 +348,18 @@ zse_seq *zse_seq_new(zse_model *m, const zse_sampling *s)
     if (!q)
         return NULL;
     q->m = m;
-    zse_sampling_default(&q->s);
-    if (s)
-        q->s = *s;
-    int vocab = zse_file_config(m->file)->vocab_size;
-    q->max_blocks = (m->ctx_size + ZSE_KV_BLOCK - 1) / ZSE_KV_BLOCK;
-    q->blocks = zse_calloc((size_t)q->max_blocks, sizeof *q->blocks);
-    q->logits = zse_malloc((size_t)vocab * sizeof *q->logits);
-    q->work_p = zse_malloc((size_t)vocab * sizeof *q->work_p);
-    q->work_i = zse_malloc((size_t)vocab * sizeof *q->work_i);
-    q->detok = zse_tokenizer_stream_new(m->tok, true);
-    q->stop = q->s.n_stop ? zse_calloc((size_t)q->s.n_stop, sizeof *q->stop) : NULL;
-    if (!q->blocks || !q->logits || !q->work_p || !q->work_i || !q->detok || (q->s.n_stop && !q->stop)) {
+    if (zse_gen_init(&q->gen, s, m->tok) != 0) {
+        free(q);
+        return NULL;
+    }
+    q->logits = zse_malloc((size_t)m->vocab * sizeof *q->logits);
+    q->work_p = zse_malloc((size_t)m->vocab * sizeof *q->work_p);
+    q->work_i = zse_calloc((size_t)m->vocab, sizeof *q->work_i);
+    if (zse_kv_table_init(&q->kv, (m->ctx_size + ZSE_KV_BLOCK - 1) / ZSE_KV_BLOCK) != 0 || !q->logits ||
+        !q->work_p || !q->work_i) {
         zse_seq_free(q);
         return NULL;
     }
-    for (int i = 0; i < q->s.n_stop; i++)
-        if (!(q->stop[i] = zse_strdup(q->s.stop[i]))) {
-            zse_seq_free(q);
-            return NULL;
-        }
-    q->s.stop = (const char *const *)q->stop;
-    q->s.stop_ids = NULL; /* not kept: copied below when used */
-    q->s.n_stop_ids = 0;
-    q->s.logit_bias = NULL;
-    q->s.n_logit_bias = 0;
-    if (s && s->n_logit_bias) {
-        zse_logit_bias *lb = zse_malloc((size_t)s->n_logit_bias * sizeof *lb);
-        if (!lb) {
-            zse_seq_free(q);
-            return NULL;
-        }
-        memcpy(lb, s->logit_bias, (size_t)s->n_logit_bias * sizeof *lb);
-        q->s.logit_bias = lb;
-        q->s.n_logit_bias = s->n_logit_bias;
-    }
-    if (s && s->n_stop_ids) {
-        int32_t *ids = zse_malloc((size_t)s->n_stop_ids * sizeof *ids);
-        if (!ids) {
-            zse_seq_free(q);
-            return NULL;
-        }
-        memcpy(ids, s->stop_ids, (size_t)s->n_stop_ids * sizeof *ids);
-        q->s.stop_ids = ids;
-        q->s.n_stop_ids = s->n_stop_ids;
-    }
-    zse_rng_seed(&q->rng, q->s.seed);
     return q;
 }
 
@@ -310,38 +367,27 @@ void zse_seq_free(zse_seq *q)
 {
     if (!q)
         return;
-    for (int i = 0; i < q->n_blocks; i++)
-        zse_block_release(&q->m->blocks, q->blocks[i]);
-    for (int i = 0; q->stop && i < q->s.n_stop; i++)
-        free(q->stop[i]);
-    free(q->stop);
-    free((void *)q->s.logit_bias);
-    free((void *)q->s.stop_ids);
-    free(q->blocks);
+    pthread_mutex_lock(&q->m->run_lock);
+    zse_kv_table_free(&q->kv, &q->m->blocks);
+    pthread_mutex_unlock(&q->m->run_lock);
+    zse_gen_free(&q->gen);
     free(q->tokens);
     free(q->logits);
     free(q->work_p);
     free(q->work_i);
-    zse_tokenizer_stream_free(q->detok);
-    zse_buf_free(&q->pending);
     free(q);
 }
 
 size_t zse_seq_length(const zse_seq *q) { return q->n_tokens; }
 const int32_t *zse_seq_tokens(const zse_seq *q) { return q->tokens; }
 
-static int reserve_kv(zse_seq *q, size_t new_len)
+/* room for new_len tokens: KV blocks from the pool (under the run lock) and the token list */
+static int reserve_tokens(zse_seq *q, size_t new_len)
 {
     if (new_len > (size_t)q->m->ctx_size)
-        return zse_fail("sequence of %zu tokens is longer than the context of %d", new_len, q->m->ctx_size);
-    int need = (int)((new_len + ZSE_KV_BLOCK - 1) / ZSE_KV_BLOCK);
-    while (q->n_blocks < need) {
-        int32_t b = zse_block_alloc(&q->m->blocks);
-        if (b < 0)
-            return zse_fail("the KV cache is full (%d blocks of %d tokens in use); use a larger "
-                            "--kv-cache budget or fewer sequences", q->m->blocks.n_blocks, ZSE_KV_BLOCK);
-        q->blocks[q->n_blocks++] = b;
-    }
+        return zse_fail("a sequence of %zu tokens is longer than the context of %d", new_len, q->m->ctx_size);
+    if (zse_kv_table_reserve(&q->kv, &q->m->blocks, new_len) != 0)
+        return -1;
     if (new_len > q->cap_tokens) {
         size_t cap = q->cap_tokens ? q->cap_tokens * 2 : 256;
         while (cap < new_len)
@@ -355,27 +401,26 @@ static int reserve_kv(zse_seq *q, size_t new_len)
     return 0;
 }
 
-/* runs ids through the model in chunks; the last chunk's last row yields q->logits, and
- * every row's logits go to all_logits [n][vocab] when it is given */
+/* Runs ids through the model in chunks (under the run lock); the last row's logits land in
+ * q->logits, and every row's in all_logits [n][vocab] when it is given. */
 static int run_tokens(zse_seq *q, const int32_t *ids, size_t n, float *all_logits)
 {
     int32_t pos[PREFILL_CHUNK], seq_of[PREFILL_CHUNK], slots[PREFILL_CHUNK], rows[PREFILL_CHUNK];
-    size_t vocab = (size_t)zse_file_config(q->m->file)->vocab_size;
+    size_t vocab = (size_t)q->m->vocab;
+    size_t max_chunk = all_logits ? (size_t)zse_llm_max_out(q->m->llm) : PREFILL_CHUNK;
     for (size_t done = 0; done < n;) {
-        int chunk = (int)(n - done < PREFILL_CHUNK ? n - done : PREFILL_CHUNK);
+        int chunk = (int)(n - done < max_chunk ? n - done : max_chunk);
         size_t start = q->n_tokens;
         for (int i = 0; i < chunk; i++) {
-            size_t p = start + (size_t)i;
-            pos[i] = (int32_t)p;
+            pos[i] = (int32_t)(start + (size_t)i);
             seq_of[i] = 0;
-            slots[i] = q->blocks[p / ZSE_KV_BLOCK] * ZSE_KV_BLOCK + (int32_t)(p % ZSE_KV_BLOCK);
+            slots[i] = zse_kv_slot(&q->kv, start + (size_t)i);
+            rows[i] = i;
         }
         int32_t seq_len = (int32_t)(start + (size_t)chunk);
         bool last = done + (size_t)chunk == n;
-        for (int i = 0; i < chunk; i++)
-            rows[i] = i;
         int n_out = all_logits ? chunk : last ? 1 : 0;
-        zse_batch b = {chunk, ids + done, pos, seq_of, slots, 1, &seq_len, q->blocks, q->max_blocks,
+        zse_batch b = {chunk, ids + done, pos, seq_of, slots, 1, &seq_len, q->kv.blocks, q->kv.n_blocks,
                        n_out, all_logits ? rows : rows + chunk - 1};
         float *dst = all_logits ? all_logits + done * vocab : q->logits;
         if (zse_llm_forward(q->m->llm, q->m->kv, &b, dst) != 0)
@@ -390,68 +435,33 @@ static int run_tokens(zse_seq *q, const int32_t *ids, size_t n, float *all_logit
     return 0;
 }
 
-int zse_seq_feed(zse_seq *q, const int32_t *ids, size_t n)
+static int feed(zse_seq *q, const int32_t *ids, size_t n, float *all_logits)
 {
     if (n == 0)
         return 0;
-    if (reserve_kv(q, q->n_tokens + n) != 0)
-        return -1;
-    int rc = run_tokens(q, ids, n, NULL);
-    if (rc == 0 && q->generated == 0)
+    for (size_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= q->m->vocab)
+            return zse_fail("token id %d at %zu is outside the vocabulary (0..%d)", ids[i], i, q->m->vocab - 1);
+    pthread_mutex_lock(&q->m->run_lock);
+    int rc = reserve_tokens(q, q->n_tokens + n);
+    if (rc == 0)
+        rc = run_tokens(q, ids, n, all_logits);
+    pthread_mutex_unlock(&q->m->run_lock);
+    if (rc == 0 && q->gen.generated == 0)
         q->n_prompt = q->n_tokens;
     return rc;
 }
 
+int zse_seq_feed(zse_seq *q, const int32_t *ids, size_t n) { return feed(q, ids, n, NULL); }
+
 int zse_seq_feed_logits(zse_seq *q, const int32_t *ids, size_t n, float *logits)
 {
-    if (n == 0)
-        return 0;
-    if (reserve_kv(q, q->n_tokens + n) != 0)
-        return -1;
-    int rc = run_tokens(q, ids, n, logits);
-    if (rc == 0 && q->generated == 0)
-        q->n_prompt = q->n_tokens;
-    return rc;
+    return feed(q, ids, n, logits);
 }
 
 const float *zse_seq_logits(zse_seq *q)
 {
     return q->have_logits ? q->logits : NULL;
-}
-
-static bool is_stop_id(const zse_seq *q, int32_t t)
-{
-    if (!q->s.ignore_eos)
-        for (int i = 0; i < q->m->n_eos; i++)
-            if (q->m->eos[i] == t)
-                return true;
-    for (int i = 0; i < q->s.n_stop_ids; i++)
-        if (q->s.stop_ids[i] == t)
-            return true;
-    return false;
-}
-
-/* moves text that can no longer start a stop string from pending to *out; true when a stop
- * string completed (the text before it is emitted, the rest dropped) */
-static bool release_text(zse_seq *q, zse_buf *out, bool final)
-{
-    const char *p = zse_buf_str(&q->pending);
-    for (int i = 0; i < q->s.n_stop; i++) {
-        const char *hit = q->s.stop[i][0] ? strstr(p, q->s.stop[i]) : NULL;
-        if (hit) {
-            zse_buf_append(out, p, (size_t)(hit - p));
-            q->pending.len = 0;
-            return true;
-        }
-    }
-    size_t hold = final ? 0 : zse_stop_holdback(p, q->pending.len, q->s.stop, q->s.n_stop);
-    size_t emit = q->pending.len - hold;
-    zse_buf_append(out, p, emit);
-    memmove(q->pending.data, q->pending.data + emit, hold);
-    q->pending.len = hold;
-    if (q->pending.data)
-        q->pending.data[hold] = '\0';
-    return false;
 }
 
 int zse_seq_next(zse_seq *q, int32_t *token, char **text_piece, zse_finish *finish)
@@ -460,44 +470,27 @@ int zse_seq_next(zse_seq *q, int32_t *token, char **text_piece, zse_finish *fini
     *text_piece = NULL;
     if (!q->have_logits)
         return zse_fail("feed a prompt before generating");
-    int vocab = zse_file_config(q->m->file)->vocab_size;
     zse_history h = {q->tokens, q->n_prompt, q->tokens + q->n_prompt, q->n_tokens - q->n_prompt};
-    int32_t t = zse_sample(&q->s, q->logits, vocab, &h, &q->rng, q->work_p, q->work_i);
+    int32_t t = zse_sample(&q->gen.s, q->logits, q->m->vocab, &h, &q->gen.rng, q->work_p, q->work_i);
     *token = t;
     q->have_logits = false;
     zse_buf out = {0};
-    bool stopped = is_stop_id(q, t);
-    if (!stopped) {
-        zse_buf piece = {0};
-        if (zse_tokenizer_stream_push(q->detok, t, &piece) != 0 ||
-            zse_buf_append(&q->pending, zse_buf_str(&piece), piece.len) != 0) {
-            zse_buf_free(&piece);
-            return -1;
-        }
-        zse_buf_free(&piece);
-        q->generated++;
-        stopped = release_text(q, &out, false);
-    }
-    if (stopped) {
-        *finish = ZSE_FINISH_STOP;
-    } else if ((q->s.max_tokens > 0 && q->generated >= q->s.max_tokens) || q->n_tokens + 1 >= (size_t)q->m->ctx_size) {
-        *finish = ZSE_FINISH_LENGTH;
-    }
-    if (*finish == ZSE_FINISH_LENGTH) {
-        zse_buf rest = {0};
-        zse_tokenizer_stream_flush(q->detok, &rest);
-        zse_buf_append(&q->pending, zse_buf_str(&rest), rest.len);
-        zse_buf_free(&rest);
-        if (release_text(q, &out, true))
-            *finish = ZSE_FINISH_STOP;
+    /* the context is full once this token would be its last position */
+    bool ctx_full = q->n_tokens + 1 >= (size_t)q->m->ctx_size;
+    if (zse_gen_accept(&q->gen, t, zse_model_is_eos(q->m, t), ctx_full, &out, finish) != 0) {
+        zse_buf_free(&out);
+        return -1;
     }
     /* the token joins the cache (a later feed continues after it) while the context has room */
     if (*finish != ZSE_FINISH_STOP && q->n_tokens < (size_t)q->m->ctx_size && zse_seq_feed(q, &t, 1) != 0) {
         zse_buf_free(&out);
         return -1;
     }
-    if (zse_buf_reserve(&out, 0) != 0)
+    if (zse_buf_reserve(&out, 1) != 0) {
+        zse_buf_free(&out);
         return -1;
+    }
+    out.data[out.len] = '\0';
     *text_piece = out.data;
     return 0;
 }
@@ -506,20 +499,13 @@ int zse_seq_truncate(zse_seq *q, size_t length)
 {
     if (length > q->n_tokens)
         return zse_fail("cannot truncate a sequence of %zu tokens to %zu", q->n_tokens, length);
+    pthread_mutex_lock(&q->m->run_lock);
+    zse_kv_table_truncate(&q->kv, &q->m->blocks, length);
+    pthread_mutex_unlock(&q->m->run_lock);
     q->n_tokens = length;
-    int keep = (int)((length + ZSE_KV_BLOCK - 1) / ZSE_KV_BLOCK);
-    while (q->n_blocks > keep)
-        zse_block_release(&q->m->blocks, q->blocks[--q->n_blocks]);
     q->have_logits = false;
     /* what follows is a new prompt: generation counts, stop-string state and the
      * detokenizer start over */
     q->n_prompt = length;
-    q->generated = 0;
-    q->pending.len = 0;
-    zse_tokenizer_stream *fresh = zse_tokenizer_stream_new(q->m->tok, true);
-    if (!fresh)
-        return -1;
-    zse_tokenizer_stream_free(q->detok);
-    q->detok = fresh;
-    return 0;
+    return zse_gen_restart(&q->gen, q->m->tok);
 }

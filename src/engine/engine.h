@@ -1,17 +1,31 @@
-/* engine — models, sequences, the paged KV cache and the sampler behind include/zse.h. */
+/* engine — models, sequences, the paged KV cache, the sampler and the batching scheduler
+ * behind include/zse.h. docs/ARCHITECTURE.md describes how they fit together.
+ *
+ * Ownership: a zse_model owns the file mapping, tokenizer, backend, weights, the KV
+ * storage and its block pool. Sequences (zse_seq) and the engine's requests borrow
+ * blocks from the pool and give them back when they end. The model's run lock serializes
+ * everything that touches the backend or the pool, so single sequences and a running
+ * engine may share one model. */
 #ifndef ZSE_ENGINE_H
 #define ZSE_ENGINE_H
 
 #include "zse.h"
 
+#include "backend/backend.h"
+#include "model/model.h"
+#include "tokenizer/tokenizer.h"
+#include "util/util.h"
+
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 
-/* ---- paged KV block allocator: fixed-size blocks handed out from a free list ---- */
+/* ---- paged KV block allocator: fixed-size blocks handed out from a free list ----------- */
 #define ZSE_KV_BLOCK 16
 
 typedef struct {
-    int32_t *free_list;
+    int32_t *free_list;     /* stack of free block ids */
+    uint8_t *in_use;        /* [n_blocks] 1 while handed out: a double release is refused */
     int n_free;
     int n_blocks;
 } zse_block_pool;
@@ -19,20 +33,39 @@ typedef struct {
 int zse_block_pool_init(zse_block_pool *p, int n_blocks);
 void zse_block_pool_free(zse_block_pool *p);
 int32_t zse_block_alloc(zse_block_pool *p);          /* -1 when exhausted */
-void zse_block_release(zse_block_pool *p, int32_t block);
+/* gives a block back; -1 (and nothing changes) for an id that is not handed out */
+int zse_block_release(zse_block_pool *p, int32_t block);
+int zse_block_pool_used(const zse_block_pool *p);
 
-/* ---- sampler ---- */
+/* One sequence's block table: blocks[i] holds positions [16 i, 16 i + 16). */
+typedef struct {
+    int32_t *blocks;
+    int n_blocks;
+    int max_blocks;         /* the context's worth */
+} zse_kv_table;
+
+int zse_kv_table_init(zse_kv_table *t, int max_blocks);
+void zse_kv_table_free(zse_kv_table *t, zse_block_pool *p);     /* releases its blocks */
+/* blocks for positions [0, n_tokens); all or nothing: on failure (pool exhausted, -1 with
+ * an error) the table is as it was */
+int zse_kv_table_reserve(zse_kv_table *t, zse_block_pool *p, size_t n_tokens);
+/* keeps the blocks of positions [0, n_tokens) and releases the rest */
+void zse_kv_table_truncate(zse_kv_table *t, zse_block_pool *p, size_t n_tokens);
+/* blocks that reserving up to n_tokens would take from the pool */
+int zse_kv_table_blocks_needed(const zse_kv_table *t, size_t n_tokens);
+static inline int32_t zse_kv_slot(const zse_kv_table *t, size_t pos)
+{
+    return t->blocks[pos / ZSE_KV_BLOCK] * ZSE_KV_BLOCK + (int32_t)(pos % ZSE_KV_BLOCK);
+}
+
+/* ---- sampler ------------------------------------------------------------------------------ */
 typedef struct {
     uint64_t s[4];
 } zse_rng;
 
 void zse_rng_seed(zse_rng *r, uint64_t seed);
-double zse_rng_uniform(zse_rng *r);                   /* [0, 1) */
+double zse_rng_uniform(zse_rng *r);                   /* [0, 1), xoshiro256** */
 
-/* Picks the next token from logits (modified in place): logit bias, repetition /
- * presence / frequency penalties over `history` (the generated tokens for presence and
- * frequency, prompt and generated for repetition), then greedy or temperature + top-k +
- * top-p + min-p sampling. `work` holds vocab floats and vocab ints of scratch. */
 typedef struct {
     const int32_t *prompt;
     size_t n_prompt;
@@ -40,11 +73,73 @@ typedef struct {
     size_t n_generated;
 } zse_history;
 
+/* Picks the next token from logits (modified in place): logit bias, repetition penalty
+ * (over prompt and generated tokens, as Hugging Face applies it), presence / frequency
+ * penalties (over generated tokens, as OpenAI defines them), then greedy, or temperature
+ * followed by top-k, min-p and top-p, and a draw from rng. `work_p` holds vocab floats and
+ * `work_i` vocab ints of scratch; work_i must be all zero on entry and is left so. */
 int32_t zse_sample(const zse_sampling *s, float *logits, int vocab, const zse_history *h, zse_rng *rng,
                    float *work_p, int32_t *work_i);
+
+#define ZSE_MAX_TOP_LOGPROBS 20
+typedef struct {
+    float logprob;                          /* of the chosen token */
+    int n_top;
+    int32_t top_ids[ZSE_MAX_TOP_LOGPROBS];  /* most likely first */
+    float top_logprobs[ZSE_MAX_TOP_LOGPROBS];
+} zse_logprobs;
+
+/* log-softmax of the model's logits (before penalties and temperature) for `token` and the
+ * n_top most likely ids */
+void zse_compute_logprobs(const float *logits, int vocab, int32_t token, int n_top, zse_logprobs *out);
 
 /* the longest suffix of text[0..n) that is a proper prefix of some stop string: text that
  * must be held back because a stop string might complete with the next token */
 size_t zse_stop_holdback(const char *text, size_t n, const char *const *stop, int n_stop);
+/* the earliest occurrence of any stop string in text[0..n), or NULL */
+const char *zse_stop_find(const char *text, size_t n, const char *const *stop, int n_stop);
+
+/* ---- generation state: what turns sampled tokens into text and a finish reason -------------
+ * Shared by zse_seq and the engine's requests. Owns deep copies of the sampling settings'
+ * arrays, the RNG, the streaming detokenizer and the text held back for stop strings. */
+typedef struct {
+    zse_sampling s;
+    char **stop;            /* owned; s.stop points here */
+    zse_rng rng;
+    zse_tokenizer_stream *detok;
+    zse_buf pending;        /* decoded text not yet released (may start a stop string) */
+    int generated;          /* tokens accepted */
+} zse_gen;
+
+int zse_gen_init(zse_gen *g, const zse_sampling *s, const zse_tokenizer *tok);
+void zse_gen_free(zse_gen *g);
+/* starts over for a new prompt (chat turns): counts, held text, detokenizer */
+int zse_gen_restart(zse_gen *g, const zse_tokenizer *tok);
+/* Takes the sampled token t. Appends the text that can be shown now to *out and sets
+ * *finish: STOP for an eos/stop id (`is_eos`: one of the model's) or a completed stop
+ * string (text from it on is dropped), LENGTH when max_tokens is reached or `ctx_full`
+ * (text held back is released then). */
+int zse_gen_accept(zse_gen *g, int32_t t, bool is_eos, bool ctx_full, zse_buf *out, zse_finish *finish);
+
+/* ---- models -------------------------------------------------------------------------------- */
+struct zse_model {
+    zse_file *file;
+    zse_tokenizer *tok;
+    zse_backend *be;
+    zse_llm *llm;
+    zse_kv *kv;
+    zse_block_pool blocks;
+    pthread_mutex_t run_lock;   /* held around forward passes and block pool changes */
+    zse_load_params params;
+    char *name;
+    int ctx_size;
+    int vocab;
+    int32_t eos[ZSE_MAX_EOS + 1];
+    int n_eos;
+    bool add_bos;
+    const char *quant;
+};
+
+bool zse_model_is_eos(const zse_model *m, int32_t t);
 
 #endif

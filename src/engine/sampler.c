@@ -1,5 +1,10 @@
-/* Token sampling: deterministic per seed (xoshiro256**), penalties as OpenAI and
- * Hugging Face define them, and stop strings that may span tokens. */
+/* Token sampling: deterministic per seed (xoshiro256**), penalties as Hugging Face and
+ * OpenAI define them, truncation (top-k, top-p, min-p) in Hugging Face's order, and the
+ * helpers for logprobs and stop strings that may span tokens.
+ *
+ * Cost matters: the server samples for every running sequence every step, so nothing
+ * here sorts the whole vocabulary. Penalties count with a scratch table (linear in the
+ * history), top-k keeps a heap, and top-p / min-p sort only the tokens that can matter. */
 #include "engine/engine.h"
 
 #include <math.h>
@@ -35,44 +40,59 @@ double zse_rng_uniform(zse_rng *r)
     return (double)(result >> 11) * (1.0 / 9007199254740992.0);
 }
 
-static void apply_penalties(const zse_sampling *s, float *logits, int vocab, const zse_history *h)
+/* ---- penalties --------------------------------------------------------------------------- */
+
+static bool valid_id(int32_t id, int vocab) { return id >= 0 && id < vocab; }
+
+/* Hugging Face's RepetitionPenaltyLogitsProcessor: every distinct token of the prompt and
+ * the generated text once — positive logits divided by the penalty, negative multiplied.
+ * `mark` is the zeroed scratch table; it is zero again on return. */
+static void repetition_penalty(float penalty, float *logits, int vocab, const zse_history *h, int32_t *mark)
 {
-    for (int i = 0; i < s->n_logit_bias; i++)
-        if (s->logit_bias[i].id >= 0 && s->logit_bias[i].id < vocab)
-            logits[s->logit_bias[i].id] += s->logit_bias[i].bias;
-    if (s->repetition_penalty != 1.0f && s->repetition_penalty > 0) {
-        /* HF: divide positive logits, multiply negative ones, once per distinct token */
-        const int32_t *lists[2] = {h->prompt, h->generated};
-        size_t lens[2] = {h->n_prompt, h->n_generated};
-        for (int l = 0; l < 2; l++)
-            for (size_t i = 0; i < lens[l]; i++) {
-                int32_t id = lists[l][i];
-                if (id < 0 || id >= vocab || isnan(logits[id]))
-                    continue;
-                float v = logits[id];
-                logits[id] = v > 0 ? v / s->repetition_penalty : v * s->repetition_penalty;
-                /* mark as done with NaN-free trick: a token seen twice is penalized once */
-                for (int l2 = l; l2 < 2; l2++)
-                    for (size_t j = (l2 == l ? i + 1 : 0); j < lens[l2]; j++)
-                        if (lists[l2][j] == id)
-                            goto next;
-            next:;
-            }
-    }
-    if (s->presence_penalty != 0 || s->frequency_penalty != 0) {
-        /* OpenAI: logit -= count * frequency + (count > 0) * presence, over generated tokens */
-        for (size_t i = 0; i < h->n_generated; i++) {
-            int32_t id = h->generated[i];
-            if (id < 0 || id >= vocab)
+    const int32_t *lists[2] = {h->prompt, h->generated};
+    size_t lens[2] = {h->n_prompt, h->n_generated};
+    for (int l = 0; l < 2; l++)
+        for (size_t i = 0; i < lens[l]; i++) {
+            int32_t id = lists[l][i];
+            if (!valid_id(id, vocab) || mark[id])
                 continue;
-            bool first = true;
-            for (size_t j = 0; j < i; j++)
-                if (h->generated[j] == id)
-                    first = false;
-            logits[id] -= s->frequency_penalty + (first ? s->presence_penalty : 0);
+            mark[id] = 1;
+            logits[id] = logits[id] > 0 ? logits[id] / penalty : logits[id] * penalty;
         }
+    for (int l = 0; l < 2; l++)
+        for (size_t i = 0; i < lens[l]; i++)
+            if (valid_id(lists[l][i], vocab))
+                mark[lists[l][i]] = 0;
+}
+
+/* OpenAI: logit -= count * frequency_penalty + (count > 0) * presence_penalty, counting the
+ * generated tokens only */
+static void count_penalties(const zse_sampling *s, float *logits, int vocab, const zse_history *h, int32_t *count)
+{
+    for (size_t i = 0; i < h->n_generated; i++)
+        if (valid_id(h->generated[i], vocab))
+            count[h->generated[i]]++;
+    for (size_t i = 0; i < h->n_generated; i++) {
+        int32_t id = h->generated[i];
+        if (!valid_id(id, vocab) || count[id] == 0)
+            continue;
+        logits[id] -= (float)count[id] * s->frequency_penalty + s->presence_penalty;
+        count[id] = 0; /* once per distinct token; also leaves the table zeroed */
     }
 }
+
+static void apply_penalties(const zse_sampling *s, float *logits, int vocab, const zse_history *h, int32_t *scratch)
+{
+    for (int i = 0; i < s->n_logit_bias; i++)
+        if (valid_id(s->logit_bias[i].id, vocab))
+            logits[s->logit_bias[i].id] += s->logit_bias[i].bias;
+    if (s->repetition_penalty > 0 && s->repetition_penalty != 1.0f)
+        repetition_penalty(s->repetition_penalty, logits, vocab, h, scratch);
+    if (s->presence_penalty != 0 || s->frequency_penalty != 0)
+        count_penalties(s, logits, vocab, h, scratch);
+}
+
+/* ---- truncation and the draw -------------------------------------------------------------- */
 
 static int32_t argmax(const float *v, int n)
 {
@@ -83,66 +103,183 @@ static int32_t argmax(const float *v, int n)
     return best;
 }
 
+/* candidates order: higher probability first, lower id on ties (deterministic) */
+static bool before(const float *p, int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); }
+
 /* qsort has no context argument: the probabilities it sorts by, per thread */
-static _Thread_local float *sort_probs;
+static _Thread_local const float *sort_probs;
 
 static int by_prob_desc(const void *a, const void *b)
 {
-    float pa = sort_probs[*(const int32_t *)a], pb = sort_probs[*(const int32_t *)b];
-    if (pa != pb)
-        return pa > pb ? -1 : 1;
-    return *(const int32_t *)a - *(const int32_t *)b; /* ties by id: deterministic */
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return before(sort_probs, x, y) ? -1 : before(sort_probs, y, x) ? 1 : 0;
+}
+
+static void sort_candidates(int32_t *idx, int n, const float *p)
+{
+    sort_probs = p;
+    qsort(idx, (size_t)n, sizeof *idx, by_prob_desc);
+}
+
+/* the k most likely ids into idx[0..k), via a heap whose root is the worst kept */
+static void top_k_ids(const float *p, int vocab, int k, int32_t *idx)
+{
+    int n = 0;
+    for (int32_t i = 0; i < vocab; i++) {
+        if (n == k && !before(p, i, idx[0]))
+            continue;
+        int at;
+        if (n < k) { /* sift up from the end */
+            at = n++;
+            while (at > 0 && before(p, idx[(at - 1) / 2], i)) {
+                idx[at] = idx[(at - 1) / 2];
+                at = (at - 1) / 2;
+            }
+        } else { /* replace the root, sift down */
+            at = 0;
+            for (;;) {
+                int c = 2 * at + 1;
+                if (c >= n)
+                    break;
+                if (c + 1 < n && before(p, idx[c], idx[c + 1]))
+                    c++;
+                if (!before(p, i, idx[c]))
+                    break;
+                idx[at] = idx[c];
+                at = c;
+            }
+        }
+        idx[at] = i;
+    }
+    sort_candidates(idx, k, p);
+}
+
+/* The ids that top-p / min-p may keep, sorted, into idx; returns how many. Only tokens
+ * above a threshold are sorted. With min-p the floor is that threshold (what top-p keeps
+ * beyond it, min-p drops). Without, the threshold drops until the mass above it reaches
+ * top_p, so the nucleus ends among the candidates. p's largest value is 1. */
+static int nucleus_candidates(const float *p, int vocab, double total, float top_p, float min_p, int32_t *idx)
+{
+    for (float cut = min_p > 0 ? min_p : 1e-3f;; cut /= 64) {
+        if (cut < 1e-30f)
+            cut = 0;
+        int n = 0;
+        double mass = 0;
+        for (int32_t i = 0; i < vocab; i++)
+            if (p[i] >= cut) {
+                idx[n++] = i;
+                mass += p[i];
+            }
+        if (min_p > 0 || mass >= (double)top_p * total || cut == 0) {
+            sort_candidates(idx, n, p);
+            return n;
+        }
+    }
 }
 
 int32_t zse_sample(const zse_sampling *s, float *logits, int vocab, const zse_history *h, zse_rng *rng,
-                   float *probs, int32_t *idx)
+                   float *p, int32_t *idx)
 {
-    apply_penalties(s, logits, vocab, h);
+    apply_penalties(s, logits, vocab, h, idx);
     if (s->temperature <= 0 || s->top_k == 1)
         return argmax(logits, vocab);
     float mx = logits[argmax(logits, vocab)];
-    double sum = 0;
+    double total = 0;
     for (int i = 0; i < vocab; i++) {
-        probs[i] = expf((logits[i] - mx) / s->temperature);
-        sum += probs[i];
-        idx[i] = i;
+        p[i] = expf((logits[i] - mx) / s->temperature);
+        total += p[i];
     }
-    for (int i = 0; i < vocab; i++)
-        probs[i] = (float)(probs[i] / sum);
-    /* candidates in descending probability */
-    sort_probs = probs;
-    qsort(idx, (size_t)vocab, sizeof *idx, by_prob_desc);
-    int n = vocab;
-    if (s->top_k > 0 && s->top_k < n)
+    bool top_k = s->top_k > 0 && s->top_k < vocab;
+    bool top_p = s->top_p > 0 && s->top_p < 1;
+    bool min_p = s->min_p > 0;
+    int32_t chosen = -1;
+    if (!top_k && !top_p && !min_p) {
+        /* plain temperature: walk the vocabulary in id order, nothing to sort */
+        double r = zse_rng_uniform(rng) * total, acc = 0;
+        for (int32_t i = 0; i < vocab && chosen < 0; i++) {
+            acc += p[i];
+            if (r < acc)
+                chosen = i;
+        }
+        return chosen >= 0 ? chosen : argmax(logits, vocab);
+    }
+    int n, written;
+    if (top_k) {
         n = s->top_k;
-    if (s->min_p > 0) {
-        float floor_p = probs[idx[0]] * s->min_p;
-        int k = 1;
-        while (k < n && probs[idx[k]] >= floor_p)
-            k++;
-        n = k;
+        top_k_ids(p, vocab, n, idx);
+        total = 0; /* top-p renormalizes over what top-k kept (Hugging Face, vLLM) */
+        for (int k = 0; k < n; k++)
+            total += p[idx[k]];
+    } else {
+        n = nucleus_candidates(p, vocab, total, top_p ? s->top_p : 1, s->min_p, idx);
     }
-    if (s->top_p > 0 && s->top_p < 1) {
+    written = n;
+    if (top_p) {
         double cum = 0;
         int k = 0;
         while (k < n) {
-            cum += probs[idx[k++]];
-            if (cum >= s->top_p)
+            cum += p[idx[k++]];
+            if (cum >= (double)s->top_p * total)
                 break;
         }
         n = k;
     }
-    double total = 0;
-    for (int k = 0; k < n; k++)
-        total += probs[idx[k]];
-    double r = zse_rng_uniform(rng) * total, acc = 0;
-    for (int k = 0; k < n; k++) {
-        acc += probs[idx[k]];
-        if (r < acc)
-            return idx[k];
+    if (min_p) {
+        float floor_p = p[idx[0]] * s->min_p;
+        int k = 1;
+        while (k < n && p[idx[k]] >= floor_p)
+            k++;
+        n = k;
     }
-    return idx[n - 1];
+    double kept = 0;
+    for (int k = 0; k < n; k++)
+        kept += p[idx[k]];
+    double r = zse_rng_uniform(rng) * kept, acc = 0;
+    for (int k = 0; k < n && chosen < 0; k++) {
+        acc += p[idx[k]];
+        if (r < acc)
+            chosen = idx[k];
+    }
+    if (chosen < 0)
+        chosen = idx[n - 1];
+    /* idx was scratch: hand it back zeroed for the next call's penalty tables */
+    memset(idx, 0, (size_t)written * sizeof *idx);
+    return chosen;
 }
+
+/* ---- logprobs ----------------------------------------------------------------------------- */
+
+void zse_compute_logprobs(const float *logits, int vocab, int32_t token, int n_top, zse_logprobs *out)
+{
+    memset(out, 0, sizeof *out);
+    float mx = logits[argmax(logits, vocab)];
+    double sum = 0;
+    for (int i = 0; i < vocab; i++)
+        sum += exp((double)logits[i] - mx);
+    double log_z = mx + log(sum);
+    out->logprob = valid_id(token, vocab) ? (float)(logits[token] - log_z) : -INFINITY;
+    if (n_top > ZSE_MAX_TOP_LOGPROBS)
+        n_top = ZSE_MAX_TOP_LOGPROBS;
+    if (n_top > vocab)
+        n_top = vocab;
+    /* insertion into a short sorted list; ids scanned ascending keep lower ids first on ties */
+    int n = 0;
+    for (int32_t i = 0; i < vocab; i++) {
+        if (n == n_top && (n == 0 || logits[i] <= logits[out->top_ids[n - 1]]))
+            continue;
+        int at = n < n_top ? n++ : n - 1;
+        while (at > 0 && logits[i] > logits[out->top_ids[at - 1]]) {
+            out->top_ids[at] = out->top_ids[at - 1];
+            at--;
+        }
+        out->top_ids[at] = i;
+    }
+    out->n_top = n;
+    for (int k = 0; k < n; k++)
+        out->top_logprobs[k] = (float)(logits[out->top_ids[k]] - log_z);
+}
+
+/* ---- stop strings ------------------------------------------------------------------------- */
 
 size_t zse_stop_holdback(const char *text, size_t n, const char *const *stop, int n_stop)
 {
@@ -156,4 +293,18 @@ size_t zse_stop_holdback(const char *text, size_t n, const char *const *stop, in
             }
     }
     return hold;
+}
+
+const char *zse_stop_find(const char *text, size_t n, const char *const *stop, int n_stop)
+{
+    const char *first = NULL;
+    for (int i = 0; i < n_stop; i++) {
+        size_t sl = strlen(stop[i]);
+        if (sl == 0 || sl > n)
+            continue;
+        const char *hit = memmem(text, first ? (size_t)(first - text) + sl - 1 : n, stop[i], sl);
+        if (hit && (!first || hit < first))
+            first = hit;
+    }
+    return first;
 }

@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -42,33 +43,20 @@ static void on_signal(int sig)
 }
 
 /* forward order: embeddings, each layer's tensors in block order, final norm, lm_head */
-static const char *const block_order[] = {
-    "attn_norm.weight", "attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias",
-    "attn_v.weight", "attn_v.bias", "attn_q_norm.weight", "attn_k_norm.weight",
-    "attn_output.weight", "attn_output.bias", "ffn_norm.weight", "ffn_gate.weight",
-    "ffn_up.weight", "ffn_down.weight",
-};
-
-static long order_key(const char *name)
-{
-    if (strcmp(name, "token_embd.weight") == 0)
-        return 0;
-    if (strcmp(name, "output_norm.weight") == 0)
-        return 1L << 40;
-    if (strcmp(name, "output.weight") == 0)
-        return (1L << 40) + 1;
-    int layer, used = 0;
-    if (sscanf(name, "blk.%d.%n", &layer, &used) == 1 && used > 0)
-        for (size_t i = 0; i < sizeof block_order / sizeof block_order[0]; i++)
-            if (strcmp(name + used, block_order[i]) == 0)
-                return 1 + (long)layer * 64 + (long)i;
-    return (1L << 40) - 1;
-}
-
 static int cmp_plan(const void *a, const void *b)
 {
-    long ka = order_key(((const plan_tensor *)a)->name), kb = order_key(((const plan_tensor *)b)->name);
+    int64_t ka = zse_canonical_rank(((const plan_tensor *)a)->name);
+    int64_t kb = zse_canonical_rank(((const plan_tensor *)b)->name);
     return ka < kb ? -1 : ka > kb;
+}
+
+static bool plan_has(const void *ctx, const char *name)
+{
+    const plan *p = ctx;
+    for (size_t i = 0; i < p->n; i++)
+        if (strcmp(p->t[i].name, name) == 0)
+            return true;
+    return false;
 }
 
 static bool matches_keep(const zse_convert_opts *o, const char *canon, const char *hf)
@@ -130,35 +118,22 @@ static int build_plan(plan *p, const zse_safetensors *st, const zse_config *c,
                             "supported — convert from the original weights", s->name);
         t->q.rows = s->ndim == 2 ? s->shape[0] : 1;
         t->q.cols = s->ndim == 2 ? s->shape[1] : s->shape[0];
+        if (zse_check_tensor_shape(c, canon, t->q.rows, t->q.cols) != 0) {
+            zse_error_prefix("%s ('%s')", st->shards[s->file_index].path, s->name);
+            return -1;
+        }
         t->q.scheme = choose_scheme(o, canon, s->name, t->q.rows);
         t->q.group_size = zse_scheme_layout(t->q.scheme) == ZSE_LAYOUT_Q4_G ? o->group_size : 0;
-        if (!(t->size = zse_qshape_bytes(&t->q)))
-            return zse_fail("tensor '%s': %s", s->name, zse_error_message());
+        if (!(t->size = zse_qshape_bytes(&t->q))) {
+            /* the reason is in the error buffer: prefix it (passing it back into zse_fail
+             * would format the buffer into itself) */
+            zse_error_prefix("tensor '%s'", s->name);
+            return -1;
+        }
     }
     qsort(p->t, p->n, sizeof *p->t, cmp_plan);
     /* every tensor the forward pass reads must be there */
-    char need[128];
-    const char *per_layer[] = {"attn_norm.weight", "attn_q.weight", "attn_k.weight",
-                               "attn_v.weight", "attn_output.weight", "ffn_norm.weight",
-                               "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"};
-    for (int l = -1; l < c->n_layers; l++) {
-        for (size_t k = 0; k < (l < 0 ? 3 : sizeof per_layer / sizeof *per_layer); k++) {
-            if (l < 0) {
-                const char *top[] = {"token_embd.weight", "output_norm.weight", "output.weight"};
-                if (k == 2 && c->tie_embeddings)
-                    continue;
-                snprintf(need, sizeof need, "%s", top[k]);
-            } else {
-                snprintf(need, sizeof need, "blk.%d.%s", l, per_layer[k]);
-            }
-            bool found = false;
-            for (size_t i = 0; i < p->n && !found; i++)
-                found = strcmp(p->t[i].name, need) == 0;
-            if (!found)
-                return zse_fail("the checkpoint lacks tensor '%s' that a %s model needs", need, c->arch);
-        }
-    }
-    return 0;
+    return zse_check_required_tensors(c, plan_has, p);
 }
 
 static void plan_free(plan *p)
@@ -173,32 +148,97 @@ static void hex64(uint64_t v, char out[17])
     snprintf(out, 17, "%016" PRIx64, v);
 }
 
-static json_t *source_files(const char *dir, const zse_safetensors *st, const char *tok_path)
+/* ---- provenance: SHA-256 of every input file, hashed in parallel ------------------ */
+
+typedef struct {
+    char **paths;
+    int n;
+    char (*sha)[65];
+    atomic_int next;
+    atomic_int failed;
+    char error[ZSE_ERROR_MAX];  /* the first failure's message (errors are thread-local) */
+    atomic_flag error_taken;
+} hash_job;
+
+static void hash_files(void *arg, int ith, int nth)
 {
-    json_t *arr = json_array();
-    const char *extra[] = {"config.json", "generation_config.json", "tokenizer_config.json",
-                           "chat_template.jinja"};
-    for (int i = 0; i < st->n_shards + 5; i++) {
-        char *path = NULL;
-        if (i < st->n_shards)
-            path = zse_strdup(st->shards[i].path);
-        else if (i == st->n_shards)
-            path = zse_strdup(tok_path);
-        else
-            path = zse_path_join(dir, extra[i - st->n_shards - 1]);
-        if (!path || !zse_file_exists(path)) {
-            free(path);
-            continue;
+    (void)ith, (void)nth;
+    hash_job *j = arg;
+    while (!interrupted) {
+        int i = atomic_fetch_add(&j->next, 1);
+        if (i >= j->n)
+            break;
+        if (zse_sha256_file(j->paths[i], j->sha[i]) != 0) {
+            if (!atomic_flag_test_and_set(&j->error_taken))
+                snprintf(j->error, sizeof j->error, "%s", zse_error_message());
+            atomic_store(&j->failed, 1);
         }
-        char sha[65];
-        struct stat sb;
-        if (zse_sha256_file(path, sha) == 0 && stat(path, &sb) == 0) {
-            const char *base = strrchr(path, '/');
-            json_array_append_new(arr, json_pack("{s:s, s:s, s:I}", "name", base ? base + 1 : path,
-                                                 "sha256", sha, "size", (json_int_t)sb.st_size));
-        }
-        free(path);
     }
+}
+
+static int add_source_path(char ***paths, int *n, char *path)
+{
+    if (!path)
+        return -1;
+    if (!zse_file_exists(path)) {
+        free(path);
+        return 0;
+    }
+    char **p = zse_realloc(*paths, (size_t)(*n + 1) * sizeof *p);
+    if (!p) {
+        free(path);
+        return -1;
+    }
+    *paths = p;
+    (*paths)[(*n)++] = path;
+    return 0;
+}
+
+/* every file the .zse was made from: shards (and their index), tokenizer, configs,
+ * template — [{name, sha256, size}] */
+static json_t *source_files(const char *dir, const zse_safetensors *st, const char *tok_path,
+                            zse_pool *pool)
+{
+    static const char *const extra[] = {"model.safetensors.index.json", "config.json",
+                                        "generation_config.json", "tokenizer_config.json",
+                                        "chat_template.jinja"};
+    char **paths = NULL;
+    int n = 0, rc = 0;
+    for (int i = 0; rc == 0 && i < st->n_shards; i++)
+        rc = add_source_path(&paths, &n, zse_strdup(st->shards[i].path));
+    if (rc == 0)
+        rc = add_source_path(&paths, &n, zse_strdup(tok_path));
+    for (size_t i = 0; rc == 0 && i < sizeof extra / sizeof extra[0]; i++)
+        rc = add_source_path(&paths, &n, zse_path_join(dir, extra[i]));
+    json_t *arr = NULL;
+    hash_job job = {.paths = paths, .n = n, .error_taken = ATOMIC_FLAG_INIT};
+    atomic_init(&job.next, 0);
+    atomic_init(&job.failed, 0);
+    if (rc == 0 && (job.sha = zse_calloc((size_t)(n ? n : 1), sizeof *job.sha))) {
+        zse_pool_run(pool, hash_files, &job);
+        if (interrupted)
+            zse_fail("interrupted by a signal; nothing was written");
+        else if (atomic_load(&job.failed))
+            zse_fail("%s", job.error);
+        else
+            arr = json_array();
+    }
+    for (int i = 0; arr && i < n; i++) {
+        struct stat sb;
+        if (stat(paths[i], &sb) != 0) {
+            zse_fail("cannot stat %s: %s", paths[i], strerror(errno));
+            json_decref(arr);
+            arr = NULL;
+            break;
+        }
+        const char *base = strrchr(paths[i], '/');
+        json_array_append_new(arr, json_pack("{s:s, s:s, s:I}", "name", base ? base + 1 : paths[i],
+                                             "sha256", job.sha[i], "size", (json_int_t)sb.st_size));
+    }
+    for (int i = 0; i < n; i++)
+        free(paths[i]);
+    free(paths);
+    free(job.sha);
     return arr;
 }
 
@@ -217,8 +257,19 @@ static json_t *build_header(const zse_hf_dir *hf, const plan *p, const zse_conve
     json_t *keep = json_array();
     for (int i = 0; i < o->n_keep_fp16; i++)
         json_array_append_new(keep, json_string(o->keep_fp16[i]));
-    json_object_set_new(h, "quant", json_pack("{s:s, s:i, s:o}", "scheme", zse_scheme_name(o->scheme),
-                                              "group_size", o->group_size, "keep_fp16", keep));
+    /* the schemes the policy chose for the embedding table and the lm_head (null when
+     * tied), so a reader sees the whole recipe without walking the tensors */
+    json_t *embed = json_null(), *lm_head = json_null();
+    for (size_t i = 0; i < p->n; i++) {
+        if (strcmp(p->t[i].name, "token_embd.weight") == 0)
+            embed = json_string(zse_scheme_name(p->t[i].q.scheme));
+        else if (strcmp(p->t[i].name, "output.weight") == 0)
+            lm_head = json_string(zse_scheme_name(p->t[i].q.scheme));
+    }
+    json_object_set_new(h, "quant", json_pack("{s:s, s:i, s:o, s:o, s:o}", "scheme",
+                                              zse_scheme_name(o->scheme), "group_size",
+                                              o->group_size, "embed", embed, "lm_head", lm_head,
+                                              "keep_fp16", keep));
     char when[32];
     time_t now = time(NULL);
     struct tm tm;
@@ -333,12 +384,142 @@ static void quantize_share(void *arg, int ith, int nth)
     free(buf);
 }
 
-static int write_tensor(int fd, const char *tmp, plan_tensor *t, zse_pool *pool)
+/* ---- the writer thread ----------------------------------------------------------------
+ * One tensor is hashed and written while the pool quantizes the next, so the copy into
+ * the page cache (a third of a conversion's time where quantizing is cheap) overlaps
+ * work. At most two packed tensors exist at once: the one being written and the one being
+ * filled. */
+typedef struct {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int fd;
+    const char *path;
+    /* the pending job */
+    bool has_job, quit;
+    const void *data;
+    size_t size;
+    uint64_t offset;
+    uint64_t *checksum;     /* where the data's checksum goes */
+    void *to_free;          /* the packed buffer, freed once written; NULL for the mapping */
+    /* the first failure */
+    int rc;
+    char error[ZSE_ERROR_MAX];
+} writer;
+
+static void *writer_main(void *arg)
 {
+    writer *w = arg;
+    pthread_mutex_lock(&w->mu);
+    for (;;) {
+        while (!w->has_job && !w->quit)
+            pthread_cond_wait(&w->cv, &w->mu);
+        if (!w->has_job)
+            break;
+        const void *data = w->data;
+        size_t size = w->size;
+        uint64_t offset = w->offset, *checksum = w->checksum;
+        void *to_free = w->to_free;
+        bool ok = w->rc == 0;
+        pthread_mutex_unlock(&w->mu);
+        int rc = 0;
+        if (ok) {
+            *checksum = zse_hash64(data, size);
+            rc = write_at(w->fd, data, size, offset, w->path);
+        }
+        free(to_free);
+        pthread_mutex_lock(&w->mu);
+        if (rc != 0 && w->rc == 0) {
+            w->rc = rc;
+            snprintf(w->error, sizeof w->error, "%s", zse_error_message());
+        }
+        w->has_job = false;
+        pthread_cond_broadcast(&w->cv);
+    }
+    pthread_mutex_unlock(&w->mu);
+    return NULL;
+}
+
+static int writer_start(writer *w, int fd, const char *path)
+{
+    memset(w, 0, sizeof *w);
+    w->fd = fd;
+    w->path = path;
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cv, NULL);
+    if (pthread_create(&w->thread, NULL, writer_main, w) != 0) {
+        pthread_mutex_destroy(&w->mu);
+        pthread_cond_destroy(&w->cv);
+        return zse_fail("cannot start the writer thread");
+    }
+    return 0;
+}
+
+/* waits for the writer to be idle; its error, if any, becomes this thread's */
+static int writer_wait_idle(writer *w)
+{
+    pthread_mutex_lock(&w->mu);
+    while (w->has_job)
+        pthread_cond_wait(&w->cv, &w->mu);
+    int rc = w->rc;
+    pthread_mutex_unlock(&w->mu);
+    return rc == 0 ? 0 : zse_fail("%s", w->error);
+}
+
+/* hands data over (the writer frees to_free); on an earlier write error frees it here */
+static int writer_submit(writer *w, const void *data, size_t size, uint64_t offset,
+                         uint64_t *checksum, void *to_free)
+{
+    if (writer_wait_idle(w) != 0) {
+        free(to_free);
+        return -1;
+    }
+    pthread_mutex_lock(&w->mu);
+    w->data = data;
+    w->size = size;
+    w->offset = offset;
+    w->checksum = checksum;
+    w->to_free = to_free;
+    w->has_job = true;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    return 0;
+}
+
+/* waits for the last write and stops the thread */
+static int writer_finish(writer *w)
+{
+    int rc = writer_wait_idle(w);
+    pthread_mutex_lock(&w->mu);
+    w->quit = true;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    pthread_join(w->thread, NULL);
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cv);
+    return rc;
+}
+
+/* the stored bytes equal the source's: bf16 from BF16, f16 from F16, f32 from F32 (PLAIN
+ * is row-major little-endian, like safetensors) */
+static bool is_pass_through(const plan_tensor *t)
+{
+    zse_st_dtype d = t->src->dtype;
+    return t->src->size == t->size &&
+           ((t->q.scheme == ZSE_SCHEME_BF16 && d == ZSE_ST_BF16) ||
+            (t->q.scheme == ZSE_SCHEME_F16 && d == ZSE_ST_F16) ||
+            (t->q.scheme == ZSE_SCHEME_F32 && d == ZSE_ST_F32));
+}
+
+/* quantizes one tensor on the pool and hands it to the writer */
+static int write_tensor(writer *w, plan_tensor *t, zse_pool *pool)
+{
+    if (is_pass_through(t)) /* straight from the mapping: no buffer, no conversion */
+        return writer_submit(w, t->src->data, t->src->size, t->offset, &t->checksum, NULL);
     uint8_t *packed = zse_aligned_alloc(64, (size_t)t->size);
     if (!packed)
         return zse_fail("out of memory for tensor '%s' (%" PRIu64 " bytes)", t->name, t->size);
-    memset(packed, 0, (size_t)t->size);
+    memset(packed, 0, (size_t)t->size); /* the gaps between planes are part of the checksum */
     quant_job job = {.t = t, .packed = packed};
     atomic_init(&job.failed, 0);
     zse_pool_run(pool, quantize_share, &job);
@@ -346,13 +527,12 @@ static int write_tensor(int fd, const char *tmp, plan_tensor *t, zse_pool *pool)
     if (atomic_load(&job.failed))
         rc = zse_fail("cannot convert tensor '%s' (out of memory or bad data)", t->src->name);
     else if (interrupted)
-        rc = zse_fail("interrupted");
-    if (rc == 0) {
-        t->checksum = zse_hash64(packed, (size_t)t->size);
-        rc = write_at(fd, packed, (size_t)t->size, t->offset, tmp);
+        rc = zse_fail("interrupted by a signal; nothing was written");
+    if (rc != 0) {
+        free(packed);
+        return rc;
     }
-    free(packed);
-    return rc;
+    return writer_submit(w, packed, (size_t)t->size, t->offset, &t->checksum, packed);
 }
 
 static void write_preamble(uint8_t pre[64], uint64_t hsize, uint64_t hhash, const plan *p)
@@ -392,8 +572,161 @@ static const char *tokenizer_type_of(const char *tok_json, size_t len)
     return r;
 }
 
-static int convert_into(int fd, const char *tmp, const char *src_dir, const zse_convert_opts *o,
-                        zse_hf_dir *hf, zse_safetensors *st, plan *p)
+/* ---- the output file ----------------------------------------------------------------
+ * Written as an anonymous file (O_TMPFILE) in OUT's directory and given its name only
+ * when complete, so nothing is left behind even if the process is killed outright; where
+ * the filesystem lacks O_TMPFILE, a named temp file OUT.tmp.PID that every failure path
+ * removes. Without --force the name is given with link(), which fails rather than
+ * replace a file that appeared meanwhile. */
+typedef struct {
+    int fd;
+    char *dir;          /* OUT's directory */
+    char *tmp;          /* the named temp file, or NULL while anonymous */
+} out_file;
+
+static char *dir_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    if (!slash)
+        return zse_strdup(".");
+    return slash == path ? zse_strdup("/") : zse_strndup(path, (size_t)(slash - path));
+}
+
+static char *temp_name(const char *out_path)
+{
+    zse_buf b = {0};
+    if (zse_buf_printf(&b, "%s.tmp.%d", out_path, (int)getpid()) != 0)
+        return NULL;
+    return b.data;
+}
+
+static int out_create(out_file *f, const char *out_path)
+{
+    f->fd = -1;
+    f->tmp = NULL;
+    if (!(f->dir = dir_of(out_path)))
+        return -1;
+    f->fd = open(f->dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0644);
+    if (f->fd >= 0)
+        return 0;
+    if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
+        return zse_fail("cannot create %s in %s: %s", out_path, f->dir, strerror(errno));
+    if (!(f->tmp = temp_name(out_path)))
+        return -1;
+    f->fd = open(f->tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (f->fd < 0)
+        return zse_fail("cannot create %s: %s", f->tmp, strerror(errno));
+    return 0;
+}
+
+/* gives the anonymous file the name `name` */
+static int out_link(out_file *f, const char *name)
+{
+    char proc[64];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", f->fd);
+    if (linkat(AT_FDCWD, proc, AT_FDCWD, name, AT_SYMLINK_FOLLOW) == 0 ||
+        linkat(f->fd, "", AT_FDCWD, name, AT_EMPTY_PATH) == 0)
+        return 0;
+    return zse_fail(errno == EEXIST ? "%s already exists; pass --force to overwrite it"
+                                    : "cannot create %s: %s", name, strerror(errno));
+}
+
+static int out_commit(out_file *f, const char *out_path, bool force)
+{
+    int rc = 0;
+    if (!f->tmp && !force) {
+        rc = out_link(f, out_path);
+    } else {
+        if (!f->tmp && (!(f->tmp = temp_name(out_path)) || out_link(f, f->tmp) != 0))
+            return -1;
+        if (force ? rename(f->tmp, out_path) != 0 : link(f->tmp, out_path) != 0)
+            rc = zse_fail(errno == EEXIST ? "%s already exists; pass --force to overwrite it"
+                                          : "cannot create %s: %s", out_path, strerror(errno));
+        unlink(f->tmp); /* after a rename it is gone already; after a link, the extra name */
+    }
+    if (rc == 0) {
+        /* the new directory entry itself must reach the disk */
+        int dfd = open(f->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0) {
+            fsync(dfd);
+            close(dfd);
+        }
+    }
+    return rc;
+}
+
+static void out_close(out_file *f, bool remove_tmp)
+{
+    if (f->fd >= 0)
+        close(f->fd);
+    if (remove_tmp && f->tmp)
+        unlink(f->tmp);
+    free(f->tmp);
+    free(f->dir);
+    f->fd = -1;
+    f->tmp = NULL;
+    f->dir = NULL;
+}
+
+/* ---- conversion ------------------------------------------------------------------- */
+
+static int write_header_and_preamble(int fd, const char *out_path, const zse_hf_dir *hf, plan *p,
+                                     const zse_convert_opts *o, json_t *sources,
+                                     const char *tok_type)
+{
+    json_t *h = build_header(hf, p, o, sources, tok_type);
+    size_t len = 0;
+    char *s = h ? dump_header(h, &len) : NULL;
+    json_decref(h);
+    if (!s)
+        return -1;
+    int rc = 0;
+    if (align_up(64 + len) != p->data_offset)
+        rc = zse_fail("header size changed while writing");
+    uint8_t pre[64];
+    if (rc == 0) {
+        write_preamble(pre, len, zse_hash64(s, len), p);
+        rc = write_at(fd, s, len, 64, out_path);
+    }
+    if (rc == 0)
+        rc = write_at(fd, pre, 64, 0, out_path);
+    free(s);
+    if (rc == 0 && ftruncate(fd, (off_t)p->file_size) != 0)
+        rc = zse_fail("cannot size %s: %s", out_path, strerror(errno));
+    if (rc == 0 && fsync(fd) != 0)
+        rc = zse_fail("cannot flush %s to disk: %s", out_path, strerror(errno));
+    return rc;
+}
+
+static int write_tensors(int fd, const char *out_path, plan *p, zse_pool *pool)
+{
+    uint64_t total = 0, done = 0;
+    for (size_t i = 0; i < p->n; i++)
+        total += p->t[i].src->size;
+    writer w;
+    if (writer_start(&w, fd, out_path) != 0)
+        return -1;
+    zse_progress bar;
+    zse_progress_begin(&bar, total);
+    int rc = 0;
+    for (size_t i = 0; rc == 0 && i < p->n; i++) {
+        zse_progress_update(&bar, p->t[i].name, done);
+        rc = write_tensor(&w, &p->t[i], pool);
+        done += p->t[i].src->size;
+    }
+    /* always join the writer; when both failed, its message stands (it failed first) */
+    int wrc = writer_finish(&w);
+    if (rc == 0)
+        rc = wrc;
+    if (rc == 0)
+        zse_progress_update(&bar, "done", done);
+    zse_progress_end(&bar);
+    return rc;
+}
+
+static int convert_into(int fd, const char *out_path, const char *src_dir,
+                        const zse_convert_opts *o, zse_hf_dir *hf, zse_safetensors *st, plan *p,
+                        zse_pool *pool)
 {
     size_t tok_len;
     char *tok = zse_read_file(hf->tokenizer_json_path, &tok_len);
@@ -402,53 +735,22 @@ static int convert_into(int fd, const char *tmp, const char *src_dir, const zse_
     const char *tok_type = tokenizer_type_of(tok, tok_len);
     p->tok_size = tok_len;
     p->tok_checksum = zse_hash64(tok, tok_len);
-    json_t *sources = source_files(src_dir, st, hf->tokenizer_json_path);
-    int rc = layout_offsets(p, hf, o, sources, tok_type);
+    json_t *sources = source_files(src_dir, st, hf->tokenizer_json_path, pool);
+    int rc = sources ? layout_offsets(p, hf, o, sources, tok_type) : -1;
     if (rc == 0)
-        rc = write_at(fd, tok, tok_len, p->tok_offset, tmp);
+        rc = write_at(fd, tok, tok_len, p->tok_offset, out_path);
     free(tok);
-    zse_pool *pool = rc == 0 ? zse_pool_create(o->threads > 0 ? o->threads : zse_physical_cores()) : NULL;
-    if (rc == 0 && !pool)
-        rc = -1;
-    uint64_t total = 0, done = 0;
-    for (size_t i = 0; i < p->n; i++)
-        total += p->t[i].src->size;
-    zse_progress bar;
-    zse_progress_begin(&bar, total);
-    for (size_t i = 0; rc == 0 && i < p->n; i++) {
-        zse_progress_update(&bar, p->t[i].name, done);
-        rc = write_tensor(fd, tmp, &p->t[i], pool);
-        done += p->t[i].src->size;
-    }
-    zse_progress_update(&bar, "done", done);
-    zse_progress_end(&bar);
-    zse_pool_free(pool);
-    if (rc == 0) {
-        json_t *h = build_header(hf, p, o, sources, tok_type);
-        size_t len;
-        char *s = dump_header(h, &len);
-        json_decref(h);
-        if (!s || align_up(64 + len) != p->data_offset)
-            rc = s ? zse_fail("header size changed while writing") : -1;
-        uint8_t pre[64];
-        if (rc == 0) {
-            write_preamble(pre, len, zse_hash64(s, len), p);
-            rc = write_at(fd, s, len, 64, tmp);
-        }
-        if (rc == 0)
-            rc = write_at(fd, pre, 64, 0, tmp);
-        free(s);
-        if (rc == 0 && ftruncate(fd, (off_t)p->file_size) != 0)
-            rc = zse_fail("cannot size %s: %s", tmp, strerror(errno));
-        if (rc == 0 && fsync(fd) != 0)
-            rc = zse_fail("cannot flush %s to disk: %s", tmp, strerror(errno));
-    }
+    if (rc == 0)
+        rc = write_tensors(fd, out_path, p, pool);
+    if (rc == 0)
+        rc = write_header_and_preamble(fd, out_path, hf, p, o, sources, tok_type);
     json_decref(sources);
     return rc;
 }
 
 int zse_convert(const char *src_dir, const char *out_path, const zse_convert_opts *o)
 {
+    /* fail before the work; out_commit checks again without a race */
     if (!o->force && access(out_path, F_OK) == 0)
         return zse_fail("%s already exists; pass --force to overwrite it", out_path);
     zse_hf_dir hf;
@@ -463,36 +765,29 @@ int zse_convert(const char *src_dir, const char *out_path, const zse_convert_opt
     int rc = build_plan(&p, &st, &hf.config, o);
     if (rc != 0)
         zse_error_prefix("%s", src_dir);
-    char *tmp = NULL;
-    int fd = -1;
+    zse_pool *pool = NULL;
+    if (rc == 0 && !(pool = zse_pool_create(o->threads > 0 ? o->threads : zse_physical_cores())))
+        rc = -1;
+    /* handlers first: a signal between creating the temp file and installing them would
+     * kill the process with the named fallback file on disk */
     struct sigaction sa = {.sa_handler = on_signal}, old_int, old_term;
-    if (rc == 0) {
-        zse_buf b = {0};
-        rc = zse_buf_printf(&b, "%s.tmp.%d", out_path, (int)getpid());
-        tmp = b.data;
-    }
-    if (rc == 0) {
-        fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-        if (fd < 0)
-            rc = zse_fail("cannot create %s: %s", tmp, strerror(errno));
-    }
-    if (rc == 0) {
-        interrupted = 0;
-        sigaction(SIGINT, &sa, &old_int);
-        sigaction(SIGTERM, &sa, &old_term);
-        rc = convert_into(fd, tmp, src_dir, o, &hf, &st, &p);
-        sigaction(SIGINT, &old_int, NULL);
-        sigaction(SIGTERM, &old_term, NULL);
-        if (interrupted && rc == 0)
-            rc = zse_fail("interrupted");
-    }
-    if (fd >= 0 && close(fd) != 0 && rc == 0)
-        rc = zse_fail("cannot close %s: %s", tmp, strerror(errno));
-    if (rc == 0 && rename(tmp, out_path) != 0)
-        rc = zse_fail("cannot rename %s to %s: %s", tmp, out_path, strerror(errno));
-    if (rc != 0 && fd >= 0)
-        unlink(tmp);
-    free(tmp);
+    sigemptyset(&sa.sa_mask);
+    interrupted = 0;
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
+    out_file out = {.fd = -1};
+    if (rc == 0)
+        rc = out_create(&out, out_path);
+    if (rc == 0)
+        rc = convert_into(out.fd, out_path, src_dir, o, &hf, &st, &p, pool);
+    if (rc == 0 && interrupted)
+        rc = zse_fail("interrupted by a signal; nothing was written");
+    if (rc == 0)
+        rc = out_commit(&out, out_path, o->force);
+    out_close(&out, rc != 0);
+    sigaction(SIGINT, &old_int, NULL);
+    sigaction(SIGTERM, &old_term, NULL);
+    zse_pool_free(pool);
     plan_free(&p);
     zse_st_close(&st);
     zse_hf_close(&hf);

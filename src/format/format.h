@@ -88,6 +88,19 @@ int zse_hf_normalize_config(zse_config *c, const json_t *config, const json_t *g
  * Returns a heap string or NULL (with an error) for a tensor the architecture does not use. */
 char *zse_hf_canonical_name(const zse_config *c, const char *hf_name);
 
+/* Forward-order rank of a canonical name (token_embd first, then each block's tensors in
+ * the order above, output_norm, output last); -1 for a name that is not canonical. */
+int64_t zse_canonical_rank(const char *name);
+/* The [rows, cols] the config gives a canonical tensor (vectors are [1, n]); false for a
+ * name the config's forward pass does not read (unknown, or a layer past n_layers). */
+bool zse_canonical_shape(const zse_config *c, const char *name, int64_t *rows, int64_t *cols);
+/* 0 when the shape matches (or the name is not one the config reads); else an error
+ * naming the tensor, its shape and the config's */
+int zse_check_tensor_shape(const zse_config *c, const char *name, int64_t rows, int64_t cols);
+/* every tensor the config's forward pass reads is present: has(ctx, name) answers */
+int zse_check_required_tensors(const zse_config *c, bool (*has)(const void *ctx, const char *name),
+                               const void *ctx);
+
 /* ---- safetensors -------------------------------------------------------------- */
 typedef enum { ZSE_ST_F32, ZSE_ST_F16, ZSE_ST_BF16, ZSE_ST_I8, ZSE_ST_U8, ZSE_ST_I32,
                ZSE_ST_OTHER } zse_st_dtype;

@@ -52,6 +52,42 @@ static double get_num(const json_t *o, const char *key, double dflt)
     return json_is_number(v) ? json_number_value(v) : dflt;
 }
 
+/* a JSON number as an int in [0, 2^30]; dflt when absent or not finite (a cast of an
+ * out-of-range double would be undefined behaviour) */
+static int get_num_int(const json_t *o, const char *key, int dflt)
+{
+    double v = get_num(o, key, dflt);
+    if (!isfinite(v))
+        return dflt;
+    return v < 0 ? 0 : v > (double)(1 << 30) ? 1 << 30 : (int)v;
+}
+
+/* a token id: an integer in [0, 2^30), else -1 */
+static int token_id(const json_t *v)
+{
+    if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= (1 << 30))
+        return -1;
+    return (int)json_integer_value(v);
+}
+
+/* what the forward pass divides by or takes powers of: finite and in range */
+static int check_numbers(const zse_config *c, const char *where)
+{
+    if (!(c->rms_eps > 0 && c->rms_eps < 1))
+        return zse_fail("%s: rms_norm_eps %g must be in (0, 1)", where, (double)c->rms_eps);
+    if (!(c->rope_theta > 1 && isfinite(c->rope_theta)))
+        return zse_fail("%s: rope_theta %g must be a finite number above 1", where, c->rope_theta);
+    const double *nums[] = {&c->rope_scaling.factor, &c->rope_scaling.low_freq_factor,
+                            &c->rope_scaling.high_freq_factor, &c->rope_scaling.attn_factor,
+                            &c->rope_scaling.beta_fast, &c->rope_scaling.beta_slow};
+    for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++)
+        if (!isfinite(*nums[i]) || *nums[i] < 0)
+            return zse_fail("%s: rope scaling parameters must be finite and non-negative", where);
+    if (!(c->rope_scaling.factor > 0))
+        return zse_fail("%s: rope scaling factor must be positive", where);
+    return 0;
+}
+
 static bool get_bool(const json_t *o, const char *key, bool dflt)
 {
     json_t *v = json_object_get(o, key);
@@ -77,7 +113,7 @@ static int parse_rope_scaling(zse_config *c, const json_t *cfg)
         return 0;
     c->rope_scaling.factor = get_num(src, "factor", 1.0);
     c->rope_scaling.original_max_position =
-        (int)get_num(src, "original_max_position_embeddings", c->max_position);
+        get_num_int(src, "original_max_position_embeddings", c->max_position);
     if (strcmp(type, "linear") == 0) {
         c->rope_scaling.type = ZSE_ROPE_LINEAR;
     } else if (strcmp(type, "dynamic") == 0) {
@@ -95,8 +131,51 @@ static int parse_rope_scaling(zse_config *c, const json_t *cfg)
         return zse_fail("config.json: rope scaling type '%s' is not supported "
                         "(linear, dynamic, llama3 and yarn are)", type);
     }
-    if (!(c->rope_scaling.factor > 0) || !isfinite(c->rope_scaling.factor))
-        return zse_fail("config.json: rope scaling factor must be positive");
+    return 0;
+}
+
+/* Which layers attend through the window. transformers 5 lists "layer_types"; older qwen2
+ * configs say use_sliding_window and max_window_layers (layers from that index on slide,
+ * so max_window_layers >= the layer count means none do); mistral slides every layer when
+ * sliding_window is set. zse runs one window for all layers, so a mix is refused. */
+static int parse_sliding_window(zse_config *c, const json_t *cfg, const arch_row *arch)
+{
+    int window = 0;
+    if (get_int(cfg, "sliding_window", 0, false, &window))
+        return -1;
+    int first_sliding = 0, n_sliding = 0;
+    json_t *types = json_object_get(cfg, "layer_types");
+    if (json_is_array(types)) {
+        if (json_array_size(types) != (size_t)c->n_layers)
+            return zse_fail("config.json: layer_types has %zu entries for %d layers",
+                            json_array_size(types), c->n_layers);
+        size_t i;
+        json_t *t;
+        json_array_foreach(types, i, t) {
+            const char *s = json_string_value(t);
+            if (s && strcmp(s, "sliding_attention") == 0)
+                n_sliding++;
+            else if (!s || strcmp(s, "full_attention") != 0)
+                return zse_fail("config.json: layer_types[%zu] is '%s' (full_attention and "
+                                "sliding_attention are supported)", i, s ? s : "?");
+        }
+    } else if (arch->sliding_window_flag) {
+        if (!get_bool(cfg, "use_sliding_window", false))
+            window = 0;
+        if (get_int(cfg, "max_window_layers", 0, false, &first_sliding))
+            return -1;
+        n_sliding = first_sliding < c->n_layers ? c->n_layers - first_sliding : 0;
+    } else {
+        n_sliding = c->n_layers;
+    }
+    if (window == 0 || n_sliding == 0) {
+        c->sliding_window = 0;
+        return 0;
+    }
+    if (n_sliding != c->n_layers)
+        return zse_fail("config.json: %d of %d layers use a sliding window of %d; zse runs one "
+                        "attention kind for every layer", n_sliding, c->n_layers, window);
+    c->sliding_window = window;
     return 0;
 }
 
@@ -104,7 +183,7 @@ static int parse_rope_scaling(zse_config *c, const json_t *cfg)
 static void add_eos_ids(zse_config *c, const json_t *v)
 {
     if (json_is_integer(v)) {
-        int id = (int)json_integer_value(v);
+        int id = token_id(v);
         for (int i = 0; i < c->n_eos; i++)
             if (c->eos_ids[i] == id)
                 return;
@@ -149,20 +228,17 @@ int zse_hf_normalize_config(zse_config *c, const json_t *cfg, const json_t *gen,
                         c->n_heads, c->n_kv_heads);
     if (c->head_dim == 0 || c->head_dim % 2 != 0 || c->head_dim > 1024)
         return zse_fail("config.json: head_dim %d must be even and at most 1024", c->head_dim);
-    c->rms_eps = (float)get_num(cfg, "rms_norm_eps", 1e-6);
-    if (parse_rope_scaling(c, cfg) != 0)
+    double eps = get_num(cfg, "rms_norm_eps", 1e-6);
+    c->rms_eps = eps > 0 && eps < 1 ? (float)eps : 0.0f;
+    if (parse_rope_scaling(c, cfg) != 0 || check_numbers(c, "config.json") != 0)
         return -1;
     c->tie_embeddings = get_bool(cfg, "tie_word_embeddings", false);
     c->attn_bias = get_bool(cfg, "attention_bias", arch->attn_bias_default);
     c->attn_out_bias = false;
     c->mlp_bias = get_bool(cfg, "mlp_bias", false);
     c->qk_norm = arch->qk_norm;
-    int window = 0;
-    if (get_int(cfg, "sliding_window", 0, false, &window))
+    if (parse_sliding_window(c, cfg, arch) != 0)
         return -1;
-    if (arch->sliding_window_flag && !get_bool(cfg, "use_sliding_window", false))
-        window = 0;
-    c->sliding_window = window;
     json_t *act = json_object_get(cfg, "hidden_act");
     if (act && !(json_is_string(act) && (strcmp(json_string_value(act), "silu") == 0 ||
                                          strcmp(json_string_value(act), "swish") == 0)))
@@ -170,26 +246,25 @@ int zse_hf_normalize_config(zse_config *c, const json_t *cfg, const json_t *gen,
                         json_is_string(act) ? json_string_value(act) : "?");
     c->bos_id = -1;
     c->pad_id = -1;
-    json_t *bos = json_object_get(gen, "bos_token_id");
-    if (!json_is_integer(bos))
-        bos = json_object_get(cfg, "bos_token_id");
-    if (json_is_integer(bos))
-        c->bos_id = (int)json_integer_value(bos);
-    json_t *pad = json_object_get(cfg, "pad_token_id");
-    if (json_is_integer(pad))
-        c->pad_id = (int)json_integer_value(pad);
+    c->bos_id = token_id(json_object_get(gen, "bos_token_id"));
+    if (c->bos_id < 0)
+        c->bos_id = token_id(json_object_get(cfg, "bos_token_id"));
+    c->pad_id = token_id(json_object_get(gen, "pad_token_id"));
+    if (c->pad_id < 0)
+        c->pad_id = token_id(json_object_get(cfg, "pad_token_id"));
     add_eos_ids(c, json_object_get(gen, "eos_token_id"));
     add_eos_ids(c, json_object_get(cfg, "eos_token_id"));
     return 0;
 }
 
-/* tokenizer_config's eos_token / bos_token name → id through tokenizer.json's added
- * tokens; merged into the ids from the configs */
+/* tokenizer_config's eos_token / bos_token / pad_token (a string, or an AddedToken object
+ * with "content") → id through tokenizer.json's added tokens. EOS ids are merged into
+ * those of the configs; BOS and PAD fill in only where the configs gave none. */
 static void resolve_token_names(zse_config *c, const json_t *tok_cfg, const json_t *tok_json)
 {
     json_t *added = json_object_get(tok_json, "added_tokens");
-    const char *keys[2] = {"eos_token", "bos_token"};
-    for (int k = 0; k < 2; k++) {
+    const char *keys[3] = {"eos_token", "bos_token", "pad_token"};
+    for (int k = 0; k < 3; k++) {
         json_t *v = json_object_get(tok_cfg, keys[k]);
         const char *name = json_is_string(v) ? json_string_value(v)
                                              : json_string_value(json_object_get(v, "content"));
@@ -200,12 +275,14 @@ static void resolve_token_names(zse_config *c, const json_t *tok_cfg, const json
         json_array_foreach(added, i, t) {
             const char *content = json_string_value(json_object_get(t, "content"));
             json_t *id = json_object_get(t, "id");
-            if (content && json_is_integer(id) && strcmp(content, name) == 0) {
-                if (k == 0)
-                    add_eos_ids(c, id);
-                else if (c->bos_id < 0)
-                    c->bos_id = (int)json_integer_value(id);
-            }
+            if (!content || token_id(id) < 0 || strcmp(content, name) != 0)
+                continue;
+            if (k == 0)
+                add_eos_ids(c, id);
+            else if (k == 1 && c->bos_id < 0)
+                c->bos_id = token_id(id);
+            else if (k == 2 && c->pad_id < 0)
+                c->pad_id = token_id(id);
         }
     }
 }
@@ -452,7 +529,8 @@ int zse_config_from_json(zse_config *c, const json_t *o)
     if (c->n_heads % c->n_kv_heads != 0 || c->head_dim % 2 != 0)
         return zse_fail("header config: heads %d / kv heads %d / head_dim %d are inconsistent",
                         c->n_heads, c->n_kv_heads, c->head_dim);
-    c->rms_eps = (float)get_num(o, "rms_eps", 1e-6);
+    double eps = get_num(o, "rms_eps", 1e-6);
+    c->rms_eps = eps > 0 && eps < 1 ? (float)eps : 0.0f;
     c->rope_theta = get_num(o, "rope_theta", 10000.0);
     c->tie_embeddings = get_bool(o, "tie_embeddings", false);
     c->attn_bias = get_bool(o, "attn_bias", false);
@@ -462,17 +540,24 @@ int zse_config_from_json(zse_config *c, const json_t *o)
     json_t *rs = json_object_get(o, "rope_scaling");
     const char *rt = json_string_value(json_object_get(rs, "type"));
     c->rope_scaling.type = ZSE_ROPE_NONE;
-    for (int i = 0; rt && i < 5; i++)
-        if (strcmp(rt, rope_names[i]) == 0)
-            c->rope_scaling.type = (zse_rope_type)i;
+    if (rt) {
+        int found = -1;
+        for (int i = 0; i < (int)(sizeof rope_names / sizeof rope_names[0]); i++)
+            if (strcmp(rt, rope_names[i]) == 0)
+                found = i;
+        if (found < 0)
+            return zse_fail("header config: rope scaling type '%s' is unknown to this zse; "
+                            "upgrade zse", rt);
+        c->rope_scaling.type = (zse_rope_type)found;
+    }
     c->rope_scaling.factor = get_num(rs, "factor", 1.0);
     c->rope_scaling.low_freq_factor = get_num(rs, "low_freq_factor", 1.0);
     c->rope_scaling.high_freq_factor = get_num(rs, "high_freq_factor", 4.0);
-    c->rope_scaling.original_max_position = (int)get_num(rs, "original_max_position", 0);
+    c->rope_scaling.original_max_position = get_num_int(rs, "original_max_position", 0);
     c->rope_scaling.attn_factor = get_num(rs, "attn_factor", 0);
     c->rope_scaling.beta_fast = get_num(rs, "beta_fast", 32);
     c->rope_scaling.beta_slow = get_num(rs, "beta_slow", 1);
     c->n_eos = 0;
     add_eos_ids(c, json_object_get(o, "eos_ids"));
-    return 0;
+    return check_numbers(c, "header config");
 }

@@ -79,7 +79,7 @@ static int read_preamble(zse_file *f, uint64_t *hoff, uint64_t *hsize, uint64_t 
         return zse_fail("%s is %zu bytes but its preamble says %" PRIu64 "; the file is truncated "
                         "or was not fully written", path, f->map.size, fsize);
     if (*hoff < 64 || __builtin_add_overflow(*hoff, *hsize, &hend) || hend > *data_offset ||
-        *data_offset > f->map.size)
+        *data_offset > f->map.size || *data_offset % ZSE_TENSOR_ALIGN != 0)
         return zse_fail("%s: header region is out of bounds; the file is corrupt", path);
     if (zse_hash64(p + *hoff, (size_t)*hsize) != rd64(p + 32))
         return zse_fail("%s: header checksum mismatch; the file is corrupt", path);
@@ -105,15 +105,23 @@ static int read_tensor(zse_file *f, const json_t *e, uint64_t data_offset, zse_t
         return zse_fail("%s: tensor '%s' has a malformed shape", path, name);
     t->q.rows = json_integer_value(r);
     t->q.cols = json_integer_value(c);
-    t->q.group_size = g ? (int)json_integer_value(g) : 0;
+    json_int_t gv = g ? json_integer_value(g) : 0;
+    if (gv < 0 || gv > 1 << 20)
+        return zse_fail("%s: tensor '%s' has group size %lld", path, name, (long long)gv);
+    t->q.group_size = (int)gv;
+    if (gv != 0 && zse_scheme_layout(t->q.scheme) != ZSE_LAYOUT_Q4_G)
+        return zse_fail("%s: tensor '%s' has group size %d but scheme %s has no groups", path, name,
+                        t->q.group_size, scheme);
     t->layout = zse_scheme_layout(t->q.scheme);
     json_t *lay = json_object_get(e, "layout");
     if (!json_is_integer(lay) || json_integer_value(lay) != (json_int_t)t->layout)
         return zse_fail("%s: tensor '%s' has layout %lld, not the %s layout %d", path, name,
                         (long long)json_integer_value(lay), scheme, (int)t->layout);
     size_t need = zse_qshape_bytes(&t->q);
-    if (need == 0)
-        return zse_fail("%s: tensor '%s': %s", path, name, zse_error_message());
+    if (need == 0) {
+        zse_error_prefix("%s: tensor '%s'", path, name); /* zse_qshape_bytes said why */
+        return -1;
+    }
     if (get_u64(e, "offset", &t->offset) || get_u64(e, "size", &t->size) ||
         parse_hex64(json_object_get(e, "checksum"), &t->checksum))
         return zse_fail("%s: tensor '%s' lacks offset, size or checksum", path, name);
@@ -124,8 +132,37 @@ static int read_tensor(zse_file *f, const json_t *e, uint64_t data_offset, zse_t
         return zse_fail("%s: tensor '%s' at offset %" PRIu64 " (+%" PRIu64 ") is misaligned or "
                         "outside the file; the file is truncated or corrupt", path, name,
                         t->offset, t->size);
+    /* the kernels size their loops from the config, so a tensor smaller than the config
+     * says would be read past its end */
+    if (zse_check_tensor_shape(&f->config, name, t->q.rows, t->q.cols) != 0) {
+        zse_error_prefix("%s", path);
+        return -1;
+    }
     t->data = f->map.data + t->offset;
     return 0;
+}
+
+static int cmp_name_ptr(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* two entries with one name would let a lookup and a walk of the table disagree */
+static int check_unique_names(const zse_file *f)
+{
+    const char **names = zse_malloc(f->n_tensors * sizeof *names);
+    if (!names)
+        return -1;
+    for (size_t i = 0; i < f->n_tensors; i++)
+        names[i] = f->tensors[i].name;
+    qsort(names, f->n_tensors, sizeof *names, cmp_name_ptr);
+    int rc = 0;
+    for (size_t i = 1; i < f->n_tensors && rc == 0; i++)
+        if (strcmp(names[i - 1], names[i]) == 0)
+            rc = zse_fail("%s: tensor '%s' appears twice in the directory; the file is corrupt",
+                          f->map.path, names[i]);
+    free(names);
+    return rc;
 }
 
 zse_file *zse_file_open(const char *path)
@@ -153,8 +190,9 @@ zse_file *zse_file_open(const char *path)
     json_t *tok = json_object_get(json_object_get(f->header, "blobs"), "tokenizer.json");
     if (!tok || get_u64(tok, "offset", &f->tok_offset) || get_u64(tok, "size", &f->tok_size) ||
         parse_hex64(json_object_get(tok, "checksum"), &f->tok_checksum) ||
-        !region_ok(f, data_offset, f->tok_offset, f->tok_size)) {
-        zse_fail("%s: the tokenizer.json blob is missing or out of bounds", path);
+        !region_ok(f, data_offset, f->tok_offset, f->tok_size) ||
+        f->tok_offset % ZSE_TENSOR_ALIGN != 0) {
+        zse_fail("%s: the tokenizer.json blob is missing, misaligned or out of bounds", path);
         goto fail;
     }
     json_t *tensors = json_object_get(f->header, "tensors");
@@ -169,6 +207,8 @@ zse_file *zse_file_open(const char *path)
     for (size_t i = 0; i < f->n_tensors; i++)
         if (read_tensor(f, json_array_get(tensors, i), data_offset, &f->tensors[i]) != 0)
             goto fail;
+    if (check_unique_names(f) != 0)
+        goto fail;
     return f;
 fail:
     zse_file_close(f);

@@ -24,8 +24,9 @@ struct zse_llm {
     zse_weight *out_norm;   /* (hidden) */
     zse_weight *output;     /* (vocab, hidden); tok_embd when tied */
     layer_weights *layers;
-    int max_tokens;
-    /* activations, [max_tokens][width] */
+    int max_tokens;         /* rows per step */
+    int max_out;            /* rows per step that get logits */
+    /* activations, [max_tokens][width]; xo, xo2 and logits [max_out][width] */
     zse_act *x, *xb, *xb2, *q, *k, *v, *att, *hb, *hb2, *xo, *xo2, *logits;
 };
 
@@ -106,11 +107,24 @@ static zse_weight *load_layer(zse_llm *m, const zse_file *f, int l, const char *
     return load_named(m, f, name, required, rc);
 }
 
-static int alloc_acts(zse_llm *m)
+static void free_acts(zse_llm *m)
+{
+    zse_act **acts[] = {&m->x, &m->xb, &m->xb2, &m->q, &m->k, &m->v, &m->att, &m->hb, &m->hb2, &m->xo, &m->xo2,
+                        &m->logits};
+    for (size_t i = 0; i < sizeof acts / sizeof acts[0]; i++) {
+        if (*acts[i])
+            ops(m)->act_free(m->be, *acts[i]);
+        *acts[i] = NULL;
+    }
+}
+
+static int alloc_acts(zse_llm *m, int max_tokens, int max_out)
 {
     const zse_config *c = &m->c;
-    int64_t T = m->max_tokens, qd = (int64_t)c->n_heads * c->head_dim, kd = (int64_t)c->n_kv_heads * c->head_dim;
+    int64_t T = max_tokens, O = max_out;
+    int64_t qd = (int64_t)c->n_heads * c->head_dim, kd = (int64_t)c->n_kv_heads * c->head_dim;
     const zse_backend_ops *o = ops(m);
+    free_acts(m);
     m->x = o->act_new(m->be, T, c->hidden_size);
     m->xb = o->act_new(m->be, T, c->hidden_size);
     m->xb2 = o->act_new(m->be, T, c->hidden_size);
@@ -120,23 +134,45 @@ static int alloc_acts(zse_llm *m)
     m->att = o->act_new(m->be, T, qd);
     m->hb = o->act_new(m->be, T, c->intermediate_size);
     m->hb2 = o->act_new(m->be, T, c->intermediate_size);
-    m->xo = o->act_new(m->be, T, c->hidden_size);
-    m->xo2 = o->act_new(m->be, T, c->hidden_size);
-    m->logits = o->act_new(m->be, T, c->vocab_size);
-    return m->x && m->xb && m->xb2 && m->q && m->k && m->v && m->att && m->hb && m->hb2 && m->xo &&
-                   m->xo2 && m->logits
-               ? 0
-               : -1;
+    m->xo = o->act_new(m->be, O, c->hidden_size);
+    m->xo2 = o->act_new(m->be, O, c->hidden_size);
+    m->logits = o->act_new(m->be, O, c->vocab_size);
+    if (!(m->x && m->xb && m->xb2 && m->q && m->k && m->v && m->att && m->hb && m->hb2 && m->xo && m->xo2 &&
+          m->logits)) {
+        free_acts(m);
+        m->max_tokens = m->max_out = 0;
+        return -1;
+    }
+    m->max_tokens = max_tokens;
+    m->max_out = max_out;
+    return 0;
 }
 
-zse_llm *zse_llm_load(const zse_file *f, zse_backend *be, int max_tokens)
+int zse_llm_reserve(zse_llm *m, int max_tokens, int max_out)
+{
+    if (max_tokens < 1 || max_out < 1 || max_out > max_tokens)
+        return zse_fail("step sizes of %d tokens with %d logit rows are invalid", max_tokens, max_out);
+    if (max_tokens <= m->max_tokens && max_out <= m->max_out)
+        return 0;
+    int keep_t = m->max_tokens, keep_o = m->max_out;
+    max_tokens = max_tokens > keep_t ? max_tokens : keep_t;
+    max_out = max_out > keep_o ? max_out : keep_o;
+    if (alloc_acts(m, max_tokens, max_out) == 0)
+        return 0;
+    char why[ZSE_ERROR_MAX];
+    snprintf(why, sizeof why, "%s", zse_error_message());
+    if (keep_t > 0 && alloc_acts(m, keep_t, keep_o) != 0) /* what worked before */
+        zse_log(ZSE_LOG_ERROR, "cannot restore activations of %d tokens", keep_t);
+    return zse_fail("activations for %d tokens per step: %s", max_tokens, why);
+}
+
+zse_llm *zse_llm_load(const zse_file *f, zse_backend *be, int max_tokens, int max_out)
 {
     zse_llm *m = zse_calloc(1, sizeof *m);
     if (!m)
         return NULL;
     m->c = *zse_file_config(f);
     m->be = be;
-    m->max_tokens = max_tokens;
     const zse_config *c = &m->c;
     if (strcmp(c->arch, "llama") && strcmp(c->arch, "mistral") && strcmp(c->arch, "qwen2")) {
         zse_fail("%s: architecture '%s' is not supported by this zse", zse_file_path(f), c->arch);
@@ -166,7 +202,7 @@ zse_llm *zse_llm_load(const zse_file *f, zse_backend *be, int max_tokens)
         L->down = load_layer(m, f, l, "ffn_down.weight", true, &rc);
     }
     if (rc == 0)
-        rc = alloc_acts(m);
+        rc = zse_llm_reserve(m, max_tokens, max_out);
     if (rc == 0) {
         float *inv = zse_malloc((size_t)c->head_dim / 2 * sizeof *inv), mscale;
         rc = inv ? 0 : -1;
@@ -201,15 +237,13 @@ void zse_llm_free(zse_llm *m)
                 o->weight_free(m->be, ws[i]);
     }
     free(m->layers);
-    zse_act *acts[] = {m->x, m->xb, m->xb2, m->q, m->k, m->v, m->att, m->hb, m->hb2, m->xo, m->xo2, m->logits};
-    for (size_t i = 0; i < sizeof acts / sizeof acts[0]; i++)
-        if (acts[i])
-            o->act_free(m->be, acts[i]);
+    free_acts(m);
     free(m);
 }
 
 const zse_config *zse_llm_config(const zse_llm *m) { return &m->c; }
 int zse_llm_max_tokens(const zse_llm *m) { return m->max_tokens; }
+int zse_llm_max_out(const zse_llm *m) { return m->max_out; }
 
 /* x += Attention(RMSNorm(x)) for one layer */
 static void attention_block(zse_llm *m, zse_kv *kv, int l, int64_t n)
@@ -259,6 +293,8 @@ int zse_llm_forward(zse_llm *m, zse_kv *kv, const zse_batch *b, float *logits)
     const zse_config *c = &m->c;
     if (b->n_tokens < 1 || b->n_tokens > m->max_tokens)
         return zse_fail("batch of %d tokens (at most %d per step)", b->n_tokens, m->max_tokens);
+    if (b->n_out < 0 || b->n_out > m->max_out || b->n_out > b->n_tokens)
+        return zse_fail("batch asks logits for %d rows (at most %d per step)", b->n_out, m->max_out);
     for (int i = 0; i < b->n_tokens; i++)
         if (b->tokens[i] < 0 || b->tokens[i] >= c->vocab_size)
             return zse_fail("token id %d is outside the vocabulary (0..%d)", b->tokens[i], c->vocab_size - 1);

@@ -9,11 +9,16 @@
 
 typedef struct zse_llm zse_llm;
 
-/* weights from the file onto the backend; activations sized for max_tokens per step */
-zse_llm *zse_llm_load(const zse_file *f, zse_backend *be, int max_tokens);
+/* weights from the file onto the backend; activations sized for max_tokens rows per step
+ * of which at most max_out get logits */
+zse_llm *zse_llm_load(const zse_file *f, zse_backend *be, int max_tokens, int max_out);
 void zse_llm_free(zse_llm *m);
+/* grows the activations to at least these sizes (never shrinks); on failure the old
+ * sizes stay usable */
+int zse_llm_reserve(zse_llm *m, int max_tokens, int max_out);
 const zse_config *zse_llm_config(const zse_llm *m);
 int zse_llm_max_tokens(const zse_llm *m);
+int zse_llm_max_out(const zse_llm *m);
 
 /* runs the batch (its K/V are stored into kv at the batch's slots) and writes
  * logits [b->n_out][vocab] for the batch's out_rows */

@@ -2886,7 +2886,8 @@ static val str_percent(rctx *c, const node *n, const zstr *fmt, const val *argsv
         char spec[32];
         size_t sl = 0;
         spec[sl++] = '%';
-        while (i < fmt->len && strchr("-+ 0#.123456789", fmt->p[i]) && sl < 20) spec[sl++] = fmt->p[i++];
+        while (i < fmt->len && fmt->p[i] && strchr("-+ 0#.123456789", fmt->p[i]) && sl < 20) spec[sl++] = fmt->p[i++];
+        spec[sl] = 0;
         if (i >= fmt->len) rfail(c, n, "incomplete format");
         char conv = fmt->p[i];
         if (conv == '%') {

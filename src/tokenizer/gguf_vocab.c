@@ -1,12 +1,21 @@
 /* GGUF vocabularies: the tokenizer.ggml.* metadata of a .gguf file, turned into the
- * equivalent tokenizer.json pipeline so one implementation serves both:
- *   gpt2  → byte-level BPE with the pre-tokenizer regexes named by tokenizer.ggml.pre
+ * tokenizer.json pipeline Hugging Face would use for the same model, so one
+ * implementation serves both:
+ *   gpt2  → byte-level BPE; the pre-tokenizer regexes are the set llama.cpp names by
+ *           tokenizer.ggml.pre (the Hugging Face originals where llama.cpp rewrote them)
  *   llama → SentencePiece-style BPE (▁, byte fallback) with merges derived from the scores
  *           the way Hugging Face's converter derives them
- * Every length and count read from the file is checked against the file's size. */
+ * Special tokens follow llama.cpp: CONTROL and UNKNOWN tokens are special added tokens,
+ * USER_DEFINED ones are added tokens matched in any text.
+ *
+ * The reader walks the header and every key/value pair (all value types, arrays of
+ * arrays included); every length and count is checked against the file's size before
+ * it is used. */
 #include "tokenizer/tokenizer.h"
 
 #include <string.h>
+
+/* ---- a bounds-checked reader of GGUF metadata ------------------------------------------ */
 
 typedef struct {
     const uint8_t *p, *end;
@@ -14,9 +23,13 @@ typedef struct {
     bool bad;
 } reader;
 
-static bool need(reader *r, size_t n)
+enum { T_U8, T_I8, T_U16, T_I16, T_U32, T_I32, T_F32, T_BOOL, T_STR, T_ARR, T_U64, T_I64, T_F64, T_COUNT };
+
+#define MAX_ARRAY_DEPTH 4
+
+static bool need(reader *r, uint64_t n)
 {
-    if (r->bad || (size_t)(r->end - r->p) < n) {
+    if (r->bad || (uint64_t)(r->end - r->p) < n) {
         if (!r->bad)
             zse_fail("%s: GGUF metadata runs past the end of the file (truncated or corrupt)", r->path);
         r->bad = true;
@@ -28,7 +41,7 @@ static bool need(reader *r, size_t n)
 static uint64_t rd(reader *r, int n)
 {
     uint64_t v = 0;
-    if (!need(r, (size_t)n))
+    if (!need(r, (uint64_t)n))
         return 0;
     for (int i = 0; i < n; i++)
         v |= (uint64_t)r->p[i] << (8 * i);
@@ -47,13 +60,67 @@ static const char *rd_str(reader *r, uint64_t *len)
     return s;
 }
 
-enum { T_U8, T_I8, T_U16, T_I16, T_U32, T_I32, T_F32, T_BOOL, T_STR, T_ARR, T_U64, T_I64, T_F64 };
-
 static int scalar_size(uint32_t t)
 {
-    static const int sz[] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
-    return t < 13 ? sz[t] : -1;
+    static const int sz[T_COUNT] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+    return t < T_COUNT ? sz[t] : -1;
 }
+
+static void skip_value(reader *r, uint32_t t, int depth);
+
+/* an array: element type, count, elements (which may be arrays themselves) */
+static void skip_array(reader *r, int depth)
+{
+    uint32_t et = (uint32_t)rd(r, 4);
+    uint64_t n = rd(r, 8);
+    if (r->bad)
+        return;
+    if (depth >= MAX_ARRAY_DEPTH) {
+        zse_fail("%s: GGUF arrays nested more than %d deep", r->path, MAX_ARRAY_DEPTH);
+        r->bad = true;
+    } else if (scalar_size(et) > 0) {
+        if (n > (uint64_t)(r->end - r->p) / (uint64_t)scalar_size(et)) {
+            need(r, UINT64_MAX); /* records the error */
+            return;
+        }
+        r->p += n * (uint64_t)scalar_size(et);
+    } else {
+        /* strings and arrays: each element is at least 8 bytes, which bounds the loop */
+        for (uint64_t i = 0; i < n && !r->bad; i++)
+            skip_value(r, et, depth + 1);
+    }
+}
+
+static void skip_value(reader *r, uint32_t t, int depth)
+{
+    uint64_t len;
+    if (t == T_STR)
+        rd_str(r, &len);
+    else if (t == T_ARR)
+        skip_array(r, depth);
+    else if (scalar_size(t) > 0)
+        rd(r, scalar_size(t));
+    else if (!r->bad) {
+        zse_fail("%s: unknown GGUF value type %u", r->path, t);
+        r->bad = true;
+    }
+}
+
+/* an integer or bool value of any width, sign-extended where signed */
+static bool rd_int(reader *r, uint32_t t, int64_t *out)
+{
+    int sz = scalar_size(t);
+    if (sz <= 0 || t == T_F32 || t == T_F64)
+        return false;
+    uint64_t v = rd(r, sz);
+    bool is_signed = t == T_I8 || t == T_I16 || t == T_I32 || t == T_I64;
+    if (is_signed && sz < 8 && (v >> (8 * sz - 1)) & 1)
+        v |= ~0ull << (8 * sz);
+    *out = (int64_t)v;
+    return true;
+}
+
+/* ---- the tokenizer.ggml.* keys ----------------------------------------------------------- */
 
 typedef struct {
     const uint8_t *at;  /* first element */
@@ -65,20 +132,12 @@ typedef struct {
     char model[32], pre[64];
     array_ref tokens, scores, types, merges;
     int64_t bos, eos, unk;
-    int add_bos;
+    int add_bos, add_eos, add_space_prefix; /* -1: not in the file */
 } gguf_vocab;
 
-static void skip_value(reader *r, uint32_t t)
+static bool key_is(const char *k, uint64_t kl, const char *name)
 {
-    if (t == T_STR) {
-        uint64_t l;
-        rd_str(r, &l);
-    } else if (scalar_size(t) > 0) {
-        rd(r, scalar_size(t));
-    } else {
-        zse_fail("%s: unknown GGUF value type %u", r->path, t);
-        r->bad = true;
-    }
+    return kl == strlen(name) && memcmp(k, name, kl) == 0;
 }
 
 static void read_kv(reader *r, gguf_vocab *v)
@@ -88,58 +147,57 @@ static void read_kv(reader *r, gguf_vocab *v)
     uint32_t t = (uint32_t)rd(r, 4);
     if (r->bad)
         return;
-#define KEY(s) (kl == strlen(s) && memcmp(k, s, kl) == 0)
     if (t == T_ARR) {
-        uint32_t et = (uint32_t)rd(r, 4);
-        uint64_t n = rd(r, 8);
-        array_ref a = {r->p, et, n};
-        if (et == T_STR) {
-            for (uint64_t i = 0; i < n && !r->bad; i++)
-                skip_value(r, T_STR);
-        } else if (scalar_size(et) > 0 && n <= (uint64_t)(r->end - r->p) / (uint64_t)scalar_size(et)) {
-            r->p += n * (uint64_t)scalar_size(et);
-        } else {
-            zse_fail("%s: GGUF array of %llu elements of type %u does not fit the file", r->path,
-                     (unsigned long long)n, et);
-            r->bad = true;
-        }
-        if (KEY("tokenizer.ggml.tokens")) v->tokens = a;
-        else if (KEY("tokenizer.ggml.scores")) v->scores = a;
-        else if (KEY("tokenizer.ggml.token_type")) v->types = a;
-        else if (KEY("tokenizer.ggml.merges")) v->merges = a;
+        const uint8_t *start = r->p;
+        skip_array(r, 0);
+        if (r->bad)
+            return;
+        uint32_t et;
+        uint64_t n;
+        memcpy(&et, start, 4); /* GGUF is little-endian, as is every machine zse runs on */
+        memcpy(&n, start + 4, 8);
+        array_ref a = {start + 12, et, n};
+        if (key_is(k, kl, "tokenizer.ggml.tokens")) v->tokens = a;
+        else if (key_is(k, kl, "tokenizer.ggml.scores")) v->scores = a;
+        else if (key_is(k, kl, "tokenizer.ggml.token_type")) v->types = a;
+        else if (key_is(k, kl, "tokenizer.ggml.merges")) v->merges = a;
         return;
     }
-    if (t == T_STR && (KEY("tokenizer.ggml.model") || KEY("tokenizer.ggml.pre"))) {
+    bool model = key_is(k, kl, "tokenizer.ggml.model"), pre = key_is(k, kl, "tokenizer.ggml.pre");
+    if (t == T_STR && (model || pre)) {
         uint64_t l;
         const char *s = rd_str(r, &l);
-        char *dst = KEY("tokenizer.ggml.model") ? v->model : v->pre;
-        size_t cap = KEY("tokenizer.ggml.model") ? sizeof v->model : sizeof v->pre;
+        char *dst = model ? v->model : v->pre;
+        size_t cap = model ? sizeof v->model : sizeof v->pre;
         if (s)
             snprintf(dst, cap, "%.*s", (int)(l < cap ? l : cap - 1), s);
         return;
     }
-    if (scalar_size(t) > 0 && (KEY("tokenizer.ggml.bos_token_id") || KEY("tokenizer.ggml.eos_token_id") ||
-                                KEY("tokenizer.ggml.unknown_token_id") || KEY("tokenizer.ggml.add_bos_token"))) {
-        int64_t x = (int64_t)rd(r, scalar_size(t));
-        if (KEY("tokenizer.ggml.bos_token_id")) v->bos = x;
-        else if (KEY("tokenizer.ggml.eos_token_id")) v->eos = x;
-        else if (KEY("tokenizer.ggml.unknown_token_id")) v->unk = x;
-        else v->add_bos = (int)x;
-        return;
+    struct { const char *name; int64_t *id; int *flag; } ints[] = {
+        {"tokenizer.ggml.bos_token_id", &v->bos, NULL},     {"tokenizer.ggml.eos_token_id", &v->eos, NULL},
+        {"tokenizer.ggml.unknown_token_id", &v->unk, NULL}, {"tokenizer.ggml.add_bos_token", NULL, &v->add_bos},
+        {"tokenizer.ggml.add_eos_token", NULL, &v->add_eos}, {"tokenizer.ggml.add_space_prefix", NULL, &v->add_space_prefix},
+    };
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
+        int64_t x;
+        if (key_is(k, kl, ints[i].name) && rd_int(r, t, &x)) {
+            if (ints[i].id)
+                *ints[i].id = x;
+            else
+                *ints[i].flag = x != 0;
+            return;
+        }
     }
-#undef KEY
-    skip_value(r, t);
+    skip_value(r, t, 0);
 }
 
-/* the i-th string of an array (arrays of strings are walked; callers go in order) */
+/* the i-th string of an array of strings: walked in order */
 typedef struct {
     reader r;
-    uint64_t i;
 } str_iter;
 
 static const char *next_str(str_iter *it, uint64_t *len)
 {
-    it->i++;
     return rd_str(&it->r, len);
 }
 
@@ -157,37 +215,88 @@ static int32_t array_i32(const array_ref *a, uint64_t i)
     return x;
 }
 
-/* llama.cpp's regex sets per pre-tokenizer name (applied in order, each splitting the
- * pieces of the previous one); NULL = not known */
-static const char *const *pre_regexes(const char *pre)
+/* ---- pre-tokenizer regex sets, by llama.cpp's names --------------------------------------- */
+
+#define GPT2_RX "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
+#define GPT2_NO_TAIL_RX "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)"
+#define CONTRACTIONS "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+#define LLAMA3_RX CONTRACTIONS "|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+#define QWEN2_RX CONTRACTIONS "|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+#define CASED_WORDS(tail)                                                                                       \
+    "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+" tail                      \
+    "|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*" tail
+#define BLOOM_RX " ?[^(\\s|.,!?\\x{2026}\\x{3002}\\x{ff0c}\\x{3001}\\x{0964}\\x{06d4}\\x{060c})]+"
+#define CJK_RX "[\\x{4e00}-\\x{9fa5}\\x{0800}-\\x{4e00}\\x{ac00}-\\x{d7ff}]+"
+
+typedef struct {
+    const char *names;        /* space-separated names of tokenizer.ggml.pre */
+    const char *rx[6];        /* applied in order, each splitting the pieces of the one before */
+    bool ignore_merges;       /* a piece that is a token is taken whole */
+    bool add_bos;             /* the default when add_bos_token is absent */
+} pre_set;
+
+static const pre_set PRE_SETS[] = {
+    {"default", {"[\\p{P}\\$\\+<=>\\^~\\|]+", GPT2_NO_TAIL_RX, "\\p{N}+", "[0-9][0-9][0-9]"}, false, false},
+    {"gpt-2 gpt2 phi-2 jina-es jina-de jina-v2-es jina-v2-de jina-v2-code mpt olmo jais trillion granite-docling "
+     "exaone4 roberta-bpe gigachat",
+     {GPT2_RX}, false, false},
+    {"llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano", {LLAMA3_RX}, true, true},
+    {"dbrx smaug-bpe chatglm-bpe glm4", {LLAMA3_RX}, false, false},
+    {"qwen2 deepseek-r1-qwen kormo stablelm2 hunyuan megrez solar-open grok-2", {QWEN2_RX}, false, false},
+    {"deepseek-coder", {"[\\r\\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", CJK_RX, "\\p{N}"}, false, false},
+    {"deepseek-v3 hunyuan-dense",
+     {"\\p{N}{1,3}", "[\\x{4e00}-\\x{9fa5}\\x{3040}-\\x{309f}\\x{30a0}-\\x{30ff}]+",
+      "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\\r\\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| "
+      "?[\\p{P}\\p{S}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+     false, false},
+    {"falcon", {"[\\p{P}\\$\\+<=>\\^~\\|`]+", GPT2_NO_TAIL_RX, "[0-9][0-9][0-9]"}, false, false},
+    {"starcoder refact command-r smollm codeshell exaone minerva-7b mellum2", {"\\p{N}", GPT2_NO_TAIL_RX}, false,
+     false},
+    {"poro-chat bloom gpt3-finnish", {BLOOM_RX}, false, false},
+    {"viking", {BLOOM_RX, "\\p{N}"}, false, false},
+    {"tekken", {CASED_WORDS("") "|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}, true, true},
+    {"gpt-4o llama4 minimax-m2",
+     {CASED_WORDS(CONTRACTIONS "?") "|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+     false, false},
+    {"superbpe", {"\\p{N}+", "(?=(\\d{3})+(?!\\d))"}, false, false},
+    {"bailingmoe bailingmoe2 llada-moe",
+     {"'(?i:[sdmt]|ll|ve|re)|[^\\r\\n\\p{L}\\p{N}]?+\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]++[\\r\\n]*|\\s*[\\r\\n]|\\s+(?!\\S)|"
+      "\\s+"},
+     false, false},
+    {"seed-coder",
+     {CONTRACTIONS "|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1}| ?[^\\s\\p{L}\\p{N}\\r\\n]+|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+     false, false},
+    {"minicpm5",
+     {"\\p{N}{1,3}",
+      CONTRACTIONS "|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}+| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+     true, false},
+};
+
+static bool name_in(const char *names, const char *name)
 {
-    static const char *const gpt2[] = {
-        "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+", NULL};
-    static const char *const llama3[] = {
-        "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?"
-        "[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+", NULL};
-    static const char *const qwen2[] = {
-        "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?"
-        "[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+", NULL};
-    static const char *const deepseek_coder[] = {
-        "[\\r\\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", "[\\x{4e00}-\\x{9fa5}\\x{0800}-\\x{4e00}\\x{ac00}-\\x{d7ff}]+",
-        "\\p{N}", NULL};
-    static const char *const falcon[] = {
-        "[\\p{P}\\$\\+<=>\\^~\\|`]+",
-        "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)", "[0-9][0-9][0-9]", NULL};
-    static const char *const starcoder[] = {
-        "\\p{N}", "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)", NULL};
-    static const struct { const char *name; const char *const *rx; } table[] = {
-        {"default", gpt2}, {"gpt-2", gpt2}, {"gpt2", gpt2}, {"mpt", gpt2}, {"olmo", gpt2}, {"jais", gpt2},
-        {"llama3", llama3}, {"llama-bpe", llama3}, {"dbrx", llama3}, {"smaug-bpe", llama3},
-        {"qwen2", qwen2}, {"deepseek-coder", deepseek_coder}, {"falcon", falcon},
-        {"starcoder", starcoder}, {"refact", starcoder}, {"command-r", starcoder}, {"smollm", starcoder},
-    };
-    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++)
-        if (strcmp(pre, table[i].name) == 0)
-            return table[i].rx;
-    return NULL;
+    size_t nl = strlen(name);
+    for (const char *p = names; *p;) {
+        const char *e = strchr(p, ' ');
+        size_t l = e ? (size_t)(e - p) : strlen(p);
+        if (l == nl && memcmp(p, name, l) == 0)
+            return true;
+        p += l + (e != NULL);
+    }
+    return false;
 }
+
+/* llama.cpp uses its default set, with a warning, for a name it does not know */
+static const pre_set *pre_set_of(const char *pre, const char *path)
+{
+    const char *name = pre[0] ? pre : "default";
+    for (size_t i = 0; i < sizeof PRE_SETS / sizeof PRE_SETS[0]; i++)
+        if (name_in(PRE_SETS[i].names, name))
+            return &PRE_SETS[i];
+    zse_log(ZSE_LOG_WARN, "%s: pre-tokenizer '%s' is not known to zse; using llama.cpp's default regexes", path, pre);
+    return &PRE_SETS[0];
+}
+
+/* ---- tokenizer.json from the metadata ----------------------------------------------------- */
 
 typedef struct {
     float score;
@@ -206,21 +315,19 @@ static int cmp_merge(const void *a, const void *b)
     return x->right < y->right ? -1 : x->right > y->right;
 }
 
-/* Hugging Face's SentencePiece converter: every split of a piece into two vocab pieces is
- * a merge, ranked by the merged piece's score (highest first) */
+/* Hugging Face's SentencePiece converter: every split of a piece into two vocabulary
+ * pieces is a merge, ranked by the merged piece's score (highest first) */
 static json_t *spm_merges(json_t *vocab, char **texts, const gguf_vocab *v, uint64_t n)
 {
     spm_merge *m = NULL;
     size_t nm = 0, cap = 0;
+    char left[512];
     for (uint64_t id = 0; id < n; id++) {
         const char *s = texts[id];
         size_t len = strlen(s);
-        for (size_t i = 1; i < len; i++) {
+        for (size_t i = 1; i < len && i < sizeof left; i++) {
             if (((unsigned char)s[i] & 0xC0) == 0x80)
                 continue; /* split between characters only */
-            char left[512];
-            if (i >= sizeof left)
-                break;
             memcpy(left, s, i);
             left[i] = '\0';
             json_t *l = json_object_get(vocab, left), *r = json_object_get(vocab, s + i);
@@ -241,7 +348,7 @@ static json_t *spm_merges(json_t *vocab, char **texts, const gguf_vocab *v, uint
     }
     qsort(m, nm, sizeof *m, cmp_merge);
     json_t *arr = json_array();
-    for (size_t i = 0; i < nm; i++)
+    for (size_t i = 0; arr && i < nm; i++)
         json_array_append_new(arr, json_pack("[s,s]", texts[m[i].left], texts[m[i].right]));
     free(m);
     return arr;
@@ -253,25 +360,104 @@ static json_t *split_step(const char *rx)
                      "invert", 0);
 }
 
-static json_t *build_tokenizer_json(const gguf_vocab *v, reader *r, const char *path)
+/* TemplateProcessing with BOS before and/or EOS after the sequence */
+static json_t *post_processor(const gguf_vocab *v, char **texts, bool bos, bool eos)
+{
+    json_t *single = json_array(), *specials = json_object();
+    if (bos)
+        json_array_append_new(single, json_pack("{s:{s:s, s:i}}", "SpecialToken", "id", texts[v->bos], "type_id", 0));
+    json_array_append_new(single, json_pack("{s:{s:s, s:i}}", "Sequence", "id", "A", "type_id", 0));
+    if (eos)
+        json_array_append_new(single, json_pack("{s:{s:s, s:i}}", "SpecialToken", "id", texts[v->eos], "type_id", 0));
+    if (bos)
+        json_object_set_new(specials, texts[v->bos],
+                            json_pack("{s:s, s:[I], s:[s]}", "id", texts[v->bos], "ids", (json_int_t)v->bos,
+                                      "tokens", texts[v->bos]));
+    if (eos)
+        json_object_set_new(specials, texts[v->eos],
+                            json_pack("{s:s, s:[I], s:[s]}", "id", texts[v->eos], "ids", (json_int_t)v->eos,
+                                      "tokens", texts[v->eos]));
+    return json_pack("{s:s, s:o, s:o}", "type", "TemplateProcessing", "single", single, "special_tokens", specials);
+}
+
+static bool valid_id(int64_t id, uint64_t n)
+{
+    return id >= 0 && (uint64_t)id < n;
+}
+
+static json_t *spm_model(const gguf_vocab *v, json_t *vocab, char **texts, uint64_t n, json_t **norm, json_t **dec)
+{
+    json_t *merges = spm_merges(vocab, texts, v, n);
+    if (!merges)
+        return NULL;
+    /* add_space_prefix (default on): the ▁ SentencePiece puts before the text */
+    *norm = v->add_space_prefix != 0
+                ? json_pack("{s:s, s:[{s:s, s:s}, {s:s, s:{s:s}, s:s}]}", "type", "Sequence", "normalizers", "type",
+                            "Prepend", "prepend", "\xe2\x96\x81", "type", "Replace", "pattern", "String", " ",
+                            "content", "\xe2\x96\x81")
+                : json_pack("{s:s, s:{s:s}, s:s}", "type", "Replace", "pattern", "String", " ", "content",
+                            "\xe2\x96\x81");
+    *dec = json_pack("{s:s, s:[{s:s, s:{s:s}, s:s}, {s:s}, {s:s}, {s:s, s:s, s:i, s:i}]}", "type", "Sequence",
+                     "decoders", "type", "Replace", "pattern", "String", "\xe2\x96\x81", "content", " ", "type",
+                     "ByteFallback", "type", "Fuse", "type", "Strip", "content", " ", "start",
+                     v->add_space_prefix != 0 ? 1 : 0, "stop", 0);
+    return json_pack("{s:s, s:O, s:o, s:b, s:s*}", "type", "BPE", "vocab", vocab, "merges", merges, "byte_fallback", 1,
+                     "unk_token", valid_id(v->unk, n) ? texts[v->unk] : NULL);
+}
+
+static json_t *bpe_model(const gguf_vocab *v, const reader *r, json_t *vocab, const pre_set *ps, json_t **pre,
+                         json_t **dec)
+{
+    json_t *merges = json_array();
+    str_iter mi = {{v->merges.at, r->end, r->path, false}};
+    for (uint64_t i = 0; merges && v->merges.type == T_STR && i < v->merges.n; i++) {
+        uint64_t l;
+        const char *s = next_str(&mi, &l);
+        if (!s) {
+            json_decref(merges);
+            return NULL;
+        }
+        json_array_append_new(merges, json_stringn(s, l));
+    }
+    json_t *steps = json_array();
+    for (int i = 0; i < 6 && ps->rx[i]; i++)
+        json_array_append_new(steps, split_step(ps->rx[i]));
+    json_array_append_new(steps, json_pack("{s:s, s:b, s:b}", "type", "ByteLevel", "add_prefix_space", 0,
+                                           "use_regex", 0));
+    *pre = json_pack("{s:s, s:o}", "type", "Sequence", "pretokenizers", steps);
+    *dec = json_pack("{s:s}", "type", "ByteLevel");
+    return json_pack("{s:s, s:O, s:o, s:b}", "type", "BPE", "vocab", vocab, "merges", merges, "ignore_merges",
+                     ps->ignore_merges);
+}
+
+static json_t *build_tokenizer_json(gguf_vocab *v, const reader *r, const char *path)
 {
     bool spm = strcmp(v->model, "llama") == 0;
     if (!spm && strcmp(v->model, "gpt2") != 0) {
-        zse_fail("%s: GGUF tokenizer model '%s' is not supported (gpt2 and llama are)", path, v->model);
+        zse_fail("%s: GGUF tokenizer model '%s' is not supported (gpt2 and llama are)", path,
+                 v->model[0] ? v->model : "(none)");
         return NULL;
     }
     uint64_t n = v->tokens.n;
     if (n == 0 || n > (1u << 24) || v->tokens.type != T_STR ||
         (v->types.n && (v->types.n != n || scalar_size(v->types.type) != 4)) ||
-        (spm && (v->scores.n != n || v->scores.type != T_F32))) {
-        zse_fail("%s: tokenizer.ggml.tokens/scores/token_type are missing or inconsistent", path);
+        (spm && (v->scores.n != n || v->scores.type != T_F32)) || (!spm && v->merges.type != T_STR)) {
+        zse_fail("%s: tokenizer.ggml.tokens/scores/token_type/merges are missing or inconsistent", path);
         return NULL;
+    }
+    const pre_set *ps = spm ? NULL : pre_set_of(v->pre, path);
+    if (spm) { /* llama.cpp's defaults for SentencePiece vocabularies */
+        v->bos = v->bos < 0 ? 1 : v->bos;
+        v->eos = v->eos < 0 ? 2 : v->eos;
+        v->add_bos = v->add_bos < 0 ? 1 : v->add_bos;
+    } else if (v->add_bos < 0) {
+        v->add_bos = ps->add_bos;
     }
     char **texts = zse_calloc(n, sizeof *texts);
     json_t *vocab = json_object(), *added = json_array(), *root = NULL;
-    if (!texts)
+    if (!texts || !vocab || !added)
         goto done;
-    str_iter it = {{v->tokens.at, r->end, path, false}, 0};
+    str_iter it = {{v->tokens.at, r->end, path, false}};
     for (uint64_t id = 0; id < n; id++) {
         uint64_t l;
         const char *s = next_str(&it, &l);
@@ -279,60 +465,27 @@ static json_t *build_tokenizer_json(const gguf_vocab *v, reader *r, const char *
             goto done;
         json_object_set_new(vocab, texts[id], json_integer((json_int_t)id));
         int32_t type = v->types.n ? array_i32(&v->types, id) : 1;
-        if (type == 3 || type == 4) /* CONTROL, USER_DEFINED: matched before the model */
+        /* UNKNOWN (2) and CONTROL (3): special; USER_DEFINED (4): matched in any text */
+        if ((type == 2 || type == 3 || type == 4) && texts[id][0])
             json_array_append_new(added, json_pack("{s:I, s:s, s:b, s:b, s:b, s:b, s:b}", "id", (json_int_t)id,
-                                                   "content", texts[id], "special", type == 3, "lstrip", 0,
-                                                   "rstrip", 0, "single_word", 0, "normalized", type == 4));
+                                                   "content", texts[id], "special", type != 4, "lstrip", 0,
+                                                   "rstrip", 0, "single_word", 0, "normalized", 0));
     }
-    json_t *model, *pre = json_null(), *norm = json_null(), *dec;
-    if (spm) {
-        json_t *merges = spm_merges(vocab, texts, v, n);
-        if (!merges)
-            goto done;
-        model = json_pack("{s:s, s:O, s:o, s:b, s:s*}", "type", "BPE", "vocab", vocab, "merges", merges,
-                          "byte_fallback", 1, "unk_token",
-                          v->unk >= 0 && (uint64_t)v->unk < n ? texts[v->unk] : NULL);
-        norm = json_pack("{s:s, s:[{s:s, s:s}, {s:s, s:{s:s}, s:s}]}", "type", "Sequence", "normalizers", "type",
-                         "Prepend", "prepend", "\xe2\x96\x81", "type", "Replace", "pattern", "String", " ",
-                         "content", "\xe2\x96\x81");
-        dec = json_pack("{s:s, s:[{s:s, s:{s:s}, s:s}, {s:s}, {s:s}, {s:s, s:s, s:i, s:i}]}", "type", "Sequence",
-                        "decoders", "type", "Replace", "pattern", "String", "\xe2\x96\x81", "content", " ", "type",
-                        "ByteFallback", "type", "Fuse", "type", "Strip", "content", " ", "start", 1, "stop", 0);
-    } else {
-        json_t *merges = json_array();
-        str_iter mi = {{v->merges.at, r->end, path, false}, 0};
-        for (uint64_t i = 0; v->merges.type == T_STR && i < v->merges.n; i++) {
-            uint64_t l;
-            const char *s = next_str(&mi, &l);
-            if (!s)
-                goto done;
-            json_array_append_new(merges, json_stringn(s, l));
-        }
-        model = json_pack("{s:s, s:O, s:o}", "type", "BPE", "vocab", vocab, "merges", merges);
-        const char *const *rx = pre_regexes(v->pre[0] ? v->pre : "default");
-        if (!rx) {
-            zse_fail("%s: pre-tokenizer '%s' is not known to zse", path, v->pre);
-            json_decref(model);
-            goto done;
-        }
-        json_t *steps = json_array();
-        for (int i = 0; rx[i]; i++)
-            json_array_append_new(steps, split_step(rx[i]));
-        json_array_append_new(steps, json_pack("{s:s, s:b, s:b}", "type", "ByteLevel", "add_prefix_space", 0,
-                                               "use_regex", 0));
-        pre = json_pack("{s:s, s:o}", "type", "Sequence", "pretokenizers", steps);
-        dec = json_pack("{s:s}", "type", "ByteLevel");
+    json_t *model, *pre = json_null(), *norm = json_null(), *dec = NULL;
+    model = spm ? spm_model(v, vocab, texts, n, &norm, &dec) : bpe_model(v, r, vocab, ps, &pre, &dec);
+    if (!model || !dec) {
+        json_decref(model);
+        json_decref(pre);
+        json_decref(norm);
+        json_decref(dec);
+        zse_fail("%s: out of memory building the tokenizer", path);
+        goto done;
     }
     root = json_pack("{s:o, s:o, s:o, s:o, s:O}", "model", model, "normalizer", norm, "pre_tokenizer", pre,
                      "decoder", dec, "added_tokens", added);
-    /* add_bos_token: BOS before the sequence when special tokens are added */
-    if (root && v->add_bos == 1 && v->bos >= 0 && (uint64_t)v->bos < n)
-        json_object_set_new(root, "post_processor",
-                            json_pack("{s:s, s:[{s:{s:s, s:i}}, {s:{s:s, s:i}}], s:{s:{s:s, s:[I], s:[s]}}}",
-                                      "type", "TemplateProcessing", "single", "SpecialToken", "id", texts[v->bos],
-                                      "type_id", 0, "Sequence", "id", "A", "type_id", 0, "special_tokens",
-                                      texts[v->bos], "id", texts[v->bos], "ids", (json_int_t)v->bos, "tokens",
-                                      texts[v->bos]));
+    bool bos = v->add_bos == 1 && valid_id(v->bos, n), eos = v->add_eos == 1 && valid_id(v->eos, n);
+    if (root && (bos || eos))
+        json_object_set_new(root, "post_processor", post_processor(v, texts, bos, eos));
 done:
     for (uint64_t i = 0; texts && i < n; i++)
         free(texts[i]);
@@ -342,17 +495,30 @@ done:
     return root;
 }
 
+/* the string of token `id` as a JSON string (for tokenizer_config's bos/eos) */
+static json_t *token_name(const gguf_vocab *v, const reader *r, int64_t id)
+{
+    if (!valid_id(id, v->tokens.n))
+        return NULL;
+    str_iter it = {{v->tokens.at, r->end, r->path, false}};
+    uint64_t l = 0;
+    const char *s = NULL;
+    for (int64_t i = 0; i <= id; i++)
+        s = next_str(&it, &l);
+    return s ? json_stringn(s, l) : NULL;
+}
+
 zse_tokenizer *zse_tokenizer_from_gguf(const char *path)
 {
     zse_map m;
     if (zse_map_open(&m, path) != 0)
         return NULL;
-    reader r = {m.data, m.data + m.size, path, false};
     zse_tokenizer *t = NULL;
     if (m.size < 24 || memcmp(m.data, "GGUF", 4) != 0) {
         zse_fail("%s is not a GGUF file", path);
         goto done;
     }
+    reader r = {m.data, m.data + m.size, path, false};
     r.p += 4;
     uint32_t version = (uint32_t)rd(&r, 4);
     if (version < 2 || version > 3) {
@@ -361,7 +527,7 @@ zse_tokenizer *zse_tokenizer_from_gguf(const char *path)
     }
     rd(&r, 8); /* tensor count: the vocabulary needs none */
     uint64_t n_kv = rd(&r, 8);
-    gguf_vocab v = {.bos = -1, .eos = -1, .unk = -1, .add_bos = -1};
+    gguf_vocab v = {.bos = -1, .eos = -1, .unk = -1, .add_bos = -1, .add_eos = -1, .add_space_prefix = -1};
     for (uint64_t i = 0; i < n_kv && !r.bad; i++)
         read_kv(&r, &v);
     if (r.bad)
@@ -369,19 +535,18 @@ zse_tokenizer *zse_tokenizer_from_gguf(const char *path)
     json_t *j = build_tokenizer_json(&v, &r, path);
     if (!j)
         goto done;
-    json_t *cfg = json_object();
-    if (v.bos >= 0 && (uint64_t)v.bos < v.tokens.n) {
-        str_iter it = {{v.tokens.at, r.end, path, false}, 0};
-        uint64_t l = 0;
-        const char *s = NULL;
-        for (int64_t i = 0; i <= v.bos; i++)
-            s = next_str(&it, &l);
-        if (s)
-            json_object_set_new(cfg, "bos_token", json_stringn(s, l));
-    }
+    json_t *cfg = json_object(), *bos = token_name(&v, &r, v.bos), *eos = token_name(&v, &r, v.eos);
+    if (bos)
+        json_object_set_new(cfg, "bos_token", bos);
+    if (eos)
+        json_object_set_new(cfg, "eos_token", eos);
     char *text = json_dumps(j, JSON_COMPACT);
     if (text)
         t = zse_tokenizer_from_json(text, strlen(text), cfg);
+    else
+        zse_fail("%s: out of memory building the tokenizer", path);
+    if (!t)
+        zse_error_prefix("%s", path);
     free(text);
     json_decref(j);
     json_decref(cfg);

@@ -35,6 +35,10 @@ char *zse_tokenizer_decode(const zse_tokenizer *t, const int32_t *ids, size_t n,
 int zse_tokenizer_n_vocab(const zse_tokenizer *t);
 int32_t zse_tokenizer_bos(const zse_tokenizer *t);  /* -1 when none */
 int32_t zse_tokenizer_eos(const zse_tokenizer *t);  /* -1 when none */
+/* whether add_special puts the BOS token first (the post-processor's template) */
+bool zse_tokenizer_add_bos(const zse_tokenizer *t);
+/* "bpe-bytelevel", "bpe-sentencepiece" or "bpe" */
+const char *zse_tokenizer_type(const zse_tokenizer *t);
 const char *zse_tokenizer_token_text(const zse_tokenizer *t, int32_t id);
 int32_t zse_tokenizer_token_id(const zse_tokenizer *t, const char *text); /* -1 if absent */
 bool zse_tokenizer_is_special(const zse_tokenizer *t, int32_t id);

@@ -29,6 +29,16 @@ set_tests_properties(cli_run_cuda_missing PROPERTIES FIXTURES_REQUIRED zse_int4 
 add_test(NAME cli_bench_json COMMAND zse bench ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse --prompt-tokens 32 --gen-tokens 8 --json)
 set_tests_properties(cli_bench_json PROPERTIES FIXTURES_REQUIRED zse_int4
   PASS_REGULAR_EXPRESSION "\"prefill_tok_s\": [0-9.]+, \"gen_tokens\": 8, \"decode_tok_s\": [0-9.]+")
+# many sequences through the batching engine: every request must generate all its tokens
+# (zse bench fails otherwise); the memory breakdown is printed
+add_test(NAME cli_bench_concurrent COMMAND zse bench ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse --prompt-tokens 16
+         --gen-tokens 4 --concurrency 1,3 --batch-prompt-tokens 20 --batch-gen-tokens 6 --json)
+set_tests_properties(cli_bench_concurrent PROPERTIES FIXTURES_REQUIRED zse_int4
+  PASS_REGULAR_EXPRESSION "\"memory_mb\": {\"weights\": [0-9.]+, \"kv_cache\": [0-9.]+.*\"sequences\": 1, \"prompt_tokens\": 20, \"gen_tokens\": 6.*\"sequences\": 3, ")
+add_test(NAME cli_bench_bad_concurrency COMMAND zse bench ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse --concurrency 8,0)
+set_tests_properties(cli_bench_bad_concurrency PROPERTIES PASS_REGULAR_EXPRESSION "--concurrency takes up to 8 counts")
+add_test(NAME cli_bench_short_ctx COMMAND zse bench ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse --prompt-tokens 64 --ctx 32)
+set_tests_properties(cli_bench_short_ctx PROPERTIES PASS_REGULAR_EXPRESSION "--ctx 32 is shorter than")
 # perplexity: a file against itself has zero KL divergence; int4 against bf16 a small positive one
 add_test(NAME cli_perplexity_self COMMAND zse perplexity ${PROJECT_BINARY_DIR}/cli-tests/tiny-bf16.zse
          -f ${ZSE_TEST_FIXTURES}/eval.txt --ctx 64 --kld-base ${PROJECT_BINARY_DIR}/cli-tests/tiny-bf16.zse --json)

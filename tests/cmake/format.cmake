@@ -46,3 +46,42 @@ if(EXISTS ${ZSE_SHARED_DIR}/tokenizer-vectors/ggml-vocab-gpt-2.gguf)
 endif()
 add_test(NAME cli_detokenize_bad_ids COMMAND zse detokenize ${FIX} --ids "[1, \"x\"]")
 set_tests_properties(cli_detokenize_bad_ids PROPERTIES PASS_REGULAR_EXPRESSION "not a token id")
+
+# every format verb explains itself
+foreach(verb convert info verify)
+  add_test(NAME cli_${verb}_help COMMAND zse ${verb} --help)
+  set_tests_properties(cli_${verb}_help PROPERTIES PASS_REGULAR_EXPRESSION "usage: zse ${verb}")
+endforeach()
+add_test(NAME cli_convert_no_args COMMAND zse convert)
+set_tests_properties(cli_convert_no_args PROPERTIES WILL_FAIL TRUE)
+add_test(NAME cli_convert_bad_group COMMAND zse convert ${FIX} -o ${OUT}/x.zse --group-size 48)
+set_tests_properties(cli_convert_bad_group PROPERTIES PASS_REGULAR_EXPRESSION "32, 64 or 128")
+
+# the overrides reach the file: embeddings f16, lm_head int8, a layer kept at f16
+add_test(NAME cli_convert_overrides COMMAND zse convert ${FIX} -o ${OUT}/tiny-over.zse --quant nf4
+  --group-size 32 --embed-quant f16 --lm-head-quant int8 --keep-fp16 "blk.0.*" --threads 2 --force)
+set_tests_properties(cli_convert_overrides PROPERTIES FIXTURES_SETUP zse_over)
+add_test(NAME cli_info_overrides COMMAND zse info ${OUT}/tiny-over.zse --json)
+set_tests_properties(cli_info_overrides PROPERTIES FIXTURES_REQUIRED zse_over
+  PASS_REGULAR_EXPRESSION "\"quant\": \"nf4\".*\"f32\": {[^}]*\"tensors\": 9,.*\"f16\": {[^}]*\"tensors\": 8,.*\"int8\": {[^}]*\"tensors\": 1,.*\"nf4\": {[^}]*\"tensors\": 21,")
+
+# a tied qwen2: no lm_head stored, KV estimate at --ctx
+add_test(NAME cli_convert_qwen2 COMMAND zse convert ${PROJECT_SOURCE_DIR}/tests/fixtures/tiny-qwen2 -o ${OUT}/qwen2-int8.zse --quant int8 --force)
+set_tests_properties(cli_convert_qwen2 PROPERTIES FIXTURES_SETUP zse_qwen2)
+add_test(NAME cli_info_qwen2 COMMAND zse info ${OUT}/qwen2-int8.zse --ctx 4096)
+set_tests_properties(cli_info_qwen2 PROPERTIES FIXTURES_REQUIRED zse_qwen2
+  PASS_REGULAR_EXPRESSION "architecture: +qwen2.*tied embeddings: yes.*quantization: +int8.*memory at ctx 4096: weights [0-9.]+ [KMG]B \\+ KV 2.1 MB \\(f16\\) or 1.3 MB \\(int8\\)")
+add_test(NAME cli_verify_qwen2 COMMAND zse verify ${OUT}/qwen2-int8.zse)
+set_tests_properties(cli_verify_qwen2 PROPERTIES FIXTURES_REQUIRED zse_qwen2 PASS_REGULAR_EXPRESSION "OK")
+
+# tools/synth_model.py end to end: a custom shape in several shards, converted and verified
+# (skipped where numpy is not installed)
+add_test(NAME synth_model_convert COMMAND sh -c
+  "python3 -c 'import numpy' 2>/dev/null || exit 77; \
+   python3 ${PROJECT_SOURCE_DIR}/tools/synth_model.py --arch qwen2 --layers 2 --hidden 128 --ffn 256 \
+     --heads 4 --kv-heads 2 --vocab 2304 --shard-gb 0.0004 --seed 7 \
+     --tokenizer ${PROJECT_SOURCE_DIR}/tests/fixtures/tiny-qwen2 --out ${OUT}/synth \
+     --zse ${OUT}/synth.zse --zse-bin $<TARGET_FILE:zse> --quant int8 && \
+   $<TARGET_FILE:zse> verify ${OUT}/synth.zse && $<TARGET_FILE:zse> info ${OUT}/synth.zse --json")
+set_tests_properties(synth_model_convert PROPERTIES SKIP_RETURN_CODE 77
+  PASS_REGULAR_EXPRESSION "model-00003-of-[0-9]+.safetensors.*OK.*\"architecture\": \"qwen2\".*\"vocab_size\": 2304")

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # tests/gpu/bench7b.sh ZSE OUTDIR — end-to-end numbers on a Qwen2.5-7B-shaped synthetic
 # model on the GPU device: conversion speed and size, cold start to first token, and
-# `zse bench --device cuda` (prefill 512, decode 128) for int4 and f16, with peak VRAM as
-# nvidia-smi counts it. Needs python3 + numpy for tools/synth_model.py.
+# `zse bench --device cuda` (prefill 512, decode 128, KV cache sized for a 4096-token
+# context) for int4 and f16, with peak VRAM as nvidia-smi counts it, and aggregate decode
+# through the batching engine at ZSE_BENCH_CONCURRENCY sequences (default 8,32,64; 128
+# prompt + 128 generated tokens each). Needs python3 + numpy for tools/synth_model.py.
 set -u
 zse=${1:?zse binary}; out=${2:?output dir}
 work=${ZSE_BENCH_WORK:-/tmp/zse-bench7b}
@@ -33,7 +35,11 @@ for q in ${ZSE_BENCH_QUANTS:-int4 f16}; do
     done
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 >"$work/vram-$q.log" 2>/dev/null &
     smi=$!
-    "$zse" bench "$work/$q.zse" --device cuda --prompt-tokens 512 --gen-tokens 128 --json 2>>"$log" | tee -a "$log"
+    "$zse" bench "$work/$q.zse" --device cuda --ctx 4096 --prompt-tokens 512 --gen-tokens 128 --json 2>>"$log" | tee -a "$log"
     kill $smi 2>/dev/null; wait $smi 2>/dev/null
-    note "peak VRAM $q (nvidia-smi, MiB): $(sort -n "$work/vram-$q.log" | tail -1)"
+    note "peak VRAM $q, 4096-token context (nvidia-smi, MiB): $(sort -n "$work/vram-$q.log" | tail -1)"
+    if [ -n "${ZSE_BENCH_CONCURRENCY-8,32,64}" ]; then
+        "$zse" bench "$work/$q.zse" --device cuda --prompt-tokens 16 --gen-tokens 8 \
+            --concurrency "${ZSE_BENCH_CONCURRENCY-8,32,64}" --json 2>>"$log" | tee -a "$log"
+    fi
 done

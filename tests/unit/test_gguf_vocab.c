@@ -1,118 +1,242 @@
-/* GGUF vocabularies against ../shared/tokenizer-vectors: every test string encodes to the
- * ids Hugging Face produced (no added special tokens, no special-token parsing), and
- * decodes back to itself. Skips (77) when ../shared is absent. */
+/* GGUF vocabularies from the project's own fixtures (tests/fixtures/gguf, made by
+ * tools/make_gguf_vocab_fixtures.py): a Llama-3-style byte-level vocabulary (pre
+ * "llama-bpe": ignore_merges, add_bos), a Qwen2 one, and a SentencePiece one (scores, token
+ * types, byte tokens), each carrying metadata of every GGUF value type. Every golden text
+ * encodes as Hugging Face did — specials as text, specials parsed, BOS added — and decodes
+ * back. Then malformed files: every truncation of a fixture, lengths and counts past the
+ * end, unknown value types, arrays nested too deep, a missing vocabulary, an unknown model;
+ * each fails with an error, never a crash. */
 #include "test.h"
 
 #include "tokenizer/tokenizer.h"
 
-static const char *const vocabs[] = {"gpt-2", "llama-spm", "deepseek-coder", "falcon", "starcoder"};
-static int total_pass, total_cases;
+#include <unistd.h>
 
-static void check_vocab(const char *dir, const char *name)
+static bool same_ids(const int32_t *ids, size_t n, const json_t *want)
 {
-    char path[512], inp[560], outp[560];
-    snprintf(path, sizeof path, "%s/ggml-vocab-%s.gguf", dir, name);
-    snprintf(inp, sizeof inp, "%s.inp", path);
-    snprintf(outp, sizeof outp, "%s.out", path);
-    zse_tokenizer *t = zse_tokenizer_from_gguf(path);
-    CHECK_MSG(t != NULL, "%s", zse_error_message());
-    size_t il, ol;
-    char *in = zse_read_file(inp, &il), *out = zse_read_file(outp, &ol);
-    if (!t || !in || !out) {
-        free(in), free(out), zse_tokenizer_free(t);
-        return;
-    }
-    const char *sep = "\n__ggml_vocab_test__\n";
-    char *s = in, *o = out;
-    int pass = 0, cases = 0, round = 0;
-    while (s && *s) {
-        char *end = strstr(s, sep);
-        size_t sl = end ? (size_t)(end - s) : strlen(s);
-        char *nl = strchr(o, '\n');
-        if (!nl)
-            break;
-        *nl = '\0';
-        int32_t want[4096];
-        int nw = 0;
-        for (char *p = o; *p && nw < 4096;) {
-            char *q;
-            long v = strtol(p, &q, 10);
-            if (q == p)
-                break;
-            want[nw++] = (int32_t)v;
-            p = q;
-        }
-        int32_t *ids;
-        size_t n;
-        bool ok = zse_tokenizer_encode(t, s, sl, false, false, &ids, &n) == 0 && (int)n == nw &&
-                  memcmp(ids, want, n * sizeof *ids) == 0;
-        if (!ok && cases < 200)
-            fprintf(stderr, "%s case %d: \"%.*s\" differs\n", name, cases, (int)(sl > 60 ? 60 : sl), s);
-        if (ok) {
-            char *back = zse_tokenizer_decode(t, ids, n, false);
-            if (back && strlen(back) == sl && memcmp(back, s, sl) == 0)
-                round++;
-            free(back);
-        }
-        if (ids)
-            free(ids);
-        pass += ok;
-        cases++;
-        o = nl + 1;
-        s = end ? end + strlen(sep) : NULL;
-    }
-    printf("%s: %d of %d vectors encode exactly; %d decode back to the same text\n", name, pass, cases, round);
-    CHECK_MSG(pass == cases, "%s: %d of %d", name, pass, cases);
-    total_pass += pass;
-    total_cases += cases;
-    free(in);
-    free(out);
-    zse_tokenizer_free(t);
+    if (n != json_array_size(want))
+        return false;
+    for (size_t k = 0; k < n; k++)
+        if (ids[k] != json_integer_value(json_array_get(want, k)))
+            return false;
+    return true;
 }
 
-int main(void)
+static int check_fixture(const char *dir, const char *name, int32_t bos, int32_t eos, const char *type)
 {
-    const char *shared = test_env("ZSE_SHARED");
-    char dir[512];
-    snprintf(dir, sizeof dir, "%s/tokenizer-vectors", shared ? shared : "../shared");
-    char probe[600];
-    snprintf(probe, sizeof probe, "%s/ggml-vocab-gpt-2.gguf", dir);
-    if (!zse_file_exists(probe)) {
-        printf("skipped: %s is absent\n", dir);
-        return 77;
+    char path[600], gpath[600];
+    snprintf(path, sizeof path, "%s/%s.gguf", dir, name);
+    snprintf(gpath, sizeof gpath, "%s/%s.goldens.json", dir, name);
+    zse_tokenizer *t = zse_tokenizer_from_gguf(path);
+    CHECK_MSG(t != NULL, "%s: %s", name, zse_error_message());
+    json_error_t err;
+    json_t *g = json_load_file(gpath, 0, &err);
+    CHECK_MSG(g != NULL, "%s: %s", gpath, err.text);
+    int cases = 0;
+    if (t && g) {
+        CHECK_EQ_INT(zse_tokenizer_bos(t), bos);
+        CHECK_EQ_INT(zse_tokenizer_eos(t), eos);
+        CHECK_EQ_STR(zse_tokenizer_type(t), type);
+        size_t i;
+        json_t *c;
+        json_array_foreach(g, i, c) {
+            const char *s = json_string_value(json_object_get(c, "text"));
+            static const struct { const char *key; bool add, special; } modes[] = {
+                {"ids", false, false}, {"ids_special", false, true}, {"ids_bos", true, false}};
+            for (int m = 0; m < 3; m++) {
+                int32_t *ids = NULL;
+                size_t n = 0;
+                CHECK(zse_tokenizer_encode(t, s, strlen(s), modes[m].add, modes[m].special, &ids, &n) == 0);
+                CHECK_MSG(same_ids(ids, n, json_object_get(c, modes[m].key)), "%s: %s of \"%s\"", name, modes[m].key,
+                          s);
+                if (m == 0) { /* no normalizer: the text comes back exactly */
+                    char *back = zse_tokenizer_decode(t, ids, n, false);
+                    CHECK_MSG(back && strcmp(back, s) == 0, "%s: \"%s\" decoded as \"%s\"", name, s, back);
+                    free(back);
+                }
+                free(ids);
+            }
+            cases++;
+        }
     }
-    for (size_t i = 0; i < sizeof vocabs / sizeof vocabs[0]; i++)
-        check_vocab(dir, vocabs[i]);
-    printf("all vocabularies: %d of %d vectors\n", total_pass, total_cases);
-    /* add_bos_token: llama-spm adds <s> (1) when special tokens are added; gpt-2 does not */
-    char spm[600];
-    snprintf(spm, sizeof spm, "%s/ggml-vocab-llama-spm.gguf", dir);
-    zse_tokenizer *t = zse_tokenizer_from_gguf(spm);
-    int32_t *ids;
-    size_t n;
-    CHECK(t && zse_tokenizer_encode(t, "Hello", 5, true, false, &ids, &n) == 0 && n >= 2 && ids[0] == 1);
-    if (t && n)
-        free(ids);
+    json_decref(g);
     zse_tokenizer_free(t);
-    t = zse_tokenizer_from_gguf(probe);
-    CHECK(t && zse_tokenizer_encode(t, "Hello", 5, true, false, &ids, &n) == 0 && n == 1 && ids[0] == 15496);
-    if (t)
-        free(ids);
-    zse_tokenizer_free(t);
-    /* a file that is not GGUF, and a truncated one, fail cleanly */
-    CHECK(zse_tokenizer_from_gguf("/etc/hostname") == NULL);
+    return cases;
+}
+
+/* every prefix of a good file is a bad file */
+static void check_truncations(const char *path)
+{
     size_t len;
-    char *whole = zse_read_file(probe, &len);
-    const char *cut = "/tmp/zse-test-truncated.gguf";
-    for (size_t at = 0; whole && at < len; at += len / 7 + 1) {
+    char *whole = zse_read_file(path, &len);
+    CHECK(whole != NULL);
+    char cut[64];
+    snprintf(cut, sizeof cut, "/tmp/zse-gguf-cut-%d.gguf", (int)getpid());
+    int failed_cleanly = 0, tried = 0;
+    for (size_t at = 0; whole && at < len; at += at < 4096 ? 97 : len / 40 + 1) {
         FILE *f = fopen(cut, "wb");
         fwrite(whole, 1, at, f);
         fclose(f);
         zse_tokenizer *bad = zse_tokenizer_from_gguf(cut);
-        CHECK_MSG(bad == NULL, "truncated at %zu", at);
+        failed_cleanly += bad == NULL && zse_error_message()[0];
+        tried++;
         zse_tokenizer_free(bad);
     }
+    CHECK_EQ_INT(failed_cleanly, tried);
     remove(cut);
     free(whole);
+}
+
+/* ---- hand-made files ------------------------------------------------------------------ */
+
+static void put(zse_buf *b, uint64_t v, int n)
+{
+    for (int i = 0; i < n; i++) {
+        char c = (char)(v >> (8 * i));
+        zse_buf_append(b, &c, 1);
+    }
+}
+
+static void put_str(zse_buf *b, const char *s)
+{
+    put(b, strlen(s), 8);
+    zse_buf_puts(b, s);
+}
+
+static void header(zse_buf *b, uint64_t n_kv)
+{
+    zse_buf_puts(b, "GGUF");
+    put(b, 3, 4);
+    put(b, 0, 8);
+    put(b, n_kv, 8);
+}
+
+/* a minimal gpt2 vocabulary: tokens a, b, ab, <|x|> (CONTROL); merge "a b" */
+static void tiny_vocab(zse_buf *b, const char *model)
+{
+    put_str(b, "tokenizer.ggml.model");
+    put(b, 8, 4);
+    put_str(b, model);
+    put_str(b, "tokenizer.ggml.tokens");
+    put(b, 9, 4);
+    put(b, 8, 4);
+    put(b, 4, 8);
+    put_str(b, "a");
+    put_str(b, "b");
+    put_str(b, "ab");
+    put_str(b, "<|x|>");
+    put_str(b, "tokenizer.ggml.token_type");
+    put(b, 9, 4);
+    put(b, 5, 4);
+    put(b, 4, 8);
+    put(b, 1, 4);
+    put(b, 1, 4);
+    put(b, 1, 4);
+    put(b, 3, 4);
+    put_str(b, "tokenizer.ggml.merges");
+    put(b, 9, 4);
+    put(b, 8, 4);
+    put(b, 1, 8);
+    put_str(b, "a b");
+}
+
+static zse_tokenizer *load_bytes(const zse_buf *b)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/zse-gguf-made-%d.gguf", (int)getpid());
+    FILE *f = fopen(path, "wb");
+    fwrite(b->data, 1, b->len, f);
+    fclose(f);
+    zse_tokenizer *t = zse_tokenizer_from_gguf(path);
+    remove(path);
+    return t;
+}
+
+static void check_made(void)
+{
+    /* the tiny vocabulary works: "aab<|x|>" → a, ab, and <|x|> only when parsed */
+    zse_buf b = {0};
+    header(&b, 4);
+    tiny_vocab(&b, "gpt2");
+    zse_tokenizer *t = load_bytes(&b);
+    CHECK_MSG(t != NULL, "%s", zse_error_message());
+    int32_t *ids = NULL;
+    size_t n = 0;
+    if (t && zse_tokenizer_encode(t, "aab<|x|>", 8, false, true, &ids, &n) == 0) {
+        CHECK(n == 3 && ids[0] == 0 && ids[1] == 2 && ids[2] == 3);
+        free(ids);
+    }
+    CHECK(t && zse_tokenizer_is_special(t, 3) && !zse_tokenizer_add_bos(t));
+    zse_tokenizer_free(t);
+
+    struct {
+        const char *what, *error;
+        uint32_t type;     /* of an extra key placed before the vocabulary */
+        uint64_t count;    /* its array count or string length */
+        int depth;         /* arrays nested this deep */
+    } bad[] = {
+        {"array count past the end", "past the end", 5, 1ull << 60, 1},
+        {"string length past the end", "past the end", 8, 1ull << 62, 0},
+        {"unknown value type", "unknown GGUF value type", 13, 0, 0},
+        {"arrays nested too deep", "nested", 5, 1, 6},
+        {"array of strings past the end", "past the end", 8, 1ull << 50, 1},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        b.len = 0;
+        header(&b, 5);
+        put_str(&b, "zse.bad");
+        if (bad[i].depth == 0) {
+            put(&b, bad[i].type, 4);
+            if (bad[i].type == 8)
+                put(&b, bad[i].count, 8);
+        } else {
+            put(&b, 9, 4);
+            for (int d = 1; d < bad[i].depth; d++) { /* [[[...]]] one element each */
+                put(&b, 9, 4);
+                put(&b, 1, 8);
+            }
+            put(&b, bad[i].type, 4);
+            put(&b, bad[i].count, 8);
+            put(&b, 7, 4);
+        }
+        tiny_vocab(&b, "gpt2");
+        t = load_bytes(&b);
+        CHECK_MSG(t == NULL && strstr(zse_error_message(), bad[i].error), "%s: %s", bad[i].what,
+                  zse_error_message());
+        zse_tokenizer_free(t);
+    }
+    /* a model zse does not know, and a file without a vocabulary */
+    b.len = 0;
+    header(&b, 4);
+    tiny_vocab(&b, "t5");
+    t = load_bytes(&b);
+    CHECK_MSG(t == NULL && strstr(zse_error_message(), "'t5' is not supported"), "%s", zse_error_message());
+    b.len = 0;
+    header(&b, 0);
+    t = load_bytes(&b);
+    CHECK_MSG(t == NULL && strstr(zse_error_message(), "not supported"), "%s", zse_error_message());
+    /* huge kv count: runs out of file, no huge loop */
+    b.len = 0;
+    header(&b, 1ull << 62);
+    t = load_bytes(&b);
+    CHECK_MSG(t == NULL && strstr(zse_error_message(), "past the end"), "%s", zse_error_message());
+    zse_buf_free(&b);
+    CHECK(zse_tokenizer_from_gguf("/nonexistent/x.gguf") == NULL);
+}
+
+int main(void)
+{
+    const char *data = test_env("ZSE_TEST_DATA");
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/gguf", data ? data : "tests/fixtures");
+    int cases = check_fixture(dir, "llama-bpe", 0, 4, "bpe-bytelevel") + check_fixture(dir, "qwen2", -1, 2, "bpe-bytelevel") +
+                check_fixture(dir, "spm", 1, 2, "bpe-sentencepiece");
+    printf("GGUF fixture cases: %d\n", cases);
+    char path[600];
+    snprintf(path, sizeof path, "%s/qwen2.gguf", dir);
+    check_truncations(path);
+    snprintf(path, sizeof path, "%s/spm.gguf", dir);
+    check_truncations(path);
+    check_made();
     return test_main_end();
 }

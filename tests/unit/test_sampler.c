@@ -1,108 +1,330 @@
-/* sampler, stop strings, KV block allocator, RoPE scaling frequencies. */
+/* The sampler: greedy, temperature, top-k / top-p / min-p as distributions with a fixed
+ * seed, penalties to the exact value, logit bias, seeds, logprobs; stop strings that
+ * arrive split across tokens (through the real tokenizer of a fixture); RoPE scaling. */
 #include "test.h"
 
 #include "engine/engine.h"
 #include "model/model.h"
+#include "tokenizer/tokenizer.h"
 
 #define V 8
 
-static int32_t draw(const zse_sampling *s, const float *base, zse_rng *rng, const zse_history *h)
+static float scratch_p[4096];
+static int32_t scratch_i[4096]; /* zero, as zse_sample requires and leaves it */
+
+static int32_t draw(const zse_sampling *s, const float *base, int n, zse_rng *rng, const zse_history *h)
 {
-    float logits[V], p[V];
-    int32_t idx[V];
-    memcpy(logits, base, sizeof logits);
-    return zse_sample(s, logits, V, h, rng, p, idx);
+    float logits[4096];
+    memcpy(logits, base, (size_t)n * sizeof *logits);
+    return zse_sample(s, logits, n, h, rng, scratch_p, scratch_i);
 }
 
-int main(void)
+static bool scratch_zero(void)
 {
-    const float base[V] = {1.0f, 2.0f, 3.0f, 0.5f, -1.0f, 2.5f, 0.0f, -2.0f};
+    for (int i = 0; i < 4096; i++)
+        if (scratch_i[i])
+            return false;
+    return true;
+}
+
+/* draws N tokens and compares their frequencies with the expected distribution */
+static void check_distribution(const char *what, const zse_sampling *s, const float *base, const double *want)
+{
+    zse_rng rng;
+    zse_rng_seed(&rng, 7);
     zse_history none = {0};
+    int counts[V] = {0};
+    const int N = 20000;
+    for (int i = 0; i < N; i++)
+        counts[draw(s, base, V, &rng, &none)]++;
+    for (int i = 0; i < V; i++)
+        CHECK_MSG(fabs((double)counts[i] / N - want[i]) < 0.012, "%s: id %d drawn %.4f, want %.4f", what, i,
+                  (double)counts[i] / N, want[i]);
+    CHECK(scratch_zero());
+}
+
+/* softmax(base / t) restricted to `keep` (1 = kept), renormalized */
+static void expected(const float *base, float t, const int *keep, double *out)
+{
+    double z = 0;
+    for (int i = 0; i < V; i++)
+        z += keep[i] ? exp(base[i] / t) : 0;
+    for (int i = 0; i < V; i++)
+        out[i] = keep[i] ? exp(base[i] / t) / z : 0;
+}
+
+static void distributions(void)
+{
+    /* probabilities at t=1: id2 .441, id5 .268, id1 .162, id0 .060, id3 .036 ... */
+    const float base[V] = {1.0f, 2.0f, 3.0f, 0.5f, -1.0f, 2.5f, 0.0f, -2.0f};
     zse_sampling s;
     zse_sampling_default(&s);
+    double want[V];
+    int all[V] = {1, 1, 1, 1, 1, 1, 1, 1};
+
+    expected(base, 1, all, want);
+    check_distribution("t=1", &s, base, want);
+    s.temperature = 0.5f;
+    expected(base, 0.5f, all, want);
+    check_distribution("t=0.5", &s, base, want);
+    s.temperature = 1;
+
+    s.top_k = 3; /* ids 2, 5, 1 renormalized */
+    int k3[V] = {0, 1, 1, 0, 0, 1, 0, 0};
+    expected(base, 1, k3, want);
+    check_distribution("top-k 3", &s, base, want);
+    s.top_k = 0;
+
+    /* top-p 0.75: p(2) + p(5) = .709 < .75, + p(1) crosses: keep 2, 5, 1 */
+    s.top_p = 0.75f;
+    expected(base, 1, k3, want);
+    check_distribution("top-p 0.75", &s, base, want);
+    s.top_p = 0.7f; /* .709 reaches it: 2 and 5 */
+    int k2[V] = {0, 0, 1, 0, 0, 1, 0, 0};
+    expected(base, 1, k2, want);
+    check_distribution("top-p 0.7", &s, base, want);
+    /* top-k 2 then top-p 0.6 of the renormalized pair: .62/.38 -> only id 2 survives */
+    s.top_k = 2;
+    s.top_p = 0.6f;
+    int only2[V] = {0, 0, 1, 0, 0, 0, 0, 0};
+    expected(base, 1, only2, want);
+    check_distribution("top-k 2 + top-p 0.6", &s, base, want);
+    s.top_k = 0;
+    s.top_p = 1;
+
+    /* min-p 0.3: keep p >= 0.3 p(best): e^(x-3) >= .3 -> x >= 1.796: ids 1, 2, 5 */
+    s.min_p = 0.3f;
+    expected(base, 1, k3, want);
+    check_distribution("min-p 0.3", &s, base, want);
+    s.min_p = 0;
+
+    /* greedy, and top-k 1 is greedy at any temperature */
+    s.temperature = 0;
     zse_rng rng;
     zse_rng_seed(&rng, 1);
+    zse_history none = {0};
+    CHECK_EQ_INT(draw(&s, base, V, &rng, &none), 2);
+    s.temperature = 5;
+    s.top_k = 1;
+    CHECK_EQ_INT(draw(&s, base, V, &rng, &none), 2);
+    s.top_k = 0;
 
-    s.temperature = 0;
-    CHECK_EQ_INT(draw(&s, base, &rng, &none), 2);
-
-    /* temperature 1: frequencies follow softmax within a few percent */
+    /* same seed, same draws; another seed, other draws */
     s.temperature = 1;
-    int counts[V] = {0};
-    const int N = 40000;
+    zse_rng a, b, c;
+    zse_rng_seed(&a, 42);
+    zse_rng_seed(&b, 42);
+    zse_rng_seed(&c, 43);
+    int same = 0, diff = 0;
+    for (int i = 0; i < 200; i++) {
+        int32_t x = draw(&s, base, V, &a, &none), y = draw(&s, base, V, &b, &none), z = draw(&s, base, V, &c, &none);
+        same += x == y;
+        diff += x != z;
+    }
+    CHECK_EQ_INT(same, 200);
+    CHECK(diff > 20);
+}
+
+/* a large vocabulary with a long tail: top-p sorts only the head, yet the nucleus is exact */
+static void large_vocab(void)
+{
+    enum { N = 4096 };
+    static float base[N];
     for (int i = 0; i < N; i++)
-        counts[draw(&s, base, &rng, &none)]++;
+        base[i] = -0.002f * (float)i; /* slowly decaying: the nucleus is most of the vocabulary */
+    zse_sampling s;
+    zse_sampling_default(&s);
+    s.top_p = 0.95f;
+    double total = 0, cum = 0;
+    for (int i = 0; i < N; i++)
+        total += exp(base[i]);
+    int cut = 0;
+    while (cum < 0.95 * total)
+        cum += exp(base[cut++]);
+    zse_rng rng;
+    zse_rng_seed(&rng, 3);
+    zse_history none = {0};
+    int32_t worst = 0;
+    for (int i = 0; i < 3000; i++) {
+        int32_t t = draw(&s, base, N, &rng, &none);
+        worst = t > worst ? t : worst;
+    }
+    CHECK_MSG(worst < cut && worst > cut - 300, "largest id drawn %d, nucleus ends at %d", worst, cut);
+    CHECK(scratch_zero());
+}
+
+static void penalties(void)
+{
+    const float base[V] = {1.0f, 2.0f, 3.0f, 0.5f, -1.0f, 2.5f, 0.0f, -2.0f};
+    zse_sampling s;
+    zse_sampling_default(&s);
+    s.temperature = 0;
+    zse_rng rng;
+    zse_rng_seed(&rng, 1);
+    float l[V];
+
+    zse_logit_bias lb[2] = {{7, 10.0f}, {99, 5.0f}}; /* an id past the vocabulary is ignored */
+    s.logit_bias = lb;
+    s.n_logit_bias = 2;
+    zse_history none = {0};
+    CHECK_EQ_INT(draw(&s, base, V, &rng, &none), 7);
+    s.n_logit_bias = 0;
+
+    /* OpenAI: logit - count * frequency - presence, over generated tokens */
+    int32_t gen[4] = {2, 2, 5, 2};
+    zse_history h = {NULL, 0, gen, 4};
+    s.frequency_penalty = 0.25f;
+    s.presence_penalty = 0.5f;
+    memcpy(l, base, sizeof l);
+    zse_sample(&s, l, V, &h, &rng, scratch_p, scratch_i);
+    CHECK_NEAR(l[2], 3.0 - 3 * 0.25 - 0.5, 1e-6);
+    CHECK_NEAR(l[5], 2.5 - 0.25 - 0.5, 1e-6);
+    CHECK_NEAR(l[1], 2.0, 0);
+    CHECK(scratch_zero());
+    s.frequency_penalty = s.presence_penalty = 0;
+
+    /* Hugging Face repetition penalty: once per distinct token of prompt and output,
+     * positive logits divided, negative multiplied */
+    int32_t prompt[3] = {4, 2, 4};
+    zse_history hp = {prompt, 3, gen, 4};
+    s.repetition_penalty = 2.0f;
+    memcpy(l, base, sizeof l);
+    int32_t t = zse_sample(&s, l, V, &hp, &rng, scratch_p, scratch_i);
+    CHECK_NEAR(l[2], 1.5, 1e-6);
+    CHECK_NEAR(l[5], 1.25, 1e-6);
+    CHECK_NEAR(l[4], -2.0, 1e-6);
+    CHECK_NEAR(l[0], 1.0, 0);
+    CHECK_EQ_INT(t, 1); /* 2.0 is now the best */
+    CHECK(scratch_zero());
+}
+
+static void logprobs(void)
+{
+    const float base[V] = {1.0f, 2.0f, 3.0f, 0.5f, -1.0f, 2.5f, 0.0f, -2.0f};
     double z = 0;
     for (int i = 0; i < V; i++)
         z += exp(base[i]);
-    for (int i = 0; i < V; i++)
-        CHECK_NEAR((double)counts[i] / N, exp(base[i]) / z, 0.01);
+    zse_logprobs lp;
+    zse_compute_logprobs(base, V, 5, 3, &lp);
+    CHECK_NEAR(lp.logprob, 2.5 - log(z), 1e-5);
+    CHECK_EQ_INT(lp.n_top, 3);
+    CHECK(lp.top_ids[0] == 2 && lp.top_ids[1] == 5 && lp.top_ids[2] == 1);
+    CHECK_NEAR(lp.top_logprobs[0], 3.0 - log(z), 1e-5);
+    zse_compute_logprobs(base, V, 0, 50, &lp); /* more than the vocabulary: all of it, sorted */
+    CHECK_EQ_INT(lp.n_top, V);
+    CHECK(lp.top_ids[V - 1] == 7);
+    const float ties[4] = {1, 1, 1, 1};
+    zse_compute_logprobs(ties, 4, 3, 2, &lp);
+    CHECK(lp.top_ids[0] == 0 && lp.top_ids[1] == 1);
+    CHECK_NEAR(lp.logprob, -log(4.0), 1e-6);
+}
 
-    /* top-k 2 only ever picks the two best; top-p 0.5 only the best here; min-p filters */
-    s.top_k = 2;
-    for (int i = 0; i < 500; i++) {
-        int32_t t = draw(&s, base, &rng, &none);
-        CHECK(t == 2 || t == 5);
-    }
-    s.top_k = 0;
-    s.top_p = 0.3f;
-    for (int i = 0; i < 200; i++)
-        CHECK_EQ_INT(draw(&s, base, &rng, &none), 2);
-    s.top_p = 1;
-    s.min_p = 0.5f; /* keeps tokens with p >= 0.5 * p(best): ids 2 (e^3) and 5 (e^2.5) */
-    for (int i = 0; i < 500; i++) {
-        int32_t t = draw(&s, base, &rng, &none);
-        CHECK(t == 2 || t == 5);
-    }
-    s.min_p = 0;
-
-    /* same seed, same sequence */
-    zse_rng a, b;
-    zse_rng_seed(&a, 42);
-    zse_rng_seed(&b, 42);
-    for (int i = 0; i < 50; i++)
-        CHECK_EQ_INT(draw(&s, base, &a, &none), draw(&s, base, &b, &none));
-
-    /* penalties and logit bias (greedy) */
-    s.temperature = 0;
-    zse_logit_bias lb = {7, 10.0f};
-    s.logit_bias = &lb;
-    s.n_logit_bias = 1;
-    CHECK_EQ_INT(draw(&s, base, &rng, &none), 7);
-    s.n_logit_bias = 0;
-    int32_t gen[3] = {2, 2, 5};
-    zse_history h = {NULL, 0, gen, 3};
-    s.frequency_penalty = 0.4f; /* 2: 3 - 0.8 = 2.2; 5: 2.5 - 0.4 = 2.1 */
-    CHECK_EQ_INT(draw(&s, base, &rng, &h), 2);
-    s.presence_penalty = 0.2f;  /* 2: 2.0; 5: 1.9; 1: 2.0 ... 2 wins ties by lower id? both 2.0 */
-    int32_t t = draw(&s, base, &rng, &h);
-    CHECK(t == 1 || t == 2);
-    s.frequency_penalty = s.presence_penalty = 0;
-    s.repetition_penalty = 2.0f; /* 2: 1.5, 5: 1.25 -> best is 1 (2.0) */
-    int32_t prompt[2] = {2, 2};
-    zse_history hp = {prompt, 2, gen + 2, 1};
-    CHECK_EQ_INT(draw(&s, base, &rng, &hp), 1);
-
-    /* stop strings: hold back what might start one */
+static void stop_strings(void)
+{
     const char *stops[2] = {"</s>", "STOP"};
     CHECK_EQ_INT(zse_stop_holdback("hello </", 8, stops, 2), 2);
     CHECK_EQ_INT(zse_stop_holdback("hello ST", 8, stops, 2), 2);
     CHECK_EQ_INT(zse_stop_holdback("hello", 5, stops, 2), 0);
     CHECK_EQ_INT(zse_stop_holdback("<", 1, stops, 2), 1);
+    const char *text = "a STOP b </s>";
+    CHECK(zse_stop_find(text, strlen(text), stops, 2) == text + 2);    /* the earliest wins */
+    CHECK(zse_stop_find("</s>STOP", 8, stops, 2) != NULL);
+    CHECK(zse_stop_find("no", 2, stops, 2) == NULL);
+    const char *empty[1] = {""};
+    CHECK(zse_stop_find("abc", 3, empty, 1) == NULL);
+}
 
-    /* KV blocks: all handed out once, exhaustion reported, released blocks reused */
-    zse_block_pool pool;
-    CHECK(zse_block_pool_init(&pool, 4) == 0);
-    int32_t got[4];
-    for (int i = 0; i < 4; i++)
-        got[i] = zse_block_alloc(&pool);
-    CHECK(got[0] == 0 && got[1] == 1 && got[2] == 2 && got[3] == 3);
-    CHECK_EQ_INT(zse_block_alloc(&pool), -1);
-    zse_block_release(&pool, 2);
-    CHECK_EQ_INT(zse_block_alloc(&pool), 2);
-    zse_block_pool_free(&pool);
+/* feeds the ids of `text` one by one; returns the released text and the finish */
+static zse_finish stream(const zse_tokenizer *tok, const zse_sampling *s, const char *text, zse_buf *out, int *n_ids)
+{
+    zse_gen g;
+    CHECK(zse_gen_init(&g, s, tok) == 0);
+    int32_t *ids;
+    size_t n;
+    CHECK(zse_tokenizer_encode(tok, text, strlen(text), false, false, &ids, &n) == 0);
+    zse_finish fin = ZSE_FINISH_NONE;
+    size_t i = 0;
+    for (; i < n && fin == ZSE_FINISH_NONE; i++)
+        CHECK(zse_gen_accept(&g, ids[i], false, false, out, &fin) == 0);
+    *n_ids = (int)i;
+    free(ids);
+    zse_gen_free(&g);
+    return fin;
+}
 
-    /* RoPE: llama3 keeps high frequencies, divides low ones by the factor */
+static void stops_across_tokens(const char *data)
+{
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/tiny-qwen2", data);
+    zse_tokenizer *tok = zse_tokenizer_from_dir(dir);
+    CHECK_MSG(tok != NULL, "%s", zse_error_message());
+    if (!tok)
+        return;
+    const char *text = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n-1)\n";
+    /* each stop string spans several tokens of this text (the check below shows it) */
+    const char *stop_a[1] = {"return n if"};
+    const char *stop_b[2] = {"zzz", "else fib"};
+    zse_sampling s;
+    zse_sampling_default(&s);
+    s.stop = stop_a;
+    s.n_stop = 1;
+    zse_buf out = {0};
+    int used;
+    CHECK_EQ_INT(stream(tok, &s, text, &out, &used), ZSE_FINISH_STOP);
+    CHECK_EQ_STR(zse_buf_str(&out), "def fibonacci(n):\n    ");
+    int32_t *ids;
+    size_t n;
+    CHECK(zse_tokenizer_encode(tok, "return n if", 11, false, false, &ids, &n) == 0 && n >= 3);
+    free(ids);
+    zse_buf_free(&out);
+
+    s.stop = stop_b;
+    s.n_stop = 2;
+    CHECK_EQ_INT(stream(tok, &s, text, &out, &used), ZSE_FINISH_STOP);
+    CHECK_EQ_STR(zse_buf_str(&out), "def fibonacci(n):\n    return n if n < 2 ");
+    zse_buf_free(&out);
+
+    /* a stop string that never completes holds nothing back at the end */
+    const char *stop_c[1] = {"(n-1)\nX"};
+    s.stop = stop_c;
+    s.n_stop = 1;
+    s.max_tokens = 1000;
+    CHECK_EQ_INT(stream(tok, &s, text, &out, &used), ZSE_FINISH_NONE);
+    CHECK_EQ_STR(zse_buf_str(&out), "def fibonacci(n):\n    return n if n < 2 else fibonacci");
+    zse_buf_free(&out);
+    /* ... and max_tokens releases it: the last token ends with LENGTH and all the text */
+    zse_gen g;
+    CHECK(zse_gen_init(&g, &s, tok) == 0);
+    CHECK(zse_tokenizer_encode(tok, text, strlen(text), false, false, &ids, &n) == 0);
+    g.s.max_tokens = (int)n;
+    zse_finish fin = ZSE_FINISH_NONE;
+    for (size_t i = 0; i < n; i++)
+        CHECK(zse_gen_accept(&g, ids[i], false, false, &out, &fin) == 0);
+    CHECK_EQ_INT(fin, ZSE_FINISH_LENGTH);
+    CHECK_EQ_STR(zse_buf_str(&out), text);
+    zse_buf_free(&out);
+    /* an EOS ends with STOP and releases held text too; stop ids end like EOS */
+    CHECK(zse_gen_restart(&g, tok) == 0);
+    CHECK(zse_gen_accept(&g, ids[0], false, false, &out, &fin) == 0 && fin == ZSE_FINISH_NONE);
+    CHECK(zse_gen_accept(&g, 2, true, false, &out, &fin) == 0 && fin == ZSE_FINISH_STOP);
+    CHECK_EQ_INT(g.generated, 1);
+    zse_buf_free(&out);
+    zse_gen_free(&g);
+    free(ids);
+    int32_t stop_id = 5;
+    zse_sampling si;
+    zse_sampling_default(&si);
+    si.stop_ids = &stop_id;
+    si.n_stop_ids = 1;
+    CHECK(zse_gen_init(&g, &si, tok) == 0);
+    CHECK(zse_gen_accept(&g, 5, false, false, &out, &fin) == 0 && fin == ZSE_FINISH_STOP);
+    zse_gen_free(&g);
+    zse_buf_free(&out);
+    zse_tokenizer_free(tok);
+}
+
+static void rope_scaling(void)
+{
     zse_config c = {0};
     c.head_dim = 64;
     c.rope_theta = 500000;
@@ -125,7 +347,22 @@ int main(void)
     c.rope_scaling.beta_slow = 1;
     zse_rope_frequencies(&c, inv, &ms);
     CHECK_NEAR(ms, 0.1 * log(4) + 1, 1e-6);
-    CHECK_NEAR(inv[0], 1.0, 1e-6);             /* extrapolated */
+    CHECK_NEAR(inv[0], 1.0, 1e-6);                               /* extrapolated */
     CHECK_NEAR(inv[31], 1.0 / pow(500000, 62.0 / 64) / 4, 1e-9); /* interpolated */
+    c.rope_scaling.type = ZSE_ROPE_DYNAMIC; /* within the context: plain RoPE */
+    zse_rope_frequencies(&c, inv, &ms);
+    CHECK_NEAR(inv[31], 1.0 / pow(500000, 62.0 / 64), 1e-9);
+}
+
+int main(void)
+{
+    distributions();
+    large_vocab();
+    penalties();
+    logprobs();
+    stop_strings();
+    const char *data = test_env("ZSE_TEST_DATA");
+    stops_across_tokens(data ? data : "tests/fixtures");
+    rope_scaling();
     return test_main_end();
 }

@@ -1,11 +1,13 @@
-/* tokenizer: every golden of the project's fixture (and ../shared's tiny-qwen2 when
+/* tokenizer: every golden of the project's fixtures (and ../shared's tiny-qwen2 when
  * present) encodes and decodes exactly as Hugging Face did; round trips of random UTF-8;
- * invalid bytes and long inputs are handled; the streaming detokenizer emits whole
- * characters only and adds up to the full decode. */
+ * random bytes, invalid UTF-8 and long inputs are handled; many threads share one
+ * tokenizer; the streaming detokenizer emits whole characters only, drops
+ * SentencePiece's leading space as the whole decode does, and adds up to the full decode. */
 #include "test.h"
 
 #include "tokenizer/tokenizer.h"
 
+#include <pthread.h>
 #include <utf8proc.h>
 
 static int goldens_checked;
@@ -158,6 +160,199 @@ static void hostile_inputs(const zse_tokenizer *t)
     CHECK(strstr(zse_error_message(), "Unigram") != NULL);
 }
 
+
+static bool valid_utf8(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n;) {
+        utf8proc_int32_t cp;
+        utf8proc_ssize_t k = utf8proc_iterate((const utf8proc_uint8_t *)s + i, (utf8proc_ssize_t)(n - i), &cp);
+        if (k <= 0)
+            return false;
+        i += (size_t)k;
+    }
+    return true;
+}
+
+/* ---- many threads on one tokenizer ------------------------------------------------------ */
+
+#define N_THREADS 4
+static const char *const thread_texts[] = {
+    "def add(a, b):\n    return a + b\n", "<|eot_id|>Hello there, 日本語 and émojis 🤖🤖", "x", "",
+    "a very long line of prose that keeps going and going without a newline for quite a while"};
+
+typedef struct {
+    const zse_tokenizer *t;
+    int32_t *want[5];
+    size_t want_n[5];
+    int bad;
+} thread_job;
+
+static void *thread_run(void *arg)
+{
+    thread_job *j = arg;
+    for (int round = 0; round < 40; round++)
+        for (int k = 0; k < 5; k++) {
+            int32_t *ids;
+            size_t n;
+            if (zse_tokenizer_encode(j->t, thread_texts[k], strlen(thread_texts[k]), true, true, &ids, &n) != 0) {
+                __atomic_add_fetch(&j->bad, 1, __ATOMIC_RELAXED);
+                continue;
+            }
+            char *text = zse_tokenizer_decode(j->t, ids, n, true);
+            if (n != j->want_n[k] || memcmp(ids, j->want[k], n * sizeof *ids) != 0 || !text)
+                __atomic_add_fetch(&j->bad, 1, __ATOMIC_RELAXED);
+            free(text);
+            free(ids);
+        }
+    return NULL;
+}
+
+static void threads_share_one_tokenizer(const zse_tokenizer *t)
+{
+    thread_job j = {t, {0}, {0}, 0};
+    for (int k = 0; k < 5; k++)
+        CHECK(zse_tokenizer_encode(t, thread_texts[k], strlen(thread_texts[k]), true, true, &j.want[k], &j.want_n[k]) == 0);
+    pthread_t th[N_THREADS];
+    for (int i = 0; i < N_THREADS; i++)
+        CHECK(pthread_create(&th[i], NULL, thread_run, &j) == 0);
+    for (int i = 0; i < N_THREADS; i++)
+        pthread_join(th[i], NULL);
+    CHECK_EQ_INT(j.bad, 0);
+    for (int k = 0; k < 5; k++)
+        free(j.want[k]);
+}
+
+/* ---- streaming ------------------------------------------------------------------------------ */
+
+/* pushes ids one by one: every piece is valid UTF-8 without a held-back half character,
+ * and the pieces add up to the whole decode */
+static void check_stream(const zse_tokenizer *t, const int32_t *ids, size_t n, bool skip, const char *what)
+{
+    char *whole = zse_tokenizer_decode(t, ids, n, skip);
+    zse_tokenizer_stream *st = zse_tokenizer_stream_new(t, skip);
+    zse_buf all = {0};
+    bool pieces_ok = true;
+    for (size_t k = 0; st && k < n; k++) {
+        zse_buf piece = {0};
+        CHECK(zse_tokenizer_stream_push(st, ids[k], &piece) == 0);
+        if (!valid_utf8(piece.data, piece.len) || (piece.len >= 3 && !memcmp(piece.data + piece.len - 3, "\xEF\xBF\xBD", 3)))
+            pieces_ok = false; /* whole characters only, none held back as U+FFFD */
+        zse_buf_append(&all, piece.data ? piece.data : "", piece.len);
+        zse_buf_free(&piece);
+    }
+    CHECK(st && zse_tokenizer_stream_flush(st, &all) == 0);
+    CHECK_MSG(pieces_ok, "%s: a streamed piece split a character", what);
+    CHECK_MSG(whole && strcmp(zse_buf_str(&all), whole) == 0, "%s: streamed \"%s\", decoded \"%s\"", what,
+              zse_buf_str(&all), whole ? whole : "(null)");
+    zse_tokenizer_stream_free(st);
+    zse_buf_free(&all);
+    free(whole);
+}
+
+static zse_tokenizer *fixture_json(const char *data, const char *name)
+{
+    char path[600];
+    snprintf(path, sizeof path, "%s/tokenizers/%s.json", data, name);
+    size_t len;
+    char *text = zse_read_file(path, &len);
+    zse_tokenizer *t = text ? zse_tokenizer_from_json(text, len, NULL) : NULL;
+    free(text);
+    CHECK_MSG(t != NULL, "%s: %s", name, zse_error_message());
+    return t;
+}
+
+static void streams(const char *data)
+{
+    static const char *const texts[] = {"Hello world", " two  spaces", "日本語のテキスト 🤖 ok", "\n\nnewlines\n",
+                                        "<s>tagged</s> text", "x"};
+    static const char *const names[] = {"spm-bytefallback", "metaspace-nfkc", "metaspace-always-nosplit",
+                                        "added-normalized", "subword-affixes"};
+    for (size_t v = 0; v < sizeof names / sizeof names[0]; v++) {
+        zse_tokenizer *t = fixture_json(data, names[v]);
+        for (size_t i = 0; t && i < sizeof texts / sizeof texts[0]; i++) {
+            int32_t *ids;
+            size_t n;
+            CHECK(zse_tokenizer_encode(t, texts[i], strlen(texts[i]), true, true, &ids, &n) == 0);
+            check_stream(t, ids, n, false, names[v]);
+            check_stream(t, ids, n, true, names[v]);
+            free(ids);
+        }
+        zse_tokenizer_free(t);
+    }
+    /* SentencePiece: the first token's ▁ is not a space in the stream either */
+    zse_tokenizer *t = fixture_json(data, "spm-bytefallback");
+    if (!t)
+        return;
+    int32_t *ids;
+    size_t n;
+    CHECK(zse_tokenizer_encode(t, "Hello", 5, false, false, &ids, &n) == 0);
+    zse_tokenizer_stream *st = zse_tokenizer_stream_new(t, false);
+    zse_buf out = {0};
+    for (size_t k = 0; k < n; k++)
+        CHECK(zse_tokenizer_stream_push(st, ids[k], &out) == 0);
+    CHECK(zse_tokenizer_stream_flush(st, &out) == 0);
+    CHECK_EQ_STR(zse_buf_str(&out), "Hello");
+    free(ids);
+    /* a character in byte tokens: nothing until it is whole; ids past the vocabulary add
+     * nothing; a negative id is an error */
+    int32_t e6 = zse_tokenizer_token_id(t, "<0xE6>"), x97 = zse_tokenizer_token_id(t, "<0x97>"),
+            xa5 = zse_tokenizer_token_id(t, "<0xA5>");
+    CHECK(e6 >= 0 && x97 >= 0 && xa5 >= 0);
+    out.len = 0;
+    CHECK(zse_tokenizer_stream_push(st, e6, &out) == 0 && out.len == 0);
+    CHECK(zse_tokenizer_stream_push(st, x97, &out) == 0 && out.len == 0);
+    CHECK(zse_tokenizer_stream_push(st, zse_tokenizer_n_vocab(t) + 5, &out) == 0 && out.len == 0);
+    CHECK(zse_tokenizer_stream_push(st, xa5, &out) == 0);
+    CHECK_EQ_STR(zse_buf_str(&out), "\xE6\x97\xA5");
+    CHECK(zse_tokenizer_stream_push(st, -1, &out) == -1);
+    /* an unfinished character is flushed as U+FFFD */
+    out.len = 0;
+    CHECK(zse_tokenizer_stream_push(st, e6, &out) == 0 && out.len == 0);
+    CHECK(zse_tokenizer_stream_flush(st, &out) == 0);
+    CHECK_EQ_STR(zse_buf_str(&out), "\xEF\xBF\xBD");
+    zse_buf_free(&out);
+    zse_tokenizer_stream_free(st);
+    zse_tokenizer_free(t);
+}
+
+/* ---- random bytes everywhere -------------------------------------------------------------- */
+
+static void random_bytes(const char *data, const zse_tokenizer *byte_level)
+{
+    static const char *const names[] = {"spm-bytefallback", "metaspace-nfkc", "subword-affixes", "split-behaviours",
+                                        "punct-bytefallback", "added-normalized", "nfd-strip-replace"};
+    zse_tokenizer *ts[7];
+    for (int v = 0; v < 7; v++)
+        ts[v] = fixture_json(data, names[v]);
+    char buf[300];
+    for (int round = 0; round < 300; round++) {
+        size_t len = next_rand() % sizeof buf;
+        for (size_t i = 0; i < len; i++)
+            buf[i] = round % 3 ? (char)next_rand() : "<s>[MASK] \xe2\x96\x81\xc3"[next_rand() % 14];
+        for (int v = 0; v < 7; v++) {
+            int32_t *ids;
+            size_t n;
+            if (!ts[v])
+                continue;
+            CHECK(zse_tokenizer_encode(ts[v], buf, len, round & 1, round & 2, &ids, &n) == 0);
+            char *text = zse_tokenizer_decode(ts[v], ids, n, round & 4);
+            CHECK(text != NULL);
+            free(text);
+            free(ids);
+        }
+        /* byte-level with NFC: invalid sequences come back as U+FFFD, the rest as NFC */
+        int32_t *ids;
+        size_t n;
+        CHECK(zse_tokenizer_encode(byte_level, buf, len, false, false, &ids, &n) == 0);
+        char *back = zse_tokenizer_decode(byte_level, ids, n, false);
+        CHECK_MSG(back && valid_utf8(back, strlen(back)), "round %d: decode is not valid UTF-8", round);
+        free(back);
+        free(ids);
+    }
+    for (int v = 0; v < 7; v++)
+        zse_tokenizer_free(ts[v]);
+}
+
 int main(void)
 {
     const char *data = test_env("ZSE_TEST_DATA");
@@ -180,13 +375,25 @@ int main(void)
         CHECK(zse_tokenizer_encode(t, txt, strlen(txt), false, true, &ids, &n) == 0);
         CHECK(n == 1 && ids[0] == 4);
         free(ids);
+        CHECK(zse_tokenizer_add_bos(t));
+        CHECK_EQ_STR(zse_tokenizer_type(t), "bpe-bytelevel");
+        CHECK_EQ_STR(zse_tokenizer_token_text(t, 4), "<|eot_id|>");
+        CHECK_EQ_INT(zse_tokenizer_token_id(t, "<|eot_id|>"), 4);
+        CHECK_EQ_INT(zse_tokenizer_token_id(t, "no such token"), -1);
+        CHECK(zse_tokenizer_token_text(t, -1) == NULL && zse_tokenizer_token_text(t, 1 << 30) == NULL);
         random_round_trips(t);
         hostile_inputs(t);
+        threads_share_one_tokenizer(t);
+        random_bytes(data ? data : "tests/fixtures", t);
     }
     zse_tokenizer_free(t);
     free(dir);
+    streams(data ? data : "tests/fixtures");
     char *qdir = zse_path_join(data ? data : "tests/fixtures", "tiny-qwen2");
     check_goldens(qdir);
+    zse_tokenizer *q = zse_tokenizer_from_dir(qdir);
+    CHECK(q && !zse_tokenizer_add_bos(q) && zse_tokenizer_bos(q) == -1);
+    zse_tokenizer_free(q);
     free(qdir);
     const char *shared = test_env("ZSE_SHARED");
     if (shared) {

@@ -1,14 +1,16 @@
 /* Each pipeline component against Hugging Face `tokenizers` goldens
- * (tests/fixtures/tokenizers, made by tools/make_tokenizer_goldens.py): normalizers NFKC,
- * NFD, Lowercase, Strip, Replace, Prepend; pre-tokenizers Digits, Split behaviours,
- * Metaspace; SentencePiece-style BPE with byte fallback; added tokens with lstrip, rstrip,
- * single_word; decoders ByteLevel, Metaspace, Replace, ByteFallback, Fuse, Strip. */
+ * (tests/fixtures/tokenizers, made by tools/make_tokenizer_goldens.py; index.json lists
+ * them): normalizers NFKC, NFKD, NFD, Lowercase, Strip, Replace (string and regex),
+ * Prepend; pre-tokenizers Split (every behaviour, invert), ByteLevel with prefix space,
+ * Digits, Punctuation, Whitespace, WhitespaceSplit, CharDelimiterSplit, Metaspace (first,
+ * always, no split); BPE with byte fallback, unk fusion, subword prefix and word suffix,
+ * ignore_merges; added tokens special or not, normalized or not, lstrip, rstrip,
+ * single_word; post-processors Template, Roberta, Bert; decoders ByteLevel, Metaspace,
+ * Replace, ByteFallback, Fuse, Strip and none. Encode, decode, encode with special tokens
+ * added, and decode of arbitrary id sequences. */
 #include "test.h"
 
 #include "tokenizer/tokenizer.h"
-
-static const char *const names[] = {"nfkc-lowercase-digits", "nfd-strip-replace", "added-tokens",
-                                    "spm-bytefallback", "metaspace-nfkc"};
 
 static bool same_ids(const int32_t *ids, size_t n, const json_t *want)
 {
@@ -20,47 +22,79 @@ static bool same_ids(const int32_t *ids, size_t n, const json_t *want)
     return true;
 }
 
+static int check_encode(const zse_tokenizer *t, const char *name, const json_t *cases)
+{
+    size_t i;
+    json_t *c;
+    json_array_foreach(cases, i, c) {
+        const char *s = json_string_value(json_object_get(c, "text"));
+        int32_t *ids;
+        size_t n;
+        CHECK(zse_tokenizer_encode(t, s, strlen(s), false, true, &ids, &n) == 0);
+        CHECK_MSG(same_ids(ids, n, json_object_get(c, "ids")), "%s: ids of \"%s\"", name, s);
+        char *back = zse_tokenizer_decode(t, ids, n, false);
+        const char *dec = json_string_value(json_object_get(c, "decoded"));
+        CHECK_MSG(back && strcmp(back, dec) == 0, "%s: decode of \"%s\" gave \"%s\" not \"%s\"", name, s, back, dec);
+        free(back);
+        free(ids);
+        CHECK(zse_tokenizer_encode(t, s, strlen(s), true, true, &ids, &n) == 0);
+        CHECK_MSG(same_ids(ids, n, json_object_get(c, "ids_with_special")), "%s: ids with special of \"%s\"", name, s);
+        free(ids);
+    }
+    return (int)json_array_size(cases);
+}
+
+static int check_decode(const zse_tokenizer *t, const char *name, const json_t *cases)
+{
+    size_t i;
+    json_t *c;
+    json_array_foreach(cases, i, c) {
+        json_t *jids = json_object_get(c, "ids");
+        int32_t ids[64];
+        size_t n = json_array_size(jids);
+        for (size_t k = 0; k < n && k < 64; k++)
+            ids[k] = (int32_t)json_integer_value(json_array_get(jids, k));
+        char *text = zse_tokenizer_decode(t, ids, n, json_is_true(json_object_get(c, "skip_special")));
+        const char *want = json_string_value(json_object_get(c, "text"));
+        CHECK_MSG(text && strcmp(text, want) == 0, "%s: decode case %zu gave \"%s\" not \"%s\"", name, i, text, want);
+        free(text);
+    }
+    return (int)json_array_size(cases);
+}
+
 int main(void)
 {
     const char *data = test_env("ZSE_TEST_DATA");
-    int cases = 0;
-    for (size_t v = 0; v < sizeof names / sizeof names[0]; v++) {
-        char path[512], gpath[512];
-        snprintf(path, sizeof path, "%s/tokenizers/%s.json", data ? data : "tests/fixtures", names[v]);
-        snprintf(gpath, sizeof gpath, "%s/tokenizers/%s.goldens.json", data ? data : "tests/fixtures", names[v]);
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/tokenizers", data ? data : "tests/fixtures");
+    char *index_path = zse_path_join(dir, "index.json");
+    json_error_t err;
+    json_t *index = json_load_file(index_path, 0, &err);
+    CHECK_MSG(json_array_size(index) >= 10, "%s: %s", index_path, err.text);
+    int n_enc = 0, n_dec = 0;
+    size_t v;
+    json_t *jname;
+    json_array_foreach(index, v, jname) {
+        const char *name = json_string_value(jname);
+        char path[600], gpath[600];
+        snprintf(path, sizeof path, "%s/%s.json", dir, name);
+        snprintf(gpath, sizeof gpath, "%s/%s.goldens.json", dir, name);
         size_t len;
         char *text = zse_read_file(path, &len);
         zse_tokenizer *t = text ? zse_tokenizer_from_json(text, len, NULL) : NULL;
         free(text);
-        CHECK_MSG(t != NULL, "%s: %s", names[v], zse_error_message());
-        json_error_t err;
+        CHECK_MSG(t != NULL, "%s: %s", name, zse_error_message());
         json_t *g = json_load_file(gpath, 0, &err);
-        CHECK(g != NULL);
-        size_t i;
-        json_t *c;
-        json_array_foreach(g, i, c) {
-            if (!t)
-                break;
-            const char *s = json_string_value(json_object_get(c, "text"));
-            int32_t *ids;
-            size_t n;
-            CHECK(zse_tokenizer_encode(t, s, strlen(s), false, true, &ids, &n) == 0);
-            CHECK_MSG(same_ids(ids, n, json_object_get(c, "ids")), "%s: ids of \"%s\"", names[v], s);
-            char *back = zse_tokenizer_decode(t, ids, n, false);
-            const char *dec = json_string_value(json_object_get(c, "decoded"));
-            CHECK_MSG(back && strcmp(back, dec) == 0, "%s: decode of \"%s\" gave \"%s\" not \"%s\"", names[v], s,
-                      back, dec);
-            free(back);
-            free(ids);
-            CHECK(zse_tokenizer_encode(t, s, strlen(s), true, true, &ids, &n) == 0);
-            CHECK_MSG(same_ids(ids, n, json_object_get(c, "ids_with_special")), "%s: ids with special of \"%s\"",
-                      names[v], s);
-            free(ids);
-            cases++;
+        CHECK_MSG(g != NULL, "%s: %s", gpath, err.text);
+        if (t && g) {
+            n_enc += check_encode(t, name, json_object_get(g, "encode"));
+            n_dec += check_decode(t, name, json_object_get(g, "decode"));
         }
         json_decref(g);
         zse_tokenizer_free(t);
     }
-    printf("pipeline golden cases: %d\n", cases);
+    json_decref(index);
+    free(index_path);
+    printf("pipeline golden cases: %d encode, %d decode\n", n_enc, n_dec);
     return test_main_end();
 }

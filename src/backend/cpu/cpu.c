@@ -11,6 +11,7 @@
 
 struct zse_kv {
     zse_kv_shape shape;
+    uint64_t bytes;         /* what kv_new allocated (memory accounting) */
     size_t head_stride;     /* elements per (slot, head) = head_dim */
     uint16_t **k16, **v16;  /* [layer] -> [slot][kv_head][head_dim] */
     int8_t **k8, **v8;
@@ -29,6 +30,7 @@ typedef struct {
     const char *failure;    /* first kernel failure since the last sync */
     void *work;             /* zse_cpu_workspace() */
     size_t work_bytes;
+    uint64_t act_bytes, kv_bytes; /* held by activations and KV caches (memory accounting) */
 } cpu_state;
 
 static cpu_state *state(zse_backend *be) { return be->impl; }
@@ -63,7 +65,6 @@ void zse_cpu_parallel_for(zse_backend *be, int64_t n, range_fn fn, void *ctx)
 
 static zse_act *act_new(zse_backend *be, int64_t rows, int64_t cols)
 {
-    (void)be;
     size_t n;
     if (rows <= 0 || cols <= 0 || !zse_mul_ok((size_t)rows, (size_t)cols, &n) || n > ((size_t)1 << 36)) {
         zse_fail("activation of %lld x %lld is not possible", (long long)rows, (long long)cols);
@@ -80,13 +81,14 @@ static zse_act *act_new(zse_backend *be, int64_t rows, int64_t cols)
     memset(a->data, 0, n * sizeof(float));
     a->rows = rows;
     a->cols = cols;
+    state(be)->act_bytes += n * sizeof(float);
     return a;
 }
 
 static void act_free(zse_backend *be, zse_act *a)
 {
-    (void)be;
     if (a) {
+        state(be)->act_bytes -= (uint64_t)a->rows * (uint64_t)a->cols * sizeof(float);
         free(a->data);
         free(a);
     }
@@ -167,6 +169,8 @@ static zse_kv *kv_new(zse_backend *be, const zse_kv_shape *s)
                 goto fail;
         }
     }
+    kv->bytes = (uint64_t)L * (i8 ? 2 * elems + 2 * slots * (uint64_t)s->n_kv_heads * sizeof(float) : 4 * elems);
+    state(be)->kv_bytes += kv->bytes;
     return kv;
 fail:
     zse_error_prefix("KV cache of %d blocks x %d tokens", s->n_blocks, s->block_size);
@@ -176,9 +180,9 @@ fail:
 
 static void kv_free(zse_backend *be, zse_kv *kv)
 {
-    (void)be;
     if (!kv)
         return;
+    state(be)->kv_bytes -= kv->bytes;
     for (int l = 0; l < kv->shape.n_layers; l++) {
         if (kv->k16) { free(kv->k16[l]); free(kv->v16[l]); }
         if (kv->k8) { free(kv->k8[l]); free(kv->v8[l]); free(kv->ks[l]); free(kv->vs[l]); }
@@ -535,6 +539,15 @@ static int sync_report(zse_backend *be)
     return what ? zse_fail("CPU backend: %s", what) : 0;
 }
 
+static void memory(zse_backend *be, zse_backend_memory *out)
+{
+    cpu_state *s = state(be);
+    memset(out, 0, sizeof *out);
+    out->kv_cache = s->kv_bytes;
+    out->activations = s->act_bytes;
+    out->workspace = s->work_bytes;
+}
+
 static void destroy(zse_backend *be)
 {
     cpu_state *s = state(be);
@@ -569,6 +582,7 @@ static const zse_backend_ops cpu_ops = {
     .add = add,
     .gather_out_rows = gather_out_rows,
     .sync = sync_report,
+    .memory = memory,
 };
 
 zse_backend *zse_cpu_backend_create(int threads)

@@ -40,10 +40,12 @@ struct zse_weight {
     zse_cuda_weight w;
     void *dev;          /* the packed tensor (possibly re-pitched) */
     float *vec;         /* rows == 1 tensors (norms, biases): the f32 vector */
+    size_t bytes;       /* device bytes of both (memory accounting) */
 };
 
 struct zse_kv {
     zse_kv_shape shape;
+    size_t bytes;
     void *pool;
     zse_cuda_kv_layer *layers;
 };
@@ -86,6 +88,9 @@ typedef struct {
     float *inv_freq;
     int n_freq;
     float mscale;
+
+    /* device bytes held by weights, KV caches and activations (memory accounting) */
+    uint64_t weight_bytes, kv_bytes, act_bytes;
 } cuda_impl;
 
 static cuda_impl *impl_of(zse_backend *be) { return (cuda_impl *)be->impl; }
@@ -180,14 +185,15 @@ static zse_act *cuda_act_new(zse_backend *be, int64_t rows, int64_t cols)
         free(a);
         return NULL;
     }
+    c->act_bytes += bytes;
     return a;
 }
 
 static void cuda_act_free(zse_backend *be, zse_act *a)
 {
-    (void)be;
     if (!a)
         return;
+    impl_of(be)->act_bytes -= (uint64_t)a->rows * (uint64_t)a->pitch * sizeof(float);
     cudaFree(a->d);
     free(a);
 }
@@ -386,15 +392,18 @@ static zse_weight *cuda_weight_load(zse_backend *be, const zse_tensor_info *t)
             free(w);
             return NULL;
         }
+        w->bytes += (size_t)((q->cols + 3) & ~3) * sizeof(float);
     }
+    w->bytes += im.dev_bytes;
+    c->weight_bytes += w->bytes;
     return w;
 }
 
 static void cuda_weight_free(zse_backend *be, zse_weight *w)
 {
-    (void)be;
     if (!w)
         return;
+    impl_of(be)->weight_bytes -= w->bytes;
     cudaFree(w->vec);
     cudaFree(w->dev);
     free(w);
@@ -460,14 +469,16 @@ static zse_kv *cuda_kv_new(zse_backend *be, const zse_kv_shape *s)
         L->head_dim = s->head_dim;
         L->n_slots = (int64_t)slots;
     }
+    kv->bytes = total;
+    c->kv_bytes += total;
     return kv;
 }
 
 static void cuda_kv_free(zse_backend *be, zse_kv *kv)
 {
-    (void)be;
     if (!kv)
         return;
+    impl_of(be)->kv_bytes -= kv->bytes;
     cudaFree(kv->pool);
     free(kv->layers);
     free(kv);
@@ -749,6 +760,24 @@ static void cuda_destroy(zse_backend *be)
     free(be);
 }
 
+static void cuda_memory(zse_backend *be, zse_backend_memory *out)
+{
+    cuda_impl *c = impl_of(be);
+    memset(out, 0, sizeof *out);
+    out->weights = c->weight_bytes;
+    out->kv_cache = c->kv_bytes;
+    out->activations = c->act_bytes;
+    out->workspace = c->scratch_cap + c->att_work_cap + c->batch_cap * sizeof(int32_t);
+    size_t free_b = 0, total_b = 0;
+    if (cudaSetDevice(c->device) == cudaSuccess && cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) {
+        out->on_device = true;
+        out->device_used = total_b - free_b;
+        out->device_total = total_b;
+    } else {
+        cudaGetLastError(); /* reported as "not on a device", not as a failure */
+    }
+}
+
 static const zse_backend_ops cuda_ops = {
     "cuda",
     cuda_destroy,
@@ -773,6 +802,7 @@ static const zse_backend_ops cuda_ops = {
     cuda_add,
     cuda_gather_out_rows,
     cuda_sync,
+    cuda_memory,
 };
 
 extern "C" int zse_cuda_device_count(void)

@@ -220,8 +220,14 @@ gemv_kernel(const zse_cuda_weight w, const float *__restrict__ x, int64_t xpitch
  * scale/min come in through the chunk's sum of x (sx):
  *   Q4:  sum(w*x) = s*sum(q*x) + m*sx        Q4S: sum(w*x) = s*(sum(q*x) - 8*sx) */
 enum { XQ_BYTES = 64 + 16 };
-/* rows per block (measured on the H100: 8 rows at batch 1 ran 10-15% slower than 4) */
-template <int B> struct q4_rows { static constexpr int R = 4; };    /* per chunk: 32 hi bytes, 32 lo bytes, float4 (d, dl, sx, 0) */
+/* rows per block. H100, int4 g128: at batch 1, 8 rows ran 10-15% slower than 4; at batch
+ * 4-8 the kernel is bound by loading x chunks, and 8 rows sharing each one win: batch 8 on
+ * 18944x3584 74.3 -> 58.6 us, 3584x18944 66.0 -> 60.7 us, the 152064x3584 head 560 -> 408 us;
+ * batch 4 on 18944x3584 48.9 -> 40.3 us (kernels_test --bench, 2026-11-22) */
+#ifndef ZSE_Q4_BATCH_ROWS
+#define ZSE_Q4_BATCH_ROWS 8
+#endif
+template <int B> struct q4_rows { static constexpr int R = B >= 4 ? ZSE_Q4_BATCH_ROWS : 4; };    /* per chunk: 32 hi bytes, 32 lo bytes, float4 (d, dl, sx, 0) */
 
 __global__ void quantize_x_kernel(const float *x, int64_t xpitch, int n, int64_t cols,
                                   int64_t units, uint4 *xq, float4 *xs)

@@ -1,0 +1,336 @@
+/* zse serve — the model behind an OpenAI-compatible (and TGI) HTTP API. The listener comes
+ * up first and answers 503 "loading" while the model loads; SIGTERM or SIGINT drain it. */
+#include "cli/cli.h"
+
+#include "server/server.h"
+#include "util/util.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+const char cmd_serve_summary[] = "serve a model over an OpenAI-compatible HTTP API";
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: zse serve MODEL.zse [options]\n\n"
+            "HTTP:\n"
+            "  --host ADDR             address to listen on (default 127.0.0.1)\n"
+            "  --port N                port (default 8000; 0 picks a free one)\n"
+            "  --model-id NAME         the model's id in the API (default: the file name)\n"
+            "  --max-body SIZE         largest request body (default 4M)\n"
+            "  --max-connections N     open connections at most (default 1024)\n"
+            "  --timeout S             close connections idle this long (default 60)\n"
+            "  --http-threads N        threads polling connections (default 4)\n"
+            "  --cors ORIGIN           send CORS headers allowing ORIGIN (\"*\" for any)\n"
+            "  --tls-cert PEM --tls-key PEM   serve HTTPS\n"
+            "Keys and audit:\n"
+            "  --auth                  require 'Authorization: Bearer KEY' (zse api-key create)\n"
+            "  --db PATH               key and audit database (default $ZSE_DB or ~/.local/share/zse/zse.db)\n"
+            "  --no-audit              do not record requests\n"
+            "  --audit-retention D     drop audit rows older than D (default 30d; 0 keeps all)\n"
+            "  --audit-max-rows N      keep at most N audit rows (default 1000000; 0 = no cap)\n"
+            "Engine:\n"
+            "  --max-seqs N            sequences generated together (default 16)\n"
+            "  --max-batch-tokens N    tokens per step; long prompts are prefilled in chunks (default 512)\n"
+            "  --max-queue N           requests waiting at most; beyond, 503 (default 256)\n"
+            "  --ctx N                 context length (default: the model's)\n"
+            "  --kv-cache f16|int8     KV cache storage (default f16)\n"
+            "  --kv-cache-size SIZE    KV cache budget (default: max-seqs full contexts)\n"
+            "  --threads N             CPU threads (default: physical cores)\n"
+            "  --device cpu|cuda|cuda:N\n"
+            "  --gpu-memory SIZE       GPU memory for weights, KV cache and activations (default: what is free);\n"
+            "                          the KV cache gets what the rest leaves\n"
+            "Lifecycle:\n"
+            "  --shutdown-timeout S    on SIGTERM/SIGINT, let running requests finish this long (default 30)\n"
+            "  --quiet                 no per-request log lines\n");
+}
+
+typedef struct {
+    const char *model_path;
+    zse_load_params load;
+    zse_engine_params engine;
+    zse_model *model;
+    zse_engine *eng;
+    bool done, failed;
+    char error[ZSE_ERROR_MAX];
+    pthread_mutex_t mu;
+} loader;
+
+static void *load_main(void *arg)
+{
+    loader *l = arg;
+    zse_model *m = zse_model_load(l->model_path, &l->load);
+    zse_engine *e = m ? zse_engine_start(m, &l->engine) : NULL;
+    pthread_mutex_lock(&l->mu);
+    l->model = m;
+    l->eng = e;
+    l->failed = !e;
+    if (!e)
+        snprintf(l->error, sizeof l->error, "%s", zse_last_error());
+    l->done = true;
+    pthread_mutex_unlock(&l->mu);
+    return NULL;
+}
+
+/* the engine behind the server's generator interface */
+static int engine_submit(void *ctx, const int32_t *prompt, size_t n, const zse_sampling *s, int priority,
+                         zse_token_cb cb, void *user, uint64_t *id)
+{
+    return zse_engine_submit(ctx, prompt, n, s, priority, cb, user, id);
+}
+
+static void engine_cancel(void *ctx, uint64_t id) { zse_engine_cancel(ctx, id); }
+static void engine_stats(void *ctx, zse_engine_stats *out) { zse_engine_get_stats(ctx, out); }
+
+/* the file name without folders and ".zse" */
+static char *default_model_id(const char *path)
+{
+    const char *base = strrchr(path, '/');
+    base = base ? base + 1 : path;
+    size_t n = strlen(base);
+    if (n > 4 && strcmp(base + n - 4, ".zse") == 0)
+        n -= 4;
+    return zse_strndup(base, n);
+}
+
+/* waits up to `seconds` for SIGINT/SIGTERM (blocked in every thread); the signal or 0 */
+static int wait_signal(const sigset_t *set, double seconds)
+{
+    struct timespec ts = {(time_t)seconds, (long)((seconds - (double)(time_t)seconds) * 1e9)};
+    int sig = sigtimedwait(set, NULL, &ts);
+    return sig > 0 ? sig : 0;
+}
+
+typedef struct {
+    srv_config http;
+    const char *db_path;
+    bool audit;
+    double retention_s;
+    int64_t max_rows;
+    double shutdown_timeout;
+} serve_opts;
+
+static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
+{
+    cli_args a = cli_begin(argc, argv);
+    int64_t i;
+    double d;
+    while (cli_next(&a)) {
+        if (cli_is(&a, NULL, "--host"))
+            o->http.host = cli_value(&a);
+        else if (cli_is(&a, NULL, "--port") && cli_int(&a, 0, 65535, &i))
+            o->http.port = (int)i;
+        else if (cli_is(&a, NULL, "--model-id"))
+            o->http.model_id = cli_value(&a);
+        else if (cli_is(&a, NULL, "--max-body")) {
+            const char *v = cli_value(&a);
+            uint64_t sz;
+            if (v && (!zse_parse_size(v, &sz) || sz < 1024 || sz > (1ull << 31))) {
+                fprintf(stderr, "zse serve: --max-body takes a size from 1K to 2G, not '%s'\n", v);
+                return 2;
+            }
+            o->http.max_body = v ? (size_t)sz : o->http.max_body;
+        } else if (cli_is(&a, NULL, "--max-connections") && cli_int(&a, 1, 100000, &i))
+            o->http.max_connections = (int)i;
+        else if (cli_is(&a, NULL, "--timeout") && cli_int(&a, 1, 86400, &i))
+            o->http.timeout_s = (int)i;
+        else if (cli_is(&a, NULL, "--http-threads") && cli_int(&a, 1, 256, &i))
+            o->http.http_threads = (int)i;
+        else if (cli_is(&a, NULL, "--cors"))
+            o->http.cors_origin = cli_value(&a);
+        else if (cli_is(&a, NULL, "--tls-cert"))
+            o->http.tls_cert = cli_value(&a);
+        else if (cli_is(&a, NULL, "--tls-key"))
+            o->http.tls_key = cli_value(&a);
+        else if (cli_is(&a, NULL, "--auth"))
+            o->http.auth = true;
+        else if (cli_is(&a, NULL, "--db"))
+            o->db_path = cli_value(&a);
+        else if (cli_is(&a, NULL, "--no-audit"))
+            o->audit = false;
+        else if (cli_is(&a, NULL, "--audit-retention")) {
+            const char *v = cli_value(&a);
+            if (v && !srv_parse_duration(v, &o->retention_s)) {
+                fprintf(stderr, "zse serve: --audit-retention takes a duration like 7d or 12h, not '%s'\n", v);
+                return 2;
+            }
+        } else if (cli_is(&a, NULL, "--audit-max-rows") && cli_int(&a, 0, INT64_MAX, &i))
+            o->max_rows = i;
+        else if (cli_is(&a, NULL, "--max-seqs") && cli_int(&a, 1, 4096, &i))
+            l->engine.max_seqs = l->load.max_seqs = (int)i;
+        else if (cli_is(&a, NULL, "--max-batch-tokens") && cli_int(&a, 1, 1 << 20, &i))
+            l->engine.max_batch_tokens = (int)i;
+        else if (cli_is(&a, NULL, "--max-queue") && cli_int(&a, 0, 1 << 20, &i))
+            l->engine.max_queue = (int)i;
+        else if (cli_is(&a, NULL, "--ctx") && cli_int(&a, 1, 1 << 24, &i))
+            l->load.ctx_size = (int)i;
+        else if (cli_is(&a, NULL, "--kv-cache")) {
+            const char *v = cli_value(&a);
+            if (v && strcmp(v, "f16") && strcmp(v, "int8")) {
+                fprintf(stderr, "zse serve: --kv-cache takes f16 or int8, not '%s'\n", v);
+                return 2;
+            }
+            l->load.kv_type = v && !strcmp(v, "int8") ? ZSE_KV_INT8 : ZSE_KV_F16;
+        } else if (cli_is(&a, NULL, "--kv-cache-size")) {
+            const char *v = cli_value(&a);
+            if (v && !zse_parse_size(v, &l->load.kv_cache_bytes)) {
+                fprintf(stderr, "zse serve: --kv-cache-size takes a size like 512M or 4G, not '%s'\n", v);
+                return 2;
+            }
+        } else if (cli_is(&a, NULL, "--threads") && cli_int(&a, 0, 1024, &i))
+            l->load.threads = (int)i;
+        else if (cli_is(&a, NULL, "--device"))
+            l->load.device = cli_value(&a);
+        else if (cli_is(&a, NULL, "--gpu-memory"))
+            cli_size(&a, 1ull << 20, &l->load.gpu_memory);
+        else if (cli_is(&a, NULL, "--shutdown-timeout") && cli_float(&a, 0, 86400, &d))
+            o->shutdown_timeout = d;
+        else if (cli_is(&a, NULL, "--quiet"))
+            o->http.log_requests = false;
+        else if (cli_positional(&a) && !l->model_path)
+            l->model_path = a.arg;
+        else if (!a.failed)
+            return cli_unknown(&a);
+    }
+    if (a.failed)
+        return 2;
+    if (!l->model_path) {
+        usage(stderr);
+        return 2;
+    }
+    return 0;
+}
+
+/* stop accepting, let requests finish for the timeout, end the rest, close */
+static void shut_down(srv_server *s, loader *l, double timeout)
+{
+    double t0 = zse_now();
+    srv_drain(s);
+    int running = srv_active_requests(s);
+    if (running)
+        zse_log(ZSE_LOG_INFO, "waiting up to %.0f s for %d running requests", timeout, running);
+    bool idle = srv_wait_idle(s, timeout);
+    if (l->eng) {
+        double left = timeout - (zse_now() - t0);
+        zse_engine_stop(l->eng, left > 0 ? left : 0); /* cancels what is still running */
+    }
+    if (!idle)
+        srv_wait_idle(s, 2); /* the cancelled requests' last bytes */
+    srv_stop(s);
+}
+
+int cmd_serve(int argc, char **argv)
+{
+    if (cli_wants_help(argc, argv)) {
+        usage(stdout);
+        return 0;
+    }
+    serve_opts o = {.audit = true, .retention_s = 30 * 86400.0, .max_rows = 1000000, .shutdown_timeout = 30};
+    srv_config_default(&o.http);
+    o.http.model_id = NULL; /* the file's name unless --model-id */
+    loader l;
+    memset(&l, 0, sizeof l);
+    pthread_mutex_init(&l.mu, NULL);
+    zse_load_params_default(&l.load);
+    l.load.max_seqs = l.engine.max_seqs = 16;
+    l.engine.max_batch_tokens = 512;
+    l.engine.max_queue = 256;
+    int rc = parse_args(argc, argv, &o, &l);
+    if (rc != 0)
+        return rc;
+    if (!zse_file_exists(l.model_path)) {
+        fprintf(stderr, "zse serve: %s does not exist (zse convert makes a .zse from a Hugging Face folder)\n",
+                l.model_path);
+        return 1;
+    }
+    char *model_id = o.http.model_id ? NULL : default_model_id(l.model_path);
+    if (model_id)
+        o.http.model_id = model_id;
+
+    /* SIGINT/SIGTERM are taken by sigtimedwait here, never delivered to another thread */
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    char *db_path = NULL;
+    srv_keyring *kr = NULL;
+    srv_audit *audit = NULL;
+    srv_server *s = NULL;
+    rc = 1;
+    if (o.http.auth || o.audit) {
+        db_path = o.db_path ? zse_strdup(o.db_path) : srv_db_default_path();
+        if (!db_path || (o.http.auth && !(kr = srv_keyring_new())) ||
+            !(audit = srv_audit_start(db_path, o.retention_s, o.max_rows, kr)))
+            goto done;
+        if (kr && srv_keyring_size(kr) == 0)
+            zse_log(ZSE_LOG_WARN, "--auth with no keys in %s: every API request will get 401 (zse api-key create NAME)",
+                    db_path);
+    }
+    o.http.keyring = kr;
+    o.http.audit = o.audit ? audit : NULL;
+    if (!(s = srv_start(&o.http)))
+        goto done;
+    fprintf(stderr, "zse serve: listening on %s://%s:%d (model '%s' loading)\n", o.http.tls_cert ? "https" : "http",
+            o.http.host, srv_port(s), o.http.model_id);
+
+    pthread_t th;
+    if (pthread_create(&th, NULL, load_main, &l) != 0) {
+        zse_fail("cannot start the loading thread");
+        srv_stop(s);
+        s = NULL;
+        goto done;
+    }
+    int sig = 0;
+    for (;;) {
+        pthread_mutex_lock(&l.mu);
+        bool finished = l.done;
+        pthread_mutex_unlock(&l.mu);
+        if (finished)
+            break;
+        if (!sig)
+            sig = wait_signal(&sigs, 0.05);
+        else
+            wait_signal(&sigs, 0.05);
+    }
+    pthread_join(th, NULL);
+    if (l.failed) {
+        zse_fail("%s", l.error);
+        shut_down(s, &l, 0);
+        s = NULL;
+        goto done;
+    }
+    srv_engine binding = {l.eng, engine_submit, engine_cancel, engine_stats};
+    srv_set_ready(s, l.model, &binding);
+    zse_model_info info;
+    zse_model_get_info(l.model, &info);
+    fprintf(stderr, "zse serve: ready: %s (%s, %s, context %d) on %s://%s:%d\n", o.http.model_id, info.arch, info.quant,
+            info.ctx_size, o.http.tls_cert ? "https" : "http", o.http.host, srv_port(s));
+    while (!sig)
+        sig = wait_signal(&sigs, 3600);
+    fprintf(stderr, "zse serve: %s: shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    shut_down(s, &l, o.shutdown_timeout);
+    s = NULL;
+    rc = 0;
+done:
+    if (rc != 0)
+        cli_error("serve");
+    if (s)
+        srv_stop(s);
+    srv_audit_stop(audit); /* flushes what the last requests queued */
+    srv_keyring_free(kr);
+    zse_model_free(l.model);
+    free(db_path);
+    free(model_id);
+    pthread_mutex_destroy(&l.mu);
+    if (rc == 0)
+        fprintf(stderr, "zse serve: stopped\n");
+    return rc;
+}

@@ -1,0 +1,710 @@
+/* The batching engine (zse_engine_*): one scheduler thread runs steps over every active
+ * request. Each step packs, up to max_batch_tokens:
+ *
+ *   1. one decode token for every running request whose prompt is in the cache, so
+ *      decoding never stalls behind a long prompt;
+ *   2. the next prefill chunk of running requests still reading their prompt;
+ *   3. new requests from the queue, best priority class first, FIFO within a class, while
+ *      fewer than max_seqs run and the KV cache has room,
+ *
+ * runs one forward pass over the flattened batch (logits only for the rows that end a
+ * request's pending tokens), samples, and calls each request's callback with its token.
+ *
+ * When a request needs a KV block and none is free, the lowest-ranked request not yet in
+ * this step is preempted: its blocks go back to the pool and it returns to the queue with
+ * its tokens, to be recomputed (prefilled again) later. Generation state (RNG, detokenizer,
+ * held-back text) stays with the request, and the CPU math of a row does not depend on the
+ * rest of the batch, so preemption and batching never change what a request generates.
+ *
+ * Locks: e->mu guards the queue, the running list and the stats; the model's run_lock
+ * guards the block pool and the backend. Callbacks run on the scheduler thread with
+ * neither held, so they may call zse_engine_cancel() or get_stats(). */
+#include "engine/engine.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct request {
+    uint64_t id;
+    int priority;               /* lower runs first (vLLM's convention) */
+    uint64_t order;             /* arrival: FIFO within a priority class */
+    zse_token_cb cb;
+    void *user;
+    int32_t *tokens;            /* the prompt, then the generated tokens */
+    size_t n_tokens, cap_tokens;
+    size_t n_prompt;
+    size_t n_cached;            /* leading tokens whose K/V are in the cache */
+    int sampled;                /* tokens sampled so far */
+    zse_kv_table kv;
+    zse_gen gen;
+    bool cancelled;             /* asked by zse_engine_cancel (under e->mu) */
+    struct request *next;       /* in the queue */
+    /* this step */
+    int take;                   /* tokens in the batch; 0 = not in it */
+    int out_index;              /* its logits row, or -1 */
+} request;
+
+struct zse_engine {
+    zse_model *m;
+    zse_engine_params p;
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t wake;
+    /* under mu */
+    request *queue;             /* sorted by (priority, order) */
+    int n_queued;
+    request **running;          /* sorted by (priority, order); at most max_seqs */
+    int n_running;
+    bool stopping;
+    double deadline;
+    uint64_t next_id, next_order;
+    uint64_t preemptions;
+    int kv_used;
+    /* the scheduler thread's step buffers */
+    int32_t *b_tokens, *b_pos, *b_seq, *b_slots, *b_lens, *b_table, *b_rows;
+    size_t table_cap;
+    float *logits;              /* [max_seqs][vocab] */
+    float *raw;                 /* one row before sampling changes it (logprobs) */
+    float *work_p;
+    int32_t *work_i;            /* zeroed sampler scratch */
+    struct request **plan_seqs; /* [max_seqs] the step's requests */
+};
+
+static bool ranks_before(const request *a, const request *b)
+{
+    return a->priority < b->priority || (a->priority == b->priority && a->order < b->order);
+}
+
+/* ---- requests ------------------------------------------------------------------------------- */
+
+static void request_free(zse_engine *e, request *r)
+{
+    if (!r)
+        return;
+    if (r->kv.blocks) {
+        pthread_mutex_lock(&e->m->run_lock);
+        zse_kv_table_free(&r->kv, &e->m->blocks);
+        pthread_mutex_unlock(&e->m->run_lock);
+    }
+    zse_gen_free(&r->gen);
+    free(r->tokens);
+    free(r);
+}
+
+static request *request_new(zse_engine *e, const int32_t *prompt, size_t n, const zse_sampling *s)
+{
+    request *r = zse_calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
+    r->cap_tokens = n + 16;
+    r->tokens = zse_malloc(r->cap_tokens * sizeof *r->tokens);
+    if (!r->tokens || zse_kv_table_init(&r->kv, (e->m->ctx_size + ZSE_KV_BLOCK - 1) / ZSE_KV_BLOCK) != 0 ||
+        zse_gen_init(&r->gen, s, e->m->tok) != 0) {
+        free(r->tokens);
+        free(r->kv.blocks);
+        free(r);
+        return NULL;
+    }
+    memcpy(r->tokens, prompt, n * sizeof *prompt);
+    r->n_tokens = r->n_prompt = n;
+    r->out_index = -1;
+    return r;
+}
+
+static int append_token(request *r, int32_t t)
+{
+    if (r->n_tokens == r->cap_tokens) {
+        int32_t *p = zse_realloc(r->tokens, r->cap_tokens * 2 * sizeof *p);
+        if (!p)
+            return -1;
+        r->tokens = p;
+        r->cap_tokens *= 2;
+    }
+    r->tokens[r->n_tokens++] = t;
+    return 0;
+}
+
+static int index_of(const zse_engine *e, const request *r);
+static void running_remove_at(zse_engine *e, int i);
+
+/* Ends a request: off the running list, its KV back in the pool (and in the stats) before
+ * the caller hears of the end, so a caller that saw every request end sees no block in
+ * use; then the last event, then the request is freed. */
+static void end_request(zse_engine *e, request *r, const zse_token_event *ev)
+{
+    pthread_mutex_lock(&e->m->run_lock);
+    zse_kv_table_truncate(&r->kv, &e->m->blocks, 0);
+    int used = zse_block_pool_used(&e->m->blocks);
+    pthread_mutex_unlock(&e->m->run_lock);
+    pthread_mutex_lock(&e->mu);
+    int i = index_of(e, r);
+    if (i >= 0)
+        running_remove_at(e, i);
+    e->kv_used = used;
+    pthread_mutex_unlock(&e->mu);
+    r->cb(r->user, ev);
+    request_free(e, r);
+}
+
+/* the last event of a request that ends without a new token (cancel, error, shutdown) */
+static void finish_without_token(zse_engine *e, request *r, zse_finish why)
+{
+    zse_token_event ev = {.token = -1, .text = "", .finish = why, .prompt_tokens = (int)r->n_prompt,
+                          .completion_tokens = r->sampled};
+    end_request(e, r, &ev);
+}
+
+/* ---- the queue and the running list (caller holds e->mu) ------------------------------------ */
+
+static void queue_insert(zse_engine *e, request *r)
+{
+    request **at = &e->queue;
+    while (*at && !ranks_before(r, *at))
+        at = &(*at)->next;
+    r->next = *at;
+    *at = r;
+    e->n_queued++;
+}
+
+static request *queue_pop(zse_engine *e)
+{
+    request *r = e->queue;
+    if (r) {
+        e->queue = r->next;
+        r->next = NULL;
+        e->n_queued--;
+    }
+    return r;
+}
+
+static void running_insert(zse_engine *e, request *r)
+{
+    int i = e->n_running++;
+    while (i > 0 && ranks_before(r, e->running[i - 1])) {
+        e->running[i] = e->running[i - 1];
+        i--;
+    }
+    e->running[i] = r;
+}
+
+static void running_remove_at(zse_engine *e, int i)
+{
+    memmove(e->running + i, e->running + i + 1, (size_t)(e->n_running - i - 1) * sizeof *e->running);
+    e->n_running--;
+}
+
+/* moves cancelled requests (and, past the stop deadline, all of them) to *ended */
+static void take_cancelled(zse_engine *e, bool everything, request **ended)
+{
+    for (request **at = &e->queue; *at;) {
+        request *r = *at;
+        if (r->cancelled || everything) {
+            *at = r->next;
+            e->n_queued--;
+            r->next = *ended;
+            *ended = r;
+        } else {
+            at = &r->next;
+        }
+    }
+    for (int i = e->n_running - 1; i >= 0; i--) {
+        request *r = e->running[i];
+        if (r->cancelled || everything) {
+            running_remove_at(e, i);
+            r->next = *ended;
+            *ended = r;
+        }
+    }
+}
+
+/* ---- planning a step (caller holds the model's run_lock) ------------------------------------ */
+
+typedef struct {
+    int n_tokens;               /* tokens placed so far */
+    int n_seqs;
+    request **seqs;             /* placed requests in batch order */
+} plan;
+
+static void place(plan *pl, request *r, int take)
+{
+    r->take = take;
+    pl->seqs[pl->n_seqs++] = r;
+    pl->n_tokens += take;
+}
+
+/* puts a running request back in the queue, its KV freed, to be recomputed later */
+static void preempt(zse_engine *e, int i)
+{
+    request *r = e->running[i];
+    zse_kv_table_truncate(&r->kv, &e->m->blocks, 0);
+    r->n_cached = 0;
+    pthread_mutex_lock(&e->mu);
+    running_remove_at(e, i);
+    queue_insert(e, r);
+    e->preemptions++;
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Frees blocks by preempting the lowest-ranked running requests that are not in this
+ * step and rank after `r`, until `blocks` are free. True when they are. */
+static bool make_room(zse_engine *e, const request *r, int blocks)
+{
+    while (e->m->blocks.n_free < blocks) {
+        int victim = -1;
+        for (int j = e->n_running - 1; j >= 0 && victim < 0; j--) {
+            request *c = e->running[j];
+            if (c != r && c->take == 0 && ranks_before(r, c) && c->kv.n_blocks > 0)
+                victim = j;
+        }
+        if (victim < 0)
+            return false;
+        preempt(e, victim);
+    }
+    return true;
+}
+
+static int index_of(const zse_engine *e, const request *r)
+{
+    for (int i = 0; i < e->n_running; i++)
+        if (e->running[i] == r)
+            return i;
+    return -1;
+}
+
+/* tokens from n_cached on that fit the blocks the request has plus the free ones */
+static int tokens_that_fit(const zse_engine *e, const request *r, int want)
+{
+    size_t room = (size_t)(r->kv.n_blocks + e->m->blocks.n_free) * ZSE_KV_BLOCK;
+    size_t fit = room > r->n_cached ? room - r->n_cached : 0;
+    return fit < (size_t)want ? (int)fit : want;
+}
+
+/* Pass 1: one decode token for every running request whose prompt is cached. A request
+ * that cannot get a block preempts lower-ranked ones, or is itself preempted. Requests that
+ * can never fit (alone with the whole pool) end with LENGTH; they go to *full. */
+static void plan_decodes(zse_engine *e, plan *pl, request **full)
+{
+    for (int i = 0; i < e->n_running && pl->n_tokens < e->p.max_batch_tokens; i++) {
+        request *r = e->running[i];
+        if (r->n_tokens - r->n_cached != 1)
+            continue;
+        int need = zse_kv_table_blocks_needed(&r->kv, r->n_cached + 1);
+        if (need > e->m->blocks.n_free && !make_room(e, r, need)) {
+            i = index_of(e, r); /* make_room may have shifted the list */
+            /* nobody else holds blocks: the pool cannot hold this sequence, it ends here */
+            bool alone = r->kv.n_blocks + e->m->blocks.n_free == e->m->blocks.n_blocks;
+            if (alone) {
+                pthread_mutex_lock(&e->mu);
+                running_remove_at(e, i);
+                pthread_mutex_unlock(&e->mu);
+                r->next = *full; /* ended after the step, with LENGTH */
+                *full = r;
+            } else {
+                preempt(e, i);
+            }
+            i--;
+            continue;
+        }
+        i = index_of(e, r);
+        zse_kv_table_reserve(&r->kv, &e->m->blocks, r->n_cached + 1);
+        place(pl, r, 1);
+    }
+}
+
+/* Pass 2: prefill chunks of running requests still reading their prompt (or recomputing
+ * after a preemption), as far as the budget and the free blocks go. */
+static void plan_prefills(zse_engine *e, plan *pl)
+{
+    for (int i = 0; i < e->n_running && pl->n_tokens < e->p.max_batch_tokens; i++) {
+        request *r = e->running[i];
+        if (r->take || r->n_tokens - r->n_cached < 2)
+            continue;
+        int want = (int)(r->n_tokens - r->n_cached);
+        int budget = e->p.max_batch_tokens - pl->n_tokens;
+        if (want > budget)
+            want = budget;
+        int take = tokens_that_fit(e, r, want);
+        if (take == 0 && pl->n_seqs == 0) {
+            /* nothing else runs this step: lower-ranked requests give way */
+            make_room(e, r, zse_kv_table_blocks_needed(&r->kv, r->n_cached + (size_t)want));
+            i = index_of(e, r);
+            take = tokens_that_fit(e, r, want);
+        }
+        if (take == 0)
+            continue;
+        zse_kv_table_reserve(&r->kv, &e->m->blocks, r->n_cached + (size_t)take);
+        place(pl, r, take);
+    }
+}
+
+/* Pass 3: new (or preempted) requests from the queue, in rank order, while there is room:
+ * a slot below max_seqs, budget, and blocks for the first chunk with one spare block per
+ * running request left over (so the next steps' decodes rarely preempt). */
+static void plan_admissions(zse_engine *e, plan *pl)
+{
+    for (;;) {
+        int budget = e->p.max_batch_tokens - pl->n_tokens;
+        pthread_mutex_lock(&e->mu);
+        request *r = e->queue;
+        bool ok = r && !r->cancelled && budget > 0 && e->n_running < e->p.max_seqs;
+        int take = 0;
+        if (ok) {
+            take = (int)(r->n_tokens < (size_t)budget ? r->n_tokens : (size_t)budget);
+            int need = zse_kv_table_blocks_needed(&r->kv, (size_t)take);
+            int spare = e->n_running;
+            ok = need + spare <= e->m->blocks.n_free || (e->n_running == 0 && need <= e->m->blocks.n_free);
+        }
+        if (ok) {
+            queue_pop(e);
+            running_insert(e, r);
+        }
+        pthread_mutex_unlock(&e->mu);
+        if (!ok)
+            return;
+        zse_kv_table_reserve(&r->kv, &e->m->blocks, (size_t)take);
+        place(pl, r, take);
+    }
+}
+
+/* ---- running a step --------------------------------------------------------------------------- */
+
+static int grow_buffers(zse_engine *e, int n_seqs, int width)
+{
+    size_t need = (size_t)n_seqs * (size_t)width;
+    if (need > e->table_cap) {
+        int32_t *t = zse_realloc(e->b_table, need * sizeof *t);
+        if (!t)
+            return -1;
+        e->b_table = t;
+        e->table_cap = need;
+    }
+    return 0;
+}
+
+/* flattens the plan into a zse_batch and runs the model; logits land in e->logits */
+static int run_plan(zse_engine *e, const plan *pl)
+{
+    int width = 1;
+    for (int s = 0; s < pl->n_seqs; s++)
+        if (pl->seqs[s]->kv.n_blocks > width)
+            width = pl->seqs[s]->kv.n_blocks;
+    if (grow_buffers(e, pl->n_seqs, width) != 0)
+        return -1;
+    int t = 0, n_out = 0;
+    for (int s = 0; s < pl->n_seqs; s++) {
+        request *r = pl->seqs[s];
+        for (int k = 0; k < r->take; k++, t++) {
+            size_t pos = r->n_cached + (size_t)k;
+            e->b_tokens[t] = r->tokens[pos];
+            e->b_pos[t] = (int32_t)pos;
+            e->b_seq[t] = s;
+            e->b_slots[t] = zse_kv_slot(&r->kv, pos);
+        }
+        e->b_lens[s] = (int32_t)(r->n_cached + (size_t)r->take);
+        int32_t *row = e->b_table + (size_t)s * (size_t)width;
+        for (int k = 0; k < width; k++)
+            row[k] = k < r->kv.n_blocks ? r->kv.blocks[k] : -1;
+        r->out_index = -1;
+        if (r->n_cached + (size_t)r->take == r->n_tokens) {
+            r->out_index = n_out;
+            e->b_rows[n_out++] = t - 1;
+        }
+    }
+    zse_batch b = {pl->n_tokens, e->b_tokens, e->b_pos, e->b_seq, e->b_slots, pl->n_seqs, e->b_lens,
+                   e->b_table, width, n_out, e->b_rows};
+    return zse_llm_forward(e->m->llm, e->m->kv, &b, e->logits);
+}
+
+/* Samples a request's next token from its logits row and tells the caller; a request
+ * that is over is ended (and freed) here. */
+static void sample_and_emit(zse_engine *e, request *r)
+{
+    int vocab = e->m->vocab;
+    float *logits = e->logits + (size_t)r->out_index * (size_t)vocab;
+    bool want_lp = r->gen.s.logprobs || r->gen.s.top_logprobs > 0;
+    if (want_lp)
+        memcpy(e->raw, logits, (size_t)vocab * sizeof *logits);
+    zse_history h = {r->tokens, r->n_prompt, r->tokens + r->n_prompt, r->n_tokens - r->n_prompt};
+    int32_t t = zse_sample(&r->gen.s, logits, vocab, &h, &r->gen.rng, e->work_p, e->work_i);
+    r->sampled++;
+    zse_logprobs lp = {0};
+    if (want_lp)
+        zse_compute_logprobs(e->raw, vocab, t, r->gen.s.top_logprobs, &lp);
+    bool ctx_full = r->n_tokens + 1 >= (size_t)e->m->ctx_size;
+    zse_buf text = {0};
+    zse_finish fin;
+    if (zse_gen_accept(&r->gen, t, zse_model_is_eos(e->m, t), ctx_full, &text, &fin) != 0 ||
+        (fin == ZSE_FINISH_NONE && append_token(r, t) != 0)) {
+        zse_buf_free(&text);
+        finish_without_token(e, r, ZSE_FINISH_ERROR);
+        return;
+    }
+    zse_token_event ev = {.token = t, .text = zse_buf_str(&text), .logprob = lp.logprob, .n_top = lp.n_top,
+                          .top_ids = lp.top_ids, .top_logprobs = lp.top_logprobs, .finish = fin,
+                          .prompt_tokens = (int)r->n_prompt, .completion_tokens = r->sampled};
+    if (fin != ZSE_FINISH_NONE) {
+        end_request(e, r, &ev);
+    } else if (!r->cb(r->user, &ev)) { /* the caller is gone */
+        finish_without_token(e, r, ZSE_FINISH_CANCELLED);
+    }
+    zse_buf_free(&text);
+}
+
+/* One step. Returns the number of tokens it ran (0: nothing could run). */
+static int step(zse_engine *e)
+{
+    plan pl = {0, 0, e->plan_seqs};
+    request *full = NULL;
+    pthread_mutex_lock(&e->m->run_lock);
+    for (int i = 0; i < e->n_running; i++)
+        e->running[i]->take = 0;
+    plan_decodes(e, &pl, &full);
+    plan_prefills(e, &pl);
+    plan_admissions(e, &pl);
+    int rc = pl.n_seqs ? run_plan(e, &pl) : 0;
+    int used = zse_block_pool_used(&e->m->blocks);
+    pthread_mutex_unlock(&e->m->run_lock);
+    pthread_mutex_lock(&e->mu);
+    e->kv_used = used;
+    pthread_mutex_unlock(&e->mu);
+
+    while (full) {
+        request *r = full;
+        full = r->next;
+        finish_without_token(e, r, ZSE_FINISH_LENGTH);
+    }
+    if (rc != 0) {
+        zse_log(ZSE_LOG_ERROR, "engine step of %d tokens failed: %s", pl.n_tokens, zse_error_message());
+        for (int s = 0; s < pl.n_seqs; s++)
+            finish_without_token(e, pl.seqs[s], ZSE_FINISH_ERROR);
+        return pl.n_tokens;
+    }
+    for (int s = 0; s < pl.n_seqs; s++) {
+        request *r = pl.seqs[s];
+        r->n_cached += (size_t)r->take;
+        r->take = 0;
+        if (r->out_index >= 0)
+            sample_and_emit(e, r);
+    }
+    return pl.n_tokens;
+}
+
+/* ---- the scheduler thread --------------------------------------------------------------------- */
+
+static bool any_cancelled(const zse_engine *e)
+{
+    for (const request *r = e->queue; r; r = r->next)
+        if (r->cancelled)
+            return true;
+    for (int i = 0; i < e->n_running; i++)
+        if (e->running[i]->cancelled)
+            return true;
+    return false;
+}
+
+static void timed_wait(zse_engine *e, double seconds)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    double whole = floor(seconds);
+    ts.tv_sec += (time_t)whole;
+    ts.tv_nsec += (long)((seconds - whole) * 1e9);
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    pthread_cond_timedwait(&e->wake, &e->mu, &ts);
+}
+
+static void *engine_main(void *arg)
+{
+    zse_engine *e = arg;
+    bool idle_step = false;
+    for (;;) {
+        pthread_mutex_lock(&e->mu);
+        while (!e->stopping && !e->n_queued && !e->n_running)
+            pthread_cond_wait(&e->wake, &e->mu);
+        if (idle_step && !any_cancelled(e) && !e->stopping)
+            timed_wait(e, 0.005); /* nothing could run (no KV room): do not spin */
+        bool expired = e->stopping && zse_now() >= e->deadline;
+        request *ended = NULL;
+        take_cancelled(e, expired, &ended);
+        bool done = e->stopping && !e->n_queued && !e->n_running;
+        pthread_mutex_unlock(&e->mu);
+        while (ended) {
+            request *r = ended;
+            ended = r->next;
+            finish_without_token(e, r, ZSE_FINISH_CANCELLED);
+        }
+        if (done)
+            break;
+        idle_step = step(e) == 0;
+    }
+    return NULL;
+}
+
+/* ---- the API ------------------------------------------------------------------------------------ */
+
+static void engine_free(zse_engine *e)
+{
+    free(e->running);
+    free(e->plan_seqs);
+    free(e->b_tokens);
+    free(e->b_pos);
+    free(e->b_seq);
+    free(e->b_slots);
+    free(e->b_lens);
+    free(e->b_table);
+    free(e->b_rows);
+    free(e->logits);
+    free(e->raw);
+    free(e->work_p);
+    free(e->work_i);
+    free(e);
+}
+
+zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p)
+{
+    zse_engine *e = zse_calloc(1, sizeof *e);
+    if (!e)
+        return NULL;
+    e->m = m;
+    e->p.max_seqs = p && p->max_seqs > 0 ? p->max_seqs : 16;
+    e->p.max_batch_tokens = p && p->max_batch_tokens > 0 ? p->max_batch_tokens : 512;
+    e->p.max_queue = p && p->max_queue > 0 ? p->max_queue : 256;
+    if (e->p.max_seqs > 4096 || e->p.max_batch_tokens > (1 << 20)) {
+        zse_fail("engine limits too large: %d sequences, %d tokens per step", e->p.max_seqs, e->p.max_batch_tokens);
+        free(e);
+        return NULL;
+    }
+    int T = e->p.max_batch_tokens, S = e->p.max_seqs, V = m->vocab;
+    int out_rows = S < T ? S : T;
+    e->running = zse_calloc((size_t)S, sizeof *e->running);
+    e->plan_seqs = zse_calloc((size_t)S, sizeof *e->plan_seqs);
+    e->b_tokens = zse_malloc((size_t)T * sizeof(int32_t));
+    e->b_pos = zse_malloc((size_t)T * sizeof(int32_t));
+    e->b_seq = zse_malloc((size_t)T * sizeof(int32_t));
+    e->b_slots = zse_malloc((size_t)T * sizeof(int32_t));
+    e->b_lens = zse_malloc((size_t)S * sizeof(int32_t));
+    e->b_rows = zse_malloc((size_t)out_rows * sizeof(int32_t));
+    e->logits = zse_malloc((size_t)out_rows * (size_t)V * sizeof(float));
+    e->raw = zse_malloc((size_t)V * sizeof(float));
+    e->work_p = zse_malloc((size_t)V * sizeof(float));
+    e->work_i = zse_calloc((size_t)V, sizeof(int32_t));
+    bool ok = e->running && e->plan_seqs && e->b_tokens && e->b_pos && e->b_seq && e->b_slots && e->b_lens && e->b_rows &&
+              e->logits && e->raw && e->work_p && e->work_i;
+    if (ok) {
+        pthread_mutex_lock(&m->run_lock);
+        ok = zse_llm_reserve(m->llm, T, out_rows) == 0;
+        pthread_mutex_unlock(&m->run_lock);
+    }
+    if (!ok) {
+        zse_error_prefix("cannot start the engine");
+        engine_free(e);
+        return NULL;
+    }
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_cond_init(&e->wake, NULL);
+    e->next_id = 1;
+    if (pthread_create(&e->thread, NULL, engine_main, e) != 0) {
+        zse_fail("cannot start the engine thread");
+        pthread_mutex_destroy(&e->mu);
+        pthread_cond_destroy(&e->wake);
+        engine_free(e);
+        return NULL;
+    }
+    return e;
+}
+
+static int check_prompt(const zse_engine *e, const int32_t *prompt, size_t n)
+{
+    const zse_model *m = e->m;
+    if (n == 0)
+        return zse_fail("the prompt is empty; give at least one token");
+    if (n > (size_t)m->ctx_size)
+        return zse_fail("the prompt has %zu tokens, more than the context of %d", n, m->ctx_size);
+    if (n > (size_t)m->blocks.n_blocks * ZSE_KV_BLOCK)
+        return zse_fail("the prompt has %zu tokens, more than the whole KV cache holds (%d)", n,
+                        m->blocks.n_blocks * ZSE_KV_BLOCK);
+    for (size_t i = 0; i < n; i++)
+        if (prompt[i] < 0 || prompt[i] >= m->vocab)
+            return zse_fail("prompt token %zu is %d, outside the vocabulary (0..%d)", i, prompt[i], m->vocab - 1);
+    return 0;
+}
+
+int zse_engine_submit(zse_engine *e, const int32_t *prompt, size_t n, const zse_sampling *s, int priority,
+                      zse_token_cb cb, void *user, uint64_t *request_id)
+{
+    if (!cb)
+        return zse_fail("zse_engine_submit needs a callback");
+    if (check_prompt(e, prompt, n) != 0)
+        return -1;
+    request *r = request_new(e, prompt, n, s);
+    if (!r)
+        return -1;
+    r->priority = priority;
+    r->cb = cb;
+    r->user = user;
+    pthread_mutex_lock(&e->mu);
+    int rc = 0;
+    if (e->stopping)
+        rc = zse_fail("the engine is shutting down");
+    else if (e->n_queued >= e->p.max_queue)
+        rc = zse_fail("the queue is full (%d requests waiting)", e->n_queued);
+    if (rc == 0) {
+        r->id = e->next_id++;
+        r->order = e->next_order++;
+        if (request_id)
+            *request_id = r->id;
+        queue_insert(e, r);
+        pthread_cond_signal(&e->wake);
+    }
+    pthread_mutex_unlock(&e->mu);
+    if (rc != 0)
+        request_free(e, r);
+    return rc;
+}
+
+void zse_engine_cancel(zse_engine *e, uint64_t request_id)
+{
+    pthread_mutex_lock(&e->mu);
+    for (request *r = e->queue; r; r = r->next)
+        if (r->id == request_id)
+            r->cancelled = true;
+    for (int i = 0; i < e->n_running; i++)
+        if (e->running[i]->id == request_id)
+            e->running[i]->cancelled = true;
+    pthread_cond_signal(&e->wake);
+    pthread_mutex_unlock(&e->mu);
+}
+
+void zse_engine_get_stats(zse_engine *e, zse_engine_stats *out)
+{
+    pthread_mutex_lock(&e->mu);
+    out->queued = e->n_queued;
+    out->running = e->n_running;
+    out->kv_blocks_used = e->kv_used;
+    out->kv_blocks_total = e->m->blocks.n_blocks;
+    out->preemptions = e->preemptions;
+    pthread_mutex_unlock(&e->mu);
+}
+
+void zse_engine_stop(zse_engine *e, double timeout_s)
+{
+    if (!e)
+        return;
+    pthread_mutex_lock(&e->mu);
+    e->stopping = true;
+    e->deadline = zse_now() + (timeout_s > 0 ? timeout_s : 0);
+    pthread_cond_signal(&e->wake);
+    pthread_mutex_unlock(&e->mu);
+    int err = pthread_join(e->thread, NULL);
+    if (err != 0)
+        zse_log(ZSE_LOG_ERROR, "joining the engine thread: %s", strerror(err));
+    pthread_mutex_destroy(&e->mu);
+    pthread_cond_destroy(&e->wake);
+    engine_free(e);
+}

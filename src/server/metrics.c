@@ -1,0 +1,195 @@
+/* Counters and histograms behind GET /metrics, rendered in the Prometheus text format
+ * (version 0.0.4). One mutex guards them: updates are a few adds per request or token
+ * batch, far below the cost of the request itself. */
+#include "server/server.h"
+
+#include <pthread.h>
+#include <string.h>
+
+#define MAX_STATUSES 24          /* distinct status codes counted per route */
+
+static const double TTFT_BUCKETS[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30};
+static const double TPOT_BUCKETS[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5};
+#define N_TTFT (sizeof TTFT_BUCKETS / sizeof TTFT_BUCKETS[0])
+#define N_TPOT (sizeof TPOT_BUCKETS / sizeof TPOT_BUCKETS[0])
+
+typedef struct {
+    const double *bounds;
+    size_t n_bounds;
+    uint64_t counts[16];        /* per bucket (not cumulative); the last is +Inf */
+    double sum;
+    uint64_t n;
+} histogram;
+
+typedef struct {
+    int status;
+    uint64_t count;
+} status_count;
+
+struct srv_metrics {
+    pthread_mutex_t mu;
+    status_count requests[SRV_N_ROUTES][MAX_STATUSES];
+    uint64_t prompt_tokens, completion_tokens, rate_limited;
+    histogram ttft, tpot;
+};
+
+static const char *const ROUTE_NAMES[SRV_N_ROUTES] = {
+    "/v1/chat/completions", "/v1/completions", "/v1/models", "/generate", "/generate_stream",
+    "/health", "/metrics", "other",
+};
+
+const char *srv_route_name(srv_route r)
+{
+    return r < SRV_N_ROUTES ? ROUTE_NAMES[r] : "other";
+}
+
+srv_metrics *srv_metrics_new(void)
+{
+    srv_metrics *m = zse_calloc(1, sizeof *m);
+    if (!m)
+        return NULL;
+    pthread_mutex_init(&m->mu, NULL);
+    m->ttft.bounds = TTFT_BUCKETS;
+    m->ttft.n_bounds = N_TTFT;
+    m->tpot.bounds = TPOT_BUCKETS;
+    m->tpot.n_bounds = N_TPOT;
+    return m;
+}
+
+void srv_metrics_free(srv_metrics *m)
+{
+    if (!m)
+        return;
+    pthread_mutex_destroy(&m->mu);
+    free(m);
+}
+
+void srv_metrics_request(srv_metrics *m, srv_route route, int status)
+{
+    if (route >= SRV_N_ROUTES)
+        route = SRV_ROUTE_OTHER;
+    pthread_mutex_lock(&m->mu);
+    status_count *row = m->requests[route];
+    for (int i = 0; i < MAX_STATUSES; i++) {
+        if (row[i].status == status || row[i].status == 0) {
+            row[i].status = status;
+            row[i].count++;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&m->mu);
+}
+
+void srv_metrics_tokens(srv_metrics *m, int prompt_tokens, int completion_tokens)
+{
+    pthread_mutex_lock(&m->mu);
+    m->prompt_tokens += prompt_tokens > 0 ? (uint64_t)prompt_tokens : 0;
+    m->completion_tokens += completion_tokens > 0 ? (uint64_t)completion_tokens : 0;
+    pthread_mutex_unlock(&m->mu);
+}
+
+static void observe(histogram *h, double v)
+{
+    size_t i = 0;
+    while (i < h->n_bounds && v > h->bounds[i])
+        i++;
+    h->counts[i]++;
+    h->sum += v;
+    h->n++;
+}
+
+void srv_metrics_ttft(srv_metrics *m, double seconds)
+{
+    pthread_mutex_lock(&m->mu);
+    observe(&m->ttft, seconds);
+    pthread_mutex_unlock(&m->mu);
+}
+
+void srv_metrics_tpot(srv_metrics *m, double seconds)
+{
+    pthread_mutex_lock(&m->mu);
+    observe(&m->tpot, seconds);
+    pthread_mutex_unlock(&m->mu);
+}
+
+void srv_metrics_rate_limited(srv_metrics *m)
+{
+    pthread_mutex_lock(&m->mu);
+    m->rate_limited++;
+    pthread_mutex_unlock(&m->mu);
+}
+
+static int render_histogram(zse_buf *out, const char *name, const char *help, const histogram *h)
+{
+    int rc = zse_buf_printf(out, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    uint64_t cum = 0;
+    for (size_t i = 0; i < h->n_bounds && rc == 0; i++) {
+        cum += h->counts[i];
+        rc = zse_buf_printf(out, "%s_bucket{le=\"%g\"} %llu\n", name, h->bounds[i], (unsigned long long)cum);
+    }
+    if (rc == 0)
+        rc = zse_buf_printf(out, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.6f\n%s_count %llu\n", name,
+                            (unsigned long long)h->n, name, h->sum, name, (unsigned long long)h->n);
+    return rc;
+}
+
+static int render_gauge(zse_buf *out, const char *name, const char *help, double v)
+{
+    return zse_buf_printf(out, "# HELP %s %s\n# TYPE %s gauge\n%s %.17g\n", name, help, name, name, v);
+}
+
+static int render_counter(zse_buf *out, const char *name, const char *help, uint64_t v)
+{
+    return zse_buf_printf(out, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help, name, name,
+                          (unsigned long long)v);
+}
+
+int srv_metrics_render(srv_metrics *m, const zse_engine_stats *st, bool ready, int active_requests,
+                       uint64_t audit_dropped, zse_buf *out)
+{
+    pthread_mutex_lock(&m->mu);
+    int rc = zse_buf_puts(out, "# HELP zse_requests_total HTTP requests answered, by route and status\n"
+                               "# TYPE zse_requests_total counter\n");
+    for (int r = 0; r < SRV_N_ROUTES && rc == 0; r++)
+        for (int i = 0; i < MAX_STATUSES && m->requests[r][i].status && rc == 0; i++)
+            rc = zse_buf_printf(out, "zse_requests_total{route=\"%s\",status=\"%d\"} %llu\n", ROUTE_NAMES[r],
+                                m->requests[r][i].status, (unsigned long long)m->requests[r][i].count);
+    if (rc == 0)
+        rc = render_counter(out, "zse_prompt_tokens_total", "prompt tokens of admitted requests",
+                            m->prompt_tokens);
+    if (rc == 0)
+        rc = render_counter(out, "zse_generation_tokens_total", "tokens generated", m->completion_tokens);
+    if (rc == 0)
+        rc = render_counter(out, "zse_rate_limit_rejections_total", "requests refused with 429",
+                            m->rate_limited);
+    if (rc == 0)
+        rc = render_histogram(out, "zse_time_to_first_token_seconds",
+                              "from the request's arrival to its first generated token", &m->ttft);
+    if (rc == 0)
+        rc = render_histogram(out, "zse_time_per_output_token_seconds",
+                              "mean time between generated tokens of a completed choice", &m->tpot);
+    pthread_mutex_unlock(&m->mu);
+    if (rc == 0)
+        rc = render_gauge(out, "zse_model_ready", "1 when the model is loaded and serving", ready);
+    if (rc == 0)
+        rc = render_gauge(out, "zse_http_requests_active", "generation requests in flight", active_requests);
+    if (rc == 0)
+        rc = render_counter(out, "zse_audit_rows_dropped_total", "audit rows lost to a full queue",
+                            audit_dropped);
+    if (rc == 0 && st) {
+        rc = render_gauge(out, "zse_queue_depth", "requests waiting for the engine", st->queued);
+        if (rc == 0)
+            rc = render_gauge(out, "zse_running_sequences", "sequences the engine is generating", st->running);
+        if (rc == 0)
+            rc = render_gauge(out, "zse_kv_blocks_used", "KV cache blocks in use", st->kv_blocks_used);
+        if (rc == 0)
+            rc = render_gauge(out, "zse_kv_blocks_free", "KV cache blocks free",
+                              st->kv_blocks_total - st->kv_blocks_used);
+        if (rc == 0)
+            rc = render_gauge(out, "zse_kv_blocks_total", "KV cache blocks in all", st->kv_blocks_total);
+        if (rc == 0)
+            rc = render_counter(out, "zse_preemptions_total", "sequences whose KV was freed to make room",
+                                st->preemptions);
+    }
+    return rc;
+}

@@ -1,0 +1,745 @@
+/* Request bodies → srv_request: JSON parsed with jansson, every field checked for type and
+ * range, errors naming the field the way OpenAI does ("messages[2].content"). Unknown
+ * fields are ignored, as most OpenAI-compatible servers do, so newer clients keep working.
+ *
+ * Three shapes: OpenAI chat completions, OpenAI (legacy) completions, and TGI's
+ * {"inputs", "parameters"}. */
+#include "server/server.h"
+
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/random.h>
+
+#define MAX_CHOICES 16          /* n per prompt */
+#define MAX_SEQUENCES 64        /* prompts × n per request */
+#define MAX_STOP 16
+#define MAX_STOP_BYTES 256
+#define MAX_TOP_LOGPROBS 20
+#define MAX_COMPLETION_LOGPROBS 5
+#define COMPLETIONS_DEFAULT_MAX_TOKENS 16   /* OpenAI's default for /v1/completions */
+#define TGI_DEFAULT_MAX_NEW_TOKENS 100      /* TGI's default */
+
+/* ---- typed field access: null counts as absent; errors name the field ------------------- */
+
+static int get_number(json_t *obj, const char *key, double lo, double hi, double *out, bool *present,
+                      srv_error *e)
+{
+    json_t *v = json_object_get(obj, key);
+    *present = v && !json_is_null(v);
+    if (!*present)
+        return 0;
+    if (!json_is_number(v))
+        return srv_error_invalid(e, key, "'%s' must be a number", key);
+    double x = json_number_value(v);
+    if (!(x >= lo && x <= hi))
+        return srv_error_invalid(e, key, "'%s' must be between %g and %g, not %g", key, lo, hi, x);
+    *out = x;
+    return 0;
+}
+
+static int get_int(json_t *obj, const char *key, long long lo, long long hi, long long *out, bool *present,
+                   srv_error *e)
+{
+    json_t *v = json_object_get(obj, key);
+    *present = v && !json_is_null(v);
+    if (!*present)
+        return 0;
+    if (!json_is_integer(v))
+        return srv_error_invalid(e, key, "'%s' must be an integer", key);
+    long long x = json_integer_value(v);
+    if (x < lo || x > hi)
+        return srv_error_invalid(e, key, "'%s' must be between %lld and %lld, not %lld", key, lo, hi, x);
+    *out = x;
+    return 0;
+}
+
+static int get_bool(json_t *obj, const char *key, bool *out, srv_error *e)
+{
+    json_t *v = json_object_get(obj, key);
+    if (!v || json_is_null(v))
+        return 0;
+    if (!json_is_boolean(v))
+        return srv_error_invalid(e, key, "'%s' must be true or false", key);
+    *out = json_is_true(v);
+    return 0;
+}
+
+/* optional string; *out stays NULL when absent */
+static int get_string(json_t *obj, const char *key, const char **out, srv_error *e)
+{
+    json_t *v = json_object_get(obj, key);
+    *out = NULL;
+    if (!v || json_is_null(v))
+        return 0;
+    if (!json_is_string(v))
+        return srv_error_invalid(e, key, "'%s' must be a string", key);
+    *out = json_string_value(v);
+    return 0;
+}
+
+static int oom(srv_error *e)
+{
+    return srv_error_set(e, 500, "server_error", NULL, NULL, "out of memory reading the request");
+}
+
+static bool has_nul(json_t *s)
+{
+    return strlen(json_string_value(s)) != json_string_length(s);
+}
+
+/* ---- sampling fields shared by chat and completions ------------------------------------ */
+
+static int parse_stop(json_t *body, const char *key, srv_request *r, srv_error *e)
+{
+    json_t *v = json_object_get(body, key);
+    if (!v || json_is_null(v))
+        return 0;
+    json_t *one = json_is_string(v) ? v : NULL;
+    size_t n = one ? 1 : json_is_array(v) ? json_array_size(v) : 0;
+    if (!one && !json_is_array(v))
+        return srv_error_invalid(e, key, "'%s' must be a string or a list of strings", key);
+    if (n > MAX_STOP)
+        return srv_error_invalid(e, key, "'%s' may hold at most %d strings, not %zu", key, MAX_STOP, n);
+    if (n == 0)
+        return 0;
+    r->stop = zse_calloc(n, sizeof *r->stop);
+    if (!r->stop)
+        return oom(e);
+    for (size_t i = 0; i < n; i++) {
+        json_t *s = one ? one : json_array_get(v, i);
+        char param[64];
+        snprintf(param, sizeof param, one ? "%s" : "%s[%zu]", key, i);
+        if (!json_is_string(s))
+            return srv_error_invalid(e, param, "'%s' must be a string", param);
+        size_t len = json_string_length(s);
+        if (len == 0 || len > MAX_STOP_BYTES || has_nul(s))
+            return srv_error_invalid(e, param, "'%s' must be 1 to %d bytes without NUL", param, MAX_STOP_BYTES);
+        if (!(r->stop[r->n_stop++] = zse_strdup(json_string_value(s))))
+            return oom(e);
+    }
+    return 0;
+}
+
+static int parse_logit_bias(json_t *body, int vocab, srv_request *r, srv_error *e)
+{
+    json_t *v = json_object_get(body, "logit_bias");
+    if (!v || json_is_null(v))
+        return 0;
+    if (!json_is_object(v))
+        return srv_error_invalid(e, "logit_bias", "'logit_bias' must map token ids to numbers");
+    size_t n = json_object_size(v);
+    if (n == 0)
+        return 0;
+    if (n > 1024)
+        return srv_error_invalid(e, "logit_bias", "'logit_bias' may hold at most 1024 tokens");
+    r->bias = zse_calloc(n, sizeof *r->bias);
+    if (!r->bias)
+        return oom(e);
+    const char *k;
+    json_t *x;
+    json_object_foreach(v, k, x) {
+        int64_t id;
+        if (!zse_parse_i64(k, &id) || id < 0 || id >= vocab)
+            return srv_error_invalid(e, "logit_bias", "logit_bias key '%s' is not a token id (0 to %d)", k, vocab - 1);
+        if (!json_is_number(x) || json_number_value(x) < -100 || json_number_value(x) > 100)
+            return srv_error_invalid(e, "logit_bias", "logit_bias of token %s must be a number from -100 to 100", k);
+        r->bias[r->n_bias].id = (int32_t)id;
+        r->bias[r->n_bias].bias = (float)json_number_value(x);
+        r->n_bias++;
+    }
+    return 0;
+}
+
+static uint64_t random_seed(void)
+{
+    uint64_t s = 0;
+    if (getrandom(&s, sizeof s, 0) != (ssize_t)sizeof s)
+        s = (uint64_t)(zse_now() * 1e9);
+    return s;
+}
+
+/* temperature, top_p, penalties, seed, stop, logit_bias, and the vLLM-style extras
+ * (top_k, min_p, repetition_penalty, ignore_eos, priority) */
+static int parse_sampling(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
+{
+    zse_sampling *s = &r->sampling;
+    double x;
+    long long i;
+    bool have;
+    if (get_number(body, "temperature", 0, 2, &x, &have, e))
+        return -1;
+    if (have)
+        s->temperature = (float)x;
+    if (get_number(body, "top_p", 0, 1, &x, &have, e))
+        return -1;
+    if (have) {
+        s->top_p = (float)x;
+        if (x == 0) /* only the most likely token survives */
+            s->temperature = 0;
+    }
+    if (get_number(body, "presence_penalty", -2, 2, &x, &have, e))
+        return -1;
+    if (have)
+        s->presence_penalty = (float)x;
+    if (get_number(body, "frequency_penalty", -2, 2, &x, &have, e))
+        return -1;
+    if (have)
+        s->frequency_penalty = (float)x;
+    if (get_number(body, "repetition_penalty", 0.01, 10, &x, &have, e))
+        return -1;
+    if (have)
+        s->repetition_penalty = (float)x;
+    if (get_number(body, "min_p", 0, 1, &x, &have, e))
+        return -1;
+    if (have)
+        s->min_p = (float)x;
+    if (get_int(body, "top_k", -1, mf->vocab_size, &i, &have, e))
+        return -1;
+    if (have)
+        s->top_k = i > 0 ? (int)i : 0;
+    if (get_int(body, "seed", LLONG_MIN, LLONG_MAX, &i, &r->has_seed, e))
+        return -1;
+    s->seed = r->has_seed ? (uint64_t)i : random_seed();
+    if (get_bool(body, "ignore_eos", &s->ignore_eos, e))
+        return -1;
+    if (get_int(body, "priority", -1000, 1000, &i, &have, e))
+        return -1;
+    if (have)
+        r->priority = (int)i;
+    if (parse_stop(body, "stop", r, e) || parse_logit_bias(body, mf->vocab_size, r, e))
+        return -1;
+    const char *user;
+    if (get_string(body, "user", &user, e))
+        return -1;
+    if (user && !(r->user = zse_strdup(user)))
+        return oom(e);
+    return 0;
+}
+
+static int parse_max_tokens(json_t *body, const char *key, srv_request *r, srv_error *e)
+{
+    long long i;
+    bool have;
+    if (get_int(body, key, 1, INT_MAX, &i, &have, e))
+        return -1;
+    if (have)
+        r->max_tokens = (int)i;
+    return 0;
+}
+
+static int parse_n(json_t *body, srv_request *r, srv_error *e)
+{
+    long long i;
+    bool have;
+    r->n = 1;
+    if (get_int(body, "n", 1, MAX_CHOICES, &i, &have, e))
+        return -1;
+    if (have)
+        r->n = (int)i;
+    return 0;
+}
+
+static int parse_stream(json_t *body, srv_request *r, srv_error *e)
+{
+    if (get_bool(body, "stream", &r->stream, e))
+        return -1;
+    json_t *so = json_object_get(body, "stream_options");
+    if (!so || json_is_null(so))
+        return 0;
+    if (!r->stream)
+        return srv_error_invalid(e, "stream_options", "'stream_options' is only allowed when 'stream' is true");
+    if (!json_is_object(so))
+        return srv_error_invalid(e, "stream_options", "'stream_options' must be an object");
+    json_t *iu = json_object_get(so, "include_usage");
+    if (iu && !json_is_null(iu) && !json_is_boolean(iu))
+        return srv_error_invalid(e, "stream_options.include_usage", "'stream_options.include_usage' must be true or false");
+    r->include_usage = json_is_true(iu);
+    return 0;
+}
+
+/* the model field: required, and it must be the model this server serves */
+static int parse_model(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
+{
+    const char *model;
+    if (get_string(body, "model", &model, e))
+        return -1;
+    if (!model)
+        return srv_error_invalid(e, "model", "you must provide a model parameter ('%s' is served here)", mf->name);
+    if (strcmp(model, mf->name) != 0)
+        return srv_error_set(e, 404, "invalid_request_error", "model_not_found", "model",
+                             "The model '%s' does not exist; this server serves '%s'", model, mf->name);
+    r->model = zse_strdup(model);
+    return r->model ? 0 : oom(e);
+}
+
+static int reject_unsupported(json_t *body, srv_error *e)
+{
+    json_t *rf = json_object_get(body, "response_format");
+    if (rf && !json_is_null(rf)) {
+        const char *type = json_string_value(json_object_get(rf, "type"));
+        if (!json_is_object(rf) || !type)
+            return srv_error_invalid(e, "response_format", "'response_format' must be an object with a 'type'");
+        if (strcmp(type, "text") != 0)
+            return srv_error_invalid(e, "response_format.type",
+                                     "response_format type '%s' is not supported (only 'text')", type);
+    }
+    return 0;
+}
+
+/* ---- chat messages ------------------------------------------------------------------- */
+
+/* content: a string, null, or a list of {"type":"text","text":...} parts joined by "\n" */
+static int message_text(json_t *content, size_t mi, zse_buf *out, bool *is_null, srv_error *e)
+{
+    char param[64];
+    snprintf(param, sizeof param, "messages[%zu].content", mi);
+    *is_null = !content || json_is_null(content);
+    if (*is_null)
+        return 0;
+    if (json_is_string(content)) {
+        if (has_nul(content))
+            return srv_error_invalid(e, param, "'%s' must not contain NUL characters", param);
+        return zse_buf_append(out, json_string_value(content), json_string_length(content)) ? oom(e) : 0;
+    }
+    if (!json_is_array(content))
+        return srv_error_invalid(e, param, "'%s' must be a string or a list of content parts", param);
+    size_t j;
+    json_t *part;
+    json_array_foreach(content, j, part) {
+        char pp[104];
+        snprintf(pp, sizeof pp, "%s[%zu]", param, j);
+        const char *type = json_string_value(json_object_get(part, "type"));
+        if (!json_is_object(part) || !type)
+            return srv_error_invalid(e, pp, "'%s' must be an object with a 'type'", pp);
+        if (strcmp(type, "text") != 0)
+            return srv_error_invalid(e, pp, "content part type '%s' in '%s' is not supported (this model reads text)",
+                                     type, pp);
+        json_t *text = json_object_get(part, "text");
+        if (!json_is_string(text) || has_nul(text))
+            return srv_error_invalid(e, pp, "'%s.text' must be a string", pp);
+        if ((j > 0 && zse_buf_puts(out, "\n")) || zse_buf_append(out, json_string_value(text), json_string_length(text)))
+            return oom(e);
+    }
+    return 0;
+}
+
+/* one message, rebuilt with only what templates read: role, content (a string), name,
+ * tool_calls, tool_call_id */
+static json_t *normalize_message(json_t *m, size_t i, srv_error *e)
+{
+    char param[64];
+    snprintf(param, sizeof param, "messages[%zu]", i);
+    if (!json_is_object(m))
+        return srv_error_invalid(e, param, "'%s' must be an object with 'role' and 'content'", param), NULL;
+    const char *role = json_string_value(json_object_get(m, "role"));
+    snprintf(param, sizeof param, "messages[%zu].role", i);
+    if (!role)
+        return srv_error_invalid(e, param, "'%s' is required", param), NULL;
+    bool known = !strcmp(role, "system") || !strcmp(role, "user") || !strcmp(role, "assistant") ||
+                 !strcmp(role, "tool") || !strcmp(role, "developer");
+    if (!known)
+        return srv_error_invalid(e, param, "'%s' must be system, developer, user, assistant or tool, not '%s'",
+                                 param, role), NULL;
+    zse_buf text = {0};
+    bool is_null;
+    if (message_text(json_object_get(m, "content"), i, &text, &is_null, e)) {
+        zse_buf_free(&text);
+        return NULL;
+    }
+    json_t *tool_calls = json_object_get(m, "tool_calls");
+    bool has_calls = json_is_array(tool_calls) && json_array_size(tool_calls) > 0;
+    if (is_null && !(strcmp(role, "assistant") == 0 && has_calls)) {
+        zse_buf_free(&text);
+        snprintf(param, sizeof param, "messages[%zu].content", i);
+        return srv_error_invalid(e, param, "'%s' is required", param), NULL;
+    }
+    /* "developer" is what newer SDKs send for system instructions; templates know "system" */
+    json_t *out = json_pack("{s:s, s:s#}", "role", strcmp(role, "developer") == 0 ? "system" : role, "content",
+                            zse_buf_str(&text), text.len);
+    zse_buf_free(&text);
+    if (!out)
+        return oom(e), NULL;
+    static const char *const keep[] = {"name", "tool_calls", "tool_call_id"};
+    for (size_t k = 0; k < sizeof keep / sizeof keep[0]; k++) {
+        json_t *v = json_object_get(m, keep[k]);
+        if (v && !json_is_null(v) && json_object_set(out, keep[k], v) != 0) {
+            json_decref(out);
+            return oom(e), NULL;
+        }
+    }
+    return out;
+}
+
+static int parse_messages(json_t *body, srv_request *r, srv_error *e)
+{
+    json_t *msgs = json_object_get(body, "messages");
+    if (!msgs || json_is_null(msgs))
+        return srv_error_invalid(e, "messages", "'messages' is required");
+    if (!json_is_array(msgs) || json_array_size(msgs) == 0)
+        return srv_error_invalid(e, "messages", "'messages' must be a non-empty list");
+    if (!(r->messages = json_array()))
+        return oom(e);
+    size_t i;
+    json_t *m;
+    json_array_foreach(msgs, i, m) {
+        json_t *nm = normalize_message(m, i, e);
+        if (!nm || json_array_append_new(r->messages, nm) != 0)
+            return nm ? oom(e) : -1;
+    }
+    json_t *tools = json_object_get(body, "tools");
+    if (tools && !json_is_null(tools)) {
+        if (!json_is_array(tools))
+            return srv_error_invalid(e, "tools", "'tools' must be a list");
+        if (json_array_size(tools) && !(r->template_extra = json_pack("{s:O}", "tools", tools)))
+            return oom(e);
+    }
+    return 0;
+}
+
+static int parse_chat_logprobs(json_t *body, srv_request *r, srv_error *e)
+{
+    bool lp = false;
+    long long top = 0;
+    bool have;
+    if (get_bool(body, "logprobs", &lp, e) || get_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, &top, &have, e))
+        return -1;
+    if (have && !lp)
+        return srv_error_invalid(e, "top_logprobs", "'top_logprobs' needs 'logprobs' set to true");
+    r->logprobs = lp ? 1 : 0;
+    r->sampling.logprobs = lp;
+    r->sampling.top_logprobs = (int)top;
+    return 0;
+}
+
+static int parse_chat(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
+{
+    if (parse_model(body, mf, r, e) || parse_messages(body, r, e) || parse_stream(body, r, e) ||
+        parse_n(body, r, e) || parse_sampling(body, mf, r, e) || parse_chat_logprobs(body, r, e) ||
+        parse_max_tokens(body, "max_tokens", r, e) || parse_max_tokens(body, "max_completion_tokens", r, e) ||
+        reject_unsupported(body, e))
+        return -1;
+    r->prompts = zse_calloc(1, sizeof *r->prompts);
+    if (!r->prompts)
+        return oom(e);
+    r->n_prompts = 1;
+    return 0;
+}
+
+/* ---- completions --------------------------------------------------------------------- */
+
+static int ids_from_array(json_t *arr, int vocab, const char *param, srv_prompt *p, srv_error *e)
+{
+    size_t n = json_array_size(arr);
+    if (n == 0)
+        return srv_error_invalid(e, param, "'%s' must not be empty", param);
+    p->ids = zse_malloc(n * sizeof *p->ids);
+    if (!p->ids)
+        return oom(e);
+    for (size_t i = 0; i < n; i++) {
+        json_t *v = json_array_get(arr, i);
+        if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= vocab)
+            return srv_error_invalid(e, param, "'%s' holds something that is not a token id (0 to %d) at %zu", param,
+                                     vocab - 1, i);
+        p->ids[i] = (int32_t)json_integer_value(v);
+    }
+    p->n_ids = n;
+    return 0;
+}
+
+static int text_prompt(json_t *s, const char *param, srv_prompt *p, srv_error *e)
+{
+    if (has_nul(s))
+        return srv_error_invalid(e, param, "'%s' must not contain NUL characters", param);
+    p->text = zse_strdup(json_string_value(s));
+    return p->text ? 0 : oom(e);
+}
+
+/* a string, a list of strings, a list of token ids, or a list of lists of token ids */
+static int parse_prompts(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
+{
+    json_t *v = json_object_get(body, "prompt");
+    if (!v || json_is_null(v))
+        return srv_error_invalid(e, "prompt", "'prompt' is required");
+    bool ids_only = json_is_array(v) && json_array_size(v) > 0 && json_is_integer(json_array_get(v, 0));
+    size_t n = json_is_string(v) || ids_only ? 1 : json_is_array(v) ? json_array_size(v) : 0;
+    if (!json_is_string(v) && !json_is_array(v))
+        return srv_error_invalid(e, "prompt", "'prompt' must be a string, a list of strings or a list of token ids");
+    if (n == 0)
+        return srv_error_invalid(e, "prompt", "'prompt' must not be an empty list");
+    if (n * (size_t)r->n > MAX_SEQUENCES)
+        return srv_error_invalid(e, "prompt", "%zu prompts with n=%d make more than %d sequences", n, r->n, MAX_SEQUENCES);
+    if (!(r->prompts = zse_calloc(n, sizeof *r->prompts)))
+        return oom(e);
+    r->n_prompts = n;
+    if (json_is_string(v))
+        return text_prompt(v, "prompt", &r->prompts[0], e);
+    if (ids_only)
+        return ids_from_array(v, mf->vocab_size, "prompt", &r->prompts[0], e);
+    for (size_t i = 0; i < n; i++) {
+        json_t *x = json_array_get(v, i);
+        char param[48];
+        snprintf(param, sizeof param, "prompt[%zu]", i);
+        int rc = json_is_string(x) ? text_prompt(x, param, &r->prompts[i], e)
+                 : json_is_array(x) ? ids_from_array(x, mf->vocab_size, param, &r->prompts[i], e)
+                                    : srv_error_invalid(e, param, "'%s' must be a string or a list of token ids", param);
+        if (rc)
+            return -1;
+    }
+    return 0;
+}
+
+static int parse_completion(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
+{
+    long long i;
+    bool have;
+    r->max_tokens = 0;
+    if (parse_model(body, mf, r, e) || parse_n(body, r, e) || parse_prompts(body, mf, r, e) ||
+        parse_stream(body, r, e) || parse_sampling(body, mf, r, e) || parse_max_tokens(body, "max_tokens", r, e) ||
+        get_bool(body, "echo", &r->echo, e) || reject_unsupported(body, e))
+        return -1;
+    if (get_int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS, &i, &have, e))
+        return -1;
+    if (have) {
+        r->logprobs = 1 + (int)i;
+        r->sampling.logprobs = true;
+        r->sampling.top_logprobs = (int)i;
+    }
+    if (get_int(body, "best_of", 1, MAX_CHOICES, &i, &have, e))
+        return -1;
+    if (have && i != r->n)
+        return srv_error_invalid(e, "best_of", "'best_of' other than n is not supported");
+    const char *suffix;
+    if (get_string(body, "suffix", &suffix, e))
+        return -1;
+    if (suffix && *suffix)
+        return srv_error_invalid(e, "suffix", "'suffix' (insertion) is not supported by this model");
+    return 0;
+}
+
+/* ---- TGI / LoRAX --------------------------------------------------------------------- */
+
+static int parse_tgi_adapter(json_t *params, const srv_model_facts *mf, srv_request *r, srv_error *e)
+{
+    const char *adapter;
+    if (get_string(params, "adapter_id", &adapter, e))
+        return -1;
+    if (!adapter || !*adapter || strcmp(adapter, mf->name) == 0)
+        return 0;
+    r->adapter_id = zse_strdup(adapter);
+    if (!r->adapter_id)
+        return oom(e);
+    return srv_error_set(e, 404, "not_found", "adapter_not_found", "parameters.adapter_id",
+                         "adapter '%s' is not loaded: this server serves only the base model '%s' "
+                         "(LoRA adapters are not served yet)", adapter, mf->name);
+}
+
+static int parse_tgi(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
+{
+    json_t *inputs = json_object_get(body, "inputs");
+    if (!json_is_string(inputs))
+        return srv_error_invalid(e, "inputs", "'inputs' must be a string");
+    if (!(r->prompts = zse_calloc(1, sizeof *r->prompts)))
+        return oom(e);
+    r->n_prompts = 1;
+    r->n = 1;
+    if (text_prompt(inputs, "inputs", &r->prompts[0], e))
+        return -1;
+    json_t *p = json_object_get(body, "parameters");
+    if (p && !json_is_null(p) && !json_is_object(p))
+        return srv_error_invalid(e, "parameters", "'parameters' must be an object");
+    json_t *empty = NULL;
+    if (!p || json_is_null(p))
+        p = empty = json_object();
+    if (!p)
+        return oom(e);
+    int rc = -1;
+    zse_sampling *s = &r->sampling;
+    double x;
+    long long i;
+    bool have, do_sample = false, warped = false;
+    if (get_bool(p, "do_sample", &do_sample, e) || get_bool(p, "details", &r->details, e) ||
+        get_bool(p, "return_full_text", &r->echo, e))
+        goto done;
+    if (get_number(p, "temperature", 1e-4, 100, &x, &have, e))
+        goto done;
+    if (have)
+        s->temperature = (float)x, warped = warped || x != 1.0;
+    if (get_number(p, "top_p", 1e-6, 1 - 1e-9, &x, &have, e))
+        goto done;
+    if (have)
+        s->top_p = (float)x, warped = true;
+    if (get_int(p, "top_k", 1, mf->vocab_size, &i, &have, e))
+        goto done;
+    if (have)
+        s->top_k = (int)i, warped = true;
+    if (get_number(p, "repetition_penalty", 1e-4, 100, &x, &have, e))
+        goto done;
+    if (have)
+        s->repetition_penalty = (float)x;
+    if (get_number(p, "frequency_penalty", -2, 2, &x, &have, e))
+        goto done;
+    if (have)
+        s->frequency_penalty = (float)x;
+    if (get_int(p, "max_new_tokens", 1, INT_MAX, &i, &have, e))
+        goto done;
+    r->max_tokens = have ? (int)i : 0;
+    if (get_int(p, "seed", 0, LLONG_MAX, &i, &r->has_seed, e))
+        goto done;
+    s->seed = r->has_seed ? (uint64_t)i : random_seed();
+    if (get_int(p, "top_n_tokens", 0, MAX_COMPLETION_LOGPROBS, &i, &have, e))
+        goto done;
+    s->top_logprobs = have ? (int)i : 0;
+    s->logprobs = r->details;
+    r->logprobs = r->details ? 1 + s->top_logprobs : 0;
+    if (get_int(p, "best_of", 1, 1, &i, &have, e) || parse_stop(p, "stop", r, e) || parse_tgi_adapter(p, mf, r, e))
+        goto done;
+    bool wm = false;
+    if (get_bool(p, "watermark", &wm, e))
+        goto done;
+    if (wm) {
+        srv_error_invalid(e, "parameters.watermark", "watermarking is not supported");
+        goto done;
+    }
+    /* TGI samples when asked to or when any warper is set; otherwise it is greedy */
+    if (!do_sample && !warped)
+        s->temperature = 0;
+    rc = 0;
+done:
+    json_decref(empty);
+    return rc;
+}
+
+/* ---- entry points -------------------------------------------------------------------- */
+
+int srv_request_parse(srv_api api, const char *body, size_t len, const srv_model_facts *mf, srv_request *r,
+                      srv_error *e)
+{
+    memset(r, 0, sizeof *r);
+    r->api = api;
+    zse_sampling_default(&r->sampling);
+    json_error_t jerr;
+    json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!root)
+        return srv_error_invalid(e, NULL, "the body is not valid JSON (line %d, column %d): %s", jerr.line,
+                                 jerr.column, jerr.text);
+    int rc;
+    if (!json_is_object(root))
+        rc = srv_error_invalid(e, NULL, "the body must be a JSON object");
+    else if (api == SRV_API_CHAT)
+        rc = parse_chat(root, mf, r, e);
+    else if (api == SRV_API_COMPLETION)
+        rc = parse_completion(root, mf, r, e);
+    else
+        rc = parse_tgi(root, mf, r, e);
+    json_decref(root);
+    if (rc == 0) {
+        r->sampling.stop = (const char *const *)r->stop;
+        r->sampling.n_stop = r->n_stop;
+        r->sampling.logit_bias = r->bias;
+        r->sampling.n_logit_bias = r->n_bias;
+    } else {
+        srv_request_free(r);
+        r->api = api;
+    }
+    return rc;
+}
+
+/* chat: the template's rendering of the messages, tokenized with special tokens parsed (the
+ * template writes them as text) and nothing added */
+static int render_chat(srv_request *r, const zse_model *m, srv_error *e)
+{
+    char *msgs = json_dumps(r->messages, JSON_COMPACT);
+    char *extra = r->template_extra ? json_dumps(r->template_extra, JSON_COMPACT) : NULL;
+    if (!msgs || (r->template_extra && !extra)) {
+        free(msgs);
+        free(extra);
+        return oom(e);
+    }
+    char *text = zse_chat_render(m, msgs, extra, true);
+    free(msgs);
+    free(extra);
+    if (!text)
+        return srv_error_invalid(e, "messages", "the model's chat template cannot render these messages: %s",
+                                 zse_last_error());
+    r->prompts[0].text = text;
+    return 0;
+}
+
+static int tokenize_prompt(srv_prompt *p, const zse_model *m, int flags, srv_error *e)
+{
+    if (p->ids)
+        return 0;
+    if (zse_tokenize(m, p->text, strlen(p->text), flags, &p->ids, &p->n_ids) != 0)
+        return srv_error_invalid(e, "prompt", "cannot tokenize the prompt: %s", zse_last_error());
+    return 0;
+}
+
+static const char *prompt_word(srv_api api)
+{
+    return api == SRV_API_CHAT ? "messages" : api == SRV_API_COMPLETION ? "prompt" : "inputs";
+}
+
+/* the prompt fits, and with max_tokens the prompt plus the completion fit (both numbers in
+ * the message); a default max_tokens shrinks to what fits instead */
+static int check_context(srv_request *r, const srv_prompt *p, int ctx, bool explicit_max, srv_error *e)
+{
+    const char *what = prompt_word(r->api);
+    if (p->n_ids == 0)
+        return srv_error_invalid(e, what, "the %s is empty after tokenization", what);
+    if (p->n_ids >= (size_t)ctx)
+        return srv_error_set(e, 400, "invalid_request_error", "context_length_exceeded", what,
+                             "This model's maximum context length is %d tokens. However, your %s resulted in %zu "
+                             "tokens. Please reduce the length of the %s.", ctx, what, p->n_ids, what);
+    if (explicit_max && r->max_tokens > 0 && p->n_ids + (size_t)r->max_tokens > (size_t)ctx)
+        return srv_error_set(e, 400, "invalid_request_error", "context_length_exceeded",
+                             r->api == SRV_API_TGI ? "parameters.max_new_tokens" : "max_tokens",
+                             "This model's maximum context length is %d tokens. However, you requested %zu tokens "
+                             "(%zu in the %s, %d in the completion). Please reduce the length of the %s or "
+                             "completion.", ctx, p->n_ids + (size_t)r->max_tokens, p->n_ids, what, r->max_tokens, what);
+    return 0;
+}
+
+int srv_request_prepare(srv_request *r, const zse_model *m, const srv_model_facts *mf, srv_error *e)
+{
+    if (r->api == SRV_API_CHAT && render_chat(r, m, e))
+        return -1;
+    int flags = ZSE_TOK_PARSE_SPECIAL | (r->api == SRV_API_CHAT ? 0 : ZSE_TOK_ADD_SPECIAL);
+    bool explicit_max = r->max_tokens > 0;
+    if (!explicit_max && r->api == SRV_API_COMPLETION)
+        r->max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS;
+    if (!explicit_max && r->api == SRV_API_TGI)
+        r->max_tokens = TGI_DEFAULT_MAX_NEW_TOKENS;
+    size_t longest = 0;
+    for (size_t i = 0; i < r->n_prompts; i++) {
+        if (tokenize_prompt(&r->prompts[i], m, flags, e) || check_context(r, &r->prompts[i], mf->ctx_size, explicit_max, e))
+            return -1;
+        if (r->prompts[i].n_ids > longest)
+            longest = r->prompts[i].n_ids;
+    }
+    /* a default length stops at the context's end rather than failing */
+    if (!explicit_max && r->max_tokens > 0 && longest + (size_t)r->max_tokens > (size_t)mf->ctx_size)
+        r->max_tokens = mf->ctx_size - (int)longest;
+    r->sampling.max_tokens = r->max_tokens;
+    return 0;
+}
+
+void srv_request_free(srv_request *r)
+{
+    free(r->model);
+    json_decref(r->messages);
+    json_decref(r->template_extra);
+    for (size_t i = 0; r->prompts && i < r->n_prompts; i++) {
+        free(r->prompts[i].text);
+        free(r->prompts[i].ids);
+    }
+    free(r->prompts);
+    for (int i = 0; r->stop && i < r->n_stop; i++)
+        free(r->stop[i]);
+    free(r->stop);
+    free(r->bias);
+    free(r->user);
+    free(r->adapter_id);
+    memset(r, 0, sizeof *r);
+}

@@ -1,0 +1,461 @@
+/* The batching engine on a real fixture (tests/fixtures/tiny-qwen2 converted to f32):
+ * greedy and seeded outputs are the same alone, among 63 others, with chunked prefill and
+ * under KV pressure (preemption); cancel, client-gone, queue limits, priorities, logprobs,
+ * stop strings, shutdown; no KV block is leaked. */
+#include "test.h"
+
+#include "engine/engine.h"
+#include "format/format.h"
+#include "zse.h"
+
+#include <pthread.h>
+#include <unistd.h>
+
+#define N_REQ 64
+#define MAX_OUT 64
+
+typedef struct {
+    pthread_mutex_t *mu;
+    pthread_cond_t *cv;
+    int32_t ids[MAX_OUT];
+    int n;
+    char text[4096];
+    size_t text_len;
+    zse_finish finish;
+    int n_final;            /* must end as 1 */
+    int cancel_after;       /* return false after this many tokens (0 = never) */
+    int prompt_tokens, completion_tokens;
+    float logprob[MAX_OUT];
+    float top0[MAX_OUT];
+    int32_t top0_id[MAX_OUT];
+    int n_top;
+    double first_event;     /* order of the first event (priority test) */
+} result;
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static int finals;
+static int event_clock;
+
+static bool on_token(void *user, const zse_token_event *ev)
+{
+    result *r = user;
+    pthread_mutex_lock(&mu);
+    if (r->first_event < 0)
+        r->first_event = event_clock++;
+    if (ev->token >= 0 && r->n < MAX_OUT) {
+        r->logprob[r->n] = ev->logprob;
+        r->n_top = ev->n_top;
+        r->top0[r->n] = ev->n_top ? ev->top_logprobs[0] : 0;
+        r->top0_id[r->n] = ev->n_top ? ev->top_ids[0] : -1;
+        r->ids[r->n++] = ev->token;
+    }
+    size_t l = strlen(ev->text);
+    if (r->text_len + l < sizeof r->text) {
+        memcpy(r->text + r->text_len, ev->text, l + 1);
+        r->text_len += l;
+    }
+    bool keep = !(r->cancel_after && r->n >= r->cancel_after);
+    if (ev->finish != ZSE_FINISH_NONE) {
+        r->finish = ev->finish;
+        r->n_final++;
+        r->prompt_tokens = ev->prompt_tokens;
+        r->completion_tokens = ev->completion_tokens;
+        finals++;
+        pthread_cond_broadcast(&cv);
+    }
+    pthread_mutex_unlock(&mu);
+    return keep;
+}
+
+static void reset(result *r, int n)
+{
+    for (int i = 0; i < n; i++) {
+        memset(&r[i], 0, sizeof r[i]);
+        r[i].first_event = -1;
+    }
+    pthread_mutex_lock(&mu);
+    finals = 0;
+    event_clock = 0;
+    pthread_mutex_unlock(&mu);
+}
+
+static bool wait_finals(int n)
+{
+    bool ok = true;
+    pthread_mutex_lock(&mu);
+    double t0 = zse_now();
+    while (finals < n && ok) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += 1;
+        pthread_cond_timedwait(&cv, &mu, &ts);
+        ok = zse_now() - t0 < 300;
+    }
+    pthread_mutex_unlock(&mu);
+    return ok;
+}
+
+/* prompts of varied lengths: slices of the fixture's eval text */
+typedef struct {
+    int32_t *ids;
+    size_t n;
+} prompt;
+
+static void make_prompts(zse_model *m, const char *text, prompt *p)
+{
+    size_t len = strlen(text);
+    for (int i = 0; i < N_REQ; i++) {
+        size_t start = ((size_t)i * 977) % (len / 2);
+        size_t want = 8 + (size_t)((i * 37) % 160); /* bytes: about 3..60 tokens */
+        char buf[512];
+        snprintf(buf, sizeof buf, "%.*s", (int)want, text + start);
+        CHECK(zse_tokenize(m, buf, strlen(buf), 0, &p[i].ids, &p[i].n) == 0 && p[i].n > 0);
+    }
+}
+
+static zse_sampling greedy(int max_tokens)
+{
+    zse_sampling s;
+    zse_sampling_default(&s);
+    s.temperature = 0;
+    s.max_tokens = max_tokens;
+    s.ignore_eos = true;
+    return s;
+}
+
+/* the reference: one zse_seq, no engine */
+static void run_alone(zse_model *m, const prompt *p, const zse_sampling *s, result *r)
+{
+    zse_seq *q = zse_seq_new(m, s);
+    CHECK(q && zse_seq_feed(q, p->ids, p->n) == 0);
+    zse_finish fin = ZSE_FINISH_NONE;
+    while (q && fin == ZSE_FINISH_NONE && r->n < MAX_OUT) {
+        int32_t t;
+        char *piece;
+        if (zse_seq_next(q, &t, &piece, &fin) != 0) {
+            fprintf(stderr, "zse_seq_next after %d tokens of a %zu-token prompt: %s\n", r->n, p->n, zse_last_error());
+            break;
+        }
+        r->ids[r->n++] = t;
+        zse_free(piece);
+    }
+    r->finish = fin;
+    zse_seq_free(q);
+}
+
+static bool equal_ids(const result *a, const result *b)
+{
+    return a->n == b->n && memcmp(a->ids, b->ids, (size_t)a->n * sizeof a->ids[0]) == 0;
+}
+
+/* equal, or say how they differ */
+static bool same_ids(const result *a, const result *b)
+{
+    bool same = equal_ids(a, b);
+    if (!same) {
+        fprintf(stderr, "differ (%d vs %d tokens, finish %d vs %d):", a->n, b->n, a->finish, b->finish);
+        for (int i = 0; i < a->n || i < b->n; i++)
+            fprintf(stderr, " %d/%d", i < a->n ? a->ids[i] : -1, i < b->n ? b->ids[i] : -1);
+        fprintf(stderr, "\n");
+    }
+    return same;
+}
+
+static zse_model *load(const char *path, int max_seqs, uint64_t kv_bytes)
+{
+    zse_load_params lp;
+    zse_load_params_default(&lp);
+    lp.device = "cpu";
+    lp.threads = 2;
+    lp.max_seqs = max_seqs;
+    lp.kv_cache_bytes = kv_bytes;
+    lp.ctx_size = 512;
+    zse_model *m = zse_model_load(path, &lp);
+    CHECK_MSG(m != NULL, "%s", zse_last_error());
+    return m;
+}
+
+static void check_no_leak(zse_engine *e)
+{
+    zse_engine_stats st;
+    zse_engine_get_stats(e, &st);
+    CHECK_EQ_INT(st.kv_blocks_used, 0);
+    CHECK_EQ_INT(st.running, 0);
+    CHECK_EQ_INT(st.queued, 0);
+}
+
+/* all 64 at once must equal each alone; then under KV pressure */
+static void batch_invariance(const char *path, const char *text)
+{
+    zse_model *m = load(path, N_REQ, 0);
+    if (!m)
+        return;
+    static prompt p[N_REQ];
+    make_prompts(m, text, p);
+    static result alone[N_REQ], together[N_REQ];
+    reset(alone, N_REQ);
+    zse_sampling s = greedy(8);
+    for (int i = 0; i < N_REQ; i++)
+        run_alone(m, &p[i], &s, &alone[i]);
+
+    /* small steps: long prompts are prefilled in several chunks beside decodes */
+    zse_engine_params ep = {.max_seqs = N_REQ, .max_batch_tokens = 96, .max_queue = N_REQ};
+    zse_engine *e = zse_engine_start(m, &ep);
+    CHECK(e != NULL);
+    reset(together, N_REQ);
+    for (int i = 0; i < N_REQ; i++)
+        CHECK(zse_engine_submit(e, p[i].ids, p[i].n, &s, 0, on_token, &together[i], NULL) == 0);
+    CHECK(wait_finals(N_REQ));
+    int same = 0;
+    for (int i = 0; i < N_REQ; i++) {
+        same += same_ids(&alone[i], &together[i]);
+        CHECK_EQ_INT(together[i].n_final, 1);
+        CHECK_EQ_INT(together[i].finish, ZSE_FINISH_LENGTH);
+        CHECK_EQ_INT(together[i].prompt_tokens, (int)p[i].n);
+        CHECK_EQ_INT(together[i].completion_tokens, 8);
+    }
+    CHECK_EQ_INT(same, N_REQ);
+    check_no_leak(e);
+    zse_engine_stop(e, 1);
+    zse_model_free(m);
+
+    /* 6 blocks of KV (96 tokens) shared by 16 sequences that grow to at most 84 tokens:
+     * preemption, same outputs. A block of this model: 2 (K, V) * 4 layers * 2 KV heads *
+     * 16 tokens * 16 dims * 2 bytes = 8 KiB */
+    m = load(path, 16, 12 * 4096);
+    if (!m)
+        return;
+    ep = (zse_engine_params){.max_seqs = 16, .max_batch_tokens = 64, .max_queue = 64};
+    e = zse_engine_start(m, &ep);
+    zse_sampling s40 = greedy(24);
+    static result ref[16];
+    reset(ref, 16);
+    for (int i = 0; i < 16; i++)
+        run_alone(m, &p[i], &s40, &ref[i]);
+    reset(together, 16);
+    for (int i = 0; i < 16; i++)
+        CHECK(zse_engine_submit(e, p[i].ids, p[i].n, &s40, 0, on_token, &together[i], NULL) == 0);
+    CHECK(wait_finals(16));
+    zse_engine_stats st;
+    zse_engine_get_stats(e, &st);
+    CHECK_MSG(st.preemptions > 0, "expected preemptions with %d blocks", st.kv_blocks_total);
+    same = 0;
+    for (int i = 0; i < 16; i++)
+        same += same_ids(&ref[i], &together[i]) && together[i].n_final == 1;
+    CHECK_EQ_INT(same, 16);
+    check_no_leak(e);
+    zse_engine_stop(e, 1);
+    zse_model_free(m);
+    for (int i = 0; i < N_REQ; i++)
+        zse_free(p[i].ids);
+}
+
+/* seeded sampling through the engine equals zse_seq with the same seed, batched or not */
+static void seeded(zse_model *m, const prompt *p)
+{
+    zse_sampling s;
+    zse_sampling_default(&s);
+    s.temperature = 0.9f;
+    s.top_p = 0.95f;
+    s.top_k = 40;
+    s.max_tokens = 16;
+    s.ignore_eos = true;
+    static result ref[8], got[8];
+    reset(ref, 8);
+    for (int i = 0; i < 8; i++) {
+        s.seed = 1000 + (uint64_t)i;
+        run_alone(m, &p[i], &s, &ref[i]);
+    }
+    zse_engine_params ep = {.max_seqs = 8, .max_batch_tokens = 128, .max_queue = 8};
+    zse_engine *e = zse_engine_start(m, &ep);
+    reset(got, 8);
+    for (int i = 0; i < 8; i++) {
+        s.seed = 1000 + (uint64_t)i;
+        CHECK(zse_engine_submit(e, p[i].ids, p[i].n, &s, 0, on_token, &got[i], NULL) == 0);
+    }
+    CHECK(wait_finals(8));
+    int same = 0, differ = 0;
+    for (int i = 0; i < 8; i++) {
+        same += same_ids(&ref[i], &got[i]);
+        differ += i > 0 && !equal_ids(&got[i], &got[0]);
+    }
+    CHECK_EQ_INT(same, 8);
+    CHECK(differ > 0);
+    check_no_leak(e);
+    zse_engine_stop(e, 1);
+}
+
+/* cancel, a callback that returns false, queue limit, bad prompts, priorities, shutdown */
+static void control(zse_model *m, const prompt *p)
+{
+    zse_engine_params ep = {.max_seqs = 1, .max_batch_tokens = 32, .max_queue = 3};
+    zse_engine *e = zse_engine_start(m, &ep);
+    static result r[8];
+    reset(r, 8);
+    zse_sampling s = greedy(48);
+    uint64_t id[8];
+    /* r0 runs long; r1..r3 wait (queue of 3); r4 is refused */
+    CHECK(zse_engine_submit(e, p[0].ids, p[0].n, &s, 0, on_token, &r[0], &id[0]) == 0);
+    for (int tries = 0; tries < 5000; tries++) { /* r0 runs: the queue holds exactly the next three */
+        zse_engine_stats st;
+        zse_engine_get_stats(e, &st);
+        if (st.running == 1)
+            break;
+        usleep(1000);
+    }
+    CHECK(zse_engine_submit(e, p[1].ids, p[1].n, &s, 5, on_token, &r[1], &id[1]) == 0);
+    CHECK(zse_engine_submit(e, p[2].ids, p[2].n, &s, 0, on_token, &r[2], &id[2]) == 0);
+    CHECK(zse_engine_submit(e, p[3].ids, p[3].n, &s, -5, on_token, &r[3], &id[3]) == 0);
+    CHECK(zse_engine_submit(e, p[4].ids, p[4].n, &s, 0, on_token, &r[4], &id[4]) == -1);
+    CHECK(strstr(zse_last_error(), "queue is full") != NULL);
+    zse_engine_cancel(e, id[2]);            /* waiting: ends without running */
+    zse_engine_cancel(e, id[0]);            /* running: ends, frees its KV */
+    zse_engine_cancel(e, 987654);           /* unknown: nothing happens */
+    CHECK(wait_finals(4));
+    CHECK_EQ_INT(r[0].finish, ZSE_FINISH_CANCELLED);
+    CHECK_EQ_INT(r[2].finish, ZSE_FINISH_CANCELLED);
+    CHECK_EQ_INT(r[2].n, 0);
+    /* priority -5 (r3) ran before priority 5 (r1) */
+    CHECK(r[3].first_event >= 0 && r[1].first_event > r[3].first_event);
+    CHECK_EQ_INT(r[1].finish, ZSE_FINISH_LENGTH);
+    CHECK_EQ_INT(r[3].finish, ZSE_FINISH_LENGTH);
+    for (int i = 0; i < 4; i++)
+        CHECK_EQ_INT(r[i].n_final, 1);
+    check_no_leak(e);
+
+    /* the client goes away after 3 tokens */
+    reset(r, 1);
+    r[0].cancel_after = 3;
+    CHECK(zse_engine_submit(e, p[5].ids, p[5].n, &s, 0, on_token, &r[0], NULL) == 0);
+    CHECK(wait_finals(1));
+    CHECK_EQ_INT(r[0].n, 3);
+    CHECK_EQ_INT(r[0].finish, ZSE_FINISH_CANCELLED);
+    check_no_leak(e);
+
+    /* prompts the engine refuses, naming the numbers */
+    int32_t bad = 1 << 30;
+    CHECK(zse_engine_submit(e, &bad, 1, &s, 0, on_token, &r[0], NULL) == -1);
+    CHECK(strstr(zse_last_error(), "vocabulary") != NULL);
+    CHECK(zse_engine_submit(e, p[0].ids, 0, &s, 0, on_token, &r[0], NULL) == -1);
+    int32_t *longp = calloc(600, sizeof *longp);
+    CHECK(zse_engine_submit(e, longp, 600, &s, 0, on_token, &r[0], NULL) == -1);
+    CHECK(strstr(zse_last_error(), "600") && strstr(zse_last_error(), "512"));
+    free(longp);
+
+    /* shutdown with work in flight and no time left: everything ends, cancelled */
+    reset(r, 4);
+    zse_sampling slow = greedy(48);
+    for (int i = 0; i < 3; i++)
+        CHECK(zse_engine_submit(e, p[i].ids, p[i].n, &slow, 0, on_token, &r[i], NULL) == 0);
+    zse_engine_stop(e, 0);
+    int ended = 0;
+    for (int i = 0; i < 3; i++)
+        ended += r[i].n_final == 1;
+    CHECK_EQ_INT(ended, 3);
+}
+
+/* logprobs, stop strings and stop ids through the engine */
+static void outputs(zse_model *m, const prompt *p)
+{
+    zse_engine *e = zse_engine_start(m, NULL);
+    static result r[3];
+    reset(r, 3);
+    zse_sampling s = greedy(10);
+    s.logprobs = true;
+    s.top_logprobs = 5;
+    CHECK(zse_engine_submit(e, p[6].ids, p[6].n, &s, 0, on_token, &r[0], NULL) == 0);
+    CHECK(wait_finals(1));
+    CHECK_EQ_INT(r[0].n, 10);
+    CHECK_EQ_INT(r[0].n_top, 5);
+    for (int k = 0; k < r[0].n; k++) {
+        /* greedy picks the most likely token: its logprob is the first alternative's */
+        CHECK(r[0].logprob[k] <= 0 && r[0].top0_id[k] == r[0].ids[k]);
+        CHECK_NEAR(r[0].logprob[k], r[0].top0[k], 1e-6);
+    }
+    /* a stop string taken from the greedy text itself: output ends right before it */
+    char full[4096];
+    snprintf(full, sizeof full, "%s", r[0].text);
+    size_t fl = strlen(full);
+    if (fl >= 6) {
+        char stop[4];
+        memcpy(stop, full + fl / 2, 3);
+        stop[3] = '\0';
+        const char *stops[1] = {stop};
+        zse_sampling ss = greedy(10);
+        ss.stop = stops;
+        ss.n_stop = 1;
+        reset(r, 1);
+        CHECK(zse_engine_submit(e, p[6].ids, p[6].n, &ss, 0, on_token, &r[0], NULL) == 0);
+        CHECK(wait_finals(1));
+        CHECK_EQ_INT(r[0].finish, ZSE_FINISH_STOP);
+        const char *first = strstr(full, stop);
+        CHECK(first && r[0].text_len == (size_t)(first - full) && memcmp(r[0].text, full, r[0].text_len) == 0);
+    }
+    check_no_leak(e);
+    zse_engine_stop(e, 1);
+}
+
+/* zse_model_get_memory: on the CPU the weights are the file's tensors (in place), the KV
+ * cache is exactly the blocks asked for, and both follow the load parameters */
+static void memory_accounting(const char *path)
+{
+    zse_model *small = load(path, 1, 0), *big = load(path, 4, 0);
+    if (small && big) {
+        zse_memory_info a, b;
+        zse_model_get_memory(small, &a);
+        zse_model_get_memory(big, &b);
+        zse_model_info info;
+        zse_model_get_info(small, &info);
+        /* 512 tokens of context: 32 blocks of 16 per sequence; f16 K and V */
+        uint64_t per_seq = 32ull * 16 * 2 * (uint64_t)info.n_layers * (uint64_t)info.n_kv_heads *
+                           (uint64_t)info.head_dim * 2;
+        CHECK(!a.on_device && a.weights > 0 && a.weights == b.weights);
+        CHECK_MSG(a.kv_cache == per_seq, "kv %llu, expected %llu", (unsigned long long)a.kv_cache,
+                  (unsigned long long)per_seq);
+        CHECK(b.kv_cache == 4 * per_seq);
+        CHECK(a.activations > 0);
+        zse_map map;
+        CHECK(zse_map_open(&map, path) == 0);
+        CHECK(a.weights < map.size); /* the tensors, not the header or the tokenizer */
+        zse_map_close(&map);
+    }
+    zse_model_free(small);
+    zse_model_free(big);
+}
+
+int main(void)
+{
+    const char *data = test_env("ZSE_TEST_DATA");
+    if (!data)
+        data = "tests/fixtures";
+    char dir[512], path[512], eval[512];
+    snprintf(dir, sizeof dir, "%s/tiny-qwen2", data);
+    snprintf(eval, sizeof eval, "%s/eval.txt", data);
+    snprintf(path, sizeof path, "/tmp/zse-test-engine-%d.zse", (int)getpid());
+    zse_convert_opts o = {.scheme = ZSE_SCHEME_F32, .embed_scheme = -1, .lm_head_scheme = -1, .force = true};
+    if (zse_convert(dir, path, &o) != 0) {
+        fprintf(stderr, "cannot convert %s: %s\n", dir, zse_last_error());
+        return 1;
+    }
+    char *text = zse_read_file(eval, NULL);
+    CHECK(text != NULL);
+    memory_accounting(path);
+    if (text) {
+        batch_invariance(path, text);
+        zse_model *m = load(path, 8, 0);
+        if (m) {
+            static prompt p[N_REQ];
+            make_prompts(m, text, p);
+            seeded(m, p);
+            control(m, p);
+            outputs(m, p);
+            zse_model_free(m);
+            for (int i = 0; i < N_REQ; i++)
+                zse_free(p[i].ids);
+        }
+    }
+    free(text);
+    remove(path);
+    return test_main_end();
+}

@@ -1,0 +1,282 @@
+/* server: request bodies → srv_request. Every field's type and range, errors that name the
+ * field, the three API shapes, and preparation against the real fixture model (chat
+ * template, tokenization, context limits). */
+#include "server_test_model.h"
+
+#include "server/server.h"
+
+static const srv_model_facts FACTS = {"tiny", 2048, 2048};
+
+static int parse(srv_api api, const char *body, srv_request *r, srv_error *e)
+{
+    return srv_request_parse(api, body, strlen(body), &FACTS, r, e);
+}
+
+/* the body fails with this status and names this field */
+#define CHECK_REJECTS(api, body, status_, param_)                                                   \
+    do {                                                                                            \
+        srv_request r_;                                                                             \
+        srv_error e_;                                                                               \
+        memset(&e_, 0, sizeof e_);                                                                  \
+        CHECK_MSG(parse(api, body, &r_, &e_) == -1, "accepted: %s", body);                          \
+        CHECK_MSG(e_.status == (status_), "%s: status %d", body, e_.status);                        \
+        CHECK_MSG(strcmp(e_.param, param_) == 0, "%s: param '%s' (%s)", body, e_.param, e_.message); \
+        srv_request_free(&r_);                                                                      \
+    } while (0)
+
+#define CHAT(extra) "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]" extra "}"
+
+static void test_chat(void)
+{
+    srv_request r;
+    srv_error e;
+    CHECK(parse(SRV_API_CHAT,
+                "{\"model\":\"tiny\",\"messages\":[{\"role\":\"developer\",\"content\":\"Be brief.\"},"
+                "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\"},{\"type\":\"text\",\"text\":\"b\"}]},"
+                "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"c1\",\"type\":\"function\","
+                "\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}}]},"
+                "{\"role\":\"tool\",\"tool_call_id\":\"c1\",\"content\":\"42\"}],"
+                "\"temperature\":0.5,\"top_p\":0.9,\"max_tokens\":7,\"stop\":[\"x\",\"yz\"],\"seed\":-1,"
+                "\"presence_penalty\":0.5,\"frequency_penalty\":-0.5,\"logit_bias\":{\"5\":-100,\"7\":2.5},"
+                "\"logprobs\":true,\"top_logprobs\":3,\"n\":2,\"user\":\"u1\",\"stream\":true,"
+                "\"stream_options\":{\"include_usage\":true},\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}],"
+                "\"some_future_field\":{\"ignored\":true}}",
+                &r, &e) == 0);
+    CHECK(r.api == SRV_API_CHAT && r.n == 2 && r.stream && r.include_usage);
+    CHECK(r.sampling.temperature == 0.5f && r.sampling.top_p == 0.9f && r.max_tokens == 7);
+    CHECK(r.sampling.presence_penalty == 0.5f && r.sampling.frequency_penalty == -0.5f);
+    CHECK(r.has_seed && r.sampling.seed == UINT64_MAX);
+    CHECK(r.sampling.n_stop == 2 && strcmp(r.sampling.stop[1], "yz") == 0);
+    CHECK(r.sampling.n_logit_bias == 2 && r.sampling.logit_bias[1].id == 7 && r.sampling.logit_bias[1].bias == 2.5f);
+    CHECK(r.logprobs == 1 && r.sampling.logprobs && r.sampling.top_logprobs == 3);
+    CHECK(r.user && strcmp(r.user, "u1") == 0);
+    CHECK(json_array_size(r.messages) == 4);
+    CHECK_EQ_STR(json_string_value(json_object_get(json_array_get(r.messages, 0), "role")), "system");
+    CHECK_EQ_STR(json_string_value(json_object_get(json_array_get(r.messages, 1), "content")), "a\nb");
+    CHECK(json_is_array(json_object_get(json_array_get(r.messages, 2), "tool_calls")));
+    CHECK_EQ_STR(json_string_value(json_object_get(json_array_get(r.messages, 3), "tool_call_id")), "c1");
+    CHECK(json_array_size(json_object_get(r.template_extra, "tools")) == 1);
+    srv_request_free(&r);
+
+    /* nulls count as absent; defaults */
+    CHECK(parse(SRV_API_CHAT, CHAT(",\"stop\":null,\"max_tokens\":null,\"temperature\":null,\"seed\":null"), &r, &e) == 0);
+    CHECK(r.n == 1 && !r.stream && r.max_tokens == 0 && r.sampling.temperature == 1.0f && !r.has_seed);
+    CHECK(r.sampling.n_stop == 0 && r.logprobs == 0);
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_CHAT, CHAT(",\"max_completion_tokens\":9,\"stop\":\"END\",\"top_p\":0"), &r, &e) == 0);
+    CHECK(r.max_tokens == 9 && r.sampling.n_stop == 1 && r.sampling.temperature == 0);
+    srv_request_free(&r);
+    /* two requests without a seed get different seeds */
+    srv_request r2;
+    CHECK(parse(SRV_API_CHAT, CHAT(""), &r, &e) == 0 && parse(SRV_API_CHAT, CHAT(""), &r2, &e) == 0);
+    CHECK(r.sampling.seed != r2.sampling.seed);
+    srv_request_free(&r);
+    srv_request_free(&r2);
+
+    CHECK_REJECTS(SRV_API_CHAT, "{\"model\":\"tiny\",", 400, "");
+    CHECK_REJECTS(SRV_API_CHAT, "[1,2]", 400, "");
+    CHECK_REJECTS(SRV_API_CHAT, "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}", 400, "");
+    CHECK_REJECTS(SRV_API_CHAT, "{\"model\":\"tiny\",\"model\":\"tiny\",\"messages\":[]}", 400, "");
+    CHECK_REJECTS(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 400, "model");
+    CHECK_REJECTS(SRV_API_CHAT, "{\"model\":\"gpt-4\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 404, "model");
+    CHECK_REJECTS(SRV_API_CHAT, "{\"model\":\"tiny\"}", 400, "messages");
+    CHECK_REJECTS(SRV_API_CHAT, "{\"model\":\"tiny\",\"messages\":[]}", 400, "messages");
+    CHECK_REJECTS(SRV_API_CHAT, "{\"model\":\"tiny\",\"messages\":\"hi\"}", 400, "messages");
+    CHECK_REJECTS(SRV_API_CHAT, "{\"model\":\"tiny\",\"messages\":[3]}", 400, "messages[0]");
+    CHECK_REJECTS(SRV_API_CHAT, "{\"model\":\"tiny\",\"messages\":[{\"content\":\"hi\"}]}", 400, "messages[0].role");
+    CHECK_REJECTS(SRV_API_CHAT, "{\"model\":\"tiny\",\"messages\":[{\"role\":\"robot\",\"content\":\"hi\"}]}", 400,
+                  "messages[0].role");
+    CHECK_REJECTS(SRV_API_CHAT, "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\"}]}", 400, "messages[0].content");
+    CHECK_REJECTS(SRV_API_CHAT, "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":5}]}", 400,
+                  "messages[0].content");
+    CHECK_REJECTS(SRV_API_CHAT,
+                  "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"ok\"},{\"role\":\"user\","
+                  "\"content\":[{\"type\":\"text\",\"text\":\"a\"},{\"type\":\"image_url\",\"image_url\":{\"url\":\"x\"}}]}]}",
+                  400, "messages[1].content[1]");
+    /* jansson refuses \u0000 itself: no NUL ever reaches a C string */
+    CHECK_REJECTS(SRV_API_CHAT, "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"a\\u0000b\"}]}", 400, "");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"temperature\":3"), 400, "temperature");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"temperature\":\"hot\""), 400, "temperature");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"top_p\":1.5"), 400, "top_p");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"n\":0"), 400, "n");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"n\":17"), 400, "n");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"n\":1.5"), 400, "n");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"max_tokens\":0"), 400, "max_tokens");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"max_tokens\":-5"), 400, "max_tokens");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"max_completion_tokens\":\"9\""), 400, "max_completion_tokens");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"stop\":\"\""), 400, "stop");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"stop\":[\"a\",7]"), 400, "stop[1]");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"stop\":[\"1\",\"2\",\"3\",\"4\",\"5\",\"6\",\"7\",\"8\",\"9\",\"10\",\"11\",\"12\","
+                                     "\"13\",\"14\",\"15\",\"16\",\"17\"]"),
+                  400, "stop");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"stop\":{}"), 400, "stop");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"seed\":\"1\""), 400, "seed");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"presence_penalty\":2.5"), 400, "presence_penalty");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"frequency_penalty\":-3"), 400, "frequency_penalty");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"logit_bias\":{\"99999\":1}"), 400, "logit_bias");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"logit_bias\":{\"abc\":1}"), 400, "logit_bias");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"logit_bias\":{\"5\":101}"), 400, "logit_bias");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"logit_bias\":[1]"), 400, "logit_bias");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"top_logprobs\":2"), 400, "top_logprobs");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"logprobs\":true,\"top_logprobs\":21"), 400, "top_logprobs");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"logprobs\":1"), 400, "logprobs");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"stream_options\":{\"include_usage\":true}"), 400, "stream_options");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"stream\":true,\"stream_options\":{\"include_usage\":1}"), 400,
+                  "stream_options.include_usage");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"stream\":\"yes\""), 400, "stream");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"response_format\":{\"type\":\"json_object\"}"), 400, "response_format.type");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"tools\":{}"), 400, "tools");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"user\":5"), 400, "user");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"top_k\":-2"), 400, "top_k");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"priority\":5000"), 400, "priority");
+}
+
+#define COMPLETION(extra) "{\"model\":\"tiny\",\"prompt\":\"def f(\"" extra "}"
+
+static void test_completions(void)
+{
+    srv_request r;
+    srv_error e;
+    CHECK(parse(SRV_API_COMPLETION, COMPLETION(",\"echo\":true,\"logprobs\":2,\"max_tokens\":4,\"best_of\":1"), &r, &e) == 0);
+    CHECK(r.n_prompts == 1 && strcmp(r.prompts[0].text, "def f(") == 0 && r.echo && r.max_tokens == 4);
+    CHECK(r.logprobs == 3 && r.sampling.logprobs && r.sampling.top_logprobs == 2);
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_COMPLETION, "{\"model\":\"tiny\",\"prompt\":[\"a\",\"b\",[1,2,3]],\"n\":2}", &r, &e) == 0);
+    CHECK(r.n_prompts == 3 && r.n == 2 && r.prompts[2].n_ids == 3 && r.prompts[2].ids[2] == 3 && !r.prompts[2].text);
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_COMPLETION, "{\"model\":\"tiny\",\"prompt\":[5,6]}", &r, &e) == 0);
+    CHECK(r.n_prompts == 1 && r.prompts[0].n_ids == 2 && r.prompts[0].ids[0] == 5);
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_COMPLETION, COMPLETION(",\"logprobs\":0"), &r, &e) == 0);
+    CHECK(r.logprobs == 1 && r.sampling.top_logprobs == 0);
+    srv_request_free(&r);
+
+    CHECK_REJECTS(SRV_API_COMPLETION, "{\"model\":\"tiny\"}", 400, "prompt");
+    CHECK_REJECTS(SRV_API_COMPLETION, "{\"model\":\"tiny\",\"prompt\":[]}", 400, "prompt");
+    CHECK_REJECTS(SRV_API_COMPLETION, "{\"model\":\"tiny\",\"prompt\":5}", 400, "prompt");
+    CHECK_REJECTS(SRV_API_COMPLETION, "{\"model\":\"tiny\",\"prompt\":[1,99999]}", 400, "prompt");
+    CHECK_REJECTS(SRV_API_COMPLETION, "{\"model\":\"tiny\",\"prompt\":[\"a\",{}]}", 400, "prompt[1]");
+    CHECK_REJECTS(SRV_API_COMPLETION, "{\"model\":\"tiny\",\"prompt\":[\"a\",[]]}", 400, "prompt[1]");
+    CHECK_REJECTS(SRV_API_COMPLETION,
+                  "{\"model\":\"tiny\",\"n\":16,\"prompt\":[\"a\",\"b\",\"c\",\"d\",\"e\"]}", 400, "prompt");
+    CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"logprobs\":6"), 400, "logprobs");
+    CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"logprobs\":true"), 400, "logprobs");
+    CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"best_of\":3"), 400, "best_of");
+    CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"suffix\":\"end\""), 400, "suffix");
+    CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"echo\":1"), 400, "echo");
+    CHECK_REJECTS(SRV_API_COMPLETION, "{\"model\":\"other\",\"prompt\":\"x\"}", 404, "model");
+}
+
+static void test_tgi(void)
+{
+    srv_request r;
+    srv_error e;
+    CHECK(parse(SRV_API_TGI, "{\"inputs\":\"def f(\"}", &r, &e) == 0);
+    CHECK(r.sampling.temperature == 0 && r.max_tokens == 0 && !r.details && r.n == 1); /* greedy by default */
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_TGI,
+                "{\"inputs\":\"x\",\"parameters\":{\"max_new_tokens\":5,\"temperature\":0.7,\"top_k\":10,\"top_p\":0.9,"
+                "\"repetition_penalty\":1.1,\"stop\":[\"\\n\"],\"seed\":3,\"details\":true,\"top_n_tokens\":2,"
+                "\"adapter_id\":\"tiny\",\"return_full_text\":false,\"watermark\":false}}",
+                &r, &e) == 0);
+    CHECK(r.max_tokens == 5 && r.sampling.temperature == 0.7f && r.sampling.top_k == 10 && r.sampling.top_p == 0.9f);
+    CHECK(r.sampling.repetition_penalty == 1.1f && r.sampling.n_stop == 1 && r.has_seed && r.sampling.seed == 3);
+    CHECK(r.details && r.sampling.logprobs && r.sampling.top_logprobs == 2 && !r.echo);
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"do_sample\":true,\"return_full_text\":true}}", &r, &e) == 0);
+    CHECK(r.sampling.temperature == 1.0f && r.echo);
+    srv_request_free(&r);
+
+    CHECK_REJECTS(SRV_API_TGI, "{}", 400, "inputs");
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":[\"a\"]}", 400, "inputs");
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":5}", 400, "parameters");
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"temperature\":0}}", 400, "temperature");
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"top_p\":1.0}}", 400, "top_p");
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"top_k\":0}}", 400, "top_k");
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"max_new_tokens\":0}}", 400, "max_new_tokens");
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"best_of\":2}}", 400, "best_of");
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"watermark\":true}}", 400, "parameters.watermark");
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"adapter_id\":\"my-lora\"}}", 404,
+                  "parameters.adapter_id");
+    srv_request bad;
+    CHECK(parse(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"adapter_id\":\"my-lora\"}}", &bad, &e) == -1);
+    CHECK(strstr(e.message, "my-lora") && strstr(e.message, "not loaded") && e.code && !strcmp(e.code, "adapter_not_found"));
+    srv_request_free(&bad);
+}
+
+static void test_prepare(zse_model *m)
+{
+    srv_request r;
+    srv_error e;
+    zse_model_info info;
+    zse_model_get_info(m, &info);
+    srv_model_facts facts = {"tiny", info.vocab_size, info.ctx_size};
+    CHECK(parse(SRV_API_CHAT, "{\"model\":\"tiny\",\"messages\":[{\"role\":\"system\",\"content\":\"S\"},"
+                              "{\"role\":\"user\",\"content\":\"hi\"}]}", &r, &e) == 0);
+    CHECK(srv_request_prepare(&r, m, &facts, &e) == 0);
+    CHECK(r.prompts[0].text && strstr(r.prompts[0].text, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"));
+    int32_t *ids;
+    size_t n;
+    CHECK(zse_tokenize(m, "<|im_start|>", 12, ZSE_TOK_PARSE_SPECIAL, &ids, &n) == 0 && n == 1);
+    CHECK(r.prompts[0].n_ids > 5 && r.prompts[0].ids[0] == ids[0]); /* the template's special tokens are parsed */
+    free(ids);
+    CHECK(r.sampling.max_tokens == 0);
+    srv_request_free(&r);
+
+    /* completions: default 16 tokens; prompts given as ids stay as they are */
+    CHECK(parse(SRV_API_COMPLETION, "{\"model\":\"tiny\",\"prompt\":[\"def f(\",[10,11,12]]}", &r, &e) == 0);
+    CHECK(srv_request_prepare(&r, m, &facts, &e) == 0);
+    CHECK(r.sampling.max_tokens == 16 && r.prompts[0].n_ids > 0 && r.prompts[1].n_ids == 3 && r.prompts[1].ids[0] == 10);
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_TGI, "{\"inputs\":\"def f(\"}", &r, &e) == 0);
+    CHECK(srv_request_prepare(&r, m, &facts, &e) == 0 && r.sampling.max_tokens == 100);
+    srv_request_free(&r);
+
+    /* context limits name both numbers */
+    zse_buf big = {0};
+    zse_buf_puts(&big, "{\"model\":\"tiny\",\"prompt\":\"");
+    for (int i = 0; i < 3000; i++)
+        zse_buf_puts(&big, "x = 1\\n");
+    zse_buf_puts(&big, "\"}");
+    CHECK(parse(SRV_API_COMPLETION, big.data, &r, &e) == 0);
+    CHECK(srv_request_prepare(&r, m, &facts, &e) == -1);
+    CHECK(e.status == 400 && e.code && strcmp(e.code, "context_length_exceeded") == 0);
+    char want[64];
+    snprintf(want, sizeof want, "maximum context length is %d tokens", info.ctx_size);
+    CHECK_MSG(strstr(e.message, want) != NULL, "%s", e.message);
+    CHECK_MSG(strstr(e.message, "resulted in") != NULL, "%s", e.message);
+    srv_request_free(&r);
+    zse_buf_free(&big);
+
+    CHECK(parse(SRV_API_CHAT, CHAT(",\"max_tokens\":1000000"), &r, &e) == 0);
+    CHECK(srv_request_prepare(&r, m, &facts, &e) == -1);
+    CHECK(e.status == 400 && strcmp(e.param, "max_tokens") == 0);
+    CHECK_MSG(strstr(e.message, "1000000 in the completion") && strstr(e.message, want), "%s", e.message);
+    srv_request_free(&r);
+
+    /* a default length that would overrun stops at the context's end instead */
+    zse_buf near = {0};
+    zse_buf_puts(&near, "{\"model\":\"tiny\",\"prompt\":[");
+    for (int i = 0; i < info.ctx_size - 4; i++)
+        zse_buf_printf(&near, "%s%d", i ? "," : "", 10 + i % 50);
+    zse_buf_puts(&near, "]}");
+    CHECK(parse(SRV_API_COMPLETION, near.data, &r, &e) == 0);
+    CHECK(srv_request_prepare(&r, m, &facts, &e) == 0 && r.sampling.max_tokens == 4);
+    srv_request_free(&r);
+    zse_buf_free(&near);
+
+    CHECK(parse(SRV_API_COMPLETION, "{\"model\":\"tiny\",\"prompt\":\"\"}", &r, &e) == 0);
+    CHECK(srv_request_prepare(&r, m, &facts, &e) == -1 && e.status == 400 && strcmp(e.param, "prompt") == 0);
+    srv_request_free(&r);
+}
+
+int main(void)
+{
+    test_chat();
+    test_completions();
+    test_tgi();
+    zse_model *m = server_test_model("f32", 1);
+    test_prepare(m);
+    zse_model_free(m);
+    return test_main_end();
+}

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Small GGUF vocabularies with goldens, so the GGUF reader is tested without ../shared:
+
+    python3 tools/make_gguf_vocab_fixtures.py --out tests/fixtures/gguf
+
+  llama-bpe.gguf  model gpt2, pre "llama-bpe", from tests/fixtures/tiny-llama (Llama-3 regex,
+                  ignore_merges, add_bos) — goldens from HF `tokenizers` running the
+                  tokenizer.json this GGUF describes (the source without its normalizer,
+                  with ignore_merges and the BOS post-processor, added tokens matched raw)
+  qwen2.gguf      model gpt2, pre "qwen2", from tests/fixtures/tiny-qwen2, the same way
+  spm.gguf        model llama (scores, token types, <0xNN> bytes) from
+                  tests/fixtures/tokenizers/spm-bytefallback.json — goldens from the
+                  tokenizer transformers' GGUF loader builds (merges derived from the
+                  scores), run with the ▁-prepending normalizer llama.cpp and the Llama-2
+                  tokenizer.json use
+
+Each file also carries metadata of every GGUF value type (all integer widths, floats,
+bool, string, arrays of numbers and strings; the BPE ones arrays of arrays too) that the
+reader must walk.
+NAME.goldens.json holds {text, ids (specials as text), ids_special (specials parsed),
+ids_bos (add_special_tokens=True)} per text.
+"""
+import argparse, json, os, shutil, tempfile
+
+import gguf
+import numpy as np
+from tokenizers import Tokenizer
+
+TEXTS = ["Hello World", "  leading spaces and\ttabs\n", "naïve café", "numbers 1234567 and 3.14",
+         "def f(x):\n    return x ** 2  # square", "日本語 한국어 русский", "emoji 🤖 ok", "MiXeD CaSe",
+         "", " ", "a" * 50, "x\ny\r\nz", "I'm sure they'll say it's fine", "<|im_start|>user\nhi<|im_end|>",
+         "<|begin_of_text|>text<|eot_id|>", "<s> tags </s> and <unk>", "\n\n\n", "tab\t\tend  ",
+         "import os\nfor i in range(10):\n    print(i)\n", "x" * 300 + "y" * 3]
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def every_type_metadata(w, nested):
+    w.add_uint8("zse.test.u8", 200)
+    w.add_int8("zse.test.i8", -5)
+    w.add_uint16("zse.test.u16", 60000)
+    w.add_int16("zse.test.i16", -300)
+    w.add_uint32("zse.test.u32", 4000000000)
+    w.add_int32("zse.test.i32", -70000)
+    w.add_float32("zse.test.f32", 1.5)
+    w.add_uint64("zse.test.u64", 1 << 40)
+    w.add_int64("zse.test.i64", -(1 << 40))
+    w.add_float64("zse.test.f64", 2.25)
+    w.add_bool("zse.test.bool", True)
+    w.add_string("zse.test.string", "ünïcode")
+    w.add_array("zse.test.ints", [1, 2, 3])
+    w.add_array("zse.test.strings", ["a", "bc", ""])
+    if nested:  # transformers' GGUF reader cannot read these, so spm.gguf goes without
+        w.add_array("zse.test.nested", [[1, 2], [3], [4, 5, 6]])
+        w.add_array("zse.test.nested_strings", [["x", "y"], ["z"]])
+
+
+def write_gguf(path, arch, fill, nested=True):
+    w = gguf.GGUFWriter(path, arch)
+    every_type_metadata(w, nested)
+    fill(w)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+
+
+def bpe_fixture(out, name, src, pre, ignore_merges, add_bos):
+    j = json.load(open(os.path.join(src, "tokenizer.json")))
+    cfg = json.load(open(os.path.join(src, "tokenizer_config.json")))
+    vocab = j["model"]["vocab"]
+    added = {a["id"]: a for a in j["added_tokens"]}
+    n = max(max(vocab.values()), max(added)) + 1
+    tokens = [f"<unused{i}>" for i in range(n)]
+    types = [gguf.TokenType.UNUSED] * n
+    for k, i in vocab.items():
+        tokens[i], types[i] = k, gguf.TokenType.NORMAL
+    for i, a in added.items():
+        tokens[i] = a["content"]
+        types[i] = gguf.TokenType.CONTROL if a["special"] else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in j["model"]["merges"]]
+    bos = cfg.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    eos = cfg.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+
+    def fill(w):
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        if bos:
+            w.add_bos_token_id(tokens.index(bos))
+        if eos:
+            w.add_eos_token_id(tokens.index(eos))
+        w.add_add_bos_token(add_bos)
+
+    write_gguf(os.path.join(out, name + ".gguf"), "llama", fill)
+    # the tokenizer.json this GGUF describes, as llama.cpp reads it
+    ref = json.loads(json.dumps(j))
+    ref["normalizer"] = None
+    ref["model"]["ignore_merges"] = ignore_merges
+    for a in ref["added_tokens"]:
+        a["normalized"] = False
+    if add_bos and bos:
+        bid = tokens.index(bos)
+        ref["post_processor"] = {"type": "TemplateProcessing",
+                                 "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                                            {"Sequence": {"id": "A", "type_id": 0}}],
+                                 "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+                                 "special_tokens": {bos: {"id": bos, "ids": [bid], "tokens": [bos]}}}
+    else:
+        ref["post_processor"] = None
+    tok = Tokenizer.from_str(json.dumps(ref))
+
+    def enc(text, special, add):
+        tok.encode_special_tokens = not special
+        return tok.encode(text, add_special_tokens=add).ids
+
+    return [{"text": t, "ids": enc(t, False, False), "ids_special": enc(t, True, False), "ids_bos": enc(t, False, True)}
+            for t in TEXTS]
+
+
+def spm_fixture(out, name):
+    j = json.load(open(os.path.join(ROOT, "tests/fixtures/tokenizers/spm-bytefallback.json")))
+    vocab = j["model"]["vocab"]
+    n = max(vocab.values()) + 1
+    tokens = [None] * n
+    for k, i in vocab.items():
+        tokens[i] = k
+    rank = {}
+    for r, m in enumerate(j["model"]["merges"]):
+        a, b = m if isinstance(m, list) else m.split(" ", 1)
+        rank.setdefault(a + b, r)
+    # SentencePiece scores: a piece made by an earlier merge scores higher; characters last
+    scores = [-float(rank[t]) if t in rank else -1e6 - i for i, t in enumerate(tokens)]
+    types = []
+    for t in tokens:
+        if t == "<unk>":
+            types.append(gguf.TokenType.UNKNOWN)
+        elif t in ("<s>", "</s>"):
+            types.append(gguf.TokenType.CONTROL)
+        elif len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+
+    def fill(w):
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores([float(np.float32(s)) for s in scores])
+        w.add_token_types(types)
+        w.add_bos_token_id(tokens.index("<s>"))
+        w.add_eos_token_id(tokens.index("</s>"))
+        w.add_unk_token_id(tokens.index("<unk>"))
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+
+    path = os.path.join(out, name + ".gguf")
+    write_gguf(path, "llama", fill, nested=False)
+    from transformers import AutoTokenizer
+    tmp = tempfile.mkdtemp()
+    try:
+        shutil.copy(path, tmp)
+        hf = AutoTokenizer.from_pretrained(tmp, gguf_file=name + ".gguf")
+    finally:
+        shutil.rmtree(tmp)
+    # transformers converts the vocabulary (merges from the scores) but pre-tokenizes with
+    # Metaspace ("non-legacy"); llama.cpp, and the tokenizer.json of the Llama-2 family,
+    # prepend ▁ to the text and turn spaces into ▁ ("legacy") — that is the reference
+    ref = json.loads(hf.backend_tokenizer.to_str())
+    ref["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    ref["pre_tokenizer"] = None
+    tok = Tokenizer.from_str(json.dumps(ref))
+
+    def enc(text, special, add):
+        tok.encode_special_tokens = not special
+        return tok.encode(text, add_special_tokens=add).ids
+
+    return [{"text": t, "ids": enc(t, False, False), "ids_special": enc(t, True, False), "ids_bos": enc(t, False, True)}
+            for t in TEXTS]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(ROOT, "tests/fixtures/gguf"))
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    fixtures = {
+        "llama-bpe": lambda: bpe_fixture(a.out, "llama-bpe", os.path.join(ROOT, "tests/fixtures/tiny-llama"),
+                                         "llama-bpe", True, True),
+        "qwen2": lambda: bpe_fixture(a.out, "qwen2", os.path.join(ROOT, "tests/fixtures/tiny-qwen2"), "qwen2", False,
+                                     False),
+        "spm": lambda: spm_fixture(a.out, "spm"),
+    }
+    for name, make in fixtures.items():
+        goldens = make()
+        with open(os.path.join(a.out, name + ".goldens.json"), "w") as f:
+            json.dump(goldens, f, ensure_ascii=False, indent=0)
+        print(name, os.path.getsize(os.path.join(a.out, name + ".gguf")))
+
+
+if __name__ == "__main__":
+    main()
