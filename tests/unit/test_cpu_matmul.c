@@ -145,7 +145,7 @@ int main(void)
                     ys[path] = run(be, &p, &inv);
                     double e = rel_rms(ys[path], p.ref, NULL, n);
                     /* exact weights (dequantized) against x: the integer paths add the int8
-                     * activation rounding (per 32, ~0.5%) and, for nf4, codes rounded to
+                     * activation rounding (per block of 32-128, ~0.5%) and, for nf4, codes rounded to
                      * 1/127 of the group scale */
                     double bound = path == ZSE_CPU_PORTABLE || !is_integer(sc) ? 1e-5 : 2e-2;
                     if (bound > 1e-5 && n < 8)
