@@ -98,6 +98,8 @@ static void free_layer(layer *L)
         free(L->packed[m]);
 }
 
+static double now(void);
+
 /* ---- the read roofline: every thread sums its share of a buffer larger than the LLC ---- */
 typedef struct {
     const uint64_t *p;
@@ -134,9 +136,9 @@ static double read_bandwidth(int threads)
     bw_job j = {.p = buf, .n = bytes / 8};
     double best = 0;
     for (int rep = 0; rep < 5; rep++) {
-        double t0 = zse_now();
+        double t0 = now();
         zse_pool_run(pool, bw_thread, &j);
-        double dt = zse_now() - t0;
+        double dt = now() - t0;
         if (bytes / dt > best)
             best = (double)bytes / dt;
     }
@@ -148,7 +150,8 @@ static double read_bandwidth(int threads)
 /* ---- timing ------------------------------------------------------------------------------ */
 
 /* This machine may be shared: --cpu-time times by the process's CPU time instead of the
- * wall clock, which with one thread leaves out the time other processes held the core. */
+ * wall clock, which with one thread leaves out the time other processes held the core
+ * (the roofline is then measured the same way). */
 static bool use_cpu_time;
 
 static double now(void)
@@ -261,6 +264,10 @@ int main(int argc, char **argv)
     if (!be) {
         fprintf(stderr, "bench_matmul: %s\n", zse_error_message());
         return 1;
+    }
+    if (use_cpu_time && threads != 1) {
+        fprintf(stderr, "bench_matmul: --cpu-time needs --threads 1 (CPU time adds up over threads)\n");
+        return 2;
     }
     double roof = read_bandwidth(threads);
     printf("shape %s, %d threads, kernels %s; memory read roofline %.1f GB/s\n", s->name, threads,

@@ -205,6 +205,25 @@ static void test_kv_int8_round_trip(zse_backend *be)
     be->ops->kv_free(be, kv);
 }
 
+/* a head layout the kernel cannot take is reported by sync(), not computed wrongly */
+static void test_attention_limits(zse_backend *be)
+{
+    zse_kv_shape shape = {1, 2, BS, 1, 1024, ZSE_KV_STORE_F16};
+    zse_kv *kv = be->ops->kv_new(be, &shape);
+    int32_t tok[1] = {0}, pos[1] = {0}, seq[1] = {0}, slots[1] = {0}, lens[1] = {1}, table[1] = {0}, out_rows[1] = {0};
+    zse_batch b = {1, tok, pos, seq, slots, 1, lens, table, 1, 1, out_rows};
+    CHECK(be->ops->begin_batch(be, &b) == 0);
+    zse_act *q = be->ops->act_new(be, 1, 1024), *out = be->ops->act_new(be, 1, 1024);
+    zse_attn_params p = {1, 1, 1024, 1.0f, 0};
+    be->ops->attention(be, kv, 0, q, &p, out);
+    CHECK(be->ops->sync(be) == -1);
+    CHECK(strstr(zse_error_message(), "head_dim") != NULL);
+    CHECK(be->ops->sync(be) == 0); /* reported once */
+    be->ops->act_free(be, q);
+    be->ops->act_free(be, out);
+    be->ops->kv_free(be, kv);
+}
+
 /* ---- RoPE ---------------------------------------------------------------------------- */
 
 static void test_rope(zse_backend *be)
@@ -419,11 +438,17 @@ int main(void)
 {
     zse_backend *be = zse_cpu_backend_create(3);
     CHECK(be != NULL);
-    for (int window = 0; window <= 5; window += 5) {
-        test_attention(be, ZSE_KV_STORE_F16, window);
-        test_attention(be, ZSE_KV_STORE_INT8, window);
+    const char *paths[] = {"portable", "avx2", "avx512"};
+    for (int path = 0; path <= (int)zse_cpu_best_path(); path++) {
+        CHECK(zse_cpu_set_path(paths[path]) == 0);
+        for (int window = 0; window <= 5; window += 5) {
+            test_attention(be, ZSE_KV_STORE_F16, window);
+            test_attention(be, ZSE_KV_STORE_INT8, window);
+        }
+        test_kv_int8_round_trip(be);
     }
-    test_kv_int8_round_trip(be);
+    CHECK(zse_cpu_set_path("auto") == 0);
+    test_attention_limits(be);
     test_rope(be);
     test_rmsnorm(be);
     test_embed(be);

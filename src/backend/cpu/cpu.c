@@ -376,86 +376,124 @@ typedef struct {
     zse_act *out;
 } attn_ctx;
 
-/* one (token, head): online softmax over the token's visible cache positions */
-static void attend_one(const attn_ctx *c, int t, int h, float *krow, float *vrow)
+/* Attention for one (token, KV head): the q heads that share the KV head (GQA) go
+ * together, so each cached K and V row is converted to f32 once for all of them. Visible
+ * positions are taken in chunks: the chunk's scores first, then one online-softmax update
+ * (rescale the running output only when the running max grows), then the V rows. */
+enum { ATTN_CHUNK = 32, ATTN_MAX_DIM = 512, ATTN_MAX_GROUP = 64 };
+
+static void attend_group(const attn_ctx *c, int t, int kvh, const zse_cpu_vec *vec)
 {
     const cpu_state *s = state(c->be);
     const zse_kv *kv = c->kv;
-    int D = c->p->head_dim, H = kv->shape.n_kv_heads, bs = kv->shape.block_size;
-    int kvh = h / (c->p->n_heads / c->p->n_kv_heads);
-    int seq = s->seq_of[t], pos = s->positions[t];
+    const int D = c->p->head_dim, H = kv->shape.n_kv_heads, bs = kv->shape.block_size;
+    const int group = c->p->n_heads / c->p->n_kv_heads, h0 = kvh * group;
+    const int seq = s->seq_of[t], pos = s->positions[t];
     int lo = c->p->sliding_window > 0 ? pos - c->p->sliding_window + 1 : 0;
     if (lo < 0)
         lo = 0;
-    const float *q = c->q->data + (int64_t)t * c->q->cols + (int64_t)h * D;
-    float *o = c->out->data + (int64_t)t * c->out->cols + (int64_t)h * D;
     const int32_t *table = s->block_table + (size_t)seq * (size_t)s->max_blocks;
-    float m = -INFINITY, l = 0;
-    for (int i = 0; i < D; i++)
-        o[i] = 0;
-    for (int j = lo; j <= pos; j++) {
-        size_t slot = (size_t)table[j / bs] * (size_t)bs + (size_t)(j % bs);
-        size_t base = (slot * (size_t)H + (size_t)kvh) * (size_t)D;
-        if (kv->k16) {
-            for (int i = 0; i < D; i++) {
-                krow[i] = zse_f16_to_f32(kv->k16[c->layer][base + i]);
-                vrow[i] = zse_f16_to_f32(kv->v16[c->layer][base + i]);
+    float row[ATTN_MAX_DIM], sc[ATTN_MAX_GROUP][ATTN_CHUNK], m[ATTN_MAX_GROUP], l[ATTN_MAX_GROUP];
+    size_t slots[ATTN_CHUNK];
+    const float *q[ATTN_MAX_GROUP];
+    float *o[ATTN_MAX_GROUP];
+    for (int g = 0; g < group; g++) {
+        q[g] = c->q->data + (int64_t)t * c->q->cols + (int64_t)(h0 + g) * D;
+        o[g] = c->out->data + (int64_t)t * c->out->cols + (int64_t)(h0 + g) * D;
+        memset(o[g], 0, (size_t)D * sizeof(float));
+        m[g] = -INFINITY;
+        l[g] = 0;
+    }
+    for (int j0 = lo; j0 <= pos; j0 += ATTN_CHUNK) {
+        int n = pos + 1 - j0 < ATTN_CHUNK ? pos + 1 - j0 : ATTN_CHUNK;
+        for (int j = 0; j < n; j++) {
+            int p = j0 + j;
+            slots[j] = ((size_t)table[p / bs] * (size_t)bs + (size_t)(p % bs)) * (size_t)H + (size_t)kvh;
+            if (kv->k16)
+                vec->f16_to_f32(kv->k16[c->layer] + slots[j] * (size_t)D, D, row);
+            else
+                vec->i8_to_f32(kv->k8[c->layer] + slots[j] * (size_t)D, kv->ks[c->layer][slots[j]], D, row);
+            for (int g = 0; g < group; g++)
+                sc[g][j] = vec->dot(q[g], row, D) * c->p->scale;
+        }
+        for (int g = 0; g < group; g++) {
+            float mx = m[g];
+            for (int j = 0; j < n; j++)
+                mx = sc[g][j] > mx ? sc[g][j] : mx;
+            if (mx > m[g]) {
+                float corr = expf(m[g] - mx); /* 0 on the first chunk (m = -inf) */
+                l[g] *= corr;
+                vec->scale(o[g], corr, D);
+                m[g] = mx;
             }
-        } else {
-            float ks = kv->ks[c->layer][slot * (size_t)H + (size_t)kvh];
-            float vs = kv->vs[c->layer][slot * (size_t)H + (size_t)kvh];
-            for (int i = 0; i < D; i++) {
-                krow[i] = (float)kv->k8[c->layer][base + i] * ks;
-                vrow[i] = (float)kv->v8[c->layer][base + i] * vs;
+            for (int j = 0; j < n; j++) {
+                sc[g][j] = expf(sc[g][j] - mx);
+                l[g] += sc[g][j];
             }
         }
-        float score = 0;
-        for (int i = 0; i < D; i++)
-            score += q[i] * krow[i];
-        score *= c->p->scale;
-        float m2 = fmaxf(m, score), corr = expf(m - m2), pj = expf(score - m2);
-        l = l * corr + pj;
-        for (int i = 0; i < D; i++)
-            o[i] = o[i] * corr + pj * vrow[i];
-        m = m2;
+        for (int j = 0; j < n; j++) {
+            if (kv->v16)
+                vec->f16_to_f32(kv->v16[c->layer] + slots[j] * (size_t)D, D, row);
+            else
+                vec->i8_to_f32(kv->v8[c->layer] + slots[j] * (size_t)D, kv->vs[c->layer][slots[j]], D, row);
+            for (int g = 0; g < group; g++)
+                vec->axpy(o[g], sc[g][j], row, D);
+        }
     }
-    float inv = l > 0 ? 1.0f / l : 0;
-    for (int i = 0; i < D; i++)
-        o[i] *= inv;
+    for (int g = 0; g < group; g++)
+        vec->scale(o[g], l[g] > 0 ? 1.0f / l[g] : 0.0f, D);
 }
 
 static void attn_range(void *p, int64_t i0, int64_t i1)
 {
     attn_ctx *c = p;
-    float krow[1024], vrow[1024];
+    const zse_cpu_vec *vec = zse_cpu_vec_ops();
     for (int64_t i = i0; i < i1; i++)
-        attend_one(c, (int)(i / c->p->n_heads), (int)(i % c->p->n_heads), krow, vrow);
+        attend_group(c, (int)(i / c->p->n_kv_heads), (int)(i % c->p->n_kv_heads), vec);
 }
 
 static void attention(zse_backend *be, const zse_kv *kv, int layer, const zse_act *q,
                       const zse_attn_params *p, zse_act *out)
 {
+    if (p->head_dim > ATTN_MAX_DIM || p->head_dim != kv->shape.head_dim || p->n_kv_heads != kv->shape.n_kv_heads ||
+        p->n_kv_heads <= 0 || p->n_heads % p->n_kv_heads != 0 || p->n_heads / p->n_kv_heads > ATTN_MAX_GROUP) {
+        zse_cpu_note_failure(be, "attention: unsupported head layout (head_dim <= 512, at most 64 query heads "
+                                 "per KV head, matching the cache)");
+        return;
+    }
     attn_ctx c = {be, kv, layer, q, p, out};
-    zse_cpu_parallel_for(be, (int64_t)state(be)->n_tokens * p->n_heads, attn_range, &c);
+    zse_cpu_parallel_for(be, (int64_t)state(be)->n_tokens * p->n_kv_heads, attn_range, &c);
+}
+
+static void silu_mul_range(void *p, int64_t r0, int64_t r1)
+{
+    op_ctx *c = p;
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t i = 0; i < c->dim; i++) {
+            float g = c->x->data[r * c->x->cols + i];
+            c->out->data[r * c->out->cols + i] = g / (1.0f + expf(-g)) * c->y->data[r * c->y->cols + i];
+        }
 }
 
 static void silu_mul(zse_backend *be, const zse_act *gate, const zse_act *up, int64_t rows, int64_t dim,
                      zse_act *out)
 {
-    (void)be;
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t i = 0; i < dim; i++) {
-            float g = gate->data[r * gate->cols + i];
-            out->data[r * out->cols + i] = g / (1.0f + expf(-g)) * up->data[r * up->cols + i];
-        }
+    op_ctx c = {.be = be, .x = gate, .y = up, .dim = dim, .out = out};
+    zse_cpu_parallel_for(be, rows, silu_mul_range, &c);
+}
+
+static void add_range(void *p, int64_t r0, int64_t r1)
+{
+    op_ctx *c = p;
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t i = 0; i < c->dim; i++)
+            c->out->data[r * c->out->cols + i] += c->y->data[r * c->y->cols + i];
 }
 
 static void add(zse_backend *be, zse_act *x, const zse_act *y, int64_t rows, int64_t dim)
 {
-    (void)be;
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t i = 0; i < dim; i++)
-            x->data[r * x->cols + i] += y->data[r * y->cols + i];
+    op_ctx c = {.be = be, .y = y, .dim = dim, .out = x};
+    zse_cpu_parallel_for(be, rows, add_range, &c);
 }
 
 static void gather_out_rows(zse_backend *be, const zse_act *x, int64_t dim, zse_act *out)
@@ -498,7 +536,7 @@ static int sync_report(zse_backend *be)
     cpu_state *s = state(be);
     const char *what = s->failure;
     s->failure = NULL;
-    return what ? zse_fail("CPU backend: %s (out of memory)", what) : 0;
+    return what ? zse_fail("CPU backend: %s", what) : 0;
 }
 
 static int argmax_rows(zse_backend *be, const zse_act *x, int64_t rows, int64_t cols, int32_t *out)

@@ -4,7 +4,8 @@
  *   matmul.c         matmul dispatch: path choice, int8 activations, threading, the
  *                    portable kernels (the reference every fast path is tested against)
  *   matmul_avx2.c    AVX2/FMA/F16C kernels      (compiled with target attributes only,
- *   matmul_avx512.c  AVX-512 BW/VL/VNNI kernels  chosen at run time: no global -march) */
+ *   matmul_avx512.c  AVX-512 BW/VL/VNNI kernels  chosen at run time: no global -march)
+ *   vec.c            short-vector kernels (conversions, dot, axpy) for attention */
 #ifndef ZSE_BACKEND_CPU_H
 #define ZSE_BACKEND_CPU_H
 
@@ -49,34 +50,44 @@ zse_cpu_path zse_cpu_current_path(void);
 const char *zse_cpu_path_name(void);
 
 /* ---- int8 activations for the integer kernels --------------------------------------------
- * Each token's row is quantized once per matmul in blocks of 32: xq = round(x / d),
- * d = absmax / 127. A weight group g then contributes
- *     Σ w·x ≈ S_g · Σ_b d_b · (Σ u·xq)_b  +  M_g · gsum_g,    gsum_g = Σ_b d_b · Σ xq_b
- * for weights w = u·S_g + M_g with small unsigned integers u (the integer dot products run
- * on u8 × s8 instructions: maddubs, dpbusd).
+ * Each token's row is quantized once per matmul in blocks of `ab` elements: xq =
+ * round(x / d), d = absmax / 127. The block is the weight's group for 4-bit weights (32, 64
+ * or 128) and 64 for int8, so one block meets one weight scale: with weights
+ * w = u·S_g + M_g (u small unsigned integers: the integer dot products run on u8 × s8
+ * instructions, maddubs and dpbusd),
+ *     Σ w·x ≈ Σ_g S_g · d_g · (Σ u·xq)_g  +  Σ_g M_g · gsum_g,    gsum_g = d_g · Σ xq_g
+ * so a group costs integer multiply-adds and one float multiply-add per token.
+ * (llama.cpp's k-quants use one activation scale per 256; finer blocks keep an outlier from
+ * coarsening more than its group.)
  *
  * Packed for the kernel that reads them: tokens go in tiles of `tile` (the last may be
  * short, nt tokens); within a tile, unit i of every token lies together, [unit][token][unit
  * bytes], so a kernel walking a weight row finds the tile's activations for its next weight
- * bytes at one pointer and fixed offsets. Units are 32 bytes (AVX2: one 32-element block,
- * natural order) or 64 bytes (AVX-512: two blocks). With `il` a 64-byte unit holds
- * c0[0:16] c1[0:16] c0[16:32] c1[16:32] of its blocks c0, c1: the order a 32-byte load of two
+ * bytes at one pointer and fixed offsets. Units are 32 bytes (AVX2: one 32-element chunk,
+ * natural order) or 64 bytes (AVX-512: two chunks). With `il` a 64-byte unit holds
+ * c0[0:16] c1[0:16] c0[16:32] c1[16:32] of its chunks c0, c1: the order a 32-byte load of two
  * packed int4 chunks yields as [low nibbles | high nibbles], so weights need no shuffle.
- * `dvec` (64-byte units) holds each 32-bit lane's block scale, [unit][token][16]. */
+ * Block scales are stored [block][token] per tile; `dvec` (AVX-512 with 32-element blocks,
+ * where one 64-byte unit spans two blocks) holds each 32-bit lane's d, [unit][token][16]. */
 typedef struct {
     int64_t tokens;
     int64_t cp;             /* elements per token row (the weight's padded columns) */
     int64_t stride;         /* bytes per token of q (cp rounded up to 64) */
-    int64_t nb;             /* 32-blocks per row: cp / 32 */
-    int64_t groups;         /* weight groups per row (1 for int8: the whole row) */
+    int64_t ab, nblk;       /* elements per activation block; blocks per row */
+    int64_t groups;         /* gsum entries per token: nblk (4-bit) or 1 (int8) */
     int tile;               /* tokens per tile */
     int unit;               /* 32 or 64 bytes */
     bool il;                /* interleaved 64-byte units (4-bit weights on AVX-512) */
     int8_t *q;              /* tile at token t0 starts at q + t0 * stride */
-    float *d;               /* block scales; tile at t0 starts at d + t0 * nb: [block][token] */
-    float *dvec;            /* 64-byte units only; tile at t0: dvec + t0 * stride / 4 */
+    float *d;               /* tile at t0 starts at d + t0 * nblk: [block][token] (+8 spare) */
+    float *dvec;            /* tile at t0: dvec + t0 * stride / 4; NULL unless needed */
     float *gsum;            /* [tokens][groups] */
 } zse_qx;
+
+/* quantize n (≤ ab) floats into ab int8 (zero past n) in natural order: returns d and
+ * Σ xq. Every path computes the same bytes (round half to even of x · 127/absmax). */
+void zse_cpu_quant_block_avx2(const float *x, int64_t n, int64_t ab, int8_t *q, float *d, int *isum);
+void zse_cpu_quant_block_avx512(const float *x, int64_t n, int64_t ab, int8_t *q, float *d, int *isum);
 
 /* tokens per tile: AVX-512 keeps 2 x 8 accumulators in its 32 registers, AVX2 2 x 4 in 16 */
 #define ZSE_CPU_TILE_AVX512 8
@@ -99,6 +110,16 @@ void zse_cpu_f_rows_avx512(const zse_weight *w, const float *x, int64_t ldx, int
 void zse_cpu_row_scales(const zse_weight *w, int64_t r, float nf4_bias, float q8_bias, float *S, float *M);
 /* NF4 code values as int8: round(127 · zse_nf4_values[i]) */
 extern const int8_t zse_cpu_nf4_i8[16];
+
+/* short-vector kernels for the current path (vec.c) */
+typedef struct {
+    void (*f16_to_f32)(const uint16_t *h, int64_t n, float *out);
+    void (*i8_to_f32)(const int8_t *q, float scale, int64_t n, float *out);
+    float (*dot)(const float *a, const float *b, int64_t n);
+    void (*axpy)(float *y, float a, const float *x, int64_t n);     /* y += a·x */
+    void (*scale)(float *y, float a, int64_t n);                     /* y *= a */
+} zse_cpu_vec;
+const zse_cpu_vec *zse_cpu_vec_ops(void);
 
 /* rows of weights kept hot in L2 while every token of a batch passes over them */
 int64_t zse_cpu_row_block(const zse_weight *w);

@@ -108,51 +108,65 @@ static bool integer_scheme(zse_scheme s)
 
 typedef struct {
     const zse_act *x;
-    int64_t cols, group;    /* valid columns; weight group in elements (cp for int8) */
+    int64_t cols;           /* valid columns */
+    bool q8;
+    zse_cpu_path path;
     zse_qx *qx;
 } quant_job;
+
+/* the bytes of 32-element chunk c of the token at index ti of its tile (nt tokens) */
+static void place_chunk(const zse_qx *qx, int8_t *tile_q, int64_t nt, int64_t ti, int64_t c, const int8_t *src)
+{
+    if (qx->unit == 32) {
+        memcpy(tile_q + (c * nt + ti) * 32, src, 32);
+        return;
+    }
+    int8_t *u = tile_q + ((c / 2) * nt + ti) * 64;
+    if (qx->il) {
+        memcpy(u + (c % 2) * 16, src, 16);
+        memcpy(u + 32 + (c % 2) * 16, src + 16, 16);
+    } else {
+        memcpy(u + (c % 2) * 32, src, 32);
+    }
+}
 
 static void quantize_tokens(void *p, int64_t t0, int64_t t1)
 {
     quant_job *job = p;
     zse_qx *qx = job->qx;
-    int64_t per_group = job->group / 32, units = qx->stride / qx->unit;
+    int8_t tmp[128];
     for (int64_t t = t0; t < t1; t++) {
         const float *xr = job->x->data + t * job->x->cols;
         int64_t base = t - t % qx->tile, ti = t - base;
         int64_t nt = qx->tokens - base < qx->tile ? qx->tokens - base : qx->tile;
         int8_t *q = qx->q + base * qx->stride;
-        float *d = qx->d + base * qx->nb, *gs = qx->gsum + t * qx->groups;
-        for (int64_t g = 0; g < qx->groups; g++)
-            gs[g] = 0;
-        for (int64_t b = 0; b < qx->nb; b++) {
-            int64_t n = job->cols - b * 32;
-            n = n > 32 ? 32 : n < 0 ? 0 : n;
-            float amax = 0;
-            for (int64_t j = 0; j < n; j++)
-                amax = fmaxf(amax, fabsf(xr[b * 32 + j]));
-            float db = amax / 127.0f, inv = db > 0 ? 127.0f / amax : 0;
-            int8_t *u = qx->unit == 32 ? q + (b * nt + ti) * 32 : q + ((b / 2) * nt + ti) * 64;
-            int isum = 0;
-            for (int64_t j = 0; j < n; j++) {
-                int v = (int)lrintf(xr[b * 32 + j] * inv);
-                v = v > 127 ? 127 : v < -127 ? -127 : v;
-                int64_t at = qx->unit == 32 ? j : !qx->il ? (b % 2) * 32 + j
-                                                   : (j >= 16 ? 32 : 0) + (b % 2) * 16 + (j & 15);
-                u[at] = (int8_t)v;
-                isum += v;
-            }
+        float *d = qx->d + base * qx->nblk, *gs = qx->gsum + t * qx->groups;
+        gs[0] = 0;
+        for (int64_t b = 0; b < qx->nblk; b++) {
+            int64_t first = b * qx->ab, n = job->cols - first, len = qx->cp - first;
+            n = n > qx->ab ? qx->ab : n < 0 ? 0 : n;
+            len = len > qx->ab ? qx->ab : len;
+            float db;
+            int isum;
+            if (job->path == ZSE_CPU_AVX512)
+                zse_cpu_quant_block_avx512(xr + first, n, qx->ab, tmp, &db, &isum);
+            else
+                zse_cpu_quant_block_avx2(xr + first, n, qx->ab, tmp, &db, &isum);
+            for (int64_t c = 0; c < len / 32; c++)
+                place_chunk(qx, q, nt, ti, first / 32 + c, tmp + c * 32);
             d[b * nt + ti] = db;
-            gs[b / per_group] += db * (float)isum;
+            if (job->q8)
+                gs[0] += db * (float)isum;
+            else
+                gs[b] = db * (float)isum;
         }
         if (qx->dvec) {
-            /* lane k of a 64-byte unit covers its bytes 4k..4k+3 */
+            /* 32-element blocks: lane k of a 64-byte unit covers its bytes 4k..4k+3 */
             float *dv = qx->dvec + base * (qx->stride / 4);
-            for (int64_t i = 0; i < units; i++)
+            for (int64_t i = 0; i < qx->stride / 64; i++)
                 for (int k = 0; k < 16; k++) {
-                    int half = qx->il ? (k / 4) % 2 : k / 8;
-                    int64_t b = i * 2 + half;
-                    dv[(i * nt + ti) * 16 + k] = b < qx->nb ? d[b * nt + ti] : 0;
+                    int64_t b = i * 2 + (qx->il ? (k / 4) % 2 : k / 8);
+                    dv[(i * nt + ti) * 16 + k] = b < qx->nblk ? d[b * nt + ti] : 0;
                 }
         }
     }
@@ -169,14 +183,16 @@ static int quantize_acts(zse_backend *be, const zse_weight *w, const zse_act *x,
     qx->tokens = tokens;
     qx->cp = cp;
     qx->stride = (cp + 63) / 64 * 64;
-    qx->nb = cp / 32;
-    qx->groups = q8 ? 1 : w->p.groups;
+    qx->ab = q8 ? 64 : w->q.group_size;
+    qx->nblk = (cp + qx->ab - 1) / qx->ab;
+    qx->groups = q8 ? 1 : qx->nblk;
     qx->tile = avx512 ? ZSE_CPU_TILE_AVX512 : ZSE_CPU_TILE_AVX2;
     qx->unit = avx512 ? 64 : 32;
     qx->il = avx512 && !q8;
+    bool dvec = avx512 && qx->ab == 32;
     size_t T = (size_t)tokens;
     *scratch_per = 2 * (qx->groups + 16);
-    size_t sizes[5] = {T * (size_t)qx->stride, T * (size_t)qx->nb * 4, avx512 ? T * (size_t)qx->stride : 0,
+    size_t sizes[5] = {T * (size_t)qx->stride, (T * (size_t)qx->nblk + 8) * 4, dvec ? T * (size_t)qx->stride : 0,
                        T * (size_t)qx->groups * 4, (size_t)threads * (size_t)*scratch_per * 4};
     size_t total = 0, offs[5];
     for (int i = 0; i < 5; i++) {
@@ -188,11 +204,14 @@ static int quantize_acts(zse_backend *be, const zse_weight *w, const zse_act *x,
         return -1;
     qx->q = (int8_t *)(ws + offs[0]);
     qx->d = (float *)(ws + offs[1]);
-    qx->dvec = avx512 ? (float *)(ws + offs[2]) : NULL;
+    qx->dvec = dvec ? (float *)(ws + offs[2]) : NULL;
     qx->gsum = (float *)(ws + offs[3]);
     *scratch = (float *)(ws + offs[4]);
-    memset(qx->q, 0, sizes[0]); /* padding columns and a short last unit stay zero */
-    quant_job job = {x, w->q.cols, q8 ? qx->nb * 32 : w->q.group_size, qx};
+    /* the padding past cp (an odd last 32-chunk) stays zero; the spare d entries are read
+     * (and ignored) by a short tile's vector load */
+    memset(qx->q, 0, sizes[0]);
+    memset(qx->d, 0, sizes[1]);
+    quant_job job = {x, w->q.cols, q8, path, qx};
     zse_cpu_parallel_for(be, tokens, quantize_tokens, &job);
     return 0;
 }
@@ -285,12 +304,12 @@ void zse_cpu_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, int6
     zse_qx qx;
     if (j.path != ZSE_CPU_PORTABLE && integer_scheme(w->q.scheme)) {
         if (quantize_acts(be, w, x, rows, j.path, threads, &qx, &j.scratch, &j.scratch_per) != 0) {
-            zse_cpu_note_failure(be, "matmul could not allocate its int8 activations");
+            zse_cpu_note_failure(be, "matmul: out of memory for its int8 activations");
             return;
         }
         j.qx = &qx;
     }
     zse_cpu_parallel_for(be, w->q.rows, simd_rows, &j);
     if (j.failed)
-        zse_cpu_note_failure(be, "matmul could not allocate a row buffer");
+        zse_cpu_note_failure(be, "matmul: out of memory for a row buffer");
 }

@@ -14,6 +14,7 @@
 #include "backend/cpu/cpu.h"
 
 #include <immintrin.h>
+#include <math.h>
 
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define INLINE static inline __attribute__((always_inline))
@@ -75,46 +76,48 @@ AVX2 INLINE __m256i load_chunk(const zse_weight *w, const uint8_t *row, int64_t 
     return w->q.scheme == ZSE_SCHEME_NF4 ? _mm256_shuffle_epi8(nf4_lut, u) : u;
 }
 
-/* one row, the `nt` tokens of the tile at t0. Each group's first chunk starts its
- * accumulator with a multiply, so nothing needs zeroing between groups. */
+/* one row, the `nt` tokens of the tile at t0: each activation block's chunks accumulate
+ * as integers, then add cvt(sum) · S_g·d_g per token (int8: d only, S at the end). */
 AVX2 INLINE void q_row(const zse_weight *w, const zse_qx *qx, int64_t r, int64_t t0, const int nt,
                        const float *S, const float *M, float *y, int64_t ldy)
 {
     const uint8_t *row = w->data + (size_t)r * w->p.row_bytes;
-    const bool sign = w->q.scheme == ZSE_SCHEME_NF4 || w->q.scheme == ZSE_SCHEME_Q8;
-    const int64_t per_group = w->q.scheme == ZSE_SCHEME_Q8 ? qx->nb : w->q.group_size / 32;
+    const bool q8 = w->q.scheme == ZSE_SCHEME_Q8, sign = q8 || w->q.scheme == ZSE_SCHEME_NF4;
+    const int64_t nchunks = qx->cp / 32, per_block = qx->ab / 32;
     const int8_t *xq = qx->q + t0 * qx->stride;
-    const float *xd = qx->d + t0 * qx->nb;
+    const float *d = qx->d + t0 * qx->nblk;
     const __m256i ones = _mm256_set1_epi16(1);
     const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)zse_cpu_nf4_i8));
-    __m256 acc[TILE], gacc[TILE];
+    __m256 acc[TILE];
+    __m256i dot[TILE];
 #pragma GCC unroll 4
     for (int t = 0; t < nt; t++)
-        acc[t] = gacc[t] = _mm256_setzero_ps();
-    int64_t in_group = 0, g = 0;
-    for (int64_t c = 0; c < qx->nb; c++, xq += nt * 32, xd += nt) {
-        __m256i wv = load_chunk(w, row, c, lut);
-        __m256i u = sign ? _mm256_sign_epi8(wv, wv) : wv;
+        acc[t] = _mm256_setzero_ps();
+    for (int64_t c = 0, b = 0; c < nchunks; b++, d += nt) {
+        int64_t end = c + per_block < nchunks ? c + per_block : nchunks;
+        for (int64_t first = c; c < end; c++, xq += nt * 32) {
+            __m256i wv = load_chunk(w, row, c, lut);
+            __m256i u = sign ? _mm256_sign_epi8(wv, wv) : wv;
 #pragma GCC unroll 4
-        for (int t = 0; t < nt; t++) {
-            __m256i x = _mm256_load_si256((const __m256i *)(xq + t * 32));
-            if (sign)
-                x = _mm256_sign_epi8(x, wv);
-            __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones));
-            gacc[t] = in_group == 0 ? _mm256_mul_ps(f, _mm256_broadcast_ss(xd + t))
-                                    : _mm256_fmadd_ps(f, _mm256_broadcast_ss(xd + t), gacc[t]);
+            for (int t = 0; t < nt; t++) {
+                __m256i x = _mm256_load_si256((const __m256i *)(xq + t * 32));
+                if (sign)
+                    x = _mm256_sign_epi8(x, wv);
+                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones);
+                dot[t] = c == first ? p : _mm256_add_epi32(dot[t], p);
+            }
         }
-        if (++in_group == per_group) {
-            __m256 sv = _mm256_broadcast_ss(S + g++);
-            in_group = 0;
+        float cs[TILE];
+        _mm_storeu_ps(cs, _mm_mul_ps(_mm_set1_ps(q8 ? 1.0f : S[b]), _mm_loadu_ps(d)));
 #pragma GCC unroll 4
-            for (int t = 0; t < nt; t++)
-                acc[t] = _mm256_fmadd_ps(gacc[t], sv, acc[t]);
-        }
+        for (int t = 0; t < nt; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[t]), _mm256_set1_ps(cs[t]), acc[t]);
     }
 #pragma GCC unroll 4
-    for (int t = 0; t < nt; t++)
-        y[(t0 + t) * ldy + r] = hsum8(acc[t]) + dot_groups(M, qx->gsum + (t0 + t) * qx->groups, qx->groups);
+    for (int t = 0; t < nt; t++) {
+        float s = hsum8(acc[t]);
+        y[(t0 + t) * ldy + r] = q8 ? S[0] * s : s + dot_groups(M, qx->gsum + (t0 + t) * qx->groups, qx->groups);
+    }
 }
 
 AVX2 void zse_cpu_q_rows_avx2(const zse_weight *w, const zse_qx *qx, float *y, int64_t ldy, int64_t r0,
@@ -133,6 +136,47 @@ AVX2 void zse_cpu_q_rows_avx2(const zse_weight *w, const zse_qx *qx, float *y, i
             }
         }
     }
+}
+
+/* ---- activation blocks ----------------------------------------------------------------------- */
+
+AVX2 void zse_cpu_quant_block_avx2(const float *x, int64_t n, int64_t ab, int8_t *q, float *d, int *isum)
+{
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 mx = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + i), absmask));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float amax = _mm_cvtss_f32(h);
+    for (; i < n; i++)
+        amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    *d = amax / 127.0f;
+    const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+    __m256 vinv = _mm256_set1_ps(inv);
+    __m256i sum = _mm256_setzero_si256();
+    for (i = 0; i < ab; i += 8) {
+        __m256 v;
+        if (i + 8 <= n) {
+            v = _mm256_loadu_ps(x + i);
+        } else {
+            float tail[8] = {0};
+            for (int64_t k = i; k < n; k++)
+                tail[k - i] = x[k];
+            v = _mm256_loadu_ps(tail);
+        }
+        /* round half to even (MXCSR default), as the AVX-512 path's vcvtps2dq */
+        __m256i iv = _mm256_cvtps_epi32(_mm256_mul_ps(v, vinv));
+        sum = _mm256_add_epi32(sum, iv);
+        __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(iv), _mm256_extracti128_si256(iv, 1));
+        _mm_storel_epi64((__m128i *)(q + i), _mm_packs_epi16(w16, w16));
+    }
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+    *isum = _mm_cvtsi128_si32(s4);
 }
 
 /* ---- float weights ------------------------------------------------------------------------------ */

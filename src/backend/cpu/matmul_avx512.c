@@ -61,93 +61,127 @@ AVX512 INLINE void row_scales(const zse_weight *w, int64_t r, float *S, float *M
     }
 }
 
-/* one row, the `nt` tokens of the tile at t0: the 4-bit schemes. Each group's first pair
- * starts its accumulator with a multiply, so nothing needs zeroing between groups. */
+/* 64 weights of two packed 4-bit chunks as bytes in the interleaved order (see zse_qx):
+ * [low nibbles | high nibbles]; NF4 codes mapped to round(127·v) + 128. `half`: only the
+ * first chunk exists (an odd last chunk), the second reads as code 0 against zero bytes. */
+AVX512 INLINE __m512i unpack_pair(const uint8_t *p, bool half, bool nf4, __m512i lut)
+{
+    __m256i raw = half ? _mm256_maskz_loadu_epi8(0xFFFF, p) : _mm256_loadu_si256((const __m256i *)p);
+    __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
+    u = _mm512_and_si512(u, _mm512_set1_epi8(0x0F));
+    return nf4 ? _mm512_shuffle_epi8(lut, u) : u;
+}
+
+AVX512 INLINE __m512i nf4_lut(void)
+{
+    int8_t u[16];
+    for (int i = 0; i < 16; i++)
+        u[i] = (int8_t)(zse_cpu_nf4_i8[i] + 128);
+    return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)u));
+}
+
+/* 4-bit weights, groups of 64 or 128 (one or two pairs, one activation block): the pairs'
+ * dot products accumulate as integers; each group then adds cvt(sum) · S_g·d_g per token. */
 AVX512 INLINE void q4_row(const zse_weight *w, const zse_qx *qx, int64_t r, int64_t t0, const int nt,
                           const float *S, const float *M, float *y, int64_t ldy)
 {
     const uint8_t *row = w->data + (size_t)r * w->p.row_bytes;
     const bool nf4 = w->q.scheme == ZSE_SCHEME_NF4;
-    const int64_t nchunks = qx->nb, npairs = (nchunks + 1) / 2;
-    const int64_t ppg = w->q.group_size / 64; /* pairs per group; 0: group 32, two per pair */
+    const __m512i lut = nf4 ? nf4_lut() : _mm512_setzero_si512();
+    const int64_t ppg = w->q.group_size / 64;
     const int8_t *xq = qx->q + t0 * qx->stride;
-    const float *dv = qx->dvec + t0 * (qx->stride / 4);
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    __m512i lut = _mm512_setzero_si512();
-    if (nf4) {
-        int8_t u[16];
-        for (int i = 0; i < 16; i++)
-            u[i] = (int8_t)(zse_cpu_nf4_i8[i] + 128);
-        lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)u));
-    }
-    /* for group 32: lanes of chunk 0 take S[2p], those of chunk 1 S[2p + 1] */
-    const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
-    __m512 acc[TILE], gacc[TILE];
+    const float *d = qx->d + t0 * qx->nblk;
+    __m512 acc[TILE];
+    __m512i dot[TILE];
 #pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
-        acc[t] = gacc[t] = _mm512_setzero_ps();
-    int64_t in_group = 0, g = 0;
-    for (int64_t p = 0; p < npairs; p++, xq += nt * 64, dv += nt * 16) {
-        __m256i raw = 2 * p + 1 < nchunks ? _mm256_loadu_si256((const __m256i *)(row + p * 32))
-                                          : _mm256_maskz_loadu_epi8(0xFFFF, row + p * 32);
-        __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
-        u = _mm512_and_si512(u, low4);
-        if (nf4)
-            u = _mm512_shuffle_epi8(lut, u);
-        if (in_group == 0) {
-#pragma GCC unroll 8
-            for (int t = 0; t < nt; t++) {
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_load_si512(xq + t * 64));
-                gacc[t] = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(dv + t * 16));
-            }
-        } else {
-#pragma GCC unroll 8
-            for (int t = 0; t < nt; t++) {
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_load_si512(xq + t * 64));
-                gacc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(dv + t * 16), gacc[t]);
-            }
-        }
-        __m512 sv;
-        if (ppg == 0) {
-            __m128 two = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(S + 2 * p)));
-            sv = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two));
-        } else if (++in_group == ppg) {
-            sv = _mm512_set1_ps(S[g++]);
-            in_group = 0;
-        } else {
-            continue;
-        }
+        acc[t] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < qx->nblk; g++, d += nt) {
+        __m512i u = unpack_pair(row, false, nf4, lut);
 #pragma GCC unroll 8
         for (int t = 0; t < nt; t++)
-            acc[t] = _mm512_fmadd_ps(gacc[t], sv, acc[t]);
+            dot[t] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_load_si512(xq + t * 64));
+        row += 32;
+        xq += nt * 64;
+        if (ppg == 2) {
+            u = unpack_pair(row, false, nf4, lut);
+#pragma GCC unroll 8
+            for (int t = 0; t < nt; t++)
+                dot[t] = _mm512_dpbusd_epi32(dot[t], u, _mm512_load_si512(xq + t * 64));
+            row += 32;
+            xq += nt * 64;
+        }
+        float c[TILE];
+        _mm256_storeu_ps(c, _mm256_mul_ps(_mm256_set1_ps(S[g]), _mm256_loadu_ps(d)));
+#pragma GCC unroll 8
+        for (int t = 0; t < nt; t++)
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[t]), _mm512_set1_ps(c[t]), acc[t]);
     }
 #pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
         y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(acc[t]) + dot_groups(M, qx->gsum + (t0 + t) * qx->groups, qx->groups);
 }
 
-/* one row, the `nt` tokens of the tile at t0: int8 weights */
-AVX512 INLINE void q8_row(const zse_weight *w, const zse_qx *qx, int64_t r, int64_t t0, const int nt,
-                          const float *S, const float *M, float *y, int64_t ldy)
+/* 4-bit weights, group 32: a pair spans two groups, so each lane takes its block's
+ * activation scale from dvec and the pair's two weight scales are spread over the lanes. */
+AVX512 INLINE void q4g32_row(const zse_weight *w, const zse_qx *qx, int64_t r, int64_t t0, const int nt,
+                             const float *S, const float *M, float *y, int64_t ldy)
 {
     const uint8_t *row = w->data + (size_t)r * w->p.row_bytes;
-    const int64_t nchunks = qx->nb, npairs = (nchunks + 1) / 2;
+    const bool nf4 = w->q.scheme == ZSE_SCHEME_NF4;
+    const __m512i lut = nf4 ? nf4_lut() : _mm512_setzero_si512();
+    const int64_t nchunks = qx->nblk, npairs = (nchunks + 1) / 2;
     const int8_t *xq = qx->q + t0 * qx->stride;
     const float *dv = qx->dvec + t0 * (qx->stride / 4);
-    const __m512i bias = _mm512_set1_epi8((char)0x80);
+    /* lanes of chunk 0 take S[2p], those of chunk 1 S[2p + 1] */
+    const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
     __m512 acc[TILE];
 #pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
         acc[t] = _mm512_setzero_ps();
     for (int64_t p = 0; p < npairs; p++, xq += nt * 64, dv += nt * 16) {
-        __m512i wv = 2 * p + 1 < nchunks ? _mm512_loadu_si512(row + p * 64)
-                                         : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, row + p * 64);
-        __m512i u = _mm512_xor_si512(wv, bias);
+        __m512i u = unpack_pair(row + p * 32, 2 * p + 1 == nchunks, nf4, lut);
+        __m128 two = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(S + 2 * p)));
+        __m512 sv = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two));
 #pragma GCC unroll 8
         for (int t = 0; t < nt; t++) {
             __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_load_si512(xq + t * 64));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(dv + t * 16), acc[t]);
+            __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(dv + t * 16));
+            acc[t] = _mm512_fmadd_ps(f, sv, acc[t]);
         }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < nt; t++)
+        y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(acc[t]) + dot_groups(M, qx->gsum + (t0 + t) * qx->groups, qx->groups);
+}
+
+/* int8 weights: 64-element activation blocks (one pair; the row's last may be shorter) */
+AVX512 INLINE void q8_row(const zse_weight *w, const zse_qx *qx, int64_t r, int64_t t0, const int nt,
+                          const float *S, const float *M, float *y, int64_t ldy)
+{
+    const uint8_t *row = w->data + (size_t)r * w->p.row_bytes;
+    const int64_t nchunks = qx->cp / 32, npairs = (nchunks + 1) / 2;
+    const int8_t *xq = qx->q + t0 * qx->stride;
+    const float *d = qx->d + t0 * qx->nblk;
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
+    __m512 acc[TILE];
+    __m512i dot[TILE];
+#pragma GCC unroll 8
+    for (int t = 0; t < nt; t++) {
+        acc[t] = _mm512_setzero_ps();
+        dot[t] = _mm512_setzero_si512();
+    }
+    for (int64_t p = 0; p < npairs; p++, xq += nt * 64) {
+        __m512i wv = 2 * p + 1 < nchunks ? _mm512_loadu_si512(row + p * 64)
+                                         : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, row + p * 64);
+        __m512i u = _mm512_xor_si512(wv, bias); /* w + 128 */
+#pragma GCC unroll 8
+        for (int t = 0; t < nt; t++)
+            dot[t] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_load_si512(xq + t * 64));
+#pragma GCC unroll 8
+        for (int t = 0; t < nt; t++)
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[t]), _mm512_set1_ps(d[t]), acc[t]);
+        d += nt;
     }
 #pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
@@ -171,19 +205,42 @@ AVX512 void zse_cpu_q_rows_avx512(const zse_weight *w, const zse_qx *qx, float *
 {
     int64_t G = qx->groups;
     float *S = scratch, *M = scratch + G + 16;
-    bool q8 = w->q.scheme == ZSE_SCHEME_Q8;
     for (int64_t t0 = 0; t0 < qx->tokens; t0 += TILE) {
         int nt = qx->tokens - t0 < TILE ? (int)(qx->tokens - t0) : TILE;
         for (int64_t r = r0; r < r1; r++) {
             row_scales(w, r, S, M);
             S[G] = 0; /* the missing second chunk of an odd last pair (group 32) */
-            if (q8) {
+            if (w->q.scheme == ZSE_SCHEME_Q8) {
                 TILE_CASES(q8_row, w, qx, r, t0)
+            } else if (w->q.group_size == 32) {
+                TILE_CASES(q4g32_row, w, qx, r, t0)
             } else {
                 TILE_CASES(q4_row, w, qx, r, t0)
             }
         }
     }
+}
+
+/* ---- activation blocks ----------------------------------------------------------------------- */
+
+AVX512 void zse_cpu_quant_block_avx512(const float *x, int64_t n, int64_t ab, int8_t *q, float *d, int *isum)
+{
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(k, x + i)));
+    }
+    float amax = _mm512_reduce_max_ps(mx);
+    *d = amax / 127.0f;
+    __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t i = 0; i < ab; i += 16) {
+        __mmask16 k = i >= n ? 0 : n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), inv));
+        sum = _mm512_add_epi32(sum, v);
+        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtsepi32_epi8(v));
+    }
+    *isum = _mm512_reduce_add_epi32(sum);
 }
 
 /* ---- float weights ------------------------------------------------------------------------------ */
