@@ -94,16 +94,7 @@ static void apply_penalties(const zse_sampling *s, float *logits, int vocab, con
 
 /* ---- truncation and the draw -------------------------------------------------------------- */
 
-/* the largest value, the lowest index on ties; NaNs never win (a GPU's argmax_rows keeps
- * the same rule, so greedy tokens do not depend on where they were picked) */
-static int32_t argmax(const float *v, int n)
-{
-    int32_t best = 0;
-    for (int i = 1; i < n; i++)
-        if (isnan(v[best]) ? !isnan(v[i]) : v[i] > v[best])
-            best = i;
-    return best;
-}
+static int32_t argmax(const float *v, int n) { return (int32_t)zse_argmax_f32(v, n); }
 
 /* candidates order: higher probability first, lower id on ties (deterministic) */
 static bool before(const float *p, int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); }

@@ -127,3 +127,12 @@ bool zse_glob_match(const char *pat, const char *text)
         pat++;
     return *pat == '\0';
 }
+
+int64_t zse_argmax_f32(const float *v, int64_t n)
+{
+    int64_t best = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (isnan(v[best]) ? !isnan(v[i]) : v[i] > v[best])
+            best = i;
+    return best;
+}

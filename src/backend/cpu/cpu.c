@@ -543,14 +543,8 @@ static int argmax_rows(zse_backend *be, const zse_act *x, int64_t rows, int64_t 
 {
     if (sync_report(be) != 0)
         return -1;
-    for (int64_t r = 0; r < rows; r++) {
-        const float *v = x->data + r * x->cols;
-        int64_t best = 0;
-        for (int64_t i = 1; i < cols; i++) /* the sampler's rule: NaNs never win */
-            if (isnan(v[best]) ? !isnan(v[i]) : v[i] > v[best])
-                best = i;
-        out[r] = (int32_t)best;
-    }
+    for (int64_t r = 0; r < rows; r++)
+        out[r] = (int32_t)zse_argmax_f32(x->data + r * x->cols, cols);
     return 0;
 }
 

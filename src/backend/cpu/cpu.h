@@ -120,6 +120,9 @@ typedef struct {
     void (*scale)(float *y, float a, int64_t n);                     /* y *= a */
 } zse_cpu_vec;
 const zse_cpu_vec *zse_cpu_vec_ops(void);
+/* the portable dot product (8 partial sums in a fixed order): the portable matmul path and
+ * vec.c's portable table share it */
+float zse_cpu_dot_portable(const float *a, const float *b, int64_t n);
 
 /* rows of weights kept hot in L2 while every token of a batch passes over them */
 int64_t zse_cpu_row_block(const zse_weight *w);

@@ -218,19 +218,6 @@ static int quantize_acts(zse_backend *be, const zse_weight *w, const zse_act *x,
 
 /* ---- portable kernels: unpack a row to f32, dot it with every token ------------------------- */
 
-static float dot_portable(const float *a, const float *b, int64_t n)
-{
-    float acc[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++)
-            acc[k] += a[i + k] * b[i + k];
-    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; i < n; i++)
-        s += a[i] * b[i];
-    return s;
-}
-
 /* the row of a packed weight as f32 (cols values) */
 static void unpack_row(const zse_weight *w, int64_t r, float *out)
 {
@@ -266,7 +253,7 @@ static void portable_rows(mm_job *j, int64_t r0, int64_t r1)
     for (int64_t r = r0; r < r1; r++) {
         unpack_row(j->w, r, row);
         for (int64_t t = 0; t < j->tokens; t++)
-            j->y->data[t * j->y->cols + r] = dot_portable(row, j->x->data + t * j->x->cols, cols);
+            j->y->data[t * j->y->cols + r] = zse_cpu_dot_portable(row, j->x->data + t * j->x->cols, cols);
     }
     free(row);
 }

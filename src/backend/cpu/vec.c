@@ -20,7 +20,7 @@ static void i8_to_f32_c(const int8_t *q, float scale, int64_t n, float *out)
         out[i] = (float)q[i] * scale;
 }
 
-static float dot_c(const float *a, const float *b, int64_t n)
+float zse_cpu_dot_portable(const float *a, const float *b, int64_t n)
 {
     float acc[8] = {0};
     int64_t i = 0;
@@ -110,7 +110,7 @@ AVX2 static void scale_avx2(float *y, float a, int64_t n)
         y[i] *= a;
 }
 
-static const zse_cpu_vec vec_c = {f16_to_f32_c, i8_to_f32_c, dot_c, axpy_c, scale_c};
+static const zse_cpu_vec vec_c = {f16_to_f32_c, i8_to_f32_c, zse_cpu_dot_portable, axpy_c, scale_c};
 static const zse_cpu_vec vec_avx2 = {f16_to_f32_avx2, i8_to_f32_avx2, dot_avx2, axpy_avx2, scale_avx2};
 
 const zse_cpu_vec *zse_cpu_vec_ops(void)

@@ -141,7 +141,7 @@ extern "C" int zse_cuda_gather_rows(const float *x, int64_t xpitch, const int32_
 
 /* ---- argmax of each row (greedy sampling on the device) --------------------------------
  * One block per row: each thread scans a strided slice, then a shared-memory tree keeps
- * the larger value, and the lower index on ties, as the host sampler's scan does. */
+ * the larger value, and the lower index on ties: zse_argmax_f32's rule (util.h). */
 enum { ARGMAX_THREADS = 1024 };
 
 __device__ __forceinline__ bool argmax_better(float va, int64_t ia, float vb, int64_t ib)
