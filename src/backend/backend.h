@@ -40,7 +40,7 @@ typedef struct {
     const int32_t *tokens;          /* [n_tokens] */
     const int32_t *positions;       /* [n_tokens] position in its sequence */
     const int32_t *seq_of;          /* [n_tokens] index into the per-sequence arrays */
-    const int32_t *slots;           /* [n_tokens] KV slot: block * block_size + offset */
+    const int32_t *slots;           /* [n_tokens] KV slot: block * block_size + offset; -1: not stored */
     int n_seqs;
     const int32_t *seq_lens;        /* [n_seqs] tokens in the cache once this step is stored */
     const int32_t *block_table;     /* [n_seqs][max_blocks_per_seq], -1 where unused */
@@ -105,7 +105,8 @@ typedef struct zse_backend_ops {
      * token's position (rotate-half / NeoX pairing, as Hugging Face models use) */
     void (*rope)(zse_backend *be, zse_act *q, zse_act *k, int n_heads, int n_kv_heads,
                  int head_dim);
-    /* write this batch's k and v rows into the cache at their slots for `layer` */
+    /* write this batch's k and v rows into the cache at their slots for `layer`; a token
+     * whose slot is negative (or past the pool) is not stored */
     void (*kv_store)(zse_backend *be, zse_kv *kv, int layer, const zse_act *k,
                      const zse_act *v);
     /* out[t] = softmax(q[t]·K^T * scale over the token's visible cache positions) · V,
@@ -126,7 +127,30 @@ typedef struct zse_backend_ops {
     int (*argmax_rows)(zse_backend *be, const zse_act *x, int64_t rows, int64_t cols, int32_t *out);
     /* what this backend holds now (call it between steps) */
     void (*memory)(zse_backend *be, zse_backend_memory *out);
+
+    /* ---- recorded steps (CUDA graphs); all three NULL where a backend has none ----
+     * A step of a few tokens is mostly launch overhead on a GPU. The backend records the ops
+     * of a step shape (rows, logit rows, block-table width, context bucket, same model and
+     * cache) the second time it sees it and replays the recording from then on; the step's
+     * arrays are read from device memory, so one recording serves every step of its shape.
+     * step_rows: the rows to pad a step of n tokens to, so that nearby sizes share a
+     * recording (n when padding is not worth it). The model pads with tokens that change
+     * nothing: no KV slot, their own logit rows after the real ones. */
+    int (*step_rows)(zse_backend *be, int n_tokens);
+    /* after begin_batch: ZSE_STEP_DONE when a recording was launched (issue no ops),
+     * ZSE_STEP_ISSUE to issue the ops (recorded when the backend chose to), -1 on failure */
+    int (*step_begin)(zse_backend *be, const void *model, const void *kv);
+    /* after the ops that step_begin asked for: ZSE_STEP_DONE; ZSE_STEP_ISSUE when recording
+     * failed and the ops, which then ran nowhere, must be issued again (the backend runs
+     * that shape eagerly from then on); -1 on failure */
+    int (*step_end)(zse_backend *be);
 } zse_backend_ops;
+
+enum {
+    ZSE_STEP_ISSUE = 0,
+    ZSE_STEP_DONE = 1,
+    ZSE_STEP_PAD_MAX = 64,      /* step_rows never pads past this many rows */
+};
 
 struct zse_backend {
     const zse_backend_ops *ops;

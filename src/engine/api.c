@@ -24,7 +24,11 @@ struct zse_seq {
     size_t n_prompt;        /* tokens fed before generation started */
     zse_kv_table kv;
     float *logits;          /* vocab */
-    bool have_logits;
+    bool have_logits;       /* the last fed token's logits exist: on the host, or ... */
+    bool logits_on_host;    /* ... only in the model's buffer, with their argmax in next_id
+                             * (plain greedy sampling: they need not leave a GPU) */
+    int32_t next_id;
+    uint64_t logits_step;   /* the model's step counter when they were computed */
     float *work_p;
     int32_t *work_i;        /* zeroed scratch for the sampler */
 };
@@ -423,8 +427,15 @@ static int run_tokens(zse_seq *q, const int32_t *ids, size_t n, float *all_logit
         zse_batch b = {chunk, ids + done, pos, seq_of, slots, 1, &seq_len, q->kv.blocks, q->kv.n_blocks,
                        n_out, all_logits ? rows : rows + chunk - 1};
         float *dst = all_logits ? all_logits + done * vocab : q->logits;
-        if (zse_llm_forward(q->m->llm, q->m->kv, &b, dst) != 0)
+        /* plain greedy: the next token is the argmax, taken where the logits are */
+        bool argmax_only = last && !all_logits && zse_sampling_plain_greedy(&q->gen.s);
+        if (argmax_only ? zse_llm_forward_argmax(q->m->llm, q->m->kv, &b, &q->next_id) != 0
+                        : zse_llm_forward(q->m->llm, q->m->kv, &b, dst) != 0)
             return -1;
+        if (last) {
+            q->logits_on_host = !argmax_only;
+            q->logits_step = zse_llm_steps(q->m->llm);
+        }
         if (all_logits && last)
             memcpy(q->logits, dst + (size_t)(chunk - 1) * vocab, vocab * sizeof *dst);
         memcpy(q->tokens + start, ids + done, (size_t)chunk * sizeof *ids);
@@ -459,9 +470,34 @@ int zse_seq_feed_logits(zse_seq *q, const int32_t *ids, size_t n, float *logits)
     return feed(q, ids, n, logits);
 }
 
+/* Brings logits left in the model's buffer to the host: read them while no other step has
+ * run since, else run the last token again (its K/V are stored again, unchanged) */
+static int logits_to_host(zse_seq *q)
+{
+    if (q->logits_on_host)
+        return 0;
+    pthread_mutex_lock(&q->m->run_lock);
+    int rc;
+    if (zse_llm_steps(q->m->llm) == q->logits_step) {
+        rc = zse_llm_read_logits(q->m->llm, 1, q->logits);
+    } else {
+        size_t at = q->n_tokens - 1;
+        int32_t pos = (int32_t)at, seq_of = 0, slot = zse_kv_slot(&q->kv, at), row = 0;
+        int32_t len = (int32_t)q->n_tokens;
+        zse_batch b = {1, q->tokens + at, &pos, &seq_of, &slot, 1, &len, q->kv.blocks, q->kv.n_blocks, 1, &row};
+        rc = zse_llm_forward(q->m->llm, q->m->kv, &b, q->logits);
+    }
+    pthread_mutex_unlock(&q->m->run_lock);
+    if (rc == 0)
+        q->logits_on_host = true;
+    return rc;
+}
+
 const float *zse_seq_logits(zse_seq *q)
 {
-    return q->have_logits ? q->logits : NULL;
+    if (!q->have_logits || logits_to_host(q) != 0)
+        return NULL;
+    return q->logits;
 }
 
 int zse_seq_next(zse_seq *q, int32_t *token, char **text_piece, zse_finish *finish)
@@ -470,8 +506,15 @@ int zse_seq_next(zse_seq *q, int32_t *token, char **text_piece, zse_finish *fini
     *text_piece = NULL;
     if (!q->have_logits)
         return zse_fail("feed a prompt before generating");
-    zse_history h = {q->tokens, q->n_prompt, q->tokens + q->n_prompt, q->n_tokens - q->n_prompt};
-    int32_t t = zse_sample(&q->gen.s, q->logits, q->m->vocab, &h, &q->gen.rng, q->work_p, q->work_i);
+    int32_t t;
+    if (!q->logits_on_host && zse_sampling_plain_greedy(&q->gen.s)) {
+        t = q->next_id;
+    } else {
+        if (logits_to_host(q) != 0)
+            return -1;
+        zse_history h = {q->tokens, q->n_prompt, q->tokens + q->n_prompt, q->n_tokens - q->n_prompt};
+        t = zse_sample(&q->gen.s, q->logits, q->m->vocab, &h, &q->gen.rng, q->work_p, q->work_i);
+    }
     *token = t;
     q->have_logits = false;
     zse_buf out = {0};

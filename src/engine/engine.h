@@ -80,6 +80,9 @@ typedef struct {
  * `work_i` vocab ints of scratch; work_i must be all zero on entry and is left so. */
 int32_t zse_sample(const zse_sampling *s, float *logits, int vocab, const zse_history *h, zse_rng *rng,
                    float *work_p, int32_t *work_i);
+/* greedy with nothing that changes logits first and no logprobs: the token zse_sample picks
+ * is the logits' argmax (lowest id on ties), which a backend can take where they are */
+bool zse_sampling_plain_greedy(const zse_sampling *s);
 
 #define ZSE_MAX_TOP_LOGPROBS 20
 typedef struct {

@@ -386,15 +386,6 @@ static int grow_buffers(zse_engine *e, int n_seqs, int width)
     return 0;
 }
 
-/* greedy with nothing that changes logits first and no logprobs: the argmax is the token */
-static bool plain_greedy(const zse_sampling *s)
-{
-    bool greedy = s->temperature <= 0 || s->top_k == 1;
-    bool repetition = s->repetition_penalty > 0 && s->repetition_penalty != 1.0f;
-    return greedy && !repetition && s->presence_penalty == 0 && s->frequency_penalty == 0 && s->n_logit_bias == 0 &&
-           !s->logprobs && s->top_logprobs == 0;
-}
-
 /* flattens the plan into a zse_batch and runs the model; logits land in e->logits (or,
  * for an all-greedy step, the ids in e->greedy_ids) */
 static int run_plan(zse_engine *e, const plan *pl)
@@ -431,7 +422,7 @@ static int run_plan(zse_engine *e, const plan *pl)
      * (on a GPU the logits stay there); the host sampler's argmax picks the same id */
     e->greedy_step = n_out > 0;
     for (int s = 0; s < pl->n_seqs && e->greedy_step; s++)
-        if (pl->seqs[s]->out_index >= 0 && !plain_greedy(&pl->seqs[s]->gen.s))
+        if (pl->seqs[s]->out_index >= 0 && !zse_sampling_plain_greedy(&pl->seqs[s]->gen.s))
             e->greedy_step = false;
     if (e->greedy_step)
         return zse_llm_forward_argmax(e->m->llm, e->m->kv, &b, e->greedy_ids);

@@ -28,6 +28,10 @@ struct zse_llm {
     int max_out;            /* rows per step that get logits */
     /* activations, [max_tokens][width]; xo, xo2 and logits [max_out][width] */
     zse_act *x, *xb, *xb2, *q, *k, *v, *att, *hb, *hb2, *xo, *xo2, *logits;
+    uint64_t steps;         /* forward passes run (zse_llm_steps) */
+    /* a small step padded to the backend's recording size (pad_step) */
+    int32_t pad_tokens[ZSE_STEP_PAD_MAX], pad_pos[ZSE_STEP_PAD_MAX], pad_seq[ZSE_STEP_PAD_MAX],
+        pad_slots[ZSE_STEP_PAD_MAX], pad_rows[ZSE_STEP_PAD_MAX];
 };
 
 static const zse_backend_ops *ops(const zse_llm *m) { return m->be->ops; }
@@ -287,8 +291,64 @@ static void mlp_block(zse_llm *m, int l, int64_t n)
     o->add(m->be, m->x, m->xb2, n, c->hidden_size);
 }
 
-/* runs the batch through every layer and leaves the out rows' logits in m->logits;
- * 1 when there are none (n_out 0), 0 when there are, -1 on failure */
+/* queues one step's ops: every layer, then the out rows' logits when there are any */
+static void issue_step(zse_llm *m, zse_kv *kv, const zse_batch *b)
+{
+    const zse_backend_ops *o = ops(m);
+    const zse_config *c = &m->c;
+    int64_t n = b->n_tokens;
+    o->embed(m->be, m->tok_embd, m->x);
+    for (int l = 0; l < c->n_layers; l++) {
+        attention_block(m, kv, l, n);
+        mlp_block(m, l, n);
+    }
+    if (b->n_out == 0)
+        return;
+    o->gather_out_rows(m->be, m->x, c->hidden_size, m->xo);
+    o->rmsnorm(m->be, m->xo, m->out_norm, c->rms_eps, b->n_out, c->hidden_size, m->xo2);
+    o->matmul(m->be, m->output ? m->output : m->tok_embd, m->xo2, b->n_out, m->logits);
+}
+
+/* Pads a small step up to the row count the backend records steps at (step_rows), so one
+ * recording serves every step size of its bucket. A padding token is token 0 at position 0
+ * of sequence 0 with no KV slot (kv_store skips it, so the cache is untouched) and a logit
+ * row of its own after the real ones: the real rows compute exactly what they would alone.
+ * Returns b itself when there is nothing to pad or no room for it. */
+static const zse_batch *pad_step(zse_llm *m, const zse_batch *b, zse_batch *pb)
+{
+    const zse_backend_ops *o = ops(m);
+    const int rows = o->step_rows ? o->step_rows(m->be, b->n_tokens) : b->n_tokens;
+    const int extra = rows - b->n_tokens;
+    if (extra <= 0 || rows > ZSE_STEP_PAD_MAX || rows > m->max_tokens || b->n_out + extra > m->max_out)
+        return b;
+    const size_t nt = (size_t)b->n_tokens * sizeof(int32_t), no = (size_t)b->n_out * sizeof(int32_t);
+    memcpy(m->pad_tokens, b->tokens, nt);
+    memcpy(m->pad_pos, b->positions, nt);
+    memcpy(m->pad_seq, b->seq_of, nt);
+    memcpy(m->pad_slots, b->slots, nt);
+    memcpy(m->pad_rows, b->out_rows, no);
+    for (int i = 0; i < extra; i++) {
+        int t = b->n_tokens + i;
+        m->pad_tokens[t] = 0;
+        m->pad_pos[t] = 0;
+        m->pad_seq[t] = 0;
+        m->pad_slots[t] = -1;
+        m->pad_rows[b->n_out + i] = t;
+    }
+    *pb = *b;
+    pb->n_tokens = rows;
+    pb->tokens = m->pad_tokens;
+    pb->positions = m->pad_pos;
+    pb->seq_of = m->pad_seq;
+    pb->slots = m->pad_slots;
+    pb->n_out = b->n_out + extra;
+    pb->out_rows = m->pad_rows;
+    return pb;
+}
+
+/* runs the batch through every layer and leaves the out rows' logits in m->logits (the
+ * first b->n_out rows are b's); 1 when there are none (n_out 0), 0 when there are, -1 on
+ * failure */
 static int forward_to_logits(zse_llm *m, zse_kv *kv, const zse_batch *b)
 {
     const zse_backend_ops *o = ops(m);
@@ -300,19 +360,21 @@ static int forward_to_logits(zse_llm *m, zse_kv *kv, const zse_batch *b)
     for (int i = 0; i < b->n_tokens; i++)
         if (b->tokens[i] < 0 || b->tokens[i] >= c->vocab_size)
             return zse_fail("token id %d is outside the vocabulary (0..%d)", b->tokens[i], c->vocab_size - 1);
-    if (o->begin_batch(m->be, b) != 0)
+    zse_batch padded;
+    const zse_batch *run = b->n_out > 0 ? pad_step(m, b, &padded) : b;
+    m->steps++; /* from here on the logits buffer no longer holds the previous step's */
+    if (o->begin_batch(m->be, run) != 0)
         return -1;
-    int64_t n = b->n_tokens;
-    o->embed(m->be, m->tok_embd, m->x);
-    for (int l = 0; l < c->n_layers; l++) {
-        attention_block(m, kv, l, n);
-        mlp_block(m, l, n);
+    int st = o->step_begin ? o->step_begin(m->be, m, kv) : ZSE_STEP_ISSUE;
+    /* at most twice: a failed recording asks for the ops once more, and runs them eagerly */
+    for (int tries = 0; st == ZSE_STEP_ISSUE && tries < 2; tries++) {
+        issue_step(m, kv, run);
+        st = o->step_end ? o->step_end(m->be) : ZSE_STEP_DONE;
     }
+    if (st != ZSE_STEP_DONE)
+        return st < 0 ? -1 : zse_fail("the backend did not run the step");
     if (b->n_out == 0)
         return o->sync(m->be) != 0 ? -1 : 1;
-    o->gather_out_rows(m->be, m->x, c->hidden_size, m->xo);
-    o->rmsnorm(m->be, m->xo, m->out_norm, c->rms_eps, b->n_out, c->hidden_size, m->xo2);
-    o->matmul(m->be, m->output ? m->output : m->tok_embd, m->xo2, b->n_out, m->logits);
     return 0;
 }
 
@@ -324,6 +386,17 @@ int zse_llm_forward(zse_llm *m, zse_kv *kv, const zse_batch *b, float *logits)
     if (ops(m)->sync(m->be) != 0)
         return -1;
     return ops(m)->act_read(m->be, m->logits, logits, b->n_out);
+}
+
+uint64_t zse_llm_steps(const zse_llm *m) { return m->steps; }
+
+int zse_llm_read_logits(zse_llm *m, int rows, float *logits)
+{
+    if (rows < 1 || rows > m->max_out)
+        return zse_fail("reading %d logit rows of %d", rows, m->max_out);
+    if (ops(m)->sync(m->be) != 0)
+        return -1;
+    return ops(m)->act_read(m->be, m->logits, logits, rows);
 }
 
 int zse_llm_forward_argmax(zse_llm *m, zse_kv *kv, const zse_batch *b, int32_t *ids)

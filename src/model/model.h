@@ -27,6 +27,12 @@ int zse_llm_forward(zse_llm *m, zse_kv *kv, const zse_batch *b, float *logits);
  * where the logits are (on a GPU they never cross to the host) */
 int zse_llm_forward_argmax(zse_llm *m, zse_kv *kv, const zse_batch *b, int32_t *ids);
 
+/* forward passes started so far (a caller tells from it whether the logits buffer still
+ * holds its step's rows) */
+uint64_t zse_llm_steps(const zse_llm *m);
+/* the first `rows` logit rows of the last forward pass, to the host ([rows][vocab]) */
+int zse_llm_read_logits(zse_llm *m, int rows, float *logits);
+
 /* RoPE inverse frequencies for the config's scaling (head_dim / 2 values) and the
  * attention magnitude factor (YaRN; 1 otherwise) — exposed for tests */
 void zse_rope_frequencies(const zse_config *c, float *inv_freq, float *mscale);

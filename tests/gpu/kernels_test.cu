@@ -380,24 +380,36 @@ static void test_elementwise(void)
     float *da = dev_floats(a), *db = dev_floats(b), *dw = dev_floats(w), *dout;
     CU(cudaMalloc(&dout, (size_t)(rows * p) * 4));
 
-    /* rmsnorm */
-    poison(dout, (size_t)(rows * p));
-    LAUNCH(zse_cuda_rmsnorm(da, p, dw, 1e-6f, rows, dim, dout, p, 0));
-    std::vector<float> o = host_floats(dout, (size_t)(rows * p)), got;
-    std::vector<double> ref;
-    for (int64_t r = 0; r < rows; r++) {
-        double ss = 0;
-        for (int64_t i = 0; i < dim; i++)
-            ss += (double)a[(size_t)(r * p + i)] * a[(size_t)(r * p + i)];
-        double inv = 1.0 / sqrt(ss / dim + 1e-6);
-        for (int64_t i = 0; i < dim; i++) {
-            ref.push_back(a[(size_t)(r * p + i)] * inv * w[(size_t)i]);
-            got.push_back(o[(size_t)(r * p + i)]);
+    /* rmsnorm: the scalar kernel (203), the vector one (4, 128, 3584) and its re-read tail
+     * past 4 vectors a thread (20480 > 4 * 4 * 1024) */
+    for (int64_t nd : {(int64_t)203, (int64_t)4, (int64_t)128, (int64_t)3584, (int64_t)20480}) {
+        const int64_t np = pitch_of(nd);
+        std::vector<float> na = rand_vec((size_t)(rows * np)), nw = rand_vec((size_t)nd, 0.5f, 1.5f);
+        float *dna = dev_floats(na), *dnw = dev_floats(nw), *dno;
+        CU(cudaMalloc(&dno, (size_t)(rows * np) * 4));
+        poison(dno, (size_t)(rows * np));
+        LAUNCH(zse_cuda_rmsnorm(dna, np, dnw, 1e-6f, rows, nd, dno, np, 0));
+        std::vector<float> o = host_floats(dno, (size_t)(rows * np)), got;
+        std::vector<double> ref;
+        for (int64_t r = 0; r < rows; r++) {
+            double ss = 0;
+            for (int64_t i = 0; i < nd; i++)
+                ss += (double)na[(size_t)(r * np + i)] * na[(size_t)(r * np + i)];
+            double inv = 1.0 / sqrt(ss / nd + 1e-6);
+            for (int64_t i = 0; i < nd; i++) {
+                ref.push_back(na[(size_t)(r * np + i)] * inv * nw[(size_t)i]);
+                got.push_back(o[(size_t)(r * np + i)]);
+            }
         }
+        CHECK(rel_err(ref, got) < 1e-6, "rmsnorm dim %lld: %.3g", (long long)nd, rel_err(ref, got));
+        cudaFree(dna);
+        cudaFree(dnw);
+        cudaFree(dno);
     }
-    CHECK(rel_err(ref, got) < 1e-6, "rmsnorm: %.3g", rel_err(ref, got));
 
     /* silu_mul */
+    std::vector<float> o, got;
+    std::vector<double> ref;
     poison(dout, (size_t)(rows * p));
     LAUNCH(zse_cuda_silu_mul(da, p, db, p, rows, dim, dout, p, 0));
     o = host_floats(dout, (size_t)(rows * p));

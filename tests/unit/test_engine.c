@@ -251,6 +251,61 @@ static void batch_invariance(const char *path, const char *text)
         zse_free(p[i].ids);
 }
 
+/* A plain-greedy zse_seq takes its argmax in the backend and leaves the logits there: its
+ * tokens equal a host-sampled greedy run (logprobs on keeps that one on the host), and
+ * zse_seq_logits still gives the right rows, read back while fresh or recomputed after
+ * another sequence's step has overwritten the model's buffer. */
+static void seq_device_argmax(zse_model *m, const prompt *p)
+{
+    zse_sampling fast = greedy(24), host = greedy(24);
+    host.logprobs = true;
+    for (int i = 0; i < 4; i++) {
+        result a, b;
+        reset(&a, 1);
+        reset(&b, 1);
+        run_alone(m, &p[i], &fast, &a);
+        run_alone(m, &p[i], &host, &b);
+        CHECK(same_ids(&a, &b));
+    }
+    zse_model_info info;
+    zse_model_get_info(m, &info);
+    size_t vocab = (size_t)info.vocab_size;
+    float *want = zse_malloc(vocab * sizeof *want);
+    zse_seq *x = zse_seq_new(m, &fast), *y = zse_seq_new(m, &fast), *ref = zse_seq_new(m, &host);
+    CHECK(want && x && y && ref);
+    if (want && x && y && ref) {
+        CHECK(zse_seq_feed(ref, p[0].ids, p[0].n) == 0);
+        const float *r = zse_seq_logits(ref);
+        CHECK(r != NULL);
+        if (r)
+            memcpy(want, r, vocab * sizeof *want);
+        /* fresh: read back from the model's buffer */
+        CHECK(zse_seq_feed(x, p[0].ids, p[0].n) == 0);
+        const float *got = zse_seq_logits(x);
+        CHECK(got && memcmp(got, want, vocab * sizeof *want) == 0);
+        /* stale: y's logits were overwritten by x's next step */
+        CHECK(zse_seq_feed(y, p[0].ids, p[0].n) == 0);
+        int32_t t;
+        char *piece;
+        zse_finish fin;
+        CHECK(zse_seq_next(x, &t, &piece, &fin) == 0);
+        zse_free(piece);
+        got = zse_seq_logits(y);
+        CHECK(got && memcmp(got, want, vocab * sizeof *want) == 0);
+        /* and y goes on as if nothing happened: the same next token as ref */
+        int32_t ty, tr;
+        CHECK(zse_seq_next(y, &ty, &piece, &fin) == 0);
+        zse_free(piece);
+        CHECK(zse_seq_next(ref, &tr, &piece, &fin) == 0);
+        zse_free(piece);
+        CHECK_EQ_INT(ty, tr);
+    }
+    zse_seq_free(x);
+    zse_seq_free(y);
+    zse_seq_free(ref);
+    free(want);
+}
+
 /* seeded sampling through the engine equals zse_seq with the same seed, batched or not */
 static void seeded(zse_model *m, const prompt *p)
 {
@@ -447,6 +502,7 @@ int main(void)
         if (m) {
             static prompt p[N_REQ];
             make_prompts(m, text, p);
+            seq_device_argmax(m, p);
             seeded(m, p);
             control(m, p);
             outputs(m, p);

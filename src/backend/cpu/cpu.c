@@ -339,7 +339,12 @@ static void kv_store(zse_backend *be, zse_kv *kv, int layer, const zse_act *k, c
 {
     cpu_state *s = state(be);
     int H = kv->shape.n_kv_heads, D = kv->shape.head_dim;
+    const int64_t n_slots = (int64_t)kv->shape.n_blocks * kv->shape.block_size;
     for (int t = 0; t < s->n_tokens; t++) {
+        /* a negative slot is a token whose K/V are not kept (the padding of a recorded
+         * step); one past the pool would be an engine bug, and is skipped, not written */
+        if (s->slots[t] < 0 || s->slots[t] >= n_slots)
+            continue;
         size_t slot = (size_t)s->slots[t];
         for (int h = 0; h < H; h++) {
             const float *ks = k->data + t * k->cols + h * D, *vs = v->data + t * v->cols + h * D;

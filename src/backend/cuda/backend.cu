@@ -28,6 +28,12 @@ extern "C" int zse_cuda_set_nf4(const float values[16]);
 enum {
     STAGE_COUNT = 4,                    /* staging buffers in the ring */
     STAGE_BYTES = 16 << 20,             /* 16 MiB each */
+    GRAPH_SLOTS = 96,                   /* recorded step shapes kept (least recently used go) */
+    GRAPH_MAX_TOKENS = ZSE_STEP_PAD_MAX,/* larger steps are not launch-bound: never recorded */
+    GRAPH_EXACT_ROWS = 8,               /* steps up to this many rows are recorded as they are */
+    GRAPH_ROW_STEP = 8,                 /* larger ones are padded to a multiple of this */
+    MIN_CTX_BUCKET = 64,                /* context buckets: powers of two from here */
+    MIN_TABLE_PITCH = 4,                /* block-table widths: powers of two from here */
     ACT_PITCH_ALIGN = 4,                /* floats: 16-byte rows for float4 loads */
 };
 
@@ -50,11 +56,28 @@ struct zse_kv {
     zse_cuda_kv_layer *layers;
 };
 
-/* the current step's arrays on the device, packed in one allocation */
+/* the current step's arrays on the device, packed in one allocation at offsets that depend
+ * only on n_tokens and the table pitch (a recorded step reads them where they were) */
 typedef struct {
     int32_t *tokens, *positions, *seq_of, *slots, *block_table, *out_rows;
-    int n_tokens, n_out, max_ctx, max_blocks;
+    int n_tokens, n_out;
+    int max_ctx;        /* a power of two >= every visible length: it sizes attention's split */
+    int max_blocks;     /* the block table's pitch, a power of two >= the batch's widest row */
 } dev_batch;
+
+/* what a recorded step depends on beyond the device arrays' contents */
+typedef struct {
+    const void *model, *kv;
+    int n_tokens, n_out, max_blocks, max_ctx;
+} step_shape;
+
+typedef struct {
+    bool live;
+    bool eager_only;            /* recording failed once: this shape always runs eagerly */
+    step_shape shape;
+    cudaGraphExec_t exec;       /* NULL until recorded (the first sight runs eagerly) */
+    uint64_t last_used;
+} step_graph;
 
 typedef struct {
     int device;
@@ -91,6 +114,15 @@ typedef struct {
 
     /* device bytes held by weights, KV caches and activations (memory accounting) */
     uint64_t weight_bytes, kv_bytes, act_bytes;
+
+    /* recorded steps (CUDA graphs). They hold device pointers of buffers, weights and
+     * caches, so every allocation or free drops them all (drop_graphs). */
+    bool graphs_on;             /* ZSE_CUDA_GRAPHS=0 turns them off */
+    step_graph graphs[GRAPH_SLOTS];
+    uint64_t graph_clock;
+    int recording;              /* the slot being recorded, -1 when none */
+    bool record_broken;         /* an op failed while recording */
+    uint64_t graphs_recorded, graph_replays;
 } cuda_impl;
 
 static cuda_impl *impl_of(zse_backend *be) { return (cuda_impl *)be->impl; }
@@ -100,6 +132,11 @@ static cuda_impl *impl_of(zse_backend *be) { return (cuda_impl *)be->impl; }
 static void set_error(cuda_impl *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void set_error(cuda_impl *c, const char *fmt, ...)
 {
+    /* while recording nothing runs: the ops are issued again eagerly, and fail there */
+    if (c->recording >= 0) {
+        c->record_broken = true;
+        return;
+    }
     if (c->failed)
         return;
     va_list ap;
@@ -125,10 +162,15 @@ static int cuda_call(cudaError_t e, const char *what)
 
 /* ---- growable device / pinned buffers ------------------------------------------------ */
 
+static void drop_graphs(cuda_impl *c);
+
 static int ensure_device(cuda_impl *c, void **p, size_t *cap, size_t need, const char *what)
 {
     if (*cap >= need)
         return 0;
+    if (c->recording >= 0)     /* a recording must not free what it already captured */
+        return zse_fail("cuda: %s grows while a step is recorded", what);
+    drop_graphs(c);
     /* kernels queued earlier may still read the old buffer */
     if (cuda_call(cudaStreamSynchronize(c->stream), what) != 0)
         return -1;
@@ -193,6 +235,7 @@ static void cuda_act_free(zse_backend *be, zse_act *a)
 {
     if (!a)
         return;
+    drop_graphs(impl_of(be));
     impl_of(be)->act_bytes -= (uint64_t)a->rows * (uint64_t)a->pitch * sizeof(float);
     cudaFree(a->d);
     free(a);
@@ -403,6 +446,7 @@ static void cuda_weight_free(zse_backend *be, zse_weight *w)
 {
     if (!w)
         return;
+    drop_graphs(impl_of(be));
     impl_of(be)->weight_bytes -= w->bytes;
     cudaFree(w->vec);
     cudaFree(w->dev);
@@ -478,6 +522,7 @@ static void cuda_kv_free(zse_backend *be, zse_kv *kv)
 {
     if (!kv)
         return;
+    drop_graphs(impl_of(be));
     impl_of(be)->kv_bytes -= kv->bytes;
     cudaFree(kv->pool);
     free(kv->layers);
@@ -485,6 +530,14 @@ static void cuda_kv_free(zse_backend *be, zse_kv *kv)
 }
 
 /* ---- per step ------------------------------------------------------------------------ */
+
+static int pow2_at_least(int v, int floor)
+{
+    int p = floor;
+    while (p < v && p < (1 << 29))
+        p <<= 1;
+    return p;
+}
 
 static int cuda_begin_batch(zse_backend *be, const zse_batch *b)
 {
@@ -495,12 +548,17 @@ static int cuda_begin_batch(zse_backend *be, const zse_batch *b)
         b->n_out > b->n_tokens)
         return zse_fail("cuda begin_batch: bad batch (%d tokens, %d seqs, %d out)", b->n_tokens,
                         b->n_seqs, b->n_out);
-    const size_t nt = (size_t)b->n_tokens, tbl = (size_t)b->n_seqs * (size_t)b->max_blocks_per_seq;
-    const size_t need = 4 * nt + tbl + (size_t)b->n_out;
+    /* layout: tokens, positions, seq_of, slots and out_rows at multiples of n_tokens, then
+     * the block table, its pitch widened to a power of two (unused entries -1) */
+    const size_t nt = (size_t)b->n_tokens, ns = (size_t)b->n_seqs;
+    const int pitch = pow2_at_least(b->max_blocks_per_seq, MIN_TABLE_PITCH);
+    const size_t table_rows = ns > nt ? ns : nt;
+    const size_t tbl = table_rows * (size_t)pitch, need = 5 * nt + tbl;
     if (c->batch_cap < need) {
         size_t cap = need * 2, bytes = cap * sizeof(int32_t);
         if (cuda_call(cudaStreamSynchronize(c->stream), "begin_batch") != 0)
             return -1;
+        drop_graphs(c);
         cudaFreeHost(c->batch_host);
         cudaFree(c->batch_dev);
         c->batch_host = c->batch_dev = NULL;
@@ -514,12 +572,12 @@ static int cuda_begin_batch(zse_backend *be, const zse_batch *b)
     if (cuda_call(cudaEventSynchronize(c->batch_copied), "begin_batch") != 0)
         return -1;
     int max_ctx = 0;
-    for (int i = 0; i < b->n_seqs; i++)
+    for (size_t i = 0; i < ns; i++)
         if (b->seq_lens[i] > max_ctx)
             max_ctx = b->seq_lens[i];
-    for (int t = 0; t < b->n_tokens; t++) {
+    for (size_t t = 0; t < nt; t++) {
         if (b->seq_of[t] < 0 || b->seq_of[t] >= b->n_seqs || b->positions[t] < 0)
-            return zse_fail("cuda begin_batch: token %d has a bad sequence or position", t);
+            return zse_fail("cuda begin_batch: token %zu has a bad sequence or position", t);
         if (b->positions[t] + 1 > max_ctx)
             max_ctx = b->positions[t] + 1;
     }
@@ -531,9 +589,17 @@ static int cuda_begin_batch(zse_backend *be, const zse_batch *b)
     memcpy(h + nt, b->positions, nt * 4);
     memcpy(h + 2 * nt, b->seq_of, nt * 4);
     memcpy(h + 3 * nt, b->slots, nt * 4);
-    memcpy(h + 4 * nt, b->block_table, tbl * 4);
     if (b->n_out)
-        memcpy(h + 4 * nt + tbl, b->out_rows, (size_t)b->n_out * 4);
+        memcpy(h + 4 * nt, b->out_rows, (size_t)b->n_out * 4);
+    int32_t *table = h + 5 * nt;
+    for (size_t s = 0; s < table_rows; s++) {
+        int32_t *row = table + s * (size_t)pitch;
+        int have = s < ns ? b->max_blocks_per_seq : 0;
+        if (have)
+            memcpy(row, b->block_table + s * (size_t)b->max_blocks_per_seq, (size_t)have * 4);
+        for (int k = have; k < pitch; k++)
+            row[k] = -1;
+    }
     if (cuda_call(cudaMemcpyAsync(c->batch_dev, h, need * 4, cudaMemcpyHostToDevice, c->stream), "begin_batch") != 0 ||
         cuda_call(cudaEventRecord(c->batch_copied, c->stream), "begin_batch") != 0)
         return -1;
@@ -542,12 +608,12 @@ static int cuda_begin_batch(zse_backend *be, const zse_batch *b)
     c->b.positions = d + nt;
     c->b.seq_of = d + 2 * nt;
     c->b.slots = d + 3 * nt;
-    c->b.block_table = d + 4 * nt;
-    c->b.out_rows = d + 4 * nt + tbl;
+    c->b.out_rows = d + 4 * nt;
+    c->b.block_table = d + 5 * nt;
     c->b.n_tokens = b->n_tokens;
     c->b.n_out = b->n_out;
-    c->b.max_ctx = max_ctx;
-    c->b.max_blocks = b->max_blocks_per_seq;
+    c->b.max_ctx = pow2_at_least(max_ctx, MIN_CTX_BUCKET);
+    c->b.max_blocks = pitch;
     return 0;
 }
 
@@ -556,6 +622,7 @@ static int cuda_rope_init(zse_backend *be, const float *inv_freq, int n_freq, fl
     cuda_impl *c = impl_of(be);
     if (n_freq < 1)
         return zse_fail("cuda rope_init: %d frequencies", n_freq);
+    drop_graphs(c);
     cudaFree(c->inv_freq);
     c->inv_freq = NULL;
     if (cuda_call(cudaMalloc((void **)&c->inv_freq, (size_t)n_freq * sizeof(float)), "rope_init") != 0 ||
@@ -722,6 +789,128 @@ static int cuda_sync(zse_backend *be)
     return 0;
 }
 
+/* ---- recorded steps (CUDA graphs) ------------------------------------------------------
+ * A decode step of a 7B model is some 700 launches of a few microseconds each: launched one
+ * by one they cost as much as the work. A recording replays them as one launch. What may
+ * vary between replays lives in device memory (the step's arrays, the cache, the
+ * activations); what is baked into a recording is its step_shape, and the pointers of the
+ * buffers, which is why any free drops every recording. */
+
+static void drop_graphs(cuda_impl *c)
+{
+    for (int i = 0; i < GRAPH_SLOTS; i++) {
+        if (c->graphs[i].exec)
+            cudaGraphExecDestroy(c->graphs[i].exec); /* one in flight is freed when it ends */
+        memset(&c->graphs[i], 0, sizeof c->graphs[i]);
+    }
+}
+
+static bool same_shape(const step_shape *a, const step_shape *b)
+{
+    return a->model == b->model && a->kv == b->kv && a->n_tokens == b->n_tokens && a->n_out == b->n_out &&
+           a->max_blocks == b->max_blocks && a->max_ctx == b->max_ctx;
+}
+
+/* the slot of this shape, or a fresh one (the least recently used when all are taken) */
+static int graph_slot(cuda_impl *c, const step_shape *s, bool *found)
+{
+    int victim = 0;
+    for (int i = 0; i < GRAPH_SLOTS; i++) {
+        step_graph *g = &c->graphs[i];
+        if (g->live && same_shape(&g->shape, s)) {
+            *found = true;
+            return i;
+        }
+        if (!g->live || (c->graphs[victim].live && g->last_used < c->graphs[victim].last_used))
+            victim = i;
+    }
+    step_graph *g = &c->graphs[victim];
+    if (g->exec)
+        cudaGraphExecDestroy(g->exec);
+    memset(g, 0, sizeof *g);
+    g->live = true;
+    g->shape = *s;
+    *found = false;
+    return victim;
+}
+
+static int launch_graph(cuda_impl *c, step_graph *g)
+{
+    cudaError_t e = cudaGraphLaunch(g->exec, c->stream);
+    if (e != cudaSuccess) {
+        set_error(c, "cuda: launching a recorded step: %s", cudaGetErrorString(e));
+        return zse_fail("%s", c->err);
+    }
+    c->graph_replays++;
+    return ZSE_STEP_DONE;
+}
+
+static int cuda_step_rows(zse_backend *be, int n_tokens)
+{
+    cuda_impl *c = impl_of(be);
+    if (!c->graphs_on || n_tokens <= GRAPH_EXACT_ROWS || n_tokens > GRAPH_MAX_TOKENS)
+        return n_tokens;
+    return (n_tokens + GRAPH_ROW_STEP - 1) / GRAPH_ROW_STEP * GRAPH_ROW_STEP;
+}
+
+static int cuda_step_begin(zse_backend *be, const void *model, const void *kv)
+{
+    cuda_impl *c = impl_of(be);
+    if (c->failed)
+        return zse_fail("%s", c->err);
+    if (!c->graphs_on || c->b.n_tokens > GRAPH_MAX_TOKENS)
+        return ZSE_STEP_ISSUE;
+    step_shape s = {model, kv, c->b.n_tokens, c->b.n_out, c->b.max_blocks, c->b.max_ctx};
+    bool found;
+    const int i = graph_slot(c, &s, &found);
+    step_graph *g = &c->graphs[i];
+    g->last_used = ++c->graph_clock;
+    if (g->exec)
+        return launch_graph(c, g);
+    /* the first sight runs eagerly: it also grows every scratch buffer the shape needs, which
+     * a recording cannot do */
+    if (!found || g->eager_only)
+        return ZSE_STEP_ISSUE;
+    cudaError_t e = cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        g->eager_only = true;
+        zse_log(ZSE_LOG_DEBUG, "cuda: cannot record a step (%s); running it eagerly", cudaGetErrorString(e));
+        return ZSE_STEP_ISSUE;
+    }
+    c->recording = i;
+    c->record_broken = false;
+    return ZSE_STEP_ISSUE;
+}
+
+static int cuda_step_end(zse_backend *be)
+{
+    cuda_impl *c = impl_of(be);
+    if (c->recording < 0)
+        return c->failed ? zse_fail("%s", c->err) : ZSE_STEP_DONE;
+    step_graph *g = &c->graphs[c->recording];
+    c->recording = -1;
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    cudaError_t e = cudaStreamEndCapture(c->stream, &graph);
+    if (e == cudaSuccess && !c->record_broken)
+        e = cudaGraphInstantiate(&exec, graph, 0);
+    if (graph)
+        cudaGraphDestroy(graph);
+    if (e != cudaSuccess || c->record_broken) {
+        zse_log(ZSE_LOG_INFO, "cuda: a step of %d tokens could not be recorded (%s); it runs eagerly",
+                g->shape.n_tokens, e != cudaSuccess ? cudaGetErrorString(e) : "an op failed while recording");
+        cudaGetLastError();
+        if (exec)
+            cudaGraphExecDestroy(exec);
+        g->eager_only = true;
+        return ZSE_STEP_ISSUE;
+    }
+    g->exec = exec;
+    c->graphs_recorded++;
+    return launch_graph(c, g);
+}
+
 /* ---- create / destroy ------------------------------------------------------------------ */
 
 static void cuda_destroy(zse_backend *be)
@@ -735,6 +924,7 @@ static void cuda_destroy(zse_backend *be)
             cudaStreamSynchronize(c->stream);
         if (c->copy_stream)
             cudaStreamSynchronize(c->copy_stream);
+        drop_graphs(c);
         zse_pool_free(c->fill_pool);
         for (int i = 0; i < STAGE_COUNT; i++) {
             cudaFreeHost(c->stage[i]);
@@ -829,6 +1019,9 @@ static const zse_backend_ops cuda_ops = {
     cuda_sync,
     cuda_argmax_rows,
     cuda_memory,
+    cuda_step_rows,
+    cuda_step_begin,
+    cuda_step_end,
 };
 
 extern "C" int zse_cuda_device_count(void)
@@ -858,6 +1051,9 @@ extern "C" zse_backend *zse_cuda_backend_create(int device_index)
     be->ops = &cuda_ops;
     be->impl = c;
     c->device = device_index;
+    c->recording = -1;
+    const char *g = getenv("ZSE_CUDA_GRAPHS");
+    c->graphs_on = !(g && strcmp(g, "0") == 0);
     int rc = cuda_call(cudaSetDevice(device_index), "selecting the device");
     if (rc == 0)
         rc = cuda_call(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), "creating a stream");
