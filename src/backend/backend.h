@@ -57,6 +57,13 @@ typedef struct {
     int sliding_window;             /* 0 = full causal attention */
 } zse_attn_params;
 
+/* one weight of matmul_multi */
+typedef struct {
+    const zse_weight *w;
+    const zse_weight *bias;         /* NULL: none */
+    zse_act *y;
+} zse_matmul_out;
+
 /* Bytes a backend holds, by what they are for (zse bench and zse info print them). */
 typedef struct {
     uint64_t weights;               /* copies of weights (CPU: 0, they are used from the mapping) */
@@ -144,6 +151,13 @@ typedef struct zse_backend_ops {
      * failed and the ops, which then ran nowhere, must be issued again (the backend runs
      * that shape eagerly from then on); -1 on failure */
     int (*step_end)(zse_backend *be);
+
+    /* several weights over the same x in one call, with the epilogues a layer needs:
+     * y_i[t] = W_i · x[t] (+ bias_i), or y_i[t] += that when accumulate (the residual add),
+     * for `rows` rows; at most 3 weights of x's width. NULL where a backend has nothing better
+     * than matmul, add_bias and add one by one (which give the same numbers). */
+    void (*matmul_multi)(zse_backend *be, const zse_act *x, int64_t rows, const zse_matmul_out *outs,
+                         int n_outs, bool accumulate);
 } zse_backend_ops;
 
 enum {

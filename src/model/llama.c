@@ -249,6 +249,19 @@ const zse_config *zse_llm_config(const zse_llm *m) { return &m->c; }
 int zse_llm_max_tokens(const zse_llm *m) { return m->max_tokens; }
 int zse_llm_max_out(const zse_llm *m) { return m->max_out; }
 
+/* x += W·in: in the matmul's store where the backend can, else through xb2 */
+static void residual_matmul(zse_llm *m, const zse_weight *w, const zse_act *in, int64_t n)
+{
+    const zse_backend_ops *o = ops(m);
+    if (o->matmul_multi) {
+        const zse_matmul_out r = {w, NULL, m->x};
+        o->matmul_multi(m->be, in, n, &r, 1, true);
+        return;
+    }
+    o->matmul(m->be, w, in, n, m->xb2);
+    o->add(m->be, m->x, m->xb2, n, m->c.hidden_size);
+}
+
 /* x += Attention(RMSNorm(x)) for one layer */
 static void attention_block(zse_llm *m, zse_kv *kv, int l, int64_t n)
 {
@@ -256,13 +269,18 @@ static void attention_block(zse_llm *m, zse_kv *kv, int l, int64_t n)
     const zse_config *c = &m->c;
     layer_weights *L = &m->layers[l];
     o->rmsnorm(m->be, m->x, L->attn_norm, c->rms_eps, n, c->hidden_size, m->xb);
-    o->matmul(m->be, L->wq, m->xb, n, m->q);
-    o->matmul(m->be, L->wk, m->xb, n, m->k);
-    o->matmul(m->be, L->wv, m->xb, n, m->v);
-    if (L->bq) {
-        o->add_bias(m->be, m->q, L->bq, n);
-        o->add_bias(m->be, m->k, L->bk, n);
-        o->add_bias(m->be, m->v, L->bv, n);
+    if (o->matmul_multi) {
+        const zse_matmul_out qkv[3] = {{L->wq, L->bq, m->q}, {L->wk, L->bk, m->k}, {L->wv, L->bv, m->v}};
+        o->matmul_multi(m->be, m->xb, n, qkv, 3, false);
+    } else {
+        o->matmul(m->be, L->wq, m->xb, n, m->q);
+        o->matmul(m->be, L->wk, m->xb, n, m->k);
+        o->matmul(m->be, L->wv, m->xb, n, m->v);
+        if (L->bq) {
+            o->add_bias(m->be, m->q, L->bq, n);
+            o->add_bias(m->be, m->k, L->bk, n);
+            o->add_bias(m->be, m->v, L->bv, n);
+        }
     }
     if (L->q_norm) { /* qwen3: per-head RMSNorm before RoPE */
         o->rmsnorm(m->be, m->q, L->q_norm, c->rms_eps, n * c->n_heads, c->head_dim, m->q);
@@ -273,8 +291,7 @@ static void attention_block(zse_llm *m, zse_kv *kv, int l, int64_t n)
     zse_attn_params p = {c->n_heads, c->n_kv_heads, c->head_dim, 1.0f / sqrtf((float)c->head_dim),
                          c->sliding_window};
     o->attention(m->be, kv, l, m->q, &p, m->att);
-    o->matmul(m->be, L->wo, m->att, n, m->xb2);
-    o->add(m->be, m->x, m->xb2, n, c->hidden_size);
+    residual_matmul(m, L->wo, m->att, n);
 }
 
 /* x += W_down(SiLU(W_gate(RMSNorm(x))) * W_up(RMSNorm(x))) */
@@ -284,11 +301,15 @@ static void mlp_block(zse_llm *m, int l, int64_t n)
     const zse_config *c = &m->c;
     layer_weights *L = &m->layers[l];
     o->rmsnorm(m->be, m->x, L->ffn_norm, c->rms_eps, n, c->hidden_size, m->xb);
-    o->matmul(m->be, L->gate, m->xb, n, m->hb);
-    o->matmul(m->be, L->up, m->xb, n, m->hb2);
+    if (o->matmul_multi) {
+        const zse_matmul_out gate_up[2] = {{L->gate, NULL, m->hb}, {L->up, NULL, m->hb2}};
+        o->matmul_multi(m->be, m->xb, n, gate_up, 2, false);
+    } else {
+        o->matmul(m->be, L->gate, m->xb, n, m->hb);
+        o->matmul(m->be, L->up, m->xb, n, m->hb2);
+    }
     o->silu_mul(m->be, m->hb, m->hb2, n, c->intermediate_size, m->hb);
-    o->matmul(m->be, L->down, m->hb, n, m->xb2);
-    o->add(m->be, m->x, m->xb2, n, c->hidden_size);
+    residual_matmul(m, L->down, m->hb, n);
 }
 
 /* queues one step's ops: every layer, then the out rows' logits when there are any */

@@ -310,8 +310,72 @@ static void check_matmul_dispatch(int scheme, int64_t rows, int64_t cols, int gr
     cudaFree(p.dev);
 }
 
+/* zse_cuda_matmul_multi: three weights over one x (q/k/v-like rows), with biases and the
+ * residual accumulate, one scheme (one shared launch at n <= 8) or mixed (one by one) */
+static void check_matmul_multi(const int schemes[3], int n, bool accumulate)
+{
+    const int64_t rows[3] = {37, 13, 21}, cols = 300;
+    packed p[3];
+    zse_cuda_multi mm;
+    memset(&mm, 0, sizeof mm);
+    mm.count = 3;
+    mm.accumulate = accumulate;
+    const int64_t xp = pitch_of(cols);
+    std::vector<float> x = rand_vec((size_t)(n * xp), -1.f, 1.f);
+    float *dx = dev_floats(x);
+    std::vector<float> y0[3], bias[3];
+    float *dy[3], *db[3];
+    for (int i = 0; i < 3; i++) {
+        pack_random(p[i], schemes[i], rows[i], cols, 64);
+        const int64_t yp = pitch_of(rows[i]);
+        y0[i] = rand_vec((size_t)(n * yp), -2.f, 2.f);
+        bias[i] = rand_vec((size_t)rows[i], -1.f, 1.f);
+        dy[i] = dev_floats(y0[i]);
+        db[i] = dev_floats(bias[i]);
+        mm.w[i] = p[i].w;
+        mm.y[i] = dy[i];
+        mm.ypitch[i] = yp;
+        mm.bias[i] = i == 1 ? NULL : db[i];     /* one without a bias */
+    }
+    CHECK(zse_cuda_matmul_multi_scratch_bytes(&mm, n) <= scratch_bytes, "multi scratch estimate");
+    LAUNCH(zse_cuda_matmul_multi(&mm, dx, xp, n, cublas, scratch, scratch_bytes, 0));
+    std::vector<double> ref;
+    std::vector<float> got;
+    for (int i = 0; i < 3; i++) {
+        const int64_t yp = pitch_of(rows[i]);
+        std::vector<float> y = host_floats(dy[i], (size_t)(n * yp));
+        for (int t = 0; t < n; t++)
+            for (int64_t r = 0; r < rows[i]; r++) {
+                double v = 0;
+                for (int64_t k = 0; k < cols; k++)
+                    v += ref_weight(p[i], r, k) * x[(size_t)(t * xp + k)];
+                if (mm.bias[i])
+                    v += bias[i][(size_t)r];
+                if (accumulate)
+                    v += y0[i][(size_t)(t * yp + r)];
+                ref.push_back(v);
+                got.push_back(y[(size_t)(t * yp + r)]);
+            }
+        cudaFree(dy[i]);
+        cudaFree(db[i]);
+        cudaFree(p[i].dev);
+    }
+    const double e = rel_err(ref, got);
+    CHECK(e < 2e-3, "matmul_multi %s/%s/%s n=%d acc=%d: rel err %.3g", scheme_names[schemes[0]],
+          scheme_names[schemes[1]], scheme_names[schemes[2]], n, (int)accumulate, e);
+    cudaFree(dx);
+}
+
 static void test_matmul(void)
 {
+    const int same[3] = {Q4, Q4, Q4}, same_s[3] = {Q4S, Q4S, Q4S}, mixed[3] = {Q4, Q8, F16};
+    for (int n : {1, 3, 8, 13, 40})
+        for (int acc = 0; acc < 2; acc++) {
+            check_matmul_multi(same, n, acc);
+            check_matmul_multi(same_s, n, acc);
+            check_matmul_multi(mixed, n, acc);
+        }
+
     const int schemes[] = {F32, F16, BF16, Q8, Q4, Q4S, NF4};
     for (int s : schemes) {
         const bool four = s == Q4 || s == Q4S || s == NF4;
@@ -658,6 +722,8 @@ static void test_attention(void)
             {"decode", int8, 28, 4, 128, 0, 16, {1500, 33, 700}, {1, 1, 1}},
             /* sliding window, decode and prefill mixed, head_dim 80, block size 32 */
             {"window", int8, 6, 3, 80, 24, 32, {300, 45}, {1, 45}},
+            /* head_dim 256, decode and a short prefill */
+            {"hd256", int8, 8, 2, 256, 0, 16, {260, 7}, {1, 7}},
             /* head_dim 40 (not a multiple of 16: the key-at-a-time kernel), window, splits */
             {"hd40", int8, 4, 2, 40, 100, 16, {900, 60}, {1, 60}},
         };

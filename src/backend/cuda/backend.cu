@@ -683,6 +683,40 @@ static void cuda_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, 
                                     c->scratch, c->scratch_cap, c->stream));
 }
 
+static void cuda_matmul_multi(zse_backend *be, const zse_act *x, int64_t rows, const zse_matmul_out *outs,
+                              int n_outs, bool accumulate)
+{
+    cuda_impl *c = impl_of(be);
+    if (c->failed)
+        return;
+    if (n_outs < 1 || n_outs > ZSE_CUDA_MULTI_MAX || rows < 1 || rows > x->rows)
+        return set_error(c, "cuda matmul_multi: %d weights over %lld rows", n_outs, (long long)rows);
+    zse_cuda_multi mm;
+    memset(&mm, 0, sizeof mm);
+    mm.count = n_outs;
+    mm.accumulate = accumulate;
+    for (int i = 0; i < n_outs; i++) {
+        const zse_cuda_weight *w = &outs[i].w->w;
+        const zse_act *y = outs[i].y;
+        const zse_weight *b = outs[i].bias;
+        if (x->cols < w->cols || y->cols < w->rows || rows > y->rows || y->d == x->d)
+            return set_error(c, "cuda matmul_multi: %lld x %lld weight with x %lld x %lld, y %lld x %lld",
+                             (long long)w->rows, (long long)w->cols, (long long)x->rows, (long long)x->cols,
+                             (long long)y->rows, (long long)y->cols);
+        if (b && (!b->vec || b->w.cols != w->rows))
+            return set_error(c, "cuda matmul_multi: a bias of %lld for %lld rows", (long long)b->w.cols,
+                             (long long)w->rows);
+        mm.w[i] = *w;
+        mm.y[i] = y->d;
+        mm.ypitch[i] = y->pitch;
+        mm.bias[i] = b ? b->vec : NULL;
+    }
+    const size_t need = zse_cuda_matmul_multi_scratch_bytes(&mm, rows);
+    if (ensure_device(c, &c->scratch, &c->scratch_cap, need, "matmul scratch") != 0)
+        return set_error(c, "%s", zse_error_message());
+    check_launch(c, zse_cuda_matmul_multi(&mm, x->d, x->pitch, rows, c->cublas, c->scratch, c->scratch_cap, c->stream));
+}
+
 static void cuda_add_bias(zse_backend *be, zse_act *y, const zse_weight *bias, int64_t rows)
 {
     cuda_impl *c = impl_of(be);
@@ -1022,6 +1056,7 @@ static const zse_backend_ops cuda_ops = {
     cuda_step_rows,
     cuda_step_begin,
     cuda_step_end,
+    cuda_matmul_multi,
 };
 
 extern "C" int zse_cuda_device_count(void)

@@ -58,6 +58,22 @@ int zse_cuda_matmul_gemv(const zse_cuda_weight *w, const float *x, int64_t xpitc
 int zse_cuda_matmul_gemm(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n,
                          float *y, int64_t ypitch, void *cublas, void *scratch,
                          size_t scratch_bytes, zse_cuda_stream st);
+/* Several weights over the same x (q, k and v; gate and up) with the epilogues a layer
+ * needs: y_i[t] = W_i · x[t] (+ bias_i) (+ y_i[t] when accumulating, the residual add).
+ * The weights share x's width; at n <= ZSE_CUDA_GEMV_MAX 4-bit weights of one scheme
+ * share one quantization of x and one launch. */
+#define ZSE_CUDA_MULTI_MAX 3
+typedef struct {
+    int count;
+    zse_cuda_weight w[ZSE_CUDA_MULTI_MAX];
+    float *y[ZSE_CUDA_MULTI_MAX];
+    int64_t ypitch[ZSE_CUDA_MULTI_MAX];
+    const float *bias[ZSE_CUDA_MULTI_MAX];  /* NULL: none */
+    int accumulate;
+} zse_cuda_multi;
+size_t zse_cuda_matmul_multi_scratch_bytes(const zse_cuda_multi *mm, int64_t n);
+int zse_cuda_matmul_multi(const zse_cuda_multi *mm, const float *x, int64_t xpitch, int64_t n,
+                          void *cublas, void *scratch, size_t scratch_bytes, zse_cuda_stream st);
 /* Rows [row0, row0 + nrows) of W dequantized to f16, out[r][0:cols] with pitch opitch. */
 int zse_cuda_dequant_f16(const zse_cuda_weight *w, int64_t row0, int64_t nrows, uint16_t *out,
                          int64_t opitch, zse_cuda_stream st);

@@ -70,12 +70,20 @@ __device__ __forceinline__ float4 load_x4(const float *xr, int64_t k, int64_t co
     return v;
 }
 
+/* where a GEMV's sums go: y[b][row] = sum (+ bias[row]) (+ the y already there when
+ * accumulating: a residual add done in the store, y_old + v as the add kernel does it) */
+struct gemv_epi {
+    float *y;
+    int64_t ypitch;
+    const float *bias;
+    int accumulate;
+};
+
 /* add the lanes' and then the warps' partial sums; y[b][row0 + r] = sum (times the row's
- * int8 scale when row_scale) */
+ * int8 scale when row_scale), through the epilogue */
 template <int B, int R>
 __device__ __forceinline__ void store_rows(float (&acc)[B][R], const zse_cuda_weight &w,
-                                           int64_t row0, int n, float *y, int64_t ypitch,
-                                           bool row_scale)
+                                           int64_t row0, int n, const gemv_epi &e, bool row_scale)
 {
     __shared__ float red[GEMV_WARPS][B * R];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -101,7 +109,10 @@ __device__ __forceinline__ void store_rows(float (&acc)[B][R], const zse_cuda_we
         if (b < n && row0 + r < w.rows) {
             if (row_scale)
                 v *= ((const float *)w.scales)[row0 + r];
-            y[(int64_t)b * ypitch + row0 + r] = v;
+            if (e.bias)
+                v += e.bias[row0 + r];
+            float *dst = e.y + (int64_t)b * e.ypitch + row0 + r;
+            *dst = e.accumulate ? *dst + v : v;
         }
     }
 }
@@ -109,7 +120,7 @@ __device__ __forceinline__ void store_rows(float (&acc)[B][R], const zse_cuda_we
 template <int S, int B>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_kernel(const zse_cuda_weight w, const float *__restrict__ x, int64_t xpitch, int n,
-            float *__restrict__ y, int64_t ypitch)
+            const gemv_epi e)
 {
     typedef scheme_traits<S> T;
     typedef scheme_scales<S> SC;
@@ -208,7 +219,7 @@ gemv_kernel(const zse_cuda_weight w, const float *__restrict__ x, int64_t xpitch
             }
     }
 
-    store_rows<B, GEMV_ROWS>(acc, w, row0, n, y, ypitch, SC::row);
+    store_rows<B, GEMV_ROWS>(acc, w, row0, n, e, SC::row);
 }
 
 /* ---- 4-bit GEMV on integer dot products -----------------------------------------------
@@ -255,15 +266,26 @@ __global__ void quantize_x_kernel(const float *x, int64_t xpitch, int n, int64_t
         xs[item] = make_float4(d, dl, sx, 0.f);
 }
 
+/* One launch serves up to ZSE_CUDA_MULTI_MAX weights over the same x (q, k and v; gate and
+ * up): the blocks of weight 0 come first, then those of weight 1, ... */
 template <int S, int B>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_q4_dp4a_kernel(const zse_cuda_weight w, const uint4 *__restrict__ xq,
-                    const float4 *__restrict__ xs, int64_t units, int n, float *__restrict__ y,
-                    int64_t ypitch)
+gemv_q4_dp4a_kernel(const zse_cuda_multi mm, const uint4 *__restrict__ xq,
+                    const float4 *__restrict__ xs, int64_t units, int n)
 {
     constexpr int R = q4_rows<B>::R;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int64_t row0 = (int64_t)blockIdx.x * R;
+    int64_t blk = blockIdx.x;
+    int wi = 0;
+    for (; wi < mm.count - 1; wi++) {
+        const int64_t nb = (mm.w[wi].rows + R - 1) / R;
+        if (blk < nb)
+            break;
+        blk -= nb;
+    }
+    const zse_cuda_weight w = mm.w[wi];
+    const gemv_epi e = {mm.y[wi], mm.ypitch[wi], mm.bias[wi], mm.accumulate};
+    const int64_t row0 = blk * R;
     const uint8_t *rowp[R];
     int64_t rr[R];
 #pragma unroll
@@ -320,25 +342,27 @@ gemv_q4_dp4a_kernel(const zse_cuda_weight w, const uint4 *__restrict__ xq,
             }
         }
     }
-    store_rows<B, R>(acc, w, row0, n, y, ypitch, false);
+    store_rows<B, R>(acc, w, row0, n, e, false);
 }
 
 template <int S, int B>
-static void launch_q4_dp4a(const zse_cuda_weight *w, const uint4 *xq, const float4 *xs,
-                           int64_t units, int n, float *y, int64_t yp, cudaStream_t st)
+static void launch_q4_dp4a(const zse_cuda_multi *mm, const uint4 *xq, const float4 *xs,
+                           int64_t units, int n, cudaStream_t st)
 {
-    gemv_q4_dp4a_kernel<S, B><<<(unsigned)zse_ceil_div(w->rows, q4_rows<B>::R), GEMV_WARPS * 32, 0, st>>>(
-        *w, xq, xs, units, n, y, yp);
+    int64_t blocks = 0;
+    for (int i = 0; i < mm->count; i++)
+        blocks += zse_ceil_div(mm->w[i].rows, q4_rows<B>::R);
+    gemv_q4_dp4a_kernel<S, B><<<(unsigned)blocks, GEMV_WARPS * 32, 0, st>>>(*mm, xq, xs, units, n);
 }
 
 template <int S>
-static void launch_q4_dp4a_batch(const zse_cuda_weight *w, const uint4 *xq, const float4 *xs,
-                                 int64_t units, int n, float *y, int64_t yp, cudaStream_t st)
+static void launch_q4_dp4a_batch(const zse_cuda_multi *mm, const uint4 *xq, const float4 *xs,
+                                 int64_t units, int n, cudaStream_t st)
 {
-    if (n == 1) launch_q4_dp4a<S, 1>(w, xq, xs, units, n, y, yp, st);
-    else if (n == 2) launch_q4_dp4a<S, 2>(w, xq, xs, units, n, y, yp, st);
-    else if (n <= 4) launch_q4_dp4a<S, 4>(w, xq, xs, units, n, y, yp, st);
-    else launch_q4_dp4a<S, 8>(w, xq, xs, units, n, y, yp, st);
+    if (n == 1) launch_q4_dp4a<S, 1>(mm, xq, xs, units, n, st);
+    else if (n == 2) launch_q4_dp4a<S, 2>(mm, xq, xs, units, n, st);
+    else if (n <= 4) launch_q4_dp4a<S, 4>(mm, xq, xs, units, n, st);
+    else launch_q4_dp4a<S, 8>(mm, xq, xs, units, n, st);
 }
 
 static bool uses_dp4a(int scheme) { return scheme == ZSE_SCHEME_Q4 || scheme == ZSE_SCHEME_Q4S; }
@@ -358,22 +382,22 @@ static int check_weight(const zse_cuda_weight *w)
 }
 
 template <int S, int B>
-static void launch_gemv(const zse_cuda_weight *w, const float *x, int64_t xp, int n, float *y,
-                        int64_t yp, cudaStream_t st)
+static void launch_gemv(const zse_cuda_weight *w, const float *x, int64_t xp, int n,
+                        const gemv_epi &e, cudaStream_t st)
 {
     const int64_t per_block = gemv_rows<B>::R;
     dim3 grid((unsigned)zse_ceil_div(w->rows, per_block));
-    gemv_kernel<S, B><<<grid, GEMV_WARPS * 32, 0, st>>>(*w, x, xp, n, y, yp);
+    gemv_kernel<S, B><<<grid, GEMV_WARPS * 32, 0, st>>>(*w, x, xp, n, e);
 }
 
 template <int S>
 static void launch_gemv_batch(const zse_cuda_weight *w, const float *x, int64_t xp, int n,
-                              float *y, int64_t yp, cudaStream_t st)
+                              const gemv_epi &e, cudaStream_t st)
 {
-    if (n == 1) launch_gemv<S, 1>(w, x, xp, n, y, yp, st);
-    else if (n == 2) launch_gemv<S, 2>(w, x, xp, n, y, yp, st);
-    else if (n <= 4) launch_gemv<S, 4>(w, x, xp, n, y, yp, st);
-    else launch_gemv<S, 8>(w, x, xp, n, y, yp, st);
+    if (n == 1) launch_gemv<S, 1>(w, x, xp, n, e, st);
+    else if (n == 2) launch_gemv<S, 2>(w, x, xp, n, e, st);
+    else if (n <= 4) launch_gemv<S, 4>(w, x, xp, n, e, st);
+    else launch_gemv<S, 8>(w, x, xp, n, e, st);
 }
 
 extern "C" size_t zse_cuda_matmul_scratch_bytes(const zse_cuda_weight *w, int64_t n)
@@ -384,33 +408,70 @@ extern "C" size_t zse_cuda_matmul_scratch_bytes(const zse_cuda_weight *w, int64_
     return (size_t)n * (size_t)w->cols * 2 * (split ? 2 : 1) + 256 + ZSE_CUDA_GEMM_SLAB;
 }
 
+static zse_cuda_multi single(const zse_cuda_weight *w, float *y, int64_t ypitch)
+{
+    zse_cuda_multi mm;
+    memset(&mm, 0, sizeof mm);
+    mm.count = 1;
+    mm.w[0] = *w;
+    mm.y[0] = y;
+    mm.ypitch[0] = ypitch;
+    return mm;
+}
+
+/* n <= ZSE_CUDA_GEMV_MAX rows of x through every weight of mm (checked by the caller) */
+static int multi_gemv(const zse_cuda_multi *mm, const float *x, int64_t xpitch, int64_t n, void *scratch,
+                      size_t scratch_bytes, cudaStream_t st)
+{
+    if (n < 1 || n > ZSE_CUDA_GEMV_MAX)
+        return zse_cuda_fail("cuda gemv: %lld rows of x (1..%d)", (long long)n, ZSE_CUDA_GEMV_MAX);
+    if ((xpitch & 3) || ((uintptr_t)x & 15))
+        return zse_cuda_fail("cuda gemv: x pitch %lld is not a multiple of 4 floats", (long long)xpitch);
+    const zse_cuda_weight *w = &mm->w[0];
+    bool shared_dp4a = uses_dp4a(w->scheme);
+    for (int i = 1; i < mm->count; i++)
+        shared_dp4a = shared_dp4a && mm->w[i].scheme == w->scheme;
+    if (shared_dp4a) {
+        /* x is quantized once for all the weights, which then share one launch */
+        const int64_t units = zse_ceil_div(w->cols, 32);
+        if (scratch_bytes < zse_cuda_matmul_scratch_bytes(w, n) || ((uintptr_t)scratch & 15))
+            return zse_cuda_fail("cuda gemv: scratch of %zu bytes is too small", scratch_bytes);
+        uint4 *xq = (uint4 *)scratch;
+        float4 *xs = (float4 *)((uint8_t *)scratch + (size_t)n * units * 64);
+        quantize_x_kernel<<<(unsigned)zse_ceil_div(n * units * 32, 128), 128, 0, st>>>(x, xpitch, (int)n, w->cols,
+                                                                                          units, xq, xs);
+        if (w->scheme == ZSE_SCHEME_Q4)
+            launch_q4_dp4a_batch<ZSE_SCHEME_Q4>(mm, xq, xs, units, (int)n, st);
+        else
+            launch_q4_dp4a_batch<ZSE_SCHEME_Q4S>(mm, xq, xs, units, (int)n, st);
+        ZSE_CUDA_LAUNCHED("cuda gemv");
+        return 0;
+    }
+    for (int i = 0; i < mm->count; i++) {
+        const zse_cuda_weight *wi = &mm->w[i];
+        if (uses_dp4a(wi->scheme)) {
+            zse_cuda_multi one = single(wi, mm->y[i], mm->ypitch[i]);
+            one.bias[0] = mm->bias[i];
+            one.accumulate = mm->accumulate;
+            if (multi_gemv(&one, x, xpitch, n, scratch, scratch_bytes, st) != 0)
+                return -1;
+            continue;
+        }
+        const gemv_epi e = {mm->y[i], mm->ypitch[i], mm->bias[i], mm->accumulate};
+        ZSE_CUDA_SCHEME_SWITCH(wi->scheme, launch_gemv_batch<S_>(wi, x, xpitch, (int)n, e, st));
+        ZSE_CUDA_LAUNCHED("cuda gemv");
+    }
+    return 0;
+}
+
 extern "C" int zse_cuda_matmul_gemv(const zse_cuda_weight *w, const float *x, int64_t xpitch,
                                     int64_t n, float *y, int64_t ypitch, void *scratch,
                                     size_t scratch_bytes, zse_cuda_stream st)
 {
     if (check_weight(w) != 0)
         return -1;
-    if (n < 1 || n > ZSE_CUDA_GEMV_MAX)
-        return zse_cuda_fail("cuda gemv: %lld rows of x (1..%d)", (long long)n, ZSE_CUDA_GEMV_MAX);
-    if ((xpitch & 3) || ((uintptr_t)x & 15))
-        return zse_cuda_fail("cuda gemv: x pitch %lld is not a multiple of 4 floats", (long long)xpitch);
-    if (uses_dp4a(w->scheme)) {
-        const int64_t units = zse_ceil_div(w->cols, 32);
-        if (scratch_bytes < zse_cuda_matmul_scratch_bytes(w, n) || ((uintptr_t)scratch & 15))
-            return zse_cuda_fail("cuda gemv: scratch of %zu bytes is too small", scratch_bytes);
-        uint4 *xq = (uint4 *)scratch;
-        float4 *xs = (float4 *)((uint8_t *)scratch + (size_t)n * units * 64);
-        quantize_x_kernel<<<(unsigned)zse_ceil_div(n * units * 32, 128), 128, 0, (cudaStream_t)st>>>(
-            x, xpitch, (int)n, w->cols, units, xq, xs);
-        if (w->scheme == ZSE_SCHEME_Q4)
-            launch_q4_dp4a_batch<ZSE_SCHEME_Q4>(w, xq, xs, units, (int)n, y, ypitch, (cudaStream_t)st);
-        else
-            launch_q4_dp4a_batch<ZSE_SCHEME_Q4S>(w, xq, xs, units, (int)n, y, ypitch, (cudaStream_t)st);
-    } else {
-        ZSE_CUDA_SCHEME_SWITCH(w->scheme, launch_gemv_batch<S_>(w, x, xpitch, (int)n, y, ypitch, (cudaStream_t)st));
-    }
-    ZSE_CUDA_LAUNCHED("cuda gemv");
-    return 0;
+    const zse_cuda_multi mm = single(w, y, ypitch);
+    return multi_gemv(&mm, x, xpitch, n, scratch, scratch_bytes, (cudaStream_t)st);
 }
 
 /* ---- dequantization (to f16 for the GEMM path, to f32 for embeddings) -------------- */
@@ -583,9 +644,10 @@ static int gemm_f16(cublasHandle_t h, const __half *a, int64_t lda, int64_t m, c
                      "cublasGemmEx");
 }
 
-extern "C" int zse_cuda_matmul_gemm(const zse_cuda_weight *w, const float *x, int64_t xpitch,
-                                    int64_t n, float *y, int64_t ypitch, void *cublas,
-                                    void *scratch, size_t scratch_bytes, zse_cuda_stream st)
+/* y = W x (beta 0) or y += W x (beta 1, accumulating) through cuBLAS */
+static int gemm_into(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n, float *y,
+                     int64_t ypitch, float beta, void *cublas, void *scratch, size_t scratch_bytes,
+                     zse_cuda_stream st)
 {
     if (check_weight(w) != 0)
         return -1;
@@ -595,10 +657,10 @@ extern "C" int zse_cuda_matmul_gemm(const zse_cuda_weight *w, const float *x, in
     const int64_t k = w->cols;
     if (w->scheme == ZSE_SCHEME_F32) {
         /* f32 weights: plain SGEMM on the stored rows, no conversion */
-        const float one = 1.f, zero = 0.f;
+        const float one = 1.f;
         return cublas_ok(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, (int)w->rows, (int)n, (int)k,
                                      &one, (const float *)w->qs, (int)(w->row_bytes / 4), x,
-                                     (int)xpitch, &zero, y, (int)ypitch),
+                                     (int)xpitch, &beta, y, (int)ypitch),
                          "cublasSgemm");
     }
     /* plain 16-bit weights keep fp32-grade x through the hi/lo split */
@@ -620,9 +682,65 @@ extern "C" int zse_cuda_matmul_gemm(const zse_cuda_weight *w, const float *x, in
         const int64_t m = min(slab_rows, w->rows - r0);
         if (zse_cuda_dequant_f16(w, r0, m, (uint16_t *)slab, lda, st) != 0)
             return -1;
-        if (gemm_f16(h, slab, lda, m, xh, n, k, y + r0, ypitch, 0.f) != 0)
+        if (gemm_f16(h, slab, lda, m, xh, n, k, y + r0, ypitch, beta) != 0)
             return -1;
         if (split && gemm_f16(h, slab, lda, m, xl, n, k, y + r0, ypitch, 1.f) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+extern "C" int zse_cuda_matmul_gemm(const zse_cuda_weight *w, const float *x, int64_t xpitch,
+                                    int64_t n, float *y, int64_t ypitch, void *cublas,
+                                    void *scratch, size_t scratch_bytes, zse_cuda_stream st)
+{
+    return gemm_into(w, x, xpitch, n, y, ypitch, 0.f, cublas, scratch, scratch_bytes, st);
+}
+
+extern "C" size_t zse_cuda_matmul_multi_scratch_bytes(const zse_cuda_multi *mm, int64_t n)
+{
+    size_t most = 0;
+    for (int i = 0; i < mm->count; i++) {
+        size_t b = zse_cuda_matmul_scratch_bytes(&mm->w[i], n);
+        most = b > most ? b : most;
+    }
+    return most;
+}
+
+extern "C" int zse_cuda_matmul_multi(const zse_cuda_multi *mm, const float *x, int64_t xpitch, int64_t n,
+                                     void *cublas, void *scratch, size_t scratch_bytes, zse_cuda_stream st)
+{
+    if (mm->count < 1 || mm->count > ZSE_CUDA_MULTI_MAX)
+        return zse_cuda_fail("cuda matmul: %d weights in one call (1..%d)", mm->count, ZSE_CUDA_MULTI_MAX);
+    for (int i = 0; i < mm->count; i++) {
+        if (check_weight(&mm->w[i]) != 0)
+            return -1;
+        if (mm->w[i].cols != mm->w[0].cols)
+            return zse_cuda_fail("cuda matmul: weights of %lld and %lld columns over one x",
+                                 (long long)mm->w[0].cols, (long long)mm->w[i].cols);
+    }
+    if (n <= ZSE_CUDA_GEMV_MAX)
+        return multi_gemv(mm, x, xpitch, n, scratch, scratch_bytes, (cudaStream_t)st);
+    for (int i = 0; i < mm->count; i++) {
+        const zse_cuda_weight *w = &mm->w[i];
+        float *y = mm->y[i];
+        const int64_t yp = mm->ypitch[i];
+        /* int4 at 9..16 rows: two GEMV passes read W twice yet beat dequantizing it
+         * (H100: 2 x 69 us against 160 us for 18944 x 3584) */
+        if (uses_dp4a(w->scheme) && n <= 2 * ZSE_CUDA_GEMV_MAX) {
+            for (int64_t r = 0; r < n; r += ZSE_CUDA_GEMV_MAX) {
+                const int64_t m = n - r < ZSE_CUDA_GEMV_MAX ? n - r : ZSE_CUDA_GEMV_MAX;
+                zse_cuda_multi one = single(w, y + r * yp, yp);
+                one.bias[0] = mm->bias[i];
+                one.accumulate = mm->accumulate;
+                if (multi_gemv(&one, x + r * xpitch, xpitch, m, scratch, scratch_bytes, (cudaStream_t)st) != 0)
+                    return -1;
+            }
+            continue;
+        }
+        if (gemm_into(w, x, xpitch, n, y, yp, mm->accumulate ? 1.f : 0.f, cublas, scratch, scratch_bytes, st) != 0)
+            return -1;
+        if (mm->bias[i] && zse_cuda_add_bias(y, yp, mm->bias[i], n, w->rows, st) != 0)
             return -1;
     }
     return 0;
@@ -632,18 +750,6 @@ extern "C" int zse_cuda_matmul(const zse_cuda_weight *w, const float *x, int64_t
                                float *y, int64_t ypitch, void *cublas, void *scratch,
                                size_t scratch_bytes, zse_cuda_stream st)
 {
-    if (n <= ZSE_CUDA_GEMV_MAX)
-        return zse_cuda_matmul_gemv(w, x, xpitch, n, y, ypitch, scratch, scratch_bytes, st);
-    /* int4 at 9..16 rows: two GEMV passes read W twice yet beat dequantizing it
-     * (H100: 2 x 69 us against 160 us for 18944 x 3584) */
-    if (uses_dp4a(w->scheme) && n <= 2 * ZSE_CUDA_GEMV_MAX) {
-        for (int64_t r = 0; r < n; r += ZSE_CUDA_GEMV_MAX) {
-            const int64_t m = n - r < ZSE_CUDA_GEMV_MAX ? n - r : ZSE_CUDA_GEMV_MAX;
-            if (zse_cuda_matmul_gemv(w, x + r * xpitch, xpitch, m, y + r * ypitch, ypitch, scratch,
-                                     scratch_bytes, st) != 0)
-                return -1;
-        }
-        return 0;
-    }
-    return zse_cuda_matmul_gemm(w, x, xpitch, n, y, ypitch, cublas, scratch, scratch_bytes, st);
+    const zse_cuda_multi mm = single(w, y, ypitch);
+    return zse_cuda_matmul_multi(&mm, x, xpitch, n, cublas, scratch, scratch_bytes, st);
 }

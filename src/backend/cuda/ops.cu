@@ -349,7 +349,7 @@ extern "C" int zse_cuda_kv_store(const zse_cuda_kv_layer *L, const float *k, int
 enum {
     ATT_MAX_DPL = 8,            /* dims per lane: head_dim <= 256 */
     ATT_WARPS = 4,
-    ATT_MIN_SPLIT = 64,         /* fewest keys a split is worth */
+    ATT_MIN_SPLIT = 32,         /* fewest keys a split is worth: one tile */
     ATT_TARGET_ITEMS = 1024,    /* (token, head, split) warps that fill an H100 well */
 };
 
@@ -620,6 +620,179 @@ attention_tile_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const fl
     }
 }
 
+/* The tile walk for the common head sizes (64, 128, 256), with the head size and the storage
+ * known at compile time so that every load of a tile is issued before the first is used:
+ * a lane's whole K row (HD / 8 or HD / 16 16-byte loads), then the V rows of 16 keys at a
+ * time, each lane reading its own HD / 32 contiguous dims as one vector. The generic walk
+ * above waits on each 16 bytes of K and each 2 bytes of V in turn; at decode, where a warp
+ * has one or two tiles, that latency is the kernel's whole cost. Same results otherwise:
+ * the same online softmax over the same keys in the same order. */
+template <int HD, bool I8> struct kv_vec;   /* a lane's HD / 32 values of one V row */
+template <> struct kv_vec<64, false> { typedef uint32_t T; };
+template <> struct kv_vec<128, false> { typedef uint2 T; };
+template <> struct kv_vec<256, false> { typedef uint4 T; };
+template <> struct kv_vec<64, true> { typedef uint16_t T; };
+template <> struct kv_vec<128, true> { typedef uint32_t T; };
+template <> struct kv_vec<256, true> { typedef uint2 T; };
+
+template <int HD, bool I8>
+__device__ __forceinline__ void kv_vec_unpack(const typename kv_vec<HD, I8>::T &v, float (&f)[HD / 32])
+{
+    if (I8) {
+        const int8_t *b = reinterpret_cast<const int8_t *>(&v);
+#pragma unroll
+        for (int i = 0; i < HD / 32; i++)
+            f[i] = (float)b[i];
+    } else {
+        const __half2 *h = reinterpret_cast<const __half2 *>(&v);
+#pragma unroll
+        for (int i = 0; i < HD / 64; i++) {
+            const float2 t = __half22float2(h[i]);
+            f[2 * i] = t.x;
+            f[2 * i + 1] = t.y;
+        }
+    }
+}
+
+template <int HD, bool I8>
+__global__ void __launch_bounds__(ATT_WARPS * 32)
+attention_hd_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *q, int64_t qp,
+                    int64_t n, int splits, float *out, int64_t op, float *work)
+{
+    constexpr int DPL = HD / 32;                        /* dims per lane, contiguous */
+    constexpr int KCH = I8 ? HD / 16 : HD / 8;          /* 16-byte chunks in a K row */
+    typedef typename kv_vec<HD, I8>::T vrow;
+    __shared__ __align__(16) float qs[ATT_WARPS][HD];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t item = (int64_t)blockIdx.x * ATT_WARPS + warp;
+    if (item >= n * a.n_heads * splits)
+        return;
+    const int split = (int)(item % splits);
+    const int64_t th = item / splits;
+    const int h = (int)(th % a.n_heads);
+    const int64_t t = th / a.n_heads;
+    const int kvh = h / (a.n_heads / a.n_kv_heads);
+    const int seq = a.seq_of[t];
+    const int pos = a.pos[t];
+    const int lo_vis = a.window > 0 ? max(0, pos - a.window + 1) : 0;
+    const int len = pos - lo_vis + 1;
+    const int per = (len + splits - 1) / splits;
+    const int k_begin = lo_vis + split * per;
+    const int k_end = min(pos + 1, k_begin + per);
+
+    float *qw = qs[warp];
+#pragma unroll
+    for (int i = 0; i < DPL; i++)
+        qw[lane + 32 * i] = q[t * qp + (int64_t)h * HD + lane + 32 * i] * a.scale;
+    __syncwarp();
+
+    float acc[DPL];
+#pragma unroll
+    for (int i = 0; i < DPL; i++)
+        acc[i] = 0.f;
+    float m = -FLT_MAX, l = 0.f;
+    const int32_t *bt = a.block_table + (int64_t)seq * a.max_blocks;
+    for (int k0 = k_begin; k0 < k_end; k0 += 32) {
+        const int p = k0 + lane;
+        int slot = -1;
+        if (p < k_end) {
+            const int bi = p / L.block_size;
+            const int blk = bi < a.max_blocks ? bt[bi] : -1;
+            const int64_t sl = (int64_t)blk * L.block_size + p % L.block_size;
+            if (blk >= 0 && sl < L.n_slots)
+                slot = (int)sl;
+        }
+        float s = -INFINITY, vscale = 1.f;
+        if (slot >= 0) {
+            const int64_t row = (int64_t)slot * L.n_kv_heads + kvh;
+            const uint4 *kr = reinterpret_cast<const uint4 *>((const uint8_t *)L.k + row * HD * (I8 ? 1 : 2));
+            uint4 kc[KCH];
+#pragma unroll
+            for (int c = 0; c < KCH; c++)
+                kc[c] = kr[c];
+            float dot = 0.f;
+#pragma unroll
+            for (int c = 0; c < KCH; c++) {
+                const float4 *q4 = reinterpret_cast<const float4 *>(qw + c * (I8 ? 16 : 8));
+                if (I8) {
+                    const int8_t *b = reinterpret_cast<const int8_t *>(&kc[c]);
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        const float4 qq = q4[j];
+                        dot = fmaf(qq.x, (float)b[4 * j], dot);
+                        dot = fmaf(qq.y, (float)b[4 * j + 1], dot);
+                        dot = fmaf(qq.z, (float)b[4 * j + 2], dot);
+                        dot = fmaf(qq.w, (float)b[4 * j + 3], dot);
+                    }
+                } else {
+                    const __half2 *h2 = reinterpret_cast<const __half2 *>(&kc[c]);
+#pragma unroll
+                    for (int j = 0; j < 2; j++) {
+                        const float4 qq = q4[j];
+                        const float2 a0 = __half22float2(h2[2 * j]), a1 = __half22float2(h2[2 * j + 1]);
+                        dot = fmaf(qq.x, a0.x, dot);
+                        dot = fmaf(qq.y, a0.y, dot);
+                        dot = fmaf(qq.z, a1.x, dot);
+                        dot = fmaf(qq.w, a1.y, dot);
+                    }
+                }
+            }
+            if (I8) {
+                dot *= L.kscale[row];
+                vscale = L.vscale[row];
+            }
+            s = dot;
+        }
+        float tmax = s;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+            tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+        const float m_new = fmaxf(m, tmax);
+        const float corr = __expf(m - m_new);
+        const float pw = slot >= 0 ? __expf(s - m_new) : 0.f;
+        float psum = pw;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+            psum += __shfl_xor_sync(0xffffffffu, psum, o);
+        l = l * corr + psum;
+        m = m_new;
+#pragma unroll
+        for (int i = 0; i < DPL; i++)
+            acc[i] *= corr;
+        const float pv = pw * vscale;
+        const int nk = min(32, k_end - k0);
+        /* a hole (slot -1, weight 0) reads slot 0, which the pool's zero fill keeps finite */
+#pragma unroll 16
+        for (int j = 0; j < nk; j++) {
+            const float pj = __shfl_sync(0xffffffffu, pv, j);
+            const int sj = max(0, __shfl_sync(0xffffffffu, slot, j));
+            const int64_t row = (int64_t)sj * L.n_kv_heads + kvh;
+            const vrow v = reinterpret_cast<const vrow *>((const uint8_t *)L.v + row * HD * (I8 ? 1 : 2))[lane];
+            float f[DPL];
+            kv_vec_unpack<HD, I8>(v, f);
+#pragma unroll
+            for (int i = 0; i < DPL; i++)
+                acc[i] = fmaf(pj, f[i], acc[i]);
+        }
+    }
+    const int d0 = lane * DPL;
+    if (splits == 1) {
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+        for (int i = 0; i < DPL; i++)
+            out[t * op + (int64_t)h * HD + d0 + i] = acc[i] * inv;
+        return;
+    }
+    float *wp = work + item * (HD + 2);
+#pragma unroll
+    for (int i = 0; i < DPL; i++)
+        wp[d0 + i] = acc[i];
+    if (lane == 0) {
+        wp[HD] = m;
+        wp[HD + 1] = l;
+    }
+}
+
 /* merge the splits of one (token, head): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s */
 __global__ void attention_combine_kernel(const float *work, int64_t n, int n_heads, int hd,
                                          int splits, float *out, int64_t op)
@@ -665,6 +838,18 @@ extern "C" int zse_cuda_attention(const zse_cuda_kv_layer *L, const zse_cuda_att
     const int64_t items = n * a->n_heads * splits;
     if (splits > 1 && (size_t)items * (a->head_dim + 2) * sizeof(float) > work_bytes)
         return zse_cuda_fail("cuda attention: work buffer of %zu bytes is too small", work_bytes);
+    const unsigned grid = (unsigned)zse_ceil_div(items, ATT_WARPS);
+#define ZSE_ATT_HD(HD)                                                                                   \
+    if (a->head_dim == HD) {                                                                             \
+        if (L->int8)                                                                                     \
+            attention_hd_kernel<HD, true><<<grid, ATT_WARPS * 32, 0, (cudaStream_t)st>>>(                \
+                *L, *a, q, qpitch, n, splits, out, opitch, (float *)work);                               \
+        else                                                                                             \
+            attention_hd_kernel<HD, false><<<grid, ATT_WARPS * 32, 0, (cudaStream_t)st>>>(               \
+                *L, *a, q, qpitch, n, splits, out, opitch, (float *)work);                               \
+    } else
+    ZSE_ATT_HD(64) ZSE_ATT_HD(128) ZSE_ATT_HD(256)
+#undef ZSE_ATT_HD
     if (a->head_dim % 16 == 0)
         attention_tile_kernel<<<(unsigned)zse_ceil_div(items, ATT_WARPS), ATT_WARPS * 32, 0, (cudaStream_t)st>>>(
             *L, *a, q, qpitch, n, splits, out, opitch, (float *)work);
