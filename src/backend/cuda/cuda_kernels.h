@@ -45,6 +45,9 @@ typedef struct {
  * slabs of `scratch` (scratch_bytes) and multiply with cuBLAS (cublas: a cublasHandle_t
  * bound to the stream). */
 #define ZSE_CUDA_GEMV_MAX 8
+/* int4/int4s batches of 9..ZSE_CUDA_MMA_MAX rows run on tensor cores with the weights
+ * dequantized in registers (sm_80 on; ZSE_CUDA_NO_MMA=1 turns it off) */
+#define ZSE_CUDA_MMA_MAX 64
 #define ZSE_CUDA_GEMM_SLAB ((size_t)64 << 20)   /* f16 slab of dequantized weight rows */
 /* scratch that zse_cuda_matmul needs for this weight and batch (0: none) */
 size_t zse_cuda_matmul_scratch_bytes(const zse_cuda_weight *w, int64_t n);
@@ -74,6 +77,11 @@ typedef struct {
 size_t zse_cuda_matmul_multi_scratch_bytes(const zse_cuda_multi *mm, int64_t n);
 int zse_cuda_matmul_multi(const zse_cuda_multi *mm, const float *x, int64_t xpitch, int64_t n,
                           void *cublas, void *scratch, size_t scratch_bytes, zse_cuda_stream st);
+/* the tensor-core path on its own, any n (x in 64-row tiles): 4-bit group schemes with
+ * cols % 8 == 0 on sm_80 or newer; scratch holds x in f16 (n * cols * 2 bytes) */
+int zse_cuda_matmul_mma(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n,
+                        float *y, int64_t ypitch, void *scratch, size_t scratch_bytes,
+                        zse_cuda_stream st);
 /* Rows [row0, row0 + nrows) of W dequantized to f16, out[r][0:cols] with pitch opitch. */
 int zse_cuda_dequant_f16(const zse_cuda_weight *w, int64_t row0, int64_t nrows, uint16_t *out,
                          int64_t opitch, zse_cuda_stream st);

@@ -400,8 +400,31 @@ static void launch_gemv_batch(const zse_cuda_weight *w, const float *x, int64_t 
     else launch_gemv<S, 8>(w, x, xp, n, e, st);
 }
 
+/* scratch of the tensor-core path: x in f16, then the K splits' partials */
+static size_t mma_scratch_bytes(const zse_cuda_weight *w, int64_t n);
+
+/* the tensor-core path applies: 4-bit groups, x rows packable as 16-byte f16 vectors, and a
+ * GPU with mma.sync for f16 (sm_80 on) */
+static bool mma_q4_ok(const zse_cuda_weight *w)
+{
+    static int usable = -1;    /* the device and the environment, asked once */
+    if (usable < 0) {
+        int dev = 0, major = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+            cudaGetLastError();
+            major = 0;
+        }
+        const char *off = getenv("ZSE_CUDA_NO_MMA");
+        usable = major >= 8 && !(off && strcmp(off, "0") != 0);
+    }
+    return usable && uses_dp4a(w->scheme) && w->cols % 8 == 0;
+}
+
 extern "C" size_t zse_cuda_matmul_scratch_bytes(const zse_cuda_weight *w, int64_t n)
 {
+    if (n > ZSE_CUDA_GEMV_MAX && n <= ZSE_CUDA_MMA_MAX && mma_q4_ok(w))
+        return mma_scratch_bytes(w, n);     /* x in f16 and the K splits' partials */
     if (n <= ZSE_CUDA_GEMV_MAX || (uses_dp4a(w->scheme) && n <= 2 * ZSE_CUDA_GEMV_MAX))
         return uses_dp4a(w->scheme) ? (size_t)ZSE_CUDA_GEMV_MAX * (size_t)zse_ceil_div(w->cols, 32) * XQ_BYTES + 256 : 0;
     const bool split = w->scheme == ZSE_SCHEME_F16 || w->scheme == ZSE_SCHEME_BF16;
@@ -623,6 +646,221 @@ __global__ void split_x_kernel(const float *x, int64_t xpitch, int64_t n, int64_
         lo[i] = __float2half_rn(v - __half2float(h));
 }
 
+/* ---- 4-bit weights on tensor cores (batches of 9..64 rows, and prefill) ----------------
+ * Dequantizing W to f16 for cuBLAS writes and re-reads twice the weight's size on every
+ * step; here W is read once, in its packed layout, and dequantized in registers straight
+ * into mma.sync's A fragments (m16n8k16, f16 in, f32 out). x goes to f16 once (as for
+ * cuBLAS) and is staged per block in shared memory. A block is 4 warps x 32 weight rows;
+ * a warp keeps 2 x NT/8 accumulator tiles; K advances 128 elements (4 packed chunks) a
+ * stage. Rows of x past n are zeros, and so are x's columns past cols (padding nibbles
+ * dequantize to the group's min, which must meet zeros). grid.y walks x in 64-row tiles. */
+enum { MMA_WARPS = 4, MMA_ROWS_W = 32, MMA_ROWS = MMA_WARPS * MMA_ROWS_W, MMA_KS = 128, MMA_CH = MMA_KS / 32,
+       MMA_XPAD = 8 };
+
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    (void)d; (void)a; (void)b0; (void)b1;
+    __trap();
+#endif
+}
+
+/* two elements (nibbles of bytes b0, b1: low for the chunk's first 16, high for the rest)
+ * dequantized into an f16 pair */
+template <int S>
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t b0, uint32_t b1, int hi, float sc, float mn)
+{
+    const float q0 = (float)((b0 >> (4 * hi)) & 15u), q1 = (float)((b1 >> (4 * hi)) & 15u);
+    const float v0 = S == ZSE_SCHEME_Q4 ? fmaf(q0, sc, mn) : (q0 - 8.f) * sc;
+    const float v1 = S == ZSE_SCHEME_Q4 ? fmaf(q1, sc, mn) : (q1 - 8.f) * sc;
+    const __half2 h = __floats2half2_rn(v0, v1);
+    return *reinterpret_cast<const uint32_t *>(&h);
+}
+
+/* a thread's share of one K stage, loaded a stage ahead: its 16-byte loads of the x tile
+ * and of its warp's W chunks, and the group scales (and mins) its fragments need */
+template <int NT> struct mma_stage {
+    uint4 x[NT * (MMA_KS / 8) / (MMA_WARPS * 32)];
+    uint4 w[MMA_ROWS_W * MMA_CH / 32];
+    float sc[MMA_CH][2][2], mn[MMA_CH][2][2];
+};
+
+template <int S, int NT>
+__device__ __forceinline__ void mma_load(mma_stage<NT> &st, const zse_cuda_weight &w, const __half *__restrict__ xh,
+                                         int64_t n, int64_t n0, int64_t k0, int64_t row_base, int lane, int g)
+{
+    const int64_t K = w.cols, units = (K + 31) / 32;
+#pragma unroll
+    for (int i = 0; i < NT * (MMA_KS / 8) / (MMA_WARPS * 32); i++) {
+        const int idx = i * MMA_WARPS * 32 + threadIdx.x, r = idx / (MMA_KS / 8), c8 = (idx % (MMA_KS / 8)) * 8;
+        st.x[i] = n0 + r < n && k0 + c8 < K ? *reinterpret_cast<const uint4 *>(xh + (n0 + r) * K + k0 + c8)
+                                            : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < MMA_ROWS_W * MMA_CH / 32; i++) {
+        const int idx = i * 32 + lane, r = idx / MMA_CH, c = idx % MMA_CH;
+        const int64_t row = min(row_base + r, w.rows - 1), u = k0 / 32 + c;
+        st.w[i] = u < units ? ld_stream16((const uint8_t *)w.qs + row * w.row_bytes + u * 16) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int c = 0; c < MMA_CH; c++) {
+        const int64_t u = min(k0 / 32 + c, units - 1), grp = u * 32 / w.group_size;
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int64_t row = min(row_base + mt * 16 + h * 8 + g, w.rows - 1);
+                st.sc[c][mt][h] = __half2float(((const __half *)w.scales)[row * w.groups + grp]);
+                st.mn[c][mt][h] = S == ZSE_SCHEME_Q4 ? __half2float(((const __half *)w.mins)[row * w.groups + grp]) : 0.f;
+            }
+    }
+}
+
+/* grid: x = 128-row blocks of W, y = NT-row tiles of x, z = K splits. One split stores
+ * through the epilogue; several leave fp32 partials in work [split][n][rows] for
+ * mma_reduce_kernel, which adds them in split order (deterministic). */
+template <int S, int NT>
+__global__ void __launch_bounds__(MMA_WARPS * 32)
+gemm_q4_mma_kernel(const zse_cuda_weight w, const __half *__restrict__ xh, int64_t n, int64_t split_k,
+                   const gemv_epi e, float *__restrict__ work)
+{
+    constexpr int NJ = NT / 8;
+    __shared__ __align__(16) __half xs[NT][MMA_KS + MMA_XPAD];
+    __shared__ __align__(16) uint4 ws[MMA_WARPS][MMA_ROWS_W][MMA_CH];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int64_t row_base = (int64_t)blockIdx.x * MMA_ROWS + warp * MMA_ROWS_W;
+    const int64_t n0 = (int64_t)blockIdx.y * NT;
+    const int64_t K = w.cols, units = (K + 31) / 32;
+    const int64_t k_begin = (int64_t)blockIdx.z * split_k, k_end = min(K, k_begin + split_k);
+
+    float acc[2][NJ][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int j = 0; j < NJ; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                acc[mt][j][i] = 0.f;
+
+    mma_stage<NT> cur;
+    if (k_begin < k_end)
+        mma_load<S, NT>(cur, w, xh, n, n0, k_begin, row_base, lane, g);
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += MMA_KS) {
+#pragma unroll
+        for (int i = 0; i < NT * (MMA_KS / 8) / (MMA_WARPS * 32); i++) {
+            const int idx = i * MMA_WARPS * 32 + threadIdx.x;
+            *reinterpret_cast<uint4 *>(&xs[idx / (MMA_KS / 8)][(idx % (MMA_KS / 8)) * 8]) = cur.x[i];
+        }
+#pragma unroll
+        for (int i = 0; i < MMA_ROWS_W * MMA_CH / 32; i++) {
+            const int idx = i * 32 + lane;
+            ws[warp][idx / MMA_CH][idx % MMA_CH] = cur.w[i];
+        }
+        float sc[MMA_CH][2][2], mn[MMA_CH][2][2];
+#pragma unroll
+        for (int c = 0; c < MMA_CH; c++)
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    sc[c][mt][h] = cur.sc[c][mt][h];
+                    mn[c][mt][h] = cur.mn[c][mt][h];
+                }
+        __syncthreads();
+        /* the next stage's loads fly while this one computes */
+        if (k0 + MMA_KS < k_end)
+            mma_load<S, NT>(cur, w, xh, n, n0, k0 + MMA_KS, row_base, lane, g);
+#pragma unroll
+        for (int c = 0; c < MMA_CH; c++) {
+            if (k0 / 32 + c >= units)
+                break;
+#pragma unroll
+            for (int hi = 0; hi < 2; hi++) {
+                uint32_t a[2][4];
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const uint8_t *b = reinterpret_cast<const uint8_t *>(&ws[warp][mt * 16 + h * 8 + g][c]);
+                        a[mt][h] = dequant_pair<S>(b[2 * t], b[2 * t + 1], hi, sc[c][mt][h], mn[c][mt][h]);
+                        a[mt][2 + h] = dequant_pair<S>(b[2 * t + 8], b[2 * t + 9], hi, sc[c][mt][h], mn[c][mt][h]);
+                    }
+                const int kk = c * 32 + hi * 16 + 2 * t;
+#pragma unroll
+                for (int j = 0; j < NJ; j++) {
+                    const uint32_t b0 = *reinterpret_cast<const uint32_t *>(&xs[j * 8 + g][kk]);
+                    const uint32_t b1 = *reinterpret_cast<const uint32_t *>(&xs[j * 8 + g][kk + 8]);
+                    mma_16816(acc[0][j], a[0], b0, b1);
+                    mma_16816(acc[1][j], a[1], b0, b1);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    /* c0, c1: row g, x rows 2t, 2t + 1; c2, c3: row g + 8 */
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int j = 0; j < NJ; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int64_t row = row_base + mt * 16 + g + (i >= 2 ? 8 : 0);
+                const int64_t xr = n0 + j * 8 + 2 * t + (i & 1);
+                if (row >= w.rows || xr >= n)
+                    continue;
+                float v = acc[mt][j][i];
+                if (work) {
+                    work[((int64_t)blockIdx.z * n + xr) * w.rows + row] = v;
+                    continue;
+                }
+                if (e.bias)
+                    v += e.bias[row];
+                float *dst = e.y + xr * e.ypitch + row;
+                *dst = e.accumulate ? *dst + v : v;
+            }
+}
+
+__global__ void mma_reduce_kernel(const float *__restrict__ work, int splits, int64_t n, int64_t rows, const gemv_epi e)
+{
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * rows)
+        return;
+    const int64_t xr = i / rows, row = i % rows;
+    float v = 0.f;
+    for (int z = 0; z < splits; z++)
+        v += work[(int64_t)z * n * rows + i];
+    if (e.bias)
+        v += e.bias[row];
+    float *dst = e.y + xr * e.ypitch + row;
+    *dst = e.accumulate ? *dst + v : v;
+}
+
+/* K splits for a launch of `blocks` (x, y) blocks: about two blocks per SM of an H100, each
+ * split at least 4 stages long */
+static int mma_splits(int64_t blocks, int64_t cols)
+{
+    const int64_t stages = (cols + MMA_KS - 1) / MMA_KS;
+    int64_t s = (264 + blocks - 1) / blocks;
+    s = s < stages / 4 ? s : stages / 4;
+    return (int)(s < 1 ? 1 : s > 16 ? 16 : s);
+}
+
+static size_t mma_scratch_bytes(const zse_cuda_weight *w, int64_t n)
+{
+    const size_t xbytes = ((size_t)n * (size_t)w->cols * sizeof(__half) + 255) & ~(size_t)255;
+    const int64_t blocks = zse_ceil_div(w->rows, MMA_ROWS) * zse_ceil_div(n, n <= 16 ? 16 : n <= 32 ? 32 : 64);
+    const int splits = mma_splits(blocks, w->cols);
+    return xbytes + (splits > 1 ? (size_t)splits * (size_t)n * (size_t)w->rows * sizeof(float) : 0) + 256;
+}
+
+static int gemm_q4_mma(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n, const gemv_epi &e,
+                       void *scratch, size_t scratch_bytes, bool convert_x, cudaStream_t st);
+
 static int cublas_ok(cublasStatus_t s, const char *what)
 {
     if (s != CUBLAS_STATUS_SUCCESS)
@@ -697,6 +935,62 @@ extern "C" int zse_cuda_matmul_gemm(const zse_cuda_weight *w, const float *x, in
     return gemm_into(w, x, xpitch, n, y, ypitch, 0.f, cublas, scratch, scratch_bytes, st);
 }
 
+static int gemm_q4_mma(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n, const gemv_epi &e,
+                       void *scratch, size_t scratch_bytes, bool convert_x, cudaStream_t st)
+{
+    if (scratch_bytes < mma_scratch_bytes(w, n) || ((uintptr_t)scratch & 255))
+        return zse_cuda_fail("cuda mma: scratch of %zu bytes is too small for %lld x %lld", scratch_bytes,
+                             (long long)n, (long long)w->cols);
+    __half *xh = (__half *)scratch;
+    float *work = (float *)((uint8_t *)scratch + (((size_t)n * (size_t)w->cols * sizeof(__half) + 255) & ~(size_t)255));
+    if (convert_x) {
+        split_x_kernel<<<(unsigned)zse_ceil_div(n * w->cols, 256), 256, 0, st>>>(x, xpitch, n, w->cols, xh, NULL);
+        ZSE_CUDA_LAUNCHED("cuda mma: x to f16");
+    }
+    const int64_t gx = zse_ceil_div(w->rows, MMA_ROWS), nt = n <= 16 ? 16 : n <= 32 ? 32 : 64;
+    const int64_t gy = zse_ceil_div(n, nt);
+    const int splits = mma_splits(gx * gy, w->cols);
+    /* splits start on stage boundaries */
+    const int64_t split_k = zse_ceil_div(zse_ceil_div(w->cols, splits), MMA_KS) * MMA_KS;
+    const int real_splits = (int)zse_ceil_div(w->cols, split_k);
+    float *part = real_splits > 1 ? work : NULL;
+    dim3 grid((unsigned)gx, (unsigned)gy, (unsigned)real_splits);
+#define ZSE_MMA(NT)                                                                                           \
+    do {                                                                                                      \
+        if (w->scheme == ZSE_SCHEME_Q4)                                                                       \
+            gemm_q4_mma_kernel<ZSE_SCHEME_Q4, NT><<<grid, MMA_WARPS * 32, 0, st>>>(*w, xh, n, split_k, e, part);  \
+        else                                                                                                  \
+            gemm_q4_mma_kernel<ZSE_SCHEME_Q4S, NT><<<grid, MMA_WARPS * 32, 0, st>>>(*w, xh, n, split_k, e, part); \
+    } while (0)
+    if (nt == 16)
+        ZSE_MMA(16);
+    else if (nt == 32)
+        ZSE_MMA(32);
+    else
+        ZSE_MMA(64);
+#undef ZSE_MMA
+    ZSE_CUDA_LAUNCHED("cuda mma");
+    if (part) {
+        mma_reduce_kernel<<<(unsigned)zse_ceil_div(n * w->rows, 256), 256, 0, st>>>(part, real_splits, n, w->rows, e);
+        ZSE_CUDA_LAUNCHED("cuda mma: split sum");
+    }
+    return 0;
+}
+
+extern "C" int zse_cuda_matmul_mma(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n,
+                                   float *y, int64_t ypitch, void *scratch, size_t scratch_bytes,
+                                   zse_cuda_stream st)
+{
+    if (check_weight(w) != 0)
+        return -1;
+    if (!mma_q4_ok(w))
+        return zse_cuda_fail("cuda mma: needs a 4-bit group scheme, cols %% 8 == 0 and sm_80 or newer");
+    if (n < 1)
+        return 0;
+    const gemv_epi e = {y, ypitch, NULL, 0};
+    return gemm_q4_mma(w, x, xpitch, n, e, scratch, scratch_bytes, true, (cudaStream_t)st);
+}
+
 extern "C" size_t zse_cuda_matmul_multi_scratch_bytes(const zse_cuda_multi *mm, int64_t n)
 {
     size_t most = 0;
@@ -721,6 +1015,20 @@ extern "C" int zse_cuda_matmul_multi(const zse_cuda_multi *mm, const float *x, i
     }
     if (n <= ZSE_CUDA_GEMV_MAX)
         return multi_gemv(mm, x, xpitch, n, scratch, scratch_bytes, (cudaStream_t)st);
+    if (n <= ZSE_CUDA_MMA_MAX) {
+        bool all_mma = true;
+        for (int i = 0; i < mm->count; i++)
+            all_mma = all_mma && mma_q4_ok(&mm->w[i]);
+        if (all_mma) {
+            /* x goes to f16 once for every weight */
+            for (int i = 0; i < mm->count; i++) {
+                const gemv_epi e = {mm->y[i], mm->ypitch[i], mm->bias[i], mm->accumulate};
+                if (gemm_q4_mma(&mm->w[i], x, xpitch, n, e, scratch, scratch_bytes, i == 0, (cudaStream_t)st) != 0)
+                    return -1;
+            }
+            return 0;
+        }
+    }
     for (int i = 0; i < mm->count; i++) {
         const zse_cuda_weight *w = &mm->w[i];
         float *y = mm->y[i];
