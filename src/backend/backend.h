@@ -158,6 +158,10 @@ typedef struct zse_backend_ops {
      * than matmul, add_bias and add one by one (which give the same numbers). */
     void (*matmul_multi)(zse_backend *be, const zse_act *x, int64_t rows, const zse_matmul_out *outs,
                          int n_outs, bool accumulate);
+    /* a table that only embed reads (one row per token; an untied embedding): the backend
+     * may leave it in the file's mapping and move each step's rows instead (CUDA: no VRAM
+     * for it). NULL: weight_load. Freed with weight_free. */
+    zse_weight *(*weight_load_lookup)(zse_backend *be, const zse_tensor_info *t);
 } zse_backend_ops;
 
 enum {

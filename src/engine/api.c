@@ -14,7 +14,11 @@
 /* tokens per forward pass of a single sequence's prefill, and rows of logits per pass
  * when every position's logits are wanted (perplexity) */
 #define PREFILL_CHUNK 256
-#define LOGIT_ROWS 64
+/* logit rows reserved at load: a vocabulary row is 0.6 MB at 152k, and generating needs
+ * one; callers that want every position's logits (perplexity) grow it to ALL_LOGITS_ROWS,
+ * the engine to its batch */
+#define LOGIT_ROWS 8
+#define ALL_LOGITS_ROWS 64
 
 struct zse_seq {
     zse_model *m;
@@ -163,9 +167,14 @@ static int check_weights_fit(const zse_model *m, const zse_load_params *p)
     m->be->ops->memory(m->be, &bm);
     if (!bm.on_device || !p->gpu_memory)
         return 0;
+    /* an untied embedding table stays in host memory where the backend can leave it there */
+    const bool embed_on_host = m->be->ops->weight_load_lookup && !zse_file_config(m->file)->tie_embeddings;
     uint64_t bytes = 0;
-    for (size_t i = 0; i < zse_file_n_tensors(m->file); i++)
-        bytes += zse_file_tensor_at(m->file, i)->size;
+    for (size_t i = 0; i < zse_file_n_tensors(m->file); i++) {
+        const zse_tensor_info *t = zse_file_tensor_at(m->file, i);
+        if (!(embed_on_host && strcmp(t->name, "token_embd.weight") == 0))
+            bytes += t->size;
+    }
     if (bytes >= p->gpu_memory)
         return zse_fail("the weights need %.0f MiB of GPU memory; --gpu-memory allows %.0f MiB (a smaller "
                         "quantization, e.g. zse convert --quant int4, would need less)",
@@ -454,6 +463,9 @@ static int feed(zse_seq *q, const int32_t *ids, size_t n, float *all_logits)
         if (ids[i] < 0 || ids[i] >= q->m->vocab)
             return zse_fail("token id %d at %zu is outside the vocabulary (0..%d)", ids[i], i, q->m->vocab - 1);
     pthread_mutex_lock(&q->m->run_lock);
+    if (all_logits && zse_llm_max_out(q->m->llm) < ALL_LOGITS_ROWS &&
+        zse_llm_reserve(q->m->llm, zse_llm_max_tokens(q->m->llm), ALL_LOGITS_ROWS) != 0)
+        zse_log(ZSE_LOG_WARN, "%s; going on %d rows at a time", zse_error_message(), zse_llm_max_out(q->m->llm));
     int rc = reserve_tokens(q, q->n_tokens + n);
     if (rc == 0)
         rc = run_tokens(q, ids, n, all_logits);

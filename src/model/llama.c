@@ -90,7 +90,9 @@ void zse_rope_frequencies(const zse_config *c, float *inv_freq, float *mscale)
     }
 }
 
-static zse_weight *load_named(zse_llm *m, const zse_file *f, const char *name, bool required, int *rc)
+/* lookup: the tensor is only read by embed (the backend may keep it off the device) */
+static zse_weight *load_tensor(zse_llm *m, const zse_file *f, const char *name, bool required, bool lookup,
+                               int *rc)
 {
     const zse_tensor_info *t = zse_file_tensor(f, name);
     if (!t) {
@@ -98,10 +100,16 @@ static zse_weight *load_named(zse_llm *m, const zse_file *f, const char *name, b
             *rc = zse_fail("%s: tensor '%s' is missing", zse_file_path(f), name);
         return NULL;
     }
-    zse_weight *w = ops(m)->weight_load(m->be, t);
+    const zse_backend_ops *o = ops(m);
+    zse_weight *w = lookup && o->weight_load_lookup ? o->weight_load_lookup(m->be, t) : o->weight_load(m->be, t);
     if (!w)
         *rc = -1;
     return w;
+}
+
+static zse_weight *load_named(zse_llm *m, const zse_file *f, const char *name, bool required, int *rc)
+{
+    return load_tensor(m, f, name, required, false, rc);
 }
 
 static zse_weight *load_layer(zse_llm *m, const zse_file *f, int l, const char *what, bool required, int *rc)
@@ -185,7 +193,8 @@ zse_llm *zse_llm_load(const zse_file *f, zse_backend *be, int max_tokens, int ma
     }
     m->layers = zse_calloc((size_t)c->n_layers, sizeof *m->layers);
     int rc = m->layers ? 0 : -1;
-    m->tok_embd = load_named(m, f, "token_embd.weight", true, &rc);
+    /* tied, the table is also the lm_head and must be where matmul reads it */
+    m->tok_embd = load_tensor(m, f, "token_embd.weight", true, !c->tie_embeddings, &rc);
     m->out_norm = load_named(m, f, "output_norm.weight", true, &rc);
     m->output = c->tie_embeddings ? NULL : load_named(m, f, "output.weight", true, &rc);
     for (int l = 0; rc == 0 && l < c->n_layers; l++) {

@@ -223,6 +223,48 @@ static void test_elementwise(zse_backend *be)
 
 /* argmax_rows: the host sampler's rule (largest value, lowest index on ties) on rows wider
  * than a block, with the maximum at the first, the last and a tied position, and NaNs */
+/* an embedding table left in host memory (weight_load_lookup) gives the rows a device copy
+ * gives, bit for bit, for every layout: int8 rows, 4-bit groups with and without mins,
+ * f16 rows whose bytes are not a multiple of 16; twice, with two batches between */
+static void test_lookup(zse_backend *be)
+{
+    const struct { zse_scheme s; int64_t dim; int group; } cases[] = {
+        {ZSE_SCHEME_Q8, 72, 0}, {ZSE_SCHEME_Q4, 96, 32}, {ZSE_SCHEME_Q4S, 128, 64}, {ZSE_SCHEME_F16, 36, 0}};
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        const int64_t vocab = 40, dim = cases[c].dim;
+        float *src = rand_floats((size_t)(vocab * dim));
+        packed table;
+        pack(&table, cases[c].s, vocab, dim, cases[c].group, src);
+        zse_weight *dev = be->ops->weight_load(be, &table.info), *host = be->ops->weight_load_lookup(be, &table.info);
+        CHECK(dev && host);
+        for (int round = 0; round < 2 && dev && host; round++) {
+            const int32_t toks[2][6] = {{3, 39, 0, 7, 3, 21}, {1, 1, 38, 5, 0, 12}};
+            one_seq s;
+            one_seq_batch(&s, 6, toks[round], 16, 1);
+            CHECK(be->ops->begin_batch(be, &s.b) == 0);
+            zse_act *a = be->ops->act_new(be, 6, dim), *b = be->ops->act_new(be, 6, dim);
+            be->ops->embed(be, dev, a);
+            be->ops->embed(be, host, b);
+            CHECK(be->ops->sync(be) == 0);
+            float *ga = malloc((size_t)(6 * dim) * sizeof(float)), *gb = malloc((size_t)(6 * dim) * sizeof(float));
+            CHECK(be->ops->act_read(be, a, ga, 6) == 0 && be->ops->act_read(be, b, gb, 6) == 0);
+            CHECK_MSG(memcmp(ga, gb, (size_t)(6 * dim) * sizeof(float)) == 0, "lookup %s round %d differs",
+                      zse_scheme_name(cases[c].s), round);
+            const float want = table.deq[toks[round][0] * dim];
+            CHECK_MSG(fabsf(ga[0] - want) <= 1e-5f * (1 + fabsf(want)), "lookup %s: row %d not embedded",
+                      zse_scheme_name(cases[c].s), toks[round][0]);
+            free(ga);
+            free(gb);
+            be->ops->act_free(be, a);
+            be->ops->act_free(be, b);
+        }
+        be->ops->weight_free(be, dev);
+        be->ops->weight_free(be, host);
+        unpack(&table);
+        free(src);
+    }
+}
+
 static void test_argmax(zse_backend *be)
 {
     enum { ROWS = 5, COLS = 152064 + 3 };
@@ -392,6 +434,7 @@ int main(int argc, char **argv)
     CHECK(strcmp(be->ops->name, "cuda") == 0);
     test_matmul(be);
     test_argmax(be);
+    test_lookup(be);
     test_elementwise(be); /* last: it leaves the backend's sticky error set */
     be->ops->destroy(be);
     test_attention(ZSE_KV_STORE_F16);

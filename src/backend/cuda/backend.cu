@@ -43,10 +43,14 @@ struct zse_act {
 };
 
 struct zse_weight {
-    zse_cuda_weight w;
+    zse_cuda_weight w;  /* device planes; for a lookup table, the planes in the file's mapping */
     void *dev;          /* the packed tensor (possibly re-pitched) */
     float *vec;         /* rows == 1 tensors (norms, biases): the f32 vector */
     size_t bytes;       /* device bytes of both (memory accounting) */
+    /* a lookup table (weight_load_lookup) stays in the mapping: each step's rows are gathered
+     * on the host into the batch image and copied with it */
+    bool host;
+    size_t qs_row, scale_row, min_row;  /* bytes of one row of each plane */
 };
 
 struct zse_kv {
@@ -56,10 +60,14 @@ struct zse_kv {
     zse_cuda_kv_layer *layers;
 };
 
+enum { MAX_LOOKUPS = 4 };
+
 /* the current step's arrays on the device, packed in one allocation at offsets that depend
  * only on n_tokens and the table pitch (a recorded step reads them where they were) */
 typedef struct {
     int32_t *tokens, *positions, *seq_of, *slots, *block_table, *out_rows;
+    int32_t *iota;                      /* 0 .. n_tokens - 1: row t of a gathered table */
+    uint8_t *lookup_rows[MAX_LOOKUPS];  /* the step's rows of each lookup table */
     int n_tokens, n_out;
     int max_ctx;        /* a power of two >= every visible length: it sizes attention's split */
     int max_blocks;     /* the block table's pitch, a power of two >= the batch's widest row */
@@ -97,6 +105,9 @@ typedef struct {
     size_t batch_cap;           /* int32 entries */
     cudaEvent_t batch_copied;
     dev_batch b;
+
+    /* lookup tables kept in host memory (embeddings): their rows travel with the batch */
+    zse_weight *lookups[MAX_LOOKUPS];
 
     /* pinned bounce buffer for act_read/act_write */
     uint8_t *bounce;
@@ -442,11 +453,68 @@ static zse_weight *cuda_weight_load(zse_backend *be, const zse_tensor_info *t)
     return w;
 }
 
+/* The bytes of one lookup-table row gathered into the batch image: its qs row padded to 16
+ * bytes (the embed kernel loads 16 at a time), then its scales and mins rows. */
+static size_t lookup_row_bytes(const zse_weight *w)
+{
+    return (w->qs_row + 15) / 16 * 16 + (w->scale_row + 15) / 16 * 16 + (w->min_row + 15) / 16 * 16;
+}
+
+static zse_weight *cuda_weight_load(zse_backend *be, const zse_tensor_info *t);
+
+/* An embedding table is read one row per token: VRAM would hold the whole table (545 MB for
+ * a 7B model at int8) to serve a few KB a step. It stays in the file's mapping instead. */
+static zse_weight *cuda_weight_load_lookup(zse_backend *be, const zse_tensor_info *t)
+{
+    cuda_impl *c = impl_of(be);
+    const zse_qshape *q = &t->q;
+    int slot = 0;
+    while (slot < MAX_LOOKUPS && c->lookups[slot])
+        slot++;
+    if (q->rows < 2 || slot == MAX_LOOKUPS)
+        return cuda_weight_load(be, t);
+    if (q->cols < 1 || q->scheme < 0 || q->scheme >= ZSE_SCHEME_COUNT) {
+        zse_fail("cuda: tensor %s has a bad shape or scheme", t->name);
+        return NULL;
+    }
+    const size_t bytes = zse_qshape_bytes(q);
+    if (bytes == 0 || bytes > t->size) {
+        zse_fail("cuda: tensor %s: %llu bytes stored, %zu expected", t->name, (unsigned long long)t->size, bytes);
+        return NULL;
+    }
+    zse_qplanes pl;
+    zse_qshape_planes(q, &pl);
+    zse_weight *w = (zse_weight *)zse_calloc(1, sizeof *w);
+    if (!w)
+        return NULL;
+    const uint8_t *d = (const uint8_t *)t->data;
+    const bool plain = zse_scheme_layout(q->scheme) == ZSE_LAYOUT_PLAIN;
+    w->host = true;
+    w->w.scheme = q->scheme;
+    w->w.rows = q->rows;
+    w->w.cols = q->cols;
+    w->w.group_size = q->group_size;
+    w->w.qs = d + pl.qs;
+    w->w.row_bytes = (int64_t)pl.row_bytes;
+    w->w.scales = plain ? NULL : d + pl.scales;
+    w->w.mins = q->scheme == ZSE_SCHEME_Q4 ? d + pl.mins : NULL;
+    w->w.groups = pl.groups;
+    w->qs_row = pl.row_bytes;
+    w->scale_row = plain ? 0 : q->scheme == ZSE_SCHEME_Q8 ? sizeof(float) : (size_t)pl.groups * 2;
+    w->min_row = q->scheme == ZSE_SCHEME_Q4 ? (size_t)pl.groups * 2 : 0;
+    drop_graphs(c); /* the batch image's layout changes */
+    c->lookups[slot] = w;
+    return w;
+}
+
 static void cuda_weight_free(zse_backend *be, zse_weight *w)
 {
     if (!w)
         return;
     drop_graphs(impl_of(be));
+    for (int i = 0; i < MAX_LOOKUPS; i++)
+        if (impl_of(be)->lookups[i] == w)
+            impl_of(be)->lookups[i] = NULL;
     impl_of(be)->weight_bytes -= w->bytes;
     cudaFree(w->vec);
     cudaFree(w->dev);
@@ -531,6 +599,36 @@ static void cuda_kv_free(zse_backend *be, zse_kv *kv)
 
 /* ---- per step ------------------------------------------------------------------------ */
 
+/* rows ids[0..n) of a lookup table into dst as [n][qs row padded to 16], then [n][scales],
+ * then [n][mins], each plane from a 16-byte boundary; an id outside the table is a zero row */
+static void gather_lookup_rows(const zse_weight *w, const int32_t *ids, size_t n, uint8_t *dst)
+{
+    const size_t qs16 = (w->qs_row + 15) / 16 * 16, sc16 = (w->scale_row + 15) / 16 * 16;
+    uint8_t *qs = dst, *sc = dst + n * qs16, *mn = sc + (w->scale_row ? (n * w->scale_row + 15) / 16 * 16 : 0);
+    for (size_t t = 0; t < n; t++) {
+        const bool ok = ids[t] >= 0 && ids[t] < w->w.rows;
+        const size_t r = ok ? (size_t)ids[t] : 0;
+        if (ok)
+            memcpy(qs + t * qs16, (const uint8_t *)w->w.qs + r * w->qs_row, w->qs_row);
+        else
+            memset(qs + t * qs16, 0, w->qs_row);
+        memset(qs + t * qs16 + w->qs_row, 0, qs16 - w->qs_row);
+        if (w->scale_row) {
+            if (ok)
+                memcpy(sc + t * w->scale_row, (const uint8_t *)w->w.scales + r * w->scale_row, w->scale_row);
+            else
+                memset(sc + t * w->scale_row, 0, w->scale_row);
+        }
+        if (w->min_row) {
+            if (ok)
+                memcpy(mn + t * w->min_row, (const uint8_t *)w->w.mins + r * w->min_row, w->min_row);
+            else
+                memset(mn + t * w->min_row, 0, w->min_row);
+        }
+    }
+    (void)sc16;
+}
+
 static int pow2_at_least(int v, int floor)
 {
     int p = floor;
@@ -553,7 +651,14 @@ static int cuda_begin_batch(zse_backend *be, const zse_batch *b)
     const size_t nt = (size_t)b->n_tokens, ns = (size_t)b->n_seqs;
     const int pitch = pow2_at_least(b->max_blocks_per_seq, MIN_TABLE_PITCH);
     const size_t table_rows = ns > nt ? ns : nt;
-    const size_t tbl = table_rows * (size_t)pitch, need = 5 * nt + tbl;
+    const size_t tbl = table_rows * (size_t)pitch;
+    /* then 0..n-1, and from a 16-byte boundary the rows of each lookup table */
+    const size_t ints = (5 * nt + tbl + nt + 3) / 4 * 4;
+    size_t lookup_bytes = 0;
+    for (int i = 0; i < MAX_LOOKUPS; i++)
+        if (c->lookups[i])
+            lookup_bytes += nt * lookup_row_bytes(c->lookups[i]);
+    const size_t need = ints + (lookup_bytes + 3) / 4;
     if (c->batch_cap < need) {
         size_t cap = need * 2, bytes = cap * sizeof(int32_t);
         if (cuda_call(cudaStreamSynchronize(c->stream), "begin_batch") != 0)
@@ -600,6 +705,19 @@ static int cuda_begin_batch(zse_backend *be, const zse_batch *b)
         for (int k = have; k < pitch; k++)
             row[k] = -1;
     }
+    int32_t *iota = h + 5 * nt + tbl;
+    for (size_t t = 0; t < nt; t++)
+        iota[t] = (int32_t)t;
+    uint8_t *lk = (uint8_t *)(h + ints);
+    for (int i = 0; i < MAX_LOOKUPS; i++) {
+        const zse_weight *w = c->lookups[i];
+        c->b.lookup_rows[i] = NULL;
+        if (!w)
+            continue;
+        c->b.lookup_rows[i] = (uint8_t *)c->batch_dev + (lk - (uint8_t *)h);
+        gather_lookup_rows(w, b->tokens, nt, lk);
+        lk += nt * lookup_row_bytes(w);
+    }
     if (cuda_call(cudaMemcpyAsync(c->batch_dev, h, need * 4, cudaMemcpyHostToDevice, c->stream), "begin_batch") != 0 ||
         cuda_call(cudaEventRecord(c->batch_copied, c->stream), "begin_batch") != 0)
         return -1;
@@ -610,6 +728,7 @@ static int cuda_begin_batch(zse_backend *be, const zse_batch *b)
     c->b.slots = d + 3 * nt;
     c->b.out_rows = d + 4 * nt;
     c->b.block_table = d + 5 * nt;
+    c->b.iota = d + 5 * nt + tbl;
     c->b.n_tokens = b->n_tokens;
     c->b.n_out = b->n_out;
     c->b.max_ctx = pow2_at_least(max_ctx, MIN_CTX_BUCKET);
@@ -642,6 +761,24 @@ static void cuda_embed(zse_backend *be, const zse_weight *table, zse_act *out)
         return;
     if (out->cols < table->w.cols || out->rows < c->b.n_tokens)
         return set_error(c, "cuda embed: output %lld x %lld is too small", (long long)out->rows, (long long)out->cols);
+    if (table->host) {
+        /* this step's rows came with the batch: a table of n_tokens rows read in order */
+        int i = 0;
+        while (i < MAX_LOOKUPS && c->lookups[i] != table)
+            i++;
+        if (i == MAX_LOOKUPS || !c->b.lookup_rows[i])
+            return set_error(c, "cuda embed: the lookup table is not registered");
+        const size_t n = (size_t)c->b.n_tokens, qs16 = (table->qs_row + 15) / 16 * 16;
+        zse_cuda_weight v = table->w;
+        uint8_t *base = c->b.lookup_rows[i];
+        v.rows = c->b.n_tokens;
+        v.qs = base;
+        v.row_bytes = (int64_t)qs16;
+        v.scales = table->scale_row ? base + n * qs16 : NULL;
+        v.mins = table->min_row ? base + n * qs16 + (n * table->scale_row + 15) / 16 * 16 : NULL;
+        check_launch(c, zse_cuda_embed(&v, c->b.iota, c->b.n_tokens, out->d, out->pitch, c->stream));
+        return;
+    }
     check_launch(c, zse_cuda_embed(&table->w, c->b.tokens, c->b.n_tokens, out->d, out->pitch, c->stream));
 }
 
@@ -672,6 +809,8 @@ static void cuda_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, 
     cuda_impl *c = impl_of(be);
     if (c->failed)
         return;
+    if (w->host)
+        return set_error(c, "cuda matmul: a lookup table (weight_load_lookup) is not on the device");
     if (x->cols < w->w.cols || y->cols < w->w.rows || rows > x->rows || rows > y->rows || rows < 1)
         return set_error(c, "cuda matmul: %lld x %lld weight with x %lld x %lld, y %lld x %lld",
                          (long long)w->w.rows, (long long)w->w.cols, (long long)x->rows,
@@ -699,6 +838,8 @@ static void cuda_matmul_multi(zse_backend *be, const zse_act *x, int64_t rows, c
         const zse_cuda_weight *w = &outs[i].w->w;
         const zse_act *y = outs[i].y;
         const zse_weight *b = outs[i].bias;
+        if (outs[i].w->host)
+            return set_error(c, "cuda matmul_multi: a lookup table is not on the device");
         if (x->cols < w->cols || y->cols < w->rows || rows > y->rows || y->d == x->d)
             return set_error(c, "cuda matmul_multi: %lld x %lld weight with x %lld x %lld, y %lld x %lld",
                              (long long)w->rows, (long long)w->cols, (long long)x->rows, (long long)x->cols,
@@ -1057,6 +1198,7 @@ static const zse_backend_ops cuda_ops = {
     cuda_step_begin,
     cuda_step_end,
     cuda_matmul_multi,
+    cuda_weight_load_lookup,
 };
 
 extern "C" int zse_cuda_device_count(void)

@@ -48,7 +48,7 @@ typedef struct {
 /* int4/int4s batches of 9..ZSE_CUDA_MMA_MAX rows run on tensor cores with the weights
  * dequantized in registers (sm_80 on; ZSE_CUDA_NO_MMA=1 turns it off) */
 #define ZSE_CUDA_MMA_MAX 64
-#define ZSE_CUDA_GEMM_SLAB ((size_t)64 << 20)   /* f16 slab of dequantized weight rows */
+#define ZSE_CUDA_GEMM_SLAB ((size_t)32 << 20)   /* f16 slab of dequantized weight rows */
 /* scratch that zse_cuda_matmul needs for this weight and batch (0: none) */
 size_t zse_cuda_matmul_scratch_bytes(const zse_cuda_weight *w, int64_t n);
 int zse_cuda_matmul(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n,
