@@ -162,6 +162,10 @@ typedef struct zse_backend_ops {
      * may leave it in the file's mapping and move each step's rows instead (CUDA: no VRAM
      * for it). NULL: weight_load. Freed with weight_free. */
     zse_weight *(*weight_load_lookup)(zse_backend *be, const zse_tensor_info *t);
+    /* rope on q and k, then kv_store of k and v for `layer`, as one op (the same numbers).
+     * NULL: rope then kv_store. */
+    void (*rope_kv_store)(zse_backend *be, zse_act *q, zse_act *k, const zse_act *v, zse_kv *kv, int layer,
+                          int n_heads, int n_kv_heads, int head_dim);
 } zse_backend_ops;
 
 enum {

@@ -295,8 +295,12 @@ static void attention_block(zse_llm *m, zse_kv *kv, int l, int64_t n)
         o->rmsnorm(m->be, m->q, L->q_norm, c->rms_eps, n * c->n_heads, c->head_dim, m->q);
         o->rmsnorm(m->be, m->k, L->k_norm, c->rms_eps, n * c->n_kv_heads, c->head_dim, m->k);
     }
-    o->rope(m->be, m->q, m->k, c->n_heads, c->n_kv_heads, c->head_dim);
-    o->kv_store(m->be, kv, l, m->k, m->v);
+    if (o->rope_kv_store) {
+        o->rope_kv_store(m->be, m->q, m->k, m->v, kv, l, c->n_heads, c->n_kv_heads, c->head_dim);
+    } else {
+        o->rope(m->be, m->q, m->k, c->n_heads, c->n_kv_heads, c->head_dim);
+        o->kv_store(m->be, kv, l, m->k, m->v);
+    }
     zse_attn_params p = {c->n_heads, c->n_kv_heads, c->head_dim, 1.0f / sqrtf((float)c->head_dim),
                          c->sliding_window};
     o->attention(m->be, kv, l, m->q, &p, m->att);

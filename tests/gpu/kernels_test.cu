@@ -751,6 +751,77 @@ static void check_attention(const attn_case &c)
     cudaFree(work);
 }
 
+/* the fused RoPE + K/V store equals RoPE on q and k then the store, bit for bit, in both
+ * storages, with a skipped (negative) slot and GQA */
+static void test_rope_kv_store(void)
+{
+    const int n = 5, n_heads = 6, n_kv = 2, hd = 64, nblocks = 4, bs = 16;
+    const int64_t qp = n_heads * hd, kp = n_kv * hd, n_slots = nblocks * bs;
+    std::vector<float> q = rand_vec((size_t)(n * qp)), k = rand_vec((size_t)(n * kp)), v = rand_vec((size_t)(n * kp));
+    std::vector<float> inv(hd / 2);
+    for (int i = 0; i < hd / 2; i++)
+        inv[(size_t)i] = powf(10000.f, -2.f * i / hd);
+    const int32_t pos[n] = {0, 7, 300, 31, 5}, slots[n] = {3, 17, -1, 40, 63};
+    int32_t *dpos, *dslots;
+    CU(cudaMalloc(&dpos, sizeof pos));
+    CU(cudaMalloc(&dslots, sizeof slots));
+    CU(cudaMemcpy(dpos, pos, sizeof pos, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(dslots, slots, sizeof slots, cudaMemcpyHostToDevice));
+    float *dinv = dev_floats(inv);
+    for (int int8 = 0; int8 < 2; int8++) {
+        zse_cuda_kv_layer L[2];
+        float *dq[2], *dk[2], *dv = dev_floats(v);
+        const size_t elem = int8 ? 1 : 2, pool = (size_t)n_slots * kp * elem;
+        for (int f = 0; f < 2; f++) {
+            memset(&L[f], 0, sizeof L[f]);
+            L[f].int8 = int8;
+            L[f].block_size = bs;
+            L[f].n_kv_heads = n_kv;
+            L[f].head_dim = hd;
+            L[f].n_slots = n_slots;
+            CU(cudaMalloc(&L[f].k, pool));
+            CU(cudaMalloc(&L[f].v, pool));
+            CU(cudaMemset(L[f].k, 0, pool));
+            CU(cudaMemset(L[f].v, 0, pool));
+            CU(cudaMalloc(&L[f].kscale, (size_t)n_slots * n_kv * 4));
+            CU(cudaMalloc(&L[f].vscale, (size_t)n_slots * n_kv * 4));
+            CU(cudaMemset(L[f].kscale, 0, (size_t)n_slots * n_kv * 4));
+            CU(cudaMemset(L[f].vscale, 0, (size_t)n_slots * n_kv * 4));
+            dq[f] = dev_floats(q);
+            dk[f] = dev_floats(k);
+        }
+        LAUNCH(zse_cuda_rope(dq[0], qp, n, n_heads, hd, dpos, dinv, 1.1f, 0));
+        LAUNCH(zse_cuda_rope(dk[0], kp, n, n_kv, hd, dpos, dinv, 1.1f, 0));
+        LAUNCH(zse_cuda_kv_store(&L[0], dk[0], kp, dv, kp, dslots, n, 0));
+        LAUNCH(zse_cuda_rope_kv_store(&L[1], dq[1], qp, dk[1], kp, dv, kp, dslots, n, n_heads, dpos, dinv, 1.1f, 0));
+        CU(cudaDeviceSynchronize());
+        std::vector<uint8_t> a(pool), b(pool);
+        bool same = host_floats(dq[0], (size_t)(n * qp)) == host_floats(dq[1], (size_t)(n * qp));
+        CU(cudaMemcpy(a.data(), L[0].k, pool, cudaMemcpyDeviceToHost));
+        CU(cudaMemcpy(b.data(), L[1].k, pool, cudaMemcpyDeviceToHost));
+        same = same && a == b;
+        CU(cudaMemcpy(a.data(), L[0].v, pool, cudaMemcpyDeviceToHost));
+        CU(cudaMemcpy(b.data(), L[1].v, pool, cudaMemcpyDeviceToHost));
+        same = same && a == b;
+        if (int8)
+            same = same && host_floats(L[0].kscale, (size_t)(n_slots * n_kv)) == host_floats(L[1].kscale, (size_t)(n_slots * n_kv)) &&
+                   host_floats(L[0].vscale, (size_t)(n_slots * n_kv)) == host_floats(L[1].vscale, (size_t)(n_slots * n_kv));
+        CHECK(same, "rope_kv_store %s differs from rope + kv_store", int8 ? "int8" : "f16");
+        for (int f = 0; f < 2; f++) {
+            cudaFree(L[f].k);
+            cudaFree(L[f].v);
+            cudaFree(L[f].kscale);
+            cudaFree(L[f].vscale);
+            cudaFree(dq[f]);
+            cudaFree(dk[f]);
+        }
+        cudaFree(dv);
+    }
+    cudaFree(dpos);
+    cudaFree(dslots);
+    cudaFree(dinv);
+}
+
 static void test_attention(void)
 {
     for (int int8 = 0; int8 < 2; int8++) {
@@ -1311,6 +1382,7 @@ int main(int argc, char **argv)
     printf("matmul done: %d passed, %d failed\n", passed, failed);
     test_embed();
     test_elementwise();
+    test_rope_kv_store();
     test_attention();
     CU(cudaDeviceSynchronize());
     printf("%d passed, %d failed\n", passed, failed);

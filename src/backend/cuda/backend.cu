@@ -895,6 +895,25 @@ static void cuda_kv_store(zse_backend *be, zse_kv *kv, int layer, const zse_act 
                                       c->b.slots, c->b.n_tokens, c->stream));
 }
 
+static void cuda_rope_kv_store(zse_backend *be, zse_act *q, zse_act *k, const zse_act *v, zse_kv *kv, int layer,
+                               int n_heads, int n_kv_heads, int head_dim)
+{
+    cuda_impl *c = impl_of(be);
+    if (c->failed)
+        return;
+    if (!c->inv_freq || c->n_freq < head_dim / 2)
+        return set_error(c, "cuda rope: rope_init was not called for head_dim %d", head_dim);
+    if (layer < 0 || layer >= kv->shape.n_layers || n_kv_heads != kv->shape.n_kv_heads ||
+        head_dim != kv->shape.head_dim)
+        return set_error(c, "cuda rope_kv_store: layer %d or heads do not match the cache", layer);
+    const int64_t w = (int64_t)n_kv_heads * head_dim;
+    if ((int64_t)n_heads * head_dim > q->cols || k->cols < w || v->cols < w)
+        return set_error(c, "cuda rope_kv_store: heads do not fit the q/k/v buffers");
+    check_launch(c, zse_cuda_rope_kv_store(&kv->layers[layer], q->d, q->pitch, k->d, k->pitch, v->d, v->pitch,
+                                           c->b.slots, c->b.n_tokens, n_heads, c->b.positions, c->inv_freq,
+                                           c->mscale, c->stream));
+}
+
 static void cuda_attention(zse_backend *be, const zse_kv *kv, int layer, const zse_act *q,
                            const zse_attn_params *p, zse_act *out)
 {
@@ -1199,6 +1218,7 @@ static const zse_backend_ops cuda_ops = {
     cuda_step_end,
     cuda_matmul_multi,
     cuda_weight_load_lookup,
+    cuda_rope_kv_store,
 };
 
 extern "C" int zse_cuda_device_count(void)

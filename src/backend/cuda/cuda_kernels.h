@@ -129,6 +129,12 @@ int zse_cuda_kv_store(const zse_cuda_kv_layer *L, const float *k, int64_t kpitch
                       const float *v, int64_t vpitch, const int32_t *slots, int64_t n,
                       zse_cuda_stream st);
 
+/* RoPE on q (n_heads) and k (L's n_kv_heads) by pos, then k and v stored at slots, in one
+ * launch: the same numbers as zse_cuda_rope twice and zse_cuda_kv_store. */
+int zse_cuda_rope_kv_store(const zse_cuda_kv_layer *L, float *q, int64_t qpitch, float *k, int64_t kpitch,
+                           const float *v, int64_t vpitch, const int32_t *slots, int64_t n, int n_heads,
+                           const int32_t *pos, const float *inv_freq, float mscale, zse_cuda_stream st);
+
 /* Attention over the paged cache for n query tokens. Per token t: seq = seq_of[t], pos =
  * pos[t]; the keys visible are cache positions p with p <= pos (and pos - p < window when
  * window > 0) of that sequence, found through block_table[seq][p / block_size]. q: [n][qpitch]

@@ -344,6 +344,80 @@ extern "C" int zse_cuda_kv_store(const zse_cuda_kv_layer *L, const float *k, int
     return 0;
 }
 
+/* RoPE on q and k and the K/V store in one launch (decode would otherwise pay three): one
+ * warp per (token, head) of q, then per (token, KV head) that rotates its k row and stores it
+ * and v as kv_store_kernel does. The arithmetic is rope_kernel's and kv_store_kernel's. */
+__global__ void rope_kv_store_kernel(zse_cuda_kv_layer L, float *q, int64_t qp, float *k, int64_t kp,
+                                     const float *v, int64_t vp, const int32_t *slots, int64_t n, int n_heads,
+                                     const int32_t *pos, const float *inv_freq, float mscale)
+{
+    const int64_t item = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const int per_token = n_heads + L.n_kv_heads;
+    if (item >= n * per_token)
+        return;
+    const int64_t t = item / per_token;
+    const int hs = (int)(item % per_token);
+    const int hd = L.head_dim, half = hd / 2;
+    const bool is_q = hs < n_heads;
+    const int h = is_q ? hs : hs - n_heads;
+    float *p = is_q ? q + t * qp + (int64_t)h * hd : k + t * kp + (int64_t)h * hd;
+    for (int j = lane; j < half; j += 32) {
+        float sn, c;
+        sincosf((float)pos[t] * inv_freq[j], &sn, &c);
+        c *= mscale;
+        sn *= mscale;
+        const float a = p[j], b = p[j + half];
+        p[j] = a * c - b * sn;
+        p[j + half] = b * c + a * sn;
+    }
+    if (is_q)
+        return;
+    __syncwarp(); /* the rotated k row, written by every lane, is read by every lane below */
+    const int64_t slot = slots[t];
+    if (slot < 0 || slot >= L.n_slots)
+        return;
+    const int64_t dst = (slot * L.n_kv_heads + h) * hd;
+    for (int which = 0; which < 2; which++) {
+        const float *src = which == 0 ? p : v + t * vp + (int64_t)h * hd;
+        void *pool = which == 0 ? L.k : L.v;
+        if (!L.int8) {
+            __half *o = (__half *)pool + dst;
+            for (int d = lane; d < hd; d += 32)
+                o[d] = __float2half_rn(src[d]);
+            continue;
+        }
+        float amax = 0.f;
+        for (int d = lane; d < hd; d += 32)
+            amax = fmaxf(amax, fabsf(src[d]));
+        for (int off = 16; off > 0; off >>= 1)
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        const float scale = amax / 127.f;
+        const float inv = scale > 0.f ? 1.f / scale : 0.f;
+        int8_t *o = (int8_t *)pool + dst;
+        for (int d = lane; d < hd; d += 32)
+            o[d] = (int8_t)__float2int_rn(fminf(fmaxf(src[d] * inv, -127.f), 127.f));
+        if (lane == 0)
+            (which == 0 ? L.kscale : L.vscale)[slot * L.n_kv_heads + h] = scale;
+    }
+}
+
+extern "C" int zse_cuda_rope_kv_store(const zse_cuda_kv_layer *L, float *q, int64_t qpitch, float *k,
+                                      int64_t kpitch, const float *v, int64_t vpitch, const int32_t *slots,
+                                      int64_t n, int n_heads, const int32_t *pos, const float *inv_freq,
+                                      float mscale, zse_cuda_stream st)
+{
+    if (n < 1)
+        return 0;
+    if (L->head_dim < 2 || L->head_dim % 2 || n_heads < 1)
+        return zse_cuda_fail("cuda rope_kv_store: head_dim %d, %d heads", L->head_dim, n_heads);
+    const int64_t threads = n * (n_heads + L->n_kv_heads) * 32;
+    rope_kv_store_kernel<<<(unsigned)zse_ceil_div(threads, 128), 128, 0, (cudaStream_t)st>>>(
+        *L, q, qpitch, k, kpitch, v, vpitch, slots, n, n_heads, pos, inv_freq, mscale);
+    ZSE_CUDA_LAUNCHED("cuda rope_kv_store");
+    return 0;
+}
+
 /* ---- attention ---------------------------------------------------------------------- */
 
 enum {
