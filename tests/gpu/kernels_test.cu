@@ -281,36 +281,9 @@ static void check_matmul(int scheme, int64_t rows, int64_t cols, int group, int 
     cudaFree(p.dev);
 }
 
-/* zse_cuda_matmul_mma, any n (it tiles x in 64-row tiles) */
-static void check_matmul_path_mma(int scheme, int64_t rows, int64_t cols, int group, int n)
-{
-    packed p;
-    pack_random(p, scheme, rows, cols, group);
-    const int64_t xp = pitch_of(cols), yp = pitch_of(rows);
-    std::vector<float> x = rand_vec((size_t)(n * xp), -1.f, 1.f);
-    float *dx = dev_floats(x), *dy;
-    CU(cudaMalloc(&dy, (size_t)(n * yp) * 4));
-    poison(dy, (size_t)(n * yp));
-    LAUNCH(zse_cuda_matmul_mma(&p.w, dx, xp, n, dy, yp, scratch, scratch_bytes, 0));
-    std::vector<float> y = host_floats(dy, (size_t)(n * yp)), got;
-    std::vector<double> ref;
-    for (int t = 0; t < n; t++)
-        for (int64_t r = 0; r < rows; r++) {
-            double v = 0;
-            for (int64_t k = 0; k < cols; k++)
-                v += ref_weight(p, r, k) * x[(size_t)(t * xp + k)];
-            ref.push_back(v);
-            got.push_back(y[(size_t)(t * yp + r)]);
-        }
-    const double e = rel_err(ref, got);
-    CHECK(e < 2e-3, "mma %s n=%d: rel err %.3g", scheme_names[scheme], n, e);
-    cudaFree(dx);
-    cudaFree(dy);
-    cudaFree(p.dev);
-}
-
-/* zse_cuda_matmul at a batch the dispatcher may split into GEMV passes */
-static void check_matmul_dispatch(int scheme, int64_t rows, int64_t cols, int group, int n)
+/* zse_cuda_matmul at a batch the dispatcher may split into GEMV passes; or, with mma_only,
+ * the tensor-core path on its own (any n: it tiles x in 64-row tiles) */
+static void check_matmul_dispatch(int scheme, int64_t rows, int64_t cols, int group, int n, bool mma_only = false)
 {
     packed p;
     pack_random(p, scheme, rows, cols, group);
@@ -320,7 +293,10 @@ static void check_matmul_dispatch(int scheme, int64_t rows, int64_t cols, int gr
     CU(cudaMalloc(&dy, (size_t)(n * yp) * 4));
     poison(dy, (size_t)(n * yp));
     CHECK(zse_cuda_matmul_scratch_bytes(&p.w, n) <= scratch_bytes, "scratch estimate");
-    LAUNCH(zse_cuda_matmul(&p.w, dx, xp, n, dy, yp, cublas, scratch, scratch_bytes, 0));
+    if (mma_only)
+        LAUNCH(zse_cuda_matmul_mma(&p.w, dx, xp, n, dy, yp, scratch, scratch_bytes, 0));
+    else
+        LAUNCH(zse_cuda_matmul(&p.w, dx, xp, n, dy, yp, cublas, scratch, scratch_bytes, 0));
     std::vector<float> y = host_floats(dy, (size_t)(n * yp)), got;
     std::vector<double> ref;
     for (int t = 0; t < n; t++)
@@ -332,7 +308,7 @@ static void check_matmul_dispatch(int scheme, int64_t rows, int64_t cols, int gr
             got.push_back(y[(size_t)(t * yp + r)]);
         }
     const double e = rel_err(ref, got);
-    CHECK(e < 2e-3, "matmul %s n=%d: rel err %.3g", scheme_names[scheme], n, e);
+    CHECK(e < 2e-3, "%s %s n=%d: rel err %.3g", mma_only ? "mma" : "matmul", scheme_names[scheme], n, e);
     cudaFree(dx);
     cudaFree(dy);
     cudaFree(p.dev);
@@ -432,7 +408,7 @@ static void test_matmul(void)
     /* the tensor-core path on its own at prefill sizes (several 64-row x tiles) */
     for (int s : {Q4, Q4S})
         for (int n : {65, 200})
-            check_matmul_path_mma(s, 300, 1024, 128, n);
+            check_matmul_dispatch(s, 300, 1024, 128, n, true);
     /* the dispatcher picks the path by batch size */
     packed p;
     pack_random(p, Q4, 64, 256, 128);

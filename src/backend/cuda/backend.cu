@@ -372,20 +372,30 @@ static int upload(cuda_impl *c, const image *im, void *dev)
     return 0;
 }
 
+/* the packed bytes of a tensor whose shape and scheme make sense and fit what is stored; 0
+ * (and an error naming it) otherwise */
+static size_t checked_tensor_bytes(const zse_tensor_info *t)
+{
+    const zse_qshape *q = &t->q;
+    if (q->rows < 1 || q->cols < 1 || q->scheme < 0 || q->scheme >= ZSE_SCHEME_COUNT) {
+        zse_fail("cuda: tensor %s has a bad shape or scheme", t->name);
+        return 0;
+    }
+    const size_t bytes = zse_qshape_bytes(q);
+    if (bytes == 0 || bytes > t->size) {
+        zse_fail("cuda: tensor %s: %llu bytes stored, %zu expected", t->name, (unsigned long long)t->size, bytes);
+        return 0;
+    }
+    return bytes;
+}
+
 static zse_weight *cuda_weight_load(zse_backend *be, const zse_tensor_info *t)
 {
     cuda_impl *c = impl_of(be);
     const zse_qshape *q = &t->q;
-    if (q->rows < 1 || q->cols < 1 || q->scheme < 0 || q->scheme >= ZSE_SCHEME_COUNT) {
-        zse_fail("cuda: tensor %s has a bad shape or scheme", t->name);
+    const size_t bytes = checked_tensor_bytes(t);
+    if (bytes == 0)
         return NULL;
-    }
-    const size_t bytes = zse_qshape_bytes(q);
-    if (bytes == 0 || bytes > t->size) {
-        zse_fail("cuda: tensor %s: %llu bytes stored, %zu expected", t->name,
-                 (unsigned long long)t->size, bytes);
-        return NULL;
-    }
     zse_qplanes pl;
     zse_qshape_planes(q, &pl);
     zse_weight *w = (zse_weight *)zse_calloc(1, sizeof *w);
@@ -473,15 +483,8 @@ static zse_weight *cuda_weight_load_lookup(zse_backend *be, const zse_tensor_inf
         slot++;
     if (q->rows < 2 || slot == MAX_LOOKUPS)
         return cuda_weight_load(be, t);
-    if (q->cols < 1 || q->scheme < 0 || q->scheme >= ZSE_SCHEME_COUNT) {
-        zse_fail("cuda: tensor %s has a bad shape or scheme", t->name);
+    if (checked_tensor_bytes(t) == 0)
         return NULL;
-    }
-    const size_t bytes = zse_qshape_bytes(q);
-    if (bytes == 0 || bytes > t->size) {
-        zse_fail("cuda: tensor %s: %llu bytes stored, %zu expected", t->name, (unsigned long long)t->size, bytes);
-        return NULL;
-    }
     zse_qplanes pl;
     zse_qshape_planes(q, &pl);
     zse_weight *w = (zse_weight *)zse_calloc(1, sizeof *w);

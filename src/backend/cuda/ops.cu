@@ -255,6 +255,18 @@ extern "C" int zse_cuda_argmax_rows(const float *x, int64_t xpitch, int64_t rows
 
 /* ---- RoPE (rotate-half pairing) ------------------------------------------------------ */
 
+/* rotate the pair (j, j + half) of one head by pos * inv_freq[j] */
+__device__ __forceinline__ void rope_pair(float *p, int j, int half, int32_t pos, const float *inv_freq, float mscale)
+{
+    float s, c;
+    sincosf((float)pos * inv_freq[j], &s, &c);
+    c *= mscale;
+    s *= mscale;
+    const float a = p[j], b = p[j + half];
+    p[j] = a * c - b * s;
+    p[j + half] = b * c + a * s;
+}
+
 __global__ void rope_kernel(float *x, int64_t xp, int64_t n, int n_heads, int head_dim,
                             const int32_t *pos, const float *inv_freq, float mscale)
 {
@@ -266,14 +278,7 @@ __global__ void rope_kernel(float *x, int64_t xp, int64_t n, int n_heads, int he
         const int64_t th = i / half;
         const int h = (int)(th % n_heads);
         const int64_t t = th / n_heads;
-        float s, c;
-        sincosf((float)pos[t] * inv_freq[j], &s, &c);
-        c *= mscale;
-        s *= mscale;
-        float *p = x + t * xp + (int64_t)h * head_dim;
-        const float a = p[j], b = p[j + half];
-        p[j] = a * c - b * s;
-        p[j + half] = b * c + a * s;
+        rope_pair(x + t * xp + (int64_t)h * head_dim, j, half, pos[t], inv_freq, mscale);
     }
 }
 
@@ -293,23 +298,15 @@ extern "C" int zse_cuda_rope(float *x, int64_t xpitch, int64_t n, int n_heads, i
 
 /* ---- paged KV store ----------------------------------------------------------------- */
 
-/* one warp per (token, kv head): f16 store, or int8 with scale = absmax / 127 */
-__global__ void kv_store_kernel(zse_cuda_kv_layer L, const float *k, int64_t kp, const float *v,
-                                int64_t vp, const int32_t *slots, int64_t n)
+/* one warp stores one (slot, kv head) row of k and of v: f16, or int8 with scale =
+ * absmax / 127 */
+__device__ __forceinline__ void store_kv_head(const zse_cuda_kv_layer &L, const float *k, const float *v,
+                                              int64_t slot, int h, int lane)
 {
-    const int64_t item = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    if (item >= n * L.n_kv_heads)
-        return;
-    const int64_t t = item / L.n_kv_heads;
-    const int h = (int)(item % L.n_kv_heads);
-    const int64_t slot = slots[t];
-    if (slot < 0 || slot >= L.n_slots)
-        return;
     const int hd = L.head_dim;
     const int64_t dst = (slot * L.n_kv_heads + h) * hd;
     for (int which = 0; which < 2; which++) {
-        const float *src = (which == 0 ? k + t * kp : v + t * vp) + (int64_t)h * hd;
+        const float *src = which == 0 ? k : v;
         void *pool = which == 0 ? L.k : L.v;
         if (!L.int8) {
             __half *o = (__half *)pool + dst;
@@ -330,6 +327,22 @@ __global__ void kv_store_kernel(zse_cuda_kv_layer L, const float *k, int64_t kp,
         if (lane == 0)
             (which == 0 ? L.kscale : L.vscale)[slot * L.n_kv_heads + h] = scale;
     }
+}
+
+/* one warp per (token, kv head) */
+__global__ void kv_store_kernel(zse_cuda_kv_layer L, const float *k, int64_t kp, const float *v,
+                                int64_t vp, const int32_t *slots, int64_t n)
+{
+    const int64_t item = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (item >= n * L.n_kv_heads)
+        return;
+    const int64_t t = item / L.n_kv_heads;
+    const int h = (int)(item % L.n_kv_heads);
+    const int64_t slot = slots[t];
+    if (slot < 0 || slot >= L.n_slots)
+        return;
+    store_kv_head(L, k + t * kp + (int64_t)h * L.head_dim, v + t * vp + (int64_t)h * L.head_dim, slot, h, lane);
 }
 
 extern "C" int zse_cuda_kv_store(const zse_cuda_kv_layer *L, const float *k, int64_t kpitch,
@@ -362,44 +375,15 @@ __global__ void rope_kv_store_kernel(zse_cuda_kv_layer L, float *q, int64_t qp, 
     const bool is_q = hs < n_heads;
     const int h = is_q ? hs : hs - n_heads;
     float *p = is_q ? q + t * qp + (int64_t)h * hd : k + t * kp + (int64_t)h * hd;
-    for (int j = lane; j < half; j += 32) {
-        float sn, c;
-        sincosf((float)pos[t] * inv_freq[j], &sn, &c);
-        c *= mscale;
-        sn *= mscale;
-        const float a = p[j], b = p[j + half];
-        p[j] = a * c - b * sn;
-        p[j + half] = b * c + a * sn;
-    }
+    for (int j = lane; j < half; j += 32)
+        rope_pair(p, j, half, pos[t], inv_freq, mscale);
     if (is_q)
         return;
     __syncwarp(); /* the rotated k row, written by every lane, is read by every lane below */
     const int64_t slot = slots[t];
     if (slot < 0 || slot >= L.n_slots)
         return;
-    const int64_t dst = (slot * L.n_kv_heads + h) * hd;
-    for (int which = 0; which < 2; which++) {
-        const float *src = which == 0 ? p : v + t * vp + (int64_t)h * hd;
-        void *pool = which == 0 ? L.k : L.v;
-        if (!L.int8) {
-            __half *o = (__half *)pool + dst;
-            for (int d = lane; d < hd; d += 32)
-                o[d] = __float2half_rn(src[d]);
-            continue;
-        }
-        float amax = 0.f;
-        for (int d = lane; d < hd; d += 32)
-            amax = fmaxf(amax, fabsf(src[d]));
-        for (int off = 16; off > 0; off >>= 1)
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        const float scale = amax / 127.f;
-        const float inv = scale > 0.f ? 1.f / scale : 0.f;
-        int8_t *o = (int8_t *)pool + dst;
-        for (int d = lane; d < hd; d += 32)
-            o[d] = (int8_t)__float2int_rn(fminf(fmaxf(src[d] * inv, -127.f), 127.f));
-        if (lane == 0)
-            (which == 0 ? L.kscale : L.vscale)[slot * L.n_kv_heads + h] = scale;
-    }
+    store_kv_head(L, p, v + t * vp + (int64_t)h * hd, slot, h, lane);
 }
 
 extern "C" int zse_cuda_rope_kv_store(const zse_cuda_kv_layer *L, float *q, int64_t qpitch, float *k,
@@ -453,27 +437,101 @@ __device__ __forceinline__ float kv_elem(const zse_cuda_kv_layer &L, const void 
     return L.int8 ? (float)((const int8_t *)pool)[idx] : __half2float(((const __half *)pool)[idx]);
 }
 
+/* what one warp of an attention kernel works on: a (token, head, split) and its keys */
+struct att_item {
+    int64_t t;
+    int h, kvh, seq, k_begin, k_end;
+};
+
+__device__ __forceinline__ bool att_item_of(const zse_cuda_attn &a, int64_t item, int64_t n, int splits, att_item &it)
+{
+    if (item >= n * a.n_heads * splits)
+        return false;
+    const int split = (int)(item % splits);
+    const int64_t th = item / splits;
+    it.h = (int)(th % a.n_heads);
+    it.t = th / a.n_heads;
+    it.kvh = it.h / (a.n_heads / a.n_kv_heads);
+    it.seq = a.seq_of[it.t];
+    const int pos = a.pos[it.t];
+    const int lo_vis = a.window > 0 ? max(0, pos - a.window + 1) : 0;
+    const int per = (pos - lo_vis + 1 + splits - 1) / splits;
+    it.k_begin = lo_vis + split * per;
+    it.k_end = min(pos + 1, it.k_begin + per);
+    return true;
+}
+
+/* the cache slot of key position p through the sequence's block-table row, -1 when the
+ * engine never stored it */
+__device__ __forceinline__ int att_slot(const zse_cuda_kv_layer &L, const zse_cuda_attn &a, const int32_t *bt, int p)
+{
+    const int bi = p / L.block_size;
+    const int blk = bi < a.max_blocks ? bt[bi] : -1;
+    const int64_t sl = (int64_t)blk * L.block_size + p % L.block_size;
+    return blk >= 0 && sl < L.n_slots ? (int)sl : -1;
+}
+
+/* one 32-key tile's online-softmax update from each lane's score (valid: its key exists):
+ * returns the lane's weight and the factor the running sums were scaled by */
+__device__ __forceinline__ float att_tile_softmax(float s, bool valid, float &m, float &l, float &corr)
+{
+    float tmax = s;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+    const float m_new = fmaxf(m, tmax);
+    corr = __expf(m - m_new);
+    const float pw = valid ? __expf(s - m_new) : 0.f;
+    float psum = pw;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        psum += __shfl_xor_sync(0xffffffffu, psum, o);
+    l = l * corr + psum;
+    m = m_new;
+    return pw;
+}
+
+/* the warp's result: the output row when it had all the keys, else its partial state
+ * (acc, max, sum) for attention_combine_kernel. A lane holds dims d0 + i * stride. */
+template <int NV>
+__device__ __forceinline__ void att_finish(const float (&acc)[NV], int d0, int stride, int hd, float m, float l,
+                                           int splits, int64_t item, const att_item &it, float *out, int64_t op,
+                                           float *work, int lane)
+{
+    if (splits == 1) {
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+        for (int i = 0; i < NV; i++) {
+            const int d = d0 + i * stride;
+            if (d < hd)
+                out[it.t * op + (int64_t)it.h * hd + d] = acc[i] * inv;
+        }
+        return;
+    }
+    float *wp = work + item * (hd + 2);
+#pragma unroll
+    for (int i = 0; i < NV; i++) {
+        const int d = d0 + i * stride;
+        if (d < hd)
+            wp[d] = acc[i];
+    }
+    if (lane == 0) {
+        wp[hd] = m;
+        wp[hd + 1] = l;
+    }
+}
+
 __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *q, int64_t qp,
                  int64_t n, int splits, float *out, int64_t op, float *work)
 {
     const int64_t item = (int64_t)blockIdx.x * ATT_WARPS + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
-    if (item >= n * a.n_heads * splits)
+    att_item it;
+    if (!att_item_of(a, item, n, splits, it))
         return;
-    const int split = (int)(item % splits);
-    const int64_t th = item / splits;
-    const int h = (int)(th % a.n_heads);
-    const int64_t t = th / a.n_heads;
-    const int kvh = h / (a.n_heads / a.n_kv_heads);
-    const int hd = a.head_dim;
-    const int seq = a.seq_of[t];
-    const int pos = a.pos[t];
-    const int lo_vis = a.window > 0 ? max(0, pos - a.window + 1) : 0;
-    const int len = pos - lo_vis + 1;
-    const int per = (len + splits - 1) / splits;
-    const int k_begin = lo_vis + split * per;
-    const int k_end = min(pos + 1, k_begin + per);
+    const int64_t t = it.t;
+    const int h = it.h, kvh = it.kvh, hd = a.head_dim;
 
     float qv[ATT_MAX_DPL], acc[ATT_MAX_DPL];
 #pragma unroll
@@ -483,12 +541,10 @@ attention_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *
         acc[i] = 0.f;
     }
     float m = -FLT_MAX, l = 0.f;
-    const int32_t *bt = a.block_table + (int64_t)seq * a.max_blocks;
-    for (int p = k_begin; p < k_end; p++) {
-        const int bi = p / L.block_size;
-        const int blk = bi < a.max_blocks ? bt[bi] : -1;
-        const int64_t slot = (int64_t)blk * L.block_size + p % L.block_size;
-        if (blk < 0 || slot >= L.n_slots)
+    const int32_t *bt = a.block_table + (int64_t)it.seq * a.max_blocks;
+    for (int p = it.k_begin; p < it.k_end; p++) {
+        const int64_t slot = att_slot(L, a, bt, p);
+        if (slot < 0)
             continue;   /* not in the cache: the engine never stored this position */
         const int64_t base = (slot * L.n_kv_heads + kvh) * hd;
         float s = 0.f;
@@ -517,27 +573,7 @@ attention_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *
                 acc[i] = acc[i] * corr + pw * vs * kv_elem(L, L.v, base + d);
         }
     }
-    if (splits == 1) {
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-#pragma unroll
-        for (int i = 0; i < ATT_MAX_DPL; i++) {
-            const int d = lane + 32 * i;
-            if (d < hd)
-                out[t * op + (int64_t)h * hd + d] = acc[i] * inv;
-        }
-        return;
-    }
-    float *wp = work + item * (hd + 2);
-#pragma unroll
-    for (int i = 0; i < ATT_MAX_DPL; i++) {
-        const int d = lane + 32 * i;
-        if (d < hd)
-            wp[d] = acc[i];
-    }
-    if (lane == 0) {
-        wp[hd] = m;
-        wp[hd + 1] = l;
-    }
+    att_finish<ATT_MAX_DPL>(acc, lane, 32, hd, m, l, splits, item, it, out, op, work, lane);
 }
 
 /* The same walk, 32 keys at a time: lane j scores key j of the tile with whole-row 16-byte
@@ -552,21 +588,11 @@ attention_tile_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const fl
     __shared__ __align__(16) float qs[ATT_WARPS][32 * ATT_MAX_DPL];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t item = (int64_t)blockIdx.x * ATT_WARPS + warp;
-    if (item >= n * a.n_heads * splits)
+    att_item it;
+    if (!att_item_of(a, item, n, splits, it))
         return;
-    const int split = (int)(item % splits);
-    const int64_t th = item / splits;
-    const int h = (int)(th % a.n_heads);
-    const int64_t t = th / a.n_heads;
-    const int kvh = h / (a.n_heads / a.n_kv_heads);
-    const int hd = a.head_dim;
-    const int seq = a.seq_of[t];
-    const int pos = a.pos[t];
-    const int lo_vis = a.window > 0 ? max(0, pos - a.window + 1) : 0;
-    const int len = pos - lo_vis + 1;
-    const int per = (len + splits - 1) / splits;
-    const int k_begin = lo_vis + split * per;
-    const int k_end = min(pos + 1, k_begin + per);
+    const int64_t t = it.t;
+    const int h = it.h, kvh = it.kvh, hd = a.head_dim, k_end = it.k_end;
 
     float *qw = qs[warp];
     for (int d = lane; d < hd; d += 32)
@@ -578,18 +604,11 @@ attention_tile_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const fl
     for (int i = 0; i < ATT_MAX_DPL; i++)
         acc[i] = 0.f;
     float m = -FLT_MAX, l = 0.f;
-    const int32_t *bt = a.block_table + (int64_t)seq * a.max_blocks;
-    for (int k0 = k_begin; k0 < k_end; k0 += 32) {
+    const int32_t *bt = a.block_table + (int64_t)it.seq * a.max_blocks;
+    for (int k0 = it.k_begin; k0 < k_end; k0 += 32) {
         /* score: lane j takes key k0 + j */
         const int p = k0 + lane;
-        int slot = -1;
-        if (p < k_end) {
-            const int bi = p / L.block_size;
-            const int blk = bi < a.max_blocks ? bt[bi] : -1;
-            const int64_t sl = (int64_t)blk * L.block_size + p % L.block_size;
-            if (blk >= 0 && sl < L.n_slots)
-                slot = (int)sl;
-        }
+        const int slot = p < k_end ? att_slot(L, a, bt, p) : -1;
         float s = -INFINITY, vscale = 1.f;
         if (slot >= 0) {
             const int64_t base = ((int64_t)slot * L.n_kv_heads + kvh) * hd;
@@ -637,19 +656,8 @@ attention_tile_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const fl
             }
             s = dot;
         }
-        float tmax = s;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1)
-            tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
-        const float m_new = fmaxf(m, tmax);
-        const float corr = __expf(m - m_new);
-        const float pw = slot >= 0 ? __expf(s - m_new) : 0.f;
-        float psum = pw;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1)
-            psum += __shfl_xor_sync(0xffffffffu, psum, o);
-        l = l * corr + psum;
-        m = m_new;
+        float corr;
+        const float pw = att_tile_softmax(s, slot >= 0, m, l, corr);
 #pragma unroll
         for (int i = 0; i < ATT_MAX_DPL; i++)
             acc[i] *= corr;
@@ -671,27 +679,7 @@ attention_tile_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const fl
             }
         }
     }
-    if (splits == 1) {
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-#pragma unroll
-        for (int i = 0; i < ATT_MAX_DPL; i++) {
-            const int d = lane + 32 * i;
-            if (d < hd)
-                out[t * op + (int64_t)h * hd + d] = acc[i] * inv;
-        }
-        return;
-    }
-    float *wp = work + item * (hd + 2);
-#pragma unroll
-    for (int i = 0; i < ATT_MAX_DPL; i++) {
-        const int d = lane + 32 * i;
-        if (d < hd)
-            wp[d] = acc[i];
-    }
-    if (lane == 0) {
-        wp[hd] = m;
-        wp[hd + 1] = l;
-    }
+    att_finish<ATT_MAX_DPL>(acc, lane, 32, hd, m, l, splits, item, it, out, op, work, lane);
 }
 
 /* The tile walk for the common head sizes (64, 128, 256), with the head size and the storage
@@ -739,20 +727,11 @@ attention_hd_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const floa
     __shared__ __align__(16) float qs[ATT_WARPS][HD];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t item = (int64_t)blockIdx.x * ATT_WARPS + warp;
-    if (item >= n * a.n_heads * splits)
+    att_item it;
+    if (!att_item_of(a, item, n, splits, it))
         return;
-    const int split = (int)(item % splits);
-    const int64_t th = item / splits;
-    const int h = (int)(th % a.n_heads);
-    const int64_t t = th / a.n_heads;
-    const int kvh = h / (a.n_heads / a.n_kv_heads);
-    const int seq = a.seq_of[t];
-    const int pos = a.pos[t];
-    const int lo_vis = a.window > 0 ? max(0, pos - a.window + 1) : 0;
-    const int len = pos - lo_vis + 1;
-    const int per = (len + splits - 1) / splits;
-    const int k_begin = lo_vis + split * per;
-    const int k_end = min(pos + 1, k_begin + per);
+    const int64_t t = it.t;
+    const int h = it.h, kvh = it.kvh, k_end = it.k_end;
 
     float *qw = qs[warp];
 #pragma unroll
@@ -765,17 +744,10 @@ attention_hd_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const floa
     for (int i = 0; i < DPL; i++)
         acc[i] = 0.f;
     float m = -FLT_MAX, l = 0.f;
-    const int32_t *bt = a.block_table + (int64_t)seq * a.max_blocks;
-    for (int k0 = k_begin; k0 < k_end; k0 += 32) {
+    const int32_t *bt = a.block_table + (int64_t)it.seq * a.max_blocks;
+    for (int k0 = it.k_begin; k0 < k_end; k0 += 32) {
         const int p = k0 + lane;
-        int slot = -1;
-        if (p < k_end) {
-            const int bi = p / L.block_size;
-            const int blk = bi < a.max_blocks ? bt[bi] : -1;
-            const int64_t sl = (int64_t)blk * L.block_size + p % L.block_size;
-            if (blk >= 0 && sl < L.n_slots)
-                slot = (int)sl;
-        }
+        const int slot = p < k_end ? att_slot(L, a, bt, p) : -1;
         float s = -INFINITY, vscale = 1.f;
         if (slot >= 0) {
             const int64_t row = (int64_t)slot * L.n_kv_heads + kvh;
@@ -817,19 +789,8 @@ attention_hd_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const floa
             }
             s = dot;
         }
-        float tmax = s;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1)
-            tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
-        const float m_new = fmaxf(m, tmax);
-        const float corr = __expf(m - m_new);
-        const float pw = slot >= 0 ? __expf(s - m_new) : 0.f;
-        float psum = pw;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1)
-            psum += __shfl_xor_sync(0xffffffffu, psum, o);
-        l = l * corr + psum;
-        m = m_new;
+        float corr;
+        const float pw = att_tile_softmax(s, slot >= 0, m, l, corr);
 #pragma unroll
         for (int i = 0; i < DPL; i++)
             acc[i] *= corr;
@@ -849,22 +810,7 @@ attention_hd_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const floa
                 acc[i] = fmaf(pj, f[i], acc[i]);
         }
     }
-    const int d0 = lane * DPL;
-    if (splits == 1) {
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-#pragma unroll
-        for (int i = 0; i < DPL; i++)
-            out[t * op + (int64_t)h * HD + d0 + i] = acc[i] * inv;
-        return;
-    }
-    float *wp = work + item * (HD + 2);
-#pragma unroll
-    for (int i = 0; i < DPL; i++)
-        wp[d0 + i] = acc[i];
-    if (lane == 0) {
-        wp[HD] = m;
-        wp[HD + 1] = l;
-    }
+    att_finish<DPL>(acc, lane * DPL, 1, HD, m, l, splits, item, it, out, op, work, lane);
 }
 
 /* merge the splits of one (token, head): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s */
