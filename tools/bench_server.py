@@ -137,13 +137,20 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2, help="runs per level; the best aggregate is kept")
     ap.add_argument("--serve-arg", action="append", default=[], help="extra zse serve flag (repeatable)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (0: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--host-sampling", action="store_true",
+                    help="add a negligible frequency penalty, which keeps sampling on the host (for comparison)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     # a prompt of exactly --prompt-tokens tokens: token ids, so no tokenizer is needed here
     body = {"model": os.path.basename(args.model)[:-4] if args.model.endswith(".zse") else args.model,
             "prompt": [100 + (i * 37) % 1500 for i in range(args.prompt_tokens)], "max_tokens": args.gen_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": args.temperature, "top_p": args.top_p, "seed": 7, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if args.host_sampling:
+        body["frequency_penalty"] = 1e-6
     bench = zse_bench(args)
     with tempfile.TemporaryDirectory(prefix="zse-bench-") as tmp:
         proc, port = start_server(args, tmp)
@@ -163,7 +170,8 @@ def main():
         overhead_us = round((single["wall_s"] - engine_s) / single["completion_tokens"] * 1e6, 1)
     report = {"date": date.today().isoformat(), "machine": platform.node(), "model": args.model,
               "quant": bench.get("quant"), "threads": args.threads, "prompt_tokens": args.prompt_tokens,
-              "gen_tokens": args.gen_tokens, "zse_bench_decode_tok_s": bench["decode_tok_s"],
+              "gen_tokens": args.gen_tokens, "temperature": args.temperature, "top_p": args.top_p,
+              "host_sampling": args.host_sampling, "zse_bench_decode_tok_s": bench["decode_tok_s"],
               "zse_bench_prefill_tok_s": bench["prefill_tok_s"], "levels": levels,
               "server_overhead_us_per_token": overhead_us}
     print(json.dumps(report, indent=2))

@@ -57,6 +57,15 @@ typedef struct {
     int sliding_window;             /* 0 = full causal attention */
 } zse_attn_params;
 
+/* one row's sampling for sample_rows */
+typedef struct {
+    float temperature;              /* <= 0: greedy */
+    float top_p;                    /* 1: off */
+    float min_p;                    /* 0: off */
+    float u;                        /* the caller's uniform draw in [0, 1) */
+    int top_k;                      /* 0: off; 1: greedy */
+} zse_sample_row;
+
 /* one weight of matmul_multi */
 typedef struct {
     const zse_weight *w;
@@ -166,6 +175,12 @@ typedef struct zse_backend_ops {
      * NULL: rope then kv_store. */
     void (*rope_kv_store)(zse_backend *be, zse_act *q, zse_act *k, const zse_act *v, zse_kv *kv, int layer,
                           int n_heads, int n_kv_heads, int head_dim);
+    /* out[r] = a token drawn from row r of the logits x (rows x cols; x is overwritten) by
+     * p[r], into host memory, after the queued work: temperature, top-k, top-p and min-p
+     * where the logits are. The same distribution as the host sampler (sampler.c), not the
+     * same token for the same u. NULL: the caller samples on the host. */
+    int (*sample_rows)(zse_backend *be, zse_act *x, int64_t rows, int64_t cols, const zse_sample_row *p,
+                       int32_t *out);
 } zse_backend_ops;
 
 enum {

@@ -83,6 +83,9 @@ int32_t zse_sample(const zse_sampling *s, float *logits, int vocab, const zse_hi
 /* greedy with nothing that changes logits first and no logprobs: the token zse_sample picks
  * is the logits' argmax (lowest id on ties), which a backend can take where they are */
 bool zse_sampling_plain_greedy(const zse_sampling *s);
+/* nothing but temperature, top-k, top-p and min-p (no penalties, bias or logprobs): a
+ * backend's sample_rows can draw the token where the logits are */
+bool zse_sampling_on_device(const zse_sampling *s);
 
 #define ZSE_MAX_TOP_LOGPROBS 20
 typedef struct {

@@ -170,12 +170,16 @@ static int nucleus_candidates(const float *p, int vocab, double total, float top
     }
 }
 
+bool zse_sampling_on_device(const zse_sampling *s)
+{
+    bool repetition = s->repetition_penalty > 0 && s->repetition_penalty != 1.0f;
+    return !repetition && s->presence_penalty == 0 && s->frequency_penalty == 0 && s->n_logit_bias == 0 &&
+           !s->logprobs && s->top_logprobs == 0;
+}
+
 bool zse_sampling_plain_greedy(const zse_sampling *s)
 {
-    bool greedy = s->temperature <= 0 || s->top_k == 1;
-    bool repetition = s->repetition_penalty > 0 && s->repetition_penalty != 1.0f;
-    return greedy && !repetition && s->presence_penalty == 0 && s->frequency_penalty == 0 && s->n_logit_bias == 0 &&
-           !s->logprobs && s->top_logprobs == 0;
+    return (s->temperature <= 0 || s->top_k == 1) && zse_sampling_on_device(s);
 }
 
 int32_t zse_sample(const zse_sampling *s, float *logits, int vocab, const zse_history *h, zse_rng *rng,

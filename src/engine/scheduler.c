@@ -68,8 +68,9 @@ struct zse_engine {
     size_t table_cap;
     float *logits;              /* [max_seqs][vocab] */
     float *raw;                 /* one row before sampling changes it (logprobs) */
-    int32_t *greedy_ids;        /* [max_seqs]: the step's argmax ids when every row is plain greedy */
+    int32_t *greedy_ids;        /* [max_seqs]: the step's tokens when the backend picked them */
     bool greedy_step;           /* this step's tokens come from greedy_ids, not from logits */
+    zse_sample_row *sample_rows;/* [max_seqs]: what the backend draws by (device sampling) */
     float *work_p;
     int32_t *work_i;            /* zeroed sampler scratch */
     struct request **plan_seqs; /* [max_seqs] the step's requests */
@@ -420,12 +421,31 @@ static int run_plan(zse_engine *e, const plan *pl)
                    e->b_table, width, n_out, e->b_rows};
     /* when every row that samples is plain greedy, only the argmax ids leave the backend
      * (on a GPU the logits stay there); the host sampler's argmax picks the same id */
-    e->greedy_step = n_out > 0;
-    for (int s = 0; s < pl->n_seqs && e->greedy_step; s++)
-        if (pl->seqs[s]->out_index >= 0 && !zse_sampling_plain_greedy(&pl->seqs[s]->gen.s))
-            e->greedy_step = false;
-    if (e->greedy_step)
+    bool greedy = n_out > 0, on_device = n_out > 0 && zse_llm_can_sample(e->m->llm);
+    for (int s = 0; s < pl->n_seqs; s++) {
+        const zse_sampling *sp = &pl->seqs[s]->gen.s;
+        if (pl->seqs[s]->out_index < 0)
+            continue;
+        greedy = greedy && zse_sampling_plain_greedy(sp);
+        on_device = on_device && zse_sampling_on_device(sp);
+    }
+    e->greedy_step = greedy || on_device;
+    if (greedy)
         return zse_llm_forward_argmax(e->m->llm, e->m->kv, &b, e->greedy_ids);
+    if (on_device) {
+        /* temperature, top-k, top-p and min-p where the logits are: each row draws with its
+         * request's RNG, one uniform per sampled token as on the host */
+        for (int s = 0; s < pl->n_seqs; s++) {
+            request *r = pl->seqs[s];
+            if (r->out_index < 0)
+                continue;
+            const zse_sampling *sp = &r->gen.s;
+            const bool g = sp->temperature <= 0 || sp->top_k == 1;
+            e->sample_rows[r->out_index] = (zse_sample_row){sp->temperature, sp->top_p, sp->min_p,
+                                                            g ? 0.f : (float)zse_rng_uniform(&r->gen.rng), sp->top_k};
+        }
+        return zse_llm_forward_sample(e->m->llm, e->m->kv, &b, e->sample_rows, e->greedy_ids);
+    }
     return zse_llm_forward(e->m->llm, e->m->kv, &b, e->logits);
 }
 
@@ -577,6 +597,7 @@ static void engine_free(zse_engine *e)
     free(e->b_rows);
     free(e->logits);
     free(e->greedy_ids);
+    free(e->sample_rows);
     free(e->raw);
     free(e->work_p);
     free(e->work_i);
@@ -610,10 +631,11 @@ zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p)
     e->logits = zse_malloc((size_t)out_rows * (size_t)V * sizeof(float));
     e->raw = zse_malloc((size_t)V * sizeof(float));
     e->greedy_ids = zse_malloc((size_t)out_rows * sizeof(int32_t));
+    e->sample_rows = zse_malloc((size_t)out_rows * sizeof *e->sample_rows);
     e->work_p = zse_malloc((size_t)V * sizeof(float));
     e->work_i = zse_calloc((size_t)V, sizeof(int32_t));
     bool ok = e->running && e->plan_seqs && e->b_tokens && e->b_pos && e->b_seq && e->b_slots && e->b_lens && e->b_rows &&
-              e->logits && e->raw && e->greedy_ids && e->work_p && e->work_i;
+              e->logits && e->raw && e->greedy_ids && e->sample_rows && e->work_p && e->work_i;
     if (ok) {
         pthread_mutex_lock(&m->run_lock);
         ok = zse_llm_reserve(m->llm, T, out_rows) == 0;

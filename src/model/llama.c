@@ -424,6 +424,18 @@ int zse_llm_forward(zse_llm *m, zse_kv *kv, const zse_batch *b, float *logits)
 
 uint64_t zse_llm_steps(const zse_llm *m) { return m->steps; }
 
+bool zse_llm_can_sample(const zse_llm *m) { return ops(m)->sample_rows != NULL; }
+
+int zse_llm_forward_sample(zse_llm *m, zse_kv *kv, const zse_batch *b, const zse_sample_row *p, int32_t *ids)
+{
+    if (!ops(m)->sample_rows)
+        return zse_fail("the %s backend does not sample", ops(m)->name);
+    int rc = forward_to_logits(m, kv, b);
+    if (rc != 0)
+        return rc < 0 ? -1 : 0;
+    return ops(m)->sample_rows(m->be, m->logits, b->n_out, m->c.vocab_size, p, ids);
+}
+
 int zse_llm_read_logits(zse_llm *m, int rows, float *logits)
 {
     if (rows < 1 || rows > m->max_out)

@@ -27,6 +27,12 @@ int zse_llm_forward(zse_llm *m, zse_kv *kv, const zse_batch *b, float *logits);
  * where the logits are (on a GPU they never cross to the host) */
 int zse_llm_forward_argmax(zse_llm *m, zse_kv *kv, const zse_batch *b, int32_t *ids);
 
+/* whether the backend samples where the logits are (zse_llm_forward_sample) */
+bool zse_llm_can_sample(const zse_llm *m);
+/* the same, but draws each out row's token by p[row] on the backend (ids [b->n_out]); the
+ * logits are not kept */
+int zse_llm_forward_sample(zse_llm *m, zse_kv *kv, const zse_batch *b, const zse_sample_row *p, int32_t *ids);
+
 /* forward passes started so far (a caller tells from it whether the logits buffer still
  * holds its step's rows) */
 uint64_t zse_llm_steps(const zse_llm *m);

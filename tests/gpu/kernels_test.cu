@@ -727,6 +727,111 @@ static void check_attention(const attn_case &c)
     cudaFree(work);
 }
 
+/* sampling on the device: N rows of the same logits drawn with stratified uniforms
+ * (u = (i + 0.5) / N) must pick each kept id N * p(id) times, +-1, where the kept set and
+ * p follow the host sampler's rules (temperature, top-k within ties, top-p over the top-k
+ * mass, min-p against the largest); greedy rows give the argmax (lowest id on ties, NaN
+ * never wins) */
+static void check_sample(float temperature, int top_k, float top_p, float min_p)
+{
+    const int cols = 1000, N = 4000;
+    std::vector<float> logits = rand_vec((size_t)cols, -4.f, 4.f);
+    logits[17] = NAN;
+    logits[18] = -INFINITY;
+    logits[500] = logits[501] = 4.5f; /* a tie at the top */
+    const bool greedy = temperature <= 0 || top_k == 1;
+    /* the reference, in the kernel's float arithmetic */
+    float mx = -INFINITY;
+    for (float v : logits)
+        mx = fmaxf(mx, v);
+    std::vector<double> p((size_t)cols);
+    for (int i = 0; i < cols; i++)
+        p[(size_t)i] = logits[(size_t)i] == logits[(size_t)i] ? exp((logits[(size_t)i] - mx) / temperature) : 0.0;
+    std::vector<int> order(cols);
+    for (int i = 0; i < cols; i++)
+        order[(size_t)i] = i;
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return p[(size_t)a] > p[(size_t)b] || (p[(size_t)a] == p[(size_t)b] && a < b); });
+    int n = cols;
+    if (top_k > 0 && top_k < cols)
+        n = top_k;
+    double mass = 0;
+    for (int i = 0; i < n; i++)
+        mass += p[(size_t)order[(size_t)i]];
+    if (top_p > 0 && top_p < 1) {
+        double cum = 0;
+        int k = 0;
+        while (k < n) {
+            cum += p[(size_t)order[(size_t)k++]];
+            if (cum >= top_p * mass)
+                break;
+        }
+        n = k;
+    }
+    if (min_p > 0) {
+        int k = 1;
+        while (k < n && p[(size_t)order[(size_t)k]] >= min_p)
+            k++;
+        n = k;
+    }
+    std::vector<double> want((size_t)cols, 0.0);
+    double kept = 0;
+    for (int i = 0; i < n; i++)
+        kept += p[(size_t)order[(size_t)i]];
+    for (int i = 0; i < n; i++)
+        want[(size_t)order[(size_t)i]] = p[(size_t)order[(size_t)i]] / kept * N;
+
+    std::vector<float> x((size_t)N * cols);
+    for (int r = 0; r < N; r++)
+        std::copy(logits.begin(), logits.end(), x.begin() + (size_t)r * cols);
+    std::vector<zse_cuda_sample> prm((size_t)N);
+    for (int r = 0; r < N; r++)
+        prm[(size_t)r] = {temperature, top_p, min_p, (r + 0.5f) / N, top_k};
+    float *dx = dev_floats(x);
+    zse_cuda_sample *dp;
+    int32_t *dout;
+    CU(cudaMalloc(&dp, prm.size() * sizeof prm[0]));
+    CU(cudaMalloc(&dout, (size_t)N * 4));
+    CU(cudaMemcpy(dp, prm.data(), prm.size() * sizeof prm[0], cudaMemcpyHostToDevice));
+    LAUNCH(zse_cuda_sample_rows(dx, cols, N, cols, dp, dout, 0));
+    std::vector<int32_t> ids((size_t)N);
+    CU(cudaMemcpy(ids.data(), dout, (size_t)N * 4, cudaMemcpyDeviceToHost));
+    std::vector<int> count((size_t)cols, 0);
+    bool in_range = true;
+    for (int32_t id : ids) {
+        in_range = in_range && id >= 0 && id < cols;
+        if (id >= 0 && id < cols)
+            count[(size_t)id]++;
+    }
+    CHECK(in_range, "sample: an id out of range");
+    if (greedy) {
+        CHECK(count[500] == N, "sample greedy: %d of %d rows took the argmax 500", count[500], N);
+    } else {
+        double worst = 0;
+        int outside = 0;
+        for (int i = 0; i < cols; i++) {
+            worst = std::max(worst, fabs(count[(size_t)i] - want[(size_t)i]));
+            outside += want[(size_t)i] == 0 && count[(size_t)i] > 0;
+        }
+        CHECK(outside == 0 && worst <= 2.0, "sample T=%g k=%d p=%g min_p=%g: %d draws outside the kept set, worst count off by %.1f",
+              temperature, top_k, top_p, min_p, outside, worst);
+    }
+    cudaFree(dx);
+    cudaFree(dp);
+    cudaFree(dout);
+}
+
+static void test_sample(void)
+{
+    check_sample(0.f, 0, 1.f, 0.f);         /* greedy */
+    check_sample(0.8f, 1, 1.f, 0.f);        /* top-k 1 */
+    check_sample(0.7f, 0, 1.f, 0.f);        /* temperature alone: the whole vocabulary */
+    check_sample(1.0f, 50, 1.f, 0.f);
+    check_sample(0.9f, 0, 0.8f, 0.f);
+    check_sample(1.2f, 0, 1.f, 0.05f);
+    check_sample(0.8f, 40, 0.9f, 0.02f);
+    check_sample(2.0f, 999, 0.5f, 0.f);
+}
+
 /* the fused RoPE + K/V store equals RoPE on q and k then the store, bit for bit, in both
  * storages, with a skipped (negative) slot and GQA */
 static void test_rope_kv_store(void)
@@ -1359,6 +1464,7 @@ int main(int argc, char **argv)
     test_embed();
     test_elementwise();
     test_rope_kv_store();
+    test_sample();
     test_attention();
     CU(cudaDeviceSynchronize());
     printf("%d passed, %d failed\n", passed, failed);

@@ -1172,6 +1172,45 @@ static int cuda_argmax_rows(zse_backend *be, const zse_act *x, int64_t rows, int
     return 0;
 }
 
+static int cuda_sample_rows(zse_backend *be, zse_act *x, int64_t rows, int64_t cols, const zse_sample_row *p,
+                            int32_t *out)
+{
+    cuda_impl *c = impl_of(be);
+    if (c->failed)
+        return zse_fail("%s", c->err);
+    if (rows < 0 || rows > x->rows || cols > x->cols)
+        return zse_fail("cuda sample_rows: %lld x %lld of a %lld x %lld buffer", (long long)rows, (long long)cols,
+                        (long long)x->rows, (long long)x->cols);
+    if (rows == 0)
+        return 0;
+    /* the attention workspace (free between steps): ids, then from 256 bytes on the
+     * parameters; the pinned bounce buffer likewise */
+    const size_t ids = ((size_t)rows * sizeof(int32_t) + 255) & ~(size_t)255, prm = (size_t)rows * sizeof(zse_cuda_sample);
+    if (ensure_device(c, &c->att_work, &c->att_work_cap, ids + prm, "sample_rows") != 0 ||
+        ensure_pinned(c, &c->bounce, &c->bounce_cap, ids + prm, "sample_rows") != 0)
+        return -1;
+    zse_cuda_sample *hp = (zse_cuda_sample *)(c->bounce + ids);
+    for (int64_t r = 0; r < rows; r++) {
+        hp[r].temperature = p[r].temperature;
+        hp[r].top_p = p[r].top_p;
+        hp[r].min_p = p[r].min_p;
+        hp[r].u = p[r].u;
+        hp[r].top_k = p[r].top_k;
+    }
+    uint8_t *dev = (uint8_t *)c->att_work;
+    if (cuda_call(cudaMemcpyAsync(dev + ids, hp, prm, cudaMemcpyHostToDevice, c->stream), "sample_rows") != 0)
+        return -1;
+    if (zse_cuda_sample_rows(x->d, x->pitch, rows, cols, (const zse_cuda_sample *)(dev + ids), (int32_t *)dev,
+                             c->stream) != 0)
+        return zse_fail("%s", zse_cuda_last_error());
+    if (cuda_call(cudaMemcpyAsync(c->bounce, dev, (size_t)rows * sizeof(int32_t), cudaMemcpyDeviceToHost, c->stream),
+                  "sample_rows") != 0 ||
+        cuda_call(cudaStreamSynchronize(c->stream), "sample_rows") != 0)
+        return -1;
+    memcpy(out, c->bounce, (size_t)rows * sizeof(int32_t));
+    return 0;
+}
+
 static void cuda_memory(zse_backend *be, zse_backend_memory *out)
 {
     cuda_impl *c = impl_of(be);
@@ -1222,6 +1261,7 @@ static const zse_backend_ops cuda_ops = {
     cuda_matmul_multi,
     cuda_weight_load_lookup,
     cuda_rope_kv_store,
+    cuda_sample_rows,
 };
 
 extern "C" int zse_cuda_device_count(void)

@@ -103,6 +103,16 @@ int zse_cuda_add(float *x, int64_t xpitch, const float *y, int64_t ypitch, int64
 /* out[r] = the lowest index of the largest value of row r (NaNs never win); device ints */
 int zse_cuda_argmax_rows(const float *x, int64_t xpitch, int64_t rows, int64_t cols, int32_t *out,
                          zse_cuda_stream st);
+/* one row's sampling parameters: temperature (<= 0: greedy), top_k (0 off, 1 greedy),
+ * top_p (1 off), min_p (0 off), and the uniform in [0, 1) that draws the token */
+typedef struct {
+    float temperature, top_p, min_p, u;
+    int top_k;
+} zse_cuda_sample;
+/* out[r] = a token drawn from row r of the logits x by params[r] (device arrays); x is
+ * overwritten with the rows' unnormalized probabilities */
+int zse_cuda_sample_rows(float *x, int64_t xpitch, int64_t rows, int64_t cols, const zse_cuda_sample *params,
+                         int32_t *out, zse_cuda_stream st);
 int zse_cuda_gather_rows(const float *x, int64_t xpitch, const int32_t *rows_idx, int64_t n,
                          int64_t dim, float *out, int64_t opitch, zse_cuda_stream st);
 
