@@ -372,6 +372,22 @@ static int upload(cuda_impl *c, const image *im, void *dev)
     return 0;
 }
 
+/* the kernels' view of a packed tensor whose planes start at base */
+static void describe_planes(zse_cuda_weight *cw, const zse_qshape *q, const zse_qplanes *pl, const uint8_t *base,
+                            int64_t row_bytes)
+{
+    const bool plain = zse_scheme_layout(q->scheme) == ZSE_LAYOUT_PLAIN;
+    cw->scheme = q->scheme;
+    cw->rows = q->rows;
+    cw->cols = q->cols;
+    cw->group_size = q->group_size;
+    cw->qs = base + pl->qs;
+    cw->row_bytes = row_bytes;
+    cw->scales = plain ? NULL : base + pl->scales;
+    cw->mins = q->scheme == ZSE_SCHEME_Q4 ? base + pl->mins : NULL;
+    cw->groups = pl->groups;
+}
+
 /* the packed bytes of a tensor whose shape and scheme make sense and fit what is stored; 0
  * (and an error naming it) otherwise */
 static size_t checked_tensor_bytes(const zse_tensor_info *t)
@@ -420,16 +436,7 @@ static zse_weight *cuda_weight_load(zse_backend *be, const zse_tensor_info *t)
         free(w);
         return NULL;
     }
-    uint8_t *d = (uint8_t *)w->dev;
-    w->w.scheme = q->scheme;
-    w->w.rows = q->rows;
-    w->w.cols = q->cols;
-    w->w.group_size = q->group_size;
-    w->w.qs = d + pl.qs;
-    w->w.row_bytes = (int64_t)im.dev_row;
-    w->w.scales = plain ? NULL : d + pl.scales;
-    w->w.mins = q->scheme == ZSE_SCHEME_Q4 ? d + pl.mins : NULL;
-    w->w.groups = pl.groups;
+    describe_planes(&w->w, q, &pl, (const uint8_t *)w->dev, (int64_t)im.dev_row);
     /* the compute stream must see the upload before the first use */
     if (cuda_call(cudaStreamSynchronize(c->copy_stream), "finishing a weight copy") != 0) {
         cudaFree(w->dev);
@@ -490,18 +497,9 @@ static zse_weight *cuda_weight_load_lookup(zse_backend *be, const zse_tensor_inf
     zse_weight *w = (zse_weight *)zse_calloc(1, sizeof *w);
     if (!w)
         return NULL;
-    const uint8_t *d = (const uint8_t *)t->data;
     const bool plain = zse_scheme_layout(q->scheme) == ZSE_LAYOUT_PLAIN;
     w->host = true;
-    w->w.scheme = q->scheme;
-    w->w.rows = q->rows;
-    w->w.cols = q->cols;
-    w->w.group_size = q->group_size;
-    w->w.qs = d + pl.qs;
-    w->w.row_bytes = (int64_t)pl.row_bytes;
-    w->w.scales = plain ? NULL : d + pl.scales;
-    w->w.mins = q->scheme == ZSE_SCHEME_Q4 ? d + pl.mins : NULL;
-    w->w.groups = pl.groups;
+    describe_planes(&w->w, q, &pl, (const uint8_t *)t->data, (int64_t)pl.row_bytes);
     w->qs_row = pl.row_bytes;
     w->scale_row = plain ? 0 : q->scheme == ZSE_SCHEME_Q8 ? sizeof(float) : (size_t)pl.groups * 2;
     w->min_row = q->scheme == ZSE_SCHEME_Q4 ? (size_t)pl.groups * 2 : 0;

@@ -15,6 +15,29 @@ enum { EW_THREADS = 256 };
 
 /* ---- RMSNorm --------------------------------------------------------------------- */
 
+/* every thread of the block gets the sum of v over the block */
+__device__ float block_sum(float v)
+{
+    __shared__ float part[32];
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    if ((threadIdx.x & 31) == 0)
+        part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        v = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
+        for (int o = 16; o > 0; o >>= 1)
+            v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (threadIdx.x == 0)
+            part[0] = v;
+    }
+    __syncthreads();
+    v = part[0];
+    __syncthreads();
+    return v;
+}
+
+
 __global__ void rmsnorm_kernel(const float *x, int64_t xpitch, const float *w, float eps,
                                int64_t dim, float *out, int64_t opitch)
 {
@@ -23,21 +46,7 @@ __global__ void rmsnorm_kernel(const float *x, int64_t xpitch, const float *w, f
     float ss = 0.f;
     for (int64_t i = threadIdx.x; i < dim; i += blockDim.x)
         ss = fmaf(xr[i], xr[i], ss);
-    __shared__ float part[32];
-    for (int off = 16; off > 0; off >>= 1)
-        ss += __shfl_xor_sync(0xffffffffu, ss, off);
-    if ((threadIdx.x & 31) == 0)
-        part[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        ss = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
-        for (int off = 16; off > 0; off >>= 1)
-            ss += __shfl_xor_sync(0xffffffffu, ss, off);
-        if (threadIdx.x == 0)
-            part[0] = ss;
-    }
-    __syncthreads();
-    const float inv = rsqrtf(part[0] / (float)dim + eps);
+    const float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
     for (int64_t i = threadIdx.x; i < dim; i += blockDim.x)
         o[i] = xr[i] * inv * w[i];
 }
@@ -70,21 +79,7 @@ __global__ void rmsnorm_vec_kernel(const float *x, int64_t xpitch, const float *
         const float4 v = xr[i];
         ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
-    __shared__ float part[32];
-    for (int off = 16; off > 0; off >>= 1)
-        ss += __shfl_xor_sync(0xffffffffu, ss, off);
-    if ((threadIdx.x & 31) == 0)
-        part[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        ss = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
-        for (int off = 16; off > 0; off >>= 1)
-            ss += __shfl_xor_sync(0xffffffffu, ss, off);
-        if (threadIdx.x == 0)
-            part[0] = ss;
-    }
-    __syncthreads();
-    const float inv = rsqrtf(part[0] / (float)dim + eps);
+    const float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
 #pragma unroll
     for (int j = 0; j < RMS_VEC; j++) {
         const int64_t i = threadIdx.x + j * step;
@@ -271,28 +266,6 @@ extern "C" int zse_cuda_argmax_rows(const float *x, int64_t xpitch, int64_t rows
  * in id order with the row's uniform u: the same distribution as the host's walk in
  * probability order, not the same token for the same u. Greedy rows (T <= 0, top-k 1) take
  * the argmax. The logits row is overwritten with p. */
-
-/* every thread of the block gets the sum of v over the block */
-__device__ float block_sum(float v)
-{
-    __shared__ float part[32];
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    if ((threadIdx.x & 31) == 0)
-        part[threadIdx.x >> 5] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        v = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
-        for (int o = 16; o > 0; o >>= 1)
-            v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (threadIdx.x == 0)
-            part[0] = v;
-    }
-    __syncthreads();
-    v = part[0];
-    __syncthreads();
-    return v;
-}
 
 /* the mass (count when count_only) of the row's values >= t */
 __device__ float mass_at_least(const float *p, int64_t cols, float t, bool count_only)
