@@ -13,6 +13,7 @@ typedef struct {
     uint64_t bytes[ZSE_SCHEME_COUNT];
     uint64_t count[ZSE_SCHEME_COUNT];
     uint64_t weight_bytes;
+    uint64_t host_bytes;    /* an untied embedding table: a GPU leaves it in host memory */
 } tensor_totals;
 
 static void total_tensors(const zse_file *f, tensor_totals *t)
@@ -24,6 +25,8 @@ static void total_tensors(const zse_file *f, tensor_totals *t)
         t->bytes[ti->q.scheme] += ti->size;
         t->count[ti->q.scheme]++;
         t->weight_bytes += ti->size;
+        if (!zse_file_config(f)->tie_embeddings && strcmp(ti->name, "token_embd.weight") == 0)
+            t->host_bytes += ti->size;
     }
 }
 
@@ -81,6 +84,9 @@ static void print_text(const char *path, const zse_file *f, const tensor_totals 
     printf("memory at ctx %lld: weights %s + KV %s (f16) or %s (int8) per sequence\n", (long long)ctx,
            human_bytes(t->weight_bytes, b1), human_bytes(kv_bytes(c, ctx, false), b2),
            human_bytes(kv_bytes(c, ctx, true), b3));
+    if (t->host_bytes)
+        printf("on a GPU:        weights %s in VRAM; the embedding table (%s) stays in host memory\n",
+               human_bytes(t->weight_bytes - t->host_bytes, b1), human_bytes(t->host_bytes, b2));
 }
 
 static void print_json(const char *path, const zse_file *f, const tensor_totals *t, int64_t ctx)
@@ -96,7 +102,7 @@ static void print_json(const char *path, const zse_file *f, const tensor_totals 
     json_t *q = json_object_get(h, "quant");
     json_t *o = json_pack(
         "{s:s, s:s, s:I, s:I, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:O, s:O, s:o, s:O, s:b, s:b,"
-        " s:I, s:I, s:I, s:I, s:i}",
+        " s:I, s:I, s:I, s:I, s:I, s:i}",
         "file", path, "architecture", c->arch, "file_bytes", (json_int_t)zse_file_size(f),
         "parameters", (json_int_t)t->params, "n_layers", c->n_layers, "hidden_size", c->hidden_size,
         "intermediate_size", c->intermediate_size, "n_heads", c->n_heads, "n_kv_heads",
@@ -105,6 +111,7 @@ static void print_json(const char *path, const zse_file *f, const tensor_totals 
         json_object_get(q, "group_size"), "schemes", schemes, "tokenizer_type",
         json_object_get(h, "tokenizer_type"), "chat_template", zse_file_chat_template(f) != NULL,
         "tied_embeddings", c->tie_embeddings, "weight_bytes", (json_int_t)t->weight_bytes,
+        "gpu_weight_bytes", (json_int_t)(t->weight_bytes - t->host_bytes),
         "kv_bytes_f16", (json_int_t)kv_bytes(c, ctx, false), "kv_bytes_int8",
         (json_int_t)kv_bytes(c, ctx, true), "ctx", (json_int_t)ctx, "sliding_window",
         c->sliding_window);

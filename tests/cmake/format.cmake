@@ -10,10 +10,10 @@ set_tests_properties(cli_convert_bf16 PROPERTIES FIXTURES_SETUP zse_bf16)
 
 add_test(NAME cli_info_json COMMAND zse info ${OUT}/tiny-int4.zse --json --ctx 1024)
 set_tests_properties(cli_info_json PROPERTIES FIXTURES_REQUIRED zse_int4
-  PASS_REGULAR_EXPRESSION "\"architecture\": \"llama\".*\"file_bytes\": [0-9]+.*\"n_layers\": 4.*\"vocab_size\": 2048.*\"quant\": \"int4\".*\"group_size\": 64.*\"tokenizer_type\": \"bpe-bytelevel\".*\"chat_template\": true")
+  PASS_REGULAR_EXPRESSION "\"architecture\": \"llama\".*\"file_bytes\": [0-9]+.*\"n_layers\": 4.*\"vocab_size\": 2048.*\"quant\": \"int4\".*\"group_size\": 64.*\"tokenizer_type\": \"bpe-bytelevel\".*\"chat_template\": true.*\"gpu_weight_bytes\": [0-9]+")
 add_test(NAME cli_info_text COMMAND zse info ${OUT}/tiny-bf16.zse)
 set_tests_properties(cli_info_text PROPERTIES FIXTURES_REQUIRED zse_bf16
-  PASS_REGULAR_EXPRESSION "architecture: +llama.*bf16.*chat template: +yes")
+  PASS_REGULAR_EXPRESSION "architecture: +llama.*bf16.*chat template: +yes.*on a GPU: +weights [0-9.]+ [KMG]B in VRAM; the embedding table \\([0-9.]+ [KMG]B\\) stays in host memory")
 add_test(NAME cli_verify_ok COMMAND zse verify ${OUT}/tiny-int4.zse)
 set_tests_properties(cli_verify_ok PROPERTIES FIXTURES_REQUIRED zse_int4 PASS_REGULAR_EXPRESSION "OK")
 
