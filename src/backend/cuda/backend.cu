@@ -69,6 +69,7 @@ typedef struct {
     int32_t *iota;                      /* 0 .. n_tokens - 1: row t of a gathered table */
     uint8_t *lookup_rows[MAX_LOOKUPS];  /* the step's rows of each lookup table */
     int n_tokens, n_out;
+    bool extra_seqs;    /* more sequences than tokens: the table outgrew its usual place */
     int max_ctx;        /* a power of two >= every visible length: it sizes attention's split */
     int max_blocks;     /* the block table's pitch, a power of two >= the batch's widest row */
 } dev_batch;
@@ -732,6 +733,7 @@ static int cuda_begin_batch(zse_backend *be, const zse_batch *b)
     c->b.iota = d + 5 * nt + tbl;
     c->b.n_tokens = b->n_tokens;
     c->b.n_out = b->n_out;
+    c->b.extra_seqs = ns > nt;
     c->b.max_ctx = pow2_at_least(max_ctx, MIN_CTX_BUCKET);
     c->b.max_blocks = pitch;
     return 0;
@@ -1053,7 +1055,8 @@ static int cuda_step_begin(zse_backend *be, const void *model, const void *kv)
     cuda_impl *c = impl_of(be);
     if (c->failed)
         return zse_fail("%s", c->err);
-    if (!c->graphs_on || c->b.n_tokens > GRAPH_MAX_TOKENS)
+    /* a table of more rows than tokens would move what follows it: such a step runs eagerly */
+    if (!c->graphs_on || c->b.n_tokens > GRAPH_MAX_TOKENS || c->b.extra_seqs)
         return ZSE_STEP_ISSUE;
     step_shape s = {model, kv, c->b.n_tokens, c->b.n_out, c->b.max_blocks, c->b.max_ctx};
     bool found;
