@@ -108,8 +108,61 @@ static int by_prob_desc(const void *a, const void *b)
     return before(sort_probs, x, y) ? -1 : before(sort_probs, y, x) ? 1 : 0;
 }
 
+/* The same order for many candidates, by an LSD radix sort on one 64-bit key per id: the
+ * probability's bits inverted (p >= 0, so its bits order as its value; inverted, the larger
+ * comes first) above the id (the lower first on ties). A flat distribution puts most of the
+ * vocabulary in the nucleus, where qsort through a comparator is slow (BENCHMARKS.md).
+ * False when the scratch cannot be had or a value is NaN (the caller then uses qsort). */
+enum { RADIX_BITS = 11, RADIX_MIN = 2048 };
+
+static bool radix_sort_candidates(int32_t *idx, int n, const float *p)
+{
+    uint64_t *a = malloc((size_t)n * sizeof *a), *b = malloc((size_t)n * sizeof *b);
+    if (!a || !b) {
+        free(a);
+        free(b);
+        return false;
+    }
+    for (int i = 0; i < n; i++) {
+        const float v = p[idx[i]];
+        if (!(v >= 0)) { /* a NaN (a broken model's logit): qsort's order, whatever it is */
+            free(a);
+            free(b);
+            return false;
+        }
+        uint32_t bits;
+        memcpy(&bits, &v, sizeof bits);
+        a[i] = (uint64_t)(~bits) << 32 | (uint32_t)idx[i];
+    }
+    for (int shift = 0; shift < 64; shift += RADIX_BITS) {
+        size_t count[1 << RADIX_BITS] = {0};
+        for (int i = 0; i < n; i++)
+            count[(a[i] >> shift) & ((1u << RADIX_BITS) - 1)]++;
+        if (count[(a[0] >> shift) & ((1u << RADIX_BITS) - 1)] == (size_t)n)
+            continue; /* every key has this digit: the pass would change nothing */
+        size_t at = 0;
+        for (int d = 0; d < 1 << RADIX_BITS; d++) {
+            size_t c = count[d];
+            count[d] = at;
+            at += c;
+        }
+        for (int i = 0; i < n; i++)
+            b[count[(a[i] >> shift) & ((1u << RADIX_BITS) - 1)]++] = a[i];
+        uint64_t *t = a;
+        a = b;
+        b = t;
+    }
+    for (int i = 0; i < n; i++)
+        idx[i] = (int32_t)(uint32_t)a[i];
+    free(a);
+    free(b);
+    return true;
+}
+
 static void sort_candidates(int32_t *idx, int n, const float *p)
 {
+    if (n >= RADIX_MIN && radix_sort_candidates(idx, n, p))
+        return;
     sort_probs = p;
     qsort(idx, (size_t)n, sizeof *idx, by_prob_desc);
 }

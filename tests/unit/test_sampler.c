@@ -153,6 +153,77 @@ static void large_vocab(void)
     CHECK(scratch_zero());
 }
 
+/* A 150k vocabulary of 500 distinct logits (ties everywhere) at top-p 0.9: the nucleus is
+ * most of it and is sorted by a radix sort, which must give the order the comparator
+ * defines (probability down, id up), so the same draws: checked against that order built
+ * with qsort here, over 40 seeds */
+static const float *ref_p;
+static int ref_order(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    if (ref_p[x] != ref_p[y])
+        return ref_p[x] > ref_p[y] ? -1 : 1;
+    return x < y ? -1 : x > y;
+}
+
+static void sorted_nucleus(void)
+{
+    enum { N = 150000 };
+    static float base[N], p[N], work_p[N];
+    static int32_t idx[N], work_i[N];
+    for (int i = 0; i < N; i++)
+        base[i] = -0.001f * (float)((i * 7919) % 500);
+    zse_sampling s;
+    zse_sampling_default(&s);
+    s.top_p = 0.9f;
+    /* the reference: the sampler's arithmetic, the order from qsort */
+    float mx = base[0];
+    for (int i = 1; i < N; i++)
+        mx = base[i] > mx ? base[i] : mx;
+    double total = 0;
+    for (int i = 0; i < N; i++) {
+        p[i] = expf((base[i] - mx) / s.temperature);
+        total += p[i];
+        idx[i] = i;
+    }
+    ref_p = p;
+    qsort(idx, N, sizeof *idx, ref_order);
+    double cum = 0;
+    int n = 0;
+    while (n < N) {
+        cum += p[idx[n++]];
+        if (cum >= (double)s.top_p * total)
+            break;
+    }
+    double kept = 0;
+    for (int k = 0; k < n; k++)
+        kept += p[idx[k]];
+    int same = 0;
+    for (int seed = 1; seed <= 40; seed++) {
+        zse_rng a, b;
+        zse_rng_seed(&a, (uint64_t)seed);
+        zse_rng_seed(&b, (uint64_t)seed);
+        double r = zse_rng_uniform(&b) * kept, acc = 0;
+        int32_t want = idx[n - 1];
+        for (int k = 0; k < n; k++) {
+            acc += p[idx[k]];
+            if (r < acc) {
+                want = idx[k];
+                break;
+            }
+        }
+        static float logits[N];
+        memcpy(logits, base, sizeof logits);
+        zse_history none = {0};
+        same += zse_sample(&s, logits, N, &none, &a, work_p, work_i) == want;
+    }
+    CHECK_EQ_INT(same, 40);
+    int nonzero = 0;
+    for (int i = 0; i < N; i++)
+        nonzero += work_i[i] != 0;
+    CHECK_EQ_INT(nonzero, 0); /* the scratch handed back zeroed */
+}
+
 static void penalties(void)
 {
     const float base[V] = {1.0f, 2.0f, 3.0f, 0.5f, -1.0f, 2.5f, 0.0f, -2.0f};
@@ -358,6 +429,7 @@ int main(void)
 {
     distributions();
     large_vocab();
+    sorted_nucleus();
     penalties();
     logprobs();
     stop_strings();
