@@ -1148,44 +1148,56 @@ static void cuda_destroy(zse_backend *be)
     free(be);
 }
 
-static int cuda_argmax_rows(zse_backend *be, const zse_act *x, int64_t rows, int64_t cols, int32_t *out)
+/* rows x cols of x hold the logits a per-row token op reads; its message otherwise */
+static int check_logit_rows(cuda_impl *c, const char *op, const zse_act *x, int64_t rows, int64_t cols)
 {
-    cuda_impl *c = impl_of(be);
     if (c->failed)
         return zse_fail("%s", c->err);
     if (rows < 0 || rows > x->rows || cols > x->cols)
-        return zse_fail("cuda argmax_rows: %lld x %lld of a %lld x %lld buffer", (long long)rows, (long long)cols,
+        return zse_fail("cuda %s: %lld x %lld of a %lld x %lld buffer", op, (long long)rows, (long long)cols,
                         (long long)x->rows, (long long)x->cols);
+    return 0;
+}
+
+/* the step's token ids, left by a kernel at the attention workspace's start, to the host
+ * through the pinned bounce buffer, after the queued work */
+static int read_ids(cuda_impl *c, const char *op, int64_t rows, int32_t *out)
+{
+    const size_t bytes = (size_t)rows * sizeof(int32_t);
+    if (cuda_call(cudaMemcpyAsync(c->bounce, c->att_work, bytes, cudaMemcpyDeviceToHost, c->stream), op) != 0 ||
+        cuda_call(cudaStreamSynchronize(c->stream), op) != 0)
+        return -1;
+    memcpy(out, c->bounce, bytes);
+    return 0;
+}
+
+static int cuda_argmax_rows(zse_backend *be, const zse_act *x, int64_t rows, int64_t cols, int32_t *out)
+{
+    cuda_impl *c = impl_of(be);
+    if (check_logit_rows(c, "argmax_rows", x, rows, cols) != 0)
+        return -1;
     if (rows == 0)
         return 0;
+    /* the ids go to the attention workspace's start (free between steps) */
     const size_t bytes = (size_t)rows * sizeof(int32_t);
-    /* the ids go to the attention workspace's start (free between steps), then through the
-     * pinned bounce buffer */
     if (ensure_device(c, &c->att_work, &c->att_work_cap, bytes, "argmax_rows") != 0 ||
         ensure_pinned(c, &c->bounce, &c->bounce_cap, bytes, "argmax_rows") != 0)
         return -1;
     if (zse_cuda_argmax_rows(x->d, x->pitch, rows, cols, (int32_t *)c->att_work, c->stream) != 0)
         return zse_fail("%s", zse_cuda_last_error());
-    if (cuda_call(cudaMemcpyAsync(c->bounce, c->att_work, bytes, cudaMemcpyDeviceToHost, c->stream), "argmax_rows") != 0 ||
-        cuda_call(cudaStreamSynchronize(c->stream), "argmax_rows") != 0)
-        return -1;
-    memcpy(out, c->bounce, bytes);
-    return 0;
+    return read_ids(c, "argmax_rows", rows, out);
 }
 
 static int cuda_sample_rows(zse_backend *be, zse_act *x, int64_t rows, int64_t cols, const zse_sample_row *p,
                             int32_t *out)
 {
     cuda_impl *c = impl_of(be);
-    if (c->failed)
-        return zse_fail("%s", c->err);
-    if (rows < 0 || rows > x->rows || cols > x->cols)
-        return zse_fail("cuda sample_rows: %lld x %lld of a %lld x %lld buffer", (long long)rows, (long long)cols,
-                        (long long)x->rows, (long long)x->cols);
+    if (check_logit_rows(c, "sample_rows", x, rows, cols) != 0)
+        return -1;
     if (rows == 0)
         return 0;
-    /* the attention workspace (free between steps): ids, then from 256 bytes on the
-     * parameters; the pinned bounce buffer likewise */
+    /* the attention workspace: ids, then from 256 bytes on the parameters; the pinned
+     * bounce buffer likewise */
     const size_t ids = ((size_t)rows * sizeof(int32_t) + 255) & ~(size_t)255, prm = (size_t)rows * sizeof(zse_cuda_sample);
     if (ensure_device(c, &c->att_work, &c->att_work_cap, ids + prm, "sample_rows") != 0 ||
         ensure_pinned(c, &c->bounce, &c->bounce_cap, ids + prm, "sample_rows") != 0)
@@ -1204,12 +1216,7 @@ static int cuda_sample_rows(zse_backend *be, zse_act *x, int64_t rows, int64_t c
     if (zse_cuda_sample_rows(x->d, x->pitch, rows, cols, (const zse_cuda_sample *)(dev + ids), (int32_t *)dev,
                              c->stream) != 0)
         return zse_fail("%s", zse_cuda_last_error());
-    if (cuda_call(cudaMemcpyAsync(c->bounce, dev, (size_t)rows * sizeof(int32_t), cudaMemcpyDeviceToHost, c->stream),
-                  "sample_rows") != 0 ||
-        cuda_call(cudaStreamSynchronize(c->stream), "sample_rows") != 0)
-        return -1;
-    memcpy(out, c->bounce, (size_t)rows * sizeof(int32_t));
-    return 0;
+    return read_ids(c, "sample_rows", rows, out);
 }
 
 static void cuda_memory(zse_backend *be, zse_backend_memory *out)
