@@ -68,8 +68,8 @@ struct zse_engine {
     size_t table_cap;
     float *logits;              /* [max_seqs][vocab] */
     float *raw;                 /* one row before sampling changes it (logprobs) */
-    int32_t *greedy_ids;        /* [max_seqs]: the step's tokens when the backend picked them */
-    bool greedy_step;           /* this step's tokens come from greedy_ids, not from logits */
+    int32_t *picked_ids;        /* [max_seqs]: the step's tokens when the backend picked them */
+    bool picked_step;           /* this step's tokens come from picked_ids, not from logits */
     zse_sample_row *sample_rows;/* [max_seqs]: what the backend draws by (device sampling) */
     float *work_p;
     int32_t *work_i;            /* zeroed sampler scratch */
@@ -388,7 +388,7 @@ static int grow_buffers(zse_engine *e, int n_seqs, int width)
 }
 
 /* flattens the plan into a zse_batch and runs the model; logits land in e->logits (or,
- * for an all-greedy step, the ids in e->greedy_ids) */
+ * when the backend picked every sampled row's token, the ids in e->picked_ids) */
 static int run_plan(zse_engine *e, const plan *pl)
 {
     int width = 1;
@@ -429,9 +429,9 @@ static int run_plan(zse_engine *e, const plan *pl)
         greedy = greedy && zse_sampling_plain_greedy(sp);
         on_device = on_device && zse_sampling_on_device(sp);
     }
-    e->greedy_step = greedy || on_device;
+    e->picked_step = greedy || on_device;
     if (greedy)
-        return zse_llm_forward_argmax(e->m->llm, e->m->kv, &b, e->greedy_ids);
+        return zse_llm_forward_argmax(e->m->llm, e->m->kv, &b, e->picked_ids);
     if (on_device) {
         /* temperature, top-k, top-p and min-p where the logits are: each row draws with its
          * request's RNG, one uniform per sampled token as on the host */
@@ -444,7 +444,7 @@ static int run_plan(zse_engine *e, const plan *pl)
             e->sample_rows[r->out_index] = (zse_sample_row){sp->temperature, sp->top_p, sp->min_p,
                                                             g ? 0.f : (float)zse_rng_uniform(&r->gen.rng), sp->top_k};
         }
-        return zse_llm_forward_sample(e->m->llm, e->m->kv, &b, e->sample_rows, e->greedy_ids);
+        return zse_llm_forward_sample(e->m->llm, e->m->kv, &b, e->sample_rows, e->picked_ids);
     }
     return zse_llm_forward(e->m->llm, e->m->kv, &b, e->logits);
 }
@@ -457,8 +457,8 @@ static void sample_and_emit(zse_engine *e, request *r)
     bool want_lp = r->gen.s.logprobs || r->gen.s.top_logprobs > 0;
     zse_logprobs lp = {0};
     int32_t t;
-    if (e->greedy_step) {
-        t = e->greedy_ids[r->out_index];
+    if (e->picked_step) {
+        t = e->picked_ids[r->out_index];
     } else {
         float *logits = e->logits + (size_t)r->out_index * (size_t)vocab;
         if (want_lp)
@@ -596,7 +596,7 @@ static void engine_free(zse_engine *e)
     free(e->b_table);
     free(e->b_rows);
     free(e->logits);
-    free(e->greedy_ids);
+    free(e->picked_ids);
     free(e->sample_rows);
     free(e->raw);
     free(e->work_p);
@@ -630,12 +630,12 @@ zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p)
     e->b_rows = zse_malloc((size_t)out_rows * sizeof(int32_t));
     e->logits = zse_malloc((size_t)out_rows * (size_t)V * sizeof(float));
     e->raw = zse_malloc((size_t)V * sizeof(float));
-    e->greedy_ids = zse_malloc((size_t)out_rows * sizeof(int32_t));
+    e->picked_ids = zse_malloc((size_t)out_rows * sizeof(int32_t));
     e->sample_rows = zse_malloc((size_t)out_rows * sizeof *e->sample_rows);
     e->work_p = zse_malloc((size_t)V * sizeof(float));
     e->work_i = zse_calloc((size_t)V, sizeof(int32_t));
     bool ok = e->running && e->plan_seqs && e->b_tokens && e->b_pos && e->b_seq && e->b_slots && e->b_lens && e->b_rows &&
-              e->logits && e->raw && e->greedy_ids && e->sample_rows && e->work_p && e->work_i;
+              e->logits && e->raw && e->picked_ids && e->sample_rows && e->work_p && e->work_i;
     if (ok) {
         pthread_mutex_lock(&m->run_lock);
         ok = zse_llm_reserve(m->llm, T, out_rows) == 0;
