@@ -471,11 +471,21 @@ static zse_weight *cuda_weight_load(zse_backend *be, const zse_tensor_info *t)
     return w;
 }
 
-/* The bytes of one lookup-table row gathered into the batch image: its qs row padded to 16
- * bytes (the embed kernel loads 16 at a time), then its scales and mins rows. */
-static size_t lookup_row_bytes(const zse_weight *w)
+static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
+
+/* Where n gathered rows of a lookup table sit in the batch image: [n][qs row padded to 16
+ * bytes] (the embed kernel loads 16 at a time), then [n][scales], then [n][mins], each plane
+ * from a 16-byte boundary; returns the bytes of all three. */
+typedef struct {
+    size_t qs_pitch, scales, mins;      /* the qs row pitch; the planes' offsets */
+} lookup_layout;
+
+static size_t lookup_layout_of(const zse_weight *w, size_t n, lookup_layout *l)
 {
-    return (w->qs_row + 15) / 16 * 16 + (w->scale_row + 15) / 16 * 16 + (w->min_row + 15) / 16 * 16;
+    l->qs_pitch = round16(w->qs_row);
+    l->scales = n * l->qs_pitch;
+    l->mins = l->scales + round16(n * w->scale_row);
+    return l->mins + round16(n * w->min_row);
 }
 
 static zse_weight *cuda_weight_load(zse_backend *be, const zse_tensor_info *t);
@@ -601,34 +611,32 @@ static void cuda_kv_free(zse_backend *be, zse_kv *kv)
 
 /* ---- per step ------------------------------------------------------------------------ */
 
-/* rows ids[0..n) of a lookup table into dst as [n][qs row padded to 16], then [n][scales],
- * then [n][mins], each plane from a 16-byte boundary; an id outside the table is a zero row */
+/* the plane row r of a table into dst, or zeros where r is not a row of it */
+static void copy_row_or_zero(uint8_t *dst, const void *plane, bool ok, size_t r, size_t bytes)
+{
+    if (ok)
+        memcpy(dst, (const uint8_t *)plane + r * bytes, bytes);
+    else
+        memset(dst, 0, bytes);
+}
+
+/* rows ids[0..n) of a lookup table into dst, laid out as lookup_layout_of says; an id
+ * outside the table is a zero row */
 static void gather_lookup_rows(const zse_weight *w, const int32_t *ids, size_t n, uint8_t *dst)
 {
-    const size_t qs16 = (w->qs_row + 15) / 16 * 16, sc16 = (w->scale_row + 15) / 16 * 16;
-    uint8_t *qs = dst, *sc = dst + n * qs16, *mn = sc + (w->scale_row ? (n * w->scale_row + 15) / 16 * 16 : 0);
+    lookup_layout l;
+    lookup_layout_of(w, n, &l);
     for (size_t t = 0; t < n; t++) {
         const bool ok = ids[t] >= 0 && ids[t] < w->w.rows;
         const size_t r = ok ? (size_t)ids[t] : 0;
-        if (ok)
-            memcpy(qs + t * qs16, (const uint8_t *)w->w.qs + r * w->qs_row, w->qs_row);
-        else
-            memset(qs + t * qs16, 0, w->qs_row);
-        memset(qs + t * qs16 + w->qs_row, 0, qs16 - w->qs_row);
-        if (w->scale_row) {
-            if (ok)
-                memcpy(sc + t * w->scale_row, (const uint8_t *)w->w.scales + r * w->scale_row, w->scale_row);
-            else
-                memset(sc + t * w->scale_row, 0, w->scale_row);
-        }
-        if (w->min_row) {
-            if (ok)
-                memcpy(mn + t * w->min_row, (const uint8_t *)w->w.mins + r * w->min_row, w->min_row);
-            else
-                memset(mn + t * w->min_row, 0, w->min_row);
-        }
+        uint8_t *qs = dst + t * l.qs_pitch;
+        copy_row_or_zero(qs, w->w.qs, ok, r, w->qs_row);
+        memset(qs + w->qs_row, 0, l.qs_pitch - w->qs_row);
+        if (w->scale_row)
+            copy_row_or_zero(dst + l.scales + t * w->scale_row, w->w.scales, ok, r, w->scale_row);
+        if (w->min_row)
+            copy_row_or_zero(dst + l.mins + t * w->min_row, w->w.mins, ok, r, w->min_row);
     }
-    (void)sc16;
 }
 
 static int pow2_at_least(int v, int floor)
@@ -657,9 +665,10 @@ static int cuda_begin_batch(zse_backend *be, const zse_batch *b)
     /* then 0..n-1, and from a 16-byte boundary the rows of each lookup table */
     const size_t ints = (5 * nt + tbl + nt + 3) / 4 * 4;
     size_t lookup_bytes = 0;
+    lookup_layout l;
     for (int i = 0; i < MAX_LOOKUPS; i++)
         if (c->lookups[i])
-            lookup_bytes += nt * lookup_row_bytes(c->lookups[i]);
+            lookup_bytes += lookup_layout_of(c->lookups[i], nt, &l);
     const size_t need = ints + (lookup_bytes + 3) / 4;
     if (c->batch_cap < need) {
         size_t cap = need * 2, bytes = cap * sizeof(int32_t);
@@ -718,7 +727,7 @@ static int cuda_begin_batch(zse_backend *be, const zse_batch *b)
             continue;
         c->b.lookup_rows[i] = (uint8_t *)c->batch_dev + (lk - (uint8_t *)h);
         gather_lookup_rows(w, b->tokens, nt, lk);
-        lk += nt * lookup_row_bytes(w);
+        lk += lookup_layout_of(w, nt, &l);
     }
     if (cuda_call(cudaMemcpyAsync(c->batch_dev, h, need * 4, cudaMemcpyHostToDevice, c->stream), "begin_batch") != 0 ||
         cuda_call(cudaEventRecord(c->batch_copied, c->stream), "begin_batch") != 0)
@@ -771,14 +780,15 @@ static void cuda_embed(zse_backend *be, const zse_weight *table, zse_act *out)
             i++;
         if (i == MAX_LOOKUPS || !c->b.lookup_rows[i])
             return set_error(c, "cuda embed: the lookup table is not registered");
-        const size_t n = (size_t)c->b.n_tokens, qs16 = (table->qs_row + 15) / 16 * 16;
+        lookup_layout l;
+        lookup_layout_of(table, (size_t)c->b.n_tokens, &l);
         zse_cuda_weight v = table->w;
         uint8_t *base = c->b.lookup_rows[i];
         v.rows = c->b.n_tokens;
         v.qs = base;
-        v.row_bytes = (int64_t)qs16;
-        v.scales = table->scale_row ? base + n * qs16 : NULL;
-        v.mins = table->min_row ? base + n * qs16 + (n * table->scale_row + 15) / 16 * 16 : NULL;
+        v.row_bytes = (int64_t)l.qs_pitch;
+        v.scales = table->scale_row ? base + l.scales : NULL;
+        v.mins = table->min_row ? base + l.mins : NULL;
         check_launch(c, zse_cuda_embed(&v, c->b.iota, c->b.n_tokens, out->d, out->pitch, c->stream));
         return;
     }

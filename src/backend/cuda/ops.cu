@@ -625,6 +625,20 @@ __device__ __forceinline__ float att_tile_softmax(float s, bool valid, float &m,
     return pw;
 }
 
+/* the tile's softmax update, the running V sums rescaled by it: returns the lane's key
+ * weight times its V scale (what the V walk broadcasts) */
+template <int NV>
+__device__ __forceinline__ float att_tile_update(float s, bool valid, float vscale, float &m, float &l,
+                                                 float (&acc)[NV])
+{
+    float corr;
+    const float pw = att_tile_softmax(s, valid, m, l, corr);
+#pragma unroll
+    for (int i = 0; i < NV; i++)
+        acc[i] *= corr;
+    return pw * vscale;
+}
+
 /* the warp's result: the output row when it had all the keys, else its partial state
  * (acc, max, sum) for attention_combine_kernel. A lane holds dims d0 + i * stride. */
 template <int NV>
@@ -790,13 +804,8 @@ attention_tile_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const fl
             }
             s = dot;
         }
-        float corr;
-        const float pw = att_tile_softmax(s, slot >= 0, m, l, corr);
-#pragma unroll
-        for (int i = 0; i < ATT_MAX_DPL; i++)
-            acc[i] *= corr;
         /* V: every lane its dims, each key's weight (times its int8 scale) from its lane */
-        const float pv = pw * vscale;
+        const float pv = att_tile_update(s, slot >= 0, vscale, m, l, acc);
         const int nk = min(32, k_end - k0);
         /* no branch per key, so the V loads of several keys are in flight together: a hole
          * (slot -1, weight 0) reads slot 0, which the pool's zero fill keeps finite */
@@ -923,12 +932,7 @@ attention_hd_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const floa
             }
             s = dot;
         }
-        float corr;
-        const float pw = att_tile_softmax(s, slot >= 0, m, l, corr);
-#pragma unroll
-        for (int i = 0; i < DPL; i++)
-            acc[i] *= corr;
-        const float pv = pw * vscale;
+        const float pv = att_tile_update(s, slot >= 0, vscale, m, l, acc);
         const int nk = min(32, k_end - k0);
         /* a hole (slot -1, weight 0) reads slot 0, which the pool's zero fill keeps finite */
 #pragma unroll 16
