@@ -6,6 +6,7 @@
  *                           attention (f16 and int8, GQA, sliding window, split-K decode)
  *   kernels_test --bench    GB/s of each matmul path on Qwen2.5-7B shapes, the device copy
  *                           bandwidth it is measured against, and attention timings
+ *   kernels_test --bench int4 int4s   only the matmuls of the named schemes
  *
  * Packed weights are built here from random codes following docs/FORMAT.md (so this
  * program needs nothing but the kernels); the reference dequantizes them in double.
@@ -425,6 +426,10 @@ static void test_matmul(void)
             if (s == Q4 || s == Q4S)
                 for (int n : {9, 16, 17, 33, 64})
                     check_matmul_dispatch(s, 131, 520, g, n);
+            /* and on its own at decode sizes (the 8-row x tile, rows of it unused) */
+            if (s == Q4 || s == Q4S)
+                for (int n : {1, 3, 8})
+                    check_matmul_dispatch(s, 131, 520, g, n, true);
             /* long rows: K split over several blocks, partials summed after */
             if (s == Q4 || s == Q4S)
                 for (int n : {9, 40})
@@ -1390,7 +1395,33 @@ static void bench_decode_step(void)
     cudaStreamDestroy(b.st);
 }
 
-static void bench(void)
+/* `--bench NAME...` measures only the matmuls of the named schemes (int4, f16, ...) and
+ * skips the copy-free probes: a quick loop while a kernel is being tuned */
+static bool bench_wants(int scheme, int argc, char **argv)
+{
+    if (argc <= 2)
+        return true;
+    for (int i = 2; i < argc; i++)
+        if (strcmp(argv[i], scheme_names[scheme]) == 0)
+            return true;
+    return false;
+}
+
+/* ZSE_BENCH_SHAPES="18944x3584,..." narrows the matmul bench to those shapes and
+ * ZSE_BENCH_NS="1,8,64" sets its batch sizes (1..512): a profiler run on one shape */
+static bool env_lists(const char *var, const char *item)
+{
+    const char *v = getenv(var);
+    if (!v || !*v)
+        return true;
+    const size_t n = strlen(item);
+    for (const char *p = v; (p = strstr(p, item)) != NULL; p += n)
+        if ((p == v || p[-1] == ',') && (p[n] == ',' || p[n] == 0))
+            return true;
+    return false;
+}
+
+static void bench(int argc, char **argv)
 {
     /* the ceiling: a device copy, counting bytes read plus written */
     copy_bench cb;
@@ -1407,14 +1438,22 @@ static void bench(void)
     /* Qwen2.5-7B shapes: qkv-ish, gate/up, down, lm_head */
     const int64_t shapes[][2] = {{3584, 3584}, {18944, 3584}, {3584, 18944}, {152064, 3584}};
     const int schemes[] = {Q4, Q4S, NF4, Q8, F16, BF16};
-    probe_gemm();
-    bench_attention();
-    bench_decode_step();
+    if (argc <= 2) {
+        probe_gemm();
+        bench_attention();
+        bench_decode_step();
+    }
     printf("%-6s %-14s %-5s %-6s %9s %9s %6s %9s %9s %6s\n", "scheme", "shape", "n", "path", "us",
            "GB/s", "%copy", "us-strm", "GB/s-str", "%copy");
     for (int s : schemes) {
+        if (!bench_wants(s, argc, argv))
+            continue;
         for (auto &sh : shapes) {
             const bool big = sh[0] * sh[1] > 200000000;
+            char shape[32];
+            snprintf(shape, sizeof shape, "%lldx%lld", (long long)sh[0], (long long)sh[1]);
+            if (!env_lists("ZSE_BENCH_SHAPES", shape))
+                continue;
             packed proto;
             pack_random(proto, s, sh[0], sh[1], 128);
             /* rotate through copies so the 50 MB L2 never holds the weight */
@@ -1437,19 +1476,27 @@ static void bench(void)
             std::vector<int> ns = {1, 2, 4, 8, 16, 32, 64, 512};
             if (big || s == NF4 || s == Q4S || s == BF16)
                 ns = {1, 8, 64};
+            if (getenv("ZSE_BENCH_NS") && *getenv("ZSE_BENCH_NS")) {
+                ns.clear();
+                for (const char *p = getenv("ZSE_BENCH_NS"); *p; p += *p == ',')
+                    ns.push_back((int)strtol(p, (char **)&p, 10));
+            }
             for (int n : ns) {
+                if (n < 1 || n > 512)
+                    continue;
                 std::vector<int> paths = {MM_DISPATCH};
                 const bool mma = s == Q4 || s == Q4S;
                 if (n > 8)
                     paths = n <= 64 ? std::vector<int>{MM_GEMV_PASSES, MM_GEMM} : std::vector<int>{MM_GEMM};
-                if (n > 8 && mma)
+                /* at 2..8 rows the dp4a GEMV alone (gemv*k is one pass) against tensor cores */
+                if (n > 1 && n <= 8 && mma)
+                    paths = {MM_DISPATCH, MM_GEMV_PASSES};
+                if (n > 1 && mma)
                     paths.push_back(MM_MMA);
                 for (int path : paths) {
                     mm_bench mb = {&copies, 0, dx, dy, xp, yp, n, path};
                     const float t = time_ms(0, 20, run_mm, &mb), ts = time_stream_ms(20, run_mm, &mb);
                     const double gbs = bytes / (t * 1e-3) / 1e9;
-                    char shape[32];
-                    snprintf(shape, sizeof shape, "%lldx%lld", (long long)sh[0], (long long)sh[1]);
                     const double gbs_s = ts > 0 ? bytes / (ts * 1e-3) / 1e9 : 0;
                     printf("%-6s %-14s %-5d %-6s %9.1f %9.0f %5.0f%% %9.1f %9.0f %5.0f%%\n", scheme_names[s], shape, n,
                            mm_path_names[path], t * 1e3, gbs, 100.0 * gbs / copy_gbs, ts * 1e3, gbs_s,
@@ -1482,7 +1529,7 @@ int main(int argc, char **argv)
     }
     CU(cudaMalloc(&scratch, scratch_bytes));
     if (do_bench) {
-        bench();
+        bench(argc, argv);
         return 0;
     }
     test_matmul();

@@ -28,6 +28,34 @@ int zse_cuda_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 __host__ __device__ static inline int64_t zse_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+/* a / b for non-negative a, b > 0, through 32-bit division when both fit (every index
+ * of a decode step does): a 64-bit division is a subroutine of ~70 instructions */
+__device__ __forceinline__ int64_t div_idx(int64_t a, int64_t b)
+{
+    return ((uint64_t)a | (uint64_t)b) >> 32 == 0 ? (int64_t)((uint32_t)a / (uint32_t)b) : a / b;
+}
+
+/* the scale group of element k: a shift when the group size is a power of two (every
+ * recipe's), else a 32-bit division. The plain int64 `k / group_size` compiles to a 64-bit
+ * division subroutine that cost the GEMVs more instructions than their math. Columns stay
+ * under 2^32, so k fits the 32-bit path. */
+struct group_of {
+    int shift;
+    uint32_t size;
+    __device__ __forceinline__ int64_t operator()(int64_t k) const
+    {
+        return shift >= 0 ? k >> shift : (int64_t)((uint32_t)k / size);
+    }
+};
+
+__device__ __forceinline__ group_of group_div(int group_size)
+{
+    group_of g;
+    g.shift = group_size > 0 && (group_size & (group_size - 1)) == 0 ? __ffs(group_size) - 1 : -1;
+    g.size = (uint32_t)group_size;
+    return g;
+}
+
 /* 16 bytes through the non-coherent path without allocating in L1: weights stream once,
  * and L1 stays for the activations that every warp re-reads. */
 __device__ __forceinline__ uint4 ld_stream16(const void *p)

@@ -4,7 +4,11 @@
  * one 16-byte unit of each of its rows per step (coalesced: a warp reads 512 contiguous
  * bytes per row), decodes it in registers and multiplies it with the matching x values of
  * every batch row, accumulating in fp32. Sharing one x load across ROWS rows keeps the
- * L1 traffic for x below the L1's bandwidth; the weight loads bypass L1.
+ * L1 traffic for x below the L1's bandwidth; the weight loads bypass L1. 4-bit weights
+ * take x as int8 pairs and multiply with dp4a.
+ *
+ * 4-bit batches of ZSE_CUDA_MMA_MIN..ZSE_CUDA_MMA_MAX rows: tensor cores (mma.sync) with the
+ * nibbles dequantized in registers, W streamed through a cp.async stage ring.
  *
  * Prefill and wide batches: W is dequantized to f16 in slabs and multiplied by cuBLAS
  * (tensor cores, fp32 accumulation). For plain f16/bf16 weights, x is split into two f16
@@ -133,6 +137,7 @@ gemv_kernel(const zse_cuda_weight w, const float *__restrict__ x, int64_t xpitch
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t row0 = (int64_t)blockIdx.x * GEMV_ROWS;
+    const group_of grp = group_div(w.group_size);
 
     /* rows past the end re-read the last row (valid memory) and are not stored */
     const uint8_t *rowp[GEMV_ROWS];
@@ -162,7 +167,7 @@ gemv_kernel(const zse_cuda_weight w, const float *__restrict__ x, int64_t xpitch
             wv[r] = ld_stream16(rowp[r] + u * 16);
         float sc[GEMV_ROWS], mn[GEMV_ROWS];
         if (SC::group) {
-            const int64_t g = u * T::E / w.group_size;
+            const int64_t g = grp(u * T::E);
 #pragma unroll
             for (int r = 0; r < GEMV_ROWS; r++) {
                 sc[r] = __half2float(((const __half *)w.scales)[rr[r] * w.groups + g]);
@@ -247,7 +252,7 @@ __global__ void quantize_x_kernel(const float *x, int64_t xpitch, int n, int64_t
     const int lane = threadIdx.x & 31;
     if (item >= (int64_t)n * units)
         return;
-    const int64_t b = item / units, k = (item % units) * 32 + lane;
+    const int64_t b = div_idx(item, units), k = (item - b * units) * 32 + lane;
     const float v = k < cols ? x[b * xpitch + k] : 0.f;
     float amax = fabsf(v), sx = v;
 #pragma unroll
@@ -286,6 +291,7 @@ gemv_q4_dp4a_kernel(const zse_cuda_multi mm, const uint4 *__restrict__ xq,
     const zse_cuda_weight w = mm.w[wi];
     const gemv_epi e = {mm.y[wi], mm.ypitch[wi], mm.bias[wi], mm.accumulate};
     const int64_t row0 = blk * R;
+    const group_of grp = group_div(w.group_size);
     const uint8_t *rowp[R];
     int64_t rr[R];
 #pragma unroll
@@ -304,7 +310,7 @@ gemv_q4_dp4a_kernel(const zse_cuda_multi mm, const uint4 *__restrict__ xq,
     for (int64_t u = warp * 32 + lane; u < units; u += GEMV_WARPS * 32) {
         int lo[R][4], hi[R][4];
         float sc[R], mn[R];
-        const int64_t g = u * 32 / w.group_size;
+        const int64_t g = grp(u * 32);
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const uint4 v = ld_stream16(rowp[r] + u * 16);
@@ -423,10 +429,15 @@ static bool mma_q4_ok(const zse_cuda_weight *w)
 
 extern "C" size_t zse_cuda_matmul_scratch_bytes(const zse_cuda_weight *w, int64_t n)
 {
-    if (n > ZSE_CUDA_GEMV_MAX && n <= ZSE_CUDA_MMA_MAX && mma_q4_ok(w))
-        return mma_scratch_bytes(w, n);     /* x in f16 and the K splits' partials */
-    if (n <= ZSE_CUDA_GEMV_MAX || (uses_dp4a(w->scheme) && n <= 2 * ZSE_CUDA_GEMV_MAX))
-        return uses_dp4a(w->scheme) ? (size_t)ZSE_CUDA_GEMV_MAX * (size_t)zse_ceil_div(w->cols, 32) * XQ_BYTES + 256 : 0;
+    /* tensor cores at MMA_MIN..MMA_MAX rows; the dp4a GEMV (in passes up to 16 rows) where
+     * a multi-weight call of mixed schemes sends this weight instead: the larger of the two */
+    const size_t mma = n >= ZSE_CUDA_MMA_MIN && n <= ZSE_CUDA_MMA_MAX && mma_q4_ok(w) ? mma_scratch_bytes(w, n) : 0;
+    if (n <= ZSE_CUDA_GEMV_MAX || (uses_dp4a(w->scheme) && n <= 2 * ZSE_CUDA_GEMV_MAX)) {
+        const size_t gemv = uses_dp4a(w->scheme) ? (size_t)ZSE_CUDA_GEMV_MAX * (size_t)zse_ceil_div(w->cols, 32) * XQ_BYTES + 256 : 0;
+        return mma > gemv ? mma : gemv;
+    }
+    if (mma)
+        return mma;
     const bool split = w->scheme == ZSE_SCHEME_F16 || w->scheme == ZSE_SCHEME_BF16;
     return (size_t)n * (size_t)w->cols * 2 * (split ? 2 : 1) + 256 + ZSE_CUDA_GEMM_SLAB;
 }
@@ -508,7 +519,7 @@ __device__ __forceinline__ void dequant_unit(const zse_cuda_weight &w, int64_t r
     const uint4 v = *reinterpret_cast<const uint4 *>((const uint8_t *)w.qs + row * w.row_bytes + u * 16);
     float sc = 1.f, mn = 0.f;
     if (SC::group) {
-        const int64_t g = u * T::E / w.group_size;
+        const int64_t g = group_div(w.group_size)(u * T::E);
         sc = __half2float(((const __half *)w.scales)[row * w.groups + g]);
         if (SC::min)
             mn = __half2float(((const __half *)w.mins)[row * w.groups + g]);
@@ -638,7 +649,7 @@ __global__ void split_x_kernel(const float *x, int64_t xpitch, int64_t n, int64_
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n * cols)
         return;
-    const int64_t t = i / cols, k = i % cols;
+    const int64_t t = div_idx(i, cols), k = i - t * cols;
     const float v = x[t * xpitch + k];
     const __half h = __float2half_rn(v);
     hi[i] = h;
@@ -650,93 +661,286 @@ __global__ void split_x_kernel(const float *x, int64_t xpitch, int64_t n, int64_
  * Dequantizing W to f16 for cuBLAS writes and re-reads twice the weight's size on every
  * step; here W is read once, in its packed layout, and dequantized in registers straight
  * into mma.sync's A fragments (m16n8k16, f16 in, f32 out). x goes to f16 once (as for
- * cuBLAS) and is staged per block in shared memory. A block is 4 warps x 32 weight rows;
- * a warp keeps 2 x NT/8 accumulator tiles; K advances 128 elements (4 packed chunks) a
- * stage. Rows of x past n are zeros, and so are x's columns past cols (padding nibbles
- * dequantize to the group's min, which must meet zeros). grid.y walks x in 64-row tiles. */
-enum { MMA_WARPS = 4, MMA_ROWS_W = 32, MMA_ROWS = MMA_WARPS * MMA_ROWS_W, MMA_KS = 128, MMA_CH = MMA_KS / 32,
-       MMA_XPAD = 8 };
+ * cuBLAS). A block is 4 warps x 32 weight rows; K advances MMA_KS elements a stage.
+ *
+ * The loads run MMA_STAGES - 1 stages ahead of the math: cp.async copies a stage's W
+ * chunks and x tile to shared memory without passing through registers, so a thread keeps
+ * only its accumulators and the block keeps ~3 stages of HBM reads in flight. The group
+ * scales cannot go that way (2-byte values at no fixed alignment): each thread loads its
+ * row's two stages ahead into registers and parks them in the stage's shared slot one
+ * iteration later, by when the load has landed.
+ *
+ * Dequantization works on nibble pairs: a byte permute puts two codes into the low bits
+ * of an f16 pair's halves, OR-ing in 0x6400 makes them the halves 1024 + q, and one
+ * half2 subtract and one half2 fma give q * scale + min (or (q - 8) * scale) - about 2
+ * instructions an element, none of them an int-to-float conversion. Rows of x past n are
+ * zeros, and so are x's columns past cols (padding nibbles dequantize to the group's min,
+ * which must meet zeros). grid.y walks x in NT-row tiles, grid.z splits K. */
+enum { MMA_WARPS = 4, MMA_ROWS_W = 32, MMA_ROWS = MMA_WARPS * MMA_ROWS_W, MMA_KS = 64, MMA_CH = MMA_KS / 32,
+       MMA_XP = MMA_KS + 8, MMA_STAGES = 4 };
+static_assert(MMA_CH == 2, "the W tile's swizzle pairs two chunks a row");
+static_assert(MMA_ROWS == MMA_WARPS * 32, "one thread loads each block row's scales");
+
+/* one stage in shared memory: W chunks [MMA_ROWS][MMA_CH] (16 B each, the pair of a row
+ * swapped on every other group of 4 rows so a fragment read hits 32 distinct banks), the x
+ * tile [NT][MMA_XP] halves (a 144-byte pitch: ldmatrix's 8 row reads hit distinct banks),
+ * then per (row, chunk) the scale and the min as f16 pairs */
+template <int NT> struct mma_smem {
+    static constexpr int W = MMA_ROWS * MMA_CH * 16;
+    static constexpr int X = NT * MMA_XP * 2;
+    static constexpr int SC = MMA_ROWS * MMA_CH * 8;
+    static constexpr int STAGE = W + X + SC;
+    static constexpr int BYTES = STAGE * MMA_STAGES;
+};
+
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool ok)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(ok ? 16 : 0));
+#else
+    *reinterpret_cast<uint4 *>(dst) = ok ? *reinterpret_cast<const uint4 *>(src) : make_uint4(0, 0, 0, 0);
+#endif
+}
+
+/* the same for W, asking L2 to fetch the whole 128-byte line: a stage takes 32 bytes of a
+ * row and the next three stages the rest, which then come from L2 (H200: 1-10% faster,
+ * most at 8 rows and on the 152064-row head) */
+__device__ __forceinline__ void cp_async16_l2line(void *dst, const void *src, bool ok)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(ok ? 16 : 0));
+#else
+    cp_async16(dst, src, ok);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+/* wait until at most N of this thread's copy groups are still in flight */
+template <int N> __device__ __forceinline__ void cp_async_wait(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
 
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #else
     (void)d; (void)a; (void)b0; (void)b1;
     __trap();
 #endif
 }
 
-/* two elements (nibbles of bytes b0, b1: low for the chunk's first 16, high for the rest)
- * dequantized into an f16 pair */
-template <int S>
-__device__ __forceinline__ uint32_t dequant_pair(uint32_t b0, uint32_t b1, int hi, float sc, float mn)
+/* B fragments of x for two 8-row tiles (r[0], r[1]: rows n0..n0+7; r[2], r[3]: the next 8)
+ * or, with ldsm_x2, one tile; each lane passes the address of one 16-byte matrix row */
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void *p)
 {
-    const float q0 = (float)((b0 >> (4 * hi)) & 15u), q1 = (float)((b1 >> (4 * hi)) & 15u);
-    const float v0 = S == ZSE_SCHEME_Q4 ? fmaf(q0, sc, mn) : (q0 - 8.f) * sc;
-    const float v1 = S == ZSE_SCHEME_Q4 ? fmaf(q1, sc, mn) : (q1 - 8.f) * sc;
-    const __half2 h = __floats2half2_rn(v0, v1);
-    return *reinterpret_cast<const uint32_t *>(&h);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#else
+    (void)p;
+    r[0] = r[1] = r[2] = r[3] = 0;
+#endif
 }
 
-/* a thread's share of one K stage, loaded a stage ahead: its 16-byte loads of the x tile
- * and of its warp's W chunks, and the group scales (and mins) its fragments need */
-template <int NT> struct mma_stage {
-    uint4 x[NT * (MMA_KS / 8) / (MMA_WARPS * 32)];
-    uint4 w[MMA_ROWS_W * MMA_CH / 32];
-    float sc[MMA_CH][2][2], mn[MMA_CH][2][2];
-};
+__device__ __forceinline__ void ldsm_x2(uint32_t &r0, uint32_t &r1, const void *p)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(a));
+#else
+    (void)p;
+    r0 = r1 = 0;
+#endif
+}
 
-template <int S, int NT>
-__device__ __forceinline__ void mma_load(mma_stage<NT> &st, const zse_cuda_weight &w, const __half *__restrict__ xh,
-                                         int64_t n, int64_t n0, int64_t k0, int64_t row_base, int lane, int g)
+/* where chunk c of block row r sits in a stage's W tile */
+__device__ __forceinline__ int mma_wslot(int r, int c) { return r * MMA_CH + (c ^ ((r >> 2) & 1)); }
+
+/* queue one stage's copies: W chunks of the block's rows (rows past the end re-read the
+ * last row; chunks past the row are zeros) and the x tile (zeros past n and past cols) */
+template <int NT>
+__device__ __forceinline__ void mma_issue(uint8_t *stage, const zse_cuda_weight &w, const __half *__restrict__ xh,
+                                          int64_t n, int64_t n0, int64_t k0, int64_t row_blk)
 {
     const int64_t K = w.cols, units = (K + 31) / 32;
+    uint4 *ws = reinterpret_cast<uint4 *>(stage);
 #pragma unroll
-    for (int i = 0; i < NT * (MMA_KS / 8) / (MMA_WARPS * 32); i++) {
-        const int idx = i * MMA_WARPS * 32 + threadIdx.x, r = idx / (MMA_KS / 8), c8 = (idx % (MMA_KS / 8)) * 8;
-        st.x[i] = n0 + r < n && k0 + c8 < K ? *reinterpret_cast<const uint4 *>(xh + (n0 + r) * K + k0 + c8)
-                                            : make_uint4(0, 0, 0, 0);
+    for (int k = 0; k < MMA_ROWS * MMA_CH / (MMA_WARPS * 32); k++) {
+        const int i = k * MMA_WARPS * 32 + threadIdx.x, r = i / MMA_CH, c = i % MMA_CH;
+        const int64_t row = min(row_blk + r, w.rows - 1), u = k0 / 32 + c;
+        const bool ok = u < units;
+        cp_async16_l2line(&ws[mma_wslot(r, c)], (const uint8_t *)w.qs + row * w.row_bytes + (ok ? u : 0) * 16, ok);
     }
+    __half *xs = reinterpret_cast<__half *>(stage + mma_smem<NT>::W);
+    constexpr int XN = NT * (MMA_KS / 8), XT = (XN + MMA_WARPS * 32 - 1) / (MMA_WARPS * 32);
 #pragma unroll
-    for (int i = 0; i < MMA_ROWS_W * MMA_CH / 32; i++) {
-        const int idx = i * 32 + lane, r = idx / MMA_CH, c = idx % MMA_CH;
-        const int64_t row = min(row_base + r, w.rows - 1), u = k0 / 32 + c;
-        st.w[i] = u < units ? ld_stream16((const uint8_t *)w.qs + row * w.row_bytes + u * 16) : make_uint4(0, 0, 0, 0);
+    for (int it = 0; it < XT; it++) {
+        const int i = it * MMA_WARPS * 32 + threadIdx.x, r = i / (MMA_KS / 8), p = i % (MMA_KS / 8);
+        if (XN % (MMA_WARPS * 32) != 0 && i >= XN)
+            break;
+        const int64_t k = k0 + p * 8;
+        const bool ok = n0 + r < n && k < K;
+        cp_async16(xs + r * MMA_XP + p * 8, ok ? xh + (n0 + r) * K + k : xh, ok);
     }
+}
+
+/* this thread's block row's (scale, min) f16 pairs for the stage's chunks */
+template <int S>
+__device__ __forceinline__ void mma_scales(uint2 (&out)[MMA_CH], const zse_cuda_weight &w, int64_t k0, int64_t row_blk)
+{
+    const int64_t units = (w.cols + 31) / 32, row = min(row_blk + (int64_t)threadIdx.x, w.rows - 1);
 #pragma unroll
     for (int c = 0; c < MMA_CH; c++) {
-        const int64_t u = min(k0 / 32 + c, units - 1), grp = u * 32 / w.group_size;
+        const int64_t u = min(k0 / 32 + c, units - 1), grp = group_div(w.group_size)(u * 32);
+        const __half s = ((const __half *)w.scales)[row * w.groups + grp];
+        const __half m = S == ZSE_SCHEME_Q4 ? ((const __half *)w.mins)[row * w.groups + grp] : __float2half(0.f);
+        const __half2 s2 = __halves2half2(s, s), m2 = __halves2half2(m, m);
+        out[c] = make_uint2(*reinterpret_cast<const uint32_t *>(&s2), *reinterpret_cast<const uint32_t *>(&m2));
+    }
+}
+
+template <int NT>
+__device__ __forceinline__ void mma_park_scales(uint8_t *stage, const uint2 (&sc)[MMA_CH])
+{
+    uint2 *dst = reinterpret_cast<uint2 *>(stage + mma_smem<NT>::W + mma_smem<NT>::X);
+#pragma unroll
+    for (int c = 0; c < MMA_CH; c++)
+        dst[threadIdx.x * MMA_CH + c] = sc[c];
+}
+
+/* two codes of a fragment (bytes of x as [a, 0, b, 0]; the high nibbles when hi) as the
+ * f16 pair (w_a, w_b) */
+template <int S>
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t x, int hi, uint2 sm)
+{
+    const uint32_t v = ((hi ? x >> 4 : x) & 0x000F000Fu) | 0x64006400u;
+    const __half2 bias = __float2half2_rn(S == ZSE_SCHEME_Q4 ? 1024.f : 1032.f);
+    const __half2 q = __hsub2(*reinterpret_cast<const __half2 *>(&v), bias);
+    const __half2 sc = *reinterpret_cast<const __half2 *>(&sm.x);
+    __half2 r;
+    if (S == ZSE_SCHEME_Q4)
+        r = __hfma2(q, sc, *reinterpret_cast<const __half2 *>(&sm.y));
+    else
+        r = __hmul2(q, sc);
+    return *reinterpret_cast<const uint32_t *>(&r);
+}
+
+/* one stage's math for a warp: its 2 x 16 rows against the NT x-rows of the tile */
+template <int S, int NT>
+__device__ __forceinline__ void mma_stage_math(float (&acc)[2][NT / 8][4], const uint8_t *stage, int warp, int lane)
+{
+    constexpr int NJ = NT / 8;
+    const int g = lane >> 2, t = lane & 3;
+    const uint32_t *ws = reinterpret_cast<const uint32_t *>(stage);
+    const __half *xs = reinterpret_cast<const __half *>(stage + mma_smem<NT>::W);
+    const uint2 *scs = reinterpret_cast<const uint2 *>(stage + mma_smem<NT>::W + mma_smem<NT>::X);
+    /* bytes 2t, 2t+1 of a 4-byte word: its bytes 0,1 for even t, 2,3 for odd */
+    const uint32_t sel = (t & 1) ? 0x4342u : 0x4140u;
+#pragma unroll
+    for (int c = 0; c < MMA_CH; c++) {
+        uint32_t x0[2][2], x1[2][2];
+        uint2 sm[2][2];
 #pragma unroll
         for (int mt = 0; mt < 2; mt++)
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                const int64_t row = min(row_base + mt * 16 + h * 8 + g, w.rows - 1);
-                st.sc[c][mt][h] = __half2float(((const __half *)w.scales)[row * w.groups + grp]);
-                st.mn[c][mt][h] = S == ZSE_SCHEME_Q4 ? __half2float(((const __half *)w.mins)[row * w.groups + grp]) : 0.f;
+                const int r = warp * MMA_ROWS_W + mt * 16 + h * 8 + g;
+                const uint32_t *chunk = ws + mma_wslot(r, c) * 4;
+                x0[mt][h] = __byte_perm(chunk[t >> 1], 0, sel);       /* codes 2t, 2t+1 (+16) */
+                x1[mt][h] = __byte_perm(chunk[2 + (t >> 1)], 0, sel); /* codes 2t+8, 2t+9 (+16) */
+                sm[mt][h] = scs[r * MMA_CH + c];
             }
+#pragma unroll
+        for (int hi = 0; hi < 2; hi++) {
+            uint32_t a[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    a[mt][h] = dequant_pair<S>(x0[mt][h], hi, sm[mt][h]);
+                    a[mt][2 + h] = dequant_pair<S>(x1[mt][h], hi, sm[mt][h]);
+                }
+            const int kb = c * 32 + hi * 16;
+            if (NJ == 1) {
+                uint32_t b0, b1;
+                ldsm_x2(b0, b1, xs + (lane & 7) * MMA_XP + kb + ((lane >> 3) & 1) * 8);
+                mma_16816(acc[0][0], a[0], b0, b1);
+                mma_16816(acc[1][0], a[1], b0, b1);
+            } else {
+#pragma unroll
+                for (int jp = 0; jp < NJ / 2; jp++) {
+                    uint32_t b[4];
+                    const int m = lane >> 3;
+                    ldsm_x4(b, xs + ((2 * jp + (m >> 1)) * 8 + (lane & 7)) * MMA_XP + kb + (m & 1) * 8);
+                    mma_16816(acc[0][2 * jp], a[0], b[0], b[1]);
+                    mma_16816(acc[1][2 * jp], a[1], b[0], b[1]);
+                    mma_16816(acc[0][2 * jp + 1], a[0], b[2], b[3]);
+                    mma_16816(acc[1][2 * jp + 1], a[1], b[2], b[3]);
+                }
+            }
+        }
     }
+}
+
+/* iteration s of the main loop: park the scales this thread loaded two iterations ago
+ * (those of stage s + MMA_STAGES - 3) and reload `sc` with those of stage s + MMA_STAGES - 1,
+ * whose copies it queues once stage s has landed; then stage s's math */
+template <int S, int NT>
+__device__ __forceinline__ void mma_iteration(float (&acc)[2][NT / 8][4], uint8_t *smem, int s, int nst,
+                                              uint2 (&sc)[MMA_CH], const zse_cuda_weight &w,
+                                              const __half *__restrict__ xh, int64_t n, int64_t n0, int64_t k_begin,
+                                              int64_t row_blk)
+{
+    constexpr int ST = mma_smem<NT>::STAGE;
+    cp_async_wait<MMA_STAGES - 2>();
+    const int parked = s + MMA_STAGES - 3;
+    if (s >= 2 && parked < nst)
+        mma_park_scales<NT>(smem + (parked % MMA_STAGES) * ST, sc);
+    __syncthreads();
+    const int next = s + MMA_STAGES - 1;
+    if (next < nst) {
+        const int64_t k0 = k_begin + (int64_t)next * MMA_KS;
+        mma_issue<NT>(smem + (next % MMA_STAGES) * ST, w, xh, n, n0, k0, row_blk);
+        mma_scales<S>(sc, w, k0, row_blk);
+    }
+    cp_async_commit();
+    mma_stage_math<S, NT>(acc, smem + (s % MMA_STAGES) * ST, threadIdx.x >> 5, threadIdx.x & 31);
 }
 
 /* grid: x = 128-row blocks of W, y = NT-row tiles of x, z = K splits. One split stores
  * through the epilogue; several leave fp32 partials in work [split][n][rows] for
  * mma_reduce_kernel, which adds them in split order (deterministic). */
 template <int S, int NT>
-__global__ void __launch_bounds__(MMA_WARPS * 32)
+__global__ void __launch_bounds__(MMA_WARPS * 32, NT == 64 ? 3 : 1)   /* 64: 171 -> 168 registers, a third block */
 gemm_q4_mma_kernel(const zse_cuda_weight w, const __half *__restrict__ xh, int64_t n, int64_t split_k,
                    const gemv_epi e, float *__restrict__ work)
 {
-    constexpr int NJ = NT / 8;
-    __shared__ __align__(16) __half xs[NT][MMA_KS + MMA_XPAD];
-    __shared__ __align__(16) uint4 ws[MMA_WARPS][MMA_ROWS_W][MMA_CH];
+    constexpr int NJ = NT / 8, ST = mma_smem<NT>::STAGE;
+    static_assert(MMA_STAGES >= 4, "scales are parked two iterations after their load");
+    extern __shared__ __align__(16) uint8_t mma_smem_buf[];
+    uint8_t *smem = mma_smem_buf;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int64_t row_base = (int64_t)blockIdx.x * MMA_ROWS + warp * MMA_ROWS_W;
+    const int64_t row_blk = (int64_t)blockIdx.x * MMA_ROWS;
     const int64_t n0 = (int64_t)blockIdx.y * NT;
-    const int64_t K = w.cols, units = (K + 31) / 32;
-    const int64_t k_begin = (int64_t)blockIdx.z * split_k, k_end = min(K, k_begin + split_k);
+    const int64_t k_begin = (int64_t)blockIdx.z * split_k, k_end = min(w.cols, k_begin + split_k);
+    const int nst = (int)((k_end - k_begin + MMA_KS - 1) / MMA_KS);
 
     float acc[2][NJ][4];
 #pragma unroll
@@ -747,61 +951,28 @@ gemm_q4_mma_kernel(const zse_cuda_weight w, const __half *__restrict__ xh, int64
             for (int i = 0; i < 4; i++)
                 acc[mt][j][i] = 0.f;
 
-    mma_stage<NT> cur;
-    if (k_begin < k_end)
-        mma_load<S, NT>(cur, w, xh, n, n0, k_begin, row_base, lane, g);
-    for (int64_t k0 = k_begin; k0 < k_end; k0 += MMA_KS) {
+    /* the first MMA_STAGES - 1 stages, scales parked at once */
 #pragma unroll
-        for (int i = 0; i < NT * (MMA_KS / 8) / (MMA_WARPS * 32); i++) {
-            const int idx = i * MMA_WARPS * 32 + threadIdx.x;
-            *reinterpret_cast<uint4 *>(&xs[idx / (MMA_KS / 8)][(idx % (MMA_KS / 8)) * 8]) = cur.x[i];
+    for (int s = 0; s < MMA_STAGES - 1; s++) {
+        if (s < nst) {
+            const int64_t k0 = k_begin + (int64_t)s * MMA_KS;
+            uint2 sc[MMA_CH];
+            mma_issue<NT>(smem + s * ST, w, xh, n, n0, k0, row_blk);
+            mma_scales<S>(sc, w, k0, row_blk);
+            mma_park_scales<NT>(smem + s * ST, sc);
         }
-#pragma unroll
-        for (int i = 0; i < MMA_ROWS_W * MMA_CH / 32; i++) {
-            const int idx = i * 32 + lane;
-            ws[warp][idx / MMA_CH][idx % MMA_CH] = cur.w[i];
-        }
-        float sc[MMA_CH][2][2], mn[MMA_CH][2][2];
-#pragma unroll
-        for (int c = 0; c < MMA_CH; c++)
-#pragma unroll
-            for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    sc[c][mt][h] = cur.sc[c][mt][h];
-                    mn[c][mt][h] = cur.mn[c][mt][h];
-                }
-        __syncthreads();
-        /* the next stage's loads fly while this one computes */
-        if (k0 + MMA_KS < k_end)
-            mma_load<S, NT>(cur, w, xh, n, n0, k0 + MMA_KS, row_base, lane, g);
-#pragma unroll
-        for (int c = 0; c < MMA_CH; c++) {
-            if (k0 / 32 + c >= units)
-                break;
-#pragma unroll
-            for (int hi = 0; hi < 2; hi++) {
-                uint32_t a[2][4];
-#pragma unroll
-                for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        const uint8_t *b = reinterpret_cast<const uint8_t *>(&ws[warp][mt * 16 + h * 8 + g][c]);
-                        a[mt][h] = dequant_pair<S>(b[2 * t], b[2 * t + 1], hi, sc[c][mt][h], mn[c][mt][h]);
-                        a[mt][2 + h] = dequant_pair<S>(b[2 * t + 8], b[2 * t + 9], hi, sc[c][mt][h], mn[c][mt][h]);
-                    }
-                const int kk = c * 32 + hi * 16 + 2 * t;
-#pragma unroll
-                for (int j = 0; j < NJ; j++) {
-                    const uint32_t b0 = *reinterpret_cast<const uint32_t *>(&xs[j * 8 + g][kk]);
-                    const uint32_t b1 = *reinterpret_cast<const uint32_t *>(&xs[j * 8 + g][kk + 8]);
-                    mma_16816(acc[0][j], a[0], b0, b1);
-                    mma_16816(acc[1][j], a[1], b0, b1);
-                }
-            }
-        }
-        __syncthreads();
+        cp_async_commit();
     }
+    /* even and odd iterations each keep their own set of scales in flight (a register
+     * array indexed by s % 2 would live in local memory), so a turn runs two of them */
+    uint2 sa[MMA_CH], sb[MMA_CH];
+    for (int s = 0; s < nst; s += 2) {
+        mma_iteration<S, NT>(acc, smem, s, nst, sa, w, xh, n, n0, k_begin, row_blk);
+        if (s + 1 < nst)
+            mma_iteration<S, NT>(acc, smem, s + 1, nst, sb, w, xh, n, n0, k_begin, row_blk);
+    }
+    cp_async_wait<0>();
+
     /* c0, c1: row g, x rows 2t, 2t + 1; c2, c3: row g + 8 */
 #pragma unroll
     for (int mt = 0; mt < 2; mt++)
@@ -809,7 +980,7 @@ gemm_q4_mma_kernel(const zse_cuda_weight w, const __half *__restrict__ xh, int64
         for (int j = 0; j < NJ; j++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                const int64_t row = row_base + mt * 16 + g + (i >= 2 ? 8 : 0);
+                const int64_t row = row_blk + warp * MMA_ROWS_W + mt * 16 + g + (i >= 2 ? 8 : 0);
                 const int64_t xr = n0 + j * 8 + 2 * t + (i & 1);
                 if (row >= w.rows || xr >= n)
                     continue;
@@ -830,7 +1001,7 @@ __global__ void mma_reduce_kernel(const float *__restrict__ work, int splits, in
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n * rows)
         return;
-    const int64_t xr = i / rows, row = i % rows;
+    const int64_t xr = div_idx(i, rows), row = i - xr * rows;
     float v = 0.f;
     for (int z = 0; z < splits; z++)
         v += work[(int64_t)z * n * rows + i];
@@ -840,21 +1011,35 @@ __global__ void mma_reduce_kernel(const float *__restrict__ work, int splits, in
     *dst = e.accumulate ? *dst + v : v;
 }
 
-/* K splits for a launch of `blocks` (x, y) blocks: about two blocks per SM of an H100, each
- * split at least 4 stages long */
-static int mma_splits(int64_t blocks, int64_t cols)
+/* x rows a block takes at a time: the smallest tile that holds n, at most 64 */
+static int64_t mma_tile(int64_t n) { return n <= 8 ? 8 : n <= 16 ? 16 : n <= 32 ? 32 : 64; }
+
+/* K splits for a launch of `blocks` (x, y) blocks of n-row tiles: about four blocks per SM
+ * (what the shared memory of a stage ring lets run at once), each split at least 4 stages
+ * long, and the fp32 partials (written and read back, mostly in L2) no more bytes than the
+ * weight */
+static int mma_splits(int64_t blocks, int64_t n, int64_t cols)
 {
-    const int64_t stages = (cols + MMA_KS - 1) / MMA_KS;
-    int64_t s = (264 + blocks - 1) / blocks;
+    static int sms = 0;
+    if (sms <= 0) {
+        int dev = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+            cudaGetLastError();
+            sms = 132;
+        }
+    }
+    const int64_t stages = (cols + MMA_KS - 1) / MMA_KS, traffic = cols / (16 * n);
+    int64_t s = (4 * sms + blocks - 1) / blocks;
     s = s < stages / 4 ? s : stages / 4;
+    s = s < traffic ? s : traffic;
     return (int)(s < 1 ? 1 : s > 16 ? 16 : s);
 }
 
 static size_t mma_scratch_bytes(const zse_cuda_weight *w, int64_t n)
 {
     const size_t xbytes = ((size_t)n * (size_t)w->cols * sizeof(__half) + 255) & ~(size_t)255;
-    const int64_t blocks = zse_ceil_div(w->rows, MMA_ROWS) * zse_ceil_div(n, n <= 16 ? 16 : n <= 32 ? 32 : 64);
-    const int splits = mma_splits(blocks, w->cols);
+    const int64_t blocks = zse_ceil_div(w->rows, MMA_ROWS) * zse_ceil_div(n, mma_tile(n));
+    const int splits = mma_splits(blocks, n, w->cols);
     return xbytes + (splits > 1 ? (size_t)splits * (size_t)n * (size_t)w->rows * sizeof(float) : 0) + 256;
 }
 
@@ -935,6 +1120,38 @@ extern "C" int zse_cuda_matmul_gemm(const zse_cuda_weight *w, const float *x, in
     return gemm_into(w, x, xpitch, n, y, ypitch, 0.f, cublas, scratch, scratch_bytes, st);
 }
 
+/* the kernel for NT-row x tiles, its stage ring in dynamic shared memory (over the 48 KB
+ * a launch gets unasked for NT = 64: the limit is raised once per instantiation, on the
+ * first, never-recorded use) */
+template <int S, int NT> static int mma_smem_ready(void)
+{
+    static int ready = 0;
+    if (!ready) {
+        cudaError_t err = cudaFuncSetAttribute(gemm_q4_mma_kernel<S, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               mma_smem<NT>::BYTES);
+        if (err != cudaSuccess)
+            return zse_cuda_fail("cuda mma: %d bytes of shared memory: %s", mma_smem<NT>::BYTES, cudaGetErrorString(err));
+        ready = 1;
+    }
+    return 0;
+}
+
+template <int NT>
+static int launch_mma(int scheme, dim3 grid, const zse_cuda_weight *w, const __half *xh, int64_t n, int64_t split_k,
+                      const gemv_epi &e, float *part, cudaStream_t st)
+{
+    if (scheme == ZSE_SCHEME_Q4) {
+        if (mma_smem_ready<ZSE_SCHEME_Q4, NT>() != 0)
+            return -1;
+        gemm_q4_mma_kernel<ZSE_SCHEME_Q4, NT><<<grid, MMA_WARPS * 32, mma_smem<NT>::BYTES, st>>>(*w, xh, n, split_k, e, part);
+    } else {
+        if (mma_smem_ready<ZSE_SCHEME_Q4S, NT>() != 0)
+            return -1;
+        gemm_q4_mma_kernel<ZSE_SCHEME_Q4S, NT><<<grid, MMA_WARPS * 32, mma_smem<NT>::BYTES, st>>>(*w, xh, n, split_k, e, part);
+    }
+    return 0;
+}
+
 static int gemm_q4_mma(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n, const gemv_epi &e,
                        void *scratch, size_t scratch_bytes, bool convert_x, cudaStream_t st)
 {
@@ -947,28 +1164,23 @@ static int gemm_q4_mma(const zse_cuda_weight *w, const float *x, int64_t xpitch,
         split_x_kernel<<<(unsigned)zse_ceil_div(n * w->cols, 256), 256, 0, st>>>(x, xpitch, n, w->cols, xh, NULL);
         ZSE_CUDA_LAUNCHED("cuda mma: x to f16");
     }
-    const int64_t gx = zse_ceil_div(w->rows, MMA_ROWS), nt = n <= 16 ? 16 : n <= 32 ? 32 : 64;
+    const int64_t gx = zse_ceil_div(w->rows, MMA_ROWS), nt = mma_tile(n);
     const int64_t gy = zse_ceil_div(n, nt);
-    const int splits = mma_splits(gx * gy, w->cols);
+    const int splits = mma_splits(gx * gy, n, w->cols);
     /* splits start on stage boundaries */
     const int64_t split_k = zse_ceil_div(zse_ceil_div(w->cols, splits), MMA_KS) * MMA_KS;
     const int real_splits = (int)zse_ceil_div(w->cols, split_k);
     float *part = real_splits > 1 ? work : NULL;
     dim3 grid((unsigned)gx, (unsigned)gy, (unsigned)real_splits);
-#define ZSE_MMA(NT)                                                                                           \
-    do {                                                                                                      \
-        if (w->scheme == ZSE_SCHEME_Q4)                                                                       \
-            gemm_q4_mma_kernel<ZSE_SCHEME_Q4, NT><<<grid, MMA_WARPS * 32, 0, st>>>(*w, xh, n, split_k, e, part);  \
-        else                                                                                                  \
-            gemm_q4_mma_kernel<ZSE_SCHEME_Q4S, NT><<<grid, MMA_WARPS * 32, 0, st>>>(*w, xh, n, split_k, e, part); \
-    } while (0)
-    if (nt == 16)
-        ZSE_MMA(16);
-    else if (nt == 32)
-        ZSE_MMA(32);
-    else
-        ZSE_MMA(64);
-#undef ZSE_MMA
+    int rc = 0;
+    switch (nt) {
+    case 8: rc = launch_mma<8>(w->scheme, grid, w, xh, n, split_k, e, part, st); break;
+    case 16: rc = launch_mma<16>(w->scheme, grid, w, xh, n, split_k, e, part, st); break;
+    case 32: rc = launch_mma<32>(w->scheme, grid, w, xh, n, split_k, e, part, st); break;
+    default: rc = launch_mma<64>(w->scheme, grid, w, xh, n, split_k, e, part, st); break;
+    }
+    if (rc != 0)
+        return -1;
     ZSE_CUDA_LAUNCHED("cuda mma");
     if (part) {
         mma_reduce_kernel<<<(unsigned)zse_ceil_div(n * w->rows, 256), 256, 0, st>>>(part, real_splits, n, w->rows, e);
@@ -1013,22 +1225,20 @@ extern "C" int zse_cuda_matmul_multi(const zse_cuda_multi *mm, const float *x, i
             return zse_cuda_fail("cuda matmul: weights of %lld and %lld columns over one x",
                                  (long long)mm->w[0].cols, (long long)mm->w[i].cols);
     }
+    bool all_mma = n >= ZSE_CUDA_MMA_MIN && n <= ZSE_CUDA_MMA_MAX;
+    for (int i = 0; i < mm->count; i++)
+        all_mma = all_mma && mma_q4_ok(&mm->w[i]);
+    if (all_mma) {
+        /* x goes to f16 once for every weight */
+        for (int i = 0; i < mm->count; i++) {
+            const gemv_epi e = {mm->y[i], mm->ypitch[i], mm->bias[i], mm->accumulate};
+            if (gemm_q4_mma(&mm->w[i], x, xpitch, n, e, scratch, scratch_bytes, i == 0, (cudaStream_t)st) != 0)
+                return -1;
+        }
+        return 0;
+    }
     if (n <= ZSE_CUDA_GEMV_MAX)
         return multi_gemv(mm, x, xpitch, n, scratch, scratch_bytes, (cudaStream_t)st);
-    if (n <= ZSE_CUDA_MMA_MAX) {
-        bool all_mma = true;
-        for (int i = 0; i < mm->count; i++)
-            all_mma = all_mma && mma_q4_ok(&mm->w[i]);
-        if (all_mma) {
-            /* x goes to f16 once for every weight */
-            for (int i = 0; i < mm->count; i++) {
-                const gemv_epi e = {mm->y[i], mm->ypitch[i], mm->bias[i], mm->accumulate};
-                if (gemm_q4_mma(&mm->w[i], x, xpitch, n, e, scratch, scratch_bytes, i == 0, (cudaStream_t)st) != 0)
-                    return -1;
-            }
-            return 0;
-        }
-    }
     for (int i = 0; i < mm->count; i++) {
         const zse_cuda_weight *w = &mm->w[i];
         float *y = mm->y[i];

@@ -124,7 +124,7 @@ extern "C" int zse_cuda_rmsnorm(const float *x, int64_t xpitch, const float *w, 
 #define ROWS_DIM_LOOP(rows, dim, body)                                                    \
     for (int64_t i_ = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i_ < (rows) * (dim); \
          i_ += (int64_t)gridDim.x * blockDim.x) {                                         \
-        const int64_t r = i_ / (dim), c = i_ % (dim);                                     \
+        const int64_t r = div_idx(i_, (dim)), c = i_ - r * (dim);                         \
         body;                                                                             \
     }
 
@@ -408,10 +408,9 @@ __global__ void rope_kernel(float *x, int64_t xp, int64_t n, int n_heads, int he
     const int64_t total = n * n_heads * half;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (int64_t)gridDim.x * blockDim.x) {
-        const int j = (int)(i % half);
-        const int64_t th = i / half;
-        const int h = (int)(th % n_heads);
-        const int64_t t = th / n_heads;
+        const int64_t th = div_idx(i, half), t = div_idx(th, n_heads);
+        const int j = (int)(i - th * half);
+        const int h = (int)(th - t * n_heads);
         rope_pair(x + t * xp + (int64_t)h * head_dim, j, half, pos[t], inv_freq, mscale);
     }
 }
@@ -471,8 +470,8 @@ __global__ void kv_store_kernel(zse_cuda_kv_layer L, const float *k, int64_t kp,
     const int lane = threadIdx.x & 31;
     if (item >= n * L.n_kv_heads)
         return;
-    const int64_t t = item / L.n_kv_heads;
-    const int h = (int)(item % L.n_kv_heads);
+    const int64_t t = div_idx(item, L.n_kv_heads);
+    const int h = (int)(item - t * L.n_kv_heads);
     const int64_t slot = slots[t];
     if (slot < 0 || slot >= L.n_slots)
         return;
@@ -503,8 +502,8 @@ __global__ void rope_kv_store_kernel(zse_cuda_kv_layer L, float *q, int64_t qp, 
     const int per_token = n_heads + L.n_kv_heads;
     if (item >= n * per_token)
         return;
-    const int64_t t = item / per_token;
-    const int hs = (int)(item % per_token);
+    const int64_t t = div_idx(item, per_token);
+    const int hs = (int)(item - t * per_token);
     const int hd = L.head_dim, half = hd / 2;
     const bool is_q = hs < n_heads;
     const int h = is_q ? hs : hs - n_heads;
@@ -581,10 +580,10 @@ __device__ __forceinline__ bool att_item_of(const zse_cuda_attn &a, int64_t item
 {
     if (item >= n * a.n_heads * splits)
         return false;
-    const int split = (int)(item % splits);
-    const int64_t th = item / splits;
-    it.h = (int)(th % a.n_heads);
-    it.t = th / a.n_heads;
+    const int64_t th = div_idx(item, splits);
+    const int split = (int)(item - th * splits);
+    it.t = div_idx(th, a.n_heads);
+    it.h = (int)(th - it.t * a.n_heads);
     it.kvh = it.h / (a.n_heads / a.n_kv_heads);
     it.seq = a.seq_of[it.t];
     const int pos = a.pos[it.t];
@@ -956,8 +955,8 @@ __global__ void attention_combine_kernel(const float *work, int64_t n, int n_hea
                                          int splits, float *out, int64_t op)
 {
     const int64_t th = blockIdx.x;
-    const int64_t t = th / n_heads;
-    const int h = (int)(th % n_heads);
+    const int64_t t = div_idx(th, n_heads);
+    const int h = (int)(th - t * n_heads);
     const float *w0 = work + th * splits * (hd + 2);
     float M = -FLT_MAX;
     for (int s = 0; s < splits; s++)
