@@ -272,9 +272,17 @@ __global__ void quantize_x_kernel(const float *x, int64_t xpitch, int n, int64_t
 }
 
 /* One launch serves up to ZSE_CUDA_MULTI_MAX weights over the same x (q, k and v; gate and
- * up): the blocks of weight 0 come first, then those of weight 1, ... */
+ * up): the blocks of weight 0 come first, then those of weight 1, ...
+ *
+ * Batch 1 is latency-bound (ncu: long-scoreboard stalls on the weight loads, half the issue
+ * slots idle), so it asks for 6 resident blocks a SM (80 registers) instead of the 4 that
+ * 116 registers allowed, and the unit loop is not unrolled (its second copy cost registers
+ * and helped only 18944-wide rows). H200, us back to back: 3584^2 8.4-8.9 -> 7.8,
+ * 18944x3584 19.8-20.0 -> 16.4, 3584x18944 24.7-25.1 -> 17.2, the 152064-row head 118.5 ->
+ * 91.6; batch 2 and 4 within 3% either way (8 rows a block at batch 1: 8.1 / 17.3 / 15.8 /
+ * 93.6, close behind). */
 template <int S, int B>
-__global__ void __launch_bounds__(GEMV_WARPS * 32)
+__global__ void __launch_bounds__(GEMV_WARPS * 32, B == 1 ? 6 : 1)
 gemv_q4_dp4a_kernel(const zse_cuda_multi mm, const uint4 *__restrict__ xq,
                     const float4 *__restrict__ xs, int64_t units, int n)
 {
@@ -306,7 +314,7 @@ gemv_q4_dp4a_kernel(const zse_cuda_multi mm, const uint4 *__restrict__ xq,
         for (int r = 0; r < R; r++)
             acc[b][r] = 0.f;
 
-#pragma unroll 2
+#pragma unroll 1
     for (int64_t u = warp * 32 + lane; u < units; u += GEMV_WARPS * 32) {
         int lo[R][4], hi[R][4];
         float sc[R], mn[R];
