@@ -665,7 +665,7 @@ __global__ void split_x_kernel(const float *x, int64_t xpitch, int64_t n, int64_
         lo[i] = __float2half_rn(v - __half2float(h));
 }
 
-/* ---- 4-bit weights on tensor cores (batches of 9..64 rows, and prefill) ----------------
+/* ---- 4-bit weights on tensor cores (batches of 5..64 rows) -----------------------------
  * Dequantizing W to f16 for cuBLAS writes and re-reads twice the weight's size on every
  * step; here W is read once, in its packed layout, and dequantized in registers straight
  * into mma.sync's A fragments (m16n8k16, f16 in, f32 out). x goes to f16 once (as for
@@ -675,8 +675,8 @@ __global__ void split_x_kernel(const float *x, int64_t xpitch, int64_t n, int64_
  * chunks and x tile to shared memory without passing through registers, so a thread keeps
  * only its accumulators and the block keeps ~3 stages of HBM reads in flight. The group
  * scales cannot go that way (2-byte values at no fixed alignment): each thread loads its
- * row's two stages ahead into registers and parks them in the stage's shared slot one
- * iteration later, by when the load has landed.
+ * row's into registers when it queues their stage's copies and parks them in the stage's
+ * shared slot two iterations later (one before their use), by when the load has landed.
  *
  * Dequantization works on nibble pairs: a byte permute puts two codes into the low bits
  * of an f16 pair's halves, OR-ing in 0x6400 makes them the halves 1024 + q, and one
