@@ -419,20 +419,35 @@ static size_t mma_scratch_bytes(const zse_cuda_weight *w, int64_t n);
 
 /* the tensor-core path applies: 4-bit groups, x rows packable as 16-byte f16 vectors, and a
  * GPU with mma.sync for f16 (sm_80 on) */
-static bool mma_q4_ok(const zse_cuda_weight *w)
+/* what the tensor-core path needs to know of the device and the environment, asked once:
+ * whether it may run, and how many SMs its K splits should fill */
+struct mma_device {
+    bool usable;
+    int sms;
+};
+
+static const mma_device &mma_device_facts(void)
 {
-    static int usable = -1;    /* the device and the environment, asked once */
-    if (usable < 0) {
-        int dev = 0, major = 0;
+    static mma_device d = {false, 0};
+    if (d.sms == 0) {
+        int dev = 0, major = 0, sms = 0;
         if (cudaGetDevice(&dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
             cudaGetLastError();
             major = 0;
+            sms = 132;
         }
         const char *off = getenv("ZSE_CUDA_NO_MMA");
-        usable = major >= 8 && !(off && strcmp(off, "0") != 0);
+        d.usable = major >= 8 && !(off && strcmp(off, "0") != 0);
+        d.sms = sms > 0 ? sms : 132;
     }
-    return usable && uses_dp4a(w->scheme) && w->cols % 8 == 0;
+    return d;
+}
+
+static bool mma_q4_ok(const zse_cuda_weight *w)
+{
+    return mma_device_facts().usable && uses_dp4a(w->scheme) && w->cols % 8 == 0;
 }
 
 extern "C" size_t zse_cuda_matmul_scratch_bytes(const zse_cuda_weight *w, int64_t n)
@@ -839,8 +854,9 @@ template <int S>
 __device__ __forceinline__ uint32_t dequant_pair(uint32_t x, int hi, uint2 sm)
 {
     const uint32_t v = ((hi ? x >> 4 : x) & 0x000F000Fu) | 0x64006400u;
-    const __half2 bias = __float2half2_rn(S == ZSE_SCHEME_Q4 ? 1024.f : 1032.f);
-    const __half2 q = __hsub2(*reinterpret_cast<const __half2 *>(&v), bias);
+    /* the f16 pairs (1024, 1024) and (1032, 1032), as bits: a constant, not a conversion */
+    const uint32_t bias = S == ZSE_SCHEME_Q4 ? 0x64006400u : 0x64086408u;
+    const __half2 q = __hsub2(*reinterpret_cast<const __half2 *>(&v), *reinterpret_cast<const __half2 *>(&bias));
     const __half2 sc = *reinterpret_cast<const __half2 *>(&sm.x);
     __half2 r;
     if (S == ZSE_SCHEME_Q4)
@@ -1028,14 +1044,7 @@ static int64_t mma_tile(int64_t n) { return n <= 8 ? 8 : n <= 16 ? 16 : n <= 32 
  * weight */
 static int mma_splits(int64_t blocks, int64_t n, int64_t cols)
 {
-    static int sms = 0;
-    if (sms <= 0) {
-        int dev = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-            cudaGetLastError();
-            sms = 132;
-        }
-    }
+    const int sms = mma_device_facts().sms;
     const int64_t stages = (cols + MMA_KS - 1) / MMA_KS, traffic = cols / (16 * n);
     int64_t s = (4 * sms + blocks - 1) / blocks;
     s = s < stages / 4 ? s : stages / 4;
