@@ -950,6 +950,13 @@ static void test_attention(void)
             {"hd256", int8, 8, 2, 256, 0, 16, {260, 7}, {1, 7}},
             /* head_dim 40 (not a multiple of 16: the key-at-a-time kernel), window, splits */
             {"hd40", int8, 4, 2, 40, 100, 16, {900, 60}, {1, 60}},
+            /* steps of > 64 tokens: runs of >= 16 tokens on tensor cores (f16 cache), the
+             * decode rows and the 5-token run beside them on the warp kernels */
+            {"tc-mixed", int8, 28, 4, 128, 0, 16, {300, 1000, 20, 5}, {300, 1, 20, 5}},
+            /* a prefill chunk over a history, sliding window, head_dim 64 */
+            {"tc-window", int8, 8, 2, 64, 50, 16, {200, 90}, {130, 90}},
+            /* three runs sharing one 64-row tile, 8 heads over 1 KV head, blocks of 32 */
+            {"tc-runs", int8, 8, 1, 128, 0, 32, {150, 17, 40}, {150, 17, 40}},
         };
         for (const auto &c : cases)
             check_attention(c);

@@ -85,7 +85,8 @@ int zse_cuda_matmul_multi(const zse_cuda_multi *mm, const float *x, int64_t xpit
 int zse_cuda_matmul_mma(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n,
                         float *y, int64_t ypitch, void *scratch, size_t scratch_bytes,
                         zse_cuda_stream st);
-/* Rows [row0, row0 + nrows) of W dequantized to f16, out[r][0:cols] with pitch opitch. */
+/* Rows [row0, row0 + nrows) of W dequantized to f16, out[r][0:cols] with pitch opitch (a
+ * multiple of 4, out 8-byte aligned: the kernel stores 4 halves at a time). */
 int zse_cuda_dequant_f16(const zse_cuda_weight *w, int64_t row0, int64_t nrows, uint16_t *out,
                          int64_t opitch, zse_cuda_stream st);
 /* out[t][0:cols] = row ids[t] of W dequantized to f32 (embedding lookup); ids on device.

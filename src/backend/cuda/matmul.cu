@@ -533,69 +533,113 @@ extern "C" int zse_cuda_matmul_gemv(const zse_cuda_weight *w, const float *x, in
 
 /* ---- dequantization (to f16 for the GEMM path, to f32 for embeddings) -------------- */
 
-template <int S, typename O>
-__device__ __forceinline__ void dequant_unit(const zse_cuda_weight &w, int64_t row, int64_t u,
-                                             const float *table, O *out)
+/* one 16-byte unit of a weight row and its group's scale and min, as read from memory */
+struct dq_unit {
+    uint4 v;
+    float sc, mn;
+};
+
+template <int S>
+__device__ __forceinline__ dq_unit dequant_load(const zse_cuda_weight &w, int64_t row, int64_t u)
 {
     typedef scheme_traits<S> T;
     typedef scheme_scales<S> SC;
-    const uint4 v = *reinterpret_cast<const uint4 *>((const uint8_t *)w.qs + row * w.row_bytes + u * 16);
-    float sc = 1.f, mn = 0.f;
+    dq_unit d;
+    d.v = *reinterpret_cast<const uint4 *>((const uint8_t *)w.qs + row * w.row_bytes + u * 16);
+    d.sc = 1.f;
+    d.mn = 0.f;
     if (SC::group) {
         const int64_t g = group_div(w.group_size)(u * T::E);
-        sc = __half2float(((const __half *)w.scales)[row * w.groups + g]);
+        d.sc = __half2float(((const __half *)w.scales)[row * w.groups + g]);
         if (SC::min)
-            mn = __half2float(((const __half *)w.mins)[row * w.groups + g]);
+            d.mn = __half2float(((const __half *)w.mins)[row * w.groups + g]);
     }
     if (SC::row)
-        sc = ((const float *)w.scales)[row];
+        d.sc = ((const float *)w.scales)[row];
+    return d;
+}
+
+/* unit u of a row to f32, out[u * E ...] (embedding rows) */
+template <int S>
+__device__ __forceinline__ void dequant_unit(const zse_cuda_weight &w, int64_t row, int64_t u,
+                                             const float *table, float *out)
+{
+    typedef scheme_traits<S> T;
+    const dq_unit d = dequant_load<S>(w, row, u);
     const int64_t k0 = u * T::E;
-    float vals[T::E];
 #pragma unroll
     for (int p = 0; p < T::P; p++) {
         float f[8];
-        T::piece(v, p, table, f);
+        T::piece(d.v, p, table, f);
 #pragma unroll
-        for (int j = 0; j < T::NV; j++)
-            vals[j < 4 ? T::off0(p) + j : T::off1(p) + j - 4] = fmaf(f[j], sc, mn);
-    }
-    if (sizeof(O) == 2 && T::E % 8 == 0 && k0 + T::E <= w.cols) {
-        /* whole unit: 16-byte stores (rows of the f16 slab are 16-byte aligned) */
-#pragma unroll
-        for (int i = 0; i < T::E; i += 8) {
-            __half2 h[4];
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-                h[j] = __floats2half2_rn(vals[i + 2 * j], vals[i + 2 * j + 1]);
-            *reinterpret_cast<uint4 *>((__half *)out + k0 + i) = *reinterpret_cast<const uint4 *>(h);
-        }
-        return;
-    }
-#pragma unroll
-    for (int j = 0; j < T::E; j++) {
-        if (k0 + j < w.cols) {
-            if (sizeof(O) == 2)
-                ((__half *)out)[k0 + j] = __float2half_rn(vals[j]);
-            else
-                ((float *)out)[k0 + j] = vals[j];
+        for (int j = 0; j < T::NV; j++) {
+            const int64_t k = k0 + (j < 4 ? T::off0(p) + j : T::off1(p) + j - 4);
+            if (k < w.cols)
+                out[k] = fmaf(f[j], d.sc, d.mn);
         }
     }
 }
 
+enum { DQ_THREADS = 256, DQ_ITEMS = 4 /* pieces a thread has in flight */ };
+
+/* rows row0.. of W to f16 [nrows][opitch]. A thread takes one piece of a unit (8 values; the
+ * P lanes of a unit read its 16 bytes together, one warp request), so each 8-byte store of a
+ * warp fills whole 32-byte sectors: with a thread a unit, 16-byte stores 64 bytes apart wrote
+ * half sectors and the kernel ran at ~40% of the copy bandwidth. DQ_ITEMS pieces, a block
+ * apart, are loaded before any is converted, to keep enough bytes in flight. */
 template <int S>
-__global__ void dequant_f16_kernel(const zse_cuda_weight w, int64_t row0, int64_t nrows,
-                                   __half *out, int64_t opitch)
+__global__ void __launch_bounds__(DQ_THREADS, 4)
+dequant_f16_kernel(const zse_cuda_weight w, int64_t row0, int64_t nrows, __half *out, int64_t opitch)
 {
+    typedef scheme_traits<S> T;
     __shared__ float table[16];
     if (threadIdx.x < 16)
         table[threadIdx.x] = zse_cuda_nf4[threadIdx.x];
     __syncthreads();
-    const int64_t n_units = zse_ceil_div(w.cols, scheme_traits<S>::E);
-    const int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (u >= n_units)
-        return;
-    for (int64_t r = blockIdx.y; r < nrows; r += gridDim.y)
-        dequant_unit<S>(w, row0 + r, u, table, out + r * opitch);
+    const int64_t n_units = zse_ceil_div(w.cols, T::E);
+    const int64_t total = nrows * n_units * T::P;
+    for (int64_t base = (int64_t)blockIdx.x * DQ_THREADS * DQ_ITEMS + threadIdx.x; base < total;
+         base += (int64_t)gridDim.x * DQ_THREADS * DQ_ITEMS) {
+        dq_unit d[DQ_ITEMS];
+        int64_t row[DQ_ITEMS], unit[DQ_ITEMS];
+        int piece[DQ_ITEMS];
+#pragma unroll
+        for (int i = 0; i < DQ_ITEMS; i++) {
+            const int64_t idx = base + i * DQ_THREADS, ui = (idx < total ? idx : 0) / T::P;
+            piece[i] = (int)((idx < total ? idx : 0) - ui * T::P);
+            row[i] = div_idx(ui, n_units);
+            unit[i] = ui - row[i] * n_units;
+            if (idx < total)
+                d[i] = dequant_load<S>(w, row0 + row[i], unit[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < DQ_ITEMS; i++) {
+            if (base + i * DQ_THREADS >= total)
+                break;
+            float f[8];
+            T::piece(d[i].v, piece[i], table, f);
+            __half h[8];
+#pragma unroll
+            for (int j = 0; j < T::NV; j++)
+                h[j] = __float2half_rn(fmaf(f[j], d[i].sc, d[i].mn));
+            __half *o = out + row[i] * opitch + unit[i] * T::E;
+            const int a0 = T::off0(piece[i]), a1 = T::off1(piece[i]);
+            if (unit[i] * T::E + T::E <= w.cols) {
+                /* 8-byte aligned: the slab's pitch is a multiple of 8 halves, offsets of 4 */
+                *reinterpret_cast<uint2 *>(o + a0) = *reinterpret_cast<const uint2 *>(h);
+                if (T::NV == 8)
+                    *reinterpret_cast<uint2 *>(o + a1) = *reinterpret_cast<const uint2 *>(h + 4);
+            } else {
+                const int64_t room = w.cols - unit[i] * T::E;
+#pragma unroll
+                for (int j = 0; j < T::NV; j++) {
+                    const int at = j < 4 ? a0 + j : a1 + j - 4;
+                    if (at < room)
+                        o[at] = h[j];
+                }
+            }
+        }
+    }
 }
 
 template <int S>
@@ -624,9 +668,10 @@ template <int S>
 static void launch_dequant(const zse_cuda_weight *w, int64_t row0, int64_t nrows, __half *out,
                            int64_t opitch, cudaStream_t st)
 {
-    const int64_t units = zse_ceil_div(w->cols, scheme_traits<S>::E);
-    dim3 grid((unsigned)zse_ceil_div(units, 128), (unsigned)(nrows < 65535 ? nrows : 65535));
-    dequant_f16_kernel<S><<<grid, 128, 0, st>>>(*w, row0, nrows, out, opitch);
+    const int64_t pieces = zse_ceil_div(w->cols, scheme_traits<S>::E) * scheme_traits<S>::P;
+    const int64_t blocks = zse_ceil_div(nrows * pieces, (int64_t)DQ_THREADS * DQ_ITEMS);
+    dequant_f16_kernel<S><<<(unsigned)(blocks < 65535 ? blocks : 65535), DQ_THREADS, 0, st>>>(*w, row0, nrows, out,
+                                                                                                opitch);
 }
 
 extern "C" int zse_cuda_dequant_f16(const zse_cuda_weight *w, int64_t row0, int64_t nrows,
@@ -637,6 +682,9 @@ extern "C" int zse_cuda_dequant_f16(const zse_cuda_weight *w, int64_t row0, int6
     if (row0 < 0 || nrows < 1 || row0 + nrows > w->rows)
         return zse_cuda_fail("cuda dequant: rows %lld..%lld outside the weight's %lld",
                              (long long)row0, (long long)(row0 + nrows), (long long)w->rows);
+    if (opitch % 4 || opitch < w->cols || ((uintptr_t)out & 7))
+        return zse_cuda_fail("cuda dequant: output pitch %lld for %lld columns (a multiple of 4, 8-byte aligned)",
+                             (long long)opitch, (long long)w->cols);
     ZSE_CUDA_SCHEME_SWITCH(w->scheme, launch_dequant<S_>(w, row0, nrows, (__half *)out, opitch, (cudaStream_t)st));
     ZSE_CUDA_LAUNCHED("cuda dequant");
     return 0;
@@ -665,19 +713,52 @@ extern "C" int zse_cuda_embed(const zse_cuda_weight *w, const int32_t *ids, int6
 
 /* ---- GEMM through cuBLAS ------------------------------------------------------------ */
 
-/* x f32 [n][xpitch] -> f16 hi [n][cols] (and lo = f16(x - hi) when lo != NULL) */
+/* x f32 [n][xpitch] -> f16 hi [n][cols] (and lo = f16(x - hi) when lo != NULL); blockIdx.y
+ * walks the rows, the x threads V columns at a time (V = 4 when rows are 16-byte aligned) */
+template <int V>
 __global__ void split_x_kernel(const float *x, int64_t xpitch, int64_t n, int64_t cols,
                                __half *hi, __half *lo)
 {
-    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n * cols)
-        return;
-    const int64_t t = div_idx(i, cols), k = i - t * cols;
-    const float v = x[t * xpitch + k];
-    const __half h = __float2half_rn(v);
-    hi[i] = h;
-    if (lo)
-        lo[i] = __float2half_rn(v - __half2float(h));
+    for (int64_t t = blockIdx.y; t < n; t += gridDim.y)
+        for (int64_t c = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * V; c < cols;
+             c += (int64_t)gridDim.x * blockDim.x * V) {
+            float v[V];
+            if (V == 4) {
+                const float4 f = *reinterpret_cast<const float4 *>(x + t * xpitch + c);
+                v[0] = f.x, v[1 % V] = f.y, v[2 % V] = f.z, v[3 % V] = f.w;
+            } else {
+                v[0] = x[t * xpitch + c];
+            }
+            __half h[V], l[V];
+#pragma unroll
+            for (int j = 0; j < V; j++) {
+                h[j] = __float2half_rn(v[j]);
+                l[j] = __float2half_rn(v[j] - __half2float(h[j]));
+            }
+            if (V == 4) {
+                *reinterpret_cast<uint2 *>(hi + t * cols + c) = *reinterpret_cast<const uint2 *>(h);
+                if (lo)
+                    *reinterpret_cast<uint2 *>(lo + t * cols + c) = *reinterpret_cast<const uint2 *>(l);
+            } else {
+                hi[t * cols + c] = h[0];
+                if (lo)
+                    lo[t * cols + c] = l[0];
+            }
+        }
+}
+
+/* queues split_x_kernel for n rows of cols */
+static void split_x(const float *x, int64_t xpitch, int64_t n, int64_t cols, __half *hi, __half *lo,
+                    cudaStream_t st)
+{
+    const bool v4 = cols % 4 == 0 && xpitch % 4 == 0 && ((uintptr_t)x & 15) == 0 && ((uintptr_t)hi & 7) == 0 &&
+                    ((uintptr_t)lo & 7) == 0;
+    const int64_t vec = v4 ? 4 : 1, bx = zse_ceil_div(zse_ceil_div(cols, vec), 256);
+    const dim3 grid((unsigned)(bx > 1024 ? 1024 : bx), (unsigned)(n > 65535 ? 65535 : n));
+    if (v4)
+        split_x_kernel<4><<<grid, 256, 0, st>>>(x, xpitch, n, cols, hi, lo);
+    else
+        split_x_kernel<1><<<grid, 256, 0, st>>>(x, xpitch, n, cols, hi, lo);
 }
 
 /* ---- 4-bit weights on tensor cores (batches of 5..64 rows) -----------------------------
@@ -715,83 +796,6 @@ template <int NT> struct mma_smem {
     static constexpr int STAGE = W + X + SC;
     static constexpr int BYTES = STAGE * MMA_STAGES;
 };
-
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool ok)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(ok ? 16 : 0));
-#else
-    *reinterpret_cast<uint4 *>(dst) = ok ? *reinterpret_cast<const uint4 *>(src) : make_uint4(0, 0, 0, 0);
-#endif
-}
-
-/* the same for W, asking L2 to fetch the whole 128-byte line: a stage takes 32 bytes of a
- * row and the next three stages the rest, which then come from L2 (H200: 1-10% faster,
- * most at 8 rows and on the 152064-row head) */
-__device__ __forceinline__ void cp_async16_l2line(void *dst, const void *src, bool ok)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(ok ? 16 : 0));
-#else
-    cp_async16(dst, src, ok);
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit(void)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-
-/* wait until at most N of this thread's copy groups are still in flight */
-template <int N> __device__ __forceinline__ void cp_async_wait(void)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
-}
-
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    (void)d; (void)a; (void)b0; (void)b1;
-    __trap();
-#endif
-}
-
-/* B fragments of x for two 8-row tiles (r[0], r[1]: rows n0..n0+7; r[2], r[3]: the next 8)
- * or, with ldsm_x2, one tile; each lane passes the address of one 16-byte matrix row */
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void *p)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-#else
-    (void)p;
-    r[0] = r[1] = r[2] = r[3] = 0;
-#endif
-}
-
-__device__ __forceinline__ void ldsm_x2(uint32_t &r0, uint32_t &r1, const void *p)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(a));
-#else
-    (void)p;
-    r0 = r1 = 0;
-#endif
-}
 
 /* where chunk c of block row r sits in a stage's W tile */
 __device__ __forceinline__ int mma_wslot(int r, int c) { return r * MMA_CH + (c ^ ((r >> 2) & 1)); }
@@ -1116,7 +1120,7 @@ static int gemm_into(const zse_cuda_weight *w, const float *x, int64_t xpitch, i
     __half *slab = (__half *)((uint8_t *)scratch + xalloc);
     int64_t slab_rows = (int64_t)((scratch_bytes - xalloc) / row_f16);
     slab_rows = slab_rows >= 128 ? slab_rows & ~(int64_t)127 : slab_rows;
-    split_x_kernel<<<(unsigned)zse_ceil_div(n * k, 256), 256, 0, (cudaStream_t)st>>>(x, xpitch, n, k, xh, xl);
+    split_x(x, xpitch, n, k, xh, xl, (cudaStream_t)st);
     ZSE_CUDA_LAUNCHED("cuda gemm: x to f16");
     for (int64_t r0 = 0; r0 < w->rows; r0 += slab_rows) {
         const int64_t m = min(slab_rows, w->rows - r0);
@@ -1178,7 +1182,7 @@ static int gemm_q4_mma(const zse_cuda_weight *w, const float *x, int64_t xpitch,
     __half *xh = (__half *)scratch;
     float *work = (float *)((uint8_t *)scratch + (((size_t)n * (size_t)w->cols * sizeof(__half) + 255) & ~(size_t)255));
     if (convert_x) {
-        split_x_kernel<<<(unsigned)zse_ceil_div(n * w->cols, 256), 256, 0, st>>>(x, xpitch, n, w->cols, xh, NULL);
+        split_x(x, xpitch, n, w->cols, xh, NULL, st);
         ZSE_CUDA_LAUNCHED("cuda mma: x to f16");
     }
     const int64_t gx = zse_ceil_div(w->rows, MMA_ROWS), nt = mma_tile(n);

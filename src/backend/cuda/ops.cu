@@ -10,6 +10,9 @@
 #include "backend/cuda/common.cuh"
 
 #include <float.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
 
 enum { EW_THREADS = 256 };
 
@@ -120,13 +123,15 @@ extern "C" int zse_cuda_rmsnorm(const float *x, int64_t xpitch, const float *w, 
 
 /* ---- elementwise ---------------------------------------------------------------- */
 
-/* grid-stride over rows x dim with per-row pitches */
-#define ROWS_DIM_LOOP(rows, dim, body)                                                    \
-    for (int64_t i_ = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i_ < (rows) * (dim); \
-         i_ += (int64_t)gridDim.x * blockDim.x) {                                         \
-        const int64_t r = div_idx(i_, (dim)), c = i_ - r * (dim);                         \
-        body;                                                                             \
-    }
+/* Elementwise kernels run over rows x dim with per-row pitches: blockIdx.y walks the rows
+ * and the x threads a row's columns, V floats at a time (V = 4 when every row start is
+ * 16-byte aligned), so no thread divides a flat index and a warp moves 512 bytes a load. */
+#define ROWS_DIM_LOOP(rows, cols, ...)                                                     \
+    for (int64_t r = blockIdx.y; r < (rows); r += gridDim.y)                              \
+        for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < (cols);      \
+             c += (int64_t)gridDim.x * blockDim.x) {                                      \
+            __VA_ARGS__;                                                                  \
+        }
 
 static unsigned ew_blocks(int64_t n)
 {
@@ -134,29 +139,90 @@ static unsigned ew_blocks(int64_t n)
     return (unsigned)(b < 1 ? 1 : b > 65536 ? 65536 : b);
 }
 
-__global__ void add_bias_kernel(float *y, int64_t yp, const float *bias, int64_t rows, int64_t dim)
+/* the grid for rows x cols (cols in vectors) */
+static dim3 ew_grid(int64_t rows, int64_t cols)
 {
-    ROWS_DIM_LOOP(rows, dim, y[r * yp + c] += bias[c]);
+    const int64_t bx = zse_ceil_div(cols, EW_THREADS);
+    return dim3((unsigned)(bx < 1 ? 1 : bx > 1024 ? 1024 : bx), (unsigned)(rows > 65535 ? 65535 : rows));
 }
 
-__global__ void silu_mul_kernel(const float *g, int64_t gp, const float *u, int64_t up,
-                                int64_t rows, int64_t dim, float *o, int64_t op)
+/* true when rows of `dim` floats at these pitches can go 4 floats at a time */
+static bool ew_vec4(int64_t dim, const void *a, int64_t ap, const void *b, int64_t bp, const void *c, int64_t cp)
 {
-    ROWS_DIM_LOOP(rows, dim, {
-        const float a = g[r * gp + c];
-        o[r * op + c] = a / (1.f + __expf(-a)) * u[r * up + c];
+    return dim % 4 == 0 && ap % 4 == 0 && bp % 4 == 0 && cp % 4 == 0 && aligned16(a) && aligned16(b) &&
+           aligned16(c);
+}
+
+template <int V> __device__ __forceinline__ void vload(const float *p, float (&v)[V])
+{
+    if (V == 4) {
+        const float4 f = *reinterpret_cast<const float4 *>(p);
+        v[0] = f.x, v[1 % V] = f.y, v[2 % V] = f.z, v[3 % V] = f.w;
+    } else {
+        v[0] = *p;
+    }
+}
+
+template <int V> __device__ __forceinline__ void vstore(float *p, const float (&v)[V])
+{
+    if (V == 4)
+        *reinterpret_cast<float4 *>(p) = make_float4(v[0], v[1 % V], v[2 % V], v[3 % V]);
+    else
+        *p = v[0];
+}
+
+template <int V>
+__global__ void add_bias_kernel(float *y, int64_t yp, const float *bias, int64_t rows, int64_t dim)
+{
+    ROWS_DIM_LOOP(rows, dim / V, {
+        float a[V], b[V];
+        vload<V>(y + r * yp + c * V, a);
+        vload<V>(bias + c * V, b);
+#pragma unroll
+        for (int j = 0; j < V; j++)
+            a[j] += b[j];
+        vstore<V>(y + r * yp + c * V, a);
     });
 }
 
-__global__ void add_kernel(float *x, int64_t xp, const float *y, int64_t yp, int64_t rows, int64_t dim)
+template <int V>
+__global__ void silu_mul_kernel(const float *g, int64_t gp, const float *u, int64_t up,
+                                int64_t rows, int64_t dim, float *o, int64_t op)
 {
-    ROWS_DIM_LOOP(rows, dim, x[r * xp + c] += y[r * yp + c]);
+    ROWS_DIM_LOOP(rows, dim / V, {
+        float a[V], b[V];
+        vload<V>(g + r * gp + c * V, a);
+        vload<V>(u + r * up + c * V, b);
+#pragma unroll
+        for (int j = 0; j < V; j++)
+            a[j] = a[j] / (1.f + __expf(-a[j])) * b[j];
+        vstore<V>(o + r * op + c * V, a);
+    });
 }
 
+template <int V>
+__global__ void add_kernel(float *x, int64_t xp, const float *y, int64_t yp, int64_t rows, int64_t dim)
+{
+    ROWS_DIM_LOOP(rows, dim / V, {
+        float a[V], b[V];
+        vload<V>(x + r * xp + c * V, a);
+        vload<V>(y + r * yp + c * V, b);
+#pragma unroll
+        for (int j = 0; j < V; j++)
+            a[j] += b[j];
+        vstore<V>(x + r * xp + c * V, a);
+    });
+}
+
+template <int V>
 __global__ void gather_kernel(const float *x, int64_t xp, const int32_t *idx, int64_t n,
                               int64_t dim, float *o, int64_t op)
 {
-    ROWS_DIM_LOOP(n, dim, o[r * op + c] = x[(int64_t)idx[r] * xp + c]);
+    ROWS_DIM_LOOP(n, dim / V, {
+        float a[V];
+        vload<V>(x + (int64_t)idx[r] * xp + c * V, a);
+        vstore<V>(o + r * op + c * V, a);
+    });
 }
 
 extern "C" int zse_cuda_add_bias(float *y, int64_t ypitch, const float *bias, int64_t rows,
@@ -164,7 +230,10 @@ extern "C" int zse_cuda_add_bias(float *y, int64_t ypitch, const float *bias, in
 {
     if (rows < 1 || dim < 1)
         return 0;
-    add_bias_kernel<<<ew_blocks(rows * dim), EW_THREADS, 0, (cudaStream_t)st>>>(y, ypitch, bias, rows, dim);
+    if (ew_vec4(dim, y, ypitch, bias, 0, y, ypitch))
+        add_bias_kernel<4><<<ew_grid(rows, dim / 4), EW_THREADS, 0, (cudaStream_t)st>>>(y, ypitch, bias, rows, dim);
+    else
+        add_bias_kernel<1><<<ew_grid(rows, dim), EW_THREADS, 0, (cudaStream_t)st>>>(y, ypitch, bias, rows, dim);
     ZSE_CUDA_LAUNCHED("cuda add_bias");
     return 0;
 }
@@ -175,7 +244,12 @@ extern "C" int zse_cuda_silu_mul(const float *gate, int64_t gpitch, const float 
 {
     if (rows < 1 || dim < 1)
         return 0;
-    silu_mul_kernel<<<ew_blocks(rows * dim), EW_THREADS, 0, (cudaStream_t)st>>>(gate, gpitch, up, upitch, rows, dim, out, opitch);
+    if (ew_vec4(dim, gate, gpitch, up, upitch, out, opitch))
+        silu_mul_kernel<4><<<ew_grid(rows, dim / 4), EW_THREADS, 0, (cudaStream_t)st>>>(gate, gpitch, up, upitch, rows,
+                                                                                     dim, out, opitch);
+    else
+        silu_mul_kernel<1><<<ew_grid(rows, dim), EW_THREADS, 0, (cudaStream_t)st>>>(gate, gpitch, up, upitch, rows,
+                                                                                 dim, out, opitch);
     ZSE_CUDA_LAUNCHED("cuda silu_mul");
     return 0;
 }
@@ -185,7 +259,10 @@ extern "C" int zse_cuda_add(float *x, int64_t xpitch, const float *y, int64_t yp
 {
     if (rows < 1 || dim < 1)
         return 0;
-    add_kernel<<<ew_blocks(rows * dim), EW_THREADS, 0, (cudaStream_t)st>>>(x, xpitch, y, ypitch, rows, dim);
+    if (ew_vec4(dim, x, xpitch, y, ypitch, x, xpitch))
+        add_kernel<4><<<ew_grid(rows, dim / 4), EW_THREADS, 0, (cudaStream_t)st>>>(x, xpitch, y, ypitch, rows, dim);
+    else
+        add_kernel<1><<<ew_grid(rows, dim), EW_THREADS, 0, (cudaStream_t)st>>>(x, xpitch, y, ypitch, rows, dim);
     ZSE_CUDA_LAUNCHED("cuda add");
     return 0;
 }
@@ -196,7 +273,11 @@ extern "C" int zse_cuda_gather_rows(const float *x, int64_t xpitch, const int32_
 {
     if (n < 1 || dim < 1)
         return 0;
-    gather_kernel<<<ew_blocks(n * dim), EW_THREADS, 0, (cudaStream_t)st>>>(x, xpitch, rows_idx, n, dim, out, opitch);
+    if (ew_vec4(dim, x, xpitch, out, opitch, out, opitch))
+        gather_kernel<4><<<ew_grid(n, dim / 4), EW_THREADS, 0, (cudaStream_t)st>>>(x, xpitch, rows_idx, n, dim, out,
+                                                                                opitch);
+    else
+        gather_kernel<1><<<ew_grid(n, dim), EW_THREADS, 0, (cudaStream_t)st>>>(x, xpitch, rows_idx, n, dim, out, opitch);
     ZSE_CUDA_LAUNCHED("cuda gather_rows");
     return 0;
 }
@@ -576,7 +657,26 @@ struct att_item {
     int h, kvh, seq, k_begin, k_end;
 };
 
-__device__ __forceinline__ bool att_item_of(const zse_cuda_attn &a, int64_t item, int64_t n, int splits, att_item &it)
+enum {
+    FA_ROWS = 64, FA_KEYS = 64, FA_WARPS = 4,
+    FA_MIN_RUN = 16,    /* a run this long goes to tensor cores */
+    FA_STEP_MIN = 64,   /* ... in a step of more tokens than this */
+};
+
+/* token t sits in a run of >= FA_MIN_RUN consecutive tokens of its sequence */
+__device__ __forceinline__ bool att_long_run(const int32_t *seq_of, int64_t n, int64_t t)
+{
+    const int32_t s = seq_of[t];
+    int len = 1;
+    for (int64_t u = t - 1; u >= 0 && len < FA_MIN_RUN && seq_of[u] == s; u--)
+        len++;
+    for (int64_t u = t + 1; u < n && len < FA_MIN_RUN && seq_of[u] == s; u++)
+        len++;
+    return len >= FA_MIN_RUN;
+}
+
+__device__ __forceinline__ bool att_item_of(const zse_cuda_attn &a, int64_t item, int64_t n, int splits, bool skip_long,
+                                            att_item &it)
 {
     if (item >= n * a.n_heads * splits)
         return false;
@@ -584,6 +684,8 @@ __device__ __forceinline__ bool att_item_of(const zse_cuda_attn &a, int64_t item
     const int split = (int)(item - th * splits);
     it.t = div_idx(th, a.n_heads);
     it.h = (int)(th - it.t * a.n_heads);
+    if (skip_long && att_long_run(a.seq_of, n, it.t))
+        return false;   /* attention_mma_kernel's */
     it.kvh = it.h / (a.n_heads / a.n_kv_heads);
     it.seq = a.seq_of[it.t];
     const int pos = a.pos[it.t];
@@ -670,12 +772,12 @@ __device__ __forceinline__ void att_finish(const float (&acc)[NV], int d0, int s
 
 __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *q, int64_t qp,
-                 int64_t n, int splits, float *out, int64_t op, float *work)
+                 int64_t n, int splits, bool skip_long, float *out, int64_t op, float *work)
 {
     const int64_t item = (int64_t)blockIdx.x * ATT_WARPS + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     att_item it;
-    if (!att_item_of(a, item, n, splits, it))
+    if (!att_item_of(a, item, n, splits, skip_long, it))
         return;
     const int64_t t = it.t;
     const int h = it.h, kvh = it.kvh, hd = a.head_dim;
@@ -730,13 +832,13 @@ attention_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *
  * keeps ~32 rows in flight where the key-at-a-time walk kept one. head_dim % 16 == 0. */
 __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_tile_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *q, int64_t qp,
-                      int64_t n, int splits, float *out, int64_t op, float *work)
+                      int64_t n, int splits, bool skip_long, float *out, int64_t op, float *work)
 {
     __shared__ __align__(16) float qs[ATT_WARPS][32 * ATT_MAX_DPL];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t item = (int64_t)blockIdx.x * ATT_WARPS + warp;
     att_item it;
-    if (!att_item_of(a, item, n, splits, it))
+    if (!att_item_of(a, item, n, splits, skip_long, it))
         return;
     const int64_t t = it.t;
     const int h = it.h, kvh = it.kvh, hd = a.head_dim, k_end = it.k_end;
@@ -861,7 +963,7 @@ __device__ __forceinline__ void kv_vec_unpack(const typename kv_vec<HD, I8>::T &
 template <int HD, bool I8>
 __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_hd_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *q, int64_t qp,
-                    int64_t n, int splits, float *out, int64_t op, float *work)
+                    int64_t n, int splits, bool skip_long, float *out, int64_t op, float *work)
 {
     constexpr int DPL = HD / 32;                        /* dims per lane, contiguous */
     constexpr int KCH = I8 ? HD / 16 : HD / 8;          /* 16-byte chunks in a K row */
@@ -870,7 +972,7 @@ attention_hd_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const floa
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t item = (int64_t)blockIdx.x * ATT_WARPS + warp;
     att_item it;
-    if (!att_item_of(a, item, n, splits, it))
+    if (!att_item_of(a, item, n, splits, skip_long, it))
         return;
     const int64_t t = it.t;
     const int h = it.h, kvh = it.kvh, k_end = it.k_end;
@@ -950,34 +1052,319 @@ attention_hd_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const floa
     att_finish<DPL>(acc, lane * DPL, 1, HD, m, l, splits, item, it, out, op, work, lane);
 }
 
-/* merge the splits of one (token, head): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s */
-__global__ void attention_combine_kernel(const float *work, int64_t n, int n_heads, int hd,
-                                         int splits, float *out, int64_t op)
+/* merge the splits of one (token, head): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
+ * Warp 0 turns each split's (max, sum) into its weight e^(m_s - M) in shared memory first, so
+ * the per-dimension sums are independent loads the loop can keep in flight: a loop that
+ * re-read (max, sum) and took the exponential per split and dimension waited on each load
+ * in turn (15 us for 28 heads x 32 splits on an H200, longer than the attention itself). */
+__global__ void __launch_bounds__(128)
+attention_combine_kernel(const float *work, int64_t n, int n_heads, int hd, int splits, float *out, int64_t op)
 {
+    __shared__ float weight[ATT_TARGET_ITEMS];
+    __shared__ float inv_den;
     const int64_t th = blockIdx.x;
     const int64_t t = div_idx(th, n_heads);
     const int h = (int)(th - t * n_heads);
-    const float *w0 = work + th * splits * (hd + 2);
-    float M = -FLT_MAX;
-    for (int s = 0; s < splits; s++)
-        if (w0[s * (hd + 2) + hd + 1] > 0.f)
-            M = fmaxf(M, w0[s * (hd + 2) + hd]);
-    float den = 0.f;
-    for (int s = 0; s < splits; s++) {
-        const float l = w0[s * (hd + 2) + hd + 1];
-        if (l > 0.f)
-            den += __expf(w0[s * (hd + 2) + hd] - M) * l;
-    }
-    const float inv = den > 0.f ? 1.f / den : 0.f;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float num = 0.f;
-        for (int s = 0; s < splits; s++) {
-            const float l = w0[s * (hd + 2) + hd + 1];
-            if (l > 0.f)
-                num += __expf(w0[s * (hd + 2) + hd] - M) * w0[s * (hd + 2) + d];
+    const int stride = hd + 2;
+    const float *w0 = work + th * splits * stride;
+    if (threadIdx.x < 32) {
+        float M = -FLT_MAX;
+        for (int s = threadIdx.x; s < splits; s += 32)
+            if (w0[s * stride + hd + 1] > 0.f)
+                M = fmaxf(M, w0[s * stride + hd]);
+        for (int o = 16; o > 0; o >>= 1)
+            M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+        float den = 0.f;
+        for (int s = threadIdx.x; s < splits; s += 32) {
+            const float l = w0[s * stride + hd + 1];
+            const float e = l > 0.f ? __expf(w0[s * stride + hd] - M) : 0.f;
+            weight[s] = e;
+            den += e * l;
         }
-        out[t * op + (int64_t)h * hd + d] = num * inv;
+        for (int o = 16; o > 0; o >>= 1)
+            den += __shfl_xor_sync(0xffffffffu, den, o);
+        if (threadIdx.x == 0)
+            inv_den = den > 0.f ? 1.f / den : 0.f;
     }
+    __syncthreads();
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float num[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        int s = 0;
+        for (; s + 8 <= splits; s += 8) {
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                num[j] = fmaf(weight[s + j], w0[(s + j) * stride + d], num[j]);
+        }
+        for (; s < splits; s++)
+            num[0] = fmaf(weight[s], w0[s * stride + d], num[0]);
+        const float sum = ((num[0] + num[1]) + (num[2] + num[3])) + ((num[4] + num[5]) + (num[6] + num[7]));
+        out[t * op + (int64_t)h * hd + d] = sum * inv_den;
+    }
+}
+
+/* ---- prefill attention on tensor cores ---------------------------------------------
+ * A block takes FA_ROWS query tokens of one head; each of its 4 warps owns 16 of them. Key
+ * tiles of FA_KEYS cache rows (K and V, f16) are gathered through the block table into shared
+ * memory by cp.async; S = Q K^T and O += P V run as m16n8k16 MMAs (f16 in, f32 accumulate) with
+ * the online softmax on the S fragments in registers (in the log2 domain: the scale carries
+ * log2 e), P going straight from S's accumulator layout into the A fragments of P V.
+ *
+ * Tokens of a batch are grouped by runs of one sequence: the tokens of a run of at least
+ * FA_MIN_RUN consecutive rows come here, the others (the decode rows of a mixed batch) to
+ * the warp-per-(token, head) kernel, which skips what this one does. A tile holding rows of
+ * two runs walks each run's keys in turn. Q and P in f16 cost ~1e-3 relative error; the
+ * cache holds K and V in f16 already. */
+__device__ __forceinline__ uint32_t pack_half2(float a, float b)
+{
+    const __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t *>(&h);
+}
+
+template <int HD> struct fa_smem {
+    static constexpr int PITCH = HD + 8;    /* halves: a 16-byte skew keeps ldmatrix rows on distinct banks */
+    static constexpr int TILE = FA_KEYS * PITCH;
+    static constexpr int BYTES = 2 * TILE * 2;  /* K and V tiles (Q passes through the K tile first) */
+};
+
+template <int HD>
+__global__ void __launch_bounds__(FA_WARPS * 32)
+attention_mma_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *q, int64_t qp, int64_t n,
+                     float *out, int64_t op)
+{
+    typedef fa_smem<HD> SM;
+    constexpr int KS = HD / 16;             /* k-steps of Q K^T */
+    constexpr int DT = HD / 8;              /* 8-wide dim tiles of O */
+    extern __shared__ __align__(16) uint8_t fa_raw[];
+    __half *ks = reinterpret_cast<__half *>(fa_raw), *vs = ks + SM::TILE;
+    __shared__ int32_t row_seq[FA_ROWS], row_pos[FA_ROWS], key_slot[FA_KEYS];
+    __shared__ int32_t run_seq, run_lo, run_hi, run_next;
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, qd = lane & 3;     /* the accumulator row (and +8) and column pair */
+    const int64_t t0 = (int64_t)blockIdx.x * FA_ROWS;
+    const int h = blockIdx.y, kvh = h / (a.n_heads / a.n_kv_heads);
+
+    if (threadIdx.x < FA_ROWS) {
+        const int64_t t = t0 + threadIdx.x;
+        const bool mine = t < n && att_long_run(a.seq_of, n, t);
+        row_seq[threadIdx.x] = mine ? a.seq_of[t] : -1;
+        row_pos[threadIdx.x] = mine ? a.pos[t] : 0;
+    }
+    /* Q to f16 through the K tile, scaled by scale * log2(e) */
+    const float qscale = a.scale * 1.4426950408889634f;
+    for (int i = threadIdx.x; i < FA_ROWS * HD / 4; i += FA_WARPS * 32) {
+        const int r = i / (HD / 4), c = (i % (HD / 4)) * 4;
+        const int64_t t = t0 + r;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (t < n)
+            v = *reinterpret_cast<const float4 *>(q + t * qp + (int64_t)h * HD + c);
+        uint2 hv;
+        hv.x = pack_half2(v.x * qscale, v.y * qscale);
+        hv.y = pack_half2(v.z * qscale, v.w * qscale);
+        *reinterpret_cast<uint2 *>(ks + r * SM::PITCH + c) = hv;
+    }
+    __syncthreads();
+    uint32_t qf[KS][4];
+#pragma unroll
+    for (int k = 0; k < KS; k++)
+        ldsm_x4(qf[k], ks + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SM::PITCH + k * 16 + (lane >> 4) * 8);
+    const int r0 = warp * 16 + g, r1 = r0 + 8;  /* this thread's two rows of the tile */
+    const int pos0 = row_pos[r0], pos1 = row_pos[r1];
+    const int32_t seq0 = row_seq[r0], seq1 = row_seq[r1];
+    const int32_t *bt_base = a.block_table;
+
+    if (threadIdx.x == 0)
+        run_next = 0;       /* runs are taken in row order: the first row not yet handled */
+    for (;;) {
+        __syncthreads();    /* every warp is past the previous run's tiles (and Q's) */
+        if (threadIdx.x == 0) {
+            int first = run_next;
+            while (first < FA_ROWS && row_seq[first] < 0)
+                first++;
+            int lo = INT_MAX, hi = -1, last = first;
+            if (first < FA_ROWS) {
+                const int32_t sq = row_seq[first];
+                for (int r = first; r < FA_ROWS && (row_seq[r] == sq || row_seq[r] < 0); r++) {
+                    if (row_seq[r] != sq)
+                        continue;
+                    const int p = row_pos[r];
+                    lo = min(lo, a.window > 0 ? max(0, p - a.window + 1) : 0);
+                    hi = max(hi, p + 1);
+                    last = r;
+                }
+                run_seq = sq;
+            } else {
+                run_seq = -1;
+            }
+            run_lo = lo;
+            run_hi = hi;
+            run_next = last + 1;
+        }
+        __syncthreads();
+        const int32_t sq = run_seq;
+        if (sq < 0)
+            break;
+        const int k_lo = run_lo, k_hi = run_hi;
+        const bool in0 = seq0 == sq, in1 = seq1 == sq;
+        const int lo0 = a.window > 0 ? max(0, pos0 - a.window + 1) : 0;
+        const int lo1 = a.window > 0 ? max(0, pos1 - a.window + 1) : 0;
+        /* the warp's key span for this run (none when it has no row in it) */
+        int wlo = INT_MAX, whi = -1;
+        if (in0) wlo = min(wlo, lo0), whi = max(whi, pos0);
+        if (in1) wlo = min(wlo, lo1), whi = max(whi, pos1);
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) {
+            wlo = min(wlo, __shfl_xor_sync(0xffffffffu, wlo, o));
+            whi = max(whi, __shfl_xor_sync(0xffffffffu, whi, o));
+        }
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+            wlo = min(wlo, __shfl_xor_sync(0xffffffffu, wlo, o));
+            whi = max(whi, __shfl_xor_sync(0xffffffffu, whi, o));
+        }
+
+        float o_acc[DT][4];
+#pragma unroll
+        for (int d = 0; d < DT; d++)
+            o_acc[d][0] = o_acc[d][1] = o_acc[d][2] = o_acc[d][3] = 0.f;
+        float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+        const int32_t *bt = bt_base + (int64_t)sq * a.max_blocks;
+
+        for (int kt = k_lo; kt < k_hi; kt += FA_KEYS) {
+            if (threadIdx.x < FA_KEYS) {
+                const int p = kt + threadIdx.x;
+                key_slot[threadIdx.x] = p < k_hi ? att_slot(L, a, bt, p) : -1;
+            }
+            __syncthreads();
+            /* gather the tile: FA_KEYS rows of HD halves for K and for V, 16 bytes a copy */
+            constexpr int CH = HD / 8;
+            for (int i = threadIdx.x; i < FA_KEYS * CH; i += FA_WARPS * 32) {
+                const int kr = i / CH, c = i % CH;
+                const int slot = key_slot[kr];
+                const int64_t off = ((int64_t)(slot < 0 ? 0 : slot) * L.n_kv_heads + kvh) * HD + c * 8;
+                cp_async16(ks + kr * SM::PITCH + c * 8, (const __half *)L.k + off, slot >= 0);
+                cp_async16(vs + kr * SM::PITCH + c * 8, (const __half *)L.v + off, slot >= 0);
+            }
+            cp_async_commit();
+            cp_async_wait<0>();
+            __syncthreads();
+            if (whi >= kt && wlo < kt + FA_KEYS) {
+                /* S = Q K^T for the warp's 16 rows x FA_KEYS keys */
+                float s[FA_KEYS / 8][4];
+#pragma unroll
+                for (int j = 0; j < FA_KEYS / 8; j++) {
+                    s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+                    for (int k = 0; k < KS; k += 2) {
+                        uint32_t b[4];
+                        ldsm_x4(b, ks + (j * 8 + (lane & 7)) * SM::PITCH + k * 16 + (lane >> 3) * 8);
+                        mma_16816(s[j], qf[k], b[0], b[1]);
+                        mma_16816(s[j], qf[k + 1], b[2], b[3]);
+                    }
+                }
+                /* mask and the online softmax, rows r0 (s[.][0..1]) and r1 (s[.][2..3]) */
+                float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+                for (int j = 0; j < FA_KEYS / 8; j++) {
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int kk = j * 8 + 2 * qd + e, p = kt + kk;
+                        const bool ok = key_slot[kk] >= 0;
+                        if (!(ok && in0 && p >= lo0 && p <= pos0))
+                            s[j][e] = -INFINITY;
+                        if (!(ok && in1 && p >= lo1 && p <= pos1))
+                            s[j][2 + e] = -INFINITY;
+                        mx0 = fmaxf(mx0, s[j][e]);
+                        mx1 = fmaxf(mx1, s[j][2 + e]);
+                    }
+                }
+#pragma unroll
+                for (int o = 1; o < 4; o <<= 1) {
+                    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
+                    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
+                }
+                const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+                const float b0 = n0 == -INFINITY ? 0.f : n0, b1 = n1 == -INFINITY ? 0.f : n1;
+                const float c0 = exp2f(m0 - b0), c1 = exp2f(m1 - b1);
+                m0 = n0;
+                m1 = n1;
+                l0 *= c0;
+                l1 *= c1;
+#pragma unroll
+                for (int d = 0; d < DT; d++) {
+                    o_acc[d][0] *= c0, o_acc[d][1] *= c0;
+                    o_acc[d][2] *= c1, o_acc[d][3] *= c1;
+                }
+                uint32_t pf[FA_KEYS / 16][4];
+#pragma unroll
+                for (int j = 0; j < FA_KEYS / 8; j++) {
+                    const float p0 = exp2f(s[j][0] - b0), p1 = exp2f(s[j][1] - b0);
+                    const float p2 = exp2f(s[j][2] - b1), p3 = exp2f(s[j][3] - b1);
+                    l0 += p0 + p1;
+                    l1 += p2 + p3;
+                    pf[j >> 1][(j & 1) * 2] = pack_half2(p0, p1);
+                    pf[j >> 1][(j & 1) * 2 + 1] = pack_half2(p2, p3);
+                }
+                /* O += P V: V rows are keys (k), its columns dims (n): ldmatrix transposes */
+#pragma unroll
+                for (int kk = 0; kk < FA_KEYS / 16; kk++) {
+#pragma unroll
+                    for (int d = 0; d < DT; d += 2) {
+                        uint32_t b[4];
+                        const int m = lane >> 3;
+                        ldsm_x4_t(b, vs + (kk * 16 + (m & 1) * 8 + (lane & 7)) * SM::PITCH + (d + (m >> 1)) * 8);
+                        mma_16816(o_acc[d], pf[kk], b[0], b[1]);
+                        mma_16816(o_acc[d + 1], pf[kk], b[2], b[3]);
+                    }
+                }
+            }
+            __syncthreads();    /* the tile is free for the next one */
+        }
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+            l0 += __shfl_xor_sync(0xffffffffu, l0, o);
+            l1 += __shfl_xor_sync(0xffffffffu, l1, o);
+        }
+        const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+        for (int d = 0; d < DT; d++) {
+            const int col = h * HD + d * 8 + 2 * qd;
+            if (in0)
+                *reinterpret_cast<float2 *>(out + (t0 + r0) * op + col) = make_float2(o_acc[d][0] * i0, o_acc[d][1] * i0);
+            if (in1)
+                *reinterpret_cast<float2 *>(out + (t0 + r1) * op + col) = make_float2(o_acc[d][2] * i1, o_acc[d][3] * i1);
+        }
+    }
+}
+
+/* the tensor-core prefill path applies: f16 cache, head_dim 64 or 128, q and out rows of whole
+ * 16-byte vectors, an sm_80+ GPU, and ZSE_CUDA_NO_MMA unset */
+static bool attention_mma_ok(const zse_cuda_kv_layer *L, const zse_cuda_attn *a, const float *q, int64_t qp,
+                             const float *out, int64_t op)
+{
+    static int usable = -1;
+    if (usable < 0) {
+        int dev = 0, major = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+            cudaGetLastError();
+            major = 0;
+        }
+        const char *off = getenv("ZSE_CUDA_NO_MMA");
+        usable = major >= 8 && !(off && strcmp(off, "0") != 0);
+    }
+    return usable && !L->int8 && (a->head_dim == 64 || a->head_dim == 128) && qp % 4 == 0 && op % 2 == 0 &&
+           ((uintptr_t)q & 15) == 0 && ((uintptr_t)out & 7) == 0;
+}
+
+template <int HD>
+static int launch_attention_mma(const zse_cuda_kv_layer *L, const zse_cuda_attn *a, const float *q, int64_t qp,
+                                int64_t n, float *out, int64_t op, cudaStream_t st)
+{
+    const dim3 grid((unsigned)zse_ceil_div(n, FA_ROWS), (unsigned)a->n_heads);
+    attention_mma_kernel<HD><<<grid, FA_WARPS * 32, fa_smem<HD>::BYTES, st>>>(*L, *a, q, qp, n, out, op);
+    ZSE_CUDA_LAUNCHED("cuda attention (tensor cores)");
+    return 0;
 }
 
 extern "C" int zse_cuda_attention(const zse_cuda_kv_layer *L, const zse_cuda_attn *a,
@@ -991,7 +1378,17 @@ extern "C" int zse_cuda_attention(const zse_cuda_kv_layer *L, const zse_cuda_att
         return zse_cuda_fail("cuda attention: head_dim %d (1..%d)", a->head_dim, 32 * ATT_MAX_DPL);
     if (a->n_kv_heads < 1 || a->n_heads % a->n_kv_heads)
         return zse_cuda_fail("cuda attention: %d heads over %d kv heads", a->n_heads, a->n_kv_heads);
-    const int splits = attention_splits(n, a->n_heads, max_ctx < 1 ? 1 : max_ctx);
+    /* steps of more than FA_STEP_MIN tokens (prefill; never a recorded step) send the rows of
+     * long runs to tensor cores and only the rest to the warp-per-(token, head) kernels */
+    const bool mma = n > FA_STEP_MIN && attention_mma_ok(L, a, q, qpitch, out, opitch);
+    if (mma) {
+        const int rc = a->head_dim == 64 ? launch_attention_mma<64>(L, a, q, qpitch, n, out, opitch, (cudaStream_t)st)
+                                         : launch_attention_mma<128>(L, a, q, qpitch, n, out, opitch, (cudaStream_t)st);
+        if (rc != 0)
+            return -1;
+    }
+    /* with tensor cores taking part, no splits: the merge would write over their rows */
+    const int splits = mma ? 1 : attention_splits(n, a->n_heads, max_ctx < 1 ? 1 : max_ctx);
     const int64_t items = n * a->n_heads * splits;
     if (splits > 1 && (size_t)items * (a->head_dim + 2) * sizeof(float) > work_bytes)
         return zse_cuda_fail("cuda attention: work buffer of %zu bytes is too small", work_bytes);
@@ -1000,19 +1397,19 @@ extern "C" int zse_cuda_attention(const zse_cuda_kv_layer *L, const zse_cuda_att
     if (a->head_dim == HD) {                                                                             \
         if (L->int8)                                                                                     \
             attention_hd_kernel<HD, true><<<grid, ATT_WARPS * 32, 0, (cudaStream_t)st>>>(                \
-                *L, *a, q, qpitch, n, splits, out, opitch, (float *)work);                               \
+                *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);                          \
         else                                                                                             \
             attention_hd_kernel<HD, false><<<grid, ATT_WARPS * 32, 0, (cudaStream_t)st>>>(               \
-                *L, *a, q, qpitch, n, splits, out, opitch, (float *)work);                               \
+                *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);                          \
     } else
     ZSE_ATT_HD(64) ZSE_ATT_HD(128) ZSE_ATT_HD(256)
 #undef ZSE_ATT_HD
     if (a->head_dim % 16 == 0)
-        attention_tile_kernel<<<(unsigned)zse_ceil_div(items, ATT_WARPS), ATT_WARPS * 32, 0, (cudaStream_t)st>>>(
-            *L, *a, q, qpitch, n, splits, out, opitch, (float *)work);
+        attention_tile_kernel<<<grid, ATT_WARPS * 32, 0, (cudaStream_t)st>>>(
+            *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);
     else
-        attention_kernel<<<(unsigned)zse_ceil_div(items, ATT_WARPS), ATT_WARPS * 32, 0, (cudaStream_t)st>>>(
-            *L, *a, q, qpitch, n, splits, out, opitch, (float *)work);
+        attention_kernel<<<grid, ATT_WARPS * 32, 0, (cudaStream_t)st>>>(
+            *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);
     ZSE_CUDA_LAUNCHED("cuda attention");
     if (splits > 1) {
         attention_combine_kernel<<<(unsigned)(n * a->n_heads), 128, 0, (cudaStream_t)st>>>(
