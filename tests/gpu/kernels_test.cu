@@ -240,6 +240,9 @@ static cublasHandle_t cublas;
 static void *scratch;
 static const size_t scratch_bytes = (size_t)256 << 20;
 
+/* when nonzero, the scratch the GEMM path gets: small enough to make it walk W in slabs */
+static size_t gemm_scratch_limit = 0;
+
 static void check_matmul(int scheme, int64_t rows, int64_t cols, int group, int n, bool gemm)
 {
     packed p;
@@ -252,7 +255,8 @@ static void check_matmul(int scheme, int64_t rows, int64_t cols, int group, int 
     CU(cudaMalloc(&dy, (size_t)(n * yp) * 4));
     poison(dy, (size_t)(n * yp));
     if (gemm)
-        LAUNCH(zse_cuda_matmul_gemm(&p.w, dx, xp, n, dy, yp, cublas, scratch, scratch_bytes, 0));
+        LAUNCH(zse_cuda_matmul_gemm(&p.w, dx, xp, n, dy, yp, cublas, scratch,
+                                    gemm_scratch_limit ? gemm_scratch_limit : scratch_bytes, 0));
     else
         LAUNCH(zse_cuda_matmul_gemv(&p.w, dx, xp, n, dy, yp, scratch, scratch_bytes, 0));
     std::vector<float> y = host_floats(dy, (size_t)(n * yp)), got;
@@ -406,6 +410,17 @@ static void test_matmul(void)
             check_matmul_multi(same_s, n, acc);
             check_matmul_multi(mixed, n, acc);
         }
+
+    /* W in slabs of 128 rows (one stream), then 256 (two halves: the next dequantized on a
+     * second stream while cuBLAS multiplies), 700 x 1000 at 33 rows */
+    for (int s : {Q4, Q8, F16, BF16, NF4})
+        for (int64_t slab : {128, 256}) {
+            const bool split = s == F16 || s == BF16;
+            const size_t xbytes = (size_t)33 * 1000 * 2 * (split ? 2 : 1);
+            gemm_scratch_limit = ((xbytes + 255) & ~(size_t)255) + (size_t)slab * 1000 * 2;
+            check_matmul(s, 700, 1000, s == Q8 || split ? 0 : 64, 33, true);
+        }
+    gemm_scratch_limit = 0;
 
     const int schemes[] = {F32, F16, BF16, Q8, Q4, Q4S, NF4};
     for (int s : schemes) {
