@@ -626,7 +626,7 @@ dequant_f16_kernel(const zse_cuda_weight w, int64_t row0, int64_t nrows, __half 
             __half *o = out + row[i] * opitch + unit[i] * T::E;
             const int a0 = T::off0(piece[i]), a1 = T::off1(piece[i]);
             if (unit[i] * T::E + T::E <= w.cols) {
-                /* 8-byte aligned: the slab's pitch is a multiple of 8 halves, offsets of 4 */
+                /* 8-byte aligned: the pitch is a multiple of 4 halves (checked), the offsets too */
                 *reinterpret_cast<uint2 *>(o + a0) = *reinterpret_cast<const uint2 *>(h);
                 if (T::NV == 8)
                     *reinterpret_cast<uint2 *>(o + a1) = *reinterpret_cast<const uint2 *>(h + 4);
