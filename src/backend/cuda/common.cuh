@@ -1,5 +1,6 @@
 /* common.cuh — what the CUDA sources of this folder share: error recording, launch checks,
- * the scheme traits that decode one 16-byte unit of a packed row. Internal to
+ * the scheme traits that decode one 16-byte unit of a packed row, the sm_80+ building blocks
+ * (cp.async, mma.sync, ldmatrix) and whether the tensor-core paths may run. Internal to
  * src/backend/cuda; the C surface is cuda_kernels.h. */
 #ifndef ZSE_CUDA_COMMON_CUH
 #define ZSE_CUDA_COMMON_CUH
@@ -217,6 +218,10 @@ template <int S> struct scheme_scales {
     default: return zse_cuda_fail("cuda: unknown weight scheme %d", (int)(scheme)); \
     }
 
+/* the tensor-core paths (int4 matmul, prefill attention) may run: an sm_80+ GPU and
+ * ZSE_CUDA_NO_MMA unset or 0 (asked once; matmul.cu) */
+bool zse_cuda_mma_usable(void);
+
 /* ---- sm_80+ building blocks: cp.async, mma.sync m16n8k16 (f16 -> f32), ldmatrix ---------- */
 
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool ok)
@@ -271,14 +276,19 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 }
 
 /* four (x4) or two (x2) 8x8 f16 matrices from shared memory, each lane passing the address
- * of one 16-byte matrix row (lanes 8i..8i+7: matrix i); _t transposes each matrix */
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void *p)
+ * of one 16-byte matrix row (lanes 8i..8i+7: matrix i); TRANS transposes each matrix */
+template <bool TRANS = false> __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void *p)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
+    if constexpr (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
 #else
     (void)p;
     r[0] = r[1] = r[2] = r[3] = 0;
@@ -293,19 +303,6 @@ __device__ __forceinline__ void ldsm_x2(uint32_t &r0, uint32_t &r1, const void *
 #else
     (void)p;
     r0 = r1 = 0;
-#endif
-}
-
-__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void *p)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-#else
-    (void)p;
-    r[0] = r[1] = r[2] = r[3] = 0;
 #endif
 }
 

@@ -446,6 +446,8 @@ static const mma_device &mma_device_facts(void)
     return d;
 }
 
+bool zse_cuda_mma_usable(void) { return mma_device_facts().usable; }
+
 static bool mma_q4_ok(const zse_cuda_weight *w)
 {
     return mma_device_facts().usable && uses_dp4a(w->scheme) && w->cols % 8 == 0;

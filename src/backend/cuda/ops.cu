@@ -11,8 +11,6 @@
 
 #include <float.h>
 #include <limits.h>
-#include <stdlib.h>
-#include <string.h>
 
 enum { EW_THREADS = 256 };
 
@@ -1312,7 +1310,7 @@ attention_mma_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const flo
                     for (int d = 0; d < DT; d += 2) {
                         uint32_t b[4];
                         const int m = lane >> 3;
-                        ldsm_x4_t(b, vs + (kk * 16 + (m & 1) * 8 + (lane & 7)) * SM::PITCH + (d + (m >> 1)) * 8);
+                        ldsm_x4<true>(b, vs + (kk * 16 + (m & 1) * 8 + (lane & 7)) * SM::PITCH + (d + (m >> 1)) * 8);
                         mma_16816(o_acc[d], pf[kk], b[0], b[1]);
                         mma_16816(o_acc[d + 1], pf[kk], b[2], b[3]);
                     }
@@ -1342,19 +1340,8 @@ attention_mma_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const flo
 static bool attention_mma_ok(const zse_cuda_kv_layer *L, const zse_cuda_attn *a, const float *q, int64_t qp,
                              const float *out, int64_t op)
 {
-    static int usable = -1;
-    if (usable < 0) {
-        int dev = 0, major = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
-            cudaGetLastError();
-            major = 0;
-        }
-        const char *off = getenv("ZSE_CUDA_NO_MMA");
-        usable = major >= 8 && !(off && strcmp(off, "0") != 0);
-    }
-    return usable && !L->int8 && (a->head_dim == 64 || a->head_dim == 128) && qp % 4 == 0 && op % 2 == 0 &&
-           ((uintptr_t)q & 15) == 0 && ((uintptr_t)out & 7) == 0;
+    return zse_cuda_mma_usable() && !L->int8 && (a->head_dim == 64 || a->head_dim == 128) && qp % 4 == 0 &&
+           op % 2 == 0 && ((uintptr_t)q & 15) == 0 && ((uintptr_t)out & 7) == 0;
 }
 
 template <int HD>
