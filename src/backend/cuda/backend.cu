@@ -172,6 +172,20 @@ static int cuda_call(cudaError_t e, const char *what)
     return 0;
 }
 
+/* the compute stream, at the device's highest priority: where the GEMM path dequantizes the
+ * next slab of W on a second stream (matmul.cu, default priority) while cuBLAS multiplies
+ * the current one, the block scheduler then starts cuBLAS's blocks first as slots free up,
+ * and the dequantization fills what is left instead of holding cuBLAS back */
+static int create_compute_stream(cudaStream_t *st)
+{
+    int least = 0, greatest = 0;
+    if (cudaDeviceGetStreamPriorityRange(&least, &greatest) != cudaSuccess) {
+        cudaGetLastError();
+        greatest = 0;
+    }
+    return cuda_call(cudaStreamCreateWithPriority(st, cudaStreamNonBlocking, greatest), "creating a stream");
+}
+
 /* ---- growable device / pinned buffers ------------------------------------------------ */
 
 static void drop_graphs(cuda_impl *c);
@@ -1314,7 +1328,7 @@ extern "C" zse_backend *zse_cuda_backend_create(int device_index)
     c->graphs_on = !(g && strcmp(g, "0") == 0);
     int rc = cuda_call(cudaSetDevice(device_index), "selecting the device");
     if (rc == 0)
-        rc = cuda_call(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), "creating a stream");
+        rc = create_compute_stream(&c->stream);
     if (rc == 0)
         rc = cuda_call(cudaStreamCreateWithFlags(&c->copy_stream, cudaStreamNonBlocking), "creating a stream");
     if (rc == 0)

@@ -306,4 +306,47 @@ __device__ __forceinline__ void ldsm_x2(uint32_t &r0, uint32_t &r1, const void *
 #endif
 }
 
+/* Programmatic dependent launch (sm_90 on). A decode step is ~14 small kernels a layer, each
+ * of which used to start only once the one before had drained: its launch and the ramp of
+ * its first blocks were dead time. Launched through zse_launch, a kernel may start while its
+ * predecessor runs; it must then call pdl_enter() before it reads anything an earlier kernel
+ * wrote or writes anything an earlier kernel reads: griddepcontrol.wait returns once the
+ * predecessor has finished and its writes are visible. Every kernel of this folder calls it
+ * first thing, before any early return (a kernel whose threads all skipped the wait could
+ * finish before its predecessor, and the kernel after it would no longer be ordered after
+ * both), except that the int4 GEMV loads its first weight units - constant data - before
+ * waiting. pdl_enter also lets the next kernel launch; its blocks take free slots and wait
+ * in turn. Without the launch attribute (older GPUs, ZSE_CUDA_NO_PDL=1, plain <<<>>>
+ * launches) both instructions do nothing. */
+__device__ __forceinline__ void pdl_enter(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+/* whether launches may overlap their predecessor: compute capability 9.0 or newer and
+ * ZSE_CUDA_NO_PDL unset (or "0"); asked once */
+bool zse_cuda_pdl_usable(void);
+
+/* kernel<<<grid, block, smem, st>>>(args...), overlapping the kernel before it where the
+ * device allows (see pdl_enter); a launch error is left for ZSE_CUDA_LAUNCHED */
+template <typename... P, typename... A>
+static inline void zse_launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                              A &&...args)
+{
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cfg.attrs = attr;
+    cfg.numAttrs = zse_cuda_pdl_usable() ? 1 : 0;
+    (void)cudaLaunchKernelEx(&cfg, kernel, static_cast<A &&>(args)...);
+}
+
 #endif

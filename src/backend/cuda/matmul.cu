@@ -86,11 +86,11 @@ struct gemv_epi {
 
 /* add the lanes' and then the warps' partial sums; y[b][row0 + r] = sum (times the row's
  * int8 scale when row_scale), through the epilogue */
-template <int B, int R>
+template <int B, int R, int NW = GEMV_WARPS>
 __device__ __forceinline__ void store_rows(float (&acc)[B][R], const zse_cuda_weight &w,
                                            int64_t row0, int n, const gemv_epi &e, bool row_scale)
 {
-    __shared__ float red[GEMV_WARPS][B * R];
+    __shared__ float red[NW][B * R];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
     for (int b = 0; b < B; b++)
@@ -109,7 +109,7 @@ __device__ __forceinline__ void store_rows(float (&acc)[B][R], const zse_cuda_we
         const int b = i / R, r = i % R;
         float v = 0.f;
 #pragma unroll
-        for (int k = 0; k < GEMV_WARPS; k++)
+        for (int k = 0; k < NW; k++)
             v += red[k][i];
         if (b < n && row0 + r < w.rows) {
             if (row_scale)
@@ -127,6 +127,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_kernel(const zse_cuda_weight w, const float *__restrict__ x, int64_t xpitch, int n,
             const gemv_epi e)
 {
+    pdl_enter();
     typedef scheme_traits<S> T;
     typedef scheme_scales<S> SC;
     constexpr int GEMV_ROWS = gemv_rows<B>::R;
@@ -249,6 +250,7 @@ template <int B> struct q4_rows { static constexpr int R = B >= 4 ? ZSE_Q4_BATCH
 __global__ void quantize_x_kernel(const float *x, int64_t xpitch, int n, int64_t cols,
                                   int64_t units, uint4 *xq, float4 *xs)
 {
+    pdl_enter();
     const int64_t item = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (item >= (int64_t)n * units)
@@ -272,112 +274,214 @@ __global__ void quantize_x_kernel(const float *x, int64_t xpitch, int n, int64_t
         xs[item] = make_float4(d, dl, sx, 0.f);
 }
 
-/* One launch serves up to ZSE_CUDA_MULTI_MAX weights over the same x (q, k and v; gate and
- * up): the blocks of weight 0 come first, then those of weight 1, ...
- *
- * Batch 1 is latency-bound (ncu: long-scoreboard stalls on the weight loads, half the issue
- * slots idle), so it asks for 6 resident blocks a SM (80 registers) instead of the 4 that
- * 116 registers allowed, and the unit loop is not unrolled (its second copy cost registers
- * and helped only 18944-wide rows). H200, us back to back: 3584^2 8.4-8.9 -> 7.8,
- * 18944x3584 19.8-20.0 -> 16.4, 3584x18944 24.7-25.1 -> 17.2, the 152064-row head 118.5 ->
- * 91.6; batch 2 and 4 within 3% either way (8 rows a block at batch 1: 8.1 / 17.3 / 15.8 /
- * 93.6, close behind). */
-template <int S, int B>
-__global__ void __launch_bounds__(GEMV_WARPS * 32, B == 1 ? 6 : 1)
-gemv_q4_dp4a_kernel(const zse_cuda_multi mm, const uint4 *__restrict__ xq,
-                    const float4 *__restrict__ xs, int64_t units, int n)
+/* unit u (16 bytes, 32 codes) of each of the R rows, with its group's scale and min */
+template <int S, int R>
+__device__ __forceinline__ void q4_load_unit(const zse_cuda_weight &w, const uint8_t *const (&rowp)[R],
+                                             const int64_t (&rr)[R], const group_of &grp, int64_t u,
+                                             uint4 (&v)[R], float (&sc)[R], float (&mn)[R])
 {
-    constexpr int R = q4_rows<B>::R;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int64_t blk = blockIdx.x;
-    int wi = 0;
-    for (; wi < mm.count - 1; wi++) {
-        const int64_t nb = (mm.w[wi].rows + R - 1) / R;
+    const int64_t g = grp(u * 32);
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        v[r] = ld_stream16(rowp[r] + u * 16);
+        sc[r] = __half2float(((const __half *)w.scales)[rr[r] * w.groups + g]);
+        mn[r] = S == ZSE_SCHEME_Q4 ? __half2float(((const __half *)w.mins)[rr[r] * w.groups + g]) : 0.f;
+    }
+}
+
+/* the tensor-core path applies: 4-bit groups, x rows packable as 16-byte f16 vectors, and a
+ * GPU with mma.sync for f16 (sm_80 on) */
+/* what the tensor-core path needs to know of the device and the environment, asked once:
+ * whether it may run, and how many SMs its K splits should fill */
+struct mma_device {
+    bool usable;
+    bool pdl;     /* launches may overlap their predecessor (common.cuh, zse_launch) */
+    int sms;
+};
+
+static const mma_device &mma_device_facts(void)
+{
+    static mma_device d = {false, false, 0};
+    if (d.sms == 0) {
+        int dev = 0, major = 0, sms = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+            cudaGetLastError();
+            major = 0;
+            sms = 132;
+        }
+        const char *off = getenv("ZSE_CUDA_NO_MMA");
+        d.usable = major >= 8 && !(off && strcmp(off, "0") != 0);
+        const char *no_pdl = getenv("ZSE_CUDA_NO_PDL");
+        d.pdl = major >= 9 && !(no_pdl && strcmp(no_pdl, "0") != 0);
+        d.sms = sms > 0 ? sms : 132;
+    }
+    return d;
+}
+
+bool zse_cuda_mma_usable(void) { return mma_device_facts().usable; }
+bool zse_cuda_pdl_usable(void) { return mma_device_facts().pdl; }
+
+/* acc[b][r] += row r's unit u (v, its group's scale and min) . x row b's chunk u */
+template <int S, int B, int R>
+__device__ __forceinline__ void q4_dot_unit(float (&acc)[B][R], const uint4 (&v)[R], const float (&sc)[R],
+                                            const float (&mn)[R], const uint4 *__restrict__ xq,
+                                            const float4 *__restrict__ xs, int64_t units, int n, int64_t u)
+{
+    int lo[R][4], hi[R][4];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const uint32_t vv[4] = {v[r].x, v[r].y, v[r].z, v[r].w};
+#pragma unroll
+        for (int p = 0; p < 4; p++) {
+            lo[r][p] = (int)(vv[p] & 0x0F0F0F0Fu);
+            hi[r][p] = (int)((vv[p] >> 4) & 0x0F0F0F0Fu);
+        }
+    }
+#pragma unroll
+    for (int b = 0; b < B; b++) {
+        const int64_t c = (int64_t)min(b, n - 1) * units + u;
+        const uint4 h0 = __ldg(xq + c * 4), h1 = __ldg(xq + c * 4 + 1);
+        const uint4 l0 = __ldg(xq + c * 4 + 2), l1 = __ldg(xq + c * 4 + 3);
+        const float4 f = __ldg(xs + c);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            int ih = 0, il = 0;
+            ih = __dp4a(lo[r][0], (int)h0.x, ih); ih = __dp4a(lo[r][1], (int)h0.y, ih);
+            ih = __dp4a(lo[r][2], (int)h0.z, ih); ih = __dp4a(lo[r][3], (int)h0.w, ih);
+            ih = __dp4a(hi[r][0], (int)h1.x, ih); ih = __dp4a(hi[r][1], (int)h1.y, ih);
+            ih = __dp4a(hi[r][2], (int)h1.z, ih); ih = __dp4a(hi[r][3], (int)h1.w, ih);
+            il = __dp4a(lo[r][0], (int)l0.x, il); il = __dp4a(lo[r][1], (int)l0.y, il);
+            il = __dp4a(lo[r][2], (int)l0.z, il); il = __dp4a(lo[r][3], (int)l0.w, il);
+            il = __dp4a(hi[r][0], (int)l1.x, il); il = __dp4a(hi[r][1], (int)l1.y, il);
+            il = __dp4a(hi[r][2], (int)l1.z, il); il = __dp4a(hi[r][3], (int)l1.w, il);
+            const float qx = fmaf((float)ih, f.x, (float)il * f.y);
+            if (S == ZSE_SCHEME_Q4)
+                acc[b][r] = fmaf(sc[r], qx, fmaf(mn[r], f.z, acc[b][r]));
+            else
+                acc[b][r] = fmaf(sc[r], fmaf(-8.f, f.z, qx), acc[b][r]);
+        }
+    }
+}
+
+/* the rows of one block's turn: which weight of the launch, its first row, each row's bytes
+ * (rows past the end re-read the last one; their sums are never stored) */
+template <int R> struct q4_rowset {
+    int wi;
+    int64_t row0;
+    int64_t rr[R];
+    const uint8_t *rowp[R];
+};
+
+template <int R>
+__device__ __forceinline__ q4_rowset<R> q4_rows_of(const zse_cuda_multi &mm, int64_t blk)
+{
+    q4_rowset<R> s;
+    s.wi = 0;
+    for (; s.wi < mm.count - 1; s.wi++) {
+        const int64_t nb = (mm.w[s.wi].rows + R - 1) / R;
         if (blk < nb)
             break;
         blk -= nb;
     }
-    const zse_cuda_weight w = mm.w[wi];
-    const gemv_epi e = {mm.y[wi], mm.ypitch[wi], mm.bias[wi], mm.accumulate};
-    const int64_t row0 = blk * R;
-    const group_of grp = group_div(w.group_size);
-    const uint8_t *rowp[R];
-    int64_t rr[R];
+    const zse_cuda_weight &w = mm.w[s.wi];
+    s.row0 = blk * R;
 #pragma unroll
     for (int r = 0; r < R; r++) {
-        rr[r] = min(row0 + r, w.rows - 1);
-        rowp[r] = (const uint8_t *)w.qs + rr[r] * w.row_bytes;
+        s.rr[r] = min(s.row0 + r, w.rows - 1);
+        s.rowp[r] = (const uint8_t *)w.qs + s.rr[r] * w.row_bytes;
     }
+    return s;
+}
+
+/* One launch serves up to ZSE_CUDA_MULTI_MAX weights over the same x (q, k and v; gate and
+ * up): the row groups of weight 0 come first, then those of weight 1, ... A block is NW warps
+ * over R rows; each lane takes every (NW * 32)-th 16-byte unit of the rows, and its first P
+ * units are loaded before the wait on the previous kernel.
+ *
+ * Batch 1 is latency-bound (ncu: long-scoreboard stalls on the weight loads): what counts
+ * is the bytes a SM has in flight. 4 warps over 4 rows at 6 blocks a SM (80 registers) ran
+ * 3584^2 in 7.0 us, 18944x3584 15.6, 3584x18944 18.8 and the 152064-row head 95.7 (H200,
+ * back to back, launches overlapping). Twice the rows per lane - 8 rows, or 4 rows with two
+ * units - at 128 registers does better where there are enough rows to fill the SMs
+ * (launch_q4_dp4a_batch picks); a grid-stride variant that loaded its next rows before
+ * reducing the current ones was slower than either (18944x3584 16.6 us). */
+template <int S, int B, int NW, int R, int P>
+__global__ void __launch_bounds__(NW * 32, B == 1 ? (R * P > 4 ? 16 : 24) / NW : 1)
+gemv_q4_dp4a_kernel(const zse_cuda_multi mm, const uint4 *__restrict__ xq,
+                    const float4 *__restrict__ xs, int64_t units, int n)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const q4_rowset<R> rs = q4_rows_of<R>(mm, blockIdx.x);
+    const zse_cuda_weight &w = mm.w[rs.wi];
+    const group_of grp = group_div(w.group_size);
+    constexpr int64_t STRIDE = NW * 32;
+
+    /* a lane's first P units, weights and scales, are loaded before waiting on the kernel
+     * that wrote x (pdl_enter): they are constants, and their HBM latency then overlaps
+     * that kernel's tail. */
+    const int64_t u0 = warp * 32 + lane;
+    uint4 v0[P][R];
+    float sc0[P][R], mn0[P][R];
+#pragma unroll
+    for (int p = 0; p < P; p++)
+        if (u0 + p * STRIDE < units)
+            q4_load_unit<S, R>(w, rs.rowp, rs.rr, grp, u0 + p * STRIDE, v0[p], sc0[p], mn0[p]);
+    pdl_enter();
+
     float acc[B][R];
 #pragma unroll
     for (int b = 0; b < B; b++)
 #pragma unroll
         for (int r = 0; r < R; r++)
             acc[b][r] = 0.f;
-
+#pragma unroll
+    for (int p = 0; p < P; p++)
+        if (u0 + p * STRIDE < units)
+            q4_dot_unit<S, B, R>(acc, v0[p], sc0[p], mn0[p], xq, xs, units, n, u0 + p * STRIDE);
 #pragma unroll 1
-    for (int64_t u = warp * 32 + lane; u < units; u += GEMV_WARPS * 32) {
-        int lo[R][4], hi[R][4];
+    for (int64_t u = u0 + P * STRIDE; u < units; u += STRIDE) {
+        uint4 v[R];
         float sc[R], mn[R];
-        const int64_t g = grp(u * 32);
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const uint4 v = ld_stream16(rowp[r] + u * 16);
-            const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-            for (int p = 0; p < 4; p++) {
-                lo[r][p] = (int)(vv[p] & 0x0F0F0F0Fu);
-                hi[r][p] = (int)((vv[p] >> 4) & 0x0F0F0F0Fu);
-            }
-            sc[r] = __half2float(((const __half *)w.scales)[rr[r] * w.groups + g]);
-            mn[r] = S == ZSE_SCHEME_Q4 ? __half2float(((const __half *)w.mins)[rr[r] * w.groups + g]) : 0.f;
-        }
-#pragma unroll
-        for (int b = 0; b < B; b++) {
-            const int64_t c = (int64_t)min(b, n - 1) * units + u;
-            const uint4 h0 = __ldg(xq + c * 4), h1 = __ldg(xq + c * 4 + 1);
-            const uint4 l0 = __ldg(xq + c * 4 + 2), l1 = __ldg(xq + c * 4 + 3);
-            const float4 f = __ldg(xs + c);
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                int ih = 0, il = 0;
-                ih = __dp4a(lo[r][0], (int)h0.x, ih); ih = __dp4a(lo[r][1], (int)h0.y, ih);
-                ih = __dp4a(lo[r][2], (int)h0.z, ih); ih = __dp4a(lo[r][3], (int)h0.w, ih);
-                ih = __dp4a(hi[r][0], (int)h1.x, ih); ih = __dp4a(hi[r][1], (int)h1.y, ih);
-                ih = __dp4a(hi[r][2], (int)h1.z, ih); ih = __dp4a(hi[r][3], (int)h1.w, ih);
-                il = __dp4a(lo[r][0], (int)l0.x, il); il = __dp4a(lo[r][1], (int)l0.y, il);
-                il = __dp4a(lo[r][2], (int)l0.z, il); il = __dp4a(lo[r][3], (int)l0.w, il);
-                il = __dp4a(hi[r][0], (int)l1.x, il); il = __dp4a(hi[r][1], (int)l1.y, il);
-                il = __dp4a(hi[r][2], (int)l1.z, il); il = __dp4a(hi[r][3], (int)l1.w, il);
-                const float qx = fmaf((float)ih, f.x, (float)il * f.y);
-                if (S == ZSE_SCHEME_Q4)
-                    acc[b][r] = fmaf(sc[r], qx, fmaf(mn[r], f.z, acc[b][r]));
-                else
-                    acc[b][r] = fmaf(sc[r], fmaf(-8.f, f.z, qx), acc[b][r]);
-            }
-        }
+        q4_load_unit<S, R>(w, rs.rowp, rs.rr, grp, u, v, sc, mn);
+        q4_dot_unit<S, B, R>(acc, v, sc, mn, xq, xs, units, n, u);
     }
-    store_rows<B, R>(acc, w, row0, n, e, false);
+    const gemv_epi e = {mm.y[rs.wi], mm.ypitch[rs.wi], mm.bias[rs.wi], mm.accumulate};
+    store_rows<B, R, NW>(acc, w, rs.row0, n, e, false);
 }
 
-template <int S, int B>
+template <int S, int B, int NW, int R, int P = 1>
 static void launch_q4_dp4a(const zse_cuda_multi *mm, const uint4 *xq, const float4 *xs,
                            int64_t units, int n, cudaStream_t st)
 {
-    int64_t blocks = 0;
+    int64_t groups = 0;
     for (int i = 0; i < mm->count; i++)
-        blocks += zse_ceil_div(mm->w[i].rows, q4_rows<B>::R);
-    gemv_q4_dp4a_kernel<S, B><<<(unsigned)blocks, GEMV_WARPS * 32, 0, st>>>(*mm, xq, xs, units, n);
+        groups += zse_ceil_div(mm->w[i].rows, R);
+    zse_launch(gemv_q4_dp4a_kernel<S, B, NW, R, P>, (unsigned)groups, NW * 32, 0, st, *mm, xq, xs, units, n);
 }
 
 template <int S>
 static void launch_q4_dp4a_batch(const zse_cuda_multi *mm, const uint4 *xq, const float4 *xs,
                                  int64_t units, int n, cudaStream_t st)
 {
-    if (n == 1) launch_q4_dp4a<S, 1>(mm, xq, xs, units, n, st);
-    else if (n == 2) launch_q4_dp4a<S, 2>(mm, xq, xs, units, n, st);
-    else if (n <= 4) launch_q4_dp4a<S, 4>(mm, xq, xs, units, n, st);
-    else launch_q4_dp4a<S, 8>(mm, xq, xs, units, n, st);
+    if (n == 1) {
+        /* batch 1: small launches (qkv, o) as 2 warps over 4 rows with both of a lane's
+         * units in flight at K = 3584; big ones as 4 warps over 8 rows (H200, us back to
+         * back against 4 warps over 4 rows, all launched overlapping: 3584^2 7.0 -> 6.4,
+         * 18944x3584 15.6 -> 14.5, 3584x18944 18.8 -> 13.7, the 152064-row head 95.7 ->
+         * 84.3; 8 rows lose at 3584^2, 8.4, where 448 blocks do not fill the SMs) */
+        int64_t elems = 0;
+        for (int i = 0; i < mm->count; i++)
+            elems += mm->w[i].rows * mm->w[i].cols;
+        if (elems < ((int64_t)32 << 20))
+            launch_q4_dp4a<S, 1, 2, 4, 2>(mm, xq, xs, units, n, st);
+        else
+            launch_q4_dp4a<S, 1, 4, 8, 1>(mm, xq, xs, units, n, st);
+    }
+    else if (n == 2) launch_q4_dp4a<S, 2, GEMV_WARPS, q4_rows<2>::R>(mm, xq, xs, units, n, st);
+    else if (n <= 4) launch_q4_dp4a<S, 4, GEMV_WARPS, q4_rows<4>::R>(mm, xq, xs, units, n, st);
+    else launch_q4_dp4a<S, 8, GEMV_WARPS, q4_rows<8>::R>(mm, xq, xs, units, n, st);
 }
 
 static bool uses_dp4a(int scheme) { return scheme == ZSE_SCHEME_Q4 || scheme == ZSE_SCHEME_Q4S; }
@@ -402,7 +506,7 @@ static void launch_gemv(const zse_cuda_weight *w, const float *x, int64_t xp, in
 {
     const int64_t per_block = gemv_rows<B>::R;
     dim3 grid((unsigned)zse_ceil_div(w->rows, per_block));
-    gemv_kernel<S, B><<<grid, GEMV_WARPS * 32, 0, st>>>(*w, x, xp, n, e);
+    zse_launch(gemv_kernel<S, B>, grid, GEMV_WARPS * 32, 0, st, *w, x, xp, n, e);
 }
 
 template <int S>
@@ -418,35 +522,6 @@ static void launch_gemv_batch(const zse_cuda_weight *w, const float *x, int64_t 
 /* scratch of the tensor-core path: x in f16, then the K splits' partials */
 static size_t mma_scratch_bytes(const zse_cuda_weight *w, int64_t n);
 
-/* the tensor-core path applies: 4-bit groups, x rows packable as 16-byte f16 vectors, and a
- * GPU with mma.sync for f16 (sm_80 on) */
-/* what the tensor-core path needs to know of the device and the environment, asked once:
- * whether it may run, and how many SMs its K splits should fill */
-struct mma_device {
-    bool usable;
-    int sms;
-};
-
-static const mma_device &mma_device_facts(void)
-{
-    static mma_device d = {false, 0};
-    if (d.sms == 0) {
-        int dev = 0, major = 0, sms = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-            cudaGetLastError();
-            major = 0;
-            sms = 132;
-        }
-        const char *off = getenv("ZSE_CUDA_NO_MMA");
-        d.usable = major >= 8 && !(off && strcmp(off, "0") != 0);
-        d.sms = sms > 0 ? sms : 132;
-    }
-    return d;
-}
-
-bool zse_cuda_mma_usable(void) { return mma_device_facts().usable; }
 
 static bool mma_q4_ok(const zse_cuda_weight *w)
 {
@@ -498,7 +573,7 @@ static int multi_gemv(const zse_cuda_multi *mm, const float *x, int64_t xpitch, 
             return zse_cuda_fail("cuda gemv: scratch of %zu bytes is too small", scratch_bytes);
         uint4 *xq = (uint4 *)scratch;
         float4 *xs = (float4 *)((uint8_t *)scratch + (size_t)n * units * 64);
-        quantize_x_kernel<<<(unsigned)zse_ceil_div(n * units * 32, 128), 128, 0, st>>>(x, xpitch, (int)n, w->cols,
+        zse_launch(quantize_x_kernel, (unsigned)zse_ceil_div(n * units * 32, 128), 128, 0, st, x, xpitch, (int)n, w->cols,
                                                                                           units, xq, xs);
         if (w->scheme == ZSE_SCHEME_Q4)
             launch_q4_dp4a_batch<ZSE_SCHEME_Q4>(mm, xq, xs, units, (int)n, st);
@@ -594,6 +669,7 @@ template <int S>
 __global__ void __launch_bounds__(DQ_THREADS, 4)
 dequant_f16_kernel(const zse_cuda_weight w, int64_t row0, int64_t nrows, __half *out, int64_t opitch)
 {
+    pdl_enter();
     typedef scheme_traits<S> T;
     __shared__ float table[16];
     if (threadIdx.x < 16)
@@ -648,6 +724,7 @@ dequant_f16_kernel(const zse_cuda_weight w, int64_t row0, int64_t nrows, __half 
 template <int S>
 __global__ void embed_kernel(const zse_cuda_weight w, const int32_t *ids, float *out, int64_t opitch)
 {
+    pdl_enter();
     __shared__ float table[16];
     if (threadIdx.x < 16)
         table[threadIdx.x] = zse_cuda_nf4[threadIdx.x];
@@ -699,7 +776,7 @@ static void launch_embed(const zse_cuda_weight *w, const int32_t *ids, int64_t n
 {
     const int64_t units = zse_ceil_div(w->cols, scheme_traits<S>::E);
     dim3 grid((unsigned)zse_ceil_div(units, 128), (unsigned)n);
-    embed_kernel<S><<<grid, 128, 0, st>>>(*w, ids, out, opitch);
+    zse_launch(embed_kernel<S>, grid, 128, 0, st, *w, ids, out, opitch);
 }
 
 extern "C" int zse_cuda_embed(const zse_cuda_weight *w, const int32_t *ids, int64_t n, float *out,
@@ -722,6 +799,7 @@ template <int V>
 __global__ void split_x_kernel(const float *x, int64_t xpitch, int64_t n, int64_t cols,
                                __half *hi, __half *lo)
 {
+    pdl_enter();
     for (int64_t t = blockIdx.y; t < n; t += gridDim.y)
         for (int64_t c = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * V; c < cols;
              c += (int64_t)gridDim.x * blockDim.x * V) {
@@ -759,9 +837,9 @@ static void split_x(const float *x, int64_t xpitch, int64_t n, int64_t cols, __h
     const int64_t vec = v4 ? 4 : 1, bx = zse_ceil_div(zse_ceil_div(cols, vec), 256);
     const dim3 grid((unsigned)(bx > 1024 ? 1024 : bx), (unsigned)(n > 65535 ? 65535 : n));
     if (v4)
-        split_x_kernel<4><<<grid, 256, 0, st>>>(x, xpitch, n, cols, hi, lo);
+        zse_launch(split_x_kernel<4>, grid, 256, 0, st, x, xpitch, n, cols, hi, lo);
     else
-        split_x_kernel<1><<<grid, 256, 0, st>>>(x, xpitch, n, cols, hi, lo);
+        zse_launch(split_x_kernel<1>, grid, 256, 0, st, x, xpitch, n, cols, hi, lo);
 }
 
 /* ---- 4-bit weights on tensor cores (batches of 5..64 rows) -----------------------------
@@ -963,6 +1041,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32, NT == 64 ? 3 : 1)   /* 64: 171
 gemm_q4_mma_kernel(const zse_cuda_weight w, const __half *__restrict__ xh, int64_t n, int64_t split_k,
                    const gemv_epi e, float *__restrict__ work)
 {
+    pdl_enter();
     constexpr int NJ = NT / 8, ST = mma_smem<NT>::STAGE;
     static_assert(MMA_STAGES >= 4, "scales are parked two iterations after their load");
     extern __shared__ __align__(16) uint8_t mma_smem_buf[];
@@ -1029,6 +1108,7 @@ gemm_q4_mma_kernel(const zse_cuda_weight w, const __half *__restrict__ xh, int64
 
 __global__ void mma_reduce_kernel(const float *__restrict__ work, int splits, int64_t n, int64_t rows, const gemv_epi e)
 {
+    pdl_enter();
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n * rows)
         return;
@@ -1263,11 +1343,11 @@ static int launch_mma(int scheme, dim3 grid, const zse_cuda_weight *w, const __h
     if (scheme == ZSE_SCHEME_Q4) {
         if (mma_smem_ready<ZSE_SCHEME_Q4, NT>() != 0)
             return -1;
-        gemm_q4_mma_kernel<ZSE_SCHEME_Q4, NT><<<grid, MMA_WARPS * 32, mma_smem<NT>::BYTES, st>>>(*w, xh, n, split_k, e, part);
+        zse_launch(gemm_q4_mma_kernel<ZSE_SCHEME_Q4, NT>, grid, MMA_WARPS * 32, mma_smem<NT>::BYTES, st, *w, xh, n, split_k, e, part);
     } else {
         if (mma_smem_ready<ZSE_SCHEME_Q4S, NT>() != 0)
             return -1;
-        gemm_q4_mma_kernel<ZSE_SCHEME_Q4S, NT><<<grid, MMA_WARPS * 32, mma_smem<NT>::BYTES, st>>>(*w, xh, n, split_k, e, part);
+        zse_launch(gemm_q4_mma_kernel<ZSE_SCHEME_Q4S, NT>, grid, MMA_WARPS * 32, mma_smem<NT>::BYTES, st, *w, xh, n, split_k, e, part);
     }
     return 0;
 }
@@ -1303,7 +1383,7 @@ static int gemm_q4_mma(const zse_cuda_weight *w, const float *x, int64_t xpitch,
         return -1;
     ZSE_CUDA_LAUNCHED("cuda mma");
     if (part) {
-        mma_reduce_kernel<<<(unsigned)zse_ceil_div(n * w->rows, 256), 256, 0, st>>>(part, real_splits, n, w->rows, e);
+        zse_launch(mma_reduce_kernel, (unsigned)zse_ceil_div(n * w->rows, 256), 256, 0, st, part, real_splits, n, w->rows, e);
         ZSE_CUDA_LAUNCHED("cuda mma: split sum");
     }
     return 0;

@@ -42,6 +42,7 @@ __device__ float block_sum(float v)
 __global__ void rmsnorm_kernel(const float *x, int64_t xpitch, const float *w, float eps,
                                int64_t dim, float *out, int64_t opitch)
 {
+    pdl_enter();
     const float *xr = x + blockIdx.x * xpitch;
     float *o = out + blockIdx.x * opitch;
     float ss = 0.f;
@@ -62,6 +63,7 @@ enum { RMS_VEC = 4 };
 __global__ void rmsnorm_vec_kernel(const float *x, int64_t xpitch, const float *w, float eps,
                                    int64_t dim, float *out, int64_t opitch)
 {
+    pdl_enter();
     const float4 *xr = reinterpret_cast<const float4 *>(x + blockIdx.x * xpitch);
     const float4 *w4 = reinterpret_cast<const float4 *>(w);
     float4 *o = reinterpret_cast<float4 *>(out + blockIdx.x * opitch);
@@ -110,10 +112,10 @@ extern "C" int zse_cuda_rmsnorm(const float *x, int64_t xpitch, const float *w, 
         const int64_t n4 = dim / 4;
         int64_t threads = (n4 + 1) / 2;
         threads = threads < 32 ? 32 : threads > 1024 ? 1024 : (threads + 31) / 32 * 32;
-        rmsnorm_vec_kernel<<<(unsigned)rows, (unsigned)threads, 0, (cudaStream_t)st>>>(x, xpitch, w, eps, dim, out, opitch);
+        zse_launch(rmsnorm_vec_kernel, (unsigned)rows, (unsigned)threads, 0, (cudaStream_t)st, x, xpitch, w, eps, dim, out, opitch);
     } else {
         const int threads = dim >= 1024 ? 256 : dim >= 256 ? 128 : 64;
-        rmsnorm_kernel<<<(unsigned)rows, threads, 0, (cudaStream_t)st>>>(x, xpitch, w, eps, dim, out, opitch);
+        zse_launch(rmsnorm_kernel, (unsigned)rows, threads, 0, (cudaStream_t)st, x, xpitch, w, eps, dim, out, opitch);
     }
     ZSE_CUDA_LAUNCHED("cuda rmsnorm");
     return 0;
@@ -172,6 +174,7 @@ template <int V> __device__ __forceinline__ void vstore(float *p, const float (&
 template <int V>
 __global__ void add_bias_kernel(float *y, int64_t yp, const float *bias, int64_t rows, int64_t dim)
 {
+    pdl_enter();
     ROWS_DIM_LOOP(rows, dim / V, {
         float a[V], b[V];
         vload<V>(y + r * yp + c * V, a);
@@ -187,6 +190,7 @@ template <int V>
 __global__ void silu_mul_kernel(const float *g, int64_t gp, const float *u, int64_t up,
                                 int64_t rows, int64_t dim, float *o, int64_t op)
 {
+    pdl_enter();
     ROWS_DIM_LOOP(rows, dim / V, {
         float a[V], b[V];
         vload<V>(g + r * gp + c * V, a);
@@ -201,6 +205,7 @@ __global__ void silu_mul_kernel(const float *g, int64_t gp, const float *u, int6
 template <int V>
 __global__ void add_kernel(float *x, int64_t xp, const float *y, int64_t yp, int64_t rows, int64_t dim)
 {
+    pdl_enter();
     ROWS_DIM_LOOP(rows, dim / V, {
         float a[V], b[V];
         vload<V>(x + r * xp + c * V, a);
@@ -216,6 +221,7 @@ template <int V>
 __global__ void gather_kernel(const float *x, int64_t xp, const int32_t *idx, int64_t n,
                               int64_t dim, float *o, int64_t op)
 {
+    pdl_enter();
     ROWS_DIM_LOOP(n, dim / V, {
         float a[V];
         vload<V>(x + (int64_t)idx[r] * xp + c * V, a);
@@ -229,9 +235,9 @@ extern "C" int zse_cuda_add_bias(float *y, int64_t ypitch, const float *bias, in
     if (rows < 1 || dim < 1)
         return 0;
     if (ew_vec4(dim, y, ypitch, bias, 0, y, ypitch))
-        add_bias_kernel<4><<<ew_grid(rows, dim / 4), EW_THREADS, 0, (cudaStream_t)st>>>(y, ypitch, bias, rows, dim);
+        zse_launch(add_bias_kernel<4>, ew_grid(rows, dim / 4), EW_THREADS, 0, (cudaStream_t)st, y, ypitch, bias, rows, dim);
     else
-        add_bias_kernel<1><<<ew_grid(rows, dim), EW_THREADS, 0, (cudaStream_t)st>>>(y, ypitch, bias, rows, dim);
+        zse_launch(add_bias_kernel<1>, ew_grid(rows, dim), EW_THREADS, 0, (cudaStream_t)st, y, ypitch, bias, rows, dim);
     ZSE_CUDA_LAUNCHED("cuda add_bias");
     return 0;
 }
@@ -243,10 +249,10 @@ extern "C" int zse_cuda_silu_mul(const float *gate, int64_t gpitch, const float 
     if (rows < 1 || dim < 1)
         return 0;
     if (ew_vec4(dim, gate, gpitch, up, upitch, out, opitch))
-        silu_mul_kernel<4><<<ew_grid(rows, dim / 4), EW_THREADS, 0, (cudaStream_t)st>>>(gate, gpitch, up, upitch, rows,
+        zse_launch(silu_mul_kernel<4>, ew_grid(rows, dim / 4), EW_THREADS, 0, (cudaStream_t)st, gate, gpitch, up, upitch, rows,
                                                                                      dim, out, opitch);
     else
-        silu_mul_kernel<1><<<ew_grid(rows, dim), EW_THREADS, 0, (cudaStream_t)st>>>(gate, gpitch, up, upitch, rows,
+        zse_launch(silu_mul_kernel<1>, ew_grid(rows, dim), EW_THREADS, 0, (cudaStream_t)st, gate, gpitch, up, upitch, rows,
                                                                                  dim, out, opitch);
     ZSE_CUDA_LAUNCHED("cuda silu_mul");
     return 0;
@@ -258,9 +264,9 @@ extern "C" int zse_cuda_add(float *x, int64_t xpitch, const float *y, int64_t yp
     if (rows < 1 || dim < 1)
         return 0;
     if (ew_vec4(dim, x, xpitch, y, ypitch, x, xpitch))
-        add_kernel<4><<<ew_grid(rows, dim / 4), EW_THREADS, 0, (cudaStream_t)st>>>(x, xpitch, y, ypitch, rows, dim);
+        zse_launch(add_kernel<4>, ew_grid(rows, dim / 4), EW_THREADS, 0, (cudaStream_t)st, x, xpitch, y, ypitch, rows, dim);
     else
-        add_kernel<1><<<ew_grid(rows, dim), EW_THREADS, 0, (cudaStream_t)st>>>(x, xpitch, y, ypitch, rows, dim);
+        zse_launch(add_kernel<1>, ew_grid(rows, dim), EW_THREADS, 0, (cudaStream_t)st, x, xpitch, y, ypitch, rows, dim);
     ZSE_CUDA_LAUNCHED("cuda add");
     return 0;
 }
@@ -272,10 +278,10 @@ extern "C" int zse_cuda_gather_rows(const float *x, int64_t xpitch, const int32_
     if (n < 1 || dim < 1)
         return 0;
     if (ew_vec4(dim, x, xpitch, out, opitch, out, opitch))
-        gather_kernel<4><<<ew_grid(n, dim / 4), EW_THREADS, 0, (cudaStream_t)st>>>(x, xpitch, rows_idx, n, dim, out,
+        zse_launch(gather_kernel<4>, ew_grid(n, dim / 4), EW_THREADS, 0, (cudaStream_t)st, x, xpitch, rows_idx, n, dim, out,
                                                                                 opitch);
     else
-        gather_kernel<1><<<ew_grid(n, dim), EW_THREADS, 0, (cudaStream_t)st>>>(x, xpitch, rows_idx, n, dim, out, opitch);
+        zse_launch(gather_kernel<1>, ew_grid(n, dim), EW_THREADS, 0, (cudaStream_t)st, x, xpitch, rows_idx, n, dim, out, opitch);
     ZSE_CUDA_LAUNCHED("cuda gather_rows");
     return 0;
 }
@@ -320,6 +326,7 @@ __device__ int32_t block_argmax(const float *row, int64_t cols)
 __global__ void __launch_bounds__(ARGMAX_THREADS)
 argmax_kernel(const float *x, int64_t xpitch, int64_t cols, int32_t *out)
 {
+    pdl_enter();
     const int32_t id = block_argmax(x + (int64_t)blockIdx.x * xpitch, cols);
     if (threadIdx.x == 0)
         out[blockIdx.x] = id;
@@ -330,7 +337,7 @@ extern "C" int zse_cuda_argmax_rows(const float *x, int64_t xpitch, int64_t rows
 {
     if (rows < 1 || cols < 1)
         return 0;
-    argmax_kernel<<<(unsigned)rows, ARGMAX_THREADS, 0, (cudaStream_t)st>>>(x, xpitch, cols, out);
+    zse_launch(argmax_kernel, (unsigned)rows, ARGMAX_THREADS, 0, (cudaStream_t)st, x, xpitch, cols, out);
     ZSE_CUDA_LAUNCHED("cuda argmax_rows");
     return 0;
 }
@@ -373,6 +380,7 @@ __device__ float largest_threshold(const float *p, int64_t cols, float floor, fl
 __global__ void __launch_bounds__(ARGMAX_THREADS)
 sample_kernel(float *x, int64_t xpitch, int64_t cols, const zse_cuda_sample *params, int32_t *out)
 {
+    pdl_enter();
     __shared__ float seg[ARGMAX_THREADS], red[ARGMAX_THREADS];
     __shared__ int32_t chosen;
     float *row = x + (int64_t)blockIdx.x * xpitch;
@@ -461,7 +469,7 @@ extern "C" int zse_cuda_sample_rows(float *x, int64_t xpitch, int64_t rows, int6
 {
     if (rows < 1 || cols < 1)
         return 0;
-    sample_kernel<<<(unsigned)rows, ARGMAX_THREADS, 0, (cudaStream_t)st>>>(x, xpitch, cols, params, out);
+    zse_launch(sample_kernel, (unsigned)rows, ARGMAX_THREADS, 0, (cudaStream_t)st, x, xpitch, cols, params, out);
     ZSE_CUDA_LAUNCHED("cuda sample_rows");
     return 0;
 }
@@ -483,6 +491,7 @@ __device__ __forceinline__ void rope_pair(float *p, int j, int half, int32_t pos
 __global__ void rope_kernel(float *x, int64_t xp, int64_t n, int n_heads, int head_dim,
                             const int32_t *pos, const float *inv_freq, float mscale)
 {
+    pdl_enter();
     const int half = head_dim / 2;
     const int64_t total = n * n_heads * half;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
@@ -502,8 +511,7 @@ extern "C" int zse_cuda_rope(float *x, int64_t xpitch, int64_t n, int n_heads, i
         return 0;
     if (head_dim < 2 || head_dim % 2)
         return zse_cuda_fail("cuda rope: head_dim %d is not even", head_dim);
-    rope_kernel<<<ew_blocks(n * n_heads * (head_dim / 2)), EW_THREADS, 0, (cudaStream_t)st>>>(
-        x, xpitch, n, n_heads, head_dim, pos, inv_freq, mscale);
+    zse_launch(rope_kernel, ew_blocks(n * n_heads * (head_dim / 2)), EW_THREADS, 0, (cudaStream_t)st, x, xpitch, n, n_heads, head_dim, pos, inv_freq, mscale);
     ZSE_CUDA_LAUNCHED("cuda rope");
     return 0;
 }
@@ -545,6 +553,7 @@ __device__ __forceinline__ void store_kv_head(const zse_cuda_kv_layer &L, const 
 __global__ void kv_store_kernel(zse_cuda_kv_layer L, const float *k, int64_t kp, const float *v,
                                 int64_t vp, const int32_t *slots, int64_t n)
 {
+    pdl_enter();
     const int64_t item = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (item >= n * L.n_kv_heads)
@@ -564,7 +573,7 @@ extern "C" int zse_cuda_kv_store(const zse_cuda_kv_layer *L, const float *k, int
     if (n < 1)
         return 0;
     const int64_t threads = n * L->n_kv_heads * 32;
-    kv_store_kernel<<<(unsigned)zse_ceil_div(threads, 128), 128, 0, (cudaStream_t)st>>>(*L, k, kpitch, v, vpitch, slots, n);
+    zse_launch(kv_store_kernel, (unsigned)zse_ceil_div(threads, 128), 128, 0, (cudaStream_t)st, *L, k, kpitch, v, vpitch, slots, n);
     ZSE_CUDA_LAUNCHED("cuda kv_store");
     return 0;
 }
@@ -576,6 +585,7 @@ __global__ void rope_kv_store_kernel(zse_cuda_kv_layer L, float *q, int64_t qp, 
                                      const float *v, int64_t vp, const int32_t *slots, int64_t n, int n_heads,
                                      const int32_t *pos, const float *inv_freq, float mscale)
 {
+    pdl_enter();
     const int64_t item = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     const int per_token = n_heads + L.n_kv_heads;
@@ -608,8 +618,7 @@ extern "C" int zse_cuda_rope_kv_store(const zse_cuda_kv_layer *L, float *q, int6
     if (L->head_dim < 2 || L->head_dim % 2 || n_heads < 1)
         return zse_cuda_fail("cuda rope_kv_store: head_dim %d, %d heads", L->head_dim, n_heads);
     const int64_t threads = n * (n_heads + L->n_kv_heads) * 32;
-    rope_kv_store_kernel<<<(unsigned)zse_ceil_div(threads, 128), 128, 0, (cudaStream_t)st>>>(
-        *L, q, qpitch, k, kpitch, v, vpitch, slots, n, n_heads, pos, inv_freq, mscale);
+    zse_launch(rope_kv_store_kernel, (unsigned)zse_ceil_div(threads, 128), 128, 0, (cudaStream_t)st, *L, q, qpitch, k, kpitch, v, vpitch, slots, n, n_heads, pos, inv_freq, mscale);
     ZSE_CUDA_LAUNCHED("cuda rope_kv_store");
     return 0;
 }
@@ -772,6 +781,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *q, int64_t qp,
                  int64_t n, int splits, bool skip_long, float *out, int64_t op, float *work)
 {
+    pdl_enter();
     const int64_t item = (int64_t)blockIdx.x * ATT_WARPS + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     att_item it;
@@ -832,6 +842,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_tile_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *q, int64_t qp,
                       int64_t n, int splits, bool skip_long, float *out, int64_t op, float *work)
 {
+    pdl_enter();
     __shared__ __align__(16) float qs[ATT_WARPS][32 * ATT_MAX_DPL];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t item = (int64_t)blockIdx.x * ATT_WARPS + warp;
@@ -963,6 +974,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_hd_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *q, int64_t qp,
                     int64_t n, int splits, bool skip_long, float *out, int64_t op, float *work)
 {
+    pdl_enter();
     constexpr int DPL = HD / 32;                        /* dims per lane, contiguous */
     constexpr int KCH = I8 ? HD / 16 : HD / 8;          /* 16-byte chunks in a K row */
     typedef typename kv_vec<HD, I8>::T vrow;
@@ -1058,6 +1070,7 @@ attention_hd_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const floa
 __global__ void __launch_bounds__(128)
 attention_combine_kernel(const float *work, int64_t n, int n_heads, int hd, int splits, float *out, int64_t op)
 {
+    pdl_enter();
     __shared__ float weight[ATT_TARGET_ITEMS];
     __shared__ float inv_den;
     const int64_t th = blockIdx.x;
@@ -1129,6 +1142,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
 attention_mma_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *q, int64_t qp, int64_t n,
                      float *out, int64_t op)
 {
+    pdl_enter();
     typedef fa_smem<HD> SM;
     constexpr int KS = HD / 16;             /* k-steps of Q K^T */
     constexpr int DT = HD / 8;              /* 8-wide dim tiles of O */
@@ -1349,7 +1363,7 @@ static int launch_attention_mma(const zse_cuda_kv_layer *L, const zse_cuda_attn 
                                 int64_t n, float *out, int64_t op, cudaStream_t st)
 {
     const dim3 grid((unsigned)zse_ceil_div(n, FA_ROWS), (unsigned)a->n_heads);
-    attention_mma_kernel<HD><<<grid, FA_WARPS * 32, fa_smem<HD>::BYTES, st>>>(*L, *a, q, qp, n, out, op);
+    zse_launch(attention_mma_kernel<HD>, grid, FA_WARPS * 32, fa_smem<HD>::BYTES, st, *L, *a, q, qp, n, out, op);
     ZSE_CUDA_LAUNCHED("cuda attention (tensor cores)");
     return 0;
 }
@@ -1383,24 +1397,21 @@ extern "C" int zse_cuda_attention(const zse_cuda_kv_layer *L, const zse_cuda_att
 #define ZSE_ATT_HD(HD)                                                                                   \
     if (a->head_dim == HD) {                                                                             \
         if (L->int8)                                                                                     \
-            attention_hd_kernel<HD, true><<<grid, ATT_WARPS * 32, 0, (cudaStream_t)st>>>(                \
+            zse_launch(attention_hd_kernel<HD, true>, grid, ATT_WARPS * 32, 0, (cudaStream_t)st, \
                 *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);                          \
         else                                                                                             \
-            attention_hd_kernel<HD, false><<<grid, ATT_WARPS * 32, 0, (cudaStream_t)st>>>(               \
+            zse_launch(attention_hd_kernel<HD, false>, grid, ATT_WARPS * 32, 0, (cudaStream_t)st, \
                 *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);                          \
     } else
     ZSE_ATT_HD(64) ZSE_ATT_HD(128) ZSE_ATT_HD(256)
 #undef ZSE_ATT_HD
     if (a->head_dim % 16 == 0)
-        attention_tile_kernel<<<grid, ATT_WARPS * 32, 0, (cudaStream_t)st>>>(
-            *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);
+        zse_launch(attention_tile_kernel, grid, ATT_WARPS * 32, 0, (cudaStream_t)st, *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);
     else
-        attention_kernel<<<grid, ATT_WARPS * 32, 0, (cudaStream_t)st>>>(
-            *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);
+        zse_launch(attention_kernel, grid, ATT_WARPS * 32, 0, (cudaStream_t)st, *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);
     ZSE_CUDA_LAUNCHED("cuda attention");
     if (splits > 1) {
-        attention_combine_kernel<<<(unsigned)(n * a->n_heads), 128, 0, (cudaStream_t)st>>>(
-            (const float *)work, n, a->n_heads, a->head_dim, splits, out, opitch);
+        zse_launch(attention_combine_kernel, (unsigned)(n * a->n_heads), 128, 0, (cudaStream_t)st, (const float *)work, n, a->n_heads, a->head_dim, splits, out, opitch);
         ZSE_CUDA_LAUNCHED("cuda attention combine");
     }
     return 0;
