@@ -347,9 +347,12 @@ static void check_matmul_dispatch(int scheme, int64_t rows, int64_t cols, int gr
 
 /* zse_cuda_matmul_multi: three weights over one x (q/k/v-like rows), with biases and the
  * residual accumulate, one scheme (one shared launch at n <= 8) or mixed (one by one) */
-static void check_matmul_multi(const int schemes[3], int n, bool accumulate)
+static const int64_t multi_rows[3] = {37, 13, 21};
+
+/* cols 296 by default: 9.25 chunks, a partial last one */
+static void check_matmul_multi(const int schemes[3], int n, bool accumulate,
+                               const int64_t (&rows)[3] = multi_rows, int64_t cols = 296)
 {
-    const int64_t rows[3] = {37, 13, 21}, cols = 296; /* 9.25 chunks: a partial last one */
     packed p[3];
     zse_cuda_multi mm;
     memset(&mm, 0, sizeof mm);
@@ -410,6 +413,11 @@ static void test_matmul(void)
             check_matmul_multi(same_s, n, acc);
             check_matmul_multi(mixed, n, acc);
         }
+    /* batch 1 over 32M weights or more in one launch: the 8-rows-a-block GEMV, whose row
+     * groups cross from one weight to the next (rows off 8) */
+    const int64_t big_rows[3] = {8193, 13, 8195};
+    check_matmul_multi(same, 1, true, big_rows, 2048);
+    check_matmul_multi(same_s, 1, false, big_rows, 2048);
 
     /* W in slabs of 128 rows (one stream), then 256 (two halves: the next dequantized on a
      * second stream while cuBLAS multiplies), 700 x 1000 at 33 rows */
@@ -451,6 +459,11 @@ static void test_matmul(void)
                     check_matmul_dispatch(s, 131, 4096, g, n);
         }
     }
+    /* batch 1 over a launch of 32M weights or more takes the GEMV's 8-rows-a-block shape
+     * (below that, 2 warps over 4 rows, which the shapes above cover): rows off the block */
+    for (int s : {Q4, Q4S})
+        for (int g : {32, 128})
+            check_matmul(s, 8197, 4096, g, 1, false);
     /* the tensor-core path on its own at prefill sizes (several 64-row x tiles) */
     for (int s : {Q4, Q4S})
         for (int n : {65, 200})

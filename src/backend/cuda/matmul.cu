@@ -1,11 +1,11 @@
 /* matmul.cu — y = W·x for every packed scheme, reading the .zse layouts as stored.
  *
- * Decode (n <= 8 rows of x): a GEMV whose warps each own ROWS weight rows. A lane streams
- * one 16-byte unit of each of its rows per step (coalesced: a warp reads 512 contiguous
- * bytes per row), decodes it in registers and multiplies it with the matching x values of
- * every batch row, accumulating in fp32. Sharing one x load across ROWS rows keeps the
- * L1 traffic for x below the L1's bandwidth; the weight loads bypass L1. 4-bit weights
- * take x as int8 pairs and multiply with dp4a.
+ * Decode (n <= 8 rows of x): a GEMV whose blocks each own a few weight rows, their warps
+ * splitting the rows' 16-byte units. A lane streams one unit of each of the block's rows per
+ * step (coalesced: a warp reads 512 contiguous bytes per row), decodes it in registers and
+ * multiplies it with the matching x values of every batch row, accumulating in fp32.
+ * Sharing one x load across the rows keeps the L1 traffic for x below the L1's bandwidth;
+ * the weight loads bypass L1. 4-bit weights take x as int8 pairs and multiply with dp4a.
  *
  * 4-bit batches of ZSE_CUDA_MMA_MIN..ZSE_CUDA_MMA_MAX rows: tensor cores (mma.sync) with the
  * nibbles dequantized in registers, W streamed through a cp.async stage ring.
@@ -289,10 +289,9 @@ __device__ __forceinline__ void q4_load_unit(const zse_cuda_weight &w, const uin
     }
 }
 
-/* the tensor-core path applies: 4-bit groups, x rows packable as 16-byte f16 vectors, and a
- * GPU with mma.sync for f16 (sm_80 on) */
-/* what the tensor-core path needs to know of the device and the environment, asked once:
- * whether it may run, and how many SMs its K splits should fill */
+/* what the launch paths need to know of the device and the environment, asked once:
+ * whether the tensor-core path may run, whether launches may overlap, and how many SMs the
+ * K splits should fill */
 struct mma_device {
     bool usable;
     bool pdl;     /* launches may overlap their predecessor (common.cuh, zse_launch) */
@@ -523,6 +522,8 @@ static void launch_gemv_batch(const zse_cuda_weight *w, const float *x, int64_t 
 static size_t mma_scratch_bytes(const zse_cuda_weight *w, int64_t n);
 
 
+/* the tensor-core path applies: 4-bit groups, x rows packable as 16-byte f16 vectors, and a
+ * GPU with mma.sync for f16 (sm_80 on) */
 static bool mma_q4_ok(const zse_cuda_weight *w)
 {
     return mma_device_facts().usable && uses_dp4a(w->scheme) && w->cols % 8 == 0;
