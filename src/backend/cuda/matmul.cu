@@ -574,8 +574,8 @@ static int multi_gemv(const zse_cuda_multi *mm, const float *x, int64_t xpitch, 
             return zse_cuda_fail("cuda gemv: scratch of %zu bytes is too small", scratch_bytes);
         uint4 *xq = (uint4 *)scratch;
         float4 *xs = (float4 *)((uint8_t *)scratch + (size_t)n * units * 64);
-        zse_launch(quantize_x_kernel, (unsigned)zse_ceil_div(n * units * 32, 128), 128, 0, st, x, xpitch, (int)n, w->cols,
-                                                                                          units, xq, xs);
+        zse_launch(quantize_x_kernel, (unsigned)zse_ceil_div(n * units * 32, 128), 128, 0, st,
+            x, xpitch, (int)n, w->cols, units, xq, xs);
         if (w->scheme == ZSE_SCHEME_Q4)
             launch_q4_dp4a_batch<ZSE_SCHEME_Q4>(mm, xq, xs, units, (int)n, st);
         else
@@ -1344,11 +1344,13 @@ static int launch_mma(int scheme, dim3 grid, const zse_cuda_weight *w, const __h
     if (scheme == ZSE_SCHEME_Q4) {
         if (mma_smem_ready<ZSE_SCHEME_Q4, NT>() != 0)
             return -1;
-        zse_launch(gemm_q4_mma_kernel<ZSE_SCHEME_Q4, NT>, grid, MMA_WARPS * 32, mma_smem<NT>::BYTES, st, *w, xh, n, split_k, e, part);
+        zse_launch(gemm_q4_mma_kernel<ZSE_SCHEME_Q4, NT>, grid, MMA_WARPS * 32, mma_smem<NT>::BYTES, st,
+            *w, xh, n, split_k, e, part);
     } else {
         if (mma_smem_ready<ZSE_SCHEME_Q4S, NT>() != 0)
             return -1;
-        zse_launch(gemm_q4_mma_kernel<ZSE_SCHEME_Q4S, NT>, grid, MMA_WARPS * 32, mma_smem<NT>::BYTES, st, *w, xh, n, split_k, e, part);
+        zse_launch(gemm_q4_mma_kernel<ZSE_SCHEME_Q4S, NT>, grid, MMA_WARPS * 32, mma_smem<NT>::BYTES, st,
+            *w, xh, n, split_k, e, part);
     }
     return 0;
 }
@@ -1384,7 +1386,8 @@ static int gemm_q4_mma(const zse_cuda_weight *w, const float *x, int64_t xpitch,
         return -1;
     ZSE_CUDA_LAUNCHED("cuda mma");
     if (part) {
-        zse_launch(mma_reduce_kernel, (unsigned)zse_ceil_div(n * w->rows, 256), 256, 0, st, part, real_splits, n, w->rows, e);
+        zse_launch(mma_reduce_kernel, (unsigned)zse_ceil_div(n * w->rows, 256), 256, 0, st,
+            part, real_splits, n, w->rows, e);
         ZSE_CUDA_LAUNCHED("cuda mma: split sum");
     }
     return 0;

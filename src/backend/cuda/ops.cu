@@ -112,10 +112,12 @@ extern "C" int zse_cuda_rmsnorm(const float *x, int64_t xpitch, const float *w, 
         const int64_t n4 = dim / 4;
         int64_t threads = (n4 + 1) / 2;
         threads = threads < 32 ? 32 : threads > 1024 ? 1024 : (threads + 31) / 32 * 32;
-        zse_launch(rmsnorm_vec_kernel, (unsigned)rows, (unsigned)threads, 0, (cudaStream_t)st, x, xpitch, w, eps, dim, out, opitch);
+        zse_launch(rmsnorm_vec_kernel, (unsigned)rows, (unsigned)threads, 0, (cudaStream_t)st,
+            x, xpitch, w, eps, dim, out, opitch);
     } else {
         const int threads = dim >= 1024 ? 256 : dim >= 256 ? 128 : 64;
-        zse_launch(rmsnorm_kernel, (unsigned)rows, threads, 0, (cudaStream_t)st, x, xpitch, w, eps, dim, out, opitch);
+        zse_launch(rmsnorm_kernel, (unsigned)rows, threads, 0, (cudaStream_t)st,
+            x, xpitch, w, eps, dim, out, opitch);
     }
     ZSE_CUDA_LAUNCHED("cuda rmsnorm");
     return 0;
@@ -235,9 +237,11 @@ extern "C" int zse_cuda_add_bias(float *y, int64_t ypitch, const float *bias, in
     if (rows < 1 || dim < 1)
         return 0;
     if (ew_vec4(dim, y, ypitch, bias, 0, y, ypitch))
-        zse_launch(add_bias_kernel<4>, ew_grid(rows, dim / 4), EW_THREADS, 0, (cudaStream_t)st, y, ypitch, bias, rows, dim);
+        zse_launch(add_bias_kernel<4>, ew_grid(rows, dim / 4), EW_THREADS, 0, (cudaStream_t)st,
+            y, ypitch, bias, rows, dim);
     else
-        zse_launch(add_bias_kernel<1>, ew_grid(rows, dim), EW_THREADS, 0, (cudaStream_t)st, y, ypitch, bias, rows, dim);
+        zse_launch(add_bias_kernel<1>, ew_grid(rows, dim), EW_THREADS, 0, (cudaStream_t)st,
+            y, ypitch, bias, rows, dim);
     ZSE_CUDA_LAUNCHED("cuda add_bias");
     return 0;
 }
@@ -249,11 +253,11 @@ extern "C" int zse_cuda_silu_mul(const float *gate, int64_t gpitch, const float 
     if (rows < 1 || dim < 1)
         return 0;
     if (ew_vec4(dim, gate, gpitch, up, upitch, out, opitch))
-        zse_launch(silu_mul_kernel<4>, ew_grid(rows, dim / 4), EW_THREADS, 0, (cudaStream_t)st, gate, gpitch, up, upitch, rows,
-                                                                                     dim, out, opitch);
+        zse_launch(silu_mul_kernel<4>, ew_grid(rows, dim / 4), EW_THREADS, 0, (cudaStream_t)st,
+            gate, gpitch, up, upitch, rows, dim, out, opitch);
     else
-        zse_launch(silu_mul_kernel<1>, ew_grid(rows, dim), EW_THREADS, 0, (cudaStream_t)st, gate, gpitch, up, upitch, rows,
-                                                                                 dim, out, opitch);
+        zse_launch(silu_mul_kernel<1>, ew_grid(rows, dim), EW_THREADS, 0, (cudaStream_t)st,
+            gate, gpitch, up, upitch, rows, dim, out, opitch);
     ZSE_CUDA_LAUNCHED("cuda silu_mul");
     return 0;
 }
@@ -264,9 +268,11 @@ extern "C" int zse_cuda_add(float *x, int64_t xpitch, const float *y, int64_t yp
     if (rows < 1 || dim < 1)
         return 0;
     if (ew_vec4(dim, x, xpitch, y, ypitch, x, xpitch))
-        zse_launch(add_kernel<4>, ew_grid(rows, dim / 4), EW_THREADS, 0, (cudaStream_t)st, x, xpitch, y, ypitch, rows, dim);
+        zse_launch(add_kernel<4>, ew_grid(rows, dim / 4), EW_THREADS, 0, (cudaStream_t)st,
+            x, xpitch, y, ypitch, rows, dim);
     else
-        zse_launch(add_kernel<1>, ew_grid(rows, dim), EW_THREADS, 0, (cudaStream_t)st, x, xpitch, y, ypitch, rows, dim);
+        zse_launch(add_kernel<1>, ew_grid(rows, dim), EW_THREADS, 0, (cudaStream_t)st,
+            x, xpitch, y, ypitch, rows, dim);
     ZSE_CUDA_LAUNCHED("cuda add");
     return 0;
 }
@@ -278,10 +284,11 @@ extern "C" int zse_cuda_gather_rows(const float *x, int64_t xpitch, const int32_
     if (n < 1 || dim < 1)
         return 0;
     if (ew_vec4(dim, x, xpitch, out, opitch, out, opitch))
-        zse_launch(gather_kernel<4>, ew_grid(n, dim / 4), EW_THREADS, 0, (cudaStream_t)st, x, xpitch, rows_idx, n, dim, out,
-                                                                                opitch);
+        zse_launch(gather_kernel<4>, ew_grid(n, dim / 4), EW_THREADS, 0, (cudaStream_t)st,
+            x, xpitch, rows_idx, n, dim, out, opitch);
     else
-        zse_launch(gather_kernel<1>, ew_grid(n, dim), EW_THREADS, 0, (cudaStream_t)st, x, xpitch, rows_idx, n, dim, out, opitch);
+        zse_launch(gather_kernel<1>, ew_grid(n, dim), EW_THREADS, 0, (cudaStream_t)st,
+            x, xpitch, rows_idx, n, dim, out, opitch);
     ZSE_CUDA_LAUNCHED("cuda gather_rows");
     return 0;
 }
@@ -469,7 +476,8 @@ extern "C" int zse_cuda_sample_rows(float *x, int64_t xpitch, int64_t rows, int6
 {
     if (rows < 1 || cols < 1)
         return 0;
-    zse_launch(sample_kernel, (unsigned)rows, ARGMAX_THREADS, 0, (cudaStream_t)st, x, xpitch, cols, params, out);
+    zse_launch(sample_kernel, (unsigned)rows, ARGMAX_THREADS, 0, (cudaStream_t)st,
+        x, xpitch, cols, params, out);
     ZSE_CUDA_LAUNCHED("cuda sample_rows");
     return 0;
 }
@@ -511,7 +519,8 @@ extern "C" int zse_cuda_rope(float *x, int64_t xpitch, int64_t n, int n_heads, i
         return 0;
     if (head_dim < 2 || head_dim % 2)
         return zse_cuda_fail("cuda rope: head_dim %d is not even", head_dim);
-    zse_launch(rope_kernel, ew_blocks(n * n_heads * (head_dim / 2)), EW_THREADS, 0, (cudaStream_t)st, x, xpitch, n, n_heads, head_dim, pos, inv_freq, mscale);
+    zse_launch(rope_kernel, ew_blocks(n * n_heads * (head_dim / 2)), EW_THREADS, 0, (cudaStream_t)st,
+        x, xpitch, n, n_heads, head_dim, pos, inv_freq, mscale);
     ZSE_CUDA_LAUNCHED("cuda rope");
     return 0;
 }
@@ -573,7 +582,8 @@ extern "C" int zse_cuda_kv_store(const zse_cuda_kv_layer *L, const float *k, int
     if (n < 1)
         return 0;
     const int64_t threads = n * L->n_kv_heads * 32;
-    zse_launch(kv_store_kernel, (unsigned)zse_ceil_div(threads, 128), 128, 0, (cudaStream_t)st, *L, k, kpitch, v, vpitch, slots, n);
+    zse_launch(kv_store_kernel, (unsigned)zse_ceil_div(threads, 128), 128, 0, (cudaStream_t)st,
+        *L, k, kpitch, v, vpitch, slots, n);
     ZSE_CUDA_LAUNCHED("cuda kv_store");
     return 0;
 }
@@ -618,7 +628,8 @@ extern "C" int zse_cuda_rope_kv_store(const zse_cuda_kv_layer *L, float *q, int6
     if (L->head_dim < 2 || L->head_dim % 2 || n_heads < 1)
         return zse_cuda_fail("cuda rope_kv_store: head_dim %d, %d heads", L->head_dim, n_heads);
     const int64_t threads = n * (n_heads + L->n_kv_heads) * 32;
-    zse_launch(rope_kv_store_kernel, (unsigned)zse_ceil_div(threads, 128), 128, 0, (cudaStream_t)st, *L, q, qpitch, k, kpitch, v, vpitch, slots, n, n_heads, pos, inv_freq, mscale);
+    zse_launch(rope_kv_store_kernel, (unsigned)zse_ceil_div(threads, 128), 128, 0, (cudaStream_t)st,
+        *L, q, qpitch, k, kpitch, v, vpitch, slots, n, n_heads, pos, inv_freq, mscale);
     ZSE_CUDA_LAUNCHED("cuda rope_kv_store");
     return 0;
 }
@@ -1363,7 +1374,8 @@ static int launch_attention_mma(const zse_cuda_kv_layer *L, const zse_cuda_attn 
                                 int64_t n, float *out, int64_t op, cudaStream_t st)
 {
     const dim3 grid((unsigned)zse_ceil_div(n, FA_ROWS), (unsigned)a->n_heads);
-    zse_launch(attention_mma_kernel<HD>, grid, FA_WARPS * 32, fa_smem<HD>::BYTES, st, *L, *a, q, qp, n, out, op);
+    zse_launch(attention_mma_kernel<HD>, grid, FA_WARPS * 32, fa_smem<HD>::BYTES, st,
+        *L, *a, q, qp, n, out, op);
     ZSE_CUDA_LAUNCHED("cuda attention (tensor cores)");
     return 0;
 }
@@ -1397,21 +1409,24 @@ extern "C" int zse_cuda_attention(const zse_cuda_kv_layer *L, const zse_cuda_att
 #define ZSE_ATT_HD(HD)                                                                                   \
     if (a->head_dim == HD) {                                                                             \
         if (L->int8)                                                                                     \
-            zse_launch(attention_hd_kernel<HD, true>, grid, ATT_WARPS * 32, 0, (cudaStream_t)st, \
+            zse_launch(attention_hd_kernel<HD, true>, grid, ATT_WARPS * 32, 0, (cudaStream_t)st,         \
                 *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);                          \
         else                                                                                             \
-            zse_launch(attention_hd_kernel<HD, false>, grid, ATT_WARPS * 32, 0, (cudaStream_t)st, \
+            zse_launch(attention_hd_kernel<HD, false>, grid, ATT_WARPS * 32, 0, (cudaStream_t)st,        \
                 *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);                          \
     } else
     ZSE_ATT_HD(64) ZSE_ATT_HD(128) ZSE_ATT_HD(256)
 #undef ZSE_ATT_HD
     if (a->head_dim % 16 == 0)
-        zse_launch(attention_tile_kernel, grid, ATT_WARPS * 32, 0, (cudaStream_t)st, *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);
+        zse_launch(attention_tile_kernel, grid, ATT_WARPS * 32, 0, (cudaStream_t)st,
+            *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);
     else
-        zse_launch(attention_kernel, grid, ATT_WARPS * 32, 0, (cudaStream_t)st, *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);
+        zse_launch(attention_kernel, grid, ATT_WARPS * 32, 0, (cudaStream_t)st,
+            *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);
     ZSE_CUDA_LAUNCHED("cuda attention");
     if (splits > 1) {
-        zse_launch(attention_combine_kernel, (unsigned)(n * a->n_heads), 128, 0, (cudaStream_t)st, (const float *)work, n, a->n_heads, a->head_dim, splits, out, opitch);
+        zse_launch(attention_combine_kernel, (unsigned)(n * a->n_heads), 128, 0, (cudaStream_t)st,
+            (const float *)work, n, a->n_heads, a->head_dim, splits, out, opitch);
         ZSE_CUDA_LAUNCHED("cuda attention combine");
     }
     return 0;
