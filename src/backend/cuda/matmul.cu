@@ -292,15 +292,15 @@ __device__ __forceinline__ void q4_load_unit(const zse_cuda_weight &w, const uin
 /* what the launch paths need to know of the device and the environment, asked once:
  * whether the tensor-core path may run, whether launches may overlap, and how many SMs the
  * K splits should fill */
-struct mma_device {
-    bool usable;
+struct device_facts {
+    bool mma;     /* the tensor-core paths may run (sm_80 on, ZSE_CUDA_NO_MMA unset) */
     bool pdl;     /* launches may overlap their predecessor (common.cuh, zse_launch) */
     int sms;
 };
 
-static const mma_device &mma_device_facts(void)
+static const device_facts &device_facts_once(void)
 {
-    static mma_device d = {false, false, 0};
+    static device_facts d = {false, false, 0};
     if (d.sms == 0) {
         int dev = 0, major = 0, sms = 0;
         if (cudaGetDevice(&dev) != cudaSuccess ||
@@ -311,7 +311,7 @@ static const mma_device &mma_device_facts(void)
             sms = 132;
         }
         const char *off = getenv("ZSE_CUDA_NO_MMA");
-        d.usable = major >= 8 && !(off && strcmp(off, "0") != 0);
+        d.mma = major >= 8 && !(off && strcmp(off, "0") != 0);
         const char *no_pdl = getenv("ZSE_CUDA_NO_PDL");
         d.pdl = major >= 9 && !(no_pdl && strcmp(no_pdl, "0") != 0);
         d.sms = sms > 0 ? sms : 132;
@@ -319,8 +319,8 @@ static const mma_device &mma_device_facts(void)
     return d;
 }
 
-bool zse_cuda_mma_usable(void) { return mma_device_facts().usable; }
-bool zse_cuda_pdl_usable(void) { return mma_device_facts().pdl; }
+bool zse_cuda_mma_usable(void) { return device_facts_once().mma; }
+bool zse_cuda_pdl_usable(void) { return device_facts_once().pdl; }
 
 /* acc[b][r] += row r's unit u (v, its group's scale and min) . x row b's chunk u */
 template <int S, int B, int R>
@@ -526,7 +526,7 @@ static size_t mma_scratch_bytes(const zse_cuda_weight *w, int64_t n);
  * GPU with mma.sync for f16 (sm_80 on) */
 static bool mma_q4_ok(const zse_cuda_weight *w)
 {
-    return mma_device_facts().usable && uses_dp4a(w->scheme) && w->cols % 8 == 0;
+    return device_facts_once().mma && uses_dp4a(w->scheme) && w->cols % 8 == 0;
 }
 
 extern "C" size_t zse_cuda_matmul_scratch_bytes(const zse_cuda_weight *w, int64_t n)
@@ -1132,7 +1132,7 @@ static int64_t mma_tile(int64_t n) { return n <= 8 ? 8 : n <= 16 ? 16 : n <= 32 
  * weight */
 static int mma_splits(int64_t blocks, int64_t n, int64_t cols)
 {
-    const int sms = mma_device_facts().sms;
+    const int sms = device_facts_once().sms;
     const int64_t stages = (cols + MMA_KS - 1) / MMA_KS, traffic = cols / (16 * n);
     int64_t s = (4 * sms + blocks - 1) / blocks;
     s = s < stages / 4 ? s : stages / 4;
