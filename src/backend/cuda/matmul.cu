@@ -544,6 +544,22 @@ extern "C" size_t zse_cuda_matmul_scratch_bytes(const zse_cuda_weight *w, int64_
     return (size_t)n * (size_t)w->cols * 2 * (split ? 2 : 1) + 256 + ZSE_CUDA_GEMM_SLAB;
 }
 
+extern "C" void zse_cuda_q8_layout(void *scratch, int64_t n, int64_t cols, void **xq, void **xs)
+{
+    *xq = scratch;
+    *xs = (uint8_t *)scratch + (size_t)n * (size_t)zse_ceil_div(cols, 32) * 64;
+}
+
+extern "C" int zse_cuda_q8_max_rows(void)
+{
+    return device_facts_once().mma ? ZSE_CUDA_MMA_MIN - 1 : ZSE_CUDA_GEMV_MAX;
+}
+
+extern "C" size_t zse_cuda_q8_scratch_bytes(int64_t cols)
+{
+    return (size_t)ZSE_CUDA_GEMV_MAX * (size_t)zse_ceil_div(cols, 32) * XQ_BYTES + 256;
+}
+
 static zse_cuda_multi single(const zse_cuda_weight *w, float *y, int64_t ypitch)
 {
     zse_cuda_multi mm;
@@ -574,8 +590,9 @@ static int multi_gemv(const zse_cuda_multi *mm, const float *x, int64_t xpitch, 
             return zse_cuda_fail("cuda gemv: scratch of %zu bytes is too small", scratch_bytes);
         uint4 *xq = (uint4 *)scratch;
         float4 *xs = (float4 *)((uint8_t *)scratch + (size_t)n * units * 64);
-        zse_launch(quantize_x_kernel, (unsigned)zse_ceil_div(n * units * 32, 128), 128, 0, st,
-            x, xpitch, (int)n, w->cols, units, xq, xs);
+        if (!mm->x_q8)  /* else the kernel that wrote x left it quantized here */
+            zse_launch(quantize_x_kernel, (unsigned)zse_ceil_div(n * units * 32, 128), 128, 0, st,
+                x, xpitch, (int)n, w->cols, units, xq, xs);
         if (w->scheme == ZSE_SCHEME_Q4)
             launch_q4_dp4a_batch<ZSE_SCHEME_Q4>(mm, xq, xs, units, (int)n, st);
         else

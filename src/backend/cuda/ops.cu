@@ -39,6 +39,40 @@ __device__ float block_sum(float v)
 }
 
 
+/* x quantized for the int4 dp4a GEMV (matmul.cu's quantize_x_kernel, the same numbers but
+ * for the order of the chunk sum): a 32-value chunk held 4 values a lane by 8 consecutive
+ * lanes (p = lane % 8) gives its 32 high and 32 low int8 codes, x ~ d*h + dl*l, at xq_chunk
+ * and (d, dl, sum) at *xs_chunk. The producer of x writing this saves the GEMV a launch
+ * that would quantize it. Every lane of the warp calls it (the 8-lane shuffles); `valid`
+ * says whether its chunk exists. */
+__device__ __forceinline__ void q8_store_chunk(float4 v, bool valid, uint8_t *xq_chunk, float4 *xs_chunk, int p)
+{
+    float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+    float sx = (v.x + v.y) + (v.z + v.w);
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        sx += __shfl_xor_sync(0xffffffffu, sx, o);
+    }
+    if (!valid)
+        return;
+    const float d = amax / 127.f, dl = d / 254.f;
+    const float f[4] = {v.x, v.y, v.z, v.w};
+    uint32_t hw = 0, lw = 0;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float h = d > 0.f ? fminf(fmaxf(rintf(f[j] / d), -127.f), 127.f) : 0.f;
+        const float r = fmaf(-h, d, f[j]);
+        const float l = dl > 0.f ? fminf(fmaxf(rintf(r / dl), -127.f), 127.f) : 0.f;
+        hw |= ((uint32_t)(int)h & 0xFFu) << (8 * j);
+        lw |= ((uint32_t)(int)l & 0xFFu) << (8 * j);
+    }
+    reinterpret_cast<uint32_t *>(xq_chunk)[p] = hw;
+    reinterpret_cast<uint32_t *>(xq_chunk + 32)[p] = lw;
+    if (p == 0)
+        *xs_chunk = make_float4(d, dl, sx, 0.f);
+}
+
 __global__ void rmsnorm_kernel(const float *x, int64_t xpitch, const float *w, float eps,
                                int64_t dim, float *out, int64_t opitch)
 {
@@ -60,8 +94,9 @@ __global__ void rmsnorm_kernel(const float *x, int64_t xpitch, const float *w, f
  * RMS_VEC * 4 * blockDim re-read the rest. */
 enum { RMS_VEC = 4 };
 
+template <bool Q>
 __global__ void rmsnorm_vec_kernel(const float *x, int64_t xpitch, const float *w, float eps,
-                                   int64_t dim, float *out, int64_t opitch)
+                                   int64_t dim, float *out, int64_t opitch, uint8_t *xq, float4 *xs)
 {
     pdl_enter();
     const float4 *xr = reinterpret_cast<const float4 *>(x + blockIdx.x * xpitch);
@@ -83,13 +118,21 @@ __global__ void rmsnorm_vec_kernel(const float *x, int64_t xpitch, const float *
         ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
     const float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
+    const int64_t units = dim / 32;
 #pragma unroll
     for (int j = 0; j < RMS_VEC; j++) {
         const int64_t i = threadIdx.x + j * step;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
         if (i < n4) {
             const float4 g = w4[i];
-            o[i] = make_float4(c[j].x * inv * g.x, c[j].y * inv * g.y, c[j].z * inv * g.z, c[j].w * inv * g.w);
+            v = make_float4(c[j].x * inv * g.x, c[j].y * inv * g.y, c[j].z * inv * g.z, c[j].w * inv * g.w);
+            o[i] = v;
         }
+        /* Q: the row fits the registers (no loop below), and dim % 32 == 0 with a block of
+         * whole warps, so a chunk's 8 lanes are 8 aligned lanes of one warp, all in or out */
+        if (Q)
+            q8_store_chunk(v, i < n4, xq + (blockIdx.x * units + i / 8) * 64, xs + blockIdx.x * units + i / 8,
+                           (int)(i & 7));
     }
     for (int64_t i = threadIdx.x + RMS_VEC * step; i < n4; i += step) {
         const float4 v = xr[i], g = w4[i];
@@ -99,6 +142,22 @@ __global__ void rmsnorm_vec_kernel(const float *x, int64_t xpitch, const float *
 
 static bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
+/* the vector kernel's block for rows of dim floats: two vectors a thread, 448 threads for a
+ * 3584-wide row, one warp for a 128-wide head */
+static unsigned rmsnorm_threads(int64_t dim)
+{
+    const int64_t n4 = dim / 4;
+    int64_t threads = (n4 + 1) / 2;
+    threads = threads < 32 ? 32 : threads > 1024 ? 1024 : (threads + 31) / 32 * 32;
+    return (unsigned)threads;
+}
+
+static bool rmsnorm_vec_ok(const float *x, int64_t xpitch, const float *w, int64_t dim, const float *out,
+                           int64_t opitch)
+{
+    return dim % 4 == 0 && xpitch % 4 == 0 && opitch % 4 == 0 && aligned16(x) && aligned16(w) && aligned16(out);
+}
+
 extern "C" int zse_cuda_rmsnorm(const float *x, int64_t xpitch, const float *w, float eps,
                                 int64_t rows, int64_t dim, float *out, int64_t opitch,
                                 zse_cuda_stream st)
@@ -107,13 +166,9 @@ extern "C" int zse_cuda_rmsnorm(const float *x, int64_t xpitch, const float *w, 
         return 0;
     if (rows > 0x7fffffff)
         return zse_cuda_fail("cuda rmsnorm: %lld rows", (long long)rows);
-    if (dim % 4 == 0 && xpitch % 4 == 0 && opitch % 4 == 0 && aligned16(x) && aligned16(w) && aligned16(out)) {
-        /* two vectors a thread: 448 threads for a 3584-wide row, one warp for a 128-wide head */
-        const int64_t n4 = dim / 4;
-        int64_t threads = (n4 + 1) / 2;
-        threads = threads < 32 ? 32 : threads > 1024 ? 1024 : (threads + 31) / 32 * 32;
-        zse_launch(rmsnorm_vec_kernel, (unsigned)rows, (unsigned)threads, 0, (cudaStream_t)st,
-            x, xpitch, w, eps, dim, out, opitch);
+    if (rmsnorm_vec_ok(x, xpitch, w, dim, out, opitch)) {
+        zse_launch(rmsnorm_vec_kernel<false>, (unsigned)rows, rmsnorm_threads(dim), 0, (cudaStream_t)st,
+            x, xpitch, w, eps, dim, out, opitch, (uint8_t *)NULL, (float4 *)NULL);
     } else {
         const int threads = dim >= 1024 ? 256 : dim >= 256 ? 128 : 64;
         zse_launch(rmsnorm_kernel, (unsigned)rows, threads, 0, (cudaStream_t)st,
@@ -121,6 +176,26 @@ extern "C" int zse_cuda_rmsnorm(const float *x, int64_t xpitch, const float *w, 
     }
     ZSE_CUDA_LAUNCHED("cuda rmsnorm");
     return 0;
+}
+
+/* x in the q8 layout fits: whole 32-value chunks, 16-byte vectors, q8 planes aligned */
+static bool q8_ok(int64_t dim, const void *xq, const void *xs)
+{
+    return dim % 32 == 0 && ((uintptr_t)xq & 3) == 0 && aligned16(xs);
+}
+
+extern "C" int zse_cuda_rmsnorm_q8(const float *x, int64_t xpitch, const float *w, float eps, int64_t rows,
+                                   int64_t dim, float *out, int64_t opitch, void *xq, void *xs,
+                                   zse_cuda_stream st)
+{
+    if (rows < 1 || dim < 1 || rows > 0x7fffffff ||
+        !(rmsnorm_vec_ok(x, xpitch, w, dim, out, opitch) && q8_ok(dim, xq, xs) &&
+          dim / 4 <= RMS_VEC * (int64_t)rmsnorm_threads(dim)))
+        return zse_cuda_rmsnorm(x, xpitch, w, eps, rows, dim, out, opitch, st) == 0 ? 0 : -1;
+    zse_launch(rmsnorm_vec_kernel<true>, (unsigned)rows, rmsnorm_threads(dim), 0, (cudaStream_t)st,
+        x, xpitch, w, eps, dim, out, opitch, (uint8_t *)xq, (float4 *)xs);
+    ZSE_CUDA_LAUNCHED("cuda rmsnorm (q8)");
+    return 1;
 }
 
 /* ---- elementwise ---------------------------------------------------------------- */
@@ -246,6 +321,25 @@ extern "C" int zse_cuda_add_bias(float *y, int64_t ypitch, const float *bias, in
     return 0;
 }
 
+/* SiLU(gate) * up, also written quantized for the dp4a GEMV (q8_store_chunk): a thread per
+ * 4 values, blockIdx.y the row */
+__global__ void silu_mul_q8_kernel(const float *g, int64_t gp, const float *u, int64_t up, int64_t dim, float *o,
+                                   int64_t op, uint8_t *xq, float4 *xs)
+{
+    pdl_enter();
+    const int64_t r = blockIdx.y, i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, n4 = dim / 4;
+    const int64_t units = dim / 32;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (i < n4) {
+        const float4 a = reinterpret_cast<const float4 *>(g + r * gp)[i];
+        const float4 b = reinterpret_cast<const float4 *>(u + r * up)[i];
+        v = make_float4(a.x / (1.f + __expf(-a.x)) * b.x, a.y / (1.f + __expf(-a.y)) * b.y,
+                        a.z / (1.f + __expf(-a.z)) * b.z, a.w / (1.f + __expf(-a.w)) * b.w);
+        reinterpret_cast<float4 *>(o + r * op)[i] = v;
+    }
+    q8_store_chunk(v, i < n4, xq + (r * units + i / 8) * 64, xs + r * units + i / 8, (int)(i & 7));
+}
+
 extern "C" int zse_cuda_silu_mul(const float *gate, int64_t gpitch, const float *up,
                                  int64_t upitch, int64_t rows, int64_t dim, float *out,
                                  int64_t opitch, zse_cuda_stream st)
@@ -260,6 +354,20 @@ extern "C" int zse_cuda_silu_mul(const float *gate, int64_t gpitch, const float 
             gate, gpitch, up, upitch, rows, dim, out, opitch);
     ZSE_CUDA_LAUNCHED("cuda silu_mul");
     return 0;
+}
+
+extern "C" int zse_cuda_silu_mul_q8(const float *gate, int64_t gpitch, const float *up, int64_t upitch,
+                                    int64_t rows, int64_t dim, float *out, int64_t opitch, void *xq, void *xs,
+                                    zse_cuda_stream st)
+{
+    if (rows < 1 || dim < 1 || rows > 65535 || !ew_vec4(dim, gate, gpitch, up, upitch, out, opitch) ||
+        !q8_ok(dim, xq, xs))
+        return zse_cuda_silu_mul(gate, gpitch, up, upitch, rows, dim, out, opitch, st) == 0 ? 0 : -1;
+    const dim3 grid((unsigned)zse_ceil_div(dim / 4, EW_THREADS), (unsigned)rows);
+    zse_launch(silu_mul_q8_kernel, grid, EW_THREADS, 0, (cudaStream_t)st,
+        gate, gpitch, up, upitch, dim, out, opitch, (uint8_t *)xq, (float4 *)xs);
+    ZSE_CUDA_LAUNCHED("cuda silu_mul (q8)");
+    return 1;
 }
 
 extern "C" int zse_cuda_add(float *x, int64_t xpitch, const float *y, int64_t ypitch,
