@@ -512,12 +512,13 @@ static void test_embed(void)
 
 /* ---- elementwise, norm, rope ---- */
 
-/* RMSNorm and SiLU·mul also writing x quantized for the int4 GEMV (zse_cuda_*_q8): their f32
- * output must equal the plain op's bit for bit, and the GEMV handed a zeroed x with x_q8 set
- * must give what it gives quantizing the plain op's x itself, which shows it read the
- * producer's quantization and that the two agree on the layout. Shapes the quantized form
- * cannot take run the plain op and say so (0). */
-static void check_q8_producer(bool silu, int scheme, int64_t dim, int n, int want_rc)
+/* RMSNorm and SiLU·mul also writing x as the 4-bit matmul after them reads it (zse_cuda_*_prep:
+ * quantized for the GEMV, f16 for tensor cores): their f32 output must equal the plain op's
+ * bit for bit, and the matmul handed a zeroed x with x_ready set must give what it gives
+ * converting the plain op's x itself, which shows it read the producer's x and that the
+ * two agree on the layout. Shapes the prepared form cannot take run the plain op and say so
+ * (0). */
+static void check_prep_producer(bool silu, int kind, int scheme, int64_t dim, int n, int want_rc)
 {
     const int64_t p = pitch_of(dim), rows = 300;
     std::vector<float> a = rand_vec((size_t)(n * p)), b = rand_vec((size_t)(n * p)), w = rand_vec((size_t)dim, 0.5f, 1.5f);
@@ -541,30 +542,32 @@ static void check_q8_producer(bool silu, int scheme, int64_t dim, int n, int wan
     mm.w[0] = pk.w;
     mm.y[0] = yref;
     mm.ypitch[0] = rows;
-    if (want_rc == 1)   /* the GEMV quantizing the plain op's x itself */
+    const bool consumed = want_rc == 1 && zse_cuda_xprep_kind(n) == kind;
+    if (consumed)   /* the matmul converting the plain op's x itself */
         LAUNCH(zse_cuda_matmul_multi(&mm, dref, p, n, cublas, scratch, scratch_bytes, 0));
-    void *xq, *xs;
-    zse_cuda_q8_layout(scratch, n, dim, &xq, &xs);
-    CU(cudaMemset(scratch, 0xFF, zse_cuda_q8_scratch_bytes(dim)));
-    const int rc = silu ? zse_cuda_silu_mul_q8(da, p, db, p, n, dim, dout, p, xq, xs, 0)
-                        : zse_cuda_rmsnorm_q8(da, p, dw, 1e-6f, n, dim, dout, p, xq, xs, 0);
+    zse_cuda_xprep xp;
+    zse_cuda_xprep_at(scratch, n, dim, kind, &xp);
+    CU(cudaMemset(scratch, 0xFF, zse_cuda_xprep_bytes(n, dim, kind)));
+    const int rc = silu ? zse_cuda_silu_mul_prep(da, p, db, p, n, dim, dout, p, &xp, 0)
+                        : zse_cuda_rmsnorm_prep(da, p, dw, 1e-6f, n, dim, dout, p, &xp, 0);
     CU(cudaDeviceSynchronize());
-    const char *what = silu ? "silu_mul_q8" : "rmsnorm_q8";
-    CHECK(rc == want_rc, "%s dim %lld n=%d: returned %d, not %d", what, (long long)dim, n, rc, want_rc);
+    const char *what = silu ? "silu_mul_prep" : "rmsnorm_prep", *how = kind == ZSE_CUDA_XPREP_Q8 ? "q8" : "f16";
+    CHECK(rc == want_rc, "%s %s dim %lld n=%d: returned %d, not %d", what, how, (long long)dim, n, rc, want_rc);
     const std::vector<float> r0 = host_floats(dref, (size_t)(n * p)), r1 = host_floats(dout, (size_t)(n * p));
     size_t differ = 0;
     for (int t = 0; t < n; t++)
         for (int64_t i = 0; i < dim; i++)
             differ += memcmp(&r0[(size_t)(t * p + i)], &r1[(size_t)(t * p + i)], 4) != 0;
-    CHECK(differ == 0, "%s dim %lld n=%d: %zu outputs differ from the plain op", what, (long long)dim, n, differ);
-    if (want_rc == 1 && n <= zse_cuda_q8_max_rows()) {
+    CHECK(differ == 0, "%s %s dim %lld n=%d: %zu outputs differ from the plain op", what, how, (long long)dim, n,
+          differ);
+    if (consumed) {
         mm.y[0] = y;
-        mm.x_q8 = 1;
+        mm.x_ready = kind;
         LAUNCH(zse_cuda_matmul_multi(&mm, dzero, p, n, cublas, scratch, scratch_bytes, 0));
         const std::vector<float> g0 = host_floats(yref, (size_t)(n * rows)), g1 = host_floats(y, (size_t)(n * rows));
         const std::vector<double> ref(g0.begin(), g0.end());
         const double e = rel_err(ref, g1);
-        CHECK(e < 1e-5, "%s dim %lld n=%d %s: the GEMV on the producer's quantized x: rel err %.3g", what,
+        CHECK(e < 1e-5, "%s %s dim %lld n=%d %s: the matmul on the producer's x: rel err %.3g", what, how,
               (long long)dim, n, scheme_names[scheme], e);
     }
     cudaFree(pk.dev);
@@ -572,20 +575,29 @@ static void check_q8_producer(bool silu, int scheme, int64_t dim, int n, int wan
         cudaFree(d);
 }
 
-static void test_q8_producers(void)
+static void test_prep_producers(void)
 {
-    for (int n : {1, 2, 4})
-        for (int scheme : {Q4, Q4S}) {
-            /* 448 threads, one warp, a row of 8 chunks; 3584 + 4 floats: 32 | dim fails */
+    const int q8 = ZSE_CUDA_XPREP_Q8, f16 = ZSE_CUDA_XPREP_F16;
+    for (int scheme : {Q4, Q4S}) {
+        /* 448 threads, one warp, a row of 8 chunks */
+        for (int n : {1, 2, 4})
             for (int64_t dim : {(int64_t)3584, (int64_t)128, (int64_t)256})
-                check_q8_producer(false, scheme, dim, n, 1);
+                check_prep_producer(false, q8, scheme, dim, n, 1);
+        for (int n : {1, 2, 4})
             for (int64_t dim : {(int64_t)18944, (int64_t)96, (int64_t)4096})
-                check_q8_producer(true, scheme, dim, n, 1);
+                check_prep_producer(true, q8, scheme, dim, n, 1);
+        /* f16 for tensor cores at the 8, 16 and 32-row x tiles; past 32 rows the producer still
+         * writes it (checked) but the matmul converts x itself */
+        for (int n : {5, 8, 16, 32, 33, 64}) {
+            check_prep_producer(false, f16, scheme, 3584, n, 1);
+            check_prep_producer(true, f16, scheme, n == 64 ? 18944 : 1000, n, 1);
         }
-    /* no quantized form: dim not whole chunks; a row past the registers (20480 floats) */
-    check_q8_producer(false, Q4, 100, 1, 0);
-    check_q8_producer(false, Q4, 20480, 1, 0);
-    check_q8_producer(true, Q4, 100, 2, 0);
+    }
+    /* no prepared form: not whole chunks (q8); a row past the registers (20480 floats) */
+    check_prep_producer(false, q8, Q4, 100, 1, 0);
+    check_prep_producer(false, q8, Q4, 20480, 1, 0);
+    check_prep_producer(false, f16, Q4, 20480, 8, 0);
+    check_prep_producer(true, q8, Q4, 100, 2, 0);
 }
 
 static void test_elementwise(void)
@@ -1647,7 +1659,7 @@ int main(int argc, char **argv)
     printf("matmul done: %d passed, %d failed\n", passed, failed);
     test_embed();
     test_elementwise();
-    test_q8_producers();
+    test_prep_producers();
     test_rope_kv_store();
     test_sample();
     test_attention();

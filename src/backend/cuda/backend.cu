@@ -120,14 +120,16 @@ typedef struct {
     void *att_work;
     size_t att_work_cap;
 
-    /* x left quantized in the scratch for the int4 GEMV by the op that wrote it (RMSNorm,
-     * SiLU·mul), valid for the very next op only: check_launch and every other write
-     * forget it (q8_forget); the matmul that reads q8_x with q8_rows rows of q8_cols skips
-     * its own quantizing launch. Only done once a 4-bit weight is loaded. */
+    /* x left in the scratch as the 4-bit matmul reads it (quantized, or f16 for tensor
+     * cores: zse_cuda_xprep) by the op that wrote it (RMSNorm, SiLU·mul), valid for the very
+     * next op only: check_launch and every other write forget it (prep_forget); the matmul
+     * that reads prep_x with prep_rows rows of prep_cols skips its own converting launch.
+     * Only done once a 4-bit weight is loaded. */
     bool q4_loaded;
-    const float *q8_x;
-    int64_t q8_rows, q8_cols;
-    void *q8_scratch;
+    const float *prep_x;
+    int64_t prep_rows, prep_cols;
+    int prep_kind;
+    void *prep_scratch;
 
     float *inv_freq;
     int n_freq;
@@ -168,11 +170,11 @@ static void set_error(cuda_impl *c, const char *fmt, ...)
 }
 
 /* record a failing kernel launcher's message */
-static void q8_forget(cuda_impl *c) { c->q8_x = NULL; }
+static void prep_forget(cuda_impl *c) { c->prep_x = NULL; }
 
 static void check_launch(cuda_impl *c, int rc)
 {
-    q8_forget(c);
+    prep_forget(c);
     if (rc != 0)
         set_error(c, "%s", zse_cuda_last_error());
 }
@@ -298,7 +300,7 @@ static int cuda_act_write(zse_backend *be, zse_act *a, const float *src, int64_t
     const size_t row = (size_t)a->cols * sizeof(float), bytes = row * (size_t)rows;
     if (rows == 0)
         return 0;
-    q8_forget(c);
+    prep_forget(c);
     if (ensure_pinned(c, &c->bounce, &c->bounce_cap, bytes, "act_write staging") != 0)
         return -1;
     memcpy(c->bounce, src, bytes);
@@ -834,34 +836,39 @@ static void cuda_embed(zse_backend *be, const zse_weight *table, zse_act *out)
     check_launch(c, zse_cuda_embed(&table->w, c->b.tokens, c->b.n_tokens, out->d, out->pitch, c->stream));
 }
 
-/* rows few enough for the int4 GEMV, which reads x quantized */
-static bool q8_wanted(const cuda_impl *c, int64_t rows)
+/* how the matmul after an op writing `rows` would read x: ZSE_CUDA_XPREP_NONE without 4-bit
+ * weights or past the tensor-core rows */
+static int prep_wanted(const cuda_impl *c, int64_t rows)
 {
-    return c->q4_loaded && rows >= 1 && rows <= zse_cuda_q8_max_rows();
+    return c->q4_loaded ? zse_cuda_xprep_kind(rows) : ZSE_CUDA_XPREP_NONE;
 }
 
-/* where an op writing `rows` of `cols` puts them quantized: the matmul scratch, grown to what
- * the GEMV of that width needs (so the matmul after it does not reallocate it) */
-static int q8_place(cuda_impl *c, int64_t rows, int64_t cols, void **xq, void **xs)
+/* where an op writing `rows` of `cols` puts them prepared: the matmul scratch, grown to what
+ * that needs (the GEMV's own reservation for Q8, so the matmul after it does not move it) */
+static int prep_place(cuda_impl *c, int kind, int64_t rows, int64_t cols, zse_cuda_xprep *xp)
 {
-    if (ensure_device(c, &c->scratch, &c->scratch_cap, zse_cuda_q8_scratch_bytes(cols), "matmul scratch") != 0)
+    const size_t need = zse_cuda_xprep_bytes(rows, cols, kind);
+    if (ensure_device(c, &c->scratch, &c->scratch_cap, need, "matmul scratch") != 0)
         return -1;
-    zse_cuda_q8_layout(c->scratch, rows, cols, xq, xs);
+    zse_cuda_xprep_at(c->scratch, rows, cols, kind, xp);
     return 0;
 }
 
-static void q8_left(cuda_impl *c, const float *x, int64_t rows, int64_t cols)
+static void prep_left(cuda_impl *c, const zse_cuda_xprep *xp, const float *x, int64_t rows, int64_t cols)
 {
-    c->q8_x = x;
-    c->q8_rows = rows;
-    c->q8_cols = cols;
-    c->q8_scratch = c->scratch;
+    c->prep_x = x;
+    c->prep_rows = rows;
+    c->prep_cols = cols;
+    c->prep_kind = xp->kind;
+    c->prep_scratch = c->scratch;
 }
 
-/* x (rows of cols) is what the last op left quantized, still in place */
-static bool q8_holds(const cuda_impl *c, const zse_act *x, int64_t rows, int64_t cols)
+/* the kind x (rows of cols) was left in by the last op, still in place; NONE otherwise */
+static int prep_of(const cuda_impl *c, const zse_act *x, int64_t rows, int64_t cols)
 {
-    return c->q8_x && c->q8_x == x->d && c->q8_rows == rows && c->q8_cols == cols && c->q8_scratch == c->scratch;
+    const bool held = c->prep_x && c->prep_x == x->d && c->prep_rows == rows && c->prep_cols == cols &&
+                      c->prep_scratch == c->scratch;
+    return held ? c->prep_kind : ZSE_CUDA_XPREP_NONE;
 }
 
 static void cuda_rmsnorm(zse_backend *be, const zse_act *x, const zse_weight *w, float eps,
@@ -883,14 +890,15 @@ static void cuda_rmsnorm(zse_backend *be, const zse_act *x, const zse_weight *w,
     } else if (rows > x->rows || rows > out->rows) {
         return set_error(c, "cuda rmsnorm: %lld rows in a buffer of %lld", (long long)rows, (long long)x->rows);
     }
-    if (dim == x->cols && dim == out->cols && q8_wanted(c, rows)) {
-        void *xq, *xs;
-        if (q8_place(c, rows, dim, &xq, &xs) != 0)
+    const int kind = dim == x->cols && dim == out->cols ? prep_wanted(c, rows) : ZSE_CUDA_XPREP_NONE;
+    if (kind != ZSE_CUDA_XPREP_NONE) {
+        zse_cuda_xprep prep;
+        if (prep_place(c, kind, rows, dim, &prep) != 0)
             return set_error(c, "%s", zse_error_message());
-        const int rc = zse_cuda_rmsnorm_q8(x->d, xp, w->vec, eps, rows, dim, out->d, op, xq, xs, c->stream);
+        const int rc = zse_cuda_rmsnorm_prep(x->d, xp, w->vec, eps, rows, dim, out->d, op, &prep, c->stream);
         check_launch(c, rc < 0 ? -1 : 0);
         if (rc == 1)
-            q8_left(c, out->d, rows, dim);
+            prep_left(c, &prep, out->d, rows, dim);
         return;
     }
     check_launch(c, zse_cuda_rmsnorm(x->d, xp, w->vec, eps, rows, dim, out->d, op, c->stream));
@@ -916,7 +924,7 @@ static void cuda_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, 
     const size_t need = zse_cuda_matmul_multi_scratch_bytes(&mm, rows);
     if (ensure_device(c, &c->scratch, &c->scratch_cap, need, "matmul scratch") != 0)
         return set_error(c, "%s", zse_error_message());
-    mm.x_q8 = q8_holds(c, x, rows, w->w.cols);
+    mm.x_ready = prep_of(c, x, rows, w->w.cols);
     check_launch(c, zse_cuda_matmul_multi(&mm, x->d, x->pitch, rows, c->cublas, c->scratch, c->scratch_cap,
                                           c->stream));
 }
@@ -954,7 +962,7 @@ static void cuda_matmul_multi(zse_backend *be, const zse_act *x, int64_t rows, c
     const size_t need = zse_cuda_matmul_multi_scratch_bytes(&mm, rows);
     if (ensure_device(c, &c->scratch, &c->scratch_cap, need, "matmul scratch") != 0)
         return set_error(c, "%s", zse_error_message());
-    mm.x_q8 = q8_holds(c, x, rows, mm.w[0].cols);
+    mm.x_ready = prep_of(c, x, rows, mm.w[0].cols);
     check_launch(c, zse_cuda_matmul_multi(&mm, x->d, x->pitch, rows, c->cublas, c->scratch, c->scratch_cap, c->stream));
 }
 
@@ -1049,15 +1057,16 @@ static void cuda_silu_mul(zse_backend *be, const zse_act *gate, const zse_act *u
         return;
     if (dim > gate->cols || dim > up->cols || dim > out->cols || rows > out->rows)
         return set_error(c, "cuda silu_mul: shapes do not match");
-    if (dim == out->cols && q8_wanted(c, rows)) {
-        void *xq, *xs;
-        if (q8_place(c, rows, dim, &xq, &xs) != 0)
+    const int kind = dim == out->cols ? prep_wanted(c, rows) : ZSE_CUDA_XPREP_NONE;
+    if (kind != ZSE_CUDA_XPREP_NONE) {
+        zse_cuda_xprep prep;
+        if (prep_place(c, kind, rows, dim, &prep) != 0)
             return set_error(c, "%s", zse_error_message());
-        const int rc = zse_cuda_silu_mul_q8(gate->d, gate->pitch, up->d, up->pitch, rows, dim, out->d, out->pitch,
-                                            xq, xs, c->stream);
+        const int rc = zse_cuda_silu_mul_prep(gate->d, gate->pitch, up->d, up->pitch, rows, dim, out->d, out->pitch,
+                                              &prep, c->stream);
         check_launch(c, rc < 0 ? -1 : 0);
         if (rc == 1)
-            q8_left(c, out->d, rows, dim);
+            prep_left(c, &prep, out->d, rows, dim);
         return;
     }
     check_launch(c, zse_cuda_silu_mul(gate->d, gate->pitch, up->d, up->pitch, rows, dim, out->d, out->pitch, c->stream));
@@ -1282,7 +1291,7 @@ static int read_ids(cuda_impl *c, const char *op, int64_t rows, int32_t *out)
 static int cuda_argmax_rows(zse_backend *be, const zse_act *x, int64_t rows, int64_t cols, int32_t *out)
 {
     cuda_impl *c = impl_of(be);
-    q8_forget(c);
+    prep_forget(c);
     if (check_logit_rows(c, "argmax_rows", x, rows, cols) != 0)
         return -1;
     if (rows == 0)
@@ -1301,7 +1310,7 @@ static int cuda_sample_rows(zse_backend *be, zse_act *x, int64_t rows, int64_t c
                             int32_t *out)
 {
     cuda_impl *c = impl_of(be);
-    q8_forget(c);   /* the rows are overwritten */
+    prep_forget(c);   /* the rows are overwritten */
     if (check_logit_rows(c, "sample_rows", x, rows, cols) != 0)
         return -1;
     if (rows == 0)

@@ -76,15 +76,23 @@ typedef struct {
     int64_t ypitch[ZSE_CUDA_MULTI_MAX];
     const float *bias[ZSE_CUDA_MULTI_MAX];  /* NULL: none */
     int accumulate;
-    int x_q8;   /* scratch already holds x quantized (zse_cuda_q8_layout): the dp4a GEMV uses it */
+    int x_ready;    /* a ZSE_CUDA_XPREP_ kind: the scratch already holds x so (zse_cuda_xprep_at) */
 } zse_cuda_multi;
-/* x quantized for the dp4a GEMV, written by the kernel that produces x (zse_cuda_rmsnorm_q8,
- * zse_cuda_silu_mul_q8) instead of by a launch of the GEMV's own: where n rows of `cols` go
- * in a matmul scratch, how many rows the GEMV takes (fewer when tensor cores take 5 on)
- * and the scratch that needs. */
-void zse_cuda_q8_layout(void *scratch, int64_t n, int64_t cols, void **xq, void **xs);
-int zse_cuda_q8_max_rows(void);
-size_t zse_cuda_q8_scratch_bytes(int64_t cols);
+/* x as the 4-bit matmul reads it, written by the kernel that produces x (RMSNorm, SiLU·mul:
+ * zse_cuda_*_prep) instead of by a launch of the matmul's own: quantized for the dp4a GEMV
+ * (x ~ d*h + dl*l per 32 values; 1-4 rows, 1-8 without tensor cores) or in f16 for the
+ * tensor-core kernel (5-32 rows). xprep_kind says which a call of n rows of 4-bit weights
+ * takes (NONE past 32 rows: the matmul converts x itself); xprep_bytes the matmul scratch
+ * that needs and xprep_at where in it x lies. */
+enum { ZSE_CUDA_XPREP_NONE = 0, ZSE_CUDA_XPREP_Q8 = 1, ZSE_CUDA_XPREP_F16 = 2 };
+typedef struct {
+    int kind;
+    void *x;        /* Q8: 64 bytes of codes per 32 values; F16: the rows, cols apart */
+    void *scales;   /* Q8: a float4 (d, dl, sum, 0) per 32 values */
+} zse_cuda_xprep;
+int zse_cuda_xprep_kind(int64_t n);
+size_t zse_cuda_xprep_bytes(int64_t n, int64_t cols, int kind);
+void zse_cuda_xprep_at(void *scratch, int64_t n, int64_t cols, int kind, zse_cuda_xprep *out);
 size_t zse_cuda_matmul_multi_scratch_bytes(const zse_cuda_multi *mm, int64_t n);
 int zse_cuda_matmul_multi(const zse_cuda_multi *mm, const float *x, int64_t xpitch, int64_t n,
                           void *cublas, void *scratch, size_t scratch_bytes, zse_cuda_stream st);
@@ -111,14 +119,15 @@ int zse_cuda_silu_mul(const float *gate, int64_t gpitch, const float *up, int64_
                       int64_t rows, int64_t dim, float *out, int64_t opitch, zse_cuda_stream st);
 int zse_cuda_add(float *x, int64_t xpitch, const float *y, int64_t ypitch, int64_t rows,
                  int64_t dim, zse_cuda_stream st);
-/* The same RMSNorm and SiLU·mul, also writing out quantized for the dp4a GEMV at xq / xs
- * (zse_cuda_q8_layout of the rows and dim): 1 when they did, 0 when the shape does not allow
- * it (dim % 32, 16-byte rows; only the plain op ran), -1 on an error. */
-int zse_cuda_rmsnorm_q8(const float *x, int64_t xpitch, const float *w, float eps, int64_t rows,
-                        int64_t dim, float *out, int64_t opitch, void *xq, void *xs, zse_cuda_stream st);
-int zse_cuda_silu_mul_q8(const float *gate, int64_t gpitch, const float *up, int64_t upitch,
-                         int64_t rows, int64_t dim, float *out, int64_t opitch, void *xq, void *xs,
-                         zse_cuda_stream st);
+/* The same RMSNorm and SiLU·mul, also writing out as *xp says (zse_cuda_xprep_at of the rows
+ * and dim): 1 when they did, 0 when the shape does not allow it (dim % 32 for Q8, 16-byte
+ * rows; only the plain op ran), -1 on an error. */
+int zse_cuda_rmsnorm_prep(const float *x, int64_t xpitch, const float *w, float eps, int64_t rows,
+                          int64_t dim, float *out, int64_t opitch, const zse_cuda_xprep *xp,
+                          zse_cuda_stream st);
+int zse_cuda_silu_mul_prep(const float *gate, int64_t gpitch, const float *up, int64_t upitch,
+                           int64_t rows, int64_t dim, float *out, int64_t opitch, const zse_cuda_xprep *xp,
+                           zse_cuda_stream st);
 /* out[i] = x[rows_idx[i]] (rows_idx on device) */
 /* out[r] = the lowest index of the largest value of row r (NaNs never win); device ints */
 int zse_cuda_argmax_rows(const float *x, int64_t xpitch, int64_t rows, int64_t cols, int32_t *out,

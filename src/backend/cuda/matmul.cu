@@ -544,20 +544,34 @@ extern "C" size_t zse_cuda_matmul_scratch_bytes(const zse_cuda_weight *w, int64_
     return (size_t)n * (size_t)w->cols * 2 * (split ? 2 : 1) + 256 + ZSE_CUDA_GEMM_SLAB;
 }
 
-extern "C" void zse_cuda_q8_layout(void *scratch, int64_t n, int64_t cols, void **xq, void **xs)
+/* f16 x handed over up to 32 rows: 7B-shaped aggregate decode (H200) gained 1.8-2.2% at 8 and
+ * 32 sequences (1,763-1,770 -> 1,792-1,802 and 4,557-4,599 -> 4,666-4,677 tok/s) but lost 2%
+ * at 64 (5,396-5,402 -> 5,279-5,287), where the GEMM path's own conversion stays */
+enum { XPREP_F16_MAX = 32 };
+
+extern "C" int zse_cuda_xprep_kind(int64_t n)
 {
-    *xq = scratch;
-    *xs = (uint8_t *)scratch + (size_t)n * (size_t)zse_ceil_div(cols, 32) * 64;
+    const bool mma = device_facts_once().mma;
+    if (n >= 1 && n <= (mma ? ZSE_CUDA_MMA_MIN - 1 : ZSE_CUDA_GEMV_MAX))
+        return ZSE_CUDA_XPREP_Q8;
+    return mma && n >= ZSE_CUDA_MMA_MIN && n <= XPREP_F16_MAX ? ZSE_CUDA_XPREP_F16 : ZSE_CUDA_XPREP_NONE;
 }
 
-extern "C" int zse_cuda_q8_max_rows(void)
+/* the layouts multi_gemv and gemm_q4_mma use: Q8 codes then scales from the scratch's start
+ * (what the GEMV of that width reserves), f16 rows from its start */
+extern "C" size_t zse_cuda_xprep_bytes(int64_t n, int64_t cols, int kind)
 {
-    return device_facts_once().mma ? ZSE_CUDA_MMA_MIN - 1 : ZSE_CUDA_GEMV_MAX;
+    if (kind == ZSE_CUDA_XPREP_Q8)
+        return (size_t)ZSE_CUDA_GEMV_MAX * (size_t)zse_ceil_div(cols, 32) * XQ_BYTES + 256;
+    return kind == ZSE_CUDA_XPREP_F16 ? (((size_t)n * (size_t)cols * sizeof(__half) + 255) & ~(size_t)255) + 256 : 0;
 }
 
-extern "C" size_t zse_cuda_q8_scratch_bytes(int64_t cols)
+extern "C" void zse_cuda_xprep_at(void *scratch, int64_t n, int64_t cols, int kind, zse_cuda_xprep *out)
 {
-    return (size_t)ZSE_CUDA_GEMV_MAX * (size_t)zse_ceil_div(cols, 32) * XQ_BYTES + 256;
+    out->kind = kind;
+    out->x = scratch;
+    out->scales = kind == ZSE_CUDA_XPREP_Q8 ? (uint8_t *)scratch + (size_t)n * (size_t)zse_ceil_div(cols, 32) * 64
+                                            : NULL;
 }
 
 static zse_cuda_multi single(const zse_cuda_weight *w, float *y, int64_t ypitch)
@@ -590,7 +604,7 @@ static int multi_gemv(const zse_cuda_multi *mm, const float *x, int64_t xpitch, 
             return zse_cuda_fail("cuda gemv: scratch of %zu bytes is too small", scratch_bytes);
         uint4 *xq = (uint4 *)scratch;
         float4 *xs = (float4 *)((uint8_t *)scratch + (size_t)n * units * 64);
-        if (!mm->x_q8)  /* else the kernel that wrote x left it quantized here */
+        if (mm->x_ready != ZSE_CUDA_XPREP_Q8)  /* else the kernel that wrote x left it quantized here */
             zse_launch(quantize_x_kernel, (unsigned)zse_ceil_div(n * units * 32, 128), 128, 0, st,
                 x, xpitch, (int)n, w->cols, units, xq, xs);
         if (w->scheme == ZSE_SCHEME_Q4)
@@ -1450,10 +1464,11 @@ extern "C" int zse_cuda_matmul_multi(const zse_cuda_multi *mm, const float *x, i
     for (int i = 0; i < mm->count; i++)
         all_mma = all_mma && mma_q4_ok(&mm->w[i]);
     if (all_mma) {
-        /* x goes to f16 once for every weight */
+        /* x goes to f16 once for every weight, or came so from the kernel that wrote it */
         for (int i = 0; i < mm->count; i++) {
             const gemv_epi e = {mm->y[i], mm->ypitch[i], mm->bias[i], mm->accumulate};
-            if (gemm_q4_mma(&mm->w[i], x, xpitch, n, e, scratch, scratch_bytes, i == 0, (cudaStream_t)st) != 0)
+            const bool convert = i == 0 && mm->x_ready != ZSE_CUDA_XPREP_F16;
+            if (gemm_q4_mma(&mm->w[i], x, xpitch, n, e, scratch, scratch_bytes, convert, (cudaStream_t)st) != 0)
                 return -1;
         }
         return 0;

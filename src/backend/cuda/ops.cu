@@ -73,6 +73,26 @@ __device__ __forceinline__ void q8_store_chunk(float4 v, bool valid, uint8_t *xq
         *xs_chunk = make_float4(d, dl, sx, 0.f);
 }
 
+/* a thread's 4 values of x as the matmul after it reads them (zse_cuda_xprep): quantized
+ * (M == ZSE_CUDA_XPREP_Q8; every lane of the warp calls it) or in f16 for the tensor-core
+ * kernel (M == ZSE_CUDA_XPREP_F16, as its own conversion rounds them). i: the float4's index
+ * in its row of dim values. */
+template <int M>
+__device__ __forceinline__ void xprep_store(float4 v, bool valid, const zse_cuda_xprep &xp, int64_t row, int64_t dim,
+                                            int64_t i)
+{
+    if (M == ZSE_CUDA_XPREP_Q8) {
+        const int64_t chunk = row * (dim / 32) + i / 8;
+        q8_store_chunk(v, valid, (uint8_t *)xp.x + chunk * 64, (float4 *)xp.scales + chunk, (int)(i & 7));
+    } else if (M == ZSE_CUDA_XPREP_F16 && valid) {
+        const __half2 a = __floats2half2_rn(v.x, v.y), b = __floats2half2_rn(v.z, v.w);
+        uint2 u;
+        u.x = *reinterpret_cast<const uint32_t *>(&a);
+        u.y = *reinterpret_cast<const uint32_t *>(&b);
+        reinterpret_cast<uint2 *>((__half *)xp.x + row * dim)[i] = u;
+    }
+}
+
 __global__ void rmsnorm_kernel(const float *x, int64_t xpitch, const float *w, float eps,
                                int64_t dim, float *out, int64_t opitch)
 {
@@ -94,9 +114,9 @@ __global__ void rmsnorm_kernel(const float *x, int64_t xpitch, const float *w, f
  * RMS_VEC * 4 * blockDim re-read the rest. */
 enum { RMS_VEC = 4 };
 
-template <bool Q>
+template <int M>
 __global__ void rmsnorm_vec_kernel(const float *x, int64_t xpitch, const float *w, float eps,
-                                   int64_t dim, float *out, int64_t opitch, uint8_t *xq, float4 *xs)
+                                   int64_t dim, float *out, int64_t opitch, const zse_cuda_xprep xp)
 {
     pdl_enter();
     const float4 *xr = reinterpret_cast<const float4 *>(x + blockIdx.x * xpitch);
@@ -118,7 +138,6 @@ __global__ void rmsnorm_vec_kernel(const float *x, int64_t xpitch, const float *
         ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
     const float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
-    const int64_t units = dim / 32;
 #pragma unroll
     for (int j = 0; j < RMS_VEC; j++) {
         const int64_t i = threadIdx.x + j * step;
@@ -128,11 +147,10 @@ __global__ void rmsnorm_vec_kernel(const float *x, int64_t xpitch, const float *
             v = make_float4(c[j].x * inv * g.x, c[j].y * inv * g.y, c[j].z * inv * g.z, c[j].w * inv * g.w);
             o[i] = v;
         }
-        /* Q: the row fits the registers (no loop below), and dim % 32 == 0 with a block of
+        /* M: the row fits the registers (no loop below), and dim % 32 == 0 with a block of
          * whole warps, so a chunk's 8 lanes are 8 aligned lanes of one warp, all in or out */
-        if (Q)
-            q8_store_chunk(v, i < n4, xq + (blockIdx.x * units + i / 8) * 64, xs + blockIdx.x * units + i / 8,
-                           (int)(i & 7));
+        if (M)
+            xprep_store<M>(v, i < n4, xp, blockIdx.x, dim, i);
     }
     for (int64_t i = threadIdx.x + RMS_VEC * step; i < n4; i += step) {
         const float4 v = xr[i], g = w4[i];
@@ -167,8 +185,9 @@ extern "C" int zse_cuda_rmsnorm(const float *x, int64_t xpitch, const float *w, 
     if (rows > 0x7fffffff)
         return zse_cuda_fail("cuda rmsnorm: %lld rows", (long long)rows);
     if (rmsnorm_vec_ok(x, xpitch, w, dim, out, opitch)) {
-        zse_launch(rmsnorm_vec_kernel<false>, (unsigned)rows, rmsnorm_threads(dim), 0, (cudaStream_t)st,
-            x, xpitch, w, eps, dim, out, opitch, (uint8_t *)NULL, (float4 *)NULL);
+        const zse_cuda_xprep none = {ZSE_CUDA_XPREP_NONE, NULL, NULL};
+        zse_launch(rmsnorm_vec_kernel<ZSE_CUDA_XPREP_NONE>, (unsigned)rows, rmsnorm_threads(dim), 0,
+            (cudaStream_t)st, x, xpitch, w, eps, dim, out, opitch, none);
     } else {
         const int threads = dim >= 1024 ? 256 : dim >= 256 ? 128 : 64;
         zse_launch(rmsnorm_kernel, (unsigned)rows, threads, 0, (cudaStream_t)st,
@@ -178,23 +197,29 @@ extern "C" int zse_cuda_rmsnorm(const float *x, int64_t xpitch, const float *w, 
     return 0;
 }
 
-/* x in the q8 layout fits: whole 32-value chunks, 16-byte vectors, q8 planes aligned */
-static bool q8_ok(int64_t dim, const void *xq, const void *xs)
+/* x prepared as xp asks fits: whole 32-value chunks, 16-byte vectors, planes aligned */
+static bool xprep_ok(int64_t dim, const zse_cuda_xprep *xp)
 {
-    return dim % 32 == 0 && ((uintptr_t)xq & 3) == 0 && aligned16(xs);
+    if (xp->kind == ZSE_CUDA_XPREP_Q8)
+        return dim % 32 == 0 && ((uintptr_t)xp->x & 3) == 0 && aligned16(xp->scales);
+    return xp->kind == ZSE_CUDA_XPREP_F16 && dim % 4 == 0 && ((uintptr_t)xp->x & 7) == 0;
 }
 
-extern "C" int zse_cuda_rmsnorm_q8(const float *x, int64_t xpitch, const float *w, float eps, int64_t rows,
-                                   int64_t dim, float *out, int64_t opitch, void *xq, void *xs,
-                                   zse_cuda_stream st)
+extern "C" int zse_cuda_rmsnorm_prep(const float *x, int64_t xpitch, const float *w, float eps, int64_t rows,
+                                     int64_t dim, float *out, int64_t opitch, const zse_cuda_xprep *xp,
+                                     zse_cuda_stream st)
 {
     if (rows < 1 || dim < 1 || rows > 0x7fffffff ||
-        !(rmsnorm_vec_ok(x, xpitch, w, dim, out, opitch) && q8_ok(dim, xq, xs) &&
+        !(rmsnorm_vec_ok(x, xpitch, w, dim, out, opitch) && xprep_ok(dim, xp) &&
           dim / 4 <= RMS_VEC * (int64_t)rmsnorm_threads(dim)))
         return zse_cuda_rmsnorm(x, xpitch, w, eps, rows, dim, out, opitch, st) == 0 ? 0 : -1;
-    zse_launch(rmsnorm_vec_kernel<true>, (unsigned)rows, rmsnorm_threads(dim), 0, (cudaStream_t)st,
-        x, xpitch, w, eps, dim, out, opitch, (uint8_t *)xq, (float4 *)xs);
-    ZSE_CUDA_LAUNCHED("cuda rmsnorm (q8)");
+    if (xp->kind == ZSE_CUDA_XPREP_Q8)
+        zse_launch(rmsnorm_vec_kernel<ZSE_CUDA_XPREP_Q8>, (unsigned)rows, rmsnorm_threads(dim), 0, (cudaStream_t)st,
+            x, xpitch, w, eps, dim, out, opitch, *xp);
+    else
+        zse_launch(rmsnorm_vec_kernel<ZSE_CUDA_XPREP_F16>, (unsigned)rows, rmsnorm_threads(dim), 0, (cudaStream_t)st,
+            x, xpitch, w, eps, dim, out, opitch, *xp);
+    ZSE_CUDA_LAUNCHED("cuda rmsnorm (x prepared)");
     return 1;
 }
 
@@ -321,14 +346,14 @@ extern "C" int zse_cuda_add_bias(float *y, int64_t ypitch, const float *bias, in
     return 0;
 }
 
-/* SiLU(gate) * up, also written quantized for the dp4a GEMV (q8_store_chunk): a thread per
+/* SiLU(gate) * up, also written as the matmul after it reads x (xprep_store): a thread per
  * 4 values, blockIdx.y the row */
-__global__ void silu_mul_q8_kernel(const float *g, int64_t gp, const float *u, int64_t up, int64_t dim, float *o,
-                                   int64_t op, uint8_t *xq, float4 *xs)
+template <int M>
+__global__ void silu_mul_prep_kernel(const float *g, int64_t gp, const float *u, int64_t up, int64_t dim, float *o,
+                                     int64_t op, const zse_cuda_xprep xp)
 {
     pdl_enter();
     const int64_t r = blockIdx.y, i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, n4 = dim / 4;
-    const int64_t units = dim / 32;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
     if (i < n4) {
         const float4 a = reinterpret_cast<const float4 *>(g + r * gp)[i];
@@ -337,7 +362,7 @@ __global__ void silu_mul_q8_kernel(const float *g, int64_t gp, const float *u, i
                         a.z / (1.f + __expf(-a.z)) * b.z, a.w / (1.f + __expf(-a.w)) * b.w);
         reinterpret_cast<float4 *>(o + r * op)[i] = v;
     }
-    q8_store_chunk(v, i < n4, xq + (r * units + i / 8) * 64, xs + r * units + i / 8, (int)(i & 7));
+    xprep_store<M>(v, i < n4, xp, r, dim, i);
 }
 
 extern "C" int zse_cuda_silu_mul(const float *gate, int64_t gpitch, const float *up,
@@ -356,17 +381,21 @@ extern "C" int zse_cuda_silu_mul(const float *gate, int64_t gpitch, const float 
     return 0;
 }
 
-extern "C" int zse_cuda_silu_mul_q8(const float *gate, int64_t gpitch, const float *up, int64_t upitch,
-                                    int64_t rows, int64_t dim, float *out, int64_t opitch, void *xq, void *xs,
-                                    zse_cuda_stream st)
+extern "C" int zse_cuda_silu_mul_prep(const float *gate, int64_t gpitch, const float *up, int64_t upitch,
+                                      int64_t rows, int64_t dim, float *out, int64_t opitch,
+                                      const zse_cuda_xprep *xp, zse_cuda_stream st)
 {
     if (rows < 1 || dim < 1 || rows > 65535 || !ew_vec4(dim, gate, gpitch, up, upitch, out, opitch) ||
-        !q8_ok(dim, xq, xs))
+        !xprep_ok(dim, xp))
         return zse_cuda_silu_mul(gate, gpitch, up, upitch, rows, dim, out, opitch, st) == 0 ? 0 : -1;
     const dim3 grid((unsigned)zse_ceil_div(dim / 4, EW_THREADS), (unsigned)rows);
-    zse_launch(silu_mul_q8_kernel, grid, EW_THREADS, 0, (cudaStream_t)st,
-        gate, gpitch, up, upitch, dim, out, opitch, (uint8_t *)xq, (float4 *)xs);
-    ZSE_CUDA_LAUNCHED("cuda silu_mul (q8)");
+    if (xp->kind == ZSE_CUDA_XPREP_Q8)
+        zse_launch(silu_mul_prep_kernel<ZSE_CUDA_XPREP_Q8>, grid, EW_THREADS, 0, (cudaStream_t)st,
+            gate, gpitch, up, upitch, dim, out, opitch, *xp);
+    else
+        zse_launch(silu_mul_prep_kernel<ZSE_CUDA_XPREP_F16>, grid, EW_THREADS, 0, (cudaStream_t)st,
+            gate, gpitch, up, upitch, dim, out, opitch, *xp);
+    ZSE_CUDA_LAUNCHED("cuda silu_mul (x prepared)");
     return 1;
 }
 
