@@ -169,9 +169,9 @@ static void set_error(cuda_impl *c, const char *fmt, ...)
     c->failed = true;
 }
 
-/* record a failing kernel launcher's message */
 static void prep_forget(cuda_impl *c) { c->prep_x = NULL; }
 
+/* record a failing kernel launcher's message; any launch ends a hand-off of x */
 static void check_launch(cuda_impl *c, int rc)
 {
     prep_forget(c);
@@ -844,14 +844,18 @@ static int prep_wanted(const cuda_impl *c, int64_t rows)
 }
 
 /* where an op writing `rows` of `cols` puts them prepared: the matmul scratch, grown to what
- * that needs (the GEMV's own reservation for Q8, so the matmul after it does not move it) */
+ * that needs (the GEMV's own reservation for Q8, so the matmul after it does not move it).
+ * 1 placed; 0 not (a step being recorded cannot grow the scratch: the op runs plain); -1 on
+ * an error */
 static int prep_place(cuda_impl *c, int kind, int64_t rows, int64_t cols, zse_cuda_xprep *xp)
 {
     const size_t need = zse_cuda_xprep_bytes(rows, cols, kind);
+    if (need > c->scratch_cap && c->recording >= 0)
+        return 0;
     if (ensure_device(c, &c->scratch, &c->scratch_cap, need, "matmul scratch") != 0)
         return -1;
     zse_cuda_xprep_at(c->scratch, rows, cols, kind, xp);
-    return 0;
+    return 1;
 }
 
 static void prep_left(cuda_impl *c, const zse_cuda_xprep *xp, const float *x, int64_t rows, int64_t cols)
@@ -891,10 +895,11 @@ static void cuda_rmsnorm(zse_backend *be, const zse_act *x, const zse_weight *w,
         return set_error(c, "cuda rmsnorm: %lld rows in a buffer of %lld", (long long)rows, (long long)x->rows);
     }
     const int kind = dim == x->cols && dim == out->cols ? prep_wanted(c, rows) : ZSE_CUDA_XPREP_NONE;
-    if (kind != ZSE_CUDA_XPREP_NONE) {
-        zse_cuda_xprep prep;
-        if (prep_place(c, kind, rows, dim, &prep) != 0)
-            return set_error(c, "%s", zse_error_message());
+    zse_cuda_xprep prep;
+    const int placed = kind != ZSE_CUDA_XPREP_NONE ? prep_place(c, kind, rows, dim, &prep) : 0;
+    if (placed < 0)
+        return set_error(c, "%s", zse_error_message());
+    if (placed) {
         const int rc = zse_cuda_rmsnorm_prep(x->d, xp, w->vec, eps, rows, dim, out->d, op, &prep, c->stream);
         check_launch(c, rc < 0 ? -1 : 0);
         if (rc == 1)
@@ -1058,10 +1063,11 @@ static void cuda_silu_mul(zse_backend *be, const zse_act *gate, const zse_act *u
     if (dim > gate->cols || dim > up->cols || dim > out->cols || rows > out->rows)
         return set_error(c, "cuda silu_mul: shapes do not match");
     const int kind = dim == out->cols ? prep_wanted(c, rows) : ZSE_CUDA_XPREP_NONE;
-    if (kind != ZSE_CUDA_XPREP_NONE) {
-        zse_cuda_xprep prep;
-        if (prep_place(c, kind, rows, dim, &prep) != 0)
-            return set_error(c, "%s", zse_error_message());
+    zse_cuda_xprep prep;
+    const int placed = kind != ZSE_CUDA_XPREP_NONE ? prep_place(c, kind, rows, dim, &prep) : 0;
+    if (placed < 0)
+        return set_error(c, "%s", zse_error_message());
+    if (placed) {
         const int rc = zse_cuda_silu_mul_prep(gate->d, gate->pitch, up->d, up->pitch, rows, dim, out->d, out->pitch,
                                               &prep, c->stream);
         check_launch(c, rc < 0 ? -1 : 0);
