@@ -78,6 +78,16 @@ __device__ __forceinline__ float byte_as_float_plus_2p23(uint32_t v, int j)
 /* Scheme traits. A 16-byte unit of a row holds E elements. It is decoded in P pieces of NV
  * raw values (before the group/row scale); piece p's values f[0..3] sit at elements
  * off0(p).., f[4..7] at off1(p)..  (NV == 4: only off0). */
+/* x for the int4 dp4a GEMV, 32 values a chunk: two int8 codes a value, x ~ d*h + dl*l with
+ * d = amax/127 and dl = d/254 (x keeps ~15 bits). One definition for the GEMV's own
+ * quantizing kernel (matmul.cu) and the ops that hand x over quantized (ops.cu). */
+__device__ __forceinline__ void q8_codes(float v, float d, float dl, float &h, float &l)
+{
+    h = d > 0.f ? fminf(fmaxf(rintf(v / d), -127.f), 127.f) : 0.f;
+    const float r = fmaf(-h, d, v);
+    l = dl > 0.f ? fminf(fmaxf(rintf(r / dl), -127.f), 127.f) : 0.f;
+}
+
 template <int S> struct scheme_traits;
 
 template <> struct scheme_traits<ZSE_SCHEME_F32> {

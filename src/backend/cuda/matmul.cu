@@ -264,9 +264,8 @@ __global__ void quantize_x_kernel(const float *x, int64_t xpitch, int n, int64_t
         sx += __shfl_xor_sync(0xffffffffu, sx, o);
     }
     const float d = amax / 127.f, dl = d / 254.f;
-    const float h = d > 0.f ? fminf(fmaxf(rintf(v / d), -127.f), 127.f) : 0.f;
-    const float r = fmaf(-h, d, v);
-    const float l = dl > 0.f ? fminf(fmaxf(rintf(r / dl), -127.f), 127.f) : 0.f;
+    float h, l;
+    q8_codes(v, d, dl, h, l);
     int8_t *q = (int8_t *)(xq + item * 4);
     q[lane] = (int8_t)h;
     q[32 + lane] = (int8_t)l;

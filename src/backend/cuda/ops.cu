@@ -39,9 +39,9 @@ __device__ float block_sum(float v)
 }
 
 
-/* x quantized for the int4 dp4a GEMV (matmul.cu's quantize_x_kernel, the same numbers but
- * for the order of the chunk sum): a 32-value chunk held 4 values a lane by 8 consecutive
- * lanes (p = lane % 8) gives its 32 high and 32 low int8 codes, x ~ d*h + dl*l, at xq_chunk
+/* x quantized for the int4 dp4a GEMV (q8_codes; matmul.cu's quantize_x_kernel gives the same
+ * numbers but for the order of the chunk sum): a 32-value chunk held 4 values a lane by 8
+ * consecutive lanes (p = lane % 8) gives its 32 high and 32 low int8 codes at xq_chunk
  * and (d, dl, sum) at *xs_chunk. The producer of x writing this saves the GEMV a launch
  * that would quantize it. Every lane of the warp calls it (the 8-lane shuffles); `valid`
  * says whether its chunk exists. */
@@ -61,9 +61,8 @@ __device__ __forceinline__ void q8_store_chunk(float4 v, bool valid, uint8_t *xq
     uint32_t hw = 0, lw = 0;
 #pragma unroll
     for (int j = 0; j < 4; j++) {
-        const float h = d > 0.f ? fminf(fmaxf(rintf(f[j] / d), -127.f), 127.f) : 0.f;
-        const float r = fmaf(-h, d, f[j]);
-        const float l = dl > 0.f ? fminf(fmaxf(rintf(r / dl), -127.f), 127.f) : 0.f;
+        float h, l;
+        q8_codes(f[j], d, dl, h, l);
         hw |= ((uint32_t)(int)h & 0xFFu) << (8 * j);
         lw |= ((uint32_t)(int)l & 0xFFu) << (8 * j);
     }
