@@ -836,19 +836,16 @@ static void cuda_embed(zse_backend *be, const zse_weight *table, zse_act *out)
     check_launch(c, zse_cuda_embed(&table->w, c->b.tokens, c->b.n_tokens, out->d, out->pitch, c->stream));
 }
 
-/* how the matmul after an op writing `rows` would read x: ZSE_CUDA_XPREP_NONE without 4-bit
- * weights or past the tensor-core rows */
-static int prep_wanted(const cuda_impl *c, int64_t rows)
+/* where an op writing `rows` of `cols` puts them as the 4-bit matmul after it reads them
+ * (zse_cuda_xprep_kind: quantized or f16 by the rows): the matmul scratch, grown to what that
+ * needs (the GEMV's own reservation for Q8, so the matmul after it does not move it). 1
+ * placed; 0 not (no 4-bit weight loaded, rows past the tensor-core ones, or a step being
+ * recorded, which cannot grow the scratch: the op runs plain); -1 on an error */
+static int prep_place(cuda_impl *c, int64_t rows, int64_t cols, zse_cuda_xprep *xp)
 {
-    return c->q4_loaded ? zse_cuda_xprep_kind(rows) : ZSE_CUDA_XPREP_NONE;
-}
-
-/* where an op writing `rows` of `cols` puts them prepared: the matmul scratch, grown to what
- * that needs (the GEMV's own reservation for Q8, so the matmul after it does not move it).
- * 1 placed; 0 not (a step being recorded cannot grow the scratch: the op runs plain); -1 on
- * an error */
-static int prep_place(cuda_impl *c, int kind, int64_t rows, int64_t cols, zse_cuda_xprep *xp)
-{
+    const int kind = c->q4_loaded ? zse_cuda_xprep_kind(rows) : ZSE_CUDA_XPREP_NONE;
+    if (kind == ZSE_CUDA_XPREP_NONE)
+        return 0;
     const size_t need = zse_cuda_xprep_bytes(rows, cols, kind);
     if (need > c->scratch_cap && c->recording >= 0)
         return 0;
@@ -858,8 +855,13 @@ static int prep_place(cuda_impl *c, int kind, int64_t rows, int64_t cols, zse_cu
     return 1;
 }
 
-static void prep_left(cuda_impl *c, const zse_cuda_xprep *xp, const float *x, int64_t rows, int64_t cols)
+/* the end of an op that was asked to prepare x: rc from its zse_cuda_*_prep launcher (1 x
+ * prepared, 0 the plain op ran, -1 an error) */
+static void prep_done(cuda_impl *c, int rc, const zse_cuda_xprep *xp, const float *x, int64_t rows, int64_t cols)
 {
+    check_launch(c, rc < 0 ? -1 : 0);
+    if (rc != 1)
+        return;
     c->prep_x = x;
     c->prep_rows = rows;
     c->prep_cols = cols;
@@ -894,18 +896,13 @@ static void cuda_rmsnorm(zse_backend *be, const zse_act *x, const zse_weight *w,
     } else if (rows > x->rows || rows > out->rows) {
         return set_error(c, "cuda rmsnorm: %lld rows in a buffer of %lld", (long long)rows, (long long)x->rows);
     }
-    const int kind = dim == x->cols && dim == out->cols ? prep_wanted(c, rows) : ZSE_CUDA_XPREP_NONE;
     zse_cuda_xprep prep;
-    const int placed = kind != ZSE_CUDA_XPREP_NONE ? prep_place(c, kind, rows, dim, &prep) : 0;
+    const int placed = dim == x->cols && dim == out->cols ? prep_place(c, rows, dim, &prep) : 0;
     if (placed < 0)
         return set_error(c, "%s", zse_error_message());
-    if (placed) {
-        const int rc = zse_cuda_rmsnorm_prep(x->d, xp, w->vec, eps, rows, dim, out->d, op, &prep, c->stream);
-        check_launch(c, rc < 0 ? -1 : 0);
-        if (rc == 1)
-            prep_left(c, &prep, out->d, rows, dim);
-        return;
-    }
+    if (placed)
+        return prep_done(c, zse_cuda_rmsnorm_prep(x->d, xp, w->vec, eps, rows, dim, out->d, op, &prep, c->stream),
+                         &prep, out->d, rows, dim);
     check_launch(c, zse_cuda_rmsnorm(x->d, xp, w->vec, eps, rows, dim, out->d, op, c->stream));
 }
 
@@ -1062,19 +1059,15 @@ static void cuda_silu_mul(zse_backend *be, const zse_act *gate, const zse_act *u
         return;
     if (dim > gate->cols || dim > up->cols || dim > out->cols || rows > out->rows)
         return set_error(c, "cuda silu_mul: shapes do not match");
-    const int kind = dim == out->cols ? prep_wanted(c, rows) : ZSE_CUDA_XPREP_NONE;
     zse_cuda_xprep prep;
-    const int placed = kind != ZSE_CUDA_XPREP_NONE ? prep_place(c, kind, rows, dim, &prep) : 0;
+    const int placed = dim == out->cols ? prep_place(c, rows, dim, &prep) : 0;
     if (placed < 0)
         return set_error(c, "%s", zse_error_message());
-    if (placed) {
-        const int rc = zse_cuda_silu_mul_prep(gate->d, gate->pitch, up->d, up->pitch, rows, dim, out->d, out->pitch,
-                                              &prep, c->stream);
-        check_launch(c, rc < 0 ? -1 : 0);
-        if (rc == 1)
-            prep_left(c, &prep, out->d, rows, dim);
-        return;
-    }
+    if (placed)
+        return prep_done(c,
+                         zse_cuda_silu_mul_prep(gate->d, gate->pitch, up->d, up->pitch, rows, dim, out->d, out->pitch,
+                                                &prep, c->stream),
+                         &prep, out->d, rows, dim);
     check_launch(c, zse_cuda_silu_mul(gate->d, gate->pitch, up->d, up->pitch, rows, dim, out->d, out->pitch, c->stream));
 }
 
