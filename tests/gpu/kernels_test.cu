@@ -418,6 +418,18 @@ static void test_matmul(void)
     const int64_t big_rows[3] = {8193, 13, 8195};
     check_matmul_multi(same, 1, true, big_rows, 2048);
     check_matmul_multi(same_s, 1, false, big_rows, 2048);
+    /* tensor cores: one launch for all three weights, whose 128-row blocks and split
+     * partials sit side by side (rows off the block size, K split at 64 rows); two
+     * schemes make two launches */
+    const int64_t qkv_rows[3] = {300, 129, 200};
+    const int mixed4[3] = {Q4, Q4S, Q4};
+    for (int n : {5, 16, 33, 64})
+        for (int acc = 0; acc < 2; acc++) {
+            check_matmul_multi(same, n, acc, qkv_rows, 2048);
+            check_matmul_multi(same_s, n, acc, qkv_rows, 1000);
+        }
+    check_matmul_multi(mixed4, 64, true, qkv_rows, 2048);
+    check_matmul_multi(mixed4, 12, false, qkv_rows, 2048);
 
     /* W in slabs of 128 rows (one stream), then 256 (two halves: the next dequantized on a
      * second stream while cuBLAS multiplies), 700 x 1000 at 33 rows */
@@ -1073,9 +1085,19 @@ static void test_attention(void)
             {"tc-window", int8, 8, 2, 64, 50, 16, {200, 90}, {130, 90}},
             /* three runs sharing one 64-row tile, 8 heads over 1 KV head, blocks of 32 */
             {"tc-runs", int8, 8, 1, 128, 0, 32, {150, 17, 40}, {150, 17, 40}},
+            /* groups of 12 and 10 query heads a KV head: a block takes them in two chunks */
+            {"gqa12", int8, 24, 2, 64, 0, 16, {100, 3, 33}, {1, 3, 1}},
+            {"gqa10-window", int8, 20, 2, 256, 40, 16, {120, 64}, {1, 64}},
         };
         for (const auto &c : cases)
             check_attention(c);
+        /* a decode step of 40 sequences of 1..300 tokens (no splits past 1024 warps' worth) */
+        attn_case batch = {"batch40", int8, 28, 4, 128, 0, 16, {}, {}};
+        for (int i = 0; i < 40; i++) {
+            batch.seq_lens.push_back(1 + (i * 37) % 300);
+            batch.new_tokens.push_back(1);
+        }
+        check_attention(batch);
     }
 }
 

@@ -244,6 +244,17 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool ok)
 #endif
 }
 
+/* 4 bytes (an int8 KV row's scale), through L1 */
+__device__ __forceinline__ void cp_async4(void *dst, const void *src)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(src));
+#else
+    *reinterpret_cast<uint32_t *>(dst) = *reinterpret_cast<const uint32_t *>(src);
+#endif
+}
+
 /* the same for W, asking L2 to fetch the whole 128-byte line: a stage takes 32 bytes of a
  * row and the next three stages the rest, which then come from L2 (H200: 1-10% faster,
  * most at 8 rows and on the 152064-row head) */

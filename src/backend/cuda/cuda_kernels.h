@@ -66,8 +66,8 @@ int zse_cuda_matmul_gemm(const zse_cuda_weight *w, const float *x, int64_t xpitc
                          size_t scratch_bytes, zse_cuda_stream st);
 /* Several weights over the same x (q, k and v; gate and up) with the epilogues a layer
  * needs: y_i[t] = W_i · x[t] (+ bias_i) (+ y_i[t] when accumulating, the residual add).
- * The weights share x's width; at n <= ZSE_CUDA_GEMV_MAX 4-bit weights of one scheme
- * share one quantization of x and one launch. */
+ * The weights share x's width; 4-bit weights of one scheme share one conversion of x and
+ * one launch, at GEMV batches (n <= ZSE_CUDA_GEMV_MAX) and on tensor cores (MMA_MIN..MAX). */
 #define ZSE_CUDA_MULTI_MAX 3
 typedef struct {
     int count;
@@ -81,8 +81,8 @@ typedef struct {
 /* x as the 4-bit matmul reads it, written by the kernel that produces x (RMSNorm, SiLU·mul:
  * zse_cuda_*_prep) instead of by a launch of the matmul's own: quantized for the dp4a GEMV
  * (x ~ d*h + dl*l per 32 values; 1-4 rows, 1-8 without tensor cores) or in f16 for the
- * tensor-core kernel (5-32 rows). xprep_kind says which a call of n rows of 4-bit weights
- * takes (NONE past 32 rows: the matmul converts x itself); xprep_bytes the matmul scratch
+ * tensor-core kernel (5-64 rows). xprep_kind says which a call of n rows of 4-bit weights
+ * takes (NONE past 64 rows: the GEMM path converts x itself); xprep_bytes the matmul scratch
  * that needs and xprep_at where in it x lies. */
 enum { ZSE_CUDA_XPREP_NONE = 0, ZSE_CUDA_XPREP_Q8 = 1, ZSE_CUDA_XPREP_F16 = 2 };
 typedef struct {

@@ -519,6 +519,7 @@ static void launch_gemv_batch(const zse_cuda_weight *w, const float *x, int64_t 
 
 /* scratch of the tensor-core path: x in f16, then the K splits' partials */
 static size_t mma_scratch_bytes(const zse_cuda_weight *w, int64_t n);
+static size_t mma_multi_scratch_bytes(const zse_cuda_multi *mm, int64_t n);
 
 
 /* the tensor-core path applies: 4-bit groups, x rows packable as 16-byte f16 vectors, and a
@@ -543,10 +544,15 @@ extern "C" size_t zse_cuda_matmul_scratch_bytes(const zse_cuda_weight *w, int64_
     return (size_t)n * (size_t)w->cols * 2 * (split ? 2 : 1) + 256 + ZSE_CUDA_GEMM_SLAB;
 }
 
-/* f16 x handed over up to 32 rows: 7B-shaped aggregate decode (H200) gained 1.8-2.2% at 8 and
- * 32 sequences (1,763-1,770 -> 1,792-1,802 and 4,557-4,599 -> 4,666-4,677 tok/s) but lost 2%
- * at 64 (5,396-5,402 -> 5,279-5,287), where the GEMM path's own conversion stays */
-enum { XPREP_F16_MAX = 32 };
+/* f16 x handed over at every tensor-core batch size. 7B-shaped aggregate decode (H200)
+ * gained 1.8-2.2% at 8 and 32 sequences (1,763-1,770 -> 1,792-1,802 and 4,557-4,599 ->
+ * 4,666-4,677 tok/s). At 64 it first measured 2% slower (5,396-5,402 -> 5,279-5,287); once
+ * q/k/v and gate/up were one launch each it measured 2% faster (7,829-7,928 -> 8,018-8,090),
+ * so the cap of 32 went. A build can still set it (-DZSE_XPREP_F16_MAX=32) to compare. */
+#ifndef ZSE_XPREP_F16_MAX
+#define ZSE_XPREP_F16_MAX 64
+#endif
+enum { XPREP_F16_MAX = ZSE_XPREP_F16_MAX };
 
 extern "C" int zse_cuda_xprep_kind(int64_t n)
 {
@@ -1064,13 +1070,38 @@ __device__ __forceinline__ void mma_iteration(float (&acc)[2][NT / 8][4], uint8_
     mma_stage_math<S, NT>(acc, smem + (s % MMA_STAGES) * ST, threadIdx.x >> 5, threadIdx.x & 31);
 }
 
-/* grid: x = 128-row blocks of W, y = NT-row tiles of x, z = K splits. One split stores
- * through the epilogue; several leave fp32 partials in work [split][n][rows] for
+/* The weights of one tensor-core launch (q, k and v; gate and up: one scheme, one x):
+ * the grid's x walks the 128-row blocks of weight 0, then those of weight 1, ..., so the
+ * small k and v projections fill SMs the q projection leaves idle instead of each taking
+ * a launch (and a split sum) of its own. The fp32 partials of a split launch lie as
+ * [split][n][rows] with the weights' rows side by side (first_row). */
+struct mma_set {
+    int count;
+    int64_t total_rows;
+    zse_cuda_weight w[ZSE_CUDA_MULTI_MAX];
+    gemv_epi e[ZSE_CUDA_MULTI_MAX];
+    int64_t first_blk[ZSE_CUDA_MULTI_MAX];
+    int64_t first_row[ZSE_CUDA_MULTI_MAX];
+};
+
+/* the weight that grid block (or partial row) `at` belongs to, given each one's first */
+__device__ __forceinline__ int mma_weight_of(const mma_set &set, const int64_t (&first)[ZSE_CUDA_MULTI_MAX], int64_t at)
+{
+    int wi = 0;
+#pragma unroll
+    for (int i = 1; i < ZSE_CUDA_MULTI_MAX; i++)
+        if (i < set.count && at >= first[i])
+            wi = i;
+    return wi;
+}
+
+/* grid: x = 128-row blocks of the set's weights, y = NT-row tiles of x, z = K splits. One
+ * split stores through the weight's epilogue; several leave fp32 partials in work for
  * mma_reduce_kernel, which adds them in split order (deterministic). */
 template <int S, int NT>
 __global__ void __launch_bounds__(MMA_WARPS * 32, NT == 64 ? 3 : 1)   /* 64: 171 -> 168 registers, a third block */
-gemm_q4_mma_kernel(const zse_cuda_weight w, const __half *__restrict__ xh, int64_t n, int64_t split_k,
-                   const gemv_epi e, float *__restrict__ work)
+gemm_q4_mma_kernel(const mma_set set, const __half *__restrict__ xh, int64_t n, int64_t split_k,
+                   float *__restrict__ work)
 {
     pdl_enter();
     constexpr int NJ = NT / 8, ST = mma_smem<NT>::STAGE;
@@ -1078,7 +1109,11 @@ gemm_q4_mma_kernel(const zse_cuda_weight w, const __half *__restrict__ xh, int64
     extern __shared__ __align__(16) uint8_t mma_smem_buf[];
     uint8_t *smem = mma_smem_buf;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int64_t row_blk = (int64_t)blockIdx.x * MMA_ROWS;
+    const int wi = mma_weight_of(set, set.first_blk, (int64_t)blockIdx.x);
+    /* a copy: the fields the stage loop reads stay in registers, not re-read at a computed
+     * offset into the parameters every stage (at 8 rows, +10% time on the 152064-row head) */
+    const zse_cuda_weight w = set.w[wi];
+    const int64_t row_blk = ((int64_t)blockIdx.x - set.first_blk[wi]) * MMA_ROWS;
     const int64_t n0 = (int64_t)blockIdx.y * NT;
     const int64_t k_begin = (int64_t)blockIdx.z * split_k, k_end = min(w.cols, k_begin + split_k);
     const int nst = (int)((k_end - k_begin + MMA_KS - 1) / MMA_KS);
@@ -1127,9 +1162,10 @@ gemm_q4_mma_kernel(const zse_cuda_weight w, const __half *__restrict__ xh, int64
                     continue;
                 float v = acc[mt][j][i];
                 if (work) {
-                    work[((int64_t)blockIdx.z * n + xr) * w.rows + row] = v;
+                    work[((int64_t)blockIdx.z * n + xr) * set.total_rows + set.first_row[wi] + row] = v;
                     continue;
                 }
+                const gemv_epi &e = set.e[wi];
                 if (e.bias)
                     v += e.bias[row];
                 float *dst = e.y + xr * e.ypitch + row;
@@ -1137,13 +1173,16 @@ gemm_q4_mma_kernel(const zse_cuda_weight w, const __half *__restrict__ xh, int64
             }
 }
 
-__global__ void mma_reduce_kernel(const float *__restrict__ work, int splits, int64_t n, int64_t rows, const gemv_epi e)
+__global__ void mma_reduce_kernel(const float *__restrict__ work, int splits, int64_t n, const mma_set set)
 {
     pdl_enter();
-    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const int64_t rows = set.total_rows, i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n * rows)
         return;
-    const int64_t xr = div_idx(i, rows), row = i - xr * rows;
+    const int64_t xr = div_idx(i, rows), at = i - xr * rows;
+    const int wi = mma_weight_of(set, set.first_row, at);
+    const int64_t row = at - set.first_row[wi];
+    const gemv_epi &e = set.e[wi];
     float v = 0.f;
     for (int z = 0; z < splits; z++)
         v += work[(int64_t)z * n * rows + i];
@@ -1155,31 +1194,6 @@ __global__ void mma_reduce_kernel(const float *__restrict__ work, int splits, in
 
 /* x rows a block takes at a time: the smallest tile that holds n, at most 64 */
 static int64_t mma_tile(int64_t n) { return n <= 8 ? 8 : n <= 16 ? 16 : n <= 32 ? 32 : 64; }
-
-/* K splits for a launch of `blocks` (x, y) blocks of n-row tiles: about four blocks per SM
- * (what the shared memory of a stage ring lets run at once), each split at least 4 stages
- * long, and the fp32 partials (written and read back, mostly in L2) no more bytes than the
- * weight */
-static int mma_splits(int64_t blocks, int64_t n, int64_t cols)
-{
-    const int sms = device_facts_once().sms;
-    const int64_t stages = (cols + MMA_KS - 1) / MMA_KS, traffic = cols / (16 * n);
-    int64_t s = (4 * sms + blocks - 1) / blocks;
-    s = s < stages / 4 ? s : stages / 4;
-    s = s < traffic ? s : traffic;
-    return (int)(s < 1 ? 1 : s > 16 ? 16 : s);
-}
-
-static size_t mma_scratch_bytes(const zse_cuda_weight *w, int64_t n)
-{
-    const size_t xbytes = ((size_t)n * (size_t)w->cols * sizeof(__half) + 255) & ~(size_t)255;
-    const int64_t blocks = zse_ceil_div(w->rows, MMA_ROWS) * zse_ceil_div(n, mma_tile(n));
-    const int splits = mma_splits(blocks, n, w->cols);
-    return xbytes + (splits > 1 ? (size_t)splits * (size_t)n * (size_t)w->rows * sizeof(float) : 0) + 256;
-}
-
-static int gemm_q4_mma(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n, const gemv_epi &e,
-                       void *scratch, size_t scratch_bytes, bool convert_x, cudaStream_t st);
 
 static int cublas_ok(cublasStatus_t s, const char *what)
 {
@@ -1367,58 +1381,167 @@ template <int S, int NT> static int mma_smem_ready(void)
     return 0;
 }
 
+/* how many blocks of the NT kernel one SM holds at once (registers, shared memory), asked
+ * of the occupancy calculator once per instantiation; 1 if it cannot say */
+template <int S, int NT> static int mma_residency_of(void)
+{
+    static int res = 0;
+    if (!res) {
+        int b = 0;
+        if (mma_smem_ready<S, NT>() != 0 ||
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, gemm_q4_mma_kernel<S, NT>, MMA_WARPS * 32,
+                                                          mma_smem<NT>::BYTES) != cudaSuccess) {
+            cudaGetLastError();
+            b = 1;
+        }
+        res = b > 0 ? b : 1;
+    }
+    return res;
+}
+
+static int mma_residency(int scheme, int64_t nt)
+{
+    const bool q4 = scheme == ZSE_SCHEME_Q4;
+    switch (nt) {
+    case 8: return q4 ? mma_residency_of<ZSE_SCHEME_Q4, 8>() : mma_residency_of<ZSE_SCHEME_Q4S, 8>();
+    case 16: return q4 ? mma_residency_of<ZSE_SCHEME_Q4, 16>() : mma_residency_of<ZSE_SCHEME_Q4S, 16>();
+    case 32: return q4 ? mma_residency_of<ZSE_SCHEME_Q4, 32>() : mma_residency_of<ZSE_SCHEME_Q4S, 32>();
+    default: return q4 ? mma_residency_of<ZSE_SCHEME_Q4, 64>() : mma_residency_of<ZSE_SCHEME_Q4S, 64>();
+    }
+}
+
+/* K splits for a launch of `blocks` (x, y) blocks of n-row tiles: as many as still let
+ * every block be resident at once (`res` a SM, the occupancy calculator's figure), each
+ * split at least 4 stages, the fp32 partials (written and read back, mostly in L2) at most
+ * twice the weight's bytes. A launch a little over a wave pays a second round of whole
+ * blocks: at 64 rows 3584 x 18944 in 16 splits (448 blocks, 396 resident) took 79.8 us and
+ * in 14 (392) 62.5-64.3 (H200). Fewer rows per K split than the old cap (cols / 16n) let
+ * 3584 x 3584 at 64 rows take 14 splits instead of 3: 33.2 -> 27.1 us. */
+static int mma_splits(int64_t blocks, int64_t n, int64_t cols, int res)
+{
+    const int64_t slots = (int64_t)res * device_facts_once().sms;
+    const int64_t stages = (cols + MMA_KS - 1) / MMA_KS, traffic = cols / (4 * n);
+    int64_t s = slots / (blocks > 0 ? blocks : 1);
+    s = s < stages / 4 ? s : stages / 4;
+    s = s < traffic ? s : traffic;
+    return (int)(s < 1 ? 1 : s > 16 ? 16 : s);
+}
+
+/* the launch of weights [from, to) of mm (one scheme): its set, grid and split length */
+static void mma_plan(const zse_cuda_multi *mm, int from, int to, int64_t n, mma_set *set, dim3 *grid,
+                     int64_t *split_k)
+{
+    memset(set, 0, sizeof *set);
+    set->count = to - from;
+    int64_t blk = 0, row = 0;
+    for (int i = from; i < to; i++) {
+        const int k = i - from;
+        set->w[k] = mm->w[i];
+        set->e[k] = (gemv_epi){mm->y[i], mm->ypitch[i], mm->bias[i], mm->accumulate};
+        set->first_blk[k] = blk;
+        set->first_row[k] = row;
+        blk += zse_ceil_div(mm->w[i].rows, MMA_ROWS);
+        row += mm->w[i].rows;
+    }
+    set->total_rows = row;
+    const int64_t cols = mm->w[from].cols, nt = mma_tile(n), gy = zse_ceil_div(n, nt);
+    const int splits = mma_splits(blk * gy, n, cols, mma_residency(mm->w[from].scheme, nt));
+    /* splits start on stage boundaries */
+    *split_k = zse_ceil_div(zse_ceil_div(cols, splits), MMA_KS) * MMA_KS;
+    *grid = dim3((unsigned)blk, (unsigned)gy, (unsigned)zse_ceil_div(cols, *split_k));
+}
+
+/* weights i.. of mm that share one launch: all of them when they have one scheme */
+static int mma_run_end(const zse_cuda_multi *mm, int i)
+{
+    int j = i + 1;
+    while (j < mm->count && mm->w[j].scheme == mm->w[i].scheme)
+        j++;
+    return j;
+}
+
+static size_t mma_partials_bytes(const mma_set &set, const dim3 &grid, int64_t n)
+{
+    return grid.z > 1 ? (size_t)grid.z * (size_t)n * (size_t)set.total_rows * sizeof(float) : 0;
+}
+
+static size_t mma_multi_scratch_bytes(const zse_cuda_multi *mm, int64_t n)
+{
+    const size_t xbytes = ((size_t)n * (size_t)mm->w[0].cols * sizeof(__half) + 255) & ~(size_t)255;
+    size_t most = 0;
+    for (int i = 0; i < mm->count; i = mma_run_end(mm, i)) {
+        mma_set set;
+        dim3 grid;
+        int64_t split_k;
+        mma_plan(mm, i, mma_run_end(mm, i), n, &set, &grid, &split_k);
+        const size_t b = mma_partials_bytes(set, grid, n);
+        most = b > most ? b : most;
+    }
+    return xbytes + most + 256;
+}
+
+static size_t mma_scratch_bytes(const zse_cuda_weight *w, int64_t n)
+{
+    const zse_cuda_multi mm = single(w, NULL, 0);
+    return mma_multi_scratch_bytes(&mm, n);
+}
+
 template <int NT>
-static int launch_mma(int scheme, dim3 grid, const zse_cuda_weight *w, const __half *xh, int64_t n, int64_t split_k,
-                      const gemv_epi &e, float *part, cudaStream_t st)
+static int launch_mma(int scheme, dim3 grid, const mma_set &set, const __half *xh, int64_t n, int64_t split_k,
+                      float *part, cudaStream_t st)
 {
     if (scheme == ZSE_SCHEME_Q4) {
         if (mma_smem_ready<ZSE_SCHEME_Q4, NT>() != 0)
             return -1;
         zse_launch(gemm_q4_mma_kernel<ZSE_SCHEME_Q4, NT>, grid, MMA_WARPS * 32, mma_smem<NT>::BYTES, st,
-            *w, xh, n, split_k, e, part);
+            set, xh, n, split_k, part);
     } else {
         if (mma_smem_ready<ZSE_SCHEME_Q4S, NT>() != 0)
             return -1;
         zse_launch(gemm_q4_mma_kernel<ZSE_SCHEME_Q4S, NT>, grid, MMA_WARPS * 32, mma_smem<NT>::BYTES, st,
-            *w, xh, n, split_k, e, part);
+            set, xh, n, split_k, part);
     }
     return 0;
 }
 
-static int gemm_q4_mma(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n, const gemv_epi &e,
-                       void *scratch, size_t scratch_bytes, bool convert_x, cudaStream_t st)
+/* every weight of mm (4-bit, tensor-core capable, one width) over n rows of x: one launch
+ * per run of weights of one scheme (so q, k and v are one), x converted to f16 once unless
+ * the kernel that wrote x left it so */
+static int gemm_q4_mma(const zse_cuda_multi *mm, const float *x, int64_t xpitch, int64_t n, void *scratch,
+                       size_t scratch_bytes, bool convert_x, cudaStream_t st)
 {
-    if (scratch_bytes < mma_scratch_bytes(w, n) || ((uintptr_t)scratch & 255))
+    const int64_t cols = mm->w[0].cols;
+    if (scratch_bytes < mma_multi_scratch_bytes(mm, n) || ((uintptr_t)scratch & 255))
         return zse_cuda_fail("cuda mma: scratch of %zu bytes is too small for %lld x %lld", scratch_bytes,
-                             (long long)n, (long long)w->cols);
+                             (long long)n, (long long)cols);
     __half *xh = (__half *)scratch;
-    float *work = (float *)((uint8_t *)scratch + (((size_t)n * (size_t)w->cols * sizeof(__half) + 255) & ~(size_t)255));
+    float *work = (float *)((uint8_t *)scratch + (((size_t)n * (size_t)cols * sizeof(__half) + 255) & ~(size_t)255));
     if (convert_x) {
-        split_x(x, xpitch, n, w->cols, xh, NULL, st);
+        split_x(x, xpitch, n, cols, xh, NULL, st);
         ZSE_CUDA_LAUNCHED("cuda mma: x to f16");
     }
-    const int64_t gx = zse_ceil_div(w->rows, MMA_ROWS), nt = mma_tile(n);
-    const int64_t gy = zse_ceil_div(n, nt);
-    const int splits = mma_splits(gx * gy, n, w->cols);
-    /* splits start on stage boundaries */
-    const int64_t split_k = zse_ceil_div(zse_ceil_div(w->cols, splits), MMA_KS) * MMA_KS;
-    const int real_splits = (int)zse_ceil_div(w->cols, split_k);
-    float *part = real_splits > 1 ? work : NULL;
-    dim3 grid((unsigned)gx, (unsigned)gy, (unsigned)real_splits);
-    int rc = 0;
-    switch (nt) {
-    case 8: rc = launch_mma<8>(w->scheme, grid, w, xh, n, split_k, e, part, st); break;
-    case 16: rc = launch_mma<16>(w->scheme, grid, w, xh, n, split_k, e, part, st); break;
-    case 32: rc = launch_mma<32>(w->scheme, grid, w, xh, n, split_k, e, part, st); break;
-    default: rc = launch_mma<64>(w->scheme, grid, w, xh, n, split_k, e, part, st); break;
-    }
-    if (rc != 0)
-        return -1;
-    ZSE_CUDA_LAUNCHED("cuda mma");
-    if (part) {
-        zse_launch(mma_reduce_kernel, (unsigned)zse_ceil_div(n * w->rows, 256), 256, 0, st,
-            part, real_splits, n, w->rows, e);
-        ZSE_CUDA_LAUNCHED("cuda mma: split sum");
+    for (int i = 0; i < mm->count; i = mma_run_end(mm, i)) {
+        mma_set set;
+        dim3 grid;
+        int64_t split_k;
+        mma_plan(mm, i, mma_run_end(mm, i), n, &set, &grid, &split_k);
+        float *part = grid.z > 1 ? work : NULL;
+        const int scheme = set.w[0].scheme;
+        int rc = 0;
+        switch (mma_tile(n)) {
+        case 8: rc = launch_mma<8>(scheme, grid, set, xh, n, split_k, part, st); break;
+        case 16: rc = launch_mma<16>(scheme, grid, set, xh, n, split_k, part, st); break;
+        case 32: rc = launch_mma<32>(scheme, grid, set, xh, n, split_k, part, st); break;
+        default: rc = launch_mma<64>(scheme, grid, set, xh, n, split_k, part, st); break;
+        }
+        if (rc != 0)
+            return -1;
+        ZSE_CUDA_LAUNCHED("cuda mma");
+        if (part) {
+            zse_launch(mma_reduce_kernel, (unsigned)zse_ceil_div(n * set.total_rows, 256), 256, 0, st,
+                part, (int)grid.z, n, set);
+            ZSE_CUDA_LAUNCHED("cuda mma: split sum");
+        }
     }
     return 0;
 }
@@ -1433,8 +1556,17 @@ extern "C" int zse_cuda_matmul_mma(const zse_cuda_weight *w, const float *x, int
         return zse_cuda_fail("cuda mma: needs a 4-bit group scheme, cols %% 8 == 0 and sm_80 or newer");
     if (n < 1)
         return 0;
-    const gemv_epi e = {y, ypitch, NULL, 0};
-    return gemm_q4_mma(w, x, xpitch, n, e, scratch, scratch_bytes, true, (cudaStream_t)st);
+    const zse_cuda_multi mm = single(w, y, ypitch);
+    return gemm_q4_mma(&mm, x, xpitch, n, scratch, scratch_bytes, true, (cudaStream_t)st);
+}
+
+/* every weight of mm takes the tensor-core path at n rows (one x width, checked by the caller) */
+static bool multi_on_mma(const zse_cuda_multi *mm, int64_t n)
+{
+    bool all = n >= ZSE_CUDA_MMA_MIN && n <= ZSE_CUDA_MMA_MAX;
+    for (int i = 0; i < mm->count; i++)
+        all = all && mma_q4_ok(&mm->w[i]);
+    return all;
 }
 
 extern "C" size_t zse_cuda_matmul_multi_scratch_bytes(const zse_cuda_multi *mm, int64_t n)
@@ -1442,6 +1574,10 @@ extern "C" size_t zse_cuda_matmul_multi_scratch_bytes(const zse_cuda_multi *mm, 
     size_t most = 0;
     for (int i = 0; i < mm->count; i++) {
         size_t b = zse_cuda_matmul_scratch_bytes(&mm->w[i], n);
+        most = b > most ? b : most;
+    }
+    if (mm->count >= 1 && multi_on_mma(mm, n)) {
+        const size_t b = mma_multi_scratch_bytes(mm, n);   /* the weights' partials side by side */
         most = b > most ? b : most;
     }
     return most;
@@ -1459,19 +1595,9 @@ extern "C" int zse_cuda_matmul_multi(const zse_cuda_multi *mm, const float *x, i
             return zse_cuda_fail("cuda matmul: weights of %lld and %lld columns over one x",
                                  (long long)mm->w[0].cols, (long long)mm->w[i].cols);
     }
-    bool all_mma = n >= ZSE_CUDA_MMA_MIN && n <= ZSE_CUDA_MMA_MAX;
-    for (int i = 0; i < mm->count; i++)
-        all_mma = all_mma && mma_q4_ok(&mm->w[i]);
-    if (all_mma) {
-        /* x goes to f16 once for every weight, or came so from the kernel that wrote it */
-        for (int i = 0; i < mm->count; i++) {
-            const gemv_epi e = {mm->y[i], mm->ypitch[i], mm->bias[i], mm->accumulate};
-            const bool convert = i == 0 && mm->x_ready != ZSE_CUDA_XPREP_F16;
-            if (gemm_q4_mma(&mm->w[i], x, xpitch, n, e, scratch, scratch_bytes, convert, (cudaStream_t)st) != 0)
-                return -1;
-        }
-        return 0;
-    }
+    if (multi_on_mma(mm, n))
+        return gemm_q4_mma(mm, x, xpitch, n, scratch, scratch_bytes, mm->x_ready != ZSE_CUDA_XPREP_F16,
+                           (cudaStream_t)st);
     if (n <= ZSE_CUDA_GEMV_MAX)
         return multi_gemv(mm, x, xpitch, n, scratch, scratch_bytes, (cudaStream_t)st);
     for (int i = 0; i < mm->count; i++) {

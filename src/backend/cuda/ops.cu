@@ -1082,13 +1082,6 @@ attention_tile_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const fl
     att_finish<ATT_MAX_DPL>(acc, lane, 32, hd, m, l, splits, item, it, out, op, work, lane);
 }
 
-/* The tile walk for the common head sizes (64, 128, 256), with the head size and the storage
- * known at compile time so that every load of a tile is issued before the first is used:
- * a lane's whole K row (HD / 8 or HD / 16 16-byte loads), then the V rows of 16 keys at a
- * time, each lane reading its own HD / 32 contiguous dims as one vector. The generic walk
- * above waits on each 16 bytes of K and each 2 bytes of V in turn; at decode, where a warp
- * has one or two tiles, that latency is the kernel's whole cost. Same results otherwise:
- * the same online softmax over the same keys in the same order. */
 template <int HD, bool I8> struct kv_vec;   /* a lane's HD / 32 values of one V row */
 template <> struct kv_vec<64, false> { typedef uint32_t T; };
 template <> struct kv_vec<128, false> { typedef uint2 T; };
@@ -1116,97 +1109,215 @@ __device__ __forceinline__ void kv_vec_unpack(const typename kv_vec<HD, I8>::T &
     }
 }
 
+/* Decode attention for the common head sizes (64, 128, 256), the head size and the storage
+ * known at compile time. A block takes one (token, KV head, split) and a warp each of the
+ * query heads that share that KV head (GQA; a group of more than ATT_GQA_MAX heads is taken
+ * in chunks), so each K and V row is read once for the whole group. The block copies tiles
+ * of 32 keys' K and V rows into shared memory with cp.async, the next tile's copies in
+ * flight while the warps work on the current one: every load of a tile is in the air at
+ * once. (A warp per (token, head) that loaded its K row and V rows into registers had the
+ * compiler interleave the loads with their use, ~20 round trips to memory a tile: 13 us a
+ * tile, 72.6 us a layer at 64 sequences of 140 tokens on the H200.) A warp then works as
+ * the tile walk above does: lane j scores key j against q in shared memory, one online-
+ * softmax update a tile, and the V rows are accumulated with each key's weight broadcast
+ * from its lane, a lane holding HD / 32 contiguous dims. Same keys in the same order, so
+ * the same results. Rows are padded by 16 bytes: the 8 lanes of a quarter warp reading 16
+ * bytes of 8 different rows hit 32 distinct banks. */
+enum { ATT_GQA_MAX = 8, ATT_TILE = 32 };
+
+template <int HD, bool I8> struct att_tiles {
+    static constexpr int RB = HD * (I8 ? 1 : 2);        /* bytes of a K or V row */
+    static constexpr int ROW = RB + 16;                 /* its pitch in shared memory */
+    static constexpr int BUF = 2 * ATT_TILE * ROW;      /* a tile: 32 K rows, then 32 V rows */
+    static constexpr int BYTES = 2 * BUF;               /* the current tile and the next */
+};
+
+/* the slot of each key of one tile and the copies of its K and V rows (zeros for holes and
+ * keys past the range; their int8 scales are not read) */
 template <int HD, bool I8>
-__global__ void __launch_bounds__(ATT_WARPS * 32)
-attention_hd_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *q, int64_t qp,
-                    int64_t n, int splits, bool skip_long, float *out, int64_t op, float *work)
+__device__ __forceinline__ void att_issue_tile(uint8_t *buf, int *slots, float *ksc, float *vsc,
+                                               const zse_cuda_kv_layer &L, const zse_cuda_attn &a,
+                                               const int32_t *bt, int kvh, int k0, int k_end)
 {
-    pdl_enter();
-    constexpr int DPL = HD / 32;                        /* dims per lane, contiguous */
-    constexpr int KCH = I8 ? HD / 16 : HD / 8;          /* 16-byte chunks in a K row */
-    typedef typename kv_vec<HD, I8>::T vrow;
-    __shared__ __align__(16) float qs[ATT_WARPS][HD];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int64_t item = (int64_t)blockIdx.x * ATT_WARPS + warp;
-    att_item it;
-    if (!att_item_of(a, item, n, splits, skip_long, it))
-        return;
-    const int64_t t = it.t;
-    const int h = it.h, kvh = it.kvh, k_end = it.k_end;
-
-    float *qw = qs[warp];
-#pragma unroll
-    for (int i = 0; i < DPL; i++)
-        qw[lane + 32 * i] = q[t * qp + (int64_t)h * HD + lane + 32 * i] * a.scale;
-    __syncwarp();
-
-    float acc[DPL];
-#pragma unroll
-    for (int i = 0; i < DPL; i++)
-        acc[i] = 0.f;
-    float m = -FLT_MAX, l = 0.f;
-    const int32_t *bt = a.block_table + (int64_t)it.seq * a.max_blocks;
-    for (int k0 = it.k_begin; k0 < k_end; k0 += 32) {
-        const int p = k0 + lane;
+    typedef att_tiles<HD, I8> T;
+    constexpr int CH = T::RB / 16;
+    for (int i = threadIdx.x; i < ATT_TILE * CH; i += blockDim.x) {
+        const int j = i / CH, c = i - j * CH, p = k0 + j;
         const int slot = p < k_end ? att_slot(L, a, bt, p) : -1;
-        float s = -INFINITY, vscale = 1.f;
-        if (slot >= 0) {
-            const int64_t row = (int64_t)slot * L.n_kv_heads + kvh;
-            const uint4 *kr = reinterpret_cast<const uint4 *>((const uint8_t *)L.k + row * HD * (I8 ? 1 : 2));
-            uint4 kc[KCH];
-#pragma unroll
-            for (int c = 0; c < KCH; c++)
-                kc[c] = kr[c];
-            float dot = 0.f;
-#pragma unroll
-            for (int c = 0; c < KCH; c++) {
-                const float4 *q4 = reinterpret_cast<const float4 *>(qw + c * (I8 ? 16 : 8));
-                if (I8) {
-                    const int8_t *b = reinterpret_cast<const int8_t *>(&kc[c]);
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        const float4 qq = q4[j];
-                        dot = fmaf(qq.x, (float)b[4 * j], dot);
-                        dot = fmaf(qq.y, (float)b[4 * j + 1], dot);
-                        dot = fmaf(qq.z, (float)b[4 * j + 2], dot);
-                        dot = fmaf(qq.w, (float)b[4 * j + 3], dot);
-                    }
-                } else {
-                    const __half2 *h2 = reinterpret_cast<const __half2 *>(&kc[c]);
-#pragma unroll
-                    for (int j = 0; j < 2; j++) {
-                        const float4 qq = q4[j];
-                        const float2 a0 = __half22float2(h2[2 * j]), a1 = __half22float2(h2[2 * j + 1]);
-                        dot = fmaf(qq.x, a0.x, dot);
-                        dot = fmaf(qq.y, a0.y, dot);
-                        dot = fmaf(qq.z, a1.x, dot);
-                        dot = fmaf(qq.w, a1.y, dot);
-                    }
-                }
+        const int64_t row = (int64_t)max(slot, 0) * L.n_kv_heads + kvh;
+        cp_async16(buf + j * T::ROW + c * 16, (const uint8_t *)L.k + row * T::RB + c * 16, slot >= 0);
+        cp_async16(buf + (ATT_TILE + j) * T::ROW + c * 16, (const uint8_t *)L.v + row * T::RB + c * 16, slot >= 0);
+        if (c == 0) {
+            slots[j] = slot;
+            if (I8 && slot >= 0) {
+                cp_async4(&ksc[j], L.kscale + row);
+                cp_async4(&vsc[j], L.vscale + row);
             }
-            if (I8) {
-                dot *= L.kscale[row];
-                vscale = L.vscale[row];
-            }
-            s = dot;
-        }
-        const float pv = att_tile_update(s, slot >= 0, vscale, m, l, acc);
-        const int nk = min(32, k_end - k0);
-        /* a hole (slot -1, weight 0) reads slot 0, which the pool's zero fill keeps finite */
-#pragma unroll 16
-        for (int j = 0; j < nk; j++) {
-            const float pj = __shfl_sync(0xffffffffu, pv, j);
-            const int sj = max(0, __shfl_sync(0xffffffffu, slot, j));
-            const int64_t row = (int64_t)sj * L.n_kv_heads + kvh;
-            const vrow v = reinterpret_cast<const vrow *>((const uint8_t *)L.v + row * HD * (I8 ? 1 : 2))[lane];
-            float f[DPL];
-            kv_vec_unpack<HD, I8>(v, f);
-#pragma unroll
-            for (int i = 0; i < DPL; i++)
-                acc[i] = fmaf(pj, f[i], acc[i]);
         }
     }
-    att_finish<DPL>(acc, lane * DPL, 1, HD, m, l, splits, item, it, out, op, work, lane);
+}
+
+/* one warp's pass over a tile in shared memory */
+template <int HD, bool I8>
+__device__ __forceinline__ void att_tile_math(const uint8_t *buf, const int *slots, const float *ksc, const float *vsc,
+                                              const float *qw, int lane, int nk, float &m, float &l,
+                                              float (&acc)[HD / 32])
+{
+    typedef att_tiles<HD, I8> T;
+    typedef typename kv_vec<HD, I8>::T vrow;
+    constexpr int CH = T::RB / 16;
+    const int slot = slots[lane];
+    float s = -INFINITY, vscale = 1.f;
+    if (slot >= 0) {
+        const uint4 *kr = reinterpret_cast<const uint4 *>(buf + lane * T::ROW);
+        float dot = 0.f;
+#pragma unroll
+        for (int c = 0; c < CH; c++) {
+            const uint4 kc = kr[c];
+            const float4 *q4 = reinterpret_cast<const float4 *>(qw + c * (I8 ? 16 : 8));
+            if (I8) {
+                const int8_t *b = reinterpret_cast<const int8_t *>(&kc);
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const float4 qq = q4[j];
+                    dot = fmaf(qq.x, (float)b[4 * j], dot);
+                    dot = fmaf(qq.y, (float)b[4 * j + 1], dot);
+                    dot = fmaf(qq.z, (float)b[4 * j + 2], dot);
+                    dot = fmaf(qq.w, (float)b[4 * j + 3], dot);
+                }
+            } else {
+                const __half2 *h2 = reinterpret_cast<const __half2 *>(&kc);
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    const float4 qq = q4[j];
+                    const float2 a0 = __half22float2(h2[2 * j]), a1 = __half22float2(h2[2 * j + 1]);
+                    dot = fmaf(qq.x, a0.x, dot);
+                    dot = fmaf(qq.y, a0.y, dot);
+                    dot = fmaf(qq.z, a1.x, dot);
+                    dot = fmaf(qq.w, a1.y, dot);
+                }
+            }
+        }
+        if (I8) {
+            dot *= ksc[lane];
+            vscale = vsc[lane];
+        }
+        s = dot;
+    }
+    const float pv = att_tile_update(s, slot >= 0, vscale, m, l, acc);
+    const uint8_t *vbase = buf + ATT_TILE * T::ROW + lane * sizeof(vrow);
+#pragma unroll 8
+    for (int j = 0; j < nk; j++) {
+        const float pj = __shfl_sync(0xffffffffu, pv, j);
+        float f[HD / 32];
+        kv_vec_unpack<HD, I8>(*reinterpret_cast<const vrow *>(vbase + j * T::ROW), f);
+#pragma unroll
+        for (int i = 0; i < HD / 32; i++)
+            acc[i] = fmaf(pj, f[i], acc[i]);
+    }
+}
+
+/* grid: (token, KV head, chunk of its query heads, split) blocks of hpb warps */
+template <int HD, bool I8>
+__global__ void __launch_bounds__(ATT_GQA_MAX * 32)
+attention_gqa_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const float *q, int64_t qp, int64_t n,
+                     int splits, int chunks, int hpb, bool skip_long, float *out, int64_t op, float *work)
+{
+    pdl_enter();
+    typedef att_tiles<HD, I8> T;
+    extern __shared__ __align__(16) uint8_t att_buf[];
+    __shared__ __align__(16) float qs[ATT_GQA_MAX][HD];
+    __shared__ int slot_s[2][ATT_TILE];
+    __shared__ float ksc_s[2][ATT_TILE], vsc_s[2][ATT_TILE];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int64_t b = blockIdx.x;
+    const int split = (int)(b % splits);
+    b /= splits;
+    const int chunk = (int)(b % chunks);
+    b /= chunks;
+    const int kvh = (int)(b % a.n_kv_heads);
+    const int64_t t = b / a.n_kv_heads;
+    if (t >= n || (skip_long && att_long_run(a.seq_of, n, t)))
+        return;     /* the whole block: the tensor-core kernel has this token */
+    const int group = a.n_heads / a.n_kv_heads, gh = chunk * hpb + warp;
+    const bool active = warp < hpb && gh < group;
+
+    att_item it;
+    it.t = t;
+    it.h = kvh * group + gh;
+    it.kvh = kvh;
+    it.seq = a.seq_of[t];
+    const int pos = a.pos[t];
+    const int lo_vis = a.window > 0 ? max(0, pos - a.window + 1) : 0;
+    const int per = (pos - lo_vis + 1 + splits - 1) / splits;
+    it.k_begin = lo_vis + split * per;
+    it.k_end = min(pos + 1, it.k_begin + per);
+    const int32_t *bt = a.block_table + (int64_t)it.seq * a.max_blocks;
+
+    float *qw = qs[warp];
+    if (active) {
+#pragma unroll
+        for (int i = 0; i < HD / 32; i++)
+            qw[lane + 32 * i] = q[t * qp + (int64_t)it.h * HD + lane + 32 * i] * a.scale;
+    }
+    float acc[HD / 32];
+#pragma unroll
+    for (int i = 0; i < HD / 32; i++)
+        acc[i] = 0.f;
+    float m = -FLT_MAX, l = 0.f;
+    const int tiles = it.k_end > it.k_begin ? (it.k_end - it.k_begin + ATT_TILE - 1) / ATT_TILE : 0;
+    if (tiles > 0)
+        att_issue_tile<HD, I8>(att_buf, slot_s[0], ksc_s[0], vsc_s[0], L, a, bt, kvh, it.k_begin, it.k_end);
+    cp_async_commit();
+    for (int i = 0; i < tiles; i++) {
+        const int nb = (i + 1) & 1, k0 = it.k_begin + i * ATT_TILE;
+        if (i + 1 < tiles)
+            att_issue_tile<HD, I8>(att_buf + nb * T::BUF, slot_s[nb], ksc_s[nb], vsc_s[nb], L, a, bt, kvh,
+                                   k0 + ATT_TILE, it.k_end);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();    /* tile i and its slots are in for every thread (q too) */
+        if (active)
+            att_tile_math<HD, I8>(att_buf + (i & 1) * T::BUF, slot_s[i & 1], ksc_s[i & 1], vsc_s[i & 1], qw, lane,
+                                  min(ATT_TILE, it.k_end - k0), m, l, acc);
+        __syncthreads();    /* every warp is done with it before tile i + 2 is copied over it */
+    }
+    if (active) {
+        const int64_t item = ((int64_t)t * a.n_heads + it.h) * splits + split;
+        att_finish<HD / 32>(acc, lane * (HD / 32), 1, HD, m, l, splits, item, it, out, op, work, lane);
+    }
+}
+
+/* the query heads of a block: the group, or equal chunks of at most ATT_GQA_MAX */
+static void att_gqa_shape(const zse_cuda_attn *a, int *chunks, int *hpb)
+{
+    const int group = a->n_heads / a->n_kv_heads;
+    *chunks = (group + ATT_GQA_MAX - 1) / ATT_GQA_MAX;
+    *hpb = (group + *chunks - 1) / *chunks;
+}
+
+/* the tiles of head_dim 256 in f16 need more than the 48 KB of shared memory a launch gets
+ * unasked: the limit is raised once per instantiation, on its first (never-recorded) use */
+template <int HD, bool I8> static int launch_attention_gqa(const zse_cuda_kv_layer *L, const zse_cuda_attn *a,
+                                                           const float *q, int64_t qp, int64_t n, int splits,
+                                                           bool skip_long, float *out, int64_t op, float *work,
+                                                           cudaStream_t st)
+{
+    static int ready = 0;
+    if (!ready) {
+        cudaError_t err = cudaFuncSetAttribute(attention_gqa_kernel<HD, I8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               att_tiles<HD, I8>::BYTES);
+        if (err != cudaSuccess)
+            return zse_cuda_fail("cuda attention: %d bytes of shared memory: %s", att_tiles<HD, I8>::BYTES,
+                                 cudaGetErrorString(err));
+        ready = 1;
+    }
+    int chunks, hpb;
+    att_gqa_shape(a, &chunks, &hpb);
+    const int64_t blocks = n * a->n_kv_heads * chunks * splits;
+    zse_launch(attention_gqa_kernel<HD, I8>, (unsigned)blocks, hpb * 32, att_tiles<HD, I8>::BYTES, st,
+        *L, *a, q, qp, n, splits, chunks, hpb, skip_long, out, op, work);
+    return 0;
 }
 
 /* merge the splits of one (token, head): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
@@ -1542,15 +1653,14 @@ extern "C" int zse_cuda_attention(const zse_cuda_kv_layer *L, const zse_cuda_att
     if (splits > 1 && (size_t)items * (a->head_dim + 2) * sizeof(float) > work_bytes)
         return zse_cuda_fail("cuda attention: work buffer of %zu bytes is too small", work_bytes);
     const unsigned grid = (unsigned)zse_ceil_div(items, ATT_WARPS);
+    int rc = 0;
 #define ZSE_ATT_HD(HD)                                                                                   \
-    if (a->head_dim == HD) {                                                                             \
-        if (L->int8)                                                                                     \
-            zse_launch(attention_hd_kernel<HD, true>, grid, ATT_WARPS * 32, 0, (cudaStream_t)st,         \
-                *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);                          \
-        else                                                                                             \
-            zse_launch(attention_hd_kernel<HD, false>, grid, ATT_WARPS * 32, 0, (cudaStream_t)st,        \
-                *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);                          \
-    } else
+    if (a->head_dim == HD)                                                                               \
+        rc = L->int8 ? launch_attention_gqa<HD, true>(L, a, q, qpitch, n, splits, mma, out, opitch,      \
+                                                      (float *)work, (cudaStream_t)st)                   \
+                     : launch_attention_gqa<HD, false>(L, a, q, qpitch, n, splits, mma, out, opitch,     \
+                                                       (float *)work, (cudaStream_t)st);                 \
+    else
     ZSE_ATT_HD(64) ZSE_ATT_HD(128) ZSE_ATT_HD(256)
 #undef ZSE_ATT_HD
     if (a->head_dim % 16 == 0)
@@ -1559,6 +1669,8 @@ extern "C" int zse_cuda_attention(const zse_cuda_kv_layer *L, const zse_cuda_att
     else
         zse_launch(attention_kernel, grid, ATT_WARPS * 32, 0, (cudaStream_t)st,
             *L, *a, q, qpitch, n, splits, mma, out, opitch, (float *)work);
+    if (rc != 0)
+        return -1;
     ZSE_CUDA_LAUNCHED("cuda attention");
     if (splits > 1) {
         zse_launch(attention_combine_kernel, (unsigned)(n * a->n_heads), 128, 0, (cudaStream_t)st,
