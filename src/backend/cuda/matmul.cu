@@ -1437,7 +1437,7 @@ static void mma_plan(const zse_cuda_multi *mm, int from, int to, int64_t n, mma_
     for (int i = from; i < to; i++) {
         const int k = i - from;
         set->w[k] = mm->w[i];
-        set->e[k] = (gemv_epi){mm->y[i], mm->ypitch[i], mm->bias[i], mm->accumulate};
+        set->e[k] = gemv_epi{mm->y[i], mm->ypitch[i], mm->bias[i], mm->accumulate};
         set->first_blk[k] = blk;
         set->first_row[k] = row;
         blk += zse_ceil_div(mm->w[i].rows, MMA_ROWS);

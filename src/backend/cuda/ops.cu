@@ -829,6 +829,18 @@ __device__ __forceinline__ bool att_long_run(const int32_t *seq_of, int64_t n, i
     return len >= FA_MIN_RUN;
 }
 
+/* token it.t's sequence and the keys of its split: the visible positions (p <= pos, and
+ * pos - p < window when sliding) in `splits` equal parts */
+__device__ __forceinline__ void att_keys_of(const zse_cuda_attn &a, int split, int splits, att_item &it)
+{
+    it.seq = a.seq_of[it.t];
+    const int pos = a.pos[it.t];
+    const int lo_vis = a.window > 0 ? max(0, pos - a.window + 1) : 0;
+    const int per = (pos - lo_vis + 1 + splits - 1) / splits;
+    it.k_begin = lo_vis + split * per;
+    it.k_end = min(pos + 1, it.k_begin + per);
+}
+
 __device__ __forceinline__ bool att_item_of(const zse_cuda_attn &a, int64_t item, int64_t n, int splits, bool skip_long,
                                             att_item &it)
 {
@@ -841,12 +853,7 @@ __device__ __forceinline__ bool att_item_of(const zse_cuda_attn &a, int64_t item
     if (skip_long && att_long_run(a.seq_of, n, it.t))
         return false;   /* attention_mma_kernel's */
     it.kvh = it.h / (a.n_heads / a.n_kv_heads);
-    it.seq = a.seq_of[it.t];
-    const int pos = a.pos[it.t];
-    const int lo_vis = a.window > 0 ? max(0, pos - a.window + 1) : 0;
-    const int per = (pos - lo_vis + 1 + splits - 1) / splits;
-    it.k_begin = lo_vis + split * per;
-    it.k_end = min(pos + 1, it.k_begin + per);
+    att_keys_of(a, split, splits, it);
     return true;
 }
 
@@ -1246,12 +1253,7 @@ attention_gqa_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const flo
     it.t = t;
     it.h = kvh * group + gh;
     it.kvh = kvh;
-    it.seq = a.seq_of[t];
-    const int pos = a.pos[t];
-    const int lo_vis = a.window > 0 ? max(0, pos - a.window + 1) : 0;
-    const int per = (pos - lo_vis + 1 + splits - 1) / splits;
-    it.k_begin = lo_vis + split * per;
-    it.k_end = min(pos + 1, it.k_begin + per);
+    att_keys_of(a, split, splits, it);
     const int32_t *bt = a.block_table + (int64_t)it.seq * a.max_blocks;
 
     float *qw = qs[warp];
