@@ -1111,7 +1111,8 @@ gemm_q4_mma_kernel(const mma_set set, const __half *__restrict__ xh, int64_t n, 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int wi = mma_weight_of(set, set.first_blk, (int64_t)blockIdx.x);
     /* a copy: the fields the stage loop reads stay in registers, not re-read at a computed
-     * offset into the parameters every stage (at 8 rows, +10% time on the 152064-row head) */
+     * offset into the parameters every stage (H200, 8 rows: the 152064-row head took 190 us
+     * that way, 164 with the copy; 7B-shaped aggregate decode at 64 sequences +7%) */
     const zse_cuda_weight w = set.w[wi];
     const int64_t row_blk = ((int64_t)blockIdx.x - set.first_blk[wi]) * MMA_ROWS;
     const int64_t n0 = (int64_t)blockIdx.y * NT;
@@ -1410,18 +1411,21 @@ static int mma_residency(int scheme, int64_t nt)
     }
 }
 
-/* K splits for a launch of `blocks` (x, y) blocks of n-row tiles: as many as still let
- * every block be resident at once (`res` a SM, the occupancy calculator's figure), each
- * split at least 4 stages, the fp32 partials (written and read back, mostly in L2) at most
- * twice the weight's bytes. A launch a little over a wave pays a second round of whole
- * blocks: at 64 rows 3584 x 18944 in 16 splits (448 blocks, 396 resident) took 79.8 us and
- * in 14 (392) 62.5-64.3 (H200). Fewer rows per K split than the old cap (cols / 16n) let
- * 3584 x 3584 at 64 rows take 14 splits instead of 3: 33.2 -> 27.1 us. */
+/* K splits for a launch of `blocks` (x, y) blocks of n-row tiles: the count that comes
+ * nearest to one wave of resident blocks (`res` a SM, the occupancy calculator's figure),
+ * each split at least 4 stages, the fp32 partials (written and read back, mostly in L2) at
+ * most twice the weight's bytes. H200: a launch 13% over a wave of long blocks pays a second
+ * round of them (3584 x 18944 at 64 rows: 16 splits, 448 blocks for 396 places, 79.8 us; 14
+ * splits 62.5-64.3), while short blocks gain from a wave's worth more in flight (18944 x
+ * 3584 at 8 rows: 3 splits, 444 blocks for 528 places, 39.6 us; 4 splits 38.3; at 64 rows
+ * 2 splits 72.4, 3 splits 69.8) - hence nearest, not at most. Fewer rows per K split than
+ * the old cap (cols / 16n) let 3584 x 3584 at 64 rows take 14 splits instead of 3: 33.2 ->
+ * 26.5 us. */
 static int mma_splits(int64_t blocks, int64_t n, int64_t cols, int res)
 {
-    const int64_t slots = (int64_t)res * device_facts_once().sms;
+    const int64_t slots = (int64_t)res * device_facts_once().sms, b = blocks > 0 ? blocks : 1;
     const int64_t stages = (cols + MMA_KS - 1) / MMA_KS, traffic = cols / (4 * n);
-    int64_t s = slots / (blocks > 0 ? blocks : 1);
+    int64_t s = (slots + b / 2) / b;
     s = s < stages / 4 ? s : stages / 4;
     s = s < traffic ? s : traffic;
     return (int)(s < 1 ? 1 : s > 16 ? 16 : s);
