@@ -857,6 +857,39 @@ __device__ __forceinline__ bool att_item_of(const zse_cuda_attn &a, int64_t item
     return true;
 }
 
+/* dot + q[0:16] . the 16 int8 values of v (in order, one fma each) */
+__device__ __forceinline__ float dot_i8x16(const uint4 &v, const float *q, float dot)
+{
+    const int8_t *b = reinterpret_cast<const int8_t *>(&v);
+    const float4 *q4 = reinterpret_cast<const float4 *>(q);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float4 qq = q4[j];
+        dot = fmaf(qq.x, (float)b[4 * j], dot);
+        dot = fmaf(qq.y, (float)b[4 * j + 1], dot);
+        dot = fmaf(qq.z, (float)b[4 * j + 2], dot);
+        dot = fmaf(qq.w, (float)b[4 * j + 3], dot);
+    }
+    return dot;
+}
+
+/* dot + q[0:8] . the 8 f16 values of v */
+__device__ __forceinline__ float dot_f16x8(const uint4 &v, const float *q, float dot)
+{
+    const __half2 *h2 = reinterpret_cast<const __half2 *>(&v);
+    const float4 *q4 = reinterpret_cast<const float4 *>(q);
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        const float4 qq = q4[j];
+        const float2 a0 = __half22float2(h2[2 * j]), a1 = __half22float2(h2[2 * j + 1]);
+        dot = fmaf(qq.x, a0.x, dot);
+        dot = fmaf(qq.y, a0.y, dot);
+        dot = fmaf(qq.z, a1.x, dot);
+        dot = fmaf(qq.w, a1.y, dot);
+    }
+    return dot;
+}
+
 /* the cache slot of key position p through the sequence's block-table row, -1 when the
  * engine never stored it */
 __device__ __forceinline__ int att_slot(const zse_cuda_kv_layer &L, const zse_cuda_attn &a, const int32_t *bt, int p)
@@ -1027,19 +1060,8 @@ attention_tile_kernel(const zse_cuda_kv_layer L, const zse_cuda_attn a, const fl
             float dot = 0.f;
             if (L.int8) {
                 const int8_t *kr = (const int8_t *)L.k + base;
-                for (int d = 0; d < hd; d += 16) {
-                    const uint4 v = *reinterpret_cast<const uint4 *>(kr + d);
-                    const int8_t *b = reinterpret_cast<const int8_t *>(&v);
-                    const float4 *q4 = reinterpret_cast<const float4 *>(qw + d);
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        const float4 qq = q4[j];
-                        dot = fmaf(qq.x, (float)b[4 * j], dot);
-                        dot = fmaf(qq.y, (float)b[4 * j + 1], dot);
-                        dot = fmaf(qq.z, (float)b[4 * j + 2], dot);
-                        dot = fmaf(qq.w, (float)b[4 * j + 3], dot);
-                    }
-                }
+                for (int d = 0; d < hd; d += 16)
+                    dot = dot_i8x16(*reinterpret_cast<const uint4 *>(kr + d), qw + d, dot);
                 dot *= L.kscale[(int64_t)slot * L.n_kv_heads + kvh];
                 vscale = L.vscale[(int64_t)slot * L.n_kv_heads + kvh];
             } else {
@@ -1181,29 +1203,7 @@ __device__ __forceinline__ void att_tile_math(const uint8_t *buf, const int *slo
 #pragma unroll
         for (int c = 0; c < CH; c++) {
             const uint4 kc = kr[c];
-            const float4 *q4 = reinterpret_cast<const float4 *>(qw + c * (I8 ? 16 : 8));
-            if (I8) {
-                const int8_t *b = reinterpret_cast<const int8_t *>(&kc);
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const float4 qq = q4[j];
-                    dot = fmaf(qq.x, (float)b[4 * j], dot);
-                    dot = fmaf(qq.y, (float)b[4 * j + 1], dot);
-                    dot = fmaf(qq.z, (float)b[4 * j + 2], dot);
-                    dot = fmaf(qq.w, (float)b[4 * j + 3], dot);
-                }
-            } else {
-                const __half2 *h2 = reinterpret_cast<const __half2 *>(&kc);
-#pragma unroll
-                for (int j = 0; j < 2; j++) {
-                    const float4 qq = q4[j];
-                    const float2 a0 = __half22float2(h2[2 * j]), a1 = __half22float2(h2[2 * j + 1]);
-                    dot = fmaf(qq.x, a0.x, dot);
-                    dot = fmaf(qq.y, a0.y, dot);
-                    dot = fmaf(qq.z, a1.x, dot);
-                    dot = fmaf(qq.w, a1.y, dot);
-                }
-            }
+            dot = I8 ? dot_i8x16(kc, qw + c * 16, dot) : dot_f16x8(kc, qw + c * 8, dot);
         }
         if (I8) {
             dot *= ksc[lane];
