@@ -13,4 +13,14 @@ if(ZSE_HAVE_CUDA AND ZSE_CU_SOURCES)
   target_link_libraries(gpu_kernels_test PRIVATE zse_lib CUDA::cublas)
   add_test(NAME gpu_kernels COMMAND gpu_kernels_test)
   set_tests_properties(gpu_kernels PROPERTIES SKIP_RETURN_CODE 77)
+
+  # the binary carries native code for every configured architecture (the default list
+  # unless the builder chose one) and the tensor-core / overlapping-launch code in its PTX
+  if(ZSE_CUDA_ARCHITECTURES_GIVEN)
+    set(zse_archs_expected "${CMAKE_CUDA_ARCHITECTURES}")
+  else()
+    set(zse_archs_expected "${ZSE_DEFAULT_CUDA_ARCHITECTURES}")
+  endif()
+  add_test(NAME cuda_archs COMMAND python3 ${PROJECT_SOURCE_DIR}/tools/cuda_archs.py $<TARGET_FILE:zse>
+           --expect "${zse_archs_expected}")
 endif()

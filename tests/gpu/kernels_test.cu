@@ -324,6 +324,17 @@ static void check_matmul_dispatch(int scheme, int64_t rows, int64_t cols, int gr
     CU(cudaMalloc(&dy, (size_t)(n * yp) * 4));
     poison(dy, (size_t)(n * yp));
     CHECK(zse_cuda_matmul_scratch_bytes(&p.w, n) <= scratch_bytes, "scratch estimate");
+    if (mma_only && zse_cuda_code_arch() < 80) {
+        /* code without tensor cores (compute_75 PTX): the path must refuse, not trap */
+        CHECK(zse_cuda_matmul_mma(&p.w, dx, xp, n, dy, yp, scratch, scratch_bytes, 0) != 0 &&
+                  strstr(zse_cuda_last_error(), "sm_80"),
+              "mma path on sm_%d code: not refused", zse_cuda_code_arch());
+        CU(cudaDeviceSynchronize());
+        cudaFree(dx);
+        cudaFree(dy);
+        cudaFree(p.dev);
+        return;
+    }
     if (mma_only)
         LAUNCH(zse_cuda_matmul_mma(&p.w, dx, xp, n, dy, yp, scratch, scratch_bytes, 0));
     else
@@ -1667,7 +1678,8 @@ int main(int argc, char **argv)
     }
     cudaDeviceProp prop;
     CU(cudaGetDeviceProperties(&prop, 0));
-    printf("device: %s, %d SMs, %.0f MB L2\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize / 1e6);
+    printf("device: %s (compute capability %d.%d), %d SMs, %.0f MB L2; code built for sm_%d\n", prop.name, prop.major,
+           prop.minor, prop.multiProcessorCount, prop.l2CacheSize / 1e6, zse_cuda_code_arch());
     if (cublasCreate(&cublas) != CUBLAS_STATUS_SUCCESS) {
         fprintf(stderr, "cuBLAS did not initialize\n");
         return 2;

@@ -12,9 +12,9 @@ fx=tests/fixtures/tiny-llama
 work=$(mktemp -d)
 prompt="def fibonacci(n):"
 fail=0
-log=$out/model.log
+log=$out/${ZSE_MODEL_LOG:-model.log}
 : >"$log"
-: >"$out/model-bench.jsonl"
+[ -n "${ZSE_MODEL_LOG:-}" ] || : >"$out/model-bench.jsonl"
 for q in f32 bf16 int8 int4; do
     m=$work/tiny-$q.zse
     if ! "$zse" convert "$fx" -o "$m" --quant $q >>"$log" 2>&1; then

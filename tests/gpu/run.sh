@@ -22,7 +22,10 @@ note "== $(date -u +%Y-%m-%dT%H:%MZ) $(nvidia-smi --query-gpu=name,memory.total,
 note "== commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
 
 # ---- 1. kernels ------------------------------------------------------------------------
-# ZSE_GPU_SKIP_UNITS=1 skips steps 1 and 1b (a model-only run).
+# ZSE_GPU_SKIP_UNITS=1 skips steps 1 and 1b (a model-only run). The correctness checks run
+# twice: on native code for sm_$arch, and on compute_75 PTX alone, which the driver
+# JIT-compiles for this GPU with every `__CUDA_ARCH__ >= 800` path compiled out (what a
+# Turing card runs, and what any GPU runs from a build without its native code; issue 24).
 kt=build-gpu/kernels_test
 mkdir -p build-gpu
 if [ "${ZSE_GPU_SKIP_UNITS:-0}" = 1 ]; then
@@ -31,8 +34,19 @@ elif nvcc -std=c++17 -O3 -arch=sm_$arch -Isrc -o $kt tests/gpu/kernels_test.cu \
         src/backend/cuda/matmul.cu src/backend/cuda/ops.cu -lcublas >"$out/build.log" 2>&1; then
     $kt >"$out/kernels-test.log" 2>&1
     rc=$?
-    note "kernels test: rc=$rc $(tail -1 "$out/kernels-test.log")"
+    note "kernels test (sm_$arch): rc=$rc $(tail -1 "$out/kernels-test.log")"
     [ $rc -ne 0 ] && grep -m 20 FAILED "$out/kernels-test.log" | tee -a "$summary"
+    if [ "${ZSE_GPU_JIT75:-1}" = 1 ]; then
+        if nvcc -std=c++17 -O3 -gencode arch=compute_75,code=compute_75 -Isrc -o $kt-75 tests/gpu/kernels_test.cu \
+                src/backend/cuda/matmul.cu src/backend/cuda/ops.cu -lcublas >>"$out/build.log" 2>&1; then
+            $kt-75 >>"$out/kernels-test.log" 2>&1
+            rc=$?
+            note "kernels test (compute_75 PTX, JIT): rc=$rc $(tail -1 "$out/kernels-test.log")"
+            [ $rc -ne 0 ] && tail -200 "$out/kernels-test.log" | grep -m 20 FAILED | tee -a "$summary"
+        else
+            note "kernels test (compute_75 PTX): BUILD FAILED"
+        fi
+    fi
     if [ "${ZSE_GPU_BENCH:-1}" = 1 ]; then
         $kt --bench >"$out/kernels-bench.log" 2>&1
         note "kernels bench: rc=$?"
@@ -87,6 +101,11 @@ elif [ -n "${ZSE_PREBUILT:-}" ] && [ -x "$ZSE_PREBUILT" ]; then
     # architecture, its shared libraries on LD_LIBRARY_PATH) stands in
     note "zse build: skipped (no -dev packages); using the prebuilt $ZSE_PREBUILT"
     tests/gpu/model_test.sh "$ZSE_PREBUILT" "$out" 2>&1 | tee -a "$summary"
+    # the same on a zse carrying only compute_75 PTX (-DCMAKE_CUDA_ARCHITECTURES=75-virtual)
+    if [ -n "${ZSE_PREBUILT75:-}" ] && [ -x "$ZSE_PREBUILT75" ]; then
+        note "model test on compute_75 PTX (JIT): $ZSE_PREBUILT75"
+        ZSE_MODEL_LOG=model-75.log tests/gpu/model_test.sh "$ZSE_PREBUILT75" "$out" 2>&1 | tee -a "$summary"
+    fi
 else
     note "zse build: skipped or failed (see build.log): $(grep -m1 -iE 'error|not found' "$out/build.log")"
 fi

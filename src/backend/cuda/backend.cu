@@ -1421,6 +1421,8 @@ extern "C" zse_backend *zse_cuda_backend_create(int device_index)
     const char *g = getenv("ZSE_CUDA_GRAPHS");
     c->graphs_on = !(g && strcmp(g, "0") == 0);
     int rc = cuda_call(cudaSetDevice(device_index), "selecting the device");
+    if (rc == 0 && zse_cuda_code_arch() < 0) /* a build without code for this GPU: say so now */
+        rc = zse_fail("%s", zse_cuda_last_error());
     if (rc == 0)
         trim_stack_reservation();
     if (rc == 0)

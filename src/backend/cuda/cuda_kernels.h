@@ -19,6 +19,13 @@ typedef struct CUstream_st *zse_cuda_stream;    /* cudaStream_t */
 /* The message of the last failing launcher on this thread ("" when none). */
 const char *zse_cuda_last_error(void);
 
+/* The architecture this build's kernels were compiled for, as the current device runs them
+ * (75, 80, 86, 89, 90: the PTX __CUDA_ARCH__, which may be below the device's compute
+ * capability when the driver JIT-compiles older PTX), or -1 with an error that says how to
+ * rebuild when the build carries no code the device can run. The tensor-core paths need 80,
+ * overlapping launches 90; below that the portable kernels run. */
+int zse_cuda_code_arch(void);
+
 /* A packed weight in device memory, in the .zse layout (src/quant/quant.h):
  *   plain (F32/F16/BF16): qs = rows of elements, row_bytes apart;
  *   Q8_ROW:  qs = int8 rows, row_bytes apart; scales = f32 [rows];

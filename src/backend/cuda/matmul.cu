@@ -288,36 +288,72 @@ __device__ __forceinline__ void q4_load_unit(const zse_cuda_weight &w, const uin
     }
 }
 
+/* An empty kernel whose attributes say which code of this build the device runs: the
+ * PTX architecture (ptxVersion) is the __CUDA_ARCH__ every kernel of the build was compiled
+ * for on this device. It is not the device's compute capability: a binary carrying only
+ * compute_75 PTX runs on an H100 by JIT with every `__CUDA_ARCH__ >= 800` path (mma.sync,
+ * cp.async, griddepcontrol) compiled out, so asking the device alone would launch
+ * tensor-core kernels that trap and overlap launches that never wait. */
+__global__ void arch_probe_kernel(void) {}
+
+/* the PTX architecture of this build's code on the current device (75, 80, 90, ...), or -1
+ * with an error when the build holds no code the device can run */
+static int compiled_arch(void)
+{
+    cudaFuncAttributes fa;
+    cudaError_t err = cudaFuncGetAttributes(&fa, arch_probe_kernel);
+    if (err != cudaSuccess) {
+        cudaGetLastError();
+        int dev = 0, major = 0, minor = 0;
+        cudaGetDevice(&dev);
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+        cudaGetLastError();
+        return zse_cuda_fail("cuda: this zse carries no code for this GPU (compute capability %d.%d: %s); "
+                             "rebuild with cmake -DCMAKE_CUDA_ARCHITECTURES=%d%d (docs/CUDA.md, Building)",
+                             major, minor, cudaGetErrorString(err), major, minor);
+    }
+    return fa.ptxVersion;
+}
+
 /* what the launch paths need to know of the device and the environment, asked once:
  * whether the tensor-core path may run, whether launches may overlap, and how many SMs the
  * K splits should fill */
 struct device_facts {
-    bool mma;     /* the tensor-core paths may run (sm_80 on, ZSE_CUDA_NO_MMA unset) */
+    bool mma;     /* the tensor-core paths may run (code built for sm_80 on, ZSE_CUDA_NO_MMA unset) */
     bool pdl;     /* launches may overlap their predecessor (common.cuh, zse_launch) */
+    int arch;     /* compiled_arch(); -1: no code for the device */
     int sms;
 };
 
 static const device_facts &device_facts_once(void)
 {
-    static device_facts d = {false, false, 0};
+    static device_facts d = {false, false, 0, 0};
     if (d.sms == 0) {
-        int dev = 0, major = 0, sms = 0;
+        int dev = 0, sms = 0;
         if (cudaGetDevice(&dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
             cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
             cudaGetLastError();
-            major = 0;
             sms = 132;
         }
+        /* the code's architecture is never above the device's: JIT only compiles PTX up */
+        d.arch = compiled_arch();
         const char *off = getenv("ZSE_CUDA_NO_MMA");
-        d.mma = major >= 8 && !(off && strcmp(off, "0") != 0);
+        d.mma = d.arch >= 80 && !(off && strcmp(off, "0") != 0);
         const char *no_pdl = getenv("ZSE_CUDA_NO_PDL");
-        d.pdl = major >= 9 && !(no_pdl && strcmp(no_pdl, "0") != 0);
+        d.pdl = d.arch >= 90 && !(no_pdl && strcmp(no_pdl, "0") != 0);
         d.sms = sms > 0 ? sms : 132;
     }
     return d;
 }
 
+int zse_cuda_code_arch(void)
+{
+    const device_facts &d = device_facts_once();
+    if (d.arch < 0)
+        return compiled_arch(); /* sets the error again for this caller */
+    return d.arch;
+}
 bool zse_cuda_mma_usable(void) { return device_facts_once().mma; }
 bool zse_cuda_pdl_usable(void) { return device_facts_once().pdl; }
 
