@@ -2296,6 +2296,64 @@ done:
     return result;
 }
 
+/* ---- one token's bytes ------------------------------------------------------------------
+ * What a token adds to the decoded bytes when it follows other tokens, before any UTF-8
+ * check: the decoder chain on the token alone, with ByteLevel mapping characters back to
+ * bytes and ByteFallback turning <0xNN> into its byte, but neither replacing an incomplete
+ * character with U+FFFD. Constrained decoding matches these bytes against a grammar and
+ * logprobs report them, so a token that holds half a character must give its real byte. */
+
+static int bytelevel_bytes(const zse_buf *in, zse_buf *out)
+{
+    const char *s = in->data ? in->data : "";
+    size_t n = in->len, cl;
+    for (size_t i = 0; i < n; i += cl) {
+        int32_t cp = cp_at(s, n, i, &cl);
+        if (cp < 0 || cp >= 512 || g_byte_of_cp[cp] < 0) /* outside GPT-2's alphabet: as it is */
+            return zse_buf_append(out, s, n);
+    }
+    for (size_t i = 0; i < n; i += cl) {
+        char b = (char)g_byte_of_cp[cp_at(s, n, i, &cl)];
+        if (zse_buf_append(out, &b, 1))
+            return -1;
+    }
+    return 0;
+}
+
+int zse_tokenizer_token_bytes(const zse_tokenizer *t, int32_t id, zse_buf *out)
+{
+    if (id < 0 || id >= t->n_vocab)
+        return zse_fail("token id %d is outside the vocabulary (0..%d)", id, t->n_vocab - 1);
+    zse_buf cur = {0}, next = {0};
+    /* with no decoder at all, HF joins tokens with spaces */
+    int rc = (!t->n_decs ? zse_buf_append(&cur, " ", 1) : 0) || zse_buf_puts(&cur, t->text[id]);
+    bool fused = false; /* after a Fuse, Strip touches only the ends of the whole text */
+    for (int k = 0; rc == 0 && k < t->n_decs; k++) {
+        const dec_step *d = &t->decs[k];
+        next.len = 0;
+        int b;
+        fused = fused || d->kind == D_FUSE;
+        if (d->kind == D_BYTELEVEL) {
+            rc = bytelevel_bytes(&cur, &next);
+        } else if (d->kind == D_BYTEFALLBACK && (b = byte_token(&cur)) >= 0) {
+            char c = (char)b;
+            rc = zse_buf_append(&next, &c, 1);
+        } else if (d->kind == D_BYTEFALLBACK || d->kind == D_FUSE || (fused && d->kind == D_STRIP)) {
+            rc = zse_buf_append(&next, zse_buf_str(&cur), cur.len);
+        } else {
+            rc = decode_one(d, 1, &cur, &next); /* index 1: not the sequence's first token */
+        }
+        zse_buf tmp = cur;
+        cur = next;
+        next = tmp;
+    }
+    if (rc == 0)
+        rc = zse_buf_append(out, zse_buf_str(&cur), cur.len);
+    zse_buf_free(&cur);
+    zse_buf_free(&next);
+    return rc ? -1 : 0;
+}
+
 /* ---- streaming ----------------------------------------------------------------------------
  * Emits what each new id adds to the text, as the difference between decoding a window
  * with and without the ids not yet emitted. The window starts one emission back, so

@@ -43,6 +43,11 @@ const char *zse_tokenizer_token_text(const zse_tokenizer *t, int32_t id);
 int32_t zse_tokenizer_token_id(const zse_tokenizer *t, const char *text); /* -1 if absent */
 bool zse_tokenizer_is_special(const zse_tokenizer *t, int32_t id);
 
+/* appends to out the bytes token `id` adds to decoded text when it follows other tokens,
+ * before any UTF-8 check (a byte-level or <0xNN> token holding part of a character gives
+ * that byte, not U+FFFD); for grammars and logprobs. -1 for an id outside the vocabulary. */
+int zse_tokenizer_token_bytes(const zse_tokenizer *t, int32_t id, zse_buf *out);
+
 /* streaming detokenizer: push ids one at a time; only complete UTF-8 is appended */
 typedef struct zse_tokenizer_stream zse_tokenizer_stream;
 zse_tokenizer_stream *zse_tokenizer_stream_new(const zse_tokenizer *t, bool skip_special);

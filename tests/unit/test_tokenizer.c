@@ -315,6 +315,49 @@ static void streams(const char *data)
     zse_tokenizer_free(t);
 }
 
+/* ---- one token's bytes -------------------------------------------------------------------
+ * Byte-level: the tokens' bytes put together are the text, whatever the characters (a
+ * multi-byte character split over tokens included). SentencePiece: the same after the
+ * first token's leading space, which only a mid-sequence token keeps; a <0xNN> token is
+ * its byte, not U+FFFD. */
+static void token_bytes_concatenate(const zse_tokenizer *byte_level, const char *data)
+{
+    static const char *const texts[] = {"def f(x):\n    return x * 2  # done", "日本語のテキスト and ünïcödé",
+                                        "emoji 🎉🚀 mixed\twith\ttabs", "  leading spaces"};
+    for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
+        int32_t *ids;
+        size_t n;
+        CHECK(zse_tokenizer_encode(byte_level, texts[i], strlen(texts[i]), false, false, &ids, &n) == 0);
+        zse_buf all = {0};
+        for (size_t k = 0; k < n; k++)
+            CHECK(zse_tokenizer_token_bytes(byte_level, ids[k], &all) == 0);
+        CHECK_MSG(all.len == strlen(texts[i]) && memcmp(all.data, texts[i], all.len) == 0,
+                  "byte-level token bytes of \"%s\" gave \"%s\"", texts[i], zse_buf_str(&all));
+        zse_buf_free(&all);
+        free(ids);
+    }
+    zse_buf b = {0};
+    CHECK(zse_tokenizer_token_bytes(byte_level, -1, &b) == -1);
+    CHECK(zse_tokenizer_token_bytes(byte_level, zse_tokenizer_n_vocab(byte_level), &b) == -1);
+    zse_tokenizer *spm = fixture_json(data, "spm-bytefallback");
+    if (!spm)
+        return;
+    int32_t *ids;
+    size_t n;
+    const char *text = "Hello world, 日本";
+    CHECK(zse_tokenizer_encode(spm, text, strlen(text), false, false, &ids, &n) == 0);
+    for (size_t k = 0; k < n; k++)
+        CHECK(zse_tokenizer_token_bytes(spm, ids[k], &b) == 0);
+    CHECK_MSG(b.len == strlen(text) + 1 && b.data[0] == ' ' && memcmp(b.data + 1, text, b.len - 1) == 0,
+              "SentencePiece token bytes gave \"%s\"", zse_buf_str(&b));
+    free(ids);
+    b.len = 0;
+    int32_t e6 = zse_tokenizer_token_id(spm, "<0xE6>");
+    CHECK(e6 >= 0 && zse_tokenizer_token_bytes(spm, e6, &b) == 0 && b.len == 1 && (unsigned char)b.data[0] == 0xE6);
+    zse_buf_free(&b);
+    zse_tokenizer_free(spm);
+}
+
 /* ---- random bytes everywhere -------------------------------------------------------------- */
 
 static void random_bytes(const char *data, const zse_tokenizer *byte_level)
@@ -385,6 +428,7 @@ int main(void)
         hostile_inputs(t);
         threads_share_one_tokenizer(t);
         random_bytes(data ? data : "tests/fixtures", t);
+        token_bytes_concatenate(t, data ? data : "tests/fixtures");
     }
     zse_tokenizer_free(t);
     free(dir);
