@@ -1,364 +1,30 @@
-/* include/zse.h: models and sequences over the model code, the paged KV cache and the
- * sampler. One zse_model owns the file mapping, tokenizer, backend, weights and the KV
- * pool; sequences borrow blocks from the pool and return them when freed. */
+/* include/zse.h, the sequence half: zse_seq, one sequence driven by its caller (run, chat,
+ * perplexity, bench, the C API). It is a zse_sequence (seq.c) run one pass at a time through
+ * the same batch building and output choice as the engine's steps (step.c): prefill in
+ * chunks, then one token a call. The logits of the last fed position stay where the model
+ * left them until asked for: a plain-greedy sequence takes their argmax there instead. */
 #include "engine/engine.h"
 
 #include "model/model.h"
-#include "template/template.h"
-#include "tokenizer/tokenizer.h"
 
 #include <stdio.h>
 #include <string.h>
-#include <unistd.h>
 
-/* tokens per forward pass of a single sequence's prefill, and rows of logits per pass
- * when every position's logits are wanted (perplexity). A GPU's int4 prefill dequantizes
- * every weight once a chunk for cuBLAS, so 512 against 256 halves that work: 7B-shaped
- * prefill 12.2k -> 19.3k tok/s on an H200, for 58 MB more activations (docs/BENCHMARKS.md;
- * -DPREFILL_CHUNK=256 builds the other) */
-#ifndef PREFILL_CHUNK
-#define PREFILL_CHUNK 512
-#endif
-/* logit rows reserved at load: a vocabulary row is 0.6 MB at 152k, and generating needs
- * one; callers that want every position's logits (perplexity) grow it to ALL_LOGITS_ROWS,
- * the engine to its batch */
-#define LOGIT_ROWS 8
+/* rows of logits per pass when every position's logits are wanted (perplexity) */
 #define ALL_LOGITS_ROWS 64
 
 struct zse_seq {
     zse_model *m;
-    zse_gen gen;
-    int32_t *tokens;        /* every token in the cache */
-    size_t n_tokens, cap_tokens;
-    size_t n_prompt;        /* tokens fed before generation started */
-    zse_kv_table kv;
+    zse_sequence q;
+    zse_batcher batcher;
+    zse_sample_work work;
     float *logits;          /* vocab */
     bool have_logits;       /* the last fed token's logits exist: on the host, or ... */
     bool logits_on_host;    /* ... only in the model's buffer, with their argmax in next_id
                              * (plain greedy sampling: they need not leave a GPU) */
     int32_t next_id;
     uint64_t logits_step;   /* the model's step counter when they were computed */
-    float *work_p;
-    int32_t *work_i;        /* zeroed scratch for the sampler */
 };
-
-const char *zse_last_error(void) { return zse_error_message(); }
-const char *zse_version(void) { return ZSE_VERSION; }
-void zse_free(void *p) { free(p); }
-
-void zse_load_params_default(zse_load_params *p)
-{
-    memset(p, 0, sizeof *p);
-    p->kv_type = ZSE_KV_F16;
-}
-
-static const char *base_name(const char *path, char **owned)
-{
-    const char *b = strrchr(path, '/');
-    b = b ? b + 1 : path;
-    size_t n = strlen(b);
-    if (n > 4 && strcmp(b + n - 4, ".zse") == 0)
-        n -= 4;
-    *owned = zse_strndup(b, n);
-    return *owned;
-}
-
-/* eos ids: the config's (config.json, generation_config.json, tokenizer_config's name) */
-static void collect_eos(zse_model *m)
-{
-    const zse_config *c = zse_file_config(m->file);
-    for (int i = 0; i < c->n_eos; i++)
-        m->eos[m->n_eos++] = c->eos_ids[i];
-    int32_t te = zse_tokenizer_eos(m->tok);
-    bool seen = false;
-    for (int i = 0; i < m->n_eos; i++)
-        seen = seen || m->eos[i] == te;
-    if (te >= 0 && !seen)
-        m->eos[m->n_eos++] = te;
-}
-
-/* bytes of one KV block: K and V of 16 tokens for every layer and KV head */
-static uint64_t kv_block_bytes(const zse_config *c, zse_kv_type type)
-{
-    uint64_t per_head = type == ZSE_KV_INT8 ? (uint64_t)c->head_dim + 4 /* f32 scale */ : (uint64_t)c->head_dim * 2;
-    return 2ull * (uint64_t)c->n_layers * (uint64_t)c->n_kv_heads * ZSE_KV_BLOCK * per_head;
-}
-
-/* Without a budget: room for max_seqs full contexts, but not more than a quarter of the
- * machine's memory (a 32k-context model times 16 sequences would ask for tens of GB);
- * never less than one full context. */
-static int default_kv_blocks(const zse_config *c, const zse_load_params *p, int ctx_size)
-{
-    uint64_t per_seq = (uint64_t)(ctx_size + ZSE_KV_BLOCK - 1) / ZSE_KV_BLOCK;
-    uint64_t want = per_seq * (uint64_t)(p->max_seqs > 0 ? p->max_seqs : 1);
-    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-    if (pages > 0 && page > 0) {
-        uint64_t cap = (uint64_t)pages * (uint64_t)page / 4 / kv_block_bytes(c, p->kv_type);
-        if (cap < per_seq)
-            cap = per_seq;
-        if (want > cap)
-            want = cap;
-    }
-    return want > INT32_MAX / ZSE_KV_BLOCK ? INT32_MAX / ZSE_KV_BLOCK : (int)want;
-}
-
-#define MIB (1024.0 * 1024.0)
-
-/* On a GPU the KV cache gets what is left of the device (or of --gpu-memory) after the
- * weights, activations and workspace, less a reserve for what grows later (the engine's
- * larger batches, cuBLAS): never more than the request, and never less than one full
- * context (anything less could not run a single long sequence). */
-static int fit_kv_on_device(const zse_backend_memory *bm, const zse_load_params *p, uint64_t per_block,
-                            int per_seq, int *n_blocks)
-{
-    uint64_t held = bm->weights + bm->activations + bm->workspace;
-    uint64_t free_now = bm->device_total > bm->device_used ? bm->device_total - bm->device_used : 0;
-    uint64_t room = free_now;
-    if (p->gpu_memory) {
-        if (held >= p->gpu_memory)
-            return zse_fail("the model needs %.0f MiB of GPU memory before its KV cache, more than --gpu-memory "
-                            "%.0f MiB", (double)held / MIB, (double)p->gpu_memory / MIB);
-        if (p->gpu_memory - held < room)
-            room = p->gpu_memory - held;
-    }
-    uint64_t reserve = room / 20 > (256u << 20) ? room / 20 : (256u << 20);
-    room = room > reserve ? room - reserve : 0;
-    uint64_t fit = room / per_block;
-    if (p->kv_cache_bytes && (uint64_t)*n_blocks > fit)
-        return zse_fail("a KV cache of %.0f MiB does not fit: %.0f MiB are left on the GPU after the weights "
-                        "(%.0f MiB) and a reserve of %.0f MiB; use a smaller --kv-cache-size",
-                        (double)p->kv_cache_bytes / MIB, (double)room / MIB, (double)bm->weights / MIB,
-                        (double)reserve / MIB);
-    if (fit < (uint64_t)per_seq)
-        return zse_fail("the KV cache for one full context of %d tokens needs %.0f MiB, but only %.0f MiB of GPU "
-                        "memory are left after the weights (%.0f MiB); use a shorter --ctx, --kv-cache int8, or "
-                        "more --gpu-memory",
-                        per_seq * ZSE_KV_BLOCK, (double)per_seq * (double)per_block / MIB, (double)room / MIB,
-                        (double)bm->weights / MIB);
-    if ((uint64_t)*n_blocks > fit)
-        *n_blocks = (int)fit;
-    return 0;
-}
-
-static int create_kv(zse_model *m, const zse_config *c, const zse_load_params *params)
-{
-    int n_blocks;
-    uint64_t per_block = kv_block_bytes(c, params->kv_type);
-    int per_seq = (m->ctx_size + ZSE_KV_BLOCK - 1) / ZSE_KV_BLOCK;
-    if (params->kv_cache_bytes) {
-        uint64_t n = params->kv_cache_bytes / per_block;
-        if (n < 1)
-            return zse_fail("a KV cache budget of %llu bytes holds no block (one block of %d tokens needs %llu)",
-                            (unsigned long long)params->kv_cache_bytes, ZSE_KV_BLOCK, (unsigned long long)per_block);
-        n_blocks = n > INT32_MAX / ZSE_KV_BLOCK ? INT32_MAX / ZSE_KV_BLOCK : (int)n;
-    } else {
-        n_blocks = default_kv_blocks(c, params, m->ctx_size);
-    }
-    zse_backend_memory bm;
-    m->be->ops->memory(m->be, &bm);
-    if (bm.on_device && fit_kv_on_device(&bm, params, per_block, per_seq, &n_blocks) != 0)
-        return -1;
-    zse_kv_shape ks = {c->n_layers, n_blocks, ZSE_KV_BLOCK, c->n_kv_heads, c->head_dim,
-                       params->kv_type == ZSE_KV_INT8 ? ZSE_KV_STORE_INT8 : ZSE_KV_STORE_F16};
-    if (!(m->kv = m->be->ops->kv_new(m->be, &ks)))
-        return -1;
-    return zse_block_pool_init(&m->blocks, n_blocks);
-}
-
-/* --gpu-memory: the weights alone must fit (checked before copying any) */
-static int check_weights_fit(const zse_model *m, const zse_load_params *p)
-{
-    zse_backend_memory bm;
-    m->be->ops->memory(m->be, &bm);
-    if (!bm.on_device || !p->gpu_memory)
-        return 0;
-    /* an untied embedding table stays in host memory where the backend can leave it there */
-    const bool embed_on_host = m->be->ops->weight_load_lookup && !zse_file_config(m->file)->tie_embeddings;
-    uint64_t bytes = 0;
-    for (size_t i = 0; i < zse_file_n_tensors(m->file); i++) {
-        const zse_tensor_info *t = zse_file_tensor_at(m->file, i);
-        if (!(embed_on_host && strcmp(t->name, "token_embd.weight") == 0))
-            bytes += t->size;
-    }
-    if (bytes >= p->gpu_memory)
-        return zse_fail("the weights need %.0f MiB of GPU memory; --gpu-memory allows %.0f MiB (a smaller "
-                        "quantization, e.g. zse convert --quant int4, would need less)",
-                        (double)bytes / MIB, (double)p->gpu_memory / MIB);
-    return 0;
-}
-
-zse_model *zse_model_load(const char *path, const zse_load_params *params)
-{
-    zse_load_params dflt;
-    if (!params) {
-        zse_load_params_default(&dflt);
-        params = &dflt;
-    }
-    if (params->kv_type != ZSE_KV_F16 && params->kv_type != ZSE_KV_INT8) {
-        zse_fail("unknown KV cache type %d (f16 or int8)", (int)params->kv_type);
-        return NULL;
-    }
-    zse_model *m = zse_calloc(1, sizeof *m);
-    if (!m)
-        return NULL;
-    m->params = *params;
-    m->params.device = NULL; /* the caller's string; the backend's name says what runs */
-    if (pthread_mutex_init(&m->run_lock, NULL) != 0) {
-        free(m);
-        zse_fail("cannot create a mutex");
-        return NULL;
-    }
-    if (!(m->file = zse_file_open(path)) || !(m->tok = zse_tokenizer_from_zse(m->file)) ||
-        !(m->be = zse_backend_create(params->device, params->threads)) || check_weights_fit(m, params) != 0 ||
-        !(m->llm = zse_llm_load(m->file, m->be, PREFILL_CHUNK, LOGIT_ROWS)))
-        goto fail;
-    const zse_config *c = zse_file_config(m->file);
-    m->vocab = c->vocab_size;
-    m->ctx_size = params->ctx_size > 0 && params->ctx_size < c->max_position ? params->ctx_size : c->max_position;
-    if (m->ctx_size < 1) {
-        zse_fail("the model's context length is %d", m->ctx_size);
-        goto fail;
-    }
-    if (create_kv(m, c, params) != 0)
-        goto fail;
-    collect_eos(m);
-    const json_t *tc = zse_file_tokenizer_config(m->file);
-    json_t *ab = json_object_get(tc, "add_bos_token");
-    m->add_bos = json_is_boolean(ab) ? json_is_true(ab) : false;
-    const char *q = json_string_value(json_object_get(json_object_get(zse_file_header(m->file), "quant"), "scheme"));
-    m->quant = q ? q : "unknown";
-    base_name(path, &m->name);
-    if (!m->name)
-        goto fail;
-    return m;
-fail:
-    zse_error_prefix("cannot load %s", path);
-    zse_model_free(m);
-    return NULL;
-}
-
-void zse_model_free(zse_model *m)
-{
-    if (!m)
-        return;
-    if (m->kv)
-        m->be->ops->kv_free(m->be, m->kv);
-    zse_llm_free(m->llm);
-    zse_backend_destroy(m->be);
-    zse_tokenizer_free(m->tok);
-    zse_file_close(m->file);
-    zse_block_pool_free(&m->blocks);
-    pthread_mutex_destroy(&m->run_lock);
-    free(m->name);
-    free(m);
-}
-
-bool zse_model_is_eos(const zse_model *m, int32_t t)
-{
-    for (int i = 0; i < m->n_eos; i++)
-        if (m->eos[i] == t)
-            return true;
-    return false;
-}
-
-void zse_model_get_info(const zse_model *m, zse_model_info *out)
-{
-    const zse_config *c = zse_file_config(m->file);
-    memset(out, 0, sizeof *out);
-    out->arch = c->arch;
-    out->name = m->name;
-    out->n_layers = c->n_layers;
-    out->n_heads = c->n_heads;
-    out->n_kv_heads = c->n_kv_heads;
-    out->head_dim = c->head_dim;
-    out->hidden_size = c->hidden_size;
-    out->vocab_size = c->vocab_size;
-    out->ctx_size = m->ctx_size;
-    out->bos_id = zse_tokenizer_bos(m->tok) >= 0 ? zse_tokenizer_bos(m->tok) : c->bos_id;
-    out->add_bos = m->add_bos;
-    out->eos_ids = m->eos;
-    out->n_eos = m->n_eos;
-    out->quant = m->quant;
-    out->has_chat_template = zse_file_chat_template(m->file) != NULL;
-    out->device = m->be->ops->name;
-}
-
-void zse_model_get_memory(zse_model *m, zse_memory_info *out)
-{
-    zse_backend_memory bm;
-    pthread_mutex_lock(&m->run_lock); /* between steps: the backend's counters are still */
-    m->be->ops->memory(m->be, &bm);
-    pthread_mutex_unlock(&m->run_lock);
-    memset(out, 0, sizeof *out);
-    out->weights = bm.weights;
-    if (!bm.on_device) /* used in place: the mapped tensors are the weights */
-        for (size_t i = 0; i < zse_file_n_tensors(m->file); i++)
-            out->weights += zse_file_tensor_at(m->file, i)->size;
-    out->kv_cache = bm.kv_cache;
-    out->activations = bm.activations;
-    out->workspace = bm.workspace;
-    out->on_device = bm.on_device;
-    out->device_used = bm.device_used;
-    out->device_total = bm.device_total;
-    uint64_t ours = bm.weights + bm.kv_cache + bm.activations + bm.workspace;
-    out->device_other = bm.device_used > ours ? bm.device_used - ours : 0;
-}
-
-int zse_tokenize(const zse_model *m, const char *text, size_t len, int flags, int32_t **ids, size_t *n)
-{
-    return zse_tokenizer_encode(m->tok, text, len, flags & ZSE_TOK_ADD_SPECIAL, flags & ZSE_TOK_PARSE_SPECIAL,
-                                ids, n);
-}
-
-char *zse_detokenize(const zse_model *m, const int32_t *ids, size_t n, bool skip_special)
-{
-    return zse_tokenizer_decode(m->tok, ids, n, skip_special);
-}
-
-static const char *token_name(const json_t *v)
-{
-    return json_is_string(v) ? json_string_value(v) : json_string_value(json_object_get(v, "content"));
-}
-
-char *zse_chat_render(const zse_model *m, const char *messages_json, const char *extra_json,
-                      bool add_generation_prompt)
-{
-    const char *tpl = zse_file_chat_template(m->file);
-    if (!tpl) {
-        zse_fail("%s has no chat template (its source folder had none); send a plain prompt instead "
-                 "(zse run -p, or /v1/completions)", zse_file_path(m->file));
-        return NULL;
-    }
-    json_error_t err;
-    json_t *messages = json_loads(messages_json, 0, &err);
-    json_t *extra = extra_json ? json_loads(extra_json, 0, &err) : NULL;
-    char *out = NULL;
-    if (!json_is_array(messages) || (extra_json && !json_is_object(extra))) {
-        zse_fail("chat messages must be a JSON array (and extra variables a JSON object)");
-    } else {
-        const json_t *tc = zse_file_tokenizer_config(m->file);
-        zse_buf b = {0};
-        if (zse_chat_template_apply(tpl, messages, json_object_get(extra, "tools"), add_generation_prompt,
-                                    token_name(json_object_get(tc, "bos_token")),
-                                    token_name(json_object_get(tc, "eos_token")), extra, &b) == 0)
-            out = b.data ? b.data : zse_strdup("");
-        else
-            zse_buf_free(&b);
-    }
-    json_decref(messages);
-    json_decref(extra);
-    return out;
-}
-
-void zse_sampling_default(zse_sampling *s)
-{
-    memset(s, 0, sizeof *s);
-    s->temperature = 1.0f;
-    s->top_p = 1.0f;
-    s->repetition_penalty = 1.0f;
-}
-
-/* ---- sequences ------------------------------------------------------------------------- */
 
 zse_seq *zse_seq_new(zse_model *m, const zse_sampling *s)
 {
@@ -366,15 +32,12 @@ zse_seq *zse_seq_new(zse_model *m, const zse_sampling *s)
     if (!q)
         return NULL;
     q->m = m;
-    if (zse_gen_init(&q->gen, s, m->tok) != 0) {
+    if (zse_sequence_init(&q->q, m, s) != 0) {
         free(q);
         return NULL;
     }
     q->logits = zse_malloc((size_t)m->vocab * sizeof *q->logits);
-    q->work_p = zse_malloc((size_t)m->vocab * sizeof *q->work_p);
-    q->work_i = zse_calloc((size_t)m->vocab, sizeof *q->work_i);
-    if (zse_kv_table_init(&q->kv, (m->ctx_size + ZSE_KV_BLOCK - 1) / ZSE_KV_BLOCK) != 0 || !q->logits ||
-        !q->work_p || !q->work_i) {
+    if (!q->logits || zse_sample_work_init(&q->work, m->vocab) != 0) {
         zse_seq_free(q);
         return NULL;
     }
@@ -385,98 +48,73 @@ void zse_seq_free(zse_seq *q)
 {
     if (!q)
         return;
-    pthread_mutex_lock(&q->m->run_lock);
-    zse_kv_table_free(&q->kv, &q->m->blocks);
-    pthread_mutex_unlock(&q->m->run_lock);
-    zse_gen_free(&q->gen);
-    free(q->tokens);
+    zse_sequence_free(&q->q, q->m);
+    zse_batcher_free(&q->batcher);
+    zse_sample_work_free(&q->work);
     free(q->logits);
-    free(q->work_p);
-    free(q->work_i);
     free(q);
 }
 
-size_t zse_seq_length(const zse_seq *q) { return q->n_tokens; }
-const int32_t *zse_seq_tokens(const zse_seq *q) { return q->tokens; }
+size_t zse_seq_length(const zse_seq *q) { return q->q.n_cached; }
+const int32_t *zse_seq_tokens(const zse_seq *q) { return q->q.tokens; }
 
-/* room for new_len tokens: KV blocks from the pool (under the run lock) and the token list */
-static int reserve_tokens(zse_seq *q, size_t new_len)
+/* Runs the sequence's pending tokens through the model in chunks (run_lock held); the last
+ * row's logits land in q->logits (or their argmax in next_id), and every row's in
+ * all_logits [n][vocab] when it is given. */
+static int run_pending(zse_seq *q, float *all_logits)
 {
-    if (new_len > (size_t)q->m->ctx_size)
-        return zse_fail("a sequence of %zu tokens is longer than the context of %d", new_len, q->m->ctx_size);
-    if (zse_kv_table_reserve(&q->kv, &q->m->blocks, new_len) != 0)
-        return -1;
-    if (new_len > q->cap_tokens) {
-        size_t cap = q->cap_tokens ? q->cap_tokens * 2 : 256;
-        while (cap < new_len)
-            cap *= 2;
-        int32_t *p = zse_realloc(q->tokens, cap * sizeof *p);
-        if (!p)
-            return -1;
-        q->tokens = p;
-        q->cap_tokens = cap;
-    }
-    return 0;
-}
-
-/* Runs ids through the model in chunks (under the run lock); the last row's logits land in
- * q->logits, and every row's in all_logits [n][vocab] when it is given. */
-static int run_tokens(zse_seq *q, const int32_t *ids, size_t n, float *all_logits)
-{
-    int32_t pos[PREFILL_CHUNK], seq_of[PREFILL_CHUNK], slots[PREFILL_CHUNK], rows[PREFILL_CHUNK];
-    size_t vocab = (size_t)q->m->vocab;
-    size_t max_chunk = all_logits ? (size_t)zse_llm_max_out(q->m->llm) : PREFILL_CHUNK;
+    zse_model *m = q->m;
+    const size_t vocab = (size_t)m->vocab, n = zse_sequence_pending(&q->q);
+    const size_t max_chunk = all_logits ? (size_t)zse_llm_max_out(m->llm) : ZSE_PREFILL_CHUNK;
     for (size_t done = 0; done < n;) {
         int chunk = (int)(n - done < max_chunk ? n - done : max_chunk);
-        size_t start = q->n_tokens;
-        for (int i = 0; i < chunk; i++) {
-            pos[i] = (int32_t)(start + (size_t)i);
-            seq_of[i] = 0;
-            slots[i] = zse_kv_slot(&q->kv, start + (size_t)i);
-            rows[i] = i;
-        }
-        int32_t seq_len = (int32_t)(start + (size_t)chunk);
         bool last = done + (size_t)chunk == n;
-        int n_out = all_logits ? chunk : last ? 1 : 0;
-        zse_batch b = {chunk, ids + done, pos, seq_of, slots, 1, &seq_len, q->kv.blocks, q->kv.n_blocks,
-                       n_out, all_logits ? rows : rows + chunk - 1};
+        zse_step_seq e = {&q->q, chunk, all_logits ? chunk : last ? 1 : 0, -1};
+        zse_batch b;
+        if (zse_batcher_pack(&q->batcher, &e, 1, &b) != 0)
+            return -1;
         float *dst = all_logits ? all_logits + done * vocab : q->logits;
         /* plain greedy: the next token is the argmax, taken where the logits are */
-        bool argmax_only = last && !all_logits && zse_sampling_plain_greedy(&q->gen.s);
-        if (argmax_only ? zse_llm_forward_argmax(q->m->llm, q->m->kv, &b, &q->next_id) != 0
-                        : zse_llm_forward(q->m->llm, q->m->kv, &b, dst) != 0)
+        bool argmax_only = last && !all_logits && zse_step_out_mode(m, &e, 1, false) == ZSE_OUT_ARGMAX;
+        if (argmax_only ? zse_llm_forward_argmax(m->llm, m->kv, &b, &q->next_id) != 0
+                        : zse_llm_forward(m->llm, m->kv, &b, dst) != 0)
             return -1;
         if (last) {
             q->logits_on_host = !argmax_only;
-            q->logits_step = zse_llm_steps(q->m->llm);
+            q->logits_step = zse_llm_steps(m->llm);
         }
         if (all_logits && last)
             memcpy(q->logits, dst + (size_t)(chunk - 1) * vocab, vocab * sizeof *dst);
-        memcpy(q->tokens + start, ids + done, (size_t)chunk * sizeof *ids);
-        q->n_tokens += (size_t)chunk;
+        q->q.n_cached += (size_t)chunk;
         done += (size_t)chunk;
     }
     q->have_logits = true;
     return 0;
 }
 
+/* appends ids (when given) and runs every pending token */
 static int feed(zse_seq *q, const int32_t *ids, size_t n, float *all_logits)
 {
-    if (n == 0)
-        return 0;
     for (size_t i = 0; i < n; i++)
         if (ids[i] < 0 || ids[i] >= q->m->vocab)
             return zse_fail("token id %d at %zu is outside the vocabulary (0..%d)", ids[i], i, q->m->vocab - 1);
-    pthread_mutex_lock(&q->m->run_lock);
-    if (all_logits && zse_llm_max_out(q->m->llm) < ALL_LOGITS_ROWS &&
-        zse_llm_reserve(q->m->llm, zse_llm_max_tokens(q->m->llm), ALL_LOGITS_ROWS) != 0)
-        zse_log(ZSE_LOG_WARN, "%s; going on %d rows at a time", zse_error_message(), zse_llm_max_out(q->m->llm));
-    int rc = reserve_tokens(q, q->n_tokens + n);
+    if (n && zse_sequence_append(&q->q, ids, n) != 0)
+        return -1;
+    if (zse_sequence_pending(&q->q) == 0)
+        return 0;
+    zse_model *m = q->m;
+    pthread_mutex_lock(&m->run_lock);
+    if (all_logits && zse_llm_max_out(m->llm) < ALL_LOGITS_ROWS &&
+        zse_llm_reserve(m->llm, zse_llm_max_tokens(m->llm), ALL_LOGITS_ROWS) != 0)
+        zse_log(ZSE_LOG_WARN, "%s; going on %d rows at a time", zse_error_message(), zse_llm_max_out(m->llm));
+    int rc = zse_sequence_reserve(&q->q, m, q->q.n_tokens);
     if (rc == 0)
-        rc = run_tokens(q, ids, n, all_logits);
-    pthread_mutex_unlock(&q->m->run_lock);
-    if (rc == 0 && q->gen.generated == 0)
-        q->n_prompt = q->n_tokens;
+        rc = run_pending(q, all_logits);
+    pthread_mutex_unlock(&m->run_lock);
+    if (rc != 0) /* what was not run is not part of the sequence */
+        q->q.n_tokens = q->q.n_cached;
+    if (rc == 0 && q->q.gen.generated == 0)
+        q->q.n_prompt = q->q.n_tokens;
     return rc;
 }
 
@@ -493,18 +131,21 @@ static int logits_to_host(zse_seq *q)
 {
     if (q->logits_on_host)
         return 0;
-    pthread_mutex_lock(&q->m->run_lock);
+    zse_model *m = q->m;
+    pthread_mutex_lock(&m->run_lock);
     int rc;
-    if (zse_llm_steps(q->m->llm) == q->logits_step) {
-        rc = zse_llm_read_logits(q->m->llm, 1, q->logits);
+    if (zse_llm_steps(m->llm) == q->logits_step) {
+        rc = zse_llm_read_logits(m->llm, 1, q->logits);
     } else {
-        size_t at = q->n_tokens - 1;
-        int32_t pos = (int32_t)at, seq_of = 0, slot = zse_kv_slot(&q->kv, at), row = 0;
-        int32_t len = (int32_t)q->n_tokens;
-        zse_batch b = {1, q->tokens + at, &pos, &seq_of, &slot, 1, &len, q->kv.blocks, q->kv.n_blocks, 1, &row};
-        rc = zse_llm_forward(q->m->llm, q->m->kv, &b, q->logits);
+        q->q.n_cached--;
+        zse_step_seq e = {&q->q, 1, 1, -1};
+        zse_batch b;
+        rc = zse_batcher_pack(&q->batcher, &e, 1, &b);
+        if (rc == 0)
+            rc = zse_llm_forward(m->llm, m->kv, &b, q->logits);
+        q->q.n_cached++;
     }
-    pthread_mutex_unlock(&q->m->run_lock);
+    pthread_mutex_unlock(&m->run_lock);
     if (rc == 0)
         q->logits_on_host = true;
     return rc;
@@ -524,29 +165,18 @@ int zse_seq_next(zse_seq *q, int32_t *token, char **text_piece, zse_finish *fini
     if (!q->have_logits)
         return zse_fail("feed a prompt before generating");
     int32_t t;
-    if (!q->logits_on_host && zse_sampling_plain_greedy(&q->gen.s)) {
+    if (!q->logits_on_host && zse_sampling_plain_greedy(&q->q.gen.s)) {
         t = q->next_id;
     } else {
         if (logits_to_host(q) != 0)
             return -1;
-        zse_history h = {q->tokens, q->n_prompt, q->tokens + q->n_prompt, q->n_tokens - q->n_prompt};
-        t = zse_sample(&q->gen.s, q->logits, q->m->vocab, &h, &q->gen.rng, q->work_p, q->work_i);
+        t = zse_sequence_sample(&q->q, q->m, q->logits, &q->work, NULL);
     }
     *token = t;
     q->have_logits = false;
     zse_buf out = {0};
-    /* the context is full once this token would be its last position */
-    bool ctx_full = q->n_tokens + 1 >= (size_t)q->m->ctx_size;
-    if (zse_gen_accept(&q->gen, t, zse_model_is_eos(q->m, t), ctx_full, &out, finish) != 0) {
-        zse_buf_free(&out);
-        return -1;
-    }
-    /* the token joins the cache (a later feed continues after it) while the context has room */
-    if (*finish != ZSE_FINISH_STOP && q->n_tokens < (size_t)q->m->ctx_size && zse_seq_feed(q, &t, 1) != 0) {
-        zse_buf_free(&out);
-        return -1;
-    }
-    if (zse_buf_reserve(&out, 1) != 0) {
+    if (zse_sequence_accept(&q->q, q->m, t, &out, finish) != 0 || feed(q, NULL, 0, NULL) != 0 ||
+        zse_buf_reserve(&out, 1) != 0) {
         zse_buf_free(&out);
         return -1;
     }
@@ -557,15 +187,15 @@ int zse_seq_next(zse_seq *q, int32_t *token, char **text_piece, zse_finish *fini
 
 int zse_seq_truncate(zse_seq *q, size_t length)
 {
-    if (length > q->n_tokens)
-        return zse_fail("cannot truncate a sequence of %zu tokens to %zu", q->n_tokens, length);
+    if (length > q->q.n_cached)
+        return zse_fail("cannot truncate a sequence of %zu tokens to %zu", q->q.n_cached, length);
     pthread_mutex_lock(&q->m->run_lock);
-    zse_kv_table_truncate(&q->kv, &q->m->blocks, length);
+    zse_sequence_forget(&q->q, q->m, length);
     pthread_mutex_unlock(&q->m->run_lock);
-    q->n_tokens = length;
+    q->q.n_tokens = length;
     q->have_logits = false;
     /* what follows is a new prompt: generation counts, stop-string state and the
      * detokenizer start over */
-    q->n_prompt = length;
-    return zse_gen_restart(&q->gen, q->m->tok);
+    q->q.n_prompt = length;
+    return zse_gen_restart(&q->q.gen, q->m->tok);
 }

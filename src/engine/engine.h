@@ -128,6 +128,14 @@ int zse_gen_restart(zse_gen *g, const zse_tokenizer *tok);
 int zse_gen_accept(zse_gen *g, int32_t t, bool is_eos, bool ctx_full, zse_buf *out, zse_finish *finish);
 
 /* ---- models -------------------------------------------------------------------------------- */
+/* tokens per forward pass of a single sequence's prefill. A GPU's int4 prefill dequantizes
+ * every weight once a chunk for cuBLAS, so 512 against 256 halves that work: 7B-shaped
+ * prefill 12.2k -> 19.3k tok/s on an H200, for 58 MB more activations (docs/BENCHMARKS.md;
+ * -DZSE_PREFILL_CHUNK=256 builds the other) */
+#ifndef ZSE_PREFILL_CHUNK
+#define ZSE_PREFILL_CHUNK 512
+#endif
+
 struct zse_model {
     zse_file *file;
     zse_tokenizer *tok;
@@ -147,5 +155,92 @@ struct zse_model {
 };
 
 bool zse_model_is_eos(const zse_model *m, int32_t t);
+
+/* ---- one sequence: the core that zse_seq (api.c) and the engine's requests (scheduler.c)
+ * are both built on (seq.c). It owns the tokens (prompt, then generated), the count of them
+ * whose K/V are stored, the block table and the generation state. The functions that touch
+ * the block pool expect the model's run_lock held; the others touch the sequence alone. */
+typedef struct {
+    int32_t *tokens;
+    size_t n_tokens, cap_tokens;
+    size_t n_prompt;        /* tokens before generation began: penalties count what follows */
+    size_t n_cached;        /* leading tokens whose K/V are stored */
+    int sampled;            /* tokens sampled since the prompt */
+    zse_kv_table kv;
+    zse_gen gen;
+} zse_sequence;
+
+/* scratch for sampling one row on the host: raw keeps the logits before penalties
+ * (logprobs), work_p / work_i are the sampler's (work_i zeroed) */
+typedef struct {
+    float *raw;
+    float *work_p;
+    int32_t *work_i;
+} zse_sample_work;
+
+int zse_sample_work_init(zse_sample_work *w, int vocab);
+void zse_sample_work_free(zse_sample_work *w);
+
+int zse_sequence_init(zse_sequence *q, const zse_model *m, const zse_sampling *s);
+/* frees the sequence; its blocks go back to the pool (takes the run_lock itself) */
+void zse_sequence_free(zse_sequence *q, zse_model *m);
+/* appends tokens that have not been run yet */
+int zse_sequence_append(zse_sequence *q, const int32_t *ids, size_t n);
+/* tokens waiting to be run */
+static inline size_t zse_sequence_pending(const zse_sequence *q) { return q->n_tokens - q->n_cached; }
+/* blocks for positions [0, n_tokens) from the pool (run_lock held); all or nothing, an error
+ * when the pool cannot give them */
+int zse_sequence_reserve(zse_sequence *q, zse_model *m, size_t n_tokens);
+/* blocks needed from the pool to hold positions [0, n_tokens) */
+int zse_sequence_blocks_needed(const zse_sequence *q, size_t n_tokens);
+/* keeps the K/V of the first n tokens and gives the rest of its blocks back (run_lock held);
+ * n_cached drops to at most n */
+void zse_sequence_forget(zse_sequence *q, zse_model *m, size_t n);
+/* the last position of the context is taken once this sequence holds ctx_size - 1 tokens and
+ * samples one more */
+bool zse_sequence_ctx_full(const zse_sequence *q, const zse_model *m);
+/* samples the next token on the host from its logits row (changed in place), with the
+ * sequence's settings and history; lp (may be NULL) gets the logprobs it asks for */
+int32_t zse_sequence_sample(zse_sequence *q, const zse_model *m, float *logits, zse_sample_work *w,
+                            zse_logprobs *lp);
+/* Takes the sampled token t: the text it completes goes to *text, *finish says whether
+ * generation ends, and the token joins the sequence (to be run next) unless it stopped
+ * generation or the context has no room for it. */
+int zse_sequence_accept(zse_sequence *q, const zse_model *m, int32_t t, zse_buf *text, zse_finish *finish);
+
+/* ---- one forward pass over several sequences (step.c): shared by zse_seq and the engine ---- */
+typedef struct {
+    zse_sequence *q;
+    int take;               /* tokens from n_cached on that this pass runs */
+    int n_out;              /* logit rows wanted: its last n_out tokens of the pass (0: none) */
+    int out;                /* set by zse_batcher_pack: its first row among the pass's outputs */
+} zse_step_seq;
+
+/* the flattened arrays of a step, grown as needed */
+typedef struct {
+    int32_t *tokens, *pos, *seq, *slots, *rows;
+    size_t tok_cap;
+    int32_t *lens;
+    size_t seq_cap;
+    int32_t *table;
+    size_t table_cap;
+} zse_batcher;
+
+void zse_batcher_free(zse_batcher *b);
+/* flattens the entries into *out (pointing into b): positions from each n_cached on, slots
+ * from its block table (which must cover them: zse_sequence_reserve first) */
+int zse_batcher_pack(zse_batcher *b, zse_step_seq *e, int n, zse_batch *out);
+
+/* what a pass hands back for its output rows */
+typedef enum {
+    ZSE_OUT_LOGITS,         /* every row's logits, to the host */
+    ZSE_OUT_ARGMAX,         /* the argmax of each row, taken where the logits are */
+    ZSE_OUT_SAMPLED,        /* a token drawn where the logits are (backend sample_rows) */
+} zse_out_mode;
+
+/* the cheapest output that still lets every entry with output rows sample as its settings
+ * say: ARGMAX when all are plain greedy, SAMPLED when the backend can draw for all of them
+ * (and allow_sampled), else LOGITS */
+zse_out_mode zse_step_out_mode(const zse_model *m, const zse_step_seq *e, int n, bool allow_sampled);
 
 #endif

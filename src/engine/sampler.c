@@ -366,3 +366,11 @@ const char *zse_stop_find(const char *text, size_t n, const char *const *stop, i
     }
     return first;
 }
+
+void zse_sampling_default(zse_sampling *s)
+{
+    memset(s, 0, sizeof *s);
+    s->temperature = 1.0f;
+    s->top_p = 1.0f;
+    s->repetition_penalty = 1.0f;
+}

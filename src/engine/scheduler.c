@@ -28,18 +28,12 @@
 #include <time.h>
 
 typedef struct request {
+    zse_sequence q;             /* tokens, KV table, generation state (seq.c) */
     uint64_t id;
     int priority;               /* lower runs first (vLLM's convention) */
     uint64_t order;             /* arrival: FIFO within a priority class */
     zse_token_cb cb;
     void *user;
-    int32_t *tokens;            /* the prompt, then the generated tokens */
-    size_t n_tokens, cap_tokens;
-    size_t n_prompt;
-    size_t n_cached;            /* leading tokens whose K/V are in the cache */
-    int sampled;                /* tokens sampled so far */
-    zse_kv_table kv;
-    zse_gen gen;
     bool cancelled;             /* asked by zse_engine_cancel (under e->mu) */
     struct request *next;       /* in the queue */
     /* this step */
@@ -64,15 +58,13 @@ struct zse_engine {
     uint64_t preemptions;
     int kv_used;
     /* the scheduler thread's step buffers */
-    int32_t *b_tokens, *b_pos, *b_seq, *b_slots, *b_lens, *b_table, *b_rows;
-    size_t table_cap;
+    zse_batcher batcher;
+    zse_step_seq *entries;      /* [max_seqs] the step's sequences, in plan order */
     float *logits;              /* [max_seqs][vocab] */
-    float *raw;                 /* one row before sampling changes it (logprobs) */
     int32_t *picked_ids;        /* [max_seqs]: the step's tokens when the backend picked them */
     bool picked_step;           /* this step's tokens come from picked_ids, not from logits */
     zse_sample_row *sample_rows;/* [max_seqs]: what the backend draws by (device sampling) */
-    float *work_p;
-    int32_t *work_i;            /* zeroed sampler scratch */
+    zse_sample_work work;
     struct request **plan_seqs; /* [max_seqs] the step's requests */
 };
 
@@ -87,13 +79,7 @@ static void request_free(zse_engine *e, request *r)
 {
     if (!r)
         return;
-    if (r->kv.blocks) {
-        pthread_mutex_lock(&e->m->run_lock);
-        zse_kv_table_free(&r->kv, &e->m->blocks);
-        pthread_mutex_unlock(&e->m->run_lock);
-    }
-    zse_gen_free(&r->gen);
-    free(r->tokens);
+    zse_sequence_free(&r->q, e->m);
     free(r);
 }
 
@@ -102,32 +88,17 @@ static request *request_new(zse_engine *e, const int32_t *prompt, size_t n, cons
     request *r = zse_calloc(1, sizeof *r);
     if (!r)
         return NULL;
-    r->cap_tokens = n + 16;
-    r->tokens = zse_malloc(r->cap_tokens * sizeof *r->tokens);
-    if (!r->tokens || zse_kv_table_init(&r->kv, (e->m->ctx_size + ZSE_KV_BLOCK - 1) / ZSE_KV_BLOCK) != 0 ||
-        zse_gen_init(&r->gen, s, e->m->tok) != 0) {
-        free(r->tokens);
-        free(r->kv.blocks);
+    if (zse_sequence_init(&r->q, e->m, s) != 0) {
         free(r);
         return NULL;
     }
-    memcpy(r->tokens, prompt, n * sizeof *prompt);
-    r->n_tokens = r->n_prompt = n;
+    if (zse_sequence_append(&r->q, prompt, n) != 0) {
+        request_free(e, r);
+        return NULL;
+    }
+    r->q.n_prompt = n;
     r->out_index = -1;
     return r;
-}
-
-static int append_token(request *r, int32_t t)
-{
-    if (r->n_tokens == r->cap_tokens) {
-        int32_t *p = zse_realloc(r->tokens, r->cap_tokens * 2 * sizeof *p);
-        if (!p)
-            return -1;
-        r->tokens = p;
-        r->cap_tokens *= 2;
-    }
-    r->tokens[r->n_tokens++] = t;
-    return 0;
 }
 
 static int index_of(const zse_engine *e, const request *r);
@@ -139,7 +110,7 @@ static void running_remove_at(zse_engine *e, int i);
 static void end_request(zse_engine *e, request *r, const zse_token_event *ev)
 {
     pthread_mutex_lock(&e->m->run_lock);
-    zse_kv_table_truncate(&r->kv, &e->m->blocks, 0);
+    zse_sequence_forget(&r->q, e->m, 0);
     int used = zse_block_pool_used(&e->m->blocks);
     pthread_mutex_unlock(&e->m->run_lock);
     pthread_mutex_lock(&e->mu);
@@ -155,8 +126,8 @@ static void end_request(zse_engine *e, request *r, const zse_token_event *ev)
 /* the last event of a request that ends without a new token (cancel, error, shutdown) */
 static void finish_without_token(zse_engine *e, request *r, zse_finish why)
 {
-    zse_token_event ev = {.token = -1, .text = "", .finish = why, .prompt_tokens = (int)r->n_prompt,
-                          .completion_tokens = r->sampled};
+    zse_token_event ev = {.token = -1, .text = "", .finish = why, .prompt_tokens = (int)r->q.n_prompt,
+                          .completion_tokens = r->q.sampled};
     end_request(e, r, &ev);
 }
 
@@ -242,8 +213,7 @@ static void place(plan *pl, request *r, int take)
 static void preempt(zse_engine *e, int i)
 {
     request *r = e->running[i];
-    zse_kv_table_truncate(&r->kv, &e->m->blocks, 0);
-    r->n_cached = 0;
+    zse_sequence_forget(&r->q, e->m, 0);
     pthread_mutex_lock(&e->mu);
     running_remove_at(e, i);
     queue_insert(e, r);
@@ -259,7 +229,7 @@ static bool make_room(zse_engine *e, const request *r, int blocks)
         int victim = -1;
         for (int j = e->n_running - 1; j >= 0 && victim < 0; j--) {
             request *c = e->running[j];
-            if (c != r && c->take == 0 && ranks_before(r, c) && c->kv.n_blocks > 0)
+            if (c != r && c->take == 0 && ranks_before(r, c) && c->q.kv.n_blocks > 0)
                 victim = j;
         }
         if (victim < 0)
@@ -280,8 +250,8 @@ static int index_of(const zse_engine *e, const request *r)
 /* tokens from n_cached on that fit the blocks the request has plus the free ones */
 static int tokens_that_fit(const zse_engine *e, const request *r, int want)
 {
-    size_t room = (size_t)(r->kv.n_blocks + e->m->blocks.n_free) * ZSE_KV_BLOCK;
-    size_t fit = room > r->n_cached ? room - r->n_cached : 0;
+    size_t room = (size_t)(r->q.kv.n_blocks + e->m->blocks.n_free) * ZSE_KV_BLOCK;
+    size_t fit = room > r->q.n_cached ? room - r->q.n_cached : 0;
     return fit < (size_t)want ? (int)fit : want;
 }
 
@@ -292,13 +262,13 @@ static void plan_decodes(zse_engine *e, plan *pl, request **full)
 {
     for (int i = 0; i < e->n_running && pl->n_tokens < e->p.max_batch_tokens; i++) {
         request *r = e->running[i];
-        if (r->n_tokens - r->n_cached != 1)
+        if (zse_sequence_pending(&r->q) != 1)
             continue;
-        int need = zse_kv_table_blocks_needed(&r->kv, r->n_cached + 1);
+        int need = zse_sequence_blocks_needed(&r->q, r->q.n_cached + 1);
         if (need > e->m->blocks.n_free && !make_room(e, r, need)) {
             i = index_of(e, r); /* make_room may have shifted the list */
             /* nobody else holds blocks: the pool cannot hold this sequence, it ends here */
-            bool alone = r->kv.n_blocks + e->m->blocks.n_free == e->m->blocks.n_blocks;
+            bool alone = r->q.kv.n_blocks + e->m->blocks.n_free == e->m->blocks.n_blocks;
             if (alone) {
                 pthread_mutex_lock(&e->mu);
                 running_remove_at(e, i);
@@ -312,7 +282,7 @@ static void plan_decodes(zse_engine *e, plan *pl, request **full)
             continue;
         }
         i = index_of(e, r);
-        zse_kv_table_reserve(&r->kv, &e->m->blocks, r->n_cached + 1);
+        zse_sequence_reserve(&r->q, e->m, r->q.n_cached + 1);
         place(pl, r, 1);
     }
 }
@@ -323,22 +293,22 @@ static void plan_prefills(zse_engine *e, plan *pl)
 {
     for (int i = 0; i < e->n_running && pl->n_tokens < e->p.max_batch_tokens; i++) {
         request *r = e->running[i];
-        if (r->take || r->n_tokens - r->n_cached < 2)
+        if (r->take || zse_sequence_pending(&r->q) < 2)
             continue;
-        int want = (int)(r->n_tokens - r->n_cached);
+        int want = (int)zse_sequence_pending(&r->q);
         int budget = e->p.max_batch_tokens - pl->n_tokens;
         if (want > budget)
             want = budget;
         int take = tokens_that_fit(e, r, want);
         if (take == 0 && pl->n_seqs == 0) {
             /* nothing else runs this step: lower-ranked requests give way */
-            make_room(e, r, zse_kv_table_blocks_needed(&r->kv, r->n_cached + (size_t)want));
+            make_room(e, r, zse_sequence_blocks_needed(&r->q, r->q.n_cached + (size_t)want));
             i = index_of(e, r);
             take = tokens_that_fit(e, r, want);
         }
         if (take == 0)
             continue;
-        zse_kv_table_reserve(&r->kv, &e->m->blocks, r->n_cached + (size_t)take);
+        zse_sequence_reserve(&r->q, e->m, r->q.n_cached + (size_t)take);
         place(pl, r, take);
     }
 }
@@ -355,8 +325,8 @@ static void plan_admissions(zse_engine *e, plan *pl)
         bool ok = r && !r->cancelled && budget > 0 && e->n_running < e->p.max_seqs;
         int take = 0;
         if (ok) {
-            take = (int)(r->n_tokens < (size_t)budget ? r->n_tokens : (size_t)budget);
-            int need = zse_kv_table_blocks_needed(&r->kv, (size_t)take);
+            take = (int)(r->q.n_tokens < (size_t)budget ? r->q.n_tokens : (size_t)budget);
+            int need = zse_sequence_blocks_needed(&r->q, (size_t)take);
             int spare = e->n_running;
             ok = need + spare <= e->m->blocks.n_free || (e->n_running == 0 && need <= e->m->blocks.n_free);
         }
@@ -367,82 +337,45 @@ static void plan_admissions(zse_engine *e, plan *pl)
         pthread_mutex_unlock(&e->mu);
         if (!ok)
             return;
-        zse_kv_table_reserve(&r->kv, &e->m->blocks, (size_t)take);
+        zse_sequence_reserve(&r->q, e->m, (size_t)take);
         place(pl, r, take);
     }
 }
 
 /* ---- running a step --------------------------------------------------------------------------- */
 
-static int grow_buffers(zse_engine *e, int n_seqs, int width)
-{
-    size_t need = (size_t)n_seqs * (size_t)width;
-    if (need > e->table_cap) {
-        int32_t *t = zse_realloc(e->b_table, need * sizeof *t);
-        if (!t)
-            return -1;
-        e->b_table = t;
-        e->table_cap = need;
-    }
-    return 0;
-}
-
 /* flattens the plan into a zse_batch and runs the model; logits land in e->logits (or,
  * when the backend picked every sampled row's token, the ids in e->picked_ids) */
 static int run_plan(zse_engine *e, const plan *pl)
 {
-    int width = 1;
-    for (int s = 0; s < pl->n_seqs; s++)
-        if (pl->seqs[s]->kv.n_blocks > width)
-            width = pl->seqs[s]->kv.n_blocks;
-    if (grow_buffers(e, pl->n_seqs, width) != 0)
-        return -1;
-    int t = 0, n_out = 0;
     for (int s = 0; s < pl->n_seqs; s++) {
         request *r = pl->seqs[s];
-        for (int k = 0; k < r->take; k++, t++) {
-            size_t pos = r->n_cached + (size_t)k;
-            e->b_tokens[t] = r->tokens[pos];
-            e->b_pos[t] = (int32_t)pos;
-            e->b_seq[t] = s;
-            e->b_slots[t] = zse_kv_slot(&r->kv, pos);
-        }
-        e->b_lens[s] = (int32_t)(r->n_cached + (size_t)r->take);
-        int32_t *row = e->b_table + (size_t)s * (size_t)width;
-        for (int k = 0; k < width; k++)
-            row[k] = k < r->kv.n_blocks ? r->kv.blocks[k] : -1;
-        r->out_index = -1;
-        if (r->n_cached + (size_t)r->take == r->n_tokens) {
-            r->out_index = n_out;
-            e->b_rows[n_out++] = t - 1;
-        }
+        /* a row of logits for the requests whose pending tokens this step finishes */
+        bool ends = r->q.n_cached + (size_t)r->take == r->q.n_tokens;
+        e->entries[s] = (zse_step_seq){&r->q, r->take, ends ? 1 : 0, -1};
     }
-    zse_batch b = {pl->n_tokens, e->b_tokens, e->b_pos, e->b_seq, e->b_slots, pl->n_seqs, e->b_lens,
-                   e->b_table, width, n_out, e->b_rows};
+    zse_batch b;
+    if (zse_batcher_pack(&e->batcher, e->entries, pl->n_seqs, &b) != 0)
+        return -1;
+    for (int s = 0; s < pl->n_seqs; s++)
+        pl->seqs[s]->out_index = e->entries[s].out;
     /* when every row that samples is plain greedy, only the argmax ids leave the backend
      * (on a GPU the logits stay there); the host sampler's argmax picks the same id */
-    bool greedy = n_out > 0, on_device = n_out > 0 && zse_llm_can_sample(e->m->llm);
-    for (int s = 0; s < pl->n_seqs; s++) {
-        const zse_sampling *sp = &pl->seqs[s]->gen.s;
-        if (pl->seqs[s]->out_index < 0)
-            continue;
-        greedy = greedy && zse_sampling_plain_greedy(sp);
-        on_device = on_device && zse_sampling_on_device(sp);
-    }
-    e->picked_step = greedy || on_device;
-    if (greedy)
+    zse_out_mode mode = zse_step_out_mode(e->m, e->entries, pl->n_seqs, true);
+    e->picked_step = b.n_out > 0 && mode != ZSE_OUT_LOGITS;
+    if (e->picked_step && mode == ZSE_OUT_ARGMAX)
         return zse_llm_forward_argmax(e->m->llm, e->m->kv, &b, e->picked_ids);
-    if (on_device) {
+    if (e->picked_step) {
         /* temperature, top-k, top-p and min-p where the logits are: each row draws with its
          * request's RNG, one uniform per sampled token as on the host */
         for (int s = 0; s < pl->n_seqs; s++) {
             request *r = pl->seqs[s];
             if (r->out_index < 0)
                 continue;
-            const zse_sampling *sp = &r->gen.s;
+            const zse_sampling *sp = &r->q.gen.s;
             const bool g = sp->temperature <= 0 || sp->top_k == 1;
             e->sample_rows[r->out_index] = (zse_sample_row){sp->temperature, sp->top_p, sp->min_p,
-                                                            g ? 0.f : (float)zse_rng_uniform(&r->gen.rng), sp->top_k};
+                                                            g ? 0.f : (float)zse_rng_uniform(&r->q.gen.rng), sp->top_k};
         }
         return zse_llm_forward_sample(e->m->llm, e->m->kv, &b, e->sample_rows, e->picked_ids);
     }
@@ -453,34 +386,20 @@ static int run_plan(zse_engine *e, const plan *pl)
  * that is over is ended (and freed) here. */
 static void sample_and_emit(zse_engine *e, request *r)
 {
-    int vocab = e->m->vocab;
-    bool want_lp = r->gen.s.logprobs || r->gen.s.top_logprobs > 0;
     zse_logprobs lp = {0};
-    int32_t t;
-    if (e->picked_step) {
-        t = e->picked_ids[r->out_index];
-    } else {
-        float *logits = e->logits + (size_t)r->out_index * (size_t)vocab;
-        if (want_lp)
-            memcpy(e->raw, logits, (size_t)vocab * sizeof *logits);
-        zse_history h = {r->tokens, r->n_prompt, r->tokens + r->n_prompt, r->n_tokens - r->n_prompt};
-        t = zse_sample(&r->gen.s, logits, vocab, &h, &r->gen.rng, e->work_p, e->work_i);
-        if (want_lp)
-            zse_compute_logprobs(e->raw, vocab, t, r->gen.s.top_logprobs, &lp);
-    }
-    r->sampled++;
-    bool ctx_full = r->n_tokens + 1 >= (size_t)e->m->ctx_size;
+    int32_t t = e->picked_step ? e->picked_ids[r->out_index]
+                               : zse_sequence_sample(&r->q, e->m, e->logits + (size_t)r->out_index * (size_t)e->m->vocab,
+                                                     &e->work, &lp);
     zse_buf text = {0};
     zse_finish fin;
-    if (zse_gen_accept(&r->gen, t, zse_model_is_eos(e->m, t), ctx_full, &text, &fin) != 0 ||
-        (fin == ZSE_FINISH_NONE && append_token(r, t) != 0)) {
+    if (zse_sequence_accept(&r->q, e->m, t, &text, &fin) != 0) {
         zse_buf_free(&text);
         finish_without_token(e, r, ZSE_FINISH_ERROR);
         return;
     }
     zse_token_event ev = {.token = t, .text = zse_buf_str(&text), .logprob = lp.logprob, .n_top = lp.n_top,
                           .top_ids = lp.top_ids, .top_logprobs = lp.top_logprobs, .finish = fin,
-                          .prompt_tokens = (int)r->n_prompt, .completion_tokens = r->sampled};
+                          .prompt_tokens = (int)r->q.n_prompt, .completion_tokens = r->q.sampled};
     if (fin != ZSE_FINISH_NONE) {
         end_request(e, r, &ev);
     } else if (!r->cb(r->user, &ev)) { /* the caller is gone */
@@ -520,7 +439,7 @@ static int step(zse_engine *e)
     }
     for (int s = 0; s < pl.n_seqs; s++) {
         request *r = pl.seqs[s];
-        r->n_cached += (size_t)r->take;
+        r->q.n_cached += (size_t)r->take;
         r->take = 0;
         if (r->out_index >= 0)
             sample_and_emit(e, r);
@@ -588,19 +507,12 @@ static void engine_free(zse_engine *e)
 {
     free(e->running);
     free(e->plan_seqs);
-    free(e->b_tokens);
-    free(e->b_pos);
-    free(e->b_seq);
-    free(e->b_slots);
-    free(e->b_lens);
-    free(e->b_table);
-    free(e->b_rows);
+    free(e->entries);
+    zse_batcher_free(&e->batcher);
     free(e->logits);
     free(e->picked_ids);
     free(e->sample_rows);
-    free(e->raw);
-    free(e->work_p);
-    free(e->work_i);
+    zse_sample_work_free(&e->work);
     free(e);
 }
 
@@ -622,20 +534,12 @@ zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p)
     int out_rows = S < T ? S : T;
     e->running = zse_calloc((size_t)S, sizeof *e->running);
     e->plan_seqs = zse_calloc((size_t)S, sizeof *e->plan_seqs);
-    e->b_tokens = zse_malloc((size_t)T * sizeof(int32_t));
-    e->b_pos = zse_malloc((size_t)T * sizeof(int32_t));
-    e->b_seq = zse_malloc((size_t)T * sizeof(int32_t));
-    e->b_slots = zse_malloc((size_t)T * sizeof(int32_t));
-    e->b_lens = zse_malloc((size_t)S * sizeof(int32_t));
-    e->b_rows = zse_malloc((size_t)out_rows * sizeof(int32_t));
+    e->entries = zse_calloc((size_t)S, sizeof *e->entries);
     e->logits = zse_malloc((size_t)out_rows * (size_t)V * sizeof(float));
-    e->raw = zse_malloc((size_t)V * sizeof(float));
     e->picked_ids = zse_malloc((size_t)out_rows * sizeof(int32_t));
     e->sample_rows = zse_malloc((size_t)out_rows * sizeof *e->sample_rows);
-    e->work_p = zse_malloc((size_t)V * sizeof(float));
-    e->work_i = zse_calloc((size_t)V, sizeof(int32_t));
-    bool ok = e->running && e->plan_seqs && e->b_tokens && e->b_pos && e->b_seq && e->b_slots && e->b_lens && e->b_rows &&
-              e->logits && e->raw && e->picked_ids && e->sample_rows && e->work_p && e->work_i;
+    bool ok = e->running && e->plan_seqs && e->entries && e->logits && e->picked_ids && e->sample_rows &&
+              zse_sample_work_init(&e->work, V) == 0;
     if (ok) {
         pthread_mutex_lock(&m->run_lock);
         ok = zse_llm_reserve(m->llm, T, out_rows) == 0;
