@@ -31,6 +31,9 @@ typedef struct {
     uint64_t kv_cache_bytes;    /* KV cache budget; 0 = enough for max_seqs full contexts, capped */
     int max_seqs;               /* sequences alive at once (each gets ctx_size of KV); 0 = 1 */
     uint64_t gpu_memory;        /* --gpu-memory budget in bytes; 0 = all free memory */
+    bool no_prefix_cache;       /* true: no KV block is shared between sequences (every
+                                 * prompt is computed whole); default false: full 16-token
+                                 * blocks of earlier prompts and answers are reused */
 } zse_load_params;
 
 void zse_load_params_default(zse_load_params *p);
@@ -177,6 +180,9 @@ typedef struct {
     int kv_blocks_used;
     int kv_blocks_total;
     uint64_t preemptions;
+    uint64_t prefix_hit_tokens;     /* prompt tokens found in the prefix cache (not computed) */
+    uint64_t prefix_query_tokens;   /* prompt tokens looked up there */
+    int prefix_cached_blocks;       /* full blocks published in the cache (held or idle) */
 } zse_engine_stats;
 void zse_engine_get_stats(zse_engine *e, zse_engine_stats *out);
 /* stop accepting, finish or cancel running requests within timeout seconds, join */

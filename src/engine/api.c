@@ -107,9 +107,14 @@ static int feed(zse_seq *q, const int32_t *ids, size_t n, float *all_logits)
     if (all_logits && zse_llm_max_out(m->llm) < ALL_LOGITS_ROWS &&
         zse_llm_reserve(m->llm, zse_llm_max_tokens(m->llm), ALL_LOGITS_ROWS) != 0)
         zse_log(ZSE_LOG_WARN, "%s; going on %d rows at a time", zse_error_message(), zse_llm_max_out(m->llm));
+    /* a prompt's leading blocks may be in the prefix cache (not when every position's logits
+     * are wanted: they must all be computed) */
+    if (!all_logits && zse_sequence_pending(&q->q) > ZSE_KV_BLOCK)
+        zse_sequence_attach_prefix(&q->q, m);
     int rc = zse_sequence_reserve(&q->q, m, q->q.n_tokens);
     if (rc == 0)
         rc = run_pending(q, all_logits);
+    zse_sequence_publish(&q->q, m);
     pthread_mutex_unlock(&m->run_lock);
     if (rc != 0) /* what was not run is not part of the sequence */
         q->q.n_tokens = q->q.n_cached;
@@ -190,9 +195,8 @@ int zse_seq_truncate(zse_seq *q, size_t length)
     if (length > q->q.n_cached)
         return zse_fail("cannot truncate a sequence of %zu tokens to %zu", q->q.n_cached, length);
     pthread_mutex_lock(&q->m->run_lock);
-    zse_sequence_forget(&q->q, q->m, length);
+    zse_sequence_truncate(&q->q, q->m, length);
     pthread_mutex_unlock(&q->m->run_lock);
-    q->q.n_tokens = length;
     q->have_logits = false;
     /* what follows is a new prompt: generation counts, stop-string state and the
      * detokenizer start over */

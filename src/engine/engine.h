@@ -20,22 +20,58 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-/* ---- paged KV block allocator: fixed-size blocks handed out from a free list ----------- */
+/* ---- paged KV block allocator with a prefix cache ------------------------------------------
+ * Fixed 16-token blocks. A block is referenced by the sequences whose block tables hold it.
+ * With the prefix cache on, a full block whose K/V are computed is published under a key
+ * chained over every token before it (and a salt: which adapter computed it), so a later
+ * sequence with the same prefix takes a reference to it instead of computing it again.
+ * Only full blocks are ever shared, and a sequence never writes a position below its
+ * n_cached, so nobody writes a shared block and no copy-on-write is needed (a sequence
+ * recomputes at most the 15 tokens of its partial tail block). A published block that no
+ * sequence references stays cached, in LRU order, and is taken back only when the free
+ * list is empty. */
 #define ZSE_KV_BLOCK 16
 
 typedef struct {
-    int32_t *free_list;     /* stack of free block ids */
-    uint8_t *in_use;        /* [n_blocks] 1 while handed out: a double release is refused */
+    int32_t *free_list;     /* stack of free (never published or evicted) block ids */
+    int32_t *ref;           /* [n_blocks] sequences holding the block; 0: free or cached-idle */
     int n_free;
     int n_blocks;
+    /* the prefix cache (NULL arrays when off) */
+    uint64_t *key;          /* [n_blocks] a published block's key */
+    uint64_t *parent;       /* [n_blocks] the key of the block before it (0 for the first) */
+    int32_t *tokens;        /* [n_blocks][16] its tokens, checked on every hit */
+    int32_t *slot_of;       /* [table_cap] open-addressing table: key -> block, -1 empty, -2 deleted */
+    size_t table_cap, n_tombs;
+    int32_t *lru_prev, *lru_next;   /* [n_blocks] the idle published blocks, oldest at lru_head */
+    int32_t lru_head, lru_tail;
+    int n_idle;             /* published blocks no sequence references */
+    int n_published;
+    uint64_t hit_tokens, query_tokens, evictions;
 } zse_block_pool;
 
-int zse_block_pool_init(zse_block_pool *p, int n_blocks);
+/* cache: whether full blocks are published for reuse (the prefix cache) */
+int zse_block_pool_init(zse_block_pool *p, int n_blocks, bool cache);
 void zse_block_pool_free(zse_block_pool *p);
-int32_t zse_block_alloc(zse_block_pool *p);          /* -1 when exhausted */
-/* gives a block back; -1 (and nothing changes) for an id that is not handed out */
+/* a block for one sequence (ref 1): a free one, else the least recently used idle cached
+ * one (unpublished then); -1 when every block is referenced */
+int32_t zse_block_alloc(zse_block_pool *p);
+/* drops one reference; -1 (and nothing changes) for a block nobody references */
 int zse_block_release(zse_block_pool *p, int32_t block);
+/* blocks referenced by some sequence */
 int zse_block_pool_used(const zse_block_pool *p);
+/* blocks an allocation can have: free plus idle cached */
+static inline int zse_block_pool_available(const zse_block_pool *p) { return p->n_free + p->n_idle; }
+/* the key of a full block of `tokens` (ZSE_KV_BLOCK ids) after the block keyed `parent` (0:
+ * the first block), computed by a model variant `salt` (0: the base model) */
+uint64_t zse_block_key(uint64_t parent, const int32_t *tokens, uint64_t salt);
+/* the published block with this key, parent and tokens, or -1 */
+int32_t zse_block_find(const zse_block_pool *p, uint64_t key, uint64_t parent, const int32_t *tokens);
+/* takes a reference to a published block (found by zse_block_find) */
+void zse_block_acquire(zse_block_pool *p, int32_t block);
+/* publishes a referenced full block whose K/V are computed; nothing when the cache is off
+ * or the key is already published (by another sequence that computed the same prefix) */
+void zse_block_publish(zse_block_pool *p, int32_t block, uint64_t key, uint64_t parent, const int32_t *tokens);
 
 /* One sequence's block table: blocks[i] holds positions [16 i, 16 i + 16). */
 typedef struct {
@@ -168,6 +204,11 @@ typedef struct {
     int sampled;            /* tokens sampled since the prompt */
     zse_kv_table kv;
     zse_gen gen;
+    /* the prefix cache */
+    uint64_t salt;          /* what computes its K/V besides the base model (an adapter); 0: none */
+    uint64_t *keys;         /* [n_keys] the keys of its first full blocks of tokens */
+    int n_keys, cap_keys;
+    int n_published;        /* leading blocks published (or found already published) */
 } zse_sequence;
 
 /* scratch for sampling one row on the host: raw keeps the logits before penalties
@@ -196,6 +237,18 @@ int zse_sequence_blocks_needed(const zse_sequence *q, size_t n_tokens);
 /* keeps the K/V of the first n tokens and gives the rest of its blocks back (run_lock held);
  * n_cached drops to at most n */
 void zse_sequence_forget(zse_sequence *q, zse_model *m, size_t n);
+/* keeps the first n tokens (and their K/V) and drops the rest (run_lock held) */
+void zse_sequence_truncate(zse_sequence *q, zse_model *m, size_t n);
+/* Full blocks of the prefix cache that hold this sequence's next tokens: from n_cached (a
+ * block boundary, with no partial block held) up to the block before the one that holds its
+ * last token, which is always computed (its logits are wanted). Returns how many (0 with
+ * the cache off); *idle says how many of them no sequence references (taking them uses up
+ * that many available blocks). run_lock held. */
+int zse_sequence_cached_prefix(zse_sequence *q, zse_model *m, int *idle);
+/* takes those blocks: n_cached moves past them; the pool counts the hit and the query */
+void zse_sequence_attach_prefix(zse_sequence *q, zse_model *m);
+/* publishes its full blocks whose K/V are computed, for later sequences (after a pass) */
+void zse_sequence_publish(zse_sequence *q, zse_model *m);
 /* the last position of the context is taken once this sequence holds ctx_size - 1 tokens and
  * samples one more */
 bool zse_sequence_ctx_full(const zse_sequence *q, const zse_model *m);

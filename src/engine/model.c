@@ -139,7 +139,7 @@ static int create_kv(zse_model *m, const zse_config *c, const zse_load_params *p
                        params->kv_type == ZSE_KV_INT8 ? ZSE_KV_STORE_INT8 : ZSE_KV_STORE_F16};
     if (!(m->kv = m->be->ops->kv_new(m->be, &ks)))
         return -1;
-    return zse_block_pool_init(&m->blocks, n_blocks);
+    return zse_block_pool_init(&m->blocks, n_blocks, !params->no_prefix_cache);
 }
 
 /* --gpu-memory: the weights alone must fit (checked before copying any) */

@@ -57,6 +57,8 @@ struct zse_engine {
     uint64_t next_id, next_order;
     uint64_t preemptions;
     int kv_used;
+    uint64_t prefix_hits, prefix_queries;   /* the pool's counters after the last step */
+    int prefix_blocks;
     /* the scheduler thread's step buffers */
     zse_batcher batcher;
     zse_step_seq *entries;      /* [max_seqs] the step's sequences, in plan order */
@@ -225,7 +227,7 @@ static void preempt(zse_engine *e, int i)
  * step and rank after `r`, until `blocks` are free. True when they are. */
 static bool make_room(zse_engine *e, const request *r, int blocks)
 {
-    while (e->m->blocks.n_free < blocks) {
+    while (zse_block_pool_available(&e->m->blocks) < blocks) {
         int victim = -1;
         for (int j = e->n_running - 1; j >= 0 && victim < 0; j--) {
             request *c = e->running[j];
@@ -250,7 +252,7 @@ static int index_of(const zse_engine *e, const request *r)
 /* tokens from n_cached on that fit the blocks the request has plus the free ones */
 static int tokens_that_fit(const zse_engine *e, const request *r, int want)
 {
-    size_t room = (size_t)(r->q.kv.n_blocks + e->m->blocks.n_free) * ZSE_KV_BLOCK;
+    size_t room = (size_t)(r->q.kv.n_blocks + zse_block_pool_available(&e->m->blocks)) * ZSE_KV_BLOCK;
     size_t fit = room > r->q.n_cached ? room - r->q.n_cached : 0;
     return fit < (size_t)want ? (int)fit : want;
 }
@@ -265,10 +267,10 @@ static void plan_decodes(zse_engine *e, plan *pl, request **full)
         if (zse_sequence_pending(&r->q) != 1)
             continue;
         int need = zse_sequence_blocks_needed(&r->q, r->q.n_cached + 1);
-        if (need > e->m->blocks.n_free && !make_room(e, r, need)) {
+        if (need > zse_block_pool_available(&e->m->blocks) && !make_room(e, r, need)) {
             i = index_of(e, r); /* make_room may have shifted the list */
             /* nobody else holds blocks: the pool cannot hold this sequence, it ends here */
-            bool alone = r->q.kv.n_blocks + e->m->blocks.n_free == e->m->blocks.n_blocks;
+            bool alone = r->q.kv.n_blocks + zse_block_pool_available(&e->m->blocks) == e->m->blocks.n_blocks;
             if (alone) {
                 pthread_mutex_lock(&e->mu);
                 running_remove_at(e, i);
@@ -325,10 +327,15 @@ static void plan_admissions(zse_engine *e, plan *pl)
         bool ok = r && !r->cancelled && budget > 0 && e->n_running < e->p.max_seqs;
         int take = 0;
         if (ok) {
-            take = (int)(r->q.n_tokens < (size_t)budget ? r->q.n_tokens : (size_t)budget);
-            int need = zse_sequence_blocks_needed(&r->q, (size_t)take);
+            /* blocks of its prompt in the prefix cache need no computing; those no one holds
+             * come out of the available ones */
+            int idle, hits = zse_sequence_cached_prefix(&r->q, e->m, &idle);
+            size_t from = r->q.n_cached + (size_t)hits * ZSE_KV_BLOCK, left = r->q.n_tokens - from;
+            take = (int)(left < (size_t)budget ? left : (size_t)budget);
+            int need = zse_sequence_blocks_needed(&r->q, from + (size_t)take) - hits;
+            int avail = zse_block_pool_available(&e->m->blocks) - idle;
             int spare = e->n_running;
-            ok = need + spare <= e->m->blocks.n_free || (e->n_running == 0 && need <= e->m->blocks.n_free);
+            ok = need + spare <= avail || (e->n_running == 0 && need <= avail);
         }
         if (ok) {
             queue_pop(e);
@@ -337,7 +344,8 @@ static void plan_admissions(zse_engine *e, plan *pl)
         pthread_mutex_unlock(&e->mu);
         if (!ok)
             return;
-        zse_sequence_reserve(&r->q, e->m, (size_t)take);
+        zse_sequence_attach_prefix(&r->q, e->m);
+        zse_sequence_reserve(&r->q, e->m, r->q.n_cached + (size_t)take);
         place(pl, r, take);
     }
 }
@@ -420,10 +428,18 @@ static int step(zse_engine *e)
     plan_prefills(e, &pl);
     plan_admissions(e, &pl);
     int rc = pl.n_seqs ? run_plan(e, &pl) : 0;
+    for (int s = 0; rc == 0 && s < pl.n_seqs; s++) { /* K/V now stored: full blocks join the cache */
+        pl.seqs[s]->q.n_cached += (size_t)pl.seqs[s]->take;
+        zse_sequence_publish(&pl.seqs[s]->q, e->m);
+    }
     int used = zse_block_pool_used(&e->m->blocks);
+    zse_block_pool pool = e->m->blocks; /* its counters, read under the lock */
     pthread_mutex_unlock(&e->m->run_lock);
     pthread_mutex_lock(&e->mu);
     e->kv_used = used;
+    e->prefix_hits = pool.hit_tokens;
+    e->prefix_queries = pool.query_tokens;
+    e->prefix_blocks = pool.n_published;
     pthread_mutex_unlock(&e->mu);
 
     while (full) {
@@ -439,7 +455,6 @@ static int step(zse_engine *e)
     }
     for (int s = 0; s < pl.n_seqs; s++) {
         request *r = pl.seqs[s];
-        r->q.n_cached += (size_t)r->take;
         r->take = 0;
         if (r->out_index >= 0)
             sample_and_emit(e, r);
@@ -633,6 +648,9 @@ void zse_engine_get_stats(zse_engine *e, zse_engine_stats *out)
     out->kv_blocks_used = e->kv_used;
     out->kv_blocks_total = e->m->blocks.n_blocks;
     out->preemptions = e->preemptions;
+    out->prefix_hit_tokens = e->prefix_hits;
+    out->prefix_query_tokens = e->prefix_queries;
+    out->prefix_cached_blocks = e->prefix_blocks;
     pthread_mutex_unlock(&e->mu);
 }
 

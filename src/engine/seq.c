@@ -49,6 +49,7 @@ void zse_sequence_free(zse_sequence *q, zse_model *m)
     }
     zse_gen_free(&q->gen);
     free(q->tokens);
+    free(q->keys);
     memset(q, 0, sizeof *q);
 }
 
@@ -86,6 +87,99 @@ void zse_sequence_forget(zse_sequence *q, zse_model *m, size_t n)
     zse_kv_table_truncate(&q->kv, &m->blocks, n);
     if (q->n_cached > n)
         q->n_cached = n;
+    if (q->n_published > q->kv.n_blocks)
+        q->n_published = q->kv.n_blocks;
+}
+
+void zse_sequence_truncate(zse_sequence *q, zse_model *m, size_t n)
+{
+    zse_sequence_forget(q, m, n);
+    if (q->n_tokens > n)
+        q->n_tokens = n;
+    if ((size_t)q->n_keys * ZSE_KV_BLOCK > n)
+        q->n_keys = (int)(n / ZSE_KV_BLOCK);
+}
+
+/* ---- the prefix cache ------------------------------------------------------------------------ */
+
+/* the keys of blocks [0, n_blocks) (all of whose tokens the sequence holds); -1 on no memory */
+static int ensure_keys(zse_sequence *q, int n_blocks)
+{
+    if (n_blocks > q->cap_keys) {
+        int cap = q->cap_keys ? q->cap_keys : 16;
+        while (cap < n_blocks)
+            cap *= 2;
+        uint64_t *k = zse_realloc(q->keys, (size_t)cap * sizeof *k);
+        if (!k)
+            return -1;
+        q->keys = k;
+        q->cap_keys = cap;
+    }
+    for (int i = q->n_keys; i < n_blocks; i++)
+        q->keys[i] = zse_block_key(i ? q->keys[i - 1] : 0, q->tokens + (size_t)i * ZSE_KV_BLOCK, q->salt);
+    if (q->n_keys < n_blocks)
+        q->n_keys = n_blocks;
+    return 0;
+}
+
+static bool at_block_boundary(const zse_sequence *q)
+{
+    return q->n_cached % ZSE_KV_BLOCK == 0 && (size_t)q->kv.n_blocks * ZSE_KV_BLOCK == q->n_cached;
+}
+
+/* walks the cache from the sequence's first uncached block; fills found[] (may be NULL) */
+static int walk_prefix(zse_sequence *q, const zse_model *m, int32_t *found, int *idle)
+{
+    *idle = 0;
+    if (!m->blocks.key || !at_block_boundary(q) || q->n_tokens < 1)
+        return 0;
+    const int first = (int)(q->n_cached / ZSE_KV_BLOCK);
+    /* the block of the last token is computed; a sequence past its context finds nothing
+     * (reserving it fails with the context's error, cached or not) */
+    const int last = (int)((q->n_tokens - 1) / ZSE_KV_BLOCK);
+    if (q->n_tokens > (size_t)m->ctx_size || last > q->kv.max_blocks || last <= first || ensure_keys(q, last) != 0)
+        return 0;
+    int n = 0;
+    for (int i = first; i < last; i++) {
+        int32_t b = zse_block_find(&m->blocks, q->keys[i], i ? q->keys[i - 1] : 0, q->tokens + (size_t)i * ZSE_KV_BLOCK);
+        if (b < 0)
+            break;
+        if (found)
+            found[n] = b;
+        *idle += m->blocks.ref[b] == 0;
+        n++;
+    }
+    return n;
+}
+
+int zse_sequence_cached_prefix(zse_sequence *q, zse_model *m, int *idle) { return walk_prefix(q, m, NULL, idle); }
+
+void zse_sequence_attach_prefix(zse_sequence *q, zse_model *m)
+{
+    if (!m->blocks.key || !at_block_boundary(q))
+        return;
+    int idle;
+    /* found blocks go straight into the block table, which has room for the context */
+    int n = walk_prefix(q, m, q->kv.blocks + q->kv.n_blocks, &idle);
+    m->blocks.query_tokens += zse_sequence_pending(q);
+    m->blocks.hit_tokens += (uint64_t)n * ZSE_KV_BLOCK;
+    for (int i = 0; i < n; i++)
+        zse_block_acquire(&m->blocks, q->kv.blocks[q->kv.n_blocks + i]);
+    q->kv.n_blocks += n;
+    q->n_cached += (size_t)n * ZSE_KV_BLOCK;
+    if (q->n_published == q->kv.n_blocks - n) /* what it found is published already */
+        q->n_published = q->kv.n_blocks;
+}
+
+void zse_sequence_publish(zse_sequence *q, zse_model *m)
+{
+    const int full = (int)(q->n_cached / ZSE_KV_BLOCK);
+    if (!m->blocks.key || full <= q->n_published || ensure_keys(q, full) != 0)
+        return;
+    for (int i = q->n_published; i < full; i++)
+        zse_block_publish(&m->blocks, q->kv.blocks[i], q->keys[i], i ? q->keys[i - 1] : 0,
+                          q->tokens + (size_t)i * ZSE_KV_BLOCK);
+    q->n_published = full;
 }
 
 bool zse_sequence_ctx_full(const zse_sequence *q, const zse_model *m)

@@ -1,5 +1,7 @@
 /* The paged KV cache: the block pool and block tables (allocation, exhaustion, all-or-
- * nothing reservations, double releases refused), and the stored K/V read back through the
+ * nothing reservations, double releases refused), the prefix cache (publishing, finding by
+ * key, parent and tokens, shared references, LRU eviction of idle blocks only, a random
+ * workload whose counts always add up), and the stored K/V read back through the
  * CPU backend's attention over a scattered block table — f16 within f16 rounding, int8
  * within its per-head scale. */
 #include "test.h"
@@ -10,8 +12,8 @@
 static void pool_and_tables(void)
 {
     zse_block_pool pool;
-    CHECK(zse_block_pool_init(&pool, 0) == -1);
-    CHECK(zse_block_pool_init(&pool, 4) == 0);
+    CHECK(zse_block_pool_init(&pool, 0, false) == -1);
+    CHECK(zse_block_pool_init(&pool, 4, false) == 0);
     int32_t got[4];
     for (int i = 0; i < 4; i++)
         got[i] = zse_block_alloc(&pool);
@@ -45,6 +47,109 @@ static void pool_and_tables(void)
     zse_kv_table_free(&a, &pool);
     zse_kv_table_free(&b, &pool);
     CHECK_EQ_INT(zse_block_pool_used(&pool), 0);
+    zse_block_pool_free(&pool);
+}
+
+/* the prefix cache's own rules */
+static void prefix_cache_rules(void)
+{
+    zse_block_pool pool;
+    CHECK(zse_block_pool_init(&pool, 3, true) == 0);
+    int32_t tok_a[16], tok_b[16];
+    for (int i = 0; i < 16; i++) {
+        tok_a[i] = i;
+        tok_b[i] = 100 + i;
+    }
+    uint64_t ka = zse_block_key(0, tok_a, 0), kb = zse_block_key(ka, tok_b, 0);
+    CHECK(ka != 0 && kb != 0 && ka != kb);
+    CHECK(zse_block_key(0, tok_a, 7) != ka); /* another salt (adapter): another key */
+    CHECK(zse_block_key(kb, tok_a, 0) != ka); /* the same tokens after another prefix */
+    int32_t a = zse_block_alloc(&pool), b = zse_block_alloc(&pool);
+    zse_block_publish(&pool, a, ka, 0, tok_a);
+    zse_block_publish(&pool, b, kb, ka, tok_b);
+    CHECK_EQ_INT(pool.n_published, 2);
+    CHECK_EQ_INT(zse_block_find(&pool, ka, 0, tok_a), a);
+    CHECK_EQ_INT(zse_block_find(&pool, kb, ka, tok_b), b);
+    CHECK_EQ_INT(zse_block_find(&pool, kb, 0, tok_b), -1);   /* another parent */
+    CHECK_EQ_INT(zse_block_find(&pool, ka, 0, tok_b), -1);   /* another content under the key */
+    /* a second sequence shares a: releasing one reference leaves it held */
+    zse_block_acquire(&pool, a);
+    CHECK(zse_block_release(&pool, a) == 0);
+    CHECK_EQ_INT(zse_block_pool_used(&pool), 2);
+    /* idle published blocks stay cached and still count as available */
+    CHECK(zse_block_release(&pool, b) == 0 && zse_block_release(&pool, a) == 0);
+    CHECK(zse_block_release(&pool, a) == -1); /* nobody holds it */
+    CHECK_EQ_INT(zse_block_pool_used(&pool), 0);
+    CHECK_EQ_INT(zse_block_pool_available(&pool), 3);
+    CHECK_EQ_INT(pool.n_idle, 2);
+    /* a hit takes an idle block back out of the LRU list */
+    zse_block_acquire(&pool, a);
+    CHECK_EQ_INT(pool.n_idle, 1);
+    /* allocation uses the free block first, then evicts the oldest idle one (b) */
+    int32_t c = zse_block_alloc(&pool), d = zse_block_alloc(&pool);
+    CHECK(c != a && c != b && d == b);
+    CHECK_EQ_INT(zse_block_find(&pool, kb, ka, tok_b), -1);
+    CHECK_EQ_INT(zse_block_find(&pool, ka, 0, tok_a), a);
+    CHECK_EQ_INT(zse_block_alloc(&pool), -1); /* a is held: never evicted */
+    CHECK_EQ_INT((int)pool.evictions, 1);
+    /* publishing a key that is already published leaves the second block private */
+    zse_block_publish(&pool, c, ka, 0, tok_a);
+    CHECK_EQ_INT(zse_block_find(&pool, ka, 0, tok_a), a);
+    CHECK(zse_block_release(&pool, c) == 0);
+    CHECK_EQ_INT(pool.n_free, 1); /* c was never published: straight to the free list */
+    zse_block_pool_free(&pool);
+
+    /* random traffic: shared chains, releases, evictions; the counts always add up and a
+     * found block always holds what was published for it */
+    enum { SEQS = 24, CHAIN = 6, POOL = 20 };
+    CHECK(zse_block_pool_init(&pool, POOL, true) == 0);
+    int32_t held[SEQS][CHAIN];
+    int n_held[SEQS] = {0};
+    unsigned st = 99;
+    for (int round = 0; round < 20000; round++) {
+        int s = (int)((st = st * 1664525u + 1013904223u) >> 16) % SEQS;
+        if (n_held[s] > 0 && (st >> 8) % 3 == 0) { /* the sequence ends */
+            for (int i = n_held[s] - 1; i >= 0; i--)
+                CHECK(zse_block_release(&pool, held[s][i]) == 0);
+            n_held[s] = 0;
+            continue;
+        }
+        if (n_held[s] == CHAIN)
+            continue;
+        /* the next block of a chain picked among 8 prompts: found, or computed and published */
+        int32_t tok[16];
+        int prompt = (int)((st >> 4) % 8);
+        uint64_t parent = 0;
+        const int next = n_held[s];
+        for (int i = 0; i <= next; i++) {
+            for (int j = 0; j < 16; j++)
+                tok[j] = prompt * 1000 + i * 16 + j;
+            uint64_t k = zse_block_key(parent, tok, 0);
+            if (i == next) {
+                int32_t blk = zse_block_find(&pool, k, parent, tok);
+                if (blk >= 0) {
+                    CHECK(memcmp(pool.tokens + blk * 16, tok, sizeof tok) == 0);
+                    zse_block_acquire(&pool, blk);
+                } else if ((blk = zse_block_alloc(&pool)) >= 0) {
+                    zse_block_publish(&pool, blk, k, parent, tok);
+                }
+                if (blk >= 0)
+                    held[s][n_held[s]++] = blk;
+            }
+            parent = k;
+        }
+        int refs = 0;
+        for (int b2 = 0; b2 < POOL; b2++)
+            refs += pool.ref[b2] > 0;
+        CHECK(refs == zse_block_pool_used(&pool) && pool.n_free + pool.n_idle + refs == POOL);
+        CHECK(pool.n_published <= POOL && pool.n_idle <= pool.n_published);
+    }
+    for (int s = 0; s < SEQS; s++)
+        for (int i = n_held[s] - 1; i >= 0; i--)
+            CHECK(zse_block_release(&pool, held[s][i]) == 0);
+    CHECK_EQ_INT(zse_block_pool_used(&pool), 0);
+    CHECK_EQ_INT(zse_block_pool_available(&pool), POOL);
+    CHECK(pool.evictions > 0 && pool.n_published > 0);
     zse_block_pool_free(&pool);
 }
 
@@ -145,6 +250,7 @@ static double attention_error(zse_kv_store store, double *v_roundtrip)
 int main(void)
 {
     pool_and_tables();
+    prefix_cache_rules();
     double v16, v8;
     double e16 = attention_error(ZSE_KV_STORE_F16, &v16);
     double e8 = attention_error(ZSE_KV_STORE_INT8, &v8);
