@@ -79,10 +79,11 @@ typedef struct {
     int64_t tokens;
 } agg_result;
 
-/* N requests of n_prompt distinct tokens each, submitted at once, each generating n_gen
- * tokens greedily past end-of-sequence; aggregate tokens/s over the whole run (prefill
- * included) and over the decode phase (after every request had its first token) */
-static int run_concurrent(zse_model *m, int n, int64_t n_prompt, int64_t n_gen, int max_batch_tokens,
+/* N requests of n_prompt tokens each (the first `shared` the same for all, the rest
+ * distinct), submitted at once, each generating n_gen tokens greedily past end-of-sequence;
+ * aggregate tokens/s over the whole run (prefill included) and over the decode phase (after
+ * every request had its first token) */
+static int run_concurrent(zse_model *m, int n, int64_t n_prompt, int64_t shared, int64_t n_gen, int max_batch_tokens,
                           agg_result *out)
 {
     zse_model_info info;
@@ -109,7 +110,8 @@ static int run_concurrent(zse_model *m, int n, int64_t n_prompt, int64_t n_gen, 
     double t0 = zse_now();
     for (int i = 0; i < n && rc == 0; i++) {
         slots[i].run = &r;
-        fill_prompt(ids, n_prompt, 777u + (uint32_t)i, info.vocab_size);
+        fill_prompt(ids, shared, 4242u, info.vocab_size);
+        fill_prompt(ids + shared, n_prompt - shared, 777u + (uint32_t)i, info.vocab_size);
         uint64_t id;
         rc = zse_engine_submit(e, ids, (size_t)n_prompt, &s, 0, on_token, &slots[i], &id);
         submitted += rc == 0;
@@ -158,7 +160,8 @@ static void usage(FILE *out)
     fprintf(out,
             "usage: zse bench MODEL.zse [--prompt-tokens N] [--gen-tokens N] [--ctx N] [--threads N]\n"
             "                 [--kv-cache f16|int8] [--device D] [--gpu-memory SIZE] [--concurrency N[,N...]]\n"
-            "                 [--batch-prompt-tokens N] [--batch-gen-tokens N] [--max-batch-tokens N] [--json]\n\n"
+            "                 [--batch-prompt-tokens N] [--batch-gen-tokens N] [--max-batch-tokens N]\n"
+            "                 [--prefix-cache] [--shared-prefix N] [--json]\n\n"
             "Feeds N prompt tokens (prefill), then generates greedily past end-of-sequence\n"
             "(decode), and reports tokens/s for each, load time, peak resident memory and the\n"
             "memory the model holds (weights, KV cache, activations; on a GPU also what the\n"
@@ -166,7 +169,10 @@ static void usage(FILE *out)
             "prompt plus the generated tokens). --concurrency runs N requests of\n"
             "--batch-prompt-tokens + --batch-gen-tokens (default 128 + 128) at once through\n"
             "the batching engine (as zse serve does) and reports aggregate generated tokens/s,\n"
-            "over the whole run and over its decode phase.\n");
+            "over the whole run and over its decode phase.\n"
+            "The prefix cache is off unless --prefix-cache: then the prompt is fed twice and\n"
+            "the time to first token of each is reported (the second finds the first's KV), and\n"
+            "--shared-prefix N makes the concurrent requests' first N prompt tokens the same.\n");
 }
 
 static void print_memory(const zse_memory_info *mem, bool as_json)
@@ -199,7 +205,8 @@ int cmd_bench(int argc, char **argv)
     }
     const char *path = NULL, *kv = "f16", *levels_text = NULL;
     int64_t n_prompt = 512, n_gen = 128, threads = 0, ctx = 0, b_prompt = 128, b_gen = 128, max_batch = 512;
-    bool as_json = false;
+    int64_t shared = 0;
+    bool as_json = false, prefix_cache = false;
     zse_load_params lp;
     zse_load_params_default(&lp);
     cli_args a = cli_begin(argc, argv);
@@ -215,6 +222,8 @@ int cmd_bench(int argc, char **argv)
         else if (cli_is(&a, NULL, "--batch-prompt-tokens")) cli_int(&a, 1, 1 << 20, &b_prompt);
         else if (cli_is(&a, NULL, "--batch-gen-tokens")) cli_int(&a, 1, 1 << 20, &b_gen);
         else if (cli_is(&a, NULL, "--max-batch-tokens")) cli_int(&a, 1, 1 << 20, &max_batch);
+        else if (cli_is(&a, NULL, "--prefix-cache")) prefix_cache = true;
+        else if (cli_is(&a, NULL, "--shared-prefix")) cli_int(&a, 0, 1 << 20, &shared);
         else if (cli_is(&a, NULL, "--json")) as_json = true;
         else if (cli_positional(&a) && !path) path = a.arg;
         else return cli_unknown(&a);
@@ -227,6 +236,11 @@ int cmd_bench(int argc, char **argv)
     }
     if (!kv || (strcmp(kv, "f16") != 0 && strcmp(kv, "int8") != 0)) {
         fprintf(stderr, "zse bench: --kv-cache takes f16 or int8\n");
+        return 2;
+    }
+    if (shared > b_prompt || (shared && !levels_text)) {
+        fprintf(stderr, "zse bench: --shared-prefix takes at most --batch-prompt-tokens (%lld) and needs --concurrency\n",
+                (long long)b_prompt);
         return 2;
     }
     int levels[MAX_LEVELS], n_levels = 0, max_level = 1;
@@ -248,6 +262,8 @@ int cmd_bench(int argc, char **argv)
     }
     lp.ctx_size = (int)(ctx ? ctx : need);
     lp.max_seqs = max_level;
+    /* the figures are compute: a repeated prompt must not come from the cache */
+    lp.no_prefix_cache = !prefix_cache;
     double t0 = zse_now();
     zse_model *m = zse_model_load(path, &lp);
     if (!m)
@@ -278,9 +294,26 @@ int cmd_bench(int argc, char **argv)
      * the prefill and the decode path), so the figures below are steady-state speeds;
      * load_s and a server's first request pay it instead */
     double tw = zse_now();
+    /* with the cache on, the warm-up runs another prompt: the one measured is not cached */
+    if (prefix_cache)
+        fill_prompt(ids, n_prompt, 999u, info.vocab_size);
     if (zse_seq_feed(q, ids, (size_t)n_prompt) != 0 || zse_seq_feed(q, ids, 1) != 0 || zse_seq_truncate(q, 0) != 0)
         goto done;
+    fill_prompt(ids, n_prompt, 12345u, info.vocab_size);
     double t_warm = zse_now() - tw;
+    double ttft[2] = {0, 0}; /* --prefix-cache: the prompt's first and repeated time to first token */
+    for (int k = 0; prefix_cache && k < 2; k++) {
+        double t = zse_now();
+        int32_t tok;
+        char *piece;
+        zse_finish fin;
+        if (zse_seq_feed(q, ids, (size_t)n_prompt) != 0 || zse_seq_next(q, &tok, &piece, &fin) != 0)
+            goto done;
+        zse_free(piece);
+        ttft[k] = zse_now() - t;
+        if (zse_seq_truncate(q, 0) != 0)
+            goto done;
+    }
     double t1 = zse_now();
     if (zse_seq_feed(q, ids, (size_t)n_prompt) != 0)
         goto done;
@@ -304,7 +337,7 @@ int cmd_bench(int argc, char **argv)
     zse_seq_free(q); /* its KV blocks go back for the concurrent runs */
     q = NULL;
     for (int i = 0; i < n_levels; i++)
-        if (run_concurrent(m, levels[i], b_prompt, b_gen, (int)max_batch, &agg[i]) != 0)
+        if (run_concurrent(m, levels[i], b_prompt, shared, b_gen, (int)max_batch, &agg[i]) != 0)
             goto done;
     double pp = (double)n_prompt / t_prefill, tg = produced / t_decode;
     if (as_json) {
@@ -314,13 +347,15 @@ int cmd_bench(int argc, char **argv)
                info.name, info.device, info.quant, t_load, t_warm, info.ctx_size, (long long)n_prompt, pp, produced,
                tg, peak_rss_mb());
         print_memory(&mem, true);
+        if (prefix_cache)
+            printf(", \"prefix_cache\": {\"ttft_first_s\": %.4f, \"ttft_repeat_s\": %.4f}", ttft[0], ttft[1]);
         if (n_levels) {
             printf(", \"concurrent\": [");
             for (int i = 0; i < n_levels; i++)
-                printf("%s{\"sequences\": %d, \"prompt_tokens\": %lld, \"gen_tokens\": %lld, \"wall_s\": %.3f, "
-                       "\"aggregate_tok_s\": %.1f, \"decode_phase_tok_s\": %.1f}",
-                       i ? ", " : "", agg[i].n, (long long)b_prompt, (long long)b_gen, agg[i].wall_s,
-                       agg[i].aggregate_tok_s, agg[i].decode_tok_s);
+                printf("%s{\"sequences\": %d, \"prompt_tokens\": %lld, \"shared_prefix\": %lld, \"gen_tokens\": %lld, "
+                       "\"wall_s\": %.3f, \"aggregate_tok_s\": %.1f, \"decode_phase_tok_s\": %.1f}",
+                       i ? ", " : "", agg[i].n, (long long)b_prompt, (long long)shared, (long long)b_gen,
+                       agg[i].wall_s, agg[i].aggregate_tok_s, agg[i].decode_tok_s);
             printf("]");
         }
         printf("}\n");
@@ -329,6 +364,8 @@ int cmd_bench(int argc, char **argv)
                "tok/s | peak RSS %.1f MB\n",
                info.name, info.device, info.quant, t_load, t_warm, (long long)n_prompt, pp, produced, tg, peak_rss_mb());
         print_memory(&mem, false);
+        if (prefix_cache)
+            printf("prefix cache: time to first token %.4f s, the same prompt again %.4f s\n", ttft[0], ttft[1]);
         for (int i = 0; i < n_levels; i++)
             printf("%d sequences x (%lld + %lld tokens): %.3f s, %.1f tok/s generated overall, %.1f tok/s in the "
                    "decode phase\n",

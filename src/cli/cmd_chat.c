@@ -83,9 +83,11 @@ int cmd_chat(int argc, char **argv)
 {
     if (cli_wants_help(argc, argv)) {
         printf("usage: zse chat MODEL.zse [--system S] [-n N] [--temp T] [--top-p P] [--seed S] [--threads N]\n"
-               "                [--ctx N] [--device D] [--gpu-memory SIZE]\n\n"
+               "                [--ctx N] [--device D] [--gpu-memory SIZE] [--no-prefix-cache]\n\n"
                "Type a message and press Enter. /reset starts over, /exit quits; Ctrl-C stops the\n"
-               "answer being written. With stdin not a terminal, each line is one message.\n");
+               "answer being written. With stdin not a terminal, each line is one message.\n"
+               "Each turn reuses the conversation's computed prefix; --no-prefix-cache computes\n"
+               "every turn's whole prompt.\n");
         return 0;
     }
     const char *path = NULL, *system = NULL;
@@ -104,6 +106,7 @@ int cmd_chat(int argc, char **argv)
         else if (cli_is(&a, NULL, "--ctx")) cli_int(&a, 16, 1 << 24, &ctx);
         else if (cli_is(&a, NULL, "--device")) lp.device = cli_value(&a);
         else if (cli_is(&a, NULL, "--gpu-memory")) cli_size(&a, 1ull << 20, &lp.gpu_memory);
+        else if (cli_is(&a, NULL, "--no-prefix-cache")) lp.no_prefix_cache = true;
         else if (cli_positional(&a) && !path) path = a.arg;
         else return cli_unknown(&a);
     }

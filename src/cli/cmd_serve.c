@@ -41,6 +41,8 @@ static void usage(FILE *out)
             "  --ctx N                 context length (default: the model's)\n"
             "  --kv-cache f16|int8     KV cache storage (default f16)\n"
             "  --kv-cache-size SIZE    KV cache budget (default: max-seqs full contexts)\n"
+            "  --no-prefix-cache       never reuse the KV of earlier prompts (default: full 16-token\n"
+            "                          blocks of a shared prefix are computed once)\n"
             "  --threads N             CPU threads (default: physical cores)\n"
             "  --device cpu|cuda|cuda:N\n"
             "  --gpu-memory SIZE       GPU memory for weights, KV cache and activations (default: what is free);\n"
@@ -182,7 +184,9 @@ static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
                 fprintf(stderr, "zse serve: --kv-cache-size takes a size like 512M or 4G, not '%s'\n", v);
                 return 2;
             }
-        } else if (cli_is(&a, NULL, "--threads") && cli_int(&a, 0, 1024, &i))
+        } else if (cli_is(&a, NULL, "--no-prefix-cache"))
+            l->load.no_prefix_cache = true;
+        else if (cli_is(&a, NULL, "--threads") && cli_int(&a, 0, 1024, &i))
             l->load.threads = (int)i;
         else if (cli_is(&a, NULL, "--device"))
             l->load.device = cli_value(&a);

@@ -190,6 +190,15 @@ int srv_metrics_render(srv_metrics *m, const zse_engine_stats *st, bool ready, i
         if (rc == 0)
             rc = render_counter(out, "zse_preemptions_total", "sequences whose KV was freed to make room",
                                 st->preemptions);
+        if (rc == 0)
+            rc = render_counter(out, "zse_prefix_cache_hit_tokens_total",
+                                "prompt tokens whose KV came from the prefix cache", st->prefix_hit_tokens);
+        if (rc == 0)
+            rc = render_counter(out, "zse_prefix_cache_query_tokens_total",
+                                "prompt tokens looked up in the prefix cache", st->prefix_query_tokens);
+        if (rc == 0)
+            rc = render_gauge(out, "zse_prefix_cache_blocks", "KV blocks published in the prefix cache",
+                              st->prefix_cached_blocks);
     }
     return rc;
 }
