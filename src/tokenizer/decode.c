@@ -106,6 +106,104 @@ fail:
     return -1;
 }
 
+/* HF's wordpiece::cleanup: spaces before punctuation and contractions removed, each
+ * replacement on the result of the one before */
+static int wordpiece_cleanup(const char *s, size_t n, zse_buf *out)
+{
+    static const char *const pairs[][2] = {{" .", "."}, {" ?", "?"}, {" !", "!"}, {" ,", ","}, {" ' ", "'"},
+                                           {" n't", "n't"}, {" 'm", "'m"}, {" do not", " don't"}, {" 's", "'s"},
+                                           {" 've", "'ve"}, {" 're", "'re"}};
+    zse_buf a = {0}, b = {0};
+    int rc = zse_buf_append(&a, s, n);
+    for (size_t k = 0; rc == 0 && k < sizeof pairs / sizeof pairs[0]; k++) {
+        b.len = 0;
+        rc = tok_replace_all(zse_buf_str(&a), a.len, pairs[k][0], pairs[k][1], &b);
+        zse_buf tmp = a;
+        a = b;
+        b = tmp;
+    }
+    if (rc == 0)
+        rc = zse_buf_append(out, zse_buf_str(&a), a.len);
+    zse_buf_free(&a);
+    zse_buf_free(&b);
+    return rc ? -1 : 0;
+}
+
+/* HF's WordPiece decoder on token `index`: after the first, a token with the prefix loses
+ * it and one without gets a space before it; then the cleanup */
+static int wordpiece_decode_one(const dec_step *d, size_t index, const char *s, size_t n, zse_buf *out)
+{
+    zse_buf tok = {0};
+    size_t pl = strlen(d->a);
+    int rc;
+    if (index == 0)
+        rc = zse_buf_append(&tok, s, n);
+    else if (n >= pl && memcmp(s, d->a, pl) == 0)
+        rc = zse_buf_append(&tok, s + pl, n - pl);
+    else
+        rc = zse_buf_append(&tok, " ", 1) || zse_buf_append(&tok, s, n);
+    if (rc == 0)
+        rc = d->cleanup ? wordpiece_cleanup(zse_buf_str(&tok), tok.len, out)
+                        : zse_buf_append(out, zse_buf_str(&tok), tok.len);
+    zse_buf_free(&tok);
+    return rc ? -1 : 0;
+}
+
+/* HF's CTC decoder on one token: the pad token removed; with cleanup, the WordPiece
+ * cleanup and the word delimiter to a space */
+static int ctc_decode_one(const dec_step *d, const char *s, size_t n, zse_buf *out)
+{
+    zse_buf a = {0}, b = {0};
+    int rc = tok_replace_all(s, n, d->a, "", &a);
+    if (rc == 0 && d->cleanup) {
+        rc = wordpiece_cleanup(zse_buf_str(&a), a.len, &b);
+        a.len = 0;
+        rc = rc || tok_replace_all(zse_buf_str(&b), b.len, d->b, " ", &a);
+    }
+    if (rc == 0)
+        rc = zse_buf_append(out, zse_buf_str(&a), a.len);
+    zse_buf_free(&a);
+    zse_buf_free(&b);
+    return rc ? -1 : 0;
+}
+
+/* CTC over the list: repeats of a token collapse to one, then tokens that decode to
+ * nothing are dropped */
+static int ctc_decode(const dec_step *d, tok_list *l)
+{
+    size_t w = 0;
+    for (size_t i = 0; i < l->n; i++) {
+        if (w && l->v[i].len == l->v[w - 1].len && memcmp(zse_buf_str(&l->v[i]), zse_buf_str(&l->v[w - 1]), l->v[i].len) == 0) {
+            zse_buf_free(&l->v[i]);
+            continue;
+        }
+        if (w != i) {
+            l->v[w] = l->v[i];
+            memset(&l->v[i], 0, sizeof l->v[i]);
+        }
+        w++;
+    }
+    /* w tokens remain: decode each, keeping the non-empty ones (the dedup above compared
+     * raw tokens, as HF's does) */
+    size_t k = 0;
+    for (size_t i = 0; i < w; i++) {
+        zse_buf out = {0};
+        if (ctc_decode_one(d, zse_buf_str(&l->v[i]), l->v[i].len, &out) || zse_buf_reserve(&out, 0)) {
+            zse_buf_free(&out);
+            return -1;
+        }
+        zse_buf_free(&l->v[i]);
+        if (out.len)
+            l->v[k++] = out;
+        else
+            zse_buf_free(&out);
+    }
+    for (size_t i = k; i < w; i++)
+        memset(&l->v[i], 0, sizeof l->v[i]);
+    l->n = k;
+    return 0;
+}
+
 static int decode_one(const dec_step *d, size_t index, const zse_buf *b, zse_buf *out)
 {
     const char *s = b->data ? b->data : "";
@@ -126,6 +224,10 @@ static int decode_one(const dec_step *d, size_t index, const zse_buf *b, zse_buf
             e -= cl;
         return zse_buf_append(out, s + a, e - a);
     }
+    case D_WORDPIECE:
+        return wordpiece_decode_one(d, index, s, b->len, out);
+    case D_CTC:
+        return ctc_decode_one(d, s, b->len, out);
     default:
         return zse_buf_append(out, s, b->len);
     }
@@ -137,6 +239,8 @@ static int apply_decoder(const dec_step *d, tok_list *l)
         return bytelevel_decode(l);
     if (d->kind == D_BYTEFALLBACK)
         return bytefallback_decode(l);
+    if (d->kind == D_CTC)
+        return ctc_decode(d, l);
     if (d->kind == D_FUSE) {
         for (size_t i = 1; i < l->n; i++) {
             if (zse_buf_append(&l->v[0], zse_buf_str(&l->v[i]), l->v[i].len))

@@ -48,6 +48,10 @@ static void enc_state_free(enc_state *st)
     free(st->cache);
     zse_buf_free(&st->cache_text);
     free(st->cache_ids.v);
+    free(st->ug_score);
+    free(st->ug_from);
+    free(st->ug_id);
+    zse_buf_free(&st->piece);
 }
 
 int tok_spans_push(spans *s, size_t a, size_t b)
@@ -327,6 +331,22 @@ static int bpe_word(const zse_tokenizer *t, enc_state *st, const char *w, size_t
     return merge_word(t, st, ns);
 }
 
+/* one pre-tokenized piece through the model. Unigram and WordPiece see a byte-level
+ * piece in GPT-2's alphabet, as HF's ByteLevel pre-tokenizer leaves it (BPE maps bytes
+ * itself, from a table where it can). */
+static int model_word(const zse_tokenizer *t, enc_state *st, const char *w, size_t n)
+{
+    if (t->model == MODEL_BPE)
+        return bpe_word(t, st, w, n);
+    if (t->byte_level) {
+        if (map_bytes(st, w, n))
+            return -1;
+        w = st->mapped.data;
+        n = st->mapped.len;
+    }
+    return t->model == MODEL_UNIGRAM ? tok_unigram_word(t, st, w, n) : tok_wordpiece_word(t, st, w, n);
+}
+
 /* ---- encoding ------------------------------------------------------------------------- */
 
 typedef struct {
@@ -388,7 +408,7 @@ static bool next_added(const zse_tokenizer *t, const char *s, size_t n, size_t f
 static int encode_piece(const zse_tokenizer *t, enc_state *st, const char *w, size_t n)
 {
     if (n > CACHE_MAX_PIECE || ++st->pieces < CACHE_AFTER)
-        return bpe_word(t, st, w, n);
+        return model_word(t, st, w, n);
     if (!st->cache && !(st->cache = zse_calloc(CACHE_SLOTS, sizeof *st->cache)))
         return -1;
     uint64_t h = zse_hash64(w, n) | 1;
@@ -403,7 +423,7 @@ static int encode_piece(const zse_tokenizer *t, enc_state *st, const char *w, si
         }
     }
     size_t before = st->out.n;
-    if (bpe_word(t, st, w, n))
+    if (model_word(t, st, w, n))
         return -1;
     if (st->cache_used >= CACHE_SLOTS / 2)
         return 0;

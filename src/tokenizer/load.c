@@ -302,6 +302,7 @@ static int push_norm(zse_tokenizer *t, norm_step s)
     if (!p) {
         free(s.a);
         free(s.b);
+        free(s.map.data);
         pcre2_code_free(s.re);
         return -1;
     }
@@ -355,6 +356,27 @@ static int load_normalizer(zse_tokenizer *t, const json_t *n, int depth)
         s.kind = N_STRIP;
         s.left = json_is_true(json_object_get(n, "strip_left"));
         s.right = json_is_true(json_object_get(n, "strip_right"));
+    } else if (strcmp(type, "StripAccents") == 0) {
+        s.kind = N_STRIP_ACCENTS;
+    } else if (strcmp(type, "Nmt") == 0) {
+        s.kind = N_NMT;
+    } else if (strcmp(type, "BertNormalizer") == 0) {
+        s.kind = N_BERT;
+        json_t *clean = json_object_get(n, "clean_text"), *cjk = json_object_get(n, "handle_chinese_chars"),
+               *lower = json_object_get(n, "lowercase"), *accents = json_object_get(n, "strip_accents");
+        s.clean_text = !clean || json_is_true(clean); /* HF's defaults: true, true, true, none */
+        s.chinese_chars = !cjk || json_is_true(cjk);
+        s.lowercase = !lower || json_is_true(lower);
+        s.strip_accents = json_is_boolean(accents) ? json_is_true(accents) : s.lowercase;
+    } else if (strcmp(type, "Precompiled") == 0) {
+        s.kind = N_PRECOMPILED;
+        json_t *map = json_object_get(n, "precompiled_charsmap");
+        if (json_is_null(map) || (json_is_string(map) && json_string_length(map) == 0))
+            return 0; /* an empty charsmap normalizes nothing (HF skips it too) */
+        if (!json_is_string(map))
+            return zse_fail("tokenizer.json: Precompiled normalizer without a precompiled_charsmap string");
+        if (tok_charsmap_load(&s.map, json_string_value(map), json_string_length(map)))
+            return -1;
     } else {
         return zse_fail("tokenizer.json: normalizer '%s' is not supported", type);
     }
@@ -521,6 +543,18 @@ static int load_decoder(zse_tokenizer *t, const json_t *n, int depth)
         s.a = dup_str(json_object_get(n, "content"));
         s.start = (int)json_integer_value(json_object_get(n, "start"));
         s.stop = (int)json_integer_value(json_object_get(n, "stop"));
+    } else if (strcmp(type, "WordPiece") == 0) {
+        s.kind = D_WORDPIECE;
+        json_t *prefix = json_object_get(n, "prefix"), *cleanup = json_object_get(n, "cleanup");
+        s.a = zse_strdup(json_is_string(prefix) ? json_string_value(prefix) : "##");
+        s.cleanup = !cleanup || json_is_true(cleanup);
+    } else if (strcmp(type, "CTC") == 0) {
+        s.kind = D_CTC;
+        json_t *pad = json_object_get(n, "pad_token"), *delim = json_object_get(n, "word_delimiter_token"),
+               *cleanup = json_object_get(n, "cleanup");
+        s.a = zse_strdup(json_is_string(pad) ? json_string_value(pad) : "<pad>");
+        s.b = zse_strdup(json_is_string(delim) ? json_string_value(delim) : "|");
+        s.cleanup = !cleanup || json_is_true(cleanup);
     } else if (strcmp(type, "Metaspace") == 0) {
         s.kind = D_METASPACE;
         s.a = dup_str(json_object_get(n, "replacement"));
@@ -585,9 +619,21 @@ static int load_post_processor(zse_tokenizer *t, const json_t *n, int depth)
 static int count_vocab(zse_tokenizer *t, const json_t *model)
 {
     const char *type = json_string_value(json_object_get(model, "type"));
-    /* files from older tokenizers omit the type of a BPE model */
-    if (type ? strcmp(type, "BPE") != 0 : !json_object_get(model, "merges"))
-        return zse_fail("tokenizer.json: model type '%s' is not supported (BPE is)", type ? type : "?");
+    /* files from older tokenizers omit the type of a model: BPE has merges, WordPiece a
+     * continuing_subword_prefix, Unigram a list for its vocab */
+    if (!type)
+        type = json_object_get(model, "merges")                      ? "BPE"
+               : json_is_array(json_object_get(model, "vocab"))      ? "Unigram"
+               : json_object_get(model, "continuing_subword_prefix") ? "WordPiece"
+                                                                     : "?";
+    if (strcmp(type, "Unigram") == 0) {
+        t->model = MODEL_UNIGRAM;
+        return tok_unigram_count(model, &t->n_vocab);
+    }
+    if (strcmp(type, "WordPiece") == 0)
+        t->model = MODEL_WORDPIECE;
+    else if (strcmp(type, "BPE") != 0)
+        return zse_fail("tokenizer.json: model type '%s' is not supported (BPE, Unigram and WordPiece are)", type);
     json_t *vocab = json_object_get(model, "vocab");
     if (!json_is_object(vocab))
         return zse_fail("tokenizer.json: model.vocab is missing");
@@ -755,6 +801,10 @@ static int32_t id_of_name(const zse_tokenizer *t, const json_t *v)
 
 static const char *type_of(const zse_tokenizer *t)
 {
+    if (t->model == MODEL_UNIGRAM)
+        return "unigram";
+    if (t->model == MODEL_WORDPIECE)
+        return "wordpiece";
     if (t->byte_level)
         return "bpe-bytelevel";
     for (int i = 0; i < t->n_pres; i++)
@@ -781,16 +831,25 @@ static int load_model_vocab(zse_tokenizer *t, const json_t *model)
         t->is_special[t->added[i].id] = t->added[i].special;
     const char *k;
     json_t *v;
-    json_object_foreach(json_object_get(model, "vocab"), k, v) {
-        if (set_token(t, (int32_t)json_integer_value(v), k) || add_token_pairs(t, k))
+    if (t->model == MODEL_UNIGRAM) {
+        if (tok_unigram_load(t, model))
             return -1;
+    } else {
+        json_object_foreach(json_object_get(model, "vocab"), k, v) {
+            if (set_token(t, (int32_t)json_integer_value(v), k) || (t->model == MODEL_BPE && add_token_pairs(t, k)))
+                return -1;
+        }
     }
-    /* string → id, lowest id first (the map borrows the strings of t->vocab); ids only
+    /* string → id, lowest id first — Unigram: highest first, as HF's map of its pieces
+     * keeps the last of equal strings (the map borrows the strings of t->vocab); ids only
      * added tokens use are holes of the model's vocabulary */
-    for (int i = 0; i < t->n_vocab; i++) {
+    for (int k2 = 0; k2 < t->n_vocab; k2++) {
+        int i = t->model == MODEL_UNIGRAM ? t->n_vocab - 1 - k2 : k2;
         if (t->vocab[i])
             str_map_put(&t->ids, t->vocab[i], i);
-        else if (!(t->vocab[i] = zse_strdup("")))
+    }
+    for (int i = 0; i < t->n_vocab; i++) {
+        if (!t->vocab[i] && !(t->vocab[i] = zse_strdup("")))
             return -1;
         t->text[i] = t->vocab[i];
     }
@@ -816,6 +875,8 @@ static int load_model_options(zse_tokenizer *t, const json_t *model)
     const char *pre = json_string_value(json_object_get(model, "continuing_subword_prefix"));
     const char *suf = json_string_value(json_object_get(model, "end_of_word_suffix"));
     if ((pre && *pre && !(t->subword_prefix = zse_strdup(pre))) || (suf && *suf && !(t->word_suffix = zse_strdup(suf))))
+        return -1;
+    if (t->model == MODEL_WORDPIECE && tok_wordpiece_load(t, model))
         return -1;
     json_t *dropout = json_object_get(model, "dropout");
     if (json_is_number(dropout) && json_number_value(dropout) > 0)
@@ -886,10 +947,13 @@ void zse_tokenizer_free(zse_tokenizer *t)
     free(t->merges.merged);
     free(t->joined.keys);
     free(t->subword_prefix);
+    free(t->scores);
+    tok_trie_free(&t->trie);
     free(t->word_suffix);
     for (int i = 0; i < t->n_norms; i++) {
         free(t->norms[i].a);
         free(t->norms[i].b);
+        free(t->norms[i].map.data);
         pcre2_code_free(t->norms[i].re);
     }
     free(t->norms);

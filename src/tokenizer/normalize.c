@@ -248,6 +248,98 @@ static int strip(const norm_step *st, const char *s, size_t n, zse_buf *out)
     return zse_buf_append(out, s + a, b - a);
 }
 
+/* Rust's char::is_whitespace for \t \n \r and the White_Space property: BERT's whitespace */
+static bool bert_is_whitespace(int32_t c)
+{
+    return c == '\t' || c == '\n' || c == '\r' || tok_is_white_space(c);
+}
+
+/* BERT's control characters: categories Cc, Cf, Cn, Co, Cs except \t \n \r */
+static bool bert_is_control(int32_t c)
+{
+    if (c == '\t' || c == '\n' || c == '\r')
+        return false;
+    utf8proc_category_t cat = utf8proc_category(c);
+    return cat == UTF8PROC_CATEGORY_CC || cat == UTF8PROC_CATEGORY_CF || cat == UTF8PROC_CATEGORY_CN ||
+           cat == UTF8PROC_CATEGORY_CO || cat == UTF8PROC_CATEGORY_CS;
+}
+
+/* the CJK Unified Ideographs blocks BERT puts spaces around */
+static bool bert_is_chinese(int32_t c)
+{
+    return (c >= 0x4E00 && c <= 0x9FFF) || (c >= 0x3400 && c <= 0x4DBF) || (c >= 0x20000 && c <= 0x2A6DF) ||
+           (c >= 0x2A700 && c <= 0x2B73F) || (c >= 0x2B740 && c <= 0x2B81F) || (c >= 0x2B920 && c <= 0x2CEAF) ||
+           (c >= 0xF900 && c <= 0xFAFF) || (c >= 0x2F800 && c <= 0x2FA1F);
+}
+
+/* BertNormalizer's clean_text (NUL, U+FFFD and control characters dropped, whitespace to a
+ * space) and handle_chinese_chars (spaces around CJK ideographs), in one pass */
+static int bert_clean(const norm_step *st, const char *s, size_t n, zse_buf *out)
+{
+    size_t l;
+    for (size_t i = 0; i < n; i += l) {
+        int32_t c = tok_cp_at(s, n, i, &l);
+        int rc = 0;
+        if (st->clean_text && (c == 0 || c == 0xFFFD || bert_is_control(c)))
+            continue;
+        if (st->clean_text && bert_is_whitespace(c))
+            rc = zse_buf_append(out, " ", 1);
+        else if (st->chinese_chars && bert_is_chinese(c))
+            rc = zse_buf_append(out, " ", 1) || zse_buf_append(out, s + i, l) || zse_buf_append(out, " ", 1);
+        else
+            rc = zse_buf_append(out, s + i, l);
+        if (rc)
+            return -1;
+    }
+    return 0;
+}
+
+/* StripAccents: nonspacing marks (Mn) dropped */
+static int drop_nonspacing_marks(const char *s, size_t n, zse_buf *out)
+{
+    size_t l;
+    for (size_t i = 0; i < n; i += l) {
+        int32_t c = tok_cp_at(s, n, i, &l);
+        if (utf8proc_category(c) != UTF8PROC_CATEGORY_MN && zse_buf_append(out, s + i, l))
+            return -1;
+    }
+    return 0;
+}
+
+/* the Nmt normalizer: some control characters dropped, some spaces and separators to ' ' */
+static int nmt(const char *s, size_t n, zse_buf *out)
+{
+    size_t l;
+    for (size_t i = 0; i < n; i += l) {
+        int32_t c = tok_cp_at(s, n, i, &l);
+        if ((c >= 0x01 && c <= 0x08) || c == 0x0B || (c >= 0x0E && c <= 0x1F) || c == 0x7F || c == 0x8F || c == 0x9F)
+            continue;
+        bool space = c == 0x09 || c == 0x0A || c == 0x0C || c == 0x0D || c == 0x1680 || (c >= 0x200B && c <= 0x200F) ||
+                     c == 0x2028 || c == 0x2029 || c == 0x2581 || c == 0xFEFF || c == 0xFFFD;
+        if (space ? zse_buf_append(out, " ", 1) : zse_buf_append(out, s + i, l))
+            return -1;
+    }
+    return 0;
+}
+
+/* BertNormalizer: clean_text, handle_chinese_chars, strip_accents (NFD, then marks
+ * dropped), lowercase — in that order, each on the result of the one before */
+static int bert_normalize(const norm_step *st, const char *s, size_t n, zse_buf *out)
+{
+    zse_buf a = {0}, b = {0};
+    int rc = bert_clean(st, s, n, &a) || zse_buf_reserve(&a, 0);
+    if (rc == 0 && st->strip_accents) {
+        rc = unicode_normalize(N_NFD, zse_buf_str(&a), a.len, &b) || zse_buf_reserve(&b, 0);
+        a.len = 0;
+        rc = rc || drop_nonspacing_marks(zse_buf_str(&b), b.len, &a) || zse_buf_reserve(&a, 0);
+    }
+    if (rc == 0)
+        rc = st->lowercase ? lowercase(zse_buf_str(&a), a.len, out) : zse_buf_append(out, zse_buf_str(&a), a.len);
+    zse_buf_free(&a);
+    zse_buf_free(&b);
+    return rc ? -1 : 0;
+}
+
 int tok_normalize(const zse_tokenizer *t, zse_buf *s)
 {
     for (int k = 0; k < t->n_norms && s->len; k++) {
@@ -270,6 +362,18 @@ int tok_normalize(const zse_tokenizer *t, zse_buf *s)
             break;
         case N_STRIP:
             rc = strip(st, s->data, s->len, &out);
+            break;
+        case N_STRIP_ACCENTS:
+            rc = drop_nonspacing_marks(s->data, s->len, &out);
+            break;
+        case N_NMT:
+            rc = nmt(s->data, s->len, &out);
+            break;
+        case N_BERT:
+            rc = bert_normalize(st, s->data, s->len, &out);
+            break;
+        case N_PRECOMPILED:
+            rc = tok_precompiled_normalize(&st->map, s->data, s->len, &out);
             break;
         }
         if (rc || zse_buf_reserve(&out, 0)) {

@@ -53,12 +53,28 @@ typedef struct {
 } cp_pair_set;
 /* ---- pipeline description -------------------------------------------------------- */
 
-enum norm_kind { N_NFC, N_NFKC, N_NFD, N_NFKD, N_LOWER, N_PREPEND, N_REPLACE, N_STRIP };
+enum norm_kind {
+    N_NFC, N_NFKC, N_NFD, N_NFKD, N_LOWER, N_PREPEND, N_REPLACE, N_STRIP,
+    N_STRIP_ACCENTS, N_NMT, N_BERT, N_PRECOMPILED
+};
+
+/* SentencePiece's precompiled_charsmap: a Darts double-array trie from source strings to
+ * offsets into a blob of NUL-terminated replacements */
+typedef struct {
+    unsigned char *data;   /* the decoded charsmap (owned) */
+    const unsigned char *units; /* the trie's 32-bit units (little-endian), inside data */
+    size_t n_units;
+    const char *normalized;
+    size_t normalized_len;
+} charsmap;
+
 typedef struct {
     enum norm_kind kind;
     char *a, *b;           /* Prepend: a; Replace: a = literal pattern (or re), b = content */
     pcre2_code *re;        /* Replace with a Regex pattern */
     bool left, right;      /* Strip */
+    bool clean_text, chinese_chars, strip_accents, lowercase; /* BertNormalizer */
+    charsmap map;          /* Precompiled */
 } norm_step;
 
 enum pre_kind { P_SPLIT, P_BYTELEVEL, P_METASPACE };
@@ -75,14 +91,31 @@ typedef struct {
     bool split;               /* Metaspace */
 } pre_step;
 
-enum dec_kind { D_BYTELEVEL, D_REPLACE, D_BYTEFALLBACK, D_FUSE, D_STRIP, D_METASPACE };
+enum dec_kind { D_BYTELEVEL, D_REPLACE, D_BYTEFALLBACK, D_FUSE, D_STRIP, D_METASPACE, D_WORDPIECE, D_CTC };
 typedef struct {
     enum dec_kind kind;
-    char *a, *b;              /* Replace: a → b (or re → b); Strip: a = content; Metaspace: a */
+    char *a, *b;              /* Replace: a → b (or re → b); Strip: a = content; Metaspace: a;
+                               * WordPiece: a = prefix; CTC: a = pad token, b = word delimiter */
     pcre2_code *re;
     int start, stop;          /* Strip */
     int prepend_scheme;       /* Metaspace */
+    bool cleanup;             /* WordPiece, CTC */
 } dec_step;
+
+/* the byte trie of a Unigram model's pieces: prefix search from each position */
+typedef struct {
+    int32_t child, sibling; /* first child, next sibling; -1 when none */
+    int32_t id;             /* the piece ending here, -1 when none */
+    uint8_t byte;
+} trie_node;
+
+typedef struct {
+    trie_node *v;
+    size_t n, cap;
+    int32_t root[256];      /* the node of each first byte, -1 when none */
+} piece_trie;
+
+enum model_kind { MODEL_BPE, MODEL_UNIGRAM, MODEL_WORDPIECE };
 
 typedef struct {
     char *content;            /* as written */
@@ -94,6 +127,7 @@ typedef struct {
 } added_token;
 
 struct zse_tokenizer {
+    enum model_kind model;
     char **vocab;             /* id → the model's string ("" for holes) */
     const char **text;        /* id → the token's text: an added token's, else vocab[id] */
     int n_vocab;
@@ -105,6 +139,11 @@ struct zse_tokenizer {
     char *subword_prefix;     /* continuing_subword_prefix, NULL when none */
     char *word_suffix;        /* end_of_word_suffix, NULL when none */
     int32_t unk_id;
+    double *scores;           /* Unigram: [n_vocab] log probabilities */
+    double min_score;         /* Unigram: the lowest score (unknown characters score 10 less) */
+    piece_trie trie;          /* Unigram: the pieces */
+    int max_input_chars;      /* WordPiece: longer words are one unk */
+    size_t max_piece_len;     /* WordPiece: the longest vocabulary string, in bytes */
     int32_t byte_ids[256];    /* <0xNN> tokens for byte fallback, -1 when absent */
     int32_t byte_sym[256];    /* byte-level: the id of each byte's mapped character, -1 when absent */
     norm_step *norms;
@@ -167,6 +206,10 @@ typedef struct {
     cand *heap;
     size_t sym_cap;
     id_vec out;
+    double *ug_score;   /* Unigram's best path to each byte position of a piece */
+    int32_t *ug_from, *ug_id;
+    size_t ug_cap;
+    zse_buf piece;      /* WordPiece: the candidate with its prefix */
     /* short pieces already encoded in this call (texts repeat their words): the cache
      * belongs to the call, so threads share nothing */
     struct cache_slot { uint64_t hash; uint32_t text_at, text_len, ids_at, ids_len; } *cache;
@@ -201,5 +244,20 @@ int tok_replace_regex(const pcre2_code *re, const char *s, size_t n, const char 
 size_t tok_utf8_char_len(unsigned char c);
 int tok_utf8_lossy(const char *in, size_t n, zse_buf *out);
 bool tok_utf8_valid(const char *s, size_t n);
+
+
+/* precompiled.c */
+int tok_charsmap_load(charsmap *m, const char *b64, size_t b64_len);
+int tok_precompiled_normalize(const charsmap *m, const char *s, size_t n, zse_buf *out);
+
+/* unigram.c */
+int tok_unigram_count(const json_t *model, int *n_vocab);
+int tok_unigram_load(zse_tokenizer *t, const json_t *model);
+int tok_unigram_word(const zse_tokenizer *t, enc_state *st, const char *w, size_t n);
+void tok_trie_free(piece_trie *tr);
+
+/* wordpiece.c */
+int tok_wordpiece_load(zse_tokenizer *t, const json_t *model);
+int tok_wordpiece_word(const zse_tokenizer *t, enc_state *st, const char *w, size_t n);
 
 #endif
