@@ -130,9 +130,10 @@ typedef struct {
 
 typedef struct {
     char model[32], pre[64];
-    array_ref tokens, scores, types, merges;
+    array_ref tokens, scores, types, merges, charsmap;
     int64_t bos, eos, unk;
-    int add_bos, add_eos, add_space_prefix; /* -1: not in the file */
+    int64_t cls, sep;
+    int add_bos, add_eos, add_space_prefix, remove_extra_spaces; /* -1: not in the file */
 } gguf_vocab;
 
 static bool key_is(const char *k, uint64_t kl, const char *name)
@@ -161,6 +162,7 @@ static void read_kv(reader *r, gguf_vocab *v)
         else if (key_is(k, kl, "tokenizer.ggml.scores")) v->scores = a;
         else if (key_is(k, kl, "tokenizer.ggml.token_type")) v->types = a;
         else if (key_is(k, kl, "tokenizer.ggml.merges")) v->merges = a;
+        else if (key_is(k, kl, "tokenizer.ggml.precompiled_charsmap")) v->charsmap = a;
         return;
     }
     bool model = key_is(k, kl, "tokenizer.ggml.model"), pre = key_is(k, kl, "tokenizer.ggml.pre");
@@ -177,6 +179,9 @@ static void read_kv(reader *r, gguf_vocab *v)
         {"tokenizer.ggml.bos_token_id", &v->bos, NULL},     {"tokenizer.ggml.eos_token_id", &v->eos, NULL},
         {"tokenizer.ggml.unknown_token_id", &v->unk, NULL}, {"tokenizer.ggml.add_bos_token", NULL, &v->add_bos},
         {"tokenizer.ggml.add_eos_token", NULL, &v->add_eos}, {"tokenizer.ggml.add_space_prefix", NULL, &v->add_space_prefix},
+        {"tokenizer.ggml.remove_extra_whitespaces", NULL, &v->remove_extra_spaces},
+        {"tokenizer.ggml.cls_token_id", &v->cls, NULL}, {"tokenizer.ggml.seperator_token_id", &v->sep, NULL},
+        {"tokenizer.ggml.separator_token_id", &v->sep, NULL},
     };
     for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
         int64_t x;
@@ -453,25 +458,140 @@ static json_t *bpe_model(const gguf_vocab *v, const reader *r, json_t *vocab, co
                      ps->ignore_merges);
 }
 
+/* ---- Unigram (model "t5") and WordPiece (model "bert") -------------------------------- */
+
+static const char B64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/* the precompiled_charsmap bytes as the base64 string tokenizer.json carries */
+static json_t *charsmap_base64(const array_ref *a)
+{
+    zse_buf b = {0};
+    const uint8_t *p = a->at;
+    int rc = 0;
+    for (uint64_t i = 0; i < a->n && rc == 0; i += 3) {
+        uint32_t x = (uint32_t)p[i] << 16 | (i + 1 < a->n ? (uint32_t)p[i + 1] << 8 : 0) |
+                     (i + 2 < a->n ? (uint32_t)p[i + 2] : 0);
+        char q[4] = {B64[x >> 18 & 63], B64[x >> 12 & 63], i + 1 < a->n ? B64[x >> 6 & 63] : '=',
+                     i + 2 < a->n ? B64[x & 63] : '='};
+        rc = zse_buf_append(&b, q, 4);
+    }
+    json_t *j = rc ? NULL : json_stringn(zse_buf_str(&b), b.len);
+    zse_buf_free(&b);
+    return j;
+}
+
+/* T5-style SentencePiece Unigram, as HF's converter writes it: the precompiled charsmap,
+ * runs of spaces collapsed and the ends trimmed (remove_extra_whitespaces), ▁ before
+ * each word (add_space_prefix), the Metaspace decoder */
+static json_t *ugm_model(const gguf_vocab *v, char **texts, uint64_t n, json_t **norm, json_t **pre, json_t **dec)
+{
+    json_t *pieces = json_array(), *norms = json_array(), *pres = json_array();
+    bool byte_fallback = false;
+    for (uint64_t id = 0; pieces && id < n; id++) {
+        json_array_append_new(pieces, json_pack("[s,f]", texts[id], (double)array_f32(&v->scores, id)));
+        byte_fallback = byte_fallback || (v->types.n && array_i32(&v->types, id) == 6); /* BYTE */
+    }
+    if (v->charsmap.n && scalar_size(v->charsmap.type) == 1)
+        json_array_append_new(norms, json_pack("{s:s, s:o}", "type", "Precompiled", "precompiled_charsmap",
+                                               charsmap_base64(&v->charsmap)));
+    if (v->remove_extra_spaces != 0) {
+        json_array_append_new(norms, json_pack("{s:s, s:{s:s}, s:s}", "type", "Replace", "pattern", "Regex", " {2,}",
+                                               "content", " "));
+        json_array_append_new(pres, json_pack("{s:s}", "type", "WhitespaceSplit"));
+    }
+    const char *scheme = v->add_space_prefix != 0 ? "always" : "never";
+    json_array_append_new(pres, json_pack("{s:s, s:s, s:s, s:b}", "type", "Metaspace", "replacement", "\xe2\x96\x81",
+                                          "prepend_scheme", scheme, "split", 1));
+    *norm = json_pack("{s:s, s:o}", "type", "Sequence", "normalizers", norms);
+    *pre = json_pack("{s:s, s:o}", "type", "Sequence", "pretokenizers", pres);
+    *dec = json_pack("{s:s, s:s, s:s, s:b}", "type", "Metaspace", "replacement", "\xe2\x96\x81", "prepend_scheme",
+                     scheme, "split", 1);
+    json_t *m = json_pack("{s:s, s:o, s:b}", "type", "Unigram", "vocab", pieces, "byte_fallback", byte_fallback);
+    if (m && valid_id(v->unk, n))
+        json_object_set_new(m, "unk_id", json_integer(v->unk));
+    return m;
+}
+
+/* llama.cpp stores a BERT vocabulary with a "phantom space": word-initial tokens get ▁,
+ * continuation tokens lose "##", [bracketed] ones stay. This undoes it. */
+static int unphantom(char **text)
+{
+    char *s = *text;
+    size_t l = strlen(s);
+    if (l >= 2 && s[0] == '[' && s[l - 1] == ']')
+        return 0;
+    char *u = NULL;
+    if (l >= 3 && memcmp(s, "\xe2\x96\x81", 3) == 0) {
+        u = zse_strdup(s + 3);
+    } else if ((u = zse_malloc(l + 3))) {
+        memcpy(u, "##", 2);
+        memcpy(u + 2, s, l + 1);
+    }
+    if (!u)
+        return -1;
+    free(s);
+    *text = u;
+    return 0;
+}
+
+/* BERT (uncased, as the GGUF BERT embedding models are): BertNormalizer, BertPreTokenizer,
+ * WordPiece with "##", the WordPiece decoder */
+static json_t *wpm_model(const gguf_vocab *v, json_t *vocab, char **texts, uint64_t n, json_t **norm, json_t **pre,
+                         json_t **dec)
+{
+    *norm = json_pack("{s:s, s:b, s:b, s:n, s:b}", "type", "BertNormalizer", "clean_text", 1, "handle_chinese_chars", 1,
+                      "strip_accents", "lowercase", 1);
+    *pre = json_pack("{s:s}", "type", "BertPreTokenizer");
+    *dec = json_pack("{s:s, s:s, s:b}", "type", "WordPiece", "prefix", "##", "cleanup", 1);
+    return json_pack("{s:s, s:O, s:s*, s:s, s:i}", "type", "WordPiece", "vocab", vocab, "unk_token",
+                     valid_id(v->unk, n) ? texts[v->unk] : NULL, "continuing_subword_prefix", "##",
+                     "max_input_chars_per_word", 100);
+}
+
+/* BertProcessing: [CLS] A [SEP] */
+static json_t *bert_processor(const gguf_vocab *v, char **texts)
+{
+    return json_pack("{s:s, s:[s,I], s:[s,I]}", "type", "BertProcessing", "cls", texts[v->cls], (json_int_t)v->cls,
+                     "sep", texts[v->sep], (json_int_t)v->sep);
+}
+
+enum gguf_model { G_BPE, G_SPM, G_UGM, G_WPM };
+
 static json_t *build_tokenizer_json(gguf_vocab *v, const reader *r, const char *path)
 {
-    bool spm = strcmp(v->model, "llama") == 0;
-    if (!spm && strcmp(v->model, "gpt2") != 0) {
-        zse_fail("%s: GGUF tokenizer model '%s' is not supported (gpt2 and llama are)", path,
+    enum gguf_model gm = strcmp(v->model, "gpt2") == 0    ? G_BPE
+                         : strcmp(v->model, "llama") == 0 ? G_SPM
+                         : strcmp(v->model, "t5") == 0    ? G_UGM
+                         : strcmp(v->model, "bert") == 0  ? G_WPM
+                                                          : (enum gguf_model)-1;
+    if ((int)gm < 0) {
+        zse_fail("%s: GGUF tokenizer model '%s' is not supported (gpt2, llama, t5 and bert are)", path,
                  v->model[0] ? v->model : "(none)");
         return NULL;
     }
+    bool spm = gm == G_SPM, scored = gm == G_SPM || gm == G_UGM;
     uint64_t n = v->tokens.n;
     if (n == 0 || n > (1u << 24) || v->tokens.type != T_STR ||
         (v->types.n && (v->types.n != n || scalar_size(v->types.type) != 4)) ||
-        (spm && (v->scores.n != n || v->scores.type != T_F32)) || (!spm && v->merges.type != T_STR)) {
+        (scored && (v->scores.n != n || v->scores.type != T_F32)) || (gm == G_BPE && v->merges.type != T_STR)) {
         zse_fail("%s: tokenizer.ggml.tokens/scores/token_type/merges are missing or inconsistent", path);
         return NULL;
     }
-    const pre_set *ps = spm ? NULL : pre_set_of(v->pre, path);
+    const pre_set *ps = gm == G_BPE ? pre_set_of(v->pre, path) : NULL;
     if (spm) { /* llama.cpp's defaults for SentencePiece vocabularies */
         v->bos = v->bos < 0 ? 1 : v->bos;
         v->eos = v->eos < 0 ? 2 : v->eos;
+        v->add_bos = v->add_bos < 0 ? 1 : v->add_bos;
+    } else if (gm == G_UGM) { /* and for T5's: </s> after the text */
+        v->eos = v->eos < 0 ? 1 : v->eos;
+        v->unk = v->unk < 0 ? 2 : v->unk;
+        v->add_bos = v->add_bos < 0 ? 0 : v->add_bos;
+        v->add_eos = v->add_eos < 0 ? 1 : v->add_eos;
+    } else if (gm == G_WPM) { /* and for BERT's: [CLS] and [SEP] around it */
+        v->bos = valid_id(v->cls, n) ? v->cls : v->bos;
+        v->eos = valid_id(v->sep, n) ? v->sep : v->eos;
+        v->cls = v->bos;
+        v->sep = v->eos;
         v->add_bos = v->add_bos < 0 ? 1 : v->add_bos;
     } else if (v->add_bos < 0) {
         v->add_bos = ps->add_bos;
@@ -484,7 +604,7 @@ static json_t *build_tokenizer_json(gguf_vocab *v, const reader *r, const char *
     for (uint64_t id = 0; id < n; id++) {
         uint64_t l;
         const char *s = next_str(&it, &l);
-        if (!s || !(texts[id] = zse_strndup(s, l)))
+        if (!s || !(texts[id] = zse_strndup(s, l)) || (gm == G_WPM && unphantom(&texts[id])))
             goto done;
         json_object_set_new(vocab, texts[id], json_integer((json_int_t)id));
         int32_t type = v->types.n ? array_i32(&v->types, id) : 1;
@@ -495,7 +615,10 @@ static json_t *build_tokenizer_json(gguf_vocab *v, const reader *r, const char *
                                                    "rstrip", 0, "single_word", 0, "normalized", 0));
     }
     json_t *model, *pre = json_null(), *norm = json_null(), *dec = NULL;
-    model = spm ? spm_model(v, vocab, texts, n, &norm, &dec) : bpe_model(v, r, vocab, ps, &pre, &dec);
+    model = gm == G_SPM   ? spm_model(v, vocab, texts, n, &norm, &dec)
+            : gm == G_UGM ? ugm_model(v, texts, n, &norm, &pre, &dec)
+            : gm == G_WPM ? wpm_model(v, vocab, texts, n, &norm, &pre, &dec)
+                          : bpe_model(v, r, vocab, ps, &pre, &dec);
     if (!model || !dec) {
         json_decref(model);
         json_decref(pre);
@@ -507,7 +630,9 @@ static json_t *build_tokenizer_json(gguf_vocab *v, const reader *r, const char *
     root = json_pack("{s:o, s:o, s:o, s:o, s:O}", "model", model, "normalizer", norm, "pre_tokenizer", pre,
                      "decoder", dec, "added_tokens", added);
     bool bos = v->add_bos == 1 && valid_id(v->bos, n), eos = v->add_eos == 1 && valid_id(v->eos, n);
-    if (root && (bos || eos))
+    if (root && gm == G_WPM && bos && valid_id(v->sep, n))
+        json_object_set_new(root, "post_processor", bert_processor(v, texts));
+    else if (root && (bos || eos))
         json_object_set_new(root, "post_processor", post_processor(v, texts, bos, eos));
 done:
     for (uint64_t i = 0; texts && i < n; i++)
@@ -550,7 +675,8 @@ zse_tokenizer *zse_tokenizer_from_gguf(const char *path)
     }
     rd(&r, 8); /* tensor count: the vocabulary needs none */
     uint64_t n_kv = rd(&r, 8);
-    gguf_vocab v = {.bos = -1, .eos = -1, .unk = -1, .add_bos = -1, .add_eos = -1, .add_space_prefix = -1};
+    gguf_vocab v = {.bos = -1, .eos = -1, .unk = -1, .cls = -1, .sep = -1, .add_bos = -1, .add_eos = -1,
+                    .add_space_prefix = -1, .remove_extra_spaces = -1};
     for (uint64_t i = 0; i < n_kv && !r.bad; i++)
         read_kv(&r, &v);
     if (r.bad)
