@@ -14,13 +14,22 @@
                   scores), run with the ▁-prepending normalizer llama.cpp and the Llama-2
                   tokenizer.json use
 
+  t5.gguf         model t5 (Unigram: scores, token types, precompiled_charsmap) from
+                  tests/fixtures/tokenizers/unigram-t5.json — goldens from HF `tokenizers`
+                  running the tokenizer.json HF's T5 conversion has for it (Precompiled and
+                  Replace(" {2,}") normalizers, WhitespaceSplit + Metaspace, "$A </s>")
+  bert.gguf       model bert (WordPiece, llama.cpp's phantom-space vocabulary: ▁word,
+                  bare continuations) from tests/fixtures/tokenizers/wordpiece-bert.json —
+                  goldens from that tokenizer.json (uncased BertNormalizer, BertPreTokenizer,
+                  "[CLS] $A [SEP]")
+
 Each file also carries metadata of every GGUF value type (all integer widths, floats,
 bool, string, arrays of numbers and strings; the BPE ones arrays of arrays too) that the
 reader must walk.
 NAME.goldens.json holds {text, ids (specials as text), ids_special (specials parsed),
 ids_bos (add_special_tokens=True)} per text.
 """
-import argparse, json, os, shutil, tempfile
+import argparse, base64, json, os, shutil, tempfile
 
 import gguf
 import numpy as np
@@ -184,9 +193,85 @@ def spm_fixture(out, name):
             for t in TEXTS]
 
 
+def goldens_of(tok):
+    def enc(text, special, add):
+        tok.encode_special_tokens = not special
+        return tok.encode(text, add_special_tokens=add).ids
+
+    return [{"text": t, "ids": enc(t, False, False), "ids_special": enc(t, True, False), "ids_bos": enc(t, False, True)}
+            for t in TEXTS]
+
+
+def t5_fixture(out, name):
+    j = json.load(open(os.path.join(ROOT, "tests/fixtures/tokenizers/unigram-t5.json")))
+    pieces = j["model"]["vocab"]
+    tokens = [p for p, _ in pieces]
+    special = {a["content"] for a in j["added_tokens"]}
+    types = [gguf.TokenType.UNKNOWN if t == "<unk>" else gguf.TokenType.CONTROL if t in special
+             else gguf.TokenType.NORMAL for t in tokens]
+    charsmap = base64.b64decode(j["normalizer"]["normalizers"][0]["precompiled_charsmap"])
+
+    def fill(w):
+        w.add_tokenizer_model("t5")
+        w.add_token_list(tokens)
+        w.add_token_scores([float(np.float32(sc)) for _, sc in pieces])
+        w.add_token_types(types)
+        w.add_eos_token_id(tokens.index("</s>"))
+        w.add_unk_token_id(tokens.index("<unk>"))
+        w.add_pad_token_id(tokens.index("<pad>"))
+        w.add_add_space_prefix(True)
+        w.add_remove_extra_whitespaces(True)
+        w.add_precompiled_charsmap(charsmap)
+
+    write_gguf(os.path.join(out, name + ".gguf"), "t5", fill)
+    ref = json.loads(json.dumps(j))
+    ref["model"]["vocab"] = [[p, float(np.float32(sc))] for p, sc in pieces]  # the GGUF holds f32 scores
+    ref["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "WhitespaceSplit"},
+        {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}]}
+    for a in ref["added_tokens"]:
+        a["normalized"] = False
+    return goldens_of(Tokenizer.from_str(json.dumps(ref)))
+
+
+def bert_fixture(out, name):
+    j = json.load(open(os.path.join(ROOT, "tests/fixtures/tokenizers/wordpiece-bert.json")))
+    vocab = j["model"]["vocab"]
+    tokens = [None] * (max(vocab.values()) + 1)
+    for k, i in vocab.items():
+        tokens[i] = k
+
+    def phantom(t):  # llama.cpp's convert_hf_to_gguf.py BertModel vocabulary
+        if t.startswith("[") and t.endswith("]"):
+            return t
+        return t[2:] if t.startswith("##") else "\u2581" + t
+
+    special = {a["content"] for a in j["added_tokens"]}
+    types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
+
+    def fill(w):
+        w.add_tokenizer_model("bert")
+        w.add_token_list([phantom(t) for t in tokens])
+        w.add_token_types(types)
+        w.add_unk_token_id(tokens.index("[UNK]"))
+        w.add_uint32("tokenizer.ggml.cls_token_id", tokens.index("[CLS]"))  # the keys llama.cpp's BERT files carry
+        w.add_uint32("tokenizer.ggml.seperator_token_id", tokens.index("[SEP]"))
+        w.add_pad_token_id(tokens.index("[PAD]"))
+        w.add_mask_token_id(tokens.index("[MASK]"))
+
+    write_gguf(os.path.join(out, name + ".gguf"), "bert", fill)
+    ref = json.loads(json.dumps(j))
+    for a in ref["added_tokens"]:
+        a["normalized"] = False
+    cls, sep = tokens.index("[CLS]"), tokens.index("[SEP]")
+    ref["post_processor"] = {"type": "BertProcessing", "sep": ["[SEP]", sep], "cls": ["[CLS]", cls]}
+    return goldens_of(Tokenizer.from_str(json.dumps(ref)))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(ROOT, "tests/fixtures/gguf"))
+    ap.add_argument("--only", default="", help="comma-separated fixture names to rewrite")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     fixtures = {
@@ -195,8 +280,13 @@ def main():
         "qwen2": lambda: bpe_fixture(a.out, "qwen2", os.path.join(ROOT, "tests/fixtures/tiny-qwen2"), "qwen2", False,
                                      False),
         "spm": lambda: spm_fixture(a.out, "spm"),
+        "t5": lambda: t5_fixture(a.out, "t5"),
+        "bert": lambda: bert_fixture(a.out, "bert"),
     }
+    only = [n for n in a.only.split(",") if n]
     for name, make in fixtures.items():
+        if only and name not in only:
+            continue
         goldens = make()
         with open(os.path.join(a.out, name + ".goldens.json"), "w") as f:
             json.dump(goldens, f, ensure_ascii=False, indent=0)

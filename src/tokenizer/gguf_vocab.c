@@ -130,9 +130,10 @@ typedef struct {
 
 typedef struct {
     char model[32], pre[64];
-    array_ref tokens, scores, types, merges;
+    array_ref tokens, scores, types, merges, charsmap;
     int64_t bos, eos, unk;
-    int add_bos, add_eos, add_space_prefix; /* -1: not in the file */
+    int64_t cls, sep;
+    int add_bos, add_eos, add_space_prefix, remove_extra_spaces; /* -1: not in the file */
 } gguf_vocab;
 
 static bool key_is(const char *k, uint64_t kl, const char *name)
@@ -161,6 +162,7 @@ static void read_kv(reader *r, gguf_vocab *v)
         else if (key_is(k, kl, "tokenizer.ggml.scores")) v->scores = a;
         else if (key_is(k, kl, "tokenizer.ggml.token_type")) v->types = a;
         else if (key_is(k, kl, "tokenizer.ggml.merges")) v->merges = a;
+        else if (key_is(k, kl, "tokenizer.ggml.precompiled_charsmap")) v->charsmap = a;
         return;
     }
     bool model = key_is(k, kl, "tokenizer.ggml.model"), pre = key_is(k, kl, "tokenizer.ggml.pre");
@@ -177,6 +179,9 @@ static void read_kv(reader *r, gguf_vocab *v)
         {"tokenizer.ggml.bos_token_id", &v->bos, NULL},     {"tokenizer.ggml.eos_token_id", &v->eos, NULL},
         {"tokenizer.ggml.unknown_token_id", &v->unk, NULL}, {"tokenizer.ggml.add_bos_token", NULL, &v->add_bos},
         {"tokenizer.ggml.add_eos_token", NULL, &v->add_eos}, {"tokenizer.ggml.add_space_prefix", NULL, &v->add_space_prefix},
+        {"tokenizer.ggml.remove_extra_whitespaces", NULL, &v->remove_extra_spaces},
+        {"tokenizer.ggml.cls_token_id", &v->cls, NULL}, {"tokenizer.ggml.seperator_token_id", &v->sep, NULL},
+        {"tokenizer.ggml.separator_token_id", &v->sep, NULL},
     };
     for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
         int64_t x;
@@ -227,6 +232,23 @@ static int32_t array_i32(const array_ref *a, uint64_t i)
     "|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*" tail
 #define BLOOM_RX " ?[^(\\s|.,!?\\x{2026}\\x{3002}\\x{ff0c}\\x{3001}\\x{0964}\\x{06d4}\\x{060c})]+"
 #define CJK_RX "[\\x{4e00}-\\x{9fa5}\\x{0800}-\\x{4e00}\\x{ac00}-\\x{d7ff}]+"
+#define DEEPSEEK_LLM_LETTERS_RX \
+    "\\s?[A-Za-z\\x{00b5}\\x{00c0}-\\x{00d6}\\x{00d8}-\\x{00f6}\\x{00f8}-\\x{01ba}\\x{01bc}-\\x{01bf}" \
+    "\\x{01c4}-\\x{0293}\\x{0295}-\\x{02af}\\x{0370}-\\x{0373}\\x{0376}\\x{0377}\\x{037b}-\\x{037d}" \
+    "\\x{037f}\\x{0386}\\x{0388}-\\x{038a}\\x{038c}\\x{038e}-\\x{03a1}\\x{03a3}-\\x{03f5}" \
+    "\\x{03f7}-\\x{0481}\\x{048a}-\\x{052f}\\x{0531}-\\x{0556}\\x{10a0}-\\x{10c5}\\x{13a0}-\\x{13f5}" \
+    "\\x{13f8}-\\x{13fd}\\x{1c90}-\\x{1cba}\\x{1cbd}-\\x{1cbf}\\x{1d00}-\\x{1d2b}\\x{1d6b}-\\x{1d77}" \
+    "\\x{1d79}-\\x{1d9a}\\x{1e00}-\\x{1f15}\\x{1f18}-\\x{1f1d}\\x{1f20}-\\x{1f45}\\x{1f48}-\\x{1f4d}" \
+    "\\x{1f50}-\\x{1f57}\\x{1f59}\\x{1f5b}\\x{1f5d}\\x{1f5f}-\\x{1f7d}\\x{1f80}-\\x{1fb4}" \
+    "\\x{1fb6}-\\x{1fbc}\\x{1fbe}\\x{1fc2}-\\x{1fc4}\\x{1fc6}-\\x{1fcc}\\x{1fd0}-\\x{1fd3}" \
+    "\\x{1fd6}-\\x{1fdb}\\x{1fe0}-\\x{1fec}\\x{1ff2}-\\x{1ff4}\\x{1ff6}-\\x{1ffc}\\x{2102}\\x{2107}" \
+    "\\x{210a}-\\x{2113}\\x{2115}\\x{2119}-\\x{211d}\\x{2124}\\x{2126}\\x{2128}\\x{212a}-\\x{212d}" \
+    "\\x{212f}-\\x{2134}\\x{2139}\\x{213c}-\\x{213f}\\x{2145}-\\x{2149}\\x{214e}\\x{2183}\\x{2184}" \
+    "\\x{2c00}-\\x{2c7b}\\x{2c7e}-\\x{2ce4}\\x{2ceb}-\\x{2cee}\\x{2cf2}\\x{2cf3}\\x{a640}-\\x{a66d}" \
+    "\\x{a680}-\\x{a69b}\\x{a722}-\\x{a76f}\\x{a771}-\\x{a787}\\x{a78b}-\\x{a78e}\\x{ab70}-\\x{abbf}" \
+    "\\x{fb00}-\\x{fb06}\\x{fb13}-\\x{fb17}\\x{ff21}-\\x{ff3a}\\x{ff41}-\\x{ff5a}\\x{10400}-\\x{1044f}" \
+    "\\x{104b0}-\\x{104d3}\\x{104d8}-\\x{104fb}\\x{10c80}-\\x{10cb2}\\x{10cc0}-\\x{10cf2}" \
+    "\\x{118a0}-\\x{118df}\\x{1e900}-\\x{1e943}]+"
 
 typedef struct {
     const char *names;        /* space-separated names of tokenizer.ggml.pre */
@@ -244,6 +266,12 @@ static const pre_set PRE_SETS[] = {
     {"dbrx smaug-bpe chatglm-bpe glm4", {LLAMA3_RX}, false, false},
     {"qwen2 deepseek-r1-qwen kormo stablelm2 hunyuan megrez solar-open grok-2", {QWEN2_RX}, false, false},
     {"deepseek-coder", {"[\\r\\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", CJK_RX, "\\p{N}"}, false, false},
+    /* DeepSeek LLM's tokenizer.json: letters of cased scripts, ASCII and full-width
+     * punctuation, trailing whitespace, CJK, then single digits (HF's Digits with
+     * individual_digits; llama.cpp writes \p{N}+, the same on this vocabulary, which has
+     * no token of two digits) */
+    {"deepseek-llm", {"[\\r\\n]", DEEPSEEK_LLM_LETTERS_RX, "\\s?[!-/:-~\\x{ff01}-\\x{ff0f}\\x{ff1a}-\\x{ff5e}\\x{2018}-\\x{201f}\\x{3000}-\\x{3002}]+",
+                      "\\s+$", CJK_RX, "\\p{N}"}, false, false},
     {"deepseek-v3 hunyuan-dense",
      {"\\p{N}{1,3}", "[\\x{4e00}-\\x{9fa5}\\x{3040}-\\x{309f}\\x{30a0}-\\x{30ff}]+",
       "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\\r\\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| "
@@ -430,25 +458,140 @@ static json_t *bpe_model(const gguf_vocab *v, const reader *r, json_t *vocab, co
                      ps->ignore_merges);
 }
 
+/* ---- Unigram (model "t5") and WordPiece (model "bert") -------------------------------- */
+
+static const char B64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/* the precompiled_charsmap bytes as the base64 string tokenizer.json carries */
+static json_t *charsmap_base64(const array_ref *a)
+{
+    zse_buf b = {0};
+    const uint8_t *p = a->at;
+    int rc = 0;
+    for (uint64_t i = 0; i < a->n && rc == 0; i += 3) {
+        uint32_t x = (uint32_t)p[i] << 16 | (i + 1 < a->n ? (uint32_t)p[i + 1] << 8 : 0) |
+                     (i + 2 < a->n ? (uint32_t)p[i + 2] : 0);
+        char q[4] = {B64[x >> 18 & 63], B64[x >> 12 & 63], i + 1 < a->n ? B64[x >> 6 & 63] : '=',
+                     i + 2 < a->n ? B64[x & 63] : '='};
+        rc = zse_buf_append(&b, q, 4);
+    }
+    json_t *j = rc ? NULL : json_stringn(zse_buf_str(&b), b.len);
+    zse_buf_free(&b);
+    return j;
+}
+
+/* T5-style SentencePiece Unigram, as HF's converter writes it: the precompiled charsmap,
+ * runs of spaces collapsed and the ends trimmed (remove_extra_whitespaces), ▁ before
+ * each word (add_space_prefix), the Metaspace decoder */
+static json_t *ugm_model(const gguf_vocab *v, char **texts, uint64_t n, json_t **norm, json_t **pre, json_t **dec)
+{
+    json_t *pieces = json_array(), *norms = json_array(), *pres = json_array();
+    bool byte_fallback = false;
+    for (uint64_t id = 0; pieces && id < n; id++) {
+        json_array_append_new(pieces, json_pack("[s,f]", texts[id], (double)array_f32(&v->scores, id)));
+        byte_fallback = byte_fallback || (v->types.n && array_i32(&v->types, id) == 6); /* BYTE */
+    }
+    if (v->charsmap.n && scalar_size(v->charsmap.type) == 1)
+        json_array_append_new(norms, json_pack("{s:s, s:o}", "type", "Precompiled", "precompiled_charsmap",
+                                               charsmap_base64(&v->charsmap)));
+    if (v->remove_extra_spaces != 0) {
+        json_array_append_new(norms, json_pack("{s:s, s:{s:s}, s:s}", "type", "Replace", "pattern", "Regex", " {2,}",
+                                               "content", " "));
+        json_array_append_new(pres, json_pack("{s:s}", "type", "WhitespaceSplit"));
+    }
+    const char *scheme = v->add_space_prefix != 0 ? "always" : "never";
+    json_array_append_new(pres, json_pack("{s:s, s:s, s:s, s:b}", "type", "Metaspace", "replacement", "\xe2\x96\x81",
+                                          "prepend_scheme", scheme, "split", 1));
+    *norm = json_pack("{s:s, s:o}", "type", "Sequence", "normalizers", norms);
+    *pre = json_pack("{s:s, s:o}", "type", "Sequence", "pretokenizers", pres);
+    *dec = json_pack("{s:s, s:s, s:s, s:b}", "type", "Metaspace", "replacement", "\xe2\x96\x81", "prepend_scheme",
+                     scheme, "split", 1);
+    json_t *m = json_pack("{s:s, s:o, s:b}", "type", "Unigram", "vocab", pieces, "byte_fallback", byte_fallback);
+    if (m && valid_id(v->unk, n))
+        json_object_set_new(m, "unk_id", json_integer(v->unk));
+    return m;
+}
+
+/* llama.cpp stores a BERT vocabulary with a "phantom space": word-initial tokens get ▁,
+ * continuation tokens lose "##", [bracketed] ones stay. This undoes it. */
+static int unphantom(char **text)
+{
+    char *s = *text;
+    size_t l = strlen(s);
+    if (l >= 2 && s[0] == '[' && s[l - 1] == ']')
+        return 0;
+    char *u = NULL;
+    if (l >= 3 && memcmp(s, "\xe2\x96\x81", 3) == 0) {
+        u = zse_strdup(s + 3);
+    } else if ((u = zse_malloc(l + 3))) {
+        memcpy(u, "##", 2);
+        memcpy(u + 2, s, l + 1);
+    }
+    if (!u)
+        return -1;
+    free(s);
+    *text = u;
+    return 0;
+}
+
+/* BERT (uncased, as the GGUF BERT embedding models are): BertNormalizer, BertPreTokenizer,
+ * WordPiece with "##", the WordPiece decoder */
+static json_t *wpm_model(const gguf_vocab *v, json_t *vocab, char **texts, uint64_t n, json_t **norm, json_t **pre,
+                         json_t **dec)
+{
+    *norm = json_pack("{s:s, s:b, s:b, s:n, s:b}", "type", "BertNormalizer", "clean_text", 1, "handle_chinese_chars", 1,
+                      "strip_accents", "lowercase", 1);
+    *pre = json_pack("{s:s}", "type", "BertPreTokenizer");
+    *dec = json_pack("{s:s, s:s, s:b}", "type", "WordPiece", "prefix", "##", "cleanup", 1);
+    return json_pack("{s:s, s:O, s:s*, s:s, s:i}", "type", "WordPiece", "vocab", vocab, "unk_token",
+                     valid_id(v->unk, n) ? texts[v->unk] : NULL, "continuing_subword_prefix", "##",
+                     "max_input_chars_per_word", 100);
+}
+
+/* BertProcessing: [CLS] A [SEP] */
+static json_t *bert_processor(const gguf_vocab *v, char **texts)
+{
+    return json_pack("{s:s, s:[s,I], s:[s,I]}", "type", "BertProcessing", "cls", texts[v->cls], (json_int_t)v->cls,
+                     "sep", texts[v->sep], (json_int_t)v->sep);
+}
+
+enum gguf_model { G_BPE, G_SPM, G_UGM, G_WPM };
+
 static json_t *build_tokenizer_json(gguf_vocab *v, const reader *r, const char *path)
 {
-    bool spm = strcmp(v->model, "llama") == 0;
-    if (!spm && strcmp(v->model, "gpt2") != 0) {
-        zse_fail("%s: GGUF tokenizer model '%s' is not supported (gpt2 and llama are)", path,
+    enum gguf_model gm = strcmp(v->model, "gpt2") == 0    ? G_BPE
+                         : strcmp(v->model, "llama") == 0 ? G_SPM
+                         : strcmp(v->model, "t5") == 0    ? G_UGM
+                         : strcmp(v->model, "bert") == 0  ? G_WPM
+                                                          : (enum gguf_model)-1;
+    if ((int)gm < 0) {
+        zse_fail("%s: GGUF tokenizer model '%s' is not supported (gpt2, llama, t5 and bert are)", path,
                  v->model[0] ? v->model : "(none)");
         return NULL;
     }
+    bool spm = gm == G_SPM, scored = gm == G_SPM || gm == G_UGM;
     uint64_t n = v->tokens.n;
     if (n == 0 || n > (1u << 24) || v->tokens.type != T_STR ||
         (v->types.n && (v->types.n != n || scalar_size(v->types.type) != 4)) ||
-        (spm && (v->scores.n != n || v->scores.type != T_F32)) || (!spm && v->merges.type != T_STR)) {
+        (scored && (v->scores.n != n || v->scores.type != T_F32)) || (gm == G_BPE && v->merges.type != T_STR)) {
         zse_fail("%s: tokenizer.ggml.tokens/scores/token_type/merges are missing or inconsistent", path);
         return NULL;
     }
-    const pre_set *ps = spm ? NULL : pre_set_of(v->pre, path);
+    const pre_set *ps = gm == G_BPE ? pre_set_of(v->pre, path) : NULL;
     if (spm) { /* llama.cpp's defaults for SentencePiece vocabularies */
         v->bos = v->bos < 0 ? 1 : v->bos;
         v->eos = v->eos < 0 ? 2 : v->eos;
+        v->add_bos = v->add_bos < 0 ? 1 : v->add_bos;
+    } else if (gm == G_UGM) { /* and for T5's: </s> after the text */
+        v->eos = v->eos < 0 ? 1 : v->eos;
+        v->unk = v->unk < 0 ? 2 : v->unk;
+        v->add_bos = v->add_bos < 0 ? 0 : v->add_bos;
+        v->add_eos = v->add_eos < 0 ? 1 : v->add_eos;
+    } else if (gm == G_WPM) { /* and for BERT's: [CLS] and [SEP] around it */
+        v->bos = valid_id(v->cls, n) ? v->cls : v->bos;
+        v->eos = valid_id(v->sep, n) ? v->sep : v->eos;
+        v->cls = v->bos;
+        v->sep = v->eos;
         v->add_bos = v->add_bos < 0 ? 1 : v->add_bos;
     } else if (v->add_bos < 0) {
         v->add_bos = ps->add_bos;
@@ -461,7 +604,7 @@ static json_t *build_tokenizer_json(gguf_vocab *v, const reader *r, const char *
     for (uint64_t id = 0; id < n; id++) {
         uint64_t l;
         const char *s = next_str(&it, &l);
-        if (!s || !(texts[id] = zse_strndup(s, l)))
+        if (!s || !(texts[id] = zse_strndup(s, l)) || (gm == G_WPM && unphantom(&texts[id])))
             goto done;
         json_object_set_new(vocab, texts[id], json_integer((json_int_t)id));
         int32_t type = v->types.n ? array_i32(&v->types, id) : 1;
@@ -472,7 +615,10 @@ static json_t *build_tokenizer_json(gguf_vocab *v, const reader *r, const char *
                                                    "rstrip", 0, "single_word", 0, "normalized", 0));
     }
     json_t *model, *pre = json_null(), *norm = json_null(), *dec = NULL;
-    model = spm ? spm_model(v, vocab, texts, n, &norm, &dec) : bpe_model(v, r, vocab, ps, &pre, &dec);
+    model = gm == G_SPM   ? spm_model(v, vocab, texts, n, &norm, &dec)
+            : gm == G_UGM ? ugm_model(v, texts, n, &norm, &pre, &dec)
+            : gm == G_WPM ? wpm_model(v, vocab, texts, n, &norm, &pre, &dec)
+                          : bpe_model(v, r, vocab, ps, &pre, &dec);
     if (!model || !dec) {
         json_decref(model);
         json_decref(pre);
@@ -484,7 +630,9 @@ static json_t *build_tokenizer_json(gguf_vocab *v, const reader *r, const char *
     root = json_pack("{s:o, s:o, s:o, s:o, s:O}", "model", model, "normalizer", norm, "pre_tokenizer", pre,
                      "decoder", dec, "added_tokens", added);
     bool bos = v->add_bos == 1 && valid_id(v->bos, n), eos = v->add_eos == 1 && valid_id(v->eos, n);
-    if (root && (bos || eos))
+    if (root && gm == G_WPM && bos && valid_id(v->sep, n))
+        json_object_set_new(root, "post_processor", bert_processor(v, texts));
+    else if (root && (bos || eos))
         json_object_set_new(root, "post_processor", post_processor(v, texts, bos, eos));
 done:
     for (uint64_t i = 0; texts && i < n; i++)
@@ -527,7 +675,8 @@ zse_tokenizer *zse_tokenizer_from_gguf(const char *path)
     }
     rd(&r, 8); /* tensor count: the vocabulary needs none */
     uint64_t n_kv = rd(&r, 8);
-    gguf_vocab v = {.bos = -1, .eos = -1, .unk = -1, .add_bos = -1, .add_eos = -1, .add_space_prefix = -1};
+    gguf_vocab v = {.bos = -1, .eos = -1, .unk = -1, .cls = -1, .sep = -1, .add_bos = -1, .add_eos = -1,
+                    .add_space_prefix = -1, .remove_extra_spaces = -1};
     for (uint64_t i = 0; i < n_kv && !r.bad; i++)
         read_kv(&r, &v);
     if (r.bad)

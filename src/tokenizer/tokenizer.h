@@ -1,6 +1,8 @@
 /* tokenizer — text to token ids and back, exactly as Hugging Face tokenizers does, built
- * from tokenizer.json (and so from .zse files): byte-level BPE (GPT-2, Qwen2, Llama-3,
- * DeepSeek, ...) with its normalizers, pre-tokenizers, added tokens and decoders.
+ * from tokenizer.json (and so from .zse files) or a GGUF vocabulary: BPE (byte-level as
+ * GPT-2/Qwen2/Llama-3/DeepSeek, SentencePiece-style as Llama-2/Mistral), Unigram (T5,
+ * ALBERT, XLNet, XLM-R) and WordPiece (BERT) with their normalizers, pre-tokenizers, added
+ * tokens, post-processors and decoders.
  * A tokenizer is immutable after loading: encode/decode are safe from many threads. */
 #ifndef ZSE_TOKENIZER_H
 #define ZSE_TOKENIZER_H
@@ -37,7 +39,7 @@ int32_t zse_tokenizer_bos(const zse_tokenizer *t);  /* -1 when none */
 int32_t zse_tokenizer_eos(const zse_tokenizer *t);  /* -1 when none */
 /* whether add_special puts the BOS token first (the post-processor's template) */
 bool zse_tokenizer_add_bos(const zse_tokenizer *t);
-/* "bpe-bytelevel", "bpe-sentencepiece" or "bpe" */
+/* "bpe-bytelevel", "bpe-sentencepiece", "bpe", "unigram" or "wordpiece" */
 const char *zse_tokenizer_type(const zse_tokenizer *t);
 const char *zse_tokenizer_token_text(const zse_tokenizer *t, int32_t id);
 int32_t zse_tokenizer_token_id(const zse_tokenizer *t, const char *text); /* -1 if absent */

@@ -266,7 +266,8 @@ static void streams(const char *data)
     static const char *const texts[] = {"Hello world", " two  spaces", "日本語のテキスト 🤖 ok", "\n\nnewlines\n",
                                         "<s>tagged</s> text", "x"};
     static const char *const names[] = {"spm-bytefallback", "metaspace-nfkc", "metaspace-always-nosplit",
-                                        "added-normalized", "subword-affixes"};
+                                        "added-normalized", "subword-affixes", "unigram-t5", "unigram-albert",
+                                        "wordpiece-bert", "wordpiece-cased-ctc"};
     for (size_t v = 0; v < sizeof names / sizeof names[0]; v++) {
         zse_tokenizer *t = fixture_json(data, names[v]);
         for (size_t i = 0; t && i < sizeof texts / sizeof texts[0]; i++) {
@@ -358,21 +359,83 @@ static void token_bytes_concatenate(const zse_tokenizer *byte_level, const char 
     zse_tokenizer_free(spm);
 }
 
+/* Unigram and WordPiece: a token's bytes are what the decoders make of it mid-sequence, so
+ * the bytes of a text's tokens add up to its decode with the space the first token would
+ * have after another ("##ab" gives "ab", a word-initial token " word", ▁ a space) */
+static void token_bytes_models(const char *data)
+{
+    static const struct {
+        const char *name, *text, *lead; /* lead: what the first token adds mid-sequence */
+    } cases[] = {{"wordpiece-bert", "the tokenizer, it works! unbelievable", " "},
+                 {"unigram-t5", "Hello World, the format", " "},
+                 {"unigram-albert", "Hello World 日本", " "},
+                 {"wordpiece-cased-ctc", "Format version 12", ""}}; /* CTC joins tokens as they are */
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        zse_tokenizer *t = fixture_json(data, cases[c].name);
+        if (!t)
+            continue;
+        int32_t *ids;
+        size_t n;
+        CHECK(zse_tokenizer_encode(t, cases[c].text, strlen(cases[c].text), false, false, &ids, &n) == 0);
+        zse_buf all = {0};
+        for (size_t k = 0; k < n; k++)
+            CHECK(zse_tokenizer_token_bytes(t, ids[k], &all) == 0);
+        char *dec = zse_tokenizer_decode(t, ids, n, false);
+        size_t ll = strlen(cases[c].lead);
+        CHECK_MSG(dec && all.len == strlen(dec) + ll && memcmp(all.data, cases[c].lead, ll) == 0 &&
+                      memcmp(all.data + ll, dec, all.len - ll) == 0,
+                  "%s: token bytes \"%s\" for decode \"%s\"", cases[c].name, zse_buf_str(&all), dec);
+        free(dec);
+        free(ids);
+        zse_buf_free(&all);
+        zse_tokenizer_free(t);
+    }
+    zse_tokenizer *wp = fixture_json(data, "wordpiece-bert");
+    int32_t cont = -1, word = wp ? zse_tokenizer_token_id(wp, "the") : -1;
+    for (int i = 0; wp && cont < 0 && i < zse_tokenizer_n_vocab(wp); i++)
+        if (strncmp(zse_tokenizer_token_text(wp, i), "##", 2) == 0 && strlen(zse_tokenizer_token_text(wp, i)) > 3)
+            cont = i;
+    zse_buf b = {0};
+    CHECK(cont >= 0 && zse_tokenizer_token_bytes(wp, cont, &b) == 0);
+    CHECK_EQ_STR(zse_buf_str(&b), zse_tokenizer_token_text(wp, cont) + 2);
+    b.len = 0;
+    CHECK(word >= 0 && zse_tokenizer_token_bytes(wp, word, &b) == 0);
+    CHECK_EQ_STR(zse_buf_str(&b), " the");
+    b.len = 0;
+    int32_t comma = wp ? zse_tokenizer_token_id(wp, ",") : -1; /* the decoder's cleanup joins it */
+    CHECK(comma >= 0 && zse_tokenizer_token_bytes(wp, comma, &b) == 0);
+    CHECK_EQ_STR(zse_buf_str(&b), ",");
+    zse_tokenizer_free(wp);
+    zse_tokenizer *ug = fixture_json(data, "unigram-albert");
+    int32_t e6 = ug ? zse_tokenizer_token_id(ug, "<0xE6>") : -1;
+    b.len = 0;
+    CHECK(e6 >= 0 && zse_tokenizer_token_bytes(ug, e6, &b) == 0 && b.len == 1 && (unsigned char)b.data[0] == 0xE6);
+    zse_tokenizer_free(ug);
+    zse_tokenizer *ctc = fixture_json(data, "wordpiece-cased-ctc");
+    int32_t pad = ctc ? zse_tokenizer_token_id(ctc, "[PAD]") : -1;
+    b.len = 0;
+    CHECK(pad >= 0 && zse_tokenizer_token_bytes(ctc, pad, &b) == 0 && b.len == 0); /* CTC drops its pad */
+    zse_tokenizer_free(ctc);
+    zse_buf_free(&b);
+}
+
 /* ---- random bytes everywhere -------------------------------------------------------------- */
 
 static void random_bytes(const char *data, const zse_tokenizer *byte_level)
 {
     static const char *const names[] = {"spm-bytefallback", "metaspace-nfkc", "subword-affixes", "split-behaviours",
-                                        "punct-bytefallback", "added-normalized", "nfd-strip-replace"};
-    zse_tokenizer *ts[7];
-    for (int v = 0; v < 7; v++)
+                                        "punct-bytefallback", "added-normalized", "nfd-strip-replace", "unigram-t5",
+                                        "unigram-albert", "wordpiece-bert", "wordpiece-cased-ctc"};
+    enum { N_NAMES = sizeof names / sizeof names[0] };
+    zse_tokenizer *ts[N_NAMES];
+    for (int v = 0; v < N_NAMES; v++)
         ts[v] = fixture_json(data, names[v]);
     char buf[300];
     for (int round = 0; round < 300; round++) {
         size_t len = next_rand() % sizeof buf;
         for (size_t i = 0; i < len; i++)
             buf[i] = round % 3 ? (char)next_rand() : "<s>[MASK] \xe2\x96\x81\xc3"[next_rand() % 14];
-        for (int v = 0; v < 7; v++) {
+        for (int v = 0; v < N_NAMES; v++) {
             int32_t *ids;
             size_t n;
             if (!ts[v])
@@ -392,7 +455,7 @@ static void random_bytes(const char *data, const zse_tokenizer *byte_level)
         free(back);
         free(ids);
     }
-    for (int v = 0; v < 7; v++)
+    for (int v = 0; v < N_NAMES; v++)
         zse_tokenizer_free(ts[v]);
 }
 
@@ -429,6 +492,7 @@ int main(void)
         threads_share_one_tokenizer(t);
         random_bytes(data ? data : "tests/fixtures", t);
         token_bytes_concatenate(t, data ? data : "tests/fixtures");
+        token_bytes_models(data ? data : "tests/fixtures");
     }
     zse_tokenizer_free(t);
     free(dir);

@@ -1,18 +1,34 @@
 /* GGUF vocabularies against ../shared/tokenizer-vectors: every test string encodes to the
  * ids Hugging Face produced (no added special tokens, no special-token parsing), and
- * decodes back to itself (none of these vocabularies normalizes). Skips (77) when
- * ../shared is absent. */
+ * decodes back to itself where the vocabulary does not normalize. The first five
+ * vocabularies must be there; the others (deepseek-llm, bert-bge: llama.cpp's vectors of
+ * the same form) are checked when their files are. Skips (77) when ../shared is absent. */
 #include "test.h"
 
 #include "tokenizer/tokenizer.h"
 
-static const char *const vocabs[] = {"gpt-2", "llama-spm", "deepseek-coder", "falcon", "starcoder"};
+static const struct {
+    const char *name;
+    bool required;
+    bool round_trip; /* decode gives the text back (no normalizer) */
+} vocabs[] = {
+    {"gpt-2", true, true},        {"llama-spm", true, true},     {"deepseek-coder", true, true},
+    {"falcon", true, true},       {"starcoder", true, true},
+    /* deepseek-llm's added tokens for Latin letters ("ü", id 100014) go through the
+     * ByteLevel decoder as HF's decode sends them, which reads U+00FC as the byte 0xFC */
+    {"deepseek-llm", false, false},
+    {"bert-bge", false, false}, /* lowercases and strips accents */
+};
 static int total_pass, total_cases;
 
-static void check_vocab(const char *dir, const char *name)
+static void check_vocab(const char *dir, const char *name, bool required, bool round_trip)
 {
     char path[512], inp[560], outp[560];
     snprintf(path, sizeof path, "%s/ggml-vocab-%s.gguf", dir, name);
+    if (!required && !zse_file_exists(path)) {
+        printf("%s: absent, not checked\n", name);
+        return;
+    }
     snprintf(inp, sizeof inp, "%s.inp", path);
     snprintf(outp, sizeof outp, "%s.out", path);
     zse_tokenizer *t = zse_tokenizer_from_gguf(path);
@@ -51,8 +67,10 @@ static void check_vocab(const char *dir, const char *name)
             fprintf(stderr, "%s case %d: \"%.*s\" differs\n", name, cases, (int)(sl > 60 ? 60 : sl), s);
         if (ok) {
             char *back = zse_tokenizer_decode(t, ids, n, false);
-            if (back && strlen(back) == sl && memcmp(back, s, sl) == 0)
+            if (!round_trip || (back && strlen(back) == sl && memcmp(back, s, sl) == 0))
                 round++;
+            else
+                fprintf(stderr, "%s case %d: decodes to \"%.60s\"\n", name, cases, back ? back : "(error)");
             free(back);
         }
         if (ids)
@@ -84,7 +102,7 @@ int main(void)
         return 77;
     }
     for (size_t i = 0; i < sizeof vocabs / sizeof vocabs[0]; i++)
-        check_vocab(dir, vocabs[i]);
+        check_vocab(dir, vocabs[i].name, vocabs[i].required, vocabs[i].round_trip);
     printf("all vocabularies: %d of %d vectors\n", total_pass, total_cases);
     /* add_bos_token: llama-spm adds <s> (1) when special tokens are added; gpt-2 does not */
     char spm[600];
