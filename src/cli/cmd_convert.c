@@ -1,6 +1,7 @@
 /* zse convert SRC_DIR -o OUT.zse — Hugging Face directory to one .zse file. */
 #include "cli/cli.h"
 
+#include "calib/calib.h"
 #include "format/format.h"
 
 #include <stdio.h>
@@ -21,7 +22,14 @@ static void usage(FILE *out)
             "                          recipes, else the recipe's)\n"
             "  --lm-head-quant SCHEME  lm_head scheme (default: the recipe's)\n"
             "  --threads N             quantization threads (default: physical cores)\n"
-            "  --force                 overwrite OUT if it exists\n");
+            "  --force                 overwrite OUT if it exists\n\n"
+            "calibrated 4-bit (docs/QUANT.md; runs the model on the CPU over the text):\n"
+            "  --calibrate FILE        AWQ scales and GPTQ from the activations on FILE (a text\n"
+            "                          like what the model will see, not the evaluation text)\n"
+            "  --target-bpw B          keep the most sensitive tensors at smaller groups, int8 or\n"
+            "                          f16 within B bits per weight over the 4-bit tensors (e.g. 4.5)\n"
+            "  --calib-tokens N        calibration tokens used at most (default 16384)\n"
+            "  --calib-method M        awq+gptq (default), gptq or awq\n");
 }
 
 static bool parse_scheme(cli_args *a, int *out)
@@ -49,11 +57,33 @@ int cmd_convert(int argc, char **argv)
     const char *keep[64];
     zse_convert_opts o = {.scheme = ZSE_SCHEME_Q4, .group_size = 128, .embed_scheme = -1,
                           .lm_head_scheme = -1, .keep_fp16 = keep};
+    zse_calib_opts co = {0};
+    bool target_given = false, tokens_given = false, method_given = false;
     cli_args a = cli_begin(argc, argv);
     while (cli_next(&a)) {
         int64_t v;
         int s;
-        if (cli_is(&a, "-o", "--output")) {
+        if (cli_is(&a, NULL, "--calibrate")) {
+            co.text_path = cli_value(&a);
+        } else if (cli_is(&a, NULL, "--target-bpw")) {
+            target_given = cli_float(&a, 2, 16, &co.target_bpw) || target_given;
+        } else if (cli_is(&a, NULL, "--calib-tokens")) {
+            if (cli_int(&a, 64, 1 << 24, &v)) {
+                co.max_tokens = (int)v;
+                tokens_given = true;
+            }
+        } else if (cli_is(&a, NULL, "--calib-method")) {
+            const char *m = cli_value(&a);
+            method_given = m != NULL;
+            if (m && strcmp(m, "gptq") == 0) {
+                co.no_awq = true;
+            } else if (m && strcmp(m, "awq") == 0) {
+                co.no_gptq = true;
+            } else if (m && strcmp(m, "awq+gptq") != 0) {
+                fprintf(stderr, "zse convert: --calib-method must be awq+gptq, gptq or awq (not '%s')\n", m);
+                return 2;
+            }
+        } else if (cli_is(&a, "-o", "--output")) {
             out = cli_value(&a);
         } else if (cli_is(&a, NULL, "--quant")) {
             if (parse_scheme(&a, &s))
@@ -98,8 +128,12 @@ int cmd_convert(int argc, char **argv)
         usage(stderr);
         return 2;
     }
+    if (!co.text_path && (target_given || tokens_given || method_given)) {
+        fprintf(stderr, "zse convert: --target-bpw, --calib-tokens and --calib-method need --calibrate FILE\n");
+        return 2;
+    }
     double t0 = zse_now();
-    if (zse_convert(src, out, &o) != 0)
+    if (co.text_path ? zse_convert_calibrated(src, out, &o, &co) != 0 : zse_convert(src, out, &o) != 0)
         return cli_error("convert");
     zse_file *f = zse_file_open(out);
     if (!f)

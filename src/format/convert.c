@@ -70,8 +70,7 @@ static bool matches_keep(const zse_convert_opts *o, const char *canon, const cha
 /* the quantization policy: vectors stay f32; embeddings int8 under integer recipes (an
  * f16 table alone would make a 7B int4 file larger than llama.cpp's Q4_0); the lm_head
  * follows the recipe unless told; --keep-fp16 exempts tensors */
-static zse_scheme choose_scheme(const zse_convert_opts *o, const char *canon, const char *hf,
-                                int64_t rows)
+zse_scheme zse_convert_policy(const zse_convert_opts *o, const char *canon, const char *hf, int64_t rows)
 {
     if (rows == 1)
         return ZSE_SCHEME_F32;
@@ -122,8 +121,12 @@ static int build_plan(plan *p, const zse_safetensors *st, const zse_config *c,
             zse_error_prefix("%s ('%s')", st->shards[s->file_index].path, s->name);
             return -1;
         }
-        t->q.scheme = choose_scheme(o, canon, s->name, t->q.rows);
+        t->q.scheme = zse_convert_policy(o, canon, s->name, t->q.rows);
         t->q.group_size = zse_scheme_layout(t->q.scheme) == ZSE_LAYOUT_Q4_G ? o->group_size : 0;
+        if (o->hook && o->hook->choose && o->hook->choose(o->hook->ctx, canon, &t->q) != 0) {
+            zse_error_prefix("tensor '%s'", s->name);
+            return -1;
+        }
         if (!(t->size = zse_qshape_bytes(&t->q))) {
             /* the reason is in the error buffer: prefix it (passing it back into zse_fail
              * would format the buffer into itself) */
@@ -270,6 +273,14 @@ static json_t *build_header(const zse_hf_dir *hf, const plan *p, const zse_conve
                                               zse_scheme_name(o->scheme), "group_size",
                                               o->group_size, "embed", embed, "lm_head", lm_head,
                                               "keep_fp16", keep));
+    if (o->hook && o->hook->header) {
+        json_t *calib = o->hook->header(o->hook->ctx);
+        if (!calib) {
+            json_decref(h);
+            return NULL;
+        }
+        json_object_set_new(h, "calibration", calib);
+    }
     char when[32];
     time_t now = time(NULL);
     struct tm tm;
@@ -323,7 +334,7 @@ static int layout_offsets(plan *p, const zse_hf_dir *hf, const zse_convert_opts 
         p->file_size = p->n ? p->t[p->n - 1].offset + p->t[p->n - 1].size : off;
         json_t *h = build_header(hf, p, o, sources, tok_type);
         size_t len;
-        char *s = dump_header(h, &len);
+        char *s = h ? dump_header(h, &len) : NULL;
         json_decref(h);
         if (!s)
             return -1;
@@ -512,8 +523,20 @@ static bool is_pass_through(const plan_tensor *t)
 }
 
 /* quantizes one tensor on the pool and hands it to the writer */
-static int write_tensor(writer *w, plan_tensor *t, zse_pool *pool)
+static int write_tensor(writer *w, plan_tensor *t, zse_pool *pool, const zse_convert_hook *hook)
 {
+    if (hook && hook->produce) { /* a calibrated tensor, or one its scales changed */
+        uint8_t *packed = zse_aligned_alloc(64, (size_t)t->size);
+        if (!packed)
+            return zse_fail("out of memory for tensor '%s' (%" PRIu64 " bytes)", t->name, t->size);
+        memset(packed, 0, (size_t)t->size);
+        int r = hook->produce(hook->ctx, t->name, &t->q, packed);
+        if (r > 0)
+            return writer_submit(w, packed, (size_t)t->size, t->offset, &t->checksum, packed);
+        free(packed);
+        if (r < 0)
+            return -1;
+    }
     if (is_pass_through(t)) /* straight from the mapping: no buffer, no conversion */
         return writer_submit(w, t->src->data, t->src->size, t->offset, &t->checksum, NULL);
     uint8_t *packed = zse_aligned_alloc(64, (size_t)t->size);
@@ -698,7 +721,7 @@ static int write_header_and_preamble(int fd, const char *out_path, const zse_hf_
     return rc;
 }
 
-static int write_tensors(int fd, const char *out_path, plan *p, zse_pool *pool)
+static int write_tensors(int fd, const char *out_path, plan *p, zse_pool *pool, const zse_convert_hook *hook)
 {
     uint64_t total = 0, done = 0;
     for (size_t i = 0; i < p->n; i++)
@@ -711,7 +734,7 @@ static int write_tensors(int fd, const char *out_path, plan *p, zse_pool *pool)
     int rc = 0;
     for (size_t i = 0; rc == 0 && i < p->n; i++) {
         zse_progress_update(&bar, p->t[i].name, done);
-        rc = write_tensor(&w, &p->t[i], pool);
+        rc = write_tensor(&w, &p->t[i], pool, hook);
         done += p->t[i].src->size;
     }
     /* always join the writer; when both failed, its message stands (it failed first) */
@@ -741,7 +764,7 @@ static int convert_into(int fd, const char *out_path, const char *src_dir,
         rc = write_at(fd, tok, tok_len, p->tok_offset, out_path);
     free(tok);
     if (rc == 0)
-        rc = write_tensors(fd, out_path, p, pool);
+        rc = write_tensors(fd, out_path, p, pool, o->hook);
     if (rc == 0)
         rc = write_header_and_preamble(fd, out_path, hf, p, o, sources, tok_type);
     json_decref(sources);

@@ -168,6 +168,20 @@ const uint8_t *zse_file_base(const zse_file *f);        /* start of the mapping 
 int zse_file_verify(const zse_file *f, int *n_bad);
 
 /* ---- conversion --------------------------------------------------------------- */
+/* What a calibrated conversion (src/calib) changes in the writer's work: a tensor's
+ * scheme and group, its bytes, and one more header object. Every callback may be NULL. */
+typedef struct {
+    void *ctx;
+    /* may change q->scheme and q->group_size of tensor `name` (canonical) from the
+     * policy's choice; 0, or -1 with an error */
+    int (*choose)(void *ctx, const char *name, zse_qshape *q);
+    /* fills the packed bytes of tensor `name` (zse_qshape_bytes(q), zeroed): 1 when it
+     * did, 0 to let the writer quantize the source as usual, -1 with an error */
+    int (*produce)(void *ctx, const char *name, const zse_qshape *q, void *packed);
+    /* the header's "calibration" object (a new reference; the same on every call) */
+    json_t *(*header)(void *ctx);
+} zse_convert_hook;
+
 typedef struct {
     zse_scheme scheme;          /* for 2-D linear weights */
     int group_size;             /* 4-bit schemes */
@@ -177,8 +191,12 @@ typedef struct {
     int n_keep_fp16;
     bool force;                 /* overwrite OUT */
     int threads;                /* 0 = physical cores */
+    const zse_convert_hook *hook; /* NULL: the policy and the plain quantizers */
 } zse_convert_opts;
 
 int zse_convert(const char *src_dir, const char *out_path, const zse_convert_opts *o);
+/* the scheme the policy gives a tensor (canonical and Hugging Face name, rows of its
+ * shape) before any hook: docs/FORMAT.md §Quantization policy */
+zse_scheme zse_convert_policy(const zse_convert_opts *o, const char *canon, const char *hf, int64_t rows);
 
 #endif

@@ -29,6 +29,11 @@ struct zse_llm {
     /* activations, [max_tokens][width]; xo, xo2 and logits [max_out][width] */
     zse_act *x, *xb, *xb2, *q, *k, *v, *att, *hb, *hb2, *xo, *xo2, *logits;
     uint64_t steps;         /* forward passes run (zse_llm_steps) */
+    /* the calibration tap (zse_llm_set_tap) and the host rows it is handed */
+    zse_tap_fn tap_fn;
+    void *tap_ctx;
+    float *tap_buf;
+    size_t tap_cap;
     /* a small step padded to the backend's recording size (pad_step) */
     int32_t pad_tokens[ZSE_STEP_PAD_MAX], pad_pos[ZSE_STEP_PAD_MAX], pad_seq[ZSE_STEP_PAD_MAX],
         pad_slots[ZSE_STEP_PAD_MAX], pad_rows[ZSE_STEP_PAD_MAX];
@@ -251,6 +256,7 @@ void zse_llm_free(zse_llm *m)
     }
     free(m->layers);
     free_acts(m);
+    free(m->tap_buf);
     free(m);
 }
 
@@ -271,6 +277,69 @@ static void residual_matmul(zse_llm *m, const zse_weight *w, const zse_act *in, 
     o->add(m->be, m->x, m->xb2, n, m->c.hidden_size);
 }
 
+/* hands the tap the first `rows` rows of a (width `cols`), read back to the host */
+static void tap(zse_llm *m, int layer, zse_tap_point point, const zse_act *a, int64_t rows, int64_t cols)
+{
+    if (!m->tap_fn)
+        return;
+    size_t need = (size_t)rows * (size_t)cols;
+    if (need > m->tap_cap) {
+        float *b = zse_realloc(m->tap_buf, need * sizeof *b);
+        if (!b) {
+            zse_log(ZSE_LOG_ERROR, "calibration tap: %s", zse_error_message());
+            return;
+        }
+        m->tap_buf = b;
+        m->tap_cap = need;
+    }
+    if (ops(m)->act_read(m->be, a, m->tap_buf, rows) == 0)
+        m->tap_fn(m->tap_ctx, layer, point, m->tap_buf, rows, cols);
+}
+
+int zse_llm_set_tap(zse_llm *m, zse_tap_fn fn, void *ctx)
+{
+    if (fn && ops(m)->step_begin)
+        return zse_fail("the %s backend records its steps and cannot be tapped; calibrate on the CPU", ops(m)->name);
+    m->tap_fn = fn;
+    m->tap_ctx = ctx;
+    return 0;
+}
+
+/* the model's slot for a swappable linear weight, or NULL */
+static zse_weight **weight_slot(zse_llm *m, const char *name)
+{
+    if (strcmp(name, "output.weight") == 0)
+        return m->output ? &m->output : NULL;
+    int l, end = 0;
+    char what[32];
+    if (sscanf(name, "blk.%d.%31[a-z_].weight%n", &l, what, &end) != 2 || name[end] != '\0' || l < 0 ||
+        l >= m->c.n_layers)
+        return NULL;
+    layer_weights *L = &m->layers[l];
+    static const char *const names[] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+    zse_weight **slots[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->gate, &L->up, &L->down};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (strcmp(what, names[i]) == 0)
+            return *slots[i] ? slots[i] : NULL;
+    return NULL;
+}
+
+int zse_llm_swap_weight(zse_llm *m, const char *name, const zse_tensor_info *t)
+{
+    zse_weight **slot = weight_slot(m, name);
+    if (!slot)
+        return zse_fail("'%s' is not a linear weight of this model", name);
+    int64_t rows, cols;
+    if (!zse_canonical_shape(&m->c, name, &rows, &cols) || t->q.rows != rows || t->q.cols != cols)
+        return zse_fail("a %lld x %lld tensor cannot replace '%s'", (long long)t->q.rows, (long long)t->q.cols, name);
+    zse_weight *w = ops(m)->weight_load(m->be, t);
+    if (!w)
+        return -1;
+    ops(m)->weight_free(m->be, *slot);
+    *slot = w;
+    return 0;
+}
+
 /* x += Attention(RMSNorm(x)) for one layer */
 static void attention_block(zse_llm *m, zse_kv *kv, int l, int64_t n)
 {
@@ -278,6 +347,7 @@ static void attention_block(zse_llm *m, zse_kv *kv, int l, int64_t n)
     const zse_config *c = &m->c;
     layer_weights *L = &m->layers[l];
     o->rmsnorm(m->be, m->x, L->attn_norm, c->rms_eps, n, c->hidden_size, m->xb);
+    tap(m, l, ZSE_TAP_ATTN_IN, m->xb, n, c->hidden_size);
     if (o->matmul_multi) {
         const zse_matmul_out qkv[3] = {{L->wq, L->bq, m->q}, {L->wk, L->bk, m->k}, {L->wv, L->bv, m->v}};
         o->matmul_multi(m->be, m->xb, n, qkv, 3, false);
@@ -304,6 +374,7 @@ static void attention_block(zse_llm *m, zse_kv *kv, int l, int64_t n)
     zse_attn_params p = {c->n_heads, c->n_kv_heads, c->head_dim, 1.0f / sqrtf((float)c->head_dim),
                          c->sliding_window};
     o->attention(m->be, kv, l, m->q, &p, m->att);
+    tap(m, l, ZSE_TAP_ATTN_OUT, m->att, n, (int64_t)c->n_heads * c->head_dim);
     residual_matmul(m, L->wo, m->att, n);
 }
 
@@ -314,6 +385,7 @@ static void mlp_block(zse_llm *m, int l, int64_t n)
     const zse_config *c = &m->c;
     layer_weights *L = &m->layers[l];
     o->rmsnorm(m->be, m->x, L->ffn_norm, c->rms_eps, n, c->hidden_size, m->xb);
+    tap(m, l, ZSE_TAP_FFN_IN, m->xb, n, c->hidden_size);
     if (o->matmul_multi) {
         const zse_matmul_out gate_up[2] = {{L->gate, NULL, m->hb}, {L->up, NULL, m->hb2}};
         o->matmul_multi(m->be, m->xb, n, gate_up, 2, false);
@@ -322,6 +394,7 @@ static void mlp_block(zse_llm *m, int l, int64_t n)
         o->matmul(m->be, L->up, m->xb, n, m->hb2);
     }
     o->silu_mul(m->be, m->hb, m->hb2, n, c->intermediate_size, m->hb);
+    tap(m, l, ZSE_TAP_FFN_DOWN, m->hb, n, c->intermediate_size);
     residual_matmul(m, L->down, m->hb, n);
 }
 
@@ -340,6 +413,7 @@ static void issue_step(zse_llm *m, zse_kv *kv, const zse_batch *b)
         return;
     o->gather_out_rows(m->be, m->x, c->hidden_size, m->xo);
     o->rmsnorm(m->be, m->xo, m->out_norm, c->rms_eps, b->n_out, c->hidden_size, m->xo2);
+    tap(m, -1, ZSE_TAP_OUTPUT, m->xo2, b->n_out, c->hidden_size);
     o->matmul(m->be, m->output ? m->output : m->tok_embd, m->xo2, b->n_out, m->logits);
 }
 

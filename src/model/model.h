@@ -39,6 +39,25 @@ uint64_t zse_llm_steps(const zse_llm *m);
 /* the first `rows` logit rows of the last forward pass, to the host ([rows][vocab]) */
 int zse_llm_read_logits(zse_llm *m, int rows, float *logits);
 
+/* ---- calibration hooks (src/calib) ----------------------------------------------------
+ * A tap sees the input of each linear weight as the forward pass computes it, read back to
+ * the host: rows x cols f32, row-major. Where it looks: */
+typedef enum {
+    ZSE_TAP_ATTN_IN,        /* RMSNorm(x) of layer `layer`: the input of attn_q/k/v */
+    ZSE_TAP_ATTN_OUT,       /* the attention output: the input of attn_output */
+    ZSE_TAP_FFN_IN,         /* RMSNorm(x) before the MLP: the input of ffn_gate/up */
+    ZSE_TAP_FFN_DOWN,       /* SiLU(gate) * up: the input of ffn_down */
+    ZSE_TAP_OUTPUT,         /* the final RMSNorm of the out rows: the input of the lm_head (layer -1) */
+} zse_tap_point;
+typedef void (*zse_tap_fn)(void *ctx, int layer, zse_tap_point point, const float *x, int64_t rows, int64_t cols);
+/* fn runs on the thread of the forward pass, inside it (NULL removes the tap). A backend
+ * that records steps replays them without the model's code, so it cannot be tapped: -1. */
+int zse_llm_set_tap(zse_llm *m, zse_tap_fn fn, void *ctx);
+/* Replaces a linear weight (attn_q/k/v/output, ffn_gate/up/down of a layer, or the untied
+ * output.weight) with t — its scheme may differ, its shape may not. t's data must outlive
+ * its use; swapping the file's own tensor back restores the model. */
+int zse_llm_swap_weight(zse_llm *m, const char *name, const zse_tensor_info *t);
+
 /* RoPE inverse frequencies for the config's scaling (head_dim / 2 values) and the
  * attention magnitude factor (YaRN; 1 otherwise) — exposed for tests */
 void zse_rope_frequencies(const zse_config *c, float *inv_freq, float *mscale);

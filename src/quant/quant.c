@@ -349,51 +349,72 @@ static float choose_q4s_scale(const float *x, int n)
     return best;
 }
 
+zse_q4_params zse_q4_group_params(zse_scheme s, const float *x, int n)
+{
+    zse_q4_params p = {0, 0};
+    if (s == ZSE_SCHEME_Q4) {
+        choose_q4_params(x, n, &p.scale, &p.min);
+    } else if (s == ZSE_SCHEME_Q4S) {
+        p.scale = choose_q4s_scale(x, n);
+    } else { /* NF4 */
+        float amax = 0;
+        for (int i = 0; i < n; i++)
+            amax = fmaxf(amax, fabsf(x[i]));
+        p.scale = zse_f16_to_f32(zse_f32_to_f16(amax));
+    }
+    return p;
+}
+
+int zse_q4_encode(zse_scheme s, zse_q4_params p, float x)
+{
+    float inv = p.scale > 0 ? 1.0f / p.scale : 0;
+    if (s == ZSE_SCHEME_Q4)
+        return clamp4((x - p.min) * inv);
+    if (s == ZSE_SCHEME_Q4S)
+        return clamp4(x * inv + 8.0f);
+    return nearest_nf4(x * inv);
+}
+
+float zse_q4_decode(zse_scheme s, zse_q4_params p, int code)
+{
+    if (s == ZSE_SCHEME_Q4)
+        return (float)code * p.scale + p.min;
+    if (s == ZSE_SCHEME_Q4S)
+        return (float)(code - 8) * p.scale;
+    return zse_nf4_values[code] * p.scale;
+}
+
+void zse_q4_store_group(const zse_qshape *q, void *packed, int64_t row, int64_t group, const uint8_t *codes,
+                        zse_q4_params p)
+{
+    zse_qplanes pl;
+    zse_qshape_planes(q, &pl);
+    uint8_t *base = packed;
+    uint8_t *qs = base + (size_t)row * pl.row_bytes + (size_t)(group * q->group_size) / 2;
+    for (int c = 0; c < q->group_size; c += ZSE_Q4_CHUNK)
+        for (int j = 0; j < 16; j++)
+            qs[c / 2 + j] = (uint8_t)(codes[c + j] | (codes[c + j + 16] << 4));
+    size_t at = (size_t)row * (size_t)pl.groups + (size_t)group;
+    ((uint16_t *)(base + pl.scales))[at] = zse_f32_to_f16(p.scale);
+    if (q->scheme == ZSE_SCHEME_Q4)
+        ((uint16_t *)(base + pl.mins))[at] = zse_f32_to_f16(p.min);
+}
+
 static void quantize_4bit_row(const zse_qshape *q, const zse_qplanes *p, const float *src,
                               uint8_t *base, int64_t row)
 {
     int g = q->group_size;
     int64_t cols = q->cols;
-    uint8_t *qs = base + (size_t)row * p->row_bytes;
-    uint16_t *scales = (uint16_t *)(base + p->scales) + (size_t)row * (size_t)p->groups;
-    uint16_t *mins = q->scheme == ZSE_SCHEME_Q4
-                         ? (uint16_t *)(base + p->mins) + (size_t)row * (size_t)p->groups
-                         : NULL;
     float group[128];
     uint8_t codes[128];
     for (int64_t gi = 0; gi < p->groups; gi++) {
         int64_t c0 = gi * g;
         for (int i = 0; i < g; i++)
             group[i] = c0 + i < cols ? src[c0 + i] : 0.0f;
-        if (q->scheme == ZSE_SCHEME_Q4) {
-            float s, m;
-            choose_q4_params(group, g, &s, &m);
-            float inv = s > 0 ? 1.0f / s : 0;
-            for (int i = 0; i < g; i++)
-                codes[i] = (uint8_t)clamp4((group[i] - m) * inv);
-            scales[gi] = zse_f32_to_f16(s);
-            mins[gi] = zse_f32_to_f16(m);
-        } else if (q->scheme == ZSE_SCHEME_Q4S) {
-            float s = choose_q4s_scale(group, g);
-            float inv = s > 0 ? 1.0f / s : 0;
-            for (int i = 0; i < g; i++)
-                codes[i] = (uint8_t)clamp4(group[i] * inv + 8.0f);
-            scales[gi] = zse_f32_to_f16(s);
-        } else { /* NF4 */
-            float amax = 0;
-            for (int i = 0; i < g; i++)
-                amax = fmaxf(amax, fabsf(group[i]));
-            float s = zse_f16_to_f32(zse_f32_to_f16(amax));
-            float inv = s > 0 ? 1.0f / s : 0;
-            for (int i = 0; i < g; i++)
-                codes[i] = (uint8_t)nearest_nf4(group[i] * inv);
-            scales[gi] = zse_f32_to_f16(s);
-        }
-        for (int c = 0; c < g; c += ZSE_Q4_CHUNK) {
-            uint8_t *out = qs + (size_t)(c0 + c) / 2;
-            for (int j = 0; j < 16; j++)
-                out[j] = (uint8_t)(codes[c + j] | (codes[c + j + 16] << 4));
-        }
+        zse_q4_params prm = zse_q4_group_params(q->scheme, group, g);
+        for (int i = 0; i < g; i++)
+            codes[i] = (uint8_t)zse_q4_encode(q->scheme, prm, group[i]);
+        zse_q4_store_group(q, base, row, gi, codes, prm);
     }
 }
 

@@ -4,6 +4,8 @@
 #ifndef ZSE_QUANT_H
 #define ZSE_QUANT_H
 
+#include "util/util.h"
+
 #include <stddef.h>
 #include <stdint.h>
 #include <stdbool.h>
@@ -68,6 +70,82 @@ void zse_qshape_planes(const zse_qshape *q, zse_qplanes *p);
 void zse_quantize_rows(const zse_qshape *q, const float *src, void *dst, int64_t row0, int64_t row1);
 /* Dequantize one row of the packed tensor into cols floats. */
 void zse_dequantize_row(const zse_qshape *q, const void *packed, int64_t row, float *out);
+
+/* ---- one 4-bit group: what zse_quantize_rows does per group, for the calibrated
+ * quantizers that choose codes themselves (gptq.c). */
+typedef struct {
+    float scale;            /* rounded through f16, as stored */
+    float min;              /* int4 only (0 otherwise) */
+} zse_q4_params;
+/* the parameters the writer picks for a group of n values of a 4-bit scheme */
+zse_q4_params zse_q4_group_params(zse_scheme s, const float *x, int n);
+/* the code of x under p, and the value a code stands for */
+int zse_q4_encode(zse_scheme s, zse_q4_params p, float x);
+float zse_q4_decode(zse_scheme s, zse_q4_params p, int code);
+/* writes group `group` of row `row` (group_size codes, padding included) and its
+ * parameters into a packed tensor */
+void zse_q4_store_group(const zse_qshape *q, void *packed, int64_t row, int64_t group, const uint8_t *codes,
+                        zse_q4_params p);
+
+/* ---- calibrated quantization (docs/QUANT.md) -------------------------------------
+ * The math of `zse convert --calibrate`: Hessians of a linear layer's inputs, GPTQ,
+ * AWQ scale search and the bit-budget plan. Everything here works on host f32 arrays
+ * and knows nothing of models; src/calib runs the model and calls it. */
+
+/* linalg.c. H += x^T x over `rows` rows of x (row stride `stride` floats), for the upper
+ * triangle only (H[i][j], j >= i); zse_hessian_mirror copies it to the lower one. */
+void zse_hessian_accumulate(float *H, int64_t n, const float *x, int64_t rows, int64_t stride, zse_pool *pool);
+void zse_hessian_mirror(float *H, int64_t n);
+/* Cholesky factor of a symmetric positive definite A (n x n, row-major, lower triangle
+ * read): A = L L^T, L written over A's lower triangle. -1 (no error recorded) when A is
+ * not positive definite. */
+int zse_cholesky(double *A, int64_t n, zse_pool *pool);
+/* X = L^-1 for a lower-triangular L (both n x n; X's upper triangle is zeroed) */
+void zse_tri_lower_inverse(const double *L, double *X, int64_t n, zse_pool *pool);
+/* sum over rows r of (A_r - B_r)^T H (A_r - B_r): the squared output error that using B
+ * for A adds on the inputs H was accumulated from (H full, n = cols). Every row_step-th
+ * row is summed, scaled to all rows (an estimate when row_step > 1). */
+double zse_weighted_error(const float *A, const float *B, int64_t rows, int64_t cols, const float *H,
+                          int64_t row_step, zse_pool *pool);
+
+/* gptq.c. GPTQ (Frantar et al. 2022): quantizes W (q->rows x q->cols f32) column by
+ * column into the packed layout of q (a 4-bit scheme; packed zse_qshape_bytes(q) bytes,
+ * zeroed), spreading each column's rounding error over the columns not yet quantized so
+ * that the output error on the inputs of H (full, cols x cols) is least; a group's
+ * parameters are chosen when the group is reached, from the weights as updated so far.
+ * damp: the fraction of H's mean diagonal added to its diagonal (0.01); raised tenfold
+ * while H is not positive definite. */
+int zse_gptq(const zse_qshape *q, const float *W, const float *H, double damp, void *packed, zse_pool *pool);
+/* the dequantized rows of a packed tensor, all of them (rows x cols f32) */
+void zse_dequantize_all(const zse_qshape *q, const void *packed, float *out);
+
+/* awq.c. AWQ (Lin et al. 2023): per-input-channel scales s for weights that share one
+ * input (Hessian H), s_c = (H_cc)^(alpha/2) normalized to a geometric mean-ish of 1
+ * (max · min = 1), with alpha from a grid of 20 in [0, 1) chosen to minimize the summed
+ * output error of round-to-nearest W·diag(s), unscaled: the weights are multiplied by s
+ * column-wise and the input divided by s (folded into the RMSNorm or row scaling before).
+ * ws[i] are rows[i] x cols f32; q gives the scheme and group size. alpha 0 (s = 1, plain
+ * round-to-nearest) is in the grid, so the chosen s is never worse on this measure. */
+typedef struct {
+    double alpha;           /* the chosen exponent */
+    double error;           /* the summed output error at alpha (estimated on sampled rows) */
+    double error_rtn;       /* the same at alpha = 0 */
+} zse_awq_result;
+int zse_awq_search(const zse_qshape *q, const float *const *ws, const int64_t *rows, int n_ws, const float *H,
+                   float *s, zse_awq_result *res, zse_pool *pool);
+/* the round-to-nearest result of W (rows x cols) under q, dequantized into out */
+int zse_fake_quantize(const zse_qshape *q, const float *W, float *out);
+
+/* plan.c. Mixed precision within a byte budget: tensor t may be stored in any of its
+ * n_opts[t] options (bytes, estimated cost); the plan picks one per tensor so the summed
+ * cost is least (greedy over each tensor's lower convex hull of cost against bytes)
+ * while the summed bytes stay within budget. choice[t] is an index into opts[t]. -1 with
+ * an error when even the smallest options exceed the budget. */
+typedef struct {
+    uint64_t bytes;
+    double cost;
+} zse_plan_option;
+int zse_plan_choose(const zse_plan_option *const *opts, const int *n_opts, int n, uint64_t budget, int *choice);
 
 /* half-precision conversions (round to nearest even) */
 uint16_t zse_f32_to_f16(float f);
