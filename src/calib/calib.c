@@ -247,11 +247,25 @@ static int list_tensors(calib *k)
     if (!c->tie_embeddings && add_tensor(k, "output.weight", k->n_in - 1, -1) != 0)
         return -1;
     int n_cal = 0;
-    for (int i = 0; i < k->n_t; i++)
-        n_cal += k->t[i].calibrated;
+    uint64_t bytes = 0, elements = 0;
+    for (int i = 0; i < k->n_t; i++) {
+        calib_tensor *t = &k->t[i];
+        if (!t->calibrated)
+            continue;
+        n_cal++;
+        zse_qshape q = {k->conv.scheme, t->rows, t->cols, k->conv.group_size};
+        bytes += zse_qshape_bytes(&q);
+        elements += (uint64_t)(t->rows * t->cols);
+    }
     if (n_cal == 0)
         return zse_fail("no tensor takes the %s recipe (every linear weight is kept by --keep-fp16 or an "
                         "override), so there is nothing to calibrate", zse_scheme_name(k->conv.scheme));
+    /* a budget below the recipe itself is known now, before any pass */
+    const double least = 8.0 * (double)bytes / (double)elements;
+    if (k->opts.target_bpw > 0 && k->opts.target_bpw < least)
+        return zse_fail("--target-bpw %g is below what the %s g%d recipe itself takes (%.3f bits per weight over "
+                        "these tensors); raise it or use a larger --group-size", k->opts.target_bpw,
+                        zse_scheme_name(k->conv.scheme), k->conv.group_size, least);
     return 0;
 }
 

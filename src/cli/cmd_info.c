@@ -50,6 +50,69 @@ static const char *human_bytes(uint64_t b, char buf[32])
     return buf;
 }
 
+/* "int4 g128", "int8": a tensor's storage as the calibration header lists it */
+static void storage_kind(const json_t *e, char out[32])
+{
+    long long g = json_integer_value(json_object_get(e, "group_size"));
+    const char *s = json_string_value(json_object_get(e, "scheme"));
+    if (g)
+        snprintf(out, 32, "%s g%lld", s ? s : "?", g);
+    else
+        snprintf(out, 32, "%s", s ? s : "?");
+}
+
+/* a calibrated file (docs/FORMAT.md §Calibration): the method, the text, and the plan —
+ * how many tensors got each storage, and which the plan kept above the recipe */
+static void print_calibration(const json_t *cal, const char *recipe)
+{
+    if (!json_is_object(cal))
+        return;
+    const json_t *tensors = json_object_get(cal, "tensors");
+    printf("calibration:     %s on %lld tokens of %s (windows of %lld)\n",
+           json_string_value(json_object_get(cal, "method")), (long long)json_integer_value(json_object_get(cal, "tokens")),
+           json_string_value(json_object_get(cal, "text")), (long long)json_integer_value(json_object_get(cal, "ctx")));
+    const json_t *target = json_object_get(cal, "target_bpw");
+    printf("  plan:          %.3f bits/weight over %zu tensors", json_number_value(json_object_get(cal, "bpw")),
+           json_array_size(tensors));
+    if (json_is_number(target))
+        printf(" (target %g; sensitivity on %lld tokens)", json_number_value(target),
+               (long long)json_integer_value(json_object_get(cal, "sensitivity_tokens")));
+    printf("\n");
+    char kinds[8][32];
+    int counts[8] = {0}, n_kinds = 0, higher = 0;
+    size_t i;
+    json_t *e;
+    json_array_foreach(tensors, i, e) {
+        char k[32];
+        storage_kind(e, k);
+        int j = 0;
+        while (j < n_kinds && strcmp(kinds[j], k) != 0)
+            j++;
+        if (j == n_kinds && n_kinds < 8)
+            snprintf(kinds[n_kinds++], sizeof kinds[0], "%s", k);
+        if (j < n_kinds)
+            counts[j]++;
+        higher += strcmp(k, recipe) != 0;
+    }
+    printf("  storage:       ");
+    for (int j = 0; j < n_kinds; j++)
+        printf("%s%s x%d", j ? ", " : "", kinds[j], counts[j]);
+    printf("\n");
+    if (!higher)
+        return;
+    printf("  above %s:", recipe);
+    int shown = 0;
+    json_array_foreach(tensors, i, e) {
+        char k[32];
+        storage_kind(e, k);
+        if (strcmp(k, recipe) != 0 && shown++ < 16)
+            printf(" %s (%s)", json_string_value(json_object_get(e, "name")), k);
+    }
+    if (shown > 16)
+        printf(" and %d more", shown - 16);
+    printf("\n");
+}
+
 static void print_text(const char *path, const zse_file *f, const tensor_totals *t, int64_t ctx)
 {
     const zse_config *c = zse_file_config(f);
@@ -78,6 +141,9 @@ static void print_text(const char *path, const zse_file *f, const tensor_totals 
         if (t->count[s])
             printf("  %-6s %4llu tensors %12s\n", zse_scheme_name((zse_scheme)s),
                    (unsigned long long)t->count[s], human_bytes(t->bytes[s], b1));
+    char recipe[48];
+    snprintf(recipe, sizeof recipe, "%s g%lld", quant ? quant : "?", (long long)json_integer_value(g));
+    print_calibration(json_object_get(h, "calibration"), recipe);
     const char *tt = json_string_value(json_object_get(h, "tokenizer_type"));
     printf("tokenizer:       %s\n", tt ? tt : "unknown");
     printf("chat template:   %s\n", zse_file_chat_template(f) ? "yes" : "no");
@@ -115,6 +181,9 @@ static void print_json(const char *path, const zse_file *f, const tensor_totals 
         "kv_bytes_f16", (json_int_t)kv_bytes(c, ctx, false), "kv_bytes_int8",
         (json_int_t)kv_bytes(c, ctx, true), "ctx", (json_int_t)ctx, "sliding_window",
         c->sliding_window);
+    const json_t *cal = json_object_get(h, "calibration");
+    if (cal)
+        json_object_set(o, "calibration", (json_t *)cal);
     char *s = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
     if (s)
         printf("%s\n", s);

@@ -132,7 +132,7 @@ int zse_st_read_f32(const zse_st_tensor *t, size_t first, size_t n, float *out);
 
 /* ---- .zse reader ----------------------------------------------------------- */
 #define ZSE_FORMAT_MAJOR 1
-#define ZSE_FORMAT_MINOR 0
+#define ZSE_FORMAT_MINOR 1 /* 1.1: the optional "calibration" header key */
 #define ZSE_TENSOR_ALIGN 4096
 
 typedef struct {

@@ -15,43 +15,83 @@
 
 #define TILE 64
 
-/* ---- Hessian ------------------------------------------------------------------------ */
+/* ---- Hessian ------------------------------------------------------------------------
+ * H += X^T X is a matrix product. The rows are taken HT tokens at a time and transposed, so
+ * that H[k][c] gains the dot product of channels k and c over those tokens — two contiguous
+ * vectors; a thread owns blocks of KB rows of H (dealt out in a zigzag: row k costs n - k)
+ * and walks the columns right of its diagonal in blocks whose vectors stay in cache. */
+#define HT 256
+#define KB 128
+#define CB 32
+#define LANES 16
+
+/* a dot product in LANES independent partial sums: each lane's chain is the compiler's to
+ * put in one vector register (a single running sum could not be split without -ffast-math) */
+static float dot_f32(const float *a, const float *b, int64_t n)
+{
+    float acc[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++)
+            acc[j] += a[i + j] * b[i + j];
+    float s = 0;
+    for (; i < n; i++)
+        s += a[i] * b[i];
+    for (int j = 0; j < LANES; j++)
+        s += acc[j];
+    return s;
+}
 
 typedef struct {
     float *H;
     int64_t n;
-    const float *x;
-    int64_t rows, stride;
+    const float *xt;        /* [n][len]: the chunk, channel by channel */
+    int64_t len;
 } hess_job;
 
-/* Row i of H costs n - i: rows are dealt out in a zigzag so every thread gets a fair share. */
 static void hessian_share(void *arg, int ith, int nth)
 {
     hess_job *j = arg;
-    const int64_t n = j->n;
-    for (int64_t k = 0; k < n; k++) {
-        int64_t round = k / nth, lane = k % nth;
+    const int64_t n = j->n, len = j->len;
+    for (int64_t b = 0, k0 = 0; k0 < n; b++, k0 += KB) {
+        int64_t round = b / nth, lane = b % nth;
         if ((round % 2 == 0 ? lane : nth - 1 - lane) != ith)
             continue;
-        float *h = j->H + k * n;
-        for (int64_t t = 0; t < j->rows; t++) {
-            const float *x = j->x + t * j->stride;
-            const float xi = x[k];
-            if (xi == 0.0f)
-                continue;
-            for (int64_t c = k; c < n; c++)
-                h[c] += xi * x[c];
+        const int64_t k1 = k0 + KB < n ? k0 + KB : n;
+        for (int64_t c0 = k0; c0 < n; c0 += CB) {
+            const int64_t c1 = c0 + CB < n ? c0 + CB : n;
+            for (int64_t k = k0; k < k1; k++) {
+                float *h = j->H + k * n;
+                const float *xk = j->xt + k * len;
+                for (int64_t c = c0 > k ? c0 : k; c < c1; c++)
+                    h[c] += dot_f32(xk, j->xt + c * len, len);
+            }
         }
     }
 }
 
 void zse_hessian_accumulate(float *H, int64_t n, const float *x, int64_t rows, int64_t stride, zse_pool *pool)
 {
-    hess_job j = {H, n, x, rows, stride};
-    if (pool)
-        zse_pool_run(pool, hessian_share, &j);
-    else
-        hessian_share(&j, 0, 1);
+    float *xt = zse_malloc((size_t)n * HT * sizeof *xt);
+    if (!xt) { /* tiny fallback: one token at a time, no scratch */
+        for (int64_t t = 0; t < rows; t++)
+            for (int64_t k = 0; k < n; k++)
+                for (int64_t c = k; c < n; c++)
+                    H[k * n + c] += x[t * stride + k] * x[t * stride + c];
+        return;
+    }
+    for (int64_t t0 = 0; t0 < rows; t0 += HT) {
+        const int64_t len = rows - t0 < HT ? rows - t0 : HT;
+        for (int64_t t = 0; t < len; t++)
+            for (int64_t k = 0; k < n; k++)
+                xt[k * len + t] = x[(t0 + t) * stride + k];
+        hess_job j = {H, n, xt, len};
+        if (pool)
+            zse_pool_run(pool, hessian_share, &j);
+        else
+            hessian_share(&j, 0, 1);
+    }
+    free(xt);
 }
 
 void zse_hessian_mirror(float *H, int64_t n)
@@ -72,21 +112,20 @@ typedef struct {
     atomic_int next;
 } chol_job;
 
-/* four partial sums: independent chains the CPU overlaps (a single sum cannot be
- * reordered into vector lanes without -ffast-math) */
+/* the double dot product of the factorizations, in lanes like dot_f32 */
 static double dot(const double *a, const double *b, int64_t n)
 {
-    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    double acc[LANES / 2] = {0};
     int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        s0 += a[i] * b[i];
-        s1 += a[i + 1] * b[i + 1];
-        s2 += a[i + 2] * b[i + 2];
-        s3 += a[i + 3] * b[i + 3];
-    }
+    for (; i + LANES / 2 <= n; i += LANES / 2)
+        for (int j = 0; j < LANES / 2; j++)
+            acc[j] += a[i + j] * b[i + j];
+    double s = 0;
     for (; i < n; i++)
-        s0 += a[i] * b[i];
-    return (s0 + s1) + (s2 + s3);
+        s += a[i] * b[i];
+    for (int j = 0; j < LANES / 2; j++)
+        s += acc[j];
+    return s;
 }
 
 static void panel_solve_share(void *arg, int ith, int nth)
