@@ -121,8 +121,7 @@ static void gptq_share(void *arg, int ith, int nth)
                 if (i >= cols)
                     continue; /* padding: quantized as the zero it is, no input behind it */
                 const float e = (wr[i] - zse_q4_decode(s, prm[r], code)) / u[i];
-                for (int64_t c = i + 1; c < cols; c++)
-                    wr[c] -= e * u[c];
+                zse_axpy_f32(wr + i + 1, -e, u + i + 1, cols - i - 1);
             }
             if (k == g - 1)
                 for (int64_t r = 0; r < nr; r++)

@@ -15,6 +15,15 @@
 
 #define TILE 64
 
+/* The inner loops below are built three times, for AVX-512, AVX2 and plain x86-64, and the
+ * loader picks one for the CPU it runs on (GCC's target_clones): the default build targets
+ * the oldest x86-64, whose 4-lane SSE would leave most of a modern core idle. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SIMD
+#endif
+
 /* ---- Hessian ------------------------------------------------------------------------
  * H += X^T X is a matrix product. The rows are taken HT tokens at a time and transposed, so
  * that H[k][c] gains the dot product of channels k and c over those tokens — two contiguous
@@ -27,7 +36,7 @@
 
 /* a dot product in LANES independent partial sums: each lane's chain is the compiler's to
  * put in one vector register (a single running sum could not be split without -ffast-math) */
-static float dot_f32(const float *a, const float *b, int64_t n)
+SIMD static float dot_f32(const float *a, const float *b, int64_t n)
 {
     float acc[LANES] = {0};
     int64_t i = 0;
@@ -101,6 +110,19 @@ void zse_hessian_mirror(float *H, int64_t n)
             H[c * n + i] = H[i * n + c];
 }
 
+/* y += a x over n floats (GPTQ's corrections, the output error) */
+SIMD void zse_axpy_f32(float *y, float a, const float *x, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        y[i] += a * x[i];
+}
+
+SIMD static void axpy_f64(double *y, double a, const double *x, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        y[i] += a * x[i];
+}
+
 /* ---- Cholesky, right-looking by tiles of TILE columns --------------------------------
  * For each panel [k0, k1): factor its diagonal block, solve the rows below it against the
  * block (independent rows: threads), then subtract the panel's outer product from the
@@ -113,7 +135,7 @@ typedef struct {
 } chol_job;
 
 /* the double dot product of the factorizations, in lanes like dot_f32 */
-static double dot(const double *a, const double *b, int64_t n)
+SIMD static double dot(const double *a, const double *b, int64_t n)
 {
     double acc[LANES / 2] = {0};
     int64_t i = 0;
@@ -225,12 +247,8 @@ static void inverse_share(void *arg, int ith, int nth)
             const double *li = j->L + i * n;
             for (int64_t c = 0; c < w; c++)
                 acc[c] = c0 + c == i ? 1.0 : 0.0;
-            for (int64_t p = c0; p < i; p++) { /* X[p][c] is 0 for p < c */
-                const double l = li[p];
-                const double *xp = j->X + p * n + c0;
-                for (int64_t c = 0; c < w; c++)
-                    acc[c] -= l * xp[c];
-            }
+            for (int64_t p = c0; p < i; p++) /* X[p][c] is 0 for p < c */
+                axpy_f64(acc, -li[p], j->X + p * n + c0, w);
             double *xi = j->X + i * n + c0;
             for (int64_t c = 0; c < w; c++)
                 xi[c] = c0 + c <= i ? acc[c] / li[i] : 0.0;
@@ -277,9 +295,7 @@ static void error_share(void *arg, int ith, int nth)
             const float di = d[i];
             if (di == 0.0f)
                 continue;
-            const float *h = j->H + i * n;
-            for (int64_t c = 0; c < n; c++)
-                y[c] += di * h[c];
+            zse_axpy_f32(y, di, j->H + i * n, n);
         }
         double e = 0;
         for (int64_t c = 0; c < n; c++)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # tests/gpu/model_test.sh ZSE OUTDIR — the model end to end on the GPU against the CPU
-# backend: converts the tiny-llama fixture at f32, bf16, int8 and int4, runs greedy
+# backend: converts the tiny-llama fixture at f32, bf16, int8 and int4 (and calibrated int4
+# with a --target-bpw plan: tensors of one layer mixing int4 g128/g64/g32 and int8), runs greedy
 # generation and the prompt's last-position logits on --device cpu and --device cuda, and
 # compares them (ids must match for f32/bf16; logits within a relative tolerance). Then
 # `zse bench` on each file. Called by tests/gpu/run.sh. Logs go to OUTDIR/model.log and the
@@ -15,9 +16,11 @@ fail=0
 log=$out/${ZSE_MODEL_LOG:-model.log}
 : >"$log"
 [ -n "${ZSE_MODEL_LOG:-}" ] || : >"$out/model-bench.jsonl"
-for q in f32 bf16 int8 int4; do
+for q in f32 bf16 int8 int4 cal; do
     m=$work/tiny-$q.zse
-    if ! "$zse" convert "$fx" -o "$m" --quant $q >>"$log" 2>&1; then
+    flags="--quant $q"
+    [ $q = cal ] && flags="--quant int4 --calibrate tests/fixtures/calib.txt --calib-tokens 1024 --target-bpw 5"
+    if ! "$zse" convert "$fx" -o "$m" $flags >>"$log" 2>&1; then
         echo "model $q: convert FAILED"; tail -3 "$log"; fail=1; continue
     fi
     for d in cpu cuda; do

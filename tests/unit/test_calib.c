@@ -8,6 +8,7 @@
 #include "format_testlib.h"
 
 #include "calib/calib.h"
+#include "engine/engine.h"
 #include "zse.h"
 
 #include <dirent.h>
@@ -25,7 +26,7 @@ static const char *fixture(const char *name)
 
 static zse_calib_opts calib_opts(void)
 {
-    zse_calib_opts c = {.text_path = fixture("calib.txt"), .max_tokens = 256, .quiet = true};
+    zse_calib_opts c = {.text_path = fixture("calib.txt"), .max_tokens = 128, .quiet = true};
     return c;
 }
 
@@ -131,12 +132,80 @@ static void test_folding_is_exact(void)
     check_folding("random/llama-rope-linear", true, 5e-3);
 }
 
+/* the model's two calibration hooks: taps see every linear input once per pass with the
+ * pass's rows; a swapped weight changes the output and swapping the file's back restores
+ * it bit for bit */
+typedef struct {
+    int calls[5];
+    int64_t rows, cols[5];
+} tap_log;
+
+static void count_tap(void *ctx, int layer, zse_tap_point p, const float *x, int64_t rows, int64_t cols)
+{
+    tap_log *t = ctx;
+    (void)layer;
+    t->calls[p]++;
+    t->rows = rows;
+    t->cols[p] = cols;
+    CHECK(isfinite(x[0]) && isfinite(x[rows * cols - 1]));
+}
+
+static void test_model_hooks(void)
+{
+    const char *src = fixture("random/llama-rope-linear");
+    zse_convert_opts ref = {.scheme = ZSE_SCHEME_F32, .group_size = 64, .embed_scheme = -1, .lm_head_scheme = -1};
+    CHECK(zse_convert(src, tl_path("hooks.zse"), &ref) == 0);
+    zse_load_params lp;
+    zse_load_params_default(&lp);
+    lp.device = "cpu";
+    lp.ctx_size = 64;
+    zse_model *m = zse_model_load(tl_path("hooks.zse"), &lp);
+    CHECK(m != NULL);
+    if (!m)
+        return;
+    const int32_t ids[8] = {5, 9, 100, 7, 300, 2, 11, 40};
+    float *a = malloc(8 * 2048 * sizeof *a), *b = malloc(8 * 2048 * sizeof *b), *c = malloc(8 * 2048 * sizeof *c);
+    tap_log log = {0};
+    CHECK(zse_llm_set_tap(m->llm, count_tap, &log) == 0);
+    zse_seq *q = zse_seq_new(m, NULL);
+    CHECK(zse_seq_feed_logits(q, ids, 8, a) == 0);
+    zse_seq_free(q);
+    CHECK(zse_llm_set_tap(m->llm, NULL, NULL) == 0);
+    CHECK(log.calls[ZSE_TAP_ATTN_IN] == 2 && log.calls[ZSE_TAP_ATTN_OUT] == 2 && log.calls[ZSE_TAP_FFN_IN] == 2 &&
+          log.calls[ZSE_TAP_FFN_DOWN] == 2 && log.calls[ZSE_TAP_OUTPUT] == 1);
+    CHECK(log.rows == 8 && log.cols[ZSE_TAP_ATTN_IN] == 64 && log.cols[ZSE_TAP_FFN_DOWN] == 160);
+    /* a zeroed ffn_down in layer 1: other logits */
+    const zse_tensor_info *orig = zse_file_tensor(m->file, "blk.1.ffn_down.weight");
+    zse_tensor_info zero = *orig;
+    float *zeros = calloc((size_t)(orig->q.rows * orig->q.cols), sizeof *zeros);
+    zero.data = zeros;
+    CHECK(zse_llm_swap_weight(m->llm, "blk.1.ffn_down.weight", &zero) == 0);
+    q = zse_seq_new(m, NULL);
+    CHECK(zse_seq_feed_logits(q, ids, 8, b) == 0);
+    zse_seq_free(q);
+    CHECK(memcmp(a, b, 8 * 2048 * sizeof *a) != 0);
+    CHECK(zse_llm_swap_weight(m->llm, "blk.1.ffn_down.weight", orig) == 0);
+    q = zse_seq_new(m, NULL);
+    CHECK(zse_seq_feed_logits(q, ids, 8, c) == 0);
+    zse_seq_free(q);
+    CHECK(memcmp(a, c, 8 * 2048 * sizeof *a) == 0);
+    /* only linear weights of the right shape */
+    CHECK(zse_llm_swap_weight(m->llm, "blk.0.attn_norm.weight", orig) == -1);
+    CHECK(zse_llm_swap_weight(m->llm, "blk.7.ffn_down.weight", orig) == -1);
+    CHECK(zse_llm_swap_weight(m->llm, "blk.0.ffn_up.weight", orig) == -1);
+    CHECK(strstr(zse_error_message(), "cannot replace") != NULL);
+    free(zeros);
+    free(a);
+    free(b);
+    free(c);
+    zse_model_free(m);
+}
+
 static void test_plan_in_file(void)
 {
     const char *src = fixture("random/llama-rope-linear");
     zse_convert_opts o = int4_opts();
     zse_calib_opts c = calib_opts();
-    c.max_tokens = 128;
     c.target_bpw = 5.0;
     CHECK_MSG(zse_convert_calibrated(src, tl_path("plan.zse"), &o, &c) == 0, "%s", zse_error_message());
     zse_file *f = zse_file_open(tl_path("plan.zse"));
@@ -226,6 +295,7 @@ int main(void)
         return 77;
     }
     tl_begin("calib");
+    test_model_hooks();
     test_folding_is_exact();
     test_plan_in_file();
     test_bad_input();
