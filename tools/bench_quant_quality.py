@@ -6,7 +6,7 @@ and context: the quality table of docs/BENCHMARKS.md (docs/QUANT.md explains the
     python3 tools/bench_quant_quality.py --zse build-rel/zse \\
         --model tiny-llama=tests/fixtures/tiny-llama --model tiny-qwen2=tests/fixtures/tiny-qwen2 \\
         --calib tests/fixtures/calib.txt --eval tests/fixtures/eval.txt --ctx 256 \\
-        [--llama-src DIR --llama-bin DIR --llama-python PY] --work /tmp/qq --markdown
+        [--llama-src DIR --llama-bin DIR --llama-python PY [--llama-imatrix]] --work /tmp/qq --markdown
 
 zse side: `zse convert --quant f32` is the reference; every other file is scored with
 `zse perplexity FILE -f EVAL --ctx N --kld-base REF --json`. llama.cpp side (when
@@ -113,14 +113,24 @@ def llama_rows(a, name, src, pre, work):
     base = os.path.join(work, f"{name}.kld")
     run([ppl_bin, "-m", f32, "-f", a.eval, "--kl-divergence-base", base] + common)
     rows = []
-    for q in ["Q4_0", "Q4_K_M"]:
-        path = os.path.join(work, f"{name}-{q}.gguf")
-        run([os.path.join(a.llama_bin, "llama-quantize"), f32, path, q, str(a.threads)])
+    kinds = [("Q4_0", None), ("Q4_K_M", None)]
+    if a.llama_imatrix:
+        # llama.cpp's own calibration: an importance matrix from the same calibration text
+        imat = os.path.join(work, f"{name}.imatrix")
+        run([os.path.join(a.llama_bin, "llama-imatrix"), "-m", f32, "-f", a.calib, "-o", imat, "-c", "512",
+             "-t", str(a.threads), "--override-kv", "tokenizer.ggml.add_bos_token=bool:false"])
+        kinds += [("Q4_0", imat), ("Q4_K_M", imat)]
+    for q, imat in kinds:
+        tag = q + ("-imatrix" if imat else "")
+        path = os.path.join(work, f"{name}-{tag}.gguf")
+        run([os.path.join(a.llama_bin, "llama-quantize")] + (["--imatrix", imat] if imat else []) +
+            [f32, path, q, str(a.threads)])
         out = run([ppl_bin, "-m", path, "--kl-divergence-base", base, "--kl-divergence"] + common)
         kld = float(re.search(r"Mean\s+KLD:\s+([0-9.eE+-]+)", out).group(1))
         ppl = float(re.search(r"Mean PPL\(Q\)\s+:\s+([0-9.eE+-]+)", out).group(1))
         b, n = gguf_sizes(a, path)
-        rows.append((f"llama.cpp {q}", kld, ppl, b, n, os.path.getsize(path)))
+        rows.append((f"llama.cpp {q}" + (" (imatrix from the calibration text)" if imat else ""), kld, ppl, b, n,
+                     os.path.getsize(path)))
     return rows
 
 
@@ -136,6 +146,8 @@ def main():
     p.add_argument("--llama-src", help="llama.cpp source (convert_hf_to_gguf.py, gguf-py)")
     p.add_argument("--llama-bin", help="llama.cpp binaries (llama-quantize, llama-perplexity)")
     p.add_argument("--llama-python", default=sys.executable, help="a Python with torch and transformers")
+    p.add_argument("--llama-imatrix", action="store_true",
+                   help="also Q4_0 / Q4_K_M with an importance matrix from the calibration text (llama-imatrix)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", required=True)
     p.add_argument("--markdown", action="store_true")
