@@ -68,6 +68,39 @@ def zse_rows(a, name, src, work):
     return rows
 
 
+def zse_at_bytes(a, name, src, bytes_goal, work):
+    """calibrated int4 with the --target-bpw that makes its weight bytes Q4_K_M's: the
+    budget covers the planned tensors, the rest (embedding, norms) is what it is"""
+    probe = os.path.join(work, f"{name}-2.zse")  # the calibrated int4 file of zse_rows
+    info = zse_info(a.zse, probe)
+    cal = info["calibration"]["tensors"]
+    planned_bytes = sum(zse_tensor(probe, t["name"])["size"] for t in cal)
+    elems = sum(zse_tensor(probe, t["name"])["elements"] for t in cal)
+    target = 8 * (bytes_goal - (info["weight_bytes"] - planned_bytes)) / elems
+    target = int(target * 1000) / 1000  # round down: stay at or under the goal
+    path = os.path.join(work, f"{name}-atq4km.zse")
+    run([a.zse, "convert", src, "-o", path, "--force", "--quant", "int4", "--calibrate", a.calib,
+         "--target-bpw", str(target)])
+    info = zse_info(a.zse, path)
+    kld, ppl = zse_kld(a.zse, path, os.path.join(work, f"{name}-f32.zse"), a.eval, a.ctx)
+    return (f"zse int4, calibrated, --target-bpw {target} (Q4_K_M's weight bytes)", kld, ppl,
+            info["weight_bytes"], info["parameters"], os.path.getsize(path))
+
+
+_headers = {}
+
+
+def zse_tensor(path, tensor):
+    """a tensor's size and elements, from the .zse file's header"""
+    if path not in _headers:
+        with open(path, "rb") as f:
+            pre = f.read(64)
+            header = json.loads(f.read(int.from_bytes(pre[24:32], "little")))
+        _headers[path] = {t["name"]: {"size": t["size"], "elements": t["shape"][0] * t["shape"][1]}
+                          for t in header["tensors"]}
+    return _headers[path][tensor]
+
+
 def hf_copy_for_llama(src, dst):
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
@@ -159,7 +192,10 @@ def main():
         name, src = m.split("=", 1)
         rows = zse_rows(a, name, src, a.work)
         if a.llama_bin:
-            rows += llama_rows(a, name, src, pres.get(name, "llama-bpe"), a.work)
+            llama = llama_rows(a, name, src, pres.get(name, "llama-bpe"), a.work)
+            rows += llama
+            k_m = next(r for r in llama if r[0] == "llama.cpp Q4_K_M")
+            rows.append(zse_at_bytes(a, name, src, k_m[3], a.work))
         results.append((name, rows))
     for name, rows in results:
         if a.markdown:
