@@ -197,22 +197,25 @@ static void scale_hessian(calib_input *in)
 }
 
 /* the output error of storing `deq` for the transformed weight w, in the float model's
- * terms: rows divided by r back (the scaled input is already in H) */
-static double option_error(const calib *k, const calib_tensor *t, float *w, float *deq)
+ * terms: rows multiplied back by what divided them (the scaled input is already in H); w
+ * is left as it is (the next option starts from it), deq is scratch */
+static double option_error(const calib *k, const calib_tensor *t, const float *w, float *deq)
 {
     const float *r = row_scales(k, t);
-    if (r)
+    const int64_t step = t->rows > 512 ? t->rows / 512 : 1;
+    const size_t n = (size_t)(t->rows * t->cols);
+    float *wr = NULL;
+    if (r) {
+        if (!(wr = zse_malloc(n * sizeof *wr)))
+            return NAN;
         for (int64_t i = 0; i < t->rows; i++)
             for (int64_t c = 0; c < t->cols; c++) {
-                w[i * t->cols + c] *= r[i];
+                wr[i * t->cols + c] = w[i * t->cols + c] * r[i];
                 deq[i * t->cols + c] *= r[i];
             }
-    const int64_t step = t->rows > 512 ? t->rows / 512 : 1;
-    double e = zse_weighted_error(w, deq, t->rows, t->cols, k->in[t->input].H, step, k->pool);
-    if (r)
-        for (int64_t i = 0; i < t->rows; i++)
-            for (int64_t c = 0; c < t->cols; c++)
-                w[i * t->cols + c] /= r[i];
+    }
+    double e = zse_weighted_error(wr ? wr : w, deq, t->rows, t->cols, k->in[t->input].H, step, k->pool);
+    free(wr);
     return e;
 }
 
@@ -289,6 +292,8 @@ static int quantize_tensor(calib *k, calib_tensor *t)
         if (rc == 0) {
             zse_dequantize_all(&q, packed, deq);
             o->error = option_error(k, t, w, deq);
+            if (isnan(o->error))
+                rc = -1;
         }
         free(packed);
     }
@@ -373,6 +378,11 @@ int calib_collect(calib *k)
             calib_progress(k, "layers %d-%d: collecting activations", l0, l1 - 1);
             rc = run_windows(k, l1 == L);
         }
+        /* every tap saw every token, or (a layer kind the taps do not see) none */
+        for (int i = first; rc == 0 && i < first + count; i++)
+            if (k->in[i].tokens != 0 && k->in[i].tokens != k->n_ids)
+                rc = zse_fail("the calibration pass saw %llu of %zu tokens at one input (out of memory in the "
+                              "model's tap?)", (unsigned long long)k->in[i].tokens, k->n_ids);
         if (rc == 0) {
             calib_progress(k, "layers %d-%d: %s", l0, l1 - 1,
                            k->opts.no_gptq ? "AWQ scales, round to nearest" :
