@@ -265,7 +265,7 @@ static int rtn_error(const calib *k, calib_tensor *t, float *w, float *deq)
 
 /* every option of one tensor: 4-bit ones by GPTQ (or round to nearest), stored; the rest
  * round to nearest when written; the output error of each */
-static int quantize_tensor(calib *k, calib_tensor *t)
+static int quantize_tensor(calib *k, calib_tensor *t, const zse_gptq_factor *f)
 {
     list_options(k, t);
     const size_t n = (size_t)(t->rows * t->cols);
@@ -282,9 +282,8 @@ static int quantize_tensor(calib *k, calib_tensor *t)
             break;
         }
         memset(packed, 0, (size_t)o->bytes);
-        bool gptq = zse_scheme_layout(o->scheme) == ZSE_LAYOUT_Q4_G && !k->opts.no_gptq;
-        if (gptq)
-            rc = zse_gptq(&q, w, k->in[t->input].H, 0.01, packed, k->pool);
+        if (zse_scheme_layout(o->scheme) == ZSE_LAYOUT_Q4_G && f)
+            rc = zse_gptq(&q, w, f, packed, k->pool);
         else
             zse_quantize_rows(&q, w, packed, 0, t->rows);
         if (rc == 0 && zse_scheme_layout(o->scheme) == ZSE_LAYOUT_Q4_G)
@@ -318,15 +317,25 @@ static int process_inputs(calib *k, int first, int count)
             rc = search_scales(k, i);
         scale_hessian(in);
     }
-    for (int i = 0; rc == 0 && i < k->n_t; i++) {
-        calib_tensor *t = &k->t[i];
-        if (t->input < first || t->input >= first + count || !t->calibrated)
-            continue;
-        if (k->in[t->input].tokens == 0) { /* its input never ran (a layer kind the taps do not see) */
-            t->calibrated = false;
-            continue;
+    /* input by input: one GPTQ factor serves every weight that reads it, at every group */
+    for (int i = first; rc == 0 && i < first + count; i++) {
+        zse_gptq_factor *f = NULL;
+        for (int j = 0; rc == 0 && j < k->n_t; j++) {
+            calib_tensor *t = &k->t[j];
+            if (t->input != i || !t->calibrated)
+                continue;
+            if (k->in[i].tokens == 0) { /* its input never ran (a layer kind the taps do not see) */
+                t->calibrated = false;
+                continue;
+            }
+            if (!f && !k->opts.no_gptq && !(f = zse_gptq_factor_new(k->in[i].H, k->in[i].n, 0.01, k->pool))) {
+                zse_error_prefix("%s", t->name);
+                rc = -1;
+                break;
+            }
+            rc = quantize_tensor(k, t, f);
         }
-        rc = quantize_tensor(k, t);
+        zse_gptq_factor_free(f);
     }
     for (int i = first; i < first + count; i++) {
         free(k->in[i].H);

@@ -324,35 +324,63 @@ static int act_order(const float *H, int64_t n, int64_t *perm)
     return 0;
 }
 
-int zse_gptq(const zse_qshape *q, const float *W, const float *H, double damp, void *packed, zse_pool *pool)
+struct zse_gptq_factor {
+    int64_t n;
+    const float *H;         /* the caller's, for the refit */
+    int64_t *perm;          /* act order */
+    float *U;               /* upper Cholesky factor of the damped H^-1, in act order */
+};
+
+zse_gptq_factor *zse_gptq_factor_new(const float *H, int64_t n, double damp, zse_pool *pool)
+{
+    size_t nn;
+    if (!zse_mul_ok((size_t)n, (size_t)n, &nn) || !zse_mul_ok(nn, sizeof(float), &nn)) {
+        zse_fail("a Hessian of %lld channels is too large", (long long)n);
+        return NULL;
+    }
+    zse_gptq_factor *f = zse_calloc(1, sizeof *f);
+    if (!f)
+        return NULL;
+    f->n = n;
+    f->H = H;
+    f->U = zse_malloc(nn);
+    f->perm = zse_malloc((size_t)n * sizeof *f->perm);
+    int rc = f->U && f->perm ? act_order(H, n, f->perm) : -1;
+    if (rc == 0)
+        rc = inverse_cholesky_upper(H, f->perm, n, damp, f->U, pool);
+    if (rc != 0) {
+        zse_gptq_factor_free(f);
+        return NULL;
+    }
+    return f;
+}
+
+void zse_gptq_factor_free(zse_gptq_factor *f)
+{
+    if (!f)
+        return;
+    free(f->U);
+    free(f->perm);
+    free(f);
+}
+
+int zse_gptq(const zse_qshape *q, const float *W, const zse_gptq_factor *f, void *packed, zse_pool *pool)
 {
     if (zse_scheme_layout(q->scheme) != ZSE_LAYOUT_Q4_G)
         return zse_fail("GPTQ quantizes to 4-bit schemes, not %s", zse_scheme_name(q->scheme));
     if (!zse_qshape_bytes(q))
         return -1;
-    const int64_t n = q->cols;
-    size_t nn;
-    if (!zse_mul_ok((size_t)n, (size_t)n, &nn) || !zse_mul_ok(nn, sizeof(float), &nn))
-        return zse_fail("a Hessian of %lld channels is too large", (long long)n);
-    float *U = zse_malloc(nn);
-    int64_t *perm = zse_malloc((size_t)n * sizeof *perm);
-    int rc = U && perm ? act_order(H, n, perm) : -1;
-    if (rc == 0)
-        rc = inverse_cholesky_upper(H, perm, n, damp, U, pool);
-    if (rc == 0) {
-        gptq_job j = {.q = q, .W = W, .H = H, .U = U, .perm = perm, .packed = packed};
-        atomic_init(&j.next, 0);
-        atomic_init(&j.failed, 0);
-        if (pool)
-            zse_pool_run(pool, gptq_share, &j);
-        else
-            gptq_share(&j, 0, 1);
-        if (atomic_load(&j.failed))
-            rc = zse_fail("out of memory in GPTQ");
-    }
-    free(U);
-    free(perm);
-    return rc;
+    if (q->cols != f->n)
+        return zse_fail("a weight of %lld columns against a Hessian of %lld channels", (long long)q->cols,
+                        (long long)f->n);
+    gptq_job j = {.q = q, .W = W, .H = f->H, .U = f->U, .perm = f->perm, .packed = packed};
+    atomic_init(&j.next, 0);
+    atomic_init(&j.failed, 0);
+    if (pool)
+        zse_pool_run(pool, gptq_share, &j);
+    else
+        gptq_share(&j, 0, 1);
+    return atomic_load(&j.failed) ? zse_fail("out of memory in GPTQ") : 0;
 }
 
 void zse_dequantize_all(const zse_qshape *q, const void *packed, float *out)

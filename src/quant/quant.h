@@ -113,11 +113,17 @@ double zse_weighted_error(const float *A, const float *B, int64_t rows, int64_t 
 /* gptq.c. GPTQ (Frantar et al. 2022): quantizes W (q->rows x q->cols f32) column by
  * column into the packed layout of q (a 4-bit scheme; packed zse_qshape_bytes(q) bytes,
  * zeroed), spreading each column's rounding error over the columns not yet quantized so
- * that the output error on the inputs of H (full, cols x cols) is least; a group's
- * parameters are chosen when the group is reached, from the weights as updated so far.
+ * that the output error on the inputs of H (full, cols x cols) is least. Columns go in
+ * act order with every group's parameters chosen up front (the layout is unchanged), then
+ * each row's group parameters are refitted to the output error. The factor of H (its act
+ * order and the Cholesky factor of the damped inverse) is computed once and serves every
+ * weight reading that input, at every group size; it borrows H, which must outlive it.
  * damp: the fraction of H's mean diagonal added to its diagonal (0.01); raised tenfold
  * while H is not positive definite. */
-int zse_gptq(const zse_qshape *q, const float *W, const float *H, double damp, void *packed, zse_pool *pool);
+typedef struct zse_gptq_factor zse_gptq_factor;
+zse_gptq_factor *zse_gptq_factor_new(const float *H, int64_t n, double damp, zse_pool *pool);
+void zse_gptq_factor_free(zse_gptq_factor *f);
+int zse_gptq(const zse_qshape *q, const float *W, const zse_gptq_factor *f, void *packed, zse_pool *pool);
 /* the dequantized rows of a packed tensor, all of them (rows x cols f32) */
 void zse_dequantize_all(const zse_qshape *q, const void *packed, float *out);
 

@@ -140,7 +140,9 @@ static double gptq_error(const zse_qshape *q, const float *W, const float *H, zs
     size_t bytes = zse_qshape_bytes(q);
     uint8_t *packed = calloc(1, bytes);
     float *deq = malloc((size_t)(q->rows * q->cols) * sizeof *deq);
-    CHECK(zse_gptq(q, W, H, 0.01, packed, pool) == 0);
+    zse_gptq_factor *f = zse_gptq_factor_new(H, q->cols, 0.01, pool);
+    CHECK(f != NULL && zse_gptq(q, W, f, packed, pool) == 0);
+    zse_gptq_factor_free(f);
     zse_dequantize_all(q, packed, deq);
     /* every value is one the layout can hold: the packed tensor is what the kernels read */
     float row[300];
@@ -191,8 +193,20 @@ static void test_gptq(zse_pool *pool)
     /* not a 4-bit scheme: refused */
     zse_qshape q8 = {ZSE_SCHEME_Q8, rows, n, 0};
     uint8_t *packed = calloc(1, zse_qshape_bytes(&q8));
-    CHECK(zse_gptq(&q8, W, H, 0.01, packed, pool) == -1);
+    zse_gptq_factor *f = zse_gptq_factor_new(H, n, 0.01, pool);
+    CHECK(zse_gptq(&q8, W, f, packed, pool) == -1);
     CHECK(strstr(zse_error_message(), "4-bit") != NULL);
+    /* a Hessian that no damping makes positive definite: a clear error */
+    float *bad = malloc((size_t)(n * n) * sizeof *bad);
+    memcpy(bad, H, (size_t)(n * n) * sizeof *bad);
+    bad[5 * n + 5] = NAN;
+    CHECK(zse_gptq_factor_new(bad, n, 0.01, pool) == NULL);
+    CHECK(strstr(zse_error_message(), "not positive definite") != NULL);
+    free(bad);
+    /* nor a weight of another width */
+    zse_qshape q64 = {ZSE_SCHEME_Q4, rows, 64, 64};
+    CHECK(zse_gptq(&q64, W, f, packed, pool) == -1);
+    zse_gptq_factor_free(f);
     free(packed);
     free(x);
     free(W);
