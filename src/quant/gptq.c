@@ -56,23 +56,26 @@ static int inverse_cholesky_upper(const float *H, const int64_t *perm, int64_t n
     size_t nn;
     if (!zse_mul_ok((size_t)n, (size_t)n, &nn) || !zse_mul_ok(nn, sizeof(double), &nn))
         return zse_fail("a Hessian of %lld channels is too large", (long long)n);
-    double *A = zse_malloc(nn), *X = zse_malloc(nn);
-    int rc = A && X ? -1 : -2;
+    double *A = zse_malloc(nn);
+    int rc = A ? -1 : -2;
     for (int tries = 0; rc == -1 && tries < 5; tries++, damp *= 10) {
         damped_reversed(H, perm, n, damp, A);
         rc = zse_cholesky(A, n, pool);
     }
     if (rc == 0) {
-        zse_tri_lower_inverse(A, X, n, pool);
-        for (int64_t i = 0; i < n; i++)
-            for (int64_t c = 0; c < n; c++)
-                U[i * n + c] = c >= i ? (float)X[(n - 1 - i) * n + (n - 1 - c)] : 0.0f;
+        /* L^-1 of the reversed matrix, then reversed back: U[i][c] = X[n-1-i][n-1-c] is the
+         * flat array read backwards */
+        zse_tri_lower_inverse(A, U, n, pool);
+        for (size_t a = 0, b = (size_t)(n * n) - 1; a < b; a++, b--) {
+            float t = U[a];
+            U[a] = U[b];
+            U[b] = t;
+        }
     } else if (rc == -1) {
         rc = zse_fail("the calibration Hessian is not positive definite even with %g of its diagonal added "
                       "(the calibration activations are degenerate: use a longer, more varied text)", damp / 10);
     }
     free(A);
-    free(X);
     return rc < 0 ? -1 : 0;
 }
 

@@ -117,10 +117,11 @@ SIMD void zse_axpy_f32(float *y, float a, const float *x, int64_t n)
         y[i] += a * x[i];
 }
 
-SIMD static void axpy_f64(double *y, double a, const double *x, int64_t n)
+/* y += a x, y in double and x in float (the triangular inverse's running sums) */
+SIMD static void axpy_f64_f32(double *y, double a, const float *x, int64_t n)
 {
     for (int64_t i = 0; i < n; i++)
-        y[i] += a * x[i];
+        y[i] += a * (double)x[i];
 }
 
 /* ---- Cholesky, right-looking by tiles of TILE columns --------------------------------
@@ -223,11 +224,12 @@ int zse_cholesky(double *A, int64_t n, zse_pool *pool)
 /* ---- X = L^-1 ------------------------------------------------------------------------
  * Column blocks of X are independent (L X = I, one block of right-hand sides each): a
  * thread takes TILE columns and substitutes forward, reading each row of L once for all
- * of them. */
+ * of them. Sums run in double; X is stored in f32, which is what GPTQ reads (and half the
+ * memory: a 7B down projection's input has 18,944 channels). */
 
 typedef struct {
     const double *L;
-    double *X;
+    float *X;
     int64_t n;
     atomic_int next;
 } inv_job;
@@ -248,15 +250,15 @@ static void inverse_share(void *arg, int ith, int nth)
             for (int64_t c = 0; c < w; c++)
                 acc[c] = c0 + c == i ? 1.0 : 0.0;
             for (int64_t p = c0; p < i; p++) /* X[p][c] is 0 for p < c */
-                axpy_f64(acc, -li[p], j->X + p * n + c0, w);
-            double *xi = j->X + i * n + c0;
+                axpy_f64_f32(acc, -li[p], j->X + p * n + c0, w);
+            float *xi = j->X + i * n + c0;
             for (int64_t c = 0; c < w; c++)
-                xi[c] = c0 + c <= i ? acc[c] / li[i] : 0.0;
+                xi[c] = c0 + c <= i ? (float)(acc[c] / li[i]) : 0.0f;
         }
     }
 }
 
-void zse_tri_lower_inverse(const double *L, double *X, int64_t n, zse_pool *pool)
+void zse_tri_lower_inverse(const double *L, float *X, int64_t n, zse_pool *pool)
 {
     for (int64_t i = 0; i < n; i++) /* the rows above each column block stay zero */
         memset(X + i * n, 0, (size_t)n * sizeof *X);

@@ -100,8 +100,9 @@ void zse_hessian_mirror(float *H, int64_t n);
  * read): A = L L^T, L written over A's lower triangle. -1 (no error recorded) when A is
  * not positive definite. */
 int zse_cholesky(double *A, int64_t n, zse_pool *pool);
-/* X = L^-1 for a lower-triangular L (both n x n; X's upper triangle is zeroed) */
-void zse_tri_lower_inverse(const double *L, double *X, int64_t n, zse_pool *pool);
+/* X = L^-1 for a lower-triangular L (both n x n; X's upper triangle is zeroed), summed in
+ * double, stored in f32 */
+void zse_tri_lower_inverse(const double *L, float *X, int64_t n, zse_pool *pool);
 /* y += a x over n floats (vectorized for the CPU it runs on) */
 void zse_axpy_f32(float *y, float a, const float *x, int64_t n);
 /* sum over rows r of (A_r - B_r)^T H (A_r - B_r): the squared output error that using B

@@ -82,7 +82,8 @@ static void test_cholesky(zse_pool *pool)
 {
     const int64_t n = 150; /* crosses two tile boundaries */
     double *B = malloc((size_t)(n * n) * sizeof *B), *A = malloc((size_t)(n * n) * sizeof *A);
-    double *L = malloc((size_t)(n * n) * sizeof *L), *X = malloc((size_t)(n * n) * sizeof *X);
+    double *L = malloc((size_t)(n * n) * sizeof *L);
+    float *X = malloc((size_t)(n * n) * sizeof *X);
     for (int64_t i = 0; i < n * n; i++)
         B[i] = gauss();
     for (int64_t i = 0; i < n; i++)
@@ -113,7 +114,7 @@ static void test_cholesky(zse_pool *pool)
             if (c > i && X[i * n + c] != 0)
                 worst_inv = INFINITY; /* the upper triangle stays zero */
         }
-    CHECK_MSG(worst_inv < 1e-9, "L X - I off by %g", worst_inv);
+    CHECK_MSG(worst_inv < 1e-5, "L X - I off by %g (X in f32)", worst_inv);
     /* not positive definite: refused, not a NaN factor */
     memcpy(L, A, (size_t)(n * n) * sizeof *L);
     L[77 * n + 77] = -1;
