@@ -121,6 +121,34 @@ typedef enum {
     ZSE_FINISH_ERROR,
 } zse_finish;
 
+/* ---- speculative decoding ----------------------------------------------------------
+ * Each step proposes up to `tokens` draft tokens after a sequence's last token and checks
+ * them all in one forward pass of the model: greedy output is exactly what decoding without
+ * drafts gives, and sampled output keeps the model's distribution (a draft x is accepted with
+ * probability p(x), else a token is drawn from p without x). Drafts come from the sequence
+ * itself (NGRAM: the tokens that followed the latest earlier occurrence of its last 1-4
+ * tokens, as prompt lookup decoding) or from a smaller model with the same tokenizer
+ * (DRAFT: its greedy continuation). */
+typedef enum { ZSE_SPEC_OFF = 0, ZSE_SPEC_NGRAM = 1, ZSE_SPEC_DRAFT = 2 } zse_spec_mode;
+
+#define ZSE_SPEC_MAX_TOKENS 16
+typedef struct {
+    zse_spec_mode mode;
+    int tokens;                 /* draft tokens per step, 1..ZSE_SPEC_MAX_TOKENS */
+    zse_model *draft;           /* DRAFT: the draft model (not owned; outlives its users) */
+} zse_spec_params;
+
+/* 0, or -1 with an error naming what is wrong: tokens out of range, no draft model, a draft
+ * whose tokenizer differs from the target's */
+int zse_spec_check(const zse_model *target, const zse_spec_params *p);
+
+typedef struct {
+    uint64_t drafted;           /* draft tokens proposed and checked */
+    uint64_t accepted;          /* of those, accepted */
+    uint64_t passes;            /* a sequence's verification passes */
+    uint64_t emitted;           /* tokens those passes produced (accepted + one each) */
+} zse_spec_stats;
+
 /* ---- one sequence at a time (run, chat, perplexity, bench) ------------------------ */
 typedef struct zse_seq zse_seq;
 zse_seq *zse_seq_new(zse_model *m, const zse_sampling *s);
@@ -141,6 +169,10 @@ const int32_t *zse_seq_tokens(const zse_seq *q);
 /* keep the first `length` tokens and their KV (0 starts over); the next feed is a new
  * prompt (max_tokens and stop strings count from it) */
 int zse_seq_truncate(zse_seq *q, size_t length);
+/* speculative decoding for this sequence's zse_seq_next from now on (p NULL or mode OFF:
+ * none); checked as zse_spec_check does */
+int zse_seq_set_spec(zse_seq *q, const zse_spec_params *p);
+void zse_seq_get_spec_stats(const zse_seq *q, zse_spec_stats *out);
 
 /* ---- many sequences: the batching engine (serve) --------------------------------- */
 typedef struct zse_engine zse_engine;
@@ -149,6 +181,7 @@ typedef struct {
     int max_seqs;               /* running sequences at most */
     int max_batch_tokens;       /* tokens per step: long prompts are prefilled in chunks */
     int max_queue;              /* waiting requests at most (submit fails beyond) */
+    zse_spec_params spec;       /* speculative decoding for every request (mode OFF: none) */
 } zse_engine_params;
 
 typedef struct {
@@ -183,6 +216,7 @@ typedef struct {
     uint64_t prefix_hit_tokens;     /* prompt tokens found in the prefix cache (not computed) */
     uint64_t prefix_query_tokens;   /* prompt tokens looked up there */
     int prefix_cached_blocks;       /* full blocks published in the cache (held or idle) */
+    zse_spec_stats spec;            /* speculative decoding, over every request so far */
 } zse_engine_stats;
 void zse_engine_get_stats(zse_engine *e, zse_engine_stats *out);
 /* stop accepting, finish or cancel running requests within timeout seconds, join */

@@ -132,3 +132,64 @@ bool cli_wants_help(int argc, char **argv)
             return true;
     return false;
 }
+
+bool cli_spec_arg(cli_args *a, cli_spec *s)
+{
+    if (cli_is(a, NULL, "--spec"))
+        s->mode = cli_value(a);
+    else if (cli_is(a, NULL, "--draft"))
+        s->draft = cli_value(a);
+    else if (cli_is(a, NULL, "--spec-tokens"))
+        s->tokens_given = cli_int(a, INT64_MIN, INT64_MAX, &s->tokens);
+    else
+        return false;
+    return true;
+}
+
+int cli_spec_parse(const cli_spec *s, zse_spec_params *out, const char *verb)
+{
+    memset(out, 0, sizeof *out);
+    const bool ngram = s->mode && strcmp(s->mode, "ngram") == 0, by_model = s->draft || (s->mode && !strcmp(s->mode, "draft"));
+    if (s->mode && !ngram && strcmp(s->mode, "draft") != 0) {
+        fprintf(stderr, "zse %s: --spec takes ngram or draft, not '%s'\n", verb, s->mode);
+        return 2;
+    }
+    if (ngram && s->draft) {
+        fprintf(stderr, "zse %s: --spec ngram takes no --draft model (use --spec draft --draft FILE)\n", verb);
+        return 2;
+    }
+    if (by_model && !s->draft) {
+        fprintf(stderr, "zse %s: --spec draft needs --draft FILE.zse, the draft model\n", verb);
+        return 2;
+    }
+    if (!ngram && !by_model) {
+        if (s->tokens_given) {
+            fprintf(stderr, "zse %s: --spec-tokens needs --spec ngram or --draft FILE\n", verb);
+            return 2;
+        }
+        return 0;
+    }
+    if (s->tokens_given && (s->tokens < 1 || s->tokens > ZSE_SPEC_MAX_TOKENS)) {
+        fprintf(stderr, "zse %s: --spec-tokens takes 1 to %d draft tokens a step, not %lld\n", verb, ZSE_SPEC_MAX_TOKENS,
+                (long long)s->tokens);
+        return 2;
+    }
+    out->mode = ngram ? ZSE_SPEC_NGRAM : ZSE_SPEC_DRAFT;
+    out->tokens = s->tokens_given ? (int)s->tokens : CLI_SPEC_DEFAULT_TOKENS;
+    return 0;
+}
+
+int cli_spec_load_draft(const cli_spec *s, const zse_load_params *lp, zse_model **draft, zse_spec_params *out)
+{
+    *draft = NULL;
+    if (out->mode != ZSE_SPEC_DRAFT)
+        return 0;
+    zse_load_params dp = *lp;
+    dp.gpu_memory = 0; /* what the device has free; the target is sized after it */
+    if (!(*draft = zse_model_load(s->draft, &dp))) {
+        zse_error_prefix("--draft");
+        return -1;
+    }
+    out->draft = *draft;
+    return 0;
+}

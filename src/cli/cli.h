@@ -41,4 +41,31 @@ int cli_unknown(cli_args *a);   /* prints "unknown option", returns 2 */
 int cli_error(const char *verb);
 bool cli_wants_help(int argc, char **argv);
 
+/* ---- speculative decoding flags, the same for run, chat, serve and bench ---------------- */
+#include "zse.h"
+
+typedef struct {
+    const char *mode;       /* --spec ngram|draft */
+    const char *draft;      /* --draft FILE (implies --spec draft) */
+    int64_t tokens;         /* --spec-tokens K */
+    bool tokens_given;
+} cli_spec;
+
+#define CLI_SPEC_HELP                                                                                     \
+    "  --spec ngram|draft      speculative decoding: drafts from earlier text (ngram, prompt lookup)\n"    \
+    "                          or from a smaller model with the same tokenizer (--draft)\n"                \
+    "  --draft FILE.zse        the draft model (implies --spec draft)\n"                                   \
+    "  --spec-tokens K         draft tokens checked per step, 1-16 (default 4)\n"
+#define CLI_SPEC_DEFAULT_TOKENS 4
+
+/* takes the current flag when it is one of the above (true), else leaves it (false) */
+bool cli_spec_arg(cli_args *a, cli_spec *s);
+/* Checks the flags into *out (mode OFF when none was given): 0, or 2 after printing what is
+ * wrong with them. */
+int cli_spec_parse(const cli_spec *s, zse_spec_params *out, const char *verb);
+/* Loads the draft model of a DRAFT *out (with lp, the target's load parameters: load it
+ * before the target, so the target's KV cache is sized for what is left): 0, or -1 with
+ * the error. */
+int cli_spec_load_draft(const cli_spec *s, const zse_load_params *lp, zse_model **draft, zse_spec_params *out);
+
 #endif

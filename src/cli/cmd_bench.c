@@ -30,6 +30,23 @@ static void fill_prompt(int32_t *ids, int64_t n, uint32_t seed, int vocab)
     }
 }
 
+/* the first n tokens of a text file's tokenization, the text repeated as often as needed */
+static int prompt_from_file(const zse_model *m, const char *path, int32_t *ids, int64_t n)
+{
+    size_t len;
+    char *text = zse_read_file(path, &len);
+    int32_t *all = NULL;
+    size_t n_all = 0;
+    int rc = text ? zse_tokenize(m, text, len, 0, &all, &n_all) : -1;
+    if (rc == 0 && n_all == 0)
+        rc = zse_fail("%s holds no tokens", path);
+    for (int64_t i = 0; rc == 0 && i < n; i++)
+        ids[i] = all[(size_t)i % n_all];
+    free(text);
+    zse_free(all);
+    return rc;
+}
+
 /* ---- many sequences at once through the batching engine ----------------------------- */
 
 #define MAX_LEVELS 8
@@ -77,6 +94,7 @@ typedef struct {
     int n;
     double wall_s, aggregate_tok_s, decode_tok_s;
     int64_t tokens;
+    zse_spec_stats spec;
 } agg_result;
 
 /* N requests of n_prompt tokens each (the first `shared` the same for all, the rest
@@ -84,11 +102,11 @@ typedef struct {
  * aggregate tokens/s over the whole run (prefill included) and over the decode phase (after
  * every request had its first token) */
 static int run_concurrent(zse_model *m, int n, int64_t n_prompt, int64_t shared, int64_t n_gen, int max_batch_tokens,
-                          agg_result *out)
+                          const zse_spec_params *spec, agg_result *out)
 {
     zse_model_info info;
     zse_model_get_info(m, &info);
-    zse_engine_params ep = {.max_seqs = n, .max_batch_tokens = max_batch_tokens, .max_queue = n};
+    zse_engine_params ep = {.max_seqs = n, .max_batch_tokens = max_batch_tokens, .max_queue = n, .spec = *spec};
     zse_engine *e = zse_engine_start(m, &ep);
     agg_run r = {.n = n, .remaining = n};
     agg_slot *slots = zse_calloc((size_t)n, sizeof *slots);
@@ -122,6 +140,9 @@ static int run_concurrent(zse_model *m, int n, int64_t n_prompt, int64_t shared,
         pthread_cond_wait(&r.done, &r.mu);
     double t_end = zse_now();
     pthread_mutex_unlock(&r.mu);
+    zse_engine_stats st;
+    zse_engine_get_stats(e, &st);
+    out->spec = st.spec;
     zse_engine_stop(e, 0);
     if (rc == 0 && r.failed)
         rc = zse_fail("a request of the concurrent run ended early (not by length)");
@@ -161,7 +182,7 @@ static void usage(FILE *out)
             "usage: zse bench MODEL.zse [--prompt-tokens N] [--gen-tokens N] [--ctx N] [--threads N]\n"
             "                 [--kv-cache f16|int8] [--device D] [--gpu-memory SIZE] [--concurrency N[,N...]]\n"
             "                 [--batch-prompt-tokens N] [--batch-gen-tokens N] [--max-batch-tokens N]\n"
-            "                 [--prefix-cache] [--shared-prefix N] [--json]\n\n"
+            "                 [--prefix-cache] [--shared-prefix N] [--prompt-file F] [--json]\n\n"
             "Feeds N prompt tokens (prefill), then generates greedily past end-of-sequence\n"
             "(decode), and reports tokens/s for each, load time, peak resident memory and the\n"
             "memory the model holds (weights, KV cache, activations; on a GPU also what the\n"
@@ -172,7 +193,22 @@ static void usage(FILE *out)
             "over the whole run and over its decode phase.\n"
             "The prefix cache is off unless --prefix-cache: then the prompt is fed twice and\n"
             "the time to first token of each is reported (the second finds the first's KV), and\n"
-            "--shared-prefix N makes the concurrent requests' first N prompt tokens the same.\n");
+            "--shared-prefix N makes the concurrent requests' first N prompt tokens the same.\n"
+            "The single-sequence prompt is random tokens, or the first N tokens of --prompt-file.\n"
+            "With speculative decoding the decode figures are effective tokens/s, with the\n"
+            "acceptance rate and tokens per verification pass beside them.\n\n" CLI_SPEC_HELP);
+}
+
+static void print_spec(const zse_spec_stats *st, bool as_json)
+{
+    double rate = st->drafted ? (double)st->accepted / (double)st->drafted : 0;
+    double per_pass = st->passes ? (double)st->emitted / (double)st->passes : 0;
+    if (as_json)
+        printf("\"spec\": {\"drafted\": %llu, \"accepted\": %llu, \"acceptance\": %.4f, \"tokens_per_pass\": %.3f}",
+               (unsigned long long)st->drafted, (unsigned long long)st->accepted, rate, per_pass);
+    else
+        printf("speculative: %llu drafted, %llu accepted (%.1f%%), %.2f tokens per verification pass",
+               (unsigned long long)st->drafted, (unsigned long long)st->accepted, 100 * rate, per_pass);
 }
 
 static void print_memory(const zse_memory_info *mem, bool as_json)
@@ -203,15 +239,19 @@ int cmd_bench(int argc, char **argv)
         usage(stdout);
         return 0;
     }
-    const char *path = NULL, *kv = "f16", *levels_text = NULL;
+    const char *path = NULL, *kv = "f16", *levels_text = NULL, *prompt_file = NULL;
     int64_t n_prompt = 512, n_gen = 128, threads = 0, ctx = 0, b_prompt = 128, b_gen = 128, max_batch = 512;
     int64_t shared = 0;
     bool as_json = false, prefix_cache = false;
     zse_load_params lp;
     zse_load_params_default(&lp);
+    cli_spec spec_flags = {0};
+    zse_spec_params spec;
     cli_args a = cli_begin(argc, argv);
     while (cli_next(&a)) {
-        if (cli_is(&a, NULL, "--prompt-tokens")) cli_int(&a, 1, 1 << 20, &n_prompt);
+        if (cli_spec_arg(&a, &spec_flags)) continue;
+        else if (cli_is(&a, NULL, "--prompt-tokens")) cli_int(&a, 1, 1 << 20, &n_prompt);
+        else if (cli_is(&a, NULL, "--prompt-file")) prompt_file = cli_value(&a);
         else if (cli_is(&a, NULL, "--gen-tokens")) cli_int(&a, 1, 1 << 20, &n_gen);
         else if (cli_is(&a, NULL, "--ctx")) cli_int(&a, 1, 1 << 24, &ctx);
         else if (cli_is(&a, NULL, "--threads")) cli_int(&a, 1, 1024, &threads);
@@ -238,6 +278,8 @@ int cmd_bench(int argc, char **argv)
         fprintf(stderr, "zse bench: --kv-cache takes f16 or int8\n");
         return 2;
     }
+    if (cli_spec_parse(&spec_flags, &spec, "bench") != 0)
+        return 2;
     if (shared > b_prompt || (shared && !levels_text)) {
         fprintf(stderr, "zse bench: --shared-prefix takes at most --batch-prompt-tokens (%lld) and needs --concurrency\n",
                 (long long)b_prompt);
@@ -264,15 +306,21 @@ int cmd_bench(int argc, char **argv)
     lp.max_seqs = max_level;
     /* the figures are compute: a repeated prompt must not come from the cache */
     lp.no_prefix_cache = !prefix_cache;
+    zse_model *draft = NULL;
+    if (cli_spec_load_draft(&spec_flags, &lp, &draft, &spec) != 0)
+        return cli_error("bench");
     double t0 = zse_now();
     zse_model *m = zse_model_load(path, &lp);
-    if (!m)
+    if (!m) {
+        zse_model_free(draft);
         return cli_error("bench");
+    }
     double t_load = zse_now() - t0;
     zse_model_info info;
     zse_model_get_info(m, &info);
     if (need > info.ctx_size) {
         zse_model_free(m);
+        zse_model_free(draft);
         fprintf(stderr, "zse bench: the run needs %lld tokens of context; the model has %d\n", (long long)need,
                 info.ctx_size);
         return 2;
@@ -286,7 +334,7 @@ int cmd_bench(int argc, char **argv)
     zse_seq *q = ids ? zse_seq_new(m, &s) : NULL;
     agg_result agg[MAX_LEVELS];
     int rc = 1;
-    if (!q)
+    if (!q || zse_seq_set_spec(q, &spec) != 0)
         goto done;
     fill_prompt(ids, n_prompt, 12345u, info.vocab_size);
     /* warm-up, as llama-bench does: the prompt and one more token through the model fault
@@ -297,9 +345,12 @@ int cmd_bench(int argc, char **argv)
     /* with the cache on, the warm-up runs another prompt: the one measured is not cached */
     if (prefix_cache)
         fill_prompt(ids, n_prompt, 999u, info.vocab_size);
+    else if (prompt_file && prompt_from_file(m, prompt_file, ids, n_prompt) != 0)
+        goto done;
     if (zse_seq_feed(q, ids, (size_t)n_prompt) != 0 || zse_seq_feed(q, ids, 1) != 0 || zse_seq_truncate(q, 0) != 0)
         goto done;
-    fill_prompt(ids, n_prompt, 12345u, info.vocab_size);
+    if (prompt_file ? prompt_from_file(m, prompt_file, ids, n_prompt) != 0 : (fill_prompt(ids, n_prompt, 12345u, info.vocab_size), 0))
+        goto done;
     double t_warm = zse_now() - tw;
     double ttft[2] = {0, 0}; /* --prefix-cache: the prompt's first and repeated time to first token */
     for (int k = 0; prefix_cache && k < 2; k++) {
@@ -332,12 +383,14 @@ int cmd_bench(int argc, char **argv)
             break;
     }
     double t_decode = zse_now() - t2;
+    zse_spec_stats sst;
+    zse_seq_get_spec_stats(q, &sst);
     zse_memory_info mem;
     zse_model_get_memory(m, &mem);
     zse_seq_free(q); /* its KV blocks go back for the concurrent runs */
     q = NULL;
     for (int i = 0; i < n_levels; i++)
-        if (run_concurrent(m, levels[i], b_prompt, shared, b_gen, (int)max_batch, &agg[i]) != 0)
+        if (run_concurrent(m, levels[i], b_prompt, shared, b_gen, (int)max_batch, &spec, &agg[i]) != 0)
             goto done;
     double pp = (double)n_prompt / t_prefill, tg = produced / t_decode;
     if (as_json) {
@@ -349,13 +402,23 @@ int cmd_bench(int argc, char **argv)
         print_memory(&mem, true);
         if (prefix_cache)
             printf(", \"prefix_cache\": {\"ttft_first_s\": %.4f, \"ttft_repeat_s\": %.4f}", ttft[0], ttft[1]);
+        if (spec.mode != ZSE_SPEC_OFF) {
+            printf(", ");
+            print_spec(&sst, true);
+        }
         if (n_levels) {
             printf(", \"concurrent\": [");
-            for (int i = 0; i < n_levels; i++)
+            for (int i = 0; i < n_levels; i++) {
                 printf("%s{\"sequences\": %d, \"prompt_tokens\": %lld, \"shared_prefix\": %lld, \"gen_tokens\": %lld, "
-                       "\"wall_s\": %.3f, \"aggregate_tok_s\": %.1f, \"decode_phase_tok_s\": %.1f}",
+                       "\"wall_s\": %.3f, \"aggregate_tok_s\": %.1f, \"decode_phase_tok_s\": %.1f",
                        i ? ", " : "", agg[i].n, (long long)b_prompt, (long long)shared, (long long)b_gen,
                        agg[i].wall_s, agg[i].aggregate_tok_s, agg[i].decode_tok_s);
+                if (spec.mode != ZSE_SPEC_OFF) {
+                    printf(", ");
+                    print_spec(&agg[i].spec, true);
+                }
+                printf("}");
+            }
             printf("]");
         }
         printf("}\n");
@@ -366,11 +429,21 @@ int cmd_bench(int argc, char **argv)
         print_memory(&mem, false);
         if (prefix_cache)
             printf("prefix cache: time to first token %.4f s, the same prompt again %.4f s\n", ttft[0], ttft[1]);
-        for (int i = 0; i < n_levels; i++)
+        if (spec.mode != ZSE_SPEC_OFF) {
+            print_spec(&sst, false);
+            printf("\n");
+        }
+        for (int i = 0; i < n_levels; i++) {
             printf("%d sequences x (%lld + %lld tokens): %.3f s, %.1f tok/s generated overall, %.1f tok/s in the "
-                   "decode phase\n",
+                   "decode phase",
                    agg[i].n, (long long)b_prompt, (long long)b_gen, agg[i].wall_s, agg[i].aggregate_tok_s,
                    agg[i].decode_tok_s);
+            if (spec.mode != ZSE_SPEC_OFF) {
+                printf(" | ");
+                print_spec(&agg[i].spec, false);
+            }
+            printf("\n");
+        }
     }
     rc = 0;
 done:
@@ -379,5 +452,6 @@ done:
     zse_seq_free(q);
     free(ids);
     zse_model_free(m);
+    zse_model_free(draft);
     return rc;
 }

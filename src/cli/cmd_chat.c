@@ -87,7 +87,7 @@ int cmd_chat(int argc, char **argv)
                "Type a message and press Enter. /reset starts over, /exit quits; Ctrl-C stops the\n"
                "answer being written. With stdin not a terminal, each line is one message.\n"
                "Each turn reuses the conversation's computed prefix; --no-prefix-cache computes\n"
-               "every turn's whole prompt.\n");
+               "every turn's whole prompt.\n\n" CLI_SPEC_HELP);
         return 0;
     }
     const char *path = NULL, *system = NULL;
@@ -95,9 +95,12 @@ int cmd_chat(int argc, char **argv)
     double temp = 0.7, top_p = 0.95;
     zse_load_params lp;
     zse_load_params_default(&lp);
+    cli_spec spec_flags = {0};
+    zse_spec_params spec;
     cli_args a = cli_begin(argc, argv);
     while (cli_next(&a)) {
-        if (cli_is(&a, NULL, "--system")) system = cli_value(&a);
+        if (cli_spec_arg(&a, &spec_flags)) continue;
+        else if (cli_is(&a, NULL, "--system")) system = cli_value(&a);
         else if (cli_is(&a, "-n", "--max-tokens")) cli_int(&a, 1, 1 << 20, &n_gen);
         else if (cli_is(&a, NULL, "--temp")) cli_float(&a, 0, 100, &temp);
         else if (cli_is(&a, NULL, "--top-p")) cli_float(&a, 0, 1, &top_p);
@@ -116,11 +119,18 @@ int cmd_chat(int argc, char **argv)
         fprintf(stderr, "usage: zse chat MODEL.zse [--system S]\n");
         return 2;
     }
+    if (cli_spec_parse(&spec_flags, &spec, "chat") != 0)
+        return 2;
     lp.threads = (int)threads;
     lp.ctx_size = (int)ctx;
-    zse_model *m = zse_model_load(path, &lp);
-    if (!m)
+    zse_model *draft = NULL;
+    if (cli_spec_load_draft(&spec_flags, &lp, &draft, &spec) != 0)
         return cli_error("chat");
+    zse_model *m = zse_model_load(path, &lp);
+    if (!m) {
+        zse_model_free(draft);
+        return cli_error("chat");
+    }
     zse_sampling s;
     zse_sampling_default(&s);
     s.temperature = (float)temp;
@@ -128,6 +138,11 @@ int cmd_chat(int argc, char **argv)
     s.seed = (uint64_t)seed;
     s.max_tokens = (int)n_gen;
     zse_seq *q = zse_seq_new(m, &s);
+    if (q && zse_seq_set_spec(q, &spec) != 0) {
+        zse_seq_free(q);
+        q = NULL;
+        cli_error("chat");
+    }
     json_t *history = json_array();
     bool tty = isatty(STDIN_FILENO);
     struct sigaction sa = {.sa_handler = on_sigint}, old;
@@ -173,5 +188,6 @@ int cmd_chat(int argc, char **argv)
     json_decref(history);
     zse_seq_free(q);
     zse_model_free(m);
+    zse_model_free(draft);
     return rc;
 }

@@ -28,7 +28,8 @@ static void usage(FILE *out)
             "  --gpu-memory SIZE       GPU memory for weights, KV cache and activations (default: what is free)\n"
             "  --ids                   print the generated ids as a JSON array instead of text\n"
             "  --dump-logits FILE      write the prompt's last-position logits as a JSON array\n"
-            "  --dump-argmax FILE      write the argmax of every prompt position as a JSON array\n");
+            "  --dump-argmax FILE      write the argmax of every prompt position as a JSON array\n"
+            CLI_SPEC_HELP);
 }
 
 static int dump_logits(const char *path, const float *logits, int n)
@@ -55,9 +56,11 @@ int cmd_run(int argc, char **argv)
     bool ids_out = false, bos = false, ignore_eos = false;
     zse_load_params lp;
     zse_load_params_default(&lp);
+    cli_spec spec_flags = {0};
     cli_args a = cli_begin(argc, argv);
     while (cli_next(&a)) {
-        if (cli_is(&a, "-p", "--prompt")) prompt = cli_value(&a);
+        if (cli_spec_arg(&a, &spec_flags)) continue;
+        else if (cli_is(&a, "-p", "--prompt")) prompt = cli_value(&a);
         else if (cli_is(&a, "-f", "--file")) prompt_file = cli_value(&a);
         else if (cli_is(&a, "-n", "--max-tokens")) cli_int(&a, 1, 1 << 24, &n_gen);
         else if (cli_is(&a, NULL, "--temp")) cli_float(&a, 0, 100, &temp);
@@ -97,9 +100,20 @@ int cmd_run(int argc, char **argv)
     if (prompt_file && !pdata)
         return cli_error("run");
     double t0 = zse_now();
+    zse_model *draft = NULL;
+    zse_spec_params spec;
+    if (cli_spec_parse(&spec_flags, &spec, "run") != 0) {
+        free(pdata);
+        return 2;
+    }
+    if (cli_spec_load_draft(&spec_flags, &lp, &draft, &spec) != 0) {
+        free(pdata);
+        return cli_error("run");
+    }
     zse_model *m = zse_model_load(path, &lp);
     if (!m) {
         free(pdata);
+        zse_model_free(draft);
         return cli_error("run");
     }
     double t_load = zse_now() - t0;
@@ -125,7 +139,7 @@ int cmd_run(int argc, char **argv)
         zse_fail("the prompt is empty after tokenization; give some text");
         goto done;
     }
-    if (!(q = zse_seq_new(m, &s)))
+    if (!(q = zse_seq_new(m, &s)) || zse_seq_set_spec(q, &spec) != 0)
         goto done;
     double t1 = zse_now();
     if (dump_argmax) {
@@ -195,6 +209,14 @@ int cmd_run(int argc, char **argv)
     json_decref(gen);
     fprintf(stderr, "load %.2f s | prompt %zu tokens, %.1f tok/s | generated %d tokens, %.1f tok/s\n", t_load,
             n_ids, (double)n_ids / t_prompt, n_out, t_gen > 0 ? n_out / t_gen : 0.0);
+    if (spec.mode != ZSE_SPEC_OFF) {
+        zse_spec_stats st;
+        zse_seq_get_spec_stats(q, &st);
+        fprintf(stderr, "speculative: %llu drafted, %llu accepted (%.0f%%), %.2f tokens per pass\n",
+                (unsigned long long)st.drafted, (unsigned long long)st.accepted,
+                st.drafted ? 100.0 * (double)st.accepted / (double)st.drafted : 0.0,
+                st.passes ? (double)st.emitted / (double)st.passes : 0.0);
+    }
     rc = 0;
 done:
     if (rc)
@@ -203,5 +225,6 @@ done:
     free(ids);
     free(pdata);
     zse_model_free(m);
+    zse_model_free(draft);
     return rc;
 }

@@ -47,6 +47,7 @@ static void usage(FILE *out)
             "  --device cpu|cuda|cuda:N\n"
             "  --gpu-memory SIZE       GPU memory for weights, KV cache and activations (default: what is free);\n"
             "                          the KV cache gets what the rest leaves\n"
+            CLI_SPEC_HELP
             "Lifecycle:\n"
             "  --shutdown-timeout S    on SIGTERM/SIGINT, let running requests finish this long (default 30)\n"
             "  --quiet                 no per-request log lines\n");
@@ -56,7 +57,9 @@ typedef struct {
     const char *model_path;
     zse_load_params load;
     zse_engine_params engine;
+    cli_spec spec_flags;
     zse_model *model;
+    zse_model *draft;           /* --draft: the speculative decoding draft model */
     zse_engine *eng;
     bool done, failed;
     char error[ZSE_ERROR_MAX];
@@ -66,7 +69,10 @@ typedef struct {
 static void *load_main(void *arg)
 {
     loader *l = arg;
-    zse_model *m = zse_model_load(l->model_path, &l->load);
+    /* a draft model loads first: the model's KV cache is sized for what it leaves */
+    zse_model *m = cli_spec_load_draft(&l->spec_flags, &l->load, &l->draft, &l->engine.spec) == 0
+                       ? zse_model_load(l->model_path, &l->load)
+                       : NULL;
     zse_engine *e = m ? zse_engine_start(m, &l->engine) : NULL;
     pthread_mutex_lock(&l->mu);
     l->model = m;
@@ -123,6 +129,8 @@ static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
     int64_t i;
     double d;
     while (cli_next(&a)) {
+        if (cli_spec_arg(&a, &l->spec_flags))
+            continue;
         if (cli_is(&a, NULL, "--host"))
             o->http.host = cli_value(&a);
         else if (cli_is(&a, NULL, "--port") && cli_int(&a, 0, 65535, &i))
@@ -207,7 +215,7 @@ static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
         usage(stderr);
         return 2;
     }
-    return 0;
+    return cli_spec_parse(&l->spec_flags, &l->engine.spec, "serve");
 }
 
 /* stop accepting, let requests finish for the timeout, end the rest, close */
@@ -331,6 +339,7 @@ done:
     srv_audit_stop(audit); /* flushes what the last requests queued */
     srv_keyring_free(kr);
     zse_model_free(l.model);
+    zse_model_free(l.draft);
     free(db_path);
     free(model_id);
     pthread_mutex_destroy(&l.mu);

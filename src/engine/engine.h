@@ -116,6 +116,30 @@ typedef struct {
  * `work_i` vocab ints of scratch; work_i must be all zero on entry and is left so. */
 int32_t zse_sample(const zse_sampling *s, float *logits, int vocab, const zse_history *h, zse_rng *rng,
                    float *work_p, int32_t *work_i);
+/* The distribution zse_sample draws from, in two steps, for callers that need it whole
+ * (speculative decoding's verification). zse_sample_dist applies the penalties (logits
+ * change in place), then temperature and truncation: the candidates are every id in id order
+ * (all) or idx[0..n) most likely first, weighing p[id] of total. */
+typedef struct {
+    bool greedy;            /* temperature 0 / top-k 1: the token is argmax (after penalties) */
+    bool all;
+    int32_t argmax;
+    int n;
+    double total;
+    int written;            /* idx entries to zero again (zse_dist_release) */
+} zse_dist;
+void zse_sample_dist(const zse_sampling *s, float *logits, int vocab, const zse_history *h, float *p, int32_t *idx,
+                     zse_dist *d);
+/* the candidate at u in [0, 1) of the cumulative weight (zse_sample's draw) */
+int32_t zse_dist_draw(const zse_dist *d, const float *p, const int32_t *idx, double u);
+/* Speculative verification of a draft x proposed with certainty: greedy accepts x when it
+ * is the argmax and otherwise gives the argmax; sampling accepts x with probability p(x)
+ * and otherwise draws from p without x (the Leviathan et al. / Chen et al. rule for a
+ * point-mass proposal, which leaves the output distributed exactly as p) */
+int32_t zse_dist_verify(const zse_dist *d, const float *p, const int32_t *idx, int32_t x, zse_rng *rng,
+                        bool *accepted);
+void zse_dist_release(zse_dist *d, int32_t *idx);
+
 /* greedy with nothing that changes logits first and no logprobs: the token zse_sample picks
  * is the logits' argmax (lowest id on ties), which a backend can take where they are */
 bool zse_sampling_plain_greedy(const zse_sampling *s);
@@ -196,7 +220,7 @@ bool zse_model_is_eos(const zse_model *m, int32_t t);
  * are both built on (seq.c). It owns the tokens (prompt, then generated), the count of them
  * whose K/V are stored, the block table and the generation state. The functions that touch
  * the block pool expect the model's run_lock held; the others touch the sequence alone. */
-typedef struct {
+typedef struct zse_sequence {
     int32_t *tokens;
     size_t n_tokens, cap_tokens;
     size_t n_prompt;        /* tokens before generation began: penalties count what follows */
@@ -209,6 +233,10 @@ typedef struct {
     uint64_t *keys;         /* [n_keys] the keys of its first full blocks of tokens */
     int n_keys, cap_keys;
     int n_published;        /* leading blocks published (or found already published) */
+    /* speculative decoding */
+    int n_draft;            /* draft tokens at the end of tokens, not yet verified */
+    struct zse_sequence *draft; /* its mirror in the draft model (spec.c), or NULL */
+    zse_model *draft_model;
 } zse_sequence;
 
 /* scratch for sampling one row on the host: raw keeps the logits before penalties
@@ -256,6 +284,9 @@ bool zse_sequence_ctx_full(const zse_sequence *q, const zse_model *m);
  * sequence's settings and history; lp (may be NULL) gets the logprobs it asks for */
 int32_t zse_sequence_sample(zse_sequence *q, const zse_model *m, float *logits, zse_sample_work *w,
                             zse_logprobs *lp);
+/* the history a token at position `upto` is sampled against: the prompt, then what was
+ * generated before it */
+zse_history zse_sequence_history(const zse_sequence *q, size_t upto);
 /* Takes the sampled token t: the text it completes goes to *text, *finish says whether
  * generation ends, and the token joins the sequence (to be run next) unless it stopped
  * generation or the context has no room for it. */
@@ -295,5 +326,43 @@ typedef enum {
  * say: ARGMAX when all are plain greedy, SAMPLED when the backend can draw for all of them
  * (and allow_sampled), else LOGITS */
 zse_out_mode zse_step_out_mode(const zse_model *m, const zse_step_seq *e, int n, bool allow_sampled);
+
+/* ---- speculative decoding (spec.c) ----------------------------------------------------------
+ * One drafter per engine or zse_seq. A step: zse_spec_propose appends each sequence's
+ * drafts (n_draft) after its pending token; one pass runs the pending token and the drafts
+ * with logits rows (or argmax ids) for all of them; zse_spec_verify decides what is kept,
+ * drops the drafts from the sequence and gives the tokens to accept in order (the first
+ * ones' K/V are stored already: zse_spec_accept_all moves n_cached past them). */
+typedef struct {
+    zse_spec_params p;
+    zse_batcher batcher;        /* the draft model's passes */
+    zse_step_seq *entries;      /* a pass's mirrors */
+    int *who;                   /* the sequence each entry drafts for */
+    bool *stopped;              /* [sequence] drafts nothing more this step */
+    int32_t *ids;
+    int cap;
+    zse_spec_stats stats;
+} zse_spec;
+
+int zse_spec_init(zse_spec *sp, const zse_spec_params *p);
+void zse_spec_free(zse_spec *sp);
+static inline bool zse_spec_on(const zse_spec *sp) { return sp->p.mode != ZSE_SPEC_OFF; }
+/* how many drafts a sequence in its decode phase may take now: the configured count, fewer
+ * near max_tokens or the end of the context, none while it is still reading its prompt */
+int zse_spec_room(const zse_spec *sp, const zse_sequence *q, const zse_model *m);
+/* appends up to want[i] drafts to each sequence (each must have exactly one pending token);
+ * the draft model's passes run under its own run_lock. Sequences may end up with fewer
+ * (nothing matched, the draft model's KV is full); -1 only on an error of the draft model */
+int zse_spec_propose(zse_spec *sp, const zse_model *target, zse_sequence **qs, const int *want, int n);
+/* removes a sequence's unverified drafts */
+void zse_spec_drop(zse_sequence *q);
+/* Verification after a pass over the pending token and n_draft drafts with 1 + n_draft out
+ * rows: `logits` [rows][vocab] (changed in place) or, for plain-greedy sequences, `ids`
+ * [rows]. Fills out[] with the tokens to accept (accepted drafts, then one drawn from the
+ * row after the last accepted), lps[] with their logprobs when the sequence asks and logits
+ * are given; returns how many. The drafts leave the sequence: only the pending token's K/V
+ * is counted stored (n_cached + 1). */
+int zse_spec_verify(zse_spec *sp, zse_sequence *q, const zse_model *m, float *logits, const int32_t *ids,
+                    zse_sample_work *w, int32_t *out, zse_logprobs *lps);
 
 #endif

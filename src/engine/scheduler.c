@@ -68,6 +68,11 @@ struct zse_engine {
     zse_sample_row *sample_rows;/* [max_seqs]: what the backend draws by (device sampling) */
     zse_sample_work work;
     struct request **plan_seqs; /* [max_seqs] the step's requests */
+    int out_rows;               /* logit rows a step may ask for: a row per sequence, plus drafts */
+    zse_spec spec;              /* speculative decoding (spec.c) */
+    zse_sequence **drafting;    /* [max_seqs] the sequences a step proposes drafts for */
+    int *want;
+    zse_spec_stats spec_stats;  /* under mu: spec.stats after the last step */
 };
 
 static bool ranks_before(const request *a, const request *b)
@@ -215,6 +220,7 @@ static void place(plan *pl, request *r, int take)
 static void preempt(zse_engine *e, int i)
 {
     request *r = e->running[i];
+    zse_spec_drop(&r->q);
     zse_sequence_forget(&r->q, e->m, 0);
     pthread_mutex_lock(&e->mu);
     running_remove_at(e, i);
@@ -264,9 +270,13 @@ static void plan_decodes(zse_engine *e, plan *pl, request **full)
 {
     for (int i = 0; i < e->n_running && pl->n_tokens < e->p.max_batch_tokens; i++) {
         request *r = e->running[i];
-        if (zse_sequence_pending(&r->q) != 1)
+        if (zse_sequence_pending(&r->q) != 1 + (size_t)r->q.n_draft)
             continue;
-        int need = zse_sequence_blocks_needed(&r->q, r->q.n_cached + 1);
+        /* drafts ride along while the step's budget and the pool have room for them */
+        if (r->q.n_draft && (pl->n_tokens + 1 + r->q.n_draft > e->p.max_batch_tokens ||
+                             zse_sequence_blocks_needed(&r->q, r->q.n_tokens) > zse_block_pool_available(&e->m->blocks)))
+            zse_spec_drop(&r->q);
+        int need = zse_sequence_blocks_needed(&r->q, r->q.n_tokens);
         if (need > zse_block_pool_available(&e->m->blocks) && !make_room(e, r, need)) {
             i = index_of(e, r); /* make_room may have shifted the list */
             /* nobody else holds blocks: the pool cannot hold this sequence, it ends here */
@@ -284,8 +294,8 @@ static void plan_decodes(zse_engine *e, plan *pl, request **full)
             continue;
         }
         i = index_of(e, r);
-        zse_sequence_reserve(&r->q, e->m, r->q.n_cached + 1);
-        place(pl, r, 1);
+        zse_sequence_reserve(&r->q, e->m, r->q.n_tokens);
+        place(pl, r, 1 + r->q.n_draft);
     }
 }
 
@@ -295,7 +305,7 @@ static void plan_prefills(zse_engine *e, plan *pl)
 {
     for (int i = 0; i < e->n_running && pl->n_tokens < e->p.max_batch_tokens; i++) {
         request *r = e->running[i];
-        if (r->take || zse_sequence_pending(&r->q) < 2)
+        if (r->take || r->q.n_draft || zse_sequence_pending(&r->q) < 2)
             continue;
         int want = (int)zse_sequence_pending(&r->q);
         int budget = e->p.max_batch_tokens - pl->n_tokens;
@@ -358,9 +368,10 @@ static int run_plan(zse_engine *e, const plan *pl)
 {
     for (int s = 0; s < pl->n_seqs; s++) {
         request *r = pl->seqs[s];
-        /* a row of logits for the requests whose pending tokens this step finishes */
+        /* a row of logits for the requests whose pending tokens this step finishes, one more
+         * for each draft */
         bool ends = r->q.n_cached + (size_t)r->take == r->q.n_tokens;
-        e->entries[s] = (zse_step_seq){&r->q, r->take, ends ? 1 : 0, -1};
+        e->entries[s] = (zse_step_seq){&r->q, r->take, ends ? 1 + r->q.n_draft : 0, -1};
     }
     zse_batch b;
     if (zse_batcher_pack(&e->batcher, e->entries, pl->n_seqs, &b) != 0)
@@ -416,11 +427,71 @@ static void sample_and_emit(zse_engine *e, request *r)
     zse_buf_free(&text);
 }
 
+/* A request that ran drafts: verification decides what is kept, and each kept token goes
+ * to the caller as sampling one would (the first ones' K/V are stored already). */
+static void spec_emit(zse_engine *e, request *r)
+{
+    int32_t out[1 + ZSE_SPEC_MAX_TOKENS];
+    zse_logprobs lps[1 + ZSE_SPEC_MAX_TOKENS] = {{0}};
+    float *rows = e->picked_step ? NULL : e->logits + (size_t)r->out_index * (size_t)e->m->vocab;
+    int n = zse_spec_verify(&e->spec, &r->q, e->m, rows, e->picked_step ? e->picked_ids + r->out_index : NULL,
+                            &e->work, out, lps);
+    for (int k = 0; k < n; k++) {
+        zse_buf text = {0};
+        zse_finish fin;
+        if (zse_sequence_accept(&r->q, e->m, out[k], &text, &fin) != 0) {
+            zse_buf_free(&text);
+            finish_without_token(e, r, ZSE_FINISH_ERROR);
+            return;
+        }
+        if (k < n - 1 && fin == ZSE_FINISH_NONE)
+            r->q.n_cached++; /* an accepted draft: its K/V came with the pass */
+        const zse_logprobs *lp = &lps[k];
+        zse_token_event ev = {.token = out[k], .text = zse_buf_str(&text), .logprob = lp->logprob, .n_top = lp->n_top,
+                              .top_ids = lp->top_ids, .top_logprobs = lp->top_logprobs, .finish = fin,
+                              .prompt_tokens = (int)r->q.n_prompt, .completion_tokens = r->q.sampled};
+        bool gone = false;
+        if (fin != ZSE_FINISH_NONE)
+            end_request(e, r, &ev);
+        else if ((gone = !r->cb(r->user, &ev)))
+            finish_without_token(e, r, ZSE_FINISH_CANCELLED);
+        zse_buf_free(&text);
+        if (fin != ZSE_FINISH_NONE || gone)
+            return;
+    }
+}
+
+/* Drafts for the running requests in their decode phase, as many as the step's logit rows
+ * leave room for beyond the row every sequence of the step may need. Failing to draft is
+ * not an error of the requests: they decode without drafts. */
+static void propose_drafts(zse_engine *e)
+{
+    if (!zse_spec_on(&e->spec))
+        return;
+    int rows_left = e->out_rows - e->p.max_seqs, n = 0;
+    for (int i = 0; i < e->n_running && rows_left > 0; i++) {
+        request *r = e->running[i];
+        int room = zse_spec_room(&e->spec, &r->q, e->m);
+        if (room <= 0)
+            continue;
+        e->want[n] = room < rows_left ? room : rows_left;
+        rows_left -= e->want[n];
+        e->drafting[n++] = &r->q;
+    }
+    if (n && zse_spec_propose(&e->spec, e->m, e->drafting, e->want, n) != 0) {
+        zse_log(ZSE_LOG_WARN, "speculative decoding: drafting failed (%s); decoding without drafts this step",
+                zse_error_message());
+        for (int i = 0; i < n; i++)
+            zse_spec_drop(e->drafting[i]);
+    }
+}
+
 /* One step. Returns the number of tokens it ran (0: nothing could run). */
 static int step(zse_engine *e)
 {
     plan pl = {0, 0, e->plan_seqs};
     request *full = NULL;
+    propose_drafts(e);
     pthread_mutex_lock(&e->m->run_lock);
     for (int i = 0; i < e->n_running; i++)
         e->running[i]->take = 0;
@@ -429,8 +500,10 @@ static int step(zse_engine *e)
     plan_admissions(e, &pl);
     int rc = pl.n_seqs ? run_plan(e, &pl) : 0;
     for (int s = 0; rc == 0 && s < pl.n_seqs; s++) { /* K/V now stored: full blocks join the cache */
-        pl.seqs[s]->q.n_cached += (size_t)pl.seqs[s]->take;
-        zse_sequence_publish(&pl.seqs[s]->q, e->m);
+        request *r = pl.seqs[s];
+        if (!r->q.n_draft) /* with drafts, verification says how far the K/V hold */
+            r->q.n_cached += (size_t)r->take;
+        zse_sequence_publish(&r->q, e->m);
     }
     int used = zse_block_pool_used(&e->m->blocks);
     zse_block_pool pool = e->m->blocks; /* its counters, read under the lock */
@@ -440,6 +513,7 @@ static int step(zse_engine *e)
     e->prefix_hits = pool.hit_tokens;
     e->prefix_queries = pool.query_tokens;
     e->prefix_blocks = pool.n_published;
+    e->spec_stats = e->spec.stats;
     pthread_mutex_unlock(&e->mu);
 
     while (full) {
@@ -456,7 +530,9 @@ static int step(zse_engine *e)
     for (int s = 0; s < pl.n_seqs; s++) {
         request *r = pl.seqs[s];
         r->take = 0;
-        if (r->out_index >= 0)
+        if (r->out_index >= 0 && r->q.n_draft)
+            spec_emit(e, r);
+        else if (r->out_index >= 0)
             sample_and_emit(e, r);
     }
     return pl.n_tokens;
@@ -523,6 +599,9 @@ static void engine_free(zse_engine *e)
     free(e->running);
     free(e->plan_seqs);
     free(e->entries);
+    free(e->drafting);
+    free(e->want);
+    zse_spec_free(&e->spec);
     zse_batcher_free(&e->batcher);
     free(e->logits);
     free(e->picked_ids);
@@ -546,14 +625,27 @@ zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p)
         return NULL;
     }
     int T = e->p.max_batch_tokens, S = e->p.max_seqs, V = m->vocab;
-    int out_rows = S < T ? S : T;
+    if (p && zse_spec_check(m, &p->spec) != 0) {
+        zse_error_prefix("cannot start the engine");
+        free(e);
+        return NULL;
+    }
+    zse_spec_init(&e->spec, p ? &p->spec : NULL);
+    e->p.spec = e->spec.p;
+    /* drafts need a logit row each: up to 256 beyond a row per sequence */
+    int extra = zse_spec_on(&e->spec) ? (S * e->spec.p.tokens < 256 ? S * e->spec.p.tokens : 256) : 0;
+    int out_rows = S + extra < T ? S + extra : T;
+    e->out_rows = out_rows;
     e->running = zse_calloc((size_t)S, sizeof *e->running);
     e->plan_seqs = zse_calloc((size_t)S, sizeof *e->plan_seqs);
     e->entries = zse_calloc((size_t)S, sizeof *e->entries);
+    e->drafting = zse_calloc((size_t)S, sizeof *e->drafting);
+    e->want = zse_calloc((size_t)S, sizeof *e->want);
     e->logits = zse_malloc((size_t)out_rows * (size_t)V * sizeof(float));
     e->picked_ids = zse_malloc((size_t)out_rows * sizeof(int32_t));
     e->sample_rows = zse_malloc((size_t)out_rows * sizeof *e->sample_rows);
-    bool ok = e->running && e->plan_seqs && e->entries && e->logits && e->picked_ids && e->sample_rows &&
+    bool ok = e->running && e->plan_seqs && e->entries && e->drafting && e->want && e->logits && e->picked_ids &&
+              e->sample_rows &&
               zse_sample_work_init(&e->work, V) == 0;
     if (ok) {
         pthread_mutex_lock(&m->run_lock);
@@ -651,6 +743,7 @@ void zse_engine_get_stats(zse_engine *e, zse_engine_stats *out)
     out->prefix_hit_tokens = e->prefix_hits;
     out->prefix_query_tokens = e->prefix_queries;
     out->prefix_cached_blocks = e->prefix_blocks;
+    out->spec = e->spec_stats;
     pthread_mutex_unlock(&e->mu);
 }
 

@@ -42,6 +42,10 @@ int zse_sequence_init(zse_sequence *q, const zse_model *m, const zse_sampling *s
 
 void zse_sequence_free(zse_sequence *q, zse_model *m)
 {
+    if (q->draft) { /* its mirror in the draft model (spec.c) */
+        zse_sequence_free(q->draft, q->draft_model);
+        free(q->draft);
+    }
     if (q->kv.blocks) {
         pthread_mutex_lock(&m->run_lock);
         zse_kv_table_free(&q->kv, &m->blocks);
@@ -187,13 +191,19 @@ bool zse_sequence_ctx_full(const zse_sequence *q, const zse_model *m)
     return q->n_tokens + 1 >= (size_t)m->ctx_size;
 }
 
+zse_history zse_sequence_history(const zse_sequence *q, size_t upto)
+{
+    size_t gen = upto > q->n_prompt ? upto - q->n_prompt : 0;
+    return (zse_history){q->tokens, upto < q->n_prompt ? upto : q->n_prompt, q->tokens + q->n_prompt, gen};
+}
+
 int32_t zse_sequence_sample(zse_sequence *q, const zse_model *m, float *logits, zse_sample_work *w,
                             zse_logprobs *lp)
 {
     const bool want_lp = lp && (q->gen.s.logprobs || q->gen.s.top_logprobs > 0);
     if (want_lp)
         memcpy(w->raw, logits, (size_t)m->vocab * sizeof *logits);
-    zse_history h = {q->tokens, q->n_prompt, q->tokens + q->n_prompt, q->n_tokens - q->n_prompt};
+    zse_history h = zse_sequence_history(q, q->n_tokens);
     int32_t t = zse_sample(&q->gen.s, logits, m->vocab, &h, &q->gen.rng, w->work_p, w->work_i);
     if (want_lp)
         zse_compute_logprobs(w->raw, m->vocab, t, q->gen.s.top_logprobs, lp);

@@ -92,7 +92,8 @@ zse_out_mode zse_step_out_mode(const zse_model *m, const zse_step_seq *e, int n,
             continue;
         any = true;
         greedy = greedy && zse_sampling_plain_greedy(&e[s].q->gen.s);
-        on_device = on_device && zse_sampling_on_device(&e[s].q->gen.s);
+        /* drafts are verified against their rows on the host (rejection sampling) */
+        on_device = on_device && e[s].n_out == 1 && zse_sampling_on_device(&e[s].q->gen.s);
     }
     if (!any)
         return ZSE_OUT_LOGITS;

@@ -199,6 +199,19 @@ int srv_metrics_render(srv_metrics *m, const zse_engine_stats *st, bool ready, i
         if (rc == 0)
             rc = render_gauge(out, "zse_prefix_cache_blocks", "KV blocks published in the prefix cache",
                               st->prefix_cached_blocks);
+        if (rc == 0)
+            rc = render_counter(out, "zse_spec_draft_tokens_total", "speculative draft tokens checked",
+                                st->spec.drafted);
+        if (rc == 0)
+            rc = render_counter(out, "zse_spec_accepted_tokens_total", "speculative draft tokens accepted",
+                                st->spec.accepted);
+        if (rc == 0)
+            rc = render_counter(out, "zse_spec_verify_passes_total",
+                                "sequence passes that checked drafts (tokens per pass = emitted / passes)",
+                                st->spec.passes);
+        if (rc == 0)
+            rc = render_counter(out, "zse_spec_emitted_tokens_total", "tokens those passes produced",
+                                st->spec.emitted);
     }
     return rc;
 }
