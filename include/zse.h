@@ -182,6 +182,8 @@ typedef struct {
     int max_batch_tokens;       /* tokens per step: long prompts are prefilled in chunks */
     int max_queue;              /* waiting requests at most (submit fails beyond) */
     zse_spec_params spec;       /* speculative decoding for every request (mode OFF: none) */
+    double priority_aging_s;    /* a waiting request's priority improves by one level every
+                                 * this many seconds (0: 1 s; negative: never) */
 } zse_engine_params;
 
 typedef struct {
@@ -202,7 +204,9 @@ typedef bool (*zse_token_cb)(void *user, const zse_token_event *ev);
 
 zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p);
 /* 0 and *request_id on success; -1 with an error when the queue is full or the prompt
- * is longer than the context (zse_last_error() says both numbers) */
+ * is longer than the context (zse_last_error() says both numbers). priority: lower runs
+ * first (vLLM's convention); with every slot taken, a request of a strictly better priority
+ * preempts the worst-ranked running one within a step. */
 int zse_engine_submit(zse_engine *e, const int32_t *prompt, size_t n, const zse_sampling *s,
                       int priority, zse_token_cb cb, void *user, uint64_t *request_id);
 void zse_engine_cancel(zse_engine *e, uint64_t request_id);

@@ -34,6 +34,7 @@ typedef struct request {
     uint64_t order;             /* arrival: FIFO within a priority class */
     zse_token_cb cb;
     void *user;
+    double queued_at;           /* when it last entered the queue: waiting ages it */
     bool cancelled;             /* asked by zse_engine_cancel (under e->mu) */
     struct request *next;       /* in the queue */
     /* this step */
@@ -142,6 +143,7 @@ static void finish_without_token(zse_engine *e, request *r, zse_finish why)
 
 static void queue_insert(zse_engine *e, request *r)
 {
+    r->queued_at = zse_now();
     request **at = &e->queue;
     while (*at && !ranks_before(r, *at))
         at = &(*at)->next;
@@ -150,15 +152,39 @@ static void queue_insert(zse_engine *e, request *r)
     e->n_queued++;
 }
 
-static request *queue_pop(zse_engine *e)
+static void queue_remove(zse_engine *e, request *r)
 {
-    request *r = e->queue;
-    if (r) {
-        e->queue = r->next;
-        r->next = NULL;
-        e->n_queued--;
+    for (request **at = &e->queue; *at; at = &(*at)->next)
+        if (*at == r) {
+            *at = r->next;
+            r->next = NULL;
+            e->n_queued--;
+            return;
+        }
+}
+
+/* A waiting request's priority improves by one level for every priority_aging_s it has
+ * waited, so a stream of better-ranked arrivals never keeps it waiting for ever. */
+static double effective_priority(const zse_engine *e, const request *r, double now)
+{
+    if (e->p.priority_aging_s <= 0)
+        return r->priority;
+    return r->priority - floor((now - r->queued_at) / e->p.priority_aging_s);
+}
+
+/* the waiting request to admit next: best effective priority, then arrival */
+static request *queue_best(const zse_engine *e, double now)
+{
+    request *best = NULL;
+    double best_p = 0;
+    for (request *r = e->queue; r; r = r->next) {
+        double p = effective_priority(e, r, now);
+        if (!best || p < best_p || (p == best_p && r->order < best->order)) {
+            best = r;
+            best_p = p;
+        }
     }
-    return r;
+    return best;
 }
 
 static void running_insert(zse_engine *e, request *r)
@@ -330,12 +356,12 @@ static void plan_prefills(zse_engine *e, plan *pl)
  * running request left over (so the next steps' decodes rarely preempt). */
 static void plan_admissions(zse_engine *e, plan *pl)
 {
-    for (;;) {
+    for (bool made_room = false;;) {
         int budget = e->p.max_batch_tokens - pl->n_tokens;
         pthread_mutex_lock(&e->mu);
-        request *r = e->queue;
+        request *r = queue_best(e, zse_now());
         bool ok = r && !r->cancelled && budget > 0 && e->n_running < e->p.max_seqs;
-        int take = 0;
+        int take = 0, short_of = 0;
         if (ok) {
             /* blocks of its prompt in the prefix cache need no computing; those no one holds
              * come out of the available ones */
@@ -346,17 +372,43 @@ static void plan_admissions(zse_engine *e, plan *pl)
             int avail = zse_block_pool_available(&e->m->blocks) - idle;
             int spare = e->n_running;
             ok = need + spare <= avail || (e->n_running == 0 && need <= avail);
+            short_of = need + spare - avail;
         }
         if (ok) {
-            queue_pop(e);
+            queue_remove(e, r);
             running_insert(e, r);
         }
         pthread_mutex_unlock(&e->mu);
+        if (!ok && short_of > 0 && !made_room) {
+            /* KV for a request that outranks running ones not in this step: they give way */
+            made_room = true;
+            if (make_room(e, r, zse_block_pool_available(&e->m->blocks) + short_of))
+                continue;
+        }
         if (!ok)
             return;
+        made_room = false;
         zse_sequence_attach_prefix(&r->q, e->m);
         zse_sequence_reserve(&r->q, e->m, r->q.n_cached + (size_t)take);
         place(pl, r, take);
+    }
+}
+
+/* Every slot taken and a waiting request of a strictly better priority: the worst-ranked
+ * running requests go back to the queue for it (their full blocks stay in the prefix cache,
+ * so resuming recomputes little). Aging never preempts: it orders admissions only, so two
+ * requests of one priority never take turns evicting each other. */
+static void preempt_for_priority(zse_engine *e)
+{
+    for (;;) {
+        pthread_mutex_lock(&e->mu);
+        request *r = e->n_running == e->p.max_seqs ? queue_best(e, zse_now()) : NULL;
+        int worst = e->n_running - 1;
+        bool go = r && !r->cancelled && worst >= 0 && r->priority < e->running[worst]->priority;
+        pthread_mutex_unlock(&e->mu);
+        if (!go)
+            return;
+        preempt(e, worst);
     }
 }
 
@@ -491,6 +543,9 @@ static int step(zse_engine *e)
 {
     plan pl = {0, 0, e->plan_seqs};
     request *full = NULL;
+    pthread_mutex_lock(&e->m->run_lock);
+    preempt_for_priority(e);
+    pthread_mutex_unlock(&e->m->run_lock);
     propose_drafts(e);
     pthread_mutex_lock(&e->m->run_lock);
     for (int i = 0; i < e->n_running; i++)
@@ -619,6 +674,7 @@ zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p)
     e->p.max_seqs = p && p->max_seqs > 0 ? p->max_seqs : 16;
     e->p.max_batch_tokens = p && p->max_batch_tokens > 0 ? p->max_batch_tokens : 512;
     e->p.max_queue = p && p->max_queue > 0 ? p->max_queue : 256;
+    e->p.priority_aging_s = p && p->priority_aging_s != 0 ? p->priority_aging_s : 1.0;
     if (e->p.max_seqs > 4096 || e->p.max_batch_tokens > (1 << 20)) {
         zse_fail("engine limits too large: %d sequences, %d tokens per step", e->p.max_seqs, e->p.max_batch_tokens);
         free(e);
