@@ -91,6 +91,20 @@ typedef struct {
     float bias;
 } zse_logit_bias;
 
+#define ZSE_MAX_TOP_LOGPROBS 20
+/* a token's log-probability under the model's distribution (before penalties and
+ * temperature), its rank in it, and the most likely alternatives */
+typedef struct {
+    float logprob;
+    int rank;                               /* 1: the most likely token */
+    int n_top;
+    int32_t top_ids[ZSE_MAX_TOP_LOGPROBS];  /* most likely first */
+    float top_logprobs[ZSE_MAX_TOP_LOGPROBS];
+} zse_logprobs;
+
+/* max_tokens: generate nothing (with prompt_logprobs: score the prompt) */
+#define ZSE_MAX_TOKENS_NONE (-1)
+
 typedef struct {
     float temperature;          /* 0 = greedy */
     int top_k;                  /* 0 = off */
@@ -100,7 +114,8 @@ typedef struct {
     float presence_penalty;     /* 0 = off */
     float frequency_penalty;    /* 0 = off */
     uint64_t seed;              /* same seed, same output */
-    int max_tokens;             /* 0 = until EOS or the context is full */
+    int max_tokens;             /* 0 = until EOS or the context is full; ZSE_MAX_TOKENS_NONE = none */
+    int min_tokens;             /* EOS, stop ids and stop strings end nothing before this many */
     const char *const *stop;    /* stop strings (may span tokens); not included in the output */
     int n_stop;
     const int32_t *stop_ids;
@@ -110,6 +125,9 @@ typedef struct {
     bool ignore_eos;
     int top_logprobs;           /* 0..20: report this many alternatives per token */
     bool logprobs;              /* report the chosen token's logprob */
+    bool prompt_logprobs;       /* the engine reports every prompt token's logprob (the prompt
+                                 * is then computed whole, never taken from the prefix cache) */
+    int prompt_top_logprobs;    /* 0..20 alternatives for each of them */
 } zse_sampling;
 void zse_sampling_default(zse_sampling *s);
 
@@ -196,6 +214,10 @@ typedef struct {
     zse_finish finish;          /* set on the last event of a request */
     int prompt_tokens;
     int completion_tokens;
+    /* on the first event of a request that asked (zse_sampling.prompt_logprobs):
+     * [prompt_tokens] entries, the first all zero (nothing comes before it). With
+     * max_tokens ZSE_MAX_TOKENS_NONE that first event is also the last, with token -1. */
+    const zse_logprobs *prompt_logprobs;
 } zse_token_event;
 
 /* Called on the engine thread. Return false to cancel the request (client gone). The

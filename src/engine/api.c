@@ -89,7 +89,7 @@ static int run_pending(zse_seq *q, float *all_logits)
     for (size_t done = 0; done < n;) {
         int chunk = (int)(n - done < max_chunk ? n - done : max_chunk);
         bool last = done + (size_t)chunk == n;
-        zse_step_seq e = {&q->q, chunk, all_logits ? chunk : last ? 1 : 0, -1};
+        zse_step_seq e = {.q = &q->q, .take = chunk, .n_out = all_logits ? chunk : last ? 1 : 0, .out = -1};
         zse_batch b;
         if (zse_batcher_pack(&q->batcher, &e, 1, &b) != 0)
             return -1;
@@ -163,7 +163,7 @@ static int logits_to_host(zse_seq *q)
         rc = zse_llm_read_logits(m->llm, 1, q->logits);
     } else {
         q->q.n_cached--;
-        zse_step_seq e = {&q->q, 1, 1, -1};
+        zse_step_seq e = {.q = &q->q, .take = 1, .n_out = 1, .out = -1};
         zse_batch b;
         rc = zse_batcher_pack(&q->batcher, &e, 1, &b);
         if (rc == 0)
@@ -204,7 +204,7 @@ static int spec_step(zse_seq *q)
         rows = 1;
         rc = zse_sequence_reserve(sq, m, sq->n_tokens);
     }
-    zse_step_seq e = {sq, rows, rows, -1};
+    zse_step_seq e = {.q = sq, .take = rows, .n_out = rows, .out = -1};
     zse_batch b;
     int32_t ids[SPEC_ROWS];
     bool argmax = zse_step_out_mode(m, &e, 1, false) == ZSE_OUT_ARGMAX;

@@ -147,13 +147,7 @@ bool zse_sampling_plain_greedy(const zse_sampling *s);
  * backend's sample_rows can draw the token where the logits are */
 bool zse_sampling_on_device(const zse_sampling *s);
 
-#define ZSE_MAX_TOP_LOGPROBS 20
-typedef struct {
-    float logprob;                          /* of the chosen token */
-    int n_top;
-    int32_t top_ids[ZSE_MAX_TOP_LOGPROBS];  /* most likely first */
-    float top_logprobs[ZSE_MAX_TOP_LOGPROBS];
-} zse_logprobs;
+/* zse_logprobs and ZSE_MAX_TOP_LOGPROBS are public (zse.h) */
 
 /* log-softmax of the model's logits (before penalties and temperature) for `token` and the
  * n_top most likely ids */
@@ -284,6 +278,9 @@ bool zse_sequence_ctx_full(const zse_sequence *q, const zse_model *m);
  * sequence's settings and history; lp (may be NULL) gets the logprobs it asks for */
 int32_t zse_sequence_sample(zse_sequence *q, const zse_model *m, float *logits, zse_sample_work *w,
                             zse_logprobs *lp);
+/* what the sequence's settings rule out of a logits row before sampling, for a token that
+ * would be its generated-th: the end-of-sequence and stop ids before min_tokens */
+void zse_sequence_constrain(const zse_sequence *q, const zse_model *m, float *logits, int generated);
 /* the history a token at position `upto` is sampled against: the prompt, then what was
  * generated before it */
 zse_history zse_sequence_history(const zse_sequence *q, size_t upto);
@@ -298,6 +295,7 @@ typedef struct {
     int take;               /* tokens from n_cached on that this pass runs */
     int n_out;              /* logit rows wanted: its last n_out tokens of the pass (0: none) */
     int out;                /* set by zse_batcher_pack: its first row among the pass's outputs */
+    bool logits;            /* its rows must come back as logits (prompt scoring) */
 } zse_step_seq;
 
 /* the flattened arrays of a step, grown as needed */

@@ -227,7 +227,7 @@ bool zse_sampling_on_device(const zse_sampling *s)
 {
     bool repetition = s->repetition_penalty > 0 && s->repetition_penalty != 1.0f;
     return !repetition && s->presence_penalty == 0 && s->frequency_penalty == 0 && s->n_logit_bias == 0 &&
-           !s->logprobs && s->top_logprobs == 0;
+           !s->logprobs && s->top_logprobs == 0 && s->min_tokens == 0;
 }
 
 bool zse_sampling_plain_greedy(const zse_sampling *s)
@@ -376,6 +376,9 @@ void zse_compute_logprobs(const float *logits, int vocab, int32_t token, int n_t
         sum += exp((double)logits[i] - mx);
     double log_z = mx + log(sum);
     out->logprob = valid_id(token, vocab) ? (float)(logits[token] - log_z) : -INFINITY;
+    out->rank = 1;
+    for (int i = 0; valid_id(token, vocab) && i < vocab; i++)
+        out->rank += logits[i] > logits[token] || (logits[i] == logits[token] && i < token);
     if (n_top > ZSE_MAX_TOP_LOGPROBS)
         n_top = ZSE_MAX_TOP_LOGPROBS;
     if (n_top > vocab)

@@ -37,9 +37,12 @@ typedef struct request {
     double queued_at;           /* when it last entered the queue: waiting ages it */
     bool cancelled;             /* asked by zse_engine_cancel (under e->mu) */
     struct request *next;       /* in the queue */
+    zse_logprobs *plp;          /* prompt_logprobs: [n_prompt], filled as the prompt runs */
+    bool plp_sent;              /* they went out with the first event */
     /* this step */
     int take;                   /* tokens in the batch; 0 = not in it */
-    int out_index;              /* its logits row, or -1 */
+    int out_index;              /* its first logits row, or -1 */
+    int n_rows;                 /* its logits rows (prompt scoring and drafts take several) */
 } request;
 
 struct zse_engine {
@@ -76,6 +79,9 @@ struct zse_engine {
     zse_spec_stats spec_stats;  /* under mu: spec.stats after the last step */
 };
 
+/* logits rows a step keeps for prompts being scored (prompt_logprobs) */
+#define SCORE_ROWS 64
+
 static bool ranks_before(const request *a, const request *b)
 {
     return a->priority < b->priority || (a->priority == b->priority && a->order < b->order);
@@ -88,6 +94,7 @@ static void request_free(zse_engine *e, request *r)
     if (!r)
         return;
     zse_sequence_free(&r->q, e->m);
+    free(r->plp);
     free(r);
 }
 
@@ -100,7 +107,8 @@ static request *request_new(zse_engine *e, const int32_t *prompt, size_t n, cons
         free(r);
         return NULL;
     }
-    if (zse_sequence_append(&r->q, prompt, n) != 0) {
+    if (zse_sequence_append(&r->q, prompt, n) != 0 ||
+        (r->q.gen.s.prompt_logprobs && !(r->plp = zse_calloc(n, sizeof *r->plp)))) {
         request_free(e, r);
         return NULL;
     }
@@ -137,6 +145,24 @@ static void finish_without_token(zse_engine *e, request *r, zse_finish why)
     zse_token_event ev = {.token = -1, .text = "", .finish = why, .prompt_tokens = (int)r->q.n_prompt,
                           .completion_tokens = r->q.sampled};
     end_request(e, r, &ev);
+}
+
+/* A request with max_tokens ZSE_MAX_TOKENS_NONE whose prompt has run: it ends without a token,
+ * its prompt's logprobs (when asked) with it */
+static void finish_prompt_only(zse_engine *e, request *r)
+{
+    zse_token_event ev = {.token = -1, .text = "", .finish = ZSE_FINISH_LENGTH, .prompt_tokens = (int)r->q.n_prompt,
+                          .prompt_logprobs = r->plp};
+    end_request(e, r, &ev);
+}
+
+/* the prompt's logprobs go with a request's first event, once */
+static const zse_logprobs *prompt_logprobs_once(request *r)
+{
+    if (!r->plp || r->plp_sent)
+        return NULL;
+    r->plp_sent = true;
+    return r->plp;
 }
 
 /* ---- the queue and the running list (caller holds e->mu) ------------------------------------ */
@@ -232,14 +258,35 @@ static void take_cancelled(zse_engine *e, bool everything, request **ended)
 typedef struct {
     int n_tokens;               /* tokens placed so far */
     int n_seqs;
+    int n_rows;                 /* logits rows they take */
     request **seqs;             /* placed requests in batch order */
 } plan;
+
+/* the logits rows of r's part of the step: a row where its pending tokens end, one more per
+ * draft, and every row of a prompt being scored */
+static int rows_of(const request *r, int take)
+{
+    const bool ends = r->q.n_cached + (size_t)take == r->q.n_tokens;
+    if (r->plp && r->q.n_cached < r->q.n_prompt)
+        return take;
+    return ends ? 1 + r->q.n_draft : 0;
+}
 
 static void place(plan *pl, request *r, int take)
 {
     r->take = take;
+    r->n_rows = rows_of(r, take);
     pl->seqs[pl->n_seqs++] = r;
     pl->n_tokens += take;
+    pl->n_rows += r->n_rows;
+}
+
+/* tokens of a prompt being scored that the step's rows leave room for: one row each, and a
+ * row kept for every other sequence the step may still place */
+static int scoring_take(const zse_engine *e, const plan *pl, int take)
+{
+    int room = e->out_rows - pl->n_rows - (e->p.max_seqs - pl->n_seqs - 1);
+    return take < room ? take : room > 0 ? room : 0;
 }
 
 /* puts a running request back in the queue, its KV freed, to be recomputed later */
@@ -337,8 +384,10 @@ static void plan_prefills(zse_engine *e, plan *pl)
         int budget = e->p.max_batch_tokens - pl->n_tokens;
         if (want > budget)
             want = budget;
+        if (r->plp)
+            want = scoring_take(e, pl, want);
         int take = tokens_that_fit(e, r, want);
-        if (take == 0 && pl->n_seqs == 0) {
+        if (take == 0 && pl->n_seqs == 0 && want > 0) {
             /* nothing else runs this step: lower-ranked requests give way */
             make_room(e, r, zse_sequence_blocks_needed(&r->q, r->q.n_cached + (size_t)want));
             i = index_of(e, r);
@@ -365,13 +414,16 @@ static void plan_admissions(zse_engine *e, plan *pl)
         if (ok) {
             /* blocks of its prompt in the prefix cache need no computing; those no one holds
              * come out of the available ones */
-            int idle, hits = zse_sequence_cached_prefix(&r->q, e->m, &idle);
+            int idle = 0, hits = r->plp ? 0 : zse_sequence_cached_prefix(&r->q, e->m, &idle);
             size_t from = r->q.n_cached + (size_t)hits * ZSE_KV_BLOCK, left = r->q.n_tokens - from;
             take = (int)(left < (size_t)budget ? left : (size_t)budget);
+            if (r->plp)
+                take = scoring_take(e, pl, take);
+            ok = take > 0;
             int need = zse_sequence_blocks_needed(&r->q, from + (size_t)take) - hits;
             int avail = zse_block_pool_available(&e->m->blocks) - idle;
             int spare = e->n_running;
-            ok = need + spare <= avail || (e->n_running == 0 && need <= avail);
+            ok = ok && (need + spare <= avail || (e->n_running == 0 && need <= avail));
             short_of = need + spare - avail;
         }
         if (ok) {
@@ -388,7 +440,8 @@ static void plan_admissions(zse_engine *e, plan *pl)
         if (!ok)
             return;
         made_room = false;
-        zse_sequence_attach_prefix(&r->q, e->m);
+        if (!r->plp) /* a scored prompt is computed whole: every position's logits are wanted */
+            zse_sequence_attach_prefix(&r->q, e->m);
         zse_sequence_reserve(&r->q, e->m, r->q.n_cached + (size_t)take);
         place(pl, r, take);
     }
@@ -420,10 +473,7 @@ static int run_plan(zse_engine *e, const plan *pl)
 {
     for (int s = 0; s < pl->n_seqs; s++) {
         request *r = pl->seqs[s];
-        /* a row of logits for the requests whose pending tokens this step finishes, one more
-         * for each draft */
-        bool ends = r->q.n_cached + (size_t)r->take == r->q.n_tokens;
-        e->entries[s] = (zse_step_seq){&r->q, r->take, ends ? 1 + r->q.n_draft : 0, -1};
+        e->entries[s] = (zse_step_seq){.q = &r->q, .take = r->take, .n_out = r->n_rows, .out = -1, .logits = r->plp != NULL};
     }
     zse_batch b;
     if (zse_batcher_pack(&e->batcher, e->entries, pl->n_seqs, &b) != 0)
@@ -458,8 +508,9 @@ static int run_plan(zse_engine *e, const plan *pl)
 static void sample_and_emit(zse_engine *e, request *r)
 {
     zse_logprobs lp = {0};
-    int32_t t = e->picked_step ? e->picked_ids[r->out_index]
-                               : zse_sequence_sample(&r->q, e->m, e->logits + (size_t)r->out_index * (size_t)e->m->vocab,
+    const int row = r->out_index + r->n_rows - 1; /* the last of its rows samples */
+    int32_t t = e->picked_step ? e->picked_ids[row]
+                               : zse_sequence_sample(&r->q, e->m, e->logits + (size_t)row * (size_t)e->m->vocab,
                                                      &e->work, &lp);
     zse_buf text = {0};
     zse_finish fin;
@@ -470,7 +521,8 @@ static void sample_and_emit(zse_engine *e, request *r)
     }
     zse_token_event ev = {.token = t, .text = zse_buf_str(&text), .logprob = lp.logprob, .n_top = lp.n_top,
                           .top_ids = lp.top_ids, .top_logprobs = lp.top_logprobs, .finish = fin,
-                          .prompt_tokens = (int)r->q.n_prompt, .completion_tokens = r->q.sampled};
+                          .prompt_tokens = (int)r->q.n_prompt, .completion_tokens = r->q.sampled,
+                          .prompt_logprobs = prompt_logprobs_once(r)};
     if (fin != ZSE_FINISH_NONE) {
         end_request(e, r, &ev);
     } else if (!r->cb(r->user, &ev)) { /* the caller is gone */
@@ -501,7 +553,8 @@ static void spec_emit(zse_engine *e, request *r)
         const zse_logprobs *lp = &lps[k];
         zse_token_event ev = {.token = out[k], .text = zse_buf_str(&text), .logprob = lp->logprob, .n_top = lp->n_top,
                               .top_ids = lp->top_ids, .top_logprobs = lp->top_logprobs, .finish = fin,
-                              .prompt_tokens = (int)r->q.n_prompt, .completion_tokens = r->q.sampled};
+                              .prompt_tokens = (int)r->q.n_prompt, .completion_tokens = r->q.sampled,
+                              .prompt_logprobs = prompt_logprobs_once(r)};
         bool gone = false;
         if (fin != ZSE_FINISH_NONE)
             end_request(e, r, &ev);
@@ -538,10 +591,24 @@ static void propose_drafts(zse_engine *e)
     }
 }
 
+/* the logprob of each prompt token this step's rows predict: row k of a scored chunk is the
+ * model's distribution after position n_cached + k, which the prompt's next token takes */
+static void score_prompt_rows(zse_engine *e, request *r)
+{
+    const size_t vocab = (size_t)e->m->vocab;
+    for (int k = 0; k < r->n_rows; k++) {
+        size_t next = r->q.n_cached + (size_t)k + 1;
+        if (next >= r->q.n_prompt)
+            break;
+        zse_compute_logprobs(e->logits + (size_t)(r->out_index + k) * vocab, e->m->vocab, r->q.tokens[next],
+                             r->q.gen.s.prompt_top_logprobs, &r->plp[next]);
+    }
+}
+
 /* One step. Returns the number of tokens it ran (0: nothing could run). */
 static int step(zse_engine *e)
 {
-    plan pl = {0, 0, e->plan_seqs};
+    plan pl = {.seqs = e->plan_seqs};
     request *full = NULL;
     pthread_mutex_lock(&e->m->run_lock);
     preempt_for_priority(e);
@@ -556,6 +623,8 @@ static int step(zse_engine *e)
     int rc = pl.n_seqs ? run_plan(e, &pl) : 0;
     for (int s = 0; rc == 0 && s < pl.n_seqs; s++) { /* K/V now stored: full blocks join the cache */
         request *r = pl.seqs[s];
+        if (r->plp && !e->picked_step)
+            score_prompt_rows(e, r);
         if (!r->q.n_draft) /* with drafts, verification says how far the K/V hold */
             r->q.n_cached += (size_t)r->take;
         zse_sequence_publish(&r->q, e->m);
@@ -585,9 +654,12 @@ static int step(zse_engine *e)
     for (int s = 0; s < pl.n_seqs; s++) {
         request *r = pl.seqs[s];
         r->take = 0;
-        if (r->out_index >= 0 && r->q.n_draft)
+        bool prompt_done = r->q.n_cached == r->q.n_tokens;
+        if (prompt_done && r->q.gen.s.max_tokens == ZSE_MAX_TOKENS_NONE && r->q.sampled == 0)
+            finish_prompt_only(e, r);
+        else if (r->out_index >= 0 && r->q.n_draft)
             spec_emit(e, r);
-        else if (r->out_index >= 0)
+        else if (r->out_index >= 0 && prompt_done)
             sample_and_emit(e, r);
     }
     return pl.n_tokens;
@@ -688,8 +760,10 @@ zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p)
     }
     zse_spec_init(&e->spec, p ? &p->spec : NULL);
     e->p.spec = e->spec.p;
-    /* drafts need a logit row each: up to 256 beyond a row per sequence */
+    /* drafts need a logit row each (up to 256 beyond a row per sequence), and a prompt being
+     * scored a row per token (SCORE_ROWS a step) */
     int extra = zse_spec_on(&e->spec) ? (S * e->spec.p.tokens < 256 ? S * e->spec.p.tokens : 256) : 0;
+    extra += SCORE_ROWS;
     int out_rows = S + extra < T ? S + extra : T;
     e->out_rows = out_rows;
     e->running = zse_calloc((size_t)S, sizeof *e->running);

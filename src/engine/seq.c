@@ -4,6 +4,7 @@
  * sequence's history and the acceptance of a sampled token live here once. */
 #include "engine/engine.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -197,12 +198,25 @@ zse_history zse_sequence_history(const zse_sequence *q, size_t upto)
     return (zse_history){q->tokens, upto < q->n_prompt ? upto : q->n_prompt, q->tokens + q->n_prompt, gen};
 }
 
+void zse_sequence_constrain(const zse_sequence *q, const zse_model *m, float *logits, int generated)
+{
+    const zse_sampling *s = &q->gen.s;
+    if (generated < s->min_tokens) { /* nothing may end generation yet */
+        for (int i = 0; i < m->n_eos; i++)
+            logits[m->eos[i]] = -INFINITY;
+        for (int i = 0; i < s->n_stop_ids; i++)
+            if (s->stop_ids[i] >= 0 && s->stop_ids[i] < m->vocab)
+                logits[s->stop_ids[i]] = -INFINITY;
+    }
+}
+
 int32_t zse_sequence_sample(zse_sequence *q, const zse_model *m, float *logits, zse_sample_work *w,
                             zse_logprobs *lp)
 {
     const bool want_lp = lp && (q->gen.s.logprobs || q->gen.s.top_logprobs > 0);
     if (want_lp)
         memcpy(w->raw, logits, (size_t)m->vocab * sizeof *logits);
+    zse_sequence_constrain(q, m, logits, q->gen.generated);
     zse_history h = zse_sequence_history(q, q->n_tokens);
     int32_t t = zse_sample(&q->gen.s, logits, m->vocab, &h, &q->gen.rng, w->work_p, w->work_i);
     if (want_lp)

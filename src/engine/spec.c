@@ -199,7 +199,7 @@ static int mirror_pass(zse_spec *sp, zse_model *dm, zse_sequence **qs, const int
         budget -= take;
         bool last = d->n_cached + (size_t)take == d->n_tokens;
         rows -= last;
-        sp->entries[n_e] = (zse_step_seq){d, take, last ? 1 : 0, -1};
+        sp->entries[n_e] = (zse_step_seq){.q = d, .take = take, .n_out = last ? 1 : 0, .out = -1};
         sp->who[n_e++] = i;
     }
     if (n_e == 0)
@@ -283,6 +283,7 @@ int zse_spec_verify(zse_spec *sp, zse_sequence *q, const zse_model *m, float *lo
             if (want_lp)
                 memcpy(w->raw, row, (size_t)m->vocab * sizeof *row);
             /* the row's token follows the pending token and the drafts before it */
+            zse_sequence_constrain(q, m, row, q->gen.generated + i);
             zse_history h = zse_sequence_history(q, base + 1 + (size_t)i);
             zse_dist d;
             zse_sample_dist(&q->gen.s, row, m->vocab, &h, w->work_p, w->work_i, &d);

@@ -91,6 +91,8 @@ zse_out_mode zse_step_out_mode(const zse_model *m, const zse_step_seq *e, int n,
         if (e[s].n_out <= 0 || e[s].take <= 0)
             continue;
         any = true;
+        if (e[s].logits)
+            return ZSE_OUT_LOGITS;
         greedy = greedy && zse_sampling_plain_greedy(&e[s].q->gen.s);
         /* drafts are verified against their rows on the host (rejection sampling) */
         on_device = on_device && e[s].n_out == 1 && zse_sampling_on_device(&e[s].q->gen.s);
