@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what zse needs to build and test on Debian 12: apt-get when root, otherwise
-# prints the exact command. Python packages (pytest and the OpenAI SDK for the API tests)
-# go into a virtual environment under .venv.
+# prints the exact command. Python packages (pytest and the OpenAI SDK for the API tests,
+# gguf for writing the GGUF files the converter's tests read) go into a virtual
+# environment under .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,10 +27,10 @@ if [ -n "$missing" ]; then
   fi
 fi
 
-PY_PACKAGES="pytest openai langchain-openai"
+PY_PACKAGES="pytest openai langchain-openai gguf"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import pytest, openai, langchain_openai" 2>/dev/null; then
+if ! .venv/bin/python -c "import pytest, openai, langchain_openai, gguf" 2>/dev/null; then
   .venv/bin/pip install -q $PY_PACKAGES
 fi

@@ -70,7 +70,7 @@ static void print_text(const char *path, const zse_file *f, const tensor_totals 
         printf("sliding window:  %d\n", c->sliding_window);
     printf("tied embeddings: %s\n", c->tie_embeddings ? "yes" : "no");
     zse_scheme qs;
-    if (quant && zse_scheme_from_name(quant, &qs) == 0 && zse_scheme_layout(qs) == ZSE_LAYOUT_Q4_G)
+    if (quant && zse_scheme_from_name(quant, &qs) == 0 && zse_scheme_is_grouped(qs))
         printf("quantization:    %s (group %lld)\n", quant, (long long)json_integer_value(g));
     else
         printf("quantization:    %s\n", quant ? quant : "?");

@@ -45,7 +45,7 @@ AVX2 INLINE float dot_groups(const float *M, const float *gs, int64_t G)
 AVX2 INLINE void row_scales(const zse_weight *w, int64_t r, float *S, float *M)
 {
     const int64_t G = w->p.groups;
-    if (w->q.scheme == ZSE_SCHEME_Q8 || G % 8) {
+    if (w->q.scheme == ZSE_SCHEME_Q8 || w->q.scheme == ZSE_SCHEME_Q8G || G % 8) {
         zse_cpu_row_scales(w, r, 0.0f, 0.0f, S, M);
         return;
     }
@@ -66,10 +66,10 @@ AVX2 INLINE void row_scales(const zse_weight *w, int64_t r, float *S, float *M)
     }
 }
 
-/* 32 weights of chunk c as bytes: unsigned codes (Q4, Q4S) or signed ones (NF4, int8) */
+/* 32 weights of chunk c as bytes: unsigned codes (Q4, Q4S) or signed ones (NF4, int8, int8g) */
 AVX2 INLINE __m256i load_chunk(const zse_weight *w, const uint8_t *row, int64_t c, __m256i nf4_lut)
 {
-    if (w->q.scheme == ZSE_SCHEME_Q8)
+    if (w->q.scheme == ZSE_SCHEME_Q8 || w->q.scheme == ZSE_SCHEME_Q8G)
         return _mm256_loadu_si256((const __m256i *)(row + c * 32));
     __m128i raw = _mm_loadu_si128((const __m128i *)(row + c * 16));
     __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
@@ -82,7 +82,8 @@ AVX2 INLINE void q_row(const zse_weight *w, const zse_qx *qx, int64_t r, int64_t
                        const float *S, const float *M, float *y, int64_t ldy)
 {
     const uint8_t *row = w->data + (size_t)r * w->p.row_bytes;
-    const bool q8 = w->q.scheme == ZSE_SCHEME_Q8, sign = q8 || w->q.scheme == ZSE_SCHEME_NF4;
+    const bool q8 = w->q.scheme == ZSE_SCHEME_Q8,
+               sign = q8 || w->q.scheme == ZSE_SCHEME_NF4 || w->q.scheme == ZSE_SCHEME_Q8G;
     const int64_t nchunks = qx->cp / 32, per_block = qx->ab / 32;
     const int8_t *xq = qx->q + t0 * qx->stride;
     const float *d = qx->d + t0 * qx->nblk;
