@@ -12,8 +12,8 @@ vocabulary as tokenizer.ggml.* and the chat template. For zse's GGUF tests: smal
 Q4_K, Q5_K, Q6_K (the small reference quantizers below: the package only decodes those);
 1-D tensors stay F32, as llama.cpp keeps them. --dequant-dir writes a Hugging Face directory
 whose F32 weights are what the package decodes from the GGUF's tensors (q/k rows put back):
-the exact reference a conversion of the GGUF must match. --arch and --raw-type write broken
-files for error tests (another architecture name; one tensor of another GGML type id).
+the exact reference a conversion of the GGUF must match. --arch writes another architecture
+name (for error tests).
 """
 import argparse
 import json
@@ -244,7 +244,6 @@ def main():
     ap.add_argument("--type", default="F16")
     ap.add_argument("--dequant-dir")
     ap.add_argument("--arch", help="write this general.architecture instead (error tests)")
-    ap.add_argument("--raw-type", help="NAME:ID — store tensor NAME's bytes under GGML type id ID (error tests)")
     a = ap.parse_args()
     cfg = json.load(open(os.path.join(a.src, "config.json")))
     arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}[cfg["model_type"]]
@@ -272,7 +271,6 @@ def main():
     reference = {}
     if (rp.get("rope_type") or rp.get("type")) == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_factors(cfg, head_dim))
-    raw_name, raw_id = (a.raw_type.split(":") if a.raw_type else (None, None))
     for hf, t in weights.items():
         if "rotary_emb" in hf:
             continue
@@ -287,10 +285,7 @@ def main():
             data, stored = kquant(t, qtype), qtype
         else:
             data, stored = gguf.quants.quantize(t.astype(np.float32), qtype), qtype
-        if name == raw_name:
-            w.add_tensor(name, data.view(np.uint8), raw_shape=list(t.shape), raw_dtype=int(raw_id))
-        else:
-            w.add_tensor(name, data, raw_dtype=stored if stored != Q.F32 else None)
+        w.add_tensor(name, data, raw_dtype=stored if stored != Q.F32 else None)
         if a.dequant_dir:
             deq = gguf.quants.dequantize(data, stored).reshape(t.shape).astype(np.float32)
             reference[hf] = unpermute(deq, perm) if perm else deq

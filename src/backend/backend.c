@@ -13,6 +13,35 @@ bool zse_backend_cuda_available(void)
 #endif
 }
 
+int zse_backend_gpu_count(void)
+{
+#ifdef ZSE_HAVE_CUDA
+    return zse_cuda_device_count();
+#else
+    return 0;
+#endif
+}
+
+int zse_backend_gpu_info(int index, zse_gpu_info *out)
+{
+#ifdef ZSE_HAVE_CUDA
+    return zse_cuda_device_info(index, out);
+#else
+    (void)index;
+    (void)out;
+    return zse_fail("this zse was built without CUDA");
+#endif
+}
+
+const char *zse_backend_gpu_absence(void)
+{
+#ifdef ZSE_HAVE_CUDA
+    return zse_cuda_absence();
+#else
+    return "this zse was built without CUDA (nvcc was not found, or -DZSE_CUDA=OFF)";
+#endif
+}
+
 zse_backend *zse_backend_create(const char *device, int threads)
 {
     if (!device)

@@ -3,6 +3,8 @@
 #ifndef ZSE_CLI_H
 #define ZSE_CLI_H
 
+#include "format/format.h"
+
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -40,5 +42,10 @@ int cli_unknown(cli_args *a);   /* prints "unknown option", returns 2 */
 /* prints "zse: <verb>: message" with the library's last error and returns 1 */
 int cli_error(const char *verb);
 bool cli_wants_help(int argc, char **argv);
+
+/* fit.c: what fits where (zse hardware --fit, zse info --fit), and the KV cache's size */
+int cli_print_fit(const char *model_path, bool as_json);
+uint64_t cli_kv_bytes_per_token(const zse_config *c, bool int8);
+uint64_t cli_kv_bytes(const zse_config *c, int64_t ctx, bool int8);  /* whole 16-token blocks */
 
 #endif

@@ -234,9 +234,9 @@ typedef struct {
     int n_keep_fp16;
     bool force;                 /* overwrite OUT */
     int threads;                /* 0 = physical cores */
-    /* A GGUF source: each tensor whose type a zse scheme holds exactly keeps it (F32,
-     * F16, BF16; Q8_0 → int8g and Q4_0 → int4s at group 32), the rest takes `scheme`
-     * (quant_given false: Q4_K → int4 g32, Q5_K/Q6_K and other types → int8g g32) */
+    /* A GGUF source without --quant (quant_given false): each tensor whose type a zse
+     * scheme holds exactly keeps it (F32, F16, BF16; Q8_0 → int8g, Q4_0 → int4s, Q4_1 →
+     * int4, at group 32), Q4_K becomes int4 g32 and Q5_0/Q5_1/Q5_K/Q6_K int8g g32 */
     bool quant_given;
     /* the vocabulary of a GGUF source as tokenizer.json text (heap) and its
      * tokenizer_config; supplied by the caller because the tokenizer module, which builds

@@ -5,6 +5,7 @@
  *   Q4_0  32 elems, 18 bytes: f16 d; 16 bytes of nibbles (byte j: element j low, j+16 high);
  *         w = (q - 8) d                                — zse int4s at group 32, exactly
  *   Q4_1  32 elems, 20 bytes: f16 d, f16 m; nibbles as Q4_0; w = q d + m
+ *                                                      — zse int4 at group 32, exactly
  *   Q5_0  32 elems, 22 bytes: f16 d; u32 qh (bit j: fifth bit of element j); nibbles;
  *         w = (q - 16) d
  *   Q5_1  32 elems, 24 bytes: f16 d, f16 m; u32 qh; nibbles; w = q d + m
@@ -204,13 +205,15 @@ int zse_ggml_exact_scheme(uint32_t type, int *group_size)
     case 1: return ZSE_SCHEME_F16;
     case 30: return ZSE_SCHEME_BF16;
     case 2: *group_size = QK; return ZSE_SCHEME_Q4S;
+    case 3: *group_size = QK; return ZSE_SCHEME_Q4;
     case 8: *group_size = QK; return ZSE_SCHEME_Q8G;
     default: return -1;
     }
 }
 
 /* Q4_0 → int4s g32: the nibbles are already in zse's chunk order (byte j: element j low,
- * j + 16 high), the scale is the block's d, and both decode (q - 8)·d.
+ * j + 16 high), the scale is the block's d, and both decode (q - 8)·d. Q4_1 → int4 g32:
+ * the same nibbles, scale d and min m, both decode q·d + m.
  * Q8_0 → int8g g32: the codes and d as they are. Plain types: the elements. */
 void zse_ggml_repack_row(uint32_t type, const void *src, const zse_qshape *q, void *packed, int64_t row)
 {
@@ -223,11 +226,16 @@ void zse_ggml_repack_row(uint32_t type, const void *src, const zse_qshape *q, vo
         return;
     }
     uint8_t *scales = base + p.scales + (size_t)row * (size_t)p.groups * 2;
+    uint8_t *mins = base + p.mins + (size_t)row * (size_t)p.groups * 2;
     for (int64_t g = 0; g < q->cols / QK; g++, b += TYPES[type].bytes) {
         memcpy(scales + 2 * g, b, 2);
-        if (type == 2)
+        if (type == 2) {
             memcpy(dst + g * 16, b + 2, 16);
-        else
+        } else if (type == 3) {
+            memcpy(mins + 2 * g, b + 2, 2);
+            memcpy(dst + g * 16, b + 4, 16);
+        } else {
             memcpy(dst + g * QK, b + 2, QK);
+        }
     }
 }

@@ -93,7 +93,7 @@ size_t zse_ggml_row_bytes(uint32_t type, int64_t n);
 /* one row of n elements (a multiple of the block) of a supported type to f32 */
 void zse_ggml_dequantize_row(uint32_t type, const void *src, int64_t n, float *out);
 /* the zse scheme that holds a type's values exactly (F32/F16/BF16 → themselves, Q4_0 →
- * int4s, Q8_0 → int8g, both at group 32, set in *group_size), or -1 */
+ * int4s, Q4_1 → int4, Q8_0 → int8g, all three at group 32, set in *group_size), or -1 */
 int zse_ggml_exact_scheme(uint32_t type, int *group_size);
 /* copies one row of that type into row `row` of packed tensor q, whose scheme and group
  * are the type's exact ones: no value changes */
