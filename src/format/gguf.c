@@ -128,8 +128,8 @@ static int read_kvs(zse_gguf *g, reader *r, uint64_t n_kv)
 {
     /* each pair is at least 8 (key length) + 4 (type) + 1 bytes */
     if (n_kv > (uint64_t)(r->end - r->p) / 13)
-        return zse_fail("%s: GGUF header claims %" PRIu64 " key/value pairs, more than the file can hold",
-                        g->map.path, n_kv);
+        return zse_fail("%s: GGUF header claims %" PRIu64 " key/value pairs, more than the file can hold "
+                        "(truncated or corrupt)", g->map.path, n_kv);
     if (!(g->kvs = zse_calloc(n_kv ? n_kv : 1, sizeof *g->kvs)))
         return -1;
     for (uint64_t i = 0; i < n_kv; i++) {
@@ -243,7 +243,8 @@ static int parse(zse_gguf *g)
     }
     /* each tensor entry is at least 8 + 1 + 4 + 8 + 4 + 8 bytes */
     if (n_tensors > (uint64_t)(r.end - r.p) / 33)
-        return zse_fail("%s: GGUF header claims %" PRIu64 " tensors, more than the file can hold", path, n_tensors);
+        return zse_fail("%s: GGUF header claims %" PRIu64 " tensors, more than the file can hold (truncated or "
+                        "corrupt)", path, n_tensors);
     if (!(g->tensors = zse_calloc(n_tensors ? n_tensors : 1, sizeof *g->tensors)))
         return -1;
     for (uint64_t i = 0; i < n_tensors; i++) {

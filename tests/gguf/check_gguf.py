@@ -162,6 +162,9 @@ for g, needle in ((phi3, "architecture 'phi3' is not supported"),
     out = path("bad.zse")
     p = run([ZSE, "convert", g, "-o", out, "--force"], check=False)
     expect(p.returncode != 0 and needle in p.stderr and not os.path.exists(out), f"error names it: {needle}")
+p = run([ZSE, "serve", path("tiny-qwen2-Q8_0.gguf")], check=False)
+expect(p.returncode != 0 and "is a GGUF file; zse serves .zse files. Convert it first" in p.stderr,
+       "zse serve of a GGUF says to convert it first")
 whole = open(path("tiny-qwen2-Q8_0.gguf"), "rb").read()
 for cut in (len(whole) - 1000, 4000, 30):
     with open(path("cut.gguf"), "wb") as f:
