@@ -48,3 +48,9 @@ add_test(NAME gguf_convert COMMAND sh -c
    exec ${ZSE_VENV_PY} ${PROJECT_SOURCE_DIR}/tests/gguf/check_gguf.py $<TARGET_FILE:zse> ${PROJECT_SOURCE_DIR} ${OPS}/gguf")
 set_tests_properties(gguf_convert PROPERTIES SKIP_RETURN_CODE 77 PASS_REGULAR_EXPRESSION "[0-9]+ passed, 0 failed"
   TIMEOUT 900)
+
+# the Dockerfile cannot be built here (no image registry): hadolint checks it instead
+add_test(NAME dockerfile_lint COMMAND sh -c
+  "[ -x ${PROJECT_SOURCE_DIR}/.venv/bin/hadolint ] || { echo 'skip: no hadolint in .venv (run tools/install-deps.sh)'; exit 77; }; \
+   cd ${PROJECT_SOURCE_DIR} && .venv/bin/hadolint --no-color Dockerfile && echo 'Dockerfile: hadolint clean'")
+set_tests_properties(dockerfile_lint PROPERTIES SKIP_RETURN_CODE 77 PASS_REGULAR_EXPRESSION "hadolint clean")
