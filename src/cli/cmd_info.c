@@ -64,6 +64,8 @@ static void print_text(const char *path, const zse_file *f, const tensor_totals 
     zse_scheme qs;
     if (quant && zse_scheme_from_name(quant, &qs) == 0 && zse_scheme_is_grouped(qs))
         printf("quantization:    %s (group %lld)\n", quant, (long long)json_integer_value(g));
+    else if (quant && strcmp(quant, "gguf") == 0)
+        printf("quantization:    gguf (each tensor kept its GGUF type or the nearest scheme; below)\n");
     else
         printf("quantization:    %s\n", quant ? quant : "?");
     for (int s = 0; s < ZSE_SCHEME_COUNT; s++)

@@ -133,8 +133,10 @@ static int build_plan(plan *p, const zse_safetensors *st, const zse_config *c,
             continue; /* recomputed from the config; old checkpoints store it */
         if (c->tie_embeddings && strcmp(s->name, "lm_head.weight") == 0)
             continue;
-        char *canon = !st->canonical_names ? zse_hf_canonical_name(c, s->name)
-                      : zse_canonical_rank(s->name) >= 0 ? zse_strdup(s->name) : NULL;
+        int64_t cr, cc;
+        char *canon = !st->canonical_names                          ? zse_hf_canonical_name(c, s->name)
+                      : zse_canonical_shape(c, s->name, &cr, &cc) ? zse_strdup(s->name)
+                                                                    : NULL;
         if (!canon) {
             if (st->canonical_names)
                 zse_fail("tensor '%s' is not one the %s forward pass reads", s->name, c->arch);
@@ -415,8 +417,8 @@ static void quantize_share(void *arg, int ith, int nth)
     }
     const zse_st_tensor *src = j->t->src;
     int exact_group;
-    bool exact = src->dtype == ZSE_ST_GGML && zse_ggml_exact_scheme(src->ggml_type, &exact_group) == (int)q->scheme &&
-                 exact_group == q->group_size;
+    bool exact = src->dtype == ZSE_ST_GGML &&
+                 zse_ggml_exact_scheme(src->ggml_type, &exact_group) == (int)q->scheme && exact_group == q->group_size;
     size_t src_row = exact ? zse_ggml_row_bytes(src->ggml_type, q->cols) : 0;
     for (int64_t r = r0; r < r1 && !interrupted; r += chunk) {
         int64_t n = r + chunk < r1 ? chunk : r1 - r;

@@ -50,7 +50,8 @@ static void test_exact_repacks(void)
         size_t rb = zse_ggml_row_bytes(t, cols);
         CHECK(rb > 0);
         uint8_t *src = malloc(rb * rows);
-        random_blocks(t, src, rb * rows, zse_ggml_block_elems(t) > 1 ? rb / (size_t)(cols / zse_ggml_block_elems(t)) : rb);
+        int64_t per_block = zse_ggml_block_elems(t);
+        random_blocks(t, src, rb * rows, per_block > 1 ? rb / (size_t)(cols / per_block) : rb);
         if (t == 0 || t == 1 || t == 30) /* plain types: finite values */
             for (int64_t i = 0; i < rows * cols; i++) {
                 float v = (float)(next_u32() % 2001) / 1000.0f - 1.0f;
@@ -241,7 +242,8 @@ static size_t build_model(gw *w, const char *arch, double theta, bool llama3, co
                 memcpy(w->b.data + start + 4 * f, &v, 4);
             }
         } else if (all[i].type != 0) { /* valid scales for the block types */
-            size_t blk = zse_ggml_block_elems(all[i].type) > 1 ? zse_ggml_row_bytes(all[i].type, zse_ggml_block_elems(all[i].type)) : sz;
+            int64_t per = zse_ggml_block_elems(all[i].type);
+            size_t blk = per > 1 ? zse_ggml_row_bytes(all[i].type, per) : sz;
             random_blocks(all[i].type, (uint8_t *)w->b.data + start, sz, blk);
         }
     }
