@@ -237,20 +237,14 @@ def add_vocab(w, d, arch):
         w.add_chat_template(tc["chat_template"])
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("src")
-    ap.add_argument("out")
-    ap.add_argument("--type", default="F16")
-    ap.add_argument("--dequant-dir")
-    ap.add_argument("--arch", help="write this general.architecture instead (error tests)")
-    a = ap.parse_args()
-    cfg = json.load(open(os.path.join(a.src, "config.json")))
+def write_gguf(src, out, type_name="F16", dequant_dir=None, arch_override=None):
+    """the GGUF of the Hugging Face directory src at out (see the module's doc)"""
+    cfg = json.load(open(os.path.join(src, "config.json")))
     arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}[cfg["model_type"]]
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    qtype = Q[a.type]
-    w = gguf.GGUFWriter(a.out, a.arch or arch)
+    qtype = Q[type_name]
+    w = gguf.GGUFWriter(out, arch_override or arch)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg.get("max_position_embeddings", 4096))
     w.add_embedding_length(cfg["hidden_size"])
@@ -264,8 +258,8 @@ def main():
     theta, rp = rope_params(cfg)
     w.add_rope_freq_base(theta)
     w.add_vocab_size(cfg["vocab_size"])
-    add_vocab(w, a.src, arch)
-    weights = read_safetensors(a.src)
+    add_vocab(w, src, arch)
+    weights = read_safetensors(src)
     if cfg.get("tie_word_embeddings"):
         weights.pop("lm_head.weight", None)
     reference = {}
@@ -286,19 +280,30 @@ def main():
         else:
             data, stored = gguf.quants.quantize(t.astype(np.float32), qtype), qtype
         w.add_tensor(name, data, raw_dtype=stored if stored != Q.F32 else None)
-        if a.dequant_dir:
+        if dequant_dir:
             deq = gguf.quants.dequantize(data, stored).reshape(t.shape).astype(np.float32)
             reference[hf] = unpermute(deq, perm) if perm else deq
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    if a.dequant_dir:
-        os.makedirs(a.dequant_dir, exist_ok=True)
-        for f in os.listdir(a.src):
+    if dequant_dir:
+        os.makedirs(dequant_dir, exist_ok=True)
+        for f in os.listdir(src):
             if not f.endswith(".safetensors") and f != "model.safetensors.index.json" and f != "goldens.json":
-                shutil.copy(os.path.join(a.src, f), os.path.join(a.dequant_dir, f))
-        write_safetensors(os.path.join(a.dequant_dir, "model.safetensors"), reference)
+                shutil.copy(os.path.join(src, f), os.path.join(dequant_dir, f))
+        write_safetensors(os.path.join(dequant_dir, "model.safetensors"), reference)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src")
+    ap.add_argument("out")
+    ap.add_argument("--type", default="F16")
+    ap.add_argument("--dequant-dir")
+    ap.add_argument("--arch", help="write this general.architecture instead (error tests)")
+    a = ap.parse_args()
+    write_gguf(a.src, a.out, a.type, a.dequant_dir, a.arch)
 
 
 if __name__ == "__main__":
