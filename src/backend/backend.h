@@ -194,6 +194,24 @@ struct zse_backend {
     void *impl;
 };
 
+/* What `zse hardware` reports of a GPU */
+typedef struct {
+    char name[256];
+    int cc_major, cc_minor;         /* compute capability */
+    int sm_count;
+    uint64_t total_bytes;
+    uint64_t free_bytes;            /* valid when free_known */
+    bool free_known;
+    int cuda_driver_version;        /* the CUDA version the driver supports, e.g. 13000 */
+    int cuda_runtime_version;       /* the CUDA runtime zse was built with */
+} zse_gpu_info;
+
+/* the GPUs this zse can use (0 without CUDA or without a device) and their facts */
+int zse_backend_gpu_count(void);
+int zse_backend_gpu_info(int index, zse_gpu_info *out);
+/* why there is none: built without CUDA, no driver, no device */
+const char *zse_backend_gpu_absence(void);
+
 /* "cpu", "cuda", "cuda:N"; threads for the CPU backend (0 = physical cores) */
 zse_backend *zse_backend_create(const char *device, int threads);
 void zse_backend_destroy(zse_backend *be);
@@ -205,6 +223,8 @@ zse_backend *zse_cpu_backend_create(int threads);
 /* the CUDA backend (src/backend/cuda, extern "C") */
 zse_backend *zse_cuda_backend_create(int device_index);
 int zse_cuda_device_count(void);
+int zse_cuda_device_info(int index, zse_gpu_info *out);
+const char *zse_cuda_absence(void);
 #endif
 
 #endif

@@ -3,6 +3,8 @@
 #ifndef ZSE_CLI_H
 #define ZSE_CLI_H
 
+#include "format/format.h"
+
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -67,5 +69,10 @@ int cli_spec_parse(const cli_spec *s, zse_spec_params *out, const char *verb);
  * before the target, so the target's KV cache is sized for what is left): 0, or -1 with
  * the error. */
 int cli_spec_load_draft(const cli_spec *s, const zse_load_params *lp, zse_model **draft, zse_spec_params *out);
+
+/* fit.c: what fits where (zse hardware --fit, zse info --fit), and the KV cache's size */
+int cli_print_fit(const char *model_path, bool as_json);
+uint64_t cli_kv_bytes_per_token(const zse_config *c, bool int8);
+uint64_t cli_kv_bytes(const zse_config *c, int64_t ctx, bool int8);  /* whole 16-token blocks */
 
 #endif

@@ -30,14 +30,6 @@ static void total_tensors(const zse_file *f, tensor_totals *t)
     }
 }
 
-/* K and V for every layer: f16 = 2 bytes per element; int8 = 1 byte plus one f32 scale
- * per (token, head) */
-static uint64_t kv_bytes(const zse_config *c, int64_t ctx, bool int8)
-{
-    uint64_t per_tok_head = int8 ? (uint64_t)c->head_dim + 4 : (uint64_t)c->head_dim * 2;
-    return 2ull * (uint64_t)c->n_layers * (uint64_t)c->n_kv_heads * per_tok_head * (uint64_t)ctx;
-}
-
 /* "1.23 GB", "45.6 MB", "789 KB": the unit that keeps the figure readable */
 static const char *human_bytes(uint64_t b, char buf[32])
 {
@@ -70,8 +62,10 @@ static void print_text(const char *path, const zse_file *f, const tensor_totals 
         printf("sliding window:  %d\n", c->sliding_window);
     printf("tied embeddings: %s\n", c->tie_embeddings ? "yes" : "no");
     zse_scheme qs;
-    if (quant && zse_scheme_from_name(quant, &qs) == 0 && zse_scheme_layout(qs) == ZSE_LAYOUT_Q4_G)
+    if (quant && zse_scheme_from_name(quant, &qs) == 0 && zse_scheme_is_grouped(qs))
         printf("quantization:    %s (group %lld)\n", quant, (long long)json_integer_value(g));
+    else if (quant && strcmp(quant, "gguf") == 0)
+        printf("quantization:    gguf (each tensor kept its GGUF type or the nearest scheme; below)\n");
     else
         printf("quantization:    %s\n", quant ? quant : "?");
     for (int s = 0; s < ZSE_SCHEME_COUNT; s++)
@@ -82,8 +76,8 @@ static void print_text(const char *path, const zse_file *f, const tensor_totals 
     printf("tokenizer:       %s\n", tt ? tt : "unknown");
     printf("chat template:   %s\n", zse_file_chat_template(f) ? "yes" : "no");
     printf("memory at ctx %lld: weights %s + KV %s (f16) or %s (int8) per sequence\n", (long long)ctx,
-           human_bytes(t->weight_bytes, b1), human_bytes(kv_bytes(c, ctx, false), b2),
-           human_bytes(kv_bytes(c, ctx, true), b3));
+           human_bytes(t->weight_bytes, b1), human_bytes(cli_kv_bytes(c, ctx, false), b2),
+           human_bytes(cli_kv_bytes(c, ctx, true), b3));
     if (t->host_bytes)
         printf("on a GPU:        weights %s in VRAM; the embedding table (%s) stays in host memory\n",
                human_bytes(t->weight_bytes - t->host_bytes, b1), human_bytes(t->host_bytes, b2));
@@ -112,8 +106,8 @@ static void print_json(const char *path, const zse_file *f, const tensor_totals 
         json_object_get(h, "tokenizer_type"), "chat_template", zse_file_chat_template(f) != NULL,
         "tied_embeddings", c->tie_embeddings, "weight_bytes", (json_int_t)t->weight_bytes,
         "gpu_weight_bytes", (json_int_t)(t->weight_bytes - t->host_bytes),
-        "kv_bytes_f16", (json_int_t)kv_bytes(c, ctx, false), "kv_bytes_int8",
-        (json_int_t)kv_bytes(c, ctx, true), "ctx", (json_int_t)ctx, "sliding_window",
+        "kv_bytes_f16", (json_int_t)cli_kv_bytes(c, ctx, false), "kv_bytes_int8",
+        (json_int_t)cli_kv_bytes(c, ctx, true), "ctx", (json_int_t)ctx, "sliding_window",
         c->sliding_window);
     char *s = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
     if (s)
@@ -125,13 +119,14 @@ static void print_json(const char *path, const zse_file *f, const tensor_totals 
 int cmd_info(int argc, char **argv)
 {
     if (cli_wants_help(argc, argv)) {
-        printf("usage: zse info FILE.zse [--json] [--ctx N]\n\n"
+        printf("usage: zse info FILE.zse [--json] [--ctx N] [--fit]\n\n"
                "  --json    machine-readable output\n"
-               "  --ctx N   context length for the KV-cache estimate (default: the model's)\n");
+               "  --ctx N   context length for the KV-cache estimate (default: the model's)\n"
+               "  --fit     what fits where on this machine (as zse hardware --fit FILE.zse)\n");
         return 0;
     }
     const char *path = NULL;
-    bool as_json = false;
+    bool as_json = false, fit = false;
     int64_t ctx = 0;
     cli_args a = cli_begin(argc, argv);
     while (cli_next(&a)) {
@@ -139,6 +134,8 @@ int cmd_info(int argc, char **argv)
             as_json = true;
         else if (cli_is(&a, NULL, "--ctx"))
             cli_int(&a, 1, 1 << 24, &ctx);
+        else if (cli_is(&a, NULL, "--fit"))
+            fit = true;
         else if (cli_positional(&a) && !path)
             path = a.arg;
         else
@@ -147,9 +144,11 @@ int cmd_info(int argc, char **argv)
     if (a.failed)
         return 2;
     if (!path) {
-        fprintf(stderr, "usage: zse info FILE.zse [--json] [--ctx N]\n");
+        fprintf(stderr, "usage: zse info FILE.zse [--json] [--ctx N] [--fit]\n");
         return 2;
     }
+    if (fit)
+        return cli_print_fit(path, as_json);
     zse_file *f = zse_file_open(path);
     if (!f)
         return cli_error("info");

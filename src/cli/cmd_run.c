@@ -39,7 +39,7 @@ static int dump_logits(const char *path, const float *logits, int n)
         return zse_fail("cannot write %s", path);
     fputc('[', f);
     for (int i = 0; i < n; i++)
-        fprintf(f, "%s%.6g", i ? ", " : "", (double)logits[i]);
+        fprintf(f, "%s%.9g", i ? ", " : "", (double)logits[i]); /* round-trips the float */
     fputs("]\n", f);
     return fclose(f) == 0 ? 0 : zse_fail("cannot write %s", path);
 }

@@ -2,6 +2,7 @@
  * up first and answers 503 "loading" while the model loads; SIGTERM or SIGINT drain it. */
 #include "cli/cli.h"
 
+#include "format/format.h"
 #include "server/server.h"
 #include "util/util.h"
 
@@ -10,6 +11,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 const char cmd_serve_summary[] = "serve a model over an OpenAI-compatible HTTP API";
@@ -256,8 +258,20 @@ int cmd_serve(int argc, char **argv)
     if (rc != 0)
         return rc;
     if (!zse_file_exists(l.model_path)) {
-        fprintf(stderr, "zse serve: %s does not exist (zse convert makes a .zse from a Hugging Face folder)\n",
-                l.model_path);
+        struct stat sb;
+        if (stat(l.model_path, &sb) == 0 && S_ISDIR(sb.st_mode))
+            fprintf(stderr, "zse serve: %s is a folder; zse serves one .zse file. Convert it first:\n"
+                            "  zse convert %s -o model.zse && zse serve model.zse\n", l.model_path, l.model_path);
+        else if (stat(l.model_path, &sb) == 0)
+            fprintf(stderr, "zse serve: %s is not a regular file\n", l.model_path);
+        else
+            fprintf(stderr, "zse serve: %s does not exist (zse convert makes a .zse from a Hugging Face folder or "
+                            "a .gguf file)\n", l.model_path);
+        return 1;
+    }
+    if (zse_is_gguf_file(l.model_path)) {
+        fprintf(stderr, "zse serve: %s is a GGUF file; zse serves .zse files. Convert it first:\n"
+                        "  zse convert %s -o model.zse && zse serve model.zse\n", l.model_path, l.model_path);
         return 1;
     }
     char *model_id = o.http.model_id ? NULL : default_model_id(l.model_path);

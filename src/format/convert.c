@@ -1,4 +1,4 @@
-/* zse convert: Hugging Face directory -> one .zse file.
+/* zse convert: Hugging Face directory (or GGUF file, gguf_model.c) -> one .zse file.
  *
  * The writer streams tensor by tensor: each tensor is converted to f32 a few rows at a
  * time, quantized by the thread pool into one packed buffer, hashed and written; the
@@ -32,6 +32,8 @@ typedef struct {
     size_t n;
     uint64_t tok_offset, tok_size, tok_checksum;
     uint64_t data_offset, file_size;
+    int major;                  /* the oldest format version that has every scheme used */
+    bool gguf_types;            /* a GGUF source's tensors kept their own types (no --quant) */
 } plan;
 
 static volatile sig_atomic_t interrupted;
@@ -88,6 +90,30 @@ static zse_scheme choose_scheme(const zse_convert_opts *o, const char *canon, co
     return o->scheme;
 }
 
+/* A GGUF tensor keeps its values where a zse scheme holds them exactly; without --quant
+ * the others take the nearest scheme with as many bits (Q4_K → int4 g32, the 5- and
+ * 6-bit types → int8g g32); with --quant, the recipe applies as for any source (and a
+ * tensor whose exact scheme is the recipe's is still copied code for code). */
+static void choose_gguf_scheme(const zse_convert_opts *o, const zse_st_tensor *s, const char *canon, zse_qshape *q)
+{
+    bool canon_override = (strcmp(canon, "token_embd.weight") == 0 && o->embed_scheme >= 0) ||
+                          (strcmp(canon, "output.weight") == 0 && o->lm_head_scheme >= 0);
+    int g;
+    int exact = zse_ggml_exact_scheme(s->ggml_type, &g);
+    if (q->rows == 1 || o->quant_given || canon_override || matches_keep(o, canon, s->name)) {
+        q->scheme = choose_scheme(o, canon, s->name, q->rows);
+        q->group_size = zse_scheme_is_grouped(q->scheme) ? o->group_size : 0;
+        return;
+    }
+    if (exact >= 0) {
+        q->scheme = (zse_scheme)exact;
+        q->group_size = g;
+    } else {
+        q->scheme = s->ggml_type == 12 /* Q4_K */ ? ZSE_SCHEME_Q4 : ZSE_SCHEME_Q8G;
+        q->group_size = 32;
+    }
+}
+
 static uint64_t align_up(uint64_t x)
 {
     return (x + ZSE_TENSOR_ALIGN - 1) / ZSE_TENSOR_ALIGN * ZSE_TENSOR_ALIGN;
@@ -99,21 +125,29 @@ static int build_plan(plan *p, const zse_safetensors *st, const zse_config *c,
     p->t = zse_calloc(st->n_tensors + 1, sizeof *p->t);
     if (!p->t)
         return -1;
+    p->major = 1;
+    p->gguf_types = st->canonical_names && !o->quant_given;
     for (size_t i = 0; i < st->n_tensors; i++) {
         const zse_st_tensor *s = &st->tensors[i];
         if (strstr(s->name, "rotary_emb.inv_freq"))
             continue; /* recomputed from the config; old checkpoints store it */
         if (c->tie_embeddings && strcmp(s->name, "lm_head.weight") == 0)
             continue;
-        char *canon = zse_hf_canonical_name(c, s->name);
-        if (!canon)
+        int64_t cr, cc;
+        char *canon = !st->canonical_names                          ? zse_hf_canonical_name(c, s->name)
+                      : zse_canonical_shape(c, s->name, &cr, &cc) ? zse_strdup(s->name)
+                                                                    : NULL;
+        if (!canon) {
+            if (st->canonical_names)
+                zse_fail("tensor '%s' is not one the %s forward pass reads", s->name, c->arch);
             return -1;
+        }
         plan_tensor *t = &p->t[p->n++];
         t->name = canon;
         t->src = s;
         if (s->ndim < 1 || s->ndim > 2)
             return zse_fail("tensor '%s' has %d dimensions; weights must be 1-D or 2-D", s->name, s->ndim);
-        if (s->dtype != ZSE_ST_F32 && s->dtype != ZSE_ST_F16 && s->dtype != ZSE_ST_BF16)
+        if (s->dtype != ZSE_ST_F32 && s->dtype != ZSE_ST_F16 && s->dtype != ZSE_ST_BF16 && s->dtype != ZSE_ST_GGML)
             return zse_fail("tensor '%s' is not F32/F16/BF16; pre-quantized checkpoints are not "
                             "supported — convert from the original weights", s->name);
         t->q.rows = s->ndim == 2 ? s->shape[0] : 1;
@@ -122,8 +156,14 @@ static int build_plan(plan *p, const zse_safetensors *st, const zse_config *c,
             zse_error_prefix("%s ('%s')", st->shards[s->file_index].path, s->name);
             return -1;
         }
-        t->q.scheme = choose_scheme(o, canon, s->name, t->q.rows);
-        t->q.group_size = zse_scheme_layout(t->q.scheme) == ZSE_LAYOUT_Q4_G ? o->group_size : 0;
+        if (s->dtype == ZSE_ST_GGML) {
+            choose_gguf_scheme(o, s, canon, &t->q);
+        } else {
+            t->q.scheme = choose_scheme(o, canon, s->name, t->q.rows);
+            t->q.group_size = zse_scheme_is_grouped(t->q.scheme) ? o->group_size : 0;
+        }
+        if (t->q.scheme == ZSE_SCHEME_Q8G)
+            p->major = 2;
         if (!(t->size = zse_qshape_bytes(&t->q))) {
             /* the reason is in the error buffer: prefix it (passing it back into zse_fail
              * would format the buffer into itself) */
@@ -206,9 +246,10 @@ static json_t *source_files(const char *dir, const zse_safetensors *st, const ch
     int n = 0, rc = 0;
     for (int i = 0; rc == 0 && i < st->n_shards; i++)
         rc = add_source_path(&paths, &n, zse_strdup(st->shards[i].path));
-    if (rc == 0)
+    /* a GGUF file (no tokenizer file, no directory) is its own only source */
+    if (rc == 0 && tok_path)
         rc = add_source_path(&paths, &n, zse_strdup(tok_path));
-    for (size_t i = 0; rc == 0 && i < sizeof extra / sizeof extra[0]; i++)
+    for (size_t i = 0; rc == 0 && dir && i < sizeof extra / sizeof extra[0]; i++)
         rc = add_source_path(&paths, &n, zse_path_join(dir, extra[i]));
     json_t *arr = NULL;
     hash_job job = {.paths = paths, .n = n, .error_taken = ATOMIC_FLAG_INIT};
@@ -247,7 +288,7 @@ static json_t *build_header(const zse_hf_dir *hf, const plan *p, const zse_conve
 {
     json_t *h = json_object();
     json_object_set_new(h, "format", json_string("zse"));
-    json_object_set_new(h, "version", json_pack("[i,i]", ZSE_FORMAT_MAJOR, ZSE_FORMAT_MINOR));
+    json_object_set_new(h, "version", json_pack("[i,i]", p->major, 0));
     json_object_set_new(h, "config", zse_config_to_json(&hf->config));
     json_object_set(h, "tokenizer_config", hf->tokenizer_config ? hf->tokenizer_config : json_null());
     json_object_set_new(h, "tokenizer_type", json_string(tok_type));
@@ -266,10 +307,11 @@ static json_t *build_header(const zse_hf_dir *hf, const plan *p, const zse_conve
         else if (strcmp(p->t[i].name, "output.weight") == 0)
             lm_head = json_string(zse_scheme_name(p->t[i].q.scheme));
     }
+    /* "gguf": each tensor kept its GGUF type, or the nearest scheme (the directory says) */
     json_object_set_new(h, "quant", json_pack("{s:s, s:i, s:o, s:o, s:o}", "scheme",
-                                              zse_scheme_name(o->scheme), "group_size",
-                                              o->group_size, "embed", embed, "lm_head", lm_head,
-                                              "keep_fp16", keep));
+                                              p->gguf_types ? "gguf" : zse_scheme_name(o->scheme), "group_size",
+                                              p->gguf_types ? 32 : o->group_size, "embed", embed, "lm_head",
+                                              lm_head, "keep_fp16", keep));
     char when[32];
     time_t now = time(NULL);
     struct tm tm;
@@ -373,8 +415,19 @@ static void quantize_share(void *arg, int ith, int nth)
         atomic_store(&j->failed, 1);
         return;
     }
+    const zse_st_tensor *src = j->t->src;
+    int exact_group;
+    bool exact = src->dtype == ZSE_ST_GGML &&
+                 zse_ggml_exact_scheme(src->ggml_type, &exact_group) == (int)q->scheme && exact_group == q->group_size;
+    size_t src_row = exact ? zse_ggml_row_bytes(src->ggml_type, q->cols) : 0;
     for (int64_t r = r0; r < r1 && !interrupted; r += chunk) {
         int64_t n = r + chunk < r1 ? chunk : r1 - r;
+        if (exact) { /* the GGUF's codes and scales as they are (rows back in HF order) */
+            for (int64_t i = r; i < r + n; i++)
+                zse_ggml_repack_row(src->ggml_type, src->data + (size_t)zse_gguf_source_row(src, i) * src_row, q,
+                                    j->packed, i);
+            continue;
+        }
         if (zse_st_read_f32(j->t->src, (size_t)(r * q->cols), (size_t)(n * q->cols), buf) != 0) {
             atomic_store(&j->failed, 1);
             break;
@@ -505,6 +558,12 @@ static int writer_finish(writer *w)
 static bool is_pass_through(const plan_tensor *t)
 {
     zse_st_dtype d = t->src->dtype;
+    if (d == ZSE_ST_GGML) {
+        int g;
+        return t->src->size == t->size && t->src->permuted_heads == 0 &&
+               zse_ggml_exact_scheme(t->src->ggml_type, &g) == (int)t->q.scheme &&
+               zse_scheme_layout(t->q.scheme) == ZSE_LAYOUT_PLAIN;
+    }
     return t->src->size == t->size &&
            ((t->q.scheme == ZSE_SCHEME_BF16 && d == ZSE_ST_BF16) ||
             (t->q.scheme == ZSE_SCHEME_F16 && d == ZSE_ST_F16) ||
@@ -540,8 +599,8 @@ static void write_preamble(uint8_t pre[64], uint64_t hsize, uint64_t hhash, cons
     memset(pre, 0, 64);
     memcpy(pre, "ZSEMODEL", 8);
     uint64_t fields[6] = {0, 64, hsize, hhash, p->data_offset, p->file_size};
-    pre[8] = ZSE_FORMAT_MAJOR;
-    pre[10] = ZSE_FORMAT_MINOR;
+    pre[8] = (uint8_t)p->major;
+    pre[10] = 0;
     for (int f = 1; f < 6; f++)
         for (int i = 0; i < 8; i++)
             pre[8 + 8 * f + i] = (uint8_t)(fields[f] >> (8 * i));
@@ -724,14 +783,11 @@ static int write_tensors(int fd, const char *out_path, plan *p, zse_pool *pool)
     return rc;
 }
 
-static int convert_into(int fd, const char *out_path, const char *src_dir,
-                        const zse_convert_opts *o, zse_hf_dir *hf, zse_safetensors *st, plan *p,
-                        zse_pool *pool)
+/* src_dir NULL: a GGUF source, whose file is the only input */
+static int convert_into(int fd, const char *out_path, const char *src_dir, const zse_convert_opts *o,
+                        zse_hf_dir *hf, zse_safetensors *st, plan *p, zse_pool *pool, const char *tok,
+                        size_t tok_len)
 {
-    size_t tok_len;
-    char *tok = zse_read_file(hf->tokenizer_json_path, &tok_len);
-    if (!tok)
-        return -1;
     const char *tok_type = tokenizer_type_of(tok, tok_len);
     p->tok_size = tok_len;
     p->tok_checksum = zse_hash64(tok, tok_len);
@@ -739,7 +795,6 @@ static int convert_into(int fd, const char *out_path, const char *src_dir,
     int rc = sources ? layout_offsets(p, hf, o, sources, tok_type) : -1;
     if (rc == 0)
         rc = write_at(fd, tok, tok_len, p->tok_offset, out_path);
-    free(tok);
     if (rc == 0)
         rc = write_tensors(fd, out_path, p, pool);
     if (rc == 0)
@@ -748,19 +803,44 @@ static int convert_into(int fd, const char *out_path, const char *src_dir,
     return rc;
 }
 
+/* the model's metadata, tensors and tokenizer.json, from an HF directory or a GGUF file */
+static int open_source(const char *src, const zse_convert_opts *o, zse_hf_dir *hf, zse_safetensors *st,
+                       char **tok, size_t *tok_len)
+{
+    if (zse_is_gguf_file(src)) {
+        if (!o->gguf_tokenizer)
+            return zse_fail("%s: converting a GGUF file needs its vocabulary builder (zse_convert_opts.gguf_tokenizer)",
+                            src);
+        if (zse_gguf_open_source(src, hf, st) != 0)
+            return -1;
+        if (!(*tok = o->gguf_tokenizer(src, tok_len, &hf->tokenizer_config))) {
+            zse_st_close(st);
+            zse_hf_close(hf);
+            return -1;
+        }
+        return 0;
+    }
+    if (zse_hf_open(hf, src) != 0)
+        return -1;
+    if (zse_st_open(st, src) != 0 || !(*tok = zse_read_file(hf->tokenizer_json_path, tok_len))) {
+        zse_st_close(st);
+        zse_hf_close(hf);
+        return -1;
+    }
+    return 0;
+}
+
 int zse_convert(const char *src_dir, const char *out_path, const zse_convert_opts *o)
 {
     /* fail before the work; out_commit checks again without a race */
     if (!o->force && access(out_path, F_OK) == 0)
         return zse_fail("%s already exists; pass --force to overwrite it", out_path);
     zse_hf_dir hf;
-    if (zse_hf_open(&hf, src_dir) != 0)
-        return -1;
     zse_safetensors st;
-    if (zse_st_open(&st, src_dir) != 0) {
-        zse_hf_close(&hf);
+    char *tok = NULL;
+    size_t tok_len = 0;
+    if (open_source(src_dir, o, &hf, &st, &tok, &tok_len) != 0)
         return -1;
-    }
     plan p = {0};
     int rc = build_plan(&p, &st, &hf.config, o);
     if (rc != 0)
@@ -779,7 +859,8 @@ int zse_convert(const char *src_dir, const char *out_path, const zse_convert_opt
     if (rc == 0)
         rc = out_create(&out, out_path);
     if (rc == 0)
-        rc = convert_into(out.fd, out_path, src_dir, o, &hf, &st, &p, pool);
+        rc = convert_into(out.fd, out_path, st.canonical_names ? NULL : src_dir, o, &hf, &st, &p, pool, tok,
+                          tok_len);
     if (rc == 0 && interrupted)
         rc = zse_fail("interrupted by a signal; nothing was written");
     if (rc == 0)
@@ -789,6 +870,7 @@ int zse_convert(const char *src_dir, const char *out_path, const zse_convert_opt
     sigaction(SIGTERM, &old_term, NULL);
     zse_pool_free(pool);
     plan_free(&p);
+    free(tok);
     zse_st_close(&st);
     zse_hf_close(&hf);
     return rc;

@@ -1,5 +1,6 @@
 /* format — the .zse file (reader and writer), safetensors, Hugging Face directory
- * normalization and (later) GGUF. docs/FORMAT.md is the specification of .zse. */
+ * normalization and GGUF files as a conversion source. docs/FORMAT.md is the
+ * specification of .zse. */
 #ifndef ZSE_FORMAT_H
 #define ZSE_FORMAT_H
 
@@ -103,7 +104,9 @@ int zse_check_required_tensors(const zse_config *c, bool (*has)(const void *ctx,
 
 /* ---- safetensors -------------------------------------------------------------- */
 typedef enum { ZSE_ST_F32, ZSE_ST_F16, ZSE_ST_BF16, ZSE_ST_I8, ZSE_ST_U8, ZSE_ST_I32,
-               ZSE_ST_OTHER } zse_st_dtype;
+               ZSE_ST_OTHER,
+               ZSE_ST_GGML      /* a GGUF tensor: ggml_type says its block format */
+} zse_st_dtype;
 
 typedef struct {
     char *name;
@@ -113,6 +116,9 @@ typedef struct {
     const uint8_t *data;        /* inside the mapping */
     size_t size;                /* bytes */
     int file_index;             /* which shard */
+    uint32_t ggml_type;         /* ZSE_ST_GGML: the GGML type id (quant.h) */
+    int permuted_heads;         /* ZSE_ST_GGML: rows of this many heads are in llama.cpp's
+                                 * interleaved RoPE order, undone when read; 0 = in order */
 } zse_st_tensor;
 
 typedef struct {
@@ -120,6 +126,7 @@ typedef struct {
     int n_shards;
     zse_st_tensor *tensors;
     size_t n_tensors;
+    bool canonical_names;       /* tensors carry zse's canonical names (a GGUF source) */
 } zse_safetensors;
 
 /* dir_or_file: a .safetensors file, or a directory with model.safetensors or
@@ -127,11 +134,61 @@ typedef struct {
 int zse_st_open(zse_safetensors *st, const char *dir_or_file);
 void zse_st_close(zse_safetensors *st);
 const zse_st_tensor *zse_st_find(const zse_safetensors *st, const char *name);
-/* convert n elements of a tensor (F32/F16/BF16) starting at element `first` to f32 */
+/* convert n elements of a tensor (F32/F16/BF16, or a GGUF tensor's whole rows) starting
+ * at element `first` to f32 */
 int zse_st_read_f32(const zse_st_tensor *t, size_t first, size_t n, float *out);
 
+/* ---- GGUF (gguf.c: the container; gguf_model.c: a GGUF as a conversion source) ---------- */
+typedef struct {
+    char *key;
+    uint32_t type;              /* GGUF value type (8 = string, 9 = array, ...) */
+    const uint8_t *at;          /* the value (an array's first element) inside the mapping */
+    uint32_t arr_type;          /* arrays: element type and count */
+    uint64_t arr_n;
+} zse_gguf_kv;
+
+typedef struct {
+    char *name;
+    int n_dims;
+    int64_t ne[4];              /* ggml order: ne[0] is the row length */
+    uint32_t type;              /* GGML type id */
+    uint64_t offset;            /* from the data section's start */
+    uint64_t size;              /* bytes; 0 for a type zse cannot read */
+    const uint8_t *data;        /* inside the mapping, bounds-checked */
+} zse_gguf_tensor;
+
+typedef struct {
+    zse_map map;
+    uint32_t version;
+    zse_gguf_kv *kvs;
+    size_t n_kvs;
+    zse_gguf_tensor *tensors;
+    size_t n_tensors;
+    uint64_t alignment, data_offset;
+} zse_gguf;
+
+bool zse_is_gguf_file(const char *path);            /* by its magic, whatever its name */
+/* maps and checks the whole header and tensor directory against the file */
+zse_gguf *zse_gguf_open(const char *path);
+void zse_gguf_close(zse_gguf *g);
+const zse_gguf_kv *zse_gguf_find(const zse_gguf *g, const char *key);
+const zse_gguf_tensor *zse_gguf_tensor_named(const zse_gguf *g, const char *name);
+bool zse_gguf_kv_int(const zse_gguf_kv *kv, int64_t *out);      /* integers and bools */
+bool zse_gguf_kv_num(const zse_gguf_kv *kv, double *out);       /* floats and integers */
+const char *zse_gguf_kv_str(const zse_gguf_kv *kv, size_t *len); /* not NUL-terminated */
+/* zse_st_read_f32 of a ZSE_ST_GGML tensor; the GGUF row that holds row r */
+int zse_gguf_read_f32(const zse_st_tensor *t, size_t first, size_t n, float *out);
+int64_t zse_gguf_source_row(const zse_st_tensor *t, int64_t r);
+/* A GGUF file as zse convert's source: the normalized config and chat template into
+ * meta (tokenizer_json_path stays NULL: the vocabulary comes through the convert
+ * options), the tensors into st under their canonical names. */
+int zse_gguf_open_source(const char *path, zse_hf_dir *meta, zse_safetensors *st);
+
 /* ---- .zse reader ----------------------------------------------------------- */
-#define ZSE_FORMAT_MAJOR 1
+/* The newest version this zse reads and writes. The writer marks a file with the oldest
+ * version that has everything it holds (1.0, or 2.0 when a tensor is int8g), so files
+ * that need nothing new stay readable by 1.x readers. */
+#define ZSE_FORMAT_MAJOR 2
 #define ZSE_FORMAT_MINOR 0
 #define ZSE_TENSOR_ALIGN 4096
 
@@ -177,8 +234,17 @@ typedef struct {
     int n_keep_fp16;
     bool force;                 /* overwrite OUT */
     int threads;                /* 0 = physical cores */
+    /* A GGUF source without --quant (quant_given false): each tensor whose type a zse
+     * scheme holds exactly keeps it (F32, F16, BF16; Q8_0 → int8g, Q4_0 → int4s, Q4_1 →
+     * int4, at group 32), Q4_K becomes int4 g32 and Q5_0/Q5_1/Q5_K/Q6_K int8g g32 */
+    bool quant_given;
+    /* the vocabulary of a GGUF source as tokenizer.json text (heap) and its
+     * tokenizer_config; supplied by the caller because the tokenizer module, which builds
+     * it, sits above this one (the CLI passes zse_tokenizer_json_from_gguf) */
+    char *(*gguf_tokenizer)(const char *gguf_path, size_t *len, json_t **tokenizer_config);
 } zse_convert_opts;
 
+/* src: a Hugging Face directory or a .gguf file */
 int zse_convert(const char *src_dir, const char *out_path, const zse_convert_opts *o);
 
 #endif

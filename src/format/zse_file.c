@@ -14,6 +14,7 @@ struct zse_file {
     zse_tensor_info *tensors;
     size_t n_tensors;
     uint64_t tok_offset, tok_size, tok_checksum;
+    unsigned major;             /* the preamble's major version */
 };
 
 static uint64_t rd64(const uint8_t *p)
@@ -69,6 +70,7 @@ static int read_preamble(zse_file *f, uint64_t *hoff, uint64_t *hsize, uint64_t 
                         path, major, minor, ZSE_FORMAT_MAJOR);
     if (major < 1)
         return zse_fail("%s: format version %u.%u is not valid", path, major, minor);
+    f->major = major;
     if (zse_hash64(p, 56) != rd64(p + 56))
         return zse_fail("%s: preamble checksum mismatch; the file is corrupt", path);
     *hoff = rd64(p + 16);
@@ -109,7 +111,10 @@ static int read_tensor(zse_file *f, const json_t *e, uint64_t data_offset, zse_t
     if (gv < 0 || gv > 1 << 20)
         return zse_fail("%s: tensor '%s' has group size %lld", path, name, (long long)gv);
     t->q.group_size = (int)gv;
-    if (gv != 0 && zse_scheme_layout(t->q.scheme) != ZSE_LAYOUT_Q4_G)
+    if (t->q.scheme == ZSE_SCHEME_Q8G && f->major < 2)
+        return zse_fail("%s: tensor '%s' has scheme int8g, which format %u.x does not have (2.0 added it)",
+                        path, name, f->major);
+    if (gv != 0 && !zse_scheme_is_grouped(t->q.scheme))
         return zse_fail("%s: tensor '%s' has group size %d but scheme %s has no groups", path, name,
                         t->q.group_size, scheme);
     t->layout = zse_scheme_layout(t->q.scheme);

@@ -34,7 +34,7 @@ set_tests_properties(cli_bench_json PROPERTIES FIXTURES_REQUIRED zse_int4
 add_test(NAME cli_bench_concurrent COMMAND zse bench ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse --prompt-tokens 16
          --gen-tokens 4 --concurrency 1,3 --batch-prompt-tokens 20 --batch-gen-tokens 6 --json)
 set_tests_properties(cli_bench_concurrent PROPERTIES FIXTURES_REQUIRED zse_int4
-  PASS_REGULAR_EXPRESSION "\"memory_mb\": {\"weights\": [0-9.]+, \"kv_cache\": [0-9.]+.*\"sequences\": 1, \"prompt_tokens\": 20, \"gen_tokens\": 6.*\"sequences\": 3, ")
+  PASS_REGULAR_EXPRESSION "\"memory_mb\": {\"weights\": [0-9.]+, \"kv_cache\": [0-9.]+.*\"sequences\": 1, \"prompt_tokens\": 20, \"shared_prefix\": 0, \"gen_tokens\": 6.*\"sequences\": 3, ")
 add_test(NAME cli_bench_bad_concurrency COMMAND zse bench ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse --concurrency 8,0)
 set_tests_properties(cli_bench_bad_concurrency PROPERTIES PASS_REGULAR_EXPRESSION "--concurrency takes up to 8 counts")
 add_test(NAME cli_bench_short_ctx COMMAND zse bench ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse --prompt-tokens 64 --ctx 32)

@@ -48,7 +48,7 @@ static void pack(packed *p, zse_scheme s, int64_t rows, int64_t cols, int group,
     p->info.q.scheme = s;
     p->info.q.rows = rows;
     p->info.q.cols = cols;
-    p->info.q.group_size = zse_scheme_layout(s) == ZSE_LAYOUT_Q4_G ? group : 0;
+    p->info.q.group_size = zse_scheme_is_grouped(s) ? group : 0;
     p->info.layout = zse_scheme_layout(s);
     size_t bytes = zse_qshape_bytes(&p->info.q);
     p->bytes = calloc(1, bytes);
@@ -108,7 +108,7 @@ static void test_matmul(zse_backend *be)
     const struct { zse_scheme s; int group; int64_t rows, cols; } cases[] = {
         {ZSE_SCHEME_Q4, 64, 45, 200}, {ZSE_SCHEME_Q4S, 32, 33, 96},  {ZSE_SCHEME_NF4, 128, 17, 300},
         {ZSE_SCHEME_Q8, 0, 40, 100},  {ZSE_SCHEME_F16, 0, 19, 37},   {ZSE_SCHEME_BF16, 0, 50, 128},
-        {ZSE_SCHEME_F32, 0, 9, 21},
+        {ZSE_SCHEME_F32, 0, 9, 21},   {ZSE_SCHEME_Q8G, 32, 23, 160}, {ZSE_SCHEME_Q8G, 128, 7, 300},
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         const int64_t rows = cases[c].rows, cols = cases[c].cols;

@@ -27,8 +27,8 @@
 #include <vector>
 
 /* scheme ids, as src/quant/quant.h numbers them (written to files: never renumbered) */
-enum { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3, Q4 = 4, Q4S = 5, NF4 = 6 };
-static const char *scheme_names[] = {"f32", "f16", "bf16", "int8", "int4", "int4s", "nf4"};
+enum { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3, Q4 = 4, Q4S = 5, NF4 = 6, Q8G = 7 };
+static const char *scheme_names[] = {"f32", "f16", "bf16", "int8", "int4", "int4s", "nf4", "int8g"};
 static const float nf4_values[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
     -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
@@ -114,13 +114,16 @@ static void pack_random(packed &p, int scheme, int64_t rows, int64_t cols, int g
         p.groups = cp / group;
     } else if (scheme == Q8) {
         p.row_bytes = round_up(cols, 32);
+    } else if (scheme == Q8G) {
+        p.row_bytes = round_up(cols, group);
+        p.groups = p.row_bytes / group;
     } else {
         int es = scheme == F32 ? 4 : 2;
         p.row_bytes = round_up(cols * es, 16);     /* the loader's re-pitch */
     }
     size_t qs_bytes = (size_t)(rows * p.row_bytes);
     p.off_scales = (size_t)round_up((int64_t)qs_bytes, 256);
-    size_t sc_bytes = four ? (size_t)(rows * p.groups * 2) : scheme == Q8 ? (size_t)rows * 4 : 0;
+    size_t sc_bytes = four || scheme == Q8G ? (size_t)(rows * p.groups * 2) : scheme == Q8 ? (size_t)rows * 4 : 0;
     p.off_mins = (size_t)round_up((int64_t)(p.off_scales + sc_bytes), 256);
     size_t total = p.off_mins + (scheme == Q4 ? sc_bytes : 0);
     p.bytes.assign(total, 0);
@@ -132,8 +135,8 @@ static void pack_random(packed &p, int scheme, int64_t rows, int64_t cols, int g
                 uint8_t v = rnd_u32() & 15;
                 int64_t c = k / 32, j = k % 32;
                 row[c * 16 + (j & 15)] |= (uint8_t)(j < 16 ? v : v << 4);
-            } else if (scheme == Q8) {
-                row[k] = (uint8_t)(int8_t)((int)(rnd_u32() % 255) - 127);
+            } else if (scheme == Q8 || scheme == Q8G) { /* int8g (GGUF Q8_0) may hold -128 */
+                row[k] = (uint8_t)(int8_t)((int)(rnd_u32() % (scheme == Q8G ? 256 : 255)) - (scheme == Q8G ? 128 : 127));
             } else if (scheme == F32) {
                 float f = rnd_uniform(-1.f, 1.f);
                 memcpy(row + 4 * k, &f, 4);
@@ -154,6 +157,10 @@ static void pack_random(packed &p, int scheme, int64_t rows, int64_t cols, int g
         float *s = (float *)(q + p.off_scales);
         for (int64_t r = 0; r < rows; r++)
             s[r] = rnd_uniform(0.001f, 0.01f);
+    } else if (scheme == Q8G) {
+        uint16_t *s = (uint16_t *)(q + p.off_scales);
+        for (int64_t i = 0; i < rows * p.groups; i++)
+            s[i] = f2h(rnd_uniform(0.001f, 0.01f));
     }
     CU(cudaMalloc(&p.dev, total));
     CU(cudaMemcpy(p.dev, q, total, cudaMemcpyHostToDevice));
@@ -163,7 +170,7 @@ static void pack_random(packed &p, int scheme, int64_t rows, int64_t cols, int g
     p.w.cols = cols;
     p.w.group_size = group;
     p.w.qs = d;
-    p.w.scales = (four || scheme == Q8) ? d + p.off_scales : NULL;
+    p.w.scales = (four || scheme == Q8 || scheme == Q8G) ? d + p.off_scales : NULL;
     p.w.mins = scheme == Q4 ? d + p.off_mins : NULL;
     p.w.row_bytes = p.row_bytes;
     p.w.groups = p.groups;
@@ -177,6 +184,7 @@ static double ref_weight(const packed &p, int64_t r, int64_t k)
     case F16: { uint16_t u; memcpy(&u, row + 2 * k, 2); return h2f(u); }
     case BF16: { uint16_t u; memcpy(&u, row + 2 * k, 2); return bf2f(u); }
     case Q8: return (double)(int8_t)row[k] * ((const float *)(p.bytes.data() + p.off_scales))[r];
+    case Q8G: return (double)(int8_t)row[k] * h2f(((const uint16_t *)(p.bytes.data() + p.off_scales))[r * p.groups + k / p.group]);
     default: break;
     }
     int64_t c = k / 32, j = k % 32;
@@ -297,7 +305,7 @@ static void check_matmul(int scheme, int64_t rows, int64_t cols, int group, int 
         }
     }
     /* GEMV: fp32 all the way. GEMM: x in f16 for 4/8-bit weights; hi+lo split for 16-bit */
-    const bool quant = scheme == Q8 || scheme == Q4 || scheme == Q4S || scheme == NF4;
+    const bool quant = scheme == Q8 || scheme == Q4 || scheme == Q4S || scheme == NF4 || scheme == Q8G;
     const double e = rel_err(ref, got);
     if (dp4a && !gemm) {
         CHECK(over_bound == 0, "gemv %s %lldx%lld g%d n=%d: %d outputs past the x-quantization bound (rel err %.3g)",
@@ -444,21 +452,21 @@ static void test_matmul(void)
 
     /* W in slabs of 128 rows (one stream), then 256 (two halves: the next dequantized on a
      * second stream while cuBLAS multiplies), 700 x 1000 at 33 rows */
-    for (int s : {Q4, Q8, F16, BF16, NF4})
+    for (int s : {Q4, Q8, F16, BF16, NF4, Q8G})
         for (int64_t slab : {128, 256}) {
             const bool split = s == F16 || s == BF16;
             const size_t xbytes = (size_t)33 * 1000 * 2 * (split ? 2 : 1);
             gemm_scratch_limit = ((xbytes + 255) & ~(size_t)255) + (size_t)slab * 1000 * 2;
-            check_matmul(s, 700, 1000, s == Q8 || split ? 0 : 64, 33, true);
+            check_matmul(s, 700, 1000, s == Q8 || split ? 0 : s == Q8G ? 32 : 64, 33, true);
         }
     gemm_scratch_limit = 0;
 
-    const int schemes[] = {F32, F16, BF16, Q8, Q4, Q4S, NF4};
+    const int schemes[] = {F32, F16, BF16, Q8, Q4, Q4S, NF4, Q8G};
     for (int s : schemes) {
-        const bool four = s == Q4 || s == Q4S || s == NF4;
+        const bool grouped = s == Q4 || s == Q4S || s == NF4 || s == Q8G;
         const int groups[] = {32, 64, 128};
-        for (int gi = 0; gi < (four ? 3 : 1); gi++) {
-            const int g = four ? groups[gi] : 0;
+        for (int gi = 0; gi < (grouped ? 3 : 1); gi++) {
+            const int g = grouped ? groups[gi] : 0;
             /* rows and cols off every tile; cols off the group too */
             const int64_t shapes[][2] = {{1, 7}, {37, 100}, {129, 301}, {300, 1000}, {17, 2053}};
             for (auto &sh : shapes)

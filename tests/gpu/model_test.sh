@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # tests/gpu/model_test.sh ZSE OUTDIR — the model end to end on the GPU against the CPU
-# backend: converts the tiny-llama fixture at f32, bf16, int8 and int4, runs greedy
+# backend: converts the tiny-llama fixture at f32, bf16, int8, int8g and int4, runs greedy
 # generation and the prompt's last-position logits on --device cpu and --device cuda, and
 # compares them (ids must match for f32/bf16; logits within a relative tolerance). Then
-# `zse bench` on each file. Called by tests/gpu/run.sh. Logs go to OUTDIR/model.log and the
+# `zse bench` on each file, and `zse hardware` / `--fit` (the GPU must be listed and the
+# model resident on it). Called by tests/gpu/run.sh. Logs go to OUTDIR/model.log and the
 # bench JSON lines to OUTDIR/model-bench.jsonl (the device returns at most 8 files).
 set -u
 zse=$1
@@ -15,7 +16,7 @@ fail=0
 log=$out/${ZSE_MODEL_LOG:-model.log}
 : >"$log"
 [ -n "${ZSE_MODEL_LOG:-}" ] || : >"$out/model-bench.jsonl"
-for q in f32 bf16 int8 int4; do
+for q in f32 bf16 int8 int8g int4; do
     m=$work/tiny-$q.zse
     if ! "$zse" convert "$fx" -o "$m" --quant $q >>"$log" 2>&1; then
         echo "model $q: convert FAILED"; tail -3 "$log"; fail=1; continue
@@ -48,5 +49,16 @@ PY
         echo "bench $q: $(tr -d '\n' <$work/bench.json | cut -c1-300)"
     fi
 done
+# zse hardware lists this GPU; --fit finds the model resident on it
+if "$zse" hardware >$work/hw.txt 2>&1 && grep -q "^gpu 0: .*GiB.*compute capability [0-9]" $work/hw.txt; then
+    echo "hardware: $(grep -m1 '^gpu 0:' $work/hw.txt) -> ok"
+else
+    echo "hardware: no GPU listed -> FAILED"; cat $work/hw.txt; fail=1
+fi
+if "$zse" hardware --fit $work/tiny-int4.zse >$work/fit.txt 2>&1 && grep -q "^cuda:0 .* resident " $work/fit.txt; then
+    echo "hardware --fit: $(grep -m1 '^cuda:0' $work/fit.txt | tr -s ' ') -> ok"
+else
+    echo "hardware --fit: cuda:0 not resident -> FAILED"; cat $work/fit.txt; fail=1
+fi
 rm -rf "$work"
 exit $fail

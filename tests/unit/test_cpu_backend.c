@@ -315,7 +315,7 @@ static void test_embed(zse_backend *be)
     zse_batch b = {T, tok, pos, seq, slots, 1, lens, bt, 1, 1, out_rows};
     CHECK(be->ops->begin_batch(be, &b) == 0);
     for (int s = 0; s < ZSE_SCHEME_COUNT; s++) {
-        zse_qshape q = {(zse_scheme)s, V, DIM, zse_scheme_layout((zse_scheme)s) == ZSE_LAYOUT_Q4_G ? 32 : 0};
+        zse_qshape q = {(zse_scheme)s, V, DIM, zse_scheme_is_grouped((zse_scheme)s) ? 32 : 0};
         size_t bytes = zse_qshape_bytes(&q);
         uint8_t *packed = calloc(1, bytes);
         zse_quantize_rows(&q, table, packed, 0, V);

@@ -6,6 +6,8 @@
  * size, so a greedy request gives the same tokens alone or among many. */
 #include "backend/cpu/cpu.h"
 
+#include <stdlib.h>
+
 #include <math.h>
 #include <string.h>
 
@@ -602,6 +604,13 @@ static const zse_backend_ops cpu_ops = {
 
 zse_backend *zse_cpu_backend_create(int threads)
 {
+    /* ZSE_CPU_KERNELS=portable|avx2|avx512|auto picks the matmul kernels (to compare them,
+     * or to rule one out); the portable path is the exact f32 reference */
+    const char *kernels = getenv("ZSE_CPU_KERNELS");
+    if (kernels && *kernels && zse_cpu_set_path(kernels) != 0) {
+        zse_error_prefix("ZSE_CPU_KERNELS");
+        return NULL;
+    }
     zse_backend *be = zse_calloc(1, sizeof *be);
     cpu_state *s = zse_calloc(1, sizeof *s);
     if (!be || !s) {

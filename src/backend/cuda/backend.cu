@@ -1400,6 +1400,44 @@ extern "C" int zse_cuda_device_count(void)
     return n;
 }
 
+extern "C" int zse_cuda_device_info(int index, zse_gpu_info *out)
+{
+    memset(out, 0, sizeof *out);
+    cudaDeviceProp p;
+    cudaError_t e = cudaGetDeviceProperties(&p, index);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        return zse_fail("cuda: device %d: %s", index, cudaGetErrorString(e));
+    }
+    snprintf(out->name, sizeof out->name, "%s", p.name);
+    out->cc_major = p.major;
+    out->cc_minor = p.minor;
+    out->sm_count = p.multiProcessorCount;
+    out->total_bytes = p.totalGlobalMem;
+    cudaDriverGetVersion(&out->cuda_driver_version);
+    cudaRuntimeGetVersion(&out->cuda_runtime_version);
+    /* free memory needs the device's context: made here, left for the process to end */
+    size_t free_b = 0, total_b = 0;
+    int prev = 0;
+    cudaGetDevice(&prev);
+    if (cudaSetDevice(index) == cudaSuccess && cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) {
+        out->free_bytes = free_b;
+        out->total_bytes = total_b;
+        out->free_known = true;
+    }
+    cudaGetLastError();
+    cudaSetDevice(prev);
+    return 0;
+}
+
+extern "C" const char *zse_cuda_absence(void)
+{
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    cudaGetLastError();
+    return e == cudaSuccess ? "no CUDA device" : cudaGetErrorString(e);
+}
+
 extern "C" zse_backend *zse_cuda_backend_create(int device_index)
 {
     const int n = zse_cuda_device_count();

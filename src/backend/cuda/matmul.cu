@@ -528,7 +528,8 @@ static int check_weight(const zse_cuda_weight *w)
     if (((uintptr_t)w->qs & 15) || (w->row_bytes & 15))
         return zse_cuda_fail("cuda matmul: weight rows are not 16-byte aligned (row_bytes %lld)",
                              (long long)w->row_bytes);
-    bool g = w->scheme == ZSE_SCHEME_Q4 || w->scheme == ZSE_SCHEME_Q4S || w->scheme == ZSE_SCHEME_NF4;
+    bool g = w->scheme == ZSE_SCHEME_Q4 || w->scheme == ZSE_SCHEME_Q4S || w->scheme == ZSE_SCHEME_NF4 ||
+             w->scheme == ZSE_SCHEME_Q8G;
     if (g && (w->group_size < 32 || w->group_size % 32 != 0))
         return zse_cuda_fail("cuda matmul: group size %d is not a multiple of 32", w->group_size);
     return 0;
