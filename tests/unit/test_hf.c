@@ -343,6 +343,7 @@ static void test_names(void)
                         "\"vocab_size\":50,\"head_dim\":16}");
     CHECK(zse_hf_normalize_config(&c, cfg, NULL, NULL) == 0);
     json_decref(cfg);
+    c.qk_norm = true; /* qwen2's biases and qwen3's q/k norms in one table */
     const struct { const char *hf, *canon; int64_t rows, cols; } names[] = {
         {"model.embed_tokens.weight", "token_embd.weight", 50, 64},
         {"model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight", 1, 64},
