@@ -373,10 +373,10 @@ static void test_banks(const char *good)
         CHECK_EQ_INT((int)ti.q.rows, c->hidden_size);
         CHECK_EQ_INT((int)ti.q.cols, c->expert_ffn);
         CHECK(ti.data == zse_file_base(f) + b->offset + 3 * b->stride + b->part[2].at);
-        snprintf(name, sizeof name, "%s", ti.name);
         char want[64];
         snprintf(want, sizeof want, "blk.%d.ffn_down_exps.3", l);
-        CHECK_EQ_STR(name, want);
+        CHECK(ti.name == name);
+        CHECK_EQ_STR(ti.name, want);
         if (!first_offset) {
             first_offset = b->offset;
             stride = b->stride;
