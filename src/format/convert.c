@@ -442,7 +442,7 @@ static json_t *build_header(const zse_hf_dir *hf, const plan *p, const zse_conve
 {
     json_t *h = json_object();
     json_object_set_new(h, "format", json_string("zse"));
-    json_object_set_new(h, "version", json_pack("[i,i]", file_major(p), 0));
+    json_object_set_new(h, "version", json_pack("[i,i]", file_major(p), ZSE_FORMAT_MINOR));
     json_object_set_new(h, "config", zse_config_to_json(&hf->config));
     json_object_set(h, "tokenizer_config", hf->tokenizer_config ? hf->tokenizer_config : json_null());
     json_object_set_new(h, "tokenizer_type", json_string(tok_type));
@@ -797,7 +797,7 @@ static void write_preamble(uint8_t pre[64], uint64_t hsize, uint64_t hhash, cons
     memcpy(pre, "ZSEMODEL", 8);
     uint64_t fields[6] = {0, 64, hsize, hhash, p->data_offset, p->file_size};
     pre[8] = (uint8_t)file_major(p);
-    pre[10] = 0;    /* minor: 1.0 and 2.0 */
+    pre[10] = ZSE_FORMAT_MINOR;     /* 1.0 and 2.0 */
     for (int f = 1; f < 6; f++)
         for (int i = 0; i < 8; i++)
             pre[8 + 8 * f + i] = (uint8_t)(fields[f] >> (8 * i));

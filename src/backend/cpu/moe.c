@@ -176,6 +176,21 @@ int zse_cpu_moe_route_experts(zse_backend *be, const zse_moe_route *r, int32_t *
     return r->n_active;
 }
 
+typedef struct {
+    const zse_moe_route *r;
+    const zse_act *x;
+    zse_act *xs;
+    int64_t dim;
+} gather_job;
+
+static void gather_rows(void *arg, int64_t i0, int64_t i1)
+{
+    const gather_job *j = arg;
+    for (int64_t i = i0; i < i1; i++)
+        memcpy(j->xs->data + i * j->xs->cols, j->x->data + (int64_t)j->r->token_of[i] * j->x->cols,
+               (size_t)j->dim * sizeof(float));
+}
+
 void zse_cpu_moe_gather(zse_backend *be, const zse_moe_route *r, const zse_act *x, zse_act *xs)
 {
     const int64_t pairs = r->rows * r->p.k, dim = x->cols < xs->cols ? x->cols : xs->cols;
@@ -183,8 +198,8 @@ void zse_cpu_moe_gather(zse_backend *be, const zse_moe_route *r, const zse_act *
         zse_cpu_note_failure(be, "moe_gather: the pairs' buffer is too small");
         return;
     }
-    for (int64_t i = 0; i < pairs; i++)
-        memcpy(xs->data + i * xs->cols, x->data + (int64_t)r->token_of[i] * x->cols, (size_t)dim * sizeof(float));
+    gather_job j = {r, x, xs, dim};
+    zse_cpu_parallel_for(be, pairs, gather_rows, &j);
 }
 
 void zse_cpu_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_experts *ex, int part, const zse_act *xs,
