@@ -73,5 +73,13 @@ add_test(NAME cli_info_moe COMMAND sh -c
   "$<TARGET_FILE:zse> convert ${ZSE_TEST_FIXTURES}/random/qwen2-moe -o ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe.zse --quant int8 --force >/dev/null 2>&1 && \
    $<TARGET_FILE:zse> verify ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe.zse && $<TARGET_FILE:zse> info ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe.zse && \
    $<TARGET_FILE:zse> info ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe.zse --json")
-set_tests_properties(cli_info_moe PROPERTIES
-  PASS_REGULAR_EXPRESSION "OK.*format: +\\.zse 2\\.0.*architecture: +qwen2_moe.*experts: +8 per layer in 1 of 3 layers, 4 active per token \\(softmax weights\\).*expert ffn: +8, shared expert 24 \\(sigmoid-gated\\).*expert bytes: +[0-9.]+ KB each.*\"experts\": {.*\"n_experts\": 8,.*\"expert_bytes\": [0-9]+,.*\"active_params\": [0-9]+")
+set_tests_properties(cli_info_moe PROPERTIES FIXTURES_SETUP zse_moe
+  PASS_REGULAR_EXPRESSION "OK \\(40 tensors, 8 experts,.*format: +\\.zse 2\\.0.*architecture: +qwen2_moe.*experts: +8 per layer in 1 of 3 layers, 4 active per token \\(softmax weights\\).*expert ffn: +8, shared expert 24 \\(sigmoid-gated\\).*expert bytes: +[0-9.]+ KB each.*\"experts\": {.*\"n_experts\": 8,.*\"expert_bytes\": [0-9]+,.*\"active_params\": [0-9]+")
+# a flipped byte inside an expert's range: zse verify names the layer and the expert
+add_test(NAME cli_verify_moe_corrupt COMMAND sh -c
+  "off=$(python3 -c \"import json,struct,sys; f=open(sys.argv[1],'rb'); f.seek(24); n=struct.unpack('<Q',f.read(8))[0]; f.seek(64); b=json.loads(f.read(n))['experts'][0]; print(b['offset'] + 3 * b['stride'] + 100)\" ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe.zse) && \
+   cp ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe.zse ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe-bad.zse && \
+   printf 'X' | dd of=${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe-bad.zse bs=1 seek=$off conv=notrunc 2>/dev/null && \
+   ! $<TARGET_FILE:zse> verify ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe-bad.zse")
+set_tests_properties(cli_verify_moe_corrupt PROPERTIES FIXTURES_REQUIRED zse_moe
+  PASS_REGULAR_EXPRESSION "layer 1 expert 3 checksum mismatch.*1 damaged")
