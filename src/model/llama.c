@@ -116,8 +116,9 @@ static int alloc_acts(zse_llm *m, int max_tokens, int max_out)
     m->k = o->act_new(m->be, T, kd);
     m->v = o->act_new(m->be, T, kd);
     m->att = o->act_new(m->be, T, qd);
-    /* the dense MLP's hidden rows, and a shared expert's */
-    const int64_t ffn = c->shared_ffn > c->intermediate_size ? c->shared_ffn : c->intermediate_size;
+    /* the dense MLP's hidden rows (when a layer has one: not in Mixtral), and a shared expert's */
+    const int64_t dense_ffn = zse_config_moe_layer_count(c) < c->n_layers ? c->intermediate_size : 1;
+    const int64_t ffn = c->shared_ffn > dense_ffn ? c->shared_ffn : dense_ffn;
     m->hb = o->act_new(m->be, T, ffn);
     m->hb2 = o->act_new(m->be, T, ffn);
     m->xo = o->act_new(m->be, O, c->hidden_size);
