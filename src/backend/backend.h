@@ -20,6 +20,8 @@ typedef struct zse_backend zse_backend;
 typedef struct zse_act zse_act;         /* an f32 activation buffer */
 typedef struct zse_weight zse_weight;   /* a packed weight the backend can multiply by */
 typedef struct zse_kv zse_kv;           /* paged KV storage for all layers */
+typedef struct zse_experts zse_experts; /* one MoE layer's routed experts (an expert bank) */
+typedef struct zse_moe_route zse_moe_route; /* a step's routing of tokens to experts */
 
 typedef enum { ZSE_KV_STORE_F16 = 0, ZSE_KV_STORE_INT8 = 1 } zse_kv_store;
 
@@ -72,6 +74,13 @@ typedef struct {
     const zse_weight *bias;         /* NULL: none */
     zse_act *y;
 } zse_matmul_out;
+
+/* how a MoE layer routes (transformers' TopKRouter of Mixtral, Qwen2-MoE and Qwen3-MoE) */
+typedef struct {
+    int n_experts;
+    int k;                          /* experts a token takes */
+    bool renormalize;               /* the k weights are divided by their sum */
+} zse_moe_params;
 
 /* Bytes a backend holds, by what they are for (zse bench and zse info print them). */
 typedef struct {
@@ -181,6 +190,38 @@ typedef struct zse_backend_ops {
      * same token for the same u. NULL: the caller samples on the host. */
     int (*sample_rows)(zse_backend *be, zse_act *x, int64_t rows, int64_t cols, const zse_sample_row *p,
                        int32_t *out);
+
+    /* ---- mixture of experts (every backend implements these) ----
+     * A MoE layer's MLP is: route (the router's logits -> each token's k experts and their
+     * weights, the (token, expert) pairs sorted by expert), gather (each pair's input row,
+     * in that order), moe_matmul (every pair through its expert's weight: one call over all
+     * the step's experts, each expert's pairs a contiguous segment), silu_mul on the pairs'
+     * rows, moe_matmul again, combine (each token's k outputs weighted and added to x).
+     * A route lives until the next route into the same zse_moe_route. */
+    /* a layer's experts (weights stay valid while the zse_file stays open) */
+    zse_experts *(*experts_load)(zse_backend *be, const zse_expert_bank *bank);
+    void (*experts_free)(zse_backend *be, zse_experts *ex);
+    /* routing state for steps of up to max_rows tokens */
+    zse_moe_route *(*moe_route_new)(zse_backend *be, int64_t max_rows, const zse_moe_params *p);
+    void (*moe_route_free)(zse_backend *be, zse_moe_route *r);
+    /* rows tokens by their router logits [rows][n_experts]: p = softmax(logits) in f32; the
+     * k largest p (ties to the lower expert); weights p_j, or p_j / sum of the k when
+     * renormalize; the rows * k pairs then sorted by expert (by token within an expert) */
+    void (*moe_route)(zse_backend *be, zse_moe_route *r, const zse_act *logits, int64_t rows);
+    /* the experts the last route picked, ascending, into host memory after the queued work
+     * (experts[n_experts]); returns how many. For whoever must place experts before they run. */
+    int (*moe_route_experts)(zse_backend *be, const zse_moe_route *r, int32_t *experts);
+    /* xs[i] = x[token of pair i] for the route's pairs (rows * k) */
+    void (*moe_gather)(zse_backend *be, const zse_moe_route *r, const zse_act *x, zse_act *xs);
+    /* the grouped expert matmul: ys[i] = W_e · xs[i] for every pair i, W_e the part
+     * (ZSE_EXPERT_GATE / UP / DOWN) of pair i's expert e */
+    void (*moe_matmul)(zse_backend *be, const zse_moe_route *r, const zse_experts *ex, int part,
+                       const zse_act *xs, zse_act *ys);
+    /* x[t] += sum over t's k pairs, in ascending expert order, of weight · ys[pair], plus
+     * shared[t] scaled by sigmoid(shared_gate[t][0]) (shared NULL: none; shared_gate NULL:
+     * unscaled), summed as transformers does: (experts + shared), then the residual */
+    void (*moe_combine)(zse_backend *be, const zse_moe_route *r, const zse_act *ys, const zse_act *shared,
+                        const zse_act *shared_gate, zse_act *x);
 } zse_backend_ops;
 
 enum {

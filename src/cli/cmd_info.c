@@ -14,6 +14,11 @@ typedef struct {
     uint64_t count[ZSE_SCHEME_COUNT];
     uint64_t weight_bytes;
     uint64_t host_bytes;    /* an untied embedding table: a GPU leaves it in host memory */
+    /* routed experts (MoE files) */
+    uint64_t expert_bytes;          /* every expert of every layer */
+    uint64_t expert_params;
+    uint64_t one_expert_bytes;      /* the largest single expert's checksummed range */
+    uint64_t one_expert_params;
 } tensor_totals;
 
 static void total_tensors(const zse_file *f, tensor_totals *t)
@@ -28,6 +33,31 @@ static void total_tensors(const zse_file *f, tensor_totals *t)
         if (!zse_file_config(f)->tie_embeddings && strcmp(ti->name, "token_embd.weight") == 0)
             t->host_bytes += ti->size;
     }
+    for (size_t i = 0; i < zse_file_n_expert_banks(f); i++) {
+        const zse_expert_bank *b = zse_file_expert_bank_at(f, i);
+        uint64_t params = 0;
+        for (int p = 0; p < ZSE_EXPERT_PARTS; p++) {
+            const zse_expert_part *ep = &b->part[p];
+            params += (uint64_t)(ep->q.rows * ep->q.cols);
+            t->bytes[ep->q.scheme] += ep->size * (uint64_t)b->count;
+            t->count[ep->q.scheme] += (uint64_t)b->count;
+        }
+        t->expert_params += params * (uint64_t)b->count;
+        t->expert_bytes += b->size * (uint64_t)b->count;
+        t->one_expert_bytes = b->size > t->one_expert_bytes ? b->size : t->one_expert_bytes;
+        t->one_expert_params = params > t->one_expert_params ? params : t->one_expert_params;
+    }
+    t->params += t->expert_params;
+    t->weight_bytes += t->expert_bytes;
+}
+
+/* parameters a token runs through: everything but the experts it is not routed to (the
+ * embedding table counts, as llama.cpp and the model cards count it) */
+static uint64_t active_params(const zse_file *f, const tensor_totals *t)
+{
+    const zse_config *c = zse_file_config(f);
+    const uint64_t routed = (uint64_t)zse_file_n_expert_banks(f) * (uint64_t)c->n_experts_used * t->one_expert_params;
+    return t->params - t->expert_params + routed;
 }
 
 /* "1.23 GB", "45.6 MB", "789 KB": the unit that keeps the figure readable */
@@ -50,6 +80,9 @@ static void print_text(const char *path, const zse_file *f, const tensor_totals 
     json_t *g = json_object_get(json_object_get(h, "quant"), "group_size");
     char b1[32], b2[32], b3[32];
     printf("file:            %s (%s)\n", path, human_bytes(zse_file_size(f), b1));
+    json_t *ver = json_object_get(h, "version");
+    printf("format:          .zse %lld.%lld\n", (long long)json_integer_value(json_array_get(ver, 0)),
+           (long long)json_integer_value(json_array_get(ver, 1)));
     printf("architecture:    %s\n", c->arch);
     printf("parameters:      %.3f B\n", (double)t->params / 1e9);
     printf("layers:          %d\n", c->n_layers);
@@ -60,6 +93,17 @@ static void print_text(const char *path, const zse_file *f, const tensor_totals 
     printf("rope theta:      %g\n", c->rope_theta);
     if (c->sliding_window)
         printf("sliding window:  %d\n", c->sliding_window);
+    if (c->n_experts > 0) {
+        printf("experts:         %d per layer in %d of %d layers, %d active per token (%s)\n", c->n_experts,
+               zse_config_moe_layer_count(c), c->n_layers, c->n_experts_used,
+               c->norm_topk ? "weights renormalized" : "softmax weights");
+        printf("expert ffn:      %d%s", c->expert_ffn, c->shared_ffn ? "" : "\n");
+        if (c->shared_ffn)
+            printf(", shared expert %d%s\n", c->shared_ffn, c->shared_gate ? " (sigmoid-gated)" : "");
+        printf("expert bytes:    %s each, %s in all (%.1f%% of the weights)\n", human_bytes(t->one_expert_bytes, b1),
+               human_bytes(t->expert_bytes, b2), 100.0 * (double)t->expert_bytes / (double)t->weight_bytes);
+        printf("active params:   %.3f B per token\n", (double)active_params(f, t) / 1e9);
+    }
     printf("tied embeddings: %s\n", c->tie_embeddings ? "yes" : "no");
     zse_scheme qs;
     if (quant && zse_scheme_from_name(quant, &qs) == 0 && zse_scheme_is_grouped(qs))
@@ -109,6 +153,12 @@ static void print_json(const char *path, const zse_file *f, const tensor_totals 
         "kv_bytes_f16", (json_int_t)cli_kv_bytes(c, ctx, false), "kv_bytes_int8",
         (json_int_t)cli_kv_bytes(c, ctx, true), "ctx", (json_int_t)ctx, "sliding_window",
         c->sliding_window);
+    if (c->n_experts > 0)
+        json_object_set_new(o, "experts", json_pack("{s:i, s:i, s:i, s:i, s:i, s:b, s:b, s:I, s:I, s:I, s:I}",
+            "n_experts", c->n_experts, "n_experts_used", c->n_experts_used, "moe_layers", zse_config_moe_layer_count(c),
+            "expert_ffn", c->expert_ffn, "shared_ffn", c->shared_ffn, "shared_gate", c->shared_gate, "norm_topk",
+            c->norm_topk, "expert_bytes", (json_int_t)t->one_expert_bytes, "experts_bytes", (json_int_t)t->expert_bytes,
+            "expert_params", (json_int_t)t->one_expert_params, "active_params", (json_int_t)active_params(f, t)));
     char *s = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
     if (s)
         printf("%s\n", s);

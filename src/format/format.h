@@ -23,9 +23,14 @@ typedef enum {
 } zse_rope_type;
 
 #define ZSE_MAX_EOS 8
+/* mixture-of-experts bounds: routed experts per layer, experts a token takes, layers of a
+ * model with experts (the per-layer map below is a fixed bitmap) */
+#define ZSE_MAX_EXPERTS 1024
+#define ZSE_MAX_EXPERTS_USED 32
+#define ZSE_MAX_MOE_LAYERS 1024
 
 typedef struct {
-    char arch[32];              /* "llama", "mistral", "qwen2" (then "qwen3", "mixtral", "qwen2_moe") */
+    char arch[32];              /* "llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral" */
     int n_layers;
     int n_heads;
     int n_kv_heads;
@@ -51,14 +56,30 @@ typedef struct {
     bool mlp_bias;
     bool qk_norm;               /* per-head RMSNorm on q and k (qwen3) */
     int sliding_window;         /* 0 = full attention */
-    int n_experts;              /* 0 = dense */
-    int n_experts_used;
+    /* Mixture of experts (all 0 / false for a dense model). A layer whose bit is set in
+     * moe_layers replaces the MLP by: a router (f32 logits over n_experts), softmax over
+     * them, the n_experts_used largest (renormalized to sum to 1 when norm_topk), each a
+     * SwiGLU MLP of width expert_ffn, their outputs summed by those weights; plus, when
+     * shared_ffn > 0, a shared expert of that width every token runs, scaled by
+     * sigmoid(its gate) when shared_gate. Other layers keep the dense MLP. */
+    int n_experts;              /* routed experts per MoE layer; 0 = dense */
+    int n_experts_used;         /* top-k */
+    int expert_ffn;             /* one routed expert's MLP width */
+    int shared_ffn;             /* the shared expert's MLP width; 0 = none */
+    bool shared_gate;           /* the shared expert's output is scaled by sigmoid(w · x) */
+    bool norm_topk;             /* the top-k weights are renormalized to sum to 1 */
+    uint64_t moe_layers[ZSE_MAX_MOE_LAYERS / 64];   /* bit l: layer l runs the experts */
     /* token ids from config / generation_config / tokenizer_config; -1 when absent */
     int bos_id;
     int pad_id;
     int eos_ids[ZSE_MAX_EOS];
     int n_eos;
 } zse_config;
+
+/* layer l runs routed experts (a MoE layer) rather than the dense MLP */
+bool zse_config_layer_is_moe(const zse_config *c, int l);
+/* how many layers run experts */
+int zse_config_moe_layer_count(const zse_config *c);
 
 /* config <-> JSON (the .zse "config" object) */
 json_t *zse_config_to_json(const zse_config *c);
@@ -85,9 +106,28 @@ int zse_hf_normalize_config(zse_config *c, const json_t *config, const json_t *g
  *   blk.N.attn_norm.weight  blk.N.attn_q.weight  blk.N.attn_q.bias  blk.N.attn_k.*  blk.N.attn_v.*
  *   blk.N.attn_q_norm.weight blk.N.attn_k_norm.weight (qk_norm)  blk.N.attn_output.weight
  *   blk.N.ffn_norm.weight  blk.N.ffn_gate.weight  blk.N.ffn_up.weight  blk.N.ffn_down.weight
+ *   MoE layers instead of the dense MLP: blk.N.ffn_gate_inp.weight (router), the layer's
+ *   expert bank (below), and with a shared expert blk.N.ffn_gate_inp_shexp.weight (its
+ *   sigmoid gate) blk.N.ffn_gate_shexp.weight blk.N.ffn_up_shexp.weight blk.N.ffn_down_shexp.weight
  *   output_norm.weight  output.weight (absent when embeddings are tied)
  * Returns a heap string or NULL (with an error) for a tensor the architecture does not use. */
 char *zse_hf_canonical_name(const zse_config *c, const char *hf_name);
+
+/* The parts of one routed expert, in the order they lie in its range of the file. */
+enum { ZSE_EXPERT_GATE = 0, ZSE_EXPERT_UP = 1, ZSE_EXPERT_DOWN = 2, ZSE_EXPERT_PARTS = 3,
+       ZSE_EXPERT_GATE_UP = -1 /* a fused source tensor: gate rows, then up rows */ };
+/* a routed expert's weight in a Hugging Face checkpoint */
+typedef struct {
+    int layer;
+    int expert;     /* -1: a fused tensor [n_experts][rows][cols] that holds every expert */
+    int part;       /* ZSE_EXPERT_GATE / _UP / _DOWN, or ZSE_EXPERT_GATE_UP (fused) */
+} zse_hf_expert_ref;
+/* true when hf names a routed expert's weight of this config (per-expert names such as
+ * model.layers.N.mlp.experts.E.gate_proj.weight or Mixtral's block_sparse_moe.experts.E.w1,
+ * or transformers 5's fused mlp.experts.gate_up_proj / down_proj) */
+bool zse_hf_expert_ref_of(const zse_config *c, const char *hf_name, zse_hf_expert_ref *ref);
+/* "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps" */
+const char *zse_expert_part_name(int part);
 
 /* Forward-order rank of a canonical name (token_embd first, then each block's tensors in
  * the order above, output_norm, output last); -1 for a name that is not canonical. */
@@ -186,11 +226,14 @@ int zse_gguf_open_source(const char *path, zse_hf_dir *meta, zse_safetensors *st
 
 /* ---- .zse reader ----------------------------------------------------------- */
 /* The newest version this zse reads and writes. The writer marks a file with the oldest
- * version that has everything it holds (1.0, or 2.0 when a tensor is int8g), so files
- * that need nothing new stay readable by 1.x readers. */
+ * version that has everything it holds: 1.0, or 2.0 when it holds routed experts (its expert
+ * banks are a header key a 1.x reader would skip: it must refuse the file instead) or an
+ * int8g tensor. The reader reads both. docs/FORMAT.md §Versioning. */
 #define ZSE_FORMAT_MAJOR 2
 #define ZSE_FORMAT_MINOR 0
+#define ZSE_FORMAT_DENSE_MAJOR 1
 #define ZSE_TENSOR_ALIGN 4096
+#define ZSE_EXPERT_PART_ALIGN 256   /* a part's offset inside its expert's range */
 
 typedef struct {
     char *name;                 /* canonical name */
@@ -201,6 +244,28 @@ typedef struct {
     uint64_t checksum;          /* XXH3-64 of the bytes */
     const void *data;           /* offset inside the mapping: weights are used in place */
 } zse_tensor_info;
+
+/* One MoE layer's routed experts: expert e is the range [offset + e * stride, + size) of
+ * the file, holding its gate, up and down weights (part[]) at fixed offsets, packed as the
+ * tensors of their scheme are; each expert's range has its own checksum, so an expert can
+ * be read, copied and checked on its own (docs/FORMAT.md §Expert banks). */
+typedef struct {
+    zse_qshape q;               /* every expert's part has this shape and scheme */
+    zse_layout layout;
+    uint64_t at;                /* offset inside the expert's range (a multiple of 256) */
+    uint64_t size;              /* packed bytes */
+} zse_expert_part;
+
+typedef struct {
+    int layer;
+    int count;                  /* experts */
+    uint64_t offset;            /* expert 0's first byte (4096-aligned) */
+    uint64_t stride;            /* from one expert to the next (a multiple of 4096, >= size) */
+    uint64_t size;              /* one expert's checksummed bytes */
+    zse_expert_part part[ZSE_EXPERT_PARTS];
+    uint64_t *checksums;        /* [count], XXH3-64 of each expert's size bytes */
+    const uint8_t *data;        /* expert 0 inside the mapping */
+} zse_expert_bank;
 
 typedef struct zse_file zse_file;
 
@@ -221,8 +286,18 @@ const json_t *zse_file_generation(const zse_file *f);   /* may be NULL */
 const char *zse_file_path(const zse_file *f);
 uint64_t zse_file_size(const zse_file *f);
 const uint8_t *zse_file_base(const zse_file *f);        /* start of the mapping */
-/* checks every tensor checksum; on mismatch the error names the tensor */
+/* checks every tensor and expert checksum; on mismatch the error names the tensor */
 int zse_file_verify(const zse_file *f, int *n_bad);
+unsigned zse_file_major(const zse_file *f);
+/* expert banks, in file order; zse_file_experts: the bank of a layer, NULL for a dense one */
+size_t zse_file_n_expert_banks(const zse_file *f);
+const zse_expert_bank *zse_file_expert_bank_at(const zse_file *f, size_t i);
+const zse_expert_bank *zse_file_experts(const zse_file *f, int layer);
+/* one part of one expert as a tensor (name "blk.L.ffn_gate_exps.E", data inside the
+ * mapping, checksum 0: the expert's range carries it); name must hold 64 bytes */
+void zse_expert_tensor(const zse_expert_bank *b, int expert, int part, char *name, zse_tensor_info *out);
+/* expert e's bytes match their checksum */
+bool zse_expert_verify(const zse_expert_bank *b, int expert);
 
 /* ---- conversion --------------------------------------------------------------- */
 typedef struct {

@@ -1,40 +1,11 @@
-/* The llama-family forward pass (llama, mistral, qwen2), read top to bottom like
- * llama2.c's forward(), with backend ops where its loops were. */
-#include "model/model.h"
+/* The llama-family forward pass (llama, mistral, qwen2, qwen3 and, through moe.c, the
+ * mixture-of-experts qwen2_moe, qwen3_moe and mixtral), read top to bottom like llama2.c's
+ * forward(), with backend ops where its loops were. */
+#include "model/internal.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
-
-typedef struct {
-    zse_weight *attn_norm;  /* (hidden) */
-    zse_weight *wq, *wk, *wv; /* (heads*hd, hidden), (kv*hd, hidden) x2 */
-    zse_weight *bq, *bk, *bv; /* biases, qwen2 */
-    zse_weight *q_norm, *k_norm; /* (hd), qwen3 */
-    zse_weight *wo;         /* (hidden, heads*hd) */
-    zse_weight *ffn_norm;   /* (hidden) */
-    zse_weight *gate, *up;  /* (ffn, hidden) */
-    zse_weight *down;       /* (hidden, ffn) */
-} layer_weights;
-
-struct zse_llm {
-    zse_config c;
-    zse_backend *be;
-    zse_weight *tok_embd;   /* (vocab, hidden) */
-    zse_weight *out_norm;   /* (hidden) */
-    zse_weight *output;     /* (vocab, hidden); tok_embd when tied */
-    layer_weights *layers;
-    int max_tokens;         /* rows per step */
-    int max_out;            /* rows per step that get logits */
-    /* activations, [max_tokens][width]; xo, xo2 and logits [max_out][width] */
-    zse_act *x, *xb, *xb2, *q, *k, *v, *att, *hb, *hb2, *xo, *xo2, *logits;
-    uint64_t steps;         /* forward passes run (zse_llm_steps) */
-    /* a small step padded to the backend's recording size (pad_step) */
-    int32_t pad_tokens[ZSE_STEP_PAD_MAX], pad_pos[ZSE_STEP_PAD_MAX], pad_seq[ZSE_STEP_PAD_MAX],
-        pad_slots[ZSE_STEP_PAD_MAX], pad_rows[ZSE_STEP_PAD_MAX];
-};
-
-static const zse_backend_ops *ops(const zse_llm *m) { return m->be->ops; }
 
 void zse_rope_frequencies(const zse_config *c, float *inv_freq, float *mscale)
 {
@@ -112,7 +83,7 @@ static zse_weight *load_named(zse_llm *m, const zse_file *f, const char *name, b
     return load_tensor(m, f, name, required, false, rc);
 }
 
-static zse_weight *load_layer(zse_llm *m, const zse_file *f, int l, const char *what, bool required, int *rc)
+zse_weight *zse_model_load_layer(zse_llm *m, const zse_file *f, int l, const char *what, bool required, int *rc)
 {
     char name[96];
     snprintf(name, sizeof name, "blk.%d.%s", l, what);
@@ -128,6 +99,7 @@ static void free_acts(zse_llm *m)
             ops(m)->act_free(m->be, *acts[i]);
         *acts[i] = NULL;
     }
+    zse_moe_free_acts(m);
 }
 
 static int alloc_acts(zse_llm *m, int max_tokens, int max_out)
@@ -144,13 +116,16 @@ static int alloc_acts(zse_llm *m, int max_tokens, int max_out)
     m->k = o->act_new(m->be, T, kd);
     m->v = o->act_new(m->be, T, kd);
     m->att = o->act_new(m->be, T, qd);
-    m->hb = o->act_new(m->be, T, c->intermediate_size);
-    m->hb2 = o->act_new(m->be, T, c->intermediate_size);
+    /* the dense MLP's hidden rows (when a layer has one: not in Mixtral), and a shared expert's */
+    const int64_t dense_ffn = zse_config_moe_layer_count(c) < c->n_layers ? c->intermediate_size : 1;
+    const int64_t ffn = c->shared_ffn > dense_ffn ? c->shared_ffn : dense_ffn;
+    m->hb = o->act_new(m->be, T, ffn);
+    m->hb2 = o->act_new(m->be, T, ffn);
     m->xo = o->act_new(m->be, O, c->hidden_size);
     m->xo2 = o->act_new(m->be, O, c->hidden_size);
     m->logits = o->act_new(m->be, O, c->vocab_size);
     if (!(m->x && m->xb && m->xb2 && m->q && m->k && m->v && m->att && m->hb && m->hb2 && m->xo && m->xo2 &&
-          m->logits)) {
+          m->logits) || zse_moe_alloc_acts(m, T) != 0) {
         free_acts(m);
         m->max_tokens = m->max_out = 0;
         return -1;
@@ -186,7 +161,11 @@ zse_llm *zse_llm_load(const zse_file *f, zse_backend *be, int max_tokens, int ma
     m->c = *zse_file_config(f);
     m->be = be;
     const zse_config *c = &m->c;
-    if (strcmp(c->arch, "llama") && strcmp(c->arch, "mistral") && strcmp(c->arch, "qwen2")) {
+    static const char *const families[] = {"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral"};
+    bool known = false;
+    for (size_t i = 0; i < sizeof families / sizeof families[0]; i++)
+        known = known || strcmp(c->arch, families[i]) == 0;
+    if (!known) {
         zse_fail("%s: architecture '%s' is not supported by this zse", zse_file_path(f), c->arch);
         free(m);
         return NULL;
@@ -199,20 +178,32 @@ zse_llm *zse_llm_load(const zse_file *f, zse_backend *be, int max_tokens, int ma
     m->output = c->tie_embeddings ? NULL : load_named(m, f, "output.weight", true, &rc);
     for (int l = 0; rc == 0 && l < c->n_layers; l++) {
         layer_weights *L = &m->layers[l];
-        L->attn_norm = load_layer(m, f, l, "attn_norm.weight", true, &rc);
-        L->wq = load_layer(m, f, l, "attn_q.weight", true, &rc);
-        L->wk = load_layer(m, f, l, "attn_k.weight", true, &rc);
-        L->wv = load_layer(m, f, l, "attn_v.weight", true, &rc);
-        L->bq = load_layer(m, f, l, "attn_q.bias", c->attn_bias, &rc);
-        L->bk = load_layer(m, f, l, "attn_k.bias", c->attn_bias, &rc);
-        L->bv = load_layer(m, f, l, "attn_v.bias", c->attn_bias, &rc);
-        L->q_norm = load_layer(m, f, l, "attn_q_norm.weight", c->qk_norm, &rc);
-        L->k_norm = load_layer(m, f, l, "attn_k_norm.weight", c->qk_norm, &rc);
-        L->wo = load_layer(m, f, l, "attn_output.weight", true, &rc);
-        L->ffn_norm = load_layer(m, f, l, "ffn_norm.weight", true, &rc);
-        L->gate = load_layer(m, f, l, "ffn_gate.weight", true, &rc);
-        L->up = load_layer(m, f, l, "ffn_up.weight", true, &rc);
-        L->down = load_layer(m, f, l, "ffn_down.weight", true, &rc);
+        L->attn_norm = zse_model_load_layer(m, f, l, "attn_norm.weight", true, &rc);
+        L->wq = zse_model_load_layer(m, f, l, "attn_q.weight", true, &rc);
+        L->wk = zse_model_load_layer(m, f, l, "attn_k.weight", true, &rc);
+        L->wv = zse_model_load_layer(m, f, l, "attn_v.weight", true, &rc);
+        /* only what the config reads: the reader checked the shapes of exactly those */
+        if (c->attn_bias) {
+            L->bq = zse_model_load_layer(m, f, l, "attn_q.bias", true, &rc);
+            L->bk = zse_model_load_layer(m, f, l, "attn_k.bias", true, &rc);
+            L->bv = zse_model_load_layer(m, f, l, "attn_v.bias", true, &rc);
+        }
+        if (c->qk_norm) {
+            L->q_norm = zse_model_load_layer(m, f, l, "attn_q_norm.weight", true, &rc);
+            L->k_norm = zse_model_load_layer(m, f, l, "attn_k_norm.weight", true, &rc);
+        }
+        L->wo = zse_model_load_layer(m, f, l, "attn_output.weight", true, &rc);
+        if (c->attn_out_bias)
+            L->bo = zse_model_load_layer(m, f, l, "attn_output.bias", true, &rc);
+        L->ffn_norm = zse_model_load_layer(m, f, l, "ffn_norm.weight", true, &rc);
+        if (zse_config_layer_is_moe(c, l)) {
+            if (rc == 0)
+                rc = zse_moe_layer_load(m, f, l);
+            continue;
+        }
+        L->gate = zse_model_load_layer(m, f, l, "ffn_gate.weight", true, &rc);
+        L->up = zse_model_load_layer(m, f, l, "ffn_up.weight", true, &rc);
+        L->down = zse_model_load_layer(m, f, l, "ffn_down.weight", true, &rc);
     }
     if (rc == 0)
         rc = zse_llm_reserve(m, max_tokens, max_out);
@@ -244,10 +235,11 @@ void zse_llm_free(zse_llm *m)
     for (int l = 0; m->layers && l < m->c.n_layers; l++) {
         layer_weights *L = &m->layers[l];
         zse_weight *ws[] = {L->attn_norm, L->wq, L->wk, L->wv, L->bq, L->bk, L->bv, L->q_norm,
-                            L->k_norm, L->wo, L->ffn_norm, L->gate, L->up, L->down};
+                            L->k_norm, L->wo, L->bo, L->ffn_norm, L->gate, L->up, L->down};
         for (size_t i = 0; i < sizeof ws / sizeof ws[0]; i++)
             if (ws[i])
                 o->weight_free(m->be, ws[i]);
+        zse_moe_layer_free(m, L);
     }
     free(m->layers);
     free_acts(m);
@@ -258,16 +250,18 @@ const zse_config *zse_llm_config(const zse_llm *m) { return &m->c; }
 int zse_llm_max_tokens(const zse_llm *m) { return m->max_tokens; }
 int zse_llm_max_out(const zse_llm *m) { return m->max_out; }
 
-/* x += W·in: in the matmul's store where the backend can, else through xb2 */
-static void residual_matmul(zse_llm *m, const zse_weight *w, const zse_act *in, int64_t n)
+/* x += W·in (+ bias): in the matmul's store where the backend can, else through xb2 */
+static void residual_matmul(zse_llm *m, const zse_weight *w, const zse_weight *bias, const zse_act *in, int64_t n)
 {
     const zse_backend_ops *o = ops(m);
     if (o->matmul_multi) {
-        const zse_matmul_out r = {w, NULL, m->x};
+        const zse_matmul_out r = {w, bias, m->x};
         o->matmul_multi(m->be, in, n, &r, 1, true);
         return;
     }
     o->matmul(m->be, w, in, n, m->xb2);
+    if (bias)
+        o->add_bias(m->be, m->xb2, bias, n);
     o->add(m->be, m->x, m->xb2, n, m->c.hidden_size);
 }
 
@@ -304,7 +298,7 @@ static void attention_block(zse_llm *m, zse_kv *kv, int l, int64_t n)
     zse_attn_params p = {c->n_heads, c->n_kv_heads, c->head_dim, 1.0f / sqrtf((float)c->head_dim),
                          c->sliding_window};
     o->attention(m->be, kv, l, m->q, &p, m->att);
-    residual_matmul(m, L->wo, m->att, n);
+    residual_matmul(m, L->wo, L->bo, m->att, n);
 }
 
 /* x += W_down(SiLU(W_gate(RMSNorm(x))) * W_up(RMSNorm(x))) */
@@ -322,7 +316,7 @@ static void mlp_block(zse_llm *m, int l, int64_t n)
         o->matmul(m->be, L->up, m->xb, n, m->hb2);
     }
     o->silu_mul(m->be, m->hb, m->hb2, n, c->intermediate_size, m->hb);
-    residual_matmul(m, L->down, m->hb, n);
+    residual_matmul(m, L->down, NULL, m->hb, n);
 }
 
 /* queues one step's ops: every layer, then the out rows' logits when there are any */
@@ -334,7 +328,10 @@ static void issue_step(zse_llm *m, zse_kv *kv, const zse_batch *b)
     o->embed(m->be, m->tok_embd, m->x);
     for (int l = 0; l < c->n_layers; l++) {
         attention_block(m, kv, l, n);
-        mlp_block(m, l, n);
+        if (m->layers[l].experts)
+            zse_moe_block(m, l, n);
+        else
+            mlp_block(m, l, n);
     }
     if (b->n_out == 0)
         return;

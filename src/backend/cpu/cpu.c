@@ -600,6 +600,15 @@ static const zse_backend_ops cpu_ops = {
     .sync = sync_report,
     .argmax_rows = argmax_rows,
     .memory = memory,
+    .experts_load = zse_cpu_experts_load,
+    .experts_free = zse_cpu_experts_free,
+    .moe_route_new = zse_cpu_moe_route_new,
+    .moe_route_free = zse_cpu_moe_route_free,
+    .moe_route = zse_cpu_moe_route,
+    .moe_route_experts = zse_cpu_moe_route_experts,
+    .moe_gather = zse_cpu_moe_gather,
+    .moe_matmul = zse_cpu_moe_matmul,
+    .moe_combine = zse_cpu_moe_combine,
 };
 
 zse_backend *zse_cpu_backend_create(int threads)

@@ -5,7 +5,8 @@
  *                    portable kernels (the reference every fast path is tested against)
  *   matmul_avx2.c    AVX2/FMA/F16C kernels      (compiled with target attributes only,
  *   matmul_avx512.c  AVX-512 BW/VL/VNNI kernels  chosen at run time: no global -march)
- *   vec.c            short-vector kernels (conversions, dot, axpy) for attention */
+ *   vec.c            short-vector kernels (conversions, dot, axpy) for attention
+ *   moe.c            mixture of experts: routing, the grouped expert matmul, the combine */
 #ifndef ZSE_BACKEND_CPU_H
 #define ZSE_BACKEND_CPU_H
 
@@ -123,6 +124,19 @@ const zse_cpu_vec *zse_cpu_vec_ops(void);
 /* the portable dot product (8 partial sums in a fixed order): the portable matmul path and
  * vec.c's portable table share it */
 float zse_cpu_dot_portable(const float *a, const float *b, int64_t n);
+
+/* mixture-of-experts ops (moe.c) */
+zse_experts *zse_cpu_experts_load(zse_backend *be, const zse_expert_bank *bank);
+void zse_cpu_experts_free(zse_backend *be, zse_experts *ex);
+zse_moe_route *zse_cpu_moe_route_new(zse_backend *be, int64_t max_rows, const zse_moe_params *p);
+void zse_cpu_moe_route_free(zse_backend *be, zse_moe_route *r);
+void zse_cpu_moe_route(zse_backend *be, zse_moe_route *r, const zse_act *logits, int64_t rows);
+int zse_cpu_moe_route_experts(zse_backend *be, const zse_moe_route *r, int32_t *experts);
+void zse_cpu_moe_gather(zse_backend *be, const zse_moe_route *r, const zse_act *x, zse_act *xs);
+void zse_cpu_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_experts *ex, int part, const zse_act *xs,
+                        zse_act *ys);
+void zse_cpu_moe_combine(zse_backend *be, const zse_moe_route *r, const zse_act *ys, const zse_act *shared,
+                         const zse_act *shared_gate, zse_act *x);
 
 /* rows of weights kept hot in L2 while every token of a batch passes over them */
 int64_t zse_cpu_row_block(const zse_weight *w);

@@ -199,6 +199,51 @@ int zse_cuda_attention(const zse_cuda_kv_layer *L, const zse_cuda_attn *a, const
                        int64_t qpitch, int64_t n, int max_ctx, float *out, int64_t opitch,
                        void *work, size_t work_bytes, zse_cuda_stream st);
 
+/* ---- mixture of experts (moe.cu) ----
+ * One part (gate, up or down) of a MoE layer's routed experts: every expert's part has w's
+ * shape and scheme (w's qs/scales/mins are unused), lying at the byte offsets below inside
+ * that expert's range, which starts at base[e] (a device array of n_experts pointers: the
+ * bank as loaded, or wherever a cache keeps each expert). Offsets are multiples of 16. */
+typedef struct {
+    zse_cuda_weight w;
+    int64_t qs_off, scales_off, mins_off;   /* -1: the scheme has no such plane */
+    const uint8_t *const *base;
+} zse_cuda_experts;
+
+/* A step's routing in device memory (zse_cuda_moe_at lays the arrays out in one allocation,
+ * zse_cuda_moe_route fills them):
+ *   pair_expert, pair_weight, pair_slot [rows * k], token-major (pair (t, j) at t * k + j):
+ *       the expert, its weight, and the pair's place in expert order
+ *   token_of [rows * k]: the token at each place
+ *   seg [n_experts + 1]: expert e's places are seg[e] .. seg[e + 1]
+ *   active [n_experts + 1]: the experts with pairs, ascending; active[n_experts] = their count */
+#define ZSE_CUDA_MOE_K_MAX 32     /* experts a token takes, at most (format.h's ZSE_MAX_EXPERTS_USED) */
+typedef struct {
+    int n_experts, k, renormalize;
+    int32_t *pair_expert;
+    float *pair_weight;
+    int32_t *pair_slot, *token_of, *seg, *active;
+} zse_cuda_moe;
+size_t zse_cuda_moe_bytes(int64_t max_rows, int n_experts, int k);
+void zse_cuda_moe_at(void *mem, int64_t max_rows, int n_experts, int k, int renormalize, zse_cuda_moe *out);
+/* routes rows tokens by their router logits [rows][n_experts] (pitch lpitch): p = softmax
+ * (f32), the k largest (ties to the lower expert), weights p or p / (sum of the k), then the
+ * pairs sorted by expert (token order within one) — the CPU backend's routing. One block. */
+int zse_cuda_moe_route(const zse_cuda_moe *r, const float *logits, int64_t lpitch, int64_t rows, zse_cuda_stream st);
+/* the grouped expert matmul over a route of rows tokens: ys[i] = W_e · xs[i] for each of the
+ * rows * k pairs i, e the pair's expert; one launch over every active expert (grid: weight
+ * rows x experts that may be active); 4-bit experts on dp4a GEMVs (rows <= ZSE_CUDA_GEMV_MAX)
+ * or tensor cores (sm_80 on), other schemes on the float GEMV in tiles of 8 pairs */
+size_t zse_cuda_moe_matmul_scratch_bytes(const zse_cuda_experts *ex, int64_t rows, int k);
+int zse_cuda_moe_matmul(const zse_cuda_moe *r, int64_t rows, const zse_cuda_experts *ex, const float *xs,
+                        int64_t xpitch, float *ys, int64_t ypitch, void *scratch, size_t scratch_bytes,
+                        zse_cuda_stream st);
+/* x[t][0:dim] += sum over t's k pairs, experts ascending, of weight * ys[place], plus
+ * sigmoid(gate[t][0]) * shared[t] (shared NULL: none; gate NULL: unscaled) */
+int zse_cuda_moe_combine(const zse_cuda_moe *r, int64_t rows, const float *ys, int64_t ypitch, const float *shared,
+                         int64_t spitch, const float *gate, int64_t gpitch, float *x, int64_t xpitch, int64_t dim,
+                         zse_cuda_stream st);
+
 #ifdef __cplusplus
 }
 #endif
