@@ -142,6 +142,18 @@ static int create_kv(zse_model *m, const zse_config *c, const zse_load_params *p
     return zse_block_pool_init(&m->blocks, n_blocks, !params->no_prefix_cache);
 }
 
+/* the bytes of every expert of every bank (a mixture-of-experts model's routed weights,
+ * which are not in the tensor list) */
+static uint64_t expert_bytes(const zse_file *f)
+{
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < zse_file_n_expert_banks(f); i++) {
+        const zse_expert_bank *b = zse_file_expert_bank_at(f, i);
+        bytes += (uint64_t)b->count * b->size;
+    }
+    return bytes;
+}
+
 /* --gpu-memory: the weights alone must fit (checked before copying any) */
 static int check_weights_fit(const zse_model *m, const zse_load_params *p)
 {
@@ -151,7 +163,7 @@ static int check_weights_fit(const zse_model *m, const zse_load_params *p)
         return 0;
     /* an untied embedding table stays in host memory where the backend can leave it there */
     const bool embed_on_host = m->be->ops->weight_load_lookup && !zse_file_config(m->file)->tie_embeddings;
-    uint64_t bytes = 0;
+    uint64_t bytes = expert_bytes(m->file);
     for (size_t i = 0; i < zse_file_n_tensors(m->file); i++) {
         const zse_tensor_info *t = zse_file_tensor_at(m->file, i);
         if (!(embed_on_host && strcmp(t->name, "token_embd.weight") == 0))
@@ -268,9 +280,11 @@ void zse_model_get_memory(zse_model *m, zse_memory_info *out)
     pthread_mutex_unlock(&m->run_lock);
     memset(out, 0, sizeof *out);
     out->weights = bm.weights;
-    if (!bm.on_device) /* used in place: the mapped tensors are the weights */
+    if (!bm.on_device) { /* used in place: the mapped tensors and experts are the weights */
+        out->weights += expert_bytes(m->file);
         for (size_t i = 0; i < zse_file_n_tensors(m->file); i++)
             out->weights += zse_file_tensor_at(m->file, i)->size;
+    }
     out->kv_cache = bm.kv_cache;
     out->activations = bm.activations;
     out->workspace = bm.workspace;
