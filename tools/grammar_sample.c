@@ -1,0 +1,291 @@
+/* grammar_sample — draws outputs under a grammar's token masks with random logits, and
+ * measures mask time per token.
+ *
+ *   build/grammar_sample TOKENIZER (--schema F | --regex F | --choice F | --json-object)
+ *                        [--strict] [-n N] [--seed S] [--max-tokens M]
+ *                        [--bench] [--vocab-size V]
+ *
+ * TOKENIZER: a .zse file, a .gguf vocabulary or a Hugging Face directory. --choice F: a JSON
+ * array of strings. Each output is one JSON line {"index", "text", "ended", "tokens"}: the
+ * text is the bytes of the tokens drawn (random logits, argmax over the allowed tokens, so
+ * uniform over them) until EOS or M tokens. A grammar that does not compile prints
+ * "error: ..." on stderr and exits 2.
+ *
+ * --bench: no outputs; a JSON summary of compile time, the first mask of each output (it
+ * fills the grammar's caches on first use) and every later mask: p50/p99/max microseconds.
+ * --vocab-size V: extends the vocabulary to V tokens with concatenations of two existing
+ * tokens (seeded), to measure at a larger vocabulary than the tokenizer has.
+ * Not a test by itself: tests/grammar runs it; figures go to docs/BENCHMARKS.md. */
+#include "grammar/grammar.h"
+#include "tokenizer/tokenizer.h"
+#include "util/util.h"
+
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static uint64_t rng = 1;
+static uint32_t next_u32(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (uint32_t)(rng >> 16);
+}
+
+static int usage(void)
+{
+    fprintf(stderr, "usage: grammar_sample TOKENIZER (--schema F | --regex F | --choice F | --json-object) [--strict]\n"
+                    "                      [-n N] [--seed S] [--max-tokens M] [--bench] [--vocab-size V]\n");
+    return 2;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double pct(double *v, size_t n, double p)
+{
+    if (!n)
+        return 0;
+    size_t i = (size_t)(p * (double)(n - 1) + 0.5);
+    return v[i];
+}
+
+/* the tokenizer's tokens plus concatenated pairs up to `target` tokens */
+static zse_grammar_vocab *build_vocab(const zse_tokenizer *tok, int target)
+{
+    int n = zse_tokenizer_n_vocab(tok);
+    int32_t eos = zse_tokenizer_eos(tok);
+    if (eos < 0) {
+        fprintf(stderr, "error: the tokenizer has no EOS token\n");
+        return NULL;
+    }
+    if (target <= n)
+        return zse_grammar_vocab_from_tokenizer(tok, &eos, 1, NULL, 0);
+    uint8_t **bytes = calloc((size_t)target, sizeof *bytes);
+    uint32_t *lens = calloc((size_t)target, sizeof *lens);
+    zse_buf buf = {0};
+    if (!bytes || !lens)
+        return NULL;
+    for (int32_t i = 0; i < n; i++) {
+        if (zse_tokenizer_is_special(tok, i) && i != eos)
+            continue;
+        buf.len = 0;
+        if (zse_tokenizer_token_bytes(tok, i, &buf) || !buf.len)
+            continue;
+        bytes[i] = malloc(buf.len);
+        memcpy(bytes[i], buf.data, buf.len);
+        lens[i] = (uint32_t)buf.len;
+    }
+    for (int i = n; i < target; i++) {
+        int a, b;
+        do {
+            a = (int)(next_u32() % (uint32_t)n);
+            b = (int)(next_u32() % (uint32_t)n);
+        } while (!bytes[a] || !bytes[b] || a == eos || b == eos || lens[a] + lens[b] > 32);
+        lens[i] = lens[a] + lens[b];
+        bytes[i] = malloc(lens[i]);
+        memcpy(bytes[i], bytes[a], lens[a]);
+        memcpy(bytes[i] + lens[a], bytes[b], lens[b]);
+    }
+    zse_grammar_vocab *v = zse_grammar_vocab_new(target, (const uint8_t *const *)bytes, lens, &eos, 1);
+    for (int i = 0; i < target; i++)
+        free(bytes[i]);
+    free(bytes);
+    free(lens);
+    zse_buf_free(&buf);
+    return v;
+}
+
+static zse_grammar *compile(const zse_grammar_vocab *v, const char *kind, const char *file, unsigned flags)
+{
+    if (!strcmp(kind, "--json-object"))
+        return zse_grammar_json_object(v);
+    size_t len;
+    char *text = zse_read_file(file, &len);
+    if (!text)
+        return NULL;
+    zse_grammar *g = NULL;
+    if (!strcmp(kind, "--schema")) {
+        g = zse_grammar_json_schema(v, text, len, flags);
+    } else if (!strcmp(kind, "--regex")) {
+        while (len && (text[len - 1] == '\n' || text[len - 1] == '\r'))
+            len--; /* the file's final newline is not part of the pattern */
+        g = zse_grammar_regex(v, text, len);
+    } else {
+        json_error_t e;
+        json_t *arr = json_loadb(text, len, 0, &e);
+        size_t n = json_array_size(arr);
+        const char **choices = calloc(n ? n : 1, sizeof *choices);
+        for (size_t i = 0; choices && i < n; i++)
+            choices[i] = json_string_value(json_array_get(arr, i));
+        bool ok = arr && n && choices;
+        for (size_t i = 0; ok && i < n; i++)
+            ok = choices[i] != NULL;
+        if (ok)
+            g = zse_grammar_choice(v, choices, (int)n);
+        else
+            zse_fail("--choice needs a JSON array of strings");
+        free(choices);
+        json_decref(arr);
+    }
+    free(text);
+    return g;
+}
+
+int main(int argc, char **argv)
+{
+    const char *tok_path = NULL, *kind = NULL, *file = NULL;
+    int n = 1, max_tokens = 2000, vocab_size = 0;
+    unsigned flags = 0;
+    bool bench = false;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        bool has = i + 1 < argc;
+        if (!strcmp(a, "--schema") || !strcmp(a, "--regex") || !strcmp(a, "--choice")) {
+            if (!has)
+                return usage();
+            kind = a;
+            file = argv[++i];
+        } else if (!strcmp(a, "--json-object")) {
+            kind = a;
+        } else if (!strcmp(a, "--strict")) {
+            flags |= ZSE_SCHEMA_STRICT;
+        } else if (!strcmp(a, "--bench")) {
+            bench = true;
+        } else if (!strcmp(a, "-n") && has) {
+            n = atoi(argv[++i]);
+        } else if (!strcmp(a, "--seed") && has) {
+            rng = strtoull(argv[++i], NULL, 10) * 2654435761u + 1;
+        } else if (!strcmp(a, "--max-tokens") && has) {
+            max_tokens = atoi(argv[++i]);
+        } else if (!strcmp(a, "--vocab-size") && has) {
+            vocab_size = atoi(argv[++i]);
+        } else if (a[0] != '-' && !tok_path) {
+            tok_path = a;
+        } else {
+            return usage();
+        }
+    }
+    if (!tok_path || !kind || n < 1 || max_tokens < 1)
+        return usage();
+    zse_tokenizer *tok = zse_tokenizer_open(tok_path);
+    if (!tok) {
+        fprintf(stderr, "error: %s\n", zse_error_message());
+        return 1;
+    }
+    double t0 = zse_now();
+    zse_grammar_vocab *v = build_vocab(tok, vocab_size);
+    double t_vocab = zse_now() - t0;
+    if (!v) {
+        fprintf(stderr, "error: %s\n", zse_error_message());
+        return 1;
+    }
+    t0 = zse_now();
+    zse_grammar *g = compile(v, kind, file, flags);
+    double t_compile = zse_now() - t0;
+    if (!g) {
+        fprintf(stderr, "error: %s\n", zse_error_message());
+        zse_grammar_vocab_free(v);
+        zse_tokenizer_free(tok);
+        return 2;
+    }
+    int words = zse_grammar_mask_words(v), nv = zse_grammar_vocab_size(v);
+    uint32_t *mask = calloc((size_t)words, sizeof *mask);
+    size_t cap_t = (size_t)n * (size_t)max_tokens;
+    double *first = calloc((size_t)n, sizeof *first), *later = calloc(cap_t, sizeof *later);
+    size_t n_later = 0, total_tokens = 0;
+    int rc = 0, ended_count = 0;
+    zse_buf text = {0};
+    for (int k = 0; k < n && rc == 0; k++) {
+        zse_matcher *m = zse_matcher_new(g, 0);
+        if (!m) {
+            fprintf(stderr, "error: %s\n", zse_error_message());
+            rc = 1;
+            break;
+        }
+        text.len = 0;
+        int tokens = 0;
+        while (tokens < max_tokens) {
+            double ts = zse_now();
+            int allowed = zse_matcher_fill_mask(m, mask);
+            double dt = zse_now() - ts;
+            if (tokens == 0)
+                first[k] = dt;
+            else
+                later[n_later++] = dt;
+            if (allowed <= 0) {
+                fprintf(stderr, "error: no token allowed after %d tokens (%s)\n", tokens,
+                        allowed < 0 ? zse_error_message() : "a dead end");
+                rc = 1;
+                break;
+            }
+            /* random logits: the allowed token with the largest draw */
+            uint32_t best = 0;
+            int32_t pick = -1;
+            for (int w = 0; w < words; w++) {
+                uint32_t bits = mask[w];
+                while (bits) {
+                    int id = w * 32 + __builtin_ctz(bits);
+                    bits &= bits - 1;
+                    uint32_t r = next_u32();
+                    if (id < nv && (pick < 0 || r > best)) {
+                        best = r;
+                        pick = id;
+                    }
+                }
+            }
+            if (zse_matcher_accept_token(m, pick) != 0) {
+                fprintf(stderr, "error: token %d was in the mask but not accepted\n", pick);
+                rc = 1;
+                break;
+            }
+            tokens++;
+            if (zse_matcher_ended(m))
+                break;
+            zse_buf_append(&text, v->bytes[pick], v->lens[pick]);
+        }
+        total_tokens += (size_t)tokens;
+        bool ended = zse_matcher_ended(m);
+        ended_count += ended;
+        if (!bench && rc == 0) {
+            json_t *line = json_pack("{s:i,s:s%,s:b,s:i}", "index", k, "text", text.data ? text.data : "", text.len,
+                                     "ended", ended, "tokens", tokens);
+            if (!line) {
+                fprintf(stderr, "error: output %d is not valid UTF-8\n", k);
+                rc = 1;
+            } else {
+                char *s = json_dumps(line, JSON_COMPACT | JSON_ENSURE_ASCII);
+                printf("%s\n", s);
+                free(s);
+                json_decref(line);
+            }
+        }
+        zse_matcher_free(m);
+    }
+    if (bench && rc == 0) {
+        qsort(first, (size_t)n, sizeof *first, cmp_double);
+        qsort(later, n_later, sizeof *later, cmp_double);
+        double sum = 0;
+        for (size_t i = 0; i < n_later; i++)
+            sum += later[i];
+        printf("{\"vocab\": %d, \"vocab_build_ms\": %.1f, \"compile_ms\": %.2f, \"outputs\": %d, \"ended\": %d, "
+               "\"tokens\": %zu, \"first_mask_us\": {\"p50\": %.1f, \"max\": %.1f}, "
+               "\"mask_us\": {\"p50\": %.2f, \"p99\": %.2f, \"max\": %.1f, \"mean\": %.2f}}\n",
+               nv, t_vocab * 1e3, t_compile * 1e3, n, ended_count, total_tokens, pct(first, (size_t)n, 0.5) * 1e6,
+               first[n - 1] * 1e6, pct(later, n_later, 0.5) * 1e6, pct(later, n_later, 0.99) * 1e6,
+               n_later ? later[n_later - 1] * 1e6 : 0, n_later ? sum / (double)n_later * 1e6 : 0);
+    }
+    zse_buf_free(&text);
+    free(first);
+    free(later);
+    free(mask);
+    zse_grammar_release(g);
+    zse_grammar_vocab_free(v);
+    zse_tokenizer_free(tok);
+    return rc;
+}
