@@ -26,10 +26,10 @@ if [ -n "$missing" ]; then
   fi
 fi
 
-PY_PACKAGES="pytest openai langchain-openai jsonschema"
+PY_PACKAGES="pytest openai langchain-openai jsonschema rfc3339-validator fqdn"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import pytest, openai, langchain_openai, jsonschema" 2>/dev/null; then
+if ! .venv/bin/python -c "import pytest, openai, langchain_openai, jsonschema, rfc3339_validator, fqdn" 2>/dev/null; then
   .venv/bin/pip install -q $PY_PACKAGES
 fi

@@ -9,7 +9,7 @@
  * allows, so every output still validates). Strings carry no \uXXXX escapes except for
  * control characters (every character is written as itself, so counting characters for
  * minLength/maxLength is exact); unconstrained numbers have at most 20 integer digits,
- * 20 fraction digits and 3 exponent digits. */
+ * 20 fraction digits and 2 exponent digits (always a finite double). */
 #include "grammar/grammar.h"
 
 #include <math.h>
@@ -116,7 +116,7 @@ static zse_gx digits(sc *s, int min, int max)
     return zse_gb_repeat(s->b, zse_gb_byte_range(s->b, '0', '9'), min, max);
 }
 
-/* -?(0|[1-9][0-9]{0,19})(\.[0-9]{1,20})?([eE][+-]?[0-9]{1,3})? */
+/* -?(0|[1-9][0-9]{0,19})(\.[0-9]{1,20})?([eE][+-]?[0-9]{1,2})?: finite as a double */
 static zse_gx any_number(sc *s)
 {
     if (s->number < 0) {
@@ -126,7 +126,7 @@ static zse_gx any_number(sc *s)
         zse_gx frac = gb_opt(b, gb_seq2(b, lit(s, "."), digits(s, 1, 20)));
         zse_gx e = zse_gb_alt(b, (zse_gx[]){lit(s, "e"), lit(s, "E")}, 2);
         zse_gx sign = gb_opt(b, zse_gb_alt(b, (zse_gx[]){lit(s, "+"), lit(s, "-")}, 2));
-        zse_gx exp = gb_opt(b, gb_seq3(b, e, sign, digits(s, 1, 3)));
+        zse_gx exp = gb_opt(b, gb_seq3(b, e, sign, digits(s, 1, 2)));
         zse_gx xs[4] = {gb_opt(b, lit(s, "-")), intpart, frac, exp};
         if (r < 0 || zse_gb_define(b, r, zse_gb_seq(b, xs, 4)))
             return -1;
@@ -978,6 +978,8 @@ static zse_gx array_expr(sc *s, const json_t *schema)
     if (prefix && !json_is_array(prefix))
         return sc_fail(s, "%s must be an array", "'prefixItems'");
     size_t k = prefix ? json_array_size(prefix) : 0;
+    if (hi >= 0 && k > (size_t)hi)
+        k = (size_t)hi; /* maxItems cuts the tuple short */
     bool closed = json_is_false(items);
     if (closed && (hi < 0 || (size_t)hi > k))
         hi = (json_int_t)k;
