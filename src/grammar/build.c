@@ -612,6 +612,28 @@ static int lower_rule(lowering *L, uint32_t r)
         free(alts);
         return body < 0 ? zse_fail("grammar: a rule is used but never defined") : -1;
     }
+    /* alternatives that are one byte class each (the ASCII ranges of a character set) become
+     * one class: one stack top instead of several */
+    uint32_t first_class = UINT32_MAX, w = 0;
+    gr_class merged = {{0}};
+    for (uint32_t i = 0; i < na; i++) {
+        const gb_expr *a = &L->b->x[alts[i]];
+        if (a->kind != X_CLASS) {
+            alts[w++] = alts[i];
+            continue;
+        }
+        const gr_class *c = &L->b->classes[a->a];
+        for (int k = 0; k < 4; k++)
+            merged.bits[k] |= c->bits[k];
+        if (first_class == UINT32_MAX)
+            first_class = w++;
+        alts[first_class] = alts[i];
+    }
+    na = w;
+    if (first_class != UINT32_MAX && (alts[first_class] = gb_class(L->b, &merged)) < 0) {
+        free(alts);
+        return -1;
+    }
     L->rules[r].first_alt = L->n_alt;
     int rc = 0;
     int32_t min = 0, max = 0, next = -1;

@@ -221,9 +221,11 @@ typedef struct {
     /* scratch nodes for speculation: ids GR_SCRATCH | i, dropped by truncation */
     gr_node *scratch;
     uint32_t n_scratch, cap_scratch;
-    /* the rule expansions of one step (cycle guard) */
-    uint64_t *seen;
-    uint32_t n_seen, cap_seen;
+    /* what one step made or saw (scratch nodes, tops in the output set, rule expansions),
+     * hashed; entries of older steps are told apart by a generation stamp */
+    uint64_t *step_key;
+    uint32_t *step_val, *step_gen;
+    uint32_t step_cap, step_used, gen;
 } gr_store;
 
 /* a set of stacks: tops at GE_CLASS elements, plus flags */

@@ -69,57 +69,227 @@ static int cmp_i32(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* The sets of stacks met while classifying one position, made canonical (nodes interned,
+ * tops sorted) and numbered, with the byte transitions between them memoized: a string
+ * body or a number reaches a handful of distinct sets, so walking the trie costs a table
+ * lookup per node instead of a closure (a lazily built DFA). */
+typedef struct {
+    uint32_t off, n;
+    bool accept, escaped;
+} dfa_set;
+
+typedef struct {
+    const zse_grammar *g;
+    gr_store s;
+    uint32_t *pool;
+    uint32_t n_pool, cap_pool;
+    dfa_set *sets;
+    uint32_t n_sets, cap_sets;
+    uint32_t *set_hash; /* id + 1 */
+    uint32_t set_hcap;
+    uint64_t *tr_key;
+    uint32_t *tr_val; /* next set id + 1; 0 = empty slot */
+    uint32_t tr_cap, tr_used;
+    gr_set in, out;
+} dfa;
+
+static void dfa_free(dfa *d)
+{
+    gr_store_free(&d->s);
+    free(d->pool);
+    free(d->sets);
+    free(d->set_hash);
+    free(d->tr_key);
+    free(d->tr_val);
+    free(d->out.tops);
+}
+
+static uint32_t set_hash_of(const uint32_t *tops, uint32_t n, bool accept, bool escaped)
+{
+    uint64_t h = 1469598103934665603ull ^ (accept ? 1 : 0) ^ (escaped ? 2 : 0);
+    for (uint32_t i = 0; i < n; i++)
+        h = (h ^ tops[i]) * 1099511628211ull;
+    return (uint32_t)(h ^ h >> 32);
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int grow_arr(void **p, uint32_t *cap, uint32_t need, size_t elem)
+{
+    if (need <= *cap)
+        return 0;
+    uint32_t n = *cap ? *cap : 64;
+    while (n < need)
+        n *= 2;
+    void *q = zse_realloc(*p, (size_t)n * elem);
+    if (!q)
+        return -1;
+    *p = q;
+    *cap = n;
+    return 0;
+}
+
+static int set_rehash(dfa *d)
+{
+    uint32_t cap = d->set_hcap ? d->set_hcap * 2 : 256;
+    uint32_t *h = zse_calloc(cap, sizeof *h);
+    if (!h)
+        return -1;
+    for (uint32_t i = 0; i < d->n_sets; i++) {
+        const dfa_set *x = &d->sets[i];
+        uint32_t k = set_hash_of(d->pool + x->off, x->n, x->accept, x->escaped) & (cap - 1);
+        while (h[k])
+            k = (k + 1) & (cap - 1);
+        h[k] = i + 1;
+    }
+    free(d->set_hash);
+    d->set_hash = h;
+    d->set_hcap = cap;
+    return 0;
+}
+
+/* the id of the set `cur` (scratch tops are made persistent first); -1 on failure */
+static int64_t dfa_intern(dfa *d, const gr_set *cur)
+{
+    if (grow_arr((void **)&d->pool, &d->cap_pool, d->n_pool + cur->n, sizeof *d->pool))
+        return -1;
+    uint32_t *tops = d->pool + d->n_pool;
+    for (uint32_t i = 0; i < cur->n; i++) {
+        int64_t id = gr_persist(&d->s, cur->tops[i]);
+        if (id < 0)
+            return -1;
+        tops[i] = (uint32_t)id;
+    }
+    d->s.n_scratch = 0;
+    qsort(tops, cur->n, sizeof *tops, cmp_u32);
+    if ((d->n_sets + 1) * 2 > d->set_hcap && set_rehash(d))
+        return -1;
+    uint32_t k = set_hash_of(tops, cur->n, cur->accept, cur->escaped) & (d->set_hcap - 1);
+    while (d->set_hash[k]) {
+        const dfa_set *x = &d->sets[d->set_hash[k] - 1];
+        if (x->n == cur->n && x->accept == cur->accept && x->escaped == cur->escaped &&
+            !memcmp(d->pool + x->off, tops, (size_t)cur->n * sizeof *tops))
+            return d->set_hash[k] - 1;
+        k = (k + 1) & (d->set_hcap - 1);
+    }
+    if (grow_arr((void **)&d->sets, &d->cap_sets, d->n_sets + 1, sizeof *d->sets))
+        return -1;
+    d->sets[d->n_sets] = (dfa_set){d->n_pool, cur->n, cur->accept, cur->escaped};
+    d->n_pool += cur->n;
+    d->set_hash[k] = d->n_sets + 1;
+    return d->n_sets++;
+}
+
+static int tr_rehash(dfa *d)
+{
+    uint32_t cap = d->tr_cap ? d->tr_cap * 2 : 1024;
+    uint64_t *key = zse_malloc((size_t)cap * sizeof *key);
+    uint32_t *val = zse_calloc(cap, sizeof *val);
+    if (!key || !val) {
+        free(key);
+        free(val);
+        return -1;
+    }
+    for (uint32_t i = 0; i < d->tr_cap; i++) {
+        if (!d->tr_val[i])
+            continue;
+        uint32_t k = (uint32_t)((d->tr_key[i] * 0x9E3779B97F4A7C15ull) >> 32) & (cap - 1);
+        while (val[k])
+            k = (k + 1) & (cap - 1);
+        key[k] = d->tr_key[i];
+        val[k] = d->tr_val[i];
+    }
+    free(d->tr_key);
+    free(d->tr_val);
+    d->tr_key = key;
+    d->tr_val = val;
+    d->tr_cap = cap;
+    return 0;
+}
+
+/* the set after `byte` from set `from` */
+static int64_t dfa_step(dfa *d, uint32_t from, uint8_t byte)
+{
+    if ((d->tr_used + 1) * 2 > d->tr_cap && tr_rehash(d))
+        return -1;
+    uint64_t key = (uint64_t)from << 8 | byte;
+    uint32_t k = (uint32_t)((key * 0x9E3779B97F4A7C15ull) >> 32) & (d->tr_cap - 1);
+    while (d->tr_val[k]) {
+        if (d->tr_key[k] == key)
+            return d->tr_val[k] - 1;
+        k = (k + 1) & (d->tr_cap - 1);
+    }
+    const dfa_set *x = &d->sets[from];
+    d->in.tops = d->pool + x->off;
+    d->in.n = d->in.cap = x->n;
+    if (gr_advance(d->g, &d->s, &d->in, byte, &d->out))
+        return -1;
+    int64_t next = dfa_intern(d, &d->out);
+    if (next < 0)
+        return -1;
+    d->tr_key[k] = key;
+    d->tr_val[k] = (uint32_t)next + 1;
+    d->tr_used++;
+    return next;
+}
+
 /* classifies the vocabulary at position elem (a GE_CLASS element) */
 static gr_pos_cache *compute_cache(const zse_grammar *g, uint32_t elem)
 {
     const zse_grammar_vocab *v = g->vocab;
-    gr_store s;
-    gr_store_init(&s);
+    dfa d = {.g = g};
+    gr_store_init(&d.s);
     id_list acc = {0}, unc = {0};
     uint32_t max_depth = 1;
     for (uint32_t i = 0; i < v->n_trie; i++)
         if (v->trie[i].depth > max_depth)
             max_depth = v->trie[i].depth;
-    /* per depth d: the set after d bytes, the scratch in use once it is made, the first depth (< d)
-     * where a path left the frame (0: none) and whether more than one did */
-    gr_set *sets = zse_calloc(max_depth + 1, sizeof *sets);
-    uint32_t *mark = zse_calloc(max_depth + 1, sizeof *mark);
+    /* per depth d: the set after d bytes, the first depth (< d) where a path left the
+     * frame (0: none) and whether more than one did */
+    uint32_t *sid = zse_calloc(max_depth + 1, sizeof *sid);
     uint16_t *first_esc = zse_calloc(max_depth + 2, sizeof *first_esc);
     bool *multi_esc = zse_calloc(max_depth + 2, sizeof *multi_esc);
     gr_pos_cache *c = NULL;
-    if (!sets || !mark || !first_esc || !multi_esc)
+    if (!sid || !first_esc || !multi_esc)
         goto out;
     /* the start: one stack, (elem, BOTTOM) */
-    if (gr_close(g, &s, elem, GR_BOTTOM, &sets[0]))
+    if (gr_close(g, &d.s, elem, GR_BOTTOM, &d.out))
         goto out;
-    mark[0] = s.n_scratch;
+    int64_t start = dfa_intern(&d, &d.out);
+    if (start < 0)
+        goto out;
+    sid[0] = (uint32_t)start;
     uint32_t i = 0;
     while (i < v->n_trie) {
         const gr_trie_node *nd = &v->trie[i];
-        uint32_t d = nd->depth;
-        gr_set *prev = &sets[d - 1], *cur = &sets[d];
-        uint16_t fe = first_esc[d]; /* a path left the frame after fe bytes (0: none) */
-        bool me = multi_esc[d];
-        s.n_scratch = mark[d - 1]; /* drop the nodes of the previous sibling's set at depth d */
-        if (gr_advance(g, &s, prev, nd->byte, cur))
+        uint32_t dep = nd->depth;
+        uint16_t fe = first_esc[dep]; /* a path left the frame after fe bytes (0: none) */
+        bool me = multi_esc[dep];
+        int64_t next = dfa_step(&d, sid[dep - 1], nd->byte);
+        if (next < 0)
             goto out;
-        mark[d] = s.n_scratch;
+        sid[dep] = (uint32_t)next;
+        const dfa_set cur = d.sets[next];
         /* escapes seen up to and including this depth, for the nodes below */
         uint16_t fe_next = fe;
         bool me_next = me;
-        if (cur->escaped) {
+        if (cur.escaped) {
             if (fe_next == 0)
-                fe_next = (uint16_t)d;
+                fe_next = (uint16_t)dep;
             else
                 me_next = true;
         }
-        if (d + 1 <= max_depth) {
-            first_esc[d + 1] = fe_next;
-            multi_esc[d + 1] = me_next;
+        if (dep + 1 <= max_depth) {
+            first_esc[dep + 1] = fe_next;
+            multi_esc[dep + 1] = me_next;
         }
-        bool alive = cur->n > 0 || cur->accept;
+        bool alive = cur.n > 0 || cur.accept;
         if (nd->token >= 0) {
-            if (alive || cur->escaped) {
+            if (alive || cur.escaped) {
                 if (add_tokens(v, i, &acc, 0, false))
                     goto out;
             } else if (fe) {
@@ -127,11 +297,11 @@ static gr_pos_cache *compute_cache(const zse_grammar *g, uint32_t elem)
                     goto out;
             }
         }
-        if (cur->n == 0 && fe_next == 0) {
+        if (cur.n == 0 && fe_next == 0) {
             i = nd->end; /* every token below is rejected */
             continue;
         }
-        if (cur->n == 0) {
+        if (cur.n == 0) {
             /* dead inside the frame but left it before: the subtree is uncertain */
             for (uint32_t j = i + 1; j < nd->end; j++)
                 if (v->trie[j].token >= 0 && add_tokens(v, j, &unc, me_next ? 0 : fe_next, true))
@@ -168,17 +338,13 @@ fail_c:
     free(c);
     c = NULL;
 out:
-    if (sets)
-        for (uint32_t d = 0; d <= max_depth; d++)
-            gr_set_free(&sets[d]);
-    free(sets);
-    free(mark);
+    dfa_free(&d);
+    free(sid);
     free(first_esc);
     free(multi_esc);
     free(acc.ids);
     free(unc.ids);
     free(unc.from);
-    gr_store_free(&s);
     return c;
 }
 

@@ -296,8 +296,12 @@ int zse_matcher_fill_mask(zse_matcher *m, uint32_t *mask)
     if (m->state.accept)
         set_eos(v, mask);
     int count = 0;
-    for (int w = 0; w < words; w++)
-        count += __builtin_popcount(mask[w]);
+    for (int w = 0; w < words; w++) {
+        uint32_t x = mask[w]; /* SWAR: no popcnt instruction assumed */
+        x = x - ((x >> 1) & 0x55555555u);
+        x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
+        count += (int)((((x + (x >> 4)) & 0x0F0F0F0Fu) * 0x01010101u) >> 24);
+    }
     return count;
 }
 

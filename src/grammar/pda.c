@@ -46,7 +46,9 @@ void gr_store_free(gr_store *s)
     free(s->nodes);
     free(s->hash);
     free(s->scratch);
-    free(s->seen);
+    free(s->step_key);
+    free(s->step_val);
+    free(s->step_gen);
     memset(s, 0, sizeof *s);
 }
 
@@ -84,38 +86,125 @@ static inline uint32_t hash2(uint32_t a, uint32_t b)
     return (uint32_t)(h >> 32);
 }
 
-/* a scratch node (elem, parent), reusing one made since `mark` with the same fields */
-static int64_t scratch_node(gr_store *s, uint32_t elem, uint32_t parent, uint32_t mark)
+/* ---- the step table ---------------------------------------------------------------------
+ * keys: 1 | elem | parent → a scratch node; 2 | id → a top already in the output set;
+ * 3 | rule | ret → a rule expansion already made (cycle guard) */
+#define KEY_NODE(e, p) (1ull << 62 | (uint64_t)(e) << 32 | (p))
+#define KEY_TOP(id) (2ull << 62 | (id))
+#define KEY_RULE(r, ret) (3ull << 62 | (uint64_t)(r) << 32 | (ret))
+
+static void step_begin(gr_store *s)
 {
-    for (uint32_t i = mark; i < s->n_scratch; i++)
-        if (s->scratch[i].elem == elem && s->scratch[i].parent == parent)
-            return GR_SCRATCH | i;
+    s->step_used = 0;
+    if (++s->gen == 0) { /* wrapped: forget every stamp */
+        if (s->step_gen)
+            memset(s->step_gen, 0, (size_t)s->step_cap * sizeof *s->step_gen);
+        s->gen = 1;
+    }
+}
+
+static inline uint32_t hash_key(uint64_t k)
+{
+    return (uint32_t)((k * 0x9E3779B97F4A7C15ull) >> 32);
+}
+
+static int step_grow(gr_store *s)
+{
+    uint32_t cap = s->step_cap ? s->step_cap * 2 : 256;
+    uint64_t *key = zse_malloc((size_t)cap * sizeof *key);
+    uint32_t *val = zse_malloc((size_t)cap * sizeof *val), *gen = zse_calloc(cap, sizeof *gen);
+    if (!key || !val || !gen) {
+        free(key);
+        free(val);
+        free(gen);
+        return -1;
+    }
+    for (uint32_t i = 0; i < s->step_cap; i++) {
+        if (s->step_gen[i] != s->gen)
+            continue;
+        uint32_t h = hash_key(s->step_key[i]) & (cap - 1);
+        while (gen[h] == s->gen)
+            h = (h + 1) & (cap - 1);
+        key[h] = s->step_key[i];
+        val[h] = s->step_val[i];
+        gen[h] = s->gen;
+    }
+    free(s->step_key);
+    free(s->step_val);
+    free(s->step_gen);
+    s->step_key = key;
+    s->step_val = val;
+    s->step_gen = gen;
+    s->step_cap = cap;
+    return 0;
+}
+
+/* the slot of key k this step: *found tells whether it was there; -1 on failure */
+static int64_t step_slot(gr_store *s, uint64_t k, bool *found)
+{
+    if ((s->step_used + 1) * 2 > s->step_cap && step_grow(s))
+        return -1;
+    uint32_t h = hash_key(k) & (s->step_cap - 1);
+    while (s->step_gen[h] == s->gen) {
+        if (s->step_key[h] == k) {
+            *found = true;
+            return h;
+        }
+        h = (h + 1) & (s->step_cap - 1);
+    }
+    *found = false;
+    s->step_gen[h] = s->gen;
+    s->step_key[h] = k;
+    s->step_used++;
+    return h;
+}
+
+/* a scratch node (elem, parent), one per pair within a step */
+static int64_t scratch_node(gr_store *s, uint32_t elem, uint32_t parent)
+{
+    bool found;
+    int64_t slot = step_slot(s, KEY_NODE(elem, parent), &found);
+    if (slot < 0)
+        return -1;
+    if (found)
+        return GR_SCRATCH | s->step_val[slot];
     if (s->n_scratch >= 0x7ffffff0u)
         return zse_fail("grammar: scratch stack space exhausted");
     if (grow((void **)&s->scratch, &s->cap_scratch, s->n_scratch + 1, sizeof *s->scratch))
         return -1;
     s->scratch[s->n_scratch] = (gr_node){elem, parent};
+    s->step_val[slot] = s->n_scratch;
     return GR_SCRATCH | s->n_scratch++;
 }
 
 static bool seen_before(gr_store *s, uint32_t rule, uint32_t ret)
 {
-    uint64_t key = (uint64_t)rule << 32 | ret;
-    for (uint32_t i = 0; i < s->n_seen; i++)
-        if (s->seen[i] == key)
-            return true;
-    if (!grow((void **)&s->seen, &s->cap_seen, s->n_seen + 1, sizeof *s->seen))
-        s->seen[s->n_seen++] = key;
-    return false;
+    bool found = false;
+    return step_slot(s, KEY_RULE(rule, ret), &found) >= 0 && found;
 }
 
-static int close_rec(const zse_grammar *g, gr_store *s, uint32_t elem, uint32_t parent, gr_set *out, uint32_t mark)
+static int push_top(gr_store *s, gr_set *out, uint32_t id)
+{
+    bool found;
+    if (step_slot(s, KEY_TOP(id), &found) < 0)
+        return -1;
+    if (found)
+        return 0;
+    if (out->n >= GR_MAX_TOPS)
+        return zse_fail("grammar: more than %d parses are alive at once; the grammar is too ambiguous", GR_MAX_TOPS);
+    if (grow((void **)&out->tops, &out->cap, out->n + 1, sizeof *out->tops))
+        return -1;
+    out->tops[out->n++] = id;
+    return 0;
+}
+
+static int close_rec(const zse_grammar *g, gr_store *s, uint32_t elem, uint32_t parent, gr_set *out)
 {
     for (;;) {
         gr_elem e = g->elems[elem];
         if (e.kind == GE_CLASS) {
-            int64_t id = scratch_node(s, elem, parent, mark);
-            return id < 0 ? -1 : gr_set_push(out, (uint32_t)id);
+            int64_t id = scratch_node(s, elem, parent);
+            return id < 0 ? -1 : push_top(s, out, (uint32_t)id);
         }
         if (e.kind == GE_END) {
             if (parent == GR_NIL) {
@@ -134,7 +223,7 @@ static int close_rec(const zse_grammar *g, gr_store *s, uint32_t elem, uint32_t 
         /* a rule: the frame below continues at elem+1, unless that is the end (tail call) */
         uint32_t ret = parent;
         if (g->elems[elem + 1].kind != GE_END) {
-            int64_t id = scratch_node(s, elem + 1, parent, mark);
+            int64_t id = scratch_node(s, elem + 1, parent);
             if (id < 0)
                 return -1;
             ret = (uint32_t)id;
@@ -143,7 +232,7 @@ static int close_rec(const zse_grammar *g, gr_store *s, uint32_t elem, uint32_t 
         if (seen_before(s, e.arg, ret))
             return 0;
         for (uint32_t a = 0; a < r->n_alts; a++)
-            if (close_rec(g, s, g->alt_start[r->first_alt + a], ret, out, mark))
+            if (close_rec(g, s, g->alt_start[r->first_alt + a], ret, out))
                 return -1;
         return 0;
     }
@@ -151,22 +240,25 @@ static int close_rec(const zse_grammar *g, gr_store *s, uint32_t elem, uint32_t 
 
 int gr_close(const zse_grammar *g, gr_store *s, uint32_t elem, uint32_t parent, gr_set *out)
 {
-    s->n_seen = 0;
-    return close_rec(g, s, elem, parent, out, s->n_scratch);
+    step_begin(s);
+    bool found;
+    for (uint32_t i = 0; i < out->n; i++) /* tops already there stay unique */
+        if (step_slot(s, KEY_TOP(out->tops[i]), &found) < 0)
+            return -1;
+    return close_rec(g, s, elem, parent, out);
 }
 
 int gr_advance(const zse_grammar *g, gr_store *s, const gr_set *in, uint8_t byte, gr_set *out)
 {
     out->n = 0;
     out->accept = out->escaped = false;
-    s->n_seen = 0;
-    uint32_t mark = s->n_scratch;
+    step_begin(s);
     for (uint32_t i = 0; i < in->n; i++) {
         const gr_node *n = gr_node_at(s, in->tops[i]);
         if (!gr_class_has(&g->classes[g->elems[n->elem].arg], byte))
             continue;
         uint32_t elem = n->elem + 1, parent = n->parent;
-        if (close_rec(g, s, elem, parent, out, mark))
+        if (close_rec(g, s, elem, parent, out))
             return -1;
     }
     return 0;
