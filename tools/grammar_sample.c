@@ -3,7 +3,7 @@
  *
  *   build/grammar_sample TOKENIZER (--schema F | --regex F | --choice F | --json-object)
  *                        [--strict] [-n N] [--seed S] [--max-tokens M]
- *                        [--bench] [--vocab-size V]
+ *                        [--bench] [--vocab-size V] [--dump-vocab F]
  *
  * TOKENIZER: a .zse file, a .gguf vocabulary or a Hugging Face directory. --choice F: a JSON
  * array of strings. Each output is one JSON line {"index", "text", "ended", "tokens"}: the
@@ -18,6 +18,8 @@
  * keeps it).
  * --vocab-size V: extends the vocabulary to V tokens with concatenations of two existing
  * tokens (seeded), to measure at a larger vocabulary than the tokenizer has.
+ * --dump-vocab F: writes the vocabulary used ({"eos": [ids], "tokens": [hex bytes or null]})
+ * so another engine can be measured on exactly the same tokens (tools/bench_xgrammar.py).
  * Not a test by itself: tests/grammar runs it; figures go to docs/BENCHMARKS.md. */
 #include "grammar/grammar.h"
 #include "tokenizer/tokenizer.h"
@@ -113,6 +115,30 @@ static zse_grammar_vocab *build_vocab(const zse_tokenizer *tok, int target)
     return v;
 }
 
+static int dump_vocab(const zse_grammar_vocab *v, const char *path)
+{
+    FILE *f = fopen(path, "w");
+    if (!f)
+        return -1;
+    fprintf(f, "{\"eos\": [");
+    for (int i = 0; i < v->n_eos; i++)
+        fprintf(f, "%s%d", i ? ", " : "", v->eos[i]);
+    fprintf(f, "], \"tokens\": [");
+    for (int i = 0; i < v->n_vocab; i++) {
+        fprintf(f, "%s", i ? ",\n" : "\n");
+        if (!v->bytes[i] || v->is_eos[i]) {
+            fprintf(f, "null");
+            continue;
+        }
+        fputc('"', f);
+        for (uint32_t k = 0; k < v->lens[i]; k++)
+            fprintf(f, "%02x", v->bytes[i][k]);
+        fputc('"', f);
+    }
+    fprintf(f, "]}\n");
+    return fclose(f);
+}
+
 static zse_grammar *compile(const zse_grammar_vocab *v, const char *kind, const char *file, unsigned flags)
 {
     if (!strcmp(kind, "--json-object"))
@@ -151,7 +177,7 @@ static zse_grammar *compile(const zse_grammar_vocab *v, const char *kind, const 
 
 int main(int argc, char **argv)
 {
-    const char *tok_path = NULL, *kind = NULL, *file = NULL;
+    const char *tok_path = NULL, *kind = NULL, *file = NULL, *dump = NULL;
     int n = 1, max_tokens = 2000, vocab_size = 0;
     unsigned flags = 0;
     bool bench = false;
@@ -175,6 +201,8 @@ int main(int argc, char **argv)
             rng = strtoull(argv[++i], NULL, 10) * 2654435761u + 1;
         } else if (!strcmp(a, "--max-tokens") && has) {
             max_tokens = atoi(argv[++i]);
+        } else if (!strcmp(a, "--dump-vocab") && has) {
+            dump = argv[++i];
         } else if (!strcmp(a, "--vocab-size") && has) {
             vocab_size = atoi(argv[++i]);
         } else if (a[0] != '-' && !tok_path) {
@@ -183,7 +211,7 @@ int main(int argc, char **argv)
             return usage();
         }
     }
-    if (!tok_path || !kind || n < 1 || max_tokens < 1)
+    if (!tok_path || (!kind && !dump) || n < 1 || max_tokens < 1)
         return usage();
     zse_tokenizer *tok = zse_tokenizer_open(tok_path);
     if (!tok) {
@@ -196,6 +224,15 @@ int main(int argc, char **argv)
     if (!v) {
         fprintf(stderr, "error: %s\n", zse_error_message());
         return 1;
+    }
+    if (dump && dump_vocab(v, dump)) {
+        fprintf(stderr, "error: cannot write %s\n", dump);
+        return 1;
+    }
+    if (!kind) {
+        zse_grammar_vocab_free(v);
+        zse_tokenizer_free(tok);
+        return 0;
     }
     t0 = cpu_now();
     zse_grammar *g = compile(v, kind, file, flags);

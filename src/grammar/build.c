@@ -504,11 +504,21 @@ typedef struct {
     uint32_t n_rules, cap_rules;
     /* rules waiting to be lowered */
     struct pending {
-        int kind; /* 0: body expression, 1: repetition state, 2: builder rule x */
+        int kind; /* 0: body expression, 1: repetition state, 2: builder rule x, 3: factored
+                   * (x: first entry in `ent`, step: how many) */
         zse_gx x;
         int32_t step;
     } *todo;
     uint32_t n_todo, cap_todo;
+    /* alternatives as atom lists (an atom: a class, rule or nested alternation/repetition)
+     * with the rule to continue at (-1: none), for left-factoring */
+    zse_gx *atoms;
+    uint32_t n_atoms, cap_atoms;
+    struct entry {
+        uint32_t off, n;
+        int32_t cont;
+    } *ent;
+    uint32_t n_ent, cap_ent;
     int32_t *alt_rule; /* expression → its anonymous rule (X_ALT), or the first rule of its chain (X_REPEAT) */
 } lowering;
 
@@ -602,9 +612,137 @@ static int alts_of(zse_gb *b, zse_gx x, zse_gx **out, uint32_t *n, uint32_t *cap
     return 0;
 }
 
+/* the atoms of x (sequences opened, empties dropped) appended to the atom pool */
+static int flatten(lowering *L, zse_gx x)
+{
+    const gb_expr *e = &L->b->x[x];
+    if (e->kind == X_EMPTY)
+        return 0;
+    if (e->kind == X_SEQ) {
+        for (uint32_t i = 0; i < e->nkid; i++)
+            if (flatten(L, L->b->kids[L->b->x[x].kid0 + i]))
+                return -1;
+        return 0;
+    }
+    if (grow((void **)&L->atoms, &L->cap_atoms, L->n_atoms + 1, sizeof *L->atoms))
+        return -1;
+    L->atoms[L->n_atoms++] = x;
+    return 0;
+}
+
+static bool atom_eq(const lowering *L, zse_gx a, zse_gx b)
+{
+    if (a == b)
+        return true;
+    const gb_expr *x = &L->b->x[a], *y = &L->b->x[b];
+    return x->kind == X_CLASS && y->kind == X_CLASS && x->a == y->a;
+}
+
+static bool tail_eq(const lowering *L, const struct entry *a, const struct entry *b, uint32_t from)
+{
+    if (a->n != b->n || a->cont != b->cont)
+        return false;
+    for (uint32_t i = from; i < a->n; i++)
+        if (!atom_eq(L, L->atoms[a->off + i], L->atoms[b->off + i]))
+            return false;
+    return true;
+}
+
+/* Emits rule r's alternatives from entries ent[e0 .. e0+n). Two normalizations keep the
+ * stack sets small while every transition stays a tail call (one frame, so a cached
+ * position covers a whole string body):
+ *   - entries that differ only in their first byte class merge into one class ([a] X | [b]
+ *     X → [ab] X: the ASCII ranges and UTF-8 lead bytes of a character set);
+ *   - entries that share their first atom are left-factored: A F with a new rule F over
+ *     their rests (\n | \t | \u.. → \ F), each rest ending in its continuation. */
+static int lower_entries(lowering *L, uint32_t r, uint32_t e0, uint32_t n)
+{
+    /* merge first classes of otherwise equal entries */
+    for (uint32_t i = 0; i < n; i++) {
+        struct entry *a = &L->ent[e0 + i];
+        if (!a->n || L->b->x[L->atoms[a->off]].kind != X_CLASS)
+            continue;
+        gr_class merged = L->b->classes[L->b->x[L->atoms[a->off]].a];
+        bool any = false;
+        for (uint32_t j = i + 1; j < n; j++) {
+            struct entry *c = &L->ent[e0 + j];
+            if (!c->n || L->b->x[L->atoms[c->off]].kind != X_CLASS || !tail_eq(L, a, c, 1))
+                continue;
+            const gr_class *cc = &L->b->classes[L->b->x[L->atoms[c->off]].a];
+            for (int k = 0; k < 4; k++)
+                merged.bits[k] |= cc->bits[k];
+            L->ent[e0 + j] = L->ent[e0 + n - 1]; /* drop c: order within a rule is free */
+            n--;
+            j--;
+            any = true;
+        }
+        if (any) {
+            /* a fresh atom list: the merged class, then the shared rest */
+            uint32_t off = L->n_atoms;
+            if (grow((void **)&L->atoms, &L->cap_atoms, L->n_atoms + a->n, sizeof *L->atoms))
+                return -1;
+            zse_gx c = gb_class(L->b, &merged);
+            if (c < 0)
+                return -1;
+            a = &L->ent[e0 + i];
+            L->atoms[off] = c;
+            memcpy(L->atoms + off + 1, L->atoms + a->off + 1, (a->n - 1) * sizeof *L->atoms);
+            L->n_atoms += a->n;
+            a->off = off;
+        }
+    }
+    L->rules[r].first_alt = L->n_alt;
+    bool *done = zse_calloc(n ? n : 1, sizeof *done);
+    if (!done)
+        return -1;
+    int rc = 0;
+    for (uint32_t i = 0; i < n && !rc; i++) {
+        if (done[i])
+            continue;
+        struct entry a = L->ent[e0 + i];
+        uint32_t group = 0;
+        for (uint32_t j = i; j < n && a.n; j++)
+            if (!done[j] && L->ent[e0 + j].n && atom_eq(L, L->atoms[L->ent[e0 + j].off], L->atoms[a.off]))
+                group++;
+        rc = begin_alt(L);
+        if (!rc && group <= 1) { /* alone: its atoms, then its continuation */
+            done[i] = true;
+            for (uint32_t k = 0; k < a.n && !rc; k++)
+                rc = emit(L, L->atoms[a.off + k]);
+            if (!rc && a.cont >= 0)
+                rc = put_elem(L, GE_RULE, (uint32_t)a.cont);
+        } else if (!rc) { /* the shared first atom, then a rule over the rests */
+            rc = emit(L, L->atoms[a.off]);
+            uint32_t f0 = L->n_ent;
+            for (uint32_t j = i; j < n && !rc; j++) {
+                struct entry c = L->ent[e0 + j];
+                if (done[j] || !c.n || !atom_eq(L, L->atoms[c.off], L->atoms[a.off]))
+                    continue;
+                done[j] = true;
+                if (grow((void **)&L->ent, &L->cap_ent, L->n_ent + 1, sizeof *L->ent))
+                    rc = -1;
+                else
+                    L->ent[L->n_ent++] = (struct entry){c.off + 1, c.n - 1, c.cont};
+            }
+            int64_t f = rc ? -1 : new_rule(L, 3, (zse_gx)f0, (int32_t)(L->n_ent - f0));
+            if (f < 0)
+                rc = -1;
+            else
+                rc = put_elem(L, GE_RULE, (uint32_t)f);
+        }
+        if (!rc)
+            rc = put_elem(L, GE_END, 0);
+    }
+    L->rules[r].n_alts = L->n_alt - L->rules[r].first_alt;
+    free(done);
+    return rc;
+}
+
 static int lower_rule(lowering *L, uint32_t r)
 {
     struct pending p = L->todo[r];
+    if (p.kind == 3)
+        return lower_entries(L, r, (uint32_t)p.x, (uint32_t)p.step);
     zse_gx *alts = NULL;
     uint32_t na = 0, cap = 0;
     zse_gx body = p.kind == 2 ? L->b->rule_body[p.x] : p.kind == 0 ? p.x : L->b->x[p.x].a;
@@ -612,36 +750,11 @@ static int lower_rule(lowering *L, uint32_t r)
         free(alts);
         return body < 0 ? zse_fail("grammar: a rule is used but never defined") : -1;
     }
-    /* alternatives that are one byte class each (the ASCII ranges of a character set) become
-     * one class: one stack top instead of several */
-    uint32_t first_class = UINT32_MAX, w = 0;
-    gr_class merged = {{0}};
-    for (uint32_t i = 0; i < na; i++) {
-        const gb_expr *a = &L->b->x[alts[i]];
-        if (a->kind != X_CLASS) {
-            alts[w++] = alts[i];
-            continue;
-        }
-        const gr_class *c = &L->b->classes[a->a];
-        for (int k = 0; k < 4; k++)
-            merged.bits[k] |= c->bits[k];
-        if (first_class == UINT32_MAX)
-            first_class = w++;
-        alts[first_class] = alts[i];
-    }
-    na = w;
-    if (first_class != UINT32_MAX && (alts[first_class] = gb_class(L->b, &merged)) < 0) {
-        free(alts);
-        return -1;
-    }
-    L->rules[r].first_alt = L->n_alt;
-    int rc = 0;
-    int32_t min = 0, max = 0, next = -1;
+    int32_t next = -1;
     bool may_stop = true;
     if (p.kind == 1) { /* repetition state p.step: p.step repetitions done */
         const gb_expr *rep = &L->b->x[p.x];
-        min = rep->min;
-        max = rep->max;
+        int32_t min = rep->min, max = rep->max;
         uint32_t first = (uint32_t)L->alt_rule[p.x];
         if (max < 0)
             next = (int32_t)(first + (uint32_t)(p.step + 1 < min ? p.step + 1 : min));
@@ -649,23 +762,20 @@ static int lower_rule(lowering *L, uint32_t r)
             next = p.step + 1 < max ? (int32_t)(first + (uint32_t)p.step + 1) : -1;
         may_stop = p.step >= min;
     }
+    uint32_t e0 = L->n_ent;
+    int rc = 0;
     for (uint32_t i = 0; i < na && !rc; i++) {
-        rc = begin_alt(L);
+        uint32_t off = L->n_atoms;
+        rc = flatten(L, alts[i]);
+        if (!rc && grow((void **)&L->ent, &L->cap_ent, L->n_ent + 2, sizeof *L->ent))
+            rc = -1;
         if (!rc)
-            rc = emit(L, alts[i]);
-        if (!rc && next >= 0)
-            rc = put_elem(L, GE_RULE, (uint32_t)next);
-        if (!rc)
-            rc = put_elem(L, GE_END, 0);
+            L->ent[L->n_ent++] = (struct entry){off, L->n_atoms - off, next};
     }
-    if (!rc && p.kind == 1 && may_stop) {
-        rc = begin_alt(L);
-        if (!rc)
-            rc = put_elem(L, GE_END, 0);
-    }
-    L->rules[r].n_alts = L->n_alt - L->rules[r].first_alt;
+    if (!rc && p.kind == 1 && may_stop)
+        L->ent[L->n_ent++] = (struct entry){L->n_atoms, 0, -1};
     free(alts);
-    return rc;
+    return rc ? -1 : lower_entries(L, r, e0, L->n_ent - e0);
 }
 
 /* nullable rules (fixpoint), then a left-recursion check: a rule reaching itself before
@@ -806,6 +916,8 @@ zse_grammar *zse_grammar_compile(zse_gb *b, zse_gx root, const zse_grammar_vocab
         goto fail;
     free(L.alt_rule);
     free(L.todo);
+    free(L.atoms);
+    free(L.ent);
     return g;
 fail:
     zse_error_prefix("compiling a grammar");
@@ -815,6 +927,8 @@ fail:
     free(L.rules);
     free(L.alt_rule);
     free(L.todo);
+    free(L.atoms);
+    free(L.ent);
     return NULL;
 }
 

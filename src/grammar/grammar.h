@@ -146,8 +146,10 @@ typedef struct {
     int32_t *accepted_ids;    /* sorted */
     uint32_t n_accepted;
     int32_t *uncertain_ids;   /* tokens that leave the frame: checked against the real stack */
-    uint16_t *uncertain_from; /* the byte offset where each first left the frame */
+    uint16_t *uncertain_from; /* the byte offset where each left the frame (0: check it whole) */
+    uint16_t *uncertain_lcp;  /* bytes its rest shares with the previous one's (sorted by rest) */
     uint32_t n_uncertain;
+    uint32_t n_whole;         /* the first n_whole have from 0 */
 } gr_pos_cache;
 
 struct zse_grammar {

@@ -22,7 +22,61 @@ void gr_cache_free(gr_pos_cache *c)
     free(c->accepted_ids);
     free(c->uncertain_ids);
     free(c->uncertain_from);
+    free(c->uncertain_lcp);
     free(c);
+}
+
+typedef struct {
+    const uint8_t *rest;
+    uint32_t len;
+    int32_t id;
+    uint16_t from;
+} unc_entry;
+
+/* whole checks first, then by the bytes after the frame is left */
+static int cmp_unc(const void *a, const void *b)
+{
+    const unc_entry *x = a, *y = b;
+    if ((x->from == 0) != (y->from == 0))
+        return x->from == 0 ? -1 : 1;
+    uint32_t n = x->len < y->len ? x->len : y->len;
+    int c = memcmp(x->rest, y->rest, n);
+    if (c)
+        return c;
+    return x->len < y->len ? -1 : x->len > y->len;
+}
+
+/* sorts the uncertain tokens so that a step checks their rests as a trie walk */
+static int order_uncertain(const zse_grammar_vocab *v, gr_pos_cache *c)
+{
+    uint32_t n = c->n_uncertain;
+    if (!n)
+        return 0;
+    unc_entry *e = zse_malloc(n * sizeof *e);
+    c->uncertain_lcp = zse_malloc(n * sizeof *c->uncertain_lcp);
+    if (!e || !c->uncertain_lcp) {
+        free(e);
+        return -1;
+    }
+    for (uint32_t k = 0; k < n; k++) {
+        int32_t id = c->uncertain_ids[k];
+        uint16_t from = c->uncertain_from[k];
+        e[k] = (unc_entry){v->bytes[id] + from, v->lens[id] - from, id, from};
+    }
+    qsort(e, n, sizeof *e, cmp_unc);
+    c->n_whole = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        c->uncertain_ids[k] = e[k].id;
+        c->uncertain_from[k] = e[k].from;
+        c->n_whole += e[k].from == 0;
+        uint32_t l = 0;
+        if (k > 0 && e[k].from && e[k - 1].from)
+            while (l < e[k].len && l < e[k - 1].len && l < 65535 && e[k].rest[l] == e[k - 1].rest[l])
+                l++;
+        c->uncertain_lcp[k] = (uint16_t)l;
+    }
+    free(e);
+    return 0;
 }
 
 typedef struct {
@@ -333,6 +387,10 @@ static gr_pos_cache *compute_cache(const zse_grammar *g, uint32_t elem)
     c->n_uncertain = unc.n;
     unc.ids = NULL;
     unc.from = NULL;
+    if (order_uncertain(v, c)) {
+        gr_cache_free(c);
+        c = NULL;
+    }
     goto out;
 fail_c:
     free(c);

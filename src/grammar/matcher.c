@@ -19,6 +19,9 @@ struct zse_matcher {
     snapshot *hist; /* ring of max_rollback states before each step */
     int max_rollback, n_hist, hist_next;
     gr_set work[2], pop;
+    gr_set *walk;    /* per depth of an uncertain token's rest */
+    uint32_t *walk_mark;
+    uint32_t n_walk;
     uint32_t *seen_elems;
     uint32_t n_seen_elems, cap_seen_elems;
 };
@@ -79,6 +82,10 @@ void zse_matcher_free(zse_matcher *m)
     gr_set_free(&m->work[0]);
     gr_set_free(&m->work[1]);
     gr_set_free(&m->pop);
+    for (uint32_t i = 0; i < m->n_walk; i++)
+        gr_set_free(&m->walk[i]);
+    free(m->walk);
+    free(m->walk_mark);
     free(m->seen_elems);
     gr_store_free(&m->s);
     zse_grammar_release(m->g);
@@ -243,6 +250,90 @@ static bool elem_seen(zse_matcher *m, uint32_t elem)
     return false;
 }
 
+static int walk_depth(zse_matcher *m, uint32_t need)
+{
+    if (need <= m->n_walk)
+        return 0;
+    gr_set *w = zse_realloc(m->walk, need * sizeof *w);
+    if (!w)
+        return -1;
+    m->walk = w;
+    uint32_t *mk = zse_realloc(m->walk_mark, need * sizeof *mk);
+    if (!mk)
+        return -1;
+    m->walk_mark = mk;
+    memset(m->walk + m->n_walk, 0, (need - m->n_walk) * sizeof *w);
+    m->n_walk = need;
+    return 0;
+}
+
+/* The uncertain tokens of one top: those that left the frame at an offset continue from
+ * the real stack below it (the pop set); sorted by that rest, they are walked as a trie,
+ * sharing the sets of common prefixes and skipping every rest under a dead prefix. */
+static int check_uncertain(zse_matcher *m, const gr_pos_cache *c, uint32_t top, uint32_t *mask)
+{
+    const zse_grammar *g = m->g;
+    const zse_grammar_vocab *v = g->vocab;
+    if (!c->n_uncertain)
+        return 0;
+    m->s.n_scratch = 0;
+    gr_set one = {.tops = &top, .n = 1, .cap = 1};
+    for (uint32_t k = 0; k < c->n_whole; k++) { /* left the frame more than once: whole */
+        int32_t id = c->uncertain_ids[k];
+        if (mask[id >> 5] >> (id & 31) & 1)
+            continue;
+        int err = 0;
+        const gr_set *r = run_bytes(m, &one, v->bytes[id], v->lens[id], &err);
+        if (err)
+            return -1;
+        if (r)
+            mask[id >> 5] |= 1u << (id & 31);
+        m->s.n_scratch = 0;
+    }
+    if (c->n_whole == c->n_uncertain)
+        return 0;
+    if (walk_depth(m, 1) || gr_pop(g, &m->s, top, &m->walk[0]))
+        return -1;
+    m->walk_mark[0] = m->s.n_scratch;
+    uint32_t valid = 0, dead_at = UINT32_MAX;
+    for (uint32_t k = c->n_whole; k < c->n_uncertain; k++) {
+        int32_t id = c->uncertain_ids[k];
+        uint32_t from = c->uncertain_from[k], len = v->lens[id] - from;
+        const uint8_t *rest = v->bytes[id] + from;
+        uint32_t share = c->uncertain_lcp[k] < valid ? c->uncertain_lcp[k] : valid;
+        if (mask[id >> 5] >> (id & 31) & 1) {
+            valid = share; /* not walked: the sets beyond the shared part are stale */
+            if (dead_at > valid)
+                dead_at = UINT32_MAX;
+            continue;
+        }
+        if (dead_at <= share)
+            continue; /* a prefix it shares is already dead */
+        dead_at = UINT32_MAX;
+        if (walk_depth(m, len + 1))
+            return -1;
+        bool alive = true;
+        for (uint32_t d = share + 1; d <= len; d++) {
+            m->s.n_scratch = m->walk_mark[d - 1];
+            if (gr_advance(g, &m->s, &m->walk[d - 1], rest[d - 1], &m->walk[d]))
+                return -1;
+            m->walk_mark[d] = m->s.n_scratch;
+            valid = d;
+            if (m->walk[d].n == 0 && !(d == len && m->walk[d].accept)) {
+                dead_at = d;
+                alive = false;
+                break;
+            }
+        }
+        if (share == len) /* the same rest as a token already walked */
+            alive = m->walk[len].n > 0 || m->walk[len].accept;
+        if (alive)
+            mask[id >> 5] |= 1u << (id & 31);
+    }
+    m->s.n_scratch = 0;
+    return 0;
+}
+
 int zse_matcher_fill_mask(zse_matcher *m, uint32_t *mask)
 {
     const zse_grammar *g = m->g;
@@ -271,27 +362,8 @@ int zse_matcher_fill_mask(zse_matcher *m, uint32_t *mask)
         }
         if (!c->n_uncertain)
             continue;
-        /* the real continuation below this top, for tokens that leave its frame */
-        m->s.n_scratch = 0;
-        if (gr_pop(g, &m->s, top, &m->pop))
+        if (check_uncertain(m, c, top, mask))
             return -1;
-        uint32_t mark = m->s.n_scratch;
-        gr_set one = {.tops = &top, .n = 1, .cap = 1};
-        for (uint32_t k = 0; k < c->n_uncertain; k++) {
-            int32_t id = c->uncertain_ids[k];
-            if (mask[id >> 5] >> (id & 31) & 1)
-                continue;
-            uint32_t from = c->uncertain_from[k];
-            int err = 0;
-            const gr_set *r = from ? run_bytes(m, &m->pop, v->bytes[id] + from, v->lens[id] - from, &err)
-                                   : run_bytes(m, &one, v->bytes[id], v->lens[id], &err);
-            if (err)
-                return -1;
-            if (r)
-                mask[id >> 5] |= 1u << (id & 31);
-            m->s.n_scratch = mark;
-        }
-        m->s.n_scratch = 0;
     }
     if (m->state.accept)
         set_eos(v, mask);
