@@ -505,9 +505,11 @@ typedef struct {
     /* rules waiting to be lowered */
     struct pending {
         int kind; /* 0: body expression, 1: repetition state, 2: builder rule x, 3: factored
-                   * (x: first entry in `ent`, step: how many) */
+                   * (x: first entry in `ent`, step: how many), 4: repetition state whose
+                   * stop continues at rule cont (first: the chain's first rule) */
         zse_gx x;
         int32_t step;
+        int32_t cont, first;
     } *todo;
     uint32_t n_todo, cap_todo;
     /* alternatives as atom lists (an atom: a class, rule or nested alternation/repetition)
@@ -528,7 +530,7 @@ static int64_t new_rule(lowering *L, int kind, zse_gx x, int32_t step)
         grow((void **)&L->todo, &L->cap_todo, L->n_rules + 1, sizeof *L->todo))
         return -1;
     L->rules[L->n_rules] = (gr_rule){0, 0};
-    L->todo[L->n_rules] = (struct pending){kind, x, step};
+    L->todo[L->n_rules] = (struct pending){kind, x, step, -1, -1};
     L->n_todo = L->n_rules + 1;
     return L->n_rules++;
 }
@@ -574,6 +576,8 @@ static int64_t rule_of(lowering *L, zse_gx x)
 
 static int emit(lowering *L, zse_gx x)
 {
+    if (x < 0) /* an atom naming a lowered rule: -(rule + 1) */
+        return put_elem(L, GE_RULE, (uint32_t)(-x - 1));
     const gb_expr *e = &L->b->x[x];
     switch (e->kind) {
     case X_EMPTY: return 0;
@@ -634,6 +638,8 @@ static bool atom_eq(const lowering *L, zse_gx a, zse_gx b)
 {
     if (a == b)
         return true;
+    if (a < 0 || b < 0)
+        return false;
     const gb_expr *x = &L->b->x[a], *y = &L->b->x[b];
     return x->kind == X_CLASS && y->kind == X_CLASS && x->a == y->a;
 }
@@ -648,6 +654,98 @@ static bool tail_eq(const lowering *L, const struct entry *a, const struct entry
     return true;
 }
 
+/* a rule over one entry (the continuation after an alternation or repetition) */
+static int64_t continuation_rule(lowering *L, uint32_t off, uint32_t n, int32_t cont)
+{
+    if (n == 0)
+        return cont; /* nothing to add: continue where the entry did (-1: the end) */
+    if (grow((void **)&L->ent, &L->cap_ent, L->n_ent + 1, sizeof *L->ent))
+        return -2;
+    L->ent[L->n_ent++] = (struct entry){off, n, cont};
+    int64_t r = new_rule(L, 3, (zse_gx)(L->n_ent - 1), 1);
+    return r < 0 ? -2 : r;
+}
+
+/* a new atom list: atoms[off .. off+k) then the rule atom r */
+static int64_t prefix_then_rule(lowering *L, uint32_t off, uint32_t k, int64_t r)
+{
+    if (grow((void **)&L->atoms, &L->cap_atoms, L->n_atoms + k + 1, sizeof *L->atoms))
+        return -1;
+    uint32_t at = L->n_atoms;
+    memmove(L->atoms + at, L->atoms + off, k * sizeof *L->atoms);
+    L->atoms[at + k] = (zse_gx)(-r - 1);
+    L->n_atoms += k + 1;
+    return at;
+}
+
+/* Continuation passing: an alternation or repetition followed by more text (in the entry,
+ * or by its continuation) becomes a tail call whose every way out continues in a rule K
+ * holding that text. No frame is pushed for it, so a cached position sees through it (a
+ * string's closing quote, the ',' after an array item, the space after ':' are all in the
+ * frame). Named rules (recursion, shared values) keep their frames. */
+static int expand_entries(lowering *L, uint32_t e0, uint32_t *n)
+{
+    for (uint32_t i = 0; i < *n; i++) {
+        struct entry e = L->ent[e0 + i];
+        uint32_t k = 0;
+        for (; k < e.n; k++) {
+            zse_gx a = L->atoms[e.off + k];
+            if (a < 0)
+                continue;
+            int kind = L->b->x[a].kind;
+            if ((kind == X_ALT || kind == X_REPEAT) && !(k == e.n - 1 && e.cont < 0))
+                break;
+        }
+        if (k == e.n)
+            continue;
+        zse_gx a = L->atoms[e.off + k];
+        int64_t K = continuation_rule(L, e.off + k + 1, e.n - k - 1, e.cont);
+        if (K < -1)
+            return -1;
+        int64_t target;
+        if (L->b->x[a].kind == X_ALT) { /* A' → alt_i K, for each alternative */
+            zse_gx *alts = NULL;
+            uint32_t na = 0, cap = 0;
+            if (alts_of(L->b, a, &alts, &na, &cap))
+                return free(alts), -1;
+            uint32_t f0 = L->n_ent;
+            int rc = 0;
+            for (uint32_t j = 0; j < na && !rc; j++) {
+                uint32_t off = L->n_atoms;
+                rc = flatten(L, alts[j]);
+                if (!rc && grow((void **)&L->ent, &L->cap_ent, L->n_ent + 1, sizeof *L->ent))
+                    rc = -1;
+                if (!rc)
+                    L->ent[L->n_ent++] = (struct entry){off, L->n_atoms - off, (int32_t)K};
+            }
+            free(alts);
+            if (rc)
+                return -1;
+            target = new_rule(L, 3, (zse_gx)f0, (int32_t)(L->n_ent - f0));
+        } else { /* a chain of states whose stops continue at K */
+            const gb_expr *rep = &L->b->x[a];
+            int32_t states = rep->max < 0 ? rep->min + 1 : rep->max;
+            target = -1;
+            for (int32_t st = 0; st < states; st++) {
+                int64_t r = new_rule(L, 4, a, st);
+                if (r < 0)
+                    return -1;
+                if (st == 0)
+                    target = r;
+                L->todo[r].cont = (int32_t)K;
+                L->todo[r].first = (int32_t)target;
+            }
+        }
+        if (target < 0)
+            return -1;
+        int64_t at = prefix_then_rule(L, e.off, k, target);
+        if (at < 0)
+            return -1;
+        L->ent[e0 + i] = (struct entry){(uint32_t)at, k + 1, -1};
+    }
+    return 0;
+}
+
 /* Emits rule r's alternatives from entries ent[e0 .. e0+n). Two normalizations keep the
  * stack sets small while every transition stays a tail call (one frame, so a cached
  * position covers a whole string body):
@@ -658,15 +756,17 @@ static bool tail_eq(const lowering *L, const struct entry *a, const struct entry
 static int lower_entries(lowering *L, uint32_t r, uint32_t e0, uint32_t n)
 {
     /* merge first classes of otherwise equal entries */
+    if (expand_entries(L, e0, &n))
+        return -1;
     for (uint32_t i = 0; i < n; i++) {
         struct entry *a = &L->ent[e0 + i];
-        if (!a->n || L->b->x[L->atoms[a->off]].kind != X_CLASS)
+        if (!a->n || L->atoms[a->off] < 0 || L->b->x[L->atoms[a->off]].kind != X_CLASS)
             continue;
         gr_class merged = L->b->classes[L->b->x[L->atoms[a->off]].a];
         bool any = false;
         for (uint32_t j = i + 1; j < n; j++) {
             struct entry *c = &L->ent[e0 + j];
-            if (!c->n || L->b->x[L->atoms[c->off]].kind != X_CLASS || !tail_eq(L, a, c, 1))
+            if (!c->n || L->atoms[c->off] < 0 || L->b->x[L->atoms[c->off]].kind != X_CLASS || !tail_eq(L, a, c, 1))
                 continue;
             const gr_class *cc = &L->b->classes[L->b->x[L->atoms[c->off]].a];
             for (int k = 0; k < 4; k++)
@@ -738,11 +838,43 @@ static int lower_entries(lowering *L, uint32_t r, uint32_t e0, uint32_t n)
     return rc;
 }
 
+/* state p.step of a repetition whose stop continues at rule p.cont */
+static int lower_chain_state(lowering *L, uint32_t r, struct pending p)
+{
+    const gb_expr *rep = &L->b->x[p.x];
+    int32_t min = rep->min, max = rep->max;
+    int32_t next;
+    if (max < 0)
+        next = p.first + (p.step + 1 < min ? p.step + 1 : min);
+    else
+        next = p.step + 1 < max ? p.first + p.step + 1 : p.cont;
+    zse_gx *alts = NULL;
+    uint32_t na = 0, cap = 0;
+    if (alts_of(L->b, rep->a, &alts, &na, &cap))
+        return free(alts), -1;
+    uint32_t e0 = L->n_ent;
+    int rc = 0;
+    for (uint32_t i = 0; i < na && !rc; i++) {
+        uint32_t off = L->n_atoms;
+        rc = flatten(L, alts[i]);
+        if (!rc && grow((void **)&L->ent, &L->cap_ent, L->n_ent + 2, sizeof *L->ent))
+            rc = -1;
+        if (!rc)
+            L->ent[L->n_ent++] = (struct entry){off, L->n_atoms - off, next};
+    }
+    if (!rc && p.step >= min)
+        L->ent[L->n_ent++] = (struct entry){L->n_atoms, 0, p.cont};
+    free(alts);
+    return rc ? -1 : lower_entries(L, r, e0, L->n_ent - e0);
+}
+
 static int lower_rule(lowering *L, uint32_t r)
 {
     struct pending p = L->todo[r];
     if (p.kind == 3)
         return lower_entries(L, r, (uint32_t)p.x, (uint32_t)p.step);
+    if (p.kind == 4)
+        return lower_chain_state(L, r, p);
     zse_gx *alts = NULL;
     uint32_t na = 0, cap = 0;
     zse_gx body = p.kind == 2 ? L->b->rule_body[p.x] : p.kind == 0 ? p.x : L->b->x[p.x].a;
