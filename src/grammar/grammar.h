@@ -10,7 +10,8 @@
  *   schema.c     JSON Schema → builder expressions (and json_object, any JSON value)
  *   vocab.c      a model's vocabulary: token bytes in a byte trie, EOS ids
  *   pda.c        the pushdown automaton: stacks, closure, advancing by bytes
- *   mask.c       per-position token caches and the matcher (mask, accept, rollback)
+ *   mask.c       per-position token caches (the vocabulary classified once per position)
+ *   matcher.c    the matcher: masks, accept, rollback, forced bytes
  *
  * Ownership and threads:
  *   - a zse_grammar_vocab is immutable once built: share it between grammars and threads.
@@ -203,8 +204,8 @@ typedef struct {
     uint32_t lo, hi;
 } gr_range;
 zse_gx gb_ranges(zse_gb *b, const gr_range *r, int n, bool json);
-/* the regex compiler, as JSON string content when json is set (a schema's pattern) */
-zse_gx gb_regex_mode(zse_gb *b, const char *pattern, size_t len, bool json, bool anchored_search);
+/* the regex compiler; json: a schema's pattern (searched, written as JSON string content) */
+zse_gx gb_regex_mode(zse_gb *b, const char *pattern, size_t len, bool json);
 
 /* pda.c: stack nodes and the byte step (see docs/GRAMMAR.md) */
 #define GR_NIL 0x7fffffffu    /* below the root: reaching it means the grammar is complete */

@@ -481,10 +481,9 @@ static zse_gx parse_alt(rx *r, bool top)
     return zse_gb_alt(r->b, branches, n);
 }
 
-zse_gx gb_regex_mode(zse_gb *b, const char *pattern, size_t len, bool json, bool search)
+zse_gx gb_regex_mode(zse_gb *b, const char *pattern, size_t len, bool json)
 {
-    rx r = {.b = b, .p = pattern, .n = len, .json = json && search ? true : json};
-    (void)search;
+    rx r = {.b = b, .p = pattern, .n = len, .json = json};
     zse_gx x = parse_alt(&r, true);
     if (x >= 0 && !at_end(&r))
         return rx_fail(&r, peek(&r) == ')' ? "an unbalanced )" : "unexpected text");
@@ -493,5 +492,5 @@ zse_gx gb_regex_mode(zse_gb *b, const char *pattern, size_t len, bool json, bool
 
 zse_gx zse_gb_regex(zse_gb *b, const char *pattern, size_t len)
 {
-    return gb_regex_mode(b, pattern, len, false, false);
+    return gb_regex_mode(b, pattern, len, false);
 }

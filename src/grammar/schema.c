@@ -380,7 +380,7 @@ static zse_gx string_expr(sc *s, const json_t *schema)
         for (size_t i = 0; i < sizeof formats / sizeof *formats; i++)
             if (!strcmp(formats[i].name, json_string_value(fmt))) {
                 path_pop(s, old);
-                return gb_seq3(b, q, gb_regex_mode(b, formats[i].regex, strlen(formats[i].regex), false, false), q);
+                return gb_seq3(b, q, gb_regex_mode(b, formats[i].regex, strlen(formats[i].regex), false), q);
             }
         return sc_fail(s, "format '%s' is not supported", json_string_value(fmt));
     }
@@ -388,7 +388,7 @@ static zse_gx string_expr(sc *s, const json_t *schema)
         size_t old = path_push(s, "pattern");
         if (!json_is_string(pat))
             return sc_fail(s, "%s must be a string", "'pattern'");
-        zse_gx x = gb_regex_mode(b, json_string_value(pat), json_string_length(pat), true, true);
+        zse_gx x = gb_regex_mode(b, json_string_value(pat), json_string_length(pat), true);
         if (x < 0) {
             zse_error_prefix("json schema: 'pattern' at %s", s->path);
             return -1;

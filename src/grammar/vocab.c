@@ -33,23 +33,26 @@ int zse_grammar_mask_words(const zse_grammar_vocab *v)
     return (v->n_vocab + 31) / 32;
 }
 
-static const zse_grammar_vocab *sort_vocab;
+typedef struct {
+    const uint8_t *bytes;
+    uint32_t len;
+    int32_t id;
+} tok_ref;
 
 static int cmp_tokens(const void *a, const void *b)
 {
-    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    uint32_t lx = sort_vocab->lens[x], ly = sort_vocab->lens[y];
-    int c = memcmp(sort_vocab->bytes[x], sort_vocab->bytes[y], lx < ly ? lx : ly);
+    const tok_ref *x = a, *y = b;
+    int c = memcmp(x->bytes, y->bytes, x->len < y->len ? x->len : y->len);
     if (c)
         return c;
-    if (lx != ly)
-        return lx < ly ? -1 : 1;
-    return x < y ? -1 : x > y;
+    if (x->len != y->len)
+        return x->len < y->len ? -1 : 1;
+    return x->id < y->id ? -1 : x->id > y->id;
 }
 
 static int build_trie(zse_grammar_vocab *v)
 {
-    int32_t *order = zse_malloc((size_t)(v->n_vocab ? v->n_vocab : 1) * sizeof *order);
+    tok_ref *order = zse_malloc((size_t)(v->n_vocab ? v->n_vocab : 1) * sizeof *order);
     v->dup_next = zse_malloc((size_t)(v->n_vocab ? v->n_vocab : 1) * sizeof *v->dup_next);
     if (!order || !v->dup_next) {
         free(order);
@@ -62,14 +65,11 @@ static int build_trie(zse_grammar_vocab *v)
         if (v->bytes[i] && v->lens[i] > 0 && !v->is_eos[i]) {
             if (v->lens[i] > 65535)
                 return free(order), zse_fail("grammar vocabulary: token %d is longer than 65535 bytes", i);
-            order[n++] = i;
+            order[n++] = (tok_ref){v->bytes[i], v->lens[i], i};
             total += v->lens[i];
         }
     }
-    /* qsort has no context argument in C11; the vocabulary is built once, on one thread */
-    sort_vocab = v;
     qsort(order, (size_t)n, sizeof *order, cmp_tokens);
-    sort_vocab = NULL;
     v->trie = zse_malloc((total ? total : 1) * sizeof *v->trie);
     uint32_t *open = zse_malloc(65537 * sizeof *open); /* node index per depth on the current path */
     if (!v->trie || !open) {
@@ -80,7 +80,7 @@ static int build_trie(zse_grammar_vocab *v)
     uint32_t nn = 0, depth = 0;
     int32_t prev = -1;
     for (int k = 0; k < n; k++) {
-        int32_t t = order[k];
+        int32_t t = order[k].id;
         const uint8_t *b = v->bytes[t];
         uint32_t len = v->lens[t], lcp = 0;
         if (prev >= 0) {

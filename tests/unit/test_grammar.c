@@ -7,6 +7,7 @@
 #include "grammar/grammar.h"
 
 #include <jansson.h>
+#include <pthread.h>
 
 /* a vocabulary: the 256 single bytes, some multi-byte tokens that cross JSON structure,
  * one special token (never matches) and EOS last */
@@ -398,6 +399,72 @@ static void real_tokenizer(void)
     zse_tokenizer_free(tok);
 }
 
+/* one grammar shared by threads whose first masks fill its caches at the same time: every
+ * mask equals the one a single thread computed on another copy */
+#define TSTEPS 40
+#define WORDS ((N_VOCAB + 31) / 32)
+typedef struct {
+    zse_grammar *g;
+    const int32_t *path;
+    int n;
+    uint32_t (*want)[WORDS];
+    int bad;
+} thread_job;
+
+static void *replay(void *arg)
+{
+    thread_job *j = arg;
+    zse_matcher *m = zse_matcher_new(j->g, 0);
+    uint32_t mask[WORDS];
+    for (int i = 0; i < j->n; i++) {
+        zse_matcher_fill_mask(m, mask);
+        j->bad += memcmp(mask, j->want[i], sizeof mask) != 0;
+        zse_matcher_accept_token(m, j->path[i]);
+    }
+    zse_matcher_free(m);
+    return NULL;
+}
+
+static void threads(const zse_grammar_vocab *v)
+{
+    const char *sch = "{\"type\":\"object\",\"properties\":{\"s\":{\"type\":\"string\"},\"n\":{\"type\":\"number\"},"
+                      "\"l\":{\"type\":\"array\",\"items\":{\"type\":\"string\",\"maxLength\":3}}},\"required\":[\"s\",\"n\",\"l\"]}";
+    zse_grammar *ref = schema(v, sch), *shared = schema(v, sch);
+    if (!ref || !shared)
+        return;
+    static uint32_t want[TSTEPS][WORDS];
+    int32_t path[TSTEPS];
+    int n = 0;
+    zse_matcher *m = zse_matcher_new(ref, 0);
+    while (n < TSTEPS) {
+        int cnt = zse_matcher_fill_mask(m, want[n]);
+        if (cnt <= 0 || zse_matcher_must_end(m))
+            break;
+        int k = (int)(rnd() % (uint32_t)cnt), pick = -1;
+        for (int id = 0; id < N_VOCAB && pick < 0; id++)
+            if (bit(want[n], id) && id != EOS_ID && k-- == 0)
+                pick = id;
+        if (pick < 0)
+            break;
+        path[n++] = pick;
+        zse_matcher_accept_token(m, pick);
+    }
+    zse_matcher_free(m);
+    pthread_t th[4];
+    thread_job jobs[4];
+    for (int i = 0; i < 4; i++) {
+        jobs[i] = (thread_job){shared, path, n, want, 0};
+        pthread_create(&th[i], NULL, replay, &jobs[i]);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        CHECK_MSG(jobs[i].bad == 0, "thread %d: %d masks differ", i, jobs[i].bad);
+    }
+    CHECK(n >= 10);
+    zse_grammar_release(ref);
+    zse_grammar_release(shared);
+}
+
 int main(void)
 {
     zse_grammar_vocab *v = make_vocab();
@@ -410,6 +477,7 @@ int main(void)
     eos_forced_rollback(v);
     errors(v);
     composed(v);
+    threads(v);
     zse_grammar_vocab_free(v);
     real_tokenizer();
     return test_main_end();
