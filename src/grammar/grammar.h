@@ -90,6 +90,9 @@ zse_grammar *zse_grammar_json_schema(const zse_grammar_vocab *v, const char *sch
 zse_grammar *zse_grammar_json_object(const zse_grammar_vocab *v);
 zse_grammar *zse_grammar_regex(const zse_grammar_vocab *v, const char *pattern, size_t len);
 zse_grammar *zse_grammar_choice(const zse_grammar_vocab *v, const char *const *choices, int n);
+/* fills every position's token cache now (what a first mask at each position would do), so
+ * decode steps never pay for it: for a grammar compiled once and used many times. 0 / -1 */
+int zse_grammar_precompute(zse_grammar *g);
 zse_grammar *zse_grammar_retain(zse_grammar *g);
 void zse_grammar_release(zse_grammar *g); /* frees at the last release; NULL is a no-op */
 const zse_grammar_vocab *zse_grammar_vocab_of(const zse_grammar *g);

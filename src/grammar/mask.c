@@ -422,3 +422,11 @@ const gr_pos_cache *gr_cache_get(const zse_grammar *g, uint32_t elem)
     }
     return c;
 }
+
+int zse_grammar_precompute(zse_grammar *g)
+{
+    for (uint32_t e = 0; e < g->n_elems; e++)
+        if (g->elems[e].kind == GE_CLASS && !gr_cache_get(g, e))
+            return -1;
+    return 0;
+}

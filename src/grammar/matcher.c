@@ -367,13 +367,16 @@ int zse_matcher_fill_mask(zse_matcher *m, uint32_t *mask)
     }
     if (m->state.accept)
         set_eos(v, mask);
-    int count = 0;
-    for (int w = 0; w < words; w++) {
-        uint32_t x = mask[w]; /* SWAR: no popcnt instruction assumed */
-        x = x - ((x >> 1) & 0x55555555u);
-        x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
-        count += (int)((((x + (x >> 4)) & 0x0F0F0F0Fu) * 0x01010101u) >> 24);
+    int count = 0, w = 0;
+    for (; w + 1 < words; w += 2) { /* SWAR over 64 bits: no popcnt instruction assumed */
+        uint64_t x = (uint64_t)mask[w] | (uint64_t)mask[w + 1] << 32;
+        x = x - ((x >> 1) & 0x5555555555555555ull);
+        x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
+        count += (int)((((x + (x >> 4)) & 0x0F0F0F0F0F0F0F0Full) * 0x0101010101010101ull) >> 56);
     }
+    for (; w < words; w++)
+        for (uint32_t x = mask[w]; x; x &= x - 1)
+            count++;
     return count;
 }
 
