@@ -1,12 +1,13 @@
 /* grammar_sample — draws outputs under a grammar's token masks with random logits, and
  * measures mask time per token.
  *
- *   build/grammar_sample TOKENIZER (--schema F | --regex F | --choice F | --json-object)
+ *   build/grammar_sample TOKENIZER (--schema F | --schemas F | --regex F | --choice F | --json-object)
  *                        [--strict] [-n N] [--seed S] [--max-tokens M]
  *                        [--bench] [--precompute] [--vocab-size V] [--dump-vocab F]
  *
  * TOKENIZER: a .zse file, a .gguf vocabulary or a Hugging Face directory. --choice F: a JSON
- * array of strings. Each output is one JSON line {"index", "text", "ended", "tokens"}: the
+ * array of strings. --schemas F: one schema a line, all sampled in one run (outputs carry
+ * "schema": the line's index; a schema that does not compile prints {"schema", "error"}). Each output is one JSON line {"index", "text", "ended", "tokens"}: the
  * text is the bytes of the tokens drawn (random logits, argmax over the allowed tokens, so
  * uniform over them) until EOS or M tokens. A grammar that does not compile prints
  * "error: ..." on stderr and exits 2.
@@ -52,7 +53,8 @@ static uint32_t next_u32(void)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: grammar_sample TOKENIZER (--schema F | --regex F | --choice F | --json-object) [--strict]\n"
+    fprintf(stderr, "usage: grammar_sample TOKENIZER (--schema F | --schemas F | --regex F | --choice F | --json-object)\n"
+                    "                      [--strict]\n"
                     "                      [-n N] [--seed S] [--max-tokens M] [--bench] [--precompute]\n"
                     "                      [--vocab-size V] [--dump-vocab F]\n");
     return 2;
@@ -116,6 +118,140 @@ static zse_grammar_vocab *build_vocab(const zse_tokenizer *tok, int target)
     free(lens);
     zse_buf_free(&buf);
     return v;
+}
+
+static bool utf8_ok(const char *s, size_t n)
+{
+    json_t *j = json_stringn(s, n);
+    json_decref(j);
+    return j != NULL;
+}
+
+typedef struct {
+    double *cold, *later;
+    size_t n_cold, n_later, total_tokens;
+    int ended;
+} bench_stats;
+
+/* draws n outputs under g: JSON lines on stdout (with "schema" when schema >= 0), or the
+ * mask times into st when benchmarking; 0, or 1 on an error (printed) */
+static int sample_outputs(zse_grammar *g, const zse_grammar_vocab *v, int n, int max_tokens, int schema,
+                          bench_stats *st)
+{
+    int words = zse_grammar_mask_words(v), nv = zse_grammar_vocab_size(v);
+    uint32_t *mask = calloc((size_t)words, sizeof *mask);
+    int rc = 0;
+    zse_buf text = {0};
+    if (!mask)
+        return 1;
+    for (int k = 0; k < n && rc == 0; k++) {
+        zse_matcher *m = zse_matcher_new(g, 0);
+        if (!m) {
+            fprintf(stderr, "error: %s\n", zse_error_message());
+            rc = 1;
+            break;
+        }
+        text.len = 0;
+        int tokens = 0;
+        while (tokens < max_tokens) {
+            double ts = cpu_now();
+            int allowed = zse_matcher_fill_mask(m, mask);
+            double dt = cpu_now() - ts;
+            if (st && k == 0)
+                st->cold[st->n_cold++] = dt;
+            else if (st)
+                st->later[st->n_later++] = dt;
+            if (allowed <= 0) {
+                fprintf(stderr, "error: no token allowed after %d tokens (%s)\n", tokens,
+                        allowed < 0 ? zse_error_message() : "a dead end");
+                rc = 1;
+                break;
+            }
+            /* random logits: the allowed token with the largest draw */
+            uint32_t best = 0;
+            int32_t pick = -1;
+            for (int w = 0; w < words; w++) {
+                uint32_t bits = mask[w];
+                while (bits) {
+                    int id = w * 32 + __builtin_ctz(bits);
+                    bits &= bits - 1;
+                    uint32_t r = next_u32();
+                    if (id < nv && (pick < 0 || r > best)) {
+                        best = r;
+                        pick = id;
+                    }
+                }
+            }
+            if (zse_matcher_accept_token(m, pick) != 0) {
+                fprintf(stderr, "error: token %d was in the mask but not accepted\n", pick);
+                rc = 1;
+                break;
+            }
+            tokens++;
+            if (zse_matcher_ended(m))
+                break;
+            zse_buf_append(&text, v->bytes[pick], v->lens[pick]);
+        }
+        bool ended = zse_matcher_ended(m);
+        if (st) {
+            st->total_tokens += (size_t)tokens;
+            st->ended += ended;
+        }
+        if (!st && rc == 0) {
+            /* an output cut by the token limit may end inside a character: drop its start */
+            size_t keep = text.len;
+            for (int cut = 0; !ended && cut < 4 && keep > 0 && !utf8_ok(text.data, keep); cut++)
+                keep--;
+            json_t *line = json_pack("{s:i,s:s%,s:b,s:i}", "index", k, "text", text.data ? text.data : "", keep,
+                                     "ended", ended, "tokens", tokens);
+            if (line && schema >= 0)
+                json_object_set_new(line, "schema", json_integer(schema));
+            if (!line) {
+                fprintf(stderr, "error: output %d is not valid UTF-8\n", k);
+                rc = 1;
+            } else {
+                char *s = json_dumps(line, JSON_COMPACT | JSON_ENSURE_ASCII);
+                printf("%s\n", s);
+                free(s);
+                json_decref(line);
+            }
+        }
+        zse_matcher_free(m);
+    }
+    zse_buf_free(&text);
+    free(mask);
+    return rc;
+}
+
+/* --schemas F: one JSON Schema a line; each line's outputs carry "schema": its index, and a
+ * schema that does not compile gives {"schema": i, "error": message} */
+static int run_schema_lines(const zse_grammar_vocab *v, const char *file, int n, int max_tokens, unsigned flags)
+{
+    size_t len;
+    char *text = zse_read_file(file, &len);
+    if (!text) {
+        fprintf(stderr, "error: %s\n", zse_error_message());
+        return 1;
+    }
+    int rc = 0, index = 0;
+    for (char *line = text, *next; rc == 0 && line < text + len; line = next, index++) {
+        char *nl = memchr(line, '\n', (size_t)(text + len - line));
+        next = nl ? nl + 1 : text + len;
+        size_t l = (size_t)((nl ? nl : text + len) - line);
+        zse_grammar *g = zse_grammar_json_schema(v, line, l, flags);
+        if (!g) {
+            json_t *e = json_pack("{s:i,s:s}", "schema", index, "error", zse_error_message());
+            char *s = json_dumps(e, JSON_COMPACT | JSON_ENSURE_ASCII);
+            printf("%s\n", s);
+            free(s);
+            json_decref(e);
+            continue;
+        }
+        rc = sample_outputs(g, v, n, max_tokens, index, NULL);
+        zse_grammar_release(g);
+    }
+    free(text);
+    return rc;
 }
 
 static int dump_vocab(const zse_grammar_vocab *v, const char *path)
@@ -187,7 +323,7 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         bool has = i + 1 < argc;
-        if (!strcmp(a, "--schema") || !strcmp(a, "--regex") || !strcmp(a, "--choice")) {
+        if (!strcmp(a, "--schema") || !strcmp(a, "--schemas") || !strcmp(a, "--regex") || !strcmp(a, "--choice")) {
             if (!has)
                 return usage();
             kind = a;
@@ -239,6 +375,12 @@ int main(int argc, char **argv)
         zse_tokenizer_free(tok);
         return 0;
     }
+    if (!strcmp(kind, "--schemas")) {
+        int rc = run_schema_lines(v, file, n, max_tokens, flags);
+        zse_grammar_vocab_free(v);
+        zse_tokenizer_free(tok);
+        return rc;
+    }
     t0 = cpu_now();
     zse_grammar *g = compile(v, kind, file, flags);
     if (g && precompute && zse_grammar_precompute(g)) {
@@ -252,79 +394,20 @@ int main(int argc, char **argv)
         zse_tokenizer_free(tok);
         return 2;
     }
-    int words = zse_grammar_mask_words(v), nv = zse_grammar_vocab_size(v);
-    uint32_t *mask = calloc((size_t)words, sizeof *mask);
-    size_t cap_t = (size_t)n * (size_t)max_tokens;
-    double *cold = calloc((size_t)max_tokens, sizeof *cold), *later = calloc(cap_t, sizeof *later);
-    size_t n_cold = 0, n_later = 0, total_tokens = 0;
-    int rc = 0, ended_count = 0;
-    zse_buf text = {0};
-    for (int k = 0; k < n && rc == 0; k++) {
-        zse_matcher *m = zse_matcher_new(g, 0);
-        if (!m) {
-            fprintf(stderr, "error: %s\n", zse_error_message());
-            rc = 1;
-            break;
+    bench_stats st = {0};
+    if (bench) {
+        st.cold = calloc((size_t)max_tokens, sizeof *st.cold);
+        st.later = calloc((size_t)n * (size_t)max_tokens, sizeof *st.later);
+        if (!st.cold || !st.later) {
+            fprintf(stderr, "error: out of memory for the timings\n");
+            return 1;
         }
-        text.len = 0;
-        int tokens = 0;
-        while (tokens < max_tokens) {
-            double ts = cpu_now();
-            int allowed = zse_matcher_fill_mask(m, mask);
-            double dt = cpu_now() - ts;
-            if (k == 0)
-                cold[n_cold++] = dt;
-            else
-                later[n_later++] = dt;
-            if (allowed <= 0) {
-                fprintf(stderr, "error: no token allowed after %d tokens (%s)\n", tokens,
-                        allowed < 0 ? zse_error_message() : "a dead end");
-                rc = 1;
-                break;
-            }
-            /* random logits: the allowed token with the largest draw */
-            uint32_t best = 0;
-            int32_t pick = -1;
-            for (int w = 0; w < words; w++) {
-                uint32_t bits = mask[w];
-                while (bits) {
-                    int id = w * 32 + __builtin_ctz(bits);
-                    bits &= bits - 1;
-                    uint32_t r = next_u32();
-                    if (id < nv && (pick < 0 || r > best)) {
-                        best = r;
-                        pick = id;
-                    }
-                }
-            }
-            if (zse_matcher_accept_token(m, pick) != 0) {
-                fprintf(stderr, "error: token %d was in the mask but not accepted\n", pick);
-                rc = 1;
-                break;
-            }
-            tokens++;
-            if (zse_matcher_ended(m))
-                break;
-            zse_buf_append(&text, v->bytes[pick], v->lens[pick]);
-        }
-        total_tokens += (size_t)tokens;
-        bool ended = zse_matcher_ended(m);
-        ended_count += ended;
-        if (!bench && rc == 0) {
-            json_t *line = json_pack("{s:i,s:s%,s:b,s:i}", "index", k, "text", text.data ? text.data : "", text.len,
-                                     "ended", ended, "tokens", tokens);
-            if (!line) {
-                fprintf(stderr, "error: output %d is not valid UTF-8\n", k);
-                rc = 1;
-            } else {
-                char *s = json_dumps(line, JSON_COMPACT | JSON_ENSURE_ASCII);
-                printf("%s\n", s);
-                free(s);
-                json_decref(line);
-            }
-        }
-        zse_matcher_free(m);
     }
+    int rc = sample_outputs(g, v, n, max_tokens, -1, bench ? &st : NULL);
+    int ended_count = st.ended;
+    int nv = zse_grammar_vocab_size(v);
+    double *cold = st.cold, *later = st.later;
+    size_t n_cold = st.n_cold, n_later = st.n_later, total_tokens = st.total_tokens;
     if (bench && rc == 0) {
         double cold_sum = 0, sum = 0;
         for (size_t i = 0; i < n_cold; i++)
@@ -341,10 +424,8 @@ int main(int argc, char **argv)
                pct(later, n_later, 0.5) * 1e6, pct(later, n_later, 0.99) * 1e6,
                n_later ? later[n_later - 1] * 1e6 : 0, n_later ? sum / (double)n_later * 1e6 : 0);
     }
-    zse_buf_free(&text);
     free(cold);
     free(later);
-    free(mask);
     zse_grammar_release(g);
     zse_grammar_vocab_free(v);
     zse_tokenizer_free(tok);

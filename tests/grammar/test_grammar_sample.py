@@ -25,7 +25,7 @@ if not os.path.exists(TOOL):
 
 def sample(kind, content, n=2, seed=1, extra=()):
     """runs grammar_sample; returns (returncode, outputs, stderr)"""
-    suffix = ".json" if kind != "--regex" else ".txt"
+    suffix = ".json" if kind not in ("--regex", "--schemas") else ".txt"
     with tempfile.NamedTemporaryFile("w", suffix=suffix, delete=False, encoding="utf-8") as f:
         f.write(content)
         path = f.name
@@ -196,24 +196,29 @@ BATCH = 20
 
 @pytest.mark.parametrize("batch", range(200 // BATCH))
 def test_random_schemas_validate(batch):
+    """20 schemas a run (grammar_sample --schemas: one schema a line), 2 outputs each"""
+    seeds = range(batch * BATCH, (batch + 1) * BATCH)
+    schemas = [random_schema(seed) for seed in seeds]
+    rc, outs, err = sample("--schemas", "\n".join(json.dumps(x) for x in schemas) + "\n", n=2, seed=batch)
+    assert rc == 0, err
+    errors = [o for o in outs if "error" in o]
+    assert not errors, f"refused: {errors[0]}\nschema: {json.dumps(schemas[errors[0]['schema']])}"
+    assert {o["schema"] for o in outs} == set(range(BATCH))
     checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
     ended = 0
-    for seed in range(batch * BATCH, (batch + 1) * BATCH):
-        schema = random_schema(seed)
-        rc, outs, err = sample("--schema", json.dumps(schema), n=2, seed=seed)
-        assert rc == 0, f"seed {seed}: {err}\nschema: {json.dumps(schema)}"
-        for o in outs:
-            if not o["ended"]:
-                continue
-            ended += 1
-            try:
-                value = json.loads(o["text"])
-            except json.JSONDecodeError as e:
-                pytest.fail(f"seed {seed}: not JSON ({e}): {o['text']!r}\nschema: {json.dumps(schema)}")
-            try:
-                jsonschema.Draft202012Validator(schema, format_checker=checker).validate(value)
-            except jsonschema.ValidationError as e:
-                pytest.fail(f"seed {seed}: {e.message}\noutput: {o['text']!r}\nschema: {json.dumps(schema)}")
+    for o in outs:
+        if not o["ended"]:
+            continue
+        ended += 1
+        schema = schemas[o["schema"]]
+        try:
+            value = json.loads(o["text"])
+        except json.JSONDecodeError as e:
+            pytest.fail(f"seed {seeds[o['schema']]}: not JSON ({e}): {o['text']!r}\nschema: {json.dumps(schema)}")
+        try:
+            jsonschema.Draft202012Validator(schema, format_checker=checker).validate(value)
+        except jsonschema.ValidationError as e:
+            pytest.fail(f"seed {seeds[o['schema']]}: {e.message}\noutput: {o['text']!r}\nschema: {json.dumps(schema)}")
     assert ended >= BATCH, f"only {ended} of {2 * BATCH} outputs ended within the token limit"
 
 
