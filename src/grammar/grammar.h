@@ -5,7 +5,8 @@
  *
  * Stages (one file each, docs/GRAMMAR.md has the algorithm):
  *   build.c      the builder: expressions (text, byte classes, sequence, alternation,
- *                repetition, rules) lowered into flat rules; the public composition API
+ *                repetition, rules); the public composition API
+ *   lower.c      expressions lowered into flat rules (continuation passing, factoring)
  *   regex.c      a regex subset → builder expressions
  *   schema.c     JSON Schema → builder expressions (and json_object, any JSON value)
  *   vocab.c      a model's vocabulary: token bytes in a byte trie, EOS ids
@@ -191,7 +192,30 @@ struct zse_grammar_vocab {
     int32_t *dup_next; /* next token with the same bytes, or -1 */
 };
 
-/* builder internals shared by build.c, regex.c, schema.c */
+/* builder internals shared by build.c, lower.c, regex.c, schema.c */
+enum { X_EMPTY, X_CLASS, X_SEQ, X_ALT, X_REPEAT, X_RULE };
+
+typedef struct {
+    uint8_t kind;
+    int32_t a;          /* class (X_CLASS), child (X_REPEAT), builder rule (X_RULE) */
+    int32_t min, max;   /* X_REPEAT */
+    uint32_t kid0, nkid; /* X_SEQ, X_ALT: kids[kid0 .. kid0+nkid) */
+} gb_expr;
+
+struct zse_gb {
+    gb_expr *x;
+    uint32_t nx, capx;
+    zse_gx *kids;
+    uint32_t nkids, capkids;
+    gr_class *classes;
+    uint32_t nclasses, capclasses;
+    zse_gx *rule_body; /* builder rules: their body expression, -1 until defined */
+    uint32_t nrules, caprules;
+};
+
+/* grows *p (elements of `elem` bytes) to hold `need`, doubling; -1 when out of memory */
+int gr_grow(void **p, uint32_t *cap, uint32_t need, size_t elem);
+
 zse_gx gb_class(zse_gb *b, const gr_class *c);
 zse_gx gb_empty(zse_gb *b);
 zse_gx gb_seq2(zse_gb *b, zse_gx x, zse_gx y);
