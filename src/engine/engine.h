@@ -12,6 +12,7 @@
 #include "zse.h"
 
 #include "backend/backend.h"
+#include "grammar/grammar.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
 #include "util/util.h"
@@ -206,6 +207,10 @@ struct zse_model {
     int n_eos;
     bool add_bos;
     const char *quant;
+    /* constrained decoding (constraint.c): the vocabulary as a grammar sees it, built on
+     * first use: plain, and with the tool-call format's special tokens allowed */
+    pthread_mutex_t grammar_lock;
+    zse_grammar_vocab *gvocab, *gvocab_tools;
 };
 
 bool zse_model_is_eos(const zse_model *m, int32_t t);
@@ -227,6 +232,10 @@ typedef struct zse_sequence {
     uint64_t *keys;         /* [n_keys] the keys of its first full blocks of tokens */
     int n_keys, cap_keys;
     int n_published;        /* leading blocks published (or found already published) */
+    /* constrained decoding: the matcher of gen.s.constraint (it holds a reference to the
+     * grammar), and a mask's scratch */
+    zse_matcher *matcher;
+    uint32_t *mask;
     /* speculative decoding */
     int n_draft;            /* draft tokens at the end of tokens, not yet verified */
     struct zse_sequence *draft; /* its mirror in the draft model (spec.c), or NULL */
@@ -279,8 +288,13 @@ bool zse_sequence_ctx_full(const zse_sequence *q, const zse_model *m);
 int32_t zse_sequence_sample(zse_sequence *q, const zse_model *m, float *logits, zse_sample_work *w,
                             zse_logprobs *lp);
 /* what the sequence's settings rule out of a logits row before sampling, for a token that
- * would be its generated-th: the end-of-sequence and stop ids before min_tokens */
-void zse_sequence_constrain(const zse_sequence *q, const zse_model *m, float *logits, int generated);
+ * would be its generated-th: the end-of-sequence and stop ids before min_tokens, and every
+ * token its constraint's matcher (in its present state) does not allow. -1 on an error of
+ * the matcher. */
+int zse_sequence_constrain(zse_sequence *q, const zse_model *m, float *logits, int generated);
+/* the model's vocabulary for grammars (constraint.c): tools selects the one that lets the
+ * tool-call format's special tokens through; NULL with an error */
+const zse_grammar_vocab *zse_model_grammar_vocab(zse_model *m, bool tools);
 /* the history a token at position `upto` is sampled against: the prompt, then what was
  * generated before it */
 zse_history zse_sequence_history(const zse_sequence *q, size_t upto);
