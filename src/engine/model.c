@@ -259,7 +259,12 @@ static int place_weights(zse_model *m, const zse_load_params *p, zse_fit *fit)
 static int load_weights(zse_model *m, const zse_load_params *p)
 {
     zse_fit fit;
-    if (place_weights(m, p, &fit) != 0)
+    int knob;
+    zse_host_experts host;
+    /* every knob is checked, whether or not this model and backend use it */
+    if (env_count("ZSE_EXPERT_CACHE", 1, 1 << 30, &knob) != 0 || env_count("ZSE_STREAM_LAYERS", 1, 1 << 30, &knob) != 0 ||
+        env_count("ZSE_STREAM_BUFFERS", 1, 64, &knob) != 0 || host_experts_mode(&host) != 0 ||
+        place_weights(m, p, &fit) != 0)
         return -1;
     zse_placement pl;
     zse_fit_placement(&fit, &pl);
@@ -272,10 +277,12 @@ static int load_weights(zse_model *m, const zse_load_params *p)
     m->layers_streamed = fit.layers_streamed;
     m->expert_slots = fit.expert_slots;
     m->experts_total = fit.experts_total;
-    if (fit.mode != ZSE_FIT_RESIDENT && m->llm)
-        zse_log(ZSE_LOG_INFO, "%s: %s (%d of %d layers streamed through %d buffers; %d of %d experts cached)",
-                zse_file_path(m->file), zse_fit_mode_name(fit.mode), fit.layers_streamed, fit.n_layers,
-                fit.stream_buffers, fit.expert_slots, fit.experts_total);
+    if (fit.mode == ZSE_FIT_STREAM && m->llm)
+        zse_log(ZSE_LOG_INFO, "%s: %d of %d layers streamed from host memory through %d buffers",
+                zse_file_path(m->file), fit.layers_streamed, fit.n_layers, fit.stream_buffers);
+    else if (fit.mode == ZSE_FIT_EXPERTS && m->llm)
+        zse_log(ZSE_LOG_INFO, "%s: experts in host memory, %d of %d cached on the device", zse_file_path(m->file),
+                fit.expert_slots, fit.experts_total);
     zse_fit_free(&fit);
     return rc == 0 && m->llm ? 0 : -1;
 }

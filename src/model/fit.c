@@ -297,7 +297,7 @@ int zse_llm_fit(const zse_file *f, const zse_fit_in *in, zse_fit *out)
         const uint64_t held = out->device_weights + out->slab_bytes + out->act_bytes + out->kv_bytes;
         out->reserve = in->budget > held ? in->budget - held : 0;
     } else {
-        zse_fit_free(out);
+        zse_fit_free(out); /* the counts stay: minimum says what would run */
     }
     return rc;
 }

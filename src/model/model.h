@@ -93,7 +93,7 @@ typedef struct {
     uint8_t *streamed;              /* [n_layers] (STREAM), owned: zse_fit_free */
 } zse_fit;
 
-/* 0 and the placement, or -1 with an error that says the minimum */
+/* 0 and the placement, or -1 with an error that says the minimum (out->minimum holds it too) */
 int zse_llm_fit(const zse_file *f, const zse_fit_in *in, zse_fit *out);
 void zse_fit_free(zse_fit *fit);
 /* the placement a fit describes (valid while fit lives) */
