@@ -57,3 +57,16 @@ set_tests_properties(cli_offload_bad_knob PROPERTIES FIXTURES_REQUIRED zse_int4 
 add_test(NAME cli_offload_bad_host_mode COMMAND zse run ${OFF}/tiny-int4.zse -p x -n 1 --device cpu)
 set_tests_properties(cli_offload_bad_host_mode PROPERTIES FIXTURES_REQUIRED zse_int4 ENVIRONMENT "ZSE_HOST_EXPERTS=sometimes"
   PASS_REGULAR_EXPRESSION "ZSE_HOST_EXPERTS=sometimes: auto, never or always")
+
+# tools/synth_model.py --zse-direct: the header zse convert writes for the same shape, every
+# checksum right, and the file generates (dense, qwen3_moe, qwen2_moe with its shared expert)
+find_package(Python3 COMPONENTS Interpreter REQUIRED)
+foreach(case "dense;int4;--arch;qwen2;--layers;2;--hidden;256;--ffn;512;--heads;4;--kv-heads;2;--vocab;4096"
+             "qwen3moe;int4;--arch;qwen3_moe;--layers;2;--hidden;128;--ffn;256;--heads;4;--kv-heads;2;--vocab;4096;--experts;8;--experts-used;2;--moe-ffn;64;--head-dim;32"
+             "qwen2moe;int8;--arch;qwen2_moe;--layers;2;--hidden;128;--ffn;256;--heads;4;--kv-heads;2;--vocab;4096;--experts;4;--experts-used;2;--moe-ffn;64;--shared-ffn;128")
+  list(GET case 0 name)
+  list(SUBLIST case 1 -1 args)
+  add_test(NAME synth_direct_${name} COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/golden/check_synth_direct.py
+           $<TARGET_FILE:zse> ${PROJECT_BINARY_DIR}/synth-direct-${name} ${args})
+  set_tests_properties(synth_direct_${name} PROPERTIES SKIP_RETURN_CODE 77 PASS_REGULAR_EXPRESSION "header as convert's")
+endforeach()
