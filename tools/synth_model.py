@@ -36,6 +36,12 @@ A 72B-shaped int4 file (~40 GB) takes minutes and needs no room for a 145 GB bf1
 The header is what zse convert writes for the same config.json (the CTest synth_direct checks
 it against a conversion); --out is then optional (the tokenizer and configs are read from
 --tokenizer).
+
+With --gguf-direct OUT.gguf the same shape is written as a GGUF file for llama.cpp, every
+weight matrix Q4_0 (random codes, one f16 scale a block; experts as llama.cpp's 3-D
+ffn_*_exps tensors), norms and routers F32, the tokenizer's vocabulary as tokenizer.ggml.*
+padded to the shape's vocabulary: llama.cpp's side of the same benchmark without a 93 GB
+bf16 Mixtral to convert (llama, mistral, mixtral, qwen2, qwen3, qwen3_moe shapes).
 """
 import argparse
 import json
@@ -617,6 +623,153 @@ def write_direct(s, a):
     print(f"\r{a.zse_direct}: {end / 1e9:.2f} GB, {quant}", file=sys.stderr)
 
 
+# ---- --gguf-direct: the same shape for llama.cpp -------------------------------------------
+
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+             "qwen3_moe": "qwen3moe"}
+T_F32, T_Q4_0 = 0, 2   # GGML types
+V_U32, V_I32, V_F32, V_STR, V_ARR = 4, 5, 6, 8, 9
+
+
+def gguf_str(b):
+    b = b.encode() if isinstance(b, str) else b
+    return struct.pack("<Q", len(b)) + b
+
+
+def gguf_kv(key, vtype, value, etype=None):
+    out = gguf_str(key) + struct.pack("<I", vtype)
+    if vtype == V_ARR:
+        out += struct.pack("<IQ", etype, len(value))
+        if etype == V_STR:
+            return out + b"".join(gguf_str(v) for v in value)
+        return out + np.asarray(value, dtype="<i4" if etype == V_I32 else "<u4").tobytes()
+    if vtype == V_STR:
+        return out + gguf_str(value)
+    return out + struct.pack({V_U32: "<I", V_I32: "<i", V_F32: "<f"}[vtype], value)
+
+
+def gguf_tensors(s):
+    """(name, ggml dims [cols, rows(, experts)], type, kind) in llama.cpp's names and order"""
+    h, hd = s["hidden"], s["head_dim"]
+    q, kv = s["heads"] * hd, s["kv_heads"] * hd
+    yield "token_embd.weight", [h, s["vocab"]], T_Q4_0, "weight"
+    moe = s["arch"] in MOE_ARCHS
+    for l in range(s["layers"]):
+        b = f"blk.{l}."
+        yield b + "attn_norm.weight", [h], T_F32, "norm"
+        for n, rows in (("attn_q", q), ("attn_k", kv), ("attn_v", kv)):
+            yield b + n + ".weight", [h, rows], T_Q4_0, "weight"
+            if s["bias"]:
+                yield b + n + ".bias", [rows], T_F32, "bias"
+        if s["arch"] in ("qwen3", "qwen3_moe"):
+            yield b + "attn_q_norm.weight", [hd], T_F32, "norm"
+            yield b + "attn_k_norm.weight", [hd], T_F32, "norm"
+        yield b + "attn_output.weight", [q, h], T_Q4_0, "weight"
+        yield b + "ffn_norm.weight", [h], T_F32, "norm"
+        if moe:
+            f, e = s["moe_ffn"], s["experts"]
+            yield b + "ffn_gate_inp.weight", [h, e], T_F32, "router"
+            yield b + "ffn_gate_exps.weight", [h, f, e], T_Q4_0, "weight"
+            yield b + "ffn_down_exps.weight", [f, h, e], T_Q4_0, "weight"
+            yield b + "ffn_up_exps.weight", [h, f, e], T_Q4_0, "weight"
+        else:
+            yield b + "ffn_gate.weight", [h, s["ffn"]], T_Q4_0, "weight"
+            yield b + "ffn_down.weight", [s["ffn"], h], T_Q4_0, "weight"
+            yield b + "ffn_up.weight", [h, s["ffn"]], T_Q4_0, "weight"
+    yield "output_norm.weight", [h], T_F32, "norm"
+    if not s["tied"]:
+        yield "output.weight", [h, s["vocab"]], T_Q4_0, "weight"
+
+
+def gguf_nbytes(dims, t):
+    n = int(np.prod(dims))
+    return n * 4 if t == T_F32 else n // 32 * 18
+
+
+def write_gguf_direct(s, a):
+    arch = GGUF_ARCH.get(s["arch"])
+    if not arch:
+        sys.exit(f"synth_model: --gguf-direct writes llama, mistral, mixtral, qwen2, qwen3 and qwen3_moe shapes, not {s['arch']}")
+    tok = json.load(open(os.path.join(a.tokenizer, "tokenizer.json")))
+    top, eos, bos = token_ids(a.tokenizer)
+    vocab = tok["model"]["vocab"]
+    tokens = [None] * (top + 1)
+    types = [1] * (top + 1)
+    for t, i in vocab.items():
+        tokens[i] = t
+    for t in tok.get("added_tokens", []):
+        tokens[t["id"]] = t["content"]
+        types[t["id"]] = 3 if t.get("special") else 4
+    for i in range(len(tokens)):
+        if tokens[i] is None:
+            tokens[i], types[i] = f"[PAD{i}]", 4
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), s["vocab"])]
+    types += [4] * (s["vocab"] - len(types))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
+    for dims in (d for _, d, t, _ in gguf_tensors(s) if t == T_Q4_0):
+        if dims[0] % 32:
+            sys.exit(f"synth_model: Q4_0 rows of {dims[0]} are not a multiple of 32")
+    k = arch + "."
+    kvs = [gguf_kv("general.architecture", V_STR, arch), gguf_kv("general.name", V_STR, f"synth {s['arch']}"),
+           gguf_kv("general.file_type", V_U32, 2), gguf_kv("general.alignment", V_U32, 32),
+           gguf_kv(k + "vocab_size", V_U32, s["vocab"]), gguf_kv(k + "context_length", V_U32, s["ctx"]),
+           gguf_kv(k + "embedding_length", V_U32, s["hidden"]), gguf_kv(k + "block_count", V_U32, s["layers"]),
+           gguf_kv(k + "feed_forward_length", V_U32, s["ffn"]),
+           gguf_kv(k + "attention.head_count", V_U32, s["heads"]),
+           gguf_kv(k + "attention.head_count_kv", V_U32, s["kv_heads"]),
+           gguf_kv(k + "attention.key_length", V_U32, s["head_dim"]),
+           gguf_kv(k + "attention.value_length", V_U32, s["head_dim"]),
+           gguf_kv(k + "rope.dimension_count", V_U32, s["head_dim"]),
+           gguf_kv(k + "rope.freq_base", V_F32, float(s["theta"])),
+           gguf_kv(k + "attention.layer_norm_rms_epsilon", V_F32, 1e-6),
+           gguf_kv("tokenizer.ggml.model", V_STR, "gpt2"), gguf_kv("tokenizer.ggml.pre", V_STR, "qwen2"),
+           gguf_kv("tokenizer.ggml.tokens", V_ARR, tokens, V_STR),
+           gguf_kv("tokenizer.ggml.token_type", V_ARR, types, V_I32),
+           gguf_kv("tokenizer.ggml.merges", V_ARR, merges, V_STR),
+           gguf_kv("tokenizer.ggml.eos_token_id", V_U32, eos if eos is not None else 0)]
+    if bos is not None:
+        kvs.append(gguf_kv("tokenizer.ggml.bos_token_id", V_U32, bos))
+    if s["arch"] in MOE_ARCHS:
+        kvs += [gguf_kv(k + "expert_count", V_U32, s["experts"]), gguf_kv(k + "expert_used_count", V_U32, s["experts_used"])]
+        if s["arch"] != "mixtral":
+            kvs.append(gguf_kv(k + "expert_feed_forward_length", V_U32, s["moe_ffn"]))
+    infos, off, items = [], 0, list(gguf_tensors(s))
+    for name, dims, t, _ in items:
+        infos.append(gguf_str(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims) +
+                     struct.pack("<IQ", t, off))
+        off = align(off + gguf_nbytes(dims, t), 32)
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(items), len(kvs)) + b"".join(kvs) + b"".join(infos)
+    filler = Filler(a.seed)
+    block = 0.02 * 12 ** 0.5 / 15  # a Q4_0 value is (q - 8) * d: uniform codes, std about 0.02
+    tmp = a.gguf_direct + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(head)
+        f.write(bytes(align(len(head), 32) - len(head)))
+        base = f.tell()
+        for (name, dims, t, kind), info in zip(items, infos):
+            rel = struct.unpack("<Q", info[-8:])[0]
+            f.seek(base + rel)
+            n = int(np.prod(dims))
+            if kind == "norm":
+                f.write(Filler.const(1.0, "<f4", n))
+            elif t == T_F32:
+                rng = np.random.default_rng([a.seed, zlib.crc32(name.encode())])
+                f.write((rng.standard_normal(n, np.float32) * np.float32(0.02)).astype("<f4").tobytes())
+            else:  # Q4_0 blocks: f16 d, 16 bytes of codes; written a slab of blocks at a time
+                scale = np.frombuffer(np.float16(block).tobytes(), np.uint8)
+                left = n // 32
+                while left:
+                    k_ = min(left, 1 << 20)
+                    buf = np.empty((k_, 18), np.uint8)
+                    buf[:, :2] = scale
+                    buf[:, 2:] = np.frombuffer(b"".join(filler.random(k_ * 16)), np.uint8).reshape(k_, 16)
+                    f.write(buf.tobytes())
+                    left -= k_
+        f.truncate(base + off)
+    os.replace(tmp, a.gguf_direct)
+    print(f"{a.gguf_direct}: {(base + off) / 1e9:.2f} GB, Q4_0", file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS))
@@ -633,6 +786,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--zse", help="then convert to this .zse file")
     ap.add_argument("--zse-direct", help="write this quantized .zse file directly (no bf16 source; --quant)")
+    ap.add_argument("--gguf-direct", help="write this shape as a Q4_0 GGUF file for llama.cpp (no bf16 source)")
     ap.add_argument("--quant", default="int4", help="recipe for --zse (default int4)")
     ap.add_argument("--zse-bin", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "build", "zse"))
     a = ap.parse_args()
@@ -642,8 +796,11 @@ def main():
     top, eos, bos = token_ids(a.tokenizer)
     if top >= s["vocab"]:
         sys.exit(f"synth_model: the tokenizer has ids up to {top}, more than --vocab {s['vocab']} holds")
-    if a.zse_direct:
-        write_direct(s, a)
+    if a.zse_direct or a.gguf_direct:
+        if a.zse_direct:
+            write_direct(s, a)
+        if a.gguf_direct:
+            write_gguf_direct(s, a)
         return
     if not a.out:
         sys.exit("synth_model: --out DIR (or --zse-direct FILE) is required")
