@@ -68,6 +68,15 @@ typedef struct {
     int top_k;                      /* 0: off; 1: greedy */
 } zse_sample_row;
 
+/* token masks for some logit rows (constrained decoding): bits[i * words + w] bit b set
+ * means token 32 w + b may come next in row rows[i]; rows ascending */
+typedef struct {
+    int n;
+    const int32_t *rows;
+    const uint32_t *bits;
+    int64_t words;
+} zse_row_masks;
+
 /* one weight of matmul_multi */
 typedef struct {
     const zse_weight *w;
@@ -222,6 +231,11 @@ typedef struct zse_backend_ops {
      * unscaled), summed as transformers does: (experts + shared), then the residual */
     void (*moe_combine)(zse_backend *be, const zse_moe_route *r, const zse_act *ys, const zse_act *shared,
                         const zse_act *shared_gate, zse_act *x);
+
+    /* optional: in each listed row of the logits x (cols wide), -inf for every token its
+     * mask leaves out (and for every column past words * 32), so argmax_rows / sample_rows
+     * pick only allowed tokens where the logits are. NULL: constrained rows go to the host. */
+    int (*mask_rows)(zse_backend *be, zse_act *x, int64_t cols, const zse_row_masks *m);
 } zse_backend_ops;
 
 enum {
