@@ -448,6 +448,17 @@ int zse_llm_forward_sample(zse_llm *m, zse_kv *kv, const zse_batch *b, const zse
     return ops(m)->sample_rows(m->be, m->logits, b->n_out, m->c.vocab_size, p, ids);
 }
 
+int zse_llm_forward_hidden(zse_llm *m, zse_kv *kv, const zse_batch *b, float *hidden)
+{
+    int rc = forward_to_logits(m, kv, b);
+    if (rc != 0)
+        return rc < 0 ? -1 : 0;
+    if (ops(m)->sync(m->be) != 0)
+        return -1;
+    /* the out rows after the final norm: what the head multiplies */
+    return ops(m)->act_read(m->be, m->xo2, hidden, b->n_out);
+}
+
 int zse_llm_read_logits(zse_llm *m, int rows, float *logits)
 {
     if (rows < 1 || rows > m->max_out)

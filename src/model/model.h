@@ -30,6 +30,9 @@ int zse_llm_forward_argmax(zse_llm *m, zse_kv *kv, const zse_batch *b, const zse
 /* whether the backend masks logit rows where they are (masks for forward_argmax/sample) */
 bool zse_llm_can_mask(const zse_llm *m);
 
+/* the same, but writes the out rows' final hidden states (after the last norm, what the head
+ * reads: [b->n_out][hidden_size]) instead of their logits (embeddings) */
+int zse_llm_forward_hidden(zse_llm *m, zse_kv *kv, const zse_batch *b, float *hidden);
 /* whether the backend samples where the logits are (zse_llm_forward_sample) */
 bool zse_llm_can_sample(const zse_llm *m);
 /* the same, but draws each out row's token by p[row] on the backend (ids [b->n_out]); the
