@@ -104,6 +104,13 @@ int zse_tokenize(const zse_model *m, const char *text, size_t len, int flags, in
                  size_t *n_ids);
 char *zse_detokenize(const zse_model *m, const int32_t *ids, size_t n, bool skip_special);
 
+/* ---- embeddings ---------------------------------------------------------------------
+ * The model's final hidden state (after its last norm) pooled over the tokens — their mean,
+ * or the last token's — and scaled to unit length: out[hidden_size]. The tokens run through
+ * the model in chunks between other work on it; nothing is kept. */
+typedef enum { ZSE_POOL_MEAN = 0, ZSE_POOL_LAST = 1 } zse_pooling;
+int zse_embed(zse_model *m, const int32_t *ids, size_t n, zse_pooling pooling, float *out);
+
 /* ---- chat templates ------------------------------------------------------------
  * The model's chat template applied as transformers' apply_chat_template does.
  * messages_json: a JSON array of {"role", "content", ...}; extra_json: NULL or a JSON

@@ -73,6 +73,15 @@ typedef struct {
     int top_k;                      /* 0: off; 1: greedy */
 } zse_sample_row;
 
+/* token masks for some logit rows (constrained decoding): bits[i * words + w] bit b set
+ * means token 32 w + b may come next in row rows[i]; rows ascending */
+typedef struct {
+    int n;
+    const int32_t *rows;
+    const uint32_t *bits;
+    int64_t words;
+} zse_row_masks;
+
 /* one weight of matmul_multi */
 typedef struct {
     const zse_weight *w;
@@ -230,6 +239,11 @@ typedef struct zse_backend_ops {
     void (*moe_combine)(zse_backend *be, const zse_moe_route *r, const zse_act *ys, const zse_act *shared,
                         const zse_act *shared_gate, zse_act *x);
 
+    /* optional: in each listed row of the logits x (cols wide), -inf for every token its
+     * mask leaves out (and for every column past words * 32), so argmax_rows / sample_rows
+     * pick only allowed tokens where the logits are. NULL: constrained rows go to the host. */
+    int (*mask_rows)(zse_backend *be, zse_act *x, int64_t cols, const zse_row_masks *m);
+
     /* ---- weights kept in host memory (src/model/offload.c: experts from host memory, layers
      * streamed through the device); all NULL where a backend has none ----
      * Two queues run side by side: the compute queue (every op above) and a copy queue that
@@ -241,7 +255,8 @@ typedef struct zse_backend_ops {
      * mark of its last use (slab_fetch's `after`). The CPU backend implements them so the
      * model's offload path runs in the unit tests: its copy queue is lazy — a copy lands
      * when the compute queue waits for it — so a missing wait shows as wrong numbers. The
-     * engine never offloads on the CPU (its weights are used in place from the mapping). */
+     * engine offloads on the CPU (whose weights are used in place from the mapping) only when a
+     * test knob asks (ZSE_EXPERT_CACHE, ZSE_STREAM_LAYERS). */
     /* pins host memory [p, p + bytes) for copies (registered in place, or copied into pinned
      * memory: host_pinned counts it); p stays valid while the pin lives */
     zse_pinned *(*host_pin)(zse_backend *be, const void *p, size_t bytes);

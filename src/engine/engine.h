@@ -142,10 +142,12 @@ int32_t zse_dist_verify(const zse_dist *d, const float *p, const int32_t *idx, i
 void zse_dist_release(zse_dist *d, int32_t *idx);
 
 /* greedy with nothing that changes logits first and no logprobs: the token zse_sample picks
- * is the logits' argmax (lowest id on ties), which a backend can take where they are */
+ * is the logits' argmax (lowest id on ties), which a backend can take where they are (a
+ * constraint's mask, when set, must be applied there first: zse_step_out_mode) */
 bool zse_sampling_plain_greedy(const zse_sampling *s);
-/* nothing but temperature, top-k, top-p and min-p (no penalties, bias or logprobs): a
- * backend's sample_rows can draw the token where the logits are */
+/* nothing but temperature, top-k, top-p and min-p (no penalties, bias, min_tokens or
+ * logprobs): a backend's sample_rows can draw the token where the logits are (after the
+ * constraint's mask) */
 bool zse_sampling_on_device(const zse_sampling *s);
 
 /* zse_logprobs and ZSE_MAX_TOP_LOGPROBS are public (zse.h) */
@@ -336,6 +338,9 @@ typedef struct {
     size_t seq_cap;
     int32_t *table;
     size_t table_cap;
+    int32_t *mask_rows;     /* a pass's constrained rows and their token masks */
+    uint32_t *mask_bits;
+    size_t mask_cap, mask_bits_cap;
 } zse_batcher;
 
 void zse_batcher_free(zse_batcher *b);
@@ -354,6 +359,9 @@ typedef enum {
  * say: ARGMAX when all are plain greedy, SAMPLED when the backend can draw for all of them
  * (and allow_sampled), else LOGITS */
 zse_out_mode zse_step_out_mode(const zse_model *m, const zse_step_seq *e, int n, bool allow_sampled);
+/* for an ARGMAX or SAMPLED pass: the token mask of each constrained sequence's out row,
+ * filled from its matcher (after zse_batcher_pack); *out points into b. -1 on an error. */
+int zse_batcher_masks(zse_batcher *b, const zse_step_seq *e, int n, zse_row_masks *out);
 
 /* ---- speculative decoding (spec.c) ----------------------------------------------------------
  * One drafter per engine or zse_seq. A step: zse_spec_propose appends each sequence's

@@ -227,7 +227,7 @@ bool zse_sampling_on_device(const zse_sampling *s)
 {
     bool repetition = s->repetition_penalty > 0 && s->repetition_penalty != 1.0f;
     return !repetition && s->presence_penalty == 0 && s->frequency_penalty == 0 && s->n_logit_bias == 0 &&
-           !s->logprobs && s->top_logprobs == 0 && s->min_tokens == 0 && !s->constraint;
+           !s->logprobs && s->top_logprobs == 0 && s->min_tokens == 0;
 }
 
 bool zse_sampling_plain_greedy(const zse_sampling *s)

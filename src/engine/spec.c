@@ -206,7 +206,7 @@ static int mirror_pass(zse_spec *sp, zse_model *dm, zse_sequence **qs, const int
         return 0;
     zse_batch b;
     if (zse_batcher_pack(&sp->batcher, sp->entries, n_e, &b) != 0 ||
-        (b.n_out ? zse_llm_forward_argmax(dm->llm, dm->kv, &b, sp->ids) : zse_llm_forward(dm->llm, dm->kv, &b, NULL)) != 0)
+        (b.n_out ? zse_llm_forward_argmax(dm->llm, dm->kv, &b, NULL, sp->ids) : zse_llm_forward(dm->llm, dm->kv, &b, NULL)) != 0)
         return -1;
     for (int k = 0; k < n_e; k++) {
         sp->entries[k].q->n_cached += (size_t)sp->entries[k].take;

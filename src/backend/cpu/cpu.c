@@ -549,6 +549,19 @@ static int sync_report(zse_backend *be)
     return what ? zse_fail("CPU backend: %s", what) : 0;
 }
 
+static int mask_rows(zse_backend *be, zse_act *x, int64_t cols, const zse_row_masks *m)
+{
+    (void)be;
+    for (int i = 0; i < m->n; i++) {
+        float *row = x->data + (int64_t)m->rows[i] * x->cols;
+        const uint32_t *bits = m->bits + (size_t)i * (size_t)m->words;
+        for (int64_t t = 0; t < cols; t++)
+            if (t >= m->words * 32 || !((bits[t >> 5] >> (t & 31)) & 1))
+                row[t] = -INFINITY;
+    }
+    return 0;
+}
+
 static int argmax_rows(zse_backend *be, const zse_act *x, int64_t rows, int64_t cols, int32_t *out)
 {
     if (sync_report(be) != 0)
@@ -614,6 +627,7 @@ static const zse_backend_ops cpu_ops = {
     .moe_gather = zse_cpu_moe_gather,
     .moe_matmul = zse_cpu_moe_matmul,
     .moe_combine = zse_cpu_moe_combine,
+    .mask_rows = mask_rows,
     .host_pin = zse_cpu_host_pin,
     .host_unpin = zse_cpu_host_unpin,
     .slab_new = zse_cpu_slab_new,
