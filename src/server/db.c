@@ -601,9 +601,10 @@ int srv_refused_write(srv_db *d, const srv_refused_row *rows, size_t n)
     if (exec_sql(d->db, "BEGIN IMMEDIATE") != 0)
         return -1;
     sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(d->db, "INSERT INTO audit_refused(minute, client, status, route, count) "
-                                  "VALUES(?, ?, ?, ?, ?) ON CONFLICT(minute, client, status) DO UPDATE SET "
-                                  "count = count + excluded.count, route = excluded.route", -1, &st, NULL) != SQLITE_OK) {
+    static const char sql[] = "INSERT INTO audit_refused(minute, client, status, route, count) VALUES(?, ?, ?, ?, ?) "
+                              "ON CONFLICT(minute, client, status) DO UPDATE SET count = count + excluded.count, "
+                              "route = excluded.route";
+    if (sqlite3_prepare_v2(d->db, sql, -1, &st, NULL) != SQLITE_OK) {
         zse_fail("database: %s", sqlite3_errmsg(d->db));
         sqlite3_exec(d->db, "ROLLBACK", NULL, NULL, NULL);
         return -1;

@@ -9,6 +9,7 @@
  *    connection opening (or of the previous answer on it), and one whose body has not
  *    arrived within --body-timeout of its head, however steadily bytes trickle in
  *    (nginx's client_header_timeout / client_body_timeout);
+ *  - closes a connection whose client half-closed it with its request unfinished;
  *  - when the table is nearly full, closes the connections that have waited longest for a
  *    request head (idle keep-alive or slowloris), so a new client always finds a slot;
  *  - counts refused requests per client address (a token bucket of --max-refused-per-ip a
@@ -23,13 +24,16 @@
  * descriptor, so a descriptor number reused by a newer connection is never shut. */
 #include "server/server.h"
 
+#include <poll.h>
 #include <pthread.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 
 #define EVICT_MIN_AGE_S 1.0     /* a head younger than this is never evicted: it may be on its way */
 #define BUCKET_SLOTS 4096       /* addresses whose refusals are counted (a power of two) */
 #define BUCKET_PROBE 16         /* slots searched for an address before one is reused */
+#define PROBE_MAX 1024          /* unfinished requests checked for a half-close per tick */
 
 struct srv_conn {
     srv_conn *prev, *next;      /* in the list of its state (heads or bodies); busy ones in none */
@@ -135,6 +139,8 @@ static void shut(srv_guard *g, srv_conn *c, srv_close_reason why)
         g->stats.header_timeouts++;
     else if (why == SRV_CLOSE_BODY_TIMEOUT)
         g->stats.body_timeouts++;
+    else if (why == SRV_CLOSE_HALF_CLOSED)
+        g->stats.half_closed++;
     else
         g->stats.evicted++;
     shutdown(c->fd, SHUT_RDWR);
@@ -211,9 +217,33 @@ void srv_guard_close(srv_guard *g, srv_conn *c)
     free(c);
 }
 
+/* A client that shut down its sending side with its request head or body unfinished will
+ * never finish it; libmicrohttpd keeps such a connection until its idle timeout. Under
+ * g->mu. */
+static void close_half_closed(srv_guard *g)
+{
+    struct pollfd fds[PROBE_MAX];
+    srv_conn *conns[PROBE_MAX];
+    int n = 0;
+    for (conn_list *l = &g->heads; l; l = l == &g->heads ? &g->bodies : NULL)
+        for (srv_conn *c = l->first; c && n < PROBE_MAX; c = c->next) {
+            fds[n] = (struct pollfd){.fd = c->fd, .events = POLLRDHUP};
+            conns[n++] = c;
+        }
+    if (n == 0 || poll(fds, (nfds_t)n, 0) <= 0)
+        return;
+    for (int i = 0; i < n; i++) {
+        int unread = 0;
+        /* bytes still unread may complete the request: libmicrohttpd reads them first */
+        if ((fds[i].revents & (POLLRDHUP | POLLHUP)) && ioctl(fds[i].fd, FIONREAD, &unread) == 0 && unread == 0)
+            shut(g, conns[i], SRV_CLOSE_HALF_CLOSED);
+    }
+}
+
 void srv_guard_tick(srv_guard *g, double now)
 {
     pthread_mutex_lock(&g->mu);
+    close_half_closed(g);
     /* each list is in order of entry, so the expired ones are at its front */
     while (g->heads.first && g->cfg.header_timeout_s > 0 && now - g->heads.first->since > g->cfg.header_timeout_s)
         shut(g, g->heads.first, SRV_CLOSE_HEADER_TIMEOUT);

@@ -929,7 +929,10 @@ static enum MHD_Result access_handler(void *cls, struct MHD_Connection *conn, co
         if (!(r = new_request(s, conn, url, method)))
             return MHD_NO;
         *con_cls = r;
-        return first_call(r, url, version);
+        enum MHD_Result rc = first_call(r, url, version);
+        if (r->responded) /* answered early: the body is discarded, the deadlines no longer apply */
+            srv_guard_set_state(s->guard, r->guarded, SRV_CONN_BUSY, zse_now());
+        return rc;
     }
     if (*upload_data_size) {
         take_body(r, upload_data, *upload_data_size);
@@ -1135,8 +1138,8 @@ static int start_parts(srv_server *s)
     srv_guard_config gc = {c->max_connections, c->header_timeout_s, c->body_timeout_s, c->refused_per_min};
     int slots = c->engine_slots > 0 ? c->engine_slots : 1;
     int reserve = slots / 8 > 1 ? slots / 8 : 1;
-    srv_admit_config ac = {slots, c->max_seqs_per_key > 0 ? c->max_seqs_per_key : (slots > reserve ? slots - reserve : 1),
-                           c->max_queued_tokens_per_key, c->max_waiting};
+    int per_key = c->max_seqs_per_key > 0 ? c->max_seqs_per_key : slots > reserve ? slots - reserve : 1;
+    srv_admit_config ac = {slots, per_key, c->max_queued_tokens_per_key, c->max_waiting};
     if (!(s->guard = srv_guard_new(&gc)) || !(s->work = srv_work_start(c->workers, 5)) ||
         !(s->admit = srv_admit_start(&ac)))
         return -1;
@@ -1163,14 +1166,19 @@ static struct MHD_Daemon *start_daemon(srv_server *s, const struct sockaddr_stor
         {MHD_OPTION_SOCK_ADDR, 0, (void *)ss},
         {MHD_OPTION_END, 0, NULL},
     };
+    /* one thread is the daemon's own (libmicrohttpd warns about a pool of one) */
+    struct MHD_OptionItem pool_opts[] = {
+        {c->http_threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END, c->http_threads, NULL},
+        {MHD_OPTION_END, 0, NULL},
+    };
     /* no MHD_OPTION_LISTENING_ADDRESS_REUSE: set to 1 it means SO_REUSEPORT, and a second
      * server on the same port would start and silently share its connections; the default
      * (SO_REUSEADDR only) still allows a restart while old connections sit in TIME_WAIT */
     return MHD_start_daemon(
         flags, 0, accept_policy, s, access_handler, s, MHD_OPTION_ARRAY, c->listen ? listen_opts : no_opts,
-        MHD_OPTION_THREAD_POOL_SIZE, (unsigned)(c->http_threads > 0 ? c->http_threads : 1),
-        MHD_OPTION_CONNECTION_LIMIT, (unsigned)c->max_connections, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
-        (unsigned)(c->max_connections_per_ip > 0 ? c->max_connections_per_ip : 0), MHD_OPTION_CONNECTION_TIMEOUT,
+        MHD_OPTION_ARRAY, pool_opts, MHD_OPTION_CONNECTION_LIMIT, (unsigned)c->max_connections,
+        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)(c->max_connections_per_ip > 0 ? c->max_connections_per_ip : 0),
+        MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned)c->timeout_s, MHD_OPTION_NOTIFY_COMPLETED, request_completed, s, MHD_OPTION_NOTIFY_CONNECTION,
         on_connection, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s, MHD_OPTION_ARRAY,
         s->tls_cert_pem ? tls_opts : no_opts, MHD_OPTION_END);
@@ -1254,7 +1262,8 @@ void srv_set_ready(srv_server *s, zse_model *m, const srv_engine *engine)
     s->engine = *engine;
     s->facts.vocab_size = info.vocab_size;
     s->facts.ctx_size = info.ctx_size;
-    s->facts.max_prompt_bytes = (size_t)info.ctx_size * longest_token_bytes(m, info.vocab_size) * BYTES_PER_TOKEN_MARGIN;
+    size_t longest = longest_token_bytes(m, info.vocab_size);
+    s->facts.max_prompt_bytes = (size_t)info.ctx_size * longest * BYTES_PER_TOKEN_MARGIN;
     snprintf(s->fingerprint, sizeof s->fingerprint, "fp_zse_%s_%s", zse_version(), info.quant ? info.quant : "");
     /* by default a tenant may have as many tokens waiting as the engine's slots hold */
     srv_admit_set_engine(s->admit, engine, (int64_t)s->cfg.engine_slots * info.ctx_size);

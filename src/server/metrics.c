@@ -178,13 +178,15 @@ int srv_metrics_render(srv_metrics *m, const srv_live_stats *live, zse_buf *out)
     if (rc == 0)
         rc = zse_buf_printf(out,
                             "# HELP zse_http_connections_closed_total connections the server closed: request head or "
-                            "body past its deadline, or evicted while idle to make room\n"
+                            "body past its deadline, evicted while idle to make room, or half-closed by the client "
+                            "with the request unfinished\n"
                             "# TYPE zse_http_connections_closed_total counter\n"
                             "zse_http_connections_closed_total{reason=\"header_timeout\"} %llu\n"
                             "zse_http_connections_closed_total{reason=\"body_timeout\"} %llu\n"
-                            "zse_http_connections_closed_total{reason=\"evicted\"} %llu\n",
+                            "zse_http_connections_closed_total{reason=\"evicted\"} %llu\n"
+                            "zse_http_connections_closed_total{reason=\"half_closed\"} %llu\n",
                             (unsigned long long)g->header_timeouts, (unsigned long long)g->body_timeouts,
-                            (unsigned long long)g->evicted);
+                            (unsigned long long)g->evicted, (unsigned long long)g->half_closed);
     if (rc == 0)
         rc = render_gauge(out, "zse_http_body_bytes_buffered", "request body bytes held in memory",
                           (double)live->body_bytes);

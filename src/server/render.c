@@ -550,8 +550,9 @@ int srv_render_whole(srv_render *rd, zse_buf *out, int *status, int *retry_after
         *status = e.status;
         return rc;
     }
-    json_t *o = rd->req->api == SRV_API_CHAT ? whole_chat(rd) : rd->req->api == SRV_API_COMPLETION ? whole_completion(rd)
-                                                                                                   : whole_tgi(rd);
+    json_t *o = rd->req->api == SRV_API_CHAT         ? whole_chat(rd)
+                : rd->req->api == SRV_API_COMPLETION ? whole_completion(rd)
+                                                     : whole_tgi(rd);
     char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
     if (!s) {

@@ -726,7 +726,8 @@ int srv_request_prepare(srv_request *r, const zse_model *m, const srv_model_fact
         r->max_tokens = TGI_DEFAULT_MAX_NEW_TOKENS;
     size_t longest = 0;
     for (size_t i = 0; i < r->n_prompts; i++) {
-        if (tokenize_prompt(r, &r->prompts[i], m, mf, flags, e) || check_context(r, &r->prompts[i], mf->ctx_size, explicit_max, e))
+        if (tokenize_prompt(r, &r->prompts[i], m, mf, flags, e) ||
+            check_context(r, &r->prompts[i], mf->ctx_size, explicit_max, e))
             return -1;
         if (r->prompts[i].n_ids > longest)
             longest = r->prompts[i].n_ids;

@@ -256,7 +256,9 @@ void srv_work_free(srv_work *w);    /* stops, then frees */
 typedef struct srv_guard srv_guard;
 typedef struct srv_conn srv_conn;
 typedef enum { SRV_CONN_HEAD, SRV_CONN_BODY, SRV_CONN_BUSY } srv_conn_state;
-typedef enum { SRV_CLOSE_NONE, SRV_CLOSE_HEADER_TIMEOUT, SRV_CLOSE_BODY_TIMEOUT, SRV_CLOSE_EVICTED } srv_close_reason;
+typedef enum {
+    SRV_CLOSE_NONE, SRV_CLOSE_HEADER_TIMEOUT, SRV_CLOSE_BODY_TIMEOUT, SRV_CLOSE_EVICTED, SRV_CLOSE_HALF_CLOSED
+} srv_close_reason;
 typedef struct {
     int max_connections;        /* beyond 7/8 of it, the oldest waiting heads are closed */
     double header_timeout_s;    /* a request head must arrive within this (0 = no deadline) */
@@ -265,7 +267,7 @@ typedef struct {
 } srv_guard_config;
 typedef struct {
     int open;
-    uint64_t header_timeouts, body_timeouts, evicted;
+    uint64_t header_timeouts, body_timeouts, evicted, half_closed;
     uint64_t refused_unanswered;
 } srv_guard_stats;
 
@@ -277,7 +279,8 @@ void srv_guard_set_state(srv_guard *g, srv_conn *c, srv_conn_state st, double no
 srv_close_reason srv_guard_reason(srv_guard *g, srv_conn *c);
 /* before its descriptor is closed */
 void srv_guard_close(srv_guard *g, srv_conn *c);
-/* closes connections past their deadlines (the watcher calls it every 100 ms) */
+/* closes connections past their deadlines, heads the client half-closed before finishing,
+ * and makes room when the table is nearly full (the watcher calls it every 100 ms) */
 void srv_guard_tick(srv_guard *g, double now);
 /* counts a refused request from addr: false when the address is over its budget (the
  * request gets no answer) */
