@@ -43,6 +43,7 @@
 #define STREAM_BLOCK 16384
 #define BODY_RESERVE_STEP (64 * 1024)   /* chunked bodies reserve buffer budget in steps */
 #define BYTES_PER_TOKEN_MARGIN 4        /* normalizers may shrink text (NFC composes up to 3:1) */
+#define HEAVY_BODY (64 * 1024)          /* bodies from this size are prepared in the workers' second lane */
 
 enum { STATE_LOADING, STATE_READY, STATE_DRAINING };
 
@@ -483,7 +484,7 @@ static void render_task(void *arg)
 static void whole_ready(void *arg)
 {
     http_req *r = arg;
-    if (srv_work_push(r->s->work, render_task, r) != 0)
+    if (srv_work_push(r->s->work, SRV_WORK_LIGHT, render_task, r) != 0)
         resume_connection(r->conn); /* stopping: the answer is built on the HTTP thread */
 }
 
@@ -577,7 +578,7 @@ static enum MHD_Result start_generation(http_req *r)
     r->ph = PH_PREPARING;
     list_add(s, r);
     suspend_connection(r->conn);
-    if (srv_work_push(s->work, prepare_task, r) != 0) {
+    if (srv_work_push(s->work, r->body.len >= HEAVY_BODY ? SRV_WORK_HEAVY : SRV_WORK_LIGHT, prepare_task, r) != 0) {
         resume_connection(r->conn);
         r->ph = PH_RECEIVING;
         return fail(r, 503, "server_error", "shutting_down", "the server is shutting down");

@@ -2,9 +2,11 @@
  * generation — parsing its JSON, rendering the chat template, tokenizing, and building a
  * whole non-streaming answer — runs here, never on libmicrohttpd's threads. A 4 MB body
  * that takes seconds to tokenize then delays other requests' preparation, not /health or
- * the bytes of running streams. Tasks run in order of arrival; the threads run at a lower
- * scheduling priority (nice) than the HTTP threads, so on a busy CPU the HTTP threads
- * still get their turn. */
+ * the bytes of running streams. Tasks come in two lanes, each in order of arrival: light
+ * ones (small bodies, whole answers) always go first, so a client sending 4 MB bodies back
+ * to back delays other such clients, not everyone's ordinary requests. The threads run at
+ * a lower scheduling priority (nice) than the HTTP threads, so on a busy CPU the HTTP
+ * threads still get their turn. */
 #include "server/server.h"
 
 #include <pthread.h>
@@ -21,10 +23,14 @@ typedef struct task {
     void *arg;
 } task;
 
+typedef struct {
+    task *head, *tail;
+} lane;
+
 struct srv_work {
     pthread_mutex_t mu;
     pthread_cond_t wake;
-    task *head, *tail;
+    lane lanes[2];          /* SRV_WORK_LIGHT first */
     int queued;
     bool stopping;
     int nice;
@@ -40,14 +46,15 @@ static void *work_main(void *arg)
         zse_log(ZSE_LOG_DEBUG, "worker thread keeps its priority (setpriority failed)");
     pthread_mutex_lock(&w->mu);
     for (;;) {
-        while (!w->head && !w->stopping)
+        while (!w->queued && !w->stopping)
             pthread_cond_wait(&w->wake, &w->mu);
-        task *t = w->head;
+        lane *l = w->lanes[SRV_WORK_LIGHT].head ? &w->lanes[SRV_WORK_LIGHT] : &w->lanes[SRV_WORK_HEAVY];
+        task *t = l->head;
         if (!t)
             break; /* stopping and nothing left */
-        w->head = t->next;
-        if (!w->head)
-            w->tail = NULL;
+        l->head = t->next;
+        if (!l->head)
+            l->tail = NULL;
         w->queued--;
         pthread_mutex_unlock(&w->mu);
         t->fn(t->arg);
@@ -82,7 +89,7 @@ srv_work *srv_work_start(int n_threads, int nice)
     return w;
 }
 
-int srv_work_push(srv_work *w, srv_work_fn fn, void *arg)
+int srv_work_push(srv_work *w, srv_work_lane which, srv_work_fn fn, void *arg)
 {
     task *t = zse_malloc(sizeof *t);
     if (!t)
@@ -96,11 +103,12 @@ int srv_work_push(srv_work *w, srv_work_fn fn, void *arg)
         free(t);
         return zse_fail("the server is stopping");
     }
-    if (w->tail)
-        w->tail->next = t;
+    lane *l = &w->lanes[which == SRV_WORK_HEAVY ? SRV_WORK_HEAVY : SRV_WORK_LIGHT];
+    if (l->tail)
+        l->tail->next = t;
     else
-        w->head = t;
-    w->tail = t;
+        l->head = t;
+    l->tail = t;
     w->queued++;
     pthread_cond_signal(&w->wake);
     pthread_mutex_unlock(&w->mu);
