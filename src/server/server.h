@@ -249,7 +249,6 @@ typedef void (*srv_work_fn)(void *arg);
 typedef enum { SRV_WORK_LIGHT, SRV_WORK_HEAVY } srv_work_lane;  /* light tasks go first */
 srv_work *srv_work_start(int n_threads, int nice);
 int srv_work_push(srv_work *w, srv_work_lane lane, srv_work_fn fn, void *arg);  /* -1 once stopping */
-int srv_work_queued(srv_work *w);
 void srv_work_stop(srv_work *w);    /* runs what is queued, joins; later pushes fail */
 void srv_work_free(srv_work *w);    /* stops, then frees */
 

@@ -115,14 +115,6 @@ int srv_work_push(srv_work *w, srv_work_lane which, srv_work_fn fn, void *arg)
     return 0;
 }
 
-int srv_work_queued(srv_work *w)
-{
-    pthread_mutex_lock(&w->mu);
-    int n = w->queued;
-    pthread_mutex_unlock(&w->mu);
-    return n;
-}
-
 void srv_work_stop(srv_work *w)
 {
     if (!w)
