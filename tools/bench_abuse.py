@@ -12,7 +12,7 @@ plus a /health probe every 20 ms. It runs alone (the baseline), then beside each
     slowloris   1,000 connections from 127.0.0.2-11 (100 each), each sending a header line
                 every 10 s and reconnecting when closed
     slow-body   100 keyed uploads of a 1 MB body at one byte a second
-    uploads     1,000 unauthenticated 4 MB uploads, 50 at a time (server RSS before/after)
+    uploads     1,000 unauthenticated 4 MB uploads from 127.0.0.6, 50 at a time (server RSS)
     flood       4 loops of pipelined unauthenticated 404/401s from 127.0.0.2
     big-bodies  8 keyed clients posting 4 MB prompts back to back
     hog         a key with 4 streaming requests of n=16, max_tokens=1900 it never reads
@@ -147,7 +147,7 @@ async def uploads(port, stop, state):
     async def one():
         writer = None
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.6", 0))
             writer.write(head + chunk)
             await writer.drain()
             answer = await reader.read(64)

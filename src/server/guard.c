@@ -13,8 +13,10 @@
  *  - when the table is nearly full, closes the connections that have waited longest for a
  *    request head (idle keep-alive or slowloris), so a new client always finds a slot;
  *  - counts refused requests per client address (a token bucket of --max-refused-per-ip a
- *    minute); an address over its budget gets no answer and no new connection until it
- *    has earned one back.
+ *    minute); past its budget an address's refused requests get no answer (the connection
+ *    is closed), until it has earned one back. Its valid requests are still served: an
+ *    address may be a NAT or a proxy shared with legitimate clients, so connections are
+ *    not refused at accept.
  * Per-address connection caps are libmicrohttpd's own (MHD_OPTION_PER_IP_CONNECTION_LIMIT:
  * refused at accept, before any memory is given).
  *
@@ -309,14 +311,4 @@ bool srv_guard_refuse(srv_guard *g, const char *addr, double now)
         g->stats.refused_unanswered++;
     pthread_mutex_unlock(&g->mu);
     return answer;
-}
-
-bool srv_guard_admits(srv_guard *g, const char *addr, double now)
-{
-    if (!g->buckets)
-        return true;
-    pthread_mutex_lock(&g->mu);
-    bool ok = bucket_of(g, addr, now)->tokens >= 1;
-    pthread_mutex_unlock(&g->mu);
-    return ok;
 }

@@ -964,16 +964,6 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
         shutdown(ci->connect_fd, SHUT_RDWR); /* cannot be watched: not kept (out of memory) */
 }
 
-/* an address over its budget of refused requests gets no new connection */
-static enum MHD_Result accept_policy(void *cls, const struct sockaddr *addr, socklen_t len)
-{
-    (void)len;
-    srv_server *s = cls;
-    char text[64];
-    sockaddr_text(addr, text, sizeof text);
-    return srv_guard_admits(s->guard, text, zse_now()) ? MHD_YES : MHD_NO;
-}
-
 /* ---- the end of every request -------------------------------------------------------- */
 
 static void record(http_req *r, enum MHD_RequestTerminationCode toe)
@@ -1176,7 +1166,7 @@ static struct MHD_Daemon *start_daemon(srv_server *s, const struct sockaddr_stor
      * server on the same port would start and silently share its connections; the default
      * (SO_REUSEADDR only) still allows a restart while old connections sit in TIME_WAIT */
     return MHD_start_daemon(
-        flags, 0, accept_policy, s, access_handler, s, MHD_OPTION_ARRAY, c->listen ? listen_opts : no_opts,
+        flags, 0, NULL, NULL, access_handler, s, MHD_OPTION_ARRAY, c->listen ? listen_opts : no_opts,
         MHD_OPTION_ARRAY, pool_opts, MHD_OPTION_CONNECTION_LIMIT, (unsigned)c->max_connections,
         MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)(c->max_connections_per_ip > 0 ? c->max_connections_per_ip : 0),
         MHD_OPTION_CONNECTION_TIMEOUT,

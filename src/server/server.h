@@ -285,8 +285,6 @@ void srv_guard_tick(srv_guard *g, double now);
 /* counts a refused request from addr: false when the address is over its budget (the
  * request gets no answer) */
 bool srv_guard_refuse(srv_guard *g, const char *addr, double now);
-/* whether addr may open a connection (not over its budget of refusals) */
-bool srv_guard_admits(srv_guard *g, const char *addr, double now);
 void srv_guard_get_stats(srv_guard *g, srv_guard_stats *out);
 
 /* ---- sliding-window rate limit: at most `limit` admissions in any `window` seconds ----- */

@@ -392,14 +392,16 @@ static void test_guard(void)
     }
     srv_guard_get_stats(g, &st);
     CHECK(st.open == 0);
-    /* three refusals a minute per address: the fourth gets no answer and no connection */
+    /* three refusals a minute per address: the fourth gets no answer */
     CHECK(srv_guard_refuse(g, "10.0.0.9", 200) && srv_guard_refuse(g, "10.0.0.9", 200) &&
           srv_guard_refuse(g, "10.0.0.9", 200));
-    CHECK(!srv_guard_refuse(g, "10.0.0.9", 200) && !srv_guard_admits(g, "10.0.0.9", 200));
-    CHECK(srv_guard_admits(g, "10.0.0.8", 200) && srv_guard_refuse(g, "10.0.0.8", 200)); /* others are not hurt */
-    CHECK(srv_guard_admits(g, "10.0.0.9", 220.5)); /* 20 s earn one back */
+    CHECK(!srv_guard_refuse(g, "10.0.0.9", 200));
+    CHECK(srv_guard_refuse(g, "10.0.0.8", 200));     /* others are not hurt */
+    CHECK(!srv_guard_refuse(g, "10.0.0.9", 219.9));  /* a token a 20 s */
+    CHECK(srv_guard_refuse(g, "10.0.0.9", 220.5));
+    CHECK(!srv_guard_refuse(g, "10.0.0.9", 220.6));
     srv_guard_get_stats(g, &st);
-    CHECK(st.refused_unanswered == 1);
+    CHECK(st.refused_unanswered == 3);
     srv_guard_free(g);
 }
 
