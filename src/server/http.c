@@ -995,7 +995,9 @@ static void record(http_req *r, enum MHD_RequestTerminationCode toe)
     char method[sizeof r->method * 4];
     srv_text_clean(method, sizeof method, r->method, strlen(r->method), SRV_TEXT_ESCAPE_CONTROLS);
     const char *id = r->job ? srv_job_id(r->job) : "-";
-    if (s->cfg.log_requests)
+    /* refusals past their address's budget are not logged one by one either: a flood would
+     * turn into as many log lines (they are counted in the metrics and the audit) */
+    if (s->cfg.log_requests && !(r->refused && !r->responded))
         zse_log(ZSE_LOG_INFO,
                 "request id=%s method=%s path=%s status=%d latency_ms=%.1f prompt_tokens=%d completion_tokens=%d "
                 "ttft_ms=%.1f key=%s client=%s",

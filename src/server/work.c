@@ -3,8 +3,9 @@
  * whole non-streaming answer — runs here, never on libmicrohttpd's threads. A 4 MB body
  * that takes seconds to tokenize then delays other requests' preparation, not /health or
  * the bytes of running streams. Tasks come in two lanes, each in order of arrival: light
- * ones (small bodies, whole answers) always go first, so a client sending 4 MB bodies back
- * to back delays other such clients, not everyone's ordinary requests. The threads run at
+ * ones (small bodies, whole answers) always go first, and heavy ones (large bodies) may
+ * occupy all threads but one, so a client sending 4 MB bodies back to back delays other
+ * such clients, not everyone's ordinary requests. The threads run at
  * a lower scheduling priority (nice) than the HTTP threads, so on a busy CPU the HTTP
  * threads still get their turn. */
 #include "server/server.h"
@@ -32,11 +33,23 @@ struct srv_work {
     pthread_cond_t wake;
     lane lanes[2];          /* SRV_WORK_LIGHT first */
     int queued;
+    int heavy_running, heavy_max;
     bool stopping;
     int nice;
     pthread_t threads[MAX_THREADS];
     int n_threads;
 };
+
+/* the lane this thread takes its next task from, or NULL: light first; heavy while fewer
+ * than heavy_max threads run heavy tasks. Under w->mu. */
+static lane *next_lane(srv_work *w)
+{
+    if (w->lanes[SRV_WORK_LIGHT].head)
+        return &w->lanes[SRV_WORK_LIGHT];
+    if (w->lanes[SRV_WORK_HEAVY].head && w->heavy_running < w->heavy_max)
+        return &w->lanes[SRV_WORK_HEAVY];
+    return NULL;
+}
 
 static void *work_main(void *arg)
 {
@@ -46,20 +59,26 @@ static void *work_main(void *arg)
         zse_log(ZSE_LOG_DEBUG, "worker thread keeps its priority (setpriority failed)");
     pthread_mutex_lock(&w->mu);
     for (;;) {
-        while (!w->queued && !w->stopping)
+        lane *l;
+        while (!(l = next_lane(w)) && !(w->stopping && !w->queued))
             pthread_cond_wait(&w->wake, &w->mu);
-        lane *l = w->lanes[SRV_WORK_LIGHT].head ? &w->lanes[SRV_WORK_LIGHT] : &w->lanes[SRV_WORK_HEAVY];
-        task *t = l->head;
-        if (!t)
+        if (!l)
             break; /* stopping and nothing left */
+        task *t = l->head;
+        bool heavy = l == &w->lanes[SRV_WORK_HEAVY];
         l->head = t->next;
         if (!l->head)
             l->tail = NULL;
         w->queued--;
+        w->heavy_running += heavy;
         pthread_mutex_unlock(&w->mu);
         t->fn(t->arg);
         free(t);
         pthread_mutex_lock(&w->mu);
+        if (heavy) {
+            w->heavy_running--;
+            pthread_cond_broadcast(&w->wake); /* a heavy task may wait for this slot */
+        }
     }
     pthread_mutex_unlock(&w->mu);
     return NULL;
@@ -77,6 +96,7 @@ srv_work *srv_work_start(int n_threads, int nice)
     pthread_mutex_init(&w->mu, NULL);
     pthread_cond_init(&w->wake, NULL);
     w->nice = nice;
+    w->heavy_max = n_threads > 1 ? n_threads - 1 : 1; /* one thread is kept for light work */
     for (int i = 0; i < n_threads; i++) {
         int rc = pthread_create(&w->threads[i], NULL, work_main, w);
         if (rc != 0) {
