@@ -43,7 +43,7 @@
 #define STREAM_BLOCK 16384
 #define BODY_RESERVE_STEP (64 * 1024)   /* chunked bodies reserve buffer budget in steps */
 #define BYTES_PER_TOKEN_MARGIN 4        /* normalizers may shrink text (NFC composes up to 3:1) */
-#define HEAVY_BODY (64 * 1024)          /* bodies from this size are prepared in the workers' second lane */
+#define HEAVY_BODY (64 * 1024)          /* bodies from this size are prepared by the heavy lane's threads */
 
 enum { STATE_LOADING, STATE_READY, STATE_DRAINING };
 
@@ -1133,7 +1133,7 @@ static int start_parts(srv_server *s)
     int reserve = slots / 8 > 1 ? slots / 8 : 1;
     int per_key = c->max_seqs_per_key > 0 ? c->max_seqs_per_key : slots > reserve ? slots - reserve : 1;
     srv_admit_config ac = {slots, per_key, c->max_queued_tokens_per_key, c->max_waiting};
-    if (!(s->guard = srv_guard_new(&gc)) || !(s->work = srv_work_start(c->workers, 5)) ||
+    if (!(s->guard = srv_guard_new(&gc)) || !(s->work = srv_work_start(c->workers, c->workers > 1 ? c->workers / 2 : 1, 5)) ||
         !(s->admit = srv_admit_start(&ac)))
         return -1;
     return 0;

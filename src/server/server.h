@@ -246,8 +246,9 @@ void srv_admit_stop(srv_admit *a);
 /* ---- worker threads for slow request work (work.c) ------------------------------------- */
 typedef struct srv_work srv_work;
 typedef void (*srv_work_fn)(void *arg);
-typedef enum { SRV_WORK_LIGHT, SRV_WORK_HEAVY } srv_work_lane;  /* light tasks go first */
-srv_work *srv_work_start(int n_threads, int nice);
+typedef enum { SRV_WORK_LIGHT, SRV_WORK_HEAVY } srv_work_lane;  /* each lane has threads of its own */
+/* n_light threads at `nice` for light tasks, n_heavy at nice 19 for heavy ones */
+srv_work *srv_work_start(int n_light, int n_heavy, int nice);
 int srv_work_push(srv_work *w, srv_work_lane lane, srv_work_fn fn, void *arg);  /* -1 once stopping */
 void srv_work_stop(srv_work *w);    /* runs what is queued, joins; later pushes fail */
 void srv_work_free(srv_work *w);    /* stops, then frees */

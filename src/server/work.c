@@ -2,12 +2,13 @@
  * generation — parsing its JSON, rendering the chat template, tokenizing, and building a
  * whole non-streaming answer — runs here, never on libmicrohttpd's threads. A 4 MB body
  * that takes seconds to tokenize then delays other requests' preparation, not /health or
- * the bytes of running streams. Tasks come in two lanes, each in order of arrival: light
- * ones (small bodies, whole answers) always go first, and heavy ones (large bodies) may
- * occupy all threads but one, so a client sending 4 MB bodies back to back delays other
- * such clients, not everyone's ordinary requests. The threads run at
- * a lower scheduling priority (nice) than the HTTP threads, so on a busy CPU the HTTP
- * threads still get their turn. */
+ * the bytes of running streams.
+ *
+ * Two lanes, each served in order of arrival by threads of its own: light tasks (small
+ * bodies, whole answers) by --workers threads at nice +5, heavy ones (bodies of 64 KB and
+ * more) by threads at nice +19. A client posting 4 MB bodies back to back thus delays only
+ * its like, and its parsing gets only the CPU the engine and the HTTP threads leave
+ * (Linux schedules threads one by one, so each thread sets its own priority). */
 #include "server/server.h"
 
 #include <pthread.h>
@@ -17,6 +18,7 @@
 #include <unistd.h>
 
 #define MAX_THREADS 64
+#define HEAVY_NICE 19
 
 typedef struct task {
     struct task *next;
@@ -26,86 +28,83 @@ typedef struct task {
 
 typedef struct {
     task *head, *tail;
+    pthread_cond_t wake;
 } lane;
 
 struct srv_work {
     pthread_mutex_t mu;
-    pthread_cond_t wake;
-    lane lanes[2];          /* SRV_WORK_LIGHT first */
-    int queued;
-    int heavy_running, heavy_max;
+    lane lanes[2];          /* SRV_WORK_LIGHT, SRV_WORK_HEAVY */
     bool stopping;
-    int nice;
+    int nice;               /* of the light lane's threads */
     pthread_t threads[MAX_THREADS];
     int n_threads;
 };
 
-/* the lane this thread takes its next task from, or NULL: light first; heavy while fewer
- * than heavy_max threads run heavy tasks. Under w->mu. */
-static lane *next_lane(srv_work *w)
-{
-    if (w->lanes[SRV_WORK_LIGHT].head)
-        return &w->lanes[SRV_WORK_LIGHT];
-    if (w->lanes[SRV_WORK_HEAVY].head && w->heavy_running < w->heavy_max)
-        return &w->lanes[SRV_WORK_HEAVY];
-    return NULL;
-}
+typedef struct {
+    srv_work *w;
+    srv_work_lane lane;
+} thread_arg;
 
 static void *work_main(void *arg)
 {
-    srv_work *w = arg;
-    /* Linux schedules threads one by one: this lowers the priority of this thread only */
-    if (w->nice > 0 && setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), w->nice) != 0)
+    thread_arg ta = *(thread_arg *)arg;
+    free(arg);
+    srv_work *w = ta.w;
+    lane *l = &w->lanes[ta.lane];
+    int nice = ta.lane == SRV_WORK_HEAVY ? HEAVY_NICE : w->nice;
+    if (nice > 0 && setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice) != 0)
         zse_log(ZSE_LOG_DEBUG, "worker thread keeps its priority (setpriority failed)");
     pthread_mutex_lock(&w->mu);
     for (;;) {
-        lane *l;
-        while (!(l = next_lane(w)) && !(w->stopping && !w->queued))
-            pthread_cond_wait(&w->wake, &w->mu);
-        if (!l)
-            break; /* stopping and nothing left */
+        while (!l->head && !w->stopping)
+            pthread_cond_wait(&l->wake, &w->mu);
         task *t = l->head;
-        bool heavy = l == &w->lanes[SRV_WORK_HEAVY];
+        if (!t)
+            break; /* stopping and nothing left */
         l->head = t->next;
         if (!l->head)
             l->tail = NULL;
-        w->queued--;
-        w->heavy_running += heavy;
         pthread_mutex_unlock(&w->mu);
         t->fn(t->arg);
         free(t);
         pthread_mutex_lock(&w->mu);
-        if (heavy) {
-            w->heavy_running--;
-            pthread_cond_broadcast(&w->wake); /* a heavy task may wait for this slot */
-        }
     }
     pthread_mutex_unlock(&w->mu);
     return NULL;
 }
 
-srv_work *srv_work_start(int n_threads, int nice)
+static int start_thread(srv_work *w, srv_work_lane which)
 {
-    if (n_threads < 1)
-        n_threads = 1;
-    if (n_threads > MAX_THREADS)
-        n_threads = MAX_THREADS;
+    thread_arg *ta = zse_malloc(sizeof *ta);
+    if (!ta)
+        return -1;
+    ta->w = w;
+    ta->lane = which;
+    int rc = pthread_create(&w->threads[w->n_threads], NULL, work_main, ta);
+    if (rc != 0) {
+        free(ta);
+        return zse_fail("cannot start a worker thread: %s", strerror(rc));
+    }
+    w->n_threads++;
+    return 0;
+}
+
+srv_work *srv_work_start(int n_light, int n_heavy, int nice)
+{
+    n_light = n_light < 1 ? 1 : n_light > MAX_THREADS / 2 ? MAX_THREADS / 2 : n_light;
+    n_heavy = n_heavy < 1 ? 1 : n_heavy > MAX_THREADS / 2 ? MAX_THREADS / 2 : n_heavy;
     srv_work *w = zse_calloc(1, sizeof *w);
     if (!w)
         return NULL;
     pthread_mutex_init(&w->mu, NULL);
-    pthread_cond_init(&w->wake, NULL);
+    pthread_cond_init(&w->lanes[SRV_WORK_LIGHT].wake, NULL);
+    pthread_cond_init(&w->lanes[SRV_WORK_HEAVY].wake, NULL);
     w->nice = nice;
-    w->heavy_max = n_threads > 1 ? n_threads - 1 : 1; /* one thread is kept for light work */
-    for (int i = 0; i < n_threads; i++) {
-        int rc = pthread_create(&w->threads[i], NULL, work_main, w);
-        if (rc != 0) {
-            zse_fail("cannot start a worker thread: %s", strerror(rc));
+    for (int i = 0; i < n_light + n_heavy; i++)
+        if (start_thread(w, i < n_light ? SRV_WORK_LIGHT : SRV_WORK_HEAVY) != 0) {
             srv_work_free(w);
             return NULL;
         }
-        w->n_threads++;
-    }
     return w;
 }
 
@@ -129,8 +128,7 @@ int srv_work_push(srv_work *w, srv_work_lane which, srv_work_fn fn, void *arg)
     else
         l->head = t;
     l->tail = t;
-    w->queued++;
-    pthread_cond_signal(&w->wake);
+    pthread_cond_signal(&l->wake);
     pthread_mutex_unlock(&w->mu);
     return 0;
 }
@@ -141,7 +139,8 @@ void srv_work_stop(srv_work *w)
         return;
     pthread_mutex_lock(&w->mu);
     w->stopping = true;
-    pthread_cond_broadcast(&w->wake);
+    pthread_cond_broadcast(&w->lanes[SRV_WORK_LIGHT].wake);
+    pthread_cond_broadcast(&w->lanes[SRV_WORK_HEAVY].wake);
     pthread_mutex_unlock(&w->mu);
     for (int i = 0; i < w->n_threads; i++)
         pthread_join(w->threads[i], NULL);
@@ -153,7 +152,8 @@ void srv_work_free(srv_work *w)
     if (!w)
         return;
     srv_work_stop(w);
-    pthread_cond_destroy(&w->wake);
+    pthread_cond_destroy(&w->lanes[SRV_WORK_LIGHT].wake);
+    pthread_cond_destroy(&w->lanes[SRV_WORK_HEAVY].wake);
     pthread_mutex_destroy(&w->mu);
     free(w);
 }
