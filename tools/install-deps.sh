@@ -6,9 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# prometheus: only for promtool, which checks the /metrics text in the API suite
 APT_PACKAGES="build-essential cmake pkg-config python3 python3-venv python3-pip
   libmicrohttpd-dev libjansson-dev libpcre2-dev libutf8proc-dev libsqlite3-dev
-  libssl-dev libzstd-dev libxxhash-dev clang libclang-rt-14-dev
+  libssl-dev libzstd-dev libxxhash-dev clang libclang-rt-14-dev prometheus
   systemd man-db groff-base"
 
 missing=""

@@ -25,9 +25,18 @@ static void usage(FILE *out)
             "  --port N                port (default 8000; 0 picks a free one)\n"
             "  --model-id NAME         the model's id in the API (default: the file name)\n"
             "  --max-body SIZE         largest request body (default 4M)\n"
+            "  --max-buffered SIZE     request body bytes held across all connections (default 256M)\n"
             "  --max-connections N     open connections at most (default 1024)\n"
+            "  --max-connections-per-ip N  open connections from one address (default 128; 0 = no cap)\n"
             "  --timeout S             close connections idle this long (default 60)\n"
+            "  --header-timeout S      a request head must arrive within S of the connection or the\n"
+            "                          previous answer, however steadily it trickles (default 30)\n"
+            "  --body-timeout S        a request body must arrive within S of its head (default 60)\n"
+            "  --max-refused-per-ip N  refused requests (no key, unknown route, bad HTTP) answered per\n"
+            "                          address and minute; beyond, no answer (default 600; 0 = all)\n"
             "  --http-threads N        threads polling connections (default 4)\n"
+            "  --workers N             threads parsing, templating and tokenizing requests (default 2;\n"
+            "                          half as many more, at the lowest priority, for bodies of 64 KB and more)\n"
             "  --cors ORIGIN           send CORS headers allowing ORIGIN (\"*\" for any)\n"
             "  --tls-cert PEM --tls-key PEM   serve HTTPS\n"
             "Keys and audit:\n"
@@ -39,7 +48,11 @@ static void usage(FILE *out)
             "Engine:\n"
             "  --max-seqs N            sequences generated together (default 16)\n"
             "  --max-batch-tokens N    tokens per step; long prompts are prefilled in chunks (default 512)\n"
-            "  --max-queue N           requests waiting at most; beyond, 503 (default 256)\n"
+            "  --max-queue N           sequences waiting at most; beyond, 503 (default 256)\n"
+            "  --max-seqs-per-key N    running sequences of one key (one address without --auth)\n"
+            "                          (default: all but an eighth of --max-seqs)\n"
+            "  --max-queued-tokens-per-key N  prompt + completion tokens one key may have waiting;\n"
+            "                          beyond, 429 (default: --max-seqs full contexts)\n"
             "  --ctx N                 context length (default: the model's)\n"
             "  --kv-cache f16|int8     KV cache storage (default f16)\n"
             "  --kv-cache-size SIZE    KV cache budget (default: max-seqs full contexts)\n"
@@ -147,12 +160,30 @@ static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
                 return 2;
             }
             o->http.max_body = v ? (size_t)sz : o->http.max_body;
+        } else if (cli_is(&a, NULL, "--max-buffered")) {
+            const char *v = cli_value(&a);
+            uint64_t sz;
+            if (v && (!zse_parse_size(v, &sz) || sz < 1024 || sz > (1ull << 40))) {
+                fprintf(stderr, "zse serve: --max-buffered takes a size from 1K to 1T, not '%s'\n", v);
+                return 2;
+            }
+            o->http.max_buffered = v ? (size_t)sz : o->http.max_buffered;
         } else if (cli_is(&a, NULL, "--max-connections") && cli_int(&a, 1, 100000, &i))
             o->http.max_connections = (int)i;
+        else if (cli_is(&a, NULL, "--max-connections-per-ip") && cli_int(&a, 0, 100000, &i))
+            o->http.max_connections_per_ip = (int)i;
         else if (cli_is(&a, NULL, "--timeout") && cli_int(&a, 1, 86400, &i))
             o->http.timeout_s = (int)i;
+        else if (cli_is(&a, NULL, "--header-timeout") && cli_float(&a, 0.1, 86400, &d))
+            o->http.header_timeout_s = d;
+        else if (cli_is(&a, NULL, "--body-timeout") && cli_float(&a, 0.1, 86400, &d))
+            o->http.body_timeout_s = d;
+        else if (cli_is(&a, NULL, "--max-refused-per-ip") && cli_int(&a, 0, 1000000, &i))
+            o->http.refused_per_min = (int)i;
         else if (cli_is(&a, NULL, "--http-threads") && cli_int(&a, 1, 256, &i))
             o->http.http_threads = (int)i;
+        else if (cli_is(&a, NULL, "--workers") && cli_int(&a, 1, 64, &i))
+            o->http.workers = (int)i;
         else if (cli_is(&a, NULL, "--cors"))
             o->http.cors_origin = cli_value(&a);
         else if (cli_is(&a, NULL, "--tls-cert"))
@@ -178,7 +209,11 @@ static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
         else if (cli_is(&a, NULL, "--max-batch-tokens") && cli_int(&a, 1, 1 << 20, &i))
             l->engine.max_batch_tokens = (int)i;
         else if (cli_is(&a, NULL, "--max-queue") && cli_int(&a, 0, 1 << 20, &i))
-            l->engine.max_queue = (int)i;
+            l->engine.max_queue = o->http.max_waiting = (int)i;
+        else if (cli_is(&a, NULL, "--max-seqs-per-key") && cli_int(&a, 1, 4096, &i))
+            o->http.max_seqs_per_key = (int)i;
+        else if (cli_is(&a, NULL, "--max-queued-tokens-per-key") && cli_int(&a, 1, INT64_MAX, &i))
+            o->http.max_queued_tokens_per_key = i;
         else if (cli_is(&a, NULL, "--ctx") && cli_int(&a, 1, 1 << 24, &i))
             l->load.ctx_size = (int)i;
         else if (cli_is(&a, NULL, "--kv-cache")) {
@@ -254,9 +289,16 @@ int cmd_serve(int argc, char **argv)
     l.load.max_seqs = l.engine.max_seqs = 16;
     l.engine.max_batch_tokens = 512;
     l.engine.max_queue = 256;
+    o.http.max_waiting = l.engine.max_queue;
     int rc = parse_args(argc, argv, &o, &l);
     if (rc != 0)
         return rc;
+    o.http.engine_slots = l.engine.max_seqs;
+    if (o.http.max_seqs_per_key > l.engine.max_seqs) {
+        fprintf(stderr, "zse serve: --max-seqs-per-key %d is more than --max-seqs %d\n", o.http.max_seqs_per_key,
+                l.engine.max_seqs);
+        return 2;
+    }
     if (!zse_file_exists(l.model_path)) {
         struct stat sb;
         if (stat(l.model_path, &sb) == 0 && S_ISDIR(sb.st_mode))
@@ -285,6 +327,9 @@ int cmd_serve(int argc, char **argv)
     sigaddset(&sigs, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
+    /* a write past the file-size limit fails (and audit rows lost to it are counted)
+     * instead of killing the server */
+    signal(SIGXFSZ, SIG_IGN);
 
     char *db_path = NULL;
     srv_keyring *kr = NULL;

@@ -5,7 +5,7 @@
 
 #include "server/server.h"
 
-static const srv_model_facts FACTS = {"tiny", 2048, 2048};
+static const srv_model_facts FACTS = {"tiny", 2048, 2048, 0};
 
 static int parse(srv_api api, const char *body, srv_request *r, srv_error *e)
 {
@@ -210,7 +210,7 @@ static void test_prepare(zse_model *m)
     srv_error e;
     zse_model_info info;
     zse_model_get_info(m, &info);
-    srv_model_facts facts = {"tiny", info.vocab_size, info.ctx_size};
+    srv_model_facts facts = {"tiny", info.vocab_size, info.ctx_size, 0};
     CHECK(parse(SRV_API_CHAT, "{\"model\":\"tiny\",\"messages\":[{\"role\":\"system\",\"content\":\"S\"},"
                               "{\"role\":\"user\",\"content\":\"hi\"}]}", &r, &e) == 0);
     CHECK(srv_request_prepare(&r, m, &facts, &e) == 0);
@@ -267,6 +267,33 @@ static void test_prepare(zse_model *m)
 
     CHECK(parse(SRV_API_COMPLETION, "{\"model\":\"tiny\",\"prompt\":\"\"}", &r, &e) == 0);
     CHECK(srv_request_prepare(&r, m, &facts, &e) == -1 && e.status == 400 && strcmp(e.param, "prompt") == 0);
+    srv_request_free(&r);
+
+    /* text that cannot fit is refused before tokenizing, by its bytes (chat: the rendering) */
+    facts.max_prompt_bytes = 4000;
+    zse_buf_puts(&big, "{\"model\":\"tiny\",\"prompt\":\"");
+    for (int i = 0; i < 4001; i++)
+        zse_buf_puts(&big, " ");
+    zse_buf_puts(&big, "\"}");
+    CHECK(parse(SRV_API_COMPLETION, big.data, &r, &e) == 0);
+    CHECK(srv_request_prepare(&r, m, &facts, &e) == -1 && e.status == 400);
+    CHECK(e.code && strcmp(e.code, "context_length_exceeded") == 0);
+    CHECK_MSG(strstr(e.message, "4001 bytes") && strstr(e.message, want), "%s", e.message);
+    CHECK(r.prompts[0].ids == NULL); /* never tokenized */
+    srv_request_free(&r);
+    zse_buf_free(&big);
+    zse_buf_puts(&big, "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"");
+    for (int i = 0; i < 3990; i++)
+        zse_buf_puts(&big, "y");
+    zse_buf_puts(&big, "\"}]}");
+    CHECK(parse(SRV_API_CHAT, big.data, &r, &e) == 0);
+    CHECK(srv_request_prepare(&r, m, &facts, &e) == -1 && strcmp(e.param, "messages") == 0);
+    srv_request_free(&r);
+    zse_buf_free(&big);
+    /* the priority a client asked for, and whether it did */
+    CHECK(parse(SRV_API_CHAT, CHAT(",\"priority\":-3"), &r, &e) == 0 && r.has_priority && r.priority == -3);
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_CHAT, CHAT(""), &r, &e) == 0 && !r.has_priority);
     srv_request_free(&r);
 }
 
