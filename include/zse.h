@@ -77,6 +77,10 @@ enum {
 int zse_tokenize(const zse_model *m, const char *text, size_t len, int flags, int32_t **ids,
                  size_t *n_ids);
 char *zse_detokenize(const zse_model *m, const int32_t *ids, size_t n, bool skip_special);
+/* the bytes token `id` adds to decoded text when it follows other tokens, before any UTF-8
+ * check (a byte-level or <0xNN> token holding part of a character gives that byte): *len
+ * bytes, heap (zse_free); NULL for an id outside the vocabulary */
+uint8_t *zse_token_bytes(const zse_model *m, int32_t id, size_t *len);
 
 /* ---- embeddings ---------------------------------------------------------------------
  * The model's final hidden state (after its last norm) pooled over the tokens — their mean,

@@ -310,6 +310,17 @@ char *zse_detokenize(const zse_model *m, const int32_t *ids, size_t n, bool skip
     return zse_tokenizer_decode(m->tok, ids, n, skip_special);
 }
 
+uint8_t *zse_token_bytes(const zse_model *m, int32_t id, size_t *len)
+{
+    zse_buf b = {0};
+    if (zse_tokenizer_token_bytes(m->tok, id, &b) != 0 || zse_buf_reserve(&b, 1) != 0) {
+        zse_buf_free(&b);
+        return NULL;
+    }
+    *len = b.len;
+    return (uint8_t *)b.data;
+}
+
 static const char *token_name(const json_t *v)
 {
     return json_is_string(v) ? json_string_value(v) : json_string_value(json_object_get(v, "content"));

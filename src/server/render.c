@@ -11,7 +11,6 @@
  * into the text. */
 #include "server/server.h"
 
-#include "engine/engine.h" /* the model's tokenizer, for the bytes of a token (see token_bytes) */
 
 #include <stdio.h>
 #include <string.h>
@@ -124,20 +123,18 @@ static json_t *token_string(const srv_render *rd, int32_t id)
 }
 
 /* The bytes the token adds to the text (a byte-level or <0xNN> token holding part of a
- * character gives that byte). The tokenizer is reached through the model's struct: the
- * public API has no call for it yet. */
+ * character gives that byte) */
 static json_t *token_bytes(const srv_render *rd, int32_t id)
 {
-    zse_buf b = {0};
-    json_t *a = NULL;
-    if (zse_tokenizer_token_bytes(rd->model->tok, id, &b) == 0 && (a = json_array()))
-        for (size_t i = 0; i < b.len; i++)
-            if (json_array_append_new(a, json_integer((unsigned char)b.data[i])) != 0) {
-                json_decref(a);
-                a = NULL;
-                break;
-            }
-    zse_buf_free(&b);
+    size_t n = 0;
+    uint8_t *b = zse_token_bytes(rd->model, id, &n);
+    json_t *a = b ? json_array() : NULL;
+    for (size_t i = 0; a && i < n; i++)
+        if (json_array_append_new(a, json_integer(b[i])) != 0) {
+            json_decref(a);
+            a = NULL;
+        }
+    zse_free(b);
     return a;
 }
 
