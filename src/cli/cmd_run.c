@@ -29,7 +29,7 @@ static void usage(FILE *out)
             "  --ids                   print the generated ids as a JSON array instead of text\n"
             "  --dump-logits FILE      write the prompt's last-position logits as a JSON array\n"
             "  --dump-argmax FILE      write the argmax of every prompt position as a JSON array\n"
-            CLI_SPEC_HELP);
+            CLI_LORA_HELP CLI_SPEC_HELP);
 }
 
 static int dump_logits(const char *path, const float *logits, int n)
@@ -57,9 +57,10 @@ int cmd_run(int argc, char **argv)
     zse_load_params lp;
     zse_load_params_default(&lp);
     cli_spec spec_flags = {0};
+    cli_lora lora_flags = {0};
     cli_args a = cli_begin(argc, argv);
     while (cli_next(&a)) {
-        if (cli_spec_arg(&a, &spec_flags)) continue;
+        if (cli_spec_arg(&a, &spec_flags) || cli_lora_arg(&a, &lora_flags)) continue;
         else if (cli_is(&a, "-p", "--prompt")) prompt = cli_value(&a);
         else if (cli_is(&a, "-f", "--file")) prompt_file = cli_value(&a);
         else if (cli_is(&a, "-n", "--max-tokens")) cli_int(&a, 1, 1 << 24, &n_gen);
@@ -92,6 +93,8 @@ int cmd_run(int argc, char **argv)
         fprintf(stderr, "zse run: --kv-cache takes f16 or int8, not '%s'\n", kv);
         return 2;
     }
+    if (cli_lora_prepare(&lora_flags, &lp, "run") != 0)
+        return 2;
     lp.kv_type = strcmp(kv, "int8") == 0 ? ZSE_KV_INT8 : ZSE_KV_F16;
     lp.threads = (int)threads;
     lp.ctx_size = (int)ctx;
@@ -123,6 +126,7 @@ int cmd_run(int argc, char **argv)
     size_t n_ids = 0;
     int rc = 1;
     zse_seq *q = NULL;
+    zse_adapter *adapter = NULL;
     zse_sampling s;
     zse_sampling_default(&s);
     s.temperature = (float)temp;
@@ -133,6 +137,9 @@ int cmd_run(int argc, char **argv)
     s.seed = (uint64_t)seed;
     s.max_tokens = (int)n_gen;
     s.ignore_eos = ignore_eos;
+    if (cli_lora_open(&lora_flags, m, &adapter) != 0)
+        goto done;
+    s.adapter = adapter;
     if (zse_tokenize(m, pdata ? pdata : prompt, plen, bos ? ZSE_TOK_ADD_SPECIAL : 0, &ids, &n_ids) != 0)
         goto done;
     if (n_ids == 0) {
@@ -222,6 +229,7 @@ done:
     if (rc)
         cli_error("run");
     zse_seq_free(q);
+    zse_adapter_release(adapter);
     free(ids);
     free(pdata);
     zse_model_free(m);

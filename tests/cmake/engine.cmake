@@ -83,3 +83,8 @@ add_test(NAME cli_verify_moe_corrupt COMMAND sh -c
    ! $<TARGET_FILE:zse> verify ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe-bad.zse")
 set_tests_properties(cli_verify_moe_corrupt PROPERTIES FIXTURES_REQUIRED zse_moe
   PASS_REGULAR_EXPRESSION "layer 1 expert 3 checksum mismatch.*1 damaged")
+# LoRA adapters against PEFT (tests/fixtures/lora, tools/make_lora_fixtures.py): zse run --lora
+# with each PEFT directory and its .zsa, logits within 1e-3 and greedy continuations equal
+add_test(NAME golden_lora COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/golden/check_lora.py
+         $<TARGET_FILE:zse> ${ZSE_TEST_FIXTURES} ${GOLD_WORK}/lora)
+set_tests_properties(golden_lora PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 600)
