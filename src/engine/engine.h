@@ -299,6 +299,8 @@ int zse_sequence_append(zse_sequence *q, const int32_t *ids, size_t n);
  * waiting for one: fairness) — or it FAILED (the error says why). PINNED at once without
  * an adapter. */
 zse_lora_pin_state zse_sequence_pin_adapter(zse_sequence *q, zse_model *m, bool may_take_slot);
+/* lets its adapter's slot go (a sequence that has ended: the slot may be evicted) */
+void zse_sequence_unpin_adapter(zse_sequence *q, zse_model *m);
 /* the same, waiting for the adapter (zse_seq: nothing else to run); takes run_lock itself */
 int zse_sequence_pin_adapter_wait(zse_sequence *q, zse_model *m);
 /* tokens waiting to be run */

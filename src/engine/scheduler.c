@@ -125,13 +125,15 @@ static request *request_new(zse_engine *e, const int32_t *prompt, size_t n, cons
 static int index_of(const zse_engine *e, const request *r);
 static void running_remove_at(zse_engine *e, int i);
 
-/* Ends a request: off the running list, its KV back in the pool (and in the stats) before
- * the caller hears of the end, so a caller that saw every request end sees no block in
- * use; then the last event, then the request is freed. */
+/* Ends a request: off the running list, its KV back in the pool (and in the stats) and its
+ * adapter's slot unpinned before the caller hears of the end, so a caller that saw every
+ * request end sees no block in use and no slot pinned; then the last event, then the
+ * request is freed. */
 static void end_request(zse_engine *e, request *r, const zse_token_event *ev)
 {
     pthread_mutex_lock(&e->m->run_lock);
     zse_sequence_forget(&r->q, e->m, 0);
+    zse_sequence_unpin_adapter(&r->q, e->m);
     int used = zse_block_pool_used(&e->m->blocks);
     pthread_mutex_unlock(&e->m->run_lock);
     pthread_mutex_lock(&e->mu);

@@ -59,15 +59,19 @@ void zse_sequence_free(zse_sequence *q, zse_model *m)
         zse_kv_table_free(&q->kv, &m->blocks);
         pthread_mutex_unlock(&m->run_lock);
     }
-    if (q->adapter) {
-        if (q->lora_slot >= 0)
-            zse_lora_unpin(m->lora, q->adapter);
-        zse_adapter_release(q->adapter);
-    }
+    zse_sequence_unpin_adapter(q, m);
+    zse_adapter_release(q->adapter);
     zse_gen_free(&q->gen);
     free(q->tokens);
     free(q->keys);
     memset(q, 0, sizeof *q);
+}
+
+void zse_sequence_unpin_adapter(zse_sequence *q, zse_model *m)
+{
+    if (q->adapter && q->lora_slot >= 0)
+        zse_lora_unpin(m->lora, q->adapter);
+    q->lora_slot = -1;
 }
 
 zse_lora_pin_state zse_sequence_pin_adapter(zse_sequence *q, zse_model *m, bool may_take_slot)

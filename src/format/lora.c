@@ -738,7 +738,7 @@ static json_t *provenance(const zse_lora_file *f)
     char when[32];
     gmtime_r(&now, &tm);
     strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
-    return json_pack("{sosssssss}", "source_files", files ? files : json_array(), "source", f->path, "zse_version",
+    return json_pack("{sossssss}", "source_files", files ? files : json_array(), "source", f->path, "zse_version",
                      ZSE_VERSION, "created", when);
 }
 

@@ -101,7 +101,7 @@ static void one_seq_batch(one_seq *s, int n, const int32_t *tokens, int block_si
         s->out_rows[i] = n - n_out + i;
     s->seq_lens[0] = n;
     s->b = (zse_batch){n, s->tokens, s->positions, s->seq_of, s->slots, 1, s->seq_lens, s->table, 8,
-                       n_out, s->out_rows};
+                       n_out, s->out_rows, NULL, 0};
 }
 
 static void test_matmul(zse_backend *be)
