@@ -134,6 +134,13 @@ int zse_tokenize(const zse_model *m, const char *text, size_t len, int flags, in
                  size_t *n_ids);
 char *zse_detokenize(const zse_model *m, const int32_t *ids, size_t n, bool skip_special);
 
+/* ---- embeddings ---------------------------------------------------------------------
+ * The model's final hidden state (after its last norm) pooled over the tokens — their mean,
+ * or the last token's — and scaled to unit length: out[hidden_size]. The tokens run through
+ * the model in chunks between other work on it; nothing is kept. */
+typedef enum { ZSE_POOL_MEAN = 0, ZSE_POOL_LAST = 1 } zse_pooling;
+int zse_embed(zse_model *m, const int32_t *ids, size_t n, zse_pooling pooling, float *out);
+
 /* ---- chat templates ------------------------------------------------------------
  * The model's chat template applied as transformers' apply_chat_template does.
  * messages_json: a JSON array of {"role", "content", ...}; extra_json: NULL or a JSON
@@ -158,6 +165,29 @@ typedef struct {
     float top_logprobs[ZSE_MAX_TOP_LOGPROBS];
 } zse_logprobs;
 
+/* ---- constrained decoding ----------------------------------------------------------
+ * A constraint is a grammar compiled against a model's vocabulary: a sequence sampling with
+ * it produces only text the grammar accepts (and ends when the grammar is complete). One
+ * constraint may serve many sequences at once; each sequence keeps a reference; free every
+ * constraint before its model (it uses the model's vocabulary). Compile
+ * errors name what is not supported (a JSON Schema keyword and its path, a regex construct
+ * and its offset): docs/GRAMMAR.md lists what is. */
+typedef struct zse_constraint zse_constraint;
+/* a JSON value valid against a JSON Schema; strict: OpenAI's strict mode (every object
+ * closed, every property required) */
+zse_constraint *zse_constraint_json_schema(zse_model *m, const char *schema, size_t len, bool strict);
+zse_constraint *zse_constraint_json_object(zse_model *m);                       /* any JSON object */
+zse_constraint *zse_constraint_regex(zse_model *m, const char *pattern, size_t len); /* the whole output */
+zse_constraint *zse_constraint_choice(zse_model *m, const char *const *choices, int n);
+/* Tool calls in the model's format (format: "hermes", "llama3", "mistral", "json"; NULL: the
+ * one its chat template writes). tools_json: an OpenAI `tools` array. choice: "required"
+ * (a call of any tool; several with parallel), "auto" (free text, then a valid call once the
+ * model starts one: formats with a call marker only), or a function's name (that call). */
+zse_constraint *zse_constraint_tools(zse_model *m, const char *tools_json, const char *choice, bool parallel,
+                                     const char *format);
+zse_constraint *zse_constraint_retain(zse_constraint *c);
+void zse_constraint_free(zse_constraint *c);   /* drops a reference; NULL is a no-op */
+
 /* max_tokens: generate nothing (with prompt_logprobs: score the prompt) */
 #define ZSE_MAX_TOKENS_NONE (-1)
 
@@ -181,6 +211,8 @@ typedef struct {
     bool ignore_eos;
     int top_logprobs;           /* 0..20: report this many alternatives per token */
     bool logprobs;              /* report the chosen token's logprob */
+    const zse_constraint *constraint; /* NULL: none; else the output follows it (the sequence
+                                       * takes its own reference) */
     bool prompt_logprobs;       /* the engine reports every prompt token's logprob (the prompt
                                  * is then computed whole, never taken from the prefix cache) */
     int prompt_top_logprobs;    /* 0..20 alternatives for each of them */

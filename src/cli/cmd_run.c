@@ -29,6 +29,9 @@ static void usage(FILE *out)
             "  --ids                   print the generated ids as a JSON array instead of text\n"
             "  --dump-logits FILE      write the prompt's last-position logits as a JSON array\n"
             "  --dump-argmax FILE      write the argmax of every prompt position as a JSON array\n"
+            "  --json-schema FILE      the output is JSON valid against this JSON Schema (--strict: OpenAI's strict mode)\n"
+            "  --json                  the output is a JSON object\n"
+            "  --regex RE              the output matches this regular expression (docs/GRAMMAR.md)\n"
             CLI_LORA_HELP CLI_SPEC_HELP);
 }
 
@@ -53,7 +56,8 @@ int cmd_run(int argc, char **argv)
     const char *path = NULL, *prompt = NULL, *prompt_file = NULL, *dump = NULL, *dump_argmax = NULL, *kv = "f16";
     int64_t n_gen = 128, top_k = 0, seed = 0, threads = 0, ctx = 0;
     double temp = 0.8, top_p = 1.0, min_p = 0.0, rep = 1.0;
-    bool ids_out = false, bos = false, ignore_eos = false;
+    bool ids_out = false, bos = false, ignore_eos = false, strict = false, any_json = false;
+    const char *schema_file = NULL, *regex = NULL;
     zse_load_params lp;
     zse_load_params_default(&lp);
     cli_spec spec_flags = {0};
@@ -80,6 +84,10 @@ int cmd_run(int argc, char **argv)
         else if (cli_is(&a, NULL, "--ignore-eos")) ignore_eos = true;
         else if (cli_is(&a, NULL, "--dump-logits")) dump = cli_value(&a);
         else if (cli_is(&a, NULL, "--dump-argmax")) dump_argmax = cli_value(&a);
+        else if (cli_is(&a, NULL, "--json-schema")) schema_file = cli_value(&a);
+        else if (cli_is(&a, NULL, "--strict")) strict = true;
+        else if (cli_is(&a, NULL, "--json")) any_json = true;
+        else if (cli_is(&a, NULL, "--regex")) regex = cli_value(&a);
         else if (cli_positional(&a) && !path) path = a.arg;
         else return cli_unknown(&a);
     }
@@ -87,6 +95,10 @@ int cmd_run(int argc, char **argv)
         return 2;
     if (!path || (!prompt && !prompt_file)) {
         usage(stderr);
+        return 2;
+    }
+    if (!!schema_file + !!regex + any_json > 1 || (strict && !schema_file)) {
+        fprintf(stderr, "zse run: one of --json-schema, --json and --regex at a time (--strict goes with --json-schema)\n");
         return 2;
     }
     if (kv && strcmp(kv, "f16") != 0 && strcmp(kv, "int8") != 0) {
@@ -127,6 +139,8 @@ int cmd_run(int argc, char **argv)
     int rc = 1;
     zse_seq *q = NULL;
     zse_adapter *adapter = NULL;
+    zse_constraint *constraint = NULL;
+    char *schema = NULL;
     zse_sampling s;
     zse_sampling_default(&s);
     s.temperature = (float)temp;
@@ -140,6 +154,17 @@ int cmd_run(int argc, char **argv)
     if (cli_lora_open(&lora_flags, m, &adapter) != 0)
         goto done;
     s.adapter = adapter;
+    size_t schema_len = 0;
+    if (schema_file && !(schema = zse_read_file(schema_file, &schema_len)))
+        goto done;
+    if (schema && !(constraint = zse_constraint_json_schema(m, schema, schema_len, strict))) {
+        zse_error_prefix("%s", schema_file);
+        goto done;
+    }
+    if ((regex && !(constraint = zse_constraint_regex(m, regex, strlen(regex)))) ||
+        (any_json && !(constraint = zse_constraint_json_object(m))))
+        goto done;
+    s.constraint = constraint;
     if (zse_tokenize(m, pdata ? pdata : prompt, plen, bos ? ZSE_TOK_ADD_SPECIAL : 0, &ids, &n_ids) != 0)
         goto done;
     if (n_ids == 0) {
@@ -230,6 +255,8 @@ done:
         cli_error("run");
     zse_seq_free(q);
     zse_adapter_release(adapter);
+    zse_constraint_free(constraint);
+    free(schema);
     free(ids);
     free(pdata);
     zse_model_free(m);

@@ -96,7 +96,10 @@ static int run_pending(zse_seq *q, float *all_logits)
         float *dst = all_logits ? all_logits + done * vocab : q->logits;
         /* plain greedy: the next token is the argmax, taken where the logits are */
         bool argmax_only = last && !all_logits && zse_step_out_mode(m, &e, 1, false) == ZSE_OUT_ARGMAX;
-        if (argmax_only ? zse_llm_forward_argmax(m->llm, m->kv, &b, &q->next_id) != 0
+        zse_row_masks masks;
+        if (argmax_only && zse_batcher_masks(&q->batcher, &e, 1, &masks) != 0)
+            return -1;
+        if (argmax_only ? zse_llm_forward_argmax(m->llm, m->kv, &b, &masks, &q->next_id) != 0
                         : zse_llm_forward(m->llm, m->kv, &b, dst) != 0)
             return -1;
         if (last) {
@@ -213,8 +216,12 @@ static int spec_step(zse_seq *q)
     bool argmax = zse_step_out_mode(m, &e, 1, false) == ZSE_OUT_ARGMAX;
     if (rc == 0)
         rc = zse_batcher_pack(&q->batcher, &e, 1, &b);
+    zse_row_masks masks = {0};
+    if (rc == 0 && argmax)
+        rc = zse_batcher_masks(&q->batcher, &e, 1, &masks);
     if (rc == 0)
-        rc = argmax ? zse_llm_forward_argmax(m->llm, m->kv, &b, ids) : zse_llm_forward(m->llm, m->kv, &b, q->logits);
+        rc = argmax ? zse_llm_forward_argmax(m->llm, m->kv, &b, &masks, ids)
+                    : zse_llm_forward(m->llm, m->kv, &b, q->logits);
     pthread_mutex_unlock(&m->run_lock);
     if (rc != 0) {
         zse_spec_drop(sq);

@@ -12,6 +12,7 @@
 #include "zse.h"
 
 #include "backend/backend.h"
+#include "grammar/grammar.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
 #include "util/util.h"
@@ -141,10 +142,12 @@ int32_t zse_dist_verify(const zse_dist *d, const float *p, const int32_t *idx, i
 void zse_dist_release(zse_dist *d, int32_t *idx);
 
 /* greedy with nothing that changes logits first and no logprobs: the token zse_sample picks
- * is the logits' argmax (lowest id on ties), which a backend can take where they are */
+ * is the logits' argmax (lowest id on ties), which a backend can take where they are (a
+ * constraint's mask, when set, must be applied there first: zse_step_out_mode) */
 bool zse_sampling_plain_greedy(const zse_sampling *s);
-/* nothing but temperature, top-k, top-p and min-p (no penalties, bias or logprobs): a
- * backend's sample_rows can draw the token where the logits are */
+/* nothing but temperature, top-k, top-p and min-p (no penalties, bias, min_tokens or
+ * logprobs): a backend's sample_rows can draw the token where the logits are (after the
+ * constraint's mask) */
 bool zse_sampling_on_device(const zse_sampling *s);
 
 /* zse_logprobs and ZSE_MAX_TOP_LOGPROBS are public (zse.h) */
@@ -245,6 +248,10 @@ struct zse_model {
     bool add_bos;
     const char *quant;
     zse_lora_cache *lora;       /* NULL: loaded without adapter slots */
+    /* constrained decoding (constraint.c): the vocabulary as a grammar sees it, built on
+     * first use: plain, and with the tool-call format's special tokens allowed */
+    pthread_mutex_t grammar_lock;
+    zse_grammar_vocab *gvocab, *gvocab_tools;
 };
 
 bool zse_model_is_eos(const zse_model *m, int32_t t);
@@ -271,6 +278,10 @@ typedef struct zse_sequence {
     int lora_slot;
     uint64_t lora_failures; /* the adapter's load failures when it began to wait for it */
     double lora_wait_since; /* 0: never waited */
+    /* constrained decoding: the matcher of gen.s.constraint (it holds a reference to the
+     * grammar), and a mask's scratch */
+    zse_matcher *matcher;
+    uint32_t *mask;
     /* speculative decoding */
     int n_draft;            /* draft tokens at the end of tokens, not yet verified */
     struct zse_sequence *draft; /* its mirror in the draft model (spec.c), or NULL */
@@ -333,8 +344,13 @@ bool zse_sequence_ctx_full(const zse_sequence *q, const zse_model *m);
 int32_t zse_sequence_sample(zse_sequence *q, const zse_model *m, float *logits, zse_sample_work *w,
                             zse_logprobs *lp);
 /* what the sequence's settings rule out of a logits row before sampling, for a token that
- * would be its generated-th: the end-of-sequence and stop ids before min_tokens */
-void zse_sequence_constrain(const zse_sequence *q, const zse_model *m, float *logits, int generated);
+ * would be its generated-th: the end-of-sequence and stop ids before min_tokens, and every
+ * token its constraint's matcher (in its present state) does not allow. -1 on an error of
+ * the matcher. */
+int zse_sequence_constrain(zse_sequence *q, const zse_model *m, float *logits, int generated);
+/* the model's vocabulary for grammars (constraint.c): tools selects the one that lets the
+ * tool-call format's special tokens through; NULL with an error */
+const zse_grammar_vocab *zse_model_grammar_vocab(zse_model *m, bool tools);
 /* the history a token at position `upto` is sampled against: the prompt, then what was
  * generated before it */
 zse_history zse_sequence_history(const zse_sequence *q, size_t upto);
@@ -360,6 +376,9 @@ typedef struct {
     size_t seq_cap;
     int32_t *table;
     size_t table_cap;
+    int32_t *mask_rows;     /* a pass's constrained rows and their token masks */
+    uint32_t *mask_bits;
+    size_t mask_cap, mask_bits_cap;
 } zse_batcher;
 
 void zse_batcher_free(zse_batcher *b);
@@ -378,6 +397,9 @@ typedef enum {
  * say: ARGMAX when all are plain greedy, SAMPLED when the backend can draw for all of them
  * (and allow_sampled), else LOGITS */
 zse_out_mode zse_step_out_mode(const zse_model *m, const zse_step_seq *e, int n, bool allow_sampled);
+/* for an ARGMAX or SAMPLED pass: the token mask of each constrained sequence's out row,
+ * filled from its matcher (after zse_batcher_pack); *out points into b. -1 on an error. */
+int zse_batcher_masks(zse_batcher *b, const zse_step_seq *e, int n, zse_row_masks *out);
 
 /* ---- speculative decoding (spec.c) ----------------------------------------------------------
  * One drafter per engine or zse_seq. A step: zse_spec_propose appends each sequence's

@@ -197,6 +197,7 @@ zse_model *zse_model_load(const char *path, const zse_load_params *params)
         zse_fail("cannot create a mutex");
         return NULL;
     }
+    pthread_mutex_init(&m->grammar_lock, NULL);
     if (!(m->file = zse_file_open(path)) || !(m->tok = zse_tokenizer_from_zse(m->file)) ||
         !(m->be = zse_backend_create(params->device, params->threads)) || check_weights_fit(m, params) != 0 ||
         !(m->llm = zse_llm_load(m->file, m->be, ZSE_PREFILL_CHUNK, LOGIT_ROWS)))
@@ -239,7 +240,10 @@ void zse_model_free(zse_model *m)
     zse_tokenizer_free(m->tok);
     zse_file_close(m->file);
     zse_block_pool_free(&m->blocks);
+    zse_grammar_vocab_free(m->gvocab);
+    zse_grammar_vocab_free(m->gvocab_tools);
     pthread_mutex_destroy(&m->run_lock);
+    pthread_mutex_destroy(&m->grammar_lock);
     free(m->name);
     free(m);
 }

@@ -555,8 +555,12 @@ static int run_plan(zse_engine *e, const plan *pl)
      * (on a GPU the logits stay there); the host sampler's argmax picks the same id */
     zse_out_mode mode = zse_step_out_mode(e->m, e->entries, pl->n_seqs, true);
     e->picked_step = b.n_out > 0 && mode != ZSE_OUT_LOGITS;
+    /* constrained rows: their masks go where the logits are */
+    zse_row_masks masks;
+    if (e->picked_step && zse_batcher_masks(&e->batcher, e->entries, pl->n_seqs, &masks) != 0)
+        return -1;
     if (e->picked_step && mode == ZSE_OUT_ARGMAX)
-        return zse_llm_forward_argmax(e->m->llm, e->m->kv, &b, e->picked_ids);
+        return zse_llm_forward_argmax(e->m->llm, e->m->kv, &b, &masks, e->picked_ids);
     if (e->picked_step) {
         /* temperature, top-k, top-p and min-p where the logits are: each row draws with its
          * request's RNG, one uniform per sampled token as on the host */
@@ -569,7 +573,7 @@ static int run_plan(zse_engine *e, const plan *pl)
             e->sample_rows[r->out_index] = (zse_sample_row){sp->temperature, sp->top_p, sp->min_p,
                                                             g ? 0.f : (float)zse_rng_uniform(&r->q.gen.rng), sp->top_k};
         }
-        return zse_llm_forward_sample(e->m->llm, e->m->kv, &b, e->sample_rows, e->picked_ids);
+        return zse_llm_forward_sample(e->m->llm, e->m->kv, &b, &masks, e->sample_rows, e->picked_ids);
     }
     return zse_llm_forward(e->m->llm, e->m->kv, &b, e->logits);
 }

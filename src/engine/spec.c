@@ -206,7 +206,7 @@ static int mirror_pass(zse_spec *sp, zse_model *dm, zse_sequence **qs, const int
         return 0;
     zse_batch b;
     if (zse_batcher_pack(&sp->batcher, sp->entries, n_e, &b) != 0 ||
-        (b.n_out ? zse_llm_forward_argmax(dm->llm, dm->kv, &b, sp->ids) : zse_llm_forward(dm->llm, dm->kv, &b, NULL)) != 0)
+        (b.n_out ? zse_llm_forward_argmax(dm->llm, dm->kv, &b, NULL, sp->ids) : zse_llm_forward(dm->llm, dm->kv, &b, NULL)) != 0)
         return -1;
     for (int k = 0; k < n_e; k++) {
         sp->entries[k].q->n_cached += (size_t)sp->entries[k].take;
@@ -271,8 +271,8 @@ int zse_spec_verify(zse_spec *sp, zse_sequence *q, const zse_model *m, float *lo
     const size_t base = q->n_cached; /* the pending token's position */
     const int32_t *drafts = q->tokens + base + 1;
     const bool want_lp = lps && logits && (q->gen.s.logprobs || q->gen.s.top_logprobs > 0);
-    int n_out = 0;
-    for (int i = 0; i <= n_draft; i++) {
+    int n_out = 0, advanced = 0, rc = 0;
+    for (int i = 0; i <= n_draft && rc == 0; i++) {
         bool accepted = false;
         int32_t t;
         if (!logits) { /* plain greedy: the argmax of each row */
@@ -282,8 +282,10 @@ int zse_spec_verify(zse_spec *sp, zse_sequence *q, const zse_model *m, float *lo
             float *row = logits + (size_t)i * (size_t)m->vocab;
             if (want_lp)
                 memcpy(w->raw, row, (size_t)m->vocab * sizeof *row);
-            /* the row's token follows the pending token and the drafts before it */
-            zse_sequence_constrain(q, m, row, q->gen.generated + i);
+            /* the row's token follows the pending token and the drafts before it (a
+             * constraint's matcher has been walked through them) */
+            if ((rc = zse_sequence_constrain(q, m, row, q->gen.generated + i)) != 0)
+                break;
             zse_history h = zse_sequence_history(q, base + 1 + (size_t)i);
             zse_dist d;
             zse_sample_dist(&q->gen.s, row, m->vocab, &h, w->work_p, w->work_i, &d);
@@ -296,7 +298,16 @@ int zse_spec_verify(zse_spec *sp, zse_sequence *q, const zse_model *m, float *lo
         out[n_out++] = t;
         if (!accepted)
             break;
+        if (q->matcher && i < n_draft && (rc = zse_matcher_accept_token(q->matcher, t)) == 0)
+            advanced++;
     }
+    /* the kept tokens go through zse_sequence_accept, which walks the matcher itself */
+    if (q->matcher && advanced)
+        zse_matcher_rollback(q->matcher, advanced);
+    /* the constraint failed at the first row: an id no accept takes ends the sequence with
+     * the error; past it, the drafts kept so far stand */
+    if (rc != 0 && n_out == 0)
+        out[n_out++] = -1;
     sp->stats.drafted += (uint64_t)n_draft;
     sp->stats.accepted += (uint64_t)(n_out - 1);
     sp->stats.passes++;

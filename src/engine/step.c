@@ -17,6 +17,8 @@ void zse_batcher_free(zse_batcher *b)
     free(b->lens);
     free(b->adapters);
     free(b->table);
+    free(b->mask_rows);
+    free(b->mask_bits);
     memset(b, 0, sizeof *b);
 }
 
@@ -99,7 +101,9 @@ zse_out_mode zse_step_out_mode(const zse_model *m, const zse_step_seq *e, int n,
         if (e[s].n_out <= 0 || e[s].take <= 0)
             continue;
         any = true;
-        if (e[s].logits)
+        /* prompt scoring wants logits; a constrained row goes to the device only where the
+         * backend applies masks, and one row a sequence (drafts walk the matcher) */
+        if (e[s].logits || (e[s].q->matcher && (!zse_llm_can_mask(m->llm) || e[s].n_out > 1)))
             return ZSE_OUT_LOGITS;
         greedy = greedy && zse_sampling_plain_greedy(&e[s].q->gen.s);
         /* drafts are verified against their rows on the host (rejection sampling) */
@@ -108,4 +112,46 @@ zse_out_mode zse_step_out_mode(const zse_model *m, const zse_step_seq *e, int n,
     if (!any)
         return ZSE_OUT_LOGITS;
     return greedy ? ZSE_OUT_ARGMAX : on_device ? ZSE_OUT_SAMPLED : ZSE_OUT_LOGITS;
+}
+
+int zse_batcher_masks(zse_batcher *b, const zse_step_seq *e, int n, zse_row_masks *out)
+{
+    *out = (zse_row_masks){0};
+    int n_masked = 0;
+    int64_t words = 0;
+    for (int s = 0; s < n; s++)
+        if (e[s].q->matcher && e[s].out >= 0) {
+            n_masked++;
+            words = zse_grammar_mask_words(zse_grammar_vocab_of((const zse_grammar *)e[s].q->gen.s.constraint));
+        }
+    if (n_masked == 0)
+        return 0;
+    if ((size_t)n_masked > b->mask_cap) {
+        if (grow_i32(&b->mask_rows, (size_t)n_masked) != 0)
+            return -1;
+        b->mask_cap = (size_t)n_masked;
+    }
+    size_t need = (size_t)n_masked * (size_t)words;
+    if (need > b->mask_bits_cap) {
+        uint32_t *p = zse_realloc(b->mask_bits, need * sizeof *p);
+        if (!p)
+            return -1;
+        b->mask_bits = p;
+        b->mask_bits_cap = need;
+    }
+    int k = 0;
+    for (int s = 0; s < n; s++) {
+        const zse_sequence *q = e[s].q;
+        if (!q->matcher || e[s].out < 0)
+            continue;
+        /* every constraint of a model masks over the same vocabulary, hence one width */
+        int allowed = zse_matcher_fill_mask(q->matcher, b->mask_bits + (size_t)k * (size_t)words);
+        if (allowed < 0)
+            return -1;
+        if (allowed == 0)
+            return zse_fail("the constraint allows no token after %zu tokens", q->n_tokens);
+        b->mask_rows[k++] = e[s].out + e[s].n_out - 1;
+    }
+    *out = (zse_row_masks){k, b->mask_rows, b->mask_bits, words};
+    return 0;
 }

@@ -449,14 +449,40 @@ uint64_t zse_llm_steps(const zse_llm *m) { return m->steps; }
 
 bool zse_llm_can_sample(const zse_llm *m) { return ops(m)->sample_rows != NULL; }
 
-int zse_llm_forward_sample(zse_llm *m, zse_kv *kv, const zse_batch *b, const zse_sample_row *p, int32_t *ids)
+bool zse_llm_can_mask(const zse_llm *m) { return ops(m)->mask_rows != NULL; }
+
+/* the constrained rows' masks on the logits, where they are */
+static int mask_logits(zse_llm *m, const zse_row_masks *masks)
+{
+    if (!masks || masks->n == 0)
+        return 0;
+    if (!ops(m)->mask_rows)
+        return zse_fail("the %s backend does not mask logits", ops(m)->name);
+    return ops(m)->mask_rows(m->be, m->logits, m->c.vocab_size, masks);
+}
+
+int zse_llm_forward_sample(zse_llm *m, zse_kv *kv, const zse_batch *b, const zse_row_masks *masks,
+                           const zse_sample_row *p, int32_t *ids)
 {
     if (!ops(m)->sample_rows)
         return zse_fail("the %s backend does not sample", ops(m)->name);
     int rc = forward_to_logits(m, kv, b);
     if (rc != 0)
         return rc < 0 ? -1 : 0;
+    if (mask_logits(m, masks) != 0)
+        return -1;
     return ops(m)->sample_rows(m->be, m->logits, b->n_out, m->c.vocab_size, p, ids);
+}
+
+int zse_llm_forward_hidden(zse_llm *m, zse_kv *kv, const zse_batch *b, float *hidden)
+{
+    int rc = forward_to_logits(m, kv, b);
+    if (rc != 0)
+        return rc < 0 ? -1 : 0;
+    if (ops(m)->sync(m->be) != 0)
+        return -1;
+    /* the out rows after the final norm: what the head multiplies */
+    return ops(m)->act_read(m->be, m->xo2, hidden, b->n_out);
 }
 
 int zse_llm_read_logits(zse_llm *m, int rows, float *logits)
@@ -468,10 +494,12 @@ int zse_llm_read_logits(zse_llm *m, int rows, float *logits)
     return ops(m)->act_read(m->be, m->logits, logits, rows);
 }
 
-int zse_llm_forward_argmax(zse_llm *m, zse_kv *kv, const zse_batch *b, int32_t *ids)
+int zse_llm_forward_argmax(zse_llm *m, zse_kv *kv, const zse_batch *b, const zse_row_masks *masks, int32_t *ids)
 {
     int rc = forward_to_logits(m, kv, b);
     if (rc != 0)
         return rc < 0 ? -1 : 0;
+    if (mask_logits(m, masks) != 0)
+        return -1;
     return ops(m)->argmax_rows(m->be, m->logits, b->n_out, m->c.vocab_size, ids);
 }

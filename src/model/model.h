@@ -24,14 +24,21 @@ int zse_llm_max_out(const zse_llm *m);
  * logits [b->n_out][vocab] for the batch's out_rows */
 int zse_llm_forward(zse_llm *m, zse_kv *kv, const zse_batch *b, float *logits);
 /* the same, but writes only the argmax of each out row's logits (ids [b->n_out]), computed
- * where the logits are (on a GPU they never cross to the host) */
-int zse_llm_forward_argmax(zse_llm *m, zse_kv *kv, const zse_batch *b, int32_t *ids);
+ * where the logits are (on a GPU they never cross to the host); masks (may be NULL) first
+ * rule out the tokens constrained rows may not take (zse_llm_can_mask) */
+int zse_llm_forward_argmax(zse_llm *m, zse_kv *kv, const zse_batch *b, const zse_row_masks *masks, int32_t *ids);
+/* whether the backend masks logit rows where they are (masks for forward_argmax/sample) */
+bool zse_llm_can_mask(const zse_llm *m);
 
+/* the same, but writes the out rows' final hidden states (after the last norm, what the head
+ * reads: [b->n_out][hidden_size]) instead of their logits (embeddings) */
+int zse_llm_forward_hidden(zse_llm *m, zse_kv *kv, const zse_batch *b, float *hidden);
 /* whether the backend samples where the logits are (zse_llm_forward_sample) */
 bool zse_llm_can_sample(const zse_llm *m);
 /* the same, but draws each out row's token by p[row] on the backend (ids [b->n_out]); the
  * logits are not kept */
-int zse_llm_forward_sample(zse_llm *m, zse_kv *kv, const zse_batch *b, const zse_sample_row *p, int32_t *ids);
+int zse_llm_forward_sample(zse_llm *m, zse_kv *kv, const zse_batch *b, const zse_row_masks *masks,
+                           const zse_sample_row *p, int32_t *ids);
 
 /* the adapter slots a batch's adapter_of_seq indexes (the engine's LoRA cache owns them) */
 void zse_llm_set_lora(zse_llm *m, zse_lora_pool *pool);

@@ -372,6 +372,49 @@ static void test_argmax(zse_backend *be)
     free(x);
 }
 
+/* mask_rows (constrained decoding): on 3 of 4 rows, the masked-out tokens become -inf and
+ * argmax_rows then picks the best allowed one; the unlisted row is untouched; columns past
+ * the mask's words are masked too */
+static void test_mask(zse_backend *be)
+{
+    enum { ROWS = 4, COLS = 152064 + 5, WORDS = (152064 + 31) / 32 };
+    float *x = rand_floats((size_t)ROWS * COLS), *back = malloc((size_t)ROWS * COLS * sizeof(float));
+    uint32_t *bits = calloc((size_t)3 * WORDS, sizeof *bits);
+    const int32_t rows[3] = {0, 2, 3};
+    /* row 0 allows 5 and 150000, row 2 allows a word's worth from 64, row 3 only 152063 */
+    bits[0 * WORDS + 0] = 1u << 5;
+    bits[0 * WORDS + 150000 / 32] = 1u << (150000 % 32);
+    bits[1 * WORDS + 2] = 0xFFFFFFFFu;
+    bits[2 * WORDS + 152063 / 32] = 1u << (152063 % 32);
+    x[150000] = 40.f;                        /* row 0's allowed best */
+    x[(size_t)2 * COLS + 70] = 41.f;         /* row 2's */
+    x[(size_t)2 * COLS + 9] = 99.f;          /* larger but masked */
+    x[(size_t)1 * COLS + 33] = 98.f;         /* row 1 is not masked: it wins there */
+    x[(size_t)3 * COLS + 152066] = 97.f;     /* past the mask's words: masked */
+    zse_act *a = be->ops->act_new(be, ROWS, COLS);
+    zse_row_masks m = {3, rows, bits, WORDS};
+    CHECK(a && be->ops->act_write(be, a, x, ROWS) == 0);
+    CHECK_MSG(a && be->ops->mask_rows && be->ops->mask_rows(be, a, COLS, &m) == 0, "%s", zse_error_message());
+    int32_t got[ROWS] = {-1, -1, -1, -1};
+    CHECK_MSG(a && be->ops->argmax_rows(be, a, ROWS, COLS, got) == 0, "%s", zse_error_message());
+    CHECK_MSG(got[0] == 150000 && got[1] == 33 && got[2] == 70 && got[3] == 152063, "masked argmax %d %d %d %d",
+              got[0], got[1], got[2], got[3]);
+    CHECK(a && be->ops->act_read(be, a, back, ROWS) == 0);
+    int wrong = 0;
+    for (int64_t t = 0; t < COLS; t++) {
+        bool allowed0 = t == 5 || t == 150000, allowed2 = t >= 64 && t < 96, allowed3 = t == 152063;
+        wrong += (back[t] == -INFINITY) == allowed0;
+        wrong += back[(size_t)COLS + t] != x[(size_t)COLS + t];
+        wrong += (back[(size_t)2 * COLS + t] == -INFINITY) == allowed2;
+        wrong += (back[(size_t)3 * COLS + t] == -INFINITY) == allowed3;
+    }
+    CHECK_MSG(wrong == 0, "mask_rows: %d logits wrong", wrong);
+    be->ops->act_free(be, a);
+    free(x);
+    free(back);
+    free(bits);
+}
+
 /* rope + kv_store + attention for a 40-token prompt, GQA 4:2, head_dim 32 */
 static void test_attention(zse_kv_store store)
 {
@@ -697,6 +740,7 @@ int main(int argc, char **argv)
     CHECK(strcmp(be->ops->name, "cuda") == 0);
     test_matmul(be);
     test_argmax(be);
+    test_mask(be);
     test_lookup(be);
     test_prep_handoff(be, 1);
     test_prep_handoff(be, 8);

@@ -62,8 +62,9 @@ fi
 # here). The device image has no -dev packages: a libjansson-dev .deb carried in .deps/
 # is unpacked into build-gpu/deps when the header is missing.
 inc=""
-if [ ! -f /usr/include/jansson.h ] && ls .deps/libjansson-dev_*.deb >/dev/null 2>&1; then
-    mkdir -p build-gpu/deps && dpkg -x .deps/libjansson-dev_*.deb build-gpu/deps && inc="-Ibuild-gpu/deps/usr/include"
+deps=.deps; [ -d .device/.deps ] && deps=.device/.deps
+if [ ! -f /usr/include/jansson.h ] && ls $deps/libjansson-dev_*.deb >/dev/null 2>&1; then
+    mkdir -p build-gpu/deps && dpkg -x $deps/libjansson-dev_*.deb build-gpu/deps && inc="-Ibuild-gpu/deps/usr/include"
 fi
 bt=build-gpu/backend_test
 mkdir -p build-gpu/bt
@@ -88,7 +89,8 @@ else
 fi
 
 # ---- 2. the whole project --------------------------------------------------------------
-if cmake -S . -B build-gpu/zse -DCMAKE_BUILD_TYPE=Release -DZSE_SANITIZE=OFF \
+# a prebuilt zse (ZSE_PREBUILT) is used as it is; otherwise the tree is built here
+if [ -z "${ZSE_PREBUILT:-}" ] && cmake -S . -B build-gpu/zse -DCMAKE_BUILD_TYPE=Release -DZSE_SANITIZE=OFF \
         -DCMAKE_CUDA_ARCHITECTURES=$arch >>"$out/build.log" 2>&1 &&
    cmake --build build-gpu/zse -j"$(nproc)" >>"$out/build.log" 2>&1; then
     note "zse build: ok"
@@ -99,7 +101,7 @@ if cmake -S . -B build-gpu/zse -DCMAKE_BUILD_TYPE=Release -DZSE_SANITIZE=OFF \
 elif [ -n "${ZSE_PREBUILT:-}" ] && [ -x "$ZSE_PREBUILT" ]; then
     # the device image lacks the -dev packages: a zse built elsewhere (same CPU
     # architecture, its shared libraries on LD_LIBRARY_PATH) stands in
-    note "zse build: skipped (no -dev packages); using the prebuilt $ZSE_PREBUILT"
+    note "zse build: using the prebuilt $ZSE_PREBUILT"
     tests/gpu/model_test.sh "$ZSE_PREBUILT" "$out" 2>&1 | tee -a "$summary"
     # the same on a zse carrying only compute_75 PTX (-DCMAKE_CUDA_ARCHITECTURES=75-virtual)
     if [ -n "${ZSE_PREBUILT75:-}" ] && [ -x "$ZSE_PREBUILT75" ]; then

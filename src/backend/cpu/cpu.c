@@ -565,6 +565,19 @@ static int sync_report(zse_backend *be)
     return what ? zse_fail("CPU backend: %s", what) : 0;
 }
 
+static int mask_rows(zse_backend *be, zse_act *x, int64_t cols, const zse_row_masks *m)
+{
+    (void)be;
+    for (int i = 0; i < m->n; i++) {
+        float *row = x->data + (int64_t)m->rows[i] * x->cols;
+        const uint32_t *bits = m->bits + (size_t)i * (size_t)m->words;
+        for (int64_t t = 0; t < cols; t++)
+            if (t >= m->words * 32 || !((bits[t >> 5] >> (t & 31)) & 1))
+                row[t] = -INFINITY;
+    }
+    return 0;
+}
+
 static int argmax_rows(zse_backend *be, const zse_act *x, int64_t rows, int64_t cols, int32_t *out)
 {
     if (sync_report(be) != 0)
@@ -636,6 +649,7 @@ static const zse_backend_ops cpu_ops = {
     .lora_slot_load = zse_cpu_lora_slot_load,
     .lora_slot_ready = zse_cpu_lora_slot_ready,
     .lora_apply = zse_cpu_lora_apply,
+    .mask_rows = mask_rows,
 };
 
 zse_backend *zse_cpu_backend_create(int threads)

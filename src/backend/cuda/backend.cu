@@ -113,6 +113,12 @@ typedef struct {
     /* pinned bounce buffer for act_read/act_write */
     uint8_t *bounce;
     size_t bounce_cap;
+    /* token masks of a step (mask_rows): their own pinned and device buffers, since the ids
+     * that argmax_rows / sample_rows read back go through the bounce buffer meanwhile */
+    uint8_t *mask_host;
+    size_t mask_host_cap;
+    void *mask_dev;
+    size_t mask_dev_cap;
 
     /* GEMM scratch (x in f16 + a dequantized slab) and attention partials */
     void *scratch;
@@ -1249,6 +1255,8 @@ static void cuda_destroy(zse_backend *be)
             cudaEventDestroy(c->batch_copied);
         cudaFreeHost(c->batch_host);
         cudaFreeHost(c->bounce);
+        cudaFreeHost(c->mask_host);
+        cudaFree(c->mask_dev);
         cudaFree(c->batch_dev);
         cudaFree(c->scratch);
         cudaFree(c->att_work);
@@ -1335,6 +1343,35 @@ static int cuda_sample_rows(zse_backend *be, zse_act *x, int64_t rows, int64_t c
                              c->stream) != 0)
         return zse_fail("%s", zse_cuda_last_error());
     return read_ids(c, "sample_rows", rows, out);
+}
+
+static int cuda_mask_rows(zse_backend *be, zse_act *x, int64_t cols, const zse_row_masks *m)
+{
+    cuda_impl *c = impl_of(be);
+    prep_forget(c);   /* the rows change */
+    if (check_logit_rows(c, "mask_rows", x, x->rows, cols) != 0)
+        return -1;
+    if (m->n == 0)
+        return 0;
+    for (int i = 0; i < m->n; i++)
+        if (m->rows[i] < 0 || m->rows[i] >= x->rows)
+            return zse_fail("cuda mask_rows: row %d of a %lld-row buffer", m->rows[i], (long long)x->rows);
+    /* the row list, then from 256 bytes on the masks */
+    const size_t rows = ((size_t)m->n * sizeof(int32_t) + 255) & ~(size_t)255,
+                 bits = (size_t)m->n * (size_t)m->words * sizeof(uint32_t);
+    if (ensure_device(c, &c->mask_dev, &c->mask_dev_cap, rows + bits, "mask_rows") != 0 ||
+        ensure_pinned(c, &c->mask_host, &c->mask_host_cap, rows + bits, "mask_rows") != 0)
+        return -1;
+    /* the previous step's upload is done (its ids were read back after it, synchronously) */
+    memcpy(c->mask_host, m->rows, (size_t)m->n * sizeof(int32_t));
+    memcpy(c->mask_host + rows, m->bits, bits);
+    uint8_t *dev = (uint8_t *)c->mask_dev;
+    if (cuda_call(cudaMemcpyAsync(dev, c->mask_host, rows + bits, cudaMemcpyHostToDevice, c->stream), "mask_rows") != 0)
+        return -1;
+    if (zse_cuda_mask_rows(x->d, x->pitch, cols, (const int32_t *)dev, m->n, (const uint32_t *)(dev + rows), m->words,
+                           c->stream) != 0)
+        return zse_fail("%s", zse_cuda_last_error());
+    return 0;
 }
 
 /* ---- mixture of experts ------------------------------------------------------------------
@@ -1622,6 +1659,7 @@ static const zse_backend_ops cuda_ops = {
     cuda_moe_gather,
     cuda_moe_matmul,
     cuda_moe_combine,
+    cuda_mask_rows,
 };
 
 extern "C" int zse_cuda_device_count(void)

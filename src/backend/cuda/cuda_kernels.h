@@ -149,6 +149,10 @@ typedef struct {
  * overwritten with the rows' unnormalized probabilities */
 int zse_cuda_sample_rows(float *x, int64_t xpitch, int64_t rows, int64_t cols, const zse_cuda_sample *params,
                          int32_t *out, zse_cuda_stream st);
+/* constrained decoding: row rows[i] of the logits x gets -inf for every column whose bit in
+ * bits[i * words ...] is 0, and for every column past words * 32 (device arrays) */
+int zse_cuda_mask_rows(float *x, int64_t xpitch, int64_t cols, const int32_t *rows, int n, const uint32_t *bits,
+                       int64_t words, zse_cuda_stream st);
 int zse_cuda_gather_rows(const float *x, int64_t xpitch, const int32_t *rows_idx, int64_t n,
                          int64_t dim, float *out, int64_t opitch, zse_cuda_stream st);
 
