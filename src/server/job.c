@@ -82,6 +82,7 @@ struct srv_job {
     int n_finished;
     bool failed;
     double ttft;
+    char error[512];        /* why the first failed sequence failed (under mu; read after its end) */
 };
 
 /* ---- life ---------------------------------------------------------------------------- */
@@ -244,6 +245,8 @@ static bool on_event(void *user, const zse_token_event *ev)
     bool final = ev->finish != ZSE_FINISH_NONE;
     srv_event *e = copy_event(ref->index, ev);
     pthread_mutex_lock(&j->mu);
+    if (ev->finish == ZSE_FINISH_ERROR && ev->error && !j->error[0])
+        snprintf(j->error, sizeof j->error, "%s", ev->error);
     bool keep_going = !j->gone && e != NULL;
     if (keep_going) {
         if (j->tail)
@@ -704,7 +707,8 @@ static int stream_tail(srv_job *j, zse_buf *out)
         return 0;
     if (any_error(j)) {
         srv_error e;
-        srv_error_set(&e, 500, "server_error", NULL, NULL, "generation failed part-way; the output is incomplete");
+        srv_error_set(&e, 500, "server_error", NULL, NULL, "generation failed part-way; the output is incomplete%s%s",
+                      j->error[0] ? ": " : "", j->error);
         char *s = srv_error_openai_json(&e);
         int rc = s ? zse_buf_printf(out, "data: %s\n\n", s) : -1;
         free(s);
@@ -799,7 +803,8 @@ static int whole_body(srv_job *j, zse_buf *out, int *status)
     json_t *o;
     if (any_error(j)) {
         srv_error e;
-        srv_error_set(&e, 500, "server_error", NULL, NULL, "generation failed; nothing was produced");
+        srv_error_set(&e, 500, "server_error", NULL, NULL, "generation failed; nothing was produced%s%s",
+                      j->error[0] ? ": " : "", j->error);
         char *s = j->req.api == SRV_API_TGI ? srv_error_tgi_json(&e) : srv_error_openai_json(&e);
         int rc = s ? zse_buf_puts(out, s) : -1;
         free(s);
