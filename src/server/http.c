@@ -98,6 +98,8 @@ static srv_route route_of(const char *url)
         return SRV_ROUTE_HEALTH;
     if (strcmp(url, "/metrics") == 0)
         return SRV_ROUTE_METRICS;
+    if (strcmp(url, "/") == 0) /* TGI's and LoRAX's compat route: /generate(_stream) by "stream" */
+        return SRV_ROUTE_TGI_COMPAT;
     if (strcmp(url, "/v1/load_lora_adapter") == 0)
         return SRV_ROUTE_LORA_LOAD;
     if (strcmp(url, "/v1/unload_lora_adapter") == 0)
@@ -108,12 +110,13 @@ static srv_route route_of(const char *url)
 static bool route_is_post(srv_route r)
 {
     return r == SRV_ROUTE_CHAT || r == SRV_ROUTE_COMPLETIONS || r == SRV_ROUTE_GENERATE ||
-           r == SRV_ROUTE_GENERATE_STREAM || r == SRV_ROUTE_LORA_LOAD || r == SRV_ROUTE_LORA_UNLOAD;
+           r == SRV_ROUTE_GENERATE_STREAM || r == SRV_ROUTE_LORA_LOAD || r == SRV_ROUTE_LORA_UNLOAD ||
+           r == SRV_ROUTE_TGI_COMPAT;
 }
 
 static bool route_is_tgi(srv_route r)
 {
-    return r == SRV_ROUTE_GENERATE || r == SRV_ROUTE_GENERATE_STREAM;
+    return r == SRV_ROUTE_GENERATE || r == SRV_ROUTE_GENERATE_STREAM || r == SRV_ROUTE_TGI_COMPAT;
 }
 
 static bool route_needs_key(srv_route r)
@@ -356,6 +359,15 @@ static enum MHD_Result finish_whole(http_req *r)
     srv_pull p = srv_job_pull(r->job, &body, &status, suspend_connection, r->conn);
     if (p == SRV_PULL_WAIT)
         return MHD_YES;
+    if (r->route == SRV_ROUTE_TGI_COMPAT && status == 200) { /* the compat route answers a list of one */
+        zse_buf list = {0};
+        if (zse_buf_printf(&list, "[%s]", zse_buf_str(&body)) != 0) {
+            zse_buf_free(&body);
+            return MHD_NO;
+        }
+        zse_buf_free(&body);
+        body = list;
+    }
     enum MHD_Result rc = respond(r, status, "application/json", zse_buf_str(&body), body.len, 0);
     zse_buf_free(&body);
     return rc;

@@ -587,8 +587,9 @@ static int stream_completion_event(srv_job *j, const srv_event *ev, bool token, 
 
 static json_t *tgi_details(srv_job *j, const choice *c, bool with_tokens)
 {
-    json_t *d = json_pack("{s:s, s:i, s:o}", "finish_reason", tgi_finish(j, c), "generated_tokens",
-                          c->completion_tokens, "seed",
+    /* prompt_tokens: LoRAX's details carry it (its client requires it; TGI's ignore it) */
+    json_t *d = json_pack("{s:s, s:I, s:i, s:o}", "finish_reason", tgi_finish(j, c), "prompt_tokens",
+                          (json_int_t)j->req.prompts[c->prompt].n_ids, "generated_tokens", c->completion_tokens, "seed",
                           j->req.sampling.temperature > 0 ? json_integer((json_int_t)j->req.sampling.seed) : json_null());
     if (d && with_tokens) {
         json_object_set_new(d, "prefill", json_array());

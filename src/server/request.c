@@ -564,6 +564,8 @@ static int parse_tgi(json_t *body, const srv_model_facts *mf, srv_request *r, sr
     r->n = 1;
     if (text_prompt(inputs, "inputs", &r->prompts[0], e))
         return -1;
+    if (get_bool(body, "stream", &r->stream, e)) /* the compat route "/"; the others set it */
+        return -1;
     json_t *p = json_object_get(body, "parameters");
     if (p && !json_is_null(p) && !json_is_object(p))
         return srv_error_invalid(e, "parameters", "'parameters' must be an object");

@@ -262,7 +262,7 @@ bool srv_parse_duration(const char *s, double *seconds);
 typedef enum {
     SRV_ROUTE_CHAT, SRV_ROUTE_COMPLETIONS, SRV_ROUTE_MODELS, SRV_ROUTE_GENERATE,
     SRV_ROUTE_GENERATE_STREAM, SRV_ROUTE_HEALTH, SRV_ROUTE_METRICS, SRV_ROUTE_LORA_LOAD,
-    SRV_ROUTE_LORA_UNLOAD, SRV_ROUTE_OTHER,
+    SRV_ROUTE_LORA_UNLOAD, SRV_ROUTE_TGI_COMPAT, SRV_ROUTE_OTHER,
     SRV_N_ROUTES
 } srv_route;
 const char *srv_route_name(srv_route r);
