@@ -486,6 +486,10 @@ static void prepare_adapters(zse_engine *e, request **failed)
     int n = 0;
     for (request *r = e->queue; r; r = r->next)
         n += adapter_waits(r) && !r->cancelled;
+    if (n == 0) {
+        pthread_mutex_unlock(&e->mu);
+        return;
+    }
     if (n > e->lora_cap) {
         request **p = zse_realloc(e->lora_order, (size_t)n * sizeof *p);
         if (!p) {
