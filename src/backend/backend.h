@@ -116,6 +116,10 @@ typedef struct {
     int64_t out[ZSE_LORA_MODULES];
 } zse_lora_shape;
 
+/* 0 when every entry of a slot image points inside it at parts of the pool's widths and a
+ * rank of at most ZSE_LORA_MAX_RANK, and the image fits a slot; else an error (lora_image.c) */
+int zse_lora_image_check(const zse_lora_shape *s, const void *image, size_t bytes);
+
 /* one projection of lora_apply: y[t] += scale · B·(A·x[t]) */
 typedef struct {
     int module;                     /* ZSE_LORA_Q .. ZSE_LORA_DOWN */
@@ -264,6 +268,11 @@ typedef struct zse_backend_ops {
     void (*moe_combine)(zse_backend *be, const zse_moe_route *r, const zse_act *ys, const zse_act *shared,
                         const zse_act *shared_gate, zse_act *x);
 
+    /* optional: in each listed row of the logits x (cols wide), -inf for every token its
+     * mask leaves out (and for every column past words * 32), so argmax_rows / sample_rows
+     * pick only allowed tokens where the logits are. NULL: constrained rows go to the host. */
+    int (*mask_rows)(zse_backend *be, zse_act *x, int64_t cols, const zse_row_masks *m);
+
     /* ---- LoRA adapters (all NULL where a backend has none: adapters are then refused) ----
      * The engine keeps adapters in host memory and copies the one a sequence needs into a
      * free slot; a step's zse_batch says each sequence's slot, so one step carries
@@ -285,10 +294,6 @@ typedef struct zse_backend_ops {
      * up: one x); at most 3 outs. A row's result does not depend on the other rows. */
     void (*lora_apply)(zse_backend *be, const zse_lora_pool *p, int layer, const zse_act *x, int64_t rows,
                        const zse_lora_out *outs, int n_outs);
-    /* optional: in each listed row of the logits x (cols wide), -inf for every token its
-     * mask leaves out (and for every column past words * 32), so argmax_rows / sample_rows
-     * pick only allowed tokens where the logits are. NULL: constrained rows go to the host. */
-    int (*mask_rows)(zse_backend *be, zse_act *x, int64_t cols, const zse_row_masks *m);
 } zse_backend_ops;
 
 enum {

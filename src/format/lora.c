@@ -410,7 +410,7 @@ static int open_peft(zse_lora_file *f, const char *dir)
     json_error_t jerr;
     if (rc == 0 && !(f->peft_config = json_load_file(cfg_path, 0, &jerr)))
         rc = zse_fail("%s: line %d, column %d: %s", cfg_path, jerr.line, jerr.column, jerr.text);
-    peft_config pc;
+    peft_config pc = {0};
     if (rc == 0)
         rc = read_peft_config(cfg_path, f->peft_config, &pc);
     if (rc == 0 && !zse_file_exists(st_path))
@@ -592,7 +592,7 @@ static int open_zsa(zse_lora_file *f, const char *path)
     json_t *h = zsa_header(&f->map, hsize);
     if (!h)
         return -1;
-    int64_t n_layers;
+    int64_t n_layers = 0;
     const json_t *parts = json_object_get(h, "parts");
     int rc = 0;
     if (zsa_int(h, "n_layers", 1, ZSE_LORA_MAX_LAYERS, &n_layers) != 0 || json_array_size(parts) == 0)
@@ -670,7 +670,7 @@ int zse_lora_probe(const char *path, int *max_rank)
         int rc = 0;
         json_error_t jerr;
         json_t *cfg = NULL;
-        peft_config pc;
+        peft_config pc = {0};
         if (!zse_file_exists(cfg_path))
             rc = zse_fail("%s has no adapter_config.json: not a PEFT adapter directory (or a .zsa file)", path);
         else if (!(cfg = json_load_file(cfg_path, 0, &jerr)))

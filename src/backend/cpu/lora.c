@@ -2,7 +2,7 @@
  * added to a projection's output for the rows whose sequence has an adapter.
  *
  * Punica's shrink/expand split, by rows: shrink (u = A·x, rank dots of the input's width)
- * for each (row, projection), then expand (y += scale · Bᵀᵀu) for each (row, projection,
+ * for each (row, projection), then expand (y += scale · B·u) for each (row, projection,
  * chunk of outputs). Every value is computed by one loop in one order whatever else is in
  * the step, so a row's result is the same alone or beside rows of other adapters (the
  * batch invariance the engine's tests rely on). */
@@ -66,34 +66,12 @@ void zse_cpu_lora_host_free(zse_backend *be, void *p)
     free(p);
 }
 
-/* every entry of an image points inside it, at parts of the widths the pool was made for */
-static int check_image(const zse_lora_shape *s, const uint8_t *image, size_t bytes)
-{
-    const size_t table = (size_t)s->n_layers * ZSE_LORA_MODULES * sizeof(zse_lora_entry);
-    if (bytes < table || bytes > s->slot_bytes)
-        return zse_fail("LoRA slot image of %zu bytes (a slot holds %llu, its table %zu)", bytes,
-                        (unsigned long long)s->slot_bytes, table);
-    for (int i = 0; i < s->n_layers * ZSE_LORA_MODULES; i++) {
-        zse_lora_entry e;
-        memcpy(&e, image + (size_t)i * sizeof e, sizeof e);
-        if (e.rank == 0)
-            continue;
-        const int m = i % ZSE_LORA_MODULES;
-        const int64_t as = (int64_t)e.rank * s->in[m] * 2, bs = (int64_t)e.rank * s->out[m] * 2;
-        if (e.rank < 0 || e.rank > ZSE_LORA_MAX_RANK || e.a < (int64_t)table || e.bt < (int64_t)table ||
-            e.a % 64 || e.bt % 64 || e.a > (int64_t)bytes - as || e.bt > (int64_t)bytes - bs)
-            return zse_fail("LoRA slot image: layer %d's %s entry is out of bounds", i / ZSE_LORA_MODULES,
-                            zse_lora_module_name(m));
-    }
-    return 0;
-}
-
 int zse_cpu_lora_slot_load(zse_backend *be, zse_lora_pool *p, int slot, const void *image, size_t bytes)
 {
     (void)be;
     if (slot < 0 || slot >= p->shape.n_slots)
         return zse_fail("LoRA slot %d of %d", slot, p->shape.n_slots);
-    if (check_image(&p->shape, image, bytes) != 0)
+    if (zse_lora_image_check(&p->shape, image, bytes) != 0)
         return -1;
     uint8_t *dst = p->mem + (size_t)slot * p->shape.slot_bytes;
     memcpy(dst, image, bytes);
