@@ -3,7 +3,7 @@
  *
  * The base matmul stays shared; this runs after it over the same x. A delta is two small
  * products of rank r (≤ 128): shrink u = A·x (r dots of the input's width) and expand
- * y += scale · Bᵀᵀu (each output column a dot of length r). Both read f16 weights 16 bytes
+ * y += scale · B·u (each output column a dot of length r). Both read f16 weights 16 bytes
  * at a time and accumulate in f32.
  *
  *   rows ≤ ZSE_CUDA_LORA_FUSED_MAX (decode at small batches): one launch. A block owns a
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(LORA_THREADS) lora_shrink_kernel(const lora_la
     }
 }
 
-/* y[t] += scale · Bᵀᵀu[t] over a block's columns for rows blockIdx.y * 8 .. + 8 */
+/* y[t] += scale · B·u[t] over a block's columns for rows blockIdx.y * 8 .. + 8 */
 __global__ void __launch_bounds__(LORA_THREADS) lora_expand_kernel(const lora_launch p, const int32_t *adapter_of,
                                                                    const float *u, int64_t n)
 {
