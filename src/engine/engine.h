@@ -214,8 +214,8 @@ typedef enum { ZSE_LORA_FAILED = -1, ZSE_LORA_WAIT = 0, ZSE_LORA_PINNED = 1, ZSE
 
 /* (run_lock held) PINNED with *slot when a's slot holds it (its pin count goes up);
  * otherwise the next move toward a slot: a host -> slot copy into a free or least recently
- * used unpinned slot (not when may_take_slot is false), or a disk read on the loader
- * thread. FAILED when a load failed since *failures was taken (0 on the first call: the
+ * used unpinned slot, or a disk read on the loader thread (neither when may_take_slot is
+ * false). FAILED when a load failed since *failures was taken (0 on the first call: the
  * current count is taken); first: count where the adapter was found (stats). */
 zse_lora_pin_state zse_lora_pin(zse_lora_cache *c, zse_adapter *a, bool may_take_slot, bool first, int *slot,
                                 uint64_t *failures);

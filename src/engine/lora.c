@@ -6,9 +6,11 @@
  *   slot   the backend's max_loras slots, where a step reads adapters; a host -> slot copy
  *          is started by the engine between steps and polled, never waited for
  *
- * An adapter moves up when a sequence asks for it (zse_lora_pin) and is evicted least
- * recently used first, from a tier only where nothing needs it there: a slot that a
- * sequence pins, or a host image a copy is reading, is never taken. A sequence pins its
+ * An adapter moves up when a sequence asks for it (zse_lora_pin; not read ahead for a
+ * sequence that may not take a slot: with every slot in use, reads for many waiting adapters
+ * would only evict each other from the host slots) and is evicted least recently used
+ * first, from a tier only where nothing needs it there: a slot that a sequence pins, or a
+ * host image a copy is reading, is never taken. A sequence pins its
  * adapter's slot from the step it is first admitted to the one it ends in.
  *
  * A slot image is the backend's layout (backend.h: a table of n_layers x 7 entries, then
@@ -535,7 +537,7 @@ zse_lora_pin_state zse_lora_pin(zse_lora_cache *c, zse_adapter *a, bool may_take
                 st = ZSE_LORA_PINNED;
             }
         }
-    } else if (a->slot < 0 && a->host < 0 && !a->loading && queue_load(c, a) != 0) {
+    } else if (a->slot < 0 && a->host < 0 && !a->loading && may_take_slot && queue_load(c, a) != 0) {
         note_failure(c, a, zse_error_message());
         zse_fail("%s", a->error);
         st = ZSE_LORA_FAILED;
