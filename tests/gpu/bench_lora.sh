@@ -34,7 +34,7 @@ if [ ! -f "$zsa" ]; then
     t0=$(date +%s.%N)
     "$zse" convert-adapter "$work/lora/peft-r16" -o "$zsa" --base "$m" --force 2>>"$log" | tee -a "$log" ||
         { note "convert-adapter failed"; exit 1; }
-    note "convert-adapter (PEFT f16 -> .zsa): $(echo "$(date +%s.%N) - $t0" | bc) s"
+    note "convert-adapter (PEFT f16 -> .zsa): $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$t0" "$(date +%s.%N)") s"
 fi
 for i in $(seq -f %03g 0 100); do ln -sf ../r16.zsa "$work/lora/dir/a$i.zsa"; done
 
