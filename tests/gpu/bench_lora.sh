@@ -14,6 +14,8 @@
 # adapter to zse (its own slot and copy), and identical bytes do not change the speed. The
 # "disk" reads come from the page cache after the first.
 # Reuses the synthetic model of bench7b.sh (ZSE_BENCH_WORK, default /tmp/zse-bench7b).
+# ZSE_BENCH_DEVICE (default cuda) and ZSE_BENCH_PROMPT / _GEN / _BATCH (512 / 128 / 128 tokens)
+# let it be tried on a small model elsewhere (a work dir with hf/ and int4.zse of that model).
 set -u
 zse=${1:?zse binary}; out=${2:?output dir}
 work=${ZSE_BENCH_WORK:-/tmp/zse-bench7b}
@@ -38,11 +40,12 @@ if [ ! -f "$zsa" ]; then
 fi
 for i in $(seq -f %03g 0 100); do ln -sf ../r16.zsa "$work/lora/dir/a$i.zsa"; done
 
+dev=${ZSE_BENCH_DEVICE:-cuda}; pt=${ZSE_BENCH_PROMPT:-512}; gt=${ZSE_BENCH_GEN:-128}; bt=${ZSE_BENCH_BATCH:-128}
 run() { # label, then zse bench flags
     local label=$1; shift
     note "-- $label"
-    "$zse" bench "$m" --device cuda --prompt-tokens 512 --gen-tokens 128 --batch-prompt-tokens 128 \
-        --batch-gen-tokens 128 --json "$@" 2>>"$log" | tee -a "$log"
+    "$zse" bench "$m" --device "$dev" --prompt-tokens "$pt" --gen-tokens "$gt" --batch-prompt-tokens "$bt" \
+        --batch-gen-tokens "$bt" --json "$@" 2>>"$log" | tee -a "$log"
 }
 run "base alone" --concurrency 32,64
 run "every sequence on one adapter" --concurrency 32,64 --lora "$zsa"
