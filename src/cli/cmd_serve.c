@@ -6,6 +6,7 @@
 #include "server/server.h"
 #include "util/util.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -63,6 +64,14 @@ static void usage(FILE *out)
             "  --gpu-memory SIZE       GPU memory for weights, KV cache and activations (default: what is free);\n"
             "                          the KV cache gets what the rest leaves\n"
             CLI_SPEC_HELP
+            "LoRA adapters (docs/SERVER.md):\n"
+            "  --lora NAME=PATH        serve an adapter (PEFT directory or .zsa) as model NAME (repeatable)\n"
+            "  --lora-dir DIR          every subfolder (or NAME.zsa) of DIR is an adapter, loaded on first use\n"
+            "  --max-gpu-loras N       adapters that can run at once: slots on the device (default 8 with adapters)\n"
+            "  --max-cpu-loras M       adapters kept in (pinned) host memory besides (default: N, or every --lora)\n"
+            "  --max-lora-rank R       a slot holds rank R on every projection (default: the largest rank of the\n"
+            "                          adapters found at start, at least 16)\n"
+            "  --allow-lora-loading    answer POST /v1/load_lora_adapter and /v1/unload_lora_adapter\n"
             "Lifecycle:\n"
             "  --shutdown-timeout S    on SIGTERM/SIGINT, let running requests finish this long (default 30)\n"
             "  --quiet                 no per-request log lines\n");
@@ -76,6 +85,10 @@ typedef struct {
     zse_model *model;
     zse_model *draft;           /* --draft: the speculative decoding draft model */
     zse_engine *eng;
+    const char *lora_names[64], *lora_paths[64]; /* --lora NAME=PATH */
+    int n_lora;
+    const char *lora_dir;
+    bool lora_wanted;           /* any adapter flag: the model gets adapter slots */
     bool done, failed;
     char error[ZSE_ERROR_MAX];
     pthread_mutex_t mu;
@@ -88,7 +101,18 @@ static void *load_main(void *arg)
     zse_model *m = cli_spec_load_draft(&l->spec_flags, &l->load, &l->draft, &l->engine.spec) == 0
                        ? zse_model_load(l->model_path, &l->load)
                        : NULL;
-    zse_engine *e = m ? zse_engine_start(m, &l->engine) : NULL;
+    /* the --lora adapters are read and checked now: a bad one stops the server at start */
+    bool adapters_ok = m != NULL;
+    for (int i = 0; adapters_ok && i < l->n_lora; i++)
+        if (zse_adapter_register(m, l->lora_names[i], l->lora_paths[i], 1.0f) != 0) {
+            zse_error_prefix("--lora %s=%s", l->lora_names[i], l->lora_paths[i]);
+            adapters_ok = false;
+        }
+    if (adapters_ok && l->lora_dir && zse_adapter_set_dir(m, l->lora_dir) != 0) {
+        zse_error_prefix("--lora-dir");
+        adapters_ok = false;
+    }
+    zse_engine *e = adapters_ok ? zse_engine_start(m, &l->engine) : NULL;
     pthread_mutex_lock(&l->mu);
     l->model = m;
     l->eng = e;
@@ -138,6 +162,45 @@ typedef struct {
     double shutdown_timeout;
 } serve_opts;
 
+/* --lora NAME=PATH */
+static bool lora_arg(cli_args *a, loader *l)
+{
+    const char *v = cli_value(a);
+    const char *eq = v ? strchr(v, '=') : NULL;
+    if (!v)
+        return false;
+    if (!eq || eq == v || !eq[1] || l->n_lora == 64) {
+        fprintf(stderr, "zse serve: --lora takes NAME=PATH (up to 64; --lora-dir serves more), not '%s'\n", v);
+        a->failed = true;
+        return false;
+    }
+    static char names[64][257];
+    snprintf(names[l->n_lora], sizeof names[l->n_lora], "%.*s", (int)(eq - v < 256 ? eq - v : 256), v);
+    l->lora_names[l->n_lora] = names[l->n_lora];
+    l->lora_paths[l->n_lora++] = eq + 1;
+    return true;
+}
+
+/* the largest rank of the adapters known at start (--lora and the --lora-dir's), so a slot
+ * holds the largest; at least 16 */
+static int start_rank(const loader *l)
+{
+    int best = 16, r;
+    for (int i = 0; i < l->n_lora; i++)
+        if (zse_adapter_probe(l->lora_paths[i], &r) == 0 && r > best)
+            best = r;
+    DIR *d = l->lora_dir ? opendir(l->lora_dir) : NULL;
+    for (struct dirent *e; d && (e = readdir(d));) {
+        char *p = e->d_name[0] != '.' ? zse_path_join(l->lora_dir, e->d_name) : NULL;
+        if (p && zse_adapter_probe(p, &r) == 0 && r > best)
+            best = r;
+        free(p);
+    }
+    if (d)
+        closedir(d);
+    return best;
+}
+
 static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
 {
     cli_args a = cli_begin(argc, argv);
@@ -146,6 +209,35 @@ static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
     while (cli_next(&a)) {
         if (cli_spec_arg(&a, &l->spec_flags))
             continue;
+        if (cli_is(&a, NULL, "--lora")) {
+            l->lora_wanted = lora_arg(&a, l) || l->lora_wanted;
+            continue;
+        }
+        if (cli_is(&a, NULL, "--lora-dir")) {
+            l->lora_dir = cli_value(&a);
+            l->lora_wanted = true;
+            continue;
+        }
+        if (cli_is(&a, NULL, "--max-gpu-loras")) {
+            if (cli_int(&a, 1, 4096, &i))
+                l->load.max_loras = (int)i;
+            l->lora_wanted = true;
+            continue;
+        }
+        if (cli_is(&a, NULL, "--max-cpu-loras")) {
+            if (cli_int(&a, 1, 65536, &i))
+                l->load.max_cpu_loras = (int)i;
+            continue;
+        }
+        if (cli_is(&a, NULL, "--max-lora-rank")) {
+            if (cli_int(&a, 1, 128, &i))
+                l->load.max_lora_rank = (int)i;
+            continue;
+        }
+        if (cli_is(&a, NULL, "--allow-lora-loading")) {
+            o->http.allow_lora_loading = true;
+            continue;
+        }
         if (cli_is(&a, NULL, "--host"))
             o->http.host = cli_value(&a);
         else if (cli_is(&a, NULL, "--port") && cli_int(&a, 0, 65535, &i))
@@ -252,6 +344,19 @@ static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
         usage(stderr);
         return 2;
     }
+    if (!l->lora_wanted && (l->load.max_cpu_loras || l->load.max_lora_rank || o->http.allow_lora_loading)) {
+        fprintf(stderr, "zse serve: --max-cpu-loras, --max-lora-rank and --allow-lora-loading need adapters: --lora, "
+                        "--lora-dir or --max-gpu-loras\n");
+        return 2;
+    }
+    if (l->lora_wanted) {
+        if (!l->load.max_loras)
+            l->load.max_loras = 8;
+        if (!l->load.max_cpu_loras)
+            l->load.max_cpu_loras = l->n_lora > l->load.max_loras ? l->n_lora : l->load.max_loras;
+        if (!l->load.max_lora_rank)
+            l->load.max_lora_rank = start_rank(l);
+    }
     return cli_spec_parse(&l->spec_flags, &l->engine.spec, "serve");
 }
 
@@ -319,6 +424,13 @@ int cmd_serve(int argc, char **argv)
     char *model_id = o.http.model_id ? NULL : default_model_id(l.model_path);
     if (model_id)
         o.http.model_id = model_id;
+    for (int i = 0; o.http.model_id && i < l.n_lora; i++)
+        if (strcmp(l.lora_names[i], o.http.model_id) == 0) {
+            fprintf(stderr, "zse serve: --lora %s: the model is served as '%s' already; name the adapter otherwise\n",
+                    l.lora_names[i], o.http.model_id);
+            free(model_id);
+            return 2;
+        }
 
     /* SIGINT/SIGTERM are taken by sigtimedwait here, never delivered to another thread */
     sigset_t sigs;

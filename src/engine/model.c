@@ -88,7 +88,7 @@ static int default_kv_blocks(const zse_config *c, const zse_load_params *p, int 
 static int fit_kv_on_device(const zse_backend_memory *bm, const zse_load_params *p, uint64_t per_block,
                             int per_seq, int *n_blocks)
 {
-    uint64_t held = bm->weights + bm->activations + bm->workspace;
+    uint64_t held = bm->weights + bm->adapters + bm->activations + bm->workspace;
     uint64_t free_now = bm->device_total > bm->device_used ? bm->device_total - bm->device_used : 0;
     uint64_t room = free_now;
     if (p->gpu_memory) {
@@ -209,7 +209,8 @@ zse_model *zse_model_load(const char *path, const zse_load_params *params)
         zse_fail("the model's context length is %d", m->ctx_size);
         goto fail;
     }
-    if (create_kv(m, c, params) != 0)
+    /* adapter slots before the KV cache, which takes what is left of the device */
+    if (zse_lora_cache_new(m, params) != 0 || create_kv(m, c, params) != 0)
         goto fail;
     collect_eos(m);
     const json_t *tc = zse_file_tokenizer_config(m->file);
@@ -233,6 +234,7 @@ void zse_model_free(zse_model *m)
         return;
     if (m->kv)
         m->be->ops->kv_free(m->be, m->kv);
+    zse_lora_cache_free(m->lora);
     zse_llm_free(m->llm);
     zse_backend_destroy(m->be);
     zse_tokenizer_free(m->tok);
@@ -290,12 +292,13 @@ void zse_model_get_memory(zse_model *m, zse_memory_info *out)
             out->weights += zse_file_tensor_at(m->file, i)->size;
     }
     out->kv_cache = bm.kv_cache;
+    out->adapters = bm.adapters;
     out->activations = bm.activations;
     out->workspace = bm.workspace;
     out->on_device = bm.on_device;
     out->device_used = bm.device_used;
     out->device_total = bm.device_total;
-    uint64_t ours = bm.weights + bm.kv_cache + bm.activations + bm.workspace;
+    uint64_t ours = bm.weights + bm.adapters + bm.kv_cache + bm.activations + bm.workspace;
     out->device_other = bm.device_used > ours ? bm.device_used - ours : 0;
 }
 

@@ -136,18 +136,25 @@ static srv_route route_of(const char *url)
         return SRV_ROUTE_HEALTH;
     if (strcmp(url, "/metrics") == 0)
         return SRV_ROUTE_METRICS;
+    if (strcmp(url, "/") == 0) /* TGI's and LoRAX's compat route: /generate(_stream) by "stream" */
+        return SRV_ROUTE_TGI_COMPAT;
+    if (strcmp(url, "/v1/load_lora_adapter") == 0)
+        return SRV_ROUTE_LORA_LOAD;
+    if (strcmp(url, "/v1/unload_lora_adapter") == 0)
+        return SRV_ROUTE_LORA_UNLOAD;
     return SRV_ROUTE_OTHER;
 }
 
 static bool route_is_post(srv_route r)
 {
     return r == SRV_ROUTE_CHAT || r == SRV_ROUTE_COMPLETIONS || r == SRV_ROUTE_GENERATE ||
-           r == SRV_ROUTE_GENERATE_STREAM;
+           r == SRV_ROUTE_GENERATE_STREAM || r == SRV_ROUTE_LORA_LOAD || r == SRV_ROUTE_LORA_UNLOAD ||
+           r == SRV_ROUTE_TGI_COMPAT;
 }
 
 static bool route_is_tgi(srv_route r)
 {
-    return r == SRV_ROUTE_GENERATE || r == SRV_ROUTE_GENERATE_STREAM;
+    return r == SRV_ROUTE_GENERATE || r == SRV_ROUTE_GENERATE_STREAM || r == SRV_ROUTE_TGI_COMPAT;
 }
 
 static bool route_needs_key(srv_route r)
@@ -439,11 +446,14 @@ static int prepare(http_req *r)
         req.stream = true;
     if (r->route == SRV_ROUTE_GENERATE)
         req.stream = false;
-    if (check_priority(r, &req, e) != 0 || srv_request_prepare(&req, s->model, &s->facts, e) != 0) {
+    if (check_priority(r, &req, e) != 0 || srv_request_adapter(&req, s->model, &s->facts, e) != 0 ||
+        srv_request_prepare(&req, s->model, &s->facts, e) != 0) {
         srv_request_free(&req);
         return -1;
     }
-    srv_job *job = srv_job_new(&req, s->model, s->facts.name, s->fingerprint, r->t_start);
+    /* answers name the model asked for: the adapter's name for an adapter's request */
+    const char *model_id = req.adapter ? zse_adapter_name(req.adapter) : s->facts.name;
+    srv_job *job = srv_job_new(&req, s->model, model_id, s->fingerprint, r->t_start);
     if (!job) {
         srv_request_free(&req);
         return srv_error_set(e, 500, "server_error", NULL, NULL, "out of memory");
@@ -559,6 +569,15 @@ static enum MHD_Result send_whole(http_req *r)
 {
     if (r->ph != PH_RENDERED) /* the workers were stopping: built here */
         srv_job_whole(r->job, &r->reply, &r->reply_status, &r->reply_retry);
+    if (r->route == SRV_ROUTE_TGI_COMPAT && r->reply_status == 200) { /* the compat route answers a list of one */
+        zse_buf list = {0};
+        if (zse_buf_printf(&list, "[%s]", zse_buf_str(&r->reply)) != 0) {
+            zse_buf_free(&list);
+            return MHD_NO;
+        }
+        zse_buf_free(&r->reply);
+        r->reply = list;
+    }
     return respond(r, r->reply_status, "application/json", zse_buf_str(&r->reply), r->reply.len, r->reply_retry);
 }
 
@@ -607,11 +626,21 @@ static json_t *model_object(srv_server *s)
 static enum MHD_Result models(http_req *r, const char *url)
 {
     srv_server *s = r->s;
-    if (strcmp(url, "/v1/models") == 0)
-        return respond_json(r, 200, json_pack("{s:s, s:[o]}", "object", "list", "data", model_object(s)));
+    if (strcmp(url, "/v1/models") == 0) {
+        json_t *list = json_pack("{s:s, s:[o]}", "object", "list", "data", model_object(s));
+        if (list && s->facts.adapters && srv_lora_models(s->model, &s->facts, (long long)s->started,
+                                                         json_object_get(list, "data")) != 0) {
+            json_decref(list);
+            return fail(r, 500, "server_error", NULL, "cannot list the adapters");
+        }
+        return respond_json(r, 200, list);
+    }
     const char *id = url + strlen("/v1/models/");
     if (strcmp(id, s->facts.name) == 0)
         return respond_json(r, 200, model_object(s));
+    json_t *adapter = srv_lora_model(s->model, &s->facts, (long long)s->started, id);
+    if (adapter)
+        return respond_json(r, 200, adapter);
     srv_error e;
     srv_error_set(&e, 404, "invalid_request_error", "model_not_found", "model",
                   "The model '%s' does not exist; this server serves '%s'", id, s->facts.name);
@@ -654,8 +683,40 @@ static enum MHD_Result metrics(http_req *r)
     live_stats(s, &st, &live);
     zse_buf out = {0};
     int rc = srv_metrics_render(s->metrics, &live, &out);
+    if (rc == 0 && live.ready)
+        rc = srv_lora_metrics(s->model, &out);
     enum MHD_Result mr = rc == 0 ? respond(r, 200, "text/plain; version=0.0.4", zse_buf_str(&out), out.len, 0) : MHD_NO;
     zse_buf_free(&out);
+    return mr;
+}
+
+/* vLLM's runtime adapter routes: loads and drops adapters by name (--allow-lora-loading) */
+static enum MHD_Result lora_admin(http_req *r)
+{
+    srv_server *s = r->s;
+    srv_error e;
+    if (r->too_large) {
+        srv_error_set(&e, 413, "invalid_request_error", "request_too_large", NULL,
+                      "the request body is larger than this server's limit of %zu bytes", s->cfg.max_body);
+        return respond_error(r, &e);
+    }
+    if (!s->facts.adapters || !s->cfg.allow_lora_loading) {
+        release_body(s, r);
+        srv_error_set(&e, 404, "invalid_request_error", "unknown_url", NULL,
+                      "loading adapters at run time is off: start zse serve with --allow-lora-loading%s",
+                      s->facts.adapters ? "" : " (and adapter slots: --max-gpu-loras N)");
+        return respond_error(r, &e);
+    }
+    char *msg = NULL;
+    const char *body = r->body.data ? r->body.data : "";
+    int rc = r->route == SRV_ROUTE_LORA_LOAD ? srv_lora_load(s->model, &s->facts, body, r->body.len, &msg, &e)
+                                             : srv_lora_unload(s->model, body, r->body.len, &msg, &e);
+    release_body(s, r);
+    if (rc != 0)
+        return respond_error(r, &e);
+    zse_log(ZSE_LOG_INFO, "%s", msg);
+    enum MHD_Result mr = respond(r, 200, "text/plain; charset=utf-8", msg, strlen(msg), 0);
+    free(msg);
     return mr;
 }
 
@@ -900,6 +961,8 @@ static enum MHD_Result last_call(http_req *r, const char *url)
         return fail(r, 503, "server_error", "shutting_down", "the server is shutting down");
     if (r->route == SRV_ROUTE_MODELS)
         return models(r, url);
+    if (r->route == SRV_ROUTE_LORA_LOAD || r->route == SRV_ROUTE_LORA_UNLOAD)
+        return lora_admin(r);
     return start_generation(r);
 }
 
@@ -1255,6 +1318,9 @@ void srv_set_ready(srv_server *s, zse_model *m, const srv_engine *engine)
     s->engine = *engine;
     s->facts.vocab_size = info.vocab_size;
     s->facts.ctx_size = info.ctx_size;
+    zse_adapter_stats ast;
+    zse_adapter_get_stats(m, &ast);
+    s->facts.adapters = ast.slots > 0;
     size_t longest = longest_token_bytes(m, info.vocab_size);
     s->facts.max_prompt_bytes = (size_t)info.ctx_size * longest * BYTES_PER_TOKEN_MARGIN;
     snprintf(s->fingerprint, sizeof s->fingerprint, "fp_zse_%s_%s", zse_version(), info.quant ? info.quant : "");

@@ -270,6 +270,8 @@ static bool on_event(void *user, const zse_token_event *ev)
     bool final = ev->finish != ZSE_FINISH_NONE;
     srv_event *e = copy_event(ref->index, ev);
     pthread_mutex_lock(&j->mu);
+    if (ev->finish == ZSE_FINISH_ERROR && ev->error && !j->rd.error[0])
+        snprintf(j->rd.error, sizeof j->rd.error, "%s", ev->error);
     bool keep_going = deliver_locked(j, ref->index, e, final);
     void (*seq_end)(void *) = j->seq_end;
     void *seq_end_arg = j->seq_end_arg;

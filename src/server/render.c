@@ -318,8 +318,9 @@ static int stream_completion_event(srv_render *rd, const srv_event *ev, bool tok
 static json_t *tgi_details(const srv_render *rd, const srv_choice *c, bool with_tokens)
 {
     const srv_request *req = rd->req;
-    json_t *d = json_pack("{s:s, s:i, s:o}", "finish_reason", tgi_finish(rd, c), "generated_tokens",
-                          c->completion_tokens, "seed",
+    /* prompt_tokens: LoRAX's details carry it (its client requires it; TGI's ignore it) */
+    json_t *d = json_pack("{s:s, s:I, s:i, s:o}", "finish_reason", tgi_finish(rd, c), "prompt_tokens",
+                          (json_int_t)req->prompts[c->prompt].n_ids, "generated_tokens", c->completion_tokens, "seed",
                           req->sampling.temperature > 0 ? json_integer((json_int_t)req->sampling.seed) : json_null());
     if (d && with_tokens) {
         json_object_set_new(d, "prefill", json_array());
@@ -433,7 +434,8 @@ int srv_render_tail(srv_render *rd, zse_buf *out)
             srv_error_set(&e, 503, "server_error", "overloaded", NULL,
                           "the engine could not take every sequence of this request; retry shortly");
         else
-            srv_error_set(&e, 500, "server_error", NULL, NULL, "generation failed part-way; the output is incomplete");
+            srv_error_set(&e, 500, "server_error", NULL, NULL, "generation failed part-way; the output is incomplete%s%s",
+                          rd->error[0] ? ": " : "", rd->error);
         char *s = srv_error_openai_json(&e);
         int rc = s ? zse_buf_printf(out, "data: %s\n\n", s) : -1;
         free(s);
@@ -539,7 +541,8 @@ int srv_render_whole(srv_render *rd, zse_buf *out, int *status, int *retry_after
                           "the server cannot take this request now (%s); retry shortly", rd->overload_reason);
             *retry_after = e.retry_after = 1;
         } else {
-            srv_error_set(&e, 500, "server_error", NULL, NULL, "generation failed; nothing was produced");
+            srv_error_set(&e, 500, "server_error", NULL, NULL, "generation failed; nothing was produced%s%s",
+                          rd->error[0] ? ": " : "", rd->error);
         }
         char *s = tgi ? srv_error_tgi_json(&e) : srv_error_openai_json(&e);
         int rc = s ? zse_buf_puts(out, s) : -1;

@@ -60,6 +60,8 @@ typedef struct {
     int vocab_size;
     int ctx_size;
     size_t max_prompt_bytes;    /* longer prompt text cannot fit the context (0 = unknown) */
+    bool adapters;              /* LoRA adapters are served: another model name (or TGI adapter_id)
+                                 * is an adapter's, resolved by srv_request_adapter */
 } srv_model_facts;
 
 typedef struct {
@@ -85,7 +87,8 @@ typedef struct {
     int priority;               /* lower runs first (vLLM's convention) */
     bool has_priority;          /* the client sent one (checked against its key's) */
     char *user;
-    char *adapter_id;           /* TGI/LoRAX; validated against the served model */
+    char *adapter_id;           /* the adapter named by OpenAI model or TGI adapter_id; NULL: the base */
+    zse_adapter *adapter;       /* it, resolved by srv_request_adapter (a reference) */
 } srv_request;
 
 /* Parses and validates a request body. Everything is checked that can be without
@@ -98,6 +101,21 @@ int srv_request_parse(srv_api api, const char *body, size_t len, const srv_model
 int srv_request_prepare(srv_request *r, const zse_model *m, const srv_model_facts *facts,
                         srv_error *err);
 void srv_request_free(srv_request *r);
+
+/* ---- LoRA adapters (lora.c) ------------------------------------------------------------- */
+/* the request's adapter (r->adapter_id) from the model: 404 naming the adapters there are
+ * when it has none of that name, 400 when the one found cannot be used */
+int srv_request_adapter(srv_request *r, zse_model *m, const srv_model_facts *mf, srv_error *e);
+/* appends every adapter to data as a model object with "parent": the base model */
+int srv_lora_models(zse_model *m, const srv_model_facts *mf, long long created, json_t *data);
+/* the model object of adapter id, or NULL when there is none */
+json_t *srv_lora_model(zse_model *m, const srv_model_facts *mf, long long created, const char *id);
+/* vLLM's POST /v1/load_lora_adapter {"lora_name", "lora_path"} and /v1/unload_lora_adapter
+ * {"lora_name"}: 0 and *message (heap), or -1 and the error */
+int srv_lora_load(zse_model *m, const srv_model_facts *mf, const char *body, size_t len, char **message, srv_error *e);
+int srv_lora_unload(zse_model *m, const char *body, size_t len, char **message, srv_error *e);
+/* the adapter tiers' metrics (nothing for a model without adapter slots) */
+int srv_lora_metrics(zse_model *m, zse_buf *out);
 
 /* ---- the generator the server drives -------------------------------------------------- */
 typedef struct {
@@ -209,6 +227,7 @@ typedef struct {
     int n_choices;
     int n_finished;
     bool failed;            /* a choice's events were lost or could not be formatted */
+    char error[512];        /* why the first failed sequence failed, as the engine said ("" = unsaid) */
     bool overloaded;        /* the engine refused a choice */
     const char *overload_reason;
 } srv_render;
@@ -418,7 +437,8 @@ bool srv_parse_duration(const char *s, double *seconds);
 /* ---- metrics (Prometheus text) ------------------------------------------------------- */
 typedef enum {
     SRV_ROUTE_CHAT, SRV_ROUTE_COMPLETIONS, SRV_ROUTE_MODELS, SRV_ROUTE_GENERATE,
-    SRV_ROUTE_GENERATE_STREAM, SRV_ROUTE_HEALTH, SRV_ROUTE_METRICS, SRV_ROUTE_OTHER,
+    SRV_ROUTE_GENERATE_STREAM, SRV_ROUTE_HEALTH, SRV_ROUTE_METRICS, SRV_ROUTE_LORA_LOAD,
+    SRV_ROUTE_LORA_UNLOAD, SRV_ROUTE_TGI_COMPAT, SRV_ROUTE_OTHER,
     SRV_N_ROUTES
 } srv_route;
 const char *srv_route_name(srv_route r);
@@ -472,6 +492,7 @@ typedef struct {
     srv_audit *audit;           /* NULL = no audit rows */
     const char *model_id;       /* the API id while loading; replaced by the model's name */
     bool log_requests;          /* one structured line per request on stderr */
+    bool allow_lora_loading;    /* /v1/load_lora_adapter and /v1/unload_lora_adapter answer */
 } srv_config;
 
 void srv_config_default(srv_config *c);
