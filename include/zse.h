@@ -36,6 +36,14 @@ typedef struct {
     bool no_prefix_cache;       /* true: no KV block is shared between sequences (every
                                  * prompt is computed whole); default false: full 16-token
                                  * blocks of earlier prompts and answers are reused */
+    /* LoRA adapters (zse_adapter_*): slots on the device (in memory on the CPU backend) for
+     * adapters that run at once, set aside before the KV cache is sized; 0 = no adapters */
+    int max_loras;
+    int max_cpu_loras;          /* adapters kept loaded in host memory (pinned on a GPU)
+                                 * besides the slots' (0 = as many as max_loras); others are
+                                 * read from disk again when needed */
+    int max_lora_rank;          /* a slot holds an adapter of this rank on all seven
+                                 * projections (or of a higher rank on fewer); 0 = 16 */
 } zse_load_params;
 
 void zse_load_params_default(zse_load_params *p);
@@ -74,6 +82,7 @@ typedef struct {
     const char *placement;      /* "resident", "experts offloaded", "streamed" */
     int layers_resident, layers_streamed;
     int experts_cached, experts_total;  /* the cache's slots; every expert of every MoE layer */
+    uint64_t adapters;          /* LoRA adapter slots */
     bool on_device;             /* the three below are filled */
     uint64_t device_used;       /* the whole device's memory in use, as nvidia-smi counts it */
     uint64_t device_other;      /* device_used minus zse's own allocations: CUDA context, cuBLAS, other processes */
@@ -95,6 +104,53 @@ typedef struct {
 } zse_offload_stats;
 void zse_model_get_offload_stats(zse_model *m, zse_offload_stats *out);
 
+/* ---- LoRA adapters ------------------------------------------------------------------
+ * Fine-tunes of the model as PEFT LoRA adapters (a directory with adapter_config.json and
+ * adapter_model.safetensors) or .zsa files (zse convert-adapter). A sequence runs with one
+ * adapter or none (zse_sampling.adapter); sequences of many adapters share a step. An
+ * adapter is in one of three tiers: a slot (max_loras; where steps read it), host memory
+ * (max_cpu_loras), or only on disk; it moves up when a sequence needs it — the engine
+ * fetches it while other sequences run, its requests waiting meanwhile — and an adapter a
+ * sequence uses is never evicted. Needs a model loaded with max_loras > 0. */
+typedef struct zse_adapter zse_adapter;
+/* registers an adapter under a name and loads it into host memory, checked against the model
+ * (shapes, layers, targets); scale multiplies its own (1 = as trained). Fails when the name
+ * is taken. */
+int zse_adapter_register(zse_model *m, const char *name, const char *path, float scale);
+/* adapters found on first use in dir: a subfolder NAME (PEFT) or a file NAME.zsa */
+int zse_adapter_set_dir(zse_model *m, const char *dir);
+/* drops a name; sequences that hold the adapter keep it until they end */
+int zse_adapter_unregister(zse_model *m, const char *name);
+/* a reference to the adapter of that name (registered, or found in the adapter directory
+ * and registered now); NULL with an error when there is none */
+zse_adapter *zse_adapter_get(zse_model *m, const char *name);
+/* an adapter of its own, not registered (zse run --lora), loaded and checked now */
+zse_adapter *zse_adapter_open(zse_model *m, const char *path, float scale);
+void zse_adapter_release(zse_adapter *a);
+const char *zse_adapter_name(const zse_adapter *a);     /* NULL for zse_adapter_open's */
+/* every adapter name a request may use: registered ones and the adapter directory's,
+ * sorted; an array of heap strings (zse_free each, then the array) */
+char **zse_adapter_list(zse_model *m, size_t *n);
+/* the largest rank the adapter at path uses (its config alone is read) */
+int zse_adapter_probe(const char *path, int *max_rank);
+
+typedef struct {
+    int slots, host_slots;          /* max_loras, max_cpu_loras */
+    int registered;
+    int in_slots, in_host;          /* adapters each tier holds now */
+    int pinned;                     /* adapters sequences are using (never evicted) */
+    /* where a sequence found its adapter when it first asked: in a slot, in host memory,
+     * or on disk only */
+    uint64_t hits_slot, hits_host, hits_disk;
+    uint64_t loads_host, loads_slot;        /* disk -> host reads, host -> slot copies */
+    double load_host_seconds, load_slot_seconds;
+    uint64_t evictions_slot, evictions_host;
+    uint64_t failures;              /* loads that failed (missing or bad files) */
+    uint64_t waits;                 /* sequences that waited for their adapter */
+    double wait_seconds;            /* and how long, in all */
+} zse_adapter_stats;
+void zse_adapter_get_stats(zse_model *m, zse_adapter_stats *out);
+
 /* ---- tokens ----------------------------------------------------------------- */
 enum {
     ZSE_TOK_ADD_SPECIAL = 1,    /* add BOS/EOS as the tokenizer's post-processor would */
@@ -103,6 +159,10 @@ enum {
 int zse_tokenize(const zse_model *m, const char *text, size_t len, int flags, int32_t **ids,
                  size_t *n_ids);
 char *zse_detokenize(const zse_model *m, const int32_t *ids, size_t n, bool skip_special);
+/* the bytes token `id` adds to decoded text when it follows other tokens, before any UTF-8
+ * check (a byte-level or <0xNN> token holding part of a character gives that byte): *len
+ * bytes, heap (zse_free); NULL for an id outside the vocabulary */
+uint8_t *zse_token_bytes(const zse_model *m, int32_t id, size_t *len);
 
 /* ---- embeddings ---------------------------------------------------------------------
  * The model's final hidden state (after its last norm) pooled over the tokens — their mean,
@@ -186,6 +246,8 @@ typedef struct {
     bool prompt_logprobs;       /* the engine reports every prompt token's logprob (the prompt
                                  * is then computed whole, never taken from the prefix cache) */
     int prompt_top_logprobs;    /* 0..20 alternatives for each of them */
+    zse_adapter *adapter;       /* the LoRA adapter the sequence runs with (it takes its own
+                                 * reference); NULL: the base model */
 } zse_sampling;
 void zse_sampling_default(zse_sampling *s);
 
@@ -276,6 +338,7 @@ typedef struct {
      * [prompt_tokens] entries, the first all zero (nothing comes before it). With
      * max_tokens ZSE_MAX_TOKENS_NONE that first event is also the last, with token -1. */
     const zse_logprobs *prompt_logprobs;
+    const char *error;          /* with ZSE_FINISH_ERROR: what went wrong (NULL: unknown) */
 } zse_token_event;
 
 /* Called on the engine thread. Return false to cancel the request (client gone). The

@@ -27,6 +27,7 @@ typedef struct zse_slab zse_slab;       /* device memory weights are fetched int
 
 /* the two queues of a backend that moves weights while it computes (marks, wait_mark) */
 enum { ZSE_QUEUE_COMPUTE = 0, ZSE_QUEUE_COPY = 1 };
+typedef struct zse_lora_pool zse_lora_pool; /* LoRA adapter slots (in device memory on a GPU) */
 
 typedef enum { ZSE_KV_STORE_F16 = 0, ZSE_KV_STORE_INT8 = 1 } zse_kv_store;
 
@@ -54,6 +55,11 @@ typedef struct {
     int max_blocks_per_seq;
     int n_out;                      /* rows that need logits */
     const int32_t *out_rows;        /* [n_out] token indices, ascending */
+    /* LoRA: each sequence's adapter slot in the model's pool (-1: the base model alone), and
+     * the projections (bit m: ZSE_LORA_Q..DOWN) some sequence's adapter adapts. NULL / 0:
+     * no sequence has an adapter (the step runs exactly as without adapters). */
+    const int32_t *adapter_of_seq;  /* [n_seqs] */
+    uint32_t lora_modules;
 } zse_batch;
 
 typedef struct {
@@ -96,9 +102,39 @@ typedef struct {
     bool renormalize;               /* the k weights are divided by their sum */
 } zse_moe_params;
 
+/* ---- LoRA adapter slots ----------------------------------------------------------------
+ * A pool of n_slots slots of slot_bytes each, one adapter a slot. A slot image (built by the
+ * engine, copied in whole by lora_slot_load) starts with a table of n_layers x
+ * ZSE_LORA_MODULES entries, layer-major, then the f16 parts the entries point at. */
+typedef struct {
+    int32_t rank;                   /* 0: the adapter leaves this projection alone */
+    float scale;
+    int64_t a;                      /* byte offset in the slot of A, f16 [rank][in], 64-byte aligned */
+    int64_t bt;                     /* byte offset of B transposed, f16 [rank][out], 64-byte aligned */
+} zse_lora_entry;
+
+typedef struct {
+    int n_layers;
+    int n_slots;
+    uint64_t slot_bytes;            /* a multiple of 64 */
+    int64_t in[ZSE_LORA_MODULES];   /* each projection's widths (every layer's are the same) */
+    int64_t out[ZSE_LORA_MODULES];
+} zse_lora_shape;
+
+/* 0 when every entry of a slot image points inside it at parts of the pool's widths and a
+ * rank of at most ZSE_LORA_MAX_RANK, and the image fits a slot; else an error (lora_image.c) */
+int zse_lora_image_check(const zse_lora_shape *s, const void *image, size_t bytes);
+
+/* one projection of lora_apply: y[t] += scale · B·(A·x[t]) */
+typedef struct {
+    int module;                     /* ZSE_LORA_Q .. ZSE_LORA_DOWN */
+    zse_act *y;
+} zse_lora_out;
+
 /* Bytes a backend holds, by what they are for (zse bench and zse info print them). */
 typedef struct {
     uint64_t weights;               /* copies of weights (CPU: 0, they are used from the mapping) */
+    uint64_t adapters;              /* LoRA adapter slots */
     uint64_t kv_cache;
     uint64_t activations;
     uint64_t workspace;             /* scratch kept between steps (GEMM slabs, batch arrays, ...) */
@@ -287,6 +323,27 @@ typedef struct zse_backend_ops {
     /* a[rows[i]] = src[i] (a's width) for i < n, on the compute queue in order with the ops
      * around it; src may be reused once it returns */
     int (*act_write_rows)(zse_backend *be, zse_act *a, const float *src, const int32_t *rows, int64_t n);
+    /* ---- LoRA adapters (all NULL where a backend has none: adapters are then refused) ----
+     * The engine keeps adapters in host memory and copies the one a sequence needs into a
+     * free slot; a step's zse_batch says each sequence's slot, so one step carries
+     * sequences of many adapters and of none, over one shared base matmul. */
+    zse_lora_pool *(*lora_pool_new)(zse_backend *be, const zse_lora_shape *s);
+    void (*lora_pool_free)(zse_backend *be, zse_lora_pool *p);
+    /* host memory a slot is loaded from (CUDA: pinned, so the copy runs asynchronously);
+     * NULL with an error when out of memory */
+    void *(*lora_host_alloc)(zse_backend *be, size_t bytes);
+    void (*lora_host_free)(zse_backend *be, void *p);
+    /* starts copying an image of `bytes` (<= slot_bytes) into slot; the image must stay as it
+     * is until lora_slot_ready says 1. The copy never waits for a step, nor a step for it. */
+    int (*lora_slot_load)(zse_backend *be, zse_lora_pool *p, int slot, const void *image, size_t bytes);
+    /* 1 when the slot's last load has landed, 0 while it is still copying, -1 on failure */
+    int (*lora_slot_ready)(zse_backend *be, zse_lora_pool *p, int slot);
+    /* For the batch's rows t < rows whose sequence has an adapter slot s that adapts
+     * outs[i].module of `layer`: outs[i].y[t] += scale · B·(A·x[t]) (A, B of slot s);
+     * other rows are left alone. x is the input the projections share (q/k/v: one x; gate and
+     * up: one x); at most 3 outs. A row's result does not depend on the other rows. */
+    void (*lora_apply)(zse_backend *be, const zse_lora_pool *p, int layer, const zse_act *x, int64_t rows,
+                       const zse_lora_out *outs, int n_outs);
 } zse_backend_ops;
 
 enum {

@@ -186,6 +186,7 @@ int cli_spec_load_draft(const cli_spec *s, const zse_load_params *lp, zse_model 
         return 0;
     zse_load_params dp = *lp;
     dp.gpu_memory = 0; /* what the device has free; the target is sized after it */
+    dp.max_loras = 0;  /* a draft runs without adapters: its drafts are verified by the target */
     if (!(*draft = zse_model_load(s->draft, &dp))) {
         zse_error_prefix("--draft");
         return -1;
@@ -203,4 +204,47 @@ const char *cli_human_bytes(uint64_t b, char buf[32])
     else
         snprintf(buf, 32, "%.1f KB", (double)b / 1e3);
     return buf;
+}
+
+bool cli_lora_arg(cli_args *a, cli_lora *l)
+{
+    if (cli_is(a, NULL, "--lora"))
+        l->path = cli_value(a);
+    else if (cli_is(a, NULL, "--lora-scale"))
+        l->scale_given = cli_float(a, -1000, 1000, &l->scale);
+    else
+        return false;
+    return true;
+}
+
+int cli_lora_prepare(const cli_lora *l, zse_load_params *lp, const char *verb)
+{
+    if (!l->path) {
+        if (l->scale_given) {
+            fprintf(stderr, "zse %s: --lora-scale needs --lora PATH\n", verb);
+            return 2;
+        }
+        return 0;
+    }
+    int rank;
+    if (zse_adapter_probe(l->path, &rank) != 0) {
+        fprintf(stderr, "zse %s: --lora: %s\n", verb, zse_last_error());
+        return 2;
+    }
+    lp->max_loras = 1; /* one adapter: a slot its size */
+    lp->max_cpu_loras = 1;
+    lp->max_lora_rank = rank;
+    return 0;
+}
+
+int cli_lora_open(const cli_lora *l, zse_model *m, zse_adapter **out)
+{
+    *out = NULL;
+    if (!l->path)
+        return 0;
+    if (!(*out = zse_adapter_open(m, l->path, l->scale_given ? (float)l->scale : 1.0f))) {
+        zse_error_prefix("--lora");
+        return -1;
+    }
+    return 0;
 }

@@ -71,6 +71,24 @@ int cli_spec_parse(const cli_spec *s, zse_spec_params *out, const char *verb);
  * the error. */
 int cli_spec_load_draft(const cli_spec *s, const zse_load_params *lp, zse_model **draft, zse_spec_params *out);
 
+/* ---- a LoRA adapter for run and chat ---------------------------------------------------------- */
+typedef struct {
+    const char *path;       /* --lora PATH: a PEFT directory or a .zsa file */
+    double scale;           /* --lora-scale S */
+    bool scale_given;
+} cli_lora;
+
+#define CLI_LORA_HELP                                                                                     \
+    "  --lora PATH             run with a LoRA adapter: a PEFT directory (adapter_config.json +\n"         \
+    "                          adapter_model.safetensors) or a .zsa file (zse convert-adapter)\n"          \
+    "  --lora-scale S          multiply the adapter's delta by S (default 1: as trained)\n"
+
+bool cli_lora_arg(cli_args *a, cli_lora *l);
+/* sets the load parameters for the adapter (one slot of its rank): 0, or 2 after printing */
+int cli_lora_prepare(const cli_lora *l, zse_load_params *lp, const char *verb);
+/* the adapter on the loaded model (NULL without --lora): 0, or -1 with the error */
+int cli_lora_open(const cli_lora *l, zse_model *m, zse_adapter **out);
+
 /* fit.c: what fits where (zse hardware --fit, zse info --fit), and the KV cache's size */
 int cli_print_fit(const char *model_path, bool as_json);
 /* "1.23 GB", "45.6 MB", "789.0 KB": the unit that keeps the figure readable */

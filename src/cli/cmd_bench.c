@@ -6,6 +6,7 @@
 
 #include <pthread.h>
 #include <stdio.h>
+#include <sys/stat.h>
 #include <string.h>
 #include <stdlib.h>
 #include <sys/resource.h>
@@ -102,7 +103,7 @@ typedef struct {
  * aggregate tokens/s over the whole run (prefill included) and over the decode phase (after
  * every request had its first token) */
 static int run_concurrent(zse_model *m, int n, int64_t n_prompt, int64_t shared, int64_t n_gen, int max_batch_tokens,
-                          const zse_spec_params *spec, agg_result *out)
+                          const zse_spec_params *spec, zse_adapter *const *adapters, int n_adapters, agg_result *out)
 {
     zse_model_info info;
     zse_model_get_info(m, &info);
@@ -130,6 +131,7 @@ static int run_concurrent(zse_model *m, int n, int64_t n_prompt, int64_t shared,
         slots[i].run = &r;
         fill_prompt(ids, shared, 4242u, info.vocab_size);
         fill_prompt(ids + shared, n_prompt - shared, 777u + (uint32_t)i, info.vocab_size);
+        s.adapter = n_adapters ? adapters[i % n_adapters] : NULL; /* request i: adapter i of the set, in turn */
         uint64_t id;
         rc = zse_engine_submit(e, ids, (size_t)n_prompt, &s, 0, on_token, &slots[i], &id);
         submitted += rc == 0;
@@ -159,6 +161,93 @@ static int run_concurrent(zse_model *m, int n, int64_t n_prompt, int64_t shared,
     free(slots);
     free(ids);
     return rc;
+}
+
+/* ---- LoRA adapters ------------------------------------------------------------------------- */
+
+#define MAX_BENCH_ADAPTERS 4096
+
+typedef struct {
+    zse_adapter *adapters[MAX_BENCH_ADAPTERS];
+    int n;
+    double register_s;          /* reading them all into host memory */
+    double cold_ttft_s, warm_ttft_s; /* an adapter on disk only, then the same again */
+} lora_bench;
+
+/* the directory's first n adapters registered (read into host memory, timed) */
+static int lora_setup(zse_model *m, const char *dir, int n, lora_bench *lb, char ***names, size_t *n_names)
+{
+    if (zse_adapter_set_dir(m, dir) != 0 || !(*names = zse_adapter_list(m, n_names)))
+        return -1;
+    if (*n_names < (size_t)n)
+        return zse_fail("--lora-dir %s holds %zu adapters; --lora-adapters asks for %d", dir, *n_names, n);
+    double t0 = zse_now();
+    for (int i = 0; i < n; i++) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, (*names)[i]);
+        struct stat st;
+        if (stat(path, &st) != 0)
+            snprintf(path, sizeof path, "%s/%s.zsa", dir, (*names)[i]);
+        if (zse_adapter_register(m, (*names)[i], path, 1.0f) != 0 || !(lb->adapters[i] = zse_adapter_get(m, (*names)[i])))
+            return -1;
+        lb->n = i + 1;
+    }
+    lb->register_s = zse_now() - t0;
+    return 0;
+}
+
+/* time to first token of one short request whose adapter is read from disk, then again */
+static int lora_cold_ttft(zse_model *m, const char *name, lora_bench *lb)
+{
+    zse_adapter *a = zse_adapter_get(m, name);
+    if (!a)
+        return -1;
+    zse_model_info info;
+    zse_model_get_info(m, &info);
+    int32_t ids[32];
+    const size_t n_ids = info.ctx_size > 34 ? 32 : (size_t)(info.ctx_size > 3 ? info.ctx_size - 2 : 1);
+    fill_prompt(ids, (int64_t)n_ids, 4711u, info.vocab_size);
+    zse_sampling s;
+    zse_sampling_default(&s);
+    s.temperature = 0;
+    s.adapter = a;
+    int rc = 0;
+    for (int k = 0; rc == 0 && k < 2; k++) {
+        double t = zse_now();
+        zse_seq *q = zse_seq_new(m, &s);
+        int32_t tok;
+        char *piece = NULL;
+        zse_finish fin;
+        rc = q && zse_seq_feed(q, ids, n_ids) == 0 && zse_seq_next(q, &tok, &piece, &fin) == 0 ? 0 : -1;
+        zse_free(piece);
+        zse_seq_free(q);
+        *(k ? &lb->warm_ttft_s : &lb->cold_ttft_s) = zse_now() - t;
+    }
+    zse_adapter_release(a);
+    return rc;
+}
+
+static void print_lora(zse_model *m, const lora_bench *lb, bool as_json)
+{
+    zse_adapter_stats st;
+    zse_adapter_get_stats(m, &st);
+    const double host_ms = st.loads_host ? 1e3 * st.load_host_seconds / (double)st.loads_host : 0,
+                 slot_ms = st.loads_slot ? 1e3 * st.load_slot_seconds / (double)st.loads_slot : 0,
+                 wait_ms = st.waits ? 1e3 * st.wait_seconds / (double)st.waits : 0;
+    if (as_json)
+        printf(", \"lora\": {\"adapters\": %d, \"slots\": %d, \"host_slots\": %d, \"load_host_ms\": %.3f, "
+               "\"load_slot_ms\": %.3f, \"loads_slot\": %llu, \"evictions_slot\": %llu, \"waits\": %llu, "
+               "\"wait_ms_mean\": %.3f, \"cold_ttft_s\": %.4f, \"warm_ttft_s\": %.4f}",
+               lb->n, st.slots, st.host_slots, host_ms, slot_ms, (unsigned long long)st.loads_slot,
+               (unsigned long long)st.evictions_slot, (unsigned long long)st.waits, wait_ms, lb->cold_ttft_s,
+               lb->warm_ttft_s);
+    else
+        printf("lora: %d adapters, %d slots, %d host slots | disk -> host %.3f ms, host -> slot %.3f ms each | %llu "
+               "slot loads, %llu evictions | %llu requests waited %.3f ms on average | first token with an adapter "
+               "on disk %.4f s, again %.4f s\n",
+               lb->n, st.slots, st.host_slots, host_ms, slot_ms, (unsigned long long)st.loads_slot,
+               (unsigned long long)st.evictions_slot, (unsigned long long)st.waits, wait_ms, lb->cold_ttft_s,
+               lb->warm_ttft_s);
 }
 
 /* "8,32,64" -> levels; false on anything else */
@@ -199,7 +288,14 @@ static void usage(FILE *out)
             "--shared-prefix N makes the concurrent requests' first N prompt tokens the same.\n"
             "The single-sequence prompt is random tokens, or the first N tokens of --prompt-file.\n"
             "With speculative decoding the decode figures are effective tokens/s, with the\n"
-            "acceptance rate and tokens per verification pass beside them.\n\n" CLI_SPEC_HELP);
+            "acceptance rate and tokens per verification pass beside them.\n\n" CLI_SPEC_HELP
+            "LoRA adapters (the figures are then for adapted sequences):\n"
+            "  --lora PATH             every sequence runs this adapter (PEFT directory or .zsa)\n"
+            "  --lora-dir DIR --lora-adapters N\n"
+            "                          the concurrent runs' request i takes adapter i mod N of the first N\n"
+            "                          in DIR (registered first: in host memory); with one more in DIR, the\n"
+            "                          time to first token of a request whose adapter is on disk only\n"
+            "  --max-gpu-loras N, --max-cpu-loras M, --max-lora-rank R   as for zse serve\n");
 }
 
 static void print_spec(const zse_spec_stats *st, bool as_json)
@@ -297,6 +393,8 @@ int cmd_bench(int argc, char **argv)
     int64_t n_prompt = 512, n_gen = 128, threads = 0, ctx = 0, b_prompt = 128, b_gen = 128, max_batch = 512;
     int64_t shared = 0;
     bool as_json = false, prefix_cache = false;
+    const char *lora_path = NULL, *lora_dir = NULL;
+    int64_t lora_count = 0, gpu_loras = 0, cpu_loras = 0, lora_rank = 0;
     zse_load_params lp;
     zse_load_params_default(&lp);
     cli_spec spec_flags = {0};
@@ -319,6 +417,12 @@ int cmd_bench(int argc, char **argv)
         else if (cli_is(&a, NULL, "--prefix-cache")) prefix_cache = true;
         else if (cli_is(&a, NULL, "--shared-prefix")) cli_int(&a, 0, 1 << 20, &shared);
         else if (cli_is(&a, NULL, "--json")) as_json = true;
+        else if (cli_is(&a, NULL, "--lora")) lora_path = cli_value(&a);
+        else if (cli_is(&a, NULL, "--lora-dir")) lora_dir = cli_value(&a);
+        else if (cli_is(&a, NULL, "--lora-adapters")) cli_int(&a, 1, 4096, &lora_count);
+        else if (cli_is(&a, NULL, "--max-gpu-loras")) cli_int(&a, 1, 4096, &gpu_loras);
+        else if (cli_is(&a, NULL, "--max-cpu-loras")) cli_int(&a, 1, 65536, &cpu_loras);
+        else if (cli_is(&a, NULL, "--max-lora-rank")) cli_int(&a, 1, 128, &lora_rank);
         else if (cli_positional(&a) && !path) path = a.arg;
         else return cli_unknown(&a);
     }
@@ -346,6 +450,25 @@ int cmd_bench(int argc, char **argv)
     }
     for (int i = 0; i < n_levels; i++)
         max_level = levels[i] > max_level ? levels[i] : max_level;
+    if (!lora_dir != !lora_count || (lora_dir && lora_path) || ((gpu_loras || cpu_loras || lora_rank) && !lora_dir && !lora_path)) {
+        fprintf(stderr, "zse bench: --lora-dir and --lora-adapters go together (and not with --lora); --max-*-loras and "
+                        "--max-lora-rank need adapters\n");
+        return 2;
+    }
+    char **dir_names = NULL; /* the adapter directory's first names */
+    size_t n_dir = 0;
+    if (lora_path || lora_dir) {
+        int rank = 16, r;
+        if (lora_path && zse_adapter_probe(lora_path, &r) != 0) {
+            fprintf(stderr, "zse bench: --lora: %s\n", zse_last_error());
+            return 2;
+        }
+        if (lora_path)
+            rank = r;
+        lp.max_loras = gpu_loras ? (int)gpu_loras : lora_path ? 1 : 8;
+        lp.max_cpu_loras = cpu_loras ? (int)cpu_loras : lora_count > lp.max_loras ? (int)lora_count : lp.max_loras;
+        lp.max_lora_rank = lora_rank ? (int)lora_rank : rank;
+    }
     lp.threads = (int)threads;
     lp.kv_type = strcmp(kv, "int8") == 0 ? ZSE_KV_INT8 : ZSE_KV_F16;
     int64_t need = n_prompt + n_gen + 1;
@@ -385,9 +508,17 @@ int cmd_bench(int argc, char **argv)
     s.temperature = 0;
     s.ignore_eos = true;
     s.max_tokens = (int)n_gen;
-    zse_seq *q = ids ? zse_seq_new(m, &s) : NULL;
+    zse_seq *q = NULL;
     agg_result agg[MAX_LEVELS];
     int rc = 1;
+    lora_bench lb = {0};
+    if (lora_path && !(lb.adapters[0] = zse_adapter_open(m, lora_path, 1.0f)))
+        goto done;
+    lb.n = lora_path ? 1 : 0;
+    if (lora_dir && lora_setup(m, lora_dir, (int)lora_count, &lb, &dir_names, &n_dir) != 0)
+        goto done;
+    s.adapter = lora_path ? lb.adapters[0] : NULL;
+    q = ids ? zse_seq_new(m, &s) : NULL;
     if (!q || zse_seq_set_spec(q, &spec) != 0)
         goto done;
     fill_prompt(ids, n_prompt, 12345u, info.vocab_size);
@@ -452,8 +583,10 @@ int cmd_bench(int argc, char **argv)
     zse_seq_free(q); /* its KV blocks go back for the concurrent runs */
     q = NULL;
     for (int i = 0; i < n_levels; i++)
-        if (run_concurrent(m, levels[i], b_prompt, shared, b_gen, (int)max_batch, &spec, &agg[i]) != 0)
+        if (run_concurrent(m, levels[i], b_prompt, shared, b_gen, (int)max_batch, &spec, lb.adapters, lb.n, &agg[i]) != 0)
             goto done;
+    if (lora_dir && n_dir > (size_t)lora_count && lora_cold_ttft(m, dir_names[lora_count], &lb) != 0)
+        goto done;
     double pp = (double)n_prompt / t_prefill, tg = produced / t_decode;
     if (as_json) {
         printf("{\"model\": \"%s\", \"device\": \"%s\", \"quant\": \"%s\", \"load_s\": %.3f, \"warmup_s\": %.3f, \"ctx\": %d, "
@@ -475,6 +608,8 @@ int cmd_bench(int argc, char **argv)
             printf(", ");
             print_spec(&sst, true);
         }
+        if (lb.n)
+            print_lora(m, &lb, true);
         if (n_levels) {
             printf(", \"concurrent\": [");
             for (int i = 0; i < n_levels; i++) {
@@ -506,6 +641,8 @@ int cmd_bench(int argc, char **argv)
             print_spec(&sst, false);
             printf("\n");
         }
+        if (lb.n)
+            print_lora(m, &lb, false);
         for (int i = 0; i < n_levels; i++) {
             printf("%d sequences x (%lld + %lld tokens): %.3f s, %.1f tok/s generated overall, %.1f tok/s in the "
                    "decode phase",
@@ -523,6 +660,11 @@ done:
     if (rc)
         cli_error("bench");
     zse_seq_free(q);
+    for (int i = 0; i < lb.n; i++)
+        zse_adapter_release(lb.adapters[i]);
+    for (size_t i = 0; i < n_dir; i++)
+        zse_free(dir_names[i]);
+    zse_free(dir_names);
     free(ids);
     zse_model_free(m);
     zse_model_free(draft);

@@ -32,7 +32,7 @@ static void usage(FILE *out)
             "  --json-schema FILE      the output is JSON valid against this JSON Schema (--strict: OpenAI's strict mode)\n"
             "  --json                  the output is a JSON object\n"
             "  --regex RE              the output matches this regular expression (docs/GRAMMAR.md)\n"
-            CLI_SPEC_HELP);
+            CLI_LORA_HELP CLI_SPEC_HELP);
 }
 
 static int dump_logits(const char *path, const float *logits, int n)
@@ -61,9 +61,10 @@ int cmd_run(int argc, char **argv)
     zse_load_params lp;
     zse_load_params_default(&lp);
     cli_spec spec_flags = {0};
+    cli_lora lora_flags = {0};
     cli_args a = cli_begin(argc, argv);
     while (cli_next(&a)) {
-        if (cli_spec_arg(&a, &spec_flags)) continue;
+        if (cli_spec_arg(&a, &spec_flags) || cli_lora_arg(&a, &lora_flags)) continue;
         else if (cli_is(&a, "-p", "--prompt")) prompt = cli_value(&a);
         else if (cli_is(&a, "-f", "--file")) prompt_file = cli_value(&a);
         else if (cli_is(&a, "-n", "--max-tokens")) cli_int(&a, 1, 1 << 24, &n_gen);
@@ -104,6 +105,8 @@ int cmd_run(int argc, char **argv)
         fprintf(stderr, "zse run: --kv-cache takes f16 or int8, not '%s'\n", kv);
         return 2;
     }
+    if (cli_lora_prepare(&lora_flags, &lp, "run") != 0)
+        return 2;
     lp.kv_type = strcmp(kv, "int8") == 0 ? ZSE_KV_INT8 : ZSE_KV_F16;
     lp.threads = (int)threads;
     lp.ctx_size = (int)ctx;
@@ -135,6 +138,7 @@ int cmd_run(int argc, char **argv)
     size_t n_ids = 0;
     int rc = 1;
     zse_seq *q = NULL;
+    zse_adapter *adapter = NULL;
     zse_constraint *constraint = NULL;
     char *schema = NULL;
     zse_sampling s;
@@ -147,6 +151,9 @@ int cmd_run(int argc, char **argv)
     s.seed = (uint64_t)seed;
     s.max_tokens = (int)n_gen;
     s.ignore_eos = ignore_eos;
+    if (cli_lora_open(&lora_flags, m, &adapter) != 0)
+        goto done;
+    s.adapter = adapter;
     size_t schema_len = 0;
     if (schema_file && !(schema = zse_read_file(schema_file, &schema_len)))
         goto done;
@@ -247,6 +254,7 @@ done:
     if (rc)
         cli_error("run");
     zse_seq_free(q);
+    zse_adapter_release(adapter);
     zse_constraint_free(constraint);
     free(schema);
     free(ids);

@@ -121,6 +121,9 @@ static int feed(zse_seq *q, const int32_t *ids, size_t n, float *all_logits)
     for (size_t i = 0; i < n; i++)
         if (ids[i] < 0 || ids[i] >= q->m->vocab)
             return zse_fail("token id %d at %zu is outside the vocabulary (0..%d)", ids[i], i, q->m->vocab - 1);
+    /* its adapter in a slot first (read from disk and copied now when it is not) */
+    if (zse_sequence_pin_adapter_wait(&q->q, q->m) != 0)
+        return -1;
     if (n && zse_sequence_append(&q->q, ids, n) != 0)
         return -1;
     if (zse_sequence_pending(&q->q) == 0)

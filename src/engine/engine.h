@@ -193,6 +193,44 @@ int zse_gen_accept(zse_gen *g, int32_t t, bool is_eos, bool ctx_full, zse_buf *o
 #define ZSE_PREFILL_CHUNK 512
 #endif
 
+/* ---- LoRA adapters: the registry and the tiers (lora.c) -----------------------------------
+ * A model loaded with adapter slots has one cache: named adapters, the backend's slot pool,
+ * host slots (pinned where the backend copies from), and a loader thread that reads adapters
+ * from disk for the engine while it runs other sequences. Lock order: the model's run_lock,
+ * then the engine's mu, then the cache's mu (the loader and the HTTP threads take only the
+ * last). */
+typedef struct zse_lora_cache zse_lora_cache;
+
+int zse_lora_cache_new(zse_model *m, const zse_load_params *p);
+void zse_lora_cache_free(zse_lora_cache *c);
+/* called (without locks) when a disk load finishes, so a waiting engine runs its next step */
+void zse_lora_set_waker(zse_lora_cache *c, void (*wake)(void *), void *arg);
+/* a device copy is under way (the engine polls sooner) */
+bool zse_lora_copying(zse_lora_cache *c);
+
+/* What pinning answered: the slot is the sequence's (PINNED), its adapter is on its way
+ * (WAIT; STARVED when it needs a slot and every slot is in use), or loading it failed. */
+typedef enum { ZSE_LORA_FAILED = -1, ZSE_LORA_WAIT = 0, ZSE_LORA_PINNED = 1, ZSE_LORA_STARVED = 2 } zse_lora_pin_state;
+
+/* (run_lock held) PINNED with *slot when a's slot holds it (its pin count goes up);
+ * otherwise the next move toward a slot: a host -> slot copy into a free or least recently
+ * used unpinned slot, or a disk read on the loader thread (neither when may_take_slot is
+ * false). FAILED when a load failed since *failures was taken (0 on the first call: the
+ * current count is taken); first: count where the adapter was found (stats). */
+zse_lora_pin_state zse_lora_pin(zse_lora_cache *c, zse_adapter *a, bool may_take_slot, bool first, int *slot,
+                                uint64_t *failures);
+void zse_lora_unpin(zse_lora_cache *c, zse_adapter *a);
+/* reads a into host memory on the calling thread unless it is there or on its way (the
+ * synchronous path of zse_seq); -1 with the error when it cannot be read */
+int zse_lora_load_now(zse_lora_cache *c, zse_adapter *a);
+void zse_lora_note_wait(zse_lora_cache *c, double seconds);
+/* the content hash that keys the adapter's prefix-cache blocks (0 until first loaded) and
+ * the projections it adapts */
+uint64_t zse_adapter_id(const zse_adapter *a);
+uint32_t zse_adapter_modules(const zse_adapter *a);
+zse_adapter *zse_adapter_ref(zse_adapter *a);
+zse_lora_cache *zse_adapter_cache(const zse_adapter *a);
+
 struct zse_model {
     zse_file *file;
     zse_tokenizer *tok;
@@ -212,6 +250,7 @@ struct zse_model {
     /* where the weights are (zse_model_fit): the placement and its counts */
     zse_fit_mode placement;
     int layers_streamed, expert_slots, experts_total;
+    zse_lora_cache *lora;       /* NULL: loaded without adapter slots */
     /* constrained decoding (constraint.c): the vocabulary as a grammar sees it, built on
      * first use: plain, and with the tool-call format's special tokens allowed */
     pthread_mutex_t grammar_lock;
@@ -250,6 +289,11 @@ typedef struct zse_sequence {
     uint64_t *keys;         /* [n_keys] the keys of its first full blocks of tokens */
     int n_keys, cap_keys;
     int n_published;        /* leading blocks published (or found already published) */
+    /* its LoRA adapter (a reference), or NULL; lora_slot is the slot it pins (-1: none yet) */
+    zse_adapter *adapter;
+    int lora_slot;
+    uint64_t lora_failures; /* the adapter's load failures when it began to wait for it */
+    double lora_wait_since; /* 0: never waited */
     /* constrained decoding: the matcher of gen.s.constraint (it holds a reference to the
      * grammar), and a mask's scratch */
     zse_matcher *matcher;
@@ -276,6 +320,16 @@ int zse_sequence_init(zse_sequence *q, const zse_model *m, const zse_sampling *s
 void zse_sequence_free(zse_sequence *q, zse_model *m);
 /* appends tokens that have not been run yet */
 int zse_sequence_append(zse_sequence *q, const int32_t *ids, size_t n);
+/* Makes the sequence's adapter usable by a step (run_lock held): PINNED once its slot holds
+ * it (the salt keys its prefix-cache blocks by the adapter), else the fetch is started and
+ * it WAITs — without taking a slot when may_take_slot is false (a better-ranked sequence is
+ * waiting for one: fairness) — or it FAILED (the error says why). PINNED at once without
+ * an adapter. */
+zse_lora_pin_state zse_sequence_pin_adapter(zse_sequence *q, zse_model *m, bool may_take_slot);
+/* lets its adapter's slot go (a sequence that has ended: the slot may be evicted) */
+void zse_sequence_unpin_adapter(zse_sequence *q, zse_model *m);
+/* the same, waiting for the adapter (zse_seq: nothing else to run); takes run_lock itself */
+int zse_sequence_pin_adapter_wait(zse_sequence *q, zse_model *m);
 /* tokens waiting to be run */
 static inline size_t zse_sequence_pending(const zse_sequence *q) { return q->n_tokens - q->n_cached; }
 /* blocks for positions [0, n_tokens) from the pool (run_lock held); all or nothing, an error
@@ -334,7 +388,7 @@ typedef struct {
 typedef struct {
     int32_t *tokens, *pos, *seq, *slots, *rows;
     size_t tok_cap;
-    int32_t *lens;
+    int32_t *lens, *adapters;
     size_t seq_cap;
     int32_t *table;
     size_t table_cap;

@@ -88,7 +88,7 @@ static int default_kv_blocks(const zse_config *c, const zse_load_params *p, int 
 static int fit_kv_on_device(const zse_backend_memory *bm, const zse_load_params *p, uint64_t per_block,
                             int per_seq, int *n_blocks)
 {
-    uint64_t held = bm->weights + bm->activations + bm->workspace + bm->slabs;
+    uint64_t held = bm->weights + bm->adapters + bm->activations + bm->workspace + bm->slabs;
     uint64_t free_now = bm->device_total > bm->device_used ? bm->device_total - bm->device_used : 0;
     uint64_t room = free_now;
     if (p->gpu_memory) {
@@ -321,7 +321,8 @@ zse_model *zse_model_load(const char *path, const zse_load_params *params)
     }
     if (load_weights(m, params) != 0)
         goto fail;
-    if (create_kv(m, c, params) != 0)
+    /* adapter slots before the KV cache, which takes what is left of the device */
+    if (zse_lora_cache_new(m, params) != 0 || create_kv(m, c, params) != 0)
         goto fail;
     collect_eos(m);
     const json_t *tc = zse_file_tokenizer_config(m->file);
@@ -345,6 +346,7 @@ void zse_model_free(zse_model *m)
         return;
     if (m->kv)
         m->be->ops->kv_free(m->be, m->kv);
+    zse_lora_cache_free(m->lora);
     zse_llm_free(m->llm);
     zse_backend_destroy(m->be);
     zse_tokenizer_free(m->tok);
@@ -402,6 +404,7 @@ void zse_model_get_memory(zse_model *m, zse_memory_info *out)
             out->weights += zse_file_tensor_at(m->file, i)->size;
     }
     out->kv_cache = bm.kv_cache;
+    out->adapters = bm.adapters;
     out->activations = bm.activations;
     out->workspace = bm.workspace;
     out->stream_buffers = m->placement == ZSE_FIT_STREAM ? bm.slabs : 0;
@@ -419,7 +422,7 @@ void zse_model_get_memory(zse_model *m, zse_memory_info *out)
     out->on_device = bm.on_device;
     out->device_used = bm.device_used;
     out->device_total = bm.device_total;
-    uint64_t ours = bm.weights + bm.kv_cache + bm.activations + bm.workspace + bm.slabs;
+    uint64_t ours = bm.weights + bm.adapters + bm.kv_cache + bm.activations + bm.workspace + bm.slabs;
     out->device_other = bm.device_used > ours ? bm.device_used - ours : 0;
 }
 
@@ -453,6 +456,17 @@ int zse_tokenize(const zse_model *m, const char *text, size_t len, int flags, in
 char *zse_detokenize(const zse_model *m, const int32_t *ids, size_t n, bool skip_special)
 {
     return zse_tokenizer_decode(m->tok, ids, n, skip_special);
+}
+
+uint8_t *zse_token_bytes(const zse_model *m, int32_t id, size_t *len)
+{
+    zse_buf b = {0};
+    if (zse_tokenizer_token_bytes(m->tok, id, &b) != 0 || zse_buf_reserve(&b, 1) != 0) {
+        zse_buf_free(&b);
+        return NULL;
+    }
+    *len = b.len;
+    return (uint8_t *)b.data;
 }
 
 static const char *token_name(const json_t *v)

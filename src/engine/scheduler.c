@@ -23,6 +23,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -40,6 +41,8 @@ typedef struct request {
     zse_logprobs *plp;          /* prompt_logprobs: [n_prompt], filled as the prompt runs */
     bool plp_sent;              /* they went out with the first event */
     /* this step */
+    double lora_rank;           /* its effective priority when adapters were last walked */
+    char error[512];            /* why it ended with ZSE_FINISH_ERROR (its adapter did not load) */
     int take;                   /* tokens in the batch; 0 = not in it */
     int out_index;              /* its first logits row, or -1 */
     int n_rows;                 /* its logits rows (prompt scoring and drafts take several) */
@@ -78,6 +81,8 @@ struct zse_engine {
     int *want;
     zse_spec_stats spec_stats;  /* under mu: spec.stats after the last step */
     zse_offload_stats offload_stats; /* under mu: the model's after the last step */
+    request **lora_order;       /* prepare_adapters' walk */
+    int lora_cap;
 };
 
 /* logits rows a step keeps for prompts being scored (prompt_logprobs) */
@@ -121,13 +126,15 @@ static request *request_new(zse_engine *e, const int32_t *prompt, size_t n, cons
 static int index_of(const zse_engine *e, const request *r);
 static void running_remove_at(zse_engine *e, int i);
 
-/* Ends a request: off the running list, its KV back in the pool (and in the stats) before
- * the caller hears of the end, so a caller that saw every request end sees no block in
- * use; then the last event, then the request is freed. */
+/* Ends a request: off the running list, its KV back in the pool (and in the stats) and its
+ * adapter's slot unpinned before the caller hears of the end, so a caller that saw every
+ * request end sees no block in use and no slot pinned; then the last event, then the
+ * request is freed. */
 static void end_request(zse_engine *e, request *r, const zse_token_event *ev)
 {
     pthread_mutex_lock(&e->m->run_lock);
     zse_sequence_forget(&r->q, e->m, 0);
+    zse_sequence_unpin_adapter(&r->q, e->m);
     int used = zse_block_pool_used(&e->m->blocks);
     pthread_mutex_unlock(&e->m->run_lock);
     pthread_mutex_lock(&e->mu);
@@ -140,13 +147,16 @@ static void end_request(zse_engine *e, request *r, const zse_token_event *ev)
     request_free(e, r);
 }
 
-/* the last event of a request that ends without a new token (cancel, error, shutdown) */
-static void finish_without_token(zse_engine *e, request *r, zse_finish why)
+/* the last event of a request that ends without a new token (cancel, error, shutdown);
+ * error: what went wrong, for ZSE_FINISH_ERROR */
+static void finish_with(zse_engine *e, request *r, zse_finish why, const char *error)
 {
     zse_token_event ev = {.token = -1, .text = "", .finish = why, .prompt_tokens = (int)r->q.n_prompt,
-                          .completion_tokens = r->q.sampled};
+                          .completion_tokens = r->q.sampled, .error = error};
     end_request(e, r, &ev);
 }
+
+static void finish_without_token(zse_engine *e, request *r, zse_finish why) { finish_with(e, r, why, NULL); }
 
 /* A request with max_tokens ZSE_MAX_TOKENS_NONE whose prompt has run: it ends without a token,
  * its prompt's logprobs (when asked) with it */
@@ -199,12 +209,17 @@ static double effective_priority(const zse_engine *e, const request *r, double n
     return r->priority - floor((now - r->queued_at) / e->p.priority_aging_s);
 }
 
+/* a request whose adapter is not yet in a slot waits for it, whatever its rank */
+static bool adapter_waits(const request *r) { return r->q.adapter && r->q.lora_slot < 0; }
+
 /* the waiting request to admit next: best effective priority, then arrival */
 static request *queue_best(const zse_engine *e, double now)
 {
     request *best = NULL;
     double best_p = 0;
     for (request *r = e->queue; r; r = r->next) {
+        if (adapter_waits(r))
+            continue;
         double p = effective_priority(e, r, now);
         if (!best || p < best_p || (p == best_p && r->order < best->order)) {
             best = r;
@@ -448,6 +463,66 @@ static void plan_admissions(zse_engine *e, plan *pl)
     }
 }
 
+/* ---- adapters: a waiting request's adapter is brought to a slot while others run ----------- */
+
+static int cmp_rank(const void *pa, const void *pb)
+{
+    const request *a = *(request *const *)pa, *b = *(request *const *)pb;
+    return a->lora_rank < b->lora_rank ? -1 : a->lora_rank > b->lora_rank ? 1 : a->order < b->order ? -1 : 1;
+}
+
+/* Walks the waiting requests whose adapter is not in a slot yet, best effective rank first:
+ * each pins its adapter's slot when the adapter is there, else its fetch is started (a disk
+ * read on the loader thread, a copy into a free slot) and it keeps waiting while others run.
+ * Once a request finds every slot in use, those ranked after it take no slot (they may
+ * still be read into host memory): slots then drain to it as requests end, so a stream of
+ * requests for resident adapters cannot keep it out for ever. Requests whose adapter
+ * failed to load go to *failed. run_lock held. */
+static void prepare_adapters(zse_engine *e, request **failed)
+{
+    if (!e->m->lora)
+        return;
+    pthread_mutex_lock(&e->mu);
+    double now = zse_now();
+    int n = 0;
+    for (request *r = e->queue; r; r = r->next)
+        n += adapter_waits(r) && !r->cancelled;
+    if (n == 0) {
+        pthread_mutex_unlock(&e->mu);
+        return;
+    }
+    if (n > e->lora_cap) {
+        request **p = zse_realloc(e->lora_order, (size_t)n * sizeof *p);
+        if (!p) {
+            pthread_mutex_unlock(&e->mu);
+            return; /* they wait for a later step */
+        }
+        e->lora_order = p;
+        e->lora_cap = n;
+    }
+    n = 0;
+    for (request *r = e->queue; r; r = r->next)
+        if (adapter_waits(r) && !r->cancelled) {
+            r->lora_rank = effective_priority(e, r, now);
+            e->lora_order[n++] = r;
+        }
+    qsort(e->lora_order, (size_t)n, sizeof *e->lora_order, cmp_rank);
+    bool starved = false;
+    for (int i = 0; i < n; i++) {
+        request *r = e->lora_order[i];
+        zse_lora_pin_state st = zse_sequence_pin_adapter(&r->q, e->m, !starved);
+        if (st == ZSE_LORA_STARVED)
+            starved = true;
+        if (st == ZSE_LORA_FAILED) {
+            snprintf(r->error, sizeof r->error, "%s", zse_error_message());
+            queue_remove(e, r);
+            r->next = *failed;
+            *failed = r;
+        }
+    }
+    pthread_mutex_unlock(&e->mu);
+}
+
 /* Every slot taken and a waiting request of a strictly better priority: the worst-ranked
  * running requests go back to the queue for it (their full blocks stay in the prefix cache,
  * so resuming recomputes little). Aging never preempts: it orders admissions only, so two
@@ -614,10 +689,16 @@ static void score_prompt_rows(zse_engine *e, request *r)
 static int step(zse_engine *e)
 {
     plan pl = {.seqs = e->plan_seqs};
-    request *full = NULL;
+    request *full = NULL, *failed = NULL;
     pthread_mutex_lock(&e->m->run_lock);
+    prepare_adapters(e, &failed);
     preempt_for_priority(e);
     pthread_mutex_unlock(&e->m->run_lock);
+    while (failed) {
+        request *r = failed;
+        failed = r->next;
+        finish_with(e, r, ZSE_FINISH_ERROR, r->error);
+    }
     propose_drafts(e);
     pthread_mutex_lock(&e->m->run_lock);
     for (int i = 0; i < e->n_running; i++)
@@ -655,8 +736,10 @@ static int step(zse_engine *e)
     }
     if (rc != 0) {
         zse_log(ZSE_LOG_ERROR, "engine step of %d tokens failed: %s", pl.n_tokens, zse_error_message());
+        char why[ZSE_ERROR_MAX];
+        snprintf(why, sizeof why, "%s", zse_error_message());
         for (int s = 0; s < pl.n_seqs; s++)
-            finish_without_token(e, pl.seqs[s], ZSE_FINISH_ERROR);
+            finish_with(e, pl.seqs[s], ZSE_FINISH_ERROR, why);
         return pl.n_tokens;
     }
     for (int s = 0; s < pl.n_seqs; s++) {
@@ -708,8 +791,10 @@ static void *engine_main(void *arg)
         pthread_mutex_lock(&e->mu);
         while (!e->stopping && !e->n_queued && !e->n_running)
             pthread_cond_wait(&e->wake, &e->mu);
+        /* nothing could run (no KV room, adapters on their way): do not spin; an adapter
+         * being copied lands within a millisecond or so, a disk read wakes us itself */
         if (idle_step && !any_cancelled(e) && !e->stopping)
-            timed_wait(e, 0.005); /* nothing could run (no KV room): do not spin */
+            timed_wait(e, e->m->lora && zse_lora_copying(e->m->lora) ? 0.0005 : 0.005);
         bool expired = e->stopping && zse_now() >= e->deadline;
         request *ended = NULL;
         take_cancelled(e, expired, &ended);
@@ -729,8 +814,18 @@ static void *engine_main(void *arg)
 
 /* ---- the API ------------------------------------------------------------------------------------ */
 
+/* the adapter loader finished a read: a request may be able to run */
+static void engine_wake(void *arg)
+{
+    zse_engine *e = arg;
+    pthread_mutex_lock(&e->mu);
+    pthread_cond_signal(&e->wake);
+    pthread_mutex_unlock(&e->mu);
+}
+
 static void engine_free(zse_engine *e)
 {
+    free(e->lora_order);
     free(e->running);
     free(e->plan_seqs);
     free(e->entries);
@@ -798,7 +893,11 @@ zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p)
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->wake, NULL);
     e->next_id = 1;
+    if (m->lora)
+        zse_lora_set_waker(m->lora, engine_wake, e);
     if (pthread_create(&e->thread, NULL, engine_main, e) != 0) {
+        if (m->lora)
+            zse_lora_set_waker(m->lora, NULL, NULL);
         zse_fail("cannot start the engine thread");
         pthread_mutex_destroy(&e->mu);
         pthread_cond_destroy(&e->wake);
@@ -898,6 +997,8 @@ void zse_engine_stop(zse_engine *e, double timeout_s)
     int err = pthread_join(e->thread, NULL);
     if (err != 0)
         zse_log(ZSE_LOG_ERROR, "joining the engine thread: %s", strerror(err));
+    if (e->m->lora)
+        zse_lora_set_waker(e->m->lora, NULL, NULL);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->wake);
     engine_free(e);

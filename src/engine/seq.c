@@ -7,6 +7,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 int zse_sample_work_init(zse_sample_work *w, int vocab)
 {
@@ -31,6 +32,9 @@ void zse_sample_work_free(zse_sample_work *w)
 int zse_sequence_init(zse_sequence *q, const zse_model *m, const zse_sampling *s)
 {
     memset(q, 0, sizeof *q);
+    q->lora_slot = -1;
+    if (s && s->adapter && zse_adapter_cache(s->adapter) != m->lora)
+        return zse_fail("the adapter belongs to another model");
     if (zse_kv_table_init(&q->kv, (m->ctx_size + ZSE_KV_BLOCK - 1) / ZSE_KV_BLOCK) != 0)
         return -1;
     if (zse_gen_init(&q->gen, s, m->tok) != 0) {
@@ -52,6 +56,9 @@ int zse_sequence_init(zse_sequence *q, const zse_model *m, const zse_sampling *s
             return -1;
         }
     }
+    q->gen.s.adapter = NULL; /* the sequence's own reference is q->adapter */
+    if (s && s->adapter)
+        q->adapter = zse_adapter_ref(s->adapter);
     return 0;
 }
 
@@ -66,12 +73,62 @@ void zse_sequence_free(zse_sequence *q, zse_model *m)
         zse_kv_table_free(&q->kv, &m->blocks);
         pthread_mutex_unlock(&m->run_lock);
     }
+    zse_sequence_unpin_adapter(q, m);
+    zse_adapter_release(q->adapter);
     zse_gen_free(&q->gen);
     zse_matcher_free(q->matcher);
     free(q->mask);
     free(q->tokens);
     free(q->keys);
     memset(q, 0, sizeof *q);
+}
+
+void zse_sequence_unpin_adapter(zse_sequence *q, zse_model *m)
+{
+    if (q->adapter && q->lora_slot >= 0)
+        zse_lora_unpin(m->lora, q->adapter);
+    q->lora_slot = -1;
+}
+
+zse_lora_pin_state zse_sequence_pin_adapter(zse_sequence *q, zse_model *m, bool may_take_slot)
+{
+    if (!q->adapter || q->lora_slot >= 0)
+        return ZSE_LORA_PINNED;
+    const bool first = q->lora_wait_since == 0;
+    int slot;
+    zse_lora_pin_state st = zse_lora_pin(m->lora, q->adapter, may_take_slot, first, &slot, &q->lora_failures);
+    if (first)
+        q->lora_wait_since = zse_now();
+    if (st == ZSE_LORA_PINNED) {
+        q->lora_slot = slot;
+        /* its blocks are computed with the adapter: keyed by it in the prefix cache */
+        q->salt = zse_adapter_id(q->adapter);
+        q->n_keys = 0;
+        if (!first)
+            zse_lora_note_wait(m->lora, zse_now() - q->lora_wait_since);
+    }
+    return st;
+}
+
+int zse_sequence_pin_adapter_wait(zse_sequence *q, zse_model *m)
+{
+    for (;;) {
+        pthread_mutex_lock(&m->run_lock);
+        zse_lora_pin_state st = zse_sequence_pin_adapter(q, m, true);
+        pthread_mutex_unlock(&m->run_lock);
+        if (st == ZSE_LORA_PINNED)
+            return 0;
+        if (st == ZSE_LORA_FAILED)
+            return -1;
+        if (st == ZSE_LORA_STARVED)
+            return zse_fail("every adapter slot is in use by other sequences; load the model with more "
+                            "(--max-gpu-loras)");
+        /* read it here when nobody is reading it; otherwise a copy or the loader is on it */
+        if (zse_lora_load_now(m->lora, q->adapter) != 0)
+            continue; /* the failure is counted: the next pin reports it */
+        struct timespec ts = {0, 200000};
+        nanosleep(&ts, NULL);
+    }
 }
 
 int zse_sequence_append(zse_sequence *q, const int32_t *ids, size_t n)

@@ -15,6 +15,7 @@ void zse_batcher_free(zse_batcher *b)
     free(b->slots);
     free(b->rows);
     free(b->lens);
+    free(b->adapters);
     free(b->table);
     free(b->mask_rows);
     free(b->mask_bits);
@@ -39,7 +40,7 @@ static int batcher_reserve(zse_batcher *b, size_t tokens, size_t seqs, size_t ta
         b->tok_cap = tokens;
     }
     if (seqs > b->seq_cap) {
-        if (grow_i32(&b->lens, seqs))
+        if (grow_i32(&b->lens, seqs) || grow_i32(&b->adapters, seqs))
             return -1;
         b->seq_cap = seqs;
     }
@@ -63,8 +64,15 @@ int zse_batcher_pack(zse_batcher *b, zse_step_seq *e, int n, zse_batch *out)
     if (batcher_reserve(b, n_tokens, (size_t)n, (size_t)n * (size_t)width) != 0)
         return -1;
     int t = 0, n_out = 0;
+    uint32_t lora_modules = 0;
     for (int s = 0; s < n; s++) {
         const zse_sequence *q = e[s].q;
+        /* a sequence runs with its adapter, whose slot it pins, never without it */
+        if (q->adapter && q->lora_slot < 0)
+            return zse_fail("a sequence was stepped before its adapter was in a slot");
+        b->adapters[s] = q->adapter ? q->lora_slot : -1;
+        if (b->adapters[s] >= 0)
+            lora_modules |= zse_adapter_modules(q->adapter);
         for (int k = 0; k < e[s].take; k++, t++) {
             size_t pos = q->n_cached + (size_t)k;
             b->tokens[t] = q->tokens[pos];
@@ -82,7 +90,7 @@ int zse_batcher_pack(zse_batcher *b, zse_step_seq *e, int n, zse_batch *out)
             b->rows[n_out++] = t - k;
     }
     *out = (zse_batch){(int)n_tokens, b->tokens, b->pos, b->seq, b->slots, n, b->lens, b->table, width, n_out,
-                       b->rows};
+                       b->rows, lora_modules ? b->adapters : NULL, lora_modules};
     return 0;
 }
 

@@ -890,102 +890,6 @@ static const char *tokenizer_type_of(const char *tok_json, size_t len)
     return r;
 }
 
-/* ---- the output file ----------------------------------------------------------------
- * Written as an anonymous file (O_TMPFILE) in OUT's directory and given its name only
- * when complete, so nothing is left behind even if the process is killed outright; where
- * the filesystem lacks O_TMPFILE, a named temp file OUT.tmp.PID that every failure path
- * removes. Without --force the name is given with link(), which fails rather than
- * replace a file that appeared meanwhile. */
-typedef struct {
-    int fd;
-    char *dir;          /* OUT's directory */
-    char *tmp;          /* the named temp file, or NULL while anonymous */
-} out_file;
-
-static char *dir_of(const char *path)
-{
-    const char *slash = strrchr(path, '/');
-    if (!slash)
-        return zse_strdup(".");
-    return slash == path ? zse_strdup("/") : zse_strndup(path, (size_t)(slash - path));
-}
-
-static char *temp_name(const char *out_path)
-{
-    zse_buf b = {0};
-    if (zse_buf_printf(&b, "%s.tmp.%d", out_path, (int)getpid()) != 0)
-        return NULL;
-    return b.data;
-}
-
-static int out_create(out_file *f, const char *out_path)
-{
-    f->fd = -1;
-    f->tmp = NULL;
-    if (!(f->dir = dir_of(out_path)))
-        return -1;
-    f->fd = open(f->dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0644);
-    if (f->fd >= 0)
-        return 0;
-    if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
-        return zse_fail("cannot create %s in %s: %s", out_path, f->dir, strerror(errno));
-    if (!(f->tmp = temp_name(out_path)))
-        return -1;
-    f->fd = open(f->tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (f->fd < 0)
-        return zse_fail("cannot create %s: %s", f->tmp, strerror(errno));
-    return 0;
-}
-
-/* gives the anonymous file the name `name` */
-static int out_link(out_file *f, const char *name)
-{
-    char proc[64];
-    snprintf(proc, sizeof proc, "/proc/self/fd/%d", f->fd);
-    if (linkat(AT_FDCWD, proc, AT_FDCWD, name, AT_SYMLINK_FOLLOW) == 0 ||
-        linkat(f->fd, "", AT_FDCWD, name, AT_EMPTY_PATH) == 0)
-        return 0;
-    return zse_fail(errno == EEXIST ? "%s already exists; pass --force to overwrite it"
-                                    : "cannot create %s: %s", name, strerror(errno));
-}
-
-static int out_commit(out_file *f, const char *out_path, bool force)
-{
-    int rc = 0;
-    if (!f->tmp && !force) {
-        rc = out_link(f, out_path);
-    } else {
-        if (!f->tmp && (!(f->tmp = temp_name(out_path)) || out_link(f, f->tmp) != 0))
-            return -1;
-        if (force ? rename(f->tmp, out_path) != 0 : link(f->tmp, out_path) != 0)
-            rc = zse_fail(errno == EEXIST ? "%s already exists; pass --force to overwrite it"
-                                          : "cannot create %s: %s", out_path, strerror(errno));
-        unlink(f->tmp); /* after a rename it is gone already; after a link, the extra name */
-    }
-    if (rc == 0) {
-        /* the new directory entry itself must reach the disk */
-        int dfd = open(f->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd >= 0) {
-            fsync(dfd);
-            close(dfd);
-        }
-    }
-    return rc;
-}
-
-static void out_close(out_file *f, bool remove_tmp)
-{
-    if (f->fd >= 0)
-        close(f->fd);
-    if (remove_tmp && f->tmp)
-        unlink(f->tmp);
-    free(f->tmp);
-    free(f->dir);
-    f->fd = -1;
-    f->tmp = NULL;
-    f->dir = NULL;
-}
-
 /* ---- conversion ------------------------------------------------------------------- */
 
 static int write_header_and_preamble(int fd, const char *out_path, const zse_hf_dir *hf, plan *p,
@@ -1099,7 +1003,7 @@ static int open_source(const char *src, const zse_convert_opts *o, zse_hf_dir *h
 
 int zse_convert(const char *src_dir, const char *out_path, const zse_convert_opts *o)
 {
-    /* fail before the work; out_commit checks again without a race */
+    /* fail before the work; zse_out_commit checks again without a race */
     if (!o->force && access(out_path, F_OK) == 0)
         return zse_fail("%s already exists; pass --force to overwrite it", out_path);
     zse_hf_dir hf;
@@ -1122,17 +1026,17 @@ int zse_convert(const char *src_dir, const char *out_path, const zse_convert_opt
     interrupted = 0;
     sigaction(SIGINT, &sa, &old_int);
     sigaction(SIGTERM, &sa, &old_term);
-    out_file out = {.fd = -1};
+    zse_out_file out = {.fd = -1};
     if (rc == 0)
-        rc = out_create(&out, out_path);
+        rc = zse_out_create(&out, out_path);
     if (rc == 0)
         rc = convert_into(out.fd, out_path, st.canonical_names ? NULL : src_dir, o, &hf, &st, &p, pool, tok,
                           tok_len);
     if (rc == 0 && interrupted)
         rc = zse_fail("interrupted by a signal; nothing was written");
     if (rc == 0)
-        rc = out_commit(&out, out_path, o->force);
-    out_close(&out, rc != 0);
+        rc = zse_out_commit(&out, out_path, o->force);
+    zse_out_close(&out, rc != 0);
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);
     zse_pool_free(pool);

@@ -299,6 +299,79 @@ void zse_expert_tensor(const zse_expert_bank *b, int expert, int part, char *nam
 /* expert e's bytes match their checksum */
 bool zse_expert_verify(const zse_expert_bank *b, int expert);
 
+/* ---- LoRA adapters (lora.c): PEFT directories and .zsa files ------------------------
+ * A LoRA adapter adds scale · B·(A·x) to some of a decoder layer's projections (PEFT's
+ * LoraLayer: A is [rank][in], B [out][rank]). In memory and in a .zsa file every part is
+ * f16: A as PEFT has it, B transposed ([rank][out]), so both are read a rank row at a
+ * time. docs/FORMAT.md §LoRA adapters specifies .zsa. */
+enum {
+    ZSE_LORA_Q = 0, ZSE_LORA_K, ZSE_LORA_V, ZSE_LORA_O,     /* self_attn.{q,k,v,o}_proj */
+    ZSE_LORA_GATE, ZSE_LORA_UP, ZSE_LORA_DOWN,              /* mlp.{gate,up,down}_proj */
+    ZSE_LORA_MODULES
+};
+#define ZSE_LORA_MAX_RANK 128
+#define ZSE_LORA_MAX_LAYERS 100000  /* the config check's bound on n_layers */
+
+/* "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down" (the base
+ * weights' canonical names) and the Hugging Face module names "q_proj" ... "down_proj" */
+const char *zse_lora_module_name(int module);
+const char *zse_lora_hf_module(int module);
+/* the in and out widths of a layer's projection under c; false when layer l has none
+ * (the MLP of a mixture-of-experts layer: its experts are not LoRA targets) */
+bool zse_lora_base_dims(const zse_config *c, int layer, int module, int64_t *in, int64_t *out);
+
+typedef struct {
+    int rank;               /* 0: the adapter leaves this projection alone */
+    float scale;            /* lora_alpha / rank, or lora_alpha / sqrt(rank) with use_rslora */
+    int64_t in, out;
+    const uint16_t *a;      /* f16 [rank][in] */
+    const uint16_t *bt;     /* f16 [rank][out]: B transposed */
+} zse_lora_part;
+
+typedef struct {
+    int n_layers;           /* 1 + the highest adapted layer */
+    zse_lora_part *parts;   /* [n_layers][ZSE_LORA_MODULES] */
+    uint32_t modules;       /* bit m: some layer adapts module m */
+    int max_rank;
+    char *path;
+    json_t *peft_config;    /* adapter_config.json as read (a .zsa keeps it in its header) */
+    uint16_t *owned;        /* a PEFT directory's weights, converted */
+    zse_map map;            /* a .zsa file's mapping (the parts point into it) */
+    bool zsa;
+} zse_lora_file;
+
+/* path: a PEFT directory (adapter_config.json + adapter_model.safetensors) or a .zsa file.
+ * Everything PEFT can save that is not a plain LoRA on q/k/v/o/gate/up/down (DoRA, bias,
+ * embedding or lm_head adapters, modules_to_save, ...) is refused with an error naming the
+ * field or tensor; a .zsa file's checksums are checked. */
+int zse_lora_open(zse_lora_file *f, const char *path);
+void zse_lora_close(zse_lora_file *f);
+/* the adapter fits the base model c: its layers exist, each part's widths are the base
+ * projection's, no part on the MLP of a MoE layer; else an error that says what differs */
+int zse_lora_check_base(const zse_lora_file *f, const zse_config *c);
+/* the largest rank the adapter at path uses, from adapter_config.json or the .zsa header
+ * alone (no weights read) */
+int zse_lora_probe(const char *path, int *max_rank);
+/* writes the adapter as a .zsa file (atomically; OUT replaced only with force) */
+int zse_lora_write_zsa(const zse_lora_file *f, const char *out_path, bool force);
+
+/* ---- an output file that appears whole or not at all (outfile.c) ----------------
+ * An anonymous file (O_TMPFILE) in OUT's directory, named only when complete, so nothing
+ * is left behind even if the process is killed; where the filesystem lacks O_TMPFILE, a
+ * named temp file OUT.tmp.PID that every failure path removes. Without force the name is
+ * given with link(), which fails rather than replace a file that appeared meanwhile. */
+typedef struct {
+    int fd;
+    char *dir;          /* OUT's directory */
+    char *tmp;          /* the named temp file, or NULL while anonymous */
+} zse_out_file;
+
+int zse_out_create(zse_out_file *f, const char *out_path);
+/* names the written file OUT (replacing it only with force) and fsyncs the directory */
+int zse_out_commit(zse_out_file *f, const char *out_path, bool force);
+/* closes it; remove_tmp: a failure, the named temp file goes */
+void zse_out_close(zse_out_file *f, bool remove_tmp);
+
 /* ---- conversion --------------------------------------------------------------- */
 typedef struct {
     zse_scheme scheme;          /* for 2-D linear weights */

@@ -461,7 +461,8 @@ static json_t *integral_reals_to_ints(json_t *j)
 {
     if (json_is_real(j)) {
         double v = json_real_value(j);
-        if (v == (double)(json_int_t)v && fabs(v) < 9e15) {
+        /* range first: converting a double past json_int_t's range is undefined */
+        if (fabs(v) < 9e15 && v == (double)(json_int_t)v) {
             json_decref(j);
             return json_integer((json_int_t)v);
         }

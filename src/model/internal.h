@@ -153,6 +153,8 @@ struct zse_llm {
     zse_moe_route *route;
     uint64_t steps;         /* forward passes run (zse_llm_steps) */
     zse_offload off;        /* weights in host memory (offload.c); all zero when resident */
+    zse_lora_pool *lora;    /* the adapter slots (zse_llm_set_lora), or NULL */
+    uint32_t step_lora;     /* the projections this step's adapters adapt (0: none) */
     /* a small step padded to the backend's recording size (pad_step) */
     int32_t pad_tokens[ZSE_STEP_PAD_MAX], pad_pos[ZSE_STEP_PAD_MAX], pad_seq[ZSE_STEP_PAD_MAX],
         pad_slots[ZSE_STEP_PAD_MAX], pad_rows[ZSE_STEP_PAD_MAX];

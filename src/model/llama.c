@@ -314,6 +314,21 @@ const zse_config *zse_llm_config(const zse_llm *m) { return &m->c; }
 int zse_llm_max_tokens(const zse_llm *m) { return m->max_tokens; }
 int zse_llm_max_out(const zse_llm *m) { return m->max_out; }
 
+void zse_llm_set_lora(zse_llm *m, zse_lora_pool *pool) { m->lora = pool; }
+
+/* LoRA after the base matmuls that read x: each row's adapter (if any) adds its delta to
+ * the projections it adapts; nothing at all when no sequence of the step has an adapter */
+static void lora(zse_llm *m, int l, const zse_act *x, int64_t n, const zse_lora_out *outs, int n_outs)
+{
+    zse_lora_out sel[3];
+    int k = 0;
+    for (int i = 0; i < n_outs; i++)
+        if (m->step_lora >> outs[i].module & 1)
+            sel[k++] = outs[i];
+    if (k)
+        ops(m)->lora_apply(m->be, m->lora, l, x, n, sel, k);
+}
+
 /* x += W·in (+ bias): in the matmul's store where the backend can, else through xb2 */
 static void residual_matmul(zse_llm *m, const zse_weight *w, const zse_weight *bias, const zse_act *in, int64_t n)
 {
@@ -349,6 +364,8 @@ static void attention_block(zse_llm *m, zse_kv *kv, int l, int64_t n)
             o->add_bias(m->be, m->v, L->bv, n);
         }
     }
+    const zse_lora_out qkv_lora[3] = {{ZSE_LORA_Q, m->q}, {ZSE_LORA_K, m->k}, {ZSE_LORA_V, m->v}};
+    lora(m, l, m->xb, n, qkv_lora, 3);
     if (L->q_norm) { /* qwen3: per-head RMSNorm before RoPE */
         o->rmsnorm(m->be, m->q, L->q_norm, c->rms_eps, n * c->n_heads, c->head_dim, m->q);
         o->rmsnorm(m->be, m->k, L->k_norm, c->rms_eps, n * c->n_kv_heads, c->head_dim, m->k);
@@ -363,6 +380,8 @@ static void attention_block(zse_llm *m, zse_kv *kv, int l, int64_t n)
                          c->sliding_window};
     o->attention(m->be, kv, l, m->q, &p, m->att);
     residual_matmul(m, L->wo, L->bo, m->att, n);
+    const zse_lora_out o_lora = {ZSE_LORA_O, m->x};
+    lora(m, l, m->att, n, &o_lora, 1);
 }
 
 /* x += W_down(SiLU(W_gate(RMSNorm(x))) * W_up(RMSNorm(x))) */
@@ -379,8 +398,12 @@ static void mlp_block(zse_llm *m, int l, int64_t n)
         o->matmul(m->be, L->gate, m->xb, n, m->hb);
         o->matmul(m->be, L->up, m->xb, n, m->hb2);
     }
+    const zse_lora_out gate_up_lora[2] = {{ZSE_LORA_GATE, m->hb}, {ZSE_LORA_UP, m->hb2}};
+    lora(m, l, m->xb, n, gate_up_lora, 2);
     o->silu_mul(m->be, m->hb, m->hb2, n, c->intermediate_size, m->hb);
     residual_matmul(m, L->down, NULL, m->hb, n);
+    const zse_lora_out down_lora = {ZSE_LORA_DOWN, m->x};
+    lora(m, l, m->hb, n, &down_lora, 1);
 }
 
 /* queues one step's ops: every layer, then the out rows' logits when there are any */
@@ -459,6 +482,9 @@ static int forward_to_logits(zse_llm *m, zse_kv *kv, const zse_batch *b)
     for (int i = 0; i < b->n_tokens; i++)
         if (b->tokens[i] < 0 || b->tokens[i] >= c->vocab_size)
             return zse_fail("token id %d is outside the vocabulary (0..%d)", b->tokens[i], c->vocab_size - 1);
+    if (b->lora_modules && (!b->adapter_of_seq || !m->lora))
+        return zse_fail("a batch with adapters on a model without adapter slots");
+    m->step_lora = b->adapter_of_seq ? b->lora_modules : 0;
     /* A step with weights in host memory is not recorded: a MoE layer's host reads the
      * routing back in the middle of it, and the copies and waits of the layer stream run on a
      * second queue. What that costs is the launch time a recording saves (about 14 launches

@@ -128,6 +128,9 @@ bool zse_llm_can_sample(const zse_llm *m);
 int zse_llm_forward_sample(zse_llm *m, zse_kv *kv, const zse_batch *b, const zse_row_masks *masks,
                            const zse_sample_row *p, int32_t *ids);
 
+/* the adapter slots a batch's adapter_of_seq indexes (the engine's LoRA cache owns them) */
+void zse_llm_set_lora(zse_llm *m, zse_lora_pool *pool);
+
 /* forward passes started so far (a caller tells from it whether the logits buffer still
  * holds its step's rows) */
 uint64_t zse_llm_steps(const zse_llm *m);

@@ -83,3 +83,21 @@ add_test(NAME cli_verify_moe_corrupt COMMAND sh -c
    ! $<TARGET_FILE:zse> verify ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe-bad.zse")
 set_tests_properties(cli_verify_moe_corrupt PROPERTIES FIXTURES_REQUIRED zse_moe
   PASS_REGULAR_EXPRESSION "layer 1 expert 3 checksum mismatch.*1 damaged")
+# LoRA adapters against PEFT (tests/fixtures/lora, tools/make_lora_fixtures.py): zse run --lora
+# with each PEFT directory and its .zsa, logits within 1e-3 and greedy continuations equal
+add_test(NAME golden_lora COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/golden/check_lora.py
+         $<TARGET_FILE:zse> ${ZSE_TEST_FIXTURES} ${GOLD_WORK}/lora)
+set_tests_properties(golden_lora PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 600)
+# LoRA on the command line: zse chat --lora, and the errors of bad adapter flags
+add_test(NAME cli_chat_lora COMMAND sh -c
+  "printf 'hello\\n' | $<TARGET_FILE:zse> chat ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse -n 4 --temp 0 --lora ${ZSE_TEST_FIXTURES}/lora/tiny-llama/qv-rslora --lora-scale 0.5")
+set_tests_properties(cli_chat_lora PROPERTIES FIXTURES_REQUIRED zse_int4)
+add_test(NAME cli_run_lora_missing COMMAND zse run ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse -p "x" --lora /nonexistent/adapter)
+set_tests_properties(cli_run_lora_missing PROPERTIES FIXTURES_REQUIRED zse_int4 PASS_REGULAR_EXPRESSION "--lora: .*/nonexistent/adapter: No such file")
+add_test(NAME cli_run_lora_scale_alone COMMAND zse run ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse -p "x" --lora-scale 2)
+set_tests_properties(cli_run_lora_scale_alone PROPERTIES PASS_REGULAR_EXPRESSION "--lora-scale needs --lora PATH")
+add_test(NAME cli_run_lora_other_base COMMAND zse run ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse -p "x"
+         --lora ${ZSE_TEST_FIXTURES}/lora/tiny-qwen2/attn-r8)
+set_tests_properties(cli_run_lora_other_base PROPERTIES FIXTURES_REQUIRED zse_int4 PASS_REGULAR_EXPRESSION "trained for another base model")
+add_test(NAME cli_convert_adapter_bad COMMAND zse convert-adapter ${ZSE_TEST_FIXTURES}/tiny-llama -o ${PROJECT_BINARY_DIR}/cli-tests/bad.zsa)
+set_tests_properties(cli_convert_adapter_bad PROPERTIES PASS_REGULAR_EXPRESSION "has no adapter_config.json")

@@ -42,7 +42,6 @@ set_tests_properties(cli_serve_missing PROPERTIES PASS_REGULAR_EXPRESSION "nothi
 
 # GGUF files written by the gguf Python package from the fixtures, converted and compared
 # with the safetensors conversions (needs the .venv of tools/install-deps.sh)
-set(ZSE_VENV_PY ${PROJECT_SOURCE_DIR}/.venv/bin/python)
 add_test(NAME gguf_convert COMMAND sh -c
   "${ZSE_VENV_PY} -c 'import gguf, numpy' 2>/dev/null || { echo 'skip: the .venv has no gguf package (run tools/install-deps.sh)'; exit 77; }; \
    exec ${ZSE_VENV_PY} ${PROJECT_SOURCE_DIR}/tests/gguf/check_gguf.py $<TARGET_FILE:zse> ${PROJECT_SOURCE_DIR} ${OPS}/gguf")

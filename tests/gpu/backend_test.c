@@ -6,8 +6,8 @@
  * paged f16 and int8 cache, gather_out_rows, the mixture-of-experts ops (experts_load from a
  * bank, routing, gather, the grouped matmul, combine), weights in host memory (host_pin,
  * slabs, slab_fetch with marks, weights in slab slots, experts_host / experts_map,
- * moe_route_read, act_write_rows: the same numbers as resident weights, bit for bit), and the
- * sticky error that sync() reports.
+ * moe_route_read, act_write_rows: the same numbers as resident weights, bit for bit), LoRA
+ * slots and lora_apply, and the sticky error that sync() reports.
  * Runs on the GPU device (tests/gpu/run.sh); exits 77 without a CUDA device. */
 #include "backend/backend.h"
 #include "quant/quant.h"
@@ -104,7 +104,7 @@ static void one_seq_batch(one_seq *s, int n, const int32_t *tokens, int block_si
         s->out_rows[i] = n - n_out + i;
     s->seq_lens[0] = n;
     s->b = (zse_batch){n, s->tokens, s->positions, s->seq_of, s->slots, 1, s->seq_lens, s->table, 8,
-                       n_out, s->out_rows};
+                       n_out, s->out_rows, NULL, 0};
 }
 
 static void test_matmul(zse_backend *be)
@@ -945,6 +945,136 @@ static void test_moe(zse_backend *be)
     free_host_bank(&hb);
 }
 
+/* LoRA through the ops: a pool, pinned host images, asynchronous slot loads polled until
+ * they land, a batch of three sequences (two adapters and none, several tokens each) and
+ * lora_apply on q and v against a double reference; rows without an adapter untouched */
+static void lora_part(uint8_t *img, int layer, int module, int rank, float scale, int64_t in, int64_t out, size_t *at)
+{
+    zse_lora_entry e = {rank, scale, (int64_t)*at, 0};
+    *at = (*at + (size_t)rank * (size_t)in * 2 + 63) & ~(size_t)63;
+    e.bt = (int64_t)*at;
+    *at = (*at + (size_t)rank * (size_t)out * 2 + 63) & ~(size_t)63;
+    memcpy(img + ((size_t)layer * ZSE_LORA_MODULES + (size_t)module) * sizeof e, &e, sizeof e);
+    uint16_t *a = (uint16_t *)(img + e.a), *bt = (uint16_t *)(img + e.bt);
+    for (int64_t i = 0; i < rank * in; i++)
+        a[i] = zse_f32_to_f16(frand() * 0.5f);
+    for (int64_t i = 0; i < rank * out; i++)
+        bt[i] = zse_f32_to_f16(frand() * 0.5f);
+}
+
+static void check_lora_rows(zse_backend *be, zse_lora_pool *pool, const zse_lora_shape *sh, uint8_t *const imgs[2],
+                            const int *take, int n_seqs)
+{
+    const int32_t adapters[3] = {1, -1, 0};
+    int32_t tok[64], pos[64], seq[64], slots[64], lens[3], table[3] = {0, 1, 2}, out_rows[1] = {0};
+    int n = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        for (int k = 0; k < take[s]; k++, n++) {
+            tok[n] = 1;
+            pos[n] = k;
+            seq[n] = s;
+            slots[n] = -1;
+        }
+        lens[s] = take[s];
+    }
+    zse_batch b = {n, tok, pos, seq, slots, n_seqs, lens, table, 1, 1, out_rows, adapters,
+                   1u << ZSE_LORA_Q | 1u << ZSE_LORA_V};
+    CHECK(be->ops->begin_batch(be, &b) == 0);
+    const int64_t in = sh->in[ZSE_LORA_Q];
+    float *x = rand_floats((size_t)(n * in));
+    float *y0[2] = {rand_floats((size_t)(n * sh->out[ZSE_LORA_Q])), rand_floats((size_t)(n * sh->out[ZSE_LORA_V]))};
+    zse_act *ax = be->ops->act_new(be, n, in), *ay[2];
+    CHECK(be->ops->act_write(be, ax, x, n) == 0);
+    const int mods[2] = {ZSE_LORA_Q, ZSE_LORA_V};
+    zse_lora_out outs[2];
+    for (int i = 0; i < 2; i++) {
+        ay[i] = be->ops->act_new(be, n, sh->out[mods[i]]);
+        CHECK(be->ops->act_write(be, ay[i], y0[i], n) == 0);
+        outs[i] = (zse_lora_out){mods[i], ay[i]};
+    }
+    be->ops->lora_apply(be, pool, 1, ax, n, outs, 2);
+    CHECK_MSG(be->ops->sync(be) == 0, "lora_apply: %s", zse_error_message());
+    double worst = 0;
+    bool untouched = true;
+    for (int i = 0; i < 2; i++) {
+        const int64_t out = sh->out[mods[i]];
+        float *y = malloc((size_t)(n * out) * sizeof *y);
+        CHECK(be->ops->act_read(be, ay[i], y, n) == 0);
+        for (int t = 0; t < n; t++) {
+            const int slot = adapters[seq[t]];
+            if (slot < 0) {
+                untouched = untouched && memcmp(y + t * out, y0[i] + t * out, (size_t)out * 4) == 0;
+                continue;
+            }
+            const uint8_t *img = imgs[slot];
+            zse_lora_entry e;
+            memcpy(&e, img + ((size_t)1 * ZSE_LORA_MODULES + (size_t)mods[i]) * sizeof e, sizeof e);
+            const uint16_t *a = (const uint16_t *)(img + e.a), *bt = (const uint16_t *)(img + e.bt);
+            for (int64_t o = 0; o < out; o++) {
+                double d = 0;
+                for (int j = 0; j < e.rank; j++) {
+                    double u = 0;
+                    for (int64_t k = 0; k < in; k++)
+                        u += (double)zse_f16_to_f32(a[j * in + k]) * x[t * in + k];
+                    d += u * zse_f16_to_f32(bt[j * out + o]);
+                }
+                double want = y0[i][t * out + o] + e.scale * d;
+                worst = fmax(worst, fabs(y[t * out + o] - want) / (1 + fabs(want)));
+            }
+        }
+        free(y);
+        be->ops->act_free(be, ay[i]);
+        free(y0[i]);
+    }
+    CHECK_MSG(worst < 1e-4, "lora_apply over %d rows: error %g", n, worst);
+    CHECK(untouched);
+    be->ops->act_free(be, ax);
+    free(x);
+}
+
+static void test_lora(zse_backend *be)
+{
+    zse_lora_shape sh = {.n_layers = 2, .n_slots = 3, .slot_bytes = 65536};
+    for (int m = 0; m < ZSE_LORA_MODULES; m++) {
+        sh.in[m] = 96;
+        sh.out[m] = m == ZSE_LORA_V ? 40 : 136;
+    }
+    zse_lora_pool *pool = be->ops->lora_pool_new(be, &sh);
+    CHECK_MSG(pool != NULL, "lora_pool_new: %s", zse_error_message());
+    if (!pool)
+        return;
+    zse_backend_memory mem;
+    be->ops->memory(be, &mem);
+    CHECK(mem.adapters == 3 * 65536);
+    uint8_t *imgs[2];
+    size_t bytes[2];
+    for (int s = 0; s < 2; s++) {
+        imgs[s] = be->ops->lora_host_alloc(be, sh.slot_bytes);
+        memset(imgs[s], 0, sh.slot_bytes);
+        size_t at = ((size_t)sh.n_layers * ZSE_LORA_MODULES * sizeof(zse_lora_entry) + 63) & ~(size_t)63;
+        lora_part(imgs[s], 1, ZSE_LORA_Q, s ? 16 : 3, 0.5f + s, sh.in[ZSE_LORA_Q], sh.out[ZSE_LORA_Q], &at);
+        lora_part(imgs[s], 1, ZSE_LORA_V, s ? 2 : 8, 1.5f - s, sh.in[ZSE_LORA_V], sh.out[ZSE_LORA_V], &at);
+        bytes[s] = at;
+        CHECK(be->ops->lora_slot_load(be, pool, s, imgs[s], bytes[s]) == 0);
+    }
+    for (int s = 0; s < 2; s++) {
+        int r, polls = 0;
+        while ((r = be->ops->lora_slot_ready(be, pool, s)) == 0 && polls++ < 100000)
+            ;
+        CHECK_MSG(r == 1, "slot %d did not land: %s", s, zse_error_message());
+    }
+    CHECK(be->ops->lora_slot_load(be, pool, 3, imgs[0], bytes[0]) == -1);
+    CHECK(be->ops->lora_slot_load(be, pool, 2, imgs[0], sh.slot_bytes + 64) == -1);
+    const int few[3] = {1, 1, 1}, many[3] = {3, 2, 5};
+    check_lora_rows(be, pool, &sh, imgs, few, 3);   /* 3 rows: one launch */
+    check_lora_rows(be, pool, &sh, imgs, many, 3);  /* 10 rows: shrink, then expand */
+    for (int s = 0; s < 2; s++)
+        be->ops->lora_host_free(be, imgs[s]);
+    be->ops->lora_pool_free(be, pool);
+    be->ops->memory(be, &mem);
+    CHECK(mem.adapters == 0);
+}
+
 int main(int argc, char **argv)
 {
     if (zse_cuda_device_count() < 1) {
@@ -969,6 +1099,7 @@ int main(int argc, char **argv)
     test_prep_handoff(be, 8);
     test_moe(be);
     test_offload(be);
+    test_lora(be);
     test_elementwise(be); /* last: it leaves the backend's sticky error set */
     be->ops->destroy(be);
     test_attention(ZSE_KV_STORE_F16);

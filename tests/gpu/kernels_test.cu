@@ -1904,6 +1904,136 @@ static void test_moe(void)
     check_moe(Q4, 64, 8, 40, 128, 128, 33, false);
 }
 
+/* ---- LoRA: each row's adapter delta (lora.cu) ---- */
+
+/* a pool of slots built on the host: slot s adapts the modules of `mods` with rank ranks[s]
+ * (0: an empty slot) */
+struct lora_pool_h {
+    int n_slots, n_layers;
+    uint64_t slot_bytes;
+    int64_t in[7], out[7];
+    std::vector<uint8_t> bytes;
+};
+
+static void lora_fill(lora_pool_h &p, int slot, int layer, int module, int rank, float scale, uint64_t *at)
+{
+    zse_cuda_lora_entry e = {rank, scale, (int64_t)*at, 0};
+    *at = round_up(*at + (uint64_t)rank * p.in[module] * 2, 64);
+    e.bt = (int64_t)*at;
+    *at = round_up(*at + (uint64_t)rank * p.out[module] * 2, 64);
+    uint8_t *base = p.bytes.data() + (size_t)slot * p.slot_bytes;
+    memcpy(base + ((size_t)layer * 7 + module) * sizeof e, &e, sizeof e);
+    uint16_t *a = (uint16_t *)(base + e.a), *bt = (uint16_t *)(base + e.bt);
+    for (int64_t i = 0; i < rank * p.in[module]; i++)
+        a[i] = f2h(rnd_uniform(-0.5f, 0.5f));
+    for (int64_t i = 0; i < rank * p.out[module]; i++)
+        bt[i] = f2h(rnd_uniform(-0.5f, 0.5f));
+}
+
+static void check_lora(int n, int64_t in, int64_t out, int max_rank)
+{
+    lora_pool_h p;
+    p.n_slots = 3;
+    p.n_layers = 2;
+    for (int m = 0; m < 7; m++) {
+        p.in[m] = in;
+        p.out[m] = out + m; /* widths that are and are not multiples of 8 */
+    }
+    p.slot_bytes = round_up(2 * 7 * sizeof(zse_cuda_lora_entry), 64) +
+                   3 * (round_up((uint64_t)max_rank * in * 2, 64) + round_up((uint64_t)max_rank * (out + 6) * 2, 64));
+    p.bytes.assign((size_t)p.n_slots * p.slot_bytes, 0);
+    const int ranks[3][3] = {{max_rank, 3, 0}, {1, max_rank, 7}, {0, 0, 0}}; /* slot x (Q, K, V) of layer 1 */
+    for (int s = 0; s < 2; s++) {
+        uint64_t at = round_up(2 * 7 * sizeof(zse_cuda_lora_entry), 64);
+        for (int m = 0; m < 3; m++)
+            if (ranks[s][m])
+                lora_fill(p, s, 1, m, ranks[s][m], 0.25f + s, &at);
+    }
+    uint8_t *slots;
+    CU(cudaMalloc(&slots, p.bytes.size()));
+    CU(cudaMemcpy(slots, p.bytes.data(), p.bytes.size(), cudaMemcpyHostToDevice));
+    /* rows: slots 0, 1, none, out of range, 2 (empty) in turn */
+    std::vector<int32_t> of(n);
+    const int32_t pattern[5] = {0, 1, -1, 9, 2};
+    for (int t = 0; t < n; t++)
+        of[t] = pattern[(t * 7 + 1) % 5];
+    int32_t *d_of;
+    CU(cudaMalloc(&d_of, n * 4));
+    CU(cudaMemcpy(d_of, of.data(), n * 4, cudaMemcpyHostToDevice));
+    const int64_t xp = pitch_of(in);
+    std::vector<float> x = rand_vec((size_t)n * xp);
+    float *d_x = dev_floats(x);
+    zse_cuda_lora l = {};
+    l.slots = slots;
+    l.slot_bytes = p.slot_bytes;
+    l.n_slots = p.n_slots;
+    l.n_layers = p.n_layers;
+    l.layer = 1;
+    l.n_outs = 3;
+    std::vector<std::vector<float>> y0(3);
+    for (int i = 0; i < 3; i++) {
+        l.module[i] = i;
+        l.in[i] = in;
+        l.out[i] = p.out[i];
+        l.ypitch[i] = pitch_of(p.out[i]);
+        y0[i] = rand_vec((size_t)n * l.ypitch[i]);
+        l.y[i] = dev_floats(y0[i]);
+    }
+    LAUNCH(zse_cuda_lora_apply(&l, d_of, d_x, xp, n, (float *)scratch, scratch_bytes, 0));
+    bool untouched = true;
+    double worst = 0;
+    for (int i = 0; i < 3; i++) {
+        std::vector<float> y = host_floats(l.y[i], y0[i].size());
+        for (int t = 0; t < n; t++) {
+            const int s = of[t];
+            const zse_cuda_lora_entry *e = s >= 0 && s < 3
+                ? (const zse_cuda_lora_entry *)(p.bytes.data() + (size_t)s * p.slot_bytes) + 7 + i : NULL;
+            const float *yr = &y[(size_t)t * l.ypitch[i]], *y0r = &y0[i][(size_t)t * l.ypitch[i]];
+            if (!e || e->rank == 0) {
+                untouched = untouched && memcmp(yr, y0r, (size_t)l.out[i] * 4) == 0;
+                continue;
+            }
+            const uint8_t *base = p.bytes.data() + (size_t)s * p.slot_bytes;
+            const uint16_t *a = (const uint16_t *)(base + e->a), *bt = (const uint16_t *)(base + e->bt);
+            std::vector<double> u(e->rank);
+            for (int j = 0; j < e->rank; j++) {
+                u[j] = 0;
+                for (int64_t k = 0; k < in; k++)
+                    u[j] += (double)h2f(a[j * in + k]) * x[(size_t)t * xp + k];
+            }
+            double scale = 0;
+            for (int64_t o = 0; o < l.out[i]; o++) {
+                double d = 0;
+                for (int j = 0; j < e->rank; j++)
+                    d += u[j] * h2f(bt[j * l.out[i] + o]);
+                scale = fmax(scale, fabs(e->scale * d));
+                worst = fmax(worst, fabs(yr[o] - (y0r[o] + e->scale * d)) / (1 + fabs(e->scale * d)));
+            }
+        }
+        CU(cudaFree(l.y[i]));
+    }
+    CHECK(untouched, "lora n=%d: rows without an adapter (or a projection it leaves alone) changed", n);
+    CHECK(worst < 1e-4, "lora n=%d in=%lld out=%lld rank %d: error %.3g", n, (long long)in, (long long)out, max_rank, worst);
+    /* bad arguments are refused */
+    zse_cuda_lora bad = l;
+    bad.layer = 2;
+    CHECK(zse_cuda_lora_apply(&bad, d_of, d_x, xp, n, (float *)scratch, scratch_bytes, 0) == -1, "layer out of range");
+    CU(cudaFree(slots));
+    CU(cudaFree(d_of));
+    CU(cudaFree(d_x));
+}
+
+static void test_lora(void)
+{
+    for (int n : {1, 2, 4, 5, 9, 40, 64})
+        check_lora(n, 256, 512, 16);
+    check_lora(3, 37, 301, 5);       /* widths off the 8-value vectors: the scalar paths */
+    check_lora(33, 37, 301, 5);
+    check_lora(1, 3584, 3584, 128);  /* the largest rank on a 7B width */
+    check_lora(17, 1000, 2049, 64);  /* a column block past 2048 */
+    printf("lora done: %d passed, %d failed\n", passed, failed);
+}
+
 int main(int argc, char **argv)
 {
     bool do_bench = argc > 1 && strcmp(argv[1], "--bench") == 0;
@@ -1934,6 +2064,7 @@ int main(int argc, char **argv)
     test_sample();
     test_attention();
     test_moe();
+    test_lora();
     CU(cudaDeviceSynchronize());
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;

@@ -5,7 +5,8 @@
 # qwen3-moe, mixtral) at f32, int8 and int4, runs greedy generation and the prompt's
 # last-position logits on --device cpu and --device cuda, and compares them (ids must match
 # for f32/bf16; logits within a relative tolerance). Then `zse bench` on each tiny-llama
-# file, and `zse hardware` / `--fit` (the GPU must be listed and the model resident on it).
+# file, LoRA adapters on CUDA against the CPU backend and against PEFT's goldens, and
+# `zse hardware` / `--fit` (the GPU must be listed and the model resident on it).
 # Then weights in host memory: layers streamed and experts offloaded, forced by the knobs on
 # the fixtures and by --gpu-memory on synthetic models, against the resident logits.
 # Called by tests/gpu/run.sh. Logs go to OUTDIR/model.log and the bench JSON lines to
@@ -73,6 +74,40 @@ PY
     fi
   done
 done
+# LoRA adapters (tests/fixtures/lora): zse run --lora on CUDA against the CPU backend (f32:
+# logits within 2e-3 and the same ids; int4 base: logits within 2e-2), then CUDA against
+# PEFT's goldens (check_lora.py: zse run's default device is the GPU)
+for q in f32 int4; do
+  m=$work/tiny-llama-$q.zse
+  for a in tests/fixtures/lora/tiny-llama/*/; do
+    a=${a%/}
+    for d in cpu cuda; do
+        "$zse" run "$m" -p "$prompt" -n 24 --temp 0 --ids --ignore-eos --device $d --lora "$a" \
+            --dump-logits $work/lora-logits-$d.json >$work/lora-ids-$d.json 2>>"$log" ||
+            { echo "lora $(basename $a) $q $d: run FAILED"; tail -3 "$log"; fail=1; }
+    done
+    python3 - "lora $(basename $a) $q" $work/lora-ids-cpu.json $work/lora-ids-cuda.json $work/lora-logits-cpu.json \
+        $work/lora-logits-cuda.json <<'PY' || fail=1
+import json, math, sys
+what, ic, ig, lc, lg = sys.argv[1:]
+try:
+    a, b, x, y = (json.load(open(f)) for f in (ic, ig, lc, lg))
+except Exception as e:
+    print(f"{what}: no output to compare ({e})"); sys.exit(1)
+rel = math.sqrt(sum((u - v) ** 2 for u, v in zip(x, y)) / sum(u * u for u in x))
+f32 = what.endswith("f32")
+ok = rel < (2e-3 if f32 else 2e-2) and (a == b or not f32)
+print(f"{what}: cuda vs cpu: logits rel err {rel:.2e}, greedy ids {'equal' if a == b else 'differ'} -> "
+      f"{'ok' if ok else 'FAILED'}")
+sys.exit(0 if ok else 1)
+PY
+  done
+done
+if python3 tests/golden/check_lora.py "$zse" tests/fixtures $work/lora-gold >$work/lora-gold.txt 2>&1; then
+    echo "lora goldens on cuda: $(tail -1 $work/lora-gold.txt) -> ok"
+else
+    echo "lora goldens on cuda: FAILED"; grep -v "^ok" $work/lora-gold.txt; fail=1
+fi
 # ---- weights in host memory --------------------------------------------------------------------
 # 1. Forced by the knobs on the fixtures converted above (recordings off on both sides, so
 #    the steps run the same kernels): streamed layers and experts fetched into the cache

@@ -104,7 +104,7 @@ static int step(runner *r, const seqs *sq, const int *take, const int32_t *ids, 
         memcpy(table[n_seqs], sq->table[s], sizeof table[0]);
         n_seqs++;
     }
-    zse_batch b = {n, tok, pos, seq_of, slots, n_seqs, lens, &table[0][0], NBLOCKS / NSEQ, n_out, rows};
+    zse_batch b = {n, tok, pos, seq_of, slots, n_seqs, lens, &table[0][0], NBLOCKS / NSEQ, n_out, rows, NULL, 0};
     CHECK_MSG(zse_llm_forward(r->m, r->kv, &b, logits) == 0, "%s", zse_last_error());
     CHECK_MSG(zse_llm_forward_argmax(r->m, r->kv, &b, NULL, argmax) == 0, "%s", zse_last_error());
     return n_out;

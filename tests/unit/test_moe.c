@@ -503,7 +503,7 @@ static void step(runner *r, const int *take, int32_t (*ids)[MAX_TOKENS], int voc
         who[n_seqs++] = s;
     }
     float *out = zse_malloc((size_t)n_seqs * (size_t)vocab * sizeof *out);
-    zse_batch b = {n, tok, pos, seq_of, slots, n_seqs, lens, &table[0][0], NBLOCKS / NSEQ, n_seqs, rows};
+    zse_batch b = {n, tok, pos, seq_of, slots, n_seqs, lens, &table[0][0], NBLOCKS / NSEQ, n_seqs, rows, NULL, 0};
     CHECK_MSG(zse_llm_forward(r->m, r->kv, &b, out) == 0, "%s", zse_last_error());
     for (int i = 0; i < n_seqs; i++) {
         memcpy(logits[who[i]], out + (size_t)i * (size_t)vocab, (size_t)vocab * sizeof *out);

@@ -7,7 +7,8 @@
  *   matmul_avx512.c  AVX-512 BW/VL/VNNI kernels  chosen at run time: no global -march)
  *   vec.c            short-vector kernels (conversions, dot, axpy) for attention
  *   moe.c            mixture of experts: routing, the grouped expert matmul, the combine
- *   offload.c        weights kept in host memory: pins, slabs, the lazy copy queue */
+ *   offload.c        weights kept in host memory: pins, slabs, the lazy copy queue
+ *   lora.c           LoRA adapter slots and the per-row adapter delta */
 #ifndef ZSE_BACKEND_CPU_H
 #define ZSE_BACKEND_CPU_H
 
@@ -161,6 +162,20 @@ void zse_cpu_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_exper
                         zse_act *ys);
 void zse_cpu_moe_combine(zse_backend *be, const zse_moe_route *r, const zse_act *ys, const zse_act *shared,
                          const zse_act *shared_gate, zse_act *x);
+
+/* LoRA (lora.c); the batch's adapters are cpu.c's */
+zse_lora_pool *zse_cpu_lora_pool_new(zse_backend *be, const zse_lora_shape *s);
+void zse_cpu_lora_pool_free(zse_backend *be, zse_lora_pool *p);
+void *zse_cpu_lora_host_alloc(zse_backend *be, size_t bytes);
+void zse_cpu_lora_host_free(zse_backend *be, void *p);
+int zse_cpu_lora_slot_load(zse_backend *be, zse_lora_pool *p, int slot, const void *image, size_t bytes);
+int zse_cpu_lora_slot_ready(zse_backend *be, zse_lora_pool *p, int slot);
+void zse_cpu_lora_apply(zse_backend *be, const zse_lora_pool *p, int layer, const zse_act *x, int64_t rows,
+                        const zse_lora_out *outs, int n_outs);
+/* the adapter slot of the current batch's row t (-1: none), whether the batch has any */
+int32_t zse_cpu_row_adapter(zse_backend *be, int64_t t);
+bool zse_cpu_has_adapters(zse_backend *be);
+void zse_cpu_note_lora_bytes(zse_backend *be, int64_t delta);
 
 /* rows of weights kept hot in L2 while every token of a batch passes over them */
 int64_t zse_cpu_row_block(const zse_weight *w);

@@ -69,6 +69,8 @@ enum { MAX_LOOKUPS = 4 };
 typedef struct {
     int32_t *tokens, *positions, *seq_of, *slots, *block_table, *out_rows;
     int32_t *iota;                      /* 0 .. n_tokens - 1: row t of a gathered table */
+    int32_t *adapter_of;                /* [n_tokens] each row's LoRA slot (-1: none) */
+    uint32_t lora_modules;              /* the projections the step's adapters adapt */
     uint8_t *lookup_rows[MAX_LOOKUPS];  /* the step's rows of each lookup table */
     int n_tokens, n_out;
     bool extra_seqs;    /* more sequences than tokens: the table outgrew its usual place */
@@ -80,6 +82,7 @@ typedef struct {
 typedef struct {
     const void *model, *kv;
     int n_tokens, n_out, max_blocks, max_ctx;
+    uint32_t lora_modules;      /* which LoRA launches the step issues (not which adapters) */
 } step_shape;
 
 typedef struct {
@@ -143,8 +146,8 @@ typedef struct {
     int n_freq;
     float mscale;
 
-    /* device bytes held by weights, KV caches and activations (memory accounting) */
-    uint64_t weight_bytes, kv_bytes, act_bytes;
+    /* device bytes held by weights, KV caches, activations and LoRA slots (memory accounting) */
+    uint64_t weight_bytes, kv_bytes, act_bytes, lora_bytes;
 
     /* recorded steps (CUDA graphs). They hold device pointers of buffers, weights and
      * caches, so every allocation or free drops them all (drop_graphs). */
@@ -724,8 +727,9 @@ static int cuda_begin_batch(zse_backend *be, const zse_batch *b)
     const int pitch = pow2_at_least(b->max_blocks_per_seq, MIN_TABLE_PITCH);
     const size_t table_rows = ns > nt ? ns : nt;
     const size_t tbl = table_rows * (size_t)pitch;
-    /* then 0..n-1, and from a 16-byte boundary the rows of each lookup table */
-    const size_t ints = (5 * nt + tbl + nt + 3) / 4 * 4;
+    /* then 0..n-1, each row's LoRA slot, and from a 16-byte boundary the rows of each lookup
+     * table */
+    const size_t ints = (5 * nt + tbl + 2 * nt + 3) / 4 * 4;
     size_t lookup_bytes = 0;
     lookup_layout l;
     for (int i = 0; i < MAX_LOOKUPS; i++)
@@ -781,6 +785,10 @@ static int cuda_begin_batch(zse_backend *be, const zse_batch *b)
     int32_t *iota = h + 5 * nt + tbl;
     for (size_t t = 0; t < nt; t++)
         iota[t] = (int32_t)t;
+    const bool lora = b->adapter_of_seq && b->lora_modules;
+    int32_t *adapter_of = iota + nt;
+    for (size_t t = 0; t < nt; t++)
+        adapter_of[t] = lora ? b->adapter_of_seq[b->seq_of[t]] : -1;
     uint8_t *lk = (uint8_t *)(h + ints);
     for (int i = 0; i < MAX_LOOKUPS; i++) {
         const zse_weight *w = c->lookups[i];
@@ -802,6 +810,8 @@ static int cuda_begin_batch(zse_backend *be, const zse_batch *b)
     c->b.out_rows = d + 4 * nt;
     c->b.block_table = d + 5 * nt;
     c->b.iota = d + 5 * nt + tbl;
+    c->b.adapter_of = d + 6 * nt + tbl;
+    c->b.lora_modules = lora ? b->lora_modules : 0;
     c->b.n_tokens = b->n_tokens;
     c->b.n_out = b->n_out;
     c->b.extra_seqs = ns > nt;
@@ -1142,7 +1152,7 @@ static void drop_graphs(cuda_impl *c)
 static bool same_shape(const step_shape *a, const step_shape *b)
 {
     return a->model == b->model && a->kv == b->kv && a->n_tokens == b->n_tokens && a->n_out == b->n_out &&
-           a->max_blocks == b->max_blocks && a->max_ctx == b->max_ctx;
+           a->max_blocks == b->max_blocks && a->max_ctx == b->max_ctx && a->lora_modules == b->lora_modules;
 }
 
 /* the slot of this shape, or a fresh one (the least recently used when all are taken) */
@@ -1195,7 +1205,7 @@ static int cuda_step_begin(zse_backend *be, const void *model, const void *kv)
     /* a table of more rows than tokens would move what follows it: such a step runs eagerly */
     if (!c->graphs_on || c->b.n_tokens > GRAPH_MAX_TOKENS || c->b.extra_seqs)
         return ZSE_STEP_ISSUE;
-    step_shape s = {model, kv, c->b.n_tokens, c->b.n_out, c->b.max_blocks, c->b.max_ctx};
+    step_shape s = {model, kv, c->b.n_tokens, c->b.n_out, c->b.max_blocks, c->b.max_ctx, c->b.lora_modules};
     bool found;
     const int i = graph_slot(c, &s, &found);
     step_graph *g = &c->graphs[i];
@@ -2008,6 +2018,7 @@ static void cuda_memory(zse_backend *be, zse_backend_memory *out)
     out->weights = c->weight_bytes;
     out->kv_cache = c->kv_bytes;
     out->activations = c->act_bytes;
+    out->adapters = c->lora_bytes;
     out->workspace = c->scratch_cap + c->att_work_cap + c->batch_cap * sizeof(int32_t);
     out->slabs = c->slab_bytes;
     out->host_pinned = c->pinned_bytes;
@@ -2019,6 +2030,175 @@ static void cuda_memory(zse_backend *be, zse_backend_memory *out)
     } else {
         cudaGetLastError(); /* reported as "not on a device", not as a failure */
     }
+}
+
+/* ---- LoRA adapter slots ---------------------------------------------------------------------
+ * One device allocation of n_slots slots. A load is one cudaMemcpyAsync from the engine's
+ * pinned host image on the copy stream, after whatever the compute stream has queued (a
+ * slot is reloaded only once no sequence uses it, but a step that used its last adapter may
+ * still be running); an event says when it landed. The engine lets a sequence use the slot
+ * only then, so a step never waits for a copy and a copy never waits for a step's end. */
+
+static_assert(sizeof(zse_cuda_lora_entry) == sizeof(zse_lora_entry) && ZSE_CUDA_LORA_MAX_RANK == ZSE_LORA_MAX_RANK,
+              "a slot's table is read by the kernels as zse_cuda_lora_entry");
+
+struct zse_lora_pool {
+    zse_lora_shape shape;
+    uint8_t *dev;
+    cudaEvent_t *landed;        /* [n_slots] recorded after each slot's last copy */
+    bool *copying;
+    cudaEvent_t queued;         /* the compute stream's work before a copy */
+    float *u;                   /* lora_apply's scratch (the shrink's output past the fused rows) */
+    size_t u_cap;
+};
+
+static void cuda_lora_pool_free(zse_backend *be, zse_lora_pool *p)
+{
+    cuda_impl *c = impl_of(be);
+    if (!p)
+        return;
+    cudaSetDevice(c->device);
+    cudaStreamSynchronize(c->copy_stream);
+    cudaStreamSynchronize(c->stream);
+    drop_graphs(c); /* recordings hold the slots' and the scratch's addresses */
+    for (int s = 0; p->landed && s < p->shape.n_slots; s++)
+        if (p->landed[s])
+            cudaEventDestroy(p->landed[s]);
+    if (p->queued)
+        cudaEventDestroy(p->queued);
+    cudaFree(p->dev);
+    cudaFree(p->u);
+    if (p->dev)
+        c->lora_bytes -= (uint64_t)p->shape.n_slots * p->shape.slot_bytes;
+    free(p->landed);
+    free(p->copying);
+    free(p);
+}
+
+static zse_lora_pool *cuda_lora_pool_new(zse_backend *be, const zse_lora_shape *s)
+{
+    cuda_impl *c = impl_of(be);
+    size_t bytes;
+    if (s->n_slots < 1 || s->n_layers < 1 || s->slot_bytes % 64 != 0 ||
+        s->slot_bytes < (uint64_t)s->n_layers * ZSE_LORA_MODULES * sizeof(zse_lora_entry) ||
+        __builtin_mul_overflow((size_t)s->n_slots, (size_t)s->slot_bytes, &bytes)) {
+        zse_fail("a LoRA pool of %d slots of %llu bytes is not possible", s->n_slots, (unsigned long long)s->slot_bytes);
+        return NULL;
+    }
+    zse_lora_pool *p = (zse_lora_pool *)zse_calloc(1, sizeof *p);
+    if (!p)
+        return NULL;
+    p->shape = *s;
+    p->landed = (cudaEvent_t *)zse_calloc((size_t)s->n_slots, sizeof *p->landed);
+    p->copying = (bool *)zse_calloc((size_t)s->n_slots, sizeof *p->copying);
+    int rc = p->landed && p->copying ? 0 : -1;
+    if (rc == 0)
+        rc = cuda_call(cudaSetDevice(c->device), "LoRA slots");
+    if (rc == 0 && cuda_call(cudaMalloc((void **)&p->dev, bytes), "LoRA slots") == 0) {
+        c->lora_bytes += bytes;
+        drop_graphs(c);
+        /* a slot never loaded adapts nothing: its table is all zero ranks */
+        rc = cuda_call(cudaMemsetAsync(p->dev, 0, bytes, c->stream), "LoRA slots") ||
+             cuda_call(cudaStreamSynchronize(c->stream), "LoRA slots");
+    } else {
+        rc = -1;
+    }
+    for (int i = 0; rc == 0 && i < s->n_slots; i++)
+        rc = cuda_call(cudaEventCreateWithFlags(&p->landed[i], cudaEventDisableTiming), "LoRA slots");
+    if (rc == 0)
+        rc = cuda_call(cudaEventCreateWithFlags(&p->queued, cudaEventDisableTiming), "LoRA slots");
+    if (rc != 0) {
+        zse_error_prefix("%d LoRA adapter slots of %.1f MiB", s->n_slots, (double)s->slot_bytes / 1048576.0);
+        cuda_lora_pool_free(be, p);
+        return NULL;
+    }
+    return p;
+}
+
+static void *cuda_lora_host_alloc(zse_backend *be, size_t bytes)
+{
+    (void)be;
+    void *p = NULL;
+    if (cudaHostAlloc(&p, bytes ? bytes : 64, cudaHostAllocDefault) != cudaSuccess) {
+        cudaGetLastError();
+        zse_fail("cannot allocate %.1f MiB of pinned host memory for a LoRA adapter (--max-cpu-loras)",
+                 (double)bytes / 1048576.0);
+        return NULL;
+    }
+    return p;
+}
+
+static void cuda_lora_host_free(zse_backend *be, void *p)
+{
+    (void)be;
+    cudaFreeHost(p);
+}
+
+static int cuda_lora_slot_load(zse_backend *be, zse_lora_pool *p, int slot, const void *image, size_t bytes)
+{
+    cuda_impl *c = impl_of(be);
+    if (slot < 0 || slot >= p->shape.n_slots)
+        return zse_fail("LoRA slot %d of %d", slot, p->shape.n_slots);
+    if (zse_lora_image_check(&p->shape, image, bytes) != 0)
+        return -1;
+    uint8_t *dst = p->dev + (size_t)slot * p->shape.slot_bytes;
+    if (cuda_call(cudaSetDevice(c->device), "loading a LoRA slot") != 0 ||
+        cuda_call(cudaEventRecord(p->queued, c->stream), "loading a LoRA slot") != 0 ||
+        cuda_call(cudaStreamWaitEvent(c->copy_stream, p->queued, 0), "loading a LoRA slot") != 0 ||
+        cuda_call(cudaMemcpyAsync(dst, image, bytes, cudaMemcpyHostToDevice, c->copy_stream), "loading a LoRA slot") != 0 ||
+        cuda_call(cudaEventRecord(p->landed[slot], c->copy_stream), "loading a LoRA slot") != 0)
+        return -1;
+    p->copying[slot] = true;
+    return 0;
+}
+
+static int cuda_lora_slot_ready(zse_backend *be, zse_lora_pool *p, int slot)
+{
+    (void)be;
+    if (slot < 0 || slot >= p->shape.n_slots)
+        return zse_fail("LoRA slot %d of %d", slot, p->shape.n_slots);
+    if (!p->copying[slot])
+        return 1;
+    cudaError_t e = cudaEventQuery(p->landed[slot]);
+    if (e == cudaErrorNotReady) {
+        cudaGetLastError();
+        return 0;
+    }
+    p->copying[slot] = false;
+    return e == cudaSuccess ? 1 : zse_fail("cuda: copying a LoRA adapter into slot %d failed: %s", slot,
+                                           cudaGetErrorString(e));
+}
+
+static void cuda_lora_apply(zse_backend *be, const zse_lora_pool *pc, int layer, const zse_act *x, int64_t rows,
+                            const zse_lora_out *outs, int n_outs)
+{
+    cuda_impl *c = impl_of(be);
+    zse_lora_pool *p = (zse_lora_pool *)pc; /* its scratch grows here */
+    if (c->failed || !c->b.lora_modules)
+        return;
+    if (n_outs < 1 || n_outs > 3 || rows < 1 || rows > c->b.n_tokens || rows > x->rows)
+        return set_error(c, "cuda lora_apply: %d projections over %lld rows", n_outs, (long long)rows);
+    zse_cuda_lora l = {};
+    l.slots = p->dev;
+    l.slot_bytes = p->shape.slot_bytes;
+    l.n_slots = p->shape.n_slots;
+    l.n_layers = p->shape.n_layers;
+    l.layer = layer;
+    l.n_outs = n_outs;
+    for (int i = 0; i < n_outs; i++) {
+        const int m = outs[i].module;
+        if (m < 0 || m >= ZSE_LORA_MODULES || outs[i].y->rows < rows)
+            return set_error(c, "cuda lora_apply: projection %d is not one of the pool's", m);
+        l.module[i] = m;
+        l.y[i] = outs[i].y->d;
+        l.ypitch[i] = outs[i].y->pitch;
+        l.in[i] = p->shape.in[m];
+        l.out[i] = p->shape.out[m];
+    }
+    const size_t need = zse_cuda_lora_scratch_bytes(rows, n_outs);
+    if (need && ensure_device(c, (void **)&p->u, &p->u_cap, need, "LoRA scratch") != 0)
+        return set_error(c, "%s", zse_error_message());
+    check_launch(c, zse_cuda_lora_apply(&l, c->b.adapter_of, x->d, x->pitch, rows, p->u, p->u_cap, c->stream));
 }
 
 static const zse_backend_ops cuda_ops = {
@@ -2076,6 +2256,13 @@ static const zse_backend_ops cuda_ops = {
     cuda_experts_map,
     cuda_moe_route_read,
     cuda_act_write_rows,
+    cuda_lora_pool_new,
+    cuda_lora_pool_free,
+    cuda_lora_host_alloc,
+    cuda_lora_host_free,
+    cuda_lora_slot_load,
+    cuda_lora_slot_ready,
+    cuda_lora_apply,
 };
 
 extern "C" int zse_cuda_device_count(void)
