@@ -1,19 +1,25 @@
 # The front door. `make` builds, `make test` installs what is missing, builds with
-# sanitizers and runs every test, `make serve` runs the main job on the shipped model.
+# sanitizers and runs every test, `make serve` runs the main job on the shipped model,
+# `make install [PREFIX=/usr/local] [DESTDIR=...]` installs zse, libzse, zse.h, zse.pc,
+# zse(1), the bash completion and the systemd unit.
 BUILD      ?= build
 TEST_BUILD ?= build-test
 JOBS       ?= $(shell nproc)
 MODEL_DIR  ?= tests/fixtures/tiny-llama
 MODEL      ?= $(BUILD)/tiny-llama.zse
 CMAKE_FLAGS ?=
+PREFIX     ?= /usr/local
 
-.PHONY: all build test deps serve clean fuzz
+.PHONY: all build test deps serve clean fuzz install
 
 all: build
 
 build:
 	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS) >/dev/null
 	@cmake --build $(BUILD) -j$(JOBS)
+
+install: build
+	cmake --install $(BUILD) --prefix $(PREFIX)
 
 deps:
 	@tools/install-deps.sh

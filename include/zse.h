@@ -30,10 +30,20 @@ typedef struct {
     int ctx_size;               /* max tokens of one sequence; 0 = the model's maximum */
     uint64_t kv_cache_bytes;    /* KV cache budget; 0 = enough for max_seqs full contexts, capped */
     int max_seqs;               /* sequences alive at once (each gets ctx_size of KV); 0 = 1 */
-    uint64_t gpu_memory;        /* --gpu-memory budget in bytes; 0 = all free memory */
+    uint64_t gpu_memory;        /* --gpu-memory budget in bytes; 0 = all free memory. A model larger
+                                 * than it keeps experts (MoE) or layers (dense) in host memory;
+                                 * nothing to budget on the CPU (a warning) */
     bool no_prefix_cache;       /* true: no KV block is shared between sequences (every
                                  * prompt is computed whole); default false: full 16-token
                                  * blocks of earlier prompts and answers are reused */
+    /* LoRA adapters (zse_adapter_*): slots on the device (in memory on the CPU backend) for
+     * adapters that run at once, set aside before the KV cache is sized; 0 = no adapters */
+    int max_loras;
+    int max_cpu_loras;          /* adapters kept loaded in host memory (pinned on a GPU)
+                                 * besides the slots' (0 = as many as max_loras); others are
+                                 * read from disk again when needed */
+    int max_lora_rank;          /* a slot holds an adapter of this rank on all seven
+                                 * projections (or of a higher rank on fewer); 0 = 16 */
 } zse_load_params;
 
 void zse_load_params_default(zse_load_params *p);
@@ -56,18 +66,90 @@ typedef struct {
 void zse_model_get_info(const zse_model *m, zse_model_info *out);
 
 /* What a loaded model holds, in bytes. On the CPU the weights are the file's tensors, used
- * in place from the mapping; on a GPU they are the device copies. */
+ * in place from the mapping; on a GPU they are the device copies. A model larger than its
+ * device's budget keeps part of its weights in pinned host memory: a mixture-of-experts
+ * model its experts, with a device cache of the recently routed ones ("experts offloaded");
+ * a dense model the layers that do not fit, streamed through device layer buffers
+ * ("streamed"). */
 typedef struct {
-    uint64_t weights;
+    uint64_t weights;           /* resident on the device (buffers and caches below not included) */
     uint64_t kv_cache;
     uint64_t activations;
     uint64_t workspace;         /* scratch kept between steps */
+    uint64_t stream_buffers;    /* the device layer buffers streamed layers pass through */
+    uint64_t expert_cache;      /* the device cache of experts kept in host memory */
+    uint64_t host_pinned;       /* host memory pinned for copies to the device */
+    const char *placement;      /* "resident", "experts offloaded", "streamed" */
+    int layers_resident, layers_streamed;
+    int experts_cached, experts_total;  /* the cache's slots; every expert of every MoE layer */
+    uint64_t adapters;          /* LoRA adapter slots */
     bool on_device;             /* the three below are filled */
     uint64_t device_used;       /* the whole device's memory in use, as nvidia-smi counts it */
-    uint64_t device_other;      /* device_used minus the four above: CUDA context, cuBLAS, other processes */
+    uint64_t device_other;      /* device_used minus zse's own allocations: CUDA context, cuBLAS, other processes */
     uint64_t device_total;
 } zse_memory_info;
 void zse_model_get_memory(zse_model *m, zse_memory_info *out);
+
+/* What the weights kept in host memory did since the model loaded (all zero when resident).
+ * Per forward pass ("step"): expert_hits / steps routed experts were on the device, and so on. */
+typedef struct {
+    uint64_t steps;                 /* forward passes */
+    uint64_t expert_hits;           /* routed experts found in the device cache */
+    uint64_t expert_fetches;        /* routed experts copied to the device when a step needed them */
+    uint64_t expert_prefetches;     /* experts copied ahead for the next layer's predicted routing */
+    uint64_t expert_prefetch_hits;  /* of those, routed to before they were evicted */
+    uint64_t expert_host;           /* routed experts computed on the host instead */
+    uint64_t layers_streamed;       /* streamed layers computed */
+    uint64_t bytes_to_device;       /* bytes copied from host memory (experts and streamed layers) */
+} zse_offload_stats;
+void zse_model_get_offload_stats(zse_model *m, zse_offload_stats *out);
+
+/* ---- LoRA adapters ------------------------------------------------------------------
+ * Fine-tunes of the model as PEFT LoRA adapters (a directory with adapter_config.json and
+ * adapter_model.safetensors) or .zsa files (zse convert-adapter). A sequence runs with one
+ * adapter or none (zse_sampling.adapter); sequences of many adapters share a step. An
+ * adapter is in one of three tiers: a slot (max_loras; where steps read it), host memory
+ * (max_cpu_loras), or only on disk; it moves up when a sequence needs it — the engine
+ * fetches it while other sequences run, its requests waiting meanwhile — and an adapter a
+ * sequence uses is never evicted. Needs a model loaded with max_loras > 0. */
+typedef struct zse_adapter zse_adapter;
+/* registers an adapter under a name and loads it into host memory, checked against the model
+ * (shapes, layers, targets); scale multiplies its own (1 = as trained). Fails when the name
+ * is taken. */
+int zse_adapter_register(zse_model *m, const char *name, const char *path, float scale);
+/* adapters found on first use in dir: a subfolder NAME (PEFT) or a file NAME.zsa */
+int zse_adapter_set_dir(zse_model *m, const char *dir);
+/* drops a name; sequences that hold the adapter keep it until they end */
+int zse_adapter_unregister(zse_model *m, const char *name);
+/* a reference to the adapter of that name (registered, or found in the adapter directory
+ * and registered now); NULL with an error when there is none */
+zse_adapter *zse_adapter_get(zse_model *m, const char *name);
+/* an adapter of its own, not registered (zse run --lora), loaded and checked now */
+zse_adapter *zse_adapter_open(zse_model *m, const char *path, float scale);
+void zse_adapter_release(zse_adapter *a);
+const char *zse_adapter_name(const zse_adapter *a);     /* NULL for zse_adapter_open's */
+/* every adapter name a request may use: registered ones and the adapter directory's,
+ * sorted; an array of heap strings (zse_free each, then the array) */
+char **zse_adapter_list(zse_model *m, size_t *n);
+/* the largest rank the adapter at path uses (its config alone is read) */
+int zse_adapter_probe(const char *path, int *max_rank);
+
+typedef struct {
+    int slots, host_slots;          /* max_loras, max_cpu_loras */
+    int registered;
+    int in_slots, in_host;          /* adapters each tier holds now */
+    int pinned;                     /* adapters sequences are using (never evicted) */
+    /* where a sequence found its adapter when it first asked: in a slot, in host memory,
+     * or on disk only */
+    uint64_t hits_slot, hits_host, hits_disk;
+    uint64_t loads_host, loads_slot;        /* disk -> host reads, host -> slot copies */
+    double load_host_seconds, load_slot_seconds;
+    uint64_t evictions_slot, evictions_host;
+    uint64_t failures;              /* loads that failed (missing or bad files) */
+    uint64_t waits;                 /* sequences that waited for their adapter */
+    double wait_seconds;            /* and how long, in all */
+} zse_adapter_stats;
+void zse_adapter_get_stats(zse_model *m, zse_adapter_stats *out);
 
 /* ---- tokens ----------------------------------------------------------------- */
 enum {
@@ -77,6 +159,17 @@ enum {
 int zse_tokenize(const zse_model *m, const char *text, size_t len, int flags, int32_t **ids,
                  size_t *n_ids);
 char *zse_detokenize(const zse_model *m, const int32_t *ids, size_t n, bool skip_special);
+/* the bytes token `id` adds to decoded text when it follows other tokens, before any UTF-8
+ * check (a byte-level or <0xNN> token holding part of a character gives that byte): *len
+ * bytes, heap (zse_free); NULL for an id outside the vocabulary */
+uint8_t *zse_token_bytes(const zse_model *m, int32_t id, size_t *len);
+
+/* ---- embeddings ---------------------------------------------------------------------
+ * The model's final hidden state (after its last norm) pooled over the tokens — their mean,
+ * or the last token's — and scaled to unit length: out[hidden_size]. The tokens run through
+ * the model in chunks between other work on it; nothing is kept. */
+typedef enum { ZSE_POOL_MEAN = 0, ZSE_POOL_LAST = 1 } zse_pooling;
+int zse_embed(zse_model *m, const int32_t *ids, size_t n, zse_pooling pooling, float *out);
 
 /* ---- chat templates ------------------------------------------------------------
  * The model's chat template applied as transformers' apply_chat_template does.
@@ -91,6 +184,43 @@ typedef struct {
     float bias;
 } zse_logit_bias;
 
+#define ZSE_MAX_TOP_LOGPROBS 20
+/* a token's log-probability under the model's distribution (before penalties and
+ * temperature), its rank in it, and the most likely alternatives */
+typedef struct {
+    float logprob;
+    int rank;                               /* 1: the most likely token */
+    int n_top;
+    int32_t top_ids[ZSE_MAX_TOP_LOGPROBS];  /* most likely first */
+    float top_logprobs[ZSE_MAX_TOP_LOGPROBS];
+} zse_logprobs;
+
+/* ---- constrained decoding ----------------------------------------------------------
+ * A constraint is a grammar compiled against a model's vocabulary: a sequence sampling with
+ * it produces only text the grammar accepts (and ends when the grammar is complete). One
+ * constraint may serve many sequences at once; each sequence keeps a reference; free every
+ * constraint before its model (it uses the model's vocabulary). Compile
+ * errors name what is not supported (a JSON Schema keyword and its path, a regex construct
+ * and its offset): docs/GRAMMAR.md lists what is. */
+typedef struct zse_constraint zse_constraint;
+/* a JSON value valid against a JSON Schema; strict: OpenAI's strict mode (every object
+ * closed, every property required) */
+zse_constraint *zse_constraint_json_schema(zse_model *m, const char *schema, size_t len, bool strict);
+zse_constraint *zse_constraint_json_object(zse_model *m);                       /* any JSON object */
+zse_constraint *zse_constraint_regex(zse_model *m, const char *pattern, size_t len); /* the whole output */
+zse_constraint *zse_constraint_choice(zse_model *m, const char *const *choices, int n);
+/* Tool calls in the model's format (format: "hermes", "llama3", "mistral", "json"; NULL: the
+ * one its chat template writes). tools_json: an OpenAI `tools` array. choice: "required"
+ * (a call of any tool; several with parallel), "auto" (free text, then a valid call once the
+ * model starts one: formats with a call marker only), or a function's name (that call). */
+zse_constraint *zse_constraint_tools(zse_model *m, const char *tools_json, const char *choice, bool parallel,
+                                     const char *format);
+zse_constraint *zse_constraint_retain(zse_constraint *c);
+void zse_constraint_free(zse_constraint *c);   /* drops a reference; NULL is a no-op */
+
+/* max_tokens: generate nothing (with prompt_logprobs: score the prompt) */
+#define ZSE_MAX_TOKENS_NONE (-1)
+
 typedef struct {
     float temperature;          /* 0 = greedy */
     int top_k;                  /* 0 = off */
@@ -100,7 +230,8 @@ typedef struct {
     float presence_penalty;     /* 0 = off */
     float frequency_penalty;    /* 0 = off */
     uint64_t seed;              /* same seed, same output */
-    int max_tokens;             /* 0 = until EOS or the context is full */
+    int max_tokens;             /* 0 = until EOS or the context is full; ZSE_MAX_TOKENS_NONE = none */
+    int min_tokens;             /* EOS, stop ids and stop strings end nothing before this many */
     const char *const *stop;    /* stop strings (may span tokens); not included in the output */
     int n_stop;
     const int32_t *stop_ids;
@@ -110,6 +241,13 @@ typedef struct {
     bool ignore_eos;
     int top_logprobs;           /* 0..20: report this many alternatives per token */
     bool logprobs;              /* report the chosen token's logprob */
+    const zse_constraint *constraint; /* NULL: none; else the output follows it (the sequence
+                                       * takes its own reference) */
+    bool prompt_logprobs;       /* the engine reports every prompt token's logprob (the prompt
+                                 * is then computed whole, never taken from the prefix cache) */
+    int prompt_top_logprobs;    /* 0..20 alternatives for each of them */
+    zse_adapter *adapter;       /* the LoRA adapter the sequence runs with (it takes its own
+                                 * reference); NULL: the base model */
 } zse_sampling;
 void zse_sampling_default(zse_sampling *s);
 
@@ -120,6 +258,34 @@ typedef enum {
     ZSE_FINISH_CANCELLED,
     ZSE_FINISH_ERROR,
 } zse_finish;
+
+/* ---- speculative decoding ----------------------------------------------------------
+ * Each step proposes up to `tokens` draft tokens after a sequence's last token and checks
+ * them all in one forward pass of the model: greedy output is exactly what decoding without
+ * drafts gives, and sampled output keeps the model's distribution (a draft x is accepted with
+ * probability p(x), else a token is drawn from p without x). Drafts come from the sequence
+ * itself (NGRAM: the tokens that followed the latest earlier occurrence of its last 1-4
+ * tokens, as prompt lookup decoding) or from a smaller model with the same tokenizer
+ * (DRAFT: its greedy continuation). */
+typedef enum { ZSE_SPEC_OFF = 0, ZSE_SPEC_NGRAM = 1, ZSE_SPEC_DRAFT = 2 } zse_spec_mode;
+
+#define ZSE_SPEC_MAX_TOKENS 16
+typedef struct {
+    zse_spec_mode mode;
+    int tokens;                 /* draft tokens per step, 1..ZSE_SPEC_MAX_TOKENS */
+    zse_model *draft;           /* DRAFT: the draft model (not owned; outlives its users) */
+} zse_spec_params;
+
+/* 0, or -1 with an error naming what is wrong: tokens out of range, no draft model, a draft
+ * whose tokenizer differs from the target's */
+int zse_spec_check(const zse_model *target, const zse_spec_params *p);
+
+typedef struct {
+    uint64_t drafted;           /* draft tokens proposed and checked */
+    uint64_t accepted;          /* of those, accepted */
+    uint64_t passes;            /* a sequence's verification passes */
+    uint64_t emitted;           /* tokens those passes produced (accepted + one each) */
+} zse_spec_stats;
 
 /* ---- one sequence at a time (run, chat, perplexity, bench) ------------------------ */
 typedef struct zse_seq zse_seq;
@@ -141,6 +307,10 @@ const int32_t *zse_seq_tokens(const zse_seq *q);
 /* keep the first `length` tokens and their KV (0 starts over); the next feed is a new
  * prompt (max_tokens and stop strings count from it) */
 int zse_seq_truncate(zse_seq *q, size_t length);
+/* speculative decoding for this sequence's zse_seq_next from now on (p NULL or mode OFF:
+ * none); checked as zse_spec_check does */
+int zse_seq_set_spec(zse_seq *q, const zse_spec_params *p);
+void zse_seq_get_spec_stats(const zse_seq *q, zse_spec_stats *out);
 
 /* ---- many sequences: the batching engine (serve) --------------------------------- */
 typedef struct zse_engine zse_engine;
@@ -149,6 +319,9 @@ typedef struct {
     int max_seqs;               /* running sequences at most */
     int max_batch_tokens;       /* tokens per step: long prompts are prefilled in chunks */
     int max_queue;              /* waiting requests at most (submit fails beyond) */
+    zse_spec_params spec;       /* speculative decoding for every request (mode OFF: none) */
+    double priority_aging_s;    /* a waiting request's priority improves by one level every
+                                 * this many seconds (0: 1 s; negative: never) */
 } zse_engine_params;
 
 typedef struct {
@@ -161,6 +334,11 @@ typedef struct {
     zse_finish finish;          /* set on the last event of a request */
     int prompt_tokens;
     int completion_tokens;
+    /* on the first event of a request that asked (zse_sampling.prompt_logprobs):
+     * [prompt_tokens] entries, the first all zero (nothing comes before it). With
+     * max_tokens ZSE_MAX_TOKENS_NONE that first event is also the last, with token -1. */
+    const zse_logprobs *prompt_logprobs;
+    const char *error;          /* with ZSE_FINISH_ERROR: what went wrong (NULL: unknown) */
 } zse_token_event;
 
 /* Called on the engine thread. Return false to cancel the request (client gone). The
@@ -169,7 +347,9 @@ typedef bool (*zse_token_cb)(void *user, const zse_token_event *ev);
 
 zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p);
 /* 0 and *request_id on success; -1 with an error when the queue is full or the prompt
- * is longer than the context (zse_last_error() says both numbers) */
+ * is longer than the context (zse_last_error() says both numbers). priority: lower runs
+ * first (vLLM's convention); with every slot taken, a request of a strictly better priority
+ * preempts the worst-ranked running one within a step. */
 int zse_engine_submit(zse_engine *e, const int32_t *prompt, size_t n, const zse_sampling *s,
                       int priority, zse_token_cb cb, void *user, uint64_t *request_id);
 void zse_engine_cancel(zse_engine *e, uint64_t request_id);
@@ -183,6 +363,8 @@ typedef struct {
     uint64_t prefix_hit_tokens;     /* prompt tokens found in the prefix cache (not computed) */
     uint64_t prefix_query_tokens;   /* prompt tokens looked up there */
     int prefix_cached_blocks;       /* full blocks published in the cache (held or idle) */
+    zse_spec_stats spec;            /* speculative decoding, over every request so far */
+    zse_offload_stats offload;      /* weights in host memory (the model's, since it loaded) */
 } zse_engine_stats;
 void zse_engine_get_stats(zse_engine *e, zse_engine_stats *out);
 /* stop accepting, finish or cancel running requests within timeout seconds, join */

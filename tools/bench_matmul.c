@@ -60,7 +60,7 @@ static int pack_layer(layer *L, const layer_shape *s, zse_scheme scheme, int gro
                                      {s->hidden, s->inter}};
     L->bytes = 0;
     for (int m = 0; m < N_MATS; m++) {
-        zse_qshape q = {scheme, dims[m][0], dims[m][1], zse_scheme_layout(scheme) == ZSE_LAYOUT_Q4_G ? group : 0};
+        zse_qshape q = {scheme, dims[m][0], dims[m][1], zse_scheme_is_grouped(scheme) ? group : 0};
         size_t bytes = zse_qshape_bytes(&q), n = (size_t)(q.rows * q.cols);
         float *w = zse_malloc(n * sizeof *w);
         L->packed[m] = zse_aligned_alloc(4096, bytes);

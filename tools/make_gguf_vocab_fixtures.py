@@ -8,6 +8,16 @@
                   tokenizer.json this GGUF describes (the source without its normalizer,
                   with ignore_merges and the BOS post-processor, added tokens matched raw)
   qwen2.gguf      model gpt2, pre "qwen2", from tests/fixtures/tiny-qwen2, the same way
+  deepseek-llm.gguf  model gpt2, pre "deepseek-llm": a byte-level BPE built here with HF
+                  `tokenizers` whose pre-tokenizer is DeepSeek LLM's (its tokenizer.json's
+                  Sequence: Split [\r\n], letters of cased scripts with an optional leading
+                  space, ASCII/full-width/quote punctuation runs, trailing whitespace, CJK
+                  and other scripts in U+0800..U+4E00, then Digits(individual_digits) and
+                  ByteLevel without its regex), BOS added — goldens from HF `tokenizers`
+                  on TEXTS and DEEPSEEK_TEXTS (every split, and the characters at the edges
+                  of its classes). The merges are learnt from whole texts, not from
+                  DeepSeek's pieces, so they cross every boundary the splits draw: any other
+                  split (the default one, deepseek-coder's, digits in runs) changes ids
   spm.gguf        model llama (scores, token types, <0xNN> bytes) from
                   tests/fixtures/tokenizers/spm-bytefallback.json — goldens from the
                   tokenizer transformers' GGUF loader builds (merges derived from the
@@ -43,6 +53,65 @@ TEXTS = ["Hello World", "  leading spaces and\ttabs\n", "naïve café", "numbers
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
+# Texts for deepseek-llm.gguf besides TEXTS: every split of its pre-tokenizer and the characters
+# at the edges of its classes. ª º ʔ are letters outside its letter class, ǅ ſ inside; Hebrew,
+# Arabic and ° © ¿ ¡ » fall in no class, so only the trailing-whitespace split parts them from
+# the spaces after them; Devanagari, Thai, U+2009 and ✨ sit in its "CJK" range U+0800..U+4E00;
+# « » – — are outside its punctuation class, ‘ ’ “ ” „ ‟ 、 。 ！ inside; U+3000 is both
+# whitespace and punctuation; ² ½ ٣ Ⅻ ₂ １ are digits to HF's Digits.
+DEEPSEEK_TEXTS = [
+    "Ünïcödé Straße façade Ærøskøbing ŁÓDŹ naïveté", "ªº ʔ ǅ ſ µ Ŋ ɐ ʕʖ", "Γειά σου κόσμε — Привет, мир! Բարեւ ႠႡ",
+    "שלום עולם مرحبا بالعالم", "नमस्ते दुनिया สวัสดีครับ", "日本語の文章、カタカナ。中文，标点！한국어 텍스트",
+    "“quoted” ‘single’ „low‟ «guillemets» – —", "ＡＢＣ ｆｕｌｌ－ｗｉｄｔｈ！ １２３　ｘ",
+    "2024-01-15 12:30:45.678 +3.14e-10 x₂ y² ½ ٣٤٥ ⅫⅣ 1000000", "price: $1,234,567.89!!! (approx.) ... ?! -- ;;",
+    "trailing spaces   ", "tabs\t\t", "mixed \t \n  \r\n end \u3000", "a  b   c    d\t\te", "  \n  x  \n  ",
+    "emoji 🤖🎉 👨‍👩‍👧 ok ✨!", "line1\nline2\r\n\r\n  indented\n\t\ttabbed", "MiXeD123CaSe456 abc123def 7up",
+    "e\u0301 n\u0303 combining", "non\u00a0breaking\u2009thin\u200bzero", "ΑΒΓ αβγ ϐϑ ἀἁ ᾳ Ω ℃ ℉ K Å",
+    "<｜begin▁of▁sentence｜>Hi<｜end▁of▁sentence｜>", "def f(x):\n    return {'a': [1, 2]}  # ok\n",
+    "  ", "\t", "9", " 9 ", "!", " !", "x!", "中", " 中", "中 ", "中1", "a中", "ü", "ٴ",
+    "مرحبا  world", "🤖  ok 👋 ", "שלום  \tעולם  ", "«  »  x", "end »  ", "20°  C ©  ok ¿  qué ¡  sí §  1",
+    "°  ©  ¿  ¡  ",
+]
+
+# DeepSeek LLM's tokenizer.json pre-tokenizer (deepseek-ai/deepseek-llm-7b-base; the same in
+# DeepSeek-V2): five Splits, then single digits, then ByteLevel without its regex. The letter
+# class is Unicode's cased letters as code point ranges.
+DEEPSEEK_LETTERS = [
+    (0x41, 0x5A), (0x61, 0x7A), (0xB5, 0xB5), (0xC0, 0xD6), (0xD8, 0xF6), (0xF8, 0x1BA), (0x1BC, 0x1BF),
+    (0x1C4, 0x293), (0x295, 0x2AF), (0x370, 0x373), (0x376, 0x376), (0x377, 0x377), (0x37B, 0x37D),
+    (0x37F, 0x37F), (0x386, 0x386), (0x388, 0x38A), (0x38C, 0x38C), (0x38E, 0x3A1), (0x3A3, 0x3F5),
+    (0x3F7, 0x481), (0x48A, 0x52F), (0x531, 0x556), (0x10A0, 0x10C5), (0x13A0, 0x13F5), (0x13F8, 0x13FD),
+    (0x1C90, 0x1CBA), (0x1CBD, 0x1CBF), (0x1D00, 0x1D2B), (0x1D6B, 0x1D77), (0x1D79, 0x1D9A),
+    (0x1E00, 0x1F15), (0x1F18, 0x1F1D), (0x1F20, 0x1F45), (0x1F48, 0x1F4D), (0x1F50, 0x1F57),
+    (0x1F59, 0x1F59), (0x1F5B, 0x1F5B), (0x1F5D, 0x1F5D), (0x1F5F, 0x1F7D), (0x1F80, 0x1FB4),
+    (0x1FB6, 0x1FBC), (0x1FBE, 0x1FBE), (0x1FC2, 0x1FC4), (0x1FC6, 0x1FCC), (0x1FD0, 0x1FD3),
+    (0x1FD6, 0x1FDB), (0x1FE0, 0x1FEC), (0x1FF2, 0x1FF4), (0x1FF6, 0x1FFC), (0x2102, 0x2102),
+    (0x2107, 0x2107), (0x210A, 0x2113), (0x2115, 0x2115), (0x2119, 0x211D), (0x2124, 0x2124),
+    (0x2126, 0x2126), (0x2128, 0x2128), (0x212A, 0x212D), (0x212F, 0x2134), (0x2139, 0x2139),
+    (0x213C, 0x213F), (0x2145, 0x2149), (0x214E, 0x214E), (0x2183, 0x2183), (0x2184, 0x2184),
+    (0x2C00, 0x2C7B), (0x2C7E, 0x2CE4), (0x2CEB, 0x2CEE), (0x2CF2, 0x2CF2), (0x2CF3, 0x2CF3),
+    (0xA640, 0xA66D), (0xA680, 0xA69B), (0xA722, 0xA76F), (0xA771, 0xA787), (0xA78B, 0xA78E),
+    (0xAB70, 0xABBF), (0xFB00, 0xFB06), (0xFB13, 0xFB17), (0xFF21, 0xFF3A), (0xFF41, 0xFF5A),
+    (0x10400, 0x1044F), (0x104B0, 0x104D3), (0x104D8, 0x104FB), (0x10C80, 0x10CB2), (0x10CC0, 0x10CF2),
+    (0x118A0, 0x118DF), (0x1E900, 0x1E943)]
+
+
+def char_class(ranges):
+    return "".join(chr(a) if a == b else chr(a) + "-" + chr(b) for a, b in ranges)
+
+
+def deepseek_llm_pre_tokenizer():
+    def split(rx):
+        return {"type": "Split", "pattern": {"Regex": rx}, "behavior": "Isolated", "invert": False}
+
+    punct = char_class([(0x21, 0x2F), (0x3A, 0x7E), (0xFF01, 0xFF0F), (0xFF1A, 0xFF5E), (0x2018, 0x201F),
+                        (0x3000, 0x3002)])
+    cjk = char_class([(0x4E00, 0x9FA5), (0x800, 0x4E00), (0xAC00, 0xD7FF)])
+    return {"type": "Sequence", "pretokenizers": [
+        split("[\r\n]"), split("\\s?[" + char_class(DEEPSEEK_LETTERS) + "]+"), split("\\s?[" + punct + "]+"),
+        split("\\s+$"), split("[" + cjk + "]+"), {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
 
 def every_type_metadata(w, nested):
     w.add_uint8("zse.test.u8", 200)
@@ -76,6 +145,11 @@ def write_gguf(path, arch, fill, nested=True):
 def bpe_fixture(out, name, src, pre, ignore_merges, add_bos):
     j = json.load(open(os.path.join(src, "tokenizer.json")))
     cfg = json.load(open(os.path.join(src, "tokenizer_config.json")))
+    return bpe_gguf(out, name, j, cfg, pre, ignore_merges, add_bos, TEXTS)
+
+
+def bpe_gguf(out, name, j, cfg, pre, ignore_merges, add_bos, texts):
+    """NAME.gguf from tokenizer.json j and tokenizer_config cfg; the goldens of texts"""
     vocab = j["model"]["vocab"]
     added = {a["id"]: a for a in j["added_tokens"]}
     n = max(max(vocab.values()), max(added)) + 1
@@ -127,7 +201,30 @@ def bpe_fixture(out, name, src, pre, ignore_merges, add_bos):
         return tok.encode(text, add_special_tokens=add).ids
 
     return [{"text": t, "ids": enc(t, False, False), "ids_special": enc(t, True, False), "ids_bos": enc(t, False, True)}
-            for t in TEXTS]
+            for t in texts]
+
+
+def deepseek_llm_fixture(out, name):
+    """A byte-level BPE with DeepSeek LLM's pre-tokenizer, its BOS/EOS and add_bos_token. The
+    merges are learnt on whole documents (ByteLevel alone splits nothing), so tokens span
+    letters and punctuation, spaces and digits, digit runs, newlines and CJK; only the right
+    split gives HF's ids."""
+    from tokenizers import models, pre_tokenizers, decoders, trainers
+
+    docs = [p for p in open(os.path.join(ROOT, "tests/fixtures/eval.txt"), encoding="utf-8").read().split("\n\n") if p]
+    docs += TEXTS * 3 + DEEPSEEK_TEXTS * 8  # the edge cases weigh more: merges across their splits
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=1000, min_frequency=2, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos, eos = "<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>"
+    tok.add_special_tokens([bos, eos])
+    j = json.loads(tok.to_str())
+    j["normalizer"] = {"type": "Sequence", "normalizers": []}
+    j["pre_tokenizer"] = deepseek_llm_pre_tokenizer()
+    j["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    cfg = {"bos_token": bos, "eos_token": eos, "add_bos_token": True}
+    return bpe_gguf(out, name, j, cfg, "deepseek-llm", False, True, TEXTS + DEEPSEEK_TEXTS)
 
 
 def spm_fixture(out, name):
@@ -279,6 +376,7 @@ def main():
                                          "llama-bpe", True, True),
         "qwen2": lambda: bpe_fixture(a.out, "qwen2", os.path.join(ROOT, "tests/fixtures/tiny-qwen2"), "qwen2", False,
                                      False),
+        "deepseek-llm": lambda: deepseek_llm_fixture(a.out, "deepseek-llm"),
         "spm": lambda: spm_fixture(a.out, "spm"),
         "t5": lambda: t5_fixture(a.out, "t5"),
         "bert": lambda: bert_fixture(a.out, "bert"),

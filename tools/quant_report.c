@@ -50,7 +50,7 @@ int main(int argc, char **argv)
         return 1;
     }
     const recipe recipes[] = {
-        {ZSE_SCHEME_Q8, 0},   {ZSE_SCHEME_Q4, 32},  {ZSE_SCHEME_Q4, 64},  {ZSE_SCHEME_Q4, 128},
+        {ZSE_SCHEME_Q8, 0},   {ZSE_SCHEME_Q8G, 32}, {ZSE_SCHEME_Q4, 32},  {ZSE_SCHEME_Q4, 64},  {ZSE_SCHEME_Q4, 128},
         {ZSE_SCHEME_Q4S, 32}, {ZSE_SCHEME_Q4S, 64}, {ZSE_SCHEME_Q4S, 128}, {ZSE_SCHEME_NF4, 32},
         {ZSE_SCHEME_NF4, 64}, {ZSE_SCHEME_NF4, 128}, {ZSE_SCHEME_F16, 0}, {ZSE_SCHEME_BF16, 0},
     };
@@ -73,8 +73,11 @@ int main(int argc, char **argv)
             bytes += (double)zse_qshape_bytes(&q);
             elems += (double)(t->shape[0] * t->shape[1]);
         }
-        printf("| %s | %s%d | %.5f | %.3f |\n", zse_scheme_name(recipes[i].scheme),
-               recipes[i].group ? "" : "-", recipes[i].group, sqrt(num / den), 8 * bytes / elems);
+        char group[16] = "—"; /* schemes without groups: a dash, not "-0" */
+        if (recipes[i].group)
+            snprintf(group, sizeof group, "%d", recipes[i].group);
+        printf("| %s | %s | %.5f | %.3f |\n", zse_scheme_name(recipes[i].scheme), group, sqrt(num / den),
+               8 * bytes / elems);
     }
     zse_st_close(&st);
     return 0;

@@ -3,6 +3,7 @@
 
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 bool zse_backend_cuda_available(void)
 {
@@ -10,6 +11,39 @@ bool zse_backend_cuda_available(void)
     return zse_cuda_device_count() > 0;
 #else
     return false;
+#endif
+}
+
+int zse_backend_gpu_count(void)
+{
+#ifdef ZSE_HAVE_CUDA
+    return zse_cuda_device_count();
+#else
+    return 0;
+#endif
+}
+
+int zse_backend_gpu_info(int index, zse_gpu_info *out)
+{
+#ifdef ZSE_HAVE_CUDA
+    return zse_cuda_device_info(index, out);
+#else
+    (void)index;
+    (void)out;
+    return zse_fail("this zse was built without CUDA");
+#endif
+}
+
+const char *zse_backend_gpu_absence(void)
+{
+#ifdef ZSE_HAVE_CUDA
+    /* without the kernel module the runtime's own words ("driver version is insufficient")
+     * mislead: say what is missing */
+    if (access("/proc/driver/nvidia/version", F_OK) != 0)
+        return "no NVIDIA driver is loaded (/proc/driver/nvidia/version is absent)";
+    return zse_cuda_absence();
+#else
+    return "this zse was built without CUDA (nvcc was not found, or -DZSE_CUDA=OFF)";
 #endif
 }
 

@@ -20,6 +20,14 @@ typedef struct zse_backend zse_backend;
 typedef struct zse_act zse_act;         /* an f32 activation buffer */
 typedef struct zse_weight zse_weight;   /* a packed weight the backend can multiply by */
 typedef struct zse_kv zse_kv;           /* paged KV storage for all layers */
+typedef struct zse_experts zse_experts; /* one MoE layer's routed experts (an expert bank) */
+typedef struct zse_moe_route zse_moe_route; /* a step's routing of tokens to experts */
+typedef struct zse_pinned zse_pinned;   /* host memory the device copies weights from */
+typedef struct zse_slab zse_slab;       /* device memory weights are fetched into: slots of one size */
+
+/* the two queues of a backend that moves weights while it computes (marks, wait_mark) */
+enum { ZSE_QUEUE_COMPUTE = 0, ZSE_QUEUE_COPY = 1 };
+typedef struct zse_lora_pool zse_lora_pool; /* LoRA adapter slots (in device memory on a GPU) */
 
 typedef enum { ZSE_KV_STORE_F16 = 0, ZSE_KV_STORE_INT8 = 1 } zse_kv_store;
 
@@ -47,6 +55,11 @@ typedef struct {
     int max_blocks_per_seq;
     int n_out;                      /* rows that need logits */
     const int32_t *out_rows;        /* [n_out] token indices, ascending */
+    /* LoRA: each sequence's adapter slot in the model's pool (-1: the base model alone), and
+     * the projections (bit m: ZSE_LORA_Q..DOWN) some sequence's adapter adapts. NULL / 0:
+     * no sequence has an adapter (the step runs exactly as without adapters). */
+    const int32_t *adapter_of_seq;  /* [n_seqs] */
+    uint32_t lora_modules;
 } zse_batch;
 
 typedef struct {
@@ -66,6 +79,15 @@ typedef struct {
     int top_k;                      /* 0: off; 1: greedy */
 } zse_sample_row;
 
+/* token masks for some logit rows (constrained decoding): bits[i * words + w] bit b set
+ * means token 32 w + b may come next in row rows[i]; rows ascending */
+typedef struct {
+    int n;
+    const int32_t *rows;
+    const uint32_t *bits;
+    int64_t words;
+} zse_row_masks;
+
 /* one weight of matmul_multi */
 typedef struct {
     const zse_weight *w;
@@ -73,12 +95,51 @@ typedef struct {
     zse_act *y;
 } zse_matmul_out;
 
+/* how a MoE layer routes (transformers' TopKRouter of Mixtral, Qwen2-MoE and Qwen3-MoE) */
+typedef struct {
+    int n_experts;
+    int k;                          /* experts a token takes */
+    bool renormalize;               /* the k weights are divided by their sum */
+} zse_moe_params;
+
+/* ---- LoRA adapter slots ----------------------------------------------------------------
+ * A pool of n_slots slots of slot_bytes each, one adapter a slot. A slot image (built by the
+ * engine, copied in whole by lora_slot_load) starts with a table of n_layers x
+ * ZSE_LORA_MODULES entries, layer-major, then the f16 parts the entries point at. */
+typedef struct {
+    int32_t rank;                   /* 0: the adapter leaves this projection alone */
+    float scale;
+    int64_t a;                      /* byte offset in the slot of A, f16 [rank][in], 64-byte aligned */
+    int64_t bt;                     /* byte offset of B transposed, f16 [rank][out], 64-byte aligned */
+} zse_lora_entry;
+
+typedef struct {
+    int n_layers;
+    int n_slots;
+    uint64_t slot_bytes;            /* a multiple of 64 */
+    int64_t in[ZSE_LORA_MODULES];   /* each projection's widths (every layer's are the same) */
+    int64_t out[ZSE_LORA_MODULES];
+} zse_lora_shape;
+
+/* 0 when every entry of a slot image points inside it at parts of the pool's widths and a
+ * rank of at most ZSE_LORA_MAX_RANK, and the image fits a slot; else an error (lora_image.c) */
+int zse_lora_image_check(const zse_lora_shape *s, const void *image, size_t bytes);
+
+/* one projection of lora_apply: y[t] += scale · B·(A·x[t]) */
+typedef struct {
+    int module;                     /* ZSE_LORA_Q .. ZSE_LORA_DOWN */
+    zse_act *y;
+} zse_lora_out;
+
 /* Bytes a backend holds, by what they are for (zse bench and zse info print them). */
 typedef struct {
     uint64_t weights;               /* copies of weights (CPU: 0, they are used from the mapping) */
+    uint64_t adapters;              /* LoRA adapter slots */
     uint64_t kv_cache;
     uint64_t activations;
     uint64_t workspace;             /* scratch kept between steps (GEMM slabs, batch arrays, ...) */
+    uint64_t slabs;                 /* slab slots weights are fetched into (layer buffers, the expert cache) */
+    uint64_t host_pinned;           /* host memory pinned for copies to the device (host_pin) */
     bool on_device;                 /* the two below are filled */
     uint64_t device_used;           /* the whole device's memory in use, every process, as nvidia-smi counts */
     uint64_t device_total;
@@ -181,6 +242,108 @@ typedef struct zse_backend_ops {
      * same token for the same u. NULL: the caller samples on the host. */
     int (*sample_rows)(zse_backend *be, zse_act *x, int64_t rows, int64_t cols, const zse_sample_row *p,
                        int32_t *out);
+
+    /* ---- mixture of experts (every backend implements these) ----
+     * A MoE layer's MLP is: route (the router's logits -> each token's k experts and their
+     * weights, the (token, expert) pairs sorted by expert), gather (each pair's input row,
+     * in that order), moe_matmul (every pair through its expert's weight: one call over all
+     * the step's experts, each expert's pairs a contiguous segment), silu_mul on the pairs'
+     * rows, moe_matmul again, combine (each token's k outputs weighted and added to x).
+     * A route lives until the next route into the same zse_moe_route. */
+    /* a layer's experts (weights stay valid while the zse_file stays open) */
+    zse_experts *(*experts_load)(zse_backend *be, const zse_expert_bank *bank);
+    void (*experts_free)(zse_backend *be, zse_experts *ex);
+    /* routing state for steps of up to max_rows tokens */
+    zse_moe_route *(*moe_route_new)(zse_backend *be, int64_t max_rows, const zse_moe_params *p);
+    void (*moe_route_free)(zse_backend *be, zse_moe_route *r);
+    /* rows tokens by their router logits [rows][n_experts]: p = softmax(logits) in f32; the
+     * k largest p (ties to the lower expert); weights p_j, or p_j / sum of the k when
+     * renormalize; the rows * k pairs then sorted by expert (by token within an expert) */
+    void (*moe_route)(zse_backend *be, zse_moe_route *r, const zse_act *logits, int64_t rows);
+    /* the experts the last route picked, ascending, into host memory after the queued work
+     * (experts[n_experts]); returns how many. For whoever must place experts before they run. */
+    int (*moe_route_experts)(zse_backend *be, const zse_moe_route *r, int32_t *experts);
+    /* xs[i] = x[token of pair i] for the route's pairs (rows * k) */
+    void (*moe_gather)(zse_backend *be, const zse_moe_route *r, const zse_act *x, zse_act *xs);
+    /* the grouped expert matmul: ys[i] = W_e · xs[i] for every pair i, W_e the part
+     * (ZSE_EXPERT_GATE / UP / DOWN) of pair i's expert e */
+    void (*moe_matmul)(zse_backend *be, const zse_moe_route *r, const zse_experts *ex, int part,
+                       const zse_act *xs, zse_act *ys);
+    /* x[t] += sum over t's k pairs, in ascending expert order, of weight · ys[pair], plus
+     * shared[t] scaled by sigmoid(shared_gate[t][0]) (shared NULL: none; shared_gate NULL:
+     * unscaled), summed as transformers does: (experts + shared), then the residual */
+    void (*moe_combine)(zse_backend *be, const zse_moe_route *r, const zse_act *ys, const zse_act *shared,
+                        const zse_act *shared_gate, zse_act *x);
+
+    /* optional: in each listed row of the logits x (cols wide), -inf for every token its
+     * mask leaves out (and for every column past words * 32), so argmax_rows / sample_rows
+     * pick only allowed tokens where the logits are. NULL: constrained rows go to the host. */
+    int (*mask_rows)(zse_backend *be, zse_act *x, int64_t cols, const zse_row_masks *m);
+
+    /* ---- weights kept in host memory (src/model/offload.c: experts from host memory, layers
+     * streamed through the device); all NULL where a backend has none ----
+     * Two queues run side by side: the compute queue (every op above) and a copy queue that
+     * moves weights from pinned host memory into the slots of a slab. Marks order them:
+     * mark(q) returns the number of the point queue q has reached (never decreasing);
+     * wait_mark(q, m) makes queue q wait until the other queue has passed its mark m (m < 0:
+     * nothing to wait for). A weight in a slot is read by the compute queue only after a wait
+     * for the copy that filled it, and a slot is refilled only after the compute queue's
+     * mark of its last use (slab_fetch's `after`). The CPU backend implements them so the
+     * model's offload path runs in the unit tests: its copy queue is lazy — a copy lands
+     * when the compute queue waits for it — so a missing wait shows as wrong numbers. The
+     * engine offloads on the CPU (whose weights are used in place from the mapping) only when a
+     * test knob asks (ZSE_EXPERT_CACHE, ZSE_STREAM_LAYERS). */
+    /* pins host memory [p, p + bytes) for copies (registered in place, or copied into pinned
+     * memory: host_pinned counts it); p stays valid while the pin lives */
+    zse_pinned *(*host_pin)(zse_backend *be, const void *p, size_t bytes);
+    void (*host_unpin)(zse_backend *be, zse_pinned *h);
+    /* n_slots device slots of slot_bytes each (a multiple of 256: weights start 256-aligned) */
+    zse_slab *(*slab_new)(zse_backend *be, size_t slot_bytes, int n_slots);
+    void (*slab_free)(zse_backend *be, zse_slab *s);
+    /* copy queue: bytes [off, off + n) of h into slot `slot` of s from its start, once the
+     * compute queue has passed its mark `after` (the slot's last use; -1: none) */
+    void (*slab_fetch)(zse_backend *be, zse_slab *s, int slot, const zse_pinned *h, uint64_t off, size_t n,
+                       int64_t after);
+    int64_t (*mark)(zse_backend *be, int queue);
+    void (*wait_mark)(zse_backend *be, int queue, int64_t mark);
+    /* a weight whose packed bytes lie in slot `slot` of s from byte `at` (a streamed layer's
+     * matrix; vectors, which some backends convert at load, are refused); weight_free frees it */
+    zse_weight *(*weight_in_slab)(zse_backend *be, const zse_tensor_info *t, const zse_slab *s, int slot,
+                                  uint64_t at);
+    /* a layer's experts whose bytes stay in host memory: none is on the device until
+     * experts_map places it; experts_free frees it */
+    zse_experts *(*experts_host)(zse_backend *be, const zse_expert_bank *bank);
+    /* where the layer's experts are for the moe_matmul calls that follow (compute queue):
+     * expert e in slot slot_of[e] of s (its range from the slot's start), or nowhere (-1):
+     * moe_matmul then leaves the rows of that expert's pairs as they are */
+    void (*experts_map)(zse_backend *be, zse_experts *ex, const zse_slab *s, const int32_t *slot_of);
+    /* the last route's layout into host memory, after the queued work: seg[n_experts + 1]
+     * (expert e's pairs are [seg[e], seg[e + 1])) and token_of[rows * k] (each pair's token) */
+    int (*moe_route_read)(zse_backend *be, const zse_moe_route *r, int32_t *seg, int32_t *token_of);
+    /* a[rows[i]] = src[i] (a's width) for i < n, on the compute queue in order with the ops
+     * around it; src may be reused once it returns */
+    int (*act_write_rows)(zse_backend *be, zse_act *a, const float *src, const int32_t *rows, int64_t n);
+    /* ---- LoRA adapters (all NULL where a backend has none: adapters are then refused) ----
+     * The engine keeps adapters in host memory and copies the one a sequence needs into a
+     * free slot; a step's zse_batch says each sequence's slot, so one step carries
+     * sequences of many adapters and of none, over one shared base matmul. */
+    zse_lora_pool *(*lora_pool_new)(zse_backend *be, const zse_lora_shape *s);
+    void (*lora_pool_free)(zse_backend *be, zse_lora_pool *p);
+    /* host memory a slot is loaded from (CUDA: pinned, so the copy runs asynchronously);
+     * NULL with an error when out of memory */
+    void *(*lora_host_alloc)(zse_backend *be, size_t bytes);
+    void (*lora_host_free)(zse_backend *be, void *p);
+    /* starts copying an image of `bytes` (<= slot_bytes) into slot; the image must stay as it
+     * is until lora_slot_ready says 1. The copy never waits for a step, nor a step for it. */
+    int (*lora_slot_load)(zse_backend *be, zse_lora_pool *p, int slot, const void *image, size_t bytes);
+    /* 1 when the slot's last load has landed, 0 while it is still copying, -1 on failure */
+    int (*lora_slot_ready)(zse_backend *be, zse_lora_pool *p, int slot);
+    /* For the batch's rows t < rows whose sequence has an adapter slot s that adapts
+     * outs[i].module of `layer`: outs[i].y[t] += scale · B·(A·x[t]) (A, B of slot s);
+     * other rows are left alone. x is the input the projections share (q/k/v: one x; gate and
+     * up: one x); at most 3 outs. A row's result does not depend on the other rows. */
+    void (*lora_apply)(zse_backend *be, const zse_lora_pool *p, int layer, const zse_act *x, int64_t rows,
+                       const zse_lora_out *outs, int n_outs);
 } zse_backend_ops;
 
 enum {
@@ -194,6 +357,24 @@ struct zse_backend {
     void *impl;
 };
 
+/* What `zse hardware` reports of a GPU */
+typedef struct {
+    char name[256];
+    int cc_major, cc_minor;         /* compute capability */
+    int sm_count;
+    uint64_t total_bytes;
+    uint64_t free_bytes;            /* valid when free_known */
+    bool free_known;
+    int cuda_driver_version;        /* the CUDA version the driver supports, e.g. 13000 */
+    int cuda_runtime_version;       /* the CUDA runtime zse was built with */
+} zse_gpu_info;
+
+/* the GPUs this zse can use (0 without CUDA or without a device) and their facts */
+int zse_backend_gpu_count(void);
+int zse_backend_gpu_info(int index, zse_gpu_info *out);
+/* why there is none: built without CUDA, no driver, no device */
+const char *zse_backend_gpu_absence(void);
+
 /* "cpu", "cuda", "cuda:N"; threads for the CPU backend (0 = physical cores) */
 zse_backend *zse_backend_create(const char *device, int threads);
 void zse_backend_destroy(zse_backend *be);
@@ -205,6 +386,8 @@ zse_backend *zse_cpu_backend_create(int threads);
 /* the CUDA backend (src/backend/cuda, extern "C") */
 zse_backend *zse_cuda_backend_create(int device_index);
 int zse_cuda_device_count(void);
+int zse_cuda_device_info(int index, zse_gpu_info *out);
+const char *zse_cuda_absence(void);
 #endif
 
 #endif

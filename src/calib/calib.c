@@ -339,6 +339,30 @@ static int check_opts(const zse_convert_opts *o, const zse_calib_opts *c)
     return 0;
 }
 
+/* what calibration runs on: a Hugging Face directory of a dense model. A GGUF's weights
+ * are usually quantized already (calibrating from them would fit the new codes to the old
+ * codes' error), and a mixture-of-experts model's experts are not seen by the taps (each runs on
+ * the rows routed to it; docs/QUANT.md §What it does not do). */
+static int check_source(const char *src)
+{
+    if (zse_is_gguf_file(src))
+        return zse_fail("%s is a GGUF file, and --calibrate takes a Hugging Face directory (a GGUF's weights are "
+                        "usually quantized already: calibrating them would fit the new codes to the old codes' "
+                        "error); calibrate the original Hugging Face model, or convert the GGUF without "
+                        "--calibrate", src);
+    zse_hf_dir hf;
+    if (zse_hf_open(&hf, src) != 0)
+        return -1;
+    const bool moe = hf.config.n_experts > 0;
+    char arch[sizeof hf.config.arch];
+    snprintf(arch, sizeof arch, "%s", hf.config.arch);
+    zse_hf_close(&hf);
+    if (moe)
+        return zse_fail("%s is a mixture-of-experts model (%s): --calibrate supports dense models only (its "
+                        "taps do not see the experts' inputs); convert it without --calibrate", src, arch);
+    return 0;
+}
+
 static void calib_free(calib *k)
 {
     for (int i = 0; k->in && i < k->n_in; i++) {
@@ -357,7 +381,7 @@ static void calib_free(calib *k)
 int zse_convert_calibrated(const char *src_dir, const char *out_path, const zse_convert_opts *o,
                            const zse_calib_opts *c)
 {
-    if (check_opts(o, c) != 0)
+    if (check_opts(o, c) != 0 || check_source(src_dir) != 0)
         return -1;
     if (!o->force && access(out_path, F_OK) == 0)
         return zse_fail("%s already exists; pass --force to overwrite it", out_path);

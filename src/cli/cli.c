@@ -132,3 +132,119 @@ bool cli_wants_help(int argc, char **argv)
             return true;
     return false;
 }
+
+bool cli_spec_arg(cli_args *a, cli_spec *s)
+{
+    if (cli_is(a, NULL, "--spec"))
+        s->mode = cli_value(a);
+    else if (cli_is(a, NULL, "--draft"))
+        s->draft = cli_value(a);
+    else if (cli_is(a, NULL, "--spec-tokens"))
+        s->tokens_given = cli_int(a, INT64_MIN, INT64_MAX, &s->tokens);
+    else
+        return false;
+    return true;
+}
+
+int cli_spec_parse(const cli_spec *s, zse_spec_params *out, const char *verb)
+{
+    memset(out, 0, sizeof *out);
+    const bool ngram = s->mode && strcmp(s->mode, "ngram") == 0, by_model = s->draft || (s->mode && !strcmp(s->mode, "draft"));
+    if (s->mode && !ngram && strcmp(s->mode, "draft") != 0) {
+        fprintf(stderr, "zse %s: --spec takes ngram or draft, not '%s'\n", verb, s->mode);
+        return 2;
+    }
+    if (ngram && s->draft) {
+        fprintf(stderr, "zse %s: --spec ngram takes no --draft model (use --spec draft --draft FILE)\n", verb);
+        return 2;
+    }
+    if (by_model && !s->draft) {
+        fprintf(stderr, "zse %s: --spec draft needs --draft FILE.zse, the draft model\n", verb);
+        return 2;
+    }
+    if (!ngram && !by_model) {
+        if (s->tokens_given) {
+            fprintf(stderr, "zse %s: --spec-tokens needs --spec ngram or --draft FILE\n", verb);
+            return 2;
+        }
+        return 0;
+    }
+    if (s->tokens_given && (s->tokens < 1 || s->tokens > ZSE_SPEC_MAX_TOKENS)) {
+        fprintf(stderr, "zse %s: --spec-tokens takes 1 to %d draft tokens a step, not %lld\n", verb, ZSE_SPEC_MAX_TOKENS,
+                (long long)s->tokens);
+        return 2;
+    }
+    out->mode = ngram ? ZSE_SPEC_NGRAM : ZSE_SPEC_DRAFT;
+    out->tokens = s->tokens_given ? (int)s->tokens : CLI_SPEC_DEFAULT_TOKENS;
+    return 0;
+}
+
+int cli_spec_load_draft(const cli_spec *s, const zse_load_params *lp, zse_model **draft, zse_spec_params *out)
+{
+    *draft = NULL;
+    if (out->mode != ZSE_SPEC_DRAFT)
+        return 0;
+    zse_load_params dp = *lp;
+    dp.gpu_memory = 0; /* what the device has free; the target is sized after it */
+    dp.max_loras = 0;  /* a draft runs without adapters: its drafts are verified by the target */
+    if (!(*draft = zse_model_load(s->draft, &dp))) {
+        zse_error_prefix("--draft");
+        return -1;
+    }
+    out->draft = *draft;
+    return 0;
+}
+
+const char *cli_human_bytes(uint64_t b, char buf[32])
+{
+    if (b >= 1000000000ull)
+        snprintf(buf, 32, "%.2f GB", (double)b / 1e9);
+    else if (b >= 1000000ull)
+        snprintf(buf, 32, "%.1f MB", (double)b / 1e6);
+    else
+        snprintf(buf, 32, "%.1f KB", (double)b / 1e3);
+    return buf;
+}
+
+bool cli_lora_arg(cli_args *a, cli_lora *l)
+{
+    if (cli_is(a, NULL, "--lora"))
+        l->path = cli_value(a);
+    else if (cli_is(a, NULL, "--lora-scale"))
+        l->scale_given = cli_float(a, -1000, 1000, &l->scale);
+    else
+        return false;
+    return true;
+}
+
+int cli_lora_prepare(const cli_lora *l, zse_load_params *lp, const char *verb)
+{
+    if (!l->path) {
+        if (l->scale_given) {
+            fprintf(stderr, "zse %s: --lora-scale needs --lora PATH\n", verb);
+            return 2;
+        }
+        return 0;
+    }
+    int rank;
+    if (zse_adapter_probe(l->path, &rank) != 0) {
+        fprintf(stderr, "zse %s: --lora: %s\n", verb, zse_last_error());
+        return 2;
+    }
+    lp->max_loras = 1; /* one adapter: a slot its size */
+    lp->max_cpu_loras = 1;
+    lp->max_lora_rank = rank;
+    return 0;
+}
+
+int cli_lora_open(const cli_lora *l, zse_model *m, zse_adapter **out)
+{
+    *out = NULL;
+    if (!l->path)
+        return 0;
+    if (!(*out = zse_adapter_open(m, l->path, l->scale_given ? (float)l->scale : 1.0f))) {
+        zse_error_prefix("--lora");
+        return -1;
+    }
+    return 0;
+}

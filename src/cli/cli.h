@@ -3,6 +3,9 @@
 #ifndef ZSE_CLI_H
 #define ZSE_CLI_H
 
+#include "format/format.h"
+#include "model/model.h"
+
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -40,5 +43,59 @@ int cli_unknown(cli_args *a);   /* prints "unknown option", returns 2 */
 /* prints "zse: <verb>: message" with the library's last error and returns 1 */
 int cli_error(const char *verb);
 bool cli_wants_help(int argc, char **argv);
+
+/* ---- speculative decoding flags, the same for run, chat, serve and bench ---------------- */
+#include "zse.h"
+
+typedef struct {
+    const char *mode;       /* --spec ngram|draft */
+    const char *draft;      /* --draft FILE (implies --spec draft) */
+    int64_t tokens;         /* --spec-tokens K */
+    bool tokens_given;
+} cli_spec;
+
+#define CLI_SPEC_HELP                                                                                     \
+    "  --spec ngram|draft      speculative decoding: drafts from earlier text (ngram, prompt lookup)\n"    \
+    "                          or from a smaller model with the same tokenizer (--draft)\n"                \
+    "  --draft FILE.zse        the draft model (implies --spec draft)\n"                                   \
+    "  --spec-tokens K         draft tokens checked per step, 1-16 (default 4)\n"
+#define CLI_SPEC_DEFAULT_TOKENS 4
+
+/* takes the current flag when it is one of the above (true), else leaves it (false) */
+bool cli_spec_arg(cli_args *a, cli_spec *s);
+/* Checks the flags into *out (mode OFF when none was given): 0, or 2 after printing what is
+ * wrong with them. */
+int cli_spec_parse(const cli_spec *s, zse_spec_params *out, const char *verb);
+/* Loads the draft model of a DRAFT *out (with lp, the target's load parameters: load it
+ * before the target, so the target's KV cache is sized for what is left): 0, or -1 with
+ * the error. */
+int cli_spec_load_draft(const cli_spec *s, const zse_load_params *lp, zse_model **draft, zse_spec_params *out);
+
+/* ---- a LoRA adapter for run and chat ---------------------------------------------------------- */
+typedef struct {
+    const char *path;       /* --lora PATH: a PEFT directory or a .zsa file */
+    double scale;           /* --lora-scale S */
+    bool scale_given;
+} cli_lora;
+
+#define CLI_LORA_HELP                                                                                     \
+    "  --lora PATH             run with a LoRA adapter: a PEFT directory (adapter_config.json +\n"         \
+    "                          adapter_model.safetensors) or a .zsa file (zse convert-adapter)\n"          \
+    "  --lora-scale S          multiply the adapter's delta by S (default 1: as trained)\n"
+
+bool cli_lora_arg(cli_args *a, cli_lora *l);
+/* sets the load parameters for the adapter (one slot of its rank): 0, or 2 after printing */
+int cli_lora_prepare(const cli_lora *l, zse_load_params *lp, const char *verb);
+/* the adapter on the loaded model (NULL without --lora): 0, or -1 with the error */
+int cli_lora_open(const cli_lora *l, zse_model *m, zse_adapter **out);
+
+/* fit.c: what fits where (zse hardware --fit, zse info --fit), and the KV cache's size */
+int cli_print_fit(const char *model_path, bool as_json);
+/* "1.23 GB", "45.6 MB", "789.0 KB": the unit that keeps the figure readable */
+const char *cli_human_bytes(uint64_t b, char buf[32]);
+/* one line (after `indent`) saying what a placement keeps where (zse info --gpu-memory) */
+void cli_print_placement(const zse_fit *fit, const char *indent);
+uint64_t cli_kv_bytes_per_token(const zse_config *c, bool int8);
+uint64_t cli_kv_bytes(const zse_config *c, int64_t ctx, bool int8);  /* whole 16-token blocks */
 
 #endif

@@ -13,14 +13,18 @@ const char cmd_api_key_summary[] = "create, list, delete, disable or enable API 
 static void usage(FILE *out)
 {
     fprintf(out,
-            "usage: zse api-key create NAME [--rate-limit N/min]\n"
+            "usage: zse api-key create NAME [--rate-limit N/min] [--priority P]\n"
             "       zse api-key list [--json]\n"
             "       zse api-key delete|disable|enable NAME\n"
-            "       zse api-key set-limit NAME N/min\n\n"
+            "       zse api-key set-limit NAME N/min\n"
+            "       zse api-key set-priority NAME P\n\n"
             "Keys are printed once, at creation; only their SHA-256 is stored.\n"
-            "A rate limit allows N requests in any 60 seconds (0 = unlimited).\n\n"
+            "A rate limit allows N requests in any 60 seconds (0 = unlimited).\n"
+            "A priority (-1000 to 1000, default 0; lower runs first) is the most urgent one the\n"
+            "key's requests get: they may ask for a larger (less urgent) 'priority', not a smaller.\n\n"
             "  --db PATH        the database (default $ZSE_DB or ~/.local/share/zse/zse.db)\n"
             "  --rate-limit R   N or N/min\n"
+            "  --priority P     the key's priority\n"
             "  --json           list as JSON\n");
 }
 
@@ -38,6 +42,16 @@ static bool parse_rate(const char *s, int *out)
     num[n] = '\0';
     int64_t v;
     if (!zse_parse_i64(num, &v) || v < 0 || v > 1000000)
+        return false;
+    *out = (int)v;
+    return true;
+}
+
+/* -1000..1000 */
+static bool parse_priority(const char *s, int *out)
+{
+    int64_t v;
+    if (!s || !zse_parse_i64(s, &v) || v < SRV_PRIORITY_MIN || v > SRV_PRIORITY_MAX)
         return false;
     *out = (int)v;
     return true;
@@ -64,9 +78,10 @@ static int list_keys(srv_db *db, bool as_json)
     if (as_json) {
         json_t *arr = json_array();
         for (size_t i = 0; arr && i < n; i++)
-            json_array_append_new(arr, json_pack("{s:s, s:s, s:i, s:b, s:f, s:o}", "name", keys[i].name, "prefix",
-                                                 keys[i].prefix, "rate_limit_per_min", keys[i].rate_limit, "enabled",
-                                                 keys[i].enabled, "created", keys[i].created, "last_used",
+            json_array_append_new(arr, json_pack("{s:s, s:s, s:i, s:i, s:b, s:f, s:o}", "name", keys[i].name, "prefix",
+                                                 keys[i].prefix, "rate_limit_per_min", keys[i].rate_limit, "priority",
+                                                 keys[i].priority, "enabled", keys[i].enabled, "created",
+                                                 keys[i].created, "last_used",
                                                  keys[i].last_used > 0 ? json_real(keys[i].last_used) : json_null()));
         char *s = arr ? json_dumps(arr, JSON_INDENT(2)) : NULL;
         json_decref(arr);
@@ -77,7 +92,8 @@ static int list_keys(srv_db *db, bool as_json)
         free(s);
         return 0;
     }
-    printf("%-24s %-14s %-10s %-9s %-21s %s\n", "NAME", "KEY", "LIMIT", "STATUS", "CREATED", "LAST USED");
+    printf("%-24s %-14s %-10s %-8s %-9s %-21s %s\n", "NAME", "KEY", "LIMIT", "PRIORITY", "STATUS", "CREATED",
+           "LAST USED");
     for (size_t i = 0; i < n; i++) {
         char created[32], used[32], limit[24];
         format_time(keys[i].created, created, sizeof created);
@@ -86,7 +102,7 @@ static int list_keys(srv_db *db, bool as_json)
             snprintf(limit, sizeof limit, "%d/min", keys[i].rate_limit);
         else
             snprintf(limit, sizeof limit, "none");
-        printf("%-24s %-14s %-10s %-9s %-21s %s\n", keys[i].name, keys[i].prefix, limit,
+        printf("%-24s %-14s %-10s %-8d %-9s %-21s %s\n", keys[i].name, keys[i].prefix, limit, keys[i].priority,
                keys[i].enabled ? "enabled" : "disabled", created, used);
     }
     free(keys);
@@ -99,15 +115,18 @@ int cmd_api_key(int argc, char **argv)
         usage(stdout);
         return 0;
     }
-    const char *action = NULL, *name = NULL, *db_path = NULL, *limit_arg = NULL, *extra = NULL;
+    const char *action = NULL, *name = NULL, *db_path = NULL, *limit_arg = NULL, *priority_arg = NULL,
+               *extra = NULL;
     bool as_json = false;
-    int rate = 0;
+    int rate = 0, priority = 0;
     cli_args a = cli_begin(argc, argv);
     while (cli_next(&a)) {
         if (cli_is(&a, NULL, "--db"))
             db_path = cli_value(&a);
         else if (cli_is(&a, NULL, "--rate-limit"))
             limit_arg = cli_value(&a);
+        else if (cli_is(&a, NULL, "--priority"))
+            priority_arg = cli_value(&a);
         else if (cli_is(&a, NULL, "--json"))
             as_json = true;
         else if (cli_positional(&a) && !action)
@@ -126,11 +145,12 @@ int cmd_api_key(int argc, char **argv)
         return 2;
     }
     bool is_create = !strcmp(action, "create"), is_list = !strcmp(action, "list");
-    bool is_limit = !strcmp(action, "set-limit");
-    bool named = is_create || is_limit || !strcmp(action, "delete") || !strcmp(action, "disable") ||
+    bool is_limit = !strcmp(action, "set-limit"), is_priority = !strcmp(action, "set-priority");
+    bool named = is_create || is_limit || is_priority || !strcmp(action, "delete") || !strcmp(action, "disable") ||
                  !strcmp(action, "enable");
     if (!named && !is_list) {
-        fprintf(stderr, "zse api-key: unknown action '%s' (create, list, delete, disable, enable, set-limit)\n", action);
+        fprintf(stderr, "zse api-key: unknown action '%s' (create, list, delete, disable, enable, set-limit, "
+                        "set-priority)\n", action);
         return 2;
     }
     if (named && !name) {
@@ -139,6 +159,8 @@ int cmd_api_key(int argc, char **argv)
     }
     if (is_limit)
         limit_arg = extra;
+    else if (is_priority)
+        priority_arg = extra;
     else if (extra || (is_list && name)) {
         fprintf(stderr, "zse api-key %s: unexpected argument '%s'\n", action, extra ? extra : name);
         return 2;
@@ -146,6 +168,15 @@ int cmd_api_key(int argc, char **argv)
     if ((is_limit && !limit_arg) || (limit_arg && !parse_rate(limit_arg, &rate))) {
         fprintf(stderr, "zse api-key: a rate limit is N or N/min (requests per minute), not '%s'\n",
                 limit_arg ? limit_arg : "");
+        return 2;
+    }
+    if ((is_priority && !priority_arg) || (priority_arg && !parse_priority(priority_arg, &priority))) {
+        fprintf(stderr, "zse api-key: a priority is a whole number from %d (most urgent) to %d, not '%s'\n",
+                SRV_PRIORITY_MIN, SRV_PRIORITY_MAX, priority_arg ? priority_arg : "");
+        return 2;
+    }
+    if (priority_arg && !is_create && !is_priority) {
+        fprintf(stderr, "zse api-key %s: --priority goes with create (or use set-priority)\n", action);
         return 2;
     }
     char *default_path = db_path ? NULL : srv_db_default_path();
@@ -160,7 +191,7 @@ int cmd_api_key(int argc, char **argv)
         rc = list_keys(db, as_json);
     } else if (is_create) {
         char key[SRV_KEY_CHARS + 1];
-        if (srv_key_create(db, name, rate, key) != 0) {
+        if (srv_key_create(db, name, rate, priority, key) != 0) {
             rc = cli_error("api-key");
         } else {
             printf("%s\n", key);
@@ -171,6 +202,7 @@ int cmd_api_key(int argc, char **argv)
         int r = !strcmp(action, "delete")    ? srv_key_delete(db, name)
                 : !strcmp(action, "disable") ? srv_key_set_enabled(db, name, false)
                 : !strcmp(action, "enable")  ? srv_key_set_enabled(db, name, true)
+                : is_priority                ? srv_key_set_priority(db, name, priority)
                                              : srv_key_set_rate_limit(db, name, rate);
         if (r != 0)
             rc = cli_error("api-key");

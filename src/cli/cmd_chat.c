@@ -83,11 +83,12 @@ int cmd_chat(int argc, char **argv)
 {
     if (cli_wants_help(argc, argv)) {
         printf("usage: zse chat MODEL.zse [--system S] [-n N] [--temp T] [--top-p P] [--seed S] [--threads N]\n"
-               "                [--ctx N] [--device D] [--gpu-memory SIZE] [--no-prefix-cache]\n\n"
+               "                [--ctx N] [--device D] [--gpu-memory SIZE] [--no-prefix-cache]\n"
+               "                [--lora PATH [--lora-scale S]]\n\n"
                "Type a message and press Enter. /reset starts over, /exit quits; Ctrl-C stops the\n"
                "answer being written. With stdin not a terminal, each line is one message.\n"
                "Each turn reuses the conversation's computed prefix; --no-prefix-cache computes\n"
-               "every turn's whole prompt.\n");
+               "every turn's whole prompt.\n\n" CLI_LORA_HELP CLI_SPEC_HELP);
         return 0;
     }
     const char *path = NULL, *system = NULL;
@@ -95,9 +96,13 @@ int cmd_chat(int argc, char **argv)
     double temp = 0.7, top_p = 0.95;
     zse_load_params lp;
     zse_load_params_default(&lp);
+    cli_spec spec_flags = {0};
+    zse_spec_params spec;
+    cli_lora lora_flags = {0};
     cli_args a = cli_begin(argc, argv);
     while (cli_next(&a)) {
-        if (cli_is(&a, NULL, "--system")) system = cli_value(&a);
+        if (cli_spec_arg(&a, &spec_flags) || cli_lora_arg(&a, &lora_flags)) continue;
+        else if (cli_is(&a, NULL, "--system")) system = cli_value(&a);
         else if (cli_is(&a, "-n", "--max-tokens")) cli_int(&a, 1, 1 << 20, &n_gen);
         else if (cli_is(&a, NULL, "--temp")) cli_float(&a, 0, 100, &temp);
         else if (cli_is(&a, NULL, "--top-p")) cli_float(&a, 0, 1, &top_p);
@@ -116,18 +121,37 @@ int cmd_chat(int argc, char **argv)
         fprintf(stderr, "usage: zse chat MODEL.zse [--system S]\n");
         return 2;
     }
+    if (cli_spec_parse(&spec_flags, &spec, "chat") != 0 || cli_lora_prepare(&lora_flags, &lp, "chat") != 0)
+        return 2;
     lp.threads = (int)threads;
     lp.ctx_size = (int)ctx;
-    zse_model *m = zse_model_load(path, &lp);
-    if (!m)
+    zse_model *draft = NULL;
+    if (cli_spec_load_draft(&spec_flags, &lp, &draft, &spec) != 0)
         return cli_error("chat");
+    zse_model *m = zse_model_load(path, &lp);
+    if (!m) {
+        zse_model_free(draft);
+        return cli_error("chat");
+    }
+    zse_adapter *adapter = NULL;
+    if (cli_lora_open(&lora_flags, m, &adapter) != 0) {
+        zse_model_free(m);
+        zse_model_free(draft);
+        return cli_error("chat");
+    }
     zse_sampling s;
     zse_sampling_default(&s);
     s.temperature = (float)temp;
     s.top_p = (float)top_p;
     s.seed = (uint64_t)seed;
     s.max_tokens = (int)n_gen;
+    s.adapter = adapter;
     zse_seq *q = zse_seq_new(m, &s);
+    if (q && zse_seq_set_spec(q, &spec) != 0) {
+        zse_seq_free(q);
+        q = NULL;
+        cli_error("chat");
+    }
     json_t *history = json_array();
     bool tty = isatty(STDIN_FILENO);
     struct sigaction sa = {.sa_handler = on_sigint}, old;
@@ -172,6 +196,8 @@ int cmd_chat(int argc, char **argv)
     sigaction(SIGINT, &old, NULL);
     json_decref(history);
     zse_seq_free(q);
+    zse_adapter_release(adapter);
     zse_model_free(m);
+    zse_model_free(draft);
     return rc;
 }

@@ -1,21 +1,27 @@
-/* zse convert SRC_DIR -o OUT.zse — Hugging Face directory to one .zse file. */
+/* zse convert SRC -o OUT.zse — Hugging Face directory or GGUF file to one .zse file. */
 #include "cli/cli.h"
 
 #include "calib/calib.h"
 #include "format/format.h"
+#include "tokenizer/tokenizer.h"
 
 #include <stdio.h>
 #include <string.h>
 
-const char cmd_convert_summary[] = "convert a Hugging Face model directory into a .zse file";
+const char cmd_convert_summary[] = "convert a Hugging Face model directory or a GGUF file into a .zse file";
 
 static void usage(FILE *out)
 {
     fprintf(out,
-            "usage: zse convert SRC_DIR -o OUT.zse [options]\n\n"
+            "usage: zse convert SRC -o OUT.zse [options]\n\n"
+            "SRC is a Hugging Face model directory or a .gguf file (llama, mistral, qwen2).\n\n"
             "  -o, --output FILE       the .zse file to write\n"
-            "  --quant SCHEME          f32, f16, bf16, int8, int4, int4s or nf4 (default int4)\n"
-            "  --group-size N          4-bit group size: 32, 64 or 128 (default 128)\n"
+            "  --quant SCHEME          f32, f16, bf16, int8, int8g, int4, int4s or nf4 (default\n"
+            "                          int4; a GGUF without --quant keeps F32/F16/BF16/Q8_0/\n"
+            "                          Q4_0/Q4_1 exactly and re-quantizes other types: Q4_K to\n"
+            "                          int4, the rest to int8g, at group 32)\n"
+            "  --group-size N          group size of int4, int4s, nf4, int8g: 32, 64 or 128\n"
+            "                          (default 128)\n"
             "  --keep-fp16 PATTERN     keep matching tensors at f16 (glob on zse or HF names;\n"
             "                          repeatable)\n"
             "  --embed-quant SCHEME    embedding table scheme (default: int8 for integer\n"
@@ -23,7 +29,8 @@ static void usage(FILE *out)
             "  --lm-head-quant SCHEME  lm_head scheme (default: the recipe's)\n"
             "  --threads N             quantization threads (default: physical cores)\n"
             "  --force                 overwrite OUT if it exists\n\n"
-            "calibrated 4-bit (docs/QUANT.md; runs the model on the CPU over the text):\n"
+            "calibrated 4-bit (docs/QUANT.md; runs the model on the CPU over the text; a Hugging\n"
+            "Face directory of a dense model: GGUF files and mixture-of-experts models are refused):\n"
             "  --calibrate FILE        AWQ scales and GPTQ from the activations on FILE (a text\n"
             "                          like what the model will see, not the evaluation text)\n"
             "  --target-bpw B          keep the most sensitive tensors at smaller groups, int8 or\n"
@@ -56,7 +63,8 @@ int cmd_convert(int argc, char **argv)
     const char *src = NULL, *out = NULL;
     const char *keep[64];
     zse_convert_opts o = {.scheme = ZSE_SCHEME_Q4, .group_size = 128, .embed_scheme = -1,
-                          .lm_head_scheme = -1, .keep_fp16 = keep};
+                          .lm_head_scheme = -1, .keep_fp16 = keep,
+                          .gguf_tokenizer = zse_tokenizer_json_from_gguf};
     zse_calib_opts co = {0};
     bool target_given = false, tokens_given = false, method_given = false;
     cli_args a = cli_begin(argc, argv);
@@ -86,8 +94,10 @@ int cmd_convert(int argc, char **argv)
         } else if (cli_is(&a, "-o", "--output")) {
             out = cli_value(&a);
         } else if (cli_is(&a, NULL, "--quant")) {
-            if (parse_scheme(&a, &s))
+            if (parse_scheme(&a, &s)) {
                 o.scheme = (zse_scheme)s;
+                o.quant_given = true;
+            }
         } else if (cli_is(&a, NULL, "--group-size")) {
             if (cli_int(&a, 32, 128, &v)) {
                 if (v != 32 && v != 64 && v != 128) {
@@ -139,8 +149,9 @@ int cmd_convert(int argc, char **argv)
     if (!f)
         return cli_error("convert");
     double secs = zse_now() - t0;
-    fprintf(stderr, "wrote %s: %.1f MB, %zu tensors, %s, in %.1f s\n", out,
-            (double)zse_file_size(f) / 1e6, zse_file_n_tensors(f), zse_scheme_name(o.scheme), secs);
+    const char *recipe = json_string_value(json_object_get(json_object_get(zse_file_header(f), "quant"), "scheme"));
+    fprintf(stderr, "wrote %s: %.1f MB, %zu tensors, %s, in %.1f s\n", out, (double)zse_file_size(f) / 1e6,
+            zse_file_n_tensors(f), recipe ? recipe : zse_scheme_name(o.scheme), secs);
     zse_file_close(f);
     return 0;
 }

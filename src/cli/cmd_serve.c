@@ -2,14 +2,17 @@
  * up first and answers 503 "loading" while the model loads; SIGTERM or SIGINT drain it. */
 #include "cli/cli.h"
 
+#include "format/format.h"
 #include "server/server.h"
 #include "util/util.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 const char cmd_serve_summary[] = "serve a model over an OpenAI-compatible HTTP API";
@@ -23,9 +26,18 @@ static void usage(FILE *out)
             "  --port N                port (default 8000; 0 picks a free one)\n"
             "  --model-id NAME         the model's id in the API (default: the file name)\n"
             "  --max-body SIZE         largest request body (default 4M)\n"
+            "  --max-buffered SIZE     request body bytes held across all connections (default 256M)\n"
             "  --max-connections N     open connections at most (default 1024)\n"
+            "  --max-connections-per-ip N  open connections from one address (default 128; 0 = no cap)\n"
             "  --timeout S             close connections idle this long (default 60)\n"
+            "  --header-timeout S      a request head must arrive within S of the connection or the\n"
+            "                          previous answer, however steadily it trickles (default 30)\n"
+            "  --body-timeout S        a request body must arrive within S of its head (default 60)\n"
+            "  --max-refused-per-ip N  refused requests (no key, unknown route, bad HTTP) answered per\n"
+            "                          address and minute; beyond, no answer (default 600; 0 = all)\n"
             "  --http-threads N        threads polling connections (default 4)\n"
+            "  --workers N             threads parsing, templating and tokenizing requests (default 2;\n"
+            "                          half as many more, at the lowest priority, for bodies of 64 KB and more)\n"
             "  --cors ORIGIN           send CORS headers allowing ORIGIN (\"*\" for any)\n"
             "  --tls-cert PEM --tls-key PEM   serve HTTPS\n"
             "Keys and audit:\n"
@@ -37,7 +49,11 @@ static void usage(FILE *out)
             "Engine:\n"
             "  --max-seqs N            sequences generated together (default 16)\n"
             "  --max-batch-tokens N    tokens per step; long prompts are prefilled in chunks (default 512)\n"
-            "  --max-queue N           requests waiting at most; beyond, 503 (default 256)\n"
+            "  --max-queue N           sequences waiting at most; beyond, 503 (default 256)\n"
+            "  --max-seqs-per-key N    running sequences of one key (one address without --auth)\n"
+            "                          (default: all but an eighth of --max-seqs)\n"
+            "  --max-queued-tokens-per-key N  prompt + completion tokens one key may have waiting;\n"
+            "                          beyond, 429 (default: --max-seqs full contexts)\n"
             "  --ctx N                 context length (default: the model's)\n"
             "  --kv-cache f16|int8     KV cache storage (default f16)\n"
             "  --kv-cache-size SIZE    KV cache budget (default: max-seqs full contexts)\n"
@@ -47,6 +63,15 @@ static void usage(FILE *out)
             "  --device cpu|cuda|cuda:N\n"
             "  --gpu-memory SIZE       GPU memory for weights, KV cache and activations (default: what is free);\n"
             "                          the KV cache gets what the rest leaves\n"
+            CLI_SPEC_HELP
+            "LoRA adapters (docs/SERVER.md):\n"
+            "  --lora NAME=PATH        serve an adapter (PEFT directory or .zsa) as model NAME (repeatable)\n"
+            "  --lora-dir DIR          every subfolder (or NAME.zsa) of DIR is an adapter, loaded on first use\n"
+            "  --max-gpu-loras N       adapters that can run at once: slots on the device (default 8 with adapters)\n"
+            "  --max-cpu-loras M       adapters kept in (pinned) host memory besides (default: N, or every --lora)\n"
+            "  --max-lora-rank R       a slot holds rank R on every projection (default: the largest rank of the\n"
+            "                          adapters found at start, at least 16)\n"
+            "  --allow-lora-loading    answer POST /v1/load_lora_adapter and /v1/unload_lora_adapter\n"
             "Lifecycle:\n"
             "  --shutdown-timeout S    on SIGTERM/SIGINT, let running requests finish this long (default 30)\n"
             "  --quiet                 no per-request log lines\n");
@@ -56,8 +81,14 @@ typedef struct {
     const char *model_path;
     zse_load_params load;
     zse_engine_params engine;
+    cli_spec spec_flags;
     zse_model *model;
+    zse_model *draft;           /* --draft: the speculative decoding draft model */
     zse_engine *eng;
+    const char *lora_names[64], *lora_paths[64]; /* --lora NAME=PATH */
+    int n_lora;
+    const char *lora_dir;
+    bool lora_wanted;           /* any adapter flag: the model gets adapter slots */
     bool done, failed;
     char error[ZSE_ERROR_MAX];
     pthread_mutex_t mu;
@@ -66,8 +97,22 @@ typedef struct {
 static void *load_main(void *arg)
 {
     loader *l = arg;
-    zse_model *m = zse_model_load(l->model_path, &l->load);
-    zse_engine *e = m ? zse_engine_start(m, &l->engine) : NULL;
+    /* a draft model loads first: the model's KV cache is sized for what it leaves */
+    zse_model *m = cli_spec_load_draft(&l->spec_flags, &l->load, &l->draft, &l->engine.spec) == 0
+                       ? zse_model_load(l->model_path, &l->load)
+                       : NULL;
+    /* the --lora adapters are read and checked now: a bad one stops the server at start */
+    bool adapters_ok = m != NULL;
+    for (int i = 0; adapters_ok && i < l->n_lora; i++)
+        if (zse_adapter_register(m, l->lora_names[i], l->lora_paths[i], 1.0f) != 0) {
+            zse_error_prefix("--lora %s=%s", l->lora_names[i], l->lora_paths[i]);
+            adapters_ok = false;
+        }
+    if (adapters_ok && l->lora_dir && zse_adapter_set_dir(m, l->lora_dir) != 0) {
+        zse_error_prefix("--lora-dir");
+        adapters_ok = false;
+    }
+    zse_engine *e = adapters_ok ? zse_engine_start(m, &l->engine) : NULL;
     pthread_mutex_lock(&l->mu);
     l->model = m;
     l->eng = e;
@@ -117,12 +162,82 @@ typedef struct {
     double shutdown_timeout;
 } serve_opts;
 
+/* --lora NAME=PATH */
+static bool lora_arg(cli_args *a, loader *l)
+{
+    const char *v = cli_value(a);
+    const char *eq = v ? strchr(v, '=') : NULL;
+    if (!v)
+        return false;
+    if (!eq || eq == v || !eq[1] || l->n_lora == 64) {
+        fprintf(stderr, "zse serve: --lora takes NAME=PATH (up to 64; --lora-dir serves more), not '%s'\n", v);
+        a->failed = true;
+        return false;
+    }
+    static char names[64][257];
+    snprintf(names[l->n_lora], sizeof names[l->n_lora], "%.*s", (int)(eq - v < 256 ? eq - v : 256), v);
+    l->lora_names[l->n_lora] = names[l->n_lora];
+    l->lora_paths[l->n_lora++] = eq + 1;
+    return true;
+}
+
+/* the largest rank of the adapters known at start (--lora and the --lora-dir's), so a slot
+ * holds the largest; at least 16 */
+static int start_rank(const loader *l)
+{
+    int best = 16, r;
+    for (int i = 0; i < l->n_lora; i++)
+        if (zse_adapter_probe(l->lora_paths[i], &r) == 0 && r > best)
+            best = r;
+    DIR *d = l->lora_dir ? opendir(l->lora_dir) : NULL;
+    for (struct dirent *e; d && (e = readdir(d));) {
+        char *p = e->d_name[0] != '.' ? zse_path_join(l->lora_dir, e->d_name) : NULL;
+        if (p && zse_adapter_probe(p, &r) == 0 && r > best)
+            best = r;
+        free(p);
+    }
+    if (d)
+        closedir(d);
+    return best;
+}
+
 static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
 {
     cli_args a = cli_begin(argc, argv);
     int64_t i;
     double d;
     while (cli_next(&a)) {
+        if (cli_spec_arg(&a, &l->spec_flags))
+            continue;
+        if (cli_is(&a, NULL, "--lora")) {
+            l->lora_wanted = lora_arg(&a, l) || l->lora_wanted;
+            continue;
+        }
+        if (cli_is(&a, NULL, "--lora-dir")) {
+            l->lora_dir = cli_value(&a);
+            l->lora_wanted = true;
+            continue;
+        }
+        if (cli_is(&a, NULL, "--max-gpu-loras")) {
+            if (cli_int(&a, 1, 4096, &i))
+                l->load.max_loras = (int)i;
+            l->lora_wanted = true;
+            continue;
+        }
+        if (cli_is(&a, NULL, "--max-cpu-loras")) {
+            if (cli_int(&a, 1, 65536, &i))
+                l->load.max_cpu_loras = (int)i;
+            continue;
+        }
+        if (cli_is(&a, NULL, "--max-lora-rank")) {
+            if (cli_int(&a, 1, 128, &i))
+                l->load.max_lora_rank = (int)i;
+            continue;
+        }
+        if (cli_is(&a, NULL, "--allow-lora-loading")) {
+            o->http.allow_lora_loading = true;
+            continue;
+        }
         if (cli_is(&a, NULL, "--host"))
             o->http.host = cli_value(&a);
         else if (cli_is(&a, NULL, "--port") && cli_int(&a, 0, 65535, &i))
@@ -137,12 +252,30 @@ static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
                 return 2;
             }
             o->http.max_body = v ? (size_t)sz : o->http.max_body;
+        } else if (cli_is(&a, NULL, "--max-buffered")) {
+            const char *v = cli_value(&a);
+            uint64_t sz;
+            if (v && (!zse_parse_size(v, &sz) || sz < 1024 || sz > (1ull << 40))) {
+                fprintf(stderr, "zse serve: --max-buffered takes a size from 1K to 1T, not '%s'\n", v);
+                return 2;
+            }
+            o->http.max_buffered = v ? (size_t)sz : o->http.max_buffered;
         } else if (cli_is(&a, NULL, "--max-connections") && cli_int(&a, 1, 100000, &i))
             o->http.max_connections = (int)i;
+        else if (cli_is(&a, NULL, "--max-connections-per-ip") && cli_int(&a, 0, 100000, &i))
+            o->http.max_connections_per_ip = (int)i;
         else if (cli_is(&a, NULL, "--timeout") && cli_int(&a, 1, 86400, &i))
             o->http.timeout_s = (int)i;
+        else if (cli_is(&a, NULL, "--header-timeout") && cli_float(&a, 0.1, 86400, &d))
+            o->http.header_timeout_s = d;
+        else if (cli_is(&a, NULL, "--body-timeout") && cli_float(&a, 0.1, 86400, &d))
+            o->http.body_timeout_s = d;
+        else if (cli_is(&a, NULL, "--max-refused-per-ip") && cli_int(&a, 0, 1000000, &i))
+            o->http.refused_per_min = (int)i;
         else if (cli_is(&a, NULL, "--http-threads") && cli_int(&a, 1, 256, &i))
             o->http.http_threads = (int)i;
+        else if (cli_is(&a, NULL, "--workers") && cli_int(&a, 1, 64, &i))
+            o->http.workers = (int)i;
         else if (cli_is(&a, NULL, "--cors"))
             o->http.cors_origin = cli_value(&a);
         else if (cli_is(&a, NULL, "--tls-cert"))
@@ -168,7 +301,11 @@ static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
         else if (cli_is(&a, NULL, "--max-batch-tokens") && cli_int(&a, 1, 1 << 20, &i))
             l->engine.max_batch_tokens = (int)i;
         else if (cli_is(&a, NULL, "--max-queue") && cli_int(&a, 0, 1 << 20, &i))
-            l->engine.max_queue = (int)i;
+            l->engine.max_queue = o->http.max_waiting = (int)i;
+        else if (cli_is(&a, NULL, "--max-seqs-per-key") && cli_int(&a, 1, 4096, &i))
+            o->http.max_seqs_per_key = (int)i;
+        else if (cli_is(&a, NULL, "--max-queued-tokens-per-key") && cli_int(&a, 1, INT64_MAX, &i))
+            o->http.max_queued_tokens_per_key = i;
         else if (cli_is(&a, NULL, "--ctx") && cli_int(&a, 1, 1 << 24, &i))
             l->load.ctx_size = (int)i;
         else if (cli_is(&a, NULL, "--kv-cache")) {
@@ -207,7 +344,20 @@ static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
         usage(stderr);
         return 2;
     }
-    return 0;
+    if (!l->lora_wanted && (l->load.max_cpu_loras || l->load.max_lora_rank || o->http.allow_lora_loading)) {
+        fprintf(stderr, "zse serve: --max-cpu-loras, --max-lora-rank and --allow-lora-loading need adapters: --lora, "
+                        "--lora-dir or --max-gpu-loras\n");
+        return 2;
+    }
+    if (l->lora_wanted) {
+        if (!l->load.max_loras)
+            l->load.max_loras = 8;
+        if (!l->load.max_cpu_loras)
+            l->load.max_cpu_loras = l->n_lora > l->load.max_loras ? l->n_lora : l->load.max_loras;
+        if (!l->load.max_lora_rank)
+            l->load.max_lora_rank = start_rank(l);
+    }
+    return cli_spec_parse(&l->spec_flags, &l->engine.spec, "serve");
 }
 
 /* stop accepting, let requests finish for the timeout, end the rest, close */
@@ -244,17 +394,43 @@ int cmd_serve(int argc, char **argv)
     l.load.max_seqs = l.engine.max_seqs = 16;
     l.engine.max_batch_tokens = 512;
     l.engine.max_queue = 256;
+    o.http.max_waiting = l.engine.max_queue;
     int rc = parse_args(argc, argv, &o, &l);
     if (rc != 0)
         return rc;
+    o.http.engine_slots = l.engine.max_seqs;
+    if (o.http.max_seqs_per_key > l.engine.max_seqs) {
+        fprintf(stderr, "zse serve: --max-seqs-per-key %d is more than --max-seqs %d\n", o.http.max_seqs_per_key,
+                l.engine.max_seqs);
+        return 2;
+    }
     if (!zse_file_exists(l.model_path)) {
-        fprintf(stderr, "zse serve: %s does not exist (zse convert makes a .zse from a Hugging Face folder)\n",
-                l.model_path);
+        struct stat sb;
+        if (stat(l.model_path, &sb) == 0 && S_ISDIR(sb.st_mode))
+            fprintf(stderr, "zse serve: %s is a folder; zse serves one .zse file. Convert it first:\n"
+                            "  zse convert %s -o model.zse && zse serve model.zse\n", l.model_path, l.model_path);
+        else if (stat(l.model_path, &sb) == 0)
+            fprintf(stderr, "zse serve: %s is not a regular file\n", l.model_path);
+        else
+            fprintf(stderr, "zse serve: %s does not exist (zse convert makes a .zse from a Hugging Face folder or "
+                            "a .gguf file)\n", l.model_path);
+        return 1;
+    }
+    if (zse_is_gguf_file(l.model_path)) {
+        fprintf(stderr, "zse serve: %s is a GGUF file; zse serves .zse files. Convert it first:\n"
+                        "  zse convert %s -o model.zse && zse serve model.zse\n", l.model_path, l.model_path);
         return 1;
     }
     char *model_id = o.http.model_id ? NULL : default_model_id(l.model_path);
     if (model_id)
         o.http.model_id = model_id;
+    for (int i = 0; o.http.model_id && i < l.n_lora; i++)
+        if (strcmp(l.lora_names[i], o.http.model_id) == 0) {
+            fprintf(stderr, "zse serve: --lora %s: the model is served as '%s' already; name the adapter otherwise\n",
+                    l.lora_names[i], o.http.model_id);
+            free(model_id);
+            return 2;
+        }
 
     /* SIGINT/SIGTERM are taken by sigtimedwait here, never delivered to another thread */
     sigset_t sigs;
@@ -263,6 +439,9 @@ int cmd_serve(int argc, char **argv)
     sigaddset(&sigs, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
+    /* a write past the file-size limit fails (and audit rows lost to it are counted)
+     * instead of killing the server */
+    signal(SIGXFSZ, SIG_IGN);
 
     char *db_path = NULL;
     srv_keyring *kr = NULL;
@@ -331,6 +510,7 @@ done:
     srv_audit_stop(audit); /* flushes what the last requests queued */
     srv_keyring_free(kr);
     zse_model_free(l.model);
+    zse_model_free(l.draft);
     free(db_path);
     free(model_id);
     pthread_mutex_destroy(&l.mu);

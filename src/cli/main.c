@@ -16,6 +16,22 @@ struct zse_verb {
 
 #define N_VERBS (sizeof zse_verbs / sizeof zse_verbs[0])
 
+/* other names a verb answers to (listed under their verb in --help) */
+static const struct {
+    const char *alias, *verb;
+} zse_aliases[] = {
+    {"benchmark", "bench"},
+};
+#define N_ALIASES (sizeof zse_aliases / sizeof zse_aliases[0])
+
+static const char *alias_of(const char *verb)
+{
+    for (size_t i = 0; i < N_ALIASES; i++)
+        if (strcmp(zse_aliases[i].verb, verb) == 0)
+            return zse_aliases[i].alias;
+    return NULL;
+}
+
 static void print_usage(FILE *out)
 {
     fprintf(out,
@@ -23,8 +39,11 @@ static void print_usage(FILE *out)
             "usage: zse <command> [options]   (zse <command> --help for its options)\n\n"
             "commands:\n",
             ZSE_VERSION);
-    for (size_t i = 0; i < N_VERBS; i++)
-        fprintf(out, "  %-12s %s\n", zse_verbs[i].name, zse_verbs[i].summary);
+    for (size_t i = 0; i < N_VERBS; i++) {
+        const char *alias = alias_of(zse_verbs[i].name);
+        fprintf(out, "  %-12s %s", zse_verbs[i].name, zse_verbs[i].summary);
+        fprintf(out, alias ? " (also: zse %s)\n" : "\n", alias);
+    }
 }
 
 int main(int argc, char **argv)
@@ -42,8 +61,12 @@ int main(int argc, char **argv)
         printf("zse %s\n", ZSE_VERSION);
         return 0;
     }
+    const char *verb = argv[1];
+    for (size_t i = 0; i < N_ALIASES; i++)
+        if (strcmp(verb, zse_aliases[i].alias) == 0)
+            verb = zse_aliases[i].verb;
     for (size_t i = 0; i < N_VERBS; i++)
-        if (strcmp(argv[1], zse_verbs[i].name) == 0)
+        if (strcmp(verb, zse_verbs[i].name) == 0)
             return zse_verbs[i].run(argc - 1, argv + 1);
     fprintf(stderr, "zse: unknown command '%s' (zse --help lists them)\n", argv[1]);
     return 2;

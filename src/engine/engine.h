@@ -12,6 +12,7 @@
 #include "zse.h"
 
 #include "backend/backend.h"
+#include "grammar/grammar.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
 #include "util/util.h"
@@ -116,20 +117,40 @@ typedef struct {
  * `work_i` vocab ints of scratch; work_i must be all zero on entry and is left so. */
 int32_t zse_sample(const zse_sampling *s, float *logits, int vocab, const zse_history *h, zse_rng *rng,
                    float *work_p, int32_t *work_i);
+/* The distribution zse_sample draws from, in two steps, for callers that need it whole
+ * (speculative decoding's verification). zse_sample_dist applies the penalties (logits
+ * change in place), then temperature and truncation: the candidates are every id in id order
+ * (all) or idx[0..n) most likely first, weighing p[id] of total. */
+typedef struct {
+    bool greedy;            /* temperature 0 / top-k 1: the token is argmax (after penalties) */
+    bool all;
+    int32_t argmax;
+    int n;
+    double total;
+    int written;            /* idx entries to zero again (zse_dist_release) */
+} zse_dist;
+void zse_sample_dist(const zse_sampling *s, float *logits, int vocab, const zse_history *h, float *p, int32_t *idx,
+                     zse_dist *d);
+/* the candidate at u in [0, 1) of the cumulative weight (zse_sample's draw) */
+int32_t zse_dist_draw(const zse_dist *d, const float *p, const int32_t *idx, double u);
+/* Speculative verification of a draft x proposed with certainty: greedy accepts x when it
+ * is the argmax and otherwise gives the argmax; sampling accepts x with probability p(x)
+ * and otherwise draws from p without x (the Leviathan et al. / Chen et al. rule for a
+ * point-mass proposal, which leaves the output distributed exactly as p) */
+int32_t zse_dist_verify(const zse_dist *d, const float *p, const int32_t *idx, int32_t x, zse_rng *rng,
+                        bool *accepted);
+void zse_dist_release(zse_dist *d, int32_t *idx);
+
 /* greedy with nothing that changes logits first and no logprobs: the token zse_sample picks
- * is the logits' argmax (lowest id on ties), which a backend can take where they are */
+ * is the logits' argmax (lowest id on ties), which a backend can take where they are (a
+ * constraint's mask, when set, must be applied there first: zse_step_out_mode) */
 bool zse_sampling_plain_greedy(const zse_sampling *s);
-/* nothing but temperature, top-k, top-p and min-p (no penalties, bias or logprobs): a
- * backend's sample_rows can draw the token where the logits are */
+/* nothing but temperature, top-k, top-p and min-p (no penalties, bias, min_tokens or
+ * logprobs): a backend's sample_rows can draw the token where the logits are (after the
+ * constraint's mask) */
 bool zse_sampling_on_device(const zse_sampling *s);
 
-#define ZSE_MAX_TOP_LOGPROBS 20
-typedef struct {
-    float logprob;                          /* of the chosen token */
-    int n_top;
-    int32_t top_ids[ZSE_MAX_TOP_LOGPROBS];  /* most likely first */
-    float top_logprobs[ZSE_MAX_TOP_LOGPROBS];
-} zse_logprobs;
+/* zse_logprobs and ZSE_MAX_TOP_LOGPROBS are public (zse.h) */
 
 /* log-softmax of the model's logits (before penalties and temperature) for `token` and the
  * n_top most likely ids */
@@ -172,6 +193,44 @@ int zse_gen_accept(zse_gen *g, int32_t t, bool is_eos, bool ctx_full, zse_buf *o
 #define ZSE_PREFILL_CHUNK 512
 #endif
 
+/* ---- LoRA adapters: the registry and the tiers (lora.c) -----------------------------------
+ * A model loaded with adapter slots has one cache: named adapters, the backend's slot pool,
+ * host slots (pinned where the backend copies from), and a loader thread that reads adapters
+ * from disk for the engine while it runs other sequences. Lock order: the model's run_lock,
+ * then the engine's mu, then the cache's mu (the loader and the HTTP threads take only the
+ * last). */
+typedef struct zse_lora_cache zse_lora_cache;
+
+int zse_lora_cache_new(zse_model *m, const zse_load_params *p);
+void zse_lora_cache_free(zse_lora_cache *c);
+/* called (without locks) when a disk load finishes, so a waiting engine runs its next step */
+void zse_lora_set_waker(zse_lora_cache *c, void (*wake)(void *), void *arg);
+/* a device copy is under way (the engine polls sooner) */
+bool zse_lora_copying(zse_lora_cache *c);
+
+/* What pinning answered: the slot is the sequence's (PINNED), its adapter is on its way
+ * (WAIT; STARVED when it needs a slot and every slot is in use), or loading it failed. */
+typedef enum { ZSE_LORA_FAILED = -1, ZSE_LORA_WAIT = 0, ZSE_LORA_PINNED = 1, ZSE_LORA_STARVED = 2 } zse_lora_pin_state;
+
+/* (run_lock held) PINNED with *slot when a's slot holds it (its pin count goes up);
+ * otherwise the next move toward a slot: a host -> slot copy into a free or least recently
+ * used unpinned slot, or a disk read on the loader thread (neither when may_take_slot is
+ * false). FAILED when a load failed since *failures was taken (0 on the first call: the
+ * current count is taken); first: count where the adapter was found (stats). */
+zse_lora_pin_state zse_lora_pin(zse_lora_cache *c, zse_adapter *a, bool may_take_slot, bool first, int *slot,
+                                uint64_t *failures);
+void zse_lora_unpin(zse_lora_cache *c, zse_adapter *a);
+/* reads a into host memory on the calling thread unless it is there or on its way (the
+ * synchronous path of zse_seq); -1 with the error when it cannot be read */
+int zse_lora_load_now(zse_lora_cache *c, zse_adapter *a);
+void zse_lora_note_wait(zse_lora_cache *c, double seconds);
+/* the content hash that keys the adapter's prefix-cache blocks (0 until first loaded) and
+ * the projections it adapts */
+uint64_t zse_adapter_id(const zse_adapter *a);
+uint32_t zse_adapter_modules(const zse_adapter *a);
+zse_adapter *zse_adapter_ref(zse_adapter *a);
+zse_lora_cache *zse_adapter_cache(const zse_adapter *a);
+
 struct zse_model {
     zse_file *file;
     zse_tokenizer *tok;
@@ -188,15 +247,36 @@ struct zse_model {
     int n_eos;
     bool add_bos;
     const char *quant;
+    /* where the weights are (zse_model_fit): the placement and its counts */
+    zse_fit_mode placement;
+    int layers_streamed, expert_slots, experts_total;
+    zse_lora_cache *lora;       /* NULL: loaded without adapter slots */
+    /* constrained decoding (constraint.c): the vocabulary as a grammar sees it, built on
+     * first use: plain, and with the tool-call format's special tokens allowed */
+    pthread_mutex_t grammar_lock;
+    zse_grammar_vocab *gvocab, *gvocab_tools;
 };
 
 bool zse_model_is_eos(const zse_model *m, int32_t t);
+
+/* The placement zse_model_load gives f's weights for these load parameters on a device of
+ * `budget` bytes (the --gpu-memory budget, or the device's free memory: budget_what names it
+ * in the error), with an untied embedding table in host memory when embed_on_host; the
+ * environment's ZSE_EXPERT_CACHE / ZSE_STREAM_LAYERS / ZSE_STREAM_BUFFERS apply. 0, or -1
+ * with an error that states the smallest budget that runs the model. `zse info --gpu-memory`
+ * and `zse hardware --fit` print it. */
+int zse_model_fit(const zse_file *f, const zse_load_params *p, uint64_t budget, const char *budget_what,
+                  bool embed_on_host, zse_fit *out);
+/* the model's offload counters in the public form (the caller holds the run lock) */
+void zse_offload_stats_of(const zse_llm *llm, zse_offload_stats *out);
+/* the context a model of this config gets for these load parameters */
+int zse_model_ctx_size(const zse_config *c, const zse_load_params *p);
 
 /* ---- one sequence: the core that zse_seq (api.c) and the engine's requests (scheduler.c)
  * are both built on (seq.c). It owns the tokens (prompt, then generated), the count of them
  * whose K/V are stored, the block table and the generation state. The functions that touch
  * the block pool expect the model's run_lock held; the others touch the sequence alone. */
-typedef struct {
+typedef struct zse_sequence {
     int32_t *tokens;
     size_t n_tokens, cap_tokens;
     size_t n_prompt;        /* tokens before generation began: penalties count what follows */
@@ -209,6 +289,19 @@ typedef struct {
     uint64_t *keys;         /* [n_keys] the keys of its first full blocks of tokens */
     int n_keys, cap_keys;
     int n_published;        /* leading blocks published (or found already published) */
+    /* its LoRA adapter (a reference), or NULL; lora_slot is the slot it pins (-1: none yet) */
+    zse_adapter *adapter;
+    int lora_slot;
+    uint64_t lora_failures; /* the adapter's load failures when it began to wait for it */
+    double lora_wait_since; /* 0: never waited */
+    /* constrained decoding: the matcher of gen.s.constraint (it holds a reference to the
+     * grammar), and a mask's scratch */
+    zse_matcher *matcher;
+    uint32_t *mask;
+    /* speculative decoding */
+    int n_draft;            /* draft tokens at the end of tokens, not yet verified */
+    struct zse_sequence *draft; /* its mirror in the draft model (spec.c), or NULL */
+    zse_model *draft_model;
 } zse_sequence;
 
 /* scratch for sampling one row on the host: raw keeps the logits before penalties
@@ -227,6 +320,16 @@ int zse_sequence_init(zse_sequence *q, const zse_model *m, const zse_sampling *s
 void zse_sequence_free(zse_sequence *q, zse_model *m);
 /* appends tokens that have not been run yet */
 int zse_sequence_append(zse_sequence *q, const int32_t *ids, size_t n);
+/* Makes the sequence's adapter usable by a step (run_lock held): PINNED once its slot holds
+ * it (the salt keys its prefix-cache blocks by the adapter), else the fetch is started and
+ * it WAITs — without taking a slot when may_take_slot is false (a better-ranked sequence is
+ * waiting for one: fairness) — or it FAILED (the error says why). PINNED at once without
+ * an adapter. */
+zse_lora_pin_state zse_sequence_pin_adapter(zse_sequence *q, zse_model *m, bool may_take_slot);
+/* lets its adapter's slot go (a sequence that has ended: the slot may be evicted) */
+void zse_sequence_unpin_adapter(zse_sequence *q, zse_model *m);
+/* the same, waiting for the adapter (zse_seq: nothing else to run); takes run_lock itself */
+int zse_sequence_pin_adapter_wait(zse_sequence *q, zse_model *m);
 /* tokens waiting to be run */
 static inline size_t zse_sequence_pending(const zse_sequence *q) { return q->n_tokens - q->n_cached; }
 /* blocks for positions [0, n_tokens) from the pool (run_lock held); all or nothing, an error
@@ -256,6 +359,17 @@ bool zse_sequence_ctx_full(const zse_sequence *q, const zse_model *m);
  * sequence's settings and history; lp (may be NULL) gets the logprobs it asks for */
 int32_t zse_sequence_sample(zse_sequence *q, const zse_model *m, float *logits, zse_sample_work *w,
                             zse_logprobs *lp);
+/* what the sequence's settings rule out of a logits row before sampling, for a token that
+ * would be its generated-th: the end-of-sequence and stop ids before min_tokens, and every
+ * token its constraint's matcher (in its present state) does not allow. -1 on an error of
+ * the matcher. */
+int zse_sequence_constrain(zse_sequence *q, const zse_model *m, float *logits, int generated);
+/* the model's vocabulary for grammars (constraint.c): tools selects the one that lets the
+ * tool-call format's special tokens through; NULL with an error */
+const zse_grammar_vocab *zse_model_grammar_vocab(zse_model *m, bool tools);
+/* the history a token at position `upto` is sampled against: the prompt, then what was
+ * generated before it */
+zse_history zse_sequence_history(const zse_sequence *q, size_t upto);
 /* Takes the sampled token t: the text it completes goes to *text, *finish says whether
  * generation ends, and the token joins the sequence (to be run next) unless it stopped
  * generation or the context has no room for it. */
@@ -267,16 +381,20 @@ typedef struct {
     int take;               /* tokens from n_cached on that this pass runs */
     int n_out;              /* logit rows wanted: its last n_out tokens of the pass (0: none) */
     int out;                /* set by zse_batcher_pack: its first row among the pass's outputs */
+    bool logits;            /* its rows must come back as logits (prompt scoring) */
 } zse_step_seq;
 
 /* the flattened arrays of a step, grown as needed */
 typedef struct {
     int32_t *tokens, *pos, *seq, *slots, *rows;
     size_t tok_cap;
-    int32_t *lens;
+    int32_t *lens, *adapters;
     size_t seq_cap;
     int32_t *table;
     size_t table_cap;
+    int32_t *mask_rows;     /* a pass's constrained rows and their token masks */
+    uint32_t *mask_bits;
+    size_t mask_cap, mask_bits_cap;
 } zse_batcher;
 
 void zse_batcher_free(zse_batcher *b);
@@ -295,5 +413,46 @@ typedef enum {
  * say: ARGMAX when all are plain greedy, SAMPLED when the backend can draw for all of them
  * (and allow_sampled), else LOGITS */
 zse_out_mode zse_step_out_mode(const zse_model *m, const zse_step_seq *e, int n, bool allow_sampled);
+/* for an ARGMAX or SAMPLED pass: the token mask of each constrained sequence's out row,
+ * filled from its matcher (after zse_batcher_pack); *out points into b. -1 on an error. */
+int zse_batcher_masks(zse_batcher *b, const zse_step_seq *e, int n, zse_row_masks *out);
+
+/* ---- speculative decoding (spec.c) ----------------------------------------------------------
+ * One drafter per engine or zse_seq. A step: zse_spec_propose appends each sequence's
+ * drafts (n_draft) after its pending token; one pass runs the pending token and the drafts
+ * with logits rows (or argmax ids) for all of them; zse_spec_verify decides what is kept,
+ * drops the drafts from the sequence and gives the tokens to accept in order (the first
+ * ones' K/V are stored already: zse_spec_accept_all moves n_cached past them). */
+typedef struct {
+    zse_spec_params p;
+    zse_batcher batcher;        /* the draft model's passes */
+    zse_step_seq *entries;      /* a pass's mirrors */
+    int *who;                   /* the sequence each entry drafts for */
+    bool *stopped;              /* [sequence] drafts nothing more this step */
+    int32_t *ids;
+    int cap;
+    zse_spec_stats stats;
+} zse_spec;
+
+int zse_spec_init(zse_spec *sp, const zse_spec_params *p);
+void zse_spec_free(zse_spec *sp);
+static inline bool zse_spec_on(const zse_spec *sp) { return sp->p.mode != ZSE_SPEC_OFF; }
+/* how many drafts a sequence in its decode phase may take now: the configured count, fewer
+ * near max_tokens or the end of the context, none while it is still reading its prompt */
+int zse_spec_room(const zse_spec *sp, const zse_sequence *q, const zse_model *m);
+/* appends up to want[i] drafts to each sequence (each must have exactly one pending token);
+ * the draft model's passes run under its own run_lock. Sequences may end up with fewer
+ * (nothing matched, the draft model's KV is full); -1 only on an error of the draft model */
+int zse_spec_propose(zse_spec *sp, const zse_model *target, zse_sequence **qs, const int *want, int n);
+/* removes a sequence's unverified drafts */
+void zse_spec_drop(zse_sequence *q);
+/* Verification after a pass over the pending token and n_draft drafts with 1 + n_draft out
+ * rows: `logits` [rows][vocab] (changed in place) or, for plain-greedy sequences, `ids`
+ * [rows]. Fills out[] with the tokens to accept (accepted drafts, then one drawn from the
+ * row after the last accepted), lps[] with their logprobs when the sequence asks and logits
+ * are given; returns how many. The drafts leave the sequence: only the pending token's K/V
+ * is counted stored (n_cached + 1). */
+int zse_spec_verify(zse_spec *sp, zse_sequence *q, const zse_model *m, float *logits, const int32_t *ids,
+                    zse_sample_work *w, int32_t *out, zse_logprobs *lps);
 
 #endif

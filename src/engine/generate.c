@@ -38,6 +38,12 @@ int zse_gen_init(zse_gen *g, const zse_sampling *s, const zse_tokenizer *tok)
         g->s.top_logprobs = ZSE_MAX_TOP_LOGPROBS;
     if (g->s.top_logprobs < 0)
         g->s.top_logprobs = 0;
+    if (g->s.prompt_top_logprobs > ZSE_MAX_TOP_LOGPROBS)
+        g->s.prompt_top_logprobs = ZSE_MAX_TOP_LOGPROBS;
+    if (g->s.prompt_top_logprobs < 0)
+        g->s.prompt_top_logprobs = 0;
+    if (g->s.min_tokens < 0)
+        g->s.min_tokens = 0;
     if (rc == 0 && n_stop > 0) {
         g->stop = zse_calloc((size_t)n_stop, sizeof *g->stop);
         rc = g->stop ? 0 : -1;
@@ -85,14 +91,16 @@ int zse_gen_restart(zse_gen *g, const zse_tokenizer *tok)
 static int release_text(zse_gen *g, zse_buf *out, bool final, bool *stopped)
 {
     const char *p = zse_buf_str(&g->pending);
-    const char *hit = zse_stop_find(p, g->pending.len, g->s.stop, g->s.n_stop);
+    /* before min_tokens no stop string counts */
+    const int n_stop = g->generated < g->s.min_tokens ? 0 : g->s.n_stop;
+    const char *hit = zse_stop_find(p, g->pending.len, g->s.stop, n_stop);
     *stopped = hit != NULL;
     size_t emit, hold;
     if (hit) {
         emit = (size_t)(hit - p);
         hold = 0;
     } else {
-        hold = final ? 0 : zse_stop_holdback(p, g->pending.len, g->s.stop, g->s.n_stop);
+        hold = final ? 0 : zse_stop_holdback(p, g->pending.len, g->s.stop, n_stop);
         emit = g->pending.len - hold;
     }
     if (zse_buf_append(out, p, emit) != 0)
@@ -116,7 +124,10 @@ static bool is_stop_id(const zse_gen *g, int32_t t)
 int zse_gen_accept(zse_gen *g, int32_t t, bool is_eos, bool ctx_full, zse_buf *out, zse_finish *finish)
 {
     *finish = ZSE_FINISH_NONE;
-    if ((is_eos && !g->s.ignore_eos) || is_stop_id(g, t)) {
+    /* before min_tokens an end-of-sequence or stop id is just a token (the sampler keeps
+     * them from being drawn, zse_sequence_sample) */
+    const bool may_stop = g->generated >= g->s.min_tokens;
+    if (may_stop && ((is_eos && !g->s.ignore_eos) || is_stop_id(g, t))) {
         /* the stop token adds no text; what was held back for a stop string that never
          * completed is released */
         bool stopped = false;

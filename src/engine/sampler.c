@@ -227,7 +227,7 @@ bool zse_sampling_on_device(const zse_sampling *s)
 {
     bool repetition = s->repetition_penalty > 0 && s->repetition_penalty != 1.0f;
     return !repetition && s->presence_penalty == 0 && s->frequency_penalty == 0 && s->n_logit_bias == 0 &&
-           !s->logprobs && s->top_logprobs == 0;
+           !s->logprobs && s->top_logprobs == 0 && s->min_tokens == 0;
 }
 
 bool zse_sampling_plain_greedy(const zse_sampling *s)
@@ -235,13 +235,17 @@ bool zse_sampling_plain_greedy(const zse_sampling *s)
     return (s->temperature <= 0 || s->top_k == 1) && zse_sampling_on_device(s);
 }
 
-int32_t zse_sample(const zse_sampling *s, float *logits, int vocab, const zse_history *h, zse_rng *rng,
-                   float *p, int32_t *idx)
+void zse_sample_dist(const zse_sampling *s, float *logits, int vocab, const zse_history *h, float *p, int32_t *idx,
+                     zse_dist *d)
 {
+    memset(d, 0, sizeof *d);
     apply_penalties(s, logits, vocab, h, idx);
-    if (s->temperature <= 0 || s->top_k == 1)
-        return argmax(logits, vocab);
-    float mx = logits[argmax(logits, vocab)];
+    d->argmax = argmax(logits, vocab);
+    if (s->temperature <= 0 || s->top_k == 1) {
+        d->greedy = true;
+        return;
+    }
+    float mx = logits[d->argmax];
     double total = 0;
     for (int i = 0; i < vocab; i++) {
         p[i] = expf((logits[i] - mx) / s->temperature);
@@ -250,18 +254,13 @@ int32_t zse_sample(const zse_sampling *s, float *logits, int vocab, const zse_hi
     bool top_k = s->top_k > 0 && s->top_k < vocab;
     bool top_p = s->top_p > 0 && s->top_p < 1;
     bool min_p = s->min_p > 0;
-    int32_t chosen = -1;
-    if (!top_k && !top_p && !min_p) {
-        /* plain temperature: walk the vocabulary in id order, nothing to sort */
-        double r = zse_rng_uniform(rng) * total, acc = 0;
-        for (int32_t i = 0; i < vocab && chosen < 0; i++) {
-            acc += p[i];
-            if (r < acc)
-                chosen = i;
-        }
-        return chosen >= 0 ? chosen : argmax(logits, vocab);
+    if (!top_k && !top_p && !min_p) { /* plain temperature: every id, in id order */
+        d->all = true;
+        d->n = vocab;
+        d->total = total;
+        return;
     }
-    int n, written;
+    int n;
     if (top_k) {
         n = s->top_k;
         top_k_ids(p, vocab, n, idx);
@@ -271,7 +270,7 @@ int32_t zse_sample(const zse_sampling *s, float *logits, int vocab, const zse_hi
     } else {
         n = nucleus_candidates(p, vocab, total, top_p ? s->top_p : 1, s->min_p, idx);
     }
-    written = n;
+    d->written = n;
     if (top_p) {
         double cum = 0;
         int k = 0;
@@ -292,17 +291,78 @@ int32_t zse_sample(const zse_sampling *s, float *logits, int vocab, const zse_hi
     double kept = 0;
     for (int k = 0; k < n; k++)
         kept += p[idx[k]];
-    double r = zse_rng_uniform(rng) * kept, acc = 0;
-    for (int k = 0; k < n && chosen < 0; k++) {
-        acc += p[idx[k]];
-        if (r < acc)
-            chosen = idx[k];
+    d->n = n;
+    d->total = kept;
+}
+
+/* the candidate at rank k (its id) */
+static int32_t dist_id(const zse_dist *d, const int32_t *idx, int k) { return d->all ? k : idx[k]; }
+
+/* the candidate the walk reaches u * mass, skipping `skip` (-1: none); the last one
+ * when rounding leaves the walk short */
+static int32_t dist_walk(const zse_dist *d, const float *p, const int32_t *idx, double target, int32_t skip)
+{
+    double acc = 0;
+    int32_t last = -1;
+    for (int k = 0; k < d->n; k++) {
+        int32_t id = dist_id(d, idx, k);
+        if (id == skip)
+            continue;
+        acc += p[id];
+        last = id;
+        if (target < acc)
+            return id;
     }
-    if (chosen < 0)
-        chosen = idx[n - 1];
+    return last;
+}
+
+int32_t zse_dist_draw(const zse_dist *d, const float *p, const int32_t *idx, double u)
+{
+    if (d->greedy)
+        return d->argmax;
+    int32_t t = dist_walk(d, p, idx, u * d->total, -1);
+    return t >= 0 ? t : d->argmax;
+}
+
+int32_t zse_dist_verify(const zse_dist *d, const float *p, const int32_t *idx, int32_t x, zse_rng *rng,
+                        bool *accepted)
+{
+    if (d->greedy) {
+        *accepted = d->argmax == x;
+        return d->argmax;
+    }
+    double w = 0;
+    for (int k = 0; k < d->n && w == 0; k++)
+        if (dist_id(d, idx, k) == x)
+            w = p[x];
+    /* the draft was proposed with certainty (q(x) = 1): accept with probability p(x) */
+    if (zse_rng_uniform(rng) * d->total < w) {
+        *accepted = true;
+        return x;
+    }
+    /* else a draw from max(0, p - q) normalized: p without x */
+    *accepted = false;
+    double rest = d->total - w;
+    int32_t t = rest > 0 ? dist_walk(d, p, idx, zse_rng_uniform(rng) * rest, x) : -1;
+    return t >= 0 ? t : d->argmax;
+}
+
+void zse_dist_release(zse_dist *d, int32_t *idx)
+{
     /* idx was scratch: hand it back zeroed for the next call's penalty tables */
-    memset(idx, 0, (size_t)written * sizeof *idx);
-    return chosen;
+    if (d->written)
+        memset(idx, 0, (size_t)d->written * sizeof *idx);
+    d->written = 0;
+}
+
+int32_t zse_sample(const zse_sampling *s, float *logits, int vocab, const zse_history *h, zse_rng *rng,
+                   float *p, int32_t *idx)
+{
+    zse_dist d;
+    zse_sample_dist(s, logits, vocab, h, p, idx, &d);
+    int32_t t = d.greedy ? d.argmax : zse_dist_draw(&d, p, idx, zse_rng_uniform(rng));
+    zse_dist_release(&d, idx);
+    return t;
 }
 
 /* ---- logprobs ----------------------------------------------------------------------------- */
@@ -316,6 +376,9 @@ void zse_compute_logprobs(const float *logits, int vocab, int32_t token, int n_t
         sum += exp((double)logits[i] - mx);
     double log_z = mx + log(sum);
     out->logprob = valid_id(token, vocab) ? (float)(logits[token] - log_z) : -INFINITY;
+    out->rank = 1;
+    for (int i = 0; valid_id(token, vocab) && i < vocab; i++)
+        out->rank += logits[i] > logits[token] || (logits[i] == logits[token] && i < token);
     if (n_top > ZSE_MAX_TOP_LOGPROBS)
         n_top = ZSE_MAX_TOP_LOGPROBS;
     if (n_top > vocab)

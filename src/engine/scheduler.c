@@ -23,6 +23,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -34,11 +35,17 @@ typedef struct request {
     uint64_t order;             /* arrival: FIFO within a priority class */
     zse_token_cb cb;
     void *user;
+    double queued_at;           /* when it last entered the queue: waiting ages it */
     bool cancelled;             /* asked by zse_engine_cancel (under e->mu) */
     struct request *next;       /* in the queue */
+    zse_logprobs *plp;          /* prompt_logprobs: [n_prompt], filled as the prompt runs */
+    bool plp_sent;              /* they went out with the first event */
     /* this step */
+    double lora_rank;           /* its effective priority when adapters were last walked */
+    char error[512];            /* why it ended with ZSE_FINISH_ERROR (its adapter did not load) */
     int take;                   /* tokens in the batch; 0 = not in it */
-    int out_index;              /* its logits row, or -1 */
+    int out_index;              /* its first logits row, or -1 */
+    int n_rows;                 /* its logits rows (prompt scoring and drafts take several) */
 } request;
 
 struct zse_engine {
@@ -68,7 +75,18 @@ struct zse_engine {
     zse_sample_row *sample_rows;/* [max_seqs]: what the backend draws by (device sampling) */
     zse_sample_work work;
     struct request **plan_seqs; /* [max_seqs] the step's requests */
+    int out_rows;               /* logit rows a step may ask for: a row per sequence, plus drafts */
+    zse_spec spec;              /* speculative decoding (spec.c) */
+    zse_sequence **drafting;    /* [max_seqs] the sequences a step proposes drafts for */
+    int *want;
+    zse_spec_stats spec_stats;  /* under mu: spec.stats after the last step */
+    zse_offload_stats offload_stats; /* under mu: the model's after the last step */
+    request **lora_order;       /* prepare_adapters' walk */
+    int lora_cap;
 };
+
+/* logits rows a step keeps for prompts being scored (prompt_logprobs) */
+#define SCORE_ROWS 64
 
 static bool ranks_before(const request *a, const request *b)
 {
@@ -82,6 +100,7 @@ static void request_free(zse_engine *e, request *r)
     if (!r)
         return;
     zse_sequence_free(&r->q, e->m);
+    free(r->plp);
     free(r);
 }
 
@@ -94,7 +113,8 @@ static request *request_new(zse_engine *e, const int32_t *prompt, size_t n, cons
         free(r);
         return NULL;
     }
-    if (zse_sequence_append(&r->q, prompt, n) != 0) {
+    if (zse_sequence_append(&r->q, prompt, n) != 0 ||
+        (r->q.gen.s.prompt_logprobs && !(r->plp = zse_calloc(n, sizeof *r->plp)))) {
         request_free(e, r);
         return NULL;
     }
@@ -106,13 +126,15 @@ static request *request_new(zse_engine *e, const int32_t *prompt, size_t n, cons
 static int index_of(const zse_engine *e, const request *r);
 static void running_remove_at(zse_engine *e, int i);
 
-/* Ends a request: off the running list, its KV back in the pool (and in the stats) before
- * the caller hears of the end, so a caller that saw every request end sees no block in
- * use; then the last event, then the request is freed. */
+/* Ends a request: off the running list, its KV back in the pool (and in the stats) and its
+ * adapter's slot unpinned before the caller hears of the end, so a caller that saw every
+ * request end sees no block in use and no slot pinned; then the last event, then the
+ * request is freed. */
 static void end_request(zse_engine *e, request *r, const zse_token_event *ev)
 {
     pthread_mutex_lock(&e->m->run_lock);
     zse_sequence_forget(&r->q, e->m, 0);
+    zse_sequence_unpin_adapter(&r->q, e->m);
     int used = zse_block_pool_used(&e->m->blocks);
     pthread_mutex_unlock(&e->m->run_lock);
     pthread_mutex_lock(&e->mu);
@@ -125,18 +147,40 @@ static void end_request(zse_engine *e, request *r, const zse_token_event *ev)
     request_free(e, r);
 }
 
-/* the last event of a request that ends without a new token (cancel, error, shutdown) */
-static void finish_without_token(zse_engine *e, request *r, zse_finish why)
+/* the last event of a request that ends without a new token (cancel, error, shutdown);
+ * error: what went wrong, for ZSE_FINISH_ERROR */
+static void finish_with(zse_engine *e, request *r, zse_finish why, const char *error)
 {
     zse_token_event ev = {.token = -1, .text = "", .finish = why, .prompt_tokens = (int)r->q.n_prompt,
-                          .completion_tokens = r->q.sampled};
+                          .completion_tokens = r->q.sampled, .error = error};
     end_request(e, r, &ev);
+}
+
+static void finish_without_token(zse_engine *e, request *r, zse_finish why) { finish_with(e, r, why, NULL); }
+
+/* A request with max_tokens ZSE_MAX_TOKENS_NONE whose prompt has run: it ends without a token,
+ * its prompt's logprobs (when asked) with it */
+static void finish_prompt_only(zse_engine *e, request *r)
+{
+    zse_token_event ev = {.token = -1, .text = "", .finish = ZSE_FINISH_LENGTH, .prompt_tokens = (int)r->q.n_prompt,
+                          .prompt_logprobs = r->plp};
+    end_request(e, r, &ev);
+}
+
+/* the prompt's logprobs go with a request's first event, once */
+static const zse_logprobs *prompt_logprobs_once(request *r)
+{
+    if (!r->plp || r->plp_sent)
+        return NULL;
+    r->plp_sent = true;
+    return r->plp;
 }
 
 /* ---- the queue and the running list (caller holds e->mu) ------------------------------------ */
 
 static void queue_insert(zse_engine *e, request *r)
 {
+    r->queued_at = zse_now();
     request **at = &e->queue;
     while (*at && !ranks_before(r, *at))
         at = &(*at)->next;
@@ -145,15 +189,44 @@ static void queue_insert(zse_engine *e, request *r)
     e->n_queued++;
 }
 
-static request *queue_pop(zse_engine *e)
+static void queue_remove(zse_engine *e, request *r)
 {
-    request *r = e->queue;
-    if (r) {
-        e->queue = r->next;
-        r->next = NULL;
-        e->n_queued--;
+    for (request **at = &e->queue; *at; at = &(*at)->next)
+        if (*at == r) {
+            *at = r->next;
+            r->next = NULL;
+            e->n_queued--;
+            return;
+        }
+}
+
+/* A waiting request's priority improves by one level for every priority_aging_s it has
+ * waited, so a stream of better-ranked arrivals never keeps it waiting for ever. */
+static double effective_priority(const zse_engine *e, const request *r, double now)
+{
+    if (e->p.priority_aging_s <= 0)
+        return r->priority;
+    return r->priority - floor((now - r->queued_at) / e->p.priority_aging_s);
+}
+
+/* a request whose adapter is not yet in a slot waits for it, whatever its rank */
+static bool adapter_waits(const request *r) { return r->q.adapter && r->q.lora_slot < 0; }
+
+/* the waiting request to admit next: best effective priority, then arrival */
+static request *queue_best(const zse_engine *e, double now)
+{
+    request *best = NULL;
+    double best_p = 0;
+    for (request *r = e->queue; r; r = r->next) {
+        if (adapter_waits(r))
+            continue;
+        double p = effective_priority(e, r, now);
+        if (!best || p < best_p || (p == best_p && r->order < best->order)) {
+            best = r;
+            best_p = p;
+        }
     }
-    return r;
+    return best;
 }
 
 static void running_insert(zse_engine *e, request *r)
@@ -201,20 +274,42 @@ static void take_cancelled(zse_engine *e, bool everything, request **ended)
 typedef struct {
     int n_tokens;               /* tokens placed so far */
     int n_seqs;
+    int n_rows;                 /* logits rows they take */
     request **seqs;             /* placed requests in batch order */
 } plan;
+
+/* the logits rows of r's part of the step: a row where its pending tokens end, one more per
+ * draft, and every row of a prompt being scored */
+static int rows_of(const request *r, int take)
+{
+    const bool ends = r->q.n_cached + (size_t)take == r->q.n_tokens;
+    if (r->plp && r->q.n_cached < r->q.n_prompt)
+        return take;
+    return ends ? 1 + r->q.n_draft : 0;
+}
 
 static void place(plan *pl, request *r, int take)
 {
     r->take = take;
+    r->n_rows = rows_of(r, take);
     pl->seqs[pl->n_seqs++] = r;
     pl->n_tokens += take;
+    pl->n_rows += r->n_rows;
+}
+
+/* tokens of a prompt being scored that the step's rows leave room for: one row each, and a
+ * row kept for every other sequence the step may still place */
+static int scoring_take(const zse_engine *e, const plan *pl, int take)
+{
+    int room = e->out_rows - pl->n_rows - (e->p.max_seqs - pl->n_seqs - 1);
+    return take < room ? take : room > 0 ? room : 0;
 }
 
 /* puts a running request back in the queue, its KV freed, to be recomputed later */
 static void preempt(zse_engine *e, int i)
 {
     request *r = e->running[i];
+    zse_spec_drop(&r->q);
     zse_sequence_forget(&r->q, e->m, 0);
     pthread_mutex_lock(&e->mu);
     running_remove_at(e, i);
@@ -264,9 +359,13 @@ static void plan_decodes(zse_engine *e, plan *pl, request **full)
 {
     for (int i = 0; i < e->n_running && pl->n_tokens < e->p.max_batch_tokens; i++) {
         request *r = e->running[i];
-        if (zse_sequence_pending(&r->q) != 1)
+        if (zse_sequence_pending(&r->q) != 1 + (size_t)r->q.n_draft)
             continue;
-        int need = zse_sequence_blocks_needed(&r->q, r->q.n_cached + 1);
+        /* drafts ride along while the step's budget and the pool have room for them */
+        if (r->q.n_draft && (pl->n_tokens + 1 + r->q.n_draft > e->p.max_batch_tokens ||
+                             zse_sequence_blocks_needed(&r->q, r->q.n_tokens) > zse_block_pool_available(&e->m->blocks)))
+            zse_spec_drop(&r->q);
+        int need = zse_sequence_blocks_needed(&r->q, r->q.n_tokens);
         if (need > zse_block_pool_available(&e->m->blocks) && !make_room(e, r, need)) {
             i = index_of(e, r); /* make_room may have shifted the list */
             /* nobody else holds blocks: the pool cannot hold this sequence, it ends here */
@@ -284,8 +383,8 @@ static void plan_decodes(zse_engine *e, plan *pl, request **full)
             continue;
         }
         i = index_of(e, r);
-        zse_sequence_reserve(&r->q, e->m, r->q.n_cached + 1);
-        place(pl, r, 1);
+        zse_sequence_reserve(&r->q, e->m, r->q.n_tokens);
+        place(pl, r, 1 + r->q.n_draft);
     }
 }
 
@@ -295,14 +394,16 @@ static void plan_prefills(zse_engine *e, plan *pl)
 {
     for (int i = 0; i < e->n_running && pl->n_tokens < e->p.max_batch_tokens; i++) {
         request *r = e->running[i];
-        if (r->take || zse_sequence_pending(&r->q) < 2)
+        if (r->take || r->q.n_draft || zse_sequence_pending(&r->q) < 2)
             continue;
         int want = (int)zse_sequence_pending(&r->q);
         int budget = e->p.max_batch_tokens - pl->n_tokens;
         if (want > budget)
             want = budget;
+        if (r->plp)
+            want = scoring_take(e, pl, want);
         int take = tokens_that_fit(e, r, want);
-        if (take == 0 && pl->n_seqs == 0) {
+        if (take == 0 && pl->n_seqs == 0 && want > 0) {
             /* nothing else runs this step: lower-ranked requests give way */
             make_room(e, r, zse_sequence_blocks_needed(&r->q, r->q.n_cached + (size_t)want));
             i = index_of(e, r);
@@ -320,33 +421,123 @@ static void plan_prefills(zse_engine *e, plan *pl)
  * running request left over (so the next steps' decodes rarely preempt). */
 static void plan_admissions(zse_engine *e, plan *pl)
 {
-    for (;;) {
+    for (bool made_room = false;;) {
         int budget = e->p.max_batch_tokens - pl->n_tokens;
         pthread_mutex_lock(&e->mu);
-        request *r = e->queue;
+        request *r = queue_best(e, zse_now());
         bool ok = r && !r->cancelled && budget > 0 && e->n_running < e->p.max_seqs;
-        int take = 0;
+        int take = 0, short_of = 0;
         if (ok) {
             /* blocks of its prompt in the prefix cache need no computing; those no one holds
              * come out of the available ones */
-            int idle, hits = zse_sequence_cached_prefix(&r->q, e->m, &idle);
+            int idle = 0, hits = r->plp ? 0 : zse_sequence_cached_prefix(&r->q, e->m, &idle);
             size_t from = r->q.n_cached + (size_t)hits * ZSE_KV_BLOCK, left = r->q.n_tokens - from;
             take = (int)(left < (size_t)budget ? left : (size_t)budget);
+            if (r->plp)
+                take = scoring_take(e, pl, take);
+            ok = take > 0;
             int need = zse_sequence_blocks_needed(&r->q, from + (size_t)take) - hits;
             int avail = zse_block_pool_available(&e->m->blocks) - idle;
             int spare = e->n_running;
-            ok = need + spare <= avail || (e->n_running == 0 && need <= avail);
+            ok = ok && (need + spare <= avail || (e->n_running == 0 && need <= avail));
+            short_of = need + spare - avail;
         }
         if (ok) {
-            queue_pop(e);
+            queue_remove(e, r);
             running_insert(e, r);
         }
         pthread_mutex_unlock(&e->mu);
+        if (!ok && short_of > 0 && !made_room) {
+            /* KV for a request that outranks running ones not in this step: they give way */
+            made_room = true;
+            if (make_room(e, r, zse_block_pool_available(&e->m->blocks) + short_of))
+                continue;
+        }
         if (!ok)
             return;
-        zse_sequence_attach_prefix(&r->q, e->m);
+        made_room = false;
+        if (!r->plp) /* a scored prompt is computed whole: every position's logits are wanted */
+            zse_sequence_attach_prefix(&r->q, e->m);
         zse_sequence_reserve(&r->q, e->m, r->q.n_cached + (size_t)take);
         place(pl, r, take);
+    }
+}
+
+/* ---- adapters: a waiting request's adapter is brought to a slot while others run ----------- */
+
+static int cmp_rank(const void *pa, const void *pb)
+{
+    const request *a = *(request *const *)pa, *b = *(request *const *)pb;
+    return a->lora_rank < b->lora_rank ? -1 : a->lora_rank > b->lora_rank ? 1 : a->order < b->order ? -1 : 1;
+}
+
+/* Walks the waiting requests whose adapter is not in a slot yet, best effective rank first:
+ * each pins its adapter's slot when the adapter is there, else its fetch is started (a disk
+ * read on the loader thread, a copy into a free slot) and it keeps waiting while others run.
+ * Once a request finds every slot in use, those ranked after it take no slot (they may
+ * still be read into host memory): slots then drain to it as requests end, so a stream of
+ * requests for resident adapters cannot keep it out for ever. Requests whose adapter
+ * failed to load go to *failed. run_lock held. */
+static void prepare_adapters(zse_engine *e, request **failed)
+{
+    if (!e->m->lora)
+        return;
+    pthread_mutex_lock(&e->mu);
+    double now = zse_now();
+    int n = 0;
+    for (request *r = e->queue; r; r = r->next)
+        n += adapter_waits(r) && !r->cancelled;
+    if (n == 0) {
+        pthread_mutex_unlock(&e->mu);
+        return;
+    }
+    if (n > e->lora_cap) {
+        request **p = zse_realloc(e->lora_order, (size_t)n * sizeof *p);
+        if (!p) {
+            pthread_mutex_unlock(&e->mu);
+            return; /* they wait for a later step */
+        }
+        e->lora_order = p;
+        e->lora_cap = n;
+    }
+    n = 0;
+    for (request *r = e->queue; r; r = r->next)
+        if (adapter_waits(r) && !r->cancelled) {
+            r->lora_rank = effective_priority(e, r, now);
+            e->lora_order[n++] = r;
+        }
+    qsort(e->lora_order, (size_t)n, sizeof *e->lora_order, cmp_rank);
+    bool starved = false;
+    for (int i = 0; i < n; i++) {
+        request *r = e->lora_order[i];
+        zse_lora_pin_state st = zse_sequence_pin_adapter(&r->q, e->m, !starved);
+        if (st == ZSE_LORA_STARVED)
+            starved = true;
+        if (st == ZSE_LORA_FAILED) {
+            snprintf(r->error, sizeof r->error, "%s", zse_error_message());
+            queue_remove(e, r);
+            r->next = *failed;
+            *failed = r;
+        }
+    }
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Every slot taken and a waiting request of a strictly better priority: the worst-ranked
+ * running requests go back to the queue for it (their full blocks stay in the prefix cache,
+ * so resuming recomputes little). Aging never preempts: it orders admissions only, so two
+ * requests of one priority never take turns evicting each other. */
+static void preempt_for_priority(zse_engine *e)
+{
+    for (;;) {
+        pthread_mutex_lock(&e->mu);
+        request *r = e->n_running == e->p.max_seqs ? queue_best(e, zse_now()) : NULL;
+        int worst = e->n_running - 1;
+        bool go = r && !r->cancelled && worst >= 0 && r->priority < e->running[worst]->priority;
+        pthread_mutex_unlock(&e->mu);
+        if (!go)
+            return;
+        preempt(e, worst);
     }
 }
 
@@ -358,9 +549,7 @@ static int run_plan(zse_engine *e, const plan *pl)
 {
     for (int s = 0; s < pl->n_seqs; s++) {
         request *r = pl->seqs[s];
-        /* a row of logits for the requests whose pending tokens this step finishes */
-        bool ends = r->q.n_cached + (size_t)r->take == r->q.n_tokens;
-        e->entries[s] = (zse_step_seq){&r->q, r->take, ends ? 1 : 0, -1};
+        e->entries[s] = (zse_step_seq){.q = &r->q, .take = r->take, .n_out = r->n_rows, .out = -1, .logits = r->plp != NULL};
     }
     zse_batch b;
     if (zse_batcher_pack(&e->batcher, e->entries, pl->n_seqs, &b) != 0)
@@ -371,8 +560,12 @@ static int run_plan(zse_engine *e, const plan *pl)
      * (on a GPU the logits stay there); the host sampler's argmax picks the same id */
     zse_out_mode mode = zse_step_out_mode(e->m, e->entries, pl->n_seqs, true);
     e->picked_step = b.n_out > 0 && mode != ZSE_OUT_LOGITS;
+    /* constrained rows: their masks go where the logits are */
+    zse_row_masks masks;
+    if (e->picked_step && zse_batcher_masks(&e->batcher, e->entries, pl->n_seqs, &masks) != 0)
+        return -1;
     if (e->picked_step && mode == ZSE_OUT_ARGMAX)
-        return zse_llm_forward_argmax(e->m->llm, e->m->kv, &b, e->picked_ids);
+        return zse_llm_forward_argmax(e->m->llm, e->m->kv, &b, &masks, e->picked_ids);
     if (e->picked_step) {
         /* temperature, top-k, top-p and min-p where the logits are: each row draws with its
          * request's RNG, one uniform per sampled token as on the host */
@@ -385,7 +578,7 @@ static int run_plan(zse_engine *e, const plan *pl)
             e->sample_rows[r->out_index] = (zse_sample_row){sp->temperature, sp->top_p, sp->min_p,
                                                             g ? 0.f : (float)zse_rng_uniform(&r->q.gen.rng), sp->top_k};
         }
-        return zse_llm_forward_sample(e->m->llm, e->m->kv, &b, e->sample_rows, e->picked_ids);
+        return zse_llm_forward_sample(e->m->llm, e->m->kv, &b, &masks, e->sample_rows, e->picked_ids);
     }
     return zse_llm_forward(e->m->llm, e->m->kv, &b, e->logits);
 }
@@ -395,8 +588,9 @@ static int run_plan(zse_engine *e, const plan *pl)
 static void sample_and_emit(zse_engine *e, request *r)
 {
     zse_logprobs lp = {0};
-    int32_t t = e->picked_step ? e->picked_ids[r->out_index]
-                               : zse_sequence_sample(&r->q, e->m, e->logits + (size_t)r->out_index * (size_t)e->m->vocab,
+    const int row = r->out_index + r->n_rows - 1; /* the last of its rows samples */
+    int32_t t = e->picked_step ? e->picked_ids[row]
+                               : zse_sequence_sample(&r->q, e->m, e->logits + (size_t)row * (size_t)e->m->vocab,
                                                      &e->work, &lp);
     zse_buf text = {0};
     zse_finish fin;
@@ -407,7 +601,8 @@ static void sample_and_emit(zse_engine *e, request *r)
     }
     zse_token_event ev = {.token = t, .text = zse_buf_str(&text), .logprob = lp.logprob, .n_top = lp.n_top,
                           .top_ids = lp.top_ids, .top_logprobs = lp.top_logprobs, .finish = fin,
-                          .prompt_tokens = (int)r->q.n_prompt, .completion_tokens = r->q.sampled};
+                          .prompt_tokens = (int)r->q.n_prompt, .completion_tokens = r->q.sampled,
+                          .prompt_logprobs = prompt_logprobs_once(r)};
     if (fin != ZSE_FINISH_NONE) {
         end_request(e, r, &ev);
     } else if (!r->cb(r->user, &ev)) { /* the caller is gone */
@@ -416,11 +611,95 @@ static void sample_and_emit(zse_engine *e, request *r)
     zse_buf_free(&text);
 }
 
+/* A request that ran drafts: verification decides what is kept, and each kept token goes
+ * to the caller as sampling one would (the first ones' K/V are stored already). */
+static void spec_emit(zse_engine *e, request *r)
+{
+    int32_t out[1 + ZSE_SPEC_MAX_TOKENS];
+    zse_logprobs lps[1 + ZSE_SPEC_MAX_TOKENS] = {{0}};
+    float *rows = e->picked_step ? NULL : e->logits + (size_t)r->out_index * (size_t)e->m->vocab;
+    int n = zse_spec_verify(&e->spec, &r->q, e->m, rows, e->picked_step ? e->picked_ids + r->out_index : NULL,
+                            &e->work, out, lps);
+    for (int k = 0; k < n; k++) {
+        zse_buf text = {0};
+        zse_finish fin;
+        if (zse_sequence_accept(&r->q, e->m, out[k], &text, &fin) != 0) {
+            zse_buf_free(&text);
+            finish_without_token(e, r, ZSE_FINISH_ERROR);
+            return;
+        }
+        if (k < n - 1 && fin == ZSE_FINISH_NONE)
+            r->q.n_cached++; /* an accepted draft: its K/V came with the pass */
+        const zse_logprobs *lp = &lps[k];
+        zse_token_event ev = {.token = out[k], .text = zse_buf_str(&text), .logprob = lp->logprob, .n_top = lp->n_top,
+                              .top_ids = lp->top_ids, .top_logprobs = lp->top_logprobs, .finish = fin,
+                              .prompt_tokens = (int)r->q.n_prompt, .completion_tokens = r->q.sampled,
+                              .prompt_logprobs = prompt_logprobs_once(r)};
+        bool gone = false;
+        if (fin != ZSE_FINISH_NONE)
+            end_request(e, r, &ev);
+        else if ((gone = !r->cb(r->user, &ev)))
+            finish_without_token(e, r, ZSE_FINISH_CANCELLED);
+        zse_buf_free(&text);
+        if (fin != ZSE_FINISH_NONE || gone)
+            return;
+    }
+}
+
+/* Drafts for the running requests in their decode phase, as many as the step's logit rows
+ * leave room for beyond the row every sequence of the step may need. Failing to draft is
+ * not an error of the requests: they decode without drafts. */
+static void propose_drafts(zse_engine *e)
+{
+    if (!zse_spec_on(&e->spec))
+        return;
+    int rows_left = e->out_rows - e->p.max_seqs, n = 0;
+    for (int i = 0; i < e->n_running && rows_left > 0; i++) {
+        request *r = e->running[i];
+        int room = zse_spec_room(&e->spec, &r->q, e->m);
+        if (room <= 0)
+            continue;
+        e->want[n] = room < rows_left ? room : rows_left;
+        rows_left -= e->want[n];
+        e->drafting[n++] = &r->q;
+    }
+    if (n && zse_spec_propose(&e->spec, e->m, e->drafting, e->want, n) != 0) {
+        zse_log(ZSE_LOG_WARN, "speculative decoding: drafting failed (%s); decoding without drafts this step",
+                zse_error_message());
+        for (int i = 0; i < n; i++)
+            zse_spec_drop(e->drafting[i]);
+    }
+}
+
+/* the logprob of each prompt token this step's rows predict: row k of a scored chunk is the
+ * model's distribution after position n_cached + k, which the prompt's next token takes */
+static void score_prompt_rows(zse_engine *e, request *r)
+{
+    const size_t vocab = (size_t)e->m->vocab;
+    for (int k = 0; k < r->n_rows; k++) {
+        size_t next = r->q.n_cached + (size_t)k + 1;
+        if (next >= r->q.n_prompt)
+            break;
+        zse_compute_logprobs(e->logits + (size_t)(r->out_index + k) * vocab, e->m->vocab, r->q.tokens[next],
+                             r->q.gen.s.prompt_top_logprobs, &r->plp[next]);
+    }
+}
+
 /* One step. Returns the number of tokens it ran (0: nothing could run). */
 static int step(zse_engine *e)
 {
-    plan pl = {0, 0, e->plan_seqs};
-    request *full = NULL;
+    plan pl = {.seqs = e->plan_seqs};
+    request *full = NULL, *failed = NULL;
+    pthread_mutex_lock(&e->m->run_lock);
+    prepare_adapters(e, &failed);
+    preempt_for_priority(e);
+    pthread_mutex_unlock(&e->m->run_lock);
+    while (failed) {
+        request *r = failed;
+        failed = r->next;
+        finish_with(e, r, ZSE_FINISH_ERROR, r->error);
+    }
+    propose_drafts(e);
     pthread_mutex_lock(&e->m->run_lock);
     for (int i = 0; i < e->n_running; i++)
         e->running[i]->take = 0;
@@ -429,17 +708,25 @@ static int step(zse_engine *e)
     plan_admissions(e, &pl);
     int rc = pl.n_seqs ? run_plan(e, &pl) : 0;
     for (int s = 0; rc == 0 && s < pl.n_seqs; s++) { /* K/V now stored: full blocks join the cache */
-        pl.seqs[s]->q.n_cached += (size_t)pl.seqs[s]->take;
-        zse_sequence_publish(&pl.seqs[s]->q, e->m);
+        request *r = pl.seqs[s];
+        if (r->plp && !e->picked_step)
+            score_prompt_rows(e, r);
+        if (!r->q.n_draft) /* with drafts, verification says how far the K/V hold */
+            r->q.n_cached += (size_t)r->take;
+        zse_sequence_publish(&r->q, e->m);
     }
     int used = zse_block_pool_used(&e->m->blocks);
     zse_block_pool pool = e->m->blocks; /* its counters, read under the lock */
+    zse_offload_stats offload;
+    zse_offload_stats_of(e->m->llm, &offload);
     pthread_mutex_unlock(&e->m->run_lock);
     pthread_mutex_lock(&e->mu);
+    e->offload_stats = offload;
     e->kv_used = used;
     e->prefix_hits = pool.hit_tokens;
     e->prefix_queries = pool.query_tokens;
     e->prefix_blocks = pool.n_published;
+    e->spec_stats = e->spec.stats;
     pthread_mutex_unlock(&e->mu);
 
     while (full) {
@@ -449,14 +736,21 @@ static int step(zse_engine *e)
     }
     if (rc != 0) {
         zse_log(ZSE_LOG_ERROR, "engine step of %d tokens failed: %s", pl.n_tokens, zse_error_message());
+        char why[ZSE_ERROR_MAX];
+        snprintf(why, sizeof why, "%s", zse_error_message());
         for (int s = 0; s < pl.n_seqs; s++)
-            finish_without_token(e, pl.seqs[s], ZSE_FINISH_ERROR);
+            finish_with(e, pl.seqs[s], ZSE_FINISH_ERROR, why);
         return pl.n_tokens;
     }
     for (int s = 0; s < pl.n_seqs; s++) {
         request *r = pl.seqs[s];
         r->take = 0;
-        if (r->out_index >= 0)
+        bool prompt_done = r->q.n_cached == r->q.n_tokens;
+        if (prompt_done && r->q.gen.s.max_tokens == ZSE_MAX_TOKENS_NONE && r->q.sampled == 0)
+            finish_prompt_only(e, r);
+        else if (r->out_index >= 0 && r->q.n_draft)
+            spec_emit(e, r);
+        else if (r->out_index >= 0 && prompt_done)
             sample_and_emit(e, r);
     }
     return pl.n_tokens;
@@ -497,8 +791,10 @@ static void *engine_main(void *arg)
         pthread_mutex_lock(&e->mu);
         while (!e->stopping && !e->n_queued && !e->n_running)
             pthread_cond_wait(&e->wake, &e->mu);
+        /* nothing could run (no KV room, adapters on their way): do not spin; an adapter
+         * being copied lands within a millisecond or so, a disk read wakes us itself */
         if (idle_step && !any_cancelled(e) && !e->stopping)
-            timed_wait(e, 0.005); /* nothing could run (no KV room): do not spin */
+            timed_wait(e, e->m->lora && zse_lora_copying(e->m->lora) ? 0.0005 : 0.005);
         bool expired = e->stopping && zse_now() >= e->deadline;
         request *ended = NULL;
         take_cancelled(e, expired, &ended);
@@ -518,11 +814,24 @@ static void *engine_main(void *arg)
 
 /* ---- the API ------------------------------------------------------------------------------------ */
 
+/* the adapter loader finished a read: a request may be able to run */
+static void engine_wake(void *arg)
+{
+    zse_engine *e = arg;
+    pthread_mutex_lock(&e->mu);
+    pthread_cond_signal(&e->wake);
+    pthread_mutex_unlock(&e->mu);
+}
+
 static void engine_free(zse_engine *e)
 {
+    free(e->lora_order);
     free(e->running);
     free(e->plan_seqs);
     free(e->entries);
+    free(e->drafting);
+    free(e->want);
+    zse_spec_free(&e->spec);
     zse_batcher_free(&e->batcher);
     free(e->logits);
     free(e->picked_ids);
@@ -540,20 +849,36 @@ zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p)
     e->p.max_seqs = p && p->max_seqs > 0 ? p->max_seqs : 16;
     e->p.max_batch_tokens = p && p->max_batch_tokens > 0 ? p->max_batch_tokens : 512;
     e->p.max_queue = p && p->max_queue > 0 ? p->max_queue : 256;
+    e->p.priority_aging_s = p && p->priority_aging_s != 0 ? p->priority_aging_s : 1.0;
     if (e->p.max_seqs > 4096 || e->p.max_batch_tokens > (1 << 20)) {
         zse_fail("engine limits too large: %d sequences, %d tokens per step", e->p.max_seqs, e->p.max_batch_tokens);
         free(e);
         return NULL;
     }
     int T = e->p.max_batch_tokens, S = e->p.max_seqs, V = m->vocab;
-    int out_rows = S < T ? S : T;
+    if (p && zse_spec_check(m, &p->spec) != 0) {
+        zse_error_prefix("cannot start the engine");
+        free(e);
+        return NULL;
+    }
+    zse_spec_init(&e->spec, p ? &p->spec : NULL);
+    e->p.spec = e->spec.p;
+    /* drafts need a logit row each (up to 256 beyond a row per sequence), and a prompt being
+     * scored a row per token (SCORE_ROWS a step) */
+    int extra = zse_spec_on(&e->spec) ? (S * e->spec.p.tokens < 256 ? S * e->spec.p.tokens : 256) : 0;
+    extra += SCORE_ROWS;
+    int out_rows = S + extra < T ? S + extra : T;
+    e->out_rows = out_rows;
     e->running = zse_calloc((size_t)S, sizeof *e->running);
     e->plan_seqs = zse_calloc((size_t)S, sizeof *e->plan_seqs);
     e->entries = zse_calloc((size_t)S, sizeof *e->entries);
+    e->drafting = zse_calloc((size_t)S, sizeof *e->drafting);
+    e->want = zse_calloc((size_t)S, sizeof *e->want);
     e->logits = zse_malloc((size_t)out_rows * (size_t)V * sizeof(float));
     e->picked_ids = zse_malloc((size_t)out_rows * sizeof(int32_t));
     e->sample_rows = zse_malloc((size_t)out_rows * sizeof *e->sample_rows);
-    bool ok = e->running && e->plan_seqs && e->entries && e->logits && e->picked_ids && e->sample_rows &&
+    bool ok = e->running && e->plan_seqs && e->entries && e->drafting && e->want && e->logits && e->picked_ids &&
+              e->sample_rows &&
               zse_sample_work_init(&e->work, V) == 0;
     if (ok) {
         pthread_mutex_lock(&m->run_lock);
@@ -568,7 +893,11 @@ zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p)
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->wake, NULL);
     e->next_id = 1;
+    if (m->lora)
+        zse_lora_set_waker(m->lora, engine_wake, e);
     if (pthread_create(&e->thread, NULL, engine_main, e) != 0) {
+        if (m->lora)
+            zse_lora_set_waker(m->lora, NULL, NULL);
         zse_fail("cannot start the engine thread");
         pthread_mutex_destroy(&e->mu);
         pthread_cond_destroy(&e->wake);
@@ -651,6 +980,8 @@ void zse_engine_get_stats(zse_engine *e, zse_engine_stats *out)
     out->prefix_hit_tokens = e->prefix_hits;
     out->prefix_query_tokens = e->prefix_queries;
     out->prefix_cached_blocks = e->prefix_blocks;
+    out->spec = e->spec_stats;
+    out->offload = e->offload_stats;
     pthread_mutex_unlock(&e->mu);
 }
 
@@ -666,6 +997,8 @@ void zse_engine_stop(zse_engine *e, double timeout_s)
     int err = pthread_join(e->thread, NULL);
     if (err != 0)
         zse_log(ZSE_LOG_ERROR, "joining the engine thread: %s", strerror(err));
+    if (e->m->lora)
+        zse_lora_set_waker(e->m->lora, NULL, NULL);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->wake);
     engine_free(e);

@@ -4,8 +4,10 @@
  * sequence's history and the acceptance of a sampled token live here once. */
 #include "engine/engine.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 int zse_sample_work_init(zse_sample_work *w, int vocab)
 {
@@ -30,6 +32,9 @@ void zse_sample_work_free(zse_sample_work *w)
 int zse_sequence_init(zse_sequence *q, const zse_model *m, const zse_sampling *s)
 {
     memset(q, 0, sizeof *q);
+    q->lora_slot = -1;
+    if (s && s->adapter && zse_adapter_cache(s->adapter) != m->lora)
+        return zse_fail("the adapter belongs to another model");
     if (zse_kv_table_init(&q->kv, (m->ctx_size + ZSE_KV_BLOCK - 1) / ZSE_KV_BLOCK) != 0)
         return -1;
     if (zse_gen_init(&q->gen, s, m->tok) != 0) {
@@ -37,20 +42,93 @@ int zse_sequence_init(zse_sequence *q, const zse_model *m, const zse_sampling *s
         memset(q, 0, sizeof *q);
         return -1;
     }
+    if (q->gen.s.constraint) {
+        /* speculative verification walks it through a step's drafts and back */
+        zse_grammar *g = (zse_grammar *)q->gen.s.constraint;
+        q->matcher = zse_matcher_new(g, ZSE_SPEC_MAX_TOKENS + 1);
+        q->mask = zse_malloc((size_t)zse_grammar_mask_words(zse_grammar_vocab_of(g)) * sizeof *q->mask);
+        if (!q->matcher || !q->mask) {
+            zse_matcher_free(q->matcher);
+            free(q->mask);
+            zse_gen_free(&q->gen);
+            free(q->kv.blocks);
+            memset(q, 0, sizeof *q);
+            return -1;
+        }
+    }
+    q->gen.s.adapter = NULL; /* the sequence's own reference is q->adapter */
+    if (s && s->adapter)
+        q->adapter = zse_adapter_ref(s->adapter);
     return 0;
 }
 
 void zse_sequence_free(zse_sequence *q, zse_model *m)
 {
+    if (q->draft) { /* its mirror in the draft model (spec.c) */
+        zse_sequence_free(q->draft, q->draft_model);
+        free(q->draft);
+    }
     if (q->kv.blocks) {
         pthread_mutex_lock(&m->run_lock);
         zse_kv_table_free(&q->kv, &m->blocks);
         pthread_mutex_unlock(&m->run_lock);
     }
+    zse_sequence_unpin_adapter(q, m);
+    zse_adapter_release(q->adapter);
     zse_gen_free(&q->gen);
+    zse_matcher_free(q->matcher);
+    free(q->mask);
     free(q->tokens);
     free(q->keys);
     memset(q, 0, sizeof *q);
+}
+
+void zse_sequence_unpin_adapter(zse_sequence *q, zse_model *m)
+{
+    if (q->adapter && q->lora_slot >= 0)
+        zse_lora_unpin(m->lora, q->adapter);
+    q->lora_slot = -1;
+}
+
+zse_lora_pin_state zse_sequence_pin_adapter(zse_sequence *q, zse_model *m, bool may_take_slot)
+{
+    if (!q->adapter || q->lora_slot >= 0)
+        return ZSE_LORA_PINNED;
+    const bool first = q->lora_wait_since == 0;
+    int slot;
+    zse_lora_pin_state st = zse_lora_pin(m->lora, q->adapter, may_take_slot, first, &slot, &q->lora_failures);
+    if (first)
+        q->lora_wait_since = zse_now();
+    if (st == ZSE_LORA_PINNED) {
+        q->lora_slot = slot;
+        /* its blocks are computed with the adapter: keyed by it in the prefix cache */
+        q->salt = zse_adapter_id(q->adapter);
+        q->n_keys = 0;
+        if (!first)
+            zse_lora_note_wait(m->lora, zse_now() - q->lora_wait_since);
+    }
+    return st;
+}
+
+int zse_sequence_pin_adapter_wait(zse_sequence *q, zse_model *m)
+{
+    for (;;) {
+        pthread_mutex_lock(&m->run_lock);
+        zse_lora_pin_state st = zse_sequence_pin_adapter(q, m, true);
+        pthread_mutex_unlock(&m->run_lock);
+        if (st == ZSE_LORA_PINNED)
+            return 0;
+        if (st == ZSE_LORA_FAILED)
+            return -1;
+        if (st == ZSE_LORA_STARVED)
+            return zse_fail("every adapter slot is in use by other sequences; load the model with more "
+                            "(--max-gpu-loras)");
+        /* read it here when nobody is reading it; otherwise a copy or the loader is on it */
+        if (zse_lora_load_now(m->lora, q->adapter) != 0)
+            continue; /* the failure is counted: the next pin reports it */
+        struct timespec ts = {0, 200000};
+        nanosleep(&ts, NULL);
+    }
 }
 
 int zse_sequence_append(zse_sequence *q, const int32_t *ids, size_t n)
@@ -187,13 +265,63 @@ bool zse_sequence_ctx_full(const zse_sequence *q, const zse_model *m)
     return q->n_tokens + 1 >= (size_t)m->ctx_size;
 }
 
+zse_history zse_sequence_history(const zse_sequence *q, size_t upto)
+{
+    size_t gen = upto > q->n_prompt ? upto - q->n_prompt : 0;
+    return (zse_history){q->tokens, upto < q->n_prompt ? upto : q->n_prompt, q->tokens + q->n_prompt, gen};
+}
+
+/* -inf for every token the mask leaves out (32 at a time where a word is zero) */
+static void apply_mask(float *logits, int vocab, const uint32_t *mask, int words)
+{
+    for (int w = 0; w < words; w++) {
+        uint32_t bits = mask[w];
+        if (bits == 0xFFFFFFFFu)
+            continue;
+        int base = w * 32, end = base + 32 < vocab ? base + 32 : vocab;
+        for (int t = base; t < end; t++)
+            if (!((bits >> (t - base)) & 1))
+                logits[t] = -INFINITY;
+    }
+}
+
+int zse_sequence_constrain(zse_sequence *q, const zse_model *m, float *logits, int generated)
+{
+    const zse_sampling *s = &q->gen.s;
+    /* a grammar that is complete allows only an end: min_tokens gives way to it */
+    const bool grammar_done = q->matcher && zse_matcher_must_end(q->matcher);
+    if (generated < s->min_tokens && !grammar_done) { /* nothing may end generation yet */
+        for (int i = 0; i < m->n_eos; i++)
+            logits[m->eos[i]] = -INFINITY;
+        for (int i = 0; i < s->n_stop_ids; i++)
+            if (s->stop_ids[i] >= 0 && s->stop_ids[i] < m->vocab)
+                logits[s->stop_ids[i]] = -INFINITY;
+    }
+    if (q->matcher) {
+        const zse_grammar_vocab *v = zse_grammar_vocab_of((const zse_grammar *)s->constraint);
+        int allowed = zse_matcher_fill_mask(q->matcher, q->mask);
+        if (allowed < 0)
+            return -1;
+        if (allowed == 0)
+            return zse_fail("the constraint allows no token after %zu tokens", q->n_tokens);
+        /* the model's rows past the tokenizer's vocabulary (padding) are never allowed */
+        int gv = zse_grammar_vocab_size(v);
+        apply_mask(logits, gv < m->vocab ? gv : m->vocab, q->mask, zse_grammar_mask_words(v));
+        for (int t = gv; t < m->vocab; t++)
+            logits[t] = -INFINITY;
+    }
+    return 0;
+}
+
 int32_t zse_sequence_sample(zse_sequence *q, const zse_model *m, float *logits, zse_sample_work *w,
                             zse_logprobs *lp)
 {
     const bool want_lp = lp && (q->gen.s.logprobs || q->gen.s.top_logprobs > 0);
     if (want_lp)
         memcpy(w->raw, logits, (size_t)m->vocab * sizeof *logits);
-    zse_history h = {q->tokens, q->n_prompt, q->tokens + q->n_prompt, q->n_tokens - q->n_prompt};
+    if (zse_sequence_constrain(q, m, logits, q->gen.generated) != 0)
+        return -1;
+    zse_history h = zse_sequence_history(q, q->n_tokens);
     int32_t t = zse_sample(&q->gen.s, logits, m->vocab, &h, &q->gen.rng, w->work_p, w->work_i);
     if (want_lp)
         zse_compute_logprobs(w->raw, m->vocab, t, q->gen.s.top_logprobs, lp);
@@ -203,8 +331,18 @@ int32_t zse_sequence_sample(zse_sequence *q, const zse_model *m, float *logits, 
 int zse_sequence_accept(zse_sequence *q, const zse_model *m, int32_t t, zse_buf *text, zse_finish *finish)
 {
     q->sampled++;
+    if (q->matcher) {
+        int rc = zse_matcher_accept_token(q->matcher, t);
+        if (rc != 0)
+            return rc < 0 ? -1 : zse_fail("token %d does not follow the constraint (its mask was not applied)", t);
+    }
     if (zse_gen_accept(&q->gen, t, zse_model_is_eos(m, t), zse_sequence_ctx_full(q, m), text, finish) != 0)
         return -1;
+    /* the grammar is complete once it took its end: generation ends, ignore_eos or not */
+    if (q->matcher && zse_matcher_ended(q->matcher) && *finish == ZSE_FINISH_NONE) {
+        *finish = ZSE_FINISH_STOP;
+        return 0;
+    }
     /* the token joins the sequence (a later feed or step continues after it) while the
      * context has room; a stop token never does */
     if (*finish != ZSE_FINISH_STOP && q->n_tokens < (size_t)m->ctx_size)

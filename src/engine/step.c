@@ -15,7 +15,10 @@ void zse_batcher_free(zse_batcher *b)
     free(b->slots);
     free(b->rows);
     free(b->lens);
+    free(b->adapters);
     free(b->table);
+    free(b->mask_rows);
+    free(b->mask_bits);
     memset(b, 0, sizeof *b);
 }
 
@@ -37,7 +40,7 @@ static int batcher_reserve(zse_batcher *b, size_t tokens, size_t seqs, size_t ta
         b->tok_cap = tokens;
     }
     if (seqs > b->seq_cap) {
-        if (grow_i32(&b->lens, seqs))
+        if (grow_i32(&b->lens, seqs) || grow_i32(&b->adapters, seqs))
             return -1;
         b->seq_cap = seqs;
     }
@@ -61,8 +64,15 @@ int zse_batcher_pack(zse_batcher *b, zse_step_seq *e, int n, zse_batch *out)
     if (batcher_reserve(b, n_tokens, (size_t)n, (size_t)n * (size_t)width) != 0)
         return -1;
     int t = 0, n_out = 0;
+    uint32_t lora_modules = 0;
     for (int s = 0; s < n; s++) {
         const zse_sequence *q = e[s].q;
+        /* a sequence runs with its adapter, whose slot it pins, never without it */
+        if (q->adapter && q->lora_slot < 0)
+            return zse_fail("a sequence was stepped before its adapter was in a slot");
+        b->adapters[s] = q->adapter ? q->lora_slot : -1;
+        if (b->adapters[s] >= 0)
+            lora_modules |= zse_adapter_modules(q->adapter);
         for (int k = 0; k < e[s].take; k++, t++) {
             size_t pos = q->n_cached + (size_t)k;
             b->tokens[t] = q->tokens[pos];
@@ -80,7 +90,7 @@ int zse_batcher_pack(zse_batcher *b, zse_step_seq *e, int n, zse_batch *out)
             b->rows[n_out++] = t - k;
     }
     *out = (zse_batch){(int)n_tokens, b->tokens, b->pos, b->seq, b->slots, n, b->lens, b->table, width, n_out,
-                       b->rows};
+                       b->rows, lora_modules ? b->adapters : NULL, lora_modules};
     return 0;
 }
 
@@ -91,10 +101,57 @@ zse_out_mode zse_step_out_mode(const zse_model *m, const zse_step_seq *e, int n,
         if (e[s].n_out <= 0 || e[s].take <= 0)
             continue;
         any = true;
+        /* prompt scoring wants logits; a constrained row goes to the device only where the
+         * backend applies masks, and one row a sequence (drafts walk the matcher) */
+        if (e[s].logits || (e[s].q->matcher && (!zse_llm_can_mask(m->llm) || e[s].n_out > 1)))
+            return ZSE_OUT_LOGITS;
         greedy = greedy && zse_sampling_plain_greedy(&e[s].q->gen.s);
-        on_device = on_device && zse_sampling_on_device(&e[s].q->gen.s);
+        /* drafts are verified against their rows on the host (rejection sampling) */
+        on_device = on_device && e[s].n_out == 1 && zse_sampling_on_device(&e[s].q->gen.s);
     }
     if (!any)
         return ZSE_OUT_LOGITS;
     return greedy ? ZSE_OUT_ARGMAX : on_device ? ZSE_OUT_SAMPLED : ZSE_OUT_LOGITS;
+}
+
+int zse_batcher_masks(zse_batcher *b, const zse_step_seq *e, int n, zse_row_masks *out)
+{
+    *out = (zse_row_masks){0};
+    int n_masked = 0;
+    int64_t words = 0;
+    for (int s = 0; s < n; s++)
+        if (e[s].q->matcher && e[s].out >= 0) {
+            n_masked++;
+            words = zse_grammar_mask_words(zse_grammar_vocab_of((const zse_grammar *)e[s].q->gen.s.constraint));
+        }
+    if (n_masked == 0)
+        return 0;
+    if ((size_t)n_masked > b->mask_cap) {
+        if (grow_i32(&b->mask_rows, (size_t)n_masked) != 0)
+            return -1;
+        b->mask_cap = (size_t)n_masked;
+    }
+    size_t need = (size_t)n_masked * (size_t)words;
+    if (need > b->mask_bits_cap) {
+        uint32_t *p = zse_realloc(b->mask_bits, need * sizeof *p);
+        if (!p)
+            return -1;
+        b->mask_bits = p;
+        b->mask_bits_cap = need;
+    }
+    int k = 0;
+    for (int s = 0; s < n; s++) {
+        const zse_sequence *q = e[s].q;
+        if (!q->matcher || e[s].out < 0)
+            continue;
+        /* every constraint of a model masks over the same vocabulary, hence one width */
+        int allowed = zse_matcher_fill_mask(q->matcher, b->mask_bits + (size_t)k * (size_t)words);
+        if (allowed < 0)
+            return -1;
+        if (allowed == 0)
+            return zse_fail("the constraint allows no token after %zu tokens", q->n_tokens);
+        b->mask_rows[k++] = e[s].out + e[s].n_out - 1;
+    }
+    *out = (zse_row_masks){k, b->mask_rows, b->mask_bits, words};
+    return 0;
 }

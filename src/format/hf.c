@@ -2,26 +2,46 @@
  * tokenizer_config.json, tokenizer.json, chat template) normalized into zse_config, and
  * HF tensor names mapped to the canonical .zse names.
  *
- * Architectures are a table: adding qwen3 / mixtral / qwen2_moe means a row here (flags
- * and the extra tensor names), not new control flow. */
+ * Architectures are a table: an architecture is a row (which key holds its attention
+ * biases, q/k norms, which layers slide, which MoE config it has), not new control flow. */
 #include "format/format.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
 
+/* Which layers attend through the sliding window when layer_types does not say: */
+typedef enum {
+    WINDOW_ALL,         /* every layer when sliding_window is set (llama, mistral, mixtral) */
+    WINDOW_QWEN2,       /* with use_sliding_window, layers from max_window_layers on (qwen2, qwen3) */
+    WINDOW_FLAG_ALL,    /* with use_sliding_window, every layer (qwen3_moe) */
+    WINDOW_ODD_BELOW,   /* with use_sliding_window, layers i < max_window_layers with i + 1 odd
+                           (transformers 5's qwen2_moe) */
+} window_rule;
+
+/* the config keys a mixture of experts is described by (none for a dense architecture) */
+typedef enum { MOE_NONE, MOE_QWEN2, MOE_QWEN3, MOE_MIXTRAL } moe_style;
+
 typedef struct {
     const char *model_type;
-    bool attn_bias_default;     /* qwen2 has q/k/v biases */
-    bool qk_norm;               /* qwen3 */
-    bool sliding_window_flag;   /* window only when use_sliding_window (qwen2) */
+    const char *bias_key;       /* the config key that gives q/k/v biases; NULL: never */
+    bool bias_default;          /* when the key is absent */
+    bool out_bias;              /* o_proj carries a bias whenever q/k/v do (llama, qwen3) */
+    bool qk_norm;               /* per-head RMSNorm of q and k (qwen3) */
+    window_rule window;
+    moe_style moe;
 } arch_row;
 
 static const arch_row archs[] = {
-    {"llama", false, false, false},
-    {"mistral", false, false, false},
-    {"qwen2", true, false, true},
+    {"llama", "attention_bias", false, true, false, WINDOW_ALL, MOE_NONE},
+    {"mistral", NULL, false, false, false, WINDOW_ALL, MOE_NONE},
+    {"qwen2", "attention_bias", true, false, false, WINDOW_QWEN2, MOE_NONE},
+    {"qwen3", "attention_bias", false, true, true, WINDOW_QWEN2, MOE_NONE},
+    {"qwen2_moe", "qkv_bias", true, false, false, WINDOW_ODD_BELOW, MOE_QWEN2},
+    {"qwen3_moe", "attention_bias", false, true, true, WINDOW_FLAG_ALL, MOE_QWEN3},
+    {"mixtral", NULL, false, false, false, WINDOW_ALL, MOE_MIXTRAL},
 };
+#define SUPPORTED_TYPES "llama, mistral, qwen2, qwen3, qwen2_moe, qwen3_moe, mixtral"
 
 static const arch_row *find_arch(const char *t)
 {
@@ -134,16 +154,17 @@ static int parse_rope_scaling(zse_config *c, const json_t *cfg)
     return 0;
 }
 
-/* Which layers attend through the window. transformers 5 lists "layer_types"; older qwen2
- * configs say use_sliding_window and max_window_layers (layers from that index on slide,
- * so max_window_layers >= the layer count means none do); mistral slides every layer when
- * sliding_window is set. zse runs one window for all layers, so a mix is refused. */
+/* Which layers attend through the window: transformers 5's "layer_types" when the config
+ * lists them, else the architecture's rule (window_rule). zse runs one window for all
+ * layers, so a mix is refused. */
 static int parse_sliding_window(zse_config *c, const json_t *cfg, const arch_row *arch)
 {
-    int window = 0;
-    if (get_int(cfg, "sliding_window", 0, false, &window))
+    int window = 0, max_window_layers = 0;
+    if (get_int(cfg, "sliding_window", 0, false, &window) ||
+        get_int(cfg, "max_window_layers", 0, false, &max_window_layers))
         return -1;
-    int first_sliding = 0, n_sliding = 0;
+    const bool flag = get_bool(cfg, "use_sliding_window", false);
+    int n_sliding = 0;
     json_t *types = json_object_get(cfg, "layer_types");
     if (json_is_array(types)) {
         if (json_array_size(types) != (size_t)c->n_layers)
@@ -159,14 +180,17 @@ static int parse_sliding_window(zse_config *c, const json_t *cfg, const arch_row
                 return zse_fail("config.json: layer_types[%zu] is '%s' (full_attention and "
                                 "sliding_attention are supported)", i, s ? s : "?");
         }
-    } else if (arch->sliding_window_flag) {
-        if (!get_bool(cfg, "use_sliding_window", false))
-            window = 0;
-        if (get_int(cfg, "max_window_layers", 0, false, &first_sliding))
-            return -1;
-        n_sliding = first_sliding < c->n_layers ? c->n_layers - first_sliding : 0;
     } else {
-        n_sliding = c->n_layers;
+        for (int l = 0; l < c->n_layers; l++) {
+            bool slides = false;
+            switch (arch->window) {
+            case WINDOW_ALL: slides = true; break;
+            case WINDOW_QWEN2: slides = flag && l >= max_window_layers; break;
+            case WINDOW_FLAG_ALL: slides = flag; break;
+            case WINDOW_ODD_BELOW: slides = flag && (l + 1) % 2 == 1 && l < max_window_layers; break;
+            }
+            n_sliding += slides;
+        }
     }
     if (window == 0 || n_sliding == 0) {
         c->sliding_window = 0;
@@ -177,6 +201,147 @@ static int parse_sliding_window(zse_config *c, const json_t *cfg, const arch_row
                         "attention kind for every layer", n_sliding, c->n_layers, window);
     c->sliding_window = window;
     return 0;
+}
+
+/* Config keys other MoE families use to route differently (DeepSeek's grouped or sigmoid
+ * routing, scaled weights, extra shared experts). The four architectures here have none of
+ * them; a config that sets one describes a model whose routing zse would get wrong, so it
+ * is refused rather than run with softmax top-k. `ok` is the one value that means "off". */
+typedef struct {
+    const char *key;
+    enum { OK_ABSENT_OR_NULL, OK_STRING, OK_NUMBER } kind;
+    const char *ok_string;
+    double ok_number;
+} routing_key;
+
+static const routing_key foreign_routing[] = {
+    {"scoring_func", OK_STRING, "softmax", 0},
+    {"topk_method", OK_STRING, "greedy", 0},
+    {"routed_scaling_factor", OK_NUMBER, NULL, 1.0},
+    {"n_group", OK_NUMBER, NULL, 1.0},
+    {"topk_group", OK_NUMBER, NULL, 1.0},
+    {"n_shared_experts", OK_NUMBER, NULL, 0.0},
+    {"first_k_dense_replace", OK_NUMBER, NULL, 0.0},
+    {"moe_layer_freq", OK_NUMBER, NULL, 1.0},
+    {"router_bias", OK_ABSENT_OR_NULL, NULL, 0},
+    {"moe_router_type", OK_ABSENT_OR_NULL, NULL, 0},
+};
+
+static int check_routing_keys(const json_t *cfg)
+{
+    for (size_t i = 0; i < sizeof foreign_routing / sizeof foreign_routing[0]; i++) {
+        const routing_key *k = &foreign_routing[i];
+        json_t *v = json_object_get(cfg, k->key);
+        if (!v || json_is_null(v) || (json_is_false(v) && k->kind != OK_STRING))
+            continue;
+        bool ok = (k->kind == OK_STRING && json_is_string(v) && strcmp(json_string_value(v), k->ok_string) == 0) ||
+                  (k->kind == OK_NUMBER && json_is_number(v) && json_number_value(v) == k->ok_number);
+        if (!ok) {
+            char *text = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
+            zse_fail("config.json: '%s' is %s; zse routes experts by softmax over the router's logits and "
+                     "the top k of them (Mixtral, Qwen2-MoE, Qwen3-MoE) and does not support this routing",
+                     k->key, text ? text : "set");
+            free(text);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Mixture-of-experts fields, with transformers' defaults where a key is absent (what
+ * transformers itself would build). Which layers run experts follows Qwen's rule: layer l
+ * does unless it is in mlp_only_layers, and only when (l + 1) % decoder_sparse_step == 0;
+ * Mixtral's every layer does. */
+static int parse_moe(zse_config *c, const json_t *cfg, const arch_row *arch)
+{
+    if (arch->moe == MOE_NONE)
+        return 0;
+    if (check_routing_keys(cfg) != 0)
+        return -1;
+    int step = 1;
+    json_t *dense = NULL;
+    if (arch->moe == MOE_MIXTRAL) {
+        if (get_int(cfg, "num_local_experts", 8, false, &c->n_experts) ||
+            get_int(cfg, "num_experts_per_tok", 2, false, &c->n_experts_used))
+            return -1;
+        c->expert_ffn = c->intermediate_size;   /* Mixtral's experts are its MLPs */
+        c->norm_topk = true;                    /* MixtralTopKRouter always renormalizes */
+        if (c->n_experts == 0)
+            return zse_fail("config.json: num_local_experts is 0; a Mixtral model needs experts");
+    } else {
+        const bool q2 = arch->moe == MOE_QWEN2;
+        /* transformers 5 writes qwen3_moe's num_experts as num_local_experts (an alias) */
+        const char *count_key = json_object_get(cfg, "num_experts") ? "num_experts" : "num_local_experts";
+        if (get_int(cfg, count_key, q2 ? 60 : 128, false, &c->n_experts) ||
+            get_int(cfg, "num_experts_per_tok", q2 ? 4 : 8, false, &c->n_experts_used) ||
+            get_int(cfg, "moe_intermediate_size", q2 ? 1408 : 768, false, &c->expert_ffn) ||
+            get_int(cfg, "decoder_sparse_step", 1, false, &step))
+            return -1;
+        json_t *norm = json_object_get(cfg, "norm_topk_prob");
+        if (norm && !json_is_boolean(norm) && !json_is_null(norm))
+            return zse_fail("config.json: norm_topk_prob must be true or false");
+        c->norm_topk = json_is_true(norm);
+        if (q2) {
+            if (get_int(cfg, "shared_expert_intermediate_size", 5632, false, &c->shared_ffn))
+                return -1;
+            if (c->shared_ffn == 0)
+                return zse_fail("config.json: shared_expert_intermediate_size 0 (a shared expert of no "
+                                "width) is not supported");
+            c->shared_gate = true;
+        }
+        if (step < 1)
+            return zse_fail("config.json: decoder_sparse_step must be at least 1");
+        dense = json_object_get(cfg, "mlp_only_layers");
+        if (dense && !json_is_null(dense) && !json_is_array(dense))
+            return zse_fail("config.json: mlp_only_layers must be a list of layer indices");
+        if (c->n_experts == 0) {    /* transformers: no layer runs experts */
+            c->n_experts_used = c->expert_ffn = c->shared_ffn = 0;
+            c->shared_gate = c->norm_topk = false;
+            return 0;
+        }
+    }
+    if (c->n_experts > ZSE_MAX_EXPERTS)
+        return zse_fail("config.json: %d experts per layer; zse supports at most %d", c->n_experts, ZSE_MAX_EXPERTS);
+    if (c->n_experts_used < 1 || c->n_experts_used > c->n_experts || c->n_experts_used > ZSE_MAX_EXPERTS_USED)
+        return zse_fail("config.json: num_experts_per_tok %d must be 1..%d (and at most the %d experts)",
+                        c->n_experts_used, ZSE_MAX_EXPERTS_USED, c->n_experts);
+    if (c->expert_ffn < 1)
+        return zse_fail("config.json: the experts' intermediate size must be positive");
+    if (c->n_layers > ZSE_MAX_MOE_LAYERS)
+        return zse_fail("config.json: %d layers; zse supports mixture-of-experts models of at most %d",
+                        c->n_layers, ZSE_MAX_MOE_LAYERS);
+    for (int l = 0; l < c->n_layers; l++) {
+        bool moe = (l + 1) % step == 0;
+        size_t i;
+        json_t *d;
+        json_array_foreach(dense, i, d) {
+            if (!json_is_integer(d))
+                return zse_fail("config.json: mlp_only_layers[%zu] is not a layer index", i);
+            if (json_integer_value(d) == l)
+                moe = false;
+        }
+        if (moe)
+            c->moe_layers[l / 64] |= (uint64_t)1 << (l % 64);
+    }
+    if (zse_config_moe_layer_count(c) == 0) {   /* every layer dense: a dense model of this arch */
+        c->n_experts = c->n_experts_used = c->expert_ffn = c->shared_ffn = 0;
+        c->shared_gate = c->norm_topk = false;
+    }
+    return 0;
+}
+
+bool zse_config_layer_is_moe(const zse_config *c, int l)
+{
+    return c->n_experts > 0 && l >= 0 && l < c->n_layers && l < ZSE_MAX_MOE_LAYERS &&
+           (c->moe_layers[l / 64] >> (l % 64) & 1);
+}
+
+int zse_config_moe_layer_count(const zse_config *c)
+{
+    int n = 0;
+    for (int l = 0; l < c->n_layers && l < ZSE_MAX_MOE_LAYERS; l++)
+        n += (int)(c->moe_layers[l / 64] >> (l % 64) & 1);
+    return n;
 }
 
 /* eos ids: int or list in config.json and generation_config.json, merged, deduplicated */
@@ -208,7 +373,7 @@ int zse_hf_normalize_config(zse_config *c, const json_t *cfg, const json_t *gen,
         return zse_fail("config.json has no model_type");
     const arch_row *arch = find_arch(mt);
     if (!arch)
-        return zse_fail("config.json: model_type '%s' is not supported (supported: llama, mistral, qwen2)", mt);
+        return zse_fail("config.json: model_type '%s' is not supported (supported: " SUPPORTED_TYPES ")", mt);
     snprintf(c->arch, sizeof c->arch, "%s", mt);
     if (get_int(cfg, "num_hidden_layers", 0, true, &c->n_layers) ||
         get_int(cfg, "num_attention_heads", 0, true, &c->n_heads) ||
@@ -233,11 +398,13 @@ int zse_hf_normalize_config(zse_config *c, const json_t *cfg, const json_t *gen,
     if (parse_rope_scaling(c, cfg) != 0 || check_numbers(c, "config.json") != 0)
         return -1;
     c->tie_embeddings = get_bool(cfg, "tie_word_embeddings", false);
-    c->attn_bias = get_bool(cfg, "attention_bias", arch->attn_bias_default);
-    c->attn_out_bias = false;
+    c->attn_bias = arch->bias_key ? get_bool(cfg, arch->bias_key, arch->bias_default) : false;
+    c->attn_out_bias = arch->out_bias && c->attn_bias;
     c->mlp_bias = get_bool(cfg, "mlp_bias", false);
+    if (c->mlp_bias)
+        return zse_fail("config.json: mlp_bias is true; MLP biases are not supported");
     c->qk_norm = arch->qk_norm;
-    if (parse_sliding_window(c, cfg, arch) != 0)
+    if (parse_sliding_window(c, cfg, arch) != 0 || parse_moe(c, cfg, arch) != 0)
         return -1;
     json_t *act = json_object_get(cfg, "hidden_act");
     if (act && !(json_is_string(act) && (strcmp(json_string_value(act), "silu") == 0 ||
@@ -294,7 +461,8 @@ static json_t *integral_reals_to_ints(json_t *j)
 {
     if (json_is_real(j)) {
         double v = json_real_value(j);
-        if (v == (double)(json_int_t)v && fabs(v) < 9e15) {
+        /* range first: converting a double past json_int_t's range is undefined */
+        if (fabs(v) < 9e15 && v == (double)(json_int_t)v) {
             json_decref(j);
             return json_integer((json_int_t)v);
         }
@@ -439,7 +607,85 @@ static const char *const layer_names[][2] = {
     {"mlp.gate_proj.weight", "ffn_gate.weight"},
     {"mlp.up_proj.weight", "ffn_up.weight"},
     {"mlp.down_proj.weight", "ffn_down.weight"},
+    /* MoE layers: the router (Qwen: mlp.gate; Mixtral: block_sparse_moe.gate, or mlp.gate as
+     * transformers 5 renames it) and Qwen2-MoE's shared expert with its gate */
+    {"mlp.gate.weight", "ffn_gate_inp.weight"},
+    {"block_sparse_moe.gate.weight", "ffn_gate_inp.weight"},
+    {"mlp.shared_expert_gate.weight", "ffn_gate_inp_shexp.weight"},
+    {"mlp.shared_expert.gate_proj.weight", "ffn_gate_shexp.weight"},
+    {"mlp.shared_expert.up_proj.weight", "ffn_up_shexp.weight"},
+    {"mlp.shared_expert.down_proj.weight", "ffn_down_shexp.weight"},
 };
+
+static const char *const expert_part_names[ZSE_EXPERT_PARTS] = {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"};
+
+const char *zse_expert_part_name(int part)
+{
+    return part >= 0 && part < ZSE_EXPERT_PARTS ? expert_part_names[part] : "ffn_gate_up_exps";
+}
+
+/* the name of one expert's projection after "experts.E.": Qwen's gate/up/down_proj,
+ * Mixtral's w1 (gate), w3 (up), w2 (down) */
+static const struct {
+    const char *suffix;
+    int part;
+} expert_suffixes[] = {
+    {"gate_proj.weight", ZSE_EXPERT_GATE}, {"up_proj.weight", ZSE_EXPERT_UP},
+    {"down_proj.weight", ZSE_EXPERT_DOWN}, {"w1.weight", ZSE_EXPERT_GATE},
+    {"w3.weight", ZSE_EXPERT_UP},          {"w2.weight", ZSE_EXPERT_DOWN},
+};
+
+/* "digits." at p: the number, and p moved past the dot; -1 when p is not that */
+static long take_index(const char **p)
+{
+    const char *q = *p;
+    long n = 0;
+    if (*q < '0' || *q > '9')
+        return -1;
+    while (*q >= '0' && *q <= '9') {
+        n = n * 10 + (*q++ - '0');
+        if (n > 1000000)
+            return -1;
+    }
+    if (*q != '.')
+        return -1;
+    *p = q + 1;
+    return n;
+}
+
+bool zse_hf_expert_ref_of(const zse_config *c, const char *hf, zse_hf_expert_ref *ref)
+{
+    const char *p = hf;
+    if (c->n_experts <= 0 || strncmp(p, "model.layers.", 13) != 0)
+        return false;
+    p += 13;
+    long layer = take_index(&p);
+    if (layer < 0 || layer >= c->n_layers)
+        return false;
+    if (strncmp(p, "mlp.experts.", 12) == 0)
+        p += 12;
+    else if (strncmp(p, "block_sparse_moe.experts.", 25) == 0)
+        p += 25;
+    else
+        return false;
+    ref->layer = (int)layer;
+    /* transformers 5's fused form: every expert in one 3-D tensor */
+    if (strcmp(p, "gate_up_proj") == 0 || strcmp(p, "down_proj") == 0) {
+        ref->expert = -1;
+        ref->part = p[0] == 'g' ? ZSE_EXPERT_GATE_UP : ZSE_EXPERT_DOWN;
+        return true;
+    }
+    long e = take_index(&p);
+    if (e < 0)
+        return false;
+    for (size_t i = 0; i < sizeof expert_suffixes / sizeof expert_suffixes[0]; i++)
+        if (strcmp(p, expert_suffixes[i].suffix) == 0) {
+            ref->expert = (int)e;
+            ref->part = expert_suffixes[i].part;
+            return true;
+        }
+    return false;
+}
 
 char *zse_hf_canonical_name(const zse_config *c, const char *hf)
 {
@@ -493,6 +739,19 @@ json_t *zse_config_to_json(const zse_config *c)
         c->qk_norm, "sliding_window", c->sliding_window, "n_experts", c->n_experts,
         "n_experts_used", c->n_experts_used, "bos_id", c->bos_id, "pad_id", c->pad_id,
         "eos_ids", eos);
+    if (o && c->n_experts > 0) {
+        /* only in files with experts, so a dense file's header stays format 1.0's */
+        json_t *layers = json_array();
+        for (int l = 0; l < c->n_layers; l++)
+            if (zse_config_layer_is_moe(c, l))
+                json_array_append_new(layers, json_integer(l));
+        json_object_set_new(o, "expert_ffn", json_integer(c->expert_ffn));
+        json_object_set_new(o, "shared_ffn", json_integer(c->shared_ffn));
+        json_object_set_new(o, "shared_gate", json_boolean(c->shared_gate));
+        json_object_set_new(o, "router", json_string("softmax_topk"));
+        json_object_set_new(o, "norm_topk", json_boolean(c->norm_topk));
+        json_object_set_new(o, "moe_layers", layers);
+    }
     return o;
 }
 
@@ -504,6 +763,40 @@ static int need_int(const json_t *o, const char *k, int lo, int hi, int *out)
     *out = (int)json_integer_value(v);
     return 0;
 }
+
+/* the MoE keys of a header config (absent in dense files: n_experts 0) */
+static int moe_from_json(zse_config *c, const json_t *o)
+{
+    const int big = 1 << 30;
+    if (need_int(o, "n_experts", 0, ZSE_MAX_EXPERTS, &c->n_experts))
+        return -1;
+    if (c->n_experts == 0)
+        return 0;
+    if (need_int(o, "n_experts_used", 1, c->n_experts < ZSE_MAX_EXPERTS_USED ? c->n_experts : ZSE_MAX_EXPERTS_USED,
+                 &c->n_experts_used) ||
+        need_int(o, "expert_ffn", 1, big, &c->expert_ffn) || need_int(o, "shared_ffn", 0, big, &c->shared_ffn))
+        return -1;
+    const char *router = json_string_value(json_object_get(o, "router"));
+    if (!router || strcmp(router, "softmax_topk") != 0)
+        return zse_fail("header config: router '%s' is unknown to this zse; upgrade zse", router ? router : "?");
+    c->shared_gate = get_bool(o, "shared_gate", false);
+    c->norm_topk = get_bool(o, "norm_topk", false);
+    if (c->n_layers > ZSE_MAX_MOE_LAYERS)
+        return zse_fail("header config: %d layers with experts (at most %d)", c->n_layers, ZSE_MAX_MOE_LAYERS);
+    json_t *layers = json_object_get(o, "moe_layers");
+    size_t i;
+    json_t *v;
+    if (!json_is_array(layers) || json_array_size(layers) == 0)
+        return zse_fail("header config: 'moe_layers' must list the layers that run experts");
+    json_array_foreach(layers, i, v) {
+        json_int_t l = json_integer_value(v);
+        if (!json_is_integer(v) || l < 0 || l >= c->n_layers)
+            return zse_fail("header config: moe_layers[%zu] is not a layer of the %d", i, c->n_layers);
+        c->moe_layers[l / 64] |= (uint64_t)1 << (l % 64);
+    }
+    return 0;
+}
+
 
 int zse_config_from_json(zse_config *c, const json_t *o)
 {
@@ -559,5 +852,7 @@ int zse_config_from_json(zse_config *c, const json_t *o)
     c->rope_scaling.beta_slow = get_num(rs, "beta_slow", 1);
     c->n_eos = 0;
     add_eos_ids(c, json_object_get(o, "eos_ids"));
+    if (moe_from_json(c, o) != 0)
+        return -1;
     return check_numbers(c, "header config");
 }

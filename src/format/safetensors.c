@@ -283,6 +283,8 @@ static void f16_run_to_f32(const uint8_t *p, size_t n, float *out)
 
 int zse_st_read_f32(const zse_st_tensor *t, size_t first, size_t n, float *out)
 {
+    if (t->dtype == ZSE_ST_GGML)
+        return zse_gguf_read_f32(t, first, n, out);
     size_t esize = t->dtype == ZSE_ST_F32 ? 4 : 2, end;
     if (t->dtype != ZSE_ST_F32 && t->dtype != ZSE_ST_F16 && t->dtype != ZSE_ST_BF16)
         return zse_fail("tensor '%s' is not a float tensor (F32, F16 or BF16)", t->name);

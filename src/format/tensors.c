@@ -3,45 +3,84 @@
  * reader (a hostile file cannot pair a small tensor with a config that makes the kernels
  * read past it).
  *
- * Adding an architecture's tensors (qwen3's q/k norms are already here; MoE experts next)
- * means rows in layer_tensors, not new control flow. */
+ * Adding an architecture's tensors means rows in layer_tensors (with the layers that read
+ * them), not new control flow. A MoE layer's routed experts are not tensors of this table
+ * but an expert bank (format.h); its row here only places the bank in forward order. */
 #include "format/format.h"
 
 #include <stdio.h>
 #include <string.h>
 
 /* the dimensions a shape is made of */
-typedef enum { D_ONE, D_HIDDEN, D_Q, D_KV, D_FFN, D_VOCAB, D_HEAD } dim;
+typedef enum { D_ONE, D_HIDDEN, D_Q, D_KV, D_FFN, D_VOCAB, D_HEAD, D_EXPERTS, D_SHARED_FFN } dim;
+
+/* which layers of which configs read a tensor */
+typedef enum {
+    USE_ALWAYS,
+    USE_BIAS,           /* q/k/v biases (attn_bias) */
+    USE_OUT_BIAS,       /* the output projection's bias (attn_out_bias) */
+    USE_QK_NORM,
+    USE_DENSE,          /* a layer with the dense MLP */
+    USE_MOE,            /* a layer with routed experts */
+    USE_SHARED,         /* a MoE layer's shared expert (shared_ffn > 0) */
+    USE_SHARED_GATE,    /* its sigmoid gate */
+    USE_BANK,           /* not a tensor: where the layer's expert bank lies in the file */
+} use;
 
 typedef struct {
     const char *suffix;     /* after "blk.N." */
     dim rows, cols;
+    use used;
 } layer_tensor;
 
 /* a block's tensors in the order the forward pass reads them */
 static const layer_tensor layer_tensors[] = {
-    {"attn_norm.weight", D_ONE, D_HIDDEN},
-    {"attn_q.weight", D_Q, D_HIDDEN},
-    {"attn_q.bias", D_ONE, D_Q},
-    {"attn_k.weight", D_KV, D_HIDDEN},
-    {"attn_k.bias", D_ONE, D_KV},
-    {"attn_v.weight", D_KV, D_HIDDEN},
-    {"attn_v.bias", D_ONE, D_KV},
-    {"attn_q_norm.weight", D_ONE, D_HEAD},
-    {"attn_k_norm.weight", D_ONE, D_HEAD},
-    {"attn_output.weight", D_HIDDEN, D_Q},
-    {"attn_output.bias", D_ONE, D_HIDDEN},
-    {"ffn_norm.weight", D_ONE, D_HIDDEN},
-    {"ffn_gate.weight", D_FFN, D_HIDDEN},
-    {"ffn_up.weight", D_FFN, D_HIDDEN},
-    {"ffn_down.weight", D_HIDDEN, D_FFN},
+    {"attn_norm.weight", D_ONE, D_HIDDEN, USE_ALWAYS},
+    {"attn_q.weight", D_Q, D_HIDDEN, USE_ALWAYS},
+    {"attn_q.bias", D_ONE, D_Q, USE_BIAS},
+    {"attn_k.weight", D_KV, D_HIDDEN, USE_ALWAYS},
+    {"attn_k.bias", D_ONE, D_KV, USE_BIAS},
+    {"attn_v.weight", D_KV, D_HIDDEN, USE_ALWAYS},
+    {"attn_v.bias", D_ONE, D_KV, USE_BIAS},
+    {"attn_q_norm.weight", D_ONE, D_HEAD, USE_QK_NORM},
+    {"attn_k_norm.weight", D_ONE, D_HEAD, USE_QK_NORM},
+    {"attn_output.weight", D_HIDDEN, D_Q, USE_ALWAYS},
+    {"attn_output.bias", D_ONE, D_HIDDEN, USE_OUT_BIAS},
+    {"ffn_norm.weight", D_ONE, D_HIDDEN, USE_ALWAYS},
+    {"ffn_gate_inp.weight", D_EXPERTS, D_HIDDEN, USE_MOE},
+    {"ffn_exps", D_ONE, D_ONE, USE_BANK},
+    {"ffn_gate_inp_shexp.weight", D_ONE, D_HIDDEN, USE_SHARED_GATE},
+    {"ffn_gate_shexp.weight", D_SHARED_FFN, D_HIDDEN, USE_SHARED},
+    {"ffn_up_shexp.weight", D_SHARED_FFN, D_HIDDEN, USE_SHARED},
+    {"ffn_down_shexp.weight", D_HIDDEN, D_SHARED_FFN, USE_SHARED},
+    {"ffn_gate.weight", D_FFN, D_HIDDEN, USE_DENSE},
+    {"ffn_up.weight", D_FFN, D_HIDDEN, USE_DENSE},
+    {"ffn_down.weight", D_HIDDEN, D_FFN, USE_DENSE},
 };
 #define N_LAYER_TENSORS (sizeof layer_tensors / sizeof layer_tensors[0])
 
+/* layer l of config c reads the tensor of this row */
+static bool layer_reads(const zse_config *c, int l, const layer_tensor *t)
+{
+    const bool moe = zse_config_layer_is_moe(c, l);
+    switch (t->used) {
+    case USE_ALWAYS: return true;
+    case USE_BIAS: return c->attn_bias;
+    case USE_OUT_BIAS: return c->attn_out_bias;
+    case USE_QK_NORM: return c->qk_norm;
+    case USE_DENSE: return !moe;
+    case USE_MOE: return moe;
+    case USE_SHARED: return moe && c->shared_ffn > 0;
+    case USE_SHARED_GATE: return moe && c->shared_ffn > 0 && c->shared_gate;
+    case USE_BANK: return false;
+    }
+    return false;
+}
+
 static const layer_tensor top_tensors[] = {
-    {"token_embd.weight", D_VOCAB, D_HIDDEN},
-    {"output_norm.weight", D_ONE, D_HIDDEN},
-    {"output.weight", D_VOCAB, D_HIDDEN},
+    {"token_embd.weight", D_VOCAB, D_HIDDEN, USE_ALWAYS},
+    {"output_norm.weight", D_ONE, D_HIDDEN, USE_ALWAYS},
+    {"output.weight", D_VOCAB, D_HIDDEN, USE_ALWAYS},
 };
 
 static int64_t dim_value(const zse_config *c, dim d)
@@ -54,6 +93,8 @@ static int64_t dim_value(const zse_config *c, dim d)
     case D_FFN: return c->intermediate_size;
     case D_VOCAB: return c->vocab_size;
     case D_HEAD: return c->head_dim;
+    case D_EXPERTS: return c->n_experts;
+    case D_SHARED_FFN: return c->shared_ffn;
     }
     return 0;
 }
@@ -105,7 +146,7 @@ bool zse_canonical_shape(const zse_config *c, const char *name, int64_t *rows, i
         if (strcmp(name, top_tensors[i].suffix) == 0)
             row = &top_tensors[i];
     int layer = 0;
-    if (!row && (!parse_layer_name(name, &layer, &row) || layer >= c->n_layers))
+    if (!row && (!parse_layer_name(name, &layer, &row) || layer >= c->n_layers || !layer_reads(c, layer, row)))
         return false;
     *rows = dim_value(c, row->rows);
     *cols = dim_value(c, row->cols);
@@ -137,21 +178,20 @@ int zse_check_required_tensors(const zse_config *c, bool (*has)(const void *ctx,
             return zse_fail("tensor '%s' is missing; a %s model needs it", top_tensors[i].suffix,
                             c->arch);
     }
+    static const char *const why[USE_BANK + 1] = {
+        [USE_BIAS] = " with attention biases", [USE_OUT_BIAS] = " with an output projection bias",
+        [USE_QK_NORM] = " with q/k norms", [USE_MOE] = " with experts in this layer",
+        [USE_SHARED] = " with a shared expert", [USE_SHARED_GATE] = " with a gated shared expert",
+    };
     for (int l = 0; l < c->n_layers; l++)
         for (size_t i = 0; i < N_LAYER_TENSORS; i++) {
-            const char *s = layer_tensors[i].suffix;
-            bool is_bias = strstr(s, ".bias") != NULL;
-            bool is_out = strncmp(s, "attn_output", 11) == 0;
-            bool is_qk_norm = strcmp(s, "attn_q_norm.weight") == 0 ||
-                              strcmp(s, "attn_k_norm.weight") == 0;
-            if (is_bias && !(is_out ? c->attn_out_bias : c->attn_bias))
+            const layer_tensor *t = &layer_tensors[i];
+            if (!layer_reads(c, l, t))
                 continue;
-            if (is_qk_norm && !c->qk_norm)
-                continue;
-            snprintf(name, sizeof name, "blk.%d.%s", l, s);
+            snprintf(name, sizeof name, "blk.%d.%s", l, t->suffix);
             if (!has(ctx, name))
                 return zse_fail("tensor '%s' is missing; a %s model%s needs it", name, c->arch,
-                                is_bias ? " with attention biases" : is_qk_norm ? " with q/k norms" : "");
+                                why[t->used] ? why[t->used] : "");
         }
     return 0;
 }

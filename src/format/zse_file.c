@@ -10,9 +10,13 @@
 struct zse_file {
     zse_map map;
     json_t *header;
+    unsigned major;             /* the preamble's major version */
     zse_config config;
     zse_tensor_info *tensors;
     size_t n_tensors;
+    zse_expert_bank *banks;     /* in file order */
+    size_t n_banks;
+    int *bank_of_layer;         /* [n_layers]: index into banks, -1 for a dense layer */
     uint64_t tok_offset, tok_size, tok_checksum;
 };
 
@@ -59,6 +63,7 @@ static bool region_ok(const zse_file *f, uint64_t data_offset, uint64_t off, uin
 
 static int read_preamble(zse_file *f, uint64_t *hoff, uint64_t *hsize, uint64_t *data_offset)
 {
+    /* a 1.x reader refuses major 2 here, before reading anything the new version adds */
     const uint8_t *p = f->map.data;
     const char *path = f->map.path;
     if (f->map.size < 64 || memcmp(p, "ZSEMODEL", 8) != 0)
@@ -69,6 +74,7 @@ static int read_preamble(zse_file *f, uint64_t *hoff, uint64_t *hsize, uint64_t 
                         path, major, minor, ZSE_FORMAT_MAJOR);
     if (major < 1)
         return zse_fail("%s: format version %u.%u is not valid", path, major, minor);
+    f->major = major;
     if (zse_hash64(p, 56) != rd64(p + 56))
         return zse_fail("%s: preamble checksum mismatch; the file is corrupt", path);
     *hoff = rd64(p + 16);
@@ -109,7 +115,10 @@ static int read_tensor(zse_file *f, const json_t *e, uint64_t data_offset, zse_t
     if (gv < 0 || gv > 1 << 20)
         return zse_fail("%s: tensor '%s' has group size %lld", path, name, (long long)gv);
     t->q.group_size = (int)gv;
-    if (gv != 0 && zse_scheme_layout(t->q.scheme) != ZSE_LAYOUT_Q4_G)
+    if (t->q.scheme == ZSE_SCHEME_Q8G && f->major < 2)
+        return zse_fail("%s: tensor '%s' has scheme int8g, which format %u.x does not have (2.0 added it)",
+                        path, name, f->major);
+    if (gv != 0 && !zse_scheme_is_grouped(t->q.scheme))
         return zse_fail("%s: tensor '%s' has group size %d but scheme %s has no groups", path, name,
                         t->q.group_size, scheme);
     t->layout = zse_scheme_layout(t->q.scheme);
@@ -139,6 +148,130 @@ static int read_tensor(zse_file *f, const json_t *e, uint64_t data_offset, zse_t
         return -1;
     }
     t->data = f->map.data + t->offset;
+    return 0;
+}
+
+/* the shape, scheme and packed size of part `p` of a bank entry, checked against the config */
+static int read_expert_part(zse_file *f, const json_t *e, int layer, int p, zse_expert_part *part)
+{
+    const char *path = f->map.path, *want = zse_expert_part_name(p);
+    const char *name = json_string_value(json_object_get(e, "name"));
+    const char *scheme = json_string_value(json_object_get(e, "scheme"));
+    json_t *shape = json_object_get(e, "shape"), *g = json_object_get(e, "group_size");
+    json_t *r = json_array_get(shape, 0), *c = json_array_get(shape, 1);
+    if (!name || strcmp(name, want) != 0)
+        return zse_fail("%s: expert bank of layer %d: part %d is '%s', not %s", path, layer, p, name ? name : "?", want);
+    if (!scheme || zse_scheme_from_name(scheme, &part->q.scheme) != 0)
+        return zse_fail("%s: layer %d %s: unknown scheme '%s'", path, layer, want, scheme ? scheme : "?");
+    if (json_array_size(shape) != 2 || !json_is_integer(r) || !json_is_integer(c) || (g && !json_is_integer(g)))
+        return zse_fail("%s: layer %d %s: malformed shape or group size", path, layer, want);
+    part->q.rows = json_integer_value(r);
+    part->q.cols = json_integer_value(c);
+    json_int_t gv = g ? json_integer_value(g) : 0;
+    part->layout = zse_scheme_layout(part->q.scheme);
+    if (gv < 0 || gv > 1 << 20 || (gv != 0 && part->layout != ZSE_LAYOUT_Q4_G))
+        return zse_fail("%s: layer %d %s: group size %lld does not fit scheme %s", path, layer, want, (long long)gv, scheme);
+    part->q.group_size = (int)gv;
+    json_t *lay = json_object_get(e, "layout");
+    if (!json_is_integer(lay) || json_integer_value(lay) != (json_int_t)part->layout)
+        return zse_fail("%s: layer %d %s: layout is not the %s layout %d", path, layer, want, scheme, (int)part->layout);
+    /* every expert's part is what the config gives it: kernels size loops from the config */
+    const int64_t hidden = f->config.hidden_size, ffn = f->config.expert_ffn;
+    const int64_t want_rows = p == ZSE_EXPERT_DOWN ? hidden : ffn, want_cols = p == ZSE_EXPERT_DOWN ? ffn : hidden;
+    if (part->q.rows != want_rows || part->q.cols != want_cols)
+        return zse_fail("%s: layer %d %s is %lld x %lld but the config (hidden %lld, expert ffn %lld) needs "
+                        "%lld x %lld", path, layer, want, (long long)part->q.rows, (long long)part->q.cols,
+                        (long long)hidden, (long long)ffn, (long long)want_rows, (long long)want_cols);
+    size_t need = zse_qshape_bytes(&part->q);
+    if (need == 0) {
+        zse_error_prefix("%s: layer %d %s", path, layer, want);
+        return -1;
+    }
+    if (get_u64(e, "at", &part->at) || get_u64(e, "size", &part->size) || part->size != need ||
+        part->at % ZSE_EXPERT_PART_ALIGN != 0)
+        return zse_fail("%s: layer %d %s: offset or size missing, misaligned or not the %zu bytes its shape "
+                        "needs", path, layer, want, need);
+    return 0;
+}
+
+/* One "experts" entry: a MoE layer's bank. Its parts lie in order inside an expert without
+ * overlapping, the expert fits its stride, and all `count` experts lie inside the file. */
+static int read_bank(zse_file *f, const json_t *e, uint64_t data_offset, zse_expert_bank *b)
+{
+    const char *path = f->map.path;
+    json_t *layer = json_object_get(e, "layer"), *count = json_object_get(e, "count");
+    json_t *parts = json_object_get(e, "parts"), *sums = json_object_get(e, "checksums");
+    if (!json_is_integer(layer) || json_integer_value(layer) < 0 || json_integer_value(layer) >= f->config.n_layers)
+        return zse_fail("%s: an expert bank has no valid layer", path);
+    b->layer = (int)json_integer_value(layer);
+    if (!zse_config_layer_is_moe(&f->config, b->layer))
+        return zse_fail("%s: layer %d has an expert bank but the config makes it a dense layer", path, b->layer);
+    if (!json_is_integer(count) || json_integer_value(count) != f->config.n_experts)
+        return zse_fail("%s: the expert bank of layer %d does not hold the config's %d experts", path, b->layer,
+                        f->config.n_experts);
+    b->count = f->config.n_experts;
+    if (!json_is_array(parts) || json_array_size(parts) != ZSE_EXPERT_PARTS)
+        return zse_fail("%s: the expert bank of layer %d needs %d parts (gate, up, down)", path, b->layer,
+                        ZSE_EXPERT_PARTS);
+    uint64_t end = 0;
+    for (int p = 0; p < ZSE_EXPERT_PARTS; p++) {
+        if (read_expert_part(f, json_array_get(parts, (size_t)p), b->layer, p, &b->part[p]) != 0)
+            return -1;
+        if (b->part[p].at < end || __builtin_add_overflow(b->part[p].at, b->part[p].size, &end))
+            return zse_fail("%s: layer %d: expert parts overlap or are out of order", path, b->layer);
+    }
+    if (get_u64(e, "offset", &b->offset) || get_u64(e, "stride", &b->stride) || get_u64(e, "size", &b->size))
+        return zse_fail("%s: the expert bank of layer %d lacks offset, stride or size", path, b->layer);
+    uint64_t span, last;
+    if (b->size != end || b->stride < b->size || b->stride % ZSE_TENSOR_ALIGN != 0 ||
+        b->offset % ZSE_TENSOR_ALIGN != 0 ||
+        __builtin_mul_overflow(b->stride, (uint64_t)(b->count - 1), &span) ||
+        __builtin_add_overflow(span, b->offset, &last) || !region_ok(f, data_offset, last, b->size) ||
+        b->offset < data_offset)
+        return zse_fail("%s: the expert bank of layer %d (offset %" PRIu64 ", stride %" PRIu64 ", %d experts of "
+                        "%" PRIu64 " bytes) is misaligned or outside the file; the file is truncated or corrupt",
+                        path, b->layer, b->offset, b->stride, b->count, b->size);
+    if (!json_is_array(sums) || json_array_size(sums) != (size_t)b->count)
+        return zse_fail("%s: the expert bank of layer %d needs %d checksums", path, b->layer, b->count);
+    b->checksums = zse_malloc((size_t)b->count * sizeof *b->checksums);
+    if (!b->checksums)
+        return -1;
+    for (int i = 0; i < b->count; i++)
+        if (parse_hex64(json_array_get(sums, (size_t)i), &b->checksums[i]))
+            return zse_fail("%s: layer %d expert %d: malformed checksum", path, b->layer, i);
+    b->data = f->map.data + b->offset;
+    return 0;
+}
+
+/* The "experts" key: one bank for every layer the config makes a MoE layer, none for the
+ * others. Dense files (format 1) have neither. */
+static int read_banks(zse_file *f, uint64_t data_offset)
+{
+    const zse_config *c = &f->config;
+    json_t *arr = json_object_get(f->header, "experts");
+    if (c->n_experts == 0)
+        return 0;
+    if (f->major < 2)
+        return zse_fail("%s: a model with experts needs .zse format 2 but the file says %u; the file is corrupt",
+                        f->map.path, f->major);
+    const size_t want = (size_t)zse_config_moe_layer_count(c);
+    if (!json_is_array(arr) || json_array_size(arr) != want)
+        return zse_fail("%s: the config has %zu layers with experts but the header lists %zu expert banks",
+                        f->map.path, want, json_is_array(arr) ? json_array_size(arr) : 0);
+    f->banks = zse_calloc(want, sizeof *f->banks);
+    f->bank_of_layer = zse_malloc((size_t)c->n_layers * sizeof *f->bank_of_layer);
+    if (!f->banks || !f->bank_of_layer)
+        return -1;
+    for (int l = 0; l < c->n_layers; l++)
+        f->bank_of_layer[l] = -1;
+    for (size_t i = 0; i < want; i++) {
+        zse_expert_bank *b = &f->banks[f->n_banks++];
+        if (read_bank(f, json_array_get(arr, i), data_offset, b) != 0)
+            return -1;
+        if (f->bank_of_layer[b->layer] >= 0)
+            return zse_fail("%s: layer %d has two expert banks; the file is corrupt", f->map.path, b->layer);
+        f->bank_of_layer[b->layer] = (int)i;
+    }
     return 0;
 }
 
@@ -207,7 +340,7 @@ zse_file *zse_file_open(const char *path)
     for (size_t i = 0; i < f->n_tensors; i++)
         if (read_tensor(f, json_array_get(tensors, i), data_offset, &f->tensors[i]) != 0)
             goto fail;
-    if (check_unique_names(f) != 0)
+    if (check_unique_names(f) != 0 || read_banks(f, data_offset) != 0)
         goto fail;
     return f;
 fail:
@@ -222,6 +355,10 @@ void zse_file_close(zse_file *f)
     for (size_t i = 0; i < f->n_tensors; i++)
         free(f->tensors[i].name);
     free(f->tensors);
+    for (size_t i = 0; i < f->n_banks; i++)
+        free(f->banks[i].checksums);
+    free(f->banks);
+    free(f->bank_of_layer);
     json_decref(f->header);
     zse_map_close(&f->map);
     free(f);
@@ -287,6 +424,13 @@ int zse_file_verify(const zse_file *f, int *n_bad)
             (*n_bad)++;
         }
     }
+    for (size_t i = 0; i < f->n_banks; i++)
+        for (int e = 0; e < f->banks[i].count; e++)
+            if (!zse_expert_verify(&f->banks[i], e)) {
+                if (!*n_bad)
+                    snprintf(first, sizeof first, "blk.%d.ffn_exps expert %d", f->banks[i].layer, e);
+                (*n_bad)++;
+            }
     size_t len;
     if (!zse_file_tokenizer_json(f, &len)) {
         if (!*n_bad)
@@ -297,4 +441,38 @@ int zse_file_verify(const zse_file *f, int *n_bad)
         return zse_fail("%s: %d checksum mismatch(es), first in '%s'; the file is corrupt — "
                         "convert the model again", f->map.path, *n_bad, first);
     return 0;
+}
+
+unsigned zse_file_major(const zse_file *f) { return f->major; }
+size_t zse_file_n_expert_banks(const zse_file *f) { return f->n_banks; }
+
+const zse_expert_bank *zse_file_expert_bank_at(const zse_file *f, size_t i)
+{
+    return i < f->n_banks ? &f->banks[i] : NULL;
+}
+
+const zse_expert_bank *zse_file_experts(const zse_file *f, int layer)
+{
+    if (!f->bank_of_layer || layer < 0 || layer >= f->config.n_layers || f->bank_of_layer[layer] < 0)
+        return NULL;
+    return &f->banks[f->bank_of_layer[layer]];
+}
+
+void zse_expert_tensor(const zse_expert_bank *b, int expert, int part, char *name, zse_tensor_info *out)
+{
+    const zse_expert_part *p = &b->part[part];
+    snprintf(name, 64, "blk.%d.%s.%d", b->layer, zse_expert_part_name(part), expert);
+    memset(out, 0, sizeof *out);
+    out->name = name;
+    out->q = p->q;
+    out->layout = p->layout;
+    out->offset = b->offset + (uint64_t)expert * b->stride + p->at;
+    out->size = p->size;
+    out->data = b->data + (uint64_t)expert * b->stride + p->at;
+}
+
+bool zse_expert_verify(const zse_expert_bank *b, int expert)
+{
+    return expert >= 0 && expert < b->count &&
+           zse_hash64(b->data + (uint64_t)expert * b->stride, (size_t)b->size) == b->checksums[expert];
 }

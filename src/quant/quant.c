@@ -12,6 +12,11 @@
  *             Q4:  w = q * scale + min       (q in 0..15)
  *             Q4S: w = (q - 8) * scale
  *             NF4: w = nf4_values[q] * scale (scale = group absmax)
+ *   Q8_G    qs: int8 [rows][cp] (cp = cols rounded up to the group size), then at the next
+ *           multiple of 64 bytes f16 scales [rows][cp/group].  w = q * scale, q in
+ *           -128..127 (the writer's own quantizer gives -127..127; GGUF Q8_0 blocks copied
+ *           as they are may hold -128), scale = group absmax / 127 stored as f16 (codes
+ *           from the unrounded scale, as ggml's Q8_0).
  * Padding elements quantize to the value that decodes to zero (or as near as the scheme
  * allows) and are never read by the kernels' callers. */
 #include "quant/quant.h"
@@ -29,7 +34,7 @@ const float zse_nf4_values[16] = {
 };
 
 static const char *const scheme_names[ZSE_SCHEME_COUNT] = {
-    "f32", "f16", "bf16", "int8", "int4", "int4s", "nf4",
+    "f32", "f16", "bf16", "int8", "int4", "int4s", "nf4", "int8g",
 };
 
 const char *zse_scheme_name(zse_scheme s)
@@ -44,7 +49,7 @@ int zse_scheme_from_name(const char *name, zse_scheme *out)
             *out = (zse_scheme)i;
             return 0;
         }
-    return zse_fail("unknown quantization scheme '%s' (use f32, f16, bf16, int8, int4, int4s or nf4)",
+    return zse_fail("unknown quantization scheme '%s' (use f32, f16, bf16, int8, int8g, int4, int4s or nf4)",
                     name);
 }
 
@@ -55,13 +60,20 @@ zse_layout zse_scheme_layout(zse_scheme s)
     case ZSE_SCHEME_Q4:
     case ZSE_SCHEME_Q4S:
     case ZSE_SCHEME_NF4: return ZSE_LAYOUT_Q4_G;
+    case ZSE_SCHEME_Q8G: return ZSE_LAYOUT_Q8_G;
     default: return ZSE_LAYOUT_PLAIN;
     }
 }
 
 bool zse_scheme_is_quantized(zse_scheme s)
 {
-    return s == ZSE_SCHEME_Q8 || s == ZSE_SCHEME_Q4 || s == ZSE_SCHEME_Q4S || s == ZSE_SCHEME_NF4;
+    return s == ZSE_SCHEME_Q8 || s == ZSE_SCHEME_Q4 || s == ZSE_SCHEME_Q4S || s == ZSE_SCHEME_NF4 ||
+           s == ZSE_SCHEME_Q8G;
+}
+
+bool zse_scheme_is_grouped(zse_scheme s)
+{
+    return zse_scheme_layout(s) == ZSE_LAYOUT_Q4_G || s == ZSE_SCHEME_Q8G;
 }
 
 static size_t align64(size_t x)
@@ -69,16 +81,11 @@ static size_t align64(size_t x)
     return (x + 63) & ~(size_t)63;
 }
 
-static bool is_4bit(zse_scheme s)
-{
-    return zse_scheme_layout(s) == ZSE_LAYOUT_Q4_G;
-}
-
 int64_t zse_qshape_cols_padded(const zse_qshape *q)
 {
     if (q->scheme == ZSE_SCHEME_Q8)
         return (q->cols + 31) / 32 * 32;
-    if (is_4bit(q->scheme) && q->group_size > 0)
+    if (zse_scheme_is_grouped(q->scheme) && q->group_size > 0)
         return (q->cols + q->group_size - 1) / q->group_size * q->group_size;
     return q->cols;
 }
@@ -107,6 +114,11 @@ void zse_qshape_planes(const zse_qshape *q, zse_qplanes *p)
         if (q->scheme == ZSE_SCHEME_Q4)
             p->mins = align64(p->scales + rows * (size_t)p->groups * 2);
         break;
+    case ZSE_LAYOUT_Q8_G:
+        p->row_bytes = cp;
+        p->groups = (int64_t)(cp / (size_t)q->group_size);
+        p->scales = align64(rows * cp);
+        break;
     }
 }
 
@@ -116,7 +128,7 @@ static bool valid_shape(const zse_qshape *q)
         return zse_fail("unknown scheme id %d", (int)q->scheme), false;
     if (q->rows <= 0 || q->cols <= 0 || q->rows > ((int64_t)1 << 40) || q->cols > ((int64_t)1 << 40))
         return zse_fail("bad tensor shape %lld x %lld", (long long)q->rows, (long long)q->cols), false;
-    if (is_4bit(q->scheme) && q->group_size != 32 && q->group_size != 64 && q->group_size != 128)
+    if (zse_scheme_is_grouped(q->scheme) && q->group_size != 32 && q->group_size != 64 && q->group_size != 128)
         return zse_fail("group size %d is not supported (use 32, 64 or 128)", q->group_size), false;
     return true;
 }
@@ -141,6 +153,8 @@ size_t zse_qshape_bytes(const zse_qshape *q)
     case ZSE_LAYOUT_Q4_G:
         if (q->scheme == ZSE_SCHEME_Q4)
             return p.mins + rows * (size_t)p.groups * 2;
+        return p.scales + rows * (size_t)p.groups * 2;
+    case ZSE_LAYOUT_Q8_G:
         return p.scales + rows * (size_t)p.groups * 2;
     }
     return 0;
@@ -250,6 +264,29 @@ static void quantize_q8_row(const float *src, int64_t cols, int64_t cp, int8_t *
         qs[i] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
     }
     *scale = s;
+}
+
+/* int8 with one f16 scale per group, computed exactly as ggml's reference Q8_0 quantizer
+ * does (d = absmax / 127, codes round(x / d) half away from zero, d stored as f16), so
+ * int8g at group 32 of a checkpoint equals llama.cpp's Q8_0 of it byte for byte */
+static void quantize_q8g_row(const zse_qshape *q, const zse_qplanes *p, const float *src, uint8_t *base,
+                             int64_t row)
+{
+    int g = q->group_size;
+    int8_t *qs = (int8_t *)(base + (size_t)row * p->row_bytes);
+    uint16_t *scales = (uint16_t *)(base + p->scales) + (size_t)row * (size_t)p->groups;
+    for (int64_t gi = 0; gi < p->groups; gi++) {
+        int64_t c0 = gi * g;
+        float amax = 0;
+        for (int i = 0; i < g && c0 + i < q->cols; i++)
+            amax = fmaxf(amax, fabsf(src[c0 + i]));
+        float d = amax / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
+        for (int i = 0; i < g; i++) {
+            float r = c0 + i < q->cols ? roundf(src[c0 + i] * id) : 0.0f;
+            qs[c0 + i] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
+        }
+        scales[gi] = zse_f32_to_f16(d);
+    }
 }
 
 static int nearest_nf4(float v)
@@ -437,6 +474,9 @@ void zse_quantize_rows(const zse_qshape *q, const float *src, void *dst, int64_t
         case ZSE_LAYOUT_Q4_G:
             quantize_4bit_row(q, &p, x, base, r);
             break;
+        case ZSE_LAYOUT_Q8_G:
+            quantize_q8g_row(q, &p, x, base, r);
+            break;
         }
     }
 }
@@ -463,6 +503,13 @@ void zse_dequantize_row(const zse_qshape *q, const void *packed, int64_t row, fl
         const int8_t *qs = (const int8_t *)rowp;
         for (int64_t i = 0; i < q->cols; i++)
             out[i] = (float)qs[i] * s;
+        return;
+    }
+    case ZSE_SCHEME_Q8G: {
+        const uint16_t *sc = (const uint16_t *)(base + p.scales) + (size_t)row * (size_t)p.groups;
+        const int8_t *qs = (const int8_t *)rowp;
+        for (int64_t i = 0; i < q->cols; i++)
+            out[i] = (float)qs[i] * zse_f16_to_f32(sc[i / q->group_size]);
         return;
     }
     default:

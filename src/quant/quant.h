@@ -19,15 +19,17 @@ typedef enum {
     ZSE_SCHEME_Q4 = 4,      /* int4 group-wise, asymmetric: w = q * scale + min */
     ZSE_SCHEME_Q4S = 5,     /* int4 group-wise, symmetric:  w = (q - 8) * scale */
     ZSE_SCHEME_NF4 = 6,     /* 4-bit NormalFloat code, group-wise absmax scale */
+    ZSE_SCHEME_Q8G = 7,     /* int8 group-wise, symmetric: w = q * scale (format 2.0; GGUF Q8_0) */
     ZSE_SCHEME_COUNT
 } zse_scheme;
 
-/* Packed layout ids (docs/FORMAT.md). A scheme has one layout in format version 1. */
+/* Packed layout ids (docs/FORMAT.md). A scheme has one layout. */
 typedef enum {
     ZSE_LAYOUT_PLAIN = 0,   /* row-major elements: f32, f16 or bf16 */
     ZSE_LAYOUT_Q8_ROW = 1,  /* int8 [rows][cols_padded] then f32 scale [rows] */
     ZSE_LAYOUT_Q4_G = 2,    /* nibbles [rows][cols_padded/2], f16 scale [rows][groups],
                                (Q4 only) f16 min [rows][groups] */
+    ZSE_LAYOUT_Q8_G = 3,    /* int8 [rows][cols_padded] then f16 scale [rows][groups] */
 } zse_layout;
 
 /* Within each 32-element chunk of a row, 16 bytes hold the nibbles: byte j's low nibble is
@@ -41,16 +43,18 @@ typedef struct {
     zse_scheme scheme;
     int64_t rows;
     int64_t cols;
-    int group_size;         /* Q4, Q4S, NF4: 32, 64 or 128; 0 otherwise */
+    int group_size;         /* Q4, Q4S, NF4, Q8G: 32, 64 or 128; 0 otherwise */
 } zse_qshape;
 
-const char *zse_scheme_name(zse_scheme s);          /* "f32", "f16", "bf16", "int8", "int4", "int4s", "nf4" */
+const char *zse_scheme_name(zse_scheme s);          /* "f32", "f16", "bf16", "int8", "int4", "int4s", "nf4", "int8g" */
 int zse_scheme_from_name(const char *name, zse_scheme *out);
 zse_layout zse_scheme_layout(zse_scheme s);
 bool zse_scheme_is_quantized(zse_scheme s);
+/* the scheme stores a group size (4-bit schemes and int8g) */
+bool zse_scheme_is_grouped(zse_scheme s);
 
-/* Columns rounded up to what the layout pads a row to (group size for 4-bit, 32 for
- * int8, unchanged for plain). Padding elements are zero. */
+/* Columns rounded up to what the layout pads a row to (the group size for grouped
+ * schemes, 32 for int8, unchanged for plain). Padding elements are zero. */
 int64_t zse_qshape_cols_padded(const zse_qshape *q);
 /* bytes of the packed tensor; 0 and an error on overflow or a bad shape */
 size_t zse_qshape_bytes(const zse_qshape *q);
@@ -164,5 +168,22 @@ float zse_bf16_to_f32(uint16_t h);
 
 /* the 16 NF4 code values (QLoRA), ascending, in [-1, 1] */
 extern const float zse_nf4_values[16];
+
+/* ---- GGML block formats (the tensor types of GGUF files; ggml.c) -----------------------
+ * Types are ggml's ids (0 F32, 1 F16, 2 Q4_0, 8 Q8_0, 12 Q4_K, 30 BF16, ...). zse reads
+ * F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K. */
+const char *zse_ggml_type_name(uint32_t type);      /* "Q4_K"; NULL for an id ggml does not define */
+bool zse_ggml_type_supported(uint32_t type);
+int64_t zse_ggml_block_elems(uint32_t type);        /* elements per block (1 for F32/F16/BF16) */
+/* bytes of a row of n elements; 0 for an unsupported type or n not a multiple of the block */
+size_t zse_ggml_row_bytes(uint32_t type, int64_t n);
+/* one row of n elements (a multiple of the block) of a supported type to f32 */
+void zse_ggml_dequantize_row(uint32_t type, const void *src, int64_t n, float *out);
+/* the zse scheme that holds a type's values exactly (F32/F16/BF16 → themselves, Q4_0 →
+ * int4s, Q4_1 → int4, Q8_0 → int8g, all three at group 32, set in *group_size), or -1 */
+int zse_ggml_exact_scheme(uint32_t type, int *group_size);
+/* copies one row of that type into row `row` of packed tensor q, whose scheme and group
+ * are the type's exact ones: no value changes */
+void zse_ggml_repack_row(uint32_t type, const void *src, const zse_qshape *q, void *packed, int64_t row);
 
 #endif

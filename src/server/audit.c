@@ -1,7 +1,12 @@
 /* The audit writer: requests queue their row in memory and a background thread writes
  * them in one transaction every quarter second, so no request waits for the disk. The same
  * thread prunes old rows (retention) and reloads the keyring when `zse api-key` changed the
- * key table (PRAGMA data_version moves when another connection commits). */
+ * key table (PRAGMA data_version moves when another connection commits).
+ *
+ * Refused requests (no valid key, unknown routes, malformed HTTP) never take a row or a
+ * place in the queue: they are counted per minute, client and status in a small table of
+ * their own (audit_refused), so anyone who can reach the port cannot push the rows of real
+ * requests out of the queue or, through --audit-max-rows, out of the database. */
 #include "server/server.h"
 
 #include <errno.h>
@@ -13,6 +18,15 @@
 #define FLUSH_INTERVAL_S 0.25
 #define PRUNE_INTERVAL_S 60.0
 #define KEY_POLL_INTERVAL_S 1.0
+#define REFUSED_MAX 4096        /* distinct (minute, client, status) counted between writes */
+#define REFUSED_SLOTS 8192      /* open-addressing index over them (a power of two) */
+
+/* refused requests counted since the last write */
+typedef struct {
+    srv_refused_row rows[REFUSED_MAX];
+    int32_t index[REFUSED_SLOTS];   /* row + 1, 0 = empty */
+    size_t n;
+} refused_counts;
 
 struct srv_audit {
     pthread_mutex_t mu;
@@ -20,10 +34,12 @@ struct srv_audit {
     pthread_cond_t written;     /* a batch reached the database */
     srv_audit_row *queue;
     size_t n, cap;
-    uint64_t queued_total;      /* rows ever queued (not dropped) */
-    uint64_t written_total;     /* rows ever taken off the queue and written or failed */
     uint64_t dropped;
-    bool flush_requested;
+    refused_counts *refused;        /* filled by requests */
+    refused_counts *refused_spare;  /* written by the thread */
+    uint64_t refused_total;
+    uint64_t flush_asked;       /* flushes requested so far */
+    uint64_t flush_done;        /* the last of them whose rows and counts are written */
     bool stopping;
     pthread_t thread;
     bool thread_started;
@@ -68,8 +84,53 @@ static void reload_keys_if_changed(srv_audit *a)
 static void prune(srv_audit *a)
 {
     double older = a->retention_s > 0 ? unix_now() - a->retention_s : 0;
-    if ((older > 0 || a->max_rows > 0) && srv_audit_prune(a->db, older, a->max_rows) != 0)
+    if (older <= 0 && a->max_rows <= 0)
+        return;
+    if (srv_audit_prune(a->db, older, a->max_rows) != 0 || srv_refused_prune(a->db, older, a->max_rows) != 0)
         zse_log(ZSE_LOG_WARN, "audit retention: %s", zse_error_message());
+}
+
+static void refused_reset(refused_counts *c)
+{
+    memset(c->index, 0, sizeof c->index);
+    c->n = 0;
+}
+
+static uint32_t refused_slot(double minute, const char *client, int status)
+{
+    char key[96];
+    int n = snprintf(key, sizeof key, "%.0f|%d|%s", minute, status, client);
+    return (uint32_t)zse_hash64(key, (size_t)(n < (int)sizeof key ? n : (int)sizeof key - 1)) & (REFUSED_SLOTS - 1);
+}
+
+/* the counting row of (minute, client, status); past REFUSED_MAX distinct ones, the row of
+ * client "*" for that minute and status takes the rest */
+static srv_refused_row *refused_row(refused_counts *c, double minute, const char *client, int status)
+{
+    for (int pass = 0; pass < 2; pass++) {
+        const char *who = pass == 0 ? client : "*";
+        uint32_t i = refused_slot(minute, who, status);
+        for (;;) {
+            int32_t k = c->index[i];
+            if (k == 0)
+                break;
+            srv_refused_row *r = &c->rows[k - 1];
+            if (r->minute == minute && r->status == status && strcmp(r->client, who) == 0)
+                return r;
+            i = (i + 1) & (REFUSED_SLOTS - 1);
+        }
+        /* keep one place for the overflow row */
+        if (c->n < (pass == 0 ? REFUSED_MAX - 1 : REFUSED_MAX)) {
+            srv_refused_row *r = &c->rows[c->n++];
+            memset(r, 0, sizeof *r);
+            r->minute = minute;
+            r->status = status;
+            snprintf(r->client, sizeof r->client, "%s", who);
+            c->index[i] = (int32_t)c->n;
+            return r;
+        }
+    }
+    return NULL;
 }
 
 static void abs_deadline(struct timespec *ts, double seconds)
@@ -88,7 +149,7 @@ static void *writer_main(void *arg)
     size_t spare_cap = 0;
     pthread_mutex_lock(&a->mu);
     for (;;) {
-        if (!a->stopping && !a->flush_requested) {
+        if (!a->stopping && a->flush_asked == a->flush_done) {
             struct timespec dl;
             abs_deadline(&dl, FLUSH_INTERVAL_S);
             pthread_cond_timedwait(&a->wake, &a->mu, &dl);
@@ -99,12 +160,23 @@ static void *writer_main(void *arg)
         a->queue = spare;
         a->cap = spare_cap;
         a->n = 0;
-        a->flush_requested = false;
+        refused_counts *refused = a->refused;
+        a->refused = a->refused_spare;
+        a->refused_spare = refused;
+        uint64_t serving = a->flush_asked; /* everything asked for until now is in this batch */
         bool stopping = a->stopping;
         pthread_mutex_unlock(&a->mu);
 
-        if (n && srv_audit_write(a->db, rows, n) != 0)
+        /* rows a write loses (disk full, I/O error) are counted like rows the queue drops */
+        uint64_t lost = 0;
+        if (n && srv_audit_write(a->db, rows, n) != 0) {
             zse_log(ZSE_LOG_WARN, "audit: %zu rows not written: %s", n, zse_error_message());
+            lost = n;
+        }
+        if (refused->n && srv_refused_write(a->db, refused->rows, refused->n) != 0)
+            zse_log(ZSE_LOG_WARN, "audit: %zu refused-request counts not written: %s", refused->n,
+                    zse_error_message());
+        refused_reset(refused);
         spare = rows;
         spare_cap = rows_cap;
         double now = zse_now();
@@ -118,9 +190,10 @@ static void *writer_main(void *arg)
         }
 
         pthread_mutex_lock(&a->mu);
-        a->written_total += n;
+        a->dropped += lost;
+        a->flush_done = serving;
         pthread_cond_broadcast(&a->written);
-        if (stopping && a->n == 0)
+        if (stopping && a->n == 0 && a->refused->n == 0)
             break;
     }
     pthread_mutex_unlock(&a->mu);
@@ -140,6 +213,12 @@ srv_audit *srv_audit_start(const char *db_path, double retention_s, int64_t max_
     a->retention_s = retention_s;
     a->max_rows = max_rows;
     a->keyring = kr;
+    a->refused = zse_malloc(sizeof *a->refused);
+    a->refused_spare = zse_malloc(sizeof *a->refused_spare);
+    if (!a->refused || !a->refused_spare)
+        goto fail;
+    refused_reset(a->refused);
+    refused_reset(a->refused_spare);
     if (!(a->db = srv_db_open(db_path)))
         goto fail;
     a->data_version = srv_db_data_version(a->db);
@@ -171,11 +250,31 @@ void srv_audit_log(srv_audit *a, const srv_audit_row *row)
     }
     if (a->n < a->cap) {
         a->queue[a->n++] = *row;
-        a->queued_total++;
     } else {
         a->dropped++;
     }
     pthread_mutex_unlock(&a->mu);
+}
+
+void srv_audit_refused(srv_audit *a, double when, const char *client, int status, const char *route)
+{
+    double minute = 60.0 * (double)(long long)(when / 60.0);
+    pthread_mutex_lock(&a->mu);
+    srv_refused_row *r = refused_row(a->refused, minute, client, status);
+    if (r) {
+        r->count++;
+        snprintf(r->route, sizeof r->route, "%s", route);
+    }
+    a->refused_total++;
+    pthread_mutex_unlock(&a->mu);
+}
+
+uint64_t srv_audit_refused_total(srv_audit *a)
+{
+    pthread_mutex_lock(&a->mu);
+    uint64_t n = a->refused_total;
+    pthread_mutex_unlock(&a->mu);
+    return n;
 }
 
 uint64_t srv_audit_dropped(srv_audit *a)
@@ -189,10 +288,9 @@ uint64_t srv_audit_dropped(srv_audit *a)
 int srv_audit_flush(srv_audit *a)
 {
     pthread_mutex_lock(&a->mu);
-    uint64_t target = a->queued_total;
-    a->flush_requested = true;
+    uint64_t mine = ++a->flush_asked;
     pthread_cond_signal(&a->wake);
-    while (a->written_total < target && a->thread_started)
+    while (a->flush_done < mine && a->thread_started)
         pthread_cond_wait(&a->written, &a->mu);
     pthread_mutex_unlock(&a->mu);
     return 0;
@@ -211,6 +309,8 @@ void srv_audit_stop(srv_audit *a)
     }
     srv_db_close(a->db);
     free(a->queue);
+    free(a->refused);
+    free(a->refused_spare);
     pthread_cond_destroy(&a->wake);
     pthread_cond_destroy(&a->written);
     pthread_mutex_destroy(&a->mu);

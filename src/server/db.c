@@ -16,7 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SCHEMA_VERSION 1
+#define SCHEMA_VERSION 2
 
 struct srv_db {
     sqlite3 *db;
@@ -77,6 +77,19 @@ static int exec_sql(sqlite3 *db, const char *sql)
     return 0;
 }
 
+/* Refused requests (no valid key, unknown route, malformed HTTP) are counted per minute,
+ * client and status instead of one row each, in a table of their own: a flood of them can
+ * neither prune nor crowd out the rows of real requests. */
+#define REFUSED_TABLE                                                                        \
+    "CREATE TABLE IF NOT EXISTS audit_refused ("                                             \
+    "  minute REAL NOT NULL,"                                                                \
+    "  client TEXT NOT NULL,"                                                                \
+    "  status INTEGER NOT NULL,"                                                             \
+    "  route TEXT NOT NULL,"                                                                 \
+    "  count INTEGER NOT NULL,"                                                              \
+    "  PRIMARY KEY (minute, client, status));"
+
+/* Version 2 added api_keys.priority and the audit_refused table. */
 static const char SCHEMA[] =
     "CREATE TABLE IF NOT EXISTS api_keys ("
     "  name TEXT PRIMARY KEY,"
@@ -85,7 +98,8 @@ static const char SCHEMA[] =
     "  rate_limit INTEGER NOT NULL DEFAULT 0,"
     "  enabled INTEGER NOT NULL DEFAULT 1,"
     "  created REAL NOT NULL,"
-    "  last_used REAL NOT NULL DEFAULT 0);"
+    "  last_used REAL NOT NULL DEFAULT 0,"
+    "  priority INTEGER NOT NULL DEFAULT 0);"
     "CREATE TABLE IF NOT EXISTS audit ("
     "  id INTEGER PRIMARY KEY,"
     "  time REAL NOT NULL,"
@@ -99,7 +113,8 @@ static const char SCHEMA[] =
     "  client TEXT NOT NULL,"
     "  request_id TEXT NOT NULL);"
     "CREATE INDEX IF NOT EXISTS audit_time ON audit(time);"
-    "CREATE INDEX IF NOT EXISTS audit_key_time ON audit(key_name, time);";
+    "CREATE INDEX IF NOT EXISTS audit_key_time ON audit(key_name, time);"
+    REFUSED_TABLE;
 
 static int user_version(sqlite3 *db)
 {
@@ -124,11 +139,51 @@ static int init_schema(sqlite3 *db, const char *path)
         return -1;
     if (v == SCHEMA_VERSION)
         return 0;
-    char sql[2048];
-    snprintf(sql, sizeof sql, "BEGIN IMMEDIATE; %s PRAGMA user_version=%d; COMMIT;", SCHEMA, SCHEMA_VERSION);
+    /* a version 1 file gains the key priority and the refused-request table; a new one
+     * gets the whole schema */
+    const char *steps = v == 1 ? "ALTER TABLE api_keys ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;" REFUSED_TABLE
+                               : SCHEMA;
+    char sql[4096];
+    snprintf(sql, sizeof sql, "BEGIN IMMEDIATE; %s PRAGMA user_version=%d; COMMIT;", steps, SCHEMA_VERSION);
     if (exec_sql(db, sql) != 0) {
         sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
         return -1;
+    }
+    return 0;
+}
+
+/* An existing file made by an older zse, a copy or an umask of 022 may be readable by
+ * others: it is narrowed to its owner (0600), or opening fails saying why. */
+static int make_private(int fd, const char *path)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return zse_fail("cannot stat database %s: %s", path, strerror(errno));
+    if ((st.st_mode & 077) == 0)
+        return 0;
+    if (fchmod(fd, st.st_mode & 0700) != 0)
+        return zse_fail("database %s is readable by other users (mode %03o) and cannot be made private: %s "
+                        "(chmod 600 it as its owner)", path, (unsigned)(st.st_mode & 0777), strerror(errno));
+    zse_log(ZSE_LOG_WARN, "database %s was mode %03o; made it 0600 (it holds key hashes and client addresses)",
+            path, (unsigned)(st.st_mode & 0777));
+    return 0;
+}
+
+/* SQLite's -wal and -shm files beside it, when they exist already */
+static int make_journal_private(const char *path)
+{
+    static const char *const suffixes[] = {"-wal", "-shm"};
+    for (size_t i = 0; i < sizeof suffixes / sizeof suffixes[0]; i++) {
+        zse_buf p = {0};
+        if (zse_buf_printf(&p, "%s%s", path, suffixes[i]) != 0)
+            return -1;
+        int fd = open(p.data, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        int rc = fd >= 0 ? make_private(fd, p.data) : 0;
+        if (fd >= 0)
+            close(fd);
+        zse_buf_free(&p);
+        if (rc != 0)
+            return -1;
     }
     return 0;
 }
@@ -143,7 +198,10 @@ srv_db *srv_db_open(const char *path)
         zse_fail("cannot open database %s: %s", path, strerror(errno));
         return NULL;
     }
+    int rc = make_private(fd, path);
     close(fd);
+    if (rc != 0 || make_journal_private(path) != 0)
+        return NULL;
     srv_db *d = zse_calloc(1, sizeof *d);
     if (!d || !(d->path = zse_strdup(path))) {
         free(d);
@@ -222,9 +280,17 @@ static int check_name(const char *name)
     return 0;
 }
 
-int srv_key_create(srv_db *d, const char *name, int rate_limit, char key_out[SRV_KEY_CHARS + 1])
+static int check_priority(int priority)
 {
-    if (check_name(name) != 0)
+    if (priority < SRV_PRIORITY_MIN || priority > SRV_PRIORITY_MAX)
+        return zse_fail("priority must be from %d (most urgent) to %d, not %d", SRV_PRIORITY_MIN, SRV_PRIORITY_MAX,
+                        priority);
+    return 0;
+}
+
+int srv_key_create(srv_db *d, const char *name, int rate_limit, int priority, char key_out[SRV_KEY_CHARS + 1])
+{
+    if (check_name(name) != 0 || check_priority(priority) != 0)
         return -1;
     if (rate_limit < 0)
         return zse_fail("rate limit must be 0 (none) or more requests per minute");
@@ -245,14 +311,15 @@ int srv_key_create(srv_db *d, const char *name, int rate_limit, char key_out[SRV
     memcpy(prefix, key_out, 12);
     prefix[12] = '\0';
     sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(d->db, "INSERT INTO api_keys(name, hash, prefix, rate_limit, enabled, created) "
-                                  "VALUES(?, ?, ?, ?, 1, ?)", -1, &st, NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(d->db, "INSERT INTO api_keys(name, hash, prefix, rate_limit, enabled, created, priority) "
+                                  "VALUES(?, ?, ?, ?, 1, ?, ?)", -1, &st, NULL) != SQLITE_OK)
         return zse_fail("database: %s", sqlite3_errmsg(d->db));
     sqlite3_bind_text(st, 1, name, -1, SQLITE_TRANSIENT);
     sqlite3_bind_blob(st, 2, hash, 32, SQLITE_TRANSIENT);
     sqlite3_bind_text(st, 3, prefix, -1, SQLITE_TRANSIENT);
     sqlite3_bind_int(st, 4, rate_limit);
     sqlite3_bind_double(st, 5, unix_now());
+    sqlite3_bind_int(st, 6, priority);
     int rc = sqlite3_step(st);
     sqlite3_finalize(st);
     if (rc == SQLITE_CONSTRAINT) {
@@ -304,6 +371,13 @@ int srv_key_set_rate_limit(srv_db *d, const char *name, int rate_limit)
     return change_one(d, "UPDATE api_keys SET rate_limit = ? WHERE name = ?", name, 1, rate_limit);
 }
 
+int srv_key_set_priority(srv_db *d, const char *name, int priority)
+{
+    if (check_priority(priority) != 0)
+        return -1;
+    return change_one(d, "UPDATE api_keys SET priority = ? WHERE name = ?", name, 1, priority);
+}
+
 int srv_key_touch(srv_db *d, const char *name, double when)
 {
     sqlite3_stmt *st;
@@ -327,7 +401,7 @@ int srv_key_list(srv_db *d, srv_key **out, size_t *n)
     *out = NULL;
     *n = 0;
     sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(d->db, "SELECT name, hash, prefix, rate_limit, enabled, created, last_used "
+    if (sqlite3_prepare_v2(d->db, "SELECT name, hash, prefix, rate_limit, enabled, created, last_used, priority "
                                   "FROM api_keys ORDER BY name", -1, &st, NULL) != SQLITE_OK)
         return zse_fail("database: %s", sqlite3_errmsg(d->db));
     srv_key *keys = NULL;
@@ -356,6 +430,7 @@ int srv_key_list(srv_db *d, srv_key **out, size_t *n)
         k->enabled = sqlite3_column_int(st, 4) != 0;
         k->created = sqlite3_column_double(st, 5);
         k->last_used = sqlite3_column_double(st, 6);
+        k->priority = sqlite3_column_int(st, 7);
     }
     sqlite3_finalize(st);
     if (rc != SQLITE_DONE) {
@@ -509,6 +584,116 @@ int srv_audit_query(srv_db *d, double since, const char *key, int limit, srv_aud
     /* newest first from the query; callers read oldest first */
     for (size_t i = 0; i < count / 2; i++) {
         srv_audit_row t = out[i];
+        out[i] = out[count - 1 - i];
+        out[count - 1 - i] = t;
+    }
+    *rows = out;
+    *n = count;
+    return 0;
+}
+
+/* ---- refused requests, counted per minute, client and status ------------------------------ */
+
+int srv_refused_write(srv_db *d, const srv_refused_row *rows, size_t n)
+{
+    if (n == 0)
+        return 0;
+    if (exec_sql(d->db, "BEGIN IMMEDIATE") != 0)
+        return -1;
+    sqlite3_stmt *st;
+    static const char sql[] = "INSERT INTO audit_refused(minute, client, status, route, count) VALUES(?, ?, ?, ?, ?) "
+                              "ON CONFLICT(minute, client, status) DO UPDATE SET count = count + excluded.count, "
+                              "route = excluded.route";
+    if (sqlite3_prepare_v2(d->db, sql, -1, &st, NULL) != SQLITE_OK) {
+        zse_fail("database: %s", sqlite3_errmsg(d->db));
+        sqlite3_exec(d->db, "ROLLBACK", NULL, NULL, NULL);
+        return -1;
+    }
+    int rc = SQLITE_DONE;
+    for (size_t i = 0; i < n && rc == SQLITE_DONE; i++) {
+        sqlite3_bind_double(st, 1, rows[i].minute);
+        sqlite3_bind_text(st, 2, rows[i].client, -1, SQLITE_STATIC);
+        sqlite3_bind_int(st, 3, rows[i].status);
+        sqlite3_bind_text(st, 4, rows[i].route, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 5, rows[i].count);
+        rc = sqlite3_step(st);
+        sqlite3_reset(st);
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) {
+        zse_fail("database: %s", sqlite3_errmsg(d->db));
+        sqlite3_exec(d->db, "ROLLBACK", NULL, NULL, NULL);
+        return -1;
+    }
+    return exec_sql(d->db, "COMMIT");
+}
+
+int srv_refused_prune(srv_db *d, double older_than, int64_t max_rows)
+{
+    sqlite3_stmt *st;
+    if (older_than > 0) {
+        if (sqlite3_prepare_v2(d->db, "DELETE FROM audit_refused WHERE minute < ?", -1, &st, NULL) != SQLITE_OK)
+            return zse_fail("database: %s", sqlite3_errmsg(d->db));
+        sqlite3_bind_double(st, 1, older_than);
+        int rc = sqlite3_step(st);
+        sqlite3_finalize(st);
+        if (rc != SQLITE_DONE)
+            return zse_fail("database: %s", sqlite3_errmsg(d->db));
+    }
+    if (max_rows > 0) {
+        if (sqlite3_prepare_v2(d->db, "DELETE FROM audit_refused WHERE rowid IN (SELECT rowid FROM audit_refused "
+                                      "ORDER BY minute DESC LIMIT -1 OFFSET ?)", -1, &st, NULL) != SQLITE_OK)
+            return zse_fail("database: %s", sqlite3_errmsg(d->db));
+        sqlite3_bind_int64(st, 1, max_rows);
+        int rc = sqlite3_step(st);
+        sqlite3_finalize(st);
+        if (rc != SQLITE_DONE)
+            return zse_fail("database: %s", sqlite3_errmsg(d->db));
+    }
+    return 0;
+}
+
+int srv_refused_query(srv_db *d, double since, int limit, srv_refused_row **rows, size_t *n)
+{
+    *rows = NULL;
+    *n = 0;
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(d->db, "SELECT minute, client, status, route, count FROM audit_refused WHERE minute >= ?1 "
+                                  "ORDER BY minute DESC, count DESC LIMIT ?2", -1, &st, NULL) != SQLITE_OK)
+        return zse_fail("database: %s", sqlite3_errmsg(d->db));
+    /* rows are per minute: the minute holding `since` counts */
+    sqlite3_bind_double(st, 1, since - 60);
+    sqlite3_bind_int64(st, 2, limit > 0 ? limit : -1);
+    srv_refused_row *out = NULL;
+    size_t count = 0, cap = 0;
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (count == cap) {
+            size_t ncap = cap ? cap * 2 : 64;
+            srv_refused_row *nr = zse_realloc(out, ncap * sizeof *nr);
+            if (!nr) {
+                free(out);
+                sqlite3_finalize(st);
+                return -1;
+            }
+            out = nr;
+            cap = ncap;
+        }
+        srv_refused_row *r = &out[count++];
+        memset(r, 0, sizeof *r);
+        r->minute = sqlite3_column_double(st, 0);
+        copy_text(r->client, sizeof r->client, sqlite3_column_text(st, 1));
+        r->status = sqlite3_column_int(st, 2);
+        copy_text(r->route, sizeof r->route, sqlite3_column_text(st, 3));
+        r->count = sqlite3_column_int64(st, 4);
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) {
+        free(out);
+        return zse_fail("database: %s", sqlite3_errmsg(d->db));
+    }
+    for (size_t i = 0; i < count / 2; i++) {
+        srv_refused_row t = out[i];
         out[i] = out[count - 1 - i];
         out[count - 1 - i] = t;
     }

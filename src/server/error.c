@@ -8,7 +8,8 @@
 
 static void set_param(srv_error *e, const char *param)
 {
-    snprintf(e->param, sizeof e->param, "%s", param ? param : "");
+    param = param ? param : "";
+    srv_text_clean(e->param, sizeof e->param, param, strlen(param), 0);
 }
 
 int srv_error_set(srv_error *e, int status, const char *type, const char *code, const char *param,
@@ -19,16 +20,21 @@ int srv_error_set(srv_error *e, int status, const char *type, const char *code, 
     e->code = code;
     e->retry_after = 0;
     set_param(e, param);
+    /* formatted in full first, then made valid UTF-8 and cut on a character boundary: a
+     * message quoting a client's bytes ("Unknown request URL: GET /\xff") must still
+     * encode as JSON, or the client would get no answer at all */
+    char full[2048];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    vsnprintf(full, sizeof full, fmt, ap);
     va_end(ap);
+    srv_text_clean(e->message, sizeof e->message, full, strlen(full), 0);
     return -1;
 }
 
 int srv_error_invalid(srv_error *e, const char *param, const char *fmt, ...)
 {
-    char msg[sizeof e->message];
+    char msg[2048];     /* whole, so the cut below lands on a character boundary */
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);

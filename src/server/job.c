@@ -1,12 +1,16 @@
-/* Generation jobs: the sequences of one HTTP request (prompts × n choices), the events the
- * engine reports for them, and their rendering as OpenAI chat / completion objects or TGI
- * objects, streamed (SSE) or whole.
+/* Generation jobs: the sequences of one HTTP request (prompts × n choices) and the life of
+ * each — handed to the engine one by one by the fair admission queue (admit.c), their
+ * events copied in from the engine thread, consumed by the connection's side, which
+ * renders them (render.c).
  *
  * Threads: the engine thread calls on_event(), which only copies the event into the job's
- * queue and, if the connection is waiting, wakes it. The connection's thread (a
- * libmicrohttpd worker) calls srv_job_pull() and does all formatting, so the engine loop
- * spends microseconds per token on the server. The job lives until the HTTP side and every
- * submitted sequence have let go of it (reference count). */
+ * queue and, if the consumer is waiting, wakes it; the consumer (an HTTP worker pulling
+ * stream bytes, or a server worker building a whole answer) takes the queue and renders.
+ * Every choice ends with exactly one final event: the engine's, or one the job makes for a
+ * choice that never reached the engine (the client left while it waited, or the engine
+ * refused it). The job lives until the HTTP side, the admission queue and every submitted
+ * sequence have let go of it (reference count). Engine functions are never called with
+ * the job's lock held: the engine may hold its own lock while it calls back. */
 #include "server/server.h"
 
 #include <pthread.h>
@@ -14,74 +18,44 @@
 #include <string.h>
 #include <time.h>
 
-typedef struct srv_event {
-    struct srv_event *next;
-    int choice;
-    int32_t token;
-    float logprob;
-    int n_top;
-    int32_t *top_ids;       /* owned */
-    float *top_logprobs;    /* owned */
-    zse_finish finish;
-    int prompt_tokens;
-    int completion_tokens;
-    double time;
-    char *text;             /* owned */
-} srv_event;
-
-/* what the engine thread's callback gets as `user`: the job and which sequence */
+/* what the engine thread's callback gets as `user`: the job and which choice */
 typedef struct {
     srv_job *job;
     int index;
 } seq_ref;
 
 typedef struct {
-    /* engine side (under the job's lock) */
     uint64_t engine_id;
-    bool submitted;
-    bool engine_done;
-    /* consumer side (the connection's thread only) */
-    int prompt;             /* index into req.prompts */
-    bool finished;
-    zse_finish finish;
-    int32_t last_token;
-    int completion_tokens;
-    double t_first, t_last;
-    int n_timed;
-    zse_buf text;           /* whole text (non-streaming, TGI's final generated_text) */
-    size_t text_offset;     /* completions logprobs: characters before the next token */
-    json_t *logprobs;       /* chat: content list; completions: the legacy object; TGI: tokens */
-} choice;
+    bool submitted;         /* the engine has it */
+    bool ended;             /* its final event arrived (or was made) */
+} seq_state;
 
 struct srv_job {
     pthread_mutex_t mu;
     int refs;
     srv_request req;
-    const zse_model *model;
-    int32_t eos[8];
-    int n_eos;
+    char id[48];
     char *model_id;
     char *fingerprint;
-    char id[48];
-    long long created;
-    double t_arrival;
-    choice *choices;
+    seq_state *seqs;
     seq_ref *refs_for_engine;
     int n_choices;
+    int ctx_size;
     /* under mu */
     srv_event *head, *tail;
-    int n_submitted;
-    int n_engine_done;
-    bool waiting;
-    bool gone;
+    int n_ended;
+    bool waiting;           /* the consumer is suspended until events (stream) or the end (whole) */
+    bool gone;              /* the client left */
+    bool overloaded;        /* the engine refused a sequence */
+    char overload_reason[160];
     srv_wake_fn wake;
     void *wake_arg;
+    void (*seq_end)(void *arg);
+    void *seq_end_arg;
     /* consumer side */
+    srv_render rd;
     bool started;           /* the first stream bytes (roles, echo) went out */
     bool tail_sent;
-    int n_finished;
-    bool failed;
-    double ttft;
 };
 
 /* ---- life ---------------------------------------------------------------------------- */
@@ -122,28 +96,28 @@ srv_job *srv_job_new(srv_request *req, const zse_model *m, const char *model_id,
     j->refs = 1;
     j->req = *req;
     memset(req, 0, sizeof *req);
-    j->model = m;
-    j->t_arrival = t_arrival;
-    j->ttft = -1;
-    j->created = (long long)time(NULL);
     size_t pre = strlen(id_prefix(j->req.api));
     memcpy(j->id, id_prefix(j->req.api), pre);
     random_hex(j->id + pre, 24);
+    j->n_choices = (int)j->req.n_prompts * j->req.n;
     zse_model_info info;
     zse_model_get_info(m, &info);
-    for (int i = 0; i < info.n_eos && j->n_eos < 8; i++)
-        j->eos[j->n_eos++] = info.eos_ids[i];
-    j->n_choices = (int)j->req.n_prompts * j->req.n;
+    j->ctx_size = info.ctx_size;
     j->model_id = zse_strdup(model_id);
     j->fingerprint = zse_strdup(fingerprint);
-    j->choices = zse_calloc((size_t)j->n_choices, sizeof *j->choices);
+    j->seqs = zse_calloc((size_t)j->n_choices, sizeof *j->seqs);
     j->refs_for_engine = zse_calloc((size_t)j->n_choices, sizeof *j->refs_for_engine);
-    if (!j->model_id || !j->fingerprint || !j->choices || !j->refs_for_engine) {
+    if (!j->model_id || !j->fingerprint || !j->seqs || !j->refs_for_engine ||
+        srv_render_init(&j->rd, &j->req, m, j->n_choices) != 0) {
         srv_job_unref(j);
         return NULL;
     }
+    j->rd.id = j->id;
+    j->rd.model_id = j->model_id;
+    j->rd.fingerprint = j->fingerprint;
+    j->rd.created = (long long)time(NULL);
+    j->rd.t_arrival = t_arrival;
     for (int i = 0; i < j->n_choices; i++) {
-        j->choices[i].prompt = i / j->req.n;
         j->refs_for_engine[i].job = j;
         j->refs_for_engine[i].index = i;
     }
@@ -164,11 +138,9 @@ static void free_job(srv_job *j)
         next = ev->next;
         free_event(ev);
     }
-    for (int i = 0; j->choices && i < j->n_choices; i++) {
-        zse_buf_free(&j->choices[i].text);
-        json_decref(j->choices[i].logprobs);
-    }
-    free(j->choices);
+    if (j->rd.req)
+        srv_render_free(&j->rd);
+    free(j->seqs);
     free(j->refs_for_engine);
     free(j->model_id);
     free(j->fingerprint);
@@ -203,8 +175,33 @@ void srv_job_set_waker(srv_job *j, srv_wake_fn wake, void *arg)
     pthread_mutex_unlock(&j->mu);
 }
 
+void srv_job_set_seq_end(srv_job *j, void (*fn)(void *arg), void *arg)
+{
+    pthread_mutex_lock(&j->mu);
+    j->seq_end = fn;
+    j->seq_end_arg = arg;
+    pthread_mutex_unlock(&j->mu);
+}
+
 const char *srv_job_id(const srv_job *j) { return j->id; }
 bool srv_job_streaming(const srv_job *j) { return j->req.stream; }
+int srv_job_choices(const srv_job *j) { return j->n_choices; }
+int srv_job_priority(const srv_job *j) { return j->req.priority; }
+
+int64_t srv_job_choice_cost(const srv_job *j, int i)
+{
+    const srv_prompt *p = &j->req.prompts[i / j->req.n];
+    /* without max_tokens a chat sequence may run to the end of the context */
+    return j->req.max_tokens > 0 ? (int64_t)p->n_ids + j->req.max_tokens : (int64_t)j->ctx_size;
+}
+
+bool srv_job_gone(srv_job *j)
+{
+    pthread_mutex_lock(&j->mu);
+    bool gone = j->gone;
+    pthread_mutex_unlock(&j->mu);
+    return gone;
+}
 
 /* ---- the engine side ----------------------------------------------------------------- */
 
@@ -237,6 +234,35 @@ static srv_event *copy_event(int choice_index, const zse_token_event *ev)
     return e;
 }
 
+/* Queues e (may be NULL: out of memory) for choice i; a final one ends the choice. Wakes
+ * a waiting consumer: a stream at every event, a whole answer when every choice ended.
+ * Under j->mu. Returns whether the client still wants events. */
+static bool deliver_locked(srv_job *j, int i, srv_event *e, bool final)
+{
+    bool keep_going = !j->gone && e != NULL;
+    if (e && !j->gone) {
+        if (j->tail)
+            j->tail->next = e;
+        else
+            j->head = e;
+        j->tail = e;
+    } else if (e) {
+        free_event(e);
+    } else if (!j->gone) {
+        j->rd.failed = true; /* out of memory copying: the answer says generation failed */
+    }
+    if (final && !j->seqs[i].ended) {
+        j->seqs[i].ended = true;
+        j->n_ended++;
+    }
+    if (j->waiting && (j->req.stream || j->n_ended == j->n_choices)) {
+        j->waiting = false;
+        if (j->wake)
+            j->wake(j->wake_arg);
+    }
+    return keep_going;
+}
+
 static bool on_event(void *user, const zse_token_event *ev)
 {
     seq_ref *ref = user;
@@ -244,64 +270,64 @@ static bool on_event(void *user, const zse_token_event *ev)
     bool final = ev->finish != ZSE_FINISH_NONE;
     srv_event *e = copy_event(ref->index, ev);
     pthread_mutex_lock(&j->mu);
-    bool keep_going = !j->gone && e != NULL;
-    if (keep_going) {
-        if (j->tail)
-            j->tail->next = e;
-        else
-            j->head = e;
-        j->tail = e;
-        e = NULL;
-    } else if (!j->gone) {
-        j->failed = true; /* out of memory copying: the sequence ends as failed */
-    }
-    if (final) {
-        j->choices[ref->index].engine_done = true;
-        j->n_engine_done++;
-    }
-    bool all_done = j->n_engine_done == j->n_submitted;
-    if (j->waiting && (j->req.stream || all_done)) {
-        j->waiting = false;
-        if (j->wake)
-            j->wake(j->wake_arg);
-    }
+    if (ev->finish == ZSE_FINISH_ERROR && ev->error && !j->rd.error[0])
+        snprintf(j->rd.error, sizeof j->rd.error, "%s", ev->error);
+    bool keep_going = deliver_locked(j, ref->index, e, final);
+    void (*seq_end)(void *) = j->seq_end;
+    void *seq_end_arg = j->seq_end_arg;
     pthread_mutex_unlock(&j->mu);
-    if (e)
-        free_event(e);
-    if (final)
-        srv_job_unref(j); /* the sequence's reference */
+    if (final) {
+        if (seq_end)
+            seq_end(seq_end_arg); /* the engine's slot is free again */
+        srv_job_unref(j);         /* the sequence's reference */
+    }
     return keep_going;
 }
 
-int srv_job_submit(srv_job *j, const srv_engine *engine, srv_error *err)
+void srv_job_end_choice(srv_job *j, int i, zse_finish why)
 {
-    for (int i = 0; i < j->n_choices; i++) {
-        choice *c = &j->choices[i];
-        srv_prompt *p = &j->req.prompts[c->prompt];
-        zse_sampling s = j->req.sampling;
-        s.seed += (uint64_t)(i % j->req.n); /* choices of one prompt differ, reproducibly */
-        srv_job_ref(j);
-        pthread_mutex_lock(&j->mu);
-        j->n_submitted++;
-        pthread_mutex_unlock(&j->mu);
-        uint64_t id = 0;
-        if (engine->submit(engine->ctx, p->ids, p->n_ids, &s, j->req.priority, on_event, &j->refs_for_engine[i],
-                           &id) != 0) {
-            pthread_mutex_lock(&j->mu);
-            j->n_submitted--;
-            pthread_mutex_unlock(&j->mu);
-            srv_job_unref(j);
-            srv_error_set(err, 503, "server_error", "overloaded", NULL,
-                          "the server cannot take this request now (%s); retry shortly", zse_last_error());
-            err->retry_after = 1;
-            srv_job_abandon(j, engine);
-            return -1;
-        }
-        pthread_mutex_lock(&j->mu);
-        c->engine_id = id;
-        c->submitted = true;
-        pthread_mutex_unlock(&j->mu);
+    srv_event *e = zse_calloc(1, sizeof *e);
+    if (e && !(e->text = zse_strdup(""))) {
+        free(e);
+        e = NULL;
     }
+    if (e) {
+        e->choice = i;
+        e->token = -1;
+        e->finish = why;
+        e->time = zse_now();
+    }
+    pthread_mutex_lock(&j->mu);
+    deliver_locked(j, i, e, true);
+    pthread_mutex_unlock(&j->mu);
+}
+
+int srv_job_submit_choice(srv_job *j, int i, const srv_engine *engine)
+{
+    const srv_prompt *p = &j->req.prompts[i / j->req.n];
+    zse_sampling s = j->req.sampling;
+    s.seed += (uint64_t)(i % j->req.n); /* choices of one prompt differ, reproducibly */
+    srv_job_ref(j);                     /* the sequence's, dropped at its final event */
+    uint64_t id = 0;
+    if (engine->submit(engine->ctx, p->ids, p->n_ids, &s, j->req.priority, on_event, &j->refs_for_engine[i],
+                       &id) != 0) {
+        pthread_mutex_lock(&j->mu);
+        j->overloaded = j->rd.overloaded = true;
+        snprintf(j->overload_reason, sizeof j->overload_reason, "%s", zse_last_error());
+        j->rd.overload_reason = j->overload_reason;
+        pthread_mutex_unlock(&j->mu);
+        srv_job_end_choice(j, i, ZSE_FINISH_ERROR);
+        srv_job_unref(j);
+        return -1;
+    }
+    pthread_mutex_lock(&j->mu);
+    bool ended = j->seqs[i].ended; /* a fast engine may have finished it already */
+    j->seqs[i].engine_id = id;
+    j->seqs[i].submitted = !ended;
+    bool cancel = j->gone && !ended; /* the client left while it was being submitted */
+    pthread_mutex_unlock(&j->mu);
+    if (cancel)
+        engine->cancel(engine->ctx, id);
     return 0;
 }
 
@@ -312,8 +338,8 @@ void srv_job_abandon(srv_job *j, const srv_engine *engine)
     pthread_mutex_lock(&j->mu);
     j->gone = true;
     for (int i = 0; i < j->n_choices && n < 64; i++)
-        if (j->choices[i].submitted && !j->choices[i].engine_done)
-            ids[n++] = j->choices[i].engine_id;
+        if (j->seqs[i].submitted && !j->seqs[i].ended)
+            ids[n++] = j->seqs[i].engine_id;
     pthread_mutex_unlock(&j->mu);
     /* outside the lock: the engine may hold its own lock while it calls on_event */
     for (int i = 0; i < n; i++)
@@ -332,488 +358,28 @@ bool srv_job_probe_waiting(srv_job *j, bool (*probe)(void *arg), void *arg)
 
 void srv_job_get_usage(srv_job *j, srv_job_usage *u)
 {
-    memset(u, 0, sizeof *u);
-    for (size_t i = 0; i < j->req.n_prompts; i++)
-        u->prompt_tokens += (int)j->req.prompts[i].n_ids;
-    u->ttft = j->ttft;
-    for (int i = 0; i < j->n_choices; i++) {
-        const choice *c = &j->choices[i];
-        u->completion_tokens += c->completion_tokens;
-        if (c->n_timed >= 2 && u->n_tpot < 64)
-            u->tpot[u->n_tpot++] = (c->t_last - c->t_first) / (c->n_timed - 1);
+    srv_render_usage(&j->rd, u);
+}
+
+/* ---- the consumer side --------------------------------------------------------------- */
+
+/* renders the events taken off the queue */
+static void apply_events(srv_job *j, srv_event *evs, zse_buf *out)
+{
+    for (srv_event *ev = evs, *next; ev; ev = next) {
+        next = ev->next;
+        if (srv_render_event(&j->rd, ev, out) != 0)
+            j->rd.failed = true;
+        free_event(ev);
     }
 }
 
-/* ---- formatting ---------------------------------------------------------------------- */
-
-static const char *openai_finish(zse_finish f)
-{
-    switch (f) {
-    case ZSE_FINISH_STOP: return "stop";
-    case ZSE_FINISH_LENGTH: return "length";
-    case ZSE_FINISH_CANCELLED: return "abort";
-    default: return "error";
-    }
-}
-
-static bool is_eos(const srv_job *j, int32_t t)
-{
-    for (int i = 0; i < j->n_eos; i++)
-        if (j->eos[i] == t)
-            return true;
-    return false;
-}
-
-static const char *tgi_finish(const srv_job *j, const choice *c)
-{
-    if (c->finish == ZSE_FINISH_LENGTH)
-        return "length";
-    if (c->finish == ZSE_FINISH_STOP)
-        return is_eos(j, c->last_token) ? "eos_token" : "stop_sequence";
-    return "error";
-}
-
-/* a token's text as logprobs show it */
-static json_t *token_string(const srv_job *j, int32_t id)
-{
-    char *s = zse_detokenize(j->model, &id, 1, false);
-    json_t *v = s ? json_string(s) : NULL;
-    if (!v && s)
-        v = json_string("\xef\xbf\xbd"); /* not valid UTF-8 on its own */
-    free(s);
-    return v;
-}
-
-static json_t *utf8_bytes(json_t *str)
-{
-    json_t *a = json_array();
-    const unsigned char *p = (const unsigned char *)json_string_value(str);
-    for (size_t i = 0; a && p && i < json_string_length(str); i++)
-        if (json_array_append_new(a, json_integer(p[i])) != 0) {
-            json_decref(a);
-            return NULL;
-        }
-    return a;
-}
-
-/* whether the event carries a generated token (not the EOS that ended the sequence, nor
- * an end without a token) */
-static bool carries_token(const srv_job *j, const srv_event *ev)
-{
-    if (ev->token < 0)
-        return false;
-    return !(ev->finish == ZSE_FINISH_STOP && !ev->text[0] && is_eos(j, ev->token));
-}
-
-/* chat: {"token","logprob","bytes","top_logprobs":[{"token","logprob","bytes"}]} */
-static json_t *chat_logprob(const srv_job *j, const srv_event *ev)
-{
-    json_t *top = json_array();
-    for (int k = 0; top && k < ev->n_top; k++) {
-        json_t *t = token_string(j, ev->top_ids[k]);
-        json_t *entry = t ? json_pack("{s:O, s:f, s:o}", "token", t, "logprob", (double)ev->top_logprobs[k], "bytes",
-                                      utf8_bytes(t))
-                          : NULL;
-        json_decref(t);
-        if (!entry || json_array_append_new(top, entry) != 0) {
-            json_decref(top);
-            return NULL;
-        }
-    }
-    json_t *tok = token_string(j, ev->token);
-    json_t *entry = tok && top ? json_pack("{s:O, s:f, s:o, s:O}", "token", tok, "logprob", (double)ev->logprob,
-                                           "bytes", utf8_bytes(tok), "top_logprobs", top)
-                               : NULL;
-    json_decref(tok);
-    json_decref(top);
-    return entry;
-}
-
-/* completions: appends to the legacy {"tokens","token_logprobs","top_logprobs","text_offset"} */
-static int completion_logprob(const srv_job *j, const srv_event *ev, size_t offset, json_t *lp)
-{
-    json_t *tok = token_string(j, ev->token);
-    json_t *top = json_object();
-    for (int k = 0; tok && top && k < ev->n_top; k++) {
-        char *s = zse_detokenize(j->model, &ev->top_ids[k], 1, false);
-        int rc = s ? json_object_set_new(top, s, json_real(ev->top_logprobs[k])) : -1;
-        free(s);
-        if (rc != 0)
-            break;
-    }
-    int rc = tok && top &&
-                     json_array_append(json_object_get(lp, "tokens"), tok) == 0 &&
-                     json_array_append_new(json_object_get(lp, "token_logprobs"), json_real(ev->logprob)) == 0 &&
-                     json_array_append(json_object_get(lp, "top_logprobs"), top) == 0 &&
-                     json_array_append_new(json_object_get(lp, "text_offset"), json_integer((json_int_t)offset)) == 0
-                 ? 0
-                 : -1;
-    json_decref(tok);
-    json_decref(top);
-    return rc;
-}
-
-static json_t *empty_completion_logprobs(void)
-{
-    return json_pack("{s:[], s:[], s:[], s:[]}", "tokens", "token_logprobs", "top_logprobs", "text_offset");
-}
-
-/* TGI: {"id","text","logprob","special"} */
-static json_t *tgi_token(const srv_job *j, const srv_event *ev)
-{
-    return json_pack("{s:i, s:s, s:f, s:b}", "id", (int)ev->token, "text", ev->text, "logprob", (double)ev->logprob,
-                     "special", is_eos(j, ev->token));
-}
-
-static json_t *base_object(const srv_job *j, const char *object)
-{
-    return json_pack("{s:s, s:s, s:I, s:s, s:s}", "id", j->id, "object", object, "created", (json_int_t)j->created,
-                     "model", j->model_id, "system_fingerprint", j->fingerprint);
-}
-
-static json_t *usage_object(srv_job *j)
-{
-    srv_job_usage u;
-    srv_job_get_usage(j, &u);
-    return json_pack("{s:i, s:i, s:i}", "prompt_tokens", u.prompt_tokens, "completion_tokens", u.completion_tokens,
-                     "total_tokens", u.prompt_tokens + u.completion_tokens);
-}
-
-/* "data: JSON\n\n"; consumes obj */
-static int sse(zse_buf *out, json_t *obj)
-{
-    char *s = obj ? json_dumps(obj, JSON_COMPACT) : NULL;
-    json_decref(obj);
-    if (!s)
-        return zse_fail("out of memory formatting a stream event");
-    int rc = zse_buf_puts(out, "data: ") || zse_buf_puts(out, s) || zse_buf_puts(out, "\n\n") ? -1 : 0;
-    free(s);
-    return rc;
-}
-
-/* a chat.completion.chunk / text_completion chunk holding one choice */
-static json_t *chunk(srv_job *j, json_t *choice_obj)
-{
-    bool chat = j->req.api == SRV_API_CHAT;
-    json_t *o = base_object(j, chat ? "chat.completion.chunk" : "text_completion");
-    if (!o || !choice_obj || json_object_set_new(o, "choices", json_pack("[o]", choice_obj)) != 0) {
-        json_decref(o);
-        return NULL;
-    }
-    if (j->req.include_usage)
-        json_object_set_new(o, "usage", json_null());
-    return o;
-}
-
-static json_t *chat_delta_choice(int index, json_t *delta, json_t *logprobs, const char *finish)
-{
-    return json_pack("{s:i, s:o, s:o, s:o}", "index", index, "delta", delta, "logprobs",
-                     logprobs ? logprobs : json_null(), "finish_reason", finish ? json_string(finish) : json_null());
-}
-
-static json_t *completion_choice(int index, const char *text, size_t len, json_t *logprobs, const char *finish)
-{
-    return json_pack("{s:i, s:s#, s:o, s:o}", "index", index, "text", text, len, "logprobs",
-                     logprobs ? logprobs : json_null(), "finish_reason", finish ? json_string(finish) : json_null());
-}
-
-/* the text a completion choice starts with when echo is on */
-static char *prompt_text(srv_job *j, const srv_prompt *p)
-{
-    return p->text ? zse_strdup(p->text) : zse_detokenize(j->model, p->ids, p->n_ids, false);
-}
-
-/* what goes out before any token: the assistant role of each chat choice, or the echoed
- * prompt of each completion choice */
-static int start_stream(srv_job *j, zse_buf *out)
-{
-    for (int i = 0; i < j->n_choices; i++) {
-        if (j->req.api == SRV_API_CHAT) {
-            json_t *delta = json_pack("{s:s, s:s}", "role", "assistant", "content", "");
-            if (sse(out, chunk(j, chat_delta_choice(i, delta, NULL, NULL))))
-                return -1;
-        } else if (j->req.api == SRV_API_COMPLETION && j->req.echo) {
-            char *t = prompt_text(j, &j->req.prompts[j->choices[i].prompt]);
-            int rc = t ? sse(out, chunk(j, completion_choice(i, t, strlen(t), NULL, NULL))) : -1;
-            if (t)
-                j->choices[i].text_offset = strlen(t);
-            free(t);
-            if (rc)
-                return -1;
-        }
-    }
-    return 0;
-}
-
-static int stream_chat_event(srv_job *j, const srv_event *ev, bool token, zse_buf *out)
-{
-    json_t *lp = NULL;
-    if (j->req.logprobs && token) {
-        json_t *entry = chat_logprob(j, ev);
-        if (!entry || !(lp = json_pack("{s:[o]}", "content", entry)))
-            return zse_fail("out of memory formatting logprobs");
-    }
-    if (ev->text[0] || lp) {
-        json_t *delta = json_pack("{s:s}", "content", ev->text);
-        if (sse(out, chunk(j, chat_delta_choice(ev->choice, delta, lp, NULL))))
-            return -1;
-    }
-    if (ev->finish != ZSE_FINISH_NONE)
-        return sse(out, chunk(j, chat_delta_choice(ev->choice, json_object(), NULL, openai_finish(ev->finish))));
-    return 0;
-}
-
-static int stream_completion_event(srv_job *j, const srv_event *ev, bool token, zse_buf *out)
-{
-    choice *c = &j->choices[ev->choice];
-    json_t *lp = NULL;
-    if (j->req.logprobs && token) {
-        lp = empty_completion_logprobs();
-        if (!lp || completion_logprob(j, ev, c->text_offset, lp)) {
-            json_decref(lp);
-            return zse_fail("out of memory formatting logprobs");
-        }
-    }
-    size_t len = strlen(ev->text);
-    c->text_offset += len;
-    const char *finish = ev->finish != ZSE_FINISH_NONE ? openai_finish(ev->finish) : NULL;
-    if (!len && !lp && !finish)
-        return 0;
-    return sse(out, chunk(j, completion_choice(ev->choice, ev->text, len, lp, finish)));
-}
-
-static json_t *tgi_details(srv_job *j, const choice *c, bool with_tokens)
-{
-    json_t *d = json_pack("{s:s, s:i, s:o}", "finish_reason", tgi_finish(j, c), "generated_tokens",
-                          c->completion_tokens, "seed",
-                          j->req.sampling.temperature > 0 ? json_integer((json_int_t)j->req.sampling.seed) : json_null());
-    if (d && with_tokens) {
-        json_object_set_new(d, "prefill", json_array());
-        json_object_set(d, "tokens", c->logprobs ? c->logprobs : json_array());
-    }
-    return d;
-}
-
-static int stream_tgi_event(srv_job *j, const srv_event *ev, zse_buf *out)
-{
-    if (ev->token < 0 && ev->finish == ZSE_FINISH_NONE)
-        return 0;
-    choice *c = &j->choices[ev->choice];
-    bool final = ev->finish != ZSE_FINISH_NONE;
-    json_t *o = json_pack("{s:i, s:o, s:n, s:n}", "index", c->completion_tokens, "token",
-                          ev->token >= 0 ? tgi_token(j, ev) : json_null(), "generated_text", "details");
-    if (o && final) {
-        zse_buf full = {0};
-        if (j->req.echo) {
-            char *t = prompt_text(j, &j->req.prompts[0]);
-            zse_buf_puts(&full, t ? t : "");
-            free(t);
-        }
-        zse_buf_append(&full, zse_buf_str(&c->text), c->text.len);
-        json_object_set_new(o, "generated_text", json_stringn(zse_buf_str(&full), full.len));
-        zse_buf_free(&full);
-        if (j->req.details)
-            json_object_set_new(o, "details", tgi_details(j, c, false));
-    }
-    return sse(out, o);
-}
-
-/* consumer-side bookkeeping of one event, then its bytes when streaming */
-static int apply_event(srv_job *j, const srv_event *ev, zse_buf *out)
-{
-    choice *c = &j->choices[ev->choice];
-    bool token = carries_token(j, ev);
-    if (token) {
-        c->completion_tokens++;
-        if (c->n_timed++ == 0)
-            c->t_first = ev->time;
-        c->t_last = ev->time;
-        if (j->ttft < 0)
-            j->ttft = ev->time - j->t_arrival;
-    }
-    if (ev->finish != ZSE_FINISH_NONE) {
-        c->finished = true;
-        c->finish = ev->finish;
-        c->last_token = ev->token;
-        if (ev->completion_tokens > c->completion_tokens)
-            c->completion_tokens = ev->completion_tokens;
-        j->n_finished++;
-    }
-    /* whole text: non-streaming answers and TGI's final generated_text */
-    if ((!j->req.stream || j->req.api == SRV_API_TGI) && zse_buf_puts(&c->text, ev->text))
-        return -1;
-    if (j->req.stream) {
-        if (j->req.api == SRV_API_CHAT)
-            return stream_chat_event(j, ev, token, out);
-        if (j->req.api == SRV_API_COMPLETION)
-            return stream_completion_event(j, ev, token, out);
-        return stream_tgi_event(j, ev, out);
-    }
-    if (!j->req.logprobs || !token)
-        return 0;
-    if (j->req.api == SRV_API_CHAT) {
-        if (!c->logprobs && !(c->logprobs = json_array()))
-            return -1;
-        json_t *entry = chat_logprob(j, ev);
-        return entry ? json_array_append_new(c->logprobs, entry) : -1;
-    }
-    if (j->req.api == SRV_API_COMPLETION) {
-        if (!c->logprobs) {
-            if (!(c->logprobs = empty_completion_logprobs()))
-                return -1;
-            if (j->req.echo) { /* offsets count the echoed prompt too */
-                char *t = prompt_text(j, &j->req.prompts[c->prompt]);
-                c->text_offset = t ? strlen(t) : 0;
-                free(t);
-            }
-        }
-        int rc = completion_logprob(j, ev, c->text_offset, c->logprobs);
-        c->text_offset += strlen(ev->text);
-        return rc;
-    }
-    if (!c->logprobs && !(c->logprobs = json_array()))
-        return -1;
-    return json_array_append_new(c->logprobs, tgi_token(j, ev));
-}
-
-/* sequences whose end never reached us (dropped when memory ran out, or abandoned) end as
+/* choices whose end never reached the consumer (dropped when memory ran out) end as
  * errors so the answer can still close */
-static void end_missing(srv_job *j)
+static void end_if_all_ended(srv_job *j, bool all_ended)
 {
-    for (int i = 0; i < j->n_choices; i++) {
-        choice *c = &j->choices[i];
-        if (!c->finished) {
-            c->finished = true;
-            c->finish = ZSE_FINISH_ERROR;
-            j->n_finished++;
-        }
-    }
-}
-
-static bool any_error(const srv_job *j)
-{
-    for (int i = 0; i < j->n_choices; i++)
-        if (j->choices[i].finish == ZSE_FINISH_ERROR)
-            return true;
-    return j->failed;
-}
-
-static int stream_tail(srv_job *j, zse_buf *out)
-{
-    if (j->req.api == SRV_API_TGI)
-        return 0;
-    if (any_error(j)) {
-        srv_error e;
-        srv_error_set(&e, 500, "server_error", NULL, NULL, "generation failed part-way; the output is incomplete");
-        char *s = srv_error_openai_json(&e);
-        int rc = s ? zse_buf_printf(out, "data: %s\n\n", s) : -1;
-        free(s);
-        if (rc)
-            return -1;
-    }
-    if (j->req.include_usage) {
-        json_t *o = base_object(j, j->req.api == SRV_API_CHAT ? "chat.completion.chunk" : "text_completion");
-        if (!o || json_object_set_new(o, "choices", json_array()) || json_object_set_new(o, "usage", usage_object(j)) ||
-            sse(out, o))
-            return -1;
-    }
-    return zse_buf_puts(out, "data: [DONE]\n\n");
-}
-
-/* the non-streaming answer: the API's object around `choices` (taken) and usage */
-static json_t *whole_object(srv_job *j, const char *object, json_t *choices)
-{
-    json_t *o = base_object(j, object);
-    if (!o || !choices) {
-        json_decref(o);
-        json_decref(choices);
-        return NULL;
-    }
-    /* json_object_set_new takes its value even when it fails */
-    if (json_object_set_new(o, "choices", choices) || json_object_set_new(o, "usage", usage_object(j))) {
-        json_decref(o);
-        return NULL;
-    }
-    return o;
-}
-
-static json_t *whole_chat(srv_job *j)
-{
-    json_t *choices = json_array();
-    for (int i = 0; choices && i < j->n_choices; i++) {
-        choice *c = &j->choices[i];
-        json_t *msg = json_pack("{s:s, s:s#}", "role", "assistant", "content", zse_buf_str(&c->text), c->text.len);
-        json_t *lp = j->req.logprobs ? json_pack("{s:O}", "content", c->logprobs ? c->logprobs : json_array()) : json_null();
-        json_t *ch = json_pack("{s:i, s:o, s:o, s:s}", "index", i, "message", msg, "logprobs", lp, "finish_reason",
-                               openai_finish(c->finish));
-        if (!ch || json_array_append_new(choices, ch)) {
-            json_decref(choices);
-            return NULL;
-        }
-    }
-    return whole_object(j, "chat.completion", choices);
-}
-
-static json_t *whole_completion(srv_job *j)
-{
-    json_t *choices = json_array();
-    for (int i = 0; choices && i < j->n_choices; i++) {
-        choice *c = &j->choices[i];
-        zse_buf text = {0};
-        if (j->req.echo) {
-            char *t = prompt_text(j, &j->req.prompts[c->prompt]);
-            zse_buf_puts(&text, t ? t : "");
-            free(t);
-        }
-        zse_buf_append(&text, zse_buf_str(&c->text), c->text.len);
-        json_t *lp = j->req.logprobs ? (c->logprobs ? json_incref(c->logprobs) : empty_completion_logprobs()) : NULL;
-        json_t *ch = completion_choice(i, zse_buf_str(&text), text.len, lp, openai_finish(c->finish));
-        zse_buf_free(&text);
-        if (!ch || json_array_append_new(choices, ch)) {
-            json_decref(choices);
-            return NULL;
-        }
-    }
-    return whole_object(j, "text_completion", choices);
-}
-
-static json_t *whole_tgi(srv_job *j)
-{
-    choice *c = &j->choices[0];
-    zse_buf full = {0};
-    if (j->req.echo) {
-        char *t = prompt_text(j, &j->req.prompts[0]);
-        zse_buf_puts(&full, t ? t : "");
-        free(t);
-    }
-    zse_buf_append(&full, zse_buf_str(&c->text), c->text.len);
-    json_t *o = json_pack("{s:s#}", "generated_text", zse_buf_str(&full), full.len);
-    zse_buf_free(&full);
-    if (o && j->req.details)
-        json_object_set_new(o, "details", tgi_details(j, c, true));
-    return o;
-}
-
-static int whole_body(srv_job *j, zse_buf *out, int *status)
-{
-    json_t *o;
-    if (any_error(j)) {
-        srv_error e;
-        srv_error_set(&e, 500, "server_error", NULL, NULL, "generation failed; nothing was produced");
-        char *s = j->req.api == SRV_API_TGI ? srv_error_tgi_json(&e) : srv_error_openai_json(&e);
-        int rc = s ? zse_buf_puts(out, s) : -1;
-        free(s);
-        *status = 500;
-        return rc;
-    }
-    o = j->req.api == SRV_API_CHAT ? whole_chat(j) : j->req.api == SRV_API_COMPLETION ? whole_completion(j) : whole_tgi(j);
-    char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
-    json_decref(o);
-    if (!s)
-        return zse_fail("out of memory formatting the response");
-    int rc = zse_buf_puts(out, s);
-    free(s);
-    return rc;
+    if (all_ended && j->rd.n_finished < j->rd.n_choices)
+        srv_render_end_missing(&j->rd);
 }
 
 srv_pull srv_job_pull(srv_job *j, zse_buf *out, int *status, srv_wake_fn suspend, void *arg)
@@ -821,8 +387,8 @@ srv_pull srv_job_pull(srv_job *j, zse_buf *out, int *status, srv_wake_fn suspend
     *status = 200;
     if (j->req.stream && !j->started) {
         j->started = true;
-        if (start_stream(j, out) != 0)
-            j->failed = true;
+        if (srv_render_start(&j->rd, out) != 0)
+            j->rd.failed = true;
     }
     for (;;) {
         if (j->tail_sent)
@@ -830,29 +396,52 @@ srv_pull srv_job_pull(srv_job *j, zse_buf *out, int *status, srv_wake_fn suspend
         pthread_mutex_lock(&j->mu);
         srv_event *evs = j->head;
         j->head = j->tail = NULL;
-        bool engine_done = j->n_engine_done == j->n_submitted;
-        if (!evs && !engine_done && out->len == 0) {
+        bool all_ended = j->n_ended == j->n_choices;
+        if (!evs && !all_ended && out->len == 0) {
             j->waiting = true;
             suspend(arg); /* under the lock: a wake cannot come before the suspension */
             pthread_mutex_unlock(&j->mu);
             return SRV_PULL_WAIT;
         }
         pthread_mutex_unlock(&j->mu);
-        for (srv_event *ev = evs, *next; ev; ev = next) {
-            next = ev->next;
-            if (apply_event(j, ev, out) != 0)
-                j->failed = true;
-            free_event(ev);
-        }
-        if (!evs && engine_done && j->n_finished < j->n_choices)
-            end_missing(j);
-        if (j->n_finished == j->n_choices) {
-            int rc = j->req.stream ? stream_tail(j, out) : whole_body(j, out, status);
-            if (rc != 0 && !j->req.stream)
-                *status = 500;
+        apply_events(j, evs, out);
+        if (!evs)
+            end_if_all_ended(j, all_ended);
+        if (j->rd.n_finished == j->rd.n_choices) {
+            if (srv_render_tail(&j->rd, out) != 0)
+                j->rd.failed = true;
             j->tail_sent = true;
         }
-        if (out->len && (j->req.stream || j->tail_sent))
+        if (out->len)
             return SRV_PULL_DATA;
     }
+}
+
+bool srv_job_wait_whole(srv_job *j, srv_wake_fn suspend, void *arg)
+{
+    pthread_mutex_lock(&j->mu);
+    bool done = j->n_ended == j->n_choices;
+    if (!done) {
+        j->waiting = true;
+        suspend(arg); /* under the lock: the wake for the last end cannot come first */
+    }
+    pthread_mutex_unlock(&j->mu);
+    return done;
+}
+
+int srv_job_whole(srv_job *j, zse_buf *out, int *status, int *retry_after)
+{
+    pthread_mutex_lock(&j->mu);
+    srv_event *evs = j->head;
+    j->head = j->tail = NULL;
+    bool all_ended = j->n_ended == j->n_choices;
+    pthread_mutex_unlock(&j->mu);
+    apply_events(j, evs, out);
+    end_if_all_ended(j, all_ended);
+    if (!all_ended) {
+        *status = 500;
+        *retry_after = 0;
+        return zse_fail("the answer was asked for before every sequence ended");
+    }
+    return srv_render_whole(&j->rd, out, status, retry_after);
 }

@@ -116,9 +116,10 @@ static const char *bearer_token(const char *h, size_t *len)
 }
 
 srv_auth srv_keyring_check(srv_keyring *kr, const char *authorization, double now,
-                           char name_out[SRV_KEY_NAME_MAX + 1], srv_rate *rate)
+                           char name_out[SRV_KEY_NAME_MAX + 1], int *priority, srv_rate *rate)
 {
     name_out[0] = '\0';
+    *priority = 0;
     memset(rate, 0, sizeof *rate);
     size_t len = 0;
     const char *token = bearer_token(authorization, &len);
@@ -137,6 +138,7 @@ srv_auth srv_keyring_check(srv_keyring *kr, const char *authorization, double no
     srv_auth result = SRV_AUTH_UNKNOWN;
     if (hit) {
         memcpy(name_out, hit->key.name, SRV_KEY_NAME_MAX + 1);
+        *priority = hit->key.priority;
         if (!hit->key.enabled) {
             result = SRV_AUTH_DISABLED;
         } else if (hit->key.rate_limit > 0) {

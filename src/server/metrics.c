@@ -35,7 +35,7 @@ struct srv_metrics {
 
 static const char *const ROUTE_NAMES[SRV_N_ROUTES] = {
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/generate", "/generate_stream",
-    "/health", "/metrics", "other",
+    "/health", "/metrics", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/", "other",
 };
 
 const char *srv_route_name(srv_route r)
@@ -144,8 +144,7 @@ static int render_counter(zse_buf *out, const char *name, const char *help, uint
                           (unsigned long long)v);
 }
 
-int srv_metrics_render(srv_metrics *m, const zse_engine_stats *st, bool ready, int active_requests,
-                       uint64_t audit_dropped, zse_buf *out)
+int srv_metrics_render(srv_metrics *m, const srv_live_stats *live, zse_buf *out)
 {
     pthread_mutex_lock(&m->mu);
     int rc = zse_buf_puts(out, "# HELP zse_requests_total HTTP requests answered, by route and status\n"
@@ -169,15 +168,43 @@ int srv_metrics_render(srv_metrics *m, const zse_engine_stats *st, bool ready, i
         rc = render_histogram(out, "zse_time_per_output_token_seconds",
                               "mean time between generated tokens of a completed choice", &m->tpot);
     pthread_mutex_unlock(&m->mu);
+    const srv_guard_stats *g = &live->guard;
     if (rc == 0)
-        rc = render_gauge(out, "zse_model_ready", "1 when the model is loaded and serving", ready);
+        rc = render_gauge(out, "zse_model_ready", "1 when the model is loaded and serving", live->ready);
     if (rc == 0)
-        rc = render_gauge(out, "zse_http_requests_active", "generation requests in flight", active_requests);
+        rc = render_gauge(out, "zse_http_requests_active", "generation requests in flight", live->active_requests);
     if (rc == 0)
-        rc = render_counter(out, "zse_audit_rows_dropped_total", "audit rows lost to a full queue",
-                            audit_dropped);
-    if (rc == 0 && st) {
-        rc = render_gauge(out, "zse_queue_depth", "requests waiting for the engine", st->queued);
+        rc = render_gauge(out, "zse_http_connections", "open HTTP connections", g->open);
+    if (rc == 0)
+        rc = zse_buf_printf(out,
+                            "# HELP zse_http_connections_closed_total connections the server closed: request head or "
+                            "body past its deadline, evicted while idle to make room, or half-closed by the client "
+                            "with the request unfinished\n"
+                            "# TYPE zse_http_connections_closed_total counter\n"
+                            "zse_http_connections_closed_total{reason=\"header_timeout\"} %llu\n"
+                            "zse_http_connections_closed_total{reason=\"body_timeout\"} %llu\n"
+                            "zse_http_connections_closed_total{reason=\"evicted\"} %llu\n"
+                            "zse_http_connections_closed_total{reason=\"half_closed\"} %llu\n",
+                            (unsigned long long)g->header_timeouts, (unsigned long long)g->body_timeouts,
+                            (unsigned long long)g->evicted, (unsigned long long)g->half_closed);
+    if (rc == 0)
+        rc = render_gauge(out, "zse_http_body_bytes_buffered", "request body bytes held in memory",
+                          (double)live->body_bytes);
+    if (rc == 0)
+        rc = render_counter(out, "zse_refused_requests_total",
+                            "requests refused before reaching the API (no valid key, unknown route, bad HTTP)",
+                            live->refused);
+    if (rc == 0)
+        rc = render_counter(out, "zse_refused_requests_unanswered_total",
+                            "refused requests closed without an answer: their address was over its budget",
+                            g->refused_unanswered);
+    if (rc == 0)
+        rc = render_counter(out, "zse_audit_rows_dropped_total",
+                            "audit rows lost to a full queue or a failed write", live->audit_dropped);
+    if (rc == 0 && live->engine) {
+        const zse_engine_stats *st = live->engine;
+        rc = render_gauge(out, "zse_queue_depth", "sequences waiting: in the server's fair queue and the engine's",
+                          st->queued + live->waiting);
         if (rc == 0)
             rc = render_gauge(out, "zse_running_sequences", "sequences the engine is generating", st->running);
         if (rc == 0)
@@ -186,7 +213,8 @@ int srv_metrics_render(srv_metrics *m, const zse_engine_stats *st, bool ready, i
             rc = render_gauge(out, "zse_kv_blocks_free", "KV cache blocks free",
                               st->kv_blocks_total - st->kv_blocks_used);
         if (rc == 0)
-            rc = render_gauge(out, "zse_kv_blocks_total", "KV cache blocks in all", st->kv_blocks_total);
+            rc = render_gauge(out, "zse_kv_blocks_capacity", "KV cache blocks in all (used and free)",
+                              st->kv_blocks_total);
         if (rc == 0)
             rc = render_counter(out, "zse_preemptions_total", "sequences whose KV was freed to make room",
                                 st->preemptions);
@@ -199,6 +227,39 @@ int srv_metrics_render(srv_metrics *m, const zse_engine_stats *st, bool ready, i
         if (rc == 0)
             rc = render_gauge(out, "zse_prefix_cache_blocks", "KV blocks published in the prefix cache",
                               st->prefix_cached_blocks);
+        if (rc == 0)
+            rc = render_counter(out, "zse_spec_draft_tokens_total", "speculative draft tokens checked",
+                                st->spec.drafted);
+        if (rc == 0)
+            rc = render_counter(out, "zse_spec_accepted_tokens_total", "speculative draft tokens accepted",
+                                st->spec.accepted);
+        if (rc == 0)
+            rc = render_counter(out, "zse_spec_verify_passes_total",
+                                "sequence passes that checked drafts (tokens per pass = emitted / passes)",
+                                st->spec.passes);
+        if (rc == 0)
+            rc = render_counter(out, "zse_spec_emitted_tokens_total", "tokens those passes produced",
+                                st->spec.emitted);
+        /* weights in host memory (all zero for a resident model) */
+        const struct {
+            const char *name, *help;
+            uint64_t v;
+        } off[] = {
+            {"zse_offload_steps_total", "forward passes of a model with weights in host memory", st->offload.steps},
+            {"zse_expert_cache_hits_total", "routed experts found in the device's expert cache", st->offload.expert_hits},
+            {"zse_expert_fetches_total", "routed experts copied to the device when a step needed them",
+             st->offload.expert_fetches},
+            {"zse_expert_prefetches_total", "experts copied ahead for the next layer's predicted routing",
+             st->offload.expert_prefetches},
+            {"zse_expert_prefetch_hits_total", "prefetched experts routed to before they were evicted",
+             st->offload.expert_prefetch_hits},
+            {"zse_experts_on_host_total", "routed experts computed on the host", st->offload.expert_host},
+            {"zse_layers_streamed_total", "streamed layers computed (zStream)", st->offload.layers_streamed},
+            {"zse_offload_bytes_total", "bytes copied from host memory to the device (experts and layers)",
+             st->offload.bytes_to_device},
+        };
+        for (size_t i = 0; rc == 0 && i < sizeof off / sizeof off[0]; i++)
+            rc = render_counter(out, off[i].name, off[i].help, off[i].v);
     }
     return rc;
 }

@@ -204,9 +204,9 @@ static int parse_sampling(json_t *body, const srv_model_facts *mf, srv_request *
     s->seed = r->has_seed ? (uint64_t)i : random_seed();
     if (get_bool(body, "ignore_eos", &s->ignore_eos, e))
         return -1;
-    if (get_int(body, "priority", -1000, 1000, &i, &have, e))
+    if (get_int(body, "priority", SRV_PRIORITY_MIN, SRV_PRIORITY_MAX, &i, &r->has_priority, e))
         return -1;
-    if (have)
+    if (r->has_priority)
         r->priority = (int)i;
     if (parse_stop(body, "stop", r, e) || parse_logit_bias(body, mf->vocab_size, r, e))
         return -1;
@@ -267,10 +267,13 @@ static int parse_model(json_t *body, const srv_model_facts *mf, srv_request *r, 
         return -1;
     if (!model)
         return srv_error_invalid(e, "model", "you must provide a model parameter ('%s' is served here)", mf->name);
-    if (strcmp(model, mf->name) != 0)
+    const bool base = strcmp(model, mf->name) == 0;
+    if (!base && !mf->adapters)
         return srv_error_set(e, 404, "invalid_request_error", "model_not_found", "model",
                              "The model '%s' does not exist; this server serves '%s'", model, mf->name);
     r->model = zse_strdup(model);
+    if (!base && r->model && !(r->adapter_id = zse_strdup(model))) /* a LoRA adapter's name */
+        return oom(e);
     return r->model ? 0 : oom(e);
 }
 
@@ -520,19 +523,34 @@ static int parse_completion(json_t *body, const srv_model_facts *mf, srv_request
 
 /* ---- TGI / LoRAX --------------------------------------------------------------------- */
 
+/* adapter_id names a LoRA adapter of this server (LoRAX's adapter_source "local": a name
+ * from --lora / --lora-dir, or a path in the adapter directory); LoRAX's other sources
+ * (the Hugging Face hub, S3, Predibase) and adapter merging are refused */
 static int parse_tgi_adapter(json_t *params, const srv_model_facts *mf, srv_request *r, srv_error *e)
 {
-    const char *adapter;
-    if (get_string(params, "adapter_id", &adapter, e))
+    const char *adapter, *source;
+    if (get_string(params, "adapter_id", &adapter, e) || get_string(params, "adapter_source", &source, e))
         return -1;
+    if (source && strcmp(source, "local") != 0)
+        return srv_error_invalid(e, "parameters.adapter_source",
+                                 "adapter_source '%s' is not supported: this server serves local adapters (--lora, "
+                                 "--lora-dir, /v1/load_lora_adapter); use \"local\"", source);
+    json_t *merged = json_object_get(params, "merged_adapters"), *token = json_object_get(params, "api_token");
+    if (merged && !json_is_null(merged))
+        return srv_error_invalid(e, "parameters.merged_adapters", "merged_adapters is not supported: name one adapter");
+    if (token && !json_is_null(token))
+        return srv_error_invalid(e, "parameters.api_token", "api_token is for adapters from the hub, which this "
+                                                            "server does not load");
     if (!adapter || !*adapter || strcmp(adapter, mf->name) == 0)
         return 0;
     r->adapter_id = zse_strdup(adapter);
     if (!r->adapter_id)
         return oom(e);
+    if (mf->adapters)
+        return 0;
     return srv_error_set(e, 404, "not_found", "adapter_not_found", "parameters.adapter_id",
-                         "adapter '%s' is not loaded: this server serves only the base model '%s' "
-                         "(LoRA adapters are not served yet)", adapter, mf->name);
+                         "adapter '%s' is not loaded: this server serves only the base model '%s' (start it with "
+                         "--lora NAME=PATH or --lora-dir DIR to serve adapters)", adapter, mf->name);
 }
 
 static int parse_tgi(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
@@ -545,6 +563,8 @@ static int parse_tgi(json_t *body, const srv_model_facts *mf, srv_request *r, sr
     r->n_prompts = 1;
     r->n = 1;
     if (text_prompt(inputs, "inputs", &r->prompts[0], e))
+        return -1;
+    if (get_bool(body, "stream", &r->stream, e)) /* the compat route "/"; the others set it */
         return -1;
     json_t *p = json_object_get(body, "parameters");
     if (p && !json_is_null(p) && !json_is_object(p))
@@ -667,10 +687,23 @@ static int render_chat(srv_request *r, const zse_model *m, srv_error *e)
     return 0;
 }
 
-static int tokenize_prompt(srv_prompt *p, const zse_model *m, int flags, srv_error *e)
+static const char *prompt_word(srv_api api);
+
+static int tokenize_prompt(srv_request *r, srv_prompt *p, const zse_model *m, const srv_model_facts *mf, int flags,
+                           srv_error *e)
 {
     if (p->ids)
         return 0;
+    /* Text longer than the context could hold at the longest token is refused before the
+     * tokenizer spends seconds on it (4 MB of spaces took 2.5 s) */
+    size_t len = strlen(p->text);
+    if (mf->max_prompt_bytes && len > mf->max_prompt_bytes) {
+        const char *what = prompt_word(r->api);
+        return srv_error_set(e, 400, "invalid_request_error", "context_length_exceeded", what,
+                             "This model's maximum context length is %d tokens. However, your %s is %zu bytes, more "
+                             "than %d tokens can hold (%zu bytes at most). Please reduce the length of the %s.",
+                             mf->ctx_size, what, len, mf->ctx_size, mf->max_prompt_bytes, what);
+    }
     if (zse_tokenize(m, p->text, strlen(p->text), flags, &p->ids, &p->n_ids) != 0)
         return srv_error_invalid(e, "prompt", "cannot tokenize the prompt: %s", zse_last_error());
     return 0;
@@ -713,7 +746,8 @@ int srv_request_prepare(srv_request *r, const zse_model *m, const srv_model_fact
         r->max_tokens = TGI_DEFAULT_MAX_NEW_TOKENS;
     size_t longest = 0;
     for (size_t i = 0; i < r->n_prompts; i++) {
-        if (tokenize_prompt(&r->prompts[i], m, flags, e) || check_context(r, &r->prompts[i], mf->ctx_size, explicit_max, e))
+        if (tokenize_prompt(r, &r->prompts[i], m, mf, flags, e) ||
+            check_context(r, &r->prompts[i], mf->ctx_size, explicit_max, e))
             return -1;
         if (r->prompts[i].n_ids > longest)
             longest = r->prompts[i].n_ids;
@@ -741,5 +775,6 @@ void srv_request_free(srv_request *r)
     free(r->bias);
     free(r->user);
     free(r->adapter_id);
+    zse_adapter_release(r->adapter);
     memset(r, 0, sizeof *r);
 }

@@ -14,6 +14,7 @@
 #include <jansson.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/socket.h>
 
 /* ---- errors in the API's shape --------------------------------------------------------
  * OpenAI routes answer {"error":{"message","type","param","code"}}; TGI routes answer
@@ -36,6 +37,14 @@ int srv_error_invalid(srv_error *e, const char *param, const char *fmt, ...)
 char *srv_error_openai_json(const srv_error *e);   /* heap; NULL on allocation failure */
 char *srv_error_tgi_json(const srv_error *e);
 
+/* ---- client text made safe to show (text.c) --------------------------------------------
+ * Copies len bytes of src into dst (cap bytes, always NUL-terminated): valid UTF-8 is kept,
+ * every other byte becomes "\xNN", and with SRV_TEXT_ESCAPE_CONTROLS so do control
+ * characters (C0, DEL, C1: CR/LF and ESC cannot forge log lines or drive a terminal).
+ * Stops before a character or an escape that would not fit. Returns the length. */
+enum { SRV_TEXT_ESCAPE_CONTROLS = 1 };
+size_t srv_text_clean(char *dst, size_t cap, const char *src, size_t len, unsigned flags);
+
 /* ---- requests: what a client asked for, validated ------------------------------------- */
 typedef enum { SRV_API_CHAT, SRV_API_COMPLETION, SRV_API_TGI } srv_api;
 
@@ -50,6 +59,9 @@ typedef struct {
     const char *name;       /* the API model id */
     int vocab_size;
     int ctx_size;
+    size_t max_prompt_bytes;    /* longer prompt text cannot fit the context (0 = unknown) */
+    bool adapters;              /* LoRA adapters are served: another model name (or TGI adapter_id)
+                                 * is an adapter's, resolved by srv_request_adapter */
 } srv_model_facts;
 
 typedef struct {
@@ -72,20 +84,38 @@ typedef struct {
     int n_stop;
     zse_logit_bias *bias;
     int n_bias;
-    int priority;
+    int priority;               /* lower runs first (vLLM's convention) */
+    bool has_priority;          /* the client sent one (checked against its key's) */
     char *user;
-    char *adapter_id;           /* TGI/LoRAX; validated against the served model */
+    char *adapter_id;           /* the adapter named by OpenAI model or TGI adapter_id; NULL: the base */
+    zse_adapter *adapter;       /* it, resolved by srv_request_adapter (a reference) */
 } srv_request;
 
 /* Parses and validates a request body. Everything is checked that can be without
  * tokenizing; errors name the field. */
 int srv_request_parse(srv_api api, const char *body, size_t len, const srv_model_facts *model,
                       srv_request *out, srv_error *err);
-/* Chat: renders the template. All: tokenizes text prompts and checks the context (both
- * numbers in the message). */
+/* Chat: renders the template. All: refuses text that cannot fit (facts->max_prompt_bytes)
+ * before tokenizing, tokenizes text prompts and checks the context (both numbers in the
+ * message). */
 int srv_request_prepare(srv_request *r, const zse_model *m, const srv_model_facts *facts,
                         srv_error *err);
 void srv_request_free(srv_request *r);
+
+/* ---- LoRA adapters (lora.c) ------------------------------------------------------------- */
+/* the request's adapter (r->adapter_id) from the model: 404 naming the adapters there are
+ * when it has none of that name, 400 when the one found cannot be used */
+int srv_request_adapter(srv_request *r, zse_model *m, const srv_model_facts *mf, srv_error *e);
+/* appends every adapter to data as a model object with "parent": the base model */
+int srv_lora_models(zse_model *m, const srv_model_facts *mf, long long created, json_t *data);
+/* the model object of adapter id, or NULL when there is none */
+json_t *srv_lora_model(zse_model *m, const srv_model_facts *mf, long long created, const char *id);
+/* vLLM's POST /v1/load_lora_adapter {"lora_name", "lora_path"} and /v1/unload_lora_adapter
+ * {"lora_name"}: 0 and *message (heap), or -1 and the error */
+int srv_lora_load(zse_model *m, const srv_model_facts *mf, const char *body, size_t len, char **message, srv_error *e);
+int srv_lora_unload(zse_model *m, const char *body, size_t len, char **message, srv_error *e);
+/* the adapter tiers' metrics (nothing for a model without adapter slots) */
+int srv_lora_metrics(zse_model *m, zse_buf *out);
 
 /* ---- the generator the server drives -------------------------------------------------- */
 typedef struct {
@@ -97,30 +127,47 @@ typedef struct {
     void (*get_stats)(void *ctx, zse_engine_stats *out);
 } srv_engine;
 
-/* ---- generation jobs: one HTTP request's sequences and what they produce --------------
- * The engine calls back on its own thread; a job copies each event into a queue and wakes
- * the connection, whose thread turns events into bytes (SSE chunks, or one body at the
- * end). Engine functions are never called with the job's lock held. */
+/* ---- generation jobs: one HTTP request's sequences and what they produce (job.c) ------
+ * Each choice is handed to the engine by the admission queue (srv_job_submit_choice) or
+ * ended without it (srv_job_end_choice); the engine calls back on its own thread, and a
+ * job copies each event into a queue and wakes its consumer, which renders the events
+ * (render.c). Engine functions are never called with the job's lock held. */
 typedef struct srv_job srv_job;
 typedef void (*srv_wake_fn)(void *arg);
 
 /* takes ownership of *req (prepared). model_id and fingerprint are copied. */
 srv_job *srv_job_new(srv_request *req, const zse_model *m, const char *model_id, const char *fingerprint,
                      double t_arrival);
-/* called (under the job's lock) when events arrive for a consumer that is waiting */
+/* called (under the job's lock) when the waiting consumer has something: a stream at every
+ * event, a whole answer when every choice has ended */
 void srv_job_set_waker(srv_job *j, srv_wake_fn wake, void *arg);
-/* submits every sequence; on failure cancels those already submitted (503 queue full) */
-int srv_job_submit(srv_job *j, const srv_engine *engine, srv_error *err);
+/* called (without the job's lock, on the engine thread) after each submitted choice ended */
+void srv_job_set_seq_end(srv_job *j, void (*fn)(void *arg), void *arg);
 const char *srv_job_id(const srv_job *j);
 bool srv_job_streaming(const srv_job *j);
+int srv_job_choices(const srv_job *j);
+int srv_job_priority(const srv_job *j);
+int64_t srv_job_choice_cost(const srv_job *j, int i);   /* prompt + completion tokens at most */
+/* hands choice i to the engine; -1 when the engine refused it (the choice has ended, and
+ * the answer says the server was overloaded) */
+int srv_job_submit_choice(srv_job *j, int i, const srv_engine *engine);
+/* ends choice i, which never reached the engine */
+void srv_job_end_choice(srv_job *j, int i, zse_finish why);
+bool srv_job_gone(srv_job *j);
 
 typedef enum { SRV_PULL_DATA, SRV_PULL_WAIT, SRV_PULL_DONE } srv_pull;
 /* Streaming: appends the SSE bytes of the events that arrived. With nothing new, calls
  * suspend(arg) under the lock (so a wake cannot slip in between) and returns WAIT; after
- * the last bytes it returns DONE. Non-streaming: WAIT (suspended) until every sequence
- * ended, then DATA with the whole body and *status (200, or 500 when generation failed). */
+ * the last bytes it returns DONE. */
 srv_pull srv_job_pull(srv_job *j, zse_buf *out, int *status, srv_wake_fn suspend, void *arg);
-/* the client left: engine requests are cancelled and later events dropped */
+/* Whole answers: true when every choice has ended; else calls suspend(arg) under the lock
+ * and the waker comes when the last one ends. */
+bool srv_job_wait_whole(srv_job *j, srv_wake_fn suspend, void *arg);
+/* the whole answer, its status (200; 500 when generation failed; 503 when the engine
+ * refused it) and Retry-After; once every choice has ended */
+int srv_job_whole(srv_job *j, zse_buf *out, int *status, int *retry_after);
+/* the client left: engine requests are cancelled and later events dropped (its waiting
+ * choices leave the admission queue through srv_admit_forget) */
 void srv_job_abandon(srv_job *j, const srv_engine *engine);
 /* while the consumer waits (its connection suspended), asks probe(arg) whether the client
  * hung up; true marks the job abandoned (call srv_job_abandon to cancel) */
@@ -135,6 +182,130 @@ typedef struct {
 void srv_job_get_usage(srv_job *j, srv_job_usage *u);
 void srv_job_ref(srv_job *j);
 void srv_job_unref(srv_job *j);
+
+/* ---- rendering: events → OpenAI / TGI JSON and SSE (render.c) --------------------------
+ * The consumer-side state of a job; used only by the thread consuming its events. */
+typedef struct srv_event {
+    struct srv_event *next;
+    int choice;
+    int32_t token;          /* -1: an end without a token */
+    float logprob;
+    int n_top;
+    int32_t *top_ids;       /* owned */
+    float *top_logprobs;    /* owned */
+    zse_finish finish;
+    int prompt_tokens;
+    int completion_tokens;
+    double time;
+    char *text;             /* owned */
+} srv_event;
+
+typedef struct {
+    int prompt;             /* index into req->prompts */
+    bool finished;
+    zse_finish finish;
+    int32_t last_token;
+    int completion_tokens;
+    double t_first, t_last;
+    int n_timed;
+    zse_buf text;           /* whole text (non-streaming, TGI's final generated_text) */
+    size_t text_offset;     /* completions logprobs: characters before the next token */
+    json_t *logprobs;       /* chat: content list; completions: the legacy object; TGI: tokens */
+} srv_choice;
+
+typedef struct {
+    const srv_request *req;
+    const zse_model *model;
+    const char *id, *model_id, *fingerprint;
+    long long created;
+    double t_arrival;
+    double ttft;
+    int32_t eos[8];
+    int n_eos;
+    char **echo;            /* per prompt, with echo: the text the answer starts with (made once) */
+    srv_choice *choices;
+    int n_choices;
+    int n_finished;
+    bool failed;            /* a choice's events were lost or could not be formatted */
+    char error[512];        /* why the first failed sequence failed, as the engine said ("" = unsaid) */
+    bool overloaded;        /* the engine refused a choice */
+    const char *overload_reason;
+} srv_render;
+
+int srv_render_init(srv_render *rd, const srv_request *req, const zse_model *m, int n_choices);
+void srv_render_free(srv_render *rd);
+int srv_render_start(srv_render *rd, zse_buf *out);                      /* stream: roles, echo */
+int srv_render_event(srv_render *rd, const srv_event *ev, zse_buf *out); /* bookkeeping (+ stream bytes) */
+void srv_render_end_missing(srv_render *rd);                             /* unfinished choices end as errors */
+int srv_render_tail(srv_render *rd, zse_buf *out);                       /* stream: error, usage, [DONE] */
+int srv_render_whole(srv_render *rd, zse_buf *out, int *status, int *retry_after);
+void srv_render_usage(const srv_render *rd, srv_job_usage *u);
+
+/* ---- fair admission of sequences to the engine (admit.c) ------------------------------- */
+typedef struct srv_admit srv_admit;
+typedef struct {
+    int slots;                  /* sequences handed to the engine at once (its --max-seqs) */
+    int slots_per_tenant;       /* of them, at most this many for one key or address */
+    int64_t tokens_per_tenant;  /* prompt + completion tokens one tenant may have waiting (0: set later) */
+    int max_waiting;            /* sequences waiting in all; beyond, 503 */
+} srv_admit_config;
+
+srv_admit *srv_admit_start(const srv_admit_config *c);
+/* sequences start flowing; tokens_per_tenant fills a budget the config left at 0 */
+void srv_admit_set_engine(srv_admit *a, const srv_engine *e, int64_t tokens_per_tenant);
+/* queues every choice of j for `tenant`; 429 (the tenant's waiting tokens) or 503 (the
+ * queue is full, or stopping) in *err */
+int srv_admit_enqueue(srv_admit *a, const char *tenant, srv_job *j, srv_error *err);
+/* the client left: j's waiting choices end as cancelled */
+void srv_admit_forget(srv_admit *a, srv_job *j);
+int srv_admit_waiting(srv_admit *a);
+/* ends what waits (as cancelled) and joins; after the engine has ended every sequence */
+void srv_admit_stop(srv_admit *a);
+
+/* ---- worker threads for slow request work (work.c) ------------------------------------- */
+typedef struct srv_work srv_work;
+typedef void (*srv_work_fn)(void *arg);
+typedef enum { SRV_WORK_LIGHT, SRV_WORK_HEAVY } srv_work_lane;  /* each lane has threads of its own */
+/* n_light threads at `nice` for light tasks, n_heavy at nice 19 for heavy ones */
+srv_work *srv_work_start(int n_light, int n_heavy, int nice);
+int srv_work_push(srv_work *w, srv_work_lane lane, srv_work_fn fn, void *arg);  /* -1 once stopping */
+void srv_work_stop(srv_work *w);    /* runs what is queued, joins; later pushes fail */
+void srv_work_free(srv_work *w);    /* stops, then frees */
+
+/* ---- the connection guard: deadlines, eviction, refused-request budgets (guard.c) ------ */
+typedef struct srv_guard srv_guard;
+typedef struct srv_conn srv_conn;
+typedef enum { SRV_CONN_HEAD, SRV_CONN_BODY, SRV_CONN_BUSY } srv_conn_state;
+typedef enum {
+    SRV_CLOSE_NONE, SRV_CLOSE_HEADER_TIMEOUT, SRV_CLOSE_BODY_TIMEOUT, SRV_CLOSE_EVICTED, SRV_CLOSE_HALF_CLOSED
+} srv_close_reason;
+typedef struct {
+    int max_connections;        /* beyond 7/8 of it, the oldest waiting heads are closed */
+    double header_timeout_s;    /* a request head must arrive within this (0 = no deadline) */
+    double body_timeout_s;      /* a body within this of its head (0 = no deadline) */
+    int refused_per_min;        /* refused requests answered per address and minute (0 = all) */
+} srv_guard_config;
+typedef struct {
+    int open;
+    uint64_t header_timeouts, body_timeouts, evicted, half_closed;
+    uint64_t refused_unanswered;
+} srv_guard_stats;
+
+srv_guard *srv_guard_new(const srv_guard_config *c);
+void srv_guard_free(srv_guard *g);
+/* a connection opened (waiting for its first head); NULL when out of memory */
+srv_conn *srv_guard_open(srv_guard *g, int fd, const char *addr, double now);
+void srv_guard_set_state(srv_guard *g, srv_conn *c, srv_conn_state st, double now);
+srv_close_reason srv_guard_reason(srv_guard *g, srv_conn *c);
+/* before its descriptor is closed */
+void srv_guard_close(srv_guard *g, srv_conn *c);
+/* closes connections past their deadlines, heads the client half-closed before finishing,
+ * and makes room when the table is nearly full (the watcher calls it every 100 ms) */
+void srv_guard_tick(srv_guard *g, double now);
+/* counts a refused request from addr: false when the address is over its budget (the
+ * request gets no answer) */
+bool srv_guard_refuse(srv_guard *g, const char *addr, double now);
+void srv_guard_get_stats(srv_guard *g, srv_guard_stats *out);
 
 /* ---- sliding-window rate limit: at most `limit` admissions in any `window` seconds ----- */
 typedef struct {
@@ -168,12 +339,15 @@ int64_t srv_db_data_version(srv_db *db);
 
 #define SRV_KEY_NAME_MAX 64
 #define SRV_KEY_CHARS 52        /* "zse-" + 48 hex digits */
+#define SRV_PRIORITY_MIN (-1000)
+#define SRV_PRIORITY_MAX 1000
 
 typedef struct {
     char name[SRV_KEY_NAME_MAX + 1];
     char prefix[16];            /* the key's first characters, for telling keys apart */
     unsigned char hash[32];     /* SHA-256 of the key */
     int rate_limit;             /* requests per minute; 0 = unlimited */
+    int priority;               /* the most urgent priority its requests may ask for (lower runs first) */
     bool enabled;
     double created;             /* unix seconds */
     double last_used;           /* 0 = never */
@@ -182,10 +356,11 @@ typedef struct {
 bool srv_key_name_valid(const char *name);
 void srv_key_hash(const char *key, size_t len, unsigned char out[32]);
 /* makes a key, stores its hash, writes the key (shown once) to key_out */
-int srv_key_create(srv_db *db, const char *name, int rate_limit, char key_out[SRV_KEY_CHARS + 1]);
+int srv_key_create(srv_db *db, const char *name, int rate_limit, int priority, char key_out[SRV_KEY_CHARS + 1]);
 int srv_key_delete(srv_db *db, const char *name);
 int srv_key_set_enabled(srv_db *db, const char *name, bool enabled);
 int srv_key_set_rate_limit(srv_db *db, const char *name, int rate_limit);
+int srv_key_set_priority(srv_db *db, const char *name, int priority);
 int srv_key_list(srv_db *db, srv_key **out, size_t *n);
 int srv_key_touch(srv_db *db, const char *name, double when);
 
@@ -199,9 +374,10 @@ void srv_keyring_free(srv_keyring *kr);
 int srv_keyring_set(srv_keyring *kr, const srv_key *keys, size_t n);
 size_t srv_keyring_size(srv_keyring *kr);
 /* Checks "Bearer KEY" (the Authorization header value, may be NULL) in constant time over
- * the stored hashes, then the key's rate limit. name_out gets the key's name when known. */
+ * the stored hashes, then the key's rate limit. name_out and priority get the key's name
+ * and priority when known. */
 srv_auth srv_keyring_check(srv_keyring *kr, const char *authorization, double now,
-                           char name_out[SRV_KEY_NAME_MAX + 1], srv_rate *rate);
+                           char name_out[SRV_KEY_NAME_MAX + 1], int *priority, srv_rate *rate);
 
 /* ---- audit: one row per request, written by a background thread in batches ------------ */
 typedef struct {
@@ -223,9 +399,14 @@ typedef struct srv_audit srv_audit;
  * not NULL the thread reloads it whenever the key table changes. */
 srv_audit *srv_audit_start(const char *db_path, double retention_s, int64_t max_rows,
                            srv_keyring *kr);
-/* queues a row; never waits for the disk (rows beyond the queue bound are counted, dropped) */
+/* queues a row; never waits for the disk (rows beyond the queue bound, or lost to a failed
+ * write, are counted as dropped) */
 void srv_audit_log(srv_audit *a, const srv_audit_row *row);
 uint64_t srv_audit_dropped(srv_audit *a);
+/* counts a refused request (no valid key, unknown route, bad HTTP) for its minute, client
+ * and status: refusals never take a row of the audit table or a place in its queue */
+void srv_audit_refused(srv_audit *a, double when, const char *client, int status, const char *route);
+uint64_t srv_audit_refused_total(srv_audit *a);
 /* writes what is queued and waits for it (tests, shutdown) */
 int srv_audit_flush(srv_audit *a);
 void srv_audit_stop(srv_audit *a);   /* flushes, joins, closes */
@@ -237,13 +418,27 @@ int srv_audit_query(srv_db *db, double since, const char *key, int limit, srv_au
 int srv_audit_write(srv_db *db, const srv_audit_row *rows, size_t n);
 int srv_audit_prune(srv_db *db, double older_than, int64_t max_rows);
 
+typedef struct {
+    double minute;              /* unix seconds at the start of the minute */
+    char client[64];            /* "*": addresses past the distinct ones counted in one write */
+    int status;
+    char route[64];             /* the last route refused */
+    int64_t count;
+} srv_refused_row;
+/* adds the counts to those of the same (minute, client, status) */
+int srv_refused_write(srv_db *db, const srv_refused_row *rows, size_t n);
+int srv_refused_prune(srv_db *db, double older_than, int64_t max_rows);
+/* counts of minutes since `since`, oldest first, at most limit (0 = all) of the newest */
+int srv_refused_query(srv_db *db, double since, int limit, srv_refused_row **rows, size_t *n);
+
 /* "90s", "15m", "1h", "7d", "2w" or plain seconds */
 bool srv_parse_duration(const char *s, double *seconds);
 
 /* ---- metrics (Prometheus text) ------------------------------------------------------- */
 typedef enum {
     SRV_ROUTE_CHAT, SRV_ROUTE_COMPLETIONS, SRV_ROUTE_MODELS, SRV_ROUTE_GENERATE,
-    SRV_ROUTE_GENERATE_STREAM, SRV_ROUTE_HEALTH, SRV_ROUTE_METRICS, SRV_ROUTE_OTHER,
+    SRV_ROUTE_GENERATE_STREAM, SRV_ROUTE_HEALTH, SRV_ROUTE_METRICS, SRV_ROUTE_LORA_LOAD,
+    SRV_ROUTE_LORA_UNLOAD, SRV_ROUTE_TGI_COMPAT, SRV_ROUTE_OTHER,
     SRV_N_ROUTES
 } srv_route;
 const char *srv_route_name(srv_route r);
@@ -256,18 +451,39 @@ void srv_metrics_tokens(srv_metrics *m, int prompt_tokens, int completion_tokens
 void srv_metrics_ttft(srv_metrics *m, double seconds);
 void srv_metrics_tpot(srv_metrics *m, double seconds);
 void srv_metrics_rate_limited(srv_metrics *m);
-/* appends the exposition text; st may be NULL while the model loads */
-int srv_metrics_render(srv_metrics *m, const zse_engine_stats *st, bool ready, int active_requests,
-                       uint64_t audit_dropped, zse_buf *out);
+/* what the server knows at the moment of a scrape */
+typedef struct {
+    const zse_engine_stats *engine;     /* NULL while the model loads */
+    bool ready;
+    int active_requests;
+    int waiting;                        /* sequences in the admission queue */
+    size_t body_bytes;                  /* request bodies held */
+    srv_guard_stats guard;
+    uint64_t audit_dropped;
+    uint64_t refused;
+} srv_live_stats;
+/* appends the exposition text */
+int srv_metrics_render(srv_metrics *m, const srv_live_stats *live, zse_buf *out);
 
 /* ---- the HTTP server ----------------------------------------------------------------- */
 typedef struct {
     const char *host;           /* "127.0.0.1" */
     int port;                   /* 0 = any free port (srv_port() says which) */
+    bool listen;                /* false: no listening socket, connections come by srv_adopt_connection */
     size_t max_body;            /* bytes */
+    size_t max_buffered;        /* request body bytes held across all connections */
     int max_connections;
+    int max_connections_per_ip; /* 0 = no cap */
     int timeout_s;              /* idle connection timeout */
+    double header_timeout_s;    /* a whole request head, from the connection or the previous answer */
+    double body_timeout_s;      /* a whole body, from its head */
+    int refused_per_min;        /* refused requests answered per address and minute; 0 = all */
     int http_threads;
+    int workers;                /* threads for parsing, templates, tokenizing, whole answers */
+    int engine_slots;           /* sequences the engine runs at once (its max_seqs) */
+    int max_seqs_per_key;       /* of them, for one key or address; 0 = all but an eighth */
+    int64_t max_queued_tokens_per_key;  /* tokens waiting per key or address; 0 = engine_slots × context */
+    int max_waiting;            /* sequences waiting in the server's queue; beyond, 503 */
     const char *cors_origin;    /* NULL = no CORS headers */
     const char *tls_cert;       /* PEM files; both or neither */
     const char *tls_key;
@@ -276,6 +492,7 @@ typedef struct {
     srv_audit *audit;           /* NULL = no audit rows */
     const char *model_id;       /* the API id while loading; replaced by the model's name */
     bool log_requests;          /* one structured line per request on stderr */
+    bool allow_lora_loading;    /* /v1/load_lora_adapter and /v1/unload_lora_adapter answer */
 } srv_config;
 
 void srv_config_default(srv_config *c);
@@ -284,6 +501,9 @@ typedef struct srv_server srv_server;
 /* binds and starts answering (health says "loading" until srv_set_ready) */
 srv_server *srv_start(const srv_config *c);
 int srv_port(const srv_server *s);
+/* hands an accepted socket to the server as a new connection (a server started without a
+ * listening socket, e.g. fuzzing over a socketpair); the server closes it */
+int srv_adopt_connection(srv_server *s, int fd, const struct sockaddr *addr, socklen_t len);
 /* the model is loaded and the engine runs: generation routes open */
 void srv_set_ready(srv_server *s, zse_model *m, const srv_engine *engine);
 /* stop accepting new connections; requests on open ones get 503 */

@@ -656,12 +656,13 @@ static json_t *token_name(const gguf_vocab *v, const reader *r, int64_t id)
     return s ? json_stringn(s, l) : NULL;
 }
 
-zse_tokenizer *zse_tokenizer_from_gguf(const char *path)
+char *zse_tokenizer_json_from_gguf(const char *path, size_t *len, json_t **tokenizer_config)
 {
     zse_map m;
     if (zse_map_open(&m, path) != 0)
         return NULL;
-    zse_tokenizer *t = NULL;
+    char *text = NULL;
+    *tokenizer_config = NULL;
     if (m.size < 24 || memcmp(m.data, "GGUF", 4) != 0) {
         zse_fail("%s is not a GGUF file", path);
         goto done;
@@ -689,17 +690,33 @@ zse_tokenizer *zse_tokenizer_from_gguf(const char *path)
         json_object_set_new(cfg, "bos_token", bos);
     if (eos)
         json_object_set_new(cfg, "eos_token", eos);
-    char *text = json_dumps(j, JSON_COMPACT);
-    if (text)
-        t = zse_tokenizer_from_json(text, strlen(text), cfg);
-    else
+    /* as resolved above (the vocabulary model's default when the file does not say) */
+    json_object_set_new(cfg, "add_bos_token", json_boolean(v.add_bos == 1));
+    text = json_dumps(j, JSON_COMPACT);
+    if (text) {
+        *len = strlen(text);
+        *tokenizer_config = cfg;
+    } else {
         zse_fail("%s: out of memory building the tokenizer", path);
+        json_decref(cfg);
+    }
+    json_decref(j);
+done:
+    zse_map_close(&m);
+    return text;
+}
+
+zse_tokenizer *zse_tokenizer_from_gguf(const char *path)
+{
+    size_t len = 0;
+    json_t *cfg = NULL;
+    char *text = zse_tokenizer_json_from_gguf(path, &len, &cfg);
+    if (!text)
+        return NULL;
+    zse_tokenizer *t = zse_tokenizer_from_json(text, len, cfg);
     if (!t)
         zse_error_prefix("%s", path);
     free(text);
-    json_decref(j);
     json_decref(cfg);
-done:
-    zse_map_close(&m);
     return t;
 }

@@ -22,6 +22,10 @@ zse_tokenizer *zse_tokenizer_from_json(const char *json, size_t len, const json_
 zse_tokenizer *zse_tokenizer_from_dir(const char *dir);
 /* the tokenizer.ggml.* vocabulary of a .gguf file (models gpt2 and llama) */
 zse_tokenizer *zse_tokenizer_from_gguf(const char *path);
+/* the same vocabulary as tokenizer.json text (heap, *len bytes) and the tokenizer_config
+ * to load it with (bos_token, eos_token, add_bos_token; caller decrefs): what zse convert
+ * stores for a GGUF source */
+char *zse_tokenizer_json_from_gguf(const char *path, size_t *len, json_t **tokenizer_config);
 /* the tokenizer stored in a .zse file */
 zse_tokenizer *zse_tokenizer_from_zse(const zse_file *f);
 /* a .zse file, a .gguf file or an HF directory */

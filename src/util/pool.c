@@ -6,6 +6,7 @@
 #include "util/util.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -129,8 +130,14 @@ void zse_pool_run(zse_pool *pool, zse_pool_fn fn, void *arg)
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->mu);
     fn(arg, 0, pool->n);
-    while (atomic_load_explicit(&pool->pending, memory_order_acquire) > 0)
-        cpu_relax();
+    /* a worker that is not running (more threads than free cores) finishes only once it
+     * gets a core: after a short spin, give ours up instead of burning the time slice */
+    for (int spins = 0; atomic_load_explicit(&pool->pending, memory_order_acquire) > 0; spins++) {
+        if (spins < SPIN_ROUNDS)
+            cpu_relax();
+        else
+            sched_yield();
+    }
 }
 
 void zse_pool_free(zse_pool *pool)

@@ -70,7 +70,7 @@ def model_path(zse_bin):
 class Server:
     """One `zse serve` process and ways to talk to it."""
 
-    def __init__(self, zse_bin, model, extra_args=(), db=None, api_key="unused", scheme="http"):
+    def __init__(self, zse_bin, model, extra_args=(), db=None, api_key="unused", scheme="http", preexec_fn=None):
         self.tmp = tempfile.TemporaryDirectory(prefix="zse-api-")
         self.db = db or os.path.join(self.tmp.name, "zse.db")
         self.log_path = os.path.join(self.tmp.name, "serve.log")
@@ -79,7 +79,7 @@ class Server:
         args = [str(zse_bin), "serve", str(model), "--host", "127.0.0.1", "--port", "0",
                 "--db", self.db, "--threads", "2", *extra_args]
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
         self.scheme = scheme
         self.port = self._wait_for_port(60)
         self.base = f"{scheme}://127.0.0.1:{self.port}"

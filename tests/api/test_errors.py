@@ -86,7 +86,7 @@ def test_method_not_allowed(server):
     assert r.headers["allow"] == "POST"
     r = httpx.post(server.url("/v1/models"), json={}, timeout=10)
     check_shape(r, 405)
-    assert r.headers["allow"] == "GET"
+    assert r.headers["allow"] == "GET, HEAD"
 
 
 def test_body_too_large(server):

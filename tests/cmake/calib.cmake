@@ -54,5 +54,9 @@ add_test(NAME cli_calib_target_alone COMMAND zse convert ${CAL_SMALL} -o ${CAL}/
 set_tests_properties(cli_calib_target_alone PROPERTIES PASS_REGULAR_EXPRESSION "need --calibrate FILE")
 add_test(NAME cli_calib_not_4bit COMMAND zse convert ${CAL_SMALL} -o ${CAL}/x.zse --quant int8 --calibrate ${CAL_TEXT})
 set_tests_properties(cli_calib_not_4bit PROPERTIES PASS_REGULAR_EXPRESSION "use --quant int4, int4s or nf4 \\(not int8\\)")
+add_test(NAME cli_calib_moe_refused COMMAND zse convert ${PROJECT_SOURCE_DIR}/tests/fixtures/random/qwen2-moe
+  -o ${CAL}/x.zse --calibrate ${CAL_TEXT})
+set_tests_properties(cli_calib_moe_refused PROPERTIES
+  PASS_REGULAR_EXPRESSION "mixture-of-experts model \\(qwen2_moe\\): --calibrate supports dense models only")
 add_test(NAME cli_calib_bad_method COMMAND zse convert ${CAL_SMALL} -o ${CAL}/x.zse --calibrate ${CAL_TEXT} --calib-method foo)
 set_tests_properties(cli_calib_bad_method PROPERTIES PASS_REGULAR_EXPRESSION "--calib-method must be awq\\+gptq, gptq or awq")

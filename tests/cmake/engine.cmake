@@ -34,7 +34,7 @@ set_tests_properties(cli_bench_json PROPERTIES FIXTURES_REQUIRED zse_int4
 add_test(NAME cli_bench_concurrent COMMAND zse bench ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse --prompt-tokens 16
          --gen-tokens 4 --concurrency 1,3 --batch-prompt-tokens 20 --batch-gen-tokens 6 --json)
 set_tests_properties(cli_bench_concurrent PROPERTIES FIXTURES_REQUIRED zse_int4
-  PASS_REGULAR_EXPRESSION "\"memory_mb\": {\"weights\": [0-9.]+, \"kv_cache\": [0-9.]+.*\"sequences\": 1, \"prompt_tokens\": 20, \"gen_tokens\": 6.*\"sequences\": 3, ")
+  PASS_REGULAR_EXPRESSION "\"memory_mb\": {\"weights\": [0-9.]+, \"kv_cache\": [0-9.]+.*\"sequences\": 1, \"prompt_tokens\": 20, \"shared_prefix\": 0, \"gen_tokens\": 6.*\"sequences\": 3, ")
 add_test(NAME cli_bench_bad_concurrency COMMAND zse bench ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse --concurrency 8,0)
 set_tests_properties(cli_bench_bad_concurrency PROPERTIES PASS_REGULAR_EXPRESSION "--concurrency takes up to 8 counts")
 add_test(NAME cli_bench_short_ctx COMMAND zse bench ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse --prompt-tokens 64 --ctx 32)
@@ -61,3 +61,43 @@ set_tests_properties(cli_chat_pipe PROPERTIES FIXTURES_REQUIRED zse_int4)
 foreach(m mistral-window llama-headdim40 llama-rope-linear llama-rope-yarn qwen2-untied)
   zse_golden(golden_random_${m} ${ZSE_TEST_FIXTURES}/random/${m} f32)
 endforeach()
+# qwen3 (q/k norms, explicit head_dim) and the mixture-of-experts architectures: qwen2_moe
+# (shared expert, sigmoid gate, decoder_sparse_step), qwen3_moe (renormalized top-k,
+# mlp_only_layers, fused expert tensors), mixtral; bf16 files, f32 goldens
+foreach(m qwen3-headdim qwen2-moe qwen3-moe mixtral)
+  zse_golden(golden_random_${m} ${ZSE_TEST_FIXTURES}/random/${m} f32)
+endforeach()
+zse_golden(golden_random_qwen2-moe_int8 ${ZSE_TEST_FIXTURES}/random/qwen2-moe int8 --close 16 --max-err 0.05)
+# zse info on a file with experts: the MoE facts and format 2.0
+add_test(NAME cli_info_moe COMMAND sh -c
+  "$<TARGET_FILE:zse> convert ${ZSE_TEST_FIXTURES}/random/qwen2-moe -o ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe.zse --quant int8 --force >/dev/null 2>&1 && \
+   $<TARGET_FILE:zse> verify ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe.zse && $<TARGET_FILE:zse> info ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe.zse && \
+   $<TARGET_FILE:zse> info ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe.zse --json")
+set_tests_properties(cli_info_moe PROPERTIES FIXTURES_SETUP zse_moe
+  PASS_REGULAR_EXPRESSION "OK \\(40 tensors, 8 experts,.*format: +\\.zse 2\\.0.*architecture: +qwen2_moe.*experts: +8 per layer in 1 of 3 layers, 4 active per token \\(softmax weights\\).*expert ffn: +8, shared expert 24 \\(sigmoid-gated\\).*expert bytes: +[0-9.]+ KB each.*\"experts\": {.*\"n_experts\": 8,.*\"expert_bytes\": [0-9]+,.*\"active_params\": [0-9]+")
+# a flipped byte inside an expert's range: zse verify names the layer and the expert
+add_test(NAME cli_verify_moe_corrupt COMMAND sh -c
+  "off=$(python3 -c \"import json,struct,sys; f=open(sys.argv[1],'rb'); f.seek(24); n=struct.unpack('<Q',f.read(8))[0]; f.seek(64); b=json.loads(f.read(n))['experts'][0]; print(b['offset'] + 3 * b['stride'] + 100)\" ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe.zse) && \
+   cp ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe.zse ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe-bad.zse && \
+   printf 'X' | dd of=${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe-bad.zse bs=1 seek=$off conv=notrunc 2>/dev/null && \
+   ! $<TARGET_FILE:zse> verify ${PROJECT_BINARY_DIR}/cli-tests/qwen2-moe-bad.zse")
+set_tests_properties(cli_verify_moe_corrupt PROPERTIES FIXTURES_REQUIRED zse_moe
+  PASS_REGULAR_EXPRESSION "layer 1 expert 3 checksum mismatch.*1 damaged")
+# LoRA adapters against PEFT (tests/fixtures/lora, tools/make_lora_fixtures.py): zse run --lora
+# with each PEFT directory and its .zsa, logits within 1e-3 and greedy continuations equal
+add_test(NAME golden_lora COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/golden/check_lora.py
+         $<TARGET_FILE:zse> ${ZSE_TEST_FIXTURES} ${GOLD_WORK}/lora)
+set_tests_properties(golden_lora PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 600)
+# LoRA on the command line: zse chat --lora, and the errors of bad adapter flags
+add_test(NAME cli_chat_lora COMMAND sh -c
+  "printf 'hello\\n' | $<TARGET_FILE:zse> chat ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse -n 4 --temp 0 --lora ${ZSE_TEST_FIXTURES}/lora/tiny-llama/qv-rslora --lora-scale 0.5")
+set_tests_properties(cli_chat_lora PROPERTIES FIXTURES_REQUIRED zse_int4)
+add_test(NAME cli_run_lora_missing COMMAND zse run ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse -p "x" --lora /nonexistent/adapter)
+set_tests_properties(cli_run_lora_missing PROPERTIES FIXTURES_REQUIRED zse_int4 PASS_REGULAR_EXPRESSION "--lora: .*/nonexistent/adapter: No such file")
+add_test(NAME cli_run_lora_scale_alone COMMAND zse run ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse -p "x" --lora-scale 2)
+set_tests_properties(cli_run_lora_scale_alone PROPERTIES PASS_REGULAR_EXPRESSION "--lora-scale needs --lora PATH")
+add_test(NAME cli_run_lora_other_base COMMAND zse run ${PROJECT_BINARY_DIR}/cli-tests/tiny-int4.zse -p "x"
+         --lora ${ZSE_TEST_FIXTURES}/lora/tiny-qwen2/attn-r8)
+set_tests_properties(cli_run_lora_other_base PROPERTIES FIXTURES_REQUIRED zse_int4 PASS_REGULAR_EXPRESSION "trained for another base model")
+add_test(NAME cli_convert_adapter_bad COMMAND zse convert-adapter ${ZSE_TEST_FIXTURES}/tiny-llama -o ${PROJECT_BINARY_DIR}/cli-tests/bad.zsa)
+set_tests_properties(cli_convert_adapter_bad PROPERTIES PASS_REGULAR_EXPRESSION "has no adapter_config.json")

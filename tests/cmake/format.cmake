@@ -74,14 +74,29 @@ set_tests_properties(cli_info_qwen2 PROPERTIES FIXTURES_REQUIRED zse_qwen2
 add_test(NAME cli_verify_qwen2 COMMAND zse verify ${OUT}/qwen2-int8.zse)
 set_tests_properties(cli_verify_qwen2 PROPERTIES FIXTURES_REQUIRED zse_qwen2 PASS_REGULAR_EXPRESSION "OK")
 
-# tools/synth_model.py end to end: a custom shape in several shards, converted and verified
-# (skipped where numpy is not installed)
+# tools/synth_model.py end to end: a custom shape in several shards, converted and verified.
+# It needs numpy: the .venv's python (tools/install-deps.sh), else the system python3; the
+# tests skip only when neither has it.
+set(ZSE_NUMPY_PY "PY=${ZSE_VENV_PY}; $PY -c 'import numpy' 2>/dev/null || PY=python3; \
+   $PY -c 'import numpy' 2>/dev/null || { echo 'skip: no numpy in .venv or python3 (run tools/install-deps.sh)'; exit 77; }")
 add_test(NAME synth_model_convert COMMAND sh -c
-  "python3 -c 'import numpy' 2>/dev/null || exit 77; \
-   python3 ${PROJECT_SOURCE_DIR}/tools/synth_model.py --arch qwen2 --layers 2 --hidden 128 --ffn 256 \
+  "${ZSE_NUMPY_PY}; \
+   $PY ${PROJECT_SOURCE_DIR}/tools/synth_model.py --arch qwen2 --layers 2 --hidden 128 --ffn 256 \
      --heads 4 --kv-heads 2 --vocab 2304 --shard-gb 0.0004 --seed 7 \
      --tokenizer ${PROJECT_SOURCE_DIR}/tests/fixtures/tiny-qwen2 --out ${OUT}/synth \
      --zse ${OUT}/synth.zse --zse-bin $<TARGET_FILE:zse> --quant int8 && \
    $<TARGET_FILE:zse> verify ${OUT}/synth.zse && $<TARGET_FILE:zse> info ${OUT}/synth.zse --json")
 set_tests_properties(synth_model_convert PROPERTIES SKIP_RETURN_CODE 77
   PASS_REGULAR_EXPRESSION "model-00003-of-[0-9]+.safetensors.*OK.*\"architecture\": \"qwen2\".*\"vocab_size\": 2304")
+# a mixture-of-experts shape (qwen2_moe: routed experts in every layer, a gated shared expert),
+# converted to int4, verified and run (numpy as above)
+add_test(NAME synth_model_moe COMMAND sh -c
+  "${ZSE_NUMPY_PY}; \
+   $PY ${PROJECT_SOURCE_DIR}/tools/synth_model.py --arch qwen2_moe --layers 2 --hidden 128 --ffn 256 \
+     --heads 4 --kv-heads 2 --vocab 2304 --experts 6 --experts-used 2 --moe-ffn 64 --shared-ffn 96 --seed 3 \
+     --tokenizer ${PROJECT_SOURCE_DIR}/tests/fixtures/tiny-qwen2 --out ${OUT}/synth-moe \
+     --zse ${OUT}/synth-moe.zse --zse-bin $<TARGET_FILE:zse> --quant int4 && \
+   $<TARGET_FILE:zse> verify ${OUT}/synth-moe.zse && $<TARGET_FILE:zse> info ${OUT}/synth-moe.zse && \
+   $<TARGET_FILE:zse> run ${OUT}/synth-moe.zse -p 'def f(x):' -n 4 --temp 0 --threads 2")
+set_tests_properties(synth_model_moe PROPERTIES SKIP_RETURN_CODE 77
+  PASS_REGULAR_EXPRESSION "OK.*architecture: +qwen2_moe.*experts: +6 per layer in 2 of 2 layers, 2 active.*generated 4 tokens")

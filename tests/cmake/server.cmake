@@ -12,7 +12,7 @@ set_tests_properties(server_cli_key_duplicate PROPERTIES FIXTURES_REQUIRED srv_c
   PASS_REGULAR_EXPRESSION "a key named 'alice' exists already")
 add_test(NAME server_cli_key_list COMMAND zse api-key list --db ${SRV_DB})
 set_tests_properties(server_cli_key_list PROPERTIES FIXTURES_REQUIRED srv_cli_key
-  PASS_REGULAR_EXPRESSION "alice +zse-[0-9a-f]+ +30/min +enabled")
+  PASS_REGULAR_EXPRESSION "alice +zse-[0-9a-f]+ +30/min +0 +enabled")
 add_test(NAME server_cli_key_list_json COMMAND zse api-key list --json --db ${SRV_DB})
 set_tests_properties(server_cli_key_list_json PROPERTIES FIXTURES_REQUIRED srv_cli_key
   PASS_REGULAR_EXPRESSION "\"rate_limit_per_min\": 30")
@@ -25,6 +25,24 @@ set_tests_properties(server_cli_key_bad_limit PROPERTIES FIXTURES_REQUIRED srv_c
 add_test(NAME server_cli_key_bad_name COMMAND zse api-key create "a b" --db ${SRV_DB})
 set_tests_properties(server_cli_key_bad_name PROPERTIES FIXTURES_REQUIRED srv_cli_clean
   PASS_REGULAR_EXPRESSION "must be 1-64 characters")
+add_test(NAME server_cli_key_priority COMMAND zse api-key create vip --priority -20 --db ${SRV_DB})
+set_tests_properties(server_cli_key_priority PROPERTIES FIXTURES_REQUIRED srv_cli_key FIXTURES_SETUP srv_cli_vip
+  PASS_REGULAR_EXPRESSION "(^|\n)zse-[0-9a-f]+\n")
+add_test(NAME server_cli_key_set_priority COMMAND zse api-key set-priority vip 5 --db ${SRV_DB})
+set_tests_properties(server_cli_key_set_priority PROPERTIES FIXTURES_REQUIRED srv_cli_vip FIXTURES_SETUP srv_cli_vip5
+  PASS_REGULAR_EXPRESSION "set-priority 'vip' done")
+add_test(NAME server_cli_key_list_priority COMMAND zse api-key list --json --db ${SRV_DB})
+set_tests_properties(server_cli_key_list_priority PROPERTIES FIXTURES_REQUIRED srv_cli_vip5
+  PASS_REGULAR_EXPRESSION "\"name\": \"vip\",[^}]*\"priority\": 5")
+add_test(NAME server_cli_key_bad_priority COMMAND zse api-key create low --priority 1001 --db ${SRV_DB})
+set_tests_properties(server_cli_key_bad_priority PROPERTIES FIXTURES_REQUIRED srv_cli_clean
+  PASS_REGULAR_EXPRESSION "a priority is a whole number from -1000")
+add_test(NAME server_cli_audit_refused_empty COMMAND zse audit --refused --json --since 1h --db ${SRV_DB})
+set_tests_properties(server_cli_audit_refused_empty PROPERTIES FIXTURES_REQUIRED srv_cli_key
+  PASS_REGULAR_EXPRESSION "^\\[\\]")
+add_test(NAME server_cli_audit_refused_key COMMAND zse audit --refused --key alice --db ${SRV_DB})
+set_tests_properties(server_cli_audit_refused_key PROPERTIES FIXTURES_REQUIRED srv_cli_clean
+  PASS_REGULAR_EXPRESSION "--key does not apply")
 add_test(NAME server_cli_audit_empty COMMAND zse audit --json --since 1h --db ${SRV_DB})
 set_tests_properties(server_cli_audit_empty PROPERTIES FIXTURES_REQUIRED srv_cli_key PASS_REGULAR_EXPRESSION "^\\[\\]")
 add_test(NAME server_cli_audit_bad_since COMMAND zse audit --since forever --db ${SRV_DB})

@@ -71,6 +71,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 zse_dequantize_row(&t->q, t->data, t->q.rows - 1, row);
             }
         }
+        /* every part of the first and the last expert of each bank lies inside the mapping */
+        for (size_t i = 0; i < zse_file_n_expert_banks(z); i++) {
+            const zse_expert_bank *bank = zse_file_expert_bank_at(z, i);
+            for (int e = 0; e < bank->count; e += bank->count > 1 ? bank->count - 1 : 1)
+                for (int p = 0; p < ZSE_EXPERT_PARTS; p++) {
+                    char name[64];
+                    zse_tensor_info t;
+                    zse_expert_tensor(bank, e, p, name, &t);
+                    float row[256];
+                    if (t.q.cols <= 256) {
+                        zse_dequantize_row(&t.q, t.data, 0, row);
+                        zse_dequantize_row(&t.q, t.data, t.q.rows - 1, row);
+                    }
+                }
+        }
         zse_file_close(z);
     }
     unlink(path);

@@ -3,7 +3,9 @@
  *   kernels_test            correctness: every scheme through GEMV and GEMM on odd shapes
  *                           (rows/cols not multiples of the tiles, groups 32/64/128, batch
  *                           1..64), embed, the elementwise ops, RoPE, KV store and paged
- *                           attention (f16 and int8, GQA, sliding window, split-K decode)
+ *                           attention (f16 and int8, GQA, sliding window, split-K decode),
+ *                           MoE routing, the grouped expert matmul (every path, and experts the
+ *                           table places nowhere left alone) and combine
  *   kernels_test --bench    GB/s of each matmul path on Qwen2.5-7B shapes, the device copy
  *                           bandwidth it is measured against, and attention timings
  *   kernels_test --bench int4 int4s   only the matmuls of the named schemes
@@ -27,8 +29,8 @@
 #include <vector>
 
 /* scheme ids, as src/quant/quant.h numbers them (written to files: never renumbered) */
-enum { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3, Q4 = 4, Q4S = 5, NF4 = 6 };
-static const char *scheme_names[] = {"f32", "f16", "bf16", "int8", "int4", "int4s", "nf4"};
+enum { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3, Q4 = 4, Q4S = 5, NF4 = 6, Q8G = 7 };
+static const char *scheme_names[] = {"f32", "f16", "bf16", "int8", "int4", "int4s", "nf4", "int8g"};
 static const float nf4_values[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
     -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
@@ -114,13 +116,16 @@ static void pack_random(packed &p, int scheme, int64_t rows, int64_t cols, int g
         p.groups = cp / group;
     } else if (scheme == Q8) {
         p.row_bytes = round_up(cols, 32);
+    } else if (scheme == Q8G) {
+        p.row_bytes = round_up(cols, group);
+        p.groups = p.row_bytes / group;
     } else {
         int es = scheme == F32 ? 4 : 2;
         p.row_bytes = round_up(cols * es, 16);     /* the loader's re-pitch */
     }
     size_t qs_bytes = (size_t)(rows * p.row_bytes);
     p.off_scales = (size_t)round_up((int64_t)qs_bytes, 256);
-    size_t sc_bytes = four ? (size_t)(rows * p.groups * 2) : scheme == Q8 ? (size_t)rows * 4 : 0;
+    size_t sc_bytes = four || scheme == Q8G ? (size_t)(rows * p.groups * 2) : scheme == Q8 ? (size_t)rows * 4 : 0;
     p.off_mins = (size_t)round_up((int64_t)(p.off_scales + sc_bytes), 256);
     size_t total = p.off_mins + (scheme == Q4 ? sc_bytes : 0);
     p.bytes.assign(total, 0);
@@ -132,8 +137,8 @@ static void pack_random(packed &p, int scheme, int64_t rows, int64_t cols, int g
                 uint8_t v = rnd_u32() & 15;
                 int64_t c = k / 32, j = k % 32;
                 row[c * 16 + (j & 15)] |= (uint8_t)(j < 16 ? v : v << 4);
-            } else if (scheme == Q8) {
-                row[k] = (uint8_t)(int8_t)((int)(rnd_u32() % 255) - 127);
+            } else if (scheme == Q8 || scheme == Q8G) { /* int8g (GGUF Q8_0) may hold -128 */
+                row[k] = (uint8_t)(int8_t)((int)(rnd_u32() % (scheme == Q8G ? 256 : 255)) - (scheme == Q8G ? 128 : 127));
             } else if (scheme == F32) {
                 float f = rnd_uniform(-1.f, 1.f);
                 memcpy(row + 4 * k, &f, 4);
@@ -154,6 +159,10 @@ static void pack_random(packed &p, int scheme, int64_t rows, int64_t cols, int g
         float *s = (float *)(q + p.off_scales);
         for (int64_t r = 0; r < rows; r++)
             s[r] = rnd_uniform(0.001f, 0.01f);
+    } else if (scheme == Q8G) {
+        uint16_t *s = (uint16_t *)(q + p.off_scales);
+        for (int64_t i = 0; i < rows * p.groups; i++)
+            s[i] = f2h(rnd_uniform(0.001f, 0.01f));
     }
     CU(cudaMalloc(&p.dev, total));
     CU(cudaMemcpy(p.dev, q, total, cudaMemcpyHostToDevice));
@@ -163,7 +172,7 @@ static void pack_random(packed &p, int scheme, int64_t rows, int64_t cols, int g
     p.w.cols = cols;
     p.w.group_size = group;
     p.w.qs = d;
-    p.w.scales = (four || scheme == Q8) ? d + p.off_scales : NULL;
+    p.w.scales = (four || scheme == Q8 || scheme == Q8G) ? d + p.off_scales : NULL;
     p.w.mins = scheme == Q4 ? d + p.off_mins : NULL;
     p.w.row_bytes = p.row_bytes;
     p.w.groups = p.groups;
@@ -177,6 +186,7 @@ static double ref_weight(const packed &p, int64_t r, int64_t k)
     case F16: { uint16_t u; memcpy(&u, row + 2 * k, 2); return h2f(u); }
     case BF16: { uint16_t u; memcpy(&u, row + 2 * k, 2); return bf2f(u); }
     case Q8: return (double)(int8_t)row[k] * ((const float *)(p.bytes.data() + p.off_scales))[r];
+    case Q8G: return (double)(int8_t)row[k] * h2f(((const uint16_t *)(p.bytes.data() + p.off_scales))[r * p.groups + k / p.group]);
     default: break;
     }
     int64_t c = k / 32, j = k % 32;
@@ -297,7 +307,7 @@ static void check_matmul(int scheme, int64_t rows, int64_t cols, int group, int 
         }
     }
     /* GEMV: fp32 all the way. GEMM: x in f16 for 4/8-bit weights; hi+lo split for 16-bit */
-    const bool quant = scheme == Q8 || scheme == Q4 || scheme == Q4S || scheme == NF4;
+    const bool quant = scheme == Q8 || scheme == Q4 || scheme == Q4S || scheme == NF4 || scheme == Q8G;
     const double e = rel_err(ref, got);
     if (dp4a && !gemm) {
         CHECK(over_bound == 0, "gemv %s %lldx%lld g%d n=%d: %d outputs past the x-quantization bound (rel err %.3g)",
@@ -444,21 +454,21 @@ static void test_matmul(void)
 
     /* W in slabs of 128 rows (one stream), then 256 (two halves: the next dequantized on a
      * second stream while cuBLAS multiplies), 700 x 1000 at 33 rows */
-    for (int s : {Q4, Q8, F16, BF16, NF4})
+    for (int s : {Q4, Q8, F16, BF16, NF4, Q8G})
         for (int64_t slab : {128, 256}) {
             const bool split = s == F16 || s == BF16;
             const size_t xbytes = (size_t)33 * 1000 * 2 * (split ? 2 : 1);
             gemm_scratch_limit = ((xbytes + 255) & ~(size_t)255) + (size_t)slab * 1000 * 2;
-            check_matmul(s, 700, 1000, s == Q8 || split ? 0 : 64, 33, true);
+            check_matmul(s, 700, 1000, s == Q8 || split ? 0 : s == Q8G ? 32 : 64, 33, true);
         }
     gemm_scratch_limit = 0;
 
-    const int schemes[] = {F32, F16, BF16, Q8, Q4, Q4S, NF4};
+    const int schemes[] = {F32, F16, BF16, Q8, Q4, Q4S, NF4, Q8G};
     for (int s : schemes) {
-        const bool four = s == Q4 || s == Q4S || s == NF4;
+        const bool grouped = s == Q4 || s == Q4S || s == NF4 || s == Q8G;
         const int groups[] = {32, 64, 128};
-        for (int gi = 0; gi < (four ? 3 : 1); gi++) {
-            const int g = four ? groups[gi] : 0;
+        for (int gi = 0; gi < (grouped ? 3 : 1); gi++) {
+            const int g = grouped ? groups[gi] : 0;
             /* rows and cols off every tile; cols off the group too */
             const int64_t shapes[][2] = {{1, 7}, {37, 100}, {129, 301}, {300, 1000}, {17, 2053}};
             for (auto &sh : shapes)
@@ -1668,6 +1678,362 @@ static void bench(int argc, char **argv)
     }
 }
 
+
+/* ---- mixture of experts ---------------------------------------------------------------- */
+
+/* the host reference of one token's routing: softmax, the k largest (ties to the lower
+ * expert), weights renormalized or not */
+static void moe_reference_route(const float *l, int E, int k, bool renorm, int *ex, double *w)
+{
+    double mx = l[0], sum = 0;
+    for (int e = 1; e < E; e++)
+        mx = std::max(mx, (double)l[e]);
+    std::vector<double> p((size_t)E);
+    for (int e = 0; e < E; e++)
+        sum += p[(size_t)e] = exp(l[e] - mx);
+    std::vector<bool> taken((size_t)E, false);
+    double s = 0;
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int e = 0; e < E; e++)
+            if (!taken[(size_t)e] && (best < 0 || p[(size_t)e] > p[(size_t)best]))
+                best = e;
+        taken[(size_t)best] = true;
+        ex[j] = best;
+        s += w[j] = p[(size_t)best] / sum;
+    }
+    for (int j = 0; renorm && j < k; j++)
+        w[j] /= s;
+}
+
+/* Routing, the grouped expert matmul and the combine for n tokens over E experts of one
+ * scheme: the routing's arrays against the host's, every pair's row against the dense
+ * reference of its expert (bit for bit against the dense GEMV of that expert alone for the
+ * float GEMV schemes, whose per-token sums do not depend on the batch), the combine against
+ * its definition. Experts live in separate allocations, reached through the base table. */
+static void check_moe(int scheme, int E, int k, int64_t rows, int64_t cols, int group, int n, bool renorm)
+{
+    std::vector<packed> ps((size_t)E);
+    std::vector<const uint8_t *> bases((size_t)E);
+    for (int e = 0; e < E; e++) {
+        pack_random(ps[(size_t)e], scheme, rows, cols, group);
+        bases[(size_t)e] = (const uint8_t *)ps[(size_t)e].dev;
+    }
+    zse_cuda_experts ex;
+    memset(&ex, 0, sizeof ex);
+    ex.w = ps[0].w;
+    ex.w.qs = ex.w.scales = ex.w.mins = NULL;
+    ex.qs_off = 0;
+    ex.scales_off = ps[0].w.scales ? (int64_t)ps[0].off_scales : -1;
+    ex.mins_off = ps[0].w.mins ? (int64_t)ps[0].off_mins : -1;
+    const uint8_t **dbase;
+    CU(cudaMalloc(&dbase, (size_t)E * sizeof *dbase));
+    CU(cudaMemcpy(dbase, bases.data(), (size_t)E * sizeof *dbase, cudaMemcpyHostToDevice));
+    ex.base = dbase;
+    /* routing */
+    const int64_t lp = pitch_of(E), P = (int64_t)n * k, xp = pitch_of(cols), yp = pitch_of(rows);
+    std::vector<float> logits((size_t)(n * lp));
+    for (auto &v : logits)
+        v = rnd_uniform(-3.f, 3.f);
+    float *dl = dev_floats(logits);
+    void *mem;
+    CU(cudaMalloc(&mem, zse_cuda_moe_bytes(n, E, k)));
+    zse_cuda_moe r;
+    zse_cuda_moe_at(mem, n, E, k, renorm, &r);
+    LAUNCH(zse_cuda_moe_route(&r, dl, lp, n, 0));
+    std::vector<int32_t> pe((size_t)P), slot((size_t)P), tok((size_t)P), seg((size_t)E + 1), act((size_t)E + 1);
+    std::vector<float> pw((size_t)P);
+    CU(cudaDeviceSynchronize());
+    CU(cudaMemcpy(pe.data(), r.pair_expert, (size_t)P * 4, cudaMemcpyDeviceToHost));
+    CU(cudaMemcpy(pw.data(), r.pair_weight, (size_t)P * 4, cudaMemcpyDeviceToHost));
+    CU(cudaMemcpy(slot.data(), r.pair_slot, (size_t)P * 4, cudaMemcpyDeviceToHost));
+    CU(cudaMemcpy(tok.data(), r.token_of, (size_t)P * 4, cudaMemcpyDeviceToHost));
+    CU(cudaMemcpy(seg.data(), r.seg, (size_t)(E + 1) * 4, cudaMemcpyDeviceToHost));
+    CU(cudaMemcpy(act.data(), r.active, (size_t)(E + 1) * 4, cudaMemcpyDeviceToHost));
+    int bad_route = 0, place = 0, n_active = 0;
+    std::vector<int> want_tok, want_expert;
+    for (int e = 0; e < E; e++) {
+        bool any = false;
+        for (int t = 0; t < n; t++) {
+            int exs[64];
+            double ws[64];
+            moe_reference_route(&logits[(size_t)(t * lp)], E, k, renorm, exs, ws);
+            for (int j = 0; j < k; j++) {
+                if (e == 0) { /* each (t, j) once: the pair's expert and weight */
+                    /* f32 softmax over up to 64 experts against double: a few ulp of the sum */
+                    bad_route += pe[(size_t)(t * k + j)] != exs[j] || fabs(pw[(size_t)(t * k + j)] - ws[j]) > 1e-5;
+                }
+                if (exs[j] == e) {
+                    want_tok.push_back(t);
+                    want_expert.push_back(e);
+                    bad_route += tok[(size_t)place] != t || slot[(size_t)(t * k + j)] != place;
+                    place++;
+                    any = true;
+                }
+            }
+        }
+        bad_route += seg[(size_t)e + 1] != place;
+        if (any)
+            bad_route += act[(size_t)n_active++] != e;
+    }
+    bad_route += act[(size_t)E] != n_active;
+    CHECK(bad_route == 0, "moe route: %d of %d experts, top %d of %d tokens (renorm %d): %d differences from the host",
+          E, k, n, k, renorm, bad_route);
+    /* the grouped matmul over P random rows */
+    std::vector<float> xs((size_t)(P * xp));
+    for (auto &v : xs)
+        v = rnd_uniform(-1.f, 1.f);
+    float *dxs = dev_floats(xs), *dys;
+    CU(cudaMalloc(&dys, (size_t)(P * yp) * 4));
+    poison(dys, (size_t)(P * yp));
+    const size_t need = zse_cuda_moe_matmul_scratch_bytes(&ex, n, k);
+    CHECK(need <= scratch_bytes, "moe scratch %zu", need);
+    LAUNCH(zse_cuda_moe_matmul(&r, n, &ex, dxs, xp, dys, yp, scratch, scratch_bytes, 0));
+    std::vector<float> ys = host_floats(dys, (size_t)(P * yp)), got;
+    std::vector<double> ref;
+    for (int64_t i = 0; i < P; i++) {
+        const packed &pk = ps[(size_t)want_expert[(size_t)i]];
+        for (int64_t row = 0; row < rows; row++) {
+            double sum = 0;
+            for (int64_t c = 0; c < cols; c++)
+                sum += ref_weight(pk, row, c) * xs[(size_t)(i * xp + c)];
+            ref.push_back(sum);
+            got.push_back(ys[(size_t)(i * yp + row)]);
+        }
+    }
+    const bool four = scheme == Q4 || scheme == Q4S, quant_x = four;
+    const double e = rel_err(ref, got), tol = quant_x ? 2e-3 : scheme == NF4 || scheme == Q8 ? 1e-4 : 2e-5;
+    CHECK(e < tol, "moe matmul %s %d experts top %d, %lldx%lld g%d, %d tokens: rel err %.3g (tol %.1g)",
+          scheme_names[scheme], E, k, (long long)rows, (long long)cols, group, n, e, tol);
+    if (!four) {
+        /* each pair's row bit for bit the dense GEMV of its expert over that row alone */
+        int differ = 0;
+        float *dy1;
+        CU(cudaMalloc(&dy1, (size_t)yp * 4));
+        for (int64_t i = 0; i < P; i++) {
+            LAUNCH(zse_cuda_matmul_gemv(&ps[(size_t)want_expert[(size_t)i]].w, dxs + i * xp, xp, 1, dy1, yp, scratch,
+                                        scratch_bytes, 0));
+            std::vector<float> one = host_floats(dy1, (size_t)rows);
+            differ += memcmp(one.data(), &ys[(size_t)(i * yp)], (size_t)rows * 4) != 0;
+        }
+        cudaFree(dy1);
+        CHECK(differ == 0, "moe matmul %s, %d tokens: %d pairs differ from their expert's GEMV alone",
+              scheme_names[scheme], n, differ);
+    }
+    {
+        /* experts the table places nowhere (NULL: kept in host memory, run there this step):
+         * their pairs' rows are left as they were, every other row is what it was above */
+        std::vector<const uint8_t *> holes(bases);
+        for (int h = 1; h < E; h += 2)
+            holes[(size_t)h] = NULL;
+        CU(cudaMemcpy(dbase, holes.data(), (size_t)E * sizeof *dbase, cudaMemcpyHostToDevice));
+        poison(dys, (size_t)(P * yp));
+        std::vector<float> before = host_floats(dys, (size_t)(P * yp));
+        LAUNCH(zse_cuda_moe_matmul(&r, n, &ex, dxs, xp, dys, yp, scratch, scratch_bytes, 0));
+        std::vector<float> after = host_floats(dys, (size_t)(P * yp));
+        int wrong = 0;
+        for (int64_t i = 0; i < P; i++) {
+            const std::vector<float> &want = want_expert[(size_t)i] % 2 ? before : ys;
+            wrong += memcmp(&after[(size_t)(i * yp)], &want[(size_t)(i * yp)], (size_t)rows * 4) != 0;
+        }
+        CHECK(wrong == 0, "moe matmul %s, %d tokens, odd experts placed nowhere: %d of %lld pairs' rows wrong",
+              scheme_names[scheme], n, wrong, (long long)P);
+        CU(cudaMemcpy(dbase, bases.data(), (size_t)E * sizeof *dbase, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(dys, ys.data(), ys.size() * 4, cudaMemcpyHostToDevice)); /* the combine below reads them */
+    }
+    /* combine: x[t] += sum (experts ascending) weight * ys[place] + sigmoid(gate) * shared */
+    const int64_t D = rows;
+    std::vector<float> x0((size_t)(n * yp)), sh((size_t)(n * yp)), gate((size_t)(n * 4));
+    for (auto &v : x0)
+        v = rnd_uniform(-1.f, 1.f);
+    for (auto &v : sh)
+        v = rnd_uniform(-1.f, 1.f);
+    for (auto &v : gate)
+        v = rnd_uniform(-2.f, 2.f);
+    float *dx0 = dev_floats(x0), *dsh = dev_floats(sh), *dg = dev_floats(gate);
+    for (int with_shared = 0; with_shared < 2; with_shared++) {
+        CU(cudaMemcpy(dx0, x0.data(), x0.size() * 4, cudaMemcpyHostToDevice));
+        LAUNCH(zse_cuda_moe_combine(&r, n, dys, yp, with_shared ? dsh : NULL, yp, with_shared ? dg : NULL, 4, dx0, yp,
+                                    D, 0));
+        std::vector<float> xo = host_floats(dx0, x0.size());
+        std::vector<double> cref;
+        std::vector<float> cgot;
+        for (int t = 0; t < n; t++) {
+            int exs[64];
+            double ws[64];
+            moe_reference_route(&logits[(size_t)(t * lp)], E, k, renorm, exs, ws);
+            for (int64_t d = 0; d < D; d++) {
+                double acc = 0;
+                for (int j = 0; j < k; j++)
+                    acc += ws[j] * ys[(size_t)(slot[(size_t)(t * k + j)] * yp + d)];
+                if (with_shared)
+                    acc += sh[(size_t)(t * yp + d)] / (1 + exp(-gate[(size_t)(t * 4)]));
+                cref.push_back(x0[(size_t)(t * yp + d)] + acc);
+                cgot.push_back(xo[(size_t)(t * yp + d)]);
+            }
+        }
+        const double ce = rel_err(cref, cgot);
+        CHECK(ce < 1e-5, "moe combine (shared %d), %d tokens: rel err %.3g", with_shared, n, ce);
+    }
+    cudaFree(dx0);
+    cudaFree(dsh);
+    cudaFree(dg);
+    cudaFree(dxs);
+    cudaFree(dys);
+    cudaFree(dl);
+    cudaFree(mem);
+    cudaFree(dbase);
+    for (auto &pk : ps)
+        cudaFree(pk.dev);
+}
+
+static void test_moe(void)
+{
+    /* token counts through each path: dp4a GEMV tiles 1, 2, 4, 8; tensor cores past 8 (tiles
+     * 16, 32, 64, and 70 tokens: a segment past one tile) */
+    const int ns[] = {1, 2, 3, 8, 9, 20, 40, 70};
+    for (int s : {Q4, Q4S})
+        for (int n : ns)
+            check_moe(s, 7, 3, 70, 96, s == Q4 ? 32 : 64, n, n % 2 == 0);
+    for (int s : {F32, F16, BF16, Q8, NF4})
+        for (int n : {1, 5, 12})
+            check_moe(s, 6, 2, 45, 64, 32, n, true);
+    /* Mixtral's few large experts and many tokens a segment; Qwen's many experts, top 8 */
+    check_moe(Q4, 8, 2, 128, 256, 128, 64, true);
+    check_moe(Q4, 64, 8, 40, 128, 128, 3, false);
+    check_moe(Q4, 64, 8, 40, 128, 128, 33, false);
+}
+
+/* ---- LoRA: each row's adapter delta (lora.cu) ---- */
+
+/* a pool of slots built on the host: slot s adapts the modules of `mods` with rank ranks[s]
+ * (0: an empty slot) */
+struct lora_pool_h {
+    int n_slots, n_layers;
+    uint64_t slot_bytes;
+    int64_t in[7], out[7];
+    std::vector<uint8_t> bytes;
+};
+
+static void lora_fill(lora_pool_h &p, int slot, int layer, int module, int rank, float scale, uint64_t *at)
+{
+    zse_cuda_lora_entry e = {rank, scale, (int64_t)*at, 0};
+    *at = round_up(*at + (uint64_t)rank * p.in[module] * 2, 64);
+    e.bt = (int64_t)*at;
+    *at = round_up(*at + (uint64_t)rank * p.out[module] * 2, 64);
+    uint8_t *base = p.bytes.data() + (size_t)slot * p.slot_bytes;
+    memcpy(base + ((size_t)layer * 7 + module) * sizeof e, &e, sizeof e);
+    uint16_t *a = (uint16_t *)(base + e.a), *bt = (uint16_t *)(base + e.bt);
+    for (int64_t i = 0; i < rank * p.in[module]; i++)
+        a[i] = f2h(rnd_uniform(-0.5f, 0.5f));
+    for (int64_t i = 0; i < rank * p.out[module]; i++)
+        bt[i] = f2h(rnd_uniform(-0.5f, 0.5f));
+}
+
+static void check_lora(int n, int64_t in, int64_t out, int max_rank)
+{
+    lora_pool_h p;
+    p.n_slots = 3;
+    p.n_layers = 2;
+    for (int m = 0; m < 7; m++) {
+        p.in[m] = in;
+        p.out[m] = out + m; /* widths that are and are not multiples of 8 */
+    }
+    p.slot_bytes = round_up(2 * 7 * sizeof(zse_cuda_lora_entry), 64) +
+                   3 * (round_up((uint64_t)max_rank * in * 2, 64) + round_up((uint64_t)max_rank * (out + 6) * 2, 64));
+    p.bytes.assign((size_t)p.n_slots * p.slot_bytes, 0);
+    const int ranks[3][3] = {{max_rank, 3, 0}, {1, max_rank, 7}, {0, 0, 0}}; /* slot x (Q, K, V) of layer 1 */
+    for (int s = 0; s < 2; s++) {
+        uint64_t at = round_up(2 * 7 * sizeof(zse_cuda_lora_entry), 64);
+        for (int m = 0; m < 3; m++)
+            if (ranks[s][m])
+                lora_fill(p, s, 1, m, ranks[s][m], 0.25f + s, &at);
+    }
+    uint8_t *slots;
+    CU(cudaMalloc(&slots, p.bytes.size()));
+    CU(cudaMemcpy(slots, p.bytes.data(), p.bytes.size(), cudaMemcpyHostToDevice));
+    /* rows: slots 0, 1, none, out of range, 2 (empty) in turn */
+    std::vector<int32_t> of(n);
+    const int32_t pattern[5] = {0, 1, -1, 9, 2};
+    for (int t = 0; t < n; t++)
+        of[t] = pattern[(t * 7 + 1) % 5];
+    int32_t *d_of;
+    CU(cudaMalloc(&d_of, n * 4));
+    CU(cudaMemcpy(d_of, of.data(), n * 4, cudaMemcpyHostToDevice));
+    const int64_t xp = pitch_of(in);
+    std::vector<float> x = rand_vec((size_t)n * xp);
+    float *d_x = dev_floats(x);
+    zse_cuda_lora l = {};
+    l.slots = slots;
+    l.slot_bytes = p.slot_bytes;
+    l.n_slots = p.n_slots;
+    l.n_layers = p.n_layers;
+    l.layer = 1;
+    l.n_outs = 3;
+    std::vector<std::vector<float>> y0(3);
+    for (int i = 0; i < 3; i++) {
+        l.module[i] = i;
+        l.in[i] = in;
+        l.out[i] = p.out[i];
+        l.ypitch[i] = pitch_of(p.out[i]);
+        y0[i] = rand_vec((size_t)n * l.ypitch[i]);
+        l.y[i] = dev_floats(y0[i]);
+    }
+    LAUNCH(zse_cuda_lora_apply(&l, d_of, d_x, xp, n, (float *)scratch, scratch_bytes, 0));
+    bool untouched = true;
+    double worst = 0;
+    for (int i = 0; i < 3; i++) {
+        std::vector<float> y = host_floats(l.y[i], y0[i].size());
+        for (int t = 0; t < n; t++) {
+            const int s = of[t];
+            const zse_cuda_lora_entry *e = s >= 0 && s < 3
+                ? (const zse_cuda_lora_entry *)(p.bytes.data() + (size_t)s * p.slot_bytes) + 7 + i : NULL;
+            const float *yr = &y[(size_t)t * l.ypitch[i]], *y0r = &y0[i][(size_t)t * l.ypitch[i]];
+            if (!e || e->rank == 0) {
+                untouched = untouched && memcmp(yr, y0r, (size_t)l.out[i] * 4) == 0;
+                continue;
+            }
+            const uint8_t *base = p.bytes.data() + (size_t)s * p.slot_bytes;
+            const uint16_t *a = (const uint16_t *)(base + e->a), *bt = (const uint16_t *)(base + e->bt);
+            std::vector<double> u(e->rank);
+            for (int j = 0; j < e->rank; j++) {
+                u[j] = 0;
+                for (int64_t k = 0; k < in; k++)
+                    u[j] += (double)h2f(a[j * in + k]) * x[(size_t)t * xp + k];
+            }
+            double scale = 0;
+            for (int64_t o = 0; o < l.out[i]; o++) {
+                double d = 0;
+                for (int j = 0; j < e->rank; j++)
+                    d += u[j] * h2f(bt[j * l.out[i] + o]);
+                scale = fmax(scale, fabs(e->scale * d));
+                worst = fmax(worst, fabs(yr[o] - (y0r[o] + e->scale * d)) / (1 + fabs(e->scale * d)));
+            }
+        }
+        CU(cudaFree(l.y[i]));
+    }
+    CHECK(untouched, "lora n=%d: rows without an adapter (or a projection it leaves alone) changed", n);
+    CHECK(worst < 1e-4, "lora n=%d in=%lld out=%lld rank %d: error %.3g", n, (long long)in, (long long)out, max_rank, worst);
+    /* bad arguments are refused */
+    zse_cuda_lora bad = l;
+    bad.layer = 2;
+    CHECK(zse_cuda_lora_apply(&bad, d_of, d_x, xp, n, (float *)scratch, scratch_bytes, 0) == -1, "layer out of range");
+    CU(cudaFree(slots));
+    CU(cudaFree(d_of));
+    CU(cudaFree(d_x));
+}
+
+static void test_lora(void)
+{
+    for (int n : {1, 2, 4, 5, 9, 40, 64})
+        check_lora(n, 256, 512, 16);
+    check_lora(3, 37, 301, 5);       /* widths off the 8-value vectors: the scalar paths */
+    check_lora(33, 37, 301, 5);
+    check_lora(1, 3584, 3584, 128);  /* the largest rank on a 7B width */
+    check_lora(17, 1000, 2049, 64);  /* a column block past 2048 */
+    printf("lora done: %d passed, %d failed\n", passed, failed);
+}
+
 int main(int argc, char **argv)
 {
     bool do_bench = argc > 1 && strcmp(argv[1], "--bench") == 0;
@@ -1697,6 +2063,8 @@ int main(int argc, char **argv)
     test_rope_kv_store();
     test_sample();
     test_attention();
+    test_moe();
+    test_lora();
     CU(cudaDeviceSynchronize());
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;

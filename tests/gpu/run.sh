@@ -31,14 +31,14 @@ mkdir -p build-gpu
 if [ "${ZSE_GPU_SKIP_UNITS:-0}" = 1 ]; then
     note "kernels test: skipped (ZSE_GPU_SKIP_UNITS)"
 elif nvcc -std=c++17 -O3 -arch=sm_$arch -Isrc -o $kt tests/gpu/kernels_test.cu \
-        src/backend/cuda/matmul.cu src/backend/cuda/ops.cu -lcublas >"$out/build.log" 2>&1; then
+        src/backend/cuda/matmul.cu src/backend/cuda/ops.cu src/backend/cuda/moe.cu src/backend/cuda/lora.cu -lcublas >"$out/build.log" 2>&1; then
     $kt >"$out/kernels-test.log" 2>&1
     rc=$?
     note "kernels test (sm_$arch): rc=$rc $(tail -1 "$out/kernels-test.log")"
     [ $rc -ne 0 ] && grep -m 20 FAILED "$out/kernels-test.log" | tee -a "$summary"
     if [ "${ZSE_GPU_JIT75:-1}" = 1 ]; then
         if nvcc -std=c++17 -O3 -gencode arch=compute_75,code=compute_75 -Isrc -o $kt-75 tests/gpu/kernels_test.cu \
-                src/backend/cuda/matmul.cu src/backend/cuda/ops.cu -lcublas >>"$out/build.log" 2>&1; then
+                src/backend/cuda/matmul.cu src/backend/cuda/ops.cu src/backend/cuda/moe.cu src/backend/cuda/lora.cu -lcublas >>"$out/build.log" 2>&1; then
             $kt-75 >>"$out/kernels-test.log" 2>&1
             rc=$?
             note "kernels test (compute_75 PTX, JIT): rc=$rc $(tail -1 "$out/kernels-test.log")"
@@ -62,17 +62,19 @@ fi
 # here). The device image has no -dev packages: a libjansson-dev .deb carried in .deps/
 # is unpacked into build-gpu/deps when the header is missing.
 inc=""
-if [ ! -f /usr/include/jansson.h ] && ls .deps/libjansson-dev_*.deb >/dev/null 2>&1; then
-    mkdir -p build-gpu/deps && dpkg -x .deps/libjansson-dev_*.deb build-gpu/deps && inc="-Ibuild-gpu/deps/usr/include"
+deps=.deps; [ -d .device/.deps ] && deps=.device/.deps
+if [ ! -f /usr/include/jansson.h ] && ls $deps/libjansson-dev_*.deb >/dev/null 2>&1; then
+    mkdir -p build-gpu/deps && dpkg -x $deps/libjansson-dev_*.deb build-gpu/deps && inc="-Ibuild-gpu/deps/usr/include"
 fi
 bt=build-gpu/backend_test
 mkdir -p build-gpu/bt
 if [ "${ZSE_GPU_SKIP_UNITS:-0}" = 1 ]; then
     note "backend test: skipped (ZSE_GPU_SKIP_UNITS)"
-elif (for f in backend matmul ops; do
+elif (for f in backend matmul ops moe lora; do
         nvcc -std=c++17 -O3 -arch=sm_$arch -Isrc -Iinclude $inc -c src/backend/cuda/$f.cu -o build-gpu/bt/$f.o || exit 1
     done &&
-    for f in tests/gpu/backend_test.c src/quant/quant.c src/util/error.c src/util/mem.c src/util/pool.c; do
+    for f in tests/gpu/backend_test.c src/quant/quant.c src/util/error.c src/util/mem.c src/util/pool.c \
+             src/backend/lora_image.c; do
         gcc -std=c11 -O2 -Wall -Wextra -Werror -D_GNU_SOURCE -DZSE_HAVE_CUDA=1 -Isrc -Iinclude -Itests $inc \
             -c $f -o build-gpu/bt/$(basename $f .c).o || exit 1
     done &&
@@ -82,13 +84,15 @@ elif (for f in backend matmul ops; do
     note "backend test: rc=$rc $(tail -1 "$out/backend-test.log")"
     [ $rc -ne 0 ] && grep -m 20 "FAILED" "$out/backend-test.log" | tee -a "$summary"
     $bt --bench-load 2>&1 | tee -a "$summary"
+    $bt --bench-offload 2>&1 | tee -a "$summary"
 else
     note "backend test: BUILD FAILED"
     tail -20 "$out/build.log" | tee -a "$summary"
 fi
 
 # ---- 2. the whole project --------------------------------------------------------------
-if cmake -S . -B build-gpu/zse -DCMAKE_BUILD_TYPE=Release -DZSE_SANITIZE=OFF \
+# a prebuilt zse (ZSE_PREBUILT) is used as it is; otherwise the tree is built here
+if [ -z "${ZSE_PREBUILT:-}" ] && cmake -S . -B build-gpu/zse -DCMAKE_BUILD_TYPE=Release -DZSE_SANITIZE=OFF \
         -DCMAKE_CUDA_ARCHITECTURES=$arch >>"$out/build.log" 2>&1 &&
    cmake --build build-gpu/zse -j"$(nproc)" >>"$out/build.log" 2>&1; then
     note "zse build: ok"
@@ -99,7 +103,7 @@ if cmake -S . -B build-gpu/zse -DCMAKE_BUILD_TYPE=Release -DZSE_SANITIZE=OFF \
 elif [ -n "${ZSE_PREBUILT:-}" ] && [ -x "$ZSE_PREBUILT" ]; then
     # the device image lacks the -dev packages: a zse built elsewhere (same CPU
     # architecture, its shared libraries on LD_LIBRARY_PATH) stands in
-    note "zse build: skipped (no -dev packages); using the prebuilt $ZSE_PREBUILT"
+    note "zse build: using the prebuilt $ZSE_PREBUILT"
     tests/gpu/model_test.sh "$ZSE_PREBUILT" "$out" 2>&1 | tee -a "$summary"
     # the same on a zse carrying only compute_75 PTX (-DCMAKE_CUDA_ARCHITECTURES=75-virtual)
     if [ -n "${ZSE_PREBUILT75:-}" ] && [ -x "$ZSE_PREBUILT75" ]; then

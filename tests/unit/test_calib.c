@@ -3,8 +3,11 @@
  *    f32 weights and scales folded into the norms and the v / up rows computes what the plain
  *    f32 conversion does), and the scales were really there;
  *  - a calibrated int4 file's plan and header: within --target-bpw, every tensor as the header says;
+ *  - the model's hooks: taps and swaps on a resident dense model; refused with layers streamed
+ *    from host memory and (taps) on a mixture-of-experts model;
  *  - bad input: a missing, empty or too short text, a recipe that is not 4-bit, a target out of
- *    range or below what the recipe takes — each a clear error, and nothing left behind. */
+ *    range or below what the recipe takes, a mixture-of-experts or GGUF source — each a clear
+ *    error, and nothing left behind. */
 #include "format_testlib.h"
 
 #include "calib/calib.h"
@@ -194,6 +197,30 @@ static void test_model_hooks(void)
     CHECK(zse_llm_swap_weight(m->llm, "blk.7.ffn_down.weight", orig) == -1);
     CHECK(zse_llm_swap_weight(m->llm, "blk.0.ffn_up.weight", orig) == -1);
     CHECK(strstr(zse_error_message(), "cannot replace") != NULL);
+    /* layer 0 streamed from host memory: no tap, no swap */
+    zse_backend *be = zse_backend_create("cpu", 1);
+    uint8_t streamed[2] = {1, 0};
+    zse_placement pl = {.streamed = streamed, .stream_buffers = 2};
+    zse_llm *sm = be ? zse_llm_load_placed(m->file, be, 16, 16, &pl) : NULL;
+    CHECK_MSG(sm != NULL, "%s", zse_error_message());
+    if (sm) {
+        CHECK(zse_llm_set_tap(sm, count_tap, &log) == -1 && strstr(zse_error_message(), "host memory"));
+        CHECK(zse_llm_swap_weight(sm, "blk.1.ffn_down.weight", orig) == -1 &&
+              strstr(zse_error_message(), "streamed from host memory"));
+        CHECK(zse_llm_set_tap(sm, NULL, NULL) == 0);
+    }
+    zse_llm_free(sm);
+    /* a mixture-of-experts model: its experts' inputs pass no tap point */
+    zse_convert_opts moe_ref = ref;
+    CHECK(zse_convert(fixture("random/qwen2-moe"), tl_path("moe.zse"), &moe_ref) == 0);
+    zse_file *mf = zse_file_open(tl_path("moe.zse"));
+    zse_llm *mm = mf && be ? zse_llm_load(mf, be, 16, 16) : NULL;
+    CHECK_MSG(mm != NULL, "%s", zse_error_message());
+    if (mm)
+        CHECK(zse_llm_set_tap(mm, count_tap, &log) == -1 && strstr(zse_error_message(), "mixture-of-experts"));
+    zse_llm_free(mm);
+    zse_file_close(mf);
+    zse_backend_destroy(be);
     free(zeros);
     free(a);
     free(b);
@@ -217,6 +244,11 @@ static void test_plan_in_file(void)
     const json_t *cal = json_object_get(zse_file_header(f), "calibration");
     CHECK_EQ_STR(json_string_value(json_object_get(cal, "method")), "awq+gptq");
     CHECK_NEAR(json_real_value(json_object_get(cal, "target_bpw")), 5.0, 0);
+    /* the calibration key is a minor addition: 1.1 in the preamble and the header */
+    const uint8_t *base = zse_file_base(f);
+    json_t *ver = json_object_get(zse_file_header(f), "version");
+    CHECK(base[8] == 1 && base[10] == 1);
+    CHECK(json_integer_value(json_array_get(ver, 0)) == 1 && json_integer_value(json_array_get(ver, 1)) == 1);
     /* the budget holds over the tensors the plan covers, and the header says what each got */
     uint64_t bytes = 0, elements = 0;
     int upgraded = 0, planned = 0;
@@ -286,6 +318,10 @@ static void test_bad_input(void)
     expect_error(src, int4_opts(), c, "out of range");
     c.target_bpw = 4.0; /* int4 g64 takes 4.5 at these widths */
     expect_error(src, int4_opts(), c, "raise it or use a larger --group-size");
+    /* sources calibration does not take: refused before any work */
+    c = calib_opts();
+    expect_error(fixture("random/qwen2-moe"), int4_opts(), c, "is a mixture-of-experts model (qwen2_moe)");
+    expect_error(fixture("gguf/qwen2.gguf"), int4_opts(), c, "is a GGUF file");
 }
 
 int main(void)

@@ -68,7 +68,7 @@ static double attention_step(zse_backend *be, zse_kv *kv, int layer, paged_ref *
         }
     for (int s = 0; s < NSEQ; s++)
         seq_lens[s] = ref->len[s] + add[s];
-    zse_batch b = {n, tokens, positions, seq_of, slots, NSEQ, seq_lens, &ref->table[0][0], MAXB, 1, out_rows};
+    zse_batch b = {n, tokens, positions, seq_of, slots, NSEQ, seq_lens, &ref->table[0][0], MAXB, 1, out_rows, NULL, 0};
     CHECK(be->ops->begin_batch(be, &b) == 0);
 
     zse_act *k = be->ops->act_new(be, n, HKV * D), *v = be->ops->act_new(be, n, HKV * D);
@@ -171,7 +171,7 @@ static void test_kv_int8_round_trip(zse_backend *be)
     zse_kv *kv = be->ops->kv_new(be, &shape);
     int32_t tok[2] = {0, 0}, pos[2] = {0, 0}, seq[2] = {0, 1}, slots[2] = {3 * BS, 1 * BS}, lens[2] = {1, 1};
     int32_t table[2][2] = {{3, -1}, {1, -1}}, out_rows[1] = {0};
-    zse_batch b = {2, tok, pos, seq, slots, 2, lens, &table[0][0], 2, 1, out_rows};
+    zse_batch b = {2, tok, pos, seq, slots, 2, lens, &table[0][0], 2, 1, out_rows, NULL, 0};
     CHECK(be->ops->begin_batch(be, &b) == 0);
     zse_act *k = be->ops->act_new(be, 2, HKV * D), *v = be->ops->act_new(be, 2, HKV * D);
     zse_act *q = be->ops->act_new(be, 2, HQ * D), *out = be->ops->act_new(be, 2, HQ * D);
@@ -211,7 +211,7 @@ static void test_attention_limits(zse_backend *be)
     zse_kv_shape shape = {1, 2, BS, 1, 1024, ZSE_KV_STORE_F16};
     zse_kv *kv = be->ops->kv_new(be, &shape);
     int32_t tok[1] = {0}, pos[1] = {0}, seq[1] = {0}, slots[1] = {0}, lens[1] = {1}, table[1] = {0}, out_rows[1] = {0};
-    zse_batch b = {1, tok, pos, seq, slots, 1, lens, table, 1, 1, out_rows};
+    zse_batch b = {1, tok, pos, seq, slots, 1, lens, table, 1, 1, out_rows, NULL, 0};
     CHECK(be->ops->begin_batch(be, &b) == 0);
     zse_act *q = be->ops->act_new(be, 1, 1024), *out = be->ops->act_new(be, 1, 1024);
     zse_attn_params p = {1, 1, 1024, 1.0f, 0};
@@ -233,7 +233,7 @@ static void test_rope(zse_backend *be)
     CHECK(be->ops->rope_init(be, inv_freq, HD / 2, 1.25f) == 0);
     int32_t tok[T] = {0}, pos[T] = {0, 5, 1000}, seq[T] = {0}, slots[T] = {0}, lens[1] = {1001}, table[1] = {0};
     int32_t out_rows[1] = {0};
-    zse_batch b = {T, tok, pos, seq, slots, 1, lens, table, 1, 1, out_rows};
+    zse_batch b = {T, tok, pos, seq, slots, 1, lens, table, 1, 1, out_rows, NULL, 0};
     CHECK(be->ops->begin_batch(be, &b) == 0);
     zse_act *q = be->ops->act_new(be, T, H * HD), *k = be->ops->act_new(be, T, HK * HD);
     fill(q, 1.0f);
@@ -312,10 +312,10 @@ static void test_embed(zse_backend *be)
         table[i] = frand();
     int32_t tok[T] = {10, 0, 3, 10}, pos[T] = {0, 1, 2, 3}, seq[T] = {0}, slots[T] = {0}, lens[1] = {4};
     int32_t bt[1] = {0}, out_rows[1] = {3};
-    zse_batch b = {T, tok, pos, seq, slots, 1, lens, bt, 1, 1, out_rows};
+    zse_batch b = {T, tok, pos, seq, slots, 1, lens, bt, 1, 1, out_rows, NULL, 0};
     CHECK(be->ops->begin_batch(be, &b) == 0);
     for (int s = 0; s < ZSE_SCHEME_COUNT; s++) {
-        zse_qshape q = {(zse_scheme)s, V, DIM, zse_scheme_layout((zse_scheme)s) == ZSE_LAYOUT_Q4_G ? 32 : 0};
+        zse_qshape q = {(zse_scheme)s, V, DIM, zse_scheme_is_grouped((zse_scheme)s) ? 32 : 0};
         size_t bytes = zse_qshape_bytes(&q);
         uint8_t *packed = calloc(1, bytes);
         zse_quantize_rows(&q, table, packed, 0, V);
@@ -374,7 +374,7 @@ static void test_elementwise(zse_backend *be)
     /* gather: the rows that need logits, in order */
     int32_t tok[R] = {0}, pos[R] = {0, 1, 2}, seq[R] = {0}, slots[R] = {0}, lens[1] = {3}, bt[1] = {0};
     int32_t out_rows[2] = {0, 2};
-    zse_batch b = {R, tok, pos, seq, slots, 1, lens, bt, 1, 2, out_rows};
+    zse_batch b = {R, tok, pos, seq, slots, 1, lens, bt, 1, 2, out_rows, NULL, 0};
     CHECK(be->ops->begin_batch(be, &b) == 0);
     zse_act *gathered = be->ops->act_new(be, 2, DIM);
     be->ops->gather_out_rows(be, x, DIM, gathered);

@@ -114,7 +114,8 @@ static double rel_rms(const float *y, const double *ref_d, const float *ref_f, i
 
 static bool is_integer(zse_scheme s)
 {
-    return s == ZSE_SCHEME_Q8 || s == ZSE_SCHEME_Q4 || s == ZSE_SCHEME_Q4S || s == ZSE_SCHEME_NF4;
+    return s == ZSE_SCHEME_Q8 || s == ZSE_SCHEME_Q4 || s == ZSE_SCHEME_Q4S || s == ZSE_SCHEME_NF4 ||
+           s == ZSE_SCHEME_Q8G;
 }
 
 int main(void)
@@ -122,7 +123,7 @@ int main(void)
     zse_backend *be = zse_cpu_backend_create(3);
     CHECK(be != NULL);
     const zse_scheme schemes[] = {ZSE_SCHEME_F32, ZSE_SCHEME_F16, ZSE_SCHEME_BF16, ZSE_SCHEME_Q8,
-                                  ZSE_SCHEME_Q4, ZSE_SCHEME_Q4S, ZSE_SCHEME_NF4};
+                                  ZSE_SCHEME_Q4, ZSE_SCHEME_Q4S, ZSE_SCHEME_NF4, ZSE_SCHEME_Q8G};
     /* rows x cols x tokens: one element; float tails (cols % 16); an odd number of
      * 32-chunks (cols 96 at group 32, int8 at 200 -> 224); tiles of 8 and 4 plus remainders */
     const int64_t shapes[][3] = {{1, 32, 1}, {7, 100, 3}, {5, 96, 9}, {33, 200, 17}, {64, 384, 5}, {19, 1056, 11}};
@@ -132,11 +133,10 @@ int main(void)
         for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; k++)
             for (int g = 32; g <= 128; g *= 2) {
                 zse_scheme sc = schemes[s];
-                if (zse_scheme_layout(sc) != ZSE_LAYOUT_Q4_G && g != 32)
+                if (!zse_scheme_is_grouped(sc) && g != 32)
                     continue;
                 problem p;
-                problem_make(&p, sc, zse_scheme_layout(sc) == ZSE_LAYOUT_Q4_G ? g : 0, shapes[k][0], shapes[k][1],
-                             shapes[k][2]);
+                problem_make(&p, sc, zse_scheme_is_grouped(sc) ? g : 0, shapes[k][0], shapes[k][1], shapes[k][2]);
                 int64_t n = p.q.rows * p.tokens;
                 float *ys[3] = {NULL, NULL, NULL};
                 for (int path = 0; path <= best; path++) {

@@ -30,19 +30,24 @@ typedef struct {
     int32_t top0_id[MAX_OUT];
     int n_top;
     double first_event;     /* order of the first event (priority test) */
+    int first_token_clock;  /* tokens of every request emitted before this one's first */
 } result;
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static int finals;
-static int event_clock;
+static int event_clock;     /* requests that had their first event */
+static int token_clock;     /* token events of all requests */
 
 static bool on_token(void *user, const zse_token_event *ev)
 {
     result *r = user;
     pthread_mutex_lock(&mu);
-    if (r->first_event < 0)
+    if (r->first_event < 0) {
         r->first_event = event_clock++;
+        r->first_token_clock = token_clock;
+    }
+    token_clock += ev->token >= 0;
     if (ev->token >= 0 && r->n < MAX_OUT) {
         r->logprob[r->n] = ev->logprob;
         r->n_top = ev->n_top;
@@ -77,6 +82,7 @@ static void reset(result *r, int n)
     pthread_mutex_lock(&mu);
     finals = 0;
     event_clock = 0;
+    token_clock = 0;
     pthread_mutex_unlock(&mu);
 }
 
@@ -410,6 +416,69 @@ static void control(zse_model *m, const prompt *p)
     CHECK_EQ_INT(ended, 3);
 }
 
+/* Every slot busy with long priority-0 generations: a priority -10 request starts in the
+ * next step (a running one is preempted: at most the events of the step in flight and the
+ * other running request's event of that step come before its first one), and everything
+ * still says what it says alone. Aging: a priority-5 request that has waited outranks
+ * priority-0 requests that arrive after it. */
+static void priority_preemption(zse_model *m, const prompt *p)
+{
+    zse_engine_params ep = {.max_seqs = 2, .max_batch_tokens = 256, .max_queue = 16, .priority_aging_s = -1};
+    zse_engine *e = zse_engine_start(m, &ep);
+    static result r[3], ref[3];
+    reset(ref, 3);
+    zse_sampling slow = greedy(40), quick = greedy(6);
+    run_alone(m, &p[0], &slow, &ref[0]);
+    run_alone(m, &p[1], &slow, &ref[1]);
+    run_alone(m, &p[2], &quick, &ref[2]);
+    reset(r, 3);
+    CHECK(zse_engine_submit(e, p[0].ids, p[0].n, &slow, 0, on_token, &r[0], NULL) == 0);
+    CHECK(zse_engine_submit(e, p[1].ids, p[1].n, &slow, 0, on_token, &r[1], NULL) == 0);
+    for (int tries = 0; tries < 20000; tries++) { /* both are generating */
+        pthread_mutex_lock(&mu);
+        bool going = r[0].n >= 2 && r[1].n >= 2;
+        pthread_mutex_unlock(&mu);
+        if (going)
+            break;
+        usleep(500);
+    }
+    pthread_mutex_lock(&mu);
+    int before = token_clock;
+    pthread_mutex_unlock(&mu);
+    CHECK(zse_engine_submit(e, p[2].ids, p[2].n, &quick, -10, on_token, &r[2], NULL) == 0);
+    CHECK(wait_finals(3));
+    CHECK(r[2].first_event >= 0);
+    zse_engine_stats st;
+    zse_engine_get_stats(e, &st);
+    CHECK(st.preemptions >= 1);
+    for (int i = 0; i < 3; i++)
+        CHECK_MSG(same_ids(&ref[i], &r[i]) && r[i].n_final == 1, "request %d", i);
+    CHECK_MSG(r[2].first_token_clock - before <= 3, "%d events of other requests before the urgent one's first",
+              r[2].first_token_clock - before);
+    check_no_leak(e);
+    zse_engine_stop(e, 1);
+
+    /* aging: one slot, a long request running; a priority-5 request waits, then ten
+     * priority-0 ones arrive; with a level a 10 ms it has outranked them by then */
+    ep = (zse_engine_params){.max_seqs = 1, .max_batch_tokens = 256, .max_queue = 16, .priority_aging_s = 0.01};
+    e = zse_engine_start(m, &ep);
+    static result w[12];
+    reset(w, 12);
+    zse_sampling mid = greedy(12);
+    CHECK(zse_engine_submit(e, p[3].ids, p[3].n, &mid, 0, on_token, &w[0], NULL) == 0);
+    CHECK(zse_engine_submit(e, p[4].ids, p[4].n, &quick, 5, on_token, &w[1], NULL) == 0);
+    usleep(100000);
+    for (int i = 2; i < 12; i++)
+        CHECK(zse_engine_submit(e, p[3 + i].ids, p[3 + i].n, &quick, 0, on_token, &w[i], NULL) == 0);
+    CHECK(wait_finals(12));
+    int later = 0;
+    for (int i = 2; i < 12; i++)
+        later += w[i].first_event > w[1].first_event;
+    CHECK_MSG(later == 10, "the aged priority-5 request ran before only %d of 10 fresh priority-0 ones", later);
+    check_no_leak(e);
+    zse_engine_stop(e, 1);
+}
+
 /* logprobs, stop strings and stop ids through the engine */
 static void outputs(zse_model *m, const prompt *p)
 {
@@ -505,6 +574,7 @@ int main(void)
             seq_device_argmax(m, p);
             seeded(m, p);
             control(m, p);
+            priority_preemption(m, p);
             outputs(m, p);
             zse_model_free(m);
             for (int i = 0; i < N_REQ; i++)

@@ -1,6 +1,8 @@
 /* GGUF vocabularies from the project's own fixtures (tests/fixtures/gguf, made by
  * tools/make_gguf_vocab_fixtures.py): a Llama-3-style byte-level vocabulary (pre
- * "llama-bpe": ignore_merges, add_bos), a Qwen2 one, a SentencePiece one (scores, token
+ * "llama-bpe": ignore_merges, add_bos), a Qwen2 one, a DeepSeek LLM one (pre "deepseek-llm":
+ * its five splits and single digits, under merges that cross every split boundary, so any other
+ * split changes the ids), a SentencePiece one (scores, token
  * types, byte tokens), a T5 Unigram one (precompiled charsmap) and a BERT WordPiece one
  * (phantom-space vocabulary), each carrying metadata of every GGUF value type. Every golden text
  * encodes as Hugging Face did — specials as text, specials parsed, BOS added — and decodes
@@ -239,6 +241,7 @@ int main(void)
     snprintf(dir, sizeof dir, "%s/gguf", data ? data : "tests/fixtures");
     int cases = check_fixture(dir, "llama-bpe", 0, 4, "bpe-bytelevel", true) +
                 check_fixture(dir, "qwen2", -1, 2, "bpe-bytelevel", true) +
+                check_fixture(dir, "deepseek-llm", 1000, 1001, "bpe-bytelevel", true) +
                 check_fixture(dir, "spm", 1, 2, "bpe-sentencepiece", true) +
                 check_fixture(dir, "t5", -1, 1, "unigram", false) + check_fixture(dir, "bert", 2, 3, "wordpiece", false);
     printf("GGUF fixture cases: %d\n", cases);

@@ -343,6 +343,7 @@ static void test_names(void)
                         "\"vocab_size\":50,\"head_dim\":16}");
     CHECK(zse_hf_normalize_config(&c, cfg, NULL, NULL) == 0);
     json_decref(cfg);
+    c.qk_norm = true; /* qwen2's biases and qwen3's q/k norms in one table */
     const struct { const char *hf, *canon; int64_t rows, cols; } names[] = {
         {"model.embed_tokens.weight", "token_embd.weight", 50, 64},
         {"model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight", 1, 64},
@@ -451,6 +452,160 @@ static void test_config_json(void)
     json_decref(j);
 }
 
+
+/* normalizes `text` (a whole config.json): 0 / -1 */
+static int normalize_text(zse_config *c, const char *text)
+{
+    json_t *cfg = parse(text);
+    int rc = zse_hf_normalize_config(c, cfg, NULL, NULL);
+    json_decref(cfg);
+    return rc;
+}
+
+static int moe_layers_of(const zse_config *c, int *out)
+{
+    int n = 0;
+    for (int l = 0; l < c->n_layers; l++)
+        if (zse_config_layer_is_moe(c, l))
+            out[n++] = l;
+    return n;
+}
+
+/* qwen3, qwen2_moe, qwen3_moe, mixtral: what each reads, transformers' defaults for absent
+ * keys, which layers run experts, and every MoE value zse refuses */
+static void test_moe_configs(void)
+{
+    zse_config c;
+    int layers[16];
+#define SHAPE "\"num_attention_heads\":4,\"hidden_size\":64,\"intermediate_size\":128,\"vocab_size\":100"
+    /* qwen3: q/k norms, an explicit head_dim, o_proj's bias with attention_bias */
+    CHECK(normalize_text(&c, "{\"model_type\":\"qwen3\",\"num_hidden_layers\":2," SHAPE ",\"head_dim\":32,"
+                             "\"attention_bias\":true}") == 0);
+    CHECK(c.qk_norm && c.attn_bias && c.attn_out_bias && c.head_dim == 32 && c.n_experts == 0);
+    CHECK(normalize_text(&c, "{\"model_type\":\"qwen3\",\"num_hidden_layers\":2," SHAPE "}") == 0);
+    CHECK(!c.attn_bias && !c.attn_out_bias);
+    /* qwen2_moe with transformers' defaults: 60 experts, top 4, not renormalized, a gated shared expert */
+    CHECK(normalize_text(&c, "{\"model_type\":\"qwen2_moe\",\"num_hidden_layers\":3," SHAPE "}") == 0);
+    CHECK_EQ_INT(c.n_experts, 60);
+    CHECK_EQ_INT(c.n_experts_used, 4);
+    CHECK_EQ_INT(c.expert_ffn, 1408);
+    CHECK_EQ_INT(c.shared_ffn, 5632);
+    CHECK(c.shared_gate && !c.norm_topk && c.attn_bias && !c.attn_out_bias);
+    CHECK_EQ_INT(moe_layers_of(&c, layers), 3);
+    check_round_trip(&c);
+    /* decoder_sparse_step 2 and mlp_only_layers [3]: of 6 layers, 1 and 5 run experts */
+    CHECK(normalize_text(&c, "{\"model_type\":\"qwen2_moe\",\"num_hidden_layers\":6," SHAPE ",\"num_experts\":8,"
+                             "\"num_experts_per_tok\":2,\"moe_intermediate_size\":32,"
+                             "\"shared_expert_intermediate_size\":48,\"decoder_sparse_step\":2,"
+                             "\"mlp_only_layers\":[3],\"norm_topk_prob\":true,\"qkv_bias\":false}") == 0);
+    CHECK(moe_layers_of(&c, layers) == 2 && layers[0] == 1 && layers[1] == 5);
+    CHECK(c.norm_topk && !c.attn_bias && c.expert_ffn == 32 && c.shared_ffn == 48);
+    check_round_trip(&c);
+    /* qwen3_moe: num_local_experts is transformers 5's name for num_experts */
+    CHECK(normalize_text(&c, "{\"model_type\":\"qwen3_moe\",\"num_hidden_layers\":2," SHAPE ",\"num_local_experts\":16,"
+                             "\"num_experts_per_tok\":3,\"norm_topk_prob\":true}") == 0);
+    CHECK(c.n_experts == 16 && c.n_experts_used == 3 && c.expert_ffn == 768 && c.norm_topk && c.qk_norm);
+    CHECK(c.shared_ffn == 0 && !c.shared_gate);
+    /* mixtral: every layer, the MLP width is the experts', always renormalized; the
+     * training-only jitter is accepted */
+    CHECK(normalize_text(&c, "{\"model_type\":\"mixtral\",\"num_hidden_layers\":2," SHAPE ",\"num_local_experts\":8,"
+                             "\"num_experts_per_tok\":2,\"router_jitter_noise\":0.1,\"router_aux_loss_coef\":0.02,"
+                             "\"head_dim\":null}") == 0);
+    CHECK(c.n_experts == 8 && c.n_experts_used == 2 && c.expert_ffn == 128 && c.norm_topk && !c.attn_bias);
+    CHECK_EQ_INT(moe_layers_of(&c, layers), 2);
+    CHECK_EQ_INT(c.head_dim, 16);
+    /* neutral values of other families' routing keys are fine */
+    CHECK(normalize_text(&c, "{\"model_type\":\"qwen3_moe\",\"num_hidden_layers\":2," SHAPE ",\"scoring_func\":\"softmax\","
+                             "\"routed_scaling_factor\":1.0,\"n_group\":null,\"topk_group\":1}") == 0);
+    /* Qwen with no experts, or every layer dense: a dense model of that architecture */
+    CHECK(normalize_text(&c, "{\"model_type\":\"qwen2_moe\",\"num_hidden_layers\":2," SHAPE ",\"num_experts\":0}") == 0);
+    CHECK(c.n_experts == 0 && moe_layers_of(&c, layers) == 0);
+    CHECK(normalize_text(&c, "{\"model_type\":\"qwen3_moe\",\"num_hidden_layers\":2," SHAPE ",\"mlp_only_layers\":[0,1]}") == 0);
+    CHECK(c.n_experts == 0 && moe_layers_of(&c, layers) == 0);
+    /* refused, each naming what */
+    const struct { const char *type, *extra, *needle; } bad[] = {
+        {"qwen3_moe", ",\"scoring_func\":\"sigmoid\"", "scoring_func"},
+        {"qwen3_moe", ",\"topk_method\":\"noaux_tc\"", "topk_method"},
+        {"qwen2_moe", ",\"routed_scaling_factor\":2.5", "routed_scaling_factor"},
+        {"mixtral", ",\"n_group\":8", "n_group"},
+        {"qwen3_moe", ",\"n_shared_experts\":2", "n_shared_experts"},
+        {"qwen3_moe", ",\"router_bias\":true", "router_bias"},
+        {"qwen3_moe", ",\"num_experts\":8,\"num_experts_per_tok\":9", "num_experts_per_tok"},
+        {"qwen3_moe", ",\"num_experts_per_tok\":0", "num_experts_per_tok"},
+        {"qwen3_moe", ",\"num_experts\":64,\"num_experts_per_tok\":33", "num_experts_per_tok"},
+        {"qwen3_moe", ",\"num_experts\":2048", "at most 1024"},
+        {"qwen3_moe", ",\"decoder_sparse_step\":0", "decoder_sparse_step"},
+        {"qwen3_moe", ",\"mlp_only_layers\":\"0\"", "mlp_only_layers"},
+        {"qwen3_moe", ",\"mlp_only_layers\":[\"a\"]", "mlp_only_layers"},
+        {"qwen3_moe", ",\"norm_topk_prob\":\"yes\"", "norm_topk_prob"},
+        {"qwen3_moe", ",\"moe_intermediate_size\":0", "intermediate size"},
+        {"qwen2_moe", ",\"shared_expert_intermediate_size\":0", "shared_expert_intermediate_size"},
+        {"mixtral", ",\"num_local_experts\":0", "num_local_experts"},
+        {"mixtral", ",\"hidden_act\":\"gelu\"", "hidden_act"},
+        {"qwen3", ",\"mlp_bias\":true", "mlp_bias"},
+        {"qwen2_moe", ",\"use_sliding_window\":true,\"sliding_window\":64,\"max_window_layers\":2", "sliding window"},
+        {"gpt_oss", "", "qwen3_moe"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char text[1024];
+        snprintf(text, sizeof text, "{\"model_type\":\"%s\",\"num_hidden_layers\":2," SHAPE "%s}", bad[i].type,
+                 bad[i].extra);
+        CHECK_MSG(normalize_text(&c, text) == -1 && tl_has(bad[i].needle), "case %zu (%s%s): %s", i, bad[i].type,
+                  bad[i].extra, zse_error_message());
+    }
+#undef SHAPE
+    /* names: the router, the shared expert, and routed experts per expert or fused */
+    CHECK(normalize_text(&c, "{\"model_type\":\"qwen2_moe\",\"num_hidden_layers\":2,\"num_attention_heads\":4,"
+                             "\"hidden_size\":64,\"intermediate_size\":128,\"vocab_size\":100,\"num_experts\":8,"
+                             "\"moe_intermediate_size\":32,\"shared_expert_intermediate_size\":48,"
+                             "\"decoder_sparse_step\":2}") == 0);
+    const struct { const char *hf, *canon; int64_t rows, cols; } names[] = {
+        {"model.layers.1.mlp.gate.weight", "blk.1.ffn_gate_inp.weight", 8, 64},
+        {"model.layers.1.mlp.shared_expert_gate.weight", "blk.1.ffn_gate_inp_shexp.weight", 1, 64},
+        {"model.layers.1.mlp.shared_expert.gate_proj.weight", "blk.1.ffn_gate_shexp.weight", 48, 64},
+        {"model.layers.1.mlp.shared_expert.up_proj.weight", "blk.1.ffn_up_shexp.weight", 48, 64},
+        {"model.layers.1.mlp.shared_expert.down_proj.weight", "blk.1.ffn_down_shexp.weight", 64, 48},
+        {"model.layers.0.mlp.gate_proj.weight", "blk.0.ffn_gate.weight", 128, 64},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        char *got = zse_hf_canonical_name(&c, names[i].hf);
+        CHECK_MSG(got && strcmp(got, names[i].canon) == 0, "%s -> %s", names[i].hf, got ? got : "NULL");
+        free(got);
+        int64_t r = 0, k = 0;
+        CHECK_MSG(zse_canonical_shape(&c, names[i].canon, &r, &k) && r == names[i].rows && k == names[i].cols,
+                  "%s: %lld x %lld", names[i].canon, (long long)r, (long long)k);
+    }
+    int64_t r, k;
+    CHECK(!zse_canonical_shape(&c, "blk.1.ffn_gate.weight", &r, &k));     /* layer 1 runs experts */
+    CHECK(!zse_canonical_shape(&c, "blk.0.ffn_gate_inp.weight", &r, &k)); /* layer 0 is dense */
+    CHECK(!zse_canonical_shape(&c, "blk.1.ffn_exps", &r, &k));            /* a bank, not a tensor */
+    CHECK(zse_canonical_rank("blk.1.ffn_gate_inp.weight") < zse_canonical_rank("blk.1.ffn_exps") &&
+          zse_canonical_rank("blk.1.ffn_exps") < zse_canonical_rank("blk.1.ffn_gate_inp_shexp.weight") &&
+          zse_canonical_rank("blk.1.ffn_down_shexp.weight") < zse_canonical_rank("blk.2.attn_norm.weight"));
+    const struct { const char *hf; int layer, expert, part; } refs[] = {
+        {"model.layers.1.mlp.experts.7.gate_proj.weight", 1, 7, ZSE_EXPERT_GATE},
+        {"model.layers.1.mlp.experts.0.up_proj.weight", 1, 0, ZSE_EXPERT_UP},
+        {"model.layers.0.mlp.experts.3.down_proj.weight", 0, 3, ZSE_EXPERT_DOWN},
+        {"model.layers.1.block_sparse_moe.experts.2.w1.weight", 1, 2, ZSE_EXPERT_GATE},
+        {"model.layers.1.block_sparse_moe.experts.2.w3.weight", 1, 2, ZSE_EXPERT_UP},
+        {"model.layers.1.block_sparse_moe.experts.2.w2.weight", 1, 2, ZSE_EXPERT_DOWN},
+        {"model.layers.1.mlp.experts.gate_up_proj", 1, -1, ZSE_EXPERT_GATE_UP},
+        {"model.layers.1.mlp.experts.down_proj", 1, -1, ZSE_EXPERT_DOWN},
+    };
+    for (size_t i = 0; i < sizeof refs / sizeof refs[0]; i++) {
+        zse_hf_expert_ref ref;
+        CHECK_MSG(zse_hf_expert_ref_of(&c, refs[i].hf, &ref) && ref.layer == refs[i].layer &&
+                      ref.expert == refs[i].expert && ref.part == refs[i].part, "%s", refs[i].hf);
+    }
+    const char *not_experts[] = {"model.layers.2.mlp.experts.0.up_proj.weight", "model.layers.1.mlp.experts.x.w1.weight",
+                                 "model.layers.1.mlp.experts.0.w4.weight", "model.layers.1.mlp.gate.weight",
+                                 "model.layers.1.mlp.experts.0.up_proj.bias"};
+    for (size_t i = 0; i < sizeof not_experts / sizeof not_experts[0]; i++) {
+        zse_hf_expert_ref ref;
+        CHECK_MSG(!zse_hf_expert_ref_of(&c, not_experts[i], &ref), "%s", not_experts[i]);
+    }
+}
+
 int main(void)
 {
     const char *fixtures = test_env("ZSE_TEST_DATA");
@@ -462,6 +617,7 @@ int main(void)
     test_spellings();
     test_directory();
     test_names();
+    test_moe_configs();
     test_config_json();
     tl_end();
     return test_main_end();

@@ -217,7 +217,7 @@ static double attention_error(zse_kv_store store, double *v_roundtrip)
         seq_of[t] = 0;
         slots[t] = table[t / 16] * 16 + t % 16;
     }
-    zse_batch b = {T, tokens, pos, seq_of, slots, 1, &len, table, 3, 1, &row};
+    zse_batch b = {T, tokens, pos, seq_of, slots, 1, &len, table, 3, 1, &row, NULL, 0};
     zse_act *aq = o->act_new(be, T, H * D), *ak = o->act_new(be, T, KVH * D), *av = o->act_new(be, T, KVH * D),
             *out = o->act_new(be, T, H * D);
     CHECK(kv && aq && ak && av && out);

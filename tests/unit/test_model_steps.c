@@ -104,9 +104,9 @@ static int step(runner *r, const seqs *sq, const int *take, const int32_t *ids, 
         memcpy(table[n_seqs], sq->table[s], sizeof table[0]);
         n_seqs++;
     }
-    zse_batch b = {n, tok, pos, seq_of, slots, n_seqs, lens, &table[0][0], NBLOCKS / NSEQ, n_out, rows};
+    zse_batch b = {n, tok, pos, seq_of, slots, n_seqs, lens, &table[0][0], NBLOCKS / NSEQ, n_out, rows, NULL, 0};
     CHECK_MSG(zse_llm_forward(r->m, r->kv, &b, logits) == 0, "%s", zse_last_error());
-    CHECK_MSG(zse_llm_forward_argmax(r->m, r->kv, &b, argmax) == 0, "%s", zse_last_error());
+    CHECK_MSG(zse_llm_forward_argmax(r->m, r->kv, &b, NULL, argmax) == 0, "%s", zse_last_error());
     return n_out;
 }
 
@@ -176,20 +176,24 @@ int main(void)
     const char *data = test_env("ZSE_TEST_DATA");
     if (!data)
         data = "tests/fixtures";
-    char dir[512], path[512];
-    snprintf(dir, sizeof dir, "%s/tiny-qwen2", data);
-    snprintf(path, sizeof path, "/tmp/zse-test-steps-%d.zse", (int)getpid());
-    zse_convert_opts o = {.scheme = ZSE_SCHEME_F32, .embed_scheme = -1, .lm_head_scheme = -1, .force = true};
-    if (zse_convert(dir, path, &o) != 0) {
-        fprintf(stderr, "cannot convert %s: %s\n", dir, zse_last_error());
-        return 1;
+    /* a dense model, and one with experts (padding tokens are routed like any other) */
+    static const char *const fixtures[] = {"tiny-qwen2", "random/qwen2-moe"};
+    for (size_t i = 0; i < sizeof fixtures / sizeof fixtures[0]; i++) {
+        char dir[512], path[512];
+        snprintf(dir, sizeof dir, "%s/%s", data, fixtures[i]);
+        snprintf(path, sizeof path, "/tmp/zse-test-steps-%d-%zu.zse", (int)getpid(), i);
+        zse_convert_opts o = {.scheme = ZSE_SCHEME_F32, .embed_scheme = -1, .lm_head_scheme = -1, .force = true};
+        if (zse_convert(dir, path, &o) != 0) {
+            fprintf(stderr, "cannot convert %s: %s\n", dir, zse_last_error());
+            return 1;
+        }
+        zse_file *f = zse_file_open(path);
+        CHECK_MSG(f != NULL, "%s", zse_last_error());
+        if (f) {
+            compare_runs(f);
+            zse_file_close(f);
+        }
+        remove(path);
     }
-    zse_file *f = zse_file_open(path);
-    CHECK_MSG(f != NULL, "%s", zse_last_error());
-    if (f) {
-        compare_runs(f);
-        zse_file_close(f);
-    }
-    remove(path);
     return test_main_end();
 }

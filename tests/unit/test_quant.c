@@ -68,6 +68,42 @@ int main(void)
         CHECK_MSG(e4 < 0.13, "int4 g%d %.4f", groups[i], e4);
         CHECK_MSG(e4s < 0.13, "int4s g%d %.4f", groups[i], e4s);
         CHECK_MSG(enf < 0.13, "nf4 g%d %.4f", groups[i], enf);
+        double e8 = round_trip_error(ZSE_SCHEME_Q8G, groups[i], 5, 256 + 40, &exact);
+        CHECK_MSG(e8 < 0.008, "int8g g%d %.4f", groups[i], e8);
+    }
+
+    /* int8g at group 32 is ggml's Q8_0, byte for byte: d = absmax / 127 stored as f16, codes
+     * round(x / d) (half away from zero) from the unrounded d */
+    {
+        enum { C = 64 };
+        float w[C];
+        for (int i = 0; i < C; i++)
+            w[i] = gauss() * 0.03f;
+        w[3] = 0.5f * (0.03f * 2.5f / 127.0f); /* near a half step */
+        zse_qshape q8g = {ZSE_SCHEME_Q8G, 1, C, 32};
+        uint8_t packed[512] = {0};
+        CHECK(zse_qshape_bytes(&q8g) == 64 + 4 && zse_qshape_bytes(&q8g) <= sizeof packed);
+        zse_quantize_rows(&q8g, w, packed, 0, 1);
+        int bad = 0;
+        for (int b = 0; b < 2; b++) {
+            float amax = 0;
+            for (int i = 0; i < 32; i++)
+                amax = fmaxf(amax, fabsf(w[b * 32 + i]));
+            float d = amax / 127.0f, id = 1.0f / d;
+            uint16_t h;
+            memcpy(&h, packed + 64 + 2 * b, 2);
+            bad += h != zse_f32_to_f16(d);
+            for (int i = 0; i < 32; i++)
+                bad += (int8_t)packed[b * 32 + i] != (int8_t)roundf(w[b * 32 + i] * id);
+        }
+        CHECK_EQ_INT(bad, 0);
+        zse_qplanes pl;
+        zse_qshape_planes(&q8g, &pl);
+        CHECK(pl.row_bytes == 64 && pl.groups == 2 && pl.scales == 64);
+        zse_qshape q8g_bad = {ZSE_SCHEME_Q8G, 1, C, 0};
+        CHECK(zse_qshape_bytes(&q8g_bad) == 0); /* int8g needs a group size */
+        CHECK(zse_scheme_is_grouped(ZSE_SCHEME_Q8G) && !zse_scheme_is_grouped(ZSE_SCHEME_Q8));
+        CHECK(zse_scheme_layout(ZSE_SCHEME_Q8G) == ZSE_LAYOUT_Q8_G);
     }
 
     /* bit-exact bf16 pass-through: a bf16 value survives f32 -> bf16 -> f32 */
@@ -105,6 +141,7 @@ int main(void)
     CHECK(zse_qshape_bytes(&huge) == 0);
     zse_scheme s;
     CHECK(zse_scheme_from_name("nf4", &s) == 0 && s == ZSE_SCHEME_NF4);
+    CHECK(zse_scheme_from_name("int8g", &s) == 0 && s == ZSE_SCHEME_Q8G);
     CHECK(zse_scheme_from_name("int3", &s) == -1);
     return test_main_end();
 }

@@ -125,6 +125,71 @@ static void distributions(void)
     CHECK(diff > 20);
 }
 
+/* Speculative verification of a draft proposed with certainty: over many trials the token
+ * it yields (the draft when accepted, else a draw from p without it) is distributed as the
+ * plain sampler's p, for a likely draft, an unlikely one and one outside top-k; the draft is
+ * accepted with probability p(draft); greedy accepts exactly the argmax. */
+static void verify_distribution(const char *what, const zse_sampling *s, const float *base, int32_t x,
+                                const double *want)
+{
+    zse_rng rng;
+    zse_rng_seed(&rng, 11);
+    zse_history none = {0};
+    int counts[V] = {0}, accepted = 0;
+    const int N = 40000;
+    for (int i = 0; i < N; i++) {
+        float logits[V];
+        memcpy(logits, base, sizeof logits);
+        zse_dist d;
+        zse_sample_dist(s, logits, V, &none, scratch_p, scratch_i, &d);
+        bool ok;
+        int32_t t = zse_dist_verify(&d, scratch_p, scratch_i, x, &rng, &ok);
+        zse_dist_release(&d, scratch_i);
+        CHECK(!ok || t == x);
+        counts[t]++;
+        accepted += ok;
+    }
+    for (int i = 0; i < V; i++)
+        CHECK_MSG(fabs((double)counts[i] / N - want[i]) < 0.01, "%s: id %d came %.4f, want %.4f", what, i,
+                  (double)counts[i] / N, want[i]);
+    CHECK_MSG(fabs((double)accepted / N - want[x]) < 0.01, "%s: draft %d accepted %.4f, p %.4f", what, x,
+              (double)accepted / N, want[x]);
+    CHECK(scratch_zero());
+}
+
+static void speculative_verification(void)
+{
+    const float base[V] = {1.0f, 2.0f, 3.0f, 0.5f, -1.0f, 2.5f, 0.0f, -2.0f};
+    zse_sampling s;
+    zse_sampling_default(&s);
+    double want[V];
+    int all[V] = {1, 1, 1, 1, 1, 1, 1, 1};
+    expected(base, 1, all, want);
+    verify_distribution("likely draft", &s, base, 2, want);
+    verify_distribution("unlikely draft", &s, base, 7, want);
+    s.top_k = 3; /* ids 2, 5, 1: a draft of 0 is never accepted */
+    int k3[V] = {0, 1, 1, 0, 0, 1, 0, 0};
+    expected(base, 1, k3, want);
+    verify_distribution("draft outside top-k", &s, base, 0, want);
+    verify_distribution("draft inside top-k", &s, base, 5, want);
+    s.top_k = 0;
+    /* greedy: the argmax, accepted only when it is the draft */
+    s.temperature = 0;
+    zse_rng rng;
+    zse_rng_seed(&rng, 3);
+    zse_history none = {0};
+    for (int32_t x = 0; x < V; x++) {
+        float logits[V];
+        memcpy(logits, base, sizeof logits);
+        zse_dist d;
+        zse_sample_dist(&s, logits, V, &none, scratch_p, scratch_i, &d);
+        bool ok;
+        int32_t t = zse_dist_verify(&d, scratch_p, scratch_i, x, &rng, &ok);
+        zse_dist_release(&d, scratch_i);
+        CHECK(t == 2 && ok == (x == 2));
+    }
+}
+
 /* a large vocabulary with a long tail: top-p sorts only the head, yet the nucleus is exact */
 static void large_vocab(void)
 {
@@ -427,6 +492,7 @@ static void rope_scaling(void)
 
 int main(void)
 {
+    speculative_verification();
     distributions();
     large_vocab();
     sorted_nucleus();

@@ -11,6 +11,7 @@
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -225,10 +226,19 @@ static char *script_text(fake_engine *fe, int n)
 /* ---- a small HTTP client over a socket --------------------------------------------- */
 
 static int port;
+static const char *source_address; /* NULL: the kernel picks (127.0.0.1) */
 
 static int connect_server(void)
 {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (source_address) { /* the whole 127/8 is loopback: other addresses are other clients */
+        struct sockaddr_in src = {.sin_family = AF_INET};
+        inet_pton(AF_INET, source_address, &src.sin_addr);
+        if (bind(fd, (struct sockaddr *)&src, sizeof src) != 0) {
+            close(fd);
+            return -1;
+        }
+    }
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
     if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
@@ -761,6 +771,108 @@ static void test_keep_alive(void)
     close(fd);
 }
 
+/* HEAD answers like GET without the body; framing that could smuggle a request is refused
+ * and the connection closed; a request's priority is checked against its client's */
+static void test_head_framing_priority(void)
+{
+    response r;
+    CHECK(http("HEAD", "/health", NULL, NULL, &r) == 200);
+    CHECK(r.body.len == 0);
+    char v[64];
+    CHECK(header(&r, "Content-Length", v, sizeof v) && atoi(v) > 0);
+    response_free(&r);
+    CHECK(http("HEAD", "/v1/models", NULL, NULL, &r) == 200 && r.body.len == 0);
+    response_free(&r);
+    CHECK(http("POST", "/health", NULL, "{}", &r) == 405);
+    CHECK(header(&r, "Allow", v, sizeof v) && strcmp(v, "GET, HEAD") == 0);
+    response_free(&r);
+    const char *smuggle[] = {
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\n{}{}",
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nxx",
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+        "GET /health HTTP/1.1\r\n\r\n",
+    };
+    const int want[] = {400, 400, 501, 501, 400};
+    for (size_t i = 0; i < sizeof smuggle / sizeof smuggle[0]; i++) {
+        int fd = connect_server();
+        send_all(fd, smuggle[i], strlen(smuggle[i]));
+        read_response(fd, &r); /* to EOF: the server closes */
+        close(fd);
+        CHECK_MSG(r.status == want[i], "framing %zu answered %d", i, r.status);
+        CHECK(header(&r, "Connection", v, sizeof v) && strcasecmp(v, "close") == 0);
+        CHECK(openai_error_shape(&r, NULL));
+        response_free(&r);
+    }
+    /* without keys every client is at priority 0: more urgent is refused, less is fine */
+    CHECK(http("POST", "/v1/chat/completions", NULL,
+               "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":2,\"priority\":-5}",
+               &r) == 400);
+    CHECK(openai_error_shape(&r, "priority"));
+    response_free(&r);
+    CHECK(http("POST", "/v1/chat/completions", NULL,
+               "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":2,\"priority\":5}",
+               &r) == 200);
+    response_free(&r);
+}
+
+static int open_long_request(const char *body)
+{
+    int fd = connect_server();
+    char req[512];
+    snprintf(req, sizeof req, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n\r\n%s",
+             strlen(body), body);
+    send_all(fd, req, strlen(req));
+    return fd;
+}
+
+/* a client that fills the engine cannot starve another: its share is capped and the
+ * next free slot goes to the client with the fewest running */
+static void test_fairness(zse_model *m)
+{
+    srv_config c;
+    srv_config_default(&c);
+    c.port = 0;
+    c.model_id = "tiny";
+    c.log_requests = false;
+    c.engine_slots = 4;
+    c.max_seqs_per_key = 3;
+    srv_server *s = srv_start(&c);
+    CHECK(s != NULL);
+    if (!s)
+        return;
+    int saved_port = port;
+    port = srv_port(s);
+    srv_set_ready(s, m, &engine_binding);
+    fe.delay_s = 0.01;
+    int running = atomic_load(&fe.submitted) - atomic_load(&fe.finished);
+    source_address = "127.0.0.2"; /* the greedy client: 2 requests of 2 long choices */
+    const char *greedy = "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":1500,\"n\":2}";
+    int fds[2] = {open_long_request(greedy), open_long_request(greedy)};
+    double end = zse_now() + 5;
+    while (atomic_load(&fe.submitted) - atomic_load(&fe.finished) < running + 3 && zse_now() < end)
+        usleep(10 * 1000);
+    usleep(100 * 1000);
+    CHECK_EQ_INT(atomic_load(&fe.submitted) - atomic_load(&fe.finished), running + 3); /* its share, not 4 */
+    response r;
+    source_address = "127.0.0.3";
+    double t0 = zse_now();
+    CHECK(http("POST", "/v1/completions", NULL, "{\"model\":\"tiny\",\"prompt\":\"a\",\"max_tokens\":3}", &r) == 200);
+    CHECK(zse_now() - t0 < 2); /* the free slot, not the end of the greedy client's 15 s */
+    response_free(&r);
+    CHECK(http("GET", "/metrics", NULL, NULL, &r) == 200);
+    CHECK(strstr(zse_buf_str(&r.body), "zse_queue_depth 1\n") != NULL); /* the greedy client's 4th choice waits */
+    response_free(&r);
+    source_address = NULL;
+    close(fds[0]);
+    close(fds[1]);
+    CHECK(srv_wait_idle(s, 5));
+    srv_drain(s);
+    srv_stop(s);
+    fe.delay_s = 0;
+    port = saved_port;
+}
+
 /* a second server with --auth and an audit log */
 static void test_auth_and_audit(zse_model *m)
 {
@@ -768,7 +880,7 @@ static void test_auth_and_audit(zse_model *m)
     snprintf(path, sizeof path, "%s/keys.db", server_test_dir);
     srv_db *db = srv_db_open(path);
     char key[SRV_KEY_CHARS + 1], slow[SRV_KEY_CHARS + 1];
-    CHECK(db && srv_key_create(db, "team-a", 0, key) == 0 && srv_key_create(db, "limited", 2, slow) == 0);
+    CHECK(db && srv_key_create(db, "team-a", 0, 0, key) == 0 && srv_key_create(db, "limited", 2, 0, slow) == 0);
     srv_keyring *kr = srv_keyring_new();
     srv_audit *audit = srv_audit_start(path, 0, 0, kr);
     CHECK(audit != NULL);
@@ -797,6 +909,15 @@ static void test_auth_and_audit(zse_model *m)
     CHECK(strstr(zse_buf_str(&r.body), "invalid_api_key") != NULL);
     response_free(&r);
     CHECK(http("GET", "/v1/models", NULL, NULL, &r) == 401);
+    response_free(&r);
+    /* refused before any body byte is read: the answer comes though the body never does */
+    int fd = connect_server();
+    const char *head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n{";
+    send_all(fd, head, strlen(head));
+    double t0 = zse_now();
+    read_response(fd, &r);
+    close(fd);
+    CHECK(r.status == 401 && zse_now() - t0 < 2);
     response_free(&r);
     CHECK(http("GET", "/health", NULL, NULL, &r) == 200); /* probes need no key */
     response_free(&r);
@@ -846,7 +967,7 @@ static void test_auth_and_audit(zse_model *m)
     srv_audit_row *rows;
     size_t n;
     CHECK(srv_audit_query(db, 0, NULL, 0, &rows, &n) == 0);
-    int ok_team = 0, limited_429 = 0, unauth = 0;
+    int ok_team = 0, limited_429 = 0;
     for (size_t i = 0; i < n; i++) {
         if (!strcmp(rows[i].key, "team-a") && rows[i].status == 200 && !strcmp(rows[i].route, "/v1/chat/completions")) {
             ok_team++;
@@ -856,13 +977,19 @@ static void test_auth_and_audit(zse_model *m)
             CHECK_EQ_STR(rows[i].method, "POST");
         }
         limited_429 += !strcmp(rows[i].key, "limited") && rows[i].status == 429;
-        unauth += rows[i].status == 401;
+        CHECK(rows[i].status != 401);                 /* refusals are counted, not rows */
         CHECK(strcmp(rows[i].route, "/health") != 0); /* probes are not audited */
     }
     CHECK_EQ_INT(ok_team, 1);
     CHECK_EQ_INT(limited_429, 1);
-    CHECK(unauth >= 4);
     free(rows);
+    srv_refused_row *counts;
+    CHECK(srv_refused_query(db, 0, 0, &counts, &n) == 0);
+    int64_t unauth = 0;
+    for (size_t i = 0; i < n; i++)
+        unauth += counts[i].status == 401 && !strcmp(counts[i].client, "127.0.0.1") ? counts[i].count : 0;
+    CHECK(unauth >= 4);
+    free(counts);
     srv_audit_stop(audit);
     srv_keyring_free(kr);
     srv_db_close(db);
@@ -896,6 +1023,8 @@ int main(void)
     test_keep_alive();
     test_disconnects();
     test_concurrent();
+    test_head_framing_priority();
+    test_fairness(m);
     test_auth_and_audit(m);
     CHECK(srv_wait_idle(s, 5));
     CHECK_EQ_INT(srv_active_requests(s), 0);

@@ -5,7 +5,8 @@
 
 #include "server/server.h"
 
-static const srv_model_facts FACTS = {"tiny", 2048, 2048};
+static const srv_model_facts FACTS = {"tiny", 2048, 2048, 0, false};
+static const srv_model_facts LORA_FACTS = {"tiny", 2048, 2048, 0, true}; /* a server with adapters */
 
 static int parse(srv_api api, const char *body, srv_request *r, srv_error *e)
 {
@@ -204,13 +205,42 @@ static void test_tgi(void)
     srv_request_free(&bad);
 }
 
+/* with adapters, another model name or a TGI adapter_id names an adapter (resolved against
+ * the model later); LoRAX's other adapter sources, merging and hub tokens are refused */
+static void test_adapters(void)
+{
+    srv_request r;
+    srv_error e;
+    const char *sql = "{\"model\":\"sql\",\"prompt\":\"x\"}", *base = "{\"model\":\"tiny\",\"prompt\":\"x\"}";
+    CHECK(srv_request_parse(SRV_API_COMPLETION, sql, strlen(sql), &LORA_FACTS, &r, &e) == 0);
+    CHECK(r.adapter_id && !strcmp(r.adapter_id, "sql") && !strcmp(r.model, "sql") && !r.adapter);
+    srv_request_free(&r);
+    CHECK(srv_request_parse(SRV_API_COMPLETION, base, strlen(base), &LORA_FACTS, &r, &e) == 0);
+    CHECK(!r.adapter_id);
+    srv_request_free(&r);
+    const char *tgi = "{\"inputs\":\"x\",\"stream\":true,\"parameters\":{\"adapter_id\":\"sql\",\"adapter_source\":\"local\"}}";
+    CHECK(srv_request_parse(SRV_API_TGI, tgi, strlen(tgi), &LORA_FACTS, &r, &e) == 0);
+    CHECK(r.adapter_id && !strcmp(r.adapter_id, "sql") && r.stream);
+    srv_request_free(&r);
+    const char *bad[][2] = {
+        {"{\"inputs\":\"x\",\"parameters\":{\"adapter_id\":\"sql\",\"adapter_source\":\"hub\"}}", "parameters.adapter_source"},
+        {"{\"inputs\":\"x\",\"parameters\":{\"adapter_id\":\"sql\",\"api_token\":\"t\"}}", "parameters.api_token"},
+        {"{\"inputs\":\"x\",\"parameters\":{\"merged_adapters\":{\"ids\":[\"a\",\"b\"]}}}", "parameters.merged_adapters"},
+        {"{\"inputs\":\"x\",\"stream\":3}", "stream"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        CHECK(srv_request_parse(SRV_API_TGI, bad[i][0], strlen(bad[i][0]), &LORA_FACTS, &r, &e) == -1);
+        CHECK_MSG(e.status == 400 && !strcmp(e.param, bad[i][1]), "%s: %d %s", bad[i][0], e.status, e.param);
+    }
+}
+
 static void test_prepare(zse_model *m)
 {
     srv_request r;
     srv_error e;
     zse_model_info info;
     zse_model_get_info(m, &info);
-    srv_model_facts facts = {"tiny", info.vocab_size, info.ctx_size};
+    srv_model_facts facts = {"tiny", info.vocab_size, info.ctx_size, 0, false};
     CHECK(parse(SRV_API_CHAT, "{\"model\":\"tiny\",\"messages\":[{\"role\":\"system\",\"content\":\"S\"},"
                               "{\"role\":\"user\",\"content\":\"hi\"}]}", &r, &e) == 0);
     CHECK(srv_request_prepare(&r, m, &facts, &e) == 0);
@@ -268,6 +298,33 @@ static void test_prepare(zse_model *m)
     CHECK(parse(SRV_API_COMPLETION, "{\"model\":\"tiny\",\"prompt\":\"\"}", &r, &e) == 0);
     CHECK(srv_request_prepare(&r, m, &facts, &e) == -1 && e.status == 400 && strcmp(e.param, "prompt") == 0);
     srv_request_free(&r);
+
+    /* text that cannot fit is refused before tokenizing, by its bytes (chat: the rendering) */
+    facts.max_prompt_bytes = 4000;
+    zse_buf_puts(&big, "{\"model\":\"tiny\",\"prompt\":\"");
+    for (int i = 0; i < 4001; i++)
+        zse_buf_puts(&big, " ");
+    zse_buf_puts(&big, "\"}");
+    CHECK(parse(SRV_API_COMPLETION, big.data, &r, &e) == 0);
+    CHECK(srv_request_prepare(&r, m, &facts, &e) == -1 && e.status == 400);
+    CHECK(e.code && strcmp(e.code, "context_length_exceeded") == 0);
+    CHECK_MSG(strstr(e.message, "4001 bytes") && strstr(e.message, want), "%s", e.message);
+    CHECK(r.prompts[0].ids == NULL); /* never tokenized */
+    srv_request_free(&r);
+    zse_buf_free(&big);
+    zse_buf_puts(&big, "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"");
+    for (int i = 0; i < 3990; i++)
+        zse_buf_puts(&big, "y");
+    zse_buf_puts(&big, "\"}]}");
+    CHECK(parse(SRV_API_CHAT, big.data, &r, &e) == 0);
+    CHECK(srv_request_prepare(&r, m, &facts, &e) == -1 && strcmp(e.param, "messages") == 0);
+    srv_request_free(&r);
+    zse_buf_free(&big);
+    /* the priority a client asked for, and whether it did */
+    CHECK(parse(SRV_API_CHAT, CHAT(",\"priority\":-3"), &r, &e) == 0 && r.has_priority && r.priority == -3);
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_CHAT, CHAT(""), &r, &e) == 0 && !r.has_priority);
+    srv_request_free(&r);
 }
 
 int main(void)
@@ -275,6 +332,7 @@ int main(void)
     test_chat();
     test_completions();
     test_tgi();
+    test_adapters();
     zse_model *m = server_test_model("f32", 1);
     test_prepare(m);
     zse_model_free(m);

@@ -225,6 +225,7 @@ static void test_policy(const char *dir)
         {ZSE_SCHEME_Q4, 64, ZSE_SCHEME_Q8, ZSE_SCHEME_Q4, 0.12},
         {ZSE_SCHEME_Q4S, 32, ZSE_SCHEME_Q8, ZSE_SCHEME_Q4S, 0.12},
         {ZSE_SCHEME_NF4, 128, ZSE_SCHEME_Q8, ZSE_SCHEME_NF4, 0.12},
+        {ZSE_SCHEME_Q8G, 32, ZSE_SCHEME_Q8, ZSE_SCHEME_Q8G, 0.01},
     };
     zse_safetensors st;
     CHECK(zse_st_open(&st, dir) == 0);
@@ -245,6 +246,19 @@ static void test_policy(const char *dir)
         CHECK(wq->q.scheme == cases[i].linear);
         if (cases[i].group)
             CHECK_EQ_INT(wq->q.group_size, cases[i].group);
+        /* a file is the oldest version that has what it holds: int8g came with 2.0 */
+        const uint8_t *base = zse_file_base(f);
+        json_t *ver = json_object_get(zse_file_header(f), "version");
+        int major = cases[i].recipe == ZSE_SCHEME_Q8G ? 2 : 1;
+        CHECK_MSG(base[8] == major && json_integer_value(json_array_get(ver, 0)) == major, "recipe %s: version %d",
+                  zse_scheme_name(cases[i].recipe), base[8]);
+        if (major == 2) { /* marked 1.0, an int8g tensor is refused rather than misread */
+            const char *old = tl_path("int8g-as-1.zse");
+            tl_patch_preamble(out, old, 8, 2, 1);
+            zse_file *g = zse_file_open(old);
+            CHECK_MSG(!g && tl_has("int8g, which format 1.x does not have"), "%s", zse_error_message());
+            zse_file_close(g);
+        }
         CHECK(zse_file_tensor(f, "blk.1.attn_norm.weight")->q.scheme == ZSE_SCHEME_F32);
         CHECK(zse_file_tensor(f, "blk.1.attn_v.bias")->q.scheme == ZSE_SCHEME_F32);
         CHECK(zse_file_tensor(f, "output_norm.weight")->q.scheme == ZSE_SCHEME_F32);
@@ -345,8 +359,13 @@ static void test_preamble_damage(const char *good)
                        "preamble flip");
     }
     /* each field wrong with the checksum repaired: its own check catches it */
+    tl_patch_preamble(good, bad, 8, 2, 3);
+    expect_refused(bad, "newer than this zse reads", "major 3");
+    /* a dense file marked 2.0 reads as it is (2.0 adds expert banks, which it has none of) */
     tl_patch_preamble(good, bad, 8, 2, 2);
-    expect_refused(bad, "newer than this zse reads", "major 2");
+    zse_file *two = zse_file_open(bad);
+    CHECK_MSG(two != NULL && zse_file_major(two) == 2, "%s", zse_error_message());
+    zse_file_close(two);
     tl_patch_preamble(good, bad, 8, 2, 0);
     expect_refused(bad, "not valid", "major 0");
     tl_patch_preamble(good, bad, 16, 8, 32);

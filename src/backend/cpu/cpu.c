@@ -6,6 +6,8 @@
  * size, so a greedy request gives the same tokens alone or among many. */
 #include "backend/cpu/cpu.h"
 
+#include <stdlib.h>
+
 #include <math.h>
 #include <string.h>
 
@@ -24,6 +26,10 @@ typedef struct {
     int n_tokens, n_seqs, max_blocks, n_out;
     int32_t *tokens, *positions, *seq_of, *slots, *seq_lens, *block_table, *out_rows;
     size_t cap_tokens, cap_positions, cap_seq_of, cap_slots, cap_out, cap_seqs, cap_table;
+    int32_t *adapter_of_seq;        /* the batch's LoRA slots, when it has adapters */
+    size_t cap_adapters;
+    bool has_adapters;
+    uint64_t lora_bytes;            /* LoRA slots (memory accounting) */
     float *inv_freq;
     int n_freq;
     float mscale;
@@ -31,9 +37,12 @@ typedef struct {
     void *work;             /* zse_cpu_workspace() */
     size_t work_bytes;
     uint64_t act_bytes, kv_bytes; /* held by activations and KV caches (memory accounting) */
+    zse_cpu_copies *copies;     /* offload.c's copy queue and slabs (NULL until first used) */
 } cpu_state;
 
 static cpu_state *state(zse_backend *be) { return be->impl; }
+
+zse_cpu_copies **zse_cpu_copies_slot(zse_backend *be) { return &state(be)->copies; }
 
 /* ---- parallel for ------------------------------------------------------------------ */
 
@@ -224,8 +233,10 @@ static int begin_batch(zse_backend *be, const zse_batch *b)
         grow_copy(&s->slots, &s->cap_slots, b->slots, nt) ||
         grow_copy(&s->out_rows, &s->cap_out, b->out_rows, (size_t)b->n_out) ||
         grow_copy(&s->seq_lens, &s->cap_seqs, b->seq_lens, ns) ||
-        grow_copy(&s->block_table, &s->cap_table, b->block_table, table))
+        grow_copy(&s->block_table, &s->cap_table, b->block_table, table) ||
+        (b->adapter_of_seq && grow_copy(&s->adapter_of_seq, &s->cap_adapters, b->adapter_of_seq, ns)))
         return -1;
+    s->has_adapters = b->adapter_of_seq && b->lora_modules;
     s->n_tokens = b->n_tokens;
     s->n_seqs = b->n_seqs;
     s->max_blocks = b->max_blocks_per_seq;
@@ -509,6 +520,19 @@ static void gather_out_rows(zse_backend *be, const zse_act *x, int64_t dim, zse_
                (size_t)dim * sizeof(float));
 }
 
+int32_t zse_cpu_row_adapter(zse_backend *be, int64_t t)
+{
+    const cpu_state *s = state(be);
+    if (!s->has_adapters || t < 0 || t >= s->n_tokens)
+        return -1;
+    int32_t seq = s->seq_of[t];
+    return seq >= 0 && seq < s->n_seqs ? s->adapter_of_seq[seq] : -1;
+}
+
+bool zse_cpu_has_adapters(zse_backend *be) { return state(be)->has_adapters; }
+
+void zse_cpu_note_lora_bytes(zse_backend *be, int64_t delta) { state(be)->lora_bytes += (uint64_t)delta; }
+
 int zse_cpu_threads(zse_backend *be)
 {
     return zse_pool_size(state(be)->pool);
@@ -544,6 +568,19 @@ static int sync_report(zse_backend *be)
     return what ? zse_fail("CPU backend: %s", what) : 0;
 }
 
+static int mask_rows(zse_backend *be, zse_act *x, int64_t cols, const zse_row_masks *m)
+{
+    (void)be;
+    for (int i = 0; i < m->n; i++) {
+        float *row = x->data + (int64_t)m->rows[i] * x->cols;
+        const uint32_t *bits = m->bits + (size_t)i * (size_t)m->words;
+        for (int64_t t = 0; t < cols; t++)
+            if (t >= m->words * 32 || !((bits[t >> 5] >> (t & 31)) & 1))
+                row[t] = -INFINITY;
+    }
+    return 0;
+}
+
 static int argmax_rows(zse_backend *be, const zse_act *x, int64_t rows, int64_t cols, int32_t *out)
 {
     if (sync_report(be) != 0)
@@ -560,6 +597,8 @@ static void memory(zse_backend *be, zse_backend_memory *out)
     out->kv_cache = s->kv_bytes;
     out->activations = s->act_bytes;
     out->workspace = s->work_bytes;
+    out->slabs = zse_cpu_slab_bytes(be);
+    out->adapters = s->lora_bytes;
 }
 
 static void destroy(zse_backend *be)
@@ -567,7 +606,8 @@ static void destroy(zse_backend *be)
     cpu_state *s = state(be);
     zse_pool_free(s->pool);
     free(s->tokens); free(s->positions); free(s->seq_of); free(s->slots); free(s->seq_lens);
-    free(s->block_table); free(s->out_rows); free(s->inv_freq); free(s->work);
+    free(s->block_table); free(s->out_rows); free(s->inv_freq); free(s->work); free(s->adapter_of_seq);
+    zse_cpu_copies_free(s->copies);
     free(s);
     free(be);
 }
@@ -598,10 +638,46 @@ static const zse_backend_ops cpu_ops = {
     .sync = sync_report,
     .argmax_rows = argmax_rows,
     .memory = memory,
+    .experts_load = zse_cpu_experts_load,
+    .experts_free = zse_cpu_experts_free,
+    .moe_route_new = zse_cpu_moe_route_new,
+    .moe_route_free = zse_cpu_moe_route_free,
+    .moe_route = zse_cpu_moe_route,
+    .moe_route_experts = zse_cpu_moe_route_experts,
+    .moe_gather = zse_cpu_moe_gather,
+    .moe_matmul = zse_cpu_moe_matmul,
+    .moe_combine = zse_cpu_moe_combine,
+    .lora_pool_new = zse_cpu_lora_pool_new,
+    .lora_pool_free = zse_cpu_lora_pool_free,
+    .lora_host_alloc = zse_cpu_lora_host_alloc,
+    .lora_host_free = zse_cpu_lora_host_free,
+    .lora_slot_load = zse_cpu_lora_slot_load,
+    .lora_slot_ready = zse_cpu_lora_slot_ready,
+    .lora_apply = zse_cpu_lora_apply,
+    .mask_rows = mask_rows,
+    .host_pin = zse_cpu_host_pin,
+    .host_unpin = zse_cpu_host_unpin,
+    .slab_new = zse_cpu_slab_new,
+    .slab_free = zse_cpu_slab_free,
+    .slab_fetch = zse_cpu_slab_fetch,
+    .mark = zse_cpu_mark,
+    .wait_mark = zse_cpu_wait_mark,
+    .weight_in_slab = zse_cpu_weight_in_slab,
+    .experts_host = zse_cpu_experts_host,
+    .experts_map = zse_cpu_experts_map,
+    .moe_route_read = zse_cpu_moe_route_read,
+    .act_write_rows = zse_cpu_act_write_rows,
 };
 
 zse_backend *zse_cpu_backend_create(int threads)
 {
+    /* ZSE_CPU_KERNELS=portable|avx2|avx512|auto picks the matmul kernels (to compare them,
+     * or to rule one out); the portable path is the exact f32 reference */
+    const char *kernels = getenv("ZSE_CPU_KERNELS");
+    if (kernels && *kernels && zse_cpu_set_path(kernels) != 0) {
+        zse_error_prefix("ZSE_CPU_KERNELS");
+        return NULL;
+    }
     zse_backend *be = zse_calloc(1, sizeof *be);
     cpu_state *s = zse_calloc(1, sizeof *s);
     if (!be || !s) {

@@ -5,7 +5,10 @@
  *                    portable kernels (the reference every fast path is tested against)
  *   matmul_avx2.c    AVX2/FMA/F16C kernels      (compiled with target attributes only,
  *   matmul_avx512.c  AVX-512 BW/VL/VNNI kernels  chosen at run time: no global -march)
- *   vec.c            short-vector kernels (conversions, dot, axpy) for attention */
+ *   vec.c            short-vector kernels (conversions, dot, axpy) for attention
+ *   moe.c            mixture of experts: routing, the grouped expert matmul, the combine
+ *   offload.c        weights kept in host memory: pins, slabs, the lazy copy queue
+ *   lora.c           LoRA adapter slots and the per-row adapter delta */
 #ifndef ZSE_BACKEND_CPU_H
 #define ZSE_BACKEND_CPU_H
 
@@ -32,6 +35,29 @@ void zse_cpu_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, int6
 /* ops return nothing: a kernel that cannot finish (out of memory) records it here and
  * the next sync() reports it, so a step never silently yields garbage */
 void zse_cpu_note_failure(zse_backend *be, const char *what);
+
+/* offload.c: the copy queue's state (created on first use, freed with the backend) */
+typedef struct zse_cpu_copies zse_cpu_copies;
+zse_cpu_copies **zse_cpu_copies_slot(zse_backend *be);
+void zse_cpu_copies_free(zse_cpu_copies *q);
+uint64_t zse_cpu_slab_bytes(zse_backend *be);
+/* the backend.h ops of offload.c and moe.c */
+zse_pinned *zse_cpu_host_pin(zse_backend *be, const void *p, size_t bytes);
+void zse_cpu_host_unpin(zse_backend *be, zse_pinned *h);
+zse_slab *zse_cpu_slab_new(zse_backend *be, size_t slot_bytes, int n_slots);
+void zse_cpu_slab_free(zse_backend *be, zse_slab *s);
+void zse_cpu_slab_fetch(zse_backend *be, zse_slab *s, int slot, const zse_pinned *h, uint64_t off, size_t n,
+                        int64_t after);
+int64_t zse_cpu_mark(zse_backend *be, int queue);
+void zse_cpu_wait_mark(zse_backend *be, int queue, int64_t mark);
+zse_weight *zse_cpu_weight_in_slab(zse_backend *be, const zse_tensor_info *t, const zse_slab *s, int slot,
+                                   uint64_t at);
+int zse_cpu_act_write_rows(zse_backend *be, zse_act *a, const float *src, const int32_t *rows, int64_t n);
+/* where slot `slot` of s starts (moe.c maps experts there) */
+uint8_t *zse_cpu_slot_data(const zse_slab *s, int slot);
+zse_experts *zse_cpu_experts_host(zse_backend *be, const zse_expert_bank *bank);
+void zse_cpu_experts_map(zse_backend *be, zse_experts *ex, const zse_slab *s, const int32_t *slot_of);
+int zse_cpu_moe_route_read(zse_backend *be, const zse_moe_route *r, int32_t *seg, int32_t *token_of);
 
 /* the backend's thread count */
 int zse_cpu_threads(zse_backend *be);
@@ -123,6 +149,33 @@ const zse_cpu_vec *zse_cpu_vec_ops(void);
 /* the portable dot product (8 partial sums in a fixed order): the portable matmul path and
  * vec.c's portable table share it */
 float zse_cpu_dot_portable(const float *a, const float *b, int64_t n);
+
+/* mixture-of-experts ops (moe.c) */
+zse_experts *zse_cpu_experts_load(zse_backend *be, const zse_expert_bank *bank);
+void zse_cpu_experts_free(zse_backend *be, zse_experts *ex);
+zse_moe_route *zse_cpu_moe_route_new(zse_backend *be, int64_t max_rows, const zse_moe_params *p);
+void zse_cpu_moe_route_free(zse_backend *be, zse_moe_route *r);
+void zse_cpu_moe_route(zse_backend *be, zse_moe_route *r, const zse_act *logits, int64_t rows);
+int zse_cpu_moe_route_experts(zse_backend *be, const zse_moe_route *r, int32_t *experts);
+void zse_cpu_moe_gather(zse_backend *be, const zse_moe_route *r, const zse_act *x, zse_act *xs);
+void zse_cpu_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_experts *ex, int part, const zse_act *xs,
+                        zse_act *ys);
+void zse_cpu_moe_combine(zse_backend *be, const zse_moe_route *r, const zse_act *ys, const zse_act *shared,
+                         const zse_act *shared_gate, zse_act *x);
+
+/* LoRA (lora.c); the batch's adapters are cpu.c's */
+zse_lora_pool *zse_cpu_lora_pool_new(zse_backend *be, const zse_lora_shape *s);
+void zse_cpu_lora_pool_free(zse_backend *be, zse_lora_pool *p);
+void *zse_cpu_lora_host_alloc(zse_backend *be, size_t bytes);
+void zse_cpu_lora_host_free(zse_backend *be, void *p);
+int zse_cpu_lora_slot_load(zse_backend *be, zse_lora_pool *p, int slot, const void *image, size_t bytes);
+int zse_cpu_lora_slot_ready(zse_backend *be, zse_lora_pool *p, int slot);
+void zse_cpu_lora_apply(zse_backend *be, const zse_lora_pool *p, int layer, const zse_act *x, int64_t rows,
+                        const zse_lora_out *outs, int n_outs);
+/* the adapter slot of the current batch's row t (-1: none), whether the batch has any */
+int32_t zse_cpu_row_adapter(zse_backend *be, int64_t t);
+bool zse_cpu_has_adapters(zse_backend *be);
+void zse_cpu_note_lora_bytes(zse_backend *be, int64_t delta);
 
 /* rows of weights kept hot in L2 while every token of a batch passes over them */
 int64_t zse_cpu_row_block(const zse_weight *w);

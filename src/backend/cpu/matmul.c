@@ -87,6 +87,7 @@ void zse_cpu_row_scales(const zse_weight *w, int64_t r, float nf4_bias, float q8
         switch (w->q.scheme) {
         case ZSE_SCHEME_Q4: S[g] = s; M[g] = zse_f16_to_f32(mn[g]); break;
         case ZSE_SCHEME_Q4S: S[g] = s; M[g] = -8.0f * s; break;
+        case ZSE_SCHEME_Q8G: S[g] = s; M[g] = 0.0f; break;
         default: S[g] = s / 127.0f; M[g] = -nf4_bias * (s / 127.0f); break; /* NF4 */
         }
     }
@@ -101,7 +102,8 @@ int64_t zse_cpu_row_block(const zse_weight *w)
 
 static bool integer_scheme(zse_scheme s)
 {
-    return s == ZSE_SCHEME_Q8 || s == ZSE_SCHEME_Q4 || s == ZSE_SCHEME_Q4S || s == ZSE_SCHEME_NF4;
+    return s == ZSE_SCHEME_Q8 || s == ZSE_SCHEME_Q4 || s == ZSE_SCHEME_Q4S || s == ZSE_SCHEME_NF4 ||
+           s == ZSE_SCHEME_Q8G;
 }
 
 /* ---- int8 activations ------------------------------------------------------------------------- */
@@ -287,6 +289,9 @@ void zse_cpu_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, int6
         return;
     int threads = zse_cpu_threads(be);
     mm_job j = {.be = be, .w = w, .x = x, .y = y, .tokens = rows, .path = zse_cpu_current_path()};
+    /* int8g (GGUF Q8_0) has AVX2 kernels only; every AVX-512 CPU also runs those */
+    if (w->q.scheme == ZSE_SCHEME_Q8G && j.path == ZSE_CPU_AVX512)
+        j.path = ZSE_CPU_AVX2;
     j.per_thread_rows = (w->q.rows + threads - 1) / threads;
     zse_qx qx;
     if (j.path != ZSE_CPU_PORTABLE && integer_scheme(w->q.scheme)) {

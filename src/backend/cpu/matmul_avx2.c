@@ -41,35 +41,52 @@ AVX2 INLINE float dot_groups(const float *M, const float *gs, int64_t G)
     return s;
 }
 
-/* S and M of one row's groups (zse_qx): signed codes (NF4, int8) use the sign trick */
+/* S and M of one row's groups (zse_qx): signed codes (NF4, int8, int8g) use the sign trick.
+ * The f16 scales go through F16C, eight at a time and then one by one: the portable
+ * zse_f16_to_f32 of every group cost int8g at group 32 (28 groups a 896-wide row) 4x its
+ * decode time. Exact conversions and one IEEE division: the same S and M as
+ * zse_cpu_row_scales. */
 AVX2 INLINE void row_scales(const zse_weight *w, int64_t r, float *S, float *M)
 {
     const int64_t G = w->p.groups;
-    if (w->q.scheme == ZSE_SCHEME_Q8 || G % 8) {
+    const zse_scheme sch = w->q.scheme;
+    if (sch == ZSE_SCHEME_Q8) {
         zse_cpu_row_scales(w, r, 0.0f, 0.0f, S, M);
         return;
     }
     const uint16_t *sc = (const uint16_t *)(w->data + w->p.scales) + (size_t)r * (size_t)G;
     const uint16_t *mn = (const uint16_t *)(w->data + w->p.mins) + (size_t)r * (size_t)G;
-    for (int64_t g = 0; g < G; g += 8) {
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8) {
         __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g))), m;
-        if (w->q.scheme == ZSE_SCHEME_Q4) {
+        if (sch == ZSE_SCHEME_Q4) {
             m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + g)));
-        } else if (w->q.scheme == ZSE_SCHEME_Q4S) {
+        } else if (sch == ZSE_SCHEME_Q4S) {
             m = _mm256_mul_ps(s, _mm256_set1_ps(-8.0f));
-        } else {
+        } else if (sch == ZSE_SCHEME_NF4) {
             s = _mm256_div_ps(s, _mm256_set1_ps(127.0f));
+            m = _mm256_setzero_ps();
+        } else { /* int8g */
             m = _mm256_setzero_ps();
         }
         _mm256_storeu_ps(S + g, s);
         _mm256_storeu_ps(M + g, m);
     }
+    for (; g < G; g++) {
+        float s = _cvtsh_ss(sc[g]);
+        switch (sch) {
+        case ZSE_SCHEME_Q4: S[g] = s; M[g] = _cvtsh_ss(mn[g]); break;
+        case ZSE_SCHEME_Q4S: S[g] = s; M[g] = -8.0f * s; break;
+        case ZSE_SCHEME_NF4: S[g] = s / 127.0f; M[g] = 0.0f; break;
+        default: S[g] = s; M[g] = 0.0f; break; /* int8g */
+        }
+    }
 }
 
-/* 32 weights of chunk c as bytes: unsigned codes (Q4, Q4S) or signed ones (NF4, int8) */
+/* 32 weights of chunk c as bytes: unsigned codes (Q4, Q4S) or signed ones (NF4, int8, int8g) */
 AVX2 INLINE __m256i load_chunk(const zse_weight *w, const uint8_t *row, int64_t c, __m256i nf4_lut)
 {
-    if (w->q.scheme == ZSE_SCHEME_Q8)
+    if (w->q.scheme == ZSE_SCHEME_Q8 || w->q.scheme == ZSE_SCHEME_Q8G)
         return _mm256_loadu_si256((const __m256i *)(row + c * 32));
     __m128i raw = _mm_loadu_si128((const __m128i *)(row + c * 16));
     __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
@@ -82,7 +99,8 @@ AVX2 INLINE void q_row(const zse_weight *w, const zse_qx *qx, int64_t r, int64_t
                        const float *S, const float *M, float *y, int64_t ldy)
 {
     const uint8_t *row = w->data + (size_t)r * w->p.row_bytes;
-    const bool q8 = w->q.scheme == ZSE_SCHEME_Q8, sign = q8 || w->q.scheme == ZSE_SCHEME_NF4;
+    const bool q8 = w->q.scheme == ZSE_SCHEME_Q8,
+               sign = q8 || w->q.scheme == ZSE_SCHEME_NF4 || w->q.scheme == ZSE_SCHEME_Q8G;
     const int64_t nchunks = qx->cp / 32, per_block = qx->ab / 32;
     const int8_t *xq = qx->q + t0 * qx->stride;
     const float *d = qx->d + t0 * qx->nblk;

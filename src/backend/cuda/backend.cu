@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <jansson.h>
 
 #include "backend/cuda/common.cuh"
@@ -29,6 +30,7 @@ enum {
     STAGE_COUNT = 4,                    /* staging buffers in the ring */
     STAGE_BYTES = 16 << 20,             /* 16 MiB each */
     GRAPH_SLOTS = 96,                   /* recorded step shapes kept (least recently used go) */
+    MARK_RING = 256,                    /* events per queue behind mark / wait_mark */
     GRAPH_MAX_TOKENS = ZSE_STEP_PAD_MAX,/* larger steps are not launch-bound: never recorded */
     GRAPH_EXACT_ROWS = 8,               /* steps up to this many rows are recorded as they are */
     GRAPH_ROW_STEP = 8,                 /* larger ones are padded to a multiple of this */
@@ -67,6 +69,8 @@ enum { MAX_LOOKUPS = 4 };
 typedef struct {
     int32_t *tokens, *positions, *seq_of, *slots, *block_table, *out_rows;
     int32_t *iota;                      /* 0 .. n_tokens - 1: row t of a gathered table */
+    int32_t *adapter_of;                /* [n_tokens] each row's LoRA slot (-1: none) */
+    uint32_t lora_modules;              /* the projections the step's adapters adapt */
     uint8_t *lookup_rows[MAX_LOOKUPS];  /* the step's rows of each lookup table */
     int n_tokens, n_out;
     bool extra_seqs;    /* more sequences than tokens: the table outgrew its usual place */
@@ -78,6 +82,7 @@ typedef struct {
 typedef struct {
     const void *model, *kv;
     int n_tokens, n_out, max_blocks, max_ctx;
+    uint32_t lora_modules;      /* which LoRA launches the step issues (not which adapters) */
 } step_shape;
 
 typedef struct {
@@ -113,6 +118,12 @@ typedef struct {
     /* pinned bounce buffer for act_read/act_write */
     uint8_t *bounce;
     size_t bounce_cap;
+    /* token masks of a step (mask_rows): their own pinned and device buffers, since the ids
+     * that argmax_rows / sample_rows read back go through the bounce buffer meanwhile */
+    uint8_t *mask_host;
+    size_t mask_host_cap;
+    void *mask_dev;
+    size_t mask_dev_cap;
 
     /* GEMM scratch (x in f16 + a dequantized slab) and attention partials */
     void *scratch;
@@ -135,12 +146,25 @@ typedef struct {
     int n_freq;
     float mscale;
 
-    /* device bytes held by weights, KV caches and activations (memory accounting) */
-    uint64_t weight_bytes, kv_bytes, act_bytes;
+    /* device bytes held by weights, KV caches, activations and LoRA slots (memory accounting) */
+    uint64_t weight_bytes, kv_bytes, act_bytes, lora_bytes;
 
     /* recorded steps (CUDA graphs). They hold device pointers of buffers, weights and
      * caches, so every allocation or free drops them all (drop_graphs). */
     bool graphs_on;             /* ZSE_CUDA_GRAPHS=0 turns them off */
+
+    /* weights in host memory (host_pin ... act_write_rows). Marks: mark n of queue q is
+     * event marks[q][n % MARK_RING] recorded on that queue's stream (compute: stream, copy:
+     * copy_stream); waited[q] is the other queue's latest mark q has waited for. A wait for a
+     * mark whose event was recorded again since waits for the later point: later, never wrong. */
+    cudaEvent_t marks[2][MARK_RING];
+    bool marks_made;
+    int64_t n_marks[2], waited[2];
+    uint64_t slab_bytes, pinned_bytes;
+    uint8_t *upload;            /* act_write_rows' pinned image; upload_done: its copy has read it */
+    size_t upload_cap;
+    cudaEvent_t upload_done;
+    bool upload_pending;
     step_graph graphs[GRAPH_SLOTS];
     uint64_t graph_clock;
     int recording;              /* the slot being recorded, -1 when none */
@@ -703,8 +727,9 @@ static int cuda_begin_batch(zse_backend *be, const zse_batch *b)
     const int pitch = pow2_at_least(b->max_blocks_per_seq, MIN_TABLE_PITCH);
     const size_t table_rows = ns > nt ? ns : nt;
     const size_t tbl = table_rows * (size_t)pitch;
-    /* then 0..n-1, and from a 16-byte boundary the rows of each lookup table */
-    const size_t ints = (5 * nt + tbl + nt + 3) / 4 * 4;
+    /* then 0..n-1, each row's LoRA slot, and from a 16-byte boundary the rows of each lookup
+     * table */
+    const size_t ints = (5 * nt + tbl + 2 * nt + 3) / 4 * 4;
     size_t lookup_bytes = 0;
     lookup_layout l;
     for (int i = 0; i < MAX_LOOKUPS; i++)
@@ -760,6 +785,10 @@ static int cuda_begin_batch(zse_backend *be, const zse_batch *b)
     int32_t *iota = h + 5 * nt + tbl;
     for (size_t t = 0; t < nt; t++)
         iota[t] = (int32_t)t;
+    const bool lora = b->adapter_of_seq && b->lora_modules;
+    int32_t *adapter_of = iota + nt;
+    for (size_t t = 0; t < nt; t++)
+        adapter_of[t] = lora ? b->adapter_of_seq[b->seq_of[t]] : -1;
     uint8_t *lk = (uint8_t *)(h + ints);
     for (int i = 0; i < MAX_LOOKUPS; i++) {
         const zse_weight *w = c->lookups[i];
@@ -781,6 +810,8 @@ static int cuda_begin_batch(zse_backend *be, const zse_batch *b)
     c->b.out_rows = d + 4 * nt;
     c->b.block_table = d + 5 * nt;
     c->b.iota = d + 5 * nt + tbl;
+    c->b.adapter_of = d + 6 * nt + tbl;
+    c->b.lora_modules = lora ? b->lora_modules : 0;
     c->b.n_tokens = b->n_tokens;
     c->b.n_out = b->n_out;
     c->b.extra_seqs = ns > nt;
@@ -1121,7 +1152,7 @@ static void drop_graphs(cuda_impl *c)
 static bool same_shape(const step_shape *a, const step_shape *b)
 {
     return a->model == b->model && a->kv == b->kv && a->n_tokens == b->n_tokens && a->n_out == b->n_out &&
-           a->max_blocks == b->max_blocks && a->max_ctx == b->max_ctx;
+           a->max_blocks == b->max_blocks && a->max_ctx == b->max_ctx && a->lora_modules == b->lora_modules;
 }
 
 /* the slot of this shape, or a fresh one (the least recently used when all are taken) */
@@ -1174,7 +1205,7 @@ static int cuda_step_begin(zse_backend *be, const void *model, const void *kv)
     /* a table of more rows than tokens would move what follows it: such a step runs eagerly */
     if (!c->graphs_on || c->b.n_tokens > GRAPH_MAX_TOKENS || c->b.extra_seqs)
         return ZSE_STEP_ISSUE;
-    step_shape s = {model, kv, c->b.n_tokens, c->b.n_out, c->b.max_blocks, c->b.max_ctx};
+    step_shape s = {model, kv, c->b.n_tokens, c->b.n_out, c->b.max_blocks, c->b.max_ctx, c->b.lora_modules};
     bool found;
     const int i = graph_slot(c, &s, &found);
     step_graph *g = &c->graphs[i];
@@ -1247,8 +1278,16 @@ static void cuda_destroy(zse_backend *be)
         }
         if (c->batch_copied)
             cudaEventDestroy(c->batch_copied);
+        for (int q = 0; c->marks_made && q < 2; q++)
+            for (int i = 0; i < MARK_RING; i++)
+                cudaEventDestroy(c->marks[q][i]);
+        if (c->upload_done)
+            cudaEventDestroy(c->upload_done);
+        cudaFreeHost(c->upload);
         cudaFreeHost(c->batch_host);
         cudaFreeHost(c->bounce);
+        cudaFreeHost(c->mask_host);
+        cudaFree(c->mask_dev);
         cudaFree(c->batch_dev);
         cudaFree(c->scratch);
         cudaFree(c->att_work);
@@ -1337,6 +1376,641 @@ static int cuda_sample_rows(zse_backend *be, zse_act *x, int64_t rows, int64_t c
     return read_ids(c, "sample_rows", rows, out);
 }
 
+static int cuda_mask_rows(zse_backend *be, zse_act *x, int64_t cols, const zse_row_masks *m)
+{
+    cuda_impl *c = impl_of(be);
+    prep_forget(c);   /* the rows change */
+    if (check_logit_rows(c, "mask_rows", x, x->rows, cols) != 0)
+        return -1;
+    if (m->n == 0)
+        return 0;
+    for (int i = 0; i < m->n; i++)
+        if (m->rows[i] < 0 || m->rows[i] >= x->rows)
+            return zse_fail("cuda mask_rows: row %d of a %lld-row buffer", m->rows[i], (long long)x->rows);
+    /* the row list, then from 256 bytes on the masks */
+    const size_t rows = ((size_t)m->n * sizeof(int32_t) + 255) & ~(size_t)255,
+                 bits = (size_t)m->n * (size_t)m->words * sizeof(uint32_t);
+    if (ensure_device(c, &c->mask_dev, &c->mask_dev_cap, rows + bits, "mask_rows") != 0 ||
+        ensure_pinned(c, &c->mask_host, &c->mask_host_cap, rows + bits, "mask_rows") != 0)
+        return -1;
+    /* the previous step's upload is done (its ids were read back after it, synchronously) */
+    memcpy(c->mask_host, m->rows, (size_t)m->n * sizeof(int32_t));
+    memcpy(c->mask_host + rows, m->bits, bits);
+    uint8_t *dev = (uint8_t *)c->mask_dev;
+    if (cuda_call(cudaMemcpyAsync(dev, c->mask_host, rows + bits, cudaMemcpyHostToDevice, c->stream), "mask_rows") != 0)
+        return -1;
+    if (zse_cuda_mask_rows(x->d, x->pitch, cols, (const int32_t *)dev, m->n, (const uint32_t *)(dev + rows), m->words,
+                           c->stream) != 0)
+        return zse_fail("%s", zse_cuda_last_error());
+    return 0;
+}
+
+/* ---- mixture of experts ------------------------------------------------------------------
+ * A layer's expert bank is one device allocation holding the file's bytes of the bank as
+ * they are (count * stride: every expert at its file offset from the bank's start, so a part
+ * lies where the bank says), and a device table of each expert's start: the grouped kernels
+ * find expert e through it, so a cache that keeps experts in slots elsewhere only rewrites
+ * the table. */
+
+static_assert(ZSE_MAX_EXPERTS_USED <= ZSE_CUDA_MOE_K_MAX, "the routing kernels hold a token's experts in arrays");
+
+/* backend_test links no format code: the parts' names for messages are here */
+static const char *const part_names[ZSE_EXPERT_PARTS] = {"gate", "up", "down"};
+
+struct zse_experts {
+    int count;
+    void *dev;                      /* the bank's bytes (NULL when they stay in host memory) */
+    const uint8_t **base;           /* device [count]: expert e's range */
+    zse_cuda_experts part[ZSE_EXPERT_PARTS];
+    size_t bytes;
+    /* experts_host: the table's pinned image, written by experts_map and copied on the
+     * compute stream (map_done: that copy has read it) */
+    const uint8_t **shadow;
+    cudaEvent_t map_done;
+    bool map_pending;
+};
+
+struct zse_moe_route {
+    zse_moe_params p;
+    int64_t max_rows, rows;
+    void *mem;
+    zse_cuda_moe d;
+    size_t bytes;
+};
+
+static void cuda_experts_free(zse_backend *be, zse_experts *ex)
+{
+    if (!ex)
+        return;
+    cuda_impl *c = impl_of(be);
+    drop_graphs(c);
+    if (ex->map_pending)
+        cudaEventSynchronize(ex->map_done);
+    if (ex->map_done)
+        cudaEventDestroy(ex->map_done);
+    c->weight_bytes -= ex->bytes;
+    cudaFree(ex->dev);
+    cudaFree(ex->base);
+    cudaFreeHost(ex->shadow);
+    free(ex);
+}
+
+/* the kernels' view of each part of a bank's experts (the table comes later); 0 / -1 */
+static int describe_experts(zse_experts *ex, const zse_expert_bank *bank)
+{
+    ex->count = bank->count;
+    for (int p = 0; p < ZSE_EXPERT_PARTS; p++) {
+        const zse_expert_part *ep = &bank->part[p];
+        zse_qplanes pl;
+        zse_qshape_planes(&ep->q, &pl);
+        zse_cuda_experts *ce = &ex->part[p];
+        const bool plain = zse_scheme_layout(ep->q.scheme) == ZSE_LAYOUT_PLAIN;
+        ce->w.scheme = ep->q.scheme;
+        ce->w.rows = ep->q.rows;
+        ce->w.cols = ep->q.cols;
+        ce->w.group_size = ep->q.group_size;
+        ce->w.row_bytes = (int64_t)pl.row_bytes;
+        ce->w.groups = pl.groups;
+        ce->qs_off = (int64_t)(ep->at + pl.qs);
+        ce->scales_off = plain ? -1 : (int64_t)(ep->at + pl.scales);
+        ce->mins_off = ep->q.scheme == ZSE_SCHEME_Q4 ? (int64_t)(ep->at + pl.mins) : -1;
+        /* the kernels read 16 bytes at a time: rows must be whole 16-byte units (plain rows
+         * are not re-pitched here, unlike dense tensors, so an expert keeps the file's layout) */
+        if (pl.row_bytes % 16 || ce->qs_off % 16)
+            return zse_fail("cuda: layer %d's expert %s rows are %zu bytes, not a multiple of 16; the GPU reads "
+                            "experts as stored: convert with --quant int8, int4 or f32 (or a width that gives "
+                            "16-byte rows)", bank->layer, part_names[p], pl.row_bytes);
+    }
+    return 0;
+}
+
+static zse_experts *cuda_experts_load(zse_backend *be, const zse_expert_bank *bank)
+{
+    cuda_impl *c = impl_of(be);
+    zse_experts *ex = (zse_experts *)zse_calloc(1, sizeof *ex);
+    if (!ex)
+        return NULL;
+    if (describe_experts(ex, bank) != 0) {
+        free(ex);
+        return NULL;
+    }
+    const size_t span = (size_t)bank->stride * (size_t)(bank->count - 1) + (size_t)bank->size;
+    image im = {bank->data, (size_t)bank->stride, (size_t)bank->stride, span};
+    const uint8_t **host_base = (const uint8_t **)zse_malloc((size_t)bank->count * sizeof *host_base);
+    int rc = host_base ? 0 : -1;
+    if (rc == 0)
+        rc = cuda_call(cudaSetDevice(c->device), "selecting the device");
+    if (rc == 0)
+        rc = cuda_call(cudaMalloc(&ex->dev, span), "allocating experts");
+    if (rc == 0)
+        rc = cuda_call(cudaMalloc((void **)&ex->base, (size_t)bank->count * sizeof *ex->base), "allocating experts");
+    if (rc == 0)
+        rc = upload(c, &im, ex->dev);
+    if (rc == 0) {
+        for (int e = 0; e < bank->count; e++)
+            host_base[e] = (const uint8_t *)ex->dev + (size_t)e * (size_t)bank->stride;
+        rc = cuda_call(cudaMemcpy(ex->base, host_base, (size_t)bank->count * sizeof *host_base, cudaMemcpyHostToDevice),
+                       "copying the expert table");
+    }
+    if (rc == 0)
+        rc = cuda_call(cudaStreamSynchronize(c->copy_stream), "finishing an expert copy");
+    free(host_base);
+    if (rc != 0) {
+        zse_error_prefix("loading the experts of layer %d: ", bank->layer);
+        cudaFree(ex->dev);
+        cudaFree(ex->base);
+        free(ex);
+        return NULL;
+    }
+    for (int p = 0; p < ZSE_EXPERT_PARTS; p++)
+        ex->part[p].base = ex->base;
+    c->q4_loaded = c->q4_loaded || bank->part[0].q.scheme == ZSE_SCHEME_Q4 || bank->part[0].q.scheme == ZSE_SCHEME_Q4S;
+    ex->bytes = span + (size_t)bank->count * sizeof *ex->base;
+    c->weight_bytes += ex->bytes;
+    drop_graphs(c);
+    return ex;
+}
+
+static void cuda_moe_route_free(zse_backend *be, zse_moe_route *r)
+{
+    if (!r)
+        return;
+    drop_graphs(impl_of(be));
+    impl_of(be)->act_bytes -= r->bytes;
+    cudaFree(r->mem);
+    free(r);
+}
+
+static zse_moe_route *cuda_moe_route_new(zse_backend *be, int64_t max_rows, const zse_moe_params *p)
+{
+    cuda_impl *c = impl_of(be);
+    if (max_rows < 1 || max_rows > 65535 || p->n_experts < 1 || p->n_experts > ZSE_MAX_EXPERTS || p->k < 1 ||
+        p->k > p->n_experts || p->k > ZSE_MAX_EXPERTS_USED) {
+        zse_fail("cuda: moe routing of %lld tokens to %d of %d experts is not possible", (long long)max_rows, p->k,
+                 p->n_experts);
+        return NULL;
+    }
+    zse_moe_route *r = (zse_moe_route *)zse_calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
+    r->p = *p;
+    r->max_rows = max_rows;
+    r->bytes = zse_cuda_moe_bytes(max_rows, p->n_experts, p->k);
+    if (cuda_call(cudaMalloc(&r->mem, r->bytes), "allocating a routing") != 0 ||
+        cuda_call(cudaMemsetAsync(r->mem, 0, r->bytes, c->stream), "clearing a routing") != 0) {
+        cudaFree(r->mem);
+        free(r);
+        return NULL;
+    }
+    zse_cuda_moe_at(r->mem, max_rows, p->n_experts, p->k, p->renormalize, &r->d);
+    c->act_bytes += r->bytes;
+    drop_graphs(c);
+    return r;
+}
+
+static void cuda_moe_route(zse_backend *be, zse_moe_route *r, const zse_act *logits, int64_t rows)
+{
+    cuda_impl *c = impl_of(be);
+    if (c->failed)
+        return;
+    if (rows < 1 || rows > r->max_rows || rows > logits->rows || logits->cols < r->p.n_experts)
+        return set_error(c, "cuda moe_route: %lld tokens for a routing of %lld, logits %lld x %lld", (long long)rows,
+                         (long long)r->max_rows, (long long)logits->rows, (long long)logits->cols);
+    r->rows = rows;
+    check_launch(c, zse_cuda_moe_route(&r->d, logits->d, logits->pitch, rows, c->stream));
+}
+
+static int cuda_moe_route_experts(zse_backend *be, const zse_moe_route *r, int32_t *experts)
+{
+    cuda_impl *c = impl_of(be);
+    prep_forget(c);
+    const size_t bytes = ((size_t)r->p.n_experts + 1) * sizeof(int32_t);
+    if (c->failed)
+        return zse_fail("%s", c->err);
+    if (ensure_pinned(c, &c->bounce, &c->bounce_cap, bytes, "moe_route_experts") != 0 ||
+        cuda_call(cudaMemcpyAsync(c->bounce, r->d.active, bytes, cudaMemcpyDeviceToHost, c->stream), "moe_route_experts") != 0 ||
+        cuda_call(cudaStreamSynchronize(c->stream), "moe_route_experts") != 0)
+        return -1;
+    const int32_t *a = (const int32_t *)c->bounce;
+    const int n = a[r->p.n_experts];
+    if (n < 0 || n > r->p.n_experts)
+        return zse_fail("cuda moe_route_experts: %d active experts of %d", n, r->p.n_experts);
+    memcpy(experts, a, (size_t)n * sizeof *experts);
+    return n;
+}
+
+static void cuda_moe_gather(zse_backend *be, const zse_moe_route *r, const zse_act *x, zse_act *xs)
+{
+    cuda_impl *c = impl_of(be);
+    if (c->failed)
+        return;
+    const int64_t pairs = r->rows * r->p.k, dim = x->cols < xs->cols ? x->cols : xs->cols;
+    if (r->rows < 1 || pairs > xs->rows)
+        return set_error(c, "cuda moe_gather: %lld pairs into a buffer of %lld", (long long)pairs, (long long)xs->rows);
+    check_launch(c, zse_cuda_gather_rows(x->d, x->pitch, r->d.token_of, pairs, dim, xs->d, xs->pitch, c->stream));
+}
+
+static void cuda_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_experts *ex, int part, const zse_act *xs,
+                            zse_act *ys)
+{
+    cuda_impl *c = impl_of(be);
+    if (c->failed)
+        return;
+    if (part < 0 || part >= ZSE_EXPERT_PARTS || ex->count != r->p.n_experts)
+        return set_error(c, "cuda moe_matmul: part %d of %d experts for a routing over %d", part, ex->count,
+                         r->p.n_experts);
+    const zse_cuda_experts *ce = &ex->part[part];
+    const int64_t pairs = r->rows * r->p.k;
+    if (r->rows < 1 || pairs > xs->rows || pairs > ys->rows || ce->w.cols > xs->cols || ce->w.rows > ys->cols)
+        return set_error(c, "cuda moe_matmul: %lld x %lld experts with x %lld x %lld, y %lld x %lld for %lld pairs",
+                         (long long)ce->w.rows, (long long)ce->w.cols, (long long)xs->rows, (long long)xs->cols,
+                         (long long)ys->rows, (long long)ys->cols, (long long)pairs);
+    const size_t need = zse_cuda_moe_matmul_scratch_bytes(ce, r->rows, r->p.k);
+    if (need && ensure_device(c, &c->scratch, &c->scratch_cap, need, "moe matmul scratch") != 0)
+        return set_error(c, "%s", zse_error_message());
+    check_launch(c, zse_cuda_moe_matmul(&r->d, r->rows, ce, xs->d, xs->pitch, ys->d, ys->pitch, c->scratch,
+                                        c->scratch_cap, c->stream));
+}
+
+static void cuda_moe_combine(zse_backend *be, const zse_moe_route *r, const zse_act *ys, const zse_act *shared,
+                             const zse_act *shared_gate, zse_act *x)
+{
+    cuda_impl *c = impl_of(be);
+    if (c->failed)
+        return;
+    const int64_t dim = x->cols;
+    if (r->rows < 1 || r->rows > x->rows || r->rows * r->p.k > ys->rows || ys->cols < dim ||
+        (shared && (shared->cols < dim || shared->rows < r->rows)) || (shared_gate && shared_gate->rows < r->rows))
+        return set_error(c, "cuda moe_combine: the routing and the buffers do not match");
+    check_launch(c, zse_cuda_moe_combine(&r->d, r->rows, ys->d, ys->pitch, shared ? shared->d : NULL,
+                                         shared ? shared->pitch : 0, shared_gate ? shared_gate->d : NULL,
+                                         shared_gate ? shared_gate->pitch : 0, x->d, x->pitch, dim, c->stream));
+}
+
+/* ---- weights in host memory ---------------------------------------------------------------
+ * src/model/offload.c keeps a MoE model's experts, or a dense model's streamed layers, in
+ * pinned host memory and moves them into slab slots on the copy stream while the compute
+ * stream runs; marks (events) order the two. Nothing here is recorded into a CUDA graph: the
+ * model runs such steps eagerly (llama.c says why). */
+
+struct zse_pinned {
+    const uint8_t *src;         /* where copies read the bytes: in place, or the pinned copy */
+    void *registered;           /* the page-aligned range registered with the driver, or NULL */
+    uint8_t *copy;              /* a pinned copy where registering failed, or NULL */
+    size_t bytes;               /* of the range pinned */
+    size_t counted;             /* bytes pinned (memory accounting) */
+};
+
+struct zse_slab {
+    uint8_t *dev;
+    size_t slot_bytes;
+    int n_slots;
+};
+
+static zse_pool *fill_pool_of(cuda_impl *c)
+{
+    if (!c->fill_pool) {
+        int n = zse_physical_cores();
+        n = n < 1 ? 1 : n > FILL_THREADS_MAX ? FILL_THREADS_MAX : n;
+        c->fill_pool = zse_pool_create(n); /* NULL: fill on this thread alone */
+    }
+    return c->fill_pool;
+}
+
+/* Registered in place (read-only: the mapping is PROT_READ) where the driver can, so the
+ * file's page-cache pages are what the copy engine reads and nothing is duplicated; else a
+ * pinned copy (twice the host memory for those bytes). ZSE_CUDA_PIN_COPY=1 takes the copy
+ * to compare the two. */
+static zse_pinned *cuda_host_pin(zse_backend *be, const void *p, size_t bytes)
+{
+    cuda_impl *c = impl_of(be);
+    zse_pinned *h = (zse_pinned *)zse_calloc(1, sizeof *h);
+    if (!h || cuda_call(cudaSetDevice(c->device), "selecting the device") != 0) {
+        free(h);
+        return NULL;
+    }
+    h->bytes = bytes;
+    const long pg = sysconf(_SC_PAGESIZE);
+    const uintptr_t page = pg > 0 ? (uintptr_t)pg : 4096;
+    const uintptr_t start = (uintptr_t)p & ~(page - 1), end = ((uintptr_t)p + bytes + page - 1) & ~(page - 1);
+    int read_only = 0;
+    if (cudaDeviceGetAttribute(&read_only, cudaDevAttrHostRegisterReadOnlySupported, c->device) != cudaSuccess)
+        read_only = 0;
+    const char *force_copy = getenv("ZSE_CUDA_PIN_COPY");
+    if (read_only && !(force_copy && strcmp(force_copy, "1") == 0)) {
+        cudaError_t e = cudaHostRegister((void *)start, end - start, cudaHostRegisterReadOnly);
+        if (e == cudaSuccess) {
+            h->registered = (void *)start;
+            h->src = (const uint8_t *)p;
+            h->counted = end - start;
+        } else {
+            cudaGetLastError();
+            zse_log(ZSE_LOG_INFO, "cuda: cannot register %zu MiB of the mapping (%s); copying it into pinned memory",
+                    bytes >> 20, cudaGetErrorString(e));
+        }
+    }
+    if (!h->registered) {
+        if (cuda_call(cudaHostAlloc((void **)&h->copy, bytes ? bytes : 1, cudaHostAllocDefault),
+                      "allocating pinned host memory") != 0) {
+            free(h);
+            return NULL;
+        }
+        image im = {(const uint8_t *)p, bytes, bytes, bytes};
+        fill_job job = {&im, 0, bytes, h->copy};
+        zse_pool *pool = bytes >= FILL_PARALLEL_MIN ? fill_pool_of(c) : NULL;
+        if (pool)
+            zse_pool_run(pool, fill_share, &job);
+        else
+            image_fill(&im, 0, bytes, h->copy);
+        h->src = h->copy;
+        h->counted = bytes;
+    }
+    c->pinned_bytes += h->counted;
+    return h;
+}
+
+static void cuda_host_unpin(zse_backend *be, zse_pinned *h)
+{
+    if (!h)
+        return;
+    cuda_impl *c = impl_of(be);
+    cudaStreamSynchronize(c->copy_stream); /* no copy may still read it */
+    if (h->registered)
+        cudaHostUnregister(h->registered);
+    cudaFreeHost(h->copy);
+    c->pinned_bytes -= h->counted;
+    free(h);
+}
+
+static zse_slab *cuda_slab_new(zse_backend *be, size_t slot_bytes, int n_slots)
+{
+    cuda_impl *c = impl_of(be);
+    size_t bytes;
+    if (n_slots < 1 || slot_bytes == 0 || slot_bytes % 256 || !zse_mul_ok(slot_bytes, (size_t)n_slots, &bytes)) {
+        zse_fail("cuda: a slab of %d slots of %zu bytes is not possible (slots are multiples of 256 bytes)", n_slots,
+                 slot_bytes);
+        return NULL;
+    }
+    zse_slab *s = (zse_slab *)zse_calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    if (cuda_call(cudaSetDevice(c->device), "selecting the device") != 0 ||
+        cuda_call(cudaMalloc((void **)&s->dev, bytes), "allocating a slab") != 0) {
+        zse_error_prefix("cuda: %d slots of %zu MiB: ", n_slots, slot_bytes >> 20);
+        free(s);
+        return NULL;
+    }
+    s->slot_bytes = slot_bytes;
+    s->n_slots = n_slots;
+    c->slab_bytes += bytes;
+    return s;
+}
+
+static void cuda_slab_free(zse_backend *be, zse_slab *s)
+{
+    if (!s)
+        return;
+    cuda_impl *c = impl_of(be);
+    cudaStreamSynchronize(c->stream);
+    cudaStreamSynchronize(c->copy_stream);
+    drop_graphs(c);
+    c->slab_bytes -= s->slot_bytes * (size_t)s->n_slots;
+    cudaFree(s->dev);
+    free(s);
+}
+
+static int make_marks(cuda_impl *c)
+{
+    if (c->marks_made)
+        return 0;
+    for (int q = 0; q < 2; q++)
+        for (int i = 0; i < MARK_RING; i++)
+            if (cuda_call(cudaEventCreateWithFlags(&c->marks[q][i], cudaEventDisableTiming), "creating an event") != 0) {
+                for (int k = 0; k < q * MARK_RING + i; k++)
+                    cudaEventDestroy(c->marks[k / MARK_RING][k % MARK_RING]);
+                return -1;
+            }
+    c->marks_made = true;
+    return 0;
+}
+
+static cudaStream_t queue_stream(cuda_impl *c, int queue) { return queue == ZSE_QUEUE_COPY ? c->copy_stream : c->stream; }
+
+static int64_t cuda_mark(zse_backend *be, int queue)
+{
+    cuda_impl *c = impl_of(be);
+    if (c->failed)
+        return -1;
+    if (queue != ZSE_QUEUE_COMPUTE && queue != ZSE_QUEUE_COPY) {
+        set_error(c, "cuda mark: no queue %d", queue);
+        return -1;
+    }
+    if (c->recording >= 0) {
+        set_error(c, "cuda mark: a step with weights in host memory is not recorded");
+        return -1;
+    }
+    if (make_marks(c) != 0) {
+        set_error(c, "%s", zse_error_message());
+        return -1;
+    }
+    const int64_t n = c->n_marks[queue];
+    cudaError_t e = cudaEventRecord(c->marks[queue][n % MARK_RING], queue_stream(c, queue));
+    if (e != cudaSuccess) {
+        set_error(c, "cuda mark: %s", cudaGetErrorString(e));
+        return -1;
+    }
+    c->n_marks[queue] = n + 1;
+    return n;
+}
+
+/* `queue` waits for the other queue's mark m (once: a later wait covers an earlier one) */
+static void wait_other(cuda_impl *c, int queue, int64_t m)
+{
+    const int other = 1 - queue;
+    if (m < 0 || c->failed || m <= c->waited[queue])
+        return;
+    if (!c->marks_made || m >= c->n_marks[other])
+        return set_error(c, "cuda wait_mark: mark %lld of queue %d was never made", (long long)m, other);
+    cudaError_t e = cudaStreamWaitEvent(queue_stream(c, queue), c->marks[other][m % MARK_RING], 0);
+    if (e != cudaSuccess)
+        return set_error(c, "cuda wait_mark: %s", cudaGetErrorString(e));
+    c->waited[queue] = m;
+}
+
+static void cuda_wait_mark(zse_backend *be, int queue, int64_t mark)
+{
+    cuda_impl *c = impl_of(be);
+    if (queue != ZSE_QUEUE_COMPUTE && queue != ZSE_QUEUE_COPY)
+        return set_error(c, "cuda wait_mark: no queue %d", queue);
+    if (c->recording >= 0)
+        return set_error(c, "cuda wait_mark: a step with weights in host memory is not recorded");
+    wait_other(c, queue, mark);
+}
+
+static void cuda_slab_fetch(zse_backend *be, zse_slab *s, int slot, const zse_pinned *h, uint64_t off, size_t n,
+                            int64_t after)
+{
+    cuda_impl *c = impl_of(be);
+    if (c->failed)
+        return;
+    if (c->recording >= 0)
+        return set_error(c, "cuda slab_fetch: a step with weights in host memory is not recorded");
+    if (slot < 0 || slot >= s->n_slots || n > s->slot_bytes || off > h->bytes || n > h->bytes - off)
+        return set_error(c, "cuda slab_fetch: %zu bytes from %llu of a pinned %zu into slot %d of %d slots of %zu", n,
+                         (unsigned long long)off, h->bytes, slot, s->n_slots, s->slot_bytes);
+    wait_other(c, ZSE_QUEUE_COPY, after); /* the slot's last reader is done */
+    cudaError_t e = cudaMemcpyAsync(s->dev + (size_t)slot * s->slot_bytes, h->src + off, n, cudaMemcpyHostToDevice,
+                                    c->copy_stream);
+    if (e != cudaSuccess)
+        set_error(c, "cuda slab_fetch: %s", cudaGetErrorString(e));
+}
+
+/* a streamed layer's matrix where its layer buffer will hold it: the file's bytes as they
+ * are, so rows must already be 16-byte units (no re-pitching) and vectors, which keep an f32
+ * copy made at load, are refused */
+static zse_weight *cuda_weight_in_slab(zse_backend *be, const zse_tensor_info *t, const zse_slab *s, int slot,
+                                       uint64_t at)
+{
+    cuda_impl *c = impl_of(be);
+    const zse_qshape *q = &t->q;
+    const size_t bytes = checked_tensor_bytes(t);
+    if (bytes == 0)
+        return NULL;
+    zse_qplanes pl;
+    zse_qshape_planes(q, &pl);
+    if (q->rows == 1 || pl.qs % 16 || pl.row_bytes % 16 || at % 256) {
+        zse_fail("cuda: tensor %s cannot be streamed: a vector, or rows that are not 16-byte units", t->name);
+        return NULL;
+    }
+    if (slot < 0 || slot >= s->n_slots || at > s->slot_bytes || bytes > s->slot_bytes - at) {
+        zse_fail("cuda: tensor %s does not fit slot %d of %zu bytes at %llu", t->name, slot, s->slot_bytes,
+                 (unsigned long long)at);
+        return NULL;
+    }
+    zse_weight *w = (zse_weight *)zse_calloc(1, sizeof *w);
+    if (!w)
+        return NULL;
+    describe_planes(&w->w, q, &pl, s->dev + (size_t)slot * s->slot_bytes + at, (int64_t)pl.row_bytes);
+    c->q4_loaded = c->q4_loaded || q->scheme == ZSE_SCHEME_Q4 || q->scheme == ZSE_SCHEME_Q4S;
+    return w; /* bytes 0: the slab counts them */
+}
+
+static zse_experts *cuda_experts_host(zse_backend *be, const zse_expert_bank *bank)
+{
+    cuda_impl *c = impl_of(be);
+    zse_experts *ex = (zse_experts *)zse_calloc(1, sizeof *ex);
+    if (!ex)
+        return NULL;
+    const size_t table = (size_t)bank->count * sizeof *ex->base;
+    int rc = describe_experts(ex, bank);
+    if (rc == 0)
+        rc = cuda_call(cudaSetDevice(c->device), "selecting the device");
+    if (rc == 0)
+        rc = cuda_call(cudaMalloc((void **)&ex->base, table), "allocating an expert table");
+    if (rc == 0) /* nowhere until experts_map places them */
+        rc = cuda_call(cudaMemset(ex->base, 0, table), "clearing an expert table");
+    if (rc == 0)
+        rc = cuda_call(cudaHostAlloc((void **)&ex->shadow, table, cudaHostAllocDefault), "allocating an expert table");
+    if (rc == 0)
+        rc = cuda_call(cudaEventCreateWithFlags(&ex->map_done, cudaEventDisableTiming), "creating an event");
+    if (rc != 0) {
+        zse_error_prefix("the experts of layer %d: ", bank->layer);
+        cudaFree(ex->base);
+        cudaFreeHost(ex->shadow);
+        free(ex);
+        return NULL;
+    }
+    for (int p = 0; p < ZSE_EXPERT_PARTS; p++)
+        ex->part[p].base = ex->base;
+    c->q4_loaded = c->q4_loaded || bank->part[0].q.scheme == ZSE_SCHEME_Q4 || bank->part[0].q.scheme == ZSE_SCHEME_Q4S;
+    ex->bytes = table;
+    c->weight_bytes += ex->bytes;
+    drop_graphs(c);
+    return ex;
+}
+
+static void cuda_experts_map(zse_backend *be, zse_experts *ex, const zse_slab *s, const int32_t *slot_of)
+{
+    cuda_impl *c = impl_of(be);
+    if (c->failed)
+        return;
+    if (!ex->shadow)
+        return set_error(c, "cuda experts_map: these experts were loaded onto the device (experts_load)");
+    /* the table's previous copy must have read the image before it changes */
+    if (ex->map_pending && cuda_call(cudaEventSynchronize(ex->map_done), "experts_map") != 0)
+        return set_error(c, "%s", zse_error_message());
+    for (int e = 0; e < ex->count; e++) {
+        if (slot_of[e] >= s->n_slots)
+            return set_error(c, "cuda experts_map: expert %d in slot %d of %d", e, slot_of[e], s->n_slots);
+        ex->shadow[e] = slot_of[e] >= 0 ? s->dev + (size_t)slot_of[e] * s->slot_bytes : NULL;
+    }
+    cudaError_t err = cudaMemcpyAsync(ex->base, ex->shadow, (size_t)ex->count * sizeof *ex->base,
+                                      cudaMemcpyHostToDevice, c->stream);
+    if (err == cudaSuccess)
+        err = cudaEventRecord(ex->map_done, c->stream);
+    if (err != cudaSuccess)
+        return set_error(c, "cuda experts_map: %s", cudaGetErrorString(err));
+    ex->map_pending = true;
+}
+
+static int cuda_moe_route_read(zse_backend *be, const zse_moe_route *r, int32_t *seg, int32_t *token_of)
+{
+    cuda_impl *c = impl_of(be);
+    prep_forget(c);
+    if (c->failed)
+        return zse_fail("%s", c->err);
+    const size_t sb = ((size_t)r->p.n_experts + 1) * sizeof(int32_t), tb = (size_t)(r->rows * r->p.k) * sizeof(int32_t);
+    if (ensure_pinned(c, &c->bounce, &c->bounce_cap, sb + tb, "moe_route_read") != 0 ||
+        cuda_call(cudaMemcpyAsync(c->bounce, r->d.seg, sb, cudaMemcpyDeviceToHost, c->stream), "moe_route_read") != 0 ||
+        cuda_call(cudaMemcpyAsync(c->bounce + sb, r->d.token_of, tb, cudaMemcpyDeviceToHost, c->stream),
+                  "moe_route_read") != 0 ||
+        cuda_call(cudaStreamSynchronize(c->stream), "moe_route_read") != 0)
+        return -1;
+    memcpy(seg, c->bounce, sb);
+    memcpy(token_of, c->bounce + sb, tb);
+    return 0;
+}
+
+static int cuda_act_write_rows(zse_backend *be, zse_act *a, const float *src, const int32_t *rows, int64_t n)
+{
+    cuda_impl *c = impl_of(be);
+    prep_forget(c);
+    if (c->failed)
+        return zse_fail("%s", c->err);
+    for (int64_t i = 0; i < n; i++)
+        if (rows[i] < 0 || rows[i] >= a->rows)
+            return zse_fail("cuda act_write_rows: row %d of an activation of %lld", rows[i], (long long)a->rows);
+    if (n == 0)
+        return 0;
+    const size_t row = (size_t)a->cols * sizeof(float), bytes = row * (size_t)n;
+    /* the previous write's copy must have read the image before it changes */
+    if (c->upload_pending && cuda_call(cudaEventSynchronize(c->upload_done), "act_write_rows") != 0)
+        return -1;
+    c->upload_pending = false;
+    if (!c->upload_done &&
+        cuda_call(cudaEventCreateWithFlags(&c->upload_done, cudaEventDisableTiming), "creating an event") != 0)
+        return -1;
+    if (ensure_pinned(c, &c->upload, &c->upload_cap, bytes, "act_write_rows") != 0)
+        return -1;
+    memcpy(c->upload, src, bytes);
+    /* one copy per run of consecutive rows (an expert's pairs are one run) */
+    for (int64_t i = 0; i < n;) {
+        int64_t j = i + 1;
+        while (j < n && rows[j] == rows[j - 1] + 1)
+            j++;
+        if (cuda_call(cudaMemcpy2DAsync(a->d + (int64_t)rows[i] * a->pitch, (size_t)a->pitch * sizeof(float),
+                                        c->upload + (size_t)i * row, row, row, (size_t)(j - i), cudaMemcpyHostToDevice,
+                                        c->stream),
+                      "act_write_rows") != 0)
+            return -1;
+        i = j;
+    }
+    if (cuda_call(cudaEventRecord(c->upload_done, c->stream), "act_write_rows") != 0)
+        return -1;
+    c->upload_pending = true;
+    return 0;
+}
+
 static void cuda_memory(zse_backend *be, zse_backend_memory *out)
 {
     cuda_impl *c = impl_of(be);
@@ -1344,7 +2018,10 @@ static void cuda_memory(zse_backend *be, zse_backend_memory *out)
     out->weights = c->weight_bytes;
     out->kv_cache = c->kv_bytes;
     out->activations = c->act_bytes;
+    out->adapters = c->lora_bytes;
     out->workspace = c->scratch_cap + c->att_work_cap + c->batch_cap * sizeof(int32_t);
+    out->slabs = c->slab_bytes;
+    out->host_pinned = c->pinned_bytes;
     size_t free_b = 0, total_b = 0;
     if (cudaSetDevice(c->device) == cudaSuccess && cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) {
         out->on_device = true;
@@ -1353,6 +2030,175 @@ static void cuda_memory(zse_backend *be, zse_backend_memory *out)
     } else {
         cudaGetLastError(); /* reported as "not on a device", not as a failure */
     }
+}
+
+/* ---- LoRA adapter slots ---------------------------------------------------------------------
+ * One device allocation of n_slots slots. A load is one cudaMemcpyAsync from the engine's
+ * pinned host image on the copy stream, after whatever the compute stream has queued (a
+ * slot is reloaded only once no sequence uses it, but a step that used its last adapter may
+ * still be running); an event says when it landed. The engine lets a sequence use the slot
+ * only then, so a step never waits for a copy and a copy never waits for a step's end. */
+
+static_assert(sizeof(zse_cuda_lora_entry) == sizeof(zse_lora_entry) && ZSE_CUDA_LORA_MAX_RANK == ZSE_LORA_MAX_RANK,
+              "a slot's table is read by the kernels as zse_cuda_lora_entry");
+
+struct zse_lora_pool {
+    zse_lora_shape shape;
+    uint8_t *dev;
+    cudaEvent_t *landed;        /* [n_slots] recorded after each slot's last copy */
+    bool *copying;
+    cudaEvent_t queued;         /* the compute stream's work before a copy */
+    float *u;                   /* lora_apply's scratch (the shrink's output past the fused rows) */
+    size_t u_cap;
+};
+
+static void cuda_lora_pool_free(zse_backend *be, zse_lora_pool *p)
+{
+    cuda_impl *c = impl_of(be);
+    if (!p)
+        return;
+    cudaSetDevice(c->device);
+    cudaStreamSynchronize(c->copy_stream);
+    cudaStreamSynchronize(c->stream);
+    drop_graphs(c); /* recordings hold the slots' and the scratch's addresses */
+    for (int s = 0; p->landed && s < p->shape.n_slots; s++)
+        if (p->landed[s])
+            cudaEventDestroy(p->landed[s]);
+    if (p->queued)
+        cudaEventDestroy(p->queued);
+    cudaFree(p->dev);
+    cudaFree(p->u);
+    if (p->dev)
+        c->lora_bytes -= (uint64_t)p->shape.n_slots * p->shape.slot_bytes;
+    free(p->landed);
+    free(p->copying);
+    free(p);
+}
+
+static zse_lora_pool *cuda_lora_pool_new(zse_backend *be, const zse_lora_shape *s)
+{
+    cuda_impl *c = impl_of(be);
+    size_t bytes;
+    if (s->n_slots < 1 || s->n_layers < 1 || s->slot_bytes % 64 != 0 ||
+        s->slot_bytes < (uint64_t)s->n_layers * ZSE_LORA_MODULES * sizeof(zse_lora_entry) ||
+        __builtin_mul_overflow((size_t)s->n_slots, (size_t)s->slot_bytes, &bytes)) {
+        zse_fail("a LoRA pool of %d slots of %llu bytes is not possible", s->n_slots, (unsigned long long)s->slot_bytes);
+        return NULL;
+    }
+    zse_lora_pool *p = (zse_lora_pool *)zse_calloc(1, sizeof *p);
+    if (!p)
+        return NULL;
+    p->shape = *s;
+    p->landed = (cudaEvent_t *)zse_calloc((size_t)s->n_slots, sizeof *p->landed);
+    p->copying = (bool *)zse_calloc((size_t)s->n_slots, sizeof *p->copying);
+    int rc = p->landed && p->copying ? 0 : -1;
+    if (rc == 0)
+        rc = cuda_call(cudaSetDevice(c->device), "LoRA slots");
+    if (rc == 0 && cuda_call(cudaMalloc((void **)&p->dev, bytes), "LoRA slots") == 0) {
+        c->lora_bytes += bytes;
+        drop_graphs(c);
+        /* a slot never loaded adapts nothing: its table is all zero ranks */
+        rc = cuda_call(cudaMemsetAsync(p->dev, 0, bytes, c->stream), "LoRA slots") ||
+             cuda_call(cudaStreamSynchronize(c->stream), "LoRA slots");
+    } else {
+        rc = -1;
+    }
+    for (int i = 0; rc == 0 && i < s->n_slots; i++)
+        rc = cuda_call(cudaEventCreateWithFlags(&p->landed[i], cudaEventDisableTiming), "LoRA slots");
+    if (rc == 0)
+        rc = cuda_call(cudaEventCreateWithFlags(&p->queued, cudaEventDisableTiming), "LoRA slots");
+    if (rc != 0) {
+        zse_error_prefix("%d LoRA adapter slots of %.1f MiB", s->n_slots, (double)s->slot_bytes / 1048576.0);
+        cuda_lora_pool_free(be, p);
+        return NULL;
+    }
+    return p;
+}
+
+static void *cuda_lora_host_alloc(zse_backend *be, size_t bytes)
+{
+    (void)be;
+    void *p = NULL;
+    if (cudaHostAlloc(&p, bytes ? bytes : 64, cudaHostAllocDefault) != cudaSuccess) {
+        cudaGetLastError();
+        zse_fail("cannot allocate %.1f MiB of pinned host memory for a LoRA adapter (--max-cpu-loras)",
+                 (double)bytes / 1048576.0);
+        return NULL;
+    }
+    return p;
+}
+
+static void cuda_lora_host_free(zse_backend *be, void *p)
+{
+    (void)be;
+    cudaFreeHost(p);
+}
+
+static int cuda_lora_slot_load(zse_backend *be, zse_lora_pool *p, int slot, const void *image, size_t bytes)
+{
+    cuda_impl *c = impl_of(be);
+    if (slot < 0 || slot >= p->shape.n_slots)
+        return zse_fail("LoRA slot %d of %d", slot, p->shape.n_slots);
+    if (zse_lora_image_check(&p->shape, image, bytes) != 0)
+        return -1;
+    uint8_t *dst = p->dev + (size_t)slot * p->shape.slot_bytes;
+    if (cuda_call(cudaSetDevice(c->device), "loading a LoRA slot") != 0 ||
+        cuda_call(cudaEventRecord(p->queued, c->stream), "loading a LoRA slot") != 0 ||
+        cuda_call(cudaStreamWaitEvent(c->copy_stream, p->queued, 0), "loading a LoRA slot") != 0 ||
+        cuda_call(cudaMemcpyAsync(dst, image, bytes, cudaMemcpyHostToDevice, c->copy_stream), "loading a LoRA slot") != 0 ||
+        cuda_call(cudaEventRecord(p->landed[slot], c->copy_stream), "loading a LoRA slot") != 0)
+        return -1;
+    p->copying[slot] = true;
+    return 0;
+}
+
+static int cuda_lora_slot_ready(zse_backend *be, zse_lora_pool *p, int slot)
+{
+    (void)be;
+    if (slot < 0 || slot >= p->shape.n_slots)
+        return zse_fail("LoRA slot %d of %d", slot, p->shape.n_slots);
+    if (!p->copying[slot])
+        return 1;
+    cudaError_t e = cudaEventQuery(p->landed[slot]);
+    if (e == cudaErrorNotReady) {
+        cudaGetLastError();
+        return 0;
+    }
+    p->copying[slot] = false;
+    return e == cudaSuccess ? 1 : zse_fail("cuda: copying a LoRA adapter into slot %d failed: %s", slot,
+                                           cudaGetErrorString(e));
+}
+
+static void cuda_lora_apply(zse_backend *be, const zse_lora_pool *pc, int layer, const zse_act *x, int64_t rows,
+                            const zse_lora_out *outs, int n_outs)
+{
+    cuda_impl *c = impl_of(be);
+    zse_lora_pool *p = (zse_lora_pool *)pc; /* its scratch grows here */
+    if (c->failed || !c->b.lora_modules)
+        return;
+    if (n_outs < 1 || n_outs > 3 || rows < 1 || rows > c->b.n_tokens || rows > x->rows)
+        return set_error(c, "cuda lora_apply: %d projections over %lld rows", n_outs, (long long)rows);
+    zse_cuda_lora l = {};
+    l.slots = p->dev;
+    l.slot_bytes = p->shape.slot_bytes;
+    l.n_slots = p->shape.n_slots;
+    l.n_layers = p->shape.n_layers;
+    l.layer = layer;
+    l.n_outs = n_outs;
+    for (int i = 0; i < n_outs; i++) {
+        const int m = outs[i].module;
+        if (m < 0 || m >= ZSE_LORA_MODULES || outs[i].y->rows < rows)
+            return set_error(c, "cuda lora_apply: projection %d is not one of the pool's", m);
+        l.module[i] = m;
+        l.y[i] = outs[i].y->d;
+        l.ypitch[i] = outs[i].y->pitch;
+        l.in[i] = p->shape.in[m];
+        l.out[i] = p->shape.out[m];
+    }
+    const size_t need = zse_cuda_lora_scratch_bytes(rows, n_outs);
+    if (need && ensure_device(c, (void **)&p->u, &p->u_cap, need, "LoRA scratch") != 0)
+        return set_error(c, "%s", zse_error_message());
+    check_launch(c, zse_cuda_lora_apply(&l, c->b.adapter_of, x->d, x->pitch, rows, p->u, p->u_cap, c->stream));
 }
 
 static const zse_backend_ops cuda_ops = {
@@ -1388,6 +2234,35 @@ static const zse_backend_ops cuda_ops = {
     cuda_weight_load_lookup,
     cuda_rope_kv_store,
     cuda_sample_rows,
+    cuda_experts_load,
+    cuda_experts_free,
+    cuda_moe_route_new,
+    cuda_moe_route_free,
+    cuda_moe_route,
+    cuda_moe_route_experts,
+    cuda_moe_gather,
+    cuda_moe_matmul,
+    cuda_moe_combine,
+    cuda_mask_rows,
+    cuda_host_pin,
+    cuda_host_unpin,
+    cuda_slab_new,
+    cuda_slab_free,
+    cuda_slab_fetch,
+    cuda_mark,
+    cuda_wait_mark,
+    cuda_weight_in_slab,
+    cuda_experts_host,
+    cuda_experts_map,
+    cuda_moe_route_read,
+    cuda_act_write_rows,
+    cuda_lora_pool_new,
+    cuda_lora_pool_free,
+    cuda_lora_host_alloc,
+    cuda_lora_host_free,
+    cuda_lora_slot_load,
+    cuda_lora_slot_ready,
+    cuda_lora_apply,
 };
 
 extern "C" int zse_cuda_device_count(void)
@@ -1398,6 +2273,44 @@ extern "C" int zse_cuda_device_count(void)
         return 0;
     }
     return n;
+}
+
+extern "C" int zse_cuda_device_info(int index, zse_gpu_info *out)
+{
+    memset(out, 0, sizeof *out);
+    cudaDeviceProp p;
+    cudaError_t e = cudaGetDeviceProperties(&p, index);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        return zse_fail("cuda: device %d: %s", index, cudaGetErrorString(e));
+    }
+    snprintf(out->name, sizeof out->name, "%s", p.name);
+    out->cc_major = p.major;
+    out->cc_minor = p.minor;
+    out->sm_count = p.multiProcessorCount;
+    out->total_bytes = p.totalGlobalMem;
+    cudaDriverGetVersion(&out->cuda_driver_version);
+    cudaRuntimeGetVersion(&out->cuda_runtime_version);
+    /* free memory needs the device's context: made here, left for the process to end */
+    size_t free_b = 0, total_b = 0;
+    int prev = 0;
+    cudaGetDevice(&prev);
+    if (cudaSetDevice(index) == cudaSuccess && cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) {
+        out->free_bytes = free_b;
+        out->total_bytes = total_b;
+        out->free_known = true;
+    }
+    cudaGetLastError();
+    cudaSetDevice(prev);
+    return 0;
+}
+
+extern "C" const char *zse_cuda_absence(void)
+{
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    cudaGetLastError();
+    return e == cudaSuccess ? "no CUDA device" : cudaGetErrorString(e);
 }
 
 extern "C" zse_backend *zse_cuda_backend_create(int device_index)
@@ -1418,6 +2331,7 @@ extern "C" zse_backend *zse_cuda_backend_create(int device_index)
     be->impl = c;
     c->device = device_index;
     c->recording = -1;
+    c->waited[0] = c->waited[1] = -1;
     const char *g = getenv("ZSE_CUDA_GRAPHS");
     c->graphs_on = !(g && strcmp(g, "0") == 0);
     int rc = cuda_call(cudaSetDevice(device_index), "selecting the device");

@@ -151,6 +151,9 @@ template <> struct scheme_traits<ZSE_SCHEME_Q8> {
     }
 };
 
+/* int8g (GGUF Q8_0): the same bytes as int8, with an f16 scale per group instead of a row's */
+template <> struct scheme_traits<ZSE_SCHEME_Q8G> : scheme_traits<ZSE_SCHEME_Q8> {};
+
 /* 4-bit chunk: byte j holds element j (low nibble) and j + 16 (high). Piece p = word p:
  * low nibbles are elements 4p..4p+3, high nibbles 16+4p..16+4p+3. */
 __device__ __forceinline__ uint32_t q4_word(const uint4 &w, int p)
@@ -208,9 +211,10 @@ template <> struct scheme_traits<ZSE_SCHEME_NF4> {
     }
 };
 
-/* does this scheme carry a group scale (4-bit) / a min (Q4) / a row scale (Q8)? */
+/* does this scheme carry a group scale (4-bit, int8g) / a min (Q4) / a row scale (Q8)? */
 template <int S> struct scheme_scales {
-    static constexpr bool group = S == ZSE_SCHEME_Q4 || S == ZSE_SCHEME_Q4S || S == ZSE_SCHEME_NF4;
+    static constexpr bool group = S == ZSE_SCHEME_Q4 || S == ZSE_SCHEME_Q4S || S == ZSE_SCHEME_NF4 ||
+                                  S == ZSE_SCHEME_Q8G;
     static constexpr bool min = S == ZSE_SCHEME_Q4;
     static constexpr bool row = S == ZSE_SCHEME_Q8;
 };
@@ -225,6 +229,7 @@ template <int S> struct scheme_scales {
     case ZSE_SCHEME_Q4: { constexpr int S_ = ZSE_SCHEME_Q4; CALL; } break;     \
     case ZSE_SCHEME_Q4S: { constexpr int S_ = ZSE_SCHEME_Q4S; CALL; } break;   \
     case ZSE_SCHEME_NF4: { constexpr int S_ = ZSE_SCHEME_NF4; CALL; } break;   \
+    case ZSE_SCHEME_Q8G: { constexpr int S_ = ZSE_SCHEME_Q8G; CALL; } break;   \
     default: return zse_cuda_fail("cuda: unknown weight scheme %d", (int)(scheme)); \
     }
 

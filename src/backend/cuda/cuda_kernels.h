@@ -149,6 +149,10 @@ typedef struct {
  * overwritten with the rows' unnormalized probabilities */
 int zse_cuda_sample_rows(float *x, int64_t xpitch, int64_t rows, int64_t cols, const zse_cuda_sample *params,
                          int32_t *out, zse_cuda_stream st);
+/* constrained decoding: row rows[i] of the logits x gets -inf for every column whose bit in
+ * bits[i * words ...] is 0, and for every column past words * 32 (device arrays) */
+int zse_cuda_mask_rows(float *x, int64_t xpitch, int64_t cols, const int32_t *rows, int n, const uint32_t *bits,
+                       int64_t words, zse_cuda_stream st);
 int zse_cuda_gather_rows(const float *x, int64_t xpitch, const int32_t *rows_idx, int64_t n,
                          int64_t dim, float *out, int64_t opitch, zse_cuda_stream st);
 
@@ -198,6 +202,86 @@ size_t zse_cuda_attention_work_bytes(int64_t n, int n_heads, int head_dim);
 int zse_cuda_attention(const zse_cuda_kv_layer *L, const zse_cuda_attn *a, const float *q,
                        int64_t qpitch, int64_t n, int max_ctx, float *out, int64_t opitch,
                        void *work, size_t work_bytes, zse_cuda_stream st);
+
+/* ---- mixture of experts (moe.cu) ----
+ * One part (gate, up or down) of a MoE layer's routed experts: every expert's part has w's
+ * shape and scheme (w's qs/scales/mins are unused), lying at the byte offsets below inside
+ * that expert's range, which starts at base[e] (a device array of n_experts pointers: the
+ * bank as loaded, or wherever a cache keeps each expert; NULL: the expert is not on the device
+ * this step, and the grouped matmul leaves its pairs' rows alone). Offsets are multiples of 16. */
+typedef struct {
+    zse_cuda_weight w;
+    int64_t qs_off, scales_off, mins_off;   /* -1: the scheme has no such plane */
+    const uint8_t *const *base;
+} zse_cuda_experts;
+
+/* A step's routing in device memory (zse_cuda_moe_at lays the arrays out in one allocation,
+ * zse_cuda_moe_route fills them):
+ *   pair_expert, pair_weight, pair_slot [rows * k], token-major (pair (t, j) at t * k + j):
+ *       the expert, its weight, and the pair's place in expert order
+ *   token_of [rows * k]: the token at each place
+ *   seg [n_experts + 1]: expert e's places are seg[e] .. seg[e + 1]
+ *   active [n_experts + 1]: the experts with pairs, ascending; active[n_experts] = their count */
+#define ZSE_CUDA_MOE_K_MAX 32     /* experts a token takes, at most (format.h's ZSE_MAX_EXPERTS_USED) */
+typedef struct {
+    int n_experts, k, renormalize;
+    int32_t *pair_expert;
+    float *pair_weight;
+    int32_t *pair_slot, *token_of, *seg, *active;
+} zse_cuda_moe;
+size_t zse_cuda_moe_bytes(int64_t max_rows, int n_experts, int k);
+void zse_cuda_moe_at(void *mem, int64_t max_rows, int n_experts, int k, int renormalize, zse_cuda_moe *out);
+/* routes rows tokens by their router logits [rows][n_experts] (pitch lpitch): p = softmax
+ * (f32), the k largest (ties to the lower expert), weights p or p / (sum of the k), then the
+ * pairs sorted by expert (token order within one) — the CPU backend's routing. One block. */
+int zse_cuda_moe_route(const zse_cuda_moe *r, const float *logits, int64_t lpitch, int64_t rows, zse_cuda_stream st);
+/* the grouped expert matmul over a route of rows tokens: ys[i] = W_e · xs[i] for each of the
+ * rows * k pairs i, e the pair's expert; one launch over every active expert (grid: weight
+ * rows x experts that may be active); 4-bit experts on dp4a GEMVs (rows <= ZSE_CUDA_GEMV_MAX)
+ * or tensor cores (sm_80 on), other schemes on the float GEMV in tiles of 8 pairs */
+size_t zse_cuda_moe_matmul_scratch_bytes(const zse_cuda_experts *ex, int64_t rows, int k);
+int zse_cuda_moe_matmul(const zse_cuda_moe *r, int64_t rows, const zse_cuda_experts *ex, const float *xs,
+                        int64_t xpitch, float *ys, int64_t ypitch, void *scratch, size_t scratch_bytes,
+                        zse_cuda_stream st);
+/* x[t][0:dim] += sum over t's k pairs, experts ascending, of weight * ys[place], plus
+ * sigmoid(gate[t][0]) * shared[t] (shared NULL: none; gate NULL: unscaled) */
+int zse_cuda_moe_combine(const zse_cuda_moe *r, int64_t rows, const float *ys, int64_t ypitch, const float *shared,
+                         int64_t spitch, const float *gate, int64_t gpitch, float *x, int64_t xpitch, int64_t dim,
+                         zse_cuda_stream st);
+
+/* ---- LoRA (lora.cu) ----
+ * Adapter slots in one device allocation: slot s at slots + s * slot_bytes begins with a
+ * table of n_layers x 7 entries (layer-major: q, k, v, o, gate, up, down), each the rank (0:
+ * not adapted), the scale and the byte offsets in the slot of A, f16 [rank][in], and B
+ * transposed, f16 [rank][out] (64-byte aligned). The layout of backend.h's zse_lora_entry. */
+#define ZSE_CUDA_LORA_MAX_RANK 128
+#define ZSE_CUDA_LORA_FUSED_MAX 4   /* rows a single launch shrinks and expands together */
+typedef struct {
+    int32_t rank;
+    float scale;
+    int64_t a, bt;
+} zse_cuda_lora_entry;
+
+typedef struct {
+    const uint8_t *slots;
+    uint64_t slot_bytes;
+    int n_slots, n_layers;
+    int layer;
+    int n_outs;                     /* 1..3 projections over one x */
+    int module[3];
+    float *y[3];
+    int64_t ypitch[3];
+    int64_t in[3], out[3];
+} zse_cuda_lora;
+/* scratch the two-launch path needs for n rows (the rank-wide u = A·x of each row) */
+size_t zse_cuda_lora_scratch_bytes(int64_t n, int n_outs);
+/* y_i[t] += scale · B·(A·x[t]) for every row t < n whose adapter_of[t] (device, one slot per
+ * row; -1: none) adapts l->module[i] of l->layer; other rows untouched. Rows up to
+ * ZSE_CUDA_LORA_FUSED_MAX: one launch (each block shrinks its rows, then expands its columns);
+ * more: a shrink launch (a block per row and projection) and an expand launch (blocks of
+ * columns x 8 rows), so each row's A and B are read once. */
+int zse_cuda_lora_apply(const zse_cuda_lora *l, const int32_t *adapter_of, const float *x, int64_t xpitch,
+                        int64_t n, float *scratch, size_t scratch_bytes, zse_cuda_stream st);
 
 #ifdef __cplusplus
 }

@@ -485,6 +485,39 @@ extern "C" int zse_cuda_argmax_rows(const float *x, int64_t xpitch, int64_t rows
     return 0;
 }
 
+/* ---- token masks (constrained decoding) --------------------------------------------------
+ * A thread a mask word: a row's 32 logits of that word, -inf where the bit is 0. Rows in
+ * blockIdx.y, words across x. */
+__global__ void __launch_bounds__(256)
+mask_rows_kernel(float *x, int64_t xpitch, int64_t cols, const int32_t *rows, const uint32_t *bits, int64_t words)
+{
+    pdl_enter();
+    const int64_t w = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const int64_t first = w * 32;
+    if (first >= cols)
+        return;
+    float *row = x + (int64_t)rows[blockIdx.y] * xpitch;
+    const uint32_t b = w < words ? bits[(int64_t)blockIdx.y * words + w] : 0u;
+    if (b == 0xFFFFFFFFu)
+        return;
+    const int64_t end = first + 32 < cols ? first + 32 : cols;
+    for (int64_t t = first; t < end; t++)
+        if (!((b >> (t - first)) & 1u))
+            row[t] = -INFINITY;
+}
+
+extern "C" int zse_cuda_mask_rows(float *x, int64_t xpitch, int64_t cols, const int32_t *rows, int n,
+                                  const uint32_t *bits, int64_t words, zse_cuda_stream st)
+{
+    if (n < 1 || cols < 1)
+        return 0;
+    const int64_t need_words = (cols + 31) / 32;
+    const dim3 grid((unsigned)((need_words + 255) / 256), (unsigned)n);
+    zse_launch(mask_rows_kernel, grid, 256, 0, (cudaStream_t)st, x, xpitch, cols, rows, bits, words);
+    ZSE_CUDA_LAUNCHED("cuda mask_rows");
+    return 0;
+}
+
 /* ---- sampling on the device ------------------------------------------------------------
  * One block per row, as the host sampler decides (sampler.c) but without sorting: with
  * p_i = exp((l_i - max) / T) (so the largest is 1), top-k, top-p and min-p each keep the

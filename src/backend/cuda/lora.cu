@@ -1,0 +1,221 @@
+/* LoRA on the GPU: each row's adapter delta, y += scale · B·(A·x), for a step whose rows
+ * belong to many adapters and to none (Punica's BGMV: a gather over adapter slots per row).
+ *
+ * The base matmul stays shared; this runs after it over the same x. A delta is two small
+ * products of rank r (≤ 128): shrink u = A·x (r dots of the input's width) and expand
+ * y += scale · B·u (each output column a dot of length r). Both read f16 weights 16 bytes
+ * at a time and accumulate in f32.
+ *
+ *   rows ≤ ZSE_CUDA_LORA_FUSED_MAX (decode at small batches): one launch. A block owns a
+ *     range of output columns; it first shrinks its rows into shared memory (its warps over
+ *     the rank), then expands its columns. Blocks of one projection repeat the shrink — a
+ *     rank-16 A is 114 KB at width 3584, read from L2 after the first — which costs less than
+ *     a second launch at these sizes.
+ *   more rows: a shrink launch (a block per row and projection writes u) then an expand
+ *     launch (a block per column range and 8 rows), so each row's A is read once and each B
+ *     row once per 8 rows of one adapter (from L2 across adapters).
+ *
+ * Which slot a row uses and every slot's table are read from device memory, so a recorded
+ * step (CUDA graph) serves any mix of adapters; a row whose slot is -1 or out of range, or
+ * whose adapter leaves the projection alone (rank 0), is not touched. */
+#include "backend/cuda/common.cuh"
+
+#define LORA_THREADS 256
+#define LORA_WARPS (LORA_THREADS / 32)
+#define LORA_VEC 8                                  /* f16 values a thread loads at once */
+#define LORA_COLS (LORA_THREADS * LORA_VEC)         /* output columns a block owns */
+#define LORA_EXPAND_ROWS 8
+
+struct lora_launch {
+    zse_cuda_lora l;
+    int col_start[4];                               /* the first column block of each projection */
+};
+
+__device__ __forceinline__ const zse_cuda_lora_entry *lora_entry(const zse_cuda_lora &l, int32_t slot, int module)
+{
+    if (slot < 0 || slot >= l.n_slots)
+        return nullptr;
+    const zse_cuda_lora_entry *e =
+        reinterpret_cast<const zse_cuda_lora_entry *>(l.slots + (uint64_t)slot * l.slot_bytes) +
+        (int64_t)l.layer * 7 + module;
+    return e->rank > 0 && e->rank <= ZSE_CUDA_LORA_MAX_RANK ? e : nullptr;
+}
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* a warp's dot of one f16 row of A with x (in values), in f32; every lane gets it */
+__device__ __forceinline__ float dot_f16_row(const __half *a, const float *x, int64_t in, int lane)
+{
+    float s = 0.f;
+    if (in % LORA_VEC == 0) {
+        for (int64_t i = (int64_t)lane * LORA_VEC; i < in; i += 32 * LORA_VEC) {
+            const uint4 w = *reinterpret_cast<const uint4 *>(a + i);
+            const __half2 *h = reinterpret_cast<const __half2 *>(&w);
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float2 f = __half22float2(h[k]);
+                s = fmaf(f.x, x[i + 2 * k], s);
+                s = fmaf(f.y, x[i + 2 * k + 1], s);
+            }
+        }
+    } else {
+        for (int64_t i = lane; i < in; i += 32)
+            s = fmaf(__half2float(a[i]), x[i], s);
+    }
+    return warp_sum(s);
+}
+
+/* y[c0 .. c0 + 8) of one row += scale · Σ_j u[j] Bᵀ[j][c] */
+__device__ __forceinline__ void expand_cols(const zse_cuda_lora_entry *e, const uint8_t *slot, const float *u,
+                                           int64_t out, int64_t c0, float *y)
+{
+    if (c0 >= out)
+        return;
+    const __half *bt = reinterpret_cast<const __half *>(slot + e->bt);
+    float acc[LORA_VEC] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    const bool whole = out % LORA_VEC == 0;         /* rows of Bᵀ 16-byte aligned, no tail */
+    for (int j = 0; j < e->rank; j++) {
+        const float uj = u[j];
+        const __half *row = bt + (int64_t)j * out + c0;
+        if (whole) {
+            const uint4 w = *reinterpret_cast<const uint4 *>(row);
+            const __half2 *h = reinterpret_cast<const __half2 *>(&w);
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float2 f = __half22float2(h[k]);
+                acc[2 * k] = fmaf(uj, f.x, acc[2 * k]);
+                acc[2 * k + 1] = fmaf(uj, f.y, acc[2 * k + 1]);
+            }
+        } else {
+            for (int k = 0; k < LORA_VEC && c0 + k < out; k++)
+                acc[k] = fmaf(uj, __half2float(row[k]), acc[k]);
+        }
+    }
+    for (int k = 0; k < LORA_VEC && c0 + k < out; k++)
+        y[c0 + k] += e->scale * acc[k];
+}
+
+__device__ __forceinline__ int lora_output_of(const lora_launch &p, int block, int64_t *c0)
+{
+    int i = 0;
+    while (i + 1 < p.l.n_outs && block >= p.col_start[i + 1])
+        i++;
+    *c0 = (int64_t)(block - p.col_start[i]) * LORA_COLS + (int64_t)threadIdx.x * LORA_VEC;
+    return i;
+}
+
+__global__ void __launch_bounds__(LORA_THREADS) lora_fused_kernel(const lora_launch p, const int32_t *adapter_of,
+                                                                  const float *x, int64_t xpitch, int n)
+{
+    pdl_enter();
+    __shared__ float u[ZSE_CUDA_LORA_FUSED_MAX][ZSE_CUDA_LORA_MAX_RANK];
+    int64_t c0;
+    const int i = lora_output_of(p, blockIdx.x, &c0);
+    const int m = p.l.module[i], warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int t = 0; t < n; t++) {
+        const zse_cuda_lora_entry *e = lora_entry(p.l, adapter_of[t], m);
+        if (!e)
+            continue;
+        const uint8_t *slot = p.l.slots + (uint64_t)adapter_of[t] * p.l.slot_bytes;
+        const __half *a = reinterpret_cast<const __half *>(slot + e->a);
+        for (int j = warp; j < e->rank; j += LORA_WARPS) {
+            const float s = dot_f16_row(a + (int64_t)j * p.l.in[i], x + t * xpitch, p.l.in[i], lane);
+            if (lane == 0)
+                u[t][j] = s;
+        }
+    }
+    __syncthreads();
+    for (int t = 0; t < n; t++) {
+        const zse_cuda_lora_entry *e = lora_entry(p.l, adapter_of[t], m);
+        if (e)
+            expand_cols(e, p.l.slots + (uint64_t)adapter_of[t] * p.l.slot_bytes, u[t], p.l.out[i], c0,
+                        p.l.y[i] + t * p.l.ypitch[i]);
+    }
+}
+
+/* u[t][i][0:rank] = A·x[t]: a block per (row t, projection i) */
+__global__ void __launch_bounds__(LORA_THREADS) lora_shrink_kernel(const lora_launch p, const int32_t *adapter_of,
+                                                                   const float *x, int64_t xpitch, float *u)
+{
+    pdl_enter();
+    const int t = blockIdx.x, i = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const zse_cuda_lora_entry *e = lora_entry(p.l, adapter_of[t], p.l.module[i]);
+    if (!e)
+        return;
+    const uint8_t *slot = p.l.slots + (uint64_t)adapter_of[t] * p.l.slot_bytes;
+    const __half *a = reinterpret_cast<const __half *>(slot + e->a);
+    float *ut = u + ((int64_t)t * p.l.n_outs + i) * ZSE_CUDA_LORA_MAX_RANK;
+    for (int j = warp; j < e->rank; j += LORA_WARPS) {
+        const float s = dot_f16_row(a + (int64_t)j * p.l.in[i], x + (int64_t)t * xpitch, p.l.in[i], lane);
+        if (lane == 0)
+            ut[j] = s;
+    }
+}
+
+/* y[t] += scale · B·u[t] over a block's columns for rows blockIdx.y * 8 .. + 8 */
+__global__ void __launch_bounds__(LORA_THREADS) lora_expand_kernel(const lora_launch p, const int32_t *adapter_of,
+                                                                   const float *u, int64_t n)
+{
+    pdl_enter();
+    int64_t c0;
+    const int i = lora_output_of(p, blockIdx.x, &c0);
+    for (int64_t t = (int64_t)blockIdx.y * LORA_EXPAND_ROWS; t < n && t < (int64_t)(blockIdx.y + 1) * LORA_EXPAND_ROWS;
+         t++) {
+        const zse_cuda_lora_entry *e = lora_entry(p.l, adapter_of[t], p.l.module[i]);
+        if (e)
+            expand_cols(e, p.l.slots + (uint64_t)adapter_of[t] * p.l.slot_bytes,
+                        u + (t * p.l.n_outs + i) * ZSE_CUDA_LORA_MAX_RANK, p.l.out[i], c0,
+                        p.l.y[i] + t * p.l.ypitch[i]);
+    }
+}
+
+extern "C" size_t zse_cuda_lora_scratch_bytes(int64_t n, int n_outs)
+{
+    return n > ZSE_CUDA_LORA_FUSED_MAX ? (size_t)n * (size_t)n_outs * ZSE_CUDA_LORA_MAX_RANK * sizeof(float) : 0;
+}
+
+extern "C" int zse_cuda_lora_apply(const zse_cuda_lora *l, const int32_t *adapter_of, const float *x, int64_t xpitch,
+                                   int64_t n, float *scratch, size_t scratch_bytes, zse_cuda_stream st)
+{
+    if (n < 1)
+        return 0;
+    if (l->n_outs < 1 || l->n_outs > 3 || l->layer < 0 || l->layer >= l->n_layers || !l->slots || l->n_slots < 1 ||
+        l->slot_bytes % 64 != 0)
+        return zse_cuda_fail("cuda lora_apply: bad arguments (%d projections, layer %d of %d)", l->n_outs, l->layer,
+                             l->n_layers);
+    lora_launch p;
+    p.l = *l;
+    int blocks = 0;
+    for (int i = 0; i < l->n_outs; i++) {
+        if (l->module[i] < 0 || l->module[i] > 6 || l->in[i] < 1 || l->out[i] < 1 || l->in[i] > xpitch ||
+            l->out[i] > l->ypitch[i])
+            return zse_cuda_fail("cuda lora_apply: projection %d (module %d, %lld -> %lld) does not fit x or y", i,
+                                 l->module[i], (long long)l->in[i], (long long)l->out[i]);
+        p.col_start[i] = blocks;
+        blocks += (int)zse_ceil_div(l->out[i], LORA_COLS);
+    }
+    p.col_start[l->n_outs] = blocks;
+    cudaStream_t s = (cudaStream_t)st;
+    if (n <= ZSE_CUDA_LORA_FUSED_MAX) {
+        zse_launch(lora_fused_kernel, dim3((unsigned)blocks), dim3(LORA_THREADS), 0, s, p, adapter_of, x, xpitch, (int)n);
+        ZSE_CUDA_LAUNCHED("cuda lora (fused)");
+        return 0;
+    }
+    if (!scratch || scratch_bytes < zse_cuda_lora_scratch_bytes(n, l->n_outs))
+        return zse_cuda_fail("cuda lora_apply: %zu bytes of scratch for %lld rows (needs %zu)", scratch_bytes,
+                             (long long)n, zse_cuda_lora_scratch_bytes(n, l->n_outs));
+    if (n > 65535 * 8)
+        return zse_cuda_fail("cuda lora_apply: %lld rows is too many for one step", (long long)n);
+    zse_launch(lora_shrink_kernel, dim3((unsigned)n, (unsigned)l->n_outs), dim3(LORA_THREADS), 0, s, p, adapter_of, x,
+               xpitch, scratch);
+    ZSE_CUDA_LAUNCHED("cuda lora (shrink)");
+    zse_launch(lora_expand_kernel, dim3((unsigned)blocks, (unsigned)zse_ceil_div(n, LORA_EXPAND_ROWS)),
+               dim3(LORA_THREADS), 0, s, p, adapter_of, (const float *)scratch, n);
+    ZSE_CUDA_LAUNCHED("cuda lora (expand)");
+    return 0;
+}
