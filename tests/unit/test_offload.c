@@ -234,7 +234,7 @@ static bool run_plan(const zse_file *f, const zse_placement *pl, float *out, zse
             rows[n_seqs] = n - 1;
             lens[n_seqs++] = len[s] += PLAN[p][s];
         }
-        zse_batch b = {n, tok, pos, seq_of, slots, n_seqs, lens, &table[0][0], NBLOCKS / NSEQ, n_seqs, rows};
+        zse_batch b = {n, tok, pos, seq_of, slots, n_seqs, lens, &table[0][0], NBLOCKS / NSEQ, n_seqs, rows, NULL, 0};
         ok = zse_llm_forward(m, kv, &b, at) == 0;
         CHECK_MSG(ok, "step %d: %s", p, zse_last_error());
         at += (size_t)n_seqs * (size_t)c->vocab_size;
