@@ -376,8 +376,9 @@ int zse_llm_set_tap(zse_llm *m, zse_tap_fn fn, void *ctx)
     if (fn && m->c.n_experts > 0)
         return zse_fail("a mixture-of-experts model cannot be tapped: the taps do not see its experts' inputs");
     if (fn && (m->off.experts || m->off.stream))
-        return zse_fail("a model with weights in host memory cannot be tapped: its steps run outside the tap "
-                        "points; load it resident (calibration runs on the CPU)");
+        return zse_fail("a model with weights in host memory (layers streamed or experts offloaded, as "
+                        "ZSE_STREAM_LAYERS / ZSE_EXPERT_CACHE or a GPU budget ask) cannot be tapped: calibration "
+                        "needs every weight resident, its sensitivity pass swaps them; unset those knobs");
     m->tap_fn = fn;
     m->tap_ctx = ctx;
     return 0;
