@@ -17,9 +17,10 @@ add_test(NAME cli_calib_references COMMAND sh -c
 set_tests_properties(cli_calib_references PROPERTIES FIXTURES_SETUP zse_calib_refs)
 add_test(NAME cli_calib_verify COMMAND zse verify ${CAL}/cal.zse)
 set_tests_properties(cli_calib_verify PROPERTIES FIXTURES_REQUIRED zse_calib PASS_REGULAR_EXPRESSION "OK")
+# a calibrated dense file is format 1.1 (docs/FORMAT.md §Versioning)
 add_test(NAME cli_calib_info COMMAND zse info ${CAL}/cal.zse)
 set_tests_properties(cli_calib_info PROPERTIES FIXTURES_REQUIRED zse_calib
-  PASS_REGULAR_EXPRESSION "calibration: +awq\\+gptq on 512 tokens of calib.txt.*plan: +4\\.[0-9]+ bits/weight over 29 tensors")
+  PASS_REGULAR_EXPRESSION "format: +\\.zse 1\\.1.*calibration: +awq\\+gptq on 512 tokens of calib.txt.*plan: +4\\.[0-9]+ bits/weight over 29 tensors")
 
 # the point of it: mean KL divergence from the f32 conversion well below round to nearest's,
 # on text the calibration did not see (the head of eval.txt, windows of 128)
