@@ -11,8 +11,9 @@
  *     A at width 3584), so what costs is latency: a warp walking a whole row alone (the first
  *     design, one launch whose blocks also repeated the shrink) waited ~150 dependent loads
  *     for a down projection and cost 4 ms a token on a 7B (docs/BENCHMARKS.md §LoRA).
- *   expand: a block per column range and 8 rows, so each B row is read once per 8 rows of
- *     one adapter (from L2 across adapters); the rank loop is unrolled so its loads overlap.
+ *   expand: a block per column range and 8 rows; a thread's 8 columns of all 8 rows at once,
+ *     so the rows' loads of one rank index are in flight together (the first expand walked
+ *     the rows one after the other) and rows of one adapter read the same bytes from L1.
  *
  * Which slot a row uses and every slot's table are read from device memory, so a recorded
  * step (CUDA graph) serves any mix of adapters; the grid covers the pool's largest rank
@@ -46,37 +47,6 @@ __device__ __forceinline__ float warp_sum(float v)
     for (int o = 16; o > 0; o >>= 1)
         v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
-}
-
-/* y[c0 .. c0 + 8) of one row += scale · Σ_j u[j] Bᵀ[j][c] */
-__device__ __forceinline__ void expand_cols(const zse_cuda_lora_entry *e, const uint8_t *slot, const float *u,
-                                           int64_t out, int64_t c0, float *y)
-{
-    if (c0 >= out)
-        return;
-    const __half *bt = reinterpret_cast<const __half *>(slot + e->bt);
-    float acc[LORA_VEC] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    const bool whole = out % LORA_VEC == 0;         /* rows of Bᵀ 16-byte aligned, no tail */
-#pragma unroll 4
-    for (int j = 0; j < e->rank; j++) {
-        const float uj = u[j];
-        const __half *row = bt + (int64_t)j * out + c0;
-        if (whole) {
-            const uint4 w = *reinterpret_cast<const uint4 *>(row);
-            const __half2 *h = reinterpret_cast<const __half2 *>(&w);
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const float2 f = __half22float2(h[k]);
-                acc[2 * k] = fmaf(uj, f.x, acc[2 * k]);
-                acc[2 * k + 1] = fmaf(uj, f.y, acc[2 * k + 1]);
-            }
-        } else {
-            for (int k = 0; k < LORA_VEC && c0 + k < out; k++)
-                acc[k] = fmaf(uj, __half2float(row[k]), acc[k]);
-        }
-    }
-    for (int k = 0; k < LORA_VEC && c0 + k < out; k++)
-        y[c0 + k] += e->scale * acc[k];
 }
 
 __device__ __forceinline__ int lora_output_of(const lora_launch &p, int block, int64_t *c0)
@@ -140,20 +110,76 @@ __global__ void __launch_bounds__(LORA_THREADS) lora_shrink_kernel(const lora_la
     }
 }
 
-/* y[t] += scale · B·u[t] over a block's columns for rows blockIdx.y * 8 .. + 8 */
+/* y[t] += scale · B·u[t] over a block's 8 columns a thread for rows blockIdx.y * 8 .. + 8:
+ * the rows' Bᵀ loads of one rank index are independent, so they are in flight together (rows
+ * of one adapter load the same bytes, from L1) */
 __global__ void __launch_bounds__(LORA_THREADS) lora_expand_kernel(const lora_launch p, const int32_t *adapter_of,
                                                                    const float *u, int64_t n)
 {
     pdl_enter();
+    __shared__ float us[LORA_EXPAND_ROWS][ZSE_CUDA_LORA_MAX_RANK];
     int64_t c0;
     const int i = lora_output_of(p, blockIdx.x, &c0);
-    for (int64_t t = (int64_t)blockIdx.y * LORA_EXPAND_ROWS; t < n && t < (int64_t)(blockIdx.y + 1) * LORA_EXPAND_ROWS;
-         t++) {
-        const zse_cuda_lora_entry *e = lora_entry(p.l, adapter_of[t], p.l.module[i]);
-        if (e)
-            expand_cols(e, p.l.slots + (uint64_t)adapter_of[t] * p.l.slot_bytes,
-                        u + (t * p.l.n_outs + i) * ZSE_CUDA_LORA_MAX_RANK, p.l.out[i], c0,
-                        p.l.y[i] + t * p.l.ypitch[i]);
+    const int64_t t0 = (int64_t)blockIdx.y * LORA_EXPAND_ROWS, out = p.l.out[i];
+    const __half *bt[LORA_EXPAND_ROWS];
+    float scale[LORA_EXPAND_ROWS];
+    int rank[LORA_EXPAND_ROWS], max_r = 0;
+#pragma unroll
+    for (int r = 0; r < LORA_EXPAND_ROWS; r++) {
+        const zse_cuda_lora_entry *e = t0 + r < n ? lora_entry(p.l, adapter_of[t0 + r], p.l.module[i]) : nullptr;
+        rank[r] = e ? e->rank : 0;
+        scale[r] = e ? e->scale : 0.f;
+        bt[r] = e ? reinterpret_cast<const __half *>(p.l.slots + (uint64_t)adapter_of[t0 + r] * p.l.slot_bytes + e->bt)
+                  : nullptr;
+        max_r = rank[r] > max_r ? rank[r] : max_r;
+        for (int j = threadIdx.x; j < ZSE_CUDA_LORA_MAX_RANK; j += LORA_THREADS)
+            us[r][j] = j < rank[r] ? u[((t0 + r) * p.l.n_outs + i) * ZSE_CUDA_LORA_MAX_RANK + j] : 0.f;
+    }
+    __syncthreads();
+    if (max_r == 0 || c0 >= out)
+        return;
+    float acc[LORA_EXPAND_ROWS][LORA_VEC] = {};
+    if (out % LORA_VEC == 0) { /* rows of Bᵀ 16-byte aligned, no tail */
+#pragma unroll 2
+        for (int j = 0; j < max_r; j++) {
+#pragma unroll
+            for (int r = 0; r < LORA_EXPAND_ROWS; r++) {
+                if (j >= rank[r])
+                    continue;
+                const uint4 w = *reinterpret_cast<const uint4 *>(bt[r] + (int64_t)j * out + c0);
+                const __half2 *h = reinterpret_cast<const __half2 *>(&w);
+                const float uj = us[r][j];
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const float2 f = __half22float2(h[k]);
+                    acc[r][2 * k] = fmaf(uj, f.x, acc[r][2 * k]);
+                    acc[r][2 * k + 1] = fmaf(uj, f.y, acc[r][2 * k + 1]);
+                }
+            }
+        }
+    } else {
+        for (int j = 0; j < max_r; j++) {
+#pragma unroll
+            for (int r = 0; r < LORA_EXPAND_ROWS; r++) {
+                if (j >= rank[r])
+                    continue;
+                const __half *row = bt[r] + (int64_t)j * out + c0;
+#pragma unroll
+                for (int k = 0; k < LORA_VEC; k++)
+                    if (c0 + k < out)
+                        acc[r][k] = fmaf(us[r][j], __half2float(row[k]), acc[r][k]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < LORA_EXPAND_ROWS; r++) {
+        if (!rank[r])
+            continue;
+        float *y = p.l.y[i] + (t0 + r) * p.l.ypitch[i];
+#pragma unroll
+        for (int k = 0; k < LORA_VEC; k++)
+            if (c0 + k < out)
+                y[c0 + k] += scale[r] * acc[r][k];
     }
 }
 
