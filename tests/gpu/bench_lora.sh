@@ -39,6 +39,7 @@ if [ ! -f "$zsa" ]; then
     note "convert-adapter (PEFT f16 -> .zsa): $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$t0" "$(date +%s.%N)") s"
 fi
 for i in $(seq -f %03g 0 100); do ln -sf ../r16.zsa "$work/lora/dir/a$i.zsa"; done
+[ "${ZSE_BENCH_ONLY_SETUP:-0}" = 1 ] && exit 0 # the files alone (profile_lora.sh)
 
 dev=${ZSE_BENCH_DEVICE:-cuda}; pt=${ZSE_BENCH_PROMPT:-512}; gt=${ZSE_BENCH_GEN:-128}; bt=${ZSE_BENCH_BATCH:-128}
 run() { # label, then zse bench flags

@@ -1970,6 +1970,7 @@ static void check_lora(int n, int64_t in, int64_t out, int max_rank)
     l.n_layers = p.n_layers;
     l.layer = 1;
     l.n_outs = 3;
+    l.max_rank = max_rank > 7 ? max_rank : 7; /* the largest rank of any slot below: the shrink's grid */
     std::vector<std::vector<float>> y0(3);
     for (int i = 0; i < 3; i++) {
         l.module[i] = i;

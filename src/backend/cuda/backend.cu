@@ -2048,8 +2048,9 @@ struct zse_lora_pool {
     cudaEvent_t *landed;        /* [n_slots] recorded after each slot's last copy */
     bool *copying;
     cudaEvent_t queued;         /* the compute stream's work before a copy */
-    float *u;                   /* lora_apply's scratch (the shrink's output past the fused rows) */
+    float *u;                   /* lora_apply's scratch: the shrink's output */
     size_t u_cap;
+    int max_rank;               /* the largest rank a slot was loaded with: the shrink's grid */
 };
 
 static void cuda_lora_pool_free(zse_backend *be, zse_lora_pool *p)
@@ -2105,6 +2106,9 @@ static zse_lora_pool *cuda_lora_pool_new(zse_backend *be, const zse_lora_shape *
     }
     for (int i = 0; rc == 0 && i < s->n_slots; i++)
         rc = cuda_call(cudaEventCreateWithFlags(&p->landed[i], cudaEventDisableTiming), "LoRA slots");
+    /* the scratch for steps of up to 1,024 rows now: a recorded step cannot grow it */
+    if (rc == 0)
+        rc = ensure_device(c, (void **)&p->u, &p->u_cap, zse_cuda_lora_scratch_bytes(1024, 3), "LoRA scratch");
     if (rc == 0)
         rc = cuda_call(cudaEventCreateWithFlags(&p->queued, cudaEventDisableTiming), "LoRA slots");
     if (rc != 0) {
@@ -2141,6 +2145,20 @@ static int cuda_lora_slot_load(zse_backend *be, zse_lora_pool *p, int slot, cons
         return zse_fail("LoRA slot %d of %d", slot, p->shape.n_slots);
     if (zse_lora_image_check(&p->shape, image, bytes) != 0)
         return -1;
+    /* the shrink's grid covers the largest rank loaded; recordings made with a smaller one
+     * would leave the new ranks out, so they go (slots are loaded between steps) */
+    int rank = 0;
+    for (int i = 0; i < p->shape.n_layers * ZSE_LORA_MODULES; i++) {
+        zse_lora_entry e;
+        memcpy(&e, (const uint8_t *)image + (size_t)i * sizeof e, sizeof e);
+        rank = e.rank > rank ? e.rank : rank;
+    }
+    if (rank > p->max_rank) {
+        if (c->recording >= 0)
+            return zse_fail("cuda: a LoRA slot loaded while a step is recorded");
+        drop_graphs(c);
+        p->max_rank = rank;
+    }
     uint8_t *dst = p->dev + (size_t)slot * p->shape.slot_bytes;
     if (cuda_call(cudaSetDevice(c->device), "loading a LoRA slot") != 0 ||
         cuda_call(cudaEventRecord(p->queued, c->stream), "loading a LoRA slot") != 0 ||
@@ -2185,6 +2203,7 @@ static void cuda_lora_apply(zse_backend *be, const zse_lora_pool *pc, int layer,
     l.n_layers = p->shape.n_layers;
     l.layer = layer;
     l.n_outs = n_outs;
+    l.max_rank = p->max_rank > 0 ? p->max_rank : 1;
     for (int i = 0; i < n_outs; i++) {
         const int m = outs[i].module;
         if (m < 0 || m >= ZSE_LORA_MODULES || outs[i].y->rows < rows)

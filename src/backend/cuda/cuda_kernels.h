@@ -255,7 +255,6 @@ int zse_cuda_moe_combine(const zse_cuda_moe *r, int64_t rows, const float *ys, i
  * not adapted), the scale and the byte offsets in the slot of A, f16 [rank][in], and B
  * transposed, f16 [rank][out] (64-byte aligned). The layout of backend.h's zse_lora_entry. */
 #define ZSE_CUDA_LORA_MAX_RANK 128
-#define ZSE_CUDA_LORA_FUSED_MAX 4   /* rows a single launch shrinks and expands together */
 typedef struct {
     int32_t rank;
     float scale;
@@ -268,18 +267,19 @@ typedef struct {
     int n_slots, n_layers;
     int layer;
     int n_outs;                     /* 1..3 projections over one x */
+    int max_rank;                   /* the largest rank any slot holds (0: ZSE_CUDA_LORA_MAX_RANK) */
     int module[3];
     float *y[3];
     int64_t ypitch[3];
     int64_t in[3], out[3];
 } zse_cuda_lora;
-/* scratch the two-launch path needs for n rows (the rank-wide u = A·x of each row) */
+/* scratch lora_apply needs for n rows (the rank-wide u = A·x of each row and projection) */
 size_t zse_cuda_lora_scratch_bytes(int64_t n, int n_outs);
 /* y_i[t] += scale · B·(A·x[t]) for every row t < n whose adapter_of[t] (device, one slot per
- * row; -1: none) adapts l->module[i] of l->layer; other rows untouched. Rows up to
- * ZSE_CUDA_LORA_FUSED_MAX: one launch (each block shrinks its rows, then expands its columns);
- * more: a shrink launch (a block per row and projection) and an expand launch (blocks of
- * columns x 8 rows), so each row's A and B are read once. */
+ * row; -1: none) adapts l->module[i] of l->layer; other rows untouched. Two launches: a
+ * shrink (a block per row, projection and rank index) and an expand (blocks of columns x 8
+ * rows), so each row's A and B are read once. Ranks above l->max_rank are not applied: it
+ * must cover every slot's. */
 int zse_cuda_lora_apply(const zse_cuda_lora *l, const int32_t *adapter_of, const float *x, int64_t xpitch,
                         int64_t n, float *scratch, size_t scratch_bytes, zse_cuda_stream st);
 

@@ -4,20 +4,21 @@
  * The base matmul stays shared; this runs after it over the same x. A delta is two small
  * products of rank r (≤ 128): shrink u = A·x (r dots of the input's width) and expand
  * y += scale · B·u (each output column a dot of length r). Both read f16 weights 16 bytes
- * at a time and accumulate in f32.
+ * at a time and accumulate in f32. Two launches at every batch size:
  *
- *   rows ≤ ZSE_CUDA_LORA_FUSED_MAX (decode at small batches): one launch. A block owns a
- *     range of output columns; it first shrinks its rows into shared memory (its warps over
- *     the rank), then expands its columns. Blocks of one projection repeat the shrink — a
- *     rank-16 A is 114 KB at width 3584, read from L2 after the first — which costs less than
- *     a second launch at these sizes.
- *   more rows: a shrink launch (a block per row and projection writes u) then an expand
- *     launch (a block per column range and 8 rows), so each row's A is read once and each B
- *     row once per 8 rows of one adapter (from L2 across adapters).
+ *   shrink: a block per (row, projection, rank index): its 256 threads split the input's
+ *     width, two 16-byte loads each in flight, and sum in the block. A dot is short (7 KB of
+ *     A at width 3584), so what costs is latency: a warp walking a whole row alone (the first
+ *     design, one launch whose blocks also repeated the shrink) waited ~150 dependent loads
+ *     for a down projection and cost 4 ms a token on a 7B (docs/BENCHMARKS.md §LoRA).
+ *   expand: a block per column range and 8 rows; a thread's 8 columns of all 8 rows at once,
+ *     so the rows' loads of one rank index are in flight together (the first expand walked
+ *     the rows one after the other) and rows of one adapter read the same bytes from L1.
  *
  * Which slot a row uses and every slot's table are read from device memory, so a recorded
- * step (CUDA graph) serves any mix of adapters; a row whose slot is -1 or out of range, or
- * whose adapter leaves the projection alone (rank 0), is not touched. */
+ * step (CUDA graph) serves any mix of adapters; the grid covers the pool's largest rank
+ * (l.max_rank; the backend drops its recordings when a load raises it). A row whose slot is
+ * -1 or out of range, or whose adapter leaves the projection alone (rank 0), is not touched. */
 #include "backend/cuda/common.cuh"
 
 #define LORA_THREADS 256
@@ -48,58 +49,6 @@ __device__ __forceinline__ float warp_sum(float v)
     return v;
 }
 
-/* a warp's dot of one f16 row of A with x (in values), in f32; every lane gets it */
-__device__ __forceinline__ float dot_f16_row(const __half *a, const float *x, int64_t in, int lane)
-{
-    float s = 0.f;
-    if (in % LORA_VEC == 0) {
-        for (int64_t i = (int64_t)lane * LORA_VEC; i < in; i += 32 * LORA_VEC) {
-            const uint4 w = *reinterpret_cast<const uint4 *>(a + i);
-            const __half2 *h = reinterpret_cast<const __half2 *>(&w);
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const float2 f = __half22float2(h[k]);
-                s = fmaf(f.x, x[i + 2 * k], s);
-                s = fmaf(f.y, x[i + 2 * k + 1], s);
-            }
-        }
-    } else {
-        for (int64_t i = lane; i < in; i += 32)
-            s = fmaf(__half2float(a[i]), x[i], s);
-    }
-    return warp_sum(s);
-}
-
-/* y[c0 .. c0 + 8) of one row += scale · Σ_j u[j] Bᵀ[j][c] */
-__device__ __forceinline__ void expand_cols(const zse_cuda_lora_entry *e, const uint8_t *slot, const float *u,
-                                           int64_t out, int64_t c0, float *y)
-{
-    if (c0 >= out)
-        return;
-    const __half *bt = reinterpret_cast<const __half *>(slot + e->bt);
-    float acc[LORA_VEC] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    const bool whole = out % LORA_VEC == 0;         /* rows of Bᵀ 16-byte aligned, no tail */
-    for (int j = 0; j < e->rank; j++) {
-        const float uj = u[j];
-        const __half *row = bt + (int64_t)j * out + c0;
-        if (whole) {
-            const uint4 w = *reinterpret_cast<const uint4 *>(row);
-            const __half2 *h = reinterpret_cast<const __half2 *>(&w);
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const float2 f = __half22float2(h[k]);
-                acc[2 * k] = fmaf(uj, f.x, acc[2 * k]);
-                acc[2 * k + 1] = fmaf(uj, f.y, acc[2 * k + 1]);
-            }
-        } else {
-            for (int k = 0; k < LORA_VEC && c0 + k < out; k++)
-                acc[k] = fmaf(uj, __half2float(row[k]), acc[k]);
-        }
-    }
-    for (int k = 0; k < LORA_VEC && c0 + k < out; k++)
-        y[c0 + k] += e->scale * acc[k];
-}
-
 __device__ __forceinline__ int lora_output_of(const lora_launch &p, int block, int64_t *c0)
 {
     int i = 0;
@@ -109,74 +58,134 @@ __device__ __forceinline__ int lora_output_of(const lora_launch &p, int block, i
     return i;
 }
 
-__global__ void __launch_bounds__(LORA_THREADS) lora_fused_kernel(const lora_launch p, const int32_t *adapter_of,
-                                                                  const float *x, int64_t xpitch, int n)
-{
-    pdl_enter();
-    __shared__ float u[ZSE_CUDA_LORA_FUSED_MAX][ZSE_CUDA_LORA_MAX_RANK];
-    int64_t c0;
-    const int i = lora_output_of(p, blockIdx.x, &c0);
-    const int m = p.l.module[i], warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int t = 0; t < n; t++) {
-        const zse_cuda_lora_entry *e = lora_entry(p.l, adapter_of[t], m);
-        if (!e)
-            continue;
-        const uint8_t *slot = p.l.slots + (uint64_t)adapter_of[t] * p.l.slot_bytes;
-        const __half *a = reinterpret_cast<const __half *>(slot + e->a);
-        for (int j = warp; j < e->rank; j += LORA_WARPS) {
-            const float s = dot_f16_row(a + (int64_t)j * p.l.in[i], x + t * xpitch, p.l.in[i], lane);
-            if (lane == 0)
-                u[t][j] = s;
-        }
-    }
-    __syncthreads();
-    for (int t = 0; t < n; t++) {
-        const zse_cuda_lora_entry *e = lora_entry(p.l, adapter_of[t], m);
-        if (e)
-            expand_cols(e, p.l.slots + (uint64_t)adapter_of[t] * p.l.slot_bytes, u[t], p.l.out[i], c0,
-                        p.l.y[i] + t * p.l.ypitch[i]);
-    }
-}
-
-/* u[t][i][0:rank] = A·x[t]: a block per (row t, projection i) */
+/* u[t][i][j] = A[j]·x[t]: a block per (row t, projection i, rank index j) */
 __global__ void __launch_bounds__(LORA_THREADS) lora_shrink_kernel(const lora_launch p, const int32_t *adapter_of,
                                                                    const float *x, int64_t xpitch, float *u)
 {
     pdl_enter();
-    const int t = blockIdx.x, i = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __shared__ float part[LORA_WARPS];
+    const int t = blockIdx.x, i = blockIdx.y / p.l.max_rank, j = blockIdx.y % p.l.max_rank;
     const zse_cuda_lora_entry *e = lora_entry(p.l, adapter_of[t], p.l.module[i]);
-    if (!e)
-        return;
-    const uint8_t *slot = p.l.slots + (uint64_t)adapter_of[t] * p.l.slot_bytes;
-    const __half *a = reinterpret_cast<const __half *>(slot + e->a);
-    float *ut = u + ((int64_t)t * p.l.n_outs + i) * ZSE_CUDA_LORA_MAX_RANK;
-    for (int j = warp; j < e->rank; j += LORA_WARPS) {
-        const float s = dot_f16_row(a + (int64_t)j * p.l.in[i], x + (int64_t)t * xpitch, p.l.in[i], lane);
-        if (lane == 0)
-            ut[j] = s;
+    if (!e || j >= e->rank)
+        return; /* the expand reads u[t][i][0:rank] only */
+    const int64_t in = p.l.in[i];
+    const __half *a = reinterpret_cast<const __half *>(p.l.slots + (uint64_t)adapter_of[t] * p.l.slot_bytes + e->a) +
+                      (int64_t)j * in;
+    const float *xt = x + (int64_t)t * xpitch;
+    float s = 0.f;
+    if (in % LORA_VEC == 0) {
+        for (int64_t c = (int64_t)threadIdx.x * LORA_VEC; c < in; c += 2 * LORA_COLS) {
+            const bool second = c + LORA_COLS < in;
+            const uint4 w0 = *reinterpret_cast<const uint4 *>(a + c);
+            const uint4 w1 = second ? *reinterpret_cast<const uint4 *>(a + c + LORA_COLS) : make_uint4(0, 0, 0, 0);
+            const __half2 *h0 = reinterpret_cast<const __half2 *>(&w0), *h1 = reinterpret_cast<const __half2 *>(&w1);
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float2 f = __half22float2(h0[k]);
+                s = fmaf(f.x, xt[c + 2 * k], s);
+                s = fmaf(f.y, xt[c + 2 * k + 1], s);
+            }
+            if (second) {
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const float2 f = __half22float2(h1[k]);
+                    s = fmaf(f.x, xt[c + LORA_COLS + 2 * k], s);
+                    s = fmaf(f.y, xt[c + LORA_COLS + 2 * k + 1], s);
+                }
+            }
+        }
+    } else {
+        for (int64_t c = threadIdx.x; c < in; c += LORA_THREADS)
+            s = fmaf(__half2float(a[c]), xt[c], s);
+    }
+    s = warp_sum(s);
+    if (threadIdx.x % 32 == 0)
+        part[threadIdx.x / 32] = s;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < LORA_WARPS ? part[threadIdx.x] : 0.f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0)
+            u[((int64_t)t * p.l.n_outs + i) * ZSE_CUDA_LORA_MAX_RANK + j] = v;
     }
 }
 
-/* y[t] += scale · B·u[t] over a block's columns for rows blockIdx.y * 8 .. + 8 */
+/* y[t] += scale · B·u[t] over a block's 8 columns a thread for rows blockIdx.y * 8 .. + 8:
+ * the rows' Bᵀ loads of one rank index are independent, so they are in flight together (rows
+ * of one adapter load the same bytes, from L1) */
 __global__ void __launch_bounds__(LORA_THREADS) lora_expand_kernel(const lora_launch p, const int32_t *adapter_of,
                                                                    const float *u, int64_t n)
 {
     pdl_enter();
+    __shared__ float us[LORA_EXPAND_ROWS][ZSE_CUDA_LORA_MAX_RANK];
     int64_t c0;
     const int i = lora_output_of(p, blockIdx.x, &c0);
-    for (int64_t t = (int64_t)blockIdx.y * LORA_EXPAND_ROWS; t < n && t < (int64_t)(blockIdx.y + 1) * LORA_EXPAND_ROWS;
-         t++) {
-        const zse_cuda_lora_entry *e = lora_entry(p.l, adapter_of[t], p.l.module[i]);
-        if (e)
-            expand_cols(e, p.l.slots + (uint64_t)adapter_of[t] * p.l.slot_bytes,
-                        u + (t * p.l.n_outs + i) * ZSE_CUDA_LORA_MAX_RANK, p.l.out[i], c0,
-                        p.l.y[i] + t * p.l.ypitch[i]);
+    const int64_t t0 = (int64_t)blockIdx.y * LORA_EXPAND_ROWS, out = p.l.out[i];
+    const __half *bt[LORA_EXPAND_ROWS];
+    float scale[LORA_EXPAND_ROWS];
+    int rank[LORA_EXPAND_ROWS], max_r = 0;
+#pragma unroll
+    for (int r = 0; r < LORA_EXPAND_ROWS; r++) {
+        const zse_cuda_lora_entry *e = t0 + r < n ? lora_entry(p.l, adapter_of[t0 + r], p.l.module[i]) : nullptr;
+        rank[r] = e ? e->rank : 0;
+        scale[r] = e ? e->scale : 0.f;
+        bt[r] = e ? reinterpret_cast<const __half *>(p.l.slots + (uint64_t)adapter_of[t0 + r] * p.l.slot_bytes + e->bt)
+                  : nullptr;
+        max_r = rank[r] > max_r ? rank[r] : max_r;
+        for (int j = threadIdx.x; j < ZSE_CUDA_LORA_MAX_RANK; j += LORA_THREADS)
+            us[r][j] = j < rank[r] ? u[((t0 + r) * p.l.n_outs + i) * ZSE_CUDA_LORA_MAX_RANK + j] : 0.f;
+    }
+    __syncthreads();
+    if (max_r == 0 || c0 >= out)
+        return;
+    float acc[LORA_EXPAND_ROWS][LORA_VEC] = {};
+    if (out % LORA_VEC == 0) { /* rows of Bᵀ 16-byte aligned, no tail */
+#pragma unroll 2
+        for (int j = 0; j < max_r; j++) {
+#pragma unroll
+            for (int r = 0; r < LORA_EXPAND_ROWS; r++) {
+                if (j >= rank[r])
+                    continue;
+                const uint4 w = *reinterpret_cast<const uint4 *>(bt[r] + (int64_t)j * out + c0);
+                const __half2 *h = reinterpret_cast<const __half2 *>(&w);
+                const float uj = us[r][j];
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const float2 f = __half22float2(h[k]);
+                    acc[r][2 * k] = fmaf(uj, f.x, acc[r][2 * k]);
+                    acc[r][2 * k + 1] = fmaf(uj, f.y, acc[r][2 * k + 1]);
+                }
+            }
+        }
+    } else {
+        for (int j = 0; j < max_r; j++) {
+#pragma unroll
+            for (int r = 0; r < LORA_EXPAND_ROWS; r++) {
+                if (j >= rank[r])
+                    continue;
+                const __half *row = bt[r] + (int64_t)j * out + c0;
+#pragma unroll
+                for (int k = 0; k < LORA_VEC; k++)
+                    if (c0 + k < out)
+                        acc[r][k] = fmaf(us[r][j], __half2float(row[k]), acc[r][k]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < LORA_EXPAND_ROWS; r++) {
+        if (!rank[r])
+            continue;
+        float *y = p.l.y[i] + (t0 + r) * p.l.ypitch[i];
+#pragma unroll
+        for (int k = 0; k < LORA_VEC; k++)
+            if (c0 + k < out)
+                y[c0 + k] += scale[r] * acc[r][k];
     }
 }
 
 extern "C" size_t zse_cuda_lora_scratch_bytes(int64_t n, int n_outs)
 {
-    return n > ZSE_CUDA_LORA_FUSED_MAX ? (size_t)n * (size_t)n_outs * ZSE_CUDA_LORA_MAX_RANK * sizeof(float) : 0;
+    return (size_t)n * (size_t)n_outs * ZSE_CUDA_LORA_MAX_RANK * sizeof(float);
 }
 
 extern "C" int zse_cuda_lora_apply(const zse_cuda_lora *l, const int32_t *adapter_of, const float *x, int64_t xpitch,
@@ -184,12 +193,14 @@ extern "C" int zse_cuda_lora_apply(const zse_cuda_lora *l, const int32_t *adapte
 {
     if (n < 1)
         return 0;
+    const int max_rank = l->max_rank > 0 ? l->max_rank : ZSE_CUDA_LORA_MAX_RANK;
     if (l->n_outs < 1 || l->n_outs > 3 || l->layer < 0 || l->layer >= l->n_layers || !l->slots || l->n_slots < 1 ||
-        l->slot_bytes % 64 != 0)
-        return zse_cuda_fail("cuda lora_apply: bad arguments (%d projections, layer %d of %d)", l->n_outs, l->layer,
-                             l->n_layers);
+        l->slot_bytes % 64 != 0 || max_rank > ZSE_CUDA_LORA_MAX_RANK)
+        return zse_cuda_fail("cuda lora_apply: bad arguments (%d projections, layer %d of %d, rank %d)", l->n_outs,
+                             l->layer, l->n_layers, max_rank);
     lora_launch p;
     p.l = *l;
+    p.l.max_rank = max_rank;
     int blocks = 0;
     for (int i = 0; i < l->n_outs; i++) {
         if (l->module[i] < 0 || l->module[i] > 6 || l->in[i] < 1 || l->out[i] < 1 || l->in[i] > xpitch ||
@@ -200,19 +211,14 @@ extern "C" int zse_cuda_lora_apply(const zse_cuda_lora *l, const int32_t *adapte
         blocks += (int)zse_ceil_div(l->out[i], LORA_COLS);
     }
     p.col_start[l->n_outs] = blocks;
-    cudaStream_t s = (cudaStream_t)st;
-    if (n <= ZSE_CUDA_LORA_FUSED_MAX) {
-        zse_launch(lora_fused_kernel, dim3((unsigned)blocks), dim3(LORA_THREADS), 0, s, p, adapter_of, x, xpitch, (int)n);
-        ZSE_CUDA_LAUNCHED("cuda lora (fused)");
-        return 0;
-    }
     if (!scratch || scratch_bytes < zse_cuda_lora_scratch_bytes(n, l->n_outs))
         return zse_cuda_fail("cuda lora_apply: %zu bytes of scratch for %lld rows (needs %zu)", scratch_bytes,
                              (long long)n, zse_cuda_lora_scratch_bytes(n, l->n_outs));
-    if (n > 65535 * 8)
+    if (n > 65535 * LORA_EXPAND_ROWS || n > INT32_MAX)
         return zse_cuda_fail("cuda lora_apply: %lld rows is too many for one step", (long long)n);
-    zse_launch(lora_shrink_kernel, dim3((unsigned)n, (unsigned)l->n_outs), dim3(LORA_THREADS), 0, s, p, adapter_of, x,
-               xpitch, scratch);
+    cudaStream_t s = (cudaStream_t)st;
+    zse_launch(lora_shrink_kernel, dim3((unsigned)n, (unsigned)(l->n_outs * max_rank)), dim3(LORA_THREADS), 0, s, p,
+               adapter_of, x, xpitch, scratch);
     ZSE_CUDA_LAUNCHED("cuda lora (shrink)");
     zse_launch(lora_expand_kernel, dim3((unsigned)blocks, (unsigned)zse_ceil_div(n, LORA_EXPAND_ROWS)),
                dim3(LORA_THREADS), 0, s, p, adapter_of, (const float *)scratch, n);
