@@ -66,7 +66,7 @@ foreach(case "dense;int4;--arch;qwen2;--layers;2;--hidden;256;--ffn;512;--heads;
              "qwen2moe;int8;--arch;qwen2_moe;--layers;2;--hidden;128;--ffn;256;--heads;4;--kv-heads;2;--vocab;4096;--experts;4;--experts-used;2;--moe-ffn;64;--shared-ffn;128")
   list(GET case 0 name)
   list(SUBLIST case 1 -1 args)
-  add_test(NAME synth_direct_${name} COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/golden/check_synth_direct.py
+  add_test(NAME synth_direct_${name} COMMAND ${ZSE_VENV_PY} ${PROJECT_SOURCE_DIR}/tests/golden/check_synth_direct.py
            $<TARGET_FILE:zse> ${PROJECT_BINARY_DIR}/synth-direct-${name} ${args})
   set_tests_properties(synth_direct_${name} PROPERTIES SKIP_RETURN_CODE 77 PASS_REGULAR_EXPRESSION "header as convert's")
 endforeach()
