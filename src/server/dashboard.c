@@ -43,7 +43,7 @@ static json_t *model_json(const zse_model *m, const char *model_id)
                      info.has_chat_template);
 }
 
-json_t *srv_dashboard_session(const zse_model *m, const char *model_id, long long started, bool auth,
+json_t *srv_dashboard_session(const zse_model *m, const char *model_id, long long started, bool ready, bool auth,
                               const char *key, bool admin)
 {
     bool named = key && key[0];
@@ -52,6 +52,6 @@ json_t *srv_dashboard_session(const zse_model *m, const char *model_id, long lon
         return NULL;
     /* without --auth there is no key and no admin: keys are managed with --auth only */
     return json_pack("{s:b, s:s?, s:s?, s:b, s:s, s:I, s:o}", "auth", auth, "key", named ? key : NULL, "role",
-                     named ? (admin ? "admin" : "user") : NULL, "ready", m != NULL, "version", zse_version(),
+                     named ? (admin ? "admin" : "user") : NULL, "ready", ready, "version", zse_version(),
                      "started", (json_int_t)started, "model", model);
 }

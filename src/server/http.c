@@ -755,8 +755,9 @@ static enum MHD_Result ui_session(http_req *r)
     srv_server *s = r->s;
     bool ready = atomic_load(&s->state) == STATE_READY;
     bool admin = s->cfg.auth && s->admin_db && srv_keyring_is_admin(s->cfg.keyring, r->key);
-    return respond_json(r, 200, srv_dashboard_session(ready ? s->model : NULL, s->facts.name, s->started,
-                                                      s->cfg.auth, r->key, admin));
+    bool may_see = !s->cfg.auth || r->key[0]; /* what is served is for key holders, as /v1/models */
+    return respond_json(r, 200, srv_dashboard_session(ready && may_see ? s->model : NULL, s->facts.name, s->started,
+                                                      ready, s->cfg.auth, r->key, admin));
 }
 
 static const char *query_arg(void *ctx, const char *name)
@@ -904,6 +905,8 @@ static bool authorize(http_req *r, enum MHD_Result *result)
     if (!s->cfg.auth || !route_needs_key(r->route) || method_is(r, "OPTIONS"))
         return true;
     const char *h = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Authorization");
+    if (!h && r->route == SRV_ROUTE_UI_SESSION)
+        return true; /* the page asks before logging in: told only that a key is needed */
     srv_auth a = srv_keyring_check(s->cfg.keyring, h, zse_now(), r->key, &r->key_priority, &r->rate);
     r->has_rate = r->rate.limit > 0;
     srv_error e;

@@ -495,8 +495,9 @@ const srv_asset *srv_dashboard_asset(const char *url);
 extern const char *const srv_dashboard_headers[][2];
 extern const size_t srv_dashboard_n_headers;
 /* GET /ui/session: who the caller is and what is served: {"auth", "key", "role", "ready",
- * "version", "started", "model": {...} or null while loading}. m may be NULL (loading). */
-json_t *srv_dashboard_session(const zse_model *m, const char *model_id, long long started, bool auth,
+ * "version", "started", "model": {...} or null}. m is NULL while loading and for a caller
+ * without a key under --auth (the page then asks for one). */
+json_t *srv_dashboard_session(const zse_model *m, const char *model_id, long long started, bool ready, bool auth,
                               const char *key, bool admin);
 
 /* The admin routes (an admin key, --auth only): keys and the audit log.
