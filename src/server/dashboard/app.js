@@ -439,16 +439,15 @@ async function loadKeys() {
   try {
     const data = await api('/admin/keys');
     $('keys-table').tBodies[0].replaceChildren(...data.keys.map(keyRow));
-    setText('keys-error', '');
   } catch (e) {
     setText('keys-error', e.message);
   }
 }
 
 async function changeKey(name, method, body) {
+  setText('keys-error', '');
   try {
     await api('/admin/keys/' + encodeURIComponent(name), { method, body });
-    setText('keys-error', '');
   } catch (e) {
     setText('keys-error', e.message);
   }
