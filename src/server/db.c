@@ -209,6 +209,15 @@ srv_db *srv_db_open(const char *path)
     close(fd);
     if (rc != 0 || make_journal_private(path) != 0)
         return NULL;
+    return srv_db_open_shared(path);
+}
+
+/* No descriptor of the file is opened and closed here: closing one drops every POSIX lock
+ * this process holds on that file, the other connections' included (SQLite's WAL locks on
+ * the -shm file among them), after which another process may reset the shared index under
+ * them (seen as a "disk I/O error" and a PRAGMA data_version that stops moving). */
+srv_db *srv_db_open_shared(const char *path)
+{
     srv_db *d = zse_calloc(1, sizeof *d);
     if (!d || !(d->path = zse_strdup(path))) {
         free(d);

@@ -1375,8 +1375,9 @@ srv_server *srv_start(const srv_config *c)
         free_server(s);
         return NULL;
     }
-    /* the dashboard's admin routes manage keys through a connection of their own */
-    if (c->auth && c->db_path && !(s->admin_db = srv_db_open(c->db_path))) {
+    /* the dashboard's admin routes use a connection of their own to the file the audit
+     * writer opened (and checked) already */
+    if (c->auth && c->db_path && !(s->admin_db = srv_db_open_shared(c->db_path))) {
         free_server(s);
         return NULL;
     }

@@ -331,8 +331,12 @@ typedef struct srv_db srv_db;
 
 /* $ZSE_DB, else $XDG_DATA_HOME/zse/zse.db, else ~/.local/share/zse/zse.db (heap) */
 char *srv_db_default_path(void);
-/* opens (creating the file, its folders and the schema) */
+/* opens (creating the file, its folders and the schema; making the file and its journals
+ * private). Once per process and file: see srv_db_open_shared. */
 srv_db *srv_db_open(const char *path);
+/* another connection to a file this process has open already (srv_db_open checked it):
+ * touches no descriptor of the file, as closing one would drop the first connection's locks */
+srv_db *srv_db_open_shared(const char *path);
 void srv_db_close(srv_db *db);
 /* changes whenever another connection commits (PRAGMA data_version) */
 int64_t srv_db_data_version(srv_db *db);
@@ -553,7 +557,7 @@ typedef struct {
     const char *model_id;       /* the API id while loading; replaced by the model's name */
     bool log_requests;          /* one structured line per request on stderr */
     bool allow_lora_loading;    /* /v1/load_lora_adapter and /v1/unload_lora_adapter answer */
-    const char *db_path;        /* the key database, for the /admin routes (with auth) */
+    const char *db_path;        /* the key database, for the /admin routes (with auth; opened already by audit) */
 } srv_config;
 
 void srv_config_default(srv_config *c);

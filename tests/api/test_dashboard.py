@@ -10,6 +10,7 @@ before reading a body; without --auth they are off (403). POST / stays TGI's rou
 import os
 import re
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -324,3 +325,19 @@ def test_admin_manages_keys_and_reads_the_audit_log(auth_server, page):
     expect(pg.locator("#audit-table tbody tr td:nth-child(2)", has_text="root").first).to_be_visible()
     # the refused delete (409) is the one failed request the page made
     assert [e for e in page.errors if "status of 409" not in e] == []
+
+
+def test_cli_changes_still_reach_the_server(auth_server, zse_bin):
+    """the admin routes' database connection must not hide `zse api-key` changes from the
+    server (closing a descriptor of the file in the same process would drop its locks)"""
+    s = auth_server
+    h = bearer(s.user_key)
+    assert httpx.get(s.url("/admin/keys"), headers=bearer(s.admin_key), timeout=10).status_code == 200
+    for action, want in (("disable", 401), ("enable", 200), ("disable", 401), ("enable", 200)):
+        subprocess.run([str(zse_bin), "api-key", action, "plain", "--db", s.db], check=True, capture_output=True,
+                       timeout=60)
+        end = time.time() + 10
+        while time.time() < end and httpx.get(s.url("/v1/models"), headers=h, timeout=10).status_code != want:
+            time.sleep(0.1)
+        assert httpx.get(s.url("/v1/models"), headers=h, timeout=10).status_code == want, action
+        assert httpx.get(s.url("/admin/keys"), headers=bearer(s.admin_key), timeout=10).status_code == 200
