@@ -458,6 +458,7 @@ int cmd_serve(int argc, char **argv)
                     db_path);
     }
     o.http.keyring = kr;
+    o.http.db_path = db_path; /* the dashboard's admin routes (with --auth) */
     o.http.audit = o.audit ? audit : NULL;
     if (!(s = srv_start(&o.http)))
         goto done;

@@ -16,7 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SCHEMA_VERSION 2
+#define SCHEMA_VERSION 3
 
 struct srv_db {
     sqlite3 *db;
@@ -89,7 +89,8 @@ static int exec_sql(sqlite3 *db, const char *sql)
     "  count INTEGER NOT NULL,"                                                              \
     "  PRIMARY KEY (minute, client, status));"
 
-/* Version 2 added api_keys.priority and the audit_refused table. */
+/* Version 2 added api_keys.priority and the audit_refused table; version 3 api_keys.admin
+ * (the key's role: an admin key may also call the dashboard's /admin routes). */
 static const char SCHEMA[] =
     "CREATE TABLE IF NOT EXISTS api_keys ("
     "  name TEXT PRIMARY KEY,"
@@ -99,7 +100,8 @@ static const char SCHEMA[] =
     "  enabled INTEGER NOT NULL DEFAULT 1,"
     "  created REAL NOT NULL,"
     "  last_used REAL NOT NULL DEFAULT 0,"
-    "  priority INTEGER NOT NULL DEFAULT 0);"
+    "  priority INTEGER NOT NULL DEFAULT 0,"
+    "  admin INTEGER NOT NULL DEFAULT 0);"
     "CREATE TABLE IF NOT EXISTS audit ("
     "  id INTEGER PRIMARY KEY,"
     "  time REAL NOT NULL,"
@@ -139,10 +141,15 @@ static int init_schema(sqlite3 *db, const char *path)
         return -1;
     if (v == SCHEMA_VERSION)
         return 0;
-    /* a version 1 file gains the key priority and the refused-request table; a new one
-     * gets the whole schema */
-    const char *steps = v == 1 ? "ALTER TABLE api_keys ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;" REFUSED_TABLE
-                               : SCHEMA;
+    /* a version 1 file gains the key priority and the refused-request table, a version 2
+     * file the key role (every existing key stays an ordinary one); a new one gets the whole
+     * schema */
+#define ADD_ADMIN "ALTER TABLE api_keys ADD COLUMN admin INTEGER NOT NULL DEFAULT 0;"
+    const char *steps = v == 1   ? "ALTER TABLE api_keys ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;" REFUSED_TABLE
+                                   ADD_ADMIN
+                        : v == 2 ? ADD_ADMIN
+                                 : SCHEMA;
+#undef ADD_ADMIN
     char sql[4096];
     snprintf(sql, sizeof sql, "BEGIN IMMEDIATE; %s PRAGMA user_version=%d; COMMIT;", steps, SCHEMA_VERSION);
     if (exec_sql(db, sql) != 0) {
@@ -202,6 +209,15 @@ srv_db *srv_db_open(const char *path)
     close(fd);
     if (rc != 0 || make_journal_private(path) != 0)
         return NULL;
+    return srv_db_open_shared(path);
+}
+
+/* No descriptor of the file is opened and closed here: closing one drops every POSIX lock
+ * this process holds on that file, the other connections' included (SQLite's WAL locks on
+ * the -shm file among them), after which another process may reset the shared index under
+ * them (seen as a "disk I/O error" and a PRAGMA data_version that stops moving). */
+srv_db *srv_db_open_shared(const char *path)
+{
     srv_db *d = zse_calloc(1, sizeof *d);
     if (!d || !(d->path = zse_strdup(path))) {
         free(d);
@@ -290,6 +306,12 @@ static int check_priority(int priority)
 
 int srv_key_create(srv_db *d, const char *name, int rate_limit, int priority, char key_out[SRV_KEY_CHARS + 1])
 {
+    return srv_key_create_as(d, name, rate_limit, priority, false, key_out);
+}
+
+int srv_key_create_as(srv_db *d, const char *name, int rate_limit, int priority, bool admin,
+                      char key_out[SRV_KEY_CHARS + 1])
+{
     if (check_name(name) != 0 || check_priority(priority) != 0)
         return -1;
     if (rate_limit < 0)
@@ -311,8 +333,8 @@ int srv_key_create(srv_db *d, const char *name, int rate_limit, int priority, ch
     memcpy(prefix, key_out, 12);
     prefix[12] = '\0';
     sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(d->db, "INSERT INTO api_keys(name, hash, prefix, rate_limit, enabled, created, priority) "
-                                  "VALUES(?, ?, ?, ?, 1, ?, ?)", -1, &st, NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(d->db, "INSERT INTO api_keys(name, hash, prefix, rate_limit, enabled, created, priority, "
+                                  "admin) VALUES(?, ?, ?, ?, 1, ?, ?, ?)", -1, &st, NULL) != SQLITE_OK)
         return zse_fail("database: %s", sqlite3_errmsg(d->db));
     sqlite3_bind_text(st, 1, name, -1, SQLITE_TRANSIENT);
     sqlite3_bind_blob(st, 2, hash, 32, SQLITE_TRANSIENT);
@@ -320,6 +342,7 @@ int srv_key_create(srv_db *d, const char *name, int rate_limit, int priority, ch
     sqlite3_bind_int(st, 4, rate_limit);
     sqlite3_bind_double(st, 5, unix_now());
     sqlite3_bind_int(st, 6, priority);
+    sqlite3_bind_int(st, 7, admin);
     int rc = sqlite3_step(st);
     sqlite3_finalize(st);
     if (rc == SQLITE_CONSTRAINT) {
@@ -378,6 +401,11 @@ int srv_key_set_priority(srv_db *d, const char *name, int priority)
     return change_one(d, "UPDATE api_keys SET priority = ? WHERE name = ?", name, 1, priority);
 }
 
+int srv_key_set_admin(srv_db *d, const char *name, bool admin)
+{
+    return change_one(d, "UPDATE api_keys SET admin = ? WHERE name = ?", name, 1, admin);
+}
+
 int srv_key_touch(srv_db *d, const char *name, double when)
 {
     sqlite3_stmt *st;
@@ -401,8 +429,8 @@ int srv_key_list(srv_db *d, srv_key **out, size_t *n)
     *out = NULL;
     *n = 0;
     sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(d->db, "SELECT name, hash, prefix, rate_limit, enabled, created, last_used, priority "
-                                  "FROM api_keys ORDER BY name", -1, &st, NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(d->db, "SELECT name, hash, prefix, rate_limit, enabled, created, last_used, priority, "
+                                  "admin FROM api_keys ORDER BY name", -1, &st, NULL) != SQLITE_OK)
         return zse_fail("database: %s", sqlite3_errmsg(d->db));
     srv_key *keys = NULL;
     size_t count = 0, cap = 0;
@@ -431,6 +459,7 @@ int srv_key_list(srv_db *d, srv_key **out, size_t *n)
         k->created = sqlite3_column_double(st, 5);
         k->last_used = sqlite3_column_double(st, 6);
         k->priority = sqlite3_column_int(st, 7);
+        k->admin = sqlite3_column_int(st, 8) != 0;
     }
     sqlite3_finalize(st);
     if (rc != SQLITE_DONE) {

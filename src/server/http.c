@@ -78,6 +78,7 @@ struct srv_server {
     pthread_t watcher;
     bool watcher_started;
     atomic_bool stopping;
+    srv_db *admin_db;               /* the key database for the /admin routes (with --auth) */
 };
 
 struct http_req {
@@ -109,6 +110,7 @@ struct http_req {
     srv_job *job;
     zse_buf reply;                  /* a whole answer, built on a worker */
     int reply_status, reply_retry;
+    srv_admin_call admin;           /* what an /admin route asks for */
 };
 
 /* ---- small helpers ------------------------------------------------------------------- */
@@ -142,6 +144,12 @@ static srv_route route_of(const char *url)
         return SRV_ROUTE_LORA_LOAD;
     if (strcmp(url, "/v1/unload_lora_adapter") == 0)
         return SRV_ROUTE_LORA_UNLOAD;
+    if (strcmp(url, "/ui/session") == 0)
+        return SRV_ROUTE_UI_SESSION;
+    if (strncmp(url, "/ui/", 4) == 0) /* the dashboard's files (GET / is the page: new_request) */
+        return SRV_ROUTE_DASHBOARD;
+    if (strncmp(url, "/admin/", 7) == 0)
+        return SRV_ROUTE_ADMIN;
     return SRV_ROUTE_OTHER;
 }
 
@@ -159,7 +167,7 @@ static bool route_is_tgi(srv_route r)
 
 static bool route_needs_key(srv_route r)
 {
-    return route_is_post(r) || r == SRV_ROUTE_MODELS;
+    return route_is_post(r) || r == SRV_ROUTE_MODELS || r == SRV_ROUTE_UI_SESSION || r == SRV_ROUTE_ADMIN;
 }
 
 static void sockaddr_text(const struct sockaddr *sa, char *out, size_t cap)
@@ -685,6 +693,8 @@ static enum MHD_Result metrics(http_req *r)
     int rc = srv_metrics_render(s->metrics, &live, &out);
     if (rc == 0 && live.ready)
         rc = srv_lora_metrics(s->model, &out);
+    if (rc == 0 && live.ready)
+        rc = srv_memory_metrics(s->model, &out);
     enum MHD_Result mr = rc == 0 ? respond(r, 200, "text/plain; version=0.0.4", zse_buf_str(&out), out.len, 0) : MHD_NO;
     zse_buf_free(&out);
     return mr;
@@ -718,6 +728,65 @@ static enum MHD_Result lora_admin(http_req *r)
     enum MHD_Result mr = respond(r, 200, "text/plain; charset=utf-8", msg, strlen(msg), 0);
     free(msg);
     return mr;
+}
+
+/* ---- the dashboard (dashboard.c) and its admin routes (admin.c) ------------------------ */
+
+static struct MHD_Response *with_dashboard_headers(struct MHD_Response *resp)
+{
+    for (size_t i = 0; resp && i < srv_dashboard_n_headers; i++)
+        MHD_add_response_header(resp, srv_dashboard_headers[i][0], srv_dashboard_headers[i][1]);
+    return resp;
+}
+
+static enum MHD_Result dashboard_file(http_req *r, const char *url)
+{
+    const srv_asset *a = srv_dashboard_asset(url); /* route_ok found it */
+    if (!a)
+        return fail(r, 404, "invalid_request_error", "unknown_url", "no such dashboard file");
+    struct MHD_Response *resp = MHD_create_response_from_buffer(a->len, (void *)a->data, MHD_RESPMEM_PERSISTENT);
+    if (resp)
+        MHD_add_response_header(resp, "Content-Type", a->content_type);
+    return queue(r, 200, with_dashboard_headers(resp));
+}
+
+static enum MHD_Result ui_session(http_req *r)
+{
+    srv_server *s = r->s;
+    bool ready = atomic_load(&s->state) == STATE_READY;
+    bool admin = s->cfg.auth && s->admin_db && srv_keyring_is_admin(s->cfg.keyring, r->key);
+    bool may_see = !s->cfg.auth || r->key[0]; /* what is served is for key holders, as /v1/models */
+    return respond_json(r, 200, srv_dashboard_session(ready && may_see ? s->model : NULL, s->facts.name, s->started,
+                                                      ready, s->cfg.auth, r->key, admin));
+}
+
+static const char *query_arg(void *ctx, const char *name)
+{
+    return MHD_lookup_connection_value(ctx, MHD_GET_ARGUMENT_KIND, name);
+}
+
+/* keys and the audit log; the caller's admin role was checked before the body was read */
+static enum MHD_Result admin(http_req *r)
+{
+    srv_server *s = r->s;
+    srv_error e;
+    if (r->too_large) {
+        srv_error_set(&e, 413, "invalid_request_error", "request_too_large", NULL,
+                      "the request body is larger than this server's limit of %zu bytes", s->cfg.max_body);
+        return respond_error(r, &e);
+    }
+    int status;
+    char *json;
+    int rc = srv_admin_run(&r->admin, s->admin_db, s->cfg.keyring, r->key, r->body.data, r->body.len, query_arg,
+                           r->conn, &status, &json, &e);
+    release_body(s, r);
+    if (rc != 0)
+        return respond_error(r, &e);
+    struct MHD_Response *resp = text_response("application/json", json, strlen(json), 0);
+    free(json);
+    if (resp)
+        MHD_add_response_header(resp, "Cache-Control", "no-store"); /* a new key is in the answer */
+    return queue(r, status, resp);
 }
 
 /* ---- the first call: the head is complete, no body byte is stored ---------------------- */
@@ -798,6 +867,19 @@ static bool route_ok(http_req *r, const char *url, enum MHD_Result *result)
     }
     if (method_is(r, "OPTIONS") && r->s->cors)
         return true; /* a CORS preflight: 204 below */
+    if (r->route == SRV_ROUTE_DASHBOARD && !srv_dashboard_asset(url)) {
+        srv_error_set(&e, 404, "invalid_request_error", "unknown_url", NULL, "Unknown request URL: %s %s", r->method,
+                      url);
+        *result = refuse(r, &e, NULL);
+        return false;
+    }
+    if (r->route == SRV_ROUTE_ADMIN) { /* GET, POST or DELETE by path */
+        const char *allow = NULL;
+        if (srv_admin_route(r->method, url, &r->admin, &allow, &e) == 0)
+            return true;
+        *result = refuse(r, &e, allow);
+        return false;
+    }
     bool want_post = route_is_post(r->route);
     bool ok = want_post ? method_is(r, "POST") : method_is(r, "GET") || method_is(r, "HEAD");
     if (ok)
@@ -812,15 +894,31 @@ static bool route_ok(http_req *r, const char *url, enum MHD_Result *result)
 static bool authorize(http_req *r, enum MHD_Result *result)
 {
     srv_server *s = r->s;
+    if (r->route == SRV_ROUTE_ADMIN && !method_is(r, "OPTIONS") && !s->admin_db) {
+        srv_error e;
+        srv_error_set(&e, 403, "invalid_request_error", "admin_off", NULL,
+                      "the admin routes are off: start zse serve with --auth and call them with an admin key "
+                      "(zse api-key create NAME --admin)");
+        *result = refuse(r, &e, NULL);
+        return false;
+    }
     if (!s->cfg.auth || !route_needs_key(r->route) || method_is(r, "OPTIONS"))
         return true;
     const char *h = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Authorization");
+    if (!h && r->route == SRV_ROUTE_UI_SESSION)
+        return true; /* the page asks before logging in: told only that a key is needed */
     srv_auth a = srv_keyring_check(s->cfg.keyring, h, zse_now(), r->key, &r->key_priority, &r->rate);
     r->has_rate = r->rate.limit > 0;
     srv_error e;
     switch (a) {
     case SRV_AUTH_OK:
-        return true;
+        if (r->route != SRV_ROUTE_ADMIN || srv_keyring_is_admin(s->cfg.keyring, r->key))
+            return true;
+        srv_error_set(&e, 403, "invalid_request_error", "not_admin", NULL,
+                      "key '%s' is not an admin key: the admin routes need one (zse api-key set-role %s admin)",
+                      r->key, r->key);
+        *result = respond_error_with(r, &e, NULL, true); /* a known key: a row of its own */
+        return false;
     case SRV_AUTH_MISSING:
         srv_error_set(&e, 401, "invalid_request_error", "missing_api_key", NULL,
                       "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.");
@@ -856,7 +954,7 @@ static bool body_ok(http_req *r, enum MHD_Result *result)
     if (cl && !zse_parse_i64(cl, &n))
         n = 0; /* libmicrohttpd answers malformed lengths itself */
     srv_error e;
-    if (!route_is_post(r->route)) {
+    if (!route_is_post(r->route) && !(r->route == SRV_ROUTE_ADMIN && r->admin.has_body)) {
         if (n <= 0 && !chunked)
             return true;
         srv_error_set(&e, 400, "invalid_request_error", "bad_request", NULL, "%s %s takes no request body", r->method,
@@ -957,8 +1055,14 @@ static enum MHD_Result last_call(http_req *r, const char *url)
         return health(r);
     if (r->route == SRV_ROUTE_METRICS)
         return metrics(r);
+    if (r->route == SRV_ROUTE_DASHBOARD)
+        return dashboard_file(r, url);
     if (atomic_load(&s->state) == STATE_DRAINING)
         return fail(r, 503, "server_error", "shutting_down", "the server is shutting down");
+    if (r->route == SRV_ROUTE_UI_SESSION)
+        return ui_session(r);
+    if (r->route == SRV_ROUTE_ADMIN)
+        return admin(r);
     if (r->route == SRV_ROUTE_MODELS)
         return models(r, url);
     if (r->route == SRV_ROUTE_LORA_LOAD || r->route == SRV_ROUTE_LORA_UNLOAD)
@@ -977,6 +1081,8 @@ static http_req *new_request(srv_server *s, struct MHD_Connection *conn, const c
     r->t_start = zse_now();
     r->t_unix = unix_now();
     r->route = route_of(url);
+    if (r->route == SRV_ROUTE_TGI_COMPAT && (strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0))
+        r->route = SRV_ROUTE_DASHBOARD; /* GET / is the dashboard; POST / stays TGI's compat route */
     snprintf(r->method, sizeof r->method, "%s", method);
     snprintf(r->path, sizeof r->path, "%s", url);
     client_address(conn, r->client, sizeof r->client);
@@ -1066,7 +1172,9 @@ static void record(http_req *r, enum MHD_RequestTerminationCode toe)
                 "ttft_ms=%.1f key=%s client=%s",
                 id, method, path, status, latency_ms, u.prompt_tokens, u.completion_tokens,
                 u.ttft >= 0 ? u.ttft * 1000 : -1.0, r->key[0] ? r->key : "-", r->client);
-    if (!s->cfg.audit || r->route == SRV_ROUTE_HEALTH || r->route == SRV_ROUTE_METRICS)
+    /* the dashboard's static files are not audited either: a page load would be rows of noise */
+    if (!s->cfg.audit || r->route == SRV_ROUTE_HEALTH || r->route == SRV_ROUTE_METRICS ||
+        (r->route == SRV_ROUTE_DASHBOARD && !r->refused))
         return;
     if (r->refused) {
         srv_audit_refused(s->cfg.audit, r->t_unix, r->client, status, path);
@@ -1166,6 +1274,7 @@ static void free_server(srv_server *s)
     srv_admit_stop(s->admit);
     srv_guard_free(s->guard);
     srv_metrics_free(s->metrics);
+    srv_db_close(s->admin_db);
     free(s->host);
     free(s->cors);
     free(s->model_id);
@@ -1263,6 +1372,12 @@ srv_server *srv_start(const srv_config *c)
     s->facts.name = s->model_id;
     if (c->auth && !c->keyring) {
         zse_fail("--auth needs the key database");
+        free_server(s);
+        return NULL;
+    }
+    /* the dashboard's admin routes use a connection of their own to the file the audit
+     * writer opened (and checked) already */
+    if (c->auth && c->db_path && !(s->admin_db = srv_db_open_shared(c->db_path))) {
         free_server(s);
         return NULL;
     }

@@ -151,3 +151,16 @@ srv_auth srv_keyring_check(srv_keyring *kr, const char *authorization, double no
     pthread_mutex_unlock(&kr->mu);
     return result;
 }
+
+bool srv_keyring_is_admin(srv_keyring *kr, const char *name)
+{
+    if (!name || !name[0])
+        return false;
+    bool admin = false;
+    pthread_mutex_lock(&kr->mu);
+    for (size_t i = 0; i < kr->n; i++)
+        if (strcmp(kr->keys[i].key.name, name) == 0)
+            admin = kr->keys[i].key.enabled && kr->keys[i].key.admin;
+    pthread_mutex_unlock(&kr->mu);
+    return admin;
+}

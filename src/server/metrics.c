@@ -35,7 +35,8 @@ struct srv_metrics {
 
 static const char *const ROUTE_NAMES[SRV_N_ROUTES] = {
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/generate", "/generate_stream",
-    "/health", "/metrics", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/", "other",
+    "/health", "/metrics", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/", "dashboard",
+    "/ui/session", "/admin", "other",
 };
 
 const char *srv_route_name(srv_route r)
@@ -261,5 +262,28 @@ int srv_metrics_render(srv_metrics *m, const srv_live_stats *live, zse_buf *out)
         for (size_t i = 0; rc == 0 && i < sizeof off / sizeof off[0]; i++)
             rc = render_counter(out, off[i].name, off[i].help, off[i].v);
     }
+    return rc;
+}
+
+int srv_memory_metrics(zse_model *m, zse_buf *out)
+{
+    zse_memory_info mem;
+    zse_model_get_memory(m, &mem);
+    int rc = zse_buf_printf(out,
+                            "# HELP zse_memory_bytes Memory the model holds, by part (on its device; weights on the "
+                            "CPU are the mapped file).\n# TYPE zse_memory_bytes gauge\n"
+                            "zse_memory_bytes{part=\"weights\"} %llu\nzse_memory_bytes{part=\"kv_cache\"} %llu\n"
+                            "zse_memory_bytes{part=\"activations\"} %llu\nzse_memory_bytes{part=\"workspace\"} %llu\n"
+                            "zse_memory_bytes{part=\"adapters\"} %llu\n",
+                            (unsigned long long)mem.weights, (unsigned long long)mem.kv_cache,
+                            (unsigned long long)mem.activations, (unsigned long long)mem.workspace,
+                            (unsigned long long)mem.adapters);
+    if (rc == 0 && mem.on_device)
+        rc = zse_buf_printf(out,
+                            "# HELP zse_device_memory_used_bytes The whole device's memory in use (as nvidia-smi "
+                            "counts it).\n# TYPE zse_device_memory_used_bytes gauge\nzse_device_memory_used_bytes %llu\n"
+                            "# HELP zse_device_memory_capacity_bytes The device's memory.\n"
+                            "# TYPE zse_device_memory_capacity_bytes gauge\nzse_device_memory_capacity_bytes %llu\n",
+                            (unsigned long long)mem.device_used, (unsigned long long)mem.device_total);
     return rc;
 }

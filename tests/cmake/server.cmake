@@ -37,6 +37,21 @@ set_tests_properties(server_cli_key_list_priority PROPERTIES FIXTURES_REQUIRED s
 add_test(NAME server_cli_key_bad_priority COMMAND zse api-key create low --priority 1001 --db ${SRV_DB})
 set_tests_properties(server_cli_key_bad_priority PROPERTIES FIXTURES_REQUIRED srv_cli_clean
   PASS_REGULAR_EXPRESSION "a priority is a whole number from -1000")
+add_test(NAME server_cli_key_admin COMMAND zse api-key create boss --admin --db ${SRV_DB})
+set_tests_properties(server_cli_key_admin PROPERTIES FIXTURES_REQUIRED srv_cli_key FIXTURES_SETUP srv_cli_boss
+  PASS_REGULAR_EXPRESSION "created admin key 'boss'")
+add_test(NAME server_cli_key_list_role COMMAND zse api-key list --db ${SRV_DB})
+set_tests_properties(server_cli_key_list_role PROPERTIES FIXTURES_REQUIRED srv_cli_boss
+  PASS_REGULAR_EXPRESSION "boss +zse-[0-9a-f]+ +none +0 +enabled +admin")
+add_test(NAME server_cli_key_set_role COMMAND zse api-key set-role alice admin --db ${SRV_DB})
+set_tests_properties(server_cli_key_set_role PROPERTIES FIXTURES_REQUIRED srv_cli_boss FIXTURES_SETUP srv_cli_role
+  PASS_REGULAR_EXPRESSION "set-role 'alice' done")
+add_test(NAME server_cli_key_list_role_json COMMAND zse api-key list --json --db ${SRV_DB})
+set_tests_properties(server_cli_key_list_role_json PROPERTIES FIXTURES_REQUIRED srv_cli_role
+  PASS_REGULAR_EXPRESSION "\"name\": \"alice\",[^}]*\"role\": \"admin\"")
+add_test(NAME server_cli_key_bad_role COMMAND zse api-key set-role alice root --db ${SRV_DB})
+set_tests_properties(server_cli_key_bad_role PROPERTIES FIXTURES_REQUIRED srv_cli_clean
+  PASS_REGULAR_EXPRESSION "the role is admin or user, not 'root'")
 add_test(NAME server_cli_audit_refused_empty COMMAND zse audit --refused --json --since 1h --db ${SRV_DB})
 set_tests_properties(server_cli_audit_refused_empty PROPERTIES FIXTURES_REQUIRED srv_cli_key
   PASS_REGULAR_EXPRESSION "^\\[\\]")

@@ -210,6 +210,7 @@ static void test_db_upgrade_and_mode(void)
     if (db && n == 1) {
         CHECK_EQ_STR(keys[0].name, "old");
         CHECK(keys[0].priority == 0);
+        CHECK(!keys[0].admin); /* keys from before roles stay ordinary ones */
         free(keys);
     }
     srv_refused_row r = {.minute = 60, .status = 401, .count = 2};
