@@ -125,10 +125,10 @@ static void *load_main(void *arg)
 }
 
 /* the engine behind the server's generator interface */
-static int engine_submit(void *ctx, const int32_t *prompt, size_t n, const zse_sampling *s, int priority,
-                         zse_token_cb cb, void *user, uint64_t *id)
+static int engine_submit(void *ctx, const char *tenant, const int32_t *prompt, size_t n, const zse_sampling *s,
+                         int priority, zse_token_cb cb, void *user, uint64_t *id)
 {
-    return zse_engine_submit(ctx, prompt, n, s, priority, cb, user, id);
+    return zse_engine_submit_for(ctx, tenant, prompt, n, s, priority, cb, user, id);
 }
 
 static void engine_cancel(void *ctx, uint64_t id) { zse_engine_cancel(ctx, id); }

@@ -207,10 +207,10 @@ static request *request_new(zse_engine *e, const int32_t *prompt, size_t n, cons
 static int index_of(const zse_engine *e, const request *r);
 static void running_remove_at(zse_engine *e, int i);
 
-/* Ends a request: off the running list, its KV back in the pool (and in the stats) and its
- * adapter's slot unpinned before the caller hears of the end, so a caller that saw every
- * request end sees no block in use and no slot pinned; then the last event, then the
- * request is freed. */
+/* Ends a request: off the running list and its tenant's count, its KV back in the pool (and
+ * in the stats) and its adapter's slot unpinned before the caller hears of the end, so a
+ * caller that saw every request end sees no block in use, no slot pinned and no tenant;
+ * then the last event, then the request is freed. */
 static void end_request(zse_engine *e, request *r, const zse_token_event *ev)
 {
     pthread_mutex_lock(&e->m->run_lock);
@@ -222,6 +222,8 @@ static void end_request(zse_engine *e, request *r, const zse_token_event *ev)
     int i = index_of(e, r);
     if (i >= 0)
         running_remove_at(e, i);
+    tenant_put(e, r->tenant);
+    r->tenant = NULL;
     e->kv_used = used;
     pthread_mutex_unlock(&e->mu);
     r->cb(r->user, ev);

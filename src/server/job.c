@@ -302,15 +302,15 @@ void srv_job_end_choice(srv_job *j, int i, zse_finish why)
     pthread_mutex_unlock(&j->mu);
 }
 
-int srv_job_submit_choice(srv_job *j, int i, const srv_engine *engine)
+int srv_job_submit_choice(srv_job *j, int i, const srv_engine *engine, const char *tenant)
 {
     const srv_prompt *p = &j->req.prompts[i / j->req.n];
     zse_sampling s = j->req.sampling;
     s.seed += (uint64_t)(i % j->req.n); /* choices of one prompt differ, reproducibly */
     srv_job_ref(j);                     /* the sequence's, dropped at its final event */
     uint64_t id = 0;
-    if (engine->submit(engine->ctx, p->ids, p->n_ids, &s, j->req.priority, on_event, &j->refs_for_engine[i],
-                       &id) != 0) {
+    if (engine->submit(engine->ctx, tenant, p->ids, p->n_ids, &s, j->req.priority, on_event,
+                       &j->refs_for_engine[i], &id) != 0) {
         pthread_mutex_lock(&j->mu);
         j->overloaded = j->rd.overloaded = true;
         snprintf(j->overload_reason, sizeof j->overload_reason, "%s", zse_last_error());

@@ -42,11 +42,12 @@ typedef struct {
     int n_script;
     double delay_s;         /* between steps */
     uint64_t next_id;
+    char last_tenant[96];   /* whose the last submitted sequence was */
     atomic_int cancels, submitted, finished;
 } fake_engine;
 
-static int fake_submit(void *ctx, const int32_t *prompt, size_t n, const zse_sampling *s, int priority, zse_token_cb cb,
-                       void *user, uint64_t *id)
+static int fake_submit(void *ctx, const char *tenant, const int32_t *prompt, size_t n, const zse_sampling *s,
+                       int priority, zse_token_cb cb, void *user, uint64_t *id)
 {
     (void)prompt;
     (void)priority;
@@ -56,6 +57,7 @@ static int fake_submit(void *ctx, const int32_t *prompt, size_t n, const zse_sam
         pthread_mutex_unlock(&fe->mu);
         return zse_fail("queue full (%d waiting)", fe->n_active);
     }
+    snprintf(fe->last_tenant, sizeof fe->last_tenant, "%s", tenant ? tenant : "");
     fake_req *r = calloc(1, sizeof *r);
     r->id = ++fe->next_id;
     r->s = *s;
@@ -859,6 +861,9 @@ static void test_fairness(zse_model *m)
     double t0 = zse_now();
     CHECK(http("POST", "/v1/completions", NULL, "{\"model\":\"tiny\",\"prompt\":\"a\",\"max_tokens\":3}", &r) == 200);
     CHECK(zse_now() - t0 < 2); /* the free slot, not the end of the greedy client's 15 s */
+    pthread_mutex_lock(&fe.mu);
+    CHECK_EQ_STR(fe.last_tenant, "client 127.0.0.3"); /* the engine shares its compute by it */
+    pthread_mutex_unlock(&fe.mu);
     response_free(&r);
     CHECK(http("GET", "/metrics", NULL, NULL, &r) == 200);
     CHECK(strstr(zse_buf_str(&r.body), "zse_queue_depth 1\n") != NULL); /* the greedy client's 4th choice waits */
