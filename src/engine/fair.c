@@ -10,16 +10,20 @@
  * attention reads every K/V row once per token; a GPU's decode is bound by reading the
  * weights once per step), so it is measured: each step's time is fitted as
  * fixed + per_token × tokens + per_context × context by least squares over recent steps
- * (weights fading by FORGET a step), and ctx_cost = per_context / per_token. Until enough
- * steps have run, and whenever the fit is not sound (too few kinds of step to separate the
- * terms, a negative term), the model's shape gives it: attention's multiply-adds per token
- * of context over the weights' per token. */
+ * (weights fading by FORGET a step; a step descheduled by a busy machine is clipped to
+ * OUTLIER times the prediction), and ctx_cost = per_context / per_token, followed slowly.
+ * Until enough steps have run, the model's shape gives it: attention's multiply-adds per
+ * token of context over the weights' per token; a fit that is not sound (too few kinds of
+ * step to separate the terms, a negative term) leaves it as it was. */
 #include "engine/engine.h"
 
 #include <math.h>
+#include <string.h>
 
-#define FORGET 0.99         /* a step's weight in the fit, one step later */
+#define FORGET 0.995        /* a step's weight in the fit, one step later */
+#define OUTLIER 3.0         /* a step's time counts as at most this × the fit's prediction */
 #define MIN_STEPS 32        /* steps before the fit is used */
+#define FOLLOW 0.05         /* how far the figures in use move towards a step's fit */
 #define TOKEN_SCALE 64.0    /* the regressors are scaled to be of the order of one */
 #define CONTEXT_SCALE 65536.0
 
@@ -76,6 +80,13 @@ void zse_step_fit_add(zse_step_fit *f, double tokens, double context, double sec
     if (!(seconds > 0) || tokens <= 0)
         return;
     const double x[3] = {1.0, tokens / TOKEN_SCALE, context / CONTEXT_SCALE};
+    /* a step that took far longer than the fit says was descheduled, not dearer: it counts
+     * as OUTLIER times the prediction */
+    if (f->valid) {
+        double predicted = f->theta[0] * x[0] + f->theta[1] * x[1] + f->theta[2] * x[2];
+        if (predicted > 0 && seconds > OUTLIER * predicted)
+            seconds = OUTLIER * predicted;
+    }
     for (int i = 0; i < 3; i++) {
         for (int j = 0; j < 3; j++)
             f->s[i][j] = FORGET * f->s[i][j] + x[i] * x[j];
@@ -91,20 +102,21 @@ void zse_step_fit_add(zse_step_fit *f, double tokens, double context, double sec
             a[i][j] = f->s[i][j] + (i == j ? ridge : 0.0);
         y[i] = f->b[i];
     }
-    double cost = f->prior, fixed = 0;
-    if (solve3(a, y, theta)) {
-        double per_token = theta[1] / TOKEN_SCALE, per_context = theta[2] / CONTEXT_SCALE;
-        if (per_token > 0 && per_context >= 0) {
-            cost = per_context / per_token;
-            fixed = theta[0] > 0 ? theta[0] / per_token : 0;
-        }
-    }
+    if (!solve3(a, y, theta))
+        return; /* not enough kinds of step yet: the last figures stand */
+    double per_token = theta[1] / TOKEN_SCALE, per_context = theta[2] / CONTEXT_SCALE;
+    if (!(per_token > 0) || per_context < 0)
+        return;
+    memcpy(f->theta, theta, sizeof theta);
+    f->valid = true;
+    double cost = per_context / per_token;
     /* a context token costing more than a whole token's other work, or far less than its
      * arithmetic says, is noise in the fit rather than the machine */
     if (cost > 1.0)
         cost = 1.0;
     if (cost < f->prior / 16)
         cost = f->prior / 16;
-    f->ctx_cost = cost;
-    f->fixed = fixed;
+    /* step times jitter (a shared machine deschedules the engine): the figures in use follow
+     * the fit slowly, the ratio in log space since it spans orders of magnitude */
+    f->ctx_cost = exp((1 - FOLLOW) * log(f->ctx_cost) + FOLLOW * log(cost));
 }

@@ -121,6 +121,7 @@ struct zse_engine {
     bool fair_on;               /* this step shares compute: several tenants have work */
     double quantum;             /* this step's share of each tenant */
     tenant **fair_tenants;      /* [max_seqs] the tenants with work this step */
+    double *demands;            /* [max_seqs] their demands, sorted */
     int n_fair_tenants;
     request **fair_order;       /* [max_seqs] running requests, longest idle first */
     uint64_t step_waits;        /* sequence-steps sat out in this step */
@@ -456,6 +457,8 @@ static int tokens_that_fit(const zse_engine *e, const request *r, int want)
 
 /* ---- fair compute sharing between tenants (deficit round robin) ---------------------------- */
 
+#define HEAVY 2.0           /* a tenant is held back when it wants more than this × the median */
+
 /* the tokens r would run this step if nothing held it back: its decode token and drafts,
  * or its next prompt chunk */
 static int wanted_take(const zse_engine *e, const request *r)
@@ -507,11 +510,12 @@ static void tenant_joins_step(zse_engine *e, tenant *t)
     e->fair_tenants[e->n_fair_tenants++] = t;
 }
 
-/* Before a step is planned: when several tenants have sequences to run, each gets a quantum
- * of cost this step (the second-largest tenant's demand, so every tenant but the most
- * demanding one runs whole, and that one gets as much as the next; at least a quarter of
- * the step's fixed cost, which a backend whose batches are nearly free measures large)
- * plus what it saved while backlogged. A tenant's sequences take it in the order they last
+/* Before a step is planned: when several tenants have sequences to run and some want more
+ * than HEAVY times the median tenant's cost, each gets a quantum of cost this step (the
+ * largest demand that is not heavy, so only heavy tenants are held back, each to what the
+ * largest other one takes) plus what it saved while held back.
+ * Tenants within HEAVY of the median (clients alike but for their contexts' lengths) are
+ * never held back. A tenant's sequences take it in the order they last
  * ran, longest idle first; a prompt chunk is cut to what is left; the first that does not
  * fit and the rest of the tenant's sit out this step, keeping their slots and KV. With one
  * tenant with work, nothing is held back. Scheduler thread, run_lock held. */
@@ -535,23 +539,30 @@ static void share_compute(zse_engine *e)
             e->fair_order[n++] = r;
         }
     }
+    /* the demands, ascending (at most max_seqs tenants) */
+    double *d = e->demands;
     int active = 0;
-    double top = 0, second = 0;
     for (int i = 0; i < e->n_fair_tenants; i++) {
-        double d = e->fair_tenants[i]->demand;
-        active += d > 0;
-        if (d > top) {
-            second = top;
-            top = d;
-        } else if (d > second) {
-            second = d;
-        }
+        double v = e->fair_tenants[i]->demand;
+        if (v <= 0)
+            continue;
+        int j = active++;
+        for (; j > 0 && d[j - 1] > v; j--)
+            d[j] = d[j - 1];
+        d[j] = v;
     }
     if (active < 2)
         return;
+    /* heavy: more than twice the median demand; the quantum is the largest demand that is
+     * not heavy, so every other tenant runs whole and each heavy one gets as much as the
+     * largest of them */
+    double heavy = HEAVY * d[(active - 1) / 2], quantum = 0;
+    for (int i = 0; i < active && d[i] <= heavy; i++)
+        quantum = d[i];
+    if (d[active - 1] <= quantum)
+        return; /* nobody is heavy: nothing is held back */
     e->fair_on = true;
-    double floor_share = e->p.ctx_cost > 0 ? 0 : e->fit.fixed / 4;
-    e->quantum = second > floor_share ? second : floor_share;
+    e->quantum = quantum;
     for (int i = 0; i < e->n_fair_tenants; i++)
         e->fair_tenants[i]->left = e->fair_tenants[i]->deficit + e->quantum;
     for (int i = 1; i < n; i++) { /* stable: rank order among equals */
@@ -586,15 +597,19 @@ static void share_compute(zse_engine *e)
     }
 }
 
-/* An admitted request's first chunk, cut to what its tenant may still spend this step (a
- * tenant new to the step gets a quantum); 0: it takes its slot and runs in a later step. */
+/* An admitted request's first chunk. A tenant none of whose sequences sat out this step
+ * (a tenant new to the step gets a quantum) and that has something left starts it whole,
+ * whatever it costs: a client's next prompt is a burst, not a share taken from others,
+ * and a tenant that runs all it has saves no debt (settle_shares). A tenant held back
+ * gets what it has left (it is then held back); 0: the request takes its slot and runs
+ * in a later step. */
 static int fair_admission_take(zse_engine *e, request *r, size_t from, int take)
 {
     if (!e->fair_on)
         return take;
     tenant *t = r->tenant;
     tenant_joins_step(e, t);
-    int part = t->backlogged ? 0 : affordable(e, from, t->left, take);
+    int part = !t->backlogged && t->left > 0 ? take : t->backlogged ? affordable(e, from, t->left, take) : 0;
     if (part < take)
         t->backlogged = true;
     t->left -= cost_at(e, from, part);
@@ -1135,6 +1150,7 @@ static void engine_free(zse_engine *e)
         free(t);
     }
     free(e->fair_tenants);
+    free(e->demands);
     free(e->fair_order);
     free(e->lora_order);
     free(e->running);
@@ -1187,11 +1203,12 @@ zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p)
     e->drafting = zse_calloc((size_t)S, sizeof *e->drafting);
     e->want = zse_calloc((size_t)S, sizeof *e->want);
     e->fair_tenants = zse_calloc((size_t)S, sizeof *e->fair_tenants);
+    e->demands = zse_calloc((size_t)S, sizeof *e->demands);
     e->fair_order = zse_calloc((size_t)S, sizeof *e->fair_order);
     e->logits = zse_malloc((size_t)out_rows * (size_t)V * sizeof(float));
     e->picked_ids = zse_malloc((size_t)out_rows * sizeof(int32_t));
     e->sample_rows = zse_malloc((size_t)out_rows * sizeof *e->sample_rows);
-    bool ok = e->running && e->plan_seqs && e->entries && e->drafting && e->want && e->fair_tenants &&
+    bool ok = e->running && e->plan_seqs && e->entries && e->drafting && e->want && e->fair_tenants && e->demands &&
               e->fair_order && e->logits && e->picked_ids &&
               e->sample_rows &&
               zse_sample_work_init(&e->work, V) == 0;
