@@ -368,6 +368,10 @@ int zse_engine_submit_for(zse_engine *e, const char *tenant, const int32_t *prom
                           const zse_sampling *s, int priority, zse_token_cb cb, void *user,
                           uint64_t *request_id);
 void zse_engine_cancel(zse_engine *e, uint64_t request_id);
+/* A paused request runs no step (it keeps its slot and KV, and is not admitted while it
+ * waits) until it is resumed: backpressure from a caller whose consumer does not keep up
+ * (a streaming client that stops reading). Unknown or ended ids are ignored. */
+void zse_engine_pause(zse_engine *e, uint64_t request_id, bool paused);
 
 typedef struct {
     int queued;
@@ -383,6 +387,7 @@ typedef struct {
     uint64_t steps;                 /* forward passes run */
     uint64_t fair_waits;            /* sequence-steps sat out for fair sharing between tenants */
     int tenants;                    /* tenants with requests queued or running */
+    int paused;                     /* requests paused (zse_engine_pause) */
     double ctx_cost;                /* the cost of a token of context fair sharing uses now */
 } zse_engine_stats;
 void zse_engine_get_stats(zse_engine *e, zse_engine_stats *out);

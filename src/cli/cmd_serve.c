@@ -134,6 +134,7 @@ static int engine_submit(void *ctx, const char *tenant, const int32_t *prompt, s
 
 static void engine_cancel(void *ctx, uint64_t id) { zse_engine_cancel(ctx, id); }
 static void engine_stats(void *ctx, zse_engine_stats *out) { zse_engine_get_stats(ctx, out); }
+static void engine_pause(void *ctx, uint64_t id, bool paused) { zse_engine_pause(ctx, id, paused); }
 
 /* the file name without folders and ".zse" */
 static char *default_model_id(const char *path)
@@ -491,7 +492,7 @@ int cmd_serve(int argc, char **argv)
         s = NULL;
         goto done;
     }
-    srv_engine binding = {l.eng, engine_submit, engine_cancel, engine_stats};
+    srv_engine binding = {l.eng, engine_submit, engine_cancel, engine_stats, engine_pause};
     srv_set_ready(s, l.model, &binding);
     zse_model_info info;
     zse_model_get_info(l.model, &info);

@@ -61,6 +61,8 @@ typedef struct request {
     void *user;
     double queued_at;           /* when it last entered the queue: waiting ages it */
     bool cancelled;             /* asked by zse_engine_cancel (under e->mu) */
+    bool paused;                /* asked by zse_engine_pause (under e->mu) */
+    bool held;                  /* paused, as this step sees it (the scheduler thread's) */
     struct request *next;       /* in the queue */
     zse_logprobs *plp;          /* prompt_logprobs: [n_prompt], filled as the prompt runs */
     bool plp_sent;              /* they went out with the first event */
@@ -305,7 +307,7 @@ static request *queue_best(const zse_engine *e, double now)
     request *best = NULL;
     double best_p = 0;
     for (request *r = e->queue; r; r = r->next) {
-        if (adapter_waits(r))
+        if (adapter_waits(r) || r->paused)
             continue;
         double p = effective_priority(e, r, now);
         if (!best || p < best_p || (p == best_p && r->order < best->order)) {
@@ -318,7 +320,7 @@ static request *queue_best(const zse_engine *e, double now)
     request *fair = best;
     double fair_p = best_p;
     for (request *r = e->queue; r; r = r->next) {
-        if (adapter_waits(r) || r->priority != best->priority || r == best)
+        if (adapter_waits(r) || r->paused || r->priority != best->priority || r == best)
             continue;
         double p = effective_priority(e, r, now);
         int fewer = r->tenant->running - fair->tenant->running;
@@ -530,8 +532,13 @@ static void share_compute(zse_engine *e)
     int n = 0;
     for (int i = 0; i < e->n_running; i++) {
         request *r = e->running[i];
-        r->sits_out = false;
+        r->sits_out = r->held; /* paused: no step at all, no share */
         r->fair_take = 0;
+        if (r->held) {
+            if (r->q.n_draft)
+                zse_spec_drop(&r->q);
+            continue;
+        }
         tenant_joins_step(e, r->tenant);
         int take = wanted_take(e, r);
         if (take > 0) {
@@ -960,7 +967,7 @@ static void propose_drafts(zse_engine *e)
     int rows_left = e->out_rows - e->p.max_seqs, n = 0;
     for (int i = 0; i < e->n_running && rows_left > 0; i++) {
         request *r = e->running[i];
-        int room = zse_spec_room(&e->spec, &r->q, e->m);
+        int room = r->held ? 0 : zse_spec_room(&e->spec, &r->q, e->m);
         if (room <= 0)
             continue;
         e->want[n] = room < rows_left ? room : rows_left;
@@ -1004,6 +1011,10 @@ static int step(zse_engine *e)
         failed = r->next;
         finish_with(e, r, ZSE_FINISH_ERROR, r->error);
     }
+    pthread_mutex_lock(&e->mu); /* what zse_engine_pause asked, as this step sees it */
+    for (int i = 0; i < e->n_running; i++)
+        e->running[i]->held = e->running[i]->paused;
+    pthread_mutex_unlock(&e->mu);
     propose_drafts(e);
     pthread_mutex_lock(&e->m->run_lock);
     for (int i = 0; i < e->n_running; i++)
@@ -1312,6 +1323,19 @@ void zse_engine_cancel(zse_engine *e, uint64_t request_id)
     pthread_mutex_unlock(&e->mu);
 }
 
+void zse_engine_pause(zse_engine *e, uint64_t request_id, bool paused)
+{
+    pthread_mutex_lock(&e->mu);
+    for (request *r = e->queue; r; r = r->next)
+        if (r->id == request_id)
+            r->paused = paused;
+    for (int i = 0; i < e->n_running; i++)
+        if (e->running[i]->id == request_id)
+            e->running[i]->paused = paused;
+    pthread_cond_signal(&e->wake);
+    pthread_mutex_unlock(&e->mu);
+}
+
 void zse_engine_get_stats(zse_engine *e, zse_engine_stats *out)
 {
     pthread_mutex_lock(&e->mu);
@@ -1328,6 +1352,11 @@ void zse_engine_get_stats(zse_engine *e, zse_engine_stats *out)
     out->steps = e->steps;
     out->fair_waits = e->fair_waits;
     out->tenants = e->n_tenants;
+    out->paused = 0;
+    for (request *r = e->queue; r; r = r->next)
+        out->paused += r->paused;
+    for (int i = 0; i < e->n_running; i++)
+        out->paused += e->running[i]->paused;
     out->ctx_cost = e->ctx_cost_seen;
     pthread_mutex_unlock(&e->mu);
 }

@@ -227,6 +227,9 @@ int srv_metrics_render(srv_metrics *m, const srv_live_stats *live, zse_buf *out)
         if (rc == 0)
             rc = render_gauge(out, "zse_tenants", "keys (or addresses) with sequences in the engine", st->tenants);
         if (rc == 0)
+            rc = render_gauge(out, "zse_paused_sequences",
+                              "sequences paused because their stream's client is not reading", st->paused);
+        if (rc == 0)
             rc = render_gauge(out, "zse_fair_context_cost",
                                 "what fair sharing charges for a token of context, in tokens of other work",
                                 st->ctx_cost);

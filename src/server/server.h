@@ -126,7 +126,13 @@ typedef struct {
                   int priority, zse_token_cb cb, void *user, uint64_t *id);
     void (*cancel)(void *ctx, uint64_t id);
     void (*get_stats)(void *ctx, zse_engine_stats *out);
+    /* as zse_engine_pause; NULL: the generator cannot pause (unread output is not bounded) */
+    void (*pause)(void *ctx, uint64_t id, bool paused);
 } srv_engine;
+
+/* a stream's sequences pause once this many of its events wait unread (its client reads
+ * slower than they come, or not at all), and resume when the client has taken them all */
+#define SRV_UNREAD_PAUSE 512
 
 /* ---- generation jobs: one HTTP request's sequences and what they produce (job.c) ------
  * Each choice is handed to the engine by the admission queue (srv_job_submit_choice) or
