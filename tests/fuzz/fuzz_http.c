@@ -115,7 +115,7 @@ static void start(void)
     c.engine_slots = 4;
     if (!(server = srv_start(&c)))
         abort();
-    static srv_engine engine = {NULL, fake_submit, fake_cancel, fake_stats};
+    static srv_engine engine = {NULL, fake_submit, fake_cancel, fake_stats, NULL};
     srv_set_ready(server, m, &engine);
 }
 
