@@ -14,7 +14,7 @@
 #include <pthread.h>
 #include <unistd.h>
 
-#define MAX_OUT 128
+#define MAX_OUT 160
 
 typedef struct {
     int tenant;             /* which counter its tokens go to */
@@ -260,7 +260,7 @@ static void slot_preemption(zse_model *m, int32_t **prompts)
     reset(&b, 1, 2);
     reset_clocks();
     start(m, 4);
-    zse_sampling sl = greedy(60), ss = greedy(8);
+    zse_sampling sl = greedy(150), ss = greedy(8); /* long enough that a stalled test thread still finds them running */
     for (int i = 0; i < 6; i++)
         CHECK(zse_engine_submit_for(engine, "a", prompts[i], 24, &sl, 0, on_token, &a[i], NULL) == 0);
     started st = {a, 4, 2};
@@ -281,7 +281,7 @@ static void slot_preemption(zse_model *m, int32_t **prompts)
     wait_for(all_final, NULL);
     stop();
     for (int i = 0; i < 6; i++)
-        CHECK_EQ_INT(a[i].n, 60);
+        CHECK_EQ_INT(a[i].n, 150);
 }
 
 /* Priorities come before tenants: a waiting request of a better priority is admitted before
@@ -294,7 +294,7 @@ static void priorities_first(zse_model *m, int32_t **prompts)
     reset(&urgent, 1, 2);
     reset_clocks();
     start(m, 3);
-    zse_sampling sl = greedy(60), ss = greedy(6);
+    zse_sampling sl = greedy(120), ss = greedy(6);
     /* a: two running; b: one running; all three slots full */
     CHECK(zse_engine_submit_for(engine, "a", prompts[0], 16, &sl, 0, on_token, &a[0], NULL) == 0);
     CHECK(zse_engine_submit_for(engine, "a", prompts[1], 16, &sl, 0, on_token, &a[1], NULL) == 0);
@@ -338,11 +338,13 @@ static void pause_resume(zse_model *m, int32_t **prompts)
     zse_engine_stats es;
     zse_engine_get_stats(engine, &es);
     CHECK_EQ_INT(es.paused, 1);
-    usleep(50 * 1000); /* a step under way when it paused may still end */
+    CHECK(zse_engine_submit_for(engine, "b", prompts[1], 12, &s, 0, on_token, &other, NULL) == 0);
+    /* a step under way when it paused may still give it a token; b's first steps began after */
+    started sb = {&other, 1, 2};
+    wait_for(each_has_tokens, &sb);
     pthread_mutex_lock(&mu);
     int n_paused = r.n;
     pthread_mutex_unlock(&mu);
-    CHECK(zse_engine_submit_for(engine, "b", prompts[1], 12, &s, 0, on_token, &other, NULL) == 0);
     finals_wanted = 1;
     wait_for(all_final, NULL);
     pthread_mutex_lock(&mu);
