@@ -53,7 +53,7 @@ groff -man -ww -z "$P/share/man/man1/zse.1" 2>"$WORK/groff.err" && [ ! -s "$WORK
 text=$(MANWIDTH=200 man -l "$P/share/man/man1/zse.1" 2>/dev/null)
 for verb in $("$P/bin/zse" --help | sed -n '/^commands:/,$p' | awk 'NR>1 {print $1}'); do
   grep -q "zse $verb" <<<"$text" || fail "zse(1) lacks the command $verb"
-  first=$("$P/bin/zse" "$verb" --help | head -1 | sed 's/  */ /g')
+  first=$("$P/bin/zse" "$verb" --help | sed -n '1s/  */ /gp')  # not head -1: with pipefail, zse could die of SIGPIPE
   grep -qF "$first" <<<"$(sed 's/  */ /g' <<<"$text")" || fail "zse(1) lacks the help of $verb ($first)"
 done
 for v in $(grep -rhoE 'getenv\("ZSE_[A-Z0-9_]+"' "$SRC/src" | sed 's/getenv("//; s/"//' | sort -u); do
