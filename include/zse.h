@@ -322,6 +322,9 @@ typedef struct {
     zse_spec_params spec;       /* speculative decoding for every request (mode OFF: none) */
     double priority_aging_s;    /* a waiting request's priority improves by one level every
                                  * this many seconds (0: 1 s; negative: never) */
+    double ctx_cost;            /* fair sharing between tenants: what attending one token of
+                                 * context costs, relative to the rest of a token's work
+                                 * (0: measured from the steps' times as the engine runs) */
 } zse_engine_params;
 
 typedef struct {
@@ -352,7 +355,23 @@ zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p);
  * preempts the worst-ranked running one within a step. */
 int zse_engine_submit(zse_engine *e, const int32_t *prompt, size_t n, const zse_sampling *s,
                       int priority, zse_token_cb cb, void *user, uint64_t *request_id);
+/* As zse_engine_submit, for a tenant (whose request it is: an API key, a client; NULL or ""
+ * is the one default tenant that zse_engine_submit uses). Within a priority, tenants share
+ * the engine fairly: a free slot goes to the tenant running the fewest sequences, a tenant
+ * with at least two fewer running than another takes one of that tenant's slots (the
+ * sequence goes back to the queue), and when several tenants have sequences to run, each
+ * step shares the compute between them by deficit round robin over an estimated cost (a
+ * token's work plus attention over its context): sequences of a tenant past its share sit
+ * out the step (keeping their KV) and catch up when others are idle. With one tenant,
+ * nothing changes. */
+int zse_engine_submit_for(zse_engine *e, const char *tenant, const int32_t *prompt, size_t n,
+                          const zse_sampling *s, int priority, zse_token_cb cb, void *user,
+                          uint64_t *request_id);
 void zse_engine_cancel(zse_engine *e, uint64_t request_id);
+/* A paused request runs no step (it keeps its slot and KV, and is not admitted while it
+ * waits) until it is resumed: backpressure from a caller whose consumer does not keep up
+ * (a streaming client that stops reading). Unknown or ended ids are ignored. */
+void zse_engine_pause(zse_engine *e, uint64_t request_id, bool paused);
 
 typedef struct {
     int queued;
@@ -365,6 +384,11 @@ typedef struct {
     int prefix_cached_blocks;       /* full blocks published in the cache (held or idle) */
     zse_spec_stats spec;            /* speculative decoding, over every request so far */
     zse_offload_stats offload;      /* weights in host memory (the model's, since it loaded) */
+    uint64_t steps;                 /* forward passes run */
+    uint64_t fair_waits;            /* sequence-steps sat out for fair sharing between tenants */
+    int tenants;                    /* tenants with requests queued or running */
+    int paused;                     /* requests paused (zse_engine_pause) */
+    double ctx_cost;                /* the cost of a token of context fair sharing uses now */
 } zse_engine_stats;
 void zse_engine_get_stats(zse_engine *e, zse_engine_stats *out);
 /* stop accepting, finish or cancel running requests within timeout seconds, join */

@@ -50,7 +50,8 @@ static void usage(FILE *out)
             "  --max-seqs N            sequences generated together (default 16)\n"
             "  --max-batch-tokens N    tokens per step; long prompts are prefilled in chunks (default 512)\n"
             "  --max-queue N           sequences waiting at most; beyond, 503 (default 256)\n"
-            "  --max-seqs-per-key N    running sequences of one key (one address without --auth)\n"
+            "  --max-seqs-per-key N    sequences one key has in the engine, running or waiting there\n"
+            "                          (one address without --auth)\n"
             "                          (default: all but an eighth of --max-seqs)\n"
             "  --max-queued-tokens-per-key N  prompt + completion tokens one key may have waiting;\n"
             "                          beyond, 429 (default: --max-seqs full contexts)\n"
@@ -125,14 +126,15 @@ static void *load_main(void *arg)
 }
 
 /* the engine behind the server's generator interface */
-static int engine_submit(void *ctx, const int32_t *prompt, size_t n, const zse_sampling *s, int priority,
-                         zse_token_cb cb, void *user, uint64_t *id)
+static int engine_submit(void *ctx, const char *tenant, const int32_t *prompt, size_t n, const zse_sampling *s,
+                         int priority, zse_token_cb cb, void *user, uint64_t *id)
 {
-    return zse_engine_submit(ctx, prompt, n, s, priority, cb, user, id);
+    return zse_engine_submit_for(ctx, tenant, prompt, n, s, priority, cb, user, id);
 }
 
 static void engine_cancel(void *ctx, uint64_t id) { zse_engine_cancel(ctx, id); }
 static void engine_stats(void *ctx, zse_engine_stats *out) { zse_engine_get_stats(ctx, out); }
+static void engine_pause(void *ctx, uint64_t id, bool paused) { zse_engine_pause(ctx, id, paused); }
 
 /* the file name without folders and ".zse" */
 static char *default_model_id(const char *path)
@@ -491,7 +493,7 @@ int cmd_serve(int argc, char **argv)
         s = NULL;
         goto done;
     }
-    srv_engine binding = {l.eng, engine_submit, engine_cancel, engine_stats};
+    srv_engine binding = {l.eng, engine_submit, engine_cancel, engine_stats, engine_pause};
     srv_set_ready(s, l.model, &binding);
     zse_model_info info;
     zse_model_get_info(l.model, &info);

@@ -455,4 +455,29 @@ void zse_spec_drop(zse_sequence *q);
 int zse_spec_verify(zse_spec *sp, zse_sequence *q, const zse_model *m, float *logits, const int32_t *ids,
                     zse_sample_work *w, int32_t *out, zse_logprobs *lps);
 
+/* ---- what a step costs (fair.c): fair sharing between tenants charges each sequence the
+ * work it adds to a step, `tokens + ctx_cost × context tokens attended`, in units of a
+ * token's work apart from attention. The ratio is fitted to the steps' measured times
+ * (time ≈ fixed + per_token × tokens + per_context × context), recent steps weighing more,
+ * and followed slowly; until enough varied steps have run, the model's shape gives it
+ * (attention's multiply-adds per token of context over the weights' per token), and an
+ * unsound fit (a negative term) leaves it as it was. */
+typedef struct {
+    double s[3][3], b[3];       /* the fit's normal equations, exponentially weighted */
+    int n;                      /* steps observed */
+    double prior;               /* the shape's ratio */
+    double ctx_cost;            /* the ratio in use */
+    double theta[3];            /* the last sound fit (seconds for the scaled regressors) */
+    bool valid;                 /* theta holds one */
+} zse_step_fit;
+
+void zse_step_fit_init(zse_step_fit *f, const zse_model *m);
+/* a step of `tokens` tokens attending `context` tokens of context in all took `seconds` */
+void zse_step_fit_add(zse_step_fit *f, double tokens, double context, double seconds);
+/* tokens attending `context` tokens before them (each sees the ones before it too) */
+static inline double zse_step_context(size_t before, int tokens)
+{
+    return (double)tokens * (double)before + (double)tokens * (tokens + 1) / 2.0;
+}
+
 #endif

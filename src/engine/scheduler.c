@@ -4,8 +4,15 @@
  *   1. one decode token for every running request whose prompt is in the cache, so
  *      decoding never stalls behind a long prompt;
  *   2. the next prefill chunk of running requests still reading their prompt;
- *   3. new requests from the queue, best priority class first, FIFO within a class, while
- *      fewer than max_seqs run and the KV cache has room,
+ *   3. new requests from the queue, best priority class first, FIFO within a class (the
+ *      tenant running the fewest first), while fewer than max_seqs run and the KV cache
+ *      has room,
+ *
+ * except what fair sharing holds back: when several tenants (zse_engine_submit_for) have
+ * sequences to run, each step's compute is shared between them by deficit round robin over
+ * an estimated cost (fair.c), and the sequences of a tenant past its share sit out the step
+ * (keeping slot and KV); a waiting tenant far below another's count of slots takes one of
+ * them (preempt_for_fairness). With one tenant nothing is held back.
  *
  * runs one forward pass over the flattened batch (logits only for the rows that end a
  * request's pending tokens), samples, and calls each request's callback with its token.
@@ -28,8 +35,25 @@
 #include <string.h>
 #include <time.h>
 
+/* Whose requests they are (zse_engine_submit_for): compute and slots are shared fairly
+ * between tenants. Counts are under e->mu; the sharing state belongs to the scheduler
+ * thread. A tenant lives while it has requests in the engine. */
+typedef struct tenant {
+    struct tenant *next;
+    char *name;
+    int requests;               /* queued or running */
+    int running;
+    /* deficit round robin (the scheduler thread's) */
+    double deficit;             /* cost it may spend beyond its next quantum */
+    double demand;              /* what its sequences could run this step would cost */
+    double left;                /* what it may still spend this step */
+    uint64_t active_step;       /* the last step it had sequences to run in (+1; 0: never) */
+    bool backlogged;            /* something of it sat out (or was cut short) this step */
+} tenant;
+
 typedef struct request {
     zse_sequence q;             /* tokens, KV table, generation state (seq.c) */
+    tenant *tenant;
     uint64_t id;
     int priority;               /* lower runs first (vLLM's convention) */
     uint64_t order;             /* arrival: FIFO within a priority class */
@@ -37,6 +61,8 @@ typedef struct request {
     void *user;
     double queued_at;           /* when it last entered the queue: waiting ages it */
     bool cancelled;             /* asked by zse_engine_cancel (under e->mu) */
+    bool paused;                /* asked by zse_engine_pause (under e->mu) */
+    bool held;                  /* paused, as this step sees it (the scheduler thread's) */
     struct request *next;       /* in the queue */
     zse_logprobs *plp;          /* prompt_logprobs: [n_prompt], filled as the prompt runs */
     bool plp_sent;              /* they went out with the first event */
@@ -44,6 +70,9 @@ typedef struct request {
     double lora_rank;           /* its effective priority when adapters were last walked */
     char error[512];            /* why it ended with ZSE_FINISH_ERROR (its adapter did not load) */
     int take;                   /* tokens in the batch; 0 = not in it */
+    bool sits_out;              /* fair sharing: its tenant has spent its share of this step */
+    int fair_take;              /* fair sharing: at most this many prompt tokens this step (0: any) */
+    uint64_t last_step;         /* the step it last ran in: a tenant's longest idle go first */
     int out_index;              /* its first logits row, or -1 */
     int n_rows;                 /* its logits rows (prompt scoring and drafts take several) */
 } request;
@@ -83,6 +112,21 @@ struct zse_engine {
     zse_offload_stats offload_stats; /* under mu: the model's after the last step */
     request **lora_order;       /* prepare_adapters' walk */
     int lora_cap;
+    /* fair sharing between tenants */
+    tenant *tenants;            /* under mu */
+    int n_tenants;              /* under mu */
+    uint64_t steps, fair_waits; /* under mu (the stats' copy) */
+    double ctx_cost_seen;       /* under mu: ctx_cost as of the last step */
+    uint64_t step_no;           /* the scheduler thread's step counter */
+    zse_step_fit fit;           /* what a step costs (fair.c) */
+    double ctx_cost;            /* the cost of a token of context this step */
+    bool fair_on;               /* this step shares compute: several tenants have work */
+    double quantum;             /* this step's share of each tenant */
+    tenant **fair_tenants;      /* [max_seqs] the tenants with work this step */
+    double *demands;            /* [max_seqs] their demands, sorted */
+    int n_fair_tenants;
+    request **fair_order;       /* [max_seqs] running requests, longest idle first */
+    uint64_t step_waits;        /* sequence-steps sat out in this step */
 };
 
 /* logits rows a step keeps for prompts being scored (prompt_logprobs) */
@@ -93,12 +137,52 @@ static bool ranks_before(const request *a, const request *b)
     return a->priority < b->priority || (a->priority == b->priority && a->order < b->order);
 }
 
+/* ---- tenants (caller holds e->mu) ------------------------------------------------------------ */
+
+static tenant *tenant_get(zse_engine *e, const char *name)
+{
+    if (!name)
+        name = "";
+    for (tenant *t = e->tenants; t; t = t->next)
+        if (strcmp(t->name, name) == 0)
+            return t;
+    tenant *t = zse_calloc(1, sizeof *t);
+    if (!t || !(t->name = zse_strdup(name))) {
+        free(t);
+        return NULL;
+    }
+    t->next = e->tenants;
+    e->tenants = t;
+    e->n_tenants++;
+    return t;
+}
+
+/* one of its requests is gone; the last one takes the tenant with it */
+static void tenant_put(zse_engine *e, tenant *t)
+{
+    if (--t->requests > 0)
+        return;
+    for (tenant **at = &e->tenants; *at; at = &(*at)->next)
+        if (*at == t) {
+            *at = t->next;
+            e->n_tenants--;
+            free(t->name);
+            free(t);
+            return;
+        }
+}
+
 /* ---- requests ------------------------------------------------------------------------------- */
 
 static void request_free(zse_engine *e, request *r)
 {
     if (!r)
         return;
+    if (r->tenant) {
+        pthread_mutex_lock(&e->mu);
+        tenant_put(e, r->tenant);
+        pthread_mutex_unlock(&e->mu);
+    }
     zse_sequence_free(&r->q, e->m);
     free(r->plp);
     free(r);
@@ -126,10 +210,10 @@ static request *request_new(zse_engine *e, const int32_t *prompt, size_t n, cons
 static int index_of(const zse_engine *e, const request *r);
 static void running_remove_at(zse_engine *e, int i);
 
-/* Ends a request: off the running list, its KV back in the pool (and in the stats) and its
- * adapter's slot unpinned before the caller hears of the end, so a caller that saw every
- * request end sees no block in use and no slot pinned; then the last event, then the
- * request is freed. */
+/* Ends a request: off the running list and its tenant's count, its KV back in the pool (and
+ * in the stats) and its adapter's slot unpinned before the caller hears of the end, so a
+ * caller that saw every request end sees no block in use, no slot pinned and no tenant;
+ * then the last event, then the request is freed. */
 static void end_request(zse_engine *e, request *r, const zse_token_event *ev)
 {
     pthread_mutex_lock(&e->m->run_lock);
@@ -141,6 +225,8 @@ static void end_request(zse_engine *e, request *r, const zse_token_event *ev)
     int i = index_of(e, r);
     if (i >= 0)
         running_remove_at(e, i);
+    tenant_put(e, r->tenant);
+    r->tenant = NULL;
     e->kv_used = used;
     pthread_mutex_unlock(&e->mu);
     r->cb(r->user, ev);
@@ -212,13 +298,16 @@ static double effective_priority(const zse_engine *e, const request *r, double n
 /* a request whose adapter is not yet in a slot waits for it, whatever its rank */
 static bool adapter_waits(const request *r) { return r->q.adapter && r->q.lora_slot < 0; }
 
-/* the waiting request to admit next: best effective priority, then arrival */
+/* The waiting request to admit next. The best effective priority, then arrival, picks the
+ * priority class; within that class the tenant running the fewest sequences goes first
+ * (then effective priority and arrival, so with one tenant the order is exactly that of
+ * effective priority and arrival). */
 static request *queue_best(const zse_engine *e, double now)
 {
     request *best = NULL;
     double best_p = 0;
     for (request *r = e->queue; r; r = r->next) {
-        if (adapter_waits(r))
+        if (adapter_waits(r) || r->paused)
             continue;
         double p = effective_priority(e, r, now);
         if (!best || p < best_p || (p == best_p && r->order < best->order)) {
@@ -226,11 +315,26 @@ static request *queue_best(const zse_engine *e, double now)
             best_p = p;
         }
     }
-    return best;
+    if (!best || e->n_tenants < 2)
+        return best;
+    request *fair = best;
+    double fair_p = best_p;
+    for (request *r = e->queue; r; r = r->next) {
+        if (adapter_waits(r) || r->paused || r->priority != best->priority || r == best)
+            continue;
+        double p = effective_priority(e, r, now);
+        int fewer = r->tenant->running - fair->tenant->running;
+        if (fewer < 0 || (fewer == 0 && (p < fair_p || (p == fair_p && r->order < fair->order)))) {
+            fair = r;
+            fair_p = p;
+        }
+    }
+    return fair;
 }
 
 static void running_insert(zse_engine *e, request *r)
 {
+    r->tenant->running++;
     int i = e->n_running++;
     while (i > 0 && ranks_before(r, e->running[i - 1])) {
         e->running[i] = e->running[i - 1];
@@ -241,6 +345,7 @@ static void running_insert(zse_engine *e, request *r)
 
 static void running_remove_at(zse_engine *e, int i)
 {
+    e->running[i]->tenant->running--;
     memmove(e->running + i, e->running + i + 1, (size_t)(e->n_running - i - 1) * sizeof *e->running);
     e->n_running--;
 }
@@ -352,6 +457,181 @@ static int tokens_that_fit(const zse_engine *e, const request *r, int want)
     return fit < (size_t)want ? (int)fit : want;
 }
 
+/* ---- fair compute sharing between tenants (deficit round robin) ---------------------------- */
+
+#define HEAVY 2.0           /* a tenant is held back when it wants more than this × the median */
+
+/* the tokens r would run this step if nothing held it back: its decode token and drafts,
+ * or its next prompt chunk */
+static int wanted_take(const zse_engine *e, const request *r)
+{
+    size_t pending = zse_sequence_pending(&r->q);
+    if (pending <= 1 + (size_t)r->q.n_draft)
+        return (int)pending;
+    return pending < (size_t)e->p.max_batch_tokens ? (int)pending : e->p.max_batch_tokens;
+}
+
+/* what `take` tokens after `before` cached ones add to a step (fair.c's units) */
+static double cost_at(const zse_engine *e, size_t before, int take)
+{
+    return take + e->ctx_cost * zse_step_context(before, take);
+}
+
+/* the prompt tokens after `before` that `budget` pays for, at most `want`:
+ * cost(k) = (c/2) k² + (1 + c·before + c/2) k */
+static int affordable(const zse_engine *e, size_t before, double budget, int want)
+{
+    const double c = e->ctx_cost, lin = 1 + c * (double)before + c / 2;
+    double k = c > 0 ? (sqrt(lin * lin + 2 * c * budget) - lin) / c : budget;
+    int n = k >= want ? want : k > 0 ? (int)k : 0;
+    while (n > 0 && cost_at(e, before, n) > budget) /* rounding */
+        n--;
+    return n;
+}
+
+static void sit_out(zse_engine *e, request *r)
+{
+    r->sits_out = true;
+    if (r->q.n_draft)
+        zse_spec_drop(&r->q);
+    e->step_waits++;
+}
+
+/* a tenant's first sequence this step: it joins the step's tenants with no demand yet; a
+ * tenant that had nothing to run last step saved no credit (deficit round robin) */
+static void tenant_joins_step(zse_engine *e, tenant *t)
+{
+    if (t->active_step == e->step_no)
+        return;
+    if (t->active_step + 1 != e->step_no)
+        t->deficit = 0;
+    t->active_step = e->step_no;
+    t->demand = 0;
+    t->backlogged = false;
+    t->left = t->deficit + e->quantum;
+    e->fair_tenants[e->n_fair_tenants++] = t;
+}
+
+/* Before a step is planned: when several tenants have sequences to run and some want more
+ * than HEAVY times the median tenant's cost, each gets a quantum of cost this step (the
+ * largest demand that is not heavy, so only heavy tenants are held back, each to what the
+ * largest other one takes) plus what it saved while held back.
+ * Tenants within HEAVY of the median (clients alike but for their contexts' lengths) are
+ * never held back. A tenant's sequences take it in the order they last
+ * ran, longest idle first; a prompt chunk is cut to what is left; the first that does not
+ * fit and the rest of the tenant's sit out this step, keeping their slots and KV. With one
+ * tenant with work, nothing is held back. Scheduler thread, run_lock held. */
+static void share_compute(zse_engine *e)
+{
+    e->step_no++;
+    e->fair_on = false;
+    e->quantum = 0;
+    e->n_fair_tenants = 0;
+    e->step_waits = 0;
+    e->ctx_cost = e->p.ctx_cost > 0 ? e->p.ctx_cost : e->fit.ctx_cost;
+    int n = 0;
+    for (int i = 0; i < e->n_running; i++) {
+        request *r = e->running[i];
+        r->sits_out = r->held; /* paused: no step at all, no share */
+        r->fair_take = 0;
+        if (r->held) {
+            if (r->q.n_draft)
+                zse_spec_drop(&r->q);
+            continue;
+        }
+        tenant_joins_step(e, r->tenant);
+        int take = wanted_take(e, r);
+        if (take > 0) {
+            r->tenant->demand += cost_at(e, r->q.n_cached, take);
+            e->fair_order[n++] = r;
+        }
+    }
+    /* the demands, ascending (at most max_seqs tenants) */
+    double *d = e->demands;
+    int active = 0;
+    for (int i = 0; i < e->n_fair_tenants; i++) {
+        double v = e->fair_tenants[i]->demand;
+        if (v <= 0)
+            continue;
+        int j = active++;
+        for (; j > 0 && d[j - 1] > v; j--)
+            d[j] = d[j - 1];
+        d[j] = v;
+    }
+    if (active < 2)
+        return;
+    /* heavy: more than twice the median demand; the quantum is the largest demand that is
+     * not heavy, so every other tenant runs whole and each heavy one gets as much as the
+     * largest of them */
+    double heavy = HEAVY * d[(active - 1) / 2], quantum = 0;
+    for (int i = 0; i < active && d[i] <= heavy; i++)
+        quantum = d[i];
+    if (d[active - 1] <= quantum)
+        return; /* nobody is heavy: nothing is held back */
+    e->fair_on = true;
+    e->quantum = quantum;
+    for (int i = 0; i < e->n_fair_tenants; i++)
+        e->fair_tenants[i]->left = e->fair_tenants[i]->deficit + e->quantum;
+    for (int i = 1; i < n; i++) { /* stable: rank order among equals */
+        request *r = e->fair_order[i];
+        int j = i;
+        for (; j > 0 && e->fair_order[j - 1]->last_step > r->last_step; j--)
+            e->fair_order[j] = e->fair_order[j - 1];
+        e->fair_order[j] = r;
+    }
+    for (int i = 0; i < n; i++) {
+        request *r = e->fair_order[i];
+        tenant *t = r->tenant;
+        if (t->backlogged) {
+            sit_out(e, r);
+            continue;
+        }
+        int take = wanted_take(e, r);
+        double c = cost_at(e, r->q.n_cached, take);
+        if (c <= t->left) {
+            t->left -= c;
+            continue;
+        }
+        t->backlogged = true;
+        bool prompt = zse_sequence_pending(&r->q) > 1 + (size_t)r->q.n_draft;
+        int part = prompt ? affordable(e, r->q.n_cached, t->left, take) : 0;
+        if (part > 0) {
+            r->fair_take = part;
+            t->left -= cost_at(e, r->q.n_cached, part);
+        } else {
+            sit_out(e, r);
+        }
+    }
+}
+
+/* An admitted request's first chunk. A tenant none of whose sequences sat out this step
+ * (a tenant new to the step gets a quantum) and that has something left starts it whole,
+ * whatever it costs: a client's next prompt is a burst, not a share taken from others,
+ * and a tenant that runs all it has saves no debt (settle_shares). A tenant held back
+ * gets what it has left (it is then held back); 0: the request takes its slot and runs
+ * in a later step. */
+static int fair_admission_take(zse_engine *e, request *r, size_t from, int take)
+{
+    if (!e->fair_on)
+        return take;
+    tenant *t = r->tenant;
+    tenant_joins_step(e, t);
+    int part = !t->backlogged && t->left > 0 ? take : t->backlogged ? affordable(e, from, t->left, take) : 0;
+    if (part < take)
+        t->backlogged = true;
+    t->left -= cost_at(e, from, part);
+    return part;
+}
+
+/* after planning: a tenant held back keeps what it did not spend for its next steps */
+static void settle_shares(zse_engine *e)
+{
+    for (int i = 0; i < e->n_fair_tenants; i++) {
+        tenant *t = e->fair_tenants[i];
+        t->deficit = e->fair_on && t->backlogged ? t->left : 0;
+    }
+}
+
 /* Pass 1: one decode token for every running request whose prompt is cached. A request
  * that cannot get a block preempts lower-ranked ones, or is itself preempted. Requests that
  * can never fit (alone with the whole pool) end with LENGTH; they go to *full. */
@@ -359,7 +639,7 @@ static void plan_decodes(zse_engine *e, plan *pl, request **full)
 {
     for (int i = 0; i < e->n_running && pl->n_tokens < e->p.max_batch_tokens; i++) {
         request *r = e->running[i];
-        if (zse_sequence_pending(&r->q) != 1 + (size_t)r->q.n_draft)
+        if (r->sits_out || zse_sequence_pending(&r->q) != 1 + (size_t)r->q.n_draft)
             continue;
         /* drafts ride along while the step's budget and the pool have room for them */
         if (r->q.n_draft && (pl->n_tokens + 1 + r->q.n_draft > e->p.max_batch_tokens ||
@@ -394,9 +674,11 @@ static void plan_prefills(zse_engine *e, plan *pl)
 {
     for (int i = 0; i < e->n_running && pl->n_tokens < e->p.max_batch_tokens; i++) {
         request *r = e->running[i];
-        if (r->take || r->q.n_draft || zse_sequence_pending(&r->q) < 2)
+        if (r->take || r->sits_out || r->q.n_draft || zse_sequence_pending(&r->q) < 2)
             continue;
         int want = (int)zse_sequence_pending(&r->q);
+        if (r->fair_take && want > r->fair_take)
+            want = r->fair_take;
         int budget = e->p.max_batch_tokens - pl->n_tokens;
         if (want > budget)
             want = budget;
@@ -427,11 +709,13 @@ static void plan_admissions(zse_engine *e, plan *pl)
         request *r = queue_best(e, zse_now());
         bool ok = r && !r->cancelled && budget > 0 && e->n_running < e->p.max_seqs;
         int take = 0, short_of = 0;
+        size_t from = 0;
         if (ok) {
             /* blocks of its prompt in the prefix cache need no computing; those no one holds
              * come out of the available ones */
             int idle = 0, hits = r->plp ? 0 : zse_sequence_cached_prefix(&r->q, e->m, &idle);
-            size_t from = r->q.n_cached + (size_t)hits * ZSE_KV_BLOCK, left = r->q.n_tokens - from;
+            from = r->q.n_cached + (size_t)hits * ZSE_KV_BLOCK;
+            size_t left = r->q.n_tokens - from;
             take = (int)(left < (size_t)budget ? left : (size_t)budget);
             if (r->plp)
                 take = scoring_take(e, pl, take);
@@ -458,6 +742,9 @@ static void plan_admissions(zse_engine *e, plan *pl)
         made_room = false;
         if (!r->plp) /* a scored prompt is computed whole: every position's logits are wanted */
             zse_sequence_attach_prefix(&r->q, e->m);
+        take = fair_admission_take(e, r, from, take);
+        if (take == 0)
+            continue; /* its tenant's share of this step is spent: it runs in a later one */
         zse_sequence_reserve(&r->q, e->m, r->q.n_cached + (size_t)take);
         place(pl, r, take);
     }
@@ -539,6 +826,30 @@ static void preempt_for_priority(zse_engine *e)
             return;
         preempt(e, worst);
     }
+}
+
+/* Every slot taken and the next waiting request's tenant runs at least two sequences fewer
+ * than another tenant of its priority: that tenant's newest running sequence of the
+ * priority goes back to the queue for it (its full blocks stay in the prefix cache). Two
+ * fewer, so that two tenants never take turns evicting each other; one a step, so that a
+ * tenant arriving with many requests does not empty another's slots at once. */
+static void preempt_for_fairness(zse_engine *e)
+{
+    pthread_mutex_lock(&e->mu);
+    request *r = e->n_running == e->p.max_seqs && e->n_tenants > 1 ? queue_best(e, zse_now()) : NULL;
+    int victim = -1;
+    for (int i = 0; r && !r->cancelled && i < e->n_running; i++) {
+        const request *c = e->running[i];
+        if (c->tenant == r->tenant || c->priority != r->priority || c->tenant->running < r->tenant->running + 2)
+            continue;
+        const request *v = victim >= 0 ? e->running[victim] : NULL;
+        if (!v || c->tenant->running > v->tenant->running ||
+            (c->tenant->running == v->tenant->running && c->order > v->order))
+            victim = i;
+    }
+    pthread_mutex_unlock(&e->mu);
+    if (victim >= 0)
+        preempt(e, victim);
 }
 
 /* ---- running a step --------------------------------------------------------------------------- */
@@ -656,7 +967,7 @@ static void propose_drafts(zse_engine *e)
     int rows_left = e->out_rows - e->p.max_seqs, n = 0;
     for (int i = 0; i < e->n_running && rows_left > 0; i++) {
         request *r = e->running[i];
-        int room = zse_spec_room(&e->spec, &r->q, e->m);
+        int room = r->held ? 0 : zse_spec_room(&e->spec, &r->q, e->m);
         if (room <= 0)
             continue;
         e->want[n] = room < rows_left ? room : rows_left;
@@ -693,20 +1004,35 @@ static int step(zse_engine *e)
     pthread_mutex_lock(&e->m->run_lock);
     prepare_adapters(e, &failed);
     preempt_for_priority(e);
+    preempt_for_fairness(e);
     pthread_mutex_unlock(&e->m->run_lock);
     while (failed) {
         request *r = failed;
         failed = r->next;
         finish_with(e, r, ZSE_FINISH_ERROR, r->error);
     }
+    pthread_mutex_lock(&e->mu); /* what zse_engine_pause asked, as this step sees it */
+    for (int i = 0; i < e->n_running; i++)
+        e->running[i]->held = e->running[i]->paused;
+    pthread_mutex_unlock(&e->mu);
     propose_drafts(e);
     pthread_mutex_lock(&e->m->run_lock);
     for (int i = 0; i < e->n_running; i++)
         e->running[i]->take = 0;
+    share_compute(e);
     plan_decodes(e, &pl, &full);
     plan_prefills(e, &pl);
     plan_admissions(e, &pl);
+    settle_shares(e);
+    double context = 0;
+    for (int s = 0; s < pl.n_seqs; s++) {
+        context += zse_step_context(pl.seqs[s]->q.n_cached, pl.seqs[s]->take);
+        pl.seqs[s]->last_step = e->step_no;
+    }
+    double t0 = zse_now();
     int rc = pl.n_seqs ? run_plan(e, &pl) : 0;
+    if (rc == 0 && pl.n_seqs)
+        zse_step_fit_add(&e->fit, pl.n_tokens, context, zse_now() - t0);
     for (int s = 0; rc == 0 && s < pl.n_seqs; s++) { /* K/V now stored: full blocks join the cache */
         request *r = pl.seqs[s];
         if (r->plp && !e->picked_step)
@@ -727,6 +1053,9 @@ static int step(zse_engine *e)
     e->prefix_queries = pool.query_tokens;
     e->prefix_blocks = pool.n_published;
     e->spec_stats = e->spec.stats;
+    e->steps += pl.n_seqs > 0;
+    e->fair_waits += e->step_waits;
+    e->ctx_cost_seen = e->ctx_cost;
     pthread_mutex_unlock(&e->mu);
 
     while (full) {
@@ -825,6 +1154,15 @@ static void engine_wake(void *arg)
 
 static void engine_free(zse_engine *e)
 {
+    while (e->tenants) { /* none is left once every request has ended */
+        tenant *t = e->tenants;
+        e->tenants = t->next;
+        free(t->name);
+        free(t);
+    }
+    free(e->fair_tenants);
+    free(e->demands);
+    free(e->fair_order);
     free(e->lora_order);
     free(e->running);
     free(e->plan_seqs);
@@ -850,6 +1188,7 @@ zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p)
     e->p.max_batch_tokens = p && p->max_batch_tokens > 0 ? p->max_batch_tokens : 512;
     e->p.max_queue = p && p->max_queue > 0 ? p->max_queue : 256;
     e->p.priority_aging_s = p && p->priority_aging_s != 0 ? p->priority_aging_s : 1.0;
+    e->p.ctx_cost = p && p->ctx_cost > 0 ? p->ctx_cost : 0;
     if (e->p.max_seqs > 4096 || e->p.max_batch_tokens > (1 << 20)) {
         zse_fail("engine limits too large: %d sequences, %d tokens per step", e->p.max_seqs, e->p.max_batch_tokens);
         free(e);
@@ -874,10 +1213,14 @@ zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p)
     e->entries = zse_calloc((size_t)S, sizeof *e->entries);
     e->drafting = zse_calloc((size_t)S, sizeof *e->drafting);
     e->want = zse_calloc((size_t)S, sizeof *e->want);
+    e->fair_tenants = zse_calloc((size_t)S, sizeof *e->fair_tenants);
+    e->demands = zse_calloc((size_t)S, sizeof *e->demands);
+    e->fair_order = zse_calloc((size_t)S, sizeof *e->fair_order);
     e->logits = zse_malloc((size_t)out_rows * (size_t)V * sizeof(float));
     e->picked_ids = zse_malloc((size_t)out_rows * sizeof(int32_t));
     e->sample_rows = zse_malloc((size_t)out_rows * sizeof *e->sample_rows);
-    bool ok = e->running && e->plan_seqs && e->entries && e->drafting && e->want && e->logits && e->picked_ids &&
+    bool ok = e->running && e->plan_seqs && e->entries && e->drafting && e->want && e->fair_tenants && e->demands &&
+              e->fair_order && e->logits && e->picked_ids &&
               e->sample_rows &&
               zse_sample_work_init(&e->work, V) == 0;
     if (ok) {
@@ -893,6 +1236,8 @@ zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p)
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->wake, NULL);
     e->next_id = 1;
+    zse_step_fit_init(&e->fit, m);
+    e->ctx_cost = e->ctx_cost_seen = e->p.ctx_cost > 0 ? e->p.ctx_cost : e->fit.ctx_cost;
     if (m->lora)
         zse_lora_set_waker(m->lora, engine_wake, e);
     if (pthread_create(&e->thread, NULL, engine_main, e) != 0) {
@@ -926,6 +1271,12 @@ static int check_prompt(const zse_engine *e, const int32_t *prompt, size_t n)
 int zse_engine_submit(zse_engine *e, const int32_t *prompt, size_t n, const zse_sampling *s, int priority,
                       zse_token_cb cb, void *user, uint64_t *request_id)
 {
+    return zse_engine_submit_for(e, NULL, prompt, n, s, priority, cb, user, request_id);
+}
+
+int zse_engine_submit_for(zse_engine *e, const char *tenant_name, const int32_t *prompt, size_t n,
+                          const zse_sampling *s, int priority, zse_token_cb cb, void *user, uint64_t *request_id)
+{
     if (!cb)
         return zse_fail("zse_engine_submit needs a callback");
     if (check_prompt(e, prompt, n) != 0)
@@ -942,7 +1293,10 @@ int zse_engine_submit(zse_engine *e, const int32_t *prompt, size_t n, const zse_
         rc = zse_fail("the engine is shutting down");
     else if (e->n_queued >= e->p.max_queue)
         rc = zse_fail("the queue is full (%d requests waiting)", e->n_queued);
+    else if (!(r->tenant = tenant_get(e, tenant_name)))
+        rc = -1;
     if (rc == 0) {
+        r->tenant->requests++;
         r->id = e->next_id++;
         r->order = e->next_order++;
         if (request_id)
@@ -969,6 +1323,19 @@ void zse_engine_cancel(zse_engine *e, uint64_t request_id)
     pthread_mutex_unlock(&e->mu);
 }
 
+void zse_engine_pause(zse_engine *e, uint64_t request_id, bool paused)
+{
+    pthread_mutex_lock(&e->mu);
+    for (request *r = e->queue; r; r = r->next)
+        if (r->id == request_id)
+            r->paused = paused;
+    for (int i = 0; i < e->n_running; i++)
+        if (e->running[i]->id == request_id)
+            e->running[i]->paused = paused;
+    pthread_cond_signal(&e->wake);
+    pthread_mutex_unlock(&e->mu);
+}
+
 void zse_engine_get_stats(zse_engine *e, zse_engine_stats *out)
 {
     pthread_mutex_lock(&e->mu);
@@ -982,6 +1349,15 @@ void zse_engine_get_stats(zse_engine *e, zse_engine_stats *out)
     out->prefix_cached_blocks = e->prefix_blocks;
     out->spec = e->spec_stats;
     out->offload = e->offload_stats;
+    out->steps = e->steps;
+    out->fair_waits = e->fair_waits;
+    out->tenants = e->n_tenants;
+    out->paused = 0;
+    for (request *r = e->queue; r; r = r->next)
+        out->paused += r->paused;
+    for (int i = 0; i < e->n_running; i++)
+        out->paused += e->running[i]->paused;
+    out->ctx_cost = e->ctx_cost_seen;
     pthread_mutex_unlock(&e->mu);
 }
 

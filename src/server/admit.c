@@ -1,19 +1,22 @@
 /* Fair admission: which waiting sequence the engine gets next.
  *
- * The engine runs up to --max-seqs sequences and queues the rest first by priority, then in
- * order of arrival, so one client that sends four requests of n=16 holds every slot and
- * everyone behind it waits for all of them. The server therefore keeps the queue itself,
- * per tenant (the API key; the client address when --auth is off), and hands the engine
- * at most --max-seqs sequences at a time:
- *  - a tenant may hold at most --max-seqs-per-key of the engine's slots (by default all
- *    but an eighth), so a newcomer finds a free slot even while another tenant saturates;
- *  - when a slot frees, the most urgent priority goes first; among equals, the tenant with
- *    the fewest running sequences, then the one served least recently (round robin);
+ * Every sequence goes to the engine with its tenant (the API key; the client address when
+ * --auth is off), and the engine shares its slots and compute between tenants (it admits
+ * the tenant running the fewest first, takes a slot from a tenant running two or more
+ * beyond a waiting one's, and shares each step's compute by deficit round robin:
+ * docs/ARCHITECTURE.md, *The batching engine*). What stays here is what the engine does
+ * not bound, per tenant:
+ *  - a tenant may have at most --max-seqs-per-key sequences in the engine (running or
+ *    queued there; by default all but an eighth of --max-seqs), so a tenant with many
+ *    requests never fills the engine's queue, and a newcomer usually finds a free slot
+ *    without the engine preempting anyone;
+ *  - all tenants together have at most the engine's slots and queue (--max-seqs +
+ *    --max-queue) there, so the engine never refuses a sequence for a full queue; beyond,
+ *    the most urgent priority goes first, among equals the tenant with the fewest in the
+ *    engine, then the one served least recently (round robin);
  *  - a tenant may have at most --max-queued-tokens-per-key tokens (prompt + completion)
- *    waiting, beyond which its requests get 429; all tenants together at most --max-queue
- *    sequences, beyond which requests get 503.
- * A sequence already running is never stopped to make room (that would need the engine to
- * preempt by tenant); a tenant over its share waits until its own sequences end.
+ *    waiting here, beyond which its requests get 429; all tenants together at most
+ *    --max-queue sequences, beyond which requests get 503.
  *
  * One thread hands sequences to the engine (never with the lock held: the engine may hold
  * its own lock while it calls back), woken when a sequence is queued or one ends. */
@@ -38,7 +41,7 @@ typedef struct tenant {
     char name[96];
     ticket *queue;          /* most urgent first, then in order of arrival */
     int waiting;
-    int running;            /* handed to the engine and not ended */
+    int running;            /* handed to the engine (running or queued there) and not ended */
     int64_t waiting_tokens;
     uint64_t served;        /* the dispatch clock when it last got a slot */
 } tenant;
@@ -155,13 +158,15 @@ static void *dispatch_main(void *arg)
         a->running++;
         t->served = ++a->clock;
         srv_engine engine = a->engine;
+        char name[sizeof t->name];
+        memcpy(name, t->name, sizeof name);
         pthread_mutex_unlock(&a->mu);
 
         bool started = false;
         if (srv_job_gone(k->job))
             srv_job_end_choice(k->job, k->choice, ZSE_FINISH_CANCELLED);
         else
-            started = srv_job_submit_choice(k->job, k->choice, &engine) == 0;
+            started = srv_job_submit_choice(k->job, k->choice, &engine, name) == 0;
         srv_job_unref(k->job);
         free(k);
 

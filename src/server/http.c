@@ -1304,7 +1304,10 @@ static int start_parts(srv_server *s)
     int slots = c->engine_slots > 0 ? c->engine_slots : 1;
     int reserve = slots / 8 > 1 ? slots / 8 : 1;
     int per_key = c->max_seqs_per_key > 0 ? c->max_seqs_per_key : slots > reserve ? slots - reserve : 1;
-    srv_admit_config ac = {slots, per_key, c->max_queued_tokens_per_key, c->max_waiting};
+    /* the engine's slots and its queue (as long as --max-queue): it shares them between
+     * tenants itself, so each gets what it may there at once */
+    int in_engine = slots + (c->max_waiting > 0 ? c->max_waiting : 1);
+    srv_admit_config ac = {in_engine, per_key, c->max_queued_tokens_per_key, c->max_waiting};
     if (!(s->guard = srv_guard_new(&gc)) || !(s->work = srv_work_start(c->workers, c->workers > 1 ? c->workers / 2 : 1, 5)) ||
         !(s->admit = srv_admit_start(&ac)))
         return -1;

@@ -28,6 +28,7 @@ typedef struct {
     uint64_t engine_id;
     bool submitted;         /* the engine has it */
     bool ended;             /* its final event arrived (or was made) */
+    bool paused;            /* the engine was told to pause it (under pause_mu) */
 } seq_state;
 
 struct srv_job {
@@ -41,8 +42,15 @@ struct srv_job {
     seq_ref *refs_for_engine;
     int n_choices;
     int ctx_size;
+    /* pausing a stream whose client does not read: the engine calls are made under
+     * pause_mu (never under mu), so the last one made is always for the last wish */
+    pthread_mutex_t pause_mu;
+    srv_engine engine;      /* the generator its choices went to (under mu) */
+    bool have_engine;
     /* under mu */
     srv_event *head, *tail;
+    int n_unread;           /* events in the queue */
+    bool pause_wanted;      /* a stream with SRV_UNREAD_PAUSE events unread */
     int n_ended;
     bool waiting;           /* the consumer is suspended until events (stream) or the end (whole) */
     bool gone;              /* the client left */
@@ -93,6 +101,7 @@ srv_job *srv_job_new(srv_request *req, const zse_model *m, const char *model_id,
     if (!j)
         return NULL;
     pthread_mutex_init(&j->mu, NULL);
+    pthread_mutex_init(&j->pause_mu, NULL);
     j->refs = 1;
     j->req = *req;
     memset(req, 0, sizeof *req);
@@ -146,6 +155,7 @@ static void free_job(srv_job *j)
     free(j->fingerprint);
     srv_request_free(&j->req);
     pthread_mutex_destroy(&j->mu);
+    pthread_mutex_destroy(&j->pause_mu);
     free(j);
 }
 
@@ -246,6 +256,8 @@ static bool deliver_locked(srv_job *j, int i, srv_event *e, bool final)
         else
             j->head = e;
         j->tail = e;
+        if (++j->n_unread >= SRV_UNREAD_PAUSE && j->req.stream)
+            j->pause_wanted = true;
     } else if (e) {
         free_event(e);
     } else if (!j->gone) {
@@ -263,6 +275,32 @@ static bool deliver_locked(srv_job *j, int i, srv_event *e, bool final)
     return keep_going;
 }
 
+/* Brings the engine in line with what the job wants: its running choices paused while the
+ * stream's client leaves SRV_UNREAD_PAUSE events unread, resumed once it has taken them.
+ * Called without j->mu after anything that may change the wish (an event, a pull, a
+ * submission); pause_mu orders the calls, so the engine ends with the latest wish. */
+static void sync_pause(srv_job *j)
+{
+    pthread_mutex_lock(&j->pause_mu);
+    pthread_mutex_lock(&j->mu);
+    bool want = j->pause_wanted && !j->gone;
+    srv_engine engine = j->engine;
+    bool can = j->have_engine && engine.pause;
+    uint64_t ids[64];
+    int idx[64], n = 0;
+    for (int i = 0; can && i < j->n_choices && n < 64; i++)
+        if (j->seqs[i].submitted && !j->seqs[i].ended && j->seqs[i].paused != want) {
+            ids[n] = j->seqs[i].engine_id;
+            idx[n++] = i;
+        }
+    pthread_mutex_unlock(&j->mu);
+    for (int k = 0; k < n; k++) {
+        engine.pause(engine.ctx, ids[k], want);
+        j->seqs[idx[k]].paused = want;
+    }
+    pthread_mutex_unlock(&j->pause_mu);
+}
+
 static bool on_event(void *user, const zse_token_event *ev)
 {
     seq_ref *ref = user;
@@ -275,7 +313,10 @@ static bool on_event(void *user, const zse_token_event *ev)
     bool keep_going = deliver_locked(j, ref->index, e, final);
     void (*seq_end)(void *) = j->seq_end;
     void *seq_end_arg = j->seq_end_arg;
+    bool pause = j->pause_wanted && !final;
     pthread_mutex_unlock(&j->mu);
+    if (pause)
+        sync_pause(j);
     if (final) {
         if (seq_end)
             seq_end(seq_end_arg); /* the engine's slot is free again */
@@ -302,15 +343,15 @@ void srv_job_end_choice(srv_job *j, int i, zse_finish why)
     pthread_mutex_unlock(&j->mu);
 }
 
-int srv_job_submit_choice(srv_job *j, int i, const srv_engine *engine)
+int srv_job_submit_choice(srv_job *j, int i, const srv_engine *engine, const char *tenant)
 {
     const srv_prompt *p = &j->req.prompts[i / j->req.n];
     zse_sampling s = j->req.sampling;
     s.seed += (uint64_t)(i % j->req.n); /* choices of one prompt differ, reproducibly */
     srv_job_ref(j);                     /* the sequence's, dropped at its final event */
     uint64_t id = 0;
-    if (engine->submit(engine->ctx, p->ids, p->n_ids, &s, j->req.priority, on_event, &j->refs_for_engine[i],
-                       &id) != 0) {
+    if (engine->submit(engine->ctx, tenant, p->ids, p->n_ids, &s, j->req.priority, on_event,
+                       &j->refs_for_engine[i], &id) != 0) {
         pthread_mutex_lock(&j->mu);
         j->overloaded = j->rd.overloaded = true;
         snprintf(j->overload_reason, sizeof j->overload_reason, "%s", zse_last_error());
@@ -324,10 +365,15 @@ int srv_job_submit_choice(srv_job *j, int i, const srv_engine *engine)
     bool ended = j->seqs[i].ended; /* a fast engine may have finished it already */
     j->seqs[i].engine_id = id;
     j->seqs[i].submitted = !ended;
+    j->engine = *engine;
+    j->have_engine = true;
     bool cancel = j->gone && !ended; /* the client left while it was being submitted */
+    bool pause = j->pause_wanted && !ended;
     pthread_mutex_unlock(&j->mu);
     if (cancel)
         engine->cancel(engine->ctx, id);
+    else if (pause) /* the stream's client is not reading: this choice waits too */
+        sync_pause(j);
     return 0;
 }
 
@@ -396,6 +442,9 @@ srv_pull srv_job_pull(srv_job *j, zse_buf *out, int *status, srv_wake_fn suspend
         pthread_mutex_lock(&j->mu);
         srv_event *evs = j->head;
         j->head = j->tail = NULL;
+        j->n_unread = 0;
+        bool resume = j->pause_wanted; /* then evs holds what was waiting */
+        j->pause_wanted = false;
         bool all_ended = j->n_ended == j->n_choices;
         if (!evs && !all_ended && out->len == 0) {
             j->waiting = true;
@@ -404,6 +453,8 @@ srv_pull srv_job_pull(srv_job *j, zse_buf *out, int *status, srv_wake_fn suspend
             return SRV_PULL_WAIT;
         }
         pthread_mutex_unlock(&j->mu);
+        if (resume) /* the client took everything: its sequences go on */
+            sync_pause(j);
         apply_events(j, evs, out);
         if (!evs)
             end_if_all_ended(j, all_ended);

@@ -220,6 +220,21 @@ int srv_metrics_render(srv_metrics *m, const srv_live_stats *live, zse_buf *out)
             rc = render_counter(out, "zse_preemptions_total", "sequences whose KV was freed to make room",
                                 st->preemptions);
         if (rc == 0)
+            rc = render_counter(out, "zse_engine_steps_total", "forward passes the engine ran", st->steps);
+        if (rc == 0)
+            rc = render_counter(out, "zse_fair_waits_total",
+                                "sequence-steps sat out because their key had used its share of a step",
+                                st->fair_waits);
+        if (rc == 0)
+            rc = render_gauge(out, "zse_tenants", "keys (or addresses) with sequences in the engine", st->tenants);
+        if (rc == 0)
+            rc = render_gauge(out, "zse_paused_sequences",
+                              "sequences paused because their stream's client is not reading", st->paused);
+        if (rc == 0)
+            rc = render_gauge(out, "zse_fair_context_cost",
+                                "what fair sharing charges for a token of context, in tokens of other work",
+                                st->ctx_cost);
+        if (rc == 0)
             rc = render_counter(out, "zse_prefix_cache_hit_tokens_total",
                                 "prompt tokens whose KV came from the prefix cache", st->prefix_hit_tokens);
         if (rc == 0)

@@ -120,12 +120,19 @@ int srv_lora_metrics(zse_model *m, zse_buf *out);
 /* ---- the generator the server drives -------------------------------------------------- */
 typedef struct {
     void *ctx;
-    /* as zse_engine_submit: 0 and *id, or -1 when the queue is full or stopping */
-    int (*submit)(void *ctx, const int32_t *prompt, size_t n, const zse_sampling *s, int priority,
-                  zse_token_cb cb, void *user, uint64_t *id);
+    /* as zse_engine_submit_for: 0 and *id, or -1 when the queue is full or stopping; tenant:
+     * whose share of the engine the sequence uses (the key, or the client's address) */
+    int (*submit)(void *ctx, const char *tenant, const int32_t *prompt, size_t n, const zse_sampling *s,
+                  int priority, zse_token_cb cb, void *user, uint64_t *id);
     void (*cancel)(void *ctx, uint64_t id);
     void (*get_stats)(void *ctx, zse_engine_stats *out);
+    /* as zse_engine_pause; NULL: the generator cannot pause (unread output is not bounded) */
+    void (*pause)(void *ctx, uint64_t id, bool paused);
 } srv_engine;
+
+/* a stream's sequences pause once this many of its events wait unread (its client reads
+ * slower than they come, or not at all), and resume when the client has taken them all */
+#define SRV_UNREAD_PAUSE 512
 
 /* ---- generation jobs: one HTTP request's sequences and what they produce (job.c) ------
  * Each choice is handed to the engine by the admission queue (srv_job_submit_choice) or
@@ -148,9 +155,9 @@ bool srv_job_streaming(const srv_job *j);
 int srv_job_choices(const srv_job *j);
 int srv_job_priority(const srv_job *j);
 int64_t srv_job_choice_cost(const srv_job *j, int i);   /* prompt + completion tokens at most */
-/* hands choice i to the engine; -1 when the engine refused it (the choice has ended, and
- * the answer says the server was overloaded) */
-int srv_job_submit_choice(srv_job *j, int i, const srv_engine *engine);
+/* hands choice i to the engine for `tenant`; -1 when the engine refused it (the choice has
+ * ended, and the answer says the server was overloaded) */
+int srv_job_submit_choice(srv_job *j, int i, const srv_engine *engine, const char *tenant);
 /* ends choice i, which never reached the engine */
 void srv_job_end_choice(srv_job *j, int i, zse_finish why);
 bool srv_job_gone(srv_job *j);
@@ -244,7 +251,8 @@ void srv_render_usage(const srv_render *rd, srv_job_usage *u);
 /* ---- fair admission of sequences to the engine (admit.c) ------------------------------- */
 typedef struct srv_admit srv_admit;
 typedef struct {
-    int slots;                  /* sequences handed to the engine at once (its --max-seqs) */
+    int slots;                  /* sequences handed to the engine at once (running or queued
+                                 * there: its --max-seqs and its queue) */
     int slots_per_tenant;       /* of them, at most this many for one key or address */
     int64_t tokens_per_tenant;  /* prompt + completion tokens one tenant may have waiting (0: set later) */
     int max_waiting;            /* sequences waiting in all; beyond, 503 */

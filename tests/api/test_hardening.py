@@ -367,6 +367,9 @@ def test_one_key_cannot_starve_another(server_factory, zse_bin):
         t0 = time.time()
         r = httpx.post(s.url("/v1/chat/completions"), json=CHAT, headers=hdr("small"), timeout=30)
         assert r.status_code == 200 and time.time() - t0 < 10
+        # and the engine shared its compute by key: the hog's sequences sat out steps beside it
+        m = s.metrics()[0]
+        assert m["zse_fair_waits_total"] > 0 and m["zse_tenants"] == 1, m
         # a third big request exceeds the tokens the hog may have waiting
         r = httpx.post(s.url("/v1/chat/completions"), json={**hog_body, "stream": False}, headers=hdr("hog"),
                        timeout=30)

@@ -29,10 +29,11 @@ static srv_server *server;
 static uint64_t next_id;
 
 /* the scripted engine: one token, then the end, before submit returns */
-static int fake_submit(void *ctx, const int32_t *prompt, size_t n, const zse_sampling *s, int priority,
-                       zse_token_cb cb, void *user, uint64_t *id)
+static int fake_submit(void *ctx, const char *tenant, const int32_t *prompt, size_t n, const zse_sampling *s,
+                       int priority, zse_token_cb cb, void *user, uint64_t *id)
 {
     (void)ctx;
+    (void)tenant;
     (void)priority;
     *id = ++next_id;
     int32_t top[2] = {prompt[0], prompt[n - 1]};
@@ -114,7 +115,7 @@ static void start(void)
     c.engine_slots = 4;
     if (!(server = srv_start(&c)))
         abort();
-    static srv_engine engine = {NULL, fake_submit, fake_cancel, fake_stats};
+    static srv_engine engine = {NULL, fake_submit, fake_cancel, fake_stats, NULL};
     srv_set_ready(server, m, &engine);
 }
 

@@ -25,6 +25,7 @@ typedef struct fake_req {
     zse_token_cb cb;
     void *user;
     bool cancelled;
+    bool paused;            /* under the engine's lock */
     int produced;
     int prompt_tokens;
 } fake_req;
@@ -33,6 +34,8 @@ typedef struct {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     fake_req *head;
+    fake_req *live[256];    /* every request not yet ended (max_active at most) */
+    int n_live;
     int n_active;
     int max_active;         /* submit fails beyond (queue full) */
     bool stop;
@@ -42,11 +45,12 @@ typedef struct {
     int n_script;
     double delay_s;         /* between steps */
     uint64_t next_id;
-    atomic_int cancels, submitted, finished;
+    char last_tenant[96];   /* whose the last submitted sequence was */
+    atomic_int cancels, submitted, finished, pauses, resumes;
 } fake_engine;
 
-static int fake_submit(void *ctx, const int32_t *prompt, size_t n, const zse_sampling *s, int priority, zse_token_cb cb,
-                       void *user, uint64_t *id)
+static int fake_submit(void *ctx, const char *tenant, const int32_t *prompt, size_t n, const zse_sampling *s,
+                       int priority, zse_token_cb cb, void *user, uint64_t *id)
 {
     (void)prompt;
     (void)priority;
@@ -56,6 +60,7 @@ static int fake_submit(void *ctx, const int32_t *prompt, size_t n, const zse_sam
         pthread_mutex_unlock(&fe->mu);
         return zse_fail("queue full (%d waiting)", fe->n_active);
     }
+    snprintf(fe->last_tenant, sizeof fe->last_tenant, "%s", tenant ? tenant : "");
     fake_req *r = calloc(1, sizeof *r);
     r->id = ++fe->next_id;
     r->s = *s;
@@ -66,6 +71,7 @@ static int fake_submit(void *ctx, const int32_t *prompt, size_t n, const zse_sam
     r->next = fe->head;
     fe->head = r;
     fe->n_active++;
+    fe->live[fe->n_live++] = r;
     *id = r->id;
     atomic_fetch_add(&fe->submitted, 1);
     pthread_cond_signal(&fe->cv);
@@ -82,6 +88,17 @@ static void fake_cancel(void *ctx, uint64_t id)
             r->cancelled = true;
             atomic_fetch_add(&fe->cancels, 1);
         }
+    pthread_mutex_unlock(&fe->mu);
+}
+
+static void fake_pause(void *ctx, uint64_t id, bool paused)
+{
+    fake_engine *fe = ctx;
+    pthread_mutex_lock(&fe->mu);
+    for (int i = 0; i < fe->n_live; i++)
+        if (fe->live[i]->id == id)
+            fe->live[i]->paused = paused;
+    atomic_fetch_add(paused ? &fe->pauses : &fe->resumes, 1);
     pthread_mutex_unlock(&fe->mu);
 }
 
@@ -141,22 +158,33 @@ static void *fake_main(void *arg)
             pthread_cond_wait(&fe->cv, &fe->mu);
             continue;
         }
-        /* one step: every active request gets one event */
+        /* one step: every active request that is not paused gets one event */
         fake_req *list = fe->head;
         fe->head = NULL;
         pthread_mutex_unlock(&fe->mu);
         fake_req *keep = NULL;
+        int emitted = 0;
         for (fake_req *r = list, *next; r; r = next) {
             next = r->next;
             pthread_mutex_lock(&fe->mu);
             bool stopping = fe->stop;
             if (stopping)
                 r->cancelled = true;
+            bool paused = r->paused && !r->cancelled;
             pthread_mutex_unlock(&fe->mu);
+            if (paused) {
+                r->next = keep;
+                keep = r;
+                continue;
+            }
+            emitted++;
             if (fake_emit(fe, r)) {
                 atomic_fetch_add(&fe->finished, 1);
                 pthread_mutex_lock(&fe->mu);
                 fe->n_active--;
+                for (int i = 0; i < fe->n_live; i++)
+                    if (fe->live[i] == r)
+                        fe->live[i] = fe->live[--fe->n_live];
                 pthread_mutex_unlock(&fe->mu);
                 free(r);
             } else {
@@ -164,8 +192,8 @@ static void *fake_main(void *arg)
                 keep = r;
             }
         }
-        if (fe->delay_s > 0) {
-            struct timespec ts = {0, (long)(fe->delay_s * 1e9)};
+        if (fe->delay_s > 0 || !emitted) { /* all paused: no spinning */
+            struct timespec ts = {0, emitted ? (long)(fe->delay_s * 1e9) : 1000000L};
             nanosleep(&ts, NULL);
         }
         pthread_mutex_lock(&fe->mu);
@@ -394,7 +422,7 @@ static bool openai_error_shape(response *r, const char *param)
 /* ---- the tests ----------------------------------------------------------------------- */
 
 static fake_engine fe;
-static srv_engine engine_binding = {&fe, fake_submit, fake_cancel, fake_stats};
+static srv_engine engine_binding = {&fe, fake_submit, fake_cancel, fake_stats, fake_pause};
 
 static void test_loading(void)
 {
@@ -859,6 +887,9 @@ static void test_fairness(zse_model *m)
     double t0 = zse_now();
     CHECK(http("POST", "/v1/completions", NULL, "{\"model\":\"tiny\",\"prompt\":\"a\",\"max_tokens\":3}", &r) == 200);
     CHECK(zse_now() - t0 < 2); /* the free slot, not the end of the greedy client's 15 s */
+    pthread_mutex_lock(&fe.mu);
+    CHECK_EQ_STR(fe.last_tenant, "client 127.0.0.3"); /* the engine shares its compute by it */
+    pthread_mutex_unlock(&fe.mu);
     response_free(&r);
     CHECK(http("GET", "/metrics", NULL, NULL, &r) == 200);
     CHECK(strstr(zse_buf_str(&r.body), "zse_queue_depth 1\n") != NULL); /* the greedy client's 4th choice waits */
@@ -871,6 +902,60 @@ static void test_fairness(zse_model *m)
     srv_stop(s);
     fe.delay_s = 0;
     port = saved_port;
+}
+
+/* A stream whose client does not read: once SRV_UNREAD_PAUSE of its events wait unread,
+ * its sequences are paused in the engine (nothing more piles up), and when the client reads
+ * they go on; the answer arrives whole. */
+static void test_unread_stream_pauses(void)
+{
+    int pauses = atomic_load(&fe.pauses), resumes = atomic_load(&fe.resumes);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int small = 4096; /* a small window: the kernel holds little of what the client leaves unread */
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    CHECK(connect(fd, (struct sockaddr *)&a, sizeof a) == 0);
+    struct timeval tv = {10, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    const char *body = "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":1500,"
+                       "\"n\":8,\"logprobs\":true,\"top_logprobs\":4,\"stream\":true}";
+    char req[512];
+    snprintf(req, sizeof req, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n\r\n%s",
+             strlen(body), body);
+    send_all(fd, req, strlen(req));
+    /* 8 × 1500 events of about 700 bytes: more than the kernel's socket buffers hold */
+    /* paused (every choice) and staying so: the server may pull a few times while the kernel
+     * still takes bytes, each pull resuming, before the client's window is full for good */
+    double end = zse_now() + 10, paused_since = 0;
+    while (zse_now() < end && (paused_since == 0 || zse_now() - paused_since < 0.3)) {
+        int p = atomic_load(&fe.pauses) - pauses, r = atomic_load(&fe.resumes) - resumes;
+        if (p - r != 8)
+            paused_since = 0;
+        else if (paused_since == 0)
+            paused_since = zse_now();
+        usleep(10 * 1000);
+    }
+    CHECK_MSG(paused_since > 0, "the stream's choices were not paused (%d pauses, %d resumes)",
+              atomic_load(&fe.pauses) - pauses, atomic_load(&fe.resumes) - resumes);
+    resumes = atomic_load(&fe.resumes);
+    /* the client reads it all now */
+    zse_buf got = {0};
+    char buf[16384];
+    for (ssize_t k; (k = recv(fd, buf, sizeof buf, 0)) > 0;) {
+        zse_buf_append(&got, buf, (size_t)k);
+        if (strstr(zse_buf_str(&got), "data: [DONE]"))
+            break;
+    }
+    close(fd);
+    const char *text = zse_buf_str(&got);
+    int ends = 0;
+    for (const char *p = text; (p = strstr(p, "\"finish_reason\":\"length\"")); p++)
+        ends++;
+    CHECK_EQ_INT(ends, 8);
+    CHECK(strstr(text, "data: [DONE]") != NULL);
+    CHECK(atomic_load(&fe.resumes) >= resumes + 8);
+    zse_buf_free(&got);
 }
 
 /* a second server with --auth and an audit log */
@@ -1025,6 +1110,7 @@ int main(void)
     test_concurrent();
     test_head_framing_priority();
     test_fairness(m);
+    test_unread_stream_pauses();
     test_auth_and_audit(m);
     CHECK(srv_wait_idle(s, 5));
     CHECK_EQ_INT(srv_active_requests(s), 0);
