@@ -189,6 +189,9 @@ zse_constraint *zse_constraint_choice(zse_model *m, const char *const *choices, 
  * model starts one: formats with a call marker only), or a function's name (that call). */
 zse_constraint *zse_constraint_tools(zse_model *m, const char *tools_json, const char *choice, bool parallel,
                                      const char *format);
+/* the tool-call format the model's chat template writes ("hermes", "llama3", "mistral"; "json"
+ * when it shows none): the format a server parses tool calls with unless told otherwise */
+const char *zse_model_tool_format(const zse_model *m);
 zse_constraint *zse_constraint_retain(zse_constraint *c);
 void zse_constraint_free(zse_constraint *c);   /* drops a reference; NULL is a no-op */
 

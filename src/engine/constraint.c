@@ -107,6 +107,8 @@ zse_constraint *zse_constraint_tools(zse_model *m, const char *tools_json, const
     return as_constraint(g);
 }
 
+const char *zse_model_tool_format(const zse_model *m) { return zse_tool_format_name(model_tool_format(m)); }
+
 zse_constraint *zse_constraint_retain(zse_constraint *c)
 {
     return c ? as_constraint(zse_grammar_retain((zse_grammar *)c)) : NULL;

@@ -447,7 +447,8 @@ static int prepare(http_req *r)
     if (r->route == SRV_ROUTE_GENERATE)
         req.stream = false;
     if (check_priority(r, &req, e) != 0 || srv_request_adapter(&req, s->model, &s->facts, e) != 0 ||
-        srv_request_prepare(&req, s->model, &s->facts, e) != 0) {
+        srv_request_prepare(&req, s->model, &s->facts, e) != 0 ||
+        srv_structured_prepare(&req, s->model, s->cfg.tool_parser, e) != 0) {
         srv_request_free(&req);
         return -1;
     }
@@ -1141,6 +1142,7 @@ void srv_config_default(srv_config *c)
     c->max_waiting = 256;
     c->model_id = "model";
     c->log_requests = true;
+    c->tool_parser = -1;
 }
 
 static int resolve(const char *host, int port, struct sockaddr_storage *ss)
