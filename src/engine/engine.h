@@ -18,6 +18,7 @@
 #include "util/util.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -231,6 +232,12 @@ uint32_t zse_adapter_modules(const zse_adapter *a);
 zse_adapter *zse_adapter_ref(zse_adapter *a);
 zse_lora_cache *zse_adapter_cache(const zse_adapter *a);
 
+/* mask_stats.c: the histogram behind zse_mask_stats, added to from any thread */
+typedef struct {
+    _Atomic uint64_t count[ZSE_MASK_BUCKETS];
+    _Atomic uint64_t total_ns;
+} zse_mask_timing;
+
 struct zse_model {
     zse_file *file;
     zse_tokenizer *tok;
@@ -252,7 +259,11 @@ struct zse_model {
      * first use: plain, and with the tool-call format's special tokens allowed */
     pthread_mutex_t grammar_lock;
     zse_grammar_vocab *gvocab, *gvocab_tools;
+    zse_mask_timing *mask_timing; /* mask_stats.c: every mask's compute time */
 };
+
+/* fills a mask as zse_matcher_fill_mask does and counts its time in m's mask statistics */
+int zse_mask_fill_timed(const zse_model *m, zse_matcher *matcher, uint32_t *mask);
 
 bool zse_model_is_eos(const zse_model *m, int32_t t);
 
@@ -399,7 +410,7 @@ typedef enum {
 zse_out_mode zse_step_out_mode(const zse_model *m, const zse_step_seq *e, int n, bool allow_sampled);
 /* for an ARGMAX or SAMPLED pass: the token mask of each constrained sequence's out row,
  * filled from its matcher (after zse_batcher_pack); *out points into b. -1 on an error. */
-int zse_batcher_masks(zse_batcher *b, const zse_step_seq *e, int n, zse_row_masks *out);
+int zse_batcher_masks(const zse_model *m, zse_batcher *b, const zse_step_seq *e, int n, zse_row_masks *out);
 
 /* ---- speculative decoding (spec.c) ----------------------------------------------------------
  * One drafter per engine or zse_seq. A step: zse_spec_propose appends each sequence's

@@ -198,7 +198,7 @@ zse_model *zse_model_load(const char *path, const zse_load_params *params)
         return NULL;
     }
     pthread_mutex_init(&m->grammar_lock, NULL);
-    if (!(m->file = zse_file_open(path)) || !(m->tok = zse_tokenizer_from_zse(m->file)) ||
+    if (!(m->mask_timing = zse_calloc(1, sizeof *m->mask_timing)) || !(m->file = zse_file_open(path)) || !(m->tok = zse_tokenizer_from_zse(m->file)) ||
         !(m->be = zse_backend_create(params->device, params->threads)) || check_weights_fit(m, params) != 0 ||
         !(m->llm = zse_llm_load(m->file, m->be, ZSE_PREFILL_CHUNK, LOGIT_ROWS)))
         goto fail;
@@ -242,6 +242,7 @@ void zse_model_free(zse_model *m)
     zse_block_pool_free(&m->blocks);
     zse_grammar_vocab_free(m->gvocab);
     zse_grammar_vocab_free(m->gvocab_tools);
+    free(m->mask_timing);
     pthread_mutex_destroy(&m->run_lock);
     pthread_mutex_destroy(&m->grammar_lock);
     free(m->name);

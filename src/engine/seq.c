@@ -299,7 +299,7 @@ int zse_sequence_constrain(zse_sequence *q, const zse_model *m, float *logits, i
     }
     if (q->matcher) {
         const zse_grammar_vocab *v = zse_grammar_vocab_of((const zse_grammar *)s->constraint);
-        int allowed = zse_matcher_fill_mask(q->matcher, q->mask);
+        int allowed = zse_mask_fill_timed(m, q->matcher, q->mask);
         if (allowed < 0)
             return -1;
         if (allowed == 0)

@@ -682,6 +682,11 @@ static enum MHD_Result metrics(http_req *r)
     zse_engine_stats st;
     srv_live_stats live;
     live_stats(s, &st, &live);
+    zse_mask_stats mask;
+    if (live.ready) {
+        zse_model_get_mask_stats(s->model, &mask);
+        live.mask = &mask;
+    }
     zse_buf out = {0};
     int rc = srv_metrics_render(s->metrics, &live, &out);
     if (rc == 0 && live.ready)

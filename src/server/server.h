@@ -519,6 +519,7 @@ typedef struct {
     srv_guard_stats guard;
     uint64_t audit_dropped;
     uint64_t refused;
+    const zse_mask_stats *mask;         /* constrained decoding's mask times; NULL while the model loads */
 } srv_live_stats;
 /* appends the exposition text */
 int srv_metrics_render(srv_metrics *m, const srv_live_stats *live, zse_buf *out);

@@ -123,6 +123,13 @@ def test_refusals(client, server):
     assert r.status_code == 400 and "format" in r.json()["error"], r.text
 
 
+def test_mask_metrics(client, server):
+    client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=8, extra_body={"guided_choice": ["a", "b"]})
+    m, text = server.metrics()
+    assert "# TYPE zse_grammar_mask_seconds histogram" in text
+    assert m["zse_grammar_mask_seconds_count"] >= 1 and m["zse_grammar_mask_seconds_sum"] > 0
+
+
 def test_bad_tool_parser_name(zse_bin, model_path):
     out = subprocess.run([str(zse_bin), "serve", str(model_path), "--tool-parser", "pythonic"], capture_output=True,
                          text=True, timeout=60)

@@ -13,6 +13,7 @@
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
+#include <math.h>
 #include <pthread.h>
 #include <unistd.h>
 
@@ -277,6 +278,24 @@ static void refusals(zse_model *m)
     CHECK(zse_constraint_regex(m, "(a", 2) == NULL);
 }
 
+/* every mask computed so far was timed: counts, quantiles in order, within the buckets */
+static void mask_stats(zse_model *m)
+{
+    zse_mask_stats st, none = {0};
+    zse_model_get_mask_stats(m, &st);
+    uint64_t sum = 0;
+    for (int i = 0; i < ZSE_MASK_BUCKETS; i++)
+        sum += st.count[i];
+    CHECK(st.n > 10 && sum == st.n && st.total_s > 0);
+    double p50 = zse_mask_stats_quantile(&st, 0.5), p99 = zse_mask_stats_quantile(&st, 0.99);
+    CHECK(p50 > 0 && p50 <= p99 && p99 < 1.0);
+    CHECK(zse_mask_bucket_le(0) == 1e-7 && zse_mask_bucket_le(4) == 2e-7 && isinf(zse_mask_bucket_le(ZSE_MASK_BUCKETS - 1)));
+    CHECK(zse_mask_stats_quantile(&none, 0.5) == 0);
+    zse_mask_stats d = st;
+    zse_mask_stats_sub(&d, &st);
+    CHECK(d.n == 0 && d.total_s == 0);
+}
+
 int main(void)
 {
     const char *data = test_env("ZSE_TEST_DATA");
@@ -307,6 +326,7 @@ int main(void)
         regex_and_choice(m, ids, n);
         tool_calls(m, ids, n);
         refusals(m);
+        mask_stats(m);
         zse_free(ids);
     }
     zse_model_free(m);
