@@ -500,15 +500,15 @@ int cmd_bench(int argc, char **argv)
     int rc = 1;
     zse_constraint *constraint = NULL;
     zse_mask_stats mask_decode = {0};
-    if (schema_file && !(constraint = compile_schema(m, schema_file)))
-        goto done;
-    s.constraint = constraint;
     lora_bench lb = {0};
     if (lora_path && !(lb.adapters[0] = zse_adapter_open(m, lora_path, 1.0f)))
         goto done;
     lb.n = lora_path ? 1 : 0;
     if (lora_dir && lora_setup(m, lora_dir, (int)lora_count, &lb, &dir_names, &n_dir) != 0)
         goto done;
+    if (schema_file && !(constraint = compile_schema(m, schema_file)))
+        goto done;
+    s.constraint = constraint;
     s.adapter = lora_path ? lb.adapters[0] : NULL;
     q = ids ? zse_seq_new(m, &s) : NULL;
     if (!q || zse_seq_set_spec(q, &spec) != 0)

@@ -149,11 +149,18 @@ void srv_request_free(srv_request *r);
 int srv_structured_parse(json_t *body, srv_request *r, srv_error *e);
 /* TGI's parameters.grammar {"type": "json" | "regex", "value"} */
 int srv_structured_parse_tgi(json_t *params, srv_request *r, srv_error *e);
-/* Compiles the request's grammar or tool grammar against the model into the constraint every
- * choice shares (a schema feature the compiler refuses: 400 naming the keyword) and settles
- * how tool calls are parsed: tool_format is the server's --tool-parser (-1: detect it from
- * the chat template; 0: never parse). */
-int srv_structured_prepare(srv_request *r, zse_model *m, int tool_format, srv_error *e);
+/* Compiled constraints kept by request shape (the grammar's kind and text, or the tools,
+ * tool_choice and format), least recently used out first: a schema or tool set sent again
+ * reuses its grammar and the token classifications its earlier requests filled in (a new
+ * grammar's first outputs pay for those). Thread-safe. Free it before the model. */
+typedef struct srv_grammar_cache srv_grammar_cache;
+srv_grammar_cache *srv_grammar_cache_new(int capacity);
+void srv_grammar_cache_free(srv_grammar_cache *c);
+/* Compiles the request's grammar or tool grammar against the model (or takes it from cache,
+ * which may be NULL) into the constraint every choice shares (a schema feature the compiler
+ * refuses: 400 naming the keyword) and settles how tool calls are parsed: tool_format is the
+ * server's --tool-parser (-1: detect it from the chat template; 0: never parse). */
+int srv_structured_prepare(srv_request *r, zse_model *m, int tool_format, srv_grammar_cache *cache, srv_error *e);
 void srv_structured_free(srv_structured *st);
 /* messages[mi].tool_calls as templates read them (arguments as objects); NULL and a 400 when
  * it is not a list of function calls */

@@ -13,6 +13,7 @@
 
 #include "toolcall/toolcall.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -60,7 +61,7 @@ static int claim(srv_structured *st, srv_grammar_kind kind, const char *param, s
         return srv_error_invalid(e, param, "'%s' and '%s' both constrain the output: send one of them", st->param,
                                  param);
     st->kind = kind;
-    snprintf(st->param, sizeof st->param, "%s", param);
+    snprintf(st->param, sizeof st->param, "%.63s", param); /* field names are short */
     return 0;
 }
 
@@ -299,6 +300,117 @@ int srv_structured_parse_tgi(json_t *params, srv_request *r, srv_error *e)
     return srv_error_invalid(e, "parameters.grammar.type", "grammar type '%s' is not supported (json or regex)", type);
 }
 
+/* ---- the cache of compiled constraints ----------------------------------------------------- */
+
+typedef struct {
+    char *key;                  /* NULL: a free slot */
+    size_t key_len;
+    uint64_t hash;
+    uint64_t used;              /* the cache's clock at the last use */
+    zse_constraint *c;          /* the cache's reference */
+} cache_entry;
+
+struct srv_grammar_cache {
+    pthread_mutex_t mu;
+    cache_entry *e;
+    int cap;
+    uint64_t clock;
+};
+
+srv_grammar_cache *srv_grammar_cache_new(int capacity)
+{
+    srv_grammar_cache *c = zse_calloc(1, sizeof *c);
+    if (!c || !(c->e = zse_calloc((size_t)capacity, sizeof *c->e))) {
+        free(c);
+        return NULL;
+    }
+    pthread_mutex_init(&c->mu, NULL);
+    c->cap = capacity;
+    return c;
+}
+
+void srv_grammar_cache_free(srv_grammar_cache *c)
+{
+    if (!c)
+        return;
+    for (int i = 0; i < c->cap; i++) {
+        free(c->e[i].key);
+        zse_constraint_free(c->e[i].c);
+    }
+    free(c->e);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}
+
+static uint64_t fnv1a(const char *s, size_t n)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (uint8_t)s[i]) * 1099511628211ull;
+    return h;
+}
+
+/* a reference to the cached constraint of key, or NULL */
+static zse_constraint *cache_get(srv_grammar_cache *c, const zse_buf *key)
+{
+    if (!c)
+        return NULL;
+    uint64_t h = fnv1a(key->data, key->len);
+    zse_constraint *found = NULL;
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; i < c->cap && !found; i++) {
+        cache_entry *x = &c->e[i];
+        if (x->key && x->hash == h && x->key_len == key->len && memcmp(x->key, key->data, key->len) == 0) {
+            x->used = ++c->clock;
+            found = zse_constraint_retain(x->c);
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+    return found;
+}
+
+/* keeps a reference to con under key, in a free slot or the least recently used one's */
+static void cache_put(srv_grammar_cache *c, const zse_buf *key, zse_constraint *con)
+{
+    char *k = c ? zse_malloc(key->len + 1) : NULL;
+    if (!k)
+        return; /* not cached: the request still has its constraint */
+    memcpy(k, key->data, key->len);
+    k[key->len] = '\0';
+    pthread_mutex_lock(&c->mu);
+    cache_entry *slot = &c->e[0];
+    for (int i = 0; i < c->cap; i++) {
+        if (!c->e[i].key) {
+            slot = &c->e[i];
+            break;
+        }
+        if (c->e[i].used < slot->used)
+            slot = &c->e[i];
+    }
+    zse_constraint *old = slot->c;
+    free(slot->key);
+    *slot = (cache_entry){k, key->len, fnv1a(key->data, key->len), ++c->clock, zse_constraint_retain(con)};
+    pthread_mutex_unlock(&c->mu);
+    zse_constraint_free(old);
+}
+
+/* what identifies a compiled constraint: the grammar (kind, strict, text or choices) or the
+ * tool grammar (tools, choice, parallel, format); fields end with 0x1f (JSON text never holds
+ * it raw), choices with NUL */
+static int cache_key(const srv_structured *st, int tool_format, zse_buf *key)
+{
+    int rc = zse_buf_printf(key, "%d\x1f%d\x1f", st->kind, st->strict);
+    if (st->kind == SRV_GRAMMAR_NONE)
+        rc = rc || zse_buf_printf(key, "tools\x1f%d\x1f%d\x1f%d\x1f%s\x1f%s", st->tools, st->parallel, tool_format,
+                                  st->tool_name ? st->tool_name : "", st->tools_json);
+    else if (st->kind == SRV_GRAMMAR_CHOICE)
+        for (int i = 0; rc == 0 && i < st->n_choices; i++)
+            rc = zse_buf_append(key, st->choices[i], strlen(st->choices[i]) + 1);
+    else if (st->text)
+        rc = rc || zse_buf_puts(key, st->text);
+    return rc;
+}
+
 /* ---- compiling against the model --------------------------------------------------------- */
 
 static zse_constraint *compile_grammar(const srv_structured *st, zse_model *m)
@@ -330,12 +442,34 @@ static int compile_tools(srv_structured *st, zse_model *m, zse_tool_format f, sr
     return 0;
 }
 
-int srv_structured_prepare(srv_request *r, zse_model *m, int tool_format, srv_error *e)
+/* the request's constraint from the cache, else compiled (and cached) */
+static int constrain(srv_structured *st, zse_model *m, srv_grammar_cache *cache, srv_error *e)
+{
+    zse_buf key = {0};
+    bool keyed = cache && cache_key(st, st->tool_format, &key) == 0;
+    if (keyed && (st->constraint = cache_get(cache, &key))) {
+        zse_buf_free(&key);
+        return 0;
+    }
+    int rc = 0;
+    if (st->kind != SRV_GRAMMAR_NONE) {
+        if (!(st->constraint = compile_grammar(st, m)))
+            rc = srv_error_invalid(e, st->param, "%s", zse_last_error());
+    } else {
+        rc = compile_tools(st, m, (zse_tool_format)st->tool_format, e);
+    }
+    if (rc == 0 && keyed && st->constraint)
+        cache_put(cache, &key, st->constraint);
+    zse_buf_free(&key);
+    return rc;
+}
+
+int srv_structured_prepare(srv_request *r, zse_model *m, int tool_format, srv_grammar_cache *cache, srv_error *e)
 {
     srv_structured *st = &r->structured;
     if (st->kind != SRV_GRAMMAR_NONE) {
-        if (!(st->constraint = compile_grammar(st, m)))
-            return srv_error_invalid(e, st->param, "%s", zse_last_error());
+        if (constrain(st, m, cache, e))
+            return -1;
     } else if (st->tools != SRV_TOOLS_OFF) {
         zse_tool_format detected;
         if (zse_tool_format_from_name(zse_model_tool_format(m), &detected) != 0)
@@ -346,7 +480,7 @@ int srv_structured_prepare(srv_request *r, zse_model *m, int tool_format, srv_er
                                      "none): use \"auto\" or \"none\"");
         /* with a grammar from response_format the output is that grammar's: never parsed as calls */
         st->tool_format = tool_format < 0 ? (int)detected : tool_format;
-        if (st->tool_format && compile_tools(st, m, (zse_tool_format)st->tool_format, e))
+        if (st->tool_format && constrain(st, m, cache, e))
             return -1;
     }
     r->sampling.constraint = st->constraint;

@@ -181,7 +181,7 @@ static int prepare(zse_model *m, const char *body, int tool_parser, srv_request 
         return -2;
     if (srv_request_prepare(r, m, &facts, e) != 0)
         return -3;
-    return srv_structured_prepare(r, m, tool_parser, e);
+    return srv_structured_prepare(r, m, tool_parser, NULL, e);
 }
 
 static void test_prepare(zse_model *m)
@@ -235,6 +235,35 @@ static void test_prepare(zse_model *m)
                   -1, &r, &e) == -1);
     CHECK_MSG(e.status == 400 && strstr(e.message, "multipleOf"), "%s", e.message);
     srv_request_free(&r);
+}
+
+/* the same request shape reuses its compiled constraint; another shape gets its own */
+static void test_cache(zse_model *m)
+{
+    zse_model_info info;
+    zse_model_get_info(m, &info);
+    srv_model_facts facts = {"tiny", info.vocab_size, info.ctx_size, 0, false};
+    srv_grammar_cache *cache = srv_grammar_cache_new(2);
+    CHECK(cache != NULL);
+    static const char *const bodies[] = {
+        CHAT(",\"guided_choice\":[\"a\",\"b\"]"), CHAT(",\"guided_choice\":[\"a\",\"b\"],\"temperature\":1"),
+        CHAT(",\"guided_choice\":[\"a\",\"c\"]"), CHAT(TOOLS ",\"tool_choice\":\"required\""),
+        CHAT(TOOLS ",\"tool_choice\":\"required\",\"max_tokens\":3"), CHAT(TOOLS ",\"tool_choice\":\"required\",\"parallel_tool_calls\":false"),
+    };
+    srv_request r[6];
+    srv_error e;
+    for (int i = 0; i < 6; i++) {
+        CHECK(srv_request_parse(SRV_API_CHAT, bodies[i], strlen(bodies[i]), &facts, &r[i], &e) == 0);
+        CHECK(srv_request_prepare(&r[i], m, &facts, &e) == 0);
+        CHECK(srv_structured_prepare(&r[i], m, -1, cache, &e) == 0 && r[i].sampling.constraint);
+    }
+    CHECK(r[0].sampling.constraint == r[1].sampling.constraint);
+    CHECK(r[0].sampling.constraint != r[2].sampling.constraint);
+    CHECK(r[3].sampling.constraint == r[4].sampling.constraint);
+    CHECK(r[3].sampling.constraint != r[5].sampling.constraint);
+    for (int i = 0; i < 6; i++)
+        srv_request_free(&r[i]); /* the cache keeps its own references */
+    srv_grammar_cache_free(cache);
 }
 
 /* ---- rendering ------------------------------------------------------------------------- */
@@ -441,6 +470,7 @@ int main(void)
     test_tool_fields();
     zse_model *m = server_test_model("f32", 1);
     test_prepare(m);
+    test_cache(m);
     test_render_whole(m);
     test_render_stream(m);
     zse_model_free(m);
