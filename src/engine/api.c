@@ -317,8 +317,10 @@ int zse_seq_truncate(zse_seq *q, size_t length)
     zse_sequence_truncate(&q->q, q->m, length);
     pthread_mutex_unlock(&q->m->run_lock);
     q->have_logits = false;
-    /* what follows is a new prompt: generation counts, stop-string state and the
-     * detokenizer start over */
+    /* what follows is a new prompt: generation counts, stop-string state, the detokenizer
+     * and the constraint's grammar start over */
     q->q.n_prompt = length;
+    if (q->q.matcher)
+        zse_matcher_reset(q->q.matcher);
     return zse_gen_restart(&q->q.gen, q->m->tok);
 }

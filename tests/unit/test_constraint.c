@@ -183,6 +183,34 @@ static void json_schema_outputs(zse_model *m, const int32_t *ids, size_t n)
     CHECK(generate(m, ids, n, &g, NULL, plain) == ZSE_FINISH_STOP);
     CHECK(generate(m, ids, n, &g, &ngram, spec) == ZSE_FINISH_STOP);
     CHECK(valid_person(plain) && strcmp(plain, spec) == 0);
+    /* a sequence truncated to a new prompt starts the grammar over: the same text again */
+    {
+        zse_seq *q = zse_seq_new(m, &g);
+        size_t len = 0;
+        static char again[MAX_TEXT];
+        for (int round = 0; q && round < 2; round++) {
+            char *dst = round ? again : text;
+            zse_finish fin = ZSE_FINISH_NONE;
+            len = 0;
+            dst[0] = '\0';
+            CHECK(zse_seq_truncate(q, 0) == 0 && zse_seq_feed(q, ids, n) == 0);
+            while (fin == ZSE_FINISH_NONE) {
+                int32_t t;
+                char *piece;
+                if (zse_seq_next(q, &t, &piece, &fin) != 0) {
+                    CHECK_MSG(0, "zse_seq_next after truncate: %s", zse_last_error());
+                    break;
+                }
+                if (len + strlen(piece) < MAX_TEXT) {
+                    memcpy(dst + len, piece, strlen(piece) + 1);
+                    len += strlen(piece);
+                }
+                zse_free(piece);
+            }
+        }
+        CHECK_MSG(strcmp(text, plain) == 0 && strcmp(again, plain) == 0, "'%s' / '%s'", text, again);
+        zse_seq_free(q);
+    }
     /* sampled with drafts: still valid */
     zse_sampling sd = sampled(c, 99, 400);
     CHECK(generate(m, ids, n, &sd, &ngram, text) == ZSE_FINISH_STOP && valid_person(text));
