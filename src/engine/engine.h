@@ -173,6 +173,11 @@ typedef struct {
     zse_tokenizer_stream *detok;
     zse_buf pending;        /* decoded text not yet released (may start a stop string) */
     int generated;          /* tokens accepted */
+    /* special tokens whose text the output keeps (the model's tool-call markers, which a
+     * tool-call parser must see); other special tokens add no text. Not owned. */
+    const int32_t *keep_ids;
+    const char *const *keep_texts;
+    int n_keep;
 } zse_gen;
 
 int zse_gen_init(zse_gen *g, const zse_sampling *s, const zse_tokenizer *tok);
@@ -260,7 +265,15 @@ struct zse_model {
     pthread_mutex_t grammar_lock;
     zse_grammar_vocab *gvocab, *gvocab_tools;
     zse_mask_timing *mask_timing; /* mask_stats.c: every mask's compute time */
+    /* the tool-call format's marker tokens that are special (e.g. Mistral's [TOOL_CALLS]):
+     * generated text keeps their text (constraint.c) */
+    int32_t tool_marker_ids[4];
+    const char *tool_marker_texts[4];
+    int n_tool_markers;
 };
+
+/* fills m's tool_marker_ids from its chat template's tool-call format (constraint.c) */
+void zse_model_find_tool_markers(zse_model *m);
 
 /* fills a mask as zse_matcher_fill_mask does and counts its time in m's mask statistics */
 int zse_mask_fill_timed(const zse_model *m, zse_matcher *matcher, uint32_t *mask);

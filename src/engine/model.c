@@ -213,6 +213,7 @@ zse_model *zse_model_load(const char *path, const zse_load_params *params)
     if (zse_lora_cache_new(m, params) != 0 || create_kv(m, c, params) != 0)
         goto fail;
     collect_eos(m);
+    zse_model_find_tool_markers(m);
     const json_t *tc = zse_file_tokenizer_config(m->file);
     json_t *ab = json_object_get(tc, "add_bos_token");
     m->add_bos = json_is_boolean(ab) ? json_is_true(ab) : false;

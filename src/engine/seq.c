@@ -42,6 +42,9 @@ int zse_sequence_init(zse_sequence *q, const zse_model *m, const zse_sampling *s
         memset(q, 0, sizeof *q);
         return -1;
     }
+    q->gen.keep_ids = m->tool_marker_ids;
+    q->gen.keep_texts = m->tool_marker_texts;
+    q->gen.n_keep = m->n_tool_markers;
     if (q->gen.s.constraint) {
         /* speculative verification walks it through a step's drafts and back */
         zse_grammar *g = (zse_grammar *)q->gen.s.constraint;

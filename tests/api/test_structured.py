@@ -218,6 +218,77 @@ def test_streamed_tool_calls(client, parallel):
            [(c.function.name, c.function.arguments) for c in whole]
 
 
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{%- for m in messages %}{%- if m.role == 'user' %}"
+    "{%- if loop.last and tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{%- endif %}"
+    "[INST]{{ m.content }}[/INST]{%- elif m.role == 'assistant' %}{%- if m.tool_calls %}[TOOL_CALLS]"
+    "{{ m.tool_calls | tojson }}{%- else %}{{ m.content }}{%- endif %}{{ eos_token }}{%- endif %}{%- endfor %}")
+
+
+@pytest.fixture(scope="module")
+def mistral_server(server_factory, zse_bin, model_path, tmp_path_factory):
+    """the fixture with Mistral's call marker as a special token (the vocabulary's last merge
+    gives its id up) and a template that writes it: the format is detected as mistral, and
+    the marker's text must reach the parser although special tokens add no text"""
+    from conftest import _fixture_dir
+    src, out = _fixture_dir(), tmp_path_factory.mktemp("mistral-marker")
+    for f in ("config.json", "generation_config.json", "model.safetensors"):
+        if (src / f).exists():
+            (out / f).write_bytes((src / f).read_bytes())
+    tok = json.loads((src / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    last = max(vocab.values())
+    piece = next(k for k, v in vocab.items() if v == last)
+    del vocab[piece]
+    tok["model"]["merges"] = [m for m in tok["model"]["merges"]
+                              if (m if isinstance(m, list) else m.split(" ")) != list(_split(piece, tok))]
+    tok["added_tokens"].append({"id": last, "content": "[TOOL_CALLS]", "single_word": False, "lstrip": False,
+                                "rstrip": False, "normalized": False, "special": True})
+    (out / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = MISTRAL_TEMPLATE
+    cfg.get("added_tokens_decoder", {})[str(last)] = {"content": "[TOOL_CALLS]", "special": True, "lstrip": False,
+                                                      "rstrip": False, "normalized": False, "single_word": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    zse = out / "mistral-marker.zse"
+    subprocess.run([str(zse_bin), "convert", str(out), "-o", str(zse), "--quant", "int8"], check=True,
+                   capture_output=True, timeout=300)
+    from conftest import Server
+    s = Server(zse_bin, zse, ("--max-seqs", "4"))
+    s.marker_id = last
+    yield s
+    s.close()
+
+
+def _split(piece, tok):
+    """the merge that made piece: the pair of vocabulary pieces that joins into it"""
+    for m in tok["model"]["merges"]:
+        a, b = m if isinstance(m, list) else m.split(" ")
+        if a + b == piece:
+            return a, b
+    return ()
+
+
+def test_mistral_marker_special_token(mistral_server):
+    c = mistral_server.client()
+    # the marker as its special token, not spelled out in plain tokens (both match the grammar)
+    bias = {str(mistral_server.marker_id): 100}
+    r = c.chat.completions.create(model="mistral-marker", messages=ASK, tools=TOOLS, tool_choice="required",
+                                  parallel_tool_calls=False, max_tokens=120, temperature=1.0, seed=3, logit_bias=bias,
+                                  logprobs=True)
+    assert r.choices[0].logprobs.content[0].token == "[TOOL_CALLS]"
+    ch = r.choices[0]
+    assert ch.finish_reason == "tool_calls", ch
+    assert len(ch.message.tool_calls) == 1 and len(ch.message.tool_calls[0].id) == 9  # Mistral's 9-character ids
+    jsonschema.validate(json.loads(ch.message.tool_calls[0].function.arguments),
+                        SCHEMAS[ch.message.tool_calls[0].function.name])
+    calls, _, finish = accumulate(c.chat.completions.create(
+        model="mistral-marker", messages=ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "add"}},
+        max_tokens=120, temperature=0, stream=True, logit_bias=bias))
+    assert finish == "tool_calls" and [x["name"] for x in calls] == ["add"]
+    jsonschema.validate(json.loads(calls[0]["arguments"]), SCHEMAS["add"])
+
+
 # ---- LangChain and llama-index ----------------------------------------------------------------
 
 class Add(BaseModel):
