@@ -172,6 +172,8 @@ static int parse_guided(json_t *obj, const char *prefix, const char *where, srv_
         if (json_is_true(v) && claim(st, SRV_GRAMMAR_JSON_OBJECT, param, e))
             return -1;
     }
+    if (!absent(v = FIELD("structural_tag")))
+        return srv_error_invalid(e, param, "'%s' is not supported: use a JSON Schema, a regex or tools", param);
     if (!absent(v = FIELD("whitespace_pattern")))
         return srv_error_invalid(e, param, "'%s' is not supported: JSON output uses the grammar's own whitespace", param);
     if (!absent(v = FIELD("decoding_backend")) || !absent(v = FIELD("backend")))
@@ -274,6 +276,11 @@ int srv_structured_parse(json_t *body, srv_request *r, srv_error *e)
     }
     if (r->api != SRV_API_CHAT)
         return 0;
+    static const char *const legacy[] = {"functions", "function_call"};
+    for (int i = 0; i < 2; i++)
+        if (!absent(json_object_get(body, legacy[i])))
+            return srv_error_invalid(e, legacy[i], "'%s' (OpenAI's deprecated function calling) is not supported: "
+                                                   "send 'tools' and 'tool_choice'", legacy[i]);
     if (parse_tools(body, st, e))
         return -1;
     if (st->kind != SRV_GRAMMAR_NONE && (st->tools == SRV_TOOLS_REQUIRED || st->tools == SRV_TOOLS_NAMED))

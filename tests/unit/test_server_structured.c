@@ -104,6 +104,10 @@ static void test_grammar_fields(void)
                   "guided_whitespace_pattern");
     CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"structured_outputs\":{\"grammar\":\"x\"}"), "structured_outputs.grammar");
     CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"structured_outputs\":[]"), "structured_outputs");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"structured_outputs\":{\"structural_tag\":\"{}\"}"),
+                  "structured_outputs.structural_tag");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"functions\":[{\"name\":\"f\"}]"), "functions");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"function_call\":\"auto\""), "function_call");
     CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"grammar\":{\"type\":\"ebnf\",\"value\":\"x\"}}}",
                   "parameters.grammar.type");
     CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"grammar\":{\"type\":\"json\"}}}", "parameters.grammar");
