@@ -85,7 +85,16 @@ string(APPEND man ".SH ENVIRONMENT\n"
   "(default: the best this CPU runs; portable is the exact f32 reference)\n"
   ".TP\n.B ZSE_CUDA_GRAPHS\n0 turns off recording decode steps as CUDA graphs\n"
   ".TP\n.B ZSE_CUDA_NO_MMA\n1 turns off the tensor-core matmul and attention kernels\n"
-  ".TP\n.B ZSE_CUDA_NO_PDL\n1 turns off programmatic dependent launch (sm_90)\n")
+  ".TP\n.B ZSE_CUDA_NO_PDL\n1 turns off programmatic dependent launch (sm_90)\n"
+  ".TP\n.B ZSE_HOST_EXPERTS\n\\fBauto\\fR, \\fBnever\\fR or \\fBalways\\fR: which experts a model with its experts in host "
+  "memory runs on the CPU when the GPU's expert cache misses them (default auto: where that finishes sooner)\n"
+  ".TP\n.B ZSE_STREAM_BUFFERS\nthe GPU layer buffers streamed layers pass through (1..64, default 2)\n"
+  ".TP\n.B ZSE_EXPERT_CACHE\nkeep a mixture-of-experts model's experts in host memory with at most this many cached "
+  "on the device, whatever the budget (tests, comparisons)\n"
+  ".TP\n.B ZSE_STREAM_LAYERS\nstream at least this many layers of a dense model from host memory, whatever the budget "
+  "(tests, comparisons)\n"
+  ".TP\n.B ZSE_CUDA_PIN_COPY\n1 copies weights kept in host memory into pinned memory instead of registering the "
+  "file's pages\n")
 string(APPEND man ".SH FILES\n"
   ".TP\n.I /etc/zse/zse.env\nthe settings of the systemd service (ZSE_MODEL, ZSE_HOST, ZSE_PORT, ZSE_ARGS, ZSE_DB)\n"
   ".TP\n.I \\(ti/.local/share/zse/zse.db\nAPI keys and the audit log (see ZSE_DB)\n")

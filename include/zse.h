@@ -30,7 +30,9 @@ typedef struct {
     int ctx_size;               /* max tokens of one sequence; 0 = the model's maximum */
     uint64_t kv_cache_bytes;    /* KV cache budget; 0 = enough for max_seqs full contexts, capped */
     int max_seqs;               /* sequences alive at once (each gets ctx_size of KV); 0 = 1 */
-    uint64_t gpu_memory;        /* --gpu-memory budget in bytes; 0 = all free memory */
+    uint64_t gpu_memory;        /* --gpu-memory budget in bytes; 0 = all free memory. A model larger
+                                 * than it keeps experts (MoE) or layers (dense) in host memory;
+                                 * nothing to budget on the CPU (a warning) */
     bool no_prefix_cache;       /* true: no KV block is shared between sequences (every
                                  * prompt is computed whole); default false: full 16-token
                                  * blocks of earlier prompts and answers are reused */
@@ -64,19 +66,43 @@ typedef struct {
 void zse_model_get_info(const zse_model *m, zse_model_info *out);
 
 /* What a loaded model holds, in bytes. On the CPU the weights are the file's tensors, used
- * in place from the mapping; on a GPU they are the device copies. */
+ * in place from the mapping; on a GPU they are the device copies. A model larger than its
+ * device's budget keeps part of its weights in pinned host memory: a mixture-of-experts
+ * model its experts, with a device cache of the recently routed ones ("experts offloaded");
+ * a dense model the layers that do not fit, streamed through device layer buffers
+ * ("streamed"). */
 typedef struct {
-    uint64_t weights;
+    uint64_t weights;           /* resident on the device (buffers and caches below not included) */
     uint64_t kv_cache;
     uint64_t activations;
     uint64_t workspace;         /* scratch kept between steps */
+    uint64_t stream_buffers;    /* the device layer buffers streamed layers pass through */
+    uint64_t expert_cache;      /* the device cache of experts kept in host memory */
+    uint64_t host_pinned;       /* host memory pinned for copies to the device */
+    const char *placement;      /* "resident", "experts offloaded", "streamed" */
+    int layers_resident, layers_streamed;
+    int experts_cached, experts_total;  /* the cache's slots; every expert of every MoE layer */
     uint64_t adapters;          /* LoRA adapter slots */
     bool on_device;             /* the three below are filled */
     uint64_t device_used;       /* the whole device's memory in use, as nvidia-smi counts it */
-    uint64_t device_other;      /* device_used minus zse's own: CUDA context, cuBLAS, other processes */
+    uint64_t device_other;      /* device_used minus zse's own allocations: CUDA context, cuBLAS, other processes */
     uint64_t device_total;
 } zse_memory_info;
 void zse_model_get_memory(zse_model *m, zse_memory_info *out);
+
+/* What the weights kept in host memory did since the model loaded (all zero when resident).
+ * Per forward pass ("step"): expert_hits / steps routed experts were on the device, and so on. */
+typedef struct {
+    uint64_t steps;                 /* forward passes */
+    uint64_t expert_hits;           /* routed experts found in the device cache */
+    uint64_t expert_fetches;        /* routed experts copied to the device when a step needed them */
+    uint64_t expert_prefetches;     /* experts copied ahead for the next layer's predicted routing */
+    uint64_t expert_prefetch_hits;  /* of those, routed to before they were evicted */
+    uint64_t expert_host;           /* routed experts computed on the host instead */
+    uint64_t layers_streamed;       /* streamed layers computed */
+    uint64_t bytes_to_device;       /* bytes copied from host memory (experts and streamed layers) */
+} zse_offload_stats;
+void zse_model_get_offload_stats(zse_model *m, zse_offload_stats *out);
 
 /* ---- LoRA adapters ------------------------------------------------------------------
  * Fine-tunes of the model as PEFT LoRA adapters (a directory with adapter_config.json and
@@ -356,6 +382,7 @@ typedef struct {
     uint64_t prefix_query_tokens;   /* prompt tokens looked up there */
     int prefix_cached_blocks;       /* full blocks published in the cache (held or idle) */
     zse_spec_stats spec;            /* speculative decoding, over every request so far */
+    zse_offload_stats offload;      /* weights in host memory (the model's, since it loaded) */
 } zse_engine_stats;
 void zse_engine_get_stats(zse_engine *e, zse_engine_stats *out);
 /* stop accepting, finish or cancel running requests within timeout seconds, join */

@@ -22,6 +22,11 @@ typedef struct zse_weight zse_weight;   /* a packed weight the backend can multi
 typedef struct zse_kv zse_kv;           /* paged KV storage for all layers */
 typedef struct zse_experts zse_experts; /* one MoE layer's routed experts (an expert bank) */
 typedef struct zse_moe_route zse_moe_route; /* a step's routing of tokens to experts */
+typedef struct zse_pinned zse_pinned;   /* host memory the device copies weights from */
+typedef struct zse_slab zse_slab;       /* device memory weights are fetched into: slots of one size */
+
+/* the two queues of a backend that moves weights while it computes (marks, wait_mark) */
+enum { ZSE_QUEUE_COMPUTE = 0, ZSE_QUEUE_COPY = 1 };
 typedef struct zse_lora_pool zse_lora_pool; /* LoRA adapter slots (in device memory on a GPU) */
 
 typedef enum { ZSE_KV_STORE_F16 = 0, ZSE_KV_STORE_INT8 = 1 } zse_kv_store;
@@ -133,6 +138,8 @@ typedef struct {
     uint64_t kv_cache;
     uint64_t activations;
     uint64_t workspace;             /* scratch kept between steps (GEMM slabs, batch arrays, ...) */
+    uint64_t slabs;                 /* slab slots weights are fetched into (layer buffers, the expert cache) */
+    uint64_t host_pinned;           /* host memory pinned for copies to the device (host_pin) */
     bool on_device;                 /* the two below are filled */
     uint64_t device_used;           /* the whole device's memory in use, every process, as nvidia-smi counts */
     uint64_t device_total;
@@ -273,6 +280,49 @@ typedef struct zse_backend_ops {
      * pick only allowed tokens where the logits are. NULL: constrained rows go to the host. */
     int (*mask_rows)(zse_backend *be, zse_act *x, int64_t cols, const zse_row_masks *m);
 
+    /* ---- weights kept in host memory (src/model/offload.c: experts from host memory, layers
+     * streamed through the device); all NULL where a backend has none ----
+     * Two queues run side by side: the compute queue (every op above) and a copy queue that
+     * moves weights from pinned host memory into the slots of a slab. Marks order them:
+     * mark(q) returns the number of the point queue q has reached (never decreasing);
+     * wait_mark(q, m) makes queue q wait until the other queue has passed its mark m (m < 0:
+     * nothing to wait for). A weight in a slot is read by the compute queue only after a wait
+     * for the copy that filled it, and a slot is refilled only after the compute queue's
+     * mark of its last use (slab_fetch's `after`). The CPU backend implements them so the
+     * model's offload path runs in the unit tests: its copy queue is lazy — a copy lands
+     * when the compute queue waits for it — so a missing wait shows as wrong numbers. The
+     * engine offloads on the CPU (whose weights are used in place from the mapping) only when a
+     * test knob asks (ZSE_EXPERT_CACHE, ZSE_STREAM_LAYERS). */
+    /* pins host memory [p, p + bytes) for copies (registered in place, or copied into pinned
+     * memory: host_pinned counts it); p stays valid while the pin lives */
+    zse_pinned *(*host_pin)(zse_backend *be, const void *p, size_t bytes);
+    void (*host_unpin)(zse_backend *be, zse_pinned *h);
+    /* n_slots device slots of slot_bytes each (a multiple of 256: weights start 256-aligned) */
+    zse_slab *(*slab_new)(zse_backend *be, size_t slot_bytes, int n_slots);
+    void (*slab_free)(zse_backend *be, zse_slab *s);
+    /* copy queue: bytes [off, off + n) of h into slot `slot` of s from its start, once the
+     * compute queue has passed its mark `after` (the slot's last use; -1: none) */
+    void (*slab_fetch)(zse_backend *be, zse_slab *s, int slot, const zse_pinned *h, uint64_t off, size_t n,
+                       int64_t after);
+    int64_t (*mark)(zse_backend *be, int queue);
+    void (*wait_mark)(zse_backend *be, int queue, int64_t mark);
+    /* a weight whose packed bytes lie in slot `slot` of s from byte `at` (a streamed layer's
+     * matrix; vectors, which some backends convert at load, are refused); weight_free frees it */
+    zse_weight *(*weight_in_slab)(zse_backend *be, const zse_tensor_info *t, const zse_slab *s, int slot,
+                                  uint64_t at);
+    /* a layer's experts whose bytes stay in host memory: none is on the device until
+     * experts_map places it; experts_free frees it */
+    zse_experts *(*experts_host)(zse_backend *be, const zse_expert_bank *bank);
+    /* where the layer's experts are for the moe_matmul calls that follow (compute queue):
+     * expert e in slot slot_of[e] of s (its range from the slot's start), or nowhere (-1):
+     * moe_matmul then leaves the rows of that expert's pairs as they are */
+    void (*experts_map)(zse_backend *be, zse_experts *ex, const zse_slab *s, const int32_t *slot_of);
+    /* the last route's layout into host memory, after the queued work: seg[n_experts + 1]
+     * (expert e's pairs are [seg[e], seg[e + 1])) and token_of[rows * k] (each pair's token) */
+    int (*moe_route_read)(zse_backend *be, const zse_moe_route *r, int32_t *seg, int32_t *token_of);
+    /* a[rows[i]] = src[i] (a's width) for i < n, on the compute queue in order with the ops
+     * around it; src may be reused once it returns */
+    int (*act_write_rows)(zse_backend *be, zse_act *a, const float *src, const int32_t *rows, int64_t n);
     /* ---- LoRA adapters (all NULL where a backend has none: adapters are then refused) ----
      * The engine keeps adapters in host memory and copies the one a sequence needs into a
      * free slot; a step's zse_batch says each sequence's slot, so one step carries

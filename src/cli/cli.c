@@ -195,6 +195,17 @@ int cli_spec_load_draft(const cli_spec *s, const zse_load_params *lp, zse_model 
     return 0;
 }
 
+const char *cli_human_bytes(uint64_t b, char buf[32])
+{
+    if (b >= 1000000000ull)
+        snprintf(buf, 32, "%.2f GB", (double)b / 1e9);
+    else if (b >= 1000000ull)
+        snprintf(buf, 32, "%.1f MB", (double)b / 1e6);
+    else
+        snprintf(buf, 32, "%.1f KB", (double)b / 1e3);
+    return buf;
+}
+
 bool cli_lora_arg(cli_args *a, cli_lora *l)
 {
     if (cli_is(a, NULL, "--lora"))

@@ -4,6 +4,7 @@
 #define ZSE_CLI_H
 
 #include "format/format.h"
+#include "model/model.h"
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -90,6 +91,10 @@ int cli_lora_open(const cli_lora *l, zse_model *m, zse_adapter **out);
 
 /* fit.c: what fits where (zse hardware --fit, zse info --fit), and the KV cache's size */
 int cli_print_fit(const char *model_path, bool as_json);
+/* "1.23 GB", "45.6 MB", "789.0 KB": the unit that keeps the figure readable */
+const char *cli_human_bytes(uint64_t b, char buf[32]);
+/* one line (after `indent`) saying what a placement keeps where (zse info --gpu-memory) */
+void cli_print_placement(const zse_fit *fit, const char *indent);
 uint64_t cli_kv_bytes_per_token(const zse_config *c, bool int8);
 uint64_t cli_kv_bytes(const zse_config *c, int64_t ctx, bool int8);  /* whole 16-token blocks */
 

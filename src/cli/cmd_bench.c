@@ -284,7 +284,10 @@ static void usage(FILE *out)
             "Feeds N prompt tokens (prefill), then generates greedily past end-of-sequence\n"
             "(decode), and reports tokens/s for each, load time, peak resident memory and the\n"
             "memory the model holds (weights, KV cache, activations; on a GPU also what the\n"
-            "device has in use). --ctx sizes the KV cache for that context (default: the\n"
+            "device has in use). A model larger than --gpu-memory (or the GPU) keeps experts or\n"
+            "layers in host memory: bench says where, and per step of the prefill and the decode\n"
+            "how many experts hit the device cache, were fetched, ran on the host, and how many\n"
+            "layers streamed. --ctx sizes the KV cache for that context (default: the\n"
             "prompt plus the generated tokens). --concurrency runs N requests of\n"
             "--batch-prompt-tokens + --batch-gen-tokens (default 128 + 128) at once through\n"
             "the batching engine (as zse serve does) and reports aggregate generated tokens/s,\n"
@@ -318,6 +321,44 @@ static void print_spec(const zse_spec_stats *st, bool as_json)
     else
         printf("speculative: %llu drafted, %llu accepted (%.1f%%), %.2f tokens per verification pass",
                (unsigned long long)st->drafted, (unsigned long long)st->accepted, 100 * rate, per_pass);
+}
+
+/* what the weights kept in host memory did over a phase (stats `a` then `b`), per step */
+typedef struct {
+    double steps, hits, fetched, prefetched, prefetch_hits, host, layers, mb;
+} offload_phase;
+
+static offload_phase phase_of(const zse_offload_stats *a, const zse_offload_stats *b)
+{
+    offload_phase p = {0};
+    p.steps = (double)(b->steps - a->steps);
+    const double n = p.steps > 0 ? p.steps : 1;
+    p.hits = (double)(b->expert_hits - a->expert_hits) / n;
+    p.fetched = (double)(b->expert_fetches - a->expert_fetches) / n;
+    p.prefetched = (double)(b->expert_prefetches - a->expert_prefetches) / n;
+    p.prefetch_hits = (double)(b->expert_prefetch_hits - a->expert_prefetch_hits) / n;
+    p.host = (double)(b->expert_host - a->expert_host) / n;
+    p.layers = (double)(b->layers_streamed - a->layers_streamed) / n;
+    p.mb = (double)(b->bytes_to_device - a->bytes_to_device) / n / (1024.0 * 1024.0);
+    return p;
+}
+
+static void print_phase(const char *name, const offload_phase *p, bool as_json)
+{
+    if (as_json) {
+        printf("\"%s\": {\"steps\": %.0f, \"experts_hit\": %.2f, \"experts_fetched\": %.2f, \"experts_prefetched\": "
+               "%.2f, \"prefetch_hits\": %.2f, \"experts_on_host\": %.2f, \"layers_streamed\": %.2f, "
+               "\"mb_to_device\": %.1f}",
+               name, p->steps, p->hits, p->fetched, p->prefetched, p->prefetch_hits, p->host, p->layers, p->mb);
+        return;
+    }
+    printf("%s, per step (%.0f steps): ", name, p->steps);
+    if (p->hits + p->fetched + p->host > 0)
+        printf("experts %.1f hit, %.1f fetched, %.1f computed on the host, %.1f prefetched (%.1f of them routed to); ",
+               p->hits, p->fetched, p->host, p->prefetched, p->prefetch_hits);
+    if (p->layers > 0)
+        printf("%.1f layers streamed; ", p->layers);
+    printf("%.1f MB to the device\n", p->mb);
 }
 
 /* the JSON Schema in path, compiled against the model (not strict) */
@@ -368,17 +409,30 @@ static void print_mask(const zse_mask_stats *st, bool as_json)
 static void print_memory(const zse_memory_info *mem, bool as_json)
 {
     double mb = 1024.0 * 1024.0;
+    const bool offloaded = strcmp(mem->placement, "resident") != 0;
     if (as_json) {
+        printf(", \"placement\": {\"mode\": \"%s\", \"layers_resident\": %d, \"layers_streamed\": %d, "
+               "\"experts_cached\": %d, \"experts_total\": %d}",
+               mem->placement, mem->layers_resident, mem->layers_streamed, mem->experts_cached, mem->experts_total);
         printf(", \"memory_mb\": {\"weights\": %.1f, \"kv_cache\": %.1f, \"activations\": %.1f, "
-               "\"workspace\": %.1f",
+               "\"workspace\": %.1f, \"stream_buffers\": %.1f, \"expert_cache\": %.1f, \"host_pinned\": %.1f",
                (double)mem->weights / mb, (double)mem->kv_cache / mb, (double)mem->activations / mb,
-               (double)mem->workspace / mb);
+               (double)mem->workspace / mb, (double)mem->stream_buffers / mb, (double)mem->expert_cache / mb,
+               (double)mem->host_pinned / mb);
         if (mem->on_device)
             printf(", \"device_used\": %.1f, \"device_other\": %.1f, \"device_total\": %.1f",
                    (double)mem->device_used / mb, (double)mem->device_other / mb, (double)mem->device_total / mb);
         printf("}");
         return;
     }
+    if (offloaded && mem->layers_streamed)
+        printf("placement: streamed, %d of %d layers resident, %d streamed through %.1f MB of layer buffers; %.1f MB "
+               "pinned in host memory\n", mem->layers_resident, mem->layers_resident + mem->layers_streamed,
+               mem->layers_streamed, (double)mem->stream_buffers / mb, (double)mem->host_pinned / mb);
+    else if (offloaded)
+        printf("placement: experts offloaded, %d of %d experts cached on the device (%.1f MB); %.1f MB pinned in host "
+               "memory\n", mem->experts_cached, mem->experts_total, (double)mem->expert_cache / mb,
+               (double)mem->host_pinned / mb);
     printf("memory: weights %.1f MB, KV cache %.1f MB, activations %.1f MB, workspace %.1f MB", (double)mem->weights / mb,
            (double)mem->kv_cache / mb, (double)mem->activations / mb, (double)mem->workspace / mb);
     if (mem->on_device)
@@ -568,12 +622,15 @@ int cmd_bench(int argc, char **argv)
     /* the prefill figure is compute: with the cache on, a prompt it has not seen */
     if (prefix_cache)
         fill_prompt(ids, n_prompt, 5151u, info.vocab_size);
+    zse_offload_stats off0, off1, off2;
+    zse_model_get_offload_stats(m, &off0);
     double t1 = zse_now();
     if (zse_seq_feed(q, ids, (size_t)n_prompt) != 0)
         goto done;
     double t_prefill = zse_now() - t1;
     zse_mask_stats mask_before;
     zse_model_get_mask_stats(m, &mask_before);
+    zse_model_get_offload_stats(m, &off1);
     double t2 = zse_now();
     int produced = 0;
     for (;;) {
@@ -590,6 +647,8 @@ int cmd_bench(int argc, char **argv)
     double t_decode = zse_now() - t2;
     zse_model_get_mask_stats(m, &mask_decode);
     zse_mask_stats_sub(&mask_decode, &mask_before);
+    zse_model_get_offload_stats(m, &off2);
+    const offload_phase prefill_off = phase_of(&off0, &off1), decode_off = phase_of(&off1, &off2);
     zse_spec_stats sst;
     zse_seq_get_spec_stats(q, &sst);
     zse_memory_info mem;
@@ -610,6 +669,13 @@ int cmd_bench(int argc, char **argv)
                info.name, info.device, info.quant, t_load, t_warm, info.ctx_size, (long long)n_prompt, pp, produced,
                tg, peak_rss_mb());
         print_memory(&mem, true);
+        if (off2.steps) {
+            printf(", \"offload\": {");
+            print_phase("prefill", &prefill_off, true);
+            printf(", ");
+            print_phase("decode", &decode_off, true);
+            printf("}");
+        }
         if (prefix_cache)
             printf(", \"prefix_cache\": {\"ttft_first_s\": %.4f, \"ttft_repeat_s\": %.4f}", ttft[0], ttft[1]);
         if (constraint)
@@ -643,6 +709,10 @@ int cmd_bench(int argc, char **argv)
                "tok/s | peak RSS %.1f MB\n",
                info.name, info.device, info.quant, t_load, t_warm, (long long)n_prompt, pp, produced, tg, peak_rss_mb());
         print_memory(&mem, false);
+        if (off2.steps) {
+            print_phase("prefill", &prefill_off, false);
+            print_phase("decode", &decode_off, false);
+        }
         if (prefix_cache)
             printf("prefix cache: time to first token %.4f s, the same prompt again %.4f s\n", ttft[0], ttft[1]);
         if (constraint) {

@@ -14,8 +14,10 @@ static void usage(FILE *out)
 {
     fprintf(out, "usage: zse hardware [--fit MODEL.zse] [--json]\n\n"
                  "Prints CPU features, physical cores, memory and every GPU (name, memory, compute\n"
-                 "capability, driver). With --fit, for each GPU and the CPU: whether the model runs\n"
-                 "there resident and the longest context it gets with an f16 or an int8 KV cache.\n\n"
+                 "capability, driver). With --fit, for each GPU and the CPU: how the model runs there\n"
+                 "(resident; on a GPU too small, with its experts in host memory or layers streamed\n"
+                 "from it, and how many) and the longest context it gets with an f16 or an int8 KV\n"
+                 "cache; a GPU that cannot run it at all says the least memory that would.\n\n"
                  "  --fit MODEL.zse   what fits where (also: zse info MODEL.zse --fit)\n"
                  "  --json            machine-readable output\n");
 }

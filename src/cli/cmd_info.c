@@ -1,6 +1,7 @@
 /* zse info FILE.zse — what a model file holds, without touching tensor data. */
 #include "cli/cli.h"
 
+#include "engine/engine.h"
 #include "format/format.h"
 
 #include <stdio.h>
@@ -60,18 +61,6 @@ static uint64_t active_params(const zse_file *f, const tensor_totals *t)
     return t->params - t->expert_params + routed;
 }
 
-/* "1.23 GB", "45.6 MB", "789 KB": the unit that keeps the figure readable */
-static const char *human_bytes(uint64_t b, char buf[32])
-{
-    if (b >= 1000000000ull)
-        snprintf(buf, 32, "%.2f GB", (double)b / 1e9);
-    else if (b >= 1000000ull)
-        snprintf(buf, 32, "%.1f MB", (double)b / 1e6);
-    else
-        snprintf(buf, 32, "%.1f KB", (double)b / 1e3);
-    return buf;
-}
-
 static void print_text(const char *path, const zse_file *f, const tensor_totals *t, int64_t ctx)
 {
     const zse_config *c = zse_file_config(f);
@@ -79,7 +68,7 @@ static void print_text(const char *path, const zse_file *f, const tensor_totals 
     const char *quant = json_string_value(json_object_get(json_object_get(h, "quant"), "scheme"));
     json_t *g = json_object_get(json_object_get(h, "quant"), "group_size");
     char b1[32], b2[32], b3[32];
-    printf("file:            %s (%s)\n", path, human_bytes(zse_file_size(f), b1));
+    printf("file:            %s (%s)\n", path, cli_human_bytes(zse_file_size(f), b1));
     json_t *ver = json_object_get(h, "version");
     printf("format:          .zse %lld.%lld\n", (long long)json_integer_value(json_array_get(ver, 0)),
            (long long)json_integer_value(json_array_get(ver, 1)));
@@ -100,8 +89,8 @@ static void print_text(const char *path, const zse_file *f, const tensor_totals 
         printf("expert ffn:      %d%s", c->expert_ffn, c->shared_ffn ? "" : "\n");
         if (c->shared_ffn)
             printf(", shared expert %d%s\n", c->shared_ffn, c->shared_gate ? " (sigmoid-gated)" : "");
-        printf("expert bytes:    %s each, %s in all (%.1f%% of the weights)\n", human_bytes(t->one_expert_bytes, b1),
-               human_bytes(t->expert_bytes, b2), 100.0 * (double)t->expert_bytes / (double)t->weight_bytes);
+        printf("expert bytes:    %s each, %s in all (%.1f%% of the weights)\n", cli_human_bytes(t->one_expert_bytes, b1),
+               cli_human_bytes(t->expert_bytes, b2), 100.0 * (double)t->expert_bytes / (double)t->weight_bytes);
         printf("active params:   %.3f B per token\n", (double)active_params(f, t) / 1e9);
     }
     printf("tied embeddings: %s\n", c->tie_embeddings ? "yes" : "no");
@@ -115,19 +104,19 @@ static void print_text(const char *path, const zse_file *f, const tensor_totals 
     for (int s = 0; s < ZSE_SCHEME_COUNT; s++)
         if (t->count[s])
             printf("  %-6s %4llu tensors %12s\n", zse_scheme_name((zse_scheme)s),
-                   (unsigned long long)t->count[s], human_bytes(t->bytes[s], b1));
+                   (unsigned long long)t->count[s], cli_human_bytes(t->bytes[s], b1));
     const char *tt = json_string_value(json_object_get(h, "tokenizer_type"));
     printf("tokenizer:       %s\n", tt ? tt : "unknown");
     printf("chat template:   %s\n", zse_file_chat_template(f) ? "yes" : "no");
     printf("memory at ctx %lld: weights %s + KV %s (f16) or %s (int8) per sequence\n", (long long)ctx,
-           human_bytes(t->weight_bytes, b1), human_bytes(cli_kv_bytes(c, ctx, false), b2),
-           human_bytes(cli_kv_bytes(c, ctx, true), b3));
+           cli_human_bytes(t->weight_bytes, b1), cli_human_bytes(cli_kv_bytes(c, ctx, false), b2),
+           cli_human_bytes(cli_kv_bytes(c, ctx, true), b3));
     if (t->host_bytes)
         printf("on a GPU:        weights %s in VRAM; the embedding table (%s) stays in host memory\n",
-               human_bytes(t->weight_bytes - t->host_bytes, b1), human_bytes(t->host_bytes, b2));
+               cli_human_bytes(t->weight_bytes - t->host_bytes, b1), cli_human_bytes(t->host_bytes, b2));
 }
 
-static void print_json(const char *path, const zse_file *f, const tensor_totals *t, int64_t ctx)
+static json_t *build_json(const char *path, const zse_file *f, const tensor_totals *t, int64_t ctx)
 {
     const zse_config *c = zse_file_config(f);
     const json_t *h = zse_file_header(f);
@@ -159,6 +148,11 @@ static void print_json(const char *path, const zse_file *f, const tensor_totals 
             "expert_ffn", c->expert_ffn, "shared_ffn", c->shared_ffn, "shared_gate", c->shared_gate, "norm_topk",
             c->norm_topk, "expert_bytes", (json_int_t)t->one_expert_bytes, "experts_bytes", (json_int_t)t->expert_bytes,
             "expert_params", (json_int_t)t->one_expert_params, "active_params", (json_int_t)active_params(f, t)));
+    return o;
+}
+
+static void dump_json(json_t *o)
+{
     char *s = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
     if (s)
         printf("%s\n", s);
@@ -166,24 +160,76 @@ static void print_json(const char *path, const zse_file *f, const tensor_totals 
     json_decref(o);
 }
 
+/* where zse run --gpu-memory X --ctx N would keep the weights (zse_model_fit); 0, or 1 with
+ * the error (it states the least memory that runs the model) */
+static int print_placement(const char *path, const zse_file *f, int64_t ctx, bool int8, uint64_t budget, bool as_json,
+                           json_t *o)
+{
+    zse_load_params lp;
+    zse_load_params_default(&lp);
+    lp.ctx_size = (int)ctx;
+    lp.kv_type = int8 ? ZSE_KV_INT8 : ZSE_KV_F16;
+    zse_fit fit;
+    /* a GPU leaves an untied embedding table in host memory (weight_load_lookup) */
+    if (zse_model_fit(f, &lp, budget, "--gpu-memory allows", !zse_file_config(f)->tie_embeddings, &fit) != 0) {
+        fprintf(stderr, "zse: info: %s: %s\n", path, zse_error_message());
+        json_decref(o);
+        return 1;
+    }
+    if (as_json) {
+        json_object_set_new(o, "placement", json_pack(
+            "{s:I, s:I, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:i, s:i, s:i, s:I, s:i, s:i, s:I}", "gpu_memory",
+            (json_int_t)budget, "ctx", (json_int_t)ctx, "mode", zse_fit_mode_name(fit.mode), "device_weight_bytes",
+            (json_int_t)fit.device_weights, "buffer_bytes", (json_int_t)fit.slab_bytes, "host_weight_bytes",
+            (json_int_t)fit.host_weights, "activation_bytes", (json_int_t)fit.act_bytes, "kv_bytes",
+            (json_int_t)fit.kv_bytes, "reserve_bytes", (json_int_t)fit.reserve, "layers", fit.n_layers,
+            "layers_streamed", fit.layers_streamed, "stream_buffers", fit.stream_buffers, "layer_buffer_bytes",
+            (json_int_t)fit.layer_buffer_bytes, "experts_cached", fit.expert_slots, "experts_total", fit.experts_total,
+            "minimum_bytes", (json_int_t)fit.minimum));
+    } else {
+        char b[6][32];
+        printf("--gpu-memory %.0f MiB, ctx %lld, %s KV: %s\n", (double)budget / 1048576.0, (long long)ctx,
+               int8 ? "int8" : "f16", zse_fit_mode_name(fit.mode));
+        cli_print_placement(&fit, "                 ");
+        printf("                 on the GPU: weights %s, ", cli_human_bytes(fit.device_weights, b[0]));
+        if (fit.mode != ZSE_FIT_RESIDENT)
+            printf("%s %s, ", fit.mode == ZSE_FIT_STREAM ? "layer buffers" : "expert cache",
+                   cli_human_bytes(fit.slab_bytes, b[1]));
+        printf("activations %s, KV cache %s, reserve %s (this placement needs at least %s)\n",
+               cli_human_bytes(fit.act_bytes, b[2]), cli_human_bytes(fit.kv_bytes, b[3]), cli_human_bytes(fit.reserve, b[4]),
+               cli_human_bytes(fit.minimum, b[5]));
+    }
+    zse_fit_free(&fit);
+    return 0;
+}
+
 int cmd_info(int argc, char **argv)
 {
     if (cli_wants_help(argc, argv)) {
-        printf("usage: zse info FILE.zse [--json] [--ctx N] [--fit]\n\n"
-               "  --json    machine-readable output\n"
-               "  --ctx N   context length for the KV-cache estimate (default: the model's)\n"
-               "  --fit     what fits where on this machine (as zse hardware --fit FILE.zse)\n");
+        printf("usage: zse info FILE.zse [--json] [--ctx N] [--fit] [--gpu-memory SIZE [--kv-cache f16|int8]]\n\n"
+               "  --json             machine-readable output\n"
+               "  --ctx N            context length for the KV-cache estimate (default: the model's)\n"
+               "  --fit              what fits where on this machine (as zse hardware --fit FILE.zse)\n"
+               "  --gpu-memory SIZE  where zse run --gpu-memory SIZE --ctx N would keep the weights: resident,\n"
+               "                     experts in host memory, or layers streamed (how many); an error that states\n"
+               "                     the least memory when nothing fits\n"
+               "  --kv-cache T       the KV cache type for --gpu-memory (default f16)\n");
         return 0;
     }
-    const char *path = NULL;
+    const char *path = NULL, *kv = "f16";
     bool as_json = false, fit = false;
     int64_t ctx = 0;
+    uint64_t gpu_memory = 0;
     cli_args a = cli_begin(argc, argv);
     while (cli_next(&a)) {
         if (cli_is(&a, NULL, "--json"))
             as_json = true;
         else if (cli_is(&a, NULL, "--ctx"))
             cli_int(&a, 1, 1 << 24, &ctx);
+        else if (cli_is(&a, NULL, "--gpu-memory"))
+            cli_size(&a, 1ull << 20, &gpu_memory);
+        else if (cli_is(&a, NULL, "--kv-cache"))
+            kv = cli_value(&a);
         else if (cli_is(&a, NULL, "--fit"))
             fit = true;
         else if (cli_positional(&a) && !path)
@@ -194,7 +240,11 @@ int cmd_info(int argc, char **argv)
     if (a.failed)
         return 2;
     if (!path) {
-        fprintf(stderr, "usage: zse info FILE.zse [--json] [--ctx N] [--fit]\n");
+        fprintf(stderr, "usage: zse info FILE.zse [--json] [--ctx N] [--fit] [--gpu-memory SIZE [--kv-cache f16|int8]]\n");
+        return 2;
+    }
+    if (!kv || (strcmp(kv, "f16") != 0 && strcmp(kv, "int8") != 0)) {
+        fprintf(stderr, "zse info: --kv-cache takes f16 or int8\n");
         return 2;
     }
     if (fit)
@@ -206,10 +256,18 @@ int cmd_info(int argc, char **argv)
         ctx = zse_file_config(f)->max_position;
     tensor_totals t;
     total_tensors(f, &t);
-    if (as_json)
-        print_json(path, f, &t, ctx);
-    else
+    int rc = 0;
+    if (as_json) {
+        json_t *o = build_json(path, f, &t, ctx);
+        if (gpu_memory)
+            rc = print_placement(path, f, ctx, strcmp(kv, "int8") == 0, gpu_memory, true, o);
+        if (rc == 0)
+            dump_json(o);
+    } else {
         print_text(path, f, &t, ctx);
+        if (gpu_memory)
+            rc = print_placement(path, f, ctx, strcmp(kv, "int8") == 0, gpu_memory, false, NULL);
+    }
     zse_file_close(f);
-    return 0;
+    return rc;
 }

@@ -1,16 +1,17 @@
 /* What fits where: a .zse file's memory needs against each GPU and the CPU of this machine,
  * for `zse hardware --fit` and `zse info --fit`.
  *
- * Per device it answers: does the model run resident (every weight in that device's
- * memory), and with how long a context for each KV-cache type. The figures follow what
- * zse_model_load does (src/engine/api.c): the weights, the activations of a 512-token
- * prefill chunk, then the KV cache out of what is left less the reserve the engine keeps
- * (5% of it, at least 256 MiB); on a GPU an untied embedding table stays in host memory.
- * Another mode goes into fit_modes[] when the engine has it (issue 18: experts offloaded
- * to host memory, layers streamed from it); until then only "resident" is said. */
+ * Per device it answers: how the model runs there — resident (every weight in that device's
+ * memory), with its experts offloaded to host memory, or with layers streamed through the
+ * GPU (zse_model_fit, the arithmetic zse_model_load itself uses) — and with how long a
+ * context for each KV-cache type. A GPU's budget is its free memory less what cuBLAS takes
+ * beyond zse's own allocations; the CPU row is resident or nothing (its weights are used in
+ * place: weights, the activations of a 512-token prefill chunk, then the KV cache out of
+ * what is left less the engine's reserve). */
 #include "cli/cli.h"
 
 #include "backend/backend.h"
+#include "engine/engine.h"
 #include "format/format.h"
 
 #include <stdio.h>
@@ -49,12 +50,17 @@ static uint64_t activation_bytes(const zse_config *c)
 }
 
 typedef struct {
-    const char *mode;           /* "resident" */
+    const char *mode;           /* "resident", "experts offloaded", "streamed" */
     bool fits;
     uint64_t device_bytes;      /* weights the device holds in this mode */
     uint64_t host_bytes;        /* weights left in host memory */
     int64_t max_ctx[2];         /* per KV type (f16, int8); 0 = not even one block */
+    zse_fit fit;                /* a GPU's placement at a typical context (FIT_TYPICAL_CTX) */
+    uint64_t minimum;           /* the least memory that runs it (when it does not fit) */
 } fit_result;
+
+/* the context of a GPU row's placement: a typical run, or the model's whole context if shorter */
+enum { FIT_TYPICAL_CTX = 4096 };
 
 /* the longest context (a multiple of 16, at most the model's) whose KV cache fits in
  * `room` after the engine's reserve */
@@ -84,10 +90,48 @@ static void fit_resident(const zse_file *f, bool gpu, double memory, fit_result 
     r->fits = r->max_ctx[0] > 0 || r->max_ctx[1] > 0;
 }
 
-/* every mode zse has, most resident first; the first that fits is the one zse would use */
-static void (*const fit_modes[])(const zse_file *, bool, double, fit_result *) = {
-    fit_resident,
-};
+/* the placement zse_model_load would choose on `memory` bytes at ctx (one sequence) */
+static int fit_gpu_at(const zse_file *f, double memory, int64_t ctx, bool int8, zse_fit *out)
+{
+    zse_load_params lp;
+    zse_load_params_default(&lp);
+    lp.ctx_size = (int)ctx;
+    lp.kv_type = int8 ? ZSE_KV_INT8 : ZSE_KV_F16;
+    const bool embed_on_host = !zse_file_config(f)->tie_embeddings;
+    return zse_model_fit(f, &lp, memory > 0 ? (uint64_t)memory : 0, "the GPU's free memory is", embed_on_host, out);
+}
+
+/* A GPU: the placement at a typical context, and per KV type the longest context that runs
+ * in any placement (found by bisection: a longer context only needs more) */
+static void fit_gpu(const zse_file *f, double memory, fit_result *r)
+{
+    const zse_config *c = zse_file_config(f);
+    memset(r, 0, sizeof *r);
+    zse_fit probe;
+    for (int k = 0; k < 2; k++) {
+        int64_t lo = 0, hi = c->max_position / FIT_KV_BLOCK; /* in blocks: lo runs (0: nothing yet) */
+        while (lo < hi) {
+            const int64_t mid = (lo + hi + 1) / 2;
+            if (fit_gpu_at(f, memory, mid * FIT_KV_BLOCK, k == 1, &probe) == 0) {
+                zse_fit_free(&probe);
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        r->max_ctx[k] = lo * FIT_KV_BLOCK;
+    }
+    /* the placement at a typical context, or at the longest that runs when that is shorter */
+    const int64_t typical = c->max_position < FIT_TYPICAL_CTX ? c->max_position : FIT_TYPICAL_CTX;
+    const int64_t longest = r->max_ctx[0] ? r->max_ctx[0] : r->max_ctx[1];
+    const int64_t ctx = typical <= longest ? typical : longest > 0 ? longest : FIT_KV_BLOCK;
+    r->fits = fit_gpu_at(f, memory, ctx, r->max_ctx[0] == 0, &r->fit) == 0;
+    r->minimum = r->fit.minimum; /* also after a failure: the least memory that runs it */
+    r->mode = r->fits ? zse_fit_mode_name(r->fit.mode) : "no";
+    r->device_bytes = r->fit.device_weights;
+    r->host_bytes = r->fit.host_weights;
+    zse_fit_free(&r->fit); /* its counts stay; the layer map is not printed */
+}
 
 static double host_available(double *total)
 {
@@ -113,32 +157,67 @@ static void ctx_text(const fit_result *r, int k, const zse_config *c, char *buf,
         snprintf(buf, n, "%lld%s", (long long)r->max_ctx[k], r->max_ctx[k] == c->max_position ? " (full)" : "");
 }
 
+/* one line saying what a placement keeps where (zse info --gpu-memory, zse hardware --fit) */
+void cli_print_placement(const zse_fit *fit, const char *indent)
+{
+    char b1[32], b2[32];
+    switch (fit->mode) {
+    case ZSE_FIT_STREAM:
+        printf("%s%d of %d layers resident, %d streamed from host memory (%s) through %d buffers of %s\n", indent,
+               fit->n_layers - fit->layers_streamed, fit->n_layers, fit->layers_streamed,
+               cli_human_bytes(fit->host_weights, b1), fit->stream_buffers,
+               cli_human_bytes(fit->layer_buffer_bytes, b2));
+        break;
+    case ZSE_FIT_EXPERTS:
+        printf("%sexperts in host memory (%s), %d of %d cached on the GPU (%s); every other weight resident\n", indent,
+               cli_human_bytes(fit->host_weights, b1), fit->expert_slots, fit->experts_total,
+               cli_human_bytes(fit->slab_bytes, b2));
+        break;
+    default:
+        printf("%severy weight resident\n", indent);
+        break;
+    }
+}
+
 static json_t *fit_device(const zse_file *f, const char *where, const char *name, bool gpu, double memory,
                           const char *memory_what, bool as_json)
 {
     const zse_config *c = zse_file_config(f);
     fit_result r = {0};
-    for (size_t m = 0; m < sizeof fit_modes / sizeof fit_modes[0]; m++) {
-        fit_modes[m](f, gpu, memory, &r);
-        if (r.fits)
-            break;
+    if (gpu)
+        fit_gpu(f, memory - GPU_LIBRARIES, &r);
+    else
+        fit_resident(f, false, memory, &r);
+    if (as_json) {
+        json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:b, s:s, s:I, s:I, s:I, s:I}", "device", where, "name", name,
+                              "memory_bytes", (json_int_t)memory, "memory", memory_what, "fits", r.fits, "mode",
+                              r.fits ? r.mode : "none", "device_weight_bytes", (json_int_t)r.device_bytes,
+                              "host_weight_bytes", (json_int_t)r.host_bytes, "max_ctx_kv_f16",
+                              (json_int_t)r.max_ctx[0], "max_ctx_kv_int8", (json_int_t)r.max_ctx[1]);
+        if (gpu && r.fits)
+            json_object_set_new(o, "placement", json_pack("{s:i, s:i, s:i, s:i, s:i}", "ctx",
+                (int)(c->max_position < FIT_TYPICAL_CTX ? c->max_position : FIT_TYPICAL_CTX), "layers_streamed",
+                r.fit.layers_streamed, "stream_buffers", r.fit.stream_buffers, "experts_cached", r.fit.expert_slots,
+                "experts_total", r.fit.experts_total));
+        if (r.minimum)
+            json_object_set_new(o, "minimum_bytes", json_integer((json_int_t)r.minimum));
+        return o;
     }
-    if (as_json)
-        return json_pack("{s:s, s:s, s:I, s:s, s:b, s:s, s:I, s:I, s:I, s:I}", "device", where, "name", name,
-                         "memory_bytes", (json_int_t)memory, "memory", memory_what, "fits", r.fits, "mode", r.mode,
-                         "device_weight_bytes", (json_int_t)r.device_bytes, "host_weight_bytes",
-                         (json_int_t)r.host_bytes, "max_ctx_kv_f16", (json_int_t)r.max_ctx[0], "max_ctx_kv_int8",
-                         (json_int_t)r.max_ctx[1]);
     char f16[48], i8[48];
     ctx_text(&r, 0, c, f16, sizeof f16);
     ctx_text(&r, 1, c, i8, sizeof i8);
     printf("%-8s %-28.28s %7.1f GiB %-9s  %-9s %-16s %-16s\n", where, name, memory / GIB, memory_what,
            r.fits ? r.mode : "no", f16, i8);
-    if (!r.fits)
+    if (!r.fits && gpu && r.minimum)
+        printf("         needs at least %.2f GiB (weights in host memory where they can be); %.2f GiB %s\n",
+               (double)r.minimum / GIB, memory / GIB, memory_what);
+    else if (!r.fits)
         printf("         weights need %.2f GiB; %.2f GiB %s (a smaller --quant, e.g. int4, needs less)\n",
                (double)r.device_bytes / GIB, memory / GIB, memory_what);
-    else if (r.host_bytes)
-        printf("         the embedding table (%.0f MiB) stays in host memory\n", (double)r.host_bytes / MIB);
+    else if (gpu && r.fit.mode != ZSE_FIT_RESIDENT)
+        cli_print_placement(&r.fit, "         ");
+    else if (gpu && r.host_bytes)
+        printf("         the embedding table stays in host memory\n");
     return NULL;
 }
 

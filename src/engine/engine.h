@@ -259,6 +259,9 @@ struct zse_model {
     int n_eos;
     bool add_bos;
     const char *quant;
+    /* where the weights are (zse_model_fit): the placement and its counts */
+    zse_fit_mode placement;
+    int layers_streamed, expert_slots, experts_total;
     zse_lora_cache *lora;       /* NULL: loaded without adapter slots */
     /* constrained decoding (constraint.c): the vocabulary as a grammar sees it, built on
      * first use: plain, and with the tool-call format's special tokens allowed */
@@ -279,6 +282,19 @@ void zse_model_find_tool_markers(zse_model *m);
 int zse_mask_fill_timed(const zse_model *m, zse_matcher *matcher, uint32_t *mask);
 
 bool zse_model_is_eos(const zse_model *m, int32_t t);
+
+/* The placement zse_model_load gives f's weights for these load parameters on a device of
+ * `budget` bytes (the --gpu-memory budget, or the device's free memory: budget_what names it
+ * in the error), with an untied embedding table in host memory when embed_on_host; the
+ * environment's ZSE_EXPERT_CACHE / ZSE_STREAM_LAYERS / ZSE_STREAM_BUFFERS apply. 0, or -1
+ * with an error that states the smallest budget that runs the model. `zse info --gpu-memory`
+ * and `zse hardware --fit` print it. */
+int zse_model_fit(const zse_file *f, const zse_load_params *p, uint64_t budget, const char *budget_what,
+                  bool embed_on_host, zse_fit *out);
+/* the model's offload counters in the public form (the caller holds the run lock) */
+void zse_offload_stats_of(const zse_llm *llm, zse_offload_stats *out);
+/* the context a model of this config gets for these load parameters */
+int zse_model_ctx_size(const zse_config *c, const zse_load_params *p);
 
 /* ---- one sequence: the core that zse_seq (api.c) and the engine's requests (scheduler.c)
  * are both built on (seq.c). It owns the tokens (prompt, then generated), the count of them

@@ -88,7 +88,7 @@ static int default_kv_blocks(const zse_config *c, const zse_load_params *p, int 
 static int fit_kv_on_device(const zse_backend_memory *bm, const zse_load_params *p, uint64_t per_block,
                             int per_seq, int *n_blocks)
 {
-    uint64_t held = bm->weights + bm->adapters + bm->activations + bm->workspace;
+    uint64_t held = bm->weights + bm->adapters + bm->activations + bm->workspace + bm->slabs;
     uint64_t free_now = bm->device_total > bm->device_used ? bm->device_total - bm->device_used : 0;
     uint64_t room = free_now;
     if (p->gpu_memory) {
@@ -154,26 +154,137 @@ static uint64_t expert_bytes(const zse_file *f)
     return bytes;
 }
 
-/* --gpu-memory: the weights alone must fit (checked before copying any) */
-static int check_weights_fit(const zse_model *m, const zse_load_params *p)
+int zse_model_ctx_size(const zse_config *c, const zse_load_params *p)
 {
+    return p->ctx_size > 0 && p->ctx_size < c->max_position ? p->ctx_size : c->max_position;
+}
+
+/* ---- placement: what stays on the device ------------------------------------------------
+ * Knobs for tests and comparisons (docs/CUDA.md): ZSE_EXPERT_CACHE=N offloads a MoE model's
+ * experts with at most N cached, ZSE_STREAM_LAYERS=N streams at least N layers of a dense
+ * model, whatever the budget; ZSE_STREAM_BUFFERS=N layer buffers (default 2);
+ * ZSE_HOST_EXPERTS=auto|never|always says which missing experts run on the host. */
+
+/* a count from the environment in [lo, hi] (0 when unset); -1 with an error when malformed */
+static int env_count(const char *name, int lo, int hi, int *out)
+{
+    const char *v = getenv(name);
+    *out = 0;
+    if (!v || !*v)
+        return 0;
+    char *end;
+    long n = strtol(v, &end, 10);
+    if (*end || n < lo || n > hi)
+        return zse_fail("%s=%s: a count from %d to %d is expected", name, v, lo, hi);
+    *out = (int)n;
+    return 0;
+}
+
+static int host_experts_mode(zse_host_experts *out)
+{
+    const char *v = getenv("ZSE_HOST_EXPERTS");
+    *out = ZSE_HOST_EXPERTS_AUTO;
+    if (!v || !*v || strcmp(v, "auto") == 0)
+        return 0;
+    if (strcmp(v, "never") == 0)
+        *out = ZSE_HOST_EXPERTS_NEVER;
+    else if (strcmp(v, "always") == 0)
+        *out = ZSE_HOST_EXPERTS_ALWAYS;
+    else
+        return zse_fail("ZSE_HOST_EXPERTS=%s: auto, never or always is expected", v);
+    return 0;
+}
+
+int zse_model_fit(const zse_file *f, const zse_load_params *p, uint64_t budget, const char *budget_what,
+                  bool embed_on_host, zse_fit *out)
+{
+    const zse_config *c = zse_file_config(f);
+    const int ctx = zse_model_ctx_size(c, p);
+    const uint64_t per_block = kv_block_bytes(c, p->kv_type);
+    const uint64_t per_seq = (uint64_t)(ctx + ZSE_KV_BLOCK - 1) / ZSE_KV_BLOCK;
+    zse_fit_in in = {.budget = budget, .budget_what = budget_what, .max_tokens = ZSE_PREFILL_CHUNK,
+                     .max_out = LOGIT_ROWS, .embed_on_host = embed_on_host};
+    memset(out, 0, sizeof *out);
+    if (ctx < 1)
+        return zse_fail("the model's context length is %d", ctx);
+    if (p->kv_cache_bytes) { /* an explicit size must fit as it is */
+        if (p->kv_cache_bytes < per_block)
+            return zse_fail("a KV cache budget of %llu bytes holds no block (one block of %d tokens needs %llu)",
+                            (unsigned long long)p->kv_cache_bytes, ZSE_KV_BLOCK, (unsigned long long)per_block);
+        in.kv_want = in.kv_min = p->kv_cache_bytes / per_block * per_block;
+    } else {
+        in.kv_want = (uint64_t)default_kv_blocks(c, p, ctx) * per_block;
+        in.kv_min = per_seq * per_block;
+    }
+    if (env_count("ZSE_EXPERT_CACHE", 1, 1 << 30, &in.force_expert_slots) != 0 ||
+        env_count("ZSE_STREAM_LAYERS", 1, 1 << 30, &in.force_streamed) != 0 ||
+        env_count("ZSE_STREAM_BUFFERS", 1, 64, &in.stream_buffers) != 0)
+        return -1;
+    return zse_llm_fit(f, &in, out);
+}
+
+/* The device budget, then the placement that fits it. On the CPU there is nothing to budget
+ * (its weights are used in place from the mapping): every weight stays put unless a test
+ * knob asks for the offload path. */
+static int place_weights(zse_model *m, const zse_load_params *p, zse_fit *fit)
+{
+    const zse_config *c = zse_file_config(m->file);
     zse_backend_memory bm;
     m->be->ops->memory(m->be, &bm);
-    if (!bm.on_device || !p->gpu_memory)
-        return 0;
-    /* an untied embedding table stays in host memory where the backend can leave it there */
-    const bool embed_on_host = m->be->ops->weight_load_lookup && !zse_file_config(m->file)->tie_embeddings;
-    uint64_t bytes = expert_bytes(m->file);
-    for (size_t i = 0; i < zse_file_n_tensors(m->file); i++) {
-        const zse_tensor_info *t = zse_file_tensor_at(m->file, i);
-        if (!(embed_on_host && strcmp(t->name, "token_embd.weight") == 0))
-            bytes += t->size;
+    uint64_t budget;
+    const char *what;
+    memset(fit, 0, sizeof *fit);
+    if (!bm.on_device) {
+        if (p->gpu_memory)
+            zse_log(ZSE_LOG_WARN, "--gpu-memory has nothing to budget on the %s backend: its weights are used in "
+                    "place from the file's mapping", m->be->ops->name);
+        const char *se = getenv("ZSE_EXPERT_CACHE"), *sl = getenv("ZSE_STREAM_LAYERS");
+        if (!(se && *se) && !(sl && *sl))
+            return 0; /* resident */
+        budget = UINT64_MAX / 4;
+        what = "the budget is";
+    } else if (p->gpu_memory) {
+        budget = p->gpu_memory;
+        what = "--gpu-memory allows";
+    } else {
+        budget = bm.device_total > bm.device_used ? bm.device_total - bm.device_used : 0;
+        what = "the GPU's free memory is";
     }
-    if (bytes >= p->gpu_memory)
-        return zse_fail("the weights need %.0f MiB of GPU memory; --gpu-memory allows %.0f MiB (a smaller "
-                        "quantization, e.g. zse convert --quant int4, would need less)",
-                        (double)bytes / MIB, (double)p->gpu_memory / MIB);
-    return 0;
+    /* an untied embedding table stays in host memory where the backend can leave it there */
+    const bool embed_on_host = m->be->ops->weight_load_lookup && !c->tie_embeddings;
+    return zse_model_fit(m->file, p, budget, what, embed_on_host, fit);
+}
+
+/* loads the weights where the fit puts them */
+static int load_weights(zse_model *m, const zse_load_params *p)
+{
+    zse_fit fit;
+    int knob;
+    zse_host_experts host;
+    /* every knob is checked, whether or not this model and backend use it */
+    if (env_count("ZSE_EXPERT_CACHE", 1, 1 << 30, &knob) != 0 || env_count("ZSE_STREAM_LAYERS", 1, 1 << 30, &knob) != 0 ||
+        env_count("ZSE_STREAM_BUFFERS", 1, 64, &knob) != 0 || host_experts_mode(&host) != 0 ||
+        place_weights(m, p, &fit) != 0)
+        return -1;
+    zse_placement pl;
+    zse_fit_placement(&fit, &pl);
+    pl.host_threads = p->threads;
+    int rc = host_experts_mode(&pl.host_experts);
+    if (rc == 0)
+        m->llm = zse_llm_load_placed(m->file, m->be, ZSE_PREFILL_CHUNK, LOGIT_ROWS,
+                                     fit.mode == ZSE_FIT_RESIDENT ? NULL : &pl);
+    m->placement = fit.mode;
+    m->layers_streamed = fit.layers_streamed;
+    m->expert_slots = fit.expert_slots;
+    m->experts_total = fit.experts_total;
+    if (fit.mode == ZSE_FIT_STREAM && m->llm)
+        zse_log(ZSE_LOG_INFO, "%s: %d of %d layers streamed from host memory through %d buffers",
+                zse_file_path(m->file), fit.layers_streamed, fit.n_layers, fit.stream_buffers);
+    else if (fit.mode == ZSE_FIT_EXPERTS && m->llm)
+        zse_log(ZSE_LOG_INFO, "%s: experts in host memory, %d of %d cached on the device", zse_file_path(m->file),
+                fit.expert_slots, fit.experts_total);
+    zse_fit_free(&fit);
+    return rc == 0 && m->llm ? 0 : -1;
 }
 
 zse_model *zse_model_load(const char *path, const zse_load_params *params)
@@ -198,17 +309,19 @@ zse_model *zse_model_load(const char *path, const zse_load_params *params)
         return NULL;
     }
     pthread_mutex_init(&m->grammar_lock, NULL);
-    if (!(m->mask_timing = zse_calloc(1, sizeof *m->mask_timing)) || !(m->file = zse_file_open(path)) || !(m->tok = zse_tokenizer_from_zse(m->file)) ||
-        !(m->be = zse_backend_create(params->device, params->threads)) || check_weights_fit(m, params) != 0 ||
-        !(m->llm = zse_llm_load(m->file, m->be, ZSE_PREFILL_CHUNK, LOGIT_ROWS)))
+    if (!(m->mask_timing = zse_calloc(1, sizeof *m->mask_timing)) || !(m->file = zse_file_open(path)) ||
+        !(m->tok = zse_tokenizer_from_zse(m->file)) ||
+        !(m->be = zse_backend_create(params->device, params->threads)))
         goto fail;
     const zse_config *c = zse_file_config(m->file);
     m->vocab = c->vocab_size;
-    m->ctx_size = params->ctx_size > 0 && params->ctx_size < c->max_position ? params->ctx_size : c->max_position;
+    m->ctx_size = zse_model_ctx_size(c, params);
     if (m->ctx_size < 1) {
         zse_fail("the model's context length is %d", m->ctx_size);
         goto fail;
     }
+    if (load_weights(m, params) != 0)
+        goto fail;
     /* adapter slots before the KV cache, which takes what is left of the device */
     if (zse_lora_cache_new(m, params) != 0 || create_kv(m, c, params) != 0)
         goto fail;
@@ -288,7 +401,7 @@ void zse_model_get_memory(zse_model *m, zse_memory_info *out)
     pthread_mutex_unlock(&m->run_lock);
     memset(out, 0, sizeof *out);
     out->weights = bm.weights;
-    if (!bm.on_device) { /* used in place: the mapped tensors and experts are the weights */
+    if (!bm.on_device && m->placement == ZSE_FIT_RESIDENT) { /* used in place: the mapped tensors and experts */
         out->weights += expert_bytes(m->file);
         for (size_t i = 0; i < zse_file_n_tensors(m->file); i++)
             out->weights += zse_file_tensor_at(m->file, i)->size;
@@ -297,11 +410,44 @@ void zse_model_get_memory(zse_model *m, zse_memory_info *out)
     out->adapters = bm.adapters;
     out->activations = bm.activations;
     out->workspace = bm.workspace;
+    out->stream_buffers = m->placement == ZSE_FIT_STREAM ? bm.slabs : 0;
+    out->expert_cache = m->placement == ZSE_FIT_EXPERTS ? bm.slabs : 0;
+    out->host_pinned = bm.host_pinned;
+    out->placement = zse_fit_mode_name(m->placement);
+    const int n_layers = zse_file_config(m->file)->n_layers;
+    out->layers_streamed = m->layers_streamed;
+    out->layers_resident = n_layers - m->layers_streamed;
+    out->experts_cached = m->placement == ZSE_FIT_EXPERTS ? m->expert_slots : 0;
+    for (size_t i = 0; i < zse_file_n_expert_banks(m->file); i++)
+        out->experts_total += zse_file_expert_bank_at(m->file, i)->count;
+    if (m->placement != ZSE_FIT_EXPERTS)
+        out->experts_cached = out->experts_total;
     out->on_device = bm.on_device;
     out->device_used = bm.device_used;
     out->device_total = bm.device_total;
-    uint64_t ours = bm.weights + bm.adapters + bm.kv_cache + bm.activations + bm.workspace;
+    uint64_t ours = bm.weights + bm.adapters + bm.kv_cache + bm.activations + bm.workspace + bm.slabs;
     out->device_other = bm.device_used > ours ? bm.device_used - ours : 0;
+}
+
+void zse_offload_stats_of(const zse_llm *llm, zse_offload_stats *out)
+{
+    zse_llm_offload_stats s;
+    zse_llm_offload_stats_get(llm, &s);
+    out->steps = s.steps;
+    out->expert_hits = s.expert_hits;
+    out->expert_fetches = s.expert_fetches;
+    out->expert_prefetches = s.expert_prefetches;
+    out->expert_prefetch_hits = s.expert_prefetch_hits;
+    out->expert_host = s.expert_host;
+    out->layers_streamed = s.layers_streamed;
+    out->bytes_to_device = s.bytes_to_device;
+}
+
+void zse_model_get_offload_stats(zse_model *m, zse_offload_stats *out)
+{
+    pthread_mutex_lock(&m->run_lock);
+    zse_offload_stats_of(m->llm, out);
+    pthread_mutex_unlock(&m->run_lock);
 }
 
 int zse_tokenize(const zse_model *m, const char *text, size_t len, int flags, int32_t **ids, size_t *n)

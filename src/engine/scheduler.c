@@ -80,6 +80,7 @@ struct zse_engine {
     zse_sequence **drafting;    /* [max_seqs] the sequences a step proposes drafts for */
     int *want;
     zse_spec_stats spec_stats;  /* under mu: spec.stats after the last step */
+    zse_offload_stats offload_stats; /* under mu: the model's after the last step */
     request **lora_order;       /* prepare_adapters' walk */
     int lora_cap;
 };
@@ -716,8 +717,11 @@ static int step(zse_engine *e)
     }
     int used = zse_block_pool_used(&e->m->blocks);
     zse_block_pool pool = e->m->blocks; /* its counters, read under the lock */
+    zse_offload_stats offload;
+    zse_offload_stats_of(e->m->llm, &offload);
     pthread_mutex_unlock(&e->m->run_lock);
     pthread_mutex_lock(&e->mu);
+    e->offload_stats = offload;
     e->kv_used = used;
     e->prefix_hits = pool.hit_tokens;
     e->prefix_queries = pool.query_tokens;
@@ -977,6 +981,7 @@ void zse_engine_get_stats(zse_engine *e, zse_engine_stats *out)
     out->prefix_query_tokens = e->prefix_queries;
     out->prefix_cached_blocks = e->prefix_blocks;
     out->spec = e->spec_stats;
+    out->offload = e->offload_stats;
     pthread_mutex_unlock(&e->mu);
 }
 

@@ -100,6 +100,47 @@ static void free_acts(zse_llm *m)
         *acts[i] = NULL;
     }
     zse_moe_free_acts(m);
+    zse_offload_free_acts(m);
+}
+
+/* the activation shapes alloc_acts makes, [rows][cols] each (zse_llm_act_bytes counts them) */
+typedef struct {
+    int64_t rows, cols;
+} act_shape;
+
+static int act_shapes(const zse_config *c, int64_t T, int64_t O, act_shape *out)
+{
+    const int64_t qd = (int64_t)c->n_heads * c->head_dim, kd = (int64_t)c->n_kv_heads * c->head_dim;
+    /* the dense MLP's hidden rows (when a layer has one: not in Mixtral), and a shared expert's */
+    const int64_t dense_ffn = zse_config_moe_layer_count(c) < c->n_layers ? c->intermediate_size : 1;
+    const int64_t ffn = c->shared_ffn > dense_ffn ? c->shared_ffn : dense_ffn;
+    const act_shape dense[] = {{T, c->hidden_size}, {T, c->hidden_size}, {T, c->hidden_size}, {T, qd}, {T, kd},
+                               {T, kd}, {T, qd}, {T, ffn}, {T, ffn}, {O, c->hidden_size}, {O, c->hidden_size},
+                               {O, c->vocab_size}};
+    int n = 0;
+    for (size_t i = 0; i < sizeof dense / sizeof dense[0]; i++)
+        out[n++] = dense[i];
+    if (c->n_experts > 0) { /* moe.c's: router logits, the pairs' rows, the shared expert's gate */
+        const int64_t pairs = T * c->n_experts_used;
+        out[n++] = (act_shape){T, c->n_experts};
+        out[n++] = (act_shape){pairs, c->hidden_size};
+        out[n++] = (act_shape){pairs, c->expert_ffn};
+        out[n++] = (act_shape){pairs, c->expert_ffn};
+        out[n++] = (act_shape){T, c->shared_gate ? 1 : 0};
+    }
+    return n;
+}
+
+uint64_t zse_llm_act_bytes(const zse_config *c, int max_tokens, int max_out)
+{
+    act_shape shapes[24];
+    const int n = act_shapes(c, max_tokens, max_out, shapes);
+    uint64_t bytes = 0;
+    for (int i = 0; i < n; i++) /* rows padded to 16 bytes, as a GPU keeps them */
+        bytes += (uint64_t)shapes[i].rows * (uint64_t)((shapes[i].cols + 3) / 4 * 4) * sizeof(float);
+    if (c->n_experts > 0) /* the routing's arrays (pairs: expert, weight, place, token; the segments) */
+        bytes += (uint64_t)max_tokens * (uint64_t)c->n_experts_used * 16 + (uint64_t)(c->n_experts + 1) * 8 + 1024;
+    return bytes;
 }
 
 static int alloc_acts(zse_llm *m, int max_tokens, int max_out)
@@ -125,7 +166,7 @@ static int alloc_acts(zse_llm *m, int max_tokens, int max_out)
     m->xo2 = o->act_new(m->be, O, c->hidden_size);
     m->logits = o->act_new(m->be, O, c->vocab_size);
     if (!(m->x && m->xb && m->xb2 && m->q && m->k && m->v && m->att && m->hb && m->hb2 && m->xo && m->xo2 &&
-          m->logits) || zse_moe_alloc_acts(m, T) != 0) {
+          m->logits) || zse_moe_alloc_acts(m, T) != 0 || zse_offload_alloc_acts(m, T) != 0) {
         free_acts(m);
         m->max_tokens = m->max_out = 0;
         return -1;
@@ -155,6 +196,18 @@ int zse_llm_reserve(zse_llm *m, int max_tokens, int max_out)
 
 zse_llm *zse_llm_load(const zse_file *f, zse_backend *be, int max_tokens, int max_out)
 {
+    return zse_llm_load_placed(f, be, max_tokens, max_out, NULL);
+}
+
+/* the weight of a streamed layer's matrix is bound to a layer buffer by offload.c */
+static zse_weight *load_matrix(zse_llm *m, const zse_file *f, int l, const char *what, bool streamed, int *rc)
+{
+    return streamed ? NULL : zse_model_load_layer(m, f, l, what, true, rc);
+}
+
+zse_llm *zse_llm_load_placed(const zse_file *f, zse_backend *be, int max_tokens, int max_out,
+                             const zse_placement *pl)
+{
     zse_llm *m = zse_calloc(1, sizeof *m);
     if (!m)
         return NULL;
@@ -172,6 +225,11 @@ zse_llm *zse_llm_load(const zse_file *f, zse_backend *be, int max_tokens, int ma
     }
     m->layers = zse_calloc((size_t)c->n_layers, sizeof *m->layers);
     int rc = m->layers ? 0 : -1;
+    /* which offload runs decides how layers load: experts kept in host memory, matrices of
+     * streamed layers bound to layer buffers */
+    m->off.experts = pl && pl->expert_slots > 0;
+    for (int l = 0; pl && l < c->n_layers; l++)
+        m->off.stream = m->off.stream || zse_offload_streams(pl, l);
     /* tied, the table is also the lm_head and must be where matmul reads it */
     m->tok_embd = load_tensor(m, f, "token_embd.weight", true, !c->tie_embeddings, &rc);
     m->out_norm = load_named(m, f, "output_norm.weight", true, &rc);
@@ -179,9 +237,10 @@ zse_llm *zse_llm_load(const zse_file *f, zse_backend *be, int max_tokens, int ma
     for (int l = 0; rc == 0 && l < c->n_layers; l++) {
         layer_weights *L = &m->layers[l];
         L->attn_norm = zse_model_load_layer(m, f, l, "attn_norm.weight", true, &rc);
-        L->wq = zse_model_load_layer(m, f, l, "attn_q.weight", true, &rc);
-        L->wk = zse_model_load_layer(m, f, l, "attn_k.weight", true, &rc);
-        L->wv = zse_model_load_layer(m, f, l, "attn_v.weight", true, &rc);
+        const bool streamed = zse_offload_streams(pl, l);
+        L->wq = load_matrix(m, f, l, "attn_q.weight", streamed, &rc);
+        L->wk = load_matrix(m, f, l, "attn_k.weight", streamed, &rc);
+        L->wv = load_matrix(m, f, l, "attn_v.weight", streamed, &rc);
         /* only what the config reads: the reader checked the shapes of exactly those */
         if (c->attn_bias) {
             L->bq = zse_model_load_layer(m, f, l, "attn_q.bias", true, &rc);
@@ -192,7 +251,7 @@ zse_llm *zse_llm_load(const zse_file *f, zse_backend *be, int max_tokens, int ma
             L->q_norm = zse_model_load_layer(m, f, l, "attn_q_norm.weight", true, &rc);
             L->k_norm = zse_model_load_layer(m, f, l, "attn_k_norm.weight", true, &rc);
         }
-        L->wo = zse_model_load_layer(m, f, l, "attn_output.weight", true, &rc);
+        L->wo = load_matrix(m, f, l, "attn_output.weight", streamed, &rc);
         if (c->attn_out_bias)
             L->bo = zse_model_load_layer(m, f, l, "attn_output.bias", true, &rc);
         L->ffn_norm = zse_model_load_layer(m, f, l, "ffn_norm.weight", true, &rc);
@@ -201,12 +260,16 @@ zse_llm *zse_llm_load(const zse_file *f, zse_backend *be, int max_tokens, int ma
                 rc = zse_moe_layer_load(m, f, l);
             continue;
         }
-        L->gate = zse_model_load_layer(m, f, l, "ffn_gate.weight", true, &rc);
-        L->up = zse_model_load_layer(m, f, l, "ffn_up.weight", true, &rc);
-        L->down = zse_model_load_layer(m, f, l, "ffn_down.weight", true, &rc);
+        L->gate = load_matrix(m, f, l, "ffn_gate.weight", streamed, &rc);
+        L->up = load_matrix(m, f, l, "ffn_up.weight", streamed, &rc);
+        L->down = load_matrix(m, f, l, "ffn_down.weight", streamed, &rc);
     }
+    if (rc == 0 && (m->off.experts || m->off.stream))
+        rc = zse_offload_init(m, f, pl);
     if (rc == 0)
         rc = zse_llm_reserve(m, max_tokens, max_out);
+    if (rc == 0)
+        rc = zse_offload_start(m);
     if (rc == 0) {
         float *inv = zse_malloc((size_t)c->head_dim / 2 * sizeof *inv), mscale;
         rc = inv ? 0 : -1;
@@ -227,6 +290,7 @@ void zse_llm_free(zse_llm *m)
 {
     if (!m)
         return;
+    zse_offload_free(m); /* first: a streamed layer's matrices are its views */
     const zse_backend_ops *o = ops(m);
     zse_weight **all[] = {&m->tok_embd, &m->out_norm, &m->output};
     for (size_t i = 0; i < 3; i++)
@@ -350,11 +414,15 @@ static void issue_step(zse_llm *m, zse_kv *kv, const zse_batch *b)
     int64_t n = b->n_tokens;
     o->embed(m->be, m->tok_embd, m->x);
     for (int l = 0; l < c->n_layers; l++) {
+        if (m->off.stream)
+            zse_offload_layer_begin(m, l);
         attention_block(m, kv, l, n);
         if (m->layers[l].experts)
             zse_moe_block(m, l, n);
         else
             mlp_block(m, l, n);
+        if (m->off.stream)
+            zse_offload_layer_end(m, l);
     }
     if (b->n_out == 0)
         return;
@@ -417,16 +485,29 @@ static int forward_to_logits(zse_llm *m, zse_kv *kv, const zse_batch *b)
     if (b->lora_modules && (!b->adapter_of_seq || !m->lora))
         return zse_fail("a batch with adapters on a model without adapter slots");
     m->step_lora = b->adapter_of_seq ? b->lora_modules : 0;
+    /* A step with weights in host memory is not recorded: a MoE layer's host reads the
+     * routing back in the middle of it, and the copies and waits of the layer stream run on a
+     * second queue. What that costs is the launch time a recording saves (about 14 launches
+     * a layer, a few microseconds each at decode), small beside the copies such a step waits
+     * for. Nor is it padded, which only serves recordings. */
+    const bool offloaded = m->off.experts || m->off.stream;
     zse_batch padded;
-    const zse_batch *run = b->n_out > 0 ? pad_step(m, b, &padded) : b;
+    const zse_batch *run = b->n_out > 0 && !offloaded ? pad_step(m, b, &padded) : b;
     m->steps++; /* from here on the logits buffer no longer holds the previous step's */
     if (o->begin_batch(m->be, run) != 0)
         return -1;
-    int st = o->step_begin ? o->step_begin(m->be, m, kv) : ZSE_STEP_ISSUE;
+    int st = o->step_begin && !offloaded ? o->step_begin(m->be, m, kv) : ZSE_STEP_ISSUE;
     /* at most twice: a failed recording asks for the ops once more, and runs them eagerly */
     for (int tries = 0; st == ZSE_STEP_ISSUE && tries < 2; tries++) {
         issue_step(m, kv, run);
-        st = o->step_end ? o->step_end(m->be) : ZSE_STEP_DONE;
+        st = o->step_end && !offloaded ? o->step_end(m->be) : ZSE_STEP_DONE;
+    }
+    if (offloaded) {
+        m->off.stats.steps++;
+        if (m->off.failed) {
+            m->off.failed = false;
+            return zse_fail("%s", m->off.error);
+        }
     }
     if (st != ZSE_STEP_DONE)
         return st < 0 ? -1 : zse_fail("the backend did not run the step");

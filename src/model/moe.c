@@ -10,8 +10,11 @@
  *
  * The routed experts run through the backend's grouped ops: the step's (token, expert)
  * pairs sorted by expert, one matmul call for all the active experts' gates, one for their
- * ups, one for their downs. Routing comes before any expert runs (moe_route), so a backend
- * that keeps experts elsewhere can ask which ones the step needs (moe_route_experts). */
+ * ups, one for their downs. Routing comes before any expert runs (moe_route), so when the
+ * experts live in host memory (offload.c) the step learns which ones it needs before any
+ * runs: it fetches or places them, runs the rest on the host, and predicts the next MoE
+ * layer's experts from this layer's hidden state with that layer's router, to prefetch them
+ * while this layer computes and the next one's attention runs. */
 #include "model/internal.h"
 
 #include <stdio.h>
@@ -32,7 +35,7 @@ int zse_moe_layer_load(zse_llm *m, const zse_file *f, int l)
         if (c->shared_gate)
             L->sh_inp = zse_model_load_layer(m, f, l, "ffn_gate_inp_shexp.weight", true, &rc);
     }
-    if (rc == 0 && !(L->experts = ops(m)->experts_load(m->be, bank))) {
+    if (rc == 0 && !(L->experts = m->off.experts ? ops(m)->experts_host(m->be, bank) : ops(m)->experts_load(m->be, bank))) {
         zse_error_prefix("layer %d experts", l);
         rc = -1;
     }
@@ -111,11 +114,23 @@ void zse_moe_block(zse_llm *m, int l, int64_t n)
     /* route first: which experts run is known before any of them does */
     o->matmul(m->be, L->router, m->xb, n, m->router_logits);
     o->moe_route(m->be, m->route, m->router_logits, n);
+    const int next = m->off.experts ? m->off.next_moe[l] : -1;
+    if (next >= 0) {
+        /* the next MoE layer's router over this layer's hidden state (before this MLP adds to
+         * it): a prediction of what that layer will route to, read back with this routing */
+        o->rmsnorm(m->be, m->x, m->layers[next].ffn_norm, c->rms_eps, n, c->hidden_size, m->xb2);
+        o->matmul(m->be, m->layers[next].router, m->xb2, n, m->off.pred_logits);
+        o->moe_route(m->be, m->off.pred_route, m->off.pred_logits, n);
+    }
+    if (m->off.experts)
+        zse_offload_experts_place(m, l, n);
     o->moe_gather(m->be, m->route, m->xb, m->xs);
     o->moe_matmul(m->be, m->route, L->experts, ZSE_EXPERT_GATE, m->xs, m->hs);
     o->moe_matmul(m->be, m->route, L->experts, ZSE_EXPERT_UP, m->xs, m->hs2);
     o->silu_mul(m->be, m->hs, m->hs2, pairs, c->expert_ffn, m->hs);
     o->moe_matmul(m->be, m->route, L->experts, ZSE_EXPERT_DOWN, m->hs, m->xs); /* the inputs are spent */
+    if (m->off.experts)
+        zse_offload_experts_rest(m, l, n); /* prefetches, and the host's experts into xs */
     const zse_act *shared = NULL, *gate = NULL;
     if (L->sh_gate) {
         gate_up(m, L->sh_gate, L->sh_up, m->xb, n, m->hb, m->hb2);
@@ -128,4 +143,6 @@ void zse_moe_block(zse_llm *m, int l, int64_t n)
         }
     }
     o->moe_combine(m->be, m->route, m->xs, shared, gate, m->x);
+    if (m->off.experts)
+        zse_offload_experts_done(m, l);
 }

@@ -258,6 +258,26 @@ int srv_metrics_render(srv_metrics *m, const srv_live_stats *live, zse_buf *out)
         if (rc == 0)
             rc = render_counter(out, "zse_spec_emitted_tokens_total", "tokens those passes produced",
                                 st->spec.emitted);
+        /* weights in host memory (all zero for a resident model) */
+        const struct {
+            const char *name, *help;
+            uint64_t v;
+        } off[] = {
+            {"zse_offload_steps_total", "forward passes of a model with weights in host memory", st->offload.steps},
+            {"zse_expert_cache_hits_total", "routed experts found in the device's expert cache", st->offload.expert_hits},
+            {"zse_expert_fetches_total", "routed experts copied to the device when a step needed them",
+             st->offload.expert_fetches},
+            {"zse_expert_prefetches_total", "experts copied ahead for the next layer's predicted routing",
+             st->offload.expert_prefetches},
+            {"zse_expert_prefetch_hits_total", "prefetched experts routed to before they were evicted",
+             st->offload.expert_prefetch_hits},
+            {"zse_experts_on_host_total", "routed experts computed on the host", st->offload.expert_host},
+            {"zse_layers_streamed_total", "streamed layers computed (zStream)", st->offload.layers_streamed},
+            {"zse_offload_bytes_total", "bytes copied from host memory to the device (experts and layers)",
+             st->offload.bytes_to_device},
+        };
+        for (size_t i = 0; rc == 0 && i < sizeof off / sizeof off[0]; i++)
+            rc = render_counter(out, off[i].name, off[i].help, off[i].v);
     }
     if (rc == 0 && live->mask)
         rc = render_mask(out, live->mask);

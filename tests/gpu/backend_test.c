@@ -4,8 +4,10 @@
  * act_write/act_read with padded pitches, begin_batch, embed, rmsnorm (whole rows and per
  * head), matmul on both paths, add_bias, silu_mul, add, rope, kv_store + attention over a
  * paged f16 and int8 cache, gather_out_rows, the mixture-of-experts ops (experts_load from a
- * bank, routing, gather, the grouped matmul, combine), LoRA slots and lora_apply, and the sticky
- * error that sync() reports.
+ * bank, routing, gather, the grouped matmul, combine), weights in host memory (host_pin,
+ * slabs, slab_fetch with marks, weights in slab slots, experts_host / experts_map,
+ * moe_route_read, act_write_rows: the same numbers as resident weights, bit for bit), LoRA
+ * slots and lora_apply, and the sticky error that sync() reports.
  * Runs on the GPU device (tests/gpu/run.sh); exits 77 without a CUDA device. */
 #include "backend/backend.h"
 #include "quant/quant.h"
@@ -708,6 +710,224 @@ static void check_moe_mlp(zse_backend *be, zse_scheme s, int group, int E, int k
     free_host_bank(&hb);
 }
 
+
+/* ---- weights in host memory ---------------------------------------------------------------- */
+
+/* y = W x for n rows of random x through w (host floats out) */
+static void matmul_rows(zse_backend *be, const zse_weight *w, int64_t rows, int64_t cols, int n, const float *x, float *y)
+{
+    zse_act *ax = be->ops->act_new(be, n, cols), *ay = be->ops->act_new(be, n, rows);
+    CHECK(be->ops->act_write(be, ax, x, n) == 0);
+    be->ops->matmul(be, w, ax, n, ay);
+    CHECK_MSG(be->ops->sync(be) == 0 && be->ops->act_read(be, ay, y, n) == 0, "%s", zse_error_message());
+    be->ops->act_free(be, ax);
+    be->ops->act_free(be, ay);
+}
+
+/* a matrix streamed through a slab slot: fetched (after the last use of the slot), waited
+ * for, then multiplied — bit for bit the resident weight's numbers on every path (GEMV,
+ * tensor cores, cuBLAS), and the slot refilled with another matrix gives that one's */
+static void test_slab_weights(zse_backend *be)
+{
+    const zse_backend_ops *o = be->ops;
+    const int64_t rows = 256, cols = 512;
+    float *src[2] = {rand_floats((size_t)(rows * cols)), rand_floats((size_t)(rows * cols))};
+    packed p[2];
+    pack(&p[0], ZSE_SCHEME_Q4, rows, cols, 64, src[0]);
+    pack(&p[1], ZSE_SCHEME_Q4, rows, cols, 64, src[1]);
+    const size_t bytes = p[0].info.size, page = 4096, span = (bytes + page - 1) / page * page;
+    /* the "file": both tensors page-aligned in one host range, as a layer's span */
+    uint8_t *file = aligned_alloc(page, 2 * span);
+    memcpy(file, p[0].bytes, bytes);
+    memcpy(file + span, p[1].bytes, bytes);
+    zse_backend_memory bm0, bm;
+    o->memory(be, &bm0);
+    zse_pinned *h = o->host_pin(be, file, 2 * span);
+    zse_slab *sl = o->slab_new(be, (span + 255) / 256 * 256, 2);
+    CHECK_MSG(h && sl, "%s", zse_error_message());
+    o->memory(be, &bm);
+    CHECK(bm.slabs == bm0.slabs + 2 * ((span + 255) / 256 * 256) && bm.host_pinned >= bm0.host_pinned + 2 * span);
+    zse_weight *res[2] = {o->weight_load(be, &p[0].info), o->weight_load(be, &p[1].info)};
+    zse_weight *view = o->weight_in_slab(be, &p[0].info, sl, 1, 0);
+    CHECK_MSG(view && res[0] && res[1], "%s", zse_error_message());
+    zse_tensor_info vec = p[0].info;
+    vec.q.rows = 1;
+    vec.q.cols = cols;
+    vec.size = zse_qshape_bytes(&vec.q);
+    CHECK(o->weight_in_slab(be, &vec, sl, 0, 0) == NULL); /* vectors stay resident */
+    int64_t used = -1;
+    for (int which = 0; view && which < 2; which++) {
+        o->slab_fetch(be, sl, 1, h, (uint64_t)which * span, bytes, used);
+        o->wait_mark(be, ZSE_QUEUE_COMPUTE, o->mark(be, ZSE_QUEUE_COPY));
+        for (int n = 1; n <= 40; n = n == 1 ? 8 : n == 8 ? 40 : 41) {
+            float *x = rand_floats((size_t)(n * cols)), *a = malloc((size_t)(n * rows) * 4), *b = malloc((size_t)(n * rows) * 4);
+            matmul_rows(be, res[which], rows, cols, n, x, a);
+            matmul_rows(be, view, rows, cols, n, x, b);
+            CHECK_MSG(memcmp(a, b, (size_t)(n * rows) * 4) == 0, "a matrix in slab slot (fill %d), %d rows: differs "
+                      "from the resident weight", which, n);
+            free(x), free(a), free(b);
+        }
+        used = o->mark(be, ZSE_QUEUE_COMPUTE);
+    }
+    CHECK(o->sync(be) == 0);
+    o->weight_free(be, view);
+    o->weight_free(be, res[0]);
+    o->weight_free(be, res[1]);
+    o->slab_free(be, sl);
+    o->host_unpin(be, h);
+    o->memory(be, &bm);
+    CHECK(bm.slabs == bm0.slabs && bm.host_pinned == bm0.host_pinned);
+    free(file);
+    for (int i = 0; i < 2; i++) {
+        unpack(&p[i]);
+        free(src[i]);
+    }
+}
+
+/* the MoE MLP over experts kept in host memory, fetched into slab slots in reverse order and
+ * placed through the table: the resident bank's output bit for bit; then with the odd experts
+ * placed nowhere, their pairs' rows untouched by the grouped matmul and written back by index
+ * (what the host's share does), the result again the same */
+static void check_moe_offload(zse_backend *be, zse_scheme s, int group, int E, int k, int64_t H, int64_t F, int n)
+{
+    const zse_backend_ops *o = be->ops;
+    host_bank hb;
+    make_host_bank(&hb, s, group, E, H, F);
+    const size_t span = (size_t)hb.b.stride * (size_t)E;
+    uint8_t *aligned = aligned_alloc(4096, span);
+    memcpy(aligned, hb.buf, span);
+    hb.b.data = aligned;
+    zse_experts *res = o->experts_load(be, &hb.b), *host = o->experts_host(be, &hb.b);
+    zse_pinned *pin = o->host_pin(be, aligned, span);
+    zse_slab *sl = o->slab_new(be, (hb.b.size + 255) / 256 * 256, E);
+    CHECK_MSG(res && host && pin && sl, "%s", zse_error_message());
+    const zse_moe_params mp = {E, k, true};
+    zse_moe_route *r = o->moe_route_new(be, n, &mp);
+    float *logits = rand_floats((size_t)(n * E)), *x = rand_floats((size_t)(n * H));
+    for (int i = 0; i < n * E; i++)
+        logits[i] *= 3;
+    const int64_t P = (int64_t)n * k;
+    zse_act *al = o->act_new(be, n, E), *ax = o->act_new(be, n, H), *axs = o->act_new(be, P, H);
+    zse_act *ahs = o->act_new(be, P, F), *ahs2 = o->act_new(be, P, F);
+    CHECK(o->act_write(be, al, logits, n) == 0 && o->act_write(be, ax, x, n) == 0);
+    int32_t slot_of[64];
+    for (int e = 0; e < E; e++) {
+        slot_of[e] = E - 1 - e;
+        o->slab_fetch(be, sl, slot_of[e], pin, (uint64_t)e * hb.b.stride, hb.b.size, -1);
+    }
+    const int64_t filled = o->mark(be, ZSE_QUEUE_COPY);
+    float *want = malloc((size_t)(P * H) * 4), *got = malloc((size_t)(P * H) * 4);
+    o->moe_route(be, r, al, n);
+    for (int pass = 0; pass < 3; pass++) {
+        /* 0: resident; 1: every expert in a slot; 2: the odd ones nowhere, then written in */
+        zse_experts *ex = pass == 0 ? res : host;
+        if (pass > 0) {
+            int32_t map[64];
+            for (int e = 0; e < E; e++)
+                map[e] = pass == 2 && e % 2 ? -1 : slot_of[e];
+            o->experts_map(be, host, sl, map);
+            o->wait_mark(be, ZSE_QUEUE_COMPUTE, filled);
+        }
+        o->moe_gather(be, r, ax, axs);
+        o->moe_matmul(be, r, ex, ZSE_EXPERT_GATE, axs, ahs);
+        o->moe_matmul(be, r, ex, ZSE_EXPERT_UP, axs, ahs2);
+        o->silu_mul(be, ahs, ahs2, P, F, ahs);
+        o->moe_matmul(be, r, ex, ZSE_EXPERT_DOWN, ahs, axs);
+        if (pass == 2) {
+            int32_t seg[65], *tok = malloc((size_t)P * sizeof *tok), rows[4096];
+            CHECK(o->moe_route_read(be, r, seg, tok) == 0);
+            int32_t active[64];
+            const int n_active = o->moe_route_experts(be, r, active);
+            int a = 0, bad = 0;
+            for (int e = 0; e < E; e++)
+                if (seg[e + 1] > seg[e])
+                    bad += a >= n_active || active[a++] != e;
+            CHECK_MSG(bad == 0 && a == n_active && seg[E] == P, "moe_route_read's segments against the active list");
+            /* the odd experts' rows as the resident pass computed them, written by index */
+            int64_t m = 0;
+            for (int e = 1; e < E; e += 2)
+                for (int32_t i = seg[e]; i < seg[e + 1]; i++)
+                    memcpy(got + (m * H), want + (int64_t)i * H, (size_t)H * 4), rows[m++] = i;
+            CHECK(o->act_write_rows(be, axs, got, rows, m) == 0);
+            free(tok);
+        }
+        CHECK_MSG(o->sync(be) == 0 && o->act_read(be, axs, pass == 0 ? want : got, P) == 0, "%s", zse_error_message());
+        if (pass > 0)
+            CHECK_MSG(memcmp(want, got, (size_t)(P * H) * 4) == 0, "moe %s, %d experts top %d, %d tokens, pass %d: "
+                      "the experts from slab slots differ from the resident bank", zse_scheme_name(s), E, k, n, pass);
+    }
+    zse_act *acts[] = {al, ax, axs, ahs, ahs2};
+    for (size_t i = 0; i < sizeof acts / sizeof acts[0]; i++)
+        o->act_free(be, acts[i]);
+    o->moe_route_free(be, r);
+    o->experts_free(be, res);
+    o->experts_free(be, host);
+    o->slab_free(be, sl);
+    o->host_unpin(be, pin);
+    hb.b.data = hb.buf;
+    free(aligned), free(logits), free(x), free(want), free(got);
+    free_host_bank(&hb);
+}
+
+static void test_offload(zse_backend *be)
+{
+    test_slab_weights(be);
+    for (int n = 1; n <= 20; n += n < 8 ? 7 : 12) { /* 1, 8 (GEMV tiles), 20 (tensor cores) */
+        check_moe_offload(be, ZSE_SCHEME_Q4, 32, 8, 2, 64, 96, n);
+        check_moe_offload(be, ZSE_SCHEME_Q8, 0, 8, 3, 64, 48, n);
+    }
+    /* the same with the pinned copy instead of a registration */
+    setenv("ZSE_CUDA_PIN_COPY", "1", 1);
+    check_moe_offload(be, ZSE_SCHEME_Q4, 32, 16, 4, 128, 64, 20);
+    unsetenv("ZSE_CUDA_PIN_COPY");
+}
+
+/* PCIe host-to-device bandwidth (the bound a streamed or offloaded weight moves at): a plain
+ * pinned buffer, and through the backend's ops from a registered range in 64 MiB slots */
+static int bench_offload(void)
+{
+    zse_backend *be = zse_cuda_backend_create(0);
+    if (!be) {
+        fprintf(stderr, "%s\n", zse_error_message());
+        return 1;
+    }
+    const zse_backend_ops *o = be->ops;
+    const size_t big = (size_t)2 << 30, slot = (size_t)64 << 20;
+    uint8_t *host = aligned_alloc(4096, big);
+    if (!host)
+        return 1;
+    memset(host, 1, big);
+    for (int copy = 0; copy < 2; copy++) {
+        if (copy)
+            setenv("ZSE_CUDA_PIN_COPY", "1", 1);
+        zse_pinned *h = o->host_pin(be, host, big);
+        zse_slab *sl = o->slab_new(be, slot, 2);
+        if (!h || !sl) {
+            fprintf(stderr, "%s\n", zse_error_message());
+            return 1;
+        }
+        double best = 0;
+        for (int run = 0; run < 3; run++) {
+            const double t0 = now_s();
+            for (size_t off = 0; off < big; off += slot)
+                o->slab_fetch(be, sl, (int)(off / slot) % 2, h, off, slot, -1);
+            o->wait_mark(be, ZSE_QUEUE_COMPUTE, o->mark(be, ZSE_QUEUE_COPY));
+            if (o->sync(be) != 0)
+                return 1;
+            const double gbs = (double)big / (now_s() - t0) / 1e9;
+            best = gbs > best ? gbs : best;
+        }
+        printf("BENCH h2d %s, %zu MiB in %zu MiB slots: %.1f GB/s\n", copy ? "pinned copy (cudaHostAlloc)"
+               : "registered host range", big >> 20, slot >> 20, best);
+        o->slab_free(be, sl);
+        o->host_unpin(be, h);
+    }
+    unsetenv("ZSE_CUDA_PIN_COPY");
+    free(host);
+    be->ops->destroy(be);
+    return 0;
+}
+
 static void test_moe(zse_backend *be)
 {
     for (int n = 1; n <= 20; n += n < 8 ? 7 : 12) {  /* 1, 8 (GEMV tiles), 20 (tensor cores) */
@@ -863,6 +1083,8 @@ int main(int argc, char **argv)
     }
     if (argc > 1 && strcmp(argv[1], "--bench-load") == 0)
         return bench_load();
+    if (argc > 1 && strcmp(argv[1], "--bench-offload") == 0)
+        return bench_offload();
     CHECK(zse_cuda_backend_create(zse_cuda_device_count()) == NULL);
     zse_backend *be = zse_cuda_backend_create(0);
     CHECK_MSG(be != NULL, "%s", zse_error_message());
@@ -876,6 +1098,7 @@ int main(int argc, char **argv)
     test_prep_handoff(be, 1);
     test_prep_handoff(be, 8);
     test_moe(be);
+    test_offload(be);
     test_lora(be);
     test_elementwise(be); /* last: it leaves the backend's sticky error set */
     be->ops->destroy(be);

@@ -4,7 +4,8 @@
  *                           (rows/cols not multiples of the tiles, groups 32/64/128, batch
  *                           1..64), embed, the elementwise ops, RoPE, KV store and paged
  *                           attention (f16 and int8, GQA, sliding window, split-K decode),
- *                           MoE routing, the grouped expert matmul (every path) and combine
+ *                           MoE routing, the grouped expert matmul (every path, and experts the
+ *                           table places nowhere left alone) and combine
  *   kernels_test --bench    GB/s of each matmul path on Qwen2.5-7B shapes, the device copy
  *                           bandwidth it is measured against, and attention timings
  *   kernels_test --bench int4 int4s   only the matmuls of the named schemes
@@ -1818,6 +1819,27 @@ static void check_moe(int scheme, int E, int k, int64_t rows, int64_t cols, int 
         cudaFree(dy1);
         CHECK(differ == 0, "moe matmul %s, %d tokens: %d pairs differ from their expert's GEMV alone",
               scheme_names[scheme], n, differ);
+    }
+    {
+        /* experts the table places nowhere (NULL: kept in host memory, run there this step):
+         * their pairs' rows are left as they were, every other row is what it was above */
+        std::vector<const uint8_t *> holes(bases);
+        for (int h = 1; h < E; h += 2)
+            holes[(size_t)h] = NULL;
+        CU(cudaMemcpy(dbase, holes.data(), (size_t)E * sizeof *dbase, cudaMemcpyHostToDevice));
+        poison(dys, (size_t)(P * yp));
+        std::vector<float> before = host_floats(dys, (size_t)(P * yp));
+        LAUNCH(zse_cuda_moe_matmul(&r, n, &ex, dxs, xp, dys, yp, scratch, scratch_bytes, 0));
+        std::vector<float> after = host_floats(dys, (size_t)(P * yp));
+        int wrong = 0;
+        for (int64_t i = 0; i < P; i++) {
+            const std::vector<float> &want = want_expert[(size_t)i] % 2 ? before : ys;
+            wrong += memcmp(&after[(size_t)(i * yp)], &want[(size_t)(i * yp)], (size_t)rows * 4) != 0;
+        }
+        CHECK(wrong == 0, "moe matmul %s, %d tokens, odd experts placed nowhere: %d of %lld pairs' rows wrong",
+              scheme_names[scheme], n, wrong, (long long)P);
+        CU(cudaMemcpy(dbase, bases.data(), (size_t)E * sizeof *dbase, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(dys, ys.data(), ys.size() * 4, cudaMemcpyHostToDevice)); /* the combine below reads them */
     }
     /* combine: x[t] += sum (experts ascending) weight * ys[place] + sigmoid(gate) * shared */
     const int64_t D = rows;

@@ -84,6 +84,7 @@ elif (for f in backend matmul ops moe lora; do
     note "backend test: rc=$rc $(tail -1 "$out/backend-test.log")"
     [ $rc -ne 0 ] && grep -m 20 "FAILED" "$out/backend-test.log" | tee -a "$summary"
     $bt --bench-load 2>&1 | tee -a "$summary"
+    $bt --bench-offload 2>&1 | tee -a "$summary"
 else
     note "backend test: BUILD FAILED"
     tail -20 "$out/build.log" | tee -a "$summary"

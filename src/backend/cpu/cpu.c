@@ -37,9 +37,12 @@ typedef struct {
     void *work;             /* zse_cpu_workspace() */
     size_t work_bytes;
     uint64_t act_bytes, kv_bytes; /* held by activations and KV caches (memory accounting) */
+    zse_cpu_copies *copies;     /* offload.c's copy queue and slabs (NULL until first used) */
 } cpu_state;
 
 static cpu_state *state(zse_backend *be) { return be->impl; }
+
+zse_cpu_copies **zse_cpu_copies_slot(zse_backend *be) { return &state(be)->copies; }
 
 /* ---- parallel for ------------------------------------------------------------------ */
 
@@ -594,6 +597,7 @@ static void memory(zse_backend *be, zse_backend_memory *out)
     out->kv_cache = s->kv_bytes;
     out->activations = s->act_bytes;
     out->workspace = s->work_bytes;
+    out->slabs = zse_cpu_slab_bytes(be);
     out->adapters = s->lora_bytes;
 }
 
@@ -603,6 +607,7 @@ static void destroy(zse_backend *be)
     zse_pool_free(s->pool);
     free(s->tokens); free(s->positions); free(s->seq_of); free(s->slots); free(s->seq_lens);
     free(s->block_table); free(s->out_rows); free(s->inv_freq); free(s->work); free(s->adapter_of_seq);
+    zse_cpu_copies_free(s->copies);
     free(s);
     free(be);
 }
@@ -650,6 +655,18 @@ static const zse_backend_ops cpu_ops = {
     .lora_slot_ready = zse_cpu_lora_slot_ready,
     .lora_apply = zse_cpu_lora_apply,
     .mask_rows = mask_rows,
+    .host_pin = zse_cpu_host_pin,
+    .host_unpin = zse_cpu_host_unpin,
+    .slab_new = zse_cpu_slab_new,
+    .slab_free = zse_cpu_slab_free,
+    .slab_fetch = zse_cpu_slab_fetch,
+    .mark = zse_cpu_mark,
+    .wait_mark = zse_cpu_wait_mark,
+    .weight_in_slab = zse_cpu_weight_in_slab,
+    .experts_host = zse_cpu_experts_host,
+    .experts_map = zse_cpu_experts_map,
+    .moe_route_read = zse_cpu_moe_route_read,
+    .act_write_rows = zse_cpu_act_write_rows,
 };
 
 zse_backend *zse_cpu_backend_create(int threads)

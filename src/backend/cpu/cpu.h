@@ -7,6 +7,7 @@
  *   matmul_avx512.c  AVX-512 BW/VL/VNNI kernels  chosen at run time: no global -march)
  *   vec.c            short-vector kernels (conversions, dot, axpy) for attention
  *   moe.c            mixture of experts: routing, the grouped expert matmul, the combine
+ *   offload.c        weights kept in host memory: pins, slabs, the lazy copy queue
  *   lora.c           LoRA adapter slots and the per-row adapter delta */
 #ifndef ZSE_BACKEND_CPU_H
 #define ZSE_BACKEND_CPU_H
@@ -34,6 +35,29 @@ void zse_cpu_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, int6
 /* ops return nothing: a kernel that cannot finish (out of memory) records it here and
  * the next sync() reports it, so a step never silently yields garbage */
 void zse_cpu_note_failure(zse_backend *be, const char *what);
+
+/* offload.c: the copy queue's state (created on first use, freed with the backend) */
+typedef struct zse_cpu_copies zse_cpu_copies;
+zse_cpu_copies **zse_cpu_copies_slot(zse_backend *be);
+void zse_cpu_copies_free(zse_cpu_copies *q);
+uint64_t zse_cpu_slab_bytes(zse_backend *be);
+/* the backend.h ops of offload.c and moe.c */
+zse_pinned *zse_cpu_host_pin(zse_backend *be, const void *p, size_t bytes);
+void zse_cpu_host_unpin(zse_backend *be, zse_pinned *h);
+zse_slab *zse_cpu_slab_new(zse_backend *be, size_t slot_bytes, int n_slots);
+void zse_cpu_slab_free(zse_backend *be, zse_slab *s);
+void zse_cpu_slab_fetch(zse_backend *be, zse_slab *s, int slot, const zse_pinned *h, uint64_t off, size_t n,
+                        int64_t after);
+int64_t zse_cpu_mark(zse_backend *be, int queue);
+void zse_cpu_wait_mark(zse_backend *be, int queue, int64_t mark);
+zse_weight *zse_cpu_weight_in_slab(zse_backend *be, const zse_tensor_info *t, const zse_slab *s, int slot,
+                                   uint64_t at);
+int zse_cpu_act_write_rows(zse_backend *be, zse_act *a, const float *src, const int32_t *rows, int64_t n);
+/* where slot `slot` of s starts (moe.c maps experts there) */
+uint8_t *zse_cpu_slot_data(const zse_slab *s, int slot);
+zse_experts *zse_cpu_experts_host(zse_backend *be, const zse_expert_bank *bank);
+void zse_cpu_experts_map(zse_backend *be, zse_experts *ex, const zse_slab *s, const int32_t *slot_of);
+int zse_cpu_moe_route_read(zse_backend *be, const zse_moe_route *r, int32_t *seg, int32_t *token_of);
 
 /* the backend's thread count */
 int zse_cpu_threads(zse_backend *be);

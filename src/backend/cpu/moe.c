@@ -13,7 +13,8 @@
 
 struct zse_experts {
     zse_expert_bank bank;       /* a copy; its checksums and data belong to the file */
-    zse_weight *w;              /* [count][ZSE_EXPERT_PARTS] views into the mapping */
+    zse_weight *w;              /* [count][ZSE_EXPERT_PARTS] views into the mapping, or (experts_host)
+                                 * into the slab slots experts_map placed them in; data NULL: nowhere */
 };
 
 struct zse_moe_route {
@@ -49,6 +50,25 @@ zse_experts *zse_cpu_experts_load(zse_backend *be, const zse_expert_bank *bank)
             w->data = bank->data + (uint64_t)e * bank->stride + bank->part[part].at;
         }
     return ex;
+}
+
+/* experts kept "in host memory" (the offload path on the CPU, for its tests): views that
+ * point nowhere until experts_map places them in slab slots */
+zse_experts *zse_cpu_experts_host(zse_backend *be, const zse_expert_bank *bank)
+{
+    zse_experts *ex = zse_cpu_experts_load(be, bank);
+    for (int i = 0; ex && i < bank->count * ZSE_EXPERT_PARTS; i++)
+        ex->w[i].data = NULL;
+    return ex;
+}
+
+void zse_cpu_experts_map(zse_backend *be, zse_experts *ex, const zse_slab *s, const int32_t *slot_of)
+{
+    (void)be;
+    for (int e = 0; e < ex->bank.count; e++)
+        for (int part = 0; part < ZSE_EXPERT_PARTS; part++)
+            ex->w[e * ZSE_EXPERT_PARTS + part].data =
+                slot_of[e] >= 0 ? zse_cpu_slot_data(s, slot_of[e]) + ex->bank.part[part].at : NULL;
 }
 
 void zse_cpu_experts_free(zse_backend *be, zse_experts *ex)
@@ -169,6 +189,14 @@ void zse_cpu_moe_route(zse_backend *be, zse_moe_route *r, const zse_act *logits,
     }
 }
 
+int zse_cpu_moe_route_read(zse_backend *be, const zse_moe_route *r, int32_t *seg, int32_t *token_of)
+{
+    (void)be;
+    memcpy(seg, r->seg_start, ((size_t)r->p.n_experts + 1) * sizeof *seg);
+    memcpy(token_of, r->token_of, (size_t)(r->rows * r->p.k) * sizeof *token_of);
+    return 0;
+}
+
 int zse_cpu_moe_route_experts(zse_backend *be, const zse_moe_route *r, int32_t *experts)
 {
     (void)be;
@@ -214,6 +242,8 @@ void zse_cpu_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_exper
     for (int a = 0; a < r->n_active; a++) {
         const int e = r->active[a];
         const int64_t s0 = r->seg_start[e], len = r->seg_start[e + 1] - s0;
+        if (!ex->w[e * ZSE_EXPERT_PARTS + part].data)
+            continue; /* an expert kept in host memory that experts_map placed nowhere */
         /* views of the segment's rows: the kernels read rows x cols from data */
         zse_act xv = {xs->data + s0 * xs->cols, len, xs->cols};
         zse_act yv = {ys->data + s0 * ys->cols, len, ys->cols};

@@ -207,7 +207,8 @@ int zse_cuda_attention(const zse_cuda_kv_layer *L, const zse_cuda_attn *a, const
  * One part (gate, up or down) of a MoE layer's routed experts: every expert's part has w's
  * shape and scheme (w's qs/scales/mins are unused), lying at the byte offsets below inside
  * that expert's range, which starts at base[e] (a device array of n_experts pointers: the
- * bank as loaded, or wherever a cache keeps each expert). Offsets are multiples of 16. */
+ * bank as loaded, or wherever a cache keeps each expert; NULL: the expert is not on the device
+ * this step, and the grouped matmul leaves its pairs' rows alone). Offsets are multiples of 16. */
 typedef struct {
     zse_cuda_weight w;
     int64_t qs_off, scales_off, mins_off;   /* -1: the scheme has no such plane */

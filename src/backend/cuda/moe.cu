@@ -148,6 +148,15 @@ __device__ __forceinline__ bool moe_segment(const zse_cuda_moe &r, int a, moe_se
     return sg.len > 0;
 }
 
+/* the same, and the expert's weights on the device: an expert kept in host memory that
+ * experts_map placed nowhere this step (it runs on the host) has no address, and the
+ * rows of its pairs are left to whoever computes them */
+__device__ __forceinline__ bool moe_placed_segment(const zse_cuda_moe &r, const zse_cuda_experts &ex, int a,
+                                                   moe_seg &sg)
+{
+    return moe_segment(r, a, sg) && ex.base[sg.e] != nullptr;
+}
+
 /* expert e's part as the dense kernels see a weight */
 __device__ __forceinline__ zse_cuda_weight moe_weight(const zse_cuda_experts &ex, int e)
 {
@@ -176,7 +185,7 @@ moe_gemv_kernel(const zse_cuda_moe r, const zse_cuda_experts ex, const float *__
         table[threadIdx.x] = nf4.v[threadIdx.x];
     __syncthreads();
     moe_seg sg;
-    if (!moe_segment(r, blockIdx.y, sg))
+    if (!moe_placed_segment(r, ex, blockIdx.y, sg))
         return;
     const zse_cuda_weight w = moe_weight(ex, sg.e);
     const int64_t row0 = (int64_t)blockIdx.x * R;
@@ -197,7 +206,7 @@ moe_q4_kernel(const zse_cuda_moe r, const zse_cuda_experts ex, const uint4 *__re
 {
     pdl_enter();
     moe_seg sg;
-    if (!moe_segment(r, blockIdx.y, sg))
+    if (!moe_placed_segment(r, ex, blockIdx.y, sg))
         return;
     const zse_cuda_weight w = moe_weight(ex, sg.e);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -243,7 +252,7 @@ moe_mma_kernel(const zse_cuda_moe r, const zse_cuda_experts ex, const __half *__
     constexpr int NJ = NT / 8;
     extern __shared__ __align__(16) uint8_t moe_mma_smem[];
     moe_seg sg;
-    if (!moe_segment(r, blockIdx.y, sg))
+    if (!moe_placed_segment(r, ex, blockIdx.y, sg))
         return;
     const zse_cuda_weight w = moe_weight(ex, sg.e);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
