@@ -53,7 +53,7 @@ groff -man -ww -z "$P/share/man/man1/zse.1" 2>"$WORK/groff.err" && [ ! -s "$WORK
 text=$(MANWIDTH=200 man -l "$P/share/man/man1/zse.1" 2>/dev/null)
 for verb in $("$P/bin/zse" --help | sed -n '/^commands:/,$p' | awk 'NR>1 {print $1}'); do
   grep -q "zse $verb" <<<"$text" || fail "zse(1) lacks the command $verb"
-  first=$("$P/bin/zse" "$verb" --help | head -1 | sed 's/  */ /g')
+  first=$("$P/bin/zse" "$verb" --help | sed -n 1p | sed 's/  */ /g')
   grep -qF "$first" <<<"$(sed 's/  */ /g' <<<"$text")" || fail "zse(1) lacks the help of $verb ($first)"
 done
 for v in $(grep -rhoE 'getenv\("ZSE_[A-Z0-9_]+"' "$SRC/src" | sed 's/getenv("//; s/"//' | sort -u); do
@@ -75,7 +75,7 @@ comp=$(bash -c '
 ' _ "$P/share/bash-completion/completions/zse")
 echo "$comp"
 grep -q "^complete .*-F _zse zse$" <<<"$comp" || fail "complete -p zse"
-grep -q "^verbs: convert$" <<<"$comp" || fail "command completion"
+grep -q "^verbs: convert convert-adapter$" <<<"$comp" || fail "command completion"
 grep -q "^alias: bench benchmark$" <<<"$comp" || fail "alias completion"
 grep -q "^opts: --quant$" <<<"$comp" || fail "option completion"
 grep -q "^quant: int8 int8g int4 int4s$" <<<"$comp" || fail "--quant values"
