@@ -215,7 +215,25 @@ zse_constraint *zse_constraint_choice(zse_model *m, const char *const *choices, 
  * model starts one: formats with a call marker only), or a function's name (that call). */
 zse_constraint *zse_constraint_tools(zse_model *m, const char *tools_json, const char *choice, bool parallel,
                                      const char *format);
+/* the tool-call format the model's chat template writes ("hermes", "llama3", "mistral"; "json"
+ * when it shows none): the format a server parses tool calls with unless told otherwise */
+const char *zse_model_tool_format(const zse_model *m);
 zse_constraint *zse_constraint_retain(zse_constraint *c);
+/* What constrained decoding costs: the time each token's mask took to compute (the grammar
+ * matcher filling the allowed-token bitmask, before it is applied to the logits), over every
+ * sequence of the model since it was loaded, in log-spaced buckets (four an octave from
+ * 100 ns; the last holds everything slower). */
+#define ZSE_MASK_BUCKETS 64
+typedef struct {
+    uint64_t count[ZSE_MASK_BUCKETS];
+    uint64_t n;                 /* masks computed */
+    double total_s;
+} zse_mask_stats;
+void zse_model_get_mask_stats(const zse_model *m, zse_mask_stats *out);
+double zse_mask_bucket_le(int i);  /* bucket i's upper bound in seconds (INFINITY for the last) */
+/* the q-quantile (0..1) in seconds, as the upper bound of its bucket; 0 with no masks */
+double zse_mask_stats_quantile(const zse_mask_stats *s, double q);
+void zse_mask_stats_sub(zse_mask_stats *s, const zse_mask_stats *before); /* s -= before */
 void zse_constraint_free(zse_constraint *c);   /* drops a reference; NULL is a no-op */
 
 /* max_tokens: generate nothing (with prompt_logprobs: score the prompt) */

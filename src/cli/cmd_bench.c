@@ -55,6 +55,7 @@ static int prompt_from_file(const zse_model *m, const char *path, int32_t *ids, 
 typedef struct {
     pthread_mutex_t mu;
     pthread_cond_t done;
+    bool constrained;               /* a grammar may end a request before max_tokens */
     int n, remaining, started;      /* requests; not yet ended; that have their first token */
     double t_all_started;           /* when the last request got its first token */
     int64_t tokens, decode_tokens;  /* generated; generated after every request had started */
@@ -82,8 +83,9 @@ static bool on_token(void *user, const zse_token_event *ev)
         }
     }
     if (ev->finish != ZSE_FINISH_NONE) {
-        if (ev->finish != ZSE_FINISH_LENGTH)
-            r->failed = true; /* ignore_eos with max_tokens ends every request by length */
+        /* ignore_eos with max_tokens ends every request by length (or the grammar by its end) */
+        if (ev->finish != ZSE_FINISH_LENGTH && !(r->constrained && ev->finish == ZSE_FINISH_STOP))
+            r->failed = true;
         if (--r->remaining == 0)
             pthread_cond_signal(&r->done);
     }
@@ -96,6 +98,7 @@ typedef struct {
     double wall_s, aggregate_tok_s, decode_tok_s;
     int64_t tokens;
     zse_spec_stats spec;
+    zse_mask_stats mask;            /* the run's masks (with --json-schema) */
 } agg_result;
 
 /* N requests of n_prompt tokens each (the first `shared` the same for all, the rest
@@ -103,13 +106,16 @@ typedef struct {
  * aggregate tokens/s over the whole run (prefill included) and over the decode phase (after
  * every request had its first token) */
 static int run_concurrent(zse_model *m, int n, int64_t n_prompt, int64_t shared, int64_t n_gen, int max_batch_tokens,
-                          const zse_spec_params *spec, zse_adapter *const *adapters, int n_adapters, agg_result *out)
+                          const zse_spec_params *spec, zse_adapter *const *adapters, int n_adapters,
+                          const zse_constraint *constraint, agg_result *out)
 {
     zse_model_info info;
     zse_model_get_info(m, &info);
     zse_engine_params ep = {.max_seqs = n, .max_batch_tokens = max_batch_tokens, .max_queue = n, .spec = *spec};
     zse_engine *e = zse_engine_start(m, &ep);
-    agg_run r = {.n = n, .remaining = n};
+    agg_run r = {.n = n, .remaining = n, .constrained = constraint != NULL};
+    zse_mask_stats mask_before;
+    zse_model_get_mask_stats(m, &mask_before);
     agg_slot *slots = zse_calloc((size_t)n, sizeof *slots);
     int32_t *ids = zse_malloc((size_t)n_prompt * sizeof *ids);
     if (!e || !slots || !ids) {
@@ -125,6 +131,7 @@ static int run_concurrent(zse_model *m, int n, int64_t n_prompt, int64_t shared,
     s.temperature = 0;
     s.ignore_eos = true;
     s.max_tokens = (int)n_gen;
+    s.constraint = constraint;
     int rc = 0, submitted = 0;
     double t0 = zse_now();
     for (int i = 0; i < n && rc == 0; i++) {
@@ -145,6 +152,8 @@ static int run_concurrent(zse_model *m, int n, int64_t n_prompt, int64_t shared,
     zse_engine_stats st;
     zse_engine_get_stats(e, &st);
     out->spec = st.spec;
+    zse_model_get_mask_stats(m, &out->mask);
+    zse_mask_stats_sub(&out->mask, &mask_before);
     zse_engine_stop(e, 0);
     if (rc == 0 && r.failed)
         rc = zse_fail("a request of the concurrent run ended early (not by length)");
@@ -153,7 +162,7 @@ static int run_concurrent(zse_model *m, int n, int64_t n_prompt, int64_t shared,
     out->tokens = r.tokens;
     out->aggregate_tok_s = (double)r.tokens / out->wall_s;
     out->decode_tok_s = r.started == n && t_end > r.t_all_started ? (double)r.decode_tokens / (t_end - r.t_all_started) : 0;
-    if (rc == 0 && r.tokens != (int64_t)n * n_gen)
+    if (rc == 0 && (constraint ? r.tokens > (int64_t)n * n_gen : r.tokens != (int64_t)n * n_gen))
         rc = zse_fail("the concurrent run generated %lld tokens, not %lld", (long long)r.tokens,
                       (long long)n * (long long)n_gen);
     pthread_mutex_destroy(&r.mu);
@@ -271,7 +280,7 @@ static void usage(FILE *out)
             "usage: zse bench MODEL.zse [--prompt-tokens N] [--gen-tokens N] [--ctx N] [--threads N]\n"
             "                 [--kv-cache f16|int8] [--device D] [--gpu-memory SIZE] [--concurrency N[,N...]]\n"
             "                 [--batch-prompt-tokens N] [--batch-gen-tokens N] [--max-batch-tokens N]\n"
-            "                 [--prefix-cache] [--shared-prefix N] [--prompt-file F] [--json]\n\n"
+            "                 [--prefix-cache] [--shared-prefix N] [--prompt-file F] [--json-schema F] [--json]\n\n"
             "Feeds N prompt tokens (prefill), then generates greedily past end-of-sequence\n"
             "(decode), and reports tokens/s for each, load time, peak resident memory and the\n"
             "memory the model holds (weights, KV cache, activations; on a GPU also what the\n"
@@ -288,7 +297,11 @@ static void usage(FILE *out)
             "--shared-prefix N makes the concurrent requests' first N prompt tokens the same.\n"
             "The single-sequence prompt is random tokens, or the first N tokens of --prompt-file.\n"
             "With speculative decoding the decode figures are effective tokens/s, with the\n"
-            "acceptance rate and tokens per verification pass beside them.\n\n" CLI_SPEC_HELP
+            "acceptance rate and tokens per verification pass beside them.\n"
+            "--json-schema F decodes every sequence under that JSON Schema (constrained decoding;\n"
+            "give one whose outputs run long, e.g. an array without maxItems: a grammar that\n"
+            "ends stops its sequence early) and reports the time each token's mask took to\n"
+            "compute (p50, p99, mean); run without it for the unconstrained figures.\n\n" CLI_SPEC_HELP
             "LoRA adapters (the figures are then for adapted sequences):\n"
             "  --lora PATH             every sequence runs this adapter (PEFT directory or .zsa)\n"
             "  --lora-dir DIR --lora-adapters N\n"
@@ -348,6 +361,51 @@ static void print_phase(const char *name, const offload_phase *p, bool as_json)
     printf("%.1f MB to the device\n", p->mb);
 }
 
+/* the JSON Schema in path, compiled against the model (not strict) */
+static zse_constraint *compile_schema(zse_model *m, const char *path)
+{
+    size_t len;
+    char *text = zse_read_file(path, &len);
+    if (!text)
+        return NULL;
+    zse_constraint *c = zse_constraint_json_schema(m, text, len, false);
+    if (!c)
+        zse_fail("--json-schema %s: %s", path, zse_last_error());
+    free(text);
+    return c;
+}
+
+/* the prompt and n_gen tokens generated under the sequence's constraint */
+static int warm_constraint(zse_seq *q, const int32_t *ids, int64_t n_prompt, int64_t n_gen)
+{
+    if (zse_seq_feed(q, ids, (size_t)n_prompt) != 0)
+        return -1;
+    for (int64_t i = 0; i < n_gen; i++) {
+        int32_t tok;
+        char *piece;
+        zse_finish fin;
+        if (zse_seq_next(q, &tok, &piece, &fin) != 0)
+            return -1;
+        zse_free(piece);
+        if (fin != ZSE_FINISH_NONE)
+            break;
+    }
+    return 0;
+}
+
+/* each token's mask compute time (the grammar matcher, not applying it) */
+static void print_mask(const zse_mask_stats *st, bool as_json)
+{
+    const double p50 = 1e6 * zse_mask_stats_quantile(st, 0.5), p99 = 1e6 * zse_mask_stats_quantile(st, 0.99),
+                 mean = st->n ? 1e6 * st->total_s / (double)st->n : 0;
+    if (as_json)
+        printf(", \"mask_us\": {\"masks\": %llu, \"p50\": %.2f, \"p99\": %.2f, \"mean\": %.2f}",
+               (unsigned long long)st->n, p50, p99, mean);
+    else
+        printf("mask per token: %llu masks, p50 %.2f us, p99 %.2f us, mean %.2f us", (unsigned long long)st->n, p50, p99,
+               mean);
+}
+
 static void print_memory(const zse_memory_info *mem, bool as_json)
 {
     double mb = 1024.0 * 1024.0;
@@ -389,7 +447,7 @@ int cmd_bench(int argc, char **argv)
         usage(stdout);
         return 0;
     }
-    const char *path = NULL, *kv = "f16", *levels_text = NULL, *prompt_file = NULL;
+    const char *path = NULL, *kv = "f16", *levels_text = NULL, *prompt_file = NULL, *schema_file = NULL;
     int64_t n_prompt = 512, n_gen = 128, threads = 0, ctx = 0, b_prompt = 128, b_gen = 128, max_batch = 512;
     int64_t shared = 0;
     bool as_json = false, prefix_cache = false;
@@ -417,6 +475,7 @@ int cmd_bench(int argc, char **argv)
         else if (cli_is(&a, NULL, "--prefix-cache")) prefix_cache = true;
         else if (cli_is(&a, NULL, "--shared-prefix")) cli_int(&a, 0, 1 << 20, &shared);
         else if (cli_is(&a, NULL, "--json")) as_json = true;
+        else if (cli_is(&a, NULL, "--json-schema")) schema_file = cli_value(&a);
         else if (cli_is(&a, NULL, "--lora")) lora_path = cli_value(&a);
         else if (cli_is(&a, NULL, "--lora-dir")) lora_dir = cli_value(&a);
         else if (cli_is(&a, NULL, "--lora-adapters")) cli_int(&a, 1, 4096, &lora_count);
@@ -511,12 +570,17 @@ int cmd_bench(int argc, char **argv)
     zse_seq *q = NULL;
     agg_result agg[MAX_LEVELS];
     int rc = 1;
+    zse_constraint *constraint = NULL;
+    zse_mask_stats mask_decode = {0};
     lora_bench lb = {0};
     if (lora_path && !(lb.adapters[0] = zse_adapter_open(m, lora_path, 1.0f)))
         goto done;
     lb.n = lora_path ? 1 : 0;
     if (lora_dir && lora_setup(m, lora_dir, (int)lora_count, &lb, &dir_names, &n_dir) != 0)
         goto done;
+    if (schema_file && !(constraint = compile_schema(m, schema_file)))
+        goto done;
+    s.constraint = constraint;
     s.adapter = lora_path ? lb.adapters[0] : NULL;
     q = ids ? zse_seq_new(m, &s) : NULL;
     if (!q || zse_seq_set_spec(q, &spec) != 0)
@@ -535,6 +599,11 @@ int cmd_bench(int argc, char **argv)
     if (zse_seq_feed(q, ids, (size_t)n_prompt) != 0 || zse_seq_feed(q, ids, 1) != 0 || zse_seq_truncate(q, 0) != 0)
         goto done;
     if (prompt_file ? prompt_from_file(m, prompt_file, ids, n_prompt) != 0 : (fill_prompt(ids, n_prompt, 12345u, info.vocab_size), 0))
+        goto done;
+    /* a grammar classifies the vocabulary at each of its positions the first time one is
+     * reached (docs/GRAMMAR.md): one output under it first, so the figures are those of a
+     * grammar in use (a server caches it), not of its first outputs */
+    if (constraint && (warm_constraint(q, ids, n_prompt, n_gen) != 0 || zse_seq_truncate(q, 0) != 0))
         goto done;
     double t_warm = zse_now() - tw;
     double ttft[2] = {0, 0}; /* --prefix-cache: the prompt's first and repeated time to first token */
@@ -559,6 +628,8 @@ int cmd_bench(int argc, char **argv)
     if (zse_seq_feed(q, ids, (size_t)n_prompt) != 0)
         goto done;
     double t_prefill = zse_now() - t1;
+    zse_mask_stats mask_before;
+    zse_model_get_mask_stats(m, &mask_before);
     zse_model_get_offload_stats(m, &off1);
     double t2 = zse_now();
     int produced = 0;
@@ -574,6 +645,8 @@ int cmd_bench(int argc, char **argv)
             break;
     }
     double t_decode = zse_now() - t2;
+    zse_model_get_mask_stats(m, &mask_decode);
+    zse_mask_stats_sub(&mask_decode, &mask_before);
     zse_model_get_offload_stats(m, &off2);
     const offload_phase prefill_off = phase_of(&off0, &off1), decode_off = phase_of(&off1, &off2);
     zse_spec_stats sst;
@@ -583,7 +656,8 @@ int cmd_bench(int argc, char **argv)
     zse_seq_free(q); /* its KV blocks go back for the concurrent runs */
     q = NULL;
     for (int i = 0; i < n_levels; i++)
-        if (run_concurrent(m, levels[i], b_prompt, shared, b_gen, (int)max_batch, &spec, lb.adapters, lb.n, &agg[i]) != 0)
+        if (run_concurrent(m, levels[i], b_prompt, shared, b_gen, (int)max_batch, &spec, lb.adapters, lb.n, constraint,
+                           &agg[i]) != 0)
             goto done;
     if (lora_dir && n_dir > (size_t)lora_count && lora_cold_ttft(m, dir_names[lora_count], &lb) != 0)
         goto done;
@@ -604,6 +678,8 @@ int cmd_bench(int argc, char **argv)
         }
         if (prefix_cache)
             printf(", \"prefix_cache\": {\"ttft_first_s\": %.4f, \"ttft_repeat_s\": %.4f}", ttft[0], ttft[1]);
+        if (constraint)
+            print_mask(&mask_decode, true);
         if (spec.mode != ZSE_SPEC_OFF) {
             printf(", ");
             print_spec(&sst, true);
@@ -621,6 +697,8 @@ int cmd_bench(int argc, char **argv)
                     printf(", ");
                     print_spec(&agg[i].spec, true);
                 }
+                if (constraint)
+                    print_mask(&agg[i].mask, true);
                 printf("}");
             }
             printf("]");
@@ -637,6 +715,10 @@ int cmd_bench(int argc, char **argv)
         }
         if (prefix_cache)
             printf("prefix cache: time to first token %.4f s, the same prompt again %.4f s\n", ttft[0], ttft[1]);
+        if (constraint) {
+            print_mask(&mask_decode, false);
+            printf("\n");
+        }
         if (spec.mode != ZSE_SPEC_OFF) {
             print_spec(&sst, false);
             printf("\n");
@@ -652,6 +734,10 @@ int cmd_bench(int argc, char **argv)
                 printf(" | ");
                 print_spec(&agg[i].spec, false);
             }
+            if (constraint) {
+                printf(" | ");
+                print_mask(&agg[i].mask, false);
+            }
             printf("\n");
         }
     }
@@ -660,6 +746,7 @@ done:
     if (rc)
         cli_error("bench");
     zse_seq_free(q);
+    zse_constraint_free(constraint);
     for (int i = 0; i < lb.n; i++)
         zse_adapter_release(lb.adapters[i]);
     for (size_t i = 0; i < n_dir; i++)

@@ -73,6 +73,9 @@ static void usage(FILE *out)
             "  --max-lora-rank R       a slot holds rank R on every projection (default: the largest rank of the\n"
             "                          adapters found at start, at least 16)\n"
             "  --allow-lora-loading    answer POST /v1/load_lora_adapter and /v1/unload_lora_adapter\n"
+            "Tool calls (docs/SERVER.md):\n"
+            "  --tool-parser NAME      how tool calls are read from the model's output: hermes, llama3_json,\n"
+            "                          mistral, json, or none (never parsed) (default: from the chat template)\n"
             "Lifecycle:\n"
             "  --shutdown-timeout S    on SIGTERM/SIGINT, let running requests finish this long (default 30)\n"
             "  --quiet                 no per-request log lines\n");
@@ -238,6 +241,14 @@ static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
         }
         if (cli_is(&a, NULL, "--allow-lora-loading")) {
             o->http.allow_lora_loading = true;
+            continue;
+        }
+        if (cli_is(&a, NULL, "--tool-parser")) {
+            const char *name = cli_value(&a);
+            if (name && srv_tool_parser_from_name(name, &o->http.tool_parser) != 0) {
+                fprintf(stderr, "zse serve: --tool-parser: %s\n", zse_last_error());
+                return 2;
+            }
             continue;
         }
         if (cli_is(&a, NULL, "--host"))

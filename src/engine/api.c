@@ -97,7 +97,7 @@ static int run_pending(zse_seq *q, float *all_logits)
         /* plain greedy: the next token is the argmax, taken where the logits are */
         bool argmax_only = last && !all_logits && zse_step_out_mode(m, &e, 1, false) == ZSE_OUT_ARGMAX;
         zse_row_masks masks;
-        if (argmax_only && zse_batcher_masks(&q->batcher, &e, 1, &masks) != 0)
+        if (argmax_only && zse_batcher_masks(m, &q->batcher, &e, 1, &masks) != 0)
             return -1;
         if (argmax_only ? zse_llm_forward_argmax(m->llm, m->kv, &b, &masks, &q->next_id) != 0
                         : zse_llm_forward(m->llm, m->kv, &b, dst) != 0)
@@ -218,7 +218,7 @@ static int spec_step(zse_seq *q)
         rc = zse_batcher_pack(&q->batcher, &e, 1, &b);
     zse_row_masks masks = {0};
     if (rc == 0 && argmax)
-        rc = zse_batcher_masks(&q->batcher, &e, 1, &masks);
+        rc = zse_batcher_masks(m, &q->batcher, &e, 1, &masks);
     if (rc == 0)
         rc = argmax ? zse_llm_forward_argmax(m->llm, m->kv, &b, &masks, ids)
                     : zse_llm_forward(m->llm, m->kv, &b, q->logits);
@@ -317,8 +317,10 @@ int zse_seq_truncate(zse_seq *q, size_t length)
     zse_sequence_truncate(&q->q, q->m, length);
     pthread_mutex_unlock(&q->m->run_lock);
     q->have_logits = false;
-    /* what follows is a new prompt: generation counts, stop-string state and the
-     * detokenizer start over */
+    /* what follows is a new prompt: generation counts, stop-string state, the detokenizer
+     * and the constraint's grammar start over */
     q->q.n_prompt = length;
+    if (q->q.matcher)
+        zse_matcher_reset(q->q.matcher);
     return zse_gen_restart(&q->q.gen, q->m->tok);
 }

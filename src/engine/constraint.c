@@ -107,6 +107,21 @@ zse_constraint *zse_constraint_tools(zse_model *m, const char *tools_json, const
     return as_constraint(g);
 }
 
+void zse_model_find_tool_markers(zse_model *m)
+{
+    const char *const *texts = zse_tool_format_special_texts(model_tool_format(m));
+    m->n_tool_markers = 0;
+    for (int i = 0; texts[i] && m->n_tool_markers < 4; i++) {
+        int32_t id = zse_tokenizer_token_id(m->tok, texts[i]);
+        if (id >= 0 && zse_tokenizer_is_special(m->tok, id)) {
+            m->tool_marker_ids[m->n_tool_markers] = id;
+            m->tool_marker_texts[m->n_tool_markers++] = texts[i];
+        }
+    }
+}
+
+const char *zse_model_tool_format(const zse_model *m) { return zse_tool_format_name(model_tool_format(m)); }
+
 zse_constraint *zse_constraint_retain(zse_constraint *c)
 {
     return c ? as_constraint(zse_grammar_retain((zse_grammar *)c)) : NULL;

@@ -18,6 +18,7 @@
 #include "util/util.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -172,6 +173,11 @@ typedef struct {
     zse_tokenizer_stream *detok;
     zse_buf pending;        /* decoded text not yet released (may start a stop string) */
     int generated;          /* tokens accepted */
+    /* special tokens whose text the output keeps (the model's tool-call markers, which a
+     * tool-call parser must see); other special tokens add no text. Not owned. */
+    const int32_t *keep_ids;
+    const char *const *keep_texts;
+    int n_keep;
 } zse_gen;
 
 int zse_gen_init(zse_gen *g, const zse_sampling *s, const zse_tokenizer *tok);
@@ -231,6 +237,12 @@ uint32_t zse_adapter_modules(const zse_adapter *a);
 zse_adapter *zse_adapter_ref(zse_adapter *a);
 zse_lora_cache *zse_adapter_cache(const zse_adapter *a);
 
+/* mask_stats.c: the histogram behind zse_mask_stats, added to from any thread */
+typedef struct {
+    _Atomic uint64_t count[ZSE_MASK_BUCKETS];
+    _Atomic uint64_t total_ns;
+} zse_mask_timing;
+
 struct zse_model {
     zse_file *file;
     zse_tokenizer *tok;
@@ -255,7 +267,19 @@ struct zse_model {
      * first use: plain, and with the tool-call format's special tokens allowed */
     pthread_mutex_t grammar_lock;
     zse_grammar_vocab *gvocab, *gvocab_tools;
+    zse_mask_timing *mask_timing; /* mask_stats.c: every mask's compute time */
+    /* the tool-call format's marker tokens that are special (e.g. Mistral's [TOOL_CALLS]):
+     * generated text keeps their text (constraint.c) */
+    int32_t tool_marker_ids[4];
+    const char *tool_marker_texts[4];
+    int n_tool_markers;
 };
+
+/* fills m's tool_marker_ids from its chat template's tool-call format (constraint.c) */
+void zse_model_find_tool_markers(zse_model *m);
+
+/* fills a mask as zse_matcher_fill_mask does and counts its time in m's mask statistics */
+int zse_mask_fill_timed(const zse_model *m, zse_matcher *matcher, uint32_t *mask);
 
 bool zse_model_is_eos(const zse_model *m, int32_t t);
 
@@ -415,7 +439,7 @@ typedef enum {
 zse_out_mode zse_step_out_mode(const zse_model *m, const zse_step_seq *e, int n, bool allow_sampled);
 /* for an ARGMAX or SAMPLED pass: the token mask of each constrained sequence's out row,
  * filled from its matcher (after zse_batcher_pack); *out points into b. -1 on an error. */
-int zse_batcher_masks(zse_batcher *b, const zse_step_seq *e, int n, zse_row_masks *out);
+int zse_batcher_masks(const zse_model *m, zse_batcher *b, const zse_step_seq *e, int n, zse_row_masks *out);
 
 /* ---- speculative decoding (spec.c) ----------------------------------------------------------
  * One drafter per engine or zse_seq. A step: zse_spec_propose appends each sequence's

@@ -145,6 +145,9 @@ int zse_gen_accept(zse_gen *g, int32_t t, bool is_eos, bool ctx_full, zse_buf *o
     int rc = zse_tokenizer_stream_push(g->detok, t, &piece);
     if (rc == 0)
         rc = zse_buf_append(&g->pending, piece.data ? piece.data : "", piece.len);
+    for (int i = 0; rc == 0 && i < g->n_keep; i++) /* a kept special token: its text (the stream skipped it) */
+        if (g->keep_ids[i] == t)
+            rc = zse_buf_puts(&g->pending, g->keep_texts[i]);
     zse_buf_free(&piece);
     if (rc != 0)
         return -1;

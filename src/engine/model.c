@@ -309,7 +309,8 @@ zse_model *zse_model_load(const char *path, const zse_load_params *params)
         return NULL;
     }
     pthread_mutex_init(&m->grammar_lock, NULL);
-    if (!(m->file = zse_file_open(path)) || !(m->tok = zse_tokenizer_from_zse(m->file)) ||
+    if (!(m->mask_timing = zse_calloc(1, sizeof *m->mask_timing)) || !(m->file = zse_file_open(path)) ||
+        !(m->tok = zse_tokenizer_from_zse(m->file)) ||
         !(m->be = zse_backend_create(params->device, params->threads)))
         goto fail;
     const zse_config *c = zse_file_config(m->file);
@@ -325,6 +326,7 @@ zse_model *zse_model_load(const char *path, const zse_load_params *params)
     if (zse_lora_cache_new(m, params) != 0 || create_kv(m, c, params) != 0)
         goto fail;
     collect_eos(m);
+    zse_model_find_tool_markers(m);
     const json_t *tc = zse_file_tokenizer_config(m->file);
     json_t *ab = json_object_get(tc, "add_bos_token");
     m->add_bos = json_is_boolean(ab) ? json_is_true(ab) : false;
@@ -354,6 +356,7 @@ void zse_model_free(zse_model *m)
     zse_block_pool_free(&m->blocks);
     zse_grammar_vocab_free(m->gvocab);
     zse_grammar_vocab_free(m->gvocab_tools);
+    free(m->mask_timing);
     pthread_mutex_destroy(&m->run_lock);
     pthread_mutex_destroy(&m->grammar_lock);
     free(m->name);

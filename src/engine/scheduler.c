@@ -873,7 +873,7 @@ static int run_plan(zse_engine *e, const plan *pl)
     e->picked_step = b.n_out > 0 && mode != ZSE_OUT_LOGITS;
     /* constrained rows: their masks go where the logits are */
     zse_row_masks masks;
-    if (e->picked_step && zse_batcher_masks(&e->batcher, e->entries, pl->n_seqs, &masks) != 0)
+    if (e->picked_step && zse_batcher_masks(e->m, &e->batcher, e->entries, pl->n_seqs, &masks) != 0)
         return -1;
     if (e->picked_step && mode == ZSE_OUT_ARGMAX)
         return zse_llm_forward_argmax(e->m->llm, e->m->kv, &b, &masks, e->picked_ids);

@@ -42,6 +42,9 @@ int zse_sequence_init(zse_sequence *q, const zse_model *m, const zse_sampling *s
         memset(q, 0, sizeof *q);
         return -1;
     }
+    q->gen.keep_ids = m->tool_marker_ids;
+    q->gen.keep_texts = m->tool_marker_texts;
+    q->gen.n_keep = m->n_tool_markers;
     if (q->gen.s.constraint) {
         /* speculative verification walks it through a step's drafts and back */
         zse_grammar *g = (zse_grammar *)q->gen.s.constraint;
@@ -299,7 +302,7 @@ int zse_sequence_constrain(zse_sequence *q, const zse_model *m, float *logits, i
     }
     if (q->matcher) {
         const zse_grammar_vocab *v = zse_grammar_vocab_of((const zse_grammar *)s->constraint);
-        int allowed = zse_matcher_fill_mask(q->matcher, q->mask);
+        int allowed = zse_mask_fill_timed(m, q->matcher, q->mask);
         if (allowed < 0)
             return -1;
         if (allowed == 0)

@@ -114,7 +114,7 @@ zse_out_mode zse_step_out_mode(const zse_model *m, const zse_step_seq *e, int n,
     return greedy ? ZSE_OUT_ARGMAX : on_device ? ZSE_OUT_SAMPLED : ZSE_OUT_LOGITS;
 }
 
-int zse_batcher_masks(zse_batcher *b, const zse_step_seq *e, int n, zse_row_masks *out)
+int zse_batcher_masks(const zse_model *m, zse_batcher *b, const zse_step_seq *e, int n, zse_row_masks *out)
 {
     *out = (zse_row_masks){0};
     int n_masked = 0;
@@ -145,7 +145,7 @@ int zse_batcher_masks(zse_batcher *b, const zse_step_seq *e, int n, zse_row_mask
         if (!q->matcher || e[s].out < 0)
             continue;
         /* every constraint of a model masks over the same vocabulary, hence one width */
-        int allowed = zse_matcher_fill_mask(q->matcher, b->mask_bits + (size_t)k * (size_t)words);
+        int allowed = zse_mask_fill_timed(m, q->matcher, b->mask_bits + (size_t)k * (size_t)words);
         if (allowed < 0)
             return -1;
         if (allowed == 0)

@@ -38,6 +38,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#define GRAMMAR_CACHE_ENTRIES 64 /* compiled constraints kept for requests of the same shape */
 #define LOADING_RETRY_AFTER_S 5
 #define WATCH_INTERVAL_S 0.1
 #define STREAM_BLOCK 16384
@@ -63,6 +64,7 @@ struct srv_server {
     zse_model *model;
     srv_engine engine;
     srv_model_facts facts;
+    srv_grammar_cache *grammars;    /* compiled constraints by request shape (structured.c) */
     char fingerprint[64];
     long long started;
     srv_metrics *metrics;
@@ -455,7 +457,8 @@ static int prepare(http_req *r)
     if (r->route == SRV_ROUTE_GENERATE)
         req.stream = false;
     if (check_priority(r, &req, e) != 0 || srv_request_adapter(&req, s->model, &s->facts, e) != 0 ||
-        srv_request_prepare(&req, s->model, &s->facts, e) != 0) {
+        srv_request_prepare(&req, s->model, &s->facts, e) != 0 ||
+        srv_structured_prepare(&req, s->model, s->cfg.tool_parser, s->grammars, e) != 0) {
         srv_request_free(&req);
         return -1;
     }
@@ -689,6 +692,11 @@ static enum MHD_Result metrics(http_req *r)
     zse_engine_stats st;
     srv_live_stats live;
     live_stats(s, &st, &live);
+    zse_mask_stats mask;
+    if (live.ready) {
+        zse_model_get_mask_stats(s->model, &mask);
+        live.mask = &mask;
+    }
     zse_buf out = {0};
     int rc = srv_metrics_render(s->metrics, &live, &out);
     if (rc == 0 && live.ready)
@@ -1249,6 +1257,7 @@ void srv_config_default(srv_config *c)
     c->max_waiting = 256;
     c->model_id = "model";
     c->log_requests = true;
+    c->tool_parser = -1;
 }
 
 static int resolve(const char *host, int port, struct sockaddr_storage *ss)
@@ -1275,6 +1284,7 @@ static void free_server(srv_server *s)
     srv_guard_free(s->guard);
     srv_metrics_free(s->metrics);
     srv_db_close(s->admin_db);
+    srv_grammar_cache_free(s->grammars); /* before the model, which its constraints use */
     free(s->host);
     free(s->cors);
     free(s->model_id);
@@ -1434,6 +1444,8 @@ void srv_set_ready(srv_server *s, zse_model *m, const srv_engine *engine)
     zse_model_get_info(m, &info);
     s->model = m;
     s->engine = *engine;
+    /* without it (out of memory) every request compiles its own */
+    s->grammars = srv_grammar_cache_new(GRAMMAR_CACHE_ENTRIES);
     s->facts.vocab_size = info.vocab_size;
     s->facts.ctx_size = info.ctx_size;
     zse_adapter_stats ast;

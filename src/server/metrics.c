@@ -134,6 +134,24 @@ static int render_histogram(zse_buf *out, const char *name, const char *help, co
     return rc;
 }
 
+/* the engine's mask-time histogram, at every fourth of its buckets (octaves from 100 ns) */
+static int render_mask(zse_buf *out, const zse_mask_stats *m)
+{
+    const char *name = "zse_grammar_mask_seconds";
+    int rc = zse_buf_printf(out, "# HELP %s time to compute one token's grammar mask (constrained decoding)\n"
+                                 "# TYPE %s histogram\n", name, name);
+    uint64_t cum = 0;
+    for (int i = 0; rc == 0 && i < ZSE_MASK_BUCKETS - 1; i++) {
+        cum += m->count[i];
+        if (i % 4 == 0)
+            rc = zse_buf_printf(out, "%s_bucket{le=\"%g\"} %llu\n", name, zse_mask_bucket_le(i), (unsigned long long)cum);
+    }
+    if (rc == 0)
+        rc = zse_buf_printf(out, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.9f\n%s_count %llu\n", name,
+                            (unsigned long long)m->n, name, m->total_s, name, (unsigned long long)m->n);
+    return rc;
+}
+
 static int render_gauge(zse_buf *out, const char *name, const char *help, double v)
 {
     return zse_buf_printf(out, "# HELP %s %s\n# TYPE %s gauge\n%s %.17g\n", name, help, name, name, v);
@@ -277,6 +295,8 @@ int srv_metrics_render(srv_metrics *m, const srv_live_stats *live, zse_buf *out)
         for (size_t i = 0; rc == 0 && i < sizeof off / sizeof off[0]; i++)
             rc = render_counter(out, off[i].name, off[i].help, off[i].v);
     }
+    if (rc == 0 && live->mask)
+        rc = render_mask(out, live->mask);
     return rc;
 }
 

@@ -11,6 +11,7 @@
  * into the text. */
 #include "server/server.h"
 
+#include "toolcall/toolcall.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -54,6 +55,7 @@ void srv_render_free(srv_render *rd)
     for (int i = 0; rd->choices && i < rd->n_choices; i++) {
         zse_buf_free(&rd->choices[i].text);
         json_decref(rd->choices[i].logprobs);
+        zse_tool_stream_free(rd->choices[i].tool_stream);
     }
     free(rd->choices);
     for (size_t i = 0; rd->echo && i < rd->req->n_prompts; i++)
@@ -278,6 +280,113 @@ int srv_render_start(srv_render *rd, zse_buf *out)
     return 0;
 }
 
+/* ---- tool calls -----------------------------------------------------------------------
+ * With tools (and tool_choice other than "none") a chat answer's text is parsed into
+ * OpenAI tool_calls with the format settled by srv_structured_prepare: whole answers parse
+ * the text once; streams feed each piece to a zse_tool_stream, which holds back text that
+ * may begin a call marker and turns calls into deltas (id and name first, then argument
+ * fragments), as the OpenAI SDK's and LangChain's stream accumulators expect.
+ * parallel_tool_calls false keeps the first call only. */
+
+static bool parsing_tools(const srv_render *rd)
+{
+    return rd->req->api == SRV_API_CHAT && rd->req->structured.tool_format != 0;
+}
+
+/* call ids: the same request id and choice give the same ids, choices differ */
+static uint64_t tool_id_seed(const srv_render *rd, int choice)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (const char *p = rd->id; p && *p; p++)
+        h = (h ^ (uint8_t)*p) * 1099511628211ull;
+    return h ^ ((uint64_t)(choice + 1) * 0x9e3779b97f4a7c15ull);
+}
+
+/* the whole answer's message; *finish becomes "tool_calls" when the model ended after calls */
+static json_t *tool_message(const srv_render *rd, int i, const char **finish)
+{
+    const srv_choice *c = &rd->choices[i];
+    const char *text = zse_buf_str((zse_buf *)&c->text);
+    zse_tool_result res;
+    if (zse_tool_parse((zse_tool_format)rd->req->structured.tool_format, text, c->text.len, tool_id_seed(rd, i),
+                       &res) != 0)
+        return NULL;
+    json_t *msg;
+    if (res.n_calls == 0) {
+        msg = json_pack("{s:s, s:s#}", "role", "assistant", "content", text, c->text.len);
+    } else {
+        json_t *calls = zse_tool_calls_json(&res);
+        while (calls && !rd->req->structured.parallel && json_array_size(calls) > 1)
+            json_array_remove(calls, json_array_size(calls) - 1);
+        json_t *content = res.content ? json_stringn(res.content, strlen(res.content)) : json_null();
+        msg = json_pack("{s:s, s:o, s:o}", "role", "assistant", "content", content, "tool_calls", calls);
+        if (c->finish == ZSE_FINISH_STOP)
+            *finish = "tool_calls";
+    }
+    zse_tool_result_free(&res);
+    return msg;
+}
+
+/* {"tool_calls": [{"index", "id", "type", "function": {"name", "arguments"}}]}: id, type and
+ * name on a call's first delta only */
+static json_t *tool_call_delta(const zse_tool_delta *d)
+{
+    json_t *fn = json_pack("{s:s}", "arguments", d->text ? d->text : "");
+    if (fn && d->name && json_object_set_new(fn, "name", json_string(d->name)) != 0) {
+        json_decref(fn);
+        return NULL;
+    }
+    json_t *call = json_pack("{s:i, s:o}", "index", d->index, "function", fn);
+    if (call && d->id &&
+        (json_object_set_new(call, "id", json_string(d->id)) || json_object_set_new(call, "type", json_string("function")))) {
+        json_decref(call);
+        return NULL;
+    }
+    return call ? json_pack("{s:[o]}", "tool_calls", call) : NULL;
+}
+
+/* one streamed event of a chat with tools; lp (taken) rides on the first chunk it makes */
+static int stream_tool_event(srv_render *rd, const srv_event *ev, json_t *lp, zse_buf *out)
+{
+    srv_choice *c = &rd->choices[ev->choice];
+    if (!c->tool_stream && !(c->tool_stream = zse_tool_stream_new((zse_tool_format)rd->req->structured.tool_format,
+                                                                    tool_id_seed(rd, ev->choice)))) {
+        json_decref(lp);
+        return -1;
+    }
+    zse_tool_deltas d = {0};
+    int rc = zse_tool_stream_push(c->tool_stream, ev->text, strlen(ev->text), &d);
+    if (rc == 0 && ev->finish != ZSE_FINISH_NONE)
+        rc = zse_tool_stream_finish(c->tool_stream, &d);
+    for (int k = 0; rc == 0 && k < d.n; k++) {
+        const zse_tool_delta *x = &d.d[k];
+        json_t *delta;
+        if (x->kind == ZSE_TOOL_DELTA_CONTENT) {
+            if (!x->text || !*x->text)
+                continue;
+            delta = json_pack("{s:s}", "content", x->text);
+        } else {
+            if (!rd->req->structured.parallel && x->index > 0)
+                continue;
+            delta = tool_call_delta(x);
+        }
+        rc = sse(out, chunk(rd, chat_delta_choice(ev->choice, delta, lp, NULL)));
+        lp = NULL;
+    }
+    if (rc == 0 && lp) {
+        rc = sse(out, chunk(rd, chat_delta_choice(ev->choice, json_object(), lp, NULL)));
+        lp = NULL;
+    }
+    json_decref(lp);
+    zse_tool_deltas_free(&d);
+    if (rc != 0 || ev->finish == ZSE_FINISH_NONE)
+        return rc;
+    const char *finish = openai_finish(ev->finish);
+    if (ev->finish == ZSE_FINISH_STOP && zse_tool_stream_calls(c->tool_stream) > 0)
+        finish = "tool_calls";
+    return sse(out, chunk(rd, chat_delta_choice(ev->choice, json_object(), NULL, finish)));
+}
+
 static int stream_chat_event(srv_render *rd, const srv_event *ev, bool token, zse_buf *out)
 {
     json_t *lp = NULL;
@@ -286,6 +395,8 @@ static int stream_chat_event(srv_render *rd, const srv_event *ev, bool token, zs
         if (!entry || !(lp = json_pack("{s:[o]}", "content", entry)))
             return zse_fail("out of memory formatting logprobs");
     }
+    if (parsing_tools(rd))
+        return stream_tool_event(rd, ev, lp, out);
     if (ev->text[0] || lp) {
         json_t *delta = json_pack("{s:s}", "content", ev->text);
         if (sse(out, chunk(rd, chat_delta_choice(ev->choice, delta, lp, NULL))))
@@ -475,11 +586,14 @@ static json_t *whole_chat(const srv_render *rd)
     json_t *choices = json_array();
     for (int i = 0; choices && i < rd->n_choices; i++) {
         srv_choice *c = &rd->choices[i];
-        json_t *msg = json_pack("{s:s, s:s#}", "role", "assistant", "content", zse_buf_str(&c->text), c->text.len);
+        const char *finish = openai_finish(c->finish);
+        json_t *msg = parsing_tools(rd) ? tool_message(rd, i, &finish)
+                                        : json_pack("{s:s, s:s#}", "role", "assistant", "content", zse_buf_str(&c->text),
+                                                    c->text.len);
         json_t *lp = rd->req->logprobs ? json_pack("{s:O}", "content", c->logprobs ? c->logprobs : json_array())
                                        : json_null();
         json_t *ch = json_pack("{s:i, s:o, s:o, s:s}", "index", i, "message", msg, "logprobs", lp, "finish_reason",
-                               openai_finish(c->finish));
+                               finish);
         if (!ch || json_array_append_new(choices, ch)) {
             json_decref(choices);
             return NULL;

@@ -277,20 +277,6 @@ static int parse_model(json_t *body, const srv_model_facts *mf, srv_request *r, 
     return r->model ? 0 : oom(e);
 }
 
-static int reject_unsupported(json_t *body, srv_error *e)
-{
-    json_t *rf = json_object_get(body, "response_format");
-    if (rf && !json_is_null(rf)) {
-        const char *type = json_string_value(json_object_get(rf, "type"));
-        if (!json_is_object(rf) || !type)
-            return srv_error_invalid(e, "response_format", "'response_format' must be an object with a 'type'");
-        if (strcmp(type, "text") != 0)
-            return srv_error_invalid(e, "response_format.type",
-                                     "response_format type '%s' is not supported (only 'text')", type);
-    }
-    return 0;
-}
-
 /* ---- chat messages ------------------------------------------------------------------- */
 
 /* content: a string, null, or a list of {"type":"text","text":...} parts joined by "\n" */
@@ -364,10 +350,21 @@ static json_t *normalize_message(json_t *m, size_t i, srv_error *e)
     zse_buf_free(&text);
     if (!out)
         return oom(e), NULL;
-    static const char *const keep[] = {"name", "tool_calls", "tool_call_id"};
+    static const char *const keep[] = {"name", "tool_call_id"};
     for (size_t k = 0; k < sizeof keep / sizeof keep[0]; k++) {
         json_t *v = json_object_get(m, keep[k]);
         if (v && !json_is_null(v) && json_object_set(out, keep[k], v) != 0) {
+            json_decref(out);
+            return oom(e), NULL;
+        }
+    }
+    if (tool_calls && !json_is_null(tool_calls)) {
+        json_t *calls = srv_template_tool_calls(tool_calls, i, e);
+        if (!calls) {
+            json_decref(out);
+            return NULL;
+        }
+        if (json_object_set_new(out, "tool_calls", calls) != 0) {
             json_decref(out);
             return oom(e), NULL;
         }
@@ -421,7 +418,7 @@ static int parse_chat(json_t *body, const srv_model_facts *mf, srv_request *r, s
     if (parse_model(body, mf, r, e) || parse_messages(body, r, e) || parse_stream(body, r, e) ||
         parse_n(body, r, e) || parse_sampling(body, mf, r, e) || parse_chat_logprobs(body, r, e) ||
         parse_max_tokens(body, "max_tokens", r, e) || parse_max_tokens(body, "max_completion_tokens", r, e) ||
-        reject_unsupported(body, e))
+        srv_structured_parse(body, r, e))
         return -1;
     r->prompts = zse_calloc(1, sizeof *r->prompts);
     if (!r->prompts)
@@ -500,7 +497,7 @@ static int parse_completion(json_t *body, const srv_model_facts *mf, srv_request
     r->max_tokens = 0;
     if (parse_model(body, mf, r, e) || parse_n(body, r, e) || parse_prompts(body, mf, r, e) ||
         parse_stream(body, r, e) || parse_sampling(body, mf, r, e) || parse_max_tokens(body, "max_tokens", r, e) ||
-        get_bool(body, "echo", &r->echo, e) || reject_unsupported(body, e))
+        get_bool(body, "echo", &r->echo, e) || srv_structured_parse(body, r, e))
         return -1;
     if (get_int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS, &i, &have, e))
         return -1;
@@ -613,7 +610,8 @@ static int parse_tgi(json_t *body, const srv_model_facts *mf, srv_request *r, sr
     s->top_logprobs = have ? (int)i : 0;
     s->logprobs = r->details;
     r->logprobs = r->details ? 1 + s->top_logprobs : 0;
-    if (get_int(p, "best_of", 1, 1, &i, &have, e) || parse_stop(p, "stop", r, e) || parse_tgi_adapter(p, mf, r, e))
+    if (get_int(p, "best_of", 1, 1, &i, &have, e) || parse_stop(p, "stop", r, e) || parse_tgi_adapter(p, mf, r, e) ||
+        srv_structured_parse_tgi(p, r, e))
         goto done;
     bool wm = false;
     if (get_bool(p, "watermark", &wm, e))
@@ -776,5 +774,6 @@ void srv_request_free(srv_request *r)
     free(r->user);
     free(r->adapter_id);
     zse_adapter_release(r->adapter);
+    srv_structured_free(&r->structured);
     memset(r, 0, sizeof *r);
 }

@@ -64,6 +64,47 @@ typedef struct {
                                  * is an adapter's, resolved by srv_request_adapter */
 } srv_model_facts;
 
+/* ---- structured output and tool calls (structured.c) ------------------------------------
+ * What a request asks the output to be: a grammar from response_format, TGI's grammar or
+ * vLLM's guided_* fields, and the tools the model may call with tool_choice. Parsed with the
+ * request; compiled against the model (srv_structured_prepare) into one constraint that
+ * every choice of the request shares. */
+typedef enum {
+    SRV_GRAMMAR_NONE,
+    SRV_GRAMMAR_JSON_OBJECT,    /* any JSON object */
+    SRV_GRAMMAR_JSON_SCHEMA,    /* text: the schema's JSON */
+    SRV_GRAMMAR_REGEX,          /* text: the pattern */
+    SRV_GRAMMAR_CHOICE,         /* choices */
+} srv_grammar_kind;
+
+typedef enum {
+    SRV_TOOLS_OFF,              /* no tools, or tool_choice "none": the output is text */
+    SRV_TOOLS_AUTO,             /* calls parsed from what the model writes */
+    SRV_TOOLS_REQUIRED,         /* one call or more, forced by the grammar */
+    SRV_TOOLS_NAMED,            /* one call of tool_name, forced by the grammar */
+} srv_tool_mode;
+
+typedef struct {
+    srv_grammar_kind kind;
+    char param[64];             /* the field it came from, for errors ("response_format.json_schema") */
+    char *text;
+    bool strict;                /* json_schema strict: every object closed, every property required */
+    char **choices;
+    int n_choices;
+    srv_tool_mode tools;
+    char *tools_json;           /* the request's tools array (compact JSON) */
+    char *tool_name;            /* SRV_TOOLS_NAMED */
+    bool parallel;              /* parallel_tool_calls (default true) */
+    int tool_format;            /* a zse_tool_format the output is parsed with; 0: not parsed */
+    zse_constraint *constraint; /* compiled; the sampling points at it */
+} srv_structured;
+
+/* the tool-call formats --tool-parser accepts */
+#define SRV_TOOL_PARSER_NAMES "hermes, llama3_json, mistral, json, none"
+/* the format a --tool-parser name stands for: 0 for "none" (tool calls are never parsed),
+ * -1 with an error listing the names for an unknown one */
+int srv_tool_parser_from_name(const char *name, int *format);
+
 typedef struct {
     srv_api api;
     char *model;                /* as the client named it (OpenAI) */
@@ -89,6 +130,7 @@ typedef struct {
     char *user;
     char *adapter_id;           /* the adapter named by OpenAI model or TGI adapter_id; NULL: the base */
     zse_adapter *adapter;       /* it, resolved by srv_request_adapter (a reference) */
+    srv_structured structured;  /* grammar and tools (structured.c) */
 } srv_request;
 
 /* Parses and validates a request body. Everything is checked that can be without
@@ -101,6 +143,28 @@ int srv_request_parse(srv_api api, const char *body, size_t len, const srv_model
 int srv_request_prepare(srv_request *r, const zse_model *m, const srv_model_facts *facts,
                         srv_error *err);
 void srv_request_free(srv_request *r);
+
+/* structured.c: the request's response_format / grammar / guided_* and tools / tool_choice /
+ * parallel_tool_calls into r->structured (conflicts and malformed fields: 400 naming them) */
+int srv_structured_parse(json_t *body, srv_request *r, srv_error *e);
+/* TGI's parameters.grammar {"type": "json" | "regex", "value"} */
+int srv_structured_parse_tgi(json_t *params, srv_request *r, srv_error *e);
+/* Compiled constraints kept by request shape (the grammar's kind and text, or the tools,
+ * tool_choice and format), least recently used out first: a schema or tool set sent again
+ * reuses its grammar and the token classifications its earlier requests filled in (a new
+ * grammar's first outputs pay for those). Thread-safe. Free it before the model. */
+typedef struct srv_grammar_cache srv_grammar_cache;
+srv_grammar_cache *srv_grammar_cache_new(int capacity);
+void srv_grammar_cache_free(srv_grammar_cache *c);
+/* Compiles the request's grammar or tool grammar against the model (or takes it from cache,
+ * which may be NULL) into the constraint every choice shares (a schema feature the compiler
+ * refuses: 400 naming the keyword) and settles how tool calls are parsed: tool_format is the
+ * server's --tool-parser (-1: detect it from the chat template; 0: never parse). */
+int srv_structured_prepare(srv_request *r, zse_model *m, int tool_format, srv_grammar_cache *cache, srv_error *e);
+void srv_structured_free(srv_structured *st);
+/* messages[mi].tool_calls as templates read them (arguments as objects); NULL and a 400 when
+ * it is not a list of function calls */
+json_t *srv_template_tool_calls(json_t *calls, size_t mi, srv_error *e);
 
 /* ---- LoRA adapters (lora.c) ------------------------------------------------------------- */
 /* the request's adapter (r->adapter_id) from the model: 404 naming the adapters there are
@@ -218,6 +282,7 @@ typedef struct {
     zse_buf text;           /* whole text (non-streaming, TGI's final generated_text) */
     size_t text_offset;     /* completions logprobs: characters before the next token */
     json_t *logprobs;       /* chat: content list; completions: the legacy object; TGI: tokens */
+    struct zse_tool_stream *tool_stream; /* streamed chat with tools: its text parsed into calls */
 } srv_choice;
 
 typedef struct {
@@ -481,6 +546,7 @@ typedef struct {
     srv_guard_stats guard;
     uint64_t audit_dropped;
     uint64_t refused;
+    const zse_mask_stats *mask;         /* constrained decoding's mask times; NULL while the model loads */
 } srv_live_stats;
 /* appends the exposition text */
 int srv_metrics_render(srv_metrics *m, const srv_live_stats *live, zse_buf *out);
@@ -566,6 +632,7 @@ typedef struct {
     bool log_requests;          /* one structured line per request on stderr */
     bool allow_lora_loading;    /* /v1/load_lora_adapter and /v1/unload_lora_adapter answer */
     const char *db_path;        /* the key database, for the /admin routes (with auth; opened already by audit) */
+    int tool_parser;            /* --tool-parser: a zse_tool_format, 0 for none, -1 (default): detect */
 } srv_config;
 
 void srv_config_default(srv_config *c);

@@ -13,6 +13,7 @@
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
+#include <math.h>
 #include <pthread.h>
 #include <unistd.h>
 
@@ -182,6 +183,34 @@ static void json_schema_outputs(zse_model *m, const int32_t *ids, size_t n)
     CHECK(generate(m, ids, n, &g, NULL, plain) == ZSE_FINISH_STOP);
     CHECK(generate(m, ids, n, &g, &ngram, spec) == ZSE_FINISH_STOP);
     CHECK(valid_person(plain) && strcmp(plain, spec) == 0);
+    /* a sequence truncated to a new prompt starts the grammar over: the same text again */
+    {
+        zse_seq *q = zse_seq_new(m, &g);
+        size_t len = 0;
+        static char again[MAX_TEXT];
+        for (int round = 0; q && round < 2; round++) {
+            char *dst = round ? again : text;
+            zse_finish fin = ZSE_FINISH_NONE;
+            len = 0;
+            dst[0] = '\0';
+            CHECK(zse_seq_truncate(q, 0) == 0 && zse_seq_feed(q, ids, n) == 0);
+            while (fin == ZSE_FINISH_NONE) {
+                int32_t t;
+                char *piece;
+                if (zse_seq_next(q, &t, &piece, &fin) != 0) {
+                    CHECK_MSG(0, "zse_seq_next after truncate: %s", zse_last_error());
+                    break;
+                }
+                if (len + strlen(piece) < MAX_TEXT) {
+                    memcpy(dst + len, piece, strlen(piece) + 1);
+                    len += strlen(piece);
+                }
+                zse_free(piece);
+            }
+        }
+        CHECK_MSG(strcmp(text, plain) == 0 && strcmp(again, plain) == 0, "'%s' / '%s'", text, again);
+        zse_seq_free(q);
+    }
     /* sampled with drafts: still valid */
     zse_sampling sd = sampled(c, 99, 400);
     CHECK(generate(m, ids, n, &sd, &ngram, text) == ZSE_FINISH_STOP && valid_person(text));
@@ -277,6 +306,24 @@ static void refusals(zse_model *m)
     CHECK(zse_constraint_regex(m, "(a", 2) == NULL);
 }
 
+/* every mask computed so far was timed: counts, quantiles in order, within the buckets */
+static void mask_stats(zse_model *m)
+{
+    zse_mask_stats st, none = {0};
+    zse_model_get_mask_stats(m, &st);
+    uint64_t sum = 0;
+    for (int i = 0; i < ZSE_MASK_BUCKETS; i++)
+        sum += st.count[i];
+    CHECK(st.n > 10 && sum == st.n && st.total_s > 0);
+    double p50 = zse_mask_stats_quantile(&st, 0.5), p99 = zse_mask_stats_quantile(&st, 0.99);
+    CHECK(p50 > 0 && p50 <= p99 && p99 < 1.0);
+    CHECK(zse_mask_bucket_le(0) == 1e-7 && zse_mask_bucket_le(4) == 2e-7 && isinf(zse_mask_bucket_le(ZSE_MASK_BUCKETS - 1)));
+    CHECK(zse_mask_stats_quantile(&none, 0.5) == 0);
+    zse_mask_stats d = st;
+    zse_mask_stats_sub(&d, &st);
+    CHECK(d.n == 0 && d.total_s == 0);
+}
+
 int main(void)
 {
     const char *data = test_env("ZSE_TEST_DATA");
@@ -307,6 +354,7 @@ int main(void)
         regex_and_choice(m, ids, n);
         tool_calls(m, ids, n);
         refusals(m);
+        mask_stats(m);
         zse_free(ids);
     }
     zse_model_free(m);

@@ -125,7 +125,7 @@ static void test_chat(void)
     CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"stream\":true,\"stream_options\":{\"include_usage\":1}"), 400,
                   "stream_options.include_usage");
     CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"stream\":\"yes\""), 400, "stream");
-    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"response_format\":{\"type\":\"json_object\"}"), 400, "response_format.type");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"response_format\":{\"type\":\"yaml\"}"), 400, "response_format.type");
     CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"tools\":{}"), 400, "tools");
     CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"user\":5"), 400, "user");
     CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"top_k\":-2"), 400, "top_k");
