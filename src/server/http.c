@@ -442,11 +442,9 @@ static int prepare(http_req *r)
     release_body(s, r); /* parsed: the bytes are no longer needed */
     if (rc != 0)
         return -1;
-    if (r->route == SRV_ROUTE_GENERATE_STREAM)
-        req.stream = true;
-    if (r->route == SRV_ROUTE_GENERATE)
-        req.stream = false;
-    if (check_priority(r, &req, e) != 0 || srv_request_adapter(&req, s->model, &s->facts, e) != 0 ||
+    bool path_stream = r->route == SRV_ROUTE_GENERATE_STREAM;
+    if (((r->route == SRV_ROUTE_GENERATE || path_stream) && srv_request_set_stream(&req, path_stream, e) != 0) ||
+        check_priority(r, &req, e) != 0 || srv_request_adapter(&req, s->model, &s->facts, e) != 0 ||
         srv_request_prepare(&req, s->model, &s->facts, e) != 0) {
         srv_request_free(&req);
         return -1;

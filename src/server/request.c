@@ -160,6 +160,24 @@ static uint64_t random_seed(void)
     return s;
 }
 
+/* vLLM's prompt_logprobs: N alternatives for every prompt token (0: the token's own) */
+static int parse_prompt_logprobs(json_t *body, srv_request *r, srv_error *e)
+{
+    long long i;
+    bool have;
+    if (get_int(body, "prompt_logprobs", 0, MAX_TOP_LOGPROBS, &i, &have, e))
+        return -1;
+    if (!have)
+        return 0;
+    if (r->stream) /* vLLM's rule too: the list would have no chunk to go in */
+        return srv_error_invalid(e, "prompt_logprobs", "'prompt_logprobs' is not available when 'stream' is true");
+    r->prompt_logprobs = 1 + (int)i;
+    r->sampling.prompt_logprobs = true;
+    if (r->sampling.prompt_top_logprobs < (int)i)
+        r->sampling.prompt_top_logprobs = (int)i;
+    return 0;
+}
+
 /* temperature, top_p, penalties, seed, stop, logit_bias, and the vLLM-style extras
  * (top_k, min_p, repetition_penalty, ignore_eos, priority) */
 static int parse_sampling(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
@@ -208,7 +226,11 @@ static int parse_sampling(json_t *body, const srv_model_facts *mf, srv_request *
         return -1;
     if (r->has_priority)
         r->priority = (int)i;
-    if (parse_stop(body, "stop", r, e) || parse_logit_bias(body, mf->vocab_size, r, e))
+    if (get_int(body, "min_tokens", 0, INT_MAX, &i, &have, e))
+        return -1;
+    if (have)
+        s->min_tokens = (int)i;
+    if (parse_stop(body, "stop", r, e) || parse_logit_bias(body, mf->vocab_size, r, e) || parse_prompt_logprobs(body, r, e))
         return -1;
     const char *user;
     if (get_string(body, "user", &user, e))
@@ -499,15 +521,26 @@ static int parse_completion(json_t *body, const srv_model_facts *mf, srv_request
     bool have;
     r->max_tokens = 0;
     if (parse_model(body, mf, r, e) || parse_n(body, r, e) || parse_prompts(body, mf, r, e) ||
-        parse_stream(body, r, e) || parse_sampling(body, mf, r, e) || parse_max_tokens(body, "max_tokens", r, e) ||
-        get_bool(body, "echo", &r->echo, e) || reject_unsupported(body, e))
+        parse_stream(body, r, e) || parse_sampling(body, mf, r, e) || get_bool(body, "echo", &r->echo, e) ||
+        reject_unsupported(body, e))
         return -1;
+    /* max_tokens 0 generates nothing: with echo and logprobs the prompt is only scored */
+    if (get_int(body, "max_tokens", 0, INT_MAX, &i, &have, e))
+        return -1;
+    if (have)
+        r->max_tokens = i == 0 ? ZSE_MAX_TOKENS_NONE : (int)i;
     if (get_int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS, &i, &have, e))
         return -1;
     if (have) {
         r->logprobs = 1 + (int)i;
         r->sampling.logprobs = true;
         r->sampling.top_logprobs = (int)i;
+    }
+    if (r->echo && r->logprobs) { /* OpenAI's legacy scoring: the prompt's tokens come first */
+        r->echo_logprobs = true;
+        r->sampling.prompt_logprobs = true;
+        if (r->sampling.prompt_top_logprobs < r->logprobs - 1)
+            r->sampling.prompt_top_logprobs = r->logprobs - 1;
     }
     if (get_int(body, "best_of", 1, MAX_CHOICES, &i, &have, e))
         return -1;
@@ -551,6 +584,63 @@ static int parse_tgi_adapter(json_t *params, const srv_model_facts *mf, srv_requ
     return srv_error_set(e, 404, "not_found", "adapter_not_found", "parameters.adapter_id",
                          "adapter '%s' is not loaded: this server serves only the base model '%s' (start it with "
                          "--lora NAME=PATH or --lora-dir DIR to serve adapters)", adapter, mf->name);
+}
+
+/* top_n_tokens, decoder_input_details, truncate; every generated token carries its real
+ * logprob (streamed ones too, with or without details) */
+static int parse_tgi_scoring(json_t *p, srv_request *r, srv_error *e)
+{
+    long long i;
+    bool have;
+    if (get_int(p, "top_n_tokens", 0, MAX_COMPLETION_LOGPROBS, &i, &have, e))
+        return -1;
+    r->top_n_tokens = have ? (int)i : 0;
+    r->sampling.top_logprobs = r->top_n_tokens;
+    r->sampling.logprobs = true;
+    r->logprobs = r->details ? 1 + r->top_n_tokens : 0;
+    if (get_bool(p, "decoder_input_details", &r->decoder_input_details, e))
+        return -1;
+    /* the prefill list lives in details: without details there is nowhere to put it */
+    if (r->decoder_input_details && r->details)
+        r->sampling.prompt_logprobs = true;
+    if (get_int(p, "truncate", 1, INT_MAX, &i, &have, e))
+        return -1;
+    r->truncate = have ? (int)i : 0;
+    return 0;
+}
+
+/* best_of: that many sampled candidates, the one with the highest total logprob answers
+ * (TGI's rules: sampling only, no seed, no streaming) */
+static int parse_tgi_best_of(json_t *p, bool sampling, srv_request *r, srv_error *e)
+{
+    long long i;
+    bool have;
+    if (get_int(p, "best_of", 1, MAX_CHOICES, &i, &have, e))
+        return -1;
+    r->best_of = have ? (int)i : 1;
+    if (r->best_of == 1)
+        return 0;
+    if (!sampling)
+        return srv_error_invalid(e, "parameters.best_of", "best_of > 1 needs sampling: set do_sample (or "
+                                                          "temperature, top_k, top_p)");
+    if (r->has_seed)
+        return srv_error_invalid(e, "parameters.seed", "seed must not be set when best_of > 1 (each candidate "
+                                                       "draws its own)");
+    r->n = r->best_of;
+    return 0;
+}
+
+int srv_request_set_stream(srv_request *r, bool stream, srv_error *e)
+{
+    r->stream = stream;
+    if (r->api != SRV_API_TGI || !stream)
+        return 0;
+    if (r->best_of > 1)
+        return srv_error_invalid(e, "parameters.best_of", "best_of > 1 is not supported when streaming tokens");
+    if (r->decoder_input_details)
+        return srv_error_invalid(e, "parameters.decoder_input_details",
+                                 "decoder_input_details == true is not supported when streaming tokens");
+    return 0;
 }
 
 static int parse_tgi(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
@@ -608,12 +698,7 @@ static int parse_tgi(json_t *body, const srv_model_facts *mf, srv_request *r, sr
     if (get_int(p, "seed", 0, LLONG_MAX, &i, &r->has_seed, e))
         goto done;
     s->seed = r->has_seed ? (uint64_t)i : random_seed();
-    if (get_int(p, "top_n_tokens", 0, MAX_COMPLETION_LOGPROBS, &i, &have, e))
-        goto done;
-    s->top_logprobs = have ? (int)i : 0;
-    s->logprobs = r->details;
-    r->logprobs = r->details ? 1 + s->top_logprobs : 0;
-    if (get_int(p, "best_of", 1, 1, &i, &have, e) || parse_stop(p, "stop", r, e) || parse_tgi_adapter(p, mf, r, e))
+    if (parse_stop(p, "stop", r, e) || parse_tgi_adapter(p, mf, r, e) || parse_tgi_scoring(p, r, e))
         goto done;
     bool wm = false;
     if (get_bool(p, "watermark", &wm, e))
@@ -622,9 +707,18 @@ static int parse_tgi(json_t *body, const srv_model_facts *mf, srv_request *r, sr
         srv_error_invalid(e, "parameters.watermark", "watermarking is not supported");
         goto done;
     }
+    if (get_number(p, "typical_p", 0, 1, &x, &have, e))
+        goto done;
+    if (have && x < 1) {
+        srv_error_invalid(e, "parameters.typical_p", "typical_p (locally typical sampling) is not supported; use "
+                                                     "top_p, top_k or temperature");
+        goto done;
+    }
     /* TGI samples when asked to or when any warper is set; otherwise it is greedy */
     if (!do_sample && !warped)
         s->temperature = 0;
+    if (parse_tgi_best_of(p, do_sample || warped, r, e) || srv_request_set_stream(r, r->stream, e))
+        goto done;
     rc = 0;
 done:
     json_decref(empty);
@@ -709,6 +803,23 @@ static int tokenize_prompt(srv_request *r, srv_prompt *p, const zse_model *m, co
     return 0;
 }
 
+/* TGI's truncate: only the last r->truncate tokens of the prompt are kept (the echoed
+ * text, return_full_text, is then theirs too) */
+static int truncate_prompt(srv_request *r, srv_prompt *p, const zse_model *m, srv_error *e)
+{
+    if (r->truncate <= 0 || p->n_ids <= (size_t)r->truncate)
+        return 0;
+    size_t drop = p->n_ids - (size_t)r->truncate;
+    memmove(p->ids, p->ids + drop, (size_t)r->truncate * sizeof *p->ids);
+    p->n_ids = (size_t)r->truncate;
+    char *text = zse_detokenize(m, p->ids, p->n_ids, false);
+    if (!text)
+        return oom(e);
+    free(p->text);
+    p->text = text;
+    return 0;
+}
+
 static const char *prompt_word(srv_api api)
 {
     return api == SRV_API_CHAT ? "messages" : api == SRV_API_COMPLETION ? "prompt" : "inputs";
@@ -739,14 +850,14 @@ int srv_request_prepare(srv_request *r, const zse_model *m, const srv_model_fact
     if (r->api == SRV_API_CHAT && render_chat(r, m, e))
         return -1;
     int flags = ZSE_TOK_PARSE_SPECIAL | (r->api == SRV_API_CHAT ? 0 : ZSE_TOK_ADD_SPECIAL);
-    bool explicit_max = r->max_tokens > 0;
+    bool explicit_max = r->max_tokens != 0; /* ZSE_MAX_TOKENS_NONE: given as 0 */
     if (!explicit_max && r->api == SRV_API_COMPLETION)
         r->max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS;
     if (!explicit_max && r->api == SRV_API_TGI)
         r->max_tokens = TGI_DEFAULT_MAX_NEW_TOKENS;
     size_t longest = 0;
     for (size_t i = 0; i < r->n_prompts; i++) {
-        if (tokenize_prompt(r, &r->prompts[i], m, mf, flags, e) ||
+        if (tokenize_prompt(r, &r->prompts[i], m, mf, flags, e) || truncate_prompt(r, &r->prompts[i], m, e) ||
             check_context(r, &r->prompts[i], mf->ctx_size, explicit_max, e))
             return -1;
         if (r->prompts[i].n_ids > longest)
@@ -756,6 +867,11 @@ int srv_request_prepare(srv_request *r, const zse_model *m, const srv_model_fact
     if (!explicit_max && r->max_tokens > 0 && longest + (size_t)r->max_tokens > (size_t)mf->ctx_size)
         r->max_tokens = mf->ctx_size - (int)longest;
     r->sampling.max_tokens = r->max_tokens;
+    if (r->sampling.min_tokens > 0 && r->max_tokens > 0 && r->sampling.min_tokens > r->max_tokens)
+        return srv_error_invalid(e, "min_tokens", "'min_tokens' (%d) must not be more than max_tokens (%d)",
+                                 r->sampling.min_tokens, r->max_tokens);
+    if (r->sampling.min_tokens > 0 && r->max_tokens == ZSE_MAX_TOKENS_NONE)
+        return srv_error_invalid(e, "min_tokens", "'min_tokens' needs max_tokens above 0");
     return 0;
 }
 

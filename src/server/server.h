@@ -89,12 +89,23 @@ typedef struct {
     char *user;
     char *adapter_id;           /* the adapter named by OpenAI model or TGI adapter_id; NULL: the base */
     zse_adapter *adapter;       /* it, resolved by srv_request_adapter (a reference) */
+    /* scoring (prompt logprobs; sampling.prompt_logprobs is set when any of these asks) */
+    bool echo_logprobs;         /* completions echo + logprobs: the prompt's tokens lead the legacy logprobs */
+    int prompt_logprobs;        /* vLLM prompt_logprobs: 0 = not asked; else 1 + alternatives */
+    /* TGI */
+    bool decoder_input_details; /* details.prefill: the prompt's tokens with their logprobs */
+    int top_n_tokens;           /* top_tokens: this many alternatives per generated token */
+    int best_of;                /* > 1: that many candidates (n), the most likely one answers */
+    int truncate;               /* > 0: only the prompt's last this many tokens are kept */
 } srv_request;
 
 /* Parses and validates a request body. Everything is checked that can be without
  * tokenizing; errors name the field. */
 int srv_request_parse(srv_api api, const char *body, size_t len, const srv_model_facts *model,
                       srv_request *out, srv_error *err);
+/* sets r->stream (the TGI routes decide it by path) and refuses what cannot stream (TGI's
+ * best_of > 1 and decoder_input_details) */
+int srv_request_set_stream(srv_request *r, bool stream, srv_error *e);
 /* Chat: renders the template. All: refuses text that cannot fit (facts->max_prompt_bytes)
  * before tokenizing, tokenizes text prompts and checks the context (both numbers in the
  * message). */
@@ -198,6 +209,8 @@ typedef struct srv_event {
     int completion_tokens;
     double time;
     char *text;             /* owned */
+    zse_logprobs *prompt_lp;    /* owned: [n_prompt_lp] the prompt's logprobs (first event, when asked) */
+    int n_prompt_lp;
 } srv_event;
 
 typedef struct {
@@ -211,6 +224,9 @@ typedef struct {
     zse_buf text;           /* whole text (non-streaming, TGI's final generated_text) */
     size_t text_offset;     /* completions logprobs: characters before the next token */
     json_t *logprobs;       /* chat: content list; completions: the legacy object; TGI: tokens */
+    json_t *prompt_lp;      /* vLLM prompt_logprobs list / TGI prefill list (once the first event came) */
+    json_t *top_tokens;     /* TGI top_n_tokens: a list of alternatives per generated token */
+    double sum_logprob;     /* of the generated tokens (TGI best_of picks the largest) */
 } srv_choice;
 
 typedef struct {
@@ -240,6 +256,18 @@ void srv_render_end_missing(srv_render *rd);                             /* unfi
 int srv_render_tail(srv_render *rd, zse_buf *out);                       /* stream: error, usage, [DONE] */
 int srv_render_whole(srv_render *rd, zse_buf *out, int *status, int *retry_after);
 void srv_render_usage(const srv_render *rd, srv_job_usage *u);
+
+/* ---- prompt logprobs in the APIs' shapes (score.c) ---------------------------------------
+ * lp: the engine's [n_lp] entries for prompt p (the first is all zero; shown as null). */
+json_t *srv_token_text(const zse_model *m, int32_t id);    /* the token decoded alone; U+FFFD if not UTF-8 */
+/* OpenAI legacy (completions echo + logprobs): appends the prompt's tokens to legacy's lists;
+ * *offset advances by each token's bytes */
+int srv_score_legacy(const zse_model *m, const srv_prompt *p, const zse_logprobs *lp, int n_lp, int n_top,
+                     json_t *legacy, size_t *offset);
+/* vLLM prompt_logprobs: [null, {"<id>": {"logprob","rank","decoded_token"}}, ...] */
+json_t *srv_score_vllm(const zse_model *m, const srv_prompt *p, const zse_logprobs *lp, int n_lp, int n_top);
+/* TGI details.prefill: [{"id","text","logprob"}] */
+json_t *srv_score_tgi_prefill(const zse_model *m, const srv_prompt *p, const zse_logprobs *lp, int n_lp);
 
 /* ---- fair admission of sequences to the engine (admit.c) ------------------------------- */
 typedef struct srv_admit srv_admit;
