@@ -252,6 +252,7 @@ struct zse_model {
      * first use: plain, and with the tool-call format's special tokens allowed */
     pthread_mutex_t grammar_lock;
     zse_grammar_vocab *gvocab, *gvocab_tools;
+    char *chat_template;        /* zse_model_set_chat_template's, replacing the file's; NULL: the file's */
 };
 
 bool zse_model_is_eos(const zse_model *m, int32_t t);

@@ -12,9 +12,9 @@
 #include <string.h>
 #include <sys/random.h>
 
-#define MAX_CHOICES 16          /* n per prompt */
+#define MAX_CHOICES SRV_MAX_CHOICES
 #define MAX_SEQUENCES 64        /* prompts × n per request */
-#define MAX_STOP 16
+#define MAX_STOP SRV_MAX_STOP
 #define MAX_STOP_BYTES 256
 #define MAX_TOP_LOGPROBS 20
 #define MAX_COMPLETION_LOGPROBS 5
@@ -423,6 +423,48 @@ static int parse_messages(json_t *body, srv_request *r, srv_error *e)
     return 0;
 }
 
+/* add_generation_prompt (default true), continue_final_message (the last message must be
+ * the assistant's, left open), chat_template_kwargs (further template variables, e.g.
+ * enable_thinking; they never replace messages, tools or add_generation_prompt) */
+static int parse_template_options(json_t *body, srv_request *r, srv_error *e)
+{
+    r->add_generation_prompt = true;
+    if (get_bool(body, "add_generation_prompt", &r->add_generation_prompt, e) ||
+        get_bool(body, "continue_final_message", &r->continue_final_message, e))
+        return -1;
+    if (r->continue_final_message && r->add_generation_prompt) {
+        json_t *agp = json_object_get(body, "add_generation_prompt");
+        if (json_is_true(agp))
+            return srv_error_invalid(e, "continue_final_message", "'continue_final_message' and "
+                                     "'add_generation_prompt' cannot both be true");
+        r->add_generation_prompt = false; /* continuing the last message opens no new one */
+    }
+    if (r->continue_final_message) {
+        json_t *last = json_array_get(r->messages, json_array_size(r->messages) - 1);
+        if (strcmp(json_string_value(json_object_get(last, "role")), "assistant") != 0)
+            return srv_error_invalid(e, "continue_final_message", "'continue_final_message' needs the last "
+                                     "message to be the assistant's");
+    }
+    json_t *kw = json_object_get(body, "chat_template_kwargs");
+    if (!kw || json_is_null(kw))
+        return 0;
+    if (!json_is_object(kw))
+        return srv_error_invalid(e, "chat_template_kwargs", "'chat_template_kwargs' must be an object");
+    static const char *const reserved[] = {"messages", "tools", "add_generation_prompt"};
+    for (size_t k = 0; k < sizeof reserved / sizeof reserved[0]; k++)
+        if (json_object_get(kw, reserved[k]))
+            return srv_error_invalid(e, "chat_template_kwargs", "'chat_template_kwargs' must not set '%s' (use "
+                                     "the request field of that name)", reserved[k]);
+    if (!r->template_extra && !(r->template_extra = json_object()))
+        return oom(e);
+    return json_object_update(r->template_extra, kw) == 0 ? 0 : oom(e);
+}
+
+int srv_request_parse_messages(json_t *body, srv_request *r, srv_error *e)
+{
+    return parse_messages(body, r, e) || parse_template_options(body, r, e) ? -1 : 0;
+}
+
 static int parse_chat_logprobs(json_t *body, srv_request *r, srv_error *e)
 {
     bool lp = false;
@@ -440,7 +482,7 @@ static int parse_chat_logprobs(json_t *body, srv_request *r, srv_error *e)
 
 static int parse_chat(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
 {
-    if (parse_model(body, mf, r, e) || parse_messages(body, r, e) || parse_stream(body, r, e) ||
+    if (parse_model(body, mf, r, e) || srv_request_parse_messages(body, r, e) || parse_stream(body, r, e) ||
         parse_n(body, r, e) || parse_sampling(body, mf, r, e) || parse_chat_logprobs(body, r, e) ||
         parse_max_tokens(body, "max_tokens", r, e) || parse_max_tokens(body, "max_completion_tokens", r, e) ||
         reject_unsupported(body, e))
@@ -760,8 +802,44 @@ int srv_request_parse(srv_api api, const char *body, size_t len, const srv_model
     return rc;
 }
 
+static int render_chat(srv_request *r, const zse_model *m, srv_error *e);
+
+/* continue_final_message: the rendering ends where the last message's content does (as
+ * transformers cuts it), so the model continues that message */
+static int cut_after_final_message(srv_request *r, char *text, srv_error *e)
+{
+    json_t *last = json_array_get(r->messages, json_array_size(r->messages) - 1);
+    const char *content = json_string_value(json_object_get(last, "content"));
+    size_t len = content ? strlen(content) : 0;
+    while (len && (content[len - 1] == ' ' || content[len - 1] == '\n' || content[len - 1] == '\t'))
+        len--;
+    while (len && (*content == ' ' || *content == '\n' || *content == '\t'))
+        content++, len--;
+    if (!len) /* an empty final message: nothing to find; the rendering stands */
+        return 0;
+    char *needle = zse_malloc(len + 1);
+    if (!needle)
+        return oom(e);
+    memcpy(needle, content, len);
+    needle[len] = '\0';
+    char *at = NULL;
+    for (char *p = text; (p = strstr(p, needle)) != NULL; p++) /* the last occurrence */
+        at = p;
+    free(needle);
+    if (!at)
+        return srv_error_invalid(e, "continue_final_message", "the chat template's rendering does not hold the "
+                                 "final message's content, so it cannot be continued");
+    at[len] = '\0';
+    return 0;
+}
+
 /* chat: the template's rendering of the messages, tokenized with special tokens parsed (the
  * template writes them as text) and nothing added */
+int srv_request_render_chat(srv_request *r, const zse_model *m, srv_error *e)
+{
+    return render_chat(r, m, e);
+}
+
 static int render_chat(srv_request *r, const zse_model *m, srv_error *e)
 {
     char *msgs = json_dumps(r->messages, JSON_COMPACT);
@@ -771,12 +849,17 @@ static int render_chat(srv_request *r, const zse_model *m, srv_error *e)
         free(extra);
         return oom(e);
     }
-    char *text = zse_chat_render(m, msgs, extra, true);
+    char *text = zse_chat_render(m, msgs, extra, r->add_generation_prompt);
     free(msgs);
     free(extra);
     if (!text)
         return srv_error_invalid(e, "messages", "the model's chat template cannot render these messages: %s",
                                  zse_last_error());
+    if (r->continue_final_message && cut_after_final_message(r, text, e) != 0) {
+        free(text);
+        return -1;
+    }
+    free(r->prompts[0].text);
     r->prompts[0].text = text;
     return 0;
 }

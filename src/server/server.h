@@ -48,6 +48,9 @@ size_t srv_text_clean(char *dst, size_t cap, const char *src, size_t len, unsign
 /* ---- requests: what a client asked for, validated ------------------------------------- */
 typedef enum { SRV_API_CHAT, SRV_API_COMPLETION, SRV_API_TGI } srv_api;
 
+#define SRV_MAX_CHOICES 16      /* n (and TGI best_of) per prompt */
+#define SRV_MAX_STOP 16         /* stop strings per request */
+
 typedef struct {
     char *text;             /* prompt text; NULL when the client sent token ids */
     int32_t *ids;           /* the prompt's tokens (from the client or srv_request_prepare) */
@@ -89,6 +92,9 @@ typedef struct {
     char *user;
     char *adapter_id;           /* the adapter named by OpenAI model or TGI adapter_id; NULL: the base */
     zse_adapter *adapter;       /* it, resolved by srv_request_adapter (a reference) */
+    /* chat template options */
+    bool add_generation_prompt;     /* default true */
+    bool continue_final_message;    /* the last (assistant) message is left open to be continued */
     /* scoring (prompt logprobs; sampling.prompt_logprobs is set when any of these asks) */
     bool echo_logprobs;         /* completions echo + logprobs: the prompt's tokens lead the legacy logprobs */
     int prompt_logprobs;        /* vLLM prompt_logprobs: 0 = not asked; else 1 + alternatives */
@@ -103,6 +109,11 @@ typedef struct {
  * tokenizing; errors name the field. */
 int srv_request_parse(srv_api api, const char *body, size_t len, const srv_model_facts *model,
                       srv_request *out, srv_error *err);
+/* chat messages and the template's options (add_generation_prompt, continue_final_message,
+ * chat_template_kwargs, tools) from a body into r (chat and POST /tokenize) */
+int srv_request_parse_messages(json_t *body, srv_request *r, srv_error *e);
+/* renders r->messages with the model's template into r->prompts[0].text */
+int srv_request_render_chat(srv_request *r, const zse_model *m, srv_error *e);
 /* sets r->stream (the TGI routes decide it by path) and refuses what cannot stream (TGI's
  * best_of > 1 and decoder_input_details) */
 int srv_request_set_stream(srv_request *r, bool stream, srv_error *e);
@@ -268,6 +279,34 @@ int srv_score_legacy(const zse_model *m, const srv_prompt *p, const zse_logprobs
 json_t *srv_score_vllm(const zse_model *m, const srv_prompt *p, const zse_logprobs *lp, int n_lp, int n_top);
 /* TGI details.prefill: [{"id","text","logprob"}] */
 json_t *srv_score_tgi_prefill(const zse_model *m, const srv_prompt *p, const zse_logprobs *lp, int n_lp);
+
+/* ---- tokenizer routes, TGI /info, embeddings (tokenize.c, tgi_info.c, embed.c) -----------
+ * Each takes a request body and gives 0 and *out (the answer object), or -1 and the error. */
+/* vLLM's POST /tokenize: {"prompt"} or {"messages", add_generation_prompt, ...}, with
+ * add_special_tokens and return_token_strs → {"count","max_model_len","tokens","token_strs"} */
+int srv_tokenize(const zse_model *m, const srv_model_facts *mf, const char *body, size_t len, json_t **out,
+                 srv_error *e);
+/* vLLM's POST /detokenize: {"tokens"} → {"prompt"} */
+int srv_detokenize(const zse_model *m, const srv_model_facts *mf, const char *body, size_t len, json_t **out,
+                   srv_error *e);
+/* vLLM's GET /tokenizer_info: tokenizer_config.json's fields, tokenizer_class, chat_template,
+ * model_max_length */
+json_t *srv_tokenizer_info(const zse_model *m, const srv_model_facts *mf);
+
+typedef struct {
+    int max_concurrent_requests;    /* sequences waiting and running at most */
+    int max_best_of;
+    int max_stop_sequences;
+    int max_batch_size;             /* sequences the engine runs at once */
+    int validation_workers;         /* threads that parse and tokenize */
+    long long max_batch_total_tokens; /* 0: not reported */
+} srv_tgi_limits;
+json_t *srv_tgi_info(const zse_model *m, const srv_model_facts *mf, const srv_tgi_limits *lim);
+
+/* POST /v1/embeddings (OpenAI): input a string, strings, token ids or lists of them;
+ * encoding_format float or base64; the final hidden state pooled (pooling) and normalized */
+int srv_embeddings(zse_model *m, const srv_model_facts *mf, zse_pooling pooling, const char *body, size_t len,
+                   json_t **out, int *prompt_tokens, srv_error *e);
 
 /* ---- fair admission of sequences to the engine (admit.c) ------------------------------- */
 typedef struct srv_admit srv_admit;
@@ -466,7 +505,8 @@ bool srv_parse_duration(const char *s, double *seconds);
 typedef enum {
     SRV_ROUTE_CHAT, SRV_ROUTE_COMPLETIONS, SRV_ROUTE_MODELS, SRV_ROUTE_GENERATE,
     SRV_ROUTE_GENERATE_STREAM, SRV_ROUTE_HEALTH, SRV_ROUTE_METRICS, SRV_ROUTE_LORA_LOAD,
-    SRV_ROUTE_LORA_UNLOAD, SRV_ROUTE_TGI_COMPAT, SRV_ROUTE_OTHER,
+    SRV_ROUTE_LORA_UNLOAD, SRV_ROUTE_TGI_COMPAT, SRV_ROUTE_TOKENIZE, SRV_ROUTE_DETOKENIZE,
+    SRV_ROUTE_TOKENIZER_INFO, SRV_ROUTE_INFO, SRV_ROUTE_EMBEDDINGS, SRV_ROUTE_OTHER,
     SRV_N_ROUTES
 } srv_route;
 const char *srv_route_name(srv_route r);
@@ -521,6 +561,10 @@ typedef struct {
     const char *model_id;       /* the API id while loading; replaced by the model's name */
     bool log_requests;          /* one structured line per request on stderr */
     bool allow_lora_loading;    /* /v1/load_lora_adapter and /v1/unload_lora_adapter answer */
+    zse_pooling pooling;        /* /v1/embeddings: the last token's state (default) or the mean */
+    const char *const *aliases; /* --served-model-name: the names requests may use (the first is the
+                                 * one answers give); NULL: the model's own name */
+    int n_aliases;
 } srv_config;
 
 void srv_config_default(srv_config *c);
