@@ -113,7 +113,7 @@ static int check_options(json_t *root, const srv_model_facts *mf, int hidden, bo
     const char *name = json_string_value(model);
     if (!name)
         return srv_error_invalid(e, "model", "you must provide a model parameter ('%s' is served here)", mf->name);
-    if (strcmp(name, mf->name) != 0)
+    if (!srv_model_name_is(mf, name))
         return srv_error_set(e, 404, "invalid_request_error", "model_not_found", "model",
                              "The model '%s' does not exist; this server serves '%s' (adapters do not embed)", name,
                              mf->name);

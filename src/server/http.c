@@ -634,9 +634,9 @@ static enum MHD_Result continue_generation(http_req *r)
 
 /* ---- the other routes ---------------------------------------------------------------- */
 
-static json_t *model_object(srv_server *s)
+static json_t *model_object(srv_server *s, const char *name)
 {
-    return json_pack("{s:s, s:s, s:I, s:s, s:i}", "id", s->facts.name, "object", "model", "created",
+    return json_pack("{s:s, s:s, s:I, s:s, s:i}", "id", name, "object", "model", "created",
                      (json_int_t)s->started, "owned_by", "zse", "max_model_len", s->facts.ctx_size);
 }
 
@@ -644,7 +644,13 @@ static enum MHD_Result models(http_req *r, const char *url)
 {
     srv_server *s = r->s;
     if (strcmp(url, "/v1/models") == 0) {
-        json_t *list = json_pack("{s:s, s:[o]}", "object", "list", "data", model_object(s));
+        json_t *list = json_pack("{s:s, s:[o]}", "object", "list", "data", model_object(s, s->facts.name));
+        for (int i = 0; list && i < s->facts.n_aliases; i++) /* --served-model-name's other names */
+            if (strcmp(s->facts.aliases[i], s->facts.name) != 0 &&
+                json_array_append_new(json_object_get(list, "data"), model_object(s, s->facts.aliases[i])) != 0) {
+                json_decref(list);
+                return fail(r, 500, "server_error", NULL, "out of memory listing the models");
+            }
         if (list && s->facts.adapters && srv_lora_models(s->model, &s->facts, (long long)s->started,
                                                          json_object_get(list, "data")) != 0) {
             json_decref(list);
@@ -653,8 +659,8 @@ static enum MHD_Result models(http_req *r, const char *url)
         return respond_json(r, 200, list);
     }
     const char *id = url + strlen("/v1/models/");
-    if (strcmp(id, s->facts.name) == 0)
-        return respond_json(r, 200, model_object(s));
+    if (srv_model_name_is(&s->facts, id))
+        return respond_json(r, 200, model_object(s, id));
     json_t *adapter = srv_lora_model(s->model, &s->facts, (long long)s->started, id);
     if (adapter)
         return respond_json(r, 200, adapter);
@@ -1231,6 +1237,7 @@ void srv_config_default(srv_config *c)
     c->max_waiting = 256;
     c->model_id = "model";
     c->log_requests = true;
+    c->pooling = ZSE_POOL_LAST;
 }
 
 static int resolve(const char *host, int port, struct sockaddr_storage *ss)
@@ -1351,6 +1358,8 @@ srv_server *srv_start(const srv_config *c)
     s->cfg.host = s->host;
     s->cfg.cors_origin = s->cors;
     s->facts.name = s->model_id;
+    s->facts.aliases = c->aliases;
+    s->facts.n_aliases = c->n_aliases;
     if (c->auth && !c->keyring) {
         zse_fail("--auth needs the key database");
         free_server(s);

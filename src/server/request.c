@@ -281,6 +281,18 @@ static int parse_stream(json_t *body, srv_request *r, srv_error *e)
     return 0;
 }
 
+bool srv_model_name_is(const srv_model_facts *mf, const char *name)
+{
+    if (!name)
+        return false;
+    if (mf->name && strcmp(name, mf->name) == 0)
+        return true;
+    for (int i = 0; i < mf->n_aliases; i++)
+        if (mf->aliases[i] && strcmp(name, mf->aliases[i]) == 0)
+            return true;
+    return false;
+}
+
 /* the model field: required, and it must be the model this server serves */
 static int parse_model(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
 {
@@ -289,7 +301,7 @@ static int parse_model(json_t *body, const srv_model_facts *mf, srv_request *r, 
         return -1;
     if (!model)
         return srv_error_invalid(e, "model", "you must provide a model parameter ('%s' is served here)", mf->name);
-    const bool base = strcmp(model, mf->name) == 0;
+    const bool base = srv_model_name_is(mf, model);
     if (!base && !mf->adapters)
         return srv_error_set(e, 404, "invalid_request_error", "model_not_found", "model",
                              "The model '%s' does not exist; this server serves '%s'", model, mf->name);
@@ -616,7 +628,7 @@ static int parse_tgi_adapter(json_t *params, const srv_model_facts *mf, srv_requ
     if (token && !json_is_null(token))
         return srv_error_invalid(e, "parameters.api_token", "api_token is for adapters from the hub, which this "
                                                             "server does not load");
-    if (!adapter || !*adapter || strcmp(adapter, mf->name) == 0)
+    if (!adapter || !*adapter || srv_model_name_is(mf, adapter))
         return 0;
     r->adapter_id = zse_strdup(adapter);
     if (!r->adapter_id)

@@ -65,7 +65,12 @@ typedef struct {
     size_t max_prompt_bytes;    /* longer prompt text cannot fit the context (0 = unknown) */
     bool adapters;              /* LoRA adapters are served: another model name (or TGI adapter_id)
                                  * is an adapter's, resolved by srv_request_adapter */
+    const char *const *aliases; /* --served-model-name: further names of the model (name is the first) */
+    int n_aliases;
 } srv_model_facts;
+
+/* whether a client's model name is the served model's (its name or an alias) */
+bool srv_model_name_is(const srv_model_facts *mf, const char *name);
 
 typedef struct {
     srv_api api;
@@ -439,6 +444,10 @@ srv_keyring *srv_keyring_new(void);
 void srv_keyring_free(srv_keyring *kr);
 /* replaces the keys; windows of keys that stay (same name and limit) keep their history */
 int srv_keyring_set(srv_keyring *kr, const srv_key *keys, size_t n);
+/* a plain key given at start (zse serve --api-key, ZSE_API_KEY), accepted besides the
+ * database's; requests with it are logged as key SRV_PLAIN_KEY_NAME */
+#define SRV_PLAIN_KEY_NAME "api-key"
+int srv_keyring_set_plain(srv_keyring *kr, const char *key);
 size_t srv_keyring_size(srv_keyring *kr);
 /* Checks "Bearer KEY" (the Authorization header value, may be NULL) in constant time over
  * the stored hashes, then the key's rate limit. name_out and priority get the key's name

@@ -26,7 +26,7 @@ static json_t *load_body(const char *body, size_t len, const srv_model_facts *mf
     }
     json_t *model = json_object_get(root, "model");
     const char *name = json_string_value(model);
-    if (model && !json_is_null(model) && (!name || (strcmp(name, mf->name) != 0 && !mf->adapters))) {
+    if (model && !json_is_null(model) && (!name || (!srv_model_name_is(mf, name) && !mf->adapters))) {
         json_decref(root);
         if (!name)
             return srv_error_invalid(e, "model", "'model' must be a string"), NULL;
