@@ -390,6 +390,8 @@ typedef struct {
      * tokenizer_config; supplied by the caller because the tokenizer module, which builds
      * it, sits above this one (the CLI passes zse_tokenizer_json_from_gguf) */
     char *(*gguf_tokenizer)(const char *gguf_path, size_t *len, json_t **tokenizer_config);
+    const char *chat_template;  /* NULL: the source's; else this template is stored instead
+                                 * (zse convert --chat-template FILE) */
 } zse_convert_opts;
 
 /* src: a Hugging Face directory or a .gguf file */

@@ -27,11 +27,13 @@ static json_t *load_body(const char *body, size_t len, const srv_model_facts *mf
     json_t *model = json_object_get(root, "model");
     const char *name = json_string_value(model);
     if (model && !json_is_null(model) && (!name || (!srv_model_name_is(mf, name) && !mf->adapters))) {
-        json_decref(root);
         if (!name)
-            return srv_error_invalid(e, "model", "'model' must be a string"), NULL;
-        return srv_error_set(e, 404, "invalid_request_error", "model_not_found", "model",
-                             "The model '%s' does not exist; this server serves '%s'", name, mf->name), NULL;
+            srv_error_invalid(e, "model", "'model' must be a string");
+        else
+            srv_error_set(e, 404, "invalid_request_error", "model_not_found", "model",
+                          "The model '%s' does not exist; this server serves '%s'", name, mf->name);
+        json_decref(root); /* name lives in it */
+        return NULL;
     }
     return root;
 }

@@ -13,24 +13,19 @@ whole prompts and the argmax after every position), against an f32 conversion of
 """
 import json
 import math
-import subprocess
 
 import httpx
 import pytest
 
-from conftest import ROOT, Server, _fixture_dir
+from conftest import ROOT, Server
 
 GOLDENS = ROOT / "tests" / "fixtures" / "tiny-qwen2" / "goldens.json"
 NAME = "tiny-qwen2-f32"
 
 
 @pytest.fixture(scope="module")
-def f32_server(zse_bin, model_path):
-    out = model_path.parent / f"{NAME}.zse"
-    if not out.exists():
-        subprocess.run([str(zse_bin), "convert", str(_fixture_dir()), "-o", str(out), "--quant", "f32"], check=True,
-                       capture_output=True, timeout=300)
-    s = Server(zse_bin, out, ("--max-seqs", "4"))
+def f32_server(zse_bin, f32_model_path):
+    s = Server(zse_bin, f32_model_path, ("--max-seqs", "4"))
     yield s
     rc, log = s.close()
     assert rc == 0, log[-4000:]
