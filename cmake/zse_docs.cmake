@@ -85,7 +85,16 @@ string(APPEND man ".SH ENVIRONMENT\n"
   "(default: the best this CPU runs; portable is the exact f32 reference)\n"
   ".TP\n.B ZSE_CUDA_GRAPHS\n0 turns off recording decode steps as CUDA graphs\n"
   ".TP\n.B ZSE_CUDA_NO_MMA\n1 turns off the tensor-core matmul and attention kernels\n"
-  ".TP\n.B ZSE_CUDA_NO_PDL\n1 turns off programmatic dependent launch (sm_90)\n")
+  ".TP\n.B ZSE_CUDA_NO_PDL\n1 turns off programmatic dependent launch (sm_90)\n"
+  ".TP\n.B ZSE_MODEL\nthe model file of \\fBzse serve\\fR when its command line names none\n"
+  ".TP\n.BR ZSE_HOST \", \" ZSE_PORT \", \" ZSE_API_KEY \", \" ZSE_MAX_SEQS \", ...\"\n"
+  "every \\fBzse serve\\fR flag \\fB\\-\\-some\\-flag\\fR has a variable \\fBZSE_SOME_FLAG\\fR "
+  "(\\fB\\-\\-served\\-model\\-name\\fR is ZSE_SERVED_MODEL_NAME, \\fB\\-\\-chat\\-template\\fR "
+  "ZSE_CHAT_TEMPLATE, \\fB\\-\\-pooling\\fR ZSE_POOLING, \\fB\\-\\-max\\-queue\\fR ZSE_MAX_QUEUE, ...); "
+  "a flag on the command line wins over its variable. Switches (ZSE_AUTH, ZSE_NO_AUDIT, ZSE_NO_PREFIX_CACHE, "
+  "ZSE_ALLOW_LORA_LOADING, ZSE_QUIET) take 1/true/yes/on or 0/false/no/off; ZSE_LORA and "
+  "ZSE_SERVED_MODEL_NAME take values separated by spaces. ZSE_API_KEY alone requires that key "
+  "(\\fB\\-\\-api\\-key\\fR)\n")
 string(APPEND man ".SH FILES\n"
   ".TP\n.I /etc/zse/zse.env\nthe settings of the systemd service (ZSE_MODEL, ZSE_HOST, ZSE_PORT, ZSE_ARGS, ZSE_DB)\n"
   ".TP\n.I \\(ti/.local/share/zse/zse.db\nAPI keys and the audit log (see ZSE_DB)\n")
