@@ -557,17 +557,55 @@ static json_t *whole_chat(const srv_render *rd)
     return o;
 }
 
+static double mean_logprob(const srv_choice *c)
+{
+    return c->completion_tokens ? c->sum_logprob / c->completion_tokens : 0;
+}
+
+/* best_of: whether candidate i is among the n_answers of its prompt with the highest mean
+ * logprob per token (ties: the lower index wins) */
+static bool is_answered(const srv_render *rd, int i)
+{
+    const srv_request *req = rd->req;
+    if (req->n_answers <= 0)
+        return true;
+    int first = i - i % req->n, better = 0;
+    double mine = mean_logprob(&rd->choices[i]);
+    for (int k = first; k < first + req->n; k++) {
+        double theirs = mean_logprob(&rd->choices[k]);
+        if (theirs > mine || (theirs == mine && k < i))
+            better++;
+    }
+    return better < req->n_answers;
+}
+
+/* the choice index an answered candidate gets: prompt × n_answers + its place among the
+ * answered ones of its prompt (in candidate order) */
+static int answered_index(const srv_render *rd, int i)
+{
+    const srv_request *req = rd->req;
+    if (req->n_answers <= 0)
+        return i;
+    int first = i - i % req->n, before = 0;
+    for (int k = first; k < i; k++)
+        before += is_answered(rd, k);
+    return (i / req->n) * req->n_answers + before;
+}
+
 static json_t *whole_completion(const srv_render *rd)
 {
     json_t *choices = json_array();
     for (int i = 0; choices && i < rd->n_choices; i++) {
         srv_choice *c = &rd->choices[i];
+        if (!is_answered(rd, i))
+            continue;
+        int index = answered_index(rd, i);
         zse_buf text = {0};
         json_t *ch = NULL;
         if (full_text(rd, c, &text) == 0) {
             json_t *lp = rd->req->logprobs ? (c->logprobs ? json_incref(c->logprobs) : empty_completion_logprobs())
                                            : NULL;
-            ch = completion_choice(i, zse_buf_str(&text), text.len, lp, openai_finish(c->finish));
+            ch = completion_choice(index, zse_buf_str(&text), text.len, lp, openai_finish(c->finish));
             if (ch && rd->req->prompt_logprobs)
                 json_object_set_new(ch, "prompt_logprobs", c->prompt_lp ? json_incref(c->prompt_lp) : json_null());
         }

@@ -569,6 +569,30 @@ static int parse_prompts(json_t *body, const srv_model_facts *mf, srv_request *r
     return 0;
 }
 
+/* best_of: that many candidates per prompt, of which the n with the highest logprob per
+ * token are answered (OpenAI's legacy rule; not streamed) */
+static int parse_completion_best_of(json_t *body, srv_request *r, srv_error *e)
+{
+    long long i;
+    bool have;
+    if (get_int(body, "best_of", 1, MAX_CHOICES, &i, &have, e))
+        return -1;
+    if (!have || i == r->n)
+        return 0;
+    if (i < r->n)
+        return srv_error_invalid(e, "best_of", "'best_of' (%lld) must be at least n (%d)", i, r->n);
+    if (r->stream)
+        return srv_error_invalid(e, "best_of", "'best_of' greater than n cannot be streamed");
+    if (r->n_prompts * (size_t)i > MAX_SEQUENCES)
+        return srv_error_invalid(e, "best_of", "%zu prompts with best_of=%lld make more than %d sequences", r->n_prompts,
+                                 i, MAX_SEQUENCES);
+    r->n_answers = r->n;
+    r->best_of = (int)i;
+    r->n = (int)i;
+    r->sampling.logprobs = true; /* candidates are ranked by them */
+    return 0;
+}
+
 static int parse_completion(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
 {
     long long i;
@@ -596,10 +620,8 @@ static int parse_completion(json_t *body, const srv_model_facts *mf, srv_request
         if (r->sampling.prompt_top_logprobs < r->logprobs - 1)
             r->sampling.prompt_top_logprobs = r->logprobs - 1;
     }
-    if (get_int(body, "best_of", 1, MAX_CHOICES, &i, &have, e))
+    if (parse_completion_best_of(body, r, e))
         return -1;
-    if (have && i != r->n)
-        return srv_error_invalid(e, "best_of", "'best_of' other than n is not supported");
     const char *suffix;
     if (get_string(body, "suffix", &suffix, e))
         return -1;

@@ -107,6 +107,7 @@ typedef struct {
     bool decoder_input_details; /* details.prefill: the prompt's tokens with their logprobs */
     int top_n_tokens;           /* top_tokens: this many alternatives per generated token */
     int best_of;                /* > 1: that many candidates (n), the most likely one answers */
+    int n_answers;              /* completions best_of: the n best of the candidates are answered (0: all) */
     int truncate;               /* > 0: only the prompt's last this many tokens are kept */
 } srv_request;
 

@@ -151,3 +151,18 @@ def test_chat_prompt_logprobs(f32_server):
     plp = body["prompt_logprobs"]
     assert plp[0] is None and len(plp) == body["usage"]["prompt_tokens"]
     assert all(len(e) == 1 and next(iter(e.values()))["logprob"] <= 0 for e in plp[1:])
+
+
+def test_completions_best_of(f32_server):
+    """best_of: candidates drawn as n of them would be (choice i: seed+i), the n with the highest
+    logprob per token answered, in candidate order"""
+    body = {"model": NAME, "prompt": "def add(a, b):", "max_tokens": 6, "temperature": 1.0, "seed": 11}
+    all3 = httpx.post(f32_server.url("/v1/completions"), timeout=60, json={**body, "n": 3, "logprobs": 0}).json()
+    means = [sum(c["logprobs"]["token_logprobs"]) / len(c["logprobs"]["token_logprobs"]) for c in all3["choices"]]
+    order = sorted(range(3), key=lambda i: (-means[i], i))
+    for n in (1, 2):
+        r = httpx.post(f32_server.url("/v1/completions"), timeout=60, json={**body, "n": n, "best_of": 3}).json()
+        want = [all3["choices"][i]["text"] for i in sorted(order[:n])]
+        assert [c["text"] for c in r["choices"]] == want and [c["index"] for c in r["choices"]] == list(range(n))
+        assert r["choices"][0]["logprobs"] is None  # ranked by logprobs, shown only when asked
+        assert r["usage"]["completion_tokens"] == all3["usage"]["completion_tokens"]  # every candidate ran

@@ -165,7 +165,13 @@ static void test_completions(void)
                   "{\"model\":\"tiny\",\"n\":16,\"prompt\":[\"a\",\"b\",\"c\",\"d\",\"e\"]}", 400, "prompt");
     CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"logprobs\":6"), 400, "logprobs");
     CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"logprobs\":true"), 400, "logprobs");
-    CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"best_of\":3"), 400, "best_of");
+    CHECK(parse(SRV_API_COMPLETION, COMPLETION(",\"best_of\":3,\"n\":2"), &r, &e) == 0);
+    CHECK(r.n == 3 && r.best_of == 3 && r.n_answers == 2 && r.sampling.logprobs && r.logprobs == 0);
+    srv_request_free(&r);
+    CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"best_of\":1,\"n\":2"), 400, "best_of");
+    CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"best_of\":2,\"stream\":true"), 400, "best_of");
+    CHECK_REJECTS(SRV_API_COMPLETION, "{\"model\":\"tiny\",\"best_of\":16,\"prompt\":[\"a\",\"b\",\"c\",\"d\",\"e\"]}",
+                  400, "best_of");
     CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"suffix\":\"end\""), 400, "suffix");
     CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"echo\":1"), 400, "echo");
     CHECK_REJECTS(SRV_API_COMPLETION, "{\"model\":\"other\",\"prompt\":\"x\"}", 404, "model");
