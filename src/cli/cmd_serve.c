@@ -483,6 +483,15 @@ static void shut_down(srv_server *s, loader *l, double timeout)
     srv_stop(s);
 }
 
+/* whether a --served-model-name names the model `name` */
+static bool served_as(const serve_opts *o, const char *name)
+{
+    for (int i = 0; i < o->n_names; i++)
+        if (strcmp(o->names[i], name) == 0)
+            return true;
+    return false;
+}
+
 static int serve(int argc, char **argv);
 
 int cmd_serve(int argc, char **argv)
@@ -540,7 +549,7 @@ static int serve(int argc, char **argv)
     if (model_id)
         o.http.model_id = model_id;
     for (int i = 0; o.http.model_id && i < l.n_lora; i++)
-        if (strcmp(l.lora_names[i], o.http.model_id) == 0) {
+        if (strcmp(l.lora_names[i], o.http.model_id) == 0 || served_as(&o, l.lora_names[i])) {
             fprintf(stderr, "zse serve: --lora %s: the model is served as '%s' already; name the adapter otherwise\n",
                     l.lora_names[i], o.http.model_id);
             free(model_id);
