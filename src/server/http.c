@@ -750,12 +750,15 @@ static enum MHD_Result info(http_req *r)
     srv_server *s = r->s;
     if (r->route == SRV_ROUTE_TOKENIZER_INFO)
         return respond_json(r, 200, srv_tokenizer_info(s->model, &s->facts));
+    zse_engine_stats st;
+    s->engine.get_stats(s->engine.ctx, &st);
     srv_tgi_limits lim = {.max_concurrent_requests = s->cfg.max_waiting + s->cfg.engine_slots,
                           .max_best_of = SRV_MAX_CHOICES,
                           .max_stop_sequences = SRV_MAX_STOP,
                           .max_batch_size = s->cfg.engine_slots,
                           .validation_workers = s->cfg.workers,
-                          .max_batch_total_tokens = (long long)s->cfg.engine_slots * s->facts.ctx_size};
+                          /* what the KV cache holds: its blocks of 16 tokens */
+                          .max_batch_total_tokens = (long long)st.kv_blocks_total * 16};
     return respond_json(r, 200, srv_tgi_info(s->model, &s->facts, &lim));
 }
 

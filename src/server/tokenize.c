@@ -56,14 +56,14 @@ static char *chat_text(json_t *body, const zse_model *m, srv_error *e)
     srv_request r;
     memset(&r, 0, sizeof r);
     r.api = SRV_API_CHAT;
-    char *text = NULL;
     if (json_object_get(body, "chat_template"))
-        srv_error_invalid(e, "chat_template", "a per-request 'chat_template' is not supported: the model's (or "
-                                              "zse serve --chat-template FILE's) is used");
-    else if (!(r.prompts = zse_calloc(1, sizeof *r.prompts)))
-        oom(e);
-    else if ((r.n_prompts = 1) && srv_request_parse_messages(body, &r, e) == 0 &&
-             srv_request_render_chat(&r, m, e) == 0) {
+        return srv_error_invalid(e, "chat_template", "a per-request 'chat_template' is not supported: the model's "
+                                                     "(or zse serve --chat-template FILE's) is used"), NULL;
+    if (!(r.prompts = zse_calloc(1, sizeof *r.prompts)))
+        return oom(e), NULL;
+    r.n_prompts = 1;
+    char *text = NULL;
+    if (srv_request_parse_messages(body, &r, e) == 0 && srv_request_render_chat(&r, m, e) == 0) {
         text = r.prompts[0].text;
         r.prompts[0].text = NULL;
     }

@@ -120,6 +120,8 @@ def test_info_limits_hold(server):
     models = httpx.get(server.url("/v1/models"), timeout=10).json()["data"]
     assert info["max_total_tokens"] == models[0]["max_model_len"]
     assert info["max_input_length"] == info["max_input_tokens"]
+    m, _ = server.metrics()  # the KV cache's tokens: its blocks of 16
+    assert info["max_batch_total_tokens"] == 16 * (m["zse_kv_blocks_used"] + m["zse_kv_blocks_free"])
     # max_best_of and max_stop_sequences are the server's real limits
     over = httpx.post(server.url("/generate"), timeout=30, json={"inputs": PROMPT, "parameters": {
         "best_of": info["max_best_of"] + 1, "do_sample": True}})
