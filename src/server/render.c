@@ -190,18 +190,34 @@ static json_t *empty_completion_logprobs(void)
     return json_pack("{s:[], s:[], s:[], s:[]}", "tokens", "token_logprobs", "top_logprobs", "text_offset");
 }
 
-/* TGI: {"id","text","logprob","special"} */
+/* TGI: {"id","text","logprob","special"}; LoRAX's return_k_alternatives adds
+ * "alternative_tokens": [{"id","text","logprob"}] */
 static json_t *tgi_token(const srv_render *rd, const srv_event *ev)
 {
-    return json_pack("{s:i, s:s, s:f, s:b}", "id", (int)ev->token, "text", ev->text, "logprob", (double)ev->logprob,
-                     "special", is_eos(rd, ev->token));
+    json_t *t = json_pack("{s:i, s:s, s:f, s:b}", "id", (int)ev->token, "text", ev->text, "logprob",
+                          (double)ev->logprob, "special", is_eos(rd, ev->token));
+    int k = rd->req->k_alternatives < ev->n_top ? rd->req->k_alternatives : ev->n_top;
+    json_t *alt = t && k > 0 ? json_array() : NULL;
+    for (int i = 0; alt && i < k; i++) {
+        json_t *a = json_pack("{s:i, s:o, s:f}", "id", (int)ev->top_ids[i], "text", token_string(rd, ev->top_ids[i]),
+                              "logprob", (double)ev->top_logprobs[i]);
+        if (!a || json_array_append_new(alt, a) != 0) {
+            json_decref(alt);
+            alt = NULL;
+        }
+    }
+    if (t && k > 0 && (!alt || json_object_set_new(t, "alternative_tokens", alt) != 0)) {
+        json_decref(t);
+        return NULL;
+    }
+    return t;
 }
 
 /* TGI top_tokens of one generated token: [{"id","text","logprob","special"}] */
 static json_t *tgi_top_tokens(const srv_render *rd, const srv_event *ev)
 {
     json_t *list = json_array();
-    for (int k = 0; list && k < ev->n_top; k++) {
+    for (int k = 0; list && k < ev->n_top && k < rd->req->top_n_tokens; k++) {
         json_t *t = json_pack("{s:i, s:o, s:f, s:b}", "id", (int)ev->top_ids[k], "text",
                               token_string(rd, ev->top_ids[k]), "logprob", (double)ev->top_logprobs[k], "special",
                               is_eos(rd, ev->top_ids[k]));

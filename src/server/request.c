@@ -671,7 +671,11 @@ static int parse_tgi_scoring(json_t *p, srv_request *r, srv_error *e)
     if (get_int(p, "top_n_tokens", 0, MAX_COMPLETION_LOGPROBS, &i, &have, e))
         return -1;
     r->top_n_tokens = have ? (int)i : 0;
-    r->sampling.top_logprobs = r->top_n_tokens;
+    if (get_int(p, "return_k_alternatives", 1, MAX_COMPLETION_LOGPROBS, &i, &have, e) ||
+        get_bool(p, "ignore_eos_token", &r->sampling.ignore_eos, e))
+        return -1;
+    r->k_alternatives = have ? (int)i : 0;
+    r->sampling.top_logprobs = r->top_n_tokens > r->k_alternatives ? r->top_n_tokens : r->k_alternatives;
     r->sampling.logprobs = true;
     r->logprobs = r->details ? 1 + r->top_n_tokens : 0;
     if (get_bool(p, "decoder_input_details", &r->decoder_input_details, e))

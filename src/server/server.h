@@ -106,6 +106,7 @@ typedef struct {
     /* TGI */
     bool decoder_input_details; /* details.prefill: the prompt's tokens with their logprobs */
     int top_n_tokens;           /* top_tokens: this many alternatives per generated token */
+    int k_alternatives;         /* LoRAX return_k_alternatives: tokens[i].alternative_tokens */
     int best_of;                /* > 1: that many candidates (n), the most likely one answers */
     int n_answers;              /* completions best_of: the n best of the candidates are answered (0: all) */
     int truncate;               /* > 0: only the prompt's last this many tokens are kept */

@@ -7,6 +7,7 @@ import math
 import httpx
 import pytest
 from huggingface_hub import InferenceClient
+from lorax import Client as LoraxClient
 from text_generation import Client
 from text_generation.errors import ValidationError
 
@@ -129,3 +130,17 @@ def test_info_limits_hold(server):
     over = httpx.post(server.url("/generate"), timeout=30, json={"inputs": PROMPT, "parameters": {
         "stop": [str(i) for i in range(info["max_stop_sequences"] + 1)]}})
     assert over.status_code == 400
+
+
+def test_lorax_client_parity(server, tgi):
+    """lorax-client: prefill, best_of, return_k_alternatives (ignore_eos_token maps to the engine's
+    ignore_eos: test_server_request.c)"""
+    lx = LoraxClient(server.base, timeout=60)
+    r = lx.generate(PROMPT, max_new_tokens=5, decoder_input_details=True, return_k_alternatives=2)
+    want = tgi.generate(PROMPT, max_new_tokens=5, decoder_input_details=True, top_n_tokens=2).details
+    assert [t.id for t in r.details.prefill] == [t.id for t in want.prefill] and r.details.prefill[0].logprob is None
+    assert r.details.prompt_tokens == len(want.prefill)
+    for tok, top in zip(r.details.tokens, want.top_tokens):
+        assert [a.id for a in tok.alternative_tokens] == [t.id for t in top]
+    b = lx.generate(PROMPT, max_new_tokens=4, best_of=2, do_sample=True)
+    assert len(b.details.best_of_sequences) == 1

@@ -289,6 +289,13 @@ static void test_tgi_parity(void)
     CHECK(r.truncate == 7 && r.logprobs == 5);
     CHECK(srv_request_set_stream(&r, true, &e) == -1 && !strcmp(e.param, "parameters.decoder_input_details"));
     srv_request_free(&r);
+    /* LoRAX: return_k_alternatives asks for as many alternatives as top_n_tokens would; ignore_eos_token */
+    CHECK(parse(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"return_k_alternatives\":3,\"top_n_tokens\":1,"
+                             "\"ignore_eos_token\":true}}", &r, &e) == 0);
+    CHECK(r.k_alternatives == 3 && r.top_n_tokens == 1 && r.sampling.top_logprobs == 3 && r.sampling.ignore_eos);
+    srv_request_free(&r);
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"return_k_alternatives\":0}}", 400,
+                  "return_k_alternatives");
     /* without details there is no prefill to fill: the prompt is not scored */
     CHECK(parse(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"decoder_input_details\":true}}", &r, &e) == 0);
     CHECK(!r.sampling.prompt_logprobs);
