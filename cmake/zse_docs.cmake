@@ -137,7 +137,7 @@ ${alias_cases}    case $prev in
         --kv-cache) COMPREPLY=( $(compgen -W \"f16 int8\" -- \"$cur\") ); return ;;
         --device) COMPREPLY=( $(compgen -W \"cpu cuda cuda:0 cuda:1\" -- \"$cur\") ); return ;;
         --group-size) COMPREPLY=( $(compgen -W \"32 64 128\" -- \"$cur\") ); return ;;
-        -o|--output|-f|--file|--fit|--kld-base|--template|--context|--db|--tls-cert|--tls-key|--dump-logits|--dump-argmax)
+        -o|--output|-f|--file|--fit|--kld-base|--template|--chat-template|--context|--db|--tls-cert|--tls-key|--dump-logits|--dump-argmax)
             COMPREPLY=( $(compgen -f -- \"$cur\") ); return ;;
     esac
     case $verb in

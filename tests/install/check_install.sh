@@ -53,7 +53,9 @@ groff -man -ww -z "$P/share/man/man1/zse.1" 2>"$WORK/groff.err" && [ ! -s "$WORK
 text=$(MANWIDTH=200 man -l "$P/share/man/man1/zse.1" 2>/dev/null)
 for verb in $("$P/bin/zse" --help | sed -n '/^commands:/,$p' | awk 'NR>1 {print $1}'); do
   grep -q "zse $verb" <<<"$text" || fail "zse(1) lacks the command $verb"
-  first=$("$P/bin/zse" "$verb" --help | head -1 | sed 's/  */ /g')
+  # sed reads the whole help: head would close the pipe early, and a help longer than stdio's
+  # buffer would then die of SIGPIPE (pipefail ends the script without a word)
+  first=$("$P/bin/zse" "$verb" --help | sed -n '1s/  */ /gp')
   grep -qF "$first" <<<"$(sed 's/  */ /g' <<<"$text")" || fail "zse(1) lacks the help of $verb ($first)"
 done
 for v in $(grep -rhoE 'getenv\("ZSE_[A-Z0-9_]+"' "$SRC/src" | sed 's/getenv("//; s/"//' | sort -u); do
@@ -66,7 +68,7 @@ comp=$(bash -c '
   source "$1"
   complete -p zse
   complete_at() { COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 )); COMPREPLY=(); _zse; echo "${COMPREPLY[*]}"; }
-  echo "verbs: $(complete_at zse con)"
+  echo "verbs: $(complete_at zse tem)"
   echo "alias: $(complete_at zse bench)"
   echo "opts: $(complete_at zse convert model.gguf --qu)"
   echo "quant: $(complete_at zse convert model.gguf --quant int)"
@@ -75,7 +77,7 @@ comp=$(bash -c '
 ' _ "$P/share/bash-completion/completions/zse")
 echo "$comp"
 grep -q "^complete .*-F _zse zse$" <<<"$comp" || fail "complete -p zse"
-grep -q "^verbs: convert$" <<<"$comp" || fail "command completion"
+grep -q "^verbs: template$" <<<"$comp" || fail "command completion"
 grep -q "^alias: bench benchmark$" <<<"$comp" || fail "alias completion"
 grep -q "^opts: --quant$" <<<"$comp" || fail "option completion"
 grep -q "^quant: int8 int8g int4 int4s$" <<<"$comp" || fail "--quant values"
