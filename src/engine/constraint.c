@@ -13,7 +13,7 @@
 /* the tool-call format the model's chat template writes (json when it shows none) */
 static zse_tool_format model_tool_format(const zse_model *m)
 {
-    const char *tpl = zse_file_chat_template(m->file);
+    const char *tpl = zse_model_chat_template(m);
     return tpl ? zse_tool_format_detect(tpl) : ZSE_TOOL_JSON;
 }
 

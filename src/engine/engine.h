@@ -273,6 +273,7 @@ struct zse_model {
     int32_t tool_marker_ids[4];
     const char *tool_marker_texts[4];
     int n_tool_markers;
+    char *chat_template;        /* zse_model_set_chat_template's, replacing the file's; NULL: the file's */
 };
 
 /* fills m's tool_marker_ids from its chat template's tool-call format (constraint.c) */

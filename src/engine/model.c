@@ -359,6 +359,7 @@ void zse_model_free(zse_model *m)
     free(m->mask_timing);
     pthread_mutex_destroy(&m->run_lock);
     pthread_mutex_destroy(&m->grammar_lock);
+    free(m->chat_template);
     free(m->name);
     free(m);
 }
@@ -389,7 +390,7 @@ void zse_model_get_info(const zse_model *m, zse_model_info *out)
     out->eos_ids = m->eos;
     out->n_eos = m->n_eos;
     out->quant = m->quant;
-    out->has_chat_template = zse_file_chat_template(m->file) != NULL;
+    out->has_chat_template = zse_model_chat_template(m) != NULL;
     out->device = m->be->ops->name;
 }
 
@@ -480,7 +481,7 @@ static const char *token_name(const json_t *v)
 char *zse_chat_render(const zse_model *m, const char *messages_json, const char *extra_json,
                       bool add_generation_prompt)
 {
-    const char *tpl = zse_file_chat_template(m->file);
+    const char *tpl = zse_model_chat_template(m);
     if (!tpl) {
         zse_fail("%s has no chat template (its source folder had none); send a plain prompt instead "
                  "(zse run -p, or /v1/completions)", zse_file_path(m->file));
@@ -505,4 +506,32 @@ char *zse_chat_render(const zse_model *m, const char *messages_json, const char 
     json_decref(messages);
     json_decref(extra);
     return out;
+}
+
+/* ---- the chat template and the tokenizer's configuration --------------------------------- */
+
+const char *zse_model_chat_template(const zse_model *m)
+{
+    return m->chat_template ? m->chat_template : zse_file_chat_template(m->file);
+}
+
+int zse_model_set_chat_template(zse_model *m, const char *src)
+{
+    char *copy = NULL;
+    if (src && !(copy = zse_strdup(src)))
+        return zse_fail("out of memory copying the chat template");
+    free(m->chat_template);
+    m->chat_template = copy;
+    return 0;
+}
+
+char *zse_model_tokenizer_config(const zse_model *m)
+{
+    const json_t *tc = zse_file_tokenizer_config(m->file);
+    if (!tc)
+        return NULL;
+    char *s = json_dumps(tc, JSON_COMPACT | JSON_SORT_KEYS);
+    if (!s)
+        zse_fail("out of memory writing the tokenizer configuration");
+    return s;
 }

@@ -495,8 +495,8 @@ static json_t *build_header(const zse_hf_dir *hf, const plan *p, const zse_conve
     json_object_set_new(h, "config", zse_config_to_json(&hf->config));
     json_object_set(h, "tokenizer_config", hf->tokenizer_config ? hf->tokenizer_config : json_null());
     json_object_set_new(h, "tokenizer_type", json_string(tok_type));
-    json_object_set_new(h, "chat_template",
-                        hf->chat_template ? json_string(hf->chat_template) : json_null());
+    const char *tpl = o->chat_template ? o->chat_template : hf->chat_template;
+    json_object_set_new(h, "chat_template", tpl ? json_string(tpl) : json_null());
     json_object_set(h, "generation", hf->generation_config ? hf->generation_config : json_null());
     json_t *keep = json_array();
     for (int i = 0; i < o->n_keep_fp16; i++)

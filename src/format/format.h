@@ -408,6 +408,8 @@ typedef struct {
      * it, sits above this one (the CLI passes zse_tokenizer_json_from_gguf) */
     char *(*gguf_tokenizer)(const char *gguf_path, size_t *len, json_t **tokenizer_config);
     const zse_convert_hook *hook; /* NULL: the policy and the plain quantizers */
+    const char *chat_template;  /* NULL: the source's; else this template is stored instead
+                                 * (zse convert --chat-template FILE) */
 } zse_convert_opts;
 
 /* src: a Hugging Face directory or a .gguf file */

@@ -50,7 +50,7 @@ enum { STATE_LOADING, STATE_READY, STATE_DRAINING };
 
 /* where a request is: reading its body, being prepared on a worker, admitted (streaming or
  * waiting for the whole answer), or with the whole answer built */
-typedef enum { PH_RECEIVING, PH_PREPARING, PH_ADMITTED, PH_RENDERING, PH_RENDERED } phase;
+typedef enum { PH_RECEIVING, PH_PREPARING, PH_ADMITTED, PH_RENDERING, PH_RENDERED, PH_AUX_DONE } phase;
 
 typedef struct http_req http_req;
 
@@ -113,6 +113,7 @@ struct http_req {
     zse_buf reply;                  /* a whole answer, built on a worker */
     int reply_status, reply_retry;
     srv_admin_call admin;           /* what an /admin route asks for */
+    int aux_tokens;                 /* the tokens a route without a job used (embeddings) */
 };
 
 /* ---- small helpers ------------------------------------------------------------------- */
@@ -122,6 +123,22 @@ static double unix_now(void)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* vLLM's tokenizer routes, TGI's /info, OpenAI's embeddings */
+static srv_route route_of_extra(const char *url)
+{
+    if (strcmp(url, "/tokenize") == 0)
+        return SRV_ROUTE_TOKENIZE;
+    if (strcmp(url, "/detokenize") == 0)
+        return SRV_ROUTE_DETOKENIZE;
+    if (strcmp(url, "/tokenizer_info") == 0)
+        return SRV_ROUTE_TOKENIZER_INFO;
+    if (strcmp(url, "/info") == 0)
+        return SRV_ROUTE_INFO;
+    if (strcmp(url, "/v1/embeddings") == 0)
+        return SRV_ROUTE_EMBEDDINGS;
+    return SRV_ROUTE_OTHER;
 }
 
 static srv_route route_of(const char *url)
@@ -152,24 +169,27 @@ static srv_route route_of(const char *url)
         return SRV_ROUTE_DASHBOARD;
     if (strncmp(url, "/admin/", 7) == 0)
         return SRV_ROUTE_ADMIN;
-    return SRV_ROUTE_OTHER;
+    return route_of_extra(url);
 }
 
 static bool route_is_post(srv_route r)
 {
     return r == SRV_ROUTE_CHAT || r == SRV_ROUTE_COMPLETIONS || r == SRV_ROUTE_GENERATE ||
            r == SRV_ROUTE_GENERATE_STREAM || r == SRV_ROUTE_LORA_LOAD || r == SRV_ROUTE_LORA_UNLOAD ||
-           r == SRV_ROUTE_TGI_COMPAT;
+           r == SRV_ROUTE_TGI_COMPAT || r == SRV_ROUTE_TOKENIZE || r == SRV_ROUTE_DETOKENIZE ||
+           r == SRV_ROUTE_EMBEDDINGS;
 }
 
 static bool route_is_tgi(srv_route r)
 {
-    return r == SRV_ROUTE_GENERATE || r == SRV_ROUTE_GENERATE_STREAM || r == SRV_ROUTE_TGI_COMPAT;
+    return r == SRV_ROUTE_GENERATE || r == SRV_ROUTE_GENERATE_STREAM || r == SRV_ROUTE_TGI_COMPAT ||
+           r == SRV_ROUTE_INFO;
 }
 
 static bool route_needs_key(srv_route r)
 {
-    return route_is_post(r) || r == SRV_ROUTE_MODELS || r == SRV_ROUTE_UI_SESSION || r == SRV_ROUTE_ADMIN;
+    return route_is_post(r) || r == SRV_ROUTE_MODELS || r == SRV_ROUTE_UI_SESSION || r == SRV_ROUTE_ADMIN ||
+           r == SRV_ROUTE_TOKENIZER_INFO || r == SRV_ROUTE_INFO;
 }
 
 static void sockaddr_text(const struct sockaddr *sa, char *out, size_t cap)
@@ -452,11 +472,9 @@ static int prepare(http_req *r)
     release_body(s, r); /* parsed: the bytes are no longer needed */
     if (rc != 0)
         return -1;
-    if (r->route == SRV_ROUTE_GENERATE_STREAM)
-        req.stream = true;
-    if (r->route == SRV_ROUTE_GENERATE)
-        req.stream = false;
-    if (check_priority(r, &req, e) != 0 || srv_request_adapter(&req, s->model, &s->facts, e) != 0 ||
+    bool path_stream = r->route == SRV_ROUTE_GENERATE_STREAM;
+    if (((r->route == SRV_ROUTE_GENERATE || path_stream) && srv_request_set_stream(&req, path_stream, e) != 0) ||
+        check_priority(r, &req, e) != 0 || srv_request_adapter(&req, s->model, &s->facts, e) != 0 ||
         srv_request_prepare(&req, s->model, &s->facts, e) != 0 ||
         srv_structured_prepare(&req, s->model, s->cfg.tool_parser, s->grammars, e) != 0) {
         srv_request_free(&req);
@@ -628,9 +646,9 @@ static enum MHD_Result continue_generation(http_req *r)
 
 /* ---- the other routes ---------------------------------------------------------------- */
 
-static json_t *model_object(srv_server *s)
+static json_t *model_object(srv_server *s, const char *name)
 {
-    return json_pack("{s:s, s:s, s:I, s:s, s:i}", "id", s->facts.name, "object", "model", "created",
+    return json_pack("{s:s, s:s, s:I, s:s, s:i}", "id", name, "object", "model", "created",
                      (json_int_t)s->started, "owned_by", "zse", "max_model_len", s->facts.ctx_size);
 }
 
@@ -638,7 +656,13 @@ static enum MHD_Result models(http_req *r, const char *url)
 {
     srv_server *s = r->s;
     if (strcmp(url, "/v1/models") == 0) {
-        json_t *list = json_pack("{s:s, s:[o]}", "object", "list", "data", model_object(s));
+        json_t *list = json_pack("{s:s, s:[o]}", "object", "list", "data", model_object(s, s->facts.name));
+        for (int i = 0; list && i < s->facts.n_aliases; i++) /* --served-model-name's other names */
+            if (strcmp(s->facts.aliases[i], s->facts.name) != 0 &&
+                json_array_append_new(json_object_get(list, "data"), model_object(s, s->facts.aliases[i])) != 0) {
+                json_decref(list);
+                return fail(r, 500, "server_error", NULL, "out of memory listing the models");
+            }
         if (list && s->facts.adapters && srv_lora_models(s->model, &s->facts, (long long)s->started,
                                                          json_object_get(list, "data")) != 0) {
             json_decref(list);
@@ -647,8 +671,8 @@ static enum MHD_Result models(http_req *r, const char *url)
         return respond_json(r, 200, list);
     }
     const char *id = url + strlen("/v1/models/");
-    if (strcmp(id, s->facts.name) == 0)
-        return respond_json(r, 200, model_object(s));
+    if (srv_model_name_is(&s->facts, id))
+        return respond_json(r, 200, model_object(s, id));
     json_t *adapter = srv_lora_model(s->model, &s->facts, (long long)s->started, id);
     if (adapter)
         return respond_json(r, 200, adapter);
@@ -795,6 +819,74 @@ static enum MHD_Result admin(http_req *r)
     if (resp)
         MHD_add_response_header(resp, "Cache-Control", "no-store"); /* a new key is in the answer */
     return queue(r, status, resp);
+}
+
+/* ---- tokenizer routes, /info, embeddings ------------------------------------------------ */
+
+static enum MHD_Result info(http_req *r)
+{
+    srv_server *s = r->s;
+    if (r->route == SRV_ROUTE_TOKENIZER_INFO)
+        return respond_json(r, 200, srv_tokenizer_info(s->model, &s->facts));
+    zse_engine_stats st;
+    s->engine.get_stats(s->engine.ctx, &st);
+    srv_tgi_limits lim = {.max_concurrent_requests = s->cfg.max_waiting + s->cfg.engine_slots,
+                          .max_best_of = SRV_MAX_CHOICES,
+                          .max_stop_sequences = SRV_MAX_STOP,
+                          .max_batch_size = s->cfg.engine_slots,
+                          .validation_workers = s->cfg.workers,
+                          /* what the KV cache holds: its blocks of 16 tokens */
+                          .max_batch_total_tokens = (long long)st.kv_blocks_total * 16};
+    return respond_json(r, 200, srv_tgi_info(s->model, &s->facts, &lim));
+}
+
+/* tokenize, detokenize, embeddings: the answer is built on a worker (embeddings run the
+ * model) while the connection waits */
+static void aux_task(void *arg)
+{
+    http_req *r = arg;
+    srv_server *s = r->s;
+    struct MHD_Connection *conn = r->conn;
+    const char *body = r->body.data ? r->body.data : "";
+    json_t *out = NULL;
+    int rc = r->route == SRV_ROUTE_TOKENIZE ? srv_tokenize(s->model, &s->facts, body, r->body.len, &out, &r->error)
+             : r->route == SRV_ROUTE_DETOKENIZE
+                 ? srv_detokenize(s->model, &s->facts, body, r->body.len, &out, &r->error)
+                 : srv_embeddings(s->model, &s->facts, s->cfg.pooling, body, r->body.len, &out, &r->aux_tokens,
+                                  &r->error);
+    release_body(s, r);
+    char *text = rc == 0 ? json_dumps(out, JSON_COMPACT) : NULL;
+    json_decref(out);
+    if (rc == 0 && (!text || zse_buf_puts(&r->reply, text) != 0))
+        rc = srv_error_set(&r->error, 500, "server_error", NULL, NULL, "out of memory formatting the answer");
+    free(text);
+    r->failed = rc != 0;
+    r->ph = PH_AUX_DONE;
+    resume_connection(conn); /* the last touch of r on this thread */
+}
+
+static enum MHD_Result start_aux(http_req *r)
+{
+    srv_server *s = r->s;
+    if (r->too_large) {
+        srv_error e;
+        srv_error_set(&e, 413, "invalid_request_error", "request_too_large", NULL,
+                      "the request body is larger than this server's limit of %zu bytes", s->cfg.max_body);
+        return respond_error(r, &e);
+    }
+    if (r->over_buffer)
+        return fail(r, 503, "server_error", "overloaded",
+                    "the server holds too many request bodies at once; retry shortly");
+    r->ph = PH_PREPARING;
+    list_add(s, r);
+    suspend_connection(r->conn);
+    srv_work_lane lane = r->route == SRV_ROUTE_EMBEDDINGS || r->body.len >= HEAVY_BODY ? SRV_WORK_HEAVY : SRV_WORK_LIGHT;
+    if (srv_work_push(s->work, lane, aux_task, r) != 0) {
+        resume_connection(r->conn);
+        r->ph = PH_RECEIVING;
+        return fail(r, 503, "server_error", "shutting_down", "the server is shutting down");
+    }
+    return MHD_YES;
 }
 
 /* ---- the first call: the head is complete, no body byte is stored ---------------------- */
@@ -1053,6 +1145,9 @@ static enum MHD_Result last_call(http_req *r, const char *url)
     case PH_RENDERING:
     case PH_RENDERED:
         return send_whole(r);
+    case PH_AUX_DONE:
+        return r->failed ? respond_error(r, &r->error) : respond(r, 200, "application/json", zse_buf_str(&r->reply),
+                                                                 r->reply.len, 0);
     case PH_RECEIVING:
         break;
     }
@@ -1075,6 +1170,10 @@ static enum MHD_Result last_call(http_req *r, const char *url)
         return models(r, url);
     if (r->route == SRV_ROUTE_LORA_LOAD || r->route == SRV_ROUTE_LORA_UNLOAD)
         return lora_admin(r);
+    if (r->route == SRV_ROUTE_INFO || r->route == SRV_ROUTE_TOKENIZER_INFO)
+        return info(r);
+    if (r->route == SRV_ROUTE_TOKENIZE || r->route == SRV_ROUTE_DETOKENIZE || r->route == SRV_ROUTE_EMBEDDINGS)
+        return start_aux(r);
     return start_generation(r);
 }
 
@@ -1148,6 +1247,7 @@ static void record(http_req *r, enum MHD_RequestTerminationCode toe)
     srv_server *s = r->s;
     srv_job_usage u = {0};
     u.ttft = -1;
+    u.prompt_tokens = r->aux_tokens;
     if (r->job)
         srv_job_get_usage(r->job, &u);
     /* a client that left before its answer is logged as 499, as nginx does; a body that
@@ -1258,6 +1358,7 @@ void srv_config_default(srv_config *c)
     c->model_id = "model";
     c->log_requests = true;
     c->tool_parser = -1;
+    c->pooling = ZSE_POOL_LAST;
 }
 
 static int resolve(const char *host, int port, struct sockaddr_storage *ss)
@@ -1383,6 +1484,8 @@ srv_server *srv_start(const srv_config *c)
     s->cfg.host = s->host;
     s->cfg.cors_origin = s->cors;
     s->facts.name = s->model_id;
+    s->facts.aliases = c->aliases;
+    s->facts.n_aliases = c->n_aliases;
     if (c->auth && !c->keyring) {
         zse_fail("--auth needs the key database");
         free_server(s);

@@ -135,6 +135,7 @@ srv_job *srv_job_new(srv_request *req, const zse_model *m, const char *model_id,
 
 static void free_event(srv_event *ev)
 {
+    free(ev->prompt_lp);
     free(ev->text);
     free(ev->top_ids);
     free(ev->top_logprobs);
@@ -201,6 +202,8 @@ int srv_job_priority(const srv_job *j) { return j->req.priority; }
 int64_t srv_job_choice_cost(const srv_job *j, int i)
 {
     const srv_prompt *p = &j->req.prompts[i / j->req.n];
+    if (j->req.max_tokens == ZSE_MAX_TOKENS_NONE) /* scoring only */
+        return (int64_t)p->n_ids;
     /* without max_tokens a chat sequence may run to the end of the context */
     return j->req.max_tokens > 0 ? (int64_t)p->n_ids + j->req.max_tokens : (int64_t)j->ctx_size;
 }
@@ -237,7 +240,14 @@ static srv_event *copy_event(int choice_index, const zse_token_event *ev)
             memcpy(e->top_logprobs, ev->top_logprobs, (size_t)ev->n_top * sizeof *e->top_logprobs);
         }
     }
-    if (!e->text || (e->n_top && (!e->top_ids || !e->top_logprobs))) {
+    if (ev->prompt_logprobs && ev->prompt_tokens > 0) { /* the first event of a scored prompt */
+        e->prompt_lp = zse_malloc((size_t)ev->prompt_tokens * sizeof *e->prompt_lp);
+        if (e->prompt_lp) {
+            memcpy(e->prompt_lp, ev->prompt_logprobs, (size_t)ev->prompt_tokens * sizeof *e->prompt_lp);
+            e->n_prompt_lp = ev->prompt_tokens;
+        }
+    }
+    if (!e->text || (e->n_top && (!e->top_ids || !e->top_logprobs)) || (ev->prompt_logprobs && ev->prompt_tokens > 0 && !e->prompt_lp)) {
         free_event(e);
         return NULL;
     }

@@ -6,6 +6,7 @@
 
 #include <openssl/crypto.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <string.h>
 #include <strings.h>
 
@@ -20,6 +21,8 @@ struct srv_keyring {
     pthread_mutex_t mu;
     ring_key *keys;
     size_t n;
+    bool has_plain;             /* --api-key / ZSE_API_KEY: one key given at start, not stored */
+    unsigned char plain_hash[32];
 };
 
 srv_keyring *srv_keyring_new(void)
@@ -86,10 +89,21 @@ int srv_keyring_set(srv_keyring *kr, const srv_key *keys, size_t n)
     return 0;
 }
 
+int srv_keyring_set_plain(srv_keyring *kr, const char *key)
+{
+    if (!key || !*key)
+        return zse_fail("the API key is empty");
+    pthread_mutex_lock(&kr->mu);
+    srv_key_hash(key, strlen(key), kr->plain_hash);
+    kr->has_plain = true;
+    pthread_mutex_unlock(&kr->mu);
+    return 0;
+}
+
 size_t srv_keyring_size(srv_keyring *kr)
 {
     pthread_mutex_lock(&kr->mu);
-    size_t n = kr->n;
+    size_t n = kr->n + (kr->has_plain ? 1 : 0);
     pthread_mutex_unlock(&kr->mu);
     return n;
 }
@@ -136,6 +150,11 @@ srv_auth srv_keyring_check(srv_keyring *kr, const char *authorization, double no
             hit = &kr->keys[i];
     }
     srv_auth result = SRV_AUTH_UNKNOWN;
+    bool plain = kr->has_plain && CRYPTO_memcmp(kr->plain_hash, hash, 32) == 0;
+    if (plain && !hit) { /* the start-up key: no limit, the default priority */
+        snprintf(name_out, SRV_KEY_NAME_MAX + 1, "%s", SRV_PLAIN_KEY_NAME);
+        result = SRV_AUTH_OK;
+    }
     if (hit) {
         memcpy(name_out, hit->key.name, SRV_KEY_NAME_MAX + 1);
         *priority = hit->key.priority;

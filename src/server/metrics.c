@@ -36,7 +36,7 @@ struct srv_metrics {
 static const char *const ROUTE_NAMES[SRV_N_ROUTES] = {
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/generate", "/generate_stream",
     "/health", "/metrics", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/", "dashboard",
-    "/ui/session", "/admin", "other",
+    "/ui/session", "/admin", "/tokenize", "/detokenize", "/tokenizer_info", "/info", "/v1/embeddings", "other",
 };
 
 const char *srv_route_name(srv_route r)

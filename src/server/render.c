@@ -56,6 +56,8 @@ void srv_render_free(srv_render *rd)
         zse_buf_free(&rd->choices[i].text);
         json_decref(rd->choices[i].logprobs);
         zse_tool_stream_free(rd->choices[i].tool_stream);
+        json_decref(rd->choices[i].prompt_lp);
+        json_decref(rd->choices[i].top_tokens);
     }
     free(rd->choices);
     for (size_t i = 0; rd->echo && i < rd->req->n_prompts; i++)
@@ -116,12 +118,7 @@ static const char *tgi_finish(const srv_render *rd, const srv_choice *c)
  * is not valid UTF-8 (jansson refuses it) */
 static json_t *token_string(const srv_render *rd, int32_t id)
 {
-    char *s = zse_detokenize(rd->model, &id, 1, false);
-    json_t *v = s ? json_string(s) : NULL;
-    if (!v && s)
-        v = json_string("\xef\xbf\xbd");
-    free(s);
-    return v;
+    return srv_token_text(rd->model, id);
 }
 
 /* The bytes the token adds to the text (a byte-level or <0xNN> token holding part of a
@@ -195,11 +192,43 @@ static json_t *empty_completion_logprobs(void)
     return json_pack("{s:[], s:[], s:[], s:[]}", "tokens", "token_logprobs", "top_logprobs", "text_offset");
 }
 
-/* TGI: {"id","text","logprob","special"} */
+/* TGI: {"id","text","logprob","special"}; LoRAX's return_k_alternatives adds
+ * "alternative_tokens": [{"id","text","logprob"}] */
 static json_t *tgi_token(const srv_render *rd, const srv_event *ev)
 {
-    return json_pack("{s:i, s:s, s:f, s:b}", "id", (int)ev->token, "text", ev->text, "logprob", (double)ev->logprob,
-                     "special", is_eos(rd, ev->token));
+    json_t *t = json_pack("{s:i, s:s, s:f, s:b}", "id", (int)ev->token, "text", ev->text, "logprob",
+                          (double)ev->logprob, "special", is_eos(rd, ev->token));
+    int k = rd->req->k_alternatives < ev->n_top ? rd->req->k_alternatives : ev->n_top;
+    json_t *alt = t && k > 0 ? json_array() : NULL;
+    for (int i = 0; alt && i < k; i++) {
+        json_t *a = json_pack("{s:i, s:o, s:f}", "id", (int)ev->top_ids[i], "text", token_string(rd, ev->top_ids[i]),
+                              "logprob", (double)ev->top_logprobs[i]);
+        if (!a || json_array_append_new(alt, a) != 0) {
+            json_decref(alt);
+            alt = NULL;
+        }
+    }
+    if (t && k > 0 && (!alt || json_object_set_new(t, "alternative_tokens", alt) != 0)) {
+        json_decref(t);
+        return NULL;
+    }
+    return t;
+}
+
+/* TGI top_tokens of one generated token: [{"id","text","logprob","special"}] */
+static json_t *tgi_top_tokens(const srv_render *rd, const srv_event *ev)
+{
+    json_t *list = json_array();
+    for (int k = 0; list && k < ev->n_top && k < rd->req->top_n_tokens; k++) {
+        json_t *t = json_pack("{s:i, s:o, s:f, s:b}", "id", (int)ev->top_ids[k], "text",
+                              token_string(rd, ev->top_ids[k]), "logprob", (double)ev->top_logprobs[k], "special",
+                              is_eos(rd, ev->top_ids[k]));
+        if (!t || json_array_append_new(list, t) != 0) {
+            json_decref(list);
+            return NULL;
+        }
+    }
+    return list;
 }
 
 static json_t *base_object(const srv_render *rd, const char *object)
@@ -270,7 +299,7 @@ int srv_render_start(srv_render *rd, zse_buf *out)
             json_t *delta = json_pack("{s:s, s:s}", "role", "assistant", "content", "");
             if (sse(out, chunk(rd, chat_delta_choice(i, delta, NULL, NULL))))
                 return -1;
-        } else if (rd->req->api == SRV_API_COMPLETION && rd->req->echo) {
+        } else if (rd->req->api == SRV_API_COMPLETION && rd->req->echo && !rd->req->echo_logprobs) {
             const char *t = echo_of(rd, rd->choices[i].prompt);
             if (sse(out, chunk(rd, completion_choice(i, t, strlen(t), NULL, NULL))))
                 return -1;
@@ -430,12 +459,15 @@ static json_t *tgi_details(const srv_render *rd, const srv_choice *c, bool with_
 {
     const srv_request *req = rd->req;
     /* prompt_tokens: LoRAX's details carry it (its client requires it; TGI's ignore it) */
+    uint64_t seed = req->sampling.seed + (uint64_t)((c - rd->choices) % req->n); /* as the choice drew */
     json_t *d = json_pack("{s:s, s:I, s:i, s:o}", "finish_reason", tgi_finish(rd, c), "prompt_tokens",
                           (json_int_t)req->prompts[c->prompt].n_ids, "generated_tokens", c->completion_tokens, "seed",
-                          req->sampling.temperature > 0 ? json_integer((json_int_t)req->sampling.seed) : json_null());
+                          req->sampling.temperature > 0 ? json_integer((json_int_t)seed) : json_null());
     if (d && with_tokens) {
-        json_object_set_new(d, "prefill", json_array());
-        json_object_set(d, "tokens", c->logprobs ? c->logprobs : json_array());
+        json_object_set_new(d, "prefill", c->prompt_lp ? json_incref(c->prompt_lp) : json_array());
+        json_object_set_new(d, "tokens", c->logprobs ? json_incref(c->logprobs) : json_array());
+        if (req->top_n_tokens > 0)
+            json_object_set_new(d, "top_tokens", c->top_tokens ? json_incref(c->top_tokens) : json_array());
     }
     return d;
 }
@@ -448,6 +480,8 @@ static int stream_tgi_event(srv_render *rd, const srv_event *ev, zse_buf *out)
     bool final = ev->finish != ZSE_FINISH_NONE;
     json_t *o = json_pack("{s:i, s:o, s:n, s:n}", "index", c->completion_tokens, "token",
                           ev->token >= 0 ? tgi_token(rd, ev) : json_null(), "generated_text", "details");
+    if (o && rd->req->top_n_tokens > 0 && ev->token >= 0)
+        json_object_set_new(o, "top_tokens", tgi_top_tokens(rd, ev));
     if (o && final) {
         zse_buf full = {0};
         if (full_text(rd, c, &full) == 0)
@@ -461,12 +495,59 @@ static int stream_tgi_event(srv_render *rd, const srv_event *ev, zse_buf *out)
 
 /* ---- events -------------------------------------------------------------------------- */
 
+/* the prompt's logprobs, on a choice's first event: the legacy echo entries (streamed with
+ * the echo text), vLLM's prompt_logprobs or TGI's prefill */
+static int render_prompt_logprobs(srv_render *rd, srv_choice *c, const srv_event *ev, zse_buf *out)
+{
+    const srv_request *req = rd->req;
+    const srv_prompt *p = &req->prompts[c->prompt];
+    int n_top = req->sampling.prompt_top_logprobs;
+    if (req->api == SRV_API_TGI) {
+        if (!c->prompt_lp && !(c->prompt_lp = srv_score_tgi_prefill(rd->model, p, ev->prompt_lp, ev->n_prompt_lp)))
+            return -1;
+        return 0;
+    }
+    if (req->prompt_logprobs && !c->prompt_lp &&
+        !(c->prompt_lp = srv_score_vllm(rd->model, p, ev->prompt_lp, ev->n_prompt_lp, req->prompt_logprobs - 1)))
+        return -1;
+    if (!req->echo_logprobs || req->api != SRV_API_COMPLETION)
+        return 0;
+    json_t *legacy = empty_completion_logprobs();
+    size_t offset = 0;
+    if (!legacy || srv_score_legacy(rd->model, p, ev->prompt_lp, ev->n_prompt_lp, req->logprobs - 1 < n_top ?
+                                    req->logprobs - 1 : n_top, legacy, &offset) != 0) {
+        json_decref(legacy);
+        return -1;
+    }
+    const char *echo = echo_of(rd, c->prompt);
+    c->text_offset = strlen(echo); /* offsets of generated tokens count the echoed prompt */
+    if (req->stream)
+        return sse(out, chunk(rd, completion_choice(ev->choice, echo, strlen(echo), legacy, NULL)));
+    json_decref(c->logprobs);
+    c->logprobs = legacy;
+    return 0;
+}
+
+/* TGI whole answers: the alternatives of each generated token */
+static int tgi_keep_top(const srv_render *rd, srv_choice *c, const srv_event *ev)
+{
+    if (!c->top_tokens && !(c->top_tokens = json_array()))
+        return -1;
+    json_t *top = tgi_top_tokens(rd, ev);
+    return top ? json_array_append_new(c->top_tokens, top) : -1;
+}
+
 int srv_render_event(srv_render *rd, const srv_event *ev, zse_buf *out)
 {
     const srv_request *req = rd->req;
     srv_choice *c = &rd->choices[ev->choice];
     bool token = carries_token(rd, ev);
+    if (ev->prompt_lp && render_prompt_logprobs(rd, c, ev, out) != 0)
+        return -1;
     if (token) {
+        c->sum_logprob += ev->logprob;
+        if (req->api == SRV_API_TGI && req->top_n_tokens > 0 && !req->stream && tgi_keep_top(rd, c, ev) != 0)
+            return -1;
         c->completion_tokens++;
         if (c->n_timed++ == 0)
             c->t_first = ev->time;
@@ -599,7 +680,46 @@ static json_t *whole_chat(const srv_render *rd)
             return NULL;
         }
     }
-    return whole_object(rd, "chat.completion", choices);
+    json_t *o = whole_object(rd, "chat.completion", choices);
+    if (o && rd->req->prompt_logprobs) /* vLLM: one list for the request's one prompt */
+        json_object_set_new(o, "prompt_logprobs", rd->choices[0].prompt_lp ? json_incref(rd->choices[0].prompt_lp)
+                                                                           : json_null());
+    return o;
+}
+
+static double mean_logprob(const srv_choice *c)
+{
+    return c->completion_tokens ? c->sum_logprob / c->completion_tokens : 0;
+}
+
+/* best_of: whether candidate i is among the n_answers of its prompt with the highest mean
+ * logprob per token (ties: the lower index wins) */
+static bool is_answered(const srv_render *rd, int i)
+{
+    const srv_request *req = rd->req;
+    if (req->n_answers <= 0)
+        return true;
+    int first = i - i % req->n, better = 0;
+    double mine = mean_logprob(&rd->choices[i]);
+    for (int k = first; k < first + req->n; k++) {
+        double theirs = mean_logprob(&rd->choices[k]);
+        if (theirs > mine || (theirs == mine && k < i))
+            better++;
+    }
+    return better < req->n_answers;
+}
+
+/* the choice index an answered candidate gets: prompt × n_answers + its place among the
+ * answered ones of its prompt (in candidate order) */
+static int answered_index(const srv_render *rd, int i)
+{
+    const srv_request *req = rd->req;
+    if (req->n_answers <= 0)
+        return i;
+    int first = i - i % req->n, before = 0;
+    for (int k = first; k < i; k++)
+        before += is_answered(rd, k);
+    return (i / req->n) * req->n_answers + before;
 }
 
 static json_t *whole_completion(const srv_render *rd)
@@ -607,12 +727,17 @@ static json_t *whole_completion(const srv_render *rd)
     json_t *choices = json_array();
     for (int i = 0; choices && i < rd->n_choices; i++) {
         srv_choice *c = &rd->choices[i];
+        if (!is_answered(rd, i))
+            continue;
+        int index = answered_index(rd, i);
         zse_buf text = {0};
         json_t *ch = NULL;
         if (full_text(rd, c, &text) == 0) {
             json_t *lp = rd->req->logprobs ? (c->logprobs ? json_incref(c->logprobs) : empty_completion_logprobs())
                                            : NULL;
-            ch = completion_choice(i, zse_buf_str(&text), text.len, lp, openai_finish(c->finish));
+            ch = completion_choice(index, zse_buf_str(&text), text.len, lp, openai_finish(c->finish));
+            if (ch && rd->req->prompt_logprobs)
+                json_object_set_new(ch, "prompt_logprobs", c->prompt_lp ? json_incref(c->prompt_lp) : json_null());
         }
         zse_buf_free(&text);
         if (!ch || json_array_append_new(choices, ch)) {
@@ -623,15 +748,58 @@ static json_t *whole_completion(const srv_render *rd)
     return whole_object(rd, "text_completion", choices);
 }
 
+/* best_of: the candidate with the highest total logprob (TGI's choice) */
+static int tgi_best(const srv_render *rd)
+{
+    int best = 0;
+    for (int i = 1; i < rd->n_choices; i++)
+        if (rd->choices[i].sum_logprob > rd->choices[best].sum_logprob)
+            best = i;
+    return best;
+}
+
+/* TGI's BestOfSequence: a candidate that lost, with its text and details */
+static json_t *tgi_best_of_sequence(const srv_render *rd, const srv_choice *c)
+{
+    zse_buf full = {0};
+    json_t *d = full_text(rd, c, &full) == 0 ? tgi_details(rd, c, true) : NULL;
+    if (d && json_object_set_new(d, "generated_text", json_stringn(zse_buf_str(&full), full.len)) != 0) {
+        json_decref(d);
+        d = NULL;
+    }
+    zse_buf_free(&full);
+    if (d)
+        json_object_del(d, "prompt_tokens");
+    return d;
+}
+
 static json_t *whole_tgi(const srv_render *rd)
 {
-    srv_choice *c = &rd->choices[0];
+    int best = tgi_best(rd);
+    srv_choice *c = &rd->choices[best];
     zse_buf full = {0};
     json_t *o = full_text(rd, c, &full) == 0 ? json_pack("{s:s#}", "generated_text", zse_buf_str(&full), full.len)
                                              : NULL;
     zse_buf_free(&full);
-    if (o && rd->req->details)
-        json_object_set_new(o, "details", tgi_details(rd, c, true));
+    if (!o || !rd->req->details)
+        return o;
+    json_t *d = tgi_details(rd, c, true);
+    if (d && rd->n_choices > 1) {
+        json_t *others = json_array();
+        for (int i = 0; others && i < rd->n_choices; i++)
+            if (i != best && json_array_append_new(others, tgi_best_of_sequence(rd, &rd->choices[i])) != 0) {
+                json_decref(others);
+                others = NULL;
+            }
+        if (!others || json_object_set_new(d, "best_of_sequences", others) != 0) {
+            json_decref(d);
+            d = NULL;
+        }
+    }
+    if (!d || json_object_set_new(o, "details", d) != 0) {
+        json_decref(o);
+        return NULL;
+    }
     return o;
 }
 

@@ -12,9 +12,9 @@
 #include <string.h>
 #include <sys/random.h>
 
-#define MAX_CHOICES 16          /* n per prompt */
+#define MAX_CHOICES SRV_MAX_CHOICES
 #define MAX_SEQUENCES 64        /* prompts × n per request */
-#define MAX_STOP 16
+#define MAX_STOP SRV_MAX_STOP
 #define MAX_STOP_BYTES 256
 #define MAX_TOP_LOGPROBS 20
 #define MAX_COMPLETION_LOGPROBS 5
@@ -160,6 +160,24 @@ static uint64_t random_seed(void)
     return s;
 }
 
+/* vLLM's prompt_logprobs: N alternatives for every prompt token (0: the token's own) */
+static int parse_prompt_logprobs(json_t *body, srv_request *r, srv_error *e)
+{
+    long long i;
+    bool have;
+    if (get_int(body, "prompt_logprobs", 0, MAX_TOP_LOGPROBS, &i, &have, e))
+        return -1;
+    if (!have)
+        return 0;
+    if (r->stream) /* vLLM's rule too: the list would have no chunk to go in */
+        return srv_error_invalid(e, "prompt_logprobs", "'prompt_logprobs' is not available when 'stream' is true");
+    r->prompt_logprobs = 1 + (int)i;
+    r->sampling.prompt_logprobs = true;
+    if (r->sampling.prompt_top_logprobs < (int)i)
+        r->sampling.prompt_top_logprobs = (int)i;
+    return 0;
+}
+
 /* temperature, top_p, penalties, seed, stop, logit_bias, and the vLLM-style extras
  * (top_k, min_p, repetition_penalty, ignore_eos, priority) */
 static int parse_sampling(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
@@ -208,7 +226,11 @@ static int parse_sampling(json_t *body, const srv_model_facts *mf, srv_request *
         return -1;
     if (r->has_priority)
         r->priority = (int)i;
-    if (parse_stop(body, "stop", r, e) || parse_logit_bias(body, mf->vocab_size, r, e))
+    if (get_int(body, "min_tokens", 0, INT_MAX, &i, &have, e))
+        return -1;
+    if (have)
+        s->min_tokens = (int)i;
+    if (parse_stop(body, "stop", r, e) || parse_logit_bias(body, mf->vocab_size, r, e) || parse_prompt_logprobs(body, r, e))
         return -1;
     const char *user;
     if (get_string(body, "user", &user, e))
@@ -259,6 +281,18 @@ static int parse_stream(json_t *body, srv_request *r, srv_error *e)
     return 0;
 }
 
+bool srv_model_name_is(const srv_model_facts *mf, const char *name)
+{
+    if (!name)
+        return false;
+    if (mf->name && strcmp(name, mf->name) == 0)
+        return true;
+    for (int i = 0; i < mf->n_aliases; i++)
+        if (mf->aliases[i] && strcmp(name, mf->aliases[i]) == 0)
+            return true;
+    return false;
+}
+
 /* the model field: required, and it must be the model this server serves */
 static int parse_model(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
 {
@@ -267,7 +301,7 @@ static int parse_model(json_t *body, const srv_model_facts *mf, srv_request *r, 
         return -1;
     if (!model)
         return srv_error_invalid(e, "model", "you must provide a model parameter ('%s' is served here)", mf->name);
-    const bool base = strcmp(model, mf->name) == 0;
+    const bool base = srv_model_name_is(mf, model);
     if (!base && !mf->adapters)
         return srv_error_set(e, 404, "invalid_request_error", "model_not_found", "model",
                              "The model '%s' does not exist; this server serves '%s'", model, mf->name);
@@ -398,6 +432,48 @@ static int parse_messages(json_t *body, srv_request *r, srv_error *e)
     return 0;
 }
 
+/* add_generation_prompt (default true), continue_final_message (the last message must be
+ * the assistant's, left open), chat_template_kwargs (further template variables, e.g.
+ * enable_thinking; they never replace messages, tools or add_generation_prompt) */
+static int parse_template_options(json_t *body, srv_request *r, srv_error *e)
+{
+    r->add_generation_prompt = true;
+    if (get_bool(body, "add_generation_prompt", &r->add_generation_prompt, e) ||
+        get_bool(body, "continue_final_message", &r->continue_final_message, e))
+        return -1;
+    if (r->continue_final_message && r->add_generation_prompt) {
+        json_t *agp = json_object_get(body, "add_generation_prompt");
+        if (json_is_true(agp))
+            return srv_error_invalid(e, "continue_final_message", "'continue_final_message' and "
+                                     "'add_generation_prompt' cannot both be true");
+        r->add_generation_prompt = false; /* continuing the last message opens no new one */
+    }
+    if (r->continue_final_message) {
+        json_t *last = json_array_get(r->messages, json_array_size(r->messages) - 1);
+        if (strcmp(json_string_value(json_object_get(last, "role")), "assistant") != 0)
+            return srv_error_invalid(e, "continue_final_message", "'continue_final_message' needs the last "
+                                     "message to be the assistant's");
+    }
+    json_t *kw = json_object_get(body, "chat_template_kwargs");
+    if (!kw || json_is_null(kw))
+        return 0;
+    if (!json_is_object(kw))
+        return srv_error_invalid(e, "chat_template_kwargs", "'chat_template_kwargs' must be an object");
+    static const char *const reserved[] = {"messages", "tools", "add_generation_prompt"};
+    for (size_t k = 0; k < sizeof reserved / sizeof reserved[0]; k++)
+        if (json_object_get(kw, reserved[k]))
+            return srv_error_invalid(e, "chat_template_kwargs", "'chat_template_kwargs' must not set '%s' (use "
+                                     "the request field of that name)", reserved[k]);
+    if (!r->template_extra && !(r->template_extra = json_object()))
+        return oom(e);
+    return json_object_update(r->template_extra, kw) == 0 ? 0 : oom(e);
+}
+
+int srv_request_parse_messages(json_t *body, srv_request *r, srv_error *e)
+{
+    return parse_messages(body, r, e) || parse_template_options(body, r, e) ? -1 : 0;
+}
+
 static int parse_chat_logprobs(json_t *body, srv_request *r, srv_error *e)
 {
     bool lp = false;
@@ -415,7 +491,7 @@ static int parse_chat_logprobs(json_t *body, srv_request *r, srv_error *e)
 
 static int parse_chat(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
 {
-    if (parse_model(body, mf, r, e) || parse_messages(body, r, e) || parse_stream(body, r, e) ||
+    if (parse_model(body, mf, r, e) || srv_request_parse_messages(body, r, e) || parse_stream(body, r, e) ||
         parse_n(body, r, e) || parse_sampling(body, mf, r, e) || parse_chat_logprobs(body, r, e) ||
         parse_max_tokens(body, "max_tokens", r, e) || parse_max_tokens(body, "max_completion_tokens", r, e) ||
         srv_structured_parse(body, r, e))
@@ -490,15 +566,44 @@ static int parse_prompts(json_t *body, const srv_model_facts *mf, srv_request *r
     return 0;
 }
 
+/* best_of: that many candidates per prompt, of which the n with the highest logprob per
+ * token are answered (OpenAI's legacy rule; not streamed) */
+static int parse_completion_best_of(json_t *body, srv_request *r, srv_error *e)
+{
+    long long i;
+    bool have;
+    if (get_int(body, "best_of", 1, MAX_CHOICES, &i, &have, e))
+        return -1;
+    if (!have || i == r->n)
+        return 0;
+    if (i < r->n)
+        return srv_error_invalid(e, "best_of", "'best_of' (%lld) must be at least n (%d)", i, r->n);
+    if (r->stream)
+        return srv_error_invalid(e, "best_of", "'best_of' greater than n cannot be streamed");
+    if (r->n_prompts * (size_t)i > MAX_SEQUENCES)
+        return srv_error_invalid(e, "best_of", "%zu prompts with best_of=%lld make more than %d sequences", r->n_prompts,
+                                 i, MAX_SEQUENCES);
+    r->n_answers = r->n;
+    r->best_of = (int)i;
+    r->n = (int)i;
+    r->sampling.logprobs = true; /* candidates are ranked by them */
+    return 0;
+}
+
 static int parse_completion(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
 {
     long long i;
     bool have;
     r->max_tokens = 0;
     if (parse_model(body, mf, r, e) || parse_n(body, r, e) || parse_prompts(body, mf, r, e) ||
-        parse_stream(body, r, e) || parse_sampling(body, mf, r, e) || parse_max_tokens(body, "max_tokens", r, e) ||
-        get_bool(body, "echo", &r->echo, e) || srv_structured_parse(body, r, e))
+        parse_stream(body, r, e) || parse_sampling(body, mf, r, e) || get_bool(body, "echo", &r->echo, e) ||
+        srv_structured_parse(body, r, e))
         return -1;
+    /* max_tokens 0 generates nothing: with echo and logprobs the prompt is only scored */
+    if (get_int(body, "max_tokens", 0, INT_MAX, &i, &have, e))
+        return -1;
+    if (have)
+        r->max_tokens = i == 0 ? ZSE_MAX_TOKENS_NONE : (int)i;
     if (get_int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS, &i, &have, e))
         return -1;
     if (have) {
@@ -506,10 +611,14 @@ static int parse_completion(json_t *body, const srv_model_facts *mf, srv_request
         r->sampling.logprobs = true;
         r->sampling.top_logprobs = (int)i;
     }
-    if (get_int(body, "best_of", 1, MAX_CHOICES, &i, &have, e))
+    if (r->echo && r->logprobs) { /* OpenAI's legacy scoring: the prompt's tokens come first */
+        r->echo_logprobs = true;
+        r->sampling.prompt_logprobs = true;
+        if (r->sampling.prompt_top_logprobs < r->logprobs - 1)
+            r->sampling.prompt_top_logprobs = r->logprobs - 1;
+    }
+    if (parse_completion_best_of(body, r, e))
         return -1;
-    if (have && i != r->n)
-        return srv_error_invalid(e, "best_of", "'best_of' other than n is not supported");
     const char *suffix;
     if (get_string(body, "suffix", &suffix, e))
         return -1;
@@ -538,7 +647,7 @@ static int parse_tgi_adapter(json_t *params, const srv_model_facts *mf, srv_requ
     if (token && !json_is_null(token))
         return srv_error_invalid(e, "parameters.api_token", "api_token is for adapters from the hub, which this "
                                                             "server does not load");
-    if (!adapter || !*adapter || strcmp(adapter, mf->name) == 0)
+    if (!adapter || !*adapter || srv_model_name_is(mf, adapter))
         return 0;
     r->adapter_id = zse_strdup(adapter);
     if (!r->adapter_id)
@@ -548,6 +657,67 @@ static int parse_tgi_adapter(json_t *params, const srv_model_facts *mf, srv_requ
     return srv_error_set(e, 404, "not_found", "adapter_not_found", "parameters.adapter_id",
                          "adapter '%s' is not loaded: this server serves only the base model '%s' (start it with "
                          "--lora NAME=PATH or --lora-dir DIR to serve adapters)", adapter, mf->name);
+}
+
+/* top_n_tokens, decoder_input_details, truncate; every generated token carries its real
+ * logprob (streamed ones too, with or without details) */
+static int parse_tgi_scoring(json_t *p, srv_request *r, srv_error *e)
+{
+    long long i;
+    bool have;
+    if (get_int(p, "top_n_tokens", 0, MAX_COMPLETION_LOGPROBS, &i, &have, e))
+        return -1;
+    r->top_n_tokens = have ? (int)i : 0;
+    if (get_int(p, "return_k_alternatives", 1, MAX_COMPLETION_LOGPROBS, &i, &have, e) ||
+        get_bool(p, "ignore_eos_token", &r->sampling.ignore_eos, e))
+        return -1;
+    r->k_alternatives = have ? (int)i : 0;
+    r->sampling.top_logprobs = r->top_n_tokens > r->k_alternatives ? r->top_n_tokens : r->k_alternatives;
+    r->sampling.logprobs = true;
+    r->logprobs = r->details ? 1 + r->top_n_tokens : 0;
+    if (get_bool(p, "decoder_input_details", &r->decoder_input_details, e))
+        return -1;
+    /* the prefill list lives in details: without details there is nowhere to put it */
+    if (r->decoder_input_details && r->details)
+        r->sampling.prompt_logprobs = true;
+    if (get_int(p, "truncate", 1, INT_MAX, &i, &have, e))
+        return -1;
+    r->truncate = have ? (int)i : 0;
+    return 0;
+}
+
+/* best_of: that many sampled candidates, the one with the highest total logprob answers
+ * (TGI's rules: sampling only, no seed, no streaming) */
+static int parse_tgi_best_of(json_t *p, bool sampling, srv_request *r, srv_error *e)
+{
+    long long i;
+    bool have;
+    if (get_int(p, "best_of", 1, MAX_CHOICES, &i, &have, e))
+        return -1;
+    r->best_of = have ? (int)i : 1;
+    if (r->best_of == 1)
+        return 0;
+    if (!sampling)
+        return srv_error_invalid(e, "parameters.best_of", "best_of > 1 needs sampling: set do_sample (or "
+                                                          "temperature, top_k, top_p)");
+    if (r->has_seed)
+        return srv_error_invalid(e, "parameters.seed", "seed must not be set when best_of > 1 (each candidate "
+                                                       "draws its own)");
+    r->n = r->best_of;
+    return 0;
+}
+
+int srv_request_set_stream(srv_request *r, bool stream, srv_error *e)
+{
+    r->stream = stream;
+    if (r->api != SRV_API_TGI || !stream)
+        return 0;
+    if (r->best_of > 1)
+        return srv_error_invalid(e, "parameters.best_of", "best_of > 1 is not supported when streaming tokens");
+    if (r->decoder_input_details)
+        return srv_error_invalid(e, "parameters.decoder_input_details",
+                                 "decoder_input_details == true is not supported when streaming tokens");
+    return 0;
 }
 
 static int parse_tgi(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
@@ -605,12 +775,7 @@ static int parse_tgi(json_t *body, const srv_model_facts *mf, srv_request *r, sr
     if (get_int(p, "seed", 0, LLONG_MAX, &i, &r->has_seed, e))
         goto done;
     s->seed = r->has_seed ? (uint64_t)i : random_seed();
-    if (get_int(p, "top_n_tokens", 0, MAX_COMPLETION_LOGPROBS, &i, &have, e))
-        goto done;
-    s->top_logprobs = have ? (int)i : 0;
-    s->logprobs = r->details;
-    r->logprobs = r->details ? 1 + s->top_logprobs : 0;
-    if (get_int(p, "best_of", 1, 1, &i, &have, e) || parse_stop(p, "stop", r, e) || parse_tgi_adapter(p, mf, r, e) ||
+    if (parse_stop(p, "stop", r, e) || parse_tgi_adapter(p, mf, r, e) || parse_tgi_scoring(p, r, e) ||
         srv_structured_parse_tgi(p, r, e))
         goto done;
     bool wm = false;
@@ -620,9 +785,18 @@ static int parse_tgi(json_t *body, const srv_model_facts *mf, srv_request *r, sr
         srv_error_invalid(e, "parameters.watermark", "watermarking is not supported");
         goto done;
     }
+    if (get_number(p, "typical_p", 0, 1, &x, &have, e))
+        goto done;
+    if (have && x < 1) {
+        srv_error_invalid(e, "parameters.typical_p", "typical_p (locally typical sampling) is not supported; use "
+                                                     "top_p, top_k or temperature");
+        goto done;
+    }
     /* TGI samples when asked to or when any warper is set; otherwise it is greedy */
     if (!do_sample && !warped)
         s->temperature = 0;
+    if (parse_tgi_best_of(p, do_sample || warped, r, e) || srv_request_set_stream(r, r->stream, e))
+        goto done;
     rc = 0;
 done:
     json_decref(empty);
@@ -664,8 +838,44 @@ int srv_request_parse(srv_api api, const char *body, size_t len, const srv_model
     return rc;
 }
 
+static int render_chat(srv_request *r, const zse_model *m, srv_error *e);
+
+/* continue_final_message: the rendering ends where the last message's content does (as
+ * transformers cuts it), so the model continues that message */
+static int cut_after_final_message(srv_request *r, char *text, srv_error *e)
+{
+    json_t *last = json_array_get(r->messages, json_array_size(r->messages) - 1);
+    const char *content = json_string_value(json_object_get(last, "content"));
+    size_t len = content ? strlen(content) : 0;
+    while (len && (content[len - 1] == ' ' || content[len - 1] == '\n' || content[len - 1] == '\t'))
+        len--;
+    while (len && (*content == ' ' || *content == '\n' || *content == '\t'))
+        content++, len--;
+    if (!len) /* an empty final message: nothing to find; the rendering stands */
+        return 0;
+    char *needle = zse_malloc(len + 1);
+    if (!needle)
+        return oom(e);
+    memcpy(needle, content, len);
+    needle[len] = '\0';
+    char *at = NULL;
+    for (char *p = text; (p = strstr(p, needle)) != NULL; p++) /* the last occurrence */
+        at = p;
+    free(needle);
+    if (!at)
+        return srv_error_invalid(e, "continue_final_message", "the chat template's rendering does not hold the "
+                                 "final message's content, so it cannot be continued");
+    at[len] = '\0';
+    return 0;
+}
+
 /* chat: the template's rendering of the messages, tokenized with special tokens parsed (the
  * template writes them as text) and nothing added */
+int srv_request_render_chat(srv_request *r, const zse_model *m, srv_error *e)
+{
+    return render_chat(r, m, e);
+}
+
 static int render_chat(srv_request *r, const zse_model *m, srv_error *e)
 {
     char *msgs = json_dumps(r->messages, JSON_COMPACT);
@@ -675,12 +885,17 @@ static int render_chat(srv_request *r, const zse_model *m, srv_error *e)
         free(extra);
         return oom(e);
     }
-    char *text = zse_chat_render(m, msgs, extra, true);
+    char *text = zse_chat_render(m, msgs, extra, r->add_generation_prompt);
     free(msgs);
     free(extra);
     if (!text)
         return srv_error_invalid(e, "messages", "the model's chat template cannot render these messages: %s",
                                  zse_last_error());
+    if (r->continue_final_message && cut_after_final_message(r, text, e) != 0) {
+        free(text);
+        return -1;
+    }
+    free(r->prompts[0].text);
     r->prompts[0].text = text;
     return 0;
 }
@@ -704,6 +919,23 @@ static int tokenize_prompt(srv_request *r, srv_prompt *p, const zse_model *m, co
     }
     if (zse_tokenize(m, p->text, strlen(p->text), flags, &p->ids, &p->n_ids) != 0)
         return srv_error_invalid(e, "prompt", "cannot tokenize the prompt: %s", zse_last_error());
+    return 0;
+}
+
+/* TGI's truncate: only the last r->truncate tokens of the prompt are kept (the echoed
+ * text, return_full_text, is then theirs too) */
+static int truncate_prompt(srv_request *r, srv_prompt *p, const zse_model *m, srv_error *e)
+{
+    if (r->truncate <= 0 || p->n_ids <= (size_t)r->truncate)
+        return 0;
+    size_t drop = p->n_ids - (size_t)r->truncate;
+    memmove(p->ids, p->ids + drop, (size_t)r->truncate * sizeof *p->ids);
+    p->n_ids = (size_t)r->truncate;
+    char *text = zse_detokenize(m, p->ids, p->n_ids, false);
+    if (!text)
+        return oom(e);
+    free(p->text);
+    p->text = text;
     return 0;
 }
 
@@ -737,14 +969,14 @@ int srv_request_prepare(srv_request *r, const zse_model *m, const srv_model_fact
     if (r->api == SRV_API_CHAT && render_chat(r, m, e))
         return -1;
     int flags = ZSE_TOK_PARSE_SPECIAL | (r->api == SRV_API_CHAT ? 0 : ZSE_TOK_ADD_SPECIAL);
-    bool explicit_max = r->max_tokens > 0;
+    bool explicit_max = r->max_tokens != 0; /* ZSE_MAX_TOKENS_NONE: given as 0 */
     if (!explicit_max && r->api == SRV_API_COMPLETION)
         r->max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS;
     if (!explicit_max && r->api == SRV_API_TGI)
         r->max_tokens = TGI_DEFAULT_MAX_NEW_TOKENS;
     size_t longest = 0;
     for (size_t i = 0; i < r->n_prompts; i++) {
-        if (tokenize_prompt(r, &r->prompts[i], m, mf, flags, e) ||
+        if (tokenize_prompt(r, &r->prompts[i], m, mf, flags, e) || truncate_prompt(r, &r->prompts[i], m, e) ||
             check_context(r, &r->prompts[i], mf->ctx_size, explicit_max, e))
             return -1;
         if (r->prompts[i].n_ids > longest)
@@ -754,6 +986,11 @@ int srv_request_prepare(srv_request *r, const zse_model *m, const srv_model_fact
     if (!explicit_max && r->max_tokens > 0 && longest + (size_t)r->max_tokens > (size_t)mf->ctx_size)
         r->max_tokens = mf->ctx_size - (int)longest;
     r->sampling.max_tokens = r->max_tokens;
+    if (r->sampling.min_tokens > 0 && r->max_tokens > 0 && r->sampling.min_tokens > r->max_tokens)
+        return srv_error_invalid(e, "min_tokens", "'min_tokens' (%d) must not be more than max_tokens (%d)",
+                                 r->sampling.min_tokens, r->max_tokens);
+    if (r->sampling.min_tokens > 0 && r->max_tokens == ZSE_MAX_TOKENS_NONE)
+        return srv_error_invalid(e, "min_tokens", "'min_tokens' needs max_tokens above 0");
     return 0;
 }
 

@@ -48,6 +48,9 @@ size_t srv_text_clean(char *dst, size_t cap, const char *src, size_t len, unsign
 /* ---- requests: what a client asked for, validated ------------------------------------- */
 typedef enum { SRV_API_CHAT, SRV_API_COMPLETION, SRV_API_TGI } srv_api;
 
+#define SRV_MAX_CHOICES 16      /* n (and TGI best_of) per prompt */
+#define SRV_MAX_STOP 16         /* stop strings per request */
+
 typedef struct {
     char *text;             /* prompt text; NULL when the client sent token ids */
     int32_t *ids;           /* the prompt's tokens (from the client or srv_request_prepare) */
@@ -62,6 +65,8 @@ typedef struct {
     size_t max_prompt_bytes;    /* longer prompt text cannot fit the context (0 = unknown) */
     bool adapters;              /* LoRA adapters are served: another model name (or TGI adapter_id)
                                  * is an adapter's, resolved by srv_request_adapter */
+    const char *const *aliases; /* --served-model-name: further names of the model (name is the first) */
+    int n_aliases;
 } srv_model_facts;
 
 /* ---- structured output and tool calls (structured.c) ------------------------------------
@@ -104,6 +109,8 @@ typedef struct {
 /* the format a --tool-parser name stands for: 0 for "none" (tool calls are never parsed),
  * -1 with an error listing the names for an unknown one */
 int srv_tool_parser_from_name(const char *name, int *format);
+/* whether a client's model name is the served model's (its name or an alias) */
+bool srv_model_name_is(const srv_model_facts *mf, const char *name);
 
 typedef struct {
     srv_api api;
@@ -131,12 +138,33 @@ typedef struct {
     char *adapter_id;           /* the adapter named by OpenAI model or TGI adapter_id; NULL: the base */
     zse_adapter *adapter;       /* it, resolved by srv_request_adapter (a reference) */
     srv_structured structured;  /* grammar and tools (structured.c) */
+    /* chat template options */
+    bool add_generation_prompt;     /* default true */
+    bool continue_final_message;    /* the last (assistant) message is left open to be continued */
+    /* scoring (prompt logprobs; sampling.prompt_logprobs is set when any of these asks) */
+    bool echo_logprobs;         /* completions echo + logprobs: the prompt's tokens lead the legacy logprobs */
+    int prompt_logprobs;        /* vLLM prompt_logprobs: 0 = not asked; else 1 + alternatives */
+    /* TGI */
+    bool decoder_input_details; /* details.prefill: the prompt's tokens with their logprobs */
+    int top_n_tokens;           /* top_tokens: this many alternatives per generated token */
+    int k_alternatives;         /* LoRAX return_k_alternatives: tokens[i].alternative_tokens */
+    int best_of;                /* > 1: that many candidates (n), the most likely one answers */
+    int n_answers;              /* completions best_of: the n best of the candidates are answered (0: all) */
+    int truncate;               /* > 0: only the prompt's last this many tokens are kept */
 } srv_request;
 
 /* Parses and validates a request body. Everything is checked that can be without
  * tokenizing; errors name the field. */
 int srv_request_parse(srv_api api, const char *body, size_t len, const srv_model_facts *model,
                       srv_request *out, srv_error *err);
+/* chat messages and the template's options (add_generation_prompt, continue_final_message,
+ * chat_template_kwargs, tools) from a body into r (chat and POST /tokenize) */
+int srv_request_parse_messages(json_t *body, srv_request *r, srv_error *e);
+/* renders r->messages with the model's template into r->prompts[0].text */
+int srv_request_render_chat(srv_request *r, const zse_model *m, srv_error *e);
+/* sets r->stream (the TGI routes decide it by path) and refuses what cannot stream (TGI's
+ * best_of > 1 and decoder_input_details) */
+int srv_request_set_stream(srv_request *r, bool stream, srv_error *e);
 /* Chat: renders the template. All: refuses text that cannot fit (facts->max_prompt_bytes)
  * before tokenizing, tokenizes text prompts and checks the context (both numbers in the
  * message). */
@@ -269,6 +297,8 @@ typedef struct srv_event {
     int completion_tokens;
     double time;
     char *text;             /* owned */
+    zse_logprobs *prompt_lp;    /* owned: [n_prompt_lp] the prompt's logprobs (first event, when asked) */
+    int n_prompt_lp;
 } srv_event;
 
 typedef struct {
@@ -283,6 +313,9 @@ typedef struct {
     size_t text_offset;     /* completions logprobs: characters before the next token */
     json_t *logprobs;       /* chat: content list; completions: the legacy object; TGI: tokens */
     struct zse_tool_stream *tool_stream; /* streamed chat with tools: its text parsed into calls */
+    json_t *prompt_lp;      /* vLLM prompt_logprobs list / TGI prefill list (once the first event came) */
+    json_t *top_tokens;     /* TGI top_n_tokens: a list of alternatives per generated token */
+    double sum_logprob;     /* of the generated tokens (TGI best_of picks the largest) */
 } srv_choice;
 
 typedef struct {
@@ -312,6 +345,46 @@ void srv_render_end_missing(srv_render *rd);                             /* unfi
 int srv_render_tail(srv_render *rd, zse_buf *out);                       /* stream: error, usage, [DONE] */
 int srv_render_whole(srv_render *rd, zse_buf *out, int *status, int *retry_after);
 void srv_render_usage(const srv_render *rd, srv_job_usage *u);
+
+/* ---- prompt logprobs in the APIs' shapes (score.c) ---------------------------------------
+ * lp: the engine's [n_lp] entries for prompt p (the first is all zero; shown as null). */
+json_t *srv_token_text(const zse_model *m, int32_t id);    /* the token decoded alone; U+FFFD if not UTF-8 */
+/* OpenAI legacy (completions echo + logprobs): appends the prompt's tokens to legacy's lists;
+ * *offset advances by each token's bytes */
+int srv_score_legacy(const zse_model *m, const srv_prompt *p, const zse_logprobs *lp, int n_lp, int n_top,
+                     json_t *legacy, size_t *offset);
+/* vLLM prompt_logprobs: [null, {"<id>": {"logprob","rank","decoded_token"}}, ...] */
+json_t *srv_score_vllm(const zse_model *m, const srv_prompt *p, const zse_logprobs *lp, int n_lp, int n_top);
+/* TGI details.prefill: [{"id","text","logprob"}] */
+json_t *srv_score_tgi_prefill(const zse_model *m, const srv_prompt *p, const zse_logprobs *lp, int n_lp);
+
+/* ---- tokenizer routes, TGI /info, embeddings (tokenize.c, tgi_info.c, embed.c) -----------
+ * Each takes a request body and gives 0 and *out (the answer object), or -1 and the error. */
+/* vLLM's POST /tokenize: {"prompt"} or {"messages", add_generation_prompt, ...}, with
+ * add_special_tokens and return_token_strs → {"count","max_model_len","tokens","token_strs"} */
+int srv_tokenize(const zse_model *m, const srv_model_facts *mf, const char *body, size_t len, json_t **out,
+                 srv_error *e);
+/* vLLM's POST /detokenize: {"tokens"} → {"prompt"} */
+int srv_detokenize(const zse_model *m, const srv_model_facts *mf, const char *body, size_t len, json_t **out,
+                   srv_error *e);
+/* vLLM's GET /tokenizer_info: tokenizer_config.json's fields, tokenizer_class, chat_template,
+ * model_max_length */
+json_t *srv_tokenizer_info(const zse_model *m, const srv_model_facts *mf);
+
+typedef struct {
+    int max_concurrent_requests;    /* sequences waiting and running at most */
+    int max_best_of;
+    int max_stop_sequences;
+    int max_batch_size;             /* sequences the engine runs at once */
+    int validation_workers;         /* threads that parse and tokenize */
+    long long max_batch_total_tokens; /* 0: not reported */
+} srv_tgi_limits;
+json_t *srv_tgi_info(const zse_model *m, const srv_model_facts *mf, const srv_tgi_limits *lim);
+
+/* POST /v1/embeddings (OpenAI): input a string, strings, token ids or lists of them;
+ * encoding_format float or base64; the final hidden state pooled (pooling) and normalized */
+int srv_embeddings(zse_model *m, const srv_model_facts *mf, zse_pooling pooling, const char *body, size_t len,
+                   json_t **out, int *prompt_tokens, srv_error *e);
 
 /* ---- fair admission of sequences to the engine (admit.c) ------------------------------- */
 typedef struct srv_admit srv_admit;
@@ -454,6 +527,10 @@ srv_keyring *srv_keyring_new(void);
 void srv_keyring_free(srv_keyring *kr);
 /* replaces the keys; windows of keys that stay (same name and limit) keep their history */
 int srv_keyring_set(srv_keyring *kr, const srv_key *keys, size_t n);
+/* a plain key given at start (zse serve --api-key, ZSE_API_KEY), accepted besides the
+ * database's; requests with it are logged as key SRV_PLAIN_KEY_NAME */
+#define SRV_PLAIN_KEY_NAME "api-key"
+int srv_keyring_set_plain(srv_keyring *kr, const char *key);
 size_t srv_keyring_size(srv_keyring *kr);
 /* Checks "Bearer KEY" (the Authorization header value, may be NULL) in constant time over
  * the stored hashes, then the key's rate limit. name_out and priority get the key's name
@@ -523,6 +600,7 @@ typedef enum {
     SRV_ROUTE_CHAT, SRV_ROUTE_COMPLETIONS, SRV_ROUTE_MODELS, SRV_ROUTE_GENERATE,
     SRV_ROUTE_GENERATE_STREAM, SRV_ROUTE_HEALTH, SRV_ROUTE_METRICS, SRV_ROUTE_LORA_LOAD,
     SRV_ROUTE_LORA_UNLOAD, SRV_ROUTE_TGI_COMPAT, SRV_ROUTE_DASHBOARD, SRV_ROUTE_UI_SESSION, SRV_ROUTE_ADMIN,
+    SRV_ROUTE_TOKENIZE, SRV_ROUTE_DETOKENIZE, SRV_ROUTE_TOKENIZER_INFO, SRV_ROUTE_INFO, SRV_ROUTE_EMBEDDINGS,
     SRV_ROUTE_OTHER,
     SRV_N_ROUTES
 } srv_route;
@@ -633,6 +711,10 @@ typedef struct {
     bool allow_lora_loading;    /* /v1/load_lora_adapter and /v1/unload_lora_adapter answer */
     const char *db_path;        /* the key database, for the /admin routes (with auth; opened already by audit) */
     int tool_parser;            /* --tool-parser: a zse_tool_format, 0 for none, -1 (default): detect */
+    zse_pooling pooling;        /* /v1/embeddings: the last token's state (default) or the mean */
+    const char *const *aliases; /* --served-model-name: the names requests may use (the first is the
+                                 * one answers give); NULL: the model's own name */
+    int n_aliases;
 } srv_config;
 
 void srv_config_default(srv_config *c);

@@ -67,10 +67,23 @@ def model_path(zse_bin):
     return out
 
 
+@pytest.fixture(scope="session")
+def f32_model_path(zse_bin, model_path):
+    """the fixture converted at f32, for comparisons with transformers' numbers"""
+    out = model_path.parent / f"{MODEL_ID}-f32.zse"
+    if not out.exists():
+        tmp = model_path.parent / f"{MODEL_ID}-f32.converting.zse"
+        subprocess.run([str(zse_bin), "convert", str(_fixture_dir()), "-o", str(tmp), "--quant", "f32", "--force"],
+                       check=True, capture_output=True, timeout=300)
+        tmp.rename(out)
+    return out
+
+
 class Server:
     """One `zse serve` process and ways to talk to it."""
 
-    def __init__(self, zse_bin, model, extra_args=(), db=None, api_key="unused", scheme="http", preexec_fn=None):
+    def __init__(self, zse_bin, model, extra_args=(), db=None, api_key="unused", scheme="http", preexec_fn=None,
+                 env=None):
         self.tmp = tempfile.TemporaryDirectory(prefix="zse-api-")
         self.db = db or os.path.join(self.tmp.name, "zse.db")
         self.log_path = os.path.join(self.tmp.name, "serve.log")
@@ -79,7 +92,8 @@ class Server:
         args = [str(zse_bin), "serve", str(model), "--host", "127.0.0.1", "--port", "0",
                 "--db", self.db, "--threads", "2", *extra_args]
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
+                                     env=None if env is None else {**os.environ, **env})
         self.scheme = scheme
         self.port = self._wait_for_port(60)
         self.base = f"{scheme}://127.0.0.1:{self.port}"

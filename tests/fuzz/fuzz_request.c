@@ -9,7 +9,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (size < 1)
         return 0;
-    static const srv_model_facts facts = {"tiny", 2048, 2048, 0, true};
+    static const srv_model_facts facts = {"tiny", 2048, 2048, 0, true, NULL, 0};
     srv_api api = data[0] % 3 == 0 ? SRV_API_CHAT : data[0] % 3 == 1 ? SRV_API_COMPLETION : SRV_API_TGI;
     srv_request r;
     srv_error e;

@@ -69,7 +69,7 @@ comp=$(bash -c '
   source "$1"
   complete -p zse
   complete_at() { COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 )); COMPREPLY=(); _zse; echo "${COMPREPLY[*]}"; }
-  echo "verbs: $(complete_at zse con)"
+  echo "verbs: $(complete_at zse tem)"
   echo "alias: $(complete_at zse bench)"
   echo "opts: $(complete_at zse convert model.gguf --qu)"
   echo "quant: $(complete_at zse convert model.gguf --quant int)"

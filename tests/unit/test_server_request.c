@@ -5,8 +5,11 @@
 
 #include "server/server.h"
 
-static const srv_model_facts FACTS = {"tiny", 2048, 2048, 0, false};
-static const srv_model_facts LORA_FACTS = {"tiny", 2048, 2048, 0, true}; /* a server with adapters */
+#include <math.h>
+#include <stdlib.h>
+
+static const srv_model_facts FACTS = {"tiny", 2048, 2048, 0, false, NULL, 0};
+static const srv_model_facts LORA_FACTS = {"tiny", 2048, 2048, 0, true, NULL, 0}; /* a server with adapters */
 
 static int parse(srv_api api, const char *body, srv_request *r, srv_error *e)
 {
@@ -162,7 +165,13 @@ static void test_completions(void)
                   "{\"model\":\"tiny\",\"n\":16,\"prompt\":[\"a\",\"b\",\"c\",\"d\",\"e\"]}", 400, "prompt");
     CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"logprobs\":6"), 400, "logprobs");
     CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"logprobs\":true"), 400, "logprobs");
-    CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"best_of\":3"), 400, "best_of");
+    CHECK(parse(SRV_API_COMPLETION, COMPLETION(",\"best_of\":3,\"n\":2"), &r, &e) == 0);
+    CHECK(r.n == 3 && r.best_of == 3 && r.n_answers == 2 && r.sampling.logprobs && r.logprobs == 0);
+    srv_request_free(&r);
+    CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"best_of\":1,\"n\":2"), 400, "best_of");
+    CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"best_of\":2,\"stream\":true"), 400, "best_of");
+    CHECK_REJECTS(SRV_API_COMPLETION, "{\"model\":\"tiny\",\"best_of\":16,\"prompt\":[\"a\",\"b\",\"c\",\"d\",\"e\"]}",
+                  400, "best_of");
     CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"suffix\":\"end\""), 400, "suffix");
     CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"echo\":1"), 400, "echo");
     CHECK_REJECTS(SRV_API_COMPLETION, "{\"model\":\"other\",\"prompt\":\"x\"}", 404, "model");
@@ -195,7 +204,7 @@ static void test_tgi(void)
     CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"top_p\":1.0}}", 400, "top_p");
     CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"top_k\":0}}", 400, "top_k");
     CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"max_new_tokens\":0}}", 400, "max_new_tokens");
-    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"best_of\":2}}", 400, "best_of");
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"best_of\":2}}", 400, "parameters.best_of");
     CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"watermark\":true}}", 400, "parameters.watermark");
     CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"adapter_id\":\"my-lora\"}}", 404,
                   "parameters.adapter_id");
@@ -234,13 +243,123 @@ static void test_adapters(void)
     }
 }
 
+/* scoring: echo + logprobs asks for the prompt's logprobs, max_tokens 0 generates nothing,
+ * vLLM's prompt_logprobs, min_tokens */
+static void test_scoring_fields(void)
+{
+    srv_request r;
+    srv_error e;
+    CHECK(parse(SRV_API_COMPLETION, COMPLETION(",\"echo\":true,\"logprobs\":3,\"max_tokens\":0"), &r, &e) == 0);
+    CHECK(r.echo_logprobs && r.sampling.prompt_logprobs && r.sampling.prompt_top_logprobs == 3);
+    CHECK(r.max_tokens == ZSE_MAX_TOKENS_NONE && r.prompt_logprobs == 0);
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_COMPLETION, COMPLETION(",\"echo\":true"), &r, &e) == 0); /* echo alone scores nothing */
+    CHECK(!r.echo_logprobs && !r.sampling.prompt_logprobs && r.max_tokens == 0);
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_COMPLETION, COMPLETION(",\"logprobs\":1"), &r, &e) == 0); /* nor logprobs alone */
+    CHECK(!r.echo_logprobs && !r.sampling.prompt_logprobs);
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_COMPLETION, COMPLETION(",\"prompt_logprobs\":5,\"min_tokens\":2"), &r, &e) == 0);
+    CHECK(r.prompt_logprobs == 6 && r.sampling.prompt_logprobs && r.sampling.prompt_top_logprobs == 5);
+    CHECK(r.sampling.min_tokens == 2 && !r.echo_logprobs);
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_CHAT, CHAT(",\"prompt_logprobs\":0"), &r, &e) == 0);
+    CHECK(r.prompt_logprobs == 1 && r.sampling.prompt_logprobs && r.sampling.prompt_top_logprobs == 0);
+    srv_request_free(&r);
+    CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"max_tokens\":-1"), 400, "max_tokens");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"max_tokens\":0"), 400, "max_tokens");
+    CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"prompt_logprobs\":21"), 400, "prompt_logprobs");
+    CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"prompt_logprobs\":true"), 400, "prompt_logprobs");
+    CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"stream\":true,\"prompt_logprobs\":1"), 400, "prompt_logprobs");
+    CHECK_REJECTS(SRV_API_COMPLETION, COMPLETION(",\"min_tokens\":-1"), 400, "min_tokens");
+}
+
+/* TGI: every token's logprob, top_n_tokens, decoder_input_details, best_of, truncate,
+ * typical_p; what cannot stream is refused when the route streams */
+static void test_tgi_parity(void)
+{
+    srv_request r;
+    srv_error e;
+    CHECK(parse(SRV_API_TGI, "{\"inputs\":\"x\"}", &r, &e) == 0);
+    CHECK(r.sampling.logprobs && r.logprobs == 0 && r.best_of == 1 && r.n == 1); /* streamed tokens carry logprobs */
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"details\":true,\"decoder_input_details\":true,"
+                             "\"top_n_tokens\":4,\"truncate\":7,\"typical_p\":1.0}}", &r, &e) == 0);
+    CHECK(r.decoder_input_details && r.sampling.prompt_logprobs && r.top_n_tokens == 4 && r.sampling.top_logprobs == 4);
+    CHECK(r.truncate == 7 && r.logprobs == 5);
+    CHECK(srv_request_set_stream(&r, true, &e) == -1 && !strcmp(e.param, "parameters.decoder_input_details"));
+    srv_request_free(&r);
+    /* LoRAX: return_k_alternatives asks for as many alternatives as top_n_tokens would; ignore_eos_token */
+    CHECK(parse(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"return_k_alternatives\":3,\"top_n_tokens\":1,"
+                             "\"ignore_eos_token\":true}}", &r, &e) == 0);
+    CHECK(r.k_alternatives == 3 && r.top_n_tokens == 1 && r.sampling.top_logprobs == 3 && r.sampling.ignore_eos);
+    srv_request_free(&r);
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"return_k_alternatives\":0}}", 400,
+                  "return_k_alternatives");
+    /* without details there is no prefill to fill: the prompt is not scored */
+    CHECK(parse(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"decoder_input_details\":true}}", &r, &e) == 0);
+    CHECK(!r.sampling.prompt_logprobs);
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"best_of\":3,\"do_sample\":true}}", &r, &e) == 0);
+    CHECK(r.best_of == 3 && r.n == 3 && r.sampling.temperature == 1.0f);
+    CHECK(srv_request_set_stream(&r, false, &e) == 0);
+    CHECK(srv_request_set_stream(&r, true, &e) == -1 && !strcmp(e.param, "parameters.best_of"));
+    srv_request_free(&r);
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"best_of\":2,\"do_sample\":true,\"seed\":4}}", 400,
+                  "parameters.seed");
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"stream\":true,\"parameters\":{\"best_of\":2,\"top_k\":5}}", 400,
+                  "parameters.best_of");
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"best_of\":17,\"do_sample\":true}}", 400, "best_of");
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"typical_p\":0.5}}", 400, "parameters.typical_p");
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"truncate\":0}}", 400, "truncate");
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"top_n_tokens\":6}}", 400, "top_n_tokens");
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"decoder_input_details\":1}}", 400,
+                  "decoder_input_details");
+}
+
+/* chat template options; --served-model-name's aliases */
+static void test_template_options(void)
+{
+    srv_request r;
+    srv_error e;
+    CHECK(parse(SRV_API_CHAT, CHAT(""), &r, &e) == 0);
+    CHECK(r.add_generation_prompt && !r.continue_final_message && !r.template_extra);
+    srv_request_free(&r);
+    const char *cont = "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"},"
+                       "{\"role\":\"assistant\",\"content\":\"He\"}],\"continue_final_message\":true,"
+                       "\"chat_template_kwargs\":{\"enable_thinking\":false,\"date_string\":\"1 Jan\"}}";
+    CHECK(parse(SRV_API_CHAT, cont, &r, &e) == 0);
+    CHECK(r.continue_final_message && !r.add_generation_prompt); /* continuing opens no new turn */
+    CHECK(json_is_false(json_object_get(r.template_extra, "enable_thinking")));
+    CHECK_EQ_STR(json_string_value(json_object_get(r.template_extra, "date_string")), "1 Jan");
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_CHAT, CHAT(",\"add_generation_prompt\":false"), &r, &e) == 0 && !r.add_generation_prompt);
+    srv_request_free(&r);
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"continue_final_message\":true"), 400, "continue_final_message");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"chat_template_kwargs\":[]"), 400, "chat_template_kwargs");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"chat_template_kwargs\":{\"tools\":[]}"), 400, "chat_template_kwargs");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"add_generation_prompt\":\"yes\""), 400, "add_generation_prompt");
+
+    static const char *const names[] = {"tiny", "alias-b"};
+    srv_model_facts mf = FACTS;
+    mf.aliases = names;
+    mf.n_aliases = 2;
+    CHECK(srv_model_name_is(&mf, "tiny") && srv_model_name_is(&mf, "alias-b") && !srv_model_name_is(&mf, "alias"));
+    CHECK(!srv_model_name_is(&mf, NULL));
+    const char *body = "{\"model\":\"alias-b\",\"prompt\":\"x\"}";
+    CHECK(srv_request_parse(SRV_API_COMPLETION, body, strlen(body), &mf, &r, &e) == 0 && !r.adapter_id);
+    srv_request_free(&r);
+    CHECK(srv_request_parse(SRV_API_COMPLETION, body, strlen(body), &FACTS, &r, &e) == -1 && e.status == 404);
+    srv_request_free(&r);
+}
+
 static void test_prepare(zse_model *m)
 {
     srv_request r;
     srv_error e;
     zse_model_info info;
     zse_model_get_info(m, &info);
-    srv_model_facts facts = {"tiny", info.vocab_size, info.ctx_size, 0, false};
+    srv_model_facts facts = {"tiny", info.vocab_size, info.ctx_size, 0, false, NULL, 0};
     CHECK(parse(SRV_API_CHAT, "{\"model\":\"tiny\",\"messages\":[{\"role\":\"system\",\"content\":\"S\"},"
                               "{\"role\":\"user\",\"content\":\"hi\"}]}", &r, &e) == 0);
     CHECK(srv_request_prepare(&r, m, &facts, &e) == 0);
@@ -327,14 +446,179 @@ static void test_prepare(zse_model *m)
     srv_request_free(&r);
 }
 
+/* preparation of the new fields against the model: max_tokens 0, min_tokens, truncate, the
+ * template's options */
+static void test_prepare_extras(zse_model *m)
+{
+    srv_request r;
+    srv_error e;
+    zse_model_info info;
+    zse_model_get_info(m, &info);
+    srv_model_facts facts = {"tiny", info.vocab_size, info.ctx_size, 0, false, NULL, 0};
+    CHECK(parse(SRV_API_COMPLETION, COMPLETION(",\"max_tokens\":0,\"echo\":true,\"logprobs\":0"), &r, &e) == 0);
+    CHECK(srv_request_prepare(&r, m, &facts, &e) == 0 && r.sampling.max_tokens == ZSE_MAX_TOKENS_NONE);
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_COMPLETION, COMPLETION(",\"max_tokens\":2,\"min_tokens\":3"), &r, &e) == 0);
+    CHECK(srv_request_prepare(&r, m, &facts, &e) == -1 && !strcmp(e.param, "min_tokens"));
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_COMPLETION, COMPLETION(",\"max_tokens\":0,\"min_tokens\":1"), &r, &e) == 0);
+    CHECK(srv_request_prepare(&r, m, &facts, &e) == -1 && !strcmp(e.param, "min_tokens"));
+    srv_request_free(&r);
+
+    /* truncate keeps the prompt's last tokens, and its text is theirs */
+    int32_t *full;
+    size_t n_full;
+    const char *text = "def fibonacci(n):\n    return n";
+    CHECK(zse_tokenize(m, text, strlen(text), ZSE_TOK_PARSE_SPECIAL | ZSE_TOK_ADD_SPECIAL, &full, &n_full) == 0);
+    char body[256];
+    snprintf(body, sizeof body, "{\"inputs\":\"def fibonacci(n):\\n    return n\",\"parameters\":{\"truncate\":3}}");
+    CHECK(parse(SRV_API_TGI, body, &r, &e) == 0 && srv_request_prepare(&r, m, &facts, &e) == 0);
+    CHECK(r.prompts[0].n_ids == 3 && memcmp(r.prompts[0].ids, full + n_full - 3, 3 * sizeof *full) == 0);
+    char *tail = zse_detokenize(m, full + n_full - 3, 3, false);
+    CHECK(tail && !strcmp(r.prompts[0].text, tail));
+    free(tail);
+    free(full);
+    srv_request_free(&r);
+
+    /* continue_final_message: the rendering stops at the end of the last message's content */
+    const char *cont = "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"},"
+                       "{\"role\":\"assistant\",\"content\":\"Hello th \"}],\"continue_final_message\":true}";
+    CHECK(parse(SRV_API_CHAT, cont, &r, &e) == 0 && srv_request_prepare(&r, m, &facts, &e) == 0);
+    const char *t = r.prompts[0].text;
+    CHECK_MSG(strlen(t) > 9 && !strcmp(t + strlen(t) - 8, "Hello th"), "%s", t);
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_CHAT, CHAT(",\"add_generation_prompt\":false"), &r, &e) == 0);
+    CHECK(srv_request_prepare(&r, m, &facts, &e) == 0);
+    t = r.prompts[0].text;
+    CHECK_MSG(!strcmp(t + strlen(t) - strlen("hi<|im_end|>\n"), "hi<|im_end|>\n"), "%s", t);
+    srv_request_free(&r);
+
+    /* a template set on the model replaces the file's, its variables from chat_template_kwargs */
+    const char *file_tpl = zse_model_chat_template(m);
+    CHECK(file_tpl != NULL);
+    CHECK(zse_model_set_chat_template(m, "{{ greeting }}:{% for x in messages %}{{ x.content }}{% endfor %}") == 0);
+    CHECK(parse(SRV_API_CHAT, CHAT(",\"chat_template_kwargs\":{\"greeting\":\"yo\"}"), &r, &e) == 0);
+    CHECK(srv_request_prepare(&r, m, &facts, &e) == 0);
+    CHECK_EQ_STR(r.prompts[0].text, "yo:hi");
+    srv_request_free(&r);
+    CHECK(zse_model_set_chat_template(m, NULL) == 0 && zse_model_chat_template(m) == file_tpl);
+}
+
+/* the tokenizer routes, /info, embeddings */
+static void test_routes(zse_model *m)
+{
+    zse_model_info info;
+    zse_model_get_info(m, &info);
+    srv_model_facts facts = {"tiny", info.vocab_size, info.ctx_size, 0, false, NULL, 0};
+    srv_error e;
+    json_t *o;
+#define BODY(s) s, strlen(s)
+    CHECK(srv_tokenize(m, &facts, BODY("{\"prompt\":\"def f\",\"return_token_strs\":true}"), &o, &e) == 0);
+    CHECK(json_integer_value(json_object_get(o, "count")) == 2 && json_array_size(json_object_get(o, "tokens")) == 2);
+    CHECK(json_integer_value(json_object_get(o, "max_model_len")) == info.ctx_size);
+    CHECK_EQ_STR(json_string_value(json_array_get(json_object_get(o, "token_strs"), 1)), " f");
+    json_t *ids = json_incref(json_object_get(o, "tokens"));
+    json_decref(o);
+    char *ids_text = json_dumps(ids, JSON_COMPACT), body[256];
+    snprintf(body, sizeof body, "{\"model\":\"tiny\",\"tokens\":%s}", ids_text);
+    CHECK(srv_detokenize(m, &facts, BODY(body), &o, &e) == 0);
+    CHECK_EQ_STR(json_string_value(json_object_get(o, "prompt")), "def f");
+    json_decref(o);
+    free(ids_text);
+    json_decref(ids);
+    CHECK(srv_tokenize(m, &facts, BODY("{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}"), &o, &e) == 0);
+    CHECK(json_is_null(json_object_get(o, "token_strs")) && json_integer_value(json_object_get(o, "count")) > 5);
+    json_decref(o);
+    const char *bad[][3] = {
+        {"{\"prompt\":5}", "prompt", "400"},
+        {"{}", "prompt", "400"},
+        {"{\"prompt\":\"x\",\"model\":\"other\"}", "model", "404"},
+        {"{\"prompt\":\"x\",\"add_special_tokens\":1}", "add_special_tokens", "400"},
+        {"{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"chat_template\":\"x\"}", "chat_template", "400"},
+        {"{\"messages\":[{\"role\":\"bot\",\"content\":\"hi\"}]}", "messages[0].role", "400"},
+        {"[1]", "", "400"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        memset(&e, 0, sizeof e);
+        CHECK_MSG(srv_tokenize(m, &facts, BODY(bad[i][0]), &o, &e) == -1 && !o, "%s", bad[i][0]);
+        CHECK_MSG(!strcmp(e.param, bad[i][1]) && e.status == atoi(bad[i][2]), "%s: %s %d", bad[i][0], e.param, e.status);
+    }
+    CHECK(srv_detokenize(m, &facts, BODY("{\"tokens\":[1,-2]}"), &o, &e) == -1 && !strcmp(e.param, "tokens"));
+    CHECK(srv_detokenize(m, &facts, BODY("{\"tokens\":null}"), &o, &e) == -1 && !strcmp(e.param, "tokens"));
+
+    o = srv_tokenizer_info(m, &facts);
+    CHECK(o && json_is_string(json_object_get(o, "tokenizer_class")) && json_is_string(json_object_get(o, "eos_token")));
+    CHECK(json_integer_value(json_object_get(o, "model_max_length")) == info.ctx_size);
+    CHECK_EQ_STR(json_string_value(json_object_get(o, "chat_template")), zse_model_chat_template(m));
+    json_decref(o);
+    srv_tgi_limits lim = {.max_concurrent_requests = 9, .max_best_of = 16, .max_stop_sequences = 16,
+                          .max_batch_size = 4, .validation_workers = 2};
+    o = srv_tgi_info(m, &facts, &lim);
+    CHECK(o && !strcmp(json_string_value(json_object_get(o, "model_id")), "tiny"));
+    CHECK(json_integer_value(json_object_get(o, "max_total_tokens")) == info.ctx_size);
+    CHECK(json_integer_value(json_object_get(o, "max_input_tokens")) == info.ctx_size - 1);
+    CHECK(json_integer_value(json_object_get(o, "max_batch_size")) == 4 && !json_object_get(o, "max_batch_total_tokens"));
+    CHECK_EQ_STR(json_string_value(json_object_get(o, "version")), zse_version());
+    json_decref(o);
+
+    /* embeddings: unit length, the same whether floats or base64, ids or text */
+    int tokens = 0;
+    CHECK(srv_embeddings(m, &facts, ZSE_POOL_MEAN, BODY("{\"model\":\"tiny\",\"input\":[\"def f\",[455,285]]}"), &o,
+                         &tokens, &e) == 0);
+    json_t *data = json_object_get(o, "data");
+    CHECK(json_array_size(data) == 2 && tokens == 4);
+    json_t *v0 = json_object_get(json_array_get(data, 0), "embedding"), *v1 = json_object_get(json_array_get(data, 1), "embedding");
+    CHECK((int)json_array_size(v0) == info.hidden_size);
+    double norm = 0, diff = 0;
+    for (size_t i = 0; i < json_array_size(v0); i++) {
+        double a = json_real_value(json_array_get(v0, i)), b = json_real_value(json_array_get(v1, i));
+        norm += a * a;
+        diff += fabs(a - b);
+    }
+    CHECK(fabs(norm - 1) < 1e-4 && diff < 1e-5); /* "def f" is [455, 285] */
+    CHECK(json_integer_value(json_object_get(json_object_get(o, "usage"), "prompt_tokens")) == 4);
+    json_decref(o);
+    CHECK(srv_embeddings(m, &facts, ZSE_POOL_LAST, BODY("{\"model\":\"tiny\",\"input\":\"x\",\"encoding_format\":\"base64\"}"),
+                         &o, &tokens, &e) == 0);
+    const char *b64 = json_string_value(json_object_get(json_array_get(json_object_get(o, "data"), 0), "embedding"));
+    CHECK(b64 && strlen(b64) == ((size_t)info.hidden_size * 4 + 2) / 3 * 4);
+    json_decref(o);
+    const char *ebad[][2] = {
+        {"{\"model\":\"tiny\"}", "input"},
+        {"{\"input\":\"x\"}", "model"},
+        {"{\"model\":\"tiny\",\"input\":\"\"}", "input"},
+        {"{\"model\":\"tiny\",\"input\":[\"a\",\"\"]}", "input[1]"},
+        {"{\"model\":\"tiny\",\"input\":[]}", "input"},
+        {"{\"model\":\"tiny\",\"input\":[[]]}", "input"},
+        {"{\"model\":\"tiny\",\"input\":{}}", "input"},
+        {"{\"model\":\"tiny\",\"input\":\"x\",\"dimensions\":8}", "dimensions"},
+        {"{\"model\":\"tiny\",\"input\":\"x\",\"encoding_format\":\"hex\"}", "encoding_format"},
+        {"{\"model\":\"tiny\",\"input\":\"x\",\"user\":3}", "user"},
+    };
+    for (size_t i = 0; i < sizeof ebad / sizeof ebad[0]; i++) {
+        memset(&e, 0, sizeof e);
+        CHECK_MSG(srv_embeddings(m, &facts, ZSE_POOL_LAST, BODY(ebad[i][0]), &o, &tokens, &e) == -1 && !o, "%s",
+                  ebad[i][0]);
+        CHECK_MSG(e.status == 400 && !strcmp(e.param, ebad[i][1]), "%s: %d %s", ebad[i][0], e.status, e.param);
+    }
+    CHECK(srv_embeddings(m, &facts, ZSE_POOL_LAST, BODY("{\"model\":\"nope\",\"input\":\"x\"}"), &o, &tokens, &e) == -1);
+    CHECK(e.status == 404);
+#undef BODY
+}
+
 int main(void)
 {
     test_chat();
     test_completions();
     test_tgi();
     test_adapters();
+    test_scoring_fields();
+    test_tgi_parity();
+    test_template_options();
     zse_model *m = server_test_model("f32", 1);
     test_prepare(m);
+    test_prepare_extras(m);
+    test_routes(m);
     zse_model_free(m);
     return test_main_end();
 }

@@ -148,6 +148,18 @@ static void test_keys(void)
     CHECK(srv_keyring_check(kr, hdr, 1004, name, &prio, &rate) == SRV_AUTH_DISABLED);
     snprintf(hdr, sizeof hdr, "Bearer %s", key2);
     CHECK(srv_keyring_check(kr, hdr, 1004, name, &prio, &rate) == SRV_AUTH_OK); /* a new limit: a new window */
+    /* a plain start-up key (--api-key): accepted besides the stored ones, kept across reloads */
+    size_t before = srv_keyring_size(kr);
+    CHECK(srv_keyring_set_plain(kr, "") == -1);
+    CHECK(srv_keyring_set_plain(kr, "sekrit-plain") == 0 && srv_keyring_size(kr) == before + 1);
+    CHECK(srv_keyring_check(kr, "Bearer sekrit-plain", 1005, name, &prio, &rate) == SRV_AUTH_OK);
+    CHECK_EQ_STR(name, SRV_PLAIN_KEY_NAME);
+    CHECK(prio == 0 && rate.limit == 0);
+    CHECK(srv_keyring_check(kr, "Bearer sekrit-plai", 1005, name, &prio, &rate) == SRV_AUTH_UNKNOWN);
+    CHECK(srv_key_list(db, &keys, &n) == 0 && srv_keyring_set(kr, keys, n) == 0);
+    free(keys);
+    CHECK(srv_keyring_check(kr, "Bearer sekrit-plain", 1006, name, &prio, &rate) == SRV_AUTH_OK);
+    CHECK(srv_keyring_check(kr, hdr, 1006, name, &prio, &rate) == SRV_AUTH_OK); /* the stored ones still work */
     CHECK(srv_key_delete(db, "alice") == 0);
     CHECK(srv_key_delete(db, "alice") == -1);
     CHECK(srv_key_list(db, &keys, &n) == 0 && n == 1);

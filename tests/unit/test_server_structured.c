@@ -8,7 +8,7 @@
 #include "server/server.h"
 #include "toolcall/toolcall.h"
 
-static const srv_model_facts FACTS = {"tiny", 2048, 2048, 0, false};
+static const srv_model_facts FACTS = {"tiny", 2048, 2048, 0, false, NULL, 0};
 
 static int parse(srv_api api, const char *body, srv_request *r, srv_error *e)
 {
@@ -179,7 +179,7 @@ static int prepare(zse_model *m, const char *body, int tool_parser, srv_request 
 {
     zse_model_info info;
     zse_model_get_info(m, &info);
-    srv_model_facts facts = {"tiny", info.vocab_size, info.ctx_size, 0, false};
+    srv_model_facts facts = {"tiny", info.vocab_size, info.ctx_size, 0, false, NULL, 0};
     memset(e, 0, sizeof *e);
     if (srv_request_parse(SRV_API_CHAT, body, strlen(body), &facts, r, e) != 0)
         return -2;
@@ -246,7 +246,7 @@ static void test_cache(zse_model *m)
 {
     zse_model_info info;
     zse_model_get_info(m, &info);
-    srv_model_facts facts = {"tiny", info.vocab_size, info.ctx_size, 0, false};
+    srv_model_facts facts = {"tiny", info.vocab_size, info.ctx_size, 0, false, NULL, 0};
     srv_grammar_cache *cache = srv_grammar_cache_new(2);
     CHECK(cache != NULL);
     static const char *const bodies[] = {
