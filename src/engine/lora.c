@@ -78,8 +78,8 @@ struct zse_lora_cache {
     int n_host;
     pthread_t thread;
     bool thread_started, quit;
-    zse_adapter **todo;
-    size_t n_todo, cap_todo;
+    zse_adapter **queued;
+    size_t n_queued, cap_queued;
     void (*wake)(void *);
     void *wake_arg;
     int waking;                 /* loader calls of wake in progress */
@@ -181,9 +181,9 @@ void zse_lora_cache_free(zse_lora_cache *c)
     pthread_mutex_unlock(&c->mu);
     if (c->thread_started)
         pthread_join(c->thread, NULL);
-    for (size_t i = 0; i < c->n_todo; i++)
-        if (--c->todo[i]->refs == 0 && !c->todo[i]->listed)
-            adapter_free(c->todo[i]);
+    for (size_t i = 0; i < c->n_queued; i++)
+        if (--c->queued[i]->refs == 0 && !c->queued[i]->listed)
+            adapter_free(c->queued[i]);
     for (size_t i = 0; i < c->n_named; i++) {
         detach(c, c->named[i]);
         adapter_free(c->named[i]);
@@ -199,7 +199,7 @@ void zse_lora_cache_free(zse_lora_cache *c)
     pthread_mutex_destroy(&c->mu);
     pthread_cond_destroy(&c->cv);
     free(c->named);
-    free(c->todo);
+    free(c->queued);
     free(c->dev);
     free(c->host);
     free(c->dir);
@@ -367,13 +367,13 @@ static void *loader_main(void *arg)
     zse_lora_cache *c = arg;
     pthread_mutex_lock(&c->mu);
     for (;;) {
-        while (!c->quit && c->n_todo == 0)
+        while (!c->quit && c->n_queued == 0)
             pthread_cond_wait(&c->cv, &c->mu);
         if (c->quit)
             break;
-        zse_adapter *a = c->todo[0];
-        memmove(c->todo, c->todo + 1, (c->n_todo - 1) * sizeof *c->todo);
-        c->n_todo--;
+        zse_adapter *a = c->queued[0];
+        memmove(c->queued, c->queued + 1, (c->n_queued - 1) * sizeof *c->queued);
+        c->n_queued--;
         pthread_mutex_unlock(&c->mu);
         int rc = load_host(c, a);
         pthread_mutex_lock(&c->mu);
@@ -409,15 +409,15 @@ static int queue_load(zse_lora_cache *c, zse_adapter *a)
             return zse_fail("cannot start the adapter loader thread");
         c->thread_started = true;
     }
-    if (c->n_todo == c->cap_todo) {
-        size_t cap = c->cap_todo ? c->cap_todo * 2 : 16;
-        zse_adapter **t = zse_realloc(c->todo, cap * sizeof *t);
+    if (c->n_queued == c->cap_queued) {
+        size_t cap = c->cap_queued ? c->cap_queued * 2 : 16;
+        zse_adapter **t = zse_realloc(c->queued, cap * sizeof *t);
         if (!t)
             return -1;
-        c->todo = t;
-        c->cap_todo = cap;
+        c->queued = t;
+        c->cap_queued = cap;
     }
-    c->todo[c->n_todo++] = a;
+    c->queued[c->n_queued++] = a;
     a->refs++;
     a->loading = true;
     pthread_cond_broadcast(&c->cv);

@@ -610,8 +610,8 @@ static enum MHD_Result send_whole(http_req *r)
     return respond(r, r->reply_status, "application/json", zse_buf_str(&r->reply), r->reply.len, r->reply_retry);
 }
 
-/* the body is in: the rest happens on a worker while the connection waits */
-static enum MHD_Result start_generation(http_req *r)
+/* the body is in: `task` runs on a worker of `lane` while the connection waits */
+static enum MHD_Result start_on_worker(http_req *r, srv_work_lane lane, void (*task)(void *))
 {
     srv_server *s = r->s;
     if (r->too_large) {
@@ -626,12 +626,17 @@ static enum MHD_Result start_generation(http_req *r)
     r->ph = PH_PREPARING;
     list_add(s, r);
     suspend_connection(r->conn);
-    if (srv_work_push(s->work, r->body.len >= HEAVY_BODY ? SRV_WORK_HEAVY : SRV_WORK_LIGHT, prepare_task, r) != 0) {
+    if (srv_work_push(s->work, lane, task, r) != 0) {
         resume_connection(r->conn);
         r->ph = PH_RECEIVING;
         return fail(r, 503, "server_error", "shutting_down", "the server is shutting down");
     }
     return MHD_YES;
+}
+
+static enum MHD_Result start_generation(http_req *r)
+{
+    return start_on_worker(r, r->body.len >= HEAVY_BODY ? SRV_WORK_HEAVY : SRV_WORK_LIGHT, prepare_task);
 }
 
 /* resumed after preparation: the error, the stream, or the wait for the whole answer */
@@ -867,26 +872,8 @@ static void aux_task(void *arg)
 
 static enum MHD_Result start_aux(http_req *r)
 {
-    srv_server *s = r->s;
-    if (r->too_large) {
-        srv_error e;
-        srv_error_set(&e, 413, "invalid_request_error", "request_too_large", NULL,
-                      "the request body is larger than this server's limit of %zu bytes", s->cfg.max_body);
-        return respond_error(r, &e);
-    }
-    if (r->over_buffer)
-        return fail(r, 503, "server_error", "overloaded",
-                    "the server holds too many request bodies at once; retry shortly");
-    r->ph = PH_PREPARING;
-    list_add(s, r);
-    suspend_connection(r->conn);
-    srv_work_lane lane = r->route == SRV_ROUTE_EMBEDDINGS || r->body.len >= HEAVY_BODY ? SRV_WORK_HEAVY : SRV_WORK_LIGHT;
-    if (srv_work_push(s->work, lane, aux_task, r) != 0) {
-        resume_connection(r->conn);
-        r->ph = PH_RECEIVING;
-        return fail(r, 503, "server_error", "shutting_down", "the server is shutting down");
-    }
-    return MHD_YES;
+    bool heavy = r->route == SRV_ROUTE_EMBEDDINGS || r->body.len >= HEAVY_BODY; /* embeddings run the model */
+    return start_on_worker(r, heavy ? SRV_WORK_HEAVY : SRV_WORK_LIGHT, aux_task);
 }
 
 /* ---- the first call: the head is complete, no body byte is stored ---------------------- */
