@@ -352,6 +352,9 @@ typedef struct {
     double ctx_cost;            /* fair sharing between tenants: what attending one token of
                                  * context costs, relative to the rest of a token's work
                                  * (0: measured from the steps' times as the engine runs) */
+    bool no_compute_share;      /* never hold a tenant's sequences back for compute: every running
+                                 * sequence runs every step (a GPU's batch is nearly free); slots
+                                 * still go to the tenant running the fewest */
 } zse_engine_params;
 
 typedef struct {

@@ -66,6 +66,9 @@ static void usage(FILE *out)
             "  --kv-cache-size SIZE    KV cache budget (default: max-seqs full contexts)\n"
             "  --no-prefix-cache       never reuse the KV of earlier prompts (default: full 16-token\n"
             "                          blocks of a shared prefix are computed once)\n"
+            "  --no-fair-share         run every sequence every step: no key's sequences sit out so\n"
+            "                          that others get their share of compute (default: a key taking\n"
+            "                          more than twice the median's is held to the largest other's)\n"
             "  --threads N             CPU threads (default: physical cores)\n"
             "  --device cpu|cuda|cuda:N\n"
             "  --gpu-memory SIZE       GPU memory for weights, KV cache and activations (default: what is free);\n"
@@ -429,6 +432,8 @@ static int parse_args(int argc, char **argv, serve_opts *o, loader *l)
             }
         } else if (cli_is(&a, NULL, "--no-prefix-cache"))
             l->load.no_prefix_cache = true;
+        else if (cli_is(&a, NULL, "--no-fair-share"))
+            l->engine.no_compute_share = true;
         else if (cli_is(&a, NULL, "--threads") && cli_int(&a, 0, 1024, &i))
             l->load.threads = (int)i;
         else if (cli_is(&a, NULL, "--device"))

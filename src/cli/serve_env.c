@@ -25,7 +25,7 @@ const cli_serve_flag cli_serve_flags[] = {
     {"--no-audit", false, false}, {"--audit-retention", true, false}, {"--audit-max-rows", true, false},
     {"--max-seqs", true, false}, {"--max-batch-tokens", true, false}, {"--max-queue", true, false},
     {"--max-seqs-per-key", true, false}, {"--max-queued-tokens-per-key", true, false}, {"--ctx", true, false},
-    {"--kv-cache", true, false}, {"--kv-cache-size", true, false}, {"--no-prefix-cache", false, false},
+    {"--kv-cache", true, false}, {"--kv-cache-size", true, false}, {"--no-prefix-cache", false, false}, {"--no-fair-share", false, false},
     {"--threads", true, false}, {"--device", true, false}, {"--gpu-memory", true, false},
     {"--spec", true, false}, {"--draft", true, false}, {"--spec-tokens", true, false},
     {"--lora", true, true}, {"--lora-dir", true, false}, {"--max-gpu-loras", true, false},

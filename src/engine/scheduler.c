@@ -558,7 +558,7 @@ static void share_compute(zse_engine *e)
             d[j] = d[j - 1];
         d[j] = v;
     }
-    if (active < 2)
+    if (active < 2 || e->p.no_compute_share)
         return;
     /* heavy: more than twice the median demand; the quantum is the largest demand that is
      * not heavy, so every other tenant runs whole and each heavy one gets as much as the
@@ -1189,6 +1189,7 @@ zse_engine *zse_engine_start(zse_model *m, const zse_engine_params *p)
     e->p.max_queue = p && p->max_queue > 0 ? p->max_queue : 256;
     e->p.priority_aging_s = p && p->priority_aging_s != 0 ? p->priority_aging_s : 1.0;
     e->p.ctx_cost = p && p->ctx_cost > 0 ? p->ctx_cost : 0;
+    e->p.no_compute_share = p && p->no_compute_share;
     if (e->p.max_seqs > 4096 || e->p.max_batch_tokens > (1 << 20)) {
         zse_fail("engine limits too large: %d sequences, %d tokens per step", e->p.max_seqs, e->p.max_batch_tokens);
         free(e);

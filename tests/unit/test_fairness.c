@@ -129,9 +129,12 @@ static zse_sampling greedy(int max_tokens)
     return s;
 }
 
+static bool share_off; /* zse_engine_params.no_compute_share for the engines start() makes */
+
 static zse_engine *start(zse_model *m, int max_seqs)
 {
-    zse_engine_params ep = {.max_seqs = max_seqs, .max_batch_tokens = 256, .max_queue = 64, .ctx_cost = 1.0 / 32};
+    zse_engine_params ep = {.max_seqs = max_seqs, .max_batch_tokens = 256, .max_queue = 64, .ctx_cost = 1.0 / 32,
+                            .no_compute_share = share_off};
     engine = zse_engine_start(m, &ep);
     CHECK_MSG(engine != NULL, "%s", zse_last_error());
     return engine;
@@ -249,6 +252,37 @@ static void compute_share(zse_model *m, int32_t **prompts)
     wait_for(all_final, NULL);
     stop();
     CHECK(solo.n == longs[0].n && memcmp(solo.ids, longs[0].ids, (size_t)solo.n * sizeof solo.ids[0]) == 0);
+}
+
+/* The same two tenants with compute sharing off (zse serve --no-fair-share): nothing sits
+ * out, so the long tenant's six sequences each take a token in every step the short one
+ * runs in. */
+static void compute_share_off(zse_model *m, int32_t **prompts)
+{
+    enum { N_LONG = 6, LONG_PROMPT = 320, LONG_OUT = 48, SHORT_OUT = 16 };
+    static result longs[N_LONG], shorter;
+    reset(longs, N_LONG, 1);
+    reset(&shorter, 1, 2);
+    reset_clocks();
+    share_off = true;
+    start(m, 8);
+    share_off = false;
+    zse_sampling sl = greedy(LONG_OUT), ss = greedy(SHORT_OUT);
+    for (int i = 0; i < N_LONG; i++)
+        CHECK(zse_engine_submit_for(engine, "long", prompts[i], LONG_PROMPT, &sl, 0, on_token, &longs[i], NULL) == 0);
+    started st = {longs, N_LONG, 2};
+    wait_for(each_has_tokens, &st);
+    CHECK(zse_engine_submit_for(engine, "short", prompts[7], 8, &ss, 0, on_token, &shorter, NULL) == 0);
+    finals_wanted = N_LONG + 1;
+    wait_for(all_final, NULL);
+    zse_engine_stats es;
+    zse_engine_get_stats(engine, &es);
+    stop();
+    CHECK_EQ_INT(shorter.n, SHORT_OUT);
+    long long_tokens = shorter.others_last - shorter.others_first;
+    CHECK_MSG(es.fair_waits == 0, "%llu sequence-steps sat out with sharing off", (unsigned long long)es.fair_waits);
+    CHECK_MSG(long_tokens >= (long)(SHORT_OUT - 2) * 2, "%ld long tokens beside %d short ones with sharing off",
+              long_tokens, SHORT_OUT);
 }
 
 /* Four slots, all a tenant's: another tenant's request takes one of them (the first's newest
@@ -396,6 +430,7 @@ int main(void)
             prompts[i] = make_prompt(m, text, (size_t)i * 211 % (strlen(text) / 2), 400);
         one_tenant(m, prompts);
         compute_share(m, prompts);
+        compute_share_off(m, prompts);
         slot_preemption(m, prompts);
         priorities_first(m, prompts);
         pause_resume(m, prompts);
