@@ -78,7 +78,7 @@ comp=$(bash -c '
 ' _ "$P/share/bash-completion/completions/zse")
 echo "$comp"
 grep -q "^complete .*-F _zse zse$" <<<"$comp" || fail "complete -p zse"
-grep -q "^verbs: convert convert-adapter$" <<<"$comp" || fail "command completion"
+grep -q "^verbs: template$" <<<"$comp" || fail "command completion"
 grep -q "^alias: bench benchmark$" <<<"$comp" || fail "alias completion"
 grep -q "^opts: --quant$" <<<"$comp" || fail "option completion"
 grep -q "^quant: int8 int8g int4 int4s$" <<<"$comp" || fail "--quant values"
