@@ -533,30 +533,32 @@ int srv_audit_write(srv_db *d, const srv_audit_row *rows, size_t n)
     return exec_sql(d->db, "COMMIT");
 }
 
-int srv_audit_prune(srv_db *d, double older_than, int64_t max_rows)
+/* older_sql deletes the rows before ?1 (a time); newest_sql keeps the newest ?1 rows */
+static int prune_table(srv_db *d, const char *older_sql, const char *newest_sql, double older_than, int64_t max_rows)
 {
-    sqlite3_stmt *st;
-    if (older_than > 0) {
-        if (sqlite3_prepare_v2(d->db, "DELETE FROM audit WHERE time < ?", -1, &st, NULL) != SQLITE_OK)
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 0 ? older_than <= 0 : max_rows <= 0)
+            continue;
+        sqlite3_stmt *st;
+        if (sqlite3_prepare_v2(d->db, pass == 0 ? older_sql : newest_sql, -1, &st, NULL) != SQLITE_OK)
             return zse_fail("database: %s", sqlite3_errmsg(d->db));
-        sqlite3_bind_double(st, 1, older_than);
-        int rc = sqlite3_step(st);
-        sqlite3_finalize(st);
-        if (rc != SQLITE_DONE)
-            return zse_fail("database: %s", sqlite3_errmsg(d->db));
-    }
-    if (max_rows > 0) {
-        if (sqlite3_prepare_v2(d->db, "DELETE FROM audit WHERE id <= "
-                                      "(SELECT id FROM audit ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                               -1, &st, NULL) != SQLITE_OK)
-            return zse_fail("database: %s", sqlite3_errmsg(d->db));
-        sqlite3_bind_int64(st, 1, max_rows);
+        if (pass == 0)
+            sqlite3_bind_double(st, 1, older_than);
+        else
+            sqlite3_bind_int64(st, 1, max_rows);
         int rc = sqlite3_step(st);
         sqlite3_finalize(st);
         if (rc != SQLITE_DONE)
             return zse_fail("database: %s", sqlite3_errmsg(d->db));
     }
     return 0;
+}
+
+int srv_audit_prune(srv_db *d, double older_than, int64_t max_rows)
+{
+    return prune_table(d, "DELETE FROM audit WHERE time < ?",
+                       "DELETE FROM audit WHERE id <= (SELECT id FROM audit ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                       older_than, max_rows);
 }
 
 int srv_audit_query(srv_db *d, double since, const char *key, int limit, srv_audit_row **rows,
@@ -659,27 +661,10 @@ int srv_refused_write(srv_db *d, const srv_refused_row *rows, size_t n)
 
 int srv_refused_prune(srv_db *d, double older_than, int64_t max_rows)
 {
-    sqlite3_stmt *st;
-    if (older_than > 0) {
-        if (sqlite3_prepare_v2(d->db, "DELETE FROM audit_refused WHERE minute < ?", -1, &st, NULL) != SQLITE_OK)
-            return zse_fail("database: %s", sqlite3_errmsg(d->db));
-        sqlite3_bind_double(st, 1, older_than);
-        int rc = sqlite3_step(st);
-        sqlite3_finalize(st);
-        if (rc != SQLITE_DONE)
-            return zse_fail("database: %s", sqlite3_errmsg(d->db));
-    }
-    if (max_rows > 0) {
-        if (sqlite3_prepare_v2(d->db, "DELETE FROM audit_refused WHERE rowid IN (SELECT rowid FROM audit_refused "
-                                      "ORDER BY minute DESC LIMIT -1 OFFSET ?)", -1, &st, NULL) != SQLITE_OK)
-            return zse_fail("database: %s", sqlite3_errmsg(d->db));
-        sqlite3_bind_int64(st, 1, max_rows);
-        int rc = sqlite3_step(st);
-        sqlite3_finalize(st);
-        if (rc != SQLITE_DONE)
-            return zse_fail("database: %s", sqlite3_errmsg(d->db));
-    }
-    return 0;
+    return prune_table(d, "DELETE FROM audit_refused WHERE minute < ?",
+                       "DELETE FROM audit_refused WHERE rowid IN (SELECT rowid FROM audit_refused "
+                       "ORDER BY minute DESC LIMIT -1 OFFSET ?)",
+                       older_than, max_rows);
 }
 
 int srv_refused_query(srv_db *d, double since, int limit, srv_refused_row **rows, size_t *n)
