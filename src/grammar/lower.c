@@ -29,8 +29,8 @@ typedef struct {
         zse_gx x;
         int32_t step;
         int32_t cont, first;
-    } *todo;
-    uint32_t n_todo, cap_todo;
+    } *pend;
+    uint32_t n_pend, cap_pend;
     /* alternatives as atom lists (an atom: a class, rule or nested alternation/repetition)
      * with the rule to continue at (-1: none), for left-factoring */
     zse_gx *atoms;
@@ -46,11 +46,11 @@ typedef struct {
 static int64_t new_rule(lowering *L, int kind, zse_gx x, int32_t step)
 {
     if (gr_grow((void **)&L->rules, &L->cap_rules, L->n_rules + 1, sizeof *L->rules) ||
-        gr_grow((void **)&L->todo, &L->cap_todo, L->n_rules + 1, sizeof *L->todo))
+        gr_grow((void **)&L->pend, &L->cap_pend, L->n_rules + 1, sizeof *L->pend))
         return -1;
     L->rules[L->n_rules] = (gr_rule){0, 0};
-    L->todo[L->n_rules] = (struct pending){kind, x, step, -1, -1};
-    L->n_todo = L->n_rules + 1;
+    L->pend[L->n_rules] = (struct pending){kind, x, step, -1, -1};
+    L->n_pend = L->n_rules + 1;
     return L->n_rules++;
 }
 
@@ -251,8 +251,8 @@ static int expand_entries(lowering *L, uint32_t e0, uint32_t *n)
                     return -1;
                 if (st == 0)
                     target = r;
-                L->todo[r].cont = (int32_t)K;
-                L->todo[r].first = (int32_t)target;
+                L->pend[r].cont = (int32_t)K;
+                L->pend[r].first = (int32_t)target;
             }
         }
         if (target < 0)
@@ -389,7 +389,7 @@ static int lower_chain_state(lowering *L, uint32_t r, struct pending p)
 
 static int lower_rule(lowering *L, uint32_t r)
 {
-    struct pending p = L->todo[r];
+    struct pending p = L->pend[r];
     if (p.kind == 3)
         return lower_entries(L, r, (uint32_t)p.x, (uint32_t)p.step);
     if (p.kind == 4)
@@ -564,7 +564,7 @@ zse_grammar *zse_grammar_compile(zse_gb *b, zse_gx root, const zse_grammar_vocab
     if (check_left_recursion(g))
         goto fail;
     free(L.alt_rule);
-    free(L.todo);
+    free(L.pend);
     free(L.atoms);
     free(L.ent);
     return g;
@@ -575,7 +575,7 @@ fail:
     free(L.alt_start);
     free(L.rules);
     free(L.alt_rule);
-    free(L.todo);
+    free(L.pend);
     free(L.atoms);
     free(L.ent);
     return NULL;
