@@ -107,7 +107,8 @@ static json_t *input_list(json_t *input, srv_error *e)
     return list;
 }
 
-static int check_options(json_t *root, const srv_model_facts *mf, int hidden, bool *b64, srv_error *e)
+static int check_options(json_t *root, const srv_model_facts *mf, int hidden, bool *b64, char *user_out,
+                         size_t user_cap, srv_error *e)
 {
     json_t *model = json_object_get(root, "model");
     const char *name = json_string_value(model);
@@ -129,6 +130,8 @@ static int check_options(json_t *root, const srv_model_facts *mf, int hidden, bo
     json_t *user = json_object_get(root, "user");
     if (user && !json_is_null(user) && !json_is_string(user))
         return srv_error_invalid(e, "user", "'user' must be a string");
+    if (json_is_string(user) && user_out && user_cap)
+        snprintf(user_out, user_cap, "%s", json_string_value(user));
     return 0;
 }
 
@@ -150,10 +153,12 @@ static json_t *embedding_value(const float *v, int n, bool b64)
 }
 
 int srv_embeddings(zse_model *m, const srv_model_facts *mf, zse_pooling pooling, const char *body, size_t len,
-                   json_t **out, int *prompt_tokens, srv_error *e)
+                   json_t **out, int *prompt_tokens, char *user, size_t user_cap, srv_error *e)
 {
     *out = NULL;
     *prompt_tokens = 0;
+    if (user && user_cap)
+        user[0] = '\0';
     zse_model_info info;
     zse_model_get_info(m, &info);
     json_error_t jerr;
@@ -173,7 +178,7 @@ int srv_embeddings(zse_model *m, const srv_model_facts *mf, zse_pooling pooling,
         srv_error_invalid(e, NULL, "the body must be a JSON object");
         goto done;
     }
-    if (check_options(root, mf, info.hidden_size, &b64, e) || !(list = input_list(json_object_get(root, "input"), e)))
+    if (check_options(root, mf, info.hidden_size, &b64, user, user_cap, e) || !(list = input_list(json_object_get(root, "input"), e)))
         goto done;
     if (!(data = json_array())) {
         oom(e);

@@ -94,6 +94,7 @@ struct http_req {
     char method[8];
     char path[64];
     char client[64];
+    char user[128];                 /* the OpenAI "user" of an embeddings request (the log line) */
     double t_start;                 /* monotonic */
     double t_unix;
     zse_buf body;
@@ -857,7 +858,7 @@ static void aux_task(void *arg)
     int rc = r->route == SRV_ROUTE_TOKENIZE ? srv_tokenize(s->model, &s->facts, body, r->body.len, &out, &r->error)
              : r->route == SRV_ROUTE_DETOKENIZE
                  ? srv_detokenize(s->model, &s->facts, body, r->body.len, &out, &r->error)
-                 : srv_embeddings(s->model, &s->facts, s->cfg.pooling, body, r->body.len, &out, &r->aux_tokens,
+                 : srv_embeddings(s->model, &s->facts, s->cfg.pooling, body, r->body.len, &out, &r->aux_tokens, r->user, sizeof r->user,
                                   &r->error);
     release_body(s, r);
     char *text = rc == 0 ? json_dumps(out, JSON_COMPACT) : NULL;
@@ -1259,14 +1260,19 @@ static void record(http_req *r, enum MHD_RequestTerminationCode toe)
     char method[sizeof r->method * 4];
     srv_text_clean(method, sizeof method, r->method, strlen(r->method), SRV_TEXT_ESCAPE_CONTROLS);
     const char *id = r->job ? srv_job_id(r->job) : "-";
+    /* OpenAI's "user": the client's id of its end user, for telling abuse apart (cleaned: it is
+     * client text) */
+    const char *end_user = r->job && srv_job_user(r->job) ? srv_job_user(r->job) : r->user;
+    char user[sizeof r->user * 4];
+    srv_text_clean(user, sizeof user, end_user, strlen(end_user), SRV_TEXT_ESCAPE_CONTROLS);
     /* refusals past their address's budget are not logged one by one either: a flood would
      * turn into as many log lines (they are counted in the metrics and the audit) */
     if (s->cfg.log_requests && !(r->refused && !r->responded))
         zse_log(ZSE_LOG_INFO,
                 "request id=%s method=%s path=%s status=%d latency_ms=%.1f prompt_tokens=%d completion_tokens=%d "
-                "ttft_ms=%.1f key=%s client=%s",
+                "ttft_ms=%.1f key=%s client=%s user=%s",
                 id, method, path, status, latency_ms, u.prompt_tokens, u.completion_tokens,
-                u.ttft >= 0 ? u.ttft * 1000 : -1.0, r->key[0] ? r->key : "-", r->client);
+                u.ttft >= 0 ? u.ttft * 1000 : -1.0, r->key[0] ? r->key : "-", r->client, user[0] ? user : "-");
     /* the dashboard's static files are not audited either: a page load would be rows of noise */
     if (!s->cfg.audit || r->route == SRV_ROUTE_HEALTH || r->route == SRV_ROUTE_METRICS ||
         (r->route == SRV_ROUTE_DASHBOARD && !r->refused))

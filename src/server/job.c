@@ -195,6 +195,7 @@ void srv_job_set_seq_end(srv_job *j, void (*fn)(void *arg), void *arg)
 }
 
 const char *srv_job_id(const srv_job *j) { return j->id; }
+const char *srv_job_user(const srv_job *j) { return j->req.user; }
 bool srv_job_streaming(const srv_job *j) { return j->req.stream; }
 int srv_job_choices(const srv_job *j) { return j->n_choices; }
 int srv_job_priority(const srv_job *j) { return j->req.priority; }

@@ -243,6 +243,7 @@ void srv_job_set_waker(srv_job *j, srv_wake_fn wake, void *arg);
 /* called (without the job's lock, on the engine thread) after each submitted choice ended */
 void srv_job_set_seq_end(srv_job *j, void (*fn)(void *arg), void *arg);
 const char *srv_job_id(const srv_job *j);
+const char *srv_job_user(const srv_job *j);     /* the request's OpenAI "user" (NULL: none) */
 bool srv_job_streaming(const srv_job *j);
 int srv_job_choices(const srv_job *j);
 int srv_job_priority(const srv_job *j);
@@ -382,9 +383,10 @@ typedef struct {
 json_t *srv_tgi_info(const zse_model *m, const srv_model_facts *mf, const srv_tgi_limits *lim);
 
 /* POST /v1/embeddings (OpenAI): input a string, strings, token ids or lists of them;
- * encoding_format float or base64; the final hidden state pooled (pooling) and normalized */
+ * encoding_format float or base64; the final hidden state pooled (pooling) and normalized.
+ * user (may be NULL): the request's end-user id, for the request log ("" when none) */
 int srv_embeddings(zse_model *m, const srv_model_facts *mf, zse_pooling pooling, const char *body, size_t len,
-                   json_t **out, int *prompt_tokens, srv_error *e);
+                   json_t **out, int *prompt_tokens, char *user, size_t user_cap, srv_error *e);
 
 /* ---- fair admission of sequences to the engine (admit.c) ------------------------------- */
 typedef struct srv_admit srv_admit;

@@ -4,8 +4,10 @@ template's options (chat_template_kwargs, continue_final_message, add_generation
 import base64
 import json
 import math
+import re
 import struct
 import subprocess
+import time
 
 import httpx
 import openai
@@ -72,6 +74,20 @@ def test_embeddings_errors(xs):
         assert e.value.body["param"] == param, kw
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="other", input="x")
+
+
+def test_user_in_request_log(xs):
+    """OpenAI's "user" (the client's id of its end user) is in the request's log line"""
+    client = xs.client()
+    client.embeddings.create(model=NAME, input="x", user="emb-user-7")
+    client.completions.create(model=NAME, prompt="hi", max_tokens=2, user="cmp-user-7")
+    for _ in range(50):  # the line is written when the request ends
+        log = xs._read_log()
+        if "user=emb-user-7" in log and "user=cmp-user-7" in log:
+            break
+        time.sleep(0.1)
+    assert re.search(r"path=/v1/embeddings .*user=emb-user-7", log), log[-2000:]
+    assert re.search(r"path=/v1/completions .*user=cmp-user-7", log), log[-2000:]
 
 
 def post(s, path, body):

@@ -564,7 +564,7 @@ static void test_routes(zse_model *m)
     /* embeddings: unit length, the same whether floats or base64, ids or text */
     int tokens = 0;
     CHECK(srv_embeddings(m, &facts, ZSE_POOL_MEAN, BODY("{\"model\":\"tiny\",\"input\":[\"def f\",[455,285]]}"), &o,
-                         &tokens, &e) == 0);
+                         &tokens, NULL, 0, &e) == 0);
     json_t *data = json_object_get(o, "data");
     CHECK(json_array_size(data) == 2 && tokens == 4);
     json_t *v0 = json_object_get(json_array_get(data, 0), "embedding"), *v1 = json_object_get(json_array_get(data, 1), "embedding");
@@ -578,8 +578,11 @@ static void test_routes(zse_model *m)
     CHECK(fabs(norm - 1) < 1e-4 && diff < 1e-5); /* "def f" is [455, 285] */
     CHECK(json_integer_value(json_object_get(json_object_get(o, "usage"), "prompt_tokens")) == 4);
     json_decref(o);
-    CHECK(srv_embeddings(m, &facts, ZSE_POOL_LAST, BODY("{\"model\":\"tiny\",\"input\":\"x\",\"encoding_format\":\"base64\"}"),
-                         &o, &tokens, &e) == 0);
+    char user[16];
+    CHECK(srv_embeddings(m, &facts, ZSE_POOL_LAST,
+                         BODY("{\"model\":\"tiny\",\"input\":\"x\",\"encoding_format\":\"base64\",\"user\":\"u-17\"}"),
+                         &o, &tokens, user, sizeof user, &e) == 0);
+    CHECK(strcmp(user, "u-17") == 0); /* for the request log */
     const char *b64 = json_string_value(json_object_get(json_array_get(json_object_get(o, "data"), 0), "embedding"));
     CHECK(b64 && strlen(b64) == ((size_t)info.hidden_size * 4 + 2) / 3 * 4);
     json_decref(o);
@@ -597,11 +600,11 @@ static void test_routes(zse_model *m)
     };
     for (size_t i = 0; i < sizeof ebad / sizeof ebad[0]; i++) {
         memset(&e, 0, sizeof e);
-        CHECK_MSG(srv_embeddings(m, &facts, ZSE_POOL_LAST, BODY(ebad[i][0]), &o, &tokens, &e) == -1 && !o, "%s",
+        CHECK_MSG(srv_embeddings(m, &facts, ZSE_POOL_LAST, BODY(ebad[i][0]), &o, &tokens, NULL, 0, &e) == -1 && !o, "%s",
                   ebad[i][0]);
         CHECK_MSG(e.status == 400 && !strcmp(e.param, ebad[i][1]), "%s: %d %s", ebad[i][0], e.status, e.param);
     }
-    CHECK(srv_embeddings(m, &facts, ZSE_POOL_LAST, BODY("{\"model\":\"nope\",\"input\":\"x\"}"), &o, &tokens, &e) == -1);
+    CHECK(srv_embeddings(m, &facts, ZSE_POOL_LAST, BODY("{\"model\":\"nope\",\"input\":\"x\"}"), &o, &tokens, NULL, 0, &e) == -1);
     CHECK(e.status == 404);
 #undef BODY
 }
