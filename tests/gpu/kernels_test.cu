@@ -1902,6 +1902,11 @@ static void test_moe(void)
     check_moe(Q4, 8, 2, 128, 256, 128, 64, true);
     check_moe(Q4, 64, 8, 40, 128, 128, 3, false);
     check_moe(Q4, 64, 8, 40, 128, 128, 33, false);
+    /* Qwen3-MoE's 128 experts, top 8: one decode token, and a prefill whose tokens split
+     * over every routing warp; 1,024 experts (the most a layer may have: fewer warps route) */
+    check_moe(Q4, 128, 8, 40, 128, 128, 1, true);
+    check_moe(Q4, 128, 8, 40, 128, 128, 300, true);
+    check_moe(Q4, 1024, 4, 16, 64, 32, 20, false);
 }
 
 /* ---- LoRA: each row's adapter delta (lora.cu) ---- */
@@ -2029,6 +2034,7 @@ static void test_lora(void)
     for (int n : {1, 2, 4, 5, 9, 40, 64})
         check_lora(n, 256, 512, 16);
     check_lora(3, 37, 301, 5);       /* widths off the 8-value vectors: the scalar paths */
+    check_lora(1, 37, 301, 5);
     check_lora(33, 37, 301, 5);
     check_lora(1, 3584, 3584, 128);  /* the largest rank on a 7B width */
     check_lora(17, 1000, 2049, 64);  /* a column block past 2048 */

@@ -1412,7 +1412,8 @@ static int cuda_mask_rows(zse_backend *be, zse_act *x, int64_t cols, const zse_r
  * find expert e through it, so a cache that keeps experts in slots elsewhere only rewrites
  * the table. */
 
-static_assert(ZSE_MAX_EXPERTS_USED <= ZSE_CUDA_MOE_K_MAX, "the routing kernels hold a token's experts in arrays");
+static_assert(ZSE_MAX_EXPERTS_USED <= ZSE_CUDA_MOE_K_MAX && ZSE_MAX_EXPERTS <= ZSE_CUDA_MOE_E_MAX,
+              "the routing kernel holds a token's experts in a warp and every expert's count in shared memory");
 
 /* backend_test links no format code: the parts' names for messages are here */
 static const char *const part_names[ZSE_EXPERT_PARTS] = {"gate", "up", "down"};

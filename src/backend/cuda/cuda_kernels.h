@@ -223,6 +223,7 @@ typedef struct {
  *   seg [n_experts + 1]: expert e's places are seg[e] .. seg[e + 1]
  *   active [n_experts + 1]: the experts with pairs, ascending; active[n_experts] = their count */
 #define ZSE_CUDA_MOE_K_MAX 32     /* experts a token takes, at most (format.h's ZSE_MAX_EXPERTS_USED) */
+#define ZSE_CUDA_MOE_E_MAX 1024   /* experts a layer has, at most (format.h's ZSE_MAX_EXPERTS) */
 typedef struct {
     int n_experts, k, renormalize;
     int32_t *pair_expert;
@@ -233,7 +234,8 @@ size_t zse_cuda_moe_bytes(int64_t max_rows, int n_experts, int k);
 void zse_cuda_moe_at(void *mem, int64_t max_rows, int n_experts, int k, int renormalize, zse_cuda_moe *out);
 /* routes rows tokens by their router logits [rows][n_experts] (pitch lpitch): p = softmax
  * (f32), the k largest (ties to the lower expert), weights p or p / (sum of the k), then the
- * pairs sorted by expert (token order within one) — the CPU backend's routing. One block. */
+ * pairs sorted by expert (token order within one) — the CPU backend's routing (the softmax
+ * sums in another order: weights within a few ulp). One block, a warp per token. */
 int zse_cuda_moe_route(const zse_cuda_moe *r, const float *logits, int64_t lpitch, int64_t rows, zse_cuda_stream st);
 /* the grouped expert matmul over a route of rows tokens: ys[i] = W_e · xs[i] for each of the
  * rows * k pairs i, e the pair's expert; one launch over every active expert (grid: weight

@@ -110,22 +110,24 @@ __global__ void __launch_bounds__(LORA_THREADS) lora_shrink_kernel(const lora_la
     }
 }
 
-/* y[t] += scale · B·u[t] over a block's 8 columns a thread for rows blockIdx.y * 8 .. + 8:
- * the rows' Bᵀ loads of one rank index are independent, so they are in flight together (rows
- * of one adapter load the same bytes, from L1) */
+/* y[t] += scale · B·u[t] over a block's 8 columns a thread for rows blockIdx.y * ROWS .. +
+ * ROWS: the rows' Bᵀ loads of one rank index are independent, so they are in flight together
+ * (rows of one adapter load the same bytes, from L1). One row (a lone sequence) has no other
+ * rows to overlap with: UNROLL rank indices' loads are in flight instead. */
+template <int ROWS, int UNROLL>
 __global__ void __launch_bounds__(LORA_THREADS) lora_expand_kernel(const lora_launch p, const int32_t *adapter_of,
                                                                    const float *u, int64_t n)
 {
     pdl_enter();
-    __shared__ float us[LORA_EXPAND_ROWS][ZSE_CUDA_LORA_MAX_RANK];
+    __shared__ float us[ROWS][ZSE_CUDA_LORA_MAX_RANK];
     int64_t c0;
     const int i = lora_output_of(p, blockIdx.x, &c0);
-    const int64_t t0 = (int64_t)blockIdx.y * LORA_EXPAND_ROWS, out = p.l.out[i];
-    const __half *bt[LORA_EXPAND_ROWS];
-    float scale[LORA_EXPAND_ROWS];
-    int rank[LORA_EXPAND_ROWS], max_r = 0;
+    const int64_t t0 = (int64_t)blockIdx.y * ROWS, out = p.l.out[i];
+    const __half *bt[ROWS];
+    float scale[ROWS];
+    int rank[ROWS], max_r = 0;
 #pragma unroll
-    for (int r = 0; r < LORA_EXPAND_ROWS; r++) {
+    for (int r = 0; r < ROWS; r++) {
         const zse_cuda_lora_entry *e = t0 + r < n ? lora_entry(p.l, adapter_of[t0 + r], p.l.module[i]) : nullptr;
         rank[r] = e ? e->rank : 0;
         scale[r] = e ? e->scale : 0.f;
@@ -138,12 +140,12 @@ __global__ void __launch_bounds__(LORA_THREADS) lora_expand_kernel(const lora_la
     __syncthreads();
     if (max_r == 0 || c0 >= out)
         return;
-    float acc[LORA_EXPAND_ROWS][LORA_VEC] = {};
+    float acc[ROWS][LORA_VEC] = {};
     if (out % LORA_VEC == 0) { /* rows of Bᵀ 16-byte aligned, no tail */
-#pragma unroll 2
+#pragma unroll UNROLL
         for (int j = 0; j < max_r; j++) {
 #pragma unroll
-            for (int r = 0; r < LORA_EXPAND_ROWS; r++) {
+            for (int r = 0; r < ROWS; r++) {
                 if (j >= rank[r])
                     continue;
                 const uint4 w = *reinterpret_cast<const uint4 *>(bt[r] + (int64_t)j * out + c0);
@@ -160,7 +162,7 @@ __global__ void __launch_bounds__(LORA_THREADS) lora_expand_kernel(const lora_la
     } else {
         for (int j = 0; j < max_r; j++) {
 #pragma unroll
-            for (int r = 0; r < LORA_EXPAND_ROWS; r++) {
+            for (int r = 0; r < ROWS; r++) {
                 if (j >= rank[r])
                     continue;
                 const __half *row = bt[r] + (int64_t)j * out + c0;
@@ -172,7 +174,7 @@ __global__ void __launch_bounds__(LORA_THREADS) lora_expand_kernel(const lora_la
         }
     }
 #pragma unroll
-    for (int r = 0; r < LORA_EXPAND_ROWS; r++) {
+    for (int r = 0; r < ROWS; r++) {
         if (!rank[r])
             continue;
         float *y = p.l.y[i] + (t0 + r) * p.l.ypitch[i];
@@ -220,8 +222,13 @@ extern "C" int zse_cuda_lora_apply(const zse_cuda_lora *l, const int32_t *adapte
     zse_launch(lora_shrink_kernel, dim3((unsigned)n, (unsigned)(l->n_outs * max_rank)), dim3(LORA_THREADS), 0, s, p,
                adapter_of, x, xpitch, scratch);
     ZSE_CUDA_LAUNCHED("cuda lora (shrink)");
-    zse_launch(lora_expand_kernel, dim3((unsigned)blocks, (unsigned)zse_ceil_div(n, LORA_EXPAND_ROWS)),
-               dim3(LORA_THREADS), 0, s, p, adapter_of, (const float *)scratch, n);
+    if (n == 1)
+        zse_launch(lora_expand_kernel<1, 8>, dim3((unsigned)blocks, 1), dim3(LORA_THREADS), 0, s, p, adapter_of,
+                   (const float *)scratch, n);
+    else
+        zse_launch(lora_expand_kernel<LORA_EXPAND_ROWS, 2>,
+                   dim3((unsigned)blocks, (unsigned)zse_ceil_div(n, LORA_EXPAND_ROWS)), dim3(LORA_THREADS), 0, s, p,
+                   adapter_of, (const float *)scratch, n);
     ZSE_CUDA_LAUNCHED("cuda lora (expand)");
     return 0;
 }

@@ -1,6 +1,6 @@
-/* moe.cu — a mixture-of-experts layer on the GPU: the routing (one block: softmax, top-k,
- * the pairs sorted by expert), the grouped expert matmul (one launch over every active
- * expert: grid x walks the weight rows, grid y the experts that may be active, and a block
+/* moe.cu — a mixture-of-experts layer on the GPU: the routing (one block, a warp per
+ * token: softmax, top-k; then the pairs sorted by expert), the grouped expert matmul (one
+ * launch over every active expert: grid x walks the weight rows, grid y the experts that may be active, and a block
  * whose expert is not active this step returns at once; each block runs matmul.cuh's dense
  * per-block code over its expert's segment of pairs, in tiles), and the weighted combine.
  *
@@ -44,86 +44,171 @@ extern "C" void zse_cuda_moe_at(void *mem, int64_t max_rows, int n_experts, int 
 
 /* ---- routing ------------------------------------------------------------------------- */
 
-enum { ROUTE_THREADS = 1024 };
+enum { ROUTE_THREADS = 1024, ROUTE_COUNTS = 8192 };
 
-/* One block. Each thread routes whole tokens (the CPU backend's loop: p = expf(l - max) /
- * sum, the k largest p by repeated scans, ties to the lower expert, NaN never ahead of a
- * number); then a thread per expert counts its pairs, one thread lays the segments out, and
- * a thread per expert places its pairs in token order. Every step of it reads only what
- * this block wrote before a __syncthreads. */
+/* a candidate of the top-k scan beats another: a number beats NaN, the larger p wins, ties go
+ * to the lower expert (the CPU backend's ascending scan keeps the first maximum); e < 0: none */
+__device__ __forceinline__ bool route_beats(float pa, int ea, float pb, int eb)
+{
+    if (ea < 0 || eb < 0)
+        return eb < 0 && ea >= 0;
+    const bool na = isnan(pa), nb = isnan(pb);
+    if (na != nb)
+        return nb;
+    if (!na && pa != pb)
+        return pa > pb;
+    return ea < eb;
+}
+
+__device__ __forceinline__ float warp_sum_f(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* One token's routing by one warp: expert e belongs to lane e % 32 (bit e / 32 of the lane's
+ * `taken`); p = expf(l - max) / sum, recomputed where needed rather than held (up to 1,024
+ * experts); k rounds of a warp arg-max. Lane j < k ends with the token's j-th expert and
+ * weight, which it stores. */
+__device__ void route_token(const zse_cuda_moe &r, const float *__restrict__ l, int t, int lane, int &my_e)
+{
+    const int E = r.n_experts, k = r.k;
+    /* fmaxf drops NaNs where the CPU's running max keeps only l[0]'s; a NaN logit makes the
+     * sum NaN either way, and with it every p: the same routing (the lowest experts) follows */
+    float mx = -INFINITY;
+    for (int e = lane; e < E; e += 32)
+        mx = fmaxf(mx, l[e]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sum = 0.f;
+    for (int e = lane; e < E; e += 32)
+        sum += expf(l[e] - mx);
+    sum = warp_sum_f(sum);
+    uint32_t taken = 0;
+    float my_p = 0.f;
+    my_e = -1;
+    for (int j = 0; j < k; j++) {
+        float bp = 0.f;
+        int be = -1;
+        for (int i = 0, e = lane; e < E; i++, e += 32) {
+            if (taken >> i & 1u)
+                continue;
+            const float p = expf(l[e] - mx) / sum;
+            if (route_beats(p, e, bp, be)) {
+                bp = p;
+                be = e;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float op = __shfl_xor_sync(0xffffffffu, bp, o);
+            const int oe = __shfl_xor_sync(0xffffffffu, be, o);
+            if (route_beats(op, oe, bp, be)) {
+                bp = op;
+                be = oe;
+            }
+        }
+        if (be >= 0 && (be & 31) == lane)
+            taken |= 1u << (be >> 5);
+        if (lane == j) {
+            my_e = be;
+            my_p = bp;
+        }
+    }
+    const float wsum = warp_sum_f(lane < k ? my_p : 0.f);
+    if (lane < k) {
+        r.pair_expert[t * k + lane] = my_e;
+        r.pair_weight[t * k + lane] = r.renormalize ? my_p / wsum : my_p;
+    }
+}
+
+/* One block. Warp w routes a contiguous run of tokens (route_token) and counts its pairs per
+ * expert in cnt[w][e]; then the counts become each warp's offset inside each expert's
+ * segment, one warp lays the segments and the active list out, and each warp places its
+ * pairs: token order within an expert, as the CPU backend's routing. Only up to ROUTE_COUNTS
+ * counters fit in shared memory, so fewer warps route when there are many experts. */
 __global__ void __launch_bounds__(ROUTE_THREADS)
 moe_route_kernel(const zse_cuda_moe r, const float *__restrict__ logits, int64_t lpitch, int rows)
 {
     pdl_enter();
-    const int E = r.n_experts, k = r.k, pairs = rows * k;
-    for (int t = threadIdx.x; t < rows; t += blockDim.x) {
-        const float *l = logits + (int64_t)t * lpitch;
-        float mx = l[0];
-        for (int e = 1; e < E; e++)
-            mx = l[e] > mx ? l[e] : mx;
-        float sum = 0.f;
-        for (int e = 0; e < E; e++)
-            sum += expf(l[e] - mx);
-        int chosen[ZSE_CUDA_MOE_K_MAX];
-        float wsum = 0.f;
-        for (int j = 0; j < k; j++) {
-            int best = -1;
-            float bp = 0.f;
-            for (int e = 0; e < E; e++) {
-                bool taken = false;
-                for (int i = 0; i < j; i++)
-                    taken = taken || chosen[i] == e;
-                if (taken)
-                    continue;
-                const float p = expf(l[e] - mx) / sum;
-                if (best < 0 || p > bp || (isnan(bp) && !isnan(p))) {
-                    best = e;
-                    bp = p;
-                }
-            }
-            chosen[j] = best;
-            r.pair_expert[t * k + j] = best;
-            r.pair_weight[t * k + j] = bp;
-            wsum += bp;
-        }
-        if (r.renormalize)
-            for (int j = 0; j < k; j++)
-                r.pair_weight[t * k + j] /= wsum;
+    __shared__ int cnt[ROUTE_COUNTS];
+    __shared__ int total[ZSE_CUDA_MOE_E_MAX], seg_s[ZSE_CUDA_MOE_E_MAX];
+    const int E = r.n_experts, k = r.k;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = min(ROUTE_THREADS / 32, ROUTE_COUNTS / E);
+    const int per = (rows + warps - 1) / warps;
+    for (int i = threadIdx.x; i < warps * E; i += blockDim.x)
+        cnt[i] = 0;
+    __syncthreads();
+    const int t0 = warp * per, t1 = warp < warps ? min(rows, t0 + per) : 0;
+    for (int t = t0; t < t1; t++) {
+        int e;
+        route_token(r, logits + (int64_t)t * lpitch, t, lane, e);
+        if (lane < k && e >= 0)
+            cnt[warp * E + e]++;    /* a token's experts are distinct: no two lanes share e */
+        __syncwarp();
     }
     __syncthreads();
     for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        int n = 0;
-        for (int i = 0; i < pairs; i++)
-            n += r.pair_expert[i] == e;
-        r.seg[e + 1] = n;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int n_active = 0;
-        r.seg[0] = 0;
-        for (int e = 0; e < E; e++) {
-            if (r.seg[e + 1] > 0)
-                r.active[n_active++] = e;
-            r.seg[e + 1] += r.seg[e];
+        int run = 0;
+        for (int w = 0; w < warps; w++) {
+            const int c = cnt[w * E + e];
+            cnt[w * E + e] = run;
+            run += c;
         }
-        r.active[E] = n_active;
+        total[e] = run;
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        int at = r.seg[e];
-        for (int i = 0; i < pairs; i++)
-            if (r.pair_expert[i] == e) {
-                r.pair_slot[i] = at;
-                r.token_of[at++] = i / k;
+    if (warp == 0) {
+        const int chunk = (E + 31) / 32, e0 = min(E, lane * chunk), e1 = min(E, e0 + chunk);
+        int pairs = 0, act = 0;
+        for (int e = e0; e < e1; e++) {
+            pairs += total[e];
+            act += total[e] > 0;
+        }
+        int pin = pairs, ain = act;     /* inclusive scans over the lanes */
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int pp = __shfl_up_sync(0xffffffffu, pin, o), aa = __shfl_up_sync(0xffffffffu, ain, o);
+            if (lane >= o) {
+                pin += pp;
+                ain += aa;
             }
+        }
+        int at = pin - pairs, a = ain - act;
+        for (int e = e0; e < e1; e++) {
+            const int c = total[e];
+            seg_s[e] = at;
+            r.seg[e] = at;
+            if (c > 0)
+                r.active[a++] = e;
+            at += c;
+        }
+        if (lane == 31) {
+            r.seg[E] = pin;
+            r.active[E] = ain;
+        }
+    }
+    __syncthreads();
+    for (int t = t0; t < t1; t++) {
+        if (lane < k) {
+            const int e = r.pair_expert[t * k + lane];
+            const int at = seg_s[e] + cnt[warp * E + e]++;
+            r.pair_slot[t * k + lane] = at;
+            r.token_of[at] = t;
+        }
+        __syncwarp();
     }
 }
 
 extern "C" int zse_cuda_moe_route(const zse_cuda_moe *r, const float *logits, int64_t lpitch, int64_t rows,
                                   zse_cuda_stream st)
 {
-    if (rows < 1 || r->n_experts < 1 || r->k < 1 || r->k > ZSE_CUDA_MOE_K_MAX || r->k > r->n_experts ||
-        rows * r->k > INT32_MAX)
+    if (rows < 1 || r->n_experts < 1 || r->n_experts > ZSE_CUDA_MOE_E_MAX || r->k < 1 || r->k > ZSE_CUDA_MOE_K_MAX ||
+        r->k > r->n_experts || rows * r->k > INT32_MAX)
         return zse_cuda_fail("cuda moe route: %lld tokens to %d of %d experts", (long long)rows, r->k, r->n_experts);
     zse_launch(moe_route_kernel, 1, ROUTE_THREADS, 0, (cudaStream_t)st, *r, logits, lpitch, (int)rows);
     ZSE_CUDA_LAUNCHED("cuda moe route");
