@@ -20,7 +20,9 @@
 #
 # Environment: ZSE_BENCH_WORK (default /tmp/zse-bench-offload), ZSE_BENCH_ONLY (a list of
 # 0 1 2 3), BACKEND_TEST (default build-gpu/backend_test, built by tests/gpu/run.sh),
-# LLAMA_CPP_BIN, ZSE_BENCH_GEN (decode tokens, default 128; the 72B run uses 32).
+# LLAMA_CPP_BIN, ZSE_BENCH_GEN (decode tokens, default 128; the 72B run uses 32), ZSE_BENCH_MOE
+# (the MoE presets of 3 as PRESET:LAYERS, default both), ZSE_BENCH_HOSTS (ZSE_HOST_EXPERTS
+# values tried on a budget, default "auto never").
 set -u
 zse=${1:?zse binary}; out=${2:?output dir}
 work=${ZSE_BENCH_WORK:-/tmp/zse-bench-offload}
@@ -154,13 +156,13 @@ PY
 }
 
 if want 3; then
-    for entry in mixtral-8x7b:32 qwen3-30b-a3b:48; do
+    for entry in ${ZSE_BENCH_MOE:-mixtral-8x7b:32 qwen3-30b-a3b:48}; do
         preset=${entry%%:*} layers=${entry#*:}
         m=$work/$preset-int4.zse
         synth "$preset" "$m" || continue
         for b in 12G 24G; do
             "$zse" info "$m" --gpu-memory $b --ctx 4096 | tail -3 | tee -a "$log"
-            for host in auto never; do
+            for host in ${ZSE_BENCH_HOSTS:-auto never}; do
                 zbench "$preset int4 $b host=$host" "$m" "ZSE_HOST_EXPERTS=$host" --gpu-memory $b --ctx 4096 \
                     --prompt-tokens 512 --gen-tokens "$gen" && summary "$preset int4 --gpu-memory $b, ZSE_HOST_EXPERTS=$host"
             done
