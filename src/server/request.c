@@ -163,7 +163,7 @@ static uint64_t random_seed(void)
 /* vLLM's prompt_logprobs: N alternatives for every prompt token (0: the token's own) */
 static int parse_prompt_logprobs(json_t *body, srv_request *r, srv_error *e)
 {
-    long long i;
+    long long i = 0;
     bool have;
     if (get_int(body, "prompt_logprobs", 0, MAX_TOP_LOGPROBS, &i, &have, e))
         return -1;
@@ -184,7 +184,7 @@ static int parse_sampling(json_t *body, const srv_model_facts *mf, srv_request *
 {
     zse_sampling *s = &r->sampling;
     double x;
-    long long i;
+    long long i = 0;
     bool have;
     if (get_number(body, "temperature", 0, 2, &x, &have, e))
         return -1;
@@ -242,7 +242,7 @@ static int parse_sampling(json_t *body, const srv_model_facts *mf, srv_request *
 
 static int parse_max_tokens(json_t *body, const char *key, srv_request *r, srv_error *e)
 {
-    long long i;
+    long long i = 0;
     bool have;
     if (get_int(body, key, 1, INT_MAX, &i, &have, e))
         return -1;
@@ -253,7 +253,7 @@ static int parse_max_tokens(json_t *body, const char *key, srv_request *r, srv_e
 
 static int parse_n(json_t *body, srv_request *r, srv_error *e)
 {
-    long long i;
+    long long i = 0;
     bool have;
     r->n = 1;
     if (get_int(body, "n", 1, MAX_CHOICES, &i, &have, e))
@@ -570,7 +570,7 @@ static int parse_prompts(json_t *body, const srv_model_facts *mf, srv_request *r
  * token are answered (OpenAI's legacy rule; not streamed) */
 static int parse_completion_best_of(json_t *body, srv_request *r, srv_error *e)
 {
-    long long i;
+    long long i = 0;
     bool have;
     if (get_int(body, "best_of", 1, MAX_CHOICES, &i, &have, e))
         return -1;
@@ -592,7 +592,7 @@ static int parse_completion_best_of(json_t *body, srv_request *r, srv_error *e)
 
 static int parse_completion(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
 {
-    long long i;
+    long long i = 0;
     bool have;
     r->max_tokens = 0;
     if (parse_model(body, mf, r, e) || parse_n(body, r, e) || parse_prompts(body, mf, r, e) ||
@@ -663,7 +663,7 @@ static int parse_tgi_adapter(json_t *params, const srv_model_facts *mf, srv_requ
  * logprob (streamed ones too, with or without details) */
 static int parse_tgi_scoring(json_t *p, srv_request *r, srv_error *e)
 {
-    long long i;
+    long long i = 0;
     bool have;
     if (get_int(p, "top_n_tokens", 0, MAX_COMPLETION_LOGPROBS, &i, &have, e))
         return -1;
@@ -690,7 +690,7 @@ static int parse_tgi_scoring(json_t *p, srv_request *r, srv_error *e)
  * (TGI's rules: sampling only, no seed, no streaming) */
 static int parse_tgi_best_of(json_t *p, bool sampling, srv_request *r, srv_error *e)
 {
-    long long i;
+    long long i = 0;
     bool have;
     if (get_int(p, "best_of", 1, MAX_CHOICES, &i, &have, e))
         return -1;
@@ -744,7 +744,7 @@ static int parse_tgi(json_t *body, const srv_model_facts *mf, srv_request *r, sr
     int rc = -1;
     zse_sampling *s = &r->sampling;
     double x;
-    long long i;
+    long long i = 0;
     bool have, do_sample = false, warped = false;
     if (get_bool(p, "do_sample", &do_sample, e) || get_bool(p, "details", &r->details, e) ||
         get_bool(p, "return_full_text", &r->echo, e))
