@@ -95,6 +95,13 @@ typedef struct {
     zse_act *y;
 } zse_matmul_out;
 
+/* one part of a layer's experts through the grouped matmul, and where its rows go */
+#define ZSE_MOE_OUTS_MAX 2
+typedef struct {
+    int part;       /* ZSE_EXPERT_GATE / UP / DOWN */
+    zse_act *ys;
+} zse_moe_out;
+
 /* how a MoE layer routes (transformers' TopKRouter of Mixtral, Qwen2-MoE and Qwen3-MoE) */
 typedef struct {
     int n_experts;
@@ -265,10 +272,12 @@ typedef struct zse_backend_ops {
     int (*moe_route_experts)(zse_backend *be, const zse_moe_route *r, int32_t *experts);
     /* xs[i] = x[token of pair i] for the route's pairs (rows * k) */
     void (*moe_gather)(zse_backend *be, const zse_moe_route *r, const zse_act *x, zse_act *xs);
-    /* the grouped expert matmul: ys[i] = W_e · xs[i] for every pair i, W_e the part
-     * (ZSE_EXPERT_GATE / UP / DOWN) of pair i's expert e */
-    void (*moe_matmul)(zse_backend *be, const zse_moe_route *r, const zse_experts *ex, int part,
-                       const zse_act *xs, zse_act *ys);
+    /* the grouped expert matmul: outs[o].ys[i] = W_e · xs[i] for every pair i, W_e the part
+     * outs[o].part (ZSE_EXPERT_GATE / UP / DOWN) of pair i's expert e. Up to
+     * ZSE_MOE_OUTS_MAX parts of one shape over the same xs in one call (gate and up: the
+     * GPU reads and quantizes xs once and runs both in one launch). */
+    void (*moe_matmul)(zse_backend *be, const zse_moe_route *r, const zse_experts *ex, const zse_act *xs,
+                       const zse_moe_out *outs, int n_outs);
     /* x[t] += sum over t's k pairs, in ascending expert order, of weight · ys[pair], plus
      * shared[t] scaled by sigmoid(shared_gate[t][0]) (shared NULL: none; shared_gate NULL:
      * unscaled), summed as transformers does: (experts + shared), then the residual */

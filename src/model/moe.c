@@ -9,8 +9,8 @@
  *   x     += moe + sigmoid(w_shared · h) * shared(h)   (qwen2_moe's shared expert)
  *
  * The routed experts run through the backend's grouped ops: the step's (token, expert)
- * pairs sorted by expert, one matmul call for all the active experts' gates, one for their
- * ups, one for their downs. Routing comes before any expert runs (moe_route), so when the
+ * pairs sorted by expert, one matmul call for all the active experts' gates and ups, one
+ * for their downs. Routing comes before any expert runs (moe_route), so when the
  * experts live in host memory (offload.c) the step learns which ones it needs before any
  * runs: it fetches or places them, runs the rest on the host, and predicts the next MoE
  * layer's experts from this layer's hidden state with that layer's router, to prefetch them
@@ -125,10 +125,11 @@ void zse_moe_block(zse_llm *m, int l, int64_t n)
     if (m->off.experts)
         zse_offload_experts_place(m, l, n);
     o->moe_gather(m->be, m->route, m->xb, m->xs);
-    o->moe_matmul(m->be, m->route, L->experts, ZSE_EXPERT_GATE, m->xs, m->hs);
-    o->moe_matmul(m->be, m->route, L->experts, ZSE_EXPERT_UP, m->xs, m->hs2);
+    const zse_moe_out experts_gate_up[2] = {{ZSE_EXPERT_GATE, m->hs}, {ZSE_EXPERT_UP, m->hs2}};
+    o->moe_matmul(m->be, m->route, L->experts, m->xs, experts_gate_up, 2);
     o->silu_mul(m->be, m->hs, m->hs2, pairs, c->expert_ffn, m->hs);
-    o->moe_matmul(m->be, m->route, L->experts, ZSE_EXPERT_DOWN, m->hs, m->xs); /* the inputs are spent */
+    const zse_moe_out down = {ZSE_EXPERT_DOWN, m->xs}; /* the inputs are spent */
+    o->moe_matmul(m->be, m->route, L->experts, m->hs, &down, 1);
     if (m->off.experts)
         zse_offload_experts_rest(m, l, n); /* prefetches, and the host's experts into xs */
     const zse_act *shared = NULL, *gate = NULL;

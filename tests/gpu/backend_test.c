@@ -635,10 +635,10 @@ static void check_moe_mlp(zse_backend *be, zse_scheme s, int group, int E, int k
     int32_t active[64];
     const int n_active = o->moe_route_experts(be, r, active);
     o->moe_gather(be, r, ax, axs);
-    o->moe_matmul(be, r, ex, ZSE_EXPERT_GATE, axs, ahs);
-    o->moe_matmul(be, r, ex, ZSE_EXPERT_UP, axs, ahs2);
+    const zse_moe_out gate_up[2] = {{ZSE_EXPERT_GATE, ahs}, {ZSE_EXPERT_UP, ahs2}}, down = {ZSE_EXPERT_DOWN, axs};
+    o->moe_matmul(be, r, ex, axs, gate_up, 2);
     o->silu_mul(be, ahs, ahs2, (int64_t)n * k, F, ahs);
-    o->moe_matmul(be, r, ex, ZSE_EXPERT_DOWN, ahs, axs);
+    o->moe_matmul(be, r, ex, ahs, &down, 1);
     o->moe_combine(be, r, axs, ash, ag, aout);
     float *got = malloc((size_t)(n * H) * sizeof *got);
     CHECK_MSG(o->sync(be) == 0 && o->act_read(be, aout, got, n) == 0, "%s", zse_error_message());
@@ -829,10 +829,10 @@ static void check_moe_offload(zse_backend *be, zse_scheme s, int group, int E, i
             o->wait_mark(be, ZSE_QUEUE_COMPUTE, filled);
         }
         o->moe_gather(be, r, ax, axs);
-        o->moe_matmul(be, r, ex, ZSE_EXPERT_GATE, axs, ahs);
-        o->moe_matmul(be, r, ex, ZSE_EXPERT_UP, axs, ahs2);
+        const zse_moe_out gate_up[2] = {{ZSE_EXPERT_GATE, ahs}, {ZSE_EXPERT_UP, ahs2}}, down = {ZSE_EXPERT_DOWN, axs};
+        o->moe_matmul(be, r, ex, axs, gate_up, 2);
         o->silu_mul(be, ahs, ahs2, P, F, ahs);
-        o->moe_matmul(be, r, ex, ZSE_EXPERT_DOWN, ahs, axs);
+        o->moe_matmul(be, r, ex, ahs, &down, 1);
         if (pass == 2) {
             int32_t seg[65], *tok = malloc((size_t)P * sizeof *tok), rows[4096];
             CHECK(o->moe_route_read(be, r, seg, tok) == 0);

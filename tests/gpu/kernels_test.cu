@@ -1788,8 +1788,49 @@ static void check_moe(int scheme, int E, int k, int64_t rows, int64_t cols, int 
     poison(dys, (size_t)(P * yp));
     const size_t need = zse_cuda_moe_matmul_scratch_bytes(&ex, n, k);
     CHECK(need <= scratch_bytes, "moe scratch %zu", need);
-    LAUNCH(zse_cuda_moe_matmul(&r, n, &ex, dxs, xp, dys, yp, scratch, scratch_bytes, 0));
+    zse_cuda_moe_parts one;
+    memset(&one, 0, sizeof one);
+    one.n = 1;
+    one.ex[0] = ex;
+    one.ys[0] = dys;
+    one.ypitch = yp;
+    LAUNCH(zse_cuda_moe_matmul(&r, n, &one, dxs, xp, scratch, scratch_bytes, 0));
     std::vector<float> ys = host_floats(dys, (size_t)(P * yp)), got;
+    {
+        /* two parts in one launch (a layer's gate and up): the second part here is the same
+         * bank with every expert's table entry moved to its neighbour, so each part's rows
+         * must be what that part gives alone, bit for bit */
+        std::vector<const uint8_t *> moved((size_t)E);
+        for (int e = 0; e < E; e++)
+            moved[(size_t)e] = bases[(size_t)((e + 1) % E)];
+        const uint8_t **dmoved;
+        CU(cudaMalloc(&dmoved, (size_t)E * sizeof *dmoved));
+        CU(cudaMemcpy(dmoved, moved.data(), (size_t)E * sizeof *dmoved, cudaMemcpyHostToDevice));
+        float *dy2, *dy3;
+        CU(cudaMalloc(&dy2, (size_t)(P * yp) * 4));
+        CU(cudaMalloc(&dy3, (size_t)(P * yp) * 4));
+        zse_cuda_moe_parts alone = one, both = one;
+        alone.ex[0].base = dmoved;
+        alone.ys[0] = dy2;
+        LAUNCH(zse_cuda_moe_matmul(&r, n, &alone, dxs, xp, scratch, scratch_bytes, 0));
+        std::vector<float> want2 = host_floats(dy2, (size_t)(P * yp));
+        poison(dys, (size_t)(P * yp));
+        poison(dy3, (size_t)(P * yp));
+        both.n = 2;
+        both.ex[1] = alone.ex[0];
+        both.ys[1] = dy3;
+        LAUNCH(zse_cuda_moe_matmul(&r, n, &both, dxs, xp, scratch, scratch_bytes, 0));
+        std::vector<float> got1 = host_floats(dys, (size_t)(P * yp)), got2 = host_floats(dy3, (size_t)(P * yp));
+        int differ = 0;
+        for (int64_t i = 0; i < P; i++)
+            differ += memcmp(&got1[(size_t)(i * yp)], &ys[(size_t)(i * yp)], (size_t)rows * 4) != 0 ||
+                      memcmp(&got2[(size_t)(i * yp)], &want2[(size_t)(i * yp)], (size_t)rows * 4) != 0;
+        CHECK(differ == 0, "moe matmul %s, %d tokens, two parts in one launch: %d pairs differ from each part alone",
+              scheme_names[scheme], n, differ);
+        cudaFree(dmoved);
+        cudaFree(dy2);
+        cudaFree(dy3);
+    }
     std::vector<double> ref;
     for (int64_t i = 0; i < P; i++) {
         const packed &pk = ps[(size_t)want_expert[(size_t)i]];
@@ -1829,7 +1870,7 @@ static void check_moe(int scheme, int E, int k, int64_t rows, int64_t cols, int 
         CU(cudaMemcpy(dbase, holes.data(), (size_t)E * sizeof *dbase, cudaMemcpyHostToDevice));
         poison(dys, (size_t)(P * yp));
         std::vector<float> before = host_floats(dys, (size_t)(P * yp));
-        LAUNCH(zse_cuda_moe_matmul(&r, n, &ex, dxs, xp, dys, yp, scratch, scratch_bytes, 0));
+        LAUNCH(zse_cuda_moe_matmul(&r, n, &one, dxs, xp, scratch, scratch_bytes, 0));
         std::vector<float> after = host_floats(dys, (size_t)(P * yp));
         int wrong = 0;
         for (int64_t i = 0; i < P; i++) {

@@ -241,7 +241,8 @@ static void test_grouped(zse_backend *be, zse_scheme scheme, int group)
     zse_act *sha = act_from(be, &sh[0][0], T, H), *ga = act_from(be, &gate[0][0], T, 1), *out = act_from(be, NULL, T, H);
     o->moe_route(be, r, lg, T);
     o->moe_gather(be, r, xa, xs);
-    o->moe_matmul(be, r, ex, ZSE_EXPERT_GATE, xs, hs);
+    const zse_moe_out gates = {ZSE_EXPERT_GATE, hs};
+    o->moe_matmul(be, r, ex, xs, &gates, 1);
     /* each pair's gate rows equal the dense matmul of its expert alone over its token alone */
     float got[T * K][F], one[F];
     read_act(be, hs, &got[0][0], T * K);
@@ -271,9 +272,15 @@ static void test_grouped(zse_backend *be, zse_scheme scheme, int group)
     CHECK_EQ_INT(place, T * K);
     CHECK_MSG(exact, "%s: a pair's row differs from its expert's matmul alone", zse_scheme_name(scheme));
     /* the whole MLP with the shared expert, against floats */
-    o->moe_matmul(be, r, ex, ZSE_EXPERT_UP, xs, hs2);
+    /* gate again and up in one call, as the model runs them */
+    const zse_moe_out gate_up[2] = {{ZSE_EXPERT_GATE, hs}, {ZSE_EXPERT_UP, hs2}}, down = {ZSE_EXPERT_DOWN, xs};
+    o->moe_matmul(be, r, ex, xs, gate_up, 2);
+    float again[T * K][F];
+    read_act(be, hs, &again[0][0], T * K);
+    CHECK_MSG(memcmp(again, got, sizeof again) == 0, "%s: gate rows differ when up shares the call",
+              zse_scheme_name(scheme));
     o->silu_mul(be, hs, hs2, T * K, F, hs);
-    o->moe_matmul(be, r, ex, ZSE_EXPERT_DOWN, hs, xs);
+    o->moe_matmul(be, r, ex, hs, &down, 1);
     o->moe_combine(be, r, xs, sha, ga, out);
     float res[T][H];
     read_act(be, out, &res[0][0], T);

@@ -158,8 +158,8 @@ void zse_cpu_moe_route_free(zse_backend *be, zse_moe_route *r);
 void zse_cpu_moe_route(zse_backend *be, zse_moe_route *r, const zse_act *logits, int64_t rows);
 int zse_cpu_moe_route_experts(zse_backend *be, const zse_moe_route *r, int32_t *experts);
 void zse_cpu_moe_gather(zse_backend *be, const zse_moe_route *r, const zse_act *x, zse_act *xs);
-void zse_cpu_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_experts *ex, int part, const zse_act *xs,
-                        zse_act *ys);
+void zse_cpu_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_experts *ex, const zse_act *xs,
+                        const zse_moe_out *outs, int n_outs);
 void zse_cpu_moe_combine(zse_backend *be, const zse_moe_route *r, const zse_act *ys, const zse_act *shared,
                          const zse_act *shared_gate, zse_act *x);
 

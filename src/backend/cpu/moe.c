@@ -230,8 +230,8 @@ void zse_cpu_moe_gather(zse_backend *be, const zse_moe_route *r, const zse_act *
     zse_cpu_parallel_for(be, pairs, gather_rows, &j);
 }
 
-void zse_cpu_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_experts *ex, int part, const zse_act *xs,
-                        zse_act *ys)
+static void moe_matmul_part(zse_backend *be, const zse_moe_route *r, const zse_experts *ex, int part,
+                            const zse_act *xs, zse_act *ys)
 {
     if (part < 0 || part >= ZSE_EXPERT_PARTS || ex->bank.count != r->p.n_experts ||
         r->rows * r->p.k > xs->rows || r->rows * r->p.k > ys->rows ||
@@ -249,6 +249,17 @@ void zse_cpu_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_exper
         zse_act yv = {ys->data + s0 * ys->cols, len, ys->cols};
         zse_cpu_matmul(be, &ex->w[e * ZSE_EXPERT_PARTS + part], &xv, len, &yv);
     }
+}
+
+void zse_cpu_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_experts *ex, const zse_act *xs,
+                        const zse_moe_out *outs, int n_outs)
+{
+    if (n_outs < 1 || n_outs > ZSE_MOE_OUTS_MAX) {
+        zse_cpu_note_failure(be, "moe_matmul: 1 to 2 parts a call");
+        return;
+    }
+    for (int o = 0; o < n_outs; o++)
+        moe_matmul_part(be, r, ex, outs[o].part, xs, outs[o].ys);
 }
 
 typedef struct {

@@ -1611,26 +1611,38 @@ static void cuda_moe_gather(zse_backend *be, const zse_moe_route *r, const zse_a
     check_launch(c, zse_cuda_gather_rows(x->d, x->pitch, r->d.token_of, pairs, dim, xs->d, xs->pitch, c->stream));
 }
 
-static void cuda_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_experts *ex, int part, const zse_act *xs,
-                            zse_act *ys)
+static void cuda_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_experts *ex, const zse_act *xs,
+                            const zse_moe_out *outs, int n_outs)
 {
     cuda_impl *c = impl_of(be);
     if (c->failed)
         return;
-    if (part < 0 || part >= ZSE_EXPERT_PARTS || ex->count != r->p.n_experts)
-        return set_error(c, "cuda moe_matmul: part %d of %d experts for a routing over %d", part, ex->count,
+    if (n_outs < 1 || n_outs > ZSE_MOE_OUTS_MAX || ex->count != r->p.n_experts)
+        return set_error(c, "cuda moe_matmul: %d parts of %d experts for a routing over %d", n_outs, ex->count,
                          r->p.n_experts);
-    const zse_cuda_experts *ce = &ex->part[part];
+    zse_cuda_moe_parts P;
+    memset(&P, 0, sizeof P);
+    P.n = n_outs;
+    P.ypitch = outs[0].ys->pitch;
     const int64_t pairs = r->rows * r->p.k;
-    if (r->rows < 1 || pairs > xs->rows || pairs > ys->rows || ce->w.cols > xs->cols || ce->w.rows > ys->cols)
-        return set_error(c, "cuda moe_matmul: %lld x %lld experts with x %lld x %lld, y %lld x %lld for %lld pairs",
-                         (long long)ce->w.rows, (long long)ce->w.cols, (long long)xs->rows, (long long)xs->cols,
-                         (long long)ys->rows, (long long)ys->cols, (long long)pairs);
-    const size_t need = zse_cuda_moe_matmul_scratch_bytes(ce, r->rows, r->p.k);
+    for (int o = 0; o < n_outs; o++) {
+        const int part = outs[o].part;
+        const zse_act *ys = outs[o].ys;
+        if (part < 0 || part >= ZSE_EXPERT_PARTS)
+            return set_error(c, "cuda moe_matmul: part %d", part);
+        const zse_cuda_experts *ce = &ex->part[part];
+        if (r->rows < 1 || pairs > xs->rows || pairs > ys->rows || ce->w.cols > xs->cols || ce->w.rows > ys->cols ||
+            ys->pitch != P.ypitch)
+            return set_error(c, "cuda moe_matmul: %lld x %lld experts with x %lld x %lld, y %lld x %lld for %lld pairs",
+                             (long long)ce->w.rows, (long long)ce->w.cols, (long long)xs->rows, (long long)xs->cols,
+                             (long long)ys->rows, (long long)ys->cols, (long long)pairs);
+        P.ex[o] = *ce;
+        P.ys[o] = ys->d;
+    }
+    const size_t need = zse_cuda_moe_matmul_scratch_bytes(&P.ex[0], r->rows, r->p.k);
     if (need && ensure_device(c, &c->scratch, &c->scratch_cap, need, "moe matmul scratch") != 0)
         return set_error(c, "%s", zse_error_message());
-    check_launch(c, zse_cuda_moe_matmul(&r->d, r->rows, ce, xs->d, xs->pitch, ys->d, ys->pitch, c->scratch,
-                                        c->scratch_cap, c->stream));
+    check_launch(c, zse_cuda_moe_matmul(&r->d, r->rows, &P, xs->d, xs->pitch, c->scratch, c->scratch_cap, c->stream));
 }
 
 static void cuda_moe_combine(zse_backend *be, const zse_moe_route *r, const zse_act *ys, const zse_act *shared,

@@ -237,14 +237,22 @@ void zse_cuda_moe_at(void *mem, int64_t max_rows, int n_experts, int k, int reno
  * pairs sorted by expert (token order within one) — the CPU backend's routing (the softmax
  * sums in another order: weights within a few ulp). One block, a warp per token. */
 int zse_cuda_moe_route(const zse_cuda_moe *r, const float *logits, int64_t lpitch, int64_t rows, zse_cuda_stream st);
-/* the grouped expert matmul over a route of rows tokens: ys[i] = W_e · xs[i] for each of the
- * rows * k pairs i, e the pair's expert; one launch over every active expert (grid: weight
- * rows x experts that may be active); 4-bit experts on dp4a GEMVs (rows <= ZSE_CUDA_GEMV_MAX)
+/* the grouped expert matmul over a route of rows tokens: P->ys[p][i] = W_e · xs[i] for each
+ * of the rows * k pairs i, e the pair's expert, W its part P->ex[p]; one launch over every
+ * active expert of every part (grid: weight rows x experts that may be active x parts);
+ * the parts of one call (a layer's gate and up) share xs, which is quantized once, and so
+ * must have one shape and scheme. 4-bit experts on dp4a GEMVs (rows <= ZSE_CUDA_GEMV_MAX)
  * or tensor cores (sm_80 on), other schemes on the float GEMV in tiles of 8 pairs */
+#define ZSE_CUDA_MOE_PARTS_MAX 2
+typedef struct {
+    zse_cuda_experts ex[ZSE_CUDA_MOE_PARTS_MAX];
+    float *ys[ZSE_CUDA_MOE_PARTS_MAX];
+    int64_t ypitch;     /* of every ys */
+    int n;
+} zse_cuda_moe_parts;
 size_t zse_cuda_moe_matmul_scratch_bytes(const zse_cuda_experts *ex, int64_t rows, int k);
-int zse_cuda_moe_matmul(const zse_cuda_moe *r, int64_t rows, const zse_cuda_experts *ex, const float *xs,
-                        int64_t xpitch, float *ys, int64_t ypitch, void *scratch, size_t scratch_bytes,
-                        zse_cuda_stream st);
+int zse_cuda_moe_matmul(const zse_cuda_moe *r, int64_t rows, const zse_cuda_moe_parts *P, const float *xs,
+                        int64_t xpitch, void *scratch, size_t scratch_bytes, zse_cuda_stream st);
 /* x[t][0:dim] += sum over t's k pairs, experts ascending, of weight * ys[place], plus
  * sigmoid(gate[t][0]) * shared[t] (shared NULL: none; gate NULL: unscaled) */
 int zse_cuda_moe_combine(const zse_cuda_moe *r, int64_t rows, const float *ys, int64_t ypitch, const float *shared,

@@ -260,10 +260,13 @@ struct nf4_table {
 /* any scheme, f32 x: gemv_block over the segment's pairs B at a time */
 template <int S, int B>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
-moe_gemv_kernel(const zse_cuda_moe r, const zse_cuda_experts ex, const float *__restrict__ xs, int64_t xpitch,
-                float *ys, int64_t ypitch, const nf4_table nf4)
+moe_gemv_kernel(const zse_cuda_moe r, const zse_cuda_moe_parts P, const float *__restrict__ xs, int64_t xpitch,
+                const nf4_table nf4)
 {
     pdl_enter();
+    const zse_cuda_experts &ex = P.ex[blockIdx.z];
+    float *const ys = P.ys[blockIdx.z];
+    const int64_t ypitch = P.ypitch;
     constexpr int R = gemv_rows<B>::R;
     __shared__ float table[16];
     if (threadIdx.x < 16)
@@ -286,10 +289,13 @@ moe_gemv_kernel(const zse_cuda_moe r, const zse_cuda_experts ex, const float *__
  * segment's pairs B at a time, each tile the dense dp4a GEMV's arithmetic */
 template <int S, int B, int R>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
-moe_q4_kernel(const zse_cuda_moe r, const zse_cuda_experts ex, const uint4 *__restrict__ xq,
-              const float4 *__restrict__ xsc, int64_t units, float *ys, int64_t ypitch)
+moe_q4_kernel(const zse_cuda_moe r, const zse_cuda_moe_parts P, const uint4 *__restrict__ xq,
+              const float4 *__restrict__ xsc, int64_t units)
 {
     pdl_enter();
+    const zse_cuda_experts &ex = P.ex[blockIdx.z];
+    float *const ys = P.ys[blockIdx.z];
+    const int64_t ypitch = P.ypitch;
     moe_seg sg;
     if (!moe_placed_segment(r, ex, blockIdx.y, sg))
         return;
@@ -330,10 +336,12 @@ moe_q4_kernel(const zse_cuda_moe r, const zse_cuda_experts ex, const uint4 *__re
  * time through mma_accumulate over all of K (no split: a pair's sum is the dense kernel's) */
 template <int S, int NT>
 __global__ void __launch_bounds__(MMA_WARPS * 32, NT == 64 ? 3 : 1)
-moe_mma_kernel(const zse_cuda_moe r, const zse_cuda_experts ex, const __half *__restrict__ xh, float *ys,
-               int64_t ypitch)
+moe_mma_kernel(const zse_cuda_moe r, const zse_cuda_moe_parts P, const __half *__restrict__ xh)
 {
     pdl_enter();
+    const zse_cuda_experts &ex = P.ex[blockIdx.z];
+    float *const ys = P.ys[blockIdx.z];
+    const int64_t ypitch = P.ypitch;
     constexpr int NJ = NT / 8;
     extern __shared__ __align__(16) uint8_t moe_mma_smem[];
     moe_seg sg;
@@ -396,75 +404,93 @@ template <int S, int NT> static int moe_mma_ready(void)
 }
 
 template <int S, int NT>
-static int launch_moe_mma(dim3 grid, const zse_cuda_moe *r, const zse_cuda_experts *ex, const __half *xh, float *ys,
-                          int64_t ypitch, cudaStream_t st)
+static int launch_moe_mma(dim3 grid, const zse_cuda_moe *r, const zse_cuda_moe_parts *P, const __half *xh,
+                          cudaStream_t st)
 {
     if (moe_mma_ready<S, NT>() != 0)
         return -1;
-    zse_launch(moe_mma_kernel<S, NT>, grid, MMA_WARPS * 32, mma_smem<NT>::BYTES, st, *r, *ex, xh, ys, ypitch);
+    zse_launch(moe_mma_kernel<S, NT>, grid, MMA_WARPS * 32, mma_smem<NT>::BYTES, st, *r, *P, xh);
     return 0;
 }
 
 template <int S>
-static int launch_moe_mma_tile(int64_t rows, dim3 grid, const zse_cuda_moe *r, const zse_cuda_experts *ex,
-                               const __half *xh, float *ys, int64_t ypitch, cudaStream_t st)
+static int launch_moe_mma_tile(int64_t rows, dim3 grid, const zse_cuda_moe *r, const zse_cuda_moe_parts *P,
+                               const __half *xh, cudaStream_t st)
 {
     /* a segment holds at most `rows` pairs (a token takes an expert once) */
     switch (mma_tile(rows < 64 ? rows : 64)) {
-    case 8: return launch_moe_mma<S, 8>(grid, r, ex, xh, ys, ypitch, st);
-    case 16: return launch_moe_mma<S, 16>(grid, r, ex, xh, ys, ypitch, st);
-    case 32: return launch_moe_mma<S, 32>(grid, r, ex, xh, ys, ypitch, st);
-    default: return launch_moe_mma<S, 64>(grid, r, ex, xh, ys, ypitch, st);
+    case 8: return launch_moe_mma<S, 8>(grid, r, P, xh, st);
+    case 16: return launch_moe_mma<S, 16>(grid, r, P, xh, st);
+    case 32: return launch_moe_mma<S, 32>(grid, r, P, xh, st);
+    default: return launch_moe_mma<S, 64>(grid, r, P, xh, st);
     }
 }
 
 template <int S, int B>
-static void launch_moe_q4(unsigned experts, const zse_cuda_moe *r, const zse_cuda_experts *ex, const uint4 *xq,
-                          const float4 *xsc, int64_t units, float *ys, int64_t ypitch, cudaStream_t st)
+static void launch_moe_q4(unsigned experts, const zse_cuda_moe *r, const zse_cuda_moe_parts *P, const uint4 *xq,
+                          const float4 *xsc, int64_t units, cudaStream_t st)
 {
     constexpr int R = q4_rows<B>::R;
-    const dim3 grid((unsigned)zse_ceil_div(ex->w.rows, R), experts);
-    zse_launch(moe_q4_kernel<S, B, R>, grid, GEMV_WARPS * 32, 0, st, *r, *ex, xq, xsc, units, ys, ypitch);
+    const dim3 grid((unsigned)zse_ceil_div(P->ex[0].w.rows, R), experts, (unsigned)P->n);
+    zse_launch(moe_q4_kernel<S, B, R>, grid, GEMV_WARPS * 32, 0, st, *r, *P, xq, xsc, units);
 }
 
 template <int S>
-static void launch_moe_q4_batch(int64_t rows, unsigned experts, const zse_cuda_moe *r, const zse_cuda_experts *ex,
-                                const uint4 *xq, const float4 *xsc, int64_t units, float *ys, int64_t ypitch,
-                                cudaStream_t st)
+static void launch_moe_q4_batch(int64_t rows, unsigned experts, const zse_cuda_moe *r, const zse_cuda_moe_parts *P,
+                                const uint4 *xq, const float4 *xsc, int64_t units, cudaStream_t st)
 {
-    if (rows == 1) launch_moe_q4<S, 1>(experts, r, ex, xq, xsc, units, ys, ypitch, st);
-    else if (rows == 2) launch_moe_q4<S, 2>(experts, r, ex, xq, xsc, units, ys, ypitch, st);
-    else if (rows <= 4) launch_moe_q4<S, 4>(experts, r, ex, xq, xsc, units, ys, ypitch, st);
-    else launch_moe_q4<S, 8>(experts, r, ex, xq, xsc, units, ys, ypitch, st);
+    if (rows == 1) launch_moe_q4<S, 1>(experts, r, P, xq, xsc, units, st);
+    else if (rows == 2) launch_moe_q4<S, 2>(experts, r, P, xq, xsc, units, st);
+    else if (rows <= 4) launch_moe_q4<S, 4>(experts, r, P, xq, xsc, units, st);
+    else launch_moe_q4<S, 8>(experts, r, P, xq, xsc, units, st);
 }
 
 template <int S>
-static void launch_moe_gemv(int64_t rows, unsigned experts, const zse_cuda_moe *r, const zse_cuda_experts *ex,
-                            const float *xs, int64_t xpitch, float *ys, int64_t ypitch, cudaStream_t st)
+static void launch_moe_gemv(int64_t rows, unsigned experts, const zse_cuda_moe *r, const zse_cuda_moe_parts *P,
+                            const float *xs, int64_t xpitch, cudaStream_t st)
 {
     nf4_table nf4;
     memcpy(nf4.v, zse_cuda_nf4_host(), sizeof nf4.v);
     if (rows == 1) {
-        const dim3 grid((unsigned)zse_ceil_div(ex->w.rows, gemv_rows<1>::R), experts);
-        zse_launch(moe_gemv_kernel<S, 1>, grid, GEMV_WARPS * 32, 0, st, *r, *ex, xs, xpitch, ys, ypitch, nf4);
+        const dim3 grid((unsigned)zse_ceil_div(P->ex[0].w.rows, gemv_rows<1>::R), experts, (unsigned)P->n);
+        zse_launch(moe_gemv_kernel<S, 1>, grid, GEMV_WARPS * 32, 0, st, *r, *P, xs, xpitch, nf4);
     } else if (rows <= 4) {
-        const dim3 grid((unsigned)zse_ceil_div(ex->w.rows, gemv_rows<4>::R), experts);
-        zse_launch(moe_gemv_kernel<S, 4>, grid, GEMV_WARPS * 32, 0, st, *r, *ex, xs, xpitch, ys, ypitch, nf4);
+        const dim3 grid((unsigned)zse_ceil_div(P->ex[0].w.rows, gemv_rows<4>::R), experts, (unsigned)P->n);
+        zse_launch(moe_gemv_kernel<S, 4>, grid, GEMV_WARPS * 32, 0, st, *r, *P, xs, xpitch, nf4);
     } else {
-        const dim3 grid((unsigned)zse_ceil_div(ex->w.rows, gemv_rows<8>::R), experts);
-        zse_launch(moe_gemv_kernel<S, 8>, grid, GEMV_WARPS * 32, 0, st, *r, *ex, xs, xpitch, ys, ypitch, nf4);
+        const dim3 grid((unsigned)zse_ceil_div(P->ex[0].w.rows, gemv_rows<8>::R), experts, (unsigned)P->n);
+        zse_launch(moe_gemv_kernel<S, 8>, grid, GEMV_WARPS * 32, 0, st, *r, *P, xs, xpitch, nf4);
     }
 }
 
-extern "C" int zse_cuda_moe_matmul(const zse_cuda_moe *r, int64_t rows, const zse_cuda_experts *ex, const float *xs,
-                                   int64_t xpitch, float *ys, int64_t ypitch, void *scratch, size_t scratch_bytes,
-                                   zse_cuda_stream stream)
+/* the parts of one call share x: the same scheme, width and group, and the same rows (gate
+ * and up of one layer) so one grid covers both */
+static bool moe_parts_match(const zse_cuda_moe_parts *P)
+{
+    if (P->n < 1 || P->n > ZSE_CUDA_MOE_PARTS_MAX)
+        return false;
+    const zse_cuda_weight *a = &P->ex[0].w;
+    for (int i = 1; i < P->n; i++) {
+        const zse_cuda_weight *b = &P->ex[i].w;
+        if (b->scheme != a->scheme || b->rows != a->rows || b->cols != a->cols || b->group_size != a->group_size)
+            return false;
+    }
+    return true;
+}
+
+extern "C" int zse_cuda_moe_matmul(const zse_cuda_moe *r, int64_t rows, const zse_cuda_moe_parts *P, const float *xs,
+                                   int64_t xpitch, void *scratch, size_t scratch_bytes, zse_cuda_stream stream)
 {
     const cudaStream_t st = (cudaStream_t)stream;
+    if (!moe_parts_match(P))
+        return zse_cuda_fail("cuda moe matmul: %d parts of different shapes or schemes in one call", P->n);
+    const zse_cuda_experts *ex = &P->ex[0];
     const zse_cuda_weight *w = &ex->w;
     const int64_t pairs = rows * r->k;
-    if (rows < 1 || w->rows < 1 || w->cols < 1 || (w->row_bytes & 15) || (ex->qs_off & 15) || (xpitch & 3) ||
-        ((uintptr_t)xs & 15))
+    bool aligned = (xpitch & 3) == 0 && ((uintptr_t)xs & 15) == 0;
+    for (int i = 0; i < P->n; i++)
+        aligned = aligned && (P->ex[i].qs_off & 15) == 0;
+    if (rows < 1 || w->rows < 1 || w->cols < 1 || (w->row_bytes & 15) || !aligned)
         return zse_cuda_fail("cuda moe matmul: %lld tokens over %lld x %lld experts with row bytes %lld (16-byte rows "
                              "and x needed)", (long long)rows, (long long)w->rows, (long long)w->cols,
                              (long long)w->row_bytes);
@@ -479,9 +505,9 @@ extern "C" int zse_cuda_moe_matmul(const zse_cuda_moe *r, int64_t rows, const zs
         __half *xh = (__half *)scratch;
         zse_cuda_x_to_f16(xs, xpitch, pairs, w->cols, xh, st);
         ZSE_CUDA_LAUNCHED("cuda moe mma: x to f16");
-        const dim3 grid((unsigned)zse_ceil_div(w->rows, MMA_ROWS), experts);
-        const int rc = w->scheme == ZSE_SCHEME_Q4 ? launch_moe_mma_tile<ZSE_SCHEME_Q4>(rows, grid, r, ex, xh, ys, ypitch, st)
-                                                  : launch_moe_mma_tile<ZSE_SCHEME_Q4S>(rows, grid, r, ex, xh, ys, ypitch, st);
+        const dim3 grid((unsigned)zse_ceil_div(w->rows, MMA_ROWS), experts, (unsigned)P->n);
+        const int rc = w->scheme == ZSE_SCHEME_Q4 ? launch_moe_mma_tile<ZSE_SCHEME_Q4>(rows, grid, r, P, xh, st)
+                                                  : launch_moe_mma_tile<ZSE_SCHEME_Q4S>(rows, grid, r, P, xh, st);
         if (rc != 0)
             return -1;
         ZSE_CUDA_LAUNCHED("cuda moe mma");
@@ -494,13 +520,13 @@ extern "C" int zse_cuda_moe_matmul(const zse_cuda_moe *r, int64_t rows, const zs
         zse_cuda_quantize_x(xs, xpitch, pairs, w->cols, xq, xsc, st);
         ZSE_CUDA_LAUNCHED("cuda moe gemv: x quantized");
         if (w->scheme == ZSE_SCHEME_Q4)
-            launch_moe_q4_batch<ZSE_SCHEME_Q4>(rows, experts, r, ex, xq, xsc, units, ys, ypitch, st);
+            launch_moe_q4_batch<ZSE_SCHEME_Q4>(rows, experts, r, P, xq, xsc, units, st);
         else
-            launch_moe_q4_batch<ZSE_SCHEME_Q4S>(rows, experts, r, ex, xq, xsc, units, ys, ypitch, st);
+            launch_moe_q4_batch<ZSE_SCHEME_Q4S>(rows, experts, r, P, xq, xsc, units, st);
         ZSE_CUDA_LAUNCHED("cuda moe gemv");
         return 0;
     }
-    ZSE_CUDA_SCHEME_SWITCH(w->scheme, launch_moe_gemv<S_>(rows, experts, r, ex, xs, xpitch, ys, ypitch, st));
+    ZSE_CUDA_SCHEME_SWITCH(w->scheme, launch_moe_gemv<S_>(rows, experts, r, P, xs, xpitch, st));
     ZSE_CUDA_LAUNCHED("cuda moe gemv");
     return 0;
 }
