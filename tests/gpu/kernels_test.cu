@@ -1587,6 +1587,8 @@ static bool env_lists(const char *var, const char *item)
     return false;
 }
 
+static void bench_lora(void); /* below, beside the LoRA checks */
+
 static void bench(int argc, char **argv)
 {
     /* the ceiling: a device copy, counting bytes read plus written */
@@ -1608,6 +1610,7 @@ static void bench(int argc, char **argv)
         probe_gemm();
         bench_attention();
         bench_decode_step();
+        bench_lora();
     }
     printf("%-6s %-14s %-5s %-6s %9s %9s %6s %9s %9s %6s\n", "scheme", "shape", "n", "path", "us",
            "GB/s", "%copy", "us-strm", "GB/s-str", "%copy");
@@ -2068,6 +2071,101 @@ static void check_lora(int n, int64_t in, int64_t out, int max_rank)
     CU(cudaFree(slots));
     CU(cudaFree(d_of));
     CU(cudaFree(d_x));
+}
+
+/* The adapter delta's launches on Qwen2.5-7B shapes, rank 16 on all seven projections, as
+ * a decode step issues them (q/k/v together, o, gate/up together, down): µs per call at
+ * n rows, every row on one adapter or each on its own (64 slots), and per token step over
+ * 28 layers. A decode step's base matmuls are the yardstick (bench7b: ~2.3 ms at bs1). */
+struct lora_bench_call {
+    zse_cuda_lora l;
+    const int32_t *of;
+    const float *x;
+    int64_t xp, n;
+};
+
+static void run_lora_call(void *arg)
+{
+    const lora_bench_call *c = (const lora_bench_call *)arg;
+    LAUNCH(zse_cuda_lora_apply(&c->l, c->of, c->x, c->xp, c->n, (float *)scratch, scratch_bytes, 0));
+}
+
+static void bench_lora(void)
+{
+    const int64_t H = 3584, KV = 512, F = 18944, rank = 16, slots = 64;
+    lora_pool_h p;
+    p.n_slots = (int)slots;
+    p.n_layers = 1;
+    const int64_t ins[7] = {H, H, H, H, H, H, F}, outs[7] = {H, KV, KV, H, F, F, H};
+    uint64_t need = round_up(7 * sizeof(zse_cuda_lora_entry), 64);
+    for (int m = 0; m < 7; m++) {
+        p.in[m] = ins[m];
+        p.out[m] = outs[m];
+        need += round_up((uint64_t)rank * ins[m] * 2, 64) + round_up((uint64_t)rank * outs[m] * 2, 64);
+    }
+    p.slot_bytes = need;
+    p.bytes.assign((size_t)slots * need, 0);
+    for (int s = 0; s < slots; s++) {
+        uint64_t at = round_up(7 * sizeof(zse_cuda_lora_entry), 64);
+        for (int m = 0; m < 7; m++)
+            lora_fill(p, s, 0, m, (int)rank, 2.f, &at);
+    }
+    uint8_t *d_slots;
+    CU(cudaMalloc(&d_slots, p.bytes.size()));
+    CU(cudaMemcpy(d_slots, p.bytes.data(), p.bytes.size(), cudaMemcpyHostToDevice));
+    const int64_t max_n = 64, xp = pitch_of(F);
+    std::vector<float> x = rand_vec((size_t)(max_n * xp));
+    float *d_x = dev_floats(x), *d_y[3];
+    for (int i = 0; i < 3; i++)
+        CU(cudaMalloc(&d_y[i], (size_t)(max_n * pitch_of(F)) * 4));
+    int32_t *d_of;
+    CU(cudaMalloc(&d_of, max_n * 4));
+    const int groups[4][4] = {{3, 0, 1, 2}, {1, 3}, {2, 4, 5}, {1, 6}}; /* count, then modules */
+    const char *names[4] = {"qkv", "o", "gate_up", "down"};
+    printf("lora (rank 16, 7B shapes): n adapters | us per call: qkv o gate_up down | per token step (28 layers)\n");
+    for (int64_t n : {1, 8, 32, 64})
+        for (int distinct = 0; distinct < 2; distinct++) {
+            if (n == 1 && distinct)
+                continue;
+            std::vector<int32_t> of((size_t)n);
+            for (int64_t t = 0; t < n; t++)
+                of[(size_t)t] = distinct ? (int32_t)(t % slots) : 0;
+            CU(cudaMemcpy(d_of, of.data(), (size_t)n * 4, cudaMemcpyHostToDevice));
+            double total = 0;
+            printf("BENCH lora n=%lld %s |", (long long)n, distinct ? "distinct" : "one");
+            for (int g = 0; g < 4; g++) {
+                lora_bench_call c;
+                memset(&c, 0, sizeof c);
+                c.l.slots = d_slots;
+                c.l.slot_bytes = p.slot_bytes;
+                c.l.n_slots = (int)slots;
+                c.l.n_layers = 1;
+                c.l.layer = 0;
+                c.l.max_rank = (int)rank;
+                c.l.n_outs = groups[g][0];
+                for (int i = 0; i < c.l.n_outs; i++) {
+                    const int m = groups[g][1 + i];
+                    c.l.module[i] = m;
+                    c.l.in[i] = ins[m];
+                    c.l.out[i] = outs[m];
+                    c.l.ypitch[i] = pitch_of(F);
+                    c.l.y[i] = d_y[i];
+                }
+                c.of = d_of;
+                c.x = d_x;
+                c.xp = xp;
+                c.n = n;
+                const float ms = time_ms(0, 50, run_lora_call, &c);
+                total += ms;
+                printf(" %s %.1f", names[g], ms * 1e3);
+            }
+            printf(" | %.2f ms\n", total * 28);
+        }
+    for (int i = 0; i < 3; i++)
+        cudaFree(d_y[i]);
+    cudaFree(d_slots);
+    cudaFree(d_x);
+    cudaFree(d_of);
 }
 
 static void test_lora(void)
