@@ -9,6 +9,7 @@
  *   kernels_test --bench    GB/s of each matmul path on Qwen2.5-7B shapes, the device copy
  *                           bandwidth it is measured against, and attention timings
  *   kernels_test --bench int4 int4s   only the matmuls of the named schemes
+ *   kernels_test --bench lora         only the LoRA delta's launches
  *
  * Packed weights are built here from random codes following docs/FORMAT.md (so this
  * program needs nothing but the kernels); the reference dequantizes them in double.
@@ -1591,6 +1592,10 @@ static void bench_lora(void); /* below, beside the LoRA checks */
 
 static void bench(int argc, char **argv)
 {
+    if (argc == 3 && strcmp(argv[2], "lora") == 0) { /* `--bench lora`: the LoRA launches alone */
+        bench_lora();
+        return;
+    }
     /* the ceiling: a device copy, counting bytes read plus written */
     copy_bench cb;
     cb.n = (size_t)2 << 30;
