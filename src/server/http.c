@@ -147,6 +147,8 @@ static void list_remove(srv_server *s, http_req *r)
 }
 
 
+/* ---- the access handler: every call for a request enters here ----------------------- */
+
 static http_req *new_request(srv_server *s, struct MHD_Connection *conn, const char *url, const char *method)
 {
     http_req *r = zse_calloc(1, sizeof *r);

@@ -6,6 +6,8 @@
 #include <stdio.h>
 #include <string.h>
 
+/* ---- the route table ---------------------------------------------------------------- */
+
 /* vLLM's tokenizer routes, TGI's /info, OpenAI's embeddings */
 static srv_route route_of_extra(const char *url)
 {
@@ -299,6 +301,8 @@ static enum MHD_Result start_aux(http_req *r)
     bool heavy = r->route == SRV_ROUTE_EMBEDDINGS || r->body.len >= HEAVY_BODY; /* embeddings run the model */
     return http_start_on_worker(r, heavy ? SRV_WORK_HEAVY : SRV_WORK_LIGHT, aux_task);
 }
+
+/* ---- the dispatch ------------------------------------------------------------------- */
 
 /* the whole request is in (or a suspended one resumed) */
 enum MHD_Result http_last_call(http_req *r, const char *url)
