@@ -559,7 +559,8 @@ zse_grammar *zse_grammar_compile(zse_gb *b, zse_gx root, const zse_grammar_vocab
     g->caches = zse_calloc(g->n_elems ? g->n_elems : 1, sizeof *g->caches);
     if (!g->classes || !g->caches)
         goto fail;
-    memcpy(g->classes, b->classes, (size_t)b->nclasses * sizeof *g->classes);
+    if (b->nclasses) /* a grammar without character classes has no array to copy (NULL) */
+        memcpy(g->classes, b->classes, (size_t)b->nclasses * sizeof *g->classes);
     g->n_classes = b->nclasses;
     if (check_left_recursion(g))
         goto fail;

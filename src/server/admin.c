@@ -1,5 +1,5 @@
 /* The admin routes behind the dashboard's keys and audit views: what `zse api-key` and
- * `zse audit` do, over HTTP, for admin keys only (http.c refuses every other caller before
+ * `zse audit` do, over HTTP, for admin keys only (http_head.c refuses every other caller before
  * a body byte is read; without --auth these routes are off).
  *
  * Every answer is JSON built with jansson (names and routes are escaped there; the page

@@ -7,10 +7,11 @@
  * input finishes quickly. Whatever the bytes, the server must answer or close, never
  * crash, hang or leak.
  *
- * The model is tests/fixtures/tiny-llama (ZSE_FUZZ_TOKENIZER names its folder), converted
- * once into a temporary file. Requests may carry "Authorization: Bearer zse-fuzz-key" to
+ * The model is tests/fixtures/tiny-llama (ZSE_FUZZ_TOKENIZER names its folder; fuzz_model.h),
+ * converted once into a temporary file. Requests may carry "Authorization: Bearer zse-fuzz-key" to
  * pass --auth (the seed corpus does). */
 #include "format/format.h"
+#include "fuzz_model.h"
 #include "server/server.h"
 
 #include <arpa/inet.h>
@@ -65,36 +66,10 @@ static void fake_stats(void *ctx, zse_engine_stats *out)
     memset(out, 0, sizeof *out);
 }
 
-static zse_model *load_model(void)
-{
-    const char *dir = getenv("ZSE_FUZZ_TOKENIZER");
-    if (!dir)
-        dir = "tests/fixtures/tiny-llama";
-    static char tmp[] = "/tmp/zse-fuzz-http-XXXXXX";
-    if (!mkdtemp(tmp))
-        abort();
-    char path[256];
-    snprintf(path, sizeof path, "%s/model.zse", tmp);
-    zse_convert_opts o = {.scheme = ZSE_SCHEME_Q8, .group_size = 128, .embed_scheme = -1, .lm_head_scheme = -1,
-                          .force = true, .threads = 1};
-    zse_load_params p;
-    zse_load_params_default(&p);
-    p.device = "cpu";
-    p.threads = 1;
-    zse_model *m = zse_convert(dir, path, &o) == 0 ? zse_model_load(path, &p) : NULL;
-    unlink(path);
-    rmdir(tmp);
-    if (!m) {
-        fprintf(stderr, "fuzz_http: cannot make the model: %s\n", zse_last_error());
-        abort(); /* a misconfigured run is not a pass */
-    }
-    return m;
-}
-
 static void start(void)
 {
     zse_log_set_level(ZSE_LOG_ERROR);
-    zse_model *m = load_model();
+    zse_model *m = fuzz_load_model("fuzz_http");
     static srv_keyring *kr;
     kr = srv_keyring_new();
     srv_key k = {.name = "fuzz", .enabled = true, .priority = -10};

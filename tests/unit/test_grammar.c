@@ -277,6 +277,9 @@ static void errors(const zse_grammar_vocab *v)
     expect_error(v, "{\"type\":\"string\",\"format\":\"duration\"}", "format 'duration'", NULL);
     expect_error(v, "{\"$ref\":\"http://x/y.json\"}", "$ref", NULL);
     expect_error(v, "{\"$ref\":\"#/$defs/none\"}", "points at nothing", NULL);
+    /* a schema that is only itself: no text and no character class at all (fuzz_routes found
+     * the class table copied from NULL under UBSan); refused as left recursion */
+    expect_error(v, "{\"$ref\":\"#\"}", "left recursion", NULL);
     expect_error(v, "{\"type\":\"object\",\"properties\":{\"a\":{}},\"required\":[\"b\"],\"additionalProperties\":false}",
                  "'b' is not in 'properties'", NULL);
     /* strict: every property required, additionalProperties false */
