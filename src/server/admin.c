@@ -114,29 +114,6 @@ static int role_field(json_t *o, bool *admin, srv_error *e)
     return 1;
 }
 
-/* every field of o is one of the names: a field the route does not know is refused, not ignored */
-static int only_fields(json_t *o, const char *const *names, size_t n, srv_error *e)
-{
-    const char *k;
-    json_t *v;
-    json_object_foreach(o, k, v) {
-        bool known = false;
-        for (size_t i = 0; i < n && !known; i++)
-            known = strcmp(k, names[i]) == 0;
-        if (!known) {
-            char clean[96];
-            srv_text_clean(clean, sizeof clean, k, strlen(k), SRV_TEXT_ESCAPE_CONTROLS);
-            zse_buf list = {0};
-            for (size_t i = 0; i < n; i++)
-                zse_buf_printf(&list, "%s%s", i ? ", " : "", names[i]);
-            int rc = srv_error_invalid(e, clean, "unknown field '%s' (this route takes %s)", clean, zse_buf_str(&list));
-            zse_buf_free(&list);
-            return rc;
-        }
-    }
-    return 0;
-}
-
 /* ---- answers ------------------------------------------------------------------------------ */
 
 static json_t *key_json(const srv_key *k)
@@ -202,8 +179,8 @@ static int keys_list(srv_db *db, json_t **out, srv_error *e)
 
 static int key_create(srv_db *db, srv_keyring *kr, json_t *body, json_t **out, srv_error *e)
 {
-    static const char *const fields[] = {"name", "rate_limit", "priority", "role"};
-    if (only_fields(body, fields, 4, e) != 0)
+    static const char *const fields[] = {"name", "rate_limit", "priority", "role", NULL};
+    if (srv_check_fields(body, fields, "", "POST /admin/keys", e) != 0)
         return -1;
     const char *name = json_string_value(json_object_get(body, "name"));
     if (!name || !srv_key_name_valid(name))
@@ -251,8 +228,8 @@ static int refuse_self(srv_error *e, const char *caller, const char *what)
 static int key_update(srv_db *db, srv_keyring *kr, const char *name, const char *caller, json_t *body, json_t **out,
                       srv_error *e)
 {
-    static const char *const fields[] = {"enabled", "rate_limit", "priority", "role"};
-    if (only_fields(body, fields, 4, e) != 0)
+    static const char *const fields[] = {"enabled", "rate_limit", "priority", "role", NULL};
+    if (srv_check_fields(body, fields, "", "POST /admin/keys/NAME", e) != 0)
         return -1;
     json_t *en = json_object_get(body, "enabled");
     if (en && !json_is_boolean(en))

@@ -110,6 +110,9 @@ static json_t *input_list(json_t *input, srv_error *e)
 static int check_options(json_t *root, const srv_model_facts *mf, int hidden, bool *b64, char *user_out,
                          size_t user_cap, srv_error *e)
 {
+    static const char *const fields[] = {"model", "input", "encoding_format", "dimensions", "user", NULL};
+    if (srv_check_fields(root, fields, "", "/v1/embeddings", e))
+        return -1;
     json_t *model = json_object_get(root, "model");
     const char *name = json_string_value(model);
     if (!name)

@@ -92,15 +92,23 @@ static json_t *admin_body(const char *body, size_t len, bool load, const char **
         srv_error_invalid(e, NULL, "the body must be a JSON object with lora_name%s", load ? " and lora_path" : "");
         return NULL;
     }
-    const char *key;
-    json_t *v;
-    json_object_foreach(o, key, v) {
-        if (strcmp(key, "lora_name") == 0 || (load && strcmp(key, "lora_path") == 0))
-            continue;
-        if (strcmp(key, "load_inplace") == 0 && !json_is_true(v))
-            continue;
-        srv_error_invalid(e, key, "'%s' is not supported here%s", key,
-                          strcmp(key, "load_inplace") == 0 ? ": unload the adapter first, then load it again" : "");
+    /* vLLM's fields; load_inplace only false (replacing a loaded adapter is unload, then load) */
+    static const char *const load_fields[] = {"lora_name", "lora_path", "load_inplace", NULL};
+    static const char *const unload_fields[] = {"lora_name", NULL};
+    if (srv_check_fields(o, load ? load_fields : unload_fields, "",
+                         load ? "/v1/load_lora_adapter" : "/v1/unload_lora_adapter", e)) {
+        json_decref(o);
+        return NULL;
+    }
+    json_t *inplace = json_object_get(o, "load_inplace");
+    if (inplace && !json_is_null(inplace) && !json_is_boolean(inplace)) {
+        srv_error_invalid(e, "load_inplace", "'load_inplace' must be true or false");
+        json_decref(o);
+        return NULL;
+    }
+    if (json_is_true(inplace)) {
+        srv_error_invalid(e, "load_inplace", "'load_inplace': true is not supported: unload the adapter first, then "
+                                             "load it again");
         json_decref(o);
         return NULL;
     }

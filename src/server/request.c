@@ -1,6 +1,7 @@
 /* Request bodies → srv_request: JSON parsed with jansson, every field checked for type and
- * range, errors naming the field the way OpenAI does ("messages[2].content"). Unknown
- * fields are ignored, as most OpenAI-compatible servers do, so newer clients keep working.
+ * range, errors naming the field the way OpenAI does ("messages[2].content"). Every object
+ * the server reads has its list of fields (srv_check_fields): a field it does not know is a
+ * 400 naming the field and the route, never silently dropped. null is "not given".
  *
  * Three shapes: OpenAI chat completions, OpenAI (legacy) completions, and TGI's
  * {"inputs", "parameters"}. */
@@ -82,6 +83,49 @@ static int get_string(json_t *obj, const char *key, const char **out, srv_error 
 static int oom(srv_error *e)
 {
     return srv_error_set(e, 500, "server_error", NULL, NULL, "out of memory reading the request");
+}
+
+/* ---- the fields a route takes ------------------------------------------------------------ */
+
+const char *srv_api_route(srv_api api)
+{
+    return api == SRV_API_CHAT ? "/v1/chat/completions" : api == SRV_API_COMPLETION ? "/v1/completions"
+                                                                                   : "/generate (and / and /generate_stream)";
+}
+
+static bool field_listed(const char *const *allowed, const char *key)
+{
+    for (; *allowed; allowed++)
+        if (strcmp(*allowed, key) == 0)
+            return true;
+    return false;
+}
+
+int srv_check_fields(json_t *obj, const char *const *allowed, const char *where, const char *route, srv_error *e)
+{
+    if (!json_is_object(obj))
+        return 0;
+    const char *key;
+    json_t *v;
+    json_object_foreach(obj, key, v) {
+        if (field_listed(allowed, key))
+            continue;
+        char clean[64], param[96];
+        srv_text_clean(clean, sizeof clean, key, strlen(key), SRV_TEXT_ESCAPE_CONTROLS);
+        snprintf(param, sizeof param, "%s%s%s", where, *where ? "." : "", clean);
+        /* a short list is named in the message; a long one (chat's) is in docs/SERVER.md */
+        zse_buf list = {0};
+        for (size_t i = 0; allowed[i] && list.len < 200; i++)
+            zse_buf_printf(&list, "%s%s", i ? ", " : "", allowed[i]);
+        int rc = list.len < 200 && list.data
+                     ? srv_error_invalid(e, param, "unsupported field '%s' for %s; remove it (%s takes: %s)", param,
+                                         route, *where ? where : "it", zse_buf_str(&list))
+                     : srv_error_invalid(e, param, "unsupported field '%s' for %s; remove it (docs/SERVER.md lists "
+                                                   "the fields it takes)", param, route);
+        zse_buf_free(&list);
+        return rc;
+    }
+    return 0;
 }
 
 static bool has_nul(json_t *s)
@@ -263,8 +307,9 @@ static int parse_n(json_t *body, srv_request *r, srv_error *e)
     return 0;
 }
 
-static int parse_stream(json_t *body, srv_request *r, srv_error *e)
+static int parse_stream(json_t *body, const char *route, srv_request *r, srv_error *e)
 {
+    static const char *const options[] = {"include_usage", NULL};
     if (get_bool(body, "stream", &r->stream, e))
         return -1;
     json_t *so = json_object_get(body, "stream_options");
@@ -274,6 +319,8 @@ static int parse_stream(json_t *body, srv_request *r, srv_error *e)
         return srv_error_invalid(e, "stream_options", "'stream_options' is only allowed when 'stream' is true");
     if (!json_is_object(so))
         return srv_error_invalid(e, "stream_options", "'stream_options' must be an object");
+    if (srv_check_fields(so, options, "stream_options", route, e))
+        return -1;
     json_t *iu = json_object_get(so, "include_usage");
     if (iu && !json_is_null(iu) && !json_is_boolean(iu))
         return srv_error_invalid(e, "stream_options.include_usage", "'stream_options.include_usage' must be true or false");
@@ -314,8 +361,9 @@ static int parse_model(json_t *body, const srv_model_facts *mf, srv_request *r, 
 /* ---- chat messages ------------------------------------------------------------------- */
 
 /* content: a string, null, or a list of {"type":"text","text":...} parts joined by "\n" */
-static int message_text(json_t *content, size_t mi, zse_buf *out, bool *is_null, srv_error *e)
+static int message_text(json_t *content, size_t mi, const char *route, zse_buf *out, bool *is_null, srv_error *e)
 {
+    static const char *const part_fields[] = {"type", "text", NULL};
     char param[64];
     snprintf(param, sizeof param, "messages[%zu].content", mi);
     *is_null = !content || json_is_null(content);
@@ -339,6 +387,8 @@ static int message_text(json_t *content, size_t mi, zse_buf *out, bool *is_null,
         if (strcmp(type, "text") != 0)
             return srv_error_invalid(e, pp, "content part type '%s' in '%s' is not supported (this model reads text)",
                                      type, pp);
+        if (srv_check_fields(part, part_fields, pp, route, e))
+            return -1;
         json_t *text = json_object_get(part, "text");
         if (!json_is_string(text) || has_nul(text))
             return srv_error_invalid(e, pp, "'%s.text' must be a string", pp);
@@ -348,14 +398,36 @@ static int message_text(json_t *content, size_t mi, zse_buf *out, bool *is_null,
     return 0;
 }
 
-/* one message, rebuilt with only what templates read: role, content (a string), name,
- * tool_calls, tool_call_id */
-static json_t *normalize_message(json_t *m, size_t i, srv_error *e)
+/* OpenAI's assistant fields a client replaying a conversation may carry: only null (not
+ * given) is taken, since no template reads them */
+static int check_assistant_extras(json_t *m, const char *param, srv_error *e)
 {
+    static const char *const extras[] = {"refusal", "audio", "function_call"};
+    for (size_t k = 0; k < sizeof extras / sizeof extras[0]; k++) {
+        json_t *v = json_object_get(m, extras[k]);
+        if (v && !json_is_null(v)) {
+            char p[96];
+            snprintf(p, sizeof p, "%s.%s", param, extras[k]);
+            return srv_error_invalid(e, p, "'%s' is not supported in messages (the chat template cannot show it); "
+                                           "leave it out or null%s", p,
+                                     k == 2 ? " and send the call in 'tool_calls'" : "");
+        }
+    }
+    return 0;
+}
+
+/* one message, rebuilt with only what templates read: role, content (a string), name,
+ * tool_calls, tool_call_id; any other field is refused */
+static json_t *normalize_message(json_t *m, size_t i, const char *route, srv_error *e)
+{
+    static const char *const fields[] = {"role", "content", "name", "tool_calls", "tool_call_id",
+                                         "refusal", "audio", "function_call", NULL};
     char param[64];
     snprintf(param, sizeof param, "messages[%zu]", i);
     if (!json_is_object(m))
         return srv_error_invalid(e, param, "'%s' must be an object with 'role' and 'content'", param), NULL;
+    if (srv_check_fields(m, fields, param, route, e) || check_assistant_extras(m, param, e))
+        return NULL;
     const char *role = json_string_value(json_object_get(m, "role"));
     snprintf(param, sizeof param, "messages[%zu].role", i);
     if (!role)
@@ -367,7 +439,7 @@ static json_t *normalize_message(json_t *m, size_t i, srv_error *e)
                                  param, role), NULL;
     zse_buf text = {0};
     bool is_null;
-    if (message_text(json_object_get(m, "content"), i, &text, &is_null, e)) {
+    if (message_text(json_object_get(m, "content"), i, route, &text, &is_null, e)) {
         zse_buf_free(&text);
         return NULL;
     }
@@ -406,7 +478,7 @@ static json_t *normalize_message(json_t *m, size_t i, srv_error *e)
     return out;
 }
 
-static int parse_messages(json_t *body, srv_request *r, srv_error *e)
+static int parse_messages(json_t *body, const char *route, srv_request *r, srv_error *e)
 {
     json_t *msgs = json_object_get(body, "messages");
     if (!msgs || json_is_null(msgs))
@@ -418,7 +490,7 @@ static int parse_messages(json_t *body, srv_request *r, srv_error *e)
     size_t i;
     json_t *m;
     json_array_foreach(msgs, i, m) {
-        json_t *nm = normalize_message(m, i, e);
+        json_t *nm = normalize_message(m, i, route, e);
         if (!nm || json_array_append_new(r->messages, nm) != 0)
             return nm ? oom(e) : -1;
     }
@@ -469,9 +541,9 @@ static int parse_template_options(json_t *body, srv_request *r, srv_error *e)
     return json_object_update(r->template_extra, kw) == 0 ? 0 : oom(e);
 }
 
-int srv_request_parse_messages(json_t *body, srv_request *r, srv_error *e)
+int srv_request_parse_messages(json_t *body, const char *route, srv_request *r, srv_error *e)
 {
-    return parse_messages(body, r, e) || parse_template_options(body, r, e) ? -1 : 0;
+    return parse_messages(body, route, r, e) || parse_template_options(body, r, e) ? -1 : 0;
 }
 
 static int parse_chat_logprobs(json_t *body, srv_request *r, srv_error *e)
@@ -489,9 +561,56 @@ static int parse_chat_logprobs(json_t *body, srv_request *r, srv_error *e)
     return 0;
 }
 
+/* the fields shared by chat and completions: sampling (parse_sampling), the vLLM extras,
+ * streaming, and structured output (structured.c) */
+#define SAMPLING_FIELDS                                                                                   \
+    "model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty",               \
+        "frequency_penalty", "logit_bias", "logprobs", "stream", "stream_options", "user", "top_k", "min_p", \
+        "repetition_penalty", "ignore_eos", "priority", "min_tokens", "prompt_logprobs"
+#define STRUCTURED_FIELDS                                                                               \
+    "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",               \
+        "guided_structural_tag", "guided_whitespace_pattern", "guided_decoding_backend", "guided_backend", \
+        "structured_outputs"
+
+static const char *const CHAT_FIELDS[] = {
+    SAMPLING_FIELDS, STRUCTURED_FIELDS, "messages", "max_completion_tokens", "top_logprobs", "store", "metadata",
+    "service_tier", "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "tools",
+    "tool_choice", "parallel_tool_calls", "functions", "function_call", NULL};
+
+static const char *const COMPLETION_FIELDS[] = {SAMPLING_FIELDS, STRUCTURED_FIELDS, "prompt", "echo", "best_of",
+                                                "suffix", NULL};
+
+/* OpenAI's chat fields that only label a request for OpenAI's own keeping: store (false: this
+ * server keeps no completions, so false is what happens; true is refused), metadata (kept
+ * only with stored completions: refused), service_tier ("auto" and "default" are the one way
+ * this server runs requests; the paid tiers are refused) */
+static int parse_openai_keeping(json_t *body, srv_error *e)
+{
+    bool store = false;
+    if (get_bool(body, "store", &store, e))
+        return -1;
+    if (store)
+        return srv_error_invalid(e, "store", "'store': true is not supported: this server keeps no completions "
+                                             "(send false or leave it out)");
+    json_t *md = json_object_get(body, "metadata");
+    if (md && !json_is_null(md))
+        return srv_error_invalid(e, "metadata", "'metadata' is not supported: OpenAI keeps it with stored "
+                                                "completions, and this server stores none (leave it out)");
+    const char *tier;
+    if (get_string(body, "service_tier", &tier, e))
+        return -1;
+    if (tier && strcmp(tier, "auto") != 0 && strcmp(tier, "default") != 0)
+        return srv_error_invalid(e, "service_tier", "'service_tier' '%s' is not supported: this server has one "
+                                                    "tier (\"auto\" or \"default\")", tier);
+    return 0;
+}
+
 static int parse_chat(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
 {
-    if (parse_model(body, mf, r, e) || srv_request_parse_messages(body, r, e) || parse_stream(body, r, e) ||
+    const char *route = srv_api_route(SRV_API_CHAT);
+    if (srv_check_fields(body, CHAT_FIELDS, "", route, e) || parse_openai_keeping(body, e))
+        return -1;
+    if (parse_model(body, mf, r, e) || srv_request_parse_messages(body, route, r, e) || parse_stream(body, route, r, e) ||
         parse_n(body, r, e) || parse_sampling(body, mf, r, e) || parse_chat_logprobs(body, r, e) ||
         parse_max_tokens(body, "max_tokens", r, e) || parse_max_tokens(body, "max_completion_tokens", r, e) ||
         srv_structured_parse(body, r, e))
@@ -595,8 +714,11 @@ static int parse_completion(json_t *body, const srv_model_facts *mf, srv_request
     long long i = 0;
     bool have;
     r->max_tokens = 0;
+    const char *route = srv_api_route(SRV_API_COMPLETION);
+    if (srv_check_fields(body, COMPLETION_FIELDS, "", route, e))
+        return -1;
     if (parse_model(body, mf, r, e) || parse_n(body, r, e) || parse_prompts(body, mf, r, e) ||
-        parse_stream(body, r, e) || parse_sampling(body, mf, r, e) || get_bool(body, "echo", &r->echo, e) ||
+        parse_stream(body, route, r, e) || parse_sampling(body, mf, r, e) || get_bool(body, "echo", &r->echo, e) ||
         srv_structured_parse(body, r, e))
         return -1;
     /* max_tokens 0 generates nothing: with echo and logprobs the prompt is only scored */
@@ -720,8 +842,23 @@ int srv_request_set_stream(srv_request *r, bool stream, srv_error *e)
     return 0;
 }
 
+static const char *const TGI_FIELDS[] = {"inputs", "parameters", "stream", NULL};
+
+/* TGI's parameters, LoRAX's (adapter_*, merged_adapters, api_token, ignore_eos_token,
+ * return_k_alternatives, response_format) and the ones only their default is taken of
+ * (watermark false, typical_p 1) */
+static const char *const TGI_PARAMETERS[] = {
+    "do_sample", "details", "return_full_text", "temperature", "top_p", "top_k", "repetition_penalty",
+    "frequency_penalty", "max_new_tokens", "seed", "stop", "adapter_id", "adapter_source", "merged_adapters",
+    "api_token", "top_n_tokens", "return_k_alternatives", "ignore_eos_token", "decoder_input_details", "truncate",
+    "grammar", "response_format", "watermark", "typical_p", "best_of", NULL};
+
 static int parse_tgi(json_t *body, const srv_model_facts *mf, srv_request *r, srv_error *e)
 {
+    const char *route = srv_api_route(SRV_API_TGI);
+    if (srv_check_fields(body, TGI_FIELDS, "", route, e) ||
+        srv_check_fields(json_object_get(body, "parameters"), TGI_PARAMETERS, "parameters", route, e))
+        return -1;
     json_t *inputs = json_object_get(body, "inputs");
     if (!json_is_string(inputs))
         return srv_error_invalid(e, "inputs", "'inputs' must be a string");

@@ -48,6 +48,17 @@ size_t srv_text_clean(char *dst, size_t cap, const char *src, size_t len, unsign
 /* ---- requests: what a client asked for, validated ------------------------------------- */
 typedef enum { SRV_API_CHAT, SRV_API_COMPLETION, SRV_API_TGI } srv_api;
 
+/* The fields a JSON object of a route may hold: a field accepted and then ignored would be a
+ * silent defect, so every route lists the fields it knows (NULL-terminated) and any other is
+ * a 400 "unsupported field 'where.key' for ROUTE; remove it". A field listed is not thereby
+ * valid: its parser checks it (null counts as absent, as OpenAI treats it). where is the
+ * object's path ("" at the top, "parameters", "tools[2].function"); a non-object passes (its
+ * type is its parser's to refuse). */
+int srv_check_fields(json_t *obj, const char *const *allowed, const char *where, const char *route,
+                     srv_error *e);
+/* the route (or routes) a request shape is parsed for, as error messages name it */
+const char *srv_api_route(srv_api api);
+
 #define SRV_MAX_CHOICES 16      /* n (and TGI best_of) per prompt */
 #define SRV_MAX_STOP 16         /* stop strings per request */
 
@@ -158,8 +169,8 @@ typedef struct {
 int srv_request_parse(srv_api api, const char *body, size_t len, const srv_model_facts *model,
                       srv_request *out, srv_error *err);
 /* chat messages and the template's options (add_generation_prompt, continue_final_message,
- * chat_template_kwargs, tools) from a body into r (chat and POST /tokenize) */
-int srv_request_parse_messages(json_t *body, srv_request *r, srv_error *e);
+ * chat_template_kwargs, tools) from a body into r (chat and POST /tokenize: route names it) */
+int srv_request_parse_messages(json_t *body, const char *route, srv_request *r, srv_error *e);
 /* renders r->messages with the model's template into r->prompts[0].text */
 int srv_request_render_chat(srv_request *r, const zse_model *m, srv_error *e);
 /* sets r->stream (the TGI routes decide it by path) and refuses what cannot stream (TGI's

@@ -115,26 +115,38 @@ static int claim_choice(srv_structured *st, json_t *v, const char *param, srv_er
     return 0;
 }
 
-/* OpenAI: {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}} */
-static int parse_response_format(json_t *body, srv_structured *st, srv_error *e)
+/* OpenAI: {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "description",
+ * "schema", "strict"}}. name and description label the schema (OpenAI requires the name; the
+ * grammar holds the output to the schema whatever they say). */
+static int parse_response_format(json_t *body, const char *route, srv_structured *st, srv_error *e)
 {
+    static const char *const fields[] = {"type", "json_schema", NULL};
+    static const char *const schema_fields[] = {"name", "description", "schema", "strict", NULL};
     json_t *rf = json_object_get(body, "response_format");
     if (absent(rf))
         return 0;
     const char *type = json_string_value(json_object_get(rf, "type"));
     if (!json_is_object(rf) || !type)
         return srv_error_invalid(e, "response_format", "'response_format' must be an object with a 'type'");
+    if (srv_check_fields(rf, fields, "response_format", route, e))
+        return -1;
+    json_t *js = json_object_get(rf, "json_schema");
+    bool typed_schema = strcmp(type, "json_schema") == 0;
+    if (!typed_schema && !absent(js))
+        return srv_error_invalid(e, "response_format.json_schema", "'response_format.json_schema' is only taken with "
+                                 "type \"json_schema\", not \"%s\"", type);
     if (strcmp(type, "text") == 0)
         return 0;
     if (strcmp(type, "json_object") == 0)
         return claim(st, SRV_GRAMMAR_JSON_OBJECT, "response_format", e);
-    if (strcmp(type, "json_schema") != 0)
+    if (!typed_schema)
         return srv_error_invalid(e, "response_format.type",
                                  "response_format type '%s' is not supported (text, json_object or json_schema)", type);
-    json_t *js = json_object_get(rf, "json_schema");
     if (!json_is_object(js))
         return srv_error_invalid(e, "response_format.json_schema",
                                  "'response_format.json_schema' must be an object with 'name' and 'schema'");
+    if (srv_check_fields(js, schema_fields, "response_format.json_schema", route, e))
+        return -1;
     json_t *strict = json_object_get(js, "strict");
     if (!absent(strict) && !json_is_boolean(strict))
         return srv_error_invalid(e, "response_format.json_schema.strict",
@@ -185,8 +197,10 @@ static int parse_guided(json_t *obj, const char *prefix, const char *where, srv_
 
 /* ---- tools ---------------------------------------------------------------------------- */
 
-static int check_tools(json_t *tools, srv_error *e)
+static int check_tools(json_t *tools, const char *route, srv_error *e)
 {
+    static const char *const tool_fields[] = {"type", "function", NULL};
+    static const char *const function_fields[] = {"name", "description", "parameters", "strict", NULL};
     if (!json_is_array(tools))
         return srv_error_invalid(e, "tools", "'tools' must be a list");
     if (json_array_size(tools) > MAX_TOOLS)
@@ -201,9 +215,23 @@ static int check_tools(json_t *tools, srv_error *e)
         if (!json_is_object(t) || !type || strcmp(type, "function") != 0 || !json_is_object(fn))
             return srv_error_invalid(e, param, "'%s' must be {\"type\": \"function\", \"function\": {\"name\", ...}}",
                                      param);
+        char fparam[80];
+        snprintf(fparam, sizeof fparam, "%s.function", param);
+        if (srv_check_fields(t, tool_fields, param, route, e) || srv_check_fields(fn, function_fields, fparam, route, e))
+            return -1;
         const char *name = json_string_value(json_object_get(fn, "name"));
         if (!name || !*name)
             return srv_error_invalid(e, param, "'%s.function.name' must be a non-empty string", param);
+        /* strict false is what happens here; OpenAI's strict mode (closed objects, every
+         * property required, for every tool format) is not what the tool grammar does */
+        json_t *strict = json_object_get(fn, "strict");
+        snprintf(fparam, sizeof fparam, "%s.function.strict", param);
+        if (!absent(strict) && !json_is_boolean(strict))
+            return srv_error_invalid(e, fparam, "'%s' must be true or false", fparam);
+        if (json_is_true(strict))
+            return srv_error_invalid(e, fparam, "'%s': true (OpenAI's strict function calling) is not supported; "
+                                                "leave it out or false (the arguments of a forced call still follow "
+                                                "'parameters')", fparam);
         json_t *params = json_object_get(fn, "parameters");
         if (!absent(params) && !json_is_object(params))
             return srv_error_invalid(e, param, "'%s.function.parameters' must be a JSON Schema object", param);
@@ -212,8 +240,10 @@ static int check_tools(json_t *tools, srv_error *e)
 }
 
 /* "none" | "auto" | "required" | {"type": "function", "function": {"name"}} */
-static int parse_tool_choice(json_t *v, bool have_tools, srv_structured *st, srv_error *e)
+static int parse_tool_choice(json_t *v, bool have_tools, const char *route, srv_structured *st, srv_error *e)
 {
+    static const char *const fields[] = {"type", "function", NULL};
+    static const char *const function_fields[] = {"name", NULL};
     st->tools = have_tools ? SRV_TOOLS_AUTO : SRV_TOOLS_OFF;
     if (absent(v))
         return 0;
@@ -227,6 +257,9 @@ static int parse_tool_choice(json_t *v, bool have_tools, srv_structured *st, srv
     else if (s && strcmp(s, "required") == 0)
         st->tools = SRV_TOOLS_REQUIRED;
     else if (json_is_object(v)) {
+        if (srv_check_fields(v, fields, "tool_choice", route, e) ||
+            srv_check_fields(json_object_get(v, "function"), function_fields, "tool_choice.function", route, e))
+            return -1;
         const char *type = json_string_value(json_object_get(v, "type"));
         const char *name = json_string_value(json_object_get(json_object_get(v, "function"), "name"));
         if (!type || strcmp(type, "function") != 0 || !name)
@@ -245,13 +278,13 @@ static int parse_tool_choice(json_t *v, bool have_tools, srv_structured *st, srv
     return 0;
 }
 
-static int parse_tools(json_t *body, srv_structured *st, srv_error *e)
+static int parse_tools(json_t *body, const char *route, srv_structured *st, srv_error *e)
 {
     json_t *tools = json_object_get(body, "tools");
     bool have = !absent(tools) && json_array_size(tools) > 0;
-    if (!absent(tools) && check_tools(tools, e))
+    if (!absent(tools) && check_tools(tools, route, e))
         return -1;
-    if (parse_tool_choice(json_object_get(body, "tool_choice"), have, st, e))
+    if (parse_tool_choice(json_object_get(body, "tool_choice"), have, route, st, e))
         return -1;
     json_t *par = json_object_get(body, "parallel_tool_calls");
     if (!absent(par) && !json_is_boolean(par))
@@ -264,14 +297,18 @@ static int parse_tools(json_t *body, srv_structured *st, srv_error *e)
 
 int srv_structured_parse(json_t *body, srv_request *r, srv_error *e)
 {
+    static const char *const so_fields[] = {"json", "regex", "choice", "grammar", "json_object", "structural_tag",
+                                            "whitespace_pattern", "decoding_backend", "backend", NULL};
     srv_structured *st = &r->structured;
-    if (parse_response_format(body, st, e) || parse_guided(body, "guided_", "", st, e))
+    const char *route = srv_api_route(r->api);
+    if (parse_response_format(body, route, st, e) || parse_guided(body, "guided_", "", st, e))
         return -1;
     json_t *so = json_object_get(body, "structured_outputs");
     if (!absent(so)) {
         if (!json_is_object(so))
             return srv_error_invalid(e, "structured_outputs", "'structured_outputs' must be an object");
-        if (parse_guided(so, "", "structured_outputs.", st, e))
+        if (srv_check_fields(so, so_fields, "structured_outputs", route, e) ||
+            parse_guided(so, "", "structured_outputs.", st, e))
             return -1;
     }
     if (r->api != SRV_API_CHAT)
@@ -281,7 +318,7 @@ int srv_structured_parse(json_t *body, srv_request *r, srv_error *e)
         if (!absent(json_object_get(body, legacy[i])))
             return srv_error_invalid(e, legacy[i], "'%s' (OpenAI's deprecated function calling) is not supported: "
                                                    "send 'tools' and 'tool_choice'", legacy[i]);
-    if (parse_tools(body, st, e))
+    if (parse_tools(body, route, st, e))
         return -1;
     if (st->kind != SRV_GRAMMAR_NONE && (st->tools == SRV_TOOLS_REQUIRED || st->tools == SRV_TOOLS_NAMED))
         return srv_error_invalid(e, "tool_choice",
@@ -290,8 +327,34 @@ int srv_structured_parse(json_t *body, srv_request *r, srv_error *e)
     return 0;
 }
 
+/* LoRAX's parameters.response_format: {"type": "json_object", "schema": SCHEMA} (without a
+ * schema: any JSON object) */
+static int parse_lorax_response_format(json_t *params, srv_request *r, srv_error *e)
+{
+    static const char *const fields[] = {"type", "schema", NULL};
+    json_t *rf = json_object_get(params, "response_format");
+    if (absent(rf))
+        return 0;
+    const char *type = json_string_value(json_object_get(rf, "type"));
+    if (!json_is_object(rf) || !type)
+        return srv_error_invalid(e, "parameters.response_format", "'parameters.response_format' must be "
+                                 "{\"type\": \"json_object\", \"schema\": SCHEMA}");
+    if (srv_check_fields(rf, fields, "parameters.response_format", srv_api_route(r->api), e))
+        return -1;
+    if (strcmp(type, "json_object") != 0)
+        return srv_error_invalid(e, "parameters.response_format.type", "response_format type '%s' is not supported "
+                                 "(json_object)", type);
+    json_t *schema = json_object_get(rf, "schema");
+    if (absent(schema))
+        return claim(&r->structured, SRV_GRAMMAR_JSON_OBJECT, "parameters.response_format", e);
+    return claim_schema(&r->structured, schema, "parameters.response_format.schema", e);
+}
+
 int srv_structured_parse_tgi(json_t *params, srv_request *r, srv_error *e)
 {
+    static const char *const fields[] = {"type", "value", NULL};
+    if (parse_lorax_response_format(params, r, e))
+        return -1;
     json_t *g = json_object_get(params, "grammar");
     if (absent(g))
         return 0;
@@ -300,6 +363,8 @@ int srv_structured_parse_tgi(json_t *params, srv_request *r, srv_error *e)
     if (!json_is_object(g) || !type || absent(value))
         return srv_error_invalid(e, "parameters.grammar",
                                  "'parameters.grammar' must be {\"type\": \"json\" | \"regex\", \"value\": ...}");
+    if (srv_check_fields(g, fields, "parameters.grammar", srv_api_route(r->api), e))
+        return -1;
     if (strcmp(type, "json") == 0)
         return claim_schema(&r->structured, value, "parameters.grammar.value", e);
     if (strcmp(type, "regex") == 0)

@@ -11,9 +11,16 @@ static int oom(srv_error *e)
     return srv_error_set(e, 500, "server_error", NULL, NULL, "out of memory");
 }
 
-/* the body as a JSON object, its optional model naming this server's model (or an adapter:
- * they share its tokenizer) */
-static json_t *load_body(const char *body, size_t len, const srv_model_facts *mf, srv_error *e)
+/* vLLM's fields (model optional); /tokenize's chat form takes chat's template options */
+static const char *const TOKENIZE_FIELDS[] = {"model", "prompt", "messages", "add_special_tokens", "return_token_strs",
+                                              "tools", "add_generation_prompt", "continue_final_message",
+                                              "chat_template_kwargs", "chat_template", NULL};
+static const char *const DETOKENIZE_FIELDS[] = {"model", "tokens", NULL};
+
+/* the body as a JSON object of the route's fields, its optional model naming this server's
+ * model (or an adapter: they share its tokenizer) */
+static json_t *load_body(const char *body, size_t len, const srv_model_facts *mf, const char *const *fields,
+                         const char *route, srv_error *e)
 {
     json_error_t jerr;
     json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
@@ -23,6 +30,10 @@ static json_t *load_body(const char *body, size_t len, const srv_model_facts *mf
     if (!json_is_object(root)) {
         json_decref(root);
         return srv_error_invalid(e, NULL, "the body must be a JSON object"), NULL;
+    }
+    if (srv_check_fields(root, fields, "", route, e)) {
+        json_decref(root);
+        return NULL;
     }
     json_t *model = json_object_get(root, "model");
     const char *name = json_string_value(model);
@@ -56,19 +67,34 @@ static char *chat_text(json_t *body, const zse_model *m, srv_error *e)
     srv_request r;
     memset(&r, 0, sizeof r);
     r.api = SRV_API_CHAT;
-    if (json_object_get(body, "chat_template"))
+    json_t *tpl = json_object_get(body, "chat_template");
+    if (tpl && !json_is_null(tpl))
         return srv_error_invalid(e, "chat_template", "a per-request 'chat_template' is not supported: the model's "
                                                      "(or zse serve --chat-template FILE's) is used"), NULL;
     if (!(r.prompts = zse_calloc(1, sizeof *r.prompts)))
         return oom(e), NULL;
     r.n_prompts = 1;
     char *text = NULL;
-    if (srv_request_parse_messages(body, &r, e) == 0 && srv_request_render_chat(&r, m, e) == 0) {
+    if (srv_request_parse_messages(body, "/tokenize", &r, e) == 0 && srv_request_render_chat(&r, m, e) == 0) {
         text = r.prompts[0].text;
         r.prompts[0].text = NULL;
     }
     srv_request_free(&r);
     return text;
+}
+
+/* the template's options mean nothing to a plain prompt: refused rather than dropped */
+static int chat_only_field(json_t *body, srv_error *e)
+{
+    static const char *const chat_only[] = {"tools", "add_generation_prompt", "continue_final_message",
+                                            "chat_template_kwargs", "chat_template"};
+    for (size_t i = 0; i < sizeof chat_only / sizeof chat_only[0]; i++) {
+        json_t *v = json_object_get(body, chat_only[i]);
+        if (v && !json_is_null(v))
+            return srv_error_invalid(e, chat_only[i], "'%s' is taken only with 'messages' (the chat template's "
+                                     "option), not with 'prompt'", chat_only[i]);
+    }
+    return 0;
 }
 
 static json_t *token_strs(const zse_model *m, const int32_t *ids, size_t n)
@@ -86,7 +112,7 @@ int srv_tokenize(const zse_model *m, const srv_model_facts *mf, const char *body
                  srv_error *e)
 {
     *out = NULL;
-    json_t *root = load_body(body, len, mf, e);
+    json_t *root = load_body(body, len, mf, TOKENIZE_FIELDS, "/tokenize", e);
     if (!root)
         return -1;
     json_t *msgs = json_object_get(root, "messages"), *prompt = json_object_get(root, "prompt");
@@ -99,6 +125,8 @@ int srv_tokenize(const zse_model *m, const srv_model_facts *mf, const char *body
         srv_error_invalid(e, "prompt", "send either 'prompt' or 'messages', not both");
         goto done;
     }
+    if (!chat && chat_only_field(root, e))
+        goto done;
     /* a prompt gets the tokenizer's BOS/EOS by default; a template writes its own */
     if (get_flag(root, "add_special_tokens", !chat, &special, e) || get_flag(root, "return_token_strs", false, &strs, e))
         goto done;
@@ -140,7 +168,7 @@ int srv_detokenize(const zse_model *m, const srv_model_facts *mf, const char *bo
                    srv_error *e)
 {
     *out = NULL;
-    json_t *root = load_body(body, len, mf, e);
+    json_t *root = load_body(body, len, mf, DETOKENIZE_FIELDS, "/detokenize", e);
     if (!root)
         return -1;
     json_t *tokens = json_object_get(root, "tokens");

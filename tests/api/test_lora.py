@@ -140,6 +140,16 @@ def test_load_and_unload(lserver):
         complete(client, "late")
     r = httpx.post(lserver.url("/v1/unload_lora_adapter"), timeout=30, json={"lora_name": "late"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
+    # a field the route does not know is refused, naming it and the route (vLLM's lora_int_id too)
+    r = httpx.post(lserver.url("/v1/load_lora_adapter"), timeout=30,
+                   json={"lora_name": "y", "lora_path": str(LORA / "attn-r8"), "base_model_name": "b"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "base_model_name"
+    assert r.json()["error"]["message"].startswith("unsupported field 'base_model_name' for /v1/load_lora_adapter")
+    r = httpx.post(lserver.url("/v1/unload_lora_adapter"), timeout=30, json={"lora_name": "mlp", "lora_int_id": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_int_id"
+    r = httpx.post(lserver.url("/v1/load_lora_adapter"), timeout=30,
+                   json={"lora_name": "y", "lora_path": str(LORA / "attn-r8"), "load_inplace": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "load_inplace"
 
 
 def test_concurrent_adapters_match_alone(lserver):

@@ -44,7 +44,7 @@ static void test_chat(void)
                 "\"presence_penalty\":0.5,\"frequency_penalty\":-0.5,\"logit_bias\":{\"5\":-100,\"7\":2.5},"
                 "\"logprobs\":true,\"top_logprobs\":3,\"n\":2,\"user\":\"u1\",\"stream\":true,"
                 "\"stream_options\":{\"include_usage\":true},\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}],"
-                "\"some_future_field\":{\"ignored\":true}}",
+                "\"store\":false,\"service_tier\":\"auto\",\"metadata\":null,\"functions\":null}",
                 &r, &e) == 0);
     CHECK(r.api == SRV_API_CHAT && r.n == 2 && r.stream && r.include_usage);
     CHECK(r.sampling.temperature == 0.5f && r.sampling.top_p == 0.9f && r.max_tokens == 7);
@@ -353,6 +353,150 @@ static void test_template_options(void)
     srv_request_free(&r);
 }
 
+
+/* srv_check_fields: the one check every route's objects go through */
+static void test_check_fields(void)
+{
+    static const char *const few[] = {"a", "b", NULL};
+    srv_error e;
+    json_t *o = json_loads("{\"a\":1,\"b\":null}", 0, NULL);
+    CHECK(srv_check_fields(o, few, "", "/x", &e) == 0);
+    json_decref(o);
+    CHECK(srv_check_fields(NULL, few, "", "/x", &e) == 0); /* absent or not an object: the parser's to judge */
+    o = json_loads("[1]", 0, NULL);
+    CHECK(srv_check_fields(o, few, "", "/x", &e) == 0);
+    json_decref(o);
+    memset(&e, 0, sizeof e);
+    o = json_loads("{\"a\":1,\"foo\":null}", 0, NULL); /* null does not make an unknown field known */
+    CHECK(srv_check_fields(o, few, "", "/v1/x", &e) == -1);
+    CHECK(e.status == 400 && !strcmp(e.type, "invalid_request_error") && !strcmp(e.param, "foo"));
+    CHECK_EQ_STR(e.message, "unsupported field 'foo' for /v1/x; remove it (it takes: a, b)");
+    json_decref(o);
+    o = json_loads("{\"b\":1,\"x\\ny\":2}", 0, NULL); /* nested: the path; control characters escaped */
+    CHECK(srv_check_fields(o, few, "parameters", "/generate", &e) == -1);
+    CHECK_EQ_STR(e.param, "parameters.x\\x0ay");
+    CHECK_EQ_STR(e.message, "unsupported field 'parameters.x\\x0ay' for /generate; remove it (parameters takes: a, b)");
+    json_decref(o);
+    /* a list too long to name points to the docs */
+    static const char *long_list[40];
+    char names[39][12];
+    for (int i = 0; i < 39; i++) {
+        snprintf(names[i], sizeof names[i], "field_%02d", i);
+        long_list[i] = names[i];
+    }
+    long_list[39] = NULL;
+    o = json_loads("{\"field_38\":1,\"zz\":2}", 0, NULL);
+    CHECK(srv_check_fields(o, long_list, "", "/v1/chat/completions", &e) == -1);
+    CHECK_EQ_STR(e.message, "unsupported field 'zz' for /v1/chat/completions; remove it (docs/SERVER.md lists the "
+                            "fields it takes)");
+    json_decref(o);
+}
+
+/* the message names the field and the route */
+#define CHECK_UNSUPPORTED(api, body, param_, route_)                                                        \
+    do {                                                                                                    \
+        srv_request r_;                                                                                     \
+        srv_error e_;                                                                                       \
+        memset(&e_, 0, sizeof e_);                                                                          \
+        CHECK_MSG(parse(api, body, &r_, &e_) == -1, "accepted: %s", body);                                 \
+        CHECK_MSG(e_.status == 400 && !strcmp(e_.param, param_), "%s: %d '%s' (%s)", body, e_.status, e_.param, \
+                  e_.message);                                                                              \
+        char want_[160];                                                                                    \
+        snprintf(want_, sizeof want_, "unsupported field '%s' for %s; remove it", param_, route_);         \
+        CHECK_MSG(strstr(e_.message, want_) == e_.message, "%s: %s", body, e_.message);                    \
+        srv_request_free(&r_);                                                                              \
+    } while (0)
+
+/* every object a route reads refuses a field it does not know, top-level and nested */
+static void test_unknown_fields(void)
+{
+    const char *chat = "/v1/chat/completions", *cmpl = "/v1/completions", *tgi = "/generate (and / and /generate_stream)";
+    CHECK_UNSUPPORTED(SRV_API_CHAT, CHAT(",\"foo\":1"), "foo", chat);
+    CHECK_UNSUPPORTED(SRV_API_CHAT, CHAT(",\"echo\":true"), "echo", chat); /* a completions field */
+    CHECK_UNSUPPORTED(SRV_API_CHAT, CHAT(",\"stream\":true,\"stream_options\":{\"include_usage\":true,\"x\":1}"),
+                      "stream_options.x", chat);
+    CHECK_UNSUPPORTED(SRV_API_CHAT, CHAT(",\"response_format\":{\"type\":\"json_object\",\"schema\":{}}"),
+                      "response_format.schema", chat);
+    CHECK_UNSUPPORTED(SRV_API_CHAT, CHAT(",\"response_format\":{\"type\":\"json_schema\",\"json_schema\":"
+                                         "{\"name\":\"n\",\"schema\":{},\"strikt\":true}}"),
+                      "response_format.json_schema.strikt", chat);
+    CHECK_UNSUPPORTED(SRV_API_CHAT, CHAT(",\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\",\"x\":1}}]"),
+                      "tools[0].function.x", chat);
+    CHECK_UNSUPPORTED(SRV_API_CHAT, CHAT(",\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\"},\"y\":1}]"),
+                      "tools[0].y", chat);
+    CHECK_UNSUPPORTED(SRV_API_CHAT, CHAT(",\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}],"
+                                         "\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"f\",\"z\":1}}"),
+                      "tool_choice.function.z", chat);
+    CHECK_UNSUPPORTED(SRV_API_CHAT, CHAT(",\"structured_outputs\":{\"regex\":\"a\",\"q\":1}"), "structured_outputs.q",
+                      chat);
+    CHECK_UNSUPPORTED(SRV_API_CHAT, "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\",\"w\":1}]}",
+                      "messages[0].w", chat);
+    CHECK_UNSUPPORTED(SRV_API_CHAT, "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":"
+                                    "[{\"type\":\"text\",\"text\":\"a\",\"cache_control\":{}}]}]}",
+                      "messages[0].content[0].cache_control", chat);
+    CHECK_UNSUPPORTED(SRV_API_COMPLETION, "{\"model\":\"tiny\",\"prompt\":\"x\",\"foo\":null}", "foo", cmpl);
+    CHECK_UNSUPPORTED(SRV_API_COMPLETION, "{\"model\":\"tiny\",\"prompt\":\"x\",\"tools\":[]}", "tools", cmpl);
+    CHECK_UNSUPPORTED(SRV_API_COMPLETION, "{\"model\":\"tiny\",\"prompt\":\"x\",\"stream\":true,\"stream_options\":"
+                                          "{\"continuous_usage_stats\":true}}",
+                      "stream_options.continuous_usage_stats", cmpl);
+    CHECK_UNSUPPORTED(SRV_API_TGI, "{\"inputs\":\"x\",\"foo\":1}", "foo", tgi);
+    CHECK_UNSUPPORTED(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"max_new_tokens\":2,\"foo\":1}}", "parameters.foo",
+                      tgi);
+    CHECK_UNSUPPORTED(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"grammar\":{\"type\":\"regex\",\"value\":\"a\","
+                                   "\"x\":1}}}",
+                      "parameters.grammar.x", tgi);
+    CHECK_UNSUPPORTED(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"response_format\":{\"type\":\"json_object\","
+                                   "\"schema\":{},\"strict\":true}}}",
+                      "parameters.response_format.strict", tgi);
+
+    /* what OpenAI takes only at its default, and null as not given */
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"store\":true"), 400, "store");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"metadata\":{\"a\":\"b\"}"), 400, "metadata");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"service_tier\":\"flex\""), 400, "service_tier");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\",\"strict\":true}}]"),
+                  400, "tools[0].function.strict");
+    CHECK_REJECTS(SRV_API_CHAT, "{\"model\":\"tiny\",\"messages\":[{\"role\":\"assistant\",\"content\":\"a\","
+                                "\"refusal\":\"no\"}]}", 400, "messages[0].refusal");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"response_format\":{\"type\":\"text\",\"json_schema\":{\"schema\":{}}}"), 400,
+                  "response_format.json_schema");
+    CHECK_REJECTS(SRV_API_CHAT, CHAT(",\"stream_options\":{\"include_usage\":true}"), 400, "stream_options");
+    srv_request r;
+    srv_error e;
+    CHECK(parse(SRV_API_CHAT, "{\"model\":\"tiny\",\"messages\":[{\"role\":\"assistant\",\"content\":\"a\",\"refusal\":null,"
+                              "\"audio\":null,\"function_call\":null,\"name\":null}],\"stream_options\":null,\"tools\":"
+                              "[{\"type\":\"function\",\"function\":{\"name\":\"f\",\"description\":\"d\",\"parameters\":{},"
+                              "\"strict\":false}}],\"n\":null,\"stop\":null,\"logit_bias\":null,\"response_format\":"
+                              "{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"n\",\"description\":\"d\",\"schema\":"
+                              "{\"type\":\"object\"},\"strict\":null}},\"store\":null,\"service_tier\":null}",
+                &r, &e) == 0);
+    CHECK(r.n == 1 && r.n_stop == 0 && r.structured.kind == SRV_GRAMMAR_JSON_SCHEMA && !r.structured.strict);
+    srv_request_free(&r);
+    /* text-generation's client sends every parameter, null when not set */
+    CHECK(parse(SRV_API_TGI, "{\"inputs\":\"x\",\"stream\":false,\"parameters\":{\"best_of\":null,\"decoder_input_details\":"
+                             "false,\"details\":true,\"do_sample\":false,\"frequency_penalty\":null,\"grammar\":null,"
+                             "\"max_new_tokens\":5,\"repetition_penalty\":null,\"return_full_text\":false,\"seed\":null,"
+                             "\"stop\":[],\"temperature\":null,\"top_k\":null,\"top_n_tokens\":null,\"top_p\":null,"
+                             "\"truncate\":null,\"typical_p\":null,\"watermark\":false,\"adapter_id\":null,"
+                             "\"adapter_source\":null,\"merged_adapters\":null,\"api_token\":null,\"ignore_eos_token\":false,"
+                             "\"response_format\":null,\"return_k_alternatives\":null}}",
+                &r, &e) == 0);
+    CHECK(r.max_tokens == 5 && r.details && r.sampling.temperature == 0 && r.structured.kind == SRV_GRAMMAR_NONE);
+    srv_request_free(&r);
+    /* LoRAX's response_format constrains the output (with a schema, or any object) */
+    CHECK(parse(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"response_format\":{\"type\":\"json_object\",\"schema\":"
+                             "{\"type\":\"object\"}}}}", &r, &e) == 0);
+    CHECK(r.structured.kind == SRV_GRAMMAR_JSON_SCHEMA && !strcmp(r.structured.text, "{\"type\":\"object\"}"));
+    srv_request_free(&r);
+    CHECK(parse(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"response_format\":{\"type\":\"json_object\"}}}", &r,
+                &e) == 0);
+    CHECK(r.structured.kind == SRV_GRAMMAR_JSON_OBJECT);
+    srv_request_free(&r);
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"response_format\":{\"type\":\"json_object\"},"
+                               "\"grammar\":{\"type\":\"regex\",\"value\":\"a\"}}}", 400, "parameters.grammar.value");
+    CHECK_REJECTS(SRV_API_TGI, "{\"inputs\":\"x\",\"parameters\":{\"response_format\":{\"type\":\"text\"}}}", 400,
+                  "parameters.response_format.type");
+}
+
 static void test_prepare(zse_model *m)
 {
     srv_request r;
@@ -537,6 +681,9 @@ static void test_routes(zse_model *m)
         {"{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"chat_template\":\"x\"}", "chat_template", "400"},
         {"{\"messages\":[{\"role\":\"bot\",\"content\":\"hi\"}]}", "messages[0].role", "400"},
         {"[1]", "", "400"},
+        {"{\"prompt\":\"x\",\"truncate_prompt_tokens\":3}", "truncate_prompt_tokens", "400"},
+        {"{\"prompt\":\"x\",\"add_generation_prompt\":true}", "add_generation_prompt", "400"},
+        {"{\"messages\":[{\"role\":\"user\",\"content\":\"hi\",\"x\":1}]}", "messages[0].x", "400"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         memset(&e, 0, sizeof e);
@@ -545,6 +692,10 @@ static void test_routes(zse_model *m)
     }
     CHECK(srv_detokenize(m, &facts, BODY("{\"tokens\":[1,-2]}"), &o, &e) == -1 && !strcmp(e.param, "tokens"));
     CHECK(srv_detokenize(m, &facts, BODY("{\"tokens\":null}"), &o, &e) == -1 && !strcmp(e.param, "tokens"));
+    CHECK(srv_detokenize(m, &facts, BODY("{\"tokens\":[1],\"skip_special_tokens\":true}"), &o, &e) == -1);
+    CHECK(!strcmp(e.param, "skip_special_tokens") && strstr(e.message, "for /detokenize; remove it (it takes: model, tokens)"));
+    CHECK(srv_tokenize(m, &facts, BODY("{\"prompt\":\"x\",\"foo\":1}"), &o, &e) == -1);
+    CHECK(strstr(e.message, "unsupported field 'foo' for /tokenize; remove it") == e.message);
 
     o = srv_tokenizer_info(m, &facts);
     CHECK(o && json_is_string(json_object_get(o, "tokenizer_class")) && json_is_string(json_object_get(o, "eos_token")));
@@ -597,6 +748,7 @@ static void test_routes(zse_model *m)
         {"{\"model\":\"tiny\",\"input\":\"x\",\"dimensions\":8}", "dimensions"},
         {"{\"model\":\"tiny\",\"input\":\"x\",\"encoding_format\":\"hex\"}", "encoding_format"},
         {"{\"model\":\"tiny\",\"input\":\"x\",\"user\":3}", "user"},
+        {"{\"model\":\"tiny\",\"input\":\"x\",\"truncate_prompt_tokens\":3}", "truncate_prompt_tokens"},
     };
     for (size_t i = 0; i < sizeof ebad / sizeof ebad[0]; i++) {
         memset(&e, 0, sizeof e);
@@ -618,6 +770,8 @@ int main(void)
     test_scoring_fields();
     test_tgi_parity();
     test_template_options();
+    test_check_fields();
+    test_unknown_fields();
     zse_model *m = server_test_model("f32", 1);
     test_prepare(m);
     test_prepare_extras(m);
