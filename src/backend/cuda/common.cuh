@@ -29,6 +29,15 @@ int zse_cuda_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 __host__ __device__ static inline int64_t zse_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+/* the sum of v over the warp's 32 lanes, in every lane */
+__device__ __forceinline__ float warp_sum(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
 /* a / b for non-negative a, b > 0, through 32-bit division when both fit (every index
  * of a decode step does): a 64-bit division is a subroutine of ~70 instructions */
 __device__ __forceinline__ int64_t div_idx(int64_t a, int64_t b)

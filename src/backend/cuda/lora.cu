@@ -42,13 +42,6 @@ __device__ __forceinline__ const zse_cuda_lora_entry *lora_entry(const zse_cuda_
     return e->rank > 0 && e->rank <= ZSE_CUDA_LORA_MAX_RANK ? e : nullptr;
 }
 
-__device__ __forceinline__ float warp_sum(float v)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 __device__ __forceinline__ int lora_output_of(const lora_launch &p, int block, int64_t *c0)
 {
     int i = 0;

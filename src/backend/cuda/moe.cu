@@ -60,14 +60,6 @@ __device__ __forceinline__ bool route_beats(float pa, int ea, float pb, int eb)
     return ea < eb;
 }
 
-__device__ __forceinline__ float warp_sum_f(float v)
-{
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 /* One token's routing by one warp: expert e belongs to lane e % 32 (bit e / 32 of the lane's
  * `taken`); p = expf(l - max) / sum, recomputed where needed rather than held (up to 1,024
  * experts); k rounds of a warp arg-max. Lane j < k ends with the token's j-th expert and
@@ -86,7 +78,7 @@ __device__ void route_token(const zse_cuda_moe &r, const float *__restrict__ l, 
     float sum = 0.f;
     for (int e = lane; e < E; e += 32)
         sum += expf(l[e] - mx);
-    sum = warp_sum_f(sum);
+    sum = warp_sum(sum);
     uint32_t taken = 0;
     float my_p = 0.f;
     my_e = -1;
@@ -118,7 +110,7 @@ __device__ void route_token(const zse_cuda_moe &r, const float *__restrict__ l, 
             my_p = bp;
         }
     }
-    const float wsum = warp_sum_f(lane < k ? my_p : 0.f);
+    const float wsum = warp_sum(lane < k ? my_p : 0.f);
     if (lane < k) {
         r.pair_expert[t * k + lane] = my_e;
         r.pair_weight[t * k + lane] = r.renormalize ? my_p / wsum : my_p;
