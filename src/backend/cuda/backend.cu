@@ -168,7 +168,7 @@ static int cuda_act_write(zse_backend *be, zse_act *a, const float *src, int64_t
     memcpy(c->bounce, src, bytes);
     if (be_cuda_call(cudaMemcpy2DAsync(a->d, (size_t)a->pitch * sizeof(float), c->bounce, row, row,
                                        (size_t)rows, cudaMemcpyHostToDevice, c->stream),
-                  "act_write") != 0)
+                     "act_write") != 0)
         return -1;
     return be_cuda_call(cudaStreamSynchronize(c->stream), "act_write");
 }
@@ -187,7 +187,7 @@ static int cuda_act_read(zse_backend *be, const zse_act *a, float *dst, int64_t 
         return -1;
     if (be_cuda_call(cudaMemcpy2DAsync(c->bounce, row, a->d, (size_t)a->pitch * sizeof(float), row,
                                        (size_t)rows, cudaMemcpyDeviceToHost, c->stream),
-                  "act_read") != 0 ||
+                     "act_read") != 0 ||
         be_cuda_call(cudaStreamSynchronize(c->stream), "act_read") != 0)
         return -1;
     memcpy(dst, c->bounce, bytes);

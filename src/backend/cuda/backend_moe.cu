@@ -212,7 +212,7 @@ void cuda_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_experts 
             ys->pitch != P.ypitch)
             return be_set_error(c, "cuda moe_matmul: %lld x %lld experts with x %lld x %lld, y %lld x %lld for %lld pairs",
                                 (long long)ce->w.rows, (long long)ce->w.cols, (long long)xs->rows, (long long)xs->cols,
-                             (long long)ys->rows, (long long)ys->cols, (long long)pairs);
+                                (long long)ys->rows, (long long)ys->cols, (long long)pairs);
         P.ex[o] = *ce;
         P.ys[o] = ys->d;
     }
@@ -234,5 +234,5 @@ void cuda_moe_combine(zse_backend *be, const zse_moe_route *r, const zse_act *ys
         return be_set_error(c, "cuda moe_combine: the routing and the buffers do not match");
     be_check_launch(c, zse_cuda_moe_combine(&r->d, r->rows, ys->d, ys->pitch, shared ? shared->d : NULL,
                                             shared ? shared->pitch : 0, shared_gate ? shared_gate->d : NULL,
-                                         shared_gate ? shared_gate->pitch : 0, x->d, x->pitch, dim, c->stream));
+                                            shared_gate ? shared_gate->pitch : 0, x->d, x->pitch, dim, c->stream));
 }

@@ -356,8 +356,8 @@ int cuda_act_write_rows(zse_backend *be, zse_act *a, const float *src, const int
             j++;
         if (be_cuda_call(cudaMemcpy2DAsync(a->d + (int64_t)rows[i] * a->pitch, (size_t)a->pitch * sizeof(float),
                                            c->upload + (size_t)i * row, row, row, (size_t)(j - i), cudaMemcpyHostToDevice,
-                                        c->stream),
-                      "act_write_rows") != 0)
+                                           c->stream),
+                         "act_write_rows") != 0)
             return -1;
         i = j;
     }

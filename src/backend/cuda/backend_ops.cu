@@ -115,7 +115,7 @@ void cuda_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, int64_t
     if (x->cols < w->w.cols || y->cols < w->w.rows || rows > x->rows || rows > y->rows || rows < 1)
         return be_set_error(c, "cuda matmul: %lld x %lld weight with x %lld x %lld, y %lld x %lld",
                             (long long)w->w.rows, (long long)w->w.cols, (long long)x->rows,
-                         (long long)x->cols, (long long)y->rows, (long long)y->cols);
+                            (long long)x->cols, (long long)y->rows, (long long)y->cols);
     zse_cuda_multi mm;
     memset(&mm, 0, sizeof mm);
     mm.count = 1;
@@ -151,7 +151,7 @@ void cuda_matmul_multi(zse_backend *be, const zse_act *x, int64_t rows, const zs
         if (x->cols < w->cols || y->cols < w->rows || rows > y->rows || y->d == x->d)
             return be_set_error(c, "cuda matmul_multi: %lld x %lld weight with x %lld x %lld, y %lld x %lld",
                                 (long long)w->rows, (long long)w->cols, (long long)x->rows, (long long)x->cols,
-                             (long long)y->rows, (long long)y->cols);
+                                (long long)y->rows, (long long)y->cols);
         if (b && (!b->vec || b->w.cols != w->rows))
             return be_set_error(c, "cuda matmul_multi: a bias of %lld for %lld rows", (long long)b->w.cols,
                                 (long long)w->rows);
@@ -220,7 +220,7 @@ void cuda_rope_kv_store(zse_backend *be, zse_act *q, zse_act *k, const zse_act *
         return be_set_error(c, "cuda rope_kv_store: heads do not fit the q/k/v buffers");
     be_check_launch(c, zse_cuda_rope_kv_store(&kv->layers[layer], q->d, q->pitch, k->d, k->pitch, v->d, v->pitch,
                                               c->b.slots, c->b.n_tokens, n_heads, c->b.positions, c->inv_freq,
-                                           c->mscale, c->stream));
+                                              c->mscale, c->stream));
 }
 
 void cuda_attention(zse_backend *be, const zse_kv *kv, int layer, const zse_act *q,
@@ -247,7 +247,7 @@ void cuda_attention(zse_backend *be, const zse_kv *kv, int layer, const zse_act 
     a.max_blocks = c->b.max_blocks;
     be_check_launch(c, zse_cuda_attention(&kv->layers[layer], &a, q->d, q->pitch, c->b.n_tokens,
                                           c->b.max_ctx, out->d, out->pitch, c->att_work,
-                                       c->att_work_cap, c->stream));
+                                          c->att_work_cap, c->stream));
 }
 
 void cuda_silu_mul(zse_backend *be, const zse_act *gate, const zse_act *up, int64_t rows,

@@ -61,7 +61,7 @@ int be_upload(cuda_impl *c, const image *im, void *dev)
             be_image_fill(im, off, n, c->stage[i]);
         if (be_cuda_call(cudaMemcpyAsync((uint8_t *)dev + off, c->stage[i], n, cudaMemcpyHostToDevice,
                                          c->copy_stream),
-                      "copying a weight to the GPU") != 0 ||
+                         "copying a weight to the GPU") != 0 ||
             be_cuda_call(cudaEventRecord(c->stage_done[i], c->copy_stream), "recording a copy") != 0)
             return -1;
     }
