@@ -105,7 +105,7 @@ bool zse_parse_size(const char *s, uint64_t *out);
 /* ---- vectors ---------------------------------------------------------------- */
 /* the index of the largest of v[0..n), the lowest on ties; NaNs never win (0 when all are
  * NaN). The one greedy rule: the host sampler, the CPU backend and the CUDA argmax kernel
- * (src/backend/cuda/ops.cu) pick the same id from the same logits. */
+ * (src/backend/cuda/sample.cu) pick the same id from the same logits. */
 int64_t zse_argmax_f32(const float *v, int64_t n);
 
 /* shell-style glob match ("*" and "?"), used for --keep-fp16 PATTERN */

@@ -31,14 +31,16 @@ mkdir -p build-gpu
 if [ "${ZSE_GPU_SKIP_UNITS:-0}" = 1 ]; then
     note "kernels test: skipped (ZSE_GPU_SKIP_UNITS)"
 elif nvcc -std=c++17 -O3 -arch=sm_$arch -Isrc -o $kt tests/gpu/kernels_test.cu \
-        src/backend/cuda/matmul.cu src/backend/cuda/ops.cu src/backend/cuda/moe.cu src/backend/cuda/lora.cu -lcublas >"$out/build.log" 2>&1; then
+        src/backend/cuda/matmul.cu src/backend/cuda/ops.cu src/backend/cuda/sample.cu src/backend/cuda/attention.cu \
+        src/backend/cuda/attention_mma.cu src/backend/cuda/moe.cu src/backend/cuda/lora.cu -lcublas >"$out/build.log" 2>&1; then
     $kt >"$out/kernels-test.log" 2>&1
     rc=$?
     note "kernels test (sm_$arch): rc=$rc $(tail -1 "$out/kernels-test.log")"
     [ $rc -ne 0 ] && grep -m 20 FAILED "$out/kernels-test.log" | tee -a "$summary"
     if [ "${ZSE_GPU_JIT75:-1}" = 1 ]; then
         if nvcc -std=c++17 -O3 -gencode arch=compute_75,code=compute_75 -Isrc -o $kt-75 tests/gpu/kernels_test.cu \
-                src/backend/cuda/matmul.cu src/backend/cuda/ops.cu src/backend/cuda/moe.cu src/backend/cuda/lora.cu -lcublas >>"$out/build.log" 2>&1; then
+                src/backend/cuda/matmul.cu src/backend/cuda/ops.cu src/backend/cuda/sample.cu src/backend/cuda/attention.cu \
+                src/backend/cuda/attention_mma.cu src/backend/cuda/moe.cu src/backend/cuda/lora.cu -lcublas >>"$out/build.log" 2>&1; then
             $kt-75 >>"$out/kernels-test.log" 2>&1
             rc=$?
             note "kernels test (compute_75 PTX, JIT): rc=$rc $(tail -1 "$out/kernels-test.log")"
@@ -70,7 +72,8 @@ bt=build-gpu/backend_test
 mkdir -p build-gpu/bt
 if [ "${ZSE_GPU_SKIP_UNITS:-0}" = 1 ]; then
     note "backend test: skipped (ZSE_GPU_SKIP_UNITS)"
-elif (for f in backend matmul ops moe lora; do
+elif (for f in backend backend_weights backend_step backend_ops backend_moe backend_offload backend_lora \
+             matmul ops sample attention attention_mma moe lora; do
         nvcc -std=c++17 -O3 -arch=sm_$arch -Isrc -Iinclude $inc -c src/backend/cuda/$f.cu -o build-gpu/bt/$f.o || exit 1
     done &&
     for f in tests/gpu/backend_test.c src/quant/quant.c src/util/error.c src/util/mem.c src/util/pool.c \

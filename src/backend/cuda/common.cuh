@@ -246,6 +246,31 @@ template <int S> struct scheme_scales {
  * ZSE_CUDA_NO_MMA unset or 0 (asked once; matmul.cu) */
 bool zse_cuda_mma_usable(void);
 
+/* ---- block reductions (ops.cu, sample.cu) ----------------------------------------------- */
+
+/* every thread of the block gets the sum of v over the block (inline: one definition for every
+ * file that includes this) */
+__device__ inline float block_sum(float v)
+{
+    __shared__ float part[32];
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    if ((threadIdx.x & 31) == 0)
+        part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        v = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
+        for (int o = 16; o > 0; o >>= 1)
+            v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (threadIdx.x == 0)
+            part[0] = v;
+    }
+    __syncthreads();
+    v = part[0];
+    __syncthreads();
+    return v;
+}
+
 /* ---- sm_80+ building blocks: cp.async, mma.sync m16n8k16 (f16 -> f32), ldmatrix ---------- */
 
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool ok)

@@ -1,5 +1,5 @@
 /* cuda_kernels — the C surface of the CUDA kernels (the .cu files of src/backend/cuda), below the
- * backend ops. backend.cu builds zse_backend_ops on top of these; tests/gpu/kernels_test.cu
+ * backend ops. backend*.cu build zse_backend_ops on top of these; tests/gpu/kernels_test.cu
  * calls them directly against a CPU reference. Everything here takes device pointers and
  * runs on the given stream; launchers return 0, or -1 with zse_cuda_last_error() set.
  *
