@@ -253,15 +253,12 @@ bool zse_cuda_mma_usable(void);
 __device__ inline float block_sum(float v)
 {
     __shared__ float part[32];
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
+    v = warp_sum(v);
     if ((threadIdx.x & 31) == 0)
         part[threadIdx.x >> 5] = v;
     __syncthreads();
     if (threadIdx.x < 32) {
-        v = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
-        for (int o = 16; o > 0; o >>= 1)
-            v += __shfl_xor_sync(0xffffffffu, v, o);
+        v = warp_sum(threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f);
         if (threadIdx.x == 0)
             part[0] = v;
     }
