@@ -251,7 +251,9 @@ val tpl_str_percent(rctx *c, const node *n, const zstr *fmt, const val *argsv)
             spec[sl++] = 'l';
             spec[sl++] = 'd';
             spec[sl] = 0;
-            snprintf(buf, sizeof buf, spec, (long long)(a->t == V_FLOAT ? (int64_t)a->u.f : num_i(a)));
+            if (a->t == V_FLOAT && !tpl_fits_i64(a->u.f))
+                tpl_rfail(c, n, "%%d format: %g does not fit a 64-bit integer", a->u.f);
+            snprintf(buf, sizeof buf, spec, (long long)num_i(a));
             tpl_ob_puts(c, &o, buf);
         } else if (conv == 'f' || conv == 'e' || conv == 'g') {
             if (!is_num(a)) tpl_rfail(c, n, "must be real number, not %s", tpl_type_name(a));
@@ -965,13 +967,20 @@ val tpl_apply_filter(rctx *c, const node *n, const char *name, val v, args_t *a)
         val dv = def ? *def : mkint(0);
         if (v.t == V_INT) return v;
         if (v.t == V_BOOL) return mkint(v.u.b);
-        if (v.t == V_FLOAT) return isfinite(v.u.f) ? mkint((int64_t)v.u.f) : dv;
+        double f = 0;
+        if (v.t == V_FLOAT)
+            f = v.u.f;
         if (v.t == V_STR) {
             zstr *s = do_strip(c, v.u.s, NULL, true, true).u.s;
             int64_t r;
-            double f;
             if (py_int(s, &r)) return mkint(r);
-            if (py_float(s, &f) && isfinite(f)) return mkint((int64_t)f);
+            if (!py_float(s, &f)) return dv;
+        }
+        if (v.t == V_FLOAT || v.t == V_STR) {
+            if (!isfinite(f)) return dv;
+            /* Python's int is unbounded; these are 64-bit */
+            if (!tpl_fits_i64(f)) tpl_rfail(c, n, "int: %g does not fit a 64-bit integer", f);
+            return mkint((int64_t)f);
         }
         return dv;
     }

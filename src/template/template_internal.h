@@ -199,7 +199,14 @@ static inline val mkint(int64_t i) { return (val){.t = V_INT, .u.i = i}; }
 static inline val mkfloat(double f) { return (val){.t = V_FLOAT, .u.f = f}; }
 static inline bool is_num(const val *v) { return v->t == V_INT || v->t == V_FLOAT || v->t == V_BOOL; }
 static inline double num_f(const val *v) { return v->t == V_FLOAT ? v->u.f : v->t == V_INT ? (double)v->u.i : (double)v->u.b; }
-static inline int64_t num_i(const val *v) { return v->t == V_INT ? v->u.i : v->t == V_BOOL ? v->u.b : (int64_t)v->u.f; }
+/* whether a double converts to an int64 (C's cast is undefined outside the range, and for
+ * NaN), and the conversion saturated where it does not (NaN: 0) */
+static inline bool tpl_fits_i64(double f) { return f >= -9223372036854775808.0 && f < 9223372036854775808.0; }
+static inline int64_t tpl_f2i(double f)
+{
+    return tpl_fits_i64(f) ? (int64_t)f : f > 0 ? INT64_MAX : f < 0 ? INT64_MIN : 0;
+}
+static inline int64_t num_i(const val *v) { return v->t == V_INT ? v->u.i : v->t == V_BOOL ? v->u.b : tpl_f2i(v->u.f); }
 
 /* ---- shared between the stages ------------------------------------------------------ */
 

@@ -56,6 +56,11 @@ static void test_runtime_errors(void)
 {
     expect_error("\n  {{ x.y }}", -1, "2:7: 'x' is undefined");
     expect_error("{{ raise_exception('exact message') }}", -1, "exact message");
+    /* a float past int64 (C's conversion would be undefined: found by fuzz_template) */
+    expect_error("{{ 2.5e64 | int }}", -1, "does not fit a 64-bit integer");
+    expect_error("{{ '-1e30' | int }}", -1, "does not fit a 64-bit integer");
+    expect_error("{{ '%d' % 1e300 }}", -1, "does not fit a 64-bit integer");
+    expect_render("{{ 3.9 | int }} {{ '-7.5' | int }} {{ 'x' | int(6) }} {{ (1e300 * 1e300) | int(4) }}", NULL, "3 -7 6 4");
     int rc;
     char *got = render("{{ raise_exception('exact message') }}", NULL, &rc);
     CHECK(rc == -1 && !strcmp(zse_error_message(), "exact message"));
