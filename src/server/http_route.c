@@ -8,51 +8,42 @@
 
 /* ---- the route table ---------------------------------------------------------------- */
 
-/* vLLM's tokenizer routes, TGI's /info, OpenAI's embeddings */
-static srv_route route_of_extra(const char *url)
-{
-    if (strcmp(url, "/tokenize") == 0)
-        return SRV_ROUTE_TOKENIZE;
-    if (strcmp(url, "/detokenize") == 0)
-        return SRV_ROUTE_DETOKENIZE;
-    if (strcmp(url, "/tokenizer_info") == 0)
-        return SRV_ROUTE_TOKENIZER_INFO;
-    if (strcmp(url, "/info") == 0)
-        return SRV_ROUTE_INFO;
-    if (strcmp(url, "/v1/embeddings") == 0)
-        return SRV_ROUTE_EMBEDDINGS;
-    return SRV_ROUTE_OTHER;
-}
+/* every path the server answers, scanned in order: a prefix entry matches any path that
+ * starts with it, so an exact entry that shares its start comes first */
+static const struct {
+    const char *path;
+    bool prefix;
+    srv_route route;
+} route_table[] = {
+    {"/v1/chat/completions", false, SRV_ROUTE_CHAT},
+    {"/v1/completions", false, SRV_ROUTE_COMPLETIONS},
+    {"/v1/models", false, SRV_ROUTE_MODELS},
+    {"/v1/models/", true, SRV_ROUTE_MODELS},
+    {"/generate", false, SRV_ROUTE_GENERATE},
+    {"/generate_stream", false, SRV_ROUTE_GENERATE_STREAM},
+    {"/health", false, SRV_ROUTE_HEALTH},
+    {"/metrics", false, SRV_ROUTE_METRICS},
+    {"/", false, SRV_ROUTE_TGI_COMPAT}, /* TGI's and LoRAX's compat route: /generate(_stream) by "stream" */
+    {"/v1/load_lora_adapter", false, SRV_ROUTE_LORA_LOAD},
+    {"/v1/unload_lora_adapter", false, SRV_ROUTE_LORA_UNLOAD},
+    {"/ui/session", false, SRV_ROUTE_UI_SESSION},
+    {"/ui/", true, SRV_ROUTE_DASHBOARD}, /* the dashboard's files (GET / is the page: new_request) */
+    {"/admin/", true, SRV_ROUTE_ADMIN},
+    {"/tokenize", false, SRV_ROUTE_TOKENIZE}, /* vLLM's tokenizer routes */
+    {"/detokenize", false, SRV_ROUTE_DETOKENIZE},
+    {"/tokenizer_info", false, SRV_ROUTE_TOKENIZER_INFO},
+    {"/info", false, SRV_ROUTE_INFO},
+    {"/v1/embeddings", false, SRV_ROUTE_EMBEDDINGS},
+};
 
 srv_route http_route_of(const char *url)
 {
-    if (strcmp(url, "/v1/chat/completions") == 0)
-        return SRV_ROUTE_CHAT;
-    if (strcmp(url, "/v1/completions") == 0)
-        return SRV_ROUTE_COMPLETIONS;
-    if (strcmp(url, "/v1/models") == 0 || strncmp(url, "/v1/models/", 11) == 0)
-        return SRV_ROUTE_MODELS;
-    if (strcmp(url, "/generate") == 0)
-        return SRV_ROUTE_GENERATE;
-    if (strcmp(url, "/generate_stream") == 0)
-        return SRV_ROUTE_GENERATE_STREAM;
-    if (strcmp(url, "/health") == 0)
-        return SRV_ROUTE_HEALTH;
-    if (strcmp(url, "/metrics") == 0)
-        return SRV_ROUTE_METRICS;
-    if (strcmp(url, "/") == 0) /* TGI's and LoRAX's compat route: /generate(_stream) by "stream" */
-        return SRV_ROUTE_TGI_COMPAT;
-    if (strcmp(url, "/v1/load_lora_adapter") == 0)
-        return SRV_ROUTE_LORA_LOAD;
-    if (strcmp(url, "/v1/unload_lora_adapter") == 0)
-        return SRV_ROUTE_LORA_UNLOAD;
-    if (strcmp(url, "/ui/session") == 0)
-        return SRV_ROUTE_UI_SESSION;
-    if (strncmp(url, "/ui/", 4) == 0) /* the dashboard's files (GET / is the page: new_request) */
-        return SRV_ROUTE_DASHBOARD;
-    if (strncmp(url, "/admin/", 7) == 0)
-        return SRV_ROUTE_ADMIN;
-    return route_of_extra(url);
+    for (size_t i = 0; i < sizeof route_table / sizeof route_table[0]; i++) {
+        const char *p = route_table[i].path;
+        if (route_table[i].prefix ? strncmp(url, p, strlen(p)) == 0 : strcmp(url, p) == 0)
+            return route_table[i].route;
+    }
+    return SRV_ROUTE_OTHER;
 }
 
 bool http_route_is_post(srv_route r)

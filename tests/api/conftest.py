@@ -163,6 +163,16 @@ class Server:
                              check=True, capture_output=True, timeout=60)
         return json.loads(out.stdout)
 
+    def audit_until(self, pred, *args, timeout=10):
+        """the audit rows once one satisfies pred (the writer commits after the answer is
+        sent), or the last rows read when timeout seconds pass"""
+        end = time.time() + timeout
+        while True:
+            rows = self.audit(*args)
+            if any(pred(r) for r in rows) or time.time() > end:
+                return rows
+            time.sleep(0.1)
+
     def stop(self, sig=signal.SIGTERM, timeout=60):
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -195,7 +195,7 @@ def test_chat_template_files_and_environment(zse_bin, tmp_path):
         goldens = json.loads((FIXTURE / "embeddings.json").read_text())["cases"]
         e = client.embeddings.create(model="m2", input=goldens[0]["text"])
         assert close(e.data[0].embedding, goldens[0]["mean"])
-        audit = s.audit("--since", "1h")
+        audit = s.audit_until(lambda row: row["key"] == "api-key", "--since", "1h")
         assert any(row["key"] == "api-key" for row in audit), audit
     finally:
         rc, log = s.close()

@@ -403,11 +403,8 @@ def test_invalid_utf8_in_errors(server):
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     r = httpx.get(server.url("/v1/models/%ff%fe"), timeout=10)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    for _ in range(20):  # the audit row of that request, written within a second
-        rows = [x for x in server.audit("--since", "1h") if x["route"].startswith("/v1/models/\\x")]
-        if rows:
-            break
-        time.sleep(0.2)
+    rows = [x for x in server.audit_until(lambda x: x["route"].startswith("/v1/models/\\x"), "--since", "1h")
+            if x["route"].startswith("/v1/models/\\x")]
     assert rows and rows[-1]["route"] == "/v1/models/\\xff\\xfe"
 
 
@@ -421,12 +418,8 @@ def test_client_leaving_non_streaming_is_499(server):
               b"\r\n\r\n" + payload)
     time.sleep(0.5)
     c.close()
-    rows = []
-    for _ in range(50):
-        rows = [x for x in server.audit("--since", "1h") if x["client"] == "127.0.0.8"]
-        if rows:
-            break
-        time.sleep(0.2)
+    rows = [x for x in server.audit_until(lambda x: x["client"] == "127.0.0.8", "--since", "1h")
+            if x["client"] == "127.0.0.8"]
     assert [x["status"] for x in rows] == [499], rows
     m = server.wait_idle(30)
     assert m["zse_running_sequences"] == 0 and m["zse_kv_blocks_used"] == 0
@@ -439,11 +432,7 @@ def test_control_bytes_escaped_in_logs(server):
     c.sendall(b"GET /v1/models/x%0d%0aFORGED-LINE%1b%5b31m HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status_of(read_all(c)) == 404
     c.close()
-    for _ in range(20):
-        rows = [x for x in server.audit("--since", "1h") if "FORGED" in x["route"]]
-        if rows:
-            break
-        time.sleep(0.2)
+    rows = [x for x in server.audit_until(lambda x: "FORGED" in x["route"], "--since", "1h") if "FORGED" in x["route"]]
     assert rows and rows[-1]["route"] == "/v1/models/x\\x0d\\x0aFORGED-LINE\\x1b[31m"
     table = subprocess.run([str(server.zse_bin), "audit", "--db", server.db, "--since", "1h"], capture_output=True,
                            timeout=60, check=True).stdout
