@@ -2018,6 +2018,8 @@ static void check_lora(int n, int64_t in, int64_t out, int max_rank)
     std::vector<float> x = rand_vec((size_t)n * xp);
     float *d_x = dev_floats(x);
     zse_cuda_lora l = {};
+    CU(cudaMalloc(&l.sync, 16));
+    CU(cudaMemset(l.sync, 0, 16));
     l.slots = slots;
     l.slot_bytes = p.slot_bytes;
     l.n_slots = p.n_slots;
@@ -2035,6 +2037,10 @@ static void check_lora(int n, int64_t in, int64_t out, int max_rank)
         l.y[i] = dev_floats(y0[i]);
     }
     LAUNCH(zse_cuda_lora_apply(&l, d_of, d_x, xp, n, (float *)scratch, scratch_bytes, 0));
+    unsigned counters[3];
+    CU(cudaMemcpy(counters, l.sync, sizeof counters, cudaMemcpyDeviceToHost));
+    CHECK(counters[0] == 0 && counters[1] == 0 && counters[2] == 0, "lora n=%d: the launch left its counters at %u %u %u",
+          n, counters[0], counters[1], counters[2]);
     bool untouched = true;
     double worst = 0;
     for (int i = 0; i < 3; i++) {
@@ -2073,6 +2079,10 @@ static void check_lora(int n, int64_t in, int64_t out, int max_rank)
     zse_cuda_lora bad = l;
     bad.layer = 2;
     CHECK(zse_cuda_lora_apply(&bad, d_of, d_x, xp, n, (float *)scratch, scratch_bytes, 0) == -1, "layer out of range");
+    bad = l;
+    bad.sync = NULL;
+    CHECK(zse_cuda_lora_apply(&bad, d_of, d_x, xp, n, (float *)scratch, scratch_bytes, 0) == -1, "no counters");
+    CU(cudaFree(l.sync));
     CU(cudaFree(slots));
     CU(cudaFree(d_of));
     CU(cudaFree(d_x));
@@ -2125,6 +2135,9 @@ static void bench_lora(void)
         CU(cudaMalloc(&d_y[i], (size_t)(max_n * pitch_of(F)) * 4));
     int32_t *d_of;
     CU(cudaMalloc(&d_of, max_n * 4));
+    unsigned *d_sync;
+    CU(cudaMalloc(&d_sync, 16));
+    CU(cudaMemset(d_sync, 0, 16));
     const int groups[4][4] = {{3, 0, 1, 2}, {1, 3}, {2, 4, 5}, {1, 6}}; /* count, then modules */
     const char *names[4] = {"qkv", "o", "gate_up", "down"};
     printf("lora (rank 16, 7B shapes): n adapters | us per call: qkv o gate_up down | per token step (28 layers)\n");
@@ -2141,6 +2154,7 @@ static void bench_lora(void)
             for (int g = 0; g < 4; g++) {
                 lora_bench_call c;
                 memset(&c, 0, sizeof c);
+                c.l.sync = d_sync;
                 c.l.slots = d_slots;
                 c.l.slot_bytes = p.slot_bytes;
                 c.l.n_slots = (int)slots;
@@ -2171,6 +2185,7 @@ static void bench_lora(void)
     cudaFree(d_slots);
     cudaFree(d_x);
     cudaFree(d_of);
+    cudaFree(d_sync);
 }
 
 static void test_lora(void)

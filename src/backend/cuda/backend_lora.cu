@@ -20,6 +20,7 @@ struct zse_lora_pool {
     cudaEvent_t queued;         /* the compute stream's work before a copy */
     float *u;                   /* lora_apply's scratch: the shrink's output */
     size_t u_cap;
+    unsigned *sync;             /* lora_apply's counters (zero between launches) */
     int max_rank;               /* the largest rank a slot was loaded with: the shrink's grid */
 };
 
@@ -39,6 +40,7 @@ void cuda_lora_pool_free(zse_backend *be, zse_lora_pool *p)
         cudaEventDestroy(p->queued);
     cudaFree(p->dev);
     cudaFree(p->u);
+    cudaFree(p->sync);
     if (p->dev)
         c->lora_bytes -= (uint64_t)p->shape.n_slots * p->shape.slot_bytes;
     free(p->landed);
@@ -79,6 +81,10 @@ zse_lora_pool *cuda_lora_pool_new(zse_backend *be, const zse_lora_shape *s)
     /* the scratch for steps of up to 1,024 rows now: a recorded step cannot grow it */
     if (rc == 0)
         rc = be_ensure_device(c, (void **)&p->u, &p->u_cap, zse_cuda_lora_scratch_bytes(1024, 3), "LoRA scratch");
+    if (rc == 0)
+        rc = be_cuda_call(cudaMalloc((void **)&p->sync, 4 * sizeof *p->sync), "LoRA counters") ||
+             be_cuda_call(cudaMemsetAsync(p->sync, 0, 4 * sizeof *p->sync, c->stream), "LoRA counters") ||
+             be_cuda_call(cudaStreamSynchronize(c->stream), "LoRA counters");
     if (rc == 0)
         rc = be_cuda_call(cudaEventCreateWithFlags(&p->queued, cudaEventDisableTiming), "LoRA slots");
     if (rc != 0) {
@@ -174,6 +180,7 @@ void cuda_lora_apply(zse_backend *be, const zse_lora_pool *pc, int layer, const 
     l.layer = layer;
     l.n_outs = n_outs;
     l.max_rank = p->max_rank > 0 ? p->max_rank : 1;
+    l.sync = p->sync;
     for (int i = 0; i < n_outs; i++) {
         const int m = outs[i].module;
         if (m < 0 || m >= ZSE_LORA_MODULES || outs[i].y->rows < rows)

@@ -4,7 +4,8 @@
  * The base matmul stays shared; this runs after it over the same x. A delta is two small
  * products of rank r (≤ 128): shrink u = A·x (r dots of the input's width) and expand
  * y += scale · B·u (each output column a dot of length r). Both read f16 weights 16 bytes
- * at a time and accumulate in f32. Two launches at every batch size:
+ * at a time and accumulate in f32. One launch at every batch size (lora_kernel), whose
+ * blocks do one of two jobs:
  *
  *   shrink: a block per (row, projection, rank index): its 256 threads split the input's
  *     width, two 16-byte loads each in flight, and sum in the block. A dot is short (7 KB of
@@ -14,6 +15,9 @@
  *   expand: a block per column range and 8 rows; a thread's 8 columns of all 8 rows at once,
  *     so the rows' loads of one rank index are in flight together (the first expand walked
  *     the rows one after the other) and rows of one adapter read the same bytes from L1.
+ *     The expand blocks wait for every shrink block of the launch (a counter in l.sync).
+ *     They were a second launch: at one row the two launches' latency was all an adapter
+ *     cost (docs/BENCHMARKS.md §LoRA, ~15 µs a call).
  *
  * Which slot a row uses and every slot's table are read from device memory, so a recorded
  * step (CUDA graph) serves any mix of adapters; the grid covers the pool's largest rank
@@ -51,13 +55,13 @@ __device__ __forceinline__ int lora_output_of(const lora_launch &p, int block, i
     return i;
 }
 
-/* u[t][i][j] = A[j]·x[t]: a block per (row t, projection i, rank index j) */
-__global__ void __launch_bounds__(LORA_THREADS) lora_shrink_kernel(const lora_launch p, const int32_t *adapter_of,
-                                                                   const float *x, int64_t xpitch, float *u)
+/* u[t][i][j] = A[j]·x[t]: one block's share of the shrink, row t and (projection i, rank
+ * index j) = ij */
+__device__ void lora_shrink_block(const lora_launch &p, const int32_t *adapter_of, const float *x, int64_t xpitch,
+                                  float *u, int t, int ij)
 {
-    pdl_enter();
     __shared__ float part[LORA_WARPS];
-    const int t = blockIdx.x, i = blockIdx.y / p.l.max_rank, j = blockIdx.y % p.l.max_rank;
+    const int i = ij / p.l.max_rank, j = ij % p.l.max_rank;
     const zse_cuda_lora_entry *e = lora_entry(p.l, adapter_of[t], p.l.module[i]);
     if (!e || j >= e->rank)
         return; /* the expand reads u[t][i][0:rank] only */
@@ -103,19 +107,18 @@ __global__ void __launch_bounds__(LORA_THREADS) lora_shrink_kernel(const lora_la
     }
 }
 
-/* y[t] += scale · B·u[t] over a block's 8 columns a thread for rows blockIdx.y * ROWS .. +
+/* y[t] += scale · B·u[t] over a block's 8 columns a thread for rows row_group * ROWS .. +
  * ROWS: the rows' Bᵀ loads of one rank index are independent, so they are in flight together
  * (rows of one adapter load the same bytes, from L1). One row (a lone sequence) has no other
  * rows to overlap with: UNROLL rank indices' loads are in flight instead. */
 template <int ROWS, int UNROLL>
-__global__ void __launch_bounds__(LORA_THREADS) lora_expand_kernel(const lora_launch p, const int32_t *adapter_of,
-                                                                   const float *u, int64_t n)
+__device__ void lora_expand_block(const lora_launch &p, const int32_t *adapter_of, const float *u, int64_t n,
+                                  int col_block, int row_group)
 {
-    pdl_enter();
     __shared__ float us[ROWS][ZSE_CUDA_LORA_MAX_RANK];
     int64_t c0;
-    const int i = lora_output_of(p, blockIdx.x, &c0);
-    const int64_t t0 = (int64_t)blockIdx.y * ROWS, out = p.l.out[i];
+    const int i = lora_output_of(p, col_block, &c0);
+    const int64_t t0 = (int64_t)row_group * ROWS, out = p.l.out[i];
     const __half *bt[ROWS];
     float scale[ROWS];
     int rank[ROWS], max_r = 0;
@@ -128,7 +131,7 @@ __global__ void __launch_bounds__(LORA_THREADS) lora_expand_kernel(const lora_la
                   : nullptr;
         max_r = rank[r] > max_r ? rank[r] : max_r;
         for (int j = threadIdx.x; j < ZSE_CUDA_LORA_MAX_RANK; j += LORA_THREADS)
-            us[r][j] = j < rank[r] ? u[((t0 + r) * p.l.n_outs + i) * ZSE_CUDA_LORA_MAX_RANK + j] : 0.f;
+            us[r][j] = j < rank[r] ? __ldcg(&u[((t0 + r) * p.l.n_outs + i) * ZSE_CUDA_LORA_MAX_RANK + j]) : 0.f;
     }
     __syncthreads();
     if (max_r == 0 || c0 >= out)
@@ -178,6 +181,49 @@ __global__ void __launch_bounds__(LORA_THREADS) lora_expand_kernel(const lora_la
     }
 }
 
+/* One launch for the whole delta. A block takes a ticket as it starts: the first
+ * `shrink_blocks` tickets do the shrink (row = ticket % n, then projection and rank index),
+ * each signalling when its u is stored; the rest do the expand once every shrink block has
+ * signalled. Tickets, not block indices, decide the roles, so a block that waits started
+ * after every shrink ticket was taken by a block already running: the wait always ends. The
+ * last block to finish zeroes the counters for the next launch (which waits for this one to
+ * finish before it takes a ticket: pdl_enter). Two launches cost two dependent launches'
+ * latency, ~15 µs a call at one row, the whole of a lone sequence's adapter cost. */
+template <int ROWS, int UNROLL>
+__global__ void __launch_bounds__(LORA_THREADS)
+lora_kernel(const lora_launch p, const int32_t *adapter_of, const float *x, int64_t xpitch, float *u, int64_t n,
+            unsigned shrink_blocks, unsigned col_blocks, unsigned total)
+{
+    pdl_enter();
+    __shared__ unsigned ticket;
+    unsigned *const sync = p.l.sync; /* [0] tickets taken, [1] shrink blocks done, [2] blocks done */
+    if (threadIdx.x == 0)
+        ticket = atomicAdd(&sync[0], 1u);
+    __syncthreads();
+    const unsigned tk = ticket;
+    if (tk < shrink_blocks) {
+        lora_shrink_block(p, adapter_of, x, xpitch, u, (int)(tk % (unsigned)n), (int)(tk / (unsigned)n));
+        if (threadIdx.x == 0) { /* the thread that stored this block's u */
+            __threadfence();
+            atomicAdd(&sync[1], 1u);
+        }
+    } else {
+        if (threadIdx.x == 0) {
+            while (atomicAdd(&sync[1], 0u) < shrink_blocks)
+                __nanosleep(32);
+            __threadfence();
+        }
+        __syncthreads();
+        const unsigned e = tk - shrink_blocks;
+        lora_expand_block<ROWS, UNROLL>(p, adapter_of, u, n, (int)(e % col_blocks), (int)(e / col_blocks));
+    }
+    if (threadIdx.x == 0 && atomicAdd(&sync[2], 1u) == total - 1) {
+        sync[0] = 0;
+        sync[1] = 0;
+        sync[2] = 0;
+    }
+}
+
 extern "C" size_t zse_cuda_lora_scratch_bytes(int64_t n, int n_outs)
 {
     return (size_t)n * (size_t)n_outs * ZSE_CUDA_LORA_MAX_RANK * sizeof(float);
@@ -189,7 +235,7 @@ extern "C" int zse_cuda_lora_apply(const zse_cuda_lora *l, const int32_t *adapte
     if (n < 1)
         return 0;
     const int max_rank = l->max_rank > 0 ? l->max_rank : ZSE_CUDA_LORA_MAX_RANK;
-    if (l->n_outs < 1 || l->n_outs > 3 || l->layer < 0 || l->layer >= l->n_layers || !l->slots || l->n_slots < 1 ||
+    if (l->n_outs < 1 || l->n_outs > 3 || l->layer < 0 || l->layer >= l->n_layers || !l->slots || !l->sync || l->n_slots < 1 ||
         l->slot_bytes % 64 != 0 || max_rank > ZSE_CUDA_LORA_MAX_RANK)
         return zse_cuda_fail("cuda lora_apply: bad arguments (%d projections, layer %d of %d, rank %d)", l->n_outs,
                              l->layer, l->n_layers, max_rank);
@@ -212,16 +258,17 @@ extern "C" int zse_cuda_lora_apply(const zse_cuda_lora *l, const int32_t *adapte
     if (n > 65535 * LORA_EXPAND_ROWS || n > INT32_MAX)
         return zse_cuda_fail("cuda lora_apply: %lld rows is too many for one step", (long long)n);
     cudaStream_t s = (cudaStream_t)st;
-    zse_launch(lora_shrink_kernel, dim3((unsigned)n, (unsigned)(l->n_outs * max_rank)), dim3(LORA_THREADS), 0, s, p,
-               adapter_of, x, xpitch, scratch);
-    ZSE_CUDA_LAUNCHED("cuda lora (shrink)");
+    const uint64_t shrink_blocks = (uint64_t)n * (uint64_t)(l->n_outs * max_rank);
+    const unsigned rows1 = n == 1 ? 1 : LORA_EXPAND_ROWS;
+    const uint64_t total = shrink_blocks + (uint64_t)blocks * (uint64_t)zse_ceil_div(n, rows1);
+    if (total > INT32_MAX)
+        return zse_cuda_fail("cuda lora_apply: %lld rows is too many for one step", (long long)n);
     if (n == 1)
-        zse_launch(lora_expand_kernel<1, 8>, dim3((unsigned)blocks, 1), dim3(LORA_THREADS), 0, s, p, adapter_of,
-                   (const float *)scratch, n);
+        zse_launch(lora_kernel<1, 8>, dim3((unsigned)total), dim3(LORA_THREADS), 0, s, p, adapter_of, x, xpitch, scratch,
+                   n, (unsigned)shrink_blocks, (unsigned)blocks, (unsigned)total);
     else
-        zse_launch(lora_expand_kernel<LORA_EXPAND_ROWS, 2>,
-                   dim3((unsigned)blocks, (unsigned)zse_ceil_div(n, LORA_EXPAND_ROWS)), dim3(LORA_THREADS), 0, s, p,
-                   adapter_of, (const float *)scratch, n);
-    ZSE_CUDA_LAUNCHED("cuda lora (expand)");
+        zse_launch(lora_kernel<LORA_EXPAND_ROWS, 2>, dim3((unsigned)total), dim3(LORA_THREADS), 0, s, p, adapter_of, x,
+                   xpitch, scratch, n, (unsigned)shrink_blocks, (unsigned)blocks, (unsigned)total);
+    ZSE_CUDA_LAUNCHED("cuda lora");
     return 0;
 }
