@@ -770,6 +770,21 @@ def write_gguf_direct(s, a):
     print(f"{a.gguf_direct}: {(base + off) / 1e9:.2f} GB, Q4_0", file=sys.stderr)
 
 
+def write_configs(s, a, eos, bos):
+    """config.json, generation_config.json and the tokenizer files into --out"""
+    os.makedirs(a.out, exist_ok=True)
+    eos_ids = [eos if eos is not None else 0]
+    json.dump(config_json(s, eos_ids[0], bos), open(os.path.join(a.out, "config.json"), "w"), indent=2)
+    gen = {"eos_token_id": eos_ids, "do_sample": True, "temperature": 0.7, "top_p": 0.8}
+    if bos is not None:
+        gen["bos_token_id"] = bos
+    json.dump(gen, open(os.path.join(a.out, "generation_config.json"), "w"), indent=2)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        src = os.path.join(a.tokenizer, f)
+        if os.path.exists(src):
+            shutil.copy(src, os.path.join(a.out, f))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS))
@@ -797,6 +812,8 @@ def main():
     if top >= s["vocab"]:
         sys.exit(f"synth_model: the tokenizer has ids up to {top}, more than --vocab {s['vocab']} holds")
     if a.zse_direct or a.gguf_direct:
+        if a.out: # the configs beside the file, for tools that read config.json (synth_lora.py)
+            write_configs(s, a, eos, bos)
         if a.zse_direct:
             write_direct(s, a)
         if a.gguf_direct:
@@ -805,17 +822,7 @@ def main():
     if not a.out:
         sys.exit("synth_model: --out DIR (or --zse-direct FILE) is required")
 
-    os.makedirs(a.out, exist_ok=True)
-    eos_ids = [eos if eos is not None else 0]
-    json.dump(config_json(s, eos_ids[0], bos), open(os.path.join(a.out, "config.json"), "w"), indent=2)
-    gen = {"eos_token_id": eos_ids, "do_sample": True, "temperature": 0.7, "top_p": 0.8}
-    if bos is not None:
-        gen["bos_token_id"] = bos
-    json.dump(gen, open(os.path.join(a.out, "generation_config.json"), "w"), indent=2)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        src = os.path.join(a.tokenizer, f)
-        if os.path.exists(src):
-            shutil.copy(src, os.path.join(a.out, f))
+    write_configs(s, a, eos, bos)
 
     shards, cur, size = [], [], 0
     for item in tensors(s):
