@@ -449,31 +449,6 @@ static int open_peft(zse_lora_file *f, const char *dir)
 #define ZSA_MINOR 0
 #define ZSA_ALIGN 64
 
-static uint64_t rd64(const uint8_t *p)
-{
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--)
-        v = v << 8 | p[i];
-    return v;
-}
-
-static int parse_hex64(const json_t *v, uint64_t *out)
-{
-    const char *s = json_string_value(v);
-    if (!s || strlen(s) != 16)
-        return -1;
-    uint64_t x = 0;
-    for (int i = 0; i < 16; i++) {
-        char c = s[i];
-        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-        if (d < 0)
-            return -1;
-        x = x << 4 | (uint64_t)d;
-    }
-    *out = x;
-    return 0;
-}
-
 static int module_index(const char *name)
 {
     for (int m = 0; name && m < ZSE_LORA_MODULES; m++)
@@ -494,18 +469,18 @@ static int zsa_preamble(const zse_map *map, uint64_t *hsize, uint64_t *data_offs
     if (major != ZSA_MAJOR)
         return zse_fail("%s uses .zsa format %u.%u; this zse reads %d.x%s", path, major, minor, ZSA_MAJOR,
                         major > ZSA_MAJOR ? ": upgrade zse" : "");
-    if (zse_hash64(p, 56) != rd64(p + 56))
+    if (zse_hash64(p, 56) != zse_load_le64(p + 56))
         return zse_fail("%s: preamble checksum mismatch; the file is corrupt", path);
-    uint64_t hoff = rd64(p + 16), fsize = rd64(p + 48), hend;
-    *hsize = rd64(p + 24);
-    *data_offset = rd64(p + 40);
+    uint64_t hoff = zse_load_le64(p + 16), fsize = zse_load_le64(p + 48), hend;
+    *hsize = zse_load_le64(p + 24);
+    *data_offset = zse_load_le64(p + 40);
     if (fsize != map->size)
         return zse_fail("%s is %zu bytes but its preamble says %" PRIu64 "; the file is truncated or was not fully "
                         "written", path, map->size, fsize);
     if (hoff != 64 || __builtin_add_overflow(hoff, *hsize, &hend) || hend > *data_offset ||
         *data_offset > map->size || *data_offset % ZSA_ALIGN != 0)
         return zse_fail("%s: header region is out of bounds; the file is corrupt", path);
-    if (zse_hash64(p + hoff, (size_t)*hsize) != rd64(p + 32))
+    if (zse_hash64(p + hoff, (size_t)*hsize) != zse_load_le64(p + 32))
         return zse_fail("%s: header checksum mismatch; the file is corrupt", path);
     return 0;
 }
@@ -518,7 +493,7 @@ static int zsa_blob(const zse_map *map, uint64_t data_offset, const json_t *b, u
     uint64_t off, size, sum, start, end;
     json_t *o = json_object_get(b, "offset"), *s = json_object_get(b, "size");
     if (!json_is_integer(o) || !json_is_integer(s) || json_integer_value(o) < 0 || json_integer_value(s) < 0 ||
-        parse_hex64(json_object_get(b, "checksum"), &sum) != 0)
+        !zse_parse_hex64(json_string_value(json_object_get(b, "checksum")), &sum))
         return zse_fail("%s: %s has a malformed entry (offset, size, checksum)", map->path, what);
     off = (uint64_t)json_integer_value(o);
     size = (uint64_t)json_integer_value(s);

@@ -20,31 +20,6 @@ struct zse_file {
     uint64_t tok_offset, tok_size, tok_checksum;
 };
 
-static uint64_t rd64(const uint8_t *p)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++)
-        v |= (uint64_t)p[i] << (8 * i);
-    return v;
-}
-
-static int parse_hex64(const json_t *v, uint64_t *out)
-{
-    const char *s = json_string_value(v);
-    if (!s || strlen(s) != 16)
-        return -1;
-    uint64_t x = 0;
-    for (int i = 0; i < 16; i++) {
-        char c = s[i];
-        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-        if (d < 0)
-            return -1;
-        x = x << 4 | (uint64_t)d;
-    }
-    *out = x;
-    return 0;
-}
-
 static int get_u64(const json_t *o, const char *k, uint64_t *out)
 {
     json_t *v = json_object_get(o, k);
@@ -75,19 +50,19 @@ static int read_preamble(zse_file *f, uint64_t *hoff, uint64_t *hsize, uint64_t 
     if (major < 1)
         return zse_fail("%s: format version %u.%u is not valid", path, major, minor);
     f->major = major;
-    if (zse_hash64(p, 56) != rd64(p + 56))
+    if (zse_hash64(p, 56) != zse_load_le64(p + 56))
         return zse_fail("%s: preamble checksum mismatch; the file is corrupt", path);
-    *hoff = rd64(p + 16);
-    *hsize = rd64(p + 24);
-    *data_offset = rd64(p + 40);
-    uint64_t fsize = rd64(p + 48), hend;
+    *hoff = zse_load_le64(p + 16);
+    *hsize = zse_load_le64(p + 24);
+    *data_offset = zse_load_le64(p + 40);
+    uint64_t fsize = zse_load_le64(p + 48), hend;
     if (fsize != f->map.size)
         return zse_fail("%s is %zu bytes but its preamble says %" PRIu64 "; the file is truncated "
                         "or was not fully written", path, f->map.size, fsize);
     if (*hoff < 64 || __builtin_add_overflow(*hoff, *hsize, &hend) || hend > *data_offset ||
         *data_offset > f->map.size || *data_offset % ZSE_TENSOR_ALIGN != 0)
         return zse_fail("%s: header region is out of bounds; the file is corrupt", path);
-    if (zse_hash64(p + *hoff, (size_t)*hsize) != rd64(p + 32))
+    if (zse_hash64(p + *hoff, (size_t)*hsize) != zse_load_le64(p + 32))
         return zse_fail("%s: header checksum mismatch; the file is corrupt", path);
     return 0;
 }
@@ -132,7 +107,7 @@ static int read_tensor(zse_file *f, const json_t *e, uint64_t data_offset, zse_t
         return -1;
     }
     if (get_u64(e, "offset", &t->offset) || get_u64(e, "size", &t->size) ||
-        parse_hex64(json_object_get(e, "checksum"), &t->checksum))
+        !zse_parse_hex64(json_string_value(json_object_get(e, "checksum")), &t->checksum))
         return zse_fail("%s: tensor '%s' lacks offset, size or checksum", path, name);
     if (t->size != need)
         return zse_fail("%s: tensor '%s' is %" PRIu64 " bytes but its shape needs %zu", path, name,
@@ -237,7 +212,7 @@ static int read_bank(zse_file *f, const json_t *e, uint64_t data_offset, zse_exp
     if (!b->checksums)
         return -1;
     for (int i = 0; i < b->count; i++)
-        if (parse_hex64(json_array_get(sums, (size_t)i), &b->checksums[i]))
+        if (!zse_parse_hex64(json_string_value(json_array_get(sums, (size_t)i)), &b->checksums[i]))
             return zse_fail("%s: layer %d expert %d: malformed checksum", path, b->layer, i);
     b->data = f->map.data + b->offset;
     return 0;
@@ -322,7 +297,7 @@ zse_file *zse_file_open(const char *path)
     }
     json_t *tok = json_object_get(json_object_get(f->header, "blobs"), "tokenizer.json");
     if (!tok || get_u64(tok, "offset", &f->tok_offset) || get_u64(tok, "size", &f->tok_size) ||
-        parse_hex64(json_object_get(tok, "checksum"), &f->tok_checksum) ||
+        !zse_parse_hex64(json_string_value(json_object_get(tok, "checksum")), &f->tok_checksum) ||
         !region_ok(f, data_offset, f->tok_offset, f->tok_size) ||
         f->tok_offset % ZSE_TENSOR_ALIGN != 0) {
         zse_fail("%s: the tokenizer.json blob is missing, misaligned or out of bounds", path);

@@ -62,6 +62,30 @@ bool zse_parse_i64(const char *s, int64_t *out)
     return true;
 }
 
+bool zse_parse_hex64(const char *s, uint64_t *out)
+{
+    if (!s || strlen(s) != 16)
+        return false;
+    uint64_t x = 0;
+    for (int i = 0; i < 16; i++) {
+        const char c = s[i];
+        const int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+        if (d < 0)
+            return false;
+        x = x << 4 | (uint64_t)d;
+    }
+    *out = x;
+    return true;
+}
+
+uint64_t zse_load_le64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
 bool zse_parse_f64(const char *s, double *out)
 {
     if (!s || !*s)

@@ -102,6 +102,10 @@ bool zse_parse_i64(const char *s, int64_t *out);
 bool zse_parse_f64(const char *s, double *out);
 /* "4G", "512M", "100000" -> bytes */
 bool zse_parse_size(const char *s, uint64_t *out);
+/* exactly 16 lowercase hex digits (how .zse and .zsa headers write a checksum) */
+bool zse_parse_hex64(const char *s, uint64_t *out);
+/* the little-endian u64 at p (any alignment): file headers */
+uint64_t zse_load_le64(const uint8_t *p);
 /* ---- vectors ---------------------------------------------------------------- */
 /* the index of the largest of v[0..n), the lowest on ties; NaNs never win (0 when all are
  * NaN). The one greedy rule: the host sampler, the CPU backend and the CUDA argmax kernel

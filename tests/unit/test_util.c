@@ -37,6 +37,13 @@ int main(void)
     CHECK(zse_parse_size("512MiB", &sz) && sz == 512ull << 20);
     CHECK(!zse_parse_size("-1", &sz));
     CHECK(!zse_parse_size("12Q", &sz));
+    uint64_t h = 0;
+    CHECK(zse_parse_hex64("0123456789abcdef", &h) && h == 0x0123456789abcdefull);
+    CHECK(!zse_parse_hex64("0123456789ABCDEF", &h)); /* the files write lowercase */
+    CHECK(!zse_parse_hex64("0123456789abcde", &h) && !zse_parse_hex64("0123456789abcdef0", &h));
+    CHECK(!zse_parse_hex64("0123456789abcdeg", &h) && !zse_parse_hex64(NULL, &h));
+    const uint8_t le[8] = {0xef, 0xcd, 0xab, 0x89, 0x67, 0x45, 0x23, 0x01};
+    CHECK(zse_load_le64(le) == 0x0123456789abcdefull);
 
     CHECK(zse_glob_match("*embed*", "model.embed_tokens.weight"));
     CHECK(zse_glob_match("blk.?.attn_q*", "blk.3.attn_q.weight"));
