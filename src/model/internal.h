@@ -34,10 +34,15 @@ enum {
     ZSE_HOST_TILE = 8,          /* pairs the host's kernels take at once: its cost per expert is per tile */
     ZSE_HOST_MAX_PAIRS = 32,    /* an expert with more pairs in a step is never run on the host */
     ZSE_XPLAN_HOST = -2,        /* zse_xplan.where: the expert runs on the host */
+    ZSE_PREFETCH_PROBE = 16,    /* while prefetching does not pay, one layer's prefetch in this many */
 };
+/* prefetching pays while at least this share of prefetched experts is routed to before it is
+ * evicted (xcache.c says why) */
+#define ZSE_PREFETCH_MIN_HIT 0.5
 
 typedef struct {
     uint64_t hits, fetched, prefetched, prefetch_hits, host, evicted;
+    uint64_t prefetch_skipped;  /* layers whose prefetch was left out: too few of them hit */
 } zse_xcache_stats;
 
 typedef struct {
@@ -56,6 +61,8 @@ typedef struct {
     double copy_free, host_free;/* when each has done what it was given */
     zse_host_experts host_mode;
     int host_max_pairs;
+    double prefetch_hit;        /* running share of prefetched experts routed to (starts at 1) */
+    uint32_t prefetch_calls;    /* prefetches asked for, for the probes */
     zse_xcache_stats stats;
 } zse_xcache;
 

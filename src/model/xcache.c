@@ -14,7 +14,16 @@
  * finish it first — fetching costs its bytes over the measured PCIe bandwidth, computing
  * on the host its bytes once per tile of pairs over the host's measured bandwidth, so a
  * prefill's many tokens stream the expert while one decode token may compute it where it
- * lies. Until the host has been measured nothing runs there. */
+ * lies. Until the host has been measured nothing runs there.
+ *
+ * Prefetching guesses the next layer's experts from this layer's rows (its router on them):
+ * a right guess hides a fetch behind this layer's compute, a wrong one holds the copy engine
+ * that the next layer's real misses wait on, and evicts an expert that may be wanted. So the
+ * planner keeps a running share of prefetched experts that were routed to before being
+ * evicted, and below ZSE_PREFETCH_MIN_HIT prefetches for one layer in ZSE_PREFETCH_PROBE
+ * only — enough to notice when the guesses start to pay again. (Trained models' routing is
+ * well predicted a layer ahead; random weights' is not, and prefetching them moved 3 GB a
+ * Mixtral decode step for nothing: docs/BENCHMARKS.md §Models larger than the GPU.) */
 #include "model/internal.h"
 
 #include <string.h>
@@ -55,6 +64,7 @@ int zse_xcache_init(zse_xcache *c, int n_layers, int n_experts, int n_slots)
     c->tick = 1; /* used[] 0: never wanted */
     c->host_mode = ZSE_HOST_EXPERTS_AUTO;
     c->host_max_pairs = ZSE_HOST_MAX_PAIRS;
+    c->prefetch_hit = 1.0;
     return 0;
 }
 
@@ -99,9 +109,18 @@ static int victim(const zse_xcache *c)
     return -1;
 }
 
+/* a prefetched expert was routed to (hit 1) or evicted unused (0): the running share, over
+ * about the last 16 outcomes */
+static void prefetch_outcome(zse_xcache *c, double hit)
+{
+    c->prefetch_hit += (hit - c->prefetch_hit) / 16.0;
+}
+
 /* slot s now holds expert (layer, e), whatever it held before */
 static void assign(zse_xcache *c, int s, int layer, int e)
 {
+    if (c->prefetched[s])
+        prefetch_outcome(c, 0);
     if (c->key[s] >= 0) {
         c->slot_of[c->key[s]] = -1;
         c->stats.evicted++;
@@ -164,6 +183,7 @@ void zse_xcache_plan(zse_xcache *c, int layer, const int32_t *active, const int3
         if (c->prefetched[s]) {
             c->stats.prefetch_hits++;
             c->prefetched[s] = 0;
+            prefetch_outcome(c, 1);
         }
     }
     /* then the misses, those with the most pairs first: the host takes the cheap ones */
@@ -196,6 +216,10 @@ int zse_xcache_prefetch(zse_xcache *c, int layer, const int32_t *experts, int n,
 {
     out->n_fetch = 0;
     out->n_host = 0;
+    if (c->prefetch_hit < ZSE_PREFETCH_MIN_HIT && c->prefetch_calls++ % ZSE_PREFETCH_PROBE != 0) {
+        c->stats.prefetch_skipped++;
+        return 0;
+    }
     for (int i = 0; i < n; i++) {
         const int have = zse_xcache_slot(c, layer, experts[i]);
         if (have >= 0) {

@@ -94,6 +94,50 @@ static void test_planner_lru(void)
     zse_xcache_free(&c);
 }
 
+/* prefetching stops paying when its guesses miss: the planner then prefetches for one layer
+ * in ZSE_PREFETCH_PROBE, and goes back to every layer once the probes hit again */
+static void test_planner_prefetch_gate(void)
+{
+    zse_xcache c;
+    CHECK(zse_xcache_init(&c, 2, PE, PE) == 0);
+    c.host_mode = ZSE_HOST_EXPERTS_NEVER;
+    plan_buf b, pf;
+    uint64_t issued_late = 0, skipped_late = 0;
+    /* layer 0 cycles over its 8 experts, layer 1 is routed to 4..7 in turn and guessed 1..3:
+     * with 8 slots every one is a miss, so each guess is fetched and evicted unused */
+    for (int i = 0; i < 400; i++) {
+        const int32_t first = i % PE, guess = 1 + i % 3, routed = 4 + i % 4;
+        plan(&c, 0, &first, 1, 0, &b);
+        const uint64_t before = c.stats.prefetched;
+        zse_xcache_prefetch(&c, 1, &guess, 1, 1000, 0, plan_of(&pf));
+        plan(&c, 1, &routed, 1, 0, &b);
+        if (i >= 200) {
+            issued_late += c.stats.prefetched - before;
+            skipped_late = c.stats.prefetch_skipped;
+        }
+    }
+    CHECK(c.prefetch_hit < ZSE_PREFETCH_MIN_HIT);
+    CHECK_EQ_INT(c.stats.prefetch_hits, 0);
+    /* past the first misses only the probes prefetch: 200 / 16 of the last 200 layers */
+    CHECK(issued_late <= 200 / ZSE_PREFETCH_PROBE + 1);
+    CHECK(skipped_late >= 150);
+    /* phase 2: every guess is right (layer 1 cycles over all 8: misses again); the probes'
+     * hits raise the share past the bar */
+    uint64_t skipped_at = 0;
+    for (int i = 0; i < 600; i++) {
+        const int32_t first = i % PE, guess = (i + 3) % PE; /* every one a miss, as above */
+        plan(&c, 0, &first, 1, 0, &b);
+        zse_xcache_prefetch(&c, 1, &guess, 1, 1000, 0, plan_of(&pf));
+        plan(&c, 1, &guess, 1, 0, &b);
+        if (i == 500)
+            skipped_at = c.stats.prefetch_skipped;
+    }
+    CHECK(c.prefetch_hit >= ZSE_PREFETCH_MIN_HIT);
+    CHECK_EQ_INT(c.stats.prefetch_skipped, skipped_at); /* none skipped in the last 100 */
+    CHECK(c.stats.prefetch_hits >= 100);
+    zse_xcache_free(&c);
+}
+
 static void test_planner_host(void)
 {
     zse_xcache c;
@@ -496,6 +540,7 @@ int main(void)
     tl_begin("offload");
     test_planner_lru();
     test_planner_host();
+    test_planner_prefetch_gate();
     test_copy_queue();
     const struct {
         const char *fixture, *name;
