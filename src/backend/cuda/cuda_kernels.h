@@ -288,9 +288,8 @@ typedef struct {
 size_t zse_cuda_lora_scratch_bytes(int64_t n, int n_outs);
 /* y_i[t] += scale · B·(A·x[t]) for every row t < n whose adapter_of[t] (device, one slot per
  * row; -1: none) adapts l->module[i] of l->layer; other rows untouched. One launch: shrink
- * blocks (a row, projection and rank index each) and then expand blocks (columns x 8 rows,
- * or 1 for a lone row) that wait on l->sync for the shrink, so each row's A and B are read
- * once. Launches that share l->sync must run one after the other (one stream). Ranks above
+ * blocks (a row, projection and 4 rank indices each) and then expand blocks (a warp per row
+ * and 256 columns) that wait on l->sync for the shrink. Launches that share l->sync must run one after the other (one stream). Ranks above
  * l->max_rank are not applied: it must cover every slot's. */
 int zse_cuda_lora_apply(const zse_cuda_lora *l, const int32_t *adapter_of, const float *x, int64_t xpitch,
                         int64_t n, float *scratch, size_t scratch_bytes, zse_cuda_stream st);

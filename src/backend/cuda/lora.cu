@@ -7,17 +7,18 @@
  * at a time and accumulate in f32. One launch at every batch size (lora_kernel), whose
  * blocks do one of two jobs:
  *
- *   shrink: a block per (row, projection, rank index): its 256 threads split the input's
- *     width, two 16-byte loads each in flight, and sum in the block. A dot is short (7 KB of
- *     A at width 3584), so what costs is latency: a warp walking a whole row alone (the first
- *     design, one launch whose blocks also repeated the shrink) waited ~150 dependent loads
- *     for a down projection and cost 4 ms a token on a 7B (docs/BENCHMARKS.md §LoRA).
- *   expand: a block per column range and 8 rows; a thread's 8 columns of all 8 rows at once,
- *     so the rows' loads of one rank index are in flight together (the first expand walked
- *     the rows one after the other) and rows of one adapter read the same bytes from L1.
- *     The expand blocks wait for every shrink block of the launch (a counter in l.sync).
- *     They were a second launch: at one row the two launches' latency was all an adapter
- *     cost (docs/BENCHMARKS.md §LoRA, ~15 µs a call).
+ *   shrink: a block per (row, projection, 4 rank indices): its 256 threads split the
+ *     input's width, each holding its 8 x values of a pass in registers against the 4 rows
+ *     of A (x is read once for 4 rank indices; 6 independent 16-byte loads in flight a
+ *     pass), and sum in the block. A dot is short (7 KB of A at width 3584), so what costs
+ *     is latency: a warp walking a whole row alone (the first design) waited ~150 dependent
+ *     loads for a down projection and cost 4 ms a token on a 7B (docs/BENCHMARKS.md §LoRA).
+ *   expand: a warp per (row, 256 output columns), R rows a block (1, 2, 4 or 8 by the
+ *     batch) and the block's other warps on the next column ranges: a batch spreads over
+ *     many blocks (an expand block of 2048 columns x 8 rows left a 7B's q/k/v 4 blocks at
+ *     8 rows, and a call cost ~31 µs whatever its size). The expand blocks wait for every
+ *     shrink block of the launch (a counter in l.sync); as a second launch, the two
+ *     launches' latency was all an adapter cost at one row (~15 µs a call).
  *
  * Which slot a row uses and every slot's table are read from device memory, so a recorded
  * step (CUDA graph) serves any mix of adapters; the grid covers the pool's largest rank
@@ -28,12 +29,16 @@
 #define LORA_THREADS 256
 #define LORA_WARPS (LORA_THREADS / 32)
 #define LORA_VEC 8                                  /* f16 values a thread loads at once */
-#define LORA_COLS (LORA_THREADS * LORA_VEC)         /* output columns a block owns */
-#define LORA_EXPAND_ROWS 8
+#define LORA_STRIDE (LORA_THREADS * LORA_VEC)       /* input columns a shrink block covers a pass */
+#define LORA_WARP_COLS (32 * LORA_VEC)              /* output columns an expand warp owns */
+#define LORA_SHRINK_J 4                             /* rank indices a shrink block computes */
+static_assert(LORA_SHRINK_J * LORA_WARPS == 32, "the shrink's last sum takes a lane per (rank index, warp)");
 
 struct lora_launch {
     zse_cuda_lora l;
     int col_start[4];                               /* the first column block of each projection */
+    int warp_cols;                                  /* output columns an expand block covers */
+    bool x_vec;                                     /* x rows 16-byte aligned: float4 loads */
 };
 
 __device__ __forceinline__ const zse_cuda_lora_entry *lora_entry(const zse_cuda_lora &l, int32_t slot, int module)
@@ -46,150 +51,152 @@ __device__ __forceinline__ const zse_cuda_lora_entry *lora_entry(const zse_cuda_
     return e->rank > 0 && e->rank <= ZSE_CUDA_LORA_MAX_RANK ? e : nullptr;
 }
 
-__device__ __forceinline__ int lora_output_of(const lora_launch &p, int block, int64_t *c0)
+/* the 8 x values at c of row xt, as one or two 16-byte loads where aligned */
+__device__ __forceinline__ void lora_load_x(const float *xt, int64_t c, bool vec, float v[LORA_VEC])
 {
-    int i = 0;
-    while (i + 1 < p.l.n_outs && block >= p.col_start[i + 1])
-        i++;
-    *c0 = (int64_t)(block - p.col_start[i]) * LORA_COLS + (int64_t)threadIdx.x * LORA_VEC;
-    return i;
+    if (vec) {
+        const float4 a = *reinterpret_cast<const float4 *>(xt + c), b = *reinterpret_cast<const float4 *>(xt + c + 4);
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    } else {
+#pragma unroll
+        for (int k = 0; k < LORA_VEC; k++)
+            v[k] = xt[c + k];
+    }
 }
 
-/* u[t][i][j] = A[j]·x[t]: one block's share of the shrink, row t and (projection i, rank
- * index j) = ij */
+/* u[t][i][j0 + q] = A[j0 + q]·x[t] for q < LORA_SHRINK_J: one block's share of the shrink.
+ * A thread holds its 8 x values of a pass in registers and dots them with the block's
+ * LORA_SHRINK_J rows of A, so x is read once for those rank indices and a thread has
+ * LORA_SHRINK_J + 2 independent 16-byte loads in flight a pass. */
 __device__ void lora_shrink_block(const lora_launch &p, const int32_t *adapter_of, const float *x, int64_t xpitch,
-                                  float *u, int t, int ij)
+                                  float *u, int t, int i, int j0)
 {
-    __shared__ float part[LORA_WARPS];
-    const int i = ij / p.l.max_rank, j = ij % p.l.max_rank;
+    __shared__ float part[LORA_WARPS][LORA_SHRINK_J];
     const zse_cuda_lora_entry *e = lora_entry(p.l, adapter_of[t], p.l.module[i]);
-    if (!e || j >= e->rank)
+    if (!e || j0 >= e->rank)
         return; /* the expand reads u[t][i][0:rank] only */
+    const int nj = e->rank - j0 < LORA_SHRINK_J ? e->rank - j0 : LORA_SHRINK_J;
     const int64_t in = p.l.in[i];
     const __half *a = reinterpret_cast<const __half *>(p.l.slots + (uint64_t)adapter_of[t] * p.l.slot_bytes + e->a) +
-                      (int64_t)j * in;
+                      (int64_t)j0 * in;
     const float *xt = x + (int64_t)t * xpitch;
-    float s = 0.f;
+    float s[LORA_SHRINK_J] = {};
     if (in % LORA_VEC == 0) {
-        for (int64_t c = (int64_t)threadIdx.x * LORA_VEC; c < in; c += 2 * LORA_COLS) {
-            const bool second = c + LORA_COLS < in;
-            const uint4 w0 = *reinterpret_cast<const uint4 *>(a + c);
-            const uint4 w1 = second ? *reinterpret_cast<const uint4 *>(a + c + LORA_COLS) : make_uint4(0, 0, 0, 0);
-            const __half2 *h0 = reinterpret_cast<const __half2 *>(&w0), *h1 = reinterpret_cast<const __half2 *>(&w1);
+        for (int64_t c = (int64_t)threadIdx.x * LORA_VEC; c < in; c += LORA_STRIDE) {
+            float xv[LORA_VEC];
+            lora_load_x(xt, c, p.x_vec, xv);
+            uint4 w[LORA_SHRINK_J];
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const float2 f = __half22float2(h0[k]);
-                s = fmaf(f.x, xt[c + 2 * k], s);
-                s = fmaf(f.y, xt[c + 2 * k + 1], s);
-            }
-            if (second) {
+            for (int q = 0; q < LORA_SHRINK_J; q++)
+                w[q] = q < nj ? *reinterpret_cast<const uint4 *>(a + (int64_t)q * in + c) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-                for (int k = 0; k < 4; k++) {
-                    const float2 f = __half22float2(h1[k]);
-                    s = fmaf(f.x, xt[c + LORA_COLS + 2 * k], s);
-                    s = fmaf(f.y, xt[c + LORA_COLS + 2 * k + 1], s);
-                }
-            }
-        }
-    } else {
-        for (int64_t c = threadIdx.x; c < in; c += LORA_THREADS)
-            s = fmaf(__half2float(a[c]), xt[c], s);
-    }
-    s = warp_sum(s);
-    if (threadIdx.x % 32 == 0)
-        part[threadIdx.x / 32] = s;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float v = threadIdx.x < LORA_WARPS ? part[threadIdx.x] : 0.f;
-        v = warp_sum(v);
-        if (threadIdx.x == 0)
-            u[((int64_t)t * p.l.n_outs + i) * ZSE_CUDA_LORA_MAX_RANK + j] = v;
-    }
-}
-
-/* y[t] += scale · B·u[t] over a block's 8 columns a thread for rows row_group * ROWS .. +
- * ROWS: the rows' Bᵀ loads of one rank index are independent, so they are in flight together
- * (rows of one adapter load the same bytes, from L1). One row (a lone sequence) has no other
- * rows to overlap with: UNROLL rank indices' loads are in flight instead. */
-template <int ROWS, int UNROLL>
-__device__ void lora_expand_block(const lora_launch &p, const int32_t *adapter_of, const float *u, int64_t n,
-                                  int col_block, int row_group)
-{
-    __shared__ float us[ROWS][ZSE_CUDA_LORA_MAX_RANK];
-    int64_t c0;
-    const int i = lora_output_of(p, col_block, &c0);
-    const int64_t t0 = (int64_t)row_group * ROWS, out = p.l.out[i];
-    const __half *bt[ROWS];
-    float scale[ROWS];
-    int rank[ROWS], max_r = 0;
-#pragma unroll
-    for (int r = 0; r < ROWS; r++) {
-        const zse_cuda_lora_entry *e = t0 + r < n ? lora_entry(p.l, adapter_of[t0 + r], p.l.module[i]) : nullptr;
-        rank[r] = e ? e->rank : 0;
-        scale[r] = e ? e->scale : 0.f;
-        bt[r] = e ? reinterpret_cast<const __half *>(p.l.slots + (uint64_t)adapter_of[t0 + r] * p.l.slot_bytes + e->bt)
-                  : nullptr;
-        max_r = rank[r] > max_r ? rank[r] : max_r;
-        for (int j = threadIdx.x; j < ZSE_CUDA_LORA_MAX_RANK; j += LORA_THREADS)
-            us[r][j] = j < rank[r] ? __ldcg(&u[((t0 + r) * p.l.n_outs + i) * ZSE_CUDA_LORA_MAX_RANK + j]) : 0.f;
-    }
-    __syncthreads();
-    if (max_r == 0 || c0 >= out)
-        return;
-    float acc[ROWS][LORA_VEC] = {};
-    if (out % LORA_VEC == 0) { /* rows of Bᵀ 16-byte aligned, no tail */
-#pragma unroll UNROLL
-        for (int j = 0; j < max_r; j++) {
-#pragma unroll
-            for (int r = 0; r < ROWS; r++) {
-                if (j >= rank[r])
-                    continue;
-                const uint4 w = *reinterpret_cast<const uint4 *>(bt[r] + (int64_t)j * out + c0);
-                const __half2 *h = reinterpret_cast<const __half2 *>(&w);
-                const float uj = us[r][j];
+            for (int q = 0; q < LORA_SHRINK_J; q++) {
+                const __half2 *h = reinterpret_cast<const __half2 *>(&w[q]);
 #pragma unroll
                 for (int k = 0; k < 4; k++) {
                     const float2 f = __half22float2(h[k]);
-                    acc[r][2 * k] = fmaf(uj, f.x, acc[r][2 * k]);
-                    acc[r][2 * k + 1] = fmaf(uj, f.y, acc[r][2 * k + 1]);
+                    s[q] = fmaf(f.x, xv[2 * k], s[q]);
+                    s[q] = fmaf(f.y, xv[2 * k + 1], s[q]);
                 }
             }
         }
     } else {
-        for (int j = 0; j < max_r; j++) {
+        for (int64_t c = threadIdx.x; c < in; c += LORA_THREADS) {
+            const float xc = xt[c];
 #pragma unroll
-            for (int r = 0; r < ROWS; r++) {
-                if (j >= rank[r])
-                    continue;
-                const __half *row = bt[r] + (int64_t)j * out + c0;
-#pragma unroll
-                for (int k = 0; k < LORA_VEC; k++)
-                    if (c0 + k < out)
-                        acc[r][k] = fmaf(us[r][j], __half2float(row[k]), acc[r][k]);
-            }
+            for (int q = 0; q < LORA_SHRINK_J; q++)
+                if (q < nj)
+                    s[q] = fmaf(__half2float(a[(int64_t)q * in + c]), xc, s[q]);
         }
     }
 #pragma unroll
-    for (int r = 0; r < ROWS; r++) {
-        if (!rank[r])
-            continue;
-        float *y = p.l.y[i] + (t0 + r) * p.l.ypitch[i];
+    for (int q = 0; q < LORA_SHRINK_J; q++) {
+        const float v = warp_sum(s[q]);
+        if (threadIdx.x % 32 == 0)
+            part[threadIdx.x / 32][q] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        const int q = threadIdx.x / LORA_WARPS, w = threadIdx.x % LORA_WARPS; /* 32 lanes = 4 x 8 */
+        float v = part[w][q];
 #pragma unroll
-        for (int k = 0; k < LORA_VEC; k++)
-            if (c0 + k < out)
-                y[c0 + k] += scale[r] * acc[r][k];
+        for (int o = LORA_WARPS / 2; o > 0; o /= 2)
+            v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (w == 0 && q < nj)
+            u[((int64_t)t * p.l.n_outs + i) * ZSE_CUDA_LORA_MAX_RANK + j0 + q] = v;
     }
 }
 
+/* y[t] += scale · B·u[t]: a warp per (row, 256 output columns), R rows a block and the
+ * block's other warps on the next column ranges, so a batch's expand spreads over many
+ * blocks (the first expand gave a block 2048 columns x 8 rows: 4 blocks for a 7B's q/k/v).
+ * A lane's 8 columns take one 16-byte load of Bᵀ per rank index, all independent, so a
+ * warp has up to 8 rank indices' loads in flight; rows of one adapter in a block read the
+ * same Bᵀ bytes, from L1. */
+template <int R>
+__device__ void lora_expand_block(const lora_launch &p, const int32_t *adapter_of, const float *u, int64_t n,
+                                  int col_block, int row_group)
+{
+    __shared__ float us[R][ZSE_CUDA_LORA_MAX_RANK];
+    int i = 0;
+    while (i + 1 < p.l.n_outs && col_block >= p.col_start[i + 1])
+        i++;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = warp % R;
+    const int64_t t = (int64_t)row_group * R + r, out = p.l.out[i];
+    const int64_t c0 = (int64_t)(col_block - p.col_start[i]) * p.warp_cols + (int64_t)(warp / R) * LORA_WARP_COLS +
+                       (int64_t)lane * LORA_VEC;
+    const zse_cuda_lora_entry *e = t < n ? lora_entry(p.l, adapter_of[t], p.l.module[i]) : nullptr;
+    const int rank = e ? e->rank : 0;
+    /* the R rows' u into shared memory, by the block's first R warps (through L2: other
+     * blocks of this launch wrote it) */
+    if (warp < R)
+        for (int j = lane; j < rank; j += 32)
+            us[r][j] = __ldcg(&u[(t * p.l.n_outs + i) * ZSE_CUDA_LORA_MAX_RANK + j]);
+    __syncthreads();
+    if (!rank || c0 >= out)
+        return;
+    const __half *bt = reinterpret_cast<const __half *>(p.l.slots + (uint64_t)adapter_of[t] * p.l.slot_bytes + e->bt);
+    float acc[LORA_VEC] = {};
+    if (out % LORA_VEC == 0) { /* rows of Bᵀ 16-byte aligned, no tail */
+#pragma unroll 8
+        for (int j = 0; j < rank; j++) {
+            const uint4 w = *reinterpret_cast<const uint4 *>(bt + (int64_t)j * out + c0);
+            const __half2 *h = reinterpret_cast<const __half2 *>(&w);
+            const float uj = us[r][j];
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float2 f = __half22float2(h[k]);
+                acc[2 * k] = fmaf(uj, f.x, acc[2 * k]);
+                acc[2 * k + 1] = fmaf(uj, f.y, acc[2 * k + 1]);
+            }
+        }
+    } else {
+        for (int j = 0; j < rank; j++) {
+            const __half *row = bt + (int64_t)j * out + c0;
+#pragma unroll
+            for (int k = 0; k < LORA_VEC; k++)
+                if (c0 + k < out)
+                    acc[k] = fmaf(us[r][j], __half2float(row[k]), acc[k]);
+        }
+    }
+    float *y = p.l.y[i] + t * p.l.ypitch[i];
+    const float scale = e->scale;
+#pragma unroll
+    for (int k = 0; k < LORA_VEC; k++)
+        if (c0 + k < out)
+            y[c0 + k] += scale * acc[k];
+}
+
 /* One launch for the whole delta. A block takes a ticket as it starts: the first
- * `shrink_blocks` tickets do the shrink (row = ticket % n, then projection and rank index),
- * each signalling when its u is stored; the rest do the expand once every shrink block has
- * signalled. Tickets, not block indices, decide the roles, so a block that waits started
- * after every shrink ticket was taken by a block already running: the wait always ends. The
- * last block to finish zeroes the counters for the next launch (which waits for this one to
- * finish before it takes a ticket: pdl_enter). Two launches cost two dependent launches'
- * latency, ~15 µs a call at one row, the whole of a lone sequence's adapter cost. */
-template <int ROWS, int UNROLL>
+ * `shrink_blocks` tickets do the shrink (row = ticket % n, then projection and the rank
+ * indices' group), each signalling when its u is stored; the rest do the expand once every
+ * shrink block has signalled. Tickets, not block indices, decide the roles, so a block that
+ * waits started after every shrink ticket was taken by a block already running: the wait
+ * always ends. The last block to finish zeroes the counters for the next launch (which
+ * waits for this one to finish before it takes a ticket: pdl_enter). Two launches cost two
+ * dependent launches' latency, ~15 µs a call at one row, the whole of a lone sequence's
+ * adapter cost. */
+template <int R>
 __global__ void __launch_bounds__(LORA_THREADS)
 lora_kernel(const lora_launch p, const int32_t *adapter_of, const float *x, int64_t xpitch, float *u, int64_t n,
             unsigned shrink_blocks, unsigned col_blocks, unsigned total)
@@ -202,7 +209,9 @@ lora_kernel(const lora_launch p, const int32_t *adapter_of, const float *x, int6
     __syncthreads();
     const unsigned tk = ticket;
     if (tk < shrink_blocks) {
-        lora_shrink_block(p, adapter_of, x, xpitch, u, (int)(tk % (unsigned)n), (int)(tk / (unsigned)n));
+        const unsigned groups = (unsigned)((p.l.max_rank + LORA_SHRINK_J - 1) / LORA_SHRINK_J), ij = tk / (unsigned)n;
+        lora_shrink_block(p, adapter_of, x, xpitch, u, (int)(tk % (unsigned)n), (int)(ij / groups),
+                          (int)(ij % groups) * LORA_SHRINK_J);
         if (threadIdx.x == 0) { /* the thread that stored this block's u */
             __threadfence();
             atomicAdd(&sync[1], 1u);
@@ -215,7 +224,7 @@ lora_kernel(const lora_launch p, const int32_t *adapter_of, const float *x, int6
         }
         __syncthreads();
         const unsigned e = tk - shrink_blocks;
-        lora_expand_block<ROWS, UNROLL>(p, adapter_of, u, n, (int)(e % col_blocks), (int)(e / col_blocks));
+        lora_expand_block<R>(p, adapter_of, u, n, (int)(e % col_blocks), (int)(e / col_blocks));
     }
     if (threadIdx.x == 0 && atomicAdd(&sync[2], 1u) == total - 1) {
         sync[0] = 0;
@@ -242,6 +251,10 @@ extern "C" int zse_cuda_lora_apply(const zse_cuda_lora *l, const int32_t *adapte
     lora_launch p;
     p.l = *l;
     p.l.max_rank = max_rank;
+    /* R rows a block: a lone row's block spans 2048 columns, 8 rows' one warp's 256 */
+    const int R = n >= 8 ? 8 : n >= 4 ? 4 : n >= 2 ? 2 : 1;
+    p.warp_cols = LORA_WARP_COLS * (LORA_WARPS / R);
+    p.x_vec = (uintptr_t)x % 16 == 0 && xpitch % 4 == 0;
     int blocks = 0;
     for (int i = 0; i < l->n_outs; i++) {
         if (l->module[i] < 0 || l->module[i] > 6 || l->in[i] < 1 || l->out[i] < 1 || l->in[i] > xpitch ||
@@ -249,26 +262,24 @@ extern "C" int zse_cuda_lora_apply(const zse_cuda_lora *l, const int32_t *adapte
             return zse_cuda_fail("cuda lora_apply: projection %d (module %d, %lld -> %lld) does not fit x or y", i,
                                  l->module[i], (long long)l->in[i], (long long)l->out[i]);
         p.col_start[i] = blocks;
-        blocks += (int)zse_ceil_div(l->out[i], LORA_COLS);
+        blocks += (int)zse_ceil_div(l->out[i], p.warp_cols);
     }
     p.col_start[l->n_outs] = blocks;
     if (!scratch || scratch_bytes < zse_cuda_lora_scratch_bytes(n, l->n_outs))
         return zse_cuda_fail("cuda lora_apply: %zu bytes of scratch for %lld rows (needs %zu)", scratch_bytes,
                              (long long)n, zse_cuda_lora_scratch_bytes(n, l->n_outs));
-    if (n > 65535 * LORA_EXPAND_ROWS || n > INT32_MAX)
+    if (n > INT32_MAX / 8)
         return zse_cuda_fail("cuda lora_apply: %lld rows is too many for one step", (long long)n);
     cudaStream_t s = (cudaStream_t)st;
-    const uint64_t shrink_blocks = (uint64_t)n * (uint64_t)(l->n_outs * max_rank);
-    const unsigned rows1 = n == 1 ? 1 : LORA_EXPAND_ROWS;
-    const uint64_t total = shrink_blocks + (uint64_t)blocks * (uint64_t)zse_ceil_div(n, rows1);
+    const uint64_t shrink_blocks =
+        (uint64_t)n * (uint64_t)l->n_outs * (uint64_t)((max_rank + LORA_SHRINK_J - 1) / LORA_SHRINK_J);
+    const uint64_t total = shrink_blocks + (uint64_t)blocks * (uint64_t)zse_ceil_div(n, R);
     if (total > INT32_MAX)
         return zse_cuda_fail("cuda lora_apply: %lld rows is too many for one step", (long long)n);
-    if (n == 1)
-        zse_launch(lora_kernel<1, 8>, dim3((unsigned)total), dim3(LORA_THREADS), 0, s, p, adapter_of, x, xpitch, scratch,
-                   n, (unsigned)shrink_blocks, (unsigned)blocks, (unsigned)total);
-    else
-        zse_launch(lora_kernel<LORA_EXPAND_ROWS, 2>, dim3((unsigned)total), dim3(LORA_THREADS), 0, s, p, adapter_of, x,
-                   xpitch, scratch, n, (unsigned)shrink_blocks, (unsigned)blocks, (unsigned)total);
+    void (*kernel)(const lora_launch, const int32_t *, const float *, int64_t, float *, int64_t, unsigned, unsigned,
+                   unsigned) = R == 8 ? lora_kernel<8> : R == 4 ? lora_kernel<4> : R == 2 ? lora_kernel<2> : lora_kernel<1>;
+    zse_launch(kernel, dim3((unsigned)total), dim3(LORA_THREADS), 0, s, p, adapter_of, x, xpitch, scratch, n,
+               (unsigned)shrink_blocks, (unsigned)blocks, (unsigned)total);
     ZSE_CUDA_LAUNCHED("cuda lora");
     return 0;
 }
