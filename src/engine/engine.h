@@ -274,7 +274,16 @@ struct zse_model {
     const char *tool_marker_texts[4];
     int n_tool_markers;
     char *chat_template;        /* zse_model_set_chat_template's, replacing the file's; NULL: the file's */
+    /* the backend's memory counters as last read between steps: what zse_model_get_memory
+     * answers while a step runs, so /metrics never waits for a long prefill */
+    pthread_mutex_t mem_lock;
+    zse_backend_memory mem_seen;
+    double mem_seen_at;
 };
+
+/* (run_lock held) re-reads the backend's memory counters if the last reading is older than a
+ * second: the engine calls it after each step */
+void zse_model_note_memory(zse_model *m);
 
 /* fills m's tool_marker_ids from its chat template's tool-call format (constraint.c) */
 void zse_model_find_tool_markers(zse_model *m);

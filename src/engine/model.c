@@ -287,6 +287,17 @@ static int load_weights(zse_model *m, const zse_load_params *p)
     return rc == 0 && m->llm ? 0 : -1;
 }
 
+/* (run_lock held, or no step can run yet) the backend's memory counters into m->mem_seen */
+static void read_memory(zse_model *m)
+{
+    zse_backend_memory bm;
+    m->be->ops->memory(m->be, &bm);
+    pthread_mutex_lock(&m->mem_lock);
+    m->mem_seen = bm;
+    m->mem_seen_at = zse_now();
+    pthread_mutex_unlock(&m->mem_lock);
+}
+
 zse_model *zse_model_load(const char *path, const zse_load_params *params)
 {
     zse_load_params dflt;
@@ -309,6 +320,7 @@ zse_model *zse_model_load(const char *path, const zse_load_params *params)
         return NULL;
     }
     pthread_mutex_init(&m->grammar_lock, NULL);
+    pthread_mutex_init(&m->mem_lock, NULL);
     if (!(m->mask_timing = zse_calloc(1, sizeof *m->mask_timing)) || !(m->file = zse_file_open(path)) ||
         !(m->tok = zse_tokenizer_from_zse(m->file)) ||
         !(m->be = zse_backend_create(params->device, params->threads)))
@@ -335,6 +347,7 @@ zse_model *zse_model_load(const char *path, const zse_load_params *params)
     base_name(path, &m->name);
     if (!m->name)
         goto fail;
+    read_memory(m);
     return m;
 fail:
     zse_error_prefix("cannot load %s", path);
@@ -359,6 +372,7 @@ void zse_model_free(zse_model *m)
     free(m->mask_timing);
     pthread_mutex_destroy(&m->run_lock);
     pthread_mutex_destroy(&m->grammar_lock);
+    pthread_mutex_destroy(&m->mem_lock);
     free(m->chat_template);
     free(m->name);
     free(m);
@@ -394,12 +408,24 @@ void zse_model_get_info(const zse_model *m, zse_model_info *out)
     out->device = m->be->ops->name;
 }
 
+void zse_model_note_memory(zse_model *m)
+{
+    if (zse_now() - m->mem_seen_at >= 1.0)
+        read_memory(m);
+}
+
 void zse_model_get_memory(zse_model *m, zse_memory_info *out)
 {
+    /* between steps the backend's counters are still: read them now; while a step runs,
+     * the engine's last reading (at most a second older than the step's start) */
+    if (pthread_mutex_trylock(&m->run_lock) == 0) {
+        read_memory(m);
+        pthread_mutex_unlock(&m->run_lock);
+    }
     zse_backend_memory bm;
-    pthread_mutex_lock(&m->run_lock); /* between steps: the backend's counters are still */
-    m->be->ops->memory(m->be, &bm);
-    pthread_mutex_unlock(&m->run_lock);
+    pthread_mutex_lock(&m->mem_lock);
+    bm = m->mem_seen;
+    pthread_mutex_unlock(&m->mem_lock);
     memset(out, 0, sizeof *out);
     out->weights = bm.weights;
     if (!bm.on_device && m->placement == ZSE_FIT_RESIDENT) { /* used in place: the mapped tensors and experts */

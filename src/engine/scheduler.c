@@ -1045,6 +1045,7 @@ static int step(zse_engine *e)
     zse_block_pool pool = e->m->blocks; /* its counters, read under the lock */
     zse_offload_stats offload;
     zse_offload_stats_of(e->m->llm, &offload);
+    zse_model_note_memory(e->m);
     pthread_mutex_unlock(&e->m->run_lock);
     pthread_mutex_lock(&e->mu);
     e->offload_stats = offload;

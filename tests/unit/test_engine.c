@@ -539,6 +539,12 @@ static void memory_accounting(const char *path)
                   (unsigned long long)per_seq);
         CHECK(b.kv_cache == 4 * per_seq);
         CHECK(a.activations > 0);
+        /* while a step holds the run lock the answer is the last reading, without waiting */
+        pthread_mutex_lock(&small->run_lock);
+        zse_memory_info during;
+        zse_model_get_memory(small, &during);
+        pthread_mutex_unlock(&small->run_lock);
+        CHECK(during.weights == a.weights && during.kv_cache == a.kv_cache && during.activations == a.activations);
         zse_map map;
         CHECK(zse_map_open(&map, path) == 0);
         CHECK(a.weights < map.size); /* the tensors, not the header or the tokenizer */

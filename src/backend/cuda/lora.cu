@@ -17,8 +17,11 @@
  *     batch) and the block's other warps on the next column ranges: a batch spreads over
  *     many blocks (an expand block of 2048 columns x 8 rows left a 7B's q/k/v 4 blocks at
  *     8 rows, and a call cost ~31 µs whatever its size). The expand blocks wait for every
- *     shrink block of the launch (a counter in l.sync); as a second launch, the two
- *     launches' latency was all an adapter cost at one row (~15 µs a call).
+ *     shrink block of the launch (a counter in l.sync).
+ *
+ * At one row a call still costs ~14 µs whatever its size: the chain x -> u -> y after the
+ * base matmul. What would remove it is the shrink inside the base GEMV's launch (it reads
+ * the same x) and the expand in its store (docs/CUDA.md §LoRA).
  *
  * Which slot a row uses and every slot's table are read from device memory, so a recorded
  * step (CUDA graph) serves any mix of adapters; the grid covers the pool's largest rank
@@ -193,9 +196,9 @@ __device__ void lora_expand_block(const lora_launch &p, const int32_t *adapter_o
  * shrink block has signalled. Tickets, not block indices, decide the roles, so a block that
  * waits started after every shrink ticket was taken by a block already running: the wait
  * always ends. The last block to finish zeroes the counters for the next launch (which
- * waits for this one to finish before it takes a ticket: pdl_enter). Two launches cost two
- * dependent launches' latency, ~15 µs a call at one row, the whole of a lone sequence's
- * adapter cost. */
+ * waits for this one to finish before it takes a ticket: pdl_enter). Two launches (shrink,
+ * then expand) measured the same at every batch size (docs/BENCHMARKS.md §LoRA adapters):
+ * one is kept as the simpler schedule for a recorded step. */
 template <int R>
 __global__ void __launch_bounds__(LORA_THREADS)
 lora_kernel(const lora_launch p, const int32_t *adapter_of, const float *x, int64_t xpitch, float *u, int64_t n,
@@ -244,8 +247,8 @@ extern "C" int zse_cuda_lora_apply(const zse_cuda_lora *l, const int32_t *adapte
     if (n < 1)
         return 0;
     const int max_rank = l->max_rank > 0 ? l->max_rank : ZSE_CUDA_LORA_MAX_RANK;
-    if (l->n_outs < 1 || l->n_outs > 3 || l->layer < 0 || l->layer >= l->n_layers || !l->slots || !l->sync || l->n_slots < 1 ||
-        l->slot_bytes % 64 != 0 || max_rank > ZSE_CUDA_LORA_MAX_RANK)
+    if (l->n_outs < 1 || l->n_outs > 3 || l->layer < 0 || l->layer >= l->n_layers || !l->slots || !l->sync ||
+        l->n_slots < 1 || l->slot_bytes % 64 != 0 || max_rank > ZSE_CUDA_LORA_MAX_RANK)
         return zse_cuda_fail("cuda lora_apply: bad arguments (%d projections, layer %d of %d, rank %d)", l->n_outs,
                              l->layer, l->n_layers, max_rank);
     lora_launch p;
