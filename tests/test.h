@@ -4,9 +4,12 @@
 #define ZSE_TEST_H
 
 #include <math.h>
+#include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static int test_passed, test_failed;
 
@@ -41,6 +44,29 @@ static inline const char *test_env(const char *name)
 {
     const char *v = getenv(name);
     return v && *v ? v : NULL;
+}
+
+/* The engine tests' wait: their callbacks raise *count under mu and signal cv; this takes
+ * mu and waits until *count >= n, for at most 300 s (false then: a hang is a failure, not a
+ * stuck test). reset: *count goes back to 0 for the next round. */
+static inline bool test_wait_count(pthread_mutex_t *mu, pthread_cond_t *cv, int *count, int n, bool reset)
+{
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    bool ok = true;
+    pthread_mutex_lock(mu);
+    while (*count < n && ok) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += 1;
+        pthread_cond_timedwait(cv, mu, &ts);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        ok = now.tv_sec - start.tv_sec < 300;
+    }
+    if (reset)
+        *count = 0;
+    pthread_mutex_unlock(mu);
+    return ok;
 }
 
 static inline int test_main_end(void)

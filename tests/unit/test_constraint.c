@@ -101,19 +101,7 @@ static bool collect(void *user, const zse_token_event *ev)
 
 static bool wait_all(int n)
 {
-    bool ok = true;
-    double t0 = zse_now();
-    pthread_mutex_lock(&mu);
-    while (finals < n && ok) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec += 1;
-        pthread_cond_timedwait(&cv, &mu, &ts);
-        ok = zse_now() - t0 < 300;
-    }
-    finals = 0;
-    pthread_mutex_unlock(&mu);
-    return ok;
+    return test_wait_count(&mu, &cv, &finals, n, true);
 }
 
 /* generates with zse_seq (spec NULL: without drafts); the text and the finish */

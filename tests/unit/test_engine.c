@@ -88,18 +88,7 @@ static void reset(result *r, int n)
 
 static bool wait_finals(int n)
 {
-    bool ok = true;
-    pthread_mutex_lock(&mu);
-    double t0 = zse_now();
-    while (finals < n && ok) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec += 1;
-        pthread_cond_timedwait(&cv, &mu, &ts);
-        ok = zse_now() - t0 < 300;
-    }
-    pthread_mutex_unlock(&mu);
-    return ok;
+    return test_wait_count(&mu, &cv, &finals, n, false);
 }
 
 /* prompts of varied lengths: slices of the fixture's eval text */
