@@ -172,21 +172,6 @@ static int cmp_u32(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-static int grow_arr(void **p, uint32_t *cap, uint32_t need, size_t elem)
-{
-    if (need <= *cap)
-        return 0;
-    uint32_t n = *cap ? *cap : 64;
-    while (n < need)
-        n *= 2;
-    void *q = zse_realloc(*p, (size_t)n * elem);
-    if (!q)
-        return -1;
-    *p = q;
-    *cap = n;
-    return 0;
-}
-
 static int set_rehash(dfa *d)
 {
     uint32_t cap = d->set_hcap ? d->set_hcap * 2 : 256;
@@ -209,7 +194,7 @@ static int set_rehash(dfa *d)
 /* the id of the set `cur` (scratch tops are made persistent first); -1 on failure */
 static int64_t dfa_intern(dfa *d, const gr_set *cur)
 {
-    if (grow_arr((void **)&d->pool, &d->cap_pool, d->n_pool + cur->n, sizeof *d->pool))
+    if (gr_grow((void **)&d->pool, &d->cap_pool, d->n_pool + cur->n, sizeof *d->pool))
         return -1;
     uint32_t *tops = d->pool + d->n_pool;
     for (uint32_t i = 0; i < cur->n; i++) {
@@ -230,7 +215,7 @@ static int64_t dfa_intern(dfa *d, const gr_set *cur)
             return d->set_hash[k] - 1;
         k = (k + 1) & (d->set_hcap - 1);
     }
-    if (grow_arr((void **)&d->sets, &d->cap_sets, d->n_sets + 1, sizeof *d->sets))
+    if (gr_grow((void **)&d->sets, &d->cap_sets, d->n_sets + 1, sizeof *d->sets))
         return -1;
     d->sets[d->n_sets] = (dfa_set){d->n_pool, cur->n, cur->accept, cur->escaped};
     d->n_pool += cur->n;

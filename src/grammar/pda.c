@@ -20,21 +20,6 @@
 
 #define GR_MAX_TOPS 4096
 
-static int grow(void **p, uint32_t *cap, uint32_t need, size_t elem)
-{
-    if (need <= *cap)
-        return 0;
-    uint32_t n = *cap ? *cap : 64;
-    while (n < need)
-        n *= 2;
-    void *q = zse_realloc(*p, (size_t)n * elem);
-    if (!q)
-        return -1;
-    *p = q;
-    *cap = n;
-    return 0;
-}
-
 int gr_store_init(gr_store *s)
 {
     memset(s, 0, sizeof *s);
@@ -68,7 +53,7 @@ int gr_set_push(gr_set *set, uint32_t id)
             return 0;
     if (set->n >= GR_MAX_TOPS)
         return zse_fail("grammar: more than %d parses are alive at once; the grammar is too ambiguous", GR_MAX_TOPS);
-    if (grow((void **)&set->tops, &set->cap, set->n + 1, sizeof *set->tops))
+    if (gr_grow((void **)&set->tops, &set->cap, set->n + 1, sizeof *set->tops))
         return -1;
     set->tops[set->n++] = id;
     return 0;
@@ -170,7 +155,7 @@ static int64_t scratch_node(gr_store *s, uint32_t elem, uint32_t parent)
         return GR_SCRATCH | s->step_val[slot];
     if (s->n_scratch >= 0x7ffffff0u)
         return zse_fail("grammar: scratch stack space exhausted");
-    if (grow((void **)&s->scratch, &s->cap_scratch, s->n_scratch + 1, sizeof *s->scratch))
+    if (gr_grow((void **)&s->scratch, &s->cap_scratch, s->n_scratch + 1, sizeof *s->scratch))
         return -1;
     s->scratch[s->n_scratch] = (gr_node){elem, parent};
     s->step_val[slot] = s->n_scratch;
@@ -192,7 +177,7 @@ static int push_top(gr_store *s, gr_set *out, uint32_t id)
         return 0;
     if (out->n >= GR_MAX_TOPS)
         return zse_fail("grammar: more than %d parses are alive at once; the grammar is too ambiguous", GR_MAX_TOPS);
-    if (grow((void **)&out->tops, &out->cap, out->n + 1, sizeof *out->tops))
+    if (gr_grow((void **)&out->tops, &out->cap, out->n + 1, sizeof *out->tops))
         return -1;
     out->tops[out->n++] = id;
     return 0;
@@ -318,7 +303,7 @@ int64_t gr_persist(gr_store *s, uint32_t id)
     }
     if (s->n_nodes >= 0x7ffffff0u)
         return zse_fail("grammar: the matcher's stack store is full");
-    if (grow((void **)&s->nodes, &s->cap_nodes, s->n_nodes + 1, sizeof *s->nodes))
+    if (gr_grow((void **)&s->nodes, &s->cap_nodes, s->n_nodes + 1, sizeof *s->nodes))
         return -1;
     s->nodes[s->n_nodes] = (gr_node){n.elem, (uint32_t)parent};
     s->hash[k] = s->n_nodes + 1;
