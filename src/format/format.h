@@ -179,9 +179,14 @@ const zse_st_tensor *zse_st_find(const zse_safetensors *st, const char *name);
 int zse_st_read_f32(const zse_st_tensor *t, size_t first, size_t n, float *out);
 
 /* ---- GGUF (gguf.c: the container; gguf_model.c: a GGUF as a conversion source) ---------- */
+/* the value types, numbered as the file format numbers them */
+enum {
+    ZSE_GGUF_U8, ZSE_GGUF_I8, ZSE_GGUF_U16, ZSE_GGUF_I16, ZSE_GGUF_U32, ZSE_GGUF_I32, ZSE_GGUF_F32, ZSE_GGUF_BOOL,
+    ZSE_GGUF_STR, ZSE_GGUF_ARR, ZSE_GGUF_U64, ZSE_GGUF_I64, ZSE_GGUF_F64, ZSE_GGUF_TYPES
+};
 typedef struct {
     char *key;
-    uint32_t type;              /* GGUF value type (8 = string, 9 = array, ...) */
+    uint32_t type;              /* ZSE_GGUF_* */
     const uint8_t *at;          /* the value (an array's first element) inside the mapping */
     uint32_t arr_type;          /* arrays: element type and count */
     uint64_t arr_n;
@@ -216,6 +221,8 @@ const zse_gguf_tensor *zse_gguf_tensor_named(const zse_gguf *g, const char *name
 bool zse_gguf_kv_int(const zse_gguf_kv *kv, int64_t *out);      /* integers and bools */
 bool zse_gguf_kv_num(const zse_gguf_kv *kv, double *out);       /* floats and integers */
 const char *zse_gguf_kv_str(const zse_gguf_kv *kv, size_t *len); /* not NUL-terminated */
+/* the byte size of a scalar value type; -1 for strings, arrays and unknown types */
+int zse_gguf_scalar_size(uint32_t type);
 /* zse_st_read_f32 of a ZSE_ST_GGML tensor; the GGUF row that holds row r */
 int zse_gguf_read_f32(const zse_st_tensor *t, size_t first, size_t n, float *out);
 int64_t zse_gguf_source_row(const zse_st_tensor *t, int64_t r);

@@ -13,7 +13,6 @@
 #include <inttypes.h>
 #include <string.h>
 
-enum { T_U8, T_I8, T_U16, T_I16, T_U32, T_I32, T_F32, T_BOOL, T_STR, T_ARR, T_U64, T_I64, T_F64, T_COUNT };
 #define MAX_ARRAY_DEPTH 4
 #define MAX_DIMS 4
 
@@ -56,10 +55,10 @@ static const char *rd_str(reader *r, uint64_t *len, const char *what)
     return s;
 }
 
-static int scalar_size(uint32_t t)
+int zse_gguf_scalar_size(uint32_t t)
 {
-    static const int sz[T_COUNT] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
-    return t < T_COUNT ? sz[t] : -1;
+    static const int sz[ZSE_GGUF_TYPES] = {1, 1, 2, 2, 4, 4, 4, 1, -1, -1, 8, 8, 8};
+    return t < ZSE_GGUF_TYPES ? sz[t] : -1;
 }
 
 static void skip_value(reader *r, uint32_t t, int depth);
@@ -75,13 +74,13 @@ static void skip_array(reader *r, int depth, uint32_t *et_out, uint64_t *n_out)
     if (depth >= MAX_ARRAY_DEPTH) {
         zse_fail("%s: GGUF arrays nested more than %d deep", r->path, MAX_ARRAY_DEPTH);
         r->bad = true;
-    } else if (scalar_size(et) > 0) {
-        if (n > (uint64_t)(r->end - r->p) / (uint64_t)scalar_size(et)) {
+    } else if (zse_gguf_scalar_size(et) > 0) {
+        if (n > (uint64_t)(r->end - r->p) / (uint64_t)zse_gguf_scalar_size(et)) {
             need(r, UINT64_MAX, "array");
             return;
         }
-        r->p += n * (uint64_t)scalar_size(et);
-    } else if (et == T_STR || et == T_ARR) {
+        r->p += n * (uint64_t)zse_gguf_scalar_size(et);
+    } else if (et == ZSE_GGUF_STR || et == ZSE_GGUF_ARR) {
         /* every element takes at least 8 bytes, which bounds the loop by the file */
         for (uint64_t i = 0; i < n && !r->bad; i++)
             skip_value(r, et, depth + 1);
@@ -94,12 +93,12 @@ static void skip_array(reader *r, int depth, uint32_t *et_out, uint64_t *n_out)
 static void skip_value(reader *r, uint32_t t, int depth)
 {
     uint64_t len;
-    if (t == T_STR)
+    if (t == ZSE_GGUF_STR)
         rd_str(r, &len, "string");
-    else if (t == T_ARR)
+    else if (t == ZSE_GGUF_ARR)
         skip_array(r, depth, NULL, NULL);
-    else if (scalar_size(t) > 0)
-        rd(r, scalar_size(t), "value");
+    else if (zse_gguf_scalar_size(t) > 0)
+        rd(r, zse_gguf_scalar_size(t), "value");
     else if (!r->bad) {
         zse_fail("%s: unknown GGUF value type %u", r->path, t);
         r->bad = true;
@@ -141,13 +140,13 @@ static int read_kvs(zse_gguf *g, reader *r, uint64_t n_kv)
         const uint8_t *at = r->p;
         uint32_t et = 0;
         uint64_t an = 0;
-        if (t == T_ARR)
+        if (t == ZSE_GGUF_ARR)
             skip_array(r, 0, &et, &an);
         else
             skip_value(r, t, 0);
         if (r->bad)
             return -1;
-        if (add_kv(g, key, klen, t, t == T_ARR ? at + 12 : at, et, an) != 0)
+        if (add_kv(g, key, klen, t, t == ZSE_GGUF_ARR ? at + 12 : at, et, an) != 0)
             return -1;
     }
     return 0;
@@ -317,13 +316,13 @@ const zse_gguf_tensor *zse_gguf_tensor_named(const zse_gguf *g, const char *name
 
 bool zse_gguf_kv_int(const zse_gguf_kv *kv, int64_t *out)
 {
-    int sz = kv ? scalar_size(kv->type) : -1;
-    if (sz <= 0 || kv->type == T_F32 || kv->type == T_F64)
+    int sz = kv ? zse_gguf_scalar_size(kv->type) : -1;
+    if (sz <= 0 || kv->type == ZSE_GGUF_F32 || kv->type == ZSE_GGUF_F64)
         return false;
     uint64_t v = 0;
     for (int i = 0; i < sz; i++)
         v |= (uint64_t)kv->at[i] << (8 * i);
-    bool is_signed = kv->type == T_I8 || kv->type == T_I16 || kv->type == T_I32 || kv->type == T_I64;
+    bool is_signed = kv->type == ZSE_GGUF_I8 || kv->type == ZSE_GGUF_I16 || kv->type == ZSE_GGUF_I32 || kv->type == ZSE_GGUF_I64;
     if (is_signed && sz < 8 && (v >> (8 * sz - 1)) & 1)
         v |= ~0ull << (8 * sz);
     if (!is_signed && v > (uint64_t)INT64_MAX)
@@ -335,17 +334,17 @@ bool zse_gguf_kv_int(const zse_gguf_kv *kv, int64_t *out)
 bool zse_gguf_kv_num(const zse_gguf_kv *kv, double *out)
 {
     int64_t i;
-    if (kv->type == T_F32) {
+    if (kv->type == ZSE_GGUF_F32) {
         float f;
         memcpy(&f, kv->at, 4);
         *out = f;
         return true;
     }
-    if (kv->type == T_F64) {
+    if (kv->type == ZSE_GGUF_F64) {
         memcpy(out, kv->at, 8);
         return true;
     }
-    if (kv->type != T_BOOL && zse_gguf_kv_int(kv, &i)) {
+    if (kv->type != ZSE_GGUF_BOOL && zse_gguf_kv_int(kv, &i)) {
         *out = (double)i;
         return true;
     }
@@ -354,7 +353,7 @@ bool zse_gguf_kv_num(const zse_gguf_kv *kv, double *out)
 
 const char *zse_gguf_kv_str(const zse_gguf_kv *kv, size_t *len)
 {
-    if (kv->type != T_STR)
+    if (kv->type != ZSE_GGUF_STR)
         return NULL;
     uint64_t n = 0;
     for (int i = 0; i < 8; i++)

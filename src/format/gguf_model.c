@@ -34,7 +34,7 @@ static int arch_int(meta *m, const char *suffix, int64_t dflt, bool required, in
         return zse_fail("%s: GGUF key %s is missing", m->g->map.path, m->key);
     if (kv && !zse_gguf_kv_int(kv, &v))
         return zse_fail("%s: GGUF key %s is not an integer%s", m->g->map.path, m->key,
-                        kv->type == 9 ? " (per-layer arrays are not supported)" : "");
+                        kv->type == ZSE_GGUF_ARR ? " (per-layer arrays are not supported)" : "");
     if (v < lo || v > hi)
         return zse_fail("%s: GGUF key %s is %lld, outside [%lld, %lld]", m->g->map.path, m->key, (long long)v,
                         (long long)lo, (long long)hi);

@@ -8,119 +8,13 @@
  * Special tokens follow llama.cpp: CONTROL and UNKNOWN tokens are special added tokens,
  * USER_DEFINED ones are added tokens matched in any text.
  *
- * The reader walks the header and every key/value pair (all value types, arrays of
- * arrays included); every length and count is checked against the file's size before
- * it is used. */
+ * The container (header, every key/value pair, the tensor directory) is read and checked
+ * against the file by format/gguf.c; this reads the tokenizer.ggml.* values out of it. */
 #include "tokenizer/tokenizer.h"
 
 #include <string.h>
 
-/* ---- a bounds-checked reader of GGUF metadata ------------------------------------------ */
-
-typedef struct {
-    const uint8_t *p, *end;
-    const char *path;
-    bool bad;
-} reader;
-
-enum { T_U8, T_I8, T_U16, T_I16, T_U32, T_I32, T_F32, T_BOOL, T_STR, T_ARR, T_U64, T_I64, T_F64, T_COUNT };
-
-#define MAX_ARRAY_DEPTH 4
-
-static bool need(reader *r, uint64_t n)
-{
-    if (r->bad || (uint64_t)(r->end - r->p) < n) {
-        if (!r->bad)
-            zse_fail("%s: GGUF metadata runs past the end of the file (truncated or corrupt)", r->path);
-        r->bad = true;
-        return false;
-    }
-    return true;
-}
-
-static uint64_t rd(reader *r, int n)
-{
-    uint64_t v = 0;
-    if (!need(r, (uint64_t)n))
-        return 0;
-    for (int i = 0; i < n; i++)
-        v |= (uint64_t)r->p[i] << (8 * i);
-    r->p += n;
-    return v;
-}
-
-/* a GGUF string: u64 length + bytes; returns a pointer into the file */
-static const char *rd_str(reader *r, uint64_t *len)
-{
-    *len = rd(r, 8);
-    if (!need(r, *len))
-        return NULL;
-    const char *s = (const char *)r->p;
-    r->p += *len;
-    return s;
-}
-
-static int scalar_size(uint32_t t)
-{
-    static const int sz[T_COUNT] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
-    return t < T_COUNT ? sz[t] : -1;
-}
-
-static void skip_value(reader *r, uint32_t t, int depth);
-
-/* an array: element type, count, elements (which may be arrays themselves) */
-static void skip_array(reader *r, int depth)
-{
-    uint32_t et = (uint32_t)rd(r, 4);
-    uint64_t n = rd(r, 8);
-    if (r->bad)
-        return;
-    if (depth >= MAX_ARRAY_DEPTH) {
-        zse_fail("%s: GGUF arrays nested more than %d deep", r->path, MAX_ARRAY_DEPTH);
-        r->bad = true;
-    } else if (scalar_size(et) > 0) {
-        if (n > (uint64_t)(r->end - r->p) / (uint64_t)scalar_size(et)) {
-            need(r, UINT64_MAX); /* records the error */
-            return;
-        }
-        r->p += n * (uint64_t)scalar_size(et);
-    } else {
-        /* strings and arrays: each element is at least 8 bytes, which bounds the loop */
-        for (uint64_t i = 0; i < n && !r->bad; i++)
-            skip_value(r, et, depth + 1);
-    }
-}
-
-static void skip_value(reader *r, uint32_t t, int depth)
-{
-    uint64_t len;
-    if (t == T_STR)
-        rd_str(r, &len);
-    else if (t == T_ARR)
-        skip_array(r, depth);
-    else if (scalar_size(t) > 0)
-        rd(r, scalar_size(t));
-    else if (!r->bad) {
-        zse_fail("%s: unknown GGUF value type %u", r->path, t);
-        r->bad = true;
-    }
-}
-
-/* an integer or bool value of any width, sign-extended where signed */
-static bool rd_int(reader *r, uint32_t t, int64_t *out)
-{
-    int sz = scalar_size(t);
-    if (sz <= 0 || t == T_F32 || t == T_F64)
-        return false;
-    uint64_t v = rd(r, sz);
-    bool is_signed = t == T_I8 || t == T_I16 || t == T_I32 || t == T_I64;
-    if (is_signed && sz < 8 && (v >> (8 * sz - 1)) & 1)
-        v |= ~0ull << (8 * sz);
-    *out = (int64_t)v;
-    return true;
-}
-
-/* ---- the tokenizer.ggml.* keys ----------------------------------------------------------- */
+/* ---- the tokenizer.ggml.* keys (the container is read and checked by format/gguf.c) ------- */
 
 typedef struct {
     const uint8_t *at;  /* first element */
@@ -129,6 +23,8 @@ typedef struct {
 } array_ref;
 
 typedef struct {
+    const char *path;
+    const uint8_t *end; /* the mapping's end: string arrays are walked against it */
     char model[32], pre[64];
     array_ref tokens, scores, types, merges, charsmap;
     int64_t bos, eos, unk;
@@ -136,46 +32,32 @@ typedef struct {
     int add_bos, add_eos, add_space_prefix, remove_extra_spaces; /* -1: not in the file */
 } gguf_vocab;
 
-static bool key_is(const char *k, uint64_t kl, const char *name)
+static array_ref array_of(const zse_gguf *g, const char *key)
 {
-    return kl == strlen(name) && memcmp(k, name, kl) == 0;
+    const zse_gguf_kv *kv = zse_gguf_find(g, key);
+    return kv && kv->type == ZSE_GGUF_ARR ? (array_ref){kv->at, kv->arr_type, kv->arr_n} : (array_ref){NULL, 0, 0};
 }
 
-static void read_kv(reader *r, gguf_vocab *v)
+static void string_of(const zse_gguf *g, const char *key, char *dst, size_t cap)
 {
-    uint64_t kl;
-    const char *k = rd_str(r, &kl);
-    uint32_t t = (uint32_t)rd(r, 4);
-    if (r->bad)
-        return;
-    if (t == T_ARR) {
-        const uint8_t *start = r->p;
-        skip_array(r, 0);
-        if (r->bad)
-            return;
-        uint32_t et;
-        uint64_t n;
-        memcpy(&et, start, 4); /* GGUF is little-endian, as is every machine zse runs on */
-        memcpy(&n, start + 4, 8);
-        array_ref a = {start + 12, et, n};
-        if (key_is(k, kl, "tokenizer.ggml.tokens")) v->tokens = a;
-        else if (key_is(k, kl, "tokenizer.ggml.scores")) v->scores = a;
-        else if (key_is(k, kl, "tokenizer.ggml.token_type")) v->types = a;
-        else if (key_is(k, kl, "tokenizer.ggml.merges")) v->merges = a;
-        else if (key_is(k, kl, "tokenizer.ggml.precompiled_charsmap")) v->charsmap = a;
-        return;
-    }
-    bool model = key_is(k, kl, "tokenizer.ggml.model"), pre = key_is(k, kl, "tokenizer.ggml.pre");
-    if (t == T_STR && (model || pre)) {
-        uint64_t l;
-        const char *s = rd_str(r, &l);
-        char *dst = model ? v->model : v->pre;
-        size_t cap = model ? sizeof v->model : sizeof v->pre;
-        if (s)
-            snprintf(dst, cap, "%.*s", (int)(l < cap ? l : cap - 1), s);
-        return;
-    }
-    struct { const char *name; int64_t *id; int *flag; } ints[] = {
+    size_t l;
+    const zse_gguf_kv *kv = zse_gguf_find(g, key);
+    const char *s = kv ? zse_gguf_kv_str(kv, &l) : NULL;
+    if (s)
+        snprintf(dst, cap, "%.*s", (int)(l < cap ? l : cap - 1), s);
+}
+
+static void read_vocab(const zse_gguf *g, gguf_vocab *v)
+{
+    v->tokens = array_of(g, "tokenizer.ggml.tokens");
+    v->scores = array_of(g, "tokenizer.ggml.scores");
+    v->types = array_of(g, "tokenizer.ggml.token_type");
+    v->merges = array_of(g, "tokenizer.ggml.merges");
+    v->charsmap = array_of(g, "tokenizer.ggml.precompiled_charsmap");
+    string_of(g, "tokenizer.ggml.model", v->model, sizeof v->model);
+    string_of(g, "tokenizer.ggml.pre", v->pre, sizeof v->pre);
+    /* llama.cpp writes "seperator"; either spelling */
+    const struct { const char *name; int64_t *id; int *flag; } ints[] = {
         {"tokenizer.ggml.bos_token_id", &v->bos, NULL},     {"tokenizer.ggml.eos_token_id", &v->eos, NULL},
         {"tokenizer.ggml.unknown_token_id", &v->unk, NULL}, {"tokenizer.ggml.add_bos_token", NULL, &v->add_bos},
         {"tokenizer.ggml.add_eos_token", NULL, &v->add_eos}, {"tokenizer.ggml.add_space_prefix", NULL, &v->add_space_prefix},
@@ -185,25 +67,37 @@ static void read_kv(reader *r, gguf_vocab *v)
     };
     for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
         int64_t x;
-        if (key_is(k, kl, ints[i].name) && rd_int(r, t, &x)) {
-            if (ints[i].id)
-                *ints[i].id = x;
-            else
-                *ints[i].flag = x != 0;
-            return;
-        }
+        const zse_gguf_kv *kv = zse_gguf_find(g, ints[i].name);
+        if (!kv || !zse_gguf_kv_int(kv, &x))
+            continue;
+        if (ints[i].id)
+            *ints[i].id = x;
+        else
+            *ints[i].flag = x != 0;
     }
-    skip_value(r, t, 0);
 }
 
-/* the i-th string of an array of strings: walked in order */
+/* an array of strings, walked in order (u64 length, then the bytes, each) */
 typedef struct {
-    reader r;
+    const uint8_t *p, *end;
+    const char *path;
 } str_iter;
+
+static str_iter strings_of(const gguf_vocab *v, const array_ref *a)
+{
+    return (str_iter){a->at, v->end, v->path};
+}
 
 static const char *next_str(str_iter *it, uint64_t *len)
 {
-    return rd_str(&it->r, len);
+    if (it->end - it->p < 8 || (uint64_t)(it->end - it->p - 8) < zse_load_le64(it->p)) {
+        zse_fail("%s: a GGUF string array runs past the end of the file", it->path);
+        return NULL;
+    }
+    *len = zse_load_le64(it->p);
+    const char *s = (const char *)it->p + 8;
+    it->p += 8 + *len;
+    return s;
 }
 
 static float array_f32(const array_ref *a, uint64_t i)
@@ -433,12 +327,11 @@ static json_t *spm_model(const gguf_vocab *v, json_t *vocab, char **texts, uint6
                      "unk_token", valid_id(v->unk, n) ? texts[v->unk] : NULL);
 }
 
-static json_t *bpe_model(const gguf_vocab *v, const reader *r, json_t *vocab, const pre_set *ps, json_t **pre,
-                         json_t **dec)
+static json_t *bpe_model(const gguf_vocab *v, json_t *vocab, const pre_set *ps, json_t **pre, json_t **dec)
 {
     json_t *merges = json_array();
-    str_iter mi = {{v->merges.at, r->end, r->path, false}};
-    for (uint64_t i = 0; merges && v->merges.type == T_STR && i < v->merges.n; i++) {
+    str_iter mi = strings_of(v, &v->merges);
+    for (uint64_t i = 0; merges && v->merges.type == ZSE_GGUF_STR && i < v->merges.n; i++) {
         uint64_t l;
         const char *s = next_str(&mi, &l);
         if (!s) {
@@ -491,7 +384,7 @@ static json_t *ugm_model(const gguf_vocab *v, char **texts, uint64_t n, json_t *
         json_array_append_new(pieces, json_pack("[s,f]", texts[id], (double)array_f32(&v->scores, id)));
         byte_fallback = byte_fallback || (v->types.n && array_i32(&v->types, id) == 6); /* BYTE */
     }
-    if (v->charsmap.n && scalar_size(v->charsmap.type) == 1)
+    if (v->charsmap.n && zse_gguf_scalar_size(v->charsmap.type) == 1)
         json_array_append_new(norms, json_pack("{s:s, s:o}", "type", "Precompiled", "precompiled_charsmap",
                                                charsmap_base64(&v->charsmap)));
     if (v->remove_extra_spaces != 0) {
@@ -557,8 +450,9 @@ static json_t *bert_processor(const gguf_vocab *v, char **texts)
 
 enum gguf_model { G_BPE, G_SPM, G_UGM, G_WPM };
 
-static json_t *build_tokenizer_json(gguf_vocab *v, const reader *r, const char *path)
+static json_t *build_tokenizer_json(gguf_vocab *v)
 {
+    const char *path = v->path;
     enum gguf_model gm = strcmp(v->model, "gpt2") == 0    ? G_BPE
                          : strcmp(v->model, "llama") == 0 ? G_SPM
                          : strcmp(v->model, "t5") == 0    ? G_UGM
@@ -571,9 +465,10 @@ static json_t *build_tokenizer_json(gguf_vocab *v, const reader *r, const char *
     }
     bool spm = gm == G_SPM, scored = gm == G_SPM || gm == G_UGM;
     uint64_t n = v->tokens.n;
-    if (n == 0 || n > (1u << 24) || v->tokens.type != T_STR ||
-        (v->types.n && (v->types.n != n || scalar_size(v->types.type) != 4)) ||
-        (scored && (v->scores.n != n || v->scores.type != T_F32)) || (gm == G_BPE && v->merges.type != T_STR)) {
+    if (n == 0 || n > (1u << 24) || v->tokens.type != ZSE_GGUF_STR ||
+        (v->types.n && (v->types.n != n || zse_gguf_scalar_size(v->types.type) != 4)) ||
+        (scored && (v->scores.n != n || v->scores.type != ZSE_GGUF_F32)) ||
+        (gm == G_BPE && v->merges.type != ZSE_GGUF_STR)) {
         zse_fail("%s: tokenizer.ggml.tokens/scores/token_type/merges are missing or inconsistent", path);
         return NULL;
     }
@@ -600,7 +495,7 @@ static json_t *build_tokenizer_json(gguf_vocab *v, const reader *r, const char *
     json_t *vocab = json_object(), *added = json_array(), *root = NULL;
     if (!texts || !vocab || !added)
         goto done;
-    str_iter it = {{v->tokens.at, r->end, path, false}};
+    str_iter it = strings_of(v, &v->tokens);
     for (uint64_t id = 0; id < n; id++) {
         uint64_t l;
         const char *s = next_str(&it, &l);
@@ -618,7 +513,7 @@ static json_t *build_tokenizer_json(gguf_vocab *v, const reader *r, const char *
     model = gm == G_SPM   ? spm_model(v, vocab, texts, n, &norm, &dec)
             : gm == G_UGM ? ugm_model(v, texts, n, &norm, &pre, &dec)
             : gm == G_WPM ? wpm_model(v, vocab, texts, n, &norm, &pre, &dec)
-                          : bpe_model(v, r, vocab, ps, &pre, &dec);
+                          : bpe_model(v, vocab, ps, &pre, &dec);
     if (!model || !dec) {
         json_decref(model);
         json_decref(pre);
@@ -644,11 +539,11 @@ done:
 }
 
 /* the string of token `id` as a JSON string (for tokenizer_config's bos/eos) */
-static json_t *token_name(const gguf_vocab *v, const reader *r, int64_t id)
+static json_t *token_name(const gguf_vocab *v, int64_t id)
 {
     if (!valid_id(id, v->tokens.n))
         return NULL;
-    str_iter it = {{v->tokens.at, r->end, r->path, false}};
+    str_iter it = strings_of(v, &v->tokens);
     uint64_t l = 0;
     const char *s = NULL;
     for (int64_t i = 0; i <= id; i++)
@@ -658,34 +553,18 @@ static json_t *token_name(const gguf_vocab *v, const reader *r, int64_t id)
 
 char *zse_tokenizer_json_from_gguf(const char *path, size_t *len, json_t **tokenizer_config)
 {
-    zse_map m;
-    if (zse_map_open(&m, path) != 0)
+    *tokenizer_config = NULL;
+    zse_gguf *g = zse_gguf_open(path);
+    if (!g)
         return NULL;
     char *text = NULL;
-    *tokenizer_config = NULL;
-    if (m.size < 24 || memcmp(m.data, "GGUF", 4) != 0) {
-        zse_fail("%s is not a GGUF file", path);
-        goto done;
-    }
-    reader r = {m.data, m.data + m.size, path, false};
-    r.p += 4;
-    uint32_t version = (uint32_t)rd(&r, 4);
-    if (version < 2 || version > 3) {
-        zse_fail("%s: GGUF version %u is not supported (2 and 3 are)", path, version);
-        goto done;
-    }
-    rd(&r, 8); /* tensor count: the vocabulary needs none */
-    uint64_t n_kv = rd(&r, 8);
-    gguf_vocab v = {.bos = -1, .eos = -1, .unk = -1, .cls = -1, .sep = -1, .add_bos = -1, .add_eos = -1,
-                    .add_space_prefix = -1, .remove_extra_spaces = -1};
-    for (uint64_t i = 0; i < n_kv && !r.bad; i++)
-        read_kv(&r, &v);
-    if (r.bad)
-        goto done;
-    json_t *j = build_tokenizer_json(&v, &r, path);
+    gguf_vocab v = {.path = path, .end = g->map.data + g->map.size, .bos = -1, .eos = -1, .unk = -1, .cls = -1,
+                    .sep = -1, .add_bos = -1, .add_eos = -1, .add_space_prefix = -1, .remove_extra_spaces = -1};
+    read_vocab(g, &v);
+    json_t *j = build_tokenizer_json(&v);
     if (!j)
         goto done;
-    json_t *cfg = json_object(), *bos = token_name(&v, &r, v.bos), *eos = token_name(&v, &r, v.eos);
+    json_t *cfg = json_object(), *bos = token_name(&v, v.bos), *eos = token_name(&v, v.eos);
     if (bos)
         json_object_set_new(cfg, "bos_token", bos);
     if (eos)
@@ -702,7 +581,7 @@ char *zse_tokenizer_json_from_gguf(const char *path, size_t *len, json_t **token
     }
     json_decref(j);
 done:
-    zse_map_close(&m);
+    zse_gguf_close(g);
     return text;
 }
 
