@@ -24,6 +24,10 @@ typedef struct {
     zse_finish finish;
     int n_final;            /* must end as 1 */
     int cancel_after;       /* return false after this many tokens (0 = never) */
+    bool hold;              /* from hold_at tokens on, its events wait while `gate_closed` (the
+                             * scheduler thread stalls in the callback, so the test can act
+                             * while the request is certainly still running) */
+    int hold_at;
     int prompt_tokens, completion_tokens;
     float logprob[MAX_OUT];
     float top0[MAX_OUT];
@@ -38,6 +42,7 @@ static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static int finals;
 static int event_clock;     /* requests that had their first event */
 static int token_clock;     /* token events of all requests */
+static bool gate_closed;    /* under mu: a holding request's callback waits while it is set */
 
 static bool on_token(void *user, const zse_token_event *ev)
 {
@@ -48,6 +53,8 @@ static bool on_token(void *user, const zse_token_event *ev)
         r->first_token_clock = token_clock;
     }
     token_clock += ev->token >= 0;
+    while (r->hold && r->n >= r->hold_at && gate_closed && ev->finish == ZSE_FINISH_NONE)
+        pthread_cond_wait(&cv, &mu); /* the scheduler thread waits here: nothing else runs */
     if (ev->token >= 0 && r->n < MAX_OUT) {
         r->logprob[r->n] = ev->logprob;
         r->n_top = ev->n_top;
@@ -345,12 +352,18 @@ static void control(zse_model *m, const prompt *p)
     reset(r, 8);
     zse_sampling s = greedy(48);
     uint64_t id[8];
-    /* r0 runs long; r1..r3 wait (queue of 3); r4 is refused */
+    /* r0 runs, held inside its first token's callback (so however fast the build, it is still
+     * running when the cancels come); r1..r3 wait (queue of 3); r4 is refused */
+    pthread_mutex_lock(&mu);
+    gate_closed = true;
+    pthread_mutex_unlock(&mu);
+    r[0].hold = true;
     CHECK(zse_engine_submit(e, p[0].ids, p[0].n, &s, 0, on_token, &r[0], &id[0]) == 0);
-    for (int tries = 0; tries < 5000; tries++) { /* r0 runs: the queue holds exactly the next three */
-        zse_engine_stats st;
-        zse_engine_get_stats(e, &st);
-        if (st.running == 1)
+    for (int tries = 0; tries < 5000; tries++) { /* r0 is in its callback: the queue holds the next three */
+        pthread_mutex_lock(&mu);
+        const bool held = r[0].first_event >= 0;
+        pthread_mutex_unlock(&mu);
+        if (held)
             break;
         usleep(1000);
     }
@@ -362,6 +375,10 @@ static void control(zse_model *m, const prompt *p)
     zse_engine_cancel(e, id[2]);            /* waiting: ends without running */
     zse_engine_cancel(e, id[0]);            /* running: ends, frees its KV */
     zse_engine_cancel(e, 987654);           /* unknown: nothing happens */
+    pthread_mutex_lock(&mu);
+    gate_closed = false;
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
     CHECK(wait_finals(4));
     CHECK_EQ_INT(r[0].finish, ZSE_FINISH_CANCELLED);
     CHECK_EQ_INT(r[2].finish, ZSE_FINISH_CANCELLED);
@@ -421,6 +438,13 @@ static void priority_preemption(zse_model *m, const prompt *p)
     run_alone(m, &p[1], &slow, &ref[1]);
     run_alone(m, &p[2], &quick, &ref[2]);
     reset(r, 3);
+    /* the second is held at its third token (the first, admitted no later, has as many), so
+     * both are still generating when the urgent one comes, however fast the build */
+    pthread_mutex_lock(&mu);
+    gate_closed = true;
+    pthread_mutex_unlock(&mu);
+    r[1].hold = true;
+    r[1].hold_at = 2;
     CHECK(zse_engine_submit(e, p[0].ids, p[0].n, &slow, 0, on_token, &r[0], NULL) == 0);
     CHECK(zse_engine_submit(e, p[1].ids, p[1].n, &slow, 0, on_token, &r[1], NULL) == 0);
     for (int tries = 0; tries < 20000; tries++) { /* both are generating */
@@ -435,6 +459,10 @@ static void priority_preemption(zse_model *m, const prompt *p)
     int before = token_clock;
     pthread_mutex_unlock(&mu);
     CHECK(zse_engine_submit(e, p[2].ids, p[2].n, &quick, -10, on_token, &r[2], NULL) == 0);
+    pthread_mutex_lock(&mu);
+    gate_closed = false;
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
     CHECK(wait_finals(3));
     CHECK(r[2].first_event >= 0);
     zse_engine_stats st;
