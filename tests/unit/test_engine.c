@@ -24,9 +24,9 @@ typedef struct {
     zse_finish finish;
     int n_final;            /* must end as 1 */
     int cancel_after;       /* return false after this many tokens (0 = never) */
-    bool hold;              /* from hold_at tokens on, its events wait while `gate_closed` (the
-                             * scheduler thread stalls in the callback, so the test can act
-                             * while the request is certainly still running) */
+    const bool *gate;       /* from hold_at tokens on, its events wait while *gate (under mu):
+                             * the scheduler thread stalls in the callback, so the test acts
+                             * while the request is certainly still running */
     int hold_at;
     int prompt_tokens, completion_tokens;
     float logprob[MAX_OUT];
@@ -42,7 +42,7 @@ static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static int finals;
 static int event_clock;     /* requests that had their first event */
 static int token_clock;     /* token events of all requests */
-static bool gate_closed;    /* under mu: a holding request's callback waits while it is set */
+static bool gate_a, gate_b; /* under mu: closed (true) holds the requests that point at them */
 
 static bool on_token(void *user, const zse_token_event *ev)
 {
@@ -53,7 +53,7 @@ static bool on_token(void *user, const zse_token_event *ev)
         r->first_token_clock = token_clock;
     }
     token_clock += ev->token >= 0;
-    while (r->hold && r->n >= r->hold_at && gate_closed && ev->finish == ZSE_FINISH_NONE)
+    while (r->gate && *r->gate && r->n >= r->hold_at && ev->finish == ZSE_FINISH_NONE)
         pthread_cond_wait(&cv, &mu); /* the scheduler thread waits here: nothing else runs */
     if (ev->token >= 0 && r->n < MAX_OUT) {
         r->logprob[r->n] = ev->logprob;
@@ -79,6 +79,31 @@ static bool on_token(void *user, const zse_token_event *ev)
     pthread_mutex_unlock(&mu);
     return keep;
 }
+
+static void set_gate(bool *gate, bool closed)
+{
+    pthread_mutex_lock(&mu);
+    *gate = closed;
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
+}
+
+/* until pred(r) holds under mu (polled), at most 10 s */
+static bool wait_until(bool (*pred)(const result *), const result *r)
+{
+    for (int tries = 0; tries < 20000; tries++) {
+        pthread_mutex_lock(&mu);
+        const bool ok = pred(r);
+        pthread_mutex_unlock(&mu);
+        if (ok)
+            return true;
+        usleep(500);
+    }
+    return false;
+}
+
+static bool first_event_seen(const result *r) { return r[0].first_event >= 0; }
+static bool both_generating(const result *r) { return r[0].n >= 2 && r[1].n >= 2; }
 
 static void reset(result *r, int n)
 {
@@ -354,19 +379,10 @@ static void control(zse_model *m, const prompt *p)
     uint64_t id[8];
     /* r0 runs, held inside its first token's callback (so however fast the build, it is still
      * running when the cancels come); r1..r3 wait (queue of 3); r4 is refused */
-    pthread_mutex_lock(&mu);
-    gate_closed = true;
-    pthread_mutex_unlock(&mu);
-    r[0].hold = true;
+    set_gate(&gate_a, true);
+    r[0].gate = &gate_a;
     CHECK(zse_engine_submit(e, p[0].ids, p[0].n, &s, 0, on_token, &r[0], &id[0]) == 0);
-    for (int tries = 0; tries < 5000; tries++) { /* r0 is in its callback: the queue holds the next three */
-        pthread_mutex_lock(&mu);
-        const bool held = r[0].first_event >= 0;
-        pthread_mutex_unlock(&mu);
-        if (held)
-            break;
-        usleep(1000);
-    }
+    CHECK(wait_until(first_event_seen, &r[0])); /* r0 is in its callback: the queue holds the next three */
     CHECK(zse_engine_submit(e, p[1].ids, p[1].n, &s, 5, on_token, &r[1], &id[1]) == 0);
     CHECK(zse_engine_submit(e, p[2].ids, p[2].n, &s, 0, on_token, &r[2], &id[2]) == 0);
     CHECK(zse_engine_submit(e, p[3].ids, p[3].n, &s, -5, on_token, &r[3], &id[3]) == 0);
@@ -375,10 +391,7 @@ static void control(zse_model *m, const prompt *p)
     zse_engine_cancel(e, id[2]);            /* waiting: ends without running */
     zse_engine_cancel(e, id[0]);            /* running: ends, frees its KV */
     zse_engine_cancel(e, 987654);           /* unknown: nothing happens */
-    pthread_mutex_lock(&mu);
-    gate_closed = false;
-    pthread_cond_broadcast(&cv);
-    pthread_mutex_unlock(&mu);
+    set_gate(&gate_a, false);
     CHECK(wait_finals(4));
     CHECK_EQ_INT(r[0].finish, ZSE_FINISH_CANCELLED);
     CHECK_EQ_INT(r[2].finish, ZSE_FINISH_CANCELLED);
@@ -438,31 +451,24 @@ static void priority_preemption(zse_model *m, const prompt *p)
     run_alone(m, &p[1], &slow, &ref[1]);
     run_alone(m, &p[2], &quick, &ref[2]);
     reset(r, 3);
-    /* the second is held at its third token (the first, admitted no later, has as many), so
-     * both are still generating when the urgent one comes, however fast the build */
-    pthread_mutex_lock(&mu);
-    gate_closed = true;
-    pthread_mutex_unlock(&mu);
-    r[1].hold = true;
+    /* however fast the build, both are still generating when the urgent one comes: the first
+     * is held at its first token until the second is queued, the second at its third (the
+     * first, admitted before it, has as many by then) */
+    set_gate(&gate_a, true);
+    set_gate(&gate_b, true);
+    r[0].gate = &gate_a;
+    r[1].gate = &gate_b;
     r[1].hold_at = 2;
     CHECK(zse_engine_submit(e, p[0].ids, p[0].n, &slow, 0, on_token, &r[0], NULL) == 0);
+    CHECK(wait_until(first_event_seen, &r[0]));
     CHECK(zse_engine_submit(e, p[1].ids, p[1].n, &slow, 0, on_token, &r[1], NULL) == 0);
-    for (int tries = 0; tries < 20000; tries++) { /* both are generating */
-        pthread_mutex_lock(&mu);
-        bool going = r[0].n >= 2 && r[1].n >= 2;
-        pthread_mutex_unlock(&mu);
-        if (going)
-            break;
-        usleep(500);
-    }
+    set_gate(&gate_a, false);
+    CHECK(wait_until(both_generating, r));
     pthread_mutex_lock(&mu);
     int before = token_clock;
     pthread_mutex_unlock(&mu);
     CHECK(zse_engine_submit(e, p[2].ids, p[2].n, &quick, -10, on_token, &r[2], NULL) == 0);
-    pthread_mutex_lock(&mu);
-    gate_closed = false;
-    pthread_cond_broadcast(&cv);
-    pthread_mutex_unlock(&mu);
+    set_gate(&gate_b, false);
     CHECK(wait_finals(3));
     CHECK(r[2].first_event >= 0);
     zse_engine_stats st;
