@@ -208,8 +208,7 @@ enum MHD_Result http_start_on_worker(http_req *r, srv_work_lane lane, void (*tas
     srv_server *s = r->s;
     if (r->too_large) {
         srv_error e;
-        srv_error_set(&e, 413, "invalid_request_error", "request_too_large", NULL,
-                      "the request body is larger than this server's limit of %zu bytes", s->cfg.max_body);
+        http_body_too_large(s, &e);
         return http_respond_error(r, &e);
     }
     if (r->over_buffer)

@@ -206,8 +206,7 @@ static bool body_ok(http_req *r, enum MHD_Result *result)
     }
     if (n > 0 && (uint64_t)n > s->cfg.max_body) {
         r->too_large = true;
-        srv_error_set(&e, 413, "invalid_request_error", "request_too_large", NULL,
-                      "the request body is larger than this server's limit of %zu bytes", s->cfg.max_body);
+        http_body_too_large(s, &e);
         *result = http_respond_error_with(r, &e, NULL, true);
         return false;
     }

@@ -128,6 +128,8 @@ enum MHD_Result http_respond(http_req *r, int status, const char *content_type, 
 enum MHD_Result http_respond_json(http_req *r, int status, json_t *obj);
 enum MHD_Result http_respond_error_with(http_req *r, const srv_error *e, const char *allow, bool close);
 enum MHD_Result http_respond_error(http_req *r, const srv_error *e);
+/* e becomes the 413 for a request body over the server's --max-body */
+void http_body_too_large(const srv_server *s, srv_error *e);
 enum MHD_Result http_fail(http_req *r, int status, const char *type, const char *code, const char *message);
 enum MHD_Result http_refuse(http_req *r, const srv_error *e, const char *allow);
 

@@ -112,3 +112,9 @@ enum MHD_Result http_refuse(http_req *r, const srv_error *e, const char *allow)
         return MHD_NO;
     return http_respond_error_with(r, e, allow, true);
 }
+
+void http_body_too_large(const srv_server *s, srv_error *e)
+{
+    srv_error_set(e, 413, "invalid_request_error", "request_too_large", NULL,
+                  "the request body is larger than this server's limit of %zu bytes", s->cfg.max_body);
+}

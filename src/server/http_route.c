@@ -160,8 +160,7 @@ static enum MHD_Result lora_admin(http_req *r)
     srv_server *s = r->s;
     srv_error e;
     if (r->too_large) {
-        srv_error_set(&e, 413, "invalid_request_error", "request_too_large", NULL,
-                      "the request body is larger than this server's limit of %zu bytes", s->cfg.max_body);
+        http_body_too_large(s, &e);
         return http_respond_error(r, &e);
     }
     if (!s->facts.adapters || !s->cfg.allow_lora_loading) {
@@ -225,8 +224,7 @@ static enum MHD_Result admin(http_req *r)
     srv_server *s = r->s;
     srv_error e;
     if (r->too_large) {
-        srv_error_set(&e, 413, "invalid_request_error", "request_too_large", NULL,
-                      "the request body is larger than this server's limit of %zu bytes", s->cfg.max_body);
+        http_body_too_large(s, &e);
         return http_respond_error(r, &e);
     }
     int status;
