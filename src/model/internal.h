@@ -43,6 +43,7 @@ enum {
 typedef struct {
     uint64_t hits, fetched, prefetched, prefetch_hits, host, evicted;
     uint64_t prefetch_skipped;  /* layers whose prefetch was left out: too few of them hit */
+    uint64_t prefetch_to_host;  /* guesses left for the host: it would finish them sooner */
 } zse_xcache_stats;
 
 typedef struct {
@@ -83,10 +84,10 @@ void zse_xcache_fill(zse_xcache *c, int slot, int layer, int e);
  * expert_bytes: hits, the misses' slots and fetches, the host's share; a new tick */
 void zse_xcache_plan(zse_xcache *c, int layer, const int32_t *active, const int32_t *pairs, int n_active,
                      uint64_t expert_bytes, double now, zse_xplan *out);
-/* experts predicted for `layer` (its next step): fetches into slots this tick does not use,
- * most wanted first; returns how many */
-int zse_xcache_prefetch(zse_xcache *c, int layer, const int32_t *experts, int n, uint64_t expert_bytes, double now,
-                        zse_xplan *out);
+/* experts predicted for `layer` (its next step), each expected to take `pairs` of its rows:
+ * fetches into slots this tick does not use, most wanted first; returns how many */
+int zse_xcache_prefetch(zse_xcache *c, int layer, const int32_t *experts, int n, int pairs, uint64_t expert_bytes,
+                        double now, zse_xplan *out);
 /* a measurement: bytes moved (copy) or weight bytes read (host, per tile) in secs */
 void zse_xcache_measured(zse_xcache *c, bool host, uint64_t bytes, double secs);
 /* weight bytes the host reads to run one expert's pairs */

@@ -233,14 +233,16 @@ void zse_offload_experts_place(zse_llm *m, int l, int64_t n)
 
 void zse_offload_experts_rest(zse_llm *m, int l, int64_t n)
 {
-    (void)n;
     zse_offload *o = &m->off;
     if (o->failed)
         return;
     const int next = o->next_moe[l];
     if (next >= 0 && o->n_pred > 0) {
         zse_xplan pf = {o->where_pf, o->fetch_e, o->fetch_s, 0, 0};
-        zse_xcache_prefetch(&o->xc, next, o->pred, o->n_pred, o->expert_bytes, zse_now(), &pf);
+        /* the step's n x top-k pairs spread over the guessed experts */
+        const int64_t k = m->c.n_experts_used, pairs = (n * k + o->n_pred - 1) / o->n_pred;
+        zse_xcache_prefetch(&o->xc, next, o->pred, o->n_pred, pairs < INT32_MAX ? (int)pairs : INT32_MAX,
+                            o->expert_bytes, zse_now(), &pf);
         issue_fetches(m, next, &pf);
     }
     if (o->plan.n_host > 0)

@@ -21,7 +21,11 @@
  * that the next layer's real misses wait on, and evicts an expert that may be wanted. So the
  * planner keeps a running share of prefetched experts that were routed to before being
  * evicted, and below ZSE_PREFETCH_MIN_HIT prefetches for one layer in ZSE_PREFETCH_PROBE
- * only — enough to notice when the guesses start to pay again. (Trained models' routing is
+ * only — enough to notice when the guesses start to pay again. Under AUTO a guess is also
+ * left alone when the copy engine is so far behind that the host would finish the expert
+ * first (the rule misses follow, with the pairs the step's rows give each guess): a decode
+ * whose misses outrun the link then splits them between the link and the host instead of
+ * queueing every guess on the link. (Trained models' routing is
  * well predicted a layer ahead; random weights' is not, and prefetching them moved 3 GB a
  * Mixtral decode step for nothing: docs/BENCHMARKS.md §Models larger than the GPU.) */
 #include "model/internal.h"
@@ -146,23 +150,38 @@ static uint64_t host_bytes(uint64_t expert_bytes, int pairs)
     return expert_bytes * (uint64_t)((pairs + ZSE_HOST_TILE - 1) / ZSE_HOST_TILE);
 }
 
+static double fetch_done(const zse_xcache *c, uint64_t expert_bytes, double now)
+{
+    return (c->copy_free > now ? c->copy_free : now) + seconds(expert_bytes, c->copy_bps);
+}
+
+static double host_done(const zse_xcache *c, uint64_t expert_bytes, int pairs, double now)
+{
+    return (c->host_free > now ? c->host_free : now) + seconds(host_bytes(expert_bytes, pairs), c->host_bps);
+}
+
+/* AUTO's rule: the host would finish an expert of `pairs` pairs before the copy engine could
+ * bring it (the host measured, the pairs few enough) */
+static bool host_sooner(const zse_xcache *c, uint64_t expert_bytes, int pairs, double now)
+{
+    return c->host_bps > 0 && pairs <= c->host_max_pairs &&
+           host_done(c, expert_bytes, pairs, now) < fetch_done(c, expert_bytes, now);
+}
+
 /* whether a missing expert of `pairs` pairs runs on the host; books the time it takes there
  * or on the copy engine */
 static bool run_on_host(zse_xcache *c, uint64_t expert_bytes, int pairs, double now)
 {
-    const double fetch_done = (c->copy_free > now ? c->copy_free : now) + seconds(expert_bytes, c->copy_bps);
-    const double host_done =
-        (c->host_free > now ? c->host_free : now) + seconds(host_bytes(expert_bytes, pairs), c->host_bps);
     bool host;
     switch (c->host_mode) {
     case ZSE_HOST_EXPERTS_ALWAYS: host = true; break;
     case ZSE_HOST_EXPERTS_NEVER: host = false; break;
-    default: host = c->host_bps > 0 && pairs <= c->host_max_pairs && host_done < fetch_done; break;
+    default: host = host_sooner(c, expert_bytes, pairs, now); break;
     }
     if (host)
-        c->host_free = host_done;
+        c->host_free = host_done(c, expert_bytes, pairs, now);
     else
-        c->copy_free = fetch_done;
+        c->copy_free = fetch_done(c, expert_bytes, now);
     return host;
 }
 
@@ -211,8 +230,8 @@ void zse_xcache_plan(zse_xcache *c, int layer, const int32_t *active, const int3
     }
 }
 
-int zse_xcache_prefetch(zse_xcache *c, int layer, const int32_t *experts, int n, uint64_t expert_bytes, double now,
-                        zse_xplan *out)
+int zse_xcache_prefetch(zse_xcache *c, int layer, const int32_t *experts, int n, int pairs, uint64_t expert_bytes,
+                        double now, zse_xplan *out)
 {
     out->n_fetch = 0;
     out->n_host = 0;
@@ -224,6 +243,12 @@ int zse_xcache_prefetch(zse_xcache *c, int layer, const int32_t *experts, int n,
         const int have = zse_xcache_slot(c, layer, experts[i]);
         if (have >= 0) {
             touch(c, have); /* wanted soon: keep it */
+            continue;
+        }
+        /* a copy engine already behind: the host would finish this expert sooner, should it
+         * be routed to, so the link stays free for the misses nothing else can take */
+        if (c->host_mode == ZSE_HOST_EXPERTS_AUTO && host_sooner(c, expert_bytes, pairs, now)) {
+            c->stats.prefetch_to_host++;
             continue;
         }
         const int s = victim(c);

@@ -81,7 +81,7 @@ static void test_planner_lru(void)
         CHECK_EQ_INT(zse_xcache_slot(&c, 0, e), b.where[e]);
     /* the slot a layer uses is never the one its prefetch fills */
     plan_buf pf;
-    zse_xcache_prefetch(&c, 1, (const int32_t[]){1, 2, 3}, 3, 1000000, 0, plan_of(&pf));
+    zse_xcache_prefetch(&c, 1, (const int32_t[]){1, 2, 3}, 3, 1, 1000000, 0, plan_of(&pf));
     CHECK_EQ_INT(pf.p.n_fetch, 1); /* one slot is free of layer 0's four */
     for (int i = 0; i < pf.p.n_fetch; i++)
         for (int a = 0; a < 4; a++)
@@ -109,7 +109,7 @@ static void test_planner_prefetch_gate(void)
         const int32_t first = i % PE, guess = 1 + i % 3, routed = 4 + i % 4;
         plan(&c, 0, &first, 1, 0, &b);
         const uint64_t before = c.stats.prefetched;
-        zse_xcache_prefetch(&c, 1, &guess, 1, 1000, 0, plan_of(&pf));
+        zse_xcache_prefetch(&c, 1, &guess, 1, 1, 1000, 0, plan_of(&pf));
         plan(&c, 1, &routed, 1, 0, &b);
         if (i >= 200) {
             issued_late += c.stats.prefetched - before;
@@ -127,7 +127,7 @@ static void test_planner_prefetch_gate(void)
     for (int i = 0; i < 600; i++) {
         const int32_t first = i % PE, guess = (i + 3) % PE; /* every one a miss, as above */
         plan(&c, 0, &first, 1, 0, &b);
-        zse_xcache_prefetch(&c, 1, &guess, 1, 1000, 0, plan_of(&pf));
+        zse_xcache_prefetch(&c, 1, &guess, 1, 1, 1000, 0, plan_of(&pf));
         plan(&c, 1, &guess, 1, 0, &b);
         if (i == 500)
             skipped_at = c.stats.prefetch_skipped;
@@ -184,6 +184,34 @@ static void test_planner_host(void)
     plan(&c, 0, (const int32_t[]){5}, 1, 60.0, &b); /* a miss again? 5 ran on the host: yes */
     CHECK_EQ_INT(b.p.n_host, 1);
     CHECK_EQ_INT(zse_xcache_host_bytes(100, 17), 300);
+    zse_xcache_free(&c);
+}
+
+/* a guess is left for the host when the copy engine is so far behind that the host would
+ * finish it first (AUTO), and fetched otherwise */
+static void test_planner_prefetch_host(void)
+{
+    zse_xcache c;
+    CHECK(zse_xcache_init(&c, 2, PE, 2 * PE) == 0);
+    zse_xcache_measured(&c, false, 1000000000, 1.0); /* 1 GB/s over PCIe */
+    zse_xcache_measured(&c, true, 1000000000, 1.0);  /* and on the host */
+    plan_buf b, pf;
+    plan(&c, 0, (const int32_t[]){0}, 1, 0.0, &b); /* its miss keeps the link until 0.001 */
+    /* an idle link: a 1 MB guess of one pair is done at 10.001 either way; a tie fetches */
+    zse_xcache_prefetch(&c, 1, (const int32_t[]){1}, 1, 1, 1000000, 10.0, plan_of(&pf));
+    CHECK_EQ_INT(pf.p.n_fetch, 1);
+    /* the link is now busy until 10.001: the host finishes the next guess first */
+    zse_xcache_prefetch(&c, 1, (const int32_t[]){2}, 1, 1, 1000000, 10.0, plan_of(&pf));
+    CHECK_EQ_INT(pf.p.n_fetch, 0);
+    CHECK_EQ_INT(c.stats.prefetch_to_host, 1);
+    /* a prefill's guess (more pairs than the host takes) streams whatever the backlog */
+    zse_xcache_prefetch(&c, 1, (const int32_t[]){2}, 1, ZSE_HOST_MAX_PAIRS + 1, 1000000, 10.0, plan_of(&pf));
+    CHECK_EQ_INT(pf.p.n_fetch, 1);
+    /* NEVER fetches every guess */
+    c.host_mode = ZSE_HOST_EXPERTS_NEVER;
+    zse_xcache_prefetch(&c, 1, (const int32_t[]){3}, 1, 1, 1000000, 10.0, plan_of(&pf));
+    CHECK_EQ_INT(pf.p.n_fetch, 1);
+    CHECK_EQ_INT(c.stats.prefetch_to_host, 1);
     zse_xcache_free(&c);
 }
 
@@ -541,6 +569,7 @@ int main(void)
     test_planner_lru();
     test_planner_host();
     test_planner_prefetch_gate();
+    test_planner_prefetch_host();
     test_copy_queue();
     const struct {
         const char *fixture, *name;
