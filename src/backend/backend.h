@@ -353,6 +353,14 @@ typedef struct zse_backend_ops {
      * up: one x); at most 3 outs. A row's result does not depend on the other rows. */
     void (*lora_apply)(zse_backend *be, const zse_lora_pool *p, int layer, const zse_act *x, int64_t rows,
                        const zse_lora_out *outs, int n_outs);
+    /* Optional (NULL: the caller calls lora_apply after the matmul). lora_apply's delta, with
+     * the same arguments, announced before the matmul_multi over x and rows that writes every
+     * outs[i].y: the backend applies it as part of that call, folded into the matmul's launch
+     * where a kernel can (CUDA: one row on the 4-bit GEMV, whose store adds it) and right
+     * after the matmul otherwise. Returns 1 when it takes the delta on; 0 when the caller
+     * must call lora_apply itself. The next op must be that matmul_multi. */
+    int (*lora_with_next_matmul)(zse_backend *be, const zse_lora_pool *p, int layer, const zse_act *x, int64_t rows,
+                                 const zse_lora_out *outs, int n_outs);
 } zse_backend_ops;
 
 enum {

@@ -317,15 +317,34 @@ int zse_llm_max_out(const zse_llm *m) { return m->max_out; }
 
 void zse_llm_set_lora(zse_llm *m, zse_lora_pool *pool) { m->lora = pool; }
 
-/* LoRA after the base matmuls that read x: each row's adapter (if any) adds its delta to
- * the projections it adapts; nothing at all when no sequence of the step has an adapter */
-static void lora(zse_llm *m, int l, const zse_act *x, int64_t n, const zse_lora_out *outs, int n_outs)
+/* LoRA over the base matmul that reads x: each row's adapter (if any) adds its delta to the
+ * projections it adapts; nothing at all when no sequence of the step has an adapter. The
+ * projections of outs the step's adapters touch, into sel; how many */
+static int lora_select(const zse_llm *m, const zse_lora_out *outs, int n_outs, zse_lora_out sel[3])
 {
-    zse_lora_out sel[3];
     int k = 0;
     for (int i = 0; i < n_outs; i++)
         if (m->step_lora >> outs[i].module & 1)
             sel[k++] = outs[i];
+    return k;
+}
+
+/* before the matmul_multi that writes outs: whether the backend takes the delta on with it
+ * (folded into the matmul's launch where it can); if not, lora() after the matmul */
+static bool lora_with_matmul(zse_llm *m, int l, const zse_act *x, int64_t n, const zse_lora_out *outs, int n_outs)
+{
+    zse_lora_out sel[3];
+    const int k = lora_select(m, outs, n_outs, sel);
+    if (!k)
+        return true; /* nothing to apply */
+    const zse_backend_ops *o = ops(m);
+    return o->matmul_multi && o->lora_with_next_matmul && o->lora_with_next_matmul(m->be, m->lora, l, x, n, sel, k);
+}
+
+static void lora(zse_llm *m, int l, const zse_act *x, int64_t n, const zse_lora_out *outs, int n_outs)
+{
+    zse_lora_out sel[3];
+    const int k = lora_select(m, outs, n_outs, sel);
     if (k)
         ops(m)->lora_apply(m->be, m->lora, l, x, n, sel, k);
 }
@@ -429,6 +448,8 @@ static void attention_block(zse_llm *m, zse_kv *kv, int l, int64_t n)
     layer_weights *L = &m->layers[l];
     o->rmsnorm(m->be, m->x, L->attn_norm, c->rms_eps, n, c->hidden_size, m->xb);
     tap(m, l, ZSE_TAP_ATTN_IN, m->xb, n, c->hidden_size);
+    const zse_lora_out qkv_lora[3] = {{ZSE_LORA_Q, m->q}, {ZSE_LORA_K, m->k}, {ZSE_LORA_V, m->v}};
+    const bool qkv_lora_done = lora_with_matmul(m, l, m->xb, n, qkv_lora, 3);
     if (o->matmul_multi) {
         const zse_matmul_out qkv[3] = {{L->wq, L->bq, m->q}, {L->wk, L->bk, m->k}, {L->wv, L->bv, m->v}};
         o->matmul_multi(m->be, m->xb, n, qkv, 3, false);
@@ -442,8 +463,8 @@ static void attention_block(zse_llm *m, zse_kv *kv, int l, int64_t n)
             o->add_bias(m->be, m->v, L->bv, n);
         }
     }
-    const zse_lora_out qkv_lora[3] = {{ZSE_LORA_Q, m->q}, {ZSE_LORA_K, m->k}, {ZSE_LORA_V, m->v}};
-    lora(m, l, m->xb, n, qkv_lora, 3);
+    if (!qkv_lora_done)
+        lora(m, l, m->xb, n, qkv_lora, 3);
     if (L->q_norm) { /* qwen3: per-head RMSNorm before RoPE */
         o->rmsnorm(m->be, m->q, L->q_norm, c->rms_eps, n * c->n_heads, c->head_dim, m->q);
         o->rmsnorm(m->be, m->k, L->k_norm, c->rms_eps, n * c->n_kv_heads, c->head_dim, m->k);
@@ -458,9 +479,11 @@ static void attention_block(zse_llm *m, zse_kv *kv, int l, int64_t n)
                          c->sliding_window};
     o->attention(m->be, kv, l, m->q, &p, m->att);
     tap(m, l, ZSE_TAP_ATTN_OUT, m->att, n, (int64_t)c->n_heads * c->head_dim);
-    residual_matmul(m, L->wo, L->bo, m->att, n);
     const zse_lora_out o_lora = {ZSE_LORA_O, m->x};
-    lora(m, l, m->att, n, &o_lora, 1);
+    const bool o_lora_done = lora_with_matmul(m, l, m->att, n, &o_lora, 1);
+    residual_matmul(m, L->wo, L->bo, m->att, n);
+    if (!o_lora_done)
+        lora(m, l, m->att, n, &o_lora, 1);
 }
 
 /* x += W_down(SiLU(W_gate(RMSNorm(x))) * W_up(RMSNorm(x))) */
@@ -471,6 +494,8 @@ static void mlp_block(zse_llm *m, int l, int64_t n)
     layer_weights *L = &m->layers[l];
     o->rmsnorm(m->be, m->x, L->ffn_norm, c->rms_eps, n, c->hidden_size, m->xb);
     tap(m, l, ZSE_TAP_FFN_IN, m->xb, n, c->hidden_size);
+    const zse_lora_out gate_up_lora[2] = {{ZSE_LORA_GATE, m->hb}, {ZSE_LORA_UP, m->hb2}};
+    const bool gate_up_lora_done = lora_with_matmul(m, l, m->xb, n, gate_up_lora, 2);
     if (o->matmul_multi) {
         const zse_matmul_out gate_up[2] = {{L->gate, NULL, m->hb}, {L->up, NULL, m->hb2}};
         o->matmul_multi(m->be, m->xb, n, gate_up, 2, false);
@@ -478,13 +503,15 @@ static void mlp_block(zse_llm *m, int l, int64_t n)
         o->matmul(m->be, L->gate, m->xb, n, m->hb);
         o->matmul(m->be, L->up, m->xb, n, m->hb2);
     }
-    const zse_lora_out gate_up_lora[2] = {{ZSE_LORA_GATE, m->hb}, {ZSE_LORA_UP, m->hb2}};
-    lora(m, l, m->xb, n, gate_up_lora, 2);
+    if (!gate_up_lora_done)
+        lora(m, l, m->xb, n, gate_up_lora, 2);
     o->silu_mul(m->be, m->hb, m->hb2, n, c->intermediate_size, m->hb);
     tap(m, l, ZSE_TAP_FFN_DOWN, m->hb, n, c->intermediate_size);
-    residual_matmul(m, L->down, NULL, m->hb, n);
     const zse_lora_out down_lora = {ZSE_LORA_DOWN, m->x};
-    lora(m, l, m->hb, n, &down_lora, 1);
+    const bool down_lora_done = lora_with_matmul(m, l, m->hb, n, &down_lora, 1);
+    residual_matmul(m, L->down, NULL, m->hb, n);
+    if (!down_lora_done)
+        lora(m, l, m->hb, n, &down_lora, 1);
 }
 
 /* queues one step's ops: every layer, then the out rows' logits when there are any */

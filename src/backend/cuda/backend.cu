@@ -302,6 +302,7 @@ static const zse_backend_ops cuda_ops = {
     cuda_lora_slot_load,
     cuda_lora_slot_ready,
     cuda_lora_apply,
+    cuda_lora_with_next_matmul,
 };
 
 extern "C" int zse_cuda_device_count(void)

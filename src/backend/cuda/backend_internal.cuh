@@ -143,6 +143,18 @@ typedef struct {
     int n_freq;
     float mscale;
 
+    /* the LoRA delta announced for the next matmul_multi (cuda_lora_with_next_matmul), which
+     * takes it (cuda_lora_take) */
+    struct {
+        bool armed;
+        zse_lora_pool *pool;
+        int layer;
+        const float *x;
+        int64_t rows;
+        zse_lora_out outs[3];
+        int n_outs;
+    } lora_next;
+
     /* device bytes held by weights, KV caches, activations and LoRA slots (memory accounting) */
     uint64_t weight_bytes, kv_bytes, act_bytes, lora_bytes;
 
@@ -323,5 +335,10 @@ int cuda_lora_slot_load(zse_backend *be, zse_lora_pool *p, int slot, const void 
 int cuda_lora_slot_ready(zse_backend *be, zse_lora_pool *p, int slot);
 void cuda_lora_apply(zse_backend *be, const zse_lora_pool *pc, int layer, const zse_act *x, int64_t rows,
                      const zse_lora_out *outs, int n_outs);
+int cuda_lora_with_next_matmul(zse_backend *be, const zse_lora_pool *pc, int layer, const zse_act *x, int64_t rows,
+                               const zse_lora_out *outs, int n_outs);
+/* the LoRA delta announced for the matmul that follows, and where it lies (NULL: none);
+ * cuda_matmul_multi takes it (-1 on an error it has reported) */
+int cuda_lora_take(cuda_impl *c, const zse_act *x, int64_t rows, zse_cuda_lora *l, float **scratch, size_t *bytes);
 
 #endif

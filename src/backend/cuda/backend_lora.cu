@@ -163,6 +163,43 @@ int cuda_lora_slot_ready(zse_backend *be, zse_lora_pool *p, int slot)
                                            cudaGetErrorString(e));
 }
 
+/* lora_apply's arguments as the kernels take them, with the pool's scratch grown to `need`
+ * bytes; -1 with the backend's error set */
+static int lora_args(cuda_impl *c, zse_lora_pool *p, int layer, const zse_act *x, int64_t rows,
+                     const zse_lora_out *outs, int n_outs, size_t need, zse_cuda_lora *l)
+{
+    if (n_outs < 1 || n_outs > 3 || rows < 1 || rows > c->b.n_tokens || rows > x->rows) {
+        be_set_error(c, "cuda lora_apply: %d projections over %lld rows", n_outs, (long long)rows);
+        return -1;
+    }
+    memset(l, 0, sizeof *l);
+    l->slots = p->dev;
+    l->slot_bytes = p->shape.slot_bytes;
+    l->n_slots = p->shape.n_slots;
+    l->n_layers = p->shape.n_layers;
+    l->layer = layer;
+    l->n_outs = n_outs;
+    l->max_rank = p->max_rank > 0 ? p->max_rank : 1;
+    l->sync = p->sync;
+    for (int i = 0; i < n_outs; i++) {
+        const int m = outs[i].module;
+        if (m < 0 || m >= ZSE_LORA_MODULES || outs[i].y->rows < rows) {
+            be_set_error(c, "cuda lora_apply: projection %d is not one of the pool's", m);
+            return -1;
+        }
+        l->module[i] = m;
+        l->y[i] = outs[i].y->d;
+        l->ypitch[i] = outs[i].y->pitch;
+        l->in[i] = p->shape.in[m];
+        l->out[i] = p->shape.out[m];
+    }
+    if (need && be_ensure_device(c, (void **)&p->u, &p->u_cap, need, "LoRA scratch") != 0) {
+        be_set_error(c, "%s", zse_error_message());
+        return -1;
+    }
+    return 0;
+}
+
 void cuda_lora_apply(zse_backend *be, const zse_lora_pool *pc, int layer, const zse_act *x, int64_t rows,
                      const zse_lora_out *outs, int n_outs)
 {
@@ -170,29 +207,50 @@ void cuda_lora_apply(zse_backend *be, const zse_lora_pool *pc, int layer, const 
     zse_lora_pool *p = (zse_lora_pool *)pc; /* its scratch grows here */
     if (c->failed || !c->b.lora_modules)
         return;
-    if (n_outs < 1 || n_outs > 3 || rows < 1 || rows > c->b.n_tokens || rows > x->rows)
-        return be_set_error(c, "cuda lora_apply: %d projections over %lld rows", n_outs, (long long)rows);
-    zse_cuda_lora l = {};
-    l.slots = p->dev;
-    l.slot_bytes = p->shape.slot_bytes;
-    l.n_slots = p->shape.n_slots;
-    l.n_layers = p->shape.n_layers;
-    l.layer = layer;
-    l.n_outs = n_outs;
-    l.max_rank = p->max_rank > 0 ? p->max_rank : 1;
-    l.sync = p->sync;
-    for (int i = 0; i < n_outs; i++) {
-        const int m = outs[i].module;
-        if (m < 0 || m >= ZSE_LORA_MODULES || outs[i].y->rows < rows)
-            return be_set_error(c, "cuda lora_apply: projection %d is not one of the pool's", m);
-        l.module[i] = m;
-        l.y[i] = outs[i].y->d;
-        l.ypitch[i] = outs[i].y->pitch;
-        l.in[i] = p->shape.in[m];
-        l.out[i] = p->shape.out[m];
-    }
-    const size_t need = zse_cuda_lora_scratch_bytes(rows, n_outs);
-    if (need && be_ensure_device(c, (void **)&p->u, &p->u_cap, need, "LoRA scratch") != 0)
-        return be_set_error(c, "%s", zse_error_message());
+    zse_cuda_lora l;
+    if (lora_args(c, p, layer, x, rows, outs, n_outs, zse_cuda_lora_scratch_bytes(rows, n_outs), &l) != 0)
+        return;
     be_check_launch(c, zse_cuda_lora_apply(&l, c->b.adapter_of, x->d, x->pitch, rows, p->u, p->u_cap, c->stream));
+}
+
+int cuda_lora_with_next_matmul(zse_backend *be, const zse_lora_pool *pc, int layer, const zse_act *x, int64_t rows,
+                               const zse_lora_out *outs, int n_outs)
+{
+    cuda_impl *c = impl_of(be);
+    if (c->failed)
+        return 1; /* the step is lost either way */
+    if (c->lora_next.armed) {
+        be_set_error(c, "cuda: a LoRA delta announced for a matmul that never ran");
+        return 1;
+    }
+    if (!c->b.lora_modules || n_outs < 1 || n_outs > 3)
+        return 0;
+    c->lora_next.armed = true;
+    c->lora_next.pool = (zse_lora_pool *)pc;
+    c->lora_next.layer = layer;
+    c->lora_next.x = x->d;
+    c->lora_next.rows = rows;
+    c->lora_next.n_outs = n_outs;
+    for (int i = 0; i < n_outs; i++)
+        c->lora_next.outs[i] = outs[i];
+    return 1;
+}
+
+int cuda_lora_take(cuda_impl *c, const zse_act *x, int64_t rows, zse_cuda_lora *l, float **scratch, size_t *bytes)
+{
+    if (!c->lora_next.armed)
+        return 0;
+    c->lora_next.armed = false;
+    if (c->lora_next.x != x->d || c->lora_next.rows != rows) {
+        be_set_error(c, "cuda: a LoRA delta announced over other rows than the matmul after it");
+        return -1;
+    }
+    zse_lora_pool *p = c->lora_next.pool;
+    const int n = c->lora_next.n_outs;
+    const size_t need = zse_cuda_matmul_lora_scratch_bytes(rows, n, x->cols);
+    if (lora_args(c, p, c->lora_next.layer, x, rows, c->lora_next.outs, n, need, l) != 0)
+        return -1;
+    *scratch = p->u;
+    *bytes = p->u_cap;
+    return 1;
 }

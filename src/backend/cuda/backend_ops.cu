@@ -110,6 +110,8 @@ void cuda_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, int64_t
     cuda_impl *c = impl_of(be);
     if (c->failed)
         return;
+    if (c->lora_next.armed)
+        return be_set_error(c, "cuda matmul: a LoRA delta was announced for a matmul_multi");
     if (w->host)
         return be_set_error(c, "cuda matmul: a lookup table (weight_load_lookup) is not on the device");
     if (x->cols < w->w.cols || y->cols < w->w.rows || rows > x->rows || rows > y->rows || rows < 1)
@@ -135,6 +137,12 @@ void cuda_matmul_multi(zse_backend *be, const zse_act *x, int64_t rows, const zs
 {
     cuda_impl *c = impl_of(be);
     if (c->failed)
+        return;
+    zse_cuda_lora lora;
+    float *lora_scratch = NULL;
+    size_t lora_bytes = 0;
+    const int with_lora = cuda_lora_take(c, x, rows, &lora, &lora_scratch, &lora_bytes);
+    if (with_lora < 0)
         return;
     if (n_outs < 1 || n_outs > ZSE_CUDA_MULTI_MAX || rows < 1 || rows > x->rows)
         return be_set_error(c, "cuda matmul_multi: %d weights over %lld rows", n_outs, (long long)rows);
@@ -164,7 +172,13 @@ void cuda_matmul_multi(zse_backend *be, const zse_act *x, int64_t rows, const zs
     if (be_ensure_device(c, &c->scratch, &c->scratch_cap, need, "matmul scratch") != 0)
         return be_set_error(c, "%s", zse_error_message());
     mm.x_ready = prep_of(c, x, rows, mm.w[0].cols);
-    be_check_launch(c, zse_cuda_matmul_multi(&mm, x->d, x->pitch, rows, c->cublas, c->scratch, c->scratch_cap, c->stream));
+    if (with_lora)
+        be_check_launch(c, zse_cuda_matmul_multi_lora(&mm, x->d, x->pitch, rows, c->cublas, c->scratch, c->scratch_cap,
+                                                      &lora, c->b.adapter_of, lora_scratch, lora_bytes, NULL,
+                                                      c->stream));
+    else
+        be_check_launch(c, zse_cuda_matmul_multi(&mm, x->d, x->pitch, rows, c->cublas, c->scratch, c->scratch_cap,
+                                                 c->stream));
 }
 
 void cuda_add_bias(zse_backend *be, zse_act *y, const zse_weight *bias, int64_t rows)

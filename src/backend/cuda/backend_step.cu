@@ -142,6 +142,7 @@ int cuda_begin_batch(zse_backend *be, const zse_batch *b)
     c->b.iota = d + 5 * nt + tbl;
     c->b.adapter_of = d + 6 * nt + tbl;
     c->b.lora_modules = lora ? b->lora_modules : 0;
+    c->lora_next.armed = false; /* a failed step may have left one announced */
     c->b.n_tokens = b->n_tokens;
     c->b.n_out = b->n_out;
     c->b.extra_seqs = ns > nt;

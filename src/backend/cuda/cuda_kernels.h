@@ -293,6 +293,18 @@ size_t zse_cuda_lora_scratch_bytes(int64_t n, int n_outs);
  * l->max_rank are not applied: it must cover every slot's. */
 int zse_cuda_lora_apply(const zse_cuda_lora *l, const int32_t *adapter_of, const float *x, int64_t xpitch,
                         int64_t n, float *scratch, size_t scratch_bytes, zse_cuda_stream st);
+/* zse_cuda_matmul_multi and then the LoRA delta of l over the same x: each of l's
+ * projections is one of mm's outputs (l->y[i] == mm->y[k], with its shape), the matmul's store
+ * then writes y (+ bias) (+ y when accumulating) + the delta. At one row on the shared 4-bit
+ * GEMV the delta folds into that launch (lora.cuh: the GEMV's first blocks run the shrink,
+ * every block adds its rows' expand in its store; ZSE_CUDA_LORA_FOLD=0 turns it off);
+ * otherwise zse_cuda_lora_apply runs after the matmul. lscratch: at least
+ * zse_cuda_matmul_lora_scratch_bytes(n, l->n_outs, x's width) bytes. *folded (unless NULL):
+ * 1 when the delta went into the matmul's launch. */
+size_t zse_cuda_matmul_lora_scratch_bytes(int64_t n, int n_outs, int64_t in);
+int zse_cuda_matmul_multi_lora(const zse_cuda_multi *mm, const float *x, int64_t xpitch, int64_t n, void *cublas,
+                               void *scratch, size_t scratch_bytes, const zse_cuda_lora *l, const int32_t *adapter_of,
+                               float *lscratch, size_t lscratch_bytes, int *folded, zse_cuda_stream st);
 
 #ifdef __cplusplus
 }

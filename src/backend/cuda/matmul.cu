@@ -14,11 +14,13 @@
  * (tensor cores, fp32 accumulation). For plain f16/bf16 weights, x is split into two f16
  * halves (hi + lo) so the product keeps fp32-grade precision; f32 weights use SGEMM. */
 #include "backend/cuda/matmul.cuh"
+#include "backend/cuda/lora.cuh"
 
 #include <cublas_v2.h>
 #include <mutex>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static __thread char cuda_error[512];
@@ -224,11 +226,12 @@ __device__ __forceinline__ q4_rowset<R> q4_rows_of(const zse_cuda_multi &mm, int
  * units - at 128 registers does better where there are enough rows to fill the SMs
  * (launch_q4_dp4a_batch picks); a grid-stride variant that loaded its next rows before
  * reducing the current ones was slower than either (18944x3584 16.6 us). */
-template <int S, int B, int NW, int R, int P>
+template <int S, int B, int NW, int R, int P, bool L = false>
 __global__ void __launch_bounds__(NW * 32, B == 1 ? (R * P > 4 ? 16 : 24) / NW : 1)
 gemv_q4_dp4a_kernel(const zse_cuda_multi mm, const uint4 *__restrict__ xq,
-                    const float4 *__restrict__ xs, int64_t units, int n)
+                    const float4 *__restrict__ xs, int64_t units, int n, const __grid_constant__ lora_fuse lf)
 {
+    static_assert(!L || B == 1, "a folded LoRA delta is for one row of x");
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const q4_rowset<R> rs = q4_rows_of<R>(mm, blockIdx.x);
     const zse_cuda_weight &w = mm.w[rs.wi];
@@ -246,6 +249,8 @@ gemv_q4_dp4a_kernel(const zse_cuda_multi mm, const uint4 *__restrict__ xq,
         if (u0 + p * STRIDE < units)
             q4_load_unit<S, R>(w, rs.rowp, rs.rr, grp, u0 + p * STRIDE, v0[p], sc0[p], mn0[p]);
     pdl_enter();
+    if (L) /* the LoRA shrink's tasks, taken by the blocks that start first */
+        lora_fuse_shrink<NW * 32>(lf);
 
     float acc[B][R];
 #pragma unroll
@@ -265,22 +270,33 @@ gemv_q4_dp4a_kernel(const zse_cuda_multi mm, const uint4 *__restrict__ xq,
         q4_dot_unit<S, B, R>(acc, v, sc, mn, xq, xs, units, n, u);
     }
     const gemv_epi e = {mm.y[rs.wi], mm.ypitch[rs.wi], mm.bias[rs.wi], mm.accumulate};
-    store_rows<B, R, NW>(acc, w, rs.row0, n, e, false);
+    if (L) {
+        store_rows<B, R, NW>(acc, w, rs.row0, n, e, false, lora_fuse_delta<NW * 32, R>(lf, rs.wi, rs.row0, w.rows));
+        lora_fuse_finish(lf);
+    } else {
+        store_rows<B, R, NW>(acc, w, rs.row0, n, e, false);
+    }
 }
 
+/* lf: a LoRA delta to fold into the launch (one row of x only), or NULL */
 template <int S, int B, int NW, int R, int P = 1>
 static void launch_q4_dp4a(const zse_cuda_multi *mm, const uint4 *xq, const float4 *xs,
-                           int64_t units, int n, cudaStream_t st)
+                           int64_t units, int n, const lora_fuse *lf, cudaStream_t st)
 {
     int64_t groups = 0;
     for (int i = 0; i < mm->count; i++)
         groups += zse_ceil_div(mm->w[i].rows, R);
-    zse_launch(gemv_q4_dp4a_kernel<S, B, NW, R, P>, (unsigned)groups, NW * 32, 0, st, *mm, xq, xs, units, n);
+    if (B == 1 && lf)
+        zse_launch(gemv_q4_dp4a_kernel<S, 1, NW, R, P, true>, (unsigned)groups, NW * 32, 0, st, *mm, xq, xs, units,
+                   n, *lf);
+    else
+        zse_launch(gemv_q4_dp4a_kernel<S, B, NW, R, P>, (unsigned)groups, NW * 32, 0, st, *mm, xq, xs, units, n,
+                   lora_fuse{});
 }
 
 template <int S>
 static void launch_q4_dp4a_batch(const zse_cuda_multi *mm, const uint4 *xq, const float4 *xs,
-                                 int64_t units, int n, cudaStream_t st)
+                                 int64_t units, int n, const lora_fuse *lf, cudaStream_t st)
 {
     if (n == 1) {
         /* batch 1: small launches (qkv, o) as 2 warps over 4 rows with both of a lane's
@@ -292,13 +308,13 @@ static void launch_q4_dp4a_batch(const zse_cuda_multi *mm, const uint4 *xq, cons
         for (int i = 0; i < mm->count; i++)
             elems += mm->w[i].rows * mm->w[i].cols;
         if (elems < ((int64_t)32 << 20))
-            launch_q4_dp4a<S, 1, 2, 4, 2>(mm, xq, xs, units, n, st);
+            launch_q4_dp4a<S, 1, 2, 4, 2>(mm, xq, xs, units, n, lf, st);
         else
-            launch_q4_dp4a<S, 1, 4, 8, 1>(mm, xq, xs, units, n, st);
+            launch_q4_dp4a<S, 1, 4, 8, 1>(mm, xq, xs, units, n, lf, st);
     }
-    else if (n == 2) launch_q4_dp4a<S, 2, GEMV_WARPS, q4_rows<2>::R>(mm, xq, xs, units, n, st);
-    else if (n <= 4) launch_q4_dp4a<S, 4, GEMV_WARPS, q4_rows<4>::R>(mm, xq, xs, units, n, st);
-    else launch_q4_dp4a<S, 8, GEMV_WARPS, q4_rows<8>::R>(mm, xq, xs, units, n, st);
+    else if (n == 2) launch_q4_dp4a<S, 2, GEMV_WARPS, q4_rows<2>::R>(mm, xq, xs, units, n, NULL, st);
+    else if (n <= 4) launch_q4_dp4a<S, 4, GEMV_WARPS, q4_rows<4>::R>(mm, xq, xs, units, n, NULL, st);
+    else launch_q4_dp4a<S, 8, GEMV_WARPS, q4_rows<8>::R>(mm, xq, xs, units, n, NULL, st);
 }
 
 static bool uses_dp4a(int scheme) { return scheme == ZSE_SCHEME_Q4 || scheme == ZSE_SCHEME_Q4S; }
@@ -410,9 +426,10 @@ static zse_cuda_multi single(const zse_cuda_weight *w, float *y, int64_t ypitch)
     return mm;
 }
 
-/* n <= ZSE_CUDA_GEMV_MAX rows of x through every weight of mm (checked by the caller) */
+/* n <= ZSE_CUDA_GEMV_MAX rows of x through every weight of mm (checked by the caller); lf: a
+ * LoRA delta folded into the launch, where the caller found that it can be (lora_fold_args) */
 static int multi_gemv(const zse_cuda_multi *mm, const float *x, int64_t xpitch, int64_t n, void *scratch,
-                      size_t scratch_bytes, cudaStream_t st)
+                      size_t scratch_bytes, cudaStream_t st, const lora_fuse *lf = NULL)
 {
     if (n < 1 || n > ZSE_CUDA_GEMV_MAX)
         return zse_cuda_fail("cuda gemv: %lld rows of x (1..%d)", (long long)n, ZSE_CUDA_GEMV_MAX);
@@ -433,9 +450,9 @@ static int multi_gemv(const zse_cuda_multi *mm, const float *x, int64_t xpitch, 
             zse_launch(quantize_x_kernel, (unsigned)zse_ceil_div(n * units * 32, 128), 128, 0, st,
                 x, xpitch, (int)n, w->cols, units, xq, xs);
         if (w->scheme == ZSE_SCHEME_Q4)
-            launch_q4_dp4a_batch<ZSE_SCHEME_Q4>(mm, xq, xs, units, (int)n, st);
+            launch_q4_dp4a_batch<ZSE_SCHEME_Q4>(mm, xq, xs, units, (int)n, lf, st);
         else
-            launch_q4_dp4a_batch<ZSE_SCHEME_Q4S>(mm, xq, xs, units, (int)n, st);
+            launch_q4_dp4a_batch<ZSE_SCHEME_Q4S>(mm, xq, xs, units, (int)n, lf, st);
         ZSE_CUDA_LAUNCHED("cuda gemv");
         return 0;
     }
@@ -1256,6 +1273,105 @@ extern "C" int zse_cuda_matmul_multi(const zse_cuda_multi *mm, const float *x, i
             return -1;
     }
     return 0;
+}
+
+/* ---- a LoRA delta folded into the matmul (lora.cuh) ------------------------------------ */
+
+/* the partial sums of a folded shrink over x of `in` columns */
+static size_t lora_fold_part_bytes(int64_t in)
+{
+    return (size_t)ZSE_CUDA_MULTI_MAX * ZSE_CUDA_LORA_MAX_RANK * (size_t)zse_ceil_div(in, LORA_FUSE_CHUNK) *
+           sizeof(float);
+}
+
+extern "C" size_t zse_cuda_matmul_lora_scratch_bytes(int64_t n, int n_outs, int64_t in)
+{
+    const size_t apply = zse_cuda_lora_scratch_bytes(n, n_outs), fold = lora_fold_part_bytes(in);
+    return apply > fold ? apply : fold;
+}
+
+/* ZSE_CUDA_LORA_FOLD=0 keeps every delta in its own launch after the matmul (A/B, debugging) */
+static bool lora_fold_allowed(void)
+{
+    static const bool allowed = [] {
+        const char *e = getenv("ZSE_CUDA_LORA_FOLD");
+        return !(e && strcmp(e, "0") == 0);
+    }();
+    return allowed;
+}
+
+/* whether l's delta folds into mm's launch over n rows of x (1, f filled in), runs after it
+ * (0), or does not belong to this matmul (-1): each of l's projections must be one of mm's
+ * outputs, with its shape. It folds at one row on the shared 4-bit GEMV with x in 16-byte
+ * vectors. */
+static int lora_fold_args(const zse_cuda_multi *mm, const float *x, int64_t n, const zse_cuda_lora *l,
+                          const int32_t *adapter_of, float *part, size_t part_bytes, lora_fuse *f)
+{
+    memset(f, 0, sizeof *f);
+    for (int k = 0; k < ZSE_CUDA_MULTI_MAX; k++)
+        f->module[k] = -1;
+    if (l->n_outs < 1 || l->n_outs > 3)
+        return zse_cuda_fail("cuda matmul_multi_lora: %d projections", l->n_outs);
+    for (int i = 0; i < l->n_outs; i++) {
+        int k = 0;
+        while (k < mm->count && mm->y[k] != l->y[i])
+            k++;
+        if (k == mm->count || l->in[i] != mm->w[k].cols || l->out[i] != mm->w[k].rows || l->ypitch[i] != mm->ypitch[k])
+            return zse_cuda_fail("cuda matmul_multi_lora: LoRA projection %d (module %d, %lld -> %lld) is not an "
+                                 "output of the matmul", i, l->module[i], (long long)l->in[i], (long long)l->out[i]);
+        f->module[k] = l->module[i];
+    }
+    bool dp4a = uses_dp4a(mm->w[0].scheme);
+    for (int k = 1; k < mm->count; k++)
+        dp4a = dp4a && mm->w[k].scheme == mm->w[0].scheme;
+    const int max_rank = l->max_rank > 0 ? l->max_rank : ZSE_CUDA_LORA_MAX_RANK;
+    const int64_t in = mm->w[0].cols;
+    if (!lora_fold_allowed() || n != 1 || !dp4a || multi_on_mma(mm, n) || in % 8 != 0 || (uintptr_t)x % 16 != 0 ||
+        !part || part_bytes < lora_fold_part_bytes(in) || max_rank > ZSE_CUDA_LORA_MAX_RANK || !l->sync ||
+        !l->slots || l->n_slots < 1 || l->layer < 0 || l->layer >= l->n_layers)
+        return 0; /* lora_apply after the matmul (which checks and reports its own arguments) */
+    f->slots = l->slots;
+    f->slot_bytes = l->slot_bytes;
+    f->n_slots = l->n_slots;
+    f->layer = l->layer;
+    f->adapter_of = adapter_of;
+    f->x = x;
+    f->in = in;
+    f->chunks = (int)zse_ceil_div(in, LORA_FUSE_CHUNK);
+    f->groups = (max_rank + LORA_FUSE_J - 1) / LORA_FUSE_J;
+    f->tasks = (unsigned)(mm->count * f->groups * f->chunks);
+    f->part = part;
+    f->sync = l->sync;
+    return 1;
+}
+
+extern "C" int zse_cuda_matmul_multi_lora(const zse_cuda_multi *mm, const float *x, int64_t xpitch, int64_t n,
+                                          void *cublas, void *scratch, size_t scratch_bytes, const zse_cuda_lora *l,
+                                          const int32_t *adapter_of, float *lscratch, size_t lscratch_bytes,
+                                          int *folded, zse_cuda_stream st)
+{
+    if (folded)
+        *folded = 0;
+    if (mm->count < 1 || mm->count > ZSE_CUDA_MULTI_MAX)
+        return zse_cuda_fail("cuda matmul: %d weights in one call (1..%d)", mm->count, ZSE_CUDA_MULTI_MAX);
+    lora_fuse f;
+    const int fold = lora_fold_args(mm, x, n, l, adapter_of, lscratch, lscratch_bytes, &f);
+    if (fold < 0)
+        return -1;
+    if (folded)
+        *folded = fold;
+    if (!fold)
+        return zse_cuda_matmul_multi(mm, x, xpitch, n, cublas, scratch, scratch_bytes, st) != 0
+                   ? -1
+                   : zse_cuda_lora_apply(l, adapter_of, x, xpitch, n, lscratch, lscratch_bytes, st);
+    for (int i = 0; i < mm->count; i++) {
+        if (check_weight(&mm->w[i]) != 0)
+            return -1;
+        if (mm->w[i].cols != mm->w[0].cols)
+            return zse_cuda_fail("cuda matmul: weights of %lld and %lld columns over one x",
+                                 (long long)mm->w[0].cols, (long long)mm->w[i].cols);
+    }
+    return multi_gemv(mm, x, xpitch, n, scratch, scratch_bytes, (cudaStream_t)st, &f);
 }
 
 extern "C" int zse_cuda_matmul(const zse_cuda_weight *w, const float *x, int64_t xpitch, int64_t n,

@@ -43,10 +43,12 @@ struct gemv_epi {
 };
 
 /* add the lanes' and then the warps' partial sums; y[b][row0 + r] = sum (times the row's
- * int8 scale when row_scale), through the epilogue */
+ * int8 scale when row_scale), through the epilogue; lora_delta is added by the thread that
+ * stores (thread b * R + r) */
 template <int B, int R, int NW = GEMV_WARPS>
 __device__ __forceinline__ void store_rows(float (&acc)[B][R], const zse_cuda_weight &w,
-                                           int64_t row0, int n, const gemv_epi &e, bool row_scale)
+                                           int64_t row0, int n, const gemv_epi &e, bool row_scale,
+                                           float lora_delta = 0.f)
 {
     __shared__ float red[NW][B * R];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -74,6 +76,7 @@ __device__ __forceinline__ void store_rows(float (&acc)[B][R], const zse_cuda_we
                 v *= ((const float *)w.scales)[row0 + r];
             if (e.bias)
                 v += e.bias[row0 + r];
+            v += lora_delta; /* a LoRA delta folded into the launch (lora.cuh): its storing thread's */
             float *dst = e.y + (int64_t)b * e.ypitch + row0 + r;
             *dst = e.accumulate ? *dst + v : v;
         }
