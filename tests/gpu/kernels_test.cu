@@ -2362,7 +2362,8 @@ struct fold_bench_call {
     int64_t xp;
     float *ls;
     size_t lbytes;
-    int path; /* 0 the GEMV alone, 1 GEMV + lora_apply, 2 folded */
+    int path; /* 0 the GEMV alone, 1 GEMV + lora_apply, 2 zse_cuda_matmul_multi_lora */
+    int folded;
 };
 
 static void run_fold_call(void *arg)
@@ -2370,11 +2371,8 @@ static void run_fold_call(void *arg)
     fold_bench_call *c = (fold_bench_call *)arg;
     const zse_cuda_multi &mm = (*c->mms)[c->which++ % c->mms->size()];
     if (c->path == 2) {
-        int folded = 0;
         LAUNCH(zse_cuda_matmul_multi_lora(&mm, c->x, c->xp, 1, cublas, scratch, scratch_bytes, &c->l, c->of, c->ls,
-                                          c->lbytes, &folded, 0));
-        if (!folded)
-            CHECK(false, "bench lora fold: the delta did not fold");
+                                          c->lbytes, &c->folded, 0));
         return;
     }
     LAUNCH(zse_cuda_matmul_multi(&mm, c->x, c->xp, 1, cublas, scratch, scratch_bytes, 0));
@@ -2443,6 +2441,7 @@ static void bench_lora_fold(void)
             }
         }
         fold_bench_call c;
+        c.folded = 0;
         c.mms = &mms;
         c.which = 0;
         memset(&c.l, 0, sizeof c.l);
@@ -2472,12 +2471,12 @@ static void bench_lora_fold(void)
             us[path] = time_stream_ms(56, run_fold_call, &c) * 1e3f;
             tot[path] += us[path];
         }
-        printf("BENCH lora-fold %s: GEMV %.1f us, + lora_apply %.1f us, folded %.1f us\n", names[g], us[0], us[1],
-               us[2]);
+        printf("BENCH lora-fold %s: GEMV %.1f us, + lora_apply %.1f us, matmul_multi_lora %.1f us (%s)\n", names[g],
+               us[0], us[1], us[2], c.folded ? "folded" : "not folded: the separate launch");
         for (auto &pw : w)
             cudaFree(pw.dev);
     }
-    printf("BENCH lora-fold token (28 layers): GEMVs %.2f ms, + lora_apply %.2f ms, folded %.2f ms\n", tot[0] * 28e-3,
+    printf("BENCH lora-fold token (28 layers): GEMVs %.2f ms, + lora_apply %.2f ms, matmul_multi_lora %.2f ms\n", tot[0] * 28e-3,
            tot[1] * 28e-3, tot[2] * 28e-3);
     for (int i = 0; i < 3; i++)
         cudaFree(d_y[i]);
@@ -2506,8 +2505,8 @@ static void test_lora(void)
         check_lora_fold(3, 3584, qkv, m_qv, r_mixed, 1, false, 1, true);   /* k not in the call, v rank 128 */
         check_lora_fold(3, 3584, qkv, m_qkv, r_mixed, 0, false, 1, true);  /* k in the call, rank 0 */
         check_lora_fold(1, 3584, one, m_o, r128, 1, true, 1, true);        /* o + the residual */
-        check_lora_fold(2, 3584, gu, m_gu, r8, 0, false, 1, true);         /* 4 warps x 8 rows */
-        check_lora_fold(1, 18944, one, m_down, r16, 0, true, 1, true);     /* 19 column chunks, the last short */
+        check_lora_fold(2, 3584, gu, m_gu, r8, 0, false, 1, false);        /* ~9 waves of blocks: not folded */
+        check_lora_fold(1, 18944, one, m_down, r16, 0, true, 1, true);     /* 4 warps x 8 rows, 19 column chunks */
         check_lora_fold(2, 1000, odd, m_odd, r5, 1, false, 1, true);       /* rows off the blocks' 4 */
         check_lora_fold(3, 3584, qkv, m_qkv, r16, -1, false, 1, true);     /* the row has no adapter */
         check_lora_fold(3, 3584, qkv, m_qkv, r16, 7, false, 1, true);      /* a slot past the pool */

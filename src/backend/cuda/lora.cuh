@@ -39,16 +39,26 @@ struct lora_fuse {
     unsigned *sync;                 /* [0] tasks taken, [1] tasks done, [2] blocks finished */
 };
 
+/* The expand's latency is what a GEMV block adds to its life (a bs1 GEMV block lives a few
+ * microseconds, and the SM's bytes in flight drop while it waits), so its chain is short: the
+ * row's slot is read before pdl_enter (no kernel of the step writes it), the entry once the
+ * dot products start, and the block's B values are loaded while it waits for the shrink. */
+#define LORA_FUSE_PRE 4 /* B values a thread loads ahead (rank <= 4 x the thread groups) */
+
+/* the entry of weight wi for the row's slot (read ahead), or NULL */
+__device__ __forceinline__ const zse_cuda_lora_entry *lora_fuse_entry_of(const lora_fuse &f, int32_t slot, int wi)
+{
+    if (wi >= ZSE_CUDA_MULTI_MAX || f.module[wi] < 0 || slot < 0 || slot >= f.n_slots)
+        return nullptr;
+    return reinterpret_cast<const zse_cuda_lora_entry *>(f.slots + (uint64_t)slot * f.slot_bytes) +
+           (int64_t)f.layer * 7 + f.module[wi];
+}
+
 /* the adapter's entry for weight wi of the launch, or NULL when nothing adapts it */
 __device__ __forceinline__ const zse_cuda_lora_entry *lora_fuse_entry(const lora_fuse &f, int wi)
 {
-    const int32_t slot = *f.adapter_of;
-    if (wi >= ZSE_CUDA_MULTI_MAX || f.module[wi] < 0 || slot < 0 || slot >= f.n_slots)
-        return nullptr;
-    const zse_cuda_lora_entry *e =
-        reinterpret_cast<const zse_cuda_lora_entry *>(f.slots + (uint64_t)slot * f.slot_bytes) +
-        (int64_t)f.layer * 7 + f.module[wi];
-    return e->rank > 0 && e->rank <= ZSE_CUDA_LORA_MAX_RANK ? e : nullptr;
+    const zse_cuda_lora_entry *e = lora_fuse_entry_of(f, *f.adapter_of, wi);
+    return e && e->rank > 0 && e->rank <= ZSE_CUDA_LORA_MAX_RANK ? e : nullptr;
 }
 
 /* one shrink task: part[wi][j0 + q][c] = A[j0 + q][cols of chunk c]·x[same] for q < 4 */
@@ -127,38 +137,47 @@ __device__ void lora_fuse_shrink(const lora_fuse &f)
 }
 
 /* delta[r] = scale · B[row0 + r]·u for the block's R rows of weight wi (0 when nothing adapts
- * it), once every shrink task is done; threads below R hold their row's delta on return */
+ * it), once every shrink task is done; threads below R hold their row's delta on return.
+ * e: lora_fuse_entry_of's, its fields rank/scale/bt read by the caller early. */
 template <int NT, int R>
-__device__ float lora_fuse_delta(const lora_fuse &f, int wi, int64_t row0, int64_t out)
+__device__ float lora_fuse_delta(const lora_fuse &f, int32_t slot, int wi, int rank, float scale, int64_t bt_off,
+                                 int64_t row0, int64_t out)
 {
     static_assert(NT % R == 0, "a block's threads split into groups of R rows");
     constexpr int G = NT / R;
     __shared__ float us[ZSE_CUDA_LORA_MAX_RANK];
     __shared__ float red[G][R];
-    const zse_cuda_lora_entry *e = lora_fuse_entry(f, wi);
-    if (!e)
+    if (rank <= 0 || rank > ZSE_CUDA_LORA_MAX_RANK)
         return 0.f; /* the same answer for every thread of the block: no barrier is skipped */
+    const int r = threadIdx.x % R, g = threadIdx.x / R;
+    const int64_t row = row0 + r;
+    const __half *bt = reinterpret_cast<const __half *>(f.slots + (uint64_t)slot * f.slot_bytes + bt_off);
+    float b[LORA_FUSE_PRE];
+#pragma unroll
+    for (int k = 0; k < LORA_FUSE_PRE; k++) /* in flight while the shrink is waited for */
+        b[k] = row < out && g + k * G < rank ? __half2float(bt[(int64_t)(g + k * G) * out + row]) : 0.f;
     if (threadIdx.x == 0) {
         while (*reinterpret_cast<volatile const unsigned *>(&f.sync[1]) < f.tasks)
             __nanosleep(64);
         __threadfence();
     }
     __syncthreads();
-    const int rank = e->rank;
     for (int j = threadIdx.x; j < rank; j += NT) {
         const float *p = f.part + ((int64_t)wi * ZSE_CUDA_LORA_MAX_RANK + j) * f.chunks;
         float v = 0.f;
+#pragma unroll 8 /* the loads of 8 chunks in flight at once (a down projection has 19) */
         for (int c = 0; c < f.chunks; c++)
             v += __ldcg(p + c); /* written by other blocks of this launch: through L2 */
         us[j] = v;
     }
     __syncthreads();
-    const int r = threadIdx.x % R, g = threadIdx.x / R;
-    const int64_t row = row0 + r;
-    const __half *bt = reinterpret_cast<const __half *>(f.slots + (uint64_t)*f.adapter_of * f.slot_bytes + e->bt);
     float acc = 0.f;
+#pragma unroll
+    for (int k = 0; k < LORA_FUSE_PRE; k++)
+        if (g + k * G < rank)
+            acc = fmaf(us[g + k * G], b[k], acc);
     if (row < out)
-        for (int j = g; j < rank; j += G)
+        for (int j = g + LORA_FUSE_PRE * G; j < rank; j += G)
             acc = fmaf(us[j], __half2float(bt[(int64_t)j * out + row]), acc);
     red[g][r] = acc;
     __syncthreads();
@@ -167,7 +186,7 @@ __device__ float lora_fuse_delta(const lora_fuse &f, int wi, int64_t row0, int64
 #pragma unroll
         for (int k = 0; k < G; k++)
             d += red[k][threadIdx.x];
-        d *= e->scale;
+        d *= scale;
     }
     return d;
 }

@@ -248,9 +248,20 @@ gemv_q4_dp4a_kernel(const zse_cuda_multi mm, const uint4 *__restrict__ xq,
     for (int p = 0; p < P; p++)
         if (u0 + p * STRIDE < units)
             q4_load_unit<S, R>(w, rs.rowp, rs.rr, grp, u0 + p * STRIDE, v0[p], sc0[p], mn0[p]);
+    const int32_t lora_slot = L ? *lf.adapter_of : -1; /* read ahead: no kernel of the step writes it */
     pdl_enter();
-    if (L) /* the LoRA shrink's tasks, taken by the blocks that start first */
-        lora_fuse_shrink<NW * 32>(lf);
+    int lora_rank = 0;
+    float lora_scale = 0.f;
+    int64_t lora_bt = 0;
+    if (L) {
+        const zse_cuda_lora_entry *le = lora_fuse_entry_of(lf, lora_slot, rs.wi);
+        if (le) { /* loaded now, used after the dot products */
+            lora_rank = le->rank;
+            lora_scale = le->scale;
+            lora_bt = le->bt;
+        }
+        lora_fuse_shrink<NW * 32>(lf); /* the shrink's tasks, taken by the blocks that start first */
+    }
 
     float acc[B][R];
 #pragma unroll
@@ -271,7 +282,9 @@ gemv_q4_dp4a_kernel(const zse_cuda_multi mm, const uint4 *__restrict__ xq,
     }
     const gemv_epi e = {mm.y[rs.wi], mm.ypitch[rs.wi], mm.bias[rs.wi], mm.accumulate};
     if (L) {
-        store_rows<B, R, NW>(acc, w, rs.row0, n, e, false, lora_fuse_delta<NW * 32, R>(lf, rs.wi, rs.row0, w.rows));
+        store_rows<B, R, NW>(acc, w, rs.row0, n, e, false,
+                             lora_fuse_delta<NW * 32, R>(lf, lora_slot, rs.wi, lora_rank, lora_scale, lora_bt, rs.row0,
+                                                         w.rows));
         lora_fuse_finish(lf);
     } else {
         store_rows<B, R, NW>(acc, w, rs.row0, n, e, false);
@@ -294,6 +307,15 @@ static void launch_q4_dp4a(const zse_cuda_multi *mm, const uint4 *xq, const floa
                    lora_fuse{});
 }
 
+/* the one-row GEMV's block shape for mm: 2 warps over 4 rows (small launches), else 4 over 8 */
+static bool gemv1_small(const zse_cuda_multi *mm)
+{
+    int64_t elems = 0;
+    for (int i = 0; i < mm->count; i++)
+        elems += mm->w[i].rows * mm->w[i].cols;
+    return elems < ((int64_t)32 << 20);
+}
+
 template <int S>
 static void launch_q4_dp4a_batch(const zse_cuda_multi *mm, const uint4 *xq, const float4 *xs,
                                  int64_t units, int n, const lora_fuse *lf, cudaStream_t st)
@@ -304,10 +326,7 @@ static void launch_q4_dp4a_batch(const zse_cuda_multi *mm, const uint4 *xq, cons
          * back against 4 warps over 4 rows, all launched overlapping: 3584^2 7.0 -> 6.4,
          * 18944x3584 15.6 -> 14.5, 3584x18944 18.8 -> 13.7, the 152064-row head 95.7 ->
          * 84.3; 8 rows lose at 3584^2, 8.4, where 448 blocks do not fill the SMs) */
-        int64_t elems = 0;
-        for (int i = 0; i < mm->count; i++)
-            elems += mm->w[i].rows * mm->w[i].cols;
-        if (elems < ((int64_t)32 << 20))
+        if (gemv1_small(mm))
             launch_q4_dp4a<S, 1, 2, 4, 2>(mm, xq, xs, units, n, lf, st);
         else
             launch_q4_dp4a<S, 1, 4, 8, 1>(mm, xq, xs, units, n, lf, st);
@@ -1290,6 +1309,43 @@ extern "C" size_t zse_cuda_matmul_lora_scratch_bytes(int64_t n, int n_outs, int6
     return apply > fold ? apply : fold;
 }
 
+/* blocks of the folded one-row GEMV the device holds at once */
+template <int S, int NW, int R, int P>
+static int64_t fold_resident_blocks(void)
+{
+    static const int64_t blocks = [] {
+        int per_sm = 0;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_q4_dp4a_kernel<S, 1, NW, R, P, true>, NW * 32,
+                                                          0) != cudaSuccess) {
+            cudaGetLastError();
+            per_sm = 1;
+        }
+        return (int64_t)(per_sm > 0 ? per_sm : 1) * device_facts_once().sms;
+    }();
+    return blocks;
+}
+
+/* Whether folding pays for mm: every block of the launch waits for the shrink and reads u
+ * after its dot products, a few hundred ns that hold its slot. A launch of one or two waves
+ * of blocks pays that once or twice; gate/up of a 7B (4,736 blocks, ~9 waves on an H100)
+ * paid it every wave and ran 47.9 µs folded against 35.2 for the GEMV then the separate
+ * launch, while q/k/v (1,152 blocks) went 16.3 -> 13.7 and down (448) 30.2 -> 26.7
+ * (kernels_test --bench lora, docs/BENCHMARKS.md §LoRA adapters). */
+static bool fold_pays(const zse_cuda_multi *mm)
+{
+    const bool small = gemv1_small(mm);
+    const int rows_per_block = small ? 4 : 8;
+    int64_t blocks = 0;
+    for (int i = 0; i < mm->count; i++)
+        blocks += zse_ceil_div(mm->w[i].rows, rows_per_block);
+    int64_t resident;
+    if (mm->w[0].scheme == ZSE_SCHEME_Q4)
+        resident = small ? fold_resident_blocks<ZSE_SCHEME_Q4, 2, 4, 2>() : fold_resident_blocks<ZSE_SCHEME_Q4, 4, 8, 1>();
+    else
+        resident = small ? fold_resident_blocks<ZSE_SCHEME_Q4S, 2, 4, 2>() : fold_resident_blocks<ZSE_SCHEME_Q4S, 4, 8, 1>();
+    return blocks <= 2 * resident;
+}
+
 /* ZSE_CUDA_LORA_FOLD=0 keeps every delta in its own launch after the matmul (A/B, debugging) */
 static bool lora_fold_allowed(void)
 {
@@ -1303,7 +1359,7 @@ static bool lora_fold_allowed(void)
 /* whether l's delta folds into mm's launch over n rows of x (1, f filled in), runs after it
  * (0), or does not belong to this matmul (-1): each of l's projections must be one of mm's
  * outputs, with its shape. It folds at one row on the shared 4-bit GEMV with x in 16-byte
- * vectors. */
+ * vectors, where that pays (fold_pays). */
 static int lora_fold_args(const zse_cuda_multi *mm, const float *x, int64_t n, const zse_cuda_lora *l,
                           const int32_t *adapter_of, float *part, size_t part_bytes, lora_fuse *f)
 {
@@ -1328,7 +1384,7 @@ static int lora_fold_args(const zse_cuda_multi *mm, const float *x, int64_t n, c
     const int64_t in = mm->w[0].cols;
     if (!lora_fold_allowed() || n != 1 || !dp4a || multi_on_mma(mm, n) || in % 8 != 0 || (uintptr_t)x % 16 != 0 ||
         !part || part_bytes < lora_fold_part_bytes(in) || max_rank > ZSE_CUDA_LORA_MAX_RANK || !l->sync ||
-        !l->slots || l->n_slots < 1 || l->layer < 0 || l->layer >= l->n_layers)
+        !l->slots || l->n_slots < 1 || l->layer < 0 || l->layer >= l->n_layers || !fold_pays(mm))
         return 0; /* lora_apply after the matmul (which checks and reports its own arguments) */
     f->slots = l->slots;
     f->slot_bytes = l->slot_bytes;
