@@ -29,6 +29,23 @@ static srv_grammar_cache *grammars;
 static srv_db *db;
 static srv_keyring *keyring;
 
+static char db_dir[] = "/tmp/zse-fuzz-routes-XXXXXX";
+
+/* the database and its WAL and shared-memory files go when the run ends (the -wal and -shm
+ * files outlive an unlinked database while its connection is open) */
+static void finish(void)
+{
+    srv_db_close(db);
+    db = NULL;
+    const char *names[] = {"zse.db", "zse.db-wal", "zse.db-shm"};
+    char path[256];
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        snprintf(path, sizeof path, "%s/%s", db_dir, names[i]);
+        unlink(path);
+    }
+    rmdir(db_dir);
+}
+
 static void start(void)
 {
     zse_log_set_level(ZSE_LOG_ERROR);
@@ -38,18 +55,14 @@ static void start(void)
     facts = (srv_model_facts){.name = "tiny", .vocab_size = info.vocab_size, .ctx_size = info.ctx_size,
                               .max_prompt_bytes = (size_t)info.ctx_size * 64};
     grammars = srv_grammar_cache_new(8);
-    static char dir[] = "/tmp/zse-fuzz-routes-XXXXXX";
-    if (!grammars || !mkdtemp(dir))
+    if (!grammars || !mkdtemp(db_dir))
         abort();
     char path[256];
-    snprintf(path, sizeof path, "%s/zse.db", dir);
+    snprintf(path, sizeof path, "%s/zse.db", db_dir);
     char key[SRV_KEY_CHARS + 1];
-    if (!(db = srv_db_open(path)) || !(keyring = srv_keyring_new()) ||
+    if (!(db = srv_db_open(path)) || atexit(finish) != 0 || !(keyring = srv_keyring_new()) ||
         srv_key_create_as(db, CALLER, 0, 0, true, key) != 0)
         abort();
-    /* the file goes now; the connection keeps it until the process ends */
-    unlink(path);
-    rmdir(dir);
 }
 
 static void answer(int rc, json_t *out)
