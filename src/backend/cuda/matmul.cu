@@ -299,12 +299,14 @@ static void launch_q4_dp4a(const zse_cuda_multi *mm, const uint4 *xq, const floa
     int64_t groups = 0;
     for (int i = 0; i < mm->count; i++)
         groups += zse_ceil_div(mm->w[i].rows, R);
-    if (B == 1 && lf)
-        zse_launch(gemv_q4_dp4a_kernel<S, 1, NW, R, P, true>, (unsigned)groups, NW * 32, 0, st, *mm, xq, xs, units,
-                   n, *lf);
-    else
-        zse_launch(gemv_q4_dp4a_kernel<S, B, NW, R, P>, (unsigned)groups, NW * 32, 0, st, *mm, xq, xs, units, n,
-                   lora_fuse{});
+    if constexpr (B == 1) /* the folded kernel exists for the one-row shapes only */
+        if (lf) {
+            zse_launch(gemv_q4_dp4a_kernel<S, 1, NW, R, P, true>, (unsigned)groups, NW * 32, 0, st, *mm, xq, xs,
+                       units, n, *lf);
+            return;
+        }
+    zse_launch(gemv_q4_dp4a_kernel<S, B, NW, R, P>, (unsigned)groups, NW * 32, 0, st, *mm, xq, xs, units, n,
+               lora_fuse{});
 }
 
 /* the one-row GEMV's block shape for mm: 2 warps over 4 rows (small launches), else 4 over 8 */
