@@ -2250,6 +2250,30 @@ static void check_lora_fold(int count, int64_t in, const int64_t *rows, const in
     cudaFree(dx);
 }
 
+/* Qwen2.5-7B's projection shapes (q, k, v, o, gate, up, down) and a pool of `slots` slots,
+ * each a rank-`rank` adapter on all seven of layer 0 (the benchmarks' adapters) */
+static const int64_t q7_in[7] = {3584, 3584, 3584, 3584, 3584, 3584, 18944};
+static const int64_t q7_out[7] = {3584, 512, 512, 3584, 18944, 18944, 3584};
+
+static void lora_pool_7b(lora_pool_h &p, int slots, int64_t rank)
+{
+    p.n_slots = slots;
+    p.n_layers = 1;
+    uint64_t need = round_up(7 * sizeof(zse_cuda_lora_entry), 64);
+    for (int m = 0; m < 7; m++) {
+        p.in[m] = q7_in[m];
+        p.out[m] = q7_out[m];
+        need += round_up((uint64_t)rank * q7_in[m] * 2, 64) + round_up((uint64_t)rank * q7_out[m] * 2, 64);
+    }
+    p.slot_bytes = need;
+    p.bytes.assign((size_t)slots * need, 0);
+    for (int s = 0; s < slots; s++) {
+        uint64_t at = round_up(7 * sizeof(zse_cuda_lora_entry), 64);
+        for (int m = 0; m < 7; m++)
+            lora_fill(p, s, 0, m, (int)rank, 2.f, &at);
+    }
+}
+
 /* The adapter delta's launches on Qwen2.5-7B shapes, rank 16 on all seven projections, as
  * a decode step issues them (q/k/v together, o, gate/up together, down): µs per call at
  * n rows, every row on one adapter or each on its own (64 slots), and per token step over
@@ -2269,24 +2293,10 @@ static void run_lora_call(void *arg)
 
 static void bench_lora(void)
 {
-    const int64_t H = 3584, KV = 512, F = 18944, rank = 16, slots = 64;
+    const int64_t F = 18944, rank = 16, slots = 64;
+    const int64_t *ins = q7_in, *outs = q7_out;
     lora_pool_h p;
-    p.n_slots = (int)slots;
-    p.n_layers = 1;
-    const int64_t ins[7] = {H, H, H, H, H, H, F}, outs[7] = {H, KV, KV, H, F, F, H};
-    uint64_t need = round_up(7 * sizeof(zse_cuda_lora_entry), 64);
-    for (int m = 0; m < 7; m++) {
-        p.in[m] = ins[m];
-        p.out[m] = outs[m];
-        need += round_up((uint64_t)rank * ins[m] * 2, 64) + round_up((uint64_t)rank * outs[m] * 2, 64);
-    }
-    p.slot_bytes = need;
-    p.bytes.assign((size_t)slots * need, 0);
-    for (int s = 0; s < slots; s++) {
-        uint64_t at = round_up(7 * sizeof(zse_cuda_lora_entry), 64);
-        for (int m = 0; m < 7; m++)
-            lora_fill(p, s, 0, m, (int)rank, 2.f, &at);
-    }
+    lora_pool_7b(p, (int)slots, rank);
     uint8_t *d_slots;
     CU(cudaMalloc(&d_slots, p.bytes.size()));
     CU(cudaMemcpy(d_slots, p.bytes.data(), p.bytes.size(), cudaMemcpyHostToDevice));
@@ -2382,22 +2392,10 @@ static void run_fold_call(void *arg)
 
 static void bench_lora_fold(void)
 {
-    const int64_t H = 3584, KV = 512, F = 18944, rank = 16;
+    const int64_t F = 18944, rank = 16;
+    const int64_t *ins = q7_in, *outs = q7_out;
     lora_pool_h p;
-    p.n_slots = 1;
-    p.n_layers = 1;
-    const int64_t ins[7] = {H, H, H, H, H, H, F}, outs[7] = {H, KV, KV, H, F, F, H};
-    uint64_t need = round_up(7 * sizeof(zse_cuda_lora_entry), 64);
-    for (int m = 0; m < 7; m++) {
-        p.in[m] = ins[m];
-        p.out[m] = outs[m];
-        need += round_up((uint64_t)rank * ins[m] * 2, 64) + round_up((uint64_t)rank * outs[m] * 2, 64);
-    }
-    p.slot_bytes = need;
-    p.bytes.assign(need, 0);
-    uint64_t at = round_up(7 * sizeof(zse_cuda_lora_entry), 64);
-    for (int m = 0; m < 7; m++)
-        lora_fill(p, 0, 0, m, (int)rank, 2.f, &at);
+    lora_pool_7b(p, 1, rank);
     uint8_t *d_slots;
     CU(cudaMalloc(&d_slots, p.bytes.size()));
     CU(cudaMemcpy(d_slots, p.bytes.data(), p.bytes.size(), cudaMemcpyHostToDevice));

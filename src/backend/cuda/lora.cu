@@ -27,7 +27,7 @@
  * step (CUDA graph) serves any mix of adapters; the grid covers the pool's largest rank
  * (l.max_rank; the backend drops its recordings when a load raises it). A row whose slot is
  * -1 or out of range, or whose adapter leaves the projection alone (rank 0), is not touched. */
-#include "backend/cuda/common.cuh"
+#include "backend/cuda/lora.cuh"
 
 #define LORA_THREADS 256
 #define LORA_WARPS (LORA_THREADS / 32)
@@ -88,20 +88,7 @@ __device__ void lora_shrink_block(const lora_launch &p, const int32_t *adapter_o
         for (int64_t c = (int64_t)threadIdx.x * LORA_VEC; c < in; c += LORA_STRIDE) {
             float xv[LORA_VEC];
             lora_load_x(xt, c, p.x_vec, xv);
-            uint4 w[LORA_SHRINK_J];
-#pragma unroll
-            for (int q = 0; q < LORA_SHRINK_J; q++)
-                w[q] = q < nj ? *reinterpret_cast<const uint4 *>(a + (int64_t)q * in + c) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-            for (int q = 0; q < LORA_SHRINK_J; q++) {
-                const __half2 *h = reinterpret_cast<const __half2 *>(&w[q]);
-#pragma unroll
-                for (int k = 0; k < 4; k++) {
-                    const float2 f = __half22float2(h[k]);
-                    s[q] = fmaf(f.x, xv[2 * k], s[q]);
-                    s[q] = fmaf(f.y, xv[2 * k + 1], s[q]);
-                }
-            }
+            lora_shrink_pass<LORA_SHRINK_J>(a, in, c, nj, xv, s);
         }
     } else {
         for (int64_t c = threadIdx.x; c < in; c += LORA_THREADS) {

@@ -61,6 +61,30 @@ __device__ __forceinline__ const zse_cuda_lora_entry *lora_fuse_entry(const lora
     return e && e->rank > 0 && e->rank <= ZSE_CUDA_LORA_MAX_RANK ? e : nullptr;
 }
 
+/* One pass of a shrink: s[q] += A[q][col .. col + 8]·xv for the first nj of J rows of A
+ * (f16, rows `in` apart, 16-byte aligned at col): J independent 16-byte loads in flight, x's
+ * 8 values held in registers for all J rows. lora.cu's shrink blocks and the folded shrink's
+ * tasks both run on it. */
+template <int J>
+__device__ __forceinline__ void lora_shrink_pass(const __half *a, int64_t in, int64_t col, int nj,
+                                                 const float (&xv)[8], float (&s)[J])
+{
+    uint4 w[J];
+#pragma unroll
+    for (int q = 0; q < J; q++)
+        w[q] = q < nj ? *reinterpret_cast<const uint4 *>(a + (int64_t)q * in + col) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int q = 0; q < J; q++) {
+        const __half2 *h = reinterpret_cast<const __half2 *>(&w[q]);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const float2 v = __half22float2(h[k]);
+            s[q] = fmaf(v.x, xv[2 * k], s[q]);
+            s[q] = fmaf(v.y, xv[2 * k + 1], s[q]);
+        }
+    }
+}
+
 /* one shrink task: part[wi][j0 + q][c] = A[j0 + q][cols of chunk c]·x[same] for q < 4 */
 template <int NT>
 __device__ void lora_fuse_task(const lora_fuse &f, unsigned task)
@@ -80,20 +104,7 @@ __device__ void lora_fuse_task(const lora_fuse &f, unsigned task)
     for (int64_t col = c0 + (int64_t)threadIdx.x * 8; col < c1; col += NT * 8) {
         const float4 xa = *reinterpret_cast<const float4 *>(f.x + col), xb = *reinterpret_cast<const float4 *>(f.x + col + 4);
         const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-        uint4 w[LORA_FUSE_J];
-#pragma unroll
-        for (int q = 0; q < LORA_FUSE_J; q++)
-            w[q] = q < nj ? *reinterpret_cast<const uint4 *>(a + (int64_t)q * f.in + col) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-        for (int q = 0; q < LORA_FUSE_J; q++) {
-            const __half2 *h = reinterpret_cast<const __half2 *>(&w[q]);
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const float2 v = __half22float2(h[k]);
-                s[q] = fmaf(v.x, xv[2 * k], s[q]);
-                s[q] = fmaf(v.y, xv[2 * k + 1], s[q]);
-            }
-        }
+        lora_shrink_pass<LORA_FUSE_J>(a, f.in, col, nj, xv, s);
     }
 #pragma unroll
     for (int q = 0; q < LORA_FUSE_J; q++) {

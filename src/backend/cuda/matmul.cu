@@ -1254,8 +1254,8 @@ extern "C" size_t zse_cuda_matmul_multi_scratch_bytes(const zse_cuda_multi *mm, 
     return most;
 }
 
-extern "C" int zse_cuda_matmul_multi(const zse_cuda_multi *mm, const float *x, int64_t xpitch, int64_t n,
-                                     void *cublas, void *scratch, size_t scratch_bytes, zse_cuda_stream st)
+/* 1..ZSE_CUDA_MULTI_MAX valid weights over one x (the same width) */
+static int check_multi(const zse_cuda_multi *mm)
 {
     if (mm->count < 1 || mm->count > ZSE_CUDA_MULTI_MAX)
         return zse_cuda_fail("cuda matmul: %d weights in one call (1..%d)", mm->count, ZSE_CUDA_MULTI_MAX);
@@ -1266,6 +1266,14 @@ extern "C" int zse_cuda_matmul_multi(const zse_cuda_multi *mm, const float *x, i
             return zse_cuda_fail("cuda matmul: weights of %lld and %lld columns over one x",
                                  (long long)mm->w[0].cols, (long long)mm->w[i].cols);
     }
+    return 0;
+}
+
+extern "C" int zse_cuda_matmul_multi(const zse_cuda_multi *mm, const float *x, int64_t xpitch, int64_t n,
+                                     void *cublas, void *scratch, size_t scratch_bytes, zse_cuda_stream st)
+{
+    if (check_multi(mm) != 0)
+        return -1;
     if (multi_on_mma(mm, n))
         return gemm_q4_mma(mm, x, xpitch, n, scratch, scratch_bytes, mm->x_ready != ZSE_CUDA_XPREP_F16,
                            (cudaStream_t)st);
@@ -1410,8 +1418,8 @@ extern "C" int zse_cuda_matmul_multi_lora(const zse_cuda_multi *mm, const float 
 {
     if (folded)
         *folded = 0;
-    if (mm->count < 1 || mm->count > ZSE_CUDA_MULTI_MAX)
-        return zse_cuda_fail("cuda matmul: %d weights in one call (1..%d)", mm->count, ZSE_CUDA_MULTI_MAX);
+    if (check_multi(mm) != 0)
+        return -1;
     lora_fuse f;
     const int fold = lora_fold_args(mm, x, n, l, adapter_of, lscratch, lscratch_bytes, &f);
     if (fold < 0)
@@ -1422,13 +1430,6 @@ extern "C" int zse_cuda_matmul_multi_lora(const zse_cuda_multi *mm, const float 
         return zse_cuda_matmul_multi(mm, x, xpitch, n, cublas, scratch, scratch_bytes, st) != 0
                    ? -1
                    : zse_cuda_lora_apply(l, adapter_of, x, xpitch, n, lscratch, lscratch_bytes, st);
-    for (int i = 0; i < mm->count; i++) {
-        if (check_weight(&mm->w[i]) != 0)
-            return -1;
-        if (mm->w[i].cols != mm->w[0].cols)
-            return zse_cuda_fail("cuda matmul: weights of %lld and %lld columns over one x",
-                                 (long long)mm->w[0].cols, (long long)mm->w[i].cols);
-    }
     return multi_gemv(mm, x, xpitch, n, scratch, scratch_bytes, (cudaStream_t)st, &f);
 }
 
