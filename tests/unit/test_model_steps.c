@@ -92,15 +92,18 @@ typedef struct {
 } seqs;
 
 /* one step: `take[s]` tokens of each sequence (0 = not in this step); the last token of
- * each sequence in the step gets logits. Returns the logit rows written. */
-static int step(runner *r, const seqs *sq, const int *take, const int32_t *ids, float *logits, int32_t *argmax)
+ * each sequence in the step gets logits (and the argmax too unless argmax is NULL).
+ * adapter_of[s]: sequence s's LoRA slot (NULL: no adapters). Returns the logit rows written. */
+static int step(runner *r, const seqs *sq, const int *take, const int32_t *ids, float *logits, int32_t *argmax,
+                const int32_t *adapter_of)
 {
     int32_t tok[MAX_TOKENS], pos[MAX_TOKENS], seq_of[MAX_TOKENS], slots[MAX_TOKENS], rows[MAX_TOKENS];
-    int32_t lens[NSEQ], table[NSEQ][NBLOCKS / NSEQ];
+    int32_t lens[NSEQ], table[NSEQ][NBLOCKS / NSEQ], seq_adapter[NSEQ];
     int n = 0, n_out = 0, n_seqs = 0;
     for (int s = 0; s < NSEQ; s++) {
         if (!take[s])
             continue;
+        seq_adapter[n_seqs] = adapter_of ? adapter_of[s] : -1;
         for (int k = 0; k < take[s]; k++, n++) {
             int p = sq->len[s] + k;
             tok[n] = ids[n];
@@ -113,9 +116,11 @@ static int step(runner *r, const seqs *sq, const int *take, const int32_t *ids, 
         memcpy(table[n_seqs], sq->table[s], sizeof table[0]);
         n_seqs++;
     }
-    zse_batch b = {n, tok, pos, seq_of, slots, n_seqs, lens, &table[0][0], NBLOCKS / NSEQ, n_out, rows, NULL, 0};
+    zse_batch b = {n,     tok,  pos,  seq_of, slots, n_seqs, lens, &table[0][0], NBLOCKS / NSEQ, n_out, rows,
+                   adapter_of ? seq_adapter : NULL, adapter_of ? (1u << ZSE_LORA_MODULES) - 1 : 0};
     CHECK_MSG(zse_llm_forward(r->m, r->kv, &b, logits) == 0, "%s", zse_last_error());
-    CHECK_MSG(zse_llm_forward_argmax(r->m, r->kv, &b, NULL, argmax) == 0, "%s", zse_last_error());
+    if (argmax)
+        CHECK_MSG(zse_llm_forward_argmax(r->m, r->kv, &b, NULL, argmax) == 0, "%s", zse_last_error());
     return n_out;
 }
 
@@ -157,8 +162,8 @@ static void compare_runs(const zse_file *f)
                 ids[i] = (int32_t)(x % (uint32_t)c->vocab_size);
             }
             int32_t am[MAX_TOKENS], bm[MAX_TOKENS];
-            int out_a = step(&plain, &sq, plans[p], ids, la, am);
-            int out_b = step(&padded, &sq, plans[p], ids, lb, bm);
+            int out_a = step(&plain, &sq, plans[p], ids, la, am, NULL);
+            int out_b = step(&padded, &sq, plans[p], ids, lb, bm, NULL);
             CHECK_EQ_INT(out_a, out_b);
             if (memcmp(la, lb, (size_t)out_a * vocab * sizeof *la) != 0 ||
                 memcmp(am, bm, (size_t)out_a * sizeof *am) != 0) {
@@ -357,42 +362,14 @@ static void compare_lora_fold(const zse_file *f, bool take)
         uint32_t x = 99;
         bool same = true;
         for (size_t p = 0; p < sizeof plans / sizeof plans[0] && la && lb; p++) {
-            int32_t ids[MAX_TOKENS], seq_adapter[NSEQ];
-            int total = 0, n_seqs = 0;
-            for (int s = 0; s < NSEQ; s++) {
+            int32_t ids[MAX_TOKENS];
+            int total = 0;
+            for (int s = 0; s < NSEQ; s++)
                 total += plans[p][s];
-                if (plans[p][s])
-                    seq_adapter[n_seqs++] = adapter_of[s];
-            }
             for (int i = 0; i < total; i++, x = x * 1664525u + 1013904223u)
                 ids[i] = (int32_t)(x % (uint32_t)c->vocab_size);
-            float *outs[2] = {la, lb};
-            runner *rs[2] = {&plain, &other};
-            int n_out[2];
-            for (int k = 0; k < 2; k++) { /* step() with the sequences' adapters */
-                int32_t tok[MAX_TOKENS], pos[MAX_TOKENS], seq_of[MAX_TOKENS], slots[MAX_TOKENS], rows[MAX_TOKENS];
-                int32_t lens[NSEQ], table[NSEQ][NBLOCKS / NSEQ];
-                int n = 0, no = 0, ns = 0;
-                for (int s = 0; s < NSEQ; s++) {
-                    if (!plans[p][s])
-                        continue;
-                    for (int j = 0; j < plans[p][s]; j++, n++) {
-                        const int ps = sq.len[s] + j;
-                        tok[n] = ids[n];
-                        pos[n] = ps;
-                        seq_of[n] = ns;
-                        slots[n] = sq.table[s][ps / BLOCK] * BLOCK + ps % BLOCK;
-                    }
-                    rows[no++] = n - 1;
-                    lens[ns] = sq.len[s] + plans[p][s];
-                    memcpy(table[ns], sq.table[s], sizeof table[0]);
-                    ns++;
-                }
-                zse_batch b = {n,  tok,        pos, seq_of, slots, ns, lens, &table[0][0], NBLOCKS / NSEQ,
-                               no, rows, seq_adapter, (1u << ZSE_LORA_MODULES) - 1};
-                CHECK_MSG(zse_llm_forward(rs[k]->m, rs[k]->kv, &b, outs[k]) == 0, "%s", zse_last_error());
-                n_out[k] = no;
-            }
+            const int n_out[2] = {step(&plain, &sq, plans[p], ids, la, NULL, adapter_of),
+                                  step(&other, &sq, plans[p], ids, lb, NULL, adapter_of)};
             CHECK_EQ_INT(n_out[0], n_out[1]);
             if (memcmp(la, lb, (size_t)n_out[0] * vocab * sizeof *la) != 0) {
                 same = false;
