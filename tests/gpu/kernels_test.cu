@@ -1987,6 +1987,22 @@ static void lora_fill(lora_pool_h &p, int slot, int layer, int module, int rank,
         bt[i] = f2h(rnd_uniform(-0.5f, 0.5f));
 }
 
+/* lora_apply's description of a host-built pool copied to `slots` (device), with fresh zeroed
+ * counters (the caller frees l.sync); the projections are the caller's to fill in */
+static zse_cuda_lora lora_desc(const lora_pool_h &p, const uint8_t *slots, int layer, int max_rank)
+{
+    zse_cuda_lora l = {};
+    CU(cudaMalloc(&l.sync, 16));
+    CU(cudaMemset(l.sync, 0, 16));
+    l.slots = slots;
+    l.slot_bytes = p.slot_bytes;
+    l.n_slots = p.n_slots;
+    l.n_layers = p.n_layers;
+    l.layer = layer;
+    l.max_rank = max_rank;
+    return l;
+}
+
 static void check_lora(int n, int64_t in, int64_t out, int max_rank)
 {
     lora_pool_h p;
@@ -2020,16 +2036,9 @@ static void check_lora(int n, int64_t in, int64_t out, int max_rank)
     const int64_t xp = pitch_of(in);
     std::vector<float> x = rand_vec((size_t)n * xp);
     float *d_x = dev_floats(x);
-    zse_cuda_lora l = {};
-    CU(cudaMalloc(&l.sync, 16));
-    CU(cudaMemset(l.sync, 0, 16));
-    l.slots = slots;
-    l.slot_bytes = p.slot_bytes;
-    l.n_slots = p.n_slots;
-    l.n_layers = p.n_layers;
-    l.layer = 1;
+    /* max_rank: the largest rank of any slot below, the shrink's grid */
+    zse_cuda_lora l = lora_desc(p, slots, 1, max_rank > 7 ? max_rank : 7);
     l.n_outs = 3;
-    l.max_rank = max_rank > 7 ? max_rank : 7; /* the largest rank of any slot below: the shrink's grid */
     std::vector<std::vector<float>> y0(3);
     for (int i = 0; i < 3; i++) {
         l.module[i] = i;
@@ -2136,15 +2145,7 @@ static void check_lora_fold(int count, int64_t in, const int64_t *rows, const in
     memset(&mm, 0, sizeof mm);
     mm.count = count;
     mm.accumulate = accumulate;
-    zse_cuda_lora l = {};
-    CU(cudaMalloc(&l.sync, 16));
-    CU(cudaMemset(l.sync, 0, 16));
-    l.slots = slots;
-    l.slot_bytes = p.slot_bytes;
-    l.n_slots = p.n_slots;
-    l.n_layers = p.n_layers;
-    l.layer = 1;
-    l.max_rank = max_rank;
+    zse_cuda_lora l = lora_desc(p, slots, 1, max_rank);
     std::vector<float> y0[3], bias[3];
     float *y_ref[3], *y_fold[3], *db[3];
     for (int k = 0; k < count; k++) {
