@@ -46,25 +46,7 @@ struct lora_launch {
 
 __device__ __forceinline__ const zse_cuda_lora_entry *lora_entry(const zse_cuda_lora &l, int32_t slot, int module)
 {
-    if (slot < 0 || slot >= l.n_slots)
-        return nullptr;
-    const zse_cuda_lora_entry *e =
-        reinterpret_cast<const zse_cuda_lora_entry *>(l.slots + (uint64_t)slot * l.slot_bytes) +
-        (int64_t)l.layer * 7 + module;
-    return e->rank > 0 && e->rank <= ZSE_CUDA_LORA_MAX_RANK ? e : nullptr;
-}
-
-/* the 8 x values at c of row xt, as one or two 16-byte loads where aligned */
-__device__ __forceinline__ void lora_load_x(const float *xt, int64_t c, bool vec, float v[LORA_VEC])
-{
-    if (vec) {
-        const float4 a = *reinterpret_cast<const float4 *>(xt + c), b = *reinterpret_cast<const float4 *>(xt + c + 4);
-        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-    } else {
-#pragma unroll
-        for (int k = 0; k < LORA_VEC; k++)
-            v[k] = xt[c + k];
-    }
+    return lora_adapting(lora_slot_entry(l.slots, l.slot_bytes, l.n_slots, l.layer, slot, module));
 }
 
 /* u[t][i][j0 + q] = A[j0 + q]·x[t] for q < LORA_SHRINK_J: one block's share of the shrink.

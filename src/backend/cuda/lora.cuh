@@ -45,20 +45,48 @@ struct lora_fuse {
  * dot products start, and the block's B values are loaded while it waits for the shrink. */
 #define LORA_FUSE_PRE 4 /* B values a thread loads ahead (rank <= 4 x the thread groups) */
 
+/* the table entry of (layer, module) in slot `slot` of a pool of n_slots, or NULL when the
+ * slot is out of range (-1: the row has no adapter) */
+__device__ __forceinline__ const zse_cuda_lora_entry *lora_slot_entry(const uint8_t *slots, uint64_t slot_bytes,
+                                                                      int n_slots, int layer, int32_t slot, int module)
+{
+    if (slot < 0 || slot >= n_slots)
+        return nullptr;
+    return reinterpret_cast<const zse_cuda_lora_entry *>(slots + (uint64_t)slot * slot_bytes) + (int64_t)layer * 7 +
+           module;
+}
+
+/* e when it adapts its projection (a rank in 1..ZSE_CUDA_LORA_MAX_RANK), else NULL */
+__device__ __forceinline__ const zse_cuda_lora_entry *lora_adapting(const zse_cuda_lora_entry *e)
+{
+    return e && e->rank > 0 && e->rank <= ZSE_CUDA_LORA_MAX_RANK ? e : nullptr;
+}
+
+/* the 8 x values at c of row xt, as two 16-byte loads where aligned (vec) */
+__device__ __forceinline__ void lora_load_x(const float *xt, int64_t c, bool vec, float (&v)[8])
+{
+    if (vec) {
+        const float4 a = *reinterpret_cast<const float4 *>(xt + c), b = *reinterpret_cast<const float4 *>(xt + c + 4);
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            v[k] = xt[c + k];
+    }
+}
+
 /* the entry of weight wi for the row's slot (read ahead), or NULL */
 __device__ __forceinline__ const zse_cuda_lora_entry *lora_fuse_entry_of(const lora_fuse &f, int32_t slot, int wi)
 {
-    if (wi >= ZSE_CUDA_MULTI_MAX || f.module[wi] < 0 || slot < 0 || slot >= f.n_slots)
+    if (wi >= ZSE_CUDA_MULTI_MAX || f.module[wi] < 0)
         return nullptr;
-    return reinterpret_cast<const zse_cuda_lora_entry *>(f.slots + (uint64_t)slot * f.slot_bytes) +
-           (int64_t)f.layer * 7 + f.module[wi];
+    return lora_slot_entry(f.slots, f.slot_bytes, f.n_slots, f.layer, slot, f.module[wi]);
 }
 
 /* the adapter's entry for weight wi of the launch, or NULL when nothing adapts it */
 __device__ __forceinline__ const zse_cuda_lora_entry *lora_fuse_entry(const lora_fuse &f, int wi)
 {
-    const zse_cuda_lora_entry *e = lora_fuse_entry_of(f, *f.adapter_of, wi);
-    return e && e->rank > 0 && e->rank <= ZSE_CUDA_LORA_MAX_RANK ? e : nullptr;
+    return lora_adapting(lora_fuse_entry_of(f, *f.adapter_of, wi));
 }
 
 /* One pass of a shrink: s[q] += A[q][col .. col + 8]·xv for the first nj of J rows of A
@@ -102,8 +130,8 @@ __device__ void lora_fuse_task(const lora_fuse &f, unsigned task)
     const int64_t c0 = (int64_t)c * LORA_FUSE_CHUNK, c1 = min(f.in, c0 + LORA_FUSE_CHUNK);
     float s[LORA_FUSE_J] = {};
     for (int64_t col = c0 + (int64_t)threadIdx.x * 8; col < c1; col += NT * 8) {
-        const float4 xa = *reinterpret_cast<const float4 *>(f.x + col), xb = *reinterpret_cast<const float4 *>(f.x + col + 4);
-        const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+        float xv[8];
+        lora_load_x(f.x, col, true, xv); /* f.x is 16-byte aligned, col a multiple of 8 */
         lora_shrink_pass<LORA_FUSE_J>(a, f.in, col, nj, xv, s);
     }
 #pragma unroll
