@@ -30,7 +30,7 @@ kt=build-gpu/kernels_test
 mkdir -p build-gpu
 if [ "${ZSE_GPU_SKIP_UNITS:-0}" = 1 ]; then
     note "kernels test: skipped (ZSE_GPU_SKIP_UNITS)"
-elif nvcc -std=c++17 -O3 -arch=sm_$arch -Isrc -o $kt tests/gpu/kernels_test.cu \
+elif nvcc -std=c++17 -O3 -arch=sm_$arch -Isrc -o $kt tests/gpu/kernels_test*.cu \
         src/backend/cuda/matmul.cu src/backend/cuda/ops.cu src/backend/cuda/sample.cu src/backend/cuda/attention.cu \
         src/backend/cuda/attention_mma.cu src/backend/cuda/moe.cu src/backend/cuda/lora.cu -lcublas >"$out/build.log" 2>&1; then
     $kt >"$out/kernels-test.log" 2>&1
@@ -38,7 +38,7 @@ elif nvcc -std=c++17 -O3 -arch=sm_$arch -Isrc -o $kt tests/gpu/kernels_test.cu \
     note "kernels test (sm_$arch): rc=$rc $(tail -1 "$out/kernels-test.log")"
     [ $rc -ne 0 ] && grep -m 20 FAILED "$out/kernels-test.log" | tee -a "$summary"
     if [ "${ZSE_GPU_JIT75:-1}" = 1 ]; then
-        if nvcc -std=c++17 -O3 -gencode arch=compute_75,code=compute_75 -Isrc -o $kt-75 tests/gpu/kernels_test.cu \
+        if nvcc -std=c++17 -O3 -gencode arch=compute_75,code=compute_75 -Isrc -o $kt-75 tests/gpu/kernels_test*.cu \
                 src/backend/cuda/matmul.cu src/backend/cuda/ops.cu src/backend/cuda/sample.cu src/backend/cuda/attention.cu \
                 src/backend/cuda/attention_mma.cu src/backend/cuda/moe.cu src/backend/cuda/lora.cu -lcublas >>"$out/build.log" 2>&1; then
             $kt-75 >>"$out/kernels-test.log" 2>&1
