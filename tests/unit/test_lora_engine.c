@@ -1,6 +1,7 @@
 /* LoRA adapters served (src/engine/lora.c, the CPU backend's lora_apply, the model):
  * - lora_apply against a double reference, rows of two adapters and of none in one call,
- *   a row's result the same alone as batched, bad slot images refused;
+ *   runs of one adapter longer than a tile, inputs past a chunk and off the vectors, every
+ *   row's result the same alone as batched, bad slot images refused;
  * - PEFT's greedy continuations (tests/fixtures/lora) through the engine, every adapter
  *   and the base model in one batch of 8 with 2 adapter slots (so adapters queue);
  * - 64 concurrent requests over 20 adapters with 4 slots and 6 host slots (registered and
@@ -107,10 +108,15 @@ static double ref_delta(const test_part *p, int64_t in, int64_t out, const float
     return d * p->scale;
 }
 
+#define MAX_ROWS 32
+
+/* lora_apply over rows of x (width xw) on the Q and UP outputs y0q / y0u (left as they
+ * were) into yq / yu, row t's sequence on adapters[t] */
 static void run_apply(zse_backend *be, zse_lora_pool *pool, const int32_t *adapters, int rows, const float *x,
-                      const float *y0q, const float *y0u, float *yq, float *yu, const zse_lora_shape *s)
+                      int64_t xw, const float *y0q, const float *y0u, float *yq, float *yu, const zse_lora_shape *s)
 {
-    int32_t tok[8] = {0}, pos[8] = {0}, seq[8], slots[8], lens[8], table[8], out_rows[1] = {0};
+    int32_t tok[MAX_ROWS] = {0}, pos[MAX_ROWS] = {0}, seq[MAX_ROWS], slots[MAX_ROWS], lens[MAX_ROWS],
+            table[MAX_ROWS], out_rows[1] = {0};
     for (int i = 0; i < rows; i++) {
         seq[i] = i;
         slots[i] = -1;
@@ -120,7 +126,7 @@ static void run_apply(zse_backend *be, zse_lora_pool *pool, const int32_t *adapt
     zse_batch b = {rows, tok, pos, seq, slots, rows, lens, table, 1, 1, out_rows, adapters,
                    1u << ZSE_LORA_Q | 1u << ZSE_LORA_UP};
     CHECK(be->ops->begin_batch(be, &b) == 0);
-    zse_act *ax = be->ops->act_new(be, rows, 16), *aq = be->ops->act_new(be, rows, s->out[ZSE_LORA_Q]),
+    zse_act *ax = be->ops->act_new(be, rows, xw), *aq = be->ops->act_new(be, rows, s->out[ZSE_LORA_Q]),
             *au = be->ops->act_new(be, rows, s->out[ZSE_LORA_UP]);
     be->ops->act_write(be, ax, x, rows);
     be->ops->act_write(be, aq, y0q, rows);
@@ -135,77 +141,115 @@ static void run_apply(zse_backend *be, zse_lora_pool *pool, const int32_t *adapt
     be->ops->act_free(be, au);
 }
 
-static void test_apply(void)
+/* the worst distance of one projection's rows from y0 + the reference delta; rows without
+ * an adapter must be left exactly as they were */
+static double off_reference(const int32_t *adapters, int rows, const test_part *p0, const test_part *p2,
+                            int64_t in, int64_t out, const float *x, int64_t xw, const float *y0, const float *y,
+                            bool *untouched)
 {
-    zse_backend *be = zse_cpu_backend_create(2);
+    double worst = 0;
+    for (int t = 0; t < rows; t++)
+        for (int64_t o = 0; o < out; o++) {
+            const float got = y[t * out + o], was = y0[t * out + o];
+            if (adapters[t] < 0) {
+                *untouched = *untouched && got == was;
+                continue;
+            }
+            const double want = was + ref_delta(adapters[t] == 0 ? p0 : p2, in, out, x + t * xw, o);
+            worst = fmax(worst, fabs(want - got));
+        }
+    return worst;
+}
+
+/* Slots 0 and 2 hold adapters on (layer 1, Q) and (layer 1, UP) of ranks 3/5 and 7/1 (not
+ * multiples of the shrink's 4), inputs `in0 + module` wide and outputs 300 - module (more
+ * than one 256-wide chunk). Checks every row against the double reference, and each
+ * adapted row alone against its batched result bit for bit: runs of one adapter longer
+ * than a tile (8 rows) are cut into tiles, and a row computes the same in any of them. */
+static void check_apply(zse_backend *be, int64_t in0, int rows, const int32_t *adapters, bool refusals)
+{
     zse_lora_shape s = {.n_layers = 2, .n_slots = 3, .slot_bytes = 8192};
     for (int m = 0; m < ZSE_LORA_MODULES; m++) {
-        s.in[m] = 8 + m;
-        s.out[m] = 300 - m; /* more than one 256-wide chunk */
+        s.in[m] = in0 + m;
+        s.out[m] = 300 - m;
     }
+    while (s.slot_bytes < (uint64_t)(16 * (s.in[ZSE_LORA_UP] + 300) * 2 + 4096))
+        s.slot_bytes *= 2;
     zse_lora_pool *pool = be->ops->lora_pool_new(be, &s);
     CHECK(pool != NULL);
+    if (!pool)
+        return;
     test_part q0 = {3, 0.5f, NULL, NULL}, u0 = {5, 2.0f, NULL, NULL}, q1 = {7, -1.0f, NULL, NULL}, u1 = {1, 1.0f, NULL, NULL};
     size_t b0, b1;
     uint8_t *img0 = make_image(&s, &q0, &u0, &b0), *img1 = make_image(&s, &q1, &u1, &b1);
     CHECK(be->ops->lora_slot_load(be, pool, 0, img0, b0) == 0 && be->ops->lora_slot_ready(be, pool, 0) == 1);
     CHECK(be->ops->lora_slot_load(be, pool, 2, img1, b1) == 0);
-    /* an entry pointing past the image is refused */
-    zse_lora_entry e;
-    memcpy(&e, img1 + (1 * ZSE_LORA_MODULES + ZSE_LORA_Q) * sizeof e, sizeof e);
-    zse_lora_entry bad = e;
-    bad.bt = (int64_t)b1;
-    memcpy(img1 + (1 * ZSE_LORA_MODULES + ZSE_LORA_Q) * sizeof e, &bad, sizeof e);
-    CHECK(be->ops->lora_slot_load(be, pool, 1, img1, b1) == -1 && strstr(zse_last_error(), "out of bounds"));
-    memcpy(img1 + (1 * ZSE_LORA_MODULES + ZSE_LORA_Q) * sizeof e, &e, sizeof e);
-    CHECK(be->ops->lora_slot_load(be, pool, 1, img1, s.slot_bytes + 64) == -1);
-
-    enum { R = 4 };
-    const int32_t adapters[R] = {0, -1, 2, 0};
-    float x[R * 16], y0q[R * 300], y0u[R * 300], yq[R * 300], yu[R * 300];
-    for (int i = 0; i < R * 16; i++)
-        x[i] = frand();
-    for (int i = 0; i < R * 300; i++) {
-        y0q[i] = frand();
-        y0u[i] = frand();
+    if (refusals) {
+        /* an entry pointing past the image is refused */
+        zse_lora_entry e;
+        memcpy(&e, img1 + (1 * ZSE_LORA_MODULES + ZSE_LORA_Q) * sizeof e, sizeof e);
+        zse_lora_entry bad = e;
+        bad.bt = (int64_t)b1;
+        memcpy(img1 + (1 * ZSE_LORA_MODULES + ZSE_LORA_Q) * sizeof e, &bad, sizeof e);
+        CHECK(be->ops->lora_slot_load(be, pool, 1, img1, b1) == -1 && strstr(zse_last_error(), "out of bounds"));
+        memcpy(img1 + (1 * ZSE_LORA_MODULES + ZSE_LORA_Q) * sizeof e, &e, sizeof e);
+        CHECK(be->ops->lora_slot_load(be, pool, 1, img1, s.slot_bytes + 64) == -1);
+        zse_backend_memory mem;
+        be->ops->memory(be, &mem);
+        CHECK(mem.adapters == 3 * s.slot_bytes);
     }
-    run_apply(be, pool, adapters, R, x, y0q, y0u, yq, yu, &s);
-    double worst = 0;
-    bool untouched = true;
-    for (int t = 0; t < R; t++) {
-        const test_part *pq = adapters[t] == 0 ? &q0 : &q1, *pu = adapters[t] == 0 ? &u0 : &u1;
-        for (int64_t o = 0; o < s.out[ZSE_LORA_Q]; o++) {
-            if (adapters[t] < 0) {
-                untouched = untouched && yq[t * s.out[ZSE_LORA_Q] + o] == y0q[t * s.out[ZSE_LORA_Q] + o];
+    const int64_t xw = s.in[ZSE_LORA_UP], oq = s.out[ZSE_LORA_Q], ou = s.out[ZSE_LORA_UP];
+    float *x = malloc(sizeof *x * (size_t)(rows * xw)), *y0q = malloc(sizeof *x * (size_t)(rows * oq)),
+          *y0u = malloc(sizeof *x * (size_t)(rows * ou)), *yq = malloc(sizeof *x * (size_t)(rows * oq)),
+          *yu = malloc(sizeof *x * (size_t)(rows * ou)), aq[300], au[300];
+    CHECK(x && y0q && y0u && yq && yu);
+    if (x && y0q && y0u && yq && yu) {
+        for (int64_t i = 0; i < rows * xw; i++)
+            x[i] = frand();
+        for (int64_t i = 0; i < rows * oq; i++)
+            y0q[i] = frand();
+        for (int64_t i = 0; i < rows * ou; i++)
+            y0u[i] = frand();
+        run_apply(be, pool, adapters, rows, x, xw, y0q, y0u, yq, yu, &s);
+        bool untouched = true;
+        const double worst =
+            fmax(off_reference(adapters, rows, &q0, &q1, s.in[ZSE_LORA_Q], oq, x, xw, y0q, yq, &untouched),
+                 off_reference(adapters, rows, &u0, &u1, s.in[ZSE_LORA_UP], ou, x, xw, y0u, yu, &untouched));
+        CHECK_MSG(worst < 1e-5 * sqrt((double)in0), "lora_apply off the reference by %g (inputs %lld wide)", worst,
+                  (long long)in0);
+        CHECK(untouched);
+        for (int t = 0; t < rows; t++) {
+            if (adapters[t] < 0)
                 continue;
-            }
-            double want = y0q[t * s.out[ZSE_LORA_Q] + o] + ref_delta(pq, s.in[ZSE_LORA_Q], s.out[ZSE_LORA_Q], x + t * 16, o);
-            worst = fmax(worst, fabs(want - yq[t * s.out[ZSE_LORA_Q] + o]));
-        }
-        for (int64_t o = 0; o < s.out[ZSE_LORA_UP]; o++) {
-            if (adapters[t] < 0) {
-                untouched = untouched && yu[t * s.out[ZSE_LORA_UP] + o] == y0u[t * s.out[ZSE_LORA_UP] + o];
-                continue;
-            }
-            double want =
-                y0u[t * s.out[ZSE_LORA_UP] + o] + ref_delta(pu, s.in[ZSE_LORA_UP], s.out[ZSE_LORA_UP], x + t * 16, o);
-            worst = fmax(worst, fabs(want - yu[t * s.out[ZSE_LORA_UP] + o]));
+            run_apply(be, pool, &adapters[t], 1, x + t * xw, xw, y0q + t * oq, y0u + t * ou, aq, au, &s);
+            CHECK_MSG(memcmp(aq, yq + t * oq, (size_t)oq * 4) == 0 && memcmp(au, yu + t * ou, (size_t)ou * 4) == 0,
+                      "row %d of %d (inputs %lld wide) alone differs from its batched result", t, rows,
+                      (long long)in0);
         }
     }
-    CHECK_MSG(worst < 1e-5, "lora_apply off the reference by %g", worst);
-    CHECK(untouched);
-    /* row 2 alone: bit for bit its batched result */
-    float aq[300], au[300];
-    const int32_t alone[1] = {2};
-    run_apply(be, pool, alone, 1, x + 2 * 16, y0q + 2 * s.out[ZSE_LORA_Q], y0u + 2 * s.out[ZSE_LORA_UP], aq, au, &s);
-    CHECK(memcmp(aq, yq + 2 * s.out[ZSE_LORA_Q], (size_t)s.out[ZSE_LORA_Q] * 4) == 0);
-    CHECK(memcmp(au, yu + 2 * s.out[ZSE_LORA_UP], (size_t)s.out[ZSE_LORA_UP] * 4) == 0);
-    zse_backend_memory mem;
-    be->ops->memory(be, &mem);
-    CHECK(mem.adapters == 3 * 8192);
+    free(x);
+    free(y0q);
+    free(y0u);
+    free(yq);
+    free(yu);
     free(img0);
     free(img1);
     be->ops->lora_pool_free(be, pool);
+}
+
+static void test_apply(void)
+{
+    zse_backend *be = zse_cpu_backend_create(2);
+    const int32_t mixed[4] = {0, -1, 2, 0};
+    check_apply(be, 8, 4, mixed, true);
+    /* a run of 11 rows of one adapter (a tile of 8 and one of 3), a row without, 3 of the
+     * other, 4 of the first again; inputs past a 256-column chunk and off the 8-lane vectors */
+    int32_t runs[19];
+    for (int t = 0; t < 19; t++)
+        runs[t] = t < 11 ? 0 : t == 11 ? -1 : t < 15 ? 2 : 0;
+    check_apply(be, 8, 19, runs, false);
+    check_apply(be, 517, 19, runs, false);
+    check_apply(be, 256, 9, runs, false);
     zse_backend_destroy(be);
 }
 

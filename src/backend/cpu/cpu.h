@@ -144,7 +144,17 @@ typedef struct {
     float (*dot)(const float *a, const float *b, int64_t n);
     void (*axpy)(float *y, float a, const float *x, int64_t n);     /* y += a·x */
     void (*scale)(float *y, float a, int64_t n);                     /* y *= a */
+    /* LoRA over a tile of nt ≤ ZSE_CPU_LORA_TILE rows of one adapter (lora.c): the shrink
+     * s[t·lds + q] = A[q]·x[t] for nq ≤ ZSE_CPU_LORA_RANKS rows of f16 A, and the expand
+     * y[t][o] += scale · Σ_j u[t][j]·Bᵀ[j][o]; each of A and Bᵀ converted once for the tile */
+    void (*lora_shrink)(const uint16_t *a, int64_t lda, int nq, const float *x, int64_t ldx, int nt, int64_t n,
+                        float *s, int64_t lds);
+    void (*lora_expand)(const uint16_t *bt, int64_t ldb, int rank, const float *u, int64_t ldu, int nt, float scale,
+                        float *y, int64_t ldy, int64_t n);
 } zse_cpu_vec;
+#define ZSE_CPU_LORA_TILE 8    /* rows of one adapter a shrink or expand unit takes */
+#define ZSE_CPU_LORA_RANKS 4   /* ranks a shrink unit takes */
+#define ZSE_CPU_LORA_CHUNK 256 /* columns of A a shrink converts at a time; outputs of an expand unit */
 const zse_cpu_vec *zse_cpu_vec_ops(void);
 /* the portable dot product (8 partial sums in a fixed order): the portable matmul path and
  * vec.c's portable table share it */
