@@ -436,16 +436,10 @@ int srv_key_list(srv_db *d, srv_key **out, size_t *n)
     size_t count = 0, cap = 0;
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        if (count == cap) {
-            size_t ncap = cap ? cap * 2 : 16;
-            srv_key *nk = zse_realloc(keys, ncap * sizeof *nk);
-            if (!nk) {
-                free(keys);
-                sqlite3_finalize(st);
-                return -1;
-            }
-            keys = nk;
-            cap = ncap;
+        if (zse_grow((void **)&keys, &cap, count + 1, sizeof *keys, 16) != 0) {
+            free(keys);
+            sqlite3_finalize(st);
+            return -1;
         }
         if (sqlite3_column_bytes(st, 1) != 32)
             continue; /* a damaged row could never match a key; leave it out */
@@ -583,16 +577,10 @@ int srv_audit_query(srv_db *d, double since, const char *key, int limit, srv_aud
     size_t count = 0, cap = 0;
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        if (count == cap) {
-            size_t ncap = cap ? cap * 2 : 64;
-            srv_audit_row *nr = zse_realloc(out, ncap * sizeof *nr);
-            if (!nr) {
-                free(out);
-                sqlite3_finalize(st);
-                return -1;
-            }
-            out = nr;
-            cap = ncap;
+        if (zse_grow((void **)&out, &cap, count + 1, sizeof *out, 64) != 0) {
+            free(out);
+            sqlite3_finalize(st);
+            return -1;
         }
         srv_audit_row *r = &out[count++];
         memset(r, 0, sizeof *r);
@@ -682,16 +670,10 @@ int srv_refused_query(srv_db *d, double since, int limit, srv_refused_row **rows
     size_t count = 0, cap = 0;
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        if (count == cap) {
-            size_t ncap = cap ? cap * 2 : 64;
-            srv_refused_row *nr = zse_realloc(out, ncap * sizeof *nr);
-            if (!nr) {
-                free(out);
-                sqlite3_finalize(st);
-                return -1;
-            }
-            out = nr;
-            cap = ncap;
+        if (zse_grow((void **)&out, &cap, count + 1, sizeof *out, 64) != 0) {
+            free(out);
+            sqlite3_finalize(st);
+            return -1;
         }
         srv_refused_row *r = &out[count++];
         memset(r, 0, sizeof *r);

@@ -255,14 +255,9 @@ static json_t *spm_merges(json_t *vocab, char **texts, const gguf_vocab *v, uint
             json_t *l = json_object_get(vocab, left), *r = json_object_get(vocab, s + i);
             if (!l || !r)
                 continue;
-            if (nm == cap) {
-                cap = cap ? cap * 2 : 4096;
-                spm_merge *p = zse_realloc(m, cap * sizeof *p);
-                if (!p) {
-                    free(m);
-                    return NULL;
-                }
-                m = p;
+            if (zse_grow((void **)&m, &cap, nm + 1, sizeof *m, 4096) != 0) {
+                free(m);
+                return NULL;
             }
             m[nm++] = (spm_merge){array_f32(&v->scores, id), (int32_t)id, (int32_t)json_integer_value(l),
                                   (int32_t)json_integer_value(r)};

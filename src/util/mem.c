@@ -54,6 +54,24 @@ void *zse_aligned_alloc(size_t alignment, size_t n)
     return p;
 }
 
+int zse_grow(void **p, size_t *cap, size_t need, size_t elem, size_t first)
+{
+    if (need <= *cap)
+        return 0;
+    size_t ncap = *cap ? *cap : (first ? first : 1), bytes;
+    while (ncap < need)
+        if (!zse_mul_ok(ncap, 2, &ncap))
+            return zse_fail("an array of %zu elements is too large", need);
+    if (!zse_mul_ok(ncap, elem, &bytes))
+        return zse_fail("an array of %zu elements of %zu bytes is too large", ncap, elem);
+    void *np = zse_realloc(*p, bytes);
+    if (!np)
+        return -1;
+    *p = np;
+    *cap = ncap;
+    return 0;
+}
+
 bool zse_mul_ok(size_t a, size_t b, size_t *out)
 {
     return !__builtin_mul_overflow(a, b, out);

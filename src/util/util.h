@@ -34,6 +34,9 @@ void *zse_aligned_alloc(size_t alignment, size_t n); /* free with free() */
 /* a * b without overflow; false when it would overflow */
 bool zse_mul_ok(size_t a, size_t b, size_t *out);
 bool zse_add_ok(size_t a, size_t b, size_t *out);
+/* makes room for `need` elements of `elem` bytes in the array *p of *cap (doubling, at least
+ * `first`); 0, or -1 with *p and *cap unchanged (still the caller's to free) */
+int zse_grow(void **p, size_t *cap, size_t need, size_t elem, size_t first);
 
 /* ---- growable byte buffer ------------------------------------------------- */
 typedef struct {

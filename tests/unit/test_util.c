@@ -68,6 +68,20 @@ int main(void)
     CHECK(!zse_mul_ok(SIZE_MAX / 2, 3, &out));
     CHECK(zse_mul_ok(1000, 1000, &out) && out == 1000000);
 
+    /* zse_grow: doubling from `first`, room for what is asked, the array kept on failure */
+    int *arr = NULL;
+    size_t cap = 0;
+    CHECK(zse_grow((void **)&arr, &cap, 1, sizeof *arr, 16) == 0 && arr && cap == 16);
+    for (int i = 0; i < 16; i++)
+        arr[i] = i;
+    CHECK(zse_grow((void **)&arr, &cap, 16, sizeof *arr, 16) == 0 && cap == 16); /* room already */
+    CHECK(zse_grow((void **)&arr, &cap, 17, sizeof *arr, 16) == 0 && cap == 32 && arr[15] == 15);
+    CHECK(zse_grow((void **)&arr, &cap, 100, sizeof *arr, 16) == 0 && cap == 128 && arr[7] == 7);
+    int *kept = arr;
+    CHECK(zse_grow((void **)&arr, &cap, SIZE_MAX / 2, sizeof *arr, 16) == -1 && arr == kept && cap == 128);
+    CHECK(strstr(zse_error_message(), "too large") != NULL);
+    free(arr);
+
     zse_pool *pool = zse_pool_create(3);
     CHECK(pool != NULL);
     int slots[3] = {0};
