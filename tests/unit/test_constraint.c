@@ -4,6 +4,7 @@
  * through the engine, with speculative decoding too (and, greedy, the same text as without
  * it); a finished grammar ends generation even with ignore_eos; compile errors name what is
  * not supported. */
+#include "fixture.h"
 #include "test.h"
 
 #include "engine/engine.h"
@@ -314,17 +315,9 @@ static void mask_stats(zse_model *m)
 
 int main(void)
 {
-    const char *data = test_env("ZSE_TEST_DATA");
-    if (!data)
-        data = "tests/fixtures";
-    char dir[512], path[512];
-    snprintf(dir, sizeof dir, "%s/tiny-qwen2", data);
-    snprintf(path, sizeof path, "/tmp/zse-test-constraint-%d.zse", (int)getpid());
-    zse_convert_opts o = {.scheme = ZSE_SCHEME_F32, .embed_scheme = -1, .lm_head_scheme = -1, .force = true};
-    if (zse_convert(dir, path, &o) != 0) {
-        fprintf(stderr, "cannot convert %s: %s\n", dir, zse_last_error());
+    char path[512];
+    if (test_convert_fixture("tiny-qwen2", "constraint", path, sizeof path) != 0)
         return 1;
-    }
     zse_load_params lp;
     zse_load_params_default(&lp);
     lp.device = "cpu";

@@ -2,6 +2,7 @@
  * tools/make_embedding_goldens.py): mean and last-token pooling of the final hidden state,
  * unit length, within 1e-4 of the golden at f32, for a text longer than one pass's rows;
  * bad input refused. */
+#include "fixture.h"
 #include "test.h"
 
 #include "format/format.h"
@@ -12,18 +13,10 @@
 
 int main(void)
 {
-    const char *data = test_env("ZSE_TEST_DATA");
-    if (!data)
-        data = "tests/fixtures";
-    char dir[512], path[512], gold[512];
-    snprintf(dir, sizeof dir, "%s/tiny-qwen2", data);
-    snprintf(gold, sizeof gold, "%s/tiny-qwen2/embeddings.json", data);
-    snprintf(path, sizeof path, "/tmp/zse-test-embed-%d.zse", (int)getpid());
-    zse_convert_opts o = {.scheme = ZSE_SCHEME_F32, .embed_scheme = -1, .lm_head_scheme = -1, .force = true};
-    if (zse_convert(dir, path, &o) != 0) {
-        fprintf(stderr, "cannot convert %s: %s\n", dir, zse_last_error());
+    char path[512], gold[512];
+    test_fixture_path("tiny-qwen2/embeddings.json", gold, sizeof gold);
+    if (test_convert_fixture("tiny-qwen2", "embed", path, sizeof path) != 0)
         return 1;
-    }
     json_error_t err;
     json_t *g = json_load_file(gold, 0, &err);
     CHECK_MSG(g != NULL, "%s: %s", gold, err.text);

@@ -2,6 +2,7 @@
  * greedy and seeded outputs are the same alone, among 63 others, with chunked prefill and
  * under KV pressure (preemption); cancel, client-gone, queue limits, priorities, logprobs,
  * stop strings, shutdown; no KV block is leaked. */
+#include "fixture.h"
 #include "test.h"
 
 #include "engine/engine.h"
@@ -579,18 +580,10 @@ static void memory_accounting(const char *path)
 
 int main(void)
 {
-    const char *data = test_env("ZSE_TEST_DATA");
-    if (!data)
-        data = "tests/fixtures";
-    char dir[512], path[512], eval[512];
-    snprintf(dir, sizeof dir, "%s/tiny-qwen2", data);
-    snprintf(eval, sizeof eval, "%s/eval.txt", data);
-    snprintf(path, sizeof path, "/tmp/zse-test-engine-%d.zse", (int)getpid());
-    zse_convert_opts o = {.scheme = ZSE_SCHEME_F32, .embed_scheme = -1, .lm_head_scheme = -1, .force = true};
-    if (zse_convert(dir, path, &o) != 0) {
-        fprintf(stderr, "cannot convert %s: %s\n", dir, zse_last_error());
+    char path[512], eval[512];
+    test_fixture_path("eval.txt", eval, sizeof eval);
+    if (test_convert_fixture("tiny-qwen2", "engine", path, sizeof path) != 0)
         return 1;
-    }
     char *text = zse_read_file(eval, NULL);
     CHECK(text != NULL);
     memory_accounting(path);

@@ -5,6 +5,7 @@
  * outputs unchanged); a tenant far below another's count of slots takes one; priorities
  * still come first across tenants; a paused request waits and resumes unchanged. ctx_cost
  * is fixed, so the sharing does not depend on the machine's timing. */
+#include "fixture.h"
 #include "test.h"
 
 #include "engine/engine.h"
@@ -402,18 +403,10 @@ static void pause_resume(zse_model *m, int32_t **prompts)
 
 int main(void)
 {
-    const char *data = test_env("ZSE_TEST_DATA");
-    if (!data)
-        data = "tests/fixtures";
-    char dir[512], path[512], eval[512];
-    snprintf(dir, sizeof dir, "%s/tiny-qwen2", data);
-    snprintf(eval, sizeof eval, "%s/eval.txt", data);
-    snprintf(path, sizeof path, "/tmp/zse-test-fairness-%d.zse", (int)getpid());
-    zse_convert_opts o = {.scheme = ZSE_SCHEME_F32, .embed_scheme = -1, .lm_head_scheme = -1, .force = true};
-    if (zse_convert(dir, path, &o) != 0) {
-        fprintf(stderr, "cannot convert %s: %s\n", dir, zse_last_error());
+    char path[512], eval[512];
+    test_fixture_path("eval.txt", eval, sizeof eval);
+    if (test_convert_fixture("tiny-qwen2", "fairness", path, sizeof path) != 0)
         return 1;
-    }
     char *text = zse_read_file(eval, NULL);
     CHECK(text != NULL);
     zse_load_params lp;

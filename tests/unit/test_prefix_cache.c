@@ -6,6 +6,7 @@
  * - 64 concurrent requests sharing a prefix with random cancels leave no block referenced
  *   and every block free or idle-cached; a small pool evicts and still answers right;
  * - a prompt longer than the context fails with the same error, cached or not. */
+#include "fixture.h"
 #include "test.h"
 
 #include "engine/engine.h"
@@ -314,18 +315,10 @@ static void too_long(const char *path, const prompt *p)
 
 int main(void)
 {
-    const char *data = test_env("ZSE_TEST_DATA");
-    if (!data)
-        data = "tests/fixtures";
-    char dir[512], path[512], eval[512];
-    snprintf(dir, sizeof dir, "%s/tiny-qwen2", data);
-    snprintf(eval, sizeof eval, "%s/eval.txt", data);
-    snprintf(path, sizeof path, "/tmp/zse-test-prefix-%d.zse", (int)getpid());
-    zse_convert_opts o = {.scheme = ZSE_SCHEME_F32, .embed_scheme = -1, .lm_head_scheme = -1, .force = true};
-    if (zse_convert(dir, path, &o) != 0) {
-        fprintf(stderr, "cannot convert %s: %s\n", dir, zse_last_error());
+    char path[512], eval[512];
+    test_fixture_path("eval.txt", eval, sizeof eval);
+    if (test_convert_fixture("tiny-qwen2", "prefix", path, sizeof path) != 0)
         return 1;
-    }
     char *text = zse_read_file(eval, NULL);
     CHECK(text != NULL);
     zse_model *tok_m = text ? load(path, 1, 0, ZSE_KV_F16, false) : NULL;

@@ -6,6 +6,7 @@
  * - max_tokens ZSE_MAX_TOKENS_NONE: the prompt is scored and nothing generated;
  * - min_tokens: a stop id the model would pick first is not drawn before min_tokens, and a
  *   stop string does not end generation before it either. */
+#include "fixture.h"
 #include "test.h"
 
 #include "engine/engine.h"
@@ -192,18 +193,10 @@ static void min_tokens(zse_model *m, const int32_t *ids, size_t n)
 
 int main(void)
 {
-    const char *data = test_env("ZSE_TEST_DATA");
-    if (!data)
-        data = "tests/fixtures";
-    char dir[512], path[512], eval[512];
-    snprintf(dir, sizeof dir, "%s/tiny-qwen2", data);
-    snprintf(eval, sizeof eval, "%s/eval.txt", data);
-    snprintf(path, sizeof path, "/tmp/zse-test-scoring-%d.zse", (int)getpid());
-    zse_convert_opts o = {.scheme = ZSE_SCHEME_F32, .embed_scheme = -1, .lm_head_scheme = -1, .force = true};
-    if (zse_convert(dir, path, &o) != 0) {
-        fprintf(stderr, "cannot convert %s: %s\n", dir, zse_last_error());
+    char path[512], eval[512];
+    test_fixture_path("eval.txt", eval, sizeof eval);
+    if (test_convert_fixture("tiny-qwen2", "scoring", path, sizeof path) != 0)
         return 1;
-    }
     zse_load_params lp;
     zse_load_params_default(&lp);
     lp.device = "cpu";
