@@ -1,6 +1,7 @@
 /* CPU matmul: every scheme and kernel path (portable, AVX2, AVX-512 where the CPU has
  * them), odd shapes, groups, tails and batch sizes 1..17+, against dequantize + a double dot
- * product; the SIMD paths against each other; batch invariance. */
+ * product; the SIMD paths against each other; batch invariance; matmul_multi against the
+ * ops one by one. */
 #include "test.h"
 
 #include "backend/cpu/cpu.h"
@@ -118,6 +119,69 @@ static bool is_integer(zse_scheme s)
            s == ZSE_SCHEME_Q8G;
 }
 
+static zse_weight *load_weight(zse_backend *be, const zse_qshape *q, const void *data)
+{
+    zse_tensor_info ti = {.name = "w", .q = *q, .layout = zse_scheme_layout(q->scheme), .size = zse_qshape_bytes(q),
+                          .data = data};
+    return be->ops->weight_load(be, &ti);
+}
+
+/* matmul_multi (one quantization of x per activation layout, one pass over every weight's
+ * rows, bias and residual add in that pass) against matmul, add_bias and add one by one:
+ * bit for bit, for weights of one layout and of three (int8, int4 g128, f16) in one call */
+static void check_multi(zse_backend *be, const zse_scheme schemes[3], int group, int64_t tokens, bool bias,
+                        bool accumulate)
+{
+    const int64_t rows[3] = {33, 7, 300}, cols = 200;
+    problem p[3];
+    zse_weight *w[3], *b[3] = {NULL, NULL, NULL};
+    zse_act *y[3], *ref[3], *tmp[3];
+    zse_act *x = be->ops->act_new(be, tokens, cols);
+    float *bias_data[3];
+    for (int i = 0; i < 3; i++) {
+        problem_make(&p[i], schemes[i], zse_scheme_is_grouped(schemes[i]) ? group : 0, rows[i], cols, tokens);
+        w[i] = load_weight(be, &p[i].q, p[i].packed);
+        zse_qshape bq = {ZSE_SCHEME_F32, 1, rows[i], 0};
+        bias_data[i] = zse_aligned_alloc(64, (size_t)rows[i] * sizeof(float));
+        for (int64_t r = 0; r < rows[i]; r++)
+            bias_data[i][r] = frand();
+        if (bias)
+            b[i] = load_weight(be, &bq, bias_data[i]);
+        y[i] = be->ops->act_new(be, tokens, rows[i]);
+        ref[i] = be->ops->act_new(be, tokens, rows[i]);
+        tmp[i] = be->ops->act_new(be, tokens, rows[i]);
+        for (int64_t k = 0; k < tokens * rows[i]; k++)
+            y[i]->data[k] = ref[i]->data[k] = frand();
+    }
+    memcpy(x->data, p[0].x, (size_t)(tokens * cols) * sizeof(float));
+    const zse_matmul_out outs[3] = {{w[0], b[0], y[0]}, {w[1], b[1], y[1]}, {w[2], b[2], y[2]}};
+    be->ops->matmul_multi(be, x, tokens, outs, 3, accumulate);
+    for (int i = 0; i < 3; i++) {
+        zse_act *dst = accumulate ? tmp[i] : ref[i];
+        be->ops->matmul(be, w[i], x, tokens, dst);
+        if (b[i])
+            be->ops->add_bias(be, dst, b[i], tokens);
+        if (accumulate)
+            be->ops->add(be, ref[i], tmp[i], tokens, rows[i]);
+    }
+    CHECK(be->ops->sync(be) == 0);
+    for (int i = 0; i < 3; i++) {
+        const bool same = memcmp(y[i]->data, ref[i]->data, (size_t)(tokens * rows[i]) * sizeof(float)) == 0;
+        CHECK_MSG(same, "matmul_multi %s/%s/%s g%d, %lld tokens%s%s: weight %d differs from the ops one by one",
+                  zse_scheme_name(schemes[0]), zse_scheme_name(schemes[1]), zse_scheme_name(schemes[2]), group,
+                  (long long)tokens, bias ? ", bias" : "", accumulate ? ", accumulate" : "", i);
+        be->ops->weight_free(be, w[i]);
+        if (b[i])
+            be->ops->weight_free(be, b[i]);
+        be->ops->act_free(be, y[i]);
+        be->ops->act_free(be, ref[i]);
+        be->ops->act_free(be, tmp[i]);
+        free(bias_data[i]);
+        problem_free(&p[i]);
+    }
+    be->ops->act_free(be, x);
+}
+
 int main(void)
 {
     zse_backend *be = zse_cpu_backend_create(3);
@@ -167,6 +231,16 @@ int main(void)
                     free(ys[path]);
                 problem_free(&p);
             }
+    const zse_scheme one_layout[3] = {ZSE_SCHEME_Q4, ZSE_SCHEME_Q4, ZSE_SCHEME_Q4},
+                     three[3] = {ZSE_SCHEME_Q8, ZSE_SCHEME_Q4, ZSE_SCHEME_F16};
+    for (int path = 0; path <= best; path++) {
+        CHECK(zse_cpu_set_path(path_names[path]) == 0);
+        for (int64_t tokens = 1; tokens <= 17; tokens += 8)
+            for (int k = 0; k < 4; k++) {
+                check_multi(be, one_layout, 32, tokens, k & 1, k & 2);
+                check_multi(be, three, 128, tokens, k & 1, k & 2);
+            }
+    }
     CHECK(zse_cpu_set_path("auto") == 0);
     CHECK(zse_cpu_current_path() == zse_cpu_best_path());
     CHECK(zse_cpu_set_path("sse9") == -1);

@@ -628,6 +628,7 @@ static const zse_backend_ops cpu_ops = {
     .embed = embed,
     .rmsnorm = rmsnorm,
     .matmul = zse_cpu_matmul,
+    .matmul_multi = zse_cpu_matmul_multi,
     .add_bias = add_bias,
     .rope = rope,
     .kv_store = kv_store,

@@ -31,6 +31,20 @@ void zse_cpu_parallel_for(zse_backend *be, int64_t n, zse_cpu_range_fn fn, void 
 
 /* y[t][0:w.rows] = W · x[t][0:w.cols] for t < rows (matmul.c) */
 void zse_cpu_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, int64_t rows, zse_act *y);
+/* one weight of a grouped matmul: y = W·x (+ bias), or y += that (accumulate), over the rows
+ * of the views x and y (the same count) */
+typedef struct {
+    const zse_weight *w;
+    const zse_weight *bias;     /* f32 of W's rows, or NULL */
+    zse_act x, y;               /* views: data, rows, cols (y's row pitch) */
+    bool accumulate;
+} zse_cpu_mm;
+/* Every weight of mm in two parallel passes whatever their count: each distinct x quantized
+ * once (weights of one activation layout share it), then the row blocks of all the weights.
+ * Each result is bit for bit what zse_cpu_matmul, add_bias and add give one by one. */
+void zse_cpu_matmul_group(zse_backend *be, const zse_cpu_mm *mm, int n);
+void zse_cpu_matmul_multi(zse_backend *be, const zse_act *x, int64_t rows, const zse_matmul_out *outs, int n_outs,
+                          bool accumulate);
 
 /* ops return nothing: a kernel that cannot finish (out of memory) records it here and
  * the next sync() reports it, so a step never silently yields garbage */

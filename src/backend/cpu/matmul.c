@@ -174,10 +174,8 @@ static void quantize_tokens(void *p, int64_t t0, int64_t t1)
     }
 }
 
-/* A grow-only workspace of the backend holds the activations: a decode step calls matmul a
- * few hundred times, and fresh large allocations would fault their pages in every time. */
-static int quantize_acts(zse_backend *be, const zse_weight *w, const zse_act *x, int64_t tokens,
-                         zse_cpu_path path, int threads, zse_qx *qx, float **scratch, int64_t *scratch_per)
+/* the int8 activation layout a weight's kernels read for `tokens` rows (no buffers yet) */
+static void qx_layout(const zse_weight *w, int64_t tokens, zse_cpu_path path, zse_qx *qx)
 {
     int64_t cp = zse_qshape_cols_padded(&w->q);
     bool q8 = w->q.scheme == ZSE_SCHEME_Q8, avx512 = path == ZSE_CPU_AVX512;
@@ -191,31 +189,28 @@ static int quantize_acts(zse_backend *be, const zse_weight *w, const zse_act *x,
     qx->tile = avx512 ? ZSE_CPU_TILE_AVX512 : ZSE_CPU_TILE_AVX2;
     qx->unit = avx512 ? 64 : 32;
     qx->il = avx512 && !q8;
-    bool dvec = avx512 && qx->ab == 32;
-    size_t T = (size_t)tokens;
-    *scratch_per = 2 * (qx->groups + 16);
-    size_t sizes[5] = {T * (size_t)qx->stride, (T * (size_t)qx->nblk + 8) * 4, dvec ? T * (size_t)qx->stride : 0,
-                       T * (size_t)qx->groups * 4, (size_t)threads * (size_t)*scratch_per * 4};
-    size_t total = 0, offs[5];
-    for (int i = 0; i < 5; i++) {
+}
+
+/* whether two layouts are the same bytes (one quantization serves both weights) */
+static bool qx_same(const zse_qx *a, const zse_qx *b)
+{
+    return a->tokens == b->tokens && a->cp == b->cp && a->ab == b->ab && a->groups == b->groups &&
+           a->tile == b->tile && a->il == b->il;
+}
+
+/* the bytes qx's buffers take (five regions, 64-byte aligned) and their offsets */
+static size_t qx_bytes(const zse_qx *qx, zse_cpu_path path, size_t offs[4])
+{
+    bool dvec = path == ZSE_CPU_AVX512 && qx->ab == 32;
+    size_t T = (size_t)qx->tokens;
+    size_t sizes[4] = {T * (size_t)qx->stride, (T * (size_t)qx->nblk + 8) * 4, dvec ? T * (size_t)qx->stride : 0,
+                       T * (size_t)qx->groups * 4};
+    size_t total = 0;
+    for (int i = 0; i < 4; i++) {
         offs[i] = total;
         total += (sizes[i] + 63) & ~(size_t)63;
     }
-    uint8_t *ws = zse_cpu_workspace(be, total);
-    if (!ws)
-        return -1;
-    qx->q = (int8_t *)(ws + offs[0]);
-    qx->d = (float *)(ws + offs[1]);
-    qx->dvec = dvec ? (float *)(ws + offs[2]) : NULL;
-    qx->gsum = (float *)(ws + offs[3]);
-    *scratch = (float *)(ws + offs[4]);
-    /* the padding past cp (an odd last 32-chunk) stays zero; the spare d entries are read
-     * (and ignored) by a short tile's vector load */
-    memset(qx->q, 0, sizes[0]);
-    memset(qx->d, 0, sizes[1]);
-    quant_job job = {x, w->q.cols, q8, path, qx};
-    zse_cpu_parallel_for(be, tokens, quantize_tokens, &job);
-    return 0;
+    return total;
 }
 
 /* ---- portable kernels: unpack a row to f32, dot it with every token ------------------------- */
@@ -229,79 +224,250 @@ static void unpack_row(const zse_weight *w, int64_t r, float *out)
         zse_dequantize_row(&w->q, w->data, r, out);
 }
 
-/* ---- the threaded job ------------------------------------------------------------------------ */
+/* ---- the threaded job: every weight of a group, a block of rows at a time --------------------- */
+
+/* one weight of the group, as the threads see it */
+typedef struct {
+    zse_cpu_mm mm;
+    zse_cpu_path path;
+    const zse_qx *qx;           /* integer schemes on a SIMD path; else NULL */
+    float *out;                 /* where the kernels write: mm.y, or the accumulate temp */
+    int64_t ldo;
+    int64_t unit_rows, first_unit, units;
+} mm_part;
 
 typedef struct {
-    zse_backend *be;
-    const zse_weight *w;
-    const zse_act *x;
-    zse_act *y;
-    int64_t tokens;
-    zse_cpu_path path;
-    const zse_qx *qx;           /* integer schemes on a SIMD path */
+    mm_part *parts;
+    int n_parts;
+    int64_t units, per_thread;  /* parallel_for's split, to find a thread's scratch */
     float *scratch;             /* per thread: scratch_per floats */
-    int64_t scratch_per, per_thread_rows;
+    int64_t scratch_per;
     bool failed;
 } mm_job;
 
-static void portable_rows(mm_job *j, int64_t r0, int64_t r1)
+static void portable_rows(mm_job *j, const mm_part *p, int64_t r0, int64_t r1)
 {
-    int64_t cols = j->w->q.cols;
+    int64_t cols = p->mm.w->q.cols;
     float *row = zse_aligned_alloc(64, (size_t)(cols + 32) * sizeof(float));
     if (!row) {
         j->failed = true;
         return;
     }
     for (int64_t r = r0; r < r1; r++) {
-        unpack_row(j->w, r, row);
-        for (int64_t t = 0; t < j->tokens; t++)
-            j->y->data[t * j->y->cols + r] = zse_cpu_dot_portable(row, j->x->data + t * j->x->cols, cols);
+        unpack_row(p->mm.w, r, row);
+        for (int64_t t = 0; t < p->mm.x.rows; t++)
+            p->out[t * p->ldo + r] = zse_cpu_dot_portable(row, p->mm.x.data + t * p->mm.x.cols, cols);
     }
     free(row);
 }
 
-static void simd_rows(void *p, int64_t r0, int64_t r1)
+/* rows [r0, r1) of part p's outputs for every token, then its epilogue: + bias, and the
+ * residual add where it accumulates — the same additions in the same order as add_bias and
+ * add after a plain matmul, so the numbers are those of the ops one by one */
+static void part_rows(mm_job *j, const mm_part *p, int64_t r0, int64_t r1, float *scratch)
 {
-    mm_job *j = p;
-    if (j->path == ZSE_CPU_PORTABLE) {
-        portable_rows(j, r0, r1);
+    const zse_cpu_mm *mm = &p->mm;
+    if (p->path == ZSE_CPU_PORTABLE)
+        portable_rows(j, p, r0, r1);
+    else if (p->qx && p->path == ZSE_CPU_AVX512)
+        zse_cpu_q_rows_avx512(mm->w, p->qx, p->out, p->ldo, r0, r1, scratch);
+    else if (p->qx)
+        zse_cpu_q_rows_avx2(mm->w, p->qx, p->out, p->ldo, r0, r1, scratch);
+    else if (p->path == ZSE_CPU_AVX512)
+        zse_cpu_f_rows_avx512(mm->w, mm->x.data, mm->x.cols, mm->x.rows, p->out, p->ldo, r0, r1);
+    else
+        zse_cpu_f_rows_avx2(mm->w, mm->x.data, mm->x.cols, mm->x.rows, p->out, p->ldo, r0, r1);
+    if (!mm->bias && !mm->accumulate)
         return;
+    const float *b = mm->bias ? (const float *)mm->bias->data : NULL;
+    for (int64_t t = 0; t < mm->x.rows; t++) {
+        float *o = p->out + t * p->ldo, *y = mm->y.data + t * mm->y.cols;
+        for (int64_t r = r0; r < r1; r++) {
+            float v = b ? o[r] + b[r] : o[r];
+            y[r] = mm->accumulate ? y[r] + v : v;
+        }
     }
-    /* the range is one thread's share (parallel_for gives each thread one range) */
-    float *scratch = j->scratch ? j->scratch + (r0 / j->per_thread_rows) * j->scratch_per : NULL;
-    int64_t rb = zse_cpu_row_block(j->w);
-    for (int64_t b0 = r0; b0 < r1; b0 += rb) {
-        int64_t b1 = b0 + rb < r1 ? b0 + rb : r1;
-        if (j->qx && j->path == ZSE_CPU_AVX512)
-            zse_cpu_q_rows_avx512(j->w, j->qx, j->y->data, j->y->cols, b0, b1, scratch);
-        else if (j->qx)
-            zse_cpu_q_rows_avx2(j->w, j->qx, j->y->data, j->y->cols, b0, b1, scratch);
-        else if (j->path == ZSE_CPU_AVX512)
-            zse_cpu_f_rows_avx512(j->w, j->x->data, j->x->cols, j->tokens, j->y->data, j->y->cols, b0, b1);
-        else
-            zse_cpu_f_rows_avx2(j->w, j->x->data, j->x->cols, j->tokens, j->y->data, j->y->cols, b0, b1);
+}
+
+static void group_units(void *arg, int64_t u0, int64_t u1)
+{
+    mm_job *j = arg;
+    float *scratch = j->scratch ? j->scratch + (u0 / j->per_thread) * j->scratch_per : NULL;
+    int k = 0;
+    while (k < j->n_parts && j->parts[k].first_unit + j->parts[k].units <= u0)
+        k++;
+    for (int64_t u = u0; u < u1 && k < j->n_parts; u++) {
+        while (u >= j->parts[k].first_unit + j->parts[k].units)
+            k++;
+        const mm_part *p = &j->parts[k];
+        const int64_t r0 = (u - p->first_unit) * p->unit_rows, rows = p->mm.w->q.rows;
+        part_rows(j, p, r0, r0 + p->unit_rows < rows ? r0 + p->unit_rows : rows, scratch);
     }
+}
+
+/* ---- quantizing every distinct x of the group in one pass -------------------------------------- */
+
+typedef struct {
+    quant_job *jobs;
+    int n;
+    const int64_t *first;       /* jobs[i] covers tokens [first[i], first[i] + its tokens) of the pass */
+} quant_pass;
+
+static void quantize_pass(void *arg, int64_t t0, int64_t t1)
+{
+    quant_pass *qp = arg;
+    int i = 0;
+    for (int64_t t = t0; t < t1; t++) {
+        while (i + 1 < qp->n && t >= qp->first[i + 1])
+            i++;
+        while (i > 0 && t < qp->first[i])
+            i--;
+        quantize_tokens(&qp->jobs[i], t - qp->first[i], t - qp->first[i] + 1);
+    }
+}
+
+/* rows a unit of part p takes: a row block that stays in L2, smaller where the weight would
+ * otherwise be split unevenly over the threads (4 units a thread at least) */
+static int64_t unit_rows_of(const zse_weight *w, int threads)
+{
+    int64_t rb = zse_cpu_row_block(w), even = (w->q.rows + (int64_t)threads * 4 - 1) / ((int64_t)threads * 4);
+    even = even < 4 ? 4 : even;
+    return rb < even ? rb : even;
+}
+
+void zse_cpu_matmul_group(zse_backend *be, const zse_cpu_mm *mm, int n)
+{
+    if (n < 1)
+        return;
+    const int threads = zse_cpu_threads(be);
+    mm_part *parts = zse_calloc((size_t)n, sizeof *parts);
+    zse_qx *qxs = zse_calloc((size_t)n, sizeof *qxs);
+    quant_job *qjobs = zse_calloc((size_t)n, sizeof *qjobs);
+    int64_t *qfirst = zse_calloc((size_t)n, sizeof *qfirst);
+    int *qx_of = zse_calloc((size_t)n, sizeof *qx_of);
+    if (!parts || !qxs || !qjobs || !qfirst || !qx_of) {
+        zse_cpu_note_failure(be, "matmul: out of memory");
+        goto out;
+    }
+    /* the layouts: one quantization per distinct (x, layout) */
+    int n_qx = 0;
+    int64_t scratch_per = 0, units = 0, qtokens = 0;
+    size_t bytes = 0;
+    for (int i = 0; i < n; i++) {
+        mm_part *p = &parts[i];
+        p->mm = mm[i];
+        p->path = zse_cpu_current_path();
+        /* int8g (GGUF Q8_0) has AVX2 kernels only; every AVX-512 CPU also runs those */
+        if (mm[i].w->q.scheme == ZSE_SCHEME_Q8G && p->path == ZSE_CPU_AVX512)
+            p->path = ZSE_CPU_AVX2;
+        p->unit_rows = unit_rows_of(mm[i].w, threads);
+        p->first_unit = units;
+        p->units = (mm[i].w->q.rows + p->unit_rows - 1) / p->unit_rows;
+        units += p->units;
+        qx_of[i] = -1;
+        if (p->path == ZSE_CPU_PORTABLE || !integer_scheme(mm[i].w->q.scheme) || mm[i].x.rows <= 0)
+            continue;
+        zse_qx want;
+        qx_layout(mm[i].w, mm[i].x.rows, p->path, &want);
+        for (int k = 0; k < n_qx && qx_of[i] < 0; k++)
+            if (qjobs[k].x->data == mm[i].x.data && qjobs[k].cols == mm[i].w->q.cols && qjobs[k].q8 == (mm[i].w->q.scheme == ZSE_SCHEME_Q8) &&
+                qjobs[k].path == p->path && qx_same(&qxs[k], &want))
+                qx_of[i] = k;
+        if (qx_of[i] < 0) {
+            qxs[n_qx] = want;
+            qjobs[n_qx] = (quant_job){&parts[i].mm.x, mm[i].w->q.cols, mm[i].w->q.scheme == ZSE_SCHEME_Q8, p->path,
+                                      &qxs[n_qx]};
+            qfirst[n_qx] = qtokens;
+            qtokens += want.tokens;
+            size_t offs[4];
+            bytes += qx_bytes(&want, p->path, offs);
+            qx_of[i] = n_qx++;
+        }
+        int64_t per = 2 * (qxs[qx_of[i]].groups + 16);
+        scratch_per = per > scratch_per ? per : scratch_per;
+    }
+    /* the accumulating parts' temps, then the threads' scratch */
+    size_t acc_at = bytes;
+    for (int i = 0; i < n; i++)
+        if (mm[i].accumulate)
+            bytes += ((size_t)mm[i].x.rows * (size_t)mm[i].w->q.rows * sizeof(float) + 63) & ~(size_t)63;
+    size_t scratch_at = bytes;
+    bytes += (size_t)threads * (size_t)scratch_per * sizeof(float);
+    uint8_t *ws = zse_cpu_workspace(be, bytes ? bytes : 64);
+    if (!ws) {
+        zse_cpu_note_failure(be, "matmul: out of memory for its int8 activations");
+        goto out;
+    }
+    size_t at = 0;
+    for (int k = 0; k < n_qx; k++) {
+        size_t offs[4], total = qx_bytes(&qxs[k], qjobs[k].path, offs);
+        bool dvec = qjobs[k].path == ZSE_CPU_AVX512 && qxs[k].ab == 32;
+        qxs[k].q = (int8_t *)(ws + at + offs[0]);
+        qxs[k].d = (float *)(ws + at + offs[1]);
+        qxs[k].dvec = dvec ? (float *)(ws + at + offs[2]) : NULL;
+        qxs[k].gsum = (float *)(ws + at + offs[3]);
+        /* the padding past cp (an odd last 32-chunk) stays zero; the spare d entries are
+         * read (and ignored) by a short tile's vector load */
+        memset(ws + at, 0, offs[2]);
+        at += total;
+    }
+    for (int i = 0; i < n; i++) {
+        mm_part *p = &parts[i];
+        p->qx = qx_of[i] >= 0 ? &qxs[qx_of[i]] : NULL;
+        if (mm[i].accumulate) {
+            p->out = (float *)(ws + acc_at);
+            p->ldo = mm[i].w->q.rows;
+            acc_at += ((size_t)mm[i].x.rows * (size_t)mm[i].w->q.rows * sizeof(float) + 63) & ~(size_t)63;
+        } else {
+            p->out = mm[i].y.data;
+            p->ldo = mm[i].y.cols;
+        }
+    }
+    if (qtokens > 0) {
+        quant_pass qp = {qjobs, n_qx, qfirst};
+        zse_cpu_parallel_for(be, qtokens, quantize_pass, &qp);
+    }
+    mm_job j = {parts, n, units, (units + threads - 1) / threads, scratch_per ? (float *)(ws + scratch_at) : NULL,
+                scratch_per, false};
+    zse_cpu_parallel_for(be, units, group_units, &j);
+    if (j.failed)
+        zse_cpu_note_failure(be, "matmul: out of memory for a row buffer");
+out:
+    free(parts);
+    free(qxs);
+    free(qjobs);
+    free(qfirst);
+    free(qx_of);
 }
 
 void zse_cpu_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, int64_t rows, zse_act *y)
 {
     if (rows <= 0)
         return;
-    int threads = zse_cpu_threads(be);
-    mm_job j = {.be = be, .w = w, .x = x, .y = y, .tokens = rows, .path = zse_cpu_current_path()};
-    /* int8g (GGUF Q8_0) has AVX2 kernels only; every AVX-512 CPU also runs those */
-    if (w->q.scheme == ZSE_SCHEME_Q8G && j.path == ZSE_CPU_AVX512)
-        j.path = ZSE_CPU_AVX2;
-    j.per_thread_rows = (w->q.rows + threads - 1) / threads;
-    zse_qx qx;
-    if (j.path != ZSE_CPU_PORTABLE && integer_scheme(w->q.scheme)) {
-        if (quantize_acts(be, w, x, rows, j.path, threads, &qx, &j.scratch, &j.scratch_per) != 0) {
-            zse_cpu_note_failure(be, "matmul: out of memory for its int8 activations");
+    const zse_cpu_mm mm = {w, NULL, {x->data, rows, x->cols}, {y->data, rows, y->cols}, false};
+    zse_cpu_matmul_group(be, &mm, 1);
+}
+
+/* backend.h's matmul_multi: the weights over one x as one group (one quantization of x, one
+ * pass over their rows), bias and residual add in the same pass */
+void zse_cpu_matmul_multi(zse_backend *be, const zse_act *x, int64_t rows, const zse_matmul_out *outs, int n_outs,
+                          bool accumulate)
+{
+    if (rows <= 0)
+        return;
+    if (n_outs < 1 || n_outs > 3) {
+        zse_cpu_note_failure(be, "matmul_multi: 1 to 3 weights a call");
+        return;
+    }
+    zse_cpu_mm mm[3];
+    for (int i = 0; i < n_outs; i++) {
+        const zse_weight *w = outs[i].w;
+        if (w->q.cols > x->cols || w->q.rows > outs[i].y->cols || (outs[i].bias && outs[i].bias->q.rows * outs[i].bias->q.cols < w->q.rows)) {
+            zse_cpu_note_failure(be, "matmul_multi: a weight's shape does not match x, y or its bias");
             return;
         }
-        j.qx = &qx;
+        mm[i] = (zse_cpu_mm){w, outs[i].bias, {x->data, rows, x->cols}, {outs[i].y->data, rows, outs[i].y->cols},
+                             accumulate};
     }
-    zse_cpu_parallel_for(be, w->q.rows, simd_rows, &j);
-    if (j.failed)
-        zse_cpu_note_failure(be, "matmul: out of memory for a row buffer");
+    zse_cpu_matmul_group(be, mm, n_outs);
 }

@@ -1,7 +1,7 @@
 /* The CPU backend's mixture-of-experts ops: routing on the host, the grouped expert matmul
- * as one matmul per active expert over that expert's contiguous segment of pairs (the
- * quantized kernels of matmul.c, weights in place from the mapping), and the weighted
- * combine.
+ * (every active expert's contiguous segment of pairs through matmul.c's grouped matmul: the
+ * quantized kernels, weights in place from the mapping, one pass for all experts), and the
+ * weighted combine.
  *
  * Batch invariance holds as for the dense ops: a pair's row of a segment is computed by
  * the same kernel loop whatever the segment's length (matmul.c), and a token's experts are
@@ -230,27 +230,10 @@ void zse_cpu_moe_gather(zse_backend *be, const zse_moe_route *r, const zse_act *
     zse_cpu_parallel_for(be, pairs, gather_rows, &j);
 }
 
-static void moe_matmul_part(zse_backend *be, const zse_moe_route *r, const zse_experts *ex, int part,
-                            const zse_act *xs, zse_act *ys)
-{
-    if (part < 0 || part >= ZSE_EXPERT_PARTS || ex->bank.count != r->p.n_experts ||
-        r->rows * r->p.k > xs->rows || r->rows * r->p.k > ys->rows ||
-        ex->bank.part[part].q.cols > xs->cols || ex->bank.part[part].q.rows > ys->cols) {
-        zse_cpu_note_failure(be, "moe_matmul: the experts, the routing and the buffers do not match");
-        return;
-    }
-    for (int a = 0; a < r->n_active; a++) {
-        const int e = r->active[a];
-        const int64_t s0 = r->seg_start[e], len = r->seg_start[e + 1] - s0;
-        if (!ex->w[e * ZSE_EXPERT_PARTS + part].data)
-            continue; /* an expert kept in host memory that experts_map placed nowhere */
-        /* views of the segment's rows: the kernels read rows x cols from data */
-        zse_act xv = {xs->data + s0 * xs->cols, len, xs->cols};
-        zse_act yv = {ys->data + s0 * ys->cols, len, ys->cols};
-        zse_cpu_matmul(be, &ex->w[e * ZSE_EXPERT_PARTS + part], &xv, len, &yv);
-    }
-}
-
+/* every active expert's segment of pairs times its weights of each part, as one group:
+ * a segment's rows quantized once for the parts that share them (gate and up), then every
+ * expert's row blocks in one pass over the threads — not a matmul (two passes) per expert
+ * and part, whose waits would outweigh a decode step's small experts */
 void zse_cpu_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_experts *ex, const zse_act *xs,
                         const zse_moe_out *outs, int n_outs)
 {
@@ -258,8 +241,37 @@ void zse_cpu_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_exper
         zse_cpu_note_failure(be, "moe_matmul: 1 to 2 parts a call");
         return;
     }
-    for (int o = 0; o < n_outs; o++)
-        moe_matmul_part(be, r, ex, outs[o].part, xs, outs[o].ys);
+    for (int o = 0; o < n_outs; o++) {
+        const int part = outs[o].part;
+        const zse_act *ys = outs[o].ys;
+        if (part < 0 || part >= ZSE_EXPERT_PARTS || ex->bank.count != r->p.n_experts ||
+            r->rows * r->p.k > xs->rows || r->rows * r->p.k > ys->rows ||
+            ex->bank.part[part].q.cols > xs->cols || ex->bank.part[part].q.rows > ys->cols) {
+            zse_cpu_note_failure(be, "moe_matmul: the experts, the routing and the buffers do not match");
+            return;
+        }
+    }
+    zse_cpu_mm *mm = zse_calloc((size_t)(r->n_active > 0 ? r->n_active : 1) * (size_t)n_outs, sizeof *mm);
+    if (!mm) {
+        zse_cpu_note_failure(be, "moe_matmul: out of memory");
+        return;
+    }
+    int n = 0;
+    for (int a = 0; a < r->n_active; a++) {
+        const int e = r->active[a];
+        const int64_t s0 = r->seg_start[e], len = r->seg_start[e + 1] - s0;
+        for (int o = 0; o < n_outs; o++) {
+            const zse_weight *w = &ex->w[e * ZSE_EXPERT_PARTS + outs[o].part];
+            if (!w->data || len <= 0)
+                continue; /* an expert kept in host memory that experts_map placed nowhere */
+            const zse_act *ys = outs[o].ys;
+            /* views of the segment's rows: the kernels read rows x cols from data */
+            mm[n++] = (zse_cpu_mm){w, NULL, {xs->data + s0 * xs->cols, len, xs->cols},
+                                   {ys->data + s0 * ys->cols, len, ys->cols}, false};
+        }
+    }
+    zse_cpu_matmul_group(be, mm, n);
+    free(mm);
 }
 
 typedef struct {
