@@ -239,7 +239,7 @@ typedef struct {
 typedef struct {
     mm_part *parts;
     int n_parts;
-    int64_t units, per_thread;  /* parallel_for's split, to find a thread's scratch */
+    const int64_t *split;       /* thread i takes units [split[i], split[i + 1]) */
     float *scratch;             /* per thread: scratch_per floats */
     int64_t scratch_per;
     bool failed;
@@ -289,10 +289,8 @@ static void part_rows(mm_job *j, const mm_part *p, int64_t r0, int64_t r1, float
     }
 }
 
-static void group_units(void *arg, int64_t u0, int64_t u1)
+static void thread_units(mm_job *j, int64_t u0, int64_t u1, float *scratch)
 {
-    mm_job *j = arg;
-    float *scratch = j->scratch ? j->scratch + (u0 / j->per_thread) * j->scratch_per : NULL;
     int k = 0;
     while (k < j->n_parts && j->parts[k].first_unit + j->parts[k].units <= u0)
         k++;
@@ -303,6 +301,39 @@ static void group_units(void *arg, int64_t u0, int64_t u1)
         const int64_t r0 = (u - p->first_unit) * p->unit_rows, rows = p->mm.w->q.rows;
         part_rows(j, p, r0, r0 + p->unit_rows < rows ? r0 + p->unit_rows : rows, scratch);
     }
+}
+
+/* Cuts the units into `threads` contiguous ranges of about equal work, work being a unit's
+ * weight bytes plus its multiply-adds (rows x cols x (tokens + 2)): segments of a grouped
+ * matmul differ in tokens (an expert routed 3 tokens, another 20), so an even count of
+ * units would leave one thread waiting on the other. */
+static void split_units(const mm_part *parts, int n_parts, int64_t units, int threads, int64_t *split)
+{
+    double total = 0;
+    for (int k = 0; k < n_parts; k++)
+        total += (double)parts[k].mm.w->q.rows * (double)parts[k].mm.w->q.cols * (double)(parts[k].mm.x.rows + 2);
+    split[0] = 0;
+    int i = 1, k = 0;
+    double done = 0;
+    for (int64_t u = 0; u < units && i < threads; u++) {
+        while (u >= parts[k].first_unit + parts[k].units)
+            k++;
+        const mm_part *p = &parts[k];
+        const int64_t r0 = (u - p->first_unit) * p->unit_rows, rows = p->mm.w->q.rows;
+        const int64_t n = (r0 + p->unit_rows < rows ? p->unit_rows : rows - r0);
+        done += (double)n * (double)p->mm.w->q.cols * (double)(p->mm.x.rows + 2);
+        while (i < threads && done >= total * i / threads)
+            split[i++] = u + 1;
+    }
+    while (i <= threads)
+        split[i++] = units;
+}
+
+static void group_units(void *arg, int64_t i0, int64_t i1)
+{
+    mm_job *j = arg;
+    for (int64_t i = i0; i < i1; i++)
+        thread_units(j, j->split[i], j->split[i + 1], j->scratch ? j->scratch + i * j->scratch_per : NULL);
 }
 
 /* ---- quantizing every distinct x of the group in one pass -------------------------------------- */
@@ -345,7 +376,8 @@ void zse_cpu_matmul_group(zse_backend *be, const zse_cpu_mm *mm, int n)
     quant_job *qjobs = zse_calloc((size_t)n, sizeof *qjobs);
     int64_t *qfirst = zse_calloc((size_t)n, sizeof *qfirst);
     int *qx_of = zse_calloc((size_t)n, sizeof *qx_of);
-    if (!parts || !qxs || !qjobs || !qfirst || !qx_of) {
+    int64_t *split = zse_calloc((size_t)threads + 1, sizeof *split);
+    if (!parts || !qxs || !qjobs || !qfirst || !qx_of || !split) {
         zse_cpu_note_failure(be, "matmul: out of memory");
         goto out;
     }
@@ -427,9 +459,9 @@ void zse_cpu_matmul_group(zse_backend *be, const zse_cpu_mm *mm, int n)
         quant_pass qp = {qjobs, n_qx, qfirst};
         zse_cpu_parallel_for(be, qtokens, quantize_pass, &qp);
     }
-    mm_job j = {parts, n, units, (units + threads - 1) / threads, scratch_per ? (float *)(ws + scratch_at) : NULL,
-                scratch_per, false};
-    zse_cpu_parallel_for(be, units, group_units, &j);
+    split_units(parts, n, units, threads, split);
+    mm_job j = {parts, n, split, scratch_per ? (float *)(ws + scratch_at) : NULL, scratch_per, false};
+    zse_cpu_parallel_for(be, threads, group_units, &j);
     if (j.failed)
         zse_cpu_note_failure(be, "matmul: out of memory for a row buffer");
 out:
@@ -438,6 +470,7 @@ out:
     free(qjobs);
     free(qfirst);
     free(qx_of);
+    free(split);
 }
 
 void zse_cpu_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, int64_t rows, zse_act *y)
