@@ -198,7 +198,7 @@ static bool qx_same(const zse_qx *a, const zse_qx *b)
            a->tile == b->tile && a->il == b->il;
 }
 
-/* the bytes qx's buffers take (five regions, 64-byte aligned) and their offsets */
+/* the bytes qx's buffers take (q, d, dvec, gsum; each 64-byte aligned) and their offsets */
 static size_t qx_bytes(const zse_qx *qx, zse_cpu_path path, size_t offs[4])
 {
     bool dvec = path == ZSE_CPU_AVX512 && qx->ab == 32;
@@ -351,8 +351,6 @@ static void quantize_pass(void *arg, int64_t t0, int64_t t1)
     for (int64_t t = t0; t < t1; t++) {
         while (i + 1 < qp->n && t >= qp->first[i + 1])
             i++;
-        while (i > 0 && t < qp->first[i])
-            i--;
         quantize_tokens(&qp->jobs[i], t - qp->first[i], t - qp->first[i] + 1);
     }
 }
@@ -366,17 +364,31 @@ static int64_t unit_rows_of(const zse_weight *w, int threads)
     return rb < even ? rb : even;
 }
 
+/* a group's bookkeeping: on the stack for the few weights of a dense layer's calls, on the
+ * heap for a step's experts (a decode step makes hundreds of calls) */
+#define GROUP_ON_STACK 4
+#define THREADS_ON_STACK 64
+
+/* The quantized activations, the accumulating weights' temps and the threads' scratch all
+ * live in the backend's grow-only workspace: fresh large allocations at every one of a
+ * step's calls would fault their pages in every time. */
 void zse_cpu_matmul_group(zse_backend *be, const zse_cpu_mm *mm, int n)
 {
     if (n < 1)
         return;
     const int threads = zse_cpu_threads(be);
-    mm_part *parts = zse_calloc((size_t)n, sizeof *parts);
-    zse_qx *qxs = zse_calloc((size_t)n, sizeof *qxs);
-    quant_job *qjobs = zse_calloc((size_t)n, sizeof *qjobs);
-    int64_t *qfirst = zse_calloc((size_t)n, sizeof *qfirst);
-    int *qx_of = zse_calloc((size_t)n, sizeof *qx_of);
-    int64_t *split = zse_calloc((size_t)threads + 1, sizeof *split);
+    mm_part parts_s[GROUP_ON_STACK];
+    zse_qx qxs_s[GROUP_ON_STACK];
+    quant_job qjobs_s[GROUP_ON_STACK];
+    int64_t qfirst_s[GROUP_ON_STACK], split_s[THREADS_ON_STACK + 1];
+    int qx_of_s[GROUP_ON_STACK];
+    const bool heap = n > GROUP_ON_STACK;
+    mm_part *parts = heap ? zse_calloc((size_t)n, sizeof *parts) : parts_s;
+    zse_qx *qxs = heap ? zse_calloc((size_t)n, sizeof *qxs) : qxs_s;
+    quant_job *qjobs = heap ? zse_calloc((size_t)n, sizeof *qjobs) : qjobs_s;
+    int64_t *qfirst = heap ? zse_calloc((size_t)n, sizeof *qfirst) : qfirst_s;
+    int *qx_of = heap ? zse_calloc((size_t)n, sizeof *qx_of) : qx_of_s;
+    int64_t *split = threads > THREADS_ON_STACK ? zse_calloc((size_t)threads + 1, sizeof *split) : split_s;
     if (!parts || !qxs || !qjobs || !qfirst || !qx_of || !split) {
         zse_cpu_note_failure(be, "matmul: out of memory");
         goto out;
@@ -402,8 +414,9 @@ void zse_cpu_matmul_group(zse_backend *be, const zse_cpu_mm *mm, int n)
         zse_qx want;
         qx_layout(mm[i].w, mm[i].x.rows, p->path, &want);
         for (int k = 0; k < n_qx && qx_of[i] < 0; k++)
-            if (qjobs[k].x->data == mm[i].x.data && qjobs[k].cols == mm[i].w->q.cols && qjobs[k].q8 == (mm[i].w->q.scheme == ZSE_SCHEME_Q8) &&
-                qjobs[k].path == p->path && qx_same(&qxs[k], &want))
+            if (qjobs[k].x->data == mm[i].x.data && qjobs[k].cols == mm[i].w->q.cols &&
+                qjobs[k].q8 == (mm[i].w->q.scheme == ZSE_SCHEME_Q8) && qjobs[k].path == p->path &&
+                qx_same(&qxs[k], &want))
                 qx_of[i] = k;
         if (qx_of[i] < 0) {
             qxs[n_qx] = want;
@@ -465,12 +478,15 @@ void zse_cpu_matmul_group(zse_backend *be, const zse_cpu_mm *mm, int n)
     if (j.failed)
         zse_cpu_note_failure(be, "matmul: out of memory for a row buffer");
 out:
-    free(parts);
-    free(qxs);
-    free(qjobs);
-    free(qfirst);
-    free(qx_of);
-    free(split);
+    if (heap) {
+        free(parts);
+        free(qxs);
+        free(qjobs);
+        free(qfirst);
+        free(qx_of);
+    }
+    if (threads > THREADS_ON_STACK)
+        free(split);
 }
 
 void zse_cpu_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, int64_t rows, zse_act *y)
