@@ -338,10 +338,17 @@ static void group_units(void *arg, int64_t i0, int64_t i1)
 
 /* ---- quantizing every distinct x of the group in one pass -------------------------------------- */
 
+/* one distinct x of a group (weights of one activation layout share it): its int8 layout and
+ * buffers, and the tokens [first, first + qx.tokens) it takes of the quantization pass */
 typedef struct {
-    quant_job *jobs;
+    zse_qx qx;
+    quant_job job;
+    int64_t first;
+} qx_slot;
+
+typedef struct {
+    qx_slot *slots;
     int n;
-    const int64_t *first;       /* jobs[i] covers tokens [first[i], first[i] + its tokens) of the pass */
 } quant_pass;
 
 static void quantize_pass(void *arg, int64_t t0, int64_t t1)
@@ -349,10 +356,22 @@ static void quantize_pass(void *arg, int64_t t0, int64_t t1)
     quant_pass *qp = arg;
     int i = 0;
     for (int64_t t = t0; t < t1; t++) {
-        while (i + 1 < qp->n && t >= qp->first[i + 1])
+        while (i + 1 < qp->n && t >= qp->slots[i + 1].first)
             i++;
-        quantize_tokens(&qp->jobs[i], t - qp->first[i], t - qp->first[i] + 1);
+        const int64_t local = t - qp->slots[i].first;
+        quantize_tokens(&qp->slots[i].job, local, local + 1);
     }
+}
+
+/* the slot of a distinct x that already quantizes p's activations, or NULL */
+static qx_slot *find_slot(qx_slot *slots, int n, const mm_part *p, const zse_qx *want)
+{
+    const bool q8 = p->mm.w->q.scheme == ZSE_SCHEME_Q8;
+    for (int k = 0; k < n; k++)
+        if (slots[k].job.x->data == p->mm.x.data && slots[k].job.cols == p->mm.w->q.cols && slots[k].job.q8 == q8 &&
+            slots[k].job.path == p->path && qx_same(&slots[k].qx, want))
+            return &slots[k];
+    return NULL;
 }
 
 /* rows a unit of part p takes: a row block that stays in L2, smaller where the weight would
@@ -364,9 +383,9 @@ static int64_t unit_rows_of(const zse_weight *w, int threads)
     return rb < even ? rb : even;
 }
 
-/* a group's bookkeeping: on the stack for the few weights of a dense layer's calls, on the
- * heap for a step's experts (a decode step makes hundreds of calls) */
-#define GROUP_ON_STACK 4
+/* a group's bookkeeping lives on the stack up to a decode step's experts (top 8, gate and
+ * up: 16 weights) and a machine's threads; past that, one allocation */
+#define GROUP_ON_STACK 16
 #define THREADS_ON_STACK 64
 
 /* The quantized activations, the accumulating weights' temps and the threads' scratch all
@@ -378,29 +397,29 @@ void zse_cpu_matmul_group(zse_backend *be, const zse_cpu_mm *mm, int n)
         return;
     const int threads = zse_cpu_threads(be);
     mm_part parts_s[GROUP_ON_STACK];
-    zse_qx qxs_s[GROUP_ON_STACK];
-    quant_job qjobs_s[GROUP_ON_STACK];
-    int64_t qfirst_s[GROUP_ON_STACK], split_s[THREADS_ON_STACK + 1];
-    int qx_of_s[GROUP_ON_STACK];
-    const bool heap = n > GROUP_ON_STACK;
-    mm_part *parts = heap ? zse_calloc((size_t)n, sizeof *parts) : parts_s;
-    zse_qx *qxs = heap ? zse_calloc((size_t)n, sizeof *qxs) : qxs_s;
-    quant_job *qjobs = heap ? zse_calloc((size_t)n, sizeof *qjobs) : qjobs_s;
-    int64_t *qfirst = heap ? zse_calloc((size_t)n, sizeof *qfirst) : qfirst_s;
-    int *qx_of = heap ? zse_calloc((size_t)n, sizeof *qx_of) : qx_of_s;
-    int64_t *split = threads > THREADS_ON_STACK ? zse_calloc((size_t)threads + 1, sizeof *split) : split_s;
-    if (!parts || !qxs || !qjobs || !qfirst || !qx_of || !split) {
-        zse_cpu_note_failure(be, "matmul: out of memory");
-        goto out;
+    qx_slot slots_s[GROUP_ON_STACK];
+    int64_t split_s[THREADS_ON_STACK + 1];
+    mm_part *parts = parts_s;
+    qx_slot *slots = slots_s;
+    int64_t *split = split_s;
+    void *heap = NULL;
+    if (n > GROUP_ON_STACK || threads > THREADS_ON_STACK) {
+        heap = zse_calloc(1, (size_t)n * (sizeof *parts + sizeof *slots) + ((size_t)threads + 1) * sizeof *split);
+        if (!heap) {
+            zse_cpu_note_failure(be, "matmul: out of memory");
+            return;
+        }
+        parts = heap;
+        slots = (qx_slot *)(parts + n);
+        split = (int64_t *)(slots + n);
     }
     /* the layouts: one quantization per distinct (x, layout) */
-    int n_qx = 0;
+    int n_slots = 0;
     int64_t scratch_per = 0, units = 0, qtokens = 0;
     size_t bytes = 0;
     for (int i = 0; i < n; i++) {
         mm_part *p = &parts[i];
-        p->mm = mm[i];
-        p->path = zse_cpu_current_path();
+        *p = (mm_part){.mm = mm[i], .path = zse_cpu_current_path()};
         /* int8g (GGUF Q8_0) has AVX2 kernels only; every AVX-512 CPU also runs those */
         if (mm[i].w->q.scheme == ZSE_SCHEME_Q8G && p->path == ZSE_CPU_AVX512)
             p->path = ZSE_CPU_AVX2;
@@ -408,27 +427,22 @@ void zse_cpu_matmul_group(zse_backend *be, const zse_cpu_mm *mm, int n)
         p->first_unit = units;
         p->units = (mm[i].w->q.rows + p->unit_rows - 1) / p->unit_rows;
         units += p->units;
-        qx_of[i] = -1;
         if (p->path == ZSE_CPU_PORTABLE || !integer_scheme(mm[i].w->q.scheme) || mm[i].x.rows <= 0)
             continue;
         zse_qx want;
         qx_layout(mm[i].w, mm[i].x.rows, p->path, &want);
-        for (int k = 0; k < n_qx && qx_of[i] < 0; k++)
-            if (qjobs[k].x->data == mm[i].x.data && qjobs[k].cols == mm[i].w->q.cols &&
-                qjobs[k].q8 == (mm[i].w->q.scheme == ZSE_SCHEME_Q8) && qjobs[k].path == p->path &&
-                qx_same(&qxs[k], &want))
-                qx_of[i] = k;
-        if (qx_of[i] < 0) {
-            qxs[n_qx] = want;
-            qjobs[n_qx] = (quant_job){&parts[i].mm.x, mm[i].w->q.cols, mm[i].w->q.scheme == ZSE_SCHEME_Q8, p->path,
-                                      &qxs[n_qx]};
-            qfirst[n_qx] = qtokens;
+        qx_slot *slot = find_slot(slots, n_slots, p, &want);
+        if (!slot) {
+            slot = &slots[n_slots++];
+            slot->qx = want;
+            slot->job = (quant_job){&p->mm.x, mm[i].w->q.cols, mm[i].w->q.scheme == ZSE_SCHEME_Q8, p->path, &slot->qx};
+            slot->first = qtokens;
             qtokens += want.tokens;
             size_t offs[4];
             bytes += qx_bytes(&want, p->path, offs);
-            qx_of[i] = n_qx++;
         }
-        int64_t per = 2 * (qxs[qx_of[i]].groups + 16);
+        p->qx = &slot->qx; /* its buffers are placed below */
+        int64_t per = 2 * (slot->qx.groups + 16);
         scratch_per = per > scratch_per ? per : scratch_per;
     }
     /* the accumulating parts' temps, then the threads' scratch */
@@ -441,16 +455,17 @@ void zse_cpu_matmul_group(zse_backend *be, const zse_cpu_mm *mm, int n)
     uint8_t *ws = zse_cpu_workspace(be, bytes ? bytes : 64);
     if (!ws) {
         zse_cpu_note_failure(be, "matmul: out of memory for its int8 activations");
-        goto out;
+        free(heap);
+        return;
     }
     size_t at = 0;
-    for (int k = 0; k < n_qx; k++) {
-        size_t offs[4], total = qx_bytes(&qxs[k], qjobs[k].path, offs);
-        bool dvec = qjobs[k].path == ZSE_CPU_AVX512 && qxs[k].ab == 32;
-        qxs[k].q = (int8_t *)(ws + at + offs[0]);
-        qxs[k].d = (float *)(ws + at + offs[1]);
-        qxs[k].dvec = dvec ? (float *)(ws + at + offs[2]) : NULL;
-        qxs[k].gsum = (float *)(ws + at + offs[3]);
+    for (int k = 0; k < n_slots; k++) {
+        zse_qx *qx = &slots[k].qx;
+        size_t offs[4], total = qx_bytes(qx, slots[k].job.path, offs);
+        qx->q = (int8_t *)(ws + at + offs[0]);
+        qx->d = (float *)(ws + at + offs[1]);
+        qx->dvec = slots[k].job.path == ZSE_CPU_AVX512 && qx->ab == 32 ? (float *)(ws + at + offs[2]) : NULL;
+        qx->gsum = (float *)(ws + at + offs[3]);
         /* the padding past cp (an odd last 32-chunk) stays zero; the spare d entries are
          * read (and ignored) by a short tile's vector load */
         memset(ws + at, 0, offs[2]);
@@ -458,7 +473,6 @@ void zse_cpu_matmul_group(zse_backend *be, const zse_cpu_mm *mm, int n)
     }
     for (int i = 0; i < n; i++) {
         mm_part *p = &parts[i];
-        p->qx = qx_of[i] >= 0 ? &qxs[qx_of[i]] : NULL;
         if (mm[i].accumulate) {
             p->out = (float *)(ws + acc_at);
             p->ldo = mm[i].w->q.rows;
@@ -469,7 +483,7 @@ void zse_cpu_matmul_group(zse_backend *be, const zse_cpu_mm *mm, int n)
         }
     }
     if (qtokens > 0) {
-        quant_pass qp = {qjobs, n_qx, qfirst};
+        quant_pass qp = {slots, n_slots};
         zse_cpu_parallel_for(be, qtokens, quantize_pass, &qp);
     }
     split_units(parts, n, units, threads, split);
@@ -477,16 +491,7 @@ void zse_cpu_matmul_group(zse_backend *be, const zse_cpu_mm *mm, int n)
     zse_cpu_parallel_for(be, threads, group_units, &j);
     if (j.failed)
         zse_cpu_note_failure(be, "matmul: out of memory for a row buffer");
-out:
-    if (heap) {
-        free(parts);
-        free(qxs);
-        free(qjobs);
-        free(qfirst);
-        free(qx_of);
-    }
-    if (threads > THREADS_ON_STACK)
-        free(split);
+    free(heap);
 }
 
 void zse_cpu_matmul(zse_backend *be, const zse_weight *w, const zse_act *x, int64_t rows, zse_act *y)

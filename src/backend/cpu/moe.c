@@ -251,7 +251,10 @@ void zse_cpu_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_exper
             return;
         }
     }
-    zse_cpu_mm *mm = zse_calloc((size_t)(r->n_active > 0 ? r->n_active : 1) * (size_t)n_outs, sizeof *mm);
+    /* a decode step's experts (top 8, two parts) on the stack; a prefill's on the heap */
+    zse_cpu_mm on_stack[16] = {{0}};
+    const size_t most = (size_t)r->n_active * (size_t)n_outs;
+    zse_cpu_mm *mm = most <= 16 ? on_stack : zse_calloc(most, sizeof *mm);
     if (!mm) {
         zse_cpu_note_failure(be, "moe_matmul: out of memory");
         return;
@@ -271,7 +274,8 @@ void zse_cpu_moe_matmul(zse_backend *be, const zse_moe_route *r, const zse_exper
         }
     }
     zse_cpu_matmul_group(be, mm, n);
-    free(mm);
+    if (mm != on_stack)
+        free(mm);
 }
 
 typedef struct {
